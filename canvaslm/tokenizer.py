@@ -1,0 +1,297 @@
+"""Text <-> token ids for a checkpoint directory.
+
+Owns: loading `tokenizer.json` with the `tokenizers` library, resolving the special ids (bos, pad and
+the set of ids that end generation) from the HF side files, and rendering the chat template with a
+sandboxed jinja2 environment configured like `transformers` so prompts match token for token.
+Also builds tiny char-level tokenizers for recipe models.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as _Backend
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when the file is absent."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_content(value: Any) -> str | None:
+    # Special tokens are serialised either as plain strings or as AddedToken dicts.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_id_list(value: Any, path: Path, key: str) -> list[int]:
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{path}: {key} must be an int or a list of ints, got {value!r}")
+    return list(values)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # jinja's own tojson HTML-escapes; HF templates expect plain json.dumps output.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _compile_template(source: str, origin: str) -> jinja2.Template:
+    # Same environment as transformers' apply_chat_template: templates come from the Hub, so sandbox them.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"{origin}: chat template has a syntax error at line {e.lineno}: {e.message}") from e
+
+
+def _validate_messages(messages: Any) -> list[dict]:
+    """Copies of the messages with list-of-parts content joined into one string."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"messages[{i}] must be a dict, got {type(msg).__name__}")
+        # Like HF: drop None-valued keys (OpenAI clients send content=None, tool_calls=None).
+        msg = {k: v for k, v in msg.items() if v is not None}
+        if not isinstance(msg.get("role"), str):
+            raise ValueError(f"messages[{i}].role must be a string, got {msg.get('role')!r}")
+        content = msg.get("content")
+        if content is None and "tool_calls" in msg:
+            content = ""  # an assistant turn that only calls tools
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ValueError(f"messages[{i}].content[{j}] must be {{'type': 'text', 'text': str}}, "
+                                     f"got {part!r}")
+                texts.append(part["text"])
+            content = "\n".join(texts)  # as vLLM does for text-only models
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts, got {content!r}")
+        msg["content"] = content
+        out.append(msg)
+    return out
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special ids and chat template of one checkpoint."""
+
+    def __init__(self, backend: _Backend, *, bos_id: int | None = None, eos_ids: Iterable[int] = (),
+                 pad_id: int | None = None, chat_template: str | None = None, name: str = "<memory>"):
+        self._backend = backend
+        self.name = name
+        self.bos_id = bos_id
+        self.eos_ids = tuple(dict.fromkeys(eos_ids))  # first id is the primary eos token
+        self.pad_id = pad_id
+        for role, i in [("bos", bos_id), ("pad", pad_id)] + [("eos", e) for e in self.eos_ids]:
+            if i is not None and not 0 <= i < self.vocab_size:
+                raise ValueError(f"{name}: {role} id {i} is outside the vocabulary [0, {self.vocab_size})")
+        self.chat_template = chat_template
+        self._template = _compile_template(chat_template, name) if chat_template is not None else None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
+        d = Path(model_dir)
+        tok_path = d / "tokenizer.json"
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {d} (a checkpoint directory must ship one)")
+        try:
+            backend = _Backend.from_str(tok_path.read_text(encoding="utf-8"))
+        except Exception as e:  # the Rust side raises a bare Exception for bad JSON or schema
+            raise ValueError(f"{tok_path}: not a valid tokenizer.json ({e})") from e
+
+        tok_cfg = _read_json(d / "tokenizer_config.json") or {}
+        special_map = _read_json(d / "special_tokens_map.json") or {}
+        gen_cfg = _read_json(d / "generation_config.json") or {}
+        model_cfg = _read_json(d / "config.json") or {}
+        text_cfg = model_cfg.get("text_config") if isinstance(model_cfg.get("text_config"), dict) else {}
+
+        def by_token(key: str) -> int | None:
+            # Token strings win: they are what HF's tokenizer itself uses.
+            for fname, cfg in [("tokenizer_config.json", tok_cfg), ("special_tokens_map.json", special_map)]:
+                token = _token_content(cfg.get(key))
+                if token is not None:
+                    tid = backend.token_to_id(token)
+                    if tid is None:
+                        raise ValueError(f"{d / fname}: {key} {token!r} is not in tokenizer.json's vocabulary")
+                    return tid
+            return None
+
+        def by_id(key: str) -> list[int]:
+            for fname, cfg in [("generation_config.json", gen_cfg), ("config.json", model_cfg),
+                               ("config.json", text_cfg)]:
+                ids = _as_id_list(cfg.get(key), d / fname, key)
+                if ids:
+                    return ids
+            return []
+
+        bos = by_token("bos_token")
+        pad = by_token("pad_token")
+        eos = by_token("eos_token")
+        # generation_config may list several stop ids (e.g. <eos> and <end_of_turn>); stop on all of them.
+        eos_ids = ([eos] if eos is not None else []) + by_id("eos_token_id")
+        return cls(
+            backend,
+            bos_id=bos if bos is not None else next(iter(by_id("bos_token_id")), None),
+            eos_ids=eos_ids,
+            pad_id=pad if pad is not None else next(iter(by_id("pad_token_id")), None),
+            chat_template=_load_chat_template(d, tok_cfg),
+            name=str(d),
+        )
+
+    # -- vocabulary ---------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.eos_ids[0] if self.eos_ids else None
+
+    def token_to_id(self, token: str) -> int:
+        tid = self._backend.token_to_id(token)
+        if tid is None:
+            raise KeyError(f"token {token!r} is not in the vocabulary of {self.name}")
+        return tid
+
+    def id_to_token(self, token_id: int) -> str:
+        token = self._backend.id_to_token(token_id)
+        if token is None:
+            raise KeyError(f"id {token_id} is not in the vocabulary of {self.name} (size {self.vocab_size})")
+        return token
+
+    # -- text <-> ids -------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; `add_special_tokens` applies tokenizer.json's post-processor (e.g. a leading bos)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        try:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except Exception as e:  # e.g. a char-level vocab without <unk> meeting an unknown character
+            raise ValueError(f"{self.name}: cannot encode {text[:40]!r}: {e}") from e
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]  # accepts tensors / numpy rows as well as lists
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"{self.name}: ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # -- chat ---------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **kwargs: Any) -> str:
+        """The prompt text for `messages`, rendered exactly as transformers would render it."""
+        if self._template is None:
+            raise ValueError(f"{self.name}: this checkpoint has no chat template "
+                             "(no chat_template.jinja and no chat_template in tokenizer_config.json)")
+        messages = _validate_messages(messages)
+        special = {f"{role}_token": self._backend.id_to_token(i)
+                   for role, i in [("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)] if i is not None}
+        variables = {"documents": None, **special, **kwargs}  # caller kwargs override, as in HF
+        try:
+            return self._template.render(messages=messages, tools=tools,
+                                         add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"{self.name}: chat template rejected the messages: {e}") from e
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        # The template already writes bos and turn markers, so add nothing more (HF does the same).
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
+                           add_special_tokens=False)
+
+
+def _load_chat_template(d: Path, tok_cfg: dict) -> str | None:
+    jinja_path = d / "chat_template.jinja"
+    if jinja_path.is_file():
+        return jinja_path.read_text(encoding="utf-8")
+    # Processor-style checkpoints (multimodal Gemma) keep it in chat_template.json.
+    for fname, cfg in [("chat_template.json", _read_json(d / "chat_template.json") or {}),
+                       ("tokenizer_config.json", tok_cfg)]:
+        template = cfg.get("chat_template")
+        if template is None:
+            continue
+        if isinstance(template, str):
+            return template
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if isinstance(named.get("default"), str):
+                return named["default"]
+            raise ValueError(f"{d / fname}: chat_template list has no 'default' entry "
+                             f"(names: {sorted(map(str, named))})")
+        raise ValueError(f"{d / fname}: chat_template must be a string or a list of {{name, template}}, "
+                         f"got {type(template).__name__}")
+    return None
+
+
+def build_char_tokenizer(chars: Iterable[str], special_tokens: list[str], out_dir: str | Path,
+                         chat_template: str | None = None, *, bos_token: str | None = None,
+                         eos_token: str | None = None, pad_token: str | None = None) -> Tokenizer:
+    """Write a char-level tokenizer.json + tokenizer_config.json for a tiny model and load it.
+
+    Ids: special tokens first in the given order (['<pad>', '<eos>', '<bos>'] -> 0, 1, 2), then `chars`.
+    Roles default to the conventional names '<bos>', '<eos>', '<pad>' when they are among the specials.
+    There is no post-processor, so `encode` never adds a bos; add '<unk>' to the specials to map unknown
+    characters to it instead of raising.
+    """
+    chars = list(chars)
+    for c in chars:
+        if not isinstance(c, str) or len(c) != 1:
+            raise ValueError(f"build_char_tokenizer: every entry of chars must be one character, got {c!r}")
+    vocab_list = list(special_tokens) + chars
+    if len(set(vocab_list)) != len(vocab_list):
+        dupes = sorted({t for t in vocab_list if vocab_list.count(t) > 1})
+        raise ValueError(f"build_char_tokenizer: duplicate entries in special_tokens + chars: {dupes}")
+    roles = {}
+    for role, given in [("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token)]:
+        if given is not None and given not in special_tokens:
+            raise ValueError(f"build_char_tokenizer: {role} {given!r} is not in special_tokens {special_tokens}")
+        token = given if given is not None else f"<{role[:3]}>"
+        if token in special_tokens:
+            roles[role] = token
+
+    vocab = {t: i for i, t in enumerate(vocab_list)}
+    unk = "<unk>" if "<unk>" in special_tokens else None
+    backend = _Backend(models.WordLevel(vocab, unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per char
+    backend.decoder = decoders.Fuse()  # join pieces without the default space separator
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backend.save(str(out / "tokenizer.json"))
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **roles}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    config_text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (out / "tokenizer_config.json").write_text(config_text, encoding="utf-8")
+    return Tokenizer.from_dir(out)
