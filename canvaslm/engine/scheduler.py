@@ -1,0 +1,382 @@
+"""Step-homogeneous micro-batching scheduler: decides what the runner does in each engine step.
+
+Owns admission (FCFS under a KV-token budget and a fixed number of cache slots), chunked prefill,
+which canvases take a denoising step together, when a finished canvas is committed, cancellation,
+and the bookkeeping of every RequestState. It never touches tensors and imports no torch: the
+runner executes a `StepPlan` and reports a `StepResult`.
+
+One engine step is one plan:
+  1. the runner resets every slot in `plan.freed_slots` (this very plan may reuse them);
+  2. runs one encoder call over `plan.encode` (prefill chunks and canvas commits of many requests);
+  3. runs one decoder call over `plan.denoise` (one denoising step for each listed canvas);
+  4. calls `scheduler.update(plan, result)`; only then may `plan()` be called again.
+A plan may hold encode and denoise work together (for different requests): the encoder runs first,
+and mixing keeps the decoder busy while new prompts prefill (chunked-prefill style). A request
+appears at most once per plan: a canvas whose prefill or commit is in this plan starts denoising in
+the next one, so every state change follows from exactly one reported result.
+
+Policy
+- Admission: strict FCFS by (priority, arrival). A request reserves
+  prompt_len + ceil(max_new_tokens / canvas_length) * canvas_length KV tokens and one slot until it
+  finishes or is cancelled. The head of the queue that does not fit blocks the ones behind it, so a
+  large request is never overtaken forever; it is never dropped. One larger than the whole budget
+  is rejected by `add` with a ValueError.
+- Encode: commits first (they complete output and let a running request move on), then prefill
+  chunks (one chunk of <= prefill_chunk tokens per request per plan), each oldest first;
+  at most max_batch items.
+- Denoise: canvases are grouped by denoise_step; the largest group fills the batch first (ties:
+  the group holding the oldest request), then the next groups, members oldest first, up to
+  max_batch. Why: same-step canvases share step-dependent parameters (temperature/schedule) and
+  tend to converge together, so batches stay homogeneous and their shapes stable. A canvas that
+  stops early (or runs out of steps) just leaves the batch for a commit; the others continue.
+- Fairness (aging): each plan that passes over a request with ready work bumps its `plans_waited`;
+  at `max_wait_plans` it is overdue and goes ahead of the policy order above, overdue ones in
+  pure arrival order. This holds for admission, encode and denoise alike, so under any stream of
+  new requests an old request advances within a bounded number of plans.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+from canvaslm.engine.request import RequestState, RequestStatus
+
+EncodeKind = Literal["prefill", "commit"]
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    """Encode sequence positions [start, end) of one request into its slot's KV."""
+
+    request_id: str
+    slot: int
+    kind: EncodeKind
+    start: int  # prompt positions start at 0; canvas i starts at prompt_len + i * canvas_length
+    end: int
+    token_ids: tuple[int, ...] = ()  # the prompt chunk for 'prefill'; empty for 'commit' (runner holds the canvas)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class DenoiseItem:
+    """Run one denoising step on the current canvas of one request."""
+
+    request_id: str
+    slot: int
+    canvas_index: int
+    denoise_step: int  # 0 means a fresh canvas: the runner initialises it (all masks)
+    canvas_start: int  # sequence position of the canvas's first token
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step_id: int
+    encode: tuple[EncodeItem, ...]
+    denoise: tuple[DenoiseItem, ...]
+    freed_slots: tuple[int, ...]  # reset these before running the items (a new owner may be in this plan)
+
+    @property
+    def request_ids(self) -> frozenset[str]:
+        return frozenset(i.request_id for i in (*self.encode, *self.denoise))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the runner reports after executing a plan. Items not named here simply completed."""
+
+    early_stopped: frozenset[str] = frozenset()  # denoised canvases that converged this step
+    committed: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # commit item -> canvas tokens
+    finished: Mapping[str, str] = field(default_factory=dict)  # commit item -> 'stop' (EOS) | 'length'
+    errors: Mapping[str, str] = field(default_factory=dict)  # any item -> message; finishes it with 'error'
+
+    def __post_init__(self) -> None:  # accept any iterables, store immutable copies
+        object.__setattr__(self, "early_stopped", frozenset(self.early_stopped))
+        object.__setattr__(self, "committed", {k: tuple(v) for k, v in self.committed.items()})
+        object.__setattr__(self, "finished", dict(self.finished))
+        object.__setattr__(self, "errors", dict(self.errors))
+
+
+class Scheduler:
+    def __init__(
+        self,
+        max_batch: int,
+        kv_budget_tokens: int,
+        num_slots: int,
+        prefill_chunk: int,
+        canvas_length: int,
+        *,
+        max_wait_plans: int = 16,
+    ) -> None:
+        for name, value in [("max_batch", max_batch), ("kv_budget_tokens", kv_budget_tokens),
+                            ("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
+                            ("canvas_length", canvas_length), ("max_wait_plans", max_wait_plans)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Scheduler: {name}={value!r}; expected an int >= 1")
+        self.max_batch = max_batch
+        self.kv_budget_tokens = kv_budget_tokens
+        self.num_slots = num_slots
+        self.prefill_chunk = prefill_chunk
+        self.canvas_length = canvas_length
+        self.max_wait_plans = max_wait_plans
+
+        self._waiting: dict[str, RequestState] = {}
+        self._running: dict[str, RequestState] = {}  # PREFILLING or DENOISING: holds a slot and KV
+        self._cancelled_in_flight: dict[str, RequestState] = {}  # slot/KV released at update()
+        self._free_slots: list[int] = list(range(num_slots))  # min-heap: lowest slot first, deterministic
+        self._freed_slots: list[int] = []  # reported to the runner in the next plan
+        self._kv_used = 0
+        self._arrivals = itertools.count()
+        self._step_ids = itertools.count()
+        self._in_flight: StepPlan | None = None
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def kv_used(self) -> int:
+        return self._kv_used
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running or self._cancelled_in_flight)
+
+    def get(self, request_id: str) -> RequestState | None:
+        """A live request (waiting, running, or cancelled inside the plan in flight); None once gone."""
+        for table in (self._running, self._waiting, self._cancelled_in_flight):
+            if request_id in table:
+                return table[request_id]
+        return None
+
+    def running(self) -> list[RequestState]:
+        return list(self._running.values())
+
+    # ------------------------------------------------------------------ requests in / out
+
+    def add(self, request: RequestState) -> None:
+        if self.get(request.request_id) is not None:
+            raise ValueError(f"request id {request.request_id!r} is already scheduled")
+        if request.status is not RequestStatus.WAITING or request.arrival >= 0:
+            raise ValueError(f"request {request.request_id!r} was already scheduled once (status {request.status.value})")
+        if request.canvas_length != self.canvas_length:
+            raise ValueError(f"request {request.request_id!r}: canvas_length={request.canvas_length}, "
+                             f"expected the scheduler's canvas_length={self.canvas_length}")
+        need = request.kv_tokens_needed
+        if need > self.kv_budget_tokens:
+            raise ValueError(
+                f"request {request.request_id!r} needs {need} KV tokens (prompt {request.prompt_len} + "
+                f"{request.num_canvases} canvases x {request.canvas_length}) but kv_budget_tokens is "
+                f"{self.kv_budget_tokens}; shorten the prompt or max_new_tokens")
+        request.arrival = next(self._arrivals)
+        request.kv_reserved = need
+        self._waiting[request.request_id] = request
+
+    def cancel(self, request_id: str) -> RequestState | None:
+        """Cancel in any state. Returns the request, or None if unknown / already finished."""
+        if request_id in self._waiting:
+            request = self._waiting.pop(request_id)
+            self._mark_done(request, RequestStatus.CANCELLED, "cancelled")
+            return request
+        request = self._running.pop(request_id, None)
+        if request is None:
+            return None
+        self._mark_done(request, RequestStatus.CANCELLED, "cancelled")
+        if self._in_flight is not None and request_id in self._in_flight.request_ids:
+            self._cancelled_in_flight[request_id] = request  # the runner is using the slot right now
+        else:
+            self._release(request)
+        return request
+
+    # ------------------------------------------------------------------ planning
+
+    def plan(self) -> StepPlan | None:
+        """The next step's work, or None when idle (freed slots then wait for the next plan)."""
+        if self._in_flight is not None:
+            raise RuntimeError(f"plan() called while step {self._in_flight.step_id} is in flight; "
+                               "call update() with its result first")
+        self._admit()
+        encode_reqs = self._pick_encode()
+        denoise_reqs = self._pick_denoise()
+        self._age({r.request_id for r in encode_reqs + denoise_reqs})
+        if not encode_reqs and not denoise_reqs:
+            return None
+        plan = StepPlan(
+            step_id=next(self._step_ids),
+            encode=tuple(self._encode_item(r) for r in encode_reqs),
+            denoise=tuple(DenoiseItem(r.request_id, r.slot, r.canvas_index, r.denoise_step, r.canvas_start)
+                          for r in denoise_reqs),
+            freed_slots=tuple(self._freed_slots),
+        )
+        self._freed_slots = []
+        self._in_flight = plan
+        return plan
+
+    def _overdue(self, request: RequestState) -> bool:
+        return request.plans_waited >= self.max_wait_plans
+
+    def _admit(self) -> None:
+        def key(r: RequestState) -> tuple:
+            return (0, r.arrival) if self._overdue(r) else (1, r.priority, r.arrival)
+
+        for request in sorted(self._waiting.values(), key=key):
+            if not self._free_slots or self._kv_used + request.kv_reserved > self.kv_budget_tokens:
+                break  # strict FCFS: the head blocks the queue rather than being overtaken forever
+            del self._waiting[request.request_id]
+            request.slot = heapq.heappop(self._free_slots)
+            self._kv_used += request.kv_reserved
+            request.status = RequestStatus.PREFILLING
+            request.plans_waited = 0
+            self._running[request.request_id] = request
+
+    def _pick_encode(self) -> list[RequestState]:
+        def key(r: RequestState) -> tuple:
+            if self._overdue(r):
+                return (0, r.arrival)
+            return (1, 0 if r.needs_commit else 1, r.priority, r.arrival)
+
+        ready = [r for r in self._running.values() if r.needs_commit or r.needs_prefill]
+        return sorted(ready, key=key)[: self.max_batch]
+
+    def _pick_denoise(self) -> list[RequestState]:
+        ready = [r for r in self._running.values() if r.needs_denoise]
+        if len(ready) <= self.max_batch:
+            return sorted(ready, key=lambda r: (r.denoise_step, r.priority, r.arrival))
+        groups: dict[int, list[RequestState]] = defaultdict(list)
+        for r in ready:
+            groups[r.denoise_step].append(r)
+        group_rank = {step: (-len(members), min((m.priority, m.arrival) for m in members))
+                      for step, members in groups.items()}
+
+        def key(r: RequestState) -> tuple:
+            if self._overdue(r):
+                return (0, r.arrival)
+            return (1, group_rank[r.denoise_step], r.priority, r.arrival)
+
+        return sorted(ready, key=key)[: self.max_batch]
+
+    def _age(self, scheduled: set[str]) -> None:
+        for r in itertools.chain(self._waiting.values(), self._running.values()):
+            r.plans_waited = 0 if r.request_id in scheduled else r.plans_waited + 1
+
+    def _encode_item(self, r: RequestState) -> EncodeItem:
+        if r.needs_commit:
+            start = r.canvas_start
+            return EncodeItem(r.request_id, r.slot, "commit", start, start + r.canvas_length)
+        start = r.prefilled_len
+        end = min(r.prompt_len, start + self.prefill_chunk)
+        return EncodeItem(r.request_id, r.slot, "prefill", start, end, r.prompt_ids[start:end])
+
+    # ------------------------------------------------------------------ results
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[RequestState]:
+        """Apply the runner's result for `plan`. Returns the requests that finished in this step."""
+        if plan is not self._in_flight:
+            raise ValueError(f"update() got step {plan.step_id}, but the plan in flight is "
+                             f"{None if self._in_flight is None else self._in_flight.step_id}")
+        self._validate(plan, result)  # before any mutation, so a bad result can be fixed and resent
+        self._in_flight = None
+        finished: list[RequestState] = []
+        for item in plan.encode:
+            request = self._running.get(item.request_id)
+            if request is None:
+                continue  # cancelled while the step ran: its result is dropped
+            if item.request_id in result.errors:
+                finished.append(self._finish(request, "error"))
+            elif item.kind == "prefill":
+                request.prefilled_len = item.end
+                if request.prefilled_len == request.prompt_len:
+                    request.status = RequestStatus.DENOISING
+            else:
+                reason = self._commit(request, result.committed[item.request_id], result.finished.get(item.request_id))
+                if reason is not None:
+                    finished.append(self._finish(request, reason))
+        for item in plan.denoise:
+            request = self._running.get(item.request_id)
+            if request is None:
+                continue
+            if item.request_id in result.errors:
+                finished.append(self._finish(request, "error"))
+                continue
+            request.denoise_step += 1
+            if item.request_id in result.early_stopped or request.denoise_step >= request.max_denoising_steps:
+                request.canvas_ready = True
+        for request in self._cancelled_in_flight.values():
+            self._release(request)
+        self._cancelled_in_flight.clear()
+        return finished
+
+    def _commit(self, request: RequestState, tokens: tuple[int, ...], reason: str | None) -> str | None:
+        """Append a committed canvas; returns the finish reason, or None to start the next canvas."""
+        room = request.max_new_tokens - len(request.output_ids)
+        request.output_ids.extend(tokens[:room])  # the last canvas may overshoot max_new_tokens
+        if len(tokens) > room or (reason is None and len(request.output_ids) >= request.max_new_tokens):
+            reason = "length"  # an EOS cut off by max_new_tokens never reached the output
+        if reason is None:
+            request.canvas_index += 1
+            request.denoise_step = 0
+            request.canvas_ready = False
+        return reason
+
+    def _validate(self, plan: StepPlan, result: StepResult) -> None:
+        ids = plan.request_ids
+        commit_ids = {i.request_id for i in plan.encode if i.kind == "commit"}
+        denoise_ids = {i.request_id for i in plan.denoise}
+        for name, keys, allowed in [("early_stopped", result.early_stopped, denoise_ids),
+                                    ("committed", result.committed, commit_ids),
+                                    ("finished", result.finished, commit_ids),
+                                    ("errors", result.errors, ids)]:
+            extra = set(keys) - allowed
+            if extra:
+                raise ValueError(f"StepResult.{name} names {sorted(extra)}, which have no matching item in step {plan.step_id}")
+        for rid, reason in result.finished.items():
+            if reason not in ("stop", "length"):
+                raise ValueError(f"StepResult.finished[{rid!r}]={reason!r}; expected 'stop' or 'length'")
+        for rid in commit_ids:
+            if rid not in self._running or rid in result.errors:
+                continue
+            if rid not in result.committed:
+                raise ValueError(f"StepResult.committed lacks request {rid!r}, committed in step {plan.step_id}")
+            n = len(result.committed[rid])
+            continues = rid not in result.finished
+            if n > self.canvas_length or (continues and n != self.canvas_length and
+                                          len(self._running[rid].output_ids) + n < self._running[rid].max_new_tokens):
+                raise ValueError(f"StepResult.committed[{rid!r}] has {n} tokens; expected {self.canvas_length} "
+                                 "(fewer only for a canvas that finishes the request)")
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _finish(self, request: RequestState, reason: str) -> RequestState:
+        del self._running[request.request_id]
+        self._mark_done(request, RequestStatus.FINISHED, reason)
+        self._release(request)
+        return request
+
+    @staticmethod
+    def _mark_done(request: RequestState, status: RequestStatus, reason: str) -> None:
+        request.status = status
+        request.finish_reason = reason
+
+    def _release(self, request: RequestState) -> None:
+        """Give back the request's slot and KV reservation (no-op for a never-admitted request)."""
+        if request.slot is None:
+            return
+        heapq.heappush(self._free_slots, request.slot)
+        self._freed_slots.append(request.slot)
+        self._kv_used -= request.kv_reserved
+        request.slot = None
