@@ -1,0 +1,242 @@
+"""Checkpoint IO in the Hugging Face layout: `config.json`, `generation_config.json` and safetensors
+(one file, or shards listed in `model.safetensors.index.json`).
+
+Loading builds the model on the meta device and assigns each tensor as it is read (converted to the
+target dtype one tensor at a time), so a checkpoint never needs twice its size in memory. Tied weights:
+the encoder shares the decoder's layers, norm and embeddings, and the LM head is the embedding matrix;
+the vision tower is not used for text and is skipped (said once). Every problem is collected and
+reported together: missing, unexpected, mis-shaped or wrongly typed tensors, missing or truncated files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, DiffusionParams, ModelConfig
+from .model.diffusion_gemma import DiffusionGemma
+from .model.layers import Rotary
+
+log = logging.getLogger("canvaslm")
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Keys a checkpoint may hold that the text model does not use: vision tower, tied duplicates.
+_IGNORED = re.compile(r"^(model\.encoder\.(vision_tower|embed_vision)\.|lm_head\.weight$"
+                      r"|model\.encoder\.language_model\.(embed_tokens|norm)\.|"
+                      r"model\.encoder\.language_model\.layers\.\d+\.(?!layer_scalar$))")
+_OPTIONAL = re.compile(r"layer_scalar$")  # buffers that default to 1 when absent
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, damaged, or does not match the model."""
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _tensor_files(model_dir: Path) -> dict[str, list[str]]:
+    """file name -> tensor names stored in it."""
+    index, single = model_dir / INDEX_FILE, model_dir / SINGLE_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files: dict[str, list[str]] = {}
+        for name, fname in weight_map.items():
+            files.setdefault(fname, []).append(name)
+        missing = sorted(f for f in files if not (model_dir / f).exists())
+        if missing:
+            raise CheckpointError(f"{index} lists shard files that are missing: {missing}")
+        return files
+    if single.exists():
+        return {SINGLE_FILE: None}
+    raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def _open(path: Path, device: str):
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); is it truncated or damaged?") \
+            from None
+
+
+def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor):
+    mod_path, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_path)
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        mod._buffers[leaf] = tensor
+
+
+def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: bool | None = None) -> DiffusionGemma:
+    """Build DiffusionGemma from an HF checkpoint directory."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a directory")
+    cfg = ModelConfig.from_dir(model_dir)
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    expected = {k: v for k, v in expected.items() if not k.startswith("rotary.")}
+    files = _tensor_files(model_dir)
+    problems, seen, ignored = [], set(), []
+    total = sum(p.numel() for p in expected.values())
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, unit="param", unit_scale=True, desc="loading weights",
+               disable=(total < 50_000_000) if progress is None else not progress)
+    dev = str(device)
+    for fname, names in files.items():
+        path = model_dir / fname
+        with _open(path, dev if dev.startswith("cuda") else "cpu") as f:
+            try:
+                names = names if names is not None else list(f.keys())
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot list tensors ({e})") from None
+            file_keys = set(f.keys())
+            for name in names:
+                if name not in file_keys:
+                    problems.append(f"{name}: listed in the index for {fname} but not stored there")
+                    continue
+                if name not in expected:
+                    (ignored if _IGNORED.match(name) else problems).append(
+                        name if _IGNORED.match(name) else f"{name}: unexpected tensor in {fname}")
+                    continue
+                want = expected[name]
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    problems.append(f"{name}: cannot be read from {fname} ({e})")
+                    continue
+                if tuple(t.shape) != tuple(want.shape):
+                    problems.append(f"{name}: shape {tuple(t.shape)} in {fname}, expected {tuple(want.shape)}")
+                    continue
+                if not t.is_floating_point():
+                    problems.append(f"{name}: dtype {t.dtype} in {fname}, expected a floating-point tensor")
+                    continue
+                _set_tensor(model, name, t.to(device=device, dtype=dtype))
+                seen.add(name)
+                bar.update(t.numel())
+    bar.close()
+    missing = sorted(set(expected) - seen)
+    for name in [m for m in missing if _OPTIONAL.search(m)]:
+        _set_tensor(model, name, torch.ones(expected[name].shape, device=device, dtype=dtype))
+        missing.remove(name)
+    problems += [f"{name}: missing from the checkpoint" for name in missing]
+    if problems:
+        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        raise CheckpointError(f"{model_dir}: checkpoint does not match the model:\n  {shown}")
+    if any(n.startswith("model.encoder.vision_tower") for n in ignored):
+        log.info("%s: vision tower weights skipped (text-only model)", model_dir)
+    model.rotary = Rotary(cfg).to(device)
+    return model.eval()
+
+
+def build_random_model(cfg: ModelConfig, device="cpu", dtype="float32", seed: int = 0, std: float = 0.02,
+                       materialize: bool = True) -> DiffusionGemma:
+    """A model with random weights (benchmarks, tests, training from scratch). With materialize=False it
+    stays on the meta device, which costs no memory at any shape."""
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    if not materialize:
+        return model
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(("scale", "per_expert_scale")):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.fill_(1.0)
+    model.rotary = Rotary(cfg).to(device)
+    return model.eval()
+
+
+def _tiny_vision_config() -> dict:
+    # transformers builds a vision tower from config.json even for text use; keep it minute.
+    return {"model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "position_embedding_size": 64}
+
+
+def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionParams | None = None,
+               max_shard_bytes: int = 4 << 30, dtype=None, extra_files: dict[str, str | Path] | None = None):
+    """Write an HF-format checkpoint atomically (to a temp dir, then renamed into place)."""
+    out_dir = Path(out_dir)
+    cfg_dict = model.cfg.to_hf_dict()
+    cfg_dict.setdefault("vision_config", _tiny_vision_config())
+    if cfg_dict.get("vision_config") is None:
+        cfg_dict["vision_config"] = _tiny_vision_config()
+    state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("rotary.")}
+    if dtype is not None:
+        state = {k: v.to(parse_dtype(dtype)) for k, v in state.items()}
+    cfg_dict["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shards, cur, size = [], {}, 0
+        for k in sorted(state):
+            nbytes = state[k].numel() * state[k].element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = state[k].contiguous().cpu()
+            size += nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                      "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+        gen = (params or DiffusionParams()).to_hf_dict()
+        gen.setdefault("eos_token_id", list(model.cfg.eos_token_ids))
+        gen.setdefault("pad_token_id", model.cfg.pad_token_id)
+        gen.setdefault("bos_token_id", model.cfg.bos_token_id)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+__all__ = ["load_model", "save_model", "build_random_model", "CheckpointError", "ConfigError", "parse_dtype"]

@@ -1,0 +1,325 @@
+"""Model and diffusion configuration, read from a checkpoint's `config.json` / `generation_config.json`.
+
+`ModelConfig` holds everything the network needs, with the per-layer values (attention type, head size,
+KV heads, RoPE) already derived the way the reference derives them. `DiffusionParams` holds the sampler
+defaults. Both are frozen and validated; errors name the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("canvaslm")
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+SUPPORTED_MODEL_TYPES = ("diffusion_gemma",)
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+# text_config keys we read; anything else is reported once, never silently relied upon.
+_KNOWN_TEXT_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_activation", "max_position_embeddings", "rms_norm_eps",
+    "pad_token_id", "eos_token_id", "bos_token_id", "tie_word_embeddings", "rope_parameters",
+    "attention_bias", "attention_dropout", "sliding_window", "layer_types", "final_logit_softcapping",
+    "use_bidirectional_attention", "num_experts", "top_k_experts", "moe_intermediate_size",
+    "per_layer_config", "global_head_dim", "num_global_key_value_heads", "model_type", "initializer_range",
+    "dtype", "torch_dtype", "transformers_version", "architectures", "rope_theta", "rope_scaling",
+    "partial_rotary_factor", "enable_moe_block", "attention_k_eq_v", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "quantization_config", "_name_or_path",
+}
+
+
+class ConfigError(ValueError):
+    """A config file is missing a field, has an impossible value, or names an unsupported model."""
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    rope_type: str  # "default" | "proportional"
+    theta: float
+    partial_rotary_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    layer_types: tuple[str, ...]
+    head_dims: tuple[int, ...]  # per layer
+    num_kv_heads: tuple[int, ...]  # per layer
+    sliding_window: int
+    rope: dict  # layer type -> RopeSpec
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    canvas_length: int = 256
+    rms_norm_eps: float = 1e-6
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131_072
+    final_logit_softcapping: float | None = 30.0
+    attention_bias: bool = False
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_ids: tuple[int, ...] = (1,)
+    has_vision: bool = False
+    raw: dict = field(default_factory=dict, compare=False, repr=False)  # the config.json as read
+
+    def __post_init__(self):
+        def need(cond, name, msg):
+            if not cond:
+                raise ConfigError(f"config.json: text_config.{name} {msg}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                     "num_experts", "top_k_experts", "moe_intermediate_size", "canvas_length",
+                     "max_position_embeddings"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
+        need(len(self.layer_types) == self.num_layers, "layer_types",
+             f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_layers}")
+        for i, t in enumerate(self.layer_types):
+            need(t in (SLIDING, FULL), f"layer_types[{i}]", f"must be {SLIDING!r} or {FULL!r}, got {t!r}")
+            need(self.head_dims[i] > 0 and self.head_dims[i] % 2 == 0, f"head_dim (layer {i})",
+                 f"must be a positive even integer, got {self.head_dims[i]}")
+            kv = self.num_kv_heads[i]
+            need(kv > 0 and self.num_attention_heads % kv == 0, f"num_key_value_heads (layer {i})",
+                 f"must divide num_attention_heads={self.num_attention_heads}, got {kv}")
+        need(self.top_k_experts <= self.num_experts, "top_k_experts",
+             f"({self.top_k_experts}) must not exceed num_experts ({self.num_experts})")
+        need(self.sliding_window >= 2, "sliding_window", f"must be >= 2, got {self.sliding_window}")
+        for t in set(self.layer_types):
+            need(t in self.rope, "rope_parameters", f"has no entry for layer type {t!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            need(v is None or 0 <= v < self.vocab_size, name, f"({v}) is outside the vocabulary")
+        for e in self.eos_token_ids:
+            need(0 <= e < self.vocab_size, "eos_token_id", f"({e}) is outside the vocabulary")
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count of the text model (shared encoder/decoder weights counted once)."""
+        d, n = self.hidden_size, 0
+        for i in range(self.num_layers):
+            hd, kv, h = self.head_dims[i], self.num_kv_heads[i], self.num_attention_heads
+            n += d * h * hd * 2 + d * kv * hd * (2 if self.is_sliding(i) else 1)
+            n += 3 * d * self.intermediate_size
+            n += self.num_experts * 3 * d * self.moe_intermediate_size + d * self.num_experts
+        return n + self.vocab_size * d + 3 * d * self.intermediate_size
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
+                              f"(expected one of {list(SUPPORTED_MODEL_TYPES)})")
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: missing the nested 'text_config' object")
+        unknown = sorted(set(text) - _KNOWN_TEXT_KEYS)
+        if unknown:
+            log.warning("%s: ignoring unknown text_config keys %s", source, unknown)
+
+        def req(key):
+            if key not in text or text[key] is None:
+                raise ConfigError(f"{source}: text_config.{key} is required but missing")
+            return text[key]
+
+        if text.get("use_bidirectional_attention") == "all":
+            raise ConfigError(f"{source}: text_config.use_bidirectional_attention='all' is not supported "
+                              "(DiffusionGemma's encoder is causal)")
+        n_layers = int(req("num_hidden_layers"))
+        layer_types = text.get("layer_types")
+        if layer_types is None:
+            layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
+        layer_types = list(layer_types)
+        if layer_types and layer_types[-1] != FULL:
+            layer_types[-1] = FULL  # the reference forces the last layer to full attention
+        base_hd = text.get("head_dim") or req("hidden_size") // req("num_attention_heads")
+        base_kv = int(req("num_key_value_heads"))
+        head_dims, kv_heads = [int(base_hd)] * n_layers, [base_kv] * n_layers
+        per_layer = text.get("per_layer_config")
+        if per_layer is None:
+            g_hd = text.get("global_head_dim", 512)
+            g_kv = text.get("num_global_key_value_heads")
+            per_layer = {str(i): {"head_dim": g_hd, **({"num_key_value_heads": g_kv} if g_kv else {})}
+                         for i, t in enumerate(layer_types) if t == FULL}
+        for key, over in per_layer.items():
+            i = int(key)
+            if not 0 <= i < n_layers:
+                raise ConfigError(f"{source}: text_config.per_layer_config has layer {key} "
+                                  f"but the model has {n_layers} layers")
+            head_dims[i] = int(over.get("head_dim", head_dims[i]))
+            kv_heads[i] = int(over.get("num_key_value_heads", kv_heads[i]))
+        rope_raw = text.get("rope_parameters") or _DEFAULT_ROPE
+        rope = {}
+        for t in set(layer_types):
+            p = rope_raw.get(t) if isinstance(rope_raw, dict) else None
+            if p is None:
+                raise ConfigError(f"{source}: text_config.rope_parameters has no entry for {t!r}")
+            rtype = p.get("rope_type", "default")
+            if rtype not in ("default", "proportional"):
+                raise ConfigError(f"{source}: text_config.rope_parameters[{t!r}].rope_type {rtype!r} "
+                                  "is not supported (default, proportional)")
+            rope[t] = RopeSpec(rtype, float(p.get("rope_theta", 10_000.0)),
+                               float(p.get("partial_rotary_factor", 1.0)))
+        eos = text.get("eos_token_id", 1)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        try:
+            return cls(
+                vocab_size=req("vocab_size"), hidden_size=req("hidden_size"),
+                intermediate_size=req("intermediate_size"), num_layers=n_layers,
+                num_attention_heads=req("num_attention_heads"), layer_types=tuple(layer_types),
+                head_dims=tuple(head_dims), num_kv_heads=tuple(kv_heads),
+                sliding_window=int(req("sliding_window")), rope=rope,
+                num_experts=req("num_experts"), top_k_experts=req("top_k_experts"),
+                moe_intermediate_size=req("moe_intermediate_size"),
+                canvas_length=cfg.get("canvas_length") or 256,
+                rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+                hidden_activation=text.get("hidden_activation", "gelu_pytorch_tanh"),
+                max_position_embeddings=text.get("max_position_embeddings", 131_072),
+                final_logit_softcapping=text.get("final_logit_softcapping", 30.0),
+                attention_bias=bool(text.get("attention_bias", False)),
+                pad_token_id=text.get("pad_token_id", 0), bos_token_id=text.get("bos_token_id", 2),
+                eos_token_ids=eos, has_vision=cfg.get("vision_config") is not None, raw=cfg,
+            )
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config.json", source, 1)) from None
+        except TypeError as e:
+            raise ConfigError(f"{source}: bad field type ({e})") from None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        return cls.from_dict(read_json(path), source=str(path))
+
+    def to_hf_dict(self) -> dict:
+        """A config.json that `transformers` reads back as the same model (text part)."""
+        cfg = json.loads(json.dumps(self.raw)) if self.raw else {}
+        per_layer = {str(i): {"head_dim": self.head_dims[i], "num_key_value_heads": self.num_kv_heads[i]}
+                     for i in range(self.num_layers) if self.layer_types[i] == FULL}
+        text = cfg.get("text_config", {})
+        text.update({
+            "model_type": "diffusion_gemma_text", "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_kv_heads[self.layer_types.index(SLIDING)]
+            if SLIDING in self.layer_types else self.num_kv_heads[0],
+            "head_dim": self.head_dims[self.layer_types.index(SLIDING)]
+            if SLIDING in self.layer_types else self.head_dims[0],
+            "layer_types": list(self.layer_types), "per_layer_config": per_layer,
+            "sliding_window": self.sliding_window, "num_experts": self.num_experts,
+            "top_k_experts": self.top_k_experts, "moe_intermediate_size": self.moe_intermediate_size,
+            "rms_norm_eps": self.rms_norm_eps, "hidden_activation": self.hidden_activation,
+            "max_position_embeddings": self.max_position_embeddings, "attention_bias": self.attention_bias,
+            "pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+            "tie_word_embeddings": True,
+            "rope_parameters": {t: {"rope_type": r.rope_type, "rope_theta": r.theta,
+                                    **({"partial_rotary_factor": r.partial_rotary_factor}
+                                       if r.rope_type == "proportional" else {})}
+                                for t, r in self.rope.items()},
+        })
+        if self.final_logit_softcapping != 30.0:
+            text["final_logit_softcapping"] = self.final_logit_softcapping
+        cfg.update({"model_type": "diffusion_gemma", "text_config": text, "canvas_length": self.canvas_length,
+                    "tie_word_embeddings": True, "architectures": ["DiffusionGemmaForBlockDiffusion"]})
+        return cfg
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    """Sampler defaults of a checkpoint (generation_config.json), HF defaults where absent."""
+
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_ids: tuple[int, ...] | None = None  # None: use the model config's
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        def bad(name, msg):
+            raise ConfigError(f"generation parameter {name} {msg}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            bad("max_new_tokens", "must be a positive integer")
+        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
+            bad("max_denoising_steps", "must be a positive integer")
+        if not self.entropy_bound > 0:
+            bad("entropy_bound", "must be > 0")
+        if not (0 <= self.t_min < self.t_max):
+            bad("t_max", f"must be greater than t_min ({self.t_min}) and t_min >= 0")
+        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
+            bad("stability_threshold", "must be an integer >= 0")
+        if not self.confidence_threshold > 0:
+            bad("confidence_threshold", "must be > 0")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "generation_config.json") -> "DiffusionParams":
+        kw: dict[str, Any] = {}
+        for k in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold",
+                  "confidence_threshold", "pad_token_id"):
+            if d.get(k) is not None:
+                kw[k] = d[k]
+        sc = d.get("sampler_config")
+        if isinstance(sc, dict) and sc.get("entropy_bound") is not None:
+            kw["entropy_bound"] = float(sc["entropy_bound"])
+        eos = d.get("eos_token_id")
+        if eos is not None:
+            kw["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "DiffusionParams":
+        path = Path(model_dir) / "generation_config.json"
+        return cls.from_dict(read_json(path), str(path)) if path.exists() else cls()
+
+    def replace(self, **kw) -> "DiffusionParams":
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def to_hf_dict(self) -> dict:
+        d = {"max_new_tokens": self.max_new_tokens, "max_denoising_steps": self.max_denoising_steps,
+             "sampler_config": {"entropy_bound": self.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"},
+             "t_min": self.t_min, "t_max": self.t_max, "stability_threshold": self.stability_threshold,
+             "confidence_threshold": self.confidence_threshold}
+        if self.eos_token_ids is not None:
+            d["eos_token_id"] = list(self.eos_token_ids)
+        if self.pad_token_id is not None:
+            d["pad_token_id"] = self.pad_token_id
+        return d
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else math.inf

@@ -1,0 +1,155 @@
+"""Block-autoregressive generation for a batch of prompts, end to end.
+
+prefill (encoder over the prompts) -> for each canvas: denoising steps (decoder + sampler) until every
+row stopped -> commit the argmax canvas (encoder writes its KV) -> next canvas, until every row hit EOS
+or its token budget. Rows stay in the batch until the batch is done, as the reference does, so a shared
+generator draws exactly the reference's random numbers; finished rows commit padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import DiffusionParams
+from .kv_cache import KVCache
+from .sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
+from .sampling.stopping import new_history
+
+
+class GenerationError(ValueError):
+    """A request cannot be generated as asked (empty prompt, too long, bad parameters)."""
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One prompt with fully resolved parameters."""
+
+    prompt_ids: list
+    params: DiffusionParams
+    eos_ids: tuple
+    pad_id: int
+    constraint: object | None = None  # sampling.constraints.CanvasConstraint, applied to every canvas
+
+
+@dataclass
+class RowResult:
+    token_ids: list = field(default_factory=list)
+    finish_reason: str = "length"
+    decoder_passes: int = 0
+    canvases: int = 0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.token_ids) / self.decoder_passes if self.decoder_passes else 0.0
+
+
+def check_request(prompt_ids: list, params: DiffusionParams, vocab: int, max_positions: int, canvas: int):
+    if len(prompt_ids) == 0:
+        raise GenerationError("prompt is empty: at least one token is needed")
+    bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+    if bad:
+        raise GenerationError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    need = len(prompt_ids) + math.ceil(params.max_new_tokens / canvas) * canvas
+    if len(prompt_ids) >= max_positions or need > max_positions:
+        raise GenerationError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}, rounded up to "
+            f"whole canvases of {canvas}) needs {need} positions, over max_position_embeddings={max_positions}")
+
+
+@torch.no_grad()
+def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None = None,
+                  on_commit: Callable | None = None) -> list[RowResult]:
+    """Generate for a batch of rows. gens: one torch.Generator shared by the batch, or one per row."""
+    cfg = model.cfg
+    device = model.embed_weight.device
+    C, V, B = cfg.canvas_length, cfg.vocab_size, len(rows)
+    for r in rows:
+        check_request(r.prompt_ids, r.params, V, cfg.max_position_embeddings, C)
+    n_canvases = max(math.ceil(r.params.max_new_tokens / C) for r in rows)
+    max_prompt = max(len(r.prompt_ids) for r in rows)
+    cache = KVCache(cfg, B, max_prompt + n_canvases * C, dtype=model.embed_weight.dtype, device=device)
+    slots = torch.arange(B, device=device)
+    # prefill: right-padded in the token dimension, every row at its own positions 0..len-1
+    tokens = torch.full((B, max_prompt), cfg.pad_token_id or 0, dtype=torch.long)
+    positions = torch.full((B, max_prompt), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        positions[b, :len(r.prompt_ids)] = torch.arange(len(r.prompt_ids))
+    model.encode(tokens.to(device), positions.to(device), slots, cache)
+
+    sp = SamplerParams.build([r.params for r in rows], device)
+    depth = max(r.params.stability_threshold for r in rows)
+    results = [RowResult() for _ in rows]
+    done_rows = torch.zeros(B, dtype=torch.bool, device=device)
+    passes = torch.zeros(B, dtype=torch.long, device=device)
+    constraints = [r.constraint for r in rows]
+    for k in range(n_canvases):
+        pinned, mask = _constraint_tensors(constraints, k, C, V, device)
+        canvas = randint(V, B, C, gens, device)
+        if pinned is not None:
+            canvas = torch.where(pinned >= 0, pinned, canvas)
+        st = CanvasState(canvas, canvas, None, torch.zeros(B, dtype=torch.bool, device=device),
+                         new_history(B, depth, C, device), sp.n_steps.clone())
+        for _ in range(int(sp.n_steps.max())):
+            passes += ~(st.finished | done_rows)
+            logits = model.denoise(st.canvas, slots, cache, sc_logits=st.sc_logits)
+            st = entropy_bound_step(logits, st, sp, gens, V, logit_mask=mask, pinned=pinned)
+            st.sc_logits = st.sc_logits.to(model.embed_weight.dtype)
+            if on_draft is not None:
+                on_draft(k, st)
+            if bool(st.finished.all()):  # the one host sync per step: the stop check
+                break
+        committed = st.argmax.clone()
+        for b, r in enumerate(rows):
+            if bool(done_rows[b]):
+                committed[b] = r.pad_id
+                continue
+            res = results[b]
+            res.canvases += 1
+            ids = committed[b].tolist()
+            cut = next((i for i, t in enumerate(ids) if t in r.eos_ids), None)
+            room = r.params.max_new_tokens - len(res.token_ids)
+            if cut is not None and cut < room:
+                res.token_ids += ids[:cut + 1]
+                res.finish_reason = "stop"
+                committed[b, cut + 1:] = r.pad_id
+                done_rows[b] = True
+            else:
+                res.token_ids += ids[:room]
+                if cut is not None:  # the eos lies past the token budget
+                    committed[b, cut + 1:] = r.pad_id
+                if len(res.token_ids) >= r.params.max_new_tokens or cut is not None:
+                    done_rows[b] = True
+        if on_commit is not None:
+            on_commit(k, committed, done_rows)
+        if bool(done_rows.all()) or k == n_canvases - 1:
+            break
+        start = cache.lengths.clone()
+        model.encode(committed, start[:, None] + torch.arange(C, device=device), slots, cache)
+    for b, res in enumerate(results):
+        res.decoder_passes = int(passes[b])
+    return results
+
+
+def _constraint_tensors(constraints, k, C, V, device):
+    """Stack per-row (pinned, allowed-mask) tensors for canvas k; None where no row has one."""
+    if all(c is None for c in constraints):
+        return None, None
+    pinned = torch.full((len(constraints), C), -1, dtype=torch.long, device=device)
+    mask, any_mask = None, False
+    per_row = [c.canvas(k, C, V) if c is not None else (None, None) for c in constraints]
+    for b, (pin, allowed) in enumerate(per_row):
+        if pin is not None:
+            pinned[b] = pin.to(device)
+        if allowed is not None:
+            any_mask = True
+    if any_mask:
+        mask = torch.ones(len(constraints), C, V, dtype=torch.bool, device=device)
+        for b, (_, allowed) in enumerate(per_row):
+            if allowed is not None:
+                mask[b] = allowed.to(device)
+    return pinned, mask

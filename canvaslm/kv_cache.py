@@ -1,0 +1,94 @@
+"""Static KV cache with batch slots.
+
+Every layer owns K and V buffers `[num_slots, kv_heads, S, head_dim]`, allocated once. Full-attention
+layers keep every position (S = max_len). Sliding layers keep a ring of the last `window - 1`
+positions (S = window - 1): that is all the encoder's sliding mask and the decoder can ever see, and it
+keeps long contexts cheap. A position table per layer type records which absolute position each row
+holds (-1 = empty); attention masks are built from it, so the ring order never matters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import FULL, SLIDING, ModelConfig
+
+
+class CacheFullError(ValueError):
+    """A request needs more positions than its cache slot holds."""
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype=torch.float32,
+                 device="cpu", keep_full_window: bool = False):
+        """keep_full_window: sliding layers keep every position too (training decodes any canvas)."""
+        self.cfg, self.num_slots, self.max_len = cfg, num_slots, max_len
+        self.window = cfg.sliding_window
+        self.size = {FULL: max_len, SLIDING: max_len if keep_full_window else min(self.window - 1, max_len)}
+        self.k, self.v = [], []
+        for i, t in enumerate(cfg.layer_types):
+            shape = (num_slots, cfg.num_kv_heads[i], self.size[t], cfg.head_dims[i])
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+        self.pos = {t: torch.full((num_slots, self.size[t]), -1, dtype=torch.long, device=device)
+                    for t in set(cfg.layer_types)}
+        # next free position of each slot = tokens already encoded
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
+
+    @property
+    def device(self):
+        return self.lengths.device
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reset(self, slots=None):
+        """Forget what the given slots (all if None) hold."""
+        if slots is None:
+            slots = torch.arange(self.num_slots, device=self.device)
+        slots = torch.as_tensor(slots, device=self.device, dtype=torch.long)
+        for t in self.pos:
+            self.pos[t][slots] = -1
+        self.lengths[slots] = 0
+
+    def old_positions(self, slots: torch.Tensor) -> dict:
+        """Position tables of the given slots, read once per forward before any layer writes."""
+        return {t: p.index_select(0, slots) for t, p in self.pos.items()}
+
+    def read(self, layer: int, slots: torch.Tensor):
+        return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
+
+    def _targets(self, layer_type: str, slots: torch.Tensor, q_pos: torch.Tensor):
+        """(slot rows, cache columns, token mask) for new tokens worth keeping in this layer type."""
+        size = self.size[layer_type]
+        end = q_pos.max(dim=1, keepdim=True).values + 1
+        keep = (q_pos >= 0) & (q_pos >= end - size)  # a ring keeps only the newest `size` positions
+        rows = slots[:, None].expand_as(q_pos)[keep]
+        return rows, (q_pos % size)[keep], keep
+
+    def check_fits(self, q_pos: torch.Tensor):
+        top = int(q_pos.max())
+        if top >= self.max_len:
+            raise CacheFullError(f"position {top} does not fit the KV cache (max_len={self.max_len})")
+
+    def write(self, layer: int, slots: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v: [B, Hk, T, D] for tokens at positions q_pos [B, T]."""
+        rows, cols, keep = self._targets(self.cfg.layer_types[layer], slots, q_pos)
+        self.k[layer][rows, :, cols, :] = k.transpose(1, 2)[keep].to(self.k[layer].dtype)
+        self.v[layer][rows, :, cols, :] = v.transpose(1, 2)[keep].to(self.v[layer].dtype)
+
+    def commit_positions(self, slots: torch.Tensor, q_pos: torch.Tensor):
+        """After all layers wrote: record the new positions and advance slot lengths."""
+        for t in self.pos:
+            rows, cols, keep = self._targets(t, slots, q_pos)
+            self.pos[t][rows, cols] = q_pos[keep]
+        new_len = torch.maximum(self.lengths.index_select(0, slots), q_pos.max(dim=1).values + 1)
+        self.lengths.index_copy_(0, slots, new_len)
+
+    def layer_kv(self, layer: int, slot: int):
+        """(k, v, positions) of one slot and layer in position order (for tests and inspection)."""
+        t = self.cfg.layer_types[layer]
+        pos = self.pos[t][slot]
+        order = torch.argsort(pos)
+        order = order[pos[order] >= 0]
+        return self.k[layer][slot][:, order], self.v[layer][slot][:, order], pos[order]

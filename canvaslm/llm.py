@@ -1,0 +1,146 @@
+"""The public Python API: `LLM(model_dir).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model, parse_dtype
+from .config import DiffusionParams
+from .generate import GenerationError, RowRequest, generate_rows
+
+BUNDLED_MODEL = Path(__file__).parent / "recipes" / "sudoku" / "model"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request settings; None takes the checkpoint's generation_config.json value.
+
+    temperature scales the whole temperature schedule (t_min and t_max). seed makes the request
+    reproducible on its own, whatever it is batched with.
+    """
+
+    max_new_tokens: int | None = None
+    max_denoising_steps: int | None = None
+    seed: int | None = None
+    temperature: float | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    entropy_bound: float | None = None
+    confidence_threshold: float | None = None
+    stability_threshold: int | None = None
+    constraint: object | None = None  # a sampling.constraints.CanvasConstraint
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_denoising_steps"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise GenerationError(f"SamplingParams.{name} must be a positive integer, got {v!r}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise GenerationError(f"SamplingParams.temperature must be > 0, got {self.temperature!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise GenerationError(f"SamplingParams.seed must be a non-negative integer, got {self.seed!r}")
+
+    def resolve(self, defaults: DiffusionParams) -> DiffusionParams:
+        p = defaults.replace(max_new_tokens=self.max_new_tokens, max_denoising_steps=self.max_denoising_steps,
+                             t_min=self.t_min, t_max=self.t_max, entropy_bound=self.entropy_bound,
+                             confidence_threshold=self.confidence_threshold,
+                             stability_threshold=self.stability_threshold)
+        if self.temperature is not None:
+            p = dataclasses.replace(p, t_min=p.t_min * self.temperature, t_max=p.t_max * self.temperature)
+        return p
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list
+    token_ids: list  # new ids up to and including the first EOS
+    text: str
+    finish_reason: str  # "stop" (EOS) | "length"
+    tokens_per_forward: float
+    decoder_passes: int
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LLM:
+    def __init__(self, model_dir: str | Path | None = None, device: str | None = None, dtype=None,
+                 progress: bool | None = None):
+        self.model_dir = Path(model_dir) if model_dir is not None else BUNDLED_MODEL
+        self.device = device or default_device()
+        if dtype is None:
+            dtype = "bfloat16" if str(self.device).startswith("cuda") else "float32"
+        self.dtype = parse_dtype(dtype)
+        self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype, progress=progress)
+        self.cfg = self.model.cfg
+        self.defaults = DiffusionParams.from_dir(self.model_dir)
+        self.tokenizer = None
+        if (self.model_dir / "tokenizer.json").exists():
+            from .tokenizer import Tokenizer
+            self.tokenizer = Tokenizer.from_dir(self.model_dir)
+
+    @property
+    def eos_ids(self) -> tuple:
+        return tuple(self.defaults.eos_token_ids or self.cfg.eos_token_ids)
+
+    @property
+    def pad_id(self) -> int:
+        p = self.defaults.pad_token_id
+        return p if p is not None else (self.cfg.pad_token_id or 0)
+
+    def encode_prompt(self, prompt) -> list:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GenerationError(f"{self.model_dir} has no tokenizer.json: pass token id lists instead of text")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        return [int(t) for t in prompt]
+
+    def decode(self, ids: list) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def rows(self, prompts, params) -> list[RowRequest]:
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise GenerationError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        return [RowRequest(self.encode_prompt(p), sp.resolve(self.defaults), self.eos_ids, self.pad_id,
+                           sp.constraint) for p, sp in zip(prompts, params)]
+
+    def generate(self, prompts, params: SamplingParams | list | None = None,
+                 generator: torch.Generator | None = None, on_draft=None) -> list[GenerationResult]:
+        """prompts: a string, a list of token ids, or a list of either. With `generator`, the batch shares
+        it (the reference's batch behaviour); otherwise every request draws from its own seed."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                              and isinstance(prompts[0], int))
+        if single:
+            prompts = [prompts]
+        if not prompts:
+            return []
+        rows = self.rows(prompts, params)
+        plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(rows)
+        if generator is None:
+            gens = [self._generator(sp.seed) for sp in plist]
+            gens = gens[0] if len(gens) == 1 else gens
+        else:
+            gens = generator
+        outs = generate_rows(self.model, rows, gens, on_draft=on_draft)
+        return [GenerationResult(r.prompt_ids, o.token_ids, self.decode(o.token_ids), o.finish_reason,
+                                 o.tokens_per_forward, o.decoder_passes) for r, o in zip(rows, outs)]
+
+    def chat(self, messages: list, params: SamplingParams | None = None, **kw) -> GenerationResult:
+        if self.tokenizer is None:
+            raise GenerationError(f"{self.model_dir} has no tokenizer.json, so chat is not available")
+        return self.generate([self.tokenizer.encode_chat(messages)], params, **kw)[0]
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed if seed is not None else random.randrange(2**63))
+        return g

@@ -1,0 +1,175 @@
+"""The DiffusionGemma network: one weight set, two modes.
+
+`encode(tokens, positions, slots, cache)` runs causally and writes the KV cache (prompt, chunks of a
+prompt, committed canvases). `denoise(canvas, slots, cache, sc_logits)` runs bidirectionally over a
+canvas, reads the cache and writes nothing. Parameter names follow the HF checkpoint
+(`model.decoder.layers.N...`), so weights load without renaming; encoder and decoder share the layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .layers import MLP, Attention, AttnContext, RMSNorm, Rotary
+from .moe import Experts, Router
+
+
+class Layer(nn.Module):
+    """Attention, then a dense MLP and the MoE side by side, each wrapped in RMSNorms."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(d, cfg.intermediate_size)
+        self.router = Router(d, cfg.num_experts, cfg.top_k_experts, eps)
+        self.experts = Experts(d, cfg.moe_intermediate_size, cfg.num_experts)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "post_feedforward_layernorm_1",
+                     "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2"):
+            setattr(self, name, RMSNorm(d, eps))
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+    def forward(self, h: torch.Tensor, rope: tuple, ctx: AttnContext, scalar: torch.Tensor) -> torch.Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, ctx))
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        flat = h.reshape(-1, h.shape[-1])  # the router sees the residual stream, not the normed input
+        weights, ids = self.router(flat)
+        sparse = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids)
+        sparse = self.post_feedforward_layernorm_2(sparse.reshape(h.shape))
+        return (h + self.post_feedforward_layernorm(dense + sparse)) * scalar
+
+
+class SelfConditioning(MLP):
+    """Soft embeddings of the previous step -> gated MLP, added to the canvas embeddings, then normed."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.hidden_size, cfg.intermediate_size)
+        self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        if soft is None:  # first step: a zero signal maps to exactly zero (no biases), skip the MLP
+            return self.post_norm(embeds)
+        return self.post_norm(embeds + super().forward(self.pre_norm(soft)))
+
+
+class TextModel(nn.Module):
+    """Embeddings, layers and final norm (HF: `model.decoder`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+
+
+class _ScalarHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+
+class EncoderScalars(nn.Module):
+    """The encoder's own per-layer scalars (HF: `model.encoder.language_model.layers.N.layer_scalar`);
+    every other encoder weight is the decoder's."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.language_model = nn.Module()
+        self.language_model.layers = nn.ModuleList(_ScalarHolder() for _ in range(cfg.num_layers))
+
+
+class _Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.decoder = TextModel(cfg)
+        self.encoder = EncoderScalars(cfg)
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = _Model(cfg)
+        self.rotary = Rotary(cfg)
+
+    # --- small helpers -------------------------------------------------------------------------
+    @property
+    def text(self) -> TextModel:
+        return self.model.decoder
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self.text.embed_tokens.weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_weight
+        return F.embedding(ids, w) * torch.tensor(self.cfg.hidden_size ** 0.5).to(w.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head + softcap, in float32: [.., d] -> [.., V]."""
+        out = F.linear(hidden, self.embed_weight).float()
+        cap = self.cfg.final_logit_softcapping
+        return torch.tanh(out / cap) * cap if cap else out
+
+    def soft_embeddings(self, sc_logits: torch.Tensor, rows_per_chunk: int = 64) -> torch.Tensor:
+        """softmax(logits) @ E * sqrt(d), a chunk of rows at a time so no fp32 [B, C, V] copy is made."""
+        w = self.embed_weight
+        flat = sc_logits.reshape(-1, sc_logits.shape[-1])
+        out = torch.empty(flat.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
+        for i in range(0, flat.shape[0], rows_per_chunk):
+            p = torch.softmax(flat[i:i + rows_per_chunk], dim=-1, dtype=torch.float32).to(w.dtype)
+            out[i:i + rows_per_chunk] = p @ w
+        scale = torch.tensor(self.cfg.hidden_size ** 0.5).to(w.dtype)
+        return (out * scale).view(*sc_logits.shape[:-1], -1)
+
+    def _run_layers(self, h, positions, ctx, scalars) -> torch.Tensor:
+        rope = self.rotary(positions, h.dtype)
+        for i, layer in enumerate(self.text.layers):
+            h = layer(h, rope[self.cfg.layer_types[i]], ctx, scalars[i])
+        return self.text.norm(h)
+
+    # --- the two modes -------------------------------------------------------------------------
+    def encode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache,
+               write: bool = True) -> torch.Tensor:
+        """Causal pass over new tokens [B, T] at absolute positions [B, T] (-1 = padding); writes
+        their K/V into the cache slots and returns final-normed hidden states [B, T, d]."""
+        if cache is not None:
+            cache.check_fits(positions)
+            old = cache.old_positions(slots)
+        else:
+            old = {t: positions.new_full((positions.shape[0], 0), -1) for t in set(self.cfg.layer_types)}
+        ctx = AttnContext("encode", positions, slots, cache, old, write=write)
+        scalars = [m.layer_scalar for m in self.model.encoder.language_model.layers]
+        h = self._run_layers(self.embed(tokens), positions, ctx, scalars)
+        if cache is not None and write:
+            cache.commit_positions(slots, positions)
+        return h
+
+    def denoise(self, canvas: torch.Tensor, slots: torch.Tensor, cache, sc_logits: torch.Tensor | None = None,
+                sc_embeds: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None,
+                canvas_start: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Bidirectional pass over a canvas [B, C] that starts at `canvas_start` [B] (default: each slot's
+        cache length). Self-conditioning from the previous step's logits (or precomputed soft
+        embeddings); sc_mask [B] zeroes it per row. Returns float32 logits [B, C, V]."""
+        B, C = canvas.shape
+        if canvas_start is None:
+            canvas_start = cache.lengths.index_select(0, slots)
+        positions = canvas_start[:, None] + torch.arange(C, device=canvas.device)
+        if sc_embeds is None and sc_logits is not None:
+            sc_embeds = self.soft_embeddings(sc_logits)
+        if sc_embeds is not None and sc_mask is not None:
+            sc_embeds = sc_embeds * sc_mask.to(sc_embeds.dtype)[:, None, None]
+        h = self.text.self_conditioning(self.embed(canvas), sc_embeds)
+        ctx = AttnContext("decode", positions, slots, cache, cache.old_positions(slots), canvas_start)
+        h = self._run_layers(h, positions, ctx, [layer.layer_scalar for layer in self.text.layers])
+        return h if return_hidden else self.logits(h)
+
+    def set_moe_impl(self, impl: str):
+        for layer in self.text.layers:
+            layer.experts.impl = impl
