@@ -1,0 +1,98 @@
+"""`canvaslm` command line: generate | serve | bench | train | sudoku.
+
+Each subsystem registers its own subcommand through `add_parser(subparsers)` in its module, so this
+file only wires them together; `generate` lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+# module path -> provides add_parser(subparsers); each sets `func` on its parser
+SUBCOMMAND_MODULES = ("canvaslm.server.cli", "canvaslm.bench", "canvaslm.train.cli", "canvaslm.recipes.sudoku.cli")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True):
+    p.add_argument("model_dir", nargs="?" if model_optional else None, default=None,
+                   help="checkpoint directory (HF layout); default: the bundled Sudoku demo model")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def _generate(args) -> int:
+    from .llm import LLM, SamplingParams
+
+    llm = LLM(args.model_dir, device=args.device, dtype=args.dtype)
+    if args.prompt_ids is not None:
+        prompt = args.prompt_ids
+    elif args.chat:
+        if llm.tokenizer is None:
+            raise SystemExit(f"error: {llm.model_dir} has no tokenizer.json, so --chat is not available")
+        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = llm.encode_prompt(args.prompt)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, seed=args.seed,
+                            temperature=args.temperature)
+    res = llm.generate([prompt], params)[0]
+    if args.json:
+        print(json.dumps({"token_ids": res.token_ids, "text": res.text, "finish_reason": res.finish_reason,
+                          "tokens_per_forward": res.tokens_per_forward, "decoder_passes": res.decoder_passes,
+                          "prompt_tokens": len(res.prompt_ids)}))
+    else:
+        print(res.text if llm.tokenizer is not None else " ".join(map(str, res.token_ids)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canvaslm", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", type=_parse_ids, help="prompt as comma-separated token ids")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="scales the temperature schedule")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=_generate)
+    for mod in SUBCOMMAND_MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:  # that subsystem is not built yet
+                continue
+            raise
+        m.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:  # our errors name the problem; no deep traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
