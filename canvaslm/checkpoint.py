@@ -196,6 +196,7 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
     cfg_dict["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
     try:
         shards, cur, size = [], {}, 0
         for k in sorted(state):

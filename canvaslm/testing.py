@@ -1,0 +1,42 @@
+"""Tiny random checkpoints with a character tokenizer, for tests, demos and load tests (no downloads)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from .checkpoint import build_random_model, save_model
+from .config import DiffusionParams, ModelConfig
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def make_tiny_checkpoint(out_dir, canvas_length: int = 16, seed: int = 0, std: float = 0.5,
+                         params: DiffusionParams | None = None, **text_overrides) -> Path:
+    """Write a random DiffusionGemma checkpoint + char tokenizer (vocab = specials + printable chars).
+    A large init std makes the random model's predictions peaked, so sampling converges quickly."""
+    from .tokenizer import build_char_tokenizer
+
+    out_dir = Path(out_dir)
+    vocab = len(SPECIALS) + len(CHARS)
+    text = dict(model_type="diffusion_gemma_text", vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                sliding_window=16, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                max_position_embeddings=4096, layer_types=["sliding_attention", "sliding_attention",
+                                                          "full_attention"],
+                per_layer_config={"2": {"head_dim": 32, "num_key_value_heads": 1}},
+                eos_token_id=[1, 4], pad_token_id=0, bos_token_id=2)
+    text.update(text_overrides)
+    cfg = ModelConfig.from_dict({"model_type": "diffusion_gemma", "text_config": text,
+                                 "canvas_length": canvas_length})
+    model = build_random_model(cfg, seed=seed, std=std)
+    params = params or DiffusionParams(max_new_tokens=32, max_denoising_steps=8, eos_token_ids=(1, 4),
+                                       pad_token_id=0)
+    save_model(model, out_dir, params)
+    build_char_tokenizer(CHARS, SPECIALS, out_dir, chat_template=CHAT_TEMPLATE, bos_token="<bos>",
+                         eos_token="<eos>", pad_token="<pad>")
+    return out_dir
