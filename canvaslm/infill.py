@@ -1,0 +1,122 @@
+"""Infilling and region editing by pinning: the model writes a middle between a fixed prefix and suffix.
+
+The prefix goes to the encoder (it is the prompt); the suffix is pinned on the output canvas right
+after a gap of g free positions, followed by a pinned EOS. The middle's length is unknown, so several
+gap lengths are tried as rows of one batch (one generation pass), and the candidate whose
+middle + suffix the model finds most likely wins: the mean per-token log-probability under the
+encoder's causal (autoregressive) pass, one batched encoder call. Free middle positions never take
+EOS or padding, so the output always reads prefix + middle + suffix.
+
+Region editing is infilling with prefix = text[:start] and suffix = text[end:]; by default the new span
+keeps the old span's token count (pass `gaps` to let it grow or shrink).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .generate import GenerationError, RowRequest, generate_rows
+from .kv_cache import KVCache
+from .sampling.constraints import PinnedConstraint
+
+DEFAULT_GAPS = (2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class InfillResult:
+    prefix: str
+    middle: str
+    suffix: str
+    text: str  # prefix + middle + suffix
+    middle_ids: list
+    gap: int  # tokens in the chosen middle
+    scores: dict  # gap -> mean log-prob per token of middle + suffix (higher is better)
+    decoder_passes: int  # over all candidates
+
+
+def default_gaps(max_middle: int) -> tuple:
+    """Powers of two up to the largest middle the token budget allows (always at least one gap)."""
+    gaps = tuple(g for g in DEFAULT_GAPS if g <= max_middle)
+    return gaps or (max(1, max_middle),)
+
+
+@torch.no_grad()
+def score_continuations(model, prompt_ids: list, conts: list) -> list:
+    """Mean log p(cont | prompt) per token under the encoder's causal pass, one batched call. -> [float]."""
+    device = model.embed_weight.device
+    rows = [list(prompt_ids) + list(c) for c in conts]
+    B, T = len(rows), max(len(r) for r in rows)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.full((B, T), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = torch.tensor(r)
+        positions[b, :len(r)] = torch.arange(len(r))
+    cache = KVCache(model.cfg, B, T, dtype=model.embed_weight.dtype, device=device)
+    hidden = model.encode(tokens.to(device), positions.to(device), torch.arange(B, device=device), cache)
+    out, P = [], len(prompt_ids)
+    for b, c in enumerate(conts):
+        if not c:
+            out.append(0.0)
+            continue
+        logp = torch.log_softmax(model.logits(hidden[b, P - 1:P - 1 + len(c)]), dim=-1)  # [len(c), V]
+        out.append(float(logp.gather(1, torch.tensor(c, device=device)[:, None]).mean()))
+    return out
+
+
+def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) -> tuple:
+    """Token-level infill. -> (best gap, middle ids, scores {gap: score}, decoder passes)."""
+    from .llm import SamplingParams
+
+    sp = params or SamplingParams()
+    if sp.constraint is not None or getattr(sp, "json_schema", None) is not None:
+        raise GenerationError("infill: SamplingParams.constraint / json_schema cannot be combined with infilling")
+    base = sp.resolve(llm.defaults)
+    eos = llm.eos_ids
+    if gaps is None:
+        gaps = default_gaps(base.max_new_tokens - len(suffix_ids) - 1)
+    gaps = sorted(set(gaps))
+    if not gaps or any(not isinstance(g, int) or g < 0 for g in gaps):
+        raise GenerationError(f"infill: gaps must be non-negative integers, got {gaps}")
+    rows = []
+    for g in gaps:
+        pins = PinnedConstraint({g: list(suffix_ids) + [eos[0]]}, ban_ids=tuple(eos) + (llm.pad_id,), ban_until=g)
+        p = dataclasses.replace(base, max_new_tokens=g + len(suffix_ids) + 1)
+        rows.append(RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins))
+    seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    gens = [llm._generator(seed + i) for i in range(len(rows))]
+    outs = generate_rows(llm.model, rows, gens)
+    middles = [o.token_ids[:g] for o, g in zip(outs, gaps)]
+    scores = score_continuations(llm.model, prompt_ids, [m + list(suffix_ids) for m in middles])
+    best = max(range(len(gaps)), key=lambda i: scores[i])
+    return gaps[best], middles[best], dict(zip(gaps, scores)), sum(o.decoder_passes for o in outs)
+
+
+def infill(llm, prefix: str, suffix: str, params=None, gaps=None) -> InfillResult:
+    """Generate the text between `prefix` and `suffix`."""
+    tok = llm.tokenizer
+    if tok is None:
+        raise GenerationError(f"{llm.model_dir} has no tokenizer.json: use infill_ids with token ids")
+    prompt = tok.encode(prefix) if prefix else []
+    if not prompt:
+        if tok.bos_id is None:
+            raise GenerationError("infill: the prefix is empty and the tokenizer has no BOS token to start from")
+        prompt = [tok.bos_id]
+    suffix_ids = tok.encode(suffix, add_special_tokens=False) if suffix else []
+    gap, mid, scores, passes = infill_ids(llm, prompt, suffix_ids, params, gaps)
+    head = tok.decode(prompt)
+    both = tok.decode(prompt + mid)
+    middle = both[len(head):] if both.startswith(head) else tok.decode(mid)
+    return InfillResult(prefix, middle, suffix, prefix + middle + suffix, mid, gap, scores, passes)
+
+
+def edit(llm, text: str, start: int, end: int, params=None, gaps=None) -> InfillResult:
+    """Regenerate text[start:end] with both sides as context; both sides come back unchanged."""
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= len(text)):
+        raise GenerationError(f"edit: span [{start}, {end}) must lie within the text (length {len(text)})")
+    if gaps is None:
+        old = llm.tokenizer.encode(text[start:end], add_special_tokens=False) if end > start else []
+        gaps = (max(1, len(old)),)
+    return infill(llm, text[:start], text[end:], params, gaps)

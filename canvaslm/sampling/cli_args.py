@@ -1,0 +1,66 @@
+"""`canvaslm generate` flags for canvas control: --json-schema, --pin, --suffix (infilling), --gaps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _pin(text: str) -> tuple:
+    pos, sep, value = text.partition(":")
+    try:
+        off = int(pos)
+    except ValueError:
+        off = -1
+    if not sep or off < 0 or value == "":
+        raise argparse.ArgumentTypeError(f"--pin must be OFFSET:TEXT with a non-negative offset, got {text!r}")
+    return off, value
+
+
+def _gaps(text: str) -> list:
+    try:
+        gaps = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        gaps = []
+    if not gaps or min(gaps) < 0:
+        raise argparse.ArgumentTypeError(f"--gaps must be comma-separated non-negative integers, got {text!r}")
+    return gaps
+
+
+def add_constraint_args(p: argparse.ArgumentParser):
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="constrain the output to JSON valid under this JSON schema file")
+    p.add_argument("--pin", metavar="OFFSET:TEXT", type=_pin, action="append", default=None,
+                   help="pin TEXT's tokens at this output token offset (repeatable)")
+    p.add_argument("--suffix", default=None,
+                   help="infill: generate the text between --prompt (prefix) and this suffix")
+    p.add_argument("--gaps", type=_gaps, default=None,
+                   help="infill: candidate middle lengths in tokens, e.g. 4,8,16 (default: powers of two)")
+
+
+def constraint_params(args, llm) -> dict:
+    """SamplingParams keyword arguments for the constraint flags."""
+    if args.json_schema and args.pin:
+        raise ValueError("--json-schema and --pin cannot be combined")
+    if args.suffix is not None and (args.json_schema or args.pin):
+        raise ValueError("--suffix (infilling) cannot be combined with --json-schema or --pin")
+    if args.json_schema:
+        path = Path(args.json_schema)
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema {path}: not valid JSON ({e})") from e
+        return {"json_schema": schema}
+    if args.pin:
+        from .constraints import PinnedConstraint, pins_from_text
+
+        if llm.tokenizer is None:
+            raise ValueError(f"{llm.model_dir} has no tokenizer.json, so --pin TEXT is not available")
+        spans = {}
+        for off, text in args.pin:
+            spans[off] = text
+        pins = pins_from_text(llm.tokenizer, spans)
+        last = max(off + len(ids) for off, ids in pins.items())
+        return {"constraint": PinnedConstraint(pins, ban_ids=llm.eos_ids, ban_until=last)}
+    return {}

@@ -1,0 +1,265 @@
+"""Canvas constraints: pinned tokens and per-position allowed-token masks over a request's output.
+
+A constraint is a layout over output offsets 0..L-1 (offsets run across canvases: canvas k holds
+offsets k*C..k*C+C-1). Each offset is pinned (a fixed token id: always accepted, never renoised), free,
+free with some ids banned, or part of a value slot. A slot is a fixed-width run of positions whose token
+sequence must be accepted by a small automaton (`TokenDFA`, e.g. "a JSON integer then whitespace").
+
+Positions are sampled in parallel, so a per-position mask alone cannot enforce a sequence language
+(leading zeros, "1 2", a mix of two enum values). The mask is only the tight per-position envelope
+(tokens that some accepted sequence has there). What is committed is decided at the end of the canvas
+by `commit`: the most likely accepted sequence under the final per-position distributions (Viterbi
+over automaton states x positions). It equals the argmax whenever the argmax is already valid, and is
+always valid. A slot that straddles a canvas boundary carries its automaton state into the next canvas.
+
+Runner contract: call `c = constraint.for_row()` once per request, `c.canvas(k, C, V)` before the
+denoising steps of canvas k, and `c.commit(k, ids, logits)` on the argmax canvas before it is encoded.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+_NEG = -1e9  # finite stand-in for -inf log-probs so path sums stay comparable
+
+
+class ConstraintError(ValueError):
+    """A constraint cannot be built or applied as asked (unsupported schema feature, too long, bad pin)."""
+
+
+@dataclass(frozen=True)
+class TokenDFA:
+    """Automaton over token symbols: token id -> symbol (-1: never allowed), trans[state, symbol] -> state."""
+
+    sym_of_token: torch.Tensor  # [V] long, -1 = not allowed
+    trans: torch.Tensor  # [S, G] long, -1 = dead
+    start: int
+    accept: torch.Tensor  # [S] bool
+
+    @property
+    def num_states(self) -> int:
+        return self.trans.shape[0]
+
+    def coreach(self, n: int) -> torch.Tensor:
+        """[n + 1, S] bool: co[j, s] = some accepted state is reached from s in exactly j more tokens."""
+        S = self.num_states
+        co = torch.zeros(n + 1, S, dtype=torch.bool)
+        co[0] = self.accept
+        ok = self.trans >= 0
+        safe = self.trans.clamp(min=0)
+        for j in range(1, n + 1):
+            co[j] = (ok & co[j - 1][safe]).any(dim=1)
+        return co
+
+    def symbol_masks(self, state: int, n: int, remaining: int) -> torch.Tensor:
+        """[n, G] bool: symbols allowed at the next n positions, from `state`, with `remaining` positions left
+        in the slot (>= n): reachable from the left and still able to finish within the slot."""
+        co = self.coreach(remaining)
+        ok = self.trans >= 0
+        safe = self.trans.clamp(min=0)
+        fw = torch.zeros(self.num_states, dtype=torch.bool)
+        fw[state] = True
+        out = torch.zeros(n, self.trans.shape[1], dtype=torch.bool)
+        for i in range(n):
+            good = ok & co[remaining - i - 1][safe] & fw[:, None]  # [S, G]
+            out[i] = good.any(dim=0)
+            fw = torch.zeros_like(fw).index_fill_(0, safe[good], True) if good.any() else torch.zeros_like(fw)
+        return out
+
+    def token_masks(self, state: int, n: int, remaining: int, V: int) -> torch.Tensor:
+        """[n, V] bool allowed tokens for the next n positions."""
+        sym = self.symbol_masks(state, n, remaining)
+        t = self.sym_of_token
+        t = torch.cat([t, t.new_full((max(0, V - t.numel()),), -1)])[:V]
+        return sym[:, t.clamp(min=0)] & (t >= 0)[None, :]
+
+    def best_path(self, state: int, logp: torch.Tensor, remaining: int) -> tuple[list[int], int]:
+        """Most likely token sequence for the next n = logp.shape[0] positions (logp [n, V] log-probs) that
+        starts in `state` and can still be accepted with `remaining` (>= n) positions; -> (ids, end state)."""
+        n, V = logp.shape
+        S, G = self.trans.shape
+        co = self.coreach(remaining)
+        t = self.sym_of_token.to(logp.device)
+        t = torch.cat([t, t.new_full((max(0, V - t.numel()),), -1)])[:V]
+        col = torch.where(t >= 0, t, G)  # disallowed tokens go to a dropped column
+        logp = logp.float().clamp(min=_NEG)
+        best = torch.full((n, G + 1), 2 * _NEG, device=logp.device).scatter_reduce(
+            1, col[None].expand(n, V), logp, "amax")[:, :G].cpu()  # [n, G]
+        score = torch.full((S,), 4 * _NEG * (n + 1))
+        score[state] = 0.0
+        reach = torch.zeros(S, dtype=torch.bool)
+        reach[state] = True
+        flat_tgt, flat_idx = self.trans.flatten(), torch.arange(S * G)
+        back = []
+        for i in range(n):
+            valid = (self.trans >= 0) & reach[:, None] & co[remaining - i - 1][self.trans.clamp(min=0)]
+            cand = (score[:, None] + best[i][None, :]).flatten()
+            v = valid.flatten()
+            tgt, val, idx = flat_tgt[v], cand[v], flat_idx[v]
+            if tgt.numel() == 0:
+                raise ConstraintError("no valid token sequence fits this slot (internal: dead automaton state)")
+            new = torch.full((S,), 8 * _NEG * (n + 1)).scatter_reduce(0, tgt, val, "amax")
+            winners = val >= new[tgt]
+            bp = torch.full((S,), S * G).scatter_reduce(0, tgt[winners], idx[winners], "amin")
+            reach = torch.zeros(S, dtype=torch.bool).index_fill_(0, tgt, True)
+            score, _ = new, back.append(bp)
+        end_ok = reach & co[remaining - n]
+        end = int(torch.where(end_ok, score, torch.full_like(score, float("-inf"))).argmax())
+        syms, s = [], end
+        for bp in reversed(back):
+            f = int(bp[s])
+            s, g = divmod(f, G)
+            syms.append(g)
+        syms.reverse()
+        ids = [int(logp[i].masked_fill(t != g, float("-inf")).argmax()) for i, g in enumerate(syms)]
+        return ids, end
+
+
+@dataclass
+class Slot:
+    """A value slot: `width` positions from output offset `start` accepted by `dfa`. `finish`, if set,
+    repairs the whole slot's ids at commit (e.g. clamps a number into its range); the layout then
+    keeps the slot inside one canvas."""
+
+    start: int
+    width: int
+    dfa: TokenDFA
+    finish: Callable[[list], list] | None = None
+
+
+@dataclass
+class Layout:
+    """What a constraint asks of the output offsets 0..length-1 (offsets past it are unconstrained)."""
+
+    pinned: list  # [length] token id or -1
+    slots: list = field(default_factory=list)
+    banned: list = field(default_factory=list)  # (start, end, ids): free offsets [start, end) never take ids
+
+    @property
+    def length(self) -> int:
+        return len(self.pinned)
+
+
+class CanvasConstraint:
+    """A request's constraint. Subclasses provide `layout(C)`; this class maps it onto canvases."""
+
+    def layout(self, C: int) -> Layout:
+        raise NotImplementedError
+
+    def min_new_tokens(self, C: int) -> int:
+        """Tokens the output needs so that every constrained offset is generated."""
+        return self.layout(C).length
+
+    def for_row(self) -> "CanvasConstraint":
+        """A fresh per-request copy (slot states are per request; the spec may be shared by many)."""
+        c = copy.copy(self)
+        c._states = {}
+        return c
+
+    def canvas(self, k: int, C: int, V: int):
+        """(pinned LongTensor [C] with -1 for free positions, or None; allowed BoolTensor [C, V] or None)."""
+        if k == 0 or not hasattr(self, "_states"):
+            self._states = {}
+        lay = self.layout(C)
+        lo, hi = k * C, (k + 1) * C
+        if lo >= lay.length:
+            return None, None
+        pins = lay.pinned[lo:hi]
+        bad = [t for t in pins if not -1 <= t < V]
+        if bad:
+            raise ConstraintError(f"pinned token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        pinned = torch.full((C,), -1, dtype=torch.long)
+        pinned[:len(pins)] = torch.tensor(pins, dtype=torch.long)
+        allowed = None
+        for start, end, ids in lay.banned:
+            a, b = max(start, lo), min(end, hi)
+            if a < b and ids:
+                allowed = torch.ones(C, V, dtype=torch.bool) if allowed is None else allowed
+                allowed[a - lo:b - lo, torch.tensor(list(ids))] = False
+        for i, slot in enumerate(lay.slots):
+            a, b = max(slot.start, lo), min(slot.start + slot.width, hi)
+            if a >= b:
+                continue
+            allowed = torch.ones(C, V, dtype=torch.bool) if allowed is None else allowed
+            state = self._states.get(i, slot.dfa.start)
+            remaining = slot.start + slot.width - a
+            allowed[a - lo:b - lo] = slot.dfa.token_masks(state, b - a, remaining, V)
+        return (pinned if bool((pinned >= 0).any()) else None), allowed
+
+    def commit(self, k: int, ids: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        """Final ids [C] of canvas k: pins restored, every slot part replaced by its most likely valid
+        sequence under logits [C, V] (the last step's processed logits)."""
+        C = ids.shape[0]
+        lay = self.layout(C)
+        lo, hi = k * C, (k + 1) * C
+        if lo >= lay.length:
+            return ids
+        ids = ids.clone()
+        pins = torch.tensor(lay.pinned[lo:hi], dtype=torch.long, device=ids.device)
+        head = ids[:pins.numel()]
+        ids[:pins.numel()] = torch.where(pins >= 0, pins, head)
+        if not lay.slots:
+            return ids
+        logp = torch.log_softmax(logits.float(), dim=-1) if logits is not None else None
+        for i, slot in enumerate(lay.slots):
+            a, b = max(slot.start, lo), min(slot.start + slot.width, hi)
+            if a >= b:
+                continue
+            state = self._states.get(i, slot.dfa.start)
+            remaining = slot.start + slot.width - a
+            if logp is None:  # no logits: the argmax counts as certain
+                part = ids[a - lo:b - lo].cpu()
+                lp = torch.full((b - a, max(slot.dfa.sym_of_token.numel(), int(part.max()) + 1)), _NEG)
+                lp[torch.arange(b - a), part] = 0.0
+            else:
+                lp = logp[a - lo:b - lo].cpu()
+            path, state = slot.dfa.best_path(state, lp, remaining)
+            if slot.finish is not None and a == slot.start and b == slot.start + slot.width:
+                path = slot.finish(path)
+            ids[a - lo:b - lo] = torch.tensor(path, dtype=torch.long, device=ids.device)
+            self._states[i] = state
+        return ids
+
+
+class PinnedConstraint(CanvasConstraint):
+    """Fixed token ids at output offsets; optionally ids banned from the free offsets before `ban_until`."""
+
+    def __init__(self, pins: dict, ban_ids=(), ban_until: int = 0):
+        """pins: {offset: id or list of ids (placed at offset, offset+1, ...)}."""
+        flat = {}
+        for off, val in pins.items():
+            vals = [val] if isinstance(val, int) else list(val)
+            if not isinstance(off, int) or off < 0:
+                raise ConstraintError(f"pin offset must be a non-negative integer, got {off!r}")
+            for j, t in enumerate(vals):
+                if not isinstance(t, int) or t < 0:
+                    raise ConstraintError(f"pinned token at offset {off + j} must be a non-negative id, got {t!r}")
+                if off + j in flat and flat[off + j] != t:
+                    raise ConstraintError(f"two pins disagree at output offset {off + j}")
+                flat[off + j] = t
+        length = max(max(flat, default=-1) + 1, ban_until)
+        pinned = [-1] * length
+        for off, t in flat.items():
+            pinned[off] = t
+        self._layout = Layout(pinned, [], [(0, ban_until, tuple(ban_ids))] if ban_until and ban_ids else [])
+
+    def layout(self, C: int) -> Layout:
+        return self._layout
+
+
+def pins_from_text(tokenizer, spans: dict) -> dict:
+    """{offset: text or ids} -> {offset: ids}, text tokenized without special tokens."""
+    out = {}
+    for off, val in spans.items():
+        if isinstance(val, str):
+            ids = tokenizer.encode(val, add_special_tokens=False)
+            if not ids:
+                raise ConstraintError(f"pin at offset {off}: text {val!r} encodes to no tokens")
+            out[off] = ids
+        else:
+            out[off] = val
+    return out

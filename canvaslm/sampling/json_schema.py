@@ -1,0 +1,272 @@
+"""JSON-schema structured output as a canvas template.
+
+The schema compiles to a sequence of pieces: skeleton text (braces, keys, quotes, commas, colons),
+pinned, and value slots of fixed token width, each with an automaton (see token_dfa) so that whatever
+the model writes there, the committed slot is a valid value: integers and numbers padded with
+trailing spaces (whitespace is valid JSON between tokens), strings of bounded length without escapes,
+enums / booleans / null / const as a choice among whole token sequences. Every property is emitted
+(so every `required` holds); arrays get a fixed item count within [minItems, maxItems]. The template
+is followed by a pinned EOS, and may span several canvases.
+
+Supported: type object / array / string / integer / number / boolean / null, properties, required,
+additionalProperties (true/false), items, minItems, maxItems, minLength, maxLength, minimum, maximum,
+exclusiveMinimum / exclusiveMaximum (integers), enum, const; annotations (title, description, ...) are
+ignored. Anything else raises ConstraintError naming the keyword.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from .constraints import CanvasConstraint, ConstraintError, Layout, Slot
+from .token_dfa import Vocab, literal_dfa, number_dfa, string_dfa
+
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+               "readOnly", "writeOnly"}
+KEYWORDS = {
+    "object": {"type", "properties", "required", "additionalProperties"},
+    "array": {"type", "items", "minItems", "maxItems"},
+    "string": {"type", "minLength", "maxLength"},
+    "integer": {"type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
+    "number": {"type", "minimum", "maximum"},
+    "boolean": {"type"},
+    "null": {"type"},
+}
+_PY_TYPES = {"string": str, "boolean": bool, "null": type(None), "object": dict, "array": list}
+
+
+@dataclass(frozen=True)
+class JsonTemplateOptions:
+    """Widths (in tokens) of value slots and defaults for unbounded schemas."""
+
+    string_tokens: int = 24  # content tokens of a string without a smaller maxLength
+    integer_tokens: int = 8  # sign + digits + padding
+    number_tokens: int = 12
+    array_items: int = 3  # item count when the schema allows it: clamped to [minItems, maxItems]
+    enum_range: int = 64  # integer ranges up to this size become an enum (exact bounds by construction)
+    max_depth: int = 32
+
+    def __post_init__(self):
+        for name in ("string_tokens", "integer_tokens", "number_tokens", "enum_range", "max_depth"):
+            if getattr(self, name) < 1:
+                raise ConstraintError(f"JsonTemplateOptions.{name} must be >= 1, got {getattr(self, name)}")
+        if self.array_items < 0:
+            raise ConstraintError(f"JsonTemplateOptions.array_items must be >= 0, got {self.array_items}")
+
+
+def _type_ok(value, typ: str) -> bool:
+    if typ == "integer":
+        return isinstance(value, int) and not isinstance(value, bool) or (
+            isinstance(value, float) and value.is_integer())
+    if typ == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, _PY_TYPES[typ])
+
+
+class _Compiler:
+    """Schema -> pieces: str (skeleton text) or (width, dfa, finish) value slots."""
+
+    def __init__(self, vocab: Vocab, opts: JsonTemplateOptions):
+        self.vocab, self.opts, self.pieces = vocab, opts, []
+
+    def text(self, s: str):
+        if self.pieces and isinstance(self.pieces[-1], str):
+            self.pieces[-1] += s
+        else:
+            self.pieces.append(s)
+
+    def slot(self, width: int, dfa, finish=None):
+        self.pieces.append((width, dfa, finish))
+
+    def literal(self, values: list, path: str):
+        alts = [self.vocab.encode(json.dumps(v, ensure_ascii=False)) for v in values]
+        if len({tuple(a) for a in alts}) == 1:
+            self.text(json.dumps(values[0], ensure_ascii=False))
+            return
+        self.slot(max(len(a) for a in alts), literal_dfa(self.vocab, alts))
+
+    def value(self, schema, path: str, depth: int):
+        if depth > self.opts.max_depth:
+            raise ConstraintError(f"json_schema: nesting deeper than {self.opts.max_depth} levels at {path}")
+        if not isinstance(schema, dict):
+            raise ConstraintError(f"json_schema: schema at {path} must be an object, got {type(schema).__name__}")
+        typ = schema.get("type")
+        if isinstance(typ, list):
+            if len(typ) != 1:
+                raise ConstraintError(f"json_schema: 'type' lists like {typ} are not supported (at {path})")
+            typ = typ[0]
+        if typ is not None and typ not in KEYWORDS:
+            raise ConstraintError(f"json_schema: type {typ!r} is not supported (at {path})")
+        allowed = (KEYWORDS[typ] if typ else {"type"}) | ANNOTATIONS | {"enum", "const"}
+        for key in schema:
+            if key not in allowed:
+                raise ConstraintError(f"json_schema: {key!r} is not supported (at {path})")
+        if "const" in schema:
+            return self.literal([schema["const"]], path)
+        if "enum" in schema:
+            values = schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise ConstraintError(f"json_schema: 'enum' must be a non-empty list (at {path})")
+            if typ:
+                values = [v for v in values if _type_ok(v, typ)]
+                if not values:
+                    raise ConstraintError(f"json_schema: no 'enum' value has type {typ!r} (at {path})")
+            return self.literal(values, path)
+        if typ is None:
+            raise ConstraintError(f"json_schema: a schema without 'type', 'enum' or 'const' is not supported "
+                                  f"(at {path})")
+        getattr(self, "_" + typ)(schema, path, depth)
+
+    def _object(self, schema, path, depth):
+        props = schema.get("properties", {})
+        if not isinstance(props, dict):
+            raise ConstraintError(f"json_schema: 'properties' must be an object (at {path})")
+        extra = schema.get("additionalProperties", True)
+        if not isinstance(extra, bool):
+            raise ConstraintError(f"json_schema: 'additionalProperties' schemas are not supported (at {path})")
+        missing = [k for k in schema.get("required", []) if k not in props]
+        if missing:
+            raise ConstraintError(f"json_schema: required keys {missing} have no 'properties' entry (at {path})")
+        self.text("{")
+        for i, (key, sub) in enumerate(props.items()):
+            self.text((", " if i else "") + json.dumps(key, ensure_ascii=False) + ": ")
+            self.value(sub, f"{path}.{key}", depth + 1)
+        self.text("}")
+
+    def _array(self, schema, path, depth):
+        if "items" not in schema or not isinstance(schema["items"], dict):
+            raise ConstraintError(f"json_schema: arrays need an 'items' schema (at {path})")
+        lo, hi = schema.get("minItems", 0), schema.get("maxItems")
+        if hi is not None and hi < lo:
+            raise ConstraintError(f"json_schema: maxItems {hi} < minItems {lo} (at {path})")
+        n = max(lo, self.opts.array_items if hi is None else min(hi, self.opts.array_items))
+        self.text("[")
+        for i in range(n):
+            if i:
+                self.text(", ")
+            self.value(schema["items"], f"{path}[{i}]", depth + 1)
+        self.text("]")
+
+    def _string(self, schema, path, depth):
+        lo, hi = schema.get("minLength", 0), schema.get("maxLength")
+        if hi is not None and hi < lo:
+            raise ConstraintError(f"json_schema: maxLength {hi} < minLength {lo} (at {path})")
+        content = max(lo, self.opts.string_tokens if hi is None else min(hi, self.opts.string_tokens))
+        self.text('"')
+        self.slot(content + 1, string_dfa(self.vocab, lo, hi))
+
+    def _boolean(self, schema, path, depth):
+        self.literal([True, False], path)
+
+    def _null(self, schema, path, depth):
+        self.text("null")
+
+    def _integer(self, schema, path, depth):
+        lo, hi = schema.get("minimum"), schema.get("maximum")
+        if "exclusiveMinimum" in schema:
+            x = schema["exclusiveMinimum"]
+            lo = max(lo, math.floor(x) + 1) if lo is not None else math.floor(x) + 1
+        if "exclusiveMaximum" in schema:
+            x = schema["exclusiveMaximum"]
+            hi = min(hi, math.ceil(x) - 1) if hi is not None else math.ceil(x) - 1
+        lo = math.ceil(lo) if lo is not None else None
+        hi = math.floor(hi) if hi is not None else None
+        if lo is not None and hi is not None:
+            if hi < lo:
+                raise ConstraintError(f"json_schema: no integer lies in [{lo}, {hi}] (at {path})")
+            if hi - lo < self.opts.enum_range:
+                return self.literal(list(range(lo, hi + 1)), path)
+        self._ranged(lo, hi, True, self.opts.integer_tokens)
+
+    def _number(self, schema, path, depth):
+        lo, hi = schema.get("minimum"), schema.get("maximum")
+        if lo is not None and hi is not None and hi < lo:
+            raise ConstraintError(f"json_schema: maximum {hi} < minimum {lo} (at {path})")
+        self._ranged(lo, hi, False, self.opts.number_tokens)
+
+    def _ranged(self, lo, hi, integer: bool, width: int):
+        bounds = [b for b in (lo, hi) if b is not None]
+        texts = {b: json.dumps(b) for b in bounds}
+        for b, t in texts.items():
+            if not all(c in "-0123456789." for c in t):
+                raise ConstraintError(f"json_schema: bound {b} cannot be written without an exponent")
+        width = max([width] + [len(self.vocab.encode(t)) for t in texts.values()])
+        dfa = number_dfa(self.vocab, integer, allow_minus=lo is None or lo < 0)
+        finish = _clamp(self.vocab, lo, hi, width, texts) if bounds else None
+        self.slot(width, dfa, finish)
+
+
+def _clamp(vocab: Vocab, lo, hi, width: int, texts: dict):
+    """Whole-slot repair: a value outside [lo, hi] becomes the nearest bound (padded with spaces)."""
+    if vocab.pad_id is None:
+        raise ConstraintError("the tokenizer has no whitespace token to pad number slots with")
+
+    def finish(ids: list) -> list:
+        value = float(vocab.text(ids).strip())
+        bound = lo if lo is not None and value < lo else hi if hi is not None and value > hi else None
+        if bound is None:
+            return ids
+        new = vocab.encode(texts[bound])
+        return new + [vocab.pad_id] * (width - len(new))
+
+    return finish
+
+
+class JsonSchemaConstraint(CanvasConstraint):
+    """Output = the schema's template (skeleton pinned, value slots constrained) followed by EOS."""
+
+    def __init__(self, schema: dict, tokenizer, options: JsonTemplateOptions | None = None):
+        self.schema = schema
+        self.vocab = Vocab.of(tokenizer)
+        eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
+        if eos is None:
+            raise ConstraintError("json_schema: the tokenizer has no EOS token to end the output with")
+        comp = _Compiler(self.vocab, options or JsonTemplateOptions())
+        comp.value(schema, "$", 0)
+        self.pieces = [self.vocab.encode(p) if isinstance(p, str) else p for p in comp.pieces]
+        self.eos_id = eos
+        self._layouts: dict = {}
+
+    def layout(self, C: int) -> Layout:
+        if C in self._layouts:
+            return self._layouts[C]
+        pinned, slots = [], []
+        for piece in self.pieces:
+            if isinstance(piece, list):
+                pinned += piece
+                continue
+            width, dfa, finish = piece
+            off = len(pinned)
+            if finish is not None and width <= C and off // C != (off + width - 1) // C:
+                # keep a slot that is repaired as a whole inside one canvas: pad up to the boundary
+                pinned += [self.vocab.pad_id] * (C - off % C)
+            slots.append(Slot(len(pinned), width, dfa, finish))
+            pinned += [-1] * width
+        lay = self._layouts[C] = Layout(pinned + [self.eos_id], slots)
+        return lay
+
+    def template_tokens(self) -> int:
+        """Output tokens without canvas-alignment padding, EOS included."""
+        return self.layout(1 << 30).length
+
+
+def constraint_from_response_format(response_format: dict, tokenizer, max_tokens: int | None):
+    """OpenAI `response_format` -> a canvas constraint, or None for {"type": "text"}."""
+    if not isinstance(response_format, dict):
+        raise ConstraintError(f"response_format must be an object, got {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind != "json_schema":
+        raise ConstraintError(f"response_format type {kind!r} is not supported (use 'text' or 'json_schema')")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ConstraintError("response_format.json_schema.schema must be a JSON schema object")
+    c = JsonSchemaConstraint(spec["schema"], tokenizer)
+    need = c.template_tokens()
+    if max_tokens is not None and need > max_tokens:
+        raise ConstraintError(f"json_schema: the output template needs {need} tokens (EOS included), "
+                              f"over max_tokens={max_tokens}")
+    return c

@@ -1,0 +1,214 @@
+"""Token automata for value slots, built from a tokenizer's vocabulary (any tokenizer, BPE included).
+
+`Vocab` holds each token's decoded text in context (cached per tokenizer). `char_dfa` lifts a
+character-level automaton to tokens: tokens are grouped by the sequence of character classes they
+spell (e.g. "12" and "40" both spell "digit digit"), so a 262k vocabulary collapses to a few thousand
+symbols, and a multi-character token moves the automaton over all of its characters. `literal_dfa`
+accepts one of several exact token sequences (enum values), padded with whitespace tokens.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Hashable
+
+import torch
+
+from .constraints import ConstraintError, TokenDFA
+
+JSON_WS = " \t\n\r"
+
+
+class Vocab:
+    """Decoded text of every token of a tokenizer ('' for special tokens and partial UTF-8 bytes)."""
+
+    _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        # Decode after an anchor token, so tokenizers that drop a leading space at the start of a text
+        # still show the space a token carries mid-text.
+        anchor = tokenizer.encode("a", add_special_tokens=False)[:1]
+        base = tokenizer.decode(anchor) if anchor else ""
+        strings = []
+        for i in range(tokenizer.vocab_size):
+            s = tokenizer.decode(anchor + [i])
+            s = s[len(base):] if s.startswith(base) else ""
+            strings.append("" if "\ufffd" in s else s)
+        self.strings = strings
+        self.V = len(strings)
+        ws = [i for i, s in enumerate(strings) if s and all(c in JSON_WS for c in s)]
+        self.ws_ids = ws
+        space = [i for i in ws if strings[i] == " "]
+        self.pad_id = space[0] if space else (min(ws, key=lambda i: len(strings[i])) if ws else None)
+        self.dfas: dict = {}
+
+    @classmethod
+    def of(cls, tokenizer) -> "Vocab":
+        v = cls._cache.get(tokenizer)
+        if v is None:
+            v = cls._cache[tokenizer] = cls(tokenizer)
+        return v
+
+    def text(self, ids) -> str:
+        return "".join(self.strings[i] for i in ids)
+
+    def encode(self, text: str) -> list:
+        """Token ids of a text whose tokens spell it exactly (leading/trailing whitespace aside)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if self.text(ids).strip(JSON_WS) != text.strip(JSON_WS):
+            raise ConstraintError(f"the tokenizer does not spell {text!r} back exactly "
+                                  f"(got {self.text(ids)!r}); cannot pin it")
+        return ids
+
+
+def _determinize(start: Hashable, n_symbols: int, step: Callable, accept: Callable, limit: int = 20000):
+    """Breadth-first over states reachable from `start`; -> (trans [S, G] long, accept [S] bool)."""
+    index, order, rows = {start: 0}, [start], []
+    while len(rows) < len(order):
+        s = order[len(rows)]
+        row = []
+        for g in range(n_symbols):
+            t = step(s, g)
+            if t is None:
+                row.append(-1)
+                continue
+            if t not in index:
+                if len(order) >= limit:
+                    raise ConstraintError(f"value slot automaton exceeds {limit} states; lower the length bounds")
+                index[t] = len(order)
+                order.append(t)
+            row.append(index[t])
+        rows.append(row)
+    trans = torch.tensor(rows, dtype=torch.long).view(len(order), n_symbols)
+    return trans, torch.tensor([bool(accept(s)) for s in order])
+
+
+def char_dfa(vocab: Vocab, key: Hashable, classify: Callable, start: Hashable, step: Callable,
+             accept: Callable) -> TokenDFA:
+    """Lift a char automaton: classify(ch) -> class char or None (never allowed); step(state, class) ->
+    state or None; accept(state) -> bool. Cached on the vocab under `key`."""
+    if key in vocab.dfas:
+        return vocab.dfas[key]
+    sigs: dict = {}
+    sym = torch.full((vocab.V,), -1, dtype=torch.long)
+    for i, s in enumerate(vocab.strings):
+        if not s:
+            continue
+        sig = tuple(classify(c) for c in s)
+        if None not in sig:
+            sym[i] = sigs.setdefault(sig, len(sigs))
+    sig_list = list(sigs)
+
+    def sym_step(state, g):
+        for c in sig_list[g]:
+            state = step(state, c)
+            if state is None:
+                return None
+        return state
+
+    trans, acc = _determinize(start, len(sig_list), sym_step, accept)
+    dfa = vocab.dfas[key] = TokenDFA(sym, trans, 0, acc)
+    return dfa
+
+
+def literal_dfa(vocab: Vocab, alternatives: list) -> TokenDFA:
+    """Accept exactly one of the token sequences in `alternatives`, then whitespace tokens."""
+    key = ("literal", tuple(tuple(a) for a in alternatives))
+    if key in vocab.dfas:
+        return vocab.dfas[key]
+    toks = sorted({t for a in alternatives for t in a} | set(vocab.ws_ids))
+    sym_index = {t: g for g, t in enumerate(toks)}
+    sym = torch.full((vocab.V,), -1, dtype=torch.long)
+    sym[torch.tensor(toks, dtype=torch.long)] = torch.arange(len(toks))
+    ws_syms = {sym_index[t] for t in vocab.ws_ids}
+    # nondeterministic states: (alternative, tokens matched) or "pad"; a DFA state is a set of them
+    def step(state, g):
+        tok, nxt = toks[g], set()
+        for item in state:
+            if item == "pad":
+                if g in ws_syms:
+                    nxt.add("pad")
+                continue
+            a, j = item
+            alt = alternatives[a]
+            if j < len(alt) and alt[j] == tok:
+                nxt.add((a, j + 1))
+            if j == len(alt) and g in ws_syms:
+                nxt.add("pad")
+        return frozenset(nxt) or None
+
+    def accept(state):
+        return any(item == "pad" or item[1] == len(alternatives[item[0]]) for item in state)
+
+    start = frozenset((a, 0) for a in range(len(alternatives)))
+    trans, acc = _determinize(start, len(toks), step, accept)
+    dfa = vocab.dfas[key] = TokenDFA(sym, trans, 0, acc)
+    return dfa
+
+
+# --- JSON value automata -----------------------------------------------------------------------
+
+def _num_class(c: str):
+    if c == "0":
+        return "0"
+    if "1" <= c <= "9":
+        return "1"
+    if c in "-.":
+        return c
+    return " " if c in JSON_WS else None
+
+
+def number_dfa(vocab: Vocab, integer: bool, allow_minus: bool) -> TokenDFA:
+    """-?(0|[1-9][0-9]*)(.[0-9]+)? (no fraction when integer), then JSON whitespace."""
+    digit = {"0", "1"}
+
+    def step(s, c):
+        if s == "start" and c == "-" and allow_minus:
+            return "minus"
+        if s in ("start", "minus") and c in digit:
+            return "zero" if c == "0" else "int"
+        if s == "int" and c in digit:
+            return "int"
+        if s in ("zero", "int") and c == "." and not integer:
+            return "dot"
+        if s in ("dot", "frac") and c in digit:
+            return "frac"
+        if s in ("zero", "int", "frac", "pad") and c == " ":
+            return "pad"
+        return None
+
+    return char_dfa(vocab, ("number", integer, allow_minus), _num_class, "start", step,
+                    lambda s: s in ("zero", "int", "frac", "pad"))
+
+
+def _str_class(c: str):
+    if c == '"':
+        return '"'
+    if c == " ":
+        return " "
+    if c in "\t\n\r":
+        return "\t"  # whitespace that may only pad after the closing quote
+    if c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F:
+        return None
+    return "a"
+
+
+def string_dfa(vocab: Vocab, min_len: int, max_len: int | None) -> TokenDFA:
+    """String content (opening quote pinned before the slot) of min_len..max_len characters without
+    escapes or control characters, the closing quote, then JSON whitespace."""
+    cap = max_len if max_len is not None else min_len  # counts saturate: states stay few
+
+    def step(s, c):
+        if s == "pad":
+            return "pad" if c in " \t" else None
+        if c == '"':
+            return "pad" if s >= min_len else None
+        if c in "a ":
+            n = s + 1
+            if max_len is not None:
+                return n if n <= max_len else None
+            return min(n, cap)
+        return None
+
+    return char_dfa(vocab, ("string", min_len, max_len), _str_class, 0, step, lambda s: s == "pad")
