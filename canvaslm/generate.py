@@ -86,7 +86,7 @@ def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None
     results = [RowResult() for _ in rows]
     done_rows = torch.zeros(B, dtype=torch.bool, device=device)
     passes = torch.zeros(B, dtype=torch.long, device=device)
-    constraints = [r.constraint for r in rows]
+    constraints = [r.constraint.for_row() if hasattr(r.constraint, "for_row") else r.constraint for r in rows]
     for k in range(n_canvases):
         pinned, mask = _constraint_tensors(constraints, k, C, V, device)
         canvas = randint(V, B, C, gens, device)
@@ -104,6 +104,8 @@ def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None
             if bool(st.finished.all()):  # the one host sync per step: the stop check
                 break
         committed = st.argmax.clone()
+        if pinned is not None:
+            _commit_constraints(constraints, k, committed, st.sc_logits, done_rows)
         for b, r in enumerate(rows):
             if bool(done_rows[b]):
                 committed[b] = r.pad_id
@@ -153,3 +155,10 @@ def _constraint_tensors(constraints, k, C, V, device):
             if allowed is not None:
                 mask[b] = allowed.to(device)
     return pinned, mask
+
+
+def _commit_constraints(constraints, k, committed, sc_logits, done_rows):
+    """Let each row's constraint fix its committed canvas in place (restore pins, make value slots valid)."""
+    for b, c in enumerate(constraints):
+        if c is not None and hasattr(c, "commit") and not bool(done_rows[b]):
+            committed[b] = c.commit(k, committed[b], sc_logits[b] if sc_logits is not None else None)
