@@ -34,6 +34,7 @@ class SamplingParams:
     confidence_threshold: float | None = None
     stability_threshold: int | None = None
     constraint: object | None = None  # a sampling.constraints.CanvasConstraint
+    json_schema: dict | None = None  # JSON-schema structured output (sampling.json_schema)
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_denoising_steps"):
@@ -111,8 +112,25 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise GenerationError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
-        return [RowRequest(self.encode_prompt(p), sp.resolve(self.defaults), self.eos_ids, self.pad_id,
-                           sp.constraint) for p, sp in zip(prompts, params)]
+        return [self._row(p, sp) for p, sp in zip(prompts, params)]
+
+    def _row(self, prompt, sp: SamplingParams) -> RowRequest:
+        p, c = sp.resolve(self.defaults), sp.constraint
+        if sp.json_schema is not None:
+            if c is not None:
+                raise GenerationError("SamplingParams: set either constraint or json_schema, not both")
+            if self.tokenizer is None:
+                raise GenerationError(f"{self.model_dir} has no tokenizer.json, so json_schema is not available")
+            from .sampling.json_schema import JsonSchemaConstraint
+            c = JsonSchemaConstraint(sp.json_schema, self.tokenizer)
+        if c is not None and hasattr(c, "min_new_tokens"):  # the output must reach every constrained offset
+            need = c.min_new_tokens(self.cfg.canvas_length)
+            if sp.max_new_tokens is None:
+                p = dataclasses.replace(p, max_new_tokens=max(p.max_new_tokens, need))
+            elif sp.max_new_tokens < need:
+                raise GenerationError(f"SamplingParams.max_new_tokens={sp.max_new_tokens} is below the "
+                                      f"{need} tokens the constraint needs")
+        return RowRequest(self.encode_prompt(prompt), p, self.eos_ids, self.pad_id, c)
 
     def generate(self, prompts, params: SamplingParams | list | None = None,
                  generator: torch.Generator | None = None, on_draft=None) -> list[GenerationResult]:
@@ -139,6 +157,16 @@ class LLM:
         if self.tokenizer is None:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so chat is not available")
         return self.generate([self.tokenizer.encode_chat(messages)], params, **kw)[0]
+
+    def infill(self, prefix: str, suffix: str, params: SamplingParams | None = None, gaps=None):
+        """Generate the text between prefix and suffix (see canvaslm.infill). -> InfillResult."""
+        from .infill import infill
+        return infill(self, prefix, suffix, params, gaps)
+
+    def edit(self, text: str, start: int, end: int, params: SamplingParams | None = None, gaps=None):
+        """Regenerate text[start:end], keeping both sides exactly (see canvaslm.infill). -> InfillResult."""
+        from .infill import edit
+        return edit(self, text, start, end, params, gaps)
 
     def _generator(self, seed: int | None) -> torch.Generator:
         g = torch.Generator(device=self.device)
