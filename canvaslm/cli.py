@@ -45,8 +45,17 @@ def _generate(args) -> int:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt = llm.encode_prompt(args.prompt)
+    from .sampling.cli_args import constraint_params
+    extra = constraint_params(args, llm)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, seed=args.seed,
-                            temperature=args.temperature)
+                            temperature=args.temperature, **extra)
+    if args.suffix is not None:
+        if args.prompt is None:
+            raise SystemExit("error: --suffix (infilling) needs --prompt text as the prefix")
+        fill = llm.infill(args.prompt, args.suffix, params, gaps=args.gaps)
+        print(json.dumps({"text": fill.text, "middle": fill.middle, "gap": fill.gap,
+                          "scores": fill.scores}) if args.json else fill.text)
+        return 0
     res = llm.generate([prompt], params)[0]
     if args.json:
         print(json.dumps({"token_ids": res.token_ids, "text": res.text, "finish_reason": res.finish_reason,
@@ -72,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None, help="scales the temperature schedule")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    from .sampling.cli_args import add_constraint_args
+    add_constraint_args(g)
     g.set_defaults(func=_generate)
     for mod in SUBCOMMAND_MODULES:
         try:
