@@ -1,0 +1,159 @@
+"""Training checkpoints and export: build the model a config names, write `checkpoint-<step>/` atomically,
+find the latest one, export a merged HF checkpoint, keep `metrics.jsonl`.
+
+A checkpoint directory is a complete HF DiffusionGemma checkpoint (LoRA merged, so it loads anywhere) plus
+`trainer_state.pt` (step, optimizer, scheduler, RNG, loss history, LoRA adapter tensors). The whole
+directory is written to a temp dir and renamed into place by `save_model`; `latest` is then replaced
+atomically, so a kill at any moment leaves the previous checkpoint intact and `--resume` finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parametrize
+
+from ..checkpoint import build_random_model, load_model, save_model
+from ..config import ConfigError, DiffusionParams, ModelConfig
+from .lora import has_lora, lora_state_dict, merge_lora
+
+STATE_FILE = "trainer_state.pt"
+LATEST_FILE = "latest"
+METRICS_FILE = "metrics.jsonl"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def tokenizer_dir(config) -> Path | None:
+    if config.tokenizer:
+        d = Path(config.tokenizer)
+        if not (d / "tokenizer.json").is_file():
+            raise ConfigError(f"train config: tokenizer {d} has no tokenizer.json")
+        return d
+    if isinstance(config.model, str) and (Path(config.model) / "tokenizer.json").is_file():
+        return Path(config.model)
+    return None
+
+
+def build_model(config, checkpoint: Path | None = None):
+    """(model in fp32 on CPU, DiffusionParams) from a checkpoint dir, the config's model dir, or `init`."""
+    src = checkpoint or (Path(config.model) if isinstance(config.model, str) else None)
+    if src is not None:
+        if not Path(src).is_dir():
+            raise ConfigError(f"train config: model {src} is not a checkpoint directory")
+        params = DiffusionParams.from_dir(src)
+        model = load_model(src, dtype="float32")
+    else:
+        init = dict(config.model["init"])
+        seed, std = int(init.pop("seed", config.seed)), float(init.pop("std", 0.02))
+        if "config" in init:
+            cfg = ModelConfig.from_dict(init.pop("config"), source="train config model.init.config")
+        elif "shape" in init:
+            from ..shapes import model_config
+            cfg = model_config(init.pop("shape"), init.pop("canvas_length", 256), **init)
+            init = {}
+        else:
+            raise ConfigError("train config: model.init needs 'shape' or 'config'")
+        if init:
+            raise ConfigError(f"train config: model.init: unknown keys {sorted(init)}")
+        model = build_random_model(cfg, dtype="float32", seed=seed, std=std)
+        params = DiffusionParams(eos_token_ids=tuple(cfg.eos_token_ids), pad_token_id=cfg.pad_token_id)
+    if config.generation:
+        params = params.replace(**config.generation)
+    return model, params
+
+
+def lora_cache(model):
+    """Expert LoRA parametrizations are recomputed on every access; cache them for one forward/backward."""
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        return parametrize.cached()
+    return contextlib.nullcontext()
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = Path(out_dir) / LATEST_FILE
+    if pointer.is_file():
+        path = Path(out_dir) / pointer.read_text().strip()
+        if (path / STATE_FILE).is_file():
+            return path
+    found = sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / STATE_FILE).is_file())
+    return found[-1] if found else None
+
+
+def _atomic_write_text(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _merged_copy(model):
+    return merge_lora(copy.deepcopy(model)) if has_lora(model) else model
+
+
+def _tokenizer_files(tok_dir: Path | None) -> dict:
+    if tok_dir is None:
+        return {}
+    return {name: tok_dir / name for name in TOKENIZER_FILES if (tok_dir / name).is_file()}
+
+
+def save_checkpoint(trainer) -> Path:
+    out_dir, step = trainer.out_dir, trainer.step
+    state = {"step": step, "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+             "rng": torch.get_rng_state(), "history": trainer.history,
+             "lora": lora_state_dict(trainer.model) if has_lora(trainer.model) else None,
+             "config": {k: v for k, v in vars(trainer.config).items()}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".trainer_state.", dir=out_dir)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        name = f"checkpoint-{step:07d}"
+        save_model(_merged_copy(trainer.model), out_dir / name, trainer.params,
+                   extra_files={STATE_FILE: tmp, **_tokenizer_files(trainer.tokenizer_dir)})
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _atomic_write_text(out_dir / LATEST_FILE, name + "\n")
+    old = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir() and p.name != name)
+    for p in old[:max(0, len(old) - (trainer.config.keep_checkpoints - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    write_metrics(out_dir, trainer.history)
+    return out_dir / name
+
+
+def export_model(model, out_dir, params: DiffusionParams, tok_dir: Path | None, dtype=None) -> Path:
+    """Merged HF checkpoint + tokenizer files (no trainer state)."""
+    merged = _merged_copy(model)
+    return save_model(merged, out_dir, params, dtype=dtype, extra_files=_tokenizer_files(tok_dir))
+
+
+def export_checkpoint(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
+    """Export a training checkpoint (or any checkpoint dir) without its trainer state."""
+    src = Path(src)
+    if (src / LATEST_FILE).is_file() or not (src / "config.json").is_file():
+        latest = latest_checkpoint(src)
+        if latest is None:
+            raise ConfigError(f"{src}: neither a checkpoint nor a training out_dir with checkpoints")
+        src = latest
+    model = load_model(src, dtype="float32")
+    return save_model(model, out_dir, DiffusionParams.from_dir(src), dtype=dtype, extra_files=_tokenizer_files(src))
+
+
+def write_metrics(out_dir: Path, history: list[dict]):
+    if Path(out_dir).is_dir():
+        _atomic_write_text(Path(out_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def append_metric(out_dir: Path, rec: dict):
+    with open(Path(out_dir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+__all__ = ["build_model", "save_checkpoint", "latest_checkpoint", "export_model", "export_checkpoint",
+           "tokenizer_dir", "lora_cache", "STATE_FILE"]

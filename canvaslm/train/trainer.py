@@ -1,0 +1,377 @@
+"""The trainer: YAML config -> model (checkpoint or from scratch, optional LoRA) -> AdamW steps of the
+block-diffusion objective -> atomic, resumable checkpoints -> HF export and a loss plot.
+
+Determinism is by construction: the examples of step s are a pure function of (seed, s) (data.py) and
+each example's noise is drawn from a seed made of (seed, s, its position in the global batch), so a run
+resumed from a checkpoint, a run with gradient accumulation, and a torchrun run with any number of
+processes all see the same examples with the same noise. `batch_size` is the global number of examples
+per optimizer step; each process runs `grad_accum` micro-batches of batch_size / (world * grad_accum).
+Data parallelism all-reduces the gradients after backward (gloo on CPU, NCCL on GPU), which is what DDP
+does; the objective calls the model's `encode`/`denoise` rather than `forward`, so DDP's forward hooks
+would not fire.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+from . import checkpointing as ckpt
+from .data import ExampleStream, load_examples, split_holdout
+from .lora import LoRAConfig, apply_lora, has_lora
+from .objective import block_diffusion_loss, example_noise_seed, make_batch, set_trainable
+
+log = logging.getLogger("canvaslm.train")
+EVAL_SEED_SALT = 0x5EED
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. `model`: a checkpoint dir, or {"init": {...}} to train from scratch, where init is
+    {"shape": "tiny", "canvas_length": 8, <text-config overrides>} or {"config": <HF config dict>}, plus
+    optional "seed" / "std". `data`: a source string or {"train", "eval", "eval_size", "kwargs"}."""
+
+    out_dir: str
+    max_steps: int
+    model: str | dict = ""
+    data: str | dict = ""
+    tokenizer: str | None = None  # dir with tokenizer.json (default: the model dir when it has one)
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    batch_size: int = 8  # global examples per optimizer step
+    grad_accum: int = 1
+    clip: float = 1.0  # max grad norm; 0 = off
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 0
+    eval_every: int = 0  # 0 = only at the end (when there is eval data)
+    eval_max_examples: int = 512
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    lora: dict | None = None  # LoRAConfig fields
+    diffusion_weight: float = 1.0
+    ar_weight: float = 1.0
+    sc_prob: float = 0.5
+    ar_only: bool = False  # the autoregressive baseline: encoder next-token loss only
+    freeze_router: bool = True
+    generation: dict | None = None  # DiffusionParams fields written to the exported generation_config.json
+    export_dtype: str | None = None
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(name, msg):
+            raise ConfigError(f"train config: {name} {msg}, got {getattr(self, name)!r}")
+
+        if not self.out_dir:
+            bad("out_dir", "is required")
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            bad("max_steps", "must be a positive integer")
+        if not self.model:
+            bad("model", "is required (a checkpoint dir or {init: {...}})")
+        if isinstance(self.model, dict) and set(self.model) != {"init"}:
+            bad("model", "as a mapping must be exactly {init: {...}}")
+        if not self.data:
+            bad("data", "is required (a .jsonl path, 'module:function', or {train: ..., eval: ...})")
+        if isinstance(self.data, dict):
+            unknown = set(self.data) - {"train", "eval", "eval_size", "kwargs"}
+            if unknown or "train" not in self.data:
+                bad("data", f"must have 'train' and only train/eval/eval_size/kwargs (unknown: {sorted(unknown)})")
+        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be a positive integer")
+        if self.batch_size % self.grad_accum:
+            bad("batch_size", f"must be divisible by grad_accum={self.grad_accum}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            bad("lr", "must be > 0 (and min_lr_ratio in [0, 1])")
+        if not 0 <= self.sc_prob <= 1:
+            bad("sc_prob", "must be in [0, 1]")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
+            bad("warmup_steps", "eval_every and save_every must be >= 0")
+        if self.dtype not in ("auto", "fp32", "float32", "bf16", "bfloat16"):
+            bad("dtype", "must be auto | fp32 | bf16")
+        if self.lora is not None:
+            LoRAConfig.from_dict(self.lora)
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "train config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}; expected some of {sorted(names)}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # a required key is missing
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        import yaml
+
+        path = Path(path)
+        d = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("model", "tokenizer", "out_dir"):  # relative paths are relative to the YAML file
+            v = d.get(key)
+            if isinstance(v, str) and v and not Path(v).is_absolute() and (path.parent / v).exists():
+                d[key] = str(path.parent / v)
+        return cls.from_dict(d, str(path))
+
+    @property
+    def data_spec(self) -> dict:
+        return {"train": self.data} if isinstance(self.data, str) else dict(self.data)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup from 0 to 1 over `warmup` steps, then cosine from 1 to min_ratio at `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, device_type: str) -> "_Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        d = cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        return d
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]):
+        """Average tensors across processes in place, one flat buffer per call."""
+        if self.world == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world
+        i = 0
+        for t in tensors:
+            t.copy_(flat[i:i + t.numel()].view_as(t).to(t.dtype))
+            i += t.numel()
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        self.config = c = config
+        want_cuda = c.device == "auto" and torch.cuda.is_available()
+        device_type = "cuda" if (want_cuda or c.device.startswith("cuda")) else "cpu"
+        self.dist = _Dist.from_env(device_type)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" else c.device
+                                   if c.device != "auto" else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        bf16 = c.dtype in ("bf16", "bfloat16") or (c.dtype == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.out_dir = Path(c.out_dir)
+        self.step, self.history = 0, []
+        world, accum = self.dist.world, c.grad_accum
+        if c.batch_size % (world * accum):
+            raise ConfigError(f"train config: batch_size={c.batch_size} must be divisible by processes "
+                              f"({world}) x grad_accum ({accum})")
+        self.micro = c.batch_size // (world * accum)
+
+        state = None
+        latest = ckpt.latest_checkpoint(self.out_dir) if resume else None
+        if resume and latest is None:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", self.out_dir)
+        self.tokenizer_dir = ckpt.tokenizer_dir(c)
+        if latest is not None:
+            state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        self.model, self.params = ckpt.build_model(c, latest if (state and not state["lora"]) else None)
+        self.model.to(self.device)
+        if c.lora is not None:
+            apply_lora(self.model, LoRAConfig.from_dict(c.lora))
+            if state and state["lora"]:
+                missing = self.model.load_state_dict(state["lora"], strict=False).unexpected_keys
+                if missing:
+                    raise ConfigError(f"{latest}: adapter tensors {missing[:5]} do not match the lora config")
+        else:
+            set_trainable(self.model, freeze_router=c.freeze_router)
+        self.model.train()
+        cfg = self.model.cfg
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self.eos_ids = tuple(cfg.eos_token_ids)
+
+        tok = None
+        if self.tokenizer_dir is not None:
+            from ..tokenizer import Tokenizer
+            tok = Tokenizer.from_dir(self.tokenizer_dir)
+        spec = c.data_spec
+        examples = load_examples(spec["train"], tok, spec.get("kwargs"), cfg.vocab_size)
+        if spec.get("eval"):
+            self.train_examples = examples
+            self.eval_examples = load_examples(spec["eval"], tok, spec.get("kwargs"), cfg.vocab_size)
+        else:
+            self.train_examples, self.eval_examples = split_holdout(examples, int(spec.get("eval_size", 0)), c.seed)
+        self.stream = ExampleStream(len(self.train_examples), c.seed)
+
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ConfigError("train config: no trainable parameters (check lora.targets / freeze_router)")
+        self.trainable = [p for _, p in trainable]
+        groups = [{"params": [p for n, p in trainable if p.ndim >= 2], "weight_decay": c.weight_decay},
+                  {"params": [p for n, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.lr, betas=c.betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, c.warmup_steps, c.max_steps, c.min_lr_ratio))
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            self.step, self.history = state["step"], list(state["history"])
+            log.info("resumed from %s at step %d", latest, self.step)
+        else:
+            for p in self.model.parameters():  # every process starts from rank 0's weights
+                if self.dist.world > 1:
+                    dist.broadcast(p.data, 0)
+        if self.dist.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_metrics(self.out_dir, self.history)
+
+    # --- one optimizer step ----------------------------------------------------------------------
+    def _micro_batches(self, step: int):
+        """This process's micro-batches of `step`: (examples, global positions) each."""
+        c, d, m = self.config, self.dist, self.micro
+        for a in range(c.grad_accum):
+            pos = [a * d.world * m + d.rank * m + i for i in range(m)]
+            idx = self.stream.indices(step * c.batch_size + pos[0], m)
+            yield [self.train_examples[i] for i in idx], pos
+
+    def _loss(self, examples, seeds):
+        c = self.config
+        batch = make_batch(examples, self.model.cfg.canvas_length, self.pad_id, self.eos_ids, self.device, seeds)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None), \
+                ckpt.lora_cache(self.model):
+            return block_diffusion_loss(self.model, batch, None, c.sc_prob, c.diffusion_weight, c.ar_weight,
+                                        ar_only=c.ar_only)
+
+    def compute_gradients(self, step: int) -> dict:
+        """Forward/backward over this step's batch; gradients averaged over processes. Returns stats."""
+        c = self.config
+        sums = torch.zeros(4, device=self.device)  # loss, diffusion, ar, tokens
+        for examples, pos in self._micro_batches(step):
+            out = self._loss(examples, [example_noise_seed(c.seed, step, j) for j in pos])
+            (out.loss / c.grad_accum).backward()
+            sums += torch.stack([out.loss.detach(), out.diffusion_loss.detach(), out.ar_loss.detach(),
+                                 torch.tensor(float(out.num_tokens), device=self.device)])
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        self.dist.all_reduce_mean(grads + [sums])
+        sums[:3] /= c.grad_accum
+        return {"loss": float(sums[0]), "diffusion_loss": float(sums[1]), "ar_loss": float(sums[2]),
+                "tokens": float(sums[3]) * self.dist.world}
+
+    def train_step(self) -> dict:
+        c, t0 = self.config, time.perf_counter()
+        stats = self.compute_gradients(self.step)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, c.clip if c.clip > 0 else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        rec = {"step": self.step, **{k: stats[k] for k in ("loss", "diffusion_loss", "ar_loss")},
+               "lr": lr, "grad_norm": float(norm), "tokens_per_s": stats["tokens"] / dt}
+        self.history.append(rec)
+        return rec
+
+    # --- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        """Held-out loss with fixed noise (comparable across evaluations); split over processes."""
+        if not self.eval_examples:
+            return None
+        c, d = self.config, self.dist
+        ex = self.eval_examples[:c.eval_max_examples]
+        sums = torch.zeros(4, device=self.device)  # loss, diffusion, ar (each x examples), examples
+        for start in range(d.rank * self.micro, len(ex), self.micro * d.world):
+            chunk = ex[start:start + self.micro]
+            seeds = [example_noise_seed(c.seed ^ EVAL_SEED_SALT, 0, start + i) for i in range(len(chunk))]
+            out = self._loss(chunk, seeds)
+            n = len(chunk)
+            sums += torch.tensor([float(out.loss) * n, float(out.diffusion_loss) * n, float(out.ar_loss) * n, n],
+                                 device=self.device)
+        self.dist.all_reduce_mean([sums])
+        n = max(float(sums[3]), 1.0)
+        return {"eval_loss": float(sums[0]) / n, "eval_diffusion_loss": float(sums[1]) / n,
+                "eval_ar_loss": float(sums[2]) / n}
+
+    # --- the loop --------------------------------------------------------------------------------
+    def train(self, stop_at: int | None = None) -> list[dict]:
+        """Run until max_steps (or `stop_at`, which ends like a kill: no final save or export)."""
+        from tqdm.auto import tqdm
+
+        c, rank0 = self.config, self.dist.rank == 0
+        end = c.max_steps if stop_at is None else min(stop_at, c.max_steps)
+        bar = tqdm(total=c.max_steps, initial=self.step, desc="train", disable=not (rank0 and c.progress))
+        while self.step < end:
+            rec = self.train_step()
+            if c.eval_every and self.step % c.eval_every == 0 or self.step == c.max_steps:
+                ev = self.evaluate()
+                if ev:
+                    rec.update(ev)
+            if rank0:
+                ckpt.append_metric(self.out_dir, rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            **({"eval": f"{rec['eval_loss']:.4f}"} if "eval_loss" in rec else {}))
+            if c.save_every and self.step % c.save_every == 0 and self.step < c.max_steps:
+                self.save()
+        bar.close()
+        if self.step >= c.max_steps and stop_at is None:
+            self.save()
+            self.export(self.out_dir / "final")
+        return self.history
+
+    def save(self) -> Path | None:
+        """Write checkpoint-<step> atomically (rank 0) and point `latest` at it."""
+        path = None
+        if self.dist.rank == 0:
+            path = ckpt.save_checkpoint(self)
+        self.dist.barrier()
+        return path
+
+    def export(self, out_dir: str | Path, dtype=None) -> Path | None:
+        """HF DiffusionGemma checkpoint (LoRA merged) + tokenizer files: loads in canvaslm and transformers."""
+        out = None
+        if self.dist.rank == 0:
+            out = ckpt.export_model(self.model, out_dir, self.params, self.tokenizer_dir,
+                                    dtype or self.config.export_dtype)
+            if self.config.plot:
+                from .plot import plot_history
+                plot_history(self.history, self.out_dir / "loss.png")
+        self.dist.barrier()
+        return Path(out_dir) if out is not None else None
+
+    @property
+    def is_lora(self) -> bool:
+        return has_lora(self.model)
+
+
+__all__ = ["TrainConfig", "Trainer", "lr_factor"]
