@@ -1,0 +1,275 @@
+"""The engine loop: a background thread that drives Scheduler + Runner and streams events to callers.
+
+Callers (the HTTP server, benchmarks) `submit` a `GenerationRequest` with a sink: an asyncio queue
+plus its event loop. The engine thread owns the scheduler and the runner exclusively; submissions and
+cancellations reach it through an inbox, and events (`Commit`, `Draft`, `Finish`) go back through
+`loop.call_soon_threadsafe`, so neither side ever blocks the other. One iteration is one scheduler
+plan: reset freed slots, encode, denoise, update (see `scheduler` for the contract).
+
+The engine also keeps the plain counters the /metrics endpoint reports (throughput over a sliding
+window, time to first token, tokens per forward).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from ..config import DiffusionParams
+from .request import RequestState
+from .runner import Runner
+from .scheduler import Scheduler, StepResult
+
+log = logging.getLogger("canvaslm.engine")
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # rows per encoder call and per decoder call
+    max_model_len: int = 2048  # KV positions per slot: prompt + whole canvases
+    num_slots: int | None = None  # admitted requests at once (default: max_batch)
+    prefill_chunk: int = 512  # prompt tokens encoded per request per step
+    kv_budget_tokens: int | None = None  # admission budget (default: num_slots * max_model_len)
+    max_wait_plans: int = 16  # scheduler aging: no request waits longer than this many plans
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_model_len", "prefill_chunk", "max_wait_plans"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name}={value!r}; expected an int >= 1")
+        for name in ("num_slots", "kv_budget_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"EngineConfig.{name}={value!r}; expected None or an int >= 1")
+
+    @property
+    def slots(self) -> int:
+        return self.num_slots or self.max_batch
+
+    @property
+    def kv_budget(self) -> int:
+        return self.kv_budget_tokens or self.slots * self.max_model_len
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: DiffusionParams  # resolved: max_new_tokens, steps, temperatures, bounds
+    seed: int
+    eos_ids: tuple[int, ...]  # the first of these in a committed canvas ends the request
+    constraint: object | None = None  # sampling.constraints.CanvasConstraint
+    drafts: bool = False  # emit a Draft after every denoising step
+
+
+@dataclass(frozen=True)
+class Commit:
+    request_id: str
+    canvas_index: int
+    token_ids: tuple[int, ...]  # tokens this commit added to the output (EOS included, budget applied)
+
+
+@dataclass(frozen=True)
+class Draft:
+    request_id: str
+    canvas_index: int
+    denoise_step: int
+    token_ids: tuple[int, ...]  # the current argmax canvas
+
+
+@dataclass(frozen=True)
+class Finish:
+    request_id: str
+    reason: str  # 'stop' | 'length' | 'cancelled' | 'error'
+    num_tokens: int
+    decoder_passes: int
+    message: str | None = None  # for 'error'
+
+
+@dataclass
+class _Sink:
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    submitted: float
+    emitted: int = 0  # output tokens already sent
+    first_token: float | None = None
+
+    def put(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the caller's loop is gone; nobody is listening
+            pass
+
+
+class EngineStats:
+    """Counters read by /metrics (plain ints and floats: written by the engine thread only)."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window_s = window_s
+        self.steps = 0  # engine iterations (plans)
+        self.denoise_rows = 0  # denoising steps summed over requests
+        self.tokens = 0  # committed output tokens
+        self.requests_finished = collections.Counter()  # reason -> count
+        self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
+        self.ttft_sum = 0.0
+        self.tpf_sum = 0.0  # tokens per forward, summed over finished requests
+        self.tpf_count = 0
+        self._recent = collections.deque()  # (time, denoise_rows, tokens)
+
+    def record_step(self, now: float, denoise_rows: int, tokens: int) -> None:
+        self.steps += 1
+        self.denoise_rows += denoise_rows
+        self.tokens += tokens
+        self._recent.append((now, denoise_rows, tokens))
+        while self._recent and self._recent[0][0] < now - self.window_s:
+            self._recent.popleft()
+
+    def record_ttft(self, seconds: float) -> None:
+        self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
+        self.ttft_sum += seconds
+
+    def rates(self, now: float | None = None) -> tuple[float, float]:
+        """(denoising steps/s, tokens/s) over the last window."""
+        now = time.perf_counter() if now is None else now
+        recent = [r for r in list(self._recent) if r[0] >= now - self.window_s]
+        if not recent:
+            return 0.0, 0.0
+        return sum(r[1] for r in recent) / self.window_s, sum(r[2] for r in recent) / self.window_s
+
+
+class Engine:
+    def __init__(self, model, config: EngineConfig, history_depth: int = 1):
+        cfg = model.cfg
+        self.config, self.canvas_length = config, cfg.canvas_length
+        self.scheduler = Scheduler(config.max_batch, config.kv_budget, config.slots, config.prefill_chunk,
+                                   cfg.canvas_length, max_wait_plans=config.max_wait_plans)
+        self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth)
+        self.stats = EngineStats()
+        self._sinks: dict[str, _Sink] = {}
+        self._inbox: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="canvaslm-engine", daemon=True)
+
+    # ------------------------------------------------------------------ caller side (any thread)
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
+        """Queue a request; its events arrive on `queue` (filled on `loop`), ending with a Finish."""
+        if self._stopping:
+            raise RuntimeError("the engine is shut down")
+        self._inbox.append(("add", request, _Sink(queue, loop, time.perf_counter())))
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request in any state (no-op once finished); frees its slot at the next step."""
+        self._inbox.append(("cancel", request_id, None))
+        self._wake.set()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()  # before draining, so a later submit always wakes the wait below
+            self._drain_inbox()
+            plan = self.scheduler.plan()
+            if plan is None:
+                self._wake.wait(0.5)
+                continue
+            try:
+                out = self.runner.execute(plan)
+                result, drafts = out.result, out.drafts
+            except Exception as e:  # a bug or an out-of-memory: fail this step's requests, keep serving
+                log.exception("engine step %d failed", plan.step_id)
+                result, drafts = StepResult(errors={rid: f"{type(e).__name__}: {e}" for rid in plan.request_ids}), ()
+            finished = self.scheduler.update(plan, result)
+            self._emit(plan, result, drafts, finished)
+        for rid in list(self._sinks):  # shutting down: tell every listener
+            self._finish(rid, "cancelled", 0, "the server is shutting down")
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            op, arg, sink = self._inbox.popleft()
+            if op == "add":
+                self._add(arg, sink)
+            elif arg in self._sinks:
+                self.scheduler.cancel(arg)
+                self._finish(arg, "cancelled", 0)
+
+    def _add(self, req: GenerationRequest, sink: _Sink) -> None:
+        p = req.params
+        try:
+            state = RequestState(req.request_id, req.prompt_ids, p.max_new_tokens, self.canvas_length,
+                                 p.max_denoising_steps)
+            self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts)
+            self._sinks[req.request_id] = sink
+            self.scheduler.add(state)
+        except ValueError as e:
+            self._sinks[req.request_id] = sink
+            self._finish(req.request_id, "error", 0, str(e))
+
+    def _emit(self, plan, result: StepResult, drafts, finished) -> None:
+        now = time.perf_counter()
+        tokens = 0
+        done = {f.request_id: f for f in finished}
+        for item in plan.encode:
+            rid = item.request_id
+            sink = self._sinks.get(rid)
+            state = done.get(rid) or self.scheduler.get(rid)
+            if item.kind != "commit" or sink is None or state is None or rid not in result.committed:
+                continue
+            new = tuple(state.output_ids[sink.emitted:])
+            sink.emitted += len(new)
+            tokens += len(new)
+            if sink.first_token is None and new:
+                sink.first_token = now
+                self.stats.record_ttft(now - sink.submitted)
+            # a request that goes on has already moved to its next canvas
+            sink.put(Commit(rid, state.canvas_index - (rid not in done), new))
+        for d in drafts:
+            sink = self._sinks.get(d.request_id)
+            if sink is not None:
+                sink.put(Draft(d.request_id, d.canvas_index, d.denoise_step, d.token_ids))
+        self.stats.record_step(now, len(plan.denoise), tokens)
+        for state in finished:
+            message = result.errors.get(state.request_id)
+            self._finish(state.request_id, state.finish_reason, len(state.output_ids), message)
+
+    def _finish(self, rid: str, reason: str, num_tokens: int, message: str | None = None) -> None:
+        passes = self.runner.decoder_passes(rid)
+        self.runner.remove(rid)
+        sink = self._sinks.pop(rid, None)
+        self.stats.requests_finished[reason] += 1
+        if passes and reason in ("stop", "length"):
+            self.stats.tpf_sum += num_tokens / passes
+            self.stats.tpf_count += 1
+        if sink is not None:
+            sink.put(Finish(rid, reason, num_tokens, passes, message))

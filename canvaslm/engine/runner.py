@@ -1,0 +1,265 @@
+"""Executes a scheduler `StepPlan` on the model: one batched encoder call, one batched decoder call.
+
+Owns every tensor of the running requests: a persistent `KVCache(num_slots, max_model_len)` and, per
+cache slot, the canvas being denoised, its argmax draft, its self-conditioning embeddings and its
+stability history. Per request it holds the sampling setup (resolved `DiffusionParams`, its own
+`torch.Generator` seeded from the request seed, EOS ids, an optional canvas constraint).
+
+A request's output depends only on its prompt, parameters and seed, never on what it is batched
+with: randomness comes from its own generator, drawn in the order `generate.generate_rows` draws it
+for a single row (canvas init, then per step: sample, renoise), and rows that join a decoder call at
+their first step get zero self-conditioning, which the model maps to exactly "none".
+
+Self-conditioning is kept as soft embeddings [C, d] per slot (computed right after each step) rather
+than logits [C, V]: the same maths, but a step only gathers/scatters d-wide rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import DiffusionParams
+from ..kv_cache import KVCache
+from ..sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
+from .scheduler import EncodeItem, StepPlan, StepResult
+
+
+@dataclass(frozen=True)
+class Draft:
+    """The current argmax canvas of a request that asked for drafts (after one denoising step)."""
+
+    request_id: str
+    canvas_index: int
+    denoise_step: int  # steps done on this canvas, >= 1
+    token_ids: tuple[int, ...]  # the full canvas argmax, before EOS truncation
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    result: StepResult
+    drafts: tuple[Draft, ...] = ()
+
+
+@dataclass
+class _Request:
+    """Sampling setup and counters of one request (its tensors live in the slot buffers)."""
+
+    params: DiffusionParams
+    eos_ids: frozenset
+    generator: torch.Generator
+    constraint: object | None
+    drafts: bool
+    slot: int | None = None
+    canvas_index: int = 0  # the canvas last denoised (the one a commit item commits)
+    last_logits: torch.Tensor | None = None  # [C, V] processed logits of the last step (constraint commits)
+    num_committed: int = 0
+    decoder_passes: int = 0
+    canvas_constraint: tuple | None = None  # (canvas_index, pinned [C] | None, allowed [C, V] | None)
+
+
+class RunnerError(ValueError):
+    """A request cannot be run as registered (e.g. parameters the runner's buffers cannot hold)."""
+
+
+class Runner:
+    def __init__(self, model, num_slots: int, max_model_len: int, history_depth: int = 1):
+        cfg = model.cfg
+        if num_slots < 1 or max_model_len <= cfg.canvas_length:
+            raise RunnerError(f"Runner: num_slots={num_slots} must be >= 1 and max_model_len={max_model_len} "
+                              f"must exceed canvas_length={cfg.canvas_length}")
+        self.model, self.cfg = model, cfg
+        self.device, self.dtype = model.embed_weight.device, model.embed_weight.dtype
+        self.num_slots, self.max_model_len, self.history_depth = num_slots, max_model_len, history_depth
+        C, d, S = cfg.canvas_length, cfg.hidden_size, num_slots
+        self.cache = KVCache(cfg, S, max_model_len, dtype=self.dtype, device=self.device)
+        self.canvas = torch.zeros(S, C, dtype=torch.long, device=self.device)  # [S, C]
+        self.argmax = torch.zeros(S, C, dtype=torch.long, device=self.device)  # [S, C]
+        self.sc_embeds = torch.zeros(S, C, d, dtype=self.dtype, device=self.device)  # [S, C, d]
+        self.history = torch.full((S, history_depth, C), -1, dtype=torch.long, device=self.device)  # [S, D, C]
+        self.requests: dict[str, _Request] = {}
+        self._slot_params: list[DiffusionParams | None] = [None] * S
+
+    # ------------------------------------------------------------------ registration
+
+    def add(self, request_id: str, params: DiffusionParams, seed: int, eos_ids, constraint=None,
+            drafts: bool = False) -> None:
+        """Register a request before the scheduler plans it."""
+        if request_id in self.requests:
+            raise RunnerError(f"request id {request_id!r} is already registered with the runner")
+        if params.stability_threshold > self.history_depth:
+            raise RunnerError(f"stability_threshold={params.stability_threshold} exceeds the runner's "
+                              f"history_depth={self.history_depth}")
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        if constraint is not None and hasattr(constraint, "for_row"):  # per-request slot states
+            constraint = constraint.for_row()
+        self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts)
+
+    def remove(self, request_id: str) -> None:
+        """Forget a finished or cancelled request (its slot is reset when the scheduler frees it)."""
+        self.requests.pop(request_id, None)
+
+    def decoder_passes(self, request_id: str) -> int:
+        r = self.requests.get(request_id)
+        return r.decoder_passes if r is not None else 0
+
+    # ------------------------------------------------------------------ one engine step
+
+    @torch.no_grad()
+    def execute(self, plan: StepPlan) -> StepOutput:
+        if plan.freed_slots:
+            self.cache.reset(list(plan.freed_slots))
+        for item in (*plan.encode, *plan.denoise):
+            req = self._get(item.request_id)
+            if req.slot != item.slot:
+                req.slot = item.slot
+                self._slot_params[item.slot] = req.params
+        committed, finished = self._commit_and_prefill(plan.encode)
+        early, drafts = self._denoise(plan)
+        return StepOutput(StepResult(early_stopped=early, committed=committed, finished=finished), drafts)
+
+    def _get(self, request_id: str) -> _Request:
+        req = self.requests.get(request_id)
+        if req is None:
+            raise RunnerError(f"request {request_id!r} is in the plan but was never added to the runner")
+        return req
+
+    def _commit_and_prefill(self, items: tuple[EncodeItem, ...]):
+        """Decide each commit (EOS / budget), then encode prefill chunks and continuing canvases together."""
+        C = self.cfg.canvas_length
+        commits = [i for i in items if i.kind == "commit"]
+        committed, finished, encode = {}, {}, [i for i in items if i.kind == "prefill"]
+        if commits:
+            slots = torch.tensor([i.slot for i in commits], device=self.device)
+            canvases = self.argmax.index_select(0, slots)  # [N, C]
+            for n, item in enumerate(commits):  # a constraint fixes its canvas (pins, valid value slots)
+                req = self.requests[item.request_id]
+                if req.constraint is not None and hasattr(req.constraint, "commit"):
+                    canvases[n] = req.constraint.commit(req.canvas_index, canvases[n], req.last_logits)
+                    self.argmax[item.slot] = canvases[n]
+            for item, ids in zip(commits, canvases.tolist()):  # the one host sync for commits
+                req = self.requests[item.request_id]
+                room = req.params.max_new_tokens - req.num_committed
+                cut = next((j for j, t in enumerate(ids) if t in req.eos_ids), None)
+                if cut is not None and cut < room:  # EOS inside the budget: keep it, stop
+                    tokens, reason = ids[:cut + 1], "stop"
+                elif room <= C:  # budget reached (an EOS past it never shows)
+                    tokens, reason = ids[:room], "length"
+                else:
+                    tokens, reason = ids, None
+                    encode.append(item)
+                committed[item.request_id] = tokens
+                req.num_committed += len(tokens)
+                if reason is not None:
+                    finished[item.request_id] = reason
+        # One call per token length: right-padding would change the attention's reduction length and so
+        # the low bits of a row's result, and a request's output would depend on its batch-mates.
+        by_len: dict[int, list[EncodeItem]] = {}
+        for item in encode:
+            by_len.setdefault(item.num_tokens, []).append(item)
+        for group in by_len.values():
+            self._encode(group)
+        return committed, finished
+
+    def _encode(self, items: list[EncodeItem]) -> None:
+        B, T = len(items), max(i.num_tokens for i in items)
+        tokens = torch.full((B, T), self.cfg.pad_token_id or 0, dtype=torch.long)  # [B, T], right-padded
+        positions = torch.full((B, T), -1, dtype=torch.long)  # [B, T], -1 = padding
+        for b, item in enumerate(items):
+            positions[b, :item.num_tokens] = torch.arange(item.start, item.end)
+            if item.kind == "prefill":
+                tokens[b, :item.num_tokens] = torch.tensor(item.token_ids)
+        tokens = tokens.to(self.device)
+        rows = [b for b, i in enumerate(items) if i.kind == "commit"]
+        if rows:  # committed canvases come straight from the device-side argmax buffer
+            slots = torch.tensor([items[b].slot for b in rows], device=self.device)
+            tokens[torch.tensor(rows, device=self.device), :self.cfg.canvas_length] = self.argmax.index_select(0, slots)
+        slots = torch.tensor([i.slot for i in items], device=self.device)
+        self.model.encode(tokens, positions.to(self.device), slots, self.cache)
+
+    def _denoise(self, plan: StepPlan):
+        items = plan.denoise
+        if not items:
+            return frozenset(), ()
+        C, V, B = self.cfg.canvas_length, self.cfg.vocab_size, len(items)
+        reqs = [self.requests[i.request_id] for i in items]
+        gens = [r.generator for r in reqs]
+        meta = torch.tensor([[i.slot for i in items], [i.canvas_start for i in items],
+                             [i.denoise_step for i in items]], device=self.device)  # [3, B]
+        slots, starts, steps = meta[0], meta[1], meta[2]
+        pinned, allowed = self._constraints(items, reqs)
+
+        fresh = [b for b, i in enumerate(items) if i.denoise_step == 0]
+        if fresh:  # a new canvas: uniform noise (pinned tokens in place), empty history, no self-conditioning
+            fs = slots[fresh]
+            noise = randint(V, len(fresh), C, [gens[b] for b in fresh], self.device)  # [F, C]
+            if pinned is not None:
+                noise = torch.where(pinned[fresh] >= 0, pinned[fresh], noise)
+            self.canvas[fs] = noise
+            self.argmax[fs] = noise
+            self.history[fs] = -1
+            self.sc_embeds[fs] = 0
+        canvas = self.canvas.index_select(0, slots)  # [B, C]
+        sc = None if len(fresh) == B else self.sc_embeds.index_select(0, slots)  # [B, C, d]
+        logits = self.model.denoise(canvas, slots, self.cache, sc_embeds=sc, canvas_start=starts)  # [B, C, V]
+
+        sp = SamplerParams.build([r.params for r in reqs], self.device)
+        st = CanvasState(canvas, self.argmax.index_select(0, slots), None,
+                         torch.zeros(B, dtype=torch.bool, device=self.device),
+                         self.history.index_select(0, slots), sp.n_steps - steps.to(sp.n_steps.dtype))
+        new = entropy_bound_step(logits, st, sp, gens, V, logit_mask=allowed, pinned=pinned)
+        del logits
+        self.canvas.index_copy_(0, slots, new.canvas)
+        self.argmax.index_copy_(0, slots, new.argmax)
+        self.history.index_copy_(0, slots, new.history)
+        sc_new = getattr(new, "sc_embeds", None)  # a fused sampler may hand back soft embeddings directly
+        if sc_new is None:
+            sc_new = self.model.soft_embeddings(new.sc_logits.to(self.dtype))
+        self.sc_embeds.index_copy_(0, slots, sc_new.to(self.dtype))
+        for b, (item, r) in enumerate(zip(items, reqs)):
+            r.decoder_passes += 1
+            r.canvas_index = item.canvas_index
+            if r.constraint is not None and new.sc_logits is not None:
+                r.last_logits = new.sc_logits[b].to(self.dtype)
+
+        want = [b for b, r in enumerate(reqs) if r.drafts]
+        if want:  # one transfer carries the stop flags and the drafts
+            host = torch.cat([new.finished[:, None].long(), new.argmax], dim=1).tolist()
+            stopped = [row[0] for row in host]
+            drafts = tuple(Draft(items[b].request_id, items[b].canvas_index, items[b].denoise_step + 1,
+                                 tuple(host[b][1:])) for b in want)
+        else:
+            stopped, drafts = new.finished.tolist(), ()  # the one host sync per step: the stop check
+        early = frozenset(i.request_id for i, s in zip(items, stopped) if s)
+        return early, drafts
+
+    def _constraints(self, items, reqs):
+        """(pinned [B, C] | None, allowed [B, C, V] | None) for this decoder call, cached per canvas."""
+        if all(r.constraint is None for r in reqs):
+            return None, None
+        C, V, B = self.cfg.canvas_length, self.cfg.vocab_size, len(items)
+        per_row = []
+        for item, r in zip(items, reqs):
+            if r.constraint is None:
+                per_row.append((None, None))
+                continue
+            if r.canvas_constraint is None or r.canvas_constraint[0] != item.canvas_index:
+                pin, allow = r.constraint.canvas(item.canvas_index, C, V)
+                r.canvas_constraint = (item.canvas_index,
+                                       None if pin is None else pin.to(self.device),
+                                       None if allow is None else allow.to(self.device))
+            per_row.append(r.canvas_constraint[1:])
+        pinned = torch.full((B, C), -1, dtype=torch.long, device=self.device)
+        for b, (pin, _) in enumerate(per_row):
+            if pin is not None:
+                pinned[b] = pin
+        allowed = None
+        if any(a is not None for _, a in per_row):
+            allowed = torch.ones(B, C, V, dtype=torch.bool, device=self.device)
+            for b, (_, a) in enumerate(per_row):
+                if a is not None:
+                    allowed[b] = a
+        return pinned, allowed
+

@@ -1,0 +1,207 @@
+"""The FastAPI app: OpenAI-compatible routes, SSE streaming with optional draft events, errors, auth.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics,
+plus FastAPI's /openapi.json. Every client mistake is a 4xx with an OpenAI-style body
+{"error": {"message", "type", "param", "code"}}; only engine failures are 5xx. With an API key, every
+route but /health needs `Authorization: Bearer <key>`.
+
+Stream format (text/event-stream): `data: <chunk JSON>` per committed canvas; with stream_drafts, draft
+chunks in between, shaped like ordinary chunks with empty text/delta plus a top-level
+`"draft": {"index", "canvas_index", "denoise_step", "text"}` (the argmax text of the canvas being
+denoised), so any OpenAI client still parses them; the last chunk of a choice has its finish_reason;
+with stream_options.include_usage a final chunk with empty choices carries usage; then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .metrics import render_metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from .serving import APIError, ServerState, prepare, run_choices, usage
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
+
+
+def _error(status: int, message: str, param=None, type="invalid_request_error", code=None) -> JSONResponse:
+    return JSONResponse(APIError(status, message, param, type, code).body(), status_code=status)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    if not errs:
+        return _error(400, "invalid request body")
+    e = errs[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return _error(400, f"the body is not valid JSON: {e.get('msg')}", code="invalid_json")
+    param = loc[0] if loc else None
+    where = ".".join(loc) if loc else "body"
+    return _error(400, f"{where}: {e.get('msg')}", param, code=e.get("type"))
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="CanvasLM", version="0.1.0",
+                  description="OpenAI-compatible server for block-diffusion language models")
+    app.state.canvas = state
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request, exc):
+        return _validation_error(exc)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request, exc):
+        return _error(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500
+                      else "server_error")
+
+    @app.exception_handler(Exception)
+    async def on_bug(request, exc):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if state.api_key and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            if header != f"Bearer {state.api_key}":
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              type="authentication_error", code="invalid_api_key")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if not state.engine.alive:
+            return _error(503, "the engine thread is not running", type="server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        body, content_type = render_metrics(state.engine)
+        return PlainTextResponse(body, media_type=content_type)
+
+    @app.get("/v1/models", responses=ERRORS)
+    async def models():
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model}", responses=ERRORS)
+    async def model(model: str):
+        if model != state.model_name:
+            raise APIError(404, f"model {model!r} does not exist", "model", code="model_not_found")
+        return _model_card(state)
+
+    @app.post("/v1/completions", responses=ERRORS)
+    async def completions(body: CompletionRequest, request: Request):
+        prompts = _completion_prompts(state, body.prompt)
+        return await _respond(state, body, prompts, request, chat=False)
+
+    @app.post("/v1/chat/completions", responses=ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if state.tokenizer is None or getattr(state.tokenizer, "chat_template", None) is None:
+            raise APIError(400, "this checkpoint has no chat template; use /v1/completions", "messages")
+        try:
+            ids = state.tokenizer.encode_chat(body.message_dicts())
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", "messages") from None
+        return await _respond(state, body, [ids], request, chat=True)
+
+    return app
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "canvaslm",
+            "max_model_len": state.max_model_len, "canvas_length": state.canvas_length}
+
+
+def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty", "prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            try:
+                out.append(state.tokenizer.encode(p))
+            except ValueError as e:
+                raise APIError(400, f"prompt: {e}", "prompt") from None
+        else:
+            out.append(list(p))
+    return out
+
+
+async def _respond(state: ServerState, body, prompts, request: Request, chat: bool):
+    choices = prepare(state, body, prompts)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage)
+        return StreamingResponse(gen, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async with contextlib.aclosing(run_choices(state, choices, request.is_disconnected)) as events:
+        async for _ in events:
+            pass  # the trackers accumulate the text; drafts are not requested without stream
+    if any(c.finish_reason is None for c in choices):
+        raise APIError(499, "client closed the request", type="client_closed")
+    if chat:
+        out = [{"index": c.index, "message": {"role": "assistant", "content": c.tracker.text},
+                "finish_reason": c.finish_reason, "logprobs": None} for c in choices]
+        obj = "chat.completion"
+    else:
+        out = [{"index": c.index, "text": c.tracker.text, "finish_reason": c.finish_reason, "logprobs": None}
+               for c in choices]
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": out,
+            "usage": usage(choices, prompts)}
+
+
+async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(i=None, text=None, finish=None, draft=None, role=False) -> str:
+        if chat:
+            delta = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            ch = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            ch = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+        data = {"id": rid, "object": obj, "created": created, "model": model, "choices": [ch]}
+        if include_usage:
+            data["usage"] = None
+        if draft is not None:
+            data["draft"] = draft
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    try:
+        if chat:
+            for c in choices:
+                yield chunk(c.index, "", role=True)
+        async with contextlib.aclosing(run_choices(state, choices)) as events:  # closing it cancels
+            async for kind, i, payload in events:
+                if kind == "delta":
+                    yield chunk(i, payload)
+                elif kind == "draft":
+                    yield chunk(i, None if chat else "", draft=payload)
+                else:
+                    yield chunk(i, None if chat else "", finish=payload)
+        if include_usage:
+            data = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                    "usage": usage(choices, prompts)}
+            yield f"data: {json.dumps(data)}\n\n"
+    except APIError as e:  # headers are sent: report in-band, as OpenAI does
+        yield f"data: {json.dumps(e.body())}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,46 @@
+"""`canvaslm serve MODEL_DIR`: the OpenAI-compatible HTTP server (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("canvaslm.server")
+
+
+def add_parser(subparsers) -> None:
+    from ..cli import add_model_args
+
+    p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    add_model_args(p, model_optional=False)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--max-batch", type=int, default=8, help="requests per encoder/decoder call (and KV slots)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="KV positions per request: prompt + whole canvases (default: min(model limit, 4096))")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per engine step")
+    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: directory name)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from ..config import ModelConfig
+    from ..engine.engine import EngineConfig
+    from .app import build_app
+    from .launch import build_state
+
+    limit = ModelConfig.from_dir(args.model_dir).max_position_embeddings
+    config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len or min(limit, 4096),
+                          prefill_chunk=args.prefill_chunk)
+    state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "
+          f"(max_batch={config.max_batch}, max_model_len={config.max_model_len})", flush=True)
+    try:
+        uvicorn.run(build_app(state), host=args.host, port=args.port, log_level="info")
+    finally:
+        state.engine.shutdown()
+    return 0

@@ -1,0 +1,84 @@
+"""Build a server from a checkpoint directory and run it: in the foreground (the CLI) or in a background
+thread on a free loopback port (tests, benchmarks). Both shut the engine thread down on exit."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+from ..checkpoint import load_model, parse_dtype
+from ..config import DiffusionParams
+from ..engine.engine import Engine, EngineConfig
+from .app import build_app
+from .serving import ServerState
+
+
+def build_state(model_dir, device: str | None = None, dtype=None, config: EngineConfig | None = None,
+                api_key: str | None = None, served_model_name: str | None = None) -> ServerState:
+    """Load the checkpoint, start the engine thread and return the state the app serves."""
+    import torch
+
+    from ..tokenizer import Tokenizer
+
+    model_dir = Path(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = parse_dtype(dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
+    model = load_model(model_dir, device=device, dtype=dtype)
+    cfg = model.cfg
+    defaults = DiffusionParams.from_dir(model_dir)
+    config = config or EngineConfig(max_model_len=min(cfg.max_position_embeddings, 4096))
+    if config.max_model_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len={config.max_model_len} is over the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
+    eos = tuple(defaults.eos_token_ids or cfg.eos_token_ids)
+    engine = Engine(model, config, history_depth=max(1, defaults.stability_threshold)).start()
+    return ServerState(engine=engine, tokenizer=tokenizer, model_name=served_model_name or model_dir.name,
+                       defaults=defaults, eos_ids=eos, vocab_size=cfg.vocab_size,
+                       canvas_length=cfg.canvas_length, max_model_len=config.max_model_len,
+                       api_key=api_key, created=int(time.time()))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """uvicorn in a daemon thread: `with BackgroundServer(state) as srv: srv.base_url ...`."""
+
+    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int | None = None):
+        import uvicorn
+
+        self.state, self.host, self.port = state, host, port or free_port(host)
+        cfg = uvicorn.Config(build_app(state), host=host, port=self.port, log_level="warning",
+                             timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, name="canvaslm-http", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.base_url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.state.engine.shutdown()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

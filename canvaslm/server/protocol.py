@@ -1,0 +1,152 @@
+"""OpenAI-compatible request bodies (pydantic, strict types) and the error body, for /v1/completions and
+/v1/chat/completions.
+
+Fields follow the OpenAI API; the diffusion extensions (what the openai client's `extra_body` sends)
+sit at the top level of the body: `max_denoising_steps`, `entropy_bound`, `confidence_threshold`,
+`sampler`, `stream_drafts`. Unknown fields are ignored, as OpenAI-compatible servers usually do;
+known fields with a wrong type or an out-of-range value are a 400 naming the field. OpenAI fields this
+engine cannot honour (logprobs, tools, penalties, ...) are accepted only at their neutral value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16  # choices per request
+MAX_STOP = 4  # stop strings per request, as OpenAI
+INT64 = 2**63 - 1
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class _Common(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=INT64, description="cap on generated tokens")
+    temperature: float | None = Field(
+        None, ge=0, le=10, description="scales the denoising temperature schedule; 0 is near-greedy")
+    seed: int | None = Field(None, ge=0, le=INT64, description="makes the request reproducible on its own; "
+                             "choice i of n uses seed + i")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the text is cut before the first")
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=512)
+    response_format: ResponseFormat | None = None
+    # OpenAI fields accepted only at their neutral value
+    top_p: float | None = Field(None, ge=0, le=1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    # --- diffusion extensions (extra_body) ---
+    max_denoising_steps: int | None = Field(None, ge=1, le=4096, description="denoising steps per canvas (cap)")
+    entropy_bound: float | None = Field(None, gt=0, le=1e6, description="entropy-bound sampler's bound")
+    confidence_threshold: float | None = Field(None, gt=0, le=1e6, description="adaptive stop: mean entropy below this")
+    sampler: Literal["entropy_bound"] | None = Field(None, description="only 'entropy_bound' for now")
+    stream_drafts: bool = Field(False, description="with stream=true: draft events (argmax canvas) between commits")
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for an OpenAI feature set to a value this engine cannot honour."""
+        if self.top_p not in (None, 1, 1.0):
+            return "top_p", "top_p is not supported (the diffusion sampler has no nucleus cut); omit it or send 1"
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                return name, f"{name} is not supported by the diffusion sampler; omit it or send 0"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if self.logprobs not in (None, False, 0):
+            return "logprobs", "logprobs are not supported"
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            return "stop", f"at most {MAX_STOP} stop strings are allowed, got {len(self.stop)}"
+        if self.stream_drafts and not self.stream:
+            return "stream_drafts", "stream_drafts needs stream=true"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed with stream=true"
+        return None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="text, token ids, or a batch of either (each prompt gets n choices)")
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.suffix:
+            return "suffix", "suffix is not supported on /v1/completions"
+        if self.best_of not in (None, self.n):
+            return "best_of", "best_of is not supported; use n"
+        return super().unsupported()
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64, description="alias of max_tokens")
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.tools:
+            return "tools", "tool calling is not supported"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", "tool calling is not supported"
+        if self.top_logprobs:
+            return "top_logprobs", "logprobs are not supported"
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            return "max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one"
+        return super().unsupported()
+
+    def message_dicts(self) -> list[dict]:
+        out = []
+        for m in self.messages:
+            content = m.content if not isinstance(m.content, list) else "\n".join(p.text for p in m.content)
+            out.append({"role": m.role, "content": content or ""})
+        return out

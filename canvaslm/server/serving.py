@@ -1,0 +1,238 @@
+"""From a validated OpenAI request to engine requests, and from engine events back to choices.
+
+`prepare` resolves sampling parameters (exactly as `LLM.generate` does for the same SamplingParams, so
+outputs match for the same seed), checks the context and builds one `GenerationRequest` per choice.
+`run_choices` consumes the engine's events for all choices of one HTTP request and yields plain
+tuples -- ("delta", i, text), ("draft", i, dict), ("finish", i, reason) -- that the streaming and the
+non-streaming paths format; both go through the same `TextTracker`, so streamed text always equals
+non-streamed text. Leaving the generator early (client gone) cancels every unfinished choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, DiffusionParams
+from ..engine.engine import Commit, Draft, Engine, Finish, GenerationRequest
+from ..generate import GenerationError
+from ..llm import SamplingParams
+from .protocol import _Common
+
+GREEDY_TEMPERATURE = 1e-3  # temperature=0 scales the schedule by this (temperatures must stay > 0)
+
+
+class APIError(Exception):
+    """An HTTP error with an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    tokenizer: object  # canvaslm.tokenizer.Tokenizer
+    model_name: str
+    defaults: DiffusionParams
+    eos_ids: tuple[int, ...]
+    vocab_size: int
+    canvas_length: int
+    max_model_len: int
+    api_key: str | None = None
+    created: int = 0
+
+
+@dataclass
+class Choice:
+    index: int
+    request: GenerationRequest
+    prompt_index: int
+    tracker: "TextTracker"
+    finish_reason: str | None = None
+    decoder_passes: int = 0
+
+
+@dataclass
+class TextTracker:
+    """Committed ids -> text, with stop strings applied and the part that is safe to stream so far."""
+
+    tokenizer: object
+    stops: list[str]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters already handed out
+    stopped: bool = False  # a stop string was found: text is final
+
+    def add(self, ids) -> None:
+        self.ids.extend(ids)
+        full = self.tokenizer.decode(self.ids)
+        hits = [i for i in (full.find(s) for s in self.stops) if i >= 0]
+        self.text, self.stopped = (full[:min(hits)], True) if hits else (full, False)
+
+    def delta(self, final: bool = False) -> str:
+        """New text that can no longer change: holds back a possible stop-string start and an incomplete
+        character, unless final."""
+        safe = self.text
+        if not (final or self.stopped):
+            hold = max((k for s in self.stops for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
+            safe = safe[:len(safe) - hold]
+            safe = safe.rstrip("\ufffd")
+        out = safe[self.sent:]
+        self.sent = max(self.sent, len(safe))
+        return out
+
+
+def resolve_params(state: ServerState, body: _Common, prompt_len: int, constraint) -> DiffusionParams:
+    """DiffusionParams for one prompt, via SamplingParams.resolve (the LLM API's own path)."""
+    C, room = state.canvas_length, (state.max_model_len - prompt_len) // state.canvas_length * state.canvas_length
+    field_name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+    if room < 1:
+        raise APIError(400, f"the prompt has {prompt_len} tokens, leaving no room for a canvas of {C} tokens "
+                            f"within max_model_len={state.max_model_len}",
+                       "messages" if hasattr(body, "messages") else "prompt", code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(state.defaults.max_new_tokens, room)
+        if constraint is not None and hasattr(constraint, "min_new_tokens"):
+            max_tokens = max(max_tokens, constraint.min_new_tokens(C))
+    need = prompt_len + -(-max_tokens // C) * C
+    if need > state.max_model_len:
+        raise APIError(400, f"prompt ({prompt_len} tokens) + {field_name}={max_tokens} (rounded up to whole "
+                            f"canvases of {C}) needs {need} positions, over max_model_len={state.max_model_len}; "
+                            f"at most {room} new tokens fit", field_name, code="context_length_exceeded")
+    temperature = body.temperature
+    if temperature == 0:
+        temperature = GREEDY_TEMPERATURE
+    try:
+        sp = SamplingParams(max_new_tokens=max_tokens, max_denoising_steps=body.max_denoising_steps,
+                            temperature=temperature, entropy_bound=body.entropy_bound,
+                            confidence_threshold=body.confidence_threshold)
+        params = sp.resolve(state.defaults)
+    except (GenerationError, ConfigError) as e:
+        raise APIError(400, str(e)) from None
+    if params.stability_threshold > state.engine.runner.history_depth:
+        raise APIError(400, "stability_threshold exceeds what this server was started with")
+    return params
+
+
+def build_constraint(state: ServerState, body: _Common):
+    """The canvas constraint for response_format, or None. Imported lazily: another module owns it."""
+    rf = body.response_format
+    if rf is None or rf.type == "text":
+        return None
+    try:
+        from ..sampling import constraints as cons
+    except ImportError:
+        raise APIError(400, f"response_format type {rf.type!r} is not supported by this build",
+                       "response_format") from None
+    make = getattr(cons, "constraint_from_response_format", None)
+    if make is None:
+        from ..sampling import json_schema as make_mod  # where it lives until moved
+        make = make_mod.constraint_from_response_format
+    max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+    try:
+        return make(rf.model_dump(exclude_none=True), state.tokenizer, max_tokens)
+    except ValueError as e:  # ConstraintError is a ValueError
+        raise APIError(400, f"response_format: {e}", "response_format") from None
+
+
+def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list[Choice]:
+    problem = body.unsupported()
+    if problem is not None:
+        raise APIError(400, problem[1], problem[0])
+    if body.model != state.model_name:
+        raise APIError(404, f"model {body.model!r} does not exist; this server serves {state.model_name!r}",
+                       "model", code="model_not_found")
+    if len(prompts) * body.n > 64:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices is over the limit of 64", "n")
+    constraint = build_constraint(state, body)
+    seed = body.seed if body.seed is not None else random.randrange(2**63)
+    choices, stops = [], body.stop_list()
+    for p_index, ids in enumerate(prompts):
+        if not ids:
+            raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
+        bad = [t for t in ids if not 0 <= t < state.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})",
+                           "prompt")
+        params = resolve_params(state, body, len(ids), constraint)
+        for j in range(body.n):
+            req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
+                                    state.eos_ids, constraint, body.stream_drafts)
+            choices.append(Choice(len(choices), req, p_index, TextTracker(state.tokenizer, stops)))
+    return choices
+
+
+async def run_choices(state: ServerState, choices: list[Choice], is_disconnected=None):
+    """Submit every choice and yield ("delta" | "draft" | "finish", choice index, payload) until all finish."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    by_id = {c.request.request_id: c for c in choices}
+    for c in choices:
+        state.engine.submit(c.request, queue, loop)
+    live = set(by_id)
+    try:
+        while live:
+            try:
+                ev = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if is_disconnected is not None and await is_disconnected():
+                    return
+                continue
+            c = by_id[ev.request_id]
+            if ev.request_id not in live:
+                continue  # e.g. the Finish of a choice we cancelled after its stop string
+            if isinstance(ev, Commit):
+                c.tracker.add(ev.token_ids)
+                if c.tracker.stopped:
+                    state.engine.cancel(ev.request_id)
+                    live.discard(ev.request_id)
+                    c.finish_reason = "stop"
+                    yield "delta", c.index, c.tracker.delta(final=True)
+                    yield "finish", c.index, "stop"
+                else:
+                    text = c.tracker.delta()
+                    if text:
+                        yield "delta", c.index, text
+            elif isinstance(ev, Draft):
+                yield "draft", c.index, draft_payload(state, c, ev)
+            elif isinstance(ev, Finish):
+                live.discard(ev.request_id)
+                c.decoder_passes = ev.decoder_passes
+                if ev.reason in ("error", "cancelled"):
+                    raise APIError(500 if ev.reason == "error" else 503,
+                                   f"generation failed: {ev.message or ev.reason}", type="server_error")
+                c.finish_reason = ev.reason
+                text = c.tracker.delta(final=True)
+                if text:
+                    yield "delta", c.index, text
+                yield "finish", c.index, ev.reason
+    finally:
+        for rid in live:  # the client left, or an error: free the slots
+            state.engine.cancel(rid)
+
+
+def draft_payload(state: ServerState, c: Choice, ev: Draft) -> dict:
+    """The draft of the canvas being denoised: its argmax, cut at the first EOS and at the token budget."""
+    ids = list(ev.token_ids[:max(0, c.request.params.max_new_tokens - len(c.tracker.ids))])
+    cut = next((i for i, t in enumerate(ids) if t in state.eos_ids), None)
+    if cut is not None:
+        ids = ids[:cut + 1]
+    return {"index": c.index, "canvas_index": ev.canvas_index, "denoise_step": ev.denoise_step,
+            "text": state.tokenizer.decode(ids)}
+
+
+def usage(choices: list[Choice], prompts: list[list[int]]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(len(c.tracker.ids) for c in choices)
+    passes = sum(c.decoder_passes for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion, "decoder_passes": passes}
