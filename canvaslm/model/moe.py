@@ -54,8 +54,11 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
             tok, slot = torch.where(ids == e)
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            xe = x[tok]
+            if len(tok) < 4:  # BLAS uses another kernel for 1-3 rows: pad, so a token's result is batch-invariant
+                xe = torch.cat([xe, xe.new_zeros(4 - len(tok), xe.shape[1])])
+            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])[:len(tok)]
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
 
