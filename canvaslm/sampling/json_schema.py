@@ -239,7 +239,10 @@ class JsonSchemaConstraint(CanvasConstraint):
                 continue
             width, dfa, finish = piece
             off = len(pinned)
-            if finish is not None and width <= C and off // C != (off + width - 1) // C:
+            if finish is not None and width > C:
+                raise ConstraintError(f"json_schema: a bounded number slot needs {width} tokens in one canvas, "
+                                      f"more than canvas_length={C}")
+            if finish is not None and off // C != (off + width - 1) // C:
                 # keep a slot that is repaired as a whole inside one canvas: pad up to the boundary
                 pinned += [self.vocab.pad_id] * (C - off % C)
             slots.append(Slot(len(pinned), width, dfa, finish))

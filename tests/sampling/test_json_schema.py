@@ -1,0 +1,139 @@
+"""JSON-schema structured output: every output parses and validates; unsupported features are named."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from canvaslm.llm import SamplingParams
+from canvaslm.sampling.constraints import ConstraintError
+from canvaslm.sampling.json_schema import (JsonSchemaConstraint, JsonTemplateOptions,
+                                           constraint_from_response_format)
+
+SEEDS = list(range(6))
+
+
+def _deep(n):
+    s = {"type": "integer"}
+    for i in range(n):
+        s = {"type": "object", "properties": {f"k{i}": s, "z": {"type": "boolean"}}, "required": [f"k{i}"]}
+    return s
+
+
+SCHEMAS = {
+    "flat": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 10}, "age": {"type": "integer"}, "ok": {"type": "boolean"},
+        "score": {"type": "number"}, "nothing": {"type": "null"}}, "required": ["name", "age"]},
+    "shared_prefix_enums": {"type": "object", "properties": {
+        "a": {"enum": ["ab", "abc", "abd"]}, "b": {"type": "string", "enum": ["x", "xy", "xyz", "y"]},
+        "c": {"enum": [1, 12, 123, "1", True, None]}, "d": {"const": "fixed"}}},
+    "deep": _deep(6),
+    "arrays": {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 3},
+                 "minItems": 1, "maxItems": 2},
+        "grid": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                                       "maximum": 9}},
+                 "minItems": 2, "maxItems": 2},
+        "many": {"type": "array", "items": {"type": "boolean"}, "minItems": 4}}},
+    "long_strings": {"type": "object", "properties": {
+        "s1": {"type": "string", "minLength": 20, "maxLength": 40}, "s2": {"type": "string", "minLength": 5}},
+        "additionalProperties": False},
+    "ranges": {"type": "object", "properties": {
+        "small": {"type": "integer", "minimum": -3, "maximum": 3},
+        "big": {"type": "integer", "minimum": 100, "maximum": 99999},
+        "excl": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 1000},
+        "neg": {"type": "integer", "maximum": -5},
+        "frac": {"type": "number", "minimum": -1.5, "maximum": 2.25}}},
+    "top_level_array": {"type": "array", "items": {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": 0}, "v": {"type": "string", "maxLength": 2}}}, "maxItems": 3},
+    "top_level_string": {"type": "string", "maxLength": 5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_output_parses_and_validates(tiny_llm, name):
+    schema = SCHEMAS[name]
+    steps = (1, 3, 8)[sorted(SCHEMAS).index(name) % 3]  # one step count per batch: see the report on mixed steps
+    params = [SamplingParams(seed=s, max_denoising_steps=steps, json_schema=schema) for s in SEEDS]
+    for r in tiny_llm.generate(["{"] * len(SEEDS), params):
+        assert r.finish_reason == "stop"
+        jsonschema.validate(json.loads(r.text), schema)
+
+
+def test_chat_prompt_and_temperature(tiny_llm):
+    schema = SCHEMAS["flat"]
+    prompt = tiny_llm.tokenizer.encode_chat([{"role": "user", "content": "json please"}])
+    params = [SamplingParams(seed=s, temperature=2.0, max_denoising_steps=4, json_schema=schema) for s in range(3)]
+    for r in tiny_llm.generate([prompt] * 3, params):
+        jsonschema.validate(json.loads(r.text), schema)
+
+
+def test_template_spans_canvases_and_ends_with_eos(tiny_llm):
+    c = JsonSchemaConstraint(SCHEMAS["long_strings"], tiny_llm.tokenizer)
+    lay = c.layout(16)
+    assert lay.length > 3 * 16 and lay.pinned[-1] == tiny_llm.tokenizer.eos_ids[0]
+    r = tiny_llm.generate("x", SamplingParams(seed=0, json_schema=SCHEMAS["long_strings"]))[0]
+    assert r.token_ids[-1] == tiny_llm.tokenizer.eos_ids[0] and len(r.token_ids) == lay.length
+
+
+def test_whole_slot_numbers_never_straddle_a_canvas(tiny_llm):
+    c = JsonSchemaConstraint(SCHEMAS["ranges"], tiny_llm.tokenizer)
+    for C in (12, 16, 24):
+        for s in c.layout(C).slots:
+            if s.finish is not None:
+                assert s.start // C == (s.start + s.width - 1) // C
+    with pytest.raises(ConstraintError, match="more than canvas_length=8"):
+        c.layout(8)
+
+
+def test_options_change_widths(tiny_llm):
+    schema = {"type": "object", "properties": {"s": {"type": "string"}, "a": {
+        "type": "array", "items": {"type": "integer"}}}}
+    short = JsonSchemaConstraint(schema, tiny_llm.tokenizer, JsonTemplateOptions(string_tokens=4, array_items=1))
+    long = JsonSchemaConstraint(schema, tiny_llm.tokenizer)
+    assert short.template_tokens() < long.template_tokens()
+    r = tiny_llm.generate("x", SamplingParams(seed=1, constraint=short))[0]
+    out = json.loads(r.text)
+    assert len(out["s"]) <= 4 and len(out["a"]) == 1
+
+
+@pytest.mark.parametrize("schema,feature", [
+    ({"type": "object", "patternProperties": {"^a": {"type": "string"}}}, "patternProperties"),
+    ({"$ref": "#/definitions/x"}, "$ref"),
+    ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "oneOf"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}]}}}, "anyOf"),
+    ({"type": "string", "pattern": "^a+$"}, "pattern"),
+    ({"type": "string", "format": "date"}, "format"),
+    ({"type": "object", "additionalProperties": {"type": "string"}}, "additionalProperties"),
+    ({"type": ["string", "null"]}, "type' lists"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "number", "multipleOf": 2}, "multipleOf"),
+    ({"type": "object", "properties": {}, "required": ["x"]}, "required keys"),
+    ({"type": "array"}, "items"),
+    ({"type": "number", "exclusiveMinimum": 0}, "exclusiveMinimum"),
+    ({"description": "anything"}, "without 'type'"),
+    ({"type": "integer", "minimum": 5, "maximum": 2}, "no integer"),
+])
+def test_unsupported_features_raise_naming_them(tiny_llm, schema, feature):
+    with pytest.raises(ConstraintError, match=feature.replace("$", r"\$").replace("^", r"\^")):
+        JsonSchemaConstraint(schema, tiny_llm.tokenizer)
+
+
+def test_response_format(tiny_llm):
+    tok = tiny_llm.tokenizer
+    assert constraint_from_response_format({"type": "text"}, tok, 100) is None
+    rf = {"type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": SCHEMAS["flat"]}}
+    c = constraint_from_response_format(rf, tok, None)
+    r = tiny_llm.generate("x", SamplingParams(seed=2, constraint=c))[0]
+    jsonschema.validate(json.loads(r.text), SCHEMAS["flat"])
+    with pytest.raises(ConstraintError, match="over max_tokens=10"):
+        constraint_from_response_format(rf, tok, 10)
+    with pytest.raises(ConstraintError, match="'json_object' is not supported"):
+        constraint_from_response_format({"type": "json_object"}, tok, None)
+    with pytest.raises(ConstraintError, match="schema"):
+        constraint_from_response_format({"type": "json_schema", "json_schema": {"name": "x"}}, tok, None)
+    with pytest.raises(ConstraintError, match="patternProperties"):
+        constraint_from_response_format({"type": "json_schema", "json_schema": {
+            "schema": {"type": "object", "patternProperties": {}}}}, tok, None)
