@@ -271,6 +271,7 @@ class Trainer:
             return block_diffusion_loss(self.model, batch, None, c.sc_prob, c.diffusion_weight, c.ar_weight,
                                         ar_only=c.ar_only)
 
+    @torch.enable_grad()
     def compute_gradients(self, step: int) -> dict:
         """Forward/backward over this step's batch; gradients averaged over processes. Returns stats."""
         c = self.config

@@ -1,0 +1,33 @@
+"""Shared pieces of the trainer tests: a reversal task and a tiny from-scratch config."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+TINY_INIT = {"shape": "tiny", "canvas_length": 8, "vocab_size": 32, "seed": 0}
+
+
+def reversal_examples(n: int = 64, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = [rng.randint(5, 31) for _ in range(rng.randint(3, 9))]
+        out.append(([2] + p, p[::-1]))
+    return out
+
+
+def write_jsonl(path: Path, examples) -> Path:
+    path.write_text("".join(json.dumps({"prompt_ids": p, "response_ids": r}) + "\n" for p, r in examples))
+    return path
+
+
+def tiny_config(tmp_path: Path, **kw) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(tmp_path / "data.jsonl", reversal_examples())
+    cfg = dict(out_dir=str(tmp_path / "run"), max_steps=4, model={"init": dict(TINY_INIT)},
+               data={"train": str(data), "eval_size": 8}, lr=3e-3, warmup_steps=1, batch_size=4, progress=False,
+               plot=False)
+    cfg.update(kw)
+    return cfg

@@ -1,0 +1,166 @@
+"""Trainer: config validation, schedule, gradient accumulation, resume after a kill, export, CLI, data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from canvaslm.checkpoint import load_model
+from canvaslm.config import ConfigError
+from canvaslm.kv_cache import KVCache
+from canvaslm.train.data import DataError, ExampleStream, load_examples
+from canvaslm.train.trainer import TrainConfig, Trainer, lr_factor
+
+from .helpers import tiny_config
+
+
+def test_config_validation(tmp_path):
+    base = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown keys \['learning_rate'\]"):
+        TrainConfig.from_dict({**base, "learning_rate": 1})
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig.from_dict({**base, "batch_size": 6, "grad_accum": 4})
+    with pytest.raises(ConfigError, match="model"):
+        TrainConfig.from_dict({**base, "model": {"shape": "tiny"}})
+    with pytest.raises(ValueError, match="lora: unknown keys"):
+        TrainConfig.from_dict({**base, "lora": {"rnk": 4}})
+    (tmp_path / "c.yaml").write_text("max_steps: 3\nout_dir: run\nmodel: {init: {shape: tiny}}\ndata: x.jsonl\n"
+                                     "sc_probability: 0.5\n")
+    with pytest.raises(ConfigError, match="sc_probability"):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, 10, 110, 0.1) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and lr_factor(110, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_example_stream_is_a_pure_function_of_position():
+    s = ExampleStream(10, seed=3)
+    first = s.indices(0, 25)
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
+    assert ExampleStream(10, seed=3).indices(7, 9) == first[7:16]
+    assert ExampleStream(10, seed=4).indices(0, 10) != first[:10]
+
+
+def _grads(trainer):
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    one = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "a", grad_accum=1)))
+    two = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "b", grad_accum=2)))
+    s1, s2 = one.compute_gradients(0), two.compute_gradients(0)
+    assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-6)
+    g1, g2 = _grads(one), _grads(two)
+    assert g1.keys() == g2.keys() and not any(".router." in n for n in g1)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=2e-5, msg=n)
+
+
+def test_resume_after_kill_reproduces_the_loss_curve(tmp_path):
+    cfg = dict(max_steps=6, save_every=2, eval_every=3)
+    full = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "full", **cfg))).train()
+    killed_cfg = TrainConfig.from_dict(tiny_config(tmp_path / "killed", **cfg))
+    Trainer(killed_cfg).train(stop_at=5)  # "killed" after step 5: the last checkpoint is step 4
+    run = tmp_path / "killed" / "run"
+    assert (run / "latest").read_text().strip() == "checkpoint-0000004"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-0000002", "checkpoint-0000004"]
+    resumed = Trainer(killed_cfg, resume=True)
+    assert resumed.step == 4
+    again = resumed.train()
+    assert [r["step"] for r in again] == list(range(1, 7))
+    assert [r["loss"] for r in again] == [r["loss"] for r in full]  # exact on CPU
+    assert [r.get("eval_loss") for r in again] == [r.get("eval_loss") for r in full]
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    a, b = load_model(tmp_path / "full" / "run" / "final"), load_model(run / "final")
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert full[-1]["loss"] < full[0]["loss"]
+
+
+@torch.no_grad()
+def test_export_loads_in_transformers_with_equal_logits(tmp_path):
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.cache_utils import DynamicCache
+
+    trainer = Trainer(TrainConfig.from_dict(tiny_config(tmp_path, max_steps=2, plot=True)))
+    trainer.train()
+    final = tmp_path / "run" / "final"
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    ours = load_model(final)
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(final).eval()
+    cfg = ours.cfg
+    ids = torch.randint(3, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache_ref = DynamicCache(config=ref.config.get_text_config(decoder=True))
+    enc_ref = ref.model.encoder(input_ids=ids, past_key_values=cache_ref, position_ids=torch.arange(40)[None])
+    cache = KVCache(cfg, 1, 40 + cfg.canvas_length)
+    hidden = ours.encode(ids, torch.arange(40)[None], torch.tensor([0]), cache)
+    torch.testing.assert_close(hidden, enc_ref.last_hidden_state, rtol=1e-4, atol=1e-4)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=torch.Generator().manual_seed(1))
+    want = ref(decoder_input_ids=canvas, past_key_values=cache_ref).logits
+    got = ours.denoise(canvas, torch.tensor([0]), cache)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the exported weights are the trained ones
+    trained = trainer.model.state_dict()
+    for n, t in ours.state_dict().items():
+        if not n.startswith("rotary."):
+            assert torch.equal(t, trained[n]), n
+
+
+def test_ar_only_baseline_trains_the_encoder(tmp_path):
+    t = Trainer(TrainConfig.from_dict(tiny_config(tmp_path, max_steps=2, ar_only=True)))
+    hist = t.train()
+    assert all(r["diffusion_loss"] == 0.0 and r["ar_loss"] == r["loss"] for r in hist)
+    sc = dict(t.model.named_parameters())["model.decoder.self_conditioning.gate_proj.weight"]
+    assert sc.grad is None  # the decoder-only parts get no gradient
+
+
+def test_cli_train_and_export(tmp_path):
+    import yaml
+
+    from canvaslm.cli import main
+
+    cfg = tiny_config(tmp_path, max_steps=2)
+    cfg["model"] = {"init": {**cfg["model"]["init"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--max-steps", "1"]) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--resume"]) == 0  # continue to step 2
+    hist = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [1, 2]
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "exp"), "--dtype", "bfloat16"]) == 0
+    m = load_model(tmp_path / "exp")
+    assert m.cfg.vocab_size == 32 and not (tmp_path / "exp" / "trainer_state.pt").exists()
+
+
+def test_text_data_with_tokenizer_and_callable_source(tmp_path, tiny_checkpoint, monkeypatch):
+    from canvaslm.tokenizer import Tokenizer
+
+    (tmp_path / "my_data.py").write_text("def make(n):\n    return [([2, 5 + i], [6, 7]) for i in range(n)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": "ab", "response": "cd"}) + "\n")
+    [(p, r)] = load_examples(str(path), tok)
+    assert r == tok.encode("cd", add_special_tokens=False) and p == tok.encode("ab")
+    with pytest.raises(DataError, match="need a tokenizer"):
+        load_examples(str(path), None)
+    ex = load_examples("my_data:make", kwargs={"n": 5})
+    assert ex[4] == ([2, 9], [6, 7])
+    with pytest.raises(DataError, match="outside the vocabulary"):
+        load_examples("my_data:make", kwargs={"n": 5}, vocab_size=8)
+    with pytest.raises(DataError, match="cannot import"):
+        load_examples("no_such_module_xyz:make")
+    cfg = TrainConfig.from_dict(tiny_config(tmp_path, model=str(tiny_checkpoint), data={"train": str(path)},
+                                            max_steps=1, batch_size=2, lora={"rank": 2}))
+    t = Trainer(cfg)
+    t.train()
+    assert (tmp_path / "run" / "final" / "tokenizer.json").is_file()
