@@ -1,0 +1,40 @@
+"""Data parallel: `torchrun --nproc_per_node 2` on CPU (gloo) gives the same gradients and loss curve as one
+process on the combined batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from .helpers import tiny_config
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _run(tmp_path: Path, nproc: int) -> dict:
+    cfg = tiny_config(tmp_path, max_steps=2, grad_accum=1, batch_size=4)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(WORKER), str(tmp_path / "c.yaml"), str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_two_process_gradients_match_one_process(tmp_path):
+    one, two = _run(tmp_path / "one", 1), _run(tmp_path / "two", 2)
+    assert one["world"] == 1 and two["world"] == 2
+    assert one["grads"].keys() == two["grads"].keys()
+    for n, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][n], g, rtol=1e-4, atol=2e-5, msg=n)
+    assert abs(one["stats"]["loss"] - two["stats"]["loss"]) < 1e-5
+    assert one["stats"]["tokens"] == two["stats"]["tokens"]
+    for a, b in zip(one["history"], two["history"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a.get("eval_loss", 0) - b.get("eval_loss", 0)) < 1e-4
