@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random DiffusionGemma checkpoints written by `transformers` (the reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=2, head_dim=8, position_embedding_size=64)
+
+# Several shapes: window shorter than the context, canvases of 16 / 8 / 24, GQA and MQA, default 5:1 pattern.
+REFERENCE_CONFIGS = {
+    "window8_canvas16": dict(
+        canvas_length=16,
+        text=dict(vocab_size=384, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                  sliding_window=8, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                  max_position_embeddings=512,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+    "pattern6_canvas8": dict(
+        canvas_length=8,
+        text=dict(vocab_size=320, hidden_size=48, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
+                  sliding_window=6, num_experts=6, top_k_experts=3, moe_intermediate_size=8,
+                  max_position_embeddings=256)),
+    "bias_canvas24": dict(
+        canvas_length=24,
+        text=dict(vocab_size=448, hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, global_head_dim=16, num_global_key_value_heads=2,
+                  sliding_window=12, num_experts=3, top_k_experts=1, moe_intermediate_size=16,
+                  attention_bias=True, max_position_embeddings=512,
+                  layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+}
+
+
+def build_reference(out_dir, name: str, seed: int = 0):
+    """Build, perturb (so norms/scales/layer scalars matter) and save a reference model; return it."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    spec = REFERENCE_CONFIGS[name]
+    cfg = DiffusionGemmaConfig(text_config=spec["text"], vision_config=VISION, canvas_length=spec["canvas_length"])
+    torch.manual_seed(seed)
+    ref = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "norm" in n or "scale" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            elif n.endswith("embed_tokens.weight"):
+                p.mul_(30.0)  # a peaked (trained-like) output distribution; near-uniform logits make the
+                # entropy ranking hinge on rounding noise, which no two implementations share
+        for n, b in ref.named_buffers():
+            if n.endswith("layer_scalar"):
+                b.fill_(0.5 + torch.rand((), generator=g).item())
+    ref.save_pretrained(out_dir)
+    return ref
+
+
+@pytest.fixture(scope="session", params=sorted(REFERENCE_CONFIGS))
+def reference(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    return request.param, out, build_reference(out, request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from canvaslm.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
