@@ -5,7 +5,7 @@ after a gap of g free positions, followed by a pinned EOS. The middle's length i
 gap lengths are tried as rows of one batch (one generation pass), and the candidate whose
 middle + suffix the model finds most likely wins: the mean per-token log-probability under the
 encoder's causal (autoregressive) pass, one batched encoder call. Free middle positions never take
-EOS or padding, so the output always reads prefix + middle + suffix.
+EOS, padding or other special tokens, so the output always reads prefix + middle + suffix.
 
 Region editing is infilling with prefix = text[:start] and suffix = text[end:]; by default the new span
 keeps the old span's token count (pass `gaps` to let it grow or shrink).
@@ -21,6 +21,7 @@ import torch
 from .generate import GenerationError, RowRequest, generate_rows
 from .kv_cache import KVCache
 from .sampling.constraints import PinnedConstraint
+from .sampling.token_dfa import Vocab
 
 DEFAULT_GAPS = (2, 4, 8, 16, 32, 64)
 
@@ -80,9 +81,13 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     gaps = sorted(set(gaps))
     if not gaps or any(not isinstance(g, int) or g < 0 for g in gaps):
         raise GenerationError(f"infill: gaps must be non-negative integers, got {gaps}")
+    banned = set(eos) | {llm.pad_id}
+    if llm.tokenizer is not None:  # the middle is text: no special tokens (they would decode to nothing)
+        banned |= set(Vocab.of(llm.tokenizer).special_ids)
+    banned = tuple(sorted(banned))
     rows = []
     for g in gaps:
-        pins = PinnedConstraint({g: list(suffix_ids) + [eos[0]]}, ban_ids=tuple(eos) + (llm.pad_id,), ban_until=g)
+        pins = PinnedConstraint({g: list(suffix_ids) + [eos[0]]}, ban_ids=banned, ban_until=g)
         p = dataclasses.replace(base, max_new_tokens=g + len(suffix_ids) + 1)
         rows.append(RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins))
     seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())

@@ -30,10 +30,12 @@ class Vocab:
         # still show the space a token carries mid-text.
         anchor = tokenizer.encode("a", add_special_tokens=False)[:1]
         base = tokenizer.decode(anchor) if anchor else ""
-        strings = []
+        strings, self.special_ids = [], []
         for i in range(tokenizer.vocab_size):
             s = tokenizer.decode(anchor + [i])
             s = s[len(base):] if s.startswith(base) else ""
+            if s == "":
+                self.special_ids.append(i)  # decodes to nothing: a special / control token
             strings.append("" if "\ufffd" in s else s)
         self.strings = strings
         self.V = len(strings)

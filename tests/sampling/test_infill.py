@@ -1,0 +1,93 @@
+"""Infilling and region editing by pinning (canvaslm.infill) and the CLI flags for canvas control."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from canvaslm.cli import main
+from canvaslm.generate import GenerationError
+from canvaslm.infill import default_gaps, score_continuations
+from canvaslm.llm import SamplingParams
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_infill_starts_with_prefix_and_ends_with_suffix(tiny_llm, seed):
+    r = tiny_llm.infill("def add(a, b):", "return c", SamplingParams(seed=seed, max_denoising_steps=3),
+                        gaps=[3, 8, 20])
+    assert r.text.startswith("def add(a, b):") and r.text.endswith("return c")
+    assert r.text == r.prefix + r.middle + r.suffix and len(r.middle_ids) == r.gap
+    assert set(r.scores) == {3, 8, 20} and r.scores[r.gap] == max(r.scores.values())
+    assert not set(r.middle_ids) & set(range(5))  # no eos, pad or other special token
+
+
+def test_infill_default_gaps_and_empty_prefix(tiny_llm):
+    assert default_gaps(28) == (2, 4, 8, 16) and default_gaps(1) == (1,)
+    r = tiny_llm.infill("", "xyz", SamplingParams(seed=4, max_new_tokens=12, max_denoising_steps=2))
+    assert r.text.endswith("xyz") and r.gap in (2, 4, 8)
+
+
+def test_edit_keeps_both_sides_exactly(tiny_llm):
+    text = "The quick brown fox jumps over the lazy dog"
+    for seed in range(3):
+        r = tiny_llm.edit(text, 4, 9, SamplingParams(seed=seed, max_denoising_steps=3))
+        assert r.text.startswith("The ") and r.text.endswith(" brown fox jumps over the lazy dog")
+        assert r.gap == 5 and len(r.middle) == 5
+    r = tiny_llm.edit(text, 10, 19, SamplingParams(seed=0, max_denoising_steps=2), gaps=[2, 12])
+    assert r.text.startswith(text[:10]) and r.text.endswith(text[19:]) and r.gap in (2, 12)
+
+
+def test_edit_and_infill_errors(tiny_llm):
+    with pytest.raises(GenerationError, match="span"):
+        tiny_llm.edit("abc", 2, 9)
+    with pytest.raises(GenerationError, match="gaps"):
+        tiny_llm.infill("a", "b", gaps=[-1])
+    with pytest.raises(GenerationError, match="cannot be combined"):
+        tiny_llm.infill("a", "b", SamplingParams(json_schema={"type": "boolean"}))
+
+
+def test_score_continuations_matches_one_row_at_a_time(tiny_llm):
+    prompt = tiny_llm.tokenizer.encode("hello")
+    conts = [tiny_llm.tokenizer.encode(t, add_special_tokens=False) for t in ["ab", "a longer one", "z"]]
+    batched = score_continuations(tiny_llm.model, prompt, conts)
+    single = [score_continuations(tiny_llm.model, prompt, [c])[0] for c in conts]
+    assert torch.allclose(torch.tensor(batched), torch.tensor(single), atol=1e-4)
+    assert all(s < 0 for s in batched)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_json_schema(tiny_llm, tmp_path, capsys):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"enum": ["ab", "abc"]}}}
+    f = tmp_path / "schema.json"
+    f.write_text(json.dumps(schema))
+    assert main(["generate", str(tiny_llm.model_dir), "--prompt", "hi", "--json-schema", str(f), "--seed", "3",
+                 "--steps", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    jsonschema.validate(json.loads(out["text"]), schema)
+
+
+def test_cli_pin_and_suffix(tiny_llm, capsys):
+    d = str(tiny_llm.model_dir)
+    assert main(["generate", d, "--prompt", "hi", "--pin", "2:abc", "--pin", "20:XY", "--seed", "1",
+                 "--steps", "2", "--max-new-tokens", "24"]) == 0
+    text = capsys.readouterr().out
+    assert text[2:5] == "abc" and text[20:22] == "XY"
+    assert main(["generate", d, "--prompt", "x = ", "--suffix", ";", "--gaps", "3,5", "--seed", "0",
+                 "--steps", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"].startswith("x = ") and out["text"].endswith(";") and out["gap"] in (3, 5)
+
+
+def test_cli_errors(tiny_llm, tmp_path, capsys):
+    d = str(tiny_llm.model_dir)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "string", "pattern": "a+"}))
+    assert main(["generate", d, "--prompt", "hi", "--json-schema", str(bad)]) == 2
+    assert "'pattern' is not supported" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", d, "--prompt", "hi", "--pin", "abc"])
+    assert "OFFSET:TEXT" in capsys.readouterr().err
