@@ -1,7 +1,8 @@
 """Mixture of experts: a softmax top-k router and 3-D expert weight tensors (HF layout).
 
-`Experts.forward` picks an implementation: a per-expert loop (the reference, simple and exact) or a
-sorted grouped GEMM (`torch._grouped_mm` on CUDA). Both take the same routing and give the same sums.
+`Experts.forward` picks an implementation: a per-expert loop (the reference, simple and exact), a
+sorted grouped GEMM (`torch._grouped_mm` on CUDA) or the fused Triton kernels (`kernels.moe`, the CUDA
+default when Triton is installed). All take the same routing and give the same sums.
 """
 
 from __future__ import annotations
@@ -42,12 +43,19 @@ class Experts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inner, d))
         self.down_proj = nn.Parameter(torch.empty(num_experts, d, inner))
-        self.impl = "auto"  # "loop" | "grouped" | "auto"
+        self.impl = "auto"  # "loop" | "grouped" | "triton" | "auto"
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         impl = self.impl
         if impl == "auto":
-            impl = "grouped" if (x.is_cuda and hasattr(torch, "_grouped_mm")) else "loop"
+            from ..kernels import triton_available
+
+            impl = ("triton" if x.is_cuda and triton_available() else
+                    "grouped" if (x.is_cuda and hasattr(torch, "_grouped_mm")) else "loop")
+        if impl == "triton":
+            from ..kernels.moe import fused_moe
+
+            return fused_moe(x, weights, ids, self.gate_up_proj, self.down_proj)
         return self._grouped(x, weights, ids) if impl == "grouped" else self._loop(x, weights, ids)
 
     def _loop(self, x, weights, ids):
@@ -55,8 +63,8 @@ class Experts(nn.Module):
         for e in torch.unique(ids).tolist():
             tok, slot = torch.where(ids == e)
             xe = x[tok]
-            if len(tok) < 4:  # BLAS uses another kernel for 1-3 rows: pad, so a token's result is batch-invariant
-                xe = torch.cat([xe, xe.new_zeros(4 - len(tok), xe.shape[1])])
+            if len(tok) < 16:  # BLAS takes other kernels for a few rows: pad, so results are batch-invariant
+                xe = torch.cat([xe, xe.new_zeros(16 - len(tok), xe.shape[1])])
             gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
             y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])[:len(tok)]
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
