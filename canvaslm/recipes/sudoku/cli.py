@@ -1,0 +1,128 @@
+"""`canvaslm sudoku solve | eval | train`: the Sudoku recipe from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from canvaslm.recipes.sudoku.train import RECIPE_PATH
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps must be comma-separated integers, got {text!r}") from None
+    if not steps or any(s <= 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"--steps must list positive integers, got {text!r}")
+    return steps
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return v
+
+
+def _llm(args):
+    from canvaslm.llm import LLM
+
+    return LLM(args.model, device=args.device)
+
+
+def _solve(args) -> int:
+    from canvaslm.recipes.sudoku.solve import normalize_puzzle, solve
+
+    puzzles = []
+    for i, p in enumerate(args.puzzles):
+        try:
+            puzzles.append(normalize_puzzle(p))
+        except ValueError as e:
+            print(f"error: puzzle {i + 1} ({p[:20]!r}{'...' if len(p) > 20 else ''}): {e}", file=sys.stderr)
+            return 2
+    results = solve(_llm(args), puzzles, steps=args.steps, seed=args.seed, candidates=args.candidates)
+    failed = 0
+    for r in results:
+        print(r.solution if r.solution is not None else "?" * 81)
+        if not r.solved:
+            failed += 1
+            print("warning: the output above is not a valid solution of its puzzle", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _eval(args) -> int:
+    from canvaslm.recipes.sudoku.eval import eval_ar, eval_diffusion, eval_sets, format_table
+    from canvaslm.recipes.sudoku.train import Recipe, load_or_make_split
+
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else None
+    recipe = Recipe.from_yaml(args.config)
+    sets = eval_sets(load_or_make_split(recipe.train, print), args.n)
+    if args.hard_only:
+        sets = {"hard (held-out)": sets["hard (held-out)"]}
+    rows = []
+    if args.ar_only and not args.ar_model:
+        print("error: --ar-only needs --ar-model", file=sys.stderr)
+        return 2
+    if not args.ar_only:
+        rows += eval_diffusion(_llm(args), sets, args.steps, seed=args.seed, candidates=args.candidates, log=log)
+    if args.ar_model:
+        from canvaslm.checkpoint import load_model
+
+        rows += eval_ar(load_model(args.ar_model, device=args.device or "cpu"), sets, log=log)
+    print(format_table(rows))
+    return 0
+
+
+def _train(args) -> int:
+    from dataclasses import replace
+
+    from canvaslm.recipes.sudoku.train import Recipe, train_recipe
+
+    recipe = Recipe.from_yaml(args.config)
+    if args.baseline:
+        recipe = recipe.for_baseline()
+    if args.threads:
+        recipe = replace(recipe, train=replace(recipe.train, threads=args.threads))
+    out = args.out or f"runs/sudoku/{recipe.train.objective}"
+    final = train_recipe(recipe, out, resume=not args.no_resume)
+    print(f"model written to {final}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("sudoku", help="solve, evaluate or train the Sudoku model")
+    sub = p.add_subparsers(dest="sudoku_command", required=True)
+
+    def common(q):
+        q.add_argument("--model", default=None, help="model dir (default: the bundled Sudoku model)")
+        q.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+        q.add_argument("--seed", type=int, default=0, help="sampling seed (puzzle i uses seed + i)")
+        q.add_argument("--candidates", action="store_true",
+                       help="also forbid digits already given in a cell's row/column/box (off by default)")
+
+    s = sub.add_parser("solve", help="solve puzzles; prints one line of 81 digits per puzzle")
+    common(s)
+    s.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the model's, 12)")
+    s.add_argument("puzzles", nargs="+", metavar="PUZZLE", help="81 characters, '1'-'9' givens, '0' or '.' blanks")
+    s.set_defaults(func=_solve)
+
+    e = sub.add_parser("eval", help="solve rate and cell accuracy vs denoising steps and difficulty")
+    common(e)
+    e.add_argument("--n", type=_positive, default=200, help="puzzles per difficulty subset (default 200)")
+    e.add_argument("--steps", type=_steps_list, default=[4, 8, 12, 16, 48], help="e.g. 4,8,12,16,48")
+    e.add_argument("--ar-model", default=None, help="AR baseline model dir (e.g. runs/sudoku/ar/model)")
+    e.add_argument("--ar-only", action="store_true", help="skip the diffusion model (needs --ar-model)")
+    e.add_argument("--hard-only", action="store_true", help="only the held-out hard split")
+    e.add_argument("--config", default=str(RECIPE_PATH), help="recipe naming the data split")
+    e.add_argument("-v", "--verbose", action="store_true", help="print each row as it is measured")
+    e.set_defaults(func=_eval)
+
+    t = sub.add_parser("train", help="train the Sudoku model (or, with --baseline, the AR baseline)")
+    t.add_argument("--config", default=str(RECIPE_PATH), type=Path, help="recipe YAML")
+    t.add_argument("--out", default=None, help="output dir (default runs/sudoku/<objective>)")
+    t.add_argument("--baseline", action="store_true", help="train the autoregressive baseline instead")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (default: the recipe's)")
+    t.add_argument("--no-resume", action="store_true", help="start over even if OUT has a trainer state")
+    t.set_defaults(func=_train)

@@ -1,0 +1,117 @@
+"""Evaluate Sudoku solvers: exact-solve rate and cell accuracy vs denoising steps and difficulty.
+
+Two methods on the same puzzles: the diffusion model (`solve.solve`, one canvas, N denoising steps,
+givens pinned) and the autoregressive baseline (same shape and data, trained with the encoder's
+next-token loss only, greedy decoding via `canvaslm.train.objective.greedy_ar_generate`). Exact solve:
+the 81 output digits are a valid completion of the puzzle. Cell accuracy: the fraction of the puzzle's
+blank cells whose output digit equals the (unique) solution's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from canvaslm.recipes.sudoku.data import EOS_ID, TARGET_LEN, Example, decode_solution, encode_prompt
+from canvaslm.recipes.sudoku.puzzles import is_valid_solution
+
+DEFAULT_STEPS = (4, 8, 12, 16, 48)
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    method: str  # "diffusion" | "ar"
+    steps: int | None  # denoising steps (None for AR)
+    subset: str  # "easy" | "medium" | "hard" | "hard (held-out)"
+    n: int
+    solve_rate: float
+    cell_accuracy: float
+    mean_passes: float  # decoder passes per puzzle (AR: tokens generated)
+    seconds: float
+
+
+def score(examples: Sequence[Example], outputs: Sequence[str | None]) -> tuple[float, float]:
+    """(exact-solve rate, blank-cell accuracy) of 81-char outputs (None = not a grid)."""
+    solved, right, blanks = 0, 0, 0
+    for ex, out in zip(examples, outputs):
+        if out is not None and is_valid_solution(ex.puzzle, out):
+            solved += 1
+        for i, ch in enumerate(ex.puzzle):
+            if ch == "0":
+                blanks += 1
+                right += out is not None and out[i] == ex.solution[i]
+    n = max(1, len(examples))
+    return solved / n, right / max(1, blanks)
+
+
+def eval_sets(split, n: int | None = None) -> dict[str, list[Example]]:
+    """The split's test puzzles by level, plus the held-out hard split; at most n of each."""
+    sets = {}
+    for level in ("easy", "medium", "hard"):
+        exs = [e for e in split.test if e.level == level]
+        if exs:
+            sets[level] = exs[:n]
+    sets["hard (held-out)"] = list(split.test_hard[:n])
+    return sets
+
+
+def eval_diffusion(llm, sets: dict[str, list[Example]], steps: Sequence[int] = DEFAULT_STEPS, seed: int = 0,
+                   candidates: bool = False, log=None, **sampling) -> list[EvalRow]:
+    from canvaslm.recipes.sudoku.solve import solve
+
+    rows = []
+    for s in steps:
+        for name, exs in sets.items():
+            t0 = time.time()
+            res = solve(llm, [e.puzzle for e in exs], steps=s, seed=seed, candidates=candidates, **sampling)
+            rate, acc = score(exs, [r.solution for r in res])
+            passes = sum(r.decoder_passes for r in res) / max(1, len(res))
+            rows.append(EvalRow("diffusion", s, name, len(exs), rate, acc, passes, time.time() - t0))
+            if log:
+                log(format_row(rows[-1]))
+    return rows
+
+
+def eval_ar(model, sets: dict[str, list[Example]], batch_size: int = 128, log=None) -> list[EvalRow]:
+    from canvaslm.train.objective import greedy_ar_generate
+
+    rows = []
+    for name, exs in sets.items():
+        t0, outs, n_tok = time.time(), [], 0
+        for lo in range(0, len(exs), batch_size):
+            chunk = exs[lo:lo + batch_size]
+            gen = greedy_ar_generate(model, [encode_prompt(e.puzzle) for e in chunk], TARGET_LEN, (EOS_ID,))
+            outs += [decode_solution(g) for g in gen]
+            n_tok += sum(len(g) for g in gen)
+        rate, acc = score(exs, outs)
+        rows.append(EvalRow("ar", None, name, len(exs), rate, acc, n_tok / max(1, len(exs)), time.time() - t0))
+        if log:
+            log(format_row(rows[-1]))
+    return rows
+
+
+def format_row(r: EvalRow) -> str:
+    steps = "greedy" if r.steps is None else f"{r.steps} steps"
+    return (f"{r.method:9s} {steps:9s} {r.subset:16s} n={r.n:4d} solved={100 * r.solve_rate:5.1f}% "
+            f"cells={100 * r.cell_accuracy:5.1f}% passes={r.mean_passes:5.1f} ({r.seconds:.0f}s)")
+
+
+def format_table(rows: Sequence[EvalRow]) -> str:
+    """Markdown: one line per (method, steps), one 'solved% / cells%' column per subset."""
+    subsets = list(dict.fromkeys(r.subset for r in rows))
+    keys = list(dict.fromkeys((r.method, r.steps) for r in rows))
+    by = {(r.method, r.steps, r.subset): r for r in rows}
+    head = "| method | steps | " + " | ".join(f"{s} solved / cells" for s in subsets) + " |"
+    lines = [head, "|" + "---|" * (2 + len(subsets))]
+    for method, steps in keys:
+        cells = []
+        for s in subsets:
+            r = by.get((method, steps, s))
+            cells.append("" if r is None else f"{100 * r.solve_rate:.1f}% / {100 * r.cell_accuracy:.1f}%")
+        label = "diffusion (DiffusionGemma)" if method == "diffusion" else "autoregressive baseline"
+        lines.append(f"| {label} | {'greedy, 82 tokens' if steps is None else steps} | " + " | ".join(cells) + " |")
+    n = {s: max(r.n for r in rows if r.subset == s) for s in subsets}
+    lines.append("")
+    lines.append("puzzles per column: " + ", ".join(f"{s}: {n[s]}" for s in subsets))
+    return "\n".join(lines)

@@ -1,0 +1,233 @@
+"""Train the Sudoku model (or its autoregressive baseline) from scratch with the shared objective.
+
+A recipe (`recipe.yaml`) names the model shape, the data split and the optimisation; `train_recipe`
+builds a random DiffusionGemma, draws batches of (prompt, target) token lists from the cached split
+with validity-preserving augmentations (digit relabelling, row/column/band/stack permutations,
+transposition), and minimises `canvaslm.train.objective.block_diffusion_loss` (the AR baseline: the
+same call with `ar_only=True`) with AdamW, linear warmup and cosine decay. It writes an HF-format
+checkpoint every `save_every` steps plus a resumable trainer state, and the final model with its
+tokenizer; a killed run picks up where its last state left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from canvaslm.checkpoint import build_random_model, save_model
+from canvaslm.recipes.sudoku.data import (EOS_ID, PAD_ID, Example, encode_prompt, encode_target, load_split,
+                                          make_split, save_split)
+from canvaslm.recipes.sudoku.model_config import ModelShape, default_params, model_config, write_tokenizer
+
+RECIPE_PATH = Path(__file__).with_name("recipe.yaml")
+OBJECTIVES = ("diffusion", "ar")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    objective: str = "diffusion"  # "diffusion" (block diffusion + encoder AR) | "ar" (encoder next-token only)
+    seed: int = 0
+    n_train: int = 45_000
+    n_test: int = 600
+    n_test_hard: int = 1000
+    data_dir: str = "runs/sudoku/data"
+    batch_size: int = 32
+    max_steps: int = 1500
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    diffusion_weight: float = 1.0
+    ar_weight: float = 1.0
+    sc_prob: float = 0.5
+    augment: bool = True
+    init_std: float = 0.02
+    log_every: int = 10
+    save_every: int = 100
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (1 is fastest on a busy CPU)
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("batch_size", "max_steps", "log_every", "save_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"train.{name} must be a positive integer, got {v!r}")
+        if self.n_train <= 0:
+            raise ValueError(f"train.n_train must be > 0, got {self.n_train}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if not 0 <= self.sc_prob <= 1:
+            raise ValueError(f"train.sc_prob must be in [0, 1], got {self.sc_prob}")
+
+    def split_dir(self) -> Path:
+        return Path(self.data_dir) / f"n{self.n_train}_t{self.n_test}_h{self.n_test_hard}_s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelShape = field(default_factory=ModelShape)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    baseline: dict = field(default_factory=dict)  # TrainConfig overrides for the AR baseline run
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike = RECIPE_PATH) -> "Recipe":
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        unknown = sorted(set(raw) - {"model", "train", "baseline"})
+        if unknown:
+            raise ValueError(f"{path}: unknown top-level keys {unknown}; expected model, train, baseline")
+        train = raw.get("train") or {}
+        bad = sorted(set(train) - set(TrainConfig.__dataclass_fields__))
+        if bad:
+            raise ValueError(f"{path}: unknown train keys {bad}")
+        base = raw.get("baseline") or {}
+        bad = sorted(set(base) - set(TrainConfig.__dataclass_fields__))
+        if bad:
+            raise ValueError(f"{path}: unknown baseline keys {bad}")
+        return cls(ModelShape.from_dict(raw.get("model") or {}), TrainConfig(**train), dict(base))
+
+    def for_baseline(self) -> "Recipe":
+        """The AR baseline: same model shape and data, encoder-only next-token loss."""
+        return replace(self, train=replace(self.train, **{"objective": "ar", **self.baseline}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def load_or_make_split(cfg: TrainConfig, log: Callable = print):
+    """The recipe's split, generated once (minutes) and cached as JSONL under `cfg.split_dir()`."""
+    d = cfg.split_dir()
+    if (d / "test_hard.jsonl").exists():
+        return load_split(d, validate=False)
+    log(f"generating {cfg.n_train} + {cfg.n_test} + {cfg.n_test_hard} puzzles into {d} ...")
+    split = make_split(cfg.n_train, cfg.n_test, cfg.seed, n_test_hard=cfg.n_test_hard)
+    save_split(d, split)
+    return split
+
+
+def _grid_permutation(rng: random.Random) -> list[int]:
+    """A random validity-preserving cell permutation: bands, rows in bands, stacks, cols in stacks, transpose."""
+    def perm3x3():
+        bands = rng.sample(range(3), 3)
+        return [b * 3 + r for b in bands for r in rng.sample(range(3), 3)]
+    rows, cols, transpose = perm3x3(), perm3x3(), rng.random() < 0.5
+    return [(cols[c] * 9 + rows[r]) if transpose else (rows[r] * 9 + cols[c]) for r in range(9) for c in range(9)]
+
+
+def augment(ex: Example, rng: random.Random) -> Example:
+    """The same puzzle under a random digit relabelling and grid symmetry (still one unique solution)."""
+    digits = [0] + rng.sample(range(1, 10), 9)
+    cells = _grid_permutation(rng)
+    p = "".join(str(digits[int(ex.puzzle[j])]) for j in cells)
+    s = "".join(str(digits[int(ex.solution[j])]) for j in cells)
+    return Example(p, s, ex.level)
+
+
+def to_pairs(examples: list[Example]) -> list[tuple[list[int], list[int]]]:
+    return [(encode_prompt(e.puzzle), encode_target(e.solution)) for e in examples]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine down to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _save(model, out: Path, name: str, steps: int):
+    params = default_params()
+    d = save_model(model, out / name, params)
+    write_tokenizer(d)
+    return d
+
+
+def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = print,
+                 split=None, resume: bool = True) -> Path:
+    """Train per `recipe` into `out_dir`; returns the final model dir (`out_dir/model`).
+
+    out_dir holds `checkpoint/` (latest HF checkpoint), `trainer_state.pt` (for resume), `log.jsonl`
+    (one line per logged step) and, at the end, `model/`. `split` overrides the cached data (tests).
+    """
+    from canvaslm.train.objective import block_diffusion_loss, make_batch, set_trainable
+
+    cfg, out = recipe.train, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    split = split if split is not None else load_or_make_split(cfg, log)
+    train = split.train
+    model = build_random_model(model_config(recipe.model), seed=cfg.seed, std=cfg.init_std)
+    model.train()
+    set_trainable(model, freeze_router=False)  # from scratch: the router must learn too
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    rng, gen, step = random.Random(f"sudoku-train:{cfg.seed}"), torch.Generator().manual_seed(cfg.seed), 0
+    state_path = out / "trainer_state.pt"
+    if resume and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        rng.setstate(st["rng"])
+        gen.set_state(st["gen"])
+        step = st["step"]
+        log(f"resumed from {state_path} at step {step}")
+    (out / "recipe.json").write_text(json.dumps({"model": asdict(recipe.model), "train": asdict(cfg)}, indent=2))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg.objective} model: {n_params / 1e6:.2f} M parameters, {len(train)} training puzzles, "
+        f"batch {cfg.batch_size}, {cfg.max_steps} steps")
+    t0, seen = time.time(), 0
+    with open(out / "log.jsonl", "a", encoding="utf-8") as logf:
+        while step < cfg.max_steps:
+            exs = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+            if cfg.augment:
+                exs = [augment(e, rng) for e in exs]
+            batch = make_batch(to_pairs(exs), recipe.model.canvas_length, PAD_ID, EOS_ID)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            out_loss = block_diffusion_loss(model, batch, gen, sc_prob=cfg.sc_prob,
+                                            diffusion_weight=cfg.diffusion_weight, ar_weight=cfg.ar_weight,
+                                            ar_only=cfg.objective == "ar")
+            opt.zero_grad(set_to_none=True)
+            out_loss.loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step, seen = step + 1, seen + cfg.batch_size
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                rec = {"step": step, "loss": round(out_loss.loss.item(), 4),
+                       "diffusion": round(float(out_loss.diffusion_loss.detach()), 4),
+                       "ar": round(float(out_loss.ar_loss.detach()), 4), "grad_norm": round(float(gnorm), 3),
+                       "lr": round(lr_at(step - 1, cfg), 6), "ex_per_s": round(seen / (time.time() - t0), 1),
+                       "elapsed_s": round(time.time() - t0)}
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                log(" ".join(f"{k}={v}" for k, v in rec.items()))
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                _save(model, out, "checkpoint", step)
+                tmp = state_path.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+                            "gen": gen.get_state(), "step": step}, tmp)
+                os.replace(tmp, state_path)
+    model.eval()
+    return _save(model, out, "model", step)
