@@ -1,0 +1,246 @@
+"""Checkpoint IO: sharded and single-file loads, round trips through transformers, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from canvaslm.checkpoint import CheckpointError, build_random_model, load_model, save_model
+from canvaslm.config import ConfigError, ModelConfig
+from canvaslm.kv_cache import KVCache
+from canvaslm.shapes import model_config
+
+from conftest import build_reference
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    return out, build_reference(out, "window8_canvas16")
+
+
+@torch.no_grad()
+def _our_logits(model, ids, canvas):
+    cache = KVCache(model.cfg, 1, ids.shape[1] + canvas.shape[1])
+    slots = torch.tensor([0])
+    model.encode(ids, torch.arange(ids.shape[1])[None], slots, cache)
+    return model.denoise(canvas, slots, cache)
+
+
+@torch.no_grad()
+def _ref_logits(ref, ids, canvas):
+    from transformers.cache_utils import DynamicCache
+    cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
+    ref.model.encoder(input_ids=ids, past_key_values=cache)
+    return ref(decoder_input_ids=canvas, past_key_values=cache).logits
+
+
+IDS = torch.arange(3, 23)[None]
+CANVAS = torch.arange(40, 56)[None]
+
+
+def test_sharded_checkpoint_loads(ref_dir, tmp_path):
+    path, ref = ref_dir
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    model = load_model(tmp_path / "sharded")
+    assert (_our_logits(model, IDS, CANVAS) - _ref_logits(ref, IDS, CANVAS)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("shard_bytes", [1 << 40, 200_000])
+def test_our_checkpoint_loads_in_transformers(ref_dir, tmp_path, shard_bytes):
+    from transformers import DiffusionGemmaForBlockDiffusion
+    path, ref = ref_dir
+    model = load_model(path)
+    out = save_model(model, tmp_path / "ours", max_shard_bytes=shard_bytes)
+    back = DiffusionGemmaForBlockDiffusion.from_pretrained(out).eval()
+    assert (_ref_logits(back, IDS, CANVAS) - _our_logits(model, IDS, CANVAS)).abs().max() <= 1e-4
+    again = load_model(out)
+    assert torch.equal(_our_logits(again, IDS, CANVAS), _our_logits(model, IDS, CANVAS))
+
+
+def test_bfloat16_load_and_save_dtype(ref_dir, tmp_path):
+    path, _ = ref_dir
+    model = load_model(path, dtype="bfloat16")
+    assert model.embed_weight.dtype == torch.bfloat16
+    out = save_model(model, tmp_path / "bf16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert load_file(out / "model.safetensors")["model.decoder.norm.weight"].dtype == torch.bfloat16
+
+
+def test_save_is_atomic_and_replaces(ref_dir, tmp_path):
+    path, _ = ref_dir
+    model = load_model(path)
+    target = tmp_path / "ckpt"
+    save_model(model, target)
+    (target / "stale.txt").write_text("old")
+    save_model(model, target)
+    assert not (target / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left behind
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_shard(ref_dir, tmp_path):
+    path, ref = ref_dir
+    ref.save_pretrained(tmp_path / "s", max_shard_size="100KB")
+    shard = sorted((tmp_path / "s").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        load_model(tmp_path / "s")
+
+
+def test_truncated_file(ref_dir, tmp_path):
+    d = _copy(ref_dir[0], tmp_path / "t")
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or damaged|cannot be read"):
+        load_model(d)
+
+
+def _rewrite(d, edit):
+    f = d / "model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_wrong_shape_dtype_missing_unexpected_are_all_listed(ref_dir, tmp_path):
+    d = _copy(ref_dir[0], tmp_path / "bad")
+
+    def edit(t):
+        t["model.decoder.norm.weight"] = torch.ones(7)
+        t["model.decoder.layers.0.mlp.up_proj.weight"] = t["model.decoder.layers.0.mlp.up_proj.weight"].to(torch.int32)
+        del t["model.decoder.layers.1.self_attn.q_proj.weight"]
+        t["model.decoder.extra.weight"] = torch.zeros(2)
+    _rewrite(d, edit)
+    with pytest.raises(CheckpointError) as e:
+        load_model(d)
+    msg = str(e.value)
+    assert "model.decoder.norm.weight: shape (7,)" in msg
+    assert "up_proj.weight: dtype torch.int32" in msg
+    assert "layers.1.self_attn.q_proj.weight: missing" in msg
+    assert "model.decoder.extra.weight: unexpected" in msg
+
+
+def test_vision_tower_is_skipped(ref_dir):
+    # the reference checkpoint carries a (tiny) vision tower; it loads as text-only
+    model = load_model(ref_dir[0])
+    assert not any("vision" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(model_type="llama"), "model_type 'llama' is not supported"),
+    (lambda c: c.pop("text_config"), "text_config"),
+    (lambda c: c["text_config"].pop("hidden_size"), "text_config.hidden_size is required"),
+    (lambda c: c["text_config"].update(num_key_value_heads=3), "num_key_value_heads"),
+    (lambda c: c["text_config"].update(top_k_experts=99), "top_k_experts"),
+    (lambda c: c["text_config"].update(vocab_size=-5), "vocab_size must be a positive integer"),
+    (lambda c: c["text_config"].update(layer_types=["sliding_attention"]), "layer_types has 1 entries"),
+])
+def test_bad_config(ref_dir, tmp_path, edit, match):
+    d = _copy(ref_dir[0], tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=match):
+        load_model(d)
+
+
+def test_malformed_config_json(ref_dir, tmp_path):
+    d = _copy(ref_dir[0], tmp_path / "j")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        load_model(d)
+
+
+def test_generation_bad_inputs(ref_dir):
+    from canvaslm import LLM, SamplingParams
+    from canvaslm.generate import GenerationError
+    llm = LLM(ref_dir[0])
+    limit = llm.cfg.max_position_embeddings
+    with pytest.raises(GenerationError, match="max_position_embeddings"):
+        llm.generate([list(range(3, 10)) * (limit // 7 + 1)], SamplingParams(max_new_tokens=4))
+    for bad in (0, -3):
+        with pytest.raises(GenerationError, match="max_new_tokens must be a positive integer"):
+            SamplingParams(max_new_tokens=bad)
+    with pytest.raises(GenerationError, match="prompt is empty"):
+        llm.generate([[]], SamplingParams(max_new_tokens=4))
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        llm.generate([[5, 10**6]], SamplingParams(max_new_tokens=4))
+    with pytest.raises(GenerationError, match="no tokenizer.json"):
+        llm.generate("text prompt")
+
+
+def test_cli_errors_are_one_line(ref_dir, tmp_path):
+    cases = [[str(tmp_path / "nope"), "--prompt-ids", "1,2"],
+             [str(ref_dir[0]), "--prompt-ids", "1,2", "--max-new-tokens", "0"],
+             [str(ref_dir[0]), "--prompt-ids", "1,x"]]
+    for args in cases:
+        r = subprocess.run([sys.executable, "-m", "canvaslm.cli", "generate", *args], capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and "error" in r.stderr
+
+
+def _rss_anon_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_26b_shape_builds_on_meta_without_memory():
+    before = _rss_anon_kb()
+    model = build_random_model(model_config("26b-a4b"), materialize=False)
+    n = sum(p.numel() for p in model.parameters())
+    assert 25.0e9 < n < 25.5e9 and abs(n - model.cfg.num_params) < 1e-4 * n
+    assert all(p.is_meta for p in model.parameters())
+    assert _rss_anon_kb() - before < 200_000  # kB: nothing close to 50 GB was touched
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_load_peak_memory_is_one_copy(tmp_path):
+    """Loading a ~100 MB checkpoint peaks at about one copy of the weights (plus one tensor)."""
+    cfg = model_config("small", vocab_size=16_384, num_hidden_layers=3,
+                       layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                       per_layer_config={"2": {"head_dim": 128, "num_key_value_heads": 1}})
+    save_model(build_random_model(cfg), tmp_path / "m")
+    size_kb = (tmp_path / "m" / "model.safetensors").stat().st_size // 1024
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon_kb())
+            time.sleep(0.002)
+    base = _rss_anon_kb()
+    t = threading.Thread(target=watch)
+    t.start()
+    model = load_model(tmp_path / "m")
+    done.set()
+    t.join()
+    assert sum(p.numel() for p in model.parameters()) * 4 // 1024 > 0.9 * size_kb
+    assert peak[0] - base < 1.25 * size_kb + 60_000, (peak[0] - base, size_kb)
+
+
+def test_model_config_roundtrip_matches_transformers(ref_dir):
+    from transformers import DiffusionGemmaConfig
+    cfg = ModelConfig.from_dir(ref_dir[0])
+    hf = DiffusionGemmaConfig(**cfg.to_hf_dict())
+    again = ModelConfig.from_dict(hf.to_dict())
+    assert again == cfg
+    text = hf.text_config
+    assert [text.per_layer_config[i].head_dim for i in range(cfg.num_layers)] == list(cfg.head_dims)
+    assert [text.per_layer_config[i].num_key_value_heads for i in range(cfg.num_layers)] == list(cfg.num_kv_heads)
