@@ -10,7 +10,6 @@ atomically, so a kill at any moment leaves the previous checkpoint intact and `-
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -22,7 +21,9 @@ from torch.nn.utils import parametrize
 
 from ..checkpoint import build_random_model, load_model, save_model
 from ..config import ConfigError, DiffusionParams, ModelConfig
-from .lora import has_lora, lora_state_dict, merge_lora
+from ..model.diffusion_gemma import DiffusionGemma
+from ..model.layers import Rotary
+from .lora import has_lora, lora_state_dict, merged_state_dict
 
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
@@ -94,7 +95,14 @@ def _atomic_write_text(path: Path, text: str):
 
 
 def _merged_copy(model):
-    return merge_lora(copy.deepcopy(model)) if has_lora(model) else model
+    """The model itself, or for LoRA a plain DiffusionGemma holding the merged weights."""
+    if not has_lora(model):
+        return model
+    with torch.device("meta"):
+        plain = DiffusionGemma(model.cfg)
+    plain.load_state_dict(merged_state_dict(model), assign=True)
+    plain.rotary = Rotary(model.cfg)
+    return plain
 
 
 def _tokenizer_files(tok_dir: Path | None) -> dict:

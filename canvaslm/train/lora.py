@@ -122,6 +122,26 @@ def has_lora(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapted model's weights under checkpoint names, adapters folded in; the model is untouched.
+    (A deepcopy + merge_lora would not do: parametrized modules share their generated class, and
+    removing a parametrization edits that class.)"""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            delta = (module.lora_B.float() @ module.lora_A.float()) * module.scale
+            out[f"{name}.weight"] = (module.base.weight.float() + delta).to(module.base.weight.dtype)
+        elif parametrize.is_parametrized(module):
+            for pname in module.parametrizations.keys():
+                out[f"{name}.{pname}"] = getattr(module, pname).detach().clone()
+    for k, v in model.state_dict().items():
+        if "lora_" in k or ".parametrizations." in k:
+            continue
+        out.setdefault(k.replace(".base.", "."), v)
+    return out
+
+
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and restore the plain module tree (in place)."""
     for name, module in list(model.named_modules()):
@@ -134,5 +154,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["LoRAConfig", "LoRALinear", "ExpertLoRA", "apply_lora", "merge_lora", "lora_state_dict", "has_lora",
+__all__ = ["LoRAConfig", "LoRALinear", "ExpertLoRA", "apply_lora", "merge_lora", "merged_state_dict", "lora_state_dict", "has_lora",
            "DEFAULT_TARGETS"]
