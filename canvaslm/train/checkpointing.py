@@ -153,6 +153,14 @@ def export_checkpoint(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
     return save_model(model, out_dir, DiffusionParams.from_dir(src), dtype=dtype, extra_files=_tokenizer_files(src))
 
 
+def clean_partial(out_dir: Path):
+    """Remove what a kill mid-save left behind (temp checkpoint dirs and state files)."""
+    for p in Path(out_dir).glob(".checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in Path(out_dir).glob(".trainer_state.*"):
+        p.unlink(missing_ok=True)
+
+
 def write_metrics(out_dir: Path, history: list[dict]):
     if Path(out_dir).is_dir():
         _atomic_write_text(Path(out_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))

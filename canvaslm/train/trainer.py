@@ -119,6 +119,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        """Relative paths in the file are relative to the working directory (run from the repo root)."""
         import yaml
 
         path = Path(path)
@@ -126,10 +127,6 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         d.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("model", "tokenizer", "out_dir"):  # relative paths are relative to the YAML file
-            v = d.get(key)
-            if isinstance(v, str) and v and not Path(v).is_absolute() and (path.parent / v).exists():
-                d[key] = str(path.parent / v)
         return cls.from_dict(d, str(path))
 
     @property
@@ -182,8 +179,11 @@ class Trainer:
         want_cuda = c.device == "auto" and torch.cuda.is_available()
         device_type = "cuda" if (want_cuda or c.device.startswith("cuda")) else "cpu"
         self.dist = _Dist.from_env(device_type)
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" else c.device
-                                   if c.device != "auto" else "cpu")
+        if device_type == "cuda":
+            self.device = torch.device(f"cuda:{self.dist.local_rank}" if self.dist.world > 1 or c.device == "auto"
+                                       else c.device)
+        else:
+            self.device = torch.device("cpu" if c.device == "auto" else c.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         bf16 = c.dtype in ("bf16", "bfloat16") or (c.dtype == "auto" and self.device.type == "cuda")
@@ -252,6 +252,7 @@ class Trainer:
                     dist.broadcast(p.data, 0)
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_partial(self.out_dir)
             ckpt.write_metrics(self.out_dir, self.history)
 
     # --- one optimizer step ----------------------------------------------------------------------

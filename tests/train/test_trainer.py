@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,35 @@ def test_text_data_with_tokenizer_and_callable_source(tmp_path, tiny_checkpoint,
     t = Trainer(cfg)
     t.train()
     assert (tmp_path / "run" / "final" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume(tmp_path):
+    """A real kill (SIGKILL of a `canvaslm train` process) and `--resume`: the same loss curve."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg = tiny_config(tmp_path / "killed", max_steps=7, save_every=1)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = Path(cfg["out_dir"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "train", "--config", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (run / "checkpoint-0000003").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists(), "the run finished before it could be killed"
+    resumed = Trainer(TrainConfig.from_yaml(path), resume=True)
+    assert resumed.step >= 3
+    again = resumed.train()
+    full = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "full", max_steps=7, save_every=1))).train()
+    assert [r["loss"] for r in again] == [r["loss"] for r in full]
+    assert not list(run.glob(".checkpoint-*"))
