@@ -87,6 +87,7 @@ class TokenDFA:
         t = torch.cat([t, t.new_full((max(0, V - t.numel()),), -1)])[:V]
         col = torch.where(t >= 0, t, G)  # disallowed tokens go to a dropped column
         logp = logp.float().clamp(min=_NEG)
+        # best log-prob per symbol, on the logits' device; only [n, G] comes to the host
         best = torch.full((n, G + 1), 2 * _NEG, device=logp.device).scatter_reduce(
             1, col[None].expand(n, V), logp, "amax")[:, :G].cpu()  # [n, G]
         score = torch.full((S,), 4 * _NEG * (n + 1))
@@ -115,8 +116,9 @@ class TokenDFA:
             s, g = divmod(f, G)
             syms.append(g)
         syms.reverse()
-        ids = [int(logp[i].masked_fill(t != g, float("-inf")).argmax()) for i, g in enumerate(syms)]
-        return ids, end
+        chosen = torch.tensor(syms, device=logp.device)
+        ids = logp.masked_fill(t[None, :] != chosen[:, None], float("-inf")).argmax(dim=-1)  # [n]
+        return ids.tolist(), end
 
 
 @dataclass
@@ -204,19 +206,18 @@ class CanvasConstraint:
         ids[:pins.numel()] = torch.where(pins >= 0, pins, head)
         if not lay.slots:
             return ids
-        logp = torch.log_softmax(logits.float(), dim=-1) if logits is not None else None
         for i, slot in enumerate(lay.slots):
             a, b = max(slot.start, lo), min(slot.start + slot.width, hi)
             if a >= b:
                 continue
             state = self._states.get(i, slot.dfa.start)
             remaining = slot.start + slot.width - a
-            if logp is None:  # no logits: the argmax counts as certain
+            if logits is None:  # no logits kept: the argmax counts as certain
                 part = ids[a - lo:b - lo].cpu()
                 lp = torch.full((b - a, max(slot.dfa.sym_of_token.numel(), int(part.max()) + 1)), _NEG)
                 lp[torch.arange(b - a), part] = 0.0
             else:
-                lp = logp[a - lo:b - lo].cpu()
+                lp = torch.log_softmax(logits[a - lo:b - lo].float(), dim=-1)  # [n, V] on the logits' device
             path, state = slot.dfa.best_path(state, lp, remaining)
             if slot.finish is not None and a == slot.start and b == slot.start + slot.width:
                 path = slot.finish(path)

@@ -119,14 +119,20 @@ def literal_dfa(vocab: Vocab, alternatives: list) -> TokenDFA:
     key = ("literal", tuple(tuple(a) for a in alternatives))
     if key in vocab.dfas:
         return vocab.dfas[key]
-    toks = sorted({t for a in alternatives for t in a} | set(vocab.ws_ids))
+    # one symbol per token of an alternative, plus one shared symbol for the other whitespace tokens
+    toks = sorted({t for a in alternatives for t in a})
     sym_index = {t: g for g, t in enumerate(toks)}
+    ws_shared = len(toks)
     sym = torch.full((vocab.V,), -1, dtype=torch.long)
-    sym[torch.tensor(toks, dtype=torch.long)] = torch.arange(len(toks))
-    ws_syms = {sym_index[t] for t in vocab.ws_ids}
+    if vocab.ws_ids:
+        sym[torch.tensor(vocab.ws_ids, dtype=torch.long)] = ws_shared
+    if toks:
+        sym[torch.tensor(toks, dtype=torch.long)] = torch.arange(len(toks))
+    ws_syms = {sym_index.get(t, ws_shared) for t in vocab.ws_ids}
+
     # nondeterministic states: (alternative, tokens matched) or "pad"; a DFA state is a set of them
     def step(state, g):
-        tok, nxt = toks[g], set()
+        tok, nxt = (toks[g] if g < ws_shared else None), set()
         for item in state:
             if item == "pad":
                 if g in ws_syms:
@@ -144,7 +150,7 @@ def literal_dfa(vocab: Vocab, alternatives: list) -> TokenDFA:
         return any(item == "pad" or item[1] == len(alternatives[item[0]]) for item in state)
 
     start = frozenset((a, 0) for a in range(len(alternatives)))
-    trans, acc = _determinize(start, len(toks), step, accept)
+    trans, acc = _determinize(start, len(toks) + 1, step, accept)
     dfa = vocab.dfas[key] = TokenDFA(sym, trans, 0, acc)
     return dfa
 
