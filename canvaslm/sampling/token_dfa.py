@@ -57,7 +57,10 @@ class Vocab:
 
     def encode(self, text: str) -> list:
         """Token ids of a text whose tokens spell it exactly (leading/trailing whitespace aside)."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        except ValueError as e:  # e.g. a character outside a char-level vocabulary
+            raise ConstraintError(f"cannot tokenize {text!r}: {e}") from e
         if self.text(ids).strip(JSON_WS) != text.strip(JSON_WS):
             raise ConstraintError(f"the tokenizer does not spell {text!r} back exactly "
                                   f"(got {self.text(ids)!r}); cannot pin it")

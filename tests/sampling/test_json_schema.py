@@ -115,6 +115,9 @@ def test_options_change_widths(tiny_llm):
     ({"type": "number", "exclusiveMinimum": 0}, "exclusiveMinimum"),
     ({"description": "anything"}, "without 'type'"),
     ({"type": "integer", "minimum": 5, "maximum": 2}, "no integer"),
+    ({"const": "caf\u00e9"}, "cannot tokenize"),
+    ({"allOf": [{"type": "string"}]}, "allOf"),
+    ({"type": "object", "minProperties": 1}, "minProperties"),
 ])
 def test_unsupported_features_raise_naming_them(tiny_llm, schema, feature):
     with pytest.raises(ConstraintError, match=feature.replace("$", r"\$").replace("^", r"\^")):
