@@ -59,6 +59,9 @@ class _Request:
     canvas_constraint: tuple | None = None  # (canvas_index, pinned [C] | None, allowed [C, V] | None)
 
 
+MIN_ROWS = 16  # see Runner._encode
+
+
 class RunnerError(ValueError):
     """A request cannot be run as registered (e.g. parameters the runner's buffers cannot hold)."""
 
@@ -73,7 +76,8 @@ class Runner:
         self.device, self.dtype = model.embed_weight.device, model.embed_weight.dtype
         self.num_slots, self.max_model_len, self.history_depth = num_slots, max_model_len, history_depth
         C, d, S = cfg.canvas_length, cfg.hidden_size, num_slots
-        self.cache = KVCache(cfg, S, max_model_len, dtype=self.dtype, device=self.device)
+        # one extra scratch slot: the target of all-padding rows that keep small encoder calls batch-invariant
+        self.cache = KVCache(cfg, S + 1, max_model_len, dtype=self.dtype, device=self.device)
         self.canvas = torch.zeros(S, C, dtype=torch.long, device=self.device)  # [S, C]
         self.argmax = torch.zeros(S, C, dtype=torch.long, device=self.device)  # [S, C]
         self.sc_embeds = torch.zeros(S, C, d, dtype=self.dtype, device=self.device)  # [S, C, d]
@@ -164,7 +168,10 @@ class Runner:
         return committed, finished
 
     def _encode(self, items: list[EncodeItem]) -> None:
-        B, T = len(items), max(i.num_tokens for i in items)
+        n, T = len(items), max(i.num_tokens for i in items)
+        # BLAS picks row-count-dependent kernels under MIN_ROWS rows (B * T): pad the batch with rows of
+        # padding only (they write nothing), so a prompt's KV never depends on what it is encoded with
+        B = max(n, -(-MIN_ROWS // T))
         tokens = torch.full((B, T), self.cfg.pad_token_id or 0, dtype=torch.long)  # [B, T], right-padded
         positions = torch.full((B, T), -1, dtype=torch.long)  # [B, T], -1 = padding
         for b, item in enumerate(items):
@@ -176,7 +183,7 @@ class Runner:
         if rows:  # committed canvases come straight from the device-side argmax buffer
             slots = torch.tensor([items[b].slot for b in rows], device=self.device)
             tokens[torch.tensor(rows, device=self.device), :self.cfg.canvas_length] = self.argmax.index_select(0, slots)
-        slots = torch.tensor([i.slot for i in items], device=self.device)
+        slots = torch.tensor([i.slot for i in items] + [self.num_slots] * (B - n), device=self.device)
         self.model.encode(tokens, positions.to(self.device), slots, self.cache)
 
     def _denoise(self, plan: StepPlan):

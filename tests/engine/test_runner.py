@@ -1,0 +1,137 @@
+"""Runner tests: Scheduler + Runner on a tiny random checkpoint, compared with `LLM.generate`.
+
+Bitwise equality with `LLM.generate` needs the same attention geometry: generate allocates a KV cache of
+prompt + whole canvases, and the kernel's reduction order depends on the cache length (ulp-level
+differences that self-conditioning amplifies on random weights). So equality tests give the runner
+exactly that `max_model_len`, and prompts of >= 16 tokens (generate encodes a lone prompt in one call,
+and BLAS uses other kernels below ~16 rows; the runner pads small encoder calls to 16 rows so a prompt's
+KV never depends on its batch-mates). Batch-invariance tests use any fixed geometry and compare a
+request alone with the same request in a crowd.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvaslm.engine.request import RequestState
+from canvaslm.engine.runner import Runner, RunnerError
+from canvaslm.engine.scheduler import Scheduler
+from canvaslm.llm import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint, device="cpu")
+
+
+def geometry(llm, prompt: str, max_new: int) -> int:
+    C = llm.cfg.canvas_length
+    return len(llm.encode_prompt(prompt)) + -(-max_new // C) * C
+
+
+def run_all(llm, specs, max_model_len, max_batch=4, prefill_chunk=512, drafts=False):
+    """specs: (prompt, SamplingParams) -> (RequestStates, runner, drafts seen)."""
+    C = llm.cfg.canvas_length
+    runner = Runner(llm.model, num_slots=max_batch, max_model_len=max_model_len, history_depth=1)
+    sched = Scheduler(max_batch, max_batch * max_model_len, max_batch, prefill_chunk, C)
+    states = []
+    for i, (prompt, sp) in enumerate(specs):
+        p = sp.resolve(llm.defaults)
+        st = RequestState(f"r{i}", llm.encode_prompt(prompt), p.max_new_tokens, C, p.max_denoising_steps)
+        sched.add(st)
+        runner.add(st.request_id, p, sp.seed, llm.eos_ids, sp.constraint, drafts=drafts)
+        states.append(st)
+    seen, plans = [], 0
+    while (plan := sched.plan()) is not None:
+        out = runner.execute(plan)
+        seen += out.drafts
+        sched.update(plan, out.result)
+        plans += 1
+        assert plans < 10_000
+    return states, runner, seen
+
+
+CASES = [("Hello there, general Kenobi", SamplingParams(seed=1, max_new_tokens=32, max_denoising_steps=8)),
+         ("abc, then some more", SamplingParams(seed=2, max_new_tokens=20, max_denoising_steps=4, temperature=0.7)),
+         ("The quick brown fox jumps", SamplingParams(seed=3, max_new_tokens=48, max_denoising_steps=8)),
+         ("zz top of the charts", SamplingParams(seed=5, max_new_tokens=64, max_denoising_steps=3, entropy_bound=0.5))]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_single_request_equals_llm_generate(llm, case):
+    prompt, sp = CASES[case]
+    want = llm.generate(prompt, sp)[0]
+    (got,), runner, _ = run_all(llm, [(prompt, sp)], geometry(llm, prompt, sp.max_new_tokens), max_batch=1)
+    assert got.output_ids == want.token_ids
+    assert got.finish_reason == want.finish_reason
+
+
+def test_equals_llm_generate_while_batched_with_others(llm):
+    """The probe shares every encoder/decoder call with requests of other lengths, steps and temperatures."""
+    probe = ("Hello there, general Kenobi", SamplingParams(seed=11, max_new_tokens=40, max_denoising_steps=6))
+    want = llm.generate(*probe)[0]
+    others = [("a", SamplingParams(seed=1, max_new_tokens=16, max_denoising_steps=3)),
+              ("a much longer prompt!", SamplingParams(seed=2, max_new_tokens=24, max_denoising_steps=8,
+                                                      temperature=1.5)),
+              ("xy", SamplingParams(seed=3, max_new_tokens=40, max_denoising_steps=5, entropy_bound=1.0))]
+    S = geometry(llm, probe[0], 40)
+    for order in ([probe] + others, others + [probe], others[:1] + [probe] + others[1:]):
+        states, _, _ = run_all(llm, order, S, max_batch=4)
+        got = states[order.index(probe)]
+        assert got.output_ids == want.token_ids and got.finish_reason == want.finish_reason
+
+
+def test_output_does_not_depend_on_batch_mates(llm):
+    """At one fixed server geometry, a seeded request gives the same tokens alone and in any crowd."""
+    probe = ("seeded request", SamplingParams(seed=7, max_new_tokens=48, max_denoising_steps=6))
+    (alone,), _, _ = run_all(llm, [probe], 160, max_batch=1, prefill_chunk=4)  # the same server config
+    crowd = [(f"other {i}" * (i + 1), SamplingParams(seed=100 + i, max_new_tokens=16 * (1 + i % 3),
+                                                     max_denoising_steps=2 + i)) for i in range(5)]
+    states, _, _ = run_all(llm, crowd[:2] + [probe] + crowd[2:], 160, max_batch=3, prefill_chunk=4)
+    assert states[2].output_ids == alone.output_ids and states[2].finish_reason == alone.finish_reason
+
+
+def test_drafts_only_for_requests_that_ask_and_end_at_the_commit(llm):
+    specs = [("draft me", SamplingParams(seed=4, max_new_tokens=32, max_denoising_steps=5))]
+    states, _, drafts = run_all(llm, specs, 128, max_batch=1, drafts=True)
+    assert drafts and all(d.request_id == "r0" for d in drafts)
+    C = llm.cfg.canvas_length
+    for k in range(-(-len(states[0].output_ids) // C)):
+        last = [d for d in drafts if d.canvas_index == k][-1]  # the last draft of a canvas is what commits
+        committed = states[0].output_ids[k * C:(k + 1) * C]
+        assert list(last.token_ids[:len(committed)]) == committed
+        steps = [d.denoise_step for d in drafts if d.canvas_index == k]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) <= 5
+    _, _, none = run_all(llm, specs, 128, max_batch=1, drafts=False)
+    assert none == []
+
+
+class PinFirstTokens:
+    """A minimal constraint: canvas 0 starts with fixed ids; no vocabulary mask."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def canvas(self, k, C, V):
+        if k:
+            return None, None
+        pinned = torch.full((C,), -1, dtype=torch.long)
+        pinned[:len(self.ids)] = torch.tensor(self.ids)
+        return pinned, None
+
+
+def test_constraint_pins_reach_the_sampler_and_match_generate(llm):
+    pins = llm.encode_prompt("OK:")
+    sp = SamplingParams(seed=9, max_new_tokens=32, max_denoising_steps=6, constraint=PinFirstTokens(pins))
+    want = llm.generate("json please, quickly", sp)[0]
+    (got,), _, _ = run_all(llm, [("json please, quickly", sp)], geometry(llm, "json please, quickly", 32), max_batch=1)
+    assert got.output_ids[:len(pins)] == pins
+    assert got.output_ids == want.token_ids
+
+
+def test_stability_deeper_than_history_is_rejected(llm):
+    runner = Runner(llm.model, num_slots=1, max_model_len=64, history_depth=1)
+    p = llm.defaults.replace(stability_threshold=3)
+    with pytest.raises(RunnerError, match="history_depth"):
+        runner.add("x", p, 0, llm.eos_ids)
