@@ -89,8 +89,8 @@ class TokenDFA:
         logp = logp.float().clamp(min=_NEG)
         # best log-prob per symbol, on the logits' device; only [n, G] comes to the host
         best = torch.full((n, G + 1), 2 * _NEG, device=logp.device).scatter_reduce(
-            1, col[None].expand(n, V), logp, "amax")[:, :G].cpu()  # [n, G]
-        score = torch.full((S,), 4 * _NEG * (n + 1))
+            1, col[None].expand(n, V), logp, "amax")[:, :G].cpu().double()  # [n, G]
+        score = torch.full((S,), 4 * _NEG * (n + 1), dtype=torch.float64)
         score[state] = 0.0
         reach = torch.zeros(S, dtype=torch.bool)
         reach[state] = True
@@ -103,11 +103,12 @@ class TokenDFA:
             tgt, val, idx = flat_tgt[v], cand[v], flat_idx[v]
             if tgt.numel() == 0:
                 raise ConstraintError("no valid token sequence fits this slot (internal: dead automaton state)")
-            new = torch.full((S,), 8 * _NEG * (n + 1)).scatter_reduce(0, tgt, val, "amax")
+            new = torch.full((S,), 8 * _NEG * (n + 1), dtype=torch.float64).scatter_reduce(0, tgt, val, "amax")
             winners = val >= new[tgt]
             bp = torch.full((S,), S * G).scatter_reduce(0, tgt[winners], idx[winners], "amin")
             reach = torch.zeros(S, dtype=torch.bool).index_fill_(0, tgt, True)
-            score, _ = new, back.append(bp)
+            score = new
+            back.append(bp)
         end_ok = reach & co[remaining - n]
         end = int(torch.where(end_ok, score, torch.full_like(score, float("-inf"))).argmax())
         syms, s = [], end
