@@ -89,11 +89,14 @@ def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None
     constraints = [r.constraint.for_row() if hasattr(r.constraint, "for_row") else r.constraint for r in rows]
     for k in range(n_canvases):
         pinned, mask = _constraint_tensors(constraints, k, C, V, device)
-        canvas = randint(V, B, C, gens, device)
+        # a shared generator draws for every row, as the reference does; per-row generators skip rows
+        # that are done, so each request's random stream is its own
+        per_row = isinstance(gens, (list, tuple))
+        canvas = randint(V, B, C, gens, device, active=~done_rows if per_row else None)
         if pinned is not None:
             canvas = torch.where(pinned >= 0, pinned, canvas)
-        st = CanvasState(canvas, canvas, None, torch.zeros(B, dtype=torch.bool, device=device),
-                         new_history(B, depth, C, device), sp.n_steps.clone())
+        finished = done_rows.clone() if per_row else torch.zeros(B, dtype=torch.bool, device=device)
+        st = CanvasState(canvas, canvas, None, finished, new_history(B, depth, C, device), sp.n_steps.clone())
         for _ in range(int(sp.n_steps.max())):
             passes += ~(st.finished | done_rows)
             logits = model.denoise(st.canvas, slots, cache, sc_logits=st.sc_logits)

@@ -133,9 +133,14 @@ class LLM:
         return RowRequest(self.encode_prompt(prompt), p, self.eos_ids, self.pad_id, c)
 
     def generate(self, prompts, params: SamplingParams | list | None = None,
-                 generator: torch.Generator | None = None, on_draft=None) -> list[GenerationResult]:
-        """prompts: a string, a list of token ids, or a list of either. With `generator`, the batch shares
-        it (the reference's batch behaviour); otherwise every request draws from its own seed."""
+                 generator: torch.Generator | None = None, on_draft=None,
+                 attention_mask: torch.Tensor | None = None) -> list[GenerationResult]:
+        """prompts: a string, a list of token ids, a list of either, or a padded [B, T] id tensor with its
+        attention_mask (left or right padding: the padding is dropped, every row starts at position 0).
+        With `generator`, the batch shares it (the reference's batch behaviour); otherwise every request
+        draws from its own seed."""
+        if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+            prompts = unpad(prompts, attention_mask)
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                               and isinstance(prompts[0], int))
         if single:
@@ -172,3 +177,20 @@ class LLM:
         g = torch.Generator(device=self.device)
         g.manual_seed(seed if seed is not None else random.randrange(2**63))
         return g
+
+
+def unpad(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
+    """Rows of a padded [B, T] batch without their padding (mask 1 = token, 0 = padding, either side)."""
+    if attention_mask is None:
+        return ids.tolist()
+    if attention_mask.shape != ids.shape:
+        raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} does not match the "
+                              f"input ids shape {tuple(ids.shape)}")
+    rows = []
+    for b, (row, keep) in enumerate(zip(ids.tolist(), attention_mask.bool().tolist())):
+        kept = [t for t, k in zip(row, keep) if k]
+        first = keep.index(True) if kept else 0
+        if kept and not all(keep[first:first + len(kept)]):
+            raise GenerationError(f"attention_mask row {b} has padding in the middle of the prompt")
+        rows.append(kept)
+    return rows

@@ -17,19 +17,30 @@ from .schedules import linear_temperature
 from .stopping import stable_and_confident
 
 
-def randint(vocab: int, batch: int, length: int, gens, device) -> torch.Tensor:
+def _per_row(gens, active, length, draw, fill, device):
+    """Row b drawn from gens[b]; rows that are not active draw nothing (their generator does not move),
+    so a request's random stream does not depend on what it is batched with."""
+    keep = [True] * len(gens) if active is None else active.tolist()
+    rows = [draw(b, g) if keep[b] else torch.full((1, length), fill, dtype=torch.long, device=device)
+            for b, g in enumerate(gens)]
+    return torch.cat(rows)
+
+
+def randint(vocab: int, batch: int, length: int, gens, device, active=None) -> torch.Tensor:
     """Uniform random tokens [B, L]; gens is one generator or a list with one per row."""
     if not isinstance(gens, (list, tuple)):
         return torch.randint(0, vocab, (batch, length), generator=gens, device=device)
-    return torch.cat([torch.randint(0, vocab, (1, length), generator=g, device=device) for g in gens])
+    return _per_row(gens, active, length,
+                    lambda b, g: torch.randint(0, vocab, (1, length), generator=g, device=device), 0, device)
 
 
-def categorical(probs: torch.Tensor, gens) -> torch.Tensor:
+def categorical(probs: torch.Tensor, gens, active=None) -> torch.Tensor:
     """One sample per position from probs [B, C, V]."""
     B, C, V = probs.shape
     if not isinstance(gens, (list, tuple)):
         return torch.multinomial(probs.view(-1, V), 1, generator=gens).view(B, C)
-    return torch.cat([torch.multinomial(probs[b], 1, generator=g).view(1, C) for b, g in enumerate(gens)])
+    return _per_row(gens, active, C, lambda b, g: torch.multinomial(probs[b], 1, generator=g).view(1, C),
+                    0, probs.device)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -81,22 +92,30 @@ class CanvasState:
     finished: torch.Tensor  # [B] bool, stopped denoising
     history: torch.Tensor  # [B, depth, C] argmax history for the stability check
     cur_step: torch.Tensor  # [B] int, remaining steps (N..1)
+    sc_embeds: torch.Tensor | None = None  # [B, C, d] soft embeddings (fused_step_from_hidden instead of sc_logits)
 
 
 def entropy_bound_step(logits: torch.Tensor, st: CanvasState, p: SamplerParams, gens, vocab: int,
-                       logit_mask: torch.Tensor | None = None, pinned: torch.Tensor | None = None) -> CanvasState:
+                       logit_mask: torch.Tensor | None = None, pinned: torch.Tensor | None = None,
+                       impl: str = "auto") -> CanvasState:
     """One denoising step of the reference sampler.
 
     logit_mask: optional bool [B, C, V] of allowed tokens; pinned: optional [B, C] token ids (-1 = free)
-    that are always accepted and never renoised.
+    that are always accepted and never renoised. impl: "reference" (this code), "fused"
+    (`sampling.fused`: streamed over the vocabulary, Gumbel-max sampling) or "auto" (fused on CUDA).
     """
+    if impl == "fused" or (impl == "auto" and logits.is_cuda):
+        from .fused import fused_entropy_bound_step
+
+        return fused_entropy_bound_step(logits, st, p, gens, vocab, logit_mask=logit_mask, pinned=pinned)
     B, C, _ = logits.shape
     temp = linear_temperature(st.cur_step, p.n_steps, p.t_min, p.t_span)
     proc = logits / temp[:, None, None]  # [B, C, V]
     if logit_mask is not None:
         proc = proc.masked_fill(~logit_mask, float("-inf"))
     probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
-    sample = categorical(probs, gens)
+    active = ~st.finished if isinstance(gens, (list, tuple)) else None
+    sample = categorical(probs, gens, active)
     del probs
     argmax = proc.argmax(dim=-1)
     entropy = token_entropy(proc)
@@ -106,7 +125,7 @@ def entropy_bound_step(logits: torch.Tensor, st: CanvasState, p: SamplerParams, 
         accept, sample = accept | is_pin, torch.where(is_pin, pinned, sample)
         argmax = torch.where(is_pin, pinned, argmax)
     accepted = torch.where(accept, sample, st.canvas)
-    noise = randint(vocab, B, C, gens, logits.device)
+    noise = randint(vocab, B, C, gens, logits.device, active)
     canvas = torch.where(accept, accepted, noise)
     done = st.finished
     # rows that already stopped keep their state (the batch still draws their randomness)

@@ -1,0 +1,61 @@
+"""The public API on a tiny checkpoint: padding, per-request seeds, defaults, text in / text out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvaslm import LLM, SamplingParams
+from canvaslm.generate import GenerationError
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint, device="cpu")
+
+
+def test_left_and_right_padding_match_unpadded(llm):
+    a, b = [10, 11, 12], [20, 21, 22, 23, 24, 25]
+    params = [SamplingParams(seed=3, max_new_tokens=20), SamplingParams(seed=4, max_new_tokens=20)]
+    want = [r.token_ids for r in llm.generate([a, b], params)]
+    left = torch.tensor([[0, 0, 0] + a, b]), torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
+    right = torch.tensor([a + [0, 0, 0], b]), torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6])
+    for ids, mask in (left, right):
+        assert [r.token_ids for r in llm.generate(ids, params, attention_mask=mask)] == want
+    with pytest.raises(GenerationError, match="padding in the middle"):
+        llm.generate(torch.tensor([[5, 0, 6]]), attention_mask=torch.tensor([[1, 0, 1]]))
+
+
+def test_per_request_seed_gives_each_row_its_own_stream(llm):
+    """Two copies of a request in one batch, next to a request that runs longer, come out identical:
+    rows draw only from their own generator, and stop drawing when they stop."""
+    hello = SamplingParams(seed=7, max_new_tokens=24)
+    out = llm.generate(["Hello", "a longer prompt", "Hello"],
+                       [hello, SamplingParams(seed=1, max_new_tokens=40), hello])
+    assert out[0].token_ids == out[2].token_ids and out[0].text == out[2].text
+    again = llm.generate(["Hello", "a longer prompt", "Hello"],
+                         [hello, SamplingParams(seed=1, max_new_tokens=40), hello])
+    assert [r.token_ids for r in again] == [r.token_ids for r in out]
+    assert llm.generate("Hello", hello)[0].token_ids == llm.generate("Hello", hello)[0].token_ids
+
+
+def test_defaults_come_from_generation_config(llm):
+    res = llm.generate("Hi", SamplingParams(seed=0))[0]
+    assert len(res.token_ids) <= llm.defaults.max_new_tokens == 32
+    assert res.decoder_passes <= 8 * 2  # 8 steps per canvas, 16-token canvases
+    if res.finish_reason == "stop":
+        assert res.token_ids[-1] in llm.eos_ids and not set(res.token_ids[:-1]) & set(llm.eos_ids)
+
+
+def test_max_new_tokens_spans_canvases_and_eos_ends_output(llm):
+    for seed in range(6):
+        res = llm.generate("abc", SamplingParams(seed=seed, max_new_tokens=45, max_denoising_steps=4))[0]
+        eos = [i for i, t in enumerate(res.token_ids) if t in llm.eos_ids]
+        assert eos == ([len(res.token_ids) - 1] if res.finish_reason == "stop" else [])
+        assert res.finish_reason == "stop" or len(res.token_ids) == 45
+        assert res.text == llm.tokenizer.decode(res.token_ids)
+
+
+def test_temperature_scales_the_schedule(llm):
+    p = SamplingParams(temperature=0.5).resolve(llm.defaults)
+    assert (p.t_min, p.t_max) == pytest.approx((0.2, 0.4))
