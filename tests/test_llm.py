@@ -59,3 +59,19 @@ def test_max_new_tokens_spans_canvases_and_eos_ends_output(llm):
 def test_temperature_scales_the_schedule(llm):
     p = SamplingParams(temperature=0.5).resolve(llm.defaults)
     assert (p.t_min, p.t_max) == pytest.approx((0.2, 0.4))
+
+
+def test_cli_chat_and_text_prompts(tiny_checkpoint):
+    import json
+    import subprocess
+    import sys
+
+    from canvaslm.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    r = subprocess.run([sys.executable, "-m", "canvaslm.cli", "generate", str(tiny_checkpoint), "--prompt", "hi",
+                        "--chat", "--seed", "1", "--json"], capture_output=True, text=True, check=True)
+    out = json.loads(r.stdout)
+    assert out["prompt_tokens"] == len(tok.encode_chat([{"role": "user", "content": "hi"}]))
+    assert out["text"] == tok.decode(out["token_ids"])
+    llm = LLM(tiny_checkpoint)
+    assert out["token_ids"] == llm.chat([{"role": "user", "content": "hi"}], SamplingParams(seed=1)).token_ids
