@@ -22,7 +22,10 @@ from canvaslm.llm import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
-    return LLM(tiny_checkpoint, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: one thread is faster, and immune to a busy machine
+    yield LLM(tiny_checkpoint, device="cpu")
+    torch.set_num_threads(threads)
 
 
 def geometry(llm, prompt: str, max_new: int) -> int:
