@@ -254,6 +254,10 @@ class JsonSchemaConstraint(CanvasConstraint):
         """Output tokens without canvas-alignment padding, EOS included."""
         return self.layout(1 << 30).length
 
+    def max_template_tokens(self) -> int:
+        """Output tokens for any canvas length: alignment pads a whole-slot number by < its width."""
+        return self.template_tokens() + sum(p[0] - 1 for p in self.pieces if isinstance(p, tuple) and p[2])
+
 
 def constraint_from_response_format(response_format: dict, tokenizer, max_tokens: int | None):
     """OpenAI `response_format` -> a canvas constraint, or None for {"type": "text"}."""
@@ -268,8 +272,8 @@ def constraint_from_response_format(response_format: dict, tokenizer, max_tokens
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise ConstraintError("response_format.json_schema.schema must be a JSON schema object")
     c = JsonSchemaConstraint(spec["schema"], tokenizer)
-    need = c.template_tokens()
+    need = c.max_template_tokens()  # so that any canvas length fits: min_new_tokens(C) <= need
     if max_tokens is not None and need > max_tokens:
-        raise ConstraintError(f"json_schema: the output template needs {need} tokens (EOS included), "
+        raise ConstraintError(f"json_schema: the output template needs up to {need} tokens (EOS included), "
                               f"over max_tokens={max_tokens}")
     return c

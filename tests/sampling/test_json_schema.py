@@ -84,6 +84,7 @@ def test_whole_slot_numbers_never_straddle_a_canvas(tiny_llm):
         for s in c.layout(C).slots:
             if s.finish is not None:
                 assert s.start // C == (s.start + s.width - 1) // C
+        assert c.min_new_tokens(C) <= c.max_template_tokens()
     with pytest.raises(ConstraintError, match="more than canvas_length=8"):
         c.layout(8)
 
@@ -140,3 +141,10 @@ def test_response_format(tiny_llm):
     with pytest.raises(ConstraintError, match="patternProperties"):
         constraint_from_response_format({"type": "json_schema", "json_schema": {
             "schema": {"type": "object", "patternProperties": {}}}}, tok, None)
+
+
+def test_max_template_tokens_bounds_every_canvas_length(tiny_llm):
+    for schema in SCHEMAS.values():
+        c = JsonSchemaConstraint(schema, tiny_llm.tokenizer)
+        for C in range(12, 41):
+            assert c.template_tokens() <= c.min_new_tokens(C) <= c.max_template_tokens()
