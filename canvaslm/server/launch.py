@@ -16,7 +16,8 @@ from .serving import ServerState
 
 
 def build_state(model_dir, device: str | None = None, dtype=None, config: EngineConfig | None = None,
-                api_key: str | None = None, served_model_name: str | None = None) -> ServerState:
+                api_key: str | None = None, served_model_name: str | None = None,
+                max_denoising_steps: int = 1024) -> ServerState:
     """Load the checkpoint, start the engine thread and return the state the app serves."""
     import torch
 
@@ -38,7 +39,7 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     return ServerState(engine=engine, tokenizer=tokenizer, model_name=served_model_name or model_dir.name,
                        defaults=defaults, eos_ids=eos, vocab_size=cfg.vocab_size,
                        canvas_length=cfg.canvas_length, max_model_len=config.max_model_len,
-                       api_key=api_key, created=int(time.time()))
+                       api_key=api_key, created=int(time.time()), max_denoising_steps=max_denoising_steps)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,10 +51,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 class BackgroundServer:
     """uvicorn in a daemon thread: `with BackgroundServer(state) as srv: srv.base_url ...`."""
 
-    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int | None = None,
+                 shutdown_engine: bool = True):
         import uvicorn
 
         self.state, self.host, self.port = state, host, port or free_port(host)
+        self.shutdown_engine = shutdown_engine
         cfg = uvicorn.Config(build_app(state), host=host, port=self.port, log_level="warning",
                              timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(cfg)
@@ -75,7 +78,8 @@ class BackgroundServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-        self.state.engine.shutdown()
+        if self.shutdown_engine:
+            self.state.engine.shutdown()
 
     def __enter__(self) -> "BackgroundServer":
         return self.start()

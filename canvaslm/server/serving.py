@@ -48,6 +48,7 @@ class ServerState:
     max_model_len: int
     api_key: str | None = None
     created: int = 0
+    max_denoising_steps: int = 1024  # per-request cap on the max_denoising_steps extension
 
 
 @dataclass
@@ -108,6 +109,9 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
         raise APIError(400, f"prompt ({prompt_len} tokens) + {field_name}={max_tokens} (rounded up to whole "
                             f"canvases of {C}) needs {need} positions, over max_model_len={state.max_model_len}; "
                             f"at most {room} new tokens fit", field_name, code="context_length_exceeded")
+    if body.max_denoising_steps is not None and body.max_denoising_steps > state.max_denoising_steps:
+        raise APIError(400, f"max_denoising_steps={body.max_denoising_steps} is over this server's limit of "
+                            f"{state.max_denoising_steps}", "max_denoising_steps")
     temperature = body.temperature
     if temperature == 0:
         temperature = GREEDY_TEMPERATURE

@@ -1,0 +1,54 @@
+"""A real uvicorn server on a free loopback port, serving a tiny random checkpoint, shared by the module.
+
+Its max_model_len equals what `LLM.generate` allocates for the probe geometry (a PROMPT_LEN-token
+prompt and MAX_TOKENS new tokens), so probe outputs must match `LLM.generate` bit for bit (see
+tests/engine/test_runner.py for why the geometry matters).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvaslm.engine.engine import EngineConfig
+from canvaslm.llm import LLM
+from canvaslm.server.launch import BackgroundServer, build_state
+
+PROMPT_LEN, MAX_TOKENS, CANVAS = 32, 48, 16
+MAX_MODEL_LEN = PROMPT_LEN + MAX_TOKENS  # whole canvases: 48 = 3 x 16
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: faster, and the HTTP threads keep a core
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint, one_thread):
+    return LLM(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, one_thread):
+    state = build_state(tiny_checkpoint, "cpu", "float32",
+                        EngineConfig(max_batch=4, max_model_len=MAX_MODEL_LEN, prefill_chunk=64),
+                        served_model_name=MODEL, max_denoising_steps=64)
+    with BackgroundServer(state) as srv:
+        yield srv
+
+
+def probe_prompt(llm, i: int = 0) -> str:
+    """A text prompt of exactly PROMPT_LEN tokens (the char tokenizer adds <bos>)."""
+    text = f"probe {i}: the quick brown fox jumps over the lazy dog"
+    base = len(llm.encode_prompt(""))
+    return text[:PROMPT_LEN - base]
+
+
+def chat_messages(llm, i: int = 0) -> list[dict]:
+    """Chat messages whose templated prompt has exactly PROMPT_LEN tokens."""
+    base = len(llm.tokenizer.encode_chat([{"role": "user", "content": ""}]))
+    return [{"role": "user", "content": f"hi {i}, what's up with everything today?"[:PROMPT_LEN - base]}]

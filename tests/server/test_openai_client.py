@@ -1,0 +1,190 @@
+"""The server through the official `openai` client (sync and async, streaming and not), on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from canvaslm.llm import SamplingParams
+
+from .conftest import MAX_TOKENS, MODEL, chat_messages, probe_prompt
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def reference(llm, prompt, seed, **kw):
+    """LLM.generate for a text prompt or token ids, with the server's defaults for what is not given."""
+    return llm.generate(prompt, SamplingParams(seed=seed, max_new_tokens=MAX_TOKENS, **kw))[0]
+
+
+def collect_stream(stream):
+    text, finish, usage, drafts, chunks = {}, {}, None, [], 0
+    for chunk in stream:
+        chunks += 1
+        extra = chunk.model_extra or {}
+        if extra.get("draft"):
+            drafts.append(extra["draft"])
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            piece = ch.delta.content if hasattr(ch, "delta") else ch.text
+            text[ch.index] = text.get(ch.index, "") + (piece or "")
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    return text, finish, usage, drafts, chunks
+
+
+def test_completion_matches_llm_generate(client, llm):
+    prompt = probe_prompt(llm)
+    want = reference(llm, prompt, seed=5)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=5)
+    assert got.choices[0].text == want.text
+    assert got.choices[0].finish_reason == want.finish_reason
+    assert got.usage.completion_tokens == len(want.token_ids)
+    assert got.usage.prompt_tokens == len(want.prompt_ids) == 32
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+
+
+def test_extensions_and_temperature_reach_the_sampler(client, llm):
+    prompt = probe_prompt(llm, 1)
+    want = reference(llm, prompt, seed=8, max_denoising_steps=3, temperature=0.5, entropy_bound=0.3)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=8, temperature=0.5,
+                                    extra_body={"max_denoising_steps": 3, "entropy_bound": 0.3,
+                                                "sampler": "entropy_bound"})
+    assert got.choices[0].text == want.text
+    assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+
+
+def test_streamed_text_equals_non_streamed_with_usage(client, llm):
+    prompt = probe_prompt(llm, 2)
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=3)
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=3, stream=True,
+                                       stream_options={"include_usage": True})
+    text, finish, usage, drafts, chunks = collect_stream(stream)
+    assert text[0] == full.choices[0].text == reference(llm, prompt, seed=3).text
+    assert finish[0] == full.choices[0].finish_reason
+    assert usage.completion_tokens == full.usage.completion_tokens
+    assert not drafts and chunks >= 2
+
+
+def test_chat_sync_and_stream_match_llm(client, llm):
+    messages = chat_messages(llm)
+    ids = llm.tokenizer.encode_chat(messages)
+    want = reference(llm, ids, seed=21)
+    got = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=MAX_TOKENS, seed=21)
+    assert got.choices[0].message.content == want.text and got.choices[0].message.role == "assistant"
+    assert got.usage.prompt_tokens == len(ids)
+    text, finish, usage, _, _ = collect_stream(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=MAX_TOKENS, seed=21, stream=True))
+    assert text[0] == want.text and finish[0] == want.finish_reason and usage is None
+
+
+def test_drafts_arrive_between_commits(client, llm):
+    prompt = probe_prompt(llm, 3)
+    want = reference(llm, prompt, seed=4, max_denoising_steps=6)
+    stream = client.chat.completions.create(model=MODEL, messages=chat_messages(llm, 3), max_tokens=MAX_TOKENS,
+                                            seed=4, stream=True, extra_body={"stream_drafts": True,
+                                                                             "max_denoising_steps": 6})
+    text, finish, _, drafts, _ = collect_stream(stream)
+    assert drafts and {"index", "canvas_index", "denoise_step", "text"} <= set(drafts[0])
+    assert all(1 <= d["denoise_step"] <= 6 for d in drafts)
+    last_of_canvas = {}
+    for d in drafts:
+        last_of_canvas[d["canvas_index"]] = d["text"]
+    assert "".join(last_of_canvas[k] for k in sorted(last_of_canvas)) == text[0]  # the last draft is committed
+    completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=4, stream=True,
+                                           extra_body={"stream_drafts": True, "max_denoising_steps": 6})
+    text, _, _, drafts, _ = collect_stream(completion)
+    assert drafts and text[0] == want.text
+
+
+def test_n_choices_use_consecutive_seeds(client, llm):
+    prompt = probe_prompt(llm, 4)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=40, n=2)
+    assert [c.index for c in got.choices] == [0, 1]
+    assert got.choices[0].text == reference(llm, prompt, seed=40).text
+    assert got.choices[1].text == reference(llm, prompt, seed=41).text
+
+
+def test_stop_string_cuts_text_streamed_and_not(client, llm):
+    prompt = probe_prompt(llm, 5)
+    full = reference(llm, prompt, seed=6).text
+    stop = full[20:22]
+    cut = full[:full.find(stop)]
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=6, stop=[stop, "\x00"])
+    assert got.choices[0].text == cut and got.choices[0].finish_reason == "stop"
+    text, finish, _, _, _ = collect_stream(client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=6, stop=stop, stream=True))
+    assert text[0] == cut and finish[0] == "stop"
+
+
+def test_async_concurrent_requests_match_llm(server, llm):
+    """Probes run while other requests (other lengths, steps, streams) share the batch."""
+
+    async def main():
+        aclient = AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        probes = [aclient.completions.create(model=MODEL, prompt=probe_prompt(llm, 10 + i), max_tokens=MAX_TOKENS,
+                                             seed=100 + i) for i in range(3)]
+        stream_probe = aclient.chat.completions.create(model=MODEL, messages=chat_messages(llm, 7), seed=77,
+                                                       max_tokens=MAX_TOKENS, stream=True,
+                                                       extra_body={"stream_drafts": True})
+        others = [aclient.completions.create(model=MODEL, prompt="x" * (3 + 5 * i), max_tokens=16 * (1 + i % 2),
+                                             seed=i, extra_body={"max_denoising_steps": 2 + i}) for i in range(5)]
+
+        async def drain(coro):
+            text = ""
+            async for chunk in await coro:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text += chunk.choices[0].delta.content
+            return text
+
+        results = await asyncio.gather(*probes, drain(stream_probe), *others)
+        await aclient.close()
+        return results
+
+    results = asyncio.run(main())
+    for i in range(3):
+        assert results[i].choices[0].text == reference(llm, probe_prompt(llm, 10 + i), seed=100 + i).text
+    ids = llm.tokenizer.encode_chat(chat_messages(llm, 7))
+    assert results[3] == reference(llm, ids, seed=77).text
+    assert all(r.choices[0].finish_reason in ("stop", "length") for r in results[4:])
+
+
+def test_models_health_metrics(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in ("canvaslm_queue_depth", "canvaslm_running_requests", "canvaslm_denoising_steps_per_second",
+                 "canvaslm_tokens_per_second", "canvaslm_time_to_first_token_seconds_bucket",
+                 "canvaslm_tokens_per_forward", "canvaslm_generated_tokens_total"):
+        assert name in text, name
+    assert json.loads(httpx.get(server.base_url + "/openapi.json").text)["paths"]["/v1/completions"]
+
+
+def test_client_disconnect_cancels_and_frees_the_slot(server, llm):
+    engine = server.state.engine
+    before = engine.stats.requests_finished["cancelled"]
+    body = {"model": MODEL, "prompt": probe_prompt(llm, 9), "max_tokens": MAX_TOKENS, "stream": True,
+            "seed": 1, "max_denoising_steps": 64, "confidence_threshold": 1e-9, "stream_drafts": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.base_url + "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and "draft" in line:
+                    break  # the request is running: hang up mid-stream
+    deadline = time.monotonic() + 20
+    while engine.stats.requests_finished["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats.requests_finished["cancelled"] == before + 1
+    while engine.num_running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.num_running == 0 and engine.scheduler.num_free_slots == engine.config.slots
+    assert engine.scheduler.kv_used == 0
