@@ -1,0 +1,130 @@
+"""Client mistakes get a 4xx with an OpenAI-style error body naming the field; the server keeps serving.
+Also: the API key guards every route but /health, and response_format reaches the constraint builder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import httpx
+import pytest
+
+from canvaslm.server.launch import BackgroundServer
+
+from .conftest import MAX_MODEL_LEN, MODEL
+
+OK = {"model": MODEL, "prompt": "hello", "max_tokens": 16}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+
+BAD = [  # (route, body, expected status, the param the error must name)
+    ("completions", {**OK, "max_tokens": -1}, 400, "max_tokens"),
+    ("completions", {**OK, "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {**OK, "max_tokens": 10**30}, 400, "max_tokens"),
+    ("completions", {**OK, "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),  # prompt + canvases > context
+    ("completions", {**OK, "max_tokens": "16"}, 400, "max_tokens"),
+    ("completions", {**OK, "max_tokens": True}, 400, "max_tokens"),
+    ("completions", {**OK, "model": "gpt-4"}, 404, "model"),
+    ("completions", {k: v for k, v in OK.items() if k != "model"}, 400, "model"),
+    ("completions", {k: v for k, v in OK.items() if k != "prompt"}, 400, "prompt"),
+    ("completions", {**OK, "prompt": "x" * (MAX_MODEL_LEN + 5)}, 400, "prompt"),
+    ("completions", {**OK, "prompt": ""}, 400, "prompt"),
+    ("completions", {**OK, "prompt": []}, 400, "prompt"),
+    ("completions", {**OK, "prompt": [1, 2, 10**6]}, 400, "prompt"),
+    ("completions", {**OK, "prompt": "caf\u00e9 \u2603"}, 400, "prompt"),  # not in the char vocabulary
+    ("completions", {**OK, "n": 0}, 400, "n"),
+    ("completions", {**OK, "n": 1000}, 400, "n"),
+    ("completions", {**OK, "temperature": -1}, 400, "temperature"),
+    ("completions", {**OK, "temperature": "hot"}, 400, "temperature"),
+    ("completions", {**OK, "seed": -5}, 400, "seed"),
+    ("completions", {**OK, "seed": 1.5}, 400, "seed"),
+    ("completions", {**OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("completions", {**OK, "stop": 7}, 400, "stop"),
+    ("completions", {**OK, "stream": "yes"}, 400, "stream"),
+    ("completions", {**OK, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("completions", {**OK, "max_denoising_steps": 0}, 400, "max_denoising_steps"),
+    ("completions", {**OK, "max_denoising_steps": 65}, 400, "max_denoising_steps"),  # over the server cap
+    ("completions", {**OK, "entropy_bound": -0.1}, 400, "entropy_bound"),
+    ("completions", {**OK, "confidence_threshold": 0}, 400, "confidence_threshold"),
+    ("completions", {**OK, "sampler": "greedy"}, 400, "sampler"),
+    ("completions", {**OK, "stream_drafts": True}, 400, "stream_drafts"),  # needs stream
+    ("completions", {**OK, "top_p": 0.5}, 400, "top_p"),
+    ("completions", {**OK, "logprobs": 3}, 400, "logprobs"),
+    ("completions", {**OK, "echo": True}, 400, "echo"),
+    ("completions", {**OK, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ("chat/completions", {**CHAT, "messages": []}, 400, "messages"),
+    ("chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     400, "messages"),
+    ("chat/completions", {**CHAT, "max_completion_tokens": -3}, 400, "max_completion_tokens"),
+    ("chat/completions", {**CHAT, "max_tokens": 16, "max_completion_tokens": 32}, 400, "max_completion_tokens"),
+    ("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+]
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        yield c
+
+
+def check_error(resp, status, param):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+@pytest.mark.parametrize("route,body,status,param", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_request_gets_openai_error(http, route, body, status, param):
+    check_error(http.post(f"/v1/{route}", json=body), status, param)
+
+
+def test_malformed_bodies_and_routes(http):
+    check_error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+                400, None)
+    check_error(http.post("/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"}),
+                400, None)
+    check_error(http.post("/v1/completions", content=b"", headers={"content-type": "application/json"}), 400, None)
+    check_error(http.get("/v1/nothing-here"), 404, None)
+    check_error(http.get("/v1/models/gpt-4"), 404, "model")
+    check_error(http.get("/v1/completions"), 405, None)
+
+
+def test_server_still_serves_after_bad_input(http):
+    for route, body, _, _ in BAD[:5]:
+        http.post(f"/v1/{route}", json=body)
+    resp = http.post("/v1/completions", json=OK)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_api_key_guards_every_route_but_health(server):
+    keyed = dataclasses.replace(server.state, api_key="sekret")
+    with BackgroundServer(keyed, shutdown_engine=False) as srv, httpx.Client(base_url=srv.base_url) as c:
+        assert c.get("/health").status_code == 200
+        for method, path in [("get", "/v1/models"), ("get", "/metrics"), ("get", "/openapi.json"),
+                             ("post", "/v1/completions")]:
+            resp = getattr(c, method)(path, **({"json": OK} if method == "post" else {}))
+            check_error(resp, 401, None)
+            assert resp.json()["error"]["code"] == "invalid_api_key"
+            wrong = getattr(c, method)(path, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+        good = {"Authorization": "Bearer sekret"}
+        assert c.get("/v1/models", headers=good).status_code == 200
+        assert c.post("/v1/completions", json=OK, headers=good).status_code == 200
+
+
+def test_json_schema_response_format(http):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    body = {**OK, "max_tokens": 32, "response_format": {"type": "json_schema",
+                                                        "json_schema": {"name": "t", "schema": schema}}}
+    resp = http.post("/v1/completions", json=body)
+    if resp.status_code == 400 and "not supported by this build" in resp.text:
+        pytest.skip("canvaslm.sampling.constraints is not available")
+    assert resp.status_code == 200, resp.text
+    value = json.loads(resp.json()["choices"][0]["text"])
+    assert isinstance(value["n"], int)
+    bad = {**body, "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/defs/x"}}}}}}
+    check_error(http.post("/v1/completions", json=bad), 400, "response_format")
