@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ class SamplingParams:
     confidence_threshold: float | None = None
     stability_threshold: int | None = None
     constraint: object | None = None  # a sampling.constraints.CanvasConstraint
-    json_schema: dict | None = None  # JSON-schema structured output (sampling.json_schema)
+    json_schema: dict | None = field(default=None, hash=False)  # JSON-schema structured output (a dict)
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_denoising_steps"):
