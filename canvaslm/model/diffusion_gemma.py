@@ -118,8 +118,13 @@ class DiffusionGemma(nn.Module):
         return torch.tanh(out / cap) * cap if cap else out
 
     def soft_embeddings(self, sc_logits: torch.Tensor, rows_per_chunk: int = 64) -> torch.Tensor:
-        """softmax(logits) @ E * sqrt(d), a chunk of rows at a time so no fp32 [B, C, V] copy is made."""
+        """softmax(logits) @ E * sqrt(d), a chunk of rows at a time so no fp32 [B, C, V] copy is made.
+        On CUDA: an online softmax over vocabulary chunks (kernels.soft_embed), O(rows * chunk) memory."""
         w = self.embed_weight
+        if sc_logits.is_cuda:
+            from ..kernels.soft_embed import soft_embeddings_online
+
+            return soft_embeddings_online(sc_logits, w, self.cfg.hidden_size ** 0.5)
         flat = sc_logits.reshape(-1, sc_logits.shape[-1])
         out = torch.empty(flat.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
         for i in range(0, flat.shape[0], rows_per_chunk):
