@@ -196,8 +196,7 @@ def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | 
         hidden = model.encode(batch.tokens, batch.positions, torch.arange(B, device=device), None)
         ar = encoder_ar_loss(model, hidden, batch)
         empty = torch.zeros(B, device=device)
-        return LossOutput(ar_weight * ar if ar_weight != 1.0 else ar, zero, ar, batch.num_tokens,
-                          empty.bool(), empty, empty.long())
+        return LossOutput(ar, zero, ar, batch.num_tokens, empty.bool(), empty, empty.long())
     noise = noise if noise is not None else draw_noise(batch, generator, V, sc_prob, device)
     clean, start = selected_canvas(batch, noise.canvas_index)  # [B, C], [B]
     noisy = torch.where(noise.replace, noise.random_tokens, clean)  # [B, C]

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,19 +27,21 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from . import checkpointing as ckpt
-from .data import ExampleStream, load_examples, split_holdout
+from .data import ExampleStream, load_examples, resolve_callable, split_holdout
 from .lora import LoRAConfig, apply_lora, has_lora
 from .objective import block_diffusion_loss, example_noise_seed, make_batch, set_trainable
 
 log = logging.getLogger("canvaslm.train")
-EVAL_SEED_SALT = 0x5EED
+EVAL_SEED_SALT, TRANSFORM_SEED_SALT = 0x5EED, 0xA06
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. `model`: a checkpoint dir, or {"init": {...}} to train from scratch, where init is
     {"shape": "tiny", "canvas_length": 8, <text-config overrides>} or {"config": <HF config dict>}, plus
-    optional "seed" / "std". `data`: a source string or {"train", "eval", "eval_size", "kwargs"}."""
+    optional "seed" / "std". `data`: a source string or {"train", "eval", "eval_size", "kwargs", "transform"};
+    transform: 'module:function' called as fn(prompt_ids, response_ids, rng: random.Random) -> (prompt_ids,
+    response_ids) on every training example (augmentation), rng seeded from (seed, step, position)."""
 
     out_dir: str
     max_steps: int
@@ -86,9 +89,10 @@ class TrainConfig:
         if not self.data:
             bad("data", "is required (a .jsonl path, 'module:function', or {train: ..., eval: ...})")
         if isinstance(self.data, dict):
-            unknown = set(self.data) - {"train", "eval", "eval_size", "kwargs"}
+            unknown = set(self.data) - {"train", "eval", "eval_size", "kwargs", "transform"}
             if unknown or "train" not in self.data:
-                bad("data", f"must have 'train' and only train/eval/eval_size/kwargs (unknown: {sorted(unknown)})")
+                bad("data", f"must have 'train' and only train/eval/eval_size/kwargs/transform "
+                            f"(unknown: {sorted(unknown)})")
         for name in ("batch_size", "grad_accum", "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
@@ -176,18 +180,7 @@ class _Dist:
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = c = config
-        want_cuda = c.device == "auto" and torch.cuda.is_available()
-        device_type = "cuda" if (want_cuda or c.device.startswith("cuda")) else "cpu"
-        self.dist = _Dist.from_env(device_type)
-        if device_type == "cuda":
-            self.device = torch.device(f"cuda:{self.dist.local_rank}" if self.dist.world > 1 or c.device == "auto"
-                                       else c.device)
-        else:
-            self.device = torch.device("cpu" if c.device == "auto" else c.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        bf16 = c.dtype in ("bf16", "bfloat16") or (c.dtype == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self._setup_device()
         self.out_dir = Path(c.out_dir)
         self.step, self.history = 0, []
         world, accum = self.dist.world, c.grad_accum
@@ -195,22 +188,52 @@ class Trainer:
             raise ConfigError(f"train config: batch_size={c.batch_size} must be divisible by processes "
                               f"({world}) x grad_accum ({accum})")
         self.micro = c.batch_size // (world * accum)
-
-        state = None
         latest = ckpt.latest_checkpoint(self.out_dir) if resume else None
         if resume and latest is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", self.out_dir)
+        state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=False) if latest else None
         self.tokenizer_dir = ckpt.tokenizer_dir(c)
-        if latest is not None:
-            state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        self._setup_model(latest, state)
+        self._load_data()
+        self._setup_optimizer()
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            self.step, self.history = state["step"], list(state["history"])
+            log.info("resumed from %s at step %d", latest, self.step)
+        elif self.dist.world > 1:
+            for p in self.model.parameters():  # every process starts from rank 0's weights
+                dist.broadcast(p.data, 0)
+        if self.dist.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_partial(self.out_dir)
+            ckpt.write_metrics(self.out_dir, self.history)
+
+    def _setup_device(self):
+        c = self.config
+        cuda = c.device.startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
+        self.dist = _Dist.from_env("cuda" if cuda else "cpu")
+        if cuda:  # under torchrun each process takes the GPU of its local rank
+            self.device = torch.device(c.device if c.device not in ("auto", "cuda") and self.dist.world == 1
+                                       else f"cuda:{self.dist.local_rank}")
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu" if c.device == "auto" else c.device)
+        bf16 = c.dtype in ("bf16", "bfloat16") or (c.dtype == "auto" and cuda)
+        self.autocast_dtype = torch.bfloat16 if bf16 else None  # master weights stay fp32
+
+    def _setup_model(self, latest: Path | None, state: dict | None):
+        """Full fine-tuning resumes from the checkpoint's weights; LoRA rebuilds the base and loads adapters."""
+        c = self.config
         self.model, self.params = ckpt.build_model(c, latest if (state and not state["lora"]) else None)
         self.model.to(self.device)
         if c.lora is not None:
             apply_lora(self.model, LoRAConfig.from_dict(c.lora))
             if state and state["lora"]:
-                missing = self.model.load_state_dict(state["lora"], strict=False).unexpected_keys
-                if missing:
-                    raise ConfigError(f"{latest}: adapter tensors {missing[:5]} do not match the lora config")
+                res = self.model.load_state_dict(state["lora"], strict=False)
+                if res.unexpected_keys or any("lora_" in k for k in res.missing_keys):
+                    raise ConfigError(f"{latest}: the saved adapters do not match the lora config")
         else:
             set_trainable(self.model, freeze_router=c.freeze_router)
         self.model.train()
@@ -218,19 +241,24 @@ class Trainer:
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self.eos_ids = tuple(cfg.eos_token_ids)
 
+    def _load_data(self):
+        c, vocab = self.config, self.model.cfg.vocab_size
         tok = None
         if self.tokenizer_dir is not None:
             from ..tokenizer import Tokenizer
             tok = Tokenizer.from_dir(self.tokenizer_dir)
         spec = c.data_spec
-        examples = load_examples(spec["train"], tok, spec.get("kwargs"), cfg.vocab_size)
+        examples = load_examples(spec["train"], tok, spec.get("kwargs"), vocab)
         if spec.get("eval"):
             self.train_examples = examples
-            self.eval_examples = load_examples(spec["eval"], tok, spec.get("kwargs"), cfg.vocab_size)
+            self.eval_examples = load_examples(spec["eval"], tok, spec.get("kwargs"), vocab)
         else:
             self.train_examples, self.eval_examples = split_holdout(examples, int(spec.get("eval_size", 0)), c.seed)
         self.stream = ExampleStream(len(self.train_examples), c.seed)
+        self.transform = resolve_callable(spec["transform"]) if spec.get("transform") else None
 
+    def _setup_optimizer(self):
+        c = self.config
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError("train config: no trainable parameters (check lora.targets / freeze_router)")
@@ -240,20 +268,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.lr, betas=c.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, c.warmup_steps, c.max_steps, c.min_lr_ratio))
-        if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            self.step, self.history = state["step"], list(state["history"])
-            log.info("resumed from %s at step %d", latest, self.step)
-        else:
-            for p in self.model.parameters():  # every process starts from rank 0's weights
-                if self.dist.world > 1:
-                    dist.broadcast(p.data, 0)
-        if self.dist.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.clean_partial(self.out_dir)
-            ckpt.write_metrics(self.out_dir, self.history)
 
     # --- one optimizer step ----------------------------------------------------------------------
     def _micro_batches(self, step: int):
@@ -262,7 +276,12 @@ class Trainer:
         for a in range(c.grad_accum):
             pos = [a * d.world * m + d.rank * m + i for i in range(m)]
             idx = self.stream.indices(step * c.batch_size + pos[0], m)
-            yield [self.train_examples[i] for i in idx], pos
+            examples = [self.train_examples[i] for i in idx]
+            if self.transform is not None:
+                examples = [self.transform(p, r, random.Random(example_noise_seed(c.seed ^ TRANSFORM_SEED_SALT,
+                                                                                   step, j)))
+                            for (p, r), j in zip(examples, pos)]
+            yield examples, pos
 
     def _loss(self, examples, seeds):
         c = self.config
@@ -356,6 +375,9 @@ class Trainer:
         path = None
         if self.dist.rank == 0:
             path = ckpt.save_checkpoint(self)
+            if self.config.plot:
+                from .plot import plot_history
+                plot_history(self.history, self.out_dir / "loss.png")
         self.dist.barrier()
         return path
 
@@ -365,9 +387,6 @@ class Trainer:
         if self.dist.rank == 0:
             out = ckpt.export_model(self.model, out_dir, self.params, self.tokenizer_dir,
                                     dtype or self.config.export_dtype)
-            if self.config.plot:
-                from .plot import plot_history
-                plot_history(self.history, self.out_dir / "loss.png")
         self.dist.barrier()
         return Path(out_dir) if out is not None else None
 

@@ -6,7 +6,9 @@ import json
 import random
 from pathlib import Path
 
-TINY_INIT = {"shape": "tiny", "canvas_length": 8, "vocab_size": 32, "seed": 0}
+# the "tiny" shape made smaller still: every trainer test builds one, so keep it cheap
+SMALL = {"num_experts": 4, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16}
+TINY_INIT = {"shape": "tiny", "canvas_length": 8, "vocab_size": 32, "seed": 0, **SMALL}
 
 
 def reversal_examples(n: int = 64, seed: int = 0) -> list[tuple[list[int], list[int]]]:

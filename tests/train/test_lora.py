@@ -12,7 +12,7 @@ from canvaslm.shapes import model_config
 from canvaslm.train.lora import LoRAConfig, LoRALinear, apply_lora, has_lora, merge_lora
 from canvaslm.train.trainer import TrainConfig, Trainer
 
-from .helpers import tiny_config
+from .helpers import SMALL, tiny_config
 
 
 def _logits(model, seed=0):
@@ -29,7 +29,7 @@ def _logits(model, seed=0):
 
 @pytest.mark.parametrize("experts", [False, True])
 def test_lora_noop_then_merge_matches(experts):
-    model = build_random_model(model_config("tiny", canvas_length=8, vocab_size=32), std=0.1)
+    model = build_random_model(model_config("tiny", canvas_length=8, vocab_size=32, **SMALL), std=0.1)
     before = _logits(model)
     adapted = apply_lora(model, LoRAConfig(rank=4, alpha=8, include_experts=experts))
     assert any(n.endswith("q_proj") for n in adapted) and any("experts" in n for n in adapted) == experts
@@ -45,7 +45,7 @@ def test_lora_noop_then_merge_matches(experts):
     assert not torch.allclose(adapted_logits, before)
     merge_lora(model)
     assert not has_lora(model)
-    plain = build_random_model(model_config("tiny", canvas_length=8, vocab_size=32), materialize=False)
+    plain = build_random_model(model_config("tiny", canvas_length=8, vocab_size=32, **SMALL), materialize=False)
     assert set(model.state_dict()) == set(plain.state_dict())  # checkpoint names again
     torch.testing.assert_close(_logits(model), adapted_logits, rtol=1e-4, atol=1e-4)
 

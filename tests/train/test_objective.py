@@ -14,6 +14,8 @@ from canvaslm.testing import make_tiny_checkpoint
 from canvaslm.train.objective import (T_EPS, NoiseDraw, block_diffusion_loss, draw_noise, example_noise_seed,
                                       greedy_ar_generate, make_batch, set_trainable)
 
+from .helpers import SMALL
+
 EOS, PAD = 1, 0
 
 
@@ -148,7 +150,7 @@ def _reference_loss(model, b, noise, sc_prob_unused=None):
 
 def test_loss_matches_direct_computation(tiny):
     b = make_batch(_examples(), 8, PAD, EOS)
-    for seed in range(3):
+    for seed in range(2):
         out = block_diffusion_loss(tiny, b, torch.Generator().manual_seed(seed), sc_prob=0.5)
         noise = draw_noise(b, torch.Generator().manual_seed(seed), tiny.cfg.vocab_size, 0.5)
         d_ref, a_ref = _reference_loss(tiny, b, noise)
@@ -188,13 +190,13 @@ def test_router_frozen_and_gradients_flow_through_cache(tiny):
 
 def test_from_scratch_loss_falls():
     torch.manual_seed(0)
-    cfg = model_config("tiny", canvas_length=8, vocab_size=32)
+    cfg = model_config("tiny", canvas_length=8, vocab_size=32, **SMALL)
     model = build_random_model(cfg, std=0.02)
     set_trainable(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     losses = []
-    for _ in range(60):
+    for _ in range(25):
         ex = []
         for _ in range(8):
             p = torch.randint(5, 32, (6,), generator=data).tolist()
@@ -203,9 +205,9 @@ def test_from_scratch_loss_falls():
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        losses.append(float(out.diffusion_loss))
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < 0.75 * first, (first, last)
+        losses.append(out.diffusion_loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, (first, last)
 
 
 def test_greedy_ar_generate_matches_full_recompute(tiny):

@@ -197,3 +197,16 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     full = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "full", max_steps=7, save_every=1))).train()
     assert [r["loss"] for r in again] == [r["loss"] for r in full]
     assert not list(run.glob(".checkpoint-*"))
+
+
+def test_transform_augments_deterministically(tmp_path, monkeypatch):
+    (tmp_path / "aug.py").write_text("def tag(p, r, rng):\n    return p, r + [rng.randint(5, 31)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = tiny_config(tmp_path)
+    cfg = TrainConfig.from_dict({**base, "data": {**base["data"], "transform": "aug:tag"}})
+    a, b = Trainer(cfg), Trainer(cfg)
+    (ex_a, pos), (ex_b, _) = next(a._micro_batches(3)), next(b._micro_batches(3))
+    plain = [a.train_examples[i] for i in a.stream.indices(3 * cfg.batch_size, cfg.batch_size)]
+    assert ex_a == ex_b and pos == [0, 1, 2, 3]
+    assert [r[:-1] for _, r in ex_a] == [r for _, r in plain]
+    assert ex_a != next(a._micro_batches(4))[0]
