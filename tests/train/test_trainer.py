@@ -210,3 +210,11 @@ def test_transform_augments_deterministically(tmp_path, monkeypatch):
     assert ex_a == ex_b and pos == [0, 1, 2, 3]
     assert [r[:-1] for _, r in ex_a] == [r for _, r in plain]
     assert ex_a != next(a._micro_batches(4))[0]
+
+
+def test_bf16_autocast_step_on_cpu(tmp_path):
+    """The GPU default (bf16 autocast over fp32 master weights) runs through the same code on CPU."""
+    t = Trainer(TrainConfig.from_dict(tiny_config(tmp_path, max_steps=1, dtype="bf16")))
+    rec = t.train_step()
+    assert t.autocast_dtype == torch.bfloat16 and math.isfinite(rec["loss"])
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
