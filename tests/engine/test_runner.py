@@ -138,3 +138,46 @@ def test_stability_deeper_than_history_is_rejected(llm):
     p = llm.defaults.replace(stability_threshold=3)
     with pytest.raises(RunnerError, match="history_depth"):
         runner.add("x", p, 0, llm.eos_ids)
+
+
+def test_engine_admission_waits_for_kv_budget_and_drops_nothing(llm):
+    """A KV budget for one request at a time: the others wait in the queue, then all finish as if alone."""
+    import asyncio
+
+    from canvaslm.engine.engine import Commit, Engine, EngineConfig, Finish, GenerationRequest
+
+    S = 64
+    engine = Engine(llm.model, EngineConfig(max_batch=4, max_model_len=S, kv_budget_tokens=S)).start()
+    specs = [(f"budget probe {i}", SamplingParams(seed=i, max_new_tokens=32, max_denoising_steps=4))
+             for i in range(3)]
+
+    async def main():
+        loop, queues, waiting_seen = asyncio.get_running_loop(), [], 0
+        for i, (prompt, sp) in enumerate(specs):
+            q = asyncio.Queue()
+            engine.submit(GenerationRequest(f"q{i}", tuple(llm.encode_prompt(prompt)), sp.resolve(llm.defaults),
+                                            sp.seed, llm.eos_ids), q, loop)
+            queues.append(q)
+        outs = []
+        for q in queues:
+            tokens = []
+            while True:
+                ev = await q.get()
+                waiting_seen = max(waiting_seen, engine.num_waiting)
+                if isinstance(ev, Commit):
+                    tokens += ev.token_ids
+                if isinstance(ev, Finish):
+                    outs.append((tokens, ev))
+                    break
+        return outs, waiting_seen
+
+    try:
+        outs, waiting_seen = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert waiting_seen >= 1  # the budget held requests back
+    states, _, _ = run_all(llm, specs, S, max_batch=1)  # the same requests one after another
+    for (tokens, fin), st in zip(outs, states):
+        assert fin.reason in ("stop", "length") and fin.num_tokens == len(tokens)
+        assert tokens == st.output_ids and fin.reason == st.finish_reason
+    assert engine.scheduler.kv_used == 0 and engine.scheduler.num_free_slots == 4
