@@ -131,6 +131,8 @@ def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
     out = []
     for p in prompt:
         if isinstance(p, str):
+            if state.tokenizer is None:
+                raise APIError(400, "this checkpoint has no tokenizer.json: send the prompt as token ids", "prompt")
             try:
                 out.append(state.tokenizer.encode(p))
             except ValueError as e:

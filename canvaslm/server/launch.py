@@ -27,19 +27,26 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
     model = load_model(model_dir, device=device, dtype=dtype)
+    tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
+    return state_from_model(model, DiffusionParams.from_dir(model_dir), tokenizer, config, api_key,
+                            served_model_name or model_dir.name, max_denoising_steps)
+
+
+def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: EngineConfig | None = None,
+                     api_key: str | None = None, served_model_name: str = "model",
+                     max_denoising_steps: int = 1024) -> ServerState:
+    """Serve an in-memory model (e.g. random weights at a benchmark shape); starts the engine thread."""
     cfg = model.cfg
-    defaults = DiffusionParams.from_dir(model_dir)
     config = config or EngineConfig(max_model_len=min(cfg.max_position_embeddings, 4096))
     if config.max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={config.max_model_len} is over the model's "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
-    tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
     eos = tuple(defaults.eos_token_ids or cfg.eos_token_ids)
     engine = Engine(model, config, history_depth=max(1, defaults.stability_threshold)).start()
-    return ServerState(engine=engine, tokenizer=tokenizer, model_name=served_model_name or model_dir.name,
-                       defaults=defaults, eos_ids=eos, vocab_size=cfg.vocab_size,
-                       canvas_length=cfg.canvas_length, max_model_len=config.max_model_len,
-                       api_key=api_key, created=int(time.time()), max_denoising_steps=max_denoising_steps)
+    return ServerState(engine=engine, tokenizer=tokenizer, model_name=served_model_name, defaults=defaults,
+                       eos_ids=eos, vocab_size=cfg.vocab_size, canvas_length=cfg.canvas_length,
+                       max_model_len=config.max_model_len, api_key=api_key, created=int(time.time()),
+                       max_denoising_steps=max_denoising_steps)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

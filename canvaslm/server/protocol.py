@@ -3,7 +3,7 @@
 
 Fields follow the OpenAI API; the diffusion extensions (what the openai client's `extra_body` sends)
 sit at the top level of the body: `max_denoising_steps`, `entropy_bound`, `confidence_threshold`,
-`sampler`, `stream_drafts`. Unknown fields are ignored, as OpenAI-compatible servers usually do;
+`sampler`, `stream_drafts`, `ignore_eos`. Unknown fields are ignored, as OpenAI-compatible servers usually do;
 known fields with a wrong type or an out-of-range value are a 400 naming the field. OpenAI fields this
 engine cannot honour (logprobs, tools, penalties, ...) are accepted only at their neutral value.
 """
@@ -70,6 +70,7 @@ class _Common(BaseModel):
     confidence_threshold: float | None = Field(None, gt=0, le=1e6, description="adaptive stop: mean entropy below this")
     sampler: Literal["entropy_bound"] | None = Field(None, description="only 'entropy_bound' for now")
     stream_drafts: bool = Field(False, description="with stream=true: draft events (argmax canvas) between commits")
+    ignore_eos: bool = Field(False, description="generate max_tokens whatever the model says (benchmarks)")
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -74,7 +74,7 @@ class TextTracker:
 
     def add(self, ids) -> None:
         self.ids.extend(ids)
-        full = self.tokenizer.decode(self.ids)
+        full = self.tokenizer.decode(self.ids) if self.tokenizer is not None else ""  # token-id-only checkpoints
         hits = [i for i in (full.find(s) for s in self.stops) if i >= 0]
         self.text, self.stopped = (full[:min(hits)], True) if hits else (full, False)
 
@@ -170,7 +170,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         params = resolve_params(state, body, len(ids), constraint)
         for j in range(body.n):
             req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
-                                    state.eos_ids, constraint, body.stream_drafts)
+                                    () if body.ignore_eos else state.eos_ids, constraint, body.stream_drafts)
             choices.append(Choice(len(choices), req, p_index, TextTracker(state.tokenizer, stops)))
     return choices
 
@@ -231,7 +231,7 @@ def draft_payload(state: ServerState, c: Choice, ev: Draft) -> dict:
     if cut is not None:
         ids = ids[:cut + 1]
     return {"index": c.index, "canvas_index": ev.canvas_index, "denoise_step": ev.denoise_step,
-            "text": state.tokenizer.decode(ids)}
+            "text": state.tokenizer.decode(ids) if state.tokenizer is not None else "", "token_ids": ids}
 
 
 def usage(choices: list[Choice], prompts: list[list[int]]) -> dict:
