@@ -20,6 +20,8 @@ def add_parser(subparsers) -> None:
                    help="KV positions per request: prompt + whole canvases (default: min(model limit, 4096))")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per engine step")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: directory name)")
+    p.add_argument("--max-steps-limit", type=int, default=1024,
+                   help="largest max_denoising_steps a request may ask for")
     p.set_defaults(func=_serve)
 
 
@@ -34,7 +36,8 @@ def _serve(args) -> int:
     limit = ModelConfig.from_dir(args.model_dir).max_position_embeddings
     config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len or min(limit, 4096),
                           prefill_chunk=args.prefill_chunk)
-    state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name)
+    state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
+                        args.max_steps_limit)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "

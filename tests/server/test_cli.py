@@ -1,0 +1,36 @@
+"""`canvaslm serve` as a user runs it: a subprocess on a free loopback port, answering the openai client."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+from openai import OpenAI
+
+from canvaslm.server.launch import free_port
+
+
+def test_serve_subprocess_with_api_key(tiny_checkpoint):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "serve", str(tiny_checkpoint), "--port", str(port),
+                             "--device", "cpu", "--api-key", "k", "--max-batch", "2", "--max-model-len", "128",
+                             "--served-model-name", "tiny-cli"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        assert httpx.get(base + "/v1/models").status_code == 401
+        client = OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+        out = client.completions.create(model="tiny-cli", prompt="hello", max_tokens=16, seed=1)
+        assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
