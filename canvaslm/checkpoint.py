@@ -88,8 +88,10 @@ def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor):
         mod._buffers[leaf] = tensor
 
 
-def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: bool | None = None) -> DiffusionGemma:
-    """Build DiffusionGemma from an HF checkpoint directory."""
+def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: bool | None = None,
+               quantization: str | None = None) -> DiffusionGemma:
+    """Build DiffusionGemma from an HF checkpoint directory. quantization="fp8" quantises attention, MLP
+    and expert weights while loading; compressed-tensors FP8 checkpoints load as FP8 either way."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is not a directory")
@@ -97,9 +99,12 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
+    files = _tensor_files(model_dir)
+    from .quant import LoadHook  # FP8: swaps modules on meta, converts tensors as they are read
+
+    hook = LoadHook.for_checkpoint(model, lambda: _all_names(model_dir, files), quantization)
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     expected = {k: v for k, v in expected.items() if not k.startswith("rotary.")}
-    files = _tensor_files(model_dir)
     problems, seen, ignored = [], set(), []
     total = sum(p.numel() for p in expected.values())
     from tqdm.auto import tqdm
@@ -122,21 +127,23 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
                     (ignored if _IGNORED.match(name) else problems).append(
                         name if _IGNORED.match(name) else f"{name}: unexpected tensor in {fname}")
                     continue
-                want = expected[name]
                 try:
                     t = f.get_tensor(name)
                 except Exception as e:
                     problems.append(f"{name}: cannot be read from {fname} ({e})")
                     continue
-                if tuple(t.shape) != tuple(want.shape):
-                    problems.append(f"{name}: shape {tuple(t.shape)} in {fname}, expected {tuple(want.shape)}")
-                    continue
-                if not t.is_floating_point():
-                    problems.append(f"{name}: dtype {t.dtype} in {fname}, expected a floating-point tensor")
-                    continue
-                _set_tensor(model, name, t.to(device=device, dtype=dtype))
-                seen.add(name)
-                bar.update(t.numel())
+                for name, t in (hook.convert(name, t) if hook is not None else [(name, t)]):
+                    want = expected[name]
+                    if tuple(t.shape) != tuple(want.shape):
+                        problems.append(f"{name}: shape {tuple(t.shape)} in {fname}, expected {tuple(want.shape)}")
+                        continue
+                    if not t.is_floating_point():
+                        problems.append(f"{name}: dtype {t.dtype} in {fname}, expected a floating-point tensor")
+                        continue
+                    keep = hook is not None and hook.keeps_dtype(name)
+                    _set_tensor(model, name, t.to(device=device) if keep else t.to(device=device, dtype=dtype))
+                    seen.add(name)
+                    bar.update(t.numel())
     bar.close()
     missing = sorted(set(expected) - seen)
     for name in [m for m in missing if _OPTIONAL.search(m)]:
@@ -150,6 +157,16 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
         log.info("%s: vision tower weights skipped (text-only model)", model_dir)
     model.rotary = Rotary(cfg).to(device)
     return model.eval()
+
+
+def _all_names(model_dir: Path, files: dict) -> list[str]:
+    names = []
+    for fname, listed in files.items():
+        if listed is None:
+            with _open(model_dir / fname, "cpu") as f:
+                listed = list(f.keys())
+        names += listed
+    return names
 
 
 def build_random_model(cfg: ModelConfig, device="cpu", dtype="float32", seed: int = 0, std: float = 0.02,

@@ -50,10 +50,13 @@ def gumbel(bits: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform(bits)))
 
 
-def draw_seeds(gens, batch: int, device) -> torch.Tensor:
-    """One fresh Philox seed per row [B] int64 from the request generators (a shared generator or one per
-    row), drawn on the generator's device: no host sync, and a row's seeds follow its own generator."""
+def draw_seeds(gens, batch: int, device, active: torch.Tensor | None = None) -> torch.Tensor:
+    """One fresh Philox seed per row [B] int64 from the request generators, drawn on the generator's
+    device. A shared generator draws for every row (no host sync); with one generator per row, rows that
+    are not `active` draw nothing (seed 0), so a request's stream never depends on its batch-mates."""
     if not isinstance(gens, (list, tuple)):
         g_dev = gens.device if gens is not None else device
         return torch.randint(0, SEED_HIGH, (batch,), generator=gens, device=g_dev).to(device)
-    return torch.cat([torch.randint(0, SEED_HIGH, (1,), generator=g, device=g.device).to(device) for g in gens])
+    keep = [True] * len(gens) if active is None else active.tolist()
+    return torch.cat([torch.randint(0, SEED_HIGH, (1,), generator=g, device=g.device).to(device) if k
+                      else torch.zeros(1, dtype=torch.long, device=device) for g, k in zip(gens, keep)])

@@ -61,11 +61,13 @@ def _finish(stats: VocabStats, st: CanvasState, p: SamplerParams, seeds, vocab, 
     return CanvasState(canvas, argmax, sc_logits, finished, history, st.cur_step - 1, sc_embeds=sc_embeds)
 
 
-def seeds_for(gens_or_seeds, batch: int, device) -> torch.Tensor:
-    """A [B] int64 seed tensor as given, or one drawn per row from the generator(s)."""
+def seeds_for(gens_or_seeds, batch: int, device, finished: torch.Tensor | None = None) -> torch.Tensor:
+    """A [B] int64 seed tensor as given, or one drawn per row from the generator(s) (per-row generators of
+    finished rows do not move, as in the reference sampler)."""
     if isinstance(gens_or_seeds, torch.Tensor):
         return gens_or_seeds.to(device=device, dtype=torch.long)
-    return ph.draw_seeds(gens_or_seeds, batch, device)
+    active = ~finished if finished is not None and isinstance(gens_or_seeds, (list, tuple)) else None
+    return ph.draw_seeds(gens_or_seeds, batch, device, active)
 
 
 def fused_entropy_bound_step(logits: torch.Tensor, st: CanvasState, p: SamplerParams, gens, vocab: int,
@@ -77,7 +79,7 @@ def fused_entropy_bound_step(logits: torch.Tensor, st: CanvasState, p: SamplerPa
     the logits' dtype), written in the same pass; None with write_sc=False. Finished rows keep their
     canvas and argmax; their sc_logits are not preserved (nothing reads them)."""
     B, C, V = logits.shape
-    seeds = seeds_for(gens, B, logits.device)
+    seeds = seeds_for(gens, B, logits.device, st.finished)
     temp, seeds_n, pos = _per_position(st, p, seeds)
     proc = torch.empty(B, C, V, dtype=sc_dtype or logits.dtype, device=logits.device) if write_sc else None
     stats = stats_over_vocab(logits.reshape(B * C, V), temp, seeds_n, pos,
@@ -97,7 +99,7 @@ def fused_step_from_hidden(hidden: torch.Tensor, model, st: CanvasState, p: Samp
     N = B * C
     weight = model.embed_weight  # [V, d], the tied LM head
     cap = model.cfg.final_logit_softcapping
-    seeds = seeds_for(gens, B, hidden.device)
+    seeds = seeds_for(gens, B, hidden.device, st.finished)
     temp, seeds_n, pos = _per_position(st, p, seeds)
     flat = hidden.reshape(N, d)
     stats = VocabStats.new(N, hidden.device)

@@ -1,0 +1,274 @@
+"""FP8 (e4m3) weights: quantisation, FP8 linear and expert modules, and checkpoint loading hooks.
+
+Scales are float32 and multiply the stored e4m3 values back: w ~= q * scale, with one scale per output
+channel (`channel`, shape [out, 1] / experts [E, out]), per 128x128 tile (`block`, [ceil(out/128),
+ceil(in/128)]) or per tensor. Forward passes:
+- CPU or no Hopper support: dequantise to the activation dtype and run the plain maths (the reference).
+- CUDA, per-channel: `torch._scaled_mm` with per-token dynamic activation scales (W8A8); experts read
+  FP8 through the fused Triton MoE kernel (dequantised in registers, half the bytes of bf16).
+Checkpoints: bf16 weights quantised while loading (`load_model(..., quantization="fp8")`), or
+pre-quantised compressed-tensors checkpoints (`quant_method: compressed-tensors`, `X.weight` in
+float8_e4m3fn with `X.weight_scale`; 3-D expert tensors `X` with `X_scale`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+STRATEGIES = ("channel", "block", "tensor")
+# Linear layers that become FP8: attention, dense MLP, self-conditioning MLP. The router, norms and the
+# tied embedding / LM head stay in the model dtype (small, and precision-sensitive).
+_FP8_LINEAR = re.compile(r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj|self_conditioning\.(gate|up|down)_proj)$")
+
+
+class QuantError(ValueError):
+    """A quantisation setting or a quantised checkpoint is not supported or inconsistent."""
+
+
+def scale_shape(shape: tuple, strategy: str) -> tuple:
+    """Scale shape for a weight [..., out, in]."""
+    *lead, out, inn = shape
+    if strategy == "channel":
+        return (*lead, out, 1)
+    if strategy == "block":
+        return (*lead, math.ceil(out / BLOCK), math.ceil(inn / BLOCK))
+    if strategy == "tensor":
+        return (*lead, 1, 1)
+    raise QuantError(f"FP8 strategy {strategy!r} is not supported; expected one of {STRATEGIES}")
+
+
+def _expand(scale: torch.Tensor, shape: tuple, strategy: str) -> torch.Tensor:
+    """Broadcastable per-element scale for a weight of `shape`."""
+    if strategy != "block":
+        return scale
+    out, inn = shape[-2:]
+    return scale.repeat_interleave(BLOCK, -2)[..., :out, :].repeat_interleave(BLOCK, -1)[..., :inn]
+
+
+def quantize_fp8(w: torch.Tensor, strategy: str = "channel") -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., out, in] -> (q float8_e4m3fn, scale float32 of `scale_shape`)."""
+    wf = w.float()
+    *lead, out, inn = wf.shape
+    if strategy == "channel":
+        amax = wf.abs().amax(-1, keepdim=True)
+    elif strategy == "tensor":
+        amax = wf.abs().amax((-2, -1), keepdim=True)
+    elif strategy == "block":
+        po, pi = math.ceil(out / BLOCK) * BLOCK, math.ceil(inn / BLOCK) * BLOCK
+        padded = F.pad(wf.abs(), (0, pi - inn, 0, po - out))
+        amax = padded.view(*lead, po // BLOCK, BLOCK, pi // BLOCK, BLOCK).amax((-3, -1))
+    else:
+        scale_shape(wf.shape, strategy)  # raises
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    q = (wf / _expand(scale, wf.shape, strategy)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, strategy: str, dtype=torch.float32) -> torch.Tensor:
+    return (q.float() * _expand(scale.float(), q.shape, strategy)).to(dtype)
+
+
+def _scaled_mm_ok(x: torch.Tensor) -> bool:
+    return x.is_cuda and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+class FP8Linear(nn.Module):
+    """y = x @ (q * scale)^T + bias, with q stored in float8_e4m3fn (HF names: weight, weight_scale)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, strategy: str = "channel"):
+        super().__init__()
+        self.in_features, self.out_features, self.strategy = in_features, out_features, strategy
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(scale_shape((out_features, in_features), strategy)))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, strategy: str = "channel") -> "FP8Linear":
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, strategy)
+        q, s = quantize_fp8(lin.weight.detach(), strategy)
+        m.weight = nn.Parameter(q, requires_grad=False)
+        m.weight_scale = s
+        if lin.bias is not None:
+            m.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.strategy == "channel" and _scaled_mm_ok(x) and x.dtype in (torch.bfloat16, torch.float16):
+            flat = x.reshape(-1, x.shape[-1])
+            x_scale = flat.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1] per token
+            xq = (flat / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
+                                 bias=self.bias, out_dtype=x.dtype)
+            return y.view(*x.shape[:-1], -1)
+        w = dequantize_fp8(self.weight, self.weight_scale, self.strategy, x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+class FP8Experts(nn.Module):
+    """`model.moe.Experts` with FP8 weights and per-output-channel scales (gate_up_proj_scale [E, 2I],
+    down_proj_scale [E, d]). Same forward contract: (x [N, d], weights [N, K], ids [N, K]) -> [N, d]."""
+
+    def __init__(self, d: int, inner: int, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inner, d, dtype=FP8), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d, inner, dtype=FP8), requires_grad=False)
+        self.register_buffer("gate_up_proj_scale", torch.ones(num_experts, 2 * inner))
+        self.register_buffer("down_proj_scale", torch.ones(num_experts, d))
+        self.impl = "auto"  # "triton" | "dequant" | "auto"
+
+    @classmethod
+    def from_experts(cls, ex) -> "FP8Experts":
+        E, two_i, d = ex.gate_up_proj.shape
+        m = cls(d, two_i // 2, E)
+        for name in ("gate_up_proj", "down_proj"):
+            q, s = quantize_fp8(getattr(ex, name).detach(), "channel")
+            setattr(m, name, nn.Parameter(q, requires_grad=False))
+            setattr(m, f"{name}_scale", s.squeeze(-1))
+        return m
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        from .kernels import triton_available
+
+        if self.impl == "triton" or (self.impl == "auto" and x.is_cuda and triton_available()):
+            from .kernels.moe import fused_moe
+
+            return fused_moe(x, weights, ids, self.gate_up_proj, self.down_proj, self.gate_up_proj_scale,
+                             self.down_proj_scale)
+        return self._dequant(x, weights, ids)
+
+    def _dequant(self, x, weights, ids):
+        """Reference: dequantise the experts that are used, then the per-expert loop's maths."""
+        out = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == e)
+            gu = (self.gate_up_proj[e].float() * self.gate_up_proj_scale[e, :, None]).to(x.dtype)
+            dn = (self.down_proj[e].float() * self.down_proj_scale[e, :, None]).to(x.dtype)
+            gate, up = F.linear(x[tok], gu).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, dn)
+            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
+        return out
+
+
+def _fp8_targets(model) -> tuple[list[str], list[str]]:
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _FP8_LINEAR.search(n)]
+    experts = [n for n, m in model.named_modules() if n.endswith(".experts")]
+    return linears, experts
+
+
+def _swap(model, name: str, new: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+
+
+def quantize_model(model, strategy: str = "channel"):
+    """Swap attention / MLP linears and experts for FP8 modules, quantising their weights (in place)."""
+    linears, experts = _fp8_targets(model)
+    for n in linears:
+        _swap(model, n, FP8Linear.from_linear(model.get_submodule(n), strategy))
+    for n in experts:
+        _swap(model, n, FP8Experts.from_experts(model.get_submodule(n)))
+    return model
+
+
+def fp8_scheme_from_config(raw: dict) -> dict | None:
+    """The weight scheme of a compressed-tensors FP8 config.json ({'strategy': ...}), None if unquantised."""
+    qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method != "compressed-tensors":
+        raise QuantError(f"config.json: quantization_config.quant_method {method!r} is not supported "
+                         "(expected 'compressed-tensors')")
+    strategies = set()
+    for gname, group in (qc.get("config_groups") or {}).items():
+        w = group.get("weights") or {}
+        if w.get("type", "float") != "float" or w.get("num_bits", 8) != 8:
+            raise QuantError(f"config.json: quantization_config.config_groups.{gname}.weights must be 8-bit "
+                             f"float (FP8), got type={w.get('type')!r} num_bits={w.get('num_bits')!r}")
+        if w.get("strategy") == "block" and list(w.get("block_structure") or [BLOCK, BLOCK]) != [BLOCK, BLOCK]:
+            raise QuantError(f"config.json: block_structure {w.get('block_structure')} is not supported "
+                             f"(expected [{BLOCK}, {BLOCK}])")
+        strategies.add(w.get("strategy", "channel"))
+    if len(strategies) != 1 or next(iter(strategies)) not in STRATEGIES:
+        raise QuantError(f"config.json: FP8 weight strategies {sorted(strategies)} are not supported "
+                         f"(one of {STRATEGIES})")
+    return {"strategy": strategies.pop()}
+
+
+class LoadHook:
+    """Prepares a meta-device model for FP8 and converts each tensor as the loader reads it.
+
+    mode 'quantize': bf16/fp32 tensors of FP8 targets are quantised on the fly (the scales appear as
+    extra tensors); mode 'prequantized': FP8 tensors and their scales are taken as stored. File names of
+    a compressed-tensors checkpoint (`X.weight_scale`, 3-D `X_scale`) map onto the module buffers."""
+
+    def __init__(self, model, mode: str, strategy: str = "channel", fp8_names: set | None = None):
+        self.mode, self.strategy = mode, strategy
+        linears, experts = _fp8_targets(model)
+        if fp8_names is not None:  # pre-quantised: exactly the modules the checkpoint stores in FP8
+            linears = [n for n in linears if n in fp8_names]
+            experts = [n for n in experts if n in fp8_names]
+        cfg = model.cfg
+        with torch.device("meta"):
+            for n in linears:
+                lin = model.get_submodule(n)
+                _swap(model, n, FP8Linear(lin.in_features, lin.out_features, lin.bias is not None, strategy))
+            for n in experts:
+                _swap(model, n, FP8Experts(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts))
+        self.linears, self.experts = set(linears), set(experts)
+
+    @classmethod
+    def for_checkpoint(cls, model, list_names, quantization: str | None):
+        """None when the checkpoint is unquantised and no quantisation was asked for. list_names() gives
+        every tensor name of the checkpoint (read only for pre-quantised checkpoints)."""
+        scheme = fp8_scheme_from_config(model.cfg.raw)
+        if scheme is not None:
+            names = list_names()
+            fp8 = {n[:-len(".weight_scale")] for n in names if n.endswith(".weight_scale")}
+            fp8 |= {n[:-len(".gate_up_proj_scale")] for n in names if n.endswith(".gate_up_proj_scale")}
+            if scheme["strategy"] != "channel" and any(n.endswith("_proj_scale") for n in names):
+                raise QuantError("FP8 experts need per-channel scales; the checkpoint has "
+                                 f"strategy {scheme['strategy']!r}")
+            return cls(model, "prequantized", scheme["strategy"], fp8)
+        if quantization is None:
+            return None
+        if quantization != "fp8":
+            raise QuantError(f"quantization {quantization!r} is not supported; expected 'fp8' or None")
+        return cls(model, "quantize")
+
+    def keeps_dtype(self, name: str) -> bool:
+        """Tensors stored as FP8 or float32 scales: never cast to the model dtype."""
+        mod, _, leaf = name.rpartition(".")
+        return (mod in self.linears and leaf in ("weight", "weight_scale")) or \
+            (mod in self.experts and leaf in ("gate_up_proj", "down_proj", "gate_up_proj_scale", "down_proj_scale"))
+
+    def convert(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        mod, _, leaf = name.rpartition(".")
+        if self.mode == "prequantized":
+            if mod in self.linears and leaf == "weight_scale":
+                return [(name, t.float())]
+            if mod in self.experts and leaf.endswith("_scale"):
+                return [(name, t.float().reshape(t.shape[0], -1))]  # [E, out] (stored [E, out] or [E, out, 1])
+            if self.keeps_dtype(name) and t.dtype != FP8:
+                raise QuantError(f"{name}: dtype {t.dtype}, expected float8_e4m3fn in an FP8 checkpoint")
+            return [(name, t)]
+        if mod in self.linears and leaf == "weight":
+            q, s = quantize_fp8(t, self.strategy)
+            return [(name, q), (f"{mod}.weight_scale", s)]
+        if mod in self.experts and leaf in ("gate_up_proj", "down_proj"):
+            q, s = quantize_fp8(t, "channel")
+            return [(name, q), (f"{name}_scale", s.squeeze(-1))]
+        return [(name, t)]
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

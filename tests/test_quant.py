@@ -1,0 +1,153 @@
+"""FP8 weights: quantisation error, FP8 modules vs the full-precision maths, quantise-on-load, and loading a
+compressed-tensors FP8 checkpoint (built here) with logits close to the original model's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from canvaslm.checkpoint import build_random_model, load_model, save_model
+from canvaslm.kv_cache import KVCache
+from canvaslm.model.moe import Experts
+from canvaslm.quant import (FP8, _fp8_targets, FP8Experts, FP8Linear, QuantError, dequantize_fp8, quantize_fp8,
+                            quantize_model)
+from canvaslm.shapes import model_config
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).detach().norm() / b.float().detach().norm())
+
+
+def _fake_quantized(model, strategy="channel", experts=True):
+    """The same model with every FP8 target weight replaced by dequantise(quantise(w)), in float32: what
+    an FP8 model must compute exactly (up to float rounding)."""
+    fake = build_random_model(model.cfg, seed=0, std=0.05)
+    fake.load_state_dict(model.state_dict())
+    lin, ex = _fp8_targets(fake)
+    with torch.no_grad():
+        for n in lin:
+            w = fake.get_submodule(n).weight
+            w.copy_(dequantize_fp8(*quantize_fp8(w, strategy), strategy))
+        for n in ex if experts else []:
+            for p in ("gate_up_proj", "down_proj"):
+                w = getattr(fake.get_submodule(n), p)
+                w.copy_(dequantize_fp8(*quantize_fp8(w, "channel"), "channel"))
+    return fake
+
+
+@pytest.mark.parametrize("strategy", ["channel", "block", "tensor"])
+def test_quantize_roundtrip(strategy):
+    w = torch.randn(300, 260) * torch.linspace(0.1, 3, 300)[:, None]
+    q, s = quantize_fp8(w, strategy)
+    assert q.dtype == FP8 and s.dtype == torch.float32
+    assert _rel(dequantize_fp8(q, s, strategy), w) < 0.04  # e4m3: 3 mantissa bits
+    if strategy == "block":
+        assert s.shape == (3, 3)
+
+
+def test_fp8_linear_and_experts_match_full_precision():
+    lin = torch.nn.Linear(64, 48, bias=True)
+    x = torch.randn(5, 64)
+    assert _rel(FP8Linear.from_linear(lin)(x), lin(x)) < 0.05
+    ex = Experts(32, 16, 4)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.3)
+        ex.down_proj.normal_(0, 0.3)
+    x = torch.randn(10, 32)
+    weights, ids = torch.rand(10, 2).softmax(-1), torch.randint(0, 4, (10, 2))
+    assert _rel(FP8Experts.from_experts(ex)(x, weights, ids), ex._loop(x, weights, ids)) < 0.06
+
+
+def _logits(model, seed=0):
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(cfg, 1, 64, dtype=model.embed_weight.dtype)
+    slots = torch.zeros(1, dtype=torch.long)
+    model.encode(torch.randint(0, cfg.vocab_size, (1, 12), generator=g), torch.arange(12)[None], slots, cache)
+    return model.denoise(torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g), slots, cache)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = model_config("tiny", canvas_length=8)
+    model = build_random_model(cfg, seed=0, std=0.05)
+    out = save_model(model, tmp_path_factory.mktemp("bf16") / "m")
+    return model, out
+
+
+def test_quantize_on_load(tiny):
+    model, path = tiny
+    q = load_model(path, quantization="fp8")
+    layer = q.text.layers[0]
+    assert isinstance(layer.self_attn.q_proj, FP8Linear) and isinstance(layer.experts, FP8Experts)
+    assert layer.self_attn.q_proj.weight.dtype == FP8
+    assert not isinstance(layer.router.proj, FP8Linear)  # precision-sensitive, stays
+    with torch.no_grad():
+        out, fake, orig = _logits(q), _logits(_fake_quantized(model)), _logits(model)
+    assert _rel(out, fake) < 1e-4  # exactly the quantised weights' maths
+    assert _rel(out, orig) < 0.3  # FP8 tolerance on a random 3-layer model (chaotic: errors compound)
+    with pytest.raises(QuantError, match="int4"):
+        load_model(path, quantization="int4")
+
+
+def _write_compressed_tensors(model, out, strategy):
+    """An FP8 checkpoint the way compressed-tensors stores one: X.weight (e4m3) + X.weight_scale."""
+    save_model(model, out)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("rotary.")}
+    q = quantize_model(build_random_model(model.cfg, seed=0, std=0.05), "channel")
+    for name, mod in q.named_modules():
+        if isinstance(mod, FP8Linear):
+            w, s = quantize_fp8(state[f"{name}.weight"], strategy)
+            state[f"{name}.weight"], state[f"{name}.weight_scale"] = w, s
+        if isinstance(mod, FP8Experts) and strategy == "channel":
+            for p in ("gate_up_proj", "down_proj"):
+                w, s = quantize_fp8(state[f"{name}.{p}"], "channel")
+                state[f"{name}.{p}"], state[f"{name}.{p}_scale"] = w, s  # [E, out, 1]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
+            **({"block_structure": [128, 128]} if strategy == "block" else {})},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}},
+        "ignore": ["lm_head"]}
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("strategy", ["channel", "block"])
+def test_load_compressed_tensors_checkpoint(tiny, tmp_path, strategy):
+    model, _ = tiny
+    _write_compressed_tensors(model, tmp_path / "fp8", strategy)
+    q = load_model(tmp_path / "fp8", dtype="float32")
+    lin = q.text.layers[1].mlp.gate_proj
+    assert isinstance(lin, FP8Linear) and lin.strategy == strategy and lin.weight.dtype == FP8
+    assert isinstance(q.text.layers[1].experts, FP8Experts if strategy == "channel" else Experts)
+    with torch.no_grad():
+        out = _logits(q)
+        fake = _logits(_fake_quantized(model, strategy, experts=strategy == "channel"))
+        orig = _logits(model)
+    assert _rel(out, fake) < 1e-4
+    assert _rel(out, orig) < 0.3
+
+
+def test_unsupported_quant_method_is_named(tiny, tmp_path):
+    model, _ = tiny
+    save_model(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantError, match="awq"):
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch._scaled_mm)")
+def test_scaled_mm_path_matches_dequant_on_gpu():
+    lin = torch.nn.Linear(256, 512, bias=False).cuda().bfloat16()
+    f = FP8Linear.from_linear(lin)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear(x, dequantize_fp8(f.weight, f.weight_scale, "channel", x.dtype))
+    assert _rel(f(x), ref) < 0.05
