@@ -1,0 +1,45 @@
+"""`canvaslm bench` runs end to end on CPU at a tiny size and reports every figure, reference included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from canvaslm.bench import BenchConfig, run_bench
+
+
+def test_bench_tiny_cpu_reports_all_figures():
+    lines = []
+    bc = BenchConfig(shape="tiny", prompt_len=8, new_tokens=32, steps_per_canvas=2, canvas_length=16,
+                     batches=(1, 2), reference=("eager",))
+    res = run_bench(bc, print_fn=lines.append)
+    text = lines[0]
+    for needle in ("memory floor", "ours  batch 1: decoder step", "encode canvas", "batch 2 / batch 1",
+                   "transformers eager batch 1", "ours/reference"):
+        assert needle in text, text
+    assert res["ours"][0]["tok_s"] > 0 and res["floor_s"] > 0
+    assert "error" not in res["reference"]["eager"], res["reference"]
+
+
+def test_fused_sampler_path_on_cpu():
+    bc = BenchConfig(shape="tiny", prompt_len=4, new_tokens=16, steps_per_canvas=2, canvas_length=16,
+                     batches=(1,), reference=(), sampler="fused")
+    res = run_bench(bc, print_fn=lambda s: None)
+    assert res["ours"][0]["step_s"] > 0
+
+
+def test_bad_flags_are_named():
+    with pytest.raises(ValueError, match="--steps-per-canvas"):
+        BenchConfig(steps_per_canvas=0)
+    with pytest.raises(ValueError, match="--reference"):
+        BenchConfig(reference=("fast",))
+
+
+def test_cli_and_standalone_script_parse():
+    out = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--steps-per-canvas" in out.stdout
+    out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "bench_step.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--shape" in out.stdout
