@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from canvaslm.checkpoint import build_random_model
 from canvaslm.config import DiffusionParams
@@ -81,7 +80,8 @@ def test_samples_follow_softmax_chi_square():
                           chunk=3, impl="reference")
     counts = torch.bincount(st.gbest_id, minlength=V).double()
     expected = torch.softmax(logits.double() / temp, -1) * n
-    assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 24.32, f"chi-square {chi2:.1f} over the p=0.001 critical value for 7 degrees of freedom"
 
 
 def test_per_request_reproducible_and_batch_independent():

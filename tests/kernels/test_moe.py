@@ -67,3 +67,18 @@ def test_per_channel_scales_are_applied(triton_device):
     out = fused_moe(x.to(dev), weights.to(dev), ids.to(dev), ex.gate_up_proj.detach().to(dev),
                     ex.down_proj.detach().to(dev), gs.to(dev), ds.to(dev))
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 weights in Triton need a GPU")
+def test_fp8_experts_triton_matches_dequant_reference():
+    from canvaslm.quant import FP8Experts
+
+    ex = _experts(d=256, inner=128, E=8).cuda().bfloat16()
+    f8 = FP8Experts.from_experts(ex).cuda()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    weights, ids = (t.cuda() for t in _routing(64, 2, 8))
+    ref = f8._dequant(x, weights, ids).float()
+    out = fused_moe(x, weights, ids, f8.gate_up_proj, f8.down_proj, f8.gate_up_proj_scale,
+                    f8.down_proj_scale).float()
+    assert (out - ref).norm() / ref.norm() < 2e-2
