@@ -27,7 +27,12 @@ def _positive(text: str) -> int:
 
 
 def _llm(args):
+    import torch
+
     from canvaslm.llm import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     return LLM(args.model, device=args.device)
 
@@ -101,6 +106,7 @@ def add_parser(subparsers) -> None:
         q.add_argument("--seed", type=int, default=0, help="sampling seed (puzzle i uses seed + i)")
         q.add_argument("--candidates", action="store_true",
                        help="also forbid digits already given in a cell's row/column/box (off by default)")
+        q.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's; 1 on a busy CPU)")
 
     s = sub.add_parser("solve", help="solve puzzles; prints one line of 81 digits per puzzle")
     common(s)
