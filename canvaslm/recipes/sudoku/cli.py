@@ -90,6 +90,8 @@ def _train(args) -> int:
         recipe = recipe.for_baseline()
     if args.threads:
         recipe = replace(recipe, train=replace(recipe.train, threads=args.threads))
+    if args.device:
+        recipe = replace(recipe, train=replace(recipe.train, device=args.device))
     out = args.out or f"runs/sudoku/{recipe.train.objective}"
     final = train_recipe(recipe, out, resume=not args.no_resume)
     print(f"model written to {final}")
@@ -130,5 +132,6 @@ def add_parser(subparsers) -> None:
     t.add_argument("--out", default=None, help="output dir (default runs/sudoku/<objective>)")
     t.add_argument("--baseline", action="store_true", help="train the autoregressive baseline instead")
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: the recipe's)")
+    t.add_argument("--device", default=None, help="cpu | cuda (default: the recipe's, cpu)")
     t.add_argument("--no-resume", action="store_true", help="start over even if OUT has a trainer state")
     t.set_defaults(func=_train)

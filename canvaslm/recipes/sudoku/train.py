@@ -54,6 +54,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 100
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (1 is fastest on a busy CPU)
+    device: str = "cpu"  # fp32 everywhere; "cuda" is wired through but was not tried for the shipped model
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -176,7 +177,7 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
         torch.set_num_threads(cfg.threads)
     split = split if split is not None else load_or_make_split(cfg, log)
     train = split.train
-    model = build_random_model(model_config(recipe.model), seed=cfg.seed, std=cfg.init_std)
+    model = build_random_model(model_config(recipe.model), device=cfg.device, seed=cfg.seed, std=cfg.init_std)
     model.train()
     set_trainable(model, freeze_router=False)  # from scratch: the router must learn too
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -186,7 +187,7 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
     rng, gen, step = random.Random(f"sudoku-train:{cfg.seed}"), torch.Generator().manual_seed(cfg.seed), 0
     state_path = out / "trainer_state.pt"
     if resume and state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=False, map_location=cfg.device)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         rng.setstate(st["rng"])
