@@ -155,7 +155,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def _save(model, out: Path, name: str, steps: int):
+def _save(model, out: Path, name: str):
     params = default_params()
     d = save_model(model, out / name, params)
     write_tokenizer(d)
@@ -225,10 +225,10 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
                 logf.flush()
                 log(" ".join(f"{k}={v}" for k, v in rec.items()))
             if step % cfg.save_every == 0 or step == cfg.max_steps:
-                _save(model, out, "checkpoint", step)
+                _save(model, out, "checkpoint")
                 tmp = state_path.with_suffix(".tmp")
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
                             "gen": gen.get_state(), "step": step}, tmp)
                 os.replace(tmp, state_path)
     model.eval()
-    return _save(model, out, "model", step)
+    return _save(model, out, "model")
