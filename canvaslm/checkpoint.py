@@ -124,8 +124,10 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
                     problems.append(f"{name}: listed in the index for {fname} but not stored there")
                     continue
                 if name not in expected:
-                    (ignored if _IGNORED.match(name) else problems).append(
-                        name if _IGNORED.match(name) else f"{name}: unexpected tensor in {fname}")
+                    if _IGNORED.match(name):
+                        ignored.append(name)
+                    else:
+                        problems.append(f"{name}: unexpected tensor in {fname}")
                     continue
                 try:
                     t = f.get_tensor(name)

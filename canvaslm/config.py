@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,7 +318,3 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     return data
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf
