@@ -255,10 +255,12 @@ def _load_chat_template(d: Path, tok_cfg: dict) -> str | None:
 
 def build_char_tokenizer(chars: Iterable[str], special_tokens: list[str], out_dir: str | Path,
                          chat_template: str | None = None, *, bos_token: str | None = None,
-                         eos_token: str | None = None, pad_token: str | None = None) -> Tokenizer:
+                         eos_token: str | None = None, pad_token: str | None = None,
+                         extra_tokens: Iterable[str] = ()) -> Tokenizer:
     """Write a char-level tokenizer.json + tokenizer_config.json for a tiny model and load it.
 
-    Ids: special tokens first in the given order (['<pad>', '<eos>', '<bos>'] -> 0, 1, 2), then `chars`.
+    Ids: special tokens first in the given order (['<pad>', '<eos>', '<bos>'] -> 0, 1, 2), then `chars`,
+    then `extra_tokens` (multi-character tokens matched whole in text, e.g. '<r1c1:5>').
     Roles default to the conventional names '<bos>', '<eos>', '<pad>' when they are among the specials.
     There is no post-processor, so `encode` never adds a bos; add '<unk>' to the specials to map unknown
     characters to it instead of raising.
@@ -267,7 +269,8 @@ def build_char_tokenizer(chars: Iterable[str], special_tokens: list[str], out_di
     for c in chars:
         if not isinstance(c, str) or len(c) != 1:
             raise ValueError(f"build_char_tokenizer: every entry of chars must be one character, got {c!r}")
-    vocab_list = list(special_tokens) + chars
+    extra_tokens = list(extra_tokens)
+    vocab_list = list(special_tokens) + chars + extra_tokens
     if len(set(vocab_list)) != len(vocab_list):
         dupes = sorted({t for t in vocab_list if vocab_list.count(t) > 1})
         raise ValueError(f"build_char_tokenizer: duplicate entries in special_tokens + chars: {dupes}")
@@ -284,7 +287,8 @@ def build_char_tokenizer(chars: Iterable[str], special_tokens: list[str], out_di
     backend = _Backend(models.WordLevel(vocab, unk_token=unk))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per char
     backend.decoder = decoders.Fuse()  # join pieces without the default space separator
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in list(special_tokens) + extra_tokens])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

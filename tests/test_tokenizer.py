@@ -250,6 +250,15 @@ def test_char_tokenizer_with_chat_template(tmp_path):
     assert tok.encode_chat([{"role": "user", "content": "xy"}]) == [2, 3, 1]
 
 
+def test_char_tokenizer_extra_tokens_match_whole(tmp_path):
+    tok = build_char_tokenizer("ab<", ["<pad>", "<eos>"], tmp_path, extra_tokens=["<r1c1:5>", "<ab>"])
+    assert tok.vocab_size == 2 + 3 + 2
+    assert tok.token_to_id("<r1c1:5>") == 5 and tok.token_to_id("<ab>") == 6
+    assert tok.encode("a<r1c1:5>b<ab><", add_special_tokens=False) == [2, 5, 3, 6, 4]
+    with pytest.raises(ValueError, match="duplicate.*'<ab>'"):
+        build_char_tokenizer("a", ["<pad>"], tmp_path, extra_tokens=["<ab>", "<ab>"])
+
+
 def test_char_tokenizer_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="one character"):
         build_char_tokenizer(["ab"], ["<pad>"], tmp_path)

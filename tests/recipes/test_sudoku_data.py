@@ -123,9 +123,13 @@ def test_split_jsonl_round_trip(tmp_path):
 
 
 def test_token_layout_constants():
-    assert data.VOCAB_SIZE == 16
-    assert (data.PAD_ID, data.EOS_ID, data.BOS_ID, data.SEP_ID) == (0, 1, 2, 13)
-    assert data.encode_prompt("0" * 81)[1] == 3 and data.encode_prompt("9" + "0" * 80)[1] == 12
+    assert data.VOCAB_SIZE == 832
+    assert (data.PAD_ID, data.EOS_ID, data.BOS_ID, data.SEP_ID, data.CELL_BASE_ID) == (0, 1, 2, 13, 16)
+    # answer digits are plain digit tokens; prompt cells name their cell and content
+    assert data.encode_target("0" * 81)[0] == 3 and data.encode_target("9" + "0" * 80)[0] == 12
+    assert data.encode_prompt("0" * 81)[1] == 16 and data.encode_prompt("9" + "0" * 80)[1] == 25
+    assert data.encode_prompt("0" * 80 + "7")[81] == 16 + 10 * 80 + 7
+    assert data.ID_TO_TOKEN[16 + 10 * 80 + 7] == "<r9c9:7>" and len(data.ID_TO_TOKEN) == data.VOCAB_SIZE
 
 
 def test_encode_decode_round_trip():
@@ -135,8 +139,10 @@ def test_encode_decode_round_trip():
     assert len(target) == data.TARGET_LEN and target[-1] == data.EOS_ID
     assert max(prompt + target) < data.VOCAB_SIZE
     assert data.decode_solution(target) == HARD_SOLUTION
-    assert data.decode_solution(prompt[1:]) == HARD.replace(".", "0")
-    assert data.detokenize(prompt).startswith("<bos>8000") and data.detokenize(prompt).endswith("|")
+    assert data.decode_prompt(prompt) == HARD.replace(".", "0")
+    assert data.decode_solution(prompt[1:]) is None  # cell tokens are not answer digits
+    assert data.decode_prompt(prompt[:-1]) is None and data.decode_prompt([prompt[0], *prompt[2:], 13]) is None
+    assert data.detokenize(prompt).startswith("<bos><r1c1:8><r1c2:0>") and data.detokenize(prompt).endswith("|")
 
 
 def test_decode_rejects_malformed():

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, TARGET_LEN, Example, Split,
+from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, TARGET_LEN, VOCAB_SIZE, Example, Split,
                                           make_split)
 from canvaslm.recipes.sudoku.model_config import ModelShape, model_config
 from canvaslm.recipes.sudoku.puzzles import is_valid_solution
@@ -60,7 +60,7 @@ def test_shipped_recipe_loads_and_baseline_is_ar():
     r = Recipe.from_yaml()
     assert r.model.canvas_length == TARGET_LEN
     cfg = model_config(r.model)
-    assert cfg.vocab_size == 16 and cfg.layer_types[-1] == "full_attention"
+    assert cfg.vocab_size == VOCAB_SIZE == 832 and cfg.layer_types[-1] == "full_attention"
     assert cfg.sliding_window >= 83 + cfg.canvas_length
     b = r.for_baseline()
     assert b.train.objective == "ar" and b.model == r.model and b.train.n_train == r.train.n_train

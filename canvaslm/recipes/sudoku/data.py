@@ -1,8 +1,14 @@
 """Sudoku data: fixed-seed train/test splits, the tiny token layout, and JSONL I/O.
 
-Token layout (VOCAB_SIZE = 16):
-    prompt = [BOS] + 81 digit tokens (blank = '0') + [SEP]      -> PROMPT_LEN = 83
+Token layout (VOCAB_SIZE = 832):
+    prompt = [BOS] + 81 cell tokens + [SEP]                       -> PROMPT_LEN = 83
     target = 81 digit tokens + [EOS]                              -> TARGET_LEN = 82
+A prompt cell token names its cell and its content: CELL_BASE_ID + 10 * cell + digit (digit 0 = blank),
+810 tokens written `<r{row}c{col}:{digit}>` (1-based row/col). The model's attention is otherwise
+position-relative (RoPE) and the answer canvas is bidirectional, so without them a cell has no cheap
+way to know its row and box; with them the prompt's keys carry row/column/box identity, and an answer
+cell finds its own by reading the prompt token exactly PROMPT_LEN - 1 positions back. Answer tokens are
+plain digits (ids 3..12), so the canvas vocabulary, its noise and its constraints stay the same.
 No torch here: a trainer imports the constants and turns the lists into tensors itself.
 """
 
@@ -27,13 +33,17 @@ EOS_ID = 1
 BOS_ID = 2
 DIGIT_BASE_ID = 3  # ids 3..12 are the digits '0'..'9'
 SEP_ID = 13  # '|' between the puzzle and the answer
-# 14 and 15 are reserved; 16 keeps the embedding table a tidy power of two.
-VOCAB_SIZE = 16
+# 14 and 15 are reserved.
 N_CELLS = 81
+CELL_BASE_ID = 16  # prompt cell tokens: CELL_BASE_ID + 10 * cell + digit
+VOCAB_SIZE = 832  # 16 + 810 cell tokens, rounded up to a multiple of 64 (826..831 reserved)
 PROMPT_LEN = 1 + N_CELLS + 1
 TARGET_LEN = N_CELLS + 1
 ID_TO_TOKEN = {PAD_ID: "<pad>", EOS_ID: "<eos>", BOS_ID: "<bos>", SEP_ID: "|", 14: "<r14>", 15: "<r15>"}
 ID_TO_TOKEN.update({DIGIT_BASE_ID + d: str(d) for d in range(10)})
+ID_TO_TOKEN.update({CELL_BASE_ID + 10 * c + d: f"<r{c // 9 + 1}c{c % 9 + 1}:{d}>" for c in range(N_CELLS)
+                    for d in range(10)})
+ID_TO_TOKEN.update({t: f"<r{t}>" for t in range(CELL_BASE_ID + 10 * N_CELLS, VOCAB_SIZE)})
 
 
 class Example(NamedTuple):
@@ -117,8 +127,22 @@ def _digit_ids(grid: str | Sequence[int]) -> list[int]:
 
 
 def encode_prompt(puzzle: str | Sequence[int]) -> list[int]:
-    """[BOS] + 81 digit tokens (blank = '0') + [SEP]; length PROMPT_LEN."""
-    return [BOS_ID] + _digit_ids(puzzle) + [SEP_ID]
+    """[BOS] + 81 cell tokens (cell index and digit, blank = 0) + [SEP]; length PROMPT_LEN."""
+    return [BOS_ID] + [CELL_BASE_ID + 10 * c + v for c, v in enumerate(as_grid(puzzle))] + [SEP_ID]
+
+
+def decode_prompt(token_ids: Iterable[int]) -> str | None:
+    """The puzzle (81 chars, '0' = blank) of an `encode_prompt` token list, or None if it is not one."""
+    ids = [int(t) for t in token_ids]
+    if len(ids) != PROMPT_LEN or ids[0] != BOS_ID or ids[-1] != SEP_ID:
+        return None
+    chars = []
+    for c, t in enumerate(ids[1:-1]):
+        d = t - CELL_BASE_ID - 10 * c
+        if not 0 <= d <= 9:
+            return None
+        chars.append(chr(48 + d))
+    return "".join(chars)
 
 
 def encode_target(solution: str | Sequence[int]) -> list[int]:

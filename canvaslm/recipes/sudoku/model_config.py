@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from canvaslm.config import DiffusionParams, ModelConfig
-from canvaslm.recipes.sudoku.data import (BOS_ID, EOS_ID, PAD_ID, PROMPT_LEN, TARGET_LEN, VOCAB_SIZE)
+from canvaslm.recipes.sudoku.data import (BOS_ID, CELL_BASE_ID, EOS_ID, ID_TO_TOKEN, PAD_ID, PROMPT_LEN, TARGET_LEN,
+                                          VOCAB_SIZE)
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]  # ids 0, 1, 2 as in data.py
-CHARS = list("0123456789|")  # ids 3..12 digits, 13 the separator; 14, 15 stay reserved
+CHARS = list("0123456789|")  # ids 3..12 digits, 13 the separator
+# ids 14, 15 and 826..831 reserved; 16..825 the prompt's cell tokens `<r1c1:0>` ... `<r9c9:9>`
+EXTRA_TOKENS = [ID_TO_TOKEN[i] for i in range(14, VOCAB_SIZE)]
 
 
 @dataclass(frozen=True)
@@ -88,5 +91,7 @@ def write_tokenizer(out_dir: str | Path):
     """tokenizer.json + tokenizer_config.json whose ids match data.py's token layout."""
     from canvaslm.tokenizer import build_char_tokenizer
 
-    return build_char_tokenizer(CHARS, SPECIAL_TOKENS, out_dir, bos_token="<bos>", eos_token="<eos>",
-                                pad_token="<pad>")
+    tok = build_char_tokenizer(CHARS, SPECIAL_TOKENS, out_dir, bos_token="<bos>", eos_token="<eos>",
+                               pad_token="<pad>", extra_tokens=EXTRA_TOKENS)
+    assert tok.encode(ID_TO_TOKEN[CELL_BASE_ID]) == [CELL_BASE_ID] and tok.vocab_size == VOCAB_SIZE
+    return tok
