@@ -241,7 +241,9 @@ def test_trained_model_copies_through_the_inference_loop():
     model = build_random_model(cfg, std=0.02)
     set_trainable(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    g, rng, steps = torch.Generator().manual_seed(0), random.Random(0), 100
+    # 150 steps: at 100 some seeds (seed 0 on torch 2.13) still sit on a plateau at loss ~0.5;
+    # at 150 seeds 0-7 all reach loss < 0.01 and copy every held-out example.
+    g, rng, steps = torch.Generator().manual_seed(0), random.Random(0), 150
 
     def examples(n):
         return [([2] + p + [3], p) for p in ([rng.randint(5, 15) for _ in range(5)] for _ in range(n))]
