@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -245,6 +246,10 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
+        # safetensors >= 0.8 creates its files 0600; give every file the mode a plain write gets (umask)
+        mode = stat.S_IMODE((tmp / "config.json").stat().st_mode)
+        for f in tmp.iterdir():
+            os.chmod(f, mode)
         if out_dir.exists():
             old = out_dir.with_name(out_dir.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

@@ -88,6 +88,16 @@ def test_save_is_atomic_and_replaces(ref_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left behind
 
 
+def test_saved_files_get_the_umask_mode_not_0600(ref_dir, tmp_path):
+    path, _ = ref_dir
+    probe = tmp_path / "probe.txt"
+    probe.write_text("x")
+    out = save_model(load_model(path), tmp_path / "ckpt", max_shard_bytes=100_000)
+    assert len(list(out.glob("*.safetensors"))) > 1
+    for f in out.iterdir():  # safetensors alone would write its shards 0600 (unreadable to others)
+        assert f.stat().st_mode & 0o777 == probe.stat().st_mode & 0o777, f.name
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst
