@@ -183,7 +183,28 @@ def test_shipped_model_fills_hard_grids_at_12_steps():
         assert r.solution is not None and r.decoder_passes <= 12
         assert all(a == "0" or a == b for a, b in zip(p, r.solution))
     _, cells = score([Example(p, s, "hard") for p, s in SHIPPED_HARD], [r.solution for r in results])
-    assert cells > 1 / 9  # better than guessing digits (docs/sudoku.md: about 20% of blank cells)
+    # docs/sudoku.md: ~57% of blank cells on the held-out hard split (guessing a digit: 11%)
+    assert cells >= 0.4, cells
+
+
+# Easy puzzles (36-45 givens) of the seed-0 mixed test split that the shipped model solves at 12 steps
+# (it solves 53% of that split's easy puzzles).
+SHIPPED_EASY = [
+    ("000205804850007192213498050006040309100952460000706500000070003325684901907103080",
+     "769215834854367192213498756576841329138952467492736518681579243325684971947123685"),
+    ("910500037843000590000009128080000200490012300075340981024090003609084700100020009",
+     "912568437843271596567439128381957264496812375275346981724695813639184752158723649"),
+    ("109000470500197008038020016902501083405000090603978524057300049341700000200004357",
+     "129683475564197238738425916972541683485236791613978524857362149341759862296814357"),
+]
+
+
+def test_shipped_model_solves_easy_puzzles_at_12_steps():
+    from canvaslm.recipes.sudoku.solve import solve
+
+    results = solve(_shipped_llm(), [p for p, _ in SHIPPED_EASY], steps=12)
+    assert [r.solution for r in results] == [s for _, s in SHIPPED_EASY]
+    assert all(r.solved for r in results)
 
 
 @pytest.mark.xfail(reason="the CPU-trained shipped model is far below the 95% target (docs/sudoku.md)",
