@@ -2,10 +2,9 @@
 
 A small DiffusionGemma: vocabulary 832 (cell tokens in the prompt, digits in the answer; see `data.py`),
 canvas_length 82 so the whole answer (81 digits + EOS) is one canvas and every cell sees every other
-cell bidirectionally; sliding_window 256 is
-longer than prompt + canvas (165 positions), so "sliding" layers see everything too and the 5:1
-sliding/full pattern only changes the RoPE flavour. The last layer is full attention, as the reference
-requires.
+cell bidirectionally; sliding_window 256 is longer than prompt + canvas (165 positions), so "sliding"
+layers see everything too and the 5:1 sliding/full pattern only changes the RoPE flavour. The last
+layer is full attention, as the reference requires.
 """
 
 from __future__ import annotations
