@@ -2,7 +2,8 @@
 
 `Experts.forward` picks an implementation: a per-expert loop (the reference, simple and exact), a
 sorted grouped GEMM (`torch._grouped_mm` on CUDA) or the fused Triton kernels (`kernels.moe`, the CUDA
-default when Triton is installed). All take the same routing and give the same sums.
+default when Triton is installed). All take the same routing and give the same sums. Only the loop has
+a backward pass, so `auto` picks it whenever gradients are needed (training).
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[ids], ids
 
 
+def choose_impl(is_cuda: bool, needs_grad: bool, triton_ok: bool, has_grouped_mm: bool) -> str:
+    """What `impl="auto"` runs. Training (a graph that needs gradients) always takes the loop: the Triton
+    kernels write plain output buffers (no autograd, so experts and router would silently get no
+    gradient) and `torch._grouped_mm`'s backward is not available for every dtype and device."""
+    if needs_grad or not is_cuda:
+        return "loop"
+    return "triton" if triton_ok else "grouped" if has_grouped_mm else "loop"
+
+
 class Experts(nn.Module):
     """E gated-GELU experts stored as gate_up_proj [E, 2I, d] and down_proj [E, d, I]."""
 
@@ -46,12 +56,15 @@ class Experts(nn.Module):
         self.impl = "auto"  # "loop" | "grouped" | "triton" | "auto"
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
+                                                  or self.gate_up_proj.requires_grad)
         impl = self.impl
         if impl == "auto":
             from ..kernels import triton_available
 
-            impl = ("triton" if x.is_cuda and triton_available() else
-                    "grouped" if (x.is_cuda and hasattr(torch, "_grouped_mm")) else "loop")
+            impl = choose_impl(x.is_cuda, needs_grad, triton_available(), hasattr(torch, "_grouped_mm"))
+        elif needs_grad and impl != "loop":
+            raise ValueError(f"Experts.impl={impl!r} has no backward pass; training needs impl 'loop' or 'auto'")
         if impl == "triton":
             from ..kernels.moe import fused_moe
 

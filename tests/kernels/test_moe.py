@@ -82,3 +82,37 @@ def test_fp8_experts_triton_matches_dequant_reference():
     out = fused_moe(x, weights, ids, f8.gate_up_proj, f8.down_proj, f8.gate_up_proj_scale,
                     f8.down_proj_scale).float()
     assert (out - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize("is_cuda,needs_grad,triton_ok,grouped,expected", [
+    (True, False, True, True, "triton"),
+    (True, False, False, True, "grouped"),
+    (True, False, False, False, "loop"),
+    (False, False, True, True, "loop"),
+    (True, True, True, True, "loop"),  # training on a GPU: the only path with a backward
+    (False, True, True, True, "loop"),
+])
+def test_auto_impl_takes_the_loop_whenever_gradients_are_needed(is_cuda, needs_grad, triton_ok, grouped,
+                                                                expected):
+    from canvaslm.model.moe import choose_impl
+
+    assert choose_impl(is_cuda, needs_grad, triton_ok, grouped) == expected
+
+
+@pytest.mark.parametrize("impl", ["triton", "grouped"])
+def test_an_inference_only_impl_refuses_a_training_graph(impl):
+    ex = _experts()
+    ex.impl = impl
+    weights, ids = _routing(5, 2, 6)
+    with pytest.raises(ValueError, match=f"impl='{impl}' has no backward"):
+        ex(torch.randn(5, 32), weights, ids)
+
+
+def test_auto_impl_trains_every_expert_weight_and_the_routing_weights():
+    ex = _experts()
+    weights, ids = _routing(20, 2, 6)
+    weights.requires_grad_(True)
+    ex(torch.randn(20, 32), weights, ids).square().sum().backward()
+    assert ex.gate_up_proj.grad is not None and ex.gate_up_proj.grad.abs().sum() > 0
+    assert ex.down_proj.grad is not None and ex.down_proj.grad.abs().sum() > 0
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
