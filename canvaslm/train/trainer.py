@@ -147,13 +147,13 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 @dataclass
-class _Dist:
+class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls, device_type: str) -> "_Dist":
+    def from_env(cls, device_type: str) -> "DistContext":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         d = cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
         if world > 1 and not dist.is_initialized():
@@ -171,6 +171,17 @@ class _Dist:
         for t in tensors:
             t.copy_(flat[i:i + t.numel()].view_as(t).to(t.dtype))
             i += t.numel()
+
+    def all_reduce_gradients(self, params, extra: list[torch.Tensor] = ()):
+        """Average the gradients of `params` (and `extra` tensors) across processes. A parameter that got
+        no gradient here (an expert none of this process's tokens picked) gets zeros first: every process
+        must reduce the same list, or the flat buffers misalign and average unrelated numbers."""
+        params = [p for p in params if p.requires_grad]
+        if self.world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        self.all_reduce_mean([p.grad for p in params if p.grad is not None] + list(extra))
 
     def barrier(self):
         if self.world > 1:
@@ -213,7 +224,7 @@ class Trainer:
     def _setup_device(self):
         c = self.config
         cuda = c.device.startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
-        self.dist = _Dist.from_env("cuda" if cuda else "cpu")
+        self.dist = DistContext.from_env("cuda" if cuda else "cpu")
         if cuda:  # under torchrun each process takes the GPU of its local rank
             self.device = torch.device(c.device if c.device not in ("auto", "cuda") and self.dist.world == 1
                                        else f"cuda:{self.dist.local_rank}")
@@ -301,8 +312,7 @@ class Trainer:
             (out.loss / c.grad_accum).backward()
             sums += torch.stack([out.loss.detach(), out.diffusion_loss.detach(), out.ar_loss.detach(),
                                  torch.tensor(float(out.num_tokens), device=self.device)])
-        grads = [p.grad for p in self.trainable if p.grad is not None]
-        self.dist.all_reduce_mean(grads + [sums])
+        self.dist.all_reduce_gradients(self.trainable, [sums])
         sums[:3] /= c.grad_accum
         return {"loss": float(sums[0]), "diffusion_loss": float(sums[1]), "ar_loss": float(sums[2]),
                 "tokens": float(sums[3]) * self.dist.world}

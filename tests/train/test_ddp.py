@@ -38,3 +38,25 @@ def test_two_process_gradients_match_one_process(tmp_path):
     assert one["stats"]["tokens"] == two["stats"]["tokens"]
     for a, b in zip(one["history"], two["history"]):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a.get("eval_loss", 0) - b.get("eval_loss", 0)) < 1e-4
+
+
+def test_a_parameter_without_gradient_joins_the_reduction_as_zeros(monkeypatch):
+    """An expert none of this process's tokens picked has grad None; it must still take its place in the
+    flat buffer, or every later gradient would be averaged with another parameter's."""
+    from canvaslm.train import trainer
+
+    seen = []
+
+    def fake_all_reduce(flat):  # the other process sent the same numbers
+        seen.append(flat.numel())
+        flat.mul_(2)
+
+    monkeypatch.setattr(trainer.dist, "all_reduce", fake_all_reduce)
+    used, idle, frozen = (torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2)),
+                          torch.nn.Parameter(torch.ones(4), requires_grad=False))
+    used.grad = torch.full((3,), 0.5)
+    extra = torch.tensor([7.0])
+    trainer.DistContext(rank=0, world=2).all_reduce_gradients([used, idle, frozen], [extra])
+    assert seen == [3 + 2 + 1]
+    assert torch.equal(used.grad, torch.full((3,), 0.5)) and torch.equal(idle.grad, torch.zeros(2))
+    assert frozen.grad is None and extra.item() == 7.0

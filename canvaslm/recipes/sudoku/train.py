@@ -7,6 +7,11 @@ transposition), and minimises `canvaslm.train.objective.block_diffusion_loss` (t
 same call with `ar_only=True`) with AdamW, linear warmup and cosine decay. It writes an HF-format
 checkpoint every `save_every` steps plus a resumable trainer state, and the final model with its
 tokenizer; a killed run picks up where its last state left off.
+
+Under `torchrun --nproc_per_node N` the run is data parallel (gloo on CPU, NCCL on GPU): every process
+draws the same batch and noise, takes its 1/N of the rows, and the gradients are averaged, so N
+processes follow the single-process run (up to float rounding) N times faster on N cores. Rank 0 writes
+every file.
 """
 
 from __future__ import annotations
@@ -109,9 +114,14 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_or_make_split(cfg: TrainConfig, log: Callable = print):
-    """The recipe's split, generated once (minutes) and cached as JSONL under `cfg.split_dir()`."""
+def load_or_make_split(cfg: TrainConfig, log: Callable = print, dist=None):
+    """The recipe's split, generated once (minutes) and cached as JSONL under `cfg.split_dir()`.
+    Data parallel (`dist`, a DistContext): rank 0 makes it while the others wait, then they read it."""
     d = cfg.split_dir()
+    if dist is not None and dist.world > 1:
+        if dist.rank == 0:
+            load_or_make_split(cfg, log)
+        dist.barrier()
     if (d / "test_hard.jsonl").exists():
         return load_split(d, validate=False)
     log(f"generating {cfg.n_train} + {cfg.n_test} + {cfg.n_test_hard} puzzles into {d} ...")
@@ -169,15 +179,24 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
     out_dir holds `checkpoint/` (latest HF checkpoint), `trainer_state.pt` (for resume), `log.jsonl`
     (one line per logged step) and, at the end, `model/`. `split` overrides the cached data (tests).
     """
-    from canvaslm.train.objective import block_diffusion_loss, make_batch, set_trainable
+    from canvaslm.train.objective import block_diffusion_loss, draw_noise, make_batch, set_trainable
+    from canvaslm.train.trainer import DistContext
 
     cfg, out = recipe.train, Path(out_dir)
+    dist = DistContext.from_env("cuda" if str(cfg.device).startswith("cuda") else "cpu")
+    if cfg.batch_size % dist.world:
+        raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by the {dist.world} processes")
+    rank0, device = dist.rank == 0, cfg.device
+    if dist.world > 1 and device == "cuda":
+        device = f"cuda:{dist.local_rank}"
+    if not rank0:
+        log = _quiet
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    split = split if split is not None else load_or_make_split(cfg, log)
+    split = split if split is not None else load_or_make_split(cfg, log, dist)
     train = split.train
-    model = build_random_model(model_config(recipe.model), device=cfg.device, seed=cfg.seed, std=cfg.init_std)
+    model = build_random_model(model_config(recipe.model), device=device, seed=cfg.seed, std=cfg.init_std)
     model.train()
     set_trainable(model, freeze_router=False)  # from scratch: the router must learn too
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -187,48 +206,78 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
     rng, gen, step = random.Random(f"sudoku-train:{cfg.seed}"), torch.Generator().manual_seed(cfg.seed), 0
     state_path = out / "trainer_state.pt"
     if resume and state_path.exists():
-        st = torch.load(state_path, weights_only=False, map_location=cfg.device)
+        st = torch.load(state_path, weights_only=False, map_location=device)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         rng.setstate(st["rng"])
         gen.set_state(st["gen"])
         step = st["step"]
         log(f"resumed from {state_path} at step {step}")
-    (out / "recipe.json").write_text(json.dumps({"model": asdict(recipe.model), "train": asdict(cfg)}, indent=2))
+    dist.barrier()  # nobody writes a new state before every process has read the old one
+    if rank0:
+        (out / "recipe.json").write_text(json.dumps({"model": asdict(recipe.model), "train": asdict(cfg)},
+                                                    indent=2))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.objective} model: {n_params / 1e6:.2f} M parameters, {len(train)} training puzzles, "
-        f"batch {cfg.batch_size}, {cfg.max_steps} steps")
+        f"batch {cfg.batch_size}, {cfg.max_steps} steps" + (f", {dist.world} processes" if dist.world > 1 else ""))
+    V, rows = model.cfg.vocab_size, _rows(cfg.batch_size, dist)
     t0, seen = time.time(), 0
-    with open(out / "log.jsonl", "a", encoding="utf-8") as logf:
+    with open(out / "log.jsonl" if rank0 else os.devnull, "a", encoding="utf-8") as logf:
         while step < cfg.max_steps:
             exs = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
             if cfg.augment:
                 exs = [augment(e, rng) for e in exs]
             batch = make_batch(to_pairs(exs), recipe.model.canvas_length, PAD_ID, EOS_ID)
+            noise = None
+            if dist.world > 1:  # every process draws the whole batch's noise, then keeps its rows
+                noise = draw_noise(batch, gen, V, cfg.sc_prob, device) if cfg.objective != "ar" else None
+                batch = make_batch(to_pairs(exs[rows]), recipe.model.canvas_length, PAD_ID, EOS_ID)
+                noise = _take_rows(noise, rows) if noise is not None else None
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             out_loss = block_diffusion_loss(model, batch, gen, sc_prob=cfg.sc_prob,
                                             diffusion_weight=cfg.diffusion_weight, ar_weight=cfg.ar_weight,
-                                            ar_only=cfg.objective == "ar")
+                                            ar_only=cfg.objective == "ar", noise=noise)
             opt.zero_grad(set_to_none=True)
             out_loss.loss.backward()
+            losses = torch.stack([out_loss.loss.detach(), out_loss.diffusion_loss.detach().reshape(()),
+                                  out_loss.ar_loss.detach().reshape(())]).float()
+            dist.all_reduce_gradients(model.parameters(), [losses])
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step, seen = step + 1, seen + cfg.batch_size
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                rec = {"step": step, "loss": round(out_loss.loss.item(), 4),
-                       "diffusion": round(float(out_loss.diffusion_loss.detach()), 4),
-                       "ar": round(float(out_loss.ar_loss.detach()), 4), "grad_norm": round(float(gnorm), 3),
-                       "lr": round(lr_at(step - 1, cfg), 6), "ex_per_s": round(seen / (time.time() - t0), 1),
-                       "elapsed_s": round(time.time() - t0)}
+            if rank0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                loss, diff, ar = losses.tolist()
+                rec = {"step": step, "loss": round(loss, 4), "diffusion": round(diff, 4), "ar": round(ar, 4),
+                       "grad_norm": round(float(gnorm), 3), "lr": round(lr_at(step - 1, cfg), 6),
+                       "ex_per_s": round(seen / (time.time() - t0), 1), "elapsed_s": round(time.time() - t0)}
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 log(" ".join(f"{k}={v}" for k, v in rec.items()))
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
+            if rank0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
                 _save(model, out, "checkpoint")
                 tmp = state_path.with_suffix(".tmp")
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
                             "gen": gen.get_state(), "step": step}, tmp)
                 os.replace(tmp, state_path)
     model.eval()
-    return _save(model, out, "model")
+    final = _save(model, out, "model") if rank0 else out / "model"
+    dist.barrier()
+    return final
+
+
+def _rows(batch_size: int, dist) -> slice:
+    """This process's rows of every batch: a contiguous 1/world share."""
+    per = batch_size // dist.world
+    return slice(dist.rank * per, (dist.rank + 1) * per)
+
+
+def _take_rows(noise, rows: slice):
+    from dataclasses import fields
+
+    return replace(noise, **{f.name: getattr(noise, f.name)[rows] for f in fields(noise)})
+
+
+def _quiet(*_args, **_kwargs):
+    pass
+
