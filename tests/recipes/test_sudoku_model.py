@@ -214,3 +214,20 @@ def test_shipped_model_solves_fixed_hard_puzzles():
 
     results = solve(_shipped_llm(), [p for p, _ in SHIPPED_HARD], steps=12)
     assert [r.solution for r in results] == [s for _, s in SHIPPED_HARD]
+
+
+def test_trace_follows_solve_step_by_step():
+    from canvaslm.recipes.sudoku.eval import format_trace, score, trace_diffusion
+    from canvaslm.recipes.sudoku.solve import solve
+
+    llm = _shipped_llm()
+    exs = [Example(p, s, "hard") for p, s in SHIPPED_HARD]
+    trace = trace_diffusion(llm, exs, steps=6, seed=3)
+    assert [t.step for t in trace] == list(range(1, len(trace) + 1)) and 1 <= len(trace) <= 6
+    for t in trace:
+        assert 0 <= t.accepted_correct <= t.accepted <= 1 and 0 <= t.argmax_accuracy <= 1
+    assert trace[0].accepted < trace[-1].accepted  # the sampler accepts more cells as it goes
+    # the last draft is what solve commits: same seeds, so the same cell accuracy
+    _, cells = score(exs, [r.solution for r in solve(llm, [e.puzzle for e in exs], steps=6, seed=3)])
+    assert trace[-1].argmax_accuracy == pytest.approx(cells)
+    assert "precision" in format_trace("hard", trace)

@@ -70,6 +70,15 @@ def _eval(args) -> int:
     if args.ar_only and not args.ar_model:
         print("error: --ar-only needs --ar-model", file=sys.stderr)
         return 2
+    if args.trace:
+        from canvaslm.recipes.sudoku.eval import format_trace, trace_diffusion
+
+        llm = _llm(args)
+        for s in args.steps:
+            for name, exs in sets.items():
+                print(f"[{s} steps] " + format_trace(name, trace_diffusion(llm, exs, s, seed=args.seed,
+                                                                           candidates=args.candidates)))
+        return 0
     if not args.ar_only:
         rows += eval_diffusion(_llm(args), sets, args.steps, seed=args.seed, candidates=args.candidates, log=log)
     if args.ar_model:
@@ -125,6 +134,9 @@ def add_parser(subparsers) -> None:
     e.add_argument("--hard-only", action="store_true", help="only the held-out hard split")
     e.add_argument("--config", default=str(RECIPE_PATH), help="recipe naming the data split")
     e.add_argument("-v", "--verbose", action="store_true", help="print each row as it is measured")
+    e.add_argument("--trace", action="store_true",
+                   help="instead of the table: per denoising step, how much of the draft is right and how many "
+                        "blank cells the sampler has accepted (and how many of those are right)")
     e.set_defaults(func=_eval)
 
     t = sub.add_parser("train", help="train the Sudoku model (or, with --baseline, the AR baseline)")

@@ -73,6 +73,61 @@ def eval_diffusion(llm, sets: dict[str, list[Example]], steps: Sequence[int] = D
     return rows
 
 
+@dataclass(frozen=True)
+class StepTrace:
+    """What the sampler holds after denoising step `step`, over the blank cells of a set of puzzles."""
+
+    step: int
+    argmax_accuracy: float  # the draft (argmax canvas) equals the solution
+    accepted: float  # the canvas holds a digit (accepted), not a noise token
+    accepted_correct: float  # ... and that digit is the solution's
+    finished: float  # fraction of puzzles that stopped denoising
+
+    @property
+    def precision(self) -> float:
+        return self.accepted_correct / self.accepted if self.accepted else 0.0
+
+
+def trace_diffusion(llm, exs: Sequence[Example], steps: int, seed: int = 0, candidates: bool = False,
+                    **sampling) -> list[StepTrace]:
+    """Step-by-step view of `solve` on `exs` (same seeds): how much of the draft is right and how many
+    cells the sampler accepts, and how precisely, as the canvas is denoised."""
+    import torch
+
+    from canvaslm.recipes.sudoku.data import DIGIT_BASE_ID, N_CELLS
+    from canvaslm.recipes.sudoku.solve import solve
+
+    sol = torch.tensor([[DIGIT_BASE_ID + int(c) for c in e.solution] for e in exs])
+    blank = torch.tensor([[c == "0" for c in e.puzzle] for e in exs])
+    counts: dict[int, list] = {}  # step -> [argmax right, accepted, accepted right, finished rows]
+    calls: dict[int, int] = {}
+
+    def on_draft(first, st):
+        step = calls[first] = calls.get(first, 0) + 1
+        rows = slice(first, first + st.argmax.shape[0])
+        am, cv, b = st.argmax[:, :N_CELLS].cpu(), st.canvas[:, :N_CELLS].cpu(), blank[rows]
+        digit = (cv > DIGIT_BASE_ID) & (cv <= DIGIT_BASE_ID + 9)
+        c = counts.setdefault(step, [0, 0, 0, 0])
+        c[0] += int(((am == sol[rows]) & b).sum())
+        c[1] += int((digit & b).sum())
+        c[2] += int(((cv == sol[rows]) & b).sum())
+        c[3] += int(st.finished.sum())
+
+    solve(llm, [e.puzzle for e in exs], steps=steps, seed=seed, candidates=candidates, on_draft=on_draft,
+          **sampling)
+    n_blank, n = max(1, int(blank.sum())), max(1, len(exs))
+    return [StepTrace(k, c[0] / n_blank, c[1] / n_blank, c[2] / n_blank, c[3] / n)
+            for k, c in sorted(counts.items())]
+
+
+def format_trace(subset: str, trace: Sequence[StepTrace]) -> str:
+    lines = [f"{subset}: step | draft right | accepted | accepted right (precision) | finished"]
+    for t in trace:
+        lines.append(f"  {t.step:3d} | {100 * t.argmax_accuracy:5.1f}% | {100 * t.accepted:5.1f}% | "
+                     f"{100 * t.accepted_correct:5.1f}% ({100 * t.precision:5.1f}%) | {100 * t.finished:5.1f}%")
+    return "\n".join(lines)
+
+
 def eval_ar(model, sets: dict[str, list[Example]], batch_size: int = 128, log=None) -> list[EvalRow]:
     from canvaslm.train.objective import greedy_ar_generate
 

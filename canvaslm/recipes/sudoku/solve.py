@@ -65,10 +65,12 @@ def normalize_puzzle(text: str) -> str:
 
 
 def solve(llm, puzzles: Sequence[str], steps: int | None = None, seed: int = 0, candidates: bool = False,
-          batch_size: int = 128, **sampling) -> list[SolveResult]:
+          batch_size: int = 128, on_draft=None, **sampling) -> list[SolveResult]:
     """Solve puzzles (81-char strings) with `llm` (a canvaslm.LLM). steps=None uses the checkpoint's
     default; `sampling` passes further SamplingParams fields (temperature, entropy_bound, ...). Each puzzle
-    gets its own seed (seed + index), so a result does not depend on the batch it ran in."""
+    gets its own seed (seed + index), so a result does not depend on the batch it ran in.
+    `on_draft(first, state)` sees the batch's CanvasState after every denoising step; `first` is the
+    index of the batch's first puzzle."""
     from canvaslm.llm import SamplingParams
 
     puzzles = [normalize_puzzle(p) for p in puzzles]
@@ -78,7 +80,8 @@ def solve(llm, puzzles: Sequence[str], steps: int | None = None, seed: int = 0, 
         params = [SamplingParams(max_new_tokens=TARGET_LEN, max_denoising_steps=steps, seed=seed + lo + i,
                                  constraint=SudokuConstraint(p, candidates), **sampling)
                   for i, p in enumerate(chunk)]
-        outs = llm.generate([encode_prompt(p) for p in chunk], params)
+        hook = (lambda k, st, lo=lo: on_draft(lo, st)) if on_draft is not None else None
+        outs = llm.generate([encode_prompt(p) for p in chunk], params, on_draft=hook)
         for p, out in zip(chunk, outs):
             sol = decode_solution(out.token_ids)
             ok = sol is not None and is_valid_solution(p, sol)
