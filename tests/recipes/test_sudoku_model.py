@@ -231,3 +231,26 @@ def test_trace_follows_solve_step_by_step():
     _, cells = score(exs, [r.solution for r in solve(llm, [e.puzzle for e in exs], steps=6, seed=3)])
     assert trace[-1].argmax_accuracy == pytest.approx(cells)
     assert "precision" in format_trace("hard", trace)
+
+
+def test_digit_noise_turns_kept_answer_cells_into_digits():
+    from canvaslm.recipes.sudoku.train import add_digit_noise
+    from canvaslm.train.objective import NoiseDraw
+
+    B, C = 400, TARGET_LEN
+    g = torch.Generator().manual_seed(0)
+    replaced = torch.rand(B, C, generator=g) < 0.3
+    base = NoiseDraw(t=torch.full((B,), 0.3), canvas_index=torch.zeros(B, dtype=torch.long), replace=replaced,
+                     random_tokens=torch.full((B, C), 700), sc_taken=torch.zeros(B, dtype=torch.bool))
+    out = add_digit_noise(base, torch.Generator().manual_seed(1), 0.4)
+    flipped = out.replace & ~base.replace
+    assert torch.equal(out.replace[base.replace], base.replace[base.replace])  # nothing un-replaced
+    assert torch.equal(out.random_tokens[base.replace], base.random_tokens[base.replace])  # the vocabulary noise stays
+    assert not flipped[:, N_CELLS:].any()  # never the EOS
+    digits = out.random_tokens[flipped]
+    assert ((digits > DIGIT_BASE_ID) & (digits <= DIGIT_BASE_ID + 9)).all() and len(set(digits.tolist())) == 9
+    rate = flipped[:, :N_CELLS].sum() / (~base.replace[:, :N_CELLS]).sum()
+    assert 0.17 < rate < 0.23  # r ~ U(0, 0.4): 0.2 on average
+    assert add_digit_noise(base, torch.Generator().manual_seed(1), 0.0).replace.equal(base.replace)
+    with pytest.raises(ValueError, match="digit_noise"):
+        TrainConfig(digit_noise=1.5)

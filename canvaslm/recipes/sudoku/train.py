@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from canvaslm.checkpoint import build_random_model, save_model
-from canvaslm.recipes.sudoku.data import (EOS_ID, PAD_ID, Example, encode_prompt, encode_target, load_split,
+from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, PAD_ID, Example, encode_prompt, encode_target, load_split,
                                           make_split, save_split)
 from canvaslm.recipes.sudoku.model_config import ModelShape, default_params, model_config, write_tokenizer
 
@@ -54,6 +54,7 @@ class TrainConfig:
     diffusion_weight: float = 1.0
     ar_weight: float = 1.0
     sc_prob: float = 0.5
+    digit_noise: float = 0.0  # each example also turns up to this fraction (~U(0, digit_noise)) of its kept answer cells into random digits
     augment: bool = True
     init_std: float = 0.02
     log_every: int = 10
@@ -70,6 +71,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be a positive integer, got {v!r}")
         if self.n_train <= 0:
             raise ValueError(f"train.n_train must be > 0, got {self.n_train}")
+        if not 0.0 <= self.digit_noise <= 1.0:
+            raise ValueError(f"train.digit_noise must be in [0, 1], got {self.digit_noise!r}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if not 0 <= self.sc_prob <= 1:
@@ -229,8 +232,11 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
                 exs = [augment(e, rng) for e in exs]
             batch = make_batch(to_pairs(exs), recipe.model.canvas_length, PAD_ID, EOS_ID)
             noise = None
+            if cfg.objective != "ar" and (dist.world > 1 or cfg.digit_noise):
+                noise = draw_noise(batch, gen, V, cfg.sc_prob, device)
+                if cfg.digit_noise:
+                    noise = add_digit_noise(noise, gen, cfg.digit_noise)
             if dist.world > 1:  # every process draws the whole batch's noise, then keeps its rows
-                noise = draw_noise(batch, gen, V, cfg.sc_prob, device) if cfg.objective != "ar" else None
                 batch = make_batch(to_pairs(exs[rows]), recipe.model.canvas_length, PAD_ID, EOS_ID)
                 noise = _take_rows(noise, rows) if noise is not None else None
             for g in opt.param_groups:
@@ -264,6 +270,25 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
     final = _save(model, out, "model") if rank0 else out / "model"
     dist.barrier()
     return final
+
+
+def add_digit_noise(noise, gen: torch.Generator, max_rate: float):
+    """Besides the objective's uniform-vocabulary corruption (which, with 832 tokens, is ~99 % prompt-cell
+    tokens the answer never holds: in effect a mask), turn a fraction r ~ U(0, max_rate) of each example's
+    kept answer cells into uniformly random digits. The model then sees wrong digits on the canvas, as
+    it does at inference after the sampler accepts a wrong cell, and learns to revise them."""
+    B, C = noise.replace.shape
+    n = min(C, N_CELLS)
+    rate = torch.rand(B, generator=gen) * max_rate  # [B]
+    hit = torch.rand(B, n, generator=gen) < rate[:, None]
+    digits = DIGIT_BASE_ID + 1 + torch.randint(0, 9, (B, n), generator=gen)
+    dev = noise.replace.device
+    hit, digits = hit.to(dev), digits.to(dev)
+    flip = torch.zeros_like(noise.replace)
+    flip[:, :n] = hit & ~noise.replace[:, :n]
+    tokens = noise.random_tokens.clone()
+    tokens[:, :n] = torch.where(flip[:, :n], digits, tokens[:, :n])
+    return replace(noise, replace=noise.replace | flip, random_tokens=tokens)
 
 
 def _rows(batch_size: int, dist) -> slice:
