@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def _train(args) -> int:
         recipe = replace(recipe, train=replace(recipe.train, device=args.device))
     out = args.out or f"runs/sudoku/{recipe.train.objective}"
     final = train_recipe(recipe, out, resume=not args.no_resume)
-    print(f"model written to {final}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(f"model written to {final}")
     return 0
 
 
@@ -140,7 +142,8 @@ def add_parser(subparsers) -> None:
     e.set_defaults(func=_eval)
 
     t = sub.add_parser("train", help="train the Sudoku model (or, with --baseline, the AR baseline)")
-    t.add_argument("--config", default=str(RECIPE_PATH), type=Path, help="recipe YAML")
+    t.add_argument("--config", default=str(RECIPE_PATH), type=Path,
+                   help="recipe YAML (data parallel: torchrun --nproc_per_node N -m canvaslm.cli sudoku train ...)")
     t.add_argument("--out", default=None, help="output dir (default runs/sudoku/<objective>)")
     t.add_argument("--baseline", action="store_true", help="train the autoregressive baseline instead")
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: the recipe's)")
