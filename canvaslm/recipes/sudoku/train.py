@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 
 from canvaslm.checkpoint import build_random_model, save_model
-from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, PAD_ID, Example, encode_prompt, encode_target, load_split,
-                                          make_split, save_split)
+from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, PAD_ID, Example, encode_prompt,
+                                          encode_target, load_split, make_split, save_split)
 from canvaslm.recipes.sudoku.model_config import ModelShape, default_params, model_config, write_tokenizer
 
 RECIPE_PATH = Path(__file__).with_name("recipe.yaml")
@@ -54,7 +54,7 @@ class TrainConfig:
     diffusion_weight: float = 1.0
     ar_weight: float = 1.0
     sc_prob: float = 0.5
-    digit_noise: float = 0.0  # each example also turns up to this fraction (~U(0, digit_noise)) of its kept answer cells into random digits
+    digit_noise: float = 0.0  # also turn a fraction ~U(0, digit_noise) of kept answer cells into random digits
     augment: bool = True
     init_std: float = 0.02
     log_every: int = 10
