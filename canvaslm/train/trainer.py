@@ -172,6 +172,16 @@ class DistContext:
             t.copy_(flat[i:i + t.numel()].view_as(t).to(t.dtype))
             i += t.numel()
 
+    def device(self, requested: str, cuda: bool) -> torch.device:
+        """This process's torch device for a requested "auto" | "cpu" | "cuda" | "cuda:N". Under torchrun
+        each process takes (and makes current, as NCCL needs) the GPU of its local rank."""
+        if not cuda:
+            return torch.device("cpu" if requested == "auto" else requested)
+        dev = torch.device(requested if requested not in ("auto", "cuda") and self.world == 1
+                           else f"cuda:{self.local_rank}")
+        torch.cuda.set_device(dev)
+        return dev
+
     def all_reduce_gradients(self, params, extra: list[torch.Tensor] = ()):
         """Average the gradients of `params` (and `extra` tensors) across processes. A parameter that got
         no gradient here (an expert none of this process's tokens picked) gets zeros first: every process
@@ -225,12 +235,7 @@ class Trainer:
         c = self.config
         cuda = c.device.startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
         self.dist = DistContext.from_env("cuda" if cuda else "cpu")
-        if cuda:  # under torchrun each process takes the GPU of its local rank
-            self.device = torch.device(c.device if c.device not in ("auto", "cuda") and self.dist.world == 1
-                                       else f"cuda:{self.dist.local_rank}")
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu" if c.device == "auto" else c.device)
+        self.device = self.dist.device(c.device, cuda)
         bf16 = c.dtype in ("bf16", "bfloat16") or (c.dtype == "auto" and cuda)
         self.autocast_dtype = torch.bfloat16 if bf16 else None  # master weights stay fp32
 

@@ -186,12 +186,11 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
     from canvaslm.train.trainer import DistContext
 
     cfg, out = recipe.train, Path(out_dir)
-    dist = DistContext.from_env("cuda" if str(cfg.device).startswith("cuda") else "cpu")
+    cuda = str(cfg.device).startswith("cuda")
+    dist = DistContext.from_env("cuda" if cuda else "cpu")
     if cfg.batch_size % dist.world:
         raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by the {dist.world} processes")
-    rank0, device = dist.rank == 0, cfg.device
-    if dist.world > 1 and device == "cuda":
-        device = f"cuda:{dist.local_rank}"
+    rank0, device = dist.rank == 0, dist.device(cfg.device, cuda)
     if not rank0:
         log = _quiet
     out.mkdir(parents=True, exist_ok=True)
@@ -231,8 +230,8 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
             if cfg.augment:
                 exs = [augment(e, rng) for e in exs]
             batch = make_batch(to_pairs(exs), recipe.model.canvas_length, PAD_ID, EOS_ID)
-            noise = None
-            if cfg.objective != "ar" and (dist.world > 1 or cfg.digit_noise):
+            noise = None  # drawn here, as the objective would draw it, so it can be altered and split
+            if cfg.objective != "ar":
                 noise = draw_noise(batch, gen, V, cfg.sc_prob, device)
                 if cfg.digit_noise:
                     noise = add_digit_noise(noise, gen, cfg.digit_noise)
