@@ -113,6 +113,20 @@ def test_resume_continues_the_same_run(tmp_path, mini_split):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_after_a_kill_logs_each_step_once(tmp_path, mini_split):
+    short = Recipe(MINI_SHAPE, replace(MINI_TRAIN, max_steps=4, save_every=2))
+    train_recipe(short, tmp_path / "full", log=lambda s: None, split=mini_split)
+    killed = tmp_path / "killed"
+    train_recipe(Recipe(MINI_SHAPE, replace(short.train, max_steps=2)), killed, log=lambda s: None, split=mini_split)
+    with open(killed / "log.jsonl", "a") as f:  # step 3 was logged, then the run died before saving it
+        f.write(json.dumps({"step": 3, "loss": 99.0}) + "\n")
+    train_recipe(short, killed, log=lambda s: None, split=mini_split)
+    assert _losses(killed) == _losses(tmp_path / "full")
+    train_recipe(Recipe(MINI_SHAPE, replace(short.train, max_steps=1)), killed, log=lambda s: None,
+                 split=mini_split, resume=False)  # a fresh run starts a fresh log
+    assert _losses(killed) == _losses(tmp_path / "full")[:1]
+
+
 def test_constraint_pins_givens_and_eos():
     from canvaslm.recipes.sudoku.solve import SudokuConstraint
 

@@ -217,6 +217,7 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
         log(f"resumed from {state_path} at step {step}")
     dist.barrier()  # nobody writes a new state before every process has read the old one
     if rank0:
+        _trim_log(out / "log.jsonl", step)
         (out / "recipe.json").write_text(json.dumps({"model": asdict(recipe.model), "train": asdict(cfg)},
                                                     indent=2))
     n_params = sum(p.numel() for p in model.parameters())
@@ -269,6 +270,18 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
     final = _save(model, out, "model") if rank0 else out / "model"
     dist.barrier()
     return final
+
+
+def _trim_log(path: Path, step: int):
+    """Keep the log lines of steps <= `step` (the state being resumed; 0 = a fresh run): a run killed
+    between a log line and the next state save would otherwise log those steps twice."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def add_digit_noise(noise, gen: torch.Generator, max_rate: float):
