@@ -186,8 +186,14 @@ def encoder_ar_loss(model, hidden: torch.Tensor, batch: TrainBatch) -> torch.Ten
 
 def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | None, sc_prob: float = 0.5,
                          diffusion_weight: float = 1.0, ar_weight: float = 1.0, ar_only: bool = False,
-                         noise: NoiseDraw | None = None) -> LossOutput:
-    """The training loss of one batch (see the module docstring). `noise` overrides the draws (tests)."""
+                         noise: NoiseDraw | None = None, sc_passes: int = 1) -> LossOutput:
+    """The training loss of one batch (see the module docstring). `noise` overrides the draws (tests).
+
+    sc_passes > 1 (not in the reference recipe, which is sc_passes = 1) chains that many no-grad passes
+    before the loss pass, each self-conditioned on the previous one's logits, as the inference loop
+    does from step to step: the model is then trained to improve on its own earlier beliefs."""
+    if not isinstance(sc_passes, int) or sc_passes < 1:
+        raise ValueError(f"sc_passes must be a positive integer, got {sc_passes!r}")
     device = model.embed_weight.device
     batch = batch.to(device)
     B, C, V = batch.batch_size, batch.canvas_length, model.cfg.vocab_size
@@ -207,6 +213,9 @@ def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | 
     hidden = model.encode(batch.tokens, batch.positions, slots, cache)  # [B, L, d]
     with torch.no_grad():
         first = model.denoise(noisy, slots, cache, canvas_start=start)  # [B, C, V]
+        for _ in range(sc_passes - 1):
+            first = model.denoise(noisy, slots, cache, sc_logits=first.to(model.embed_weight.dtype),
+                                  canvas_start=start)
     logits = model.denoise(noisy, slots, cache, sc_logits=first.to(model.embed_weight.dtype),
                            sc_mask=noise.sc_taken, canvas_start=start)  # [B, C, V] float32
     ce = F.cross_entropy(logits.transpose(1, 2), clean, reduction="none")  # [B, C]

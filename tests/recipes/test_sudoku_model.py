@@ -75,6 +75,17 @@ def test_recipe_rejects_unknown_keys(tmp_path):
         ModelShape(canvas_length=40)
     with pytest.raises(ValueError, match="objective"):
         TrainConfig(objective="mlm")
+    with pytest.raises(ValueError, match="sc_passes"):
+        TrainConfig(sc_passes=0)
+
+
+def test_sc_passes_reaches_the_objective(tmp_path, mini_split):
+    runs = {}
+    for n in (1, 3):
+        cfg = replace(MINI_TRAIN, max_steps=3, sc_passes=n)
+        train_recipe(Recipe(MINI_SHAPE, cfg), tmp_path / str(n), log=lambda s: None, split=mini_split)
+        runs[n] = _losses(tmp_path / str(n))
+    assert runs[1] != runs[3]
 
 
 def test_lr_schedule_warms_up_then_decays():

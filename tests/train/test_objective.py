@@ -125,7 +125,7 @@ def test_self_conditioning_rate_and_effect(tiny):
     assert not torch.allclose(on.per_example_diffusion, off.per_example_diffusion)
 
 
-def _reference_loss(model, b, noise, sc_prob_unused=None):
+def _reference_loss(model, b, noise, sc_passes=1):
     """Hand-written: per example, a fresh inference-style cache (sliding ring) holding only the prompt and
     the canvases before the selected one; denoise twice with SC; AR loss via a cache-free encoder pass."""
     C, diff, ar = b.canvas_length, [], []
@@ -140,6 +140,8 @@ def _reference_loss(model, b, noise, sc_prob_unused=None):
         model.encode(row[None, :start], torch.arange(start)[None], slot, cache)
         with torch.no_grad():
             first = model.denoise(noisy, slot, cache)
+            for _ in range(sc_passes - 1):
+                first = model.denoise(noisy, slot, cache, sc_logits=first)
         sc = first if bool(noise.sc_taken[r]) else None
         logits = model.denoise(noisy, slot, cache, sc_logits=sc)
         diff.append(F.cross_entropy(logits[0], clean))
@@ -159,6 +161,12 @@ def test_loss_matches_direct_computation(tiny):
         torch.testing.assert_close(out.loss, d_ref + a_ref, rtol=1e-5, atol=1e-5)
     w = block_diffusion_loss(tiny, b, torch.Generator().manual_seed(0), diffusion_weight=0.5, ar_weight=2.0)
     torch.testing.assert_close(w.loss, 0.5 * w.diffusion_loss + 2.0 * w.ar_loss)
+    chained = block_diffusion_loss(tiny, b, torch.Generator().manual_seed(1), sc_prob=0.5, sc_passes=3)
+    d3, _ = _reference_loss(tiny, b, noise, sc_passes=3)  # noise: seed 1's draws, from the loop above
+    torch.testing.assert_close(chained.diffusion_loss, d3, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(d3, d_ref)  # the chain changes what the loss pass conditions on
+    with pytest.raises(ValueError, match="sc_passes"):
+        block_diffusion_loss(tiny, b, torch.Generator().manual_seed(1), sc_passes=0)
     ar = block_diffusion_loss(tiny, b, None, ar_only=True)
     torch.testing.assert_close(ar.loss, a_ref)
     assert float(ar.diffusion_loss) == 0.0

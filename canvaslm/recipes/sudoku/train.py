@@ -55,6 +55,7 @@ class TrainConfig:
     ar_weight: float = 1.0
     sc_prob: float = 0.5
     digit_noise: float = 0.0  # also turn a fraction ~U(0, digit_noise) of kept answer cells into random digits
+    sc_passes: int = 1  # > 1: each step chains 1..sc_passes no-grad self-conditioning passes (drawn per step)
     augment: bool = True
     init_std: float = 0.02
     log_every: int = 10
@@ -65,7 +66,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("batch_size", "max_steps", "log_every", "save_every"):
+        for name in ("batch_size", "max_steps", "log_every", "save_every", "sc_passes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"train.{name} must be a positive integer, got {v!r}")
@@ -236,6 +237,7 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
                 noise = draw_noise(batch, gen, V, cfg.sc_prob, device)
                 if cfg.digit_noise:
                     noise = add_digit_noise(noise, gen, cfg.digit_noise)
+            n_sc = 1 + int(torch.randint(cfg.sc_passes, (1,), generator=gen)) if cfg.sc_passes > 1 else 1
             if dist.world > 1:  # every process draws the whole batch's noise, then keeps its rows
                 batch = make_batch(to_pairs(exs[rows]), recipe.model.canvas_length, PAD_ID, EOS_ID)
                 noise = _take_rows(noise, rows) if noise is not None else None
@@ -243,7 +245,7 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
                 g["lr"] = lr_at(step, cfg)
             out_loss = block_diffusion_loss(model, batch, gen, sc_prob=cfg.sc_prob,
                                             diffusion_weight=cfg.diffusion_weight, ar_weight=cfg.ar_weight,
-                                            ar_only=cfg.objective == "ar", noise=noise)
+                                            ar_only=cfg.objective == "ar", noise=noise, sc_passes=n_sc)
             opt.zero_grad(set_to_none=True)
             out_loss.loss.backward()
             losses = torch.stack([out_loss.loss.detach(), out_loss.diffusion_loss.detach().reshape(()),
