@@ -8,6 +8,7 @@ import pytest
 from canvaslm.recipes.sudoku import data, puzzles
 from canvaslm.recipes.sudoku.puzzles import (
     LEVELS,
+    as_grid,
     count_solutions,
     format_grid,
     generate_puzzle,
@@ -15,6 +16,7 @@ from canvaslm.recipes.sudoku.puzzles import (
     is_valid_solution,
     needs_beyond_naked_singles,
     parse_puzzle,
+    singles_rounds,
     solve,
 )
 
@@ -62,6 +64,21 @@ def test_hard_puzzles_need_more_than_naked_singles():
     assert not needs_beyond_naked_singles(HARD_SOLUTION)
     for puzzle, _ in generate_puzzles(10, "hard", seed=3):
         assert needs_beyond_naked_singles(puzzle)
+
+
+def test_singles_rounds_counts_parallel_deduction_depth():
+    solution = as_grid(HARD_SOLUTION)
+    assert singles_rounds(solution) == (0, solution)
+    one_blank = solution[:40] + [0] + solution[41:]
+    assert singles_rounds(one_blank) == (1, solution)
+    chain = list(solution)  # row 0 blanked: every cell is a naked single (its column holds 8 digits)
+    chain[:9] = [0] * 9
+    assert singles_rounds(chain) == (1, solution)
+    for puzzle, sol in generate_puzzles(6, "hard", seed=5):
+        rounds, grid = singles_rounds(puzzle)
+        assert all(g in (0, s) for g, s in zip(grid, sol))  # sound: only forced digits are written
+        assert grid.count(0) < puzzle.count(0) or rounds == 0
+    assert singles_rounds(HARD) == (0, as_grid(HARD))  # not one single to start from: it needs search
 
 
 def test_generation_is_deterministic_for_a_seed():

@@ -237,6 +237,36 @@ def needs_beyond_naked_singles(puzzle: str | Sequence[int]) -> bool:
     return bool(st.empties)
 
 
+_UNITS = [[j for j in range(81) if key[j] == u] for key in (_ROW, _COL, _BOX) for u in range(9)]
+
+
+def singles_rounds(puzzle: str | Sequence[int]) -> tuple[int, Grid]:
+    """Parallel rounds of naked and hidden singles: (rounds, grid reached).
+
+    Each round fills, at once, every blank with a single candidate and every digit with a single place
+    left in a row, column or box, all judged on the grid as it was when the round began: what a
+    denoiser that commits only forced cells at each step could do. The grid keeps 0s when singles stall.
+    A measure of depth: a puzzle needing r rounds needs at least r such steps.
+    """
+    grid = list(as_grid(puzzle))
+    rounds = 0
+    while 0 in grid:
+        cand = {i: _ALL & ~sum({1 << (grid[j] - 1) for j in _PEERS[i] if grid[j]}) for i in range(81) if not grid[i]}
+        new = {i: _DIGITS[m][0] for i, m in cand.items() if _POP[m] == 1}
+        for unit in _UNITS:
+            placed = {grid[j] for j in unit}
+            for d in range(1, 10):
+                spots = [j for j in unit if not grid[j] and cand[j] >> (d - 1) & 1]
+                if d not in placed and len(spots) == 1:
+                    new[spots[0]] = d
+        if not new:
+            break
+        for i, d in new.items():
+            grid[i] = d
+        rounds += 1
+    return rounds, grid
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
