@@ -174,6 +174,22 @@ def test_solve_and_eval_plumbing(mini_run, mini_split):
     assert score([Example("0" * 81, exs[0].solution, "hard")], [exs[0].solution]) == (1.0, 1.0)
 
 
+def test_depth_sets_split_by_singles_rounds(mini_split):
+    from canvaslm.recipes.sudoku.eval import depth_sets
+    from canvaslm.recipes.sudoku.puzzles import singles_rounds
+
+    exs = list(mini_split.test) + list(mini_split.test_hard)
+    sets = depth_sets(exs, steps=4)
+    assert sorted(e.puzzle for v in sets.values() for e in v) == sorted(e.puzzle for e in exs)
+    for name, group in sets.items():
+        for e in group:
+            rounds, grid = singles_rounds(e.puzzle)
+            if name == "singles stall":
+                assert 0 in grid
+            else:
+                assert 0 not in grid and (rounds <= 4) == (name == "singles <= 4 rounds")
+
+
 def test_cli_solve(mini_run, mini_split, capsys):
     from canvaslm.cli import main
 

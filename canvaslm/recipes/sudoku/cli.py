@@ -67,6 +67,10 @@ def _eval(args) -> int:
     sets = eval_sets(load_or_make_split(recipe.train, print), args.n)
     if args.hard_only:
         sets = {"hard (held-out)": sets["hard (held-out)"]}
+    if args.by_depth:
+        from canvaslm.recipes.sudoku.eval import depth_sets
+
+        sets = depth_sets(sets["hard (held-out)"], max(args.steps))
     rows = []
     if args.ar_only and not args.ar_model:
         print("error: --ar-only needs --ar-model", file=sys.stderr)
@@ -134,6 +138,9 @@ def add_parser(subparsers) -> None:
     e.add_argument("--ar-model", default=None, help="AR baseline model dir (e.g. runs/sudoku/ar/model)")
     e.add_argument("--ar-only", action="store_true", help="skip the diffusion model (needs --ar-model)")
     e.add_argument("--hard-only", action="store_true", help="only the held-out hard split")
+    e.add_argument("--by-depth", action="store_true",
+                   help="only the held-out hard split, in columns by how many rounds of naked/hidden singles "
+                        "finish a puzzle (within the largest --steps, more, or never)")
     e.add_argument("--config", default=str(RECIPE_PATH), help="recipe naming the data split")
     e.add_argument("-v", "--verbose", action="store_true", help="print each row as it is measured")
     e.add_argument("--trace", action="store_true",

@@ -56,6 +56,20 @@ def eval_sets(split, n: int | None = None) -> dict[str, list[Example]]:
     return sets
 
 
+def depth_sets(examples: Sequence[Example], steps: int = 12) -> dict[str, list[Example]]:
+    """Split puzzles by `singles_rounds`: those that parallel naked/hidden singles finish within `steps`
+    rounds, those they finish in more, and those where they stall (they need pairs, chains or search)."""
+    from canvaslm.recipes.sudoku.puzzles import singles_rounds
+
+    out: dict[str, list[Example]] = {f"singles <= {steps} rounds": [], f"singles > {steps} rounds": [],
+                                     "singles stall": []}
+    for e in examples:
+        rounds, grid = singles_rounds(e.puzzle)
+        key = "singles stall" if 0 in grid else f"singles {'<=' if rounds <= steps else '>'} {steps} rounds"
+        out[key].append(e)
+    return {k: v for k, v in out.items() if v}
+
+
 def eval_diffusion(llm, sets: dict[str, list[Example]], steps: Sequence[int] = DEFAULT_STEPS, seed: int = 0,
                    candidates: bool = False, log=None, **sampling) -> list[EvalRow]:
     from canvaslm.recipes.sudoku.solve import solve
