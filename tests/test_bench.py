@@ -11,6 +11,22 @@ import pytest
 from canvaslm.bench import BenchConfig, run_bench
 
 
+def test_reference_holds_our_weights_and_matches_our_logits():
+    import torch
+
+    from canvaslm.bench import build_bench_model, build_reference
+    from canvaslm.shapes import model_config
+
+    model = build_bench_model(model_config("tiny", canvas_length=16), torch.device("cpu"), "float32", seed=0)
+    ref = build_reference(model, torch.device("cpu"))
+    assert not any(t.is_meta for t in ref.state_dict(keep_vars=True).values())
+    assert ref.lm_head.weight.data_ptr() == model.embed_weight.data_ptr()  # tied, no copy
+    h = torch.randn(3, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    ours, theirs = model.logits(h), ref.lm_head(h)  # ours applies the final softcap on top
+    cap = model.cfg.final_logit_softcapping
+    torch.testing.assert_close(ours, torch.tanh(theirs / cap) * cap, rtol=1e-5, atol=1e-5)
+
+
 def test_bench_tiny_cpu_reports_all_figures():
     lines = []
     bc = BenchConfig(shape="tiny", prompt_len=8, new_tokens=32, steps_per_canvas=2, canvas_length=16,
