@@ -247,10 +247,10 @@ def build_reference(model, device):
                 mod._parameters[leaf] = torch.nn.Parameter(val, requires_grad=False)
             else:
                 mod._buffers[leaf] = val
-    # tied embeddings: named_parameters() lists a tied tensor once, so lm_head still holds the meta
-    # placeholder; a CPU linear over it reads uninitialised memory (garbage or NaN logits), and on any
-    # device it would skip the vocabulary projection's real cost
-    ref.lm_head.weight = ref.get_input_embeddings().weight
+    # named_parameters() lists a tied tensor once, so the loop above filled the embedding but left
+    # lm_head on its meta placeholder (a CPU linear over it reads uninitialised memory: garbage or NaN
+    # logits, and no vocabulary projection cost); transformers' own tying points it at the embedding
+    ref.tie_weights()
     left = [n for n, t in ref.state_dict(keep_vars=True).items() if t.is_meta]
     if left:
         raise RuntimeError(f"reference tensors without weights: {left}")

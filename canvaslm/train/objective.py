@@ -211,11 +211,11 @@ def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | 
     cache = KVCache(model.cfg, B, batch.tokens.shape[1], dtype=model.embed_weight.dtype, device=device,
                     keep_full_window=True)  # fresh per step: it carries this step's autograd graph
     hidden = model.encode(batch.tokens, batch.positions, slots, cache)  # [B, L, d]
+    first = None  # [B, C, V] logits of the last no-grad pass; the first pass has no self-conditioning
     with torch.no_grad():
-        first = model.denoise(noisy, slots, cache, canvas_start=start)  # [B, C, V]
-        for _ in range(sc_passes - 1):
-            first = model.denoise(noisy, slots, cache, sc_logits=first.to(model.embed_weight.dtype),
-                                  canvas_start=start)
+        for _ in range(sc_passes):
+            first = model.denoise(noisy, slots, cache, canvas_start=start,
+                                  sc_logits=None if first is None else first.to(model.embed_weight.dtype))
     logits = model.denoise(noisy, slots, cache, sc_logits=first.to(model.embed_weight.dtype),
                            sc_mask=noise.sc_taken, canvas_start=start)  # [B, C, V] float32
     ce = F.cross_entropy(logits.transpose(1, 2), clean, reduction="none")  # [B, C]

@@ -251,13 +251,13 @@ def singles_rounds(puzzle: str | Sequence[int]) -> tuple[int, Grid]:
     grid = list(as_grid(puzzle))
     rounds = 0
     while 0 in grid:
-        cand = {i: _ALL & ~sum({1 << (grid[j] - 1) for j in _PEERS[i] if grid[j]}) for i in range(81) if not grid[i]}
-        new = {i: _DIGITS[m][0] for i, m in cand.items() if _POP[m] == 1}
-        for unit in _UNITS:
-            placed = {grid[j] for j in unit}
+        st = _State(grid)
+        cand = {c: ~(st.rows[_ROW[c]] | st.cols[_COL[c]] | st.boxes[_BOX[c]]) & _ALL for c in st.empties}
+        new = {c: _DIGITS[m][0] for c, m in cand.items() if _POP[m] == 1}
+        for unit in _UNITS:  # a digit already in the unit is no blank's candidate there
             for d in range(1, 10):
-                spots = [j for j in unit if not grid[j] and cand[j] >> (d - 1) & 1]
-                if d not in placed and len(spots) == 1:
+                spots = [c for c in unit if cand.get(c, 0) >> (d - 1) & 1]
+                if len(spots) == 1:
                     new[spots[0]] = d
         if not new:
             break
