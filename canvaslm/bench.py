@@ -135,10 +135,9 @@ class OurModel:
             self.graphs = StepGraphs(self.model, self.cache, buckets=(batch,))
 
     def prefill(self):
-        self.cache.reset()
         tokens = torch.randint(0, self.V, (self.B, self.bc.prompt_len), device=self.device, generator=self.gens)
         pos = torch.arange(self.bc.prompt_len, device=self.device).expand(self.B, -1)
-        self.model.encode(tokens, pos, self.slots, self.cache)
+        self.model.encode(tokens, pos, self.slots, self.cache, fresh=True)
 
     def new_canvas(self) -> CanvasState:
         canvas = torch.randint(0, self.V, (self.B, self.C), device=self.device, generator=self.gens)

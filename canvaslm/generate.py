@@ -79,7 +79,7 @@ def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None
     for b, r in enumerate(rows):
         tokens[b, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         positions[b, :len(r.prompt_ids)] = torch.arange(len(r.prompt_ids))
-    model.encode(tokens.to(device), positions.to(device), slots, cache)
+    model.encode(tokens.to(device), positions.to(device), slots, cache, fresh=True)
 
     sp = SamplerParams.build([r.params for r in rows], device)
     depth = max(r.params.stability_threshold for r in rows)

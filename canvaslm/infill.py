@@ -56,7 +56,8 @@ def score_continuations(model, prompt_ids: list, conts: list) -> list:
         tokens[b, :len(r)] = torch.tensor(r)
         positions[b, :len(r)] = torch.arange(len(r))
     cache = KVCache(model.cfg, B, T, dtype=model.embed_weight.dtype, device=device)
-    hidden = model.encode(tokens.to(device), positions.to(device), torch.arange(B, device=device), cache)
+    hidden = model.encode(tokens.to(device), positions.to(device), torch.arange(B, device=device), cache,
+                          fresh=True)
     out, P = [], len(prompt_ids)
     for b, c in enumerate(conts):
         if not c:

@@ -55,6 +55,30 @@ def test_encoder_kv_and_decoder_logits(reference):
 
 
 @torch.no_grad()
+def test_fresh_encode_forgets_the_slot_and_skips_its_empty_rows(reference, monkeypatch):
+    """encode(fresh=True) on a slot that holds an earlier prompt: the slot starts over, attention never
+    reads its (now empty) cache rows, and encoder and decoder still equal the reference."""
+    name, path, ref = reference
+    model = load_model(path)
+    cfg = model.cfg
+    n = cfg.sliding_window + 7
+    ids, pos, slots = torch.tensor([_prompt(n, cfg.vocab_size, 4)]), torch.arange(n)[None], torch.tensor([0])
+    cache_ref = _ref_cache(ref)
+    want = ref.model.encoder(input_ids=ids, past_key_values=cache_ref, position_ids=pos).last_hidden_state
+    cache = KVCache(cfg, 1, 2 * n + cfg.canvas_length)  # holds an earlier, longer prompt:
+    model.encode(torch.tensor([_prompt(2 * n, cfg.vocab_size, 5)]), torch.arange(2 * n)[None], slots, cache)
+    with monkeypatch.context() as m:
+        m.setattr(cache, "read", lambda *a: pytest.fail("a fresh encode read the cache"))
+        got = model.encode(ids, pos, slots, cache, fresh=True)
+    assert (got - want).abs().max() <= TOL * max(1.0, got.abs().max().item())
+    assert int(cache.lengths[0]) == n
+    assert all(int(p.max()) == n - 1 for p in cache.old_positions(slots).values())  # the longer prompt is gone
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=torch.Generator().manual_seed(6))
+    logits = model.denoise(canvas, slots, cache)
+    assert (logits - ref(decoder_input_ids=canvas, past_key_values=cache_ref).logits).abs().max() <= TOL
+
+
+@torch.no_grad()
 def test_batched_rows_match_single_reference_rows(reference):
     """Two prompts of different lengths in one batch: every row equals the reference run on it alone."""
     name, path, ref = reference

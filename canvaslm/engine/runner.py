@@ -160,14 +160,16 @@ class Runner:
                     finished[item.request_id] = reason
         # One call per token length: right-padding would change the attention's reduction length and so
         # the low bits of a row's result, and a request's output would depend on its batch-mates.
-        by_len: dict[int, list[EncodeItem]] = {}
+        # A request's first prefill chunk skips its slot's empty cache rows (`fresh`), so first chunks
+        # are grouped apart from the rest for the same reason.
+        by_len: dict[tuple[int, bool], list[EncodeItem]] = {}
         for item in encode:
-            by_len.setdefault(item.num_tokens, []).append(item)
-        for group in by_len.values():
-            self._encode(group)
+            by_len.setdefault((item.num_tokens, _is_first_chunk(item)), []).append(item)
+        for (_, fresh), group in by_len.items():
+            self._encode(group, fresh)
         return committed, finished
 
-    def _encode(self, items: list[EncodeItem]) -> None:
+    def _encode(self, items: list[EncodeItem], fresh: bool = False) -> None:
         n, T = len(items), max(i.num_tokens for i in items)
         # BLAS picks row-count-dependent kernels under MIN_ROWS rows (B * T): pad the batch with rows of
         # padding only (they write nothing), so a prompt's KV never depends on what it is encoded with
@@ -184,7 +186,7 @@ class Runner:
             slots = torch.tensor([items[b].slot for b in rows], device=self.device)
             tokens[torch.tensor(rows, device=self.device), :self.cfg.canvas_length] = self.argmax.index_select(0, slots)
         slots = torch.tensor([i.slot for i in items] + [self.num_slots] * (B - n), device=self.device)
-        self.model.encode(tokens, positions.to(self.device), slots, self.cache)
+        self.model.encode(tokens, positions.to(self.device), slots, self.cache, fresh=fresh)
 
     def _denoise(self, plan: StepPlan):
         items = plan.denoise
@@ -270,3 +272,8 @@ class Runner:
                     allowed[b] = a
         return pinned, allowed
 
+
+
+def _is_first_chunk(item: EncodeItem) -> bool:
+    """The first prompt chunk of a request: its slot holds nothing yet (a new request starts over)."""
+    return item.kind == "prefill" and item.start == 0

@@ -141,13 +141,18 @@ class DiffusionGemma(nn.Module):
 
     # --- the two modes -------------------------------------------------------------------------
     def encode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache,
-               write: bool = True) -> torch.Tensor:
+               write: bool = True, fresh: bool = False) -> torch.Tensor:
         """Causal pass over new tokens [B, T] at absolute positions [B, T] (-1 = padding); writes
-        their K/V into the cache slots and returns final-normed hidden states [B, T, d]."""
+        their K/V into the cache slots and returns final-normed hidden states [B, T, d].
+        fresh: the slots start over (what they held is forgotten) and attention skips their empty
+        cache rows instead of reading and masking them (a first prefill, every training step)."""
         if cache is not None:
             cache.check_fits(positions)
+            if fresh:
+                cache.reset(slots)
+        if cache is not None and not fresh:
             old = cache.old_positions(slots)
-        else:
+        else:  # nothing cached to attend to
             old = {t: positions.new_full((positions.shape[0], 0), -1) for t in set(self.cfg.layer_types)}
         ctx = AttnContext("encode", positions, slots, cache, old, write=write)
         scalars = [m.layer_scalar for m in self.model.encoder.language_model.layers]

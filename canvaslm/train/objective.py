@@ -210,7 +210,7 @@ def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | 
     slots = torch.arange(B, device=device)
     cache = KVCache(model.cfg, B, batch.tokens.shape[1], dtype=model.embed_weight.dtype, device=device,
                     keep_full_window=True)  # fresh per step: it carries this step's autograd graph
-    hidden = model.encode(batch.tokens, batch.positions, slots, cache)  # [B, L, d]
+    hidden = model.encode(batch.tokens, batch.positions, slots, cache, fresh=True)  # [B, L, d]
     first = None  # [B, C, V] logits of the last no-grad pass; the first pass has no self-conditioning
     with torch.no_grad():
         for _ in range(sc_passes):
@@ -258,7 +258,7 @@ def greedy_ar_generate(model, prompt_ids, max_new_tokens: int, eos_ids) -> list:
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = torch.tensor(p, device=device)
         positions[b, :len(p)] = torch.arange(len(p), device=device)
-    hidden = model.encode(tokens, positions, slots, cache)  # [B, P, d]
+    hidden = model.encode(tokens, positions, slots, cache, fresh=True)  # [B, P, d]
     last = hidden[torch.arange(B, device=device), lens - 1]  # [B, d]
     outs, done = [[] for _ in range(B)], [False] * B
     for i in range(max_new_tokens):
