@@ -273,7 +273,6 @@ class Runner:
         return pinned, allowed
 
 
-
 def _is_first_chunk(item: EncodeItem) -> bool:
     """The first prompt chunk of a request: its slot holds nothing yet (a new request starts over)."""
     return item.kind == "prefill" and item.start == 0

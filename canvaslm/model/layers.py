@@ -140,12 +140,12 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(k_raw), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         cache = ctx.cache
-        if cache is not None and ctx.old_pos[self.layer_type].shape[1]:  # no cached rows to see: skip them
+        if ctx.old_pos[self.layer_type].shape[1]:  # cached rows to see (none: no cache, or a fresh encode)
             k_old, v_old = cache.read(self.layer, ctx.slots)  # [B, Hk, S, D]
             k_all, v_all = torch.cat([k_old, k], dim=2), torch.cat([v_old, v], dim=2)
         else:
             k_all, v_all = k, v
-        mask = attention_mask(ctx, self.layer_type, self.window)[..., -k_all.shape[2]:]
+        mask = attention_mask(ctx, self.layer_type, self.window)  # [B, 1, T, S + T]
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=1.0,
                                              enable_gqa=self.num_kv != self.num_heads)
         if ctx.mode == "encode" and cache is not None and ctx.write:
