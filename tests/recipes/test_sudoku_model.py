@@ -13,7 +13,7 @@ from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, TARGET
                                           make_split)
 from canvaslm.recipes.sudoku.model_config import ModelShape, model_config
 from canvaslm.recipes.sudoku.puzzles import is_valid_solution
-from canvaslm.recipes.sudoku.train import Recipe, TrainConfig, augment, lr_at, train_recipe
+from canvaslm.recipes.sudoku.train import Recipe, TensorSampler, TrainConfig, augment, lr_at, to_pairs, train_recipe
 
 MINI_SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=2, head_dim=16, num_kv_heads=1,
                         intermediate_size=32, num_experts=2, top_k_experts=1, moe_intermediate_size=16)
@@ -111,8 +111,9 @@ def test_miniature_training_loss_falls(mini_run):
         assert (model_dir / name).exists()
 
 
-def test_resume_continues_the_same_run(tmp_path, mini_split):
-    short = Recipe(MINI_SHAPE, replace(MINI_TRAIN, max_steps=4, save_every=2))
+@pytest.mark.parametrize("sampler", ["python", "tensor"])
+def test_resume_continues_the_same_run(tmp_path, mini_split, sampler):
+    short = Recipe(MINI_SHAPE, replace(MINI_TRAIN, max_steps=4, save_every=2, sampler=sampler))
     full_dir = train_recipe(short, tmp_path / "full", log=lambda s: None, split=mini_split)
     half = Recipe(MINI_SHAPE, replace(short.train, max_steps=2))
     train_recipe(half, tmp_path / "resumed", log=lambda s: None, split=mini_split)
@@ -296,3 +297,64 @@ def test_digit_noise_turns_kept_answer_cells_into_digits():
     assert add_digit_noise(base, torch.Generator().manual_seed(1), 0.0).replace.equal(base.replace)
     with pytest.raises(ValueError, match="digit_noise"):
         TrainConfig(digit_noise=1.5)
+
+
+@pytest.mark.parametrize("canvas_length", [TARGET_LEN, TARGET_LEN + 5])
+def test_tensor_sampler_batches_are_make_batch_of_valid_augmented_puzzles(mini_split, canvas_length):
+    from canvaslm.recipes.sudoku.data import EOS_ID, PAD_ID, decode_prompt, decode_solution
+    from canvaslm.recipes.sudoku.puzzles import count_solutions
+    from canvaslm.train.objective import make_batch
+
+    source = mini_split.train[0]
+    sampler = TensorSampler([source], canvas_length, seed=0)
+    batch = sampler.batch(16)
+    P = 83
+    exs = [Example(decode_prompt(row[:P].tolist()), decode_solution(row[P:].tolist()), source.level)
+           for row in batch.tokens]
+    ref = make_batch(to_pairs(exs), canvas_length, PAD_ID, EOS_ID)
+    for name in ("tokens", "positions", "prompt_lens", "num_canvases"):
+        assert torch.equal(getattr(batch, name), getattr(ref, name)), name
+    assert batch.canvas_length == canvas_length
+    for ex in exs:  # each one is the source puzzle under a symmetry: valid, same givens count, still unique
+        assert is_valid_solution(ex.puzzle, ex.solution)
+        assert ex.puzzle.count("0") == source.puzzle.count("0")
+        assert count_solutions(ex.puzzle, limit=2) == 1
+    assert len({ex.puzzle for ex in exs}) > 1
+    plain = TensorSampler([source], canvas_length, seed=0).batch(2, augment=False)
+    assert decode_prompt(plain.tokens[0, :P].tolist()) == source.puzzle
+
+
+def test_tensor_sampler_covers_the_symmetries():
+    """Two givens side by side in row 1, box 1: a row/column permutation keeps them in one row of one box,
+    a transposition puts them in one column; across draws they land everywhere, transposed half the time,
+    and the digit relabelling is uniform."""
+    solution = "".join(str((r * 3 + r // 3 + c) % 9 + 1) for r in range(9) for c in range(9))
+    puzzle = solution[:2] + "0" * 79
+    sampler = TensorSampler([Example(puzzle, solution, "hard")], TARGET_LEN, seed=1)
+    p, s = sampler.draw(4000)
+    same_col, where, digits = 0, set(), []
+    for row in p.tolist():
+        (a, da), (b, db) = [(i, d) for i, d in enumerate(row) if d]
+        assert a // 27 == b // 27 and (a % 9) // 3 == (b % 9) // 3  # one box
+        assert a // 9 == b // 9 or a % 9 == b % 9  # one row, or one column
+        same_col += a % 9 == b % 9
+        where |= {a, b}
+        digits.append(da if a < b else db)
+    assert 0.45 < same_col / len(p) < 0.55
+    assert where == set(range(81))
+    counts = torch.bincount(torch.tensor(digits), minlength=10)[1:]
+    assert counts.min() > 0.8 * len(p) / 9 and counts.max() < 1.2 * len(p) / 9
+
+
+def test_training_stops_at_max_seconds_and_saves(tmp_path, mini_split):
+    logs = []
+    cfg = replace(MINI_TRAIN, max_steps=1000, max_seconds=1e-9, sampler="tensor")
+    model_dir = train_recipe(Recipe(MINI_SHAPE, cfg), tmp_path, log=logs.append, split=mini_split)
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1]
+    assert torch.load(tmp_path / "trainer_state.pt", weights_only=False)["step"] == 1
+    assert (model_dir / "model.safetensors").exists()
+    assert any("max_seconds" in line for line in logs)
+    with pytest.raises(ValueError, match="max_seconds"):
+        TrainConfig(max_seconds=-1)
+    with pytest.raises(ValueError, match="sampler"):
+        TrainConfig(sampler="numpy")

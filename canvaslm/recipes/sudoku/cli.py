@@ -102,10 +102,9 @@ def _train(args) -> int:
     recipe = Recipe.from_yaml(args.config)
     if args.baseline:
         recipe = recipe.for_baseline()
-    if args.threads:
-        recipe = replace(recipe, train=replace(recipe.train, threads=args.threads))
-    if args.device:
-        recipe = replace(recipe, train=replace(recipe.train, device=args.device))
+    overrides = {k: v for k, v in (("threads", args.threads), ("device", args.device), ("max_steps", args.max_steps),
+                                   ("max_seconds", args.max_seconds)) if v}
+    recipe = replace(recipe, train=replace(recipe.train, **overrides))
     out = args.out or f"runs/sudoku/{recipe.train.objective}"
     final = train_recipe(recipe, out, resume=not args.no_resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
@@ -156,4 +155,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: the recipe's)")
     t.add_argument("--device", default=None, help="cpu | cuda (default: the recipe's, cpu)")
     t.add_argument("--no-resume", action="store_true", help="start over even if OUT has a trainer state")
+    t.add_argument("--max-steps", type=_positive, default=None, help="optimizer steps (default: the recipe's)")
+    t.add_argument("--max-seconds", type=float, default=None,
+                   help="stop after this much training time and save the model (default: the recipe's, no limit)")
     t.set_defaults(func=_train)

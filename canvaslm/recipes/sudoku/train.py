@@ -28,12 +28,14 @@ from typing import Callable
 import torch
 
 from canvaslm.checkpoint import build_random_model, save_model
-from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, PAD_ID, Example, encode_prompt,
-                                          encode_target, load_split, make_split, save_split)
+from canvaslm.recipes.sudoku.data import (BOS_ID, CELL_BASE_ID, DIGIT_BASE_ID, EOS_ID, N_CELLS, PAD_ID, PROMPT_LEN,
+                                          SEP_ID, Example, encode_prompt, encode_target, load_split, make_split,
+                                          save_split)
 from canvaslm.recipes.sudoku.model_config import ModelShape, default_params, model_config, write_tokenizer
 
 RECIPE_PATH = Path(__file__).with_name("recipe.yaml")
 OBJECTIVES = ("diffusion", "ar")
+SAMPLERS = ("python", "tensor")
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,16 @@ class TrainConfig:
     save_every: int = 100
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (1 is fastest on a busy CPU)
     device: str = "cpu"  # fp32 everywhere; "cuda" is wired through but was not tried for the shipped model
+    sampler: str = "python"  # "python": augment + make_batch per example (the shipped run); "tensor": TensorSampler
+    max_seconds: float = 0.0  # > 0: stop after this much training time (saving the model), whatever max_steps says
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"train.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not self.max_seconds >= 0:
+            raise ValueError(f"train.max_seconds must be >= 0 (0: no time limit), got {self.max_seconds!r}")
         for name in ("batch_size", "max_steps", "log_every", "save_every", "sc_passes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
@@ -156,6 +164,57 @@ def to_pairs(examples: list[Example]) -> list[tuple[list[int], list[int]]]:
     return [(encode_prompt(e.puzzle), encode_target(e.solution)) for e in examples]
 
 
+class TensorSampler:
+    """Training batches drawn, augmented and tokenised with tensor ops: the distribution of
+    `augment` + `make_batch` (uniform example, digit relabelling, band/row/stack/column permutations,
+    transposition with probability 1/2) at a few milliseconds per thousand puzzles, where the
+    per-example Python path costs ~0.25 ms a puzzle, more than a GPU step takes. It draws from its own
+    CPU generator, so its batches are not the Python path's."""
+
+    def __init__(self, examples: list[Example], canvas_length: int, seed: int):
+        if not examples:
+            raise ValueError("TensorSampler: no training examples")
+        self.puzzles = torch.tensor([[int(c) for c in e.puzzle] for e in examples], dtype=torch.long)
+        self.solutions = torch.tensor([[int(c) for c in e.solution] for e in examples], dtype=torch.long)
+        self.canvas_length = canvas_length
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _perm3x3(self, B: int) -> torch.Tensor:
+        """[B, 9]: per row, a permutation of 0..8 that keeps the three groups of three together."""
+        outer = torch.rand(B, 3, generator=self.gen).argsort(1)
+        inner = torch.rand(B, 3, 3, generator=self.gen).argsort(2)
+        return (outer[:, :, None] * 3 + inner).reshape(B, 9)
+
+    def draw(self, B: int, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(puzzles, solutions), each [B, 81] long digits (0 = blank in puzzles)."""
+        idx = torch.randint(len(self.puzzles), (B,), generator=self.gen)
+        p, s = self.puzzles[idx], self.solutions[idx]
+        if not augment:
+            return p, s
+        relabel = torch.cat([torch.zeros(B, 1, dtype=torch.long), torch.rand(B, 9, generator=self.gen).argsort(1) + 1],
+                            1)
+        rows, cols = self._perm3x3(B), self._perm3x3(B)
+        straight = rows[:, :, None] * 9 + cols[:, None, :]  # output cell (r, c) <- source cell
+        transposed = cols[:, None, :] * 9 + rows[:, :, None]
+        flip = torch.rand(B, generator=self.gen) < 0.5
+        cells = torch.where(flip[:, None, None], transposed, straight).reshape(B, N_CELLS)
+        return relabel.gather(1, p.gather(1, cells)), relabel.gather(1, s.gather(1, cells))
+
+    def batch(self, B: int, augment: bool = True):
+        """A TrainBatch equal to `make_batch(to_pairs(examples), canvas_length, PAD_ID, EOS_ID)` for the
+        drawn examples."""
+        from canvaslm.train.objective import TrainBatch
+
+        p, s = self.draw(B, augment)
+        col = lambda v, n=1: torch.full((B, n), v, dtype=torch.long)  # noqa: E731
+        cells = CELL_BASE_ID + 10 * torch.arange(N_CELLS) + p
+        fill = self.canvas_length - (N_CELLS + 1)  # one canvas holds the answer; the rest is EOS
+        tokens = torch.cat([col(BOS_ID), cells, col(SEP_ID), DIGIT_BASE_ID + s, col(EOS_ID, 1 + fill)], 1)
+        L = tokens.shape[1]
+        return TrainBatch(tokens, torch.arange(L).expand(B, L).clone(), torch.full((B,), PROMPT_LEN, dtype=torch.long),
+                          torch.ones(B, dtype=torch.long), self.canvas_length)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +266,9 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     rng, gen, step = random.Random(f"sudoku-train:{cfg.seed}"), torch.Generator().manual_seed(cfg.seed), 0
+    sampler = TensorSampler(train, recipe.model.canvas_length, cfg.seed) if cfg.sampler == "tensor" else None
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 weights and optimiser, faster products
     state_path = out / "trainer_state.pt"
     if resume and state_path.exists():
         st = torch.load(state_path, weights_only=False, map_location=device)
@@ -214,6 +276,8 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
         opt.load_state_dict(st["opt"])
         rng.setstate(st["rng"])
         gen.set_state(st["gen"])
+        if sampler is not None and st.get("data_gen") is not None:
+            sampler.gen.set_state(st["data_gen"])
         step = st["step"]
         log(f"resumed from {state_path} at step {step}")
     dist.barrier()  # nobody writes a new state before every process has read the old one
@@ -228,18 +292,21 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
     t0, seen = time.time(), 0
     with open(out / "log.jsonl" if rank0 else os.devnull, "a", encoding="utf-8") as logf:
         while step < cfg.max_steps:
-            exs = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
-            if cfg.augment:
-                exs = [augment(e, rng) for e in exs]
-            batch = make_batch(to_pairs(exs), recipe.model.canvas_length, PAD_ID, EOS_ID)
+            if sampler is not None:
+                batch = sampler.batch(cfg.batch_size, cfg.augment)
+            else:
+                exs = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+                if cfg.augment:
+                    exs = [augment(e, rng) for e in exs]
+                batch = make_batch(to_pairs(exs), recipe.model.canvas_length, PAD_ID, EOS_ID)
             noise = None  # drawn here, as the objective would draw it, so it can be altered and split
             if cfg.objective != "ar":
                 noise = draw_noise(batch, gen, V, cfg.sc_prob, device)
                 if cfg.digit_noise:
                     noise = add_digit_noise(noise, gen, cfg.digit_noise)
             n_sc = 1 + int(torch.randint(cfg.sc_passes, (1,), generator=gen)) if cfg.sc_passes > 1 else 1
-            if dist.world > 1:  # every process draws the whole batch's noise, then keeps its rows
-                batch = make_batch(to_pairs(exs[rows]), recipe.model.canvas_length, PAD_ID, EOS_ID)
+            if dist.world > 1:  # every process draws the whole batch and its noise, then keeps its rows
+                batch = _take_rows(batch, rows)
                 noise = _take_rows(noise, rows) if noise is not None else None
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
@@ -248,26 +315,33 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
                                             ar_only=cfg.objective == "ar", noise=noise, sc_passes=n_sc)
             opt.zero_grad(set_to_none=True)
             out_loss.loss.backward()
+            out_of_time = float(bool(cfg.max_seconds) and time.time() - t0 >= cfg.max_seconds)
             losses = torch.stack([out_loss.loss.detach(), out_loss.diffusion_loss.detach().reshape(()),
-                                  out_loss.ar_loss.detach().reshape(())]).float()
-            dist.all_reduce_gradients(model.parameters(), [losses])
+                                  out_loss.ar_loss.detach().reshape(()),
+                                  torch.tensor(out_of_time, device=out_loss.loss.device)]).float()
+            dist.all_reduce_gradients(model.parameters(), [losses])  # ranks agree on the time limit too
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step, seen = step + 1, seen + cfg.batch_size
-            if rank0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                loss, diff, ar = losses.tolist()
+            stop = bool(cfg.max_seconds) and bool(losses[3] > 0)
+            if rank0 and (step % cfg.log_every == 0 or step == cfg.max_steps or stop):
+                loss, diff, ar = losses[:3].tolist()
                 rec = {"step": step, "loss": round(loss, 4), "diffusion": round(diff, 4), "ar": round(ar, 4),
                        "grad_norm": round(float(gnorm), 3), "lr": round(lr_at(step - 1, cfg), 6),
                        "ex_per_s": round(seen / (time.time() - t0), 1), "elapsed_s": round(time.time() - t0)}
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 log(" ".join(f"{k}={v}" for k, v in rec.items()))
-            if rank0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            if rank0 and (step % cfg.save_every == 0 or step == cfg.max_steps or stop):
                 _save(model, out, "checkpoint")
                 tmp = state_path.with_suffix(".tmp")
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
-                            "gen": gen.get_state(), "step": step}, tmp)
+                            "gen": gen.get_state(), "step": step,
+                            "data_gen": sampler.gen.get_state() if sampler is not None else None}, tmp)
                 os.replace(tmp, state_path)
+            if stop:
+                log(f"stopping at step {step} of {cfg.max_steps}: train.max_seconds ({cfg.max_seconds:g} s) is spent")
+                break
     model.eval()
     final = _save(model, out, "model") if rank0 else out / "model"
     dist.barrier()
@@ -311,10 +385,12 @@ def _rows(batch_size: int, dist) -> slice:
     return slice(dist.rank * per, (dist.rank + 1) * per)
 
 
-def _take_rows(noise, rows: slice):
+def _take_rows(obj, rows: slice):
+    """A TrainBatch or NoiseDraw with only `rows` of each of its per-example tensors."""
     from dataclasses import fields
 
-    return replace(noise, **{f.name: getattr(noise, f.name)[rows] for f in fields(noise)})
+    return replace(obj, **{f.name: getattr(obj, f.name)[rows] for f in fields(obj)
+                           if isinstance(getattr(obj, f.name), torch.Tensor)})
 
 
 def _quiet(*_args, **_kwargs):
