@@ -59,3 +59,19 @@ def test_cli_and_standalone_script_parse():
     assert out.returncode == 0 and "--steps-per-canvas" in out.stdout
     out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "bench_step.py"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--shape" in out.stdout
+
+
+def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
+    """bench/fast_path_gpu.sh, the prepared device command, dry-run at the tiny shape: the serve stage
+    measures both concurrency levels through HTTP, its log lands in OUT, and an unknown stage is refused."""
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DEVICE": "cpu", "SHAPE": "tiny", "WHEELS": "none", "OUT": str(tmp_path),
+           "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(repo / "bench/fast_path_gpu.sh"), "serve", "nosuchstage"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    log = (tmp_path / "fast_path_gpu.log").read_text()
+    assert "== serve: rc 0," in log and "concurrency 1:" in log and "concurrency 4:" in log, log
+    assert "unknown stage nosuchstage" in log

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The fast-path and server GPU figures (docs/benchmarks.md), as device commands prepared in advance.
+# Stages, run in the order given (default: all, which does not fit one 10-minute device call):
+#   tests   the tests that take CUDA when there is one: Triton kernels compiled and checked against their
+#           PyTorch references, CUDA-graph replay vs eager, FP8 (tests/kernels, tests/engine/test_graphs.py,
+#           tests/test_quant.py)
+#   bf16    bench/bench_step.py at the 26B-A4B shape, bf16, batches 1,2,4,8, vs the transformers reference (eager)
+#   fp8     the same with --fp8 (batches 1,4), no reference
+#   serve   bench/serve_concurrency.py at the 26B-A4B shape: 1 vs 4 concurrent requests through HTTP
+#   compiled  the reference with torch.compile too (its compile takes minutes; last, on its own)
+# Each stage has its own time limit and the next one runs whatever it returned. Output: $OUT/fast_path_gpu.log.
+#
+# Here, once: bash bench/device_wheels.sh (fills .whl/: transformers 5.23, FastAPI, pydantic, uvicorn ...).
+# Then two device calls that fit the session's 15 minutes (the machine stays warm 30 s between calls):
+#     run(command="bash bench/fast_path_gpu.sh tests bf16", carry=[".whl"], timeout_s=560)
+#     run(command="bash bench/fast_path_gpu.sh fp8 serve", carry=[".whl"], timeout_s=400)
+# Dry run on a CPU (plumbing only): DEVICE=cpu SHAPE=tiny WHEELS=none bash bench/fast_path_gpu.sh bf16 fp8 serve
+set -uo pipefail
+DEVICE=${DEVICE:-cuda}
+SHAPE=${SHAPE:-26b-a4b}
+PY=${PYTHON:-python3}
+OUT=${OUT:-runs/fast_path_gpu}
+mkdir -p "$OUT"
+LOG="$OUT/fast_path_gpu.log"
+export PYTHONUNBUFFERED=1
+WHEELS=${WHEELS:-.whl}  # the carried wheels (Python 3.12, x86-64); WHEELS=none skips them
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+stage() {  # stage NAME SECONDS CMD...: run under a time limit, log, keep going whatever it returns
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $* ($(date -u +%H:%M:%S), limit ${limit} s)" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  echo "== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+  torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" 2>&1 | tee -a "$LOG"
+cpu=(); [ "$DEVICE" = cpu ] && cpu=(--threads 1)
+for s in "${@:-tests bf16 fp8 serve}"; do
+  for s in $s; do
+    case $s in
+      tests) stage tests 200 $PY -m pytest -q -x -p no:cacheprovider tests/kernels tests/engine/test_graphs.py tests/test_quant.py ;;
+      bf16) stage bf16 300 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1,2,4,8 \
+              --reference eager "${cpu[@]}" ;;
+      fp8) stage fp8 200 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --fp8 --batches 1,4 \
+             --reference none "${cpu[@]}" ;;
+      serve) stage serve 200 $PY bench/serve_concurrency.py --shape "$SHAPE" --device "$DEVICE" \
+               $([ "$DEVICE" = cpu ] && echo --canvas-length 16 --steps 4 --canvases 2 --prompt-len 16 --repeats 1 --threads 1) ;;
+      compiled) stage compiled 540 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1 \
+                  --reference eager,compiled "${cpu[@]}" ;;
+      *) echo "unknown stage $s (tests, bf16, fp8, serve, compiled)" | tee -a "$LOG"; exit 2 ;;
+    esac
+  done
+done
