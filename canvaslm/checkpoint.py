@@ -216,7 +216,6 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
     cfg_dict["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
     try:
         shards, cur, size = [], {}, 0
         for k in sorted(state):
@@ -246,10 +245,12 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        # safetensors >= 0.8 creates its files 0600; give every file the mode a plain write gets (umask)
+        # safetensors >= 0.8 creates its files 0600 and mkdtemp its directory 0700; give every file the mode
+        # a plain write gets (the umask's) and the directory that mode plus search where it grants reading
         mode = stat.S_IMODE((tmp / "config.json").stat().st_mode)
         for f in tmp.iterdir():
             os.chmod(f, mode)
+        tmp.chmod(mode | (mode & 0o444) >> 2)
         if out_dir.exists():
             old = out_dir.with_name(out_dir.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

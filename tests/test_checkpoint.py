@@ -96,6 +96,22 @@ def test_saved_files_get_the_umask_mode_not_0600(ref_dir, tmp_path):
     assert len(list(out.glob("*.safetensors"))) > 1
     for f in out.iterdir():  # safetensors alone would write its shards 0600 (unreadable to others)
         assert f.stat().st_mode & 0o777 == probe.stat().st_mode & 0o777, f.name
+    probe_dir = tmp_path / "probe_dir"
+    probe_dir.mkdir()
+    assert out.stat().st_mode & 0o777 == probe_dir.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_checkpoint_dir_mode_follows_the_umask(ref_dir, tmp_path, umask):
+    path, _ = ref_dir
+    model = load_model(path)
+    old = os.umask(umask)
+    try:
+        out = save_model(model, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def _copy(src, dst):
