@@ -63,9 +63,9 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 100
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (1 is fastest on a busy CPU)
-    device: str = "cpu"  # fp32 everywhere; "cuda" is wired through but was not tried for the shipped model
+    device: str = "cpu"  # fp32 weights and optimiser (TF32 products on CUDA); no model was trained on CUDA yet
     sampler: str = "python"  # "python": augment + make_batch per example (the shipped run); "tensor": TensorSampler
-    max_seconds: float = 0.0  # > 0: stop after this much training time (saving the model), whatever max_steps says
+    max_seconds: float = 0.0  # > 0: stop after this much training time in one invocation (saving the model)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
