@@ -1,9 +1,11 @@
 """Mixture of experts: a softmax top-k router and 3-D expert weight tensors (HF layout).
 
-`Experts.forward` picks an implementation: a per-expert loop (the reference, simple and exact), a
+`Experts.forward` picks an implementation: a per-expert loop (the reference, simple and exact), every
+expert on every token weighted by the routing (`dense`: no host sync, for a few small experts), a
 sorted grouped GEMM (`torch._grouped_mm` on CUDA) or the fused Triton kernels (`kernels.moe`, the CUDA
-default when Triton is installed). All take the same routing and give the same sums. Only the loop has
-a backward pass, so `auto` picks it whenever gradients are needed (training).
+default when Triton is installed). All take the same routing and give the same sums. Only the loop and
+the dense path have a backward pass, so `auto` picks one of them whenever gradients are needed
+(training): dense on a GPU when there are at most twice top-k experts, else the loop.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[ids], ids
 
 
-def choose_impl(is_cuda: bool, needs_grad: bool, triton_ok: bool, has_grouped_mm: bool) -> str:
-    """What `impl="auto"` runs. Training (a graph that needs gradients) always takes the loop: the Triton
-    kernels write plain output buffers (no autograd, so experts and router would silently get no
-    gradient) and `torch._grouped_mm`'s backward is not available for every dtype and device."""
-    if needs_grad or not is_cuda:
+def choose_impl(is_cuda: bool, needs_grad: bool, triton_ok: bool, has_grouped_mm: bool,
+                few_experts: bool = False) -> str:
+    """What `impl="auto"` runs. Training (a graph that needs gradients) takes the loop, or on a GPU with
+    few experts (`few_experts`: at most twice top-k) the dense path: the Triton kernels write plain output
+    buffers (no autograd, so experts and router would silently get no gradient) and `torch._grouped_mm`'s
+    backward is not available for every dtype and device."""
+    if needs_grad:
+        return "dense" if is_cuda and few_experts else "loop"
+    if not is_cuda:
         return "loop"
     return "triton" if triton_ok else "grouped" if has_grouped_mm else "loop"
 
@@ -62,13 +68,17 @@ class Experts(nn.Module):
         if impl == "auto":
             from ..kernels import triton_available
 
-            impl = choose_impl(x.is_cuda, needs_grad, triton_available(), hasattr(torch, "_grouped_mm"))
-        elif needs_grad and impl != "loop":
-            raise ValueError(f"Experts.impl={impl!r} has no backward pass; training needs impl 'loop' or 'auto'")
+            impl = choose_impl(x.is_cuda, needs_grad, triton_available(), hasattr(torch, "_grouped_mm"),
+                               few_experts=self.num_experts <= 2 * ids.shape[-1])
+        elif needs_grad and impl not in ("loop", "dense"):
+            raise ValueError(f"Experts.impl={impl!r} has no backward pass; training needs impl 'loop', 'dense' "
+                             f"or 'auto'")
         if impl == "triton":
             from ..kernels.moe import fused_moe
 
             return fused_moe(x, weights, ids, self.gate_up_proj, self.down_proj)
+        if impl == "dense":
+            return self._dense(x, weights, ids)
         return self._grouped(x, weights, ids) if impl == "grouped" else self._loop(x, weights, ids)
 
     def _loop(self, x, weights, ids):
@@ -82,6 +92,16 @@ class Experts(nn.Module):
             y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])[:len(tok)]
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
+
+    def _dense(self, x, weights, ids):
+        """Every expert on every token, weighted by the routing (zero off each token's top-k): E / K times
+        the loop's expert arithmetic, but a fixed handful of kernels, no host sync, and a backward pass.
+        For a few small experts on a GPU, where launches and syncs cost more than the arithmetic."""
+        w = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
+        w = w.scatter_add(1, ids, weights)  # [N, E]
+        gate, up = torch.einsum("nd,ehd->neh", x, self.gate_up_proj).chunk(2, dim=-1)
+        y = torch.einsum("nei,edi->ned", F.gelu(gate, approximate="tanh") * up, self.down_proj)  # [N, E, d]
+        return (y * w[..., None].to(y.dtype)).sum(1).to(x.dtype)
 
     def _grouped(self, x, weights, ids):
         """Tokens sorted by expert, one grouped GEMM per projection; no host sync, no Python loop."""

@@ -84,19 +84,39 @@ def test_fp8_experts_triton_matches_dequant_reference():
     assert (out - ref).norm() / ref.norm() < 2e-2
 
 
-@pytest.mark.parametrize("is_cuda,needs_grad,triton_ok,grouped,expected", [
-    (True, False, True, True, "triton"),
-    (True, False, False, True, "grouped"),
-    (True, False, False, False, "loop"),
-    (False, False, True, True, "loop"),
-    (True, True, True, True, "loop"),  # training on a GPU: the only path with a backward
-    (False, True, True, True, "loop"),
+@pytest.mark.parametrize("is_cuda,needs_grad,triton_ok,grouped,few,expected", [
+    (True, False, True, True, False, "triton"),
+    (True, False, True, True, True, "triton"),  # inference: dense never pays where a kernel exists
+    (True, False, False, True, False, "grouped"),
+    (True, False, False, False, False, "loop"),
+    (False, False, True, True, False, "loop"),
+    (True, True, True, True, False, "loop"),  # training on a GPU, many experts: the loop has a backward
+    (True, True, True, True, True, "dense"),  # few experts: no host syncs, a handful of kernels
+    (False, True, True, True, True, "loop"),  # on a CPU the arithmetic counts: the loop
 ])
-def test_auto_impl_takes_the_loop_whenever_gradients_are_needed(is_cuda, needs_grad, triton_ok, grouped,
-                                                                expected):
+def test_auto_impl_trains_through_a_path_with_a_backward(is_cuda, needs_grad, triton_ok, grouped, few, expected):
     from canvaslm.model.moe import choose_impl
 
-    assert choose_impl(is_cuda, needs_grad, triton_ok, grouped) == expected
+    assert choose_impl(is_cuda, needs_grad, triton_ok, grouped, few_experts=few) == expected
+
+
+def test_dense_impl_matches_the_loop_forward_and_backward():
+    """Dense runs every expert and weights the ones off a token's top-k by zero: same sums, same gradients
+    for the input, the routing weights and every expert weight (experts nobody picked get zero)."""
+    ex = _experts()
+    weights, ids = _routing(40, 2, 6, skip_expert=5)
+    x = torch.randn(40, 32)
+    grads = {}
+    for impl in ("loop", "dense"):
+        ex.impl = impl
+        ex.zero_grad()
+        xi, wi = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        y = ex(xi, wi, ids)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads[impl] = [y.detach(), xi.grad, wi.grad, ex.gate_up_proj.grad.clone(), ex.down_proj.grad.clone()]
+    for a, b in zip(grads["loop"], grads["dense"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert grads["dense"][3][5].abs().sum() == 0 and grads["dense"][3][4].abs().sum() > 0
 
 
 @pytest.mark.parametrize("impl", ["triton", "grouped"])
