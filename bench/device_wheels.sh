@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-names="transformers regex fastapi starlette pydantic pydantic_core typing_inspection typing_extensions annotated_types opentelemetry_api uvicorn"
+names="transformers regex fastapi starlette pydantic pydantic_core typing_inspection typing_extensions annotated_types"
+names="$names opentelemetry_api uvicorn"
 pins=$($PY - $names <<'PY'
 import sys
 from importlib.metadata import version

@@ -41,17 +41,20 @@ stage() {  # stage NAME SECONDS CMD...: run under a time limit, log, keep going 
 
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" 2>&1 | tee -a "$LOG"
-cpu=(); [ "$DEVICE" = cpu ] && cpu=(--threads 1)
+cpu=(); small=()  # a dry run on a CPU: one thread, and a server bench small enough for seconds
+[ "$DEVICE" = cpu ] && cpu=(--threads 1) \
+  && small=(--canvas-length 16 --steps 4 --canvases 2 --prompt-len 16 --repeats 1)
 for s in "${@:-tests bf16 fp8 serve}"; do
   for s in $s; do
     case $s in
-      tests) stage tests 200 $PY -m pytest -q -x -p no:cacheprovider tests/kernels tests/engine/test_graphs.py tests/test_quant.py ;;
+      tests) stage tests 200 $PY -m pytest -q -x -p no:cacheprovider tests/kernels tests/engine/test_graphs.py \
+               tests/test_quant.py ;;
       bf16) stage bf16 300 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1,2,4,8 \
               --reference eager "${cpu[@]}" ;;
       fp8) stage fp8 200 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --fp8 --batches 1,4 \
              --reference none "${cpu[@]}" ;;
       serve) stage serve 200 $PY bench/serve_concurrency.py --shape "$SHAPE" --device "$DEVICE" \
-               $([ "$DEVICE" = cpu ] && echo --canvas-length 16 --steps 4 --canvases 2 --prompt-len 16 --repeats 1 --threads 1) ;;
+               "${small[@]}" "${cpu[@]}" ;;
       compiled) stage compiled 540 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1 \
                   --reference eager,compiled "${cpu[@]}" ;;
       *) echo "unknown stage $s (tests, bf16, fp8, serve, compiled)" | tee -a "$LOG"; exit 2 ;;

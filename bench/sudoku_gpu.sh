@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device command for the Sudoku issue: train the GPU recipe (canvaslm/recipes/sudoku/recipe_gpu.yaml)
-# under a time limit, then its same-size autoregressive baseline (same data, code and step budget), then
-# print the eval table (both models, 200 puzzles per level, STEPS) and the whole held-out hard split at
-# 12 steps. Everything a later session needs comes back as one archive (in parts): both models, both loss logs, all
-# output.
+# under a time limit, then its same-size autoregressive baseline (same shape, data, code and step schedule,
+# its own time limit), then print the eval table (both models, 200 puzzles per level, STEPS) and the whole
+# held-out hard split at 12 steps. Everything a later session needs comes back as one archive (in parts):
+# both models, both loss logs, all output.
 #
 # On the lent GPU (the device tool), from the repo root, carrying the cached split (9.4 MB; without it
 # the split is generated there first, 3-10 min of one core):
@@ -47,8 +47,8 @@ stage ar $PY -m canvaslm.cli sudoku train --config "$CONFIG" --baseline --device
   --no-resume --max-seconds "$AR_SECONDS"
 stage eval $PY -m canvaslm.cli sudoku eval --config "$CONFIG" --device "$DEVICE" --model "$RUN_DIR/diffusion/model" \
   --ar-model "$RUN_DIR/ar/model" --n "$N_EVAL" --steps "$STEPS"
-stage held-out $PY -m canvaslm.cli sudoku eval --config "$CONFIG" --device "$DEVICE" --model "$RUN_DIR/diffusion/model" \
-  --hard-only --n "$HELD_OUT" --steps 12
+stage held-out $PY -m canvaslm.cli sudoku eval --config "$CONFIG" --device "$DEVICE" \
+  --model "$RUN_DIR/diffusion/model" --hard-only --n "$HELD_OUT" --steps 12
 # The device tool brings back files of at most 16 MB (8 files, 64 MB in all); a 12-layer model alone is 22 MB,
 # so the archive travels in 15 MB parts: `cat sudoku_gpu.tgz.part-* | tar xz` puts it back together.
 rm -f "$OUT"/sudoku_gpu.tgz.part-*
