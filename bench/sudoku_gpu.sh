@@ -2,8 +2,8 @@
 # One device command for the Sudoku issue: train the GPU recipe (canvaslm/recipes/sudoku/recipe_gpu.yaml)
 # under a time limit, then its same-size autoregressive baseline (same shape, data, code and step schedule,
 # its own time limit), then print the eval table (both models, 200 puzzles per level, STEPS) and the whole
-# held-out hard split at 12 steps. Everything a later session needs comes back as one archive (in parts):
-# both models, both loss logs, all output.
+# held-out hard split at 12 steps, in float32 as the CPU tables are. Everything a later session needs
+# comes back as one archive (in parts): both models, both loss logs, all output.
 #
 # On the lent GPU (the device tool), from the repo root, carrying the cached split (9.4 MB; without it
 # the split is generated there first, 3-10 min of one core):
@@ -45,9 +45,9 @@ stage diffusion $PY -m canvaslm.cli sudoku train --config "$CONFIG" --device "$D
   --no-resume --max-seconds "$TRAIN_SECONDS"
 stage ar $PY -m canvaslm.cli sudoku train --config "$CONFIG" --baseline --device "$DEVICE" --out "$RUN_DIR/ar" \
   --no-resume --max-seconds "$AR_SECONDS"
-stage eval $PY -m canvaslm.cli sudoku eval --config "$CONFIG" --device "$DEVICE" --model "$RUN_DIR/diffusion/model" \
-  --ar-model "$RUN_DIR/ar/model" --n "$N_EVAL" --steps "$STEPS"
-stage held-out $PY -m canvaslm.cli sudoku eval --config "$CONFIG" --device "$DEVICE" \
+stage eval $PY -m canvaslm.cli sudoku eval --config "$CONFIG" --device "$DEVICE" --dtype float32 \
+  --model "$RUN_DIR/diffusion/model" --ar-model "$RUN_DIR/ar/model" --n "$N_EVAL" --steps "$STEPS"
+stage held-out $PY -m canvaslm.cli sudoku eval --config "$CONFIG" --device "$DEVICE" --dtype float32 \
   --model "$RUN_DIR/diffusion/model" --hard-only --n "$HELD_OUT" --steps 12
 # The device tool brings back files of at most 16 MB (8 files, 64 MB in all); a 12-layer model alone is 22 MB,
 # so the archive travels in 15 MB parts: `cat sudoku_gpu.tgz.part-* | tar xz` puts it back together.

@@ -203,6 +203,10 @@ def test_cli_solve(mini_run, mini_split, capsys):
     assert "81 characters" in capsys.readouterr().err
     assert main(["sudoku", "solve", "--model", str(model_dir), "11" + "0" * 79]) == 2
     assert "contradictory" in capsys.readouterr().err
+    assert main(["sudoku", "solve", "--model", str(model_dir), "--dtype", "bfloat16", "--steps", "2", puzzle]) in (0, 1)
+    assert len(capsys.readouterr().out.split()[0]) == 81
+    assert main(["sudoku", "solve", "--model", str(model_dir), "--dtype", "float99", puzzle]) == 2
+    assert "float99" in capsys.readouterr().err
 
 
 def _shipped_llm():
