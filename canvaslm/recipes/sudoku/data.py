@@ -150,6 +150,17 @@ def encode_target(solution: str | Sequence[int]) -> list[int]:
     return _digit_ids(solution) + [EOS_ID]
 
 
+def encode_grids(puzzles, solutions):
+    """Tensor form of `encode_prompt(p) + encode_target(s)` for [B, 81] long digit grids (0 = blank in
+    puzzles): [B, PROMPT_LEN + TARGET_LEN] token ids, for batches built without a per-puzzle loop."""
+    import torch
+
+    B = puzzles.shape[0]
+    col = lambda v: torch.full((B, 1), v, dtype=torch.long, device=puzzles.device)  # noqa: E731
+    cells = CELL_BASE_ID + 10 * torch.arange(N_CELLS, device=puzzles.device) + puzzles  # [B, 81]
+    return torch.cat([col(BOS_ID), cells, col(SEP_ID), DIGIT_BASE_ID + solutions, col(EOS_ID)], 1)
+
+
 def decode_solution(token_ids: Iterable[int]) -> str | None:
     """The target region's first 81 tokens as an 81-char digit string.
 

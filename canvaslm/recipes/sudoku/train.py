@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 
 from canvaslm.checkpoint import build_random_model, save_model
-from canvaslm.recipes.sudoku.data import (BOS_ID, CELL_BASE_ID, DIGIT_BASE_ID, EOS_ID, N_CELLS, PAD_ID, PROMPT_LEN,
-                                          SEP_ID, Example, encode_prompt, encode_target, load_split, make_split,
+from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, PAD_ID, PROMPT_LEN, TARGET_LEN, Example,
+                                          encode_grids, encode_prompt, encode_target, load_split, make_split,
                                           save_split)
 from canvaslm.recipes.sudoku.model_config import ModelShape, default_params, model_config, write_tokenizer
 
@@ -205,11 +205,9 @@ class TensorSampler:
         drawn examples."""
         from canvaslm.train.objective import TrainBatch
 
-        p, s = self.draw(B, augment)
-        col = lambda v, n=1: torch.full((B, n), v, dtype=torch.long)  # noqa: E731
-        cells = CELL_BASE_ID + 10 * torch.arange(N_CELLS) + p
-        fill = self.canvas_length - (N_CELLS + 1)  # one canvas holds the answer; the rest is EOS
-        tokens = torch.cat([col(BOS_ID), cells, col(SEP_ID), DIGIT_BASE_ID + s, col(EOS_ID, 1 + fill)], 1)
+        tokens = encode_grids(*self.draw(B, augment))
+        fill = self.canvas_length - TARGET_LEN  # one canvas holds the answer; the rest is EOS
+        tokens = torch.cat([tokens, torch.full((B, fill), EOS_ID, dtype=torch.long)], 1)
         L = tokens.shape[1]
         return TrainBatch(tokens, torch.arange(L).expand(B, L).clone(), torch.full((B,), PROMPT_LEN, dtype=torch.long),
                           torch.ones(B, dtype=torch.long), self.canvas_length)
