@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, TARGET_LEN, VOCAB_SIZE, Example, Split,
-                                          make_split)
+from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, PROMPT_LEN, TARGET_LEN, VOCAB_SIZE,
+                                          Example, Split, make_split)
 from canvaslm.recipes.sudoku.model_config import ModelShape, model_config
 from canvaslm.recipes.sudoku.puzzles import is_valid_solution
 from canvaslm.recipes.sudoku.train import Recipe, TensorSampler, TrainConfig, augment, lr_at, to_pairs, train_recipe
@@ -312,7 +312,7 @@ def test_tensor_sampler_batches_are_make_batch_of_valid_augmented_puzzles(mini_s
     source = mini_split.train[0]
     sampler = TensorSampler([source], canvas_length, seed=0)
     batch = sampler.batch(16)
-    P = 83
+    P = PROMPT_LEN
     exs = [Example(decode_prompt(row[:P].tolist()), decode_solution(row[P:].tolist()), source.level)
            for row in batch.tokens]
     ref = make_batch(to_pairs(exs), canvas_length, PAD_ID, EOS_ID)
@@ -362,3 +362,24 @@ def test_training_stops_at_max_seconds_and_saves(tmp_path, mini_split):
         TrainConfig(max_seconds=-1)
     with pytest.raises(ValueError, match="sampler"):
         TrainConfig(sampler="numpy")
+
+
+def test_cli_train_overrides_reach_the_recipe(tmp_path):
+    """`--max-steps` and `--max-seconds` override the recipe; `--max-seconds 0` lifts the recipe's limit."""
+    import yaml
+
+    from canvaslm.cli import main
+
+    config = tmp_path / "r.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {k: getattr(MINI_SHAPE, k) for k in ("hidden_size", "num_layers", "num_heads", "head_dim",
+                                                      "num_kv_heads", "intermediate_size", "num_experts",
+                                                      "top_k_experts", "moe_intermediate_size")},
+        "train": {"n_train": 24, "n_test": 3, "n_test_hard": 2, "data_dir": str(tmp_path / "data"), "batch_size": 4,
+                  "max_steps": 50, "log_every": 1, "max_seconds": 1e-9, "threads": 1}}))
+    out = tmp_path / "run"
+    assert main(["sudoku", "train", "--config", str(config), "--out", str(out), "--max-steps", "3",
+                 "--max-seconds", "0"]) == 0
+    assert len(_losses(out)) == 3
+    used = json.loads((out / "recipe.json").read_text())["train"]
+    assert (used["max_steps"], used["max_seconds"], used["threads"]) == (3, 0, 1)  # unset flags keep the recipe's

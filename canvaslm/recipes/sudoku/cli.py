@@ -104,7 +104,7 @@ def _train(args) -> int:
     if args.baseline:
         recipe = recipe.for_baseline()
     overrides = {k: v for k, v in (("threads", args.threads), ("device", args.device), ("max_steps", args.max_steps),
-                                   ("max_seconds", args.max_seconds)) if v}
+                                   ("max_seconds", args.max_seconds)) if v is not None}  # --max-seconds 0: no limit
     recipe = replace(recipe, train=replace(recipe.train, **overrides))
     out = args.out or f"runs/sudoku/{recipe.train.objective}"
     final = train_recipe(recipe, out, resume=not args.no_resume)
@@ -154,7 +154,7 @@ def add_parser(subparsers) -> None:
                    help="recipe YAML (data parallel: torchrun --nproc_per_node N -m canvaslm.cli sudoku train ...)")
     t.add_argument("--out", default=None, help="output dir (default runs/sudoku/<objective>)")
     t.add_argument("--baseline", action="store_true", help="train the autoregressive baseline instead")
-    t.add_argument("--threads", type=int, default=0, help="torch threads (default: the recipe's)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's)")
     t.add_argument("--device", default=None, help="cpu | cuda (default: the recipe's, cpu)")
     t.add_argument("--no-resume", action="store_true", help="start over even if OUT has a trainer state")
     t.add_argument("--max-steps", type=_positive, default=None, help="optimizer steps (default: the recipe's)")
