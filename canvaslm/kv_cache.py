@@ -5,6 +5,10 @@ layers keep every position (S = max_len). Sliding layers keep a ring of the last
 positions (S = window - 1): that is all the encoder's sliding mask and the decoder can ever see, and it
 keeps long contexts cheap. A position table per layer type records which absolute position each row
 holds (-1 = empty); attention masks are built from it, so the ring order never matters.
+
+Writes need no host sync: each buffer has one scratch column past its S columns, and a token the
+cache does not keep (padding, or a ring's overwritten positions) is written there instead of being
+filtered out with a boolean mask, which would read the mask back to the host. Reads never see it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ class KVCache:
         self.window = cfg.sliding_window
         self.size = {FULL: max_len, SLIDING: max_len if keep_full_window else min(self.window - 1, max_len)}
         self.k, self.v = [], []
+        # buffers hold size + 1 columns: the last one is the scratch column (module docstring)
         for i, t in enumerate(cfg.layer_types):
-            shape = (num_slots, cfg.num_kv_heads[i], self.size[t], cfg.head_dims[i])
+            shape = (num_slots, cfg.num_kv_heads[i], self.size[t] + 1, cfg.head_dims[i])
             self.k.append(torch.zeros(shape, dtype=dtype, device=device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
-        self.pos = {t: torch.full((num_slots, self.size[t]), -1, dtype=torch.long, device=device)
+        self.pos = {t: torch.full((num_slots, self.size[t] + 1), -1, dtype=torch.long, device=device)
                     for t in set(cfg.layer_types)}
         # next free position of each slot = tokens already encoded
         self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
@@ -53,42 +58,47 @@ class KVCache:
 
     def old_positions(self, slots: torch.Tensor) -> dict:
         """Position tables of the given slots, read once per forward before any layer writes."""
-        return {t: p.index_select(0, slots) for t, p in self.pos.items()}
+        return {t: p[:, :self.size[t]].index_select(0, slots) for t, p in self.pos.items()}
 
     def read(self, layer: int, slots: torch.Tensor):
-        return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
+        """K and V [B, Hk, S, D] of the given slots (without the scratch column)."""
+        size = self.size[self.cfg.layer_types[layer]]
+        return self.k[layer][:, :, :size].index_select(0, slots), self.v[layer][:, :, :size].index_select(0, slots)
 
     def _targets(self, layer_type: str, slots: torch.Tensor, q_pos: torch.Tensor):
-        """(slot rows, cache columns, token mask) for new tokens worth keeping in this layer type."""
+        """(slot rows, cache columns, kept-token mask), all [B, T]: a token this layer type keeps goes to
+        its ring column, any other token to the scratch column."""
         size = self.size[layer_type]
         end = q_pos.max(dim=1, keepdim=True).values + 1
         keep = (q_pos >= 0) & (q_pos >= end - size)  # a ring keeps only the newest `size` positions
-        rows = slots[:, None].expand_as(q_pos)[keep]
-        return rows, (q_pos % size)[keep], keep
+        cols = torch.where(keep, q_pos % size, size)
+        return slots[:, None].expand_as(q_pos), cols, keep
 
-    def check_fits(self, q_pos: torch.Tensor):
-        top = int(q_pos.max())
+    def check_fits(self, q_pos: torch.Tensor, top: int | None = None):
+        """Raise CacheFullError if a position is past max_len. `top` = q_pos.max() when the caller
+        knows it on the host (reading it from a device tensor is a host sync)."""
+        top = int(q_pos.max()) if top is None else top
         if top >= self.max_len:
             raise CacheFullError(f"position {top} does not fit the KV cache (max_len={self.max_len})")
 
     def write(self, layer: int, slots: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v: [B, Hk, T, D] for tokens at positions q_pos [B, T]."""
-        rows, cols, keep = self._targets(self.cfg.layer_types[layer], slots, q_pos)
-        self.k[layer][rows, :, cols, :] = k.transpose(1, 2)[keep].to(self.k[layer].dtype)
-        self.v[layer][rows, :, cols, :] = v.transpose(1, 2)[keep].to(self.v[layer].dtype)
+        rows, cols, _ = self._targets(self.cfg.layer_types[layer], slots, q_pos)
+        self.k[layer][rows, :, cols, :] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][rows, :, cols, :] = v.transpose(1, 2).to(self.v[layer].dtype)
 
     def commit_positions(self, slots: torch.Tensor, q_pos: torch.Tensor):
         """After all layers wrote: record the new positions and advance slot lengths."""
         for t in self.pos:
             rows, cols, keep = self._targets(t, slots, q_pos)
-            self.pos[t][rows, cols] = q_pos[keep]
+            self.pos[t][rows, cols] = torch.where(keep, q_pos, -1)  # the scratch column stays empty
         new_len = torch.maximum(self.lengths.index_select(0, slots), q_pos.max(dim=1).values + 1)
         self.lengths.index_copy_(0, slots, new_len)
 
     def layer_kv(self, layer: int, slot: int):
         """(k, v, positions) of one slot and layer in position order (for tests and inspection)."""
         t = self.cfg.layer_types[layer]
-        pos = self.pos[t][slot]
+        pos = self.pos[t][slot, :self.size[t]]
         order = torch.argsort(pos)
         order = order[pos[order] >= 0]
         return self.k[layer][slot][:, order], self.v[layer][slot][:, order], pos[order]

@@ -186,7 +186,8 @@ class Runner:
             slots = torch.tensor([items[b].slot for b in rows], device=self.device)
             tokens[torch.tensor(rows, device=self.device), :self.cfg.canvas_length] = self.argmax.index_select(0, slots)
         slots = torch.tensor([i.slot for i in items] + [self.num_slots] * (B - n), device=self.device)
-        self.model.encode(tokens, positions.to(self.device), slots, self.cache, fresh=fresh)
+        self.model.encode(tokens, positions.to(self.device), slots, self.cache, fresh=fresh,
+                          max_position=max(i.end for i in items) - 1)
 
     def _denoise(self, plan: StepPlan):
         items = plan.denoise

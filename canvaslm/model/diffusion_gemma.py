@@ -141,13 +141,14 @@ class DiffusionGemma(nn.Module):
 
     # --- the two modes -------------------------------------------------------------------------
     def encode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache,
-               write: bool = True, fresh: bool = False) -> torch.Tensor:
+               write: bool = True, fresh: bool = False, max_position: int | None = None) -> torch.Tensor:
         """Causal pass over new tokens [B, T] at absolute positions [B, T] (-1 = padding); writes
         their K/V into the cache slots and returns final-normed hidden states [B, T, d].
         fresh: the slots start over (what they held is forgotten) and attention skips their empty
-        cache rows instead of reading and masking them (a first prefill, every training step)."""
+        cache rows instead of reading and masking them (a first prefill, every training step).
+        max_position: positions.max() when the caller knows it on the host (saves a device sync)."""
         if cache is not None:
-            cache.check_fits(positions)
+            cache.check_fits(positions, max_position)
             if fresh:
                 cache.reset(slots)
         if cache is not None and not fresh:

@@ -95,6 +95,21 @@ def test_output_does_not_depend_on_batch_mates(llm):
     assert states[2].output_ids == alone.output_ids and states[2].finish_reason == alone.finish_reason
 
 
+def test_encoder_calls_check_the_cache_limit_from_host_values(llm, monkeypatch):
+    """The runner hands every encode its largest position from host values (no device read), and
+    that value is the real one, so the cache limit is still checked."""
+    from canvaslm.kv_cache import KVCache
+
+    seen, check = [], KVCache.check_fits
+
+    def spy(self, q_pos, top=None):
+        seen.append((top, int(q_pos.max())))
+        return check(self, q_pos, top)
+    monkeypatch.setattr(KVCache, "check_fits", spy)
+    run_all(llm, CASES[:3], 160, max_batch=3, prefill_chunk=4)
+    assert len(seen) > 3 and all(top == real for top, real in seen)
+
+
 def test_drafts_only_for_requests_that_ask_and_end_at_the_commit(llm):
     specs = [("draft me", SamplingParams(seed=4, max_new_tokens=32, max_denoising_steps=5))]
     states, _, drafts = run_all(llm, specs, 128, max_batch=1, drafts=True)
