@@ -1,9 +1,13 @@
-"""Tiny random checkpoints with a character tokenizer, for tests, demos and load tests (no downloads)."""
+"""Tiny random checkpoints with a character tokenizer, for tests, demos and load tests (no downloads),
+and a recorder of ops that make the host wait for the GPU."""
 
 from __future__ import annotations
 
 import string
 from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .checkpoint import build_random_model, save_model
 from .config import DiffusionParams, ModelConfig
@@ -40,3 +44,24 @@ def make_tiny_checkpoint(out_dir, canvas_length: int = 16, seed: int = 0, std: f
     build_char_tokenizer(CHARS, SPECIALS, out_dir, chat_template=CHAT_TEMPLATE, bos_token="<bos>",
                          eos_token="<eos>", pad_token="<pad>")
     return out_dir
+
+
+# ops whose result the host must read before it can go on (nonzero sizes, scalars)
+SYNCING = {"nonzero", "masked_select", "_local_scalar_dense", "item", "unique", "_unique2"}
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records every op that makes the host wait for the device (a GPU sync), including indexing with
+    a boolean mask (it runs nonzero to size its result). Plain copies to the host (`.tolist()`) are not
+    aten ops here and are not recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        indices = args[1] if name in ("index", "index_put", "index_put_", "_index_put_impl_") else ()
+        if name in SYNCING or any(i is not None and i.dtype == torch.bool for i in indices):
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))

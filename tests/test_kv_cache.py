@@ -5,31 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from canvaslm.checkpoint import build_random_model
 from canvaslm.kv_cache import CacheFullError, KVCache
 from canvaslm.shapes import model_config
-
-# ops whose result the host must read before it can go on (nonzero sizes, scalars)
-SYNCING = {"nonzero", "masked_select", "_local_scalar_dense", "item", "unique", "_unique2"}
-
-
-class SyncRecorder(TorchDispatchMode):
-    """Records every op that would make a CUDA stream wait for the host, including indexing with a
-    boolean mask (it runs nonzero to size its result)."""
-
-    def __init__(self):
-        super().__init__()
-        self.found = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        indices = args[1] if name in ("index", "index_put", "index_put_", "_index_put_impl_") else ()
-        if name in SYNCING or any(i is not None and i.dtype == torch.bool for i in indices):
-            self.found.append(name)
-        return func(*args, **(kwargs or {}))
-
+from canvaslm.testing import SyncRecorder
 
 def _padded_batch(lengths, start=0):
     """Positions [B, T] right-padded with -1: row b holds start .. start + lengths[b] - 1."""

@@ -110,6 +110,33 @@ def test_encoder_calls_check_the_cache_limit_from_host_values(llm, monkeypatch):
     assert len(seen) > 3 and all(top == real for top, real in seen)
 
 
+def test_engine_steps_issue_no_syncing_op(llm, monkeypatch):
+    """Prefill chunks, commits and decoder steps (with pins) run without an op that makes the host
+    wait for the device, once the MoE runs a sync-free implementation (a GPU's grouped or Triton path;
+    "dense" here). The stop-flag read at the end of a step is a plain copy, not such an op."""
+    from canvaslm.testing import SyncRecorder
+
+    recorder, execute = SyncRecorder(), Runner.execute
+
+    def recorded(self, plan):
+        with recorder:
+            return execute(self, plan)
+    monkeypatch.setattr(Runner, "execute", recorded)
+    llm.model.set_moe_impl("dense")
+    try:
+        pins = llm.encode_prompt("OK:")
+        specs = CASES[:2] + [("pinned", SamplingParams(seed=9, max_new_tokens=32, max_denoising_steps=4,
+                                                        constraint=PinFirstTokens(pins)))]
+        states, _, _ = run_all(llm, specs, 160, max_batch=3, prefill_chunk=4)
+        assert recorder.found == []
+        assert all(s.output_ids for s in states)
+        llm.model.set_moe_impl("loop")  # the recorder does see the loop's per-expert nonzero
+        run_all(llm, CASES[:1], 160, max_batch=1)
+        assert "nonzero" in recorder.found
+    finally:
+        llm.model.set_moe_impl("auto")
+
+
 def test_drafts_only_for_requests_that_ask_and_end_at_the_commit(llm):
     specs = [("draft me", SamplingParams(seed=4, max_new_tokens=32, max_denoising_steps=5))]
     states, _, drafts = run_all(llm, specs, 128, max_batch=1, drafts=True)
