@@ -46,8 +46,9 @@ def make_tiny_checkpoint(out_dir, canvas_length: int = 16, seed: int = 0, std: f
     return out_dir
 
 
-# ops whose result the host must read before it can go on (nonzero sizes, scalars)
-SYNCING = {"nonzero", "masked_select", "_local_scalar_dense", "item", "unique", "_unique2"}
+# ops whose result the host must read before it can go on (nonzero sizes, scalars; CUDA's bincount
+# reads the largest value to size its output, whatever `minlength` says)
+SYNCING = {"nonzero", "masked_select", "_local_scalar_dense", "item", "unique", "_unique2", "bincount"}
 
 
 class SyncRecorder(TorchDispatchMode):

@@ -109,7 +109,9 @@ class Experts(nn.Module):
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         tok = order // K
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        # not bincount: on CUDA it reads the largest id back to the host to size its output
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat))
         offs = torch.cumsum(counts, 0).to(torch.int32)
         xs = x[tok]  # [N*K, d]
         h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # [N*K, 2I]

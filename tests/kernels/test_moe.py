@@ -119,6 +119,28 @@ def test_dense_impl_matches_the_loop_forward_and_backward():
     assert grads["dense"][3][5].abs().sum() == 0 and grads["dense"][3][4].abs().sum() > 0
 
 
+@pytest.mark.parametrize("impl", ["grouped", "dense"])
+def test_sync_free_impls_match_the_loop_without_a_syncing_op(impl):
+    """The paths a GPU step runs (grouped GEMMs, dense; the Triton kernels' alignment) equal the loop
+    and issue no op that makes the host wait for the device; the loop itself does issue such ops."""
+    from canvaslm.testing import SyncRecorder
+
+    ex = _experts()
+    weights, ids = _routing(40, 2, 6, skip_expert=3)
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = ex._loop(x, weights, ids)
+        ex.impl = impl
+        with SyncRecorder() as rec:
+            out = ex(x, weights, ids)
+            align_by_expert(ids, 6)
+        assert rec.found == []
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        with SyncRecorder() as rec:
+            ex._loop(x, weights, ids)
+        assert rec.found
+
+
 @pytest.mark.parametrize("impl", ["triton", "grouped"])
 def test_an_inference_only_impl_refuses_a_training_graph(impl):
     ex = _experts()
