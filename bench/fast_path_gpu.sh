@@ -3,9 +3,10 @@
 # Stages, run in the order given (default: all, which does not fit one 10-minute device call):
 #   tests   the tests that take CUDA when there is one: Triton kernels compiled and checked against their
 #           PyTorch references, CUDA-graph replay vs eager, FP8 (tests/kernels, tests/engine/test_graphs.py,
-#           tests/test_quant.py)
+#           tests/test_quant.py, tests/test_quant_int4.py)
 #   bf16    bench/bench_step.py at the 26B-A4B shape, bf16, batches 1,2,4,8, vs the transformers reference (eager)
 #   fp8     the same with --fp8 (batches 1,4), no reference
+#   int4    the same with --int4 (weight-only int4, what fits a 24 GB GPU; batches 1,4), no reference
 #   serve   bench/serve_concurrency.py at the 26B-A4B shape: 1 vs 4 concurrent requests through HTTP
 #   compiled  the reference with torch.compile too (its compile takes minutes; last, on its own)
 # Each stage has its own time limit and the next one runs whatever it returned. Output: $OUT/fast_path_gpu.log.
@@ -14,7 +15,8 @@
 # Then two device calls that fit the session's 15 minutes (the machine stays warm 30 s between calls):
 #     run(command="bash bench/fast_path_gpu.sh tests bf16", carry=[".whl"], timeout_s=560)
 #     run(command="bash bench/fast_path_gpu.sh fp8 serve", carry=[".whl"], timeout_s=400)
-# Dry run on a CPU (plumbing only): DEVICE=cpu SHAPE=tiny WHEELS=none bash bench/fast_path_gpu.sh bf16 fp8 serve
+#     (and, with time left: run(command="bash bench/fast_path_gpu.sh int4", carry=[".whl"], timeout_s=230))
+# Dry run on a CPU (plumbing only): DEVICE=cpu SHAPE=tiny WHEELS=none bash bench/fast_path_gpu.sh bf16 fp8 int4 serve
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-26b-a4b}
@@ -48,16 +50,18 @@ for s in "${@:-tests bf16 fp8 serve}"; do
   for s in $s; do
     case $s in
       tests) stage tests 200 $PY -m pytest -q -x -p no:cacheprovider tests/kernels tests/engine/test_graphs.py \
-               tests/test_quant.py ;;
+               tests/test_quant.py tests/test_quant_int4.py ;;
       bf16) stage bf16 300 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1,2,4,8 \
               --reference eager "${cpu[@]}" ;;
       fp8) stage fp8 200 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --fp8 --batches 1,4 \
              --reference none "${cpu[@]}" ;;
+      int4) stage int4 200 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --int4 --batches 1,4 \
+              --reference none "${cpu[@]}" ;;
       serve) stage serve 200 $PY bench/serve_concurrency.py --shape "$SHAPE" --device "$DEVICE" \
                "${small[@]}" "${cpu[@]}" ;;
       compiled) stage compiled 540 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1 \
                   --reference eager,compiled "${cpu[@]}" ;;
-      *) echo "unknown stage $s (tests, bf16, fp8, serve, compiled)" | tee -a "$LOG"; exit 2 ;;
+      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, compiled)" | tee -a "$LOG"; exit 2 ;;
     esac
   done
 done

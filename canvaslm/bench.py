@@ -35,6 +35,7 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "float32"
     fp8: bool = False
+    int4: bool = False
     prompt_len: int = 512
     new_tokens: int = 512
     steps_per_canvas: int = 16
@@ -85,8 +86,8 @@ def measure_bandwidth(device, nbytes: int | None = None) -> float:
     return 2 * nbytes / secs
 
 
-def build_bench_model(cfg, device, dtype, seed: int = 0, fp8: bool = False):
-    """Random weights initialised on the device (fast at any shape); FP8 quantised module by module."""
+def build_bench_model(cfg, device, dtype, seed: int = 0, fp8: bool = False, int4: bool = False):
+    """Random weights initialised on the device (fast at any shape); FP8 or int4 quantised module by module."""
     model = build_random_model(cfg, materialize=False)
     model = model.to(parse_dtype(dtype)).to_empty(device=device)  # dtype first: no fp32 copy at 26B
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -102,10 +103,10 @@ def build_bench_model(cfg, device, dtype, seed: int = 0, fp8: bool = False):
     from .model.layers import Rotary
 
     model.rotary = Rotary(cfg).to(device)
-    if fp8:
+    if fp8 or int4:
         from .quant import quantize_model
 
-        quantize_model(model)
+        quantize_model(model, fmt="int4" if int4 else "fp8")
     return model.eval()
 
 
@@ -293,12 +294,14 @@ def run_bench(bc: BenchConfig, print_fn=print) -> dict:
     cfg = model_config(bc.shape, canvas_length=bc.canvas_length)
     torch.manual_seed(bc.seed)
     t0 = time.perf_counter()
-    model = build_bench_model(cfg, device, bc.dtype, bc.seed, bc.fp8)
+    model = build_bench_model(cfg, device, bc.dtype, bc.seed, bc.fp8, bc.int4)
     res = {"config": bc, "build_s": time.perf_counter() - t0}
     res["bandwidth"] = measure_bandwidth(device)
     res["ours"] = [bench_ours(model, bc, b, detail=True) for b in bc.batches]
     one = res["ours"][0]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    from .quant import weight_bytes
+
+    weights = weight_bytes(model)  # with FP8 / int4 scales
     res["weight_bytes"] = weights
     res["floor_s"] = (weights + one["kv_bytes"] // one["batch"]) / res["bandwidth"]
     if device.type == "cuda":
@@ -306,7 +309,7 @@ def run_bench(bc: BenchConfig, print_fn=print) -> dict:
     else:
         res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res["reference"] = {}
-    if bc.reference and not bc.fp8:
+    if bc.reference and not (bc.fp8 or bc.int4):
         ref = build_reference(model, device)
         for mode in bc.reference:
             try:
@@ -323,7 +326,7 @@ def format_report(res: dict) -> str:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, " \
         f"{torch.get_num_threads()} threads)"
     tps = bc.canvas_length / bc.steps_per_canvas
-    lines = [f"canvaslm bench  shape={bc.shape} device={name} dtype={bc.dtype}{' fp8' if bc.fp8 else ''}  "
+    lines = [f"canvaslm bench  shape={bc.shape} device={name} dtype={bc.dtype}{' fp8' if bc.fp8 else ''}{' int4' if bc.int4 else ''}  "
              f"prompt={bc.prompt_len} new={bc.new_tokens} canvas={bc.canvas_length} steps/canvas="
              f"{bc.steps_per_canvas} ({tps:g} tokens/step)  torch {torch.__version__}",
              f"bandwidth (copy) {res['bandwidth'] / 1e9:.1f} GB/s; weights {res['weight_bytes'] / 1e9:.3f} GB; "
@@ -362,6 +365,7 @@ def add_parser(subparsers):
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--fp8", action="store_true", help="FP8 weights (attention, MLP, experts)")
+    p.add_argument("--int4", action="store_true", help="int4 weights, activations in --dtype (W4A16, group 128)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--steps-per-canvas", type=int, default=16)
@@ -380,7 +384,10 @@ def config_from_args(args) -> BenchConfig:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     ref = () if args.reference in ("none", "") else tuple(s.strip() for s in args.reference.split(","))
-    return BenchConfig(shape=args.shape, device=device, dtype=dtype, fp8=args.fp8, prompt_len=args.prompt_len,
+    if args.fp8 and args.int4:
+        raise SystemExit("error: --fp8 and --int4 are two different weight formats; pick one")
+    return BenchConfig(shape=args.shape, device=device, dtype=dtype, fp8=args.fp8, int4=args.int4,
+                       prompt_len=args.prompt_len,
                        new_tokens=args.new_tokens, steps_per_canvas=args.steps_per_canvas,
                        batches=tuple(int(b) for b in args.batches.split(",")), reference=ref,
                        canvas_length=args.canvas_length, sampler=args.sampler, graphs=not args.no_graphs,

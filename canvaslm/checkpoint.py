@@ -91,8 +91,9 @@ def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor):
 
 def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: bool | None = None,
                quantization: str | None = None) -> DiffusionGemma:
-    """Build DiffusionGemma from an HF checkpoint directory. quantization="fp8" quantises attention, MLP
-    and expert weights while loading; compressed-tensors FP8 checkpoints load as FP8 either way."""
+    """Build DiffusionGemma from an HF checkpoint directory. quantization="fp8" or "int4" (W4A16, group
+    128) quantises attention, MLP and expert weights while loading, one tensor at a time (peak memory:
+    the quantised model plus one tensor); compressed-tensors FP8 checkpoints load as FP8 either way."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is not a directory")
@@ -140,10 +141,10 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
                     if tuple(t.shape) != tuple(want.shape):
                         problems.append(f"{name}: shape {tuple(t.shape)} in {fname}, expected {tuple(want.shape)}")
                         continue
-                    if not t.is_floating_point():
+                    keep = hook is not None and hook.keeps_dtype(name)
+                    if not t.is_floating_point() and not keep:  # packed int4 is uint8 by design
                         problems.append(f"{name}: dtype {t.dtype} in {fname}, expected a floating-point tensor")
                         continue
-                    keep = hook is not None and hook.keeps_dtype(name)
                     _set_tensor(model, name, t.to(device=device) if keep else t.to(device=device, dtype=dtype))
                     seen.add(name)
                     bar.update(t.numel())

@@ -72,13 +72,15 @@ def default_device() -> str:
 
 class LLM:
     def __init__(self, model_dir: str | Path | None = None, device: str | None = None, dtype=None,
-                 progress: bool | None = None):
+                 progress: bool | None = None, quantization: str | None = None):
+        """quantization: None (the checkpoint's dtype), "fp8" or "int4" (W4A16), applied while loading."""
         self.model_dir = Path(model_dir) if model_dir is not None else BUNDLED_MODEL
         self.device = device or default_device()
         if dtype is None:
             dtype = "bfloat16" if str(self.device).startswith("cuda") else "float32"
         self.dtype = parse_dtype(dtype)
-        self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype, progress=progress)
+        self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype, progress=progress,
+                                quantization=quantization)
         self.cfg = self.model.cfg
         self.defaults = DiffusionParams.from_dir(self.model_dir)
         self.tokenizer = None

@@ -1,4 +1,5 @@
-"""FP8 (e4m3) weights: quantisation, FP8 linear and expert modules, and checkpoint loading hooks.
+"""FP8 (e4m3) weights: quantisation, FP8 linear and expert modules, and the checkpoint loading hook
+(which also quantises to int4 on load: `quant_int4`).
 
 Scales are float32 and multiply the stored e4m3 values back: w ~= q * scale, with one scale per output
 channel (`channel`, shape [out, 1] / experts [E, out]), per 128x128 tile (`block`, [ceil(out/128),
@@ -24,6 +25,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
 STRATEGIES = ("channel", "block", "tensor")
+QUANTIZATIONS = ("fp8", "int4")  # what load_model / quantize_model can quantise to
 # Linear layers that become FP8: attention, dense MLP, self-conditioning MLP. The router, norms and the
 # tied embedding / LM head stay in the model dtype (small, and precision-sensitive).
 _FP8_LINEAR = re.compile(r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj|self_conditioning\.(gate|up|down)_proj)$")
@@ -169,13 +171,20 @@ def _swap(model, name: str, new: nn.Module):
     setattr(model.get_submodule(parent), leaf, new)
 
 
-def quantize_model(model, strategy: str = "channel"):
-    """Swap attention / MLP linears and experts for FP8 modules, quantising their weights (in place)."""
+def quantize_model(model, strategy: str = "channel", fmt: str = "fp8"):
+    """Swap attention / MLP linears and experts for FP8 (or, fmt="int4", int4) modules, quantising their
+    weights (in place)."""
+    from .quant_int4 import Int4Experts, Int4Linear
+
+    if fmt not in QUANTIZATIONS:
+        raise QuantError(f"quantization {fmt!r} is not supported; expected one of {QUANTIZATIONS}")
     linears, experts = _fp8_targets(model)
     for n in linears:
-        _swap(model, n, FP8Linear.from_linear(model.get_submodule(n), strategy))
+        lin = model.get_submodule(n)
+        _swap(model, n, Int4Linear.from_linear(lin) if fmt == "int4" else FP8Linear.from_linear(lin, strategy))
     for n in experts:
-        _swap(model, n, FP8Experts.from_experts(model.get_submodule(n)))
+        ex = model.get_submodule(n)
+        _swap(model, n, Int4Experts.from_experts(ex) if fmt == "int4" else FP8Experts.from_experts(ex))
     return model
 
 
@@ -205,32 +214,44 @@ def fp8_scheme_from_config(raw: dict) -> dict | None:
 
 
 class LoadHook:
-    """Prepares a meta-device model for FP8 and converts each tensor as the loader reads it.
+    """Prepares a meta-device model for quantised weights and converts each tensor as the loader reads it.
 
-    mode 'quantize': bf16/fp32 tensors of FP8 targets are quantised on the fly (the scales appear as
-    extra tensors); mode 'prequantized': FP8 tensors and their scales are taken as stored. File names of
-    a compressed-tensors checkpoint (`X.weight_scale`, 3-D `X_scale`) map onto the module buffers."""
+    mode 'quantize': bf16/fp32 tensors of the targets (attention, MLP, experts) are quantised on the fly
+    to `fmt` ('fp8', or 'int4': `quant_int4`, group-wise W4A16), the scales appearing as extra tensors;
+    mode 'prequantized': FP8 tensors and their scales are taken as stored. File names of a
+    compressed-tensors checkpoint (`X.weight_scale`, 3-D `X_scale`) map onto the module buffers."""
 
-    def __init__(self, model, mode: str, strategy: str = "channel", fp8_names: set | None = None):
-        self.mode, self.strategy = mode, strategy
+    def __init__(self, model, mode: str, strategy: str = "channel", fp8_names: set | None = None,
+                 fmt: str = "fp8"):
+        from .quant_int4 import Int4Experts, Int4Linear
+
+        self.mode, self.strategy, self.fmt = mode, strategy, fmt
         linears, experts = _fp8_targets(model)
         if fp8_names is not None:  # pre-quantised: exactly the modules the checkpoint stores in FP8
             linears = [n for n in linears if n in fp8_names]
             experts = [n for n in experts if n in fp8_names]
         cfg = model.cfg
+        linear_cls, experts_cls = (Int4Linear, Int4Experts) if fmt == "int4" else (FP8Linear, FP8Experts)
         with torch.device("meta"):
             for n in linears:
                 lin = model.get_submodule(n)
-                _swap(model, n, FP8Linear(lin.in_features, lin.out_features, lin.bias is not None, strategy))
+                args = (lin.in_features, lin.out_features, lin.bias is not None)
+                _swap(model, n, linear_cls(*args) if fmt == "int4" else linear_cls(*args, strategy))
             for n in experts:
-                _swap(model, n, FP8Experts(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts))
+                _swap(model, n, experts_cls(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts))
         self.linears, self.experts = set(linears), set(experts)
 
     @classmethod
     def for_checkpoint(cls, model, list_names, quantization: str | None):
         """None when the checkpoint is unquantised and no quantisation was asked for. list_names() gives
         every tensor name of the checkpoint (read only for pre-quantised checkpoints)."""
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise QuantError(f"quantization {quantization!r} is not supported; expected one of "
+                             f"{QUANTIZATIONS} or None")
         scheme = fp8_scheme_from_config(model.cfg.raw)
+        if scheme is not None and quantization == "int4":
+            raise QuantError("quantization 'int4' needs a bf16/fp32 checkpoint; this one is already FP8 "
+                             "(compressed-tensors)")
         if scheme is not None:
             names = list_names()
             fp8 = {n[:-len(".weight_scale")] for n in names if n.endswith(".weight_scale")}
@@ -241,12 +262,10 @@ class LoadHook:
             return cls(model, "prequantized", scheme["strategy"], fp8)
         if quantization is None:
             return None
-        if quantization != "fp8":
-            raise QuantError(f"quantization {quantization!r} is not supported; expected 'fp8' or None")
-        return cls(model, "quantize")
+        return cls(model, "quantize", fmt=quantization)
 
     def keeps_dtype(self, name: str) -> bool:
-        """Tensors stored as FP8 or float32 scales: never cast to the model dtype."""
+        """Quantised tensors (FP8, packed int4) and their float32 scales: never cast to the model dtype."""
         mod, _, leaf = name.rpartition(".")
         return (mod in self.linears and leaf in ("weight", "weight_scale")) or \
             (mod in self.experts and leaf in ("gate_up_proj", "down_proj", "gate_up_proj_scale", "down_proj_scale"))
@@ -261,6 +280,14 @@ class LoadHook:
             if self.keeps_dtype(name) and t.dtype != FP8:
                 raise QuantError(f"{name}: dtype {t.dtype}, expected float8_e4m3fn in an FP8 checkpoint")
             return [(name, t)]
+        if self.fmt == "int4":
+            from .quant_int4 import quantize_int4
+
+            if (mod in self.linears and leaf == "weight") or \
+                    (mod in self.experts and leaf in ("gate_up_proj", "down_proj")):
+                q, s = quantize_int4(t)
+                return [(name, q), (f"{mod}.weight_scale" if leaf == "weight" else f"{name}_scale", s)]
+            return [(name, t)]
         if mod in self.linears and leaf == "weight":
             q, s = quantize_fp8(t, self.strategy)
             return [(name, q), (f"{mod}.weight_scale", s)]
@@ -271,4 +298,6 @@ class LoadHook:
 
 
 def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes a forward pass reads for weights: parameters plus quantisation scales."""
+    scales = (b for n, b in model.named_buffers() if n.endswith("_scale"))
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *scales))

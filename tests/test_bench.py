@@ -62,16 +62,18 @@ def test_cli_and_standalone_script_parse():
 
 
 def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
-    """bench/fast_path_gpu.sh, the prepared device command, dry-run at the tiny shape: the serve stage
-    measures both concurrency levels through HTTP, its log lands in OUT, and an unknown stage is refused."""
+    """bench/fast_path_gpu.sh, the prepared device command, dry-run at the tiny shape: the int4 stage
+    benchmarks int4 weights, the serve stage measures both concurrency levels through HTTP, the log lands
+    in OUT, and an unknown stage is refused."""
     import os
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "DEVICE": "cpu", "SHAPE": "tiny", "WHEELS": "none", "OUT": str(tmp_path),
            "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(repo / "bench/fast_path_gpu.sh"), "serve", "nosuchstage"], cwd=repo, env=env,
+    proc = subprocess.run(["bash", str(repo / "bench/fast_path_gpu.sh"), "int4", "serve", "nosuchstage"], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     log = (tmp_path / "fast_path_gpu.log").read_text()
+    assert "== int4: rc 0," in log and "float32 int4" in log and "batch 4 / batch 1 throughput" in log, log
     assert "== serve: rc 0," in log and "concurrency 1:" in log and "concurrency 4:" in log, log
     assert "unknown stage nosuchstage" in log

@@ -39,9 +39,11 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M)
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
               down: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
-              down_scale: torch.Tensor | None = None, block_m: int = BLOCK_M) -> torch.Tensor:
+              down_scale: torch.Tensor | None = None, block_m: int = BLOCK_M, group: int = 0) -> torch.Tensor:
     """x [N, d], weights [N, K] float32, ids [N, K]; gate_up [E, 2I, d], down [E, d, I] (bf16/fp32, or
-    float8 with per-output-channel scales gate_up_scale [E, 2I], down_scale [E, d]). Returns [N, d]."""
+    float8 with per-output-channel scales gate_up_scale [E, 2I], down_scale [E, d], or with `group` > 0
+    packed int4 [E, 2I, d / 2] and [E, d, I / 2] with group scales [E, 2I, d / group], [E, d, I / group]).
+    Returns [N, d]."""
     from .moe_triton import down_kernel, gate_up_kernel, launch
 
     N, d = x.shape
@@ -51,8 +53,9 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
     sorted_a, block_expert = align_by_expert(ids, E, block_m)
     x = x.contiguous()
     inter = torch.empty(N * K, inner, dtype=x.dtype, device=x.device)  # [NK, I]
-    launch(gate_up_kernel, x, gate_up, gate_up_scale, inter, sorted_a, block_expert, None, K, inner, d, block_m)
+    launch(gate_up_kernel, x, gate_up, gate_up_scale, inter, sorted_a, block_expert, None, K, inner, d, block_m,
+           group=group)
     y = torch.empty(N * K, d, dtype=torch.float32, device=x.device)  # [NK, d]
     launch(down_kernel, inter, down, down_scale, y, sorted_a, block_expert, weights.reshape(-1).float().contiguous(),
-           1, d, inner, block_m)
+           1, d, inner, block_m, group=group)
     return y.view(N, K, d).sum(1).to(x.dtype)  # fixed-order sum over the K slots: deterministic

@@ -8,9 +8,21 @@ import triton.language as tl
 
 
 @triton.jit
-def gate_up_kernel(x, w, w_scale, out, sorted_a, block_expert, route_w, nk, K, n_out, d_in,
-                   stride_xm, stride_we, stride_wn, stride_om, HAS_SCALE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _weight_tile(wbase, s_base, cols, ks, stride_wn, n_groups, mask, INT4: tl.constexpr, GROUP: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile w[cols, ks]^T: as stored, or (INT4) unpacked from two 4-bit codes a
+    byte and multiplied by each value's group scale (s_base = this expert's [rows, n_groups] scales)."""
+    if INT4:
+        byte = tl.load(wbase + cols[None, :] * stride_wn + ks[:, None] // 2, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((ks[:, None] % 2) * 4)) & 15
+        scale = tl.load(s_base + cols[None, :] * n_groups + ks[:, None] // GROUP, mask=mask, other=0.0)
+        return (code.to(tl.float32) - 8.0) * scale
+    return tl.load(wbase + cols[None, :] * stride_wn + ks[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def gate_up_kernel(x, w, w_scale, out, sorted_a, block_expert, route_w, nk, K, n_out, d_in, n_groups,
+                   stride_xm, stride_we, stride_wn, stride_om, HAS_SCALE: tl.constexpr, INT4: tl.constexpr,
+                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[a, n] = gelu_tanh(x[a // K] . w[e, n]) * (x[a // K] . w[e, n_out + n]) for a block's rows."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert + pid_m)
@@ -21,6 +33,7 @@ def gate_up_kernel(x, w, w_scale, out, sorted_a, block_expert, route_w, nk, K, n
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_out
         wbase = w + e.to(tl.int64) * stride_we
+        s_base = w_scale + e.to(tl.int64) * (2 * n_out * n_groups)  # INT4: group scales [2 * n_out, n_groups]
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, d_in, BLOCK_K):
@@ -28,8 +41,8 @@ def gate_up_kernel(x, w, w_scale, out, sorted_a, block_expert, route_w, nk, K, n
             k_ok = ks < d_in
             a = tl.load(x + tok[:, None] * stride_xm + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
             wmask = k_ok[:, None] & col_ok[None, :]
-            wg = tl.load(wbase + cols[None, :] * stride_wn + ks[:, None], mask=wmask, other=0.0)  # [BK, BN]
-            wu = tl.load(wbase + (cols[None, :] + n_out) * stride_wn + ks[:, None], mask=wmask, other=0.0)
+            wg = _weight_tile(wbase, s_base, cols, ks, stride_wn, n_groups, wmask, INT4, GROUP)  # [BK, BN]
+            wu = _weight_tile(wbase, s_base, cols + n_out, ks, stride_wn, n_groups, wmask, INT4, GROUP)
             acc_g = tl.dot(a, wg.to(a.dtype), acc_g)
             acc_u = tl.dot(a, wu.to(a.dtype), acc_u)
         if HAS_SCALE:
@@ -44,9 +57,9 @@ def gate_up_kernel(x, w, w_scale, out, sorted_a, block_expert, route_w, nk, K, n
 
 
 @triton.jit
-def down_kernel(x, w, w_scale, out, sorted_a, block_expert, route_w, nk, K, n_out, d_in,
-                stride_xm, stride_we, stride_wn, stride_om, HAS_SCALE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def down_kernel(x, w, w_scale, out, sorted_a, block_expert, route_w, nk, K, n_out, d_in, n_groups,
+                stride_xm, stride_we, stride_wn, stride_om, HAS_SCALE: tl.constexpr, INT4: tl.constexpr,
+                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[a, n] = route_w[a] * (x[a] . w[e, n]); x here is the [NK, I] intermediate (K = 1)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert + pid_m)
@@ -57,13 +70,14 @@ def down_kernel(x, w, w_scale, out, sorted_a, block_expert, route_w, nk, K, n_ou
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_out
         wbase = w + e.to(tl.int64) * stride_we
+        s_base = w_scale + e.to(tl.int64) * (n_out * n_groups)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, d_in, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < d_in
             a = tl.load(x + src[:, None] * stride_xm + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(wbase + cols[None, :] * stride_wn + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
-                         other=0.0)
+            wt = _weight_tile(wbase, s_base, cols, ks, stride_wn, n_groups, k_ok[:, None] & col_ok[None, :],
+                              INT4, GROUP)
             acc = tl.dot(a, wt.to(a.dtype), acc)
         if HAS_SCALE:
             acc = acc * tl.load(w_scale + e.to(tl.int64) * n_out + cols, mask=col_ok, other=0.0)[None, :]
@@ -73,14 +87,17 @@ def down_kernel(x, w, w_scale, out, sorted_a, block_expert, route_w, nk, K, n_ou
 
 
 def launch(kernel, x, w, w_scale, out, sorted_a, block_expert, route_w, K, n_out, d_in, block_m,
-           block_n: int = 64, block_k: int = 64):
-    """One program per (expert block of rows, BLOCK_N output columns); weights are [E, n_out(*2), d_in]."""
+           block_n: int = 64, block_k: int = 64, group: int = 0):
+    """One program per (expert block of rows, BLOCK_N output columns); weights are [E, n_out(*2), d_in],
+    or with `group` > 0 packed int4 [E, n_out(*2), ceil(d_in / 2)] with w_scale [E, n_out(*2), n_groups]."""
     nk = out.shape[0]
     block_n = max(16, min(block_n, triton.next_power_of_2(n_out)))
     block_k = max(16, min(block_k, triton.next_power_of_2(d_in)))
     w = w.contiguous()
     scale = w_scale.float().contiguous() if w_scale is not None else out
     grid = (block_expert.numel(), triton.cdiv(n_out, block_n))
+    n_groups = -(-d_in // group) if group else 1
     kernel[grid](x, w, scale, out, sorted_a, block_expert, route_w if route_w is not None else out, nk, K,
-                 n_out, d_in, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
-                 HAS_SCALE=w_scale is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                 n_out, d_in, n_groups, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                 HAS_SCALE=w_scale is not None and not group, INT4=group > 0, GROUP=max(group, 1),
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)

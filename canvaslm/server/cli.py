@@ -37,7 +37,7 @@ def _serve(args) -> int:
     config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len or min(limit, 4096),
                           prefill_chunk=args.prefill_chunk)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
-                        args.max_steps_limit)
+                        args.max_steps_limit, quantization=args.quantization)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "

@@ -17,8 +17,9 @@ from .serving import ServerState
 
 def build_state(model_dir, device: str | None = None, dtype=None, config: EngineConfig | None = None,
                 api_key: str | None = None, served_model_name: str | None = None,
-                max_denoising_steps: int = 1024) -> ServerState:
-    """Load the checkpoint, start the engine thread and return the state the app serves."""
+                max_denoising_steps: int = 1024, quantization: str | None = None) -> ServerState:
+    """Load the checkpoint (quantised while loading if asked: "fp8" | "int4"), start the engine thread
+    and return the state the app serves."""
     import torch
 
     from ..tokenizer import Tokenizer
@@ -26,7 +27,7 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     model_dir = Path(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
-    model = load_model(model_dir, device=device, dtype=dtype)
+    model = load_model(model_dir, device=device, dtype=dtype, quantization=quantization)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
     return state_from_model(model, DiffusionParams.from_dir(model_dir), tokenizer, config, api_key,
                             served_model_name or model_dir.name, max_denoising_steps)

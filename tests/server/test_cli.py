@@ -7,16 +7,19 @@ import sys
 import time
 
 import httpx
+import pytest
 from openai import OpenAI
 
 from canvaslm.server.launch import free_port
 
 
-def test_serve_subprocess_with_api_key(tiny_checkpoint):
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_serve_subprocess_with_api_key(tiny_checkpoint, quantization):
     port = free_port()
+    quant = ["--quantization", quantization] if quantization else []
     proc = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "serve", str(tiny_checkpoint), "--port", str(port),
                              "--device", "cpu", "--api-key", "k", "--max-batch", "2", "--max-model-len", "128",
-                             "--served-model-name", "tiny-cli"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--served-model-name", "tiny-cli", *quant], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
         while True:

@@ -1,0 +1,160 @@
+"""Int4 weights (W4A16, group-wise): rounding error, int4 modules vs the same maths on dequantised
+weights, quantise-on-load through `load_model` / `LLM` / the CLI, and the errors bad settings get.
+The Triton kernel's int4 path is checked in tests/kernels/test_moe.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from canvaslm.checkpoint import build_random_model, load_model, save_model
+from canvaslm.kv_cache import KVCache
+from canvaslm.model.moe import Experts
+from canvaslm.quant import QuantError, _fp8_targets, quantize_model, weight_bytes
+from canvaslm.quant_int4 import Int4Error, Int4Experts, Int4Linear, dequantize_int4, quantize_int4
+from canvaslm.shapes import model_config
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).detach().norm() / b.float().detach().norm())
+
+
+@pytest.mark.parametrize("shape,group", [((50, 300), 128), ((3, 7, 33), 8), ((6, 256), 128), ((4, 5), 1)])
+def test_roundtrip_error_is_half_a_step_at_most(shape, group):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, shape[-2])[:, None]
+    q, s = quantize_int4(w, group)
+    n_groups = -(-shape[-1] // group)
+    assert q.dtype == torch.uint8 and q.shape == (*shape[:-1], -(-shape[-1] // 2))
+    assert s.dtype == torch.float32 and s.shape == (*shape[:-1], n_groups)
+    back = dequantize_int4(q, s, shape[-1], group)
+    step = s.repeat_interleave(group, -1)[..., :shape[-1]]  # each value's own group scale
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    # the largest value of every group is exact (it sets the scale: 7 steps)
+    pad = torch.nn.functional.pad(w.abs(), (0, n_groups * group - shape[-1]))
+    top = pad.unflatten(-1, (n_groups, group)).amax(-1)
+    torch.testing.assert_close(s * 7, top)
+    if group > 1:
+        assert 0.03 < _rel(back, w) < 0.15  # 4 bits: ~10 % of the weights' norm, not more, not exact
+    assert (dequantize_int4(*quantize_int4(torch.zeros(3, 10), 4), 10, 4) == 0).all()
+
+
+def test_bad_group_size_is_named():
+    with pytest.raises(Int4Error, match="group size must be a positive integer, got 0"):
+        quantize_int4(torch.randn(4, 8), 0)
+
+
+def test_int4_linear_and_experts_compute_with_the_dequantised_weights():
+    lin = torch.nn.Linear(70, 48, bias=True)
+    x = torch.randn(5, 70)
+    q = Int4Linear.from_linear(lin, group=32)
+    want = torch.nn.functional.linear(x, dequantize_int4(q.weight, q.weight_scale, 70, 32), lin.bias)
+    torch.testing.assert_close(q(x), want)
+    assert 0.01 < _rel(q(x), lin(x)) < 0.2
+    ex = Experts(32, 16, 4)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.3)
+        ex.down_proj.normal_(0, 0.3)
+    q = Int4Experts.from_experts(ex, group=8)
+    fake = Experts(32, 16, 4)
+    with torch.no_grad():
+        fake.gate_up_proj.copy_(dequantize_int4(q.gate_up_proj, q.gate_up_proj_scale, 32, 8))
+        fake.down_proj.copy_(dequantize_int4(q.down_proj, q.down_proj_scale, 16, 8))
+    x = torch.randn(10, 32)
+    weights, ids = torch.rand(10, 2).softmax(-1), torch.randint(0, 4, (10, 2))
+    torch.testing.assert_close(q(x, weights, ids), fake._loop(x, weights, ids))
+    assert 0.01 < _rel(q(x, weights, ids), ex._loop(x, weights, ids)) < 0.25
+
+
+def _logits(model, seed=0):
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(cfg, 1, 64, dtype=model.embed_weight.dtype)
+    slots = torch.zeros(1, dtype=torch.long)
+    model.encode(torch.randint(0, cfg.vocab_size, (1, 12), generator=g), torch.arange(12)[None], slots, cache)
+    return model.denoise(torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g), slots, cache)
+
+
+def _fake_quantized(model):
+    """The same float32 model with every target weight replaced by dequantise(quantise(w))."""
+    fake = build_random_model(model.cfg, seed=0, std=0.05)
+    fake.load_state_dict(model.state_dict())
+    linears, experts = _fp8_targets(fake)
+    with torch.no_grad():
+        for n in linears:
+            w = fake.get_submodule(n).weight
+            w.copy_(dequantize_int4(*quantize_int4(w), w.shape[-1]))
+        for n in experts:
+            for p in ("gate_up_proj", "down_proj"):
+                w = getattr(fake.get_submodule(n), p)
+                w.copy_(dequantize_int4(*quantize_int4(w), w.shape[-1]))
+    return fake
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = model_config("tiny", canvas_length=8)
+    model = build_random_model(cfg, seed=0, std=0.05)
+    return model, save_model(model, tmp_path_factory.mktemp("int4") / "m")
+
+
+def test_quantize_on_load_runs_the_quantised_maths_in_an_eighth_of_the_bytes(tiny):
+    model, path = tiny
+    q = load_model(path, quantization="int4")
+    layer = q.text.layers[0]
+    assert isinstance(layer.self_attn.q_proj, Int4Linear) and isinstance(layer.experts, Int4Experts)
+    assert layer.experts.gate_up_proj.dtype == torch.uint8 and layer.self_attn.q_proj.weight_scale.dtype == torch.float32
+    assert not isinstance(layer.router.proj, Int4Linear)  # precision-sensitive, stays
+    with torch.no_grad():
+        out, fake, orig = _logits(q), _logits(_fake_quantized(model)), _logits(model)
+    assert _rel(out, fake) < 1e-4  # exactly the quantised weights' maths
+    # close to the float model (unrelated logits are ~1.4 apart), and further from it than FP8 is:
+    # a random 3-layer model compounds errors, so this is loose
+    with torch.no_grad():
+        fp8 = _logits(load_model(path, quantization="fp8"))
+    assert _rel(fp8, orig) < _rel(out, orig) < 0.8
+    # the quantised targets hold 4 bits a weight (+ one float32 scale per 128): ~1/8 of their float32 bytes
+    names = [n for n in _fp8_targets(model)[0]] + [n for n in _fp8_targets(model)[1]]
+    before = sum(weight_bytes(model.get_submodule(n)) for n in names)
+    after = sum(weight_bytes(q.get_submodule(n)) for n in names)  # scales included
+    assert before / 8 < after < before / 7
+    # quantize_model (in memory) gives the same model as quantising while loading
+    mem = quantize_model(build_random_model(model.cfg, seed=0, std=0.05), fmt="int4")
+    mem.load_state_dict(q.state_dict())
+    with torch.no_grad():
+        assert _rel(_logits(mem), out) < 1e-6
+
+
+def test_llm_and_cli_take_the_quantization(tiny, tiny_checkpoint):
+    from canvaslm import LLM, SamplingParams
+
+    llm = LLM(tiny_checkpoint, device="cpu", quantization="int4")
+    assert isinstance(llm.model.text.layers[0].experts, Int4Experts)
+    out = llm.generate("hello", SamplingParams(max_new_tokens=16, max_denoising_steps=4, seed=0))[0]
+    assert out.token_ids and out.decoder_passes > 0
+    proc = subprocess.run([sys.executable, "-m", "canvaslm.cli", "generate", str(tiny_checkpoint), "--prompt", "hi",
+                           "--max-new-tokens", "16", "--steps", "2", "--seed", "1", "--json", "--quantization", "int4",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["token_ids"]
+    proc = subprocess.run([sys.executable, "-m", "canvaslm.cli", "generate", str(tiny_checkpoint), "--prompt", "hi",
+                           "--quantization", "int3"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "int3" in proc.stderr
+
+
+def test_bad_quantization_settings_are_named(tiny, tmp_path):
+    model, path = tiny
+    with pytest.raises(QuantError, match="'nf4' is not supported; expected one of"):
+        load_model(path, quantization="nf4")
+    with pytest.raises(QuantError, match="'nf4' is not supported"):
+        quantize_model(build_random_model(model.cfg), fmt="nf4")
+    save_model(model, tmp_path / "fp8")
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "config_groups": {
+        "g": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantError, match="'int4' needs a bf16/fp32 checkpoint; this one is already FP8"):
+        load_model(tmp_path / "fp8", quantization="int4")
