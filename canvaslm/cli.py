@@ -33,7 +33,7 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--quantization", default=None, choices=["fp8", "int4"],
                    help="quantise attention, MLP and expert weights while loading: fp8 (Hopper), or int4 "
-                        "(weight-only, group 128: ~14 GB for the 26B-A4B model)")
+                        "(weight-only, group 128: 14.5 GB for the 26B-A4B model)")
 
 
 def _generate(args) -> int:

@@ -3,7 +3,7 @@
 A weight [..., out, in] is cut along `in` into groups of `group` (default 128) values; each group has
 one float32 scale = max |w| / 7, and each value is stored as round(w / scale) in [-8, 7], offset by 8
 into a 4-bit code. Two codes share a byte (even column in the low nibble, odd in the high one), so a
-weight takes 0.5 byte + 4 bytes per group: ~26 B parameters in ~14 GB. Forward passes:
+weight takes 0.5 byte + 4 bytes per group: the 26B-A4B model in 14.5 GB. Forward passes:
 - reference (CPU, or no Triton): dequantise to the activation dtype and run the plain maths; experts
   dequantise only the experts the tokens picked;
 - CUDA with Triton: the fused MoE kernels read the packed experts and unpack them in registers

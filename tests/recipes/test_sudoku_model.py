@@ -207,6 +207,8 @@ def test_cli_solve(mini_run, mini_split, capsys):
     assert len(capsys.readouterr().out.split()[0]) == 81
     assert main(["sudoku", "solve", "--model", str(model_dir), "--dtype", "float99", puzzle]) == 2
     assert "float99" in capsys.readouterr().err
+    assert main(["sudoku", "solve", "--model", str(model_dir), "--quantization", "int4", "--steps", "2", puzzle]) in (0, 1)
+    assert len(capsys.readouterr().out.split()[0]) == 81
 
 
 def _shipped_llm():

@@ -35,7 +35,7 @@ def _llm(args):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    return LLM(args.model, device=args.device, dtype=args.dtype)
+    return LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
 
 
 def _solve(args) -> int:
@@ -89,8 +89,9 @@ def _eval(args) -> int:
     if args.ar_model:
         from canvaslm.checkpoint import load_model
 
-        rows += eval_ar(load_model(args.ar_model, device=args.device or "cpu", dtype=args.dtype or "float32"), sets,
-                        log=log)
+        ar = load_model(args.ar_model, device=args.device or "cpu", dtype=args.dtype or "float32",
+                        quantization=args.quantization)
+        rows += eval_ar(ar, sets, log=log)
     print(format_table(rows))
     return 0
 
@@ -121,6 +122,8 @@ def add_parser(subparsers) -> None:
         q.add_argument("--model", default=None, help="model dir (default: the bundled Sudoku model)")
         q.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
         q.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+        q.add_argument("--quantization", default=None, choices=["fp8", "int4"],
+                       help="quantise the model's weights while loading (see docs/fast_path.md)")
         q.add_argument("--seed", type=int, default=0, help="sampling seed (puzzle i uses seed + i)")
         q.add_argument("--candidates", action="store_true",
                        help="also forbid digits already given in a cell's row/column/box (off by default)")
