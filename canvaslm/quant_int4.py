@@ -32,20 +32,36 @@ def _check_group(group) -> int:
     return group
 
 
+CHUNK_VALUES = 1 << 24  # quantise ~16 M values (64 MB of float32 temporaries) at a time
+
+
 def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., out, in] -> (packed uint8 [..., out, ceil(in / 2)], scale float32 [..., out, ceil(in / group)])."""
+    """w [..., out, in] -> (packed uint8 [..., out, ceil(in / 2)], scale float32 [..., out, ceil(in / group)]).
+    Works through the rows in chunks, so quantising a 1 GB bf16 expert tensor on a nearly full GPU
+    needs tens of MB of temporaries, not several float32 copies of it."""
     group = _check_group(group)
+    *lead, out, inn = w.shape
+    packed = torch.empty(*lead, out, math.ceil(inn / 2), dtype=torch.uint8, device=w.device)
+    scale = torch.empty(*lead, out, math.ceil(inn / group), dtype=torch.float32, device=w.device)
+    rows, p_rows, s_rows = w.reshape(-1, inn), packed.view(-1, packed.shape[-1]), scale.view(-1, scale.shape[-1])
+    step = max(1, CHUNK_VALUES // max(inn, 1))
+    for i in range(0, rows.shape[0], step):
+        p_rows[i:i + step], s_rows[i:i + step] = _quantize_rows(rows[i:i + step], group)
+    return packed, scale
+
+
+def _quantize_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int4 of a [rows, in] block."""
     wf = w.float()
     inn = wf.shape[-1]
     ng = math.ceil(inn / group)
     padded = F.pad(wf, (0, ng * group - inn))  # zeros do not change a group's max
-    scale = padded.unflatten(-1, (ng, group)).abs().amax(-1).clamp(min=1e-12) / QMAX  # [..., out, ng]
+    scale = padded.unflatten(-1, (ng, group)).abs().amax(-1).clamp(min=1e-12) / QMAX  # [rows, ng]
     q = (padded / scale.repeat_interleave(group, -1)).round().clamp(-8, 7)[..., :inn]
     codes = (q + 8).to(torch.uint8)
     if inn % 2:
         codes = F.pad(codes, (0, 1), value=8)  # a zero weight in the unused high nibble
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return packed.contiguous(), scale
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, in_features: int, group: int = GROUP,

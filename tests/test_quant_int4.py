@@ -42,6 +42,24 @@ def test_roundtrip_error_is_half_a_step_at_most(shape, group):
     assert (dequantize_int4(*quantize_int4(torch.zeros(3, 10), 4), 10, 4) == 0).all()
 
 
+def test_quantising_in_chunks_bounds_the_temporaries(monkeypatch):
+    """A big expert tensor is quantised a few rows at a time: the same codes and scales as in one go,
+    with temporaries a small fraction of one float32 copy (what lets int4 load on a nearly full GPU)."""
+    from canvaslm import quant_int4
+    from tests.kernels.conftest import cpu_peak_bytes
+
+    w = torch.randn(8, 64, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    whole = quantize_int4(w)
+    monkeypatch.setattr(quant_int4, "CHUNK_VALUES", 4096)
+    chunked = quantize_int4(w)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    out_bytes = whole[0].numel() + whole[1].numel() * 4
+    peak = cpu_peak_bytes(lambda: quantize_int4(w))
+    assert peak < out_bytes + w.numel() * 4 // 4, (peak, out_bytes)  # under a quarter of one float32 copy
+    monkeypatch.setattr(quant_int4, "CHUNK_VALUES", 1 << 30)
+    assert cpu_peak_bytes(lambda: quantize_int4(w)) > out_bytes + w.numel() * 4  # in one go: several copies
+
+
 def test_bad_group_size_is_named():
     with pytest.raises(Int4Error, match="group size must be a positive integer, got 0"):
         quantize_int4(torch.randn(4, 8), 0)
