@@ -102,6 +102,10 @@ class FP8Linear(nn.Module):
             m.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         return m
 
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight [out, in] as a plain tensor (for merging adapters and exporting)."""
+        return dequantize_fp8(self.weight, self.weight_scale, self.strategy, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.strategy == "channel" and _scaled_mm_ok(x) and x.dtype in (torch.bfloat16, torch.float16):
             flat = x.reshape(-1, x.shape[-1])
@@ -137,10 +141,13 @@ class FP8Experts(nn.Module):
             setattr(m, f"{name}_scale", s.squeeze(-1))
         return m
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        from .kernels import triton_available
+    def dequantized(self, dtype=torch.float32) -> dict:
+        """{gate_up_proj, down_proj} as plain [E, out, in] tensors (for exporting)."""
+        return {n: (getattr(self, n).float() * getattr(self, f"{n}_scale")[..., None]).to(dtype)
+                for n in ("gate_up_proj", "down_proj")}
 
-        if self.impl == "triton" or (self.impl == "auto" and x.is_cuda and triton_available()):
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if use_triton_experts(self.impl, x, weights):
             from .kernels.moe import fused_moe
 
             return fused_moe(x, weights, ids, self.gate_up_proj, self.down_proj, self.gate_up_proj_scale,
@@ -158,6 +165,19 @@ class FP8Experts(nn.Module):
             y = F.linear(F.gelu(gate, approximate="tanh") * up, dn)
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
+
+
+def use_triton_experts(impl: str, x: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Quantised experts take the fused Triton kernels when asked, or under "auto" on CUDA with Triton,
+    unless a gradient has to flow through them (QLoRA training): the kernels have no backward, so the
+    dequantising path, which autograd follows, runs instead."""
+    from .kernels import triton_available
+
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
+    if impl == "triton" and needs_grad:
+        raise ValueError("quantised experts with impl='triton' have no backward pass; use impl 'auto' or "
+                         "'dequant' when training")
+    return impl == "triton" or (impl == "auto" and not needs_grad and x.is_cuda and triton_available())
 
 
 def _fp8_targets(model) -> tuple[list[str], list[str]]:

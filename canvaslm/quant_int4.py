@@ -94,8 +94,12 @@ class Int4Linear(nn.Module):
             m.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         return m
 
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight [out, in] as a plain tensor (for merging adapters and exporting)."""
+        return dequantize_int4(self.weight, self.weight_scale, self.in_features, self.group, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize_int4(self.weight, self.weight_scale, self.in_features, self.group, x.dtype)
+        w = self.dequantized(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -125,10 +129,15 @@ class Int4Experts(nn.Module):
             setattr(m, f"{name}_scale", s)
         return m
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        from .kernels import triton_available
+    def dequantized(self, dtype=torch.float32) -> dict:
+        """{gate_up_proj, down_proj} as plain [E, out, in] tensors (for exporting)."""
+        return {"gate_up_proj": dequantize_int4(self.gate_up_proj, self.gate_up_proj_scale, self.d, self.group, dtype),
+                "down_proj": dequantize_int4(self.down_proj, self.down_proj_scale, self.inner, self.group, dtype)}
 
-        if self.impl == "triton" or (self.impl == "auto" and x.is_cuda and triton_available()):
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        from .quant import use_triton_experts
+
+        if use_triton_experts(self.impl, x, weights):
             from .kernels.moe import fused_moe
 
             return fused_moe(x, weights, ids, self.gate_up_proj, self.down_proj, self.gate_up_proj_scale,

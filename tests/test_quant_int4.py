@@ -176,3 +176,25 @@ def test_bad_quantization_settings_are_named(tiny, tmp_path):
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(QuantError, match="'int4' needs a bf16/fp32 checkpoint; this one is already FP8"):
         load_model(tmp_path / "fp8", quantization="int4")
+
+
+def test_quantised_experts_take_the_differentiable_path_when_training():
+    """The fused kernels have no backward: under "auto" a step that needs gradients (QLoRA) takes the
+    dequantising path, and an explicit "triton" refuses it by name; inference may take the kernels."""
+    from canvaslm.quant import use_triton_experts
+
+    x, w = torch.randn(3, 8, requires_grad=True), torch.rand(3, 2)
+    assert not use_triton_experts("auto", x, w)
+    with pytest.raises(ValueError, match="impl='triton' have no backward"):
+        use_triton_experts("triton", x, w)
+    with torch.no_grad():
+        assert use_triton_experts("triton", x, w)
+    assert use_triton_experts("triton", x.detach(), w)
+    dense = Experts(8, 4, 3)
+    with torch.no_grad():
+        dense.gate_up_proj.normal_(0, 0.3)
+        dense.down_proj.normal_(0, 0.3)
+    ex = Int4Experts.from_experts(dense, group=4)
+    ids = torch.randint(0, 3, (3, 2))
+    ex(x, w, ids).sum().backward()  # auto on CPU: the dequantising path, gradients reach the input
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -43,13 +43,14 @@ def tokenizer_dir(config) -> Path | None:
 
 
 def build_model(config, checkpoint: Path | None = None):
-    """(model in fp32 on CPU, DiffusionParams) from a checkpoint dir, the config's model dir, or `init`."""
+    """(model in fp32 on CPU, DiffusionParams) from a checkpoint dir, the config's model dir, or `init`;
+    with `quantization`, the attention / MLP / expert weights are quantised (while loading)."""
     src = checkpoint or (Path(config.model) if isinstance(config.model, str) else None)
     if src is not None:
         if not Path(src).is_dir():
             raise ConfigError(f"train config: model {src} is not a checkpoint directory")
         params = DiffusionParams.from_dir(src)
-        model = load_model(src, dtype="float32")
+        model = load_model(src, dtype="float32", quantization=config.quantization)
     else:
         init = dict(config.model["init"])
         seed, std = int(init.pop("seed", config.seed)), float(init.pop("std", 0.02))
@@ -64,6 +65,10 @@ def build_model(config, checkpoint: Path | None = None):
         if init:
             raise ConfigError(f"train config: model.init: unknown keys {sorted(init)}")
         model = build_random_model(cfg, dtype="float32", seed=seed, std=std)
+        if config.quantization:
+            from ..quant import quantize_model
+
+            quantize_model(model, fmt=config.quantization)
         params = DiffusionParams(eos_token_ids=tuple(cfg.eos_token_ids), pad_token_id=cfg.pad_token_id)
     if config.generation:
         params = params.replace(**config.generation)

@@ -6,6 +6,10 @@ Experts (3-D weights [E, out, in]) get a per-expert low-rank delta through a par
 implementations see W_e + scale * B_e A_e without changes. B starts at zero: a fresh adapter leaves the
 model exactly as it was. `merge_lora` folds every update into the base weights and removes the adapters,
 leaving a model whose parameter names match the checkpoint again.
+
+QLoRA: the base may be quantised (`quant.FP8Linear`, `quant_int4.Int4Linear`, frozen); adapters are
+float32 and train as usual, and merging dequantises the base and adds the update, so an export is a
+plain float checkpoint.
 """
 
 from __future__ import annotations
@@ -55,23 +59,49 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
+def _quantized_linears() -> tuple:
+    from ..quant import FP8Linear
+    from ..quant_int4 import Int4Linear
+
+    return FP8Linear, Int4Linear
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear's weight [out, in] as a float tensor, dequantised if the linear is quantised."""
+    return linear.dequantized(torch.float32) if isinstance(linear, _quantized_linears()) else linear.weight.float()
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0):
+        """base: nn.Linear, or a quantised linear (its packed weight does not give the shape or dtype)."""
         super().__init__()
         self.base, self.scale = base, scale
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, w.shape[1], dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+        dtype = w.dtype if w.is_floating_point() and w.element_size() > 1 else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return self.base(x) + F.linear(F.linear(self.dropout(x), a), b) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        """Base weight + scale * B A, float32 [out, in]."""
+        return dense_weight(self.base) + (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
     def merged(self) -> nn.Linear:
         with torch.no_grad():
-            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # [out, in]
-            self.base.weight.copy_((self.base.weight.float() + delta).to(self.base.weight.dtype))
+            if isinstance(self.base, _quantized_linears()):  # a quantised base becomes a plain linear
+                w = self.merged_weight()
+                lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                                device=w.device)
+                lin.weight.copy_(w)
+                if self.base.bias is not None:
+                    lin.bias.copy_(self.base.bias)
+                return lin.requires_grad_(False)
+            self.base.weight.copy_(self.merged_weight().to(self.base.weight.dtype))
         return self.base
 
 
@@ -98,10 +128,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     adapted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child_name in cfg.targets:
+            if isinstance(child, (nn.Linear, *_quantized_linears())) and child_name in cfg.targets:
                 setattr(module, child_name, LoRALinear(child, cfg.rank, cfg.scale, cfg.dropout))
                 adapted.append(f"{name}.{child_name}" if name else child_name)
         if cfg.include_experts and hasattr(module, "gate_up_proj") and hasattr(module, "num_experts"):
+            if not module.gate_up_proj.is_floating_point() or module.gate_up_proj.element_size() == 1:
+                raise ValueError(f"lora.include_experts: {name} holds quantised experts, which take no adapter")
             for pname in ("gate_up_proj", "down_proj"):
                 parametrize.register_parametrization(module, pname, ExpertLoRA(getattr(module, pname),
                                                                                cfg.rank, cfg.scale))
@@ -126,16 +158,27 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapted model's weights under checkpoint names, adapters folded in; the model is untouched.
     (A deepcopy + merge_lora would not do: parametrized modules share their generated class, and
     removing a parametrization edits that class.)"""
-    out = {}
+    out, quantized = {}, set()
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            delta = (module.lora_B.float() @ module.lora_A.float()) * module.scale
-            out[f"{name}.weight"] = (module.base.weight.float() + delta).to(module.base.weight.dtype)
+            w = module.base.weight
+            out[f"{name}.weight"] = module.merged_weight().to(w.dtype if w.element_size() > 1 else torch.float32)
+            if isinstance(module.base, _quantized_linears()):
+                quantized.add(f"{name}.base")
         elif parametrize.is_parametrized(module):
             for pname in module.parametrizations.keys():
                 out[f"{name}.{pname}"] = getattr(module, pname).detach().clone()
+        elif hasattr(module, "dequantized") and id(module) not in wrapped:  # quantised, without adapter
+            quantized.add(name)
+            dense = module.dequantized(torch.float32)
+            if isinstance(dense, dict):
+                out.update({f"{name}.{k}": v for k, v in dense.items()})
+            else:
+                out[f"{name}.weight"] = dense
     for k, v in model.state_dict().items():
-        if "lora_" in k or ".parametrizations." in k:
+        mod, _, leaf = k.rpartition(".")
+        if "lora_" in k or ".parametrizations." in k or (mod in quantized and leaf.endswith("_scale")):
             continue
         out.setdefault(k.replace(".base.", "."), v)
     return out
@@ -155,4 +198,4 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "ExpertLoRA", "apply_lora", "merge_lora", "merged_state_dict", "lora_state_dict", "has_lora",
-           "DEFAULT_TARGETS"]
+           "dense_weight", "DEFAULT_TARGETS"]

@@ -64,6 +64,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     lora: dict | None = None  # LoRAConfig fields
+    quantization: str | None = None  # "int4" | "fp8": frozen quantised base under LoRA adapters (QLoRA)
     diffusion_weight: float = 1.0
     ar_weight: float = 1.0
     sc_prob: float = 0.5
@@ -107,7 +108,15 @@ class TrainConfig:
         if self.dtype not in ("auto", "fp32", "float32", "bf16", "bfloat16"):
             bad("dtype", "must be auto | fp32 | bf16")
         if self.lora is not None:
-            LoRAConfig.from_dict(self.lora)
+            lora = LoRAConfig.from_dict(self.lora)
+        if self.quantization is not None:
+            if self.quantization not in ("int4", "fp8"):
+                bad("quantization", "must be int4 | fp8 (or absent)")
+            if self.lora is None:
+                bad("quantization", "needs lora: quantised base weights are frozen, only adapters train")
+            if lora.include_experts:
+                bad("quantization", "does not combine with lora.include_experts (quantised experts take no "
+                                    "adapter); set include_experts: false")
         object.__setattr__(self, "betas", tuple(self.betas))
 
     @classmethod

@@ -89,3 +89,44 @@ def test_lora_training_run_exports_merged_model(tmp_path):
         merged.encode(ids, torch.arange(10)[None], torch.tensor([0]), cache)
         got = merged.denoise(canvas, torch.tensor([0]), cache)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_qlora_trains_adapters_on_a_quantised_base_and_exports_float(tmp_path, fmt):
+    """QLoRA: the base is quantised and frozen, float32 adapters train, and the export (base dequantised +
+    update) is a plain float checkpoint with the adapted model's logits; resuming restores the adapters."""
+    from canvaslm.model.moe import Experts
+    from canvaslm.quant import FP8Experts, FP8Linear
+    from canvaslm.quant_int4 import Int4Experts, Int4Linear
+
+    linear_cls, experts_cls = (Int4Linear, Int4Experts) if fmt == "int4" else (FP8Linear, FP8Experts)
+    cfg = tiny_config(tmp_path, max_steps=12, lr=1e-2, lora={"rank": 4, "alpha": 8}, quantization=fmt)
+    trainer = Trainer(TrainConfig.from_dict(cfg))
+    layer = trainer.model.model.decoder.layers[0]
+    assert isinstance(layer.self_attn.q_proj, LoRALinear) and isinstance(layer.self_attn.q_proj.base, linear_cls)
+    assert isinstance(layer.experts, experts_cls) and layer.self_attn.q_proj.lora_A.dtype == torch.float32
+    frozen = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" not in k}
+    hist = trainer.train()
+    losses = [h["loss"] for h in hist]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    for k, v in trainer.model.state_dict().items():  # the quantised base never moves
+        if "lora_" not in k:
+            assert torch.equal(v, frozen[k]), k
+    adapted = _logits(trainer.model)
+    merged = load_model(tmp_path / "run" / "final")
+    assert type(merged.text.layers[0].experts) is Experts and merged.embed_weight.dtype == torch.float32
+    torch.testing.assert_close(_logits(merged), adapted, rtol=1e-4, atol=1e-4)
+    again = Trainer(TrainConfig.from_dict(cfg), resume=True)
+    assert again.step == 12
+    torch.testing.assert_close(_logits(again.model), adapted)
+
+
+def test_qlora_config_errors(tmp_path):
+    from canvaslm.train.checkpointing import ConfigError
+
+    with pytest.raises(ConfigError, match="quantization needs lora"):
+        TrainConfig.from_dict(tiny_config(tmp_path, quantization="int4"))
+    with pytest.raises(ConfigError, match="does not combine with lora.include_experts"):
+        TrainConfig.from_dict(tiny_config(tmp_path, quantization="int4", lora={"include_experts": True}))
+    with pytest.raises(ConfigError, match=r"quantization must be int4 \| fp8 \(or absent\), got .nf4."):
+        TrainConfig.from_dict(tiny_config(tmp_path, quantization="nf4", lora={}))
