@@ -69,10 +69,13 @@ def test_per_channel_scales_are_applied(triton_device):
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("d,inner,group", [(32, 24, 8), (33, 20, 16), (64, 48, 128)])
+# (d, inner, group): groups narrower than the kernel's k-block (values scaled one by one: 8, 16, 32) and
+# k-blocks inside one group (the group scale applied to the block's partial dot: 64, 128), odd widths,
+# groups that do not divide the width
+@pytest.mark.parametrize("d,inner,group", [(32, 24, 8), (33, 20, 16), (128, 40, 32), (256, 48, 64), (64, 48, 128)])
 def test_int4_weights_match_the_dequantised_reference(triton_device, d, inner, group):
-    """Packed int4 experts unpacked in the kernel (odd widths, groups that do not divide them) give the
-    reference's result: dequantise the experts, then the loop's maths."""
+    """Packed int4 experts unpacked in the kernel give the reference's result: dequantise the experts,
+    then the loop's maths."""
     from canvaslm.quant_int4 import Int4Experts
 
     q = Int4Experts.from_experts(_experts(d=d, inner=inner, E=5), group=group)
