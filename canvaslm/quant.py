@@ -95,12 +95,7 @@ class FP8Linear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, strategy: str = "channel") -> "FP8Linear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, strategy)
-        q, s = quantize_fp8(lin.weight.detach(), strategy)
-        m.weight = nn.Parameter(q, requires_grad=False)
-        m.weight_scale = s
-        if lin.bias is not None:
-            m.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-        return m
+        return fill_quantized_linear(m, lin, *quantize_fp8(lin.weight.detach(), strategy))
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """The weight [out, in] as a plain tensor (for merging adapters and exporting)."""
@@ -118,9 +113,44 @@ class FP8Linear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
-class FP8Experts(nn.Module):
+def fill_quantized_linear(m: nn.Module, lin: nn.Linear, q: torch.Tensor, scale: torch.Tensor) -> nn.Module:
+    """A quantised linear `m` takes the codes and scales of `lin`'s weight, and a copy of its bias."""
+    m.weight = nn.Parameter(q, requires_grad=False)
+    m.weight_scale = scale
+    if lin.bias is not None:
+        m.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    return m
+
+
+class QuantizedExperts(nn.Module):
+    """What FP8 and int4 experts share: the forward contract of `model.moe.Experts` ((x [N, d], weights
+    [N, K], ids [N, K]) -> [N, d]), served by the fused Triton kernels or by the reference below, which
+    dequantises the experts the tokens picked (`expert(e, dtype)`) and runs the per-expert loop's maths."""
+
+    group = 0  # int4 group size; 0: FP8 per-channel scales
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if use_triton_experts(self.impl, x, weights):
+            from .kernels.moe import fused_moe
+
+            return fused_moe(x, weights, ids, self.gate_up_proj, self.down_proj, self.gate_up_proj_scale,
+                             self.down_proj_scale, group=self.group)
+        return self._dequant(x, weights, ids)
+
+    def _dequant(self, x, weights, ids):
+        out = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == e)
+            gu, dn = self.expert(e, x.dtype)
+            gate, up = F.linear(x[tok], gu).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, dn)
+            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
+        return out
+
+
+class FP8Experts(QuantizedExperts):
     """`model.moe.Experts` with FP8 weights and per-output-channel scales (gate_up_proj_scale [E, 2I],
-    down_proj_scale [E, d]). Same forward contract: (x [N, d], weights [N, K], ids [N, K]) -> [N, d]."""
+    down_proj_scale [E, d])."""
 
     def __init__(self, d: int, inner: int, num_experts: int):
         super().__init__()
@@ -146,25 +176,10 @@ class FP8Experts(nn.Module):
         return {n: (getattr(self, n).float() * getattr(self, f"{n}_scale")[..., None]).to(dtype)
                 for n in ("gate_up_proj", "down_proj")}
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if use_triton_experts(self.impl, x, weights):
-            from .kernels.moe import fused_moe
-
-            return fused_moe(x, weights, ids, self.gate_up_proj, self.down_proj, self.gate_up_proj_scale,
-                             self.down_proj_scale)
-        return self._dequant(x, weights, ids)
-
-    def _dequant(self, x, weights, ids):
-        """Reference: dequantise the experts that are used, then the per-expert loop's maths."""
-        out = torch.zeros_like(x)
-        for e in torch.unique(ids).tolist():
-            tok, slot = torch.where(ids == e)
-            gu = (self.gate_up_proj[e].float() * self.gate_up_proj_scale[e, :, None]).to(x.dtype)
-            dn = (self.down_proj[e].float() * self.down_proj_scale[e, :, None]).to(x.dtype)
-            gate, up = F.linear(x[tok], gu).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, dn)
-            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
-        return out
+    def expert(self, e: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate_up [2I, d], down [d, I]) dequantised to `dtype`."""
+        return tuple((getattr(self, n)[e].float() * getattr(self, f"{n}_scale")[e, :, None]).to(dtype)
+                     for n in ("gate_up_proj", "down_proj"))
 
 
 def use_triton_experts(impl: str, x: torch.Tensor, weights: torch.Tensor) -> bool:

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .quant import QuantizedExperts, fill_quantized_linear
+
 GROUP = 128
 QMAX = 7
 
@@ -87,12 +89,7 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, group: int = GROUP) -> "Int4Linear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, group)
-        q, s = quantize_int4(lin.weight.detach(), group)
-        m.weight = nn.Parameter(q, requires_grad=False)
-        m.weight_scale = s
-        if lin.bias is not None:
-            m.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-        return m
+        return fill_quantized_linear(m, lin, *quantize_int4(lin.weight.detach(), group))
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """The weight [out, in] as a plain tensor (for merging adapters and exporting)."""
@@ -103,10 +100,9 @@ class Int4Linear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
-class Int4Experts(nn.Module):
+class Int4Experts(QuantizedExperts):
     """`model.moe.Experts` with int4 weights: gate_up_proj uint8 [E, 2I, d / 2] with gate_up_proj_scale
-    [E, 2I, d / group], down_proj uint8 [E, d, I / 2] with down_proj_scale [E, d, I / group]. Same
-    forward contract: (x [N, d], weights [N, K], ids [N, K]) -> [N, d]."""
+    [E, 2I, d / group], down_proj uint8 [E, d, I / 2] with down_proj_scale [E, d, I / group]."""
 
     def __init__(self, d: int, inner: int, num_experts: int, group: int = GROUP):
         super().__init__()
@@ -134,24 +130,7 @@ class Int4Experts(nn.Module):
         return {"gate_up_proj": dequantize_int4(self.gate_up_proj, self.gate_up_proj_scale, self.d, self.group, dtype),
                 "down_proj": dequantize_int4(self.down_proj, self.down_proj_scale, self.inner, self.group, dtype)}
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        from .quant import use_triton_experts
-
-        if use_triton_experts(self.impl, x, weights):
-            from .kernels.moe import fused_moe
-
-            return fused_moe(x, weights, ids, self.gate_up_proj, self.down_proj, self.gate_up_proj_scale,
-                             self.down_proj_scale, group=self.group)
-        return self._dequant(x, weights, ids)
-
-    def _dequant(self, x, weights, ids):
-        """Reference: dequantise the experts that are used, then the per-expert loop's maths."""
-        out = torch.zeros_like(x)
-        for e in torch.unique(ids).tolist():
-            tok, slot = torch.where(ids == e)
-            gu = dequantize_int4(self.gate_up_proj[e], self.gate_up_proj_scale[e], self.d, self.group, x.dtype)
-            dn = dequantize_int4(self.down_proj[e], self.down_proj_scale[e], self.inner, self.group, x.dtype)
-            gate, up = F.linear(x[tok], gu).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, dn)
-            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
-        return out
+    def expert(self, e: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate_up [2I, d], down [d, I]) dequantised to `dtype`."""
+        return (dequantize_int4(self.gate_up_proj[e], self.gate_up_proj_scale[e], self.d, self.group, dtype),
+                dequantize_int4(self.down_proj[e], self.down_proj_scale[e], self.inner, self.group, dtype))

@@ -21,20 +21,25 @@ def _rel(a, b):
     return float((a.float() - b.float()).detach().norm() / b.float().detach().norm())
 
 
-def _fake_quantized(model, strategy="channel", experts=True):
-    """The same model with every FP8 target weight replaced by dequantise(quantise(w)), in float32: what
-    an FP8 model must compute exactly (up to float rounding)."""
+def _fake_quantized(model, strategy="channel", experts=True, roundtrip=None):
+    """The same model with every quantisation target weight replaced by dequantise(quantise(w)), in
+    float32: what a quantised model must compute exactly (up to float rounding). roundtrip(w, is_expert)
+    gives that weight; by default FP8 (`strategy` for linears, per channel for experts)."""
+    if roundtrip is None:
+        def roundtrip(w, is_expert):
+            s = "channel" if is_expert else strategy
+            return dequantize_fp8(*quantize_fp8(w, s), s)
     fake = build_random_model(model.cfg, seed=0, std=0.05)
     fake.load_state_dict(model.state_dict())
     lin, ex = _fp8_targets(fake)
     with torch.no_grad():
         for n in lin:
             w = fake.get_submodule(n).weight
-            w.copy_(dequantize_fp8(*quantize_fp8(w, strategy), strategy))
+            w.copy_(roundtrip(w, False))
         for n in ex if experts else []:
             for p in ("gate_up_proj", "down_proj"):
                 w = getattr(fake.get_submodule(n), p)
-                w.copy_(dequantize_fp8(*quantize_fp8(w, "channel"), "channel"))
+                w.copy_(roundtrip(w, True))
     return fake
 
 

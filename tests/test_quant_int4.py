@@ -12,15 +12,11 @@ import pytest
 import torch
 
 from canvaslm.checkpoint import build_random_model, load_model, save_model
-from canvaslm.kv_cache import KVCache
 from canvaslm.model.moe import Experts
 from canvaslm.quant import QuantError, _fp8_targets, quantize_model, weight_bytes
 from canvaslm.quant_int4 import Int4Error, Int4Experts, Int4Linear, dequantize_int4, quantize_int4
 from canvaslm.shapes import model_config
-
-
-def _rel(a, b):
-    return float((a.float() - b.float()).detach().norm() / b.float().detach().norm())
+from tests.test_quant import _fake_quantized, _logits, _rel
 
 
 @pytest.mark.parametrize("shape,group", [((50, 300), 128), ((3, 7, 33), 8), ((6, 256), 128), ((4, 5), 1)])
@@ -87,31 +83,6 @@ def test_int4_linear_and_experts_compute_with_the_dequantised_weights():
     assert 0.01 < _rel(q(x, weights, ids), ex._loop(x, weights, ids)) < 0.25
 
 
-def _logits(model, seed=0):
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(seed)
-    cache = KVCache(cfg, 1, 64, dtype=model.embed_weight.dtype)
-    slots = torch.zeros(1, dtype=torch.long)
-    model.encode(torch.randint(0, cfg.vocab_size, (1, 12), generator=g), torch.arange(12)[None], slots, cache)
-    return model.denoise(torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g), slots, cache)
-
-
-def _fake_quantized(model):
-    """The same float32 model with every target weight replaced by dequantise(quantise(w))."""
-    fake = build_random_model(model.cfg, seed=0, std=0.05)
-    fake.load_state_dict(model.state_dict())
-    linears, experts = _fp8_targets(fake)
-    with torch.no_grad():
-        for n in linears:
-            w = fake.get_submodule(n).weight
-            w.copy_(dequantize_int4(*quantize_int4(w), w.shape[-1]))
-        for n in experts:
-            for p in ("gate_up_proj", "down_proj"):
-                w = getattr(fake.get_submodule(n), p)
-                w.copy_(dequantize_int4(*quantize_int4(w), w.shape[-1]))
-    return fake
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     cfg = model_config("tiny", canvas_length=8)
@@ -124,10 +95,12 @@ def test_quantize_on_load_runs_the_quantised_maths_in_an_eighth_of_the_bytes(tin
     q = load_model(path, quantization="int4")
     layer = q.text.layers[0]
     assert isinstance(layer.self_attn.q_proj, Int4Linear) and isinstance(layer.experts, Int4Experts)
-    assert layer.experts.gate_up_proj.dtype == torch.uint8 and layer.self_attn.q_proj.weight_scale.dtype == torch.float32
+    assert layer.experts.gate_up_proj.dtype == torch.uint8
+    assert layer.self_attn.q_proj.weight_scale.dtype == torch.float32
     assert not isinstance(layer.router.proj, Int4Linear)  # precision-sensitive, stays
     with torch.no_grad():
-        out, fake, orig = _logits(q), _logits(_fake_quantized(model)), _logits(model)
+        fake = _fake_quantized(model, roundtrip=lambda w, _: dequantize_int4(*quantize_int4(w), w.shape[-1]))
+        out, fake, orig = _logits(q), _logits(fake), _logits(model)
     assert _rel(out, fake) < 1e-4  # exactly the quantised weights' maths
     # close to the float model (unrelated logits are ~1.4 apart), and further from it than FP8 is:
     # a random 3-layer model compounds errors, so this is loose
@@ -135,7 +108,7 @@ def test_quantize_on_load_runs_the_quantised_maths_in_an_eighth_of_the_bytes(tin
         fp8 = _logits(load_model(path, quantization="fp8"))
     assert _rel(fp8, orig) < _rel(out, orig) < 0.8
     # the quantised targets hold 4 bits a weight (+ one float32 scale per 128): ~1/8 of their float32 bytes
-    names = [n for n in _fp8_targets(model)[0]] + [n for n in _fp8_targets(model)[1]]
+    names = sum(_fp8_targets(model), [])
     before = sum(weight_bytes(model.get_submodule(n)) for n in names)
     after = sum(weight_bytes(q.get_submodule(n)) for n in names)  # scales included
     assert before / 8 < after < before / 7
