@@ -102,7 +102,9 @@ class FP8Linear(nn.Module):
         return dequantize_fp8(self.weight, self.weight_scale, self.strategy, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.strategy == "channel" and _scaled_mm_ok(x) and x.dtype in (torch.bfloat16, torch.float16):
+        needs_grad = torch.is_grad_enabled() and x.requires_grad  # QLoRA: _scaled_mm has no backward
+        if self.strategy == "channel" and _scaled_mm_ok(x) and x.dtype in (torch.bfloat16, torch.float16) \
+                and not needs_grad:
             flat = x.reshape(-1, x.shape[-1])
             x_scale = flat.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1] per token
             xq = (flat / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
