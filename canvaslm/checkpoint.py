@@ -205,16 +205,26 @@ def _tiny_vision_config() -> dict:
 
 def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionParams | None = None,
                max_shard_bytes: int = 4 << 30, dtype=None, extra_files: dict[str, str | Path] | None = None):
-    """Write an HF-format checkpoint atomically (to a temp dir, then renamed into place)."""
+    """Write an HF-format checkpoint atomically (to a temp dir, then renamed into place). A model with
+    FP8 or int4 modules is written as such, with the `quantization_config` that loads it back."""
     out_dir = Path(out_dir)
     cfg_dict = model.cfg.to_hf_dict()
     cfg_dict.setdefault("vision_config", _tiny_vision_config())
     if cfg_dict.get("vision_config") is None:
         cfg_dict["vision_config"] = _tiny_vision_config()
+    from .quant import quantization_config, stored_as_is
+
+    for d in (cfg_dict, cfg_dict.get("text_config") or {}):  # describe this model, not the one it came from
+        d.pop("quantization_config", None)
+    qc = quantization_config(model)
+    if qc is not None:
+        cfg_dict["quantization_config"] = qc
     state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("rotary.")}
+    keep = stored_as_is(model)  # quantised tensors and their scales keep their own dtypes
     if dtype is not None:
-        state = {k: v.to(parse_dtype(dtype)) for k, v in state.items()}
-    cfg_dict["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+        state = {k: v if k in keep else v.to(parse_dtype(dtype)) for k, v in state.items()}
+    plain = [v for k, v in state.items() if k not in keep] or list(state.values())
+    cfg_dict["dtype"] = str(plain[0].dtype).replace("torch.", "")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -69,6 +69,25 @@ def _generate(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_model, save_model
+    from .config import DiffusionParams
+    from .quant import weight_bytes
+    from .train.checkpointing import TOKENIZER_FILES
+
+    src, dst = Path(args.src), Path(args.dst)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"quantize: DST must be a new directory, not the source checkpoint {src}")
+    model = load_model(src, device=args.device or "cpu", dtype=args.dtype, quantization=args.to, progress=True)
+    extra = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
+    save_model(model, dst, DiffusionParams.from_dir(src), extra_files=extra)
+    print(f"canvaslm: wrote {dst} ({args.to}, {weight_bytes(model) / 1e9:.2f} GB of weights); "
+          f"load it as any checkpoint", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="canvaslm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -87,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .sampling.cli_args import add_constraint_args
     add_constraint_args(g)
     g.set_defaults(func=_generate)
+    q = sub.add_parser("quantize", help="write a quantised copy of a checkpoint (int4 or fp8 weights)")
+    q.add_argument("src", help="checkpoint directory (HF layout, bf16/fp32)")
+    q.add_argument("dst", help="new directory for the quantised checkpoint (written atomically)")
+    q.add_argument("--to", required=True, choices=["int4", "fp8"], help="weight format of attention, MLP, experts")
+    q.add_argument("--dtype", default="bfloat16", help="dtype of the weights that stay unquantised (default bf16)")
+    q.add_argument("--device", default=None, help="where to quantise (default: cpu; cuda is faster)")
+    q.set_defaults(func=_quantize)
     for mod in SUBCOMMAND_MODULES:
         try:
             m = importlib.import_module(mod)

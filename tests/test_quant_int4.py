@@ -171,3 +171,77 @@ def test_quantised_experts_take_the_differentiable_path_when_training():
     ids = torch.randint(0, 3, (3, 2))
     ex(x, w, ids).sum().backward()  # auto on CPU: the dequantising path, gradients reach the input
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_quantised_checkpoints_save_and_load_back_exactly(tiny, tmp_path, fmt):
+    """save_model writes a quantised model as it is (codes, scales, the quantization_config that
+    describes them); load_model reads it back into the same modules with the same logits."""
+    from canvaslm.quant import FP8Experts
+
+    model, _ = tiny
+    q = quantize_model(model_copy(model), fmt=fmt)
+    path = save_model(q, tmp_path / "q", dtype="bfloat16")  # unquantised weights in bf16, codes untouched
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["quantization_config"]["quant_method"] == ("canvaslm-int4" if fmt == "int4" else "compressed-tensors")
+    back = load_model(path, dtype="float32")
+    assert isinstance(back.text.layers[0].experts, Int4Experts if fmt == "int4" else FP8Experts)
+    stored = back.state_dict()
+    for k, a in q.state_dict().items():
+        if not a.is_floating_point() or a.element_size() == 1 or k.endswith("_scale"):
+            assert torch.equal(a, stored[k]), k  # codes and scales stored as they are
+    exact = load_model(save_model(q, tmp_path / "q32"))
+    with torch.no_grad():
+        assert _rel(_logits(exact), _logits(q)) < 1e-6
+    with pytest.raises(QuantError, match=f"already {fmt.upper()}"):
+        load_model(path, quantization="fp8" if fmt == "int4" else "int4")
+
+
+def model_copy(model):
+    copy = build_random_model(model.cfg, seed=1)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def test_a_float_model_saves_without_a_stale_quantization_config(tiny, tmp_path):
+    model, _ = tiny
+    q = load_model(save_model(quantize_model(model_copy(model), fmt="int4"), tmp_path / "q"))
+    plain = build_random_model(q.cfg, seed=0, std=0.05)  # its config came from the int4 checkpoint
+    assert "quantization_config" in json.dumps(q.cfg.raw)
+    out = save_model(plain, tmp_path / "plain")
+    assert "quantization_config" not in (out / "config.json").read_text()
+    assert type(load_model(out).text.layers[0].experts) is Experts
+
+
+def test_bad_int4_checkpoints_are_named(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, _ = tiny
+    path = save_model(quantize_model(model_copy(model), fmt="int4"), tmp_path / "q")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["group_size"] = 0
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantError, match="group_size must be a positive integer, got 0"):
+        load_model(path)
+    cfg["quantization_config"]["group_size"] = 128
+    (path / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(path / "model.safetensors"))
+    name = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name].float()
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(QuantError, match=f"{name}: dtype torch.float32, expected uint8"):
+        load_model(path)
+
+
+def test_cli_quantize_writes_a_checkpoint_that_generates_like_quantising_on_load(tiny_checkpoint, tmp_path, capsys):
+    from canvaslm import LLM, SamplingParams
+    from canvaslm.cli import main
+
+    assert main(["quantize", str(tiny_checkpoint), str(tmp_path / "q4"), "--to", "int4", "--dtype", "float32"]) == 0
+    assert "int4" in capsys.readouterr().out and (tmp_path / "q4" / "tokenizer.json").is_file()
+    sp = SamplingParams(max_new_tokens=16, max_denoising_steps=4, seed=3)
+    stored = LLM(tmp_path / "q4", device="cpu").generate("hello", sp)[0]
+    on_load = LLM(tiny_checkpoint, device="cpu", quantization="int4").generate("hello", sp)[0]
+    assert stored.token_ids == on_load.token_ids
+    assert main(["quantize", str(tiny_checkpoint), str(tiny_checkpoint), "--to", "int4"]) == 2
+    assert "DST must be a new directory" in capsys.readouterr().err
