@@ -102,7 +102,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
     files = _tensor_files(model_dir)
-    from .quant import LoadHook  # FP8: swaps modules on meta, converts tensors as they are read
+    from .quant_io import LoadHook  # quantised weights: swaps modules on meta, converts tensors as read
 
     hook = LoadHook.for_checkpoint(model, lambda: _all_names(model_dir, files), quantization)
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -212,7 +212,7 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
     cfg_dict.setdefault("vision_config", _tiny_vision_config())
     if cfg_dict.get("vision_config") is None:
         cfg_dict["vision_config"] = _tiny_vision_config()
-    from .quant import quantization_config, stored_as_is
+    from .quant_io import quantization_config, stored_as_is
 
     for d in (cfg_dict, cfg_dict.get("text_config") or {}):  # describe this model, not the one it came from
         d.pop("quantization_config", None)

@@ -1,0 +1,171 @@
+"""Quantised weights and checkpoints: which tensors `load_model` quantises or takes as stored
+(`LoadHook`), the config.json `quantization_config` it reads (compressed-tensors FP8, our int4 layout)
+and the one `save_model` writes for a quantised model."""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import (BLOCK, FP8, QUANTIZATIONS, STRATEGIES, FP8Experts, FP8Linear, QuantError, _fp8_targets,
+                    _swap, quantize_fp8)
+
+INT4_METHOD = "canvaslm-int4"  # our own int4 layout (quant_int4): packed uint8 `X` + float32 `X_scale`
+
+
+def scheme_from_config(raw: dict) -> dict | None:
+    """The weight scheme of a quantised config.json, None if unquantised: {'fmt': 'fp8', 'strategy': ...}
+    (compressed-tensors FP8) or {'fmt': 'int4', 'group': G} (what `save_model` writes for int4 models)."""
+    qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method == INT4_METHOD:
+        group = qc.get("group_size")
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+            raise QuantError(f"config.json: quantization_config.group_size must be a positive integer, got {group!r}")
+        return {"fmt": "int4", "group": group}
+    if method != "compressed-tensors":
+        raise QuantError(f"config.json: quantization_config.quant_method {method!r} is not supported "
+                         f"(expected 'compressed-tensors' (FP8) or {INT4_METHOD!r})")
+    strategies = set()
+    for gname, group in (qc.get("config_groups") or {}).items():
+        w = group.get("weights") or {}
+        if w.get("type", "float") != "float" or w.get("num_bits", 8) != 8:
+            raise QuantError(f"config.json: quantization_config.config_groups.{gname}.weights must be 8-bit "
+                             f"float (FP8), got type={w.get('type')!r} num_bits={w.get('num_bits')!r}")
+        if w.get("strategy") == "block" and list(w.get("block_structure") or [BLOCK, BLOCK]) != [BLOCK, BLOCK]:
+            raise QuantError(f"config.json: block_structure {w.get('block_structure')} is not supported "
+                             f"(expected [{BLOCK}, {BLOCK}])")
+        strategies.add(w.get("strategy", "channel"))
+    if len(strategies) != 1 or next(iter(strategies)) not in STRATEGIES:
+        raise QuantError(f"config.json: FP8 weight strategies {sorted(strategies)} are not supported "
+                         f"(one of {STRATEGIES})")
+    return {"fmt": "fp8", "strategy": strategies.pop()}
+
+
+def quantization_config(model) -> dict | None:
+    """The config.json `quantization_config` describing `model`'s quantised modules (None if it has none),
+    and so what `load_model` reads back as stored."""
+    from .quant_int4 import Int4Experts, Int4Linear
+
+    mods = list(model.modules())
+    int4 = [m for m in mods if isinstance(m, (Int4Linear, Int4Experts))]
+    fp8 = [m for m in mods if isinstance(m, (FP8Linear, FP8Experts))]
+    if int4 and fp8:
+        raise QuantError("a model mixing FP8 and int4 modules cannot be saved")
+    if int4:
+        groups = {m.group for m in int4}
+        if len(groups) != 1:
+            raise QuantError(f"int4 modules with different group sizes {sorted(groups)} cannot be saved")
+        return {"quant_method": INT4_METHOD, "group_size": groups.pop(), "bits": 4, "symmetric": True}
+    if fp8:
+        strategies = {m.strategy for m in fp8 if isinstance(m, FP8Linear)} or {"channel"}
+        if len(strategies) != 1:
+            raise QuantError(f"FP8 linears with different strategies {sorted(strategies)} cannot be saved")
+        strategy = strategies.pop()
+        weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
+                   **({"block_structure": [BLOCK, BLOCK]} if strategy == "block" else {})}
+        return {"quant_method": "compressed-tensors", "format": "float-quantized",
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"]}
+    return None
+
+
+def stored_as_is(model) -> set[str]:
+    """State-dict names of quantised tensors and their scales: saved without any dtype cast."""
+    out = set()
+    for name, m in model.named_modules():
+        if hasattr(m, "dequantized"):
+            out |= {f"{name}.{k}" for k, t in m.state_dict().items() if not k.endswith("bias")}
+    return out
+
+
+class LoadHook:
+    """Prepares a meta-device model for quantised weights and converts each tensor as the loader reads it.
+
+    mode 'quantize': bf16/fp32 tensors of the targets (attention, MLP, experts) are quantised on the fly
+    to `fmt` ('fp8', or 'int4': `quant_int4`, group-wise W4A16), the scales appearing as extra tensors;
+    mode 'prequantized': FP8 (or, fmt='int4', packed int4) tensors and their scales are taken as stored.
+    File names of a compressed-tensors checkpoint (`X.weight_scale`, 3-D `X_scale`) map onto the module
+    buffers; an int4 checkpoint uses the same names (`save_model` writes them)."""
+
+    def __init__(self, model, mode: str, strategy: str = "channel", fp8_names: set | None = None,
+                 fmt: str = "fp8", group: int = 128):
+        from .quant_int4 import Int4Experts, Int4Linear
+
+        self.mode, self.strategy, self.fmt = mode, strategy, fmt
+        linears, experts = _fp8_targets(model)
+        if fp8_names is not None:  # pre-quantised: exactly the modules the checkpoint stores quantised
+            linears = [n for n in linears if n in fp8_names]
+            experts = [n for n in experts if n in fp8_names]
+        cfg = model.cfg
+        linear_cls, experts_cls = (Int4Linear, Int4Experts) if fmt == "int4" else (FP8Linear, FP8Experts)
+        with torch.device("meta"):
+            for n in linears:
+                lin = model.get_submodule(n)
+                args = (lin.in_features, lin.out_features, lin.bias is not None)
+                _swap(model, n, linear_cls(*args, group if fmt == "int4" else strategy))
+            for n in experts:
+                args = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts)
+                _swap(model, n, experts_cls(*args, group) if fmt == "int4" else experts_cls(*args))
+        self.linears, self.experts = set(linears), set(experts)
+
+    @classmethod
+    def for_checkpoint(cls, model, list_names, quantization: str | None):
+        """None when the checkpoint is unquantised and no quantisation was asked for. list_names() gives
+        every tensor name of the checkpoint (read only for pre-quantised checkpoints)."""
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise QuantError(f"quantization {quantization!r} is not supported; expected one of "
+                             f"{QUANTIZATIONS} or None")
+        scheme = scheme_from_config(model.cfg.raw)
+        if scheme is not None and quantization not in (None, scheme["fmt"]):
+            raise QuantError(f"quantization {quantization!r} needs a bf16/fp32 checkpoint; this one is already "
+                             f"{scheme['fmt'].upper()}")
+        if scheme is not None:
+            names = list_names()
+            stored = {n[:-len(".weight_scale")] for n in names if n.endswith(".weight_scale")}
+            stored |= {n[:-len(".gate_up_proj_scale")] for n in names if n.endswith(".gate_up_proj_scale")}
+            if scheme["fmt"] == "int4":
+                return cls(model, "prequantized", fp8_names=stored, fmt="int4", group=scheme["group"])
+            if scheme["strategy"] != "channel" and any(n.endswith("_proj_scale") for n in names):
+                raise QuantError("FP8 experts need per-channel scales; the checkpoint has "
+                                 f"strategy {scheme['strategy']!r}")
+            return cls(model, "prequantized", scheme["strategy"], stored)
+        if quantization is None:
+            return None
+        return cls(model, "quantize", fmt=quantization)
+
+    def keeps_dtype(self, name: str) -> bool:
+        """Quantised tensors (FP8, packed int4) and their float32 scales: never cast to the model dtype."""
+        mod, _, leaf = name.rpartition(".")
+        return (mod in self.linears and leaf in ("weight", "weight_scale")) or \
+            (mod in self.experts and leaf in ("gate_up_proj", "down_proj", "gate_up_proj_scale", "down_proj_scale"))
+
+    def convert(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        mod, _, leaf = name.rpartition(".")
+        if self.mode == "prequantized":
+            if mod in self.linears and leaf == "weight_scale":
+                return [(name, t.float())]
+            if self.fmt == "int4":
+                if self.keeps_dtype(name) and not name.endswith("_scale") and t.dtype != torch.uint8:
+                    raise QuantError(f"{name}: dtype {t.dtype}, expected uint8 (packed int4) in an int4 checkpoint")
+                return [(name, t.float() if name.endswith("_scale") else t)]
+            if mod in self.experts and leaf.endswith("_scale"):
+                return [(name, t.float().reshape(t.shape[0], -1))]  # [E, out] (stored [E, out] or [E, out, 1])
+            if self.keeps_dtype(name) and t.dtype != FP8:
+                raise QuantError(f"{name}: dtype {t.dtype}, expected float8_e4m3fn in an FP8 checkpoint")
+            return [(name, t)]
+        if self.fmt == "int4":
+            from .quant_int4 import quantize_int4
+
+            if (mod in self.linears and leaf == "weight") or \
+                    (mod in self.experts and leaf in ("gate_up_proj", "down_proj")):
+                q, s = quantize_int4(t)
+                return [(name, q), (f"{mod}.weight_scale" if leaf == "weight" else f"{name}_scale", s)]
+            return [(name, t)]
+        if mod in self.linears and leaf == "weight":
+            q, s = quantize_fp8(t, self.strategy)
+            return [(name, q), (f"{mod}.weight_scale", s)]
+        if mod in self.experts and leaf in ("gate_up_proj", "down_proj"):
+            q, s = quantize_fp8(t, "channel")
+            return [(name, q), (f"{name}_scale", s.squeeze(-1))]
+        return [(name, t)]
