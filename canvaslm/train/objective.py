@@ -231,6 +231,9 @@ def set_trainable(model, freeze_router: bool = True) -> list[str]:
     """requires_grad True on every parameter except (by default) the MoE routers; returns frozen names."""
     frozen = []
     for name, p in model.named_parameters():
+        if not p.is_floating_point() or p.element_size() == 1:
+            raise ValueError(f"{name} holds quantised weights ({p.dtype}), which full fine-tuning cannot "
+                             "update: train LoRA adapters on it (lora: {...}), or start from a float checkpoint")
         trainable = not (freeze_router and ".router." in name)
         p.requires_grad_(trainable)
         if not trainable:

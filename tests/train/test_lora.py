@@ -130,3 +130,18 @@ def test_qlora_config_errors(tmp_path):
         TrainConfig.from_dict(tiny_config(tmp_path, quantization="int4", lora={"include_experts": True}))
     with pytest.raises(ConfigError, match=r"quantization must be int4 \| fp8 \(or absent\), got .nf4."):
         TrainConfig.from_dict(tiny_config(tmp_path, quantization="nf4", lora={}))
+
+
+def test_full_fine_tuning_of_a_quantised_checkpoint_is_refused_by_name(tmp_path):
+    """An int4 checkpoint loads quantised by itself; full fine-tuning cannot update its codes, so the
+    trainer says which tensor and what to do instead (LoRA on it trains: the QLoRA test)."""
+    from canvaslm.checkpoint import save_model
+    from canvaslm.quant import quantize_model
+
+    cfg = model_config("tiny", canvas_length=8, vocab_size=32, **SMALL)
+    path = save_model(quantize_model(build_random_model(cfg, std=0.1), fmt="int4"), tmp_path / "int4")
+    with pytest.raises(ValueError, match=r"self_attn\.q_proj\.weight holds quantised weights \(torch\.uint8\)"):
+        Trainer(TrainConfig.from_dict(tiny_config(tmp_path, model=str(path))))
+    trainer = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "lora", model=str(path), max_steps=2,
+                                                        lora={"rank": 2})))
+    assert len(trainer.train()) == 2
