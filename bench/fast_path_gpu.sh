@@ -6,7 +6,8 @@
 #           tests/test_quant.py, tests/test_quant_int4.py)
 #   bf16    bench/bench_step.py at the 26B-A4B shape, bf16, batches 1,2,4,8, vs the transformers reference (eager)
 #   fp8     the same with --fp8 (batches 1,4), no reference
-#   int4    the same with --int4 (weight-only int4, what fits a 24 GB GPU; batches 1,4), no reference
+#   int4    the same with --int4 (weight-only int4, what fits a 24 GB GPU; batches 1,4), after the same
+#           model unquantised at batch 1 in the same run (--vs-unquantized: int4/bf16 ratios), no reference
 #   serve   bench/serve_concurrency.py at the 26B-A4B shape: 1 vs 4 concurrent requests through HTTP
 #   compiled  the reference with torch.compile too (its compile takes minutes; last, on its own)
 # Each stage has its own time limit and the next one runs whatever it returned. Output: $OUT/fast_path_gpu.log.
@@ -15,7 +16,7 @@
 # Then two device calls that fit the session's 15 minutes (the machine stays warm 30 s between calls):
 #     run(command="bash bench/fast_path_gpu.sh tests bf16", carry=[".whl"], timeout_s=560)
 #     run(command="bash bench/fast_path_gpu.sh fp8 serve", carry=[".whl"], timeout_s=400)
-#     (and, with time left: run(command="bash bench/fast_path_gpu.sh int4", carry=[".whl"], timeout_s=230))
+#     (and, with time left: run(command="bash bench/fast_path_gpu.sh int4", carry=[".whl"], timeout_s=260))
 # Dry run on a CPU (plumbing only): DEVICE=cpu SHAPE=tiny WHEELS=none bash bench/fast_path_gpu.sh bf16 fp8 int4 serve
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
@@ -55,8 +56,8 @@ for s in "${@:-tests bf16 fp8 serve}"; do
               --reference eager "${cpu[@]}" ;;
       fp8) stage fp8 200 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --fp8 --batches 1,4 \
              --reference none "${cpu[@]}" ;;
-      int4) stage int4 200 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --int4 --batches 1,4 \
-              --reference none "${cpu[@]}" ;;
+      int4) stage int4 230 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --int4 --vs-unquantized \
+              --batches 1,4 --reference none "${cpu[@]}" ;;
       serve) stage serve 200 $PY bench/serve_concurrency.py --shape "$SHAPE" --device "$DEVICE" \
                "${small[@]}" "${cpu[@]}" ;;
       compiled) stage compiled 540 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1 \

@@ -36,6 +36,7 @@ class BenchConfig:
     dtype: str = "float32"
     fp8: bool = False
     int4: bool = False
+    vs_unquantized: bool = False  # with fp8/int4: measure the unquantised model first, in the same run
     prompt_len: int = 512
     new_tokens: int = 512
     steps_per_canvas: int = 16
@@ -56,6 +57,15 @@ class BenchConfig:
         bad = set(self.reference) - {"eager", "compiled"}
         if bad:
             raise ValueError(f"bench: --reference takes eager,compiled or none; got {sorted(bad)}")
+        if self.fp8 and self.int4:
+            raise ValueError("bench: --fp8 and --int4 are two different weight formats; pick one")
+        if self.vs_unquantized and not (self.fp8 or self.int4):
+            raise ValueError("bench: --vs-unquantized compares --fp8 or --int4 weights with unquantised ones; "
+                             "give one of them")
+
+    @property
+    def quantization(self) -> str | None:
+        return "int4" if self.int4 else "fp8" if self.fp8 else None
 
 
 def _sync(device):
@@ -86,7 +96,7 @@ def measure_bandwidth(device, nbytes: int | None = None) -> float:
     return 2 * nbytes / secs
 
 
-def build_bench_model(cfg, device, dtype, seed: int = 0, fp8: bool = False, int4: bool = False):
+def build_bench_model(cfg, device, dtype, seed: int = 0, quantization: str | None = None):
     """Random weights initialised on the device (fast at any shape); FP8 or int4 quantised module by module."""
     model = build_random_model(cfg, materialize=False)
     model = model.to(parse_dtype(dtype)).to_empty(device=device)  # dtype first: no fp32 copy at 26B
@@ -103,10 +113,10 @@ def build_bench_model(cfg, device, dtype, seed: int = 0, fp8: bool = False, int4
     from .model.layers import Rotary
 
     model.rotary = Rotary(cfg).to(device)
-    if fp8 or int4:
+    if quantization:
         from .quant import quantize_model
 
-        quantize_model(model, fmt="int4" if int4 else "fp8")
+        quantize_model(model, fmt=quantization)
     return model.eval()
 
 
@@ -294,13 +304,19 @@ def run_bench(bc: BenchConfig, print_fn=print) -> dict:
     cfg = model_config(bc.shape, canvas_length=bc.canvas_length)
     torch.manual_seed(bc.seed)
     t0 = time.perf_counter()
-    model = build_bench_model(cfg, device, bc.dtype, bc.seed, bc.fp8, bc.int4)
+    from .quant import quantize_model, weight_bytes
+
+    model = build_bench_model(cfg, device, bc.dtype, bc.seed, None if bc.vs_unquantized else bc.quantization)
     res = {"config": bc, "build_s": time.perf_counter() - t0}
     res["bandwidth"] = measure_bandwidth(device)
+    if bc.vs_unquantized:  # the peer: the same weights before quantising, first batch size only
+        res["unquantized"] = {**bench_ours(model, bc, bc.batches[0], detail=True), "weight_bytes": weight_bytes(model)}
+        quantize_model(model, fmt=bc.quantization)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     res["ours"] = [bench_ours(model, bc, b, detail=True) for b in bc.batches]
     one = res["ours"][0]
-    from .quant import weight_bytes
-
     weights = weight_bytes(model)  # with FP8 / int4 scales
     res["weight_bytes"] = weights
     res["floor_s"] = (weights + one["kv_bytes"] // one["batch"]) / res["bandwidth"]
@@ -309,7 +325,7 @@ def run_bench(bc: BenchConfig, print_fn=print) -> dict:
     else:
         res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res["reference"] = {}
-    if bc.reference and not (bc.fp8 or bc.int4):
+    if bc.reference and not bc.quantization:
         ref = build_reference(model, device)
         for mode in bc.reference:
             try:
@@ -326,7 +342,8 @@ def format_report(res: dict) -> str:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, " \
         f"{torch.get_num_threads()} threads)"
     tps = bc.canvas_length / bc.steps_per_canvas
-    lines = [f"canvaslm bench  shape={bc.shape} device={name} dtype={bc.dtype}{' fp8' if bc.fp8 else ''}{' int4' if bc.int4 else ''}  "
+    quant = f" {bc.quantization}" if bc.quantization else ""
+    lines = [f"canvaslm bench  shape={bc.shape} device={name} dtype={bc.dtype}{quant}  "
              f"prompt={bc.prompt_len} new={bc.new_tokens} canvas={bc.canvas_length} steps/canvas="
              f"{bc.steps_per_canvas} ({tps:g} tokens/step)  torch {torch.__version__}",
              f"bandwidth (copy) {res['bandwidth'] / 1e9:.1f} GB/s; weights {res['weight_bytes'] / 1e9:.3f} GB; "
@@ -344,6 +361,13 @@ def format_report(res: dict) -> str:
     for o in res["ours"][1:]:
         lines.append(f"ours  batch {o['batch']} / batch {single['batch']} throughput: "
                      f"{o['tok_s'] / single['tok_s']:.2f}x")
+    if "unquantized" in res:
+        u = res["unquantized"]
+        lines.append(f"unquantized ({bc.dtype}) batch {u['batch']}: decoder step {u['step_s'] * 1e3:.2f} ms, "
+                     f"{u['tok_s']:.1f} tok/s, weights {u['weight_bytes'] / 1e9:.3f} GB;  {bc.quantization}/"
+                     f"unquantized: step {single['step_s'] / u['step_s']:.2f}x, "
+                     f"tok/s {single['tok_s'] / u['tok_s']:.2f}x, "
+                     f"weight bytes {res['weight_bytes'] / u['weight_bytes']:.2f}x")
     if "peak_mem" in res:
         lines.append(f"peak GPU memory {res['peak_mem'] / 2**30:.2f} GiB")
     else:
@@ -366,6 +390,9 @@ def add_parser(subparsers):
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--fp8", action="store_true", help="FP8 weights (attention, MLP, experts)")
     p.add_argument("--int4", action="store_true", help="int4 weights, activations in --dtype (W4A16, group 128)")
+    p.add_argument("--vs-unquantized", action="store_true",
+                   help="with --fp8/--int4: first measure the same model unquantised (first batch size), "
+                        "print ratios")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--steps-per-canvas", type=int, default=16)
@@ -384,10 +411,8 @@ def config_from_args(args) -> BenchConfig:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     ref = () if args.reference in ("none", "") else tuple(s.strip() for s in args.reference.split(","))
-    if args.fp8 and args.int4:
-        raise SystemExit("error: --fp8 and --int4 are two different weight formats; pick one")
     return BenchConfig(shape=args.shape, device=device, dtype=dtype, fp8=args.fp8, int4=args.int4,
-                       prompt_len=args.prompt_len,
+                       vs_unquantized=args.vs_unquantized, prompt_len=args.prompt_len,
                        new_tokens=args.new_tokens, steps_per_canvas=args.steps_per_canvas,
                        batches=tuple(int(b) for b in args.batches.split(",")), reference=ref,
                        canvas_length=args.canvas_length, sampler=args.sampler, graphs=not args.no_graphs,

@@ -47,11 +47,26 @@ def test_fused_sampler_path_on_cpu():
     assert res["ours"][0]["step_s"] > 0
 
 
+def test_quantised_run_measures_its_unquantised_peer_in_the_same_run():
+    lines = []
+    bc = BenchConfig(shape="tiny", prompt_len=4, new_tokens=16, steps_per_canvas=2, canvas_length=16,
+                     batches=(1,), reference=(), int4=True, vs_unquantized=True)
+    res = run_bench(bc, print_fn=lines.append)
+    assert "float32 int4" in lines[0] and "unquantized (float32) batch 1" in lines[0], lines[0]
+    assert "int4/unquantized: step" in lines[0]
+    # the peer really is the float model: more weight bytes than the int4 one that followed
+    assert res["unquantized"]["weight_bytes"] > res["weight_bytes"] > 0
+
+
 def test_bad_flags_are_named():
     with pytest.raises(ValueError, match="--steps-per-canvas"):
         BenchConfig(steps_per_canvas=0)
     with pytest.raises(ValueError, match="--reference"):
         BenchConfig(reference=("fast",))
+    with pytest.raises(ValueError, match="--fp8 and --int4"):
+        BenchConfig(fp8=True, int4=True)
+    with pytest.raises(ValueError, match="--vs-unquantized compares"):
+        BenchConfig(vs_unquantized=True)
 
 
 def test_cli_and_standalone_script_parse():
@@ -75,5 +90,6 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     log = (tmp_path / "fast_path_gpu.log").read_text()
     assert "== int4: rc 0," in log and "float32 int4" in log and "batch 4 / batch 1 throughput" in log, log
+    assert "int4/unquantized: step" in log, log
     assert "== serve: rc 0," in log and "concurrency 1:" in log and "concurrency 4:" in log, log
     assert "unknown stage nosuchstage" in log
