@@ -145,3 +145,24 @@ def test_full_fine_tuning_of_a_quantised_checkpoint_is_refused_by_name(tmp_path)
     trainer = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "lora", model=str(path), max_steps=2,
                                                         lora={"rank": 2})))
     assert len(trainer.train()) == 2
+
+
+def test_merging_adapters_into_a_quantised_base_gives_plain_linears():
+    """merge_lora on a QLoRA model: each adapted quantised linear becomes an nn.Linear holding the
+    dequantised weight plus the update, with the adapted model's logits."""
+    from canvaslm.quant import quantize_model
+    from canvaslm.quant_int4 import Int4Linear
+
+    model = quantize_model(build_random_model(model_config("tiny", canvas_length=8, vocab_size=32, **SMALL),
+                                              std=0.1), fmt="int4")
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    adapted = _logits(model)
+    merge_lora(model)
+    q_proj = model.model.decoder.layers[0].self_attn.q_proj
+    assert type(q_proj) is torch.nn.Linear and not has_lora(model)
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())  # every target was adapted
+    torch.testing.assert_close(_logits(model), adapted, rtol=1e-4, atol=1e-4)
