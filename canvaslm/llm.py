@@ -35,8 +35,11 @@ class SamplingParams:
     stability_threshold: int | None = None
     constraint: object | None = None  # a sampling.constraints.CanvasConstraint
     json_schema: dict | None = field(default=None, hash=False)  # JSON-schema structured output (a dict)
+    choice: tuple | None = None  # the output is exactly one of these strings (sampling.choice)
 
     def __post_init__(self):
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
         for name in ("max_new_tokens", "max_denoising_steps"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
@@ -118,13 +121,17 @@ class LLM:
 
     def _row(self, prompt, sp: SamplingParams) -> RowRequest:
         p, c = sp.resolve(self.defaults), sp.constraint
+        given = [n for n in ("constraint", "json_schema", "choice") if getattr(sp, n) is not None]
+        if len(given) > 1:
+            raise GenerationError(f"SamplingParams: set one of constraint, json_schema, choice; got {given}")
+        if given and given[0] != "constraint" and self.tokenizer is None:
+            raise GenerationError(f"{self.model_dir} has no tokenizer.json, so {given[0]} is not available")
         if sp.json_schema is not None:
-            if c is not None:
-                raise GenerationError("SamplingParams: set either constraint or json_schema, not both")
-            if self.tokenizer is None:
-                raise GenerationError(f"{self.model_dir} has no tokenizer.json, so json_schema is not available")
             from .sampling.json_schema import JsonSchemaConstraint
             c = JsonSchemaConstraint(sp.json_schema, self.tokenizer)
+        if sp.choice is not None:
+            from .sampling.choice import ChoiceConstraint
+            c = ChoiceConstraint(list(sp.choice), self.tokenizer, "SamplingParams.choice")
         if c is not None and hasattr(c, "min_new_tokens"):  # the output must reach every constrained offset
             need = c.min_new_tokens(self.cfg.canvas_length)
             if sp.max_new_tokens is None:

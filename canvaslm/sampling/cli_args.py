@@ -1,4 +1,4 @@
-"""`canvaslm generate` flags for canvas control: --json-schema, --pin, --suffix (infilling), --gaps."""
+"""`canvaslm generate` flags for canvas control: --json-schema, --choice, --pin, --suffix (infilling), --gaps."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def _gaps(text: str) -> list:
 def add_constraint_args(p: argparse.ArgumentParser):
     p.add_argument("--json-schema", metavar="FILE", default=None,
                    help="constrain the output to JSON valid under this JSON schema file")
+    p.add_argument("--choice", metavar="TEXT", action="append", default=None,
+                   help="the output is exactly one of the --choice texts (repeat it for each choice)")
     p.add_argument("--pin", metavar="OFFSET:TEXT", type=_pin, action="append", default=None,
                    help="pin TEXT's tokens at this output token offset (repeatable)")
     p.add_argument("--suffix", default=None,
@@ -41,10 +43,12 @@ def add_constraint_args(p: argparse.ArgumentParser):
 
 def constraint_params(args, llm) -> dict:
     """SamplingParams keyword arguments for the constraint flags."""
-    if args.json_schema and args.pin:
-        raise ValueError("--json-schema and --pin cannot be combined")
-    if args.suffix is not None and (args.json_schema or args.pin):
-        raise ValueError("--suffix (infilling) cannot be combined with --json-schema or --pin")
+    given = [f for f, v in (("--json-schema", args.json_schema), ("--choice", args.choice), ("--pin", args.pin),
+                            ("--suffix", args.suffix)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} cannot be combined: each constrains the whole output")
+    if args.choice:
+        return {"choice": tuple(args.choice)}
     if args.json_schema:
         path = Path(args.json_schema)
         try:

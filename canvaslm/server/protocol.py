@@ -71,6 +71,7 @@ class _Common(BaseModel):
     sampler: Literal["entropy_bound"] | None = Field(None, description="only 'entropy_bound' for now")
     stream_drafts: bool = Field(False, description="with stream=true: draft events (argmax canvas) between commits")
     ignore_eos: bool = Field(False, description="generate max_tokens whatever the model says (benchmarks)")
+    guided_choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

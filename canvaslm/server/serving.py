@@ -128,8 +128,21 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
 
 
 def build_constraint(state: ServerState, body: _Common):
-    """The canvas constraint for response_format, or None. Imported lazily: another module owns it."""
+    """The canvas constraint for response_format or guided_choice, or None."""
     rf = body.response_format
+    if body.guided_choice is not None:
+        if rf is not None and rf.type != "text":
+            raise APIError(400, "guided_choice and response_format both constrain the output; send one",
+                           "guided_choice")
+        if state.tokenizer is None:
+            raise APIError(400, "guided_choice needs the checkpoint's tokenizer, and this server has none",
+                           "guided_choice")
+        from ..sampling.choice import ChoiceConstraint
+
+        try:
+            return ChoiceConstraint(body.guided_choice, state.tokenizer, "guided_choice")
+        except ValueError as e:  # ConstraintError is a ValueError
+            raise APIError(400, str(e), "guided_choice") from None
     if rf is None or rf.type == "text":
         return None
     try:

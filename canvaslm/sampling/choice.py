@@ -1,0 +1,41 @@
+"""Choice output: the text is exactly one of a list of strings (classification, yes/no, labels).
+
+One value slot as wide as the longest choice's tokens accepts each choice's tokens followed by EOS up
+to the slot's end, then a pinned EOS: the sampler can only write a whole choice, and the output is cut
+at the first EOS, so its text is that choice. The model picks which (the slot's most likely valid
+sequence at commit). vLLM users know this as `guided_choice`.
+"""
+
+from __future__ import annotations
+
+from .constraints import CanvasConstraint, ConstraintError, Layout, Slot
+from .token_dfa import Vocab, literal_dfa
+
+MAX_CHOICES = 256
+
+
+class ChoiceConstraint(CanvasConstraint):
+    def __init__(self, choices, tokenizer, field: str = "choice"):
+        if not isinstance(choices, (list, tuple)) or not choices:
+            raise ConstraintError(f"{field} must be a non-empty list of strings")
+        if len(choices) > MAX_CHOICES:
+            raise ConstraintError(f"{field}: {len(choices)} choices is over the limit of {MAX_CHOICES}")
+        for i, c in enumerate(choices):
+            if not isinstance(c, str) or not c.strip():
+                raise ConstraintError(f"{field}[{i}] must be a non-empty string, got {c!r}")
+        if len(set(choices)) != len(choices):
+            raise ConstraintError(f"{field} lists a choice twice")
+        eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
+        if eos is None:
+            raise ConstraintError(f"{field}: the tokenizer has no EOS token to end the output with")
+        self.vocab, self.choices, self.eos_id = Vocab.of(tokenizer), list(choices), eos
+        ids = [self.vocab.encode(c) for c in choices]
+        self.width = max(len(a) for a in ids)
+        self.alternatives = [a + [eos] * (self.width - len(a)) for a in ids]  # [width] each
+        self.dfa = literal_dfa(self.vocab, self.alternatives)
+
+    def layout(self, C: int) -> Layout:
+        return Layout([-1] * self.width + [self.eos_id], [Slot(0, self.width, self.dfa)])
+
+
+__all__ = ["ChoiceConstraint", "MAX_CHOICES"]
