@@ -132,7 +132,7 @@ class QuantizedExperts(nn.Module):
     group = 0  # int4 group size; 0: FP8 per-channel scales
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if use_triton_experts(self.impl, x, weights):
+        if use_fused_kernel(self.impl, x, weights):
             from .kernels.moe import fused_moe
 
             return fused_moe(x, weights, ids, self.gate_up_proj, self.down_proj, self.gate_up_proj_scale,
@@ -184,15 +184,15 @@ class FP8Experts(QuantizedExperts):
                      for n in ("gate_up_proj", "down_proj"))
 
 
-def use_triton_experts(impl: str, x: torch.Tensor, weights: torch.Tensor) -> bool:
-    """Quantised experts take the fused Triton kernels when asked, or under "auto" on CUDA with Triton,
-    unless a gradient has to flow through them (QLoRA training): the kernels have no backward, so the
-    dequantising path, which autograd follows, runs instead."""
+def use_fused_kernel(impl: str, x: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Quantised experts (and int4 linears) take the fused Triton kernels when asked, or under "auto" on
+    CUDA with Triton, unless a gradient has to flow through them (QLoRA training): the kernels have no
+    backward, so the dequantising path, which autograd follows, runs instead."""
     from .kernels import triton_available
 
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
     if impl == "triton" and needs_grad:
-        raise ValueError("quantised experts with impl='triton' have no backward pass; use impl 'auto' or "
+        raise ValueError("quantised modules with impl='triton' have no backward pass; use impl 'auto' or "
                          "'dequant' when training")
     return impl == "triton" or (impl == "auto" and not needs_grad and x.is_cuda and triton_available())
 

@@ -7,7 +7,9 @@ weight takes 0.5 byte + 4 bytes per group: the 26B-A4B model in 14.5 GB. Forward
 - reference (CPU, or no Triton): dequantise to the activation dtype and run the plain maths; experts
   dequantise only the experts the tokens picked;
 - CUDA with Triton: the fused MoE kernels read the packed experts and unpack them in registers
-  (`kernels.moe.fused_moe(..., group=G)`), a quarter of the bf16 bytes.
+  (`kernels.moe.fused_moe(..., group=G)`), a quarter of the bf16 bytes; linears run the same down
+  kernel as a one-expert MoE (`kernels.moe.int4_linear`). Training (a gradient to pass) takes the
+  reference path.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quant import QuantizedExperts, fill_quantized_linear
+from .quant import QuantizedExperts, fill_quantized_linear, use_fused_kernel
 
 GROUP = 128
 QMAX = 7
@@ -85,6 +87,7 @@ class Int4Linear(nn.Module):
                                    requires_grad=False)
         self.register_buffer("weight_scale", torch.ones(out_features, math.ceil(in_features / group)))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.impl = "auto"  # "triton" | "dequant" | "auto" (the fused kernel on CUDA when no gradient is needed)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group: int = GROUP) -> "Int4Linear":
@@ -96,6 +99,10 @@ class Int4Linear(nn.Module):
         return dequantize_int4(self.weight, self.weight_scale, self.in_features, self.group, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused_kernel(self.impl, x, x):
+            from .kernels.moe import int4_linear
+
+            return int4_linear(x, self.weight, self.weight_scale, self.group, self.bias)
         w = self.dequantized(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

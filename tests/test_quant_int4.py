@@ -154,15 +154,15 @@ def test_bad_quantization_settings_are_named(tiny, tmp_path):
 def test_quantised_experts_take_the_differentiable_path_when_training():
     """The fused kernels have no backward: under "auto" a step that needs gradients (QLoRA) takes the
     dequantising path, and an explicit "triton" refuses it by name; inference may take the kernels."""
-    from canvaslm.quant import use_triton_experts
+    from canvaslm.quant import use_fused_kernel
 
     x, w = torch.randn(3, 8, requires_grad=True), torch.rand(3, 2)
-    assert not use_triton_experts("auto", x, w)
+    assert not use_fused_kernel("auto", x, w)
     with pytest.raises(ValueError, match="impl='triton' have no backward"):
-        use_triton_experts("triton", x, w)
+        use_fused_kernel("triton", x, w)
     with torch.no_grad():
-        assert use_triton_experts("triton", x, w)
-    assert use_triton_experts("triton", x.detach(), w)
+        assert use_fused_kernel("triton", x, w)
+    assert use_fused_kernel("triton", x.detach(), w)
     dense = Experts(8, 4, 3)
     with torch.no_grad():
         dense.gate_up_proj.normal_(0, 0.3)

@@ -37,6 +37,28 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M)
     return sorted_a, block_expert
 
 
+def int4_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, group: int,
+                bias: torch.Tensor | None = None, block_m: int = BLOCK_M) -> torch.Tensor:
+    """x [..., in] @ dequant(w)^T (+ bias) with w packed int4 [out, ceil(in / 2)] and group scales
+    [out, n_groups]: the down kernel as a one-expert MoE with routing weight 1, so the packed weight is
+    read once and never dequantised to memory. Returns [..., out] in x's dtype."""
+    from .moe_triton import down_kernel, launch
+
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    N, out_features = flat.shape[0], w.shape[0]
+    blocks = -(-N // block_m)
+    rows = torch.arange(blocks * block_m, dtype=torch.int32, device=x.device)
+    sorted_a = torch.where(rows < N, rows, N)  # every row, in order; N marks padding
+    block_expert = torch.zeros(blocks, dtype=torch.int32, device=x.device)
+    y = torch.empty(N, out_features, dtype=torch.float32, device=x.device)
+    ones = torch.ones(N, dtype=torch.float32, device=x.device)
+    launch(down_kernel, flat, w[None], scale[None], y, sorted_a, block_expert, ones, 1, out_features,
+           x.shape[-1], block_m, group=group)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
               down: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
               down_scale: torch.Tensor | None = None, block_m: int = BLOCK_M, group: int = 0) -> torch.Tensor:

@@ -179,3 +179,23 @@ def test_auto_impl_trains_every_expert_weight_and_the_routing_weights():
     assert ex.gate_up_proj.grad is not None and ex.gate_up_proj.grad.abs().sum() > 0
     assert ex.down_proj.grad is not None and ex.down_proj.grad.abs().sum() > 0
     assert weights.grad is not None and weights.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("d_in,d_out,group,bias", [(33, 20, 16, True), (256, 48, 64, False), (70, 130, 128, True)])
+def test_int4_linear_kernel_matches_dequantised_weights(triton_device, d_in, d_out, group, bias):
+    """Int4Linear through the down kernel (a one-expert MoE) equals x @ dequant(W)^T + b, for inputs of
+    any leading shape; the module takes it when asked."""
+    from canvaslm.kernels.moe import int4_linear
+    from canvaslm.quant_int4 import Int4Linear
+
+    lin = torch.nn.Linear(d_in, d_out, bias=bias)
+    q = Int4Linear.from_linear(lin, group=group)
+    x = torch.randn(3, 7, d_in, generator=torch.Generator().manual_seed(6))
+    ref = q(x)  # CPU, no Triton asked: the dequantising reference
+    dev = triton_device
+    out = int4_linear(x.to(dev), q.weight.to(dev), q.weight_scale.to(dev), group,
+                      None if q.bias is None else q.bias.to(dev))
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+    q.impl = "triton"
+    torch.testing.assert_close(q.to(dev)(x.to(dev)).cpu(), ref, rtol=1e-4, atol=1e-4)
