@@ -55,18 +55,6 @@ def test_choice_excludes_other_constraints(tiny_llm):
         tiny_llm.generate("x", SamplingParams(choice=["mixed feelings", "b"], max_new_tokens=2))
 
 
-@pytest.fixture(scope="module")
-def client(tiny_llm):
-    openai = pytest.importorskip("openai")
-    from canvaslm.server.launch import BackgroundServer, build_state
-
-    srv = BackgroundServer(build_state(tiny_llm.model_dir, device="cpu")).start()
-    try:
-        yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0), srv.state.model_name
-    finally:
-        srv.stop()
-
-
 def test_openai_client_guided_choice(client):
     import openai
 

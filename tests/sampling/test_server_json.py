@@ -15,18 +15,6 @@ SCHEMA = {"type": "object", "properties": {
                "minItems": 2, "maxItems": 2}}, "required": ["city"]}
 
 
-@pytest.fixture(scope="module")
-def client(tiny_llm):
-    openai = pytest.importorskip("openai")
-    from canvaslm.server.launch import BackgroundServer, build_state
-
-    srv = BackgroundServer(build_state(tiny_llm.model_dir, device="cpu")).start()
-    try:
-        yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0), srv.state.model_name
-    finally:
-        srv.stop()
-
-
 def _rf(schema):
     return {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": schema}}
 
