@@ -1,7 +1,7 @@
-"""`canvaslm` command line: generate | serve | bench | train | sudoku.
+"""`canvaslm` command line: generate | quantize | serve | bench | train | export | sudoku.
 
 Each subsystem registers its own subcommand through `add_parser(subparsers)` in its module, so this
-file only wires them together; `generate` lives here.
+file only wires them together; `generate` and `quantize` live here.
 """
 
 from __future__ import annotations
