@@ -256,24 +256,47 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        # safetensors >= 0.8 creates its files 0600 and mkdtemp its directory 0700; give every file the mode
-        # a plain write gets (the umask's) and the directory that mode plus search where it grants reading
-        mode = stat.S_IMODE((tmp / "config.json").stat().st_mode)
-        for f in tmp.iterdir():
-            os.chmod(f, mode)
-        tmp.chmod(mode | (mode & 0o444) >> 2)
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        _publish(tmp, out_dir, stat.S_IMODE((tmp / "config.json").stat().st_mode))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_dir_atomically(out_dir: str | Path, files: dict[str, str | Path]) -> Path:
+    """A directory holding copies of `files` ({name: source path}), written like save_model's: built in a
+    temp dir, then renamed into place, replacing any previous one."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name, src in files.items():
+            shutil.copyfile(src, tmp / name)
+        probe = tmp / ".mode"
+        probe.write_text("")  # a plain write's mode: the umask's
+        mode = stat.S_IMODE(probe.stat().st_mode)
+        probe.unlink()
+        _publish(tmp, out_dir, mode)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _publish(tmp: Path, out_dir: Path, mode: int):
+    """Give tmp's files `mode` and tmp that mode plus search where it grants reading (safetensors >= 0.8
+    creates its files 0600 and mkdtemp its directory 0700), then rename tmp to out_dir."""
+    for f in tmp.iterdir():
+        os.chmod(f, mode)
+    tmp.chmod(mode | (mode & 0o444) >> 2)
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
 
 
 __all__ = ["load_model", "save_model", "build_random_model", "CheckpointError", "ConfigError", "parse_dtype"]

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from ..checkpoint import build_random_model, load_model, save_model
+from ..checkpoint import build_random_model, load_model, save_model, write_dir_atomically
 from ..config import ConfigError, DiffusionParams, ModelConfig
 from ..model.diffusion_gemma import DiffusionGemma
 from ..model.layers import Rotary
-from .lora import has_lora, lora_state_dict, merged_state_dict
+from .lora import LoRAConfig, apply_lora, has_lora, lora_state_dict, merged_state_dict
 
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
@@ -117,6 +117,9 @@ def _tokenizer_files(tok_dir: Path | None) -> dict:
 
 
 def save_checkpoint(trainer) -> Path:
+    """checkpoint-<step>/: trainer_state.pt (optimizer, scheduler, RNG, history, LoRA adapters, config),
+    tokenizer files and the merged model in HF format; with `save_merged: false` (the QLoRA default) no
+    model: resuming rebuilds the base and loads the adapters, and `export_checkpoint` merges them."""
     out_dir, step = trainer.out_dir, trainer.step
     state = {"step": step, "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
              "rng": torch.get_rng_state(), "history": trainer.history,
@@ -128,8 +131,12 @@ def save_checkpoint(trainer) -> Path:
     try:
         torch.save(state, tmp)
         name = f"checkpoint-{step:07d}"
-        save_model(_merged_copy(trainer.model), out_dir / name, trainer.params,
-                   extra_files={STATE_FILE: tmp, **_tokenizer_files(trainer.tokenizer_dir)})
+        extra = {STATE_FILE: tmp, **_tokenizer_files(trainer.tokenizer_dir)}
+        merged = trainer.config.save_merged
+        if merged if merged is not None else not trainer.config.quantization:
+            save_model(_merged_copy(trainer.model), out_dir / name, trainer.params, extra_files=extra)
+        else:
+            write_dir_atomically(out_dir / name, extra)
     finally:
         Path(tmp).unlink(missing_ok=True)
     _atomic_write_text(out_dir / LATEST_FILE, name + "\n")
@@ -147,15 +154,35 @@ def export_model(model, out_dir, params: DiffusionParams, tok_dir: Path | None, 
 
 
 def export_checkpoint(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
-    """Export a training checkpoint (or any checkpoint dir) without its trainer state."""
+    """Export a training checkpoint (or any checkpoint dir) without its trainer state. A checkpoint that
+    holds only LoRA adapters (QLoRA) is merged: its base is rebuilt from the run's config."""
     src = Path(src)
-    if (src / LATEST_FILE).is_file() or not (src / "config.json").is_file():
+    if (src / LATEST_FILE).is_file() or not ((src / "config.json").is_file() or (src / STATE_FILE).is_file()):
         latest = latest_checkpoint(src)
         if latest is None:
             raise ConfigError(f"{src}: neither a checkpoint nor a training out_dir with checkpoints")
         src = latest
+    if not (src / "config.json").is_file():
+        model, params = _adapted_from_state(src)
+        return export_model(model, out_dir, params, src, dtype)
     model = load_model(src, dtype="float32")
     return save_model(model, out_dir, DiffusionParams.from_dir(src), dtype=dtype, extra_files=_tokenizer_files(src))
+
+
+def _adapted_from_state(src: Path):
+    """(base + adapters, DiffusionParams) of an adapters-only checkpoint, from its trainer_state.pt."""
+    from .trainer import TrainConfig
+
+    state = torch.load(src / STATE_FILE, map_location="cpu", weights_only=False)
+    if not state.get("lora"):
+        raise ConfigError(f"{src}: holds neither a model (config.json) nor LoRA adapters")
+    config = TrainConfig.from_dict(state["config"], f"{src / STATE_FILE} config")
+    model, params = build_model(config)
+    apply_lora(model, LoRAConfig.from_dict(config.lora))
+    res = model.load_state_dict(state["lora"], strict=False)
+    if res.unexpected_keys:
+        raise ConfigError(f"{src}: adapters {res.unexpected_keys[:3]} do not match the run's lora config")
+    return model, params
 
 
 def clean_partial(out_dir: Path):

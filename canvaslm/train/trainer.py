@@ -65,6 +65,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     lora: dict | None = None  # LoRAConfig fields
     quantization: str | None = None  # "int4" | "fp8": frozen quantised base under LoRA adapters (QLoRA)
+    save_merged: bool | None = None  # checkpoints hold the merged model; default: yes, except for QLoRA
     diffusion_weight: float = 1.0
     ar_weight: float = 1.0
     sc_prob: float = 0.5
@@ -109,6 +110,8 @@ class TrainConfig:
             bad("dtype", "must be auto | fp32 | bf16")
         if self.lora is not None:
             lora = LoRAConfig.from_dict(self.lora)
+        if self.save_merged is False and self.lora is None:
+            bad("save_merged", "can be false only with lora (a checkpoint then holds the adapters)")
         if self.quantization is not None:
             if self.quantization not in ("int4", "fp8"):
                 bad("quantization", "must be int4 | fp8 (or absent)")

@@ -100,7 +100,7 @@ def test_qlora_trains_adapters_on_a_quantised_base_and_exports_float(tmp_path, f
     from canvaslm.quant_int4 import Int4Experts, Int4Linear
 
     linear_cls, experts_cls = (Int4Linear, Int4Experts) if fmt == "int4" else (FP8Linear, FP8Experts)
-    cfg = tiny_config(tmp_path, max_steps=12, lr=1e-2, lora={"rank": 4, "alpha": 8}, quantization=fmt)
+    cfg = tiny_config(tmp_path, max_steps=12, lr=1e-2, lora={"rank": 4, "alpha": 8}, quantization=fmt, save_every=6)
     trainer = Trainer(TrainConfig.from_dict(cfg))
     layer = trainer.model.model.decoder.layers[0]
     assert isinstance(layer.self_attn.q_proj, LoRALinear) and isinstance(layer.self_attn.q_proj.base, linear_cls)
@@ -119,6 +119,16 @@ def test_qlora_trains_adapters_on_a_quantised_base_and_exports_float(tmp_path, f
     again = Trainer(TrainConfig.from_dict(cfg), resume=True)
     assert again.step == 12
     torch.testing.assert_close(_logits(again.model), adapted)
+    # checkpoints hold the adapters, not a merged float model; export merges them onto the rebuilt base
+    for step in (6, 12):
+        ck = tmp_path / "run" / f"checkpoint-{step:07d}"
+        assert (ck / "trainer_state.pt").is_file() and not (ck / "config.json").exists()
+    from canvaslm.cli import main
+
+    assert main(["export", str(tmp_path / "run" / "checkpoint-0000012"), str(tmp_path / "exported")]) == 0
+    torch.testing.assert_close(_logits(load_model(tmp_path / "exported")), adapted, rtol=1e-4, atol=1e-4)
+    assert main(["export", str(tmp_path / "run" / "checkpoint-0000006"), str(tmp_path / "at6")]) == 0
+    assert not torch.allclose(_logits(load_model(tmp_path / "at6")), adapted)  # earlier adapters
 
 
 def test_qlora_config_errors(tmp_path):
@@ -128,6 +138,8 @@ def test_qlora_config_errors(tmp_path):
         TrainConfig.from_dict(tiny_config(tmp_path, quantization="int4"))
     with pytest.raises(ConfigError, match="does not combine with lora.include_experts"):
         TrainConfig.from_dict(tiny_config(tmp_path, quantization="int4", lora={"include_experts": True}))
+    with pytest.raises(ConfigError, match="save_merged can be false only with lora"):
+        TrainConfig.from_dict(tiny_config(tmp_path, save_merged=False))
     with pytest.raises(ConfigError, match=r"quantization must be int4 \| fp8 \(or absent\), got .nf4."):
         TrainConfig.from_dict(tiny_config(tmp_path, quantization="nf4", lora={}))
 
