@@ -56,7 +56,19 @@ def _expand(scale: torch.Tensor, shape: tuple, strategy: str) -> torch.Tensor:
 
 
 def quantize_fp8(w: torch.Tensor, strategy: str = "channel") -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., out, in] -> (q float8_e4m3fn, scale float32 of `scale_shape`)."""
+    """w [..., out, in] -> (q float8_e4m3fn, scale float32 of `scale_shape`). Stacked matrices (experts)
+    are quantised one at a time, so the float32 temporaries are those of one matrix, not of all."""
+    if w.dim() <= 2:
+        return _quantize_fp8_matrix(w, strategy)
+    flat = w.reshape(-1, *w.shape[-2:])
+    q = torch.empty(flat.shape, dtype=FP8, device=w.device)
+    scale = torch.empty(flat.shape[0], *scale_shape(tuple(flat.shape[-2:]), strategy), device=w.device)
+    for i in range(flat.shape[0]):
+        q[i], scale[i] = _quantize_fp8_matrix(flat[i], strategy)
+    return q.view(w.shape), scale.view(*w.shape[:-2], *scale.shape[-2:])
+
+
+def _quantize_fp8_matrix(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
     wf = w.float()
     *lead, out, inn = wf.shape
     if strategy == "channel":

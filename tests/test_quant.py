@@ -13,7 +13,7 @@ from canvaslm.checkpoint import build_random_model, load_model, save_model
 from canvaslm.kv_cache import KVCache
 from canvaslm.model.moe import Experts
 from canvaslm.quant import (FP8, _fp8_targets, FP8Experts, FP8Linear, QuantError, dequantize_fp8, quantize_fp8,
-                            quantize_model)
+                            quantize_model, scale_shape)
 from canvaslm.shapes import model_config
 
 
@@ -156,3 +156,19 @@ def test_scaled_mm_path_matches_dequant_on_gpu():
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     ref = torch.nn.functional.linear(x, dequantize_fp8(f.weight, f.weight_scale, "channel", x.dtype))
     assert _rel(f(x), ref) < 0.05
+
+
+@pytest.mark.parametrize("strategy", ["channel", "block", "tensor"])
+def test_stacked_matrices_quantise_one_at_a_time(strategy):
+    """[E, out, in] expert weights: the same codes and scales as quantising each matrix alone, with
+    temporaries of one matrix (a 26B expert tensor in one go would take several float32 copies of it)."""
+    from tests.kernels.conftest import cpu_peak_bytes
+
+    w = torch.randn(24, 130, 200, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    q, s = quantize_fp8(w, strategy)
+    assert q.shape == w.shape and s.shape == (24, *scale_shape((130, 200), strategy))
+    for e in range(24):
+        qe, se = quantize_fp8(w[e], strategy)
+        assert torch.equal(q[e].view(torch.uint8), qe.view(torch.uint8)) and torch.equal(s[e], se)
+    out_bytes = q.numel() + s.numel() * 4
+    assert cpu_peak_bytes(lambda: quantize_fp8(w, strategy)) < out_bytes + w.numel() * 4 // 2
