@@ -36,6 +36,7 @@ class SamplingParams:
     constraint: object | None = None  # a sampling.constraints.CanvasConstraint
     json_schema: dict | None = field(default=None, hash=False)  # JSON-schema structured output (a dict)
     choice: tuple | None = None  # the output is exactly one of these strings (sampling.choice)
+    regex: str | None = None  # the output is a whole match of this pattern (sampling.regex)
 
     def __post_init__(self):
         if isinstance(self.choice, list):
@@ -121,9 +122,9 @@ class LLM:
 
     def _row(self, prompt, sp: SamplingParams) -> RowRequest:
         p, c = sp.resolve(self.defaults), sp.constraint
-        given = [n for n in ("constraint", "json_schema", "choice") if getattr(sp, n) is not None]
+        given = [n for n in ("constraint", "json_schema", "choice", "regex") if getattr(sp, n) is not None]
         if len(given) > 1:
-            raise GenerationError(f"SamplingParams: set one of constraint, json_schema, choice; got {given}")
+            raise GenerationError(f"SamplingParams: set one of constraint, json_schema, choice, regex; got {given}")
         if given and given[0] != "constraint" and self.tokenizer is None:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so {given[0]} is not available")
         if sp.json_schema is not None:
@@ -132,6 +133,10 @@ class LLM:
         if sp.choice is not None:
             from .sampling.choice import ChoiceConstraint
             c = ChoiceConstraint(list(sp.choice), self.tokenizer, "SamplingParams.choice")
+        if sp.regex is not None:
+            from .sampling.regex import DEFAULT_TOKENS, RegexConstraint
+            width = sp.max_new_tokens - 1 if sp.max_new_tokens and sp.max_new_tokens > 1 else DEFAULT_TOKENS
+            c = RegexConstraint(sp.regex, self.tokenizer, width, "SamplingParams.regex")
         if c is not None and hasattr(c, "min_new_tokens"):  # the output must reach every constrained offset
             need = c.min_new_tokens(self.cfg.canvas_length)
             if sp.max_new_tokens is None:

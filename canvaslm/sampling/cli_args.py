@@ -1,4 +1,5 @@
-"""`canvaslm generate` flags for canvas control: --json-schema, --choice, --pin, --suffix (infilling), --gaps."""
+"""`canvaslm generate` flags for canvas control: --json-schema, --choice, --regex, --pin, --suffix
+(infilling), --gaps."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def add_constraint_args(p: argparse.ArgumentParser):
                    help="constrain the output to JSON valid under this JSON schema file")
     p.add_argument("--choice", metavar="TEXT", action="append", default=None,
                    help="the output is exactly one of the --choice texts (repeat it for each choice)")
+    p.add_argument("--regex", metavar="PATTERN", default=None,
+                   help="the output is a whole match of this regular expression")
     p.add_argument("--pin", metavar="OFFSET:TEXT", type=_pin, action="append", default=None,
                    help="pin TEXT's tokens at this output token offset (repeatable)")
     p.add_argument("--suffix", default=None,
@@ -43,12 +46,14 @@ def add_constraint_args(p: argparse.ArgumentParser):
 
 def constraint_params(args, llm) -> dict:
     """SamplingParams keyword arguments for the constraint flags."""
-    given = [f for f, v in (("--json-schema", args.json_schema), ("--choice", args.choice), ("--pin", args.pin),
-                            ("--suffix", args.suffix)) if v is not None]
+    given = [f for f, v in (("--json-schema", args.json_schema), ("--choice", args.choice), ("--regex", args.regex),
+                            ("--pin", args.pin), ("--suffix", args.suffix)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} cannot be combined: each constrains the whole output")
     if args.choice:
         return {"choice": tuple(args.choice)}
+    if args.regex is not None:
+        return {"regex": args.regex}
     if args.json_schema:
         path = Path(args.json_schema)
         try:
