@@ -14,6 +14,7 @@ with stream_options.include_usage a final chunk with empty choices carries usage
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -143,7 +144,9 @@ def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
 
 
 async def _respond(state: ServerState, body, prompts, request: Request, chat: bool):
-    choices = prepare(state, body, prompts)
+    # in a worker thread: a constraint can take seconds to compile (a JSON schema's slot automata over a
+    # large vocabulary), and the event loop keeps every other stream flowing meanwhile
+    choices = await asyncio.to_thread(prepare, state, body, prompts)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     if body.stream:

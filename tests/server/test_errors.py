@@ -128,3 +128,29 @@ def test_json_schema_response_format(http):
     bad = {**body, "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {
         "type": "object", "properties": {"a": {"$ref": "#/defs/x"}}}}}}
     check_error(http.post("/v1/completions", json=bad), 400, "response_format")
+
+
+def test_a_slow_constraint_compile_does_not_stall_other_requests(server, monkeypatch):
+    """Building a request's constraint (seconds for a JSON schema over a large vocabulary) runs off the
+    event loop: /health answers at once while it compiles."""
+    import threading
+    import time
+
+    from canvaslm.server import serving
+
+    slow, original = 1.5, serving.build_constraint
+
+    def build_slowly(state, body):
+        time.sleep(slow)
+        return original(state, body)
+    monkeypatch.setattr(serving, "build_constraint", build_slowly)
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault(
+        "r", httpx.post(server.base_url + "/v1/completions", json=OK, timeout=60)))
+    t.start()
+    time.sleep(0.3)  # the request is now compiling its (slow) constraint
+    t0 = time.monotonic()
+    assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
+    assert time.monotonic() - t0 < slow / 2
+    t.join(60)
+    assert done["r"].status_code == 200
