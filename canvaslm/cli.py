@@ -27,11 +27,13 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True):
+    from .quant import QUANTIZATIONS
+
     p.add_argument("model_dir", nargs="?" if model_optional else None, default=None,
                    help="checkpoint directory (HF layout); default: the bundled Sudoku demo model")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--quantization", default=None, choices=["fp8", "int4"],
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="quantise attention, MLP and expert weights while loading: fp8 (Hopper), or int4 "
                         "(weight-only, group 128: 14.5 GB for the 26B-A4B model)")
 
@@ -106,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .sampling.cli_args import add_constraint_args
     add_constraint_args(g)
     g.set_defaults(func=_generate)
+    from .quant import QUANTIZATIONS
+
     q = sub.add_parser("quantize", help="write a quantised copy of a checkpoint (int4 or fp8 weights)")
     q.add_argument("src", help="checkpoint directory (HF layout, bf16/fp32)")
     q.add_argument("dst", help="new directory for the quantised checkpoint (written atomically)")
-    q.add_argument("--to", required=True, choices=["int4", "fp8"], help="weight format of attention, MLP, experts")
+    q.add_argument("--to", required=True, choices=QUANTIZATIONS, help="weight format of attention, MLP, experts")
     q.add_argument("--dtype", default="bfloat16", help="dtype of the weights that stay unquantised (default bf16)")
     q.add_argument("--device", default=None, help="where to quantise (default: cpu; cuda is faster)")
     q.set_defaults(func=_quantize)

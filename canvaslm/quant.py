@@ -31,6 +31,11 @@ QUANTIZATIONS = ("fp8", "int4")  # what load_model / quantize_model can quantise
 _FP8_LINEAR = re.compile(r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj|self_conditioning\.(gate|up|down)_proj)$")
 
 
+def is_quantized(t: torch.Tensor) -> bool:
+    """A tensor stored quantised: FP8 codes (a one-byte float) or packed int4 (uint8)."""
+    return not t.is_floating_point() or t.element_size() == 1
+
+
 class QuantError(ValueError):
     """A quantisation setting or a quantised checkpoint is not supported or inconsistent."""
 

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from ..quant import is_quantized
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -77,7 +79,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base, self.scale = base, scale
         w = base.weight
-        dtype = w.dtype if w.is_floating_point() and w.element_size() > 1 else torch.float32
+        dtype = torch.float32 if is_quantized(w) else w.dtype
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -132,7 +134,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
                 setattr(module, child_name, LoRALinear(child, cfg.rank, cfg.scale, cfg.dropout))
                 adapted.append(f"{name}.{child_name}" if name else child_name)
         if cfg.include_experts and hasattr(module, "gate_up_proj") and hasattr(module, "num_experts"):
-            if not module.gate_up_proj.is_floating_point() or module.gate_up_proj.element_size() == 1:
+            if is_quantized(module.gate_up_proj):
                 raise ValueError(f"lora.include_experts: {name} holds quantised experts, which take no adapter")
             for pname in ("gate_up_proj", "down_proj"):
                 parametrize.register_parametrization(module, pname, ExpertLoRA(getattr(module, pname),
@@ -163,7 +165,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             w = module.base.weight
-            out[f"{name}.weight"] = module.merged_weight().to(w.dtype if w.element_size() > 1 else torch.float32)
+            out[f"{name}.weight"] = module.merged_weight().to(torch.float32 if is_quantized(w) else w.dtype)
             if isinstance(module.base, _quantized_linears()):
                 quantized.add(f"{name}.base")
         elif parametrize.is_parametrized(module):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kv_cache import KVCache
+from ..quant import is_quantized
 
 T_EPS = 1e-4  # t ~ U[T_EPS, 1 - T_EPS]
 
@@ -231,7 +232,7 @@ def set_trainable(model, freeze_router: bool = True) -> list[str]:
     """requires_grad True on every parameter except (by default) the MoE routers; returns frozen names."""
     frozen = []
     for name, p in model.named_parameters():
-        if not p.is_floating_point() or p.element_size() == 1:
+        if is_quantized(p):
             raise ValueError(f"{name} holds quantised weights ({p.dtype}), which full fine-tuning cannot "
                              "update: train LoRA adapters on it (lora: {...}), or start from a float checkpoint")
         trainable = not (freeze_router and ".router." in name)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..quant import QUANTIZATIONS
 from . import checkpointing as ckpt
 from .data import ExampleStream, load_examples, resolve_callable, split_holdout
 from .lora import LoRAConfig, apply_lora, has_lora
@@ -113,7 +114,7 @@ class TrainConfig:
         if self.save_merged is False and self.lora is None:
             bad("save_merged", "can be false only with lora (a checkpoint then holds the adapters)")
         if self.quantization is not None:
-            if self.quantization not in ("int4", "fp8"):
+            if self.quantization not in QUANTIZATIONS:
                 bad("quantization", "must be int4 | fp8 (or absent)")
             if self.lora is None:
                 bad("quantization", "needs lora: quantised base weights are frozen, only adapters train")

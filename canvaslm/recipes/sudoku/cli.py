@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from canvaslm.quant import QUANTIZATIONS
 from canvaslm.recipes.sudoku.train import RECIPE_PATH
 
 
@@ -122,7 +123,7 @@ def add_parser(subparsers) -> None:
         q.add_argument("--model", default=None, help="model dir (default: the bundled Sudoku model)")
         q.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
         q.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
-        q.add_argument("--quantization", default=None, choices=["fp8", "int4"],
+        q.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                        help="quantise the model's weights while loading (see docs/fast_path.md)")
         q.add_argument("--seed", type=int, default=0, help="sampling seed (puzzle i uses seed + i)")
         q.add_argument("--candidates", action="store_true",
