@@ -179,10 +179,15 @@ def _adapted_from_state(src: Path):
     config = TrainConfig.from_dict(state["config"], f"{src / STATE_FILE} config")
     model, params = build_model(config)
     apply_lora(model, LoRAConfig.from_dict(config.lora))
-    res = model.load_state_dict(state["lora"], strict=False)
-    if res.unexpected_keys:
-        raise ConfigError(f"{src}: adapters {res.unexpected_keys[:3]} do not match the run's lora config")
+    load_adapters(model, state["lora"], src)
     return model, params
+
+
+def load_adapters(model, adapters: dict, src: Path):
+    """Put saved LoRA adapters (trainer_state.pt's "lora") into a model that `apply_lora` adapted."""
+    res = model.load_state_dict(adapters, strict=False)
+    if res.unexpected_keys or any("lora_" in k for k in res.missing_keys):
+        raise ConfigError(f"{src}: the saved adapters do not match the lora config")
 
 
 def clean_partial(out_dir: Path):
@@ -203,5 +208,5 @@ def append_metric(out_dir: Path, rec: dict):
         f.write(json.dumps(rec) + "\n")
 
 
-__all__ = ["build_model", "save_checkpoint", "latest_checkpoint", "export_model", "export_checkpoint",
+__all__ = ["build_model", "save_checkpoint", "latest_checkpoint", "export_model", "export_checkpoint", "load_adapters",
            "tokenizer_dir", "lora_cache", "STATE_FILE"]

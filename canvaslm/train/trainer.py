@@ -260,9 +260,7 @@ class Trainer:
         if c.lora is not None:
             apply_lora(self.model, LoRAConfig.from_dict(c.lora))
             if state and state["lora"]:
-                res = self.model.load_state_dict(state["lora"], strict=False)
-                if res.unexpected_keys or any("lora_" in k for k in res.missing_keys):
-                    raise ConfigError(f"{latest}: the saved adapters do not match the lora config")
+                ckpt.load_adapters(self.model, state["lora"], latest)
         else:
             set_trainable(self.model, freeze_router=c.freeze_router)
         self.model.train()
