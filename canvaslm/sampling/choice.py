@@ -8,13 +8,13 @@ sequence at commit). vLLM users know this as `guided_choice`.
 
 from __future__ import annotations
 
-from .constraints import CanvasConstraint, ConstraintError, Layout, Slot
+from .constraints import ConstraintError, OneSlotConstraint, output_eos
 from .token_dfa import Vocab, literal_dfa
 
 MAX_CHOICES = 256
 
 
-class ChoiceConstraint(CanvasConstraint):
+class ChoiceConstraint(OneSlotConstraint):
     def __init__(self, choices, tokenizer, field: str = "choice"):
         if not isinstance(choices, (list, tuple)) or not choices:
             raise ConstraintError(f"{field} must be a non-empty list of strings")
@@ -25,17 +25,12 @@ class ChoiceConstraint(CanvasConstraint):
                 raise ConstraintError(f"{field}[{i}] must be a non-empty string, got {c!r}")
         if len(set(choices)) != len(choices):
             raise ConstraintError(f"{field} lists a choice twice")
-        eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
-        if eos is None:
-            raise ConstraintError(f"{field}: the tokenizer has no EOS token to end the output with")
-        self.vocab, self.choices, self.eos_id = Vocab.of(tokenizer), list(choices), eos
+        eos = output_eos(tokenizer, field)
+        self.vocab, self.choices = Vocab.of(tokenizer), list(choices)
         ids = [self.vocab.encode(c) for c in choices]
-        self.width = max(len(a) for a in ids)
-        self.alternatives = [a + [eos] * (self.width - len(a)) for a in ids]  # [width] each
-        self.dfa = literal_dfa(self.vocab, self.alternatives)
-
-    def layout(self, C: int) -> Layout:
-        return Layout([-1] * self.width + [self.eos_id], [Slot(0, self.width, self.dfa)])
+        width = max(len(a) for a in ids)
+        self.alternatives = [a + [eos] * (width - len(a)) for a in ids]  # [width] each
+        super().__init__(literal_dfa(self.vocab, self.alternatives), width, eos)
 
 
 __all__ = ["ChoiceConstraint", "MAX_CHOICES"]

@@ -227,6 +227,24 @@ class CanvasConstraint:
         return ids
 
 
+def output_eos(tokenizer, field: str) -> int:
+    """The EOS id a constrained output ends with; ConstraintError naming `field` if the tokenizer has none."""
+    if not tokenizer.eos_ids:
+        raise ConstraintError(f"{field}: the tokenizer has no EOS token to end the output with")
+    return tokenizer.eos_ids[0]
+
+
+class OneSlotConstraint(CanvasConstraint):
+    """Output = one slot of `width` tokens accepted by `dfa` (which ends its values with EOS padding),
+    then a pinned EOS: choice and regex output."""
+
+    def __init__(self, dfa: TokenDFA, width: int, eos_id: int):
+        self.dfa, self.width, self.eos_id = dfa, width, eos_id
+
+    def layout(self, C: int) -> Layout:
+        return Layout([-1] * self.width + [self.eos_id], [Slot(0, self.width, self.dfa)])
+
+
 class PinnedConstraint(CanvasConstraint):
     """Fixed token ids at output offsets; optionally ids banned from the free offsets before `ban_until`."""
 

@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from .constraints import CanvasConstraint, ConstraintError, Layout, Slot
+from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, output_eos
 from .token_dfa import Vocab, literal_dfa, number_dfa, string_dfa
 
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
@@ -220,9 +220,7 @@ class JsonSchemaConstraint(CanvasConstraint):
     def __init__(self, schema: dict, tokenizer, options: JsonTemplateOptions | None = None):
         self.schema = schema
         self.vocab = Vocab.of(tokenizer)
-        eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
-        if eos is None:
-            raise ConstraintError("json_schema: the tokenizer has no EOS token to end the output with")
+        eos = output_eos(tokenizer, "json_schema")
         comp = _Compiler(self.vocab, options or JsonTemplateOptions())
         comp.value(schema, "$", 0)
         self.pieces = [self.vocab.encode(p) if isinstance(p, str) else p for p in comp.pieces]

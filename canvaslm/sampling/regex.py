@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, TokenDFA
+from .constraints import ConstraintError, OneSlotConstraint, TokenDFA, output_eos
 from .token_dfa import Vocab, char_dfa
 
 DEFAULT_TOKENS = 64  # slot width when the request gives no max_tokens
@@ -66,23 +66,18 @@ def with_eos_padding(dfa: TokenDFA, eos: int) -> TokenDFA:
     return TokenDFA(sym, trans, dfa.start, torch.cat([dfa.accept, torch.tensor([True])]))
 
 
-class RegexConstraint(CanvasConstraint):
+class RegexConstraint(OneSlotConstraint):
     def __init__(self, pattern, tokenizer, width: int = DEFAULT_TOKENS, field: str = "regex"):
         if not isinstance(pattern, str) or not pattern:
             raise ConstraintError(f"{field} must be a non-empty string")
         if not isinstance(width, int) or width < 1:
             raise ConstraintError(f"{field}: the output needs room for at least one token, got {width}")
-        eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
-        if eos is None:
-            raise ConstraintError(f"{field}: the tokenizer has no EOS token to end the output with")
-        self.pattern, self.width, self.eos_id = pattern, width, eos
-        self.dfa = with_eos_padding(_char_automaton(Vocab.of(tokenizer), pattern, field), eos)
+        eos = output_eos(tokenizer, field)
+        self.pattern = pattern
+        super().__init__(with_eos_padding(_char_automaton(Vocab.of(tokenizer), pattern, field), eos), width, eos)
         if not bool(self.dfa.coreach(width)[width, self.dfa.start]):
             raise ConstraintError(f"{field}: no match of {pattern!r} fits in {width} tokens (with EOS padding); "
                                   "raise max_tokens, or check that the pattern can match")
-
-    def layout(self, C: int) -> Layout:
-        return Layout([-1] * self.width + [self.eos_id], [Slot(0, self.width, self.dfa)])
 
 
 __all__ = ["RegexConstraint", "DEFAULT_TOKENS", "with_eos_padding"]
