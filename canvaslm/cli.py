@@ -27,10 +27,15 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True):
-    from .quant import QUANTIZATIONS
-
     p.add_argument("model_dir", nargs="?" if model_optional else None, default=None,
                    help="checkpoint directory (HF layout); default: the bundled Sudoku demo model")
+    add_load_args(p)
+
+
+def add_load_args(p: argparse.ArgumentParser):
+    """--device, --dtype and --quantization: how a checkpoint is loaded (LLM / load_model arguments)."""
+    from .quant import QUANTIZATIONS
+
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from canvaslm.quant import QUANTIZATIONS
+from canvaslm.cli import add_load_args
 from canvaslm.recipes.sudoku.train import RECIPE_PATH
 
 
@@ -121,10 +121,7 @@ def add_parser(subparsers) -> None:
 
     def common(q):
         q.add_argument("--model", default=None, help="model dir (default: the bundled Sudoku model)")
-        q.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-        q.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
-        q.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                       help="quantise the model's weights while loading (see docs/fast_path.md)")
+        add_load_args(q)
         q.add_argument("--seed", type=int, default=0, help="sampling seed (puzzle i uses seed + i)")
         q.add_argument("--candidates", action="store_true",
                        help="also forbid digits already given in a cell's row/column/box (off by default)")
