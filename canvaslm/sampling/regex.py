@@ -1,55 +1,44 @@
 """Regex output: the text is a whole match of a regular expression (dates, codes, phone numbers...).
 
-The pattern compiles to a character automaton (the `interegular` package), which `token_dfa.char_dfa`
-lifts to tokens; an EOS symbol is added that leaves any accepting state for a final state that only
-takes more EOS. One slot of `width` tokens then holds a match followed by EOS padding, and a pinned EOS
-follows it: the output is cut at the first EOS, so its text is the match (vLLM's `guided_regex`). Python's
-`re` syntax, less what a finite automaton cannot express (backreferences, lookarounds), which is refused
-by name. Compiling is not time-bounded (a DFA can be exponential in the pattern), which is why the
-server does not take regexes yet.
+The pattern compiles to a character automaton (the `interegular` package, see `regex_fsm`), which
+`token_dfa.char_dfa` lifts to tokens; an EOS symbol is added that leaves any accepting state for a final
+state that only takes more EOS. One slot of `width` tokens then holds a match followed by EOS padding,
+and a pinned EOS follows it: the output is cut at the first EOS, so its text is the match (vLLM's
+`guided_regex`). Python's `re` syntax, less what a finite automaton cannot express (backreferences,
+lookarounds), which is refused by name. A DFA can be exponential in the pattern, so `compile_timeout`
+bounds the whole compile: the character automaton is built in a child process killed at the deadline,
+and lifting it to tokens stops at the same deadline (the server always passes one; the Python API and
+the CLI compile in-process without one unless asked).
 """
 
 from __future__ import annotations
 
-import re
+import time
 
 import torch
 
 from .constraints import ConstraintError, OneSlotConstraint, TokenDFA, output_eos
+from .regex_fsm import MAX_REPEAT, MAX_STATES, RegexCompileError, char_fsm, char_fsm_with_deadline
 from .token_dfa import Vocab, char_dfa
 
 DEFAULT_TOKENS = 64  # slot width when the request gives no max_tokens
-MAX_REPEAT = 1000  # largest {n,m} bound (interegular unrolls repetitions into states)
-MAX_STATES = 20000  # character-automaton states (the token automaton has the same limit)
 
 
-def _char_automaton(vocab: Vocab, pattern: str, field: str) -> TokenDFA:
+def _token_automaton(vocab: Vocab, pattern: str, field: str, timeout: float | None) -> TokenDFA:
+    key = ("regex", pattern)
+    if key in vocab.dfas:  # compiled before (for this tokenizer): no child, no deadline
+        return vocab.dfas[key]
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        import interegular
-    except ImportError:  # pragma: no cover - a dependency of the package
-        raise ConstraintError(f"{field}: the 'interegular' package is needed for regex output") from None
-    for m in re.finditer(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}", pattern):
-        if max(int(n) for n in m.groups() if n) > MAX_REPEAT:
-            raise ConstraintError(f"{field}: repetition {m.group(0)} is over the limit of {MAX_REPEAT}")
-    try:
-        fsm = interegular.parse_pattern(pattern).to_fsm()
-    except Exception as e:  # interegular raises its own error types for unsupported syntax
-        raise ConstraintError(f"{field}: cannot compile {pattern!r} to an automaton "
-                              f"({type(e).__name__}: {e})") from None
-    if len(fsm.states) > MAX_STATES:
-        raise ConstraintError(f"{field}: {pattern!r} needs {len(fsm.states)} automaton states, over the limit "
-                              f"of {MAX_STATES}")
-
-    def classify(ch):
-        try:
-            return fsm.alphabet[ch]
-        except KeyError:
-            return None
-
-    def step(state, cls):
-        return fsm.map.get(state, {}).get(cls)
-
-    return char_dfa(vocab, ("regex", pattern), classify, fsm.initial, step, lambda s: s in fsm.finals)
+        fsm = char_fsm(pattern) if timeout is None else char_fsm_with_deadline(pattern, timeout)
+        return char_dfa(vocab, key, fsm.classify, fsm.initial, fsm.step, fsm.finals.__contains__, deadline)
+    except RegexCompileError as e:
+        raise ConstraintError(f"{field}: {e}") from None
+    except ConstraintError as e:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ConstraintError(f"{field}: compiling {pattern!r} took longer than the limit of {timeout:g} s "
+                                  f"({e}); simplify it") from None
+        raise ConstraintError(f"{field}: {e}") from None
 
 
 def with_eos_padding(dfa: TokenDFA, eos: int) -> TokenDFA:
@@ -67,17 +56,19 @@ def with_eos_padding(dfa: TokenDFA, eos: int) -> TokenDFA:
 
 
 class RegexConstraint(OneSlotConstraint):
-    def __init__(self, pattern, tokenizer, width: int = DEFAULT_TOKENS, field: str = "regex"):
+    def __init__(self, pattern, tokenizer, width: int = DEFAULT_TOKENS, field: str = "regex",
+                 compile_timeout: float | None = None):
         if not isinstance(pattern, str) or not pattern:
             raise ConstraintError(f"{field} must be a non-empty string")
         if not isinstance(width, int) or width < 1:
             raise ConstraintError(f"{field}: the output needs room for at least one token, got {width}")
         eos = output_eos(tokenizer, field)
         self.pattern = pattern
-        super().__init__(with_eos_padding(_char_automaton(Vocab.of(tokenizer), pattern, field), eos), width, eos)
+        dfa = _token_automaton(Vocab.of(tokenizer), pattern, field, compile_timeout)
+        super().__init__(with_eos_padding(dfa, eos), width, eos)
         if not bool(self.dfa.coreach(width)[width, self.dfa.start]):
             raise ConstraintError(f"{field}: no match of {pattern!r} fits in {width} tokens (with EOS padding); "
                                   "raise max_tokens, or check that the pattern can match")
 
 
-__all__ = ["RegexConstraint", "DEFAULT_TOKENS", "with_eos_padding"]
+__all__ = ["RegexConstraint", "DEFAULT_TOKENS", "MAX_REPEAT", "MAX_STATES", "with_eos_padding"]

@@ -10,6 +10,7 @@ accepts one of several exact token sequences (enum values), padded with whitespa
 from __future__ import annotations
 
 import weakref
+import time
 from typing import Callable, Hashable
 
 import torch
@@ -67,10 +68,15 @@ class Vocab:
         return ids
 
 
-def _determinize(start: Hashable, n_symbols: int, step: Callable, accept: Callable, limit: int = 20000):
-    """Breadth-first over states reachable from `start`; -> (trans [S, G] long, accept [S] bool)."""
+def _determinize(start: Hashable, n_symbols: int, step: Callable, accept: Callable, limit: int = 20000,
+                 deadline: float | None = None):
+    """Breadth-first over states reachable from `start`; -> (trans [S, G] long, accept [S] bool).
+    `deadline` (a time.monotonic() value) stops it with a ConstraintError once passed."""
     index, order, rows = {start: 0}, [start], []
     while len(rows) < len(order):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ConstraintError(f"building the token automaton ran out of time after {len(rows)} of "
+                                  f"{len(order)}+ states")
         s = order[len(rows)]
         row = []
         for g in range(n_symbols):
@@ -90,9 +96,9 @@ def _determinize(start: Hashable, n_symbols: int, step: Callable, accept: Callab
 
 
 def char_dfa(vocab: Vocab, key: Hashable, classify: Callable, start: Hashable, step: Callable,
-             accept: Callable) -> TokenDFA:
+             accept: Callable, deadline: float | None = None) -> TokenDFA:
     """Lift a char automaton: classify(ch) -> class char or None (never allowed); step(state, class) ->
-    state or None; accept(state) -> bool. Cached on the vocab under `key`."""
+    state or None; accept(state) -> bool. Cached on the vocab under `key`. `deadline`: see _determinize."""
     if key in vocab.dfas:
         return vocab.dfas[key]
     sigs: dict = {}
@@ -112,7 +118,7 @@ def char_dfa(vocab: Vocab, key: Hashable, classify: Callable, start: Hashable, s
                 return None
         return state
 
-    trans, acc = _determinize(start, len(sig_list), sym_step, accept)
+    trans, acc = _determinize(start, len(sig_list), sym_step, accept, deadline=deadline)
     dfa = vocab.dfas[key] = TokenDFA(sym, trans, 0, acc)
     return dfa
 

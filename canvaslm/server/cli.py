@@ -7,6 +7,18 @@ import logging
 log = logging.getLogger("canvaslm.server")
 
 
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return v
+
+
 def add_parser(subparsers) -> None:
     from ..cli import add_model_args
 
@@ -22,6 +34,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: directory name)")
     p.add_argument("--max-steps-limit", type=int, default=1024,
                    help="largest max_denoising_steps a request may ask for")
+    p.add_argument("--regex-timeout", type=_seconds, default=10.0,
+                   help="seconds a guided_regex may take to compile before the request gets a 400 (default 10)")
     p.set_defaults(func=_serve)
 
 
@@ -37,7 +51,7 @@ def _serve(args) -> int:
     config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len or min(limit, 4096),
                           prefill_chunk=args.prefill_chunk)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
-                        args.max_steps_limit, quantization=args.quantization)
+                        args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "

@@ -17,7 +17,8 @@ from .serving import ServerState
 
 def build_state(model_dir, device: str | None = None, dtype=None, config: EngineConfig | None = None,
                 api_key: str | None = None, served_model_name: str | None = None,
-                max_denoising_steps: int = 1024, quantization: str | None = None) -> ServerState:
+                max_denoising_steps: int = 1024, quantization: str | None = None,
+                regex_timeout: float = 10.0) -> ServerState:
     """Load the checkpoint (quantised while loading if asked: "fp8" | "int4"), start the engine thread
     and return the state the app serves."""
     import torch
@@ -30,14 +31,16 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     model = load_model(model_dir, device=device, dtype=dtype, quantization=quantization)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
     return state_from_model(model, DiffusionParams.from_dir(model_dir), tokenizer, config, api_key,
-                            served_model_name or model_dir.name, max_denoising_steps)
+                            served_model_name or model_dir.name, max_denoising_steps, regex_timeout)
 
 
 def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: EngineConfig | None = None,
                      api_key: str | None = None, served_model_name: str = "model",
-                     max_denoising_steps: int = 1024) -> ServerState:
+                     max_denoising_steps: int = 1024, regex_timeout: float = 10.0) -> ServerState:
     """Serve an in-memory model (e.g. random weights at a benchmark shape); starts the engine thread."""
     cfg = model.cfg
+    if not regex_timeout > 0:
+        raise ValueError(f"regex_timeout must be > 0 seconds, got {regex_timeout}")
     config = config or EngineConfig(max_model_len=min(cfg.max_position_embeddings, 4096))
     if config.max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={config.max_model_len} is over the model's "
@@ -47,7 +50,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
     return ServerState(engine=engine, tokenizer=tokenizer, model_name=served_model_name, defaults=defaults,
                        eos_ids=eos, vocab_size=cfg.vocab_size, canvas_length=cfg.canvas_length,
                        max_model_len=config.max_model_len, api_key=api_key, created=int(time.time()),
-                       max_denoising_steps=max_denoising_steps)
+                       max_denoising_steps=max_denoising_steps, regex_timeout=regex_timeout)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -49,6 +49,7 @@ class ServerState:
     api_key: str | None = None
     created: int = 0
     max_denoising_steps: int = 1024  # per-request cap on the max_denoising_steps extension
+    regex_timeout: float = 10.0  # seconds a guided_regex may take to compile (sampling.regex_fsm)
 
 
 @dataclass
@@ -128,21 +129,32 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
 
 
 def build_constraint(state: ServerState, body: _Common):
-    """The canvas constraint for response_format or guided_choice, or None."""
+    """The canvas constraint for response_format, guided_choice or guided_regex, or None."""
     rf = body.response_format
-    if body.guided_choice is not None:
-        if rf is not None and rf.type != "text":
-            raise APIError(400, "guided_choice and response_format both constrain the output; send one",
-                           "guided_choice")
+    guided = [n for n in ("guided_choice", "guided_regex") if getattr(body, n) is not None]
+    if guided:
+        name = guided[0]
+        if len(guided) > 1 or (rf is not None and rf.type != "text"):
+            others = guided[1:] + (["response_format"] if rf is not None and rf.type != "text" else [])
+            raise APIError(400, f"{name} and {others[0]} both constrain the output; send one", name)
         if state.tokenizer is None:
-            raise APIError(400, "guided_choice needs the checkpoint's tokenizer, and this server has none",
-                           "guided_choice")
-        from ..sampling.choice import ChoiceConstraint
-
+            raise APIError(400, f"{name} needs the checkpoint's tokenizer, and this server has none", name)
         try:
-            return ChoiceConstraint(body.guided_choice, state.tokenizer, "guided_choice")
+            if name == "guided_choice":
+                from ..sampling.choice import ChoiceConstraint
+
+                return ChoiceConstraint(body.guided_choice, state.tokenizer, name)
+            from ..sampling.regex import DEFAULT_TOKENS, RegexConstraint
+            from ..sampling.regex_fsm import RegexCompileBusy
+
+            max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+            width = max_tokens - 1 if max_tokens else DEFAULT_TOKENS  # match + EOS padding, then the pinned EOS
+            try:
+                return RegexConstraint(body.guided_regex, state.tokenizer, width, name, state.regex_timeout)
+            except RegexCompileBusy as e:
+                raise APIError(503, f"{name}: {e}", name, type="server_error") from None
         except ValueError as e:  # ConstraintError is a ValueError
-            raise APIError(400, str(e), "guided_choice") from None
+            raise APIError(400, str(e), name) from None
     if rf is None or rf.type == "text":
         return None
     try:

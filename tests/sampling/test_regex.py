@@ -65,3 +65,132 @@ def test_cli_regex(tiny_llm, capsys):
     assert main(["generate", str(tiny_llm.model_dir), "--prompt", "hi", "--regex", r"[0-9]{4}", "--seed", "1",
                  "--steps", "2", "--max-new-tokens", "8", "--json"]) == 0
     assert re.fullmatch(r"[0-9]{4}", json.loads(capsys.readouterr().out)["text"])
+
+
+# --- bounded compile (the server's guided_regex) ----------------------------------------------------------
+
+EXPONENTIAL = r"[ab]*a[ab]{16}"  # any DFA has 2**17 states: minutes in interegular
+
+
+SAMPLES = ["555-1234", "555-12345", "yes", "no", "maybe", "mayb", "Hello", "Hello World", "hello", "2024-05-17",
+           "2024-13-17", "deadbeef", "deadbeeg", "-3.14", "3.141", "12", "dx!", "ax!", "\u00e9x\u4e2d",
+           "ab_1@cd.com", "ab@cd.org", "", "a"]
+
+
+def _accepts(fsm, text: str) -> bool:
+    state = fsm.initial
+    for ch in text:
+        cls = fsm.classify(ch)
+        state = None if cls is None else fsm.step(state, cls)
+        if state is None:
+            return False
+    return state in fsm.finals
+
+
+@pytest.mark.parametrize("pattern", PATTERNS + [r"[^a-c]x.", r"(\w+)@(\w+)\.com"])
+def test_child_compiles_the_same_automaton(pattern):
+    from canvaslm.sampling.regex_fsm import char_fsm, char_fsm_with_deadline
+
+    # class numbers differ between processes (set order), the language must not
+    child, here = char_fsm_with_deadline(pattern, 30.0), char_fsm(pattern)
+    assert child.num_states == here.num_states
+    for text in SAMPLES:
+        assert _accepts(child, text) == _accepts(here, text) == bool(re.fullmatch(pattern, text)), text
+    assert any(_accepts(here, t) for t in SAMPLES)
+
+
+def test_deadline_kills_the_child_and_names_the_limit(monkeypatch):
+    import subprocess
+    import time
+
+    from canvaslm.sampling import regex_fsm
+
+    started = []
+    real = subprocess.Popen
+
+    def spy(*a, **k):
+        started.append(real(*a, **k))
+        return started[-1]
+
+    monkeypatch.setattr(regex_fsm.subprocess, "Popen", spy)
+    t = time.monotonic()
+    with pytest.raises(regex_fsm.RegexCompileError, match=r"took longer than the limit of 1 s"):
+        regex_fsm.char_fsm_with_deadline(EXPONENTIAL, 1.0)
+    assert time.monotonic() - t < 10
+    assert len(started) == 1 and started[0].poll() is not None  # killed and reaped, not left running
+
+
+def test_the_compiler_child_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, canvaslm.sampling.regex_fsm as m; m.char_fsm('a+'); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_compiles_past_the_concurrency_limit_are_refused_as_busy():
+    from canvaslm.sampling import regex_fsm
+
+    taken = [regex_fsm._turns.acquire(timeout=1) for _ in range(regex_fsm.MAX_CONCURRENT)]
+    try:
+        assert all(taken)
+        with pytest.raises(regex_fsm.RegexCompileBusy, match="already running"):
+            regex_fsm.char_fsm_with_deadline("a+", 0.2)
+    finally:
+        for _ in taken:
+            regex_fsm._turns.release()
+    assert _accepts(regex_fsm.char_fsm_with_deadline("a+", 30.0), "aa")  # the turns came back
+
+
+def test_lifting_to_tokens_stops_at_the_deadline(tiny_llm):
+    import time
+
+    from canvaslm.sampling.regex_fsm import char_fsm
+    from canvaslm.sampling.token_dfa import Vocab, char_dfa
+
+    fsm = char_fsm(r"[a-z]{3}")
+    with pytest.raises(ConstraintError, match="ran out of time"):
+        char_dfa(Vocab.of(tiny_llm.tokenizer), ("test-deadline",), fsm.classify, fsm.initial, fsm.step,
+                 fsm.finals.__contains__, deadline=time.monotonic() - 1)
+
+
+def test_openai_client_guided_regex(client):
+    import openai
+
+    c, model = client
+    pattern = r"\d{3}-\d{4}"
+    r = c.completions.create(model=model, prompt=["phone:", "call"], n=2, seed=5, max_tokens=20,
+                             extra_body={"guided_regex": pattern})
+    assert len(r.choices) == 4
+    assert all(re.fullmatch(pattern, ch.text) and ch.finish_reason == "stop" for ch in r.choices), r.choices
+    r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "a word?"}], seed=1,
+                                  extra_body={"guided_regex": r"[A-Z][a-z]{2,8}"})
+    assert re.fullmatch(r"[A-Z][a-z]{2,8}", r.choices[0].message.content)
+    for body, needle in (({"guided_regex": r"(a)\1"}, "cannot compile"),
+                         ({"guided_regex": r"\d{50}", "max_tokens": 10}, "no match of"),
+                         ({"guided_regex": ""}, "must be a non-empty string"),
+                         ({"guided_regex": "a", "max_tokens": 1}, "room for at least one token"),
+                         ({"guided_regex": "a", "guided_choice": ["a"]}, "send one"),
+                         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "send one")):
+        with pytest.raises(openai.BadRequestError, match=needle) as e:
+            c.completions.create(model=model, prompt="x", extra_body=body)
+        assert e.value.body["param"] in ("guided_regex", "guided_choice"), e.value.body
+
+
+def test_server_refuses_a_slow_regex_and_keeps_serving(tiny_llm):
+    import time
+
+    import httpx
+    openai = pytest.importorskip("openai")
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    with BackgroundServer(build_state(tiny_llm.model_dir, device="cpu", regex_timeout=1.0)) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
+        model = srv.state.model_name
+        t = time.monotonic()
+        with pytest.raises(openai.BadRequestError, match="took longer than the limit of 1 s") as e:
+            c.completions.create(model=model, prompt="x", extra_body={"guided_regex": EXPONENTIAL})
+        assert e.value.body["param"] == "guided_regex" and time.monotonic() - t < 10
+        assert httpx.get(srv.base_url + "/health").status_code == 200
+        r = c.completions.create(model=model, prompt="x", max_tokens=8, extra_body={"guided_regex": "[0-9]{4}"})
+        assert re.fullmatch("[0-9]{4}", r.choices[0].text)

@@ -1,0 +1,138 @@
+"""A regex's character automaton as plain data, compiled in this process or, with a deadline, in a child.
+
+Compiling a pattern to a deterministic automaton can take time exponential in the pattern
+(`[ab]*a[ab]{12}` has 2**13 states and takes seconds in `interegular`; `{15}` minutes), and a Python
+thread cannot be stopped, so a server compiles in a child process (`python -m` this module) that it kills
+at the deadline. This module imports neither torch nor the rest of the package, so the child starts in a
+fraction of a second (~0.1-0.3 s measured, with interegular's import).
+At most `MAX_CONCURRENT` children run at once; a compile that cannot get a turn before its deadline is
+refused as busy instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_REPEAT = 1000  # largest {n,m} bound (interegular unrolls repetitions into states)
+MAX_STATES = 20000  # character-automaton states (the token automaton has the same limit)
+MAX_CONCURRENT = 2  # compile children at once (per server process)
+
+_turns = threading.BoundedSemaphore(MAX_CONCURRENT)
+
+
+class RegexCompileError(ValueError):
+    """The pattern cannot be compiled (unsupported syntax, over a limit, or over the deadline)."""
+
+
+class RegexCompileBusy(RuntimeError):
+    """Every compile slot stayed taken until the deadline (a server answers 503: try again)."""
+
+
+@dataclass(frozen=True)
+class CharFSM:
+    """Deterministic automaton over character classes: `classes[ch]` (or `other` for any other character,
+    None if other characters are never allowed), `trans[state][cls]`, `initial`, `finals`."""
+
+    classes: dict
+    other: int | None
+    trans: dict
+    initial: int
+    finals: frozenset
+    num_states: int
+
+    def classify(self, ch: str):
+        return self.classes.get(ch, self.other)
+
+    def step(self, state, cls):
+        return self.trans.get(state, {}).get(cls)
+
+
+def char_fsm(pattern: str) -> CharFSM:
+    """Compile in this process (no deadline); raises RegexCompileError naming the problem."""
+    try:
+        import interegular
+        from interegular.fsm import anything_else
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise RegexCompileError("the 'interegular' package is needed for regex output") from None
+    for m in re.finditer(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}", pattern):
+        if max(int(n) for n in m.groups() if n) > MAX_REPEAT:
+            raise RegexCompileError(f"repetition {m.group(0)} is over the limit of {MAX_REPEAT}")
+    try:
+        fsm = interegular.parse_pattern(pattern).to_fsm()
+    except Exception as e:  # interegular raises its own error types for unsupported syntax
+        raise RegexCompileError(f"cannot compile {pattern!r} to an automaton ({type(e).__name__}: {e})") from None
+    if len(fsm.states) > MAX_STATES:
+        raise RegexCompileError(f"{pattern!r} needs {len(fsm.states)} automaton states, over the limit of "
+                                f"{MAX_STATES}")
+    mapping = dict(fsm.alphabet._symbol_mapping)  # char -> class; `anything_else` is a process-local sentinel
+    other = mapping.pop(anything_else, None)
+    return CharFSM({str(c): int(k) for c, k in mapping.items()}, other,
+                   {int(s): {int(k): int(t) for k, t in row.items()} for s, row in fsm.map.items()},
+                   int(fsm.initial), frozenset(int(s) for s in fsm.finals), len(fsm.states))
+
+
+def _fields(fsm: CharFSM) -> dict:
+    return {"classes": fsm.classes, "other": fsm.other, "trans": fsm.trans, "initial": fsm.initial,
+            "finals": sorted(fsm.finals), "num_states": fsm.num_states}
+
+
+def _main() -> None:
+    """The child: a pattern on stdin -> a pickled ("ok", fields) or ("error", message) on stdout."""
+    pattern = sys.stdin.buffer.read().decode("utf-8")
+    try:
+        answer = ("ok", _fields(char_fsm(pattern)))
+    except RegexCompileError as e:
+        answer = ("error", str(e))
+    except Exception as e:  # noqa: BLE001 - report anything to the parent rather than die silently
+        answer = ("error", f"cannot compile {pattern!r} ({type(e).__name__}: {e})")
+    pickle.dump(answer, sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def char_fsm_with_deadline(pattern: str, timeout: float) -> CharFSM:
+    """Compile in a child process; kill it and raise RegexCompileError after `timeout` seconds (counting
+    the wait for a turn, which raises RegexCompileBusy if it alone uses up the time)."""
+    start = time.monotonic()
+    if not _turns.acquire(timeout=timeout):
+        raise RegexCompileBusy(f"{MAX_CONCURRENT} regex compiles are already running; try again")
+    try:
+        # A fresh interpreter running this module (not multiprocessing, which re-imports the caller's main
+        # script and would fork a process that has threads). It must find the package wherever it is.
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        proc = subprocess.Popen([sys.executable, "-m", __spec__.name], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            out, err = proc.communicate(pattern.encode("utf-8"), max(0.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise RegexCompileError(f"compiling {pattern!r} took longer than the limit of {timeout:g} s "
+                                    "(an automaton can be exponential in the pattern); simplify it") from None
+    finally:
+        _turns.release()
+    try:
+        status, value = pickle.loads(out)
+    except Exception:  # noqa: BLE001 - no answer: it crashed (out of memory, killed...)
+        tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        raise RegexCompileError(f"the compiler of {pattern!r} exited with code {proc.returncode} before "
+                                f"answering {tail[0]}".rstrip()) from None
+    if status != "ok":
+        raise RegexCompileError(value)
+    value["finals"] = frozenset(value["finals"])
+    return CharFSM(**value)
+
+
+__all__ = ["CharFSM", "char_fsm", "char_fsm_with_deadline", "RegexCompileError", "RegexCompileBusy",
+           "MAX_REPEAT", "MAX_STATES", "MAX_CONCURRENT"]
+
+
+if __name__ == "__main__":
+    _main()
