@@ -26,8 +26,9 @@ DEFAULT_TOKENS = 64  # slot width when the request gives no max_tokens
 
 def _token_automaton(vocab: Vocab, pattern: str, field: str, timeout: float | None) -> TokenDFA:
     key = ("regex", pattern)
-    if key in vocab.dfas:  # compiled before (for this tokenizer): no child, no deadline
-        return vocab.dfas[key]
+    hit = vocab.dfas.get(key)
+    if hit is not None:  # compiled lately (for this tokenizer): no child, no deadline
+        return hit
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         fsm = char_fsm(pattern) if timeout is None else char_fsm_with_deadline(pattern, timeout)

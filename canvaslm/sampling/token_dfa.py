@@ -9,8 +9,10 @@ accepts one of several exact token sequences (enum values), padded with whitespa
 
 from __future__ import annotations
 
-import weakref
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from typing import Callable, Hashable
 
 import torch
@@ -18,6 +20,37 @@ import torch
 from .constraints import ConstraintError, TokenDFA
 
 JSON_WS = " \t\n\r"
+
+
+class DFACache:
+    """The most recently used token automata of one vocabulary, at most `size`. A server sees endless
+    distinct patterns, choice lists and length bounds, and each automaton holds a [V] symbol table (2 MB
+    at a 262k vocabulary), so an unbounded cache would grow without end. Safe across threads."""
+
+    def __init__(self, size: int = 64):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key, value):
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class Vocab:
@@ -44,7 +77,7 @@ class Vocab:
         self.ws_ids = ws
         space = [i for i in ws if strings[i] == " "]
         self.pad_id = space[0] if space else (min(ws, key=lambda i: len(strings[i])) if ws else None)
-        self.dfas: dict = {}
+        self.dfas = DFACache()
 
     @classmethod
     def of(cls, tokenizer) -> "Vocab":
@@ -99,8 +132,9 @@ def char_dfa(vocab: Vocab, key: Hashable, classify: Callable, start: Hashable, s
              accept: Callable, deadline: float | None = None) -> TokenDFA:
     """Lift a char automaton: classify(ch) -> class char or None (never allowed); step(state, class) ->
     state or None; accept(state) -> bool. Cached on the vocab under `key`. `deadline`: see _determinize."""
-    if key in vocab.dfas:
-        return vocab.dfas[key]
+    hit = vocab.dfas.get(key)
+    if hit is not None:
+        return hit
     sigs: dict = {}
     sym = torch.full((vocab.V,), -1, dtype=torch.long)
     for i, s in enumerate(vocab.strings):
@@ -119,15 +153,15 @@ def char_dfa(vocab: Vocab, key: Hashable, classify: Callable, start: Hashable, s
         return state
 
     trans, acc = _determinize(start, len(sig_list), sym_step, accept, deadline=deadline)
-    dfa = vocab.dfas[key] = TokenDFA(sym, trans, 0, acc)
-    return dfa
+    return vocab.dfas.put(key, TokenDFA(sym, trans, 0, acc))
 
 
 def literal_dfa(vocab: Vocab, alternatives: list) -> TokenDFA:
     """Accept exactly one of the token sequences in `alternatives`, then whitespace tokens."""
     key = ("literal", tuple(tuple(a) for a in alternatives))
-    if key in vocab.dfas:
-        return vocab.dfas[key]
+    hit = vocab.dfas.get(key)
+    if hit is not None:
+        return hit
     # one symbol per token of an alternative, plus one shared symbol for the other whitespace tokens
     toks = sorted({t for a in alternatives for t in a})
     sym_index = {t: g for g, t in enumerate(toks)}
@@ -160,8 +194,7 @@ def literal_dfa(vocab: Vocab, alternatives: list) -> TokenDFA:
 
     start = frozenset((a, 0) for a in range(len(alternatives)))
     trans, acc = _determinize(start, len(toks) + 1, step, accept)
-    dfa = vocab.dfas[key] = TokenDFA(sym, trans, 0, acc)
-    return dfa
+    return vocab.dfas.put(key, TokenDFA(sym, trans, 0, acc))
 
 
 # --- JSON value automata -----------------------------------------------------------------------

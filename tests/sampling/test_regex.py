@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from canvaslm import SamplingParams
 from canvaslm.sampling.constraints import ConstraintError
@@ -194,3 +195,23 @@ def test_server_refuses_a_slow_regex_and_keeps_serving(tiny_llm):
         assert httpx.get(srv.base_url + "/health").status_code == 200
         r = c.completions.create(model=model, prompt="x", max_tokens=8, extra_body={"guided_regex": "[0-9]{4}"})
         assert re.fullmatch("[0-9]{4}", r.choices[0].text)
+
+
+def test_compiled_automata_are_cached_up_to_a_bound(tiny_llm):
+    from canvaslm.sampling.token_dfa import DFACache, Vocab
+
+    cache = DFACache(size=3)
+    for k in "abcd":
+        cache.put(k, k.upper())
+    assert "a" not in cache and len(cache) == 3  # the least recently used went
+    assert cache.get("b") == "B"  # b is now the most recent ...
+    cache.put("e", "E")
+    assert "b" in cache and "c" not in cache  # ... so c goes before it
+
+    dfas = Vocab.of(tiny_llm.tokenizer).dfas
+    first = RegexConstraint("x0", tiny_llm.tokenizer, 4).dfa
+    for n in range(1, dfas.size + 8):  # a server sees endless distinct patterns
+        RegexConstraint(f"x{n}", tiny_llm.tokenizer, 4)
+    assert len(dfas) == dfas.size and ("regex", "x0") not in dfas
+    again = RegexConstraint("x0", tiny_llm.tokenizer, 4).dfa  # compiled afresh, the same automaton
+    assert torch.equal(again.trans, first.trans) and torch.equal(again.sym_of_token, first.sym_of_token)
