@@ -14,9 +14,12 @@ from .config import DiffusionParams, ModelConfig
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
 CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+CHAT_TEMPLATE = (  # tool declarations and calls render as JSON, so tests can see them in the prompt
+    "{{ bos_token }}{% if tools %}<start_of_turn>system\nTools: {{ tools | tojson }}<end_of_turn>\n{% endif %}"
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}{% for c in m.get('tool_calls', []) %}call:{{ c['function']['name'] }}"
+    "{{ c['function']['arguments'] | tojson }}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 def make_tiny_checkpoint(out_dir, canvas_length: int = 16, seed: int = 0, std: float = 0.5,

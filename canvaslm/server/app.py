@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .metrics import render_metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .serving import APIError, ServerState, prepare, run_choices, usage
+from .tools import call_id, forced_tool, tool_call
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
 
@@ -111,7 +112,7 @@ def build_app(state: ServerState) -> FastAPI:
         if state.tokenizer is None or getattr(state.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this checkpoint has no chat template; use /v1/completions", "messages")
         try:
-            ids = state.tokenizer.encode_chat(body.message_dicts())
+            ids = state.tokenizer.encode_chat(body.message_dicts(), tools=body.tool_dicts())
         except ValueError as e:
             raise APIError(400, f"messages: {e}", "messages") from None
         return await _respond(state, body, [ids], request, chat=True)
@@ -149,9 +150,11 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     choices = await asyncio.to_thread(prepare, state, body, prompts)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
+    tool = forced_tool(body) if chat else None
+    call_ids = {c.index: call_id() for c in choices} if tool is not None else {}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage)
+        gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, tool, call_ids)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     async with contextlib.aclosing(run_choices(state, choices, request.is_disconnected)) as events:
@@ -159,7 +162,12 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
             pass  # the trackers accumulate the text; drafts are not requested without stream
     if any(c.finish_reason is None for c in choices):
         raise APIError(499, "client closed the request", type="client_closed")
-    if chat:
+    if chat and tool is not None:
+        out = [{"index": c.index, "message": {"role": "assistant", "content": None,
+                                              "tool_calls": [tool_call(tool, c.tracker.text, call_ids[c.index])]},
+                "finish_reason": _tool_finish(c.finish_reason), "logprobs": None} for c in choices]
+        obj = "chat.completion"
+    elif chat:
         out = [{"index": c.index, "message": {"role": "assistant", "content": c.tracker.text},
                 "finish_reason": c.finish_reason, "logprobs": None} for c in choices]
         obj = "chat.completion"
@@ -171,11 +179,22 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
             "usage": usage(choices, prompts)}
 
 
-async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage):
+def _tool_finish(reason: str | None) -> str | None:
+    return "tool_calls" if reason == "stop" else reason  # the call is complete (EOS after its arguments)
+
+
+async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, tool=None,
+                  call_ids=None):
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(i=None, text=None, finish=None, draft=None, role=False) -> str:
-        if chat:
+        if chat and tool is not None:  # text is the call's arguments, streamed as they commit
+            delta = {"role": "assistant", "content": None, "tool_calls": [
+                {"index": 0, **tool_call(tool, "", call_ids[i])}]} if role else {}
+            if text:
+                delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
+            ch = {"index": i, "delta": delta, "finish_reason": _tool_finish(finish), "logprobs": None}
+        elif chat:
             delta = {}
             if role:
                 delta["role"] = "assistant"

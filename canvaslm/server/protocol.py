@@ -5,7 +5,10 @@ Fields follow the OpenAI API; the diffusion extensions (what the openai client's
 sit at the top level of the body: `max_denoising_steps`, `entropy_bound`, `confidence_threshold`,
 `sampler`, `stream_drafts`, `ignore_eos`. Unknown fields are ignored, as OpenAI-compatible servers usually do;
 known fields with a wrong type or an out-of-range value are a 400 naming the field. OpenAI fields this
-engine cannot honour (logprobs, tools, penalties, ...) are accepted only at their neutral value.
+engine cannot honour (logprobs, penalties, ...) are accepted only at their neutral value. Tools: a
+forced call (`tool_choice` naming a function, or "required" with one tool) is generated under the
+function's parameter schema (server/tools.py); "auto" needs a parser for the model's own call syntax,
+which this server does not have, and is refused by name.
 """
 
 from __future__ import annotations
@@ -122,25 +125,67 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=1 << 20, description="the arguments as a JSON text")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = Field(None, max_length=1 << 16)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # an assistant turn's calls
+    tool_call_id: str | None = Field(None, max_length=256)  # a tool turn: the call it answers
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64, description="alias of max_tokens")
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", "tool calling is not supported"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", "tool calling is not supported"
+        from .tools import tool_choice_problem
+
+        problem = tool_choice_problem(self)
+        if problem is not None:
+            return problem
         if self.top_logprobs:
             return "top_logprobs", "logprobs are not supported"
         if self.max_tokens is not None and self.max_completion_tokens is not None \
@@ -149,8 +194,35 @@ class ChatCompletionRequest(_Common):
         return super().unsupported()
 
     def message_dicts(self) -> list[dict]:
+        """The messages as chat templates take them (transformers' convention): text content, and tool
+        call arguments as objects where the JSON text parses to one."""
         out = []
         for m in self.messages:
             content = m.content if not isinstance(m.content, list) else "\n".join(p.text for p in m.content)
-            out.append({"role": m.role, "content": content or ""})
+            msg = {"role": m.role, "content": content or ""}
+            if m.name is not None:
+                msg["name"] = m.name
+            if m.tool_calls:
+                msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            out.append(msg)
         return out
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tool declarations for the chat template; None when there are none, or when tool_choice="none"
+        asks for plain text (then they are left out of the prompt, so the model is not drawn to call one)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+def _arguments(text: str):
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text

@@ -20,6 +20,7 @@ from ..engine.engine import Commit, Draft, Engine, Finish, GenerationRequest
 from ..generate import GenerationError
 from ..llm import SamplingParams
 from .protocol import _Common
+from .tools import forced_tool, parameters_schema
 
 GREEDY_TEMPERATURE = 1e-3  # temperature=0 scales the schedule by this (temperatures must stay > 0)
 
@@ -129,8 +130,21 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
 
 
 def build_constraint(state: ServerState, body: _Common):
-    """The canvas constraint for response_format, guided_choice or guided_regex, or None."""
+    """The canvas constraint for a forced tool call, response_format, guided_choice or guided_regex, or None."""
     rf = body.response_format
+    tool = forced_tool(body)
+    if tool is not None:  # tool_choice_problem already refused every other constraint next to it
+        field = f"tools[{body.tools.index(tool)}].function.parameters"
+        if state.tokenizer is None:
+            raise APIError(400, "a tool call needs the checkpoint's tokenizer, and this server has none", "tools")
+        from ..sampling.json_schema import constraint_from_response_format
+
+        max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+        fmt = {"type": "json_schema", "json_schema": {"name": tool.function.name, "schema": parameters_schema(tool)}}
+        try:
+            return constraint_from_response_format(fmt, state.tokenizer, max_tokens)
+        except ValueError as e:  # ConstraintError is a ValueError
+            raise APIError(400, f"{field}: {e}", "tools") from None
     guided = [n for n in ("guided_choice", "guided_regex") if getattr(body, n) is not None]
     if guided:
         name = guided[0]
