@@ -75,6 +75,8 @@ class _Common(BaseModel):
     stream_drafts: bool = Field(False, description="with stream=true: draft events (argmax canvas) between commits")
     ignore_eos: bool = Field(False, description="generate max_tokens whatever the model says (benchmarks)")
     guided_choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="a JSON schema (object or JSON text): response_format json_schema, vLLM's name")
     guided_regex: str | None = Field(None, max_length=4096,
                                      description="the output is a whole match of this regular expression")
 

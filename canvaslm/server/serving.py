@@ -11,6 +11,7 @@ non-streamed text. Leaving the generator early (client gone) cancels every unfin
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -129,62 +130,73 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
     return params
 
 
+GUIDED = ("guided_json", "guided_choice", "guided_regex")  # vLLM's names for constrained output
+
+
 def build_constraint(state: ServerState, body: _Common):
-    """The canvas constraint for a forced tool call, response_format, guided_choice or guided_regex, or None."""
-    rf = body.response_format
+    """The canvas constraint for a forced tool call, response_format, guided_json, guided_choice or
+    guided_regex (one at most), or None."""
+    max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
     tool = forced_tool(body)
     if tool is not None:  # tool_choice_problem already refused every other constraint next to it
-        field = f"tools[{body.tools.index(tool)}].function.parameters"
-        if state.tokenizer is None:
-            raise APIError(400, "a tool call needs the checkpoint's tokenizer, and this server has none", "tools")
-        from ..sampling.json_schema import constraint_from_response_format
-
-        max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
-        fmt = {"type": "json_schema", "json_schema": {"name": tool.function.name, "schema": parameters_schema(tool)}}
-        try:
-            return constraint_from_response_format(fmt, state.tokenizer, max_tokens)
-        except ValueError as e:  # ConstraintError is a ValueError
-            raise APIError(400, f"{field}: {e}", "tools") from None
-    guided = [n for n in ("guided_choice", "guided_regex") if getattr(body, n) is not None]
-    if guided:
-        name = guided[0]
-        if len(guided) > 1 or (rf is not None and rf.type != "text"):
-            others = guided[1:] + (["response_format"] if rf is not None and rf.type != "text" else [])
-            raise APIError(400, f"{name} and {others[0]} both constrain the output; send one", name)
-        if state.tokenizer is None:
-            raise APIError(400, f"{name} needs the checkpoint's tokenizer, and this server has none", name)
-        try:
-            if name == "guided_choice":
-                from ..sampling.choice import ChoiceConstraint
-
-                return ChoiceConstraint(body.guided_choice, state.tokenizer, name)
-            from ..sampling.regex import DEFAULT_TOKENS, RegexConstraint
-            from ..sampling.regex_fsm import RegexCompileBusy
-
-            max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
-            width = max_tokens - 1 if max_tokens else DEFAULT_TOKENS  # match + EOS padding, then the pinned EOS
-            try:
-                return RegexConstraint(body.guided_regex, state.tokenizer, width, name, state.regex_timeout)
-            except RegexCompileBusy as e:
-                raise APIError(503, f"{name}: {e}", name, type="server_error") from None
-        except ValueError as e:  # ConstraintError is a ValueError
-            raise APIError(400, str(e), name) from None
-    if rf is None or rf.type == "text":
+        return _json_constraint(state, parameters_schema(tool), max_tokens,
+                                f"tools[{body.tools.index(tool)}].function.parameters", "tools")
+    rf = body.response_format if body.response_format is not None and body.response_format.type != "text" else None
+    given = [n for n in GUIDED if getattr(body, n, None) is not None] + (["response_format"] if rf else [])
+    if not given:
         return None
+    name = given[0]
+    if len(given) > 1:
+        raise APIError(400, f"{name} and {given[1]} both constrain the output; send one", name)
+    if name == "response_format":
+        if rf.type != "json_schema" or not isinstance((rf.json_schema or {}).get("schema"), dict):
+            raise APIError(400, f"response_format type {rf.type!r} is not supported (use 'text' or 'json_schema' "
+                                "with json_schema.schema)" if rf.type != "json_schema" else
+                           "response_format.json_schema.schema must be a JSON schema object", name)
+        return _json_constraint(state, rf.json_schema["schema"], max_tokens, name, name)
+    if name == "guided_json":
+        schema = body.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise APIError(400, f"guided_json is not valid JSON: {e}", name) from None
+        if not isinstance(schema, dict):
+            raise APIError(400, f"guided_json must be a JSON schema object, got {type(schema).__name__}", name)
+        return _json_constraint(state, schema, max_tokens, name, name)
+    _need_tokenizer(state, name)
     try:
-        from ..sampling import constraints as cons
-    except ImportError:
-        raise APIError(400, f"response_format type {rf.type!r} is not supported by this build",
-                       "response_format") from None
-    make = getattr(cons, "constraint_from_response_format", None)
-    if make is None:
-        from ..sampling import json_schema as make_mod  # where it lives until moved
-        make = make_mod.constraint_from_response_format
-    max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+        if name == "guided_choice":
+            from ..sampling.choice import ChoiceConstraint
+
+            return ChoiceConstraint(body.guided_choice, state.tokenizer, name)
+        from ..sampling.regex import DEFAULT_TOKENS, RegexConstraint
+        from ..sampling.regex_fsm import RegexCompileBusy
+
+        width = max_tokens - 1 if max_tokens else DEFAULT_TOKENS  # match + EOS padding, then the pinned EOS
+        try:
+            return RegexConstraint(body.guided_regex, state.tokenizer, width, name, state.regex_timeout)
+        except RegexCompileBusy as e:
+            raise APIError(503, f"{name}: {e}", name, type="server_error") from None
+    except ValueError as e:  # ConstraintError is a ValueError; its message names the field
+        raise APIError(400, str(e), name) from None
+
+
+def _need_tokenizer(state: ServerState, name: str) -> None:
+    if state.tokenizer is None:
+        raise APIError(400, f"{name} needs the checkpoint's tokenizer, and this server has none", name)
+
+
+def _json_constraint(state: ServerState, schema: dict, max_tokens, field: str, param: str):
+    """The JSON-schema canvas constraint (sampling/json_schema.py); errors name `field`."""
+    from ..sampling.json_schema import constraint_from_response_format
+
+    _need_tokenizer(state, field)
     try:
-        return make(rf.model_dump(exclude_none=True), state.tokenizer, max_tokens)
+        return constraint_from_response_format({"type": "json_schema", "json_schema": {"schema": schema}},
+                                               state.tokenizer, max_tokens)
     except ValueError as e:  # ConstraintError is a ValueError
-        raise APIError(400, f"response_format: {e}", "response_format") from None
+        raise APIError(400, f"{field}: {e}", param) from None
 
 
 def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list[Choice]:

@@ -44,7 +44,7 @@ def tool_choice_problem(body) -> tuple[str, str] | None:
         return "tool_choice", f"tool_choice names {choice.function.name!r}, which is not in tools {names}"
     if body.stop_list():
         return "stop", "stop strings would cut a tool call's arguments; send no stop with a forced tool call"
-    others = [n for n in ("guided_choice", "guided_regex") if getattr(body, n) is not None]
+    others = [n for n in ("guided_json", "guided_choice", "guided_regex") if getattr(body, n) is not None]
     if body.response_format is not None and body.response_format.type != "text":
         others.append("response_format")
     if others:
