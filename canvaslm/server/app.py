@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .metrics import render_metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .serving import APIError, ServerState, prepare, run_choices, usage
-from .tools import call_id, forced_tool, tool_call
+from .tools import ToolReply, chosen_tools, forced_tool
+from .tools import finish_reason as tool_finish
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
 
@@ -150,11 +151,12 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     choices = await asyncio.to_thread(prepare, state, body, prompts)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    tool = forced_tool(body) if chat else None
-    call_ids = {c.index: call_id() for c in choices} if tool is not None else {}
+    replies = {}  # choice index -> ToolReply, when the reply is a tool call
+    if chat and (forced_tool(body) is not None or chosen_tools(body) is not None):
+        replies = {c.index: ToolReply(forced_tool(body), chosen_tools(body)) for c in choices}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, tool, call_ids)
+        gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     async with contextlib.aclosing(run_choices(state, choices, request.is_disconnected)) as events:
@@ -162,10 +164,9 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
             pass  # the trackers accumulate the text; drafts are not requested without stream
     if any(c.finish_reason is None for c in choices):
         raise APIError(499, "client closed the request", type="client_closed")
-    if chat and tool is not None:
-        out = [{"index": c.index, "message": {"role": "assistant", "content": None,
-                                              "tool_calls": [tool_call(tool, c.tracker.text, call_ids[c.index])]},
-                "finish_reason": _tool_finish(c.finish_reason), "logprobs": None} for c in choices]
+    if replies:
+        out = [{"index": c.index, "message": replies[c.index].message(c.tracker.text),
+                "finish_reason": tool_finish(c.finish_reason), "logprobs": None} for c in choices]
         obj = "chat.completion"
     elif chat:
         out = [{"index": c.index, "message": {"role": "assistant", "content": c.tracker.text},
@@ -179,21 +180,13 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
             "usage": usage(choices, prompts)}
 
 
-def _tool_finish(reason: str | None) -> str | None:
-    return "tool_calls" if reason == "stop" else reason  # the call is complete (EOS after its arguments)
-
-
-async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, tool=None,
-                  call_ids=None):
+async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, replies):
     obj = "chat.completion.chunk" if chat else "text_completion"
+    texts = {c.index: "" for c in choices}  # streamed text so far (tool replies read it whole)
 
-    def chunk(i=None, text=None, finish=None, draft=None, role=False) -> str:
-        if chat and tool is not None:  # text is the call's arguments, streamed as they commit
-            delta = {"role": "assistant", "content": None, "tool_calls": [
-                {"index": 0, **tool_call(tool, "", call_ids[i])}]} if role else {}
-            if text:
-                delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
-            ch = {"index": i, "delta": delta, "finish_reason": _tool_finish(finish), "logprobs": None}
+    def chunk(i=None, text=None, finish=None, draft=None, role=False, delta=None) -> str:
+        if delta is not None or (i in replies and text is None):  # a tool call's delta
+            ch = {"index": i, "delta": delta or {}, "finish_reason": tool_finish(finish), "logprobs": None}
         elif chat:
             delta = {}
             if role:
@@ -213,10 +206,14 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
     try:
         if chat:
             for c in choices:
-                yield chunk(c.index, "", role=True)
+                yield chunk(c.index, delta=replies[c.index].first_delta()) if replies else chunk(c.index, "", role=True)
         async with contextlib.aclosing(run_choices(state, choices)) as events:  # closing it cancels
             async for kind, i, payload in events:
-                if kind == "delta":
+                if kind == "delta" and replies:
+                    texts[i] += payload
+                    for d in replies[i].deltas(texts[i]):
+                        yield chunk(i, delta=d)
+                elif kind == "delta":
                     yield chunk(i, payload)
                 elif kind == "draft":
                     yield chunk(i, None if chat else "", draft=payload)

@@ -21,7 +21,7 @@ from ..engine.engine import Commit, Draft, Engine, Finish, GenerationRequest
 from ..generate import GenerationError
 from ..llm import SamplingParams
 from .protocol import _Common
-from .tools import forced_tool, parameters_schema
+from .tools import chosen_tools, forced_tool, parameters_schema
 
 GREEDY_TEMPERATURE = 1e-3  # temperature=0 scales the schedule by this (temperatures must stay > 0)
 
@@ -141,6 +141,9 @@ def build_constraint(state: ServerState, body: _Common):
     if tool is not None:  # tool_choice_problem already refused every other constraint next to it
         return _json_constraint(state, parameters_schema(tool), max_tokens,
                                 f"tools[{body.tools.index(tool)}].function.parameters", "tools")
+    tools = chosen_tools(body)
+    if tools is not None:
+        return _tool_choice_constraint(state, tools, max_tokens)
     rf = body.response_format if body.response_format is not None and body.response_format.type != "text" else None
     given = [n for n in GUIDED if getattr(body, n, None) is not None] + (["response_format"] if rf else [])
     if not given:
@@ -185,6 +188,22 @@ def build_constraint(state: ServerState, body: _Common):
 def _need_tokenizer(state: ServerState, name: str) -> None:
     if state.tokenizer is None:
         raise APIError(400, f"{name} needs the checkpoint's tokenizer, and this server has none", name)
+
+
+def _tool_choice_constraint(state: ServerState, tools: list, max_tokens):
+    """A call to one of several functions, picked by the model (sampling/tool_call.py)."""
+    from ..sampling.tool_call import ToolChoiceConstraint
+
+    _need_tokenizer(state, "tools")
+    try:
+        c = ToolChoiceConstraint([(t.function.name, parameters_schema(t)) for t in tools], state.tokenizer)
+    except ValueError as e:  # ConstraintError is a ValueError; its message names the field
+        raise APIError(400, str(e), "tools") from None
+    need = c.min_new_tokens(state.canvas_length)
+    if max_tokens is not None and need > max_tokens:
+        raise APIError(400, f"tools: a call to one of these functions needs up to {need} tokens (EOS included), "
+                            f"over max_tokens={max_tokens}", "tools")
+    return c
 
 
 def _json_constraint(state: ServerState, schema: dict, max_tokens, field: str, param: str):

@@ -1,6 +1,7 @@
-"""Tool calls over the official openai client: a forced call's arguments always parse and fit the function's
-parameter schema, streamed calls equal non-streamed ones, declarations and earlier calls reach the prompt,
-and what the server cannot do ('auto', a choice among several tools) is refused by name."""
+"""Tool calls over the official openai client: a call's arguments always parse and fit the function's
+parameter schema, whether the function is named or picked by the model among several; streamed calls
+equal non-streamed ones; declarations and earlier calls reach the prompt; and what the server cannot do
+('auto') is refused by name."""
 
 from __future__ import annotations
 
@@ -40,18 +41,35 @@ def test_forced_call_arguments_fit_the_schema(client):
     assert call.function.name == "ping" and json.loads(call.function.arguments) == {}
 
 
-def test_streamed_call_equals_the_whole_call(client):
+def test_the_model_picks_among_several_functions(client):
     c, model = client
-    kwargs = dict(model=model, messages=USER, tools=[WEATHER], tool_choice=NAMED, seed=9, max_tokens=64)
-    whole = c.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
-    chunks = list(c.chat.completions.create(stream=True, **kwargs))
-    first = chunks[0].choices[0].delta.tool_calls[0]
-    assert first.id.startswith("call_") and first.function.name == "get_weather" and first.type == "function"
-    args = "".join(tc.function.arguments or "" for ch in chunks for d in [ch.choices[0].delta]
-                   for tc in (d.tool_calls or []))
-    assert args == whole.function.arguments
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert all(ch.choices[0].delta.content is None for ch in chunks)
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "ping": {"type": "object", "maxProperties": 0}}
+    picked = set()
+    for seed in range(6):
+        r = c.chat.completions.create(model=model, messages=USER, tools=[WEATHER, PING], tool_choice="required",
+                                      seed=seed, n=2)
+        for ch in r.choices:
+            assert ch.finish_reason == "tool_calls" and ch.message.content is None
+            (call,) = ch.message.tool_calls
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+            picked.add(call.function.name)
+    assert picked == set(schemas), picked  # the random model's pick varies with the seed
+
+
+@pytest.mark.parametrize("tools,choice", [([WEATHER], NAMED), ([WEATHER, PING], "required")])
+def test_streamed_call_equals_the_whole_call(client, tools, choice):
+    c, model = client
+    for seed in (9, 2):
+        kwargs = dict(model=model, messages=USER, tools=tools, tool_choice=choice, seed=seed)
+        whole = c.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+        chunks = list(c.chat.completions.create(stream=True, **kwargs))
+        calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+        named = [tc for tc in calls if tc.id is not None]
+        assert len(named) == 1 and named[0].id.startswith("call_") and named[0].type == "function"
+        assert named[0].function.name == whole.function.name and calls[0] is named[0]  # the name comes first
+        assert "".join(tc.function.arguments or "" for tc in calls) == whole.function.arguments
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert all(ch.choices[0].delta.content is None for ch in chunks)
 
 
 def test_declarations_and_earlier_calls_reach_the_prompt(client, tiny_llm):
@@ -80,7 +98,9 @@ def test_declarations_and_earlier_calls_reach_the_prompt(client, tiny_llm):
 @pytest.mark.parametrize("extra,param,needle", [
     ({"tools": [WEATHER]}, "tool_choice", "'auto' is not supported"),
     ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", "'auto' is not supported"),
-    ({"tools": [WEATHER, PING], "tool_choice": "required"}, "tool_choice", "among 2 tools"),
+    ({"tools": [WEATHER, PING], "tool_choice": "required", "max_tokens": 40}, "tools", "over max_tokens=40"),
+    ({"tools": [PING, {"type": "function", "function": {"name": "g", "parameters": {"type": "string", "format": "x"}}}],
+      "tool_choice": "required"}, "tools", r"tools\[1\].function.parameters: .*format"),
     ({"tools": [PING], "tool_choice": NAMED}, "tool_choice", "not in tools"),
     ({"tool_choice": NAMED}, "tool_choice", "needs tools"),
     ({"tools": [PING, PING], "tool_choice": "required"}, "tools", "name twice"),
@@ -100,3 +120,29 @@ def test_what_cannot_be_done_is_refused_by_name(client, extra, param, needle):
     with pytest.raises(openai.BadRequestError, match=needle) as e:
         c.chat.completions.create(model=model, messages=USER, **extra)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_tool_choice_constraint_in_the_python_api(tiny_llm):
+    """Through LLM.generate (the generate.py runner), over seeds, prompts and a batch: the output is always a
+    whole call to one of the functions, with arguments that fit that function's schema."""
+    from canvaslm import SamplingParams
+    from canvaslm.sampling.constraints import ConstraintError
+    from canvaslm.sampling.tool_call import ToolChoiceConstraint, call_arguments
+
+    tools = [("get_weather", WEATHER["function"]["parameters"]),
+             ("ping", {"type": "object", "properties": {}, "additionalProperties": False})]
+    c = ToolChoiceConstraint(tools, tiny_llm.tokenizer)
+    C = tiny_llm.model.cfg.canvas_length
+    assert c.name_canvases(C) * C >= len(c.prefix) + max(len(a) for a in c.alternatives)
+    params = [SamplingParams(constraint=c, seed=s, max_denoising_steps=2 + s) for s in range(4)]
+    names = set()
+    for out in tiny_llm.generate(["call a tool", "x", "weather in Oslo?", "ping"], params):
+        name, args = call_arguments(out.text, [n for n, _ in tools])
+        jsonschema.validate(json.loads(args), {**dict(tools)[name], "maxProperties": 3 if name != "ping" else 0})
+        assert out.finish_reason == "stop"
+        names.add(name)
+    assert names == {"get_weather", "ping"}, names
+    for bad, needle in (([tools[0]], "at least two"), ([tools[0], tools[0]], "declared twice"),
+                        ([tools[1], ("f", {"type": "string", "pattern": "a"})], r"tools\[1\].function.parameters")):
+        with pytest.raises(ConstraintError, match=needle):
+            ToolChoiceConstraint(bad, tiny_llm.tokenizer)

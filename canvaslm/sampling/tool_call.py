@@ -1,0 +1,118 @@
+"""A call to one of several functions, chosen by the model: `{"name": "NAME", "arguments": {...}}`.
+
+A canvas has a fixed layout before it is denoised, and the arguments of different functions have
+different skeletons, so the call is laid out in two parts. The first canvases hold `{"name": "` pinned
+and one slot that accepts `NAME", "arguments": ` for one of the functions, padded with whitespace to
+the end of a canvas. Once those canvases are committed the name is known, and the canvases after them
+hold that function's arguments as its parameter schema's JSON template (sampling/json_schema.py), then
+`}` and EOS. The whitespace is valid JSON, so the output parses whatever the model picks; the model
+picks the name, as it picks any enum value, from its own probabilities at commit.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, output_eos
+from .json_schema import JsonSchemaConstraint
+from .token_dfa import Vocab, literal_dfa
+
+PREFIX = '{"name": "'
+
+
+class ToolChoiceConstraint(CanvasConstraint):
+    def __init__(self, tools: list, tokenizer, field: str = "tools"):
+        """tools: [(name, parameters JSON schema)] of at least two functions with distinct names."""
+        if len(tools) < 2:
+            raise ConstraintError(f"{field}: a choice of function needs at least two functions")
+        names = [n for n, _ in tools]
+        if len(set(names)) != len(names):
+            raise ConstraintError(f"{field}: a function name is declared twice")
+        self.vocab, self.names = Vocab.of(tokenizer), names
+        if not self.vocab.ws_ids:
+            raise ConstraintError(f"{field}: the tokenizer has no whitespace token to pad the function name with")
+        self.eos_id = output_eos(tokenizer, field)
+        self.prefix = self.vocab.encode(PREFIX)
+        self.alternatives = [self.vocab.encode(f'{n}", "arguments": ') for n in names]
+        self.close = self.vocab.encode("}")
+        self.arguments = []
+        for i, (name, schema) in enumerate(tools):
+            try:
+                self.arguments.append(JsonSchemaConstraint(schema, tokenizer))
+            except ConstraintError as e:
+                raise ConstraintError(f"{field}[{i}].function.parameters: {e}") from None
+        self.name_dfa = literal_dfa(self.vocab, self.alternatives)
+        self.chosen: int | None = None
+
+    def for_row(self) -> "ToolChoiceConstraint":
+        c = super().for_row()
+        c.chosen, c._ids = None, {}
+        return c
+
+    def name_canvases(self, C: int) -> int:
+        """Canvases the name part takes: the prefix and the longest name, rounded up to whole canvases."""
+        return -(-(len(self.prefix) + max(len(a) for a in self.alternatives)) // C)
+
+    def _layout_for(self, C: int, tool: int | None) -> Layout:
+        base = self.name_canvases(C) * C
+        pinned = self.prefix + [-1] * (base - len(self.prefix))
+        slots = [Slot(len(self.prefix), base - len(self.prefix), self.name_dfa)]
+        if tool is None:
+            return Layout(pinned, slots)
+        args = self.arguments[tool].layout(C)
+        pinned = pinned + args.pinned[:-1] + self.close + [self.eos_id]  # its EOS becomes "}" EOS
+        slots += [Slot(base + s.start, s.width, s.dfa, s.finish) for s in args.slots]
+        return Layout(pinned, slots)
+
+    def layout(self, C: int) -> Layout:
+        return self._layout_for(C, self.chosen)
+
+    def min_new_tokens(self, C: int) -> int:
+        return max(self._layout_for(C, i).length for i in range(len(self.names)))
+
+    def max_template_tokens(self, C: int) -> int:
+        return self.min_new_tokens(C)
+
+    def canvas(self, k: int, C: int, V: int):
+        if k == 0:
+            self.chosen, self._ids = None, {}
+        return super().canvas(k, C, V)
+
+    def commit(self, k: int, ids, logits):
+        ids = super().commit(k, ids, logits)
+        m = self.name_canvases(ids.shape[0])
+        if k < m:
+            self._ids = {**getattr(self, "_ids", {}), k: ids.tolist()}
+            if k == m - 1:  # the name slot is complete: which alternative is it?
+                flat = [t for j in range(m) for t in self._ids[j]][len(self.prefix):]
+                hits = [i for i, a in enumerate(self.alternatives) if flat[:len(a)] == a]
+                if not hits:
+                    raise ConstraintError("internal: the committed name slot matches no function")
+                self.chosen = max(hits, key=lambda i: len(self.alternatives[i]))
+        return ids
+
+
+def split_call(text: str, names: list) -> tuple[str, int] | None:
+    """(name, offset where the arguments start) once `text` holds the whole name part and the first
+    character of the arguments, else None. The arguments run to the last '}' (the wrapper's) at the end."""
+    for name in names:
+        head = f'{PREFIX}{name}", "arguments":'
+        if text.startswith(head):
+            rest = text[len(head):]
+            start = len(rest) - len(rest.lstrip())
+            return (name, len(head) + start) if start < len(rest) else None
+    return None
+
+
+def call_arguments(text: str, names: list) -> tuple[str, str]:
+    """(name, arguments JSON text) of a complete output; ValueError if it is not a call."""
+    split = split_call(text, names)
+    body = text.rstrip()
+    if split is None or not body.endswith("}"):
+        raise ValueError(f"not a complete function call: {text[:80]!r}")
+    arguments = body[split[1]:-1]
+    json.loads(arguments)  # raises ValueError if the arguments do not parse
+    return split[0], arguments
+
+
+__all__ = ["ToolChoiceConstraint", "split_call", "call_arguments", "PREFIX"]
