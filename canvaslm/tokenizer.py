@@ -100,6 +100,32 @@ def _validate_messages(messages: Any) -> list[dict]:
     return out
 
 
+def tool_arguments_as_objects(messages: list) -> list:
+    """Copies of the messages with each tool call's `arguments` JSON text parsed into an object, as chat
+    templates expect (OpenAI clients and fine-tuning files send text). Text that does not parse to an
+    object stays text. The server and the trainer both render calls this way, so training and serving
+    see the same prompt."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(calls, list):
+            out.append(m)
+            continue
+        new = []
+        for c in calls:
+            fn = c.get("function") if isinstance(c, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                try:
+                    value = json.loads(fn["arguments"])
+                except ValueError:
+                    value = None
+                if isinstance(value, dict):
+                    c = {**c, "function": {**fn, "arguments": value}}
+            new.append(c)
+        out.append({**m, "tool_calls": new})
+    return out
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special ids and chat template of one checkpoint."""
 

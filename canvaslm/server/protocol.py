@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..tokenizer import tool_arguments_as_objects
+
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI
 INT64 = 2**63 - 1
@@ -206,11 +208,11 @@ class ChatCompletionRequest(_Common):
                 msg["name"] = m.name
             if m.tool_calls:
                 msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                    "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
+                    "name": c.function.name, "arguments": c.function.arguments}} for c in m.tool_calls]
             if m.tool_call_id is not None:
                 msg["tool_call_id"] = m.tool_call_id
             out.append(msg)
-        return out
+        return tool_arguments_as_objects(out)
 
     def tool_dicts(self) -> list[dict] | None:
         """The tool declarations for the chat template; None when there are none, or when tool_choice="none"
@@ -218,13 +220,3 @@ class ChatCompletionRequest(_Common):
         if not self.tools or self.tool_choice == "none":
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
-
-
-def _arguments(text: str):
-    import json
-
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    return value if isinstance(value, dict) else text

@@ -1,8 +1,10 @@
 """Training data: load (prompt_ids, response_ids) examples and order them deterministically.
 
-Sources: a JSONL file of {"prompt_ids", "response_ids"} rows or {"prompt", "response"} texts (encoded
-with the checkpoint's tokenizer), or a Python callable `module:function` returning a list of examples
-(pairs, or dicts as in the JSONL). The order is a pure function of (seed, global example counter): step s
+Sources: a JSONL file of {"prompt_ids", "response_ids"} rows, {"prompt", "response"} texts (encoded
+with the checkpoint's tokenizer) or {"messages": [...], "tools": [...]} conversations (OpenAI's
+fine-tuning format, rendered with the checkpoint's chat template: one example per assistant turn, the
+conversation before it as the prompt), or a Python callable `module:function` returning a list of
+examples (pairs, or dicts as in the JSONL). The order is a pure function of (seed, global example counter): step s
 of a run with global batch size G uses examples number s*G ... s*G+G-1 of an endless stream of shuffled
 epochs. Nothing about the order lives in a loader's state, so a resumed run sees exactly the examples it
 would have seen, whatever the number of processes or gradient-accumulation micro-batches.
@@ -17,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from ..tokenizer import tool_arguments_as_objects
+
 Example = tuple[list[int], list[int]]
 
 
@@ -24,20 +28,24 @@ class DataError(ValueError):
     """A data source cannot be read or holds a malformed example."""
 
 
-def _coerce(item, where: str, tokenizer) -> Example:
+def _coerce(item, where: str, tokenizer) -> list[Example]:
+    if isinstance(item, dict) and "messages" in item:
+        return _chat_examples(item, where, tokenizer)
     if isinstance(item, (tuple, list)) and len(item) == 2:
         prompt, response = item
     elif isinstance(item, dict) and "prompt_ids" in item and "response_ids" in item:
         prompt, response = item["prompt_ids"], item["response_ids"]
     elif isinstance(item, dict) and "prompt" in item and "response" in item:
-        if tokenizer is None:
-            raise DataError(f"{where}: text examples ('prompt'/'response') need a tokenizer; set `tokenizer:` "
-                            "in the config or use a checkpoint that ships tokenizer.json")
+        _need_tokenizer(tokenizer, where, "text examples ('prompt'/'response')")
         prompt = tokenizer.encode(item["prompt"])
         response = tokenizer.encode(item["response"], add_special_tokens=False)
     else:
         raise DataError(f"{where}: expected a (prompt_ids, response_ids) pair or a dict with "
-                        f"'prompt_ids'/'response_ids' or 'prompt'/'response', got {str(item)[:80]!r}")
+                        f"'prompt_ids'/'response_ids', 'prompt'/'response' or 'messages', got {str(item)[:80]!r}")
+    return [_checked(prompt, response, where)]
+
+
+def _checked(prompt, response, where: str) -> Example:
     try:
         prompt, response = [int(t) for t in prompt], [int(t) for t in response]
     except (TypeError, ValueError):
@@ -45,6 +53,48 @@ def _coerce(item, where: str, tokenizer) -> Example:
     if not prompt:
         raise DataError(f"{where}: empty prompt (at least one token is needed)")
     return prompt, response
+
+
+def _need_tokenizer(tokenizer, where: str, what: str) -> None:
+    if tokenizer is None:
+        raise DataError(f"{where}: {what} need a tokenizer; set `tokenizer:` in the config or use a checkpoint "
+                        "that ships tokenizer.json")
+
+
+def _chat_examples(item: dict, where: str, tokenizer) -> list[Example]:
+    """One example per assistant turn (skipping turns with "weight": 0, as OpenAI's format allows): the
+    prompt is the conversation before it with the generation prompt, the response is what the chat
+    template renders for the turn, cut after its last EOS token (the turn's end marker)."""
+    _need_tokenizer(tokenizer, where, "chat examples ('messages')")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{where}: chat examples need a chat template, and the tokenizer has none")
+    messages, tools = item["messages"], item.get("tools")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(f"{where}: 'tools' must be a list of function declarations")
+    turns = [j for j, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0]
+    if not turns:
+        raise DataError(f"{where}: no assistant message to train on")
+    eos = set(tokenizer.eos_ids)
+    out = []
+    for j in turns:
+        history = tool_arguments_as_objects([{k: v for k, v in m.items() if k != "weight"} for m in messages[:j + 1]])
+        try:
+            prompt_text = tokenizer.apply_chat_template(history[:-1], add_generation_prompt=True, tools=tools)
+            full_text = tokenizer.apply_chat_template(history, add_generation_prompt=False, tools=tools)
+        except ValueError as e:
+            raise DataError(f"{where}: messages[{j}]: {e}") from None
+        if not full_text.startswith(prompt_text):
+            raise DataError(f"{where}: messages[{j}]: the chat template does not render the conversation before "
+                            "this turn as a prefix of the conversation with it; use 'prompt'/'response' rows")
+        prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+        response = tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False)
+        ends = [i for i, t in enumerate(response) if t in eos]
+        if ends:
+            response = response[:ends[-1] + 1]  # the turn's end marker, not the newline after it
+        out.append(_checked(prompt, response, f"{where} messages[{j}]"))
+    return out
 
 
 def resolve_callable(spec: str) -> Callable:
@@ -75,10 +125,10 @@ def load_examples(spec: str, tokenizer=None, kwargs: dict | None = None, vocab_s
                     item = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
-                out.append(_coerce(item, f"{path}:{i}", tokenizer))
+                out += _coerce(item, f"{path}:{i}", tokenizer)
     else:
         items = resolve_callable(spec)(**(kwargs or {}))
-        out = [_coerce(item, f"{spec}[{i}]", tokenizer) for i, item in enumerate(items)]
+        out = [ex for i, item in enumerate(items) for ex in _coerce(item, f"{spec}[{i}]", tokenizer)]
     if not out:
         raise DataError(f"data source {spec!r} holds no examples")
     if vocab_size is not None:

@@ -167,6 +167,43 @@ def test_text_data_with_tokenizer_and_callable_source(tmp_path, tiny_checkpoint,
     assert (tmp_path / "run" / "final" / "tokenizer.json").is_file()
 
 
+def test_chat_data_one_example_per_assistant_turn(tmp_path, tiny_checkpoint):
+    """OpenAI fine-tuning rows ({"messages", "tools"}): each assistant turn is one example whose prompt is the
+    templated conversation before it (what the server encodes for the same messages) and whose response is
+    the turn as the template renders it, up to its end marker; "weight": 0 skips a turn."""
+    from canvaslm.server.protocol import ChatCompletionRequest
+    from canvaslm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+2?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "3"},
+                {"role": "assistant", "content": "It is 3."},
+                {"role": "user", "content": "and 2+2?"}, {"role": "assistant", "content": "4", "weight": 0}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages, "tools": tools}) + "\n")
+    (p1, r1), (p2, r2) = load_examples(str(path), tok)
+    served = ChatCompletionRequest(model="m", messages=messages[:4]).message_dicts()
+    assert p2 == tok.encode_chat(served, tools=tools)  # the server's prompt for the same conversation
+    assert tok.decode(r2, skip_special_tokens=False) == "It is 3.<end_of_turn>" and r2[-1] in tok.eos_ids
+    assert tok.decode(r1, skip_special_tokens=False) == 'call:add{"a": 1, "b": 2}<end_of_turn>'  # arguments as an object
+    assert "Tools: " in tok.decode(p1, skip_special_tokens=False)
+    for row, needle in (({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
+                        ({"messages": "hi"}, "must be a list"),
+                        ({"messages": messages, "tools": "add"}, "'tools' must be a list")):
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=needle):
+            load_examples(str(path), tok)
+    with pytest.raises(DataError, match="need a tokenizer"):
+        load_examples(str(path), None)
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    cfg = TrainConfig.from_dict(tiny_config(tmp_path, model=str(tiny_checkpoint), data={"train": str(path)},
+                                            max_steps=1, batch_size=2, lora={"rank": 2}))
+    Trainer(cfg).train()  # trains on them end to end
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tmp_path):
     """A real kill (SIGKILL of a `canvaslm train` process) and `--resume`: the same loss curve."""
