@@ -1,4 +1,4 @@
-"""`canvaslm` command line: generate | quantize | serve | bench | train | export | sudoku.
+"""`canvaslm` command line: generate | chat | quantize | serve | bench | train | export | sudoku.
 
 Each subsystem registers its own subcommand through `add_parser(subparsers)` in its module, so this
 file only wires them together; `generate` and `quantize` live here.
@@ -13,7 +13,7 @@ import logging
 import sys
 
 # module path -> provides add_parser(subparsers); each sets `func` on its parser
-SUBCOMMAND_MODULES = ("canvaslm.server.cli", "canvaslm.bench", "canvaslm.train.cli", "canvaslm.recipes.sudoku.cli")
+SUBCOMMAND_MODULES = ("canvaslm.chat_cli", "canvaslm.server.cli", "canvaslm.bench", "canvaslm.train.cli", "canvaslm.recipes.sudoku.cli")
 
 
 def _parse_ids(text: str) -> list[int]:
