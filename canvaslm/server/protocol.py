@@ -35,8 +35,13 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """Strict types; unknown fields ignored (as OpenAI-compatible servers do)."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
@@ -46,10 +51,8 @@ class ResponseFormat(BaseModel):
     json_schema: dict[str, Any] | None = None
 
 
-class _Common(BaseModel):
+class _Common(_Strict):
     """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=INT64, description="cap on generated tokens")
@@ -123,52 +126,44 @@ class CompletionRequest(_Common):
         return super().unsupported()
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class FunctionCall(_Strict):
     name: str = Field(min_length=1, max_length=64)
     arguments: str = Field(max_length=1 << 20, description="the arguments as a JSON text")
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ToolCall(_Strict):
     id: str = Field(min_length=1, max_length=256)
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class FunctionDef(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = Field(None, max_length=1 << 16)
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class Tool(_Strict):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class NamedFunction(_Strict):
     name: str = Field(min_length=1, max_length=64)
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class NamedToolChoice(_Strict):
     type: Literal["function"]
     function: NamedFunction
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
