@@ -68,6 +68,32 @@ def score_continuations(model, prompt_ids: list, conts: list) -> list:
     return out
 
 
+def checked_gaps(gaps, max_new_tokens: int, n_suffix: int) -> list:
+    """The gap lengths to try: `gaps` (validated) or powers of two up to what the token budget leaves."""
+    if gaps is None:
+        gaps = default_gaps(max_new_tokens - n_suffix - 1)
+    gaps = sorted(set(gaps))
+    if not gaps or any(not isinstance(g, int) or isinstance(g, bool) or g < 0 for g in gaps):
+        raise GenerationError(f"infill: gaps must be non-negative integers, got {gaps}")
+    return gaps
+
+
+def candidates(base, suffix_ids: list, gaps: list, eos_ids, pad_id: int, tokenizer=None) -> list:
+    """One (params, constraint) per gap: `g` free middle positions (no EOS, padding or special tokens: the
+    middle is text), then the suffix and an EOS pinned."""
+    banned = set(eos_ids) | {pad_id}
+    if tokenizer is not None:  # special tokens would decode to nothing
+        banned |= set(Vocab.of(tokenizer).special_ids)
+    banned = tuple(sorted(banned))
+    return [(dataclasses.replace(base, max_new_tokens=g + len(suffix_ids) + 1),
+             PinnedConstraint({g: list(suffix_ids) + [eos_ids[0]]}, ban_ids=banned, ban_until=g)) for g in gaps]
+
+
+def best(gaps: list, scores: list) -> int:
+    """Index of the winning candidate: the highest mean log-prob of middle + suffix (the shortest gap on a tie)."""
+    return max(range(len(gaps)), key=lambda i: scores[i])
+
+
 def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) -> tuple:
     """Token-level infill. -> (best gap, middle ids, scores {gap: score}, decoder passes)."""
     from .llm import SamplingParams
@@ -77,27 +103,23 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
         raise GenerationError("infill: SamplingParams.constraint / json_schema cannot be combined with infilling")
     base = sp.resolve(llm.defaults)
     eos = llm.eos_ids
-    if gaps is None:
-        gaps = default_gaps(base.max_new_tokens - len(suffix_ids) - 1)
-    gaps = sorted(set(gaps))
-    if not gaps or any(not isinstance(g, int) or g < 0 for g in gaps):
-        raise GenerationError(f"infill: gaps must be non-negative integers, got {gaps}")
-    banned = set(eos) | {llm.pad_id}
-    if llm.tokenizer is not None:  # the middle is text: no special tokens (they would decode to nothing)
-        banned |= set(Vocab.of(llm.tokenizer).special_ids)
-    banned = tuple(sorted(banned))
-    rows = []
-    for g in gaps:
-        pins = PinnedConstraint({g: list(suffix_ids) + [eos[0]]}, ban_ids=banned, ban_until=g)
-        p = dataclasses.replace(base, max_new_tokens=g + len(suffix_ids) + 1)
-        rows.append(RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins))
+    gaps = checked_gaps(gaps, base.max_new_tokens, len(suffix_ids))
+    rows = [RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins)
+            for p, pins in candidates(base, suffix_ids, gaps, eos, llm.pad_id, llm.tokenizer)]
     seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
     gens = [llm._generator(seed + i) for i in range(len(rows))]
     outs = generate_rows(llm.model, rows, gens)
     middles = [o.token_ids[:g] for o, g in zip(outs, gaps)]
     scores = score_continuations(llm.model, prompt_ids, [m + list(suffix_ids) for m in middles])
-    best = max(range(len(gaps)), key=lambda i: scores[i])
-    return gaps[best], middles[best], dict(zip(gaps, scores)), sum(o.decoder_passes for o in outs)
+    i = best(gaps, scores)
+    return gaps[i], middles[i], dict(zip(gaps, scores)), sum(o.decoder_passes for o in outs)
+
+
+def middle_text(tokenizer, prompt_ids: list, middle_ids: list) -> str:
+    """The middle's text as it reads after the prompt (a token may start with a space or join the prompt)."""
+    head = tokenizer.decode(prompt_ids)
+    both = tokenizer.decode(list(prompt_ids) + list(middle_ids))
+    return both[len(head):] if both.startswith(head) else tokenizer.decode(middle_ids)
 
 
 def infill(llm, prefix: str, suffix: str, params=None, gaps=None) -> InfillResult:
@@ -112,9 +134,7 @@ def infill(llm, prefix: str, suffix: str, params=None, gaps=None) -> InfillResul
         prompt = [tok.bos_id]
     suffix_ids = tok.encode(suffix, add_special_tokens=False) if suffix else []
     gap, mid, scores, passes = infill_ids(llm, prompt, suffix_ids, params, gaps)
-    head = tok.decode(prompt)
-    both = tok.decode(prompt + mid)
-    middle = both[len(head):] if both.startswith(head) else tok.decode(mid)
+    middle = middle_text(tok, prompt, mid)
     return InfillResult(prefix, middle, suffix, prefix + middle + suffix, mid, gap, scores, passes)
 
 

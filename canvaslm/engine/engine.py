@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -177,6 +178,16 @@ class Engine:
         self._inbox.append(("add", request, _Sink(queue, loop, time.perf_counter())))
         self._wake.set()
 
+    def call(self, fn) -> "concurrent.futures.Future":
+        """Run fn(model) on the engine thread between two steps (the model is never used by two threads at
+        once); the future holds its result or its exception. For short side work: scoring candidates."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopping:
+            raise RuntimeError("the engine is shut down")
+        self._inbox.append(("call", fn, fut))
+        self._wake.set()
+        return fut
+
     def cancel(self, request_id: str) -> None:
         """Cancel a request in any state (no-op once finished); frees its slot at the next step."""
         self._inbox.append(("cancel", request_id, None))
@@ -214,12 +225,25 @@ class Engine:
             self._emit(plan, result, drafts, finished)
         for rid in list(self._sinks):  # shutting down: tell every listener
             self._finish(rid, "cancelled", 0, "the server is shutting down")
+        while self._inbox:  # what arrived too late: calls fail, requests end cancelled
+            op, arg, sink = self._inbox.popleft()
+            if op == "call" and sink.set_running_or_notify_cancel():
+                sink.set_exception(RuntimeError("the engine is shut down"))
+            elif op == "add":
+                self._sinks[arg.request_id] = sink
+                self._finish(arg.request_id, "cancelled", 0, "the server is shutting down")
 
     def _drain_inbox(self) -> None:
         while self._inbox:
             op, arg, sink = self._inbox.popleft()
             if op == "add":
                 self._add(arg, sink)
+            elif op == "call":
+                if sink.set_running_or_notify_cancel():
+                    try:
+                        sink.set_result(arg(self.runner.model))
+                    except Exception as e:  # noqa: BLE001 - the caller gets it
+                        sink.set_exception(e)
             elif arg in self._sinks:
                 self.scheduler.cancel(arg)
                 self._finish(arg, "cancelled", 0)

@@ -106,6 +106,8 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         prompts = _completion_prompts(state, body.prompt)
+        if body.suffix:
+            return await _respond_infill(state, body, prompts, request)
         return await _respond(state, body, prompts, request, chat=False)
 
     @app.post("/v1/chat/completions", responses=ERRORS)
@@ -143,6 +145,18 @@ def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
         else:
             out.append(list(p))
     return out
+
+
+async def _respond_infill(state: ServerState, body, prompts, request: Request):
+    from .infill import complete_infill, stream_events
+
+    result = await complete_infill(state, body, prompts, request)
+    rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream_events(result, rid, created, body.model, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return {"id": rid, "object": "text_completion", "created": created, "model": body.model, **result}
 
 
 async def _respond(state: ServerState, body, prompts, request: Request, chat: bool):

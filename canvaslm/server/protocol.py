@@ -113,14 +113,16 @@ class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="text, token ids, or a batch of either (each prompt gets n choices)")
     echo: bool = False
-    suffix: str | None = None
+    suffix: str | None = Field(None, max_length=1 << 16, description="insert mode: the text the output must lead into")
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.echo:
             return "echo", "echo is not supported"
-        if self.suffix:
-            return "suffix", "suffix is not supported on /v1/completions"
+        if self.suffix and self.stream_drafts:
+            return "stream_drafts", "stream_drafts is not available with suffix (candidates are compared at the end)"
+        if self.suffix and self.ignore_eos:
+            return "ignore_eos", "ignore_eos cannot be combined with suffix (the suffix ends with a pinned EOS)"
         if self.best_of not in (None, self.n):
             return "best_of", "best_of is not supported; use n"
         return super().unsupported()

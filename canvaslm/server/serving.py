@@ -218,25 +218,31 @@ def _json_constraint(state: ServerState, schema: dict, max_tokens, field: str, p
         raise APIError(400, f"{field}: {e}", param) from None
 
 
-def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list[Choice]:
+def check_request_basics(state: ServerState, body: _Common, prompts: list[list[int]]) -> None:
+    """What every request must pass: supported fields, this server's model, non-empty in-vocabulary prompts."""
     problem = body.unsupported()
     if problem is not None:
         raise APIError(400, problem[1], problem[0])
     if body.model != state.model_name:
         raise APIError(404, f"model {body.model!r} does not exist; this server serves {state.model_name!r}",
                        "model", code="model_not_found")
-    if len(prompts) * body.n > 64:
-        raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices is over the limit of 64", "n")
-    constraint = build_constraint(state, body)
-    seed = body.seed if body.seed is not None else random.randrange(2**63)
-    choices, stops = [], body.stop_list()
-    for p_index, ids in enumerate(prompts):
+    for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
         bad = [t for t in ids if not 0 <= t < state.vocab_size]
         if bad:
             raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})",
                            "prompt")
+
+
+def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list[Choice]:
+    check_request_basics(state, body, prompts)
+    if len(prompts) * body.n > 64:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices is over the limit of 64", "n")
+    constraint = build_constraint(state, body)
+    seed = body.seed if body.seed is not None else random.randrange(2**63)
+    choices, stops = [], body.stop_list()
+    for p_index, ids in enumerate(prompts):
         params = resolve_params(state, body, len(ids), constraint)
         for j in range(body.n):
             req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,

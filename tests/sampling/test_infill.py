@@ -91,3 +91,75 @@ def test_cli_errors(tiny_llm, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", d, "--prompt", "hi", "--pin", "abc"])
     assert "OFFSET:TEXT" in capsys.readouterr().err
+
+
+# --- suffix on /v1/completions (insert mode over HTTP) ----------------------------------------------------
+
+def test_server_suffix_writes_the_best_scored_middle(client, tiny_llm):
+    """Each choice's text is the middle of its best candidate: a gap's worth of plain tokens whose score
+    (mean log-prob of middle + suffix under the encoder) is the one reported, and the highest."""
+    c, model = client
+    tok = tiny_llm.tokenizer
+    prefix, suffix = "def add(a, b):", "return c"
+    suffix_ids = tok.encode(suffix, add_special_tokens=False)
+    for seed in (0, 5):
+        r = c.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=12, seed=seed, n=2)
+        for ch in r.choices:
+            info = ch.model_extra["infill"]
+            assert ch.finish_reason == "stop" and {int(g) for g in info["scores"]} == set(default_gaps(12))
+            assert info["scores"][str(info["gap"])] == max(info["scores"].values())
+            middle = tok.encode(ch.text, add_special_tokens=False)
+            assert len(middle) == info["gap"] and not set(middle) & set(range(5))  # no special token
+            direct = score_continuations(tiny_llm.model, tok.encode(prefix), [middle + suffix_ids])[0]
+            assert direct == pytest.approx(info["scores"][str(info["gap"])], abs=1e-4)
+        assert r.usage.completion_tokens == sum(ch.model_extra["infill"]["gap"] for ch in r.choices)
+    again = c.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=12, seed=5, n=2)
+    assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]  # the seed decides
+
+
+def test_server_suffix_stream_equals_whole(client):
+    c, model = client
+    kwargs = dict(model=model, prompt=["x = ", "y"], suffix=" + 1", max_tokens=8, seed=2)
+    whole = c.completions.create(**kwargs)
+    chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    texts = {}
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == {ch.index: ch.text for ch in whole.choices}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+@pytest.mark.parametrize("extra,param,needle", [
+    ({"stop": ["\n"]}, "stop", "cut the middle"),
+    ({"extra_body": {"guided_choice": ["a"]}}, "suffix", "send one"),
+    ({"prompt": "a" * 4000, "suffix": "y" * 96}, "suffix", "leave no room"),  # 96 positions left
+    ({"n": 16, "max_tokens": 64}, "n", "over the limit of 64 candidates"),
+    ({"extra_body": {"ignore_eos": True}}, "ignore_eos", "pinned EOS"),
+])
+def test_server_suffix_refusals_name_the_field(client, extra, param, needle):
+    import openai
+
+    c, model = client
+    kwargs = {"model": model, "prompt": "x", "suffix": "y", **extra}
+    with pytest.raises(openai.BadRequestError, match=needle) as e:
+        c.completions.create(**kwargs)
+    assert e.value.body["param"] == param, e.value.body
+
+
+def test_engine_call_runs_on_the_engine_thread(tiny_llm):
+    import threading
+
+    from canvaslm.engine.engine import Engine, EngineConfig
+
+    engine = Engine(tiny_llm.model, EngineConfig(max_model_len=64)).start()
+    try:
+        assert engine.call(lambda m: (m.cfg.vocab_size, threading.current_thread().name)).result(10) == \
+            (tiny_llm.model.cfg.vocab_size, "canvaslm-engine")
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda m: 1 / 0).result(10)
+        assert engine.alive  # a failing call does not stop the engine
+    finally:
+        engine.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.call(lambda m: 0)

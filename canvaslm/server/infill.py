@@ -1,0 +1,125 @@
+"""`suffix` on /v1/completions: the model writes the text between the prompt and the suffix (insert mode).
+
+This is `LLM.infill` (canvaslm/infill.py) over HTTP. The middle's length is unknown, so every choice is
+several engine requests, one per gap length (powers of two up to `max_tokens`), each with the suffix
+and an EOS pinned after its gap; the engine batches them like any requests. When all are done, the
+encoder's causal pass scores middle + suffix for each (mean log-prob per token, one call on the engine
+thread through `Engine.call`), and the best middle is the choice's `text`. Choice i of n draws its
+candidates from seeds `seed + i * len(gaps) + k`, so choice 0 equals `LLM.infill` with the same seed.
+Each choice also reports `infill: {gap, scores}`. A stream sends each choice's text in one delta once
+it is chosen (there is nothing to show before the candidates are compared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from dataclasses import dataclass
+
+from ..engine.engine import GenerationRequest
+from ..infill import best, candidates, checked_gaps, middle_text, score_continuations
+from .serving import GUIDED, APIError, Choice, ServerState, TextTracker, resolve_params, run_choices
+
+MAX_ROWS = 64  # engine requests per HTTP request (prompts x n x gaps)
+
+
+@dataclass
+class Group:
+    """One output choice: its candidate requests, one per gap."""
+
+    index: int
+    prompt_ids: list
+    suffix_ids: list
+    gaps: list
+    candidates: list  # [Choice]
+
+
+def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[Group]:
+    from .serving import check_request_basics
+
+    check_request_basics(state, body, prompts)
+    if body.stop_list():
+        raise APIError(400, "stop strings would cut the middle before its suffix; send no stop with suffix", "stop")
+    others = [n for n in GUIDED if getattr(body, n, None) is not None]
+    if others or (body.response_format is not None and body.response_format.type != "text"):
+        raise APIError(400, f"suffix and {(others or ['response_format'])[0]} both constrain the output; send one",
+                       "suffix")
+    if state.tokenizer is None:
+        raise APIError(400, "suffix needs the checkpoint's tokenizer, and this server has none", "suffix")
+    suffix_ids = state.tokenizer.encode(body.suffix, add_special_tokens=False)
+    C, seed = state.canvas_length, body.seed if body.seed is not None else random.randrange(2**63)
+    groups, rows = [], 0
+    for ids in prompts:
+        base = resolve_params(state, body, len(ids), None)
+        room = (state.max_model_len - len(ids)) // C * C
+        max_middle = min(base.max_new_tokens, room - len(suffix_ids) - 1)
+        if max_middle < 1:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) and the suffix ({len(suffix_ids)} tokens) leave no "
+                                f"room for a middle within max_model_len={state.max_model_len}", "suffix",
+                           code="context_length_exceeded")
+        gaps = checked_gaps(None, max_middle + len(suffix_ids) + 1, len(suffix_ids))
+        rows += len(gaps) * body.n
+        if rows > MAX_ROWS:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} x {len(gaps)} middle lengths is over the limit "
+                                f"of {MAX_ROWS} candidates; lower n or max_tokens", "n")
+        cands = candidates(base, suffix_ids, gaps, state.eos_ids, state.defaults.pad_token_id or 0, state.tokenizer)
+        for j in range(body.n):
+            reqs = [Choice(k, GenerationRequest(uuid.uuid4().hex, tuple(ids), params,
+                                                (seed + j * len(gaps) + k) % 2**63, state.eos_ids, pins),
+                           len(groups), TextTracker(state.tokenizer, []))
+                    for k, (params, pins) in enumerate(cands)]
+            groups.append(Group(len(groups), list(ids), suffix_ids, gaps, reqs))
+    return groups
+
+
+async def complete_infill(state: ServerState, body, prompts, request) -> dict:
+    """The completion response for a request with `suffix` (after every candidate is generated and scored)."""
+    groups = await asyncio.to_thread(prepare_infill, state, body, prompts)
+    flat = [c for g in groups for c in g.candidates]
+    for i, c in enumerate(flat):  # run_choices tells choices apart by index
+        c.index = i
+    events = run_choices(state, flat, request.is_disconnected)
+    try:
+        async for _ in events:
+            pass
+    finally:
+        await events.aclose()
+    if any(c.finish_reason is None for c in flat):
+        raise APIError(499, "client closed the request", type="client_closed")
+    out, completion = [], 0
+    for g in groups:
+        middles = [c.tracker.ids[:gap] for c, gap in zip(g.candidates, g.gaps)]
+        conts = [m + g.suffix_ids for m in middles]
+        fut = state.engine.call(lambda model, p=g.prompt_ids, conts=conts: score_continuations(model, p, conts))
+        scores = await asyncio.wrap_future(fut)
+        k = best(g.gaps, scores)
+        completion += len(middles[k])
+        out.append({"index": g.index, "text": middle_text(state.tokenizer, g.prompt_ids, middles[k]),
+                    "finish_reason": "stop", "logprobs": None,
+                    "infill": {"gap": g.gaps[k], "scores": {str(gap): s for gap, s in zip(g.gaps, scores)}}})
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {"choices": out, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                      "total_tokens": prompt_tokens + completion,
+                                      "decoder_passes": sum(c.decoder_passes for c in flat)}}
+
+
+def stream_events(response: dict, rid: str, created: int, model: str, include_usage: bool):
+    """SSE lines for a finished infill response: each choice's text in one delta, then its finish."""
+    def line(choices, usage=None):
+        data = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+        if include_usage:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    for ch in response["choices"]:
+        yield line([{"index": ch["index"], "text": ch["text"], "finish_reason": None, "logprobs": None}])
+        yield line([{"index": ch["index"], "text": "", "finish_reason": "stop", "logprobs": None,
+                     "infill": ch["infill"]}])
+    if include_usage:
+        yield line([], response["usage"])
+    yield "data: [DONE]\n\n"
+
+
+__all__ = ["prepare_infill", "complete_infill", "stream_events", "MAX_ROWS"]
