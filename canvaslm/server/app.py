@@ -166,8 +166,9 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     replies = {}  # choice index -> ToolReply, when the reply is a tool call
-    if chat and (forced_tool(body) is not None or chosen_tools(body) is not None):
-        replies = {c.index: ToolReply(forced_tool(body), chosen_tools(body)) for c in choices}
+    forced, among = (forced_tool(body), chosen_tools(body)) if chat else (None, None)
+    if forced is not None or among is not None:
+        replies = {c.index: ToolReply(forced, among) for c in choices}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies)

@@ -134,7 +134,7 @@ GUIDED = ("guided_json", "guided_choice", "guided_regex")  # vLLM's names for co
 
 
 def build_constraint(state: ServerState, body: _Common):
-    """The canvas constraint for a forced tool call, response_format, guided_json, guided_choice or
+    """The canvas constraint for a tool call, response_format, guided_json, guided_choice or
     guided_regex (one at most), or None."""
     max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
     tool = forced_tool(body)

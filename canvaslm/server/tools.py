@@ -36,17 +36,17 @@ def tool_choice_problem(body) -> tuple[str, str] | None:
         return "tools", "tools declares a function name twice"
     if choice == "auto":
         return "tool_choice", ("tool_choice 'auto' is not supported (it needs a parser for the model's own "
-                               "tool-call syntax): name the function, e.g. {'type': 'function', 'function': "
-                               "{'name': ...}}, send 'required' with one tool, or 'none'")
+                               "tool-call syntax): send 'required' (the model picks one of the tools), name "
+                               "the function, e.g. {'type': 'function', 'function': {'name': ...}}, or 'none'")
     if choice != "required" and choice.function.name not in names:
         return "tool_choice", f"tool_choice names {choice.function.name!r}, which is not in tools {names}"
     if body.stop_list():
-        return "stop", "stop strings would cut a tool call's arguments; send no stop with a forced tool call"
+        return "stop", "stop strings would cut a tool call's arguments; send no stop with a tool call"
     others = [n for n in ("guided_json", "guided_choice", "guided_regex") if getattr(body, n) is not None]
     if body.response_format is not None and body.response_format.type != "text":
         others.append("response_format")
     if others:
-        return "tool_choice", f"a forced tool call and {others[0]} both constrain the output; send one"
+        return "tool_choice", f"a tool call and {others[0]} both constrain the output; send one"
     return None
 
 
