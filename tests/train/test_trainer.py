@@ -223,7 +223,12 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "train", "--config", str(path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while not (run / "checkpoint-0000003").exists() and proc.poll() is None and time.time() < deadline:
+
+    def saved_three():  # `latest` is the commit point: a checkpoint dir renamed into place is not yet it
+        pointer = run / "latest"
+        return pointer.is_file() and pointer.read_text().strip() >= "checkpoint-0000003"
+
+    while not saved_three() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
