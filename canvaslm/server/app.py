@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import render_metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest
 from .serving import APIError, ServerState, prepare, run_choices, usage
 from .tools import ToolReply, chosen_tools, forced_tool
 from .tools import finish_reason as tool_finish
@@ -93,6 +93,31 @@ def build_app(state: ServerState) -> FastAPI:
         body, content_type = render_metrics(state.engine)
         return PlainTextResponse(body, media_type=content_type)
 
+    @app.post("/tokenize", responses=ERRORS)
+    async def tokenize(body: TokenizeRequest):
+        """Token ids of a prompt exactly as the completion routes encode it (vLLM's route)."""
+        tok = _tokenizer_for(state, body.model, "prompt" if body.messages is None else "messages")
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send one of prompt (text) or messages (chat)", "prompt")
+        try:
+            if body.messages is not None:
+                chat = ChatCompletionRequest(model=state.model_name, messages=body.messages, tools=body.tools)
+                text_ids = tok.encode_chat(chat.message_dicts(), body.add_generation_prompt, tools=chat.tool_dicts())
+            else:
+                text_ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        except ValueError as e:
+            raise APIError(400, f"{'messages' if body.messages is not None else 'prompt'}: {e}",
+                           "messages" if body.messages is not None else "prompt") from None
+        return {"tokens": text_ids, "count": len(text_ids), "max_model_len": state.max_model_len}
+
+    @app.post("/detokenize", responses=ERRORS)
+    async def detokenize(body: DetokenizeRequest):
+        tok = _tokenizer_for(state, body.model, "tokens")
+        bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})", "tokens")
+        return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
+
     @app.get("/v1/models", responses=ERRORS)
     async def models():
         return {"object": "list", "data": [_model_card(state)]}
@@ -121,6 +146,16 @@ def build_app(state: ServerState) -> FastAPI:
         return await _respond(state, body, [ids], request, chat=True)
 
     return app
+
+
+def _tokenizer_for(state: ServerState, model: str | None, param: str):
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"model {model!r} does not exist", "model", code="model_not_found")
+    if state.tokenizer is None:
+        raise APIError(400, "this checkpoint has no tokenizer.json", param)
+    if param == "messages" and getattr(state.tokenizer, "chat_template", None) is None:
+        raise APIError(400, "this checkpoint has no chat template", param)
+    return state.tokenizer
 
 
 def _model_card(state: ServerState) -> dict:

@@ -217,3 +217,19 @@ class ChatCompletionRequest(_Common):
         if not self.tools or self.tool_choice == "none":
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a text prompt, or chat messages rendered with the chat template (and tools)."""
+
+    model: str | None = Field(None, max_length=256)
+    prompt: str | None = Field(None, max_length=1 << 24)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=4096)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    add_special_tokens: bool = True  # for a text prompt (e.g. BOS), as /v1/completions adds them
+    add_generation_prompt: bool = True  # for messages, as /v1/chat/completions renders them
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = Field(None, max_length=256)
+    tokens: list[int] = Field(max_length=1 << 24)

@@ -1,0 +1,45 @@
+"""/tokenize and /detokenize (vLLM's routes): the ids are exactly what the completion routes encode."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from .conftest import MODEL
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        yield c
+
+
+def test_tokenize_counts_what_the_completion_routes_encode(http, llm):
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": "hello there"}).json()
+    assert r["tokens"] == llm.tokenizer.encode("hello there") and r["count"] == len(r["tokens"])
+    usage = http.post("/v1/completions", json={"model": MODEL, "prompt": "hello there", "max_tokens": 4}).json()
+    assert usage["usage"]["prompt_tokens"] == r["count"]
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    chat = http.post("/tokenize", json={"messages": msgs, "tools": tools}).json()
+    assert chat["tokens"] == llm.tokenizer.encode_chat(msgs, tools=tools)
+    plain = http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 4}).json()
+    assert http.post("/tokenize", json={"messages": msgs}).json()["count"] == plain["usage"]["prompt_tokens"]
+    raw = http.post("/tokenize", json={"prompt": "hi", "add_special_tokens": False}).json()["tokens"]
+    assert raw == llm.tokenizer.encode("hi", add_special_tokens=False)
+    text = http.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"]
+    assert text == llm.tokenizer.decode(r["tokens"], skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("route,body,status,param", [
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "model": "gpt-4"}, 404, "model"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+])
+def test_bad_tokenize_requests_name_the_field(http, route, body, status, param):
+    resp = http.post(route, json=body)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["param"] == param
