@@ -60,18 +60,30 @@ def check_request(prompt_ids: list, params: DiffusionParams, vocab: int, max_pos
             f"whole canvases of {canvas}) needs {need} positions, over max_position_embeddings={max_positions}")
 
 
+def batch_geometry(rows: list[RowRequest], C: int) -> tuple[int, int]:
+    """(prompt columns, KV cache length) a batch of rows is run with."""
+    max_prompt = max(len(r.prompt_ids) for r in rows)
+    return max_prompt, max_prompt + max(math.ceil(r.params.max_new_tokens / C) for r in rows) * C
+
+
 @torch.no_grad()
 def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None = None,
-                  on_commit: Callable | None = None) -> list[RowResult]:
-    """Generate for a batch of rows. gens: one torch.Generator shared by the batch, or one per row."""
+                  on_commit: Callable | None = None, geometry: tuple[int, int] | None = None) -> list[RowResult]:
+    """Generate for a batch of rows. gens: one torch.Generator shared by the batch, or one per row.
+    geometry: (prompt columns, KV cache length) at least what the rows need; the default is exactly
+    that. Results depend on it in the last bits (the reduction lengths), so a batch split into parts
+    that keep the whole batch's geometry gives the whole batch's outputs."""
     cfg = model.cfg
     device = model.embed_weight.device
     C, V, B = cfg.canvas_length, cfg.vocab_size, len(rows)
     for r in rows:
         check_request(r.prompt_ids, r.params, V, cfg.max_position_embeddings, C)
     n_canvases = max(math.ceil(r.params.max_new_tokens / C) for r in rows)
-    max_prompt = max(len(r.prompt_ids) for r in rows)
-    cache = KVCache(cfg, B, max_prompt + n_canvases * C, dtype=model.embed_weight.dtype, device=device)
+    need = batch_geometry(rows, C)
+    max_prompt, cache_len = geometry or need
+    if max_prompt < need[0] or cache_len < need[1]:
+        raise GenerationError(f"generate_rows: geometry {geometry} is below what the rows need {need}")
+    cache = KVCache(cfg, B, cache_len, dtype=model.embed_weight.dtype, device=device)
     slots = torch.arange(B, device=device)
     # prefill: right-padded in the token dimension, every row at its own positions 0..len-1
     tokens = torch.full((B, max_prompt), cfg.pad_token_id or 0, dtype=torch.long)

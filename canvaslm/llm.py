@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import load_model, parse_dtype
 from .config import DiffusionParams
-from .generate import GenerationError, RowRequest, generate_rows
+from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
 
 BUNDLED_MODEL = Path(__file__).parent / "recipes" / "sudoku" / "model"
 
@@ -76,8 +77,13 @@ def default_device() -> str:
 
 class LLM:
     def __init__(self, model_dir: str | Path | None = None, device: str | None = None, dtype=None,
-                 progress: bool | None = None, quantization: str | None = None):
-        """quantization: None (the checkpoint's dtype), "fp8" or "int4" (W4A16), applied while loading."""
+                 progress: bool | None = None, quantization: str | None = None, max_batch: int = 64):
+        """quantization: None (the checkpoint's dtype), "fp8" or "int4" (W4A16), applied while loading.
+        max_batch: rows per generation batch; `generate` runs longer prompt lists in batches of this size
+        (the KV cache is sized per batch), which changes no output of a seeded request."""
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise GenerationError(f"LLM(max_batch={max_batch!r}): expected an int >= 1")
+        self.max_batch = max_batch
         self.model_dir = Path(model_dir) if model_dir is not None else BUNDLED_MODEL
         self.device = device or default_device()
         if dtype is None:
@@ -148,11 +154,13 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | list | None = None,
                  generator: torch.Generator | None = None, on_draft=None,
-                 attention_mask: torch.Tensor | None = None) -> list[GenerationResult]:
+                 attention_mask: torch.Tensor | None = None, use_tqdm: bool | None = None) -> list[GenerationResult]:
         """prompts: a string, a list of token ids, a list of either, or a padded [B, T] id tensor with its
         attention_mask (left or right padding: the padding is dropped, every row starts at position 0).
-        With `generator`, the batch shares it (the reference's batch behaviour); otherwise every request
-        draws from its own seed."""
+        With `generator`, the batch shares it (the reference's batch behaviour) and runs as one batch;
+        otherwise every request draws from its own seed, and more than `max_batch` prompts run in batches
+        of `max_batch` (a progress bar shows them unless use_tqdm=False; `on_draft` sees each batch's
+        rows)."""
         if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
             prompts = unpad(prompts, attention_mask)
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
@@ -163,12 +171,21 @@ class LLM:
             return []
         rows = self.rows(prompts, params)
         plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(rows)
-        if generator is None:
-            gens = [self._generator(sp.seed) for sp in plist]
-            gens = gens[0] if len(gens) == 1 else gens
+        if generator is not None:
+            outs = generate_rows(self.model, rows, generator, on_draft=on_draft)
         else:
-            gens = generator
-        outs = generate_rows(self.model, rows, gens, on_draft=on_draft)
+            gens = [self._generator(sp.seed) for sp in plist]
+            B = self.max_batch
+            show = use_tqdm if use_tqdm is not None else len(rows) > B
+            # every batch keeps the whole list's geometry, so outputs equal one big batch's bit for bit
+            geometry = batch_geometry(rows, self.cfg.canvas_length) if len(rows) > B else None
+            outs = []
+            with tqdm(total=len(rows), desc="generate", unit="req", disable=not show) as bar:
+                for i in range(0, len(rows), B):
+                    chunk = gens[i:i + B]
+                    outs += generate_rows(self.model, rows[i:i + B], chunk[0] if len(chunk) == 1 else chunk,
+                                          on_draft=on_draft, geometry=geometry)
+                    bar.update(len(chunk))
         return [GenerationResult(r.prompt_ids, o.token_ids, self.decode(o.token_ids), o.finish_reason,
                                  o.tokens_per_forward, o.decoder_passes) for r, o in zip(rows, outs)]
 

@@ -39,6 +39,21 @@ def test_per_request_seed_gives_each_row_its_own_stream(llm):
     assert llm.generate("Hello", hello)[0].token_ids == llm.generate("Hello", hello)[0].token_ids
 
 
+def test_long_prompt_lists_run_in_batches_with_the_same_outputs(llm, tiny_checkpoint, capsys):
+    """More prompts than max_batch run in batches (the last one a single row): seeded outputs do not change,
+    and a progress bar counts the requests."""
+    prompts = ["Hello", "a longer prompt here", "x", "yy", "the last one"]
+    params = [SamplingParams(seed=10 + i, max_new_tokens=24 + 8 * (i % 2)) for i in range(5)]
+    want = [r.token_ids for r in llm.generate(prompts, params)]
+    small = LLM(tiny_checkpoint, device="cpu", max_batch=2)
+    assert [r.token_ids for r in small.generate(prompts, params)] == want
+    assert "5/5" in capsys.readouterr().err  # 3 batches: the bar shows by default
+    small.generate(prompts, params, use_tqdm=False)
+    assert "5/5" not in capsys.readouterr().err
+    with pytest.raises(GenerationError, match="max_batch"):
+        LLM(tiny_checkpoint, device="cpu", max_batch=0)
+
+
 def test_defaults_come_from_generation_config(llm):
     res = llm.generate("Hi", SamplingParams(seed=0))[0]
     assert len(res.token_ids) <= llm.defaults.max_new_tokens == 32
