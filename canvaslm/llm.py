@@ -159,8 +159,8 @@ class LLM:
         attention_mask (left or right padding: the padding is dropped, every row starts at position 0).
         With `generator`, the batch shares it (the reference's batch behaviour) and runs as one batch;
         otherwise every request draws from its own seed, and more than `max_batch` prompts run in batches
-        of `max_batch` (a progress bar shows them unless use_tqdm=False; `on_draft` sees each batch's
-        rows)."""
+        of `max_batch` (behind a progress bar unless use_tqdm=False). With `on_draft`, whose states
+        index rows of the batch, the list runs as one batch."""
         if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
             prompts = unpad(prompts, attention_mask)
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
@@ -171,20 +171,19 @@ class LLM:
             return []
         rows = self.rows(prompts, params)
         plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(rows)
-        if generator is not None:
-            outs = generate_rows(self.model, rows, generator, on_draft=on_draft)
+        gens = [self._generator(sp.seed) for sp in plist] if generator is None else None
+        B = self.max_batch
+        if generator is not None or on_draft is not None or len(rows) <= B:
+            g = generator if generator is not None else (gens[0] if len(gens) == 1 else gens)
+            outs = generate_rows(self.model, rows, g, on_draft=on_draft)
         else:
-            gens = [self._generator(sp.seed) for sp in plist]
-            B = self.max_batch
-            show = use_tqdm if use_tqdm is not None else len(rows) > B
             # every batch keeps the whole list's geometry, so outputs equal one big batch's bit for bit
-            geometry = batch_geometry(rows, self.cfg.canvas_length) if len(rows) > B else None
-            outs = []
-            with tqdm(total=len(rows), desc="generate", unit="req", disable=not show) as bar:
+            geometry, outs = batch_geometry(rows, self.cfg.canvas_length), []
+            with tqdm(total=len(rows), desc="generate", unit="req", disable=use_tqdm is False) as bar:
                 for i in range(0, len(rows), B):
                     chunk = gens[i:i + B]
                     outs += generate_rows(self.model, rows[i:i + B], chunk[0] if len(chunk) == 1 else chunk,
-                                          on_draft=on_draft, geometry=geometry)
+                                          geometry=geometry)
                     bar.update(len(chunk))
         return [GenerationResult(r.prompt_ids, o.token_ids, self.decode(o.token_ids), o.finish_reason,
                                  o.tokens_per_forward, o.decoder_passes) for r, o in zip(rows, outs)]

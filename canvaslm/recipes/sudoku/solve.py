@@ -81,7 +81,7 @@ def solve(llm, puzzles: Sequence[str], steps: int | None = None, seed: int = 0, 
                                  constraint=SudokuConstraint(p, candidates), **sampling)
                   for i, p in enumerate(chunk)]
         hook = (lambda k, st, lo=lo: on_draft(lo, st)) if on_draft is not None else None
-        outs = llm.generate([encode_prompt(p) for p in chunk], params, on_draft=hook)
+        outs = llm.generate([encode_prompt(p) for p in chunk], params, on_draft=hook, use_tqdm=False)
         for p, out in zip(chunk, outs):
             sol = decode_solution(out.token_ids)
             ok = sol is not None and is_valid_solution(p, sol)
