@@ -23,9 +23,6 @@ from .kv_cache import KVCache
 from .sampling.constraints import PinnedConstraint
 from .sampling.token_dfa import Vocab
 
-DEFAULT_GAPS = (2, 4, 8, 16, 32, 64)
-
-
 @dataclass
 class InfillResult:
     prefix: str
@@ -39,9 +36,15 @@ class InfillResult:
 
 
 def default_gaps(max_middle: int) -> tuple:
-    """Powers of two up to the largest middle the token budget allows (always at least one gap)."""
-    gaps = tuple(g for g in DEFAULT_GAPS if g <= max_middle)
-    return gaps or (max(1, max_middle),)
+    """Powers of two from 2 up to the largest middle the token budget allows, plus that budget itself
+    (a middle may use all of `max_tokens`: a function body is often longer than the last power of two)."""
+    gaps, g = [], 2
+    while g <= max_middle:
+        gaps.append(g)
+        g *= 2
+    if max(1, max_middle) not in gaps:
+        gaps.append(max(1, max_middle))
+    return tuple(gaps)
 
 
 @torch.no_grad()
@@ -69,7 +72,7 @@ def score_continuations(model, prompt_ids: list, conts: list) -> list:
 
 
 def checked_gaps(gaps, max_new_tokens: int, n_suffix: int) -> list:
-    """The gap lengths to try: `gaps` (validated) or powers of two up to what the token budget leaves."""
+    """The gap lengths to try: `gaps` (validated) or `default_gaps` of what the token budget leaves."""
     if gaps is None:
         gaps = default_gaps(max_new_tokens - n_suffix - 1)
     gaps = sorted(set(gaps))

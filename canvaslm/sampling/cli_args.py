@@ -41,7 +41,7 @@ def add_constraint_args(p: argparse.ArgumentParser):
     p.add_argument("--suffix", default=None,
                    help="infill: generate the text between --prompt (prefix) and this suffix")
     p.add_argument("--gaps", type=_gaps, default=None,
-                   help="infill: candidate middle lengths in tokens, e.g. 4,8,16 (default: powers of two)")
+                   help="infill: candidate middle lengths in tokens, e.g. 4,8,16 (default: powers of two and the whole budget)")
 
 
 def constraint_params(args, llm) -> dict:

@@ -1,7 +1,8 @@
 """`suffix` on /v1/completions: the model writes the text between the prompt and the suffix (insert mode).
 
 This is `LLM.infill` (canvaslm/infill.py) over HTTP. The middle's length is unknown, so every choice is
-several engine requests, one per gap length (powers of two up to `max_tokens`), each with the suffix
+several engine requests, one per gap length (`infill.default_gaps`: powers of two up to `max_tokens`,
+and `max_tokens` itself), each with the suffix
 and an EOS pinned after its gap; the engine batches them like any requests. When all are done, the
 encoder's causal pass scores middle + suffix for each (mean log-prob per token, one call on the engine
 thread through `Engine.call`), and the best middle is the choice's `text`. Choice i of n draws its

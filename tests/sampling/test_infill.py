@@ -25,7 +25,8 @@ def test_infill_starts_with_prefix_and_ends_with_suffix(tiny_llm, seed):
 
 
 def test_infill_default_gaps_and_empty_prefix(tiny_llm):
-    assert default_gaps(28) == (2, 4, 8, 16) and default_gaps(1) == (1,)
+    assert default_gaps(28) == (2, 4, 8, 16, 28) and default_gaps(1) == (1,) and default_gaps(0) == (1,)
+    assert default_gaps(256) == (2, 4, 8, 16, 32, 64, 128, 256)  # no cap: a long middle stays possible
     r = tiny_llm.infill("", "xyz", SamplingParams(seed=4, max_new_tokens=12, max_denoising_steps=2))
     assert r.text.endswith("xyz") and r.gap in (2, 4, 8)
 
