@@ -2,13 +2,13 @@
 
 This is `LLM.infill` (canvaslm/infill.py) over HTTP. The middle's length is unknown, so every choice is
 several engine requests, one per gap length (`infill.default_gaps`: powers of two up to `max_tokens`,
-and `max_tokens` itself), each with the suffix
-and an EOS pinned after its gap; the engine batches them like any requests. When all are done, the
-encoder's causal pass scores middle + suffix for each (mean log-prob per token, one call on the engine
-thread through `Engine.call`), and the best middle is the choice's `text`. Choice i of n draws its
-candidates from seeds `seed + i * len(gaps) + k`, so choice 0 equals `LLM.infill` with the same seed.
-Each choice also reports `infill: {gap, scores}`. A stream sends each choice's text in one delta once
-it is chosen (there is nothing to show before the candidates are compared).
+and `max_tokens` itself), each with the suffix and an EOS pinned after its gap; the engine batches them
+like any requests. When all are done, the encoder's causal pass scores middle + suffix for each (mean
+log-prob per token, one call on the engine thread through `Engine.call`), and the best middle is the
+choice's `text`. Choice i of n draws its candidates from seeds `seed + i * len(gaps) + k` (choice 0 uses
+`LLM.infill`'s seeds; as for any request, the server's KV geometry can move the last bits). Each choice
+also reports `infill: {gap, scores}`. A stream sends each choice's text in one delta once it is chosen
+(there is nothing to show before the candidates are compared).
 """
 
 from __future__ import annotations
