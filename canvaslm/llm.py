@@ -69,6 +69,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS) | "length"
     tokens_per_forward: float
     decoder_passes: int
+    tool_calls: list | None = None  # LLM.chat with a tool_choice: [{"id", "type", "function": {name, arguments}}]
 
 
 def default_device() -> str:
@@ -188,10 +189,39 @@ class LLM:
         return [GenerationResult(r.prompt_ids, o.token_ids, self.decode(o.token_ids), o.finish_reason,
                                  o.tokens_per_forward, o.decoder_passes) for r, o in zip(rows, outs)]
 
-    def chat(self, messages: list, params: SamplingParams | None = None, **kw) -> GenerationResult:
+    def chat(self, messages: list, params: SamplingParams | None = None, tools: list | None = None,
+             tool_choice=None, **kw) -> GenerationResult:
+        """A reply to `messages` through the chat template. `tools` (OpenAI function declarations) are
+        rendered by the template; with tool_choice "required" (the model picks one of the tools) or
+        {"type": "function", "function": {"name": ...}} the reply is a call whose arguments always
+        parse and fit the function's parameter schema, in `tool_calls` (the server's tool calls, the
+        same constraints). tool_choice None leaves the reply as text (calls in the model's own syntax
+        stay in it); "none" also leaves the declarations out of the prompt."""
         if self.tokenizer is None:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so chat is not available")
-        return self.generate([self.tokenizer.encode_chat(messages)], params, **kw)[0]
+        from .tokenizer import tool_arguments_as_objects
+
+        shown = tools if tools and tool_choice != "none" else None
+        prompt = self.tokenizer.encode_chat(tool_arguments_as_objects(messages), tools=shown)
+        if tool_choice in (None, "none", "auto"):
+            if tool_choice == "auto":
+                raise GenerationError("tool_choice 'auto' is not supported (no parser for the model's own call "
+                                      "syntax): pass 'required', name the function, or leave it None for text")
+            return self.generate([prompt], params, **kw)[0]
+        import uuid
+
+        from .sampling.tool_call import call_arguments, call_constraint, declared_functions
+
+        constraint, forced = call_constraint(tools, tool_choice, self.tokenizer)
+        sp = dataclasses.replace(params or SamplingParams(), constraint=constraint)
+        res = self.generate([prompt], sp, **kw)[0]
+        try:
+            name, args = call_arguments(res.text, [n for n, _ in declared_functions(tools)], forced)
+        except ValueError:  # cut by max_new_tokens: no whole call
+            return res
+        res.tool_calls = [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                           "function": {"name": name, "arguments": args}}]
+        return res
 
     def infill(self, prefix: str, suffix: str, params: SamplingParams | None = None, gaps=None):
         """Generate the text between prefix and suffix (see canvaslm.infill). -> InfillResult."""

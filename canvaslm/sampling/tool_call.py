@@ -18,6 +18,49 @@ from .json_schema import JsonSchemaConstraint
 from .token_dfa import Vocab, literal_dfa
 
 PREFIX = '{"name": "'
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}  # a function without parameters: arguments {}
+
+
+def declared_functions(tools, field: str = "tools") -> list:
+    """[(name, parameters schema)] of OpenAI function declarations; ConstraintError naming the bad one."""
+    if not isinstance(tools, (list, tuple)) or not tools:
+        raise ConstraintError(f"{field} must be a non-empty list of function declarations")
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ConstraintError(f"{field}[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
+                                  "'parameters': {...}}}}")
+        params = fn.get("parameters") or EMPTY_PARAMETERS
+        if not isinstance(params, dict):
+            raise ConstraintError(f"{field}[{i}].function.parameters must be a JSON schema object")
+        out.append((name, params))
+    if len({n for n, _ in out}) != len(out):
+        raise ConstraintError(f"{field} declares a function name twice")
+    return out
+
+
+def call_constraint(tools, tool_choice, tokenizer, field: str = "tools"):
+    """(constraint, forced function name or None) for a reply that must be a call: tool_choice "required"
+    (the model picks among several functions; with one, it is forced) or {"type": "function",
+    "function": {"name": ...}}. A forced call's output is its arguments; a picked one's is
+    `{"name": ..., "arguments": ...}` (`call_arguments` reads both)."""
+    functions = declared_functions(tools, field)
+    if tool_choice == "required" and len(functions) > 1:
+        return ToolChoiceConstraint(functions, tokenizer, field), None
+    if tool_choice == "required":
+        index = 0
+    else:
+        name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
+        names = [n for n, _ in functions]
+        if name not in names:
+            raise ConstraintError(f"tool_choice must be 'required' or name one of {names}, got {tool_choice!r}")
+        index = names.index(name)
+    try:
+        return JsonSchemaConstraint(functions[index][1], tokenizer), functions[index][0]
+    except ConstraintError as e:
+        raise ConstraintError(f"{field}[{index}].function.parameters: {e}") from None
 
 
 class ToolChoiceConstraint(CanvasConstraint):
@@ -104,8 +147,12 @@ def split_call(text: str, names: list) -> tuple[str, int] | None:
     return None
 
 
-def call_arguments(text: str, names: list) -> tuple[str, str]:
-    """(name, arguments JSON text) of a complete output; ValueError if it is not a call."""
+def call_arguments(text: str, names: list, forced: str | None = None) -> tuple[str, str]:
+    """(name, arguments JSON text) of a complete output (of `call_constraint`: `forced` is the forced
+    function's name, None when the model picked among `names`); ValueError if it is not a call."""
+    if forced is not None:
+        json.loads(text)  # raises ValueError if the arguments do not parse
+        return forced, text
     split = split_call(text, names)
     body = text.rstrip()
     if split is None or not body.endswith("}"):
@@ -115,4 +162,5 @@ def call_arguments(text: str, names: list) -> tuple[str, str]:
     return split[0], arguments
 
 
-__all__ = ["ToolChoiceConstraint", "split_call", "call_arguments", "PREFIX"]
+__all__ = ["ToolChoiceConstraint", "declared_functions", "call_constraint", "split_call", "call_arguments",
+           "PREFIX", "EMPTY_PARAMETERS"]

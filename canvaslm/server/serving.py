@@ -21,7 +21,7 @@ from ..engine.engine import Commit, Draft, Engine, Finish, GenerationRequest
 from ..generate import GenerationError
 from ..llm import SamplingParams
 from .protocol import _Common
-from .tools import chosen_tools, forced_tool, parameters_schema
+from .tools import chosen_tools, forced_tool
 
 GREEDY_TEMPERATURE = 1e-3  # temperature=0 scales the schedule by this (temperatures must stay > 0)
 
@@ -137,13 +137,8 @@ def build_constraint(state: ServerState, body: _Common):
     """The canvas constraint for a tool call, response_format, guided_json, guided_choice or
     guided_regex (one at most), or None."""
     max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
-    tool = forced_tool(body)
-    if tool is not None:  # tool_choice_problem already refused every other constraint next to it
-        return _json_constraint(state, parameters_schema(tool), max_tokens,
-                                f"tools[{body.tools.index(tool)}].function.parameters", "tools")
-    tools = chosen_tools(body)
-    if tools is not None:
-        return _tool_choice_constraint(state, tools, max_tokens)
+    if forced_tool(body) is not None or chosen_tools(body) is not None:
+        return _tool_constraint(state, body, max_tokens)
     rf = body.response_format if body.response_format is not None and body.response_format.type != "text" else None
     given = [n for n in GUIDED if getattr(body, n, None) is not None] + (["response_format"] if rf else [])
     if not given:
@@ -190,19 +185,22 @@ def _need_tokenizer(state: ServerState, name: str) -> None:
         raise APIError(400, f"{name} needs the checkpoint's tokenizer, and this server has none", name)
 
 
-def _tool_choice_constraint(state: ServerState, tools: list, max_tokens):
-    """A call to one of several functions, picked by the model (sampling/tool_call.py)."""
-    from ..sampling.tool_call import ToolChoiceConstraint
+def _tool_constraint(state: ServerState, body, max_tokens):
+    """A tool call's constraint (sampling/tool_call.py): a forced function's arguments, or a call to one of
+    several functions that the model picks."""
+    from ..sampling.json_schema import JsonSchemaConstraint
+    from ..sampling.tool_call import call_constraint
 
     _need_tokenizer(state, "tools")
+    choice = body.tool_choice if isinstance(body.tool_choice, str) else body.tool_choice.model_dump()
     try:
-        c = ToolChoiceConstraint([(t.function.name, parameters_schema(t)) for t in tools], state.tokenizer)
+        c, _ = call_constraint([t.model_dump(exclude_none=True) for t in body.tools], choice, state.tokenizer)
     except ValueError as e:  # ConstraintError is a ValueError; its message names the field
         raise APIError(400, str(e), "tools") from None
-    need = c.min_new_tokens(state.canvas_length)
+    need = c.max_template_tokens() if isinstance(c, JsonSchemaConstraint) else c.min_new_tokens(state.canvas_length)
     if max_tokens is not None and need > max_tokens:
-        raise APIError(400, f"tools: a call to one of these functions needs up to {need} tokens (EOS included), "
-                            f"over max_tokens={max_tokens}", "tools")
+        raise APIError(400, f"tools: the call needs up to {need} tokens (EOS included), over max_tokens={max_tokens}",
+                       "tools")
     return c
 
 

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import uuid
 
-EMPTY_PARAMETERS = {"type": "object", "properties": {}}
-
-
 def tool_choice_problem(body) -> tuple[str, str] | None:
     """(field, message) when tools / tool_choice ask for something this server cannot do, else None."""
     tools, choice = body.tools or [], body.tool_choice
@@ -64,10 +61,6 @@ def chosen_tools(body) -> list | None:
     """The tools the model picks one of ("required" among several), or None."""
     tools = getattr(body, "tools", None) or []
     return tools if len(tools) > 1 and getattr(body, "tool_choice", None) == "required" else None
-
-
-def parameters_schema(tool) -> dict:
-    return tool.function.parameters or EMPTY_PARAMETERS
 
 
 def call_id() -> str:
@@ -122,13 +115,10 @@ class ToolReply:
     def message(self, text: str) -> dict:
         from ..sampling.tool_call import call_arguments
 
-        if self.forced is not None:
-            name, args = self.name, text
-        else:
-            try:
-                name, args = call_arguments(text, self.names)
-            except ValueError:  # cut short (length): what there is, as text
-                return {"role": "assistant", "content": text}
+        try:
+            name, args = call_arguments(text, self.names, self.name if self.forced is not None else None)
+        except ValueError:  # cut short (length): what there is, as text
+            return {"role": "assistant", "content": text}
         return {"role": "assistant", "content": None, "tool_calls": [
             {"id": self.id, "type": "function", "function": {"name": name, "arguments": args}}]}
 
@@ -137,5 +127,5 @@ def finish_reason(reason: str | None) -> str | None:
     return "tool_calls" if reason == "stop" else reason  # the call is complete (EOS after its arguments)
 
 
-__all__ = ["tool_choice_problem", "forced_tool", "chosen_tools", "parameters_schema", "ToolReply",
+__all__ = ["tool_choice_problem", "forced_tool", "chosen_tools", "ToolReply",
            "finish_reason"]

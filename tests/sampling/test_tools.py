@@ -146,3 +146,32 @@ def test_tool_choice_constraint_in_the_python_api(tiny_llm):
                         ([tools[1], ("f", {"type": "string", "pattern": "a"})], r"tools\[1\].function.parameters")):
         with pytest.raises(ConstraintError, match=needle):
             ToolChoiceConstraint(bad, tiny_llm.tokenizer)
+
+
+def test_llm_chat_tool_calls(tiny_llm):
+    """The Python API takes the same tools and tool_choice as the server, with the same guarantee."""
+    from canvaslm import SamplingParams
+    from canvaslm.generate import GenerationError
+    from canvaslm.sampling.constraints import ConstraintError
+
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "ping": {"type": "object", "maxProperties": 0}}
+    picked = set()
+    for seed in range(6):
+        r = tiny_llm.chat(USER, SamplingParams(seed=seed), tools=[WEATHER, PING], tool_choice="required")
+        (call,) = r.tool_calls
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+        picked.add(call["function"]["name"])
+    assert picked == set(schemas)
+    r = tiny_llm.chat(USER, SamplingParams(seed=1), tools=[WEATHER, PING], tool_choice=NAMED)
+    assert r.tool_calls[0]["function"]["name"] == "get_weather" and r.tool_calls[0]["function"]["arguments"] == r.text
+    text = tiny_llm.chat(USER, SamplingParams(seed=1, max_new_tokens=8), tools=[WEATHER])
+    assert text.tool_calls is None and text.prompt_ids == tiny_llm.tokenizer.encode_chat(USER, tools=[WEATHER])
+    assert tiny_llm.chat(USER, SamplingParams(max_new_tokens=8), tools=[WEATHER], tool_choice="none").prompt_ids \
+        == tiny_llm.tokenizer.encode_chat(USER)
+    with pytest.raises(GenerationError, match="'auto' is not supported"):
+        tiny_llm.chat(USER, tools=[WEATHER], tool_choice="auto")
+    for tools, choice, needle in (([WEATHER], {"type": "function", "function": {"name": "nope"}}, "name one of"),
+                                  ([{"type": "function"}], "required", r"tools\[0\] must be"),
+                                  ([PING, PING], "required", "declares a function name twice")):
+        with pytest.raises(ConstraintError, match=needle):
+            tiny_llm.chat(USER, tools=tools, tool_choice=choice)
