@@ -195,32 +195,47 @@ class LLM:
         rendered by the template; with tool_choice "required" (the model picks one of the tools) or
         {"type": "function", "function": {"name": ...}} the reply is a call whose arguments always
         parse and fit the function's parameter schema, in `tool_calls` (the server's tool calls, the
-        same constraints). tool_choice None leaves the reply as text (calls in the model's own syntax
-        stay in it); "none" also leaves the declarations out of the prompt."""
+        same constraints). With "auto" the model writes freely and calls in its own syntax are read out
+        of its tokens into `tool_calls` (`text` keeps the rest; the tokenizer needs the native call
+        tokens). tool_choice None leaves the whole reply as text; "none" also leaves the declarations
+        out of the prompt."""
         if self.tokenizer is None:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so chat is not available")
+        import uuid
+
         from .tokenizer import tool_arguments_as_objects
 
         shown = tools if tools and tool_choice != "none" else None
         prompt = self.tokenizer.encode_chat(tool_arguments_as_objects(messages), tools=shown)
-        if tool_choice in (None, "none", "auto"):
-            if tool_choice == "auto":
-                raise GenerationError("tool_choice 'auto' is not supported (no parser for the model's own call "
-                                      "syntax): pass 'required', name the function, or leave it None for text")
-            return self.generate([prompt], params, **kw)[0]
-        import uuid
 
+        def calls(pairs):
+            return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                     "function": {"name": n, "arguments": a}} for n, a in pairs]
+
+        if tool_choice in (None, "none"):
+            return self.generate([prompt], params, **kw)[0]
+        if tool_choice == "auto":
+            from .tool_parser import CALL_OPEN, NativeToolParser
+
+            parser = NativeToolParser.for_tokenizer(self.tokenizer)
+            if parser is None:
+                raise GenerationError(f"tool_choice 'auto' reads calls in the model's own syntax ({CALL_OPEN}...), "
+                                      "and this tokenizer has no such tokens: pass 'required', name the function, "
+                                      "or leave it None for text")
+            res = self.generate([prompt], params, **kw)[0]
+            text, found, _ = parser.split(res.token_ids, final=True)
+            if found:
+                res.text, res.tool_calls = text, calls(found)
+            return res
         from .sampling.tool_call import call_arguments, call_constraint, declared_functions
 
         constraint, forced = call_constraint(tools, tool_choice, self.tokenizer)
         sp = dataclasses.replace(params or SamplingParams(), constraint=constraint)
         res = self.generate([prompt], sp, **kw)[0]
         try:
-            name, args = call_arguments(res.text, [n for n, _ in declared_functions(tools)], forced)
+            res.tool_calls = calls([call_arguments(res.text, [n for n, _ in declared_functions(tools)], forced)])
         except ValueError:  # cut by max_new_tokens: no whole call
-            return res
-        res.tool_calls = [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                           "function": {"name": name, "arguments": args}}]
+            pass
         return res
 
     def infill(self, prefix: str, suffix: str, params: SamplingParams | None = None, gaps=None):

@@ -28,8 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .metrics import render_metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest
 from .serving import APIError, ServerState, prepare, run_choices, usage
-from .tools import ToolReply, chosen_tools, forced_tool
-from .tools import finish_reason as tool_finish
+from .tools import ToolReply, auto_tools, chosen_tools, forced_tool
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
 
@@ -200,10 +199,15 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     choices = await asyncio.to_thread(prepare, state, body, prompts)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    replies = {}  # choice index -> ToolReply, when the reply is a tool call
+    replies = {}  # choice index -> ToolReply, when the reply is (or may be) a tool call
     forced, among = (forced_tool(body), chosen_tools(body)) if chat else (None, None)
     if forced is not None or among is not None:
         replies = {c.index: ToolReply(forced, among) for c in choices}
+    elif chat and auto_tools(body):
+        from ..tool_parser import NativeToolParser
+
+        parser = NativeToolParser.for_tokenizer(state.tokenizer)  # prepare checked that there is one
+        replies = {c.index: ToolReply(parser=parser) for c in choices}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies)
@@ -215,8 +219,9 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     if any(c.finish_reason is None for c in choices):
         raise APIError(499, "client closed the request", type="client_closed")
     if replies:
-        out = [{"index": c.index, "message": replies[c.index].message(c.tracker.text),
-                "finish_reason": tool_finish(c.finish_reason), "logprobs": None} for c in choices]
+        out = [{"index": c.index, "message": replies[c.index].message(c.tracker.text, c.tracker.ids),
+                "finish_reason": replies[c.index].finish_reason(c.finish_reason, c.tracker.ids), "logprobs": None}
+               for c in choices]
         obj = "chat.completion"
     elif chat:
         out = [{"index": c.index, "message": {"role": "assistant", "content": c.tracker.text},
@@ -233,10 +238,12 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
 async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, replies):
     obj = "chat.completion.chunk" if chat else "text_completion"
     texts = {c.index: "" for c in choices}  # streamed text so far (tool replies read it whole)
+    by_index = {c.index: c for c in choices}
 
     def chunk(i=None, text=None, finish=None, draft=None, role=False, delta=None) -> str:
-        if delta is not None or (i in replies and text is None):  # a tool call's delta
-            ch = {"index": i, "delta": delta or {}, "finish_reason": tool_finish(finish), "logprobs": None}
+        if delta is not None or (i in replies and text is None):  # a tool reply's delta
+            reason = replies[i].finish_reason(finish, by_index[i].tracker.ids) if finish else None
+            ch = {"index": i, "delta": delta or {}, "finish_reason": reason, "logprobs": None}
         elif chat:
             delta = {}
             if role:
@@ -261,13 +268,15 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
             async for kind, i, payload in events:
                 if kind == "delta" and replies:
                     texts[i] += payload
-                    for d in replies[i].deltas(texts[i]):
+                    for d in replies[i].deltas(texts[i], by_index[i].tracker.ids):
                         yield chunk(i, delta=d)
                 elif kind == "delta":
                     yield chunk(i, payload)
                 elif kind == "draft":
                     yield chunk(i, None if chat else "", draft=payload)
                 else:
+                    for d in replies[i].final_deltas(by_index[i].tracker.ids) if replies else ():
+                        yield chunk(i, delta=d)
                     yield chunk(i, None if chat else "", finish=payload)
         if include_usage:
             data = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],

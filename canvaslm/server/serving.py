@@ -21,7 +21,7 @@ from ..engine.engine import Commit, Draft, Engine, Finish, GenerationRequest
 from ..generate import GenerationError
 from ..llm import SamplingParams
 from .protocol import _Common
-from .tools import chosen_tools, forced_tool
+from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
 
 GREEDY_TEMPERATURE = 1e-3  # temperature=0 scales the schedule by this (temperatures must stay > 0)
 
@@ -235,6 +235,10 @@ def check_request_basics(state: ServerState, body: _Common, prompts: list[list[i
 
 def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list[Choice]:
     check_request_basics(state, body, prompts)
+    if auto_tools(body):
+        problem = auto_problem(state.tokenizer)
+        if problem is not None:
+            raise APIError(400, problem, "tool_choice")
     if len(prompts) * body.n > 64:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices is over the limit of 64", "n")
     constraint = build_constraint(state, body)

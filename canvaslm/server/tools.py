@@ -10,8 +10,10 @@ null) with finish_reason "tool_calls"; a stream sends the call's id and name as 
 and the arguments as they commit. The declarations go to the chat template as `tools` and earlier
 calls and tool results in `messages` render through the template too.
 
-"auto" would have the model choose between text and calls written in its own call syntax, which needs
-a parser for that syntax; this server refuses it by name instead of returning calls as plain text.
+With "auto" (the default when tools are given) the model writes freely: text, calls in its own
+syntax, or both, and `tool_parser.NativeToolParser` reads the calls out of its tokens. That needs the
+checkpoint's tokenizer to have the call tokens (Gemma 4's vocabulary has them); without them "auto" is refused
+by name rather than returning calls as plain text.
 """
 
 from __future__ import annotations
@@ -31,13 +33,9 @@ def tool_choice_problem(body) -> tuple[str, str] | None:
     names = [t.function.name for t in tools]
     if len(set(names)) != len(names):
         return "tools", "tools declares a function name twice"
-    if choice == "auto":
-        return "tool_choice", ("tool_choice 'auto' is not supported (it needs a parser for the model's own "
-                               "tool-call syntax): send 'required' (the model picks one of the tools), name "
-                               "the function, e.g. {'type': 'function', 'function': {'name': ...}}, or 'none'")
-    if choice != "required" and choice.function.name not in names:
+    if choice not in ("required", "auto") and choice.function.name not in names:
         return "tool_choice", f"tool_choice names {choice.function.name!r}, which is not in tools {names}"
-    if body.stop_list():
+    if body.stop_list() and choice != "auto":
         return "stop", "stop strings would cut a tool call's arguments; send no stop with a tool call"
     others = [n for n in ("guided_json", "guided_choice", "guided_regex") if getattr(body, n) is not None]
     if body.response_format is not None and body.response_format.type != "text":
@@ -57,6 +55,22 @@ def forced_tool(body):
     return next(t for t in tools if t.function.name == choice.function.name)
 
 
+def auto_tools(body) -> bool:
+    """Whether the model may call tools in its own syntax ("auto", the default with tools)."""
+    return bool(getattr(body, "tools", None)) and getattr(body, "tool_choice", None) in (None, "auto")
+
+
+def auto_problem(tokenizer) -> str | None:
+    """Why "auto" cannot run with this tokenizer, or None."""
+    from ..tool_parser import CALL_OPEN, NativeToolParser
+
+    if tokenizer is None or NativeToolParser.for_tokenizer(tokenizer) is None:
+        return (f"tool_choice 'auto' reads calls in the model's own syntax ({CALL_OPEN}...), and this checkpoint's "
+                "tokenizer has no such tokens: send 'required' (the model picks one of the tools), name the "
+                "function, e.g. {'type': 'function', 'function': {'name': ...}}, or 'none'")
+    return None
+
+
 def chosen_tools(body) -> list | None:
     """The tools the model picks one of ("required" among several), or None."""
     tools = getattr(body, "tools", None) or []
@@ -68,13 +82,16 @@ def call_id() -> str:
 
 
 class ToolReply:
-    """One choice's tool call, read from its committed text: the arguments themselves (a forced call) or
-    the `{"name", "arguments"}` output of a choice among several functions (sampling/tool_call.py)."""
+    """One choice's tool calls, read from its committed output: the arguments themselves (a forced call),
+    the `{"name", "arguments"}` output of a choice among several functions (sampling/tool_call.py), or,
+    with `parser` ("auto"), text and calls in the model's own syntax (tool_parser.py)."""
 
-    def __init__(self, forced=None, tools=None):
-        self.forced, self.names = forced, [t.function.name for t in (tools or [])]
+    def __init__(self, forced=None, tools=None, parser=None):
+        self.forced, self.parser = forced, parser
+        self.names = [t.function.name for t in (tools or [])]
         self.id, self.name = call_id(), forced.function.name if forced is not None else None
-        self.sent = 0  # characters of the arguments already streamed
+        self.sent = 0  # characters of the arguments (of the content, with a parser) already streamed
+        self.calls_sent = 0  # with a parser: calls already streamed
 
     def _arguments(self, text: str) -> str | None:
         """The arguments visible in `text` so far (None while the name is unknown)."""
@@ -94,14 +111,17 @@ class ToolReply:
         return {"index": 0, "id": self.id, "type": "function", "function": {"name": self.name, "arguments": ""}}
 
     def first_delta(self) -> dict:
+        if self.parser is not None:
+            return {"role": "assistant", "content": ""}
         delta = {"role": "assistant", "content": None}
         if self.name is not None:
             delta["tool_calls"] = [self.header()]
         return delta
 
-    def deltas(self, text: str) -> list[dict]:
-        """Stream deltas for the text so far: the call's header when the name becomes known, then new
-        argument characters."""
+    def deltas(self, text: str, ids: list) -> list[dict]:
+        """Stream deltas for the output so far (its text, and its ids for a parser)."""
+        if self.parser is not None:
+            return self._native_deltas(ids, final=False)
         known = self.name is not None
         args = self._arguments(text)
         out = []
@@ -112,7 +132,32 @@ class ToolReply:
             self.sent = len(args)
         return out
 
-    def message(self, text: str) -> dict:
+    def final_deltas(self, ids: list) -> list[dict]:
+        """What is left to stream once the output is complete (a parser's unfinished call, as text)."""
+        return self._native_deltas(ids, final=True) if self.parser is not None else []
+
+    def _native_deltas(self, ids: list, final: bool) -> list[dict]:
+        content, calls, _ = self.parser.split(ids, final=final)
+        content = content if final else content.rstrip("\ufffd")  # a character still being spelled
+        out = []
+        if len(content) > self.sent:
+            out.append({"content": content[self.sent:]})
+            self.sent = len(content)
+        for k in range(self.calls_sent, len(calls)):
+            name, args = calls[k]
+            out.append({"tool_calls": [{"index": k, "id": call_id(), "type": "function",
+                                        "function": {"name": name, "arguments": args}}]})
+        self.calls_sent = max(self.calls_sent, len(calls))
+        return out
+
+    def message(self, text: str, ids: list) -> dict:
+        if self.parser is not None:
+            content, calls, _ = self.parser.split(ids, final=True)
+            msg = {"role": "assistant", "content": content if content or not calls else None}
+            if calls:
+                msg["tool_calls"] = [{"id": call_id(), "type": "function", "function": {"name": n, "arguments": a}}
+                                     for n, a in calls]
+            return msg
         from ..sampling.tool_call import call_arguments
 
         try:
@@ -122,10 +167,13 @@ class ToolReply:
         return {"role": "assistant", "content": None, "tool_calls": [
             {"id": self.id, "type": "function", "function": {"name": name, "arguments": args}}]}
 
+    def finish_reason(self, reason: str | None, ids: list) -> str | None:
+        """"tool_calls" when the reply is (or has) a complete call and ended at EOS."""
+        if reason != "stop":
+            return reason
+        if self.parser is not None and not self.parser.split(ids, final=True)[1]:
+            return reason  # plain text
+        return "tool_calls"
 
-def finish_reason(reason: str | None) -> str | None:
-    return "tool_calls" if reason == "stop" else reason  # the call is complete (EOS after its arguments)
 
-
-__all__ = ["tool_choice_problem", "forced_tool", "chosen_tools", "ToolReply",
-           "finish_reason"]
+__all__ = ["tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools", "auto_problem", "ToolReply"]

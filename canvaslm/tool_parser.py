@@ -1,0 +1,138 @@
+"""Tool calls in the model's own syntax (Gemma 4's; DiffusionGemma has Gemma 4's vocabulary), for
+`tool_choice: "auto"`: the model writes text, calls, or both, and the calls are read out of its tokens.
+
+A call is `<|tool_call>call:NAME{key:value,...}<tool_call|>`, where `<|tool_call>` and `<tool_call|>`
+are single special tokens and every string value sits between two `<|"|>` tokens (no escapes inside).
+Keys are bare words; values are strings, numbers, true / false / null, `{...}` objects and `[...]`
+arrays. The parser works on token ids, since a plain decode drops the special tokens. A block that
+does not parse stays in the text rather than becoming a wrong call, and so does an unfinished one.
+This module has no torch dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+CALL_OPEN, CALL_CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
+_NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
+
+
+class NativeSyntaxError(ValueError):
+    """A call block whose text is not the native call syntax."""
+
+
+class NativeToolParser:
+    """Splits generated ids into text and calls. `for_tokenizer` gives None when the tokenizer lacks the
+    call tokens (then the checkpoint has no native calls to read)."""
+
+    def __init__(self, tokenizer, open_id: int, close_id: int):
+        self.tokenizer, self.open_id, self.close_id = tokenizer, open_id, close_id
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> "NativeToolParser | None":
+        try:
+            ids = [tokenizer.token_to_id(t) for t in (CALL_OPEN, CALL_CLOSE, QUOTE)]
+        except (KeyError, AttributeError):
+            return None
+        return cls(tokenizer, ids[0], ids[1])
+
+    def split(self, ids: list, final: bool = False) -> tuple[str, list, bool]:
+        """(text outside complete calls, [(name, arguments JSON text)], whether a call is still open).
+        With `final`, an unfinished call is given back as text."""
+        text, calls, i, n = [], [], 0, len(ids)
+        while i < n:
+            try:
+                start = ids.index(self.open_id, i)
+            except ValueError:
+                text.append(self.tokenizer.decode(ids[i:]))
+                break
+            text.append(self.tokenizer.decode(ids[i:start]))
+            try:
+                end = ids.index(self.close_id, start + 1)
+            except ValueError:  # the call is not finished (yet)
+                if final:
+                    text.append(self.tokenizer.decode(ids[start:], skip_special_tokens=False))
+                return "".join(text), calls, not final
+            body = self.tokenizer.decode(ids[start + 1:end], skip_special_tokens=False)
+            try:
+                calls.append(parse_call(body))
+            except NativeSyntaxError:
+                text.append(self.tokenizer.decode(ids[start:end + 1], skip_special_tokens=False))
+            i = end + 1
+        return "".join(text), calls, False
+
+
+def parse_call(body: str) -> tuple[str, str]:
+    """`call:NAME{...}` -> (NAME, the arguments as JSON text)."""
+    body = body.strip()
+    if not body.startswith("call:") or "{" not in body:
+        raise NativeSyntaxError(f"not a call: {body[:60]!r}")
+    name, rest = body[len("call:"):].split("{", 1)
+    name = name.strip()
+    if not name:
+        raise NativeSyntaxError("a call without a function name")
+    value, pos = _value("{" + rest, 0)
+    if pos != len("{" + rest) or not isinstance(value, dict):
+        raise NativeSyntaxError(f"trailing text after the arguments of {name!r}")
+    return name, json.dumps(value, ensure_ascii=False)
+
+
+def _skip(s: str, i: int) -> int:
+    while i < len(s) and s[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _value(s: str, i: int):
+    i = _skip(s, i)
+    if s.startswith(QUOTE, i):
+        end = s.find(QUOTE, i + len(QUOTE))
+        if end < 0:
+            raise NativeSyntaxError("an unclosed string")
+        return s[i + len(QUOTE):end], _skip(s, end + len(QUOTE))
+    if i < len(s) and s[i] in "{[":
+        close = "}" if s[i] == "{" else "]"
+        out = {} if s[i] == "{" else []
+        i = _skip(s, i + 1)
+        if i < len(s) and s[i] == close:
+            return out, _skip(s, i + 1)
+        while True:
+            if isinstance(out, dict):
+                key, i = _key(s, i)
+                out[key], i = _value(s, i)
+            else:
+                item, i = _value(s, i)
+                out.append(item)
+            if i < len(s) and s[i] == ",":
+                i = _skip(s, i + 1)
+                continue
+            if i < len(s) and s[i] == close:
+                return out, _skip(s, i + 1)
+            raise NativeSyntaxError(f"expected ',' or {close!r} at {s[i:i + 20]!r}")
+    for word, v in (("true", True), ("false", False), ("null", None)):
+        if s.startswith(word, i):
+            return v, _skip(s, i + len(word))
+    m = _NUMBER.match(s, i)
+    if m:
+        text = m.group(0)
+        return (float(text) if m.group(1) or m.group(2) else int(text)), _skip(s, m.end())
+    raise NativeSyntaxError(f"no value at {s[i:i + 20]!r}")
+
+
+def _key(s: str, i: int) -> tuple[str, int]:
+    i = _skip(s, i)
+    if s.startswith(QUOTE, i):
+        key, i = _value(s, i)
+    else:
+        end = s.find(":", i)
+        if end < 0:
+            raise NativeSyntaxError(f"a key without ':' at {s[i:i + 20]!r}")
+        key, i = s[i:end].strip(), end
+    i = _skip(s, i)
+    if i >= len(s) or s[i] != ":" or not key:
+        raise NativeSyntaxError(f"expected 'key:' at {s[i:i + 20]!r}")
+    return key, _skip(s, i + 1)
+
+
+__all__ = ["NativeToolParser", "parse_call", "NativeSyntaxError", "CALL_OPEN", "CALL_CLOSE", "QUOTE"]

@@ -1,0 +1,137 @@
+"""tool_choice "auto": calls in the model's own syntax (`<|tool_call>call:NAME{...}<tool_call|>`, strings between
+`<|"|>` tokens) are read out of its tokens, in the server (whole and streamed) and in LLM.chat. A random model
+does not write calls, so the end-to-end tests script the committed tokens; the parser is tested on its own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from canvaslm.tool_parser import CALL_CLOSE, CALL_OPEN, QUOTE, NativeSyntaxError, NativeToolParser, parse_call
+
+openai = pytest.importorskip("openai")
+
+NATIVE = (CALL_OPEN, CALL_CLOSE, QUOTE, "<|tool_response>")
+Q = QUOTE
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}}}}
+SCRIPT = (f"Let me check.{CALL_OPEN}call:get_weather{{city:{Q}Oslo, NO{Q},unit:{Q}c{Q}}}{CALL_CLOSE}"
+          f"{CALL_OPEN}call:get_weather{{city:{Q}Bergen{Q},days:[1,2.5],ok:true,x:null}}{CALL_CLOSE}")
+WANT = [("get_weather", {"city": "Oslo, NO", "unit": "c"}),
+        ("get_weather", {"city": "Bergen", "days": [1, 2.5], "ok": True, "x": None})]
+
+
+@pytest.fixture(scope="module")
+def native_dir(tmp_path_factory):
+    from canvaslm.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("native"), extra_specials=NATIVE)
+
+
+@pytest.fixture(scope="module")
+def tok(native_dir):
+    from canvaslm.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(native_dir)
+
+
+def test_parse_call_reads_the_native_syntax():
+    assert parse_call(f"call:f{{a:{Q}x, y{Q},b:-2.5e3,c:[1,{{d:false}}],e:{{}}}}") == \
+        ("f", json.dumps({"a": "x, y", "b": -2500.0, "c": [1, {"d": False}], "e": {}}))
+    assert parse_call(f"call:g{{{Q}quoted key{Q}:1}}") == ("g", '{"quoted key": 1}')
+    for bad in ("call:f{a:}", "call:{a:1}", "f{a:1}", "call:f{a:1", "call:f{a:1} x", "call:f{a 1}",
+                f"call:f{{a:{Q}open}}"):
+        with pytest.raises(NativeSyntaxError):
+            parse_call(bad)
+
+
+def test_split_keeps_text_and_reads_calls(tok):
+    p = NativeToolParser.for_tokenizer(tok)
+    ids = tok.encode(SCRIPT + " done", add_special_tokens=False)
+    text, calls, open_ = p.split(ids)
+    assert text == "Let me check. done" and not open_
+    assert [(n, json.loads(a)) for n, a in calls] == WANT
+    broken = tok.encode(f"a{CALL_OPEN}call:f{{x:}}{CALL_CLOSE}b", add_special_tokens=False)
+    assert p.split(broken) == (f"a{CALL_OPEN}call:f{{x:}}{CALL_CLOSE}b", [], False)  # not a call: stays text
+    unfinished = tok.encode(f"a{CALL_OPEN}call:f{{x:1", add_special_tokens=False)
+    assert p.split(unfinished) == ("a", [], True)
+    assert p.split(unfinished, final=True) == (f"a{CALL_OPEN}call:f{{x:1", [], False)
+
+
+def test_tokenizers_without_the_call_tokens_have_no_parser(tiny_llm):
+    assert NativeToolParser.for_tokenizer(tiny_llm.tokenizer) is None
+
+
+@pytest.fixture
+def scripted(monkeypatch, tok):
+    """The server's engine output replaced by SCRIPT's tokens, committed in three parts."""
+    import canvaslm.server.app as app
+
+    ids = tok.encode(SCRIPT, add_special_tokens=False) + [tok.eos_ids[0]]
+    parts = [ids[:9], ids[9:30], ids[30:]]
+
+    async def run_choices(state, choices, is_disconnected=None):
+        for part in parts:
+            for c in choices:
+                c.tracker.add(part)
+                text = c.tracker.delta(final=part is parts[-1])
+                if text:
+                    yield "delta", c.index, text
+        for c in choices:
+            c.finish_reason = "stop"
+            yield "finish", c.index, "stop"
+
+    monkeypatch.setattr(app, "run_choices", run_choices)
+
+
+def test_server_auto_reads_calls_whole_and_streamed(native_dir, scripted):
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    with BackgroundServer(build_state(native_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        kwargs = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "weather?"}],
+                      tools=[WEATHER])
+        r = c.chat.completions.create(**kwargs)  # no tool_choice: "auto"
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and msg.content == "Let me check."
+        assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in msg.tool_calls] == WANT
+        content, calls = "", {}
+        chunks = list(c.chat.completions.create(stream=True, **kwargs))
+        for ch in chunks:
+            d = ch.choices[0].delta
+            content += d.content or ""
+            for tc in d.tool_calls or []:
+                assert tc.index not in calls  # each call comes once, whole
+                calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments))
+        assert content == "Let me check." and [calls[k] for k in sorted(calls)] == WANT
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_server_auto_with_a_real_model_gives_text(native_dir):
+    """Unscripted: a random model writes no call, so the reply is its text, with the tools in the prompt."""
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    with BackgroundServer(build_state(native_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        msgs = [{"role": "user", "content": "weather?"}]
+        r = c.chat.completions.create(model=srv.state.model_name, messages=msgs, tools=[WEATHER], seed=1,
+                                      max_tokens=16)
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage.prompt_tokens == len(srv.state.tokenizer.encode_chat(msgs, tools=[WEATHER]))
+
+
+def test_llm_chat_auto(native_dir, tok, monkeypatch):
+    from canvaslm import LLM, SamplingParams
+    from canvaslm.llm import GenerationResult
+
+    llm = LLM(native_dir, device="cpu")
+    plain = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(seed=0, max_new_tokens=8),
+                     tools=[WEATHER], tool_choice="auto")
+    assert plain.tool_calls is None
+    ids = tok.encode(SCRIPT, add_special_tokens=False)
+    monkeypatch.setattr(llm, "generate", lambda prompts, params=None, **kw: [
+        GenerationResult(prompts[0], ids, tok.decode(ids), "stop", 1.0, 1)])
+    res = llm.chat([{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="auto")
+    assert res.text == "Let me check." and [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                            for c in res.tool_calls] == WANT
