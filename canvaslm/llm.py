@@ -38,10 +38,16 @@ class SamplingParams:
     json_schema: dict | None = field(default=None, hash=False)  # JSON-schema structured output (a dict)
     choice: tuple | None = None  # the output is exactly one of these strings (sampling.choice)
     regex: str | None = None  # the output is a whole match of this pattern (sampling.regex)
+    stop_token_ids: tuple | None = None  # more ids that end the output, besides the checkpoint's EOS ids
 
     def __post_init__(self):
         if isinstance(self.choice, list):
             object.__setattr__(self, "choice", tuple(self.choice))
+        if self.stop_token_ids is not None:
+            ids = tuple(self.stop_token_ids)
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise GenerationError(f"SamplingParams.stop_token_ids must be non-negative token ids, got {ids!r}")
+            object.__setattr__(self, "stop_token_ids", ids)
         for name in ("max_new_tokens", "max_denoising_steps"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
@@ -151,7 +157,11 @@ class LLM:
             elif sp.max_new_tokens < need:
                 raise GenerationError(f"SamplingParams.max_new_tokens={sp.max_new_tokens} is below the "
                                       f"{need} tokens the constraint needs")
-        return RowRequest(self.encode_prompt(prompt), p, self.eos_ids, self.pad_id, c)
+        eos = self.eos_ids + tuple(t for t in (sp.stop_token_ids or ()) if t not in self.eos_ids)
+        bad = [t for t in eos if t >= self.cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"SamplingParams.stop_token_ids {bad} are outside the vocabulary [0, {self.cfg.vocab_size})")
+        return RowRequest(self.encode_prompt(prompt), p, eos, self.pad_id, c)
 
     def generate(self, prompts, params: SamplingParams | list | None = None,
                  generator: torch.Generator | None = None, on_draft=None,
@@ -215,14 +225,16 @@ class LLM:
         if tool_choice in (None, "none"):
             return self.generate([prompt], params, **kw)[0]
         if tool_choice == "auto":
-            from .tool_parser import CALL_OPEN, NativeToolParser
+            from .tool_parser import CALL_OPEN, NativeToolParser, response_stop_ids
 
             parser = NativeToolParser.for_tokenizer(self.tokenizer)
             if parser is None:
                 raise GenerationError(f"tool_choice 'auto' reads calls in the model's own syntax ({CALL_OPEN}...), "
                                       "and this tokenizer has no such tokens: pass 'required', name the function, "
                                       "or leave it None for text")
-            res = self.generate([prompt], params, **kw)[0]
+            sp = params or SamplingParams()
+            stops = tuple(sp.stop_token_ids or ()) + response_stop_ids(self.tokenizer)
+            res = self.generate([prompt], dataclasses.replace(sp, stop_token_ids=stops), **kw)[0]
             text, found, _ = parser.split(res.token_ids, final=True)
             if found:
                 res.text, res.tool_calls = text, calls(found)

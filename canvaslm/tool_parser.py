@@ -6,6 +6,7 @@ are single special tokens and every string value sits between two `<|"|>` tokens
 Keys are bare words; values are strings, numbers, true / false / null, `{...}` objects and `[...]`
 arrays. The parser works on token ids, since a plain decode drops the special tokens. A block that
 does not parse stays in the text rather than becoming a wrong call, and so does an unfinished one.
+A reply that may call tools also stops at `<|tool_response>`: the tools' answers come from the caller.
 This module has no torch dependency.
 """
 
@@ -15,6 +16,7 @@ import json
 import re
 
 CALL_OPEN, CALL_CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
+RESPONSE_OPEN = "<|tool_response>"  # after its calls the model would go on with the tools' answers: stop there
 _NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
 
 
@@ -61,6 +63,14 @@ class NativeToolParser:
                 text.append(self.tokenizer.decode(ids[start:end + 1], skip_special_tokens=False))
             i = end + 1
         return "".join(text), calls, False
+
+
+def response_stop_ids(tokenizer) -> tuple:
+    """Ids that end a reply that may call tools: the tool-response opener (the caller runs the tools)."""
+    try:
+        return (tokenizer.token_to_id(RESPONSE_OPEN),)
+    except (KeyError, AttributeError):
+        return ()
 
 
 def parse_call(body: str) -> tuple[str, str]:
@@ -135,4 +145,5 @@ def _key(s: str, i: int) -> tuple[str, int]:
     return key, _skip(s, i + 1)
 
 
-__all__ = ["NativeToolParser", "parse_call", "NativeSyntaxError", "CALL_OPEN", "CALL_CLOSE", "QUOTE"]
+__all__ = ["NativeToolParser", "parse_call", "response_stop_ids", "NativeSyntaxError", "CALL_OPEN", "CALL_CLOSE",
+           "QUOTE", "RESPONSE_OPEN"]

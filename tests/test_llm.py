@@ -90,3 +90,15 @@ def test_cli_chat_and_text_prompts(tiny_checkpoint):
     assert out["text"] == tok.decode(out["token_ids"])
     llm = LLM(tiny_checkpoint)
     assert out["token_ids"] == llm.chat([{"role": "user", "content": "hi"}], SamplingParams(seed=1)).token_ids
+
+
+def test_stop_token_ids_end_the_output(llm):
+    """An extra stop id cuts the output right after its first occurrence, as an EOS would."""
+    base = llm.generate("Hello", SamplingParams(seed=2, max_new_tokens=32))[0].token_ids
+    t = next(x for x in base[3:] if x not in llm.eos_ids)
+    cut = llm.generate("Hello", SamplingParams(seed=2, max_new_tokens=32, stop_token_ids=[t]))[0]
+    assert cut.token_ids == base[:base.index(t) + 1] and cut.finish_reason == "stop"
+    with pytest.raises(GenerationError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=[-1])
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        llm.generate("Hello", SamplingParams(stop_token_ids=[10**6]))

@@ -43,6 +43,9 @@ def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[G
     check_request_basics(state, body, prompts)
     if body.stop_list():
         raise APIError(400, "stop strings would cut the middle before its suffix; send no stop with suffix", "stop")
+    if body.stop_token_ids:
+        raise APIError(400, "stop_token_ids would end the middle before its suffix; send none with suffix",
+                       "stop_token_ids")
     others = [n for n in GUIDED if getattr(body, n, None) is not None]
     if others or (body.response_format is not None and body.response_format.type != "text"):
         raise APIError(400, f"suffix and {(others or ['response_format'])[0]} both constrain the output; send one",

@@ -79,6 +79,8 @@ class _Common(_Strict):
     sampler: Literal["entropy_bound"] | None = Field(None, description="only 'entropy_bound' for now")
     stream_drafts: bool = Field(False, description="with stream=true: draft events (argmax canvas) between commits")
     ignore_eos: bool = Field(False, description="generate max_tokens whatever the model says (benchmarks)")
+    stop_token_ids: list[int] | None = Field(None, max_length=64,
+                                             description="more token ids that end the output (vLLM's name)")
     guided_choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
     guided_json: dict[str, Any] | str | None = Field(
         None, description="a JSON schema (object or JSON text): response_format json_schema, vLLM's name")

@@ -235,10 +235,20 @@ def check_request_basics(state: ServerState, body: _Common, prompts: list[list[i
 
 def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list[Choice]:
     check_request_basics(state, body, prompts)
+    eos = () if body.ignore_eos else state.eos_ids
+    extra = body.stop_token_ids or []
+    bad = [t for t in extra if not 0 <= t < state.vocab_size]
+    if bad:
+        raise APIError(400, f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})",
+                       "stop_token_ids")
+    eos = eos + tuple(t for t in extra if t not in eos)
     if auto_tools(body):
         problem = auto_problem(state.tokenizer)
         if problem is not None:
             raise APIError(400, problem, "tool_choice")
+        from ..tool_parser import response_stop_ids
+
+        eos = eos + tuple(t for t in response_stop_ids(state.tokenizer) if t not in eos)
     if len(prompts) * body.n > 64:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices is over the limit of 64", "n")
     constraint = build_constraint(state, body)
@@ -248,7 +258,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         params = resolve_params(state, body, len(ids), constraint)
         for j in range(body.n):
             req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
-                                    () if body.ignore_eos else state.eos_ids, constraint, body.stream_drafts)
+                                    eos, constraint, body.stream_drafts)
             choices.append(Choice(len(choices), req, p_index, TextTracker(state.tokenizer, stops)))
     return choices
 

@@ -108,6 +108,23 @@ def test_server_auto_reads_calls_whole_and_streamed(native_dir, scripted):
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_auto_replies_stop_at_the_tool_response_token(native_dir, tok):
+    """After its calls the model would write the tools' answers itself: an "auto" reply ends at <|tool_response>."""
+    from canvaslm.server.launch import build_state
+    from canvaslm.server.protocol import ChatCompletionRequest
+    from canvaslm.server.serving import prepare
+
+    state = build_state(native_dir, device="cpu")
+    try:
+        msgs = [{"role": "user", "content": "weather?"}]
+        stop = tok.token_to_id("<|tool_response>")
+        auto = prepare(state, ChatCompletionRequest(model=state.model_name, messages=msgs, tools=[WEATHER]), [[2]])
+        plain = prepare(state, ChatCompletionRequest(model=state.model_name, messages=msgs), [[2]])
+        assert stop in auto[0].request.eos_ids and stop not in plain[0].request.eos_ids
+    finally:
+        state.engine.shutdown()
+
+
 def test_server_auto_with_a_real_model_gives_text(native_dir):
     """Unscripted: a random model writes no call, so the reply is its text, with the tools in the prompt."""
     from canvaslm.server.launch import BackgroundServer, build_state

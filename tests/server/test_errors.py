@@ -48,6 +48,8 @@ BAD = [  # (route, body, expected status, the param the error must name)
     ("completions", {**OK, "sampler": "greedy"}, 400, "sampler"),
     ("completions", {**OK, "stream_drafts": True}, 400, "stream_drafts"),  # needs stream
     ("completions", {**OK, "top_p": 0.5}, 400, "top_p"),
+    ("completions", {**OK, "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
+    ("completions", {**OK, "stop_token_ids": ["a"]}, 400, "stop_token_ids"),
     ("completions", {**OK, "logprobs": 3}, 400, "logprobs"),
     ("completions", {**OK, "echo": True}, 400, "echo"),
     ("completions", {**OK, "response_format": {"type": "xml"}}, 400, "response_format"),

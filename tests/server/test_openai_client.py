@@ -63,6 +63,18 @@ def test_extensions_and_temperature_reach_the_sampler(client, llm):
     assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
 
 
+def test_stop_token_ids_match_llm(client, llm):
+    """vLLM's stop_token_ids reach the engine as extra EOS ids: the same cut as LLM.generate's."""
+    prompt = probe_prompt(llm, 2)
+    base = reference(llm, prompt, seed=6).token_ids
+    stop = next(t for t in base[2:] if t not in llm.eos_ids)
+    want = reference(llm, prompt, seed=6, stop_token_ids=[stop])
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=6,
+                                    extra_body={"stop_token_ids": [stop]})
+    assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+    assert len(want.token_ids) == base.index(stop) + 1 and got.choices[0].finish_reason == "stop"
+
+
 def test_streamed_text_equals_non_streamed_with_usage(client, llm):
     prompt = probe_prompt(llm, 2)
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=3)
