@@ -147,10 +147,11 @@ def build_constraint(state: ServerState, body: _Common):
     if len(given) > 1:
         raise APIError(400, f"{name} and {given[1]} both constrain the output; send one", name)
     if name == "response_format":
-        if rf.type != "json_schema" or not isinstance((rf.json_schema or {}).get("schema"), dict):
-            raise APIError(400, f"response_format type {rf.type!r} is not supported (use 'text' or 'json_schema' "
-                                "with json_schema.schema)" if rf.type != "json_schema" else
-                           "response_format.json_schema.schema must be a JSON schema object", name)
+        if rf.type != "json_schema":
+            raise APIError(400, f"response_format type {rf.type!r} is not supported (use 'text' or 'json_schema')",
+                           name)
+        if not isinstance((rf.json_schema or {}).get("schema"), dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema object", name)
         return _json_constraint(state, rf.json_schema["schema"], max_tokens, name, name)
     if name == "guided_json":
         schema = body.guided_json
