@@ -232,6 +232,14 @@ class Tokenizer:
             raise ValueError(f"{self.name}: ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, seqs: list, skip_special_tokens: bool = True) -> list[str]:
+        """`decode` of many id lists in one call (the tokenizers library decodes them in parallel)."""
+        seqs = [[int(i) for i in ids] for ids in seqs]
+        bad = [i for ids in seqs for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"{self.name}: ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return self._backend.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+
     # -- chat ---------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,

@@ -47,6 +47,10 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
                          f"max_position_embeddings={cfg.max_position_embeddings}")
     eos = tuple(defaults.eos_token_ids or cfg.eos_token_ids)
     engine = Engine(model, config, history_depth=max(1, defaults.stability_threshold)).start()
+    if tokenizer is not None:  # the constraint compilers' token table, built before the first request needs it
+        from ..sampling.token_dfa import Vocab
+
+        threading.Thread(target=Vocab.of, args=(tokenizer,), name="canvaslm-vocab", daemon=True).start()
     return ServerState(engine=engine, tokenizer=tokenizer, model_name=served_model_name, defaults=defaults,
                        eos_ids=eos, vocab_size=cfg.vocab_size, canvas_length=cfg.canvas_length,
                        max_model_len=config.max_model_len, api_key=api_key, created=int(time.time()),

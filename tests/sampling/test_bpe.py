@@ -82,3 +82,40 @@ def test_pins_with_bpe_text(bpe):
     outs = _run(model, tok, PinnedConstraint({10: ids}, ban_ids=(1,), ban_until=10), range(3), 24)
     for o in outs:
         assert o.token_ids[10:10 + len(ids)] == ids
+
+
+def test_vocab_decoded_in_one_batch_equals_token_by_token(bpe, tiny_llm):
+    """Vocab decodes the whole vocabulary with one decode_batch call; the table is what decoding each token
+    after the anchor gives (a tokenizer without decode_batch takes that path)."""
+
+    class OneByOne:  # the same tokenizer without decode_batch
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __getattr__(self, name):
+            if name == "decode_batch":
+                raise AttributeError(name)
+            return getattr(self.tok, name)
+
+    for tok in (bpe[0], tiny_llm.tokenizer):
+        fast, slow = Vocab(tok), Vocab(OneByOne(tok))
+        assert (fast.strings, fast.special_ids, fast.ws_ids, fast.pad_id) == \
+            (slow.strings, slow.special_ids, slow.ws_ids, slow.pad_id)
+        assert any(len(s) > 1 for s in fast.strings) or tok is tiny_llm.tokenizer
+
+
+def test_server_builds_the_vocab_table_at_start(tmp_path):
+    """The constraint compilers' token table is built in the background when the server starts, so the first
+    constrained request does not pay for it."""
+    import time
+
+    from canvaslm.server.launch import build_state
+
+    state = build_state(make_tiny_checkpoint(tmp_path / "ckpt"), device="cpu")
+    try:
+        deadline = time.monotonic() + 30
+        while state.tokenizer not in Vocab._cache and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert state.tokenizer in Vocab._cache
+    finally:
+        state.engine.shutdown()
