@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .generate import GenerationError, RowRequest, generate_rows
-from .kv_cache import KVCache
+from .scoring import score_continuations  # noqa: F401 - re-exported: infill picks middles by it
 from .sampling.constraints import PinnedConstraint
 from .sampling.token_dfa import Vocab
 
@@ -45,30 +45,6 @@ def default_gaps(max_middle: int) -> tuple:
     if max(1, max_middle) not in gaps:
         gaps.append(max(1, max_middle))
     return tuple(gaps)
-
-
-@torch.no_grad()
-def score_continuations(model, prompt_ids: list, conts: list) -> list:
-    """Mean log p(cont | prompt) per token under the encoder's causal pass, one batched call. -> [float]."""
-    device = model.embed_weight.device
-    rows = [list(prompt_ids) + list(c) for c in conts]
-    B, T = len(rows), max(len(r) for r in rows)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    positions = torch.full((B, T), -1, dtype=torch.long)
-    for b, r in enumerate(rows):
-        tokens[b, :len(r)] = torch.tensor(r)
-        positions[b, :len(r)] = torch.arange(len(r))
-    cache = KVCache(model.cfg, B, T, dtype=model.embed_weight.dtype, device=device)
-    hidden = model.encode(tokens.to(device), positions.to(device), torch.arange(B, device=device), cache,
-                          fresh=True)
-    out, P = [], len(prompt_ids)
-    for b, c in enumerate(conts):
-        if not c:
-            out.append(0.0)
-            continue
-        logp = torch.log_softmax(model.logits(hidden[b, P - 1:P - 1 + len(c)]), dim=-1)  # [len(c), V]
-        out.append(float(logp.gather(1, torch.tensor(c, device=device)[:, None]).mean()))
-    return out
 
 
 def checked_gaps(gaps, max_new_tokens: int, n_suffix: int) -> list:

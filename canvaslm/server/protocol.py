@@ -100,8 +100,8 @@ class _Common(_Strict):
                 return name, f"{name} is not supported by the diffusion sampler; omit it or send 0"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
-        if self.logprobs not in (None, False, 0):
-            return "logprobs", "logprobs are not supported"
+        if self.logprobs not in (None, False, 0) and not isinstance(self, CompletionRequest):
+            return "logprobs", "logprobs are not supported on chat completions (use /v1/completions)"
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             return "stop", f"at most {MAX_STOP} stop strings are allowed, got {len(self.stop)}"
         if self.stream_drafts and not self.stream:
@@ -114,13 +114,24 @@ class _Common(_Strict):
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="text, token ids, or a batch of either (each prompt gets n choices)")
-    echo: bool = False
+    max_tokens: int | None = Field(None, ge=0, le=INT64, description="cap on generated tokens (0: only with echo)")
+    echo: bool = Field(False, description="the prompt comes back before the completion (with its logprobs)")
+    logprobs: int | None = Field(None, ge=0, le=20, description="log-probs of each token and this many "
+                                 "alternatives, under the encoder's causal pass (server/scored.py)")
     suffix: str | None = Field(None, max_length=1 << 16, description="insert mode: the text the output must lead into")
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
+    def scored(self) -> bool:
+        """Whether the reply carries echo / logprobs (server/scored.py)."""
+        return self.echo or self.logprobs is not None
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens=0 needs echo=true (the prompt is scored, nothing is generated)"
+        if self.scored() and self.stream:
+            return "stream", "echo and logprobs are not available with stream=true"
+        if self.scored() and self.suffix:
+            return "suffix", "echo and logprobs cannot be combined with suffix"
         if self.suffix and self.stream_drafts:
             return "stream_drafts", "stream_drafts is not available with suffix (candidates are compared at the end)"
         if self.suffix and self.ignore_eos:

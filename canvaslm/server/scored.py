@@ -1,0 +1,88 @@
+"""`echo` and `logprobs` on /v1/completions (OpenAI's legacy format, what lm-evaluation-harness reads for
+log-likelihood tasks: echo=true, logprobs=k, max_tokens=0 or 1).
+
+A diffusion step has no single next-token distribution to report, so every log-prob here comes from the
+encoder's causal pass (DiffusionGemma's encoder is trained with a next-token loss): after generation (or
+at once, with max_tokens=0), prompt + completion are encoded once on the engine thread (`Engine.call`,
+`scoring.token_logprobs`) and each token gets log p(token | everything before it) and the `logprobs`
+most likely alternatives. With echo the prompt's tokens come first (the very first has no log-prob, as in
+OpenAI's format). The final EOS is not listed, as it is not in the text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+from ..scoring import token_logprobs
+from .serving import APIError, ServerState, check_request_basics, prepare, run_choices
+
+
+async def complete_scored(state: ServerState, body, prompts: list[list[int]], request) -> dict:
+    if state.tokenizer is None:
+        raise APIError(400, "echo and logprobs need the checkpoint's tokenizer, and this server has none",
+                       "logprobs" if body.logprobs is not None else "echo")
+    if body.max_tokens == 0:  # score the prompt only
+        check_request_basics(state, body, prompts)
+        outputs = [(p, [], "length", 0) for p in prompts for _ in range(body.n)]
+        completion = 0
+    else:
+        choices = await asyncio.to_thread(prepare, state, body, prompts)
+        async with contextlib.aclosing(run_choices(state, choices, request.is_disconnected)) as events:
+            async for _ in events:
+                pass
+        if any(c.finish_reason is None for c in choices):
+            raise APIError(499, "client closed the request", type="client_closed")
+        eos = set(state.eos_ids)
+        outputs = []
+        for c in choices:
+            ids = list(c.tracker.ids)
+            if ids and ids[-1] in eos:
+                ids = ids[:-1]
+            if c.tracker.stopped:  # a stop string cut the text: list the tokens the text still shows
+                ids = _tokens_of_text(state.tokenizer, ids, c.tracker.text)
+            outputs.append((prompts[c.prompt_index], ids, c.finish_reason, c.decoder_passes))
+        completion = sum(len(c.tracker.ids) for c in choices)  # counted as every completion counts them
+    top_k = body.logprobs or 0
+    out = []
+    for i, (prompt, ids, finish, _) in enumerate(outputs):
+        seq = list(prompt) + ids
+        shown = seq if body.echo else ids
+        choice = {"index": i, "text": state.tokenizer.decode(shown), "finish_reason": finish, "logprobs": None}
+        if body.logprobs is not None:
+            start = 1 if body.echo else len(prompt)
+            fut = state.engine.call(lambda model, seq=seq, start=start: token_logprobs(model, seq, start, top_k))
+            logprobs, tops = await asyncio.wrap_future(fut)
+            choice["logprobs"] = _legacy_logprobs(state.tokenizer, shown, body.echo, logprobs, tops, top_k)
+        out.append(choice)
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "model": body.model, "choices": out,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion,
+                      "decoder_passes": sum(p for _, _, _, p in outputs)}}
+
+
+def _tokens_of_text(tokenizer, ids: list, text: str) -> list:
+    """The shortest prefix of `ids` whose text covers `text` (a stop string cut the rest)."""
+    for n in range(len(ids) + 1):
+        if len(tokenizer.decode(ids[:n])) >= len(text):
+            return ids[:n]
+    return ids
+
+
+def _legacy_logprobs(tokenizer, ids: list, echo: bool, logprobs: list, tops: list, top_k: int) -> dict:
+    """OpenAI's completions `logprobs` object: tokens, token_logprobs, top_logprobs, and text_offset (each
+    token's start in the returned text)."""
+    tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    lead = [None] if echo else []  # the first prompt token has nothing before it
+    offsets, pos = [], 0
+    for t in ids:
+        offsets.append(pos)
+        pos += len(tokenizer.decode([t]))
+    top = [{tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in alts} for alts in tops] \
+        if top_k else [{} for _ in logprobs]
+    return {"tokens": tokens, "token_logprobs": lead + logprobs, "top_logprobs": lead + top, "text_offset": offsets}
+
+
+__all__ = ["complete_scored"]

@@ -1,0 +1,69 @@
+"""echo / logprobs on /v1/completions (the format lm-evaluation-harness reads): every log-prob is the encoder's
+causal log p(token | before), computed in blocks of positions, and equals a direct full-vocabulary computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvaslm.scoring import encode_rows, token_logprobs
+from canvaslm.testing import SPECIALS
+
+
+def _direct(model, ids):
+    hidden = encode_rows(model, [ids])[0]
+    logp = torch.log_softmax(model.logits(hidden[:-1]), dim=-1)
+    return logp, logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_token_logprobs_match_a_direct_computation(tiny_llm, monkeypatch):
+    import canvaslm.scoring as scoring
+
+    ids = tiny_llm.tokenizer.encode("the quick brown fox", add_special_tokens=False)
+    logp, want = _direct(tiny_llm.model, ids)
+    monkeypatch.setattr(scoring, "ROWS_PER_BLOCK", 3)  # several blocks
+    got, tops = token_logprobs(tiny_llm.model, ids, 1, top_k=2)
+    assert got == pytest.approx(want, abs=1e-5)
+    best = logp.topk(2, dim=-1)
+    assert [[t for t, _ in alts] for alts in tops] == best.indices.tolist()
+    assert token_logprobs(tiny_llm.model, ids, 5)[0] == pytest.approx(want[4:], abs=1e-5)
+    assert token_logprobs(tiny_llm.model, ids, len(ids)) == ([], [])
+    with pytest.raises(ValueError, match="start"):
+        token_logprobs(tiny_llm.model, ids, 0)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(client, tiny_llm):
+    c, model = client
+    tok = tiny_llm.tokenizer
+    r = c.completions.create(model=model, prompt=["hello there", "abc"], max_tokens=0, echo=True, logprobs=2)
+    for ch, text in zip(r.choices, ["hello there", "abc"]):
+        ids = tok.encode(text)
+        lp = ch.logprobs
+        assert ch.text == text and lp.tokens == [tok.decode([t], skip_special_tokens=False) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(_direct(tiny_llm.model, ids)[1], abs=1e-4)
+        assert all(len(top) <= 2 and max(top.values()) >= v - 1e-6
+                   for top, v in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+        assert lp.text_offset == list(range(len(text)))  # one character per token here
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(tok.encode("hello there")) + 3
+
+
+def test_logprobs_of_a_completion_and_echo(client, tiny_llm):
+    c, model = client
+    tok = tiny_llm.tokenizer
+    plain = c.completions.create(model=model, prompt="hello", max_tokens=8, seed=3)
+    r = c.completions.create(model=model, prompt="hello", max_tokens=8, seed=3, logprobs=1)
+    ch = r.choices[0]
+    specials = set(SPECIALS)  # a random model may write special tokens: listed, not in the text
+    assert ch.text == plain.choices[0].text and "".join(t for t in ch.logprobs.tokens if t not in specials) == ch.text
+    out = [tok.token_to_id(t) if t in specials else tok.encode(t, add_special_tokens=False)[0]
+           for t in ch.logprobs.tokens]
+    eos = 1 if ch.finish_reason == "stop" else 0  # usage also counts a final EOS, which is not listed
+    assert len(out) == r.usage.completion_tokens - eos
+    seq = tok.encode("hello") + out
+    assert ch.logprobs.token_logprobs == pytest.approx(_direct(tiny_llm.model, seq)[1][4:], abs=1e-4)
+    echoed = c.completions.create(model=model, prompt="hello", max_tokens=8, seed=3, echo=True)
+    assert echoed.choices[0].text == "hello" + ch.text and echoed.choices[0].logprobs is None
+    lm_eval = c.completions.create(model=model, prompt=["hi a", "hi b"], max_tokens=1, echo=True, logprobs=1,
+                                   temperature=0, seed=1)  # what lm-evaluation-harness sends
+    assert all(ch.logprobs.token_logprobs[0] is None and len(ch.logprobs.tokens) >= 4 for ch in lm_eval.choices)
