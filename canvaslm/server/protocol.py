@@ -71,7 +71,6 @@ class _Common(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
     # --- diffusion extensions (extra_body) ---
     max_denoising_steps: int | None = Field(None, ge=1, le=4096, description="denoising steps per canvas (cap)")
     entropy_bound: float | None = Field(None, gt=0, le=1e6, description="entropy-bound sampler's bound")
@@ -100,8 +99,6 @@ class _Common(_Strict):
                 return name, f"{name} is not supported by the diffusion sampler; omit it or send 0"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
-        if self.logprobs not in (None, False, 0) and not isinstance(self, CompletionRequest):
-            return "logprobs", "logprobs are not supported on chat completions (use /v1/completions)"
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             return "stop", f"at most {MAX_STOP} stop strings are allowed, got {len(self.stop)}"
         if self.stream_drafts and not self.stream:
@@ -192,6 +189,7 @@ class ChatCompletionRequest(_Common):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = Field(None, description="log-probs of the reply's tokens (server/scored.py)")
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -200,8 +198,10 @@ class ChatCompletionRequest(_Common):
         problem = tool_choice_problem(self)
         if problem is not None:
             return problem
-        if self.top_logprobs:
-            return "top_logprobs", "logprobs are not supported"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs=true"
+        if self.logprobs and self.stream:
+            return "logprobs", "logprobs are not available with stream=true"
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             return "max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one"

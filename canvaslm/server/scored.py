@@ -63,6 +63,24 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
                       "decoder_passes": sum(p for _, _, _, p in outputs)}}
 
 
+async def chat_logprobs(state: ServerState, prompt: list, output_ids: list, top_k: int) -> dict:
+    """Chat's `logprobs` object for a reply: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}."""
+    ids = list(output_ids)
+    if ids and ids[-1] in set(state.eos_ids):
+        ids = ids[:-1]
+    seq = list(prompt) + ids
+    fut = state.engine.call(lambda model: token_logprobs(model, seq, len(prompt), top_k))
+    logprobs, tops = await asyncio.wrap_future(fut)
+
+    def entry(t, lp):
+        token = state.tokenizer.decode([t], skip_special_tokens=False)
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+
+    content = [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in (tops[k] if top_k else [])]}
+               for k, (t, lp) in enumerate(zip(ids, logprobs))]
+    return {"content": content, "refusal": None}
+
+
 def _tokens_of_text(tokenizer, ids: list, text: str) -> list:
     """The shortest prefix of `ids` whose text covers `text` (a stop string cut the rest)."""
     for n in range(len(ids) + 1):
@@ -85,4 +103,4 @@ def _legacy_logprobs(tokenizer, ids: list, echo: bool, logprobs: list, tops: lis
     return {"tokens": tokens, "token_logprobs": lead + logprobs, "top_logprobs": lead + top, "text_offset": offsets}
 
 
-__all__ = ["complete_scored"]
+__all__ = ["complete_scored", "chat_logprobs"]

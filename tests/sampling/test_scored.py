@@ -67,3 +67,23 @@ def test_logprobs_of_a_completion_and_echo(client, tiny_llm):
     lm_eval = c.completions.create(model=model, prompt=["hi a", "hi b"], max_tokens=1, echo=True, logprobs=1,
                                    temperature=0, seed=1)  # what lm-evaluation-harness sends
     assert all(ch.logprobs.token_logprobs[0] is None and len(ch.logprobs.tokens) >= 4 for ch in lm_eval.choices)
+
+
+def test_chat_logprobs(client, tiny_llm):
+    c, model = client
+    tok = tiny_llm.tokenizer
+    msgs = [{"role": "user", "content": "hi"}]
+    plain = c.chat.completions.create(model=model, messages=msgs, max_tokens=12, seed=4)
+    r = c.chat.completions.create(model=model, messages=msgs, max_tokens=12, seed=4, logprobs=True, top_logprobs=2)
+    ch = r.choices[0]
+    assert ch.message.content == plain.choices[0].message.content
+    entries = ch.logprobs.content
+    ids = [tok.token_to_id(e.token) if e.token in SPECIALS else tok.encode(e.token, add_special_tokens=False)[0]
+           for e in entries]
+    prompt = tok.encode_chat(msgs)
+    assert ids and r.usage.prompt_tokens == len(prompt)
+    want = _direct(tiny_llm.model, prompt + ids)[1][len(prompt) - 1:]
+    assert [e.logprob for e in entries] == pytest.approx(want, abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)
+    assert all(bytes(e.bytes).decode() == e.token for e in entries)
+    assert c.chat.completions.create(model=model, messages=msgs, max_tokens=4).choices[0].logprobs is None
