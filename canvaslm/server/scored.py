@@ -6,7 +6,8 @@ encoder's causal pass (DiffusionGemma's encoder is trained with a next-token los
 at once, with max_tokens=0), prompt + completion are encoded once on the engine thread (`Engine.call`,
 `scoring.token_logprobs`) and each token gets log p(token | everything before it) and the `logprobs`
 most likely alternatives. With echo the prompt's tokens come first (the very first has no log-prob, as in
-OpenAI's format). The final EOS is not listed, as it is not in the text.
+OpenAI's format). A final EOS is listed (clients such as lm-evaluation-harness drop the last generated
+token's entry, so every generated token must be there) though the text does not show it.
 """
 
 from __future__ import annotations
@@ -34,12 +35,9 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
                 pass
         if any(c.finish_reason is None for c in choices):
             raise APIError(499, "client closed the request", type="client_closed")
-        eos = set(state.eos_ids)
         outputs = []
         for c in choices:
-            ids = list(c.tracker.ids)
-            if ids and ids[-1] in eos:
-                ids = ids[:-1]
+            ids = list(c.tracker.ids)  # a final EOS stays listed (not in the text), as OpenAI lists its end token
             if c.tracker.stopped:  # a stop string cut the text: list the tokens the text still shows
                 ids = _tokens_of_text(state.tokenizer, ids, c.tracker.text)
             outputs.append((prompts[c.prompt_index], ids, c.finish_reason, c.decoder_passes))
