@@ -132,10 +132,11 @@ def build_app(state: ServerState) -> FastAPI:
         prompts = _completion_prompts(state, body.prompt)
         if body.suffix:
             return await _respond_infill(state, body, prompts, request)
-        if body.scored():
-            from .scored import complete_scored
+        if body.scored() or body.ranked():
+            from .scored import complete_best_of, complete_scored
 
-            return {"created": int(time.time()), **await complete_scored(state, body, prompts, request)}
+            run = complete_best_of if body.ranked() else complete_scored
+            return {"created": int(time.time()), **await run(state, body, prompts, request)}
         return await _respond(state, body, prompts, request, chat=False)
 
     @app.post("/v1/chat/completions", responses=ERRORS)

@@ -116,7 +116,12 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, ge=0, le=20, description="log-probs of each token and this many "
                                  "alternatives, under the encoder's causal pass (server/scored.py)")
     suffix: str | None = Field(None, max_length=1 << 16, description="insert mode: the text the output must lead into")
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="generate this many per prompt and return the "
+                                "n most likely under the encoder (server/scored.py)")
+
+    def ranked(self) -> bool:
+        """Whether more completions are generated than returned (best_of > n)."""
+        return self.best_of is not None and self.best_of > self.n
 
     def scored(self) -> bool:
         """Whether the reply carries echo / logprobs (server/scored.py)."""
@@ -133,8 +138,10 @@ class CompletionRequest(_Common):
             return "stream_drafts", "stream_drafts is not available with suffix (candidates are compared at the end)"
         if self.suffix and self.ignore_eos:
             return "ignore_eos", "ignore_eos cannot be combined with suffix (the suffix ends with a pinned EOS)"
-        if self.best_of not in (None, self.n):
-            return "best_of", "best_of is not supported; use n"
+        if self.best_of is not None and self.best_of < self.n:
+            return "best_of", f"best_of={self.best_of} must be at least n={self.n}"
+        if self.best_of not in (None, self.n) and (self.stream or self.suffix or self.scored()):
+            return "best_of", "best_of cannot be combined with stream, suffix, echo or logprobs"
         return super().unsupported()
 
 

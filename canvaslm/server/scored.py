@@ -8,6 +8,9 @@ at once, with max_tokens=0), prompt + completion are encoded once on the engine 
 most likely alternatives. With echo the prompt's tokens come first (the very first has no log-prob, as in
 OpenAI's format). A final EOS is listed (clients such as lm-evaluation-harness drop the last generated
 token's entry, so every generated token must be there) though the text does not show it.
+
+The same encoder pass ranks `best_of` > n completions (the n with the highest mean log-prob per token
+are returned, each with its `score`) and gives chat's `logprobs`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import contextlib
 import uuid
 
-from ..scoring import token_logprobs
+from ..scoring import score_continuations, token_logprobs
 from .serving import APIError, ServerState, check_request_basics, prepare, run_choices
 
 
@@ -61,6 +64,34 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
                       "decoder_passes": sum(p for _, _, _, p in outputs)}}
 
 
+async def complete_best_of(state: ServerState, body, prompts: list[list[int]], request) -> dict:
+    """best_of > n: generate best_of completions per prompt and return the n with the highest mean log-prob
+    per token under the encoder (OpenAI's rule), most likely first. Usage counts every completion made."""
+    check_request_basics(state, body, prompts)  # the request as sent (the widened one always has best_of == n)
+    wide = body.model_copy(update={"n": body.best_of})
+    choices = await asyncio.to_thread(prepare, state, wide, prompts)
+    async with contextlib.aclosing(run_choices(state, choices, request.is_disconnected)) as events:
+        async for _ in events:
+            pass
+    if any(c.finish_reason is None for c in choices):
+        raise APIError(499, "client closed the request", type="client_closed")
+    out = []
+    for p_index, prompt in enumerate(prompts):
+        group = [c for c in choices if c.prompt_index == p_index]
+        conts = [list(c.tracker.ids) for c in group]
+        fut = state.engine.call(lambda model, prompt=prompt, conts=conts: score_continuations(model, prompt, conts))
+        scores = await asyncio.wrap_future(fut)
+        order = sorted(range(len(group)), key=lambda k: (-scores[k] if conts[k] else float("inf"), k))[:body.n]
+        out += [{"index": len(out) + r, "text": group[k].tracker.text, "finish_reason": group[k].finish_reason,
+                 "logprobs": None, "score": scores[k]} for r, k in enumerate(order)]
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(len(c.tracker.ids) for c in choices)
+    return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "model": body.model, "choices": out,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion,
+                      "decoder_passes": sum(c.decoder_passes for c in choices)}}
+
+
 async def chat_logprobs(state: ServerState, prompt: list, output_ids: list, top_k: int) -> dict:
     """Chat's `logprobs` object for a reply: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}."""
     ids = list(output_ids)
@@ -101,4 +132,4 @@ def _legacy_logprobs(tokenizer, ids: list, echo: bool, logprobs: list, tops: lis
     return {"tokens": tokens, "token_logprobs": lead + logprobs, "top_logprobs": lead + top, "text_offset": offsets}
 
 
-__all__ = ["complete_scored", "chat_logprobs"]
+__all__ = ["complete_scored", "complete_best_of", "chat_logprobs"]

@@ -89,3 +89,16 @@ def test_chat_logprobs(client, tiny_llm):
     assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)
     assert all(bytes(e.bytes).decode() == e.token for e in entries)
     assert c.chat.completions.create(model=model, messages=msgs, max_tokens=4).choices[0].logprobs is None
+
+
+def test_best_of_returns_the_most_likely_completions(client):
+    """best_of=4, n=2: the two returned are the two with the highest mean log-prob per token among the four that
+    n=4 gives for the same seed (their per-token log-probs, from the logprobs path, give the same scores)."""
+    c, model = client
+    four = c.completions.create(model=model, prompt="hello", max_tokens=8, seed=9, n=4, logprobs=0)
+    best = c.completions.create(model=model, prompt="hello", max_tokens=8, seed=9, n=2, best_of=4)
+    scores = [sum(ch.logprobs.token_logprobs) / len(ch.logprobs.token_logprobs) for ch in four.choices]
+    ranked = sorted(range(4), key=lambda k: -scores[k])[:2]
+    assert [ch.text for ch in best.choices] == [four.choices[k].text for k in ranked]
+    assert [ch.model_extra["score"] for ch in best.choices] == pytest.approx([scores[k] for k in ranked], abs=1e-4)
+    assert best.usage.completion_tokens == four.usage.completion_tokens  # all four were made

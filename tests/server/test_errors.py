@@ -51,6 +51,8 @@ BAD = [  # (route, body, expected status, the param the error must name)
     ("completions", {**OK, "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
     ("completions", {**OK, "stop_token_ids": ["a"]}, 400, "stop_token_ids"),
     ("completions", {**OK, "logprobs": 21}, 400, "logprobs"),
+    ("completions", {**OK, "n": 3, "best_of": 2}, 400, "best_of"),
+    ("completions", {**OK, "best_of": 3, "stream": True}, 400, "best_of"),
     ("completions", {**OK, "echo": True, "stream": True}, 400, "stream"),
     ("completions", {**OK, "logprobs": 1, "suffix": "x"}, 400, "suffix"),
     ("chat/completions", {**CHAT, "logprobs": True, "stream": True}, 400, "logprobs"),
