@@ -214,6 +214,11 @@ class Tokenizer:
             raise KeyError(f"id {token_id} is not in the vocabulary of {self.name} (size {self.vocab_size})")
         return token
 
+    def set_chat_template(self, source: str, origin: str = "chat template") -> None:
+        """Use `source` (Jinja) as the chat template instead of the checkpoint's (vLLM's --chat-template)."""
+        self._template = _compile_template(source, origin)  # raises ValueError naming the origin on bad syntax
+        self.chat_template = source
+
     # -- text <-> ids -------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

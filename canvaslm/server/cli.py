@@ -36,7 +36,24 @@ def add_parser(subparsers) -> None:
                    help="largest max_denoising_steps a request may ask for")
     p.add_argument("--regex-timeout", type=_seconds, default=10.0,
                    help="seconds a guided_regex may take to compile before the request gets a 400 (default 10)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template to use instead of the checkpoint's (or where it has none)")
     p.set_defaults(func=_serve)
+
+
+def _read_template(args) -> str:
+    from pathlib import Path
+
+    from ..tokenizer import _compile_template
+
+    path = Path(args.chat_template)
+    if not path.is_file():
+        raise FileNotFoundError(f"--chat-template: {path} does not exist")
+    if not (Path(args.model_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"--chat-template: {args.model_dir} has no tokenizer.json to apply it to")
+    source = path.read_text(encoding="utf-8")
+    _compile_template(source, f"--chat-template {path}")  # a syntax error names the file and line now
+    return source
 
 
 def _serve(args) -> int:
@@ -47,11 +64,14 @@ def _serve(args) -> int:
     from .app import build_app
     from .launch import build_state
 
+    template = _read_template(args) if args.chat_template is not None else None  # fail before loading a model
     limit = ModelConfig.from_dir(args.model_dir).max_position_embeddings
     config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len or min(limit, 4096),
                           prefill_chunk=args.prefill_chunk)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout)
+    if template is not None:
+        state.tokenizer.set_chat_template(template, args.chat_template)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "

@@ -14,12 +14,15 @@ from canvaslm.server.launch import free_port
 
 
 @pytest.mark.parametrize("quantization", [None, "int4"])
-def test_serve_subprocess_with_api_key(tiny_checkpoint, quantization):
+def test_serve_subprocess_with_api_key(tiny_checkpoint, quantization, tmp_path):
     port = free_port()
     quant = ["--quantization", quantization] if quantization else []
+    template = tmp_path / "t.jinja"
+    template.write_text("CUSTOM:{% for m in messages %}{{ m['content'] }}{% endfor %}")
     proc = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "serve", str(tiny_checkpoint), "--port", str(port),
                              "--device", "cpu", "--api-key", "k", "--max-batch", "2", "--max-model-len", "128",
-                             "--served-model-name", "tiny-cli", *quant], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--served-model-name", "tiny-cli", "--chat-template", str(template), *quant],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
         while True:
@@ -34,6 +37,18 @@ def test_serve_subprocess_with_api_key(tiny_checkpoint, quantization):
         client = OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
         out = client.completions.create(model="tiny-cli", prompt="hello", max_tokens=16, seed=1)
         assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens >= 1
+        ids = httpx.post(base + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]},
+                         headers={"Authorization": "Bearer k"}).json()["tokens"]
+        assert len(ids) == len("CUSTOM:hi")  # the --chat-template renders the chat prompt (one char per token)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_serve_refuses_a_bad_chat_template_before_loading(tiny_checkpoint, tmp_path):
+    from canvaslm.cli import main
+
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    assert main(["serve", str(tiny_checkpoint), "--chat-template", str(tmp_path / "missing.jinja")]) == 2
+    assert main(["serve", str(tiny_checkpoint), "--chat-template", str(bad)]) == 2
