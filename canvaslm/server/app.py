@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import render_metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest
-from .serving import APIError, ServerState, prepare, run_choices, usage
+from .serving import APIError, ServerState, prepare, run_choices, run_to_end, usage
 from .tools import ToolReply, auto_tools, chosen_tools, forced_tool
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -218,11 +218,7 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
         gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    async with contextlib.aclosing(run_choices(state, choices, request.is_disconnected)) as events:
-        async for _ in events:
-            pass  # the trackers accumulate the text; drafts are not requested without stream
-    if any(c.finish_reason is None for c in choices):
-        raise APIError(499, "client closed the request", type="client_closed")
+    await run_to_end(state, choices, request)  # the trackers accumulate the text
     if replies:
         out = [{"index": c.index, "message": replies[c.index].message(c.tracker.text, c.tracker.ids),
                 "finish_reason": replies[c.index].finish_reason(c.finish_reason, c.tracker.ids), "logprobs": None}

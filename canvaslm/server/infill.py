@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..engine.engine import GenerationRequest
 from ..infill import best, candidates, checked_gaps, middle_text, score_continuations
-from .serving import GUIDED, APIError, Choice, ServerState, TextTracker, resolve_params, run_choices
+from .serving import GUIDED, APIError, Choice, ServerState, TextTracker, resolve_params, run_to_end
 
 MAX_ROWS = 64  # engine requests per HTTP request (prompts x n x gaps)
 
@@ -84,14 +84,7 @@ async def complete_infill(state: ServerState, body, prompts, request) -> dict:
     flat = [c for g in groups for c in g.candidates]
     for i, c in enumerate(flat):  # run_choices tells choices apart by index
         c.index = i
-    events = run_choices(state, flat, request.is_disconnected)
-    try:
-        async for _ in events:
-            pass
-    finally:
-        await events.aclose()
-    if any(c.finish_reason is None for c in flat):
-        raise APIError(499, "client closed the request", type="client_closed")
+    await run_to_end(state, flat, request)
     out, completion = [], 0
     for g in groups:
         middles = [c.tracker.ids[:gap] for c, gap in zip(g.candidates, g.gaps)]

@@ -16,11 +16,10 @@ are returned, each with its `score`) and gives chat's `logprobs`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
 from ..scoring import score_continuations, token_logprobs
-from .serving import APIError, ServerState, check_request_basics, prepare, run_choices
+from .serving import APIError, ServerState, check_request_basics, prepare, run_to_end
 
 
 async def complete_scored(state: ServerState, body, prompts: list[list[int]], request) -> dict:
@@ -33,11 +32,7 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
         completion = 0
     else:
         choices = await asyncio.to_thread(prepare, state, body, prompts)
-        async with contextlib.aclosing(run_choices(state, choices, request.is_disconnected)) as events:
-            async for _ in events:
-                pass
-        if any(c.finish_reason is None for c in choices):
-            raise APIError(499, "client closed the request", type="client_closed")
+        await run_to_end(state, choices, request)
         outputs = []
         for c in choices:
             ids = list(c.tracker.ids)  # a final EOS stays listed (not in the text), as OpenAI lists its end token
@@ -57,11 +52,7 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
             logprobs, tops = await asyncio.wrap_future(fut)
             choice["logprobs"] = _legacy_logprobs(state.tokenizer, shown, body.echo, logprobs, tops, top_k)
         out.append(choice)
-    prompt_tokens = sum(len(p) for p in prompts)
-    return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "model": body.model, "choices": out,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion,
-                      "decoder_passes": sum(p for _, _, _, p in outputs)}}
+    return _response(body, out, prompts, completion, sum(p for _, _, _, p in outputs))
 
 
 async def complete_best_of(state: ServerState, body, prompts: list[list[int]], request) -> dict:
@@ -70,11 +61,7 @@ async def complete_best_of(state: ServerState, body, prompts: list[list[int]], r
     check_request_basics(state, body, prompts)  # the request as sent (the widened one always has best_of == n)
     wide = body.model_copy(update={"n": body.best_of})
     choices = await asyncio.to_thread(prepare, state, wide, prompts)
-    async with contextlib.aclosing(run_choices(state, choices, request.is_disconnected)) as events:
-        async for _ in events:
-            pass
-    if any(c.finish_reason is None for c in choices):
-        raise APIError(499, "client closed the request", type="client_closed")
+    await run_to_end(state, choices, request)
     out = []
     for p_index, prompt in enumerate(prompts):
         group = [c for c in choices if c.prompt_index == p_index]
@@ -84,12 +71,15 @@ async def complete_best_of(state: ServerState, body, prompts: list[list[int]], r
         order = sorted(range(len(group)), key=lambda k: (-scores[k] if conts[k] else float("inf"), k))[:body.n]
         out += [{"index": len(out) + r, "text": group[k].tracker.text, "finish_reason": group[k].finish_reason,
                  "logprobs": None, "score": scores[k]} for r, k in enumerate(order)]
+    return _response(body, out, prompts, sum(len(c.tracker.ids) for c in choices),
+                     sum(c.decoder_passes for c in choices))
+
+
+def _response(body, choices: list, prompts: list, completion: int, passes: int) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
-    completion = sum(len(c.tracker.ids) for c in choices)
-    return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "model": body.model, "choices": out,
+    return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "model": body.model, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion,
-                      "decoder_passes": sum(c.decoder_passes for c in choices)}}
+                      "total_tokens": prompt_tokens + completion, "decoder_passes": passes}}
 
 
 async def chat_logprobs(state: ServerState, prompt: list, output_ids: list, top_k: int) -> dict:

@@ -11,6 +11,7 @@ non-streamed text. Leaving the generator early (client gone) cancels every unfin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import uuid
@@ -311,6 +312,15 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
     finally:
         for rid in live:  # the client left, or an error: free the slots
             state.engine.cancel(rid)
+
+
+async def run_to_end(state: ServerState, choices: list[Choice], request) -> None:
+    """Run every choice to its end (not streamed: the trackers hold the text); a 499 if the client left."""
+    async with contextlib.aclosing(run_choices(state, choices, request.is_disconnected)) as events:
+        async for _ in events:
+            pass
+    if any(c.finish_reason is None for c in choices):
+        raise APIError(499, "client closed the request", type="client_closed")
 
 
 def draft_payload(state: ServerState, c: Choice, ev: Draft) -> dict:

@@ -67,6 +67,7 @@ def test_tokenizers_without_the_call_tokens_have_no_parser(tiny_llm):
 def scripted(monkeypatch, tok):
     """The server's engine output replaced by SCRIPT's tokens, committed in three parts."""
     import canvaslm.server.app as app
+    import canvaslm.server.serving as serving
 
     ids = tok.encode(SCRIPT, add_special_tokens=False) + [tok.eos_ids[0]]
     parts = [ids[:9], ids[9:30], ids[30:]]
@@ -82,7 +83,8 @@ def scripted(monkeypatch, tok):
             c.finish_reason = "stop"
             yield "finish", c.index, "stop"
 
-    monkeypatch.setattr(app, "run_choices", run_choices)
+    monkeypatch.setattr(app, "run_choices", run_choices)  # the stream's loop
+    monkeypatch.setattr(serving, "run_choices", run_choices)  # run_to_end's
 
 
 def test_server_auto_reads_calls_whole_and_streamed(native_dir, scripted):
