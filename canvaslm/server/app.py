@@ -228,18 +228,17 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
         out = [{"index": c.index, "message": {"role": "assistant", "content": c.tracker.text},
                 "finish_reason": c.finish_reason, "logprobs": None} for c in choices]
         obj = "chat.completion"
-        if body.logprobs:
-            from .scored import chat_logprobs
-
-            if state.tokenizer is None:
-                raise APIError(400, "logprobs need the checkpoint's tokenizer, and this server has none", "logprobs")
-            for o, c in zip(out, choices):
-                o["logprobs"] = await chat_logprobs(state, prompts[c.prompt_index], c.tracker.ids,
-                                                    body.top_logprobs or 0)
     else:
         out = [{"index": c.index, "text": c.tracker.text, "finish_reason": c.finish_reason, "logprobs": None}
                for c in choices]
         obj = "text_completion"
+    if chat and body.logprobs:  # a tool reply's too: the log-probs of the tokens it was read from
+        from .scored import chat_logprobs
+
+        if state.tokenizer is None:
+            raise APIError(400, "logprobs need the checkpoint's tokenizer, and this server has none", "logprobs")
+        for o, c in zip(out, choices):
+            o["logprobs"] = await chat_logprobs(state, prompts[c.prompt_index], c.tracker.ids, body.top_logprobs or 0)
     return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": out,
             "usage": usage(choices, prompts)}
 

@@ -89,6 +89,12 @@ def test_chat_logprobs(client, tiny_llm):
     assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)
     assert all(bytes(e.bytes).decode() == e.token for e in entries)
     assert c.chat.completions.create(model=model, messages=msgs, max_tokens=4).choices[0].logprobs is None
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}}}}
+    call = c.chat.completions.create(model=model, messages=msgs, tools=[tool], tool_choice="required", seed=2,
+                                     logprobs=True).choices[0]
+    tokens = "".join(e.token for e in call.logprobs.content if e.token not in SPECIALS)
+    assert tokens == call.message.tool_calls[0].function.arguments  # the call was read from these tokens
 
 
 def test_best_of_returns_the_most_likely_completions(client):
