@@ -239,13 +239,14 @@ class LLM:
             if found:
                 res.text, res.tool_calls = text, calls(found)
             return res
-        from .sampling.tool_call import call_arguments, call_constraint, declared_functions
+        from .sampling.tool_call import call_arguments, call_constraint
 
         constraint, forced = call_constraint(tools, tool_choice, self.tokenizer)
         sp = dataclasses.replace(params or SamplingParams(), constraint=constraint)
         res = self.generate([prompt], sp, **kw)[0]
         try:
-            res.tool_calls = calls([call_arguments(res.text, [n for n, _ in declared_functions(tools)], forced)])
+            names = constraint.names if forced is None else []  # the model picked among the constraint's names
+            res.tool_calls = calls([call_arguments(res.text, names, forced)])
         except ValueError:  # cut by max_new_tokens: no whole call
             pass
         return res

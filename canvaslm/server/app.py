@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import render_metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest
-from .serving import APIError, ServerState, prepare, run_choices, run_to_end, usage
+from .serving import APIError, ServerState, need_tokenizer, prepare, run_choices, run_to_end, usage
 from .tools import ToolReply, auto_tools, chosen_tools, forced_tool
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -235,8 +235,7 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     if chat and body.logprobs:  # a tool reply's too: the log-probs of the tokens it was read from
         from .scored import chat_logprobs
 
-        if state.tokenizer is None:
-            raise APIError(400, "logprobs need the checkpoint's tokenizer, and this server has none", "logprobs")
+        need_tokenizer(state, "logprobs")
         for o, c in zip(out, choices):
             o["logprobs"] = await chat_logprobs(state, prompts[c.prompt_index], c.tracker.ids, body.top_logprobs or 0)
     return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": out,

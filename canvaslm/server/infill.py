@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from ..engine.engine import GenerationRequest
 from ..infill import best, candidates, checked_gaps, middle_text, score_continuations
-from .serving import GUIDED, APIError, Choice, ServerState, TextTracker, resolve_params, run_to_end
+from .serving import (APIError, Choice, ServerState, TextTracker, check_request_basics, need_tokenizer, resolve_params,
+                      run_to_end)
 
 MAX_ROWS = 64  # engine requests per HTTP request (prompts x n x gaps)
 
@@ -38,20 +39,16 @@ class Group:
 
 
 def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[Group]:
-    from .serving import check_request_basics
-
     check_request_basics(state, body, prompts)
     if body.stop_list():
         raise APIError(400, "stop strings would cut the middle before its suffix; send no stop with suffix", "stop")
     if body.stop_token_ids:
         raise APIError(400, "stop_token_ids would end the middle before its suffix; send none with suffix",
                        "stop_token_ids")
-    others = [n for n in GUIDED if getattr(body, n, None) is not None]
-    if others or (body.response_format is not None and body.response_format.type != "text"):
-        raise APIError(400, f"suffix and {(others or ['response_format'])[0]} both constrain the output; send one",
-                       "suffix")
-    if state.tokenizer is None:
-        raise APIError(400, "suffix needs the checkpoint's tokenizer, and this server has none", "suffix")
+    others = body.constraint_fields()
+    if others:
+        raise APIError(400, f"suffix and {others[0]} both constrain the output; send one", "suffix")
+    need_tokenizer(state, "suffix")
     suffix_ids = state.tokenizer.encode(body.suffix, add_special_tokens=False)
     C, seed = state.canvas_length, body.seed if body.seed is not None else random.randrange(2**63)
     groups, rows = [], 0

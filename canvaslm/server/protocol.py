@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..tokenizer import tool_arguments_as_objects
 
+GUIDED = ("guided_json", "guided_choice", "guided_regex")  # vLLM's names for constrained output
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI
 INT64 = 2**63 - 1
@@ -85,6 +86,14 @@ class _Common(_Strict):
         None, description="a JSON schema (object or JSON text): response_format json_schema, vLLM's name")
     guided_regex: str | None = Field(None, max_length=4096,
                                      description="the output is a whole match of this regular expression")
+
+    def constraint_fields(self) -> list[str]:
+        """The output constraints this body sets, in the order errors name them: vLLM's guided_* fields,
+        then response_format (other than text)."""
+        given = [n for n in GUIDED if getattr(self, n, None) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        return given
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

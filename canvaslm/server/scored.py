@@ -19,13 +19,11 @@ import asyncio
 import uuid
 
 from ..scoring import score_continuations, token_logprobs
-from .serving import APIError, ServerState, check_request_basics, prepare, run_to_end
+from .serving import ServerState, check_request_basics, need_tokenizer, prepare, run_to_end
 
 
 async def complete_scored(state: ServerState, body, prompts: list[list[int]], request) -> dict:
-    if state.tokenizer is None:
-        raise APIError(400, "echo and logprobs need the checkpoint's tokenizer, and this server has none",
-                       "logprobs" if body.logprobs is not None else "echo")
+    need_tokenizer(state, "logprobs" if body.logprobs is not None else "echo")
     if body.max_tokens == 0:  # score the prompt only
         check_request_basics(state, body, prompts)
         outputs = [(p, [], "length", 0) for p in prompts for _ in range(body.n)]

@@ -131,23 +131,20 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
     return params
 
 
-GUIDED = ("guided_json", "guided_choice", "guided_regex")  # vLLM's names for constrained output
-
-
 def build_constraint(state: ServerState, body: _Common):
     """The canvas constraint for a tool call, response_format, guided_json, guided_choice or
     guided_regex (one at most), or None."""
     max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
     if forced_tool(body) is not None or chosen_tools(body) is not None:
         return _tool_constraint(state, body, max_tokens)
-    rf = body.response_format if body.response_format is not None and body.response_format.type != "text" else None
-    given = [n for n in GUIDED if getattr(body, n, None) is not None] + (["response_format"] if rf else [])
+    given = body.constraint_fields()
     if not given:
         return None
     name = given[0]
     if len(given) > 1:
         raise APIError(400, f"{name} and {given[1]} both constrain the output; send one", name)
     if name == "response_format":
+        rf = body.response_format
         if rf.type != "json_schema":
             raise APIError(400, f"response_format type {rf.type!r} is not supported (use 'text' or 'json_schema')",
                            name)
@@ -164,7 +161,7 @@ def build_constraint(state: ServerState, body: _Common):
         if not isinstance(schema, dict):
             raise APIError(400, f"guided_json must be a JSON schema object, got {type(schema).__name__}", name)
         return _json_constraint(state, schema, max_tokens, name, name)
-    _need_tokenizer(state, name)
+    need_tokenizer(state, name)
     try:
         if name == "guided_choice":
             from ..sampling.choice import ChoiceConstraint
@@ -182,7 +179,8 @@ def build_constraint(state: ServerState, body: _Common):
         raise APIError(400, str(e), name) from None
 
 
-def _need_tokenizer(state: ServerState, name: str) -> None:
+def need_tokenizer(state: ServerState, name: str) -> None:
+    """A 400 naming `name` when the server has no tokenizer (text in or out needs one)."""
     if state.tokenizer is None:
         raise APIError(400, f"{name} needs the checkpoint's tokenizer, and this server has none", name)
 
@@ -193,7 +191,7 @@ def _tool_constraint(state: ServerState, body, max_tokens):
     from ..sampling.json_schema import JsonSchemaConstraint
     from ..sampling.tool_call import call_constraint
 
-    _need_tokenizer(state, "tools")
+    need_tokenizer(state, "tools")
     choice = body.tool_choice if isinstance(body.tool_choice, str) else body.tool_choice.model_dump()
     try:
         c, _ = call_constraint([t.model_dump(exclude_none=True) for t in body.tools], choice, state.tokenizer)
@@ -210,7 +208,7 @@ def _json_constraint(state: ServerState, schema: dict, max_tokens, field: str, p
     """The JSON-schema canvas constraint (sampling/json_schema.py); errors name `field`."""
     from ..sampling.json_schema import constraint_from_response_format
 
-    _need_tokenizer(state, field)
+    need_tokenizer(state, field)
     try:
         return constraint_from_response_format({"type": "json_schema", "json_schema": {"schema": schema}},
                                                state.tokenizer, max_tokens)

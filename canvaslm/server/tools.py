@@ -37,9 +37,7 @@ def tool_choice_problem(body) -> tuple[str, str] | None:
         return "tool_choice", f"tool_choice names {choice.function.name!r}, which is not in tools {names}"
     if body.stop_list() and choice != "auto":
         return "stop", "stop strings would cut a tool call's arguments; send no stop with a tool call"
-    others = [n for n in ("guided_json", "guided_choice", "guided_regex") if getattr(body, n) is not None]
-    if body.response_format is not None and body.response_format.type != "text":
-        others.append("response_format")
+    others = body.constraint_fields()
     if others:
         return "tool_choice", f"a tool call and {others[0]} both constrain the output; send one"
     return None
