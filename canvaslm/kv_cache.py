@@ -9,6 +9,11 @@ holds (-1 = empty); attention masks are built from it, so the ring order never m
 Writes need no host sync: each buffer has one scratch column past its S columns, and a token the
 cache does not keep (padding, or a ring's overwritten positions) is written there instead of being
 filtered out with a boolean mask, which would read the mask back to the host. Reads never see it.
+
+With `prefix_store=True` (prefix caching) each sliding layer also writes every position to a
+full-length copy that attention never reads. When a slot is handed to a request that reuses its first
+L positions, `keep_prefix` rebuilds the ring as it stood right after position L - 1 from that copy:
+the later positions the previous owner wrote had overwritten part of it.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ class CacheFullError(ValueError):
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype=torch.float32,
-                 device="cpu", keep_full_window: bool = False):
-        """keep_full_window: sliding layers keep every position too (training decodes any canvas)."""
+                 device="cpu", keep_full_window: bool = False, prefix_store: bool = False):
+        """keep_full_window: sliding layers keep every position too (training decodes any canvas).
+        prefix_store: sliding layers also keep a full-length copy for `keep_prefix` (module docstring)."""
         self.cfg, self.num_slots, self.max_len = cfg, num_slots, max_len
         self.window = cfg.sliding_window
         self.size = {FULL: max_len, SLIDING: max_len if keep_full_window else min(self.window - 1, max_len)}
@@ -35,6 +41,12 @@ class KVCache:
             shape = (num_slots, cfg.num_kv_heads[i], self.size[t] + 1, cfg.head_dims[i])
             self.k.append(torch.zeros(shape, dtype=dtype, device=device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+        self.store = {}  # layer -> (k, v) [num_slots, kv_heads, max_len + 1, head_dim]: the prefix store
+        for i, t in enumerate(cfg.layer_types):
+            if prefix_store and self.size[t] < max_len:
+                shape = (num_slots, cfg.num_kv_heads[i], max_len + 1, cfg.head_dims[i])
+                self.store[i] = (torch.zeros(shape, dtype=dtype, device=device),
+                                 torch.zeros(shape, dtype=dtype, device=device))
         self.pos = {t: torch.full((num_slots, self.size[t] + 1), -1, dtype=torch.long, device=device)
                     for t in set(cfg.layer_types)}
         # next free position of each slot = tokens already encoded
@@ -45,7 +57,7 @@ class KVCache:
         return self.lengths.device
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + [x for kv in self.store.values() for x in kv])
 
     def reset(self, slots=None):
         """Forget what the given slots (all if None) hold."""
@@ -55,6 +67,32 @@ class KVCache:
         for t in self.pos:
             self.pos[t][slots] = -1
         self.lengths[slots] = 0
+
+    def keep_prefix(self, slots: list[int], keep: list[int]) -> None:
+        """Keep only positions < keep[i] of slot slots[i] (0 forgets everything): prefix caching hands a
+        slot to a request whose prompt starts with those tokens. Full layers just forget the later
+        positions; sliding rings are rebuilt from the prefix store (module docstring)."""
+        if self.store and any(n > 0 for n in keep):
+            self._restore_rings(slots, keep)
+        slot_t = torch.as_tensor(slots, device=self.device, dtype=torch.long)
+        keep_t = torch.as_tensor(keep, device=self.device, dtype=torch.long)
+        for t, p in self.pos.items():
+            rows = p.index_select(0, slot_t)
+            p.index_copy_(0, slot_t, torch.where(rows < keep_t[:, None], rows, -1))
+        self.lengths.index_copy_(0, slot_t, keep_t)
+
+    def _restore_rings(self, slots: list[int], keep: list[int]) -> None:
+        size = self.size[SLIDING]
+        for slot, n in zip(slots, keep):
+            if n <= 0:
+                continue
+            pos = torch.arange(max(0, n - size), n, device=self.device)  # what the ring held after n - 1
+            cols = pos % size
+            for layer, (sk, sv) in self.store.items():
+                self.k[layer][slot][:, cols] = sk[slot][:, pos]
+                self.v[layer][slot][:, cols] = sv[slot][:, pos]
+            self.pos[SLIDING][slot] = -1
+            self.pos[SLIDING][slot, cols] = pos
 
     def old_positions(self, slots: torch.Tensor) -> dict:
         """Position tables of the given slots, read once per forward before any layer writes."""
@@ -86,6 +124,11 @@ class KVCache:
         rows, cols, _ = self._targets(self.cfg.layer_types[layer], slots, q_pos)
         self.k[layer][rows, :, cols, :] = k.transpose(1, 2).to(self.k[layer].dtype)
         self.v[layer][rows, :, cols, :] = v.transpose(1, 2).to(self.v[layer].dtype)
+        if layer in self.store:  # every position, padding to the scratch column
+            sk, sv = self.store[layer]
+            cols = torch.where(q_pos >= 0, q_pos, self.max_len)
+            sk[rows, :, cols, :] = k.transpose(1, 2).to(sk.dtype)
+            sv[rows, :, cols, :] = v.transpose(1, 2).to(sv.dtype)
 
     def commit_positions(self, slots: torch.Tensor, q_pos: torch.Tensor):
         """After all layers wrote: record the new positions and advance slot lengths."""

@@ -39,6 +39,7 @@ class EngineConfig:
     prefill_chunk: int = 512  # prompt tokens encoded per request per step
     kv_budget_tokens: int | None = None  # admission budget (default: num_slots * max_model_len)
     max_wait_plans: int = 16  # scheduler aging: no request waits longer than this many plans
+    prefix_caching: bool = True  # a new request reuses the KV of a prompt prefix a freed slot holds
 
     def __post_init__(self):
         for name in ("max_batch", "max_model_len", "prefill_chunk", "max_wait_plans"):
@@ -92,6 +93,7 @@ class Finish:
     num_tokens: int
     decoder_passes: int
     message: str | None = None  # for 'error'
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -122,6 +124,8 @@ class EngineStats:
         self.ttft_sum = 0.0
         self.tpf_sum = 0.0  # tokens per forward, summed over finished requests
         self.tpf_count = 0
+        self.prompt_tokens = 0  # prompt tokens of finished requests
+        self.cached_prompt_tokens = 0  # ... of which the prefix cache supplied the KV
         self._recent = collections.deque()  # (time, denoise_rows, tokens)
 
     def record_step(self, now: float, denoise_rows: int, tokens: int) -> None:
@@ -149,9 +153,11 @@ class Engine:
     def __init__(self, model, config: EngineConfig, history_depth: int = 1):
         cfg = model.cfg
         self.config, self.canvas_length = config, cfg.canvas_length
+        self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth,
+                             prefix_caching=config.prefix_caching)
         self.scheduler = Scheduler(config.max_batch, config.kv_budget, config.slots, config.prefill_chunk,
-                                   cfg.canvas_length, max_wait_plans=config.max_wait_plans)
-        self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth)
+                                   cfg.canvas_length, max_wait_plans=config.max_wait_plans,
+                                   prefix_caching=config.prefix_caching)
         self.stats = EngineStats()
         self._sinks: dict[str, _Sink] = {}
         self._inbox: collections.deque = collections.deque()
@@ -285,9 +291,11 @@ class Engine:
         self.stats.record_step(now, len(plan.denoise), tokens)
         for state in finished:
             message = result.errors.get(state.request_id)
-            self._finish(state.request_id, state.finish_reason, len(state.output_ids), message)
+            self.stats.prompt_tokens += state.prompt_len
+            self.stats.cached_prompt_tokens += state.cached_len
+            self._finish(state.request_id, state.finish_reason, len(state.output_ids), message, state.cached_len)
 
-    def _finish(self, rid: str, reason: str, num_tokens: int, message: str | None = None) -> None:
+    def _finish(self, rid: str, reason: str, num_tokens: int, message: str | None = None, cached: int = 0) -> None:
         passes = self.runner.decoder_passes(rid)
         self.runner.remove(rid)
         sink = self._sinks.pop(rid, None)
@@ -296,4 +304,4 @@ class Engine:
             self.stats.tpf_sum += num_tokens / passes
             self.stats.tpf_count += 1
         if sink is not None:
-            sink.put(Finish(rid, reason, num_tokens, passes, message))
+            sink.put(Finish(rid, reason, num_tokens, passes, message, cached))

@@ -45,6 +45,7 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)  # committed tokens, at most max_new_tokens
     finish_reason: str | None = None  # one of FINISH_REASONS once done
     plans_waited: int = 0  # consecutive plans with work ready but not scheduled (aging)
+    cached_len: int = 0  # prompt tokens whose KV was reused from the slot's previous owner (prefix caching)
 
     def __post_init__(self) -> None:
         self.prompt_ids = tuple(self.prompt_ids)

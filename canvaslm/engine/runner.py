@@ -67,7 +67,9 @@ class RunnerError(ValueError):
 
 
 class Runner:
-    def __init__(self, model, num_slots: int, max_model_len: int, history_depth: int = 1):
+    def __init__(self, model, num_slots: int, max_model_len: int, history_depth: int = 1,
+                 prefix_caching: bool = False):
+        """prefix_caching: the cache keeps what `StepPlan.reuse` needs (a full copy of the sliding rings)."""
         cfg = model.cfg
         if num_slots < 1 or max_model_len <= cfg.canvas_length:
             raise RunnerError(f"Runner: num_slots={num_slots} must be >= 1 and max_model_len={max_model_len} "
@@ -77,7 +79,8 @@ class Runner:
         self.num_slots, self.max_model_len, self.history_depth = num_slots, max_model_len, history_depth
         C, d, S = cfg.canvas_length, cfg.hidden_size, num_slots
         # one extra scratch slot: the target of all-padding rows that keep small encoder calls batch-invariant
-        self.cache = KVCache(cfg, S + 1, max_model_len, dtype=self.dtype, device=self.device)
+        self.cache = KVCache(cfg, S + 1, max_model_len, dtype=self.dtype, device=self.device,
+                             prefix_store=prefix_caching)
         self.canvas = torch.zeros(S, C, dtype=torch.long, device=self.device)  # [S, C]
         self.argmax = torch.zeros(S, C, dtype=torch.long, device=self.device)  # [S, C]
         self.sc_embeds = torch.zeros(S, C, d, dtype=self.dtype, device=self.device)  # [S, C, d]
@@ -115,6 +118,8 @@ class Runner:
     def execute(self, plan: StepPlan) -> StepOutput:
         if plan.freed_slots:
             self.cache.reset(list(plan.freed_slots))
+        if plan.reuse:  # prefix caching: a new owner keeps the prompt prefix the slot already holds
+            self.cache.keep_prefix([s for s, _ in plan.reuse], [n for _, n in plan.reuse])
         for item in (*plan.encode, *plan.denoise):
             req = self._get(item.request_id)
             if req.slot != item.slot:

@@ -6,7 +6,8 @@ and the bookkeeping of every RequestState. It never touches tensors and imports 
 runner executes a `StepPlan` and reports a `StepResult`.
 
 One engine step is one plan:
-  1. the runner resets every slot in `plan.freed_slots` (this very plan may reuse them);
+  1. the runner resets every slot in `plan.freed_slots` (this very plan may reuse them), then cuts
+     each slot in `plan.reuse` down to its first L positions (prefix caching, below);
   2. runs one encoder call over `plan.encode` (prefill chunks and canvas commits of many requests);
   3. runs one decoder call over `plan.denoise` (one denoising step for each listed canvas);
   4. calls `scheduler.update(plan, result)`; only then may `plan()` be called again.
@@ -33,6 +34,16 @@ Policy
   at `max_wait_plans` it is overdue and goes ahead of the policy order above, overdue ones in
   pure arrival order. This holds for admission, encode and denoise alike, so under any stream of
   new requests an old request advances within a bounded number of plans.
+- Prefix caching (`prefix_caching=True`): a freed slot keeps its KV, and the scheduler remembers the
+  prompt tokens its owner encoded. A new request takes the free slot it can reuse the most of (ties:
+  the slot freed longest ago, then the lowest) and skips encoding that part; the plan's `reuse` tells
+  the runner to keep those positions and forget the rest (the runner's cache keeps a full-length copy
+  of the sliding layers' rings for this). Reuse never changes a result: a prompt is always encoded in
+  chunks that start at multiples of `prefill_chunk`, so reusing whole chunks (or a whole identical
+  prompt) keeps exactly the rows a fresh encode would write, computed by the same calls. The price is
+  that reuse comes in steps of `prefill_chunk` tokens. Canvases encoded at commits are not reused (a
+  later prompt holding them would chunk them differently), and a request that ended in an error
+  leaves nothing.
 """
 
 from __future__ import annotations
@@ -81,6 +92,7 @@ class StepPlan:
     encode: tuple[EncodeItem, ...]
     denoise: tuple[DenoiseItem, ...]
     freed_slots: tuple[int, ...]  # reset these before running the items (a new owner may be in this plan)
+    reuse: tuple[tuple[int, int], ...] = ()  # (slot, L): keep the slot's first L positions, forget the rest
 
     @property
     def request_ids(self) -> frozenset[str]:
@@ -113,6 +125,7 @@ class Scheduler:
         canvas_length: int,
         *,
         max_wait_plans: int = 16,
+        prefix_caching: bool = False,
     ) -> None:
         for name, value in [("max_batch", max_batch), ("kv_budget_tokens", kv_budget_tokens),
                             ("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
@@ -125,12 +138,18 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.canvas_length = canvas_length
         self.max_wait_plans = max_wait_plans
+        self.prefix_caching = prefix_caching
 
         self._waiting: dict[str, RequestState] = {}
         self._running: dict[str, RequestState] = {}  # PREFILLING or DENOISING: holds a slot and KV
         self._cancelled_in_flight: dict[str, RequestState] = {}  # slot/KV released at update()
         self._free_slots: list[int] = list(range(num_slots))  # min-heap: lowest slot first, deterministic
         self._freed_slots: list[int] = []  # reported to the runner in the next plan
+        # prefix caching: per slot, the prompt tokens its KV holds (encoded from position 0 in whole chunks)
+        self._slot_tokens: list[tuple[int, ...]] = [()] * num_slots
+        self._slot_freed_at: list[int] = [-1] * num_slots  # order of release (LRU among equal matches)
+        self._releases = itertools.count()
+        self._reuse: list[tuple[int, int]] = []  # reported to the runner in the next plan
         self._kv_used = 0
         self._arrivals = itertools.count()
         self._step_ids = itertools.count()
@@ -222,8 +241,9 @@ class Scheduler:
             denoise=tuple(DenoiseItem(r.request_id, r.slot, r.canvas_index, r.denoise_step, r.canvas_start)
                           for r in denoise_reqs),
             freed_slots=tuple(self._freed_slots),
+            reuse=tuple(self._reuse),
         )
-        self._freed_slots = []
+        self._freed_slots, self._reuse = [], []
         self._in_flight = plan
         return plan
 
@@ -238,11 +258,41 @@ class Scheduler:
             if not self._free_slots or self._kv_used + request.kv_reserved > self.kv_budget_tokens:
                 break  # strict FCFS: the head blocks the queue rather than being overtaken forever
             del self._waiting[request.request_id]
-            request.slot = heapq.heappop(self._free_slots)
+            self._take_slot(request)
             self._kv_used += request.kv_reserved
-            request.status = RequestStatus.PREFILLING
+            request.status = (RequestStatus.DENOISING if request.prefilled_len == request.prompt_len
+                              else RequestStatus.PREFILLING)
             request.plans_waited = 0
             self._running[request.request_id] = request
+
+    def _take_slot(self, request: RequestState) -> None:
+        """Give the request a free slot; with prefix caching, the one whose KV it can reuse most of."""
+        if not self.prefix_caching:
+            request.slot = heapq.heappop(self._free_slots)
+            return
+        slot = max(self._free_slots, key=lambda s: (self.reusable(s, request.prompt_ids),
+                                                    -self._slot_freed_at[s], -s))
+        keep = self.reusable(slot, request.prompt_ids)
+        self._free_slots.remove(slot)
+        heapq.heapify(self._free_slots)
+        request.slot = slot
+        request.prefilled_len = request.cached_len = keep
+        self._slot_tokens[slot] = ()  # the new owner's until it is released
+        self._reuse.append((slot, keep))
+
+    def reusable(self, slot: int, prompt_ids: tuple[int, ...]) -> int:
+        """How many leading prompt tokens a request could take from the free `slot`'s KV: the shared
+        prefix, cut down to whole prefill chunks unless it is the whole prompt and all the slot holds
+        (then its last, partial chunk was encoded just as this prompt's would be)."""
+        held = self._slot_tokens[slot]
+        n = 0
+        for a, b in zip(held, prompt_ids):
+            if a != b:
+                break
+            n += 1
+        if n == len(held) == len(prompt_ids):
+            return n
+        return n - n % self.prefill_chunk
 
     def _pick_encode(self) -> list[RequestState]:
         def key(r: RequestState) -> tuple:
@@ -377,6 +427,16 @@ class Scheduler:
         if request.slot is None:
             return
         heapq.heappush(self._free_slots, request.slot)
-        self._freed_slots.append(request.slot)
+        if self.prefix_caching:
+            self._remember(request)
+        else:
+            self._freed_slots.append(request.slot)
         self._kv_used -= request.kv_reserved
         request.slot = None
+
+    def _remember(self, request: RequestState) -> None:
+        """Record the prompt prefix the released slot's KV holds (a failed step may have written
+        anything: then nothing)."""
+        ok = request.finish_reason != "error"
+        self._slot_tokens[request.slot] = request.prompt_ids[:request.prefilled_len] if ok else ()
+        self._slot_freed_at[request.slot] = next(self._releases)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 log = logging.getLogger("canvaslm.server")
 
 
 def _seconds(text: str) -> float:
-    import argparse
-
     try:
         v = float(text)
     except ValueError:
@@ -31,6 +30,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="KV positions per request: prompt + whole canvases (default: min(model limit, 4096))")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per engine step")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of a prompt prefix that a finished request left in its slot (default: on)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: directory name)")
     p.add_argument("--max-steps-limit", type=int, default=1024,
                    help="largest max_denoising_steps a request may ask for")
@@ -67,7 +68,7 @@ def _serve(args) -> int:
     template = _read_template(args) if args.chat_template is not None else None  # fail before loading a model
     limit = ModelConfig.from_dir(args.model_dir).max_position_embeddings
     config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len or min(limit, 4096),
-                          prefill_chunk=args.prefill_chunk)
+                          prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout)
     if template is not None:

@@ -35,6 +35,9 @@ def _families(engine: Engine) -> list[tuple]:
          buckets + [("_count", {}, cum), ("_sum", {}, s.ttft_sum)]),
         ("tokens_per_forward", "gauge", "Mean output tokens per decoder pass over finished requests",
          [("", {}, tpf)]),
+        ("prompt_tokens", "counter", "Prompt tokens of finished requests", [("_total", {}, s.prompt_tokens)]),
+        ("prefix_cache_hit_tokens", "counter", "Prompt tokens whose KV the prefix cache supplied",
+         [("_total", {}, s.cached_prompt_tokens)]),
         ("requests_finished", "counter", "Finished requests by reason",
          [("_total", {"reason": r}, n) for r, n in sorted(s.requests_finished.items())]),
     ]

@@ -63,6 +63,7 @@ class Choice:
     tracker: "TextTracker"
     finish_reason: str | None = None
     decoder_passes: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine's prefix cache supplied
 
 
 @dataclass
@@ -299,6 +300,7 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
             elif isinstance(ev, Finish):
                 live.discard(ev.request_id)
                 c.decoder_passes = ev.decoder_passes
+                c.cached_tokens = ev.cached_tokens
                 if ev.reason in ("error", "cancelled"):
                     raise APIError(500 if ev.reason == "error" else 503,
                                    f"generation failed: {ev.message or ev.reason}", type="server_error")
@@ -335,5 +337,9 @@ def usage(choices: list[Choice], prompts: list[list[int]]) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(len(c.tracker.ids) for c in choices)
     passes = sum(c.decoder_passes for c in choices)
+    cached = [0] * len(prompts)  # per prompt: the most any of its choices reused
+    for c in choices:
+        cached[c.prompt_index] = max(cached[c.prompt_index], c.cached_tokens)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion, "decoder_passes": passes}
+            "total_tokens": prompt_tokens + completion, "decoder_passes": passes,
+            "prompt_tokens_details": {"cached_tokens": sum(cached)}}

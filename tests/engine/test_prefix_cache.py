@@ -1,0 +1,274 @@
+"""Prefix caching: a freed slot keeps its KV and a new request whose prompt starts with what the slot
+holds skips encoding that part.
+
+The scheduler tests drive plans against a simulated KV cache that stores, per slot, which token sits at
+which position, in full layers and in a sliding ring of `ring` positions, exactly as `KVCache` keeps
+them. Every encode and denoise item is checked against it: all the positions it reads must hold the
+request's own tokens. The model tests run the real runner and compare with runs that do not reuse.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from canvaslm.config import SLIDING
+from canvaslm.engine.request import RequestState
+from canvaslm.engine.runner import Runner
+from canvaslm.engine.scheduler import Scheduler, StepPlan, StepResult
+
+
+def canvas_tokens(rid: str, k: int, cl: int) -> tuple[int, ...]:
+    return tuple((sum(map(ord, rid)) * 31 + k * 7 + i) % 5 + 10 for i in range(cl))
+
+
+class KVSim:
+    """A fake runner whose 'KV' is the token at each position of each slot (the runner's cache keeps every
+    position one way or another); checks every read against the request's own tokens."""
+
+    def __init__(self, sched: Scheduler, eos=lambda rid: None):
+        self.sched, self.eos = sched, eos
+        self.kv: dict[int, dict[int, int]] = {}  # slot -> position -> token
+        self.canvases: dict[str, int] = {}
+        self.reads = 0
+
+    def _check_context(self, slot, req, start):
+        seq = req.prompt_ids + tuple(req.output_ids)
+        kv = self.kv.get(slot, {})
+        assert {p: kv.get(p) for p in range(start)} == {p: seq[p] for p in range(start)}, req.request_id
+        assert all(p < start for p in kv), f"{req.request_id}: stale positions past {start}"
+        self.reads += 1
+
+    def run(self, plan: StepPlan) -> StepResult:
+        for slot in plan.freed_slots:
+            self.kv.pop(slot, None)
+        for slot, keep in plan.reuse:
+            self.kv[slot] = {p: t for p, t in self.kv.get(slot, {}).items() if p < keep}
+        committed, finished = {}, {}
+        for item in plan.encode:
+            req = self.sched.get(item.request_id)
+            if item.kind == "prefill":
+                # exactness: prompts are encoded in chunks on the prefill_chunk grid, reused or not
+                assert item.start % self.sched.prefill_chunk == 0 or item.start == req.cached_len == req.prompt_len
+                self._check_context(item.slot, req, item.start)
+                self.kv.setdefault(item.slot, {}).update(enumerate(item.token_ids, item.start))
+                continue
+            k = self.canvases.get(item.request_id, 0)
+            tokens = canvas_tokens(item.request_id, k, req.canvas_length)
+            self.canvases[item.request_id] = k + 1
+            if self.eos(item.request_id) == k:
+                finished[item.request_id] = "stop"
+                tokens = tokens[:2]
+            elif req.max_new_tokens - len(req.output_ids) <= req.canvas_length:
+                finished[item.request_id] = "length"
+            else:  # a continuing canvas is encoded (what Runner._commit_and_prefill does)
+                self.kv.setdefault(item.slot, {}).update(enumerate(tokens, item.start))
+            committed[item.request_id] = tokens
+        for item in plan.denoise:
+            self._check_context(item.slot, self.sched.get(item.request_id), item.canvas_start)
+        return StepResult(committed=committed, finished=finished)
+
+
+def drive(sched, sim, before_update=None):
+    while (plan := sched.plan()) is not None:
+        result = sim.run(plan)
+        if before_update:
+            before_update(plan)
+        sched.update(plan, result)
+
+
+def run_one(sched, sim, req):
+    sched.add(req)
+    drive(sched, sim)
+    return req
+
+
+def make_sched(slots=1, chunk=4, caching=True):
+    return Scheduler(4, 10_000, slots, chunk, 4, prefix_caching=caching)
+
+
+def test_next_request_skips_the_whole_chunks_its_slot_holds():
+    sched = make_sched()
+    sim = KVSim(sched)
+    a = run_one(sched, sim, RequestState("a", tuple(range(1, 11)), 10, 4, 2))  # chunks [0,4) [4,8) [8,10)
+    assert a.cached_len == 0 and len(a.output_ids) == 10
+    b = RequestState("b", a.prompt_ids + (99, 98), 4, 4, 2)
+    sched.add(b)
+    plan = sched.plan()
+    assert plan.reuse == ((0, 8),) and plan.freed_slots == ()  # [8,10) was a partial chunk: encoded again
+    assert [(i.kind, i.start, i.end) for i in plan.encode] == [("prefill", 8, 12)]
+    sched.update(plan, sim.run(plan))
+    drive(sched, sim)
+    assert b.cached_len == 8 and b.finish_reason == "length"
+    # a prompt that leaves the held tokens part way keeps the whole chunks of the shared part
+    c = run_one(sched, sim, RequestState("c", b.prompt_ids[:7] + (77,), 4, 4, 2))
+    assert c.cached_len == 4
+    # the whole prompt held: nothing to encode, the request starts denoising at once
+    d = RequestState("d", c.prompt_ids, 4, 4, 2)
+    sched.add(d)
+    plan = sched.plan()
+    assert plan.reuse == ((0, 8),) and plan.encode == () and [i.request_id for i in plan.denoise] == ["d"]
+    sched.update(plan, sim.run(plan))
+    drive(sched, sim)
+    assert d.cached_len == 8 and d.output_ids == list(canvas_tokens("d", 0, 4))
+    # the generated canvases are not offered: a prompt holding them re-encodes them in prompt chunks
+    e = run_one(sched, sim, RequestState("e", d.prompt_ids + tuple(d.output_ids), 4, 4, 2))
+    assert e.cached_len == 8
+
+
+def test_without_prefix_caching_nothing_is_reused():
+    sched = make_sched(caching=False)
+    sim = KVSim(sched)
+    for rid in "ab":
+        r = run_one(sched, sim, RequestState(rid, (1, 2, 3, 4, 5), 4, 4, 2))
+        assert r.cached_len == 0
+
+
+def test_a_failed_request_leaves_nothing_to_reuse():
+    sched = make_sched()
+    sim = KVSim(sched)
+    a = RequestState("a", (1, 2, 3, 4), 8, 4, 2)
+    sched.add(a)
+    plan = sched.plan()
+    sched.update(plan, StepResult(errors={"a": "boom"}))
+    assert a.finish_reason == "error"
+    b = RequestState("b", (1, 2, 3, 4), 4, 4, 2)
+    sched.add(b)
+    plan = sched.plan()
+    assert plan.reuse == ((0, 0),)
+    sched.update(plan, sim.run(plan))
+    drive(sched, sim)
+    assert b.cached_len == 0
+
+
+def test_a_request_cancelled_during_prefill_leaves_the_chunks_it_finished():
+    sched = make_sched()
+    sim = KVSim(sched)
+    a = RequestState("a", tuple(range(1, 14)), 4, 4, 2)
+    sched.add(a)
+    drive(sched, sim, before_update=lambda plan: plan.encode[0].start == 4 and sched.cancel("a"))
+    assert a.finish_reason == "cancelled" and a.prefilled_len == 4  # the chunk [4, 8) ran but was dropped
+    b = run_one(sched, sim, RequestState("b", a.prompt_ids, 4, 4, 2))
+    assert b.cached_len == 4
+
+
+def test_the_best_match_wins_and_misses_take_the_slot_freed_longest_ago():
+    sched = make_sched(slots=2)
+    sim = KVSim(sched)
+    a = RequestState("a", (1, 2, 3, 4, 5), 4, 4, 2)
+    b = RequestState("b", (5, 6, 7, 8, 9), 4, 4, 3)  # one more step: a finishes first
+    sched.add(a)
+    sched.add(b)
+    drive(sched, sim)
+    miss = RequestState("m", (9, 9), 4, 4, 2)
+    sched.add(miss)
+    plan = sched.plan()
+    assert plan.reuse == ((0, 0),)  # slot 0 (a's, freed first) goes; b's prefix stays cached
+    sched.update(plan, sim.run(plan))
+    drive(sched, sim)
+    hit = run_one(sched, sim, RequestState("h", (5, 6, 7, 8, 1), 4, 4, 2))
+    assert hit.cached_len == 4 and hit.slot is None
+    # slot 1 now holds h's prompt: a repeat reuses it whole (its partial last chunk included)
+    assert sched.reusable(1, hit.prompt_ids) == 5 and sched.reusable(0, hit.prompt_ids) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_randomized_reuse_always_reads_the_requests_own_tokens(seed):
+    """Many requests, several slots, prompts grown from earlier prompts and outputs, random cancels:
+    every read sees exactly the request's tokens, prompts stay on the chunk grid, and the cache is used."""
+    rng = random.Random(seed)
+    chunk = rng.choice([2, 3, 5])
+    sched = Scheduler(3, 10_000, 3, chunk, 4, prefix_caching=True)
+    sim = KVSim(sched, eos=lambda rid: sum(map(ord, rid)) % 4)
+    done, reqs = [], []
+    for n in range(40):
+        if done and rng.random() < 0.8:
+            src = rng.choice(done)
+            seq = src.prompt_ids + tuple(src.output_ids)
+            prompt = seq[:rng.randint(1, len(seq))] + tuple(rng.randint(1, 3) for _ in range(rng.randint(0, 3)))
+        else:
+            prompt = tuple(rng.randint(1, 3) for _ in range(rng.randint(1, 12)))
+        r = RequestState(f"r{n}", prompt, rng.randint(1, 13), 4, rng.randint(1, 3))
+        sched.add(r)
+        reqs.append(r)
+        victim = f"r{rng.randrange(n + 1)}" if rng.random() < 0.2 else None
+        for _ in range(rng.randint(1, 6)):
+            plan = sched.plan()
+            if plan is None:
+                break
+            result = sim.run(plan)
+            if victim is not None and victim in plan.request_ids:
+                sched.cancel(victim)
+            sched.update(plan, result)
+        done = [r for r in reqs if r.is_done and r.finish_reason != "error"]
+    drive(sched, sim)
+    assert all(r.is_done for r in reqs)
+    assert sum(r.cached_len for r in reqs) > 0 and sim.reads > 0
+
+
+# ---------------------------------------------------------------- with the model
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    from canvaslm.llm import LLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LLM(tiny_checkpoint, device="cpu")
+    torch.set_num_threads(threads)
+
+
+class Served:
+    """A Scheduler + Runner pair on the tiny model, fed one request after another."""
+
+    def __init__(self, llm, caching: bool, max_model_len=128, prefill_chunk=8, slots=2):
+        self.llm = llm
+        self.runner = Runner(llm.model, num_slots=slots, max_model_len=max_model_len, history_depth=1,
+                             prefix_caching=caching)
+        self.sched = Scheduler(slots, slots * max_model_len, slots, prefill_chunk, llm.cfg.canvas_length,
+                               prefix_caching=caching)
+        self.n = 0
+
+    def run(self, prompt_ids, sp, eos_ids=None):
+        p = sp.resolve(self.llm.defaults)
+        st = RequestState(f"r{self.n}", tuple(prompt_ids), p.max_new_tokens, self.llm.cfg.canvas_length,
+                          p.max_denoising_steps)
+        self.n += 1
+        self.sched.add(st)
+        self.runner.add(st.request_id, p, sp.seed, self.llm.eos_ids if eos_ids is None else eos_ids)
+        while (plan := self.sched.plan()) is not None:
+            self.sched.update(plan, self.runner.execute(plan).result)
+        self.runner.remove(st.request_id)
+        return st
+
+
+def test_reuse_gives_the_cache_free_result_bit_for_bit(llm):
+    """A writes its prompt and three canvases, so the sliding layers' ring (15 positions here) has long
+    moved past the prefix B shares with it. B reuses two chunks of A's prompt; its output and its KV rows
+    equal a run without the cache, bit for bit. A repeat of A's whole prompt reuses all of it."""
+    from canvaslm.llm import SamplingParams
+
+    C = llm.cfg.canvas_length
+    ring = llm.model.cfg.sliding_window - 1
+    a_ids = llm.encode_prompt("The quick brown fox jumps over the lazy dog")
+    b_ids = a_ids[:19] + llm.tokenizer.encode(" is a sentence that is used", add_special_tokens=False)
+    assert len(a_ids) > 16 + ring and len(b_ids) > 16 + ring
+    cached, fresh = Served(llm, caching=True), Served(llm, caching=False)
+    a = cached.run(a_ids, SamplingParams(seed=1, max_new_tokens=3 * C, max_denoising_steps=3), eos_ids=())
+    assert len(a.output_ids) == 3 * C
+    one_canvas = SamplingParams(seed=7, max_new_tokens=C, max_denoising_steps=6)
+    b = cached.run(b_ids, one_canvas)
+    want = fresh.run(b_ids, one_canvas)
+    assert (b.cached_len, want.cached_len) == (16, 0)
+    assert b.output_ids == want.output_ids and b.finish_reason == want.finish_reason
+    for layer in range(llm.cfg.num_layers):  # slot 0 in both: the prompt, the last canvas never encoded
+        for x, y in zip(cached.runner.cache.layer_kv(layer, 0), fresh.runner.cache.layer_kv(layer, 0)):
+            assert torch.equal(x, y)
+    again = cached.run(a_ids, one_canvas)
+    assert again.cached_len == 16  # slot 0 now holds B, which shares two chunks with A
+    repeat = cached.run(a_ids, one_canvas)
+    assert repeat.cached_len == len(a_ids)
+    assert repeat.output_ids == again.output_ids == fresh.run(a_ids, one_canvas).output_ids
