@@ -14,7 +14,6 @@ import random
 import pytest
 import torch
 
-from canvaslm.config import SLIDING
 from canvaslm.engine.request import RequestState
 from canvaslm.engine.runner import Runner
 from canvaslm.engine.scheduler import Scheduler, StepPlan, StepResult
