@@ -2,7 +2,9 @@
 earlier turns) sent one after another to an engine with the cache, and to one without it (the peer,
 measured in the same run, same model, same requests).
 
-    python bench/prefix_cache.py [--prefix 1536] [--suffix 32] [--requests 8] [--device cpu]
+    python bench/prefix_cache.py [--prefix 1536] [--suffix 32] [--requests 8] [--together] [--device cpu]
+
+`--together` sends all requests at once (a burst, or n choices) to an engine with a slot for each.
 
 The model is random (no download) at a small shape by default; `--hidden/--layers` change it. Prints
 per-request latency (submit to finish) for both engines, their ratio, and the prompt tokens the cache
@@ -35,20 +37,24 @@ def model_config(args) -> ModelConfig:
                                   "canvas_length": args.canvas})
 
 
-async def run(engine: Engine, prompts, params) -> tuple[list[float], list[Finish], list[tuple]]:
-    loop = asyncio.get_running_loop()
-    latencies, finishes, outputs = [], [], []
-    for i, prompt in enumerate(prompts):  # one after another, as turns of a conversation arrive
-        queue: asyncio.Queue = asyncio.Queue()
-        t = time.perf_counter()
-        engine.submit(GenerationRequest(f"r{i}", tuple(prompt), params, seed=i, eos_ids=(1,)), queue, loop)
-        tokens = []
-        while not isinstance(ev := await queue.get(), Finish):
-            tokens += getattr(ev, "token_ids", ())
-        latencies.append(time.perf_counter() - t)
-        finishes.append(ev)
-        outputs.append(tuple(tokens))
-    return latencies, finishes, outputs
+async def one(engine: Engine, i: int, prompt, params):
+    """(latency, Finish, output tokens) of one request."""
+    queue: asyncio.Queue = asyncio.Queue()
+    t = time.perf_counter()
+    engine.submit(GenerationRequest(f"r{i}", tuple(prompt), params, seed=i, eos_ids=(1,)), queue,
+                  asyncio.get_running_loop())
+    tokens = []
+    while not isinstance(ev := await queue.get(), Finish):
+        tokens += getattr(ev, "token_ids", ())
+    return time.perf_counter() - t, ev, tuple(tokens)
+
+
+async def run(engine: Engine, prompts, params, together: bool):
+    if together:
+        runs = await asyncio.gather(*(one(engine, i, p, params) for i, p in enumerate(prompts)))
+    else:  # one after another, as turns of a conversation arrive
+        runs = [await one(engine, i, p, params) for i, p in enumerate(prompts)]
+    return [list(x) for x in zip(*runs)]
 
 
 def main() -> None:
@@ -61,6 +67,7 @@ def main() -> None:
     ap.add_argument("--canvas", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4, help="denoising steps per canvas")
     ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--together", action="store_true", help="send all requests at once")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -71,18 +78,21 @@ def main() -> None:
     prompts = [shared + [rng.randrange(3, cfg.vocab_size) for _ in range(args.suffix)] for _ in range(args.requests)]
     params = DiffusionParams(max_new_tokens=args.canvas, max_denoising_steps=args.steps, eos_token_ids=(1,),
                              pad_token_id=0)
-    results = {}
+    results, walls = {}, {}
     for caching in (False, True):
-        config = EngineConfig(max_batch=1, max_model_len=args.prefix + args.suffix + args.canvas,
+        config = EngineConfig(max_batch=args.requests if args.together else 1, max_model_len=args.prefix + args.suffix + args.canvas,
                               prefill_chunk=args.prefill_chunk, prefix_caching=caching)
         engine = Engine(model, config).start()
         try:
-            results[caching] = asyncio.run(run(engine, prompts, params))
+            t = time.perf_counter()
+            results[caching] = asyncio.run(run(engine, prompts, params, args.together))
+            walls[caching] = time.perf_counter() - t
         finally:
             engine.shutdown()
     (lat_off, _, out_off), (lat_on, fin_on, out_on) = results[False], results[True]
     print(f"model: hidden {args.hidden}, {args.layers} layers, canvas {args.canvas}, {args.steps} steps; "
-          f"prompts: {args.prefix} shared + {args.suffix} own tokens, {args.requests} requests one after another; "
+          f"prompts: {args.prefix} shared + {args.suffix} own tokens, {args.requests} requests "
+          f"{'at once' if args.together else 'one after another'}; "
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| engine | median latency (ms) | first request (ms) | later requests, mean (ms) | prompt tokens reused |")
     print("|---|---|---|---|---|")
@@ -91,6 +101,7 @@ def main() -> None:
         print(f"| {name} | {1e3 * statistics.median(lat):.0f} | {1e3 * lat[0]:.0f} | "
               f"{1e3 * statistics.mean(lat[1:]):.0f} | {reused} of {sum(map(len, prompts))} |")
     print(f"later requests: {statistics.mean(lat_off[1:]) / statistics.mean(lat_on[1:]):.2f}x faster with the cache; "
+          f"all requests: {walls[False]:.2f} s vs {walls[True]:.2f} s ({walls[False] / walls[True]:.2f}x); "
           f"outputs identical: {out_on == out_off}")
 
 

@@ -81,6 +81,22 @@ class KVCache:
             p.index_copy_(0, slot_t, torch.where(rows < keep_t[:, None], rows, -1))
         self.lengths.index_copy_(0, slot_t, keep_t)
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the first n positions of slot src into slot dst (another request's prompt prefix); follow
+        with `keep_prefix([dst], [n])`, which forgets the rest and rebuilds dst's rings."""
+        for layer, t in enumerate(self.cfg.layer_types):
+            if layer in self.store:
+                bufs = self.store[layer]
+            elif self.size[t] == self.max_len:  # columns are positions
+                bufs = (self.k[layer], self.v[layer])
+            else:
+                raise ValueError("copy_prefix needs the prefix store for sliding layers (prefix_store=True)")
+            for b in bufs:
+                b[dst, :, :n] = b[src, :, :n]
+        for p in self.pos.values():
+            p[dst] = p[src]
+        self.lengths[dst] = self.lengths[src]
+
     def _restore_rings(self, slots: list[int], keep: list[int]) -> None:
         size = self.size[SLIDING]
         for slot, n in zip(slots, keep):

@@ -118,6 +118,8 @@ class Runner:
     def execute(self, plan: StepPlan) -> StepOutput:
         if plan.freed_slots:
             self.cache.reset(list(plan.freed_slots))
+        for src, dst, n in plan.copies:  # prefix caching: a running request's prompt prefix, for a newcomer
+            self.cache.copy_prefix(src, dst, n)
         if plan.reuse:  # prefix caching: a new owner keeps the prompt prefix the slot already holds
             self.cache.keep_prefix([s for s, _ in plan.reuse], [n for _, n in plan.reuse])
         for item in (*plan.encode, *plan.denoise):

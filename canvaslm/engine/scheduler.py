@@ -6,8 +6,9 @@ and the bookkeeping of every RequestState. It never touches tensors and imports 
 runner executes a `StepPlan` and reports a `StepResult`.
 
 One engine step is one plan:
-  1. the runner resets every slot in `plan.freed_slots` (this very plan may reuse them), then cuts
-     each slot in `plan.reuse` down to its first L positions (prefix caching, below);
+  1. the runner resets every slot in `plan.freed_slots` (this very plan may reuse them), copies the
+     prefixes in `plan.copies` from slot to slot, then cuts each slot in `plan.reuse` down to its first
+     L positions (prefix caching, below);
   2. runs one encoder call over `plan.encode` (prefill chunks and canvas commits of many requests);
   3. runs one decoder call over `plan.denoise` (one denoising step for each listed canvas);
   4. calls `scheduler.update(plan, result)`; only then may `plan()` be called again.
@@ -38,7 +39,11 @@ Policy
   prompt tokens its owner encoded. A new request takes the free slot it can reuse the most of (ties:
   the slot freed longest ago, then the lowest) and skips encoding that part; the plan's `reuse` tells
   the runner to keep those positions and forget the rest (the runner's cache keeps a full-length copy
-  of the sliding layers' rings for this). Reuse never changes a result: a prompt is always encoded in
+  of the sliding layers' rings for this). A running request's encoded prompt chunks are offered too:
+  the newcomer takes the free slot freed longest ago and `plan.copies` copies the prefix into it. A
+  request whose prompt shares more with a prompt still being prefilled waits until those chunks are
+  done (n > 1 choices, a burst with one system prompt): it would have spent as many plans encoding
+  them itself, so the prefix is encoded once at no cost in plans. It does not hold up the queue. Reuse never changes a result: a prompt is always encoded in
   chunks that start at multiples of `prefill_chunk`, so reusing whole chunks (or a whole identical
   prompt) keeps exactly the rows a fresh encode would write, computed by the same calls. The price is
   that reuse comes in steps of `prefill_chunk` tokens. Canvases encoded at commits are not reused (a
@@ -92,6 +97,7 @@ class StepPlan:
     encode: tuple[EncodeItem, ...]
     denoise: tuple[DenoiseItem, ...]
     freed_slots: tuple[int, ...]  # reset these before running the items (a new owner may be in this plan)
+    copies: tuple[tuple[int, int, int], ...] = ()  # (src, dst, L): copy src's first L positions into dst
     reuse: tuple[tuple[int, int], ...] = ()  # (slot, L): keep the slot's first L positions, forget the rest
 
     @property
@@ -150,6 +156,7 @@ class Scheduler:
         self._slot_freed_at: list[int] = [-1] * num_slots  # order of release (LRU among equal matches)
         self._releases = itertools.count()
         self._reuse: list[tuple[int, int]] = []  # reported to the runner in the next plan
+        self._copies: list[tuple[int, int, int]] = []  # likewise
         self._kv_used = 0
         self._arrivals = itertools.count()
         self._step_ids = itertools.count()
@@ -241,9 +248,10 @@ class Scheduler:
             denoise=tuple(DenoiseItem(r.request_id, r.slot, r.canvas_index, r.denoise_step, r.canvas_start)
                           for r in denoise_reqs),
             freed_slots=tuple(self._freed_slots),
+            copies=tuple(self._copies),
             reuse=tuple(self._reuse),
         )
-        self._freed_slots, self._reuse = [], []
+        self._freed_slots, self._reuse, self._copies = [], [], []
         self._in_flight = plan
         return plan
 
@@ -257,22 +265,46 @@ class Scheduler:
         for request in sorted(self._waiting.values(), key=key):
             if not self._free_slots or self._kv_used + request.kv_reserved > self.kv_budget_tokens:
                 break  # strict FCFS: the head blocks the queue rather than being overtaken forever
+            source = self._best_source(request) if self.prefix_caching else None
+            if source == "wait":
+                continue  # its prefix is being encoded for another request right now
             del self._waiting[request.request_id]
-            self._take_slot(request)
+            self._take_slot(request, source)
             self._kv_used += request.kv_reserved
             request.status = (RequestStatus.DENOISING if request.prefilled_len == request.prompt_len
                               else RequestStatus.PREFILLING)
             request.plans_waited = 0
             self._running[request.request_id] = request
 
-    def _take_slot(self, request: RequestState) -> None:
-        """Give the request a free slot; with prefix caching, the one whose KV it can reuse most of."""
+    def _best_source(self, request: RequestState):
+        """Where the request's prompt prefix can come from: (slot, L, running) with the largest L, None
+        if nowhere, or "wait" when a request still prefilling will have encoded more of it."""
+        best = max(((s, self.reusable(s, request.prompt_ids), False) for s in self._free_slots),
+                   key=lambda c: (c[1], -self._slot_freed_at[c[0]], -c[0]), default=None)
+        pending = 0
+        for q in self._running.values():
+            now = self.shared(q.prompt_ids[:q.prefilled_len], request.prompt_ids)
+            if best is None or now > best[1]:
+                best = (q.slot, now, True)
+            if q.needs_prefill:
+                pending = max(pending, self.shared(q.prompt_ids, request.prompt_ids))
+        if pending > (best[1] if best else 0):
+            return "wait"
+        return best if best and best[1] > 0 else None
+
+    def _take_slot(self, request: RequestState, source=None) -> None:
+        """Give the request a free slot; with prefix caching, one holding the most of its prompt (or the
+        slot freed longest ago, with that prefix copied in from a running request's slot)."""
         if not self.prefix_caching:
             request.slot = heapq.heappop(self._free_slots)
             return
-        slot = max(self._free_slots, key=lambda s: (self.reusable(s, request.prompt_ids),
-                                                    -self._slot_freed_at[s], -s))
-        keep = self.reusable(slot, request.prompt_ids)
+        src, keep, running = source if source is not None else (None, 0, False)
+        if src is None or running:
+            slot = min(self._free_slots, key=lambda s: (self._slot_freed_at[s], s))
+        else:
+            slot = src
+        if running:
+            self._copies.append((src, slot, keep))
         self._free_slots.remove(slot)
         heapq.heapify(self._free_slots)
         request.slot = slot
@@ -281,10 +313,13 @@ class Scheduler:
         self._reuse.append((slot, keep))
 
     def reusable(self, slot: int, prompt_ids: tuple[int, ...]) -> int:
-        """How many leading prompt tokens a request could take from the free `slot`'s KV: the shared
-        prefix, cut down to whole prefill chunks unless it is the whole prompt and all the slot holds
+        """How many leading prompt tokens a request could take from the free `slot`'s KV."""
+        return self.shared(self._slot_tokens[slot], prompt_ids)
+
+    def shared(self, held: tuple[int, ...], prompt_ids: tuple[int, ...]) -> int:
+        """How many leading tokens of `prompt_ids` KV holding the encoded prompt `held` can give: the
+        common prefix, cut down to whole prefill chunks unless it is the whole prompt and all of `held`
         (then its last, partial chunk was encoded just as this prompt's would be)."""
-        held = self._slot_tokens[slot]
         n = 0
         for a, b in zip(held, prompt_ids):
             if a != b:

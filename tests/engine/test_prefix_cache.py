@@ -32,6 +32,7 @@ class KVSim:
         self.kv: dict[int, dict[int, int]] = {}  # slot -> position -> token
         self.canvases: dict[str, int] = {}
         self.reads = 0
+        self.plans: list[StepPlan] = []
 
     def _check_context(self, slot, req, start):
         seq = req.prompt_ids + tuple(req.output_ids)
@@ -41,8 +42,12 @@ class KVSim:
         self.reads += 1
 
     def run(self, plan: StepPlan) -> StepResult:
+        self.plans.append(plan)
         for slot in plan.freed_slots:
             self.kv.pop(slot, None)
+        for src, dst, n in plan.copies:
+            assert self.sched.get(next(r for r in plan.request_ids if self.sched.get(r).slot == dst)) is not None
+            self.kv[dst] = {p: t for p, t in self.kv.get(src, {}).items() if p < n}
         for slot, keep in plan.reuse:
             self.kv[slot] = {p: t for p, t in self.kv.get(slot, {}).items() if p < keep}
         committed, finished = {}, {}
@@ -173,6 +178,44 @@ def test_the_best_match_wins_and_misses_take_the_slot_freed_longest_ago():
     assert sched.reusable(1, hit.prompt_ids) == 5 and sched.reusable(0, hit.prompt_ids) == 0
 
 
+def test_requests_arriving_together_encode_their_shared_prefix_once():
+    sched = make_sched(slots=5)
+    sim = KVSim(sched)
+    prompt = tuple(range(1, 11))  # chunks [0,4) [4,8) [8,10)
+    same = [RequestState(f"n{i}", prompt, 4, 4, 2) for i in range(3)]  # n = 3 choices of one prompt
+    other = RequestState("o", prompt[:8] + (50, 51, 52), 4, 4, 2)
+    stranger = RequestState("s", (60, 61), 4, 4, 2)
+    for r in (*same, other, stranger):
+        sched.add(r)
+    plans = []
+    while (plan := sched.plan()) is not None:
+        plans.append(plan)
+        sched.update(plan, sim.run(plan))
+    prefill = [(i.request_id, i.start, i.end) for p in plans for i in p.encode if i.kind == "prefill"]
+    # the first choice encodes the prompt; the stranger is not held up; "o" encodes only its own tail
+    assert prefill == [("n0", 0, 4), ("s", 0, 2), ("n0", 4, 8), ("n0", 8, 10), ("o", 8, 11)]
+    assert [r.cached_len for r in same] == [0, 10, 10] and other.cached_len == 8
+    assert (plans[2].copies, plans[3].copies) == (((0, 2, 8),), ((0, 3, 10), (0, 4, 10)))
+    assert all(r.finish_reason == "length" for r in (*same, other, stranger))
+
+
+def test_a_wait_ends_when_the_source_is_cancelled():
+    sched = make_sched(slots=2)
+    sim = KVSim(sched)
+    a, b = RequestState("a", tuple(range(1, 13)), 4, 4, 2), RequestState("b", tuple(range(1, 13)), 4, 4, 2)
+    sched.add(a)
+    sched.add(b)
+    plan = sched.plan()
+    assert [i.request_id for i in plan.encode] == ["a"] and b.slot is None  # b waits for a's chunks
+    sched.update(plan, sim.run(plan))
+    sched.cancel("a")
+    plan = sched.plan()  # a's slot is free with one chunk in it: b takes it and goes on from there
+    assert plan.reuse == ((0, 4),) and [(i.request_id, i.start) for i in plan.encode] == [("b", 4)]
+    sched.update(plan, sim.run(plan))
+    drive(sched, sim)
+    assert b.finish_reason == "length" and b.cached_len == 4
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_randomized_reuse_always_reads_the_requests_own_tokens(seed):
     """Many requests, several slots, prompts grown from earlier prompts and outputs, random cancels:
@@ -193,7 +236,7 @@ def test_randomized_reuse_always_reads_the_requests_own_tokens(seed):
         sched.add(r)
         reqs.append(r)
         victim = f"r{rng.randrange(n + 1)}" if rng.random() < 0.2 else None
-        for _ in range(rng.randint(1, 6)):
+        for _ in range(rng.choice([0, 0, 1, 2, 6])):  # often several arrive before the next plan
             plan = sched.plan()
             if plan is None:
                 break
@@ -205,6 +248,7 @@ def test_randomized_reuse_always_reads_the_requests_own_tokens(seed):
     drive(sched, sim)
     assert all(r.is_done for r in reqs)
     assert sum(r.cached_len for r in reqs) > 0 and sim.reads > 0
+    assert any(p.copies for p in sim.plans)
 
 
 # ---------------------------------------------------------------- with the model
@@ -232,16 +276,24 @@ class Served:
         self.n = 0
 
     def run(self, prompt_ids, sp, eos_ids=None):
-        p = sp.resolve(self.llm.defaults)
-        st = RequestState(f"r{self.n}", tuple(prompt_ids), p.max_new_tokens, self.llm.cfg.canvas_length,
-                          p.max_denoising_steps)
-        self.n += 1
-        self.sched.add(st)
-        self.runner.add(st.request_id, p, sp.seed, self.llm.eos_ids if eos_ids is None else eos_ids)
+        return self.run_together([(prompt_ids, sp)], eos_ids)[0]
+
+    def run_together(self, specs, eos_ids=None):
+        """Add every (prompt_ids, SamplingParams) before the first plan; run until all finish."""
+        states = []
+        for prompt_ids, sp in specs:
+            p = sp.resolve(self.llm.defaults)
+            st = RequestState(f"r{self.n}", tuple(prompt_ids), p.max_new_tokens, self.llm.cfg.canvas_length,
+                              p.max_denoising_steps)
+            self.n += 1
+            self.sched.add(st)
+            self.runner.add(st.request_id, p, sp.seed, self.llm.eos_ids if eos_ids is None else eos_ids)
+            states.append(st)
         while (plan := self.sched.plan()) is not None:
             self.sched.update(plan, self.runner.execute(plan).result)
-        self.runner.remove(st.request_id)
-        return st
+        for st in states:
+            self.runner.remove(st.request_id)
+        return states
 
 
 def test_reuse_gives_the_cache_free_result_bit_for_bit(llm):
@@ -271,3 +323,32 @@ def test_reuse_gives_the_cache_free_result_bit_for_bit(llm):
     repeat = cached.run(a_ids, one_canvas)
     assert repeat.cached_len == len(a_ids)
     assert repeat.output_ids == again.output_ids == fresh.run(a_ids, one_canvas).output_ids
+
+
+def test_requests_arriving_together_share_the_prompt_encode(llm, monkeypatch):
+    """Three choices of one prompt and a fourth request sharing two chunks with it, added at once: the
+    prompt is encoded once and copied from slot to slot, and every output equals a cache-free run's."""
+    from canvaslm.llm import SamplingParams
+
+    C = llm.cfg.canvas_length
+    prompt = llm.encode_prompt("The quick brown fox jumps over the lazy dog")
+    other = prompt[:19] + llm.tokenizer.encode(" and then some", add_special_tokens=False)
+    specs = [(prompt, SamplingParams(seed=s, max_new_tokens=2 * C, max_denoising_steps=4)) for s in (1, 2, 3)]
+    specs.append((other, SamplingParams(seed=4, max_new_tokens=C, max_denoising_steps=4)))
+    cached = Served(llm, caching=True, slots=4)
+    encoded = []
+    real = cached.runner.model.encode
+
+    def counting(tokens, positions, *args, **kwargs):
+        encoded.append(int((positions >= 0).sum()))
+        return real(tokens, positions, *args, **kwargs)
+
+    monkeypatch.setattr(cached.runner.model, "encode", counting)
+    got = cached.run_together(specs)
+    monkeypatch.undo()
+    assert [r.cached_len for r in got] == [0, len(prompt), len(prompt), 16]
+    commits = 3 * C  # each choice encodes its first canvas at its commit
+    assert sum(encoded) == len(prompt) + (len(other) - 16) + commits
+    for r, (ids, sp) in zip(got, specs):
+        want = Served(llm, caching=False).run(ids, sp)
+        assert (r.output_ids, r.finish_reason) == (want.output_ids, want.finish_reason)

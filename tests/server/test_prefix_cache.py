@@ -72,3 +72,14 @@ def test_serve_flag_turns_prefix_caching_off(monkeypatch, tiny_checkpoint):
         with pytest.raises(SystemExit):
             args.func(args)
         assert seen.pop() is want
+
+
+def test_choices_of_one_prompt_share_its_encode(servers, llm):
+    on, off = servers
+    body = dict(model="tiny", prompt="Tell me a story about a fox and a crow.", max_tokens=12, n=3, seed=5,
+                extra_body={"max_denoising_steps": 6})
+    got = OpenAI(base_url=on.base_url + "/v1", api_key="unused", max_retries=0).completions.create(**body)
+    want = OpenAI(base_url=off.base_url + "/v1", api_key="unused", max_retries=0).completions.create(**body)
+    assert got.usage.prompt_tokens_details.cached_tokens == got.usage.prompt_tokens  # choices 2 and 3
+    assert want.usage.prompt_tokens_details.cached_tokens == 0
+    assert [c.text for c in got.choices] == [c.text for c in want.choices]
