@@ -16,6 +16,7 @@ import torch
 
 from .config import DiffusionParams
 from .kv_cache import KVCache
+from .sampling import logit_bias
 from .sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
 from .sampling.stopping import new_history
 
@@ -33,6 +34,7 @@ class RowRequest:
     eos_ids: tuple
     pad_id: int
     constraint: object | None = None  # sampling.constraints.CanvasConstraint, applied to every canvas
+    logit_bias: tuple = ()  # ((token id, bias), ...): sampling.logit_bias
 
 
 @dataclass
@@ -99,6 +101,8 @@ def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None
     done_rows = torch.zeros(B, dtype=torch.bool, device=device)
     passes = torch.zeros(B, dtype=torch.long, device=device)
     constraints = [r.constraint.for_row() if hasattr(r.constraint, "for_row") else r.constraint for r in rows]
+    biases = [logit_bias.dense(r.logit_bias, V, device, model.embed_weight.dtype) for r in rows]
+    any_bias = any(b is not None for b in biases)
     for k in range(n_canvases):
         pinned, mask = _constraint_tensors(constraints, k, C, V, device)
         # a shared generator draws for every row, as the reference does; per-row generators skip rows
@@ -112,6 +116,8 @@ def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None
         for _ in range(int(sp.n_steps.max())):
             passes += ~(st.finished | done_rows)
             logits = model.denoise(st.canvas, slots, cache, sc_logits=st.sc_logits)
+            if any_bias:
+                logit_bias.apply(logits, biases)
             st = entropy_bound_step(logits, st, sp, gens, V, logit_mask=mask, pinned=pinned)
             st.sc_logits = st.sc_logits.to(model.embed_weight.dtype)
             if on_draft is not None:

@@ -21,6 +21,7 @@ import torch
 from .generate import GenerationError, RowRequest, generate_rows
 from .scoring import score_continuations  # noqa: F401 - re-exported: infill picks middles by it
 from .sampling.constraints import PinnedConstraint
+from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 from .sampling.token_dfa import Vocab
 
 @dataclass
@@ -83,7 +84,11 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     base = sp.resolve(llm.defaults)
     eos = llm.eos_ids
     gaps = checked_gaps(gaps, base.max_new_tokens, len(suffix_ids))
-    rows = [RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins)
+    try:
+        bias = normalize_bias(sp.logit_bias, "SamplingParams.logit_bias", llm.cfg.vocab_size)
+    except LogitBiasError as e:
+        raise GenerationError(f"infill: {e}") from None
+    rows = [RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins, bias)
             for p, pins in candidates(base, suffix_ids, gaps, eos, llm.pad_id, llm.tokenizer)]
     seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
     gens = [llm._generator(seed + i) for i in range(len(rows))]

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_model, parse_dtype
 from .config import DiffusionParams
 from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
+from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 
 BUNDLED_MODEL = Path(__file__).parent / "recipes" / "sudoku" / "model"
 
@@ -39,8 +40,13 @@ class SamplingParams:
     choice: tuple | None = None  # the output is exactly one of these strings (sampling.choice)
     regex: str | None = None  # the output is a whole match of this pattern (sampling.regex)
     stop_token_ids: tuple | None = None  # more ids that end the output, besides the checkpoint's EOS ids
+    logit_bias: dict | None = field(default=None, hash=False)  # {token id: bias in [-100, 100]} (OpenAI's)
 
     def __post_init__(self):
+        try:
+            normalize_bias(self.logit_bias, "SamplingParams.logit_bias")
+        except LogitBiasError as e:
+            raise GenerationError(str(e)) from None
         if isinstance(self.choice, list):
             object.__setattr__(self, "choice", tuple(self.choice))
         if self.stop_token_ids is not None:
@@ -161,7 +167,11 @@ class LLM:
         bad = [t for t in eos if t >= self.cfg.vocab_size]
         if bad:
             raise GenerationError(f"SamplingParams.stop_token_ids {bad} are outside the vocabulary [0, {self.cfg.vocab_size})")
-        return RowRequest(self.encode_prompt(prompt), p, eos, self.pad_id, c)
+        try:
+            bias = normalize_bias(sp.logit_bias, "SamplingParams.logit_bias", self.cfg.vocab_size)
+        except LogitBiasError as e:
+            raise GenerationError(str(e)) from None
+        return RowRequest(self.encode_prompt(prompt), p, eos, self.pad_id, c, bias)
 
     def generate(self, prompts, params: SamplingParams | list | None = None,
                  generator: torch.Generator | None = None, on_draft=None,

@@ -69,6 +69,7 @@ class GenerationRequest:
     eos_ids: tuple[int, ...]  # the first of these in a committed canvas ends the request
     constraint: object | None = None  # sampling.constraints.CanvasConstraint
     drafts: bool = False  # emit a Draft after every denoising step
+    logit_bias: tuple = ()  # ((token id, bias), ...): sampling.logit_bias
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,7 @@ class Engine:
         try:
             state = RequestState(req.request_id, req.prompt_ids, p.max_new_tokens, self.canvas_length,
                                  p.max_denoising_steps)
-            self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts)
+            self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts, req.logit_bias)
             self._sinks[req.request_id] = sink
             self.scheduler.add(state)
         except ValueError as e:

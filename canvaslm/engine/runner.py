@@ -22,6 +22,7 @@ import torch
 
 from ..config import DiffusionParams
 from ..kv_cache import KVCache
+from ..sampling import logit_bias as bias_lib
 from ..sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
 from .scheduler import EncodeItem, StepPlan, StepResult
 
@@ -57,6 +58,7 @@ class _Request:
     num_committed: int = 0
     decoder_passes: int = 0
     canvas_constraint: tuple | None = None  # (canvas_index, pinned [C] | None, allowed [C, V] | None)
+    bias: torch.Tensor | None = None  # [V] logit bias (sampling.logit_bias)
 
 
 MIN_ROWS = 16  # see Runner._encode
@@ -91,7 +93,7 @@ class Runner:
     # ------------------------------------------------------------------ registration
 
     def add(self, request_id: str, params: DiffusionParams, seed: int, eos_ids, constraint=None,
-            drafts: bool = False) -> None:
+            drafts: bool = False, logit_bias: tuple = ()) -> None:
         """Register a request before the scheduler plans it."""
         if request_id in self.requests:
             raise RunnerError(f"request id {request_id!r} is already registered with the runner")
@@ -102,7 +104,12 @@ class Runner:
         gen.manual_seed(seed)
         if constraint is not None and hasattr(constraint, "for_row"):  # per-request slot states
             constraint = constraint.for_row()
-        self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts)
+        try:
+            pairs = bias_lib.normalize(logit_bias, "logit_bias", self.cfg.vocab_size)
+        except bias_lib.LogitBiasError as e:
+            raise RunnerError(f"request {request_id!r}: {e}") from None
+        bias = bias_lib.dense(pairs, self.cfg.vocab_size, self.device, self.dtype)
+        self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts, bias=bias)
 
     def remove(self, request_id: str) -> None:
         """Forget a finished or cancelled request (its slot is reset when the scheduler frees it)."""
@@ -221,6 +228,8 @@ class Runner:
         canvas = self.canvas.index_select(0, slots)  # [B, C]
         sc = None if len(fresh) == B else self.sc_embeds.index_select(0, slots)  # [B, C, d]
         logits = self.model.denoise(canvas, slots, self.cache, sc_embeds=sc, canvas_start=starts)  # [B, C, V]
+        if any(r.bias is not None for r in reqs):
+            bias_lib.apply(logits, [r.bias for r in reqs])
 
         sp = SamplerParams.build([r.params for r in reqs], self.device)
         st = CanvasState(canvas, self.argmax.index_select(0, slots), None,

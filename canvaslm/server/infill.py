@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from ..engine.engine import GenerationRequest
 from ..infill import best, candidates, checked_gaps, middle_text, score_continuations
-from .serving import (APIError, Choice, ServerState, TextTracker, check_request_basics, need_tokenizer, resolve_params,
-                      run_to_end)
+from .serving import (APIError, Choice, ServerState, TextTracker, bias_pairs, check_request_basics, need_tokenizer,
+                      resolve_params, run_to_end)
 
 MAX_ROWS = 64  # engine requests per HTTP request (prompts x n x gaps)
 
@@ -40,6 +40,7 @@ class Group:
 
 def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[Group]:
     check_request_basics(state, body, prompts)
+    bias = bias_pairs(state, body)
     if body.stop_list():
         raise APIError(400, "stop strings would cut the middle before its suffix; send no stop with suffix", "stop")
     if body.stop_token_ids:
@@ -68,7 +69,8 @@ def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[G
         cands = candidates(base, suffix_ids, gaps, state.eos_ids, state.defaults.pad_token_id or 0, state.tokenizer)
         for j in range(body.n):
             reqs = [Choice(k, GenerationRequest(uuid.uuid4().hex, tuple(ids), params,
-                                                (seed + j * len(gaps) + k) % 2**63, state.eos_ids, pins),
+                                                (seed + j * len(gaps) + k) % 2**63, state.eos_ids, pins,
+                                                logit_bias=bias),
                            len(groups), TextTracker(state.tokenizer, []))
                     for k, (params, pins) in enumerate(cands)]
             groups.append(Group(len(groups), list(ids), suffix_ids, gaps, reqs))

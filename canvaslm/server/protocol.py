@@ -106,8 +106,6 @@ class _Common(_Strict):
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 return name, f"{name} is not supported by the diffusion sampler; omit it or send 0"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             return "stop", f"at most {MAX_STOP} stop strings are allowed, got {len(self.stop)}"
         if self.stream_drafts and not self.stream:

@@ -21,6 +21,7 @@ from ..config import ConfigError, DiffusionParams
 from ..engine.engine import Commit, Draft, Engine, Finish, GenerationRequest
 from ..generate import GenerationError
 from ..llm import SamplingParams
+from ..sampling import logit_bias
 from .protocol import _Common
 from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
 
@@ -234,8 +235,17 @@ def check_request_basics(state: ServerState, body: _Common, prompts: list[list[i
                            "prompt")
 
 
+def bias_pairs(state: ServerState, body: _Common) -> tuple:
+    """The body's logit_bias as ((token id, bias), ...), checked against this model's vocabulary."""
+    try:
+        return logit_bias.normalize(body.logit_bias, "logit_bias", state.vocab_size)
+    except logit_bias.LogitBiasError as e:
+        raise APIError(400, str(e), "logit_bias") from None
+
+
 def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list[Choice]:
     check_request_basics(state, body, prompts)
+    bias = bias_pairs(state, body)
     eos = () if body.ignore_eos else state.eos_ids
     extra = body.stop_token_ids or []
     bad = [t for t in extra if not 0 <= t < state.vocab_size]
@@ -259,7 +269,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         params = resolve_params(state, body, len(ids), constraint)
         for j in range(body.n):
             req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
-                                    eos, constraint, body.stream_drafts)
+                                    eos, constraint, body.stream_drafts, bias)
             choices.append(Choice(len(choices), req, p_index, TextTracker(state.tokenizer, stops)))
     return choices
 

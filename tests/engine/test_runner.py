@@ -223,3 +223,22 @@ def test_engine_admission_waits_for_kv_budget_and_drops_nothing(llm):
         assert fin.reason in ("stop", "length") and fin.num_tokens == len(tokens)
         assert tokens == st.output_ids and fin.reason == st.finish_reason
     assert engine.scheduler.kv_used == 0 and engine.scheduler.num_free_slots == 4
+
+
+def test_logit_bias_reaches_the_sampler_and_matches_generate(llm):
+    prompt = "Hello there, general Kenobi"
+    banned = set(llm.generate(prompt, SamplingParams(seed=4, max_new_tokens=32, max_denoising_steps=6))[0].token_ids)
+    sp = SamplingParams(seed=4, max_new_tokens=32, max_denoising_steps=6, logit_bias={t: -100 for t in banned})
+    want = llm.generate(prompt, sp)[0]
+    C = llm.cfg.canvas_length
+    runner = Runner(llm.model, num_slots=1, max_model_len=geometry(llm, prompt, 32), history_depth=1)
+    sched = Scheduler(1, 10_000, 1, 512, C)
+    p = sp.resolve(llm.defaults)
+    st = RequestState("b", llm.encode_prompt(prompt), p.max_new_tokens, C, p.max_denoising_steps)
+    sched.add(st)
+    runner.add("b", p, sp.seed, llm.eos_ids, logit_bias=tuple(sp.logit_bias.items()))
+    while (plan := sched.plan()) is not None:
+        sched.update(plan, runner.execute(plan).result)
+    assert st.output_ids == want.token_ids and not banned & set(st.output_ids)
+    with pytest.raises(RunnerError, match="outside the vocabulary"):
+        runner.add("c", p, 0, llm.eos_ids, logit_bias=((llm.cfg.vocab_size, 1.0),))

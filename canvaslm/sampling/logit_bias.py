@@ -1,0 +1,55 @@
+"""`logit_bias` (OpenAI's field): a per-request additive bias on chosen tokens' logits, applied to every
+canvas position at every denoising step before temperature and sampling, so it moves the samples, the
+entropy ranking and the committed argmax alike. -100 all but bans a token, +100 all but forces it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LIMIT = 100.0  # OpenAI's range: [-100, 100]
+
+
+class LogitBiasError(ValueError):
+    pass
+
+
+def normalize(bias, field: str = "logit_bias", vocab: int | None = None) -> tuple[tuple[int, float], ...]:
+    """{token id (int or decimal text): bias} -> sorted ((id, bias), ...), checked. Empty for None/{}."""
+    if bias is None:
+        return ()
+    items = bias.items() if isinstance(bias, dict) else bias
+    out = {}
+    for key, value in items:
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            raise LogitBiasError(f"{field}: key {key!r} is not a token id")
+        try:
+            token = int(key)
+        except ValueError:
+            raise LogitBiasError(f"{field}: key {key!r} is not a token id (an integer)") from None
+        if token < 0 or (vocab is not None and token >= vocab):
+            raise LogitBiasError(f"{field}: token id {token} is outside the vocabulary [0, {vocab})" if vocab
+                                 else f"{field}: token id {token} is negative")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or abs(value) > LIMIT:
+            raise LogitBiasError(f"{field}[{key!r}] = {value!r}; expected a number in [-100, 100]")
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
+
+
+def dense(pairs: tuple[tuple[int, float], ...], vocab: int, device, dtype) -> torch.Tensor | None:
+    """[V] bias for one request, or None when it has none."""
+    if not pairs:
+        return None
+    ids = torch.tensor([t for t, _ in pairs], dtype=torch.long)
+    values = torch.tensor([v for _, v in pairs], dtype=torch.float32)
+    return torch.zeros(vocab, dtype=torch.float32).index_put_((ids,), values).to(device=device, dtype=dtype)
+
+
+def apply(logits: torch.Tensor, rows: list[torch.Tensor | None]) -> torch.Tensor:
+    """Add each row's [V] bias to its logits [B, C, V] in place (rows without one are untouched)."""
+    for b, bias in enumerate(rows):
+        if bias is not None:
+            logits[b] += bias
+    return logits
