@@ -1,6 +1,7 @@
 """The FastAPI app: OpenAI-compatible routes, SSE streaming with optional draft events, errors, auth.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics,
+Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (server/responses.py),
+POST /tokenize, POST /detokenize, GET /v1/models, GET /health, GET /metrics,
 plus FastAPI's /openapi.json. Every client mistake is a 4xx with an OpenAI-style body
 {"error": {"message", "type", "param", "code"}}; only engine failures are 5xx. With an API key, every
 route but /health needs `Authorization: Bearer <key>`.
@@ -26,9 +27,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import render_metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, ResponsesRequest,
+                       TokenizeRequest)
 from .serving import APIError, ServerState, need_tokenizer, prepare, run_choices, run_to_end, usage
-from .tools import ToolReply, auto_tools, chosen_tools, forced_tool
+from .tools import tool_replies
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
 
@@ -149,6 +151,13 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"messages: {e}", "messages") from None
         return await _respond(state, body, [ids], request, chat=True)
 
+    @app.post("/v1/responses", responses=ERRORS)
+    async def responses(body: ResponsesRequest, request: Request):
+        """OpenAI's Responses API, served through the chat machinery (server/responses.py)."""
+        from .responses import create_response
+
+        return await create_response(state, body, request)
+
     return app
 
 
@@ -204,15 +213,7 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     choices = await asyncio.to_thread(prepare, state, body, prompts)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    replies = {}  # choice index -> ToolReply, when the reply is (or may be) a tool call
-    forced, among = (forced_tool(body), chosen_tools(body)) if chat else (None, None)
-    if forced is not None or among is not None:
-        replies = {c.index: ToolReply(forced, among) for c in choices}
-    elif chat and auto_tools(body):
-        from ..tool_parser import NativeToolParser
-
-        parser = NativeToolParser.for_tokenizer(state.tokenizer)  # prepare checked that there is one
-        replies = {c.index: ToolReply(parser=parser) for c in choices}
+    replies = tool_replies(state, body, choices) if chat else {}  # choice index -> ToolReply
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies)

@@ -246,6 +246,97 @@ class ChatCompletionRequest(_Common):
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
+# ---------------------------------------------------------------- the Responses API (/v1/responses)
+
+
+class InputText(_Strict):
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputMessage(_Strict):
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+
+
+class FunctionCallItem(_Strict):
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=256)
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=1 << 20)
+
+
+class FunctionCallOutputItem(_Strict):
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=256)
+    output: str = Field(max_length=1 << 24)
+
+
+class ResponsesTool(_Strict):
+    """A function tool as the Responses API declares it (flat: no nested "function")."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = Field(None, max_length=1 << 16)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunctionChoice(_Strict):
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64)
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Strict):
+    """POST /v1/responses: the Responses API, served by translating it to a chat completion (stateless:
+    nothing is stored, so `previous_response_id` is refused by name)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem] = Field(
+        description="text (one user message) or a list of items: messages, function calls and their outputs")
+    instructions: str | None = Field(None, max_length=1 << 20, description="a system message put first")
+    max_output_tokens: int | None = Field(None, ge=1, le=INT64)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: bool = False
+    text: TextConfig | None = None
+    tools: list[ResponsesTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = Field(None, max_length=512)
+    previous_response_id: str | None = None
+    reasoning: dict[str, Any] | None = None
+    # diffusion extensions and vLLM's, as on the other routes (`extra_body` in the openai client)
+    seed: int | None = Field(None, ge=0, le=INT64)
+    max_denoising_steps: int | None = Field(None, ge=1, le=4096)
+    entropy_bound: float | None = Field(None, gt=0, le=1e6)
+    confidence_threshold: float | None = Field(None, gt=0, le=1e6)
+    logit_bias: dict[str, float] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.previous_response_id is not None:
+            return "previous_response_id", ("this server stores no responses: send the whole conversation in "
+                                            "input instead of previous_response_id")
+        if self.reasoning:
+            return "reasoning", "reasoning options are not supported (the model has no reasoning mode here)"
+        return None
+
+
 class TokenizeRequest(_Strict):
     """vLLM's /tokenize: a text prompt, or chat messages rendered with the chat template (and tools)."""
 

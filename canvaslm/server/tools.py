@@ -174,4 +174,18 @@ class ToolReply:
         return "tool_calls"
 
 
-__all__ = ["tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools", "auto_problem", "ToolReply"]
+def tool_replies(state, body, choices) -> dict:
+    """choice index -> ToolReply for a reply that is (or may be) a tool call; {} for plain text."""
+    forced, among = forced_tool(body), chosen_tools(body)
+    if forced is not None or among is not None:
+        return {c.index: ToolReply(forced, among) for c in choices}
+    if auto_tools(body):
+        from ..tool_parser import NativeToolParser
+
+        parser = NativeToolParser.for_tokenizer(state.tokenizer)  # serving.prepare checked that there is one
+        return {c.index: ToolReply(parser=parser) for c in choices}
+    return {}
+
+
+__all__ = ["tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools", "auto_problem", "ToolReply",
+           "tool_replies"]

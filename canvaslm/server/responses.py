@@ -1,0 +1,232 @@
+"""POST /v1/responses: OpenAI's Responses API over the chat machinery.
+
+A Responses body is translated to a chat completion body (`to_chat`): `instructions` becomes a system
+message, `input` messages become chat messages, `function_call` / `function_call_output` items become an
+assistant turn's tool calls and the tool results, flat function tools become chat tools, `text.format`
+becomes `response_format`, `max_output_tokens` becomes `max_tokens`. The request then runs exactly as
+/v1/chat/completions runs it (same prompt, constraints, seeds, engine), and the reply is laid out as a
+Response: a `message` output item with `output_text`, and one `function_call` item per call.
+
+Stateless: nothing is stored (`store` is accepted and ignored; `previous_response_id` is a 400).
+Streaming sends the Responses event sequence (response.created ... response.completed, each with a
+`sequence_number`). Text streams as canvases commit; a reply that may hold tool calls is sent whole
+once it is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+
+from .protocol import ChatCompletionRequest, ResponsesRequest
+from .serving import APIError, ServerState, prepare, run_choices, run_to_end, usage
+from .tools import tool_replies
+
+
+CHAT_TO_RESPONSES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
+
+
+def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat completion body that asks for what `body` asks for."""
+    messages = []
+    if body.instructions:
+        messages.append({"role": "system", "content": body.instructions})
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    for item in items:
+        if isinstance(item, dict):
+            messages.append(item)
+        elif item.type == "message":
+            content = item.content if isinstance(item.content, str) else "\n".join(p.text for p in item.content)
+            messages.append({"role": item.role, "content": content})
+        elif item.type == "function_call":
+            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)  # calls made in one turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        else:
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+    if not messages:
+        raise APIError(400, "input is empty", "input")
+    fields = dict(model=body.model, messages=messages, stream=body.stream, user=body.user,
+                  temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_output_tokens,
+                  parallel_tool_calls=body.parallel_tool_calls, seed=body.seed,
+                  max_denoising_steps=body.max_denoising_steps, entropy_bound=body.entropy_bound,
+                  confidence_threshold=body.confidence_threshold, logit_bias=body.logit_bias)
+    if body.tools:
+        fields["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                           for t in body.tools]
+    if body.tool_choice is not None:
+        choice = body.tool_choice
+        fields["tool_choice"] = choice if isinstance(choice, str) else {"type": "function",
+                                                                        "function": {"name": choice.name}}
+    fmt = body.text.format if body.text is not None else None
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.schema_ is None:
+            raise APIError(400, "text.format: a json_schema format needs its schema", "text")
+        fields["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": fmt.name or "response", "schema": fmt.schema_, "strict": fmt.strict}}
+    elif fmt is not None and fmt.type == "json_object":
+        raise APIError(400, "text.format json_object (any JSON) is not supported; send a json_schema format",
+                       "text")
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValueError as e:  # e.g. a message shape the chat route would refuse
+        raise APIError(400, f"input: {e}", "input") from None
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def output_items(message: dict, status: str = "completed") -> list[dict]:
+    """A chat reply message -> Responses output items (its text, then one item per tool call)."""
+    items = []
+    if message.get("content"):
+        items.append({"type": "message", "id": _item_id("msg"), "status": status, "role": "assistant",
+                      "content": [{"type": "output_text", "text": message["content"], "annotations": []}]})
+    for call in message.get("tool_calls") or []:
+        items.append({"type": "function_call", "id": _item_id("fc"), "call_id": call["id"], "status": "completed",
+                      "name": call["function"]["name"], "arguments": call["function"]["arguments"]})
+    if not items:  # nothing was generated (an immediate EOS): an empty message, as OpenAI sends
+        items.append({"type": "message", "id": _item_id("msg"), "status": status, "role": "assistant",
+                      "content": [{"type": "output_text", "text": "", "annotations": []}]})
+    return items
+
+
+def response_object(body: ResponsesRequest, rid: str, created: int, output: list, finish: str | None,
+                    use: dict | None) -> dict:
+    status = "in_progress" if finish is None else "incomplete" if finish == "length" else "completed"
+    out = {"id": rid, "object": "response", "created_at": created, "status": status, "model": body.model,
+           "output": output, "error": None,
+           "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+           "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+           "metadata": body.metadata or {}, "parallel_tool_calls": body.parallel_tool_calls is not False,
+           "previous_response_id": None, "reasoning": None, "store": False,
+           "temperature": body.temperature, "top_p": body.top_p,
+           "text": {"format": {"type": "text"}} if body.text is None or body.text.format is None
+           else {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)},
+           "tool_choice": body.tool_choice if isinstance(body.tool_choice, str) or body.tool_choice is None
+           else body.tool_choice.model_dump(), "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+           "truncation": "disabled", "user": body.user, "usage": None}
+    if out["tool_choice"] is None:
+        out["tool_choice"] = "auto" if body.tools else "none"
+    if use is not None:
+        out["usage"] = {"input_tokens": use["prompt_tokens"], "output_tokens": use["completion_tokens"],
+                        "total_tokens": use["total_tokens"],
+                        "input_tokens_details": {"cached_tokens": use["prompt_tokens_details"]["cached_tokens"]},
+                        "output_tokens_details": {"reasoning_tokens": 0}}
+    return out
+
+
+async def create_response(state: ServerState, body: ResponsesRequest, request):
+    problem = body.unsupported()
+    if problem is not None:
+        raise APIError(400, problem[1], problem[0])
+    if state.tokenizer is None or getattr(state.tokenizer, "chat_template", None) is None:
+        raise APIError(400, "this checkpoint has no chat template; use /v1/completions", "input")
+    chat = to_chat(body)
+    try:
+        ids = state.tokenizer.encode_chat(chat.message_dicts(), tools=chat.tool_dicts())
+    except ValueError as e:
+        raise APIError(400, f"input: {e}", "input") from None
+    try:
+        choices = await asyncio.to_thread(prepare, state, chat, [ids])
+    except APIError as e:  # name the Responses field, not the chat field it became
+        if e.param in CHAT_TO_RESPONSES:
+            e.message = e.message.replace(e.param, CHAT_TO_RESPONSES[e.param])
+            e.param = CHAT_TO_RESPONSES[e.param]
+        raise
+    replies = tool_replies(state, chat, choices)
+    rid, created = _item_id("resp"), int(time.time())
+    if body.stream:
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(_stream(state, body, choices, [ids], replies, rid, created),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await run_to_end(state, choices, request)
+    c = choices[0]
+    return response_object(body, rid, created, output_items(_message(c, replies)), c.finish_reason,
+                           usage(choices, [ids]))
+
+
+def _message(c, replies) -> dict:
+    if c.index in replies:
+        return replies[c.index].message(c.tracker.text, c.tracker.ids)
+    return {"role": "assistant", "content": c.tracker.text}
+
+
+async def _stream(state, body, choices, prompts, replies, rid, created):
+    seq = 0
+
+    def event(kind: str, **data) -> str:
+        nonlocal seq
+        payload = {"type": kind, "sequence_number": seq, **data}
+        seq += 1
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    c = choices[0]
+    yield event("response.created", response=response_object(body, rid, created, [], None, None))
+    yield event("response.in_progress", response=response_object(body, rid, created, [], None, None))
+    try:
+        if replies:  # tool calls are read from the whole reply: send it once complete
+            async with contextlib.aclosing(run_choices(state, choices)) as events:
+                async for _ in events:
+                    pass
+            items = output_items(_message(c, replies))
+            for k, item in enumerate(items):
+                for line in _item_events(event, k, item):
+                    yield line
+        else:
+            msg_id = _item_id("msg")
+            part = {"type": "output_text", "text": "", "annotations": []}
+            yield event("response.output_item.added", output_index=0, item={
+                "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []})
+            yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0, part=part)
+            text = ""
+            async with contextlib.aclosing(run_choices(state, choices)) as events:
+                async for kind, _, payload in events:
+                    if kind == "delta" and payload:
+                        text += payload
+                        yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
+                                    delta=payload, logprobs=[])
+            part = {"type": "output_text", "text": text, "annotations": []}
+            yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text,
+                        logprobs=[])
+            yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=part)
+            items = [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant", "content": [part]}]
+            yield event("response.output_item.done", output_index=0, item=items[0])
+        final = response_object(body, rid, created, items, c.finish_reason, usage(choices, prompts))
+        yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                    response=final)
+    except APIError as e:  # headers are sent: report in-band
+        yield event("error", code=e.code or e.type, message=e.message, param=e.param)
+
+
+def _item_events(event, k: int, item: dict):
+    """The added / delta / done events of one whole output item."""
+    if item["type"] == "function_call":
+        yield event("response.output_item.added", output_index=k, item={**item, "arguments": "",
+                                                                          "status": "in_progress"})
+        yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=k,
+                    delta=item["arguments"])
+        yield event("response.function_call_arguments.done", item_id=item["id"], output_index=k,
+                    name=item["name"], arguments=item["arguments"])
+        yield event("response.output_item.done", output_index=k, item=item)
+        return
+    part = item["content"][0]
+    yield event("response.output_item.added", output_index=k, item={**item, "status": "in_progress", "content": []})
+    yield event("response.content_part.added", item_id=item["id"], output_index=k, content_index=0,
+                part={**part, "text": ""})
+    if part["text"]:
+        yield event("response.output_text.delta", item_id=item["id"], output_index=k, content_index=0,
+                    delta=part["text"], logprobs=[])
+    yield event("response.output_text.done", item_id=item["id"], output_index=k, content_index=0,
+                text=part["text"], logprobs=[])
+    yield event("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
+    yield event("response.output_item.done", output_index=k, item=item)

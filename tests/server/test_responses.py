@@ -1,0 +1,130 @@
+"""/v1/responses through the official openai client: the same reply as /v1/chat/completions for the same
+conversation and seed, the Responses layout (output items, status, usage), the event stream, structured
+output, function calls both ways, and refusals that name the Responses field."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+from openai import BadRequestError, NotFoundError, OpenAI
+
+from canvaslm.server.launch import BackgroundServer, build_state
+
+MODEL = "tiny"
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                   "unit": {"enum": ["c", "f"]}},
+                  "required": ["city", "unit"], "additionalProperties": False}
+WEATHER = {"type": "function", "name": "get_weather", "description": "current weather in a city",
+           "parameters": WEATHER_PARAMS}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint, one_thread):
+    with BackgroundServer(build_state(tiny_checkpoint, "cpu", "float32", served_model_name=MODEL)) as srv:
+        yield OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(client, messages, **kw):
+    return client.chat.completions.create(model=MODEL, messages=messages, **kw)
+
+
+def test_text_input_is_one_user_message(client):
+    r = client.responses.create(model=MODEL, input="What is up?", max_output_tokens=20, extra_body={"seed": 3})
+    want = chat(client, [{"role": "user", "content": "What is up?"}], max_tokens=20, seed=3)
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL
+    assert r.output_text == want.choices[0].message.content
+    (item,) = r.output
+    assert item.type == "message" and item.role == "assistant" and item.content[0].type == "output_text"
+    assert r.usage.input_tokens == want.usage.prompt_tokens
+    assert r.usage.output_tokens == want.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    if want.choices[0].finish_reason == "length":
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    else:
+        assert r.status == "completed" and r.incomplete_details is None
+
+
+def test_instructions_and_items_become_the_chat_conversation(client):
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "hello"}]},
+             {"type": "message", "role": "user", "content": "how are you?"}]
+    r = client.responses.create(model=MODEL, instructions="Be brief.", input=items, max_output_tokens=12,
+                                temperature=0.5, extra_body={"seed": 8, "max_denoising_steps": 4})
+    want = chat(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you?"}],
+                max_tokens=12, temperature=0.5, seed=8, extra_body={"max_denoising_steps": 4})
+    assert r.output_text == want.choices[0].message.content
+    assert r.usage.input_tokens == want.usage.prompt_tokens
+    assert r.instructions == "Be brief." and r.temperature == 0.5
+
+
+def test_stream_sends_the_event_sequence_and_the_same_text(client):
+    kw = dict(model=MODEL, input="Tell me a story", max_output_tokens=40, extra_body={"seed": 5})
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete" if whole.status == "incomplete" else "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) >= 2 and "".join(deltas) == whole.output_text  # one delta per committed canvas
+    final = events[-1].response
+    assert final.output_text == whole.output_text and final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_json_schema_format(client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    r = client.responses.create(model=MODEL, input="a number", extra_body={"seed": 1},
+                                text={"format": {"type": "json_schema", "name": "num", "schema": schema,
+                                                 "strict": True}})
+    jsonschema.validate(json.loads(r.output_text), schema)
+    assert r.text.format.type == "json_schema"
+
+
+def test_named_function_call_and_its_result_in_the_next_turn(client):
+    r = client.responses.create(model=MODEL, input="weather?", tools=[WEATHER], extra_body={"seed": 2},
+                                tool_choice={"type": "function", "name": "get_weather"})
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMS)
+    streamed = [e for e in client.responses.create(model=MODEL, input="weather?", tools=[WEATHER], stream=True,
+                                                   extra_body={"seed": 2},
+                                                   tool_choice={"type": "function", "name": "get_weather"})]
+    done = [e for e in streamed if e.type == "response.function_call_arguments.done"]
+    assert [e.arguments for e in done] == [call.arguments] and streamed[-1].type == "response.completed"
+    # the call and its output go back as items; the prompt is the chat route's for the same turns
+    follow = [{"role": "user", "content": "weather?"},
+              {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+              {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    r2 = client.responses.create(model=MODEL, input=follow, tools=[WEATHER], tool_choice="none",
+                                 max_output_tokens=8, extra_body={"seed": 4})
+    want = chat(client, [{"role": "user", "content": "weather?"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": call.call_id, "type": "function",
+                              "function": {"name": call.name, "arguments": call.arguments}}]},
+                         {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}],
+                tools=[{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}],
+                tool_choice="none", max_tokens=8, seed=4)
+    assert r2.usage.input_tokens == want.usage.prompt_tokens
+    assert r2.output_text == want.choices[0].message.content
+
+
+@pytest.mark.parametrize("kw,param,words", [
+    (dict(previous_response_id="resp_1"), "previous_response_id", "stores no responses"),
+    (dict(text={"format": {"type": "json_object"}}), "text", "json_object"),
+    (dict(input=[]), "input", "input is empty"),
+    (dict(max_output_tokens=10**6), "max_output_tokens", "max_output_tokens"),
+    (dict(tool_choice="required"), "tool_choice", "needs tools"),
+])
+def test_refusals_name_the_responses_field(client, kw, param, words):
+    body = {"model": MODEL, "input": "hi", **kw}
+    with pytest.raises(BadRequestError) as e:
+        client.responses.create(**body)
+    assert e.value.body["param"] == param and words in e.value.body["message"]
+    with pytest.raises(NotFoundError):
+        client.responses.create(model="other", input="hi")
