@@ -273,14 +273,10 @@ class FunctionCallOutputItem(_Strict):
     output: str = Field(max_length=1 << 24)
 
 
-class ResponsesTool(_Strict):
-    """A function tool as the Responses API declares it (flat: no nested "function")."""
+class ResponsesTool(FunctionDef):
+    """A function tool as the Responses API declares it (flat: the function's fields beside `type`)."""
 
     type: Literal["function"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str | None = Field(None, max_length=1 << 16)
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class NamedFunctionChoice(_Strict):
