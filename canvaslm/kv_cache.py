@@ -52,6 +52,20 @@ class KVCache:
         # next free position of each slot = tokens already encoded
         self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
 
+    @staticmethod
+    def planned_bytes(cfg: ModelConfig, num_slots: int, max_len: int, dtype=torch.float32) -> tuple[int, int]:
+        """(bytes of the K/V buffers, bytes of the prefix store) a cache of this shape allocates."""
+        item = torch.empty((), dtype=dtype).element_size()
+        ring = min(cfg.sliding_window - 1, max_len)
+        cache = store = 0
+        for i, t in enumerate(cfg.layer_types):
+            row = 2 * num_slots * cfg.num_kv_heads[i] * cfg.head_dims[i] * item  # K and V, one position
+            size = max_len if t == FULL else ring
+            cache += row * (size + 1)
+            if size < max_len:
+                store += row * (max_len + 1)
+        return cache, store
+
     @property
     def device(self):
         return self.lengths.device

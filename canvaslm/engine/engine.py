@@ -21,6 +21,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
+
 from ..config import DiffusionParams
 from .request import RequestState
 from .runner import Runner
@@ -39,7 +41,9 @@ class EngineConfig:
     prefill_chunk: int = 512  # prompt tokens encoded per request per step
     kv_budget_tokens: int | None = None  # admission budget (default: num_slots * max_model_len)
     max_wait_plans: int = 16  # scheduler aging: no request waits longer than this many plans
-    prefix_caching: bool = True  # a new request reuses the KV of a prompt prefix a freed slot holds
+    # a new request reuses the KV of a prompt prefix another request encoded; None: on where its memory
+    # fits (`prefix_caching_fits`)
+    prefix_caching: bool | None = None
 
     def __post_init__(self):
         for name in ("max_batch", "max_model_len", "prefill_chunk", "max_wait_plans"):
@@ -150,15 +154,42 @@ class EngineStats:
         return sum(r[1] for r in recent) / self.window_s, sum(r[2] for r in recent) / self.window_s
 
 
+def prefix_caching_fits(cfg, config: EngineConfig, device, dtype, free_total=None) -> tuple[bool, str]:
+    """(whether to cache prefixes, why) when the config leaves it to the engine. The cost is the prefix
+    store: a full-length copy of the sliding layers' K/V per slot (kv_cache). On a GPU it must leave a
+    reserve for activations (the larger of 2 GiB and a tenth of the device) after the whole cache; CPU
+    memory is not checked. `free_total` = (free, total) bytes overrides the device query (tests)."""
+    from ..kv_cache import KVCache
+
+    cache, store = KVCache.planned_bytes(cfg, config.slots + 1, config.max_model_len, dtype)
+    if free_total is None:
+        if torch.device(device).type != "cuda":
+            return True, "not a GPU"
+        free_total = torch.cuda.mem_get_info(torch.device(device))
+    free, total = free_total
+    reserve = max(2 << 30, total // 10)
+    gib = 1 << 30
+    if free - cache - store >= reserve:
+        return True, f"the prefix store ({store / gib:.1f} GiB) fits"
+    return False, (f"the prefix store ({store / gib:.1f} GiB) does not fit: {free / gib:.1f} GiB free, the KV cache "
+                   f"takes {cache / gib:.1f} GiB and {reserve / gib:.1f} GiB stay for activations; lower "
+                   "--max-model-len or --max-batch, or force it with --enable-prefix-caching")
+
+
 class Engine:
     def __init__(self, model, config: EngineConfig, history_depth: int = 1):
         cfg = model.cfg
         self.config, self.canvas_length = config, cfg.canvas_length
+        self.prefix_caching = config.prefix_caching
+        if self.prefix_caching is None:
+            self.prefix_caching, why = prefix_caching_fits(cfg, config, model.embed_weight.device,
+                                                           model.embed_weight.dtype)
+            log.info("prefix caching %s: %s", "on" if self.prefix_caching else "off", why)
         self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth,
-                             prefix_caching=config.prefix_caching)
+                             prefix_caching=self.prefix_caching)
         self.scheduler = Scheduler(config.max_batch, config.kv_budget, config.slots, config.prefill_chunk,
                                    cfg.canvas_length, max_wait_plans=config.max_wait_plans,
-                                   prefix_caching=config.prefix_caching)
+                                   prefix_caching=self.prefix_caching)
         self.stats = EngineStats()
         self._sinks: dict[str, _Sink] = {}
         self._inbox: collections.deque = collections.deque()

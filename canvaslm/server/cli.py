@@ -30,8 +30,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="KV positions per request: prompt + whole canvases (default: min(model limit, 4096))")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per engine step")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the KV of a prompt prefix that a finished request left in its slot (default: on)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV of prompt prefixes other requests encoded (default: on where its memory "
+                        "fits: always on a CPU, on a GPU if the prefix store leaves room for activations)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: directory name)")
     p.add_argument("--max-steps-limit", type=int, default=1024,
                    help="largest max_denoising_steps a request may ask for")

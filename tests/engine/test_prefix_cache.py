@@ -352,3 +352,26 @@ def test_requests_arriving_together_share_the_prompt_encode(llm, monkeypatch):
     for r, (ids, sp) in zip(got, specs):
         want = Served(llm, caching=False).run(ids, sp)
         assert (r.output_ids, r.finish_reason) == (want.output_ids, want.finish_reason)
+
+
+def test_by_default_prefix_caching_is_on_where_its_memory_fits(llm):
+    """The 26B-A4B shape, 8 slots of 4096 positions in bf16: the prefix store is 6.7 GB. On an 80 GB GPU
+    with bf16 weights loaded it fits; beside int4 weights on a 24 GB GPU it does not. A CPU always caches."""
+    from canvaslm.engine.engine import Engine, EngineConfig, prefix_caching_fits
+    from canvaslm.kv_cache import KVCache
+    from canvaslm.shapes import model_config
+
+    cfg = model_config("26b-a4b")
+    config = EngineConfig(max_batch=8, max_model_len=4096)
+    cache, store = KVCache.planned_bytes(cfg, 9, 4096, torch.bfloat16)
+    assert 6.5e9 < store < 7.9e9 and 2.0e9 < cache < 2.9e9
+    gib = 1 << 30
+    on, why = prefix_caching_fits(cfg, config, "cuda", torch.bfloat16, free_total=(27 * gib, 80 * gib))
+    assert on and "fits" in why
+    off, why = prefix_caching_fits(cfg, config, "cuda", torch.bfloat16, free_total=(9 * gib, 24 * gib))
+    assert not off and "does not fit" in why and "--max-model-len" in why
+    assert prefix_caching_fits(cfg, config, "cpu", torch.bfloat16) == (True, "not a GPU")
+    engine = Engine(llm.model, EngineConfig(max_batch=2, max_model_len=128))
+    assert engine.prefix_caching and engine.runner.cache.store  # the tiny model on the CPU
+    runner = Runner(llm.model, 2, 128, prefix_caching=True)
+    assert runner.cache.nbytes() == sum(KVCache.planned_bytes(llm.cfg, 3, 128, runner.dtype))

@@ -56,7 +56,7 @@ def test_next_chat_turn_reuses_the_previous_prompt(servers, llm):
 
 
 def test_serve_flag_turns_prefix_caching_off(monkeypatch, tiny_checkpoint):
-    """`canvaslm serve --no-enable-prefix-caching` reaches the engine config (on by default)."""
+    """`canvaslm serve --[no-]enable-prefix-caching` reaches the engine config (None: the engine decides)."""
     from canvaslm.cli import build_parser
     from canvaslm.server import launch
 
@@ -67,7 +67,7 @@ def test_serve_flag_turns_prefix_caching_off(monkeypatch, tiny_checkpoint):
         raise SystemExit(0)  # stop before serving
 
     monkeypatch.setattr(launch, "build_state", fake_build_state)
-    for flags, want in [((), True), (("--no-enable-prefix-caching",), False)]:
+    for flags, want in [((), None), (("--no-enable-prefix-caching",), False), (("--enable-prefix-caching",), True)]:
         args = build_parser().parse_args(["serve", str(tiny_checkpoint), *flags])
         with pytest.raises(SystemExit):
             args.func(args)
