@@ -42,6 +42,19 @@ def add_parser(subparsers) -> None:
                    help="a Jinja chat template to use instead of the checkpoint's (or where it has none)")
     p.set_defaults(func=_serve)
 
+    b = subparsers.add_parser("run-batch", help="run an OpenAI batch file (JSONL requests) offline through the server")
+    add_model_args(b, model_optional=False)
+    b.add_argument("-i", "--input", required=True, help="JSONL: {custom_id, method, url, body} per line")
+    b.add_argument("-o", "--output", required=True, help="JSONL results, in input order (written atomically)")
+    b.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (default 16)")
+    b.add_argument("--max-batch", type=int, default=8, help="requests per encoder/decoder call (and KV slots)")
+    b.add_argument("--max-model-len", type=int, default=None, help="KV positions per request (default: min(model limit, 4096))")
+    b.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per engine step")
+    b.add_argument("--served-model-name", default=None, help="the `model` the requests name (default: directory name)")
+    b.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="as for serve (default: on where its memory fits)")
+    b.set_defaults(func=_run_batch)
+
 
 def _read_template(args) -> str:
     from pathlib import Path
@@ -58,18 +71,41 @@ def _read_template(args) -> str:
     return source
 
 
+def _engine_config(args):
+    from ..config import ModelConfig
+    from ..engine.engine import EngineConfig
+
+    limit = ModelConfig.from_dir(args.model_dir).max_position_embeddings
+    return EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len or min(limit, 4096),
+                        prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching)
+
+
+def _run_batch(args) -> int:
+    from pathlib import Path
+
+    from .batch import read_requests, run_batch_file
+    from .launch import build_state
+
+    read_requests(Path(args.input))  # a missing or empty file fails before the model loads
+    state = build_state(args.model_dir, args.device, args.dtype, _engine_config(args),
+                        served_model_name=args.served_model_name, quantization=args.quantization)
+    try:
+        counts = run_batch_file(state, args.input, args.output, args.concurrency)
+    finally:
+        state.engine.shutdown()
+    print(f"canvaslm: {counts['requests']} requests, {counts['ok']} ok, {counts['failed']} failed -> {args.output}",
+          flush=True)
+    return 0
+
+
 def _serve(args) -> int:
     import uvicorn
 
-    from ..config import ModelConfig
-    from ..engine.engine import EngineConfig
     from .app import build_app
     from .launch import build_state
 
     template = _read_template(args) if args.chat_template is not None else None  # fail before loading a model
-    limit = ModelConfig.from_dir(args.model_dir).max_position_embeddings
-    config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len or min(limit, 4096),
-                          prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching)
+    config = _engine_config(args)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout)
     if template is not None:

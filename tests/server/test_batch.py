@@ -1,0 +1,80 @@
+"""`canvaslm run-batch`: OpenAI batch files run offline through the server's own app, answered as the live
+server answers the same bodies, in input order, with bad lines reported by line number."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from canvaslm.server.batch import BatchInputError, read_requests
+from canvaslm.server.launch import BackgroundServer, build_state
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 12, "seed": 1}
+GOOD = [
+    ("chat", "/v1/chat/completions", CHAT),
+    ("text", "/v1/completions", {"model": "tiny", "prompt": "Once upon", "max_tokens": 20, "seed": 2, "n": 2}),
+    ("resp", "/v1/responses", {"model": "tiny", "input": "hello", "max_output_tokens": 10, "seed": 3}),
+    ("chat-same-prefix", "/v1/chat/completions", {**CHAT, "seed": 4}),
+]
+
+
+def line(custom_id, url, body, method="POST") -> str:
+    return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "canvaslm.cli", "run-batch", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_batch_answers_as_the_server_does(tiny_checkpoint, tmp_path):
+    lines = [line(*g) for g in GOOD]
+    lines += [line("bad-field", "/v1/chat/completions", {**CHAT, "max_tokens": -1}),
+              "{not json",
+              line("wrong-url", "/v1/embeddings", {"model": "tiny"}),
+              line("streamed", "/v1/completions", {"model": "tiny", "prompt": "x", "stream": True}),
+              line("get", "/v1/completions", {}, method="GET"),
+              ""]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    proc = run_cli(tiny_checkpoint, "-i", src, "-o", out, "--served-model-name", "tiny", "--concurrency", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "9 requests, 4 ok, 5 failed" in proc.stdout
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in records] == [g[0] for g in GOOD] + ["bad-field", None, "wrong-url",
+                                                                          "streamed", "get"]
+    with BackgroundServer(build_state(tiny_checkpoint, "cpu", "float32", served_model_name="tiny")) as srv:
+        for record, (_, url, body) in zip(records, GOOD):
+            want = httpx.post(srv.base_url + url, json=body, timeout=60).json()
+            got = record["response"]
+            assert got["status_code"] == 200 and record["error"] is None and record["id"].startswith("batch_req_")
+            if url == "/v1/responses":
+                assert got["body"]["output"][0]["content"][0]["text"] == want["output"][0]["content"][0]["text"]
+            else:
+                key = "message" if "chat" in url else "text"
+                assert [c[key] for c in got["body"]["choices"]] == [c[key] for c in want["choices"]]
+    refused = records[len(GOOD)]
+    assert refused["response"]["status_code"] == 400 and refused["response"]["body"]["error"]["param"] == "max_tokens"
+    problems = [r["error"]["message"] for r in records[len(GOOD) + 1:]]
+    assert problems == ["line 6: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+                        "line 7: url '/v1/embeddings' is not one of ['/v1/chat/completions', '/v1/completions', "
+                        "'/v1/responses']",
+                        "line 8: body.stream must be false in a batch",
+                        "line 9: method 'GET' is not supported; only POST"]
+
+
+def test_bad_input_files_fail_before_the_model_loads(tmp_path, tiny_checkpoint):
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(line("a", "/v1/completions", {}) + "\n" + line("a", "/v1/completions", {}) + "\n")
+    with pytest.raises(BatchInputError, match="line 2: custom_id 'a' repeats line 1"):
+        read_requests(dup)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    out = tmp_path / "out.jsonl"
+    for path, words in [(tmp_path / "missing.jsonl", "does not exist"), (empty, "holds no requests")]:
+        proc = run_cli(tiny_checkpoint, "-i", path, "-o", out, timeout=120)
+        assert proc.returncode != 0 and words in proc.stderr and not out.exists()
