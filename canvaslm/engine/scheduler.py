@@ -121,6 +121,11 @@ class StepResult:
         object.__setattr__(self, "errors", dict(self.errors))
 
 
+def chunk_digest(tokens: tuple[int, ...], chunk: int) -> tuple[int, ...]:
+    """One hash per whole chunk of `tokens`: prefix matching compares these, not every token."""
+    return tuple(hash(tokens[i:i + chunk]) for i in range(0, len(tokens) - chunk + 1, chunk))
+
+
 class Scheduler:
     def __init__(
         self,
@@ -151,8 +156,10 @@ class Scheduler:
         self._cancelled_in_flight: dict[str, RequestState] = {}  # slot/KV released at update()
         self._free_slots: list[int] = list(range(num_slots))  # min-heap: lowest slot first, deterministic
         self._freed_slots: list[int] = []  # reported to the runner in the next plan
-        # prefix caching: per slot, the prompt tokens its KV holds (encoded from position 0 in whole chunks)
-        self._slot_tokens: list[tuple[int, ...]] = [()] * num_slots
+        # prefix caching: per slot, the prompt its KV holds the first `held` tokens of (encoded from position
+        # 0 in whole chunks), as (tokens, held, digest of its whole chunks); per live request, its digest
+        self._slot_prompt: list[tuple[tuple[int, ...], int, tuple[int, ...]]] = [((), 0, ())] * num_slots
+        self._digests: dict[str, tuple[int, ...]] = {}
         self._slot_freed_at: list[int] = [-1] * num_slots  # order of release (LRU among equal matches)
         self._releases = itertools.count()
         self._reuse: list[tuple[int, int]] = []  # reported to the runner in the next plan
@@ -218,6 +225,7 @@ class Scheduler:
         if request_id in self._waiting:
             request = self._waiting.pop(request_id)
             self._mark_done(request, RequestStatus.CANCELLED, "cancelled")
+            self._digests.pop(request_id, None)
             return request
         request = self._running.pop(request_id, None)
         if request is None:
@@ -276,21 +284,37 @@ class Scheduler:
             request.plans_waited = 0
             self._running[request.request_id] = request
 
+    def _digest(self, r: RequestState) -> tuple[int, ...]:
+        d = self._digests.get(r.request_id)
+        if d is None:
+            d = self._digests[r.request_id] = chunk_digest(r.prompt_ids, self.prefill_chunk)
+        return d
+
     def _best_source(self, request: RequestState):
         """Where the request's prompt prefix can come from: (slot, L, running) with the largest L, None
         if nowhere, or "wait" when a request still prefilling will have encoded more of it."""
-        best = max(((s, self.reusable(s, request.prompt_ids), False) for s in self._free_slots),
+        prompt, digest = request.prompt_ids, self._digest(request)
+        best = max(((s, self._match(*self._slot_prompt[s], prompt, digest), False) for s in self._free_slots),
                    key=lambda c: (c[1], -self._slot_freed_at[c[0]], -c[0]), default=None)
         pending = 0
         for q in self._running.values():
-            now = self.shared(q.prompt_ids[:q.prefilled_len], request.prompt_ids)
+            qd = self._digest(q)
+            now = self._match(q.prompt_ids, q.prefilled_len, qd, prompt, digest)
             if best is None or now > best[1]:
                 best = (q.slot, now, True)
             if q.needs_prefill:
-                pending = max(pending, self.shared(q.prompt_ids, request.prompt_ids))
+                pending = max(pending, self._match(q.prompt_ids, q.prompt_len, qd, prompt, digest))
         if pending > (best[1] if best else 0):
             return "wait"
-        return best if best and best[1] > 0 else None
+        if best is None or best[1] == 0:
+            return None
+        held = self._slot_prompt[best[0]][0] if not best[2] else self._running_in(best[0]).prompt_ids
+        if held[:best[1]] != prompt[:best[1]]:  # digests matched but the tokens differ (a hash collision)
+            return None
+        return best
+
+    def _running_in(self, slot: int) -> RequestState:
+        return next(q for q in self._running.values() if q.slot == slot)
 
     def _take_slot(self, request: RequestState, source=None) -> None:
         """Give the request a free slot; with prefix caching, one holding the most of its prompt (or the
@@ -309,25 +333,30 @@ class Scheduler:
         heapq.heapify(self._free_slots)
         request.slot = slot
         request.prefilled_len = request.cached_len = keep
-        self._slot_tokens[slot] = ()  # the new owner's until it is released
+        self._slot_prompt[slot] = ((), 0, ())  # the new owner's until it is released
         self._reuse.append((slot, keep))
 
     def reusable(self, slot: int, prompt_ids: tuple[int, ...]) -> int:
         """How many leading prompt tokens a request could take from the free `slot`'s KV."""
-        return self.shared(self._slot_tokens[slot], prompt_ids)
+        prompt_ids = tuple(prompt_ids)
+        n = self._match(*self._slot_prompt[slot], prompt_ids, chunk_digest(prompt_ids, self.prefill_chunk))
+        return n if self._slot_prompt[slot][0][:n] == prompt_ids[:n] else 0
 
-    def shared(self, held: tuple[int, ...], prompt_ids: tuple[int, ...]) -> int:
-        """How many leading tokens of `prompt_ids` KV holding the encoded prompt `held` can give: the
-        common prefix, cut down to whole prefill chunks unless it is the whole prompt and all of `held`
-        (then its last, partial chunk was encoded just as this prompt's would be)."""
-        n = 0
-        for a, b in zip(held, prompt_ids):
+    def _match(self, tokens, held: int, digest, prompt, prompt_digest) -> int:
+        """How many leading tokens of `prompt` KV holding the first `held` tokens of the encoded prompt
+        `tokens` can give: whole prefill chunks in common, or all of them when the two are the same
+        prompt (its last, partial chunk was encoded just as this prompt's would be). Compares chunk
+        digests, so the caller checks the tokens of the one it picks; this runs for every waiting
+        request against every slot at every plan."""
+        k, whole = 0, held // self.prefill_chunk
+        for a, b in zip(digest[:whole], prompt_digest):
             if a != b:
                 break
-            n += 1
-        if n == len(held) == len(prompt_ids):
-            return n
-        return n - n % self.prefill_chunk
+            k += 1
+        n = k * self.prefill_chunk
+        if k == whole == len(prompt_digest) and held == len(prompt) and tokens[n:held] == prompt[n:]:
+            return held
+        return n
 
     def _pick_encode(self) -> list[RequestState]:
         def key(r: RequestState) -> tuple:
@@ -466,12 +495,15 @@ class Scheduler:
             self._remember(request)
         else:
             self._freed_slots.append(request.slot)
+        self._digests.pop(request.request_id, None)
         self._kv_used -= request.kv_reserved
         request.slot = None
 
     def _remember(self, request: RequestState) -> None:
         """Record the prompt prefix the released slot's KV holds (a failed step may have written
         anything: then nothing)."""
-        ok = request.finish_reason != "error"
-        self._slot_tokens[request.slot] = request.prompt_ids[:request.prefilled_len] if ok else ()
+        if request.finish_reason == "error":
+            self._slot_prompt[request.slot] = ((), 0, ())
+        else:
+            self._slot_prompt[request.slot] = (request.prompt_ids, request.prefilled_len, self._digest(request))
         self._slot_freed_at[request.slot] = next(self._releases)

@@ -375,3 +375,17 @@ def test_by_default_prefix_caching_is_on_where_its_memory_fits(llm):
     assert engine.prefix_caching and engine.runner.cache.store  # the tiny model on the CPU
     runner = Runner(llm.model, 2, 128, prefix_caching=True)
     assert runner.cache.nbytes() == sum(KVCache.planned_bytes(llm.cfg, 3, 128, runner.dtype))
+
+
+def test_a_digest_collision_is_caught_before_reuse(monkeypatch):
+    """Prefixes are matched by chunk digests; the tokens of the pick are compared before any reuse, so
+    even digests that always collide never hand a request another prompt's KV."""
+    from canvaslm.engine import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "chunk_digest", lambda tokens, chunk: (0,) * (len(tokens) // chunk))
+    sched = make_sched(slots=2)
+    sim = KVSim(sched)
+    a = run_one(sched, sim, RequestState("a", (1, 2, 3, 4, 5, 6, 7, 8, 9), 4, 4, 2))
+    b = run_one(sched, sim, RequestState("b", (1, 2, 3, 4, 9, 9, 9, 9, 9), 4, 4, 2))  # chunk 2 differs
+    c = run_one(sched, sim, RequestState("c", (7, 7, 7, 7, 7), 4, 4, 2))  # no chunk in common at all
+    assert (a.cached_len, b.cached_len, c.cached_len) == (0, 0, 0)  # the whole match is refused
