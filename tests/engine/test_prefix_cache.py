@@ -389,3 +389,20 @@ def test_a_digest_collision_is_caught_before_reuse(monkeypatch):
     b = run_one(sched, sim, RequestState("b", (1, 2, 3, 4, 9, 9, 9, 9, 9), 4, 4, 2))  # chunk 2 differs
     c = run_one(sched, sim, RequestState("c", (7, 7, 7, 7, 7), 4, 4, 2))  # no chunk in common at all
     assert (a.cached_len, b.cached_len, c.cached_len) == (0, 0, 0)  # the whole match is refused
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_reuse_matches_the_cache_free_run(tiny_checkpoint):
+    """On a GPU (bench/fast_path_gpu.sh runs it): one request at a time keeps every encoder call's shape
+    the same with and without the cache, so reuse must not change a token there either."""
+    from canvaslm.llm import LLM, SamplingParams
+
+    gpu = LLM(tiny_checkpoint, device="cuda", dtype="float32")
+    C = gpu.cfg.canvas_length
+    a_ids = gpu.encode_prompt("The quick brown fox jumps over the lazy dog")
+    b_ids = a_ids[:19] + gpu.tokenizer.encode(" is a sentence that is used", add_special_tokens=False)
+    cached, fresh = Served(gpu, caching=True), Served(gpu, caching=False)
+    cached.run(a_ids, SamplingParams(seed=1, max_new_tokens=3 * C, max_denoising_steps=3), eos_ids=())
+    sp = SamplingParams(seed=7, max_new_tokens=2 * C, max_denoising_steps=6)
+    b = cached.run(b_ids, sp)
+    assert b.cached_len == 16 and b.output_ids == fresh.run(b_ids, sp).output_ids
