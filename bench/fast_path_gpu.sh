@@ -9,6 +9,8 @@
 #   int4    the same with --int4 (weight-only int4, what fits a 24 GB GPU; batches 1,4), after the same
 #           model unquantised at batch 1 in the same run (--vs-unquantized: int4/bf16 ratios), no reference
 #   serve   bench/serve_concurrency.py at the 26B-A4B shape: 1 vs 4 concurrent requests through HTTP
+#   prefix  bench/prefix_cache.py at the 26B-A4B shape: 4 requests sharing a 3072-token prefix, one after
+#           another, with and without prefix caching (prefix-burst: the 4 at once)
 #   compiled  the reference with torch.compile too (its compile takes minutes; last, on its own)
 # Each stage has its own time limit and the next one runs whatever it returned. Output: $OUT/fast_path_gpu.log.
 #
@@ -17,10 +19,15 @@
 #     run(command="bash bench/fast_path_gpu.sh tests bf16", carry=[".whl"], timeout_s=560)
 #     run(command="bash bench/fast_path_gpu.sh fp8 serve", carry=[".whl"], timeout_s=400)
 #     (and, with time left: run(command="bash bench/fast_path_gpu.sh int4", carry=[".whl"], timeout_s=260))
+#     (prefix caching at full size: run(command="bash bench/fast_path_gpu.sh prefix prefix-burst", carry=[".whl"],
+#     timeout_s=420))
 # Dry run on a CPU (plumbing only): DEVICE=cpu SHAPE=tiny WHEELS=none bash bench/fast_path_gpu.sh bf16 fp8 int4 serve
+#     (prefix stages: add CANVAS=16 PREFIX=1024)
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-26b-a4b}
+CANVAS=${CANVAS:-256}
+PREFIX=${PREFIX:-3072}
 PY=${PYTHON:-python3}
 OUT=${OUT:-runs/fast_path_gpu}
 mkdir -p "$OUT"
@@ -60,9 +67,13 @@ for s in "${@:-tests bf16 fp8 serve}"; do
               --batches 1,4 --reference none "${cpu[@]}" ;;
       serve) stage serve 200 $PY bench/serve_concurrency.py --shape "$SHAPE" --device "$DEVICE" \
                "${small[@]}" "${cpu[@]}" ;;
+      prefix) stage prefix 200 $PY bench/prefix_cache.py --shape "$SHAPE" --device "$DEVICE" --canvas "$CANVAS" \
+                --prefix "$PREFIX" --suffix 64 --requests 4 --steps 16 ;;
+      prefix-burst) stage prefix-burst 200 $PY bench/prefix_cache.py --shape "$SHAPE" --device "$DEVICE" \
+                      --canvas "$CANVAS" --prefix "$PREFIX" --suffix 64 --requests 4 --steps 16 --together ;;
       compiled) stage compiled 540 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1 \
                   --reference eager,compiled "${cpu[@]}" ;;
-      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, compiled)" | tee -a "$LOG"; exit 2 ;;
+      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, compiled)" | tee -a "$LOG"; exit 2 ;;
     esac
   done
 done

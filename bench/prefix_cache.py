@@ -27,6 +27,10 @@ from canvaslm.checkpoint import build_random_model
 
 
 def model_config(args) -> ModelConfig:
+    if args.shape is not None:  # a named shape (canvaslm.shapes), e.g. 26b-a4b on a GPU
+        from canvaslm.shapes import model_config as named
+
+        return named(args.shape, canvas_length=args.canvas)
     text = dict(model_type="diffusion_gemma_text", vocab_size=4096, hidden_size=args.hidden,
                 intermediate_size=2 * args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=args.hidden // 4, sliding_window=512, num_experts=8,
@@ -69,10 +73,14 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--together", action="store_true", help="send all requests at once")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", default=None, help="a named shape (canvaslm.shapes: tiny, small, 26b-a4b) instead "
+                    "of --hidden/--layers")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 elsewhere")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = model_config(args)
-    model = build_random_model(cfg, device=args.device, seed=0, std=0.5).eval()
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    model = build_random_model(cfg, device=args.device, dtype=dtype, seed=0, std=0.5).eval()
     rng = random.Random(0)
     shared = [2] + [rng.randrange(3, cfg.vocab_size) for _ in range(args.prefix - 1)]
     prompts = [shared + [rng.randrange(3, cfg.vocab_size) for _ in range(args.suffix)] for _ in range(args.requests)]
@@ -90,10 +98,12 @@ def main() -> None:
         finally:
             engine.shutdown()
     (lat_off, _, out_off), (lat_on, fin_on, out_on) = results[False], results[True]
-    print(f"model: hidden {args.hidden}, {args.layers} layers, canvas {args.canvas}, {args.steps} steps; "
+    shape = args.shape or f"hidden {args.hidden}, {args.layers} layers"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    print(f"model: {shape} ({dtype}), canvas {args.canvas}, {args.steps} steps; "
           f"prompts: {args.prefix} shared + {args.suffix} own tokens, {args.requests} requests "
           f"{'at once' if args.together else 'one after another'}; "
-          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| engine | median latency (ms) | first request (ms) | later requests, mean (ms) | prompt tokens reused |")
     print("|---|---|---|---|---|")
     for name, lat, reused in (("no prefix cache (peer)", lat_off, 0),

@@ -84,12 +84,14 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "DEVICE": "cpu", "SHAPE": "tiny", "WHEELS": "none", "OUT": str(tmp_path),
-           "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(repo / "bench/fast_path_gpu.sh"), "int4", "serve", "nosuchstage"], cwd=repo, env=env,
+           "PYTHON": sys.executable, "CANVAS": "16", "PREFIX": "1024"}
+    proc = subprocess.run(["bash", str(repo / "bench/fast_path_gpu.sh"), "int4", "serve", "prefix", "nosuchstage"],
+                          cwd=repo, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     log = (tmp_path / "fast_path_gpu.log").read_text()
     assert "== int4: rc 0," in log and "float32 int4" in log and "batch 4 / batch 1 throughput" in log, log
     assert "int4/unquantized: step" in log, log
     assert "== serve: rc 0," in log and "concurrency 1:" in log and "concurrency 4:" in log, log
+    assert "== prefix: rc 0," in log and "3072 of 4352" in log and "outputs identical: True" in log, log
     assert "unknown stage nosuchstage" in log
