@@ -74,6 +74,7 @@ class GenerationRequest:
     constraint: object | None = None  # sampling.constraints.CanvasConstraint
     drafts: bool = False  # emit a Draft after every denoising step
     logit_bias: tuple = ()  # ((token id, bias), ...): sampling.logit_bias
+    priority: int = 0  # lower is admitted and scheduled first (scheduler aging still bounds every wait)
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ class Engine:
         p = req.params
         try:
             state = RequestState(req.request_id, req.prompt_ids, p.max_new_tokens, self.canvas_length,
-                                 p.max_denoising_steps)
+                                 p.max_denoising_steps, priority=req.priority)
             self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts, req.logit_bias)
             self._sinks[req.request_id] = sink
             self.scheduler.add(state)

@@ -18,7 +18,7 @@ appears at most once per plan: a canvas whose prefill or commit is in this plan 
 the next one, so every state change follows from exactly one reported result.
 
 Policy
-- Admission: strict FCFS by (priority, arrival). A request reserves
+- Admission: strict FCFS by (aged priority, arrival; see Fairness). A request reserves
   prompt_len + ceil(max_new_tokens / canvas_length) * canvas_length KV tokens and one slot until it
   finishes or is cancelled. The head of the queue that does not fit blocks the ones behind it, so a
   large request is never overtaken forever; it is never dropped. One larger than the whole budget
@@ -31,10 +31,12 @@ Policy
   max_batch. Why: same-step canvases share step-dependent parameters (temperature/schedule) and
   tend to converge together, so batches stay homogeneous and their shapes stable. A canvas that
   stops early (or runs out of steps) just leaves the batch for a commit; the others continue.
-- Fairness (aging): each plan that passes over a request with ready work bumps its `plans_waited`;
-  at `max_wait_plans` it is overdue and goes ahead of the policy order above, overdue ones in
-  pure arrival order. This holds for admission, encode and denoise alike, so under any stream of
-  new requests an old request advances within a bounded number of plans.
+- Fairness (aging): each plan that passes over a request with ready work bumps its `plans_waited`.
+  Admission orders by priority value less one for every `max_wait_plans` plans waited (then arrival),
+  so a lower value goes first (vLLM's `priority`) and yet a waiting request moves up until it is
+  first. Once admitted, a request at `max_wait_plans` is overdue and its encode and denoise work goes
+  ahead of the policy order above, overdue ones in pure arrival order. So under any stream of new
+  requests an old request advances within a bounded number of plans.
 - Prefix caching (`prefix_caching=True`): a freed slot keeps its KV, and the scheduler remembers the
   prompt tokens its owner encoded. A new request takes the free slot it can reuse the most of (ties:
   the slot freed longest ago, then the lowest) and skips encoding that part; the plan's `reuse` tells
@@ -267,8 +269,8 @@ class Scheduler:
         return request.plans_waited >= self.max_wait_plans
 
     def _admit(self) -> None:
-        def key(r: RequestState) -> tuple:
-            return (0, r.arrival) if self._overdue(r) else (1, r.priority, r.arrival)
+        def key(r: RequestState) -> tuple:  # priority aging: one step up per max_wait_plans plans waited
+            return (r.priority - r.plans_waited // self.max_wait_plans, r.arrival)
 
         for request in sorted(self._waiting.values(), key=key):
             if not self._free_slots or self._kv_used + request.kv_reserved > self.kv_budget_tokens:

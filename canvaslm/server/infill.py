@@ -70,7 +70,7 @@ def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[G
         for j in range(body.n):
             reqs = [Choice(k, GenerationRequest(uuid.uuid4().hex, tuple(ids), params,
                                                 (seed + j * len(gaps) + k) % 2**63, state.eos_ids, pins,
-                                                logit_bias=bias),
+                                                logit_bias=bias, priority=body.priority),
                            len(groups), TextTracker(state.tokenizer, []))
                     for k, (params, pins) in enumerate(cands)]
             groups.append(Group(len(groups), list(ids), suffix_ids, gaps, reqs))

@@ -78,6 +78,8 @@ class _Common(_Strict):
     confidence_threshold: float | None = Field(None, gt=0, le=1e6, description="adaptive stop: mean entropy below this")
     sampler: Literal["entropy_bound"] | None = Field(None, description="only 'entropy_bound' for now")
     stream_drafts: bool = Field(False, description="with stream=true: draft events (argmax canvas) between commits")
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1,
+                          description="vLLM's: lower is served first; waits stay bounded (scheduler aging)")
     ignore_eos: bool = Field(False, description="generate max_tokens whatever the model says (benchmarks)")
     stop_token_ids: list[int] | None = Field(None, max_length=64,
                                              description="more token ids that end the output (vLLM's name)")
@@ -323,6 +325,7 @@ class ResponsesRequest(_Strict):
     entropy_bound: float | None = Field(None, gt=0, le=1e6)
     confidence_threshold: float | None = Field(None, gt=0, le=1e6)
     logit_bias: dict[str, float] | None = None
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.previous_response_id is not None:

@@ -269,7 +269,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         params = resolve_params(state, body, len(ids), constraint)
         for j in range(body.n):
             req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
-                                    eos, constraint, body.stream_drafts, bias)
+                                    eos, constraint, body.stream_drafts, bias, body.priority)
             choices.append(Choice(len(choices), req, p_index, TextTracker(state.tokenizer, stops)))
     return choices
 

@@ -379,3 +379,23 @@ def test_randomized_simulation_invariants(seed):
         assert r.output_ids == runner.expected[rid][: r.max_new_tokens]
         natural = rid in runner.stopped and len(runner.expected[rid]) <= r.max_new_tokens
         assert r.finish_reason == ("stop" if natural else "length")
+
+
+@pytest.mark.parametrize("waited,first", [(2, "h"), (40, "l")])
+def test_admission_priority_ages_one_step_per_max_wait_plans(waited, first):
+    """Lower priority values are admitted first, but a waiting request moves up one value for every
+    max_wait_plans plans it waits (here 4): after 40 plans, priority 2 has aged past a fresh priority 0."""
+    sched = Scheduler(max_batch=2, kv_budget_tokens=10_000, num_slots=1, prefill_chunk=8, canvas_length=4,
+                      max_wait_plans=4)
+    runner = FakeRunner(sched)
+    sched.add(make_req("busy", max_new=4, steps=200))
+    sched.add(make_req("l", priority=2))
+    for _ in range(waited):
+        plan = sched.plan()
+        sched.update(plan, runner.run(plan))
+    sched.add(make_req("h", priority=0))
+    order = []
+    while (plan := sched.plan()) is not None:
+        order += [i.request_id for i in plan.encode if i.kind == "prefill" and i.request_id not in order]
+        sched.update(plan, runner.run(plan))
+    assert order[0] == first
