@@ -151,6 +151,12 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"messages: {e}", "messages") from None
         return await _respond(state, body, [ids], request, chat=True)
 
+    if state.allowed_origins:  # added last, so outermost: it answers preflights before the key check
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+
     @app.post("/v1/responses", responses=ERRORS)
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, served through the chat machinery (server/responses.py)."""

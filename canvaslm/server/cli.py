@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger("canvaslm.server")
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for o in origins:
+        if o != "*" and not (o.startswith("http://") or o.startswith("https://")):
+            raise argparse.ArgumentTypeError(f"{o!r} is not an origin: expected http(s)://host[:port] or '*'")
+    return origins
 
 
 def _seconds(text: str) -> float:
@@ -25,7 +34,11 @@ def add_parser(subparsers) -> None:
     add_model_args(p, model_optional=False)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--api-key", default=os.environ.get("CANVASLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $CANVASLM_API_KEY)")
+    p.add_argument("--allowed-origins", type=_origins, default=(), metavar="ORIGINS",
+                   help="CORS: comma-separated browser origins that may call the API, e.g. "
+                        "https://ui.example.com, or '*' for any (default: none)")
     p.add_argument("--max-batch", type=int, default=8, help="requests per encoder/decoder call (and KV slots)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="KV positions per request: prompt + whole canvases (default: min(model limit, 4096))")
@@ -110,6 +123,7 @@ def _serve(args) -> int:
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout)
     if template is not None:
         state.tokenizer.set_chat_template(template, args.chat_template)
+    state.allowed_origins = args.allowed_origins
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "

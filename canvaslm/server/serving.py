@@ -54,6 +54,7 @@ class ServerState:
     created: int = 0
     max_denoising_steps: int = 1024  # per-request cap on the max_denoising_steps extension
     regex_timeout: float = 10.0  # seconds a guided_regex may take to compile (sampling.regex_fsm)
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins that may call the API ("*": any)
 
 
 @dataclass
