@@ -35,6 +35,7 @@ class RowRequest:
     pad_id: int
     constraint: object | None = None  # sampling.constraints.CanvasConstraint, applied to every canvas
     logit_bias: tuple = ()  # ((token id, bias), ...): sampling.logit_bias
+    min_tokens: int = 0  # no EOS (eos_ids) before this many output tokens (sampling.logit_bias.ban_before)
 
 
 @dataclass
@@ -118,6 +119,9 @@ def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None
             logits = model.denoise(st.canvas, slots, cache, sc_logits=st.sc_logits)
             if any_bias:
                 logit_bias.apply(logits, biases)
+            for b, r in enumerate(rows):
+                if r.min_tokens > k * C:
+                    logit_bias.ban_before(logits, b, k * C, r.min_tokens, r.eos_ids)
             st = entropy_bound_step(logits, st, sp, gens, V, logit_mask=mask, pinned=pinned)
             st.sc_logits = st.sc_logits.to(model.embed_weight.dtype)
             if on_draft is not None:

@@ -41,6 +41,7 @@ class SamplingParams:
     regex: str | None = None  # the output is a whole match of this pattern (sampling.regex)
     stop_token_ids: tuple | None = None  # more ids that end the output, besides the checkpoint's EOS ids
     logit_bias: dict | None = field(default=None, hash=False)  # {token id: bias in [-100, 100]} (OpenAI's)
+    min_tokens: int | None = None  # no EOS / stop token id before this many output tokens (vLLM's)
 
     def __post_init__(self):
         try:
@@ -54,6 +55,9 @@ class SamplingParams:
             if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
                 raise GenerationError(f"SamplingParams.stop_token_ids must be non-negative token ids, got {ids!r}")
             object.__setattr__(self, "stop_token_ids", ids)
+        if self.min_tokens is not None and (not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool)
+                                            or self.min_tokens < 0):
+            raise GenerationError(f"SamplingParams.min_tokens must be a non-negative integer, got {self.min_tokens!r}")
         for name in ("max_new_tokens", "max_denoising_steps"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
@@ -171,7 +175,12 @@ class LLM:
             bias = normalize_bias(sp.logit_bias, "SamplingParams.logit_bias", self.cfg.vocab_size)
         except LogitBiasError as e:
             raise GenerationError(str(e)) from None
-        return RowRequest(self.encode_prompt(prompt), p, eos, self.pad_id, c, bias)
+        if sp.min_tokens and sp.min_tokens > p.max_new_tokens:
+            raise GenerationError(f"SamplingParams.min_tokens={sp.min_tokens} is over max_new_tokens={p.max_new_tokens}")
+        if sp.min_tokens and c is not None:
+            raise GenerationError("SamplingParams.min_tokens cannot be combined with a constraint (it fixes where "
+                                  "the output ends)")
+        return RowRequest(self.encode_prompt(prompt), p, eos, self.pad_id, c, bias, sp.min_tokens or 0)
 
     def generate(self, prompts, params: SamplingParams | list | None = None,
                  generator: torch.Generator | None = None, on_draft=None,

@@ -75,6 +75,7 @@ class GenerationRequest:
     drafts: bool = False  # emit a Draft after every denoising step
     logit_bias: tuple = ()  # ((token id, bias), ...): sampling.logit_bias
     priority: int = 0  # lower is admitted and scheduled first (scheduler aging still bounds every wait)
+    min_tokens: int = 0  # no EOS / stop id before this many output tokens
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,8 @@ class Engine:
         try:
             state = RequestState(req.request_id, req.prompt_ids, p.max_new_tokens, self.canvas_length,
                                  p.max_denoising_steps, priority=req.priority)
-            self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts, req.logit_bias)
+            self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts, req.logit_bias,
+                            req.min_tokens)
             self._sinks[req.request_id] = sink
             self.scheduler.add(state)
         except ValueError as e:

@@ -59,6 +59,7 @@ class _Request:
     decoder_passes: int = 0
     canvas_constraint: tuple | None = None  # (canvas_index, pinned [C] | None, allowed [C, V] | None)
     bias: torch.Tensor | None = None  # [V] logit bias (sampling.logit_bias)
+    min_tokens: int = 0  # no EOS before this many output tokens
 
 
 MIN_ROWS = 16  # see Runner._encode
@@ -93,7 +94,7 @@ class Runner:
     # ------------------------------------------------------------------ registration
 
     def add(self, request_id: str, params: DiffusionParams, seed: int, eos_ids, constraint=None,
-            drafts: bool = False, logit_bias: tuple = ()) -> None:
+            drafts: bool = False, logit_bias: tuple = (), min_tokens: int = 0) -> None:
         """Register a request before the scheduler plans it."""
         if request_id in self.requests:
             raise RunnerError(f"request id {request_id!r} is already registered with the runner")
@@ -109,7 +110,10 @@ class Runner:
         except bias_lib.LogitBiasError as e:
             raise RunnerError(f"request {request_id!r}: {e}") from None
         bias = bias_lib.dense(pairs, self.cfg.vocab_size, self.device, self.dtype)
-        self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts, bias=bias)
+        if min_tokens < 0:
+            raise RunnerError(f"request {request_id!r}: min_tokens={min_tokens} must be >= 0")
+        self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts, bias=bias,
+                                             min_tokens=min_tokens)
 
     def remove(self, request_id: str) -> None:
         """Forget a finished or cancelled request (its slot is reset when the scheduler frees it)."""
@@ -230,6 +234,9 @@ class Runner:
         logits = self.model.denoise(canvas, slots, self.cache, sc_embeds=sc, canvas_start=starts)  # [B, C, V]
         if any(r.bias is not None for r in reqs):
             bias_lib.apply(logits, [r.bias for r in reqs])
+        for b, (item, r) in enumerate(zip(items, reqs)):
+            if r.min_tokens > item.canvas_index * C:  # host values only: no sync
+                bias_lib.ban_before(logits, b, item.canvas_index * C, r.min_tokens, sorted(r.eos_ids))
 
         sp = SamplerParams.build([r.params for r in reqs], self.device)
         st = CanvasState(canvas, self.argmax.index_select(0, slots), None,

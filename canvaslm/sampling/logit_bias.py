@@ -1,6 +1,9 @@
-"""`logit_bias` (OpenAI's field): a per-request additive bias on chosen tokens' logits, applied to every
-canvas position at every denoising step before temperature and sampling, so it moves the samples, the
-entropy ranking and the committed argmax alike. -100 all but bans a token, +100 all but forces it."""
+"""Per-request logit adjustments, applied to the decoder's logits at every denoising step before
+temperature and sampling, so they move the samples, the entropy ranking and the committed argmax alike.
+
+`logit_bias` (OpenAI's field): an additive bias on chosen tokens' logits at every canvas position; -100
+all but bans a token, +100 all but forces it. `min_tokens` (vLLM's field): the end-of-output ids (EOS and
+stop_token_ids) are banned at every canvas position before the N-th output token."""
 
 from __future__ import annotations
 
@@ -45,6 +48,14 @@ def dense(pairs: tuple[tuple[int, float], ...], vocab: int, device, dtype) -> to
     ids = torch.tensor([t for t, _ in pairs], dtype=torch.long)
     values = torch.tensor([v for _, v in pairs], dtype=torch.float32)
     return torch.zeros(vocab, dtype=torch.float32).index_put_((ids,), values).to(device=device, dtype=dtype)
+
+
+def ban_before(logits: torch.Tensor, row: int, canvas_start: int, min_tokens: int, ids) -> None:
+    """min_tokens: ban `ids` at the positions of row `row`'s canvas (its first token is output token
+    `canvas_start`) that come before output token `min_tokens`."""
+    cut = min(logits.shape[1], min_tokens - canvas_start)
+    if cut > 0:
+        logits[row, :cut, list(ids)] = float("-inf")
 
 
 def apply(logits: torch.Tensor, rows: list[torch.Tensor | None]) -> torch.Tensor:

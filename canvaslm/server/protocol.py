@@ -80,6 +80,7 @@ class _Common(_Strict):
     stream_drafts: bool = Field(False, description="with stream=true: draft events (argmax canvas) between commits")
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1,
                           description="vLLM's: lower is served first; waits stay bounded (scheduler aging)")
+    min_tokens: int = Field(0, ge=0, le=INT64, description="vLLM's: no EOS or stop_token_ids before this many tokens")
     ignore_eos: bool = Field(False, description="generate max_tokens whatever the model says (benchmarks)")
     stop_token_ids: list[int] | None = Field(None, max_length=64,
                                              description="more token ids that end the output (vLLM's name)")
@@ -145,6 +146,8 @@ class CompletionRequest(_Common):
             return "suffix", "echo and logprobs cannot be combined with suffix"
         if self.suffix and self.stream_drafts:
             return "stream_drafts", "stream_drafts is not available with suffix (candidates are compared at the end)"
+        if self.suffix and self.min_tokens:
+            return "min_tokens", "min_tokens cannot be combined with suffix (the suffix ends with a pinned EOS)"
         if self.suffix and self.ignore_eos:
             return "ignore_eos", "ignore_eos cannot be combined with suffix (the suffix ends with a pinned EOS)"
         if self.best_of is not None and self.best_of < self.n:

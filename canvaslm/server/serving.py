@@ -266,11 +266,17 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     constraint = build_constraint(state, body)
     seed = body.seed if body.seed is not None else random.randrange(2**63)
     choices, stops = [], body.stop_list()
+    if body.min_tokens and (constraint is not None or auto_tools(body)):
+        raise APIError(400, "min_tokens cannot be combined with a constrained output or tools (they decide where "
+                            "the output ends)", "min_tokens")
     for p_index, ids in enumerate(prompts):
         params = resolve_params(state, body, len(ids), constraint)
+        if body.min_tokens > params.max_new_tokens:
+            raise APIError(400, f"min_tokens={body.min_tokens} is over the {params.max_new_tokens} tokens this "
+                                "request may generate (max_tokens)", "min_tokens")
         for j in range(body.n):
             req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
-                                    eos, constraint, body.stream_drafts, bias, body.priority)
+                                    eos, constraint, body.stream_drafts, bias, body.priority, body.min_tokens)
             choices.append(Choice(len(choices), req, p_index, TextTracker(state.tokenizer, stops)))
     return choices
 

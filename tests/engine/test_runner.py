@@ -242,3 +242,21 @@ def test_logit_bias_reaches_the_sampler_and_matches_generate(llm):
     assert st.output_ids == want.token_ids and not banned & set(st.output_ids)
     with pytest.raises(RunnerError, match="outside the vocabulary"):
         runner.add("c", p, 0, llm.eos_ids, logit_bias=((llm.cfg.vocab_size, 1.0),))
+
+
+def test_min_tokens_in_the_runner_matches_generate(llm):
+    prompt = "Hello there, general Kenobi"
+    eos = llm.eos_ids[0]
+    sp = SamplingParams(seed=9, max_new_tokens=40, max_denoising_steps=5, logit_bias={eos: 100}, min_tokens=19)
+    want = llm.generate(prompt, sp)[0]
+    assert len(want.token_ids) == 20 and want.token_ids[-1] == eos
+    C = llm.cfg.canvas_length
+    runner = Runner(llm.model, num_slots=1, max_model_len=geometry(llm, prompt, 40), history_depth=1)
+    sched = Scheduler(1, 10_000, 1, 512, C)
+    p = sp.resolve(llm.defaults)
+    st = RequestState("m", llm.encode_prompt(prompt), p.max_new_tokens, C, p.max_denoising_steps)
+    sched.add(st)
+    runner.add("m", p, sp.seed, llm.eos_ids, logit_bias=((eos, 100.0),), min_tokens=19)
+    while (plan := sched.plan()) is not None:
+        sched.update(plan, runner.execute(plan).result)
+    assert st.output_ids == want.token_ids and st.finish_reason == "stop"

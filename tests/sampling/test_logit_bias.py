@@ -62,3 +62,34 @@ def test_server_logit_bias(client, tiny_llm):
     with pytest.raises(openai.BadRequestError) as e:
         cli.completions.create(model=model, prompt=PROMPT, max_tokens=4, logit_bias={"999999": 1})
     assert e.value.body["param"] == "logit_bias" and "outside the vocabulary" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("n", [5, 20])  # inside the first canvas (16 tokens), and past it
+def test_min_tokens_holds_eos_back_until_the_nth_token(tiny_llm, n):
+    eos = tiny_llm.eos_ids[0]
+    sp = dict(seed=2, max_new_tokens=32, logit_bias={eos: 100})  # the model wants EOS everywhere
+    out = tiny_llm.generate(PROMPT, SamplingParams(**sp, min_tokens=n))[0]
+    assert len(out.token_ids) == n + 1 and out.token_ids[-1] == eos and out.finish_reason == "stop"
+    assert not set(out.token_ids[:-1]) & set(tiny_llm.eos_ids)
+    with pytest.raises(GenerationError, match="min_tokens=40 is over max_new_tokens=32"):
+        tiny_llm.generate(PROMPT, SamplingParams(**sp, min_tokens=40))
+    with pytest.raises(GenerationError, match="min_tokens must be a non-negative integer"):
+        SamplingParams(min_tokens=-1)
+
+
+def test_server_min_tokens(client, tiny_llm):
+    import openai
+
+    cli, model = client
+    eos = tiny_llm.eos_ids[0]
+    kw = dict(model=model, prompt=PROMPT, max_tokens=24, seed=6, logit_bias={str(eos): 100})
+    plain = cli.completions.create(**kw)
+    got = cli.completions.create(**kw, extra_body={"min_tokens": 7})
+    assert plain.usage.completion_tokens == 1 and plain.choices[0].text == ""  # EOS at once
+    assert got.usage.completion_tokens == 8 and len(got.choices[0].text) == 7  # 7 characters, then EOS
+    assert got.choices[0].finish_reason == "stop"
+    for extra, words in [({"min_tokens": 30}, "over the 24 tokens"),
+                         ({"min_tokens": 3, "guided_choice": ["a", "b"]}, "constrained output")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            cli.completions.create(model=model, prompt=PROMPT, max_tokens=24, extra_body=extra)
+        assert e.value.body["param"] == "min_tokens" and words in e.value.body["message"]
