@@ -329,6 +329,7 @@ class ResponsesRequest(_Strict):
     confidence_threshold: float | None = Field(None, gt=0, le=1e6)
     logit_bias: dict[str, float] | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    min_tokens: int = Field(0, ge=0, le=INT64)
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.previous_response_id is not None:

@@ -57,7 +57,7 @@ def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
                   parallel_tool_calls=body.parallel_tool_calls, seed=body.seed,
                   max_denoising_steps=body.max_denoising_steps, entropy_bound=body.entropy_bound,
                   confidence_threshold=body.confidence_threshold, logit_bias=body.logit_bias,
-                  priority=body.priority)
+                  priority=body.priority, min_tokens=body.min_tokens)
     if body.tools:
         fields["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                            for t in body.tools]

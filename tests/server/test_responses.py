@@ -128,3 +128,11 @@ def test_refusals_name_the_responses_field(client, kw, param, words):
     assert e.value.body["param"] == param and words in e.value.body["message"]
     with pytest.raises(NotFoundError):
         client.responses.create(model="other", input="hi")
+
+
+def test_extensions_pass_through(client):
+    """min_tokens and logit_bias reach the engine through the Responses route as through chat."""
+    eos = 1  # the tiny checkpoint's first EOS id
+    r = client.responses.create(model=MODEL, input="hi", max_output_tokens=20,
+                                extra_body={"seed": 1, "logit_bias": {str(eos): 100}, "min_tokens": 6})
+    assert r.usage.output_tokens == 7 and len(r.output_text) == 6 and r.status == "completed"
