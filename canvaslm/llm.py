@@ -219,7 +219,8 @@ class LLM:
                                  o.tokens_per_forward, o.decoder_passes) for r, o in zip(rows, outs)]
 
     def chat(self, messages: list, params: SamplingParams | None = None, tools: list | None = None,
-             tool_choice=None, **kw) -> GenerationResult:
+             tool_choice=None, continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             **kw) -> GenerationResult:
         """A reply to `messages` through the chat template. `tools` (OpenAI function declarations) are
         rendered by the template; with tool_choice "required" (the model picks one of the tools) or
         {"type": "function", "function": {"name": ...}} the reply is a call whose arguments always
@@ -227,7 +228,9 @@ class LLM:
         same constraints). With "auto" the model writes freely and calls in its own syntax are read out
         of its tokens into `tool_calls` (`text` keeps the rest; the tokenizer needs the native call
         tokens). tool_choice None leaves the whole reply as text; "none" also leaves the declarations
-        out of the prompt."""
+        out of the prompt. continue_final_message: the last message is the start of the assistant's
+        reply, which the model goes on with (the result holds only the continuation);
+        chat_template_kwargs: more variables for the template."""
         if self.tokenizer is None:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so chat is not available")
         import uuid
@@ -235,7 +238,12 @@ class LLM:
         from .tokenizer import tool_arguments_as_objects
 
         shown = tools if tools and tool_choice != "none" else None
-        prompt = self.tokenizer.encode_chat(tool_arguments_as_objects(messages), tools=shown)
+        try:
+            prompt = self.tokenizer.encode_chat(tool_arguments_as_objects(messages), not continue_final_message,
+                                                tools=shown, continue_final_message=continue_final_message,
+                                                **(chat_template_kwargs or {}))
+        except ValueError as e:
+            raise GenerationError(f"chat: {e}") from None
 
         def calls(pairs):
             return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",

@@ -248,8 +248,19 @@ class Tokenizer:
     # -- chat ---------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None, **kwargs: Any) -> str:
-        """The prompt text for `messages`, rendered exactly as transformers would render it."""
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            **kwargs: Any) -> str:
+        """The prompt text for `messages`, rendered exactly as transformers would render it.
+
+        continue_final_message: the last message is an assistant turn the model goes on with (a prefilled
+        reply): the text is cut right after that message's content, before the template closes the
+        turn (transformers' rule); it cannot be combined with add_generation_prompt."""
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message continues the last message; it cannot be combined with "
+                                 "add_generation_prompt (send add_generation_prompt=false)")
+            if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+                raise ValueError("continue_final_message needs the last message to be the assistant's")
         if self._template is None:
             raise ValueError(f"{self.name}: this checkpoint has no chat template "
                              "(no chat_template.jinja and no chat_template in tokenizer_config.json)")
@@ -258,10 +269,18 @@ class Tokenizer:
                    for role, i in [("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)] if i is not None}
         variables = {"documents": None, **special, **kwargs}  # caller kwargs override, as in HF
         try:
-            return self._template.render(messages=messages, tools=tools,
+            text = self._template.render(messages=messages, tools=tools,
                                          add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"{self.name}: chat template rejected the messages: {e}") from e
+        if continue_final_message:
+            final = messages[-1].get("content") or ""
+            for part in (final, final.strip()):  # templates that strip the content keep the inner text
+                if part and part in text:
+                    return text[:text.rindex(part) + len(part)]
+            raise ValueError("continue_final_message: the last message's content does not appear in the "
+                             "rendered chat, so there is no place to continue from")
+        return text
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         # The template already writes bos and turn markers, so add nothing more (HF does the same).

@@ -445,3 +445,19 @@ def test_vocab_lookup_errors(bpe_dir):
         tok.decode([5, 99999])
     with pytest.raises(TypeError, match="encode expects a str"):
         tok.encode([1, 2])
+
+
+@pytest.mark.parametrize("final", ["Sure, the answer is", "  padded reply  "])
+def test_continue_final_message_matches_hf(bpe_dir, hf_tok, final):
+    """A prefilled assistant reply: the text stops right after its content, as transformers cuts it (the
+    Gemma template strips content, so the padded case continues after the stripped text)."""
+    tok = Tokenizer.from_dir(bpe_dir)
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": final}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    expected = hf_tok.apply_chat_template(messages, chat_template=GEMMA_TEMPLATE, tokenize=False,
+                                          add_generation_prompt=False, continue_final_message=True)
+    assert text == expected and text.endswith(final.strip())
+    with pytest.raises(ValueError, match="cannot be combined with add_generation_prompt"):
+        tok.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ValueError, match="last message to be the assistant's"):
+        tok.apply_chat_template(messages[:1], add_generation_prompt=False, continue_final_message=True)

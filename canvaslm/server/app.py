@@ -102,8 +102,14 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, "send one of prompt (text) or messages (chat)", "prompt")
         try:
             if body.messages is not None:
-                chat = ChatCompletionRequest(model=state.model_name, messages=body.messages, tools=body.tools)
-                text_ids = tok.encode_chat(chat.message_dicts(), body.add_generation_prompt, tools=chat.tool_dicts())
+                chat = ChatCompletionRequest(model=state.model_name, messages=body.messages, tools=body.tools,
+                                             add_generation_prompt=body.add_generation_prompt,
+                                             continue_final_message=body.continue_final_message,
+                                             chat_template_kwargs=body.chat_template_kwargs)
+                problem = chat.unsupported()
+                if problem is not None and problem[0] == "chat_template_kwargs":
+                    raise APIError(400, problem[1], problem[0])
+                text_ids = tok.encode_chat(chat.message_dicts(), tools=chat.tool_dicts(), **chat.template_kwargs())
             else:
                 text_ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         except ValueError as e:
@@ -146,8 +152,10 @@ def build_app(state: ServerState) -> FastAPI:
         if state.tokenizer is None or getattr(state.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this checkpoint has no chat template; use /v1/completions", "messages")
         try:
-            ids = state.tokenizer.encode_chat(body.message_dicts(), tools=body.tool_dicts())
+            ids = state.tokenizer.encode_chat(body.message_dicts(), tools=body.tool_dicts(), **body.template_kwargs())
         except ValueError as e:
+            if str(e).startswith("continue_final_message"):
+                raise APIError(400, str(e), "continue_final_message") from None
             raise APIError(400, f"messages: {e}", "messages") from None
         return await _respond(state, body, [ids], request, chat=True)
 

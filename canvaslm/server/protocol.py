@@ -210,6 +210,9 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = Field(None, description="log-probs of the reply's tokens (server/scored.py)")
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    add_generation_prompt: bool = Field(True, description="vLLM's: open the assistant's turn after the messages")
+    continue_final_message: bool = Field(False, description="vLLM's: go on with the last (assistant) message")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM's: more variables for the template")
 
     def unsupported(self) -> tuple[str, str] | None:
         from .tools import tool_choice_problem
@@ -224,7 +227,19 @@ class ChatCompletionRequest(_Common):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             return "max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one"
+        reserved = {"messages", "tools", "add_generation_prompt", "continue_final_message"}
+        clash = sorted(reserved & set(self.chat_template_kwargs or {}))
+        if clash:
+            return "chat_template_kwargs", f"chat_template_kwargs may not set {clash[0]}; use the request field"
         return super().unsupported()
+
+    def template_kwargs(self) -> dict:
+        """Keyword arguments of `encode_chat` beyond messages and tools."""
+        reserved = {"messages", "tools", "add_generation_prompt", "continue_final_message"}
+        extra = self.chat_template_kwargs or {}
+        return {**{k: v for k, v in extra.items() if k not in reserved},
+                "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message}
 
     def message_dicts(self) -> list[dict]:
         """The messages as chat templates take them (transformers' convention): text content, and tool
@@ -349,6 +364,8 @@ class TokenizeRequest(_Strict):
     tools: list[Tool] | None = Field(None, max_length=128)
     add_special_tokens: bool = True  # for a text prompt (e.g. BOS), as /v1/completions adds them
     add_generation_prompt: bool = True  # for messages, as /v1/chat/completions renders them
+    continue_final_message: bool = False  # for messages: as on /v1/chat/completions
+    chat_template_kwargs: dict[str, Any] | None = None  # for messages: as on /v1/chat/completions
 
 
 class DetokenizeRequest(_Strict):

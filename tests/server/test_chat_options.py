@@ -1,0 +1,79 @@
+"""vLLM's chat options: `continue_final_message` (the model goes on with a prefilled assistant reply),
+`add_generation_prompt`, and `chat_template_kwargs` (more template variables), over the openai client
+and in `LLM.chat`."""
+
+from __future__ import annotations
+
+import pytest
+from openai import BadRequestError, OpenAI
+
+from canvaslm.llm import LLM, SamplingParams
+from canvaslm.server.launch import BackgroundServer, build_state
+from canvaslm.testing import CHAT_TEMPLATE
+
+THINKING = "{% if enable_thinking %}THINK{% endif %}" + CHAT_TEMPLATE
+PREFILLED = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "The fruit is"}]
+PREFILL = {"add_generation_prompt": False, "continue_final_message": True}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint, one_thread):
+    state = build_state(tiny_checkpoint, "cpu", "float32", served_model_name="tiny")
+    state.tokenizer.set_chat_template(THINKING, "test template")
+    with BackgroundServer(state) as srv:
+        yield OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=60), state.tokenizer
+
+
+def test_continue_final_message_prompt_ends_inside_the_reply(client):
+    c, tok = client
+    r = c.chat.completions.create(model="tiny", messages=PREFILLED, max_tokens=8, seed=1, extra_body=PREFILL)
+    want = tok.encode_chat(PREFILLED, False, continue_final_message=True)
+    assert r.usage.prompt_tokens == len(want)
+    assert tok.decode(want).endswith("The fruit is")  # no end of turn, no new model turn
+    closed = c.chat.completions.create(model="tiny", messages=PREFILLED, max_tokens=8, seed=1,
+                                       extra_body={"add_generation_prompt": False})
+    assert closed.usage.prompt_tokens == len(tok.encode_chat(PREFILLED, False)) > r.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("messages,extra,words", [
+    (PREFILLED, {"continue_final_message": True}, "cannot be combined with add_generation_prompt"),
+    (PREFILLED[:1], PREFILL, "last message to be the assistant's"),
+])
+def test_continue_final_message_refusals(client, messages, extra, words):
+    c, _ = client
+    with pytest.raises(BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, extra_body=extra)
+    assert e.value.body["param"] == "continue_final_message" and words in e.value.body["message"]
+
+
+def test_chat_template_kwargs_reach_the_template(client):
+    c, _ = client
+    msgs = [{"role": "user", "content": "hi"}]
+    plain = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, seed=1)
+    thinking = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, seed=1,
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert thinking.usage.prompt_tokens == plain.usage.prompt_tokens + len("THINK")
+    with pytest.raises(BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,
+                                  extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})
+    assert e.value.body["param"] == "chat_template_kwargs"
+
+
+def test_llm_chat_continues_the_final_message(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, device="cpu")
+    out = llm.chat(PREFILLED, SamplingParams(seed=3, max_new_tokens=8), continue_final_message=True)
+    assert out.prompt_ids == llm.tokenizer.encode_chat(PREFILLED, False, continue_final_message=True)
+    from canvaslm.generate import GenerationError
+
+    with pytest.raises(GenerationError, match="chat: continue_final_message needs the last message"):
+        llm.chat(PREFILLED[:1], continue_final_message=True)
+
+
+def test_tokenize_takes_the_same_options(client):
+    import httpx
+
+    c, tok = client
+    base = str(c.base_url).rstrip("/").removesuffix("/v1")
+    r = httpx.post(base + "/tokenize", json={"messages": PREFILLED, **PREFILL,
+                                             "chat_template_kwargs": {"enable_thinking": True}}).json()
+    assert r["tokens"] == tok.encode_chat(PREFILLED, False, continue_final_message=True, enable_thinking=True)
