@@ -81,6 +81,10 @@ class _Common(_Strict):
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1,
                           description="vLLM's: lower is served first; waits stay bounded (scheduler aging)")
     min_tokens: int = Field(0, ge=0, le=INT64, description="vLLM's: no EOS or stop_token_ids before this many tokens")
+    include_stop_str_in_output: bool = Field(False, description="vLLM's: keep the stop string that ended the text")
+    skip_special_tokens: bool = Field(True, description="vLLM's: leave special tokens out of the text")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, le=INT64,
+                                               description="vLLM's: keep only the last N tokens of each prompt")
     ignore_eos: bool = Field(False, description="generate max_tokens whatever the model says (benchmarks)")
     stop_token_ids: list[int] | None = Field(None, max_length=64,
                                              description="more token ids that end the output (vLLM's name)")

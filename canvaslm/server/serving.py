@@ -78,12 +78,19 @@ class TextTracker:
     text: str = ""
     sent: int = 0  # characters already handed out
     stopped: bool = False  # a stop string was found: text is final
+    keep_stop: bool = False  # include_stop_str_in_output: the text ends after the stop string, not before
+    skip_special: bool = True  # skip_special_tokens
 
     def add(self, ids) -> None:
         self.ids.extend(ids)
-        full = self.tokenizer.decode(self.ids) if self.tokenizer is not None else ""  # token-id-only checkpoints
-        hits = [i for i in (full.find(s) for s in self.stops) if i >= 0]
-        self.text, self.stopped = (full[:min(hits)], True) if hits else (full, False)
+        full = (self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special)
+                if self.tokenizer is not None else "")  # token-id-only checkpoints
+        hits = [(i, i + len(s)) for i, s in ((full.find(s), s) for s in self.stops) if i >= 0]
+        if hits:
+            start, end = min(hits)
+            self.text, self.stopped = full[:end if self.keep_stop else start], True
+        else:
+            self.text, self.stopped = full, False
 
     def delta(self, final: bool = False) -> str:
         """New text that can no longer change: holds back a possible stop-string start and an incomplete
@@ -220,7 +227,11 @@ def _json_constraint(state: ServerState, schema: dict, max_tokens, field: str, p
 
 
 def check_request_basics(state: ServerState, body: _Common, prompts: list[list[int]]) -> None:
-    """What every request must pass: supported fields, this server's model, non-empty in-vocabulary prompts."""
+    """What every request must pass: supported fields, this server's model, non-empty in-vocabulary prompts.
+    With truncate_prompt_tokens, each prompt is cut to its last N tokens here, in the caller's list, so
+    every later step (generation, scoring, usage) sees the truncated prompts."""
+    if body.truncate_prompt_tokens is not None:
+        prompts[:] = [p[-body.truncate_prompt_tokens:] for p in prompts]
     problem = body.unsupported()
     if problem is not None:
         raise APIError(400, problem[1], problem[0])
@@ -277,7 +288,9 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         for j in range(body.n):
             req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
                                     eos, constraint, body.stream_drafts, bias, body.priority, body.min_tokens)
-            choices.append(Choice(len(choices), req, p_index, TextTracker(state.tokenizer, stops)))
+            tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
+                                  skip_special=body.skip_special_tokens)
+            choices.append(Choice(len(choices), req, p_index, tracker))
     return choices
 
 

@@ -77,3 +77,33 @@ def test_tokenize_takes_the_same_options(client):
     r = httpx.post(base + "/tokenize", json={"messages": PREFILLED, **PREFILL,
                                              "chat_template_kwargs": {"enable_thinking": True}}).json()
     assert r["tokens"] == tok.encode_chat(PREFILLED, False, continue_final_message=True, enable_thinking=True)
+
+
+def test_stop_string_kept_with_include_stop_str_in_output(client):
+    c, _ = client
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=24, seed=5)
+    plain = c.completions.create(**kw).choices[0].text
+    stop = plain[6:8]
+    at = plain.find(stop)
+    cut = c.completions.create(**kw, stop=[stop]).choices[0]
+    kept = c.completions.create(**kw, stop=[stop], extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert cut.text == plain[:at] and kept.text == plain[:at + len(stop)]
+    assert cut.finish_reason == kept.finish_reason == "stop"
+
+
+def test_special_tokens_shown_when_asked(client):
+    c, tok = client
+    bos = tok.bos_id
+    kw = dict(model="tiny", prompt="abc", max_tokens=3, seed=1, logit_bias={str(bos): 100})
+    assert c.completions.create(**kw).choices[0].text == ""
+    shown = c.completions.create(**kw, extra_body={"skip_special_tokens": False}).choices[0].text
+    assert shown == tok.decode([bos] * 3, skip_special_tokens=False) and shown
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(client):
+    c, tok = client
+    prompt = "a long prompt that goes on and on"
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=4, seed=2,
+                             extra_body={"truncate_prompt_tokens": 10})
+    want = c.completions.create(model="tiny", prompt=tok.encode(prompt)[-10:], max_tokens=4, seed=2)
+    assert r.usage.prompt_tokens == 10 and r.choices[0].text == want.choices[0].text
