@@ -45,12 +45,14 @@ Policy
   the newcomer takes the free slot freed longest ago and `plan.copies` copies the prefix into it. A
   request whose prompt shares more with a prompt still being prefilled waits until those chunks are
   done (n > 1 choices, a burst with one system prompt): it would have spent as many plans encoding
-  them itself, so the prefix is encoded once at no cost in plans. It does not hold up the queue. Reuse never changes a result: a prompt is always encoded in
-  chunks that start at multiples of `prefill_chunk`, so reusing whole chunks (or a whole identical
-  prompt) keeps exactly the rows a fresh encode would write, computed by the same calls. The price is
-  that reuse comes in steps of `prefill_chunk` tokens. Canvases encoded at commits are not reused (a
-  later prompt holding them would chunk them differently), and a request that ended in an error
-  leaves nothing.
+  them itself, so the prefix is encoded once at no cost in plans. It does not hold up the queue.
+  Reuse keeps results as they were: a prompt is always encoded in chunks that start at multiples of
+  `prefill_chunk`, so reusing whole chunks (or a whole identical prompt) keeps exactly the rows a
+  fresh encode would write, computed by the same calls. The price is that reuse comes in steps of
+  `prefill_chunk` tokens. Canvases encoded at commits are not reused (a later prompt holding them
+  would chunk them differently), and a request that ended in an error leaves nothing. Prompts are
+  matched by chunk digests (`chunk_digest`), and the tokens of the chosen source are compared before
+  any reuse.
 """
 
 from __future__ import annotations
