@@ -71,7 +71,8 @@ class KVCache:
         return self.lengths.device
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v + [x for kv in self.store.values() for x in kv])
+        bufs = self.k + self.v + [x for kv in self.store.values() for x in kv]
+        return sum(t.numel() * t.element_size() for t in bufs)
 
     def reset(self, slots=None):
         """Forget what the given slots (all if None) hold."""
