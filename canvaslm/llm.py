@@ -288,6 +288,50 @@ class LLM:
         from .infill import edit
         return edit(self, text, start, end, params, gaps)
 
+    def loglikelihood(self, requests: list, batch_size: int = 16, use_tqdm: bool | None = None) -> list:
+        """lm-evaluation-harness's `loglikelihood`: for each (context, continuation), texts or token id
+        lists, the summed log-probability of the continuation after the context and whether it is the
+        greedy continuation, under the encoder's causal pass (DiffusionGemma's encoder is trained with a
+        next-token loss). A text context is encoded like a prompt (with BOS), a text continuation without
+        special tokens. -> [(float, bool)], in order."""
+        pairs = []
+        for i, req in enumerate(requests):
+            if not isinstance(req, (tuple, list)) or len(req) != 2:
+                raise GenerationError(f"loglikelihood: requests[{i}] must be a (context, continuation) pair")
+            ctx, cont = req
+            cont_ids = (self.tokenizer.encode(cont, add_special_tokens=False) if isinstance(cont, str)
+                        and self.tokenizer is not None else self.encode_prompt(cont))
+            pairs.append((self.encode_prompt(ctx), cont_ids))
+        return self._scored(pairs, batch_size, use_tqdm, "loglikelihood")
+
+    def loglikelihood_rolling(self, texts: list, batch_size: int = 16, use_tqdm: bool | None = None) -> list:
+        """lm-evaluation-harness's `loglikelihood_rolling`: the summed log-probability of each whole text
+        (every token after BOS), as for perplexity. Texts must fit max_position_embeddings. -> [float]."""
+        pairs = []
+        for i, text in enumerate(texts):
+            ids = self.encode_prompt(text)
+            if len(ids) < 2:
+                raise GenerationError(f"loglikelihood_rolling: texts[{i}] has no token after the first")
+            pairs.append((ids[:1], ids[1:]))
+        return [lp for lp, _ in self._scored(pairs, batch_size, use_tqdm, "loglikelihood_rolling")]
+
+    def _scored(self, pairs, batch_size, use_tqdm, what):
+        from .scoring import loglikelihoods
+
+        limit = self.cfg.max_position_embeddings
+        for i, (ctx, cont) in enumerate(pairs):
+            if len(ctx) + len(cont) > limit:
+                raise GenerationError(f"{what}: request {i} has {len(ctx) + len(cont)} tokens, over the model's "
+                                      f"max_position_embeddings={limit}")
+        if batch_size < 1:
+            raise GenerationError(f"{what}: batch_size must be >= 1, got {batch_size}")
+        show = use_tqdm if use_tqdm is not None else len(pairs) > batch_size
+        with tqdm(total=len(pairs), desc=what, disable=not show) as bar:
+            try:
+                return loglikelihoods(self.model, pairs, batch_size, bar.update)
+            except ValueError as e:
+                raise GenerationError(str(e)) from None
+
     def _generator(self, seed: int | None) -> torch.Generator:
         g = torch.Generator(device=self.device)
         g.manual_seed(seed if seed is not None else random.randrange(2**63))

@@ -53,6 +53,27 @@ def token_logprobs(model, ids: list, start: int = 1, top_k: int = 0) -> tuple[li
     return _block_logprobs(model, hidden[start - 1:len(ids) - 1], list(ids[start:]), top_k)
 
 
+@torch.no_grad()
+def loglikelihoods(model, pairs: list, batch_size: int = 16, progress=None) -> list:
+    """lm-evaluation-harness's loglikelihood: for each (context ids, continuation ids), the summed
+    log p(continuation | context) and whether the continuation is the greedy one (every token the
+    argmax), under the encoder's causal pass, `batch_size` pairs per encoder call. -> [(float, bool)]."""
+    out = []
+    for lo in range(0, len(pairs), batch_size):
+        batch = pairs[lo:lo + batch_size]
+        for ctx, cont in batch:
+            if not ctx or not cont:
+                raise ValueError("loglikelihood: the context and the continuation need a token each "
+                                 "(the context at least BOS)")
+        hidden = encode_rows(model, [list(c) + list(t) for c, t in batch])
+        for b, (ctx, cont) in enumerate(batch):
+            lp, tops = _block_logprobs(model, hidden[b, len(ctx) - 1:len(ctx) + len(cont) - 1], list(cont), 1)
+            out.append((sum(lp), all(top[0][0] == t for top, t in zip(tops, cont))))
+        if progress is not None:
+            progress(len(batch))
+    return out
+
+
 def _block_logprobs(model, hidden: torch.Tensor, targets: list, top_k: int) -> tuple[list, list]:
     logprobs, tops = [], []
     for lo in range(0, len(targets), ROWS_PER_BLOCK):
@@ -65,4 +86,4 @@ def _block_logprobs(model, hidden: torch.Tensor, targets: list, top_k: int) -> t
     return logprobs, tops
 
 
-__all__ = ["encode_rows", "score_continuations", "token_logprobs", "ROWS_PER_BLOCK"]
+__all__ = ["encode_rows", "score_continuations", "token_logprobs", "loglikelihoods", "ROWS_PER_BLOCK"]
