@@ -190,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--prefix-caching", choices=["auto", "on", "off"], default="auto",
+                    help="the engine's prefix caching (auto: where its memory fits)")
     args = ap.parse_args(argv)
 
     import torch
@@ -201,7 +203,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or make_tiny_checkpoint(os.path.join(tmp, "tiny"))
-        config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len)
+        caching = {"auto": None, "on": True, "off": False}[args.prefix_caching]
+        config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, prefix_caching=caching)
         state = build_state(model_dir, args.device, None, config, served_model_name="load")
         with BackgroundServer(state) as srv:
             rep = asyncio.run(run_load(srv.base_url, "load", args.clients, args.duration, args.rounds,
