@@ -172,6 +172,20 @@ def build_app(state: ServerState) -> FastAPI:
 
         return await create_response(state, body, request)
 
+    @app.get("/v1/responses/{response_id}", responses=ERRORS)
+    async def get_response(response_id: str):
+        from .responses import stored
+
+        return stored(state, response_id)["response"]
+
+    @app.delete("/v1/responses/{response_id}", responses=ERRORS)
+    async def delete_response(response_id: str):
+        from .responses import stored
+
+        stored(state, response_id)
+        del state.response_store[response_id]
+        return {"id": response_id, "object": "response", "deleted": True}
+
     return app
 
 

@@ -321,8 +321,8 @@ class TextConfig(_Strict):
 
 
 class ResponsesRequest(_Strict):
-    """POST /v1/responses: the Responses API, served by translating it to a chat completion (stateless:
-    nothing is stored, so `previous_response_id` is refused by name)."""
+    """POST /v1/responses: the Responses API, served by translating it to a chat completion; responses
+    are kept in memory for `previous_response_id` (server/responses.py)."""
 
     model: str = Field(min_length=1, max_length=256)
     input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem] = Field(
@@ -351,9 +351,6 @@ class ResponsesRequest(_Strict):
     min_tokens: int = Field(0, ge=0, le=INT64)
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.previous_response_id is not None:
-            return "previous_response_id", ("this server stores no responses: send the whole conversation in "
-                                            "input instead of previous_response_id")
         if self.reasoning:
             return "reasoning", "reasoning options are not supported (the model has no reasoning mode here)"
         return None

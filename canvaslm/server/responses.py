@@ -7,8 +7,10 @@ becomes `response_format`, `max_output_tokens` becomes `max_tokens`. The request
 /v1/chat/completions runs it (same prompt, constraints, seeds, engine), and the reply is laid out as a
 Response: a `message` output item with `output_text`, and one `function_call` item per call.
 
-Stateless: nothing is stored (`store` is accepted and ignored; `previous_response_id` is a 400).
-Streaming sends the Responses event sequence (response.created ... response.completed, each with a
+Responses are kept in memory (`store`, true by default as in OpenAI's API; the last `STORE_SIZE`
+of them, oldest dropped first) so that `previous_response_id` continues a conversation: the stored
+turns (input and output, without the earlier `instructions`) come before the new input. GET and
+DELETE /v1/responses/{id} read and drop one. Streaming sends the Responses event sequence (response.created ... response.completed, each with a
 `sequence_number`). Text streams as canvases commit; a reply that may hold tool calls is sent whole
 once it is complete.
 """
@@ -27,13 +29,29 @@ from .tools import tool_replies
 
 
 CHAT_TO_RESPONSES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
+STORE_SIZE = 1024  # responses kept for previous_response_id / GET (per server process, in memory)
 
 
-def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat completion body that asks for what `body` asks for."""
-    messages = []
-    if body.instructions:
-        messages.append({"role": "system", "content": body.instructions})
+def stored(state: ServerState, rid: str, param: str = "response_id") -> dict:
+    entry = state.response_store.get(rid)
+    if entry is None:
+        raise APIError(404, f"response {rid!r} not found: it was not stored, was dropped (only the last "
+                            f"{STORE_SIZE} are kept) or was deleted", param, code="response_not_found")
+    return entry
+
+
+def store(state: ServerState, response: dict, turns: list) -> None:
+    state.response_store[response["id"]] = {"response": response, "turns": turns}
+    while len(state.response_store) > STORE_SIZE:
+        state.response_store.popitem(last=False)
+
+
+def to_chat(body: ResponsesRequest, history: list | None = None) -> tuple[ChatCompletionRequest, list]:
+    """The chat completion body that asks for what `body` asks for, after the `history` turns (chat
+    messages), and the turns this request adds (its input, without the instructions)."""
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    messages += [dict(m) for m in history or []]
+    first_new = len(messages)
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     for item in items:
         if isinstance(item, dict):
@@ -50,8 +68,10 @@ def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         else:
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
-    if not messages:
+    if len(messages) == first_new:
         raise APIError(400, "input is empty", "input")
+    turns = [dict(m, tool_calls=[dict(c) for c in m["tool_calls"]]) if m.get("tool_calls") else dict(m)
+             for m in messages[first_new:]]
     fields = dict(model=body.model, messages=messages, stream=body.stream, user=body.user,
                   temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_output_tokens,
                   parallel_tool_calls=body.parallel_tool_calls, seed=body.seed,
@@ -75,7 +95,7 @@ def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
         raise APIError(400, "text.format json_object (any JSON) is not supported; send a json_schema format",
                        "text")
     try:
-        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None}), turns
     except ValueError as e:  # e.g. a message shape the chat route would refuse
         raise APIError(400, f"input: {e}", "input") from None
 
@@ -107,7 +127,7 @@ def response_object(body: ResponsesRequest, rid: str, created: int, output: list
            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
            "metadata": body.metadata or {}, "parallel_tool_calls": body.parallel_tool_calls is not False,
-           "previous_response_id": None, "reasoning": None, "store": False,
+           "previous_response_id": body.previous_response_id, "reasoning": None, "store": body.store is not False,
            "temperature": body.temperature, "top_p": body.top_p,
            "text": {"format": {"type": "text"}} if body.text is None or body.text.format is None
            else {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)},
@@ -130,7 +150,9 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
         raise APIError(400, problem[1], problem[0])
     if state.tokenizer is None or getattr(state.tokenizer, "chat_template", None) is None:
         raise APIError(400, "this checkpoint has no chat template; use /v1/completions", "input")
-    chat = to_chat(body)
+    history = stored(state, body.previous_response_id, "previous_response_id")["turns"] \
+        if body.previous_response_id is not None else []
+    chat, turns = to_chat(body, history)
     try:
         ids = state.tokenizer.encode_chat(chat.message_dicts(), tools=chat.tool_dicts())
     except ValueError as e:
@@ -147,13 +169,16 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     if body.stream:
         from fastapi.responses import StreamingResponse
 
-        return StreamingResponse(_stream(state, body, choices, [ids], replies, rid, created),
+        return StreamingResponse(_stream(state, body, choices, [ids], replies, rid, created, history + turns),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)
     c = choices[0]
-    return response_object(body, rid, created, output_items(_message(c, replies)), c.finish_reason,
-                           usage(choices, [ids]))
+    message = _message(c, replies)
+    out = response_object(body, rid, created, output_items(message), c.finish_reason, usage(choices, [ids]))
+    if body.store is not False:
+        store(state, out, history + turns + [message])
+    return out
 
 
 def _message(c, replies) -> dict:
@@ -162,7 +187,7 @@ def _message(c, replies) -> dict:
     return {"role": "assistant", "content": c.tracker.text}
 
 
-async def _stream(state, body, choices, prompts, replies, rid, created):
+async def _stream(state, body, choices, prompts, replies, rid, created, turns):
     seq = 0
 
     def event(kind: str, **data) -> str:
@@ -203,6 +228,8 @@ async def _stream(state, body, choices, prompts, replies, rid, created):
             items = [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant", "content": [part]}]
             yield event("response.output_item.done", output_index=0, item=items[0])
         final = response_object(body, rid, created, items, c.finish_reason, usage(choices, prompts))
+        if body.store is not False:
+            store(state, final, turns + [_message(c, replies)])
         yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                     response=final)
     except APIError as e:  # headers are sent: report in-band

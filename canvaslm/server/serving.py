@@ -11,6 +11,7 @@ non-streamed text. Leaving the generator early (client gone) cancels every unfin
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import random
@@ -55,6 +56,7 @@ class ServerState:
     max_denoising_steps: int = 1024  # per-request cap on the max_denoising_steps extension
     regex_timeout: float = 10.0  # seconds a guided_regex may take to compile (sampling.regex_fsm)
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins that may call the API ("*": any)
+    response_store: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # /v1/responses
 
 
 @dataclass

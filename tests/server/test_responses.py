@@ -115,7 +115,6 @@ def test_named_function_call_and_its_result_in_the_next_turn(client):
 
 
 @pytest.mark.parametrize("kw,param,words", [
-    (dict(previous_response_id="resp_1"), "previous_response_id", "stores no responses"),
     (dict(text={"format": {"type": "json_object"}}), "text", "json_object"),
     (dict(input=[]), "input", "input is empty"),
     (dict(max_output_tokens=10**6), "max_output_tokens", "max_output_tokens"),
@@ -136,3 +135,52 @@ def test_extensions_pass_through(client):
     r = client.responses.create(model=MODEL, input="hi", max_output_tokens=20,
                                 extra_body={"seed": 1, "logit_bias": {str(eos): 100}, "min_tokens": 6})
     assert r.usage.output_tokens == 7 and len(r.output_text) == 6 and r.status == "completed"
+
+
+def test_previous_response_id_continues_the_conversation(client):
+    import httpx
+
+    r1 = client.responses.create(model=MODEL, instructions="Be brief.", input="Name a colour.",
+                                 max_output_tokens=12, extra_body={"seed": 1})
+    assert r1.store is True
+    r2 = client.responses.create(model=MODEL, previous_response_id=r1.id, input="Another one?",
+                                 max_output_tokens=12, extra_body={"seed": 2})
+    # the earlier turns come back without the earlier instructions (OpenAI's rule)
+    want = chat(client, [{"role": "user", "content": "Name a colour."},
+                         {"role": "assistant", "content": r1.output_text},
+                         {"role": "user", "content": "Another one?"}], max_tokens=12, seed=2)
+    assert r2.previous_response_id == r1.id and r2.usage.input_tokens == want.usage.prompt_tokens
+    assert r2.output_text == want.choices[0].message.content
+    r3 = client.responses.create(model=MODEL, previous_response_id=r2.id, input="And a third?",
+                                 max_output_tokens=12, extra_body={"seed": 3})
+    assert r3.usage.input_tokens > r2.usage.input_tokens + r2.usage.output_tokens
+    assert client.responses.retrieve(r1.id).output_text == r1.output_text
+    base = str(client.base_url).rstrip("/")
+    gone = httpx.delete(f"{base}/responses/{r1.id}").json()
+    assert gone == {"id": r1.id, "object": "response", "deleted": True}
+    with pytest.raises(NotFoundError) as e:
+        client.responses.create(model=MODEL, previous_response_id=r1.id, input="hi")
+    assert e.value.body["param"] == "previous_response_id" and "not found" in e.value.body["message"]
+    with pytest.raises(NotFoundError):
+        client.responses.retrieve(r1.id)
+    unstored = client.responses.create(model=MODEL, input="hi", store=False, max_output_tokens=4)
+    assert unstored.store is False
+    with pytest.raises(NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_streamed_responses_are_stored_too(client):
+    events = list(client.responses.create(model=MODEL, input="Tell me more", max_output_tokens=20, stream=True,
+                                          extra_body={"seed": 4}))
+    final = events[-1].response
+    assert client.responses.retrieve(final.id).output_text == final.output_text
+
+
+def test_the_store_keeps_the_newest(client, monkeypatch):
+    from canvaslm.server import responses
+
+    monkeypatch.setattr(responses, "STORE_SIZE", 2)
+    ids = [client.responses.create(model=MODEL, input=f"q{i}", max_output_tokens=4).id for i in range(3)]
+    with pytest.raises(NotFoundError):
+        client.responses.retrieve(ids[0])
+    assert [client.responses.retrieve(i).id for i in ids[1:]] == ids[1:]
