@@ -244,7 +244,8 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     replies = tool_replies(state, body, choices) if chat else {}  # choice index -> ToolReply
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies)
+        top = (body.top_logprobs or 0) if chat and body.logprobs else None
+        gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies, top)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)  # the trackers accumulate the text
@@ -271,22 +272,36 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
             "usage": usage(choices, prompts)}
 
 
-async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, replies):
+async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, replies,
+                  top_logprobs: int | None = None):
+    """top_logprobs: chat `logprobs` (and this many alternatives) on the chunks, None for none: each chunk
+    a commit produces carries the log-probs of the tokens committed since the last one that did."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     texts = {c.index: "" for c in choices}  # streamed text so far (tool replies read it whole)
     by_index = {c.index: c for c in choices}
+    scored = {c.index: 0 for c in choices}  # log-prob entries already sent, per choice
 
-    def chunk(i=None, text=None, finish=None, draft=None, role=False, delta=None) -> str:
+    async def new_logprobs(i) -> dict | None:
+        if top_logprobs is None:
+            return None
+        from .scored import chat_logprobs
+
+        c = by_index[i]
+        full = await chat_logprobs(state, prompts[c.prompt_index], c.tracker.ids, top_logprobs)
+        new, scored[i] = full["content"][scored[i]:], len(full["content"])
+        return {"content": new, "refusal": None}
+
+    def chunk(i=None, text=None, finish=None, draft=None, role=False, delta=None, logprobs=None) -> str:
         if delta is not None or (i in replies and text is None):  # a tool reply's delta
             reason = replies[i].finish_reason(finish, by_index[i].tracker.ids) if finish else None
-            ch = {"index": i, "delta": delta or {}, "finish_reason": reason, "logprobs": None}
+            ch = {"index": i, "delta": delta or {}, "finish_reason": reason, "logprobs": logprobs}
         elif chat:
             delta = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            ch = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+            ch = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
             ch = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
         data = {"id": rid, "object": obj, "created": created, "model": model, "choices": [ch]}
@@ -304,16 +319,22 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
             async for kind, i, payload in events:
                 if kind == "delta" and replies:
                     texts[i] += payload
+                    lp = await new_logprobs(i)
                     for d in replies[i].deltas(texts[i], by_index[i].tracker.ids):
-                        yield chunk(i, delta=d)
+                        yield chunk(i, delta=d, logprobs=lp)
+                        lp = None
+                    if lp is not None and lp["content"]:
+                        yield chunk(i, delta={}, logprobs=lp)
                 elif kind == "delta":
-                    yield chunk(i, payload)
+                    yield chunk(i, payload, logprobs=await new_logprobs(i))
                 elif kind == "draft":
                     yield chunk(i, None if chat else "", draft=payload)
                 else:
+                    lp = await new_logprobs(i)
                     for d in replies[i].final_deltas(by_index[i].tracker.ids) if replies else ():
-                        yield chunk(i, delta=d)
-                    yield chunk(i, None if chat else "", finish=payload)
+                        yield chunk(i, delta=d, logprobs=lp)
+                        lp = None
+                    yield chunk(i, None if chat else "", finish=payload, logprobs=lp)
         if include_usage:
             data = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                     "usage": usage(choices, prompts)}

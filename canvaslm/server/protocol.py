@@ -226,8 +226,6 @@ class ChatCompletionRequest(_Common):
             return problem
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs=true"
-        if self.logprobs and self.stream:
-            return "logprobs", "logprobs are not available with stream=true"
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             return "max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one"

@@ -97,6 +97,26 @@ def test_chat_logprobs(client, tiny_llm):
     assert tokens == call.message.tool_calls[0].function.arguments  # the call was read from these tokens
 
 
+@pytest.mark.parametrize("tools", [None, "required"])
+def test_streamed_chat_logprobs_equal_the_whole_reply(client, tools):
+    """With stream, each chunk a commit produces carries the log-probs of the tokens committed since the
+    last: together they are the non-streamed reply's entries, text replies and tool calls alike."""
+    c, model = client
+    msgs = [{"role": "user", "content": "hi"}]
+    kw = dict(model=model, messages=msgs, max_tokens=40, seed=7, logprobs=True, top_logprobs=1)
+    if tools:
+        kw.update(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "integer"}}}}}], tool_choice="required")
+    whole = c.chat.completions.create(**kw).choices[0].logprobs.content
+    chunks = [ch for ch in c.chat.completions.create(**kw, stream=True) if ch.choices]
+    carrying = [ch.choices[0].logprobs.content for ch in chunks if ch.choices[0].logprobs is not None]
+    streamed = [e for part in carrying for e in part]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in whole]
+    assert [[t.token for t in e.top_logprobs] for e in streamed] == [[t.token for t in e.top_logprobs] for e in whole]
+    if not tools:
+        assert sum(1 for part in carrying if part) >= 2  # 40 tokens on 16-token canvases: several commits
+
+
 def test_best_of_returns_the_most_likely_completions(client):
     """best_of=4, n=2: the two returned are the two with the highest mean log-prob per token among the four that
     n=4 gives for the same seed (their per-token log-probs, from the logprobs path, give the same scores)."""
