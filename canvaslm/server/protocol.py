@@ -93,6 +93,9 @@ class _Common(_Strict):
         None, description="a JSON schema (object or JSON text): response_format json_schema, vLLM's name")
     guided_regex: str | None = Field(None, max_length=4096,
                                      description="the output is a whole match of this regular expression")
+    pins: dict[str, str | list[int]] | None = Field(
+        None, max_length=256, description="canvas control: {output token offset: text or token ids} placed "
+        "there whatever the model says; the output runs at least to the end of the last pin")
 
     def constraint_fields(self) -> list[str]:
         """The output constraints this body sets, in the order errors name them: vLLM's guided_* fields,
@@ -100,6 +103,8 @@ class _Common(_Strict):
         given = [n for n in GUIDED if getattr(self, n, None) is not None]
         if self.response_format is not None and self.response_format.type != "text":
             given.append("response_format")
+        if self.pins:
+            given.append("pins")
         return given
 
     def stop_list(self) -> list[str]:

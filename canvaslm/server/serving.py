@@ -173,6 +173,8 @@ def build_constraint(state: ServerState, body: _Common):
         if not isinstance(schema, dict):
             raise APIError(400, f"guided_json must be a JSON schema object, got {type(schema).__name__}", name)
         return _json_constraint(state, schema, max_tokens, name, name)
+    if name == "pins":
+        return _pinned_constraint(state, body, max_tokens)
     need_tokenizer(state, name)
     try:
         if name == "guided_choice":
@@ -195,6 +197,34 @@ def need_tokenizer(state: ServerState, name: str) -> None:
     """A 400 naming `name` when the server has no tokenizer (text in or out needs one)."""
     if state.tokenizer is None:
         raise APIError(400, f"{name} needs the checkpoint's tokenizer, and this server has none", name)
+
+
+def _pinned_constraint(state: ServerState, body, max_tokens):
+    """`pins`: text or ids at output offsets, EOS banned before the end of the last pin (as `--pin`)."""
+    from ..sampling.constraints import ConstraintError, PinnedConstraint, pins_from_text
+
+    spans = {}
+    for key, value in body.pins.items():
+        try:
+            off = int(key)
+        except ValueError:
+            off = -1
+        if off < 0:
+            raise APIError(400, f"pins: key {key!r} is not an output token offset (a non-negative integer)", "pins")
+        if isinstance(value, str):
+            need_tokenizer(state, "pins")
+        elif not value or any(not 0 <= t < state.vocab_size for t in value):
+            raise APIError(400, f"pins[{key!r}]: token ids must be a non-empty list within the vocabulary "
+                                f"[0, {state.vocab_size})", "pins")
+        spans[off] = value
+    try:
+        pins = pins_from_text(state.tokenizer, spans)
+        end = max(off + len(ids) for off, ids in pins.items())
+        if max_tokens is not None and end > max_tokens:
+            raise ConstraintError(f"the last pin ends at output token {end}, over max_tokens={max_tokens}")
+        return PinnedConstraint(pins, ban_ids=state.eos_ids, ban_until=end)
+    except ConstraintError as e:
+        raise APIError(400, f"pins: {e}", "pins") from None
 
 
 def _tool_constraint(state: ServerState, body, max_tokens):
