@@ -144,8 +144,8 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
 
 
 def build_constraint(state: ServerState, body: _Common):
-    """The canvas constraint for a tool call, response_format, guided_json, guided_choice or
-    guided_regex (one at most), or None."""
+    """The canvas constraint for a tool call, response_format, guided_json, guided_choice, guided_regex
+    or pins (one at most), or None."""
     max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
     if forced_tool(body) is not None or chosen_tools(body) is not None:
         return _tool_constraint(state, body, max_tokens)
