@@ -43,7 +43,8 @@ def run_all(llm, specs, max_model_len, max_batch=4, prefill_chunk=512, drafts=Fa
         p = sp.resolve(llm.defaults)
         st = RequestState(f"r{i}", llm.encode_prompt(prompt), p.max_new_tokens, C, p.max_denoising_steps)
         sched.add(st)
-        runner.add(st.request_id, p, sp.seed, llm.eos_ids, sp.constraint, drafts=drafts)
+        runner.add(st.request_id, p, sp.seed, llm.eos_ids, sp.constraint, drafts=drafts,
+                   logit_bias=tuple((sp.logit_bias or {}).items()), min_tokens=sp.min_tokens or 0)
         states.append(st)
     seen, plans = [], 0
     while (plan := sched.plan()) is not None:
@@ -230,18 +231,10 @@ def test_logit_bias_reaches_the_sampler_and_matches_generate(llm):
     banned = set(llm.generate(prompt, SamplingParams(seed=4, max_new_tokens=32, max_denoising_steps=6))[0].token_ids)
     sp = SamplingParams(seed=4, max_new_tokens=32, max_denoising_steps=6, logit_bias={t: -100 for t in banned})
     want = llm.generate(prompt, sp)[0]
-    C = llm.cfg.canvas_length
-    runner = Runner(llm.model, num_slots=1, max_model_len=geometry(llm, prompt, 32), history_depth=1)
-    sched = Scheduler(1, 10_000, 1, 512, C)
-    p = sp.resolve(llm.defaults)
-    st = RequestState("b", llm.encode_prompt(prompt), p.max_new_tokens, C, p.max_denoising_steps)
-    sched.add(st)
-    runner.add("b", p, sp.seed, llm.eos_ids, logit_bias=tuple(sp.logit_bias.items()))
-    while (plan := sched.plan()) is not None:
-        sched.update(plan, runner.execute(plan).result)
+    (st,), runner, _ = run_all(llm, [(prompt, sp)], geometry(llm, prompt, 32), max_batch=1)
     assert st.output_ids == want.token_ids and not banned & set(st.output_ids)
     with pytest.raises(RunnerError, match="outside the vocabulary"):
-        runner.add("c", p, 0, llm.eos_ids, logit_bias=((llm.cfg.vocab_size, 1.0),))
+        runner.add("c", sp.resolve(llm.defaults), 0, llm.eos_ids, logit_bias=((llm.cfg.vocab_size, 1.0),))
 
 
 def test_min_tokens_in_the_runner_matches_generate(llm):
@@ -250,13 +243,5 @@ def test_min_tokens_in_the_runner_matches_generate(llm):
     sp = SamplingParams(seed=9, max_new_tokens=40, max_denoising_steps=5, logit_bias={eos: 100}, min_tokens=19)
     want = llm.generate(prompt, sp)[0]
     assert len(want.token_ids) == 20 and want.token_ids[-1] == eos
-    C = llm.cfg.canvas_length
-    runner = Runner(llm.model, num_slots=1, max_model_len=geometry(llm, prompt, 40), history_depth=1)
-    sched = Scheduler(1, 10_000, 1, 512, C)
-    p = sp.resolve(llm.defaults)
-    st = RequestState("m", llm.encode_prompt(prompt), p.max_new_tokens, C, p.max_denoising_steps)
-    sched.add(st)
-    runner.add("m", p, sp.seed, llm.eos_ids, logit_bias=((eos, 100.0),), min_tokens=19)
-    while (plan := sched.plan()) is not None:
-        sched.update(plan, runner.execute(plan).result)
+    (st,), _, _ = run_all(llm, [(prompt, sp)], geometry(llm, prompt, 40), max_batch=1)
     assert st.output_ids == want.token_ids and st.finish_reason == "stop"
