@@ -289,7 +289,7 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
         c = by_index[i]
         full = await chat_logprobs(state, prompts[c.prompt_index], c.tracker.ids, top_logprobs)
         new, scored[i] = full["content"][scored[i]:], len(full["content"])
-        return {"content": new, "refusal": None}
+        return {"content": new, "refusal": None} if new else None  # null on a chunk with no new token
 
     def chunk(i=None, text=None, finish=None, draft=None, role=False, delta=None, logprobs=None) -> str:
         if delta is not None or (i in replies and text is None):  # a tool reply's delta
@@ -323,7 +323,7 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
                     for d in replies[i].deltas(texts[i], by_index[i].tracker.ids):
                         yield chunk(i, delta=d, logprobs=lp)
                         lp = None
-                    if lp is not None and lp["content"]:
+                    if lp is not None:
                         yield chunk(i, delta={}, logprobs=lp)
                 elif kind == "delta":
                     yield chunk(i, payload, logprobs=await new_logprobs(i))
