@@ -1,0 +1,51 @@
+"""LLM.generate_continuous: `generate` through the serving engine. A lone prompt gets generate's output;
+in a list every output is what that prompt gets alone (continuous batching, queueing and prefix
+caching change no token on the CPU); order and finish reasons are kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvaslm.generate import GenerationError
+from canvaslm.llm import LLM, SamplingParams
+
+PROMPTS = ["Hello there, general Kenobi", "a much longer prompt than the others, to vary lengths", "xy",
+           "Hello there, general Kenobi, again", "zz top of the charts", "the quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LLM(tiny_checkpoint, device="cpu")
+    torch.set_num_threads(threads)
+
+
+def params(i):
+    return SamplingParams(seed=i, max_new_tokens=[8, 40, 16, 33, 24, 48][i], max_denoising_steps=[3, 6, 2, 5, 4, 6][i])
+
+
+def test_a_lone_prompt_gets_generates_output(llm):
+    sp = params(1)
+    want = llm.generate(PROMPTS[1], sp)[0]
+    (got,) = llm.generate_continuous(PROMPTS[1], sp)
+    assert (got.token_ids, got.finish_reason, got.decoder_passes) == (want.token_ids, want.finish_reason,
+                                                                     want.decoder_passes)
+    assert got.text == want.text and got.prompt_ids == want.prompt_ids
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_every_output_is_what_its_prompt_gets_alone(llm, caching):
+    sps = [params(i) for i in range(len(PROMPTS))]
+    together = llm.generate_continuous(PROMPTS, sps, max_batch=2, max_model_len=160, prefix_caching=caching)
+    alone = [llm.generate_continuous(p, sp, max_model_len=160, prefix_caching=False)[0]
+             for p, sp in zip(PROMPTS, sps)]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
+    assert all(len(r.token_ids) <= sp.max_new_tokens for r, sp in zip(together, sps))
+
+
+def test_too_small_a_cache_is_refused(llm):
+    with pytest.raises(GenerationError, match="max_model_len=20 is below the"):
+        llm.generate_continuous(PROMPTS[0], params(0), max_model_len=20)
