@@ -54,6 +54,22 @@ def token_logprobs(model, ids: list, start: int = 1, top_k: int = 0) -> tuple[li
 
 
 @torch.no_grad()
+def batch_token_logprobs(model, seqs: list, starts: list, top_k: int = 0, batch_size: int = 16) -> list:
+    """`token_logprobs` of many sequences, `batch_size` per encoder call. -> [(logprobs, tops)]."""
+    for ids, start in zip(seqs, starts):
+        if not 1 <= start <= len(ids):
+            raise ValueError(f"token_logprobs: start={start} must be in [1, {len(ids)}]")
+    out = []
+    for lo in range(0, len(seqs), batch_size):
+        group = list(zip(seqs[lo:lo + batch_size], starts[lo:lo + batch_size]))
+        hidden = encode_rows(model, [list(ids) for ids, _ in group])
+        for b, (ids, start) in enumerate(group):
+            out.append(_block_logprobs(model, hidden[b, start - 1:len(ids) - 1], list(ids[start:]), top_k)
+                       if start < len(ids) else ([], []))
+    return out
+
+
+@torch.no_grad()
 def loglikelihoods(model, pairs: list, batch_size: int = 16, progress=None) -> list:
     """lm-evaluation-harness's loglikelihood: for each (context ids, continuation ids), the summed
     log p(continuation | context) and whether the continuation is the greedy one (every token the
@@ -86,4 +102,5 @@ def _block_logprobs(model, hidden: torch.Tensor, targets: list, top_k: int) -> t
     return logprobs, tops
 
 
-__all__ = ["encode_rows", "score_continuations", "token_logprobs", "loglikelihoods", "ROWS_PER_BLOCK"]
+__all__ = ["encode_rows", "score_continuations", "token_logprobs", "batch_token_logprobs", "loglikelihoods",
+           "ROWS_PER_BLOCK"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from ..scoring import score_continuations, token_logprobs
+from ..scoring import batch_token_logprobs, score_continuations, token_logprobs
 from .serving import ServerState, check_request_basics, need_tokenizer, prepare, run_to_end
 
 
@@ -39,15 +39,18 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
             outputs.append((prompts[c.prompt_index], ids, c.finish_reason, c.decoder_passes))
         completion = sum(len(c.tracker.ids) for c in choices)  # counted as every completion counts them
     top_k = body.logprobs or 0
+    seqs = [list(prompt) + ids for prompt, ids, _, _ in outputs]
+    scored = [None] * len(outputs)
+    if body.logprobs is not None:  # every choice in one engine call, batched encoder passes
+        starts = [1 if body.echo else len(prompt) for prompt, _, _, _ in outputs]
+        fut = state.engine.call(lambda model: batch_token_logprobs(model, seqs, starts, top_k))
+        scored = await asyncio.wrap_future(fut)
     out = []
-    for i, (prompt, ids, finish, _) in enumerate(outputs):
-        seq = list(prompt) + ids
+    for i, ((prompt, ids, finish, _), seq) in enumerate(zip(outputs, seqs)):
         shown = seq if body.echo else ids
         choice = {"index": i, "text": state.tokenizer.decode(shown), "finish_reason": finish, "logprobs": None}
-        if body.logprobs is not None:
-            start = 1 if body.echo else len(prompt)
-            fut = state.engine.call(lambda model, seq=seq, start=start: token_logprobs(model, seq, start, top_k))
-            logprobs, tops = await asyncio.wrap_future(fut)
+        if scored[i] is not None:
+            logprobs, tops = scored[i]
             choice["logprobs"] = _legacy_logprobs(state.tokenizer, shown, body.echo, logprobs, tops, top_k)
         out.append(choice)
     return _response(body, out, prompts, completion, sum(p for _, _, _, p in outputs))

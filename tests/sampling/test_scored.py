@@ -32,6 +32,23 @@ def test_token_logprobs_match_a_direct_computation(tiny_llm, monkeypatch):
         token_logprobs(tiny_llm.model, ids, 0)
 
 
+def test_batched_token_logprobs_equal_one_at_a_time(tiny_llm):
+    """The server scores every choice of a request in one engine call, `batch_size` rows per encoder
+    pass (padding changes only the last bits)."""
+    from canvaslm.scoring import batch_token_logprobs
+
+    seqs = [tiny_llm.tokenizer.encode(t, add_special_tokens=False) for t in ("the quick brown fox", "ab", "xyz w")]
+    starts = [1, 2, 3]
+    got = batch_token_logprobs(tiny_llm.model, seqs, starts, top_k=2, batch_size=2)
+    for (lp, tops), ids, start in zip(got, seqs, starts):
+        want_lp, want_tops = token_logprobs(tiny_llm.model, ids, start, top_k=2)
+        assert lp == pytest.approx(want_lp, abs=1e-5)
+        assert [[t for t, _ in a] for a in tops] == [[t for t, _ in a] for a in want_tops]
+    assert got[1] == ([], [])  # start == len: nothing to score
+    with pytest.raises(ValueError, match="start"):
+        batch_token_logprobs(tiny_llm.model, seqs, [0, 1, 1])
+
+
 def test_echo_with_max_tokens_0_scores_the_prompt(client, tiny_llm):
     c, model = client
     tok = tiny_llm.tokenizer
