@@ -5,21 +5,12 @@ caching change no token on the CPU); order and finish reasons are kept."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from canvaslm.generate import GenerationError
-from canvaslm.llm import LLM, SamplingParams
+from canvaslm.llm import SamplingParams
 
 PROMPTS = ["Hello there, general Kenobi", "a much longer prompt than the others, to vary lengths", "xy",
            "Hello there, general Kenobi, again", "zz top of the charts", "the quick brown fox"]
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_checkpoint):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield LLM(tiny_checkpoint, device="cpu")
-    torch.set_num_threads(threads)
 
 
 def params(i):

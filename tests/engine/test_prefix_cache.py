@@ -254,16 +254,6 @@ def test_randomized_reuse_always_reads_the_requests_own_tokens(seed):
 # ---------------------------------------------------------------- with the model
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_checkpoint):
-    from canvaslm.llm import LLM
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield LLM(tiny_checkpoint, device="cpu")
-    torch.set_num_threads(threads)
-
-
 class Served:
     """A Scheduler + Runner pair on the tiny model, fed one request after another."""
 

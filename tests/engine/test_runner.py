@@ -17,15 +17,7 @@ import torch
 from canvaslm.engine.request import RequestState
 from canvaslm.engine.runner import Runner, RunnerError
 from canvaslm.engine.scheduler import Scheduler
-from canvaslm.llm import LLM, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_checkpoint):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: one thread is faster, and immune to a busy machine
-    yield LLM(tiny_checkpoint, device="cpu")
-    torch.set_num_threads(threads)
+from canvaslm.llm import SamplingParams
 
 
 def geometry(llm, prompt: str, max_new: int) -> int:
