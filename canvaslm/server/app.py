@@ -263,11 +263,13 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
                for c in choices]
         obj = "text_completion"
     if chat and body.logprobs:  # a tool reply's too: the log-probs of the tokens it was read from
-        from .scored import chat_logprobs
+        from .scored import chat_logprobs_many
 
         need_tokenizer(state, "logprobs")
-        for o, c in zip(out, choices):
-            o["logprobs"] = await chat_logprobs(state, prompts[c.prompt_index], c.tracker.ids, body.top_logprobs or 0)
+        scored = await chat_logprobs_many(state, [(prompts[c.prompt_index], c.tracker.ids) for c in choices],
+                                          body.top_logprobs or 0)
+        for o, lp in zip(out, scored):
+            o["logprobs"] = lp
     return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": out,
             "usage": usage(choices, prompts)}
 

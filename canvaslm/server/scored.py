@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from ..scoring import batch_token_logprobs, score_continuations, token_logprobs
+from ..scoring import batch_token_logprobs, score_continuations
 from .serving import ServerState, check_request_basics, need_tokenizer, prepare, run_to_end
 
 
@@ -85,20 +85,25 @@ def _response(body, choices: list, prompts: list, completion: int, passes: int) 
 
 async def chat_logprobs(state: ServerState, prompt: list, output_ids: list, top_k: int) -> dict:
     """Chat's `logprobs` object for a reply: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}."""
-    ids = list(output_ids)
-    if ids and ids[-1] in set(state.eos_ids):
-        ids = ids[:-1]
-    seq = list(prompt) + ids
-    fut = state.engine.call(lambda model: token_logprobs(model, seq, len(prompt), top_k))
-    logprobs, tops = await asyncio.wrap_future(fut)
+    return (await chat_logprobs_many(state, [(prompt, output_ids)], top_k))[0]
+
+
+async def chat_logprobs_many(state: ServerState, replies: list, top_k: int) -> list:
+    """`chat_logprobs` of many (prompt, output ids) replies, in one engine call."""
+    eos = set(state.eos_ids)
+    outs = [list(ids[:-1]) if ids and ids[-1] in eos else list(ids) for _, ids in replies]
+    seqs = [list(prompt) + ids for (prompt, _), ids in zip(replies, outs)]
+    starts = [len(prompt) for prompt, _ in replies]
+    fut = state.engine.call(lambda model: batch_token_logprobs(model, seqs, starts, top_k))
+    scored = await asyncio.wrap_future(fut)
 
     def entry(t, lp):
         token = state.tokenizer.decode([t], skip_special_tokens=False)
         return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
 
-    content = [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in (tops[k] if top_k else [])]}
-               for k, (t, lp) in enumerate(zip(ids, logprobs))]
-    return {"content": content, "refusal": None}
+    return [{"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in (tops[k] if top_k else [])]}
+                         for k, (t, lp) in enumerate(zip(ids, logprobs))], "refusal": None}
+            for ids, (logprobs, tops) in zip(outs, scored)]
 
 
 def _tokens_of_text(tokenizer, ids: list, text: str) -> list:

@@ -114,6 +114,25 @@ def test_chat_logprobs(client, tiny_llm):
     assert tokens == call.message.tool_calls[0].function.arguments  # the call was read from these tokens
 
 
+def test_chat_logprobs_of_several_choices(client, tiny_llm):
+    """n choices are scored in one engine call; each gets the log-probs of its own tokens."""
+    c, model = client
+    tok = tiny_llm.tokenizer
+    msgs = [{"role": "user", "content": "hey"}]
+    r = c.chat.completions.create(model=model, messages=msgs, max_tokens=10, seed=2, n=3, logprobs=True)
+    prompt = tok.encode_chat(msgs)
+    texts = set()
+    for ch in r.choices:
+        entries = ch.logprobs.content
+        ids = [tok.token_to_id(e.token) if e.token in SPECIALS else tok.encode(e.token, add_special_tokens=False)[0]
+               for e in entries]
+        assert "".join(e.token for e in entries if e.token not in SPECIALS) == ch.message.content
+        want = _direct(tiny_llm.model, prompt + ids)[1][len(prompt) - 1:]
+        assert [e.logprob for e in entries] == pytest.approx(want, abs=1e-4)
+        texts.add(ch.message.content)
+    assert len(texts) > 1  # different choices, different entries
+
+
 @pytest.mark.parametrize("tools", [None, "required"])
 def test_streamed_chat_logprobs_equal_the_whole_reply(client, tools):
     """With stream, each chunk a commit produces carries the log-probs of the tokens committed since the
