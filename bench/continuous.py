@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import time
 
 import torch
 
-from canvaslm.checkpoint import build_random_model, save_model
+from canvaslm.checkpoint import build_random_model
 from canvaslm.config import DiffusionParams
 from canvaslm.llm import LLM, SamplingParams
 from canvaslm.shapes import model_config
@@ -38,9 +37,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = model_config(args.shape, canvas_length=args.canvas)
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    tmp = tempfile.TemporaryDirectory()
-    save_model(build_random_model(cfg, seed=0, std=0.5), tmp.name, DiffusionParams(eos_token_ids=(1,), pad_token_id=0))
-    llm = LLM(tmp.name, device=args.device, dtype=dtype, max_batch=args.max_batch)
+    model = build_random_model(cfg, device=args.device, dtype=dtype, seed=0, std=0.5).eval()
+    llm = LLM.from_model(model, DiffusionParams(eos_token_ids=(1,), pad_token_id=0), max_batch=args.max_batch)
     rng = random.Random(0)
     prompts = [[2] + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(16, 96))] for _ in range(args.prompts)]
     params = [SamplingParams(seed=i, max_new_tokens=args.canvas * rng.randint(1, 8),

@@ -11,6 +11,8 @@
 #   serve   bench/serve_concurrency.py at the 26B-A4B shape: 1 vs 4 concurrent requests through HTTP
 #   prefix  bench/prefix_cache.py at the 26B-A4B shape: 4 requests sharing a 3072-token prefix, one after
 #           another, with and without prefix caching (prefix-burst: the 4 at once)
+#   continuous  bench/continuous.py at the 26B-A4B shape: LLM.generate_continuous vs LLM.generate (static
+#           batches), 32 prompts of mixed budgets, batch 8
 #   compiled  the reference with torch.compile too (its compile takes minutes; last, on its own)
 # Each stage has its own time limit and the next one runs whatever it returned. Output: $OUT/fast_path_gpu.log.
 #
@@ -28,6 +30,7 @@ DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-26b-a4b}
 CANVAS=${CANVAS:-256}
 PREFIX=${PREFIX:-3072}
+CONT_PROMPTS=${CONT_PROMPTS:-32}
 PY=${PYTHON:-python3}
 OUT=${OUT:-runs/fast_path_gpu}
 mkdir -p "$OUT"
@@ -71,9 +74,12 @@ for s in "${@:-tests bf16 fp8 serve}"; do
                 --prefix "$PREFIX" --suffix 64 --requests 4 --steps 16 ;;
       prefix-burst) stage prefix-burst 200 $PY bench/prefix_cache.py --shape "$SHAPE" --device "$DEVICE" \
                       --canvas "$CANVAS" --prefix "$PREFIX" --suffix 64 --requests 4 --steps 16 --together ;;
+      continuous) stage continuous 300 $PY bench/continuous.py --shape "$SHAPE" --device "$DEVICE" --canvas "$CANVAS" \
+                    --prompts "$CONT_PROMPTS" --max-batch 8 ;;
       compiled) stage compiled 540 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1 \
                   --reference eager,compiled "${cpu[@]}" ;;
-      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, compiled)" | tee -a "$LOG"; exit 2 ;;
+      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, continuous, compiled)" \
+           | tee -a "$LOG"; exit 2 ;;
     esac
   done
 done

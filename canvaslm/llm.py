@@ -115,6 +115,20 @@ class LLM:
             from .tokenizer import Tokenizer
             self.tokenizer = Tokenizer.from_dir(self.model_dir)
 
+    @classmethod
+    def from_model(cls, model, defaults: DiffusionParams | None = None, tokenizer=None, max_batch: int = 64) -> "LLM":
+        """An LLM around a model already in memory (built in Python, just trained, random weights for a
+        benchmark): no checkpoint is read. `defaults`: the sampler defaults (generation_config.json's
+        role; default: DiffusionParams()); `tokenizer`: a canvaslm Tokenizer, or None for token ids."""
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise GenerationError(f"LLM(max_batch={max_batch!r}): expected an int >= 1")
+        llm = cls.__new__(cls)
+        llm.max_batch, llm.model, llm.cfg = max_batch, model, model.cfg
+        llm.model_dir = "the in-memory model (LLM.from_model)"  # only error messages name it
+        llm.device, llm.dtype = model.embed_weight.device, model.embed_weight.dtype
+        llm.defaults, llm.tokenizer = defaults or DiffusionParams(), tokenizer
+        return llm
+
     @property
     def eos_ids(self) -> tuple:
         return tuple(self.defaults.eos_token_ids or self.cfg.eos_token_ids)

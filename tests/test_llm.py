@@ -102,3 +102,18 @@ def test_stop_token_ids_end_the_output(llm):
         SamplingParams(stop_token_ids=[-1])
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         llm.generate("Hello", SamplingParams(stop_token_ids=[10**6]))
+
+
+def test_from_model_wraps_a_model_in_memory(tiny_checkpoint):
+    from canvaslm.llm import LLM, GenerationError, SamplingParams
+
+    loaded = LLM(tiny_checkpoint, device="cpu")
+    mem = LLM.from_model(loaded.model, loaded.defaults, max_batch=4)
+    ids = loaded.encode_prompt("Hello there, general Kenobi")
+    sp = SamplingParams(seed=3, max_new_tokens=24)
+    assert mem.generate(ids, sp)[0].token_ids == loaded.generate(ids, sp)[0].token_ids
+    assert mem.generate_continuous([ids, ids[:8]], sp)[0].token_ids == loaded.generate_continuous(ids, sp)[0].token_ids
+    with pytest.raises(GenerationError, match=r"the in-memory model \(LLM.from_model\) has no tokenizer.json"):
+        mem.generate("text needs a tokenizer")
+    with pytest.raises(GenerationError, match="max_batch"):
+        LLM.from_model(loaded.model, max_batch=0)
