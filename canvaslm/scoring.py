@@ -28,34 +28,11 @@ def encode_rows(model, rows: list) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_continuations(model, prompt_ids: list, conts: list) -> list:
-    """Mean log p(cont | prompt) per token under the encoder's causal pass, one batched call. -> [float]."""
-    hidden = encode_rows(model, [list(prompt_ids) + list(c) for c in conts])
-    out, P = [], len(prompt_ids)
-    for b, c in enumerate(conts):
-        if not c:
-            out.append(0.0)
-            continue
-        lp, _ = _block_logprobs(model, hidden[b, P - 1:P - 1 + len(c)], list(c), 0)
-        out.append(sum(lp) / len(lp))
-    return out
-
-
-@torch.no_grad()
-def token_logprobs(model, ids: list, start: int = 1, top_k: int = 0) -> tuple[list, list]:
-    """For positions t = start..len(ids)-1: log p(ids[t] | ids[:t]) and the top_k alternatives as
-    [(id, log-prob)] (most likely first). -> (logprobs, tops)."""
-    if not 1 <= start <= len(ids):
-        raise ValueError(f"token_logprobs: start={start} must be in [1, {len(ids)}]")
-    if start == len(ids):
-        return [], []
-    hidden = encode_rows(model, [list(ids)])[0]
-    return _block_logprobs(model, hidden[start - 1:len(ids) - 1], list(ids[start:]), top_k)
-
-
-@torch.no_grad()
-def batch_token_logprobs(model, seqs: list, starts: list, top_k: int = 0, batch_size: int = 16) -> list:
-    """`token_logprobs` of many sequences, `batch_size` per encoder call. -> [(logprobs, tops)]."""
+def batch_token_logprobs(model, seqs: list, starts: list, top_k: int = 0, batch_size: int = 16,
+                         progress=None) -> list:
+    """For each sequence `ids` and its `start`, at positions t = start..len(ids)-1: log p(ids[t] | ids[:t])
+    and the top_k alternatives as [(id, log-prob)] (most likely first); `batch_size` sequences per
+    encoder call, `progress(n)` after each. -> [(logprobs, tops)]."""
     for ids, start in zip(seqs, starts):
         if not 1 <= start <= len(ids):
             raise ValueError(f"token_logprobs: start={start} must be in [1, {len(ids)}]")
@@ -66,28 +43,37 @@ def batch_token_logprobs(model, seqs: list, starts: list, top_k: int = 0, batch_
         for b, (ids, start) in enumerate(group):
             out.append(_block_logprobs(model, hidden[b, start - 1:len(ids) - 1], list(ids[start:]), top_k)
                        if start < len(ids) else ([], []))
+        if progress is not None:
+            progress(len(group))
     return out
 
 
-@torch.no_grad()
+def token_logprobs(model, ids: list, start: int = 1, top_k: int = 0) -> tuple[list, list]:
+    """`batch_token_logprobs` of one sequence. -> (logprobs, tops)."""
+    return batch_token_logprobs(model, [ids], [start], top_k)[0]
+
+
+def score_continuations(model, prompt_ids: list, conts: list) -> list:
+    """Mean log p(cont | prompt) per token under the encoder's causal pass, one batched call (0.0 for an
+    empty continuation). -> [float]."""
+    P = len(prompt_ids)
+    scored = batch_token_logprobs(model, [list(prompt_ids) + list(c) for c in conts], [P] * len(conts),
+                                  batch_size=max(1, len(conts)))
+    return [sum(lp) / len(lp) if lp else 0.0 for lp, _ in scored]
+
+
 def loglikelihoods(model, pairs: list, batch_size: int = 16, progress=None) -> list:
     """lm-evaluation-harness's loglikelihood: for each (context ids, continuation ids), the summed
     log p(continuation | context) and whether the continuation is the greedy one (every token the
     argmax), under the encoder's causal pass, `batch_size` pairs per encoder call. -> [(float, bool)]."""
-    out = []
-    for lo in range(0, len(pairs), batch_size):
-        batch = pairs[lo:lo + batch_size]
-        for ctx, cont in batch:
-            if not ctx or not cont:
-                raise ValueError("loglikelihood: the context and the continuation need a token each "
-                                 "(the context at least BOS)")
-        hidden = encode_rows(model, [list(c) + list(t) for c, t in batch])
-        for b, (ctx, cont) in enumerate(batch):
-            lp, tops = _block_logprobs(model, hidden[b, len(ctx) - 1:len(ctx) + len(cont) - 1], list(cont), 1)
-            out.append((sum(lp), all(top[0][0] == t for top, t in zip(tops, cont))))
-        if progress is not None:
-            progress(len(batch))
-    return out
+    for ctx, cont in pairs:
+        if not ctx or not cont:
+            raise ValueError("loglikelihood: the context and the continuation need a token each "
+                             "(the context at least BOS)")
+    scored = batch_token_logprobs(model, [list(c) + list(t) for c, t in pairs], [len(c) for c, _ in pairs], 1,
+                                  batch_size, progress)
+    return [(sum(lp), all(top[0][0] == t for top, t in zip(tops, cont)))
+            for (lp, tops), (_, cont) in zip(scored, pairs)]
 
 
 def _block_logprobs(model, hidden: torch.Tensor, targets: list, top_k: int) -> tuple[list, list]:
