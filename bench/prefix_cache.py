@@ -22,7 +22,7 @@ import time
 import torch
 
 from canvaslm.config import DiffusionParams, ModelConfig
-from canvaslm.engine.engine import Engine, EngineConfig, Finish, GenerationRequest
+from canvaslm.engine.engine import Engine, EngineConfig, GenerationRequest
 from canvaslm.checkpoint import build_random_model
 
 
@@ -43,14 +43,9 @@ def model_config(args) -> ModelConfig:
 
 async def one(engine: Engine, i: int, prompt, params):
     """(latency, Finish, output tokens) of one request."""
-    queue: asyncio.Queue = asyncio.Queue()
     t = time.perf_counter()
-    engine.submit(GenerationRequest(f"r{i}", tuple(prompt), params, seed=i, eos_ids=(1,)), queue,
-                  asyncio.get_running_loop())
-    tokens = []
-    while not isinstance(ev := await queue.get(), Finish):
-        tokens += getattr(ev, "token_ids", ())
-    return time.perf_counter() - t, ev, tuple(tokens)
+    tokens, fin = await engine.run(GenerationRequest(f"r{i}", tuple(prompt), params, seed=i, eos_ids=(1,)))
+    return time.perf_counter() - t, fin, tuple(tokens)
 
 
 async def run(engine: Engine, prompts, params, together: bool):

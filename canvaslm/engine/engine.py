@@ -218,6 +218,16 @@ class Engine:
         self._inbox.append(("add", request, _Sink(queue, loop, time.perf_counter())))
         self._wake.set()
 
+    async def run(self, request: GenerationRequest) -> tuple[list[int], "Finish"]:
+        """Submit `request` from a running event loop and wait for its end: (output token ids, Finish)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self.submit(request, queue, asyncio.get_running_loop())
+        tokens: list[int] = []
+        while not isinstance(ev := await queue.get(), Finish):
+            if isinstance(ev, Commit):
+                tokens += ev.token_ids
+        return tokens, ev
+
     def call(self, fn) -> "concurrent.futures.Future":
         """Run fn(model) on the engine thread between two steps (the model is never used by two threads at
         once); the future holds its result or its exception. For short side work: scoring candidates."""
