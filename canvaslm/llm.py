@@ -98,9 +98,7 @@ class LLM:
         """quantization: None (the checkpoint's dtype), "fp8" or "int4" (W4A16), applied while loading.
         max_batch: rows per generation batch; `generate` runs longer prompt lists in batches of this size
         (the KV cache is sized per batch), which changes no output of a seeded request."""
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise GenerationError(f"LLM(max_batch={max_batch!r}): expected an int >= 1")
-        self.max_batch = max_batch
+        self.max_batch = _checked_max_batch(max_batch)
         self.model_dir = Path(model_dir) if model_dir is not None else BUNDLED_MODEL
         self.device = device or default_device()
         if dtype is None:
@@ -120,10 +118,8 @@ class LLM:
         """An LLM around a model already in memory (built in Python, just trained, random weights for a
         benchmark): no checkpoint is read. `defaults`: the sampler defaults (generation_config.json's
         role; default: DiffusionParams()); `tokenizer`: a canvaslm Tokenizer, or None for token ids."""
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise GenerationError(f"LLM(max_batch={max_batch!r}): expected an int >= 1")
         llm = cls.__new__(cls)
-        llm.max_batch, llm.model, llm.cfg = max_batch, model, model.cfg
+        llm.max_batch, llm.model, llm.cfg = _checked_max_batch(max_batch), model, model.cfg
         llm.model_dir = "the in-memory model (LLM.from_model)"  # only error messages name it
         llm.device, llm.dtype = model.embed_weight.device, model.embed_weight.dtype
         llm.defaults, llm.tokenizer = defaults or DiffusionParams(), tokenizer
@@ -151,11 +147,7 @@ class LLM:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
     def rows(self, prompts, params) -> list[RowRequest]:
-        if isinstance(params, SamplingParams) or params is None:
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise GenerationError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
-        return [self._row(p, sp) for p, sp in zip(prompts, params)]
+        return [self._row(p, sp) for p, sp in zip(prompts, _params_list(prompts, params))]
 
     def _row(self, prompt, sp: SamplingParams) -> RowRequest:
         p, c = sp.resolve(self.defaults), sp.constraint
@@ -205,16 +197,11 @@ class LLM:
         otherwise every request draws from its own seed, and more than `max_batch` prompts run in batches
         of `max_batch` (behind a progress bar unless use_tqdm=False). With `on_draft`, whose states
         index rows of the batch, the list runs as one batch."""
-        if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
-            prompts = unpad(prompts, attention_mask)
-        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                              and isinstance(prompts[0], int))
-        if single:
-            prompts = [prompts]
+        prompts = _prompt_list(prompts, attention_mask)
         if not prompts:
             return []
         rows = self.rows(prompts, params)
-        plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(rows)
+        plist = _params_list(prompts, params)
         gens = [self._generator(sp.seed) for sp in plist] if generator is None else None
         B = self.max_batch
         if generator is not None or on_draft is not None or len(rows) <= B:
@@ -245,15 +232,13 @@ class LLM:
         `generate`."""
         import asyncio
 
-        from .engine.engine import Engine, EngineConfig, Finish, GenerationRequest
+        from .engine.engine import Engine, EngineConfig, GenerationRequest
 
-        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                              and isinstance(prompts[0], int))
-        prompts = [prompts] if single else list(prompts)
+        prompts = _prompt_list(prompts)
         if not prompts:
             return []
         rows = self.rows(prompts, params)
-        plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(rows)
+        plist = _params_list(prompts, params)
         need = batch_geometry(rows, self.cfg.canvas_length)[1]
         max_model_len = max_model_len or need
         if max_model_len < need:
@@ -265,23 +250,15 @@ class LLM:
         seeds = [sp.seed if sp.seed is not None else random.randrange(2**62) for sp in plist]
 
         async def run():
-            loop, queues = asyncio.get_running_loop(), []
-            for i, (r, seed) in enumerate(zip(rows, seeds)):
-                q: asyncio.Queue = asyncio.Queue()
-                engine.submit(GenerationRequest(f"g{i}", tuple(r.prompt_ids), r.params, seed, r.eos_ids, r.constraint,
-                                                logit_bias=r.logit_bias, min_tokens=r.min_tokens), q, loop)
-                queues.append(q)
-            outs = [None] * len(rows)
             with tqdm(total=len(rows), desc="generate", unit="req",
                       disable=not (use_tqdm if use_tqdm is not None else len(rows) > max_batch)) as bar:
-                async def collect(i, q):
-                    tokens = []
-                    while not isinstance(ev := await q.get(), Finish):
-                        tokens += getattr(ev, "token_ids", ())
-                    outs[i] = (tokens, ev)
+                async def one(i, r, seed):
+                    out = await engine.run(GenerationRequest(f"g{i}", tuple(r.prompt_ids), r.params, seed, r.eos_ids,
+                                                             r.constraint, logit_bias=r.logit_bias,
+                                                             min_tokens=r.min_tokens))
                     bar.update(1)
-                await asyncio.gather(*(collect(i, q) for i, q in enumerate(queues)))
-            return outs
+                    return out
+                return await asyncio.gather(*(one(i, r, seed) for i, (r, seed) in enumerate(zip(rows, seeds))))
 
         try:
             outs = asyncio.run(run())
@@ -414,6 +391,31 @@ class LLM:
         g = torch.Generator(device=self.device)
         g.manual_seed(seed if seed is not None else random.randrange(2**63))
         return g
+
+
+def _checked_max_batch(max_batch) -> int:
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise GenerationError(f"LLM(max_batch={max_batch!r}): expected an int >= 1")
+    return max_batch
+
+
+def _prompt_list(prompts, attention_mask: torch.Tensor | None = None) -> list:
+    """A string, a list of token ids, a list of either, or a padded [B, T] id tensor (with its
+    attention_mask) -> a list of prompts."""
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        return unpad(prompts, attention_mask)
+    single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                          and isinstance(prompts[0], int))
+    return [prompts] if single else list(prompts)
+
+
+def _params_list(prompts: list, params) -> list:
+    """One SamplingParams per prompt: a list as given (its length checked), else `params` for all."""
+    if isinstance(params, SamplingParams) or params is None:
+        return [params or SamplingParams()] * len(prompts)
+    if len(params) != len(prompts):
+        raise GenerationError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+    return list(params)
 
 
 def unpad(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
