@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .metrics import render_metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, ResponsesRequest,
                        TokenizeRequest)
-from .serving import APIError, ServerState, need_tokenizer, prepare, run_choices, run_to_end, usage
+from .serving import APIError, ServerState, encode_chat, need_tokenizer, prepare, run_choices, run_to_end, usage
 from .tools import tool_replies
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -149,15 +149,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        if state.tokenizer is None or getattr(state.tokenizer, "chat_template", None) is None:
-            raise APIError(400, "this checkpoint has no chat template; use /v1/completions", "messages")
-        try:
-            ids = state.tokenizer.encode_chat(body.message_dicts(), tools=body.tool_dicts(), **body.template_kwargs())
-        except ValueError as e:
-            if str(e).startswith("continue_final_message"):
-                raise APIError(400, str(e), "continue_final_message") from None
-            raise APIError(400, f"messages: {e}", "messages") from None
-        return await _respond(state, body, [ids], request, chat=True)
+        return await _respond(state, body, [encode_chat(state, body)], request, chat=True)
 
     if state.allowed_origins:  # added last, so outermost: it answers preflights before the key check
         from fastapi.middleware.cors import CORSMiddleware

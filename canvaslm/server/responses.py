@@ -24,7 +24,8 @@ import time
 import uuid
 
 from .protocol import ChatCompletionRequest, ResponsesRequest
-from .serving import APIError, ServerState, prepare, run_choices, run_to_end, usage
+from .serving import (APIError, ServerState, encode_chat, need_chat_template, prepare, run_choices, run_to_end,
+                      usage)
 from .tools import tool_replies
 
 
@@ -106,16 +107,14 @@ def _item_id(prefix: str) -> str:
 
 def output_items(message: dict, status: str = "completed") -> list[dict]:
     """A chat reply message -> Responses output items (its text, then one item per tool call)."""
+    text, calls = message.get("content") or "", message.get("tool_calls") or []
     items = []
-    if message.get("content"):
+    if text or not calls:  # an empty message too when nothing was generated (an immediate EOS), as OpenAI sends
         items.append({"type": "message", "id": _item_id("msg"), "status": status, "role": "assistant",
-                      "content": [{"type": "output_text", "text": message["content"], "annotations": []}]})
-    for call in message.get("tool_calls") or []:
+                      "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    for call in calls:
         items.append({"type": "function_call", "id": _item_id("fc"), "call_id": call["id"], "status": "completed",
                       "name": call["function"]["name"], "arguments": call["function"]["arguments"]})
-    if not items:  # nothing was generated (an immediate EOS): an empty message, as OpenAI sends
-        items.append({"type": "message", "id": _item_id("msg"), "status": status, "role": "assistant",
-                      "content": [{"type": "output_text", "text": "", "annotations": []}]})
     return items
 
 
@@ -148,15 +147,11 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     problem = body.unsupported()
     if problem is not None:
         raise APIError(400, problem[1], problem[0])
-    if state.tokenizer is None or getattr(state.tokenizer, "chat_template", None) is None:
-        raise APIError(400, "this checkpoint has no chat template; use /v1/completions", "input")
+    need_chat_template(state, "input")
     history = stored(state, body.previous_response_id, "previous_response_id")["turns"] \
         if body.previous_response_id is not None else []
     chat, turns = to_chat(body, history)
-    try:
-        ids = state.tokenizer.encode_chat(chat.message_dicts(), tools=chat.tool_dicts())
-    except ValueError as e:
-        raise APIError(400, f"input: {e}", "input") from None
+    ids = encode_chat(state, chat, "input")
     try:
         choices = await asyncio.to_thread(prepare, state, chat, [ids])
     except APIError as e:  # name the Responses field, not the chat field it became

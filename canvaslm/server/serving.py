@@ -199,6 +199,23 @@ def need_tokenizer(state: ServerState, name: str) -> None:
         raise APIError(400, f"{name} needs the checkpoint's tokenizer, and this server has none", name)
 
 
+def need_chat_template(state: ServerState, param: str) -> None:
+    if state.tokenizer is None or getattr(state.tokenizer, "chat_template", None) is None:
+        raise APIError(400, "this checkpoint has no chat template; use /v1/completions", param)
+
+
+def encode_chat(state: ServerState, chat, param: str = "messages") -> list[int]:
+    """The prompt ids of a chat body (`protocol.ChatCompletionRequest`) through the chat template; 400s
+    name `param` (the field the messages came from) or continue_final_message."""
+    need_chat_template(state, param)
+    try:
+        return state.tokenizer.encode_chat(chat.message_dicts(), tools=chat.tool_dicts(), **chat.template_kwargs())
+    except ValueError as e:
+        if str(e).startswith("continue_final_message"):
+            raise APIError(400, str(e), "continue_final_message") from None
+        raise APIError(400, f"{param}: {e}", param) from None
+
+
 def _pinned_constraint(state: ServerState, body, max_tokens):
     """`pins`: text or ids at output offsets, EOS banned before the end of the last pin (as `--pin`)."""
     from ..sampling.constraints import ConstraintError, PinnedConstraint, pins_from_text
