@@ -37,6 +37,7 @@ class SamplingParams:
     stability_threshold: int | None = None
     constraint: object | None = None  # a sampling.constraints.CanvasConstraint
     json_schema: dict | None = field(default=None, hash=False)  # JSON-schema structured output (a dict)
+    json_object: bool = False  # JSON mode: the output is one JSON object (sampling.json_any)
     choice: tuple | None = None  # the output is exactly one of these strings (sampling.choice)
     regex: str | None = None  # the output is a whole match of this pattern (sampling.regex)
     stop_token_ids: tuple | None = None  # more ids that end the output, besides the checkpoint's EOS ids
@@ -151,14 +152,20 @@ class LLM:
 
     def _row(self, prompt, sp: SamplingParams) -> RowRequest:
         p, c = sp.resolve(self.defaults), sp.constraint
-        given = [n for n in ("constraint", "json_schema", "choice", "regex") if getattr(sp, n) is not None]
+        given = [n for n in ("constraint", "json_schema", "json_object", "choice", "regex")
+                 if getattr(sp, n) not in (None, False)]
         if len(given) > 1:
-            raise GenerationError(f"SamplingParams: set one of constraint, json_schema, choice, regex; got {given}")
+            raise GenerationError("SamplingParams: set one of constraint, json_schema, json_object, choice, regex; "
+                                  f"got {given}")
         if given and given[0] != "constraint" and self.tokenizer is None:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so {given[0]} is not available")
         if sp.json_schema is not None:
             from .sampling.json_schema import JsonSchemaConstraint
             c = JsonSchemaConstraint(sp.json_schema, self.tokenizer)
+        if sp.json_object:
+            from .sampling.json_any import DEFAULT_TOKENS, JsonObjectConstraint
+            width = sp.max_new_tokens - 1 if sp.max_new_tokens and sp.max_new_tokens > 1 else DEFAULT_TOKENS
+            c = JsonObjectConstraint(self.tokenizer, width, "SamplingParams.json_object")
         if sp.choice is not None:
             from .sampling.choice import ChoiceConstraint
             c = ChoiceConstraint(list(sp.choice), self.tokenizer, "SamplingParams.choice")

@@ -1,4 +1,4 @@
-"""`canvaslm generate` flags for canvas control: --json-schema, --choice, --regex, --pin, --suffix
+"""`canvaslm generate` flags for canvas control: --json-schema, --json-object, --choice, --regex, --pin, --suffix
 (infilling), --gaps."""
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def _gaps(text: str) -> list:
 def add_constraint_args(p: argparse.ArgumentParser):
     p.add_argument("--json-schema", metavar="FILE", default=None,
                    help="constrain the output to JSON valid under this JSON schema file")
+    p.add_argument("--json-object", action="store_const", const=True, default=None,
+                   help="JSON mode: the output is one JSON object (no schema)")
     p.add_argument("--choice", metavar="TEXT", action="append", default=None,
                    help="the output is exactly one of the --choice texts (repeat it for each choice)")
     p.add_argument("--regex", metavar="PATTERN", default=None,
@@ -46,14 +48,17 @@ def add_constraint_args(p: argparse.ArgumentParser):
 
 def constraint_params(args, llm) -> dict:
     """SamplingParams keyword arguments for the constraint flags."""
-    given = [f for f, v in (("--json-schema", args.json_schema), ("--choice", args.choice), ("--regex", args.regex),
-                            ("--pin", args.pin), ("--suffix", args.suffix)) if v is not None]
+    flags = (("--json-schema", args.json_schema), ("--json-object", args.json_object), ("--choice", args.choice),
+             ("--regex", args.regex), ("--pin", args.pin), ("--suffix", args.suffix))
+    given = [f for f, v in flags if v is not None]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} cannot be combined: each constrains the whole output")
     if args.choice:
         return {"choice": tuple(args.choice)}
     if args.regex is not None:
         return {"regex": args.regex}
+    if args.json_object:
+        return {"json_object": True}
     if args.json_schema:
         path = Path(args.json_schema)
         try:

@@ -19,6 +19,7 @@ denoising steps of canvas k, and `c.commit(k, ids, logits)` on the argmax canvas
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,30 +45,35 @@ class TokenDFA:
     def num_states(self) -> int:
         return self.trans.shape[0]
 
+    @functools.cached_property
+    def edges(self) -> tuple:
+        """The live transitions as (src, sym, tgt) long tensors, ordered by (src, sym). Automata for JSON or
+        a regex over a large vocabulary are sparse (a few percent of [S, G] is live), so the passes below
+        walk these instead of the dense table."""
+        src, sym = (self.trans >= 0).nonzero(as_tuple=True)
+        return src, sym, self.trans[src, sym]
+
     def coreach(self, n: int) -> torch.Tensor:
         """[n + 1, S] bool: co[j, s] = some accepted state is reached from s in exactly j more tokens."""
-        S = self.num_states
-        co = torch.zeros(n + 1, S, dtype=torch.bool)
+        src, _, tgt = self.edges
+        co = torch.zeros(n + 1, self.num_states, dtype=torch.bool)
         co[0] = self.accept
-        ok = self.trans >= 0
-        safe = self.trans.clamp(min=0)
         for j in range(1, n + 1):
-            co[j] = (ok & co[j - 1][safe]).any(dim=1)
+            co[j].index_fill_(0, src[co[j - 1][tgt]], True)
         return co
 
     def symbol_masks(self, state: int, n: int, remaining: int) -> torch.Tensor:
         """[n, G] bool: symbols allowed at the next n positions, from `state`, with `remaining` positions left
         in the slot (>= n): reachable from the left and still able to finish within the slot."""
         co = self.coreach(remaining)
-        ok = self.trans >= 0
-        safe = self.trans.clamp(min=0)
+        src, sym, tgt = self.edges
         fw = torch.zeros(self.num_states, dtype=torch.bool)
         fw[state] = True
         out = torch.zeros(n, self.trans.shape[1], dtype=torch.bool)
         for i in range(n):
-            good = ok & co[remaining - i - 1][safe] & fw[:, None]  # [S, G]
-            out[i] = good.any(dim=0)
-            fw = torch.zeros_like(fw).index_fill_(0, safe[good], True) if good.any() else torch.zeros_like(fw)
+            good = fw[src] & co[remaining - i - 1][tgt]
+            out[i].index_fill_(0, sym[good], True)
+            fw = torch.zeros_like(fw).index_fill_(0, tgt[good], True)
         return out
 
     def token_masks(self, state: int, n: int, remaining: int, V: int) -> torch.Tensor:
@@ -94,19 +100,18 @@ class TokenDFA:
         score[state] = 0.0
         reach = torch.zeros(S, dtype=torch.bool)
         reach[state] = True
-        flat_tgt, flat_idx = self.trans.flatten(), torch.arange(S * G)
-        back = []
+        src, sym, tgt = self.edges
+        E = src.numel()
+        back = []  # per position: [S] index of the edge that reached each state best
         for i in range(n):
-            valid = (self.trans >= 0) & reach[:, None] & co[remaining - i - 1][self.trans.clamp(min=0)]
-            cand = (score[:, None] + best[i][None, :]).flatten()
-            v = valid.flatten()
-            tgt, val, idx = flat_tgt[v], cand[v], flat_idx[v]
-            if tgt.numel() == 0:
+            e = (reach[src] & co[remaining - i - 1][tgt]).nonzero(as_tuple=True)[0]
+            if e.numel() == 0:
                 raise ConstraintError("no valid token sequence fits this slot (internal: dead automaton state)")
-            new = torch.full((S,), 8 * _NEG * (n + 1), dtype=torch.float64).scatter_reduce(0, tgt, val, "amax")
-            winners = val >= new[tgt]
-            bp = torch.full((S,), S * G).scatter_reduce(0, tgt[winners], idx[winners], "amin")
-            reach = torch.zeros(S, dtype=torch.bool).index_fill_(0, tgt, True)
+            to, val = tgt[e], score[src[e]] + best[i][sym[e]]
+            new = torch.full((S,), 8 * _NEG * (n + 1), dtype=torch.float64).scatter_reduce(0, to, val, "amax")
+            winners = val >= new[to]  # ties go to the first edge in (src, sym) order
+            bp = torch.full((S,), E).scatter_reduce(0, to[winners], e[winners], "amin")
+            reach = torch.zeros(S, dtype=torch.bool).index_fill_(0, to, True)
             score = new
             back.append(bp)
         end_ok = reach & co[remaining - n]
@@ -114,7 +119,7 @@ class TokenDFA:
         syms, s = [], end
         for bp in reversed(back):
             f = int(bp[s])
-            s, g = divmod(f, G)
+            s, g = int(src[f]), int(sym[f])
             syms.append(g)
         syms.reverse()
         chosen = torch.tensor(syms, device=logp.device)

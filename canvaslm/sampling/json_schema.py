@@ -11,7 +11,10 @@ is followed by a pinned EOS, and may span several canvases.
 Supported: type object / array / string / integer / number / boolean / null, properties, required,
 additionalProperties (true/false), items, minItems, maxItems, minLength, maxLength, minimum, maximum,
 exclusiveMinimum / exclusiveMaximum (integers), enum, const; annotations (title, description, ...) are
-ignored. Anything else raises ConstraintError naming the keyword.
+ignored. Anything else raises ConstraintError naming the keyword. A value the schema leaves open (`{}`,
+an object with no `properties` keyword that allows others, an array without items) is one slot of
+`free_tokens` that takes any JSON of its kind, nested a few levels at most (sampling.json_any). An
+explicit `"properties": {}` stays `{}`, as tools without arguments declare it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, output_eos
+from .json_any import json_dfa
 from .token_dfa import Vocab, literal_dfa, number_dfa, string_dfa
 
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
@@ -45,11 +49,12 @@ class JsonTemplateOptions:
     integer_tokens: int = 8  # sign + digits + padding
     number_tokens: int = 12
     array_items: int = 3  # item count when the schema allows it: clamped to [minItems, maxItems]
+    free_tokens: int = 64  # tokens of a value the schema leaves free ({}, an object without properties, ...)
     enum_range: int = 64  # integer ranges up to this size become an enum (exact bounds by construction)
     max_depth: int = 32
 
     def __post_init__(self):
-        for name in ("string_tokens", "integer_tokens", "number_tokens", "enum_range", "max_depth"):
+        for name in ("string_tokens", "integer_tokens", "number_tokens", "enum_range", "max_depth", "free_tokens"):
             if getattr(self, name) < 1:
                 raise ConstraintError(f"JsonTemplateOptions.{name} must be >= 1, got {getattr(self, name)}")
         if self.array_items < 0:
@@ -114,10 +119,16 @@ class _Compiler:
                 if not values:
                     raise ConstraintError(f"json_schema: no 'enum' value has type {typ!r} (at {path})")
             return self.literal(values, path)
-        if typ is None:
-            raise ConstraintError(f"json_schema: a schema without 'type', 'enum' or 'const' is not supported "
-                                  f"(at {path})")
+        if typ is None:  # only annotations are left (checked above): {} is any JSON value
+            return self.free("any")
         getattr(self, "_" + typ)(schema, path, depth)
+
+    def free(self, top: str):
+        """A value the schema does not shape (any object, array or value): one slot whose automaton
+        accepts any JSON of that kind (sampling.json_any), padded with whitespace."""
+        if self.opts.free_tokens < 2:
+            raise ConstraintError("json_schema: free_tokens must be >= 2 for a free-form value")
+        self.slot(self.opts.free_tokens, json_dfa(self.vocab, top))
 
     def _object(self, schema, path, depth):
         props = schema.get("properties", {})
@@ -129,6 +140,8 @@ class _Compiler:
         missing = [k for k in schema.get("required", []) if k not in props]
         if missing:
             raise ConstraintError(f"json_schema: required keys {missing} have no 'properties' entry (at {path})")
+        if "properties" not in schema and extra:  # any object ("properties": {} keeps {}: tools without arguments)
+            return self.free("object")
         self.text("{")
         for i, (key, sub) in enumerate(props.items()):
             self.text((", " if i else "") + json.dumps(key, ensure_ascii=False) + ": ")
@@ -136,6 +149,8 @@ class _Compiler:
         self.text("}")
 
     def _array(self, schema, path, depth):
+        if set(schema) - {"type"} <= ANNOTATIONS:  # any array
+            return self.free("array")
         if "items" not in schema or not isinstance(schema["items"], dict):
             raise ConstraintError(f"json_schema: arrays need an 'items' schema (at {path})")
         lo, hi = schema.get("minItems", 0), schema.get("maxItems")
@@ -258,14 +273,19 @@ class JsonSchemaConstraint(CanvasConstraint):
 
 
 def constraint_from_response_format(response_format: dict, tokenizer, max_tokens: int | None):
-    """OpenAI `response_format` -> a canvas constraint, or None for {"type": "text"}."""
+    """OpenAI `response_format` -> a canvas constraint (json_schema or JSON mode), or None for {"type": "text"}."""
     if not isinstance(response_format, dict):
         raise ConstraintError(f"response_format must be an object, got {type(response_format).__name__}")
     kind = response_format.get("type")
     if kind in (None, "text"):
         return None
+    if kind == "json_object":  # JSON mode: any object in max_tokens, EOS included
+        from .json_any import DEFAULT_TOKENS, JsonObjectConstraint
+
+        return JsonObjectConstraint(tokenizer, max_tokens - 1 if max_tokens else DEFAULT_TOKENS)
     if kind != "json_schema":
-        raise ConstraintError(f"response_format type {kind!r} is not supported (use 'text' or 'json_schema')")
+        raise ConstraintError(f"response_format type {kind!r} is not supported (use 'text', 'json_object' or "
+                              "'json_schema')")
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise ConstraintError("response_format.json_schema.schema must be a JSON schema object")

@@ -93,8 +93,7 @@ def to_chat(body: ResponsesRequest, history: list | None = None) -> tuple[ChatCo
         fields["response_format"] = {"type": "json_schema", "json_schema": {
             "name": fmt.name or "response", "schema": fmt.schema_, "strict": fmt.strict}}
     elif fmt is not None and fmt.type == "json_object":
-        raise APIError(400, "text.format json_object (any JSON) is not supported; send a json_schema format",
-                       "text")
+        fields["response_format"] = {"type": "json_object"}
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None}), turns
     except ValueError as e:  # e.g. a message shape the chat route would refuse

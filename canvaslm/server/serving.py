@@ -157,9 +157,11 @@ def build_constraint(state: ServerState, body: _Common):
         raise APIError(400, f"{name} and {given[1]} both constrain the output; send one", name)
     if name == "response_format":
         rf = body.response_format
+        if rf.type == "json_object":
+            return _json_object_constraint(state, max_tokens, name)
         if rf.type != "json_schema":
-            raise APIError(400, f"response_format type {rf.type!r} is not supported (use 'text' or 'json_schema')",
-                           name)
+            raise APIError(400, f"response_format type {rf.type!r} is not supported (use 'text', 'json_object' "
+                                "or 'json_schema')", name)
         if not isinstance((rf.json_schema or {}).get("schema"), dict):
             raise APIError(400, "response_format.json_schema.schema must be a JSON schema object", name)
         return _json_constraint(state, rf.json_schema["schema"], max_tokens, name, name)
@@ -261,6 +263,18 @@ def _tool_constraint(state: ServerState, body, max_tokens):
         raise APIError(400, f"tools: the call needs up to {need} tokens (EOS included), over max_tokens={max_tokens}",
                        "tools")
     return c
+
+
+def _json_object_constraint(state: ServerState, max_tokens, name: str):
+    """JSON mode: any JSON object in max_tokens - 1 tokens (sampling/json_any.py), then EOS."""
+    from ..sampling.json_any import DEFAULT_TOKENS, JsonObjectConstraint
+
+    need_tokenizer(state, name)
+    width = max_tokens - 1 if max_tokens else DEFAULT_TOKENS
+    try:
+        return JsonObjectConstraint(state.tokenizer, width, name, timeout=state.regex_timeout)
+    except ValueError as e:  # ConstraintError; its message names the field
+        raise APIError(400, str(e), name) from None
 
 
 def _json_constraint(state: ServerState, schema: dict, max_tokens, field: str, param: str):

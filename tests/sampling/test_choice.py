@@ -49,7 +49,7 @@ def test_bad_choice_lists_are_named(tiny_llm, choices, message):
 
 
 def test_choice_excludes_other_constraints(tiny_llm):
-    with pytest.raises(ValueError, match="set one of constraint, json_schema, choice"):
+    with pytest.raises(ValueError, match="set one of constraint, json_schema, json_object, choice"):
         tiny_llm.generate("x", SamplingParams(choice=["a", "b"], json_schema={"type": "boolean"}))
     with pytest.raises(ValueError, match="max_new_tokens=2 is below"):
         tiny_llm.generate("x", SamplingParams(choice=["mixed feelings", "b"], max_new_tokens=2))

@@ -112,9 +112,9 @@ def test_options_change_widths(tiny_llm):
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
     ({"type": "number", "multipleOf": 2}, "multipleOf"),
     ({"type": "object", "properties": {}, "required": ["x"]}, "required keys"),
-    ({"type": "array"}, "items"),
+    ({"type": "array", "minItems": 1}, "items"),
     ({"type": "number", "exclusiveMinimum": 0}, "exclusiveMinimum"),
-    ({"description": "anything"}, "without 'type'"),
+    ({"description": "anything", "properties": {}}, "'properties' is not supported"),
     ({"type": "integer", "minimum": 5, "maximum": 2}, "no integer"),
     ({"const": "caf\u00e9"}, "cannot tokenize"),
     ({"allOf": [{"type": "string"}]}, "allOf"),
@@ -134,8 +134,10 @@ def test_response_format(tiny_llm):
     jsonschema.validate(json.loads(r.text), SCHEMAS["flat"])
     with pytest.raises(ConstraintError, match="over max_tokens=10"):
         constraint_from_response_format(rf, tok, 10)
-    with pytest.raises(ConstraintError, match="'json_object' is not supported"):
-        constraint_from_response_format({"type": "json_object"}, tok, None)
+    c = constraint_from_response_format({"type": "json_object"}, tok, 20)
+    assert isinstance(json.loads(tiny_llm.generate("x", SamplingParams(seed=2, constraint=c))[0].text), dict)
+    with pytest.raises(ConstraintError, match="'xml' is not supported"):
+        constraint_from_response_format({"type": "xml"}, tok, None)
     with pytest.raises(ConstraintError, match="schema"):
         constraint_from_response_format({"type": "json_schema", "json_schema": {"name": "x"}}, tok, None)
     with pytest.raises(ConstraintError, match="patternProperties"):

@@ -56,7 +56,7 @@ def test_bad_patterns_are_named(tiny_llm, pattern, width, message):
 
 
 def test_regex_excludes_other_constraints(tiny_llm):
-    with pytest.raises(ValueError, match="set one of constraint, json_schema, choice, regex"):
+    with pytest.raises(ValueError, match="set one of constraint, json_schema, json_object, choice, regex"):
         tiny_llm.generate("x", SamplingParams(regex="a+", choice=["a"]))
 
 
