@@ -76,6 +76,7 @@ class GenerationRequest:
     logit_bias: tuple = ()  # ((token id, bias), ...): sampling.logit_bias
     priority: int = 0  # lower is admitted and scheduled first (scheduler aging still bounds every wait)
     min_tokens: int = 0  # no EOS / stop id before this many output tokens
+    lora: int = 0  # served LoRA adapter id (lora_serving.MultiLoRA.ids), 0: the base model
 
 
 @dataclass(frozen=True)
@@ -302,9 +303,9 @@ class Engine:
         p = req.params
         try:
             state = RequestState(req.request_id, req.prompt_ids, p.max_new_tokens, self.canvas_length,
-                                 p.max_denoising_steps, priority=req.priority)
+                                 p.max_denoising_steps, priority=req.priority, lora=req.lora)
             self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts, req.logit_bias,
-                            req.min_tokens)
+                            req.min_tokens, req.lora)
             self._sinks[req.request_id] = sink
             self.scheduler.add(state)
         except ValueError as e:

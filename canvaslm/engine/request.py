@@ -24,7 +24,7 @@ class RequestStatus(enum.Enum):
 
 @dataclass(eq=False)  # identity semantics: two requests are never "equal" by value
 class RequestState:
-    """One generation request. The first five fields come from the caller; the rest the scheduler owns."""
+    """One generation request. The first seven fields come from the caller; the rest the scheduler owns."""
 
     request_id: str
     prompt_ids: tuple[int, ...]
@@ -32,6 +32,7 @@ class RequestState:
     canvas_length: int
     max_denoising_steps: int
     priority: int = 0  # lower is served first; ties (and aging) fall back to arrival order
+    lora: int = 0  # served LoRA adapter id (0: the base model); KV is shared only within one adapter
 
     # --- owned by the scheduler ---
     arrival: int = -1  # position in the order of `Scheduler.add` calls

@@ -60,6 +60,7 @@ class _Request:
     canvas_constraint: tuple | None = None  # (canvas_index, pinned [C] | None, allowed [C, V] | None)
     bias: torch.Tensor | None = None  # [V] logit bias (sampling.logit_bias)
     min_tokens: int = 0  # no EOS before this many output tokens
+    lora: int = 0  # served LoRA adapter id (lora_serving), 0: the base model
 
 
 MIN_ROWS = 16  # see Runner._encode
@@ -94,8 +95,8 @@ class Runner:
     # ------------------------------------------------------------------ registration
 
     def add(self, request_id: str, params: DiffusionParams, seed: int, eos_ids, constraint=None,
-            drafts: bool = False, logit_bias: tuple = (), min_tokens: int = 0) -> None:
-        """Register a request before the scheduler plans it."""
+            drafts: bool = False, logit_bias: tuple = (), min_tokens: int = 0, lora: int = 0) -> None:
+        """Register a request before the scheduler plans it. lora: a served adapter's id (0: none)."""
         if request_id in self.requests:
             raise RunnerError(f"request id {request_id!r} is already registered with the runner")
         if params.stability_threshold > self.history_depth:
@@ -112,8 +113,11 @@ class Runner:
         bias = bias_lib.dense(pairs, self.cfg.vocab_size, self.device, self.dtype)
         if min_tokens < 0:
             raise RunnerError(f"request {request_id!r}: min_tokens={min_tokens} must be >= 0")
+        served = self.model.lora_serving
+        if lora and (served is None or not 0 < lora <= len(served.ids)):
+            raise RunnerError(f"request {request_id!r}: LoRA adapter id {lora} is not served by this model")
         self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts, bias=bias,
-                                             min_tokens=min_tokens)
+                                             min_tokens=min_tokens, lora=lora)
 
     def remove(self, request_id: str) -> None:
         """Forget a finished or cancelled request (its slot is reset when the scheduler frees it)."""
@@ -138,6 +142,8 @@ class Runner:
             if req.slot != item.slot:
                 req.slot = item.slot
                 self._slot_params[item.slot] = req.params
+                if self.model.lora_serving is not None:  # the slot's rows use the request's adapter
+                    self.model.lora_serving.assign(item.slot, req.lora)
         committed, finished = self._commit_and_prefill(plan.encode)
         early, drafts = self._denoise(plan)
         return StepOutput(StepResult(early_stopped=early, committed=committed, finished=finished), drafts)

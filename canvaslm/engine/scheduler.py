@@ -161,8 +161,8 @@ class Scheduler:
         self._free_slots: list[int] = list(range(num_slots))  # min-heap: lowest slot first, deterministic
         self._freed_slots: list[int] = []  # reported to the runner in the next plan
         # prefix caching: per slot, the prompt its KV holds the first `held` tokens of (encoded from position
-        # 0 in whole chunks), as (tokens, held, digest of its whole chunks); per live request, its digest
-        self._slot_prompt: list[tuple[tuple[int, ...], int, tuple[int, ...]]] = [((), 0, ())] * num_slots
+        # 0 in whole chunks), as (tokens, held, digest of its whole chunks, LoRA adapter); per live request, its digest
+        self._slot_prompt: list[tuple[tuple[int, ...], int, tuple[int, ...], int]] = [((), 0, (), 0)] * num_slots
         self._digests: dict[str, tuple[int, ...]] = {}
         self._slot_freed_at: list[int] = [-1] * num_slots  # order of release (LRU among equal matches)
         self._releases = itertools.count()
@@ -298,16 +298,18 @@ class Scheduler:
         """Where the request's prompt prefix can come from: (slot, L, running) with the largest L, None
         if nowhere, or "wait" when a request still prefilling will have encoded more of it."""
         prompt, digest = request.prompt_ids, self._digest(request)
-        best = max(((s, self._match(*self._slot_prompt[s], prompt, digest), False) for s in self._free_slots),
+        best = max(((s, self._match(*self._slot_prompt[s], prompt, digest, request.lora), False)
+                     for s in self._free_slots),
                    key=lambda c: (c[1], -self._slot_freed_at[c[0]], -c[0]), default=None)
         pending = 0
         for q in self._running.values():
             qd = self._digest(q)
-            now = self._match(q.prompt_ids, q.prefilled_len, qd, prompt, digest)
+            now = self._match(q.prompt_ids, q.prefilled_len, qd, q.lora, prompt, digest, request.lora)
             if best is None or now > best[1]:
                 best = (q.slot, now, True)
             if q.needs_prefill:
-                pending = max(pending, self._match(q.prompt_ids, q.prompt_len, qd, prompt, digest))
+                pending = max(pending, self._match(q.prompt_ids, q.prompt_len, qd, q.lora, prompt, digest,
+                                                   request.lora))
         if pending > (best[1] if best else 0):
             return "wait"
         if best is None or best[1] == 0:
@@ -337,21 +339,24 @@ class Scheduler:
         heapq.heapify(self._free_slots)
         request.slot = slot
         request.prefilled_len = request.cached_len = keep
-        self._slot_prompt[slot] = ((), 0, ())  # the new owner's until it is released
+        self._slot_prompt[slot] = ((), 0, (), 0)  # the new owner's until it is released
         self._reuse.append((slot, keep))
 
-    def reusable(self, slot: int, prompt_ids: tuple[int, ...]) -> int:
-        """How many leading prompt tokens a request could take from the free `slot`'s KV."""
+    def reusable(self, slot: int, prompt_ids: tuple[int, ...], lora: int = 0) -> int:
+        """How many leading prompt tokens a request (of adapter `lora`) could take from the free `slot`'s KV."""
         prompt_ids = tuple(prompt_ids)
-        n = self._match(*self._slot_prompt[slot], prompt_ids, chunk_digest(prompt_ids, self.prefill_chunk))
+        n = self._match(*self._slot_prompt[slot], prompt_ids, chunk_digest(prompt_ids, self.prefill_chunk), lora)
         return n if self._slot_prompt[slot][0][:n] == prompt_ids[:n] else 0
 
-    def _match(self, tokens, held: int, digest, prompt, prompt_digest) -> int:
+    def _match(self, tokens, held: int, digest, lora: int, prompt, prompt_digest, prompt_lora: int) -> int:
         """How many leading tokens of `prompt` KV holding the first `held` tokens of the encoded prompt
         `tokens` can give: whole prefill chunks in common, or all of them when the two are the same
-        prompt (its last, partial chunk was encoded just as this prompt's would be). Compares chunk
-        digests, so the caller checks the tokens of the one it picks; this runs for every waiting
-        request against every slot at every plan."""
+        prompt (its last, partial chunk was encoded just as this prompt's would be); none when they
+        were encoded under different LoRA adapters. Compares chunk digests, so the caller checks the
+        tokens of the one it picks; this runs for every waiting request against every slot at every
+        plan."""
+        if lora != prompt_lora:
+            return 0
         k, whole = 0, held // self.prefill_chunk
         for a, b in zip(digest[:whole], prompt_digest):
             if a != b:
@@ -507,7 +512,8 @@ class Scheduler:
         """Record the prompt prefix the released slot's KV holds (a failed step may have written
         anything: then nothing)."""
         if request.finish_reason == "error":
-            self._slot_prompt[request.slot] = ((), 0, ())
+            self._slot_prompt[request.slot] = ((), 0, (), 0)
         else:
-            self._slot_prompt[request.slot] = (request.prompt_ids, request.prefilled_len, self._digest(request))
+            self._slot_prompt[request.slot] = (request.prompt_ids, request.prefilled_len, self._digest(request),
+                                               request.lora)
         self._slot_freed_at[request.slot] = next(self._releases)

@@ -257,7 +257,8 @@ def lift(vocab: Vocab, key, chars: _JsonChars, deadline: float | None = None, li
                 if nxt is not None:
                     todo.append((child, nxt))
     trans = torch.full((len(order), max(len(sigs), 1)), -1, dtype=torch.long)
-    trans[torch.tensor(src, dtype=torch.long), torch.tensor(syms, dtype=torch.long)] = torch.tensor(tgt, dtype=torch.long)
+    long = dict(dtype=torch.long)
+    trans[torch.tensor(src, **long), torch.tensor(syms, **long)] = torch.tensor(tgt, **long)
     accept = torch.tensor([chars.accept(s) for s in order])
     return vocab.dfas.put(key, TokenDFA(sym, trans, 0, accept))
 

@@ -127,13 +127,12 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", responses=ERRORS)
     async def models():
-        return {"object": "list", "data": [_model_card(state)]}
+        return {"object": "list", "data": [_model_card(state, name) for name in state.served_names()]}
 
     @app.get("/v1/models/{model}", responses=ERRORS)
     async def model(model: str):
-        if model != state.model_name:
-            raise APIError(404, f"model {model!r} does not exist", "model", code="model_not_found")
-        return _model_card(state)
+        state.adapter(model)  # a 404 unless served
+        return _model_card(state, model)
 
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
@@ -182,8 +181,8 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 def _tokenizer_for(state: ServerState, model: str | None, param: str):
-    if model is not None and model != state.model_name:
-        raise APIError(404, f"model {model!r} does not exist", "model", code="model_not_found")
+    if model is not None:
+        state.adapter(model)  # a 404 unless served
     if state.tokenizer is None:
         raise APIError(400, "this checkpoint has no tokenizer.json", param)
     if param == "messages" and getattr(state.tokenizer, "chat_template", None) is None:
@@ -191,9 +190,13 @@ def _tokenizer_for(state: ServerState, model: str | None, param: str):
     return state.tokenizer
 
 
-def _model_card(state: ServerState) -> dict:
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "canvaslm",
+def _model_card(state: ServerState, name: str) -> dict:
+    """The base model's card, or a LoRA adapter's (vLLM's fields: `parent` the base, `root` its directory)."""
+    card = {"id": name, "object": "model", "created": state.created, "owned_by": "canvaslm",
             "max_model_len": state.max_model_len, "canvas_length": state.canvas_length}
+    if name in state.loras:
+        card.update(parent=state.model_name, root=str(state.loras[name][1]))
+    return card
 
 
 def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
@@ -258,8 +261,8 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
         from .scored import chat_logprobs_many
 
         need_tokenizer(state, "logprobs")
-        scored = await chat_logprobs_many(state, [(prompts[c.prompt_index], c.tracker.ids) for c in choices],
-                                          body.top_logprobs or 0)
+        scored = await chat_logprobs_many(state, body.model, [(prompts[c.prompt_index], c.tracker.ids)
+                                                              for c in choices], body.top_logprobs or 0)
         for o, lp in zip(out, scored):
             o["logprobs"] = lp
     return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": out,
@@ -281,7 +284,7 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
         from .scored import chat_logprobs
 
         c = by_index[i]
-        full = await chat_logprobs(state, prompts[c.prompt_index], c.tracker.ids, top_logprobs)
+        full = await chat_logprobs(state, model, prompts[c.prompt_index], c.tracker.ids, top_logprobs)
         new, scored[i] = full["content"][scored[i]:], len(full["content"])
         return {"content": new, "refusal": None} if new else None  # null on a chunk with no new token
 

@@ -53,6 +53,7 @@ def add_parser(subparsers) -> None:
                    help="seconds a guided_regex may take to compile before the request gets a 400 (default 10)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template to use instead of the checkpoint's (or where it has none)")
+    _add_lora_arg(p)
     p.set_defaults(func=_serve)
 
     b = subparsers.add_parser("run-batch", help="run an OpenAI batch file (JSONL requests) offline through the server")
@@ -66,6 +67,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("--served-model-name", default=None, help="the `model` the requests name (default: directory name)")
     b.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="as for serve (default: on where its memory fits)")
+    _add_lora_arg(b)
     b.set_defaults(func=_run_batch)
 
 
@@ -93,6 +95,19 @@ def _engine_config(args):
                         prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching)
 
 
+def _add_lora_arg(p) -> None:
+    p.add_argument("--lora-modules", nargs="+", default=(), metavar="NAME=DIR",
+                   help="serve LoRA adapters (PEFT directories) beside the base model; a request picks one "
+                        "by sending its NAME as `model`")
+
+
+def _adapters(args) -> list:
+    """The --lora-modules adapters, read (and so checked) before the model loads."""
+    from ..lora_serving import parse_lora_modules, read_adapter
+
+    return [read_adapter(path, name) for name, path in parse_lora_modules(args.lora_modules)]
+
+
 def _run_batch(args) -> int:
     from pathlib import Path
 
@@ -100,8 +115,10 @@ def _run_batch(args) -> int:
     from .launch import build_state
 
     read_requests(Path(args.input))  # a missing or empty file fails before the model loads
+    adapters = _adapters(args)
     state = build_state(args.model_dir, args.device, args.dtype, _engine_config(args),
-                        served_model_name=args.served_model_name, quantization=args.quantization)
+                        served_model_name=args.served_model_name, quantization=args.quantization,
+                        lora_modules=adapters)
     try:
         counts = run_batch_file(state, args.input, args.output, args.concurrency)
     finally:
@@ -118,9 +135,11 @@ def _serve(args) -> int:
     from .launch import build_state
 
     template = _read_template(args) if args.chat_template is not None else None  # fail before loading a model
+    adapters = _adapters(args)
     config = _engine_config(args)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
-                        args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout)
+                        args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout,
+                        lora_modules=adapters)
     if template is not None:
         state.tokenizer.set_chat_template(template, args.chat_template)
     state.allowed_origins = args.allowed_origins

@@ -70,7 +70,8 @@ def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[G
         for j in range(body.n):
             reqs = [Choice(k, GenerationRequest(uuid.uuid4().hex, tuple(ids), params,
                                                 (seed + j * len(gaps) + k) % 2**63, state.eos_ids, pins,
-                                                logit_bias=bias, priority=body.priority),
+                                                logit_bias=bias, priority=body.priority,
+                                                lora=state.adapter(body.model)),
                            len(groups), TextTracker(state.tokenizer, []))
                     for k, (params, pins) in enumerate(cands)]
             groups.append(Group(len(groups), list(ids), suffix_ids, gaps, reqs))
@@ -88,7 +89,7 @@ async def complete_infill(state: ServerState, body, prompts, request) -> dict:
     for g in groups:
         middles = [c.tracker.ids[:gap] for c, gap in zip(g.candidates, g.gaps)]
         conts = [m + g.suffix_ids for m in middles]
-        fut = state.engine.call(lambda model, p=g.prompt_ids, conts=conts: score_continuations(model, p, conts))
+        fut = state.engine_call(body.model, lambda m, p=g.prompt_ids, conts=conts: score_continuations(m, p, conts))
         scores = await asyncio.wrap_future(fut)
         k = best(g.gaps, scores)
         completion += len(middles[k])

@@ -18,9 +18,10 @@ from .serving import ServerState
 def build_state(model_dir, device: str | None = None, dtype=None, config: EngineConfig | None = None,
                 api_key: str | None = None, served_model_name: str | None = None,
                 max_denoising_steps: int = 1024, quantization: str | None = None,
-                regex_timeout: float = 10.0) -> ServerState:
+                regex_timeout: float = 10.0, lora_modules=()) -> ServerState:
     """Load the checkpoint (quantised while loading if asked: "fp8" | "int4"), start the engine thread
-    and return the state the app serves."""
+    and return the state the app serves. lora_modules: [(served name, PEFT adapter dir)] or
+    `lora_serving.Adapter`s, served beside the base."""
     import torch
 
     from ..tokenizer import Tokenizer
@@ -31,12 +32,12 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     model = load_model(model_dir, device=device, dtype=dtype, quantization=quantization)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
     return state_from_model(model, DiffusionParams.from_dir(model_dir), tokenizer, config, api_key,
-                            served_model_name or model_dir.name, max_denoising_steps, regex_timeout)
+                            served_model_name or model_dir.name, max_denoising_steps, regex_timeout, lora_modules)
 
 
 def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: EngineConfig | None = None,
                      api_key: str | None = None, served_model_name: str = "model",
-                     max_denoising_steps: int = 1024, regex_timeout: float = 10.0) -> ServerState:
+                     max_denoising_steps: int = 1024, regex_timeout: float = 10.0, lora_modules=()) -> ServerState:
     """Serve an in-memory model (e.g. random weights at a benchmark shape); starts the engine thread."""
     cfg = model.cfg
     if not regex_timeout > 0:
@@ -46,6 +47,16 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
         raise ValueError(f"max_model_len={config.max_model_len} is over the model's "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
     eos = tuple(defaults.eos_token_ids or cfg.eos_token_ids)
+    loras = {}
+    if lora_modules:  # wrapped before the engine starts (and before any CUDA graph is captured)
+        from ..lora_serving import Adapter, install, read_adapter
+
+        adapters = [m if isinstance(m, Adapter) else read_adapter(m[1], m[0]) for m in lora_modules]
+        taken = [a.name for a in adapters if a.name == served_model_name]
+        if taken:
+            raise ValueError(f"--lora-modules: {taken[0]!r} is the base model's served name")
+        ids = install(model, adapters, config.slots).ids
+        loras = {a.name: (ids[a.name], a.path) for a in adapters}
     engine = Engine(model, config, history_depth=max(1, defaults.stability_threshold)).start()
     if tokenizer is not None:  # the constraint compilers' token table, built before the first request needs it
         from ..sampling.token_dfa import Vocab
@@ -54,7 +65,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
     return ServerState(engine=engine, tokenizer=tokenizer, model_name=served_model_name, defaults=defaults,
                        eos_ids=eos, vocab_size=cfg.vocab_size, canvas_length=cfg.canvas_length,
                        max_model_len=config.max_model_len, api_key=api_key, created=int(time.time()),
-                       max_denoising_steps=max_denoising_steps, regex_timeout=regex_timeout)
+                       max_denoising_steps=max_denoising_steps, regex_timeout=regex_timeout, loras=loras)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -43,7 +43,7 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
     scored = [None] * len(outputs)
     if body.logprobs is not None:  # every choice in one engine call, batched encoder passes
         starts = [1 if body.echo else len(prompt) for prompt, _, _, _ in outputs]
-        fut = state.engine.call(lambda model: batch_token_logprobs(model, seqs, starts, top_k))
+        fut = state.engine_call(body.model, lambda model: batch_token_logprobs(model, seqs, starts, top_k))
         scored = await asyncio.wrap_future(fut)
     out = []
     for i, ((prompt, ids, finish, _), seq) in enumerate(zip(outputs, seqs)):
@@ -67,7 +67,7 @@ async def complete_best_of(state: ServerState, body, prompts: list[list[int]], r
     for p_index, prompt in enumerate(prompts):
         group = [c for c in choices if c.prompt_index == p_index]
         conts = [list(c.tracker.ids) for c in group]
-        fut = state.engine.call(lambda model, prompt=prompt, conts=conts: score_continuations(model, prompt, conts))
+        fut = state.engine_call(body.model, lambda m, prompt=prompt, conts=conts: score_continuations(m, prompt, conts))
         scores = await asyncio.wrap_future(fut)
         order = sorted(range(len(group)), key=lambda k: (-scores[k] if conts[k] else float("inf"), k))[:body.n]
         out += [{"index": len(out) + r, "text": group[k].tracker.text, "finish_reason": group[k].finish_reason,
@@ -83,18 +83,19 @@ def _response(body, choices: list, prompts: list, completion: int, passes: int) 
                       "total_tokens": prompt_tokens + completion, "decoder_passes": passes}}
 
 
-async def chat_logprobs(state: ServerState, prompt: list, output_ids: list, top_k: int) -> dict:
-    """Chat's `logprobs` object for a reply: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}."""
-    return (await chat_logprobs_many(state, [(prompt, output_ids)], top_k))[0]
+async def chat_logprobs(state: ServerState, model: str, prompt: list, output_ids: list, top_k: int) -> dict:
+    """Chat's `logprobs` object for a reply: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"},
+    scored by the request's `model` (the base or a LoRA adapter)."""
+    return (await chat_logprobs_many(state, model, [(prompt, output_ids)], top_k))[0]
 
 
-async def chat_logprobs_many(state: ServerState, replies: list, top_k: int) -> list:
+async def chat_logprobs_many(state: ServerState, model: str, replies: list, top_k: int) -> list:
     """`chat_logprobs` of many (prompt, output ids) replies, in one engine call."""
     eos = set(state.eos_ids)
     outs = [list(ids[:-1]) if ids and ids[-1] in eos else list(ids) for _, ids in replies]
     seqs = [list(prompt) + ids for (prompt, _), ids in zip(replies, outs)]
     starts = [len(prompt) for prompt, _ in replies]
-    fut = state.engine.call(lambda model: batch_token_logprobs(model, seqs, starts, top_k))
+    fut = state.engine_call(model, lambda m: batch_token_logprobs(m, seqs, starts, top_k))
     scored = await asyncio.wrap_future(fut)
 
     def entry(t, lp):

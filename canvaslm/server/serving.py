@@ -57,6 +57,26 @@ class ServerState:
     regex_timeout: float = 10.0  # seconds a guided_regex may take to compile (sampling.regex_fsm)
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins that may call the API ("*": any)
     response_store: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # /v1/responses
+    loras: dict = field(default_factory=dict)  # served LoRA adapters: model name -> (adapter id, directory)
+
+    def served_names(self) -> list:
+        return [self.model_name, *self.loras]
+
+    def adapter(self, model: str) -> int:
+        """The adapter id a request's `model` names (0: the base model); a 404 naming it if not served."""
+        if model == self.model_name:
+            return 0
+        if model in self.loras:
+            return self.loras[model][0]
+        raise APIError(404, f"model {model!r} does not exist; this server serves {self.served_names()}", "model",
+                       code="model_not_found")
+
+    def engine_call(self, model: str, fn):
+        """Run fn(model) on the engine thread (scoring) with the request's adapter on every row."""
+        from ..lora_serving import with_adapter
+
+        adapter = self.adapter(model)
+        return self.engine.call(lambda m: with_adapter(m, adapter, fn))
 
 
 @dataclass
@@ -298,9 +318,7 @@ def check_request_basics(state: ServerState, body: _Common, prompts: list[list[i
     problem = body.unsupported()
     if problem is not None:
         raise APIError(400, problem[1], problem[0])
-    if body.model != state.model_name:
-        raise APIError(404, f"model {body.model!r} does not exist; this server serves {state.model_name!r}",
-                       "model", code="model_not_found")
+    state.adapter(body.model)  # a 404 unless this server serves it
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
@@ -350,7 +368,8 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
                                 "request may generate (max_tokens)", "min_tokens")
         for j in range(body.n):
             req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
-                                    eos, constraint, body.stream_drafts, bias, body.priority, body.min_tokens)
+                                    eos, constraint, body.stream_drafts, bias, body.priority, body.min_tokens,
+                                    state.adapter(body.model))
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
                                   skip_special=body.skip_special_tokens)
             choices.append(Choice(len(choices), req, p_index, tracker))

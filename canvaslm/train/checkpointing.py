@@ -156,17 +156,46 @@ def export_model(model, out_dir, params: DiffusionParams, tok_dir: Path | None, 
 def export_checkpoint(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
     """Export a training checkpoint (or any checkpoint dir) without its trainer state. A checkpoint that
     holds only LoRA adapters (QLoRA) is merged: its base is rebuilt from the run's config."""
-    src = Path(src)
-    if (src / LATEST_FILE).is_file() or not ((src / "config.json").is_file() or (src / STATE_FILE).is_file()):
-        latest = latest_checkpoint(src)
-        if latest is None:
-            raise ConfigError(f"{src}: neither a checkpoint nor a training out_dir with checkpoints")
-        src = latest
+    src = _checkpoint_dir(Path(src))
     if not (src / "config.json").is_file():
         model, params = _adapted_from_state(src)
         return export_model(model, out_dir, params, src, dtype)
     model = load_model(src, dtype="float32")
     return save_model(model, out_dir, DiffusionParams.from_dir(src), dtype=dtype, extra_files=_tokenizer_files(src))
+
+
+def _checkpoint_dir(src: Path) -> Path:
+    """A checkpoint dir itself, or a training out_dir's latest checkpoint."""
+    if (src / LATEST_FILE).is_file() or not ((src / "config.json").is_file() or (src / STATE_FILE).is_file()):
+        latest = latest_checkpoint(src)
+        if latest is None:
+            raise ConfigError(f"{src}: neither a checkpoint nor a training out_dir with checkpoints")
+        return latest
+    return src
+
+
+def export_adapter(src: str | Path, out_dir: str | Path) -> Path:
+    """A LoRA run's adapters (from a checkpoint's trainer_state.pt) as a PEFT adapter directory, which
+    `canvaslm serve BASE --lora-modules NAME=OUT` serves beside the base model."""
+    from ..lora_serving import write_adapter
+
+    src = _checkpoint_dir(Path(src))
+    state = torch.load(src / STATE_FILE, map_location="cpu", weights_only=False) if (src / STATE_FILE).is_file() \
+        else {}
+    if not state.get("lora"):
+        raise ConfigError(f"{src}: holds no LoRA adapters ({STATE_FILE} of a run with `lora:`)")
+    cfg = LoRAConfig.from_dict(state["config"]["lora"])
+    experts = sorted(k for k in state["lora"] if ".parametrizations." in k)
+    if experts:
+        raise ConfigError(f"{src}: the adapters include experts ({experts[0]}, ...), which a served adapter cannot "
+                          "hold; export the merged model instead")
+    weights = {}
+    for key, t in state["lora"].items():
+        module, _, leaf = key.rpartition(".")
+        weights.setdefault(module, [None, None])["AB".index(leaf[-1])] = t
+    base = state["config"].get("model")
+    return write_adapter(out_dir, {m: tuple(ab) for m, ab in weights.items()}, cfg.rank, cfg.alpha,
+                         str(base) if isinstance(base, (str, Path)) else None)
 
 
 def _adapted_from_state(src: Path):

@@ -1,4 +1,4 @@
-"""`canvaslm train --config FILE.yaml [--resume]` and `canvaslm export CHECKPOINT OUT [--dtype]`.
+"""`canvaslm train --config FILE.yaml [--resume]` and `canvaslm export CHECKPOINT OUT [--dtype | --adapter]`.
 
 Under torchrun every process runs the same command; the trainer reads RANK / WORLD_SIZE itself.
 """
@@ -27,9 +27,12 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from .checkpointing import export_checkpoint
+    from .checkpointing import export_adapter, export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
+    if args.adapter:
+        out = export_adapter(args.checkpoint, args.out)
+    else:
+        out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
     print(out)
     return 0
 
@@ -47,6 +50,8 @@ def add_parser(subparsers):
     e.add_argument("checkpoint", help="a checkpoint-<step> dir or a training out_dir (uses its latest)")
     e.add_argument("out", help="output directory")
     e.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: as trained)")
+    e.add_argument("--adapter", action="store_true",
+                   help="write only a LoRA run's adapters, as a PEFT adapter dir (serve it with --lora-modules)")
     e.set_defaults(func=_export)
 
 

@@ -1,0 +1,249 @@
+"""Serving LoRA adapters on one base model: requests pick an adapter, and rows of different adapters
+share every decoder and encoder step (vLLM's multi-LoRA, `--lora-modules NAME=DIR`).
+
+Adapters are PEFT directories (`adapter_config.json` + `adapter_model.safetensors`, the format
+`peft` writes and `canvaslm export --adapter` writes for our trainer's LoRA runs): for each adapted
+projection, `base_model.model.<module>.lora_A.weight` [r, in] and `lora_B.weight` [out, r], scaled by
+lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`).
+
+`install` wraps every projection that some adapter adapts in a `ServedLoRALinear`. It holds the
+adapters stacked, [N + 1, R, in] and [N + 1, out, R] (entry 0 is all zeros: the base model; ranks are
+zero-padded to the largest; the scale is folded into B), and adds x A_a^T B_a^T for each row's adapter
+a with two batched matmuls. Which adapter a row uses comes from a per-KV-slot table on the device
+(`MultiLoRA.slot_adapter`, set by the engine when a request takes a slot), gathered by the model's
+`encode` / `denoise` from the `slots` they are given, so a step needs no host sync and a captured
+CUDA graph replays it as is. A base row adds exact zeros, so its output is bit for bit the base
+model's. Experts (MoE) take no served adapter: an adapter that targets them is refused by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter directory cannot be read or does not fit the model; the message names file and key."""
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: Path
+    rank: int
+    scale: float
+    weights: dict  # module path -> (A [r, in], B [out, r]) float32
+
+    @property
+    def modules(self) -> list:
+        return sorted(self.weights)
+
+
+def read_adapter(path, name: str | None = None) -> Adapter:
+    """A PEFT LoRA adapter directory -> Adapter (AdapterError naming the file and key on bad input)."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise AdapterError(f"{d}: a LoRA adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not served; only LORA is")
+    for key, ok in (("use_dora", False), ("bias", "none")):
+        if cfg.get(key, ok) not in (ok, None):
+            raise AdapterError(f"{cfg_path}: {key}={cfg[key]!r} is not served (LoRA without it only)")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"{cfg_path}: modules_to_save {cfg['modules_to_save']} is not served (it replaces "
+                           "whole modules); merge the adapter into a checkpoint instead")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r < 1:
+        raise AdapterError(f"{cfg_path}: r must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise AdapterError(f"{cfg_path}: lora_alpha must be a positive number, got {alpha!r}")
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise AdapterError(f"{w_path}: cannot read ({e})") from None
+    parts: dict = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise AdapterError(f"{w_path}: key {key!r} is not a LoRA weight "
+                               f"({PREFIX}<module>.lora_A.weight / lora_B.weight)")
+        module, which = key[len(PREFIX):-len(".lora_A.weight")], key[-len("A.weight")]
+        if t.dim() != 2:
+            raise AdapterError(f"{w_path}: {key} has shape {tuple(t.shape)}; expected 2-D (experts take no "
+                               "served adapter)")
+        parts.setdefault(module, {})[which] = t.float()
+    weights = {}
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{w_path}: {module} has lora_{next(iter(ab))} but not its pair")
+        a, b = ab["A"], ab["B"]
+        if a.shape[0] != r or b.shape[1] != r:
+            raise AdapterError(f"{w_path}: {module} has rank {a.shape[0]} x {b.shape[1]}, but {CONFIG_FILE} "
+                               f"says r={r}")
+        weights[module] = (a, b)
+    if not weights:
+        raise AdapterError(f"{w_path}: holds no LoRA weights")
+    return Adapter(name or d.name, d, r, float(scale), weights)
+
+
+def write_adapter(out_dir, weights: dict, rank: int, alpha: float, base_model: str | None = None) -> Path:
+    """Write {module path: (A [r, in], B [out, r])} as a PEFT LoRA adapter directory, atomically."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import write_dir_atomically
+
+    tensors = {}
+    for module, (a, b) in sorted(weights.items()):
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.detach().float().contiguous().cpu()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().float().contiguous().cpu()
+    targets = sorted({m.rpartition(".")[2] for m in weights})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
+              "bias": "none", "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
+              "base_model_name_or_path": base_model, "task_type": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(tensors, str(Path(tmp) / WEIGHTS_FILE))
+        (Path(tmp) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return write_dir_atomically(out_dir, {WEIGHTS_FILE: Path(tmp) / WEIGHTS_FILE,
+                                              CONFIG_FILE: Path(tmp) / CONFIG_FILE})
+
+
+class MultiLoRA:
+    """The served adapters of one model: names -> ids (0 = base) and the per-slot adapter table."""
+
+    def __init__(self, names: list, num_slots: int, device):
+        self.ids = {name: i + 1 for i, name in enumerate(names)}
+        self.slot_adapter = torch.zeros(num_slots + 1, dtype=torch.long, device=device)  # + a padding slot
+        self.rows: torch.Tensor | None = None  # [B] adapter of each row of the current forward
+        self.fixed: int | None = None  # set by `using`: every row takes this adapter, whatever its slot
+
+    def select(self, slots: torch.Tensor) -> None:
+        """Set the rows' adapters for the next forward from their KV slots (device-side gather)."""
+        if self.fixed is not None:
+            self.rows = torch.full((slots.numel(),), self.fixed, dtype=torch.long, device=slots.device)
+            return
+        self.rows = self.slot_adapter.index_select(0, slots.clamp(max=self.slot_adapter.numel() - 1))
+
+    @contextlib.contextmanager
+    def using(self, adapter: int):
+        """Every forward inside runs all its rows with `adapter`: for work on the engine thread that uses
+        caches of its own (scoring, infill ranking), whose slot numbers mean nothing to the table."""
+        if not 0 <= adapter <= len(self.ids):
+            raise AdapterError(f"LoRA adapter id {adapter} is not served")
+        old, self.fixed = self.fixed, adapter
+        try:
+            yield
+        finally:
+            self.fixed = old
+
+    def assign(self, slot: int, adapter: int) -> None:
+        self.slot_adapter[slot] = adapter
+
+
+class ServedLoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, lora: MultiLoRA, a: torch.Tensor, b: torch.Tensor):
+        """a [N + 1, R, in], b [N + 1, out, R] (scale folded in; entry 0 zeros)."""
+        super().__init__()
+        self.base, self.lora = base, lora
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("stack_a", a, persistent=False)
+        self.register_buffer("stack_b", b, persistent=False)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rows = self.lora.rows
+        if rows is None or x.dim() != 3 or rows.numel() != x.shape[0]:
+            raise RuntimeError("ServedLoRALinear: no adapter rows were selected for this forward "
+                               "(DiffusionGemma.encode / denoise select them from the slots)")
+        a = self.stack_a.index_select(0, rows)  # [B, R, in]
+        b = self.stack_b.index_select(0, rows)  # [B, out, R]
+        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+def install(model, adapters: list, num_slots: int) -> MultiLoRA:
+    """Wrap the projections the adapters adapt; -> the model's MultiLoRA (also `model.lora_serving`)."""
+    if not adapters:
+        raise AdapterError("install: no adapters given")
+    names = [a.name for a in adapters]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise AdapterError(f"LoRA adapter names must be distinct; repeated: {dupes}")
+    if getattr(model, "lora_serving", None) is not None:
+        raise AdapterError("this model already serves LoRA adapters")
+    w = model.embed_weight
+    lora = MultiLoRA(names, num_slots, w.device)
+    modules = dict(model.named_modules())
+    R = max(a.rank for a in adapters)
+    wanted = sorted({m for a in adapters for m in a.weights})
+    for path in wanted:
+        mod = modules.get(path)
+        owner = next((a for a in adapters if path in a.weights), None)
+        if mod is None or not hasattr(mod, "in_features") or not hasattr(mod, "out_features"):
+            raise AdapterError(f"{owner.path / WEIGHTS_FILE}: {path} is not a linear projection of this model")
+        dtype = torch.float32 if w.dtype == torch.float32 else w.dtype
+        a_stack = torch.zeros(len(adapters) + 1, R, mod.in_features, dtype=dtype, device=w.device)
+        b_stack = torch.zeros(len(adapters) + 1, mod.out_features, R, dtype=dtype, device=w.device)
+        for i, ad in enumerate(adapters, start=1):
+            if path not in ad.weights:
+                continue
+            a, b = ad.weights[path]
+            if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features:
+                raise AdapterError(f"{ad.path / WEIGHTS_FILE}: {path} is [{b.shape[0]} x {a.shape[1]}] but the "
+                                   f"model's projection is [{mod.out_features} x {mod.in_features}]")
+            a_stack[i, :ad.rank] = a.to(dtype)
+            b_stack[i, :, :ad.rank] = (b * ad.scale).to(dtype)
+        parent, _, leaf = path.rpartition(".")
+        setattr(modules[parent], leaf, ServedLoRALinear(mod, lora, a_stack, b_stack))
+    model.lora_serving = lora
+    return lora
+
+
+def with_adapter(model, adapter: int, fn):
+    """fn(model) with every row on `adapter` (0: the base model; a model without served adapters runs as
+    is)."""
+    served = getattr(model, "lora_serving", None)
+    if served is None:
+        if adapter:
+            raise AdapterError(f"LoRA adapter id {adapter} is not served")
+        return fn(model)
+    with served.using(adapter):
+        return fn(model)
+
+
+def parse_lora_modules(specs) -> list:
+    """`--lora-modules NAME=DIR ...` -> [(name, dir)]; ValueError naming the bad entry."""
+    out = []
+    for s in specs or ():
+        name, sep, path = s.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules entries are NAME=DIR, got {s!r}")
+        out.append((name, path))
+    return out
+
+
+__all__ = ["Adapter", "AdapterError", "MultiLoRA", "ServedLoRALinear", "install", "read_adapter", "write_adapter",
+           "parse_lora_modules", "with_adapter"]

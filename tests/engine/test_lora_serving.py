@@ -1,0 +1,148 @@
+"""Served LoRA adapters (canvaslm/lora_serving.py): PEFT files round-trip, rows of different adapters in
+one encoder / decoder call each equal their own merged model, base rows are bit for bit the base model,
+bad adapters are refused by file and key, and the scheduler never shares KV across adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from canvaslm.checkpoint import load_model
+from canvaslm.engine.request import RequestState
+from canvaslm.engine.scheduler import Scheduler
+from canvaslm.kv_cache import KVCache
+from canvaslm.lora_serving import AdapterError, install, read_adapter, write_adapter
+from canvaslm.testing import make_tiny_checkpoint
+
+MODULES = ("model.decoder.layers.0.self_attn.q_proj", "model.decoder.layers.1.self_attn.v_proj",
+           "model.decoder.layers.0.mlp.down_proj", "model.decoder.self_conditioning.gate_proj")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("lora_base"))
+
+
+def _weights(model, modules, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(model.named_modules())
+    out = {}
+    for m in modules:
+        lin = mods[m]
+        out[m] = (torch.randn(rank, lin.in_features, generator=g) * 0.3,
+                  torch.randn(lin.out_features, rank, generator=g) * 0.3)
+    return out
+
+
+def _merged(ckpt, weights, scale):
+    model = load_model(ckpt)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for m, (a, b) in weights.items():
+            mods[m].weight += scale * (b @ a)
+    return model
+
+
+def _run(model, rows, slots, num_slots):
+    """Encode one prompt per row and denoise one canvas: -> (encoder hidden [B, T, d], logits [B, C, V])."""
+    cfg = model.cfg
+    cache = KVCache(cfg, num_slots + 1, 64)
+    g = torch.Generator().manual_seed(0)
+    T, C = 7, cfg.canvas_length
+    tokens = torch.randint(3, cfg.vocab_size, (rows, T), generator=g)
+    canvas = torch.randint(3, cfg.vocab_size, (rows, C), generator=g)
+    slots = torch.tensor(slots)
+    pos = torch.arange(T).expand(rows, T)
+    h = model.encode(tokens, pos, slots, cache, fresh=True)
+    sc = torch.randn(rows, C, cfg.vocab_size, generator=g)
+    return h, model.denoise(canvas, slots, cache, sc_logits=sc)
+
+
+@pytest.fixture(scope="module")
+def adapters(ckpt, tmp_path_factory):
+    base = load_model(ckpt)
+    d = tmp_path_factory.mktemp("adapters")
+    w1 = _weights(base, MODULES, 4, 1)
+    w2 = _weights(base, MODULES[1:3], 2, 2)
+    write_adapter(d / "one", w1, rank=4, alpha=8.0)  # scale 2
+    write_adapter(d / "two", w2, rank=2, alpha=1.0)  # scale 0.5
+    return d, (w1, 2.0), (w2, 0.5)
+
+
+def test_peft_files_round_trip(adapters):
+    d, (w1, scale), _ = adapters
+    cfg = json.loads((d / "one" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["target_modules"] == ["down_proj", "gate_proj",
+                                                                                          "q_proj", "v_proj"]
+    ad = read_adapter(d / "one", "one")
+    assert ad.rank == 4 and ad.scale == scale and ad.modules == sorted(MODULES)
+    for m, (a, b) in w1.items():
+        assert torch.equal(ad.weights[m][0], a) and torch.equal(ad.weights[m][1], b)
+
+
+def test_mixed_rows_equal_their_merged_models(ckpt, adapters):
+    d, (w1, s1), (w2, s2) = adapters
+    served = load_model(ckpt)
+    lora = install(served, [read_adapter(d / "one", "one"), read_adapter(d / "two", "two")], num_slots=4)
+    assert lora.ids == {"one": 1, "two": 2}
+    for slot, ad in ((0, 2), (1, 0), (2, 1), (3, 2)):
+        lora.assign(slot, ad)
+    h, logits = _run(served, 4, [1, 2, 0, 3], 4)  # rows: base, one, two, two
+    base_h, base_logits = _run(load_model(ckpt), 4, [1, 2, 0, 3], 4)
+    assert torch.equal(h[0], base_h[0]) and torch.equal(logits[0], base_logits[0])  # adds exact zeros
+    for row, (w, s) in ((1, (w1, s1)), (2, (w2, s2)), (3, (w2, s2))):
+        ref_h, ref_logits = _run(_merged(ckpt, w, s), 4, [1, 2, 0, 3], 4)
+        assert torch.allclose(h[row], ref_h[row], atol=1e-4), row
+        assert torch.allclose(logits[row], ref_logits[row], atol=1e-3), row
+        assert not torch.allclose(logits[row], base_logits[row], atol=1e-2)  # the adapter does something
+
+
+def test_bad_adapters_are_named(ckpt, adapters, tmp_path):
+    d, (w1, _), _ = adapters
+    with pytest.raises(AdapterError, match="needs adapter_config.json"):
+        read_adapter(tmp_path)
+    bad = tmp_path / "bad"
+    write_adapter(bad, w1, rank=4, alpha=8.0)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(AdapterError, match="adapter_config.json: use_dora"):
+        read_adapter(bad)
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 3}))
+    with pytest.raises(AdapterError, match=r"_proj has rank 4 x 4, but adapter_config.json says r=3"):
+        read_adapter(bad)
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    wrong = {"model.decoder.layers.0.self_attn.nope": w1[MODULES[0]]}
+    write_adapter(tmp_path / "wrong", wrong, rank=4, alpha=8.0)
+    with pytest.raises(AdapterError, match="self_attn.nope is not a linear projection"):
+        install(load_model(ckpt), [read_adapter(tmp_path / "wrong")], 2)
+    shape = {MODULES[1]: w1[MODULES[0]]}  # q_proj's shape on v_proj
+    write_adapter(tmp_path / "shape", shape, rank=4, alpha=8.0)
+    with pytest.raises(AdapterError, match=r"v_proj is \[32 x 32\] but the model's projection is \[16 x 32\]"):
+        install(load_model(ckpt), [read_adapter(tmp_path / "shape")], 2)
+    with pytest.raises(AdapterError, match="names must be distinct"):
+        install(load_model(ckpt), [read_adapter(bad, "x"), read_adapter(d / "two", "x")], 2)
+
+
+def test_scheduler_shares_kv_only_within_an_adapter():
+    """Same prompt, other adapter: no reuse (its KV came from other weights), from a freed slot or from a
+    running request; same adapter: reuse, as without LoRA."""
+    from .test_prefix_cache import KVSim, drive, make_sched, run_one
+
+    for first_lora, lora, want in ((0, 1, 0), (0, 0, 8), (2, 2, 8), (2, 0, 0)):
+        sched = make_sched()
+        sim = KVSim(sched)
+        a = run_one(sched, sim, RequestState("a", tuple(range(1, 11)), 10, 4, 2, lora=first_lora))
+        b = run_one(sched, sim, RequestState("b", a.prompt_ids + (99,), 4, 4, 2, lora=lora))
+        assert b.cached_len == want, (first_lora, lora)
+        assert sched.reusable(0, b.prompt_ids, lora=lora) == 11 and sched.reusable(0, b.prompt_ids, lora=7) == 0
+    sched = make_sched(slots=2)  # two at once: the second may not copy the first's prefix
+    sim = KVSim(sched)
+    x = RequestState("x", tuple(range(1, 11)), 4, 4, 2, lora=1)
+    y = RequestState("y", tuple(range(1, 11)), 4, 4, 2, lora=2)
+    z = RequestState("z", tuple(range(1, 11)), 4, 4, 2, lora=1)
+    for r in (x, y, z):
+        sched.add(r)
+    drive(sched, sim)
+    assert y.cached_len == 0 and z.cached_len > 0

@@ -1,0 +1,116 @@
+"""Serving LoRA adapters over HTTP (`--lora-modules`), with the official openai client: a LoRA run's
+adapters (`canvaslm export --adapter`) score exactly what its merged export scores, a request's adapter
+output does not depend on what it is batched with, /v1/models lists the adapters, and bad adapters stop
+`canvaslm serve` before the model loads."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import pytest
+import torch
+
+from canvaslm.engine.engine import EngineConfig
+from canvaslm.lora_serving import write_adapter
+from canvaslm.server.launch import BackgroundServer, build_state
+from canvaslm.testing import make_tiny_checkpoint
+
+openai = pytest.importorskip("openai")
+BASE = "tiny"
+ENGINE = dict(max_batch=4, max_model_len=64, prefill_chunk=16)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from canvaslm.cli import main
+    from canvaslm.train.trainer import TrainConfig, Trainer
+
+    from train.helpers import tiny_config  # tests/train (pytest puts tests/ on the path)
+
+    root = tmp_path_factory.mktemp("lora_server")
+    base = make_tiny_checkpoint(root / "base")
+    cfg = tiny_config(root / "train", model=str(base), max_steps=2, save_every=2, lr=5e-2,
+                      lora={"rank": 4, "alpha": 8})
+    Trainer(TrainConfig.from_dict(cfg)).train()
+    run = root / "train" / "run"
+    assert main(["export", str(run), str(root / "trained"), "--adapter"]) == 0
+    g = torch.Generator().manual_seed(3)
+    from canvaslm.checkpoint import load_model
+
+    model = load_model(base)
+    mods = dict(model.named_modules())
+    strong = {}
+    for i in range(model.cfg.num_layers):
+        for m in (f"model.decoder.layers.{i}.self_attn.q_proj", f"model.decoder.layers.{i}.mlp.up_proj"):
+            lin = mods[m]
+            strong[m] = (torch.randn(4, lin.in_features, generator=g), torch.randn(lin.out_features, 4, generator=g))
+    write_adapter(root / "strong", strong, rank=4, alpha=4.0)
+    return root, base, run
+
+
+@pytest.fixture(scope="module")
+def servers(setup):
+    root, base, run = setup
+    a = build_state(base, "cpu", "float32", EngineConfig(**ENGINE), served_model_name=BASE,
+                    lora_modules=[("trained", root / "trained"), ("strong", root / "strong")])
+    merged = build_state(run / "final", "cpu", "float32", EngineConfig(**ENGINE), served_model_name="merged")
+    with BackgroundServer(a) as sa, BackgroundServer(merged) as sm:
+        yield (openai.OpenAI(base_url=sa.base_url + "/v1", api_key="x", max_retries=0),
+               openai.OpenAI(base_url=sm.base_url + "/v1", api_key="x", max_retries=0))
+
+
+def test_models_lists_the_adapters(servers, setup):
+    root = setup[0]
+    c, _ = servers
+    cards = {m.id: m for m in c.models.list().data}
+    assert set(cards) == {BASE, "trained", "strong"}
+    assert cards["strong"].parent == BASE and cards["strong"].root == str(root / "strong")
+    assert c.models.retrieve("trained").parent == BASE
+    with pytest.raises(openai.NotFoundError, match="'trained', 'strong'"):
+        c.completions.create(model="nope", prompt="hi", max_tokens=4)
+
+
+def test_trained_adapter_scores_what_its_merged_export_scores(servers):
+    """echo logprobs run on the engine thread with the request's adapter on every row."""
+    c, m = servers
+    prompts = ["hello there", "abc def"]
+    got = c.completions.create(model="trained", prompt=prompts, max_tokens=0, echo=True, logprobs=1)
+    want = m.completions.create(model="merged", prompt=prompts, max_tokens=0, echo=True, logprobs=1)
+    base = c.completions.create(model=BASE, prompt=prompts, max_tokens=0, echo=True, logprobs=1)
+    for g, w, b in zip(got.choices, want.choices, base.choices):
+        lg, lw, lb = (x.logprobs.token_logprobs[1:] for x in (g, w, b))
+        assert lg == pytest.approx(lw, abs=1e-4)
+        assert max(abs(x - y) for x, y in zip(lg, lb)) > 1e-3  # training moved them
+
+
+def _chat(c, model, seed):
+    r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "say something"}],
+                                  max_tokens=24, seed=seed)
+    return r.choices[0].message.content
+
+
+def test_adapter_rows_are_independent_of_their_batch_mates(servers):
+    c, _ = servers
+    alone = {(model, s): _chat(c, model, s) for model in (BASE, "strong", "trained") for s in (1, 2)}
+    assert alone[("strong", 1)] != alone[(BASE, 1)]  # the adapter changes the output
+    jobs = [(model, s) for _ in range(2) for model in (BASE, "strong", "trained") for s in (1, 2)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: _chat(c, *job), jobs))
+    assert together == [alone[j] for j in jobs]
+
+
+def test_bad_lora_modules_stop_serve_before_the_model_loads(setup, tmp_path, capsys):
+    from canvaslm.cli import main
+
+    root, base, _ = setup
+    assert main(["serve", str(base), "--lora-modules", "oops"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing-model"), "--lora-modules", f"x={tmp_path}"]) == 2
+    assert "needs adapter_config.json" in capsys.readouterr().err
+    (root / "strong" / "adapter_config.json").write_text(json.dumps({"r": 4}))  # (after the servers used it)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        build_state(base, "cpu", "float32", EngineConfig(**ENGINE), lora_modules=[("s", root / "strong")])
+    with pytest.raises(ValueError, match="base model's served name"):
+        build_state(base, "cpu", "float32", EngineConfig(**ENGINE), served_model_name="t",
+                    lora_modules=[("t", root / "trained")])
