@@ -11,7 +11,6 @@ import torch
 
 from canvaslm.checkpoint import load_model
 from canvaslm.engine.request import RequestState
-from canvaslm.engine.scheduler import Scheduler
 from canvaslm.kv_cache import KVCache
 from canvaslm.lora_serving import AdapterError, install, read_adapter, write_adapter
 from canvaslm.testing import make_tiny_checkpoint
