@@ -45,7 +45,7 @@ def merged(model, adapter: Adapter):
     with torch.no_grad():
         for name, (a, b) in adapter.weights.items():
             w = mods[name].weight
-            w += (adapter.scale * b @ a).to(w.dtype, w.device)
+            w += (adapter.scale * b @ a).to(w.device, w.dtype)
     return model
 
 
