@@ -97,3 +97,16 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
     assert "== prefix: rc 0," in log and "3072 of 4352" in log and "outputs identical: True" in log, log
     assert "== continuous: rc 0," in log and "x the speed of generate" in log, log
     assert "unknown stage nosuchstage" in log
+
+
+def test_lora_serving_bench_runs_its_three_engines():
+    """bench/lora_serving.py at a miniature shape: the peer (a merged adapter) and both served runs report."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench/lora_serving.py"), "--hidden", "64", "--layers", "2",
+                           "--requests", "2", "--adapters", "1", "--rank", "2", "--canvases", "1", "--canvas", "8",
+                           "--steps", "2", "--prompt", "8"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["merged adapter 1 (peer)", "served, all on adapter 1",
+                                                       "served, spread over base + 1 adapters"]
+    assert rows[0].endswith("| 1.00x |")
