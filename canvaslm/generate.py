@@ -36,6 +36,7 @@ class RowRequest:
     constraint: object | None = None  # sampling.constraints.CanvasConstraint, applied to every canvas
     logit_bias: tuple = ()  # ((token id, bias), ...): sampling.logit_bias
     min_tokens: int = 0  # no EOS (eos_ids) before this many output tokens (sampling.logit_bias.ban_before)
+    lora: int = 0  # served LoRA adapter id (lora_serving; 0: the base model)
 
 
 @dataclass
@@ -69,13 +70,21 @@ def batch_geometry(rows: list[RowRequest], C: int) -> tuple[int, int]:
     return max_prompt, max_prompt + max(math.ceil(r.params.max_new_tokens / C) for r in rows) * C
 
 
-@torch.no_grad()
 def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None = None,
                   on_commit: Callable | None = None, geometry: tuple[int, int] | None = None) -> list[RowResult]:
     """Generate for a batch of rows. gens: one torch.Generator shared by the batch, or one per row.
     geometry: (prompt columns, KV cache length) at least what the rows need; the default is exactly
     that. Results depend on it in the last bits (the reduction lengths), so a batch split into parts
-    that keep the whole batch's geometry gives the whole batch's outputs."""
+    that keep the whole batch's geometry gives the whole batch's outputs. Rows may use different LoRA
+    adapters of the model (`RowRequest.lora`)."""
+    from .lora_serving import with_adapter
+
+    return with_adapter(model, [r.lora for r in rows],
+                        lambda m: _generate_rows(m, rows, gens, on_draft, on_commit, geometry))
+
+
+@torch.no_grad()
+def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[RowResult]:
     cfg = model.cfg
     device = model.embed_weight.device
     C, V, B = cfg.canvas_length, cfg.vocab_size, len(rows)

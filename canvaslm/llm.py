@@ -43,6 +43,7 @@ class SamplingParams:
     stop_token_ids: tuple | None = None  # more ids that end the output, besides the checkpoint's EOS ids
     logit_bias: dict | None = field(default=None, hash=False)  # {token id: bias in [-100, 100]} (OpenAI's)
     min_tokens: int | None = None  # no EOS / stop token id before this many output tokens (vLLM's)
+    lora: str | None = None  # the name of a LoRA adapter the LLM was given (`lora_modules`); None: the base
 
     def __post_init__(self):
         try:
@@ -95,10 +96,14 @@ def default_device() -> str:
 
 class LLM:
     def __init__(self, model_dir: str | Path | None = None, device: str | None = None, dtype=None,
-                 progress: bool | None = None, quantization: str | None = None, max_batch: int = 64):
+                 progress: bool | None = None, quantization: str | None = None, max_batch: int = 64,
+                 lora_modules=None):
         """quantization: None (the checkpoint's dtype), "fp8" or "int4" (W4A16), applied while loading.
         max_batch: rows per generation batch; `generate` runs longer prompt lists in batches of this size
-        (the KV cache is sized per batch), which changes no output of a seeded request."""
+        (the KV cache is sized per batch), which changes no output of a seeded request.
+        lora_modules: LoRA adapters to serve beside the base ({name: PEFT adapter dir}, or [(name, dir)]);
+        a request picks one with `SamplingParams(lora=name)`, and a batch may mix them."""
+        adapters = _adapters(lora_modules)  # read (and checked) before the model loads
         self.max_batch = _checked_max_batch(max_batch)
         self.model_dir = Path(model_dir) if model_dir is not None else BUNDLED_MODEL
         self.device = device or default_device()
@@ -113,9 +118,11 @@ class LLM:
         if (self.model_dir / "tokenizer.json").exists():
             from .tokenizer import Tokenizer
             self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.loras = _install(self.model, adapters, self.max_batch)
 
     @classmethod
-    def from_model(cls, model, defaults: DiffusionParams | None = None, tokenizer=None, max_batch: int = 64) -> "LLM":
+    def from_model(cls, model, defaults: DiffusionParams | None = None, tokenizer=None, max_batch: int = 64,
+                   lora_modules=None) -> "LLM":
         """An LLM around a model already in memory (built in Python, just trained, random weights for a
         benchmark): no checkpoint is read. `defaults`: the sampler defaults (generation_config.json's
         role; default: DiffusionParams()); `tokenizer`: a canvaslm Tokenizer, or None for token ids."""
@@ -124,6 +131,7 @@ class LLM:
         llm.model_dir = "the in-memory model (LLM.from_model)"  # only error messages name it
         llm.device, llm.dtype = model.embed_weight.device, model.embed_weight.dtype
         llm.defaults, llm.tokenizer = defaults or DiffusionParams(), tokenizer
+        llm.loras = _install(model, _adapters(lora_modules), llm.max_batch)
         return llm
 
     @property
@@ -193,7 +201,16 @@ class LLM:
         if sp.min_tokens and c is not None:
             raise GenerationError("SamplingParams.min_tokens cannot be combined with a constraint (it fixes where "
                                   "the output ends)")
-        return RowRequest(self.encode_prompt(prompt), p, eos, self.pad_id, c, bias, sp.min_tokens or 0)
+        return RowRequest(self.encode_prompt(prompt), p, eos, self.pad_id, c, bias, sp.min_tokens or 0,
+                          self._lora_id(sp.lora))
+
+    def _lora_id(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        if name not in self.loras:
+            raise GenerationError(f"SamplingParams.lora={name!r} is not loaded; this LLM has "
+                                  f"{sorted(self.loras) or 'no adapters (LLM(lora_modules=...))'}")
+        return self.loras[name]
 
     def generate(self, prompts, params: SamplingParams | list | None = None,
                  generator: torch.Generator | None = None, on_draft=None,
@@ -262,7 +279,7 @@ class LLM:
                 async def one(i, r, seed):
                     out = await engine.run(GenerationRequest(f"g{i}", tuple(r.prompt_ids), r.params, seed, r.eos_ids,
                                                              r.constraint, logit_bias=r.logit_bias,
-                                                             min_tokens=r.min_tokens))
+                                                             min_tokens=r.min_tokens, lora=r.lora))
                     bar.update(1)
                     return out
                 return await asyncio.gather(*(one(i, r, seed) for i, (r, seed) in enumerate(zip(rows, seeds))))
@@ -398,6 +415,29 @@ class LLM:
         g = torch.Generator(device=self.device)
         g.manual_seed(seed if seed is not None else random.randrange(2**63))
         return g
+
+
+def _adapters(lora_modules) -> list:
+    if not lora_modules:
+        return []
+    from .lora_serving import AdapterError, adapters_from
+
+    try:
+        return adapters_from(lora_modules)
+    except AdapterError as e:
+        raise GenerationError(f"LLM(lora_modules=...): {e}") from None
+
+
+def _install(model, adapters: list, num_slots: int) -> dict:
+    """Serve `adapters` on the model -> {name: adapter id}."""
+    if not adapters:
+        return {}
+    from .lora_serving import AdapterError, install
+
+    try:
+        return dict(install(model, adapters, num_slots).ids)
+    except AdapterError as e:
+        raise GenerationError(f"LLM(lora_modules=...): {e}") from None
 
 
 def _checked_max_batch(max_batch) -> int:

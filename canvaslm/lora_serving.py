@@ -9,11 +9,13 @@ lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`).
 `install` wraps every projection that some adapter adapts in a `ServedLoRALinear`. It holds the
 adapters stacked, [N + 1, R, in] and [N + 1, out, R] (entry 0 is all zeros: the base model; ranks are
 zero-padded to the largest; the scale is folded into B), and adds x A_a^T B_a^T for each row's adapter
-a with two batched matmuls. Which adapter a row uses comes from a per-KV-slot table on the device
-(`MultiLoRA.slot_adapter`, set by the engine when a request takes a slot), gathered by the model's
-`encode` / `denoise` from the `slots` they are given, so a step needs no host sync and a captured
-CUDA graph replays it as is. A base row adds exact zeros, so its output is bit for bit the base
-model's. Experts (MoE) take no served adapter: an adapter that targets them is refused by name.
+a with two batched matmuls. In the engine's steps (`MultiLoRA.by_slot`) the adapter of a row comes
+from a per-KV-slot table on the device (`MultiLoRA.slot_adapter`, set by the engine when a request
+takes a slot), gathered by the model's `encode` / `denoise` from the `slots` they are given, so a step
+needs no host sync and a captured CUDA graph replays it as is. Any other forward runs the base model
+unless `MultiLoRA.using` names adapters (an id for all rows, or one per row: scoring on the engine
+thread, `LLM.generate`). A base row adds exact zeros, so its output is bit for bit the base model's.
+Experts (MoE) take no served adapter: an adapter that targets them is refused by name.
 """
 
 from __future__ import annotations
@@ -135,22 +137,46 @@ class MultiLoRA:
         self.ids = {name: i + 1 for i, name in enumerate(names)}
         self.slot_adapter = torch.zeros(num_slots + 1, dtype=torch.long, device=device)  # + a padding slot
         self.rows: torch.Tensor | None = None  # [B] adapter of each row of the current forward
-        self.fixed: int | None = None  # set by `using`: every row takes this adapter, whatever its slot
+        # the rows' adapters, whatever their slots: the base (0) unless `using` says otherwise; None inside
+        # `by_slot` (the engine's steps), where each row's slot decides
+        self.fixed: int | torch.Tensor | None = 0
+
+    def ensure_slots(self, num_slots: int) -> None:
+        """Room for slots 0..num_slots (the last one pads); an engine with more slots grows the table."""
+        if self.slot_adapter.numel() < num_slots + 1:
+            grown = self.slot_adapter.new_zeros(num_slots + 1)
+            grown[:self.slot_adapter.numel()] = self.slot_adapter
+            self.slot_adapter = grown
 
     def select(self, slots: torch.Tensor) -> None:
         """Set the rows' adapters for the next forward from their KV slots (device-side gather)."""
-        if self.fixed is not None:
+        if isinstance(self.fixed, torch.Tensor):
+            if self.fixed.numel() != slots.numel():
+                raise AdapterError(f"{self.fixed.numel()} row adapters were given for a forward of {slots.numel()} rows")
+            self.rows = self.fixed.to(slots.device)
+        elif self.fixed is not None:
             self.rows = torch.full((slots.numel(),), self.fixed, dtype=torch.long, device=slots.device)
-            return
-        self.rows = self.slot_adapter.index_select(0, slots.clamp(max=self.slot_adapter.numel() - 1))
+        else:
+            self.rows = self.slot_adapter.index_select(0, slots)
 
     @contextlib.contextmanager
-    def using(self, adapter: int):
-        """Every forward inside runs all its rows with `adapter`: for work on the engine thread that uses
-        caches of its own (scoring, infill ranking), whose slot numbers mean nothing to the table."""
-        if not 0 <= adapter <= len(self.ids):
+    def by_slot(self):
+        """Forwards inside take each row's adapter from its KV slot (the engine's steps)."""
+        old, self.fixed = self.fixed, None
+        try:
+            yield
+        finally:
+            self.fixed = old
+
+    @contextlib.contextmanager
+    def using(self, adapter):
+        """Every forward inside runs its rows with `adapter` (an id for all rows, or one id per row): for
+        work that uses caches of its own (scoring on the engine thread, `LLM.generate`), whose slot
+        numbers mean nothing to the table."""
+        ids = torch.as_tensor(adapter, dtype=torch.long)
+        if bool(((ids < 0) | (ids > len(self.ids))).any()):
             raise AdapterError(f"LoRA adapter id {adapter} is not served")
-        old, self.fixed = self.fixed, adapter
+        old, self.fixed = self.fixed, (int(ids) if ids.dim() == 0 else ids)
         try:
             yield
         finally:
@@ -222,16 +248,22 @@ def install(model, adapters: list, num_slots: int) -> MultiLoRA:
     return lora
 
 
-def with_adapter(model, adapter: int, fn):
-    """fn(model) with every row on `adapter` (0: the base model; a model without served adapters runs as
-    is)."""
+def with_adapter(model, adapter, fn):
+    """fn(model) with its rows on `adapter` (an id, or one per row; 0: the base model). A model without
+    served adapters runs as is."""
     served = getattr(model, "lora_serving", None)
     if served is None:
-        if adapter:
+        if bool(torch.as_tensor(adapter).any()):
             raise AdapterError(f"LoRA adapter id {adapter} is not served")
         return fn(model)
     with served.using(adapter):
         return fn(model)
+
+
+def adapters_from(specs) -> list:
+    """{name: dir}, [(name, dir)] or Adapters -> [Adapter] (read from disk where needed)."""
+    items = specs.items() if isinstance(specs, dict) else specs
+    return [m if isinstance(m, Adapter) else read_adapter(m[1], m[0]) for m in items]
 
 
 def parse_lora_modules(specs) -> list:
@@ -246,4 +278,4 @@ def parse_lora_modules(specs) -> list:
 
 
 __all__ = ["Adapter", "AdapterError", "MultiLoRA", "ServedLoRALinear", "install", "read_adapter", "write_adapter",
-           "parse_lora_modules", "with_adapter"]
+           "parse_lora_modules", "with_adapter", "adapters_from"]

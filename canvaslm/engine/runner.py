@@ -16,6 +16,8 @@ than logits [C, V]: the same maths, but a step only gathers/scatters d-wide rows
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +93,8 @@ class Runner:
         self.history = torch.full((S, history_depth, C), -1, dtype=torch.long, device=self.device)  # [S, D, C]
         self.requests: dict[str, _Request] = {}
         self._slot_params: list[DiffusionParams | None] = [None] * S
+        if model.lora_serving is not None:  # the adapter table covers every slot and the padding one
+            model.lora_serving.ensure_slots(S)
 
     # ------------------------------------------------------------------ registration
 
@@ -131,6 +135,11 @@ class Runner:
 
     @torch.no_grad()
     def execute(self, plan: StepPlan) -> StepOutput:
+        served = self.model.lora_serving
+        with served.by_slot() if served is not None else contextlib.nullcontext():  # rows' adapters by slot
+            return self._execute(plan)
+
+    def _execute(self, plan: StepPlan) -> StepOutput:
         if plan.freed_slots:
             self.cache.reset(list(plan.freed_slots))
         for src, dst, n in plan.copies:  # prefix caching: a running request's prompt prefix, for a newcomer

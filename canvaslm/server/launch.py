@@ -49,9 +49,9 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
     eos = tuple(defaults.eos_token_ids or cfg.eos_token_ids)
     loras = {}
     if lora_modules:  # wrapped before the engine starts (and before any CUDA graph is captured)
-        from ..lora_serving import Adapter, install, read_adapter
+        from ..lora_serving import adapters_from, install
 
-        adapters = [m if isinstance(m, Adapter) else read_adapter(m[1], m[0]) for m in lora_modules]
+        adapters = adapters_from(lora_modules)
         taken = [a.name for a in adapters if a.name == served_model_name]
         if taken:
             raise ValueError(f"--lora-modules: {taken[0]!r} is the base model's served name")

@@ -88,7 +88,8 @@ def test_mixed_rows_equal_their_merged_models(ckpt, adapters):
     assert lora.ids == {"one": 1, "two": 2}
     for slot, ad in ((0, 2), (1, 0), (2, 1), (3, 2)):
         lora.assign(slot, ad)
-    h, logits = _run(served, 4, [1, 2, 0, 3], 4)  # rows: base, one, two, two
+    with lora.by_slot():  # as in the engine's steps: each row's slot decides
+        h, logits = _run(served, 4, [1, 2, 0, 3], 4)  # rows: base, one, two, two
     base_h, base_logits = _run(load_model(ckpt), 4, [1, 2, 0, 3], 4)
     assert torch.equal(h[0], base_h[0]) and torch.equal(logits[0], base_logits[0])  # adds exact zeros
     for row, (w, s) in ((1, (w1, s1)), (2, (w2, s2)), (3, (w2, s2))):
@@ -96,6 +97,13 @@ def test_mixed_rows_equal_their_merged_models(ckpt, adapters):
         assert torch.allclose(h[row], ref_h[row], atol=1e-4), row
         assert torch.allclose(logits[row], ref_logits[row], atol=1e-3), row
         assert not torch.allclose(logits[row], base_logits[row], atol=1e-2)  # the adapter does something
+    # outside the engine's steps every row is the base, whatever the table says, unless `using` names them
+    h0, logits0 = _run(served, 4, [1, 2, 0, 3], 4)
+    assert torch.equal(logits0, base_logits) and torch.equal(h0, base_h)
+    with lora.using([0, 1, 2, 2]):
+        assert torch.equal(_run(served, 4, [1, 2, 0, 3], 4)[1], logits)
+    with pytest.raises(AdapterError, match="not served"), lora.using(3):
+        pass
 
 
 def test_bad_adapters_are_named(ckpt, adapters, tmp_path):
@@ -145,3 +153,26 @@ def test_scheduler_shares_kv_only_within_an_adapter():
         sched.add(r)
     drive(sched, sim)
     assert y.cached_len == 0 and z.cached_len > 0
+
+
+def test_llm_rows_pick_their_adapters(ckpt, adapters):
+    """LLM(lora_modules=...): SamplingParams(lora=name) per prompt, mixed in one generate batch; a base row
+    is what the base model gives in the same batch geometry, and generate_continuous (the engine) agrees
+    with generate for a lone prompt."""
+    from canvaslm.generate import GenerationError
+    from canvaslm.llm import LLM, SamplingParams
+
+    d = adapters[0]
+    llm = LLM(ckpt, device="cpu", lora_modules={"one": d / "one", "two": d / "two"})
+    plain = LLM(ckpt, device="cpu")
+    prompt = "a prompt of sixteen+ characters"
+    sp = [SamplingParams(seed=1, max_new_tokens=16), SamplingParams(seed=1, max_new_tokens=16, lora="one")]
+    mixed = llm.generate([prompt, prompt], sp)
+    assert mixed[0].token_ids == plain.generate([prompt, prompt], [sp[0], sp[0]])[0].token_ids
+    assert mixed[1].token_ids != mixed[0].token_ids
+    alone = llm.generate(prompt, sp[1])[0]
+    assert llm.generate_continuous(prompt, sp[1])[0].token_ids == alone.token_ids
+    with pytest.raises(GenerationError, match="lora='three' is not loaded; this LLM has \\['one', 'two'\\]"):
+        llm.generate(prompt, SamplingParams(lora="three"))
+    with pytest.raises(GenerationError, match="needs adapter_config.json"):
+        LLM(ckpt, device="cpu", lora_modules={"x": d})
