@@ -131,16 +131,102 @@ def write_adapter(out_dir, weights: dict, rank: int, alpha: float, base_model: s
 
 
 class MultiLoRA:
-    """The served adapters of one model: names -> ids (0 = base) and the per-slot adapter table."""
+    """The served adapters of one model: names -> ids (0: the base), the adapted projections (each holding
+    every adapter's weights stacked, one entry each), and the per-slot adapter table (of entries).
+    Adapters can be loaded and unloaded while serving (on the engine thread, between steps): an unloaded
+    adapter's entry is freed once no admitted request uses it, and a later load reuses the entry. Ids
+    are never reused, so what keys the prefix cache (the id) never names two adapters."""
 
-    def __init__(self, names: list, num_slots: int, device):
-        self.ids = {name: i + 1 for i, name in enumerate(names)}
-        self.slot_adapter = torch.zeros(num_slots + 1, dtype=torch.long, device=device)  # + a padding slot
+    def __init__(self, model, num_slots: int):
+        self.model = model
+        w = model.embed_weight
+        self.device, self.dtype = w.device, w.dtype
+        self.ids: dict[str, int] = {}
+        self.entry: dict[int, int] = {0: 0}  # id -> its stack entry
+        self.next_id = 1
+        self.paths: dict[str, Path | None] = {}
+        self.capacity, self.rank = 1, 1  # stack entries (entry 0: zeros, the base) and the padded rank
+        self.layers: dict[str, ServedLoRALinear] = {}
+        self.free: list[int] = []  # stack entries of unloaded adapters, ready for reuse
+        self.active: dict[int, int] = {}  # id -> admitted requests using it (the engine's runner counts)
+        self.retired: set[int] = set()  # unloaded while in use: freed when the last such request ends
+        self.slot_adapter = torch.zeros(num_slots + 1, dtype=torch.long, device=w.device)  # + a padding slot
         self.rows: torch.Tensor | None = None  # [B] adapter of each row of the current forward
         # the rows' adapters, whatever their slots: the base (0) unless `using` says otherwise; None inside
         # `by_slot` (the engine's steps), where each row's slot decides
         self.fixed: int | torch.Tensor | None = 0
 
+    # --- loading ---------------------------------------------------------------------------------
+    def _check(self, adapter: Adapter) -> None:
+        """Everything `load` needs, checked before anything changes."""
+        if adapter.name in self.ids:
+            raise AdapterError(f"a LoRA adapter named {adapter.name!r} is already loaded")
+        modules = dict(self.model.named_modules())
+        where = adapter.path / WEIGHTS_FILE if adapter.path is not None else f"adapter {adapter.name!r}"
+        for path, (a, b) in adapter.weights.items():
+            mod = self.layers.get(path) or modules.get(path)
+            if mod is None or not hasattr(mod, "in_features") or not hasattr(mod, "out_features"):
+                raise AdapterError(f"{where}: {path} is not a linear projection of this model")
+            if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features:
+                raise AdapterError(f"{where}: {path} is [{b.shape[0]} x {a.shape[1]}] but the model's projection "
+                                   f"is [{mod.out_features} x {mod.in_features}]")
+
+    def load(self, adapter: Adapter) -> int:
+        """Serve `adapter`; -> its id. AdapterError (nothing changed) if it does not fit the model."""
+        self._check(adapter)
+        if self.free:
+            new = self.free.pop(0)
+        else:
+            new, self.capacity = self.capacity, self.capacity + 1
+        i, self.next_id = self.next_id, self.next_id + 1
+        self.entry[i] = new
+        self.rank = max(self.rank, adapter.rank)
+        for layer in self.layers.values():
+            layer.resize(self.capacity, self.rank)
+            layer.clear(new)
+        modules = dict(self.model.named_modules())
+        for path, (a, b) in adapter.weights.items():
+            if path not in self.layers:
+                parent, _, leaf = path.rpartition(".")
+                layer = ServedLoRALinear(modules[path], self, self.capacity, self.rank, self.dtype, self.device)
+                setattr(modules[parent], leaf, layer)
+                self.layers[path] = layer
+            self.layers[path].set(new, a, b * adapter.scale)
+        self.ids[adapter.name], self.paths[adapter.name] = i, adapter.path
+        return i
+
+    def unload(self, name: str) -> int:
+        """Stop serving adapter `name` (new requests cannot name it); -> its id. Its weights stay until no
+        admitted request uses them."""
+        if name not in self.ids:
+            raise AdapterError(f"no LoRA adapter named {name!r} is loaded")
+        i = self.ids.pop(name)
+        self.paths.pop(name, None)
+        if self.active.get(i):
+            self.retired.add(i)
+        else:
+            self._free(i)
+        return i
+
+    def _free(self, i: int) -> None:
+        e = self.entry.pop(i)
+        for layer in self.layers.values():
+            layer.clear(e)
+        self.retired.discard(i)
+        self.free.append(e)
+
+    def started(self, i: int) -> None:
+        """A request using adapter i was admitted (the runner calls this); unloaded ids are refused."""
+        if i and i not in self.ids.values():
+            raise AdapterError(f"LoRA adapter id {i} is not loaded")
+        self.active[i] = self.active.get(i, 0) + 1
+
+    def finished(self, i: int) -> None:
+        self.active[i] -= 1
+        if not self.active[i] and i in self.retired:
+            self._free(i)
+
+    # --- which adapter each row uses ------------------------------------------------------------------
     def ensure_slots(self, num_slots: int) -> None:
         """Room for slots 0..num_slots (the last one pads); an engine with more slots grows the table."""
         if self.slot_adapter.numel() < num_slots + 1:
@@ -174,30 +260,55 @@ class MultiLoRA:
         work that uses caches of its own (scoring on the engine thread, `LLM.generate`), whose slot
         numbers mean nothing to the table."""
         ids = torch.as_tensor(adapter, dtype=torch.long)
-        if bool(((ids < 0) | (ids > len(self.ids))).any()):
+        loaded = {0, *self.ids.values()}
+        if any(int(i) not in loaded for i in ids.flatten()):
             raise AdapterError(f"LoRA adapter id {adapter} is not served")
-        old, self.fixed = self.fixed, (int(ids) if ids.dim() == 0 else ids)
+        entries = [self.entry[int(i)] for i in ids.flatten()]
+        old, self.fixed = self.fixed, (entries[0] if ids.dim() == 0 else torch.tensor(entries))
         try:
             yield
         finally:
             self.fixed = old
 
     def assign(self, slot: int, adapter: int) -> None:
-        self.slot_adapter[slot] = adapter
+        """Rows of KV slot `slot` use adapter id `adapter` (an admitted request's: its entry is held)."""
+        self.slot_adapter[slot] = self.entry[adapter]
 
 
 class ServedLoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, lora: MultiLoRA, a: torch.Tensor, b: torch.Tensor):
-        """a [N + 1, R, in], b [N + 1, out, R] (scale folded in; entry 0 zeros)."""
+    """A projection plus the stacked adapters: a [N, R, in], b [N, out, R] (scale folded into b; entry 0
+    and free entries are zeros)."""
+
+    def __init__(self, base: nn.Module, lora: MultiLoRA, capacity: int, rank: int, dtype, device):
         super().__init__()
         self.base, self.lora = base, lora
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_buffer("stack_a", a, persistent=False)
-        self.register_buffer("stack_b", b, persistent=False)
+        self.register_buffer("stack_a", torch.zeros(capacity, rank, self.in_features, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("stack_b", torch.zeros(capacity, self.out_features, rank, dtype=dtype, device=device),
+                             persistent=False)
 
     @property
     def weight(self):
         return self.base.weight
+
+    def resize(self, capacity: int, rank: int) -> None:
+        n, r = self.stack_a.shape[0], self.stack_a.shape[1]
+        if (n, r) == (capacity, rank):
+            return
+        a = self.stack_a.new_zeros(capacity, rank, self.in_features)
+        b = self.stack_b.new_zeros(capacity, self.out_features, rank)
+        a[:n, :r], b[:n, :, :r] = self.stack_a, self.stack_b
+        self.stack_a, self.stack_b = a, b
+
+    def clear(self, i: int) -> None:
+        self.stack_a[i] = 0
+        self.stack_b[i] = 0
+
+    def set(self, i: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.clear(i)
+        self.stack_a[i, :a.shape[0]] = a.to(self.stack_a.dtype)
+        self.stack_b[i, :, :b.shape[1]] = b.to(self.stack_b.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -211,39 +322,19 @@ class ServedLoRALinear(nn.Module):
 
 
 def install(model, adapters: list, num_slots: int) -> MultiLoRA:
-    """Wrap the projections the adapters adapt; -> the model's MultiLoRA (also `model.lora_serving`)."""
-    if not adapters:
-        raise AdapterError("install: no adapters given")
+    """Serve LoRA adapters on the model (none yet is fine: `MultiLoRA.load` adds them later); -> its
+    MultiLoRA, also `model.lora_serving`. Nothing changes if an adapter does not fit."""
     names = [a.name for a in adapters]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise AdapterError(f"LoRA adapter names must be distinct; repeated: {dupes}")
     if getattr(model, "lora_serving", None) is not None:
         raise AdapterError("this model already serves LoRA adapters")
-    w = model.embed_weight
-    lora = MultiLoRA(names, num_slots, w.device)
-    modules = dict(model.named_modules())
-    R = max(a.rank for a in adapters)
-    wanted = sorted({m for a in adapters for m in a.weights})
-    for path in wanted:
-        mod = modules.get(path)
-        owner = next((a for a in adapters if path in a.weights), None)
-        if mod is None or not hasattr(mod, "in_features") or not hasattr(mod, "out_features"):
-            raise AdapterError(f"{owner.path / WEIGHTS_FILE}: {path} is not a linear projection of this model")
-        dtype = torch.float32 if w.dtype == torch.float32 else w.dtype
-        a_stack = torch.zeros(len(adapters) + 1, R, mod.in_features, dtype=dtype, device=w.device)
-        b_stack = torch.zeros(len(adapters) + 1, mod.out_features, R, dtype=dtype, device=w.device)
-        for i, ad in enumerate(adapters, start=1):
-            if path not in ad.weights:
-                continue
-            a, b = ad.weights[path]
-            if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features:
-                raise AdapterError(f"{ad.path / WEIGHTS_FILE}: {path} is [{b.shape[0]} x {a.shape[1]}] but the "
-                                   f"model's projection is [{mod.out_features} x {mod.in_features}]")
-            a_stack[i, :ad.rank] = a.to(dtype)
-            b_stack[i, :, :ad.rank] = (b * ad.scale).to(dtype)
-        parent, _, leaf = path.rpartition(".")
-        setattr(modules[parent], leaf, ServedLoRALinear(mod, lora, a_stack, b_stack))
+    lora = MultiLoRA(model, num_slots)
+    for a in adapters:
+        lora._check(a)
+    for a in adapters:
+        lora.load(a)
     model.lora_serving = lora
     return lora
 

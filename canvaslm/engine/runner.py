@@ -118,14 +118,21 @@ class Runner:
         if min_tokens < 0:
             raise RunnerError(f"request {request_id!r}: min_tokens={min_tokens} must be >= 0")
         served = self.model.lora_serving
-        if lora and (served is None or not 0 < lora <= len(served.ids)):
+        if lora and served is None:
             raise RunnerError(f"request {request_id!r}: LoRA adapter id {lora} is not served by this model")
+        if served is not None:  # counts the adapter's users, so unloading it waits for them
+            try:
+                served.started(lora)
+            except ValueError as e:
+                raise RunnerError(f"request {request_id!r}: {e}") from None
         self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts, bias=bias,
                                              min_tokens=min_tokens, lora=lora)
 
     def remove(self, request_id: str) -> None:
         """Forget a finished or cancelled request (its slot is reset when the scheduler frees it)."""
-        self.requests.pop(request_id, None)
+        req = self.requests.pop(request_id, None)
+        if req is not None and self.model.lora_serving is not None:
+            self.model.lora_serving.finished(req.lora)
 
     def decoder_passes(self, request_id: str) -> int:
         r = self.requests.get(request_id)

@@ -27,8 +27,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import render_metrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, ResponsesRequest,
-                       TokenizeRequest)
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, LoadLoRARequest,
+                       ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
 from .serving import APIError, ServerState, encode_chat, need_tokenizer, prepare, run_choices, run_to_end, usage
 from .tools import tool_replies
 
@@ -133,6 +133,21 @@ def build_app(state: ServerState) -> FastAPI:
     async def model(model: str):
         state.adapter(model)  # a 404 unless served
         return _model_card(state, model)
+
+    if state.lora_updates:  # vLLM's runtime adapter routes; off unless asked (they read server-side paths)
+        @app.post("/v1/load_lora_adapter", responses=ERRORS, response_class=PlainTextResponse)
+        async def load_lora(body: LoadLoRARequest):
+            from .lora import load_adapter
+
+            await load_adapter(state, body.lora_name, body.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", responses=ERRORS, response_class=PlainTextResponse)
+        async def unload_lora(body: UnloadLoRARequest):
+            from .lora import unload_adapter
+
+            await unload_adapter(state, body.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):

@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
                    help="seconds a guided_regex may take to compile before the request gets a 400 (default 10)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template to use instead of the checkpoint's (or where it has none)")
-    _add_lora_arg(p)
+    _add_lora_arg(p, updates=True)
     p.set_defaults(func=_serve)
 
     b = subparsers.add_parser("run-batch", help="run an OpenAI batch file (JSONL requests) offline through the server")
@@ -95,10 +95,14 @@ def _engine_config(args):
                         prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching)
 
 
-def _add_lora_arg(p) -> None:
+def _add_lora_arg(p, updates: bool = False) -> None:
     p.add_argument("--lora-modules", nargs="+", default=(), metavar="NAME=DIR",
                    help="serve LoRA adapters (PEFT directories) beside the base model; a request picks one "
                         "by sending its NAME as `model`")
+    if updates:
+        p.add_argument("--enable-lora-updates", action="store_true",
+                       help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (they read adapter "
+                            "directories on the server: give the API to trusted clients only)")
 
 
 def _adapters(args) -> list:
@@ -139,7 +143,7 @@ def _serve(args) -> int:
     config = _engine_config(args)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout,
-                        lora_modules=adapters)
+                        lora_modules=adapters, lora_updates=args.enable_lora_updates)
     if template is not None:
         state.tokenizer.set_chat_template(template, args.chat_template)
     state.allowed_origins = args.allowed_origins

@@ -18,10 +18,11 @@ from .serving import ServerState
 def build_state(model_dir, device: str | None = None, dtype=None, config: EngineConfig | None = None,
                 api_key: str | None = None, served_model_name: str | None = None,
                 max_denoising_steps: int = 1024, quantization: str | None = None,
-                regex_timeout: float = 10.0, lora_modules=()) -> ServerState:
+                regex_timeout: float = 10.0, lora_modules=(), lora_updates: bool = False) -> ServerState:
     """Load the checkpoint (quantised while loading if asked: "fp8" | "int4"), start the engine thread
     and return the state the app serves. lora_modules: [(served name, PEFT adapter dir)] or
-    `lora_serving.Adapter`s, served beside the base."""
+    `lora_serving.Adapter`s, served beside the base; lora_updates: adapters may also be loaded and
+    unloaded over HTTP."""
     import torch
 
     from ..tokenizer import Tokenizer
@@ -32,12 +33,14 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     model = load_model(model_dir, device=device, dtype=dtype, quantization=quantization)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
     return state_from_model(model, DiffusionParams.from_dir(model_dir), tokenizer, config, api_key,
-                            served_model_name or model_dir.name, max_denoising_steps, regex_timeout, lora_modules)
+                            served_model_name or model_dir.name, max_denoising_steps, regex_timeout, lora_modules,
+                            lora_updates)
 
 
 def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: EngineConfig | None = None,
                      api_key: str | None = None, served_model_name: str = "model",
-                     max_denoising_steps: int = 1024, regex_timeout: float = 10.0, lora_modules=()) -> ServerState:
+                     max_denoising_steps: int = 1024, regex_timeout: float = 10.0, lora_modules=(),
+                     lora_updates: bool = False) -> ServerState:
     """Serve an in-memory model (e.g. random weights at a benchmark shape); starts the engine thread."""
     cfg = model.cfg
     if not regex_timeout > 0:
@@ -48,7 +51,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
                          f"max_position_embeddings={cfg.max_position_embeddings}")
     eos = tuple(defaults.eos_token_ids or cfg.eos_token_ids)
     loras = {}
-    if lora_modules:  # wrapped before the engine starts (and before any CUDA graph is captured)
+    if lora_modules or lora_updates:  # wrapped before the engine starts (and before any CUDA graph is captured)
         from ..lora_serving import adapters_from, install
 
         adapters = adapters_from(lora_modules)
@@ -65,7 +68,8 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
     return ServerState(engine=engine, tokenizer=tokenizer, model_name=served_model_name, defaults=defaults,
                        eos_ids=eos, vocab_size=cfg.vocab_size, canvas_length=cfg.canvas_length,
                        max_model_len=config.max_model_len, api_key=api_key, created=int(time.time()),
-                       max_denoising_steps=max_denoising_steps, regex_timeout=regex_timeout, loras=loras)
+                       max_denoising_steps=max_denoising_steps, regex_timeout=regex_timeout, loras=loras,
+                       lora_updates=lora_updates)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

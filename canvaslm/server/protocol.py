@@ -375,3 +375,16 @@ class TokenizeRequest(_Strict):
 class DetokenizeRequest(_Strict):
     model: str | None = Field(None, max_length=256)
     tokens: list[int] = Field(max_length=1 << 24)
+
+
+class LoadLoRARequest(_Strict):
+    """vLLM's /v1/load_lora_adapter (served with --enable-lora-updates)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoRARequest(_Strict):
+    """vLLM's /v1/unload_lora_adapter."""
+
+    lora_name: str = Field(min_length=1, max_length=256)

@@ -58,6 +58,7 @@ class ServerState:
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins that may call the API ("*": any)
     response_store: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # /v1/responses
     loras: dict = field(default_factory=dict)  # served LoRA adapters: model name -> (adapter id, directory)
+    lora_updates: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter are served
 
     def served_names(self) -> list:
         return [self.model_name, *self.loras]

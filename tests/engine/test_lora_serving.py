@@ -176,3 +176,31 @@ def test_llm_rows_pick_their_adapters(ckpt, adapters):
         llm.generate(prompt, SamplingParams(lora="three"))
     with pytest.raises(GenerationError, match="needs adapter_config.json"):
         LLM(ckpt, device="cpu", lora_modules={"x": d})
+
+
+def test_unload_waits_for_the_requests_using_it_and_load_reuses_the_entry(ckpt, adapters):
+    d, (w1, s1), (w2, s2) = adapters
+    model = load_model(ckpt)
+    lora = install(model, [], num_slots=2)
+    one = lora.load(read_adapter(d / "one", "one"))
+    lora.started(one)  # an admitted request uses it
+    assert lora.unload("one") == one and "one" not in lora.ids
+    q = lora.layers[MODULES[0]]
+    assert q.stack_a[lora.entry[one]].abs().sum() > 0  # still there for that request
+    with pytest.raises(AdapterError, match="not loaded"):
+        lora.started(one)  # no new request may use it
+    entry = lora.entry[one]
+    lora.finished(one)
+    assert q.stack_a[entry].abs().sum() == 0 and lora.free == [entry]
+    two = lora.load(read_adapter(d / "two", "two"))
+    assert lora.entry[two] == entry and two != one and lora.ids == {"two": two}  # a new id: prefix keys stay apart
+    with lora.using(two):  # the reused entry holds "two" alone: as a model that only ever had it
+        got = _run(model, 2, [0, 1], 2)[1]
+    fresh = load_model(ckpt)
+    ref = install(fresh, [read_adapter(d / "two", "two")], 2)
+    with ref.using(1):  # (ranks padded to 4 here, to 2 there: BLAS may sum in another order)
+        torch.testing.assert_close(got, _run(fresh, 2, [0, 1], 2)[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(AdapterError, match="already loaded"):
+        lora.load(read_adapter(d / "two", "two"))
+    with pytest.raises(AdapterError, match="no LoRA adapter named 'one'"):
+        lora.unload("one")

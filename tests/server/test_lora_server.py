@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
 
 import pytest
 import torch
@@ -108,9 +109,52 @@ def test_bad_lora_modules_stop_serve_before_the_model_loads(setup, tmp_path, cap
     assert "NAME=DIR" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing-model"), "--lora-modules", f"x={tmp_path}"]) == 2
     assert "needs adapter_config.json" in capsys.readouterr().err
-    (root / "strong" / "adapter_config.json").write_text(json.dumps({"r": 4}))  # (after the servers used it)
+    shutil.copytree(root / "strong", tmp_path / "s")
+    (tmp_path / "s" / "adapter_config.json").write_text(json.dumps({"r": 4}))
     with pytest.raises(ValueError, match="lora_alpha"):
-        build_state(base, "cpu", "float32", EngineConfig(**ENGINE), lora_modules=[("s", root / "strong")])
+        build_state(base, "cpu", "float32", EngineConfig(**ENGINE), lora_modules=[("s", tmp_path / "s")])
     with pytest.raises(ValueError, match="base model's served name"):
         build_state(base, "cpu", "float32", EngineConfig(**ENGINE), served_model_name="t",
                     lora_modules=[("t", root / "trained")])
+
+
+def _post(url, path, body):
+    import httpx
+
+    return httpx.post(url + path, json=body, timeout=60)
+
+
+def test_adapters_load_and_unload_while_serving(setup, servers):
+    """--enable-lora-updates: an adapter loaded over HTTP answers what the same adapter given at start-up
+    answers; unloading stops new requests naming it; errors name the field."""
+    root, base, _ = setup
+    c, _ = servers
+    state = build_state(base, "cpu", "float32", EngineConfig(**ENGINE), served_model_name=BASE, lora_updates=True)
+    with BackgroundServer(state) as srv:
+        d = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in d.models.list().data] == [BASE]
+        r = _post(srv.base_url, "/v1/load_lora_adapter", {"lora_name": "strong", "lora_path": str(root / "strong")})
+        assert r.status_code == 200 and "added" in r.text
+        assert [m.id for m in d.models.list().data] == [BASE, "strong"]
+        assert _chat(d, "strong", 1) == _chat(c, "strong", 1)  # as the adapter served from the start
+        assert _chat(d, BASE, 1) == _chat(c, BASE, 1)
+        for body, status, needle in (
+                ({"lora_name": "strong", "lora_path": str(root / "strong")}, 400, "already served"),
+                ({"lora_name": BASE, "lora_path": str(root / "strong")}, 400, "already served"),
+                ({"lora_name": "x", "lora_path": str(root / "nowhere")}, 400, "needs adapter_config.json"),
+                ({"lora_name": "x"}, 400, "lora_path")):
+            r = _post(srv.base_url, "/v1/load_lora_adapter", body)
+            assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+        r = _post(srv.base_url, "/v1/unload_lora_adapter", {"lora_name": "strong"})
+        assert r.status_code == 200 and "removed" in r.text
+        with pytest.raises(openai.NotFoundError):
+            _chat(d, "strong", 1)
+        r = _post(srv.base_url, "/v1/unload_lora_adapter", {"lora_name": "strong"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "lora_name"
+        # takes the freed weights entry but a new id, so the prefix cache does not hand it the KV that
+        # "strong" left for this very prompt
+        r = _post(srv.base_url, "/v1/load_lora_adapter", {"lora_name": "again", "lora_path": str(root / "trained")})
+        assert r.status_code == 200 and _chat(d, "again", 2) == _chat(c, "trained", 2)
+    c_base = build_state(base, "cpu", "float32", EngineConfig(**ENGINE), served_model_name=BASE)
+    with BackgroundServer(c_base) as srv:  # without the flag the routes do not exist
+        assert _post(srv.base_url, "/v1/load_lora_adapter", {"lora_name": "s", "lora_path": "x"}).status_code == 404
