@@ -204,11 +204,11 @@ class LLM:
         return RowRequest(self.encode_prompt(prompt), p, eos, self.pad_id, c, bias, sp.min_tokens or 0,
                           self._lora_id(sp.lora))
 
-    def _lora_id(self, name: str | None) -> int:
+    def _lora_id(self, name: str | None, field: str = "SamplingParams.lora") -> int:
         if name is None:
             return 0
         if name not in self.loras:
-            raise GenerationError(f"SamplingParams.lora={name!r} is not loaded; this LLM has "
+            raise GenerationError(f"{field}={name!r} is not loaded; this LLM has "
                                   f"{sorted(self.loras) or 'no adapters (LLM(lora_modules=...))'}")
         return self.loras[name]
 
@@ -393,6 +393,26 @@ class LLM:
                 raise GenerationError(f"loglikelihood_rolling: texts[{i}] has no token after the first")
             pairs.append((ids[:1], ids[1:]))
         return [lp for lp, _ in self._scored(pairs, batch_size, use_tqdm, "loglikelihood_rolling")]
+
+    def embed(self, texts, pooling: str = "mean", normalize: bool = True, batch_size: int = 16,
+              lora: str | None = None) -> torch.Tensor:
+        """Embeddings of texts (or token id lists) from the encoder's final hidden states: the mean over
+        each text's tokens, BOS included (`pooling="mean"`), or its last token's (`"last"`),
+        L2-normalised unless `normalize=False`; `lora` names an adapter to embed with. -> float32 [N, d]."""
+        from .lora_serving import with_adapter
+        from .scoring import embed_rows
+
+        texts = [texts] if isinstance(texts, str) or (texts and isinstance(texts[0], int)) else list(texts)
+        seqs = [self.encode_prompt(t) for t in texts]
+        limit = self.cfg.max_position_embeddings
+        for i, ids in enumerate(seqs):
+            if not ids or len(ids) > limit:
+                raise GenerationError(f"embed: texts[{i}] has {len(ids)} tokens; expected 1..{limit}")
+        adapter = self._lora_id(lora, "embed: lora")
+        try:
+            return with_adapter(self.model, adapter, lambda m: embed_rows(m, seqs, pooling, normalize, batch_size))
+        except ValueError as e:
+            raise GenerationError(f"embed: {e}") from None
 
     def _scored(self, pairs, batch_size, use_tqdm, what):
         from .scoring import loglikelihoods

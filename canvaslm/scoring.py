@@ -2,6 +2,7 @@
 loss, so it scores text like an autoregressive LM. Used to pick an infill's middle (mean log-prob of
 middle + suffix) and for `logprobs` / `echo` on /v1/completions (each token's log-prob and the top
 alternatives). Logits are taken a block of positions at a time, so no fp32 [T, V] copy is made.
+`embed_rows` pools the same pass's hidden states into text embeddings (/v1/embeddings, `LLM.embed`).
 """
 
 from __future__ import annotations
@@ -90,3 +91,26 @@ def _block_logprobs(model, hidden: torch.Tensor, targets: list, top_k: int) -> t
 
 __all__ = ["encode_rows", "score_continuations", "token_logprobs", "batch_token_logprobs", "loglikelihoods",
            "ROWS_PER_BLOCK"]
+
+
+POOLINGS = ("mean", "last")
+
+
+@torch.no_grad()
+def embed_rows(model, seqs: list, pooling: str = "mean", normalize: bool = True, batch_size: int = 16) -> torch.Tensor:
+    """Text embeddings from the encoder's final-normed hidden states: the mean over each sequence's tokens
+    (`mean`) or its last token's (`last`, the one that has seen them all), L2-normalised unless told not
+    to; `batch_size` sequences per encoder call. -> float32 [N, d]."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("embed: every input needs at least one token")
+    out = []
+    for lo in range(0, len(seqs), batch_size):
+        group = [list(s) for s in seqs[lo:lo + batch_size]]
+        hidden = encode_rows(model, group).float()  # [B, T, d]
+        for b, ids in enumerate(group):
+            h = hidden[b, :len(ids)]
+            out.append(h.mean(dim=0) if pooling == "mean" else h[-1])
+    emb = torch.stack(out).cpu()
+    return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb

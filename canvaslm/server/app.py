@@ -27,8 +27,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import render_metrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, LoadLoRARequest,
-                       ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
+                       LoadLoRARequest, ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
 from .serving import APIError, ServerState, encode_chat, need_tokenizer, prepare, run_choices, run_to_end, usage
 from .tools import tool_replies
 
@@ -149,6 +149,12 @@ def build_app(state: ServerState) -> FastAPI:
             await unload_adapter(state, body.lora_name)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+    @app.post("/v1/embeddings", responses=ERRORS)
+    async def embeddings(body: EmbeddingRequest):
+        from .embeddings import create_embeddings
+
+        return await create_embeddings(state, body, _completion_prompts(state, body.input, "input"))
+
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         prompts = _completion_prompts(state, body.prompt)
@@ -214,20 +220,21 @@ def _model_card(state: ServerState, name: str) -> dict:
     return card
 
 
-def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
+def _completion_prompts(state: ServerState, prompt, field: str = "prompt") -> list[list[int]]:
+    """A prompt field (a text, a token id list, or a list of either) -> token id lists; 400s name `field`."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not prompt:
-        raise APIError(400, "prompt is empty", "prompt")
+        raise APIError(400, f"{field} is empty", field)
     out = []
     for p in prompt:
         if isinstance(p, str):
             if state.tokenizer is None:
-                raise APIError(400, "this checkpoint has no tokenizer.json: send the prompt as token ids", "prompt")
+                raise APIError(400, f"this checkpoint has no tokenizer.json: send the {field} as token ids", field)
             try:
                 out.append(state.tokenizer.encode(p))
             except ValueError as e:
-                raise APIError(400, f"prompt: {e}", "prompt") from None
+                raise APIError(400, f"{field}: {e}", field) from None
         else:
             out.append(list(p))
     return out

@@ -54,6 +54,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template to use instead of the checkpoint's (or where it has none)")
     _add_lora_arg(p, updates=True)
+    p.add_argument("--embedding-pooling", choices=("mean", "last"), default="mean",
+                   help="/v1/embeddings: the mean of the input's final hidden states, or the last token's")
     p.set_defaults(func=_serve)
 
     b = subparsers.add_parser("run-batch", help="run an OpenAI batch file (JSONL requests) offline through the server")
@@ -147,6 +149,7 @@ def _serve(args) -> int:
     if template is not None:
         state.tokenizer.set_chat_template(template, args.chat_template)
     state.allowed_origins = args.allowed_origins
+    state.embedding_pooling = args.embedding_pooling
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "

@@ -69,7 +69,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
                        eos_ids=eos, vocab_size=cfg.vocab_size, canvas_length=cfg.canvas_length,
                        max_model_len=config.max_model_len, api_key=api_key, created=int(time.time()),
                        max_denoising_steps=max_denoising_steps, regex_timeout=regex_timeout, loras=loras,
-                       lora_updates=lora_updates)
+                       lora_updates=lora_updates, hidden_size=cfg.hidden_size)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -388,3 +388,13 @@ class UnloadLoRARequest(_Strict):
     """vLLM's /v1/unload_lora_adapter."""
 
     lora_name: str = Field(min_length=1, max_length=256)
+
+
+class EmbeddingRequest(_Strict):
+    """OpenAI's /v1/embeddings: texts or token id lists in, one vector each out."""
+
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None

@@ -59,6 +59,8 @@ class ServerState:
     response_store: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # /v1/responses
     loras: dict = field(default_factory=dict)  # served LoRA adapters: model name -> (adapter id, directory)
     lora_updates: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter are served
+    hidden_size: int = 0  # the width of /v1/embeddings vectors
+    embedding_pooling: str = "mean"  # /v1/embeddings: "mean" over the input's tokens or its "last" token's
 
     def served_names(self) -> list:
         return [self.model_name, *self.loras]

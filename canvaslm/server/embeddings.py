@@ -1,0 +1,43 @@
+"""/v1/embeddings: one vector per input from the encoder's final hidden states (scoring.embed_rows: mean
+over the input's tokens by default, `--embedding-pooling last` for the last token's), L2-normalised as
+OpenAI's are, run on the engine thread with the request's LoRA adapter. `encoding_format: base64` sends
+the float32 little-endian bytes, as OpenAI's clients expect. The model was trained to generate, not to
+embed: the vectors are what its hidden states give, with no contrastive training behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from ..scoring import embed_rows
+from .serving import APIError, ServerState
+
+MAX_INPUTS = 2048  # OpenAI's limit per request
+
+
+async def create_embeddings(state: ServerState, body, seqs: list) -> dict:
+    state.adapter(body.model)  # a 404 unless served
+    if len(seqs) > MAX_INPUTS:
+        raise APIError(400, f"input has {len(seqs)} items, over the limit of {MAX_INPUTS}", "input")
+    for i, ids in enumerate(seqs):
+        if not ids:
+            raise APIError(400, f"input[{i}] is empty: at least one token is needed", "input")
+        if len(ids) > state.max_model_len:
+            raise APIError(400, f"input[{i}] has {len(ids)} tokens, over max_model_len={state.max_model_len}",
+                           "input", code="context_length_exceeded")
+        bad = [t for t in ids if not 0 <= t < state.vocab_size]
+        if bad:
+            raise APIError(400, f"input[{i}]: token ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})",
+                           "input")
+    if body.dimensions is not None and body.dimensions != state.hidden_size:
+        raise APIError(400, f"dimensions: this model's embeddings have {state.hidden_size} dimensions and it was not "
+                            "trained for shorter ones; omit dimensions", "dimensions")
+    fut = state.engine_call(body.model, lambda m: embed_rows(m, seqs, state.embedding_pooling))
+    emb = await asyncio.wrap_future(fut)
+    data = []
+    for i, v in enumerate(emb):
+        vec = (base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+               else v.tolist())
+        data.append({"object": "embedding", "index": i, "embedding": vec})
+    n = sum(len(s) for s in seqs)
+    return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
