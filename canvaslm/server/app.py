@@ -160,7 +160,7 @@ def build_app(state: ServerState) -> FastAPI:
         prompts = _completion_prompts(state, body.prompt)
         if body.suffix:
             return await _respond_infill(state, body, prompts, request)
-        if body.scored() or body.ranked():
+        if (body.scored() and not body.stream) or body.ranked():  # streamed logprobs ride on the chunks
             from .scored import complete_best_of, complete_scored
 
             run = complete_best_of if body.ranked() else complete_scored
@@ -261,7 +261,7 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     replies = tool_replies(state, body, choices) if chat else {}  # choice index -> ToolReply
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        top = (body.top_logprobs or 0) if chat and body.logprobs else None
+        top = ((body.top_logprobs or 0) if body.logprobs else None) if chat else body.logprobs
         gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies, top)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -293,8 +293,9 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
 
 async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, replies,
                   top_logprobs: int | None = None):
-    """top_logprobs: chat `logprobs` (and this many alternatives) on the chunks, None for none: each chunk
-    a commit produces carries the log-probs of the tokens committed since the last one that did."""
+    """top_logprobs: `logprobs` (chat's, or completions' legacy object) with this many alternatives on the
+    chunks, None for none: each chunk a commit produces carries the log-probs of the tokens committed
+    since the last one that did."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     texts = {c.index: "" for c in choices}  # streamed text so far (tool replies read it whole)
     by_index = {c.index: c for c in choices}
@@ -303,9 +304,13 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
     async def new_logprobs(i) -> dict | None:
         if top_logprobs is None:
             return None
-        from .scored import chat_logprobs
+        from .scored import chat_logprobs, completion_logprobs
 
         c = by_index[i]
+        if not chat:  # legacy: parallel lists, offsets into the whole completion's text
+            full = await completion_logprobs(state, model, prompts[c.prompt_index], c.tracker.ids, top_logprobs)
+            new, scored[i] = {k: v[scored[i]:] for k, v in full.items()}, len(full["tokens"])
+            return new if new["tokens"] else None
         full = await chat_logprobs(state, model, prompts[c.prompt_index], c.tracker.ids, top_logprobs)
         new, scored[i] = full["content"][scored[i]:], len(full["content"])
         return {"content": new, "refusal": None} if new else None  # null on a chunk with no new token
@@ -322,7 +327,7 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
                 delta["content"] = text
             ch = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            ch = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+            ch = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         data = {"id": rid, "object": obj, "created": created, "model": model, "choices": [ch]}
         if include_usage:
             data["usage"] = None

@@ -107,6 +107,15 @@ async def chat_logprobs_many(state: ServerState, model: str, replies: list, top_
             for ids, (logprobs, tops) in zip(outs, scored)]
 
 
+async def completion_logprobs(state: ServerState, model: str, prompt: list, output_ids: list, top_k: int) -> dict:
+    """The legacy `logprobs` object of a completion's tokens so far (streamed completions send its new
+    entries with each chunk)."""
+    fut = state.engine_call(model, lambda m: batch_token_logprobs(m, [list(prompt) + list(output_ids)],
+                                                                  [len(prompt)], top_k))
+    logprobs, tops = (await asyncio.wrap_future(fut))[0]
+    return _legacy_logprobs(state.tokenizer, list(output_ids), False, logprobs, tops, top_k)
+
+
 def _tokens_of_text(tokenizer, ids: list, text: str) -> list:
     """The shortest prefix of `ids` whose text covers `text` (a stop string cut the rest)."""
     for n in range(len(ids) + 1):
@@ -129,4 +138,4 @@ def _legacy_logprobs(tokenizer, ids: list, echo: bool, logprobs: list, tops: lis
     return {"tokens": tokens, "token_logprobs": lead + logprobs, "top_logprobs": lead + top, "text_offset": offsets}
 
 
-__all__ = ["complete_scored", "complete_best_of", "chat_logprobs"]
+__all__ = ["complete_scored", "complete_best_of", "chat_logprobs", "completion_logprobs"]

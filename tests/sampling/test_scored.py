@@ -153,6 +153,26 @@ def test_streamed_chat_logprobs_equal_the_whole_reply(client, tools):
         assert sum(1 for part in carrying if part) >= 2  # 40 tokens on 16-token canvases: several commits
 
 
+def test_streamed_completion_logprobs_equal_the_whole_completion(client):
+    """Completions' legacy logprobs with stream: each chunk's tokens, log-probs, alternatives and text
+    offsets continue the previous chunk's, and together they are the non-streamed completion's."""
+    c, model = client
+    kw = dict(model=model, prompt="hello", max_tokens=40, seed=5, logprobs=2)
+    whole = c.completions.create(**kw).choices[0]
+    chunks = [ch.choices[0] for ch in c.completions.create(**kw, stream=True) if ch.choices]
+    parts = [ch.logprobs for ch in chunks if ch.logprobs is not None]
+    assert sum(1 for p in parts if p.tokens) >= 2  # several commits carried entries
+    for key in ("tokens", "text_offset"):
+        assert [x for p in parts for x in getattr(p, key)] == getattr(whole.logprobs, key), key
+    # scored over the text so far, not the whole: the same values to float rounding
+    assert [x for p in parts for x in p.token_logprobs] == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+    tops = [x for p in parts for x in p.top_logprobs]
+    assert [list(t) for t in tops] == [list(t) for t in whole.logprobs.top_logprobs]
+    assert [v for t in tops for v in t.values()] == pytest.approx(
+        [v for t in whole.logprobs.top_logprobs for v in t.values()], abs=1e-5)
+    assert "".join(ch.text for ch in chunks) == whole.text
+
+
 def test_best_of_returns_the_most_likely_completions(client):
     """best_of=4, n=2: the two returned are the two with the highest mean log-prob per token among the four that
     n=4 gives for the same seed (their per-token log-probs, from the logprobs path, give the same scores)."""

@@ -55,7 +55,6 @@ BAD = [  # (route, body, expected status, the param the error must name)
     ("completions", {**OK, "best_of": 3, "stream": True}, 400, "best_of"),
     ("completions", {**OK, "echo": True, "stream": True}, 400, "stream"),
     ("completions", {**OK, "logprobs": 1, "suffix": "x"}, 400, "suffix"),
-    ("completions", {**OK, "logprobs": 1, "stream": True}, 400, "stream"),
     ("chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("completions", {**OK, "response_format": {"type": "xml"}}, 400, "response_format"),
     ("chat/completions", {**CHAT, "messages": []}, 400, "messages"),
