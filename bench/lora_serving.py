@@ -22,12 +22,13 @@ import torch
 from canvaslm.checkpoint import build_random_model
 from canvaslm.config import DiffusionParams
 from canvaslm.engine.engine import Engine, EngineConfig, GenerationRequest
-from canvaslm.lora_serving import Adapter, install
+from canvaslm.lora_serving import Adapter, both_modes, install
 from canvaslm.train.lora import DEFAULT_TARGETS
 from prefix_cache import model_config  # bench/: the same random shape options
 
 
 def adapters(model, k: int, rank: int) -> list:
+    """k random adapters on every layer projection: [(Adapter for both modes, {our module: (A, B)})]."""
     g = torch.Generator().manual_seed(1)
     out = []
     for i in range(k):
@@ -36,16 +37,17 @@ def adapters(model, k: int, rank: int) -> list:
             if name.rpartition(".")[2] in DEFAULT_TARGETS and ".layers." in name:
                 weights[name] = (torch.randn(rank, mod.in_features, generator=g) / mod.in_features ** 0.5,
                                  torch.randn(mod.out_features, rank, generator=g) / rank ** 0.5)
-        out.append(Adapter(f"a{i + 1}", None, rank, 1.0, weights))
+        out.append((Adapter(f"a{i + 1}", None, rank, 1.0, both_modes(weights)), weights))
     return out
 
 
-def merged(model, adapter: Adapter):
+def merged(model, weights: dict):
+    """The model with an adapter of our (shared, both-mode) projections folded into its weights."""
     mods = dict(model.named_modules())
     with torch.no_grad():
-        for name, (a, b) in adapter.weights.items():
+        for name, (a, b) in weights.items():
             w = mods[name].weight
-            w += (adapter.scale * b @ a).to(w.device, w.dtype)
+            w += (b @ a).to(w.device, w.dtype)
     return model
 
 
@@ -88,8 +90,8 @@ def main() -> None:
     build = lambda: build_random_model(cfg, device=args.device, dtype=dtype, seed=0, std=0.5).eval()  # noqa: E731
     served = build()
     ads = adapters(served, args.adapters, args.rank)
-    install(served, ads, num_slots=args.requests)
-    peer = merged(build(), ads[0])
+    install(served, [a for a, _ in ads], num_slots=args.requests)
+    peer = merged(build(), ads[0][1])
     rng = random.Random(0)
     prompts = [[2] + [rng.randrange(3, cfg.vocab_size) for _ in range(args.prompt - 1)] for _ in range(args.requests)]
     n_new = args.canvases * args.canvas

@@ -4,7 +4,12 @@ share every decoder and encoder step (vLLM's multi-LoRA, `--lora-modules NAME=DI
 Adapters are PEFT directories (`adapter_config.json` + `adapter_model.safetensors`, the format
 `peft` writes and `canvaslm export --adapter` writes for our trainer's LoRA runs): for each adapted
 projection, `base_model.model.<module>.lora_A.weight` [r, in] and `lora_B.weight` [out, r], scaled by
-lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`).
+lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`). Module paths are `transformers`' names. There
+the encoder runs the decoder's layers through modules of its own (`model.encoder.language_model.
+layers.N...`, sharing the weights), so `peft` adapts the two modes separately: an adapter may hold
+encoder-mode and decoder-mode weights for one projection, and each applies only in its mode, as in
+`transformers` (tested side by side with `peft`). Our trainer adapts the shared projections, so its
+adapters are written for both modes.
 
 `install` wraps every projection that some adapter adapts in a `ServedLoRALinear`. It holds the
 adapters stacked, [N + 1, R, in] and [N + 1, out, R] (entry 0 is all zeros: the base model; ranks are
@@ -32,6 +37,27 @@ import torch.nn as nn
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+DECODER_LAYERS = "model.decoder.layers."
+ENCODER_LAYERS = "model.encoder.language_model.layers."  # transformers' encoder-mode modules of the same layers
+MODES = ("encode", "decode")
+
+
+def target(path: str) -> tuple[str, str]:
+    """A `transformers` module path -> (our module, the mode it applies in)."""
+    if path.startswith(ENCODER_LAYERS):
+        return DECODER_LAYERS + path[len(ENCODER_LAYERS):], "encode"
+    return path, "decode"
+
+
+def both_modes(weights: dict) -> dict:
+    """{our module path: (A, B)} of adapters on the shared projections (our trainer's) -> the same under
+    `transformers` paths for both modes (the self-conditioning MLP runs in the decoder only)."""
+    out = {}
+    for path, ab in weights.items():
+        out[path] = ab
+        if path.startswith(DECODER_LAYERS):
+            out[ENCODER_LAYERS + path[len(DECODER_LAYERS):]] = ab
+    return out
 
 
 class AdapterError(ValueError):
@@ -107,8 +133,11 @@ def read_adapter(path, name: str | None = None) -> Adapter:
     return Adapter(name or d.name, d, r, float(scale), weights)
 
 
-def write_adapter(out_dir, weights: dict, rank: int, alpha: float, base_model: str | None = None) -> Path:
-    """Write {module path: (A [r, in], B [out, r])} as a PEFT LoRA adapter directory, atomically."""
+def write_adapter(out_dir, weights: dict, rank: int, alpha: float, base_model: str | None = None,
+                  shared: bool = True) -> Path:
+    """Write {module path: (A [r, in], B [out, r])} as a PEFT LoRA adapter directory, atomically. shared:
+    the paths are our modules, adapted in both modes (`both_modes`); else `transformers` paths as given."""
+    weights = both_modes(weights) if shared else weights
     import tempfile
 
     from safetensors.torch import save_file
@@ -117,8 +146,8 @@ def write_adapter(out_dir, weights: dict, rank: int, alpha: float, base_model: s
 
     tensors = {}
     for module, (a, b) in sorted(weights.items()):
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.detach().float().contiguous().cpu()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().float().contiguous().cpu()
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.detach().float().cpu().clone()  # both modes: own copies
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().float().cpu().clone()
     targets = sorted({m.rpartition(".")[2] for m in weights})
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
               "bias": "none", "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
@@ -152,6 +181,7 @@ class MultiLoRA:
         self.retired: set[int] = set()  # unloaded while in use: freed when the last such request ends
         self.slot_adapter = torch.zeros(num_slots + 1, dtype=torch.long, device=w.device)  # + a padding slot
         self.rows: torch.Tensor | None = None  # [B] adapter of each row of the current forward
+        self.mode = "decode"  # of the current forward: which of a projection's two stacks it reads
         # the rows' adapters, whatever their slots: the base (0) unless `using` says otherwise; None inside
         # `by_slot` (the engine's steps), where each row's slot decides
         self.fixed: int | torch.Tensor | None = 0
@@ -163,7 +193,8 @@ class MultiLoRA:
             raise AdapterError(f"a LoRA adapter named {adapter.name!r} is already loaded")
         modules = dict(self.model.named_modules())
         where = adapter.path / WEIGHTS_FILE if adapter.path is not None else f"adapter {adapter.name!r}"
-        for path, (a, b) in adapter.weights.items():
+        for raw, (a, b) in adapter.weights.items():
+            path = target(raw)[0]
             mod = self.layers.get(path) or modules.get(path)
             if mod is None or not hasattr(mod, "in_features") or not hasattr(mod, "out_features"):
                 raise AdapterError(f"{where}: {path} is not a linear projection of this model")
@@ -185,13 +216,14 @@ class MultiLoRA:
             layer.resize(self.capacity, self.rank)
             layer.clear(new)
         modules = dict(self.model.named_modules())
-        for path, (a, b) in adapter.weights.items():
+        for raw, (a, b) in adapter.weights.items():
+            path, mode = target(raw)
             if path not in self.layers:
                 parent, _, leaf = path.rpartition(".")
                 layer = ServedLoRALinear(modules[path], self, self.capacity, self.rank, self.dtype, self.device)
                 setattr(modules[parent], leaf, layer)
                 self.layers[path] = layer
-            self.layers[path].set(new, a, b * adapter.scale)
+            self.layers[path].set(mode, new, a, b * adapter.scale)
         self.ids[adapter.name], self.paths[adapter.name] = i, adapter.path
         return i
 
@@ -234,8 +266,10 @@ class MultiLoRA:
             grown[:self.slot_adapter.numel()] = self.slot_adapter
             self.slot_adapter = grown
 
-    def select(self, slots: torch.Tensor) -> None:
-        """Set the rows' adapters for the next forward from their KV slots (device-side gather)."""
+    def select(self, slots: torch.Tensor, mode: str) -> None:
+        """Set the mode and the rows' adapters for the next forward (from their KV slots: a device-side
+        gather)."""
+        self.mode = mode
         if isinstance(self.fixed, torch.Tensor):
             if self.fixed.numel() != slots.numel():
                 raise AdapterError(f"{self.fixed.numel()} row adapters were given for a forward of {slots.numel()} rows")
@@ -276,39 +310,49 @@ class MultiLoRA:
 
 
 class ServedLoRALinear(nn.Module):
-    """A projection plus the stacked adapters: a [N, R, in], b [N, out, R] (scale folded into b; entry 0
-    and free entries are zeros)."""
+    """A projection plus the stacked adapters of each mode: a [N, R, in], b [N, out, R] (scale folded into
+    b; entry 0 and free entries are zeros)."""
 
     def __init__(self, base: nn.Module, lora: MultiLoRA, capacity: int, rank: int, dtype, device):
         super().__init__()
         self.base, self.lora = base, lora
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_buffer("stack_a", torch.zeros(capacity, rank, self.in_features, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("stack_b", torch.zeros(capacity, self.out_features, rank, dtype=dtype, device=device),
-                             persistent=False)
+        for mode in MODES:
+            self.register_buffer(f"{mode}_a", torch.zeros(capacity, rank, self.in_features, dtype=dtype,
+                                                          device=device), persistent=False)
+            self.register_buffer(f"{mode}_b", torch.zeros(capacity, self.out_features, rank, dtype=dtype,
+                                                          device=device), persistent=False)
 
     @property
     def weight(self):
         return self.base.weight
 
+    def stacks(self, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"{mode}_a"), getattr(self, f"{mode}_b")
+
     def resize(self, capacity: int, rank: int) -> None:
-        n, r = self.stack_a.shape[0], self.stack_a.shape[1]
-        if (n, r) == (capacity, rank):
-            return
-        a = self.stack_a.new_zeros(capacity, rank, self.in_features)
-        b = self.stack_b.new_zeros(capacity, self.out_features, rank)
-        a[:n, :r], b[:n, :, :r] = self.stack_a, self.stack_b
-        self.stack_a, self.stack_b = a, b
+        for mode in MODES:
+            old_a, old_b = self.stacks(mode)
+            n, r = old_a.shape[0], old_a.shape[1]
+            if (n, r) == (capacity, rank):
+                continue
+            a = old_a.new_zeros(capacity, rank, self.in_features)
+            b = old_b.new_zeros(capacity, self.out_features, rank)
+            a[:n, :r], b[:n, :, :r] = old_a, old_b
+            setattr(self, f"{mode}_a", a)
+            setattr(self, f"{mode}_b", b)
 
     def clear(self, i: int) -> None:
-        self.stack_a[i] = 0
-        self.stack_b[i] = 0
+        for mode in MODES:
+            for t in self.stacks(mode):
+                t[i] = 0
 
-    def set(self, i: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.clear(i)
-        self.stack_a[i, :a.shape[0]] = a.to(self.stack_a.dtype)
-        self.stack_b[i, :, :b.shape[1]] = b.to(self.stack_b.dtype)
+    def set(self, mode: str, i: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        stack_a, stack_b = self.stacks(mode)
+        stack_a[i] = 0
+        stack_b[i] = 0
+        stack_a[i, :a.shape[0]] = a.to(stack_a.dtype)
+        stack_b[i, :, :b.shape[1]] = b.to(stack_b.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -316,8 +360,9 @@ class ServedLoRALinear(nn.Module):
         if rows is None or x.dim() != 3 or rows.numel() != x.shape[0]:
             raise RuntimeError("ServedLoRALinear: no adapter rows were selected for this forward "
                                "(DiffusionGemma.encode / denoise select them from the slots)")
-        a = self.stack_a.index_select(0, rows)  # [B, R, in]
-        b = self.stack_b.index_select(0, rows)  # [B, out, R]
+        stack_a, stack_b = self.stacks(self.lora.mode)
+        a = stack_a.index_select(0, rows)  # [B, R, in]
+        b = stack_b.index_select(0, rows)  # [B, out, R]
         return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
 
@@ -369,4 +414,4 @@ def parse_lora_modules(specs) -> list:
 
 
 __all__ = ["Adapter", "AdapterError", "MultiLoRA", "ServedLoRALinear", "install", "read_adapter", "write_adapter",
-           "parse_lora_modules", "with_adapter", "adapters_from"]
+           "parse_lora_modules", "with_adapter", "adapters_from", "both_modes", "target"]

@@ -157,7 +157,7 @@ class DiffusionGemma(nn.Module):
         else:  # nothing cached to attend to
             old = {t: positions.new_full((positions.shape[0], 0), -1) for t in set(self.cfg.layer_types)}
         if self.lora_serving is not None:
-            self.lora_serving.select(slots)
+            self.lora_serving.select(slots, "encode")
         ctx = AttnContext("encode", positions, slots, cache, old, write=write)
         scalars = [m.layer_scalar for m in self.model.encoder.language_model.layers]
         h = self._run_layers(self.embed(tokens), positions, ctx, scalars)
@@ -176,7 +176,7 @@ class DiffusionGemma(nn.Module):
             canvas_start = cache.lengths.index_select(0, slots)
         positions = canvas_start[:, None] + torch.arange(C, device=canvas.device)
         if self.lora_serving is not None:
-            self.lora_serving.select(slots)
+            self.lora_serving.select(slots, "decode")
         if sc_embeds is None and sc_logits is not None:
             sc_embeds = self.soft_embeddings(sc_logits)
         if sc_embeds is not None and sc_mask is not None:

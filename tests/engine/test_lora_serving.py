@@ -12,7 +12,7 @@ import torch
 from canvaslm.checkpoint import load_model
 from canvaslm.engine.request import RequestState
 from canvaslm.kv_cache import KVCache
-from canvaslm.lora_serving import AdapterError, install, read_adapter, write_adapter
+from canvaslm.lora_serving import AdapterError, both_modes, install, read_adapter, target, write_adapter
 from canvaslm.testing import make_tiny_checkpoint
 
 MODULES = ("model.decoder.layers.0.self_attn.q_proj", "model.decoder.layers.1.self_attn.v_proj",
@@ -76,8 +76,11 @@ def test_peft_files_round_trip(adapters):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["target_modules"] == ["down_proj", "gate_proj",
                                                                                           "q_proj", "v_proj"]
     ad = read_adapter(d / "one", "one")
-    assert ad.rank == 4 and ad.scale == scale and ad.modules == sorted(MODULES)
-    for m, (a, b) in w1.items():
+    both = both_modes(w1)  # the layers' projections once per mode, the self-conditioning MLP once
+    assert ad.rank == 4 and ad.scale == scale and ad.modules == sorted(both) and len(both) == 2 * len(MODULES) - 1
+    assert {target(m) for m in ad.modules} == {(m, mode) for m in MODULES for mode in ("encode", "decode")
+                                               if mode == "decode" or ".layers." in m}
+    for m, (a, b) in both.items():
         assert torch.equal(ad.weights[m][0], a) and torch.equal(ad.weights[m][1], b)
 
 
@@ -186,12 +189,12 @@ def test_unload_waits_for_the_requests_using_it_and_load_reuses_the_entry(ckpt, 
     lora.started(one)  # an admitted request uses it
     assert lora.unload("one") == one and "one" not in lora.ids
     q = lora.layers[MODULES[0]]
-    assert q.stack_a[lora.entry[one]].abs().sum() > 0  # still there for that request
+    assert q.decode_a[lora.entry[one]].abs().sum() > 0  # still there for that request
     with pytest.raises(AdapterError, match="not loaded"):
         lora.started(one)  # no new request may use it
     entry = lora.entry[one]
     lora.finished(one)
-    assert q.stack_a[entry].abs().sum() == 0 and lora.free == [entry]
+    assert q.decode_a[entry].abs().sum() == 0 and lora.free == [entry]
     two = lora.load(read_adapter(d / "two", "two"))
     assert lora.entry[two] == entry and two != one and lora.ids == {"two": two}  # a new id: prefix keys stay apart
     with lora.using(two):  # the reused entry holds "two" alone: as a model that only ever had it
