@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,9 @@ def write_adapter(out_dir, weights: dict, rank: int, alpha: float, base_model: s
     for module, (a, b) in sorted(weights.items()):
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a.detach().float().cpu().clone()  # both modes: own copies
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().float().cpu().clone()
-    targets = sorted({m.rpartition(".")[2] for m in weights})
+    # the exact modules as one pattern (peft full-matches a string): leaf names alone would also catch
+    # same-named projections elsewhere in transformers' model (the vision tower's)
+    targets = "^(" + "|".join(re.escape(m) for m in sorted(weights)) + ")$"
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
               "bias": "none", "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
               "base_model_name_or_path": base_model, "task_type": None}

@@ -52,3 +52,34 @@ def test_peft_adapter_gives_the_reference_logits(tmp_path, which):
             got = model.denoise(canvas, torch.tensor([0]), cache)
     assert (want - plain).abs().max() > 1e-2  # the adapter matters
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_our_adapter_files_load_in_peft(tmp_path):
+    """What `write_adapter` (and so `canvaslm export --adapter`) writes loads with `PeftModel.from_pretrained`
+    on the reference model and gives the logits we serve."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.cache_utils import DynamicCache
+
+    from canvaslm.lora_serving import write_adapter
+
+    ckpt = make_tiny_checkpoint(tmp_path / "base")
+    model = load_model(ckpt)
+    g = torch.Generator().manual_seed(1)
+    weights = {}
+    for name, mod in model.named_modules():
+        if name.rpartition(".")[2] in ("q_proj", "up_proj", "down_proj") and ".layers." in name:
+            weights[name] = (torch.randn(3, mod.in_features, generator=g), torch.randn(mod.out_features, 3, generator=g))
+    write_adapter(tmp_path / "ours", weights, rank=3, alpha=1.5)
+    ref = peft.PeftModel.from_pretrained(DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt).eval(), tmp_path / "ours")
+    served = install(model, [read_adapter(tmp_path / "ours")], 1)
+    ids = torch.randint(3, model.cfg.vocab_size, (1, 9), generator=g)
+    canvas = torch.randint(3, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=g)
+    with torch.no_grad():
+        cache_ref = DynamicCache(config=ref.config.get_text_config(decoder=True))
+        ref.base_model.model.model.encoder(input_ids=ids, past_key_values=cache_ref, position_ids=torch.arange(9)[None])
+        want = ref(decoder_input_ids=canvas, past_key_values=cache_ref).logits
+        cache = KVCache(model.cfg, 1, 9 + model.cfg.canvas_length)
+        with served.using(1):
+            model.encode(ids, torch.arange(9)[None], torch.tensor([0]), cache)
+            got = model.denoise(canvas, torch.tensor([0]), cache)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
