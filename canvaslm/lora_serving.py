@@ -169,8 +169,11 @@ class MultiLoRA:
     adapter's entry is freed once no admitted request uses it, and a later load reuses the entry. Ids
     are never reused, so what keys the prefix cache (the id) never names two adapters."""
 
-    def __init__(self, model, num_slots: int):
+    def __init__(self, model, num_slots: int, max_loras: int | None = None, max_rank: int | None = None):
+        """max_loras: adapters held at once (loaded, or unloaded but still in use); max_rank: the largest
+        rank a load may bring (both None: no limit). Every projection's stacks grow with them."""
         self.model = model
+        self.max_loras, self.max_rank = max_loras, max_rank
         w = model.embed_weight
         self.device, self.dtype = w.device, w.dtype
         self.ids: dict[str, int] = {}
@@ -190,10 +193,16 @@ class MultiLoRA:
         self.fixed: int | torch.Tensor | None = 0
 
     # --- loading ---------------------------------------------------------------------------------
-    def _check(self, adapter: Adapter) -> None:
-        """Everything `load` needs, checked before anything changes."""
+    def _check(self, adapter: Adapter, held: int | None = None) -> None:
+        """Everything `load` needs, checked before anything changes (`held`: adapters held before it)."""
         if adapter.name in self.ids:
             raise AdapterError(f"a LoRA adapter named {adapter.name!r} is already loaded")
+        held = len(self.ids) + len(self.retired) if held is None else held
+        if self.max_loras is not None and held >= self.max_loras:
+            raise AdapterError(f"{held} LoRA adapters are held, the limit (max_loras={self.max_loras}); unload one "
+                               "first")
+        if self.max_rank is not None and adapter.rank > self.max_rank:
+            raise AdapterError(f"adapter {adapter.name!r} has rank {adapter.rank}, over max_lora_rank={self.max_rank}")
         modules = dict(self.model.named_modules())
         where = adapter.path / WEIGHTS_FILE if adapter.path is not None else f"adapter {adapter.name!r}"
         for raw, (a, b) in adapter.weights.items():
@@ -369,7 +378,8 @@ class ServedLoRALinear(nn.Module):
         return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
 
-def install(model, adapters: list, num_slots: int) -> MultiLoRA:
+def install(model, adapters: list, num_slots: int, max_loras: int | None = None,
+            max_rank: int | None = None) -> MultiLoRA:
     """Serve LoRA adapters on the model (none yet is fine: `MultiLoRA.load` adds them later); -> its
     MultiLoRA, also `model.lora_serving`. Nothing changes if an adapter does not fit."""
     names = [a.name for a in adapters]
@@ -378,9 +388,9 @@ def install(model, adapters: list, num_slots: int) -> MultiLoRA:
         raise AdapterError(f"LoRA adapter names must be distinct; repeated: {dupes}")
     if getattr(model, "lora_serving", None) is not None:
         raise AdapterError("this model already serves LoRA adapters")
-    lora = MultiLoRA(model, num_slots)
-    for a in adapters:
-        lora._check(a)
+    lora = MultiLoRA(model, num_slots, max_loras, max_rank)
+    for k, a in enumerate(adapters):
+        lora._check(a, held=k)
     for a in adapters:
         lora.load(a)
     model.lora_serving = lora

@@ -101,6 +101,8 @@ def _add_lora_arg(p, updates: bool = False) -> None:
     p.add_argument("--lora-modules", nargs="+", default=(), metavar="NAME=DIR",
                    help="serve LoRA adapters (PEFT directories) beside the base model; a request picks one "
                         "by sending its NAME as `model`")
+    p.add_argument("--max-loras", type=int, default=16, help="LoRA adapters held at once (default 16)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="the largest LoRA rank served (default 64)")
     if updates:
         p.add_argument("--enable-lora-updates", action="store_true",
                        help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (they read adapter "
@@ -111,7 +113,17 @@ def _adapters(args) -> list:
     """The --lora-modules adapters, read (and so checked) before the model loads."""
     from ..lora_serving import parse_lora_modules, read_adapter
 
-    return [read_adapter(path, name) for name, path in parse_lora_modules(args.lora_modules)]
+    for flag in ("max_loras", "max_lora_rank"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    adapters = [read_adapter(path, name) for name, path in parse_lora_modules(args.lora_modules)]
+    if len(adapters) > args.max_loras:
+        raise ValueError(f"--lora-modules names {len(adapters)} adapters, over --max-loras={args.max_loras}")
+    big = [a for a in adapters if a.rank > args.max_lora_rank]
+    if big:
+        raise ValueError(f"--lora-modules: {big[0].name!r} has rank {big[0].rank}, over --max-lora-rank="
+                         f"{args.max_lora_rank}")
+    return adapters
 
 
 def _run_batch(args) -> int:
@@ -124,7 +136,7 @@ def _run_batch(args) -> int:
     adapters = _adapters(args)
     state = build_state(args.model_dir, args.device, args.dtype, _engine_config(args),
                         served_model_name=args.served_model_name, quantization=args.quantization,
-                        lora_modules=adapters)
+                        lora_modules=adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     try:
         counts = run_batch_file(state, args.input, args.output, args.concurrency)
     finally:
@@ -145,7 +157,8 @@ def _serve(args) -> int:
     config = _engine_config(args)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout,
-                        lora_modules=adapters, lora_updates=args.enable_lora_updates)
+                        lora_modules=adapters, lora_updates=args.enable_lora_updates, max_loras=args.max_loras,
+                        max_lora_rank=args.max_lora_rank)
     if template is not None:
         state.tokenizer.set_chat_template(template, args.chat_template)
     state.allowed_origins = args.allowed_origins

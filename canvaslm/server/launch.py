@@ -18,11 +18,12 @@ from .serving import ServerState
 def build_state(model_dir, device: str | None = None, dtype=None, config: EngineConfig | None = None,
                 api_key: str | None = None, served_model_name: str | None = None,
                 max_denoising_steps: int = 1024, quantization: str | None = None,
-                regex_timeout: float = 10.0, lora_modules=(), lora_updates: bool = False) -> ServerState:
+                regex_timeout: float = 10.0, lora_modules=(), lora_updates: bool = False,
+                max_loras: int | None = None, max_lora_rank: int | None = None) -> ServerState:
     """Load the checkpoint (quantised while loading if asked: "fp8" | "int4"), start the engine thread
     and return the state the app serves. lora_modules: [(served name, PEFT adapter dir)] or
     `lora_serving.Adapter`s, served beside the base; lora_updates: adapters may also be loaded and
-    unloaded over HTTP."""
+    unloaded over HTTP; max_loras / max_lora_rank: limits on the adapters held (lora_serving.MultiLoRA)."""
     import torch
 
     from ..tokenizer import Tokenizer
@@ -34,13 +35,14 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
     return state_from_model(model, DiffusionParams.from_dir(model_dir), tokenizer, config, api_key,
                             served_model_name or model_dir.name, max_denoising_steps, regex_timeout, lora_modules,
-                            lora_updates)
+                            lora_updates, max_loras, max_lora_rank)
 
 
 def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: EngineConfig | None = None,
                      api_key: str | None = None, served_model_name: str = "model",
                      max_denoising_steps: int = 1024, regex_timeout: float = 10.0, lora_modules=(),
-                     lora_updates: bool = False) -> ServerState:
+                     lora_updates: bool = False, max_loras: int | None = None,
+                     max_lora_rank: int | None = None) -> ServerState:
     """Serve an in-memory model (e.g. random weights at a benchmark shape); starts the engine thread."""
     cfg = model.cfg
     if not regex_timeout > 0:
@@ -58,7 +60,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
         taken = [a.name for a in adapters if a.name == served_model_name]
         if taken:
             raise ValueError(f"--lora-modules: {taken[0]!r} is the base model's served name")
-        ids = install(model, adapters, config.slots).ids
+        ids = install(model, adapters, config.slots, max_loras, max_lora_rank).ids
         loras = {a.name: (ids[a.name], a.path) for a in adapters}
     engine = Engine(model, config, history_depth=max(1, defaults.stability_threshold)).start()
     if tokenizer is not None:  # the constraint compilers' token table, built before the first request needs it

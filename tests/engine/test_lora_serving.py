@@ -5,6 +5,7 @@ bad adapters are refused by file and key, and the scheduler never shares KV acro
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -73,8 +74,8 @@ def adapters(ckpt, tmp_path_factory):
 def test_peft_files_round_trip(adapters):
     d, (w1, scale), _ = adapters
     cfg = json.loads((d / "one" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["target_modules"] == ["down_proj", "gate_proj",
-                                                                                          "q_proj", "v_proj"]
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+    assert re.fullmatch(cfg["target_modules"], MODULES[0]) and not re.fullmatch(cfg["target_modules"], "x.q_proj")
     ad = read_adapter(d / "one", "one")
     both = both_modes(w1)  # the layers' projections once per mode, the self-conditioning MLP once
     assert ad.rank == 4 and ad.scale == scale and ad.modules == sorted(both) and len(both) == 2 * len(MODULES) - 1
@@ -207,3 +208,24 @@ def test_unload_waits_for_the_requests_using_it_and_load_reuses_the_entry(ckpt, 
         lora.load(read_adapter(d / "two", "two"))
     with pytest.raises(AdapterError, match="no LoRA adapter named 'one'"):
         lora.unload("one")
+
+
+def test_limits_on_held_adapters_and_rank(ckpt, adapters):
+    """max_loras counts adapters unloaded but still in use; max_rank refuses bigger adapters; nothing
+    changes on a refusal."""
+    d = adapters[0]
+    lora = install(load_model(ckpt), [read_adapter(d / "two", "two")], 2, max_loras=2, max_rank=3)
+    with pytest.raises(AdapterError, match="rank 4, over max_lora_rank=3"):
+        lora.load(read_adapter(d / "one", "one"))
+    i = lora.load(read_adapter(d / "two", "two-b"))
+    with pytest.raises(AdapterError, match=r"2 LoRA adapters are held, the limit \(max_loras=2\)"):
+        lora.load(read_adapter(d / "two", "two-c"))
+    lora.started(i)
+    lora.unload("two-b")  # still in use: still held
+    with pytest.raises(AdapterError, match="max_loras=2"):
+        lora.load(read_adapter(d / "two", "two-c"))
+    lora.finished(i)
+    lora.load(read_adapter(d / "two", "two-c"))
+    assert sorted(lora.ids) == ["two", "two-c"] and lora.capacity == 3
+    with pytest.raises(AdapterError, match="max_loras=1"):
+        install(load_model(ckpt), [read_adapter(d / "two", "a"), read_adapter(d / "two", "b")], 2, max_loras=1)

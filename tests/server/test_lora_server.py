@@ -113,6 +113,12 @@ def test_bad_lora_modules_stop_serve_before_the_model_loads(setup, tmp_path, cap
     (tmp_path / "s" / "adapter_config.json").write_text(json.dumps({"r": 4}))
     with pytest.raises(ValueError, match="lora_alpha"):
         build_state(base, "cpu", "float32", EngineConfig(**ENGINE), lora_modules=[("s", tmp_path / "s")])
+    assert main(["serve", str(tmp_path / "missing-model"), "--lora-modules", f"a={root / 'strong'}",
+                 f"b={root / 'trained'}", "--max-loras", "1"]) == 2
+    assert "over --max-loras=1" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing-model"), "--lora-modules", f"a={root / 'strong'}",
+                 "--max-lora-rank", "2"]) == 2
+    assert "'a' has rank 4, over --max-lora-rank=2" in capsys.readouterr().err
     with pytest.raises(ValueError, match="base model's served name"):
         build_state(base, "cpu", "float32", EngineConfig(**ENGINE), served_model_name="t",
                     lora_modules=[("t", root / "trained")])
@@ -155,6 +161,11 @@ def test_adapters_load_and_unload_while_serving(setup, servers):
         # "strong" left for this very prompt
         r = _post(srv.base_url, "/v1/load_lora_adapter", {"lora_name": "again", "lora_path": str(root / "trained")})
         assert r.status_code == 200 and _chat(d, "again", 2) == _chat(c, "trained", 2)
+    small = build_state(base, "cpu", "float32", EngineConfig(**ENGINE), served_model_name=BASE, lora_updates=True,
+                        lora_modules=[("trained", root / "trained")], max_loras=1)
+    with BackgroundServer(small) as srv:
+        r = _post(srv.base_url, "/v1/load_lora_adapter", {"lora_name": "s", "lora_path": str(root / "strong")})
+        assert r.status_code == 400 and "max_loras=1" in r.json()["error"]["message"]
     c_base = build_state(base, "cpu", "float32", EngineConfig(**ENGINE), served_model_name=BASE)
     with BackgroundServer(c_base) as srv:  # without the flag the routes do not exist
         assert _post(srv.base_url, "/v1/load_lora_adapter", {"lora_name": "s", "lora_path": "x"}).status_code == 404
