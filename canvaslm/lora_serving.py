@@ -41,6 +41,7 @@ PREFIX = "base_model.model."
 DECODER_LAYERS = "model.decoder.layers."
 ENCODER_LAYERS = "model.encoder.language_model.layers."  # transformers' encoder-mode modules of the same layers
 MODES = ("encode", "decode")
+SERVED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # projections of [B, T, d] rows
 
 
 def target(path: str) -> tuple[str, str]:
@@ -210,6 +211,9 @@ class MultiLoRA:
             mod = self.layers.get(path) or modules.get(path)
             if mod is None or not hasattr(mod, "in_features") or not hasattr(mod, "out_features"):
                 raise AdapterError(f"{where}: {path} is not a linear projection of this model")
+            if path.rpartition(".")[2] not in SERVED:  # e.g. the router: it sees flat tokens, not rows
+                raise AdapterError(f"{where}: {path} takes no served adapter (only {', '.join(SERVED)} do); "
+                                   "merge the adapter into a checkpoint instead")
             if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features:
                 raise AdapterError(f"{where}: {path} is [{b.shape[0]} x {a.shape[1]}] but the model's projection "
                                    f"is [{mod.out_features} x {mod.in_features}]")

@@ -132,6 +132,10 @@ def test_bad_adapters_are_named(ckpt, adapters, tmp_path):
     write_adapter(tmp_path / "shape", shape, rank=4, alpha=8.0)
     with pytest.raises(AdapterError, match=r"v_proj is \[32 x 32\] but the model's projection is \[16 x 32\]"):
         install(load_model(ckpt), [read_adapter(tmp_path / "shape")], 2)
+    write_adapter(tmp_path / "router", {"model.decoder.layers.0.router.proj": (torch.ones(4, 32), torch.ones(4, 4))},
+                  rank=4, alpha=8.0)
+    with pytest.raises(AdapterError, match="router.proj takes no served adapter"):
+        install(load_model(ckpt), [read_adapter(tmp_path / "router")], 2)
     with pytest.raises(AdapterError, match="names must be distinct"):
         install(load_model(ckpt), [read_adapter(bad, "x"), read_adapter(d / "two", "x")], 2)
 
