@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton fixes interpreter mode when it is first imported, and a library a test imports may import it
+# (peft does, through accelerate) before tests/kernels/conftest.py is read: set it before anything runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
               num_key_value_heads=2, head_dim=8, position_embedding_size=64)
