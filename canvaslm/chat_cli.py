@@ -18,10 +18,11 @@ HELP = "/reset: new conversation   /system TEXT: set the system message   /exit:
 
 
 def add_parser(subparsers) -> None:
-    from .cli import add_model_args
+    from .cli import add_lora_arg, add_model_args
 
     p = subparsers.add_parser("chat", help="chat with a checkpoint in the terminal (multi-turn)")
     add_model_args(p)
+    add_lora_arg(p)
     p.add_argument("--system", default=None, help="system message for the conversation")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
@@ -32,10 +33,11 @@ def add_parser(subparsers) -> None:
 
 
 def _chat(args) -> int:
+    from .cli import load_llm
     from .generate import GenerationError
-    from .llm import LLM, SamplingParams
+    from .llm import SamplingParams
 
-    llm = LLM(args.model_dir, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    llm = load_llm(args)
     if llm.tokenizer is None or getattr(llm.tokenizer, "chat_template", None) is None:
         raise ValueError(f"{llm.model_dir} has no chat template, so it cannot chat; use `canvaslm generate`")
     tty = sys.stdin.isatty() and sys.stdout.isatty()
@@ -65,7 +67,8 @@ def _chat(args) -> int:
         messages = ([{"role": "system", "content": system}] if system else []) + history + \
             [{"role": "user", "content": line}]
         params = SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
-                                seed=args.seed + turn, temperature=args.temperature)
+                                seed=args.seed + turn, temperature=args.temperature,
+                                lora="lora" if args.lora else None)
         turn += 1
         show = _draft_line(llm) if tty and args.drafts else None
         try:

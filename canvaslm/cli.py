@@ -43,10 +43,24 @@ def add_load_args(p: argparse.ArgumentParser):
                         "(weight-only, group 128: 14.5 GB for the 26B-A4B model)")
 
 
-def _generate(args) -> int:
-    from .llm import LLM, SamplingParams
+def add_lora_arg(p: argparse.ArgumentParser):
+    p.add_argument("--lora", metavar="DIR", default=None,
+                   help="generate with this LoRA adapter (a PEFT directory, e.g. `canvaslm export RUN OUT --adapter`)")
 
-    llm = LLM(args.model_dir, device=args.device, dtype=args.dtype, quantization=args.quantization)
+
+def load_llm(args):
+    """The LLM the model arguments name, with the --lora adapter (if any) loaded as "lora"."""
+    from .llm import LLM
+
+    loras = {"lora": args.lora} if getattr(args, "lora", None) else None
+    return LLM(args.model_dir, device=args.device, dtype=args.dtype, quantization=args.quantization,
+               lora_modules=loras)
+
+
+def _generate(args) -> int:
+    from .llm import SamplingParams
+
+    llm = load_llm(args)
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
     elif args.chat:
@@ -58,7 +72,7 @@ def _generate(args) -> int:
     from .sampling.cli_args import constraint_params
     extra = constraint_params(args, llm)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, seed=args.seed,
-                            temperature=args.temperature, **extra)
+                            temperature=args.temperature, lora="lora" if args.lora else None, **extra)
     if args.suffix is not None:
         if args.prompt is None:
             raise SystemExit("error: --suffix (infilling) needs --prompt text as the prefix")
@@ -110,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None, help="scales the temperature schedule")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    add_lora_arg(g)
     from .sampling.cli_args import add_constraint_args
     add_constraint_args(g)
     g.set_defaults(func=_generate)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .generate import GenerationError, RowRequest, generate_rows
+from .lora_serving import with_adapter
 from .scoring import score_continuations  # noqa: F401 - re-exported: infill picks middles by it
 from .sampling.constraints import PinnedConstraint
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
@@ -88,13 +89,15 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
         bias = normalize_bias(sp.logit_bias, "SamplingParams.logit_bias", llm.cfg.vocab_size)
     except LogitBiasError as e:
         raise GenerationError(f"infill: {e}") from None
-    rows = [RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins, bias)
+    lora = llm._lora_id(sp.lora)
+    rows = [RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins, bias, lora=lora)
             for p, pins in candidates(base, suffix_ids, gaps, eos, llm.pad_id, llm.tokenizer)]
     seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
     gens = [llm._generator(seed + i) for i in range(len(rows))]
     outs = generate_rows(llm.model, rows, gens)
     middles = [o.token_ids[:g] for o, g in zip(outs, gaps)]
-    scores = score_continuations(llm.model, prompt_ids, [m + list(suffix_ids) for m in middles])
+    scores = with_adapter(llm.model, lora,  # ranked by the model that wrote them
+                          lambda m: score_continuations(m, prompt_ids, [mid + list(suffix_ids) for mid in middles]))
     i = best(gaps, scores)
     return gaps[i], middles[i], dict(zip(gaps, scores)), sum(o.decoder_passes for o in outs)
 

@@ -233,3 +233,28 @@ def test_limits_on_held_adapters_and_rank(ckpt, adapters):
     assert sorted(lora.ids) == ["two", "two-c"] and lora.capacity == 3
     with pytest.raises(AdapterError, match="max_loras=1"):
         install(load_model(ckpt), [read_adapter(d / "two", "a"), read_adapter(d / "two", "b")], 2, max_loras=1)
+
+
+def test_cli_generate_with_an_adapter_and_infill_ranks_with_it(ckpt, adapters, capsys):
+    """`canvaslm generate --lora DIR` is LLM(lora_modules) + SamplingParams(lora); infilling with an adapter
+    generates and ranks its candidates with it."""
+    from canvaslm.cli import main
+    from canvaslm.llm import LLM, SamplingParams
+
+    d = adapters[0]
+    llm = LLM(ckpt, device="cpu", lora_modules={"one": d / "one"})
+    prompt = "a prompt of sixteen+ characters"
+    assert main(["generate", str(ckpt), "--prompt", prompt, "--lora", str(d / "one"), "--seed", "1",
+                 "--max-new-tokens", "16", "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["token_ids"]
+    assert got == llm.generate(prompt, SamplingParams(seed=1, max_new_tokens=16, lora="one"))[0].token_ids
+    assert got != llm.generate(prompt, SamplingParams(seed=1, max_new_tokens=16))[0].token_ids
+    fill = llm.infill("def f(x):\n    ", "\n    return y", SamplingParams(seed=2, max_new_tokens=12, lora="one"),
+                      gaps=[4, 8])
+    with llm.model.lora_serving.using(llm.loras["one"]):  # its scores are the adapter's
+        from canvaslm.scoring import score_continuations
+
+        suffix = llm.tokenizer.encode("\n    return y", add_special_tokens=False)
+        want = score_continuations(llm.model, llm.encode_prompt("def f(x):\n    "),
+                                   [llm.tokenizer.encode(fill.middle, add_special_tokens=False) + suffix])
+    assert fill.scores[fill.gap] == pytest.approx(want[0], abs=1e-4)
