@@ -40,6 +40,7 @@ class SamplingParams:
     json_object: bool = False  # JSON mode: the output is one JSON object (sampling.json_any)
     choice: tuple | None = None  # the output is exactly one of these strings (sampling.choice)
     regex: str | None = None  # the output is a whole match of this pattern (sampling.regex)
+    grammar: str | None = None  # the output is in this GBNF grammar's language (sampling.grammar)
     stop_token_ids: tuple | None = None  # more ids that end the output, besides the checkpoint's EOS ids
     logit_bias: dict | None = field(default=None, hash=False)  # {token id: bias in [-100, 100]} (OpenAI's)
     min_tokens: int | None = None  # no EOS / stop token id before this many output tokens (vLLM's)
@@ -160,11 +161,11 @@ class LLM:
 
     def _row(self, prompt, sp: SamplingParams) -> RowRequest:
         p, c = sp.resolve(self.defaults), sp.constraint
-        given = [n for n in ("constraint", "json_schema", "json_object", "choice", "regex")
+        given = [n for n in ("constraint", "json_schema", "json_object", "choice", "regex", "grammar")
                  if getattr(sp, n) not in (None, False)]
         if len(given) > 1:
-            raise GenerationError("SamplingParams: set one of constraint, json_schema, json_object, choice, regex; "
-                                  f"got {given}")
+            raise GenerationError("SamplingParams: set one of constraint, json_schema, json_object, choice, regex, "
+                                  f"grammar; got {given}")
         if given and given[0] != "constraint" and self.tokenizer is None:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so {given[0]} is not available")
         if sp.json_schema is not None:
@@ -181,6 +182,11 @@ class LLM:
             from .sampling.regex import DEFAULT_TOKENS, RegexConstraint
             width = sp.max_new_tokens - 1 if sp.max_new_tokens and sp.max_new_tokens > 1 else DEFAULT_TOKENS
             c = RegexConstraint(sp.regex, self.tokenizer, width, "SamplingParams.regex")
+        if sp.grammar is not None:
+            from .sampling.grammar import GrammarConstraint
+            from .sampling.regex import DEFAULT_TOKENS
+            width = sp.max_new_tokens - 1 if sp.max_new_tokens and sp.max_new_tokens > 1 else DEFAULT_TOKENS
+            c = GrammarConstraint(sp.grammar, self.tokenizer, width, "SamplingParams.grammar")
         if c is not None and hasattr(c, "min_new_tokens"):  # the output must reach every constrained offset
             need = c.min_new_tokens(self.cfg.canvas_length)
             if sp.max_new_tokens is None:

@@ -1,5 +1,5 @@
-"""`canvaslm generate` flags for canvas control: --json-schema, --json-object, --choice, --regex, --pin, --suffix
-(infilling), --gaps."""
+"""`canvaslm generate` flags for canvas control: --json-schema, --json-object, --choice, --regex, --grammar,
+--pin, --suffix (infilling), --gaps."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def add_constraint_args(p: argparse.ArgumentParser):
                    help="the output is exactly one of the --choice texts (repeat it for each choice)")
     p.add_argument("--regex", metavar="PATTERN", default=None,
                    help="the output is a whole match of this regular expression")
+    p.add_argument("--grammar", metavar="FILE", default=None,
+                   help="the output is in this GBNF grammar's language (llama.cpp's format, from `root`)")
     p.add_argument("--pin", metavar="OFFSET:TEXT", type=_pin, action="append", default=None,
                    help="pin TEXT's tokens at this output token offset (repeatable)")
     p.add_argument("--suffix", default=None,
@@ -49,7 +51,7 @@ def add_constraint_args(p: argparse.ArgumentParser):
 def constraint_params(args, llm) -> dict:
     """SamplingParams keyword arguments for the constraint flags."""
     flags = (("--json-schema", args.json_schema), ("--json-object", args.json_object), ("--choice", args.choice),
-             ("--regex", args.regex), ("--pin", args.pin), ("--suffix", args.suffix))
+             ("--regex", args.regex), ("--grammar", args.grammar), ("--pin", args.pin), ("--suffix", args.suffix))
     given = [f for f, v in flags if v is not None]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} cannot be combined: each constrains the whole output")
@@ -57,6 +59,11 @@ def constraint_params(args, llm) -> dict:
         return {"choice": tuple(args.choice)}
     if args.regex is not None:
         return {"regex": args.regex}
+    if args.grammar is not None:
+        try:
+            return {"grammar": Path(args.grammar).read_text(encoding="utf-8")}
+        except OSError as e:
+            raise ValueError(f"--grammar {args.grammar}: cannot read it ({e.strerror})") from None
     if args.json_object:
         return {"json_object": True}
     if args.json_schema:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..tokenizer import tool_arguments_as_objects
 
-GUIDED = ("guided_json", "guided_choice", "guided_regex")  # vLLM's names for constrained output
+GUIDED = ("guided_json", "guided_choice", "guided_regex", "guided_grammar")  # vLLM's names for constrained output
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI
 INT64 = 2**63 - 1
@@ -93,6 +93,8 @@ class _Common(_Strict):
         None, description="a JSON schema (object or JSON text): response_format json_schema, vLLM's name")
     guided_regex: str | None = Field(None, max_length=4096,
                                      description="the output is a whole match of this regular expression")
+    guided_grammar: str | None = Field(None, max_length=65536,
+                                       description="the output is in this GBNF grammar's language (root rule)")
     pins: dict[str, str | list[int]] | None = Field(
         None, max_length=256, description="canvas control: {output token offset: text or token ids} placed "
         "there whatever the model says; the output runs at least to the end of the last pin")

@@ -167,8 +167,8 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
 
 
 def build_constraint(state: ServerState, body: _Common):
-    """The canvas constraint for a tool call, response_format, guided_json, guided_choice, guided_regex
-    or pins (one at most), or None."""
+    """The canvas constraint for a tool call, response_format, guided_json, guided_choice, guided_regex,
+    guided_grammar or pins (one at most), or None."""
     max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
     if forced_tool(body) is not None or chosen_tools(body) is not None:
         return _tool_constraint(state, body, max_tokens)
@@ -206,11 +206,14 @@ def build_constraint(state: ServerState, body: _Common):
             from ..sampling.choice import ChoiceConstraint
 
             return ChoiceConstraint(body.guided_choice, state.tokenizer, name)
+        from ..sampling.grammar import GrammarConstraint
         from ..sampling.regex import DEFAULT_TOKENS, RegexConstraint
         from ..sampling.regex_fsm import RegexCompileBusy
 
         width = max_tokens - 1 if max_tokens else DEFAULT_TOKENS  # match + EOS padding, then the pinned EOS
         try:
+            if name == "guided_grammar":
+                return GrammarConstraint(body.guided_grammar, state.tokenizer, width, name, state.regex_timeout)
             return RegexConstraint(body.guided_regex, state.tokenizer, width, name, state.regex_timeout)
         except RegexCompileBusy as e:
             raise APIError(503, f"{name}: {e}", name, type="server_error") from None
