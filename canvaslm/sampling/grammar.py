@@ -237,6 +237,13 @@ def grammar_regex(text: str, max_depth: int = DEFAULT_DEPTH) -> str:
     """A GBNF grammar -> a regular expression for its language, recursion unrolled `max_depth` deep."""
     if not isinstance(text, str) or not text.strip():
         raise GrammarError("guided_grammar must be a non-empty grammar")
+    try:
+        return _unrolled(text, max_depth)
+    except RecursionError:
+        raise GrammarError("guided_grammar: groups or rules nest too deeply to unroll") from None
+
+
+def _unrolled(text: str, max_depth: int) -> str:
     parser = _Parser(text)
     rules = parser.rules()
     if "root" not in rules:

@@ -89,6 +89,7 @@ ws ::= [ \t]+'''))
     ('root = "a"', "unexpected character '=' at line 1, column 6"),
     ('"a"', "expected a rule: name ::= expression at line 1, column 1"),
     ('', "non-empty grammar"),
+    ('root ::= ' + "(" * 5000 + '"a"' + ")" * 5000, "nest too deeply"),
 ])
 def test_bad_grammars_name_the_place(grammar, words):
     with pytest.raises(GrammarError, match=re.escape(words)):
