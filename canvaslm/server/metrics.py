@@ -2,7 +2,8 @@
 
 Families: queue depth, running requests, denoising steps/s and tokens/s (over the last 10 s, plus
 the raw counters for `rate()`), time to first token (histogram), tokens per forward (mean over
-finished requests), finished requests by reason. Uses `prometheus_client` when installed (the `serve`
+finished requests), finished requests by reason, and with LoRA adapters served, requests held per
+adapter. Uses `prometheus_client` when installed (the `serve`
 extra), else writes the same text format by hand.
 """
 
@@ -40,7 +41,22 @@ def _families(engine: Engine) -> list[tuple]:
          [("_total", {}, s.cached_prompt_tokens)]),
         ("requests_finished", "counter", "Finished requests by reason",
          [("_total", {"reason": r}, n) for r, n in sorted(s.requests_finished.items())]),
-    ]
+    ] + _lora_families(engine)
+
+
+def _lora_families(engine: Engine) -> list[tuple]:
+    """Requests the engine holds (waiting or running) per served LoRA adapter, 0 for idle ones."""
+    served = getattr(engine.runner.model, "lora_serving", None)
+    if served is None:
+        return []
+    active = dict(served.active)  # a copy: the engine thread updates it
+    names = {i: name for name, i in dict(served.ids).items()}
+    counts = {name: active.get(i, 0) for i, name in names.items()}
+    unloaded = sum(n for i, n in active.items() if i and i not in names)
+    samples = [("", {"adapter": name}, n) for name, n in sorted(counts.items())]
+    if unloaded:
+        samples.append(("", {"adapter": "(unloaded)"}, unloaded))
+    return [("lora_requests", "gauge", "Requests held (waiting or running) by LoRA adapter", samples)]
 
 
 def _render_by_hand(families) -> str:
@@ -73,14 +89,13 @@ def render_metrics(engine: Engine) -> tuple[str, str]:
                     bk = [(lab["le"], v) for sfx, lab, v in samples if sfx == "_bucket"]
                     total = next(v for sfx, _, v in samples if sfx == "_sum")
                     yield HistogramMetricFamily(full, help_text, buckets=bk, sum_value=total)
-                elif kind == "counter":
+                else:  # counters and gauges, with or without labels
                     labels = sorted({k for _, lab, _ in samples for k in lab})
-                    fam = CounterMetricFamily(full, help_text, labels=labels)
+                    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                    fam = cls(full, help_text, labels=labels)
                     for _, lab, v in samples:
                         fam.add_metric([lab[k] for k in labels], v)
                     yield fam
-                else:
-                    yield GaugeMetricFamily(full, help_text, value=samples[0][2])
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())

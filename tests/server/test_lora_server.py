@@ -99,6 +99,11 @@ def test_adapter_rows_are_independent_of_their_batch_mates(servers):
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda job: _chat(c, *job), jobs))
     assert together == [alone[j] for j in jobs]
+    import httpx  # every request let go of its adapter: the per-adapter gauge is back at zero
+
+    text = httpx.get(str(c.base_url).removesuffix("/v1/") + "/metrics").text
+    for name in ("strong", "trained"):
+        assert f'canvaslm_lora_requests{{adapter="{name}"}} 0.0' in text, text
 
 
 def test_bad_lora_modules_stop_serve_before_the_model_loads(setup, tmp_path, capsys):
