@@ -16,10 +16,26 @@ peft = pytest.importorskip("peft")
 LAYER = r"\.layers\.\d+\.(self_attn\.(q_proj|v_proj|o_proj)|mlp\.(gate_proj|down_proj))"
 
 
+def _side_by_side(ref, model, served, g, n: int = 10):
+    """Canvas logits of the peft model `ref` and of ours with adapter 1, after encoding the same prompt."""
+    from transformers.cache_utils import DynamicCache
+
+    ids = torch.randint(3, model.cfg.vocab_size, (1, n), generator=g)
+    canvas = torch.randint(3, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=g)
+    with torch.no_grad():
+        cache_ref = DynamicCache(config=ref.config.get_text_config(decoder=True))
+        ref.base_model.model.model.encoder(input_ids=ids, past_key_values=cache_ref, position_ids=torch.arange(n)[None])
+        want = ref(decoder_input_ids=canvas, past_key_values=cache_ref).logits
+        cache = KVCache(model.cfg, 1, n + model.cfg.canvas_length)
+        with served.using(1):
+            model.encode(ids, torch.arange(n)[None], torch.tensor([0]), cache)
+            got = model.denoise(canvas, torch.tensor([0]), cache)
+    return want, got
+
+
 @pytest.mark.parametrize("which", [r".*decoder", r".*(encoder\.language_model|decoder)"])
 def test_peft_adapter_gives_the_reference_logits(tmp_path, which):
     from transformers import DiffusionGemmaForBlockDiffusion
-    from transformers.cache_utils import DynamicCache
 
     ckpt = make_tiny_checkpoint(tmp_path / "base")
     ref = peft.get_peft_model(DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt).eval(),
@@ -35,21 +51,10 @@ def test_peft_adapter_gives_the_reference_logits(tmp_path, which):
 
     model = load_model(ckpt)
     served = install(model, [adapter], 1)
-    ids = torch.randint(3, model.cfg.vocab_size, (1, 10), generator=g)
-    canvas = torch.randint(3, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=g)
-    with torch.no_grad():
-        cache_ref = DynamicCache(config=ref.config.get_text_config(decoder=True))
-        ref.base_model.model.model.encoder(input_ids=ids, past_key_values=cache_ref, position_ids=torch.arange(10)[None])
-        want = ref(decoder_input_ids=canvas, past_key_values=cache_ref).logits
-        base = ref.get_base_model()
-        with ref.disable_adapter():
-            cache_b = DynamicCache(config=ref.config.get_text_config(decoder=True))
-            base.model.encoder(input_ids=ids, past_key_values=cache_b, position_ids=torch.arange(10)[None])
-            plain = base(decoder_input_ids=canvas, past_key_values=cache_b).logits
-        cache = KVCache(model.cfg, 1, 10 + model.cfg.canvas_length)
-        with served.using(1):
-            model.encode(ids, torch.arange(10)[None], torch.tensor([0]), cache)
-            got = model.denoise(canvas, torch.tensor([0]), cache)
+    same = torch.Generator().set_state(g.get_state())  # the same prompt and canvas for the base run
+    want, got = _side_by_side(ref, model, served, g)
+    with ref.disable_adapter():
+        plain, _ = _side_by_side(ref, model, served, same)
     assert (want - plain).abs().max() > 1e-2  # the adapter matters
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -58,7 +63,6 @@ def test_our_adapter_files_load_in_peft(tmp_path):
     """What `write_adapter` (and so `canvaslm export --adapter`) writes loads with `PeftModel.from_pretrained`
     on the reference model and gives the logits we serve."""
     from transformers import DiffusionGemmaForBlockDiffusion
-    from transformers.cache_utils import DynamicCache
 
     from canvaslm.lora_serving import write_adapter
 
@@ -72,14 +76,5 @@ def test_our_adapter_files_load_in_peft(tmp_path):
     write_adapter(tmp_path / "ours", weights, rank=3, alpha=1.5)
     ref = peft.PeftModel.from_pretrained(DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt).eval(), tmp_path / "ours")
     served = install(model, [read_adapter(tmp_path / "ours")], 1)
-    ids = torch.randint(3, model.cfg.vocab_size, (1, 9), generator=g)
-    canvas = torch.randint(3, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=g)
-    with torch.no_grad():
-        cache_ref = DynamicCache(config=ref.config.get_text_config(decoder=True))
-        ref.base_model.model.model.encoder(input_ids=ids, past_key_values=cache_ref, position_ids=torch.arange(9)[None])
-        want = ref(decoder_input_ids=canvas, past_key_values=cache_ref).logits
-        cache = KVCache(model.cfg, 1, 9 + model.cfg.canvas_length)
-        with served.using(1):
-            model.encode(ids, torch.arange(9)[None], torch.tensor([0]), cache)
-            got = model.denoise(canvas, torch.tensor([0]), cache)
+    want, got = _side_by_side(ref, model, served, g)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
