@@ -89,6 +89,12 @@ def build_app(state: ServerState) -> FastAPI:
             return _error(503, "the engine thread is not running", type="server_error")
         return {"status": "ok"}
 
+    @app.get("/version")
+    async def version():
+        from .. import __version__
+
+        return {"version": __version__}
+
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         body, content_type = render_metrics(state.engine)

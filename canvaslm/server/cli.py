@@ -165,8 +165,9 @@ def _serve(args) -> int:
     state.embedding_pooling = args.embedding_pooling
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    loras = f", LoRA adapters {sorted(state.loras)}" if state.loras else ""
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "
-          f"(max_batch={config.max_batch}, max_model_len={config.max_model_len})", flush=True)
+          f"(max_batch={config.max_batch}, max_model_len={config.max_model_len}{loras})", flush=True)
     try:
         uvicorn.run(build_app(state), host=args.host, port=args.port, log_level="info")
     finally:

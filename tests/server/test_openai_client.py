@@ -173,6 +173,9 @@ def test_async_concurrent_requests_match_llm(server, llm):
 def test_models_health_metrics(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}
+    import canvaslm
+
+    assert httpx.get(server.base_url + "/version").json() == {"version": canvaslm.__version__}
     text = httpx.get(server.base_url + "/metrics").text
     for name in ("canvaslm_queue_depth", "canvaslm_running_requests", "canvaslm_denoising_steps_per_second",
                  "canvaslm_tokens_per_second", "canvaslm_time_to_first_token_seconds_bucket",
