@@ -1,10 +1,11 @@
 """`canvaslm run-batch MODEL_DIR -i requests.jsonl -o results.jsonl`: OpenAI's batch file format, offline.
 
 Each input line is a request of the OpenAI Batch API: `{"custom_id", "method": "POST", "url":
-"/v1/chat/completions" | "/v1/completions" | "/v1/responses", "body": {...}}`. Every request goes
-through the server's own app in this process (httpx's ASGI transport, no socket), so it is validated,
-batched by the engine and answered exactly as `canvaslm serve` would answer it; up to `concurrency`
-run at once, so the engine batches them and shares their common prompt prefixes. Each output line,
+"/v1/chat/completions" | "/v1/completions" | "/v1/responses" | "/v1/embeddings", "body": {...}}`.
+Every request goes through the server's own app in this process (httpx's ASGI transport, no socket),
+so it is validated, batched by the engine and answered exactly as `canvaslm serve` would answer it; up
+to `concurrency` run at once, so the engine batches them and shares their common prompt prefixes. Each
+output line,
 in input order, is `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`.
 A request the server refuses keeps its 4xx status and error body. A line that is not a request at all
 (bad JSON, a missing field, another method or url, `stream: true`) gets `"response": null` and an
@@ -21,7 +22,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 
 
 class BatchInputError(ValueError):

@@ -19,6 +19,7 @@ GOOD = [
     ("text", "/v1/completions", {"model": "tiny", "prompt": "Once upon", "max_tokens": 20, "seed": 2, "n": 2}),
     ("resp", "/v1/responses", {"model": "tiny", "input": "hello", "max_output_tokens": 10, "seed": 3}),
     ("chat-same-prefix", "/v1/chat/completions", {**CHAT, "seed": 4}),
+    ("emb", "/v1/embeddings", {"model": "tiny", "input": ["hello", "there"]}),
 ]
 
 
@@ -35,7 +36,7 @@ def test_run_batch_answers_as_the_server_does(tiny_checkpoint, tmp_path):
     lines = [line(*g) for g in GOOD]
     lines += [line("bad-field", "/v1/chat/completions", {**CHAT, "max_tokens": -1}),
               "{not json",
-              line("wrong-url", "/v1/embeddings", {"model": "tiny"}),
+              line("wrong-url", "/v1/moderations", {"model": "tiny"}),
               line("streamed", "/v1/completions", {"model": "tiny", "prompt": "x", "stream": True}),
               line("get", "/v1/completions", {}, method="GET"),
               ""]
@@ -43,7 +44,7 @@ def test_run_batch_answers_as_the_server_does(tiny_checkpoint, tmp_path):
     src.write_text("\n".join(lines) + "\n")
     proc = run_cli(tiny_checkpoint, "-i", src, "-o", out, "--served-model-name", "tiny", "--concurrency", "3")
     assert proc.returncode == 0, proc.stderr
-    assert "9 requests, 4 ok, 5 failed" in proc.stdout
+    assert "10 requests, 5 ok, 5 failed" in proc.stdout
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["custom_id"] for r in records] == [g[0] for g in GOOD] + ["bad-field", None, "wrong-url",
                                                                           "streamed", "get"]
@@ -52,7 +53,9 @@ def test_run_batch_answers_as_the_server_does(tiny_checkpoint, tmp_path):
             want = httpx.post(srv.base_url + url, json=body, timeout=60).json()
             got = record["response"]
             assert got["status_code"] == 200 and record["error"] is None and record["id"].startswith("batch_req_")
-            if url == "/v1/responses":
+            if url == "/v1/embeddings":
+                assert [d["embedding"] for d in got["body"]["data"]] == [d["embedding"] for d in want["data"]]
+            elif url == "/v1/responses":
                 assert got["body"]["output"][0]["content"][0]["text"] == want["output"][0]["content"][0]["text"]
             else:
                 key = "message" if "chat" in url else "text"
@@ -60,11 +63,11 @@ def test_run_batch_answers_as_the_server_does(tiny_checkpoint, tmp_path):
     refused = records[len(GOOD)]
     assert refused["response"]["status_code"] == 400 and refused["response"]["body"]["error"]["param"] == "max_tokens"
     problems = [r["error"]["message"] for r in records[len(GOOD) + 1:]]
-    assert problems == ["line 6: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
-                        "line 7: url '/v1/embeddings' is not one of ['/v1/chat/completions', '/v1/completions', "
-                        "'/v1/responses']",
-                        "line 8: body.stream must be false in a batch",
-                        "line 9: method 'GET' is not supported; only POST"]
+    assert problems == ["line 7: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+                        "line 8: url '/v1/moderations' is not one of ['/v1/chat/completions', '/v1/completions', "
+                        "'/v1/responses', '/v1/embeddings']",
+                        "line 9: body.stream must be false in a batch",
+                        "line 10: method 'GET' is not supported; only POST"]
 
 
 def test_bad_input_files_fail_before_the_model_loads(tmp_path, tiny_checkpoint):
