@@ -13,6 +13,8 @@
 #           another, with and without prefix caching (prefix-burst: the 4 at once)
 #   continuous  bench/continuous.py at the 26B-A4B shape: LLM.generate_continuous vs LLM.generate (static
 #           batches), 32 prompts of mixed budgets, batch 8
+#   lora    bench/lora_serving.py at the 26B-A4B shape: 4 requests on served LoRA adapters (rank 16, every
+#           projection) vs the same model with one adapter merged into its weights (one model held)
 #   compiled  the reference with torch.compile too (its compile takes minutes; last, on its own)
 # Each stage has its own time limit and the next one runs whatever it returned. Output: $OUT/fast_path_gpu.log.
 #
@@ -76,9 +78,11 @@ for s in "${@:-tests bf16 fp8 serve}"; do
                       --canvas "$CANVAS" --prefix "$PREFIX" --suffix 64 --requests 4 --steps 16 --together ;;
       continuous) stage continuous 300 $PY bench/continuous.py --shape "$SHAPE" --device "$DEVICE" --canvas "$CANVAS" \
                     --prompts "$CONT_PROMPTS" --max-batch 8 ;;
+      lora) stage lora 300 $PY bench/lora_serving.py --shape "$SHAPE" --device "$DEVICE" --canvas "$CANVAS" \
+              --requests 4 --adapters 4 --rank 16 --canvases 2 --steps 16 ;;
       compiled) stage compiled 540 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1 \
                   --reference eager,compiled "${cpu[@]}" ;;
-      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, continuous, compiled)" \
+      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, continuous, lora, compiled)" \
            | tee -a "$LOG"; exit 2 ;;
     esac
   done

@@ -6,8 +6,10 @@
 
 Three runs: the merged model (peer); the served model with every request on adapter 1 (the same
 outputs, to float rounding); the served model with requests spread over the base and all adapters
-(one step serves them all). The model is random (no download) at a small shape by default; `--shape`
-picks a named one (e.g. 26b-a4b on a GPU). Prints wall time and tokens/s of each, and ratios.
+(one step serves them all). One model is held: adapter 1 is folded into its weights for the peer's run,
+then taken back out (to rounding) and the adapters installed, so a 26B model fits one GPU. The model is
+random (no download) at a small shape by default; `--shape` picks a named one (e.g. 26b-a4b on a GPU).
+Prints wall time and tokens/s of each, and ratios.
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ def adapters(model, k: int, rank: int) -> list:
     return out
 
 
-def merged(model, weights: dict):
-    """The model with an adapter of our (shared, both-mode) projections folded into its weights."""
+def fold(model, weights: dict, sign: int = 1):
+    """Add (sign=1) or take back (-1) an adapter of our shared projections in the model's weights, in
+    place: the peer runs on the same tensors, so a 26B model is held once."""
     mods = dict(model.named_modules())
     with torch.no_grad():
         for name, (a, b) in weights.items():
             w = mods[name].weight
-            w += (b @ a).to(w.device, w.dtype)
+            w += sign * (b @ a).to(w.device, w.dtype)
     return model
 
 
@@ -87,22 +90,18 @@ def main() -> None:
     args = ap.parse_args()
     cfg = model_config(args)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    build = lambda: build_random_model(cfg, device=args.device, dtype=dtype, seed=0, std=0.5).eval()  # noqa: E731
-    served = build()
-    ads = adapters(served, args.adapters, args.rank)
-    install(served, [a for a, _ in ads], num_slots=args.requests)
-    peer = merged(build(), ads[0][1])
+    model = build_random_model(cfg, device=args.device, dtype=dtype, seed=0, std=0.5).eval()
+    ads = adapters(model, args.adapters, args.rank)
     rng = random.Random(0)
     prompts = [[2] + [rng.randrange(3, cfg.vocab_size) for _ in range(args.prompt - 1)] for _ in range(args.requests)]
     n_new = args.canvases * args.canvas
     params = DiffusionParams(max_new_tokens=n_new, max_denoising_steps=args.steps, eos_token_ids=(1,), pad_token_id=0,
                              entropy_bound=1e9)  # accept every position: every request runs every step
     max_len = args.prompt + n_new
-    runs = {
-        "merged adapter 1 (peer)": (peer, [0] * args.requests),
-        "served, all on adapter 1": (served, [1] * args.requests),
-        f"served, spread over base + {args.adapters} adapters": (served, [i % (args.adapters + 1)
-                                                                         for i in range(args.requests)]),
+    runs = {  # the peer first: adapter 1 folded into the weights, then taken back out and served
+        "merged adapter 1 (peer)": [0] * args.requests,
+        "served, all on adapter 1": [1] * args.requests,
+        f"served, spread over base + {args.adapters} adapters": [i % (args.adapters + 1) for i in range(args.requests)],
     }
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     print(f"model: {args.shape or f'hidden {args.hidden}, {args.layers} layers'} ({dtype}), canvas {args.canvas}, "
@@ -112,7 +111,10 @@ def main() -> None:
     print("| run | wall (s) | tokens/s | vs peer |")
     print("|---|---|---|---|")
     peer_rate = None
-    for name, (model, loras) in runs.items():
+    fold(model, ads[0][1])
+    for k, (name, loras) in enumerate(runs.items()):
+        if k == 1:
+            install(fold(model, ads[0][1], -1), [a for a, _ in ads], num_slots=args.requests)
         wall, tokens = timed(model, prompts, params, loras, args.requests, max_len)
         rate = tokens / wall
         peer_rate = peer_rate or rate

@@ -86,7 +86,7 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
     env = {**os.environ, "DEVICE": "cpu", "SHAPE": "tiny", "WHEELS": "none", "OUT": str(tmp_path),
            "PYTHON": sys.executable, "CANVAS": "16", "PREFIX": "1024", "CONT_PROMPTS": "4"}
     proc = subprocess.run(["bash", str(repo / "bench/fast_path_gpu.sh"), "int4", "serve", "prefix", "continuous",
-                           "nosuchstage"],
+                           "lora", "nosuchstage"],
                           cwd=repo, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -96,6 +96,7 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
     assert "== serve: rc 0," in log and "concurrency 1:" in log and "concurrency 4:" in log, log
     assert "== prefix: rc 0," in log and "3072 of 4352" in log and "outputs identical: True" in log, log
     assert "== continuous: rc 0," in log and "x the speed of generate" in log, log
+    assert "== lora: rc 0," in log and "| merged adapter 1 (peer) |" in log, log
     assert "unknown stage nosuchstage" in log
 
 
