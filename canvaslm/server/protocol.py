@@ -325,6 +325,9 @@ class TextConfig(_Strict):
     format: TextFormat | None = None
 
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
 class ResponsesRequest(_Strict):
     """POST /v1/responses: the Responses API, served by translating it to a chat completion; responses
     are kept in memory for `previous_response_id` (server/responses.py)."""
@@ -346,6 +349,8 @@ class ResponsesRequest(_Strict):
     user: str | None = Field(None, max_length=512)
     previous_response_id: str | None = None
     reasoning: dict[str, Any] | None = None
+    include: list[str] | None = Field(None, max_length=16)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     # diffusion extensions and vLLM's, as on the other routes (`extra_body` in the openai client)
     seed: int | None = Field(None, ge=0, le=INT64)
     max_denoising_steps: int | None = Field(None, ge=1, le=4096)
@@ -358,7 +363,14 @@ class ResponsesRequest(_Strict):
     def unsupported(self) -> tuple[str, str] | None:
         if self.reasoning:
             return "reasoning", "reasoning options are not supported (the model has no reasoning mode here)"
+        other = [x for x in self.include or () if x != LOGPROBS_INCLUDE]
+        if other:
+            return "include", f"include values {other} are not supported (only {LOGPROBS_INCLUDE!r})"
         return None
+
+    def wants_logprobs(self) -> bool:
+        """The output text's log-probs: asked with include or with top_logprobs."""
+        return LOGPROBS_INCLUDE in (self.include or ()) or self.top_logprobs is not None
 
 
 class TokenizeRequest(_Strict):

@@ -24,8 +24,8 @@ import time
 import uuid
 
 from .protocol import ChatCompletionRequest, ResponsesRequest
-from .serving import (APIError, ServerState, encode_chat, need_chat_template, prepare, run_choices, run_to_end,
-                      usage)
+from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare, run_choices,
+                      run_to_end, usage)
 from .tools import tool_replies
 
 
@@ -104,17 +104,38 @@ def _item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def output_items(message: dict, status: str = "completed") -> list[dict]:
-    """A chat reply message -> Responses output items (its text, then one item per tool call)."""
+def output_items(message: dict, status: str = "completed", logprobs: list | None = None) -> list[dict]:
+    """A chat reply message -> Responses output items (its text, with `logprobs` when asked, then one item
+    per tool call)."""
     text, calls = message.get("content") or "", message.get("tool_calls") or []
     items = []
     if text or not calls:  # an empty message too when nothing was generated (an immediate EOS), as OpenAI sends
         items.append({"type": "message", "id": _item_id("msg"), "status": status, "role": "assistant",
-                      "content": [{"type": "output_text", "text": text, "annotations": []}]})
+                      "content": [_text_part(text, logprobs)]})
     for call in calls:
         items.append({"type": "function_call", "id": _item_id("fc"), "call_id": call["id"], "status": "completed",
                       "name": call["function"]["name"], "arguments": call["function"]["arguments"]})
     return items
+
+
+def _text_part(text: str, logprobs: list | None) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs
+    return part
+
+
+async def _logprobs(state: ServerState, body: ResponsesRequest, prompt: list, c, replies) -> list | None:
+    """The output text's log-probs in the Responses format (chat's entries: token, logprob, bytes,
+    top_logprobs), or None if not asked; none for a reply read as tool calls."""
+    if not body.wants_logprobs():
+        return None
+    from .scored import chat_logprobs
+
+    if c.index in replies:
+        return []
+    need_tokenizer(state, "top_logprobs")
+    return (await chat_logprobs(state, body.model, prompt, c.tracker.ids, body.top_logprobs or 0))["content"]
 
 
 def response_object(body: ResponsesRequest, rid: str, created: int, output: list, finish: str | None,
@@ -169,7 +190,9 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     await run_to_end(state, choices, request)
     c = choices[0]
     message = _message(c, replies)
-    out = response_object(body, rid, created, output_items(message), c.finish_reason, usage(choices, [ids]))
+    logprobs = await _logprobs(state, body, ids, c, replies)
+    out = response_object(body, rid, created, output_items(message, logprobs=logprobs), c.finish_reason,
+                          usage(choices, [ids]))
     if body.store is not False:
         store(state, out, history + turns + [message])
     return out
@@ -198,7 +221,7 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
             async with contextlib.aclosing(run_choices(state, choices)) as events:
                 async for _ in events:
                     pass
-            items = output_items(_message(c, replies))
+            items = output_items(_message(c, replies), logprobs=await _logprobs(state, body, prompts[0], c, replies))
             for k, item in enumerate(items):
                 for line in _item_events(event, k, item):
                     yield line
@@ -215,9 +238,10 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                         text += payload
                         yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
                                     delta=payload, logprobs=[])
-            part = {"type": "output_text", "text": text, "annotations": []}
+            logprobs = await _logprobs(state, body, prompts[0], c, replies)  # sent with the done events
+            part = _text_part(text, logprobs)
             yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text,
-                        logprobs=[])
+                        logprobs=logprobs or [])
             yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=part)
             items = [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant", "content": [part]}]
             yield event("response.output_item.done", output_index=0, item=items[0])
@@ -249,6 +273,6 @@ def _item_events(event, k: int, item: dict):
         yield event("response.output_text.delta", item_id=item["id"], output_index=k, content_index=0,
                     delta=part["text"], logprobs=[])
     yield event("response.output_text.done", item_id=item["id"], output_index=k, content_index=0,
-                text=part["text"], logprobs=[])
+                text=part["text"], logprobs=part.get("logprobs", []))
     yield event("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
     yield event("response.output_item.done", output_index=k, item=item)

@@ -76,6 +76,27 @@ def test_stream_sends_the_event_sequence_and_the_same_text(client):
     assert final.output_text == whole.output_text and final.usage.output_tokens == whole.usage.output_tokens
 
 
+def test_output_text_logprobs_equal_chat_logprobs(client):
+    """include message.output_text.logprobs (and top_logprobs): the text part carries chat's entries for the
+    same conversation and seed, streamed on the done events too; without it there are none."""
+    kw = dict(model=MODEL, input="What is up?", max_output_tokens=30, extra_body={"seed": 6})
+    want = chat(client, [{"role": "user", "content": "What is up?"}], max_tokens=30, seed=6, logprobs=True,
+                top_logprobs=2).choices[0].logprobs.content
+    r = client.responses.create(**kw, include=["message.output_text.logprobs"], top_logprobs=2)
+    got = r.output[0].content[0].logprobs
+    assert [(e.token, round(e.logprob, 4)) for e in got] == [(e.token, round(e.logprob, 4)) for e in want]
+    assert [[t.token for t in e.top_logprobs] for e in got] == [[t.token for t in e.top_logprobs] for e in want]
+    assert len(want) > 5
+    events = list(client.responses.create(**kw, include=["message.output_text.logprobs"], top_logprobs=2,
+                                          stream=True))
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [(e.token, round(e.logprob, 4)) for e in done.logprobs] == [(e.token, round(e.logprob, 4)) for e in want]
+    assert not getattr(client.responses.create(**kw).output[0].content[0], "logprobs", None)
+    with pytest.raises(BadRequestError) as e:
+        client.responses.create(**kw, include=["reasoning.encrypted_content"])
+    assert e.value.body["param"] == "include" and "reasoning.encrypted_content" in e.value.body["message"]
+
+
 def test_json_schema_format(client):
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["n"], "additionalProperties": False}
