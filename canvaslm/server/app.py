@@ -10,7 +10,8 @@ Stream format (text/event-stream): `data: <chunk JSON>` per committed canvas; wi
 chunks in between, shaped like ordinary chunks with empty text/delta plus a top-level
 `"draft": {"index", "canvas_index", "denoise_step", "text"}` (the argmax text of the canvas being
 denoised), so any OpenAI client still parses them; the last chunk of a choice has its finish_reason;
-with stream_options.include_usage a final chunk with empty choices carries usage; then `data: [DONE]`.
+with stream_options.include_usage a final chunk with empty choices carries usage (with
+continuous_usage_stats, vLLM's, every chunk also carries the usage so far); then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -267,6 +268,8 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     replies = tool_replies(state, body, choices) if chat else {}  # choice index -> ToolReply
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if include_usage and body.stream_options.continuous_usage_stats:
+            include_usage = "continuous"
         top = ((body.top_logprobs or 0) if body.logprobs else None) if chat else body.logprobs
         gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies, top)
         return StreamingResponse(gen, media_type="text/event-stream",
@@ -335,8 +338,8 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
         else:
             ch = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         data = {"id": rid, "object": obj, "created": created, "model": model, "choices": [ch]}
-        if include_usage:
-            data["usage"] = None
+        if include_usage:  # null on the chunks, the totals on a last one; or the running totals on each
+            data["usage"] = usage(choices, prompts) if include_usage == "continuous" else None
         if draft is not None:
             data["draft"] = draft
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

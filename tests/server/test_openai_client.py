@@ -87,6 +87,18 @@ def test_streamed_text_equals_non_streamed_with_usage(client, llm):
     assert not drafts and chunks >= 2
 
 
+def test_continuous_usage_stats_counts_as_the_text_arrives(client, llm):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far; completion tokens
+    never go down and end at the non-streamed count, and the prompt count is there from the start."""
+    prompt = probe_prompt(llm, 2)
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=3)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=3, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [ch.usage.completion_tokens for ch in chunks]
+    assert all(ch.usage.prompt_tokens == full.usage.prompt_tokens for ch in chunks)
+    assert counts == sorted(counts) and counts[-1] == full.usage.completion_tokens and len(set(counts)) >= 2
+
+
 def test_chat_sync_and_stream_match_llm(client, llm):
     messages = chat_messages(llm)
     ids = llm.tokenizer.encode_chat(messages)
