@@ -111,3 +111,13 @@ def test_lora_serving_bench_runs_its_three_engines():
     assert [r.split("|")[1].strip() for r in rows] == ["merged adapter 1 (peer)", "served, all on adapter 1",
                                                        "served, spread over base + 1 adapters"]
     assert rows[0].endswith("| 1.00x |")
+
+
+def test_constraint_passes_bench_compares_with_the_dense_peer():
+    """bench/constraint_passes.py at a small vocabulary: both ways give the same masks and committed ids."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench/constraint_passes.py"), "--vocab", "600", "--files", "60",
+                           "--width", "31", "--repeat", "1"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| dense [states x symbols] (peer) |" in proc.stdout
+    assert "same masks: True, same committed ids: True" in proc.stdout, proc.stdout
