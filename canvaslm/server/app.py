@@ -271,7 +271,10 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
         if include_usage and body.stream_options.continuous_usage_stats:
             include_usage = "continuous"
         top = ((body.top_logprobs or 0) if body.logprobs else None) if chat else body.logprobs
-        gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies, top)
+        echo = not chat and body.echo  # the prompt's text first, then the completion's
+        if echo:
+            need_tokenizer(state, "echo")
+        gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies, top, echo)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)  # the trackers accumulate the text
@@ -301,7 +304,7 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
 
 
 async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, replies,
-                  top_logprobs: int | None = None):
+                  top_logprobs: int | None = None, echo: bool = False):
     """top_logprobs: `logprobs` (chat's, or completions' legacy object) with this many alternatives on the
     chunks, None for none: each chunk a commit produces carries the log-probs of the tokens committed
     since the last one that did."""
@@ -348,6 +351,9 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
         if chat:
             for c in choices:
                 yield chunk(c.index, delta=replies[c.index].first_delta()) if replies else chunk(c.index, "", role=True)
+        elif echo:
+            for c in choices:
+                yield chunk(c.index, state.tokenizer.decode(prompts[c.prompt_index]))
         async with contextlib.aclosing(run_choices(state, choices)) as events:  # closing it cancels
             async for kind, i, payload in events:
                 if kind == "delta" and replies:

@@ -152,8 +152,8 @@ class CompletionRequest(_Common):
     def unsupported(self) -> tuple[str, str] | None:
         if self.max_tokens == 0 and not self.echo:
             return "max_tokens", "max_tokens=0 needs echo=true (the prompt is scored, nothing is generated)"
-        if self.echo and self.stream:
-            return "stream", "echo is not available with stream=true (logprobs is)"
+        if self.echo and self.stream and (self.logprobs is not None or self.max_tokens == 0):
+            return "stream", "echo with logprobs or max_tokens=0 is not available with stream=true (each alone is)"
         if self.scored() and self.suffix:
             return "suffix", "echo and logprobs cannot be combined with suffix"
         if self.suffix and self.stream_drafts:

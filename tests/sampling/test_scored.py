@@ -173,6 +173,18 @@ def test_streamed_completion_logprobs_equal_the_whole_completion(client):
     assert "".join(ch.text for ch in chunks) == whole.text
 
 
+def test_streamed_echo_sends_the_prompt_first(client):
+    """echo with stream: each choice's first chunk is its prompt's text, and the whole stream is the
+    non-streamed echoed text."""
+    c, model = client
+    kw = dict(model=model, prompt="hello", max_tokens=24, seed=8, echo=True, n=2)
+    whole = c.completions.create(**kw).choices
+    chunks = [ch.choices[0] for ch in c.completions.create(**kw, stream=True) if ch.choices]
+    for i in range(2):
+        mine = [ch.text for ch in chunks if ch.index == i]
+        assert mine[0] == "hello" and "".join(mine) == whole[i].text
+
+
 def test_best_of_returns_the_most_likely_completions(client):
     """best_of=4, n=2: the two returned are the two with the highest mean log-prob per token among the four that
     n=4 gives for the same seed (their per-token log-probs, from the logprobs path, give the same scores)."""
