@@ -258,3 +258,21 @@ def test_cli_generate_with_an_adapter_and_infill_ranks_with_it(ckpt, adapters, c
         want = score_continuations(llm.model, llm.encode_prompt("def f(x):\n    "),
                                    [llm.tokenizer.encode(fill.middle, add_special_tokens=False) + suffix])
     assert fill.scores[fill.gap] == pytest.approx(want[0], abs=1e-4)
+
+
+def test_cli_chat_with_an_adapter(ckpt, adapters, monkeypatch, capsys):
+    """`canvaslm chat --lora DIR`: each turn is LLM.chat with SamplingParams(lora=...)."""
+    import io
+
+    from canvaslm.cli import main
+    from canvaslm.llm import LLM, SamplingParams
+
+    d = adapters[0]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", str(ckpt), "--lora", str(d / "one"), "--seed", "2", "--max-new-tokens", "16",
+                 "--device", "cpu"]) == 0
+    llm = LLM(ckpt, device="cpu", lora_modules={"lora": d / "one"})
+    msgs = [{"role": "user", "content": "hi"}]
+    want = llm.chat(msgs, SamplingParams(max_new_tokens=16, seed=2, lora="lora")).text
+    assert capsys.readouterr().out == want + "\n"
+    assert want != llm.chat(msgs, SamplingParams(max_new_tokens=16, seed=2)).text
