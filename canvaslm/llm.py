@@ -168,25 +168,24 @@ class LLM:
                                   f"grammar; got {given}")
         if given and given[0] != "constraint" and self.tokenizer is None:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so {given[0]} is not available")
+        # one-slot outputs (JSON mode, regex, grammar): all of max_new_tokens but the pinned EOS, or a default
+        slot = sp.max_new_tokens - 1 if sp.max_new_tokens and sp.max_new_tokens > 1 else None
         if sp.json_schema is not None:
             from .sampling.json_schema import JsonSchemaConstraint
             c = JsonSchemaConstraint(sp.json_schema, self.tokenizer)
         if sp.json_object:
             from .sampling.json_any import DEFAULT_TOKENS, JsonObjectConstraint
-            width = sp.max_new_tokens - 1 if sp.max_new_tokens and sp.max_new_tokens > 1 else DEFAULT_TOKENS
-            c = JsonObjectConstraint(self.tokenizer, width, "SamplingParams.json_object")
+            c = JsonObjectConstraint(self.tokenizer, slot or DEFAULT_TOKENS, "SamplingParams.json_object")
         if sp.choice is not None:
             from .sampling.choice import ChoiceConstraint
             c = ChoiceConstraint(list(sp.choice), self.tokenizer, "SamplingParams.choice")
         if sp.regex is not None:
             from .sampling.regex import DEFAULT_TOKENS, RegexConstraint
-            width = sp.max_new_tokens - 1 if sp.max_new_tokens and sp.max_new_tokens > 1 else DEFAULT_TOKENS
-            c = RegexConstraint(sp.regex, self.tokenizer, width, "SamplingParams.regex")
+            c = RegexConstraint(sp.regex, self.tokenizer, slot or DEFAULT_TOKENS, "SamplingParams.regex")
         if sp.grammar is not None:
             from .sampling.grammar import GrammarConstraint
             from .sampling.regex import DEFAULT_TOKENS
-            width = sp.max_new_tokens - 1 if sp.max_new_tokens and sp.max_new_tokens > 1 else DEFAULT_TOKENS
-            c = GrammarConstraint(sp.grammar, self.tokenizer, width, "SamplingParams.grammar")
+            c = GrammarConstraint(sp.grammar, self.tokenizer, slot or DEFAULT_TOKENS, "SamplingParams.grammar")
         if c is not None and hasattr(c, "min_new_tokens"):  # the output must reach every constrained offset
             need = c.min_new_tokens(self.cfg.canvas_length)
             if sp.max_new_tokens is None:
@@ -408,8 +407,7 @@ class LLM:
         from .lora_serving import with_adapter
         from .scoring import embed_rows
 
-        texts = [texts] if isinstance(texts, str) or (texts and isinstance(texts[0], int)) else list(texts)
-        seqs = [self.encode_prompt(t) for t in texts]
+        seqs = [self.encode_prompt(t) for t in _prompt_list(texts)]
         limit = self.cfg.max_position_embeddings
         for i, ids in enumerate(seqs):
             if not ids or len(ids) > limit:

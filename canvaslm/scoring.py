@@ -89,10 +89,6 @@ def _block_logprobs(model, hidden: torch.Tensor, targets: list, top_k: int) -> t
     return logprobs, tops
 
 
-__all__ = ["encode_rows", "score_continuations", "token_logprobs", "batch_token_logprobs", "loglikelihoods",
-           "ROWS_PER_BLOCK"]
-
-
 POOLINGS = ("mean", "last")
 
 
@@ -114,3 +110,7 @@ def embed_rows(model, seqs: list, pooling: str = "mean", normalize: bool = True,
             out.append(h.mean(dim=0) if pooling == "mean" else h[-1])
     emb = torch.stack(out).cpu()
     return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+
+
+__all__ = ["encode_rows", "score_continuations", "token_logprobs", "batch_token_logprobs", "loglikelihoods",
+           "embed_rows", "POOLINGS", "ROWS_PER_BLOCK"]

@@ -31,6 +31,8 @@ class _Tok:
     pos: int
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_REPEAT = re.compile(r"\{\s*(\d+)\s*(,\s*(\d*)\s*)?\}")  # {m}, {m,}, {m,n}
 _ESC = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "]": "]", "[": "[", "-": "-", "^": "^", "/": "/"}
 
 
@@ -80,7 +82,7 @@ class _Lexer:
                 self.i += 3
                 out.append(_Tok("assign", None, start))
             elif c.isalpha() or c == "_":
-                m = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*").match(t, self.i)
+                m = _NAME.match(t, self.i)
                 self.i = m.end()
                 out.append(_Tok("name", m.group(), start))
             elif c == '"':
@@ -105,7 +107,7 @@ class _Lexer:
                 self.i += 1
                 out.append(_Tok("rep", {"*": (0, None), "+": (1, None), "?": (0, 1)}[c], start))
             elif c == "{":
-                m = re.compile(r"\{\s*(\d+)\s*(,\s*(\d*)\s*)?\}").match(t, self.i)
+                m = _REPEAT.match(t, self.i)
                 if m is None:
                     self.fail(start, "a repetition is {m}, {m,} or {m,n}")
                 lo = int(m.group(1))

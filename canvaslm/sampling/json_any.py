@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from .constraints import ConstraintError, OneSlotConstraint, TokenDFA, output_eos
-from .regex import with_eos_padding
+from .constraints import ConstraintError, TokenDFA, output_eos
+from .regex import PaddedSlotConstraint
 from .token_dfa import Vocab
 
 DEFAULT_DEPTH = 4  # containers open at once; states grow as 2 ** depth
@@ -274,7 +274,7 @@ def json_dfa(vocab: Vocab, top: str = "object", max_depth: int = DEFAULT_DEPTH,
     return lift(vocab, ("json", top, max_depth), _JsonChars(max_depth, top), deadline)
 
 
-class JsonObjectConstraint(OneSlotConstraint):
+class JsonObjectConstraint(PaddedSlotConstraint):
     """Output = one JSON object (nested at most `max_depth` deep) in up to `width` tokens, then EOS."""
 
     def __init__(self, tokenizer, width: int, field: str = "response_format", max_depth: int = DEFAULT_DEPTH,
@@ -284,10 +284,8 @@ class JsonObjectConstraint(OneSlotConstraint):
         eos = output_eos(tokenizer, field)
         deadline = None if timeout is None else time.monotonic() + timeout
         dfa = json_dfa(Vocab.of(tokenizer), "object", max_depth, deadline)
-        super().__init__(with_eos_padding(dfa, eos), width, eos)
-        if not bool(self.dfa.coreach(width)[width, self.dfa.start]):
-            raise ConstraintError(f"{field}: no JSON object fits in {width} tokens with this tokenizer; "
-                                  "raise max_tokens")
+        super().__init__(dfa, width, eos, f"{field}: no JSON object fits in {width} tokens with this tokenizer; "
+                                          "raise max_tokens")
 
 
 __all__ = ["JsonObjectConstraint", "json_dfa", "signature", "DEFAULT_DEPTH", "DEFAULT_TOKENS"]

@@ -56,7 +56,17 @@ def with_eos_padding(dfa: TokenDFA, eos: int) -> TokenDFA:
     return TokenDFA(sym, trans, dfa.start, torch.cat([dfa.accept, torch.tensor([True])]))
 
 
-class RegexConstraint(OneSlotConstraint):
+class PaddedSlotConstraint(OneSlotConstraint):
+    """One slot of `width` tokens holding a value of `dfa` then EOS padding, then a pinned EOS (regex,
+    grammar and JSON-mode output); ConstraintError `no_fit` when no value fits in the slot."""
+
+    def __init__(self, dfa: TokenDFA, width: int, eos: int, no_fit: str):
+        super().__init__(with_eos_padding(dfa, eos), width, eos)
+        if not bool(self.dfa.coreach(width)[width, self.dfa.start]):
+            raise ConstraintError(no_fit)
+
+
+class RegexConstraint(PaddedSlotConstraint):
     def __init__(self, pattern, tokenizer, width: int = DEFAULT_TOKENS, field: str = "regex",
                  compile_timeout: float | None = None):
         if not isinstance(pattern, str) or not pattern:
@@ -66,10 +76,9 @@ class RegexConstraint(OneSlotConstraint):
         eos = output_eos(tokenizer, field)
         self.pattern = pattern
         dfa = _token_automaton(Vocab.of(tokenizer), pattern, field, compile_timeout)
-        super().__init__(with_eos_padding(dfa, eos), width, eos)
-        if not bool(self.dfa.coreach(width)[width, self.dfa.start]):
-            raise ConstraintError(f"{field}: no match of {pattern!r} fits in {width} tokens (with EOS padding); "
-                                  "raise max_tokens, or check that the pattern can match")
+        super().__init__(dfa, width, eos, f"{field}: no match of {pattern!r} fits in {width} tokens (with EOS "
+                                          "padding); raise max_tokens, or check that the pattern can match")
 
 
-__all__ = ["RegexConstraint", "DEFAULT_TOKENS", "MAX_REPEAT", "MAX_STATES", "with_eos_padding"]
+__all__ = ["RegexConstraint", "PaddedSlotConstraint", "DEFAULT_TOKENS", "MAX_REPEAT", "MAX_STATES",
+           "with_eos_padding"]

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..tokenizer import tool_arguments_as_objects
 
+# encode_chat arguments that chat_template_kwargs may not set: each has its own request field
+TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "continue_final_message"})
 GUIDED = ("guided_json", "guided_choice", "guided_regex", "guided_grammar")  # vLLM's names for constrained output
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI
@@ -237,17 +239,15 @@ class ChatCompletionRequest(_Common):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             return "max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one"
-        reserved = {"messages", "tools", "add_generation_prompt", "continue_final_message"}
-        clash = sorted(reserved & set(self.chat_template_kwargs or {}))
+        clash = sorted(TEMPLATE_RESERVED & set(self.chat_template_kwargs or {}))
         if clash:
             return "chat_template_kwargs", f"chat_template_kwargs may not set {clash[0]}; use the request field"
         return super().unsupported()
 
     def template_kwargs(self) -> dict:
         """Keyword arguments of `encode_chat` beyond messages and tools."""
-        reserved = {"messages", "tools", "add_generation_prompt", "continue_final_message"}
         extra = self.chat_template_kwargs or {}
-        return {**{k: v for k, v in extra.items() if k not in reserved},
+        return {**{k: v for k, v in extra.items() if k not in TEMPLATE_RESERVED},
                 "add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message}
 
