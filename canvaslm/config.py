@@ -252,6 +252,11 @@ class DiffusionParams:
     confidence_threshold: float = 0.005
     eos_token_ids: tuple[int, ...] | None = None  # None: use the model config's
     pad_token_id: int | None = None
+    # Per-request cuts of each position's distribution (sampling.truncation); off by default. Not read
+    # from generation_config.json: the reference sampler has no such cuts.
+    top_k: int = 0  # 0: no cut
+    top_p: float = 1.0  # 1: no cut
+    min_p: float = 0.0  # 0: no cut
 
     def __post_init__(self):
         def bad(name, msg):
@@ -269,6 +274,12 @@ class DiffusionParams:
             bad("stability_threshold", "must be an integer >= 0")
         if not self.confidence_threshold > 0:
             bad("confidence_threshold", "must be > 0")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0 (0: no cut)")
+        if not 0 <= self.top_p <= 1:
+            bad("top_p", "must be in [0, 1] (1: no cut; 0 keeps only the most likely token)")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1] (0: no cut)")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "generation_config.json") -> "DiffusionParams":

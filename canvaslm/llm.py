@@ -33,6 +33,9 @@ class SamplingParams:
     t_min: float | None = None
     t_max: float | None = None
     entropy_bound: float | None = None
+    top_k: int | None = None  # sample each position from its k most likely tokens (None or 0: all)
+    top_p: float | None = None  # ... from its nucleus of this probability mass (None or 1: all)
+    min_p: float | None = None  # ... from tokens at least this share of its most likely one's (None or 0: all)
     confidence_threshold: float | None = None
     stability_threshold: int | None = None
     constraint: object | None = None  # a sampling.constraints.CanvasConstraint
@@ -74,7 +77,8 @@ class SamplingParams:
         p = defaults.replace(max_new_tokens=self.max_new_tokens, max_denoising_steps=self.max_denoising_steps,
                              t_min=self.t_min, t_max=self.t_max, entropy_bound=self.entropy_bound,
                              confidence_threshold=self.confidence_threshold,
-                             stability_threshold=self.stability_threshold)
+                             stability_threshold=self.stability_threshold, top_k=self.top_k, top_p=self.top_p,
+                             min_p=self.min_p)
         if self.temperature is not None:
             p = dataclasses.replace(p, t_min=p.t_min * self.temperature, t_max=p.t_max * self.temperature)
         return p

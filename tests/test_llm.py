@@ -92,6 +92,22 @@ def test_cli_chat_and_text_prompts(tiny_checkpoint):
     assert out["token_ids"] == llm.chat([{"role": "user", "content": "hi"}], SamplingParams(seed=1)).token_ids
 
 
+def test_cli_sampling_cuts(tiny_checkpoint):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "canvaslm.cli", "generate", str(tiny_checkpoint), "--prompt", "hi", "--seed", "4",
+           "--max-new-tokens", "20", "--json"]
+    r = subprocess.run(cmd + ["--top-k", "3", "--top-p", "0.9", "--min-p", "0.01"], capture_output=True, text=True,
+                       check=True)
+    want = LLM(tiny_checkpoint).generate("hi", SamplingParams(seed=4, max_new_tokens=20, top_k=3, top_p=0.9,
+                                                               min_p=0.01))[0]
+    assert json.loads(r.stdout)["token_ids"] == want.token_ids
+    bad = subprocess.run(cmd + ["--top-p", "2"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_stop_token_ids_end_the_output(llm):
     """An extra stop id cuts the output right after its first occurrence, as an EOS would."""
     base = llm.generate("Hello", SamplingParams(seed=2, max_new_tokens=32))[0].token_ids

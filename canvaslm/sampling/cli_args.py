@@ -1,5 +1,5 @@
 """`canvaslm generate` flags for canvas control: --json-schema, --json-object, --choice, --regex, --grammar,
---pin, --suffix (infilling), --gaps."""
+--pin, --suffix (infilling), --gaps; and the sampling cuts --top-k, --top-p, --min-p (generate and chat)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,18 @@ def _gaps(text: str) -> list:
     if not gaps or min(gaps) < 0:
         raise argparse.ArgumentTypeError(f"--gaps must be comma-separated non-negative integers, got {text!r}")
     return gaps
+
+
+def add_cut_args(p: argparse.ArgumentParser):
+    """--top-k, --top-p, --min-p (sampling.truncation); `cut_params(args)` gives SamplingParams' fields."""
+    p.add_argument("--top-k", type=int, default=None, help="sample each position from its k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample each position from its nucleus of this mass")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens under this share of the position's most likely token's probability")
+
+
+def cut_params(args) -> dict:
+    return {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p}
 
 
 def add_constraint_args(p: argparse.ArgumentParser):

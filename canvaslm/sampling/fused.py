@@ -27,6 +27,7 @@ from ..kernels.vocab_stats import VocabStats, stats_over_vocab, update
 from .samplers import CanvasState, SamplerParams, entropy_bound_accept
 from .schedules import linear_temperature
 from .stopping import stable_and_confident
+from .truncation import keep_mask
 
 
 def _per_position(st: CanvasState, p: SamplerParams, seeds: torch.Tensor):
@@ -81,6 +82,8 @@ def fused_entropy_bound_step(logits: torch.Tensor, st: CanvasState, p: SamplerPa
     B, C, V = logits.shape
     seeds = seeds_for(gens, B, logits.device, st.finished)
     temp, seeds_n, pos = _per_position(st, p, seeds)
+    if p.truncation is not None:
+        logit_mask = keep_mask(logits, temp[::C], p.truncation, logit_mask)
     proc = torch.empty(B, C, V, dtype=sc_dtype or logits.dtype, device=logits.device) if write_sc else None
     stats = stats_over_vocab(logits.reshape(B * C, V), temp, seeds_n, pos,
                              None if logit_mask is None else logit_mask.reshape(B * C, V),
@@ -97,6 +100,8 @@ def fused_step_from_hidden(hidden: torch.Tensor, model, st: CanvasState, p: Samp
     and no sc_logits."""
     B, C, d = hidden.shape
     N = B * C
+    if p.truncation is not None:
+        raise ValueError("fused_step_from_hidden does not cut (top_k / top_p / min_p); use the logits step")
     weight = model.embed_weight  # [V, d], the tied LM head
     cap = model.cfg.final_logit_softcapping
     seeds = seeds_for(gens, B, hidden.device, st.finished)

@@ -15,6 +15,7 @@ import torch
 
 from .schedules import linear_temperature
 from .stopping import stable_and_confident
+from .truncation import Truncation, keep_mask
 
 
 def _per_row(gens, active, length, draw, fill, device):
@@ -67,11 +68,12 @@ class SamplerParams:
     entropy_bound: torch.Tensor  # float32
     stability: torch.Tensor  # int
     confidence: torch.Tensor  # float32
+    truncation: Truncation | None = None  # top-k / top-p / min-p cuts; None: no row cuts
 
     @classmethod
     def build(cls, rows: list, device) -> "SamplerParams":
         """rows: objects with max_denoising_steps, t_min, t_max, entropy_bound, stability_threshold,
-        confidence_threshold."""
+        confidence_threshold, and optionally top_k, top_p, min_p."""
         def t(vals, dtype):
             return torch.tensor(vals, dtype=dtype, device=device)
         return cls(t([r.max_denoising_steps for r in rows], torch.int32),
@@ -79,7 +81,8 @@ class SamplerParams:
                    t([r.t_max - r.t_min for r in rows], torch.float32),
                    t([r.entropy_bound for r in rows], torch.float32),
                    t([r.stability_threshold for r in rows], torch.long),
-                   t([r.confidence_threshold for r in rows], torch.float32))
+                   t([r.confidence_threshold for r in rows], torch.float32),
+                   Truncation.build(rows, device))
 
 
 @dataclass
@@ -110,6 +113,8 @@ def entropy_bound_step(logits: torch.Tensor, st: CanvasState, p: SamplerParams, 
         return fused_entropy_bound_step(logits, st, p, gens, vocab, logit_mask=logit_mask, pinned=pinned)
     B, C, _ = logits.shape
     temp = linear_temperature(st.cur_step, p.n_steps, p.t_min, p.t_span)
+    if p.truncation is not None:
+        logit_mask = keep_mask(logits, temp, p.truncation, logit_mask)
     proc = logits / temp[:, None, None]  # [B, C, V]
     if logit_mask is not None:
         proc = proc.masked_fill(~logit_mask, float("-inf"))

@@ -3,9 +3,9 @@
 
 Fields follow the OpenAI API; the diffusion extensions (what the openai client's `extra_body` sends)
 sit at the top level of the body: `max_denoising_steps`, `entropy_bound`, `confidence_threshold`,
-`sampler`, `stream_drafts`, `ignore_eos`. Unknown fields are ignored, as OpenAI-compatible servers usually do;
+`sampler`, `stream_drafts`, `ignore_eos`, and vLLM's `top_k` and `min_p`. Unknown fields are ignored, as OpenAI-compatible servers usually do;
 known fields with a wrong type or an out-of-range value are a 400 naming the field. OpenAI fields this
-engine cannot honour (logprobs, penalties, ...) are accepted only at their neutral value. Tools: a
+engine cannot honour (frequency and presence penalties) are accepted only at their neutral value. Tools: a
 forced call (`tool_choice` naming a function, or "required" with one tool) is generated under the
 function's parameter schema (server/tools.py); "auto" needs a parser for the model's own call syntax,
 which this server does not have, and is refused by name.
@@ -70,8 +70,8 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=512)
     response_format: ResponseFormat | None = None
+    top_p: float | None = Field(None, ge=0, le=1, description="sample each canvas position from its nucleus")
     # OpenAI fields accepted only at their neutral value
-    top_p: float | None = Field(None, ge=0, le=1)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -80,6 +80,10 @@ class _Common(_Strict):
     entropy_bound: float | None = Field(None, gt=0, le=1e6, description="entropy-bound sampler's bound")
     confidence_threshold: float | None = Field(None, gt=0, le=1e6, description="adaptive stop: mean entropy below this")
     sampler: Literal["entropy_bound"] | None = Field(None, description="only 'entropy_bound' for now")
+    top_k: int | None = Field(None, ge=-1, le=INT64, description="vLLM's: sample each canvas position from its "
+                              "k most likely tokens (-1 or 0: all)")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM's: drop tokens under min_p times the "
+                                "position's most likely token's probability (0: none)")
     stream_drafts: bool = Field(False, description="with stream=true: draft events (argmax canvas) between commits")
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1,
                           description="vLLM's: lower is served first; waits stay bounded (scheduler aging)")
@@ -118,8 +122,6 @@ class _Common(_Strict):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for an OpenAI feature set to a value this engine cannot honour."""
-        if self.top_p not in (None, 1, 1.0):
-            return "top_p", "top_p is not supported (the diffusion sampler has no nucleus cut); omit it or send 1"
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 return name, f"{name} is not supported by the diffusion sampler; omit it or send 0"
@@ -357,6 +359,8 @@ class ResponsesRequest(_Strict):
     max_denoising_steps: int | None = Field(None, ge=1, le=4096)
     entropy_bound: float | None = Field(None, gt=0, le=1e6)
     confidence_threshold: float | None = Field(None, gt=0, le=1e6)
+    top_k: int | None = Field(None, ge=-1, le=INT64)
+    min_p: float | None = Field(None, ge=0, le=1)
     logit_bias: dict[str, float] | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     min_tokens: int = Field(0, ge=0, le=INT64)

@@ -77,7 +77,8 @@ def to_chat(body: ResponsesRequest, history: list | None = None) -> tuple[ChatCo
                   temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_output_tokens,
                   parallel_tool_calls=body.parallel_tool_calls, seed=body.seed,
                   max_denoising_steps=body.max_denoising_steps, entropy_bound=body.entropy_bound,
-                  confidence_threshold=body.confidence_threshold, logit_bias=body.logit_bias,
+                  confidence_threshold=body.confidence_threshold, top_k=body.top_k, min_p=body.min_p,
+                  logit_bias=body.logit_bias,
                   priority=body.priority, min_tokens=body.min_tokens)
     if body.tools:
         fields["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}

@@ -157,7 +157,8 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
     try:
         sp = SamplingParams(max_new_tokens=max_tokens, max_denoising_steps=body.max_denoising_steps,
                             temperature=temperature, entropy_bound=body.entropy_bound,
-                            confidence_threshold=body.confidence_threshold)
+                            confidence_threshold=body.confidence_threshold, top_p=body.top_p,
+                            top_k=None if body.top_k == -1 else body.top_k, min_p=body.min_p)
         params = sp.resolve(state.defaults)
     except (GenerationError, ConfigError) as e:
         raise APIError(400, str(e)) from None

@@ -78,6 +78,19 @@ def test_equals_llm_generate_while_batched_with_others(llm):
         assert got.output_ids == want.token_ids and got.finish_reason == want.finish_reason
 
 
+def test_top_k_top_p_min_p_match_generate_while_batched(llm):
+    """Cuts are per row: each probe equals LLM.generate alone while sharing steps with rows that cut
+    differently or not at all."""
+    specs = [("Hello there, general Kenobi", SamplingParams(seed=11, max_new_tokens=40, top_p=0.8)),
+             ("Hello there, general Kenobi", SamplingParams(seed=12, max_new_tokens=40, top_k=5, min_p=0.05)),
+             ("Hello there, general Kenobi", SamplingParams(seed=13, max_new_tokens=40))]
+    S = geometry(llm, specs[0][0], 40)
+    states, _, _ = run_all(llm, specs, S, max_batch=3)
+    for st, (prompt, sp) in zip(states, specs):
+        want = llm.generate(prompt, sp)[0]
+        assert st.output_ids == want.token_ids and st.finish_reason == want.finish_reason
+
+
 def test_output_does_not_depend_on_batch_mates(llm):
     """At one fixed server geometry, a seeded request gives the same tokens alone and in any crowd."""
     probe = ("seeded request", SamplingParams(seed=7, max_new_tokens=48, max_denoising_steps=6))

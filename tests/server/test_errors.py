@@ -47,7 +47,9 @@ BAD = [  # (route, body, expected status, the param the error must name)
     ("completions", {**OK, "confidence_threshold": 0}, 400, "confidence_threshold"),
     ("completions", {**OK, "sampler": "greedy"}, 400, "sampler"),
     ("completions", {**OK, "stream_drafts": True}, 400, "stream_drafts"),  # needs stream
-    ("completions", {**OK, "top_p": 0.5}, 400, "top_p"),
+    ("completions", {**OK, "top_p": 1.5}, 400, "top_p"),
+    ("completions", {**OK, "top_k": -2}, 400, "top_k"),
+    ("chat/completions", {**CHAT, "min_p": 1.5}, 400, "min_p"),
     ("completions", {**OK, "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
     ("completions", {**OK, "stop_token_ids": ["a"]}, 400, "stop_token_ids"),
     ("completions", {**OK, "logprobs": 21}, 400, "logprobs"),

@@ -63,6 +63,20 @@ def test_extensions_and_temperature_reach_the_sampler(client, llm):
     assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
 
 
+def test_top_p_top_k_min_p_match_llm(client, llm):
+    """OpenAI's top_p and vLLM's top_k / min_p (extra_body) cut each position as SamplingParams does;
+    top_k -1 means no cut, as in vLLM."""
+    prompt = probe_prompt(llm, 3)
+    want = reference(llm, prompt, seed=9, top_p=0.7, top_k=6, min_p=0.02)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=9, top_p=0.7,
+                                    extra_body={"top_k": 6, "min_p": 0.02})
+    assert got.choices[0].text == want.text
+    assert want.token_ids != reference(llm, prompt, seed=9).token_ids  # the cut changed something
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=9, top_p=1,
+                                      extra_body={"top_k": -1})
+    assert plain.choices[0].text == reference(llm, prompt, seed=9).text
+
+
 def test_stop_token_ids_match_llm(client, llm):
     """vLLM's stop_token_ids reach the engine as extra EOS ids: the same cut as LLM.generate's."""
     prompt = probe_prompt(llm, 2)

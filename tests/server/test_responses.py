@@ -46,6 +46,15 @@ def test_text_input_is_one_user_message(client):
         assert r.status == "completed" and r.incomplete_details is None
 
 
+def test_top_p_and_top_k_reach_the_chat_sampler(client):
+    r = client.responses.create(model=MODEL, input="What is up?", max_output_tokens=20, top_p=0.6,
+                                extra_body={"seed": 3, "top_k": 4})
+    want = chat(client, [{"role": "user", "content": "What is up?"}], max_tokens=20, seed=3, top_p=0.6,
+                extra_body={"top_k": 4})
+    assert r.output_text == want.choices[0].message.content
+    assert r.top_p == 0.6
+
+
 def test_instructions_and_items_become_the_chat_conversation(client):
     items = [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
              {"role": "assistant", "content": [{"type": "output_text", "text": "hello"}]},
