@@ -44,6 +44,9 @@ class EngineConfig:
     # a new request reuses the KV of a prompt prefix another request encoded; None: on where its memory
     # fits (`prefix_caching_fits`)
     prefix_caching: bool | None = None
+    # canvas constraints' host work (masks, commit passes) on a worker thread while the other requests
+    # step (runner.py); False runs it on the engine thread, as a blocking part of the step
+    constraint_worker: bool = True
 
     def __post_init__(self):
         for name in ("max_batch", "max_model_len", "prefill_chunk", "max_wait_plans"):
@@ -189,7 +192,7 @@ class Engine:
                                                            model.embed_weight.dtype)
             log.info("prefix caching %s: %s", "on" if self.prefix_caching else "off", why)
         self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth,
-                             prefix_caching=self.prefix_caching)
+                             prefix_caching=self.prefix_caching, host_worker=config.constraint_worker)
         self.scheduler = Scheduler(config.max_batch, config.kv_budget, config.slots, config.prefill_chunk,
                                    cfg.canvas_length, max_wait_plans=config.max_wait_plans,
                                    prefix_caching=self.prefix_caching)
@@ -197,6 +200,7 @@ class Engine:
         self._sinks: dict[str, _Sink] = {}
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
+        self.runner.on_host_done = self._wake.set  # a constraint's host work ended: plan again
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="canvaslm-engine", daemon=True)
 
@@ -262,7 +266,7 @@ class Engine:
         while not self._stopping:
             self._wake.clear()  # before draining, so a later submit always wakes the wait below
             self._drain_inbox()
-            plan = self.scheduler.plan()
+            plan = self.scheduler.plan(hold=self.runner.held())
             if plan is None:
                 self._wake.wait(0.5)
                 continue
@@ -274,6 +278,7 @@ class Engine:
                 result, drafts = StepResult(errors={rid: f"{type(e).__name__}: {e}" for rid in plan.request_ids}), ()
             finished = self.scheduler.update(plan, result)
             self._emit(plan, result, drafts, finished)
+        self.runner.close()
         for rid in list(self._sinks):  # shutting down: tell every listener
             self._finish(rid, "cancelled", 0, "the server is shutting down")
         while self._inbox:  # what arrived too late: calls fail, requests end cancelled

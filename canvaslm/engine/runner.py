@@ -12,13 +12,22 @@ their first step get zero self-conditioning, which the model maps to exactly "no
 
 Self-conditioning is kept as soft embeddings [C, d] per slot (computed right after each step) rather
 than logits [C, V]: the same maths, but a step only gathers/scatters d-wide rows.
+
+A canvas constraint's host work (its mask for a new canvas, its commit pass over a finished one: about a
+second each for JSON at a 65k vocabulary on a CPU) runs on a worker thread, started as soon as its inputs
+exist: the first mask when the request is added, the next one when a canvas is committed, the commit
+pass when a canvas stops denoising. `held()` names the requests waiting for theirs; an engine leaves
+them out of its plans (`Scheduler.plan(hold=...)`) so the other requests keep stepping. A plan that
+includes one anyway just waits for its result, so every caller gets the same outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
-
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -63,6 +72,7 @@ class _Request:
     bias: torch.Tensor | None = None  # [V] logit bias (sampling.logit_bias)
     min_tokens: int = 0  # no EOS before this many output tokens
     lora: int = 0  # served LoRA adapter id (lora_serving), 0: the base model
+    host_job: tuple | None = None  # (kind "mask" | "commit", canvas index, Future): constraint work in flight
 
 
 MIN_ROWS = 16  # see Runner._encode
@@ -74,8 +84,9 @@ class RunnerError(ValueError):
 
 class Runner:
     def __init__(self, model, num_slots: int, max_model_len: int, history_depth: int = 1,
-                 prefix_caching: bool = False):
-        """prefix_caching: the cache keeps what `StepPlan.reuse` needs (a full copy of the sliding rings)."""
+                 prefix_caching: bool = False, host_worker: bool = True):
+        """prefix_caching: the cache keeps what `StepPlan.reuse` needs (a full copy of the sliding rings).
+        host_worker: constraint masks and commit passes on a worker thread (False: inside the step)."""
         cfg = model.cfg
         if num_slots < 1 or max_model_len <= cfg.canvas_length:
             raise RunnerError(f"Runner: num_slots={num_slots} must be >= 1 and max_model_len={max_model_len} "
@@ -92,6 +103,10 @@ class Runner:
         self.sc_embeds = torch.zeros(S, C, d, dtype=self.dtype, device=self.device)  # [S, C, d]
         self.history = torch.full((S, history_depth, C), -1, dtype=torch.long, device=self.device)  # [S, D, C]
         self.requests: dict[str, _Request] = {}
+        self.host_worker = host_worker
+        self._host: ThreadPoolExecutor | None = None  # one worker: constraint objects may share caches
+        self._host_lock = threading.Lock()
+        self.on_host_done: Callable[[], None] | None = None  # called (on the worker) when a job ends
         self._slot_params: list[DiffusionParams | None] = [None] * S
         if model.lora_serving is not None:  # the adapter table covers every slot and the padding one
             model.lora_serving.ensure_slots(S)
@@ -125,14 +140,59 @@ class Runner:
                 served.started(lora)
             except ValueError as e:
                 raise RunnerError(f"request {request_id!r}: {e}") from None
-        self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts, bias=bias,
-                                             min_tokens=min_tokens, lora=lora)
+        req = self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts, bias=bias,
+                                                   min_tokens=min_tokens, lora=lora)
+        if constraint is not None:
+            self._start_mask(req, 0)
 
     def remove(self, request_id: str) -> None:
         """Forget a finished or cancelled request (its slot is reset when the scheduler frees it)."""
         req = self.requests.pop(request_id, None)
+        if req is not None and req.host_job is not None:
+            req.host_job[2].cancel()  # a job already running ends unread
         if req is not None and self.model.lora_serving is not None:
             self.model.lora_serving.finished(req.lora)
+
+    # ------------------------------------------------------------------ constraint host work
+
+    def held(self) -> frozenset:
+        """Requests whose constraint work (a mask or a commit pass) is still running."""
+        with self._host_lock:
+            return frozenset(rid for rid, r in self.requests.items()
+                             if r.host_job is not None and not r.host_job[2].done())
+
+    def _submit(self, req: _Request, kind: str, k: int, fn) -> None:
+        if not self.host_worker:
+            return  # the step computes it when it needs it
+        if self._host is None:
+            self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="canvaslm-constraint")
+        with self._host_lock:
+            fut = self._host.submit(fn)
+            req.host_job = (kind, k, fut)
+        if self.on_host_done is not None:
+            fut.add_done_callback(lambda _: self.on_host_done())
+
+    def _take(self, req: _Request, kind: str, k: int):
+        """The result of the request's job (kind, k), waiting for it if needed; None if there is none."""
+        job = req.host_job
+        if job is None or job[:2] != (kind, k):
+            return None
+        req.host_job = None
+        return (job[2].result(),)
+
+    def _start_mask(self, req: _Request, k: int) -> None:
+        C, V = self.cfg.canvas_length, self.cfg.vocab_size
+        self._submit(req, "mask", k, lambda: req.constraint.canvas(k, C, V))
+
+    def _start_commit(self, req: _Request, slot: int) -> None:
+        k, canvas, logits = req.canvas_index, self.argmax[slot].clone(), req.last_logits
+        self._submit(req, "commit", k, lambda: req.constraint.commit(k, canvas, logits))
+
+    def close(self) -> None:
+        """Stop the constraint worker (jobs in flight end unread)."""
+        if self._host is not None:
+            self._host.shutdown(wait=False, cancel_futures=True)
+            self._host = None
 
     def decoder_passes(self, request_id: str) -> int:
         r = self.requests.get(request_id)
@@ -181,7 +241,9 @@ class Runner:
             for n, item in enumerate(commits):  # a constraint fixes its canvas (pins, valid value slots)
                 req = self.requests[item.request_id]
                 if req.constraint is not None and hasattr(req.constraint, "commit"):
-                    canvases[n] = req.constraint.commit(req.canvas_index, canvases[n], req.last_logits)
+                    done = self._take(req, "commit", req.canvas_index)
+                    fixed = done[0] if done else req.constraint.commit(req.canvas_index, canvases[n], req.last_logits)
+                    canvases[n] = fixed.to(canvases.device)
                     self.argmax[item.slot] = canvases[n]
             for item, ids in zip(commits, canvases.tolist()):  # the one host sync for commits
                 req = self.requests[item.request_id]
@@ -194,6 +256,8 @@ class Runner:
                 else:
                     tokens, reason = ids, None
                     encode.append(item)
+                    if req.constraint is not None:  # the next canvas's mask, while this one is encoded
+                        self._start_mask(req, req.canvas_index + 1)
                 committed[item.request_id] = tokens
                 req.num_committed += len(tokens)
                 if reason is not None:
@@ -288,6 +352,10 @@ class Runner:
         else:
             stopped, drafts = new.finished.tolist(), ()  # the one host sync per step: the stop check
         early = frozenset(i.request_id for i, s in zip(items, stopped) if s)
+        for item, r, s in zip(items, reqs, stopped):  # a finished canvas's commit pass starts now
+            if (r.constraint is not None and hasattr(r.constraint, "commit")
+                    and (s or item.denoise_step + 1 >= r.params.max_denoising_steps)):
+                self._start_commit(r, item.slot)
         return early, drafts
 
     def _constraints(self, items, reqs):
@@ -301,7 +369,8 @@ class Runner:
                 per_row.append((None, None))
                 continue
             if r.canvas_constraint is None or r.canvas_constraint[0] != item.canvas_index:
-                pin, allow = r.constraint.canvas(item.canvas_index, C, V)
+                done = self._take(r, "mask", item.canvas_index)
+                pin, allow = done[0] if done else r.constraint.canvas(item.canvas_index, C, V)
                 r.canvas_constraint = (item.canvas_index,
                                        None if pin is None else pin.to(self.device),
                                        None if allow is None else allow.to(self.device))

@@ -243,14 +243,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------ planning
 
-    def plan(self) -> StepPlan | None:
-        """The next step's work, or None when idle (freed slots then wait for the next plan)."""
+    def plan(self, hold: frozenset = frozenset()) -> StepPlan | None:
+        """The next step's work, or None when idle (freed slots then wait for the next plan). hold: ids of
+        running requests whose commits and denoising wait this plan out (their constraint's host work is
+        still running); their prefill chunks still go ahead."""
         if self._in_flight is not None:
             raise RuntimeError(f"plan() called while step {self._in_flight.step_id} is in flight; "
                                "call update() with its result first")
         self._admit()
-        encode_reqs = self._pick_encode()
-        denoise_reqs = self._pick_denoise()
+        encode_reqs = self._pick_encode(hold)
+        denoise_reqs = self._pick_denoise(hold)
         self._age({r.request_id for r in encode_reqs + denoise_reqs})
         if not encode_reqs and not denoise_reqs:
             return None
@@ -367,17 +369,18 @@ class Scheduler:
             return held
         return n
 
-    def _pick_encode(self) -> list[RequestState]:
+    def _pick_encode(self, hold) -> list[RequestState]:
         def key(r: RequestState) -> tuple:
             if self._overdue(r):
                 return (0, r.arrival)
             return (1, 0 if r.needs_commit else 1, r.priority, r.arrival)
 
-        ready = [r for r in self._running.values() if r.needs_commit or r.needs_prefill]
+        ready = [r for r in self._running.values()
+                 if r.needs_prefill or (r.needs_commit and r.request_id not in hold)]
         return sorted(ready, key=key)[: self.max_batch]
 
-    def _pick_denoise(self) -> list[RequestState]:
-        ready = [r for r in self._running.values() if r.needs_denoise]
+    def _pick_denoise(self, hold) -> list[RequestState]:
+        ready = [r for r in self._running.values() if r.needs_denoise and r.request_id not in hold]
         if len(ready) <= self.max_batch:
             return sorted(ready, key=lambda r: (r.denoise_step, r.priority, r.arrival))
         groups: dict[int, list[RequestState]] = defaultdict(list)

@@ -399,3 +399,26 @@ def test_admission_priority_ages_one_step_per_max_wait_plans(waited, first):
         order += [i.request_id for i in plan.encode if i.kind == "prefill" and i.request_id not in order]
         sched.update(plan, runner.run(plan))
     assert order[0] == first
+
+
+def test_held_requests_sit_out_denoise_and_commit_but_not_prefill():
+    """plan(hold=...): a request whose constraint work is still running is left out of denoise and commit
+    items; its prompt chunks and the other requests go ahead, and it resumes once no longer held."""
+    sched = Scheduler(max_batch=4, kv_budget_tokens=1000, num_slots=4, prefill_chunk=2, canvas_length=4)
+    runner = FakeRunner(sched)
+    a, b = make_req("a", prompt_len=4), make_req("b", prompt_len=2)
+    sched.add(a)
+    sched.add(b)
+    hold = frozenset({"a"})
+    seen_a = []
+    for _ in range(6):
+        plan = sched.plan(hold=hold)
+        assert not any(i.request_id == "a" for i in plan.denoise)
+        assert not any(i.request_id == "a" and i.kind == "commit" for i in plan.encode)
+        seen_a += [i.kind for i in plan.encode if i.request_id == "a"]
+        sched.update(plan, runner.run(plan))
+    assert seen_a == ["prefill", "prefill"] and a.prefilled_len == 4 and a.needs_denoise
+    assert b.output_ids  # b went on: it committed a canvas meanwhile
+    while (plan := sched.plan()) is not None:  # no longer held: a runs to the end
+        sched.update(plan, runner.run(plan))
+    assert len(a.output_ids) == a.max_new_tokens
