@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from canvaslm.engine.engine import Commit, Engine, EngineConfig, Finish, GenerationRequest
+from canvaslm.engine.engine import Engine, EngineConfig, GenerationRequest
 from canvaslm.llm import SamplingParams
 from canvaslm.sampling.constraints import PinnedConstraint
 
@@ -37,27 +37,18 @@ def test_other_requests_finish_while_a_constraint_works(llm):
     slow = SamplingParams(seed=3, max_new_tokens=3 * C, max_denoising_steps=4, constraint=gated)
     fast = SamplingParams(seed=4, max_new_tokens=2 * C, max_denoising_steps=4)
     prompts = ["a constrained request", "a plain request"]
-    engine = Engine(llm.model, EngineConfig(max_batch=4, max_model_len=256)).start()
+    engine = Engine(llm.model, EngineConfig(max_batch=4, max_model_len=256, constraint_worker=True)).start()
 
     async def main():
-        loop, queues = asyncio.get_running_loop(), []
-        for i, (prompt, sp) in enumerate(zip(prompts, (slow, fast))):
-            q = asyncio.Queue()
-            engine.submit(GenerationRequest(f"r{i}", tuple(llm.encode_prompt(prompt)), sp.resolve(llm.defaults),
-                                            sp.seed, llm.eos_ids, constraint=sp.constraint), q, loop)
-            queues.append(q)
-
-        async def drain(q):
-            tokens = []
-            while not isinstance(ev := await q.get(), Finish):
-                if isinstance(ev, Commit):
-                    tokens += ev.token_ids
-            return tokens, ev
-
-        plain = await asyncio.wait_for(drain(queues[1]), 120)  # while the constraint's first mask is held
-        assert queues[0].empty() and not gate.is_set()  # the constrained request has not committed a thing
+        reqs = [GenerationRequest(f"r{i}", tuple(llm.encode_prompt(prompt)), sp.resolve(llm.defaults), sp.seed,
+                                  llm.eos_ids, constraint=sp.constraint)
+                for i, (prompt, sp) in enumerate(zip(prompts, (slow, fast)))]
+        held = asyncio.ensure_future(engine.run(reqs[0]))
+        plain = await asyncio.wait_for(engine.run(reqs[1]), 120)  # while the constraint's first mask is held
+        assert not held.done() and not gate.is_set()  # the constrained request is still waiting
+        assert engine.runner.held() == {"r0"}
         gate.set()
-        return await asyncio.wait_for(drain(queues[0]), 120), plain
+        return await asyncio.wait_for(held, 120), plain
 
     try:
         (tokens, fin), (plain_tokens, plain_fin) = asyncio.run(main())
