@@ -45,9 +45,8 @@ class EngineConfig:
     # fits (`prefix_caching_fits`)
     prefix_caching: bool | None = None
     # canvas constraints' host work (masks, commit passes) on a worker thread while the other requests
-    # step (runner.py); False runs it on the engine thread, as a blocking part of the step. None: on where
-    # the model is on a GPU, whose steps are short next to that work; on a CPU the steps are as slow as
-    # the work, and a request that waits for it then waits for a whole step too (bench/constraint_worker.py)
+    # step; False runs it on the engine thread, as a blocking part of the step; None: on where the model is
+    # on a GPU (Runner's host_worker)
     constraint_worker: bool | None = None
 
     def __post_init__(self):
@@ -193,10 +192,8 @@ class Engine:
             self.prefix_caching, why = prefix_caching_fits(cfg, config, model.embed_weight.device,
                                                            model.embed_weight.dtype)
             log.info("prefix caching %s: %s", "on" if self.prefix_caching else "off", why)
-        worker = config.constraint_worker
         self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth,
-                             prefix_caching=self.prefix_caching,
-                             host_worker=model.embed_weight.is_cuda if worker is None else worker)
+                             prefix_caching=self.prefix_caching, host_worker=config.constraint_worker)
         self.scheduler = Scheduler(config.max_batch, config.kv_budget, config.slots, config.prefill_chunk,
                                    cfg.canvas_length, max_wait_plans=config.max_wait_plans,
                                    prefix_caching=self.prefix_caching)

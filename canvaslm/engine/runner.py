@@ -14,8 +14,8 @@ Self-conditioning is kept as soft embeddings [C, d] per slot (computed right aft
 than logits [C, V]: the same maths, but a step only gathers/scatters d-wide rows.
 
 A canvas constraint's host work (its mask for a new canvas, its commit pass over a finished one: about a
-second each for JSON at a 65k vocabulary on a CPU) runs on a worker thread, started as soon as its inputs
-exist: the first mask when the request is added, the next one when a canvas is committed, the commit
+second each for JSON at a 65k vocabulary on a CPU) can run on a worker thread (`host_worker`; by default
+where the model is on a GPU), started as soon as its inputs exist: the first mask when the request is added, the next one when a canvas is committed, the commit
 pass when a canvas stops denoising. `held()` names the requests waiting for theirs; an engine leaves
 them out of its plans (`Scheduler.plan(hold=...)`) so the other requests keep stepping. A plan that
 includes one anyway just waits for its result, so every caller gets the same outputs.
@@ -24,7 +24,6 @@ includes one anyway just waits for its result, so every caller gets the same out
 from __future__ import annotations
 
 import contextlib
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -84,9 +83,12 @@ class RunnerError(ValueError):
 
 class Runner:
     def __init__(self, model, num_slots: int, max_model_len: int, history_depth: int = 1,
-                 prefix_caching: bool = False, host_worker: bool = True):
+                 prefix_caching: bool = False, host_worker: bool | None = None):
         """prefix_caching: the cache keeps what `StepPlan.reuse` needs (a full copy of the sliding rings).
-        host_worker: constraint masks and commit passes on a worker thread (False: inside the step)."""
+        host_worker: constraint masks and commit passes on a worker thread (False: inside the step). None:
+        on where the model is on a GPU, whose steps are short next to that work; on a CPU a step takes
+        about as long, and a request that waits for its work then waits out a whole step too
+        (bench/constraint_worker.py)."""
         cfg = model.cfg
         if num_slots < 1 or max_model_len <= cfg.canvas_length:
             raise RunnerError(f"Runner: num_slots={num_slots} must be >= 1 and max_model_len={max_model_len} "
@@ -103,9 +105,8 @@ class Runner:
         self.sc_embeds = torch.zeros(S, C, d, dtype=self.dtype, device=self.device)  # [S, C, d]
         self.history = torch.full((S, history_depth, C), -1, dtype=torch.long, device=self.device)  # [S, D, C]
         self.requests: dict[str, _Request] = {}
-        self.host_worker = host_worker
+        self.host_worker = self.device.type == "cuda" if host_worker is None else host_worker
         self._host: ThreadPoolExecutor | None = None  # one worker: constraint objects may share caches
-        self._host_lock = threading.Lock()
         self.on_host_done: Callable[[], None] | None = None  # called (on the worker) when a job ends
         self._slot_params: list[DiffusionParams | None] = [None] * S
         if model.lora_serving is not None:  # the adapter table covers every slot and the padding one
@@ -156,37 +157,44 @@ class Runner:
     # ------------------------------------------------------------------ constraint host work
 
     def held(self) -> frozenset:
-        """Requests whose constraint work (a mask or a commit pass) is still running."""
-        with self._host_lock:
-            return frozenset(rid for rid, r in self.requests.items()
-                             if r.host_job is not None and not r.host_job[2].done())
+        """Requests whose constraint work (a mask or a commit pass) is still running. Jobs are started,
+        read and listed on the engine thread only; the worker just runs them."""
+        return frozenset(rid for rid, r in self.requests.items()
+                         if r.host_job is not None and not r.host_job[2].done())
 
-    def _submit(self, req: _Request, kind: str, k: int, fn) -> None:
-        if not self.host_worker:
-            return  # the step computes it when it needs it
+    def _mask_job(self, req: _Request, k: int):
+        C, V = self.cfg.canvas_length, self.cfg.vocab_size
+        return lambda: req.constraint.canvas(k, C, V)
+
+    def _commit_job(self, req: _Request, canvas: torch.Tensor):
+        k, logits = req.canvas_index, req.last_logits
+        return lambda: req.constraint.commit(k, canvas, logits)
+
+    def _start(self, req: _Request, kind: str, k: int, job) -> None:
+        """Run job() on the worker as the request's (kind, k) work."""
         if self._host is None:
             self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="canvaslm-constraint")
-        with self._host_lock:
-            fut = self._host.submit(fn)
-            req.host_job = (kind, k, fut)
+        fut = self._host.submit(job)
+        req.host_job = (kind, k, fut)
         if self.on_host_done is not None:
             fut.add_done_callback(lambda _: self.on_host_done())
 
-    def _take(self, req: _Request, kind: str, k: int):
-        """The result of the request's job (kind, k), waiting for it if needed; None if there is none."""
-        job = req.host_job
-        if job is None or job[:2] != (kind, k):
-            return None
-        req.host_job = None
-        return (job[2].result(),)
-
     def _start_mask(self, req: _Request, k: int) -> None:
-        C, V = self.cfg.canvas_length, self.cfg.vocab_size
-        self._submit(req, "mask", k, lambda: req.constraint.canvas(k, C, V))
+        if self.host_worker:
+            self._start(req, "mask", k, self._mask_job(req, k))
 
     def _start_commit(self, req: _Request, slot: int) -> None:
-        k, canvas, logits = req.canvas_index, self.argmax[slot].clone(), req.last_logits
-        self._submit(req, "commit", k, lambda: req.constraint.commit(k, canvas, logits))
+        if self.host_worker:
+            self._start(req, "commit", req.canvas_index, self._commit_job(req, self.argmax[slot].clone()))
+
+    def _result(self, req: _Request, kind: str, k: int, job):
+        """The result of the request's (kind, k) work: its worker job's (waiting for it if needed), or
+        job() run here when none was started."""
+        started = req.host_job
+        if started is None or started[:2] != (kind, k):
+            return job()
+        req.host_job = None
+        return started[2].result()
 
     def close(self) -> None:
         """Stop the constraint worker (jobs in flight end unread)."""
@@ -241,8 +249,7 @@ class Runner:
             for n, item in enumerate(commits):  # a constraint fixes its canvas (pins, valid value slots)
                 req = self.requests[item.request_id]
                 if req.constraint is not None and hasattr(req.constraint, "commit"):
-                    done = self._take(req, "commit", req.canvas_index)
-                    fixed = done[0] if done else req.constraint.commit(req.canvas_index, canvases[n], req.last_logits)
+                    fixed = self._result(req, "commit", req.canvas_index, self._commit_job(req, canvases[n]))
                     canvases[n] = fixed.to(canvases.device)
                     self.argmax[item.slot] = canvases[n]
             for item, ids in zip(commits, canvases.tolist()):  # the one host sync for commits
@@ -369,8 +376,7 @@ class Runner:
                 per_row.append((None, None))
                 continue
             if r.canvas_constraint is None or r.canvas_constraint[0] != item.canvas_index:
-                done = self._take(r, "mask", item.canvas_index)
-                pin, allow = done[0] if done else r.constraint.canvas(item.canvas_index, C, V)
+                pin, allow = self._result(r, "mask", item.canvas_index, self._mask_job(r, item.canvas_index))
                 r.canvas_constraint = (item.canvas_index,
                                        None if pin is None else pin.to(self.device),
                                        None if allow is None else allow.to(self.device))

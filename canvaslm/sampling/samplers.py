@@ -72,8 +72,8 @@ class SamplerParams:
 
     @classmethod
     def build(cls, rows: list, device) -> "SamplerParams":
-        """rows: objects with max_denoising_steps, t_min, t_max, entropy_bound, stability_threshold,
-        confidence_threshold, and optionally top_k, top_p, min_p."""
+        """rows: DiffusionParams (max_denoising_steps, t_min, t_max, entropy_bound, stability_threshold,
+        confidence_threshold, top_k, top_p, min_p)."""
         def t(vals, dtype):
             return torch.tensor(vals, dtype=dtype, device=device)
         return cls(t([r.max_denoising_steps for r in rows], torch.int32),

@@ -11,8 +11,8 @@ that distribution first, as vLLM and SGLang let it for autoregressive decoding:
 Each cut is a per-position logit threshold, so the result is a keep mask: it joins the constraint mask,
 and the step then samples, ranks entropies and self-conditions on the cut distribution, exactly as it
 does for a constrained position. The argmax always survives, so the committed canvas of a greedy
-request is unchanged. Tokens tied with the threshold are kept. Rows are handled a few at a time so no
-float32 [positions, vocabulary] temporary is made; rows that cut nothing are skipped.
+request is unchanged. Tokens tied with the threshold are kept. Positions are handled a few at a time so
+no float32 [positions, vocabulary] temporary is made; rows that cut nothing are skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-ROWS_PER_CHUNK = 16
+POSITIONS_PER_CHUNK = 16
 CANDIDATES = 1024  # top_p searches this many most likely tokens before sorting a whole row
 
 
@@ -38,11 +38,10 @@ class Truncation:
 
     @classmethod
     def build(cls, rows: list, device) -> "Truncation | None":
-        """rows: objects with optional top_k, top_p, min_p (absent or None: no cut); None when no row
-        cuts anything."""
-        ks = [int(getattr(r, "top_k", None) or 0) for r in rows]
-        ps = [float(1.0 if getattr(r, "top_p", None) is None else r.top_p) for r in rows]
-        mins = [float(getattr(r, "min_p", None) or 0.0) for r in rows]
+        """rows: DiffusionParams (top_k, top_p, min_p; off: 0, 1, 0); None when no row cuts anything."""
+        ks = [r.top_k for r in rows]
+        ps = [float(r.top_p) for r in rows]
+        mins = [float(r.min_p) for r in rows]
         cutting = tuple(b for b in range(len(rows)) if ks[b] > 0 or ps[b] < 1 or mins[b] > 0)
         if not cutting:
             return None
@@ -62,8 +61,8 @@ def keep_mask(logits: torch.Tensor, temp: torch.Tensor, cut: Truncation,
     flat_rows = (rows[:, None] * C + torch.arange(C, device=logits.device)).reshape(-1)  # [R * C] positions
     pos_row = rows.repeat_interleave(C)  # each position's row
     flat, keep_flat = logits.reshape(B * C, V), keep.view(B * C, V)
-    for i in range(0, flat_rows.numel(), ROWS_PER_CHUNK):
-        idx, owner = flat_rows[i:i + ROWS_PER_CHUNK], pos_row[i:i + ROWS_PER_CHUNK]
+    for i in range(0, flat_rows.numel(), POSITIONS_PER_CHUNK):
+        idx, owner = flat_rows[i:i + POSITIONS_PER_CHUNK], pos_row[i:i + POSITIONS_PER_CHUNK]
         x = flat.index_select(0, idx).float() / temp.index_select(0, owner)[:, None]
         x = x.masked_fill(~keep_flat.index_select(0, idx), float("-inf"))
         thr = _threshold(x, cut.top_k[owner], cut.top_p[owner], cut.min_p[owner], cut.k_max, cut.any_p)

@@ -3,12 +3,12 @@
 
 Fields follow the OpenAI API; the diffusion extensions (what the openai client's `extra_body` sends)
 sit at the top level of the body: `max_denoising_steps`, `entropy_bound`, `confidence_threshold`,
-`sampler`, `stream_drafts`, `ignore_eos`, and vLLM's `top_k` and `min_p`. Unknown fields are ignored, as OpenAI-compatible servers usually do;
-known fields with a wrong type or an out-of-range value are a 400 naming the field. OpenAI fields this
-engine cannot honour (frequency and presence penalties) are accepted only at their neutral value. Tools: a
-forced call (`tool_choice` naming a function, or "required" with one tool) is generated under the
-function's parameter schema (server/tools.py); "auto" needs a parser for the model's own call syntax,
-which this server does not have, and is refused by name.
+`sampler`, `stream_drafts`, `ignore_eos`, and vLLM's `top_k` and `min_p`. Unknown fields are ignored, as
+OpenAI-compatible servers usually do; known fields with a wrong type or an out-of-range value are a 400
+naming the field. OpenAI fields this engine cannot honour (frequency and presence penalties) are
+accepted only at their neutral value. Tools: a forced call (`tool_choice` naming a function, or
+"required" with one tool) is generated under the function's parameter schema (server/tools.py); "auto"
+needs a parser for the model's own call syntax, which this server does not have, and is refused by name.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import torch
 
 from canvaslm.config import ConfigError, DiffusionParams
 from canvaslm.sampling.fused import fused_entropy_bound_step
-from canvaslm.sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, token_entropy
+from canvaslm.sampling.samplers import (CanvasState, SamplerParams, entropy_bound_accept, entropy_bound_step,
+                                        token_entropy)
 from canvaslm.sampling.schedules import linear_temperature
 from canvaslm.sampling.stopping import new_history
 from canvaslm.sampling import truncation
@@ -108,7 +109,6 @@ def test_steps_sample_inside_the_cut_and_rank_the_cut_entropies(impl):
     sampled = out.canvas.clamp(max=V - 1)
     inside = keep.gather(2, sampled[..., None])[..., 0]
     # every accepted position sampled inside its cut; top_k=3 / top_p=0 rows accept more (lower entropy)
-    from canvaslm.sampling.samplers import entropy_bound_accept
     acc = entropy_bound_accept(token_entropy(proc), p.entropy_bound)
     assert inside[acc].all() and acc[6].all() and accepted[acc].float().mean() > 0.9
     assert acc[0].sum() < acc[5].sum()
