@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .metrics import render_metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
                        LoadLoRARequest, ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
-from .serving import APIError, ServerState, encode_chat, need_tokenizer, prepare, run_choices, run_to_end, usage
+from .serving import (APIError, ServerState, check_in_vocab, encode_chat, need_tokenizer, prepare, run_choices,
+                      run_to_end, usage)
 from .tools import tool_replies
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -127,9 +128,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/detokenize", responses=ERRORS)
     async def detokenize(body: DetokenizeRequest):
         tok = _tokenizer_for(state, body.model, "tokens")
-        bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
-        if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})", "tokens")
+        check_in_vocab(state, body.tokens, "tokens", "token ids")
         return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
 
     @app.get("/v1/models", responses=ERRORS)

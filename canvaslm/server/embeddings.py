@@ -10,7 +10,7 @@ import asyncio
 import base64
 
 from ..scoring import embed_rows
-from .serving import APIError, ServerState
+from .serving import APIError, ServerState, check_in_vocab
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
@@ -25,10 +25,7 @@ async def create_embeddings(state: ServerState, body, seqs: list) -> dict:
         if len(ids) > state.max_model_len:
             raise APIError(400, f"input[{i}] has {len(ids)} tokens, over max_model_len={state.max_model_len}",
                            "input", code="context_length_exceeded")
-        bad = [t for t in ids if not 0 <= t < state.vocab_size]
-        if bad:
-            raise APIError(400, f"input[{i}]: token ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})",
-                           "input")
+        check_in_vocab(state, ids, "input", f"input[{i}]: token ids")
     if body.dimensions is not None and body.dimensions != state.hidden_size:
         raise APIError(400, f"dimensions: this model's embeddings have {state.hidden_size} dimensions and it was not "
                             "trained for shorter ones; omit dimensions", "dimensions")

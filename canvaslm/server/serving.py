@@ -329,10 +329,14 @@ def check_request_basics(state: ServerState, body: _Common, prompts: list[list[i
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
-        bad = [t for t in ids if not 0 <= t < state.vocab_size]
-        if bad:
-            raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})",
-                           "prompt")
+        check_in_vocab(state, ids, "prompt", "prompt token ids")
+
+
+def check_in_vocab(state: ServerState, ids, field: str, what: str) -> None:
+    """A 400 naming `field` when some of `ids` are outside this model's vocabulary ("{what} [...] are ...")."""
+    bad = [t for t in ids if not 0 <= t < state.vocab_size]
+    if bad:
+        raise APIError(400, f"{what} {bad[:5]} are outside the vocabulary [0, {state.vocab_size})", field)
 
 
 def bias_pairs(state: ServerState, body: _Common) -> tuple:
@@ -348,10 +352,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     bias = bias_pairs(state, body)
     eos = () if body.ignore_eos else state.eos_ids
     extra = body.stop_token_ids or []
-    bad = [t for t in extra if not 0 <= t < state.vocab_size]
-    if bad:
-        raise APIError(400, f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})",
-                       "stop_token_ids")
+    check_in_vocab(state, extra, "stop_token_ids", "stop_token_ids")
     eos = eos + tuple(t for t in extra if t not in eos)
     if auto_tools(body):
         problem = auto_problem(state.tokenizer)
