@@ -18,12 +18,15 @@ second each for JSON at a 65k vocabulary on a CPU) can run on a worker thread (`
 where the model is on a GPU), started as soon as its inputs exist: the first mask when the request is added, the next one when a canvas is committed, the commit
 pass when a canvas stops denoising. `held()` names the requests waiting for theirs; an engine leaves
 them out of its plans (`Scheduler.plan(hold=...)`) so the other requests keep stepping. A plan that
-includes one anyway just waits for its result, so every caller gets the same outputs.
+includes one anyway just waits for its result, so every caller gets the same outputs. When that work
+raises, only its request fails (`StepResult.errors`, naming the mask or commit pass); the rest of the
+step goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -36,6 +39,7 @@ from ..sampling import logit_bias as bias_lib
 from ..sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
 from .scheduler import EncodeItem, StepPlan, StepResult
 
+log = logging.getLogger("canvaslm.engine")
 
 @dataclass(frozen=True)
 class Draft:
@@ -105,6 +109,7 @@ class Runner:
         self.sc_embeds = torch.zeros(S, C, d, dtype=self.dtype, device=self.device)  # [S, C, d]
         self.history = torch.full((S, history_depth, C), -1, dtype=torch.long, device=self.device)  # [S, D, C]
         self.requests: dict[str, _Request] = {}
+        self._errors: dict[str, str] = {}  # request id -> message: constraint work that failed in this step
         self.host_worker = self.device.type == "cuda" if host_worker is None else host_worker
         self._host: ThreadPoolExecutor | None = None  # one worker: constraint objects may share caches
         self.on_host_done: Callable[[], None] | None = None  # called (on the worker) when a job ends
@@ -187,14 +192,21 @@ class Runner:
         if self.host_worker:
             self._start(req, "commit", req.canvas_index, self._commit_job(req, self.argmax[slot].clone()))
 
-    def _result(self, req: _Request, kind: str, k: int, job):
+    def _result(self, rid: str, req: _Request, kind: str, k: int, job):
         """The result of the request's (kind, k) work: its worker job's (waiting for it if needed), or
-        job() run here when none was started."""
+        job() run here when none was started. If the work raises, the request fails alone: its error is
+        kept for this step's result and None comes back."""
         started = req.host_job
-        if started is None or started[:2] != (kind, k):
-            return job()
-        req.host_job = None
-        return started[2].result()
+        try:
+            if started is None or started[:2] != (kind, k):
+                return job()
+            req.host_job = None
+            return started[2].result()
+        except Exception as e:  # noqa: BLE001 - a constraint bug or limit fails its own request only
+            log.exception("request %s: constraint %s for canvas %d failed", rid, kind, k)
+            what = "mask" if kind == "mask" else "commit pass"
+            self._errors[rid] = f"the output constraint's {what} for canvas {k} failed: {type(e).__name__}: {e}"
+            return None
 
     def close(self) -> None:
         """Stop the constraint worker (jobs in flight end unread)."""
@@ -215,6 +227,7 @@ class Runner:
             return self._execute(plan)
 
     def _execute(self, plan: StepPlan) -> StepOutput:
+        self._errors = {}
         if plan.freed_slots:
             self.cache.reset(list(plan.freed_slots))
         for src, dst, n in plan.copies:  # prefix caching: a running request's prompt prefix, for a newcomer
@@ -230,7 +243,11 @@ class Runner:
                     self.model.lora_serving.assign(item.slot, req.lora)
         committed, finished = self._commit_and_prefill(plan.encode)
         early, drafts = self._denoise(plan)
-        return StepOutput(StepResult(early_stopped=early, committed=committed, finished=finished), drafts)
+        errors = self._errors
+        early = early - errors.keys()
+        drafts = tuple(d for d in drafts if d.request_id not in errors)
+        return StepOutput(StepResult(early_stopped=early, committed=committed, finished=finished, errors=errors),
+                          drafts)
 
     def _get(self, request_id: str) -> _Request:
         req = self.requests.get(request_id)
@@ -249,10 +266,14 @@ class Runner:
             for n, item in enumerate(commits):  # a constraint fixes its canvas (pins, valid value slots)
                 req = self.requests[item.request_id]
                 if req.constraint is not None and hasattr(req.constraint, "commit"):
-                    fixed = self._result(req, "commit", req.canvas_index, self._commit_job(req, canvases[n]))
-                    canvases[n] = fixed.to(canvases.device)
-                    self.argmax[item.slot] = canvases[n]
+                    fixed = self._result(item.request_id, req, "commit", req.canvas_index,
+                                         self._commit_job(req, canvases[n]))
+                    if fixed is not None:
+                        canvases[n] = fixed.to(canvases.device)
+                        self.argmax[item.slot] = canvases[n]
             for item, ids in zip(commits, canvases.tolist()):  # the one host sync for commits
+                if item.request_id in self._errors:  # its commit pass failed: nothing is committed
+                    continue
                 req = self.requests[item.request_id]
                 room = req.params.max_new_tokens - req.num_committed
                 cut = next((j for j, t in enumerate(ids) if t in req.eos_ids), None)
@@ -376,7 +397,12 @@ class Runner:
                 per_row.append((None, None))
                 continue
             if r.canvas_constraint is None or r.canvas_constraint[0] != item.canvas_index:
-                pin, allow = self._result(r, "mask", item.canvas_index, self._mask_job(r, item.canvas_index))
+                got = self._result(item.request_id, r, "mask", item.canvas_index,
+                                   self._mask_job(r, item.canvas_index))
+                if got is None:  # its mask failed: the row runs unconstrained, its result is dropped
+                    per_row.append((None, None))
+                    continue
+                pin, allow = got
                 r.canvas_constraint = (item.canvas_index,
                                        None if pin is None else pin.to(self.device),
                                        None if allow is None else allow.to(self.device))

@@ -161,3 +161,35 @@ def test_a_slow_constraint_compile_does_not_stall_other_requests(server, monkeyp
     assert time.monotonic() - t0 < slow / 2
     t.join(60)
     assert done["r"].status_code == 200
+
+
+def test_a_failing_constraint_fails_its_request_only(server, monkeypatch):
+    """An output constraint whose work raises inside the engine (a bug, a limit) gets its request a 500
+    naming the failure; requests running beside it, and later ones, are served as usual."""
+    import threading
+
+    from canvaslm.sampling.constraints import PinnedConstraint
+    from canvaslm.server import serving
+
+    class Broken(PinnedConstraint):
+        def canvas(self, k, C, V):
+            raise RuntimeError("this constraint is broken")
+
+    original = serving.build_constraint
+    monkeypatch.setattr(serving, "build_constraint", lambda state, body: (
+        Broken({0: 5}) if body.prompt == "break me" else original(state, body)))
+    url = server.base_url + "/v1/completions"
+    replies = {}
+    threads = [threading.Thread(target=lambda key=key, prompt=prompt: replies.setdefault(
+        key, httpx.post(url, json={**OK, "prompt": prompt, "seed": 1}, timeout=120)))
+        for key, prompt in (("bad", "break me"), ("good", "hello"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    check_error(replies["bad"], 500, None)
+    assert "mask for canvas 0 failed" in replies["bad"].json()["error"]["message"]
+    assert "this constraint is broken" in replies["bad"].json()["error"]["message"]
+    assert replies["good"].status_code == 200, replies["good"].text
+    after = httpx.post(url, json={**OK, "seed": 1}, timeout=120)
+    assert after.status_code == 200 and after.json()["choices"][0]["text"] == replies["good"].json()["choices"][0]["text"]
