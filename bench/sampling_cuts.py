@@ -1,12 +1,15 @@
-"""What top_k / top_p / min_p add to one denoising sampling step at the full model's vocabulary, against the
-peer measured in the same run: the same step with no cut (what every request paid before cuts existed).
+"""What top_k / top_p / min_p, and the frequency / presence / repetition penalties, add to one denoising
+sampling step at the full model's vocabulary, against the peer measured in the same run: the same step
+with no cut and no penalty (what every request paid before they existed).
 
     python bench/sampling_cuts.py [--vocab 262144] [--canvas 256] [--batch 1] [--repeat 3] [--device cpu]
 
 Logits are random, shaped like a trained model's (a few likely tokens over a long tail, softcapped at
 30) so nuclei are small, as they are in practice; `--flat` makes them flat, the worst case for top_p
 (every nucleus is larger than the candidate set and rows are sorted whole). On CUDA the step is the
-fused one (the sampler's choice there); on the CPU the reference step.
+fused one (the sampler's choice there); on the CPU the reference step. A penalty case times the
+penalty pass (sampling.penalties, with a draft: a mid-canvas step; 512 prompt and 512 committed output
+tokens) plus the uncut step.
 """
 
 from __future__ import annotations
@@ -18,11 +21,15 @@ import time
 import torch
 
 from canvaslm.config import DiffusionParams
+from canvaslm.sampling.penalties import penalty_state
 from canvaslm.sampling.samplers import CanvasState, SamplerParams, entropy_bound_step
 from canvaslm.sampling.stopping import new_history
 
 CASES = {"no cut (peer)": {}, "top_k=64": {"top_k": 64}, "top_p=0.95": {"top_p": 0.95},
-         "top_k=64, top_p=0.95 (Gemma's)": {"top_k": 64, "top_p": 0.95}, "min_p=0.05": {"min_p": 0.05}}
+         "top_k=64, top_p=0.95 (Gemma's)": {"top_k": 64, "top_p": 0.95}, "min_p=0.05": {"min_p": 0.05},
+         "frequency+presence penalty": {"frequency_penalty": 0.3, "presence_penalty": 0.3},
+         "repetition_penalty=1.1": {"repetition_penalty": 1.1},
+         "all three penalties": {"frequency_penalty": 0.3, "presence_penalty": 0.3, "repetition_penalty": 1.1}}
 
 
 def logits_like_a_model(B, C, V, flat, device, seed=0):
@@ -44,12 +51,23 @@ def time_step(logits, kw, repeat, device):
                      new_history(B, 1, C, device), p.n_steps.clone())
     seeds = torch.arange(B, device=device) + 1
     gens = seeds if device != "cpu" else torch.Generator().manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(2)
+    pens = [penalty_state(p_, torch.randint(0, V, (512,), generator=g, device=device).tolist(), (1,), V, device)
+            for p_ in [DiffusionParams(**kw)] * B]
+    for pen in pens:
+        if pen is not None:
+            pen.commit(torch.randint(0, V, (512,), generator=g, device=device))
+    draft = torch.randint(0, V, (B, C), generator=g, device=device)
     times = []
     for i in range(repeat + 1):
+        x = logits.clone() if pens[0] is not None else logits  # the pass is in place
         if device != "cpu":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        entropy_bound_step(logits, st, p, gens, V)
+        for b, pen in enumerate(pens):
+            if pen is not None:
+                pen.apply(x[b], draft[b])
+        entropy_bound_step(x, st, p, gens, V)
         if device != "cpu":
             torch.cuda.synchronize()
         if i:  # the first run warms up

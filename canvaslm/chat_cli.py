@@ -28,8 +28,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, default=0, help="turn i draws from seed + i (default 0)")
     p.add_argument("--temperature", type=float, default=None, help="scales the temperature schedule")
-    from .sampling.cli_args import add_cut_args
-    add_cut_args(p)
+    from .sampling.cli_args import add_sampling_args
+    add_sampling_args(p)
     p.add_argument("--drafts", action="store_true", help="on a terminal, show each denoising step's draft")
     p.set_defaults(func=_chat)
 
@@ -38,7 +38,7 @@ def _chat(args) -> int:
     from .cli import load_llm
     from .generate import GenerationError
     from .llm import SamplingParams
-    from .sampling.cli_args import cut_params
+    from .sampling.cli_args import sampling_params
 
     llm = load_llm(args)
     if llm.tokenizer is None or getattr(llm.tokenizer, "chat_template", None) is None:
@@ -71,7 +71,7 @@ def _chat(args) -> int:
             [{"role": "user", "content": line}]
         params = SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
                                 seed=args.seed + turn, temperature=args.temperature,
-                                lora="lora" if args.lora else None, **cut_params(args))
+                                lora="lora" if args.lora else None, **sampling_params(args))
         turn += 1
         show = _draft_line(llm) if tty and args.drafts else None
         try:

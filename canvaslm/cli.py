@@ -69,8 +69,8 @@ def _generate(args) -> int:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt = llm.encode_prompt(args.prompt)
-    from .sampling.cli_args import constraint_params, cut_params
-    extra = {**constraint_params(args, llm), **cut_params(args)}
+    from .sampling.cli_args import constraint_params, sampling_params
+    extra = {**constraint_params(args, llm), **sampling_params(args)}
     params = SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, seed=args.seed,
                             temperature=args.temperature, lora="lora" if args.lora else None, **extra)
     if args.suffix is not None:
@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=None, help="scales the temperature schedule")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     add_lora_arg(g)
-    from .sampling.cli_args import add_constraint_args, add_cut_args
-    add_cut_args(g)
+    from .sampling.cli_args import add_constraint_args, add_sampling_args
+    add_sampling_args(g)
     add_constraint_args(g)
     g.set_defaults(func=_generate)
     from .quant import QUANTIZATIONS

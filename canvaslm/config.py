@@ -257,6 +257,11 @@ class DiffusionParams:
     top_k: int = 0  # 0: no cut
     top_p: float = 1.0  # 1: no cut
     min_p: float = 0.0  # 0: no cut
+    # Per-request penalties on repeats (sampling.penalties); off by default, not read from
+    # generation_config.json either.
+    frequency_penalty: float = 0.0  # [-2, 2], 0: off
+    presence_penalty: float = 0.0  # [-2, 2], 0: off
+    repetition_penalty: float = 1.0  # > 0, 1: off
 
     def __post_init__(self):
         def bad(name, msg):
@@ -280,6 +285,11 @@ class DiffusionParams:
             bad("top_p", "must be in [0, 1] (1: no cut; 0 keeps only the most likely token)")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1] (0: no cut)")
+        from .sampling.penalties import PenaltyError, Penalties
+        try:
+            Penalties(self.frequency_penalty, self.presence_penalty, self.repetition_penalty)
+        except PenaltyError as e:
+            raise ConfigError(f"generation parameter {e}") from None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "generation_config.json") -> "DiffusionParams":

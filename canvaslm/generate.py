@@ -17,6 +17,7 @@ import torch
 from .config import DiffusionParams
 from .kv_cache import KVCache
 from .sampling import logit_bias
+from .sampling.penalties import penalty_state
 from .sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
 from .sampling.stopping import new_history
 
@@ -113,6 +114,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
     constraints = [r.constraint.for_row() if hasattr(r.constraint, "for_row") else r.constraint for r in rows]
     biases = [logit_bias.dense(r.logit_bias, V, device, model.embed_weight.dtype) for r in rows]
     any_bias = any(b is not None for b in biases)
+    penalties = [penalty_state(r.params, r.prompt_ids, r.eos_ids, V, device) for r in rows]
     for k in range(n_canvases):
         pinned, mask = _constraint_tensors(constraints, k, C, V, device)
         # a shared generator draws for every row, as the reference does; per-row generators skip rows
@@ -123,7 +125,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
             canvas = torch.where(pinned >= 0, pinned, canvas)
         finished = done_rows.clone() if per_row else torch.zeros(B, dtype=torch.bool, device=device)
         st = CanvasState(canvas, canvas, None, finished, new_history(B, depth, C, device), sp.n_steps.clone())
-        for _ in range(int(sp.n_steps.max())):
+        for step in range(int(sp.n_steps.max())):
             passes += ~(st.finished | done_rows)
             logits = model.denoise(st.canvas, slots, cache, sc_logits=st.sc_logits)
             if any_bias:
@@ -131,6 +133,9 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
             for b, r in enumerate(rows):
                 if r.min_tokens > k * C:
                     logit_bias.ban_before(logits, b, k * C, r.min_tokens, r.eos_ids)
+            for b, pen in enumerate(penalties):
+                if pen is not None:
+                    pen.apply(logits[b], st.argmax[b] if step else None)
             st = entropy_bound_step(logits, st, sp, gens, V, logit_mask=mask, pinned=pinned)
             st.sc_logits = st.sc_logits.to(model.embed_weight.dtype)
             if on_draft is not None:
@@ -149,6 +154,8 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
             ids = committed[b].tolist()
             cut = next((i for i, t in enumerate(ids) if t in r.eos_ids), None)
             room = r.params.max_new_tokens - len(res.token_ids)
+            if penalties[b] is not None:
+                penalties[b].commit(ids[:room if cut is None else min(room, cut + 1)])
             if cut is not None and cut < room:
                 res.token_ids += ids[:cut + 1]
                 res.finish_reason = "stop"

@@ -36,6 +36,9 @@ class SamplingParams:
     top_k: int | None = None  # sample each position from its k most likely tokens (None or 0: all)
     top_p: float | None = None  # ... from its nucleus of this probability mass (None or 1: all)
     min_p: float | None = None  # ... from tokens at least this share of its most likely one's (None or 0: all)
+    frequency_penalty: float | None = None  # in [-2, 2]: minus f x times a token is in the output so far
+    presence_penalty: float | None = None  # in [-2, 2]: minus p once a token is in the output so far
+    repetition_penalty: float | None = None  # > 0: vLLM's multiplicative penalty on prompt and output tokens
     confidence_threshold: float | None = None
     stability_threshold: int | None = None
     constraint: object | None = None  # a sampling.constraints.CanvasConstraint
@@ -78,7 +81,8 @@ class SamplingParams:
                              t_min=self.t_min, t_max=self.t_max, entropy_bound=self.entropy_bound,
                              confidence_threshold=self.confidence_threshold,
                              stability_threshold=self.stability_threshold, top_k=self.top_k, top_p=self.top_p,
-                             min_p=self.min_p)
+                             min_p=self.min_p, frequency_penalty=self.frequency_penalty,
+                             presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty)
         if self.temperature is not None:
             p = dataclasses.replace(p, t_min=p.t_min * self.temperature, t_max=p.t_max * self.temperature)
         return p

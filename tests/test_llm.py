@@ -99,13 +99,16 @@ def test_cli_sampling_cuts(tiny_checkpoint):
 
     cmd = [sys.executable, "-m", "canvaslm.cli", "generate", str(tiny_checkpoint), "--prompt", "hi", "--seed", "4",
            "--max-new-tokens", "20", "--json"]
-    r = subprocess.run(cmd + ["--top-k", "3", "--top-p", "0.9", "--min-p", "0.01"], capture_output=True, text=True,
-                       check=True)
+    r = subprocess.run(cmd + ["--top-k", "3", "--top-p", "0.9", "--min-p", "0.01", "--frequency-penalty", "0.5",
+                              "--presence-penalty", "0.2", "--repetition-penalty", "1.2"],
+                       capture_output=True, text=True, check=True)
     want = LLM(tiny_checkpoint).generate("hi", SamplingParams(seed=4, max_new_tokens=20, top_k=3, top_p=0.9,
-                                                               min_p=0.01))[0]
+                                                               min_p=0.01, frequency_penalty=0.5, presence_penalty=0.2,
+                                                               repetition_penalty=1.2))[0]
     assert json.loads(r.stdout)["token_ids"] == want.token_ids
-    bad = subprocess.run(cmd + ["--top-p", "2"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
+    for flag, value, name in [("--top-p", "2", "top_p"), ("--repetition-penalty", "-1", "repetition_penalty")]:
+        bad = subprocess.run(cmd + [flag, value], capture_output=True, text=True)
+        assert bad.returncode != 0 and name in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_stop_token_ids_end_the_output(llm):

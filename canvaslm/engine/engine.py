@@ -311,7 +311,7 @@ class Engine:
             state = RequestState(req.request_id, req.prompt_ids, p.max_new_tokens, self.canvas_length,
                                  p.max_denoising_steps, priority=req.priority, lora=req.lora)
             self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts, req.logit_bias,
-                            req.min_tokens, req.lora)
+                            req.min_tokens, req.lora, prompt_ids=req.prompt_ids)
             self._sinks[req.request_id] = sink
             self.scheduler.add(state)
         except ValueError as e:

@@ -36,6 +36,7 @@ import torch
 from ..config import DiffusionParams
 from ..kv_cache import KVCache
 from ..sampling import logit_bias as bias_lib
+from ..sampling.penalties import PenaltyState, penalty_state
 from ..sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
 from .scheduler import EncodeItem, StepPlan, StepResult
 
@@ -76,6 +77,7 @@ class _Request:
     min_tokens: int = 0  # no EOS before this many output tokens
     lora: int = 0  # served LoRA adapter id (lora_serving), 0: the base model
     host_job: tuple | None = None  # (kind "mask" | "commit", canvas index, Future): constraint work in flight
+    penalty: PenaltyState | None = None  # frequency / presence / repetition penalties (sampling.penalties)
 
 
 MIN_ROWS = 16  # see Runner._encode
@@ -120,8 +122,10 @@ class Runner:
     # ------------------------------------------------------------------ registration
 
     def add(self, request_id: str, params: DiffusionParams, seed: int, eos_ids, constraint=None,
-            drafts: bool = False, logit_bias: tuple = (), min_tokens: int = 0, lora: int = 0) -> None:
-        """Register a request before the scheduler plans it. lora: a served adapter's id (0: none)."""
+            drafts: bool = False, logit_bias: tuple = (), min_tokens: int = 0, lora: int = 0,
+            prompt_ids=None) -> None:
+        """Register a request before the scheduler plans it. lora: a served adapter's id (0: none).
+        prompt_ids: what a repetition penalty counts besides the output (needed when it is set)."""
         if request_id in self.requests:
             raise RunnerError(f"request id {request_id!r} is already registered with the runner")
         if params.stability_threshold > self.history_depth:
@@ -138,6 +142,9 @@ class Runner:
         bias = bias_lib.dense(pairs, self.cfg.vocab_size, self.device, self.dtype)
         if min_tokens < 0:
             raise RunnerError(f"request {request_id!r}: min_tokens={min_tokens} must be >= 0")
+        if params.repetition_penalty != 1 and prompt_ids is None:
+            raise RunnerError(f"request {request_id!r}: a repetition penalty needs the prompt ids")
+        penalty = penalty_state(params, prompt_ids or (), eos_ids, self.cfg.vocab_size, self.device)
         served = self.model.lora_serving
         if lora and served is None:
             raise RunnerError(f"request {request_id!r}: LoRA adapter id {lora} is not served by this model")
@@ -147,7 +154,7 @@ class Runner:
             except ValueError as e:
                 raise RunnerError(f"request {request_id!r}: {e}") from None
         req = self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts, bias=bias,
-                                                   min_tokens=min_tokens, lora=lora)
+                                                   min_tokens=min_tokens, lora=lora, penalty=penalty)
         if constraint is not None:
             self._start_mask(req, 0)
 
@@ -288,6 +295,8 @@ class Runner:
                         self._start_mask(req, req.canvas_index + 1)
                 committed[item.request_id] = tokens
                 req.num_committed += len(tokens)
+                if req.penalty is not None and reason is None:  # what the next canvases see as output so far
+                    req.penalty.commit(tokens)
                 if reason is not None:
                     finished[item.request_id] = reason
         # One call per token length: right-padding would change the attention's reduction length and so
@@ -351,6 +360,9 @@ class Runner:
         for b, (item, r) in enumerate(zip(items, reqs)):
             if r.min_tokens > item.canvas_index * C:  # host values only: no sync
                 bias_lib.ban_before(logits, b, item.canvas_index * C, r.min_tokens, sorted(r.eos_ids))
+        for b, (item, r) in enumerate(zip(items, reqs)):
+            if r.penalty is not None:  # the draft: this slot's argmax after the canvas's previous step
+                r.penalty.apply(logits[b], self.argmax[item.slot] if item.denoise_step else None)
 
         sp = SamplerParams.build([r.params for r in reqs], self.device)
         st = CanvasState(canvas, self.argmax.index_select(0, slots), None,

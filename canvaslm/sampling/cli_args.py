@@ -1,5 +1,6 @@
 """`canvaslm generate` flags for canvas control: --json-schema, --json-object, --choice, --regex, --grammar,
---pin, --suffix (infilling), --gaps; and the sampling cuts --top-k, --top-p, --min-p (generate and chat)."""
+--pin, --suffix (infilling), --gaps; and the sampling cuts --top-k, --top-p, --min-p and penalties
+--frequency-penalty, --presence-penalty, --repetition-penalty (generate and chat)."""
 
 from __future__ import annotations
 
@@ -29,16 +30,25 @@ def _gaps(text: str) -> list:
     return gaps
 
 
-def add_cut_args(p: argparse.ArgumentParser):
-    """--top-k, --top-p, --min-p (sampling.truncation); `cut_params(args)` gives SamplingParams' fields."""
+def add_sampling_args(p: argparse.ArgumentParser):
+    """--top-k, --top-p, --min-p (sampling.truncation) and the penalties (sampling.penalties);
+    `sampling_params(args)` gives SamplingParams' fields."""
     p.add_argument("--top-k", type=int, default=None, help="sample each position from its k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample each position from its nucleus of this mass")
     p.add_argument("--min-p", type=float, default=None,
                    help="drop tokens under this share of the position's most likely token's probability")
+    p.add_argument("--frequency-penalty", type=float, default=None,
+                   help="in [-2, 2]: minus this for each time a token is already in the output so far")
+    p.add_argument("--presence-penalty", type=float, default=None,
+                   help="in [-2, 2]: minus this once a token is already in the output so far")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="in [0.01, 100]: shrink prompt and output-so-far tokens' logits by this factor (1: off)")
 
 
-def cut_params(args) -> dict:
-    return {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p}
+def sampling_params(args) -> dict:
+    return {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+            "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
+            "repetition_penalty": args.repetition_penalty}
 
 
 def add_constraint_args(p: argparse.ArgumentParser):

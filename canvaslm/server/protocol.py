@@ -3,10 +3,9 @@
 
 Fields follow the OpenAI API; the diffusion extensions (what the openai client's `extra_body` sends)
 sit at the top level of the body: `max_denoising_steps`, `entropy_bound`, `confidence_threshold`,
-`sampler`, `stream_drafts`, `ignore_eos`, and vLLM's `top_k` and `min_p`. Unknown fields are ignored, as
-OpenAI-compatible servers usually do; known fields with a wrong type or an out-of-range value are a 400
-naming the field. OpenAI fields this engine cannot honour (frequency and presence penalties) are
-accepted only at their neutral value. Tools: a forced call (`tool_choice` naming a function, or
+`sampler`, `stream_drafts`, `ignore_eos`, and vLLM's `top_k`, `min_p` and `repetition_penalty`. Unknown
+fields are ignored, as OpenAI-compatible servers usually do; known fields with a wrong type or an
+out-of-range value are a 400 naming the field. Tools: a forced call (`tool_choice` naming a function, or
 "required" with one tool) is generated under the function's parameter schema (server/tools.py); "auto"
 needs a parser for the model's own call syntax, which this server does not have, and is refused by name.
 """
@@ -71,9 +70,10 @@ class _Common(_Strict):
     user: str | None = Field(None, max_length=512)
     response_format: ResponseFormat | None = None
     top_p: float | None = Field(None, ge=0, le=1, description="sample each canvas position from its nucleus")
-    # OpenAI fields accepted only at their neutral value
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="minus this x each time a token is "
+                                            "already in the output so far (sampling/penalties.py)")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="minus this once a token is already "
+                                           "in the output so far")
     logit_bias: dict[str, float] | None = None
     # --- diffusion extensions (extra_body) ---
     max_denoising_steps: int | None = Field(None, ge=1, le=4096, description="denoising steps per canvas (cap)")
@@ -84,6 +84,8 @@ class _Common(_Strict):
                               "k most likely tokens (-1 or 0: all)")
     min_p: float | None = Field(None, ge=0, le=1, description="vLLM's: drop tokens under min_p times the "
                                 "position's most likely token's probability (0: none)")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100, description="vLLM's: prompt and output-so-far "
+                                             "tokens' logits shrink by this factor (1: off)")
     stream_drafts: bool = Field(False, description="with stream=true: draft events (argmax canvas) between commits")
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1,
                           description="vLLM's: lower is served first; waits stay bounded (scheduler aging)")
@@ -122,9 +124,6 @@ class _Common(_Strict):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for an OpenAI feature set to a value this engine cannot honour."""
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                return name, f"{name} is not supported by the diffusion sampler; omit it or send 0"
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             return "stop", f"at most {MAX_STOP} stop strings are allowed, got {len(self.stop)}"
         if self.stream_drafts and not self.stream:

@@ -77,6 +77,24 @@ def test_top_p_top_k_min_p_match_llm(client, llm):
     assert plain.choices[0].text == reference(llm, prompt, seed=9).text
 
 
+def test_penalties_match_llm(client, llm):
+    """OpenAI's frequency_penalty / presence_penalty and vLLM's repetition_penalty (extra_body) reach the
+    sampler as SamplingParams' do; a repetition_penalty that is not > 0 is a 400 naming it."""
+    import openai
+
+    prompt = probe_prompt(llm, 4)
+    plain = reference(llm, prompt, seed=3).token_ids
+    for kw, extra in [(dict(frequency_penalty=1.5, presence_penalty=0.5), {}),
+                      ({}, {"repetition_penalty": 1.4})]:
+        want = reference(llm, prompt, seed=3, **kw, **extra)
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=3, **kw,
+                                        extra_body=extra)
+        assert got.choices[0].text == want.text and want.token_ids != plain
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, extra_body={"repetition_penalty": 0})
+    assert e.value.body["param"] == "repetition_penalty"
+
+
 def test_stop_token_ids_match_llm(client, llm):
     """vLLM's stop_token_ids reach the engine as extra EOS ids: the same cut as LLM.generate's."""
     prompt = probe_prompt(llm, 2)
