@@ -16,6 +16,7 @@ import asyncio
 import bisect
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -36,7 +37,9 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 8  # rows per encoder call and per decoder call
-    max_model_len: int = 2048  # KV positions per slot: prompt + whole canvases
+    # KV positions per slot: prompt + whole canvases. None: the model's whole context where the KV cache for
+    # every slot fits the memory left (`plan_max_model_len`), else the most that fits
+    max_model_len: int | None = 2048
     num_slots: int | None = None  # admitted requests at once (default: max_batch)
     prefill_chunk: int = 512  # prompt tokens encoded per request per step
     kv_budget_tokens: int | None = None  # admission budget (default: num_slots * max_model_len)
@@ -50,11 +53,11 @@ class EngineConfig:
     constraint_worker: bool | None = None
 
     def __post_init__(self):
-        for name in ("max_batch", "max_model_len", "prefill_chunk", "max_wait_plans"):
+        for name in ("max_batch", "prefill_chunk", "max_wait_plans"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}={value!r}; expected an int >= 1")
-        for name in ("num_slots", "kv_budget_tokens"):
+        for name in ("max_model_len", "num_slots", "kv_budget_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name}={value!r}; expected None or an int >= 1")
@@ -161,37 +164,119 @@ class EngineStats:
         return sum(r[1] for r in recent) / self.window_s, sum(r[2] for r in recent) / self.window_s
 
 
+GIB = 1 << 30
+
+
+def device_memory(device) -> tuple[int, int] | None:
+    """(free, total) bytes of the device's memory: the GPU's, or this machine's available RAM for the CPU
+    (Linux /proc/meminfo); None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)
+    if device.type != "cpu":
+        return None
+    try:
+        info = {k: int(v.split()[0]) * 1024 for k, v in
+                (line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii") if ":" in line)}
+        return info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _reserve(total: int) -> int:
+    """Bytes kept free for activations and the rest of the process beside the KV cache."""
+    return max(2 * GIB, total // 10)
+
+
+def _largest_fitting(cfg, slots: int, dtype, budget: int, with_store: bool) -> int:
+    """The largest max_model_len (a multiple of the canvas, at most the model's limit) whose KV cache for
+    `slots` slots (and prefix store, with_store) fits `budget` bytes; 0 if none does."""
+    from ..kv_cache import KVCache
+
+    C = cfg.canvas_length
+
+    def need(n: int) -> int:
+        cache, store = KVCache.planned_bytes(cfg, slots + 1, n * C, dtype)
+        return cache + (store if with_store else 0)
+
+    lo, hi = 0, cfg.max_position_embeddings // C  # in canvases; need() grows with n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= budget else (lo, mid - 1)
+    return lo * C
+
+
+def plan_max_model_len(cfg, config: EngineConfig, device, dtype, free_total=None) -> tuple[int, str]:
+    """(max_model_len, why) for an engine of this config. Asked for None: the model's whole context
+    (max_position_embeddings, what agent frameworks check) where the KV cache of every slot fits the
+    free memory less a reserve for activations (the larger of 2 GiB and a tenth of the device), else the
+    largest multiple of the canvas that fits. A given value is kept, or refused when it is over the
+    model's limit or its cache does not fit, with the value that would. `free_total` = (free, total) bytes
+    overrides the query (tests); memory that cannot be read is not checked."""
+    from ..kv_cache import KVCache
+
+    limit, asked, slots = cfg.max_position_embeddings, config.max_model_len, config.slots
+    if asked is not None and asked > limit:
+        raise ValueError(f"max_model_len={asked} is over the model's max_position_embeddings={limit}")
+    free_total = free_total if free_total is not None else device_memory(device)
+    want = limit if asked is None else asked
+    if free_total is None:
+        return want, "memory not checked"
+    free, total = free_total
+    budget = free - _reserve(total)
+    cache = KVCache.planned_bytes(cfg, slots + 1, want, dtype)[0]
+    if cache <= budget:
+        whole = "the model's whole context; " if asked is None else ""
+        return want, f"{whole}its KV cache for {slots} slots takes {cache / GIB:.1f} GiB of {free / GIB:.1f} GiB free"
+    fits = _largest_fitting(cfg, slots, dtype, budget, with_store=False)
+    where = f"{free / GIB:.1f} GiB are free and {_reserve(total) / GIB:.1f} GiB stay for activations"
+    if asked is not None or fits <= cfg.canvas_length:
+        raise ValueError(f"max_model_len={want} needs {cache / GIB:.1f} GiB of KV cache for {slots} slots, but "
+                         f"{where}: " + (f"at most {fits} fits; lower --max-model-len or --max-batch"
+                                         if fits > cfg.canvas_length else "lower --max-batch"))
+    return fits, (f"the model's context is {limit} positions, but their KV cache for {slots} slots would take "
+                  f"{cache / GIB:.1f} GiB, while {where}; {fits} fit (lower --max-batch for more)")
+
+
 def prefix_caching_fits(cfg, config: EngineConfig, device, dtype, free_total=None) -> tuple[bool, str]:
     """(whether to cache prefixes, why) when the config leaves it to the engine. The cost is the prefix
-    store: a full-length copy of the sliding layers' K/V per slot (kv_cache). On a GPU it must leave a
-    reserve for activations (the larger of 2 GiB and a tenth of the device) after the whole cache; CPU
-    memory is not checked. `free_total` = (free, total) bytes overrides the device query (tests)."""
+    store: a full-length copy of the sliding layers' K/V per slot (kv_cache). It must leave the reserve
+    for activations (`plan_max_model_len`) after the whole cache; memory that cannot be read is not
+    checked. `free_total` = (free, total) bytes overrides the query (tests)."""
     from ..kv_cache import KVCache
 
     cache, store = KVCache.planned_bytes(cfg, config.slots + 1, config.max_model_len, dtype)
+    free_total = free_total if free_total is not None else device_memory(device)
     if free_total is None:
-        if torch.device(device).type != "cuda":
-            return True, "not a GPU"
-        free_total = torch.cuda.mem_get_info(torch.device(device))
+        return True, "memory not checked"
     free, total = free_total
-    reserve = max(2 << 30, total // 10)
-    gib = 1 << 30
+    reserve = _reserve(total)
     if free - cache - store >= reserve:
-        return True, f"the prefix store ({store / gib:.1f} GiB) fits"
-    return False, (f"the prefix store ({store / gib:.1f} GiB) does not fit: {free / gib:.1f} GiB free, the KV cache "
-                   f"takes {cache / gib:.1f} GiB and {reserve / gib:.1f} GiB stay for activations; lower "
-                   "--max-model-len or --max-batch, or force it with --enable-prefix-caching")
+        return True, f"the prefix store ({store / GIB:.1f} GiB) fits"
+    shorter = _largest_fitting(cfg, config.slots, dtype, free - reserve, with_store=True)
+    hint = (f"--max-model-len {shorter} leaves room for it" if shorter > cfg.canvas_length
+            else "lower --max-model-len or --max-batch")
+    return False, (f"the prefix store ({store / GIB:.1f} GiB) does not fit: {free / GIB:.1f} GiB free, the KV cache "
+                   f"takes {cache / GIB:.1f} GiB and {reserve / GIB:.1f} GiB stay for activations; {hint}, or "
+                   "force it with --enable-prefix-caching")
 
 
 class Engine:
     def __init__(self, model, config: EngineConfig, history_depth: int = 1):
         cfg = model.cfg
+        device, dtype = model.embed_weight.device, model.embed_weight.dtype
+        self.notes: list[str] = []  # the memory decisions made here, for a server to print
+        length, why = plan_max_model_len(cfg, config, device, dtype)  # raises when it cannot fit
+        if config.max_model_len is None:
+            config = dataclasses.replace(config, max_model_len=length)
+            self.notes.append(f"max_model_len {length}: {why}")
         self.config, self.canvas_length = config, cfg.canvas_length
         self.prefix_caching = config.prefix_caching
         if self.prefix_caching is None:
-            self.prefix_caching, why = prefix_caching_fits(cfg, config, model.embed_weight.device,
-                                                           model.embed_weight.dtype)
-            log.info("prefix caching %s: %s", "on" if self.prefix_caching else "off", why)
+            self.prefix_caching, why = prefix_caching_fits(cfg, config, device, dtype)
+            self.notes.append(f"prefix caching {'on' if self.prefix_caching else 'off'}: {why}")
+        for note in self.notes:
+            log.info("%s", note)
         self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth,
                              prefix_caching=self.prefix_caching, host_worker=config.constraint_worker)
         self.scheduler = Scheduler(config.max_batch, config.kv_budget, config.slots, config.prefill_chunk,

@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
                         "https://ui.example.com, or '*' for any (default: none)")
     p.add_argument("--max-batch", type=int, default=8, help="requests per encoder/decoder call (and KV slots)")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="KV positions per request: prompt + whole canvases (default: min(model limit, 4096))")
+                   help="KV positions per request: prompt + whole canvases (default: the model's whole context, or "
+                        "the most the KV cache for --max-batch requests fits in memory)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per engine step")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of prompt prefixes other requests encoded (default: on where its memory "
@@ -64,7 +65,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("-o", "--output", required=True, help="JSONL results, in input order (written atomically)")
     b.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (default 16)")
     b.add_argument("--max-batch", type=int, default=8, help="requests per encoder/decoder call (and KV slots)")
-    b.add_argument("--max-model-len", type=int, default=None, help="KV positions per request (default: min(model limit, 4096))")
+    b.add_argument("--max-model-len", type=int, default=None, help="KV positions per request (default: the model's whole context, or the most that fits)")
     b.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per engine step")
     b.add_argument("--served-model-name", default=None, help="the `model` the requests name (default: directory name)")
     b.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
@@ -93,7 +94,10 @@ def _engine_config(args):
     from ..engine.engine import EngineConfig
 
     limit = ModelConfig.from_dir(args.model_dir).max_position_embeddings
-    return EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len or min(limit, 4096),
+    if args.max_model_len is not None and not 0 < args.max_model_len <= limit:  # before the model loads
+        raise ValueError(f"--max-model-len {args.max_model_len} must be in [1, {limit}] (the model's "
+                         "max_position_embeddings)")
+    return EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len,
                         prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching)
 
 
@@ -166,8 +170,10 @@ def _serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     loras = f", LoRA adapters {sorted(state.loras)}" if state.loras else ""
+    for note in state.engine.notes:
+        print(f"canvaslm: {note}", flush=True)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "
-          f"(max_batch={config.max_batch}, max_model_len={config.max_model_len}{loras})", flush=True)
+          f"(max_batch={config.max_batch}, max_model_len={state.max_model_len}{loras})", flush=True)
     try:
         uvicorn.run(build_app(state), host=args.host, port=args.port, log_level="info")
     finally:

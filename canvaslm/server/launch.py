@@ -47,10 +47,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
     cfg = model.cfg
     if not regex_timeout > 0:
         raise ValueError(f"regex_timeout must be > 0 seconds, got {regex_timeout}")
-    config = config or EngineConfig(max_model_len=min(cfg.max_position_embeddings, 4096))
-    if config.max_model_len > cfg.max_position_embeddings:
-        raise ValueError(f"max_model_len={config.max_model_len} is over the model's "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    config = config or EngineConfig(max_model_len=None)  # the model's whole context where memory allows
     eos = tuple(defaults.eos_token_ids or cfg.eos_token_ids)
     loras = {}
     if lora_modules or lora_updates:  # wrapped before the engine starts (and before any CUDA graph is captured)
@@ -63,6 +60,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
         ids = install(model, adapters, config.slots, max_loras, max_lora_rank).ids
         loras = {a.name: (ids[a.name], a.path) for a in adapters}
     engine = Engine(model, config, history_depth=max(1, defaults.stability_threshold)).start()
+    config = engine.config  # max_model_len decided
     if tokenizer is not None:  # the constraint compilers' token table, built before the first request needs it
         from ..sampling.token_dfa import Vocab
 

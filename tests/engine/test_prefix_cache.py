@@ -9,6 +9,8 @@ request's own tokens. The model tests run the real runner and compare with runs 
 
 from __future__ import annotations
 
+import re
+
 import random
 
 import pytest
@@ -346,7 +348,8 @@ def test_requests_arriving_together_share_the_prompt_encode(llm, monkeypatch):
 
 def test_by_default_prefix_caching_is_on_where_its_memory_fits(llm):
     """The 26B-A4B shape, 8 slots of 4096 positions in bf16: the prefix store is 6.7 GB. On an 80 GB GPU
-    with bf16 weights loaded it fits; beside int4 weights on a 24 GB GPU it does not. A CPU always caches."""
+    with bf16 weights loaded it fits; beside int4 weights on a 24 GB GPU it does not; where it does not, the
+reason names the longest context at which it would."""
     from canvaslm.engine.engine import Engine, EngineConfig, prefix_caching_fits
     from canvaslm.kv_cache import KVCache
     from canvaslm.shapes import model_config
@@ -360,7 +363,14 @@ def test_by_default_prefix_caching_is_on_where_its_memory_fits(llm):
     assert on and "fits" in why
     off, why = prefix_caching_fits(cfg, config, "cuda", torch.bfloat16, free_total=(9 * gib, 24 * gib))
     assert not off and "does not fit" in why and "--max-model-len" in why
-    assert prefix_caching_fits(cfg, config, "cpu", torch.bfloat16) == (True, "not a GPU")
+    on, _ = prefix_caching_fits(cfg, config, "cpu", torch.bfloat16, free_total=(20 * gib, 24 * gib))
+    assert on  # the CPU's available RAM counts as a GPU's free memory does
+    off, why = prefix_caching_fits(cfg, config, "cpu", torch.bfloat16, free_total=(8 * gib, 24 * gib))
+    shorter = int(re.search(r"--max-model-len (\d+) leaves room for it", why).group(1))
+    budget = 8 * gib - 24 * gib // 10  # the reserve: a tenth of the memory, at least 2 GiB
+    assert shorter % 256 == 0 and shorter < 4096
+    assert sum(KVCache.planned_bytes(cfg, 9, shorter, torch.bfloat16)) <= budget
+    assert sum(KVCache.planned_bytes(cfg, 9, shorter + 256, torch.bfloat16)) > budget
     engine = Engine(llm.model, EngineConfig(max_batch=2, max_model_len=128))
     assert engine.prefix_caching and engine.runner.cache.store  # the tiny model on the CPU
     runner = Runner(llm.model, 2, 128, prefix_caching=True)
