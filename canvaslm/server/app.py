@@ -218,9 +218,11 @@ def _tokenizer_for(state: ServerState, model: str | None, param: str):
 
 
 def _model_card(state: ServerState, name: str) -> dict:
-    """The base model's card, or a LoRA adapter's (vLLM's fields: `parent` the base, `root` its directory)."""
+    """The base model's card, or a LoRA adapter's (vLLM's fields: `parent` the base, `root` its directory).
+    The context is under vLLM's name `max_model_len` and the `context_length` other clients read."""
     card = {"id": name, "object": "model", "created": state.created, "owned_by": "canvaslm",
-            "max_model_len": state.max_model_len, "canvas_length": state.canvas_length}
+            "max_model_len": state.max_model_len, "context_length": state.max_model_len,
+            "canvas_length": state.canvas_length}
     if name in state.loras:
         card.update(parent=state.model_name, root=str(state.loras[name][1]))
     return card

@@ -10,7 +10,7 @@ import asyncio
 import base64
 
 from ..scoring import embed_rows
-from .serving import APIError, ServerState, check_in_vocab
+from .serving import APIError, ServerState, check_in_vocab, context_error
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
@@ -23,8 +23,7 @@ async def create_embeddings(state: ServerState, body, seqs: list) -> dict:
         if not ids:
             raise APIError(400, f"input[{i}] is empty: at least one token is needed", "input")
         if len(ids) > state.max_model_len:
-            raise APIError(400, f"input[{i}] has {len(ids)} tokens, over max_model_len={state.max_model_len}",
-                           "input", code="context_length_exceeded")
+            raise context_error(state, f"input[{i}] has {len(ids)} tokens", "input")
         check_in_vocab(state, ids, "input", f"input[{i}]: token ids")
     if body.dimensions is not None and body.dimensions != state.hidden_size:
         raise APIError(400, f"dimensions: this model's embeddings have {state.hidden_size} dimensions and it was not "

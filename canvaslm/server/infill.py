@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from ..engine.engine import GenerationRequest
 from ..infill import best, candidates, checked_gaps, middle_text, score_continuations
-from .serving import (APIError, Choice, ServerState, TextTracker, bias_pairs, check_request_basics, need_tokenizer,
-                      resolve_params, run_to_end)
+from .serving import (APIError, Choice, ServerState, TextTracker, bias_pairs, check_request_basics, context_error,
+                      need_tokenizer, resolve_params, run_to_end)
 
 MAX_ROWS = 64  # engine requests per HTTP request (prompts x n x gaps)
 
@@ -58,9 +58,8 @@ def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[G
         room = (state.max_model_len - len(ids)) // C * C
         max_middle = min(base.max_new_tokens, room - len(suffix_ids) - 1)
         if max_middle < 1:
-            raise APIError(400, f"the prompt ({len(ids)} tokens) and the suffix ({len(suffix_ids)} tokens) leave no "
-                                f"room for a middle within max_model_len={state.max_model_len}", "suffix",
-                           code="context_length_exceeded")
+            raise context_error(state, f"The prompt ({len(ids)} tokens) and the suffix ({len(suffix_ids)} tokens) "
+                                       "leave no room for a middle", "suffix")
         gaps = checked_gaps(None, max_middle + len(suffix_ids) + 1, len(suffix_ids))
         rows += len(gaps) * body.n
         if rows > MAX_ROWS:

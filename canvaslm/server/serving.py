@@ -130,24 +130,30 @@ class TextTracker:
         return out
 
 
+def context_error(state: ServerState, detail: str, param: str) -> APIError:
+    """A 400 `context_length_exceeded` naming `param`. It opens with the sentence OpenAI's and vLLM's
+    clients parse for the context length (agent frameworks step down to it), then says what did not fit."""
+    return APIError(400, f"This model's maximum context length is {state.max_model_len} tokens "
+                         f"(max_model_len). {detail}.", param, code="context_length_exceeded")
+
+
 def resolve_params(state: ServerState, body: _Common, prompt_len: int, constraint) -> DiffusionParams:
     """DiffusionParams for one prompt, via SamplingParams.resolve (the LLM API's own path)."""
     C, room = state.canvas_length, (state.max_model_len - prompt_len) // state.canvas_length * state.canvas_length
     field_name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
     if room < 1:
-        raise APIError(400, f"the prompt has {prompt_len} tokens, leaving no room for a canvas of {C} tokens "
-                            f"within max_model_len={state.max_model_len}",
-                       "messages" if hasattr(body, "messages") else "prompt", code="context_length_exceeded")
+        raise context_error(state, f"The prompt has {prompt_len} tokens, leaving no room for a canvas of {C} tokens",
+                            "messages" if hasattr(body, "messages") else "prompt")
     if max_tokens is None:
         max_tokens = min(state.defaults.max_new_tokens, room)
         if constraint is not None and hasattr(constraint, "min_new_tokens"):
             max_tokens = max(max_tokens, constraint.min_new_tokens(C))
     need = prompt_len + -(-max_tokens // C) * C
     if need > state.max_model_len:
-        raise APIError(400, f"prompt ({prompt_len} tokens) + {field_name}={max_tokens} (rounded up to whole "
-                            f"canvases of {C}) needs {need} positions, over max_model_len={state.max_model_len}; "
-                            f"at most {room} new tokens fit", field_name, code="context_length_exceeded")
+        raise context_error(state, f"The prompt ({prompt_len} tokens) + {field_name}={max_tokens} (rounded up to "
+                                   f"whole canvases of {C}) needs {need} positions; at most {room} new tokens fit",
+                            field_name)
     if body.max_denoising_steps is not None and body.max_denoising_steps > state.max_denoising_steps:
         raise APIError(400, f"max_denoising_steps={body.max_denoising_steps} is over this server's limit of "
                             f"{state.max_denoising_steps}", "max_denoising_steps")

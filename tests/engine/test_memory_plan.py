@@ -67,6 +67,6 @@ def test_engine_and_server_default_to_the_model_context(tiny_checkpoint, capsys)
     assert any(n.startswith(f"max_model_len {limit}: the model's whole context") for n in engine.notes)
     with BackgroundServer(build_state(tiny_checkpoint, "cpu", served_model_name="tiny")) as srv:
         card = httpx.get(srv.base_url + "/v1/models").json()["data"][0]
-        assert card["max_model_len"] == limit
+        assert card["max_model_len"] == card["context_length"] == limit
     assert main(["serve", str(tiny_checkpoint), "--max-model-len", str(limit + 1)]) == 2  # before loading
     assert f"--max-model-len {limit + 1} must be in [1, {limit}]" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import httpx
 import pytest
@@ -193,3 +194,19 @@ def test_a_failing_constraint_fails_its_request_only(server, monkeypatch):
     assert replies["good"].status_code == 200, replies["good"].text
     after = httpx.post(url, json={**OK, "seed": 1}, timeout=120)
     assert after.status_code == 200 and after.json()["choices"][0]["text"] == replies["good"].json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("completions", {**OK, "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
+    ("completions", {**OK, "prompt": "x" * (MAX_MODEL_LEN - 2)}, "prompt"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * MAX_MODEL_LEN}]}, "messages"),
+    ("completions", {**OK, "prompt": "x" * 40, "suffix": "y" * 40}, "suffix"),
+    ("embeddings", {"model": MODEL, "input": "x" * (MAX_MODEL_LEN + 5)}, "input")])
+def test_over_the_context_names_its_length_as_clients_parse_it(http, route, body, param):
+    """Agent frameworks and OpenAI client wrappers read the context length out of this error (code
+    context_length_exceeded, "maximum context length is N tokens") and step down to it."""
+    resp = http.post(f"/v1/{route}", json=body)
+    check_error(resp, 400, param)
+    err = resp.json()["error"]
+    assert err["code"] == "context_length_exceeded", err
+    assert re.match(rf"This model's maximum context length is {MAX_MODEL_LEN} tokens\b", err["message"]), err
