@@ -10,10 +10,14 @@ Writes need no host sync: each buffer has one scratch column past its S columns,
 cache does not keep (padding, or a ring's overwritten positions) is written there instead of being
 filtered out with a boolean mask, which would read the mask back to the host. Reads never see it.
 
-With `prefix_store=True` (prefix caching) each sliding layer also writes every position to a
-full-length copy that attention never reads. When a slot is handed to a request that reuses its first
-L positions, `keep_prefix` rebuilds the ring as it stood right after position L - 1 from that copy:
-the later positions the previous owner wrote had overwritten part of it.
+With `prefix_store=True` (prefix caching) each sliding layer also writes every position to a second,
+longer ring that attention never reads: the prefix store, `store_len` positions (default: all of
+`max_len`). When a slot is handed to a request that reuses its first L positions, `keep_prefix`
+rebuilds the sliding ring as it stood right after position L - 1 from the store: the later positions
+the previous owner wrote had overwritten part of it. That needs the store to still hold positions
+L - window + 1 .. L - 1, so a bounded store serves reuse up to `store_len - window + 1` positions
+behind the last one written (a multi-turn chat's previous prompt, read back behind its reply); the
+scheduler offers only such prefixes, and a restore that finds a position gone raises.
 """
 
 from __future__ import annotations
@@ -29,48 +33,58 @@ class CacheFullError(ValueError):
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype=torch.float32,
-                 device="cpu", keep_full_window: bool = False, prefix_store: bool = False):
+                 device="cpu", keep_full_window: bool = False, prefix_store: bool = False,
+                 store_len: int | None = None):
         """keep_full_window: sliding layers keep every position too (training decodes any canvas).
-        prefix_store: sliding layers also keep a full-length copy for `keep_prefix` (module docstring)."""
+        prefix_store: sliding layers also keep the prefix store for `keep_prefix` (module docstring), of
+        `store_len` positions (None: max_len; more than one encoder call writes, and at least the ring)."""
         self.cfg, self.num_slots, self.max_len = cfg, num_slots, max_len
         self.window = cfg.sliding_window
         self.size = {FULL: max_len, SLIDING: max_len if keep_full_window else min(self.window - 1, max_len)}
+        self.store_len = min(max_len, store_len or max_len)
+        if prefix_store and self.store_len < self.size[SLIDING]:
+            raise ValueError(f"KVCache: store_len={store_len} is shorter than the sliding ring ({self.size[SLIDING]})")
         self.k, self.v = [], []
         # buffers hold size + 1 columns: the last one is the scratch column (module docstring)
         for i, t in enumerate(cfg.layer_types):
             shape = (num_slots, cfg.num_kv_heads[i], self.size[t] + 1, cfg.head_dims[i])
             self.k.append(torch.zeros(shape, dtype=dtype, device=device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
-        self.store = {}  # layer -> (k, v) [num_slots, kv_heads, max_len + 1, head_dim]: the prefix store
+        self.store = {}  # layer -> (k, v) [num_slots, kv_heads, store_len + 1, head_dim]: the prefix store
         for i, t in enumerate(cfg.layer_types):
             if prefix_store and self.size[t] < max_len:
-                shape = (num_slots, cfg.num_kv_heads[i], max_len + 1, cfg.head_dims[i])
+                shape = (num_slots, cfg.num_kv_heads[i], self.store_len + 1, cfg.head_dims[i])
                 self.store[i] = (torch.zeros(shape, dtype=dtype, device=device),
                                  torch.zeros(shape, dtype=dtype, device=device))
+        # the position each store column holds (-1: none); the last column is the scratch column
+        self.store_pos = (torch.full((num_slots, self.store_len + 1), -1, dtype=torch.long, device=device)
+                          if self.store else None)
         self.pos = {t: torch.full((num_slots, self.size[t] + 1), -1, dtype=torch.long, device=device)
                     for t in set(cfg.layer_types)}
         # next free position of each slot = tokens already encoded
         self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
 
     @staticmethod
-    def planned_bytes(cfg: ModelConfig, num_slots: int, max_len: int, dtype=torch.float32) -> tuple[int, int]:
+    def planned_bytes(cfg: ModelConfig, num_slots: int, max_len: int, dtype=torch.float32,
+                      store_len: int | None = None) -> tuple[int, int]:
         """(bytes of the K/V buffers, bytes of the prefix store) a cache of this shape allocates."""
         item = torch.empty((), dtype=dtype).element_size()
         ring = min(cfg.sliding_window - 1, max_len)
+        stored = min(max_len, store_len or max_len)
         cache = store = 0
         for i, t in enumerate(cfg.layer_types):
             row = 2 * num_slots * cfg.num_kv_heads[i] * cfg.head_dims[i] * item  # K and V, one position
             size = max_len if t == FULL else ring
             cache += row * (size + 1)
             if size < max_len:
-                store += row * (max_len + 1)
+                store += row * (stored + 1)
         return cache, store
 
     @property
     def device(self):
         return self.lengths.device
 
-    def nbytes(self) -> int:
+    def nbytes(self) -> int:  # the K/V buffers and the store (position tables left out)
         bufs = self.k + self.v + [x for kv in self.store.values() for x in kv]
         return sum(t.numel() * t.element_size() for t in bufs)
 
@@ -81,6 +95,8 @@ class KVCache:
         slots = torch.as_tensor(slots, device=self.device, dtype=torch.long)
         for t in self.pos:
             self.pos[t][slots] = -1
+        if self.store_pos is not None:
+            self.store_pos[slots] = -1
         self.lengths[slots] = 0
 
     def keep_prefix(self, slots: list[int], keep: list[int]) -> None:
@@ -91,23 +107,29 @@ class KVCache:
             self._restore_rings(slots, keep)
         slot_t = torch.as_tensor(slots, device=self.device, dtype=torch.long)
         keep_t = torch.as_tensor(keep, device=self.device, dtype=torch.long)
-        for t, p in self.pos.items():
+        for p in (*self.pos.values(), *([self.store_pos] if self.store_pos is not None else [])):
             rows = p.index_select(0, slot_t)
             p.index_copy_(0, slot_t, torch.where(rows < keep_t[:, None], rows, -1))
         self.lengths.index_copy_(0, slot_t, keep_t)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Copy the first n positions of slot src into slot dst (another request's prompt prefix); follow
-        with `keep_prefix([dst], [n])`, which forgets the rest and rebuilds dst's rings."""
+        with `keep_prefix([dst], [n])`, which forgets the rest and rebuilds dst's rings. Of the sliding
+        layers, the store columns of the last `store_len` positions before n are copied (with src's
+        record of which of them it still holds)."""
+        if any(self.size[t] < self.max_len for t in self.cfg.layer_types) and not self.store:
+            raise ValueError("copy_prefix needs the prefix store for sliding layers (prefix_store=True)")
+        cols = torch.arange(max(0, n - self.store_len), n, device=self.device) % self.store_len
         for layer, t in enumerate(self.cfg.layer_types):
             if layer in self.store:
-                bufs = self.store[layer]
-            elif self.size[t] == self.max_len:  # columns are positions
-                bufs = (self.k[layer], self.v[layer])
-            else:
-                raise ValueError("copy_prefix needs the prefix store for sliding layers (prefix_store=True)")
-            for b in bufs:
-                b[dst, :, :n] = b[src, :, :n]
+                for b in self.store[layer]:
+                    b[dst, :, cols] = b[src, :, cols]
+            else:  # columns are positions
+                for b in (self.k[layer], self.v[layer]):
+                    b[dst, :, :n] = b[src, :, :n]
+        if self.store:
+            self.store_pos[dst] = -1
+            self.store_pos[dst, cols] = self.store_pos[src, cols]
         for p in self.pos.values():
             p[dst] = p[src]
         self.lengths[dst] = self.lengths[src]
@@ -118,10 +140,13 @@ class KVCache:
             if n <= 0:
                 continue
             pos = torch.arange(max(0, n - size), n, device=self.device)  # what the ring held after n - 1
-            cols = pos % size
+            cols, scols = pos % size, pos % self.store_len
+            if not torch.equal(self.store_pos[slot, scols], pos):  # one host read per reuse
+                raise RuntimeError(f"KVCache: slot {slot}'s prefix store no longer holds positions "
+                                   f"{int(pos[0])}..{n - 1}; a prefix of {n} cannot be reused from it")
             for layer, (sk, sv) in self.store.items():
-                self.k[layer][slot][:, cols] = sk[slot][:, pos]
-                self.v[layer][slot][:, cols] = sv[slot][:, pos]
+                self.k[layer][slot][:, cols] = sk[slot][:, scols]
+                self.v[layer][slot][:, cols] = sv[slot][:, scols]
             self.pos[SLIDING][slot] = -1
             self.pos[SLIDING][slot, cols] = pos
 
@@ -155,9 +180,9 @@ class KVCache:
         rows, cols, _ = self._targets(self.cfg.layer_types[layer], slots, q_pos)
         self.k[layer][rows, :, cols, :] = k.transpose(1, 2).to(self.k[layer].dtype)
         self.v[layer][rows, :, cols, :] = v.transpose(1, 2).to(self.v[layer].dtype)
-        if layer in self.store:  # every position, padding to the scratch column
+        if layer in self.store:  # every position to its store column, padding to the scratch column
             sk, sv = self.store[layer]
-            cols = torch.where(q_pos >= 0, q_pos, self.max_len)
+            cols = torch.where(q_pos >= 0, q_pos % self.store_len, self.store_len)
             sk[rows, :, cols, :] = k.transpose(1, 2).to(sk.dtype)
             sv[rows, :, cols, :] = v.transpose(1, 2).to(sv.dtype)
 
@@ -166,6 +191,9 @@ class KVCache:
         for t in self.pos:
             rows, cols, keep = self._targets(t, slots, q_pos)
             self.pos[t][rows, cols] = torch.where(keep, q_pos, -1)  # the scratch column stays empty
+        if self.store_pos is not None:
+            cols = torch.where(q_pos >= 0, q_pos % self.store_len, self.store_len)
+            self.store_pos[slots[:, None].expand_as(q_pos), cols] = torch.where(q_pos >= 0, q_pos, -1)
         new_len = torch.maximum(self.lengths.index_select(0, slots), q_pos.max(dim=1).values + 1)
         self.lengths.index_copy_(0, slots, new_len)
 

@@ -51,13 +51,16 @@ class EngineConfig:
     # step; False runs it on the engine thread, as a blocking part of the step; None: on where the model is
     # on a GPU (Runner's host_worker)
     constraint_worker: bool | None = None
+    # prefix caching's store of sliding-layer K/V, in positions: how far behind the last position written
+    # a prefix can still be reused (kv_cache); None: `prefix_store_len`'s default
+    prefix_store_len: int | None = None
 
     def __post_init__(self):
         for name in ("max_batch", "prefill_chunk", "max_wait_plans"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}={value!r}; expected an int >= 1")
-        for name in ("max_model_len", "num_slots", "kv_budget_tokens"):
+        for name in ("max_model_len", "num_slots", "kv_budget_tokens", "prefix_store_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name}={value!r}; expected None or an int >= 1")
@@ -188,21 +191,31 @@ def _reserve(total: int) -> int:
     return max(2 * GIB, total // 10)
 
 
-def _largest_fitting(cfg, slots: int, dtype, budget: int, with_store: bool) -> int:
-    """The largest max_model_len (a multiple of the canvas, at most the model's limit) whose KV cache for
-    `slots` slots (and prefix store, with_store) fits `budget` bytes; 0 if none does."""
+AGENT_CONTEXT = 65536  # the context floor agent frameworks check (Hermes Agent: 64k)
+
+
+def prefix_store_len(cfg, config: EngineConfig) -> int:
+    """The prefix store's length in positions (kv_cache): config.prefix_store_len, or by default the
+    sliding ring plus one prefill chunk plus 4 canvases, so a prompt is reused behind a reply of up to 4
+    canvases (a multi-turn chat's previous turn)."""
+    return config.prefix_store_len or cfg.sliding_window - 1 + config.prefill_chunk + 4 * cfg.canvas_length
+
+
+def _bytes(cfg, config: EngineConfig, n: int, dtype, with_store: bool) -> int:
     from ..kv_cache import KVCache
 
+    cache, store = KVCache.planned_bytes(cfg, config.slots + 1, n, dtype, prefix_store_len(cfg, config))
+    return cache + (store if with_store else 0)
+
+
+def _largest_fitting(cfg, config: EngineConfig, dtype, budget: int, with_store: bool) -> int:
+    """The largest max_model_len (a multiple of the canvas, at most the model's limit) whose KV cache for
+    every slot (and prefix store, with_store) fits `budget` bytes; 0 if none does."""
     C = cfg.canvas_length
-
-    def need(n: int) -> int:
-        cache, store = KVCache.planned_bytes(cfg, slots + 1, n * C, dtype)
-        return cache + (store if with_store else 0)
-
-    lo, hi = 0, cfg.max_position_embeddings // C  # in canvases; need() grows with n
+    lo, hi = 0, cfg.max_position_embeddings // C  # in canvases; the bytes grow with it
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if need(mid) <= budget else (lo, mid - 1)
+        lo, hi = (mid, hi) if _bytes(cfg, config, mid * C, dtype, with_store) <= budget else (lo, mid - 1)
     return lo * C
 
 
@@ -210,12 +223,12 @@ def plan_max_model_len(cfg, config: EngineConfig, device, dtype, free_total=None
     """(max_model_len, why) for an engine of this config. Asked for None: the model's whole context
     (max_position_embeddings, what agent frameworks check) where the KV cache of every slot fits the
     free memory less a reserve for activations (the larger of 2 GiB and a tenth of the device), else the
-    largest multiple of the canvas that fits. A given value is kept, or refused when it is over the
-    model's limit or its cache does not fit, with the value that would. `free_total` = (free, total) bytes
-    overrides the query (tests); memory that cannot be read is not checked."""
-    from ..kv_cache import KVCache
-
-    limit, asked, slots = cfg.max_position_embeddings, config.max_model_len, config.slots
+    largest multiple of the canvas that fits. Unless prefix caching is off, its store counts too as long
+    as the context left still reaches the whole context or AGENT_CONTEXT; past that the context wins. A
+    given value is kept, or refused when it is over the model's limit or its cache does not fit, with
+    the value that would. `free_total` = (free, total) bytes overrides the query (tests); memory that
+    cannot be read is not checked."""
+    limit, asked, slots, C = cfg.max_position_embeddings, config.max_model_len, config.slots, cfg.canvas_length
     if asked is not None and asked > limit:
         raise ValueError(f"max_model_len={asked} is over the model's max_position_embeddings={limit}")
     free_total = free_total if free_total is not None else device_memory(device)
@@ -224,28 +237,39 @@ def plan_max_model_len(cfg, config: EngineConfig, device, dtype, free_total=None
         return want, "memory not checked"
     free, total = free_total
     budget = free - _reserve(total)
-    cache = KVCache.planned_bytes(cfg, slots + 1, want, dtype)[0]
+    where = f"{free / GIB:.1f} GiB are free and {_reserve(total) / GIB:.1f} GiB stay for activations"
+    cache = _bytes(cfg, config, want, dtype, with_store=False)
+    if asked is None and config.prefix_caching is not False:
+        both = _bytes(cfg, config, want, dtype, with_store=True)
+        if both <= budget:
+            return want, (f"the model's whole context; its KV cache and prefix store for {slots} slots take "
+                          f"{both / GIB:.1f} GiB of {free / GIB:.1f} GiB free")
+        fits = _largest_fitting(cfg, config, dtype, budget, with_store=True)
+        if fits >= min(limit, AGENT_CONTEXT):
+            return fits, (f"the model's context is {limit} positions, but their KV cache and prefix store for "
+                          f"{slots} slots would take {both / GIB:.1f} GiB, while {where}; {fits} fit with "
+                          "prefix caching (lower --max-batch for more)")
     if cache <= budget:
         whole = "the model's whole context; " if asked is None else ""
         return want, f"{whole}its KV cache for {slots} slots takes {cache / GIB:.1f} GiB of {free / GIB:.1f} GiB free"
-    fits = _largest_fitting(cfg, slots, dtype, budget, with_store=False)
-    where = f"{free / GIB:.1f} GiB are free and {_reserve(total) / GIB:.1f} GiB stay for activations"
-    if asked is not None or fits <= cfg.canvas_length:
+    fits = _largest_fitting(cfg, config, dtype, budget, with_store=False)
+    if asked is not None or fits <= C:
         raise ValueError(f"max_model_len={want} needs {cache / GIB:.1f} GiB of KV cache for {slots} slots, but "
                          f"{where}: " + (f"at most {fits} fits; lower --max-model-len or --max-batch"
-                                         if fits > cfg.canvas_length else "lower --max-batch"))
+                                         if fits > C else "lower --max-batch"))
     return fits, (f"the model's context is {limit} positions, but their KV cache for {slots} slots would take "
                   f"{cache / GIB:.1f} GiB, while {where}; {fits} fit (lower --max-batch for more)")
 
 
 def prefix_caching_fits(cfg, config: EngineConfig, device, dtype, free_total=None) -> tuple[bool, str]:
     """(whether to cache prefixes, why) when the config leaves it to the engine. The cost is the prefix
-    store: a full-length copy of the sliding layers' K/V per slot (kv_cache). It must leave the reserve
-    for activations (`plan_max_model_len`) after the whole cache; memory that cannot be read is not
-    checked. `free_total` = (free, total) bytes overrides the query (tests)."""
+    store: a longer ring of the sliding layers' K/V per slot (`prefix_store_len`, kv_cache). It must
+    leave the reserve for activations (`plan_max_model_len`) after the whole cache; memory that cannot be
+    read is not checked. `free_total` = (free, total) bytes overrides the query (tests)."""
     from ..kv_cache import KVCache
 
-    cache, store = KVCache.planned_bytes(cfg, config.slots + 1, config.max_model_len, dtype)
+    cache, store = KVCache.planned_bytes(cfg, config.slots + 1, config.max_model_len, dtype,
+                                         prefix_store_len(cfg, config))
     free_total = free_total if free_total is not None else device_memory(device)
     if free_total is None:
         return True, "memory not checked"
@@ -253,7 +277,7 @@ def prefix_caching_fits(cfg, config: EngineConfig, device, dtype, free_total=Non
     reserve = _reserve(total)
     if free - cache - store >= reserve:
         return True, f"the prefix store ({store / GIB:.1f} GiB) fits"
-    shorter = _largest_fitting(cfg, config.slots, dtype, free - reserve, with_store=True)
+    shorter = _largest_fitting(cfg, config, dtype, free - reserve, with_store=True)
     hint = (f"--max-model-len {shorter} leaves room for it" if shorter > cfg.canvas_length
             else "lower --max-model-len or --max-batch")
     return False, (f"the prefix store ({store / GIB:.1f} GiB) does not fit: {free / GIB:.1f} GiB free, the KV cache "
@@ -277,11 +301,19 @@ class Engine:
             self.notes.append(f"prefix caching {'on' if self.prefix_caching else 'off'}: {why}")
         for note in self.notes:
             log.info("%s", note)
+        store_len = prefix_store_len(cfg, config)
+        ring = min(cfg.sliding_window - 1, config.max_model_len)
+        if self.prefix_caching and store_len < min(config.max_model_len, ring + config.prefill_chunk):
+            raise ValueError(f"EngineConfig.prefix_store_len={store_len} must hold the sliding ring ({ring}) plus "
+                             f"a prefill chunk ({config.prefill_chunk})")
         self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth,
-                             prefix_caching=self.prefix_caching, host_worker=config.constraint_worker)
+                             prefix_caching=self.prefix_caching, host_worker=config.constraint_worker,
+                             prefix_store_len=store_len)
+        bounded = bool(self.prefix_caching and self.runner.cache.store) and store_len < config.max_model_len
         self.scheduler = Scheduler(config.max_batch, config.kv_budget, config.slots, config.prefill_chunk,
                                    cfg.canvas_length, max_wait_plans=config.max_wait_plans,
-                                   prefix_caching=self.prefix_caching)
+                                   prefix_caching=self.prefix_caching,
+                                   prefix_store=(ring, self.runner.cache.store_len) if bounded else None)
         self.stats = EngineStats()
         self._sinks: dict[str, _Sink] = {}
         self._inbox: collections.deque = collections.deque()

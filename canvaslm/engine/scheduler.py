@@ -40,8 +40,9 @@ Policy
 - Prefix caching (`prefix_caching=True`): a freed slot keeps its KV, and the scheduler remembers the
   prompt tokens its owner encoded. A new request takes the free slot it can reuse the most of (ties:
   the slot freed longest ago, then the lowest) and skips encoding that part; the plan's `reuse` tells
-  the runner to keep those positions and forget the rest (the runner's cache keeps a full-length copy
-  of the sliding layers' rings for this). A running request's encoded prompt chunks are offered too:
+  the runner to keep those positions and forget the rest (the runner's cache rebuilds the sliding
+  layers' rings from its prefix store; with a bounded store, `prefix_store`, only prefixes whose ring it
+  still holds are offered). A running request's encoded prompt chunks are offered too:
   the newcomer takes the free slot freed longest ago and `plan.copies` copies the prefix into it. A
   request whose prompt shares more with a prompt still being prefilled waits until those chunks are
   done (n > 1 choices, a burst with one system prompt): it would have spent as many plans encoding
@@ -141,7 +142,11 @@ class Scheduler:
         *,
         max_wait_plans: int = 16,
         prefix_caching: bool = False,
+        prefix_store: tuple[int, int] | None = None,
     ) -> None:
+        """prefix_store: (sliding ring positions, prefix store positions) of the runner's cache when its
+        store is bounded (kv_cache): only prefixes whose ring it can still rebuild are reused. None: the
+        store holds every position."""
         for name, value in [("max_batch", max_batch), ("kv_budget_tokens", kv_budget_tokens),
                             ("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
                             ("canvas_length", canvas_length), ("max_wait_plans", max_wait_plans)]:
@@ -154,6 +159,7 @@ class Scheduler:
         self.canvas_length = canvas_length
         self.max_wait_plans = max_wait_plans
         self.prefix_caching = prefix_caching
+        self.prefix_store = prefix_store
 
         self._waiting: dict[str, RequestState] = {}
         self._running: dict[str, RequestState] = {}  # PREFILLING or DENOISING: holds a slot and KV
@@ -165,6 +171,10 @@ class Scheduler:
         self._slot_prompt: list[tuple[tuple[int, ...], int, tuple[int, ...], int]] = [((), 0, (), 0)] * num_slots
         self._digests: dict[str, tuple[int, ...]] = {}
         self._slot_freed_at: list[int] = [-1] * num_slots  # order of release (LRU among equal matches)
+        # per slot, what its prefix store holds: positions [max(lo, written - store), written), where
+        # `written` counts what the slot's (last) owner encoded: its prompt and continuing canvases
+        self._slot_store_lo: list[int] = [0] * num_slots
+        self._slot_written: list[int] = [0] * num_slots
         self._releases = itertools.count()
         self._reuse: list[tuple[int, int]] = []  # reported to the runner in the next plan
         self._copies: list[tuple[int, int, int]] = []  # likewise
@@ -300,18 +310,20 @@ class Scheduler:
         """Where the request's prompt prefix can come from: (slot, L, running) with the largest L, None
         if nowhere, or "wait" when a request still prefilling will have encoded more of it."""
         prompt, digest = request.prompt_ids, self._digest(request)
-        best = max(((s, self._match(*self._slot_prompt[s], prompt, digest, request.lora), False)
-                     for s in self._free_slots),
+        best = max(((s, self._restorable(s, self._slot_written[s],
+                                         self._match(*self._slot_prompt[s], prompt, digest, request.lora)), False)
+                    for s in self._free_slots),
                    key=lambda c: (c[1], -self._slot_freed_at[c[0]], -c[0]), default=None)
         pending = 0
         for q in self._running.values():
             qd = self._digest(q)
-            now = self._match(q.prompt_ids, q.prefilled_len, qd, q.lora, prompt, digest, request.lora)
+            now = self._restorable(q.slot, self._written(q),
+                                   self._match(q.prompt_ids, q.prefilled_len, qd, q.lora, prompt, digest, request.lora))
             if best is None or now > best[1]:
                 best = (q.slot, now, True)
             if q.needs_prefill:
-                pending = max(pending, self._match(q.prompt_ids, q.prompt_len, qd, q.lora, prompt, digest,
-                                                   request.lora))
+                pending = max(pending, self._restorable(q.slot, q.prompt_len, self._match(
+                    q.prompt_ids, q.prompt_len, qd, q.lora, prompt, digest, request.lora)))
         if pending > (best[1] if best else 0):
             return "wait"
         if best is None or best[1] == 0:
@@ -320,6 +332,22 @@ class Scheduler:
         if held[:best[1]] != prompt[:best[1]]:  # digests matched but the tokens differ (a hash collision)
             return None
         return best
+
+    def _written(self, request: RequestState) -> int:
+        """Positions a running request's slot holds: its prompt so far, then each continuing canvas."""
+        done = request.prefilled_len == request.prompt_len
+        return request.prefilled_len + (request.canvas_index * self.canvas_length if done else 0)
+
+    def _store_floor(self, slot: int, written: int) -> int:
+        """The first position the slot's prefix store still holds when `written` positions are written."""
+        return max(self._slot_store_lo[slot], written - self.prefix_store[1]) if self.prefix_store else 0
+
+    def _restorable(self, slot: int, written: int, n: int) -> int:
+        """n when a slot that has `written` positions can hand over its first n (its store still holds
+        the positions a rebuilt sliding ring needs), else 0."""
+        if not n or self.prefix_store is None:
+            return n
+        return n if n <= written and max(0, n - self.prefix_store[0]) >= self._store_floor(slot, written) else 0
 
     def _running_in(self, slot: int) -> RequestState:
         return next(q for q in self._running.values() if q.slot == slot)
@@ -337,6 +365,12 @@ class Scheduler:
             slot = src
         if running:
             self._copies.append((src, slot, keep))
+            floor = self._store_floor(src, self._written(self._running_in(src)))
+        else:
+            floor = self._store_floor(slot, self._slot_written[slot]) if keep else 0
+        if self.prefix_store is not None:  # the store's copy covers at most its length before `keep`
+            floor = max(floor, keep - self.prefix_store[1])
+        self._slot_store_lo[slot] = floor
         self._free_slots.remove(slot)
         heapq.heapify(self._free_slots)
         request.slot = slot
@@ -348,6 +382,7 @@ class Scheduler:
         """How many leading prompt tokens a request (of adapter `lora`) could take from the free `slot`'s KV."""
         prompt_ids = tuple(prompt_ids)
         n = self._match(*self._slot_prompt[slot], prompt_ids, chunk_digest(prompt_ids, self.prefill_chunk), lora)
+        n = self._restorable(slot, self._slot_written[slot], n)
         return n if self._slot_prompt[slot][0][:n] == prompt_ids[:n] else 0
 
     def _match(self, tokens, held: int, digest, lora: int, prompt, prompt_digest, prompt_lora: int) -> int:
@@ -519,4 +554,7 @@ class Scheduler:
         else:
             self._slot_prompt[request.slot] = (request.prompt_ids, request.prefilled_len, self._digest(request),
                                                request.lora)
+        # a request cancelled while a step ran may have written one more chunk or canvas than it counts
+        extra = max(self.prefill_chunk, self.canvas_length) if request.finish_reason == "cancelled" else 0
+        self._slot_written[request.slot] = self._written(request) + extra
         self._slot_freed_at[request.slot] = next(self._releases)

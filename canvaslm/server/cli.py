@@ -47,6 +47,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of prompt prefixes other requests encoded (default: on where its memory "
                         "fits: always on a CPU, on a GPU if the prefix store leaves room for activations)")
+    p.add_argument("--prefix-store-len", type=int, default=None, metavar="N",
+                   help="prefix caching: sliding-layer positions kept per slot for reuse, i.e. how far behind "
+                        "its last position a slot's prompt can still be reused (default: the sliding window "
+                        "+ --prefill-chunk + 4 canvases, enough behind a 4-canvas reply)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: directory name)")
     p.add_argument("--max-steps-limit", type=int, default=1024,
                    help="largest max_denoising_steps a request may ask for")
@@ -98,7 +102,8 @@ def _engine_config(args):
         raise ValueError(f"--max-model-len {args.max_model_len} must be in [1, {limit}] (the model's "
                          "max_position_embeddings)")
     return EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len,
-                        prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching)
+                        prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching,
+                        prefix_store_len=getattr(args, "prefix_store_len", None))
 
 
 def _add_lora_arg(p, updates: bool = False) -> None:

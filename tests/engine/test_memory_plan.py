@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from canvaslm.engine.engine import Engine, EngineConfig, plan_max_model_len
+from canvaslm.engine.engine import AGENT_CONTEXT, Engine, EngineConfig, plan_max_model_len, prefix_store_len
 from canvaslm.kv_cache import KVCache
 from canvaslm.shapes import model_config
 
@@ -18,8 +18,10 @@ GIB = 1 << 30
 BF16 = torch.bfloat16
 
 
-def cache_bytes(cfg, slots, n):
-    return KVCache.planned_bytes(cfg, slots + 1, n, BF16)[0]
+def cache_bytes(cfg, slots, n, with_store=False):
+    cache, store = KVCache.planned_bytes(cfg, slots + 1, n, BF16,
+                                         prefix_store_len(cfg, EngineConfig(max_batch=slots, max_model_len=None)))
+    return cache + (store if with_store else 0)
 
 
 def test_the_whole_context_where_it_fits_else_the_longest_that_does():
@@ -28,11 +30,21 @@ def test_the_whole_context_where_it_fits_else_the_longest_that_does():
     auto = EngineConfig(max_batch=8, max_model_len=None)
     length, why = plan_max_model_len(cfg, auto, "cuda", BF16, free_total=(130 * GIB, 141 * GIB))
     assert length == limit and "whole context" in why
-    # bf16 weights on an 80 GB GPU: 28 GiB left, 8 GiB of it kept for activations
+    # bf16 weights on an 80 GB GPU: 28 GiB left, 8 GiB of it kept for activations. With prefix caching's
+    # store the context still passes the 64k agents need, so both fit
     length, why = plan_max_model_len(cfg, auto, "cuda", BF16, free_total=(28 * GIB, 80 * GIB))
     budget = 28 * GIB - 8 * GIB
-    assert C < length < limit and length % C == 0 and f"{length} fit" in why and "--max-batch" in why
-    assert cache_bytes(cfg, 8, length) <= budget < cache_bytes(cfg, 8, length + C)
+    assert AGENT_CONTEXT <= length < limit and length % C == 0 and f"{length} fit with prefix caching" in why
+    assert cache_bytes(cfg, 8, length, True) <= budget < cache_bytes(cfg, 8, length + C, True)
+    # without prefix caching the cache alone gets the memory: a longer context
+    longer, why = plan_max_model_len(cfg, EngineConfig(max_batch=8, max_model_len=None, prefix_caching=False),
+                                     "cuda", BF16, free_total=(28 * GIB, 80 * GIB))
+    assert length < longer < limit and f"{longer} fit (lower --max-batch" in why
+    assert cache_bytes(cfg, 8, longer) <= budget < cache_bytes(cfg, 8, longer + C)
+    # where the store would cut the context under 64k, the context wins (prefix caching then stays off)
+    short, why = plan_max_model_len(cfg, auto, "cuda", BF16, free_total=(20 * GIB, 80 * GIB))
+    assert short < AGENT_CONTEXT and "prefix caching" not in why
+    assert cache_bytes(cfg, 8, short) <= 12 * GIB < cache_bytes(cfg, 8, short + C)
     fewer, _ = plan_max_model_len(cfg, EngineConfig(max_batch=2, max_model_len=None), "cuda", BF16,
                                   free_total=(28 * GIB, 80 * GIB))
     assert fewer == limit  # fewer slots: the whole context again
@@ -70,3 +82,5 @@ def test_engine_and_server_default_to_the_model_context(tiny_checkpoint, capsys)
         assert card["max_model_len"] == card["context_length"] == limit
     assert main(["serve", str(tiny_checkpoint), "--max-model-len", str(limit + 1)]) == 2  # before loading
     assert f"--max-model-len {limit + 1} must be in [1, {limit}]" in capsys.readouterr().err
+    assert main(["serve", str(tiny_checkpoint), "--prefix-store-len", "0"]) == 2
+    assert "prefix_store_len=0" in capsys.readouterr().err

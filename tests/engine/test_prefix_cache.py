@@ -29,11 +29,14 @@ class KVSim:
     """A fake runner whose 'KV' is the token at each position of each slot (the runner's cache keeps every
     position one way or another); checks every read against the request's own tokens."""
 
-    def __init__(self, sched: Scheduler, eos=lambda rid: None):
-        self.sched, self.eos = sched, eos
+    def __init__(self, sched: Scheduler, eos=lambda rid: None, store: tuple[int, int] | None = None):
+        """store: (ring, store length) of a bounded prefix store to model: a reuse must find every position
+        a rebuilt ring needs still in the slot's store (kv_cache's check)."""
+        self.sched, self.eos, self.store_shape = sched, eos, store
         self.kv: dict[int, dict[int, int]] = {}  # slot -> position -> token
+        self.store: dict[int, dict[int, int]] = {}  # slot -> position -> token, at most one per store column
         self.canvases: dict[str, int] = {}
-        self.reads = 0
+        self.reads = self.restores = 0
         self.plans: list[StepPlan] = []
 
     def _check_context(self, slot, req, start):
@@ -43,15 +46,41 @@ class KVSim:
         assert all(p < start for p in kv), f"{req.request_id}: stale positions past {start}"
         self.reads += 1
 
+    def _write(self, slot, start, tokens):
+        self.kv.setdefault(slot, {}).update(enumerate(tokens, start))
+        if self.store_shape:
+            st = self.store.setdefault(slot, {})
+            size = self.store_shape[1]
+            for p, t in enumerate(tokens, start):
+                for q in [q for q in st if q % size == p % size]:
+                    del st[q]  # the column's previous position is overwritten
+                st[p] = t
+
+    def _restore(self, slot, keep):
+        if not self.store_shape or not keep:
+            return
+        ring, size = self.store_shape
+        st = self.store.get(slot, {})
+        need = range(max(0, keep - ring), keep)
+        assert all(p in st for p in need), f"slot {slot}: the store lost positions a reuse of {keep} needs"
+        assert all(st[p] == self.kv[slot][p] for p in need)
+        self.restores += 1
+        self.store[slot] = {p: t for p, t in st.items() if p < keep}
+
     def run(self, plan: StepPlan) -> StepResult:
         self.plans.append(plan)
         for slot in plan.freed_slots:
             self.kv.pop(slot, None)
+            self.store.pop(slot, None)
         for src, dst, n in plan.copies:
             assert self.sched.get(next(r for r in plan.request_ids if self.sched.get(r).slot == dst)) is not None
             self.kv[dst] = {p: t for p, t in self.kv.get(src, {}).items() if p < n}
+            if self.store_shape:
+                lo = n - self.store_shape[1]
+                self.store[dst] = {p: t for p, t in self.store.get(src, {}).items() if lo <= p < n}
         for slot, keep in plan.reuse:
             self.kv[slot] = {p: t for p, t in self.kv.get(slot, {}).items() if p < keep}
+            self._restore(slot, keep)
         committed, finished = {}, {}
         for item in plan.encode:
             req = self.sched.get(item.request_id)
@@ -59,7 +88,7 @@ class KVSim:
                 # exactness: prompts are encoded in chunks on the prefill_chunk grid, reused or not
                 assert item.start % self.sched.prefill_chunk == 0 or item.start == req.cached_len == req.prompt_len
                 self._check_context(item.slot, req, item.start)
-                self.kv.setdefault(item.slot, {}).update(enumerate(item.token_ids, item.start))
+                self._write(item.slot, item.start, item.token_ids)
                 continue
             k = self.canvases.get(item.request_id, 0)
             tokens = canvas_tokens(item.request_id, k, req.canvas_length)
@@ -70,7 +99,7 @@ class KVSim:
             elif req.max_new_tokens - len(req.output_ids) <= req.canvas_length:
                 finished[item.request_id] = "length"
             else:  # a continuing canvas is encoded (what Runner._commit_and_prefill does)
-                self.kv.setdefault(item.slot, {}).update(enumerate(tokens, item.start))
+                self._write(item.slot, item.start, tokens)
             committed[item.request_id] = tokens
         for item in plan.denoise:
             self._check_context(item.slot, self.sched.get(item.request_id), item.canvas_start)
@@ -218,14 +247,17 @@ def test_a_wait_ends_when_the_source_is_cancelled():
     assert b.finish_reason == "length" and b.cached_len == 4
 
 
+@pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_randomized_reuse_always_reads_the_requests_own_tokens(seed):
+def test_randomized_reuse_always_reads_the_requests_own_tokens(seed, bounded):
     """Many requests, several slots, prompts grown from earlier prompts and outputs, random cancels:
-    every read sees exactly the request's tokens, prompts stay on the chunk grid, and the cache is used."""
+    every read sees exactly the request's tokens, prompts stay on the chunk grid, and the cache is used.
+    bounded: the prefix store holds only the last few positions, and every reuse finds what it needs."""
     rng = random.Random(seed)
     chunk = rng.choice([2, 3, 5])
-    sched = Scheduler(3, 10_000, 3, chunk, 4, prefix_caching=True)
-    sim = KVSim(sched, eos=lambda rid: sum(map(ord, rid)) % 4)
+    store = (3, 3 + chunk + rng.choice([0, 4, 8])) if bounded else None
+    sched = Scheduler(3, 10_000, 3, chunk, 4, prefix_caching=True, prefix_store=store)
+    sim = KVSim(sched, eos=lambda rid: sum(map(ord, rid)) % 4, store=store)
     done, reqs = [], []
     for n in range(40):
         if done and rng.random() < 0.8:
@@ -251,6 +283,7 @@ def test_randomized_reuse_always_reads_the_requests_own_tokens(seed):
     assert all(r.is_done for r in reqs)
     assert sum(r.cached_len for r in reqs) > 0 and sim.reads > 0
     assert any(p.copies for p in sim.plans)
+    assert not bounded or sim.restores > 0
 
 
 # ---------------------------------------------------------------- with the model
@@ -259,12 +292,13 @@ def test_randomized_reuse_always_reads_the_requests_own_tokens(seed):
 class Served:
     """A Scheduler + Runner pair on the tiny model, fed one request after another."""
 
-    def __init__(self, llm, caching: bool, max_model_len=128, prefill_chunk=8, slots=2):
+    def __init__(self, llm, caching: bool, max_model_len=128, prefill_chunk=8, slots=2, store_len=None):
         self.llm = llm
         self.runner = Runner(llm.model, num_slots=slots, max_model_len=max_model_len, history_depth=1,
-                             prefix_caching=caching)
+                             prefix_caching=caching, prefix_store_len=store_len)
+        ring = self.runner.cache.size["sliding_attention"]
         self.sched = Scheduler(slots, slots * max_model_len, slots, prefill_chunk, llm.cfg.canvas_length,
-                               prefix_caching=caching)
+                               prefix_caching=caching, prefix_store=(ring, store_len) if store_len else None)
         self.n = 0
 
     def run(self, prompt_ids, sp, eos_ids=None):
@@ -317,6 +351,41 @@ def test_reuse_gives_the_cache_free_result_bit_for_bit(llm):
     assert repeat.output_ids == again.output_ids == fresh.run(a_ids, one_canvas).output_ids
 
 
+def test_a_bounded_store_reuses_a_prompt_behind_a_short_reply_bit_for_bit(llm):
+    """The prefix store keeps only the last ring + chunk + canvas positions. A follow-up turn (the
+    prompt, the reply, a new message) reuses the prompt's whole chunks behind a one-canvas reply, with
+    the cache-free output and KV rows; behind a longer reply the store has lost them, and the request
+    encodes its prompt itself, with the same output."""
+    from canvaslm.engine.engine import Engine, EngineConfig
+    from canvaslm.llm import SamplingParams
+
+    C, chunk = llm.cfg.canvas_length, 8
+    ring = llm.model.cfg.sliding_window - 1
+    prompt = llm.encode_prompt("The quick brown fox jumps over the lazy dog")
+    assert len(prompt) > 2 * chunk + ring
+    store_len = ring + chunk + C
+    for canvases, reused, slot in [(2, len(prompt) // chunk * chunk, 0), (3, 0, 1)]:  # a miss: the unused slot
+        cached = Served(llm, caching=True, store_len=store_len)
+        assert cached.runner.cache.store_len == store_len < cached.runner.cache.max_len
+        first = cached.run(prompt, SamplingParams(seed=1, max_new_tokens=canvases * C, max_denoising_steps=3),
+                           eos_ids=())
+        follow = tuple(prompt) + tuple(first.output_ids) + tuple(llm.tokenizer.encode(" ok?", add_special_tokens=False))
+        sp = SamplingParams(seed=7, max_new_tokens=C, max_denoising_steps=6)
+        fresh = Served(llm, caching=False, max_model_len=cached.runner.max_model_len)
+        got, want = cached.run(follow, sp), fresh.run(follow, sp)
+        assert got.cached_len == reused and want.cached_len == 0
+        assert got.output_ids == want.output_ids
+        for layer in range(llm.cfg.num_layers):
+            for x, y in zip(cached.runner.cache.layer_kv(layer, slot), fresh.runner.cache.layer_kv(layer, 0)):
+                assert torch.equal(x, y)
+    engine = Engine(llm.model, EngineConfig(max_batch=2, max_model_len=256, prefill_chunk=chunk,
+                                            prefix_caching=True, prefix_store_len=store_len))
+    assert engine.runner.cache.store_len == store_len and engine.scheduler.prefix_store == (ring, store_len)
+    with pytest.raises(ValueError, match="prefix_store_len"):
+        Engine(llm.model, EngineConfig(max_model_len=256, prefill_chunk=chunk, prefix_caching=True,
+                                       prefix_store_len=ring))
+
+
 def test_requests_arriving_together_share_the_prompt_encode(llm, monkeypatch):
     """Three choices of one prompt and a fourth request sharing two chunks with it, added at once: the
     prompt is encoded once and copied from slot to slot, and every output equals a cache-free run's."""
@@ -350,7 +419,7 @@ def test_by_default_prefix_caching_is_on_where_its_memory_fits(llm):
     """The 26B-A4B shape, 8 slots of 4096 positions in bf16: the prefix store is 6.7 GB. On an 80 GB GPU
     with bf16 weights loaded it fits; beside int4 weights on a 24 GB GPU it does not; where it does not, the
 reason names the longest context at which it would."""
-    from canvaslm.engine.engine import Engine, EngineConfig, prefix_caching_fits
+    from canvaslm.engine.engine import Engine, EngineConfig, prefix_caching_fits, prefix_store_len
     from canvaslm.kv_cache import KVCache
     from canvaslm.shapes import model_config
 
@@ -369,8 +438,9 @@ reason names the longest context at which it would."""
     shorter = int(re.search(r"--max-model-len (\d+) leaves room for it", why).group(1))
     budget = 8 * gib - 24 * gib // 10  # the reserve: a tenth of the memory, at least 2 GiB
     assert shorter % 256 == 0 and shorter < 4096
-    assert sum(KVCache.planned_bytes(cfg, 9, shorter, torch.bfloat16)) <= budget
-    assert sum(KVCache.planned_bytes(cfg, 9, shorter + 256, torch.bfloat16)) > budget
+    store_len = prefix_store_len(cfg, config)
+    assert sum(KVCache.planned_bytes(cfg, 9, shorter, torch.bfloat16, store_len)) <= budget
+    assert sum(KVCache.planned_bytes(cfg, 9, shorter + 256, torch.bfloat16, store_len)) > budget
     engine = Engine(llm.model, EngineConfig(max_batch=2, max_model_len=128))
     assert engine.prefix_caching and engine.runner.cache.store  # the tiny model on the CPU
     runner = Runner(llm.model, 2, 128, prefix_caching=True)
