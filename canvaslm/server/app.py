@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import uuid
@@ -80,7 +81,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def auth(request: Request, call_next):
         if state.api_key and request.url.path != "/health":
             header = request.headers.get("authorization", "")
-            if header != f"Bearer {state.api_key}":
+            # compared in constant time, so response timing does not leak how much of a guess was right
+            if not hmac.compare_digest(header.encode(), f"Bearer {state.api_key}".encode()):
                 return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                               type="authentication_error", code="invalid_api_key")
         return await call_next(request)
