@@ -15,6 +15,8 @@
 #           batches), 32 prompts of mixed budgets, batch 8
 #   lora    bench/lora_serving.py at the 26B-A4B shape: 4 requests on served LoRA adapters (rank 16, every
 #           projection) vs the same model with one adapter merged into its weights (one model held)
+#   context bench/long_context.py at the 26B-A4B shape: the context and prefix caching an engine sized by
+#           default picks on this device, a 32k-token prompt against a 1k one, and the follow-up turn
 #   compiled  the reference with torch.compile too (its compile takes minutes; last, on its own)
 # Each stage has its own time limit and the next one runs whatever it returned. Output: $OUT/fast_path_gpu.log.
 #
@@ -25,13 +27,15 @@
 #     (and, with time left: run(command="bash bench/fast_path_gpu.sh int4", carry=[".whl"], timeout_s=260))
 #     (prefix caching at full size: run(command="bash bench/fast_path_gpu.sh prefix prefix-burst", carry=[".whl"],
 #     timeout_s=420))
+#     (the default long context: run(command="bash bench/fast_path_gpu.sh context", carry=[".whl"], timeout_s=300))
 # Dry run on a CPU (plumbing only): DEVICE=cpu SHAPE=tiny WHEELS=none bash bench/fast_path_gpu.sh bf16 fp8 int4 serve
-#     (prefix stages: add CANVAS=16 PREFIX=1024)
+#     (prefix stages: add CANVAS=16 PREFIX=1024; context: add LONG=3000)
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-26b-a4b}
 CANVAS=${CANVAS:-256}
 PREFIX=${PREFIX:-3072}
+LONG=${LONG:-32768}
 CONT_PROMPTS=${CONT_PROMPTS:-32}
 PY=${PYTHON:-python3}
 OUT=${OUT:-runs/fast_path_gpu}
@@ -80,9 +84,11 @@ for s in "${@:-tests bf16 fp8 serve}"; do
                     --prompts "$CONT_PROMPTS" --max-batch 8 ;;
       lora) stage lora 300 $PY bench/lora_serving.py --shape "$SHAPE" --device "$DEVICE" --canvas "$CANVAS" \
               --requests 4 --adapters 4 --rank 16 --canvases 2 --steps 16 ;;
+      context) stage context 240 $PY bench/long_context.py --shape "$SHAPE" --device "$DEVICE" --canvas "$CANVAS" \
+                 --long "$LONG" "${cpu[@]}" ;;
       compiled) stage compiled 540 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1 \
                   --reference eager,compiled "${cpu[@]}" ;;
-      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, continuous, lora, compiled)" \
+      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, continuous, lora, context, compiled)" \
            | tee -a "$LOG"; exit 2 ;;
     esac
   done

@@ -84,9 +84,9 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "DEVICE": "cpu", "SHAPE": "tiny", "WHEELS": "none", "OUT": str(tmp_path),
-           "PYTHON": sys.executable, "CANVAS": "16", "PREFIX": "1024", "CONT_PROMPTS": "4"}
+           "PYTHON": sys.executable, "CANVAS": "16", "PREFIX": "1024", "CONT_PROMPTS": "4", "LONG": "2048"}
     proc = subprocess.run(["bash", str(repo / "bench/fast_path_gpu.sh"), "int4", "serve", "prefix", "continuous",
-                           "lora", "nosuchstage"],
+                           "lora", "context", "nosuchstage"],
                           cwd=repo, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -97,6 +97,8 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
     assert "== prefix: rc 0," in log and "3072 of 4352" in log and "outputs identical: True" in log, log
     assert "== continuous: rc 0," in log and "x the speed of generate" in log, log
     assert "== lora: rc 0," in log and "| merged adapter 1 (peer) |" in log, log
+    assert "== context: rc 0," in log and "engine: max_model_len 131072: the model's whole context" in log, log
+    assert "reused (" in log, log
     assert "unknown stage nosuchstage" in log
 
 
