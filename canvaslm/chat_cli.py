@@ -2,12 +2,19 @@
 conversation mode.
 
 Each line read is a user turn; the reply is generated for the whole conversation through the
-checkpoint's chat template (`LLM.chat`), printed, and kept in the history. Commands: `/reset` starts
-a new conversation, `/system TEXT` sets the system message (and resets), `/exit` (or end of input)
-quits. Turn i of a session draws from seed `--seed + i`, so a session piped from a file is
-reproducible. On a terminal, `--drafts` shows the canvas being denoised on one status line, step by
-step. A turn that fails (e.g. the conversation outgrew the model's context) prints the error and is
-dropped from the history; the session goes on.
+checkpoint's chat template, printed, and kept in the history. Commands: `/reset` starts a new
+conversation, `/system TEXT` sets the system message (and resets), `/exit` (or end of input) quits.
+Turn i of a session draws from seed `--seed + i`, so a session piped from a file is reproducible. On a
+terminal, `--drafts` shows the canvas being denoised on one status line, step by step. A turn that fails
+(e.g. the conversation outgrew the context) prints the error and is dropped from the history; the
+session goes on.
+
+Turns run on one serving engine kept for the session (one slot, prefix caching, the model's whole
+context where memory allows), so like llama.cpp's conversation mode a turn does not encode the
+conversation again: the previous turn's prompt is reused in whole `--prefill-chunk` chunks and only the
+rest, the last reply and the new message are encoded. Reuse changes no token: each reply equals
+`LLM.generate_continuous` on the whole conversation with the same context and chunk. `--stats` prints
+each turn's prompt tokens, how many came from the cache, decoder passes and seconds.
 """
 
 from __future__ import annotations
@@ -31,18 +38,74 @@ def add_parser(subparsers) -> None:
     from .sampling.cli_args import add_sampling_args
     add_sampling_args(p)
     p.add_argument("--drafts", action="store_true", help="on a terminal, show each denoising step's draft")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="prompt tokens per encoder call; a turn reuses the previous prompt in whole chunks")
+    p.add_argument("--stats", action="store_true", help="after each reply, its token counts and time (stderr)")
     p.set_defaults(func=_chat)
+
+
+class Session:
+    """The chat's engine: one slot with prefix caching, kept from turn to turn."""
+
+    def __init__(self, llm, prefill_chunk: int):
+        from .engine.engine import Engine, EngineConfig
+
+        if prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
+        self.llm, self.turns = llm, 0
+        self.engine = Engine(llm.model, EngineConfig(max_batch=1, max_model_len=None, prefill_chunk=prefill_chunk,
+                                                     prefix_caching=True),
+                             history_depth=max(1, llm.defaults.stability_threshold)).start()
+
+    def reply(self, messages: list, params, on_draft=None):
+        """(reply text, engine Finish, prompt tokens) for the conversation `messages`."""
+        import asyncio
+        import math
+
+        from .engine.engine import GenerationRequest
+        from .generate import GenerationError
+
+        llm, C = self.llm, self.llm.cfg.canvas_length
+        ids = llm.tokenizer.encode_chat(messages)
+        row = llm.rows([ids], params)[0]
+        need, limit = len(ids) + math.ceil(row.params.max_new_tokens / C) * C, self.engine.config.max_model_len
+        if need > limit:
+            raise GenerationError(f"the conversation ({len(ids)} tokens) and a reply of up to "
+                                  f"{row.params.max_new_tokens} tokens need {need} positions, over the context of "
+                                  f"{limit}; /reset starts over")
+        self.turns += 1
+        req = GenerationRequest(f"turn{self.turns}", tuple(ids), row.params, params.seed, row.eos_ids, row.constraint,
+                                drafts=on_draft is not None, logit_bias=row.logit_bias, min_tokens=row.min_tokens,
+                                lora=row.lora)
+        tokens, fin = asyncio.run(self.engine.run(req, on_draft))
+        if fin.reason == "error":
+            raise GenerationError(fin.message or "the turn failed")
+        return llm.decode(tokens), fin, len(ids)
+
+    def close(self) -> None:
+        self.engine.shutdown()
 
 
 def _chat(args) -> int:
     from .cli import load_llm
-    from .generate import GenerationError
-    from .llm import SamplingParams
-    from .sampling.cli_args import sampling_params
 
     llm = load_llm(args)
     if llm.tokenizer is None or getattr(llm.tokenizer, "chat_template", None) is None:
         raise ValueError(f"{llm.model_dir} has no chat template, so it cannot chat; use `canvaslm generate`")
+    session = Session(llm, args.prefill_chunk)
+    try:
+        return _loop(args, llm, session)
+    finally:
+        session.close()
+
+
+def _loop(args, llm, session) -> int:
+    import time
+
+    from .generate import GenerationError
+    from .llm import SamplingParams
+    from .sampling.cli_args import sampling_params
+
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     if tty:
         print(f"canvaslm chat: {llm.model_dir}  ({HELP})", flush=True)
@@ -74,27 +137,32 @@ def _chat(args) -> int:
                                 lora="lora" if args.lora else None, **sampling_params(args))
         turn += 1
         show = _draft_line(llm) if tty and args.drafts else None
+        t0 = time.perf_counter()
         try:
-            reply = llm.chat(messages, params, on_draft=show)
+            text, fin, prompt_len = session.reply(messages, params, on_draft=show)
         except (GenerationError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             continue
         finally:
             if show is not None:
                 print("\r\x1b[K", end="", flush=True)
-        print(reply.text, flush=True)
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply.text}]
+        print(text, flush=True)
+        if args.stats:
+            print(f"[{prompt_len} prompt tokens, {fin.cached_tokens} from the cache; {fin.num_tokens} reply tokens, "
+                  f"{fin.decoder_passes} decoder passes; {time.perf_counter() - t0:.2f} s]", file=sys.stderr, flush=True)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": text}]
     return 0
 
 
 def _draft_line(llm):
-    """on_draft callback: the current draft of the canvas being denoised, on one overwritten line."""
+    """on_draft callback: the current draft of the canvas being denoised (an engine Draft), on one
+    overwritten line."""
     import shutil
 
     width = shutil.get_terminal_size((80, 20)).columns - 1
 
-    def show(k, state) -> None:
-        text = llm.decode(state.argmax[0].tolist()).replace("\n", " ")
-        print(f"\r\x1b[K[canvas {k}] {text}"[:width], end="", flush=True)
+    def show(draft) -> None:
+        text = llm.decode(list(draft.token_ids)).replace("\n", " ")
+        print(f"\r\x1b[K[canvas {draft.canvas_index}] {text}"[:width], end="", flush=True)
 
     return show

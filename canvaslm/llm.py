@@ -258,15 +258,15 @@ class LLM:
 
     def generate_continuous(self, prompts, params: SamplingParams | list | None = None, max_batch: int = 16,
                             max_model_len: int | None = None, prefix_caching: bool | None = None,
-                            use_tqdm: bool | None = None) -> list[GenerationResult]:
+                            use_tqdm: bool | None = None, prefill_chunk: int = 512) -> list[GenerationResult]:
         """`generate` through the serving engine (continuous batching): up to `max_batch` requests share
         each encoder and decoder call, and a request that finishes frees its slot for the next prompt at
         once, instead of its batch waiting for its slowest row. Prompts sharing whole prefill chunks
         encode them once (prefix caching). Same prompts, SamplingParams and results as `generate`; each
-        output depends only on its prompt, parameters, seed and `max_model_len` (default: what the
-        longest request needs), not on the other prompts (on the CPU, bit for bit), and for a lone prompt
-        of 16+ tokens it equals `generate`'s. Requests with an `on_draft` or a shared generator need
-        `generate`."""
+        output depends only on its prompt, parameters, seed, `max_model_len` (default: what the longest
+        request needs) and `prefill_chunk` (the prompt is encoded in chunks of that many tokens), not on
+        the other prompts (on the CPU, bit for bit), and for a lone prompt of 16+ tokens that fits one
+        chunk it equals `generate`'s. Requests with an `on_draft` or a shared generator need `generate`."""
         import asyncio
 
         from .engine.engine import Engine, EngineConfig, GenerationRequest
@@ -283,7 +283,8 @@ class LLM:
                                   "positions the longest request needs")
         depth = max(1, max(r.params.stability_threshold for r in rows))
         engine = Engine(self.model, EngineConfig(max_batch=max_batch, max_model_len=max_model_len,
-                                                 prefix_caching=prefix_caching), history_depth=depth).start()
+                                                 prefix_caching=prefix_caching, prefill_chunk=prefill_chunk),
+                        history_depth=depth).start()
         seeds = [sp.seed if sp.seed is not None else random.randrange(2**62) for sp in plist]
 
         async def run():

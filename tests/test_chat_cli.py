@@ -1,9 +1,11 @@
-"""`canvaslm chat`: each line is a turn over the whole conversation (LLM.chat with seed + turn), /reset and
-/system start over, and a failing turn is reported and left out of the history."""
+"""`canvaslm chat`: each line is a turn over the whole conversation (seed + turn), /reset and /system start
+over, a failing turn is reported and left out of the history, and a turn reuses the previous prompt's KV
+without changing a token (each reply equals LLM.generate_continuous on the whole conversation)."""
 
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 
@@ -18,8 +20,12 @@ def chat_llm(tmp_path_factory):
     return LLM(make_tiny_checkpoint(tmp_path_factory.mktemp("chat")), device="cpu", dtype="float32")
 
 
-def _reply(llm, messages, seed):
-    return llm.chat(messages, SamplingParams(max_new_tokens=16, seed=seed)).text
+def _reply(llm, messages, seed, chunk=128, max_new_tokens=16):
+    """The reply an engine of the chat's shape (one slot, the model's whole context) gives, fresh."""
+    ids = llm.tokenizer.encode_chat(messages)
+    return llm.generate_continuous([ids], SamplingParams(max_new_tokens=max_new_tokens, seed=seed), max_batch=1,
+                                   max_model_len=llm.cfg.max_position_embeddings, prefill_chunk=chunk,
+                                   use_tqdm=False)[0].text
 
 
 def test_turns_carry_the_conversation(chat_llm, monkeypatch, capsys):
@@ -36,6 +42,28 @@ def test_turns_carry_the_conversation(chat_llm, monkeypatch, capsys):
     r4 = _reply(chat_llm, [{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}], 7)
     assert out == f"{r1}\n{r2}\n{r3}\n{r4}\n"
     assert "error:" in err and "unknown command '/bogus'" in err
+
+
+def test_a_turn_reuses_the_conversation_so_far(chat_llm, monkeypatch, capsys):
+    """With 16-token chunks, turn 2 takes the first turn's prompt from the cache (--stats says how much)
+    and still replies exactly as a fresh engine would."""
+    lines = ["tell me about the quick brown fox and the lazy dog, please", "and then what happened next?",
+             "one more thing about the fox"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", str(chat_llm.model_dir), "--seed", "1", "--max-new-tokens", "32", "--prefill-chunk", "16",
+                 "--stats"]) == 0
+    out, err = capsys.readouterr()
+    stats = [tuple(map(int, m)) for m in re.findall(r"\[(\d+) prompt tokens, (\d+) from the cache", err)]
+    assert len(stats) == 3 and stats[0][1] == 0
+    # each turn takes the previous turn's prompt from the cache, in whole chunks
+    assert [cached for _, cached in stats[1:]] == [prompt // 16 * 16 for prompt, _ in stats[:-1]]
+    assert stats[1][1] > 0
+    messages, want = [], []
+    for i, line in enumerate(lines):
+        messages.append({"role": "user", "content": line})
+        want.append(_reply(chat_llm, messages, 1 + i, chunk=16, max_new_tokens=32))
+        messages.append({"role": "assistant", "content": want[-1]})
+    assert out == "".join(f"{r}\n" for r in want)
 
 
 def test_a_checkpoint_without_chat_template_is_refused(capsys):

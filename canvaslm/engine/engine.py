@@ -341,14 +341,17 @@ class Engine:
         self._inbox.append(("add", request, _Sink(queue, loop, time.perf_counter())))
         self._wake.set()
 
-    async def run(self, request: GenerationRequest) -> tuple[list[int], "Finish"]:
-        """Submit `request` from a running event loop and wait for its end: (output token ids, Finish)."""
+    async def run(self, request: GenerationRequest, on_draft=None) -> tuple[list[int], "Finish"]:
+        """Submit `request` from a running event loop and wait for its end: (output token ids, Finish).
+        on_draft(Draft) sees each draft of a request that asked for them."""
         queue: asyncio.Queue = asyncio.Queue()
         self.submit(request, queue, asyncio.get_running_loop())
         tokens: list[int] = []
         while not isinstance(ev := await queue.get(), Finish):
             if isinstance(ev, Commit):
                 tokens += ev.token_ids
+            elif isinstance(ev, Draft) and on_draft is not None:
+                on_draft(ev)
         return tokens, ev
 
     def call(self, fn) -> "concurrent.futures.Future":

@@ -261,7 +261,7 @@ def test_cli_generate_with_an_adapter_and_infill_ranks_with_it(ckpt, adapters, c
 
 
 def test_cli_chat_with_an_adapter(ckpt, adapters, monkeypatch, capsys):
-    """`canvaslm chat --lora DIR`: each turn is LLM.chat with SamplingParams(lora=...)."""
+    """`canvaslm chat --lora DIR`: each turn runs with SamplingParams(lora=...) on the chat's engine."""
     import io
 
     from canvaslm.cli import main
@@ -272,7 +272,12 @@ def test_cli_chat_with_an_adapter(ckpt, adapters, monkeypatch, capsys):
     assert main(["chat", str(ckpt), "--lora", str(d / "one"), "--seed", "2", "--max-new-tokens", "16",
                  "--device", "cpu"]) == 0
     llm = LLM(ckpt, device="cpu", lora_modules={"lora": d / "one"})
-    msgs = [{"role": "user", "content": "hi"}]
-    want = llm.chat(msgs, SamplingParams(max_new_tokens=16, seed=2, lora="lora")).text
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+
+    def reply(**kw):  # an engine of the chat's shape: one slot, the model's whole context, 128-token chunks
+        return llm.generate_continuous([ids], SamplingParams(max_new_tokens=16, seed=2, **kw), max_batch=1,
+                                       max_model_len=llm.cfg.max_position_embeddings, prefill_chunk=128,
+                                       use_tqdm=False)[0].text
+    want = reply(lora="lora")
     assert capsys.readouterr().out == want + "\n"
-    assert want != llm.chat(msgs, SamplingParams(max_new_tokens=16, seed=2)).text
+    assert want != reply()
