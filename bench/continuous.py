@@ -18,10 +18,9 @@ import time
 
 import torch
 
-from canvaslm.checkpoint import build_random_model
 from canvaslm.config import DiffusionParams
 from canvaslm.llm import LLM, SamplingParams
-from canvaslm.shapes import model_config
+from canvaslm.shapes import random_model
 
 
 def main() -> None:
@@ -33,11 +32,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = model_config(args.shape, canvas_length=args.canvas)
-    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    model = build_random_model(cfg, device=args.device, dtype=dtype, seed=0, std=0.5).eval()
+    cfg, model, dtype = random_model(args.shape, args.canvas, args.device, args.threads)
     llm = LLM.from_model(model, DiffusionParams(eos_token_ids=(1,), pad_token_id=0), max_batch=args.max_batch)
     rng = random.Random(0)
     prompts = [[2] + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(16, 96))] for _ in range(args.prompts)]

@@ -20,10 +20,9 @@ import time
 
 import torch
 
-from canvaslm.checkpoint import build_random_model
 from canvaslm.config import DiffusionParams
 from canvaslm.engine.engine import Engine, EngineConfig, GenerationRequest
-from canvaslm.shapes import model_config
+from canvaslm.shapes import random_model
 
 
 async def timed(engine: Engine, rid: str, prompt, params):
@@ -55,11 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per canvas (fixed: no early stop)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = model_config(args.shape, canvas_length=args.canvas)
-    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    model = build_random_model(cfg, device=args.device, dtype=dtype, seed=0, std=0.5).eval()
+    cfg, model, dtype = random_model(args.shape, args.canvas, args.device, args.threads)
     engine = Engine(model, EngineConfig(max_batch=args.max_batch, max_model_len=None)).start()
     try:
         device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device

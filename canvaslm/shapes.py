@@ -35,3 +35,17 @@ def model_config(shape: str, canvas_length: int = 256, **overrides) -> ModelConf
     text = {**text_config(shape), **overrides}
     return ModelConfig.from_dict({"model_type": "diffusion_gemma", "text_config": text,
                                   "canvas_length": canvas_length}, source=f"shape {shape!r}")
+
+
+def random_model(shape: str, canvas_length: int, device: str, threads: int | None = None):
+    """(config, model, dtype name) for benchmarks: random weights at a named shape, bf16 on CUDA and
+    float32 elsewhere; `threads` sets torch's CPU threads first."""
+    import torch
+
+    from .checkpoint import build_random_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = model_config(shape, canvas_length=canvas_length)
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return cfg, build_random_model(cfg, device=device, dtype=dtype, seed=0, std=0.5).eval(), dtype
