@@ -127,7 +127,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
         st = CanvasState(canvas, canvas, None, finished, new_history(B, depth, C, device), sp.n_steps.clone())
         for step in range(int(sp.n_steps.max())):
             passes += ~(st.finished | done_rows)
-            logits = model.denoise(st.canvas, slots, cache, sc_logits=st.sc_logits)
+            logits = model.denoise(st.canvas, slots, cache, sc_logits=st.sc_logits, max_start=max_prompt + k * C)
             if any_bias:
                 logit_bias.apply(logits, biases)
             for b, r in enumerate(rows):
@@ -172,7 +172,8 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
         if bool(done_rows.all()) or k == n_canvases - 1:
             break
         start = cache.lengths.clone()
-        model.encode(committed, start[:, None] + torch.arange(C, device=device), slots, cache)
+        model.encode(committed, start[:, None] + torch.arange(C, device=device), slots, cache,
+                     max_position=max_prompt + (k + 1) * C - 1)
     for b, res in enumerate(results):
         res.decoder_passes = int(passes[b])
     return results

@@ -27,6 +27,14 @@ import torch
 from .config import FULL, SLIDING, ModelConfig
 
 
+ATTN_BLOCK = 1024  # full layers past this length keep whole blocks of positions; a call reads the blocks it needs
+
+
+def full_columns(max_len: int) -> int:
+    """Columns of a full layer's buffers: max_len, rounded up to whole ATTN_BLOCKs past one block."""
+    return max_len if max_len <= ATTN_BLOCK else -(-max_len // ATTN_BLOCK) * ATTN_BLOCK
+
+
 class CacheFullError(ValueError):
     """A request needs more positions than its cache slot holds."""
 
@@ -40,7 +48,8 @@ class KVCache:
         `store_len` positions (None: max_len; more than one encoder call writes, and at least the ring)."""
         self.cfg, self.num_slots, self.max_len = cfg, num_slots, max_len
         self.window = cfg.sliding_window
-        self.size = {FULL: max_len, SLIDING: max_len if keep_full_window else min(self.window - 1, max_len)}
+        self.size = {FULL: full_columns(max_len),
+                     SLIDING: max_len if keep_full_window else min(self.window - 1, max_len)}
         self.store_len = min(max_len, store_len or max_len)
         if prefix_store and self.store_len < self.size[SLIDING]:
             raise ValueError(f"KVCache: store_len={store_len} is shorter than the sliding ring ({self.size[SLIDING]})")
@@ -52,7 +61,7 @@ class KVCache:
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
         self.store = {}  # layer -> (k, v) [num_slots, kv_heads, store_len + 1, head_dim]: the prefix store
         for i, t in enumerate(cfg.layer_types):
-            if prefix_store and self.size[t] < max_len:
+            if prefix_store and t == SLIDING and self.size[t] < max_len:
                 shape = (num_slots, cfg.num_kv_heads[i], self.store_len + 1, cfg.head_dims[i])
                 self.store[i] = (torch.zeros(shape, dtype=dtype, device=device),
                                  torch.zeros(shape, dtype=dtype, device=device))
@@ -74,9 +83,9 @@ class KVCache:
         cache = store = 0
         for i, t in enumerate(cfg.layer_types):
             row = 2 * num_slots * cfg.num_kv_heads[i] * cfg.head_dims[i] * item  # K and V, one position
-            size = max_len if t == FULL else ring
+            size = full_columns(max_len) if t == FULL else ring
             cache += row * (size + 1)
-            if size < max_len:
+            if t == SLIDING and size < max_len:
                 store += row * (stored + 1)
         return cache, store
 
@@ -117,7 +126,7 @@ class KVCache:
         with `keep_prefix([dst], [n])`, which forgets the rest and rebuilds dst's rings. Of the sliding
         layers, the store columns of the last `store_len` positions before n are copied (with src's
         record of which of them it still holds)."""
-        if any(self.size[t] < self.max_len for t in self.cfg.layer_types) and not self.store:
+        if any(t == SLIDING and self.size[t] < self.max_len for t in self.cfg.layer_types) and not self.store:
             raise ValueError("copy_prefix needs the prefix store for sliding layers (prefix_store=True)")
         cols = torch.arange(max(0, n - self.store_len), n, device=self.device) % self.store_len
         for layer, t in enumerate(self.cfg.layer_types):
@@ -150,13 +159,30 @@ class KVCache:
             self.pos[SLIDING][slot] = -1
             self.pos[SLIDING][slot, cols] = pos
 
-    def old_positions(self, slots: torch.Tensor) -> dict:
-        """Position tables of the given slots, read once per forward before any layer writes."""
-        return {t: p[:, :self.size[t]].index_select(0, slots) for t, p in self.pos.items()}
+    def span(self, needed: int | None) -> int | None:
+        """How many leading columns of the full layers a call must read when its rows attend to cached
+        positions < `needed` (a bound known on the host): whole ATTN_BLOCKs, or None for all of them.
+        Reading fewer columns makes attention cost follow the context in use, not max_len; the columns
+        left out only ever hold masked keys, and whole masked blocks leave attention's results as
+        they were (tests/test_kv_cache.py checks it bit for bit), so a row's output does not depend on
+        the longest row it is batched with."""
+        cols = self.size[FULL]
+        if needed is None or cols <= ATTN_BLOCK:
+            return None
+        upto = -(-max(needed, 1) // ATTN_BLOCK) * ATTN_BLOCK
+        return upto if upto < cols else None
 
-    def read(self, layer: int, slots: torch.Tensor):
-        """K and V [B, Hk, S, D] of the given slots (without the scratch column)."""
-        size = self.size[self.cfg.layer_types[layer]]
+    def old_positions(self, slots: torch.Tensor, upto: int | None = None) -> dict:
+        """Position tables of the given slots, read once per forward before any layer writes; the full
+        layers' cut to `upto` columns (`span`)."""
+        return {t: p[:, :upto if t == FULL and upto else self.size[t]].index_select(0, slots)
+                for t, p in self.pos.items()}
+
+    def read(self, layer: int, slots: torch.Tensor, upto: int | None = None):
+        """K and V [B, Hk, S, D] of the given slots (without the scratch column); a full layer's cut to
+        `upto` columns (`span`)."""
+        t = self.cfg.layer_types[layer]
+        size = upto if t == FULL and upto else self.size[t]
         return self.k[layer][:, :, :size].index_select(0, slots), self.v[layer][:, :, :size].index_select(0, slots)
 
     def _targets(self, layer_type: str, slots: torch.Tensor, q_pos: torch.Tensor):

@@ -70,3 +70,43 @@ def test_check_fits_uses_a_given_top_and_names_the_limit():
     with pytest.raises(CacheFullError, match=r"position 16 "):
         cache.check_fits(pos, top=16)
     cache.check_fits(pos[:, :16], top=15)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_full_layers_read_only_the_blocks_a_call_needs_with_unchanged_results(threads):
+    """Past one ATTN_BLOCK a full layer keeps whole blocks of positions, and a call that knows its bound
+    reads only the blocks below it: attention costs follow the context in use, not max_len. The
+    results are those of reading every column, bit for bit, so a short row's output does not depend on
+    a longer row beside it (or on max_len)."""
+    from canvaslm.kv_cache import ATTN_BLOCK, full_columns
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cfg = model_config("tiny", canvas_length=16)
+        model = build_random_model(cfg, seed=1).eval()
+        cache = KVCache(cfg, 2, 3 * ATTN_BLOCK + 100)
+        assert cache.size["full_attention"] == full_columns(3 * ATTN_BLOCK + 100) == 4 * ATTN_BLOCK
+        assert KVCache(cfg, 2, 300).size["full_attention"] == 300  # a short cache is left as it is
+        assert cache.span(None) is None and cache.span(5) == ATTN_BLOCK and cache.span(ATTN_BLOCK + 1) == 2 * ATTN_BLOCK
+        assert cache.span(4 * ATTN_BLOCK) is None  # every block: no cut
+        slots = torch.tensor([0, 1])
+        g = torch.Generator().manual_seed(0)
+        lens = [700, 2500]  # one block, and three
+        pos = _padded_batch(lens)
+        with torch.no_grad():
+            model.encode(torch.randint(0, cfg.vocab_size, pos.shape, generator=g), pos, slots, cache, fresh=True)
+            canvas = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+            starts = torch.tensor(lens)
+            every = model.denoise(canvas, slots, cache, canvas_start=starts)
+            cut = model.denoise(canvas, slots, cache, canvas_start=starts, max_start=max(lens))
+            short = model.denoise(canvas[:1], slots[:1], cache, canvas_start=starts[:1], max_start=lens[0])
+            chunk = torch.stack([torch.arange(lens[0], lens[0] + 8), torch.arange(lens[1], lens[1] + 8)])
+            toks = torch.randint(0, cfg.vocab_size, chunk.shape, generator=g)
+            enc_every = model.encode(toks, chunk, slots, cache, write=False)
+            enc_cut = model.encode(toks, chunk, slots, cache, write=False, max_position=lens[1] + 7)
+            enc_short = model.encode(toks[:1], chunk[:1], slots[:1], cache, write=False, max_position=lens[0] + 7)
+        assert torch.equal(every, cut) and torch.equal(every[:1], short)
+        assert torch.equal(enc_every, enc_cut) and torch.equal(enc_every[:1], enc_short)
+    finally:
+        torch.set_num_threads(old)

@@ -355,7 +355,8 @@ class Runner:
             self.sc_embeds[fs] = 0
         canvas = self.canvas.index_select(0, slots)  # [B, C]
         sc = None if len(fresh) == B else self.sc_embeds.index_select(0, slots)  # [B, C, d]
-        logits = self.model.denoise(canvas, slots, self.cache, sc_embeds=sc, canvas_start=starts)  # [B, C, V]
+        logits = self.model.denoise(canvas, slots, self.cache, sc_embeds=sc, canvas_start=starts,
+                                    max_start=max(i.canvas_start for i in items))  # [B, C, V]
         if any(r.bias is not None for r in reqs):
             bias_lib.apply(logits, [r.bias for r in reqs])
         for b, (item, r) in enumerate(zip(items, reqs)):

@@ -147,18 +147,21 @@ class DiffusionGemma(nn.Module):
         their K/V into the cache slots and returns final-normed hidden states [B, T, d].
         fresh: the slots start over (what they held is forgotten) and attention skips their empty
         cache rows instead of reading and masking them (a first prefill, every training step).
-        max_position: positions.max() when the caller knows it on the host (saves a device sync)."""
+        max_position: positions.max() when the caller knows it on the host (saves a device sync, and
+        full layers then read only the cache columns below it: KVCache.span)."""
+        upto = None
         if cache is not None:
             cache.check_fits(positions, max_position)
             if fresh:
                 cache.reset(slots)
+            upto = cache.span(None if max_position is None else max_position + 1)
         if cache is not None and not fresh:
-            old = cache.old_positions(slots)
+            old = cache.old_positions(slots, upto)
         else:  # nothing cached to attend to
             old = {t: positions.new_full((positions.shape[0], 0), -1) for t in set(self.cfg.layer_types)}
         if self.lora_serving is not None:
             self.lora_serving.select(slots, "encode")
-        ctx = AttnContext("encode", positions, slots, cache, old, write=write)
+        ctx = AttnContext("encode", positions, slots, cache, old, write=write, upto=upto)
         scalars = [m.layer_scalar for m in self.model.encoder.language_model.layers]
         h = self._run_layers(self.embed(tokens), positions, ctx, scalars)
         if cache is not None and write:
@@ -167,10 +170,12 @@ class DiffusionGemma(nn.Module):
 
     def denoise(self, canvas: torch.Tensor, slots: torch.Tensor, cache, sc_logits: torch.Tensor | None = None,
                 sc_embeds: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None,
-                canvas_start: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+                canvas_start: torch.Tensor | None = None, return_hidden: bool = False,
+                max_start: int | None = None) -> torch.Tensor:
         """Bidirectional pass over a canvas [B, C] that starts at `canvas_start` [B] (default: each slot's
         cache length). Self-conditioning from the previous step's logits (or precomputed soft
-        embeddings); sc_mask [B] zeroes it per row. Returns float32 logits [B, C, V]."""
+        embeddings); sc_mask [B] zeroes it per row. max_start: a host bound on canvas_start (full layers
+        then read only the cache columns below it: KVCache.span). Returns float32 logits [B, C, V]."""
         B, C = canvas.shape
         if canvas_start is None:
             canvas_start = cache.lengths.index_select(0, slots)
@@ -182,7 +187,8 @@ class DiffusionGemma(nn.Module):
         if sc_embeds is not None and sc_mask is not None:
             sc_embeds = sc_embeds * sc_mask.to(sc_embeds.dtype)[:, None, None]
         h = self.text.self_conditioning(self.embed(canvas), sc_embeds)
-        ctx = AttnContext("decode", positions, slots, cache, cache.old_positions(slots), canvas_start)
+        upto = cache.span(max_start)
+        ctx = AttnContext("decode", positions, slots, cache, cache.old_positions(slots, upto), canvas_start, upto=upto)
         h = self._run_layers(h, positions, ctx, [layer.layer_scalar for layer in self.text.layers])
         return h if return_hidden else self.logits(h)
 

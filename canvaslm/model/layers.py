@@ -87,6 +87,7 @@ class AttnContext:
     old_pos: dict
     canvas_start: torch.Tensor | None = None
     write: bool = True
+    upto: int | None = None  # full layers read only this many leading cache columns (KVCache.span)
 
 
 def attention_mask(ctx: AttnContext, layer_type: str, window: int) -> torch.Tensor:
@@ -141,7 +142,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         cache = ctx.cache
         if ctx.old_pos[self.layer_type].shape[1]:  # cached rows to see (none: no cache, or a fresh encode)
-            k_old, v_old = cache.read(self.layer, ctx.slots)  # [B, Hk, S, D]
+            k_old, v_old = cache.read(self.layer, ctx.slots, ctx.upto)  # [B, Hk, S, D]
             k_all, v_all = torch.cat([k_old, k], dim=2), torch.cat([v_old, v], dim=2)
         else:
             k_all, v_all = k, v
