@@ -60,23 +60,20 @@ class Session:
     def reply(self, messages: list, params, on_draft=None):
         """(reply text, engine Finish, prompt tokens) for the conversation `messages`."""
         import asyncio
-        import math
 
         from .engine.engine import GenerationRequest
-        from .generate import GenerationError
+        from .generate import GenerationError, check_request
 
-        llm, C = self.llm, self.llm.cfg.canvas_length
+        llm = self.llm
         ids = llm.tokenizer.encode_chat(messages)
         row = llm.rows([ids], params)[0]
-        need, limit = len(ids) + math.ceil(row.params.max_new_tokens / C) * C, self.engine.config.max_model_len
-        if need > limit:
-            raise GenerationError(f"the conversation ({len(ids)} tokens) and a reply of up to "
-                                  f"{row.params.max_new_tokens} tokens need {need} positions, over the context of "
-                                  f"{limit}; /reset starts over")
+        try:
+            check_request(ids, row.params, llm.cfg.vocab_size, self.engine.config.max_model_len,
+                          llm.cfg.canvas_length, "the chat's context, max_model_len")
+        except GenerationError as e:
+            raise GenerationError(f"{e}; /reset starts over") from None
         self.turns += 1
-        req = GenerationRequest(f"turn{self.turns}", tuple(ids), row.params, params.seed, row.eos_ids, row.constraint,
-                                drafts=on_draft is not None, logit_bias=row.logit_bias, min_tokens=row.min_tokens,
-                                lora=row.lora)
+        req = GenerationRequest.from_row(f"turn{self.turns}", row, params.seed, drafts=on_draft is not None)
         tokens, fin = asyncio.run(self.engine.run(req, on_draft))
         if fin.reason == "error":
             raise GenerationError(fin.message or "the turn failed")

@@ -52,7 +52,10 @@ class RowResult:
         return len(self.token_ids) / self.decoder_passes if self.decoder_passes else 0.0
 
 
-def check_request(prompt_ids: list, params: DiffusionParams, vocab: int, max_positions: int, canvas: int):
+def check_request(prompt_ids: list, params: DiffusionParams, vocab: int, max_positions: int, canvas: int,
+                  limit_name: str = "max_position_embeddings"):
+    """GenerationError unless the prompt is non-empty, in the vocabulary, and leaves room for
+    max_new_tokens in whole canvases within `max_positions` (called `limit_name` in the message)."""
     if len(prompt_ids) == 0:
         raise GenerationError("prompt is empty: at least one token is needed")
     bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
@@ -62,7 +65,7 @@ def check_request(prompt_ids: list, params: DiffusionParams, vocab: int, max_pos
     if len(prompt_ids) >= max_positions or need > max_positions:
         raise GenerationError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}, rounded up to "
-            f"whole canvases of {canvas}) needs {need} positions, over max_position_embeddings={max_positions}")
+            f"whole canvases of {canvas}) needs {need} positions, over {limit_name}={max_positions}")
 
 
 def batch_geometry(rows: list[RowRequest], C: int) -> tuple[int, int]:

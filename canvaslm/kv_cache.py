@@ -30,9 +30,13 @@ from .config import FULL, SLIDING, ModelConfig
 ATTN_BLOCK = 1024  # full layers past this length keep whole blocks of positions; a call reads the blocks it needs
 
 
+def _whole_blocks(n: int) -> int:
+    return -(-n // ATTN_BLOCK) * ATTN_BLOCK
+
+
 def full_columns(max_len: int) -> int:
     """Columns of a full layer's buffers: max_len, rounded up to whole ATTN_BLOCKs past one block."""
-    return max_len if max_len <= ATTN_BLOCK else -(-max_len // ATTN_BLOCK) * ATTN_BLOCK
+    return max_len if max_len <= ATTN_BLOCK else _whole_blocks(max_len)
 
 
 class CacheFullError(ValueError):
@@ -88,6 +92,11 @@ class KVCache:
             if t == SLIDING and size < max_len:
                 store += row * (stored + 1)
         return cache, store
+
+    def bounded_store(self) -> tuple[int, int] | None:
+        """(sliding ring positions, store positions) when the prefix store holds fewer positions than
+        max_len, so only recent prefixes can be rebuilt (what `Scheduler(prefix_store=...)` takes); else None."""
+        return (self.size[SLIDING], self.store_len) if self.store and self.store_len < self.max_len else None
 
     @property
     def device(self):
@@ -169,7 +178,7 @@ class KVCache:
         cols = self.size[FULL]
         if needed is None or cols <= ATTN_BLOCK:
             return None
-        upto = -(-max(needed, 1) // ATTN_BLOCK) * ATTN_BLOCK
+        upto = _whole_blocks(max(needed, 1))
         return upto if upto < cols else None
 
     def old_positions(self, slots: torch.Tensor, upto: int | None = None) -> dict:
@@ -208,9 +217,13 @@ class KVCache:
         self.v[layer][rows, :, cols, :] = v.transpose(1, 2).to(self.v[layer].dtype)
         if layer in self.store:  # every position to its store column, padding to the scratch column
             sk, sv = self.store[layer]
-            cols = torch.where(q_pos >= 0, q_pos % self.store_len, self.store_len)
+            cols = self._store_columns(q_pos)
             sk[rows, :, cols, :] = k.transpose(1, 2).to(sk.dtype)
             sv[rows, :, cols, :] = v.transpose(1, 2).to(sv.dtype)
+
+    def _store_columns(self, q_pos: torch.Tensor) -> torch.Tensor:
+        """The prefix store column of each position [B, T]; padding (-1) goes to the scratch column."""
+        return torch.where(q_pos >= 0, q_pos % self.store_len, self.store_len)
 
     def commit_positions(self, slots: torch.Tensor, q_pos: torch.Tensor):
         """After all layers wrote: record the new positions and advance slot lengths."""
@@ -218,7 +231,7 @@ class KVCache:
             rows, cols, keep = self._targets(t, slots, q_pos)
             self.pos[t][rows, cols] = torch.where(keep, q_pos, -1)  # the scratch column stays empty
         if self.store_pos is not None:
-            cols = torch.where(q_pos >= 0, q_pos % self.store_len, self.store_len)
+            cols = self._store_columns(q_pos)
             self.store_pos[slots[:, None].expand_as(q_pos), cols] = torch.where(q_pos >= 0, q_pos, -1)
         new_len = torch.maximum(self.lengths.index_select(0, slots), q_pos.max(dim=1).values + 1)
         self.lengths.index_copy_(0, slots, new_len)

@@ -291,9 +291,7 @@ class LLM:
             with tqdm(total=len(rows), desc="generate", unit="req",
                       disable=not (use_tqdm if use_tqdm is not None else len(rows) > max_batch)) as bar:
                 async def one(i, r, seed):
-                    out = await engine.run(GenerationRequest(f"g{i}", tuple(r.prompt_ids), r.params, seed, r.eos_ids,
-                                                             r.constraint, logit_bias=r.logit_bias,
-                                                             min_tokens=r.min_tokens, lora=r.lora))
+                    out = await engine.run(GenerationRequest.from_row(f"g{i}", r, seed))
                     bar.update(1)
                     return out
                 return await asyncio.gather(*(one(i, r, seed) for i, (r, seed) in enumerate(zip(rows, seeds))))

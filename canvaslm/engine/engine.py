@@ -88,6 +88,12 @@ class GenerationRequest:
     min_tokens: int = 0  # no EOS / stop id before this many output tokens
     lora: int = 0  # served LoRA adapter id (lora_serving.MultiLoRA.ids), 0: the base model
 
+    @classmethod
+    def from_row(cls, request_id: str, row, seed: int, drafts: bool = False) -> "GenerationRequest":
+        """The engine request for an `LLM.rows` row (generate.RowRequest)."""
+        return cls(request_id, tuple(row.prompt_ids), row.params, seed, row.eos_ids, row.constraint, drafts=drafts,
+                   logit_bias=row.logit_bias, min_tokens=row.min_tokens, lora=row.lora)
+
 
 @dataclass(frozen=True)
 class Commit:
@@ -309,11 +315,9 @@ class Engine:
         self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth,
                              prefix_caching=self.prefix_caching, host_worker=config.constraint_worker,
                              prefix_store_len=store_len)
-        bounded = bool(self.prefix_caching and self.runner.cache.store) and store_len < config.max_model_len
         self.scheduler = Scheduler(config.max_batch, config.kv_budget, config.slots, config.prefill_chunk,
                                    cfg.canvas_length, max_wait_plans=config.max_wait_plans,
-                                   prefix_caching=self.prefix_caching,
-                                   prefix_store=(ring, self.runner.cache.store_len) if bounded else None)
+                                   prefix_caching=self.prefix_caching, prefix_store=self.runner.cache.bounded_store())
         self.stats = EngineStats()
         self._sinks: dict[str, _Sink] = {}
         self._inbox: collections.deque = collections.deque()

@@ -362,7 +362,6 @@ class Runner:
         for b, (item, r) in enumerate(zip(items, reqs)):
             if r.min_tokens > item.canvas_index * C:  # host values only: no sync
                 bias_lib.ban_before(logits, b, item.canvas_index * C, r.min_tokens, sorted(r.eos_ids))
-        for b, (item, r) in enumerate(zip(items, reqs)):
             if r.penalty is not None:  # the draft: this slot's argmax after the canvas's previous step
                 r.penalty.apply(logits[b], self.argmax[item.slot] if item.denoise_step else None)
 

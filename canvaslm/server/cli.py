@@ -45,8 +45,8 @@ def add_parser(subparsers) -> None:
                         "the most the KV cache for --max-batch requests fits in memory)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per engine step")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                   help="reuse the KV of prompt prefixes other requests encoded (default: on where its memory "
-                        "fits: always on a CPU, on a GPU if the prefix store leaves room for activations)")
+                   help="reuse the KV of prompt prefixes other requests encoded (default: on where its prefix "
+                        "store leaves room for activations, on a GPU or in a CPU's available RAM)")
     p.add_argument("--prefix-store-len", type=int, default=None, metavar="N",
                    help="prefix caching: sliding-layer positions kept per slot for reuse, i.e. how far behind "
                         "its last position a slot's prompt can still be reused (default: the sliding window "
