@@ -81,8 +81,7 @@ class _Lexer:
             if t.startswith("::=", self.i):
                 self.i += 3
                 out.append(_Tok("assign", None, start))
-            elif c.isalpha() or c == "_":
-                m = _NAME.match(t, self.i)
+            elif (m := _NAME.match(t, self.i)) is not None:  # ASCII names only: "ê" is an unexpected character
                 self.i = m.end()
                 out.append(_Tok("name", m.group(), start))
             elif c == '"':

@@ -87,6 +87,7 @@ ws ::= [ \t]+'''))
     ('root ::= "a" )', "unexpected ')': no group is open at line 1, column 14"),
     ('root ::= ("a"', "a group is not closed"),
     ('root = "a"', "unexpected character '=' at line 1, column 6"),
+    ('\u00ea\\>', "unexpected character '\u00ea' at line 1, column 1"),  # a non-ASCII letter (found by fuzzing)
     ('"a"', "expected a rule: name ::= expression at line 1, column 1"),
     ('', "non-empty grammar"),
     ('root ::= ' + "(" * 5000 + '"a"' + ")" * 5000, "nest too deeply"),
