@@ -118,6 +118,8 @@ class Finish:
     decoder_passes: int
     message: str | None = None  # for 'error'
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prompt_seconds: float = 0.0  # from submission to the end of the step that finished encoding the prompt
+    seconds: float = 0.0  # from submission to the end
 
 
 @dataclass
@@ -127,6 +129,7 @@ class _Sink:
     submitted: float
     emitted: int = 0  # output tokens already sent
     first_token: float | None = None
+    encoded: float | None = None  # when the prompt was encoded (the end of that step)
 
     def put(self, event) -> None:
         try:
@@ -446,6 +449,13 @@ class Engine:
         now = time.perf_counter()
         tokens = 0
         done = {f.request_id: f for f in finished}
+        for item in (*plan.encode, *plan.denoise):
+            sink = self._sinks.get(item.request_id)
+            if sink is None or sink.encoded is not None:
+                continue
+            state = done.get(item.request_id) or self.scheduler.get(item.request_id)
+            if state is not None and state.prefilled_len >= state.prompt_len:
+                sink.encoded = now
         for item in plan.encode:
             rid = item.request_id
             sink = self._sinks.get(rid)
@@ -480,4 +490,7 @@ class Engine:
             self.stats.tpf_sum += num_tokens / passes
             self.stats.tpf_count += 1
         if sink is not None:
-            sink.put(Finish(rid, reason, num_tokens, passes, message, cached))
+            now = time.perf_counter()
+            encoded = sink.submitted if sink.encoded is None else sink.encoded
+            sink.put(Finish(rid, reason, num_tokens, passes, message, cached, encoded - sink.submitted,
+                            now - sink.submitted))

@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI-compatible routes, SSE streaming with optional draft events, errors, auth.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (server/responses.py),
-POST /tokenize, POST /detokenize, GET /v1/models, GET /health, GET /metrics,
+POST /tokenize, POST /detokenize, GET /v1/models, GET /health, GET /metrics, and llama-server's native
+POST /completion and POST /infill (server/llamacpp.py: editor plugins such as llama.vim and llama.vscode),
 plus FastAPI's /openapi.json. Every client mistake is a 4xx with an OpenAI-style body
 {"error": {"message", "type", "param", "code"}}; only engine failures are 5xx. With an API key, every
 route but /health needs `Authorization: Bearer <key>`.
@@ -28,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .llamacpp import LlamaCompletionRequest, LlamaInfillRequest
 from .metrics import render_metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
                        LoadLoRARequest, ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
@@ -174,6 +176,20 @@ def build_app(state: ServerState) -> FastAPI:
             run = complete_best_of if body.ranked() else complete_scored
             return {"created": int(time.time()), **await run(state, body, prompts, request)}
         return await _respond(state, body, prompts, request, chat=False)
+
+    @app.post("/completion", responses=ERRORS)
+    async def llama_completion(body: LlamaCompletionRequest, request: Request):
+        """llama-server's native completion route (server/llamacpp.py)."""
+        from .llamacpp import completion
+
+        return await completion(state, body, request)
+
+    @app.post("/infill", responses=ERRORS)
+    async def llama_infill(body: LlamaInfillRequest, request: Request):
+        """llama-server's code-infill route, as llama.vim and llama.vscode call it (server/llamacpp.py)."""
+        from .llamacpp import infill
+
+        return await infill(state, body, request)
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -36,6 +36,9 @@ class Group:
     suffix_ids: list
     gaps: list
     candidates: list  # [Choice]
+    scores: list | None = None  # per gap: mean log-prob of middle + suffix (after run_infill)
+    best: int = 0  # the chosen candidate
+    middle: list | None = None  # its middle's ids
 
 
 def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[Group]:
@@ -77,28 +80,34 @@ def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[G
     return groups
 
 
-async def complete_infill(state: ServerState, body, prompts, request) -> dict:
-    """The completion response for a request with `suffix` (after every candidate is generated and scored)."""
+async def run_infill(state: ServerState, body, prompts, request) -> list[Group]:
+    """Generate every group's candidates, score them on the engine thread and pick each group's best."""
     groups = await asyncio.to_thread(prepare_infill, state, body, prompts)
     flat = [c for g in groups for c in g.candidates]
     for i, c in enumerate(flat):  # run_choices tells choices apart by index
         c.index = i
     await run_to_end(state, flat, request)
-    out, completion = [], 0
     for g in groups:
         middles = [c.tracker.ids[:gap] for c, gap in zip(g.candidates, g.gaps)]
         conts = [m + g.suffix_ids for m in middles]
         fut = state.engine_call(body.model, lambda m, p=g.prompt_ids, conts=conts: score_continuations(m, p, conts))
-        scores = await asyncio.wrap_future(fut)
-        k = best(g.gaps, scores)
-        completion += len(middles[k])
-        out.append({"index": g.index, "text": middle_text(state.tokenizer, g.prompt_ids, middles[k]),
-                    "finish_reason": "stop", "logprobs": None,
-                    "infill": {"gap": g.gaps[k], "scores": {str(gap): s for gap, s in zip(g.gaps, scores)}}})
-    prompt_tokens = sum(len(p) for p in prompts)
+        g.scores = await asyncio.wrap_future(fut)
+        g.best = best(g.gaps, g.scores)
+        g.middle = middles[g.best]
+    return groups
+
+
+async def complete_infill(state: ServerState, body, prompts, request) -> dict:
+    """The completion response for a request with `suffix` (after every candidate is generated and scored)."""
+    groups = await run_infill(state, body, prompts, request)
+    out = [{"index": g.index, "text": middle_text(state.tokenizer, g.prompt_ids, g.middle), "finish_reason": "stop",
+            "logprobs": None, "infill": {"gap": g.gaps[g.best], "scores": {str(gap): s for gap, s
+                                                                             in zip(g.gaps, g.scores)}}}
+           for g in groups]
+    prompt_tokens, completion = sum(len(p) for p in prompts), sum(len(g.middle) for g in groups)
     return {"choices": out, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                       "total_tokens": prompt_tokens + completion,
-                                      "decoder_passes": sum(c.decoder_passes for c in flat)}}
+                                      "decoder_passes": sum(c.decoder_passes for g in groups for c in g.candidates)}}
 
 
 def stream_events(response: dict, rid: str, created: int, model: str, include_usage: bool):
@@ -118,4 +127,4 @@ def stream_events(response: dict, rid: str, created: int, model: str, include_us
     yield "data: [DONE]\n\n"
 
 
-__all__ = ["prepare_infill", "complete_infill", "stream_events", "MAX_ROWS"]
+__all__ = ["prepare_infill", "run_infill", "complete_infill", "stream_events", "MAX_ROWS"]

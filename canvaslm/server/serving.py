@@ -91,6 +91,8 @@ class Choice:
     finish_reason: str | None = None
     decoder_passes: int = 0
     cached_tokens: int = 0  # prompt tokens the engine's prefix cache supplied
+    prompt_seconds: float = 0.0  # from submission until its prompt was encoded (engine.Finish)
+    seconds: float = 0.0  # from submission until it finished
 
 
 @dataclass
@@ -429,6 +431,7 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                 live.discard(ev.request_id)
                 c.decoder_passes = ev.decoder_passes
                 c.cached_tokens = ev.cached_tokens
+                c.prompt_seconds, c.seconds = ev.prompt_seconds, ev.seconds
                 if ev.reason in ("error", "cancelled"):
                     raise APIError(500 if ev.reason == "error" else 503,
                                    f"generation failed: {ev.message or ev.reason}", type="server_error")

@@ -37,8 +37,9 @@ def test_no_server_errors(case, server):
 def test_fuzz_reached_every_operation_with_good_and_bad_bodies():
     ops = {op for op, _ in SEEN}
     assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings",
-            "GET /v1/models", "GET /health"} <= ops, ops
-    for op in ("POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses"):
+            "GET /v1/models", "GET /health", "POST /infill", "POST /completion"} <= ops, ops
+    for op in ("POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "POST /infill",
+               "POST /completion"):
         codes = [code for o, code in SEEN if o == op]
         assert len(codes) >= 20 and any(400 <= c < 500 for c in codes), codes
     # schema-valid bodies do run the model (most completions prompts hit characters outside the char vocab)

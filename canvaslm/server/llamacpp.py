@@ -1,0 +1,320 @@
+"""llama-server's native routes, for the editors and tools built on llama.cpp: POST /infill (llama.vim,
+llama.vscode: code completion at the cursor) and POST /completion.
+
+Bodies take llama.cpp's field names (`n_predict`, `repeat_penalty`, `n_indent`, `input_prefix`,
+`input_suffix`, `input_extra`, `response_fields`, ...) and answer in its shape (`content`, `stop_type`,
+`tokens_cached`, `timings`, ...); each is translated to a `/v1/completions` body and runs through the same
+engine path, so every check, limit and canvas feature is the OpenAI route's.
+
+/infill is the `suffix` insert mode (server/infill.py): the text before the cursor is `input_extra` (each
+chunk as `# filename`, its text and a blank line), then `input_prefix`, then `prompt` (the cursor line so
+far); the middle is written against `input_suffix` with the model's own canvas, not FIM tokens. What does
+not fit the context is cut as llama-server cuts it: the suffix keeps its head (at most a quarter of the
+context), the prompt its tail (the extra chunks go first), and `truncated` says so.
+
+Differences, by design: `n_predict: 0` answers at once without encoding the prompt (llama.vim sends it to
+warm the cache; here the next request with the same chunks reuses their KV through prefix caching anyway);
+`t_max_prompt_ms`, `t_max_predict_ms`, `cache_prompt`, `samplers`, `id_slot` and other llama.cpp-only
+knobs are accepted and ignored (a canvas is not interrupted half way); `n_probs` > 0 is refused.
+`timings.prompt_ms` runs from submission until the step that finished encoding the prompt, and
+`predicted_ms` from there to the end (for /infill: of all candidates, scoring excluded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .protocol import INT64, CompletionRequest
+from .serving import APIError, ServerState, context_error, need_tokenizer, prepare, run_choices, run_to_end
+
+RANDOM_SEEDS = (-1, 0xFFFFFFFF)  # llama.cpp's "draw a seed"
+MAX_STOPS = 16
+
+
+class ExtraChunk(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    text: str = Field("", max_length=1 << 20)
+    filename: str = Field("", max_length=4096)
+
+
+class LlamaCompletionRequest(BaseModel):
+    """llama-server's /completion body (the fields this engine honours; others are ignored)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    prompt: str | list[int] = ""
+    n_predict: int = Field(-1, ge=-1, le=INT64, description="tokens to generate; -1: the server's default")
+    temperature: float | None = Field(None, ge=0, le=10)
+    top_k: int | None = Field(None, ge=0, le=INT64, description="0: no cut")
+    top_p: float | None = Field(None, ge=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, ge=0.01, le=100, description="1: off")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int = Field(-1, ge=-1, le=INT64, description="-1: a random seed")
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
+    stream: bool = False
+    n_indent: int = Field(0, ge=0, le=1 << 16, description="stop before a line indented less than this")
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = Field(None, max_length=65536)
+    ignore_eos: bool = False
+    n_probs: int = Field(0, ge=0, le=INT64)
+    return_tokens: bool = False
+    response_fields: list[str] | None = Field(None, max_length=256)
+    model: str | None = Field(None, max_length=256)
+    max_denoising_steps: int | None = Field(None, ge=1, le=4096)
+
+
+class LlamaInfillRequest(LlamaCompletionRequest):
+    """llama-server's /infill body: /completion's fields plus the text around the cursor."""
+
+    input_prefix: str = Field("", max_length=1 << 22)
+    input_suffix: str = Field("", max_length=1 << 22)
+    input_extra: list[ExtraChunk] = Field(default_factory=list, max_length=1024)
+
+
+def _openai_body(state: ServerState, body: LlamaCompletionRequest, ids: list[int], suffix: str | None = None):
+    """The /v1/completions body with the same meaning (stop strings are applied by the caller)."""
+    if body.n_probs:
+        raise APIError(400, "n_probs is not supported; use /v1/completions with logprobs", "n_probs")
+    try:
+        return CompletionRequest(
+            model=body.model or state.model_name, prompt=ids, max_tokens=None if body.n_predict < 0 else body.n_predict,
+            temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+            repetition_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, seed=None if body.seed in RANDOM_SEEDS else body.seed,
+            ignore_eos=body.ignore_eos, guided_json=body.json_schema, guided_grammar=body.grammar or None,
+            max_denoising_steps=body.max_denoising_steps, suffix=suffix)
+    except ValueError as e:  # pydantic's: a value the OpenAI body bounds tighter
+        raise APIError(400, f"invalid request: {e}") from None
+
+
+def cut_stops(text: str, stops: list[str]) -> tuple[str, str]:
+    """The text before the earliest stop string, and that string ("" when none occurs)."""
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    if not hits:
+        return text, ""
+    at, word = min(hits)
+    return text[:at], word
+
+
+def cut_indent(text: str, n_indent: int) -> tuple[str, bool]:
+    """The text before the first line after the first whose content starts left of column n_indent."""
+    if n_indent <= 0:
+        return text, False
+    at = text.find("\n")
+    while at >= 0:
+        end = text.find("\n", at + 1)
+        line = text[at + 1:] if end < 0 else text[at + 1:end]
+        body = line.lstrip(" \t")
+        if body and len(line) - len(body) < n_indent:
+            return text[:at], True
+        at = end
+    return text, False
+
+
+def select_fields(response: dict, fields: list[str] | None) -> dict:
+    """llama-server's `response_fields`: only these paths ("timings/prompt_n"), each as a top-level key."""
+    if fields is None:
+        return response
+    out = {}
+    for path in fields:
+        node = response
+        for key in path.split("/"):
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            out[path] = node
+    return out
+
+
+def _response(state: ServerState, body, *, content: str, ids: list[int], prompt_ids: list[int], stop_type: str,
+              stopping_word: str = "", cached: int = 0, prompt_s: float = 0.0, total_s: float = 0.0,
+              truncated: bool = False, params=None, seed=None) -> dict:
+    n_prompt, n_pred = len(prompt_ids) - cached, len(ids)
+    prompt_ms, pred_ms = prompt_s * 1e3, max(total_s - prompt_s, 0.0) * 1e3
+    settings = {"n_predict": body.n_predict, "seed": seed, "stop": body.stop, "n_indent": body.n_indent}
+    if params is not None:
+        settings.update(max_new_tokens=params.max_new_tokens, max_denoising_steps=params.max_denoising_steps,
+                        temperature=[params.t_max, params.t_min], top_k=params.top_k, top_p=params.top_p,
+                        min_p=params.min_p, repeat_penalty=params.repetition_penalty,
+                        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty)
+    return {
+        "index": 0, "content": content, "tokens": ids if body.return_tokens else [], "id_slot": -1, "stop": True,
+        "model": body.model or state.model_name, "tokens_predicted": n_pred, "tokens_evaluated": len(prompt_ids),
+        "generation_settings": settings, "prompt": state.tokenizer.decode(prompt_ids), "has_new_line": "\n" in content,
+        "truncated": truncated, "stop_type": stop_type, "stopping_word": stopping_word, "tokens_cached": cached,
+        "timings": {"cache_n": cached, "prompt_n": n_prompt, "prompt_ms": prompt_ms,
+                    "prompt_per_token_ms": prompt_ms / n_prompt if n_prompt else 0.0,
+                    "prompt_per_second": n_prompt / prompt_s if prompt_s > 0 else 0.0,
+                    "predicted_n": n_pred, "predicted_ms": pred_ms,
+                    "predicted_per_token_ms": pred_ms / n_pred if n_pred else 0.0,
+                    "predicted_per_second": n_pred * 1e3 / pred_ms if pred_ms > 0 else 0.0}}
+
+
+def _send(body, response: dict) -> dict | StreamingResponse:
+    """The whole response, or (stream) one chunk with the content and a last one with the rest."""
+    if not body.stream:
+        return select_fields(response, body.response_fields)
+
+    def events():
+        yield _sse({"index": 0, "content": response["content"], "tokens": response["tokens"], "stop": False,
+                    "id_slot": -1})
+        yield _sse(select_fields(dict(response, content="", tokens=[]), body.response_fields))
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _encode(state: ServerState, text: str, field: str, special: bool = True) -> list[int]:
+    try:
+        return state.tokenizer.encode(text, add_special_tokens=special)
+    except ValueError as e:
+        raise APIError(400, f"{field}: {e}", field) from None
+
+
+# --- /completion -------------------------------------------------------------------------------------------
+
+async def completion(state: ServerState, body: LlamaCompletionRequest, request: Request):
+    need_tokenizer(state, "prompt")
+    ids = _encode(state, body.prompt, "prompt") if isinstance(body.prompt, str) else list(body.prompt)
+    if not ids:
+        raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
+    oa = _openai_body(state, body, ids)
+    if body.n_predict == 0:  # llama-server evaluates the prompt only; here nothing runs (module docstring)
+        return _send(body, _response(state, body, content="", ids=[], prompt_ids=ids, stop_type="limit"))
+    (choice,) = await _prepare(state, oa, ids)
+    choice.tracker.stops = list(body.stop)  # llama.cpp allows more stop strings than OpenAI's 4
+    settings = dict(params=choice.request.params, seed=choice.request.seed)
+    if body.stream:
+        return StreamingResponse(_stream_completion(state, body, choice, ids, settings),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    await run_to_end(state, [choice], request)
+    return select_fields(_finished(state, body, choice, ids, settings), body.response_fields)
+
+
+async def _prepare(state: ServerState, oa: CompletionRequest, ids: list[int]):
+    import asyncio
+
+    return await asyncio.to_thread(prepare, state, oa, [ids])
+
+
+def _finished(state: ServerState, body, choice, ids: list[int], settings: dict) -> dict:
+    text, indented = cut_indent(choice.tracker.text, body.n_indent)
+    word = ""
+    if choice.tracker.stopped:
+        _, word = cut_stops(state.tokenizer.decode(choice.tracker.ids), body.stop)
+    stop_type = "word" if word else "limit" if indented or choice.finish_reason == "length" else "eos"
+    return _response(state, body, content=text, ids=choice.tracker.ids, prompt_ids=ids, stop_type=stop_type,
+                     stopping_word=word, cached=choice.cached_tokens, prompt_s=choice.prompt_seconds,
+                     total_s=choice.seconds, **settings)
+
+
+async def _stream_completion(state: ServerState, body, choice, ids: list[int], settings: dict):
+    """A chunk per committed canvas; with n_indent, the last line is held back until its indent is known."""
+    acc, sent = "", 0  # the stop-safe text run_choices handed out, and how much of it went out
+    try:
+        async with contextlib.aclosing(run_choices(state, [choice])) as events:
+            async for kind, _, payload in events:
+                if kind != "delta":
+                    continue
+                acc += payload
+                text, indented = cut_indent(acc, body.n_indent)
+                safe = text if indented or body.n_indent <= 0 or "\n" not in text else text[:text.rfind("\n")]
+                if len(safe) > sent:
+                    yield _sse({"index": 0, "content": safe[sent:], "tokens": [], "stop": False, "id_slot": -1})
+                    sent = len(safe)
+                if indented:
+                    break  # closing run_choices cancels the request
+        if choice.finish_reason is None:  # cut by n_indent
+            choice.finish_reason = "length"
+        final = _finished(state, body, choice, ids, settings)
+        rest = final["content"][sent:]
+        if rest:
+            yield _sse({"index": 0, "content": rest, "tokens": [], "stop": False, "id_slot": -1})
+        yield _sse(select_fields(dict(final, content="", tokens=[]), body.response_fields))
+    except APIError as e:  # headers are sent: report in-band
+        yield _sse(e.body())
+
+
+# --- /infill -----------------------------------------------------------------------------------------------
+
+def render_extra(chunks: list[ExtraChunk]) -> str:
+    """The extra context before the prefix: each chunk as `# filename`, its text, then a blank line."""
+    parts = []
+    for c in chunks:
+        text = c.text if c.text.endswith("\n") or not c.text else c.text + "\n"
+        parts.append((f"# {c.filename}\n" if c.filename else "") + text + "\n")
+    return "".join(parts)
+
+
+def fit_infill(state: ServerState, prompt_ids: list[int], suffix_ids: list[int], head: list[int],
+               n_predict: int) -> tuple[list[int], list[int], bool]:
+    """Cut the prompt (its tail kept, after the tokenizer's leading special tokens `head`) and the suffix
+    (its head kept) so the middle, the suffix and its pinned EOS fit in whole canvases behind the prompt."""
+    C, limit = state.canvas_length, state.max_model_len
+    truncated = False
+    if len(suffix_ids) > limit // 4:
+        suffix_ids, truncated = suffix_ids[:limit // 4], True
+    middle = n_predict if n_predict > 0 else state.defaults.max_new_tokens
+    budget = limit - -(-(middle + len(suffix_ids) + 1) // C) * C  # the whole middle fits
+    if budget <= len(head):  # it cannot: room for the prompt and a shorter middle
+        budget = limit - -(-(len(suffix_ids) + 2) // C) * C
+    if len(prompt_ids) > budget:
+        keep = head if prompt_ids[:len(head)] == head else []
+        if budget <= len(keep):
+            raise context_error(state, f"The suffix ({len(suffix_ids)} tokens) leaves no room for the prompt",
+                                "input_suffix")
+        prompt_ids, truncated = keep + prompt_ids[len(prompt_ids) - (budget - len(keep)):], True
+    return prompt_ids, suffix_ids, truncated
+
+
+async def infill(state: ServerState, body: LlamaInfillRequest, request: Request):
+    from .infill import middle_text, run_infill
+
+    need_tokenizer(state, "input_prefix")
+    before = render_extra(body.input_extra) + body.input_prefix
+    if isinstance(body.prompt, str):
+        ids = _encode(state, before + body.prompt, "input_prefix")
+    else:
+        ids = _encode(state, before, "input_prefix") + list(body.prompt)
+    suffix_ids = _encode(state, body.input_suffix, "input_suffix", special=False)
+    whole_suffix = len(suffix_ids)
+    ids, suffix_ids, truncated = fit_infill(state, ids, suffix_ids, _encode(state, "", "prompt"), body.n_predict)
+    if body.n_predict == 0:
+        return _send(body, _response(state, body, content="", ids=[], prompt_ids=ids, stop_type="limit",
+                                     truncated=truncated))
+    if not suffix_ids:  # nothing after the cursor: a plain completion of the prefix
+        oa = _openai_body(state, body, ids)
+        (choice,) = await _prepare(state, oa, ids)
+        choice.tracker.stops = list(body.stop)
+        await run_to_end(state, [choice], request)
+        out = _finished(state, body, choice, ids, dict(params=choice.request.params, seed=choice.request.seed))
+        return _send(body, dict(out, truncated=truncated))
+    suffix = body.input_suffix if len(suffix_ids) == whole_suffix else state.tokenizer.decode(suffix_ids)
+    oa = _openai_body(state, body, ids, suffix=suffix)
+    start = time.perf_counter()
+    (group,) = await run_infill(state, oa, [ids], request)
+    total = time.perf_counter() - start
+    text, word = cut_stops(middle_text(state.tokenizer, ids, group.middle), body.stop)
+    text, indented = cut_indent(text, body.n_indent)
+    cands = group.candidates
+    first = cands[group.best].request
+    return _send(body, _response(
+        state, body, content=text, ids=list(group.middle), prompt_ids=ids,
+        stop_type="word" if word else "limit" if indented else "eos", stopping_word=word,
+        cached=min(c.cached_tokens for c in cands), prompt_s=max(c.prompt_seconds for c in cands), total_s=total,
+        truncated=truncated, params=first.params, seed=first.seed))
+
+
+__all__ = ["LlamaCompletionRequest", "LlamaInfillRequest", "completion", "infill", "cut_indent", "cut_stops",
+           "select_fields", "render_extra", "fit_infill"]

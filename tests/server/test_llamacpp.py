@@ -1,0 +1,207 @@
+"""llama-server's native routes (server/llamacpp.py): POST /completion and POST /infill, as llama.vim and
+llama.vscode call them. Each must mean exactly what the equivalent /v1/completions request means."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from canvaslm.server.llamacpp import cut_indent, cut_stops, render_extra, select_fields
+
+from .conftest import MAX_MODEL_LEN, MODEL
+
+
+def post(server, route, body, **kw):
+    return httpx.post(server.base_url + route, json=body, timeout=120, **kw)
+
+
+def sse(server, route, body) -> list[dict]:
+    with httpx.stream("POST", server.base_url + route, json=body, timeout=120) as r:
+        assert r.status_code == 200
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def oai(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+def test_cut_indent_stops_before_the_first_less_indented_line():
+    text = "x = 1\n    y = 2\n\n    z\nw\n    v"
+    assert cut_indent(text, 4) == ("x = 1\n    y = 2\n\n    z", True)  # blank lines and the first line pass
+    assert cut_indent(text, 0) == (text, False)
+    assert cut_indent("  a\n\tb", 1) == ("  a\n\tb", False)  # a tab counts as one column
+    assert cut_indent("a\n b", 2) == ("a", True)
+
+
+def test_cut_stops_takes_the_earliest_stop_and_names_it():
+    assert cut_stops("abcdef", ["de", "bc", "zz"]) == ("a", "bc")
+    assert cut_stops("abc", ["x"]) == ("abc", "")
+
+
+def test_select_fields_flattens_paths_as_llama_vim_reads_them():
+    resp = {"content": "x", "timings": {"prompt_n": 3}, "truncated": False}
+    assert select_fields(resp, ["content", "timings/prompt_n", "timings/nope", ""]) == {
+        "content": "x", "timings/prompt_n": 3}
+    assert select_fields(resp, None) is resp
+
+
+def test_render_extra_names_each_file():
+    from canvaslm.server.llamacpp import ExtraChunk
+
+    out = render_extra([ExtraChunk(filename="a.py", text="import os"), ExtraChunk(text="x\n")])
+    assert out == "# a.py\nimport os\n\nx\n\n"
+
+
+# --- /completion ------------------------------------------------------------------------------------------
+
+def test_completion_equals_v1_completions(server, llm):
+    prompt, ids = "def add(a, b):", llm.tokenizer.encode("def add(a, b):")
+    for seed in (0, 3):
+        ref = oai(server).completions.create(model=MODEL, prompt=prompt, max_tokens=24, seed=seed, temperature=0.7,
+                                             extra_body={"top_k": 20, "repetition_penalty": 1.3})
+        r = post(server, "/completion", {"prompt": prompt, "n_predict": 24, "seed": seed, "temperature": 0.7,
+                                         "top_k": 20, "repeat_penalty": 1.3, "return_tokens": True})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["content"] == ref.choices[0].text and out["stop"] is True
+        assert out["tokens_predicted"] == len(out["tokens"]) == ref.usage.completion_tokens
+        assert out["tokens_evaluated"] == len(ids) == ref.usage.prompt_tokens
+        assert out["stop_type"] == {"length": "limit", "stop": "eos"}[ref.choices[0].finish_reason]
+        t = out["timings"]
+        assert t["prompt_n"] + t["cache_n"] == len(ids) and t["predicted_n"] == out["tokens_predicted"]
+        assert t["prompt_ms"] > 0 and t["predicted_ms"] > 0
+        assert out["generation_settings"]["seed"] == seed and out["generation_settings"]["top_k"] == 20
+    # token ids as the prompt mean the same
+    same = post(server, "/completion", {"prompt": ids, "n_predict": 24, "seed": 3, "temperature": 0.7,
+                                        "top_k": 20, "repeat_penalty": 1.3})
+    assert same.json()["content"] == out["content"]
+
+
+def test_completion_stream_equals_whole(server):
+    body = {"prompt": "abc", "n_predict": 40, "seed": 1}
+    whole = post(server, "/completion", body).json()
+    chunks = sse(server, "/completion", dict(body, stream=True))
+    assert "".join(c["content"] for c in chunks) == whole["content"]
+    assert [c["stop"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1]["tokens_predicted"] == whole["tokens_predicted"]
+
+
+def test_completion_stop_strings_cut_and_name_the_word(server):
+    free = post(server, "/completion", {"prompt": "stop test", "n_predict": 40, "seed": 2}).json()["content"]
+    word = free[10:12]
+    stops = ["@@none1", "@@none2", "@@none3", "@@none4", word]  # more than OpenAI's 4
+    r = post(server, "/completion", {"prompt": "stop test", "n_predict": 40, "seed": 2, "stop": stops})
+    out = r.json()
+    assert out["content"] == free[:free.find(word)]
+    assert out["stop_type"] == "word" and out["stopping_word"] == word
+    streamed = sse(server, "/completion", {"prompt": "stop test", "n_predict": 40, "seed": 2, "stop": stops,
+                                           "stream": True})
+    assert "".join(c["content"] for c in streamed) == out["content"] and streamed[-1]["stopping_word"] == word
+
+
+def _seed_with_newline(server, prompt):
+    for seed in range(60):
+        text = post(server, "/completion", {"prompt": prompt, "n_predict": 40, "seed": seed}).json()["content"]
+        at = text.find("\n")
+        if 0 < at < len(text) - 1 and text[at + 1] not in " \t\n":
+            return seed, text
+    pytest.skip("no seed gives a line break")
+
+
+def test_completion_n_indent_cuts_at_a_less_indented_line(server):
+    seed, text = _seed_with_newline(server, "indent")
+    body = {"prompt": "indent", "n_predict": 40, "seed": seed, "n_indent": 1}
+    out = post(server, "/completion", body).json()
+    assert out["content"] == text[:text.find("\n")] and out["stop_type"] == "limit"
+    chunks = sse(server, "/completion", dict(body, stream=True))
+    assert "".join(c["content"] for c in chunks) == out["content"]
+
+
+def test_n_predict_zero_answers_without_generating(server, llm, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("n_predict=0 reached the engine")
+
+    monkeypatch.setattr(server.state.engine, "submit", refuse)
+    out = post(server, "/completion", {"prompt": "warm up", "n_predict": 0}).json()
+    assert out["content"] == "" and out["tokens_predicted"] == 0
+    assert out["tokens_evaluated"] == len(llm.tokenizer.encode("warm up"))
+    out = post(server, "/infill", {"input_extra": [{"filename": "a", "text": "b"}], "n_predict": 0,
+                                   "response_fields": [""]})
+    assert out.status_code == 200 and out.json() == {}
+
+
+# --- /infill ----------------------------------------------------------------------------------------------
+
+INFILL = {"input_prefix": "def f(x):\n    ", "input_suffix": "\n    return y\n", "prompt": "y = ",
+          "input_extra": [{"filename": "util.py", "text": "K = 2"}], "n_predict": 6, "seed": 4}
+
+
+def test_infill_equals_v1_completions_with_suffix(server):
+    prompt = render_extra([]) + "# util.py\nK = 2\n\n" + INFILL["input_prefix"] + INFILL["prompt"]
+    ref = oai(server).completions.create(model=MODEL, prompt=prompt, suffix=INFILL["input_suffix"], max_tokens=6,
+                                         seed=4)
+    r = post(server, "/infill", INFILL)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["content"] == ref.choices[0].text and out["stop_type"] == "eos" and out["truncated"] is False
+    assert out["tokens_predicted"] == ref.usage.completion_tokens
+    assert out["prompt"] == prompt  # the char tokenizer adds no special token
+    # the fields llama.vim asks for, flattened
+    fields = ["content", "timings/prompt_n", "timings/predicted_ms", "truncated", "tokens_cached"]
+    again = post(server, "/infill", dict(INFILL, response_fields=fields)).json()
+    assert set(again) == set(fields) and again["content"] == out["content"]
+    assert again["tokens_cached"] > 0  # the same prompt again: its whole chunks come from the prefix cache
+    streamed = sse(server, "/infill", dict(INFILL, stream=True))
+    assert "".join(c["content"] for c in streamed) == out["content"] and streamed[-1]["stop"] is True
+
+
+def test_infill_stop_and_indent_cut_the_middle(server):
+    body = dict(INFILL, n_predict=12, input_suffix="\nreturn y")
+    free = post(server, "/infill", body).json()["content"]
+    if len(free) < 2:
+        pytest.skip("the chosen middle is too short to cut")
+    word = free[1]
+    out = post(server, "/infill", dict(body, stop=[word])).json()
+    assert out["content"] == free[:free.find(word)] and out["stopping_word"] == word and out["stop_type"] == "word"
+
+
+def test_infill_without_suffix_is_a_plain_completion(server):
+    body = {"input_prefix": "abc", "n_predict": 20, "seed": 7}
+    assert post(server, "/infill", body).json()["content"] == \
+        post(server, "/completion", {"prompt": "abc", "n_predict": 20, "seed": 7}).json()["content"]
+
+
+def test_infill_cuts_what_does_not_fit_the_context(server, llm):
+    """The prompt keeps its tail (extra chunks go first), so that the middle, suffix and EOS fit."""
+    extra = [{"filename": f"f{i}.py", "text": "x" * 30} for i in range(4)]
+    body = {"input_prefix": "tail of the prefix", "input_suffix": "S", "input_extra": extra, "n_predict": 6,
+            "seed": 1}
+    out = post(server, "/infill", body).json()
+    assert out["truncated"] is True
+    full = llm.tokenizer.encode(render_extra([]) + "".join(f"# f{i}.py\n{'x' * 30}\n\n" for i in range(4))
+                                + "tail of the prefix")
+    room = MAX_MODEL_LEN - 16  # one canvas holds 6 + 1 + 1
+    assert out["tokens_evaluated"] == room and out["prompt"] == llm.tokenizer.decode(full[-room:])
+    assert out["prompt"].endswith("tail of the prefix")
+    ref = oai(server).completions.create(model=MODEL, prompt=full[-room:], suffix="S", max_tokens=6, seed=1)
+    assert out["content"] == ref.choices[0].text
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/completion", {"prompt": "x", "n_probs": 2}, "n_probs"),
+    ("/completion", {"prompt": "x", "n_predict": "5"}, "n_predict"),
+    ("/completion", {"prompt": ""}, "prompt"),
+    ("/completion", {"prompt": [10**9]}, "prompt"),
+    ("/completion", {"prompt": "x", "model": "other"}, "model"),
+    ("/infill", {"input_prefix": "x", "input_extra": [{"text": 3}]}, "input_extra"),
+    ("/infill", {"input_prefix": "x", "input_suffix": "y", "grammar": "root ::= \"a\""}, "suffix"),
+])
+def test_bad_bodies_name_the_field(server, route, body, param):
+    r = post(server, route, body)
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["error"]["param"] == param, r.json()
