@@ -28,7 +28,9 @@ def _parse_ids(text: str) -> list[int]:
 
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True):
     p.add_argument("model_dir", nargs="?" if model_optional else None, default=None,
-                   help="checkpoint directory (HF layout); default: the bundled Sudoku demo model")
+                   help="checkpoint directory (HF layout), or a Hugging Face repo id (owner/name) read from the "
+                        "HF cache and downloaded if missing; default: the bundled Sudoku demo model")
+    p.add_argument("--revision", default=None, help="with a repo id: the branch, tag or commit (default: main)")
     add_load_args(p)
 
 
@@ -54,7 +56,7 @@ def load_llm(args):
 
     loras = {"lora": args.lora} if getattr(args, "lora", None) else None
     return LLM(args.model_dir, device=args.device, dtype=args.dtype, quantization=args.quantization,
-               lora_modules=loras)
+               lora_modules=loras, revision=args.revision)
 
 
 def _generate(args) -> int:

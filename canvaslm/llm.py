@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_model, parse_dtype
 from .config import DiffusionParams
 from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
+from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 
 BUNDLED_MODEL = Path(__file__).parent / "recipes" / "sudoku" / "model"
@@ -106,15 +107,17 @@ def default_device() -> str:
 class LLM:
     def __init__(self, model_dir: str | Path | None = None, device: str | None = None, dtype=None,
                  progress: bool | None = None, quantization: str | None = None, max_batch: int = 64,
-                 lora_modules=None):
+                 lora_modules=None, revision: str | None = None):
         """quantization: None (the checkpoint's dtype), "fp8" or "int4" (W4A16), applied while loading.
         max_batch: rows per generation batch; `generate` runs longer prompt lists in batches of this size
         (the KV cache is sized per batch), which changes no output of a seeded request.
         lora_modules: LoRA adapters to serve beside the base ({name: PEFT adapter dir}, or [(name, dir)]);
-        a request picks one with `SamplingParams(lora=name)`, and a batch may mix them."""
+        a request picks one with `SamplingParams(lora=name)`, and a batch may mix them.
+        model_dir: a checkpoint directory, or a Hugging Face repo id (at `revision`) read from the HF cache
+        and downloaded when missing (canvaslm.hub); None: the bundled Sudoku model."""
         adapters = _adapters(lora_modules)  # read (and checked) before the model loads
         self.max_batch = _checked_max_batch(max_batch)
-        self.model_dir = Path(model_dir) if model_dir is not None else BUNDLED_MODEL
+        self.model_dir = resolve_model(model_dir, revision) if model_dir is not None else BUNDLED_MODEL
         self.device = device or default_device()
         if dtype is None:
             dtype = "bfloat16" if str(self.device).startswith("cuda") else "float32"

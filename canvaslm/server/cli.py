@@ -47,11 +47,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of prompt prefixes other requests encoded (default: on where its prefix "
                         "store leaves room for activations, on a GPU or in a CPU's available RAM)")
-    p.add_argument("--prefix-store-len", type=int, default=None, metavar="N",
-                   help="prefix caching: sliding-layer positions kept per slot for reuse, i.e. how far behind "
-                        "its last position a slot's prompt can still be reused (default: the sliding window "
-                        "+ --prefill-chunk + 4 canvases, enough behind a 4-canvas reply)")
-    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: directory name)")
+    _add_store_arg(p)
+    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the repo id, or the "
+                   "directory's name)")
     p.add_argument("--max-steps-limit", type=int, default=1024,
                    help="largest max_denoising_steps a request may ask for")
     p.add_argument("--regex-timeout", type=_seconds, default=10.0,
@@ -71,9 +69,11 @@ def add_parser(subparsers) -> None:
     b.add_argument("--max-batch", type=int, default=8, help="requests per encoder/decoder call (and KV slots)")
     b.add_argument("--max-model-len", type=int, default=None, help="KV positions per request (default: the model's whole context, or the most that fits)")
     b.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per engine step")
-    b.add_argument("--served-model-name", default=None, help="the `model` the requests name (default: directory name)")
+    b.add_argument("--served-model-name", default=None, help="the `model` the requests name (default: the repo id, "
+                   "or the directory's name)")
     b.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="as for serve (default: on where its memory fits)")
+    _add_store_arg(b)
     _add_lora_arg(b)
     b.set_defaults(func=_run_batch)
 
@@ -103,7 +103,14 @@ def _engine_config(args):
                          "max_position_embeddings)")
     return EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len,
                         prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching,
-                        prefix_store_len=getattr(args, "prefix_store_len", None))
+                        prefix_store_len=args.prefix_store_len)
+
+
+def _add_store_arg(p) -> None:
+    p.add_argument("--prefix-store-len", type=int, default=None, metavar="N",
+                   help="prefix caching: sliding-layer positions kept per slot for reuse, i.e. how far behind "
+                        "its last position a slot's prompt can still be reused (default: the sliding window "
+                        "+ --prefill-chunk + 4 canvases, enough behind a 4-canvas reply)")
 
 
 def _add_lora_arg(p, updates: bool = False) -> None:
@@ -135,6 +142,16 @@ def _adapters(args) -> list:
     return adapters
 
 
+def _resolve_model(args) -> None:
+    """args.model_dir -> a checkpoint directory (a repo id through the Hugging Face cache: canvaslm.hub);
+    a repo id is also the default served model name, as in vLLM."""
+    from ..hub import is_repo_id, resolve_model
+
+    if args.served_model_name is None and is_repo_id(args.model_dir):
+        args.served_model_name = args.model_dir
+    args.model_dir = str(resolve_model(args.model_dir, args.revision))
+
+
 def _run_batch(args) -> int:
     from pathlib import Path
 
@@ -142,6 +159,7 @@ def _run_batch(args) -> int:
     from .launch import build_state
 
     read_requests(Path(args.input))  # a missing or empty file fails before the model loads
+    _resolve_model(args)
     adapters = _adapters(args)
     state = build_state(args.model_dir, args.device, args.dtype, _engine_config(args),
                         served_model_name=args.served_model_name, quantization=args.quantization,
@@ -161,6 +179,7 @@ def _serve(args) -> int:
     from .app import build_app
     from .launch import build_state
 
+    _resolve_model(args)
     template = _read_template(args) if args.chat_template is not None else None  # fail before loading a model
     adapters = _adapters(args)
     config = _engine_config(args)

@@ -37,15 +37,26 @@ def tokenizer_dir(config) -> Path | None:
         if not (d / "tokenizer.json").is_file():
             raise ConfigError(f"train config: tokenizer {d} has no tokenizer.json")
         return d
-    if isinstance(config.model, str) and (Path(config.model) / "tokenizer.json").is_file():
-        return Path(config.model)
+    if isinstance(config.model, str) and (model_dir(config) / "tokenizer.json").is_file():
+        return model_dir(config)
     return None
 
 
+def model_dir(config) -> Path:
+    """The config's `model` as a checkpoint directory: a directory, or a Hugging Face repo id through the HF
+    cache (canvaslm.hub)."""
+    from ..hub import resolve_model
+
+    try:
+        return resolve_model(config.model, what="train config: model")
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_model(config, checkpoint: Path | None = None):
-    """(model in fp32 on CPU, DiffusionParams) from a checkpoint dir, the config's model dir, or `init`;
-    with `quantization`, the attention / MLP / expert weights are quantised (while loading)."""
-    src = checkpoint or (Path(config.model) if isinstance(config.model, str) else None)
+    """(model in fp32 on CPU, DiffusionParams) from a checkpoint dir, the config's model (a dir or a repo
+    id), or `init`; with `quantization`, the attention / MLP / expert weights are quantised (while loading)."""
+    src = checkpoint or (model_dir(config) if isinstance(config.model, str) else None)
     if src is not None:
         if not Path(src).is_dir():
             raise ConfigError(f"train config: model {src} is not a checkpoint directory")

@@ -1,0 +1,69 @@
+"""Checkpoints named by Hugging Face repo id (`google/diffusiongemma-26b-a4b-it`), as vLLM takes them.
+
+`resolve_model(name)` returns a checkpoint directory: a local directory as it is; otherwise a repo id is
+looked up in the Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE`, where `hf download` puts it) through
+`huggingface_hub.snapshot_download`, which downloads the files a checkpoint needs (config, weights,
+tokenizer, chat template) when they are missing and the machine is online. With `HF_HUB_OFFLINE=1` (read
+at each call) only the cache is used, and a model that is not there is an error naming the repo and the
+cache, never a network call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+# what a checkpoint directory holds (checkpoint.py, config.py, tokenizer.py); other repo files are skipped
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+SKIP = ["*/*"]  # files in sub-folders (an original/ copy of the weights, gguf/ ...): a checkpoint is top-level
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def is_repo_id(name) -> bool:
+    """Whether `name` reads as `owner/name` and is not an existing local path."""
+    return isinstance(name, str) and bool(_REPO_ID.match(name)) and ".." not in name and not Path(name).exists()
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model(name: str | Path, revision: str | None = None, what: str = "model") -> Path:
+    """The checkpoint directory `name` stands for (module docstring). Errors name `what` and `name`."""
+    path = Path(name)
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"--revision {revision} applies to a Hugging Face repo id, and {what} {name} is a "
+                             "local directory")
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{what} {name} is a file; expected a checkpoint directory or a repo id")
+    if not is_repo_id(str(name)):
+        raise FileNotFoundError(f"{what} {name}: no such checkpoint directory (nor an owner/name repo id)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError:
+        raise ValueError(f"{what} {name} is not a local directory; to load it by repo id, install "
+                         "huggingface_hub (pip install huggingface_hub), or download it and pass the "
+                         "directory") from None
+    from huggingface_hub import constants
+
+    try:
+        return Path(snapshot_download(str(name), revision=revision, allow_patterns=CHECKPOINT_FILES,
+                                      ignore_patterns=SKIP, local_files_only=offline()))
+    except LocalEntryNotFoundError:
+        how = "HF_HUB_OFFLINE is set" if offline() else "it could not be downloaded"
+        raise FileNotFoundError(
+            f"{what} {name}{'@' + revision if revision else ''} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and {how}; fetch it with `hf download {name}` or pass a checkpoint "
+            "directory") from None
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
+        raise ValueError(f"{what} {name}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    except HfHubHTTPError as e:
+        raise ValueError(f"{what} {name}: download failed: {str(e).splitlines()[0]}") from None
+
+
+__all__ = ["resolve_model", "is_repo_id", "CHECKPOINT_FILES"]

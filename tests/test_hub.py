@@ -1,0 +1,87 @@
+"""Checkpoints named by Hugging Face repo id (canvaslm.hub), read from a Hugging Face cache laid out as
+`hf download` leaves it. HF_HUB_OFFLINE is set throughout: nothing here may reach the network."""
+
+from __future__ import annotations
+
+import shutil
+import types
+
+import pytest
+
+pytest.importorskip("huggingface_hub")
+
+from canvaslm.hub import is_repo_id, resolve_model  # noqa: E402
+
+COMMIT, TAGGED = "a" * 40, "b" * 40
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch, tiny_checkpoint):
+    """A cache holding acme/tiny-dg at main (COMMIT) and at tag v1 (TAGGED)."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--acme--tiny-dg"
+    for ref, commit in (("main", COMMIT), ("v1", TAGGED)):
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return repo
+
+
+def test_repo_ids_resolve_through_the_cache(hub_cache):
+    assert resolve_model("acme/tiny-dg") == hub_cache / "snapshots" / COMMIT
+    assert resolve_model("acme/tiny-dg", revision="v1") == hub_cache / "snapshots" / TAGGED
+
+
+def test_a_local_directory_wins_and_errors_name_the_problem(hub_cache, tmp_path, monkeypatch, tiny_checkpoint):
+    assert resolve_model(tiny_checkpoint) == tiny_checkpoint
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "acme" / "tiny-dg").mkdir(parents=True)
+    assert not is_repo_id("acme/tiny-dg") and resolve_model("acme/tiny-dg").resolve() == tmp_path / "acme" / "tiny-dg"
+    with pytest.raises(FileNotFoundError, match=r"acme/other is not in the Hugging Face cache .*hub.*"
+                                                r"HF_HUB_OFFLINE is set.*hf download acme/other"):
+        resolve_model("acme/other")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        resolve_model("./missing/dir/here")
+    with pytest.raises(ValueError, match="--revision v1 applies to a Hugging Face repo id"):
+        resolve_model(tiny_checkpoint, revision="v1")
+
+
+def test_llm_and_cli_load_a_repo_id(hub_cache, tiny_checkpoint, capsys):
+    import json
+
+    from canvaslm.cli import main
+    from canvaslm.llm import LLM, SamplingParams
+
+    p = SamplingParams(max_new_tokens=8, seed=3)
+    by_id = LLM("acme/tiny-dg", device="cpu")
+    assert by_id.generate(["hi"], p)[0].token_ids == LLM(tiny_checkpoint, device="cpu").generate(["hi"], p)[0].token_ids
+    assert main(["generate", "acme/tiny-dg", "--revision", "v1", "--prompt", "hi", "--max-new-tokens", "8",
+                 "--seed", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == by_id.generate(["hi"], p)[0].token_ids
+    assert main(["generate", "acme/nope", "--prompt", "hi"]) == 2
+    assert "hf download acme/nope" in capsys.readouterr().err
+
+
+def test_serve_names_the_model_by_its_repo_id(hub_cache):
+    from canvaslm.cli import build_parser
+    from canvaslm.server.cli import _resolve_model
+
+    args = build_parser().parse_args(["serve", "acme/tiny-dg"])
+    _resolve_model(args)
+    assert args.served_model_name == "acme/tiny-dg" and args.model_dir == str(hub_cache / "snapshots" / COMMIT)
+    args = build_parser().parse_args(["serve", "acme/tiny-dg", "--served-model-name", "x"])
+    _resolve_model(args)
+    assert args.served_model_name == "x"
+
+
+def test_a_train_config_may_name_a_repo_id(hub_cache):
+    from canvaslm.config import ConfigError
+    from canvaslm.train.checkpointing import model_dir, tokenizer_dir
+
+    config = types.SimpleNamespace(model="acme/tiny-dg", tokenizer=None)
+    assert model_dir(config) == tokenizer_dir(config) == hub_cache / "snapshots" / COMMIT
+    with pytest.raises(ConfigError, match="train config: model acme/none is not in the Hugging Face cache"):
+        model_dir(types.SimpleNamespace(model="acme/none"))
