@@ -17,6 +17,8 @@
 #           projection) vs the same model with one adapter merged into its weights (one model held)
 #   context bench/long_context.py at the 26B-A4B shape: the context and prefix caching an engine sized by
 #           default picks on this device, a 32k-token prompt against a 1k one, and the follow-up turn
+#   kvfp8   bench/kv_cache_fp8.py: the fp8 KV cache against the bf16 one: planned context at 26B-A4B, drift of
+#           the trained Sudoku model's logits, one decoder pass over a 32k-token cache at the 26B-A4B shape
 #   compiled  the reference with torch.compile too (its compile takes minutes; last, on its own)
 # Each stage has its own time limit and the next one runs whatever it returned. Output: $OUT/fast_path_gpu.log.
 #
@@ -28,6 +30,7 @@
 #     (prefix caching at full size: run(command="bash bench/fast_path_gpu.sh prefix prefix-burst", carry=[".whl"],
 #     timeout_s=420))
 #     (the default long context: run(command="bash bench/fast_path_gpu.sh context", carry=[".whl"], timeout_s=300))
+#     (the fp8 KV cache: run(command="bash bench/fast_path_gpu.sh kvfp8", carry=[".whl"], timeout_s=240))
 # Dry run on a CPU (plumbing only): DEVICE=cpu SHAPE=tiny WHEELS=none bash bench/fast_path_gpu.sh bf16 fp8 int4 serve
 #     (prefix stages: add CANVAS=16 PREFIX=1024; context: add LONG=3000)
 set -uo pipefail
@@ -86,9 +89,11 @@ for s in "${@:-tests bf16 fp8 serve}"; do
               --requests 4 --adapters 4 --rank 16 --canvases 2 --steps 16 ;;
       context) stage context 240 $PY bench/long_context.py --shape "$SHAPE" --device "$DEVICE" --canvas "$CANVAS" \
                  --long "$LONG" "${cpu[@]}" ;;
+      kvfp8) stage kvfp8 200 $PY bench/kv_cache_fp8.py --shape "$SHAPE" --device "$DEVICE" --canvas "$CANVAS" \
+               --context "$LONG" "${cpu[@]}" ;;
       compiled) stage compiled 540 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1 \
                   --reference eager,compiled "${cpu[@]}" ;;
-      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, continuous, lora, context, compiled)" \
+      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, continuous, lora, context, kvfp8, compiled)" \
            | tee -a "$LOG"; exit 2 ;;
     esac
   done

@@ -40,6 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--drafts", action="store_true", help="on a terminal, show each denoising step's draft")
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt tokens per encoder call; a turn reuses the previous prompt in whole chunks")
+    from .cli import add_kv_dtype_arg
+
+    add_kv_dtype_arg(p)
     p.add_argument("--stats", action="store_true", help="after each reply, its token counts and time (stderr)")
     p.set_defaults(func=_chat)
 
@@ -47,14 +50,14 @@ def add_parser(subparsers) -> None:
 class Session:
     """The chat's engine: one slot with prefix caching, kept from turn to turn."""
 
-    def __init__(self, llm, prefill_chunk: int):
+    def __init__(self, llm, prefill_chunk: int, kv_cache_dtype: str = "auto"):
         from .engine.engine import Engine, EngineConfig
 
         if prefill_chunk < 1:
             raise ValueError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
         self.llm, self.turns = llm, 0
         self.engine = Engine(llm.model, EngineConfig(max_batch=1, max_model_len=None, prefill_chunk=prefill_chunk,
-                                                     prefix_caching=True),
+                                                     prefix_caching=True, kv_cache_dtype=kv_cache_dtype),
                              history_depth=max(1, llm.defaults.stability_threshold)).start()
 
     def reply(self, messages: list, params, on_draft=None):
@@ -89,7 +92,7 @@ def _chat(args) -> int:
     llm = load_llm(args)
     if llm.tokenizer is None or getattr(llm.tokenizer, "chat_template", None) is None:
         raise ValueError(f"{llm.model_dir} has no chat template, so it cannot chat; use `canvaslm generate`")
-    session = Session(llm, args.prefill_chunk)
+    session = Session(llm, args.prefill_chunk, args.kv_cache_dtype)
     try:
         return _loop(args, llm, session)
     finally:

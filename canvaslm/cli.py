@@ -45,6 +45,13 @@ def add_load_args(p: argparse.ArgumentParser):
                         "(weight-only, group 128: 14.5 GB for the 26B-A4B model)")
 
 
+def add_kv_dtype_arg(p: argparse.ArgumentParser):
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto",
+                   help="what the KV cache stores K and V in: auto (the model's dtype) or fp8 (float8 e4m3: half "
+                        "of bf16's memory, so twice the context in the same memory; K and V rounded to 3 "
+                        "mantissa bits)")
+
+
 def add_lora_arg(p: argparse.ArgumentParser):
     p.add_argument("--lora", metavar="DIR", default=None,
                    help="generate with this LoRA adapter (a PEFT directory, e.g. `canvaslm export RUN OUT --adapter`)")

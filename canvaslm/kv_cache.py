@@ -46,11 +46,15 @@ class CacheFullError(ValueError):
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype=torch.float32,
                  device="cpu", keep_full_window: bool = False, prefix_store: bool = False,
-                 store_len: int | None = None):
+                 store_len: int | None = None, compute_dtype=None):
         """keep_full_window: sliding layers keep every position too (training decodes any canvas).
         prefix_store: sliding layers also keep the prefix store for `keep_prefix` (module docstring), of
-        `store_len` positions (None: max_len; more than one encoder call writes, and at least the ring)."""
+        `store_len` positions (None: max_len; more than one encoder call writes, and at least the ring).
+        dtype: what K and V are stored in; compute_dtype (default: dtype): what `read` returns. A narrower
+        store (float8_e4m3fn: `--kv-cache-dtype fp8`) rounds K and V as they are written and widens
+        them as they are read, for half the memory of bf16."""
         self.cfg, self.num_slots, self.max_len = cfg, num_slots, max_len
+        self.compute_dtype = compute_dtype or dtype
         self.window = cfg.sliding_window
         self.size = {FULL: full_columns(max_len),
                      SLIDING: max_len if keep_full_window else min(self.window - 1, max_len)}
@@ -192,7 +196,8 @@ class KVCache:
         `upto` columns (`span`)."""
         t = self.cfg.layer_types[layer]
         size = upto if t == FULL and upto else self.size[t]
-        return self.k[layer][:, :, :size].index_select(0, slots), self.v[layer][:, :, :size].index_select(0, slots)
+        k, v = self.k[layer][:, :, :size].index_select(0, slots), self.v[layer][:, :, :size].index_select(0, slots)
+        return k.to(self.compute_dtype), v.to(self.compute_dtype)  # no copy when stored as computed
 
     def _targets(self, layer_type: str, slots: torch.Tensor, q_pos: torch.Tensor):
         """(slot rows, cache columns, kept-token mask), all [B, T]: a token this layer type keeps goes to
@@ -242,4 +247,5 @@ class KVCache:
         pos = self.pos[t][slot, :self.size[t]]
         order = torch.argsort(pos)
         order = order[pos[order] >= 0]
-        return self.k[layer][slot][:, order], self.v[layer][slot][:, order], pos[order]
+        k, v = self.k[layer][slot][:, order], self.v[layer][slot][:, order]
+        return k.to(self.compute_dtype), v.to(self.compute_dtype), pos[order]

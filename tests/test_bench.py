@@ -86,7 +86,7 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
     env = {**os.environ, "DEVICE": "cpu", "SHAPE": "tiny", "WHEELS": "none", "OUT": str(tmp_path),
            "PYTHON": sys.executable, "CANVAS": "16", "PREFIX": "1024", "CONT_PROMPTS": "4", "LONG": "2048"}
     proc = subprocess.run(["bash", str(repo / "bench/fast_path_gpu.sh"), "int4", "serve", "prefix", "continuous",
-                           "lora", "context", "nosuchstage"],
+                           "lora", "context", "kvfp8", "nosuchstage"],
                           cwd=repo, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -99,6 +99,7 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
     assert "== lora: rc 0," in log and "| merged adapter 1 (peer) |" in log, log
     assert "== context: rc 0," in log and "engine: max_model_len 131072: the model's whole context" in log, log
     assert "reused (" in log, log
+    assert "== kvfp8: rc 0," in log and "| float8_e4m3fn |" in log and "fp8 / peer: time" in log, log
     assert "unknown stage nosuchstage" in log
 
 

@@ -34,6 +34,14 @@ log = logging.getLogger("canvaslm.engine")
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def kv_dtype(config: "EngineConfig", model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the KV cache stores: the model's unless the config asks for a narrower one."""
+    return KV_CACHE_DTYPES[config.kv_cache_dtype] or model_dtype
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 8  # rows per encoder call and per decoder call
@@ -54,8 +62,14 @@ class EngineConfig:
     # prefix caching's store of sliding-layer K/V, in positions: how far behind the last position written
     # a prefix can still be reused (kv_cache); None: `prefix_store_len`'s default
     prefix_store_len: int | None = None
+    # what the KV cache stores K and V in: "auto" (the model's dtype) or "fp8" (float8_e4m3fn, half of
+    # bf16's memory, so twice the context; rounds K and V to 3 mantissa bits: kv_cache)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"EngineConfig.kv_cache_dtype={self.kv_cache_dtype!r}; expected one of "
+                             f"{sorted(KV_CACHE_DTYPES)}")
         for name in ("max_batch", "prefill_chunk", "max_wait_plans"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -297,8 +311,12 @@ def prefix_caching_fits(cfg, config: EngineConfig, device, dtype, free_total=Non
 class Engine:
     def __init__(self, model, config: EngineConfig, history_depth: int = 1):
         cfg = model.cfg
-        device, dtype = model.embed_weight.device, model.embed_weight.dtype
+        device, model_dtype = model.embed_weight.device, model.embed_weight.dtype
+        dtype = kv_dtype(config, model_dtype)  # what the memory plan counts per KV element
         self.notes: list[str] = []  # the memory decisions made here, for a server to print
+        if dtype != model_dtype:
+            self.notes.append(f"KV cache in {str(dtype).removeprefix('torch.')} (--kv-cache-dtype "
+                              f"{config.kv_cache_dtype}), read back as {str(model_dtype).removeprefix('torch.')}")
         length, why = plan_max_model_len(cfg, config, device, dtype)  # raises when it cannot fit
         if config.max_model_len is None:
             config = dataclasses.replace(config, max_model_len=length)
@@ -317,7 +335,7 @@ class Engine:
                              f"a prefill chunk ({config.prefill_chunk})")
         self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth,
                              prefix_caching=self.prefix_caching, host_worker=config.constraint_worker,
-                             prefix_store_len=store_len)
+                             prefix_store_len=store_len, kv_dtype=dtype)
         self.scheduler = Scheduler(config.max_batch, config.kv_budget, config.slots, config.prefill_chunk,
                                    cfg.canvas_length, max_wait_plans=config.max_wait_plans,
                                    prefix_caching=self.prefix_caching, prefix_store=self.runner.cache.bounded_store())

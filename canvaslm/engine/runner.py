@@ -89,9 +89,11 @@ class RunnerError(ValueError):
 
 class Runner:
     def __init__(self, model, num_slots: int, max_model_len: int, history_depth: int = 1,
-                 prefix_caching: bool = False, host_worker: bool | None = None, prefix_store_len: int | None = None):
+                 prefix_caching: bool = False, host_worker: bool | None = None, prefix_store_len: int | None = None,
+                 kv_dtype: torch.dtype | None = None):
         """prefix_caching: the cache keeps what `StepPlan.reuse` needs (the prefix store: a longer copy of
-        the sliding rings, `prefix_store_len` positions; None: every position).
+        the sliding rings, `prefix_store_len` positions; None: every position). kv_dtype: what the cache
+        stores K and V in (default: the model's dtype; kv_cache).
         host_worker: constraint masks and commit passes on a worker thread (False: inside the step). None:
         on where the model is on a GPU, whose steps are short next to that work; on a CPU a step takes
         about as long, and a request that waits for its work then waits out a whole step too
@@ -105,8 +107,8 @@ class Runner:
         self.num_slots, self.max_model_len, self.history_depth = num_slots, max_model_len, history_depth
         C, d, S = cfg.canvas_length, cfg.hidden_size, num_slots
         # one extra scratch slot: the target of all-padding rows that keep small encoder calls batch-invariant
-        self.cache = KVCache(cfg, S + 1, max_model_len, dtype=self.dtype, device=self.device,
-                             prefix_store=prefix_caching, store_len=prefix_store_len)
+        self.cache = KVCache(cfg, S + 1, max_model_len, dtype=kv_dtype or self.dtype, device=self.device,
+                             prefix_store=prefix_caching, store_len=prefix_store_len, compute_dtype=self.dtype)
         self.canvas = torch.zeros(S, C, dtype=torch.long, device=self.device)  # [S, C]
         self.argmax = torch.zeros(S, C, dtype=torch.long, device=self.device)  # [S, C]
         self.sc_embeds = torch.zeros(S, C, d, dtype=self.dtype, device=self.device)  # [S, C, d]

@@ -103,10 +103,15 @@ def _engine_config(args):
                          "max_position_embeddings)")
     return EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len,
                         prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching,
-                        prefix_store_len=args.prefix_store_len)
+                        prefix_store_len=args.prefix_store_len,
+                        kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _add_store_arg(p) -> None:
+    """--prefix-store-len and --kv-cache-dtype: how the KV cache is kept."""
+    from ..cli import add_kv_dtype_arg
+
+    add_kv_dtype_arg(p)
     p.add_argument("--prefix-store-len", type=int, default=None, metavar="N",
                    help="prefix caching: sliding-layer positions kept per slot for reuse, i.e. how far behind "
                         "its last position a slot's prompt can still be reused (default: the sliding window "
