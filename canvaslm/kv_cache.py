@@ -39,6 +39,12 @@ def full_columns(max_len: int) -> int:
     return max_len if max_len <= ATTN_BLOCK else _whole_blocks(max_len)
 
 
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """A float8 buffer as bytes: indexed reads and writes move raw bytes (uint8 indexing is supported
+    everywhere; float8 indexing is not on every backend and version)."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
+
+
 class CacheFullError(ValueError):
     """A request needs more positions than its cache slot holds."""
 
@@ -144,10 +150,10 @@ class KVCache:
         cols = torch.arange(max(0, n - self.store_len), n, device=self.device) % self.store_len
         for layer, t in enumerate(self.cfg.layer_types):
             if layer in self.store:
-                for b in self.store[layer]:
+                for b in map(_raw, self.store[layer]):
                     b[dst, :, cols] = b[src, :, cols]
             else:  # columns are positions
-                for b in (self.k[layer], self.v[layer]):
+                for b in map(_raw, (self.k[layer], self.v[layer])):
                     b[dst, :, :n] = b[src, :, :n]
         if self.store:
             self.store_pos[dst] = -1
@@ -167,8 +173,8 @@ class KVCache:
                 raise RuntimeError(f"KVCache: slot {slot}'s prefix store no longer holds positions "
                                    f"{int(pos[0])}..{n - 1}; a prefix of {n} cannot be reused from it")
             for layer, (sk, sv) in self.store.items():
-                self.k[layer][slot][:, cols] = sk[slot][:, scols]
-                self.v[layer][slot][:, cols] = sv[slot][:, scols]
+                _raw(self.k[layer])[slot][:, cols] = _raw(sk)[slot][:, scols]
+                _raw(self.v[layer])[slot][:, cols] = _raw(sv)[slot][:, scols]
             self.pos[SLIDING][slot] = -1
             self.pos[SLIDING][slot, cols] = pos
 
@@ -196,7 +202,7 @@ class KVCache:
         `upto` columns (`span`)."""
         t = self.cfg.layer_types[layer]
         size = upto if t == FULL and upto else self.size[t]
-        k, v = self.k[layer][:, :, :size].index_select(0, slots), self.v[layer][:, :, :size].index_select(0, slots)
+        k, v = (_raw(b[:, :, :size]).index_select(0, slots).view(b.dtype) for b in (self.k[layer], self.v[layer]))
         return k.to(self.compute_dtype), v.to(self.compute_dtype)  # no copy when stored as computed
 
     def _targets(self, layer_type: str, slots: torch.Tensor, q_pos: torch.Tensor):
@@ -218,13 +224,15 @@ class KVCache:
     def write(self, layer: int, slots: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v: [B, Hk, T, D] for tokens at positions q_pos [B, T]."""
         rows, cols, _ = self._targets(self.cfg.layer_types[layer], slots, q_pos)
-        self.k[layer][rows, :, cols, :] = k.transpose(1, 2).to(self.k[layer].dtype)
-        self.v[layer][rows, :, cols, :] = v.transpose(1, 2).to(self.v[layer].dtype)
+        kb, vb = self.k[layer], self.v[layer]
+        k, v = k.transpose(1, 2).to(kb.dtype), v.transpose(1, 2).to(vb.dtype)  # [B, T, Hk, D]
+        _raw(kb)[rows, :, cols, :] = _raw(k)
+        _raw(vb)[rows, :, cols, :] = _raw(v)
         if layer in self.store:  # every position to its store column, padding to the scratch column
             sk, sv = self.store[layer]
             cols = self._store_columns(q_pos)
-            sk[rows, :, cols, :] = k.transpose(1, 2).to(sk.dtype)
-            sv[rows, :, cols, :] = v.transpose(1, 2).to(sv.dtype)
+            _raw(sk)[rows, :, cols, :] = _raw(k)
+            _raw(sv)[rows, :, cols, :] = _raw(v)
 
     def _store_columns(self, q_pos: torch.Tensor) -> torch.Tensor:
         """The prefix store column of each position [B, T]; padding (-1) goes to the scratch column."""
@@ -247,5 +255,5 @@ class KVCache:
         pos = self.pos[t][slot, :self.size[t]]
         order = torch.argsort(pos)
         order = order[pos[order] >= 0]
-        k, v = self.k[layer][slot][:, order], self.v[layer][slot][:, order]
+        k, v = (_raw(b)[slot][:, order].view(b.dtype) for b in (self.k[layer], self.v[layer]))
         return k.to(self.compute_dtype), v.to(self.compute_dtype), pos[order]

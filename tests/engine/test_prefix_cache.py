@@ -292,10 +292,11 @@ def test_randomized_reuse_always_reads_the_requests_own_tokens(seed, bounded):
 class Served:
     """A Scheduler + Runner pair on the tiny model, fed one request after another."""
 
-    def __init__(self, llm, caching: bool, max_model_len=128, prefill_chunk=8, slots=2, store_len=None):
+    def __init__(self, llm, caching: bool, max_model_len=128, prefill_chunk=8, slots=2, store_len=None,
+                 kv_dtype=None):
         self.llm = llm
         self.runner = Runner(llm.model, num_slots=slots, max_model_len=max_model_len, history_depth=1,
-                             prefix_caching=caching, prefix_store_len=store_len)
+                             prefix_caching=caching, prefix_store_len=store_len, kv_dtype=kv_dtype)
         ring = self.runner.cache.size["sliding_attention"]
         self.sched = Scheduler(slots, slots * max_model_len, slots, prefill_chunk, llm.cfg.canvas_length,
                                prefix_caching=caching, prefix_store=(ring, store_len) if store_len else None)
@@ -322,10 +323,15 @@ class Served:
         return states
 
 
-def test_reuse_gives_the_cache_free_result_bit_for_bit(llm):
+KV_DTYPES = pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["model-dtype", "fp8"])
+
+
+@KV_DTYPES
+def test_reuse_gives_the_cache_free_result_bit_for_bit(llm, kv_dtype):
     """A writes its prompt and three canvases, so the sliding layers' ring (15 positions here) has long
     moved past the prefix B shares with it. B reuses two chunks of A's prompt; its output and its KV rows
-    equal a run without the cache, bit for bit. A repeat of A's whole prompt reuses all of it."""
+    equal a run without the cache, bit for bit. A repeat of A's whole prompt reuses all of it. With an
+    fp8 cache too: reuse moves the stored bytes, so it equals the cache-free fp8 run."""
     from canvaslm.llm import SamplingParams
 
     C = llm.cfg.canvas_length
@@ -333,7 +339,8 @@ def test_reuse_gives_the_cache_free_result_bit_for_bit(llm):
     a_ids = llm.encode_prompt("The quick brown fox jumps over the lazy dog")
     b_ids = a_ids[:19] + llm.tokenizer.encode(" is a sentence that is used", add_special_tokens=False)
     assert len(a_ids) > 16 + ring and len(b_ids) > 16 + ring
-    cached, fresh = Served(llm, caching=True), Served(llm, caching=False)
+    cached, fresh = Served(llm, caching=True, kv_dtype=kv_dtype), Served(llm, caching=False, kv_dtype=kv_dtype)
+    assert cached.runner.cache.k[0].dtype == (kv_dtype or llm.model.embed_weight.dtype)
     a = cached.run(a_ids, SamplingParams(seed=1, max_new_tokens=3 * C, max_denoising_steps=3), eos_ids=())
     assert len(a.output_ids) == 3 * C
     one_canvas = SamplingParams(seed=7, max_new_tokens=C, max_denoising_steps=6)
@@ -351,7 +358,8 @@ def test_reuse_gives_the_cache_free_result_bit_for_bit(llm):
     assert repeat.output_ids == again.output_ids == fresh.run(a_ids, one_canvas).output_ids
 
 
-def test_a_bounded_store_reuses_a_prompt_behind_a_short_reply_bit_for_bit(llm):
+@KV_DTYPES
+def test_a_bounded_store_reuses_a_prompt_behind_a_short_reply_bit_for_bit(llm, kv_dtype):
     """The prefix store keeps only the last ring + chunk + canvas positions. A follow-up turn (the
     prompt, the reply, a new message) reuses the prompt's whole chunks behind a one-canvas reply, with
     the cache-free output and KV rows; behind a longer reply the store has lost them, and the request
@@ -365,13 +373,13 @@ def test_a_bounded_store_reuses_a_prompt_behind_a_short_reply_bit_for_bit(llm):
     assert len(prompt) > 2 * chunk + ring
     store_len = ring + chunk + C
     for canvases, reused, slot in [(2, len(prompt) // chunk * chunk, 0), (3, 0, 1)]:  # a miss: the unused slot
-        cached = Served(llm, caching=True, store_len=store_len)
+        cached = Served(llm, caching=True, store_len=store_len, kv_dtype=kv_dtype)
         assert cached.runner.cache.store_len == store_len < cached.runner.cache.max_len
         first = cached.run(prompt, SamplingParams(seed=1, max_new_tokens=canvases * C, max_denoising_steps=3),
                            eos_ids=())
         follow = tuple(prompt) + tuple(first.output_ids) + tuple(llm.tokenizer.encode(" ok?", add_special_tokens=False))
         sp = SamplingParams(seed=7, max_new_tokens=C, max_denoising_steps=6)
-        fresh = Served(llm, caching=False, max_model_len=cached.runner.max_model_len)
+        fresh = Served(llm, caching=False, max_model_len=cached.runner.max_model_len, kv_dtype=kv_dtype)
         got, want = cached.run(follow, sp), fresh.run(follow, sp)
         assert got.cached_len == reused and want.cached_len == 0
         assert got.output_ids == want.output_ids
@@ -386,7 +394,8 @@ def test_a_bounded_store_reuses_a_prompt_behind_a_short_reply_bit_for_bit(llm):
                                        prefix_store_len=ring))
 
 
-def test_requests_arriving_together_share_the_prompt_encode(llm, monkeypatch):
+@KV_DTYPES
+def test_requests_arriving_together_share_the_prompt_encode(llm, monkeypatch, kv_dtype):
     """Three choices of one prompt and a fourth request sharing two chunks with it, added at once: the
     prompt is encoded once and copied from slot to slot, and every output equals a cache-free run's."""
     from canvaslm.llm import SamplingParams
@@ -396,7 +405,7 @@ def test_requests_arriving_together_share_the_prompt_encode(llm, monkeypatch):
     other = prompt[:19] + llm.tokenizer.encode(" and then some", add_special_tokens=False)
     specs = [(prompt, SamplingParams(seed=s, max_new_tokens=2 * C, max_denoising_steps=4)) for s in (1, 2, 3)]
     specs.append((other, SamplingParams(seed=4, max_new_tokens=C, max_denoising_steps=4)))
-    cached = Served(llm, caching=True, slots=4)
+    cached = Served(llm, caching=True, slots=4, kv_dtype=kv_dtype)
     encoded = []
     real = cached.runner.model.encode
 
@@ -411,7 +420,7 @@ def test_requests_arriving_together_share_the_prompt_encode(llm, monkeypatch):
     commits = 3 * C  # each choice encodes its first canvas at its commit
     assert sum(encoded) == len(prompt) + (len(other) - 16) + commits
     for r, (ids, sp) in zip(got, specs):
-        want = Served(llm, caching=False).run(ids, sp)
+        want = Served(llm, caching=False, kv_dtype=kv_dtype).run(ids, sp)
         assert (r.output_ids, r.finish_reason) == (want.output_ids, want.finish_reason)
 
 
