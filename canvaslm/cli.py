@@ -39,7 +39,8 @@ def add_load_args(p: argparse.ArgumentParser):
     from .quant import QUANTIZATIONS
 
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", default=None, type=lambda s: None if s == "auto" else s,
+                   help="float32 | bfloat16 | float16 | auto (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="quantise attention, MLP and expert weights while loading: fp8 (Hopper), or int4 "
                         "(weight-only, group 128: 14.5 GB for the 26B-A4B model)")

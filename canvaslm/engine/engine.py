@@ -65,8 +65,15 @@ class EngineConfig:
     # what the KV cache stores K and V in: "auto" (the model's dtype) or "fp8" (float8_e4m3fn, half of
     # bf16's memory, so twice the context; rounds K and V to 3 mantissa bits: kv_cache)
     kv_cache_dtype: str = "auto"
+    # vLLM's --gpu-memory-utilization: the share of the device (of RAM on a CPU) the process may use, the
+    # weights included; what is left of it, less 2 GiB for activations, is the KV cache's (kv_budget).
+    # None: the free memory less a reserve of max(2 GiB, a tenth of the device)
+    memory_utilization: float | None = None
 
     def __post_init__(self):
+        if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"EngineConfig.memory_utilization={self.memory_utilization!r}; expected a share in "
+                             "(0, 1], e.g. 0.9")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"EngineConfig.kv_cache_dtype={self.kv_cache_dtype!r}; expected one of "
                              f"{sorted(KV_CACHE_DTYPES)}")
@@ -214,6 +221,20 @@ def _reserve(total: int) -> int:
     return max(2 * GIB, total // 10)
 
 
+def kv_budget(free: int, total: int, utilization: float | None) -> tuple[int, str]:
+    """(bytes the KV cache and prefix store may take, how that was decided). Without a utilization: the
+    free memory less the reserve. With one (vLLM's --gpu-memory-utilization): that share of the device
+    for the whole process, so what is in use already (the weights) counts against it, less 2 GiB for
+    activations."""
+    if utilization is None:
+        return free - _reserve(total), (f"{free / GIB:.1f} GiB are free and {_reserve(total) / GIB:.1f} GiB stay "
+                                         "for activations")
+    used = total - free
+    return int(utilization * total) - used - 2 * GIB, (
+        f"--gpu-memory-utilization {utilization} allows {utilization * total / GIB:.1f} GiB, of which "
+        f"{used / GIB:.1f} GiB are in use and 2.0 GiB stay for activations")
+
+
 AGENT_CONTEXT = 65536  # the context floor agent frameworks check (Hermes Agent: 64k)
 
 
@@ -259,8 +280,7 @@ def plan_max_model_len(cfg, config: EngineConfig, device, dtype, free_total=None
     if free_total is None:
         return want, "memory not checked"
     free, total = free_total
-    budget = free - _reserve(total)
-    where = f"{free / GIB:.1f} GiB are free and {_reserve(total) / GIB:.1f} GiB stay for activations"
+    budget, where = kv_budget(free, total, config.memory_utilization)
     cache = _bytes(cfg, config, want, dtype, with_store=False)
     if asked is None and config.prefix_caching is not False:
         both = _bytes(cfg, config, want, dtype, with_store=True)
@@ -296,16 +316,14 @@ def prefix_caching_fits(cfg, config: EngineConfig, device, dtype, free_total=Non
     free_total = free_total if free_total is not None else device_memory(device)
     if free_total is None:
         return True, "memory not checked"
-    free, total = free_total
-    reserve = _reserve(total)
-    if free - cache - store >= reserve:
+    budget, where = kv_budget(*free_total, config.memory_utilization)
+    if cache + store <= budget:
         return True, f"the prefix store ({store / GIB:.1f} GiB) fits"
-    shorter = _largest_fitting(cfg, config, dtype, free - reserve, with_store=True)
+    shorter = _largest_fitting(cfg, config, dtype, budget, with_store=True)
     hint = (f"--max-model-len {shorter} leaves room for it" if shorter > cfg.canvas_length
             else "lower --max-model-len or --max-batch")
-    return False, (f"the prefix store ({store / GIB:.1f} GiB) does not fit: {free / GIB:.1f} GiB free, the KV cache "
-                   f"takes {cache / GIB:.1f} GiB and {reserve / GIB:.1f} GiB stay for activations; {hint}, or "
-                   "force it with --enable-prefix-caching")
+    return False, (f"the prefix store ({store / GIB:.1f} GiB) does not fit: the KV cache takes {cache / GIB:.1f} GiB "
+                   f"while {where}; {hint}, or force it with --enable-prefix-caching")
 
 
 class Engine:

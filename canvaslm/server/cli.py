@@ -29,6 +29,7 @@ def _seconds(text: str) -> float:
 
 def add_parser(subparsers) -> None:
     from ..cli import add_model_args
+    from .vllm_compat import add_vllm_args
 
     p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     add_model_args(p, model_optional=False)
@@ -39,7 +40,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allowed-origins", type=_origins, default=(), metavar="ORIGINS",
                    help="CORS: comma-separated browser origins that may call the API, e.g. "
                         "https://ui.example.com, or '*' for any (default: none)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests per encoder/decoder call (and KV slots)")
+    p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=8,
+                   help="requests per encoder/decoder call (and KV slots); --max-num-seqs is vLLM's name")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="KV positions per request: prompt + whole canvases (default: the model's whole context, or "
                         "the most the KV cache for --max-batch requests fits in memory)")
@@ -59,6 +61,7 @@ def add_parser(subparsers) -> None:
     _add_lora_arg(p, updates=True)
     p.add_argument("--embedding-pooling", choices=("mean", "last"), default="mean",
                    help="/v1/embeddings: the mean of the input's final hidden states, or the last token's")
+    add_vllm_args(p)
     p.set_defaults(func=_serve)
 
     b = subparsers.add_parser("run-batch", help="run an OpenAI batch file (JSONL requests) offline through the server")
@@ -66,7 +69,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("-i", "--input", required=True, help="JSONL: {custom_id, method, url, body} per line")
     b.add_argument("-o", "--output", required=True, help="JSONL results, in input order (written atomically)")
     b.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (default 16)")
-    b.add_argument("--max-batch", type=int, default=8, help="requests per encoder/decoder call (and KV slots)")
+    b.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=8,
+                   help="requests per encoder/decoder call (and KV slots)")
     b.add_argument("--max-model-len", type=int, default=None, help="KV positions per request (default: the model's whole context, or the most that fits)")
     b.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per engine step")
     b.add_argument("--served-model-name", default=None, help="the `model` the requests name (default: the repo id, "
@@ -74,6 +78,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="as for serve (default: on where its memory fits)")
     _add_store_arg(b)
+    add_vllm_args(b)
     _add_lora_arg(b)
     b.set_defaults(func=_run_batch)
 
@@ -104,7 +109,7 @@ def _engine_config(args):
     return EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len,
                         prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching,
                         prefix_store_len=args.prefix_store_len,
-                        kv_cache_dtype=args.kv_cache_dtype)
+                        kv_cache_dtype=args.kv_cache_dtype, memory_utilization=args.gpu_memory_utilization)
 
 
 def _add_store_arg(p) -> None:
@@ -162,13 +167,18 @@ def _run_batch(args) -> int:
 
     from .batch import read_requests, run_batch_file
     from .launch import build_state
+    from .vllm_compat import generation_defaults
 
     read_requests(Path(args.input))  # a missing or empty file fails before the model loads
     _resolve_model(args)
+    defaults, notes = generation_defaults(args, args.model_dir)
     adapters = _adapters(args)
     state = build_state(args.model_dir, args.device, args.dtype, _engine_config(args),
                         served_model_name=args.served_model_name, quantization=args.quantization,
-                        lora_modules=adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+                        lora_modules=adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                        defaults=defaults)
+    for note in notes + state.engine.notes:
+        print(f"canvaslm: {note}", flush=True)
     try:
         counts = run_batch_file(state, args.input, args.output, args.concurrency)
     finally:
@@ -183,15 +193,17 @@ def _serve(args) -> int:
 
     from .app import build_app
     from .launch import build_state
+    from .vllm_compat import generation_defaults
 
     _resolve_model(args)
     template = _read_template(args) if args.chat_template is not None else None  # fail before loading a model
+    defaults, notes = generation_defaults(args, args.model_dir)
     adapters = _adapters(args)
     config = _engine_config(args)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout,
                         lora_modules=adapters, lora_updates=args.enable_lora_updates, max_loras=args.max_loras,
-                        max_lora_rank=args.max_lora_rank)
+                        max_lora_rank=args.max_lora_rank, defaults=defaults)
     if template is not None:
         state.tokenizer.set_chat_template(template, args.chat_template)
     state.allowed_origins = args.allowed_origins
@@ -199,7 +211,7 @@ def _serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     loras = f", LoRA adapters {sorted(state.loras)}" if state.loras else ""
-    for note in state.engine.notes:
+    for note in notes + state.engine.notes:
         print(f"canvaslm: {note}", flush=True)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_batch={config.max_batch}, max_model_len={state.max_model_len}{loras})", flush=True)

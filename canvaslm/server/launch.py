@@ -19,7 +19,8 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
                 api_key: str | None = None, served_model_name: str | None = None,
                 max_denoising_steps: int = 1024, quantization: str | None = None,
                 regex_timeout: float = 10.0, lora_modules=(), lora_updates: bool = False,
-                max_loras: int | None = None, max_lora_rank: int | None = None) -> ServerState:
+                max_loras: int | None = None, max_lora_rank: int | None = None,
+                defaults: DiffusionParams | None = None) -> ServerState:
     """Load the checkpoint (quantised while loading if asked: "fp8" | "int4"), start the engine thread
     and return the state the app serves. lora_modules: [(served name, PEFT adapter dir)] or
     `lora_serving.Adapter`s, served beside the base; lora_updates: adapters may also be loaded and
@@ -33,7 +34,8 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     dtype = parse_dtype(dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
     model = load_model(model_dir, device=device, dtype=dtype, quantization=quantization)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
-    return state_from_model(model, DiffusionParams.from_dir(model_dir), tokenizer, config, api_key,
+    defaults = defaults or DiffusionParams.from_dir(model_dir)  # the sampler's (given: vLLM's --generation-config)
+    return state_from_model(model, defaults, tokenizer, config, api_key,
                             served_model_name or model_dir.name, max_denoising_steps, regex_timeout, lora_modules,
                             lora_updates, max_loras, max_lora_rank)
 

@@ -1,0 +1,134 @@
+"""vLLM's `serve` flags on `canvaslm serve`, so a command copied from a model card or an article runs here:
+
+    canvaslm serve google/diffusiongemma-26B-A4B-it --max-model-len 262144 --max-num-seqs 4 \\
+        --gpu-memory-utilization 0.85 --attention-backend TRITON_ATTN --generation-config vllm \\
+        --hf-overrides '{"diffusion_sampler": "entropy_bound", "diffusion_entropy_bound": 0.1}' \\
+        --diffusion-config '{"canvas_length": 256}' --enable-chunked-prefill
+
+Honoured: `--max-num-seqs` (= --max-batch), `--gpu-memory-utilization` (the share of the device the
+process may use: engine.kv_budget), `--generation-config auto|vllm|DIR` (the sampler defaults: the
+checkpoint's generation_config.json, the built-in ones, or DIR's file), `--hf-overrides` and
+`--diffusion-config` (JSON: sampler settings over those defaults, by their names with or without a
+`diffusion_` prefix; `sampler` must be entropy_bound; `canvas_length` must be the checkpoint's, which the
+model was trained at), `--dtype auto`, `--tensor-parallel-size 1`. Accepted with nothing to do, said at
+start: `--enable-chunked-prefill` (prompts are always encoded in `--prefill-chunk` pieces),
+`--attention-backend` (one attention path), `--trust-remote-code` (no remote code is run),
+`--enable-auto-tool-choice` and `--tool-call-parser` ("auto" tool choice is on wherever the checkpoint's
+tokenizer has call tokens, and calls are read in its own syntax). Anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SAMPLER_KEYS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+                "confidence_threshold")
+
+
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], e.g. 0.9; got {text!r}")
+    return v
+
+
+def _json_object(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(v).__name__}")
+    return v
+
+
+def add_vllm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("vLLM's flags (server/vllm_compat.py)")
+    g.add_argument("--gpu-memory-utilization", type=_share, default=None, metavar="SHARE",
+                   help="the share of the device (of RAM on a CPU) this process may use, weights included; the KV "
+                        "cache gets what is left less 2 GiB (default: the free memory less max(2 GiB, 10%%))")
+    g.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="sampler defaults: the checkpoint's generation_config.json (auto), the built-in ones "
+                        "(vllm), or DIR/generation_config.json")
+    g.add_argument("--hf-overrides", type=_json_object, default=None, metavar="JSON",
+                   help="sampler settings over the defaults, e.g. '{\"diffusion_entropy_bound\": 0.1}'")
+    g.add_argument("--diffusion-config", type=_json_object, default=None, metavar="JSON",
+                   help="the same, plus canvas_length (must be the checkpoint's)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1: one device")
+    g.add_argument("--enable-chunked-prefill", action="store_true", help="always on here (--prefill-chunk)")
+    g.add_argument("--attention-backend", default=None, help="accepted; there is one attention path")
+    g.add_argument("--trust-remote-code", action="store_true", help="accepted; no remote code is run")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted; 'auto' tool choice is on where the tokenizer has call tokens")
+    g.add_argument("--tool-call-parser", default=None, help="accepted; calls are read in the checkpoint's own syntax")
+
+
+def _sampler_settings(given: dict | None, flag: str, canvas_length: int) -> dict:
+    out = {}
+    for key, value in (given or {}).items():
+        name = key.removeprefix("diffusion_")
+        if name == "sampler":
+            if value != "entropy_bound":
+                raise ValueError(f"{flag}: {key}={value!r}; this engine runs the entropy_bound sampler only")
+        elif name == "canvas_length":
+            if value != canvas_length:
+                raise ValueError(f"{flag}: {key}={value!r}, but the checkpoint's canvas_length is {canvas_length} "
+                                 "(the model was trained at it); leave it out or set it to that")
+        elif name in SAMPLER_KEYS:
+            out[name] = value
+        else:
+            raise ValueError(f"{flag}: key {key!r} is not one this engine takes; it takes the sampler's "
+                             f"{', '.join(SAMPLER_KEYS)} (with or without a diffusion_ prefix), sampler and "
+                             "canvas_length")
+    return out
+
+
+def generation_defaults(args, model_dir) -> tuple:
+    """(DiffusionParams the server starts from, notes to print) for the vLLM flags in `args`; raises a
+    ValueError naming the flag for anything it cannot honour, before the model loads."""
+    from ..config import ConfigError, DiffusionParams, ModelConfig
+
+    if args.tensor_parallel_size != 1:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: canvaslm runs on one device; use 1 "
+                         "(--quantization int4 fits the 26B-A4B model on a 24 GB GPU)")
+    notes = []
+    source = args.generation_config
+    if source == "auto":
+        defaults = DiffusionParams.from_dir(model_dir)
+    elif source == "vllm":
+        defaults = DiffusionParams()
+        notes.append("sampler defaults: the built-in ones (--generation-config vllm), not the checkpoint's file")
+    else:
+        path = Path(source) / "generation_config.json"
+        if not path.is_file():
+            raise ValueError(f"--generation-config {source}: no generation_config.json there (or use auto / vllm)")
+        defaults = DiffusionParams.from_dir(source)
+        notes.append(f"sampler defaults from {path}")
+    canvas = ModelConfig.from_dir(model_dir).canvas_length
+    settings = _sampler_settings(args.hf_overrides, "--hf-overrides", canvas)
+    settings.update(_sampler_settings(args.diffusion_config, "--diffusion-config", canvas))
+    if settings:
+        try:
+            defaults = defaults.replace(**settings)
+        except (ConfigError, TypeError) as e:
+            raise ValueError(f"--hf-overrides / --diffusion-config: {e}") from None
+        notes.append("sampler defaults set: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    for flag, given, why in (
+            ("--enable-chunked-prefill", args.enable_chunked_prefill, f"prompts are always encoded in "
+                                                                      f"--prefill-chunk {args.prefill_chunk} pieces"),
+            ("--attention-backend", args.attention_backend, "canvaslm has one attention path"),
+            ("--trust-remote-code", args.trust_remote_code, "no remote code is run"),
+            ("--enable-auto-tool-choice", args.enable_auto_tool_choice,
+             "'auto' tool choice is on where the tokenizer has call tokens"),
+            ("--tool-call-parser", args.tool_call_parser, "calls are read in the checkpoint's own syntax")):
+        if given:
+            notes.append(f"{flag}: nothing to do ({why})")
+    return defaults, notes
+
+
+__all__ = ["add_vllm_args", "generation_defaults", "SAMPLER_KEYS"]

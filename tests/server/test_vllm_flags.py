@@ -1,0 +1,109 @@
+"""vLLM's serve flags on `canvaslm serve` (server/vllm_compat.py): the command an article gives for vLLM
+runs here, each flag honoured or said to have nothing to do, and the rest refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from canvaslm.cli import main
+from canvaslm.config import DiffusionParams
+from canvaslm.engine.engine import GIB, EngineConfig, kv_budget, plan_max_model_len
+from canvaslm.shapes import model_config
+
+# seed 000's command for vLLM, with the tiny checkpoint's canvas (16) and a context it has
+SEED_FLAGS = ["--max-model-len", "512", "--max-num-seqs", "4", "--gpu-memory-utilization", "0.85",
+              "--attention-backend", "TRITON_ATTN", "--generation-config", "vllm",
+              "--hf-overrides", '{"diffusion_sampler": "entropy_bound", "diffusion_entropy_bound": 0.25}',
+              "--diffusion-config", '{"canvas_length": 16}', "--enable-chunked-prefill"]
+
+
+@pytest.fixture()
+def served(monkeypatch, capsys):
+    """main(["serve", ...]) up to uvicorn.run: (exit code, the state it would serve, what it printed)."""
+    import uvicorn
+
+    seen = {}
+
+    def fake_run(app, **kw):
+        seen["state"] = app.state.canvas
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+
+    def run(*argv):
+        code = main(["serve", *argv, "--device", "cpu"])
+        return code, seen.pop("state", None), capsys.readouterr()
+    return run
+
+
+def test_the_articles_vllm_command_runs(served, tiny_checkpoint):
+    code, state, out = served(str(tiny_checkpoint), *SEED_FLAGS)
+    assert code == 0, out.err
+    assert state.engine.config.max_batch == 4 and state.engine.config.memory_utilization == 0.85
+    assert state.max_model_len == 512
+    checkpoint = DiffusionParams.from_dir(tiny_checkpoint)
+    builtin = DiffusionParams()
+    assert checkpoint.max_denoising_steps != builtin.max_denoising_steps  # so the source shows
+    assert state.defaults.max_denoising_steps == builtin.max_denoising_steps  # --generation-config vllm
+    assert state.defaults.entropy_bound == 0.25  # --hf-overrides
+    assert "--attention-backend: nothing to do" in out.out and "--enable-chunked-prefill: nothing to do" in out.out
+    assert "built-in ones (--generation-config vllm)" in out.out
+    state.engine.shutdown()
+    # auto (the default) keeps the checkpoint's file, a directory reads its own, and --diffusion-config sets
+    other = tiny_checkpoint.parent / "gen"
+    other.mkdir(exist_ok=True)
+    shutil.copy(tiny_checkpoint / "generation_config.json", other)
+    gen = json.loads((other / "generation_config.json").read_text())
+    gen["max_denoising_steps"] = 5
+    (other / "generation_config.json").write_text(json.dumps(gen))
+    code, state, _ = served(str(tiny_checkpoint), "--max-model-len", "128")
+    assert state.defaults == checkpoint
+    state.engine.shutdown()
+    code, state, _ = served(str(tiny_checkpoint), "--max-model-len", "128", "--generation-config", str(other),
+                            "--diffusion-config", '{"t_min": 0.1}', "--dtype", "auto")
+    assert state.defaults.max_denoising_steps == 5 and state.defaults.t_min == 0.1
+    state.engine.shutdown()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--diffusion-config", '{"canvas_length": 256}'], "checkpoint's canvas_length is 16"),
+    (["--hf-overrides", '{"num_hidden_layers": 2}'], "key 'num_hidden_layers' is not one this engine takes"),
+    (["--hf-overrides", '{"diffusion_sampler": "greedy"}'], "entropy_bound sampler only"),
+    (["--hf-overrides", '{"max_denoising_steps": 0}'], "max_denoising_steps must be a positive integer"),
+    (["--tensor-parallel-size", "2"], "runs on one device"),
+    (["--generation-config", "/nonexistent"], "no generation_config.json there"),
+])
+def test_what_cannot_be_honoured_is_refused_by_name(served, tiny_checkpoint, flags, needle):
+    code, state, out = served(str(tiny_checkpoint), *flags)
+    assert code == 2 and state is None and needle in out.err, out.err
+
+
+def test_bad_flag_values_are_argument_errors(tiny_checkpoint, capsys):
+    for flags in (["--gpu-memory-utilization", "1.5"], ["--hf-overrides", "{not json"], ["--hf-overrides", "[1]"]):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", str(tiny_checkpoint), *flags])
+        assert e.value.code == 2
+        assert flags[0] in capsys.readouterr().err
+
+
+def test_memory_utilization_counts_what_is_in_use():
+    """vLLM's meaning: the share of the device for the whole process. 80 GiB with 28 free (52 in use, the
+    weights): 0.9 leaves 72 - 52 - 2 = 18 GiB for the KV cache, 0.65 leaves nothing."""
+    budget, why = kv_budget(28 * GIB, 80 * GIB, 0.9)
+    assert budget == int(0.9 * 80 * GIB) - 52 * GIB - 2 * GIB and "--gpu-memory-utilization 0.9" in why
+    cfg = model_config("26b-a4b")
+    config = EngineConfig(max_batch=8, max_model_len=None, prefix_caching=False, memory_utilization=0.9)
+    length, why = plan_max_model_len(cfg, config, "cuda", torch.bfloat16,
+                                     free_total=(28 * GIB, 80 * GIB))
+    default, _ = plan_max_model_len(cfg, EngineConfig(max_batch=8, max_model_len=None, prefix_caching=False),
+                                    "cuda", torch.bfloat16, free_total=(28 * GIB, 80 * GIB))
+    assert length < default  # 18 GiB against 20 GiB (28 less the default 8 GiB reserve)
+    assert "--gpu-memory-utilization 0.9 allows 72.0 GiB" in why
+    with pytest.raises(ValueError, match="lower --max-batch"):
+        plan_max_model_len(cfg, EngineConfig(max_batch=8, max_model_len=None, memory_utilization=0.65), "cuda",
+                           torch.bfloat16, free_total=(28 * GIB, 80 * GIB))
+    with pytest.raises(ValueError, match="memory_utilization=1.5"):
+        EngineConfig(memory_utilization=1.5)
