@@ -1,6 +1,7 @@
 """The FastAPI app: OpenAI-compatible routes, SSE streaming with optional draft events, errors, auth.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (server/responses.py),
+Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (server/responses.py), Anthropic's
+POST /v1/messages and /v1/messages/count_tokens (server/anthropic.py),
 POST /tokenize, POST /detokenize, GET /v1/models, GET /health, GET /metrics, and llama-server's native
 POST /completion and POST /infill (server/llamacpp.py: editor plugins such as llama.vim and llama.vscode),
 plus FastAPI's /openapi.json. Every client mistake is a 4xx with an OpenAI-style body
@@ -29,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .anthropic import CountTokensRequest, MessagesRequest
 from .llamacpp import LlamaCompletionRequest, LlamaInfillRequest
 from .metrics import render_metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
@@ -64,29 +66,32 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request, exc):
-        return _validation_error(exc)
+        return _in_dialect(request, _validation_error(exc))
 
     @app.exception_handler(APIError)
     async def on_api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return _in_dialect(request, JSONResponse(exc.body(), status_code=exc.status))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request, exc):
-        return _error(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500
-                      else "server_error")
+        return _in_dialect(request, _error(exc.status_code, str(exc.detail),
+                                           type="invalid_request_error" if exc.status_code < 500 else "server_error"))
 
     @app.exception_handler(Exception)
     async def on_bug(request, exc):
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return _in_dialect(request, _error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if state.api_key and request.url.path != "/health":
             header = request.headers.get("authorization", "")
+            other = request.headers.get("x-api-key", "")  # Anthropic's clients send the key here
             # compared in constant time, so response timing does not leak how much of a guess was right
-            if not hmac.compare_digest(header.encode(), f"Bearer {state.api_key}".encode()):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                              type="authentication_error", code="invalid_api_key")
+            if not (hmac.compare_digest(header.encode(), f"Bearer {state.api_key}".encode())
+                    | hmac.compare_digest(other.encode(), state.api_key.encode())):
+                return _in_dialect(request, _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>' "
+                                                        "(or 'x-api-key: <key>')", type="authentication_error",
+                                                   code="invalid_api_key"))
         return await call_next(request)
 
     @app.get("/health")
@@ -201,6 +206,19 @@ def build_app(state: ServerState) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
 
+    @app.post("/v1/messages", responses=ERRORS)
+    async def messages(body: MessagesRequest, request: Request):
+        """Anthropic's Messages API, served through the chat machinery (server/anthropic.py)."""
+        from .anthropic import create_message
+
+        return await create_message(state, body, request)
+
+    @app.post("/v1/messages/count_tokens", responses=ERRORS)
+    async def messages_count_tokens(body: CountTokensRequest):
+        from .anthropic import count_tokens
+
+        return count_tokens(state, body)
+
     @app.post("/v1/responses", responses=ERRORS)
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, served through the chat machinery (server/responses.py)."""
@@ -223,6 +241,16 @@ def build_app(state: ServerState) -> FastAPI:
         return {"id": response_id, "object": "response", "deleted": True}
 
     return app
+
+
+def _in_dialect(request, response: JSONResponse) -> JSONResponse:
+    """An error response in the body the route's clients parse: Anthropic's on /v1/messages, else OpenAI's."""
+    if not request.url.path.startswith("/v1/messages"):
+        return response
+    from .anthropic import error_body
+
+    message = json.loads(response.body)["error"]["message"]
+    return JSONResponse(error_body(response.status_code, message), status_code=response.status_code)
 
 
 def _tokenizer_for(state: ServerState, model: str | None, param: str):

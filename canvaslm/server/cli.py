@@ -170,9 +170,9 @@ def _run_batch(args) -> int:
     from .vllm_compat import generation_defaults
 
     read_requests(Path(args.input))  # a missing or empty file fails before the model loads
+    adapters = _adapters(args)
     _resolve_model(args)
     defaults, notes = generation_defaults(args, args.model_dir)
-    adapters = _adapters(args)
     state = build_state(args.model_dir, args.device, args.dtype, _engine_config(args),
                         served_model_name=args.served_model_name, quantization=args.quantization,
                         lora_modules=adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
@@ -195,10 +195,10 @@ def _serve(args) -> int:
     from .launch import build_state
     from .vllm_compat import generation_defaults
 
+    adapters = _adapters(args)  # the cheap checks first: resolving a repo id may download it
     _resolve_model(args)
     template = _read_template(args) if args.chat_template is not None else None  # fail before loading a model
     defaults, notes = generation_defaults(args, args.model_dir)
-    adapters = _adapters(args)
     config = _engine_config(args)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout,

@@ -1,0 +1,295 @@
+"""POST /v1/messages: Anthropic's Messages API over the chat machinery, for clients that speak it (Claude
+Code and other agents pointed at a local server with ANTHROPIC_BASE_URL, the `anthropic` SDK), and
+POST /v1/messages/count_tokens.
+
+A Messages body is translated to a chat completion body (`to_chat`): `system` becomes a system message;
+a user turn's `tool_result` blocks become tool messages (in order, before the turn's text); an
+assistant turn's `tool_use` blocks become its tool calls (input as JSON arguments); `tools` become
+function tools (`input_schema` as parameters); `tool_choice` auto / any / tool / none become "auto" /
+"required" / the named function / "none"; `max_tokens`, `temperature`, `top_p`, `top_k` keep their
+meaning. It then runs exactly as /v1/chat/completions runs it (same prompt, constraints, seeds, engine).
+The reply is a message whose content is a text block and one `tool_use` block per call, with
+`stop_reason` end_turn, max_tokens, stop_sequence (and `stop_sequence`) or tool_use, and usage in
+Anthropic's names (`cache_read_input_tokens`: prompt tokens from the prefix cache). Structured output
+(`output_config.format`, a JSON schema) is the chat route's `response_format` json_schema: the text
+always parses and validates. `temperature`, `top_p` and `top_k` (which older clients send) are honoured.
+
+`stop_sequences` (up to 16) cut the text as stop strings do; with a forced call (`any`, `tool`) they are
+refused, since they would cut the call's JSON. A stream is Anthropic's event sequence (message_start,
+content_block_start / _delta / _stop, message_delta, message_stop): text streams as canvases commit; a
+reply that may hold tool calls is sent once complete (its input in one `input_json_delta`). Image,
+document and server-tool blocks are refused by name (this server is text-only); thinking blocks in the
+history are dropped (this server writes none); `thinking` in the body is refused. Errors use Anthropic's
+body, `{"type": "error", "error": {"type", "message"}}` (app.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .protocol import INT64, ChatCompletionRequest
+from .serving import APIError, ServerState, encode_chat, need_chat_template, prepare, run_choices, run_to_end
+from .tools import tool_replies
+
+MAX_STOP_SEQUENCES = 16
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class AnthropicTool(_Body):
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None  # "custom" or absent; server tools (web_search_...) are refused
+
+
+class AnthropicToolChoice(_Body):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class AnthropicMessage(_Body):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class MessagesRequest(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int = Field(ge=1, le=INT64)
+    messages: list[AnthropicMessage] = Field(min_length=1, max_length=4096)
+    system: str | list[dict[str, Any]] | None = None
+    stop_sequences: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=INT64)
+    tools: list[AnthropicTool] | None = Field(None, max_length=128)
+    tool_choice: AnthropicToolChoice | None = None
+    metadata: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema": {...}}}
+    # --- diffusion extensions, as on the OpenAI routes ---
+    max_denoising_steps: int | None = Field(None, ge=1, le=4096)
+    seed: int | None = Field(None, ge=0, le=INT64)
+
+
+class CountTokensRequest(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[AnthropicMessage] = Field(min_length=1, max_length=4096)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[AnthropicTool] | None = Field(None, max_length=128)
+    tool_choice: AnthropicToolChoice | None = None
+
+
+def error_body(status: int, message: str) -> dict:
+    return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+def _text_of(blocks, where: str) -> str:
+    """The text of a string or of a list of text blocks (other block types refused by name)."""
+    if isinstance(blocks, str):
+        return blocks
+    parts = []
+    for k, b in enumerate(blocks):
+        kind = b.get("type")
+        if kind != "text" or not isinstance(b.get("text"), str):
+            raise APIError(400, f"{where}[{k}]: a block of type {kind!r} is not supported here (text only)", where)
+        parts.append(b["text"])
+    return "\n".join(parts)
+
+
+def _messages(body) -> list[dict]:
+    """The chat messages for a Messages (or count_tokens) body."""
+    out = [{"role": "system", "content": _text_of(body.system, "system")}] if body.system else []
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}].content"
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        texts, calls, results = [], [], []
+        for k, b in enumerate(m.content):
+            kind = b.get("type")
+            if kind == "text" and isinstance(b.get("text"), str):
+                texts.append(b["text"])
+            elif kind == "tool_use" and m.role == "assistant":
+                if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
+                    raise APIError(400, f"{where}[{k}]: a tool_use block needs a name and an input object", "messages")
+                calls.append({"id": str(b.get("id") or f"toolu_{uuid.uuid4().hex[:24]}"), "type": "function",
+                              "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}))}})
+            elif kind == "tool_result" and m.role == "user":
+                content = b.get("content", "")
+                text = _text_of(content, f"{where}[{k}].content") if content else ""
+                if b.get("is_error"):
+                    text = f"Error: {text}"
+                results.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")), "content": text})
+            elif kind in ("thinking", "redacted_thinking") and m.role == "assistant":
+                continue  # this server writes none; a client may send back another model's
+            else:
+                raise APIError(400, f"{where}[{k}]: a {kind!r} block is not supported in a {m.role} turn "
+                                    "(this server takes text, tool_use and tool_result blocks)", "messages")
+        out += results
+        if m.role == "assistant":
+            out.append({"role": "assistant", "content": "\n".join(texts) or None, **({"tool_calls": calls} if calls
+                                                                                     else {})})
+        elif texts or not results:
+            out.append({"role": "user", "content": "\n".join(texts)})
+    return out
+
+
+def _tools(body) -> dict:
+    fields = {}
+    if body.tools:
+        for t in body.tools:
+            if t.type not in (None, "custom") or t.input_schema is None:
+                raise APIError(400, f"tools: {t.name!r} is a server tool ({t.type}); this server runs custom tools "
+                                    "(name, description, input_schema) only", "tools")
+        fields["tools"] = [{"type": "function", "function": {
+            "name": t.name, **({"description": t.description} if t.description else {}), "parameters": t.input_schema}}
+            for t in body.tools]
+    choice = body.tool_choice
+    if choice is not None:
+        if choice.type == "tool":
+            if not choice.name:
+                raise APIError(400, "tool_choice: type 'tool' needs the tool's name", "tool_choice")
+            fields["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        else:
+            fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+    return fields
+
+
+def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
+    if body.thinking and body.thinking.get("type") != "disabled":
+        raise APIError(400, "thinking is not supported by this server; leave it out", "thinking")
+    fields = dict(model=body.model, messages=_messages(body), max_tokens=body.max_tokens, temperature=body.temperature,
+                  top_p=body.top_p, top_k=body.top_k, seed=body.seed, max_denoising_steps=body.max_denoising_steps,
+                  stream=body.stream, **_tools(body))
+    fmt = (body.output_config or {}).get("format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+            raise APIError(400, "output_config.format: expected {\"type\": \"json_schema\", \"schema\": {...}}",
+                           "output_config")
+        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValueError as e:
+        raise APIError(400, f"messages: {e}", "messages") from None
+
+
+def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
+    need_chat_template(state, "messages")
+    state.adapter(body.model)
+    chat = ChatCompletionRequest.model_validate({"model": body.model, "messages": _messages(body), **_tools(body)})
+    return {"input_tokens": len(encode_chat(state, chat))}
+
+
+def _blocks(message: dict) -> list[dict]:
+    """A chat reply message -> Messages content blocks."""
+    blocks = [{"type": "text", "text": message["content"]}] if message.get("content") else []
+    for call in message.get("tool_calls") or []:
+        try:
+            args = json.loads(call["function"]["arguments"] or "{}")
+        except ValueError:
+            args = {"arguments": call["function"]["arguments"]}  # not JSON: kept, under a name that says so
+        blocks.append({"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
+                       "name": call["function"]["name"], "input": args if isinstance(args, dict) else {"value": args}})
+    return blocks
+
+
+def _stop(state: ServerState, c, blocks: list, stops: list) -> tuple[str, str | None]:
+    if any(b["type"] == "tool_use" for b in blocks):
+        return "tool_use", None
+    if c.tracker.stopped:
+        text = state.tokenizer.decode(c.tracker.ids)
+        hits = [(text.find(s), s) for s in stops if s in text]
+        return "stop_sequence", min(hits)[1] if hits else None
+    return ("max_tokens" if c.finish_reason == "length" else "end_turn"), None
+
+
+def _usage(c, prompt_len: int, output: bool = True) -> dict:
+    return {"input_tokens": prompt_len - c.cached_tokens, "cache_read_input_tokens": c.cached_tokens,
+            "cache_creation_input_tokens": 0, "output_tokens": len(c.tracker.ids) if output else 0}
+
+
+async def create_message(state: ServerState, body: MessagesRequest, request):
+    need_chat_template(state, "messages")
+    chat = to_chat(body)
+    ids = encode_chat(state, chat, "messages")
+    stops = [s for s in body.stop_sequences or [] if s]
+    if stops and chat.tools and chat.tool_choice not in (None, "auto", "none"):
+        raise APIError(400, "stop_sequences would cut a forced tool call's input; send none with tool_choice "
+                            "any or tool", "stop_sequences")
+    choices = await asyncio.to_thread(prepare, state, chat, [ids])
+    replies = tool_replies(state, chat, choices)
+    c = choices[0]
+    c.tracker.stops = stops
+    mid = f"msg_{uuid.uuid4().hex[:24]}"
+    if body.stream:
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(_stream(state, body, c, replies, stops, len(ids), mid), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await run_to_end(state, choices, request)
+    blocks = _blocks(_message(c, replies))
+    reason, seq = _stop(state, c, blocks, stops)
+    return {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": blocks,
+            "stop_reason": reason, "stop_sequence": seq, "usage": _usage(c, len(ids))}
+
+
+def _message(c, replies) -> dict:
+    if c.index in replies:
+        return replies[c.index].message(c.tracker.text, c.tracker.ids)
+    return {"role": "assistant", "content": c.tracker.text}
+
+
+async def _stream(state: ServerState, body, c, replies, stops, prompt_len: int, mid: str):
+    def event(kind: str, **data) -> str:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+
+    start = {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": [],
+             "stop_reason": None, "stop_sequence": None, "usage": _usage(c, prompt_len, output=False)}
+    yield event("message_start", message=start)
+    try:
+        if replies:  # calls are read from the whole reply: sent once complete
+            async with contextlib.aclosing(run_choices(state, [c])) as events:
+                async for _ in events:
+                    pass
+            blocks = _blocks(_message(c, replies))
+            for k, b in enumerate(blocks):
+                if b["type"] == "text":
+                    yield event("content_block_start", index=k, content_block={"type": "text", "text": ""})
+                    yield event("content_block_delta", index=k, delta={"type": "text_delta", "text": b["text"]})
+                else:
+                    yield event("content_block_start", index=k, content_block={**b, "input": {}})
+                    yield event("content_block_delta", index=k,
+                                delta={"type": "input_json_delta", "partial_json": json.dumps(b["input"])})
+                yield event("content_block_stop", index=k)
+        else:
+            yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+            text = ""
+            async with contextlib.aclosing(run_choices(state, [c])) as events:
+                async for kind, _, payload in events:
+                    if kind == "delta" and payload:
+                        text += payload
+                        yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": payload})
+            yield event("content_block_stop", index=0)
+            blocks = [{"type": "text", "text": text}]
+        reason, seq = _stop(state, c, blocks, stops)
+        yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": seq},
+                    usage={"output_tokens": len(c.tracker.ids)})
+        yield event("message_stop")
+    except APIError as e:  # headers are sent: report in-band, as Anthropic does
+        yield f"event: error\ndata: {json.dumps(error_body(e.status, e.message))}\n\n"
+
+
+__all__ = ["MessagesRequest", "CountTokensRequest", "create_message", "count_tokens", "to_chat", "error_body"]
