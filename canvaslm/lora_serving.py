@@ -80,10 +80,18 @@ class Adapter:
 
 
 def read_adapter(path, name: str | None = None) -> Adapter:
-    """A PEFT LoRA adapter directory -> Adapter (AdapterError naming the file and key on bad input)."""
+    """A PEFT LoRA adapter directory (or a Hub repo id of one, through the HF cache) -> Adapter (AdapterError
+    naming the file and key on bad input)."""
     from safetensors.torch import load_file
 
     d = Path(path)
+    from .hub import is_repo_id, resolve_model
+
+    if not d.is_dir() and is_repo_id(str(path)):  # an adapter repo on the Hugging Face Hub (canvaslm.hub)
+        try:
+            d = resolve_model(str(path), what="LoRA adapter")
+        except (FileNotFoundError, ValueError) as e:
+            raise AdapterError(str(e)) from None
     cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
     if not cfg_path.is_file() or not w_path.is_file():
         raise AdapterError(f"{d}: a LoRA adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")

@@ -85,3 +85,27 @@ def test_a_train_config_may_name_a_repo_id(hub_cache):
     assert model_dir(config) == tokenizer_dir(config) == hub_cache / "snapshots" / COMMIT
     with pytest.raises(ConfigError, match="train config: model acme/none is not in the Hugging Face cache"):
         model_dir(types.SimpleNamespace(model="acme/none"))
+
+
+def test_a_lora_adapter_may_be_a_repo_id(hub_cache, tiny_checkpoint, tmp_path):
+    """`--lora-modules name=owner/adapter` and LLM(lora_modules=...) read an adapter repo from the cache."""
+    import torch
+
+    from canvaslm.checkpoint import load_model
+    from canvaslm.lora_serving import AdapterError, read_adapter, write_adapter
+
+    model = load_model(tiny_checkpoint)
+    lin = dict(model.named_modules())["model.decoder.layers.0.self_attn.q_proj"]
+    g = torch.Generator().manual_seed(0)
+    local = write_adapter(tmp_path / "ad", {"model.decoder.layers.0.self_attn.q_proj": (
+        torch.randn(2, lin.in_features, generator=g), torch.randn(lin.out_features, 2, generator=g))}, rank=2, alpha=2.0)
+    repo = hub_cache.parent / "models--acme--tiny-lora"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    shutil.copytree(local, repo / "snapshots" / COMMIT)
+    by_id, by_dir = read_adapter("acme/tiny-lora", "x"), read_adapter(local, "x")
+    assert by_id.rank == by_dir.rank == 2 and by_id.path == repo / "snapshots" / COMMIT
+    assert all(torch.equal(a, b) for a, b in zip(by_id.weights["model.decoder.layers.0.self_attn.q_proj"],
+                                                 by_dir.weights["model.decoder.layers.0.self_attn.q_proj"]))
+    with pytest.raises(AdapterError, match="LoRA adapter acme/none is not in the Hugging Face cache"):
+        read_adapter("acme/none", "y")
