@@ -39,10 +39,20 @@ def full_columns(max_len: int) -> int:
     return max_len if max_len <= ATTN_BLOCK else _whole_blocks(max_len)
 
 
+def _is_fp8(t: torch.Tensor) -> bool:
+    return t.element_size() == 1 and t.is_floating_point()
+
+
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """A float8 buffer as bytes: indexed reads and writes move raw bytes (uint8 indexing is supported
-    everywhere; float8 indexing is not on every backend and version)."""
-    return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
+    everywhere; float8 indexing is not on every backend and version). Other buffers as they are: a
+    dtype view would cut autograd's graph, and training backpropagates through the cache."""
+    return t.view(torch.uint8) if _is_fp8(t) else t
+
+
+def _select(t: torch.Tensor, slots: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """t.index_select(dim, slots), through bytes for a float8 buffer (_raw)."""
+    return t.view(torch.uint8).index_select(dim, slots).view(t.dtype) if _is_fp8(t) else t.index_select(dim, slots)
 
 
 class CacheFullError(ValueError):
@@ -202,7 +212,7 @@ class KVCache:
         `upto` columns (`span`)."""
         t = self.cfg.layer_types[layer]
         size = upto if t == FULL and upto else self.size[t]
-        k, v = (_raw(b[:, :, :size]).index_select(0, slots).view(b.dtype) for b in (self.k[layer], self.v[layer]))
+        k, v = (_select(b[:, :, :size], slots) for b in (self.k[layer], self.v[layer]))
         return k.to(self.compute_dtype), v.to(self.compute_dtype)  # no copy when stored as computed
 
     def _targets(self, layer_type: str, slots: torch.Tensor, q_pos: torch.Tensor):
@@ -255,5 +265,5 @@ class KVCache:
         pos = self.pos[t][slot, :self.size[t]]
         order = torch.argsort(pos)
         order = order[pos[order] >= 0]
-        k, v = (_raw(b)[slot][:, order].view(b.dtype) for b in (self.k[layer], self.v[layer]))
+        k, v = (_select(b[slot], order, dim=1) for b in (self.k[layer], self.v[layer]))
         return k.to(self.compute_dtype), v.to(self.compute_dtype), pos[order]

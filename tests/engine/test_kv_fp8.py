@@ -108,3 +108,17 @@ def test_an_fp8_engine_generates_through_the_server_flag(tiny_checkpoint):
         assert fin.reason in ("stop", "length") and fin.num_tokens > 0 and fin.seconds >= fin.prompt_seconds > 0
     finally:
         engine.shutdown()
+
+
+def test_a_model_dtype_cache_keeps_autograd_through_write_and_read():
+    """Training backpropagates from the decoder into the encoder through the cache: the byte views an
+    fp8 cache uses must not cut that graph for other dtypes (found by the slow copy-training test)."""
+    cfg = model_config("tiny", canvas_length=16)
+    cache = KVCache(cfg, 1, 32)
+    slots, pos = torch.tensor([0]), torch.arange(4)[None]
+    shape = (1, cfg.num_kv_heads[0], 4, cfg.head_dims[0])
+    k, v = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    cache.write(0, slots, pos, k * 2, v * 3)
+    rk, rv = cache.read(0, slots)
+    (rk.sum() + rv.sum()).backward()
+    assert torch.equal(k.grad, torch.full(shape, 2.0)) and torch.equal(v.grad, torch.full(shape, 3.0))
