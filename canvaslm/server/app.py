@@ -4,6 +4,7 @@ Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (ser
 POST /v1/messages and /v1/messages/count_tokens (server/anthropic.py),
 POST /tokenize, POST /detokenize, GET /v1/models, GET /health, GET /metrics, and llama-server's native
 POST /completion and POST /infill (server/llamacpp.py: editor plugins such as llama.vim and llama.vscode),
+Ollama's /api/chat, /api/generate, /api/embed, /api/tags, /api/show, /api/ps, /api/version (server/ollama.py),
 plus FastAPI's /openapi.json. Every client mistake is a 4xx with an OpenAI-style body
 {"error": {"message", "type", "param", "code"}}; only engine failures are 5xx. With an API key, every
 route but /health needs `Authorization: Bearer <key>`.
@@ -30,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import ollama
 from .anthropic import CountTokensRequest, MessagesRequest
 from .llamacpp import LlamaCompletionRequest, LlamaInfillRequest
 from .metrics import render_metrics
@@ -219,6 +221,40 @@ def build_app(state: ServerState) -> FastAPI:
 
         return count_tokens(state, body)
 
+    @app.post("/api/chat", responses=ERRORS)
+    async def ollama_chat(body: ollama.ChatBody, request: Request):
+        """Ollama's chat route (server/ollama.py)."""
+        return await ollama.chat(state, body, request)
+
+    @app.post("/api/generate", responses=ERRORS)
+    async def ollama_generate(body: ollama.GenerateBody, request: Request):
+        return await ollama.generate(state, body, request)
+
+    @app.post("/api/embed", responses=ERRORS)
+    async def ollama_embed(body: ollama.EmbedBody):
+        return await ollama.embed(state, body)
+
+    @app.post("/api/embeddings", responses=ERRORS)
+    async def ollama_embeddings(body: ollama.LegacyEmbedBody):
+        out = await ollama.embed(state, ollama.EmbedBody(model=body.model, input=body.prompt))
+        return {"embedding": out["embeddings"][0]}
+
+    @app.get("/api/tags")
+    async def ollama_tags():
+        return ollama.tags(state)
+
+    @app.get("/api/ps")
+    async def ollama_ps():
+        return ollama.ps(state)
+
+    @app.post("/api/show", responses=ERRORS)
+    async def ollama_show(body: ollama.ShowBody):
+        return ollama.show(state, body)
+
+    @app.get("/api/version")
+    async def ollama_version():
+        return {"version": ollama.VERSION}
+
     @app.post("/v1/responses", responses=ERRORS)
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, served through the chat machinery (server/responses.py)."""
@@ -244,12 +280,16 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 def _in_dialect(request, response: JSONResponse) -> JSONResponse:
-    """An error response in the body the route's clients parse: Anthropic's on /v1/messages, else OpenAI's."""
-    if not request.url.path.startswith("/v1/messages"):
+    """An error response in the body the route's clients parse: Anthropic's on /v1/messages, Ollama's on
+    /api/..., else OpenAI's."""
+    path = request.url.path
+    if not path.startswith(("/v1/messages", "/api/")):
         return response
+    message = json.loads(response.body)["error"]["message"]
+    if path.startswith("/api/"):
+        return JSONResponse({"error": message}, status_code=response.status_code)
     from .anthropic import error_body
 
-    message = json.loads(response.body)["error"]["message"]
     return JSONResponse(error_body(response.status_code, message), status_code=response.status_code)
 
 

@@ -1,0 +1,346 @@
+"""Ollama's API (`/api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings`, `/api/tags`, `/api/show`,
+`/api/ps`, `/api/version`), for the local front-ends and tools built on it (Open WebUI, Continue, Page
+Assist, the `ollama` client libraries): point them at this server as their Ollama host.
+
+Each body is translated to the OpenAI request with the same meaning and runs through the same path:
+`/api/chat` is a chat completion (`messages`, `tools`, `format`: "json" or a JSON schema); `/api/generate`
+is the chat template around `system` + `prompt` (as Ollama applies the model's template), or with
+`raw: true` a plain completion of `prompt`, or with `suffix` insert mode (server/infill.py). `options`
+keep Ollama's names: `num_predict` (-1 or absent: the server's default), `temperature`, `top_k`,
+`top_p`, `min_p`, `seed`, `stop`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`; the ones
+with no meaning here (`num_ctx`, `num_gpu`, `num_thread`, `mirostat`, ... and `keep_alive`) are
+ignored: the model stays loaded and the context is the server's `max_model_len`. `think` and `images`
+are refused (no thinking, text only).
+
+Replies are Ollama's: streamed by default (`stream` true) as NDJSON, one object per committed canvas
+with the new text, then a last one with `done: true`, `done_reason` ("stop" or "length"), the token
+counts (`prompt_eval_count`: prompt tokens encoded, the prefix cache's left out; `eval_count`) and the
+durations in nanoseconds (prompt: submission to the end of its encoding). A model is named by the
+served name, with or without a `:tag`. Errors are `{"error": message}` with the status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .protocol import INT64, ChatCompletionRequest, CompletionRequest
+from .serving import APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare, run_choices
+from .tools import tool_replies
+
+VERSION = "0.12.0"  # the Ollama API version these routes follow (clients check it for features)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class Options(_Body):
+    num_predict: int | None = Field(None, ge=-2, le=INT64)
+    temperature: float | None = Field(None, ge=0, le=10)
+    top_k: int | None = Field(None, ge=0, le=INT64)
+    top_p: float | None = Field(None, ge=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-1, le=INT64)
+    stop: list[str] | None = Field(None, max_length=16)
+    repeat_penalty: float | None = Field(None, ge=0.01, le=100)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+
+class OllamaMessage(_Body):
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+
+
+class ChatBody(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[OllamaMessage] = Field(default_factory=list, max_length=4096)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)
+    format: str | dict[str, Any] | None = None
+    options: Options | None = None
+    stream: bool = True
+    think: bool | str | None = None
+    keep_alive: str | int | float | None = None
+
+
+class GenerateBody(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    raw: bool = False
+    format: str | dict[str, Any] | None = None
+    options: Options | None = None
+    stream: bool = True
+    images: list[str] | None = None
+    think: bool | str | None = None
+    keep_alive: str | int | float | None = None
+
+
+class EmbedBody(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] = ""
+    truncate: bool = True
+
+
+class LegacyEmbedBody(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str = ""
+
+
+class ShowBody(_Body):
+    model: str | None = Field(None, max_length=256)
+    name: str | None = Field(None, max_length=256)  # older clients' name for it
+
+
+def served(state: ServerState, model: str) -> str:
+    """The served name `model` stands for (Ollama names carry a tag: "name:latest"); a 404 otherwise."""
+    for name in (model, model.rsplit(":", 1)[0]):
+        if name in state.served_names():
+            return name
+    raise APIError(404, f"model '{model}' not found; this server serves {state.served_names()}", "model")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _sampling(body, fields: dict) -> dict:
+    o = body.options or Options()
+    if body.think:
+        raise APIError(400, f"\"{body.model}\" does not support thinking", "think")
+    fields.update(max_tokens=None if o.num_predict is None or o.num_predict < 0 else o.num_predict or None,
+                  temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
+                  seed=None if o.seed is None or o.seed < 0 else o.seed, repetition_penalty=o.repeat_penalty,
+                  presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty)
+    fmt = body.format
+    if fmt == "json":
+        fields["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise APIError(400, f"format {fmt!r}: expected \"json\" or a JSON schema object", "format")
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _chat_messages(messages: list[OllamaMessage]) -> list[dict]:
+    out = []
+    for i, m in enumerate(messages):
+        if m.images:
+            raise APIError(400, f"messages[{i}].images: this server is text-only", "messages")
+        msg = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            msg["content"] = m.content or None
+            msg["tool_calls"] = []
+            for k, c in enumerate(m.tool_calls):
+                fn = c.get("function") or {}
+                if not isinstance(fn.get("name"), str):
+                    raise APIError(400, f"messages[{i}].tool_calls[{k}]: a call needs function.name", "messages")
+                args = fn.get("arguments", {})
+                msg["tool_calls"].append({"id": f"call_{i}_{k}", "type": "function", "function": {
+                    "name": fn["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
+        if m.role == "tool":  # Ollama answers a call by the tool's name; chat templates take an id
+            msg["tool_call_id"] = m.tool_name or ""
+        out.append(msg)
+    return out
+
+
+def ollama_message(message: dict) -> dict:
+    """A chat reply message -> Ollama's (tool call arguments as objects)."""
+    out = {"role": "assistant", "content": message.get("content") or ""}
+    calls = []
+    for c in message.get("tool_calls") or []:
+        try:
+            args = json.loads(c["function"]["arguments"] or "{}")
+        except ValueError:
+            args = {"arguments": c["function"]["arguments"]}
+        calls.append({"function": {"name": c["function"]["name"], "arguments": args}})
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def _validate(cls, fields: dict, param: str):
+    try:
+        return cls.model_validate(fields)
+    except ValueError as e:
+        raise APIError(400, f"{param}: {e}", param) from None
+
+
+def _stats(c, prompt_len: int, start: float) -> dict:
+    total = time.perf_counter() - start
+    return {"total_duration": int(total * 1e9), "load_duration": 0,
+            "prompt_eval_count": prompt_len - c.cached_tokens, "prompt_eval_duration": int(c.prompt_seconds * 1e9),
+            "eval_count": len(c.tracker.ids), "eval_duration": int(max(c.seconds - c.prompt_seconds, 0) * 1e9)}
+
+
+async def chat(state: ServerState, body: ChatBody, request):
+    name = served(state, body.model)
+    need_chat_template(state, "messages")
+    if not body.messages:  # Ollama loads the model and answers at once
+        return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": "load"}
+    fields = _sampling(body, {"model": name, "messages": _chat_messages(body.messages)})
+    if body.tools:
+        fields["tools"] = body.tools
+    oa = _validate(ChatCompletionRequest, fields, "messages")
+    ids = encode_chat(state, oa)
+    return await _run(state, body, oa, ids, chat=True)
+
+
+async def generate(state: ServerState, body: GenerateBody, request):
+    name = served(state, body.model)
+    if body.images:
+        raise APIError(400, "images: this server is text-only", "images")
+    need_tokenizer(state, "prompt")
+    if not body.prompt and body.suffix is None:  # Ollama loads the model and answers at once
+        return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    if body.suffix is not None or body.raw:
+        fields = _sampling(body, {"model": name, "prompt": body.prompt, "suffix": body.suffix or None})
+        if fields.get("response_format"):
+            raise APIError(400, "format works with a templated prompt; send raw: false and no suffix", "format")
+        oa = _validate(CompletionRequest, {**fields, "prompt": [0]}, "prompt")  # ids are set below
+        try:
+            ids = state.tokenizer.encode(body.prompt)
+        except ValueError as e:
+            raise APIError(400, f"prompt: {e}", "prompt") from None
+        if body.suffix:
+            return await _infill(state, body, oa, ids, request)
+        return await _run(state, body, oa, ids, chat=False)
+    messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+        [{"role": "user", "content": body.prompt}]
+    need_chat_template(state, "prompt")
+    oa = _validate(ChatCompletionRequest, _sampling(body, {"model": name, "messages": messages}), "prompt")
+    return await _run(state, body, oa, encode_chat(state, oa, "prompt"), chat=False)
+
+
+async def _run(state: ServerState, body, oa, ids: list, chat: bool):
+    start = time.perf_counter()
+    choices = await asyncio.to_thread(prepare, state, oa, [ids])
+    replies = tool_replies(state, oa, choices) if chat else {}
+    c = choices[0]
+    c.tracker.stops = [s for s in (body.options.stop if body.options else None) or [] if s]
+
+    def line(text: str = "", final: bool = False) -> dict:
+        """One NDJSON object: new text, or (final) the reply's end: the whole text when not streamed."""
+        out = {"model": body.model, "created_at": _now()}
+        if final and not body.stream:
+            text = c.tracker.text
+        if chat:
+            out["message"] = (ollama_message(replies[c.index].message(c.tracker.text, c.tracker.ids))
+                              if final and replies else {"role": "assistant", "content": text})
+        else:
+            out["response"] = text
+        out["done"] = final
+        if final:
+            out.update(done_reason="length" if c.finish_reason == "length" else "stop", **_stats(c, len(ids), start))
+        return out
+
+    async def events():
+        try:
+            async with contextlib.aclosing(run_choices(state, choices)) as evs:
+                async for kind, _, payload in evs:
+                    if kind == "delta" and payload and body.stream and not replies:  # calls come whole, at the end
+                        yield json.dumps(line(payload), ensure_ascii=False) + "\n"
+            yield json.dumps(line(final=True), ensure_ascii=False) + "\n"
+        except APIError as e:  # a stream's headers are sent: reported in-band, as Ollama does
+            yield json.dumps({"error": e.message}) + "\n"
+
+    if body.stream:
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+    last = None
+    async for chunk in events():
+        last = json.loads(chunk)
+    if "error" in last:
+        raise APIError(500, last["error"], type="server_error")
+    return last
+
+
+async def _infill(state: ServerState, body, oa, ids: list, request):
+    from .infill import middle_text, run_infill
+
+    start = time.perf_counter()
+    (group,) = await run_infill(state, oa, [ids], request)
+    text = middle_text(state.tokenizer, ids, group.middle)
+    c = group.candidates[group.best]
+    stats = _stats(c, len(ids), start)
+    stats["eval_count"] = len(group.middle)
+    done = {"model": body.model, "created_at": _now(), "response": text, "done": True, "done_reason": "stop",
+            **stats}
+    if not body.stream:
+        return done
+    head = {"model": body.model, "created_at": done["created_at"], "response": text, "done": False}
+    lines = [json.dumps(head, ensure_ascii=False) + "\n", json.dumps(dict(done, response=""), ensure_ascii=False) + "\n"]
+    return StreamingResponse(iter(lines), media_type="application/x-ndjson")
+
+
+async def embed(state: ServerState, body: EmbedBody):
+    from .embeddings import create_embeddings
+    from .protocol import EmbeddingRequest
+
+    name = served(state, body.model)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or not all(texts):
+        raise APIError(400, "input is empty", "input")
+    need_tokenizer(state, "input")
+    start = time.perf_counter()
+    try:
+        prompts = [state.tokenizer.encode(t) for t in texts]
+    except ValueError as e:
+        raise APIError(400, f"input: {e}", "input") from None
+    out = await create_embeddings(state, EmbeddingRequest(model=name, input=texts), prompts)
+    return {"model": body.model, "embeddings": [d["embedding"] for d in out["data"]],
+            "total_duration": int((time.perf_counter() - start) * 1e9), "load_duration": 0,
+            "prompt_eval_count": sum(len(p) for p in prompts)}
+
+
+def _details(state: ServerState) -> dict:
+    model = state.engine.runner.model
+    params = sum(p.numel() for p in model.parameters())
+    size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    dtype = str(model.embed_weight.dtype).removeprefix("torch.").upper().replace("BFLOAT16", "BF16")
+    return {"parent_model": "", "format": "safetensors", "family": "diffusion_gemma", "families": ["diffusion_gemma"],
+            "parameter_size": size, "quantization_level": dtype}
+
+
+def tags(state: ServerState) -> dict:
+    created = datetime.fromtimestamp(state.created, timezone.utc).isoformat().replace("+00:00", "Z")
+    details = _details(state)
+    return {"models": [{"name": f"{n}:latest", "model": f"{n}:latest", "modified_at": created, "size": 0,
+                        "digest": "", "details": details} for n in state.served_names()]}
+
+
+def show(state: ServerState, body: ShowBody) -> dict:
+    name = served(state, body.model or body.name or "")
+    template = getattr(state.tokenizer, "chat_template", None) or ""
+    caps = ["completion", "insert", "embedding"]
+    from .tools import auto_problem
+
+    if template and auto_problem(state.tokenizer) is None:
+        caps.append("tools")
+    d = state.defaults
+    return {"modelfile": f"FROM {name}\n", "template": template if isinstance(template, str) else "",
+            "parameters": f"temperature {d.t_max}\nnum_predict {d.max_new_tokens}",
+            "details": _details(state), "capabilities": caps,
+            "model_info": {"general.architecture": "diffusion_gemma", "diffusion_gemma.context_length": state.max_model_len,
+                           "diffusion_gemma.canvas_length": state.canvas_length,
+                           "diffusion_gemma.embedding_length": state.hidden_size}}
+
+
+def ps(state: ServerState) -> dict:
+    return {"models": [dict(m, size_vram=0, expires_at="0001-01-01T00:00:00Z") for m in tags(state)["models"]]}
+
+
+__all__ = ["ChatBody", "GenerateBody", "EmbedBody", "LegacyEmbedBody", "ShowBody", "chat", "generate", "embed", "tags",
+           "show", "ps", "served", "ollama_message", "VERSION"]

@@ -1,0 +1,129 @@
+"""Ollama's API (server/ollama.py), driven by the official `ollama` client: each request must mean exactly
+what its OpenAI translation means on this server."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+ollama = pytest.importorskip("ollama")
+
+from canvaslm.engine.engine import EngineConfig  # noqa: E402
+from canvaslm.server.launch import BackgroundServer, build_state  # noqa: E402
+from canvaslm.server.ollama import ollama_message  # noqa: E402
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    state = build_state(tiny_checkpoint, "cpu", "float32", EngineConfig(max_batch=4, max_model_len=512),
+                        served_model_name=MODEL)
+    with BackgroundServer(state) as srv:
+        yield srv
+    torch.set_num_threads(threads)
+
+
+def clients(server):
+    return (ollama.Client(host=server.base_url),
+            openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0))
+
+
+def test_chat_equals_the_chat_completion_streamed_or_not(server):
+    o, oa = clients(server)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    opts = {"seed": 3, "num_predict": 40, "temperature": 0.6, "top_k": 30, "repeat_penalty": 1.2}
+    ref = oa.chat.completions.create(model=MODEL, messages=messages, seed=3, max_tokens=40, temperature=0.6,
+                                     extra_body={"top_k": 30, "repetition_penalty": 1.2})
+    whole = o.chat(model=f"{MODEL}:latest", messages=messages, options=opts, stream=False)
+    assert whole.message.role == "assistant" and whole.message.content == ref.choices[0].message.content
+    assert whole.done and whole.done_reason == {"stop": "stop", "length": "length"}[ref.choices[0].finish_reason]
+    assert whole.eval_count == ref.usage.completion_tokens
+    assert whole.prompt_eval_count <= ref.usage.prompt_tokens and whole.total_duration > 0
+    parts = list(o.chat(model=MODEL, messages=messages, options=opts, stream=True))
+    assert "".join(p.message.content for p in parts) == whole.message.content
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
+
+
+def test_generate_templated_raw_and_insert(server, tiny_checkpoint):
+    o, oa = clients(server)
+    opts = {"seed": 1, "num_predict": 30}
+    templated = o.generate(model=MODEL, prompt="hi", system="sys", options=opts)
+    ref = oa.chat.completions.create(model=MODEL, seed=1, max_tokens=30, messages=[
+        {"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}])
+    assert templated.response == ref.choices[0].message.content
+    raw = o.generate(model=MODEL, prompt="def f(x):", raw=True, options=opts)
+    assert raw.response == oa.completions.create(model=MODEL, prompt="def f(x):", seed=1, max_tokens=30).choices[0].text
+    streamed = list(o.generate(model=MODEL, prompt="def f(x):", raw=True, options=opts, stream=True))
+    assert "".join(p.response for p in streamed) == raw.response and streamed[-1].done
+    ins = o.generate(model=MODEL, prompt="x = ", suffix=" + 1", options={"seed": 2, "num_predict": 8})
+    ref = oa.completions.create(model=MODEL, prompt="x = ", suffix=" + 1", seed=2, max_tokens=8)
+    assert ins.response == ref.choices[0].text and ins.done_reason == "stop"
+    cut = o.generate(model=MODEL, prompt="def f(x):", raw=True, options={**opts, "stop": [raw.response[5:7]]})
+    assert cut.response == raw.response[:raw.response.find(raw.response[5:7])]
+
+
+def test_format_json_schema_always_parses(server):
+    import jsonschema
+
+    o, _ = clients(server)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    r = o.chat(model=MODEL, messages=[{"role": "user", "content": "json"}], format=schema,
+               options={"seed": 0, "num_predict": 40})
+    jsonschema.validate(json.loads(r.message.content), schema)
+    r = o.generate(model=MODEL, prompt="json", format="json", options={"seed": 0, "num_predict": 40})
+    assert isinstance(json.loads(r.response), dict)
+
+
+def test_models_show_version_and_embeddings(server):
+    o, oa = clients(server)
+    names = [m.model for m in o.list().models]
+    assert names == [f"{MODEL}:latest"]
+    info = o.show(MODEL)
+    assert "completion" in info.capabilities and info.modelinfo["diffusion_gemma.context_length"] == 512
+    assert httpx.get(server.base_url + "/api/version").json()["version"]
+    assert [m.model for m in o.ps().models] == names
+    emb = o.embed(model=MODEL, input=["hello", "world"])
+    ref = oa.embeddings.create(model=MODEL, input=["hello", "world"])
+    assert len(emb.embeddings) == 2
+    for got, want in zip(emb.embeddings, ref.data):
+        assert list(map(float, got)) == pytest.approx(want.embedding)
+    legacy = httpx.post(server.base_url + "/api/embeddings", json={"model": MODEL, "prompt": "hello"}).json()
+    assert legacy["embedding"] == pytest.approx(ref.data[0].embedding)
+
+
+def test_tool_calls_come_back_as_ollama_writes_them():
+    msg = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}
+    assert ollama_message(msg) == {"role": "assistant", "content": "",
+                                   "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+
+
+@pytest.mark.parametrize("route,body,status,needle", [
+    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model 'nope' not found"),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["AA=="]}]}, 400,
+     "text-only"),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "think": True}, 400,
+     "does not support thinking"),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, 400, "own syntax"),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, 400, "expected \"json\""),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                   "options": {"num_predict": 5000}}, 400, "maximum context length"),
+])
+def test_errors_are_ollamas_body(server, route, body, status, needle):
+    r = httpx.post(server.base_url + route, json={"stream": False, **body}, timeout=60)
+    assert r.status_code == status and set(r.json()) == {"error"} and needle in r.json()["error"], r.text
+
+
+def test_an_empty_request_loads_and_answers_at_once(server):
+    r = httpx.post(server.base_url + "/api/generate", json={"model": MODEL}).json()
+    assert r["done"] and r["done_reason"] == "load"
