@@ -46,27 +46,12 @@ def planned_context() -> None:
 
 def sudoku_drift() -> None:
     from canvaslm.llm import LLM
-    from canvaslm.recipes.sudoku.data import encode_prompt
-    from canvaslm.recipes.sudoku.puzzles import generate_puzzles
+    from canvaslm.recipes.sudoku.eval import kv_cache_drift
 
-    model = LLM(device="cpu").model
-    cfg = model.cfg
-    prompts = torch.tensor([encode_prompt(p) for p, _ in generate_puzzles(32, "easy", seed=123)
-                            + generate_puzzles(32, "medium", seed=124)])
-    B, P = prompts.shape
-    canvas = torch.randint(0, cfg.vocab_size, (B, cfg.canvas_length), generator=torch.Generator().manual_seed(0))
-    logp = {}
-    for dtype in (torch.float32, torch.bfloat16, FP8):
-        cache = KVCache(cfg, B, P + cfg.canvas_length, dtype=dtype, compute_dtype=torch.float32)
-        with torch.no_grad():
-            model.encode(prompts, torch.arange(P).expand(B, P), torch.arange(B), cache, fresh=True)
-            logp[dtype] = model.denoise(canvas, torch.arange(B), cache).log_softmax(-1)
-    ref = logp[torch.float32]
+    drift = kv_cache_drift(LLM(device="cpu").model, (torch.bfloat16, FP8))
     print("| KV cache (Sudoku model, 64 puzzles) | argmax agreement with fp32 | mean KL from fp32 |")
     print("|---|---|---|")
-    for dtype in (torch.bfloat16, FP8):
-        kl = (ref.exp() * (ref - logp[dtype])).sum(-1).mean().item()
-        agree = (logp[dtype].argmax(-1) == ref.argmax(-1)).float().mean().item()
+    for dtype, (kl, agree) in drift.items():
         print(f"| {str(dtype).removeprefix('torch.')} | {100 * agree:.2f} % | {kl:.2e} |")
 
 

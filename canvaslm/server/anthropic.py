@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import INT64, ChatCompletionRequest
 from .serving import APIError, ServerState, encode_chat, need_chat_template, prepare, run_choices, run_to_end
-from .tools import tool_replies
+from .llamacpp import cut_stops
+from .tools import arguments_object, tool_replies
 
 MAX_STOP_SEQUENCES = 16
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -197,12 +198,8 @@ def _blocks(message: dict) -> list[dict]:
     """A chat reply message -> Messages content blocks."""
     blocks = [{"type": "text", "text": message["content"]}] if message.get("content") else []
     for call in message.get("tool_calls") or []:
-        try:
-            args = json.loads(call["function"]["arguments"] or "{}")
-        except ValueError:
-            args = {"arguments": call["function"]["arguments"]}  # not JSON: kept, under a name that says so
         blocks.append({"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
-                       "name": call["function"]["name"], "input": args if isinstance(args, dict) else {"value": args}})
+                       "name": call["function"]["name"], "input": arguments_object(call["function"]["arguments"])})
     return blocks
 
 
@@ -210,9 +207,7 @@ def _stop(state: ServerState, c, blocks: list, stops: list) -> tuple[str, str | 
     if any(b["type"] == "tool_use" for b in blocks):
         return "tool_use", None
     if c.tracker.stopped:
-        text = state.tokenizer.decode(c.tracker.ids)
-        hits = [(text.find(s), s) for s in stops if s in text]
-        return "stop_sequence", min(hits)[1] if hits else None
+        return "stop_sequence", cut_stops(state.tokenizer.decode(c.tracker.ids), stops)[1] or None
     return ("max_tokens" if c.finish_reason == "length" else "end_turn"), None
 
 

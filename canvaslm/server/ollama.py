@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import INT64, ChatCompletionRequest, CompletionRequest
 from .serving import APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare, run_choices
-from .tools import tool_replies
+from .tools import arguments_object, tool_replies
 
 VERSION = "0.12.0"  # the Ollama API version these routes follow (clients check it for features)
 
@@ -159,13 +159,8 @@ def _chat_messages(messages: list[OllamaMessage]) -> list[dict]:
 def ollama_message(message: dict) -> dict:
     """A chat reply message -> Ollama's (tool call arguments as objects)."""
     out = {"role": "assistant", "content": message.get("content") or ""}
-    calls = []
-    for c in message.get("tool_calls") or []:
-        try:
-            args = json.loads(c["function"]["arguments"] or "{}")
-        except ValueError:
-            args = {"arguments": c["function"]["arguments"]}
-        calls.append({"function": {"name": c["function"]["name"], "arguments": args}})
+    calls = [{"function": {"name": c["function"]["name"], "arguments": arguments_object(c["function"]["arguments"])}}
+             for c in message.get("tool_calls") or []]
     if calls:
         out["tool_calls"] = calls
     return out

@@ -18,6 +18,8 @@ by name rather than returning calls as plain text.
 
 from __future__ import annotations
 
+import json
+
 import uuid
 
 def tool_choice_problem(body) -> tuple[str, str] | None:
@@ -174,6 +176,16 @@ class ToolReply:
         return "tool_calls"
 
 
+def arguments_object(arguments: str | None) -> dict:
+    """A call's JSON arguments as an object, for APIs that send them parsed (Anthropic's `input`, Ollama's
+    `arguments`): text that is not a JSON object is kept under "arguments" rather than lost."""
+    try:
+        args = json.loads(arguments or "{}")
+    except ValueError:
+        return {"arguments": arguments}
+    return args if isinstance(args, dict) else {"arguments": arguments}
+
+
 def tool_replies(state, body, choices) -> dict:
     """choice index -> ToolReply for a reply that is (or may be) a tool call; {} for plain text."""
     forced, among = forced_tool(body), chosen_tools(body)
@@ -187,5 +199,5 @@ def tool_replies(state, body, choices) -> dict:
     return {}
 
 
-__all__ = ["tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools", "auto_problem", "ToolReply",
+__all__ = ["arguments_object", "tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools", "auto_problem", "ToolReply",
            "tool_replies"]

@@ -38,29 +38,10 @@ def test_a_trained_model_reads_almost_the_same_logits_from_an_fp8_cache():
     so the trained one is the meaningful check: measured, 99.3 % of argmaxes agree and the mean KL from
     the fp32 cache's distribution is 2.4e-4 (bf16: 99.9 %, 5.7e-6)."""
     from canvaslm.llm import LLM
-    from canvaslm.recipes.sudoku.data import encode_prompt
-    from canvaslm.recipes.sudoku.puzzles import generate_puzzles
+    from canvaslm.recipes.sudoku.eval import kv_cache_drift
 
-    model = LLM(device="cpu").model
-    cfg = model.cfg
-    prompts = torch.tensor([encode_prompt(p) for p, _ in generate_puzzles(32, "easy", seed=123)
-                            + generate_puzzles(32, "medium", seed=124)])
-    B, P = prompts.shape
-    canvas = torch.randint(0, cfg.vocab_size, (B, cfg.canvas_length), generator=torch.Generator().manual_seed(0))
-    logp = {}
-    for dtype in (torch.float32, BF16, FP8):
-        cache = KVCache(cfg, B, P + cfg.canvas_length, dtype=dtype, compute_dtype=torch.float32)
-        with torch.no_grad():
-            model.encode(prompts, torch.arange(P).expand(B, P), torch.arange(B), cache, fresh=True)
-            logp[dtype] = model.denoise(canvas, torch.arange(B), cache).log_softmax(-1)
-    ref = logp[torch.float32]
-
-    def drift(dtype):
-        kl = (ref.exp() * (ref - logp[dtype])).sum(-1).mean().item()
-        return kl, (logp[dtype].argmax(-1) == ref.argmax(-1)).float().mean().item()
-
-    kl8, agree8 = drift(FP8)
-    kl16, _ = drift(BF16)
+    drift = kv_cache_drift(LLM(device="cpu").model, (BF16, FP8))
+    (kl8, agree8), (kl16, _) = drift[FP8], drift[BF16]
     assert agree8 >= 0.98 and kl8 < 1e-3, (agree8, kl8)
     assert kl8 > 4 * kl16  # it does store 3 mantissa bits, not 7
 

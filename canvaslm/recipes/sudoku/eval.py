@@ -160,6 +160,31 @@ def eval_ar(model, sets: dict[str, list[Example]], batch_size: int = 128, log=No
     return rows
 
 
+def kv_cache_drift(model, dtypes: Sequence, n: int = 32) -> dict:
+    """{dtype: (mean KL from the fp32 cache's distribution, argmax agreement)} of one decoder step from a
+    fixed noise canvas over `n` easy and `n` medium puzzles encoded into a KV cache stored in each dtype,
+    against an fp32 cache: what `--kv-cache-dtype` costs on a trained model."""
+    import torch
+
+    from canvaslm.kv_cache import KVCache
+    from canvaslm.recipes.sudoku.puzzles import generate_puzzles
+
+    cfg = model.cfg
+    prompts = torch.tensor([encode_prompt(p) for p, _ in generate_puzzles(n, "easy", seed=123)
+                            + generate_puzzles(n, "medium", seed=124)])
+    B, P = prompts.shape
+    canvas = torch.randint(0, cfg.vocab_size, (B, cfg.canvas_length), generator=torch.Generator().manual_seed(0))
+    logp = {}
+    for dtype in (torch.float32, *dtypes):
+        cache = KVCache(cfg, B, P + cfg.canvas_length, dtype=dtype, compute_dtype=torch.float32)
+        with torch.no_grad():
+            model.encode(prompts, torch.arange(P).expand(B, P), torch.arange(B), cache, fresh=True)
+            logp[dtype] = model.denoise(canvas.to(prompts.device), torch.arange(B), cache).float().log_softmax(-1)
+    ref = logp[torch.float32]
+    return {d: ((ref.exp() * (ref - logp[d])).sum(-1).mean().item(), (logp[d].argmax(-1) == ref.argmax(-1))
+                .float().mean().item()) for d in dtypes}
+
+
 def format_row(r: EvalRow) -> str:
     steps = "greedy" if r.steps is None else f"{r.steps} steps"
     return (f"{r.method:9s} {steps:9s} {r.subset:16s} n={r.n:4d} solved={100 * r.solve_rate:5.1f}% "
