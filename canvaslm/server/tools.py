@@ -19,7 +19,6 @@ by name rather than returning calls as plain text.
 from __future__ import annotations
 
 import json
-
 import uuid
 
 def tool_choice_problem(body) -> tuple[str, str] | None:
