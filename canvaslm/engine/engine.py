@@ -108,6 +108,7 @@ class GenerationRequest:
     priority: int = 0  # lower is admitted and scheduled first (scheduler aging still bounds every wait)
     min_tokens: int = 0  # no EOS / stop id before this many output tokens
     lora: int = 0  # served LoRA adapter id (lora_serving.MultiLoRA.ids), 0: the base model
+    prompt_only: bool = False  # encode the prompt into a slot (kept for prefix reuse), generate nothing
 
     @classmethod
     def from_row(cls, request_id: str, row, seed: int, drafts: bool = False) -> "GenerationRequest":
@@ -431,6 +432,7 @@ class Engine:
             self._wake.clear()  # before draining, so a later submit always wakes the wait below
             self._drain_inbox()
             plan = self.scheduler.plan(hold=self.runner.held())
+            self._report(self.scheduler.take_done())  # prompt-only requests that found their prompt cached
             if plan is None:
                 self._wake.wait(0.5)
                 continue
@@ -471,8 +473,8 @@ class Engine:
     def _add(self, req: GenerationRequest, sink: _Sink) -> None:
         p = req.params
         try:
-            state = RequestState(req.request_id, req.prompt_ids, p.max_new_tokens, self.canvas_length,
-                                 p.max_denoising_steps, priority=req.priority, lora=req.lora)
+            state = RequestState(req.request_id, req.prompt_ids, 0 if req.prompt_only else p.max_new_tokens,
+                                 self.canvas_length, p.max_denoising_steps, priority=req.priority, lora=req.lora)
             self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts, req.logit_bias,
                             req.min_tokens, req.lora, prompt_ids=req.prompt_ids)
             self._sinks[req.request_id] = sink
@@ -511,11 +513,14 @@ class Engine:
             if sink is not None:
                 sink.put(Draft(d.request_id, d.canvas_index, d.denoise_step, d.token_ids))
         self.stats.record_step(now, len(plan.denoise), tokens)
+        self._report(finished, result.errors)
+
+    def _report(self, finished, errors=None) -> None:
         for state in finished:
-            message = result.errors.get(state.request_id)
             self.stats.prompt_tokens += state.prompt_len
             self.stats.cached_prompt_tokens += state.cached_len
-            self._finish(state.request_id, state.finish_reason, len(state.output_ids), message, state.cached_len)
+            self._finish(state.request_id, state.finish_reason, len(state.output_ids),
+                         (errors or {}).get(state.request_id), state.cached_len)
 
     def _finish(self, rid: str, reason: str, num_tokens: int, message: str | None = None, cached: int = 0) -> None:
         passes = self.runner.decoder_passes(rid)

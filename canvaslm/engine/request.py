@@ -54,8 +54,9 @@ class RequestState:
             raise ValueError(f"request {self.request_id!r}: prompt_ids is empty; expected at least one token (e.g. BOS)")
         for name in ("max_new_tokens", "canvas_length", "max_denoising_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"request {self.request_id!r}: {name}={value!r}; expected an int >= 1")
+            least = 0 if name == "max_new_tokens" else 1  # 0: prompt only (encode it, generate nothing)
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"request {self.request_id!r}: {name}={value!r}; expected an int >= {least}")
 
     @property
     def prompt_len(self) -> int:

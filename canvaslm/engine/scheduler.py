@@ -178,6 +178,7 @@ class Scheduler:
         self._releases = itertools.count()
         self._reuse: list[tuple[int, int]] = []  # reported to the runner in the next plan
         self._copies: list[tuple[int, int, int]] = []  # likewise
+        self._done: list[RequestState] = []  # finished without a step (take_done)
         self._kv_used = 0
         self._arrivals = itertools.count()
         self._step_ids = itertools.count()
@@ -202,7 +203,7 @@ class Scheduler:
         return len(self._free_slots)
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running or self._cancelled_in_flight)
+        return bool(self._waiting or self._running or self._cancelled_in_flight or self._done)
 
     def get(self, request_id: str) -> RequestState | None:
         """A live request (waiting, running, or cancelled inside the plan in flight); None once gone."""
@@ -282,6 +283,12 @@ class Scheduler:
     def _overdue(self, request: RequestState) -> bool:
         return request.plans_waited >= self.max_wait_plans
 
+    def take_done(self) -> list[RequestState]:
+        """Requests that finished without a step (a prompt-only request whose whole prompt a slot already
+        held), once each; the engine reports them after each `plan`."""
+        done, self._done = self._done, []
+        return done
+
     def _admit(self) -> None:
         def key(r: RequestState) -> tuple:  # priority aging: one step up per max_wait_plans plans waited
             return (r.priority - r.plans_waited // self.max_wait_plans, r.arrival)
@@ -292,6 +299,13 @@ class Scheduler:
             source = self._best_source(request) if self.prefix_caching else None
             if source == "wait":
                 continue  # its prefix is being encoded for another request right now
+            if request.max_new_tokens == 0 and source is not None and source[1] == request.prompt_len:
+                del self._waiting[request.request_id]  # prompt only, and already in a slot: nothing to do
+                self._digests.pop(request.request_id, None)
+                request.prefilled_len = request.cached_len = request.prompt_len
+                self._mark_done(request, RequestStatus.FINISHED, "length")
+                self._done.append(request)
+                continue
             del self._waiting[request.request_id]
             self._take_slot(request, source)
             self._kv_used += request.kv_reserved
@@ -461,7 +475,9 @@ class Scheduler:
                 finished.append(self._finish(request, "error"))
             elif item.kind == "prefill":
                 request.prefilled_len = item.end
-                if request.prefilled_len == request.prompt_len:
+                if request.prefilled_len == request.prompt_len and request.max_new_tokens == 0:
+                    finished.append(self._finish(request, "length"))  # prompt only: its KV stays for reuse
+                elif request.prefilled_len == request.prompt_len:
                     request.status = RequestStatus.DENOISING
             else:
                 reason = self._commit(request, result.committed[item.request_id], result.finished.get(item.request_id))

@@ -12,9 +12,9 @@ far); the middle is written against `input_suffix` with the model's own canvas, 
 not fit the context is cut as llama-server cuts it: the suffix keeps its head (at most a quarter of the
 context), the prompt its tail (the extra chunks go first), and `truncated` says so.
 
-Differences, by design: `n_predict: 0` answers at once without encoding the prompt (llama.vim sends it to
-warm the cache; here the next request with the same chunks reuses their KV through prefix caching anyway);
-`t_max_prompt_ms`, `t_max_predict_ms`, `cache_prompt`, `samplers`, `id_slot` and other llama.cpp-only
+`n_predict: 0` encodes the prompt into a slot and generates nothing (llama.vim sends it to warm the cache
+with its extra context): the next request that starts the same way reuses that KV (prefix caching).
+Differences, by design: `t_max_prompt_ms`, `t_max_predict_ms`, `cache_prompt`, `samplers`, `id_slot` and other llama.cpp-only
 knobs are accepted and ignored (a canvas is not interrupted half way); `n_probs` > 0 is refused.
 `timings.prompt_ms` runs from submission until the step that finished encoding the prompt, and
 `predicted_ms` from there to the end (for /infill: of all candidates, scoring excluded).
@@ -190,8 +190,8 @@ async def completion(state: ServerState, body: LlamaCompletionRequest, request: 
     if not ids:
         raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
     oa = _openai_body(state, body, ids)
-    if body.n_predict == 0:  # llama-server evaluates the prompt only; here nothing runs (module docstring)
-        return _send(body, _response(state, body, content="", ids=[], prompt_ids=ids, stop_type="limit"))
+    if body.n_predict == 0:
+        return await _warm(state, body, ids, request)
     (choice,) = await _prepare(state, oa, ids)
     choice.tracker.stops = list(body.stop)  # llama.cpp allows more stop strings than OpenAI's 4
     settings = dict(params=choice.request.params, seed=choice.request.seed)
@@ -200,6 +200,27 @@ async def completion(state: ServerState, body: LlamaCompletionRequest, request: 
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     await run_to_end(state, [choice], request)
     return select_fields(_finished(state, body, choice, ids, settings), body.response_fields)
+
+
+async def _warm(state: ServerState, body, ids: list[int], request, truncated: bool = False):
+    """`n_predict: 0`: encode the prompt into a slot and generate nothing (an engine prompt-only request),
+    so that the next request sharing its start reuses its KV (prefix caching). llama.vim sends this with
+    its extra context chunks whenever they change."""
+    import uuid
+
+    from ..engine.engine import GenerationRequest
+    from .serving import Choice, TextTracker, check_in_vocab
+
+    check_in_vocab(state, ids, "prompt", "prompt token ids")
+    if len(ids) > state.max_model_len:
+        raise context_error(state, f"The prompt has {len(ids)} tokens", "prompt")
+    req = GenerationRequest(uuid.uuid4().hex, tuple(ids), state.defaults, 0, state.eos_ids,
+                            lora=state.adapter(body.model or state.model_name), prompt_only=True)
+    choice = Choice(0, req, 0, TextTracker(state.tokenizer, []))
+    await run_to_end(state, [choice], request)
+    return _send(body, _response(state, body, content="", ids=[], prompt_ids=ids, stop_type="limit",
+                                 cached=choice.cached_tokens, prompt_s=choice.prompt_seconds,
+                                 total_s=choice.seconds, truncated=truncated))
 
 
 async def _prepare(state: ServerState, oa: CompletionRequest, ids: list[int]):
@@ -291,8 +312,7 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
     whole_suffix = len(suffix_ids)
     ids, suffix_ids, truncated = fit_infill(state, ids, suffix_ids, _encode(state, "", "prompt"), body.n_predict)
     if body.n_predict == 0:
-        return _send(body, _response(state, body, content="", ids=[], prompt_ids=ids, stop_type="limit",
-                                     truncated=truncated))
+        return await _warm(state, body, ids, request, truncated)
     if not suffix_ids:  # nothing after the cursor: a plain completion of the prefix
         oa = _openai_body(state, body, ids)
         (choice,) = await _prepare(state, oa, ids)

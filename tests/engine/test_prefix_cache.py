@@ -153,6 +153,24 @@ def test_next_request_skips_the_whole_chunks_its_slot_holds():
     assert e.cached_len == 8
 
 
+def test_a_prompt_only_request_warms_the_cache_for_the_next():
+    """max_new_tokens=0 (llama-server's n_predict 0): the prompt is encoded into a slot, nothing is
+    generated, and the next request reuses it. A prompt-only request whose whole prompt a slot already
+    holds finishes at admission, without a step (`take_done`)."""
+    sched = make_sched()
+    sim = KVSim(sched)
+    warm = run_one(sched, sim, RequestState("warm", tuple(range(1, 11)), 0, 4, 2))
+    assert warm.finish_reason == "length" and warm.output_ids == [] and warm.prefilled_len == 10
+    assert not sched.take_done()  # it finished in a step
+    b = run_one(sched, sim, RequestState("b", tuple(range(1, 11)) + (7, 7), 4, 4, 2))
+    assert b.cached_len == 8 and b.is_done
+    again = RequestState("again", tuple(range(1, 11)) + (7, 7), 0, 4, 2)
+    sched.add(again)
+    assert sched.has_unfinished() and sched.plan() is None  # nothing to run...
+    assert sched.take_done() == [again] and again.cached_len == 12 and again.finish_reason == "length"
+    assert not sched.has_unfinished()
+
+
 def test_without_prefix_caching_nothing_is_reused():
     sched = make_sched(caching=False)
     sim = KVSim(sched)
@@ -266,7 +284,8 @@ def test_randomized_reuse_always_reads_the_requests_own_tokens(seed, bounded):
             prompt = seq[:rng.randint(1, len(seq))] + tuple(rng.randint(1, 3) for _ in range(rng.randint(0, 3)))
         else:
             prompt = tuple(rng.randint(1, 3) for _ in range(rng.randint(1, 12)))
-        r = RequestState(f"r{n}", prompt, rng.randint(1, 13), 4, rng.randint(1, 3))
+        budget = 0 if rng.random() < 0.15 else rng.randint(1, 13)  # 0: prompt only (cache warming)
+        r = RequestState(f"r{n}", prompt, budget, 4, rng.randint(1, 3))
         sched.add(r)
         reqs.append(r)
         victim = f"r{rng.randrange(n + 1)}" if rng.random() < 0.2 else None
@@ -281,6 +300,8 @@ def test_randomized_reuse_always_reads_the_requests_own_tokens(seed, bounded):
         done = [r for r in reqs if r.is_done and r.finish_reason != "error"]
     drive(sched, sim)
     assert all(r.is_done for r in reqs)
+    assert all(not r.output_ids for r in reqs if r.max_new_tokens == 0)
+    assert any(r.max_new_tokens == 0 and r.finish_reason == "length" for r in reqs)
     assert sum(r.cached_len for r in reqs) > 0 and sim.reads > 0
     assert any(p.copies for p in sim.plans)
     assert not bounded or sim.restores > 0

@@ -122,14 +122,18 @@ def test_completion_n_indent_cuts_at_a_less_indented_line(server):
     assert "".join(c["content"] for c in chunks) == out["content"]
 
 
-def test_n_predict_zero_answers_without_generating(server, llm, monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("n_predict=0 reached the engine")
-
-    monkeypatch.setattr(server.state.engine, "submit", refuse)
-    out = post(server, "/completion", {"prompt": "warm up", "n_predict": 0}).json()
-    assert out["content"] == "" and out["tokens_predicted"] == 0
-    assert out["tokens_evaluated"] == len(llm.tokenizer.encode("warm up"))
+def test_n_predict_zero_encodes_the_prompt_for_the_next_request(server, llm):
+    """llama.vim's cache warming: n_predict 0 encodes the prompt and generates nothing; the next request
+    with that prompt takes all of it from the prefix cache."""
+    prompt = "warm this prompt up, please: " + "x" * 10
+    n = len(llm.tokenizer.encode(prompt))
+    out = post(server, "/completion", {"prompt": prompt, "n_predict": 0}).json()
+    assert out["content"] == "" and out["tokens_predicted"] == 0 and out["tokens_evaluated"] == n
+    assert out["tokens_cached"] == 0 and out["timings"]["prompt_n"] == n
+    follow = post(server, "/completion", {"prompt": prompt, "n_predict": 16, "seed": 1}).json()
+    assert follow["tokens_cached"] == n and follow["timings"]["prompt_n"] == 0
+    again = post(server, "/completion", {"prompt": prompt, "n_predict": 0}).json()
+    assert again["tokens_cached"] == n  # already held: answered without a step
     out = post(server, "/infill", {"input_extra": [{"filename": "a", "text": "b"}], "n_predict": 0,
                                    "response_fields": [""]})
     assert out.status_code == 200 and out.json() == {}
