@@ -181,16 +181,20 @@ def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
             raise APIError(400, "output_config.format: expected {\"type\": \"json_schema\", \"schema\": {...}}",
                            "output_config")
         fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    return _chat_body(fields)
+
+
+def _chat_body(fields: dict) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValueError as e:
+    except ValueError as e:  # e.g. a message shape the chat route would refuse
         raise APIError(400, f"messages: {e}", "messages") from None
 
 
 def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     need_chat_template(state, "messages")
     state.adapter(body.model)
-    chat = ChatCompletionRequest.model_validate({"model": body.model, "messages": _messages(body), **_tools(body)})
+    chat = _chat_body({"model": body.model, "messages": _messages(body), **_tools(body)})
     return {"input_tokens": len(encode_chat(state, chat))}
 
 
