@@ -286,7 +286,7 @@ def fit_infill(state: ServerState, prompt_ids: list[int], suffix_ids: list[int],
     truncated = False
     if len(suffix_ids) > limit // 4:
         suffix_ids, truncated = suffix_ids[:limit // 4], True
-    middle = n_predict if n_predict > 0 else state.defaults.max_new_tokens
+    middle = n_predict if n_predict >= 0 else state.defaults.max_new_tokens  # 0: a warm-up, no middle
     budget = limit - -(-(middle + len(suffix_ids) + 1) // C) * C  # the whole middle fits
     if budget <= len(head):  # it cannot: room for the prompt and a shorter middle
         budget = limit - -(-(len(suffix_ids) + 2) // C) * C
