@@ -83,8 +83,13 @@ def scripted(monkeypatch, tok):
             c.finish_reason = "stop"
             yield "finish", c.index, "stop"
 
+    import canvaslm.server.anthropic as anthropic_routes
+    import canvaslm.server.ollama as ollama_routes
+
     monkeypatch.setattr(app, "run_choices", run_choices)  # the stream's loop
     monkeypatch.setattr(serving, "run_choices", run_choices)  # run_to_end's
+    monkeypatch.setattr(anthropic_routes, "run_choices", run_choices)
+    monkeypatch.setattr(ollama_routes, "run_choices", run_choices)
 
 
 def test_server_auto_reads_calls_whole_and_streamed(native_dir, scripted):
@@ -108,6 +113,33 @@ def test_server_auto_reads_calls_whole_and_streamed(native_dir, scripted):
                 calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments))
         assert content == "Let me check." and [calls[k] for k in sorted(calls)] == WANT
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_anthropic_and_ollama_clients_read_the_same_calls(native_dir, scripted):
+    """"auto" through Anthropic's Messages API (what Claude Code sends) and Ollama's chat: the scripted
+    reply's text and both calls, whole and streamed, in each API's own shape."""
+    anthropic = pytest.importorskip("anthropic")
+    ollama = pytest.importorskip("ollama")
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    fn = WEATHER["function"]
+    with BackgroundServer(build_state(native_dir, device="cpu")) as srv:
+        a = anthropic.Anthropic(base_url=srv.base_url, api_key="x", max_retries=0)
+        kwargs = dict(model=srv.state.model_name, max_tokens=64, messages=[{"role": "user", "content": "weather?"}],
+                      tools=[{"name": fn["name"], "input_schema": fn["parameters"]}])
+        with a.messages.stream(**kwargs) as stream:
+            streamed = stream.get_final_message()
+        for msg in (a.messages.create(**kwargs), streamed):
+            assert msg.stop_reason == "tool_use" and [b.type for b in msg.content] == ["text", "tool_use", "tool_use"]
+            assert msg.content[0].text == "Let me check."
+            assert [(b.name, b.input) for b in msg.content[1:]] == WANT
+        o = ollama.Client(host=srv.base_url)
+        chat = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER])
+        whole = o.chat(stream=False, **chat)
+        assert whole.message.content == "Let me check."
+        assert [(c.function.name, dict(c.function.arguments)) for c in whole.message.tool_calls] == WANT
+        last = list(o.chat(stream=True, **chat))[-1]
+        assert last.done and [(c.function.name, dict(c.function.arguments)) for c in last.message.tool_calls] == WANT
 
 
 def test_auto_replies_stop_at_the_tool_response_token(native_dir, tok):
