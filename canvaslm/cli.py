@@ -13,7 +13,8 @@ import logging
 import sys
 
 # module path -> provides add_parser(subparsers); each sets `func` on its parser
-SUBCOMMAND_MODULES = ("canvaslm.chat_cli", "canvaslm.server.cli", "canvaslm.bench", "canvaslm.train.cli", "canvaslm.recipes.sudoku.cli")
+SUBCOMMAND_MODULES = ("canvaslm.chat_cli", "canvaslm.server.cli", "canvaslm.bench", "canvaslm.train.cli",
+                      "canvaslm.recipes.sudoku.cli", "canvaslm.memory")
 
 
 def _parse_ids(text: str) -> list[int]:

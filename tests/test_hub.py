@@ -109,3 +109,12 @@ def test_a_lora_adapter_may_be_a_repo_id(hub_cache, tiny_checkpoint, tmp_path):
                                                  by_dir.weights["model.decoder.layers.0.self_attn.q_proj"]))
     with pytest.raises(AdapterError, match="LoRA adapter acme/none is not in the Hugging Face cache"):
         read_adapter("acme/none", "y")
+
+
+def test_memory_reads_only_the_config_of_a_repo_id(hub_cache, capsys):
+    from canvaslm.cli import main
+
+    assert main(["memory", "acme/tiny-dg", "--gpu-memory", "4", "--overhead", "0.1", "--dtype", "float32"]) == 0
+    assert "acme/tiny-dg: weights 0.0 GiB (float32)" in capsys.readouterr().out
+    assert main(["memory", "acme/none", "--gpu-memory", "1"]) == 2
+    assert "acme/none: cannot read its config.json" in capsys.readouterr().err

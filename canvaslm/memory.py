@@ -1,0 +1,135 @@
+"""`canvaslm memory`: will a model fit a GPU, and with how much context? Arithmetic only: nothing is
+loaded or allocated, so it answers on any machine before a download.
+
+The weights are counted on a meta-device build of the model (the loader's own module swaps for `int4` /
+`fp8`, `checkpoint.load_model`), so the figure is the bytes `load_model` would hold. The context comes
+from the server's own planner (`engine.plan_max_model_len`) with the memory left after the weights and
+a fixed overhead (the CUDA context and allocator slack, 1 GiB by default), exactly as `canvaslm serve`
+would plan it on that device with those flags.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+GIB = 1 << 30
+
+
+def weight_bytes(cfg: ModelConfig, dtype=torch.bfloat16, quantization: str | None = None) -> int:
+    """Bytes of the weights `load_model(..., dtype, quantization)` holds for a model of this config."""
+    from .checkpoint import parse_dtype
+    from .model.diffusion_gemma import DiffusionGemma
+    from .quant_io import LoadHook
+
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    hook = LoadHook(model, "quantize", fmt=quantization) if quantization else None
+    total = 0
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if name.startswith("rotary."):
+            continue  # computed at start-up, not loaded
+        keep = hook is not None and hook.keeps_dtype(name)
+        size = t.element_size() if keep or not t.is_floating_point() else torch.empty((), dtype=dtype).element_size()
+        total += t.numel() * size
+    return total
+
+
+def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: str | None = None,
+         max_batch: int = 8, kv_cache_dtype: str = "auto", max_model_len: int | None = None,
+         utilization: float | None = None, overhead_gib: float = 1.0, prefix_caching: bool | None = None) -> dict:
+    """What `canvaslm serve` would get on a GPU of `gpu_gib` GiB: weights, KV bytes, context, prefix caching."""
+    from .checkpoint import parse_dtype
+    from .engine.engine import EngineConfig, kv_dtype, plan_max_model_len, prefix_caching_fits
+    from .kv_cache import KVCache
+
+    dtype = parse_dtype(dtype)
+    weights = weight_bytes(cfg, dtype, quantization)
+    total = int(gpu_gib * GIB)
+    free = total - weights - int(overhead_gib * GIB)
+    if free <= 0:
+        raise ValueError(f"the weights take {weights / GIB:.1f} GiB (+ {overhead_gib} GiB overhead), over the GPU's "
+                         f"{gpu_gib} GiB; try --quantization int4")
+    config = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype,
+                          memory_utilization=utilization, prefix_caching=prefix_caching)
+    store_dtype = kv_dtype(config, dtype)
+    length, why = plan_max_model_len(cfg, config, "cuda", store_dtype, free_total=(free, total))
+    import dataclasses
+
+    config = dataclasses.replace(config, max_model_len=length)
+    caching, caching_why = (prefix_caching, "as asked") if prefix_caching is not None else \
+        prefix_caching_fits(cfg, config, "cuda", store_dtype, free_total=(free, total))
+    one_slot = KVCache.planned_bytes(cfg, 1, length, store_dtype)[0]
+    per_position = sum(2 * cfg.num_kv_heads[i] * cfg.head_dims[i] for i, t in enumerate(cfg.layer_types)
+                       if t == "full_attention") * torch.empty((), dtype=store_dtype).element_size()
+    return {"weights": weights, "free": free, "total": total, "max_model_len": length, "why": why,
+            "prefix_caching": caching, "prefix_caching_why": caching_why, "kv_per_position": per_position,
+            "kv_one_slot": one_slot, "slots": config.slots, "kv_dtype": store_dtype}
+
+
+def _model_config(args) -> ModelConfig:
+    if args.shape:
+        from .shapes import model_config
+
+        return model_config(args.shape)
+    from .hub import is_repo_id
+
+    if args.model and is_repo_id(args.model):  # only its config.json: no weights are needed for arithmetic
+        from .hub import offline
+
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            raise ValueError("a repo id needs huggingface_hub (pip install huggingface_hub)") from None
+        try:
+            path = hf_hub_download(args.model, "config.json", revision=args.revision, local_files_only=offline())
+        except Exception as e:  # noqa: BLE001 - named for the user
+            raise FileNotFoundError(f"{args.model}: cannot read its config.json ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0]})") from None
+        return ModelConfig.from_dict(__import__("json").loads(open(path, encoding="utf-8").read()), path)
+    if not args.model:
+        raise ValueError("name a checkpoint directory, a repo id or --shape 26b-a4b")
+    return ModelConfig.from_dir(args.model)
+
+
+def _main(args) -> int:
+    cfg = _model_config(args)
+    out = plan(cfg, args.gpu_memory, args.dtype, args.quantization, args.max_batch, args.kv_cache_dtype,
+               args.max_model_len, args.gpu_memory_utilization, args.overhead)
+    what = args.shape or args.model
+    quant = args.quantization or args.dtype
+    print(f"{what}: weights {out['weights'] / GIB:.1f} GiB ({quant}), {args.gpu_memory} GiB GPU, "
+          f"{args.overhead} GiB overhead: {out['free'] / GIB:.1f} GiB left")
+    kv = str(out["kv_dtype"]).removeprefix("torch.")
+    print(f"KV cache ({kv}): {out['kv_per_position'] / 1024:.1f} KiB per position per slot in the full layers, "
+          f"{out['kv_one_slot'] / GIB:.2f} GiB per slot at the planned context")
+    print(f"context: {out['max_model_len']} positions for {out['slots']} slots ({out['why']})")
+    print(f"prefix caching: {'on' if out['prefix_caching'] else 'off'} ({out['prefix_caching_why']})")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    from .cli import add_kv_dtype_arg
+    from .quant import QUANTIZATIONS
+    from .server.vllm_compat import _share
+
+    p = subparsers.add_parser("memory", help="will a model fit a GPU, and with how much context (no loading)")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory or Hugging Face repo id (reads its "
+                                                          "config.json only)")
+    p.add_argument("--shape", default=None, help="a named shape instead, e.g. 26b-a4b")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="the GPU's memory, e.g. 24")
+    p.add_argument("--dtype", default="bfloat16", help="the unquantised weights' dtype (default bfloat16)")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS)
+    p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=8)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=_share, default=None, metavar="SHARE")
+    p.add_argument("--overhead", type=float, default=1.0, metavar="GIB",
+                   help="memory the process takes besides weights and KV (CUDA context, allocator; default 1)")
+    add_kv_dtype_arg(p)
+    p.set_defaults(func=_main)
+
+
+__all__ = ["weight_bytes", "plan", "add_parser"]
