@@ -103,3 +103,23 @@ def test_a_model_dtype_cache_keeps_autograd_through_write_and_read():
     rk, rv = cache.read(0, slots)
     (rk.sum() + rv.sum()).backward()
     assert torch.equal(k.grad, torch.full(shape, 2.0)) and torch.equal(v.grad, torch.full(shape, 3.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp8_cache_stores_and_reads_what_the_cpu_one_does():
+    """On a GPU (bench/fast_path_gpu.sh's tests stage): writes, reads, prefix copies and ring rebuilds of
+    an fp8 cache in bf16 give the CPU cache's bytes and values."""
+    cfg = model_config("tiny", canvas_length=16)
+    got = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        cache = KVCache(cfg, 2, 64, dtype=FP8, device=device, compute_dtype=BF16, prefix_store=True)
+        slots, pos = torch.tensor([0, 1], device=device), torch.arange(40, device=device).expand(2, 40)
+        for layer in range(len(cfg.layer_types)):
+            shape = (2, cfg.num_kv_heads[layer], 40, cfg.head_dims[layer])
+            cache.write(layer, slots, pos, torch.randn(shape).to(device, BF16), torch.randn(shape).to(device, BF16))
+        cache.commit_positions(slots, pos)
+        cache.copy_prefix(0, 1, 24)
+        cache.keep_prefix([1], [24])
+        got[device] = [t.cpu() for layer in range(len(cfg.layer_types)) for t in cache.read(layer, slots)]
+    assert all(a.dtype == BF16 and torch.equal(a, b) for a, b in zip(got["cpu"], got["cuda"]))

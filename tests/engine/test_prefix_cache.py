@@ -492,7 +492,8 @@ def test_a_digest_collision_is_caught_before_reuse(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_reuse_matches_the_cache_free_run(tiny_checkpoint):
+@KV_DTYPES
+def test_cuda_reuse_matches_the_cache_free_run(tiny_checkpoint, kv_dtype):
     """On a GPU (bench/fast_path_gpu.sh runs it): one request at a time keeps every encoder call's shape
     the same with and without the cache, so reuse must not change a token there either."""
     from canvaslm.llm import LLM, SamplingParams
@@ -501,7 +502,7 @@ def test_cuda_reuse_matches_the_cache_free_run(tiny_checkpoint):
     C = gpu.cfg.canvas_length
     a_ids = gpu.encode_prompt("The quick brown fox jumps over the lazy dog")
     b_ids = a_ids[:19] + gpu.tokenizer.encode(" is a sentence that is used", add_special_tokens=False)
-    cached, fresh = Served(gpu, caching=True), Served(gpu, caching=False)
+    cached, fresh = Served(gpu, caching=True, kv_dtype=kv_dtype), Served(gpu, caching=False, kv_dtype=kv_dtype)
     cached.run(a_ids, SamplingParams(seed=1, max_new_tokens=3 * C, max_denoising_steps=3), eos_ids=())
     sp = SamplingParams(seed=7, max_new_tokens=2 * C, max_denoising_steps=6)
     b = cached.run(b_ids, sp)
