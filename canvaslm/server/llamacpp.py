@@ -214,6 +214,9 @@ async def _warm(state: ServerState, body, ids: list[int], request, truncated: bo
     check_in_vocab(state, ids, "prompt", "prompt token ids")
     if len(ids) > state.max_model_len:
         raise context_error(state, f"The prompt has {len(ids)} tokens", "prompt")
+    if not state.engine.prefix_caching:  # nothing would keep the encoded prompt
+        return _send(body, _response(state, body, content="", ids=[], prompt_ids=ids, stop_type="limit",
+                                     truncated=truncated))
     req = GenerationRequest(uuid.uuid4().hex, tuple(ids), state.defaults, 0, state.eos_ids,
                             lora=state.adapter(body.model or state.model_name), prompt_only=True)
     choice = Choice(0, req, 0, TextTracker(state.tokenizer, []))
