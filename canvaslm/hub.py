@@ -58,8 +58,8 @@ def resolve_model(name: str | Path, revision: str | None = None, what: str = "mo
         how = "HF_HUB_OFFLINE is set" if offline() else "it could not be downloaded"
         raise FileNotFoundError(
             f"{what} {name}{'@' + revision if revision else ''} is not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}) and {how}; fetch it with `hf download {name}` or pass a checkpoint "
-            "directory") from None
+            f"({constants.HF_HUB_CACHE}) and {how} (nor is it a local directory); fetch it with "
+            f"`hf download {name}` or pass a checkpoint directory") from None
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
         raise ValueError(f"{what} {name}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     except HfHubHTTPError as e:

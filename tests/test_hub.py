@@ -41,7 +41,7 @@ def test_a_local_directory_wins_and_errors_name_the_problem(hub_cache, tmp_path,
     (tmp_path / "acme" / "tiny-dg").mkdir(parents=True)
     assert not is_repo_id("acme/tiny-dg") and resolve_model("acme/tiny-dg").resolve() == tmp_path / "acme" / "tiny-dg"
     with pytest.raises(FileNotFoundError, match=r"acme/other is not in the Hugging Face cache .*hub.*"
-                                                r"HF_HUB_OFFLINE is set.*hf download acme/other"):
+                                                r"HF_HUB_OFFLINE is set \(nor is it a local directory\).*hf download acme/other"):
         resolve_model("acme/other")
     with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
         resolve_model("./missing/dir/here")
