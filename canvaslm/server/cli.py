@@ -50,8 +50,9 @@ def add_parser(subparsers) -> None:
                    help="reuse the KV of prompt prefixes other requests encoded (default: on where its prefix "
                         "store leaves room for activations, on a GPU or in a CPU's available RAM)")
     _add_store_arg(p)
-    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the repo id, or the "
-                   "directory's name)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the `model` clients send (default: the repo id, or the directory's name); more names are "
+                        "aliases a request may send instead (vLLM's)")
     p.add_argument("--max-steps-limit", type=int, default=1024,
                    help="largest max_denoising_steps a request may ask for")
     p.add_argument("--regex-timeout", type=_seconds, default=10.0,
@@ -157,6 +158,8 @@ def _resolve_model(args) -> None:
     a repo id is also the default served model name, as in vLLM."""
     from ..hub import is_repo_id, resolve_model
 
+    if isinstance(args.served_model_name, list):  # serve's NAME [ALIAS ...]
+        args.served_model_name, args.aliases = args.served_model_name[0], tuple(args.served_model_name[1:])
     if args.served_model_name is None and is_repo_id(args.model_dir):
         args.served_model_name = args.model_dir
     args.model_dir = str(resolve_model(args.model_dir, args.revision))
@@ -204,6 +207,11 @@ def _serve(args) -> int:
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout,
                         lora_modules=adapters, lora_updates=args.enable_lora_updates, max_loras=args.max_loras,
                         max_lora_rank=args.max_lora_rank, defaults=defaults)
+    clash = sorted(set(getattr(args, "aliases", ())) & set(state.loras))
+    if clash:
+        state.engine.shutdown()
+        raise ValueError(f"--served-model-name: {clash[0]!r} is also a --lora-modules name")
+    state.aliases = getattr(args, "aliases", ())
     if template is not None:
         state.tokenizer.set_chat_template(template, args.chat_template)
     state.allowed_origins = args.allowed_origins

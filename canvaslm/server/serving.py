@@ -62,12 +62,14 @@ class ServerState:
     hidden_size: int = 0  # the width of /v1/embeddings vectors
     embedding_pooling: str = "mean"  # /v1/embeddings: "mean" over the input's tokens or its "last" token's
 
+    aliases: tuple[str, ...] = ()  # more names of the base model (vLLM's --served-model-name A B ...)
+
     def served_names(self) -> list:
-        return [self.model_name, *self.loras]
+        return [self.model_name, *self.aliases, *self.loras]
 
     def adapter(self, model: str) -> int:
         """The adapter id a request's `model` names (0: the base model); a 404 naming it if not served."""
-        if model == self.model_name:
+        if model == self.model_name or model in self.aliases:
             return 0
         if model in self.loras:
             return self.loras[model][0]

@@ -107,3 +107,10 @@ def test_memory_utilization_counts_what_is_in_use():
                            torch.bfloat16, free_total=(28 * GIB, 80 * GIB))
     with pytest.raises(ValueError, match="memory_utilization=1.5"):
         EngineConfig(memory_utilization=1.5)
+
+
+def test_served_model_name_takes_aliases(served, tiny_checkpoint):
+    code, state, out = served(str(tiny_checkpoint), "--max-model-len", "128", "--served-model-name", "dg", "gpt-4o")
+    assert code == 0 and state.model_name == "dg" and state.served_names() == ["dg", "gpt-4o"]
+    assert state.adapter("gpt-4o") == 0
+    state.engine.shutdown()
