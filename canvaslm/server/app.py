@@ -191,6 +191,13 @@ def build_app(state: ServerState) -> FastAPI:
 
         return await completion(state, body, request)
 
+    @app.get("/props")
+    async def llama_props():
+        """llama-server's properties: the served context (n_ctx), slots, chat template."""
+        from .llamacpp import props
+
+        return props(state)
+
     @app.post("/infill", responses=ERRORS)
     async def llama_infill(body: LlamaInfillRequest, request: Request):
         """llama-server's code-infill route, as llama.vim and llama.vscode call it (server/llamacpp.py)."""

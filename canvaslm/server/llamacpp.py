@@ -1,5 +1,6 @@
 """llama-server's native routes, for the editors and tools built on llama.cpp: POST /infill (llama.vim,
-llama.vscode: code completion at the cursor) and POST /completion.
+llama.vscode: code completion at the cursor), POST /completion, and GET /props (the served context
+`n_ctx` and slots, which tools probe).
 
 Bodies take llama.cpp's field names (`n_predict`, `repeat_penalty`, `n_indent`, `input_prefix`,
 `input_suffix`, `input_extra`, `response_fields`, ...) and answer in its shape (`content`, `stop_type`,
@@ -182,6 +183,23 @@ def _encode(state: ServerState, text: str, field: str, special: bool = True) -> 
         raise APIError(400, f"{field}: {e}", field) from None
 
 
+# --- /props ------------------------------------------------------------------------------------------------
+
+def props(state: ServerState) -> dict:
+    """llama-server's GET /props, which tools probe for the served context (`n_ctx`) and slots."""
+    from .. import __version__
+
+    d = state.defaults
+    template = getattr(state.tokenizer, "chat_template", None)
+    return {"default_generation_settings": {"n_ctx": state.max_model_len, "params": {
+                "n_predict": d.max_new_tokens, "temperature": d.t_max, "top_k": d.top_k, "top_p": d.top_p,
+                "min_p": d.min_p, "max_denoising_steps": d.max_denoising_steps}},
+            "total_slots": state.engine.config.slots, "model_alias": state.model_name, "model_path": state.model_name,
+            "chat_template": template if isinstance(template, str) else "", "modalities": {"vision": False,
+                                                                                        "audio": False},
+            "build_info": f"canvaslm {__version__}"}
+
+
 # --- /completion -------------------------------------------------------------------------------------------
 
 async def completion(state: ServerState, body: LlamaCompletionRequest, request: Request):
@@ -339,5 +357,5 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
         truncated=truncated, params=first.params, seed=first.seed))
 
 
-__all__ = ["LlamaCompletionRequest", "LlamaInfillRequest", "completion", "infill", "cut_indent", "cut_stops",
+__all__ = ["LlamaCompletionRequest", "LlamaInfillRequest", "completion", "infill", "props", "cut_indent", "cut_stops",
            "select_fields", "render_extra", "fit_infill"]

@@ -209,3 +209,9 @@ def test_bad_bodies_name_the_field(server, route, body, param):
     r = post(server, route, body)
     assert r.status_code in (400, 404), r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_props_report_the_served_context(server):
+    out = httpx.get(server.base_url + "/props").json()
+    assert out["default_generation_settings"]["n_ctx"] == MAX_MODEL_LEN and out["total_slots"] == 4
+    assert out["model_alias"] == MODEL and out["modalities"]["vision"] is False
