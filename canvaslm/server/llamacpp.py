@@ -232,7 +232,7 @@ async def _warm(state: ServerState, body, ids: list[int], request, truncated: bo
     check_in_vocab(state, ids, "prompt", "prompt token ids")
     if len(ids) > state.max_model_len:
         raise context_error(state, f"The prompt has {len(ids)} tokens", "prompt")
-    if not state.engine.prefix_caching:  # nothing would keep the encoded prompt
+    if not ids or not state.engine.prefix_caching:  # nothing to encode, or nothing would keep it
         return _send(body, _response(state, body, content="", ids=[], prompt_ids=ids, stop_type="limit",
                                      truncated=truncated))
     req = GenerationRequest(uuid.uuid4().hex, tuple(ids), state.defaults, 0, state.eos_ids,
@@ -334,6 +334,9 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
     ids, suffix_ids, truncated = fit_infill(state, ids, suffix_ids, _encode(state, "", "prompt"), body.n_predict)
     if body.n_predict == 0:
         return await _warm(state, body, ids, request, truncated)
+    if not ids:
+        raise APIError(400, "input_extra, input_prefix and prompt are all empty: at least one token is needed",
+                       "input_prefix")
     if not suffix_ids:  # nothing after the cursor: a plain completion of the prefix
         oa = _openai_body(state, body, ids)
         (choice,) = await _prepare(state, oa, ids)

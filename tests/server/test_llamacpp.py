@@ -137,6 +137,8 @@ def test_n_predict_zero_encodes_the_prompt_for_the_next_request(server, llm):
     out = post(server, "/infill", {"input_extra": [{"filename": "a", "text": "b"}], "n_predict": 0,
                                    "response_fields": [""]})
     assert out.status_code == 200 and out.json() == {}
+    empty = post(server, "/infill", {"n_predict": 0})  # nothing to warm (found by the fuzz test)
+    assert empty.status_code == 200 and empty.json()["tokens_evaluated"] == 0
 
 
 # --- /infill ----------------------------------------------------------------------------------------------
@@ -204,6 +206,7 @@ def test_infill_cuts_what_does_not_fit_the_context(server, llm):
     ("/completion", {"prompt": "x", "model": "other"}, "model"),
     ("/infill", {"input_prefix": "x", "input_extra": [{"text": 3}]}, "input_extra"),
     ("/infill", {"input_prefix": "x", "input_suffix": "y", "grammar": "root ::= \"a\""}, "suffix"),
+    ("/infill", {"input_prefix": "", "input_suffix": "y", "n_predict": 4}, "input_prefix"),
 ])
 def test_bad_bodies_name_the_field(server, route, body, param):
     r = post(server, route, body)
