@@ -124,3 +124,15 @@ def test_constraint_passes_bench_compares_with_the_dense_peer():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| dense [states x symbols] (peer) |" in proc.stdout
     assert "same masks: True, same committed ids: True" in proc.stdout, proc.stdout
+
+
+def test_editor_infill_bench_warms_the_chunks_it_then_reuses():
+    """bench/editor_infill.py at a tiny size: the completion after the warm-up takes the chunks from the cache."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench/editor_infill.py"), "--extra", "512", "--hidden", "32",
+                           "--canvas", "16", "--n-predict", "8", "--threads", "1"], cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "ms" not in line}
+    assert rows["cold (peer)"][3] == "0" and rows["after the warm-up"][3] == "512", proc.stdout
