@@ -54,13 +54,37 @@ def token_logprobs(model, ids: list, start: int = 1, top_k: int = 0) -> tuple[li
     return batch_token_logprobs(model, [ids], [start], top_k)[0]
 
 
+@torch.no_grad()
 def score_continuations(model, prompt_ids: list, conts: list) -> list:
-    """Mean log p(cont | prompt) per token under the encoder's causal pass, one batched call (0.0 for an
-    empty continuation). -> [float]."""
-    P = len(prompt_ids)
-    scored = batch_token_logprobs(model, [list(prompt_ids) + list(c) for c in conts], [P] * len(conts),
-                                  batch_size=max(1, len(conts)))
-    return [sum(lp) / len(lp) if lp else 0.0 for lp, _ in scored]
+    """Mean log p(cont | prompt) per token under the encoder's causal pass (0.0 for an empty
+    continuation). -> [float]. The shared prompt is encoded once, its KV copied to one cache row per
+    continuation, and the continuations encoded together behind it: an infill's candidates (or best_of's
+    completions) cost one prompt, not one each."""
+    device, P = model.embed_weight.device, len(prompt_ids)
+    B, T = len(conts), max((len(c) for c in conts), default=0)
+    if T == 0:
+        return [0.0] * B
+    cache = KVCache(model.cfg, B, P + T, dtype=model.embed_weight.dtype, device=device, keep_full_window=True)
+    head = model.encode(torch.tensor([list(prompt_ids)], device=device), torch.arange(P, device=device)[None],
+                        torch.zeros(1, dtype=torch.long, device=device), cache, fresh=True, max_position=P - 1)
+    for b in range(1, B):  # every row reads the same prompt KV
+        cache.copy_prefix(0, b, P)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.full((B, T), -1, dtype=torch.long)
+    for b, c in enumerate(conts):
+        tokens[b, :len(c)] = torch.tensor(list(c), dtype=torch.long)
+        positions[b, :len(c)] = torch.arange(P, P + len(c))
+    hidden = model.encode(tokens.to(device), positions.to(device), torch.arange(B, device=device), cache,
+                          write=False, max_position=P + T - 1)
+    out = []
+    for b, c in enumerate(conts):
+        if not c:
+            out.append(0.0)
+            continue
+        h = torch.cat([head[0, -1:], hidden[b, :len(c) - 1]])  # the state before each continuation token
+        lp, _ = _block_logprobs(model, h, list(c), 0)
+        out.append(sum(lp) / len(lp))
+    return out
 
 
 def loglikelihoods(model, pairs: list, batch_size: int = 16, progress=None) -> list:

@@ -59,6 +59,19 @@ def test_score_continuations_matches_one_row_at_a_time(tiny_llm):
     assert all(s < 0 for s in batched)
 
 
+def test_score_continuations_equals_scoring_each_whole_sequence(tiny_llm):
+    """The prompt is encoded once and its KV shared by every continuation: the scores are those of
+    encoding prompt + continuation from scratch (continuations past the sliding window included)."""
+    from canvaslm.scoring import batch_token_logprobs
+
+    tok = tiny_llm.tokenizer
+    prompt = tok.encode("a prompt that is longer than the sixteen-token sliding window")
+    conts = [tok.encode(t, add_special_tokens=False) for t in ["ab", "a continuation that also outruns the window", ""]]
+    whole = batch_token_logprobs(tiny_llm.model, [prompt + c for c in conts], [len(prompt)] * 3, batch_size=3)
+    want = [sum(lp) / len(lp) if lp else 0.0 for lp, _ in whole]
+    assert score_continuations(tiny_llm.model, prompt, conts) == pytest.approx(want, abs=1e-5)
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 def test_cli_json_schema(tiny_llm, tmp_path, capsys):
