@@ -57,25 +57,23 @@ def token_logprobs(model, ids: list, start: int = 1, top_k: int = 0) -> tuple[li
 @torch.no_grad()
 def score_continuations(model, prompt_ids: list, conts: list) -> list:
     """Mean log p(cont | prompt) per token under the encoder's causal pass (0.0 for an empty
-    continuation). -> [float]. The shared prompt is encoded once, its KV copied to one cache row per
-    continuation, and the continuations encoded together behind it: an infill's candidates (or best_of's
-    completions) cost one prompt, not one each."""
+    continuation). -> [float]. The shared prompt is encoded once into a one-row cache, and the
+    continuations are encoded together behind it, every row reading that row (nothing is written): an
+    infill's candidates (or best_of's completions) cost one prompt, not one each, and one prompt's KV."""
     device, P = model.embed_weight.device, len(prompt_ids)
     B, T = len(conts), max((len(c) for c in conts), default=0)
     if T == 0:
         return [0.0] * B
-    cache = KVCache(model.cfg, B, P + T, dtype=model.embed_weight.dtype, device=device, keep_full_window=True)
+    cache = KVCache(model.cfg, 1, P + T, dtype=model.embed_weight.dtype, device=device)
     head = model.encode(torch.tensor([list(prompt_ids)], device=device), torch.arange(P, device=device)[None],
                         torch.zeros(1, dtype=torch.long, device=device), cache, fresh=True, max_position=P - 1)
-    for b in range(1, B):  # every row reads the same prompt KV
-        cache.copy_prefix(0, b, P)
     tokens = torch.zeros(B, T, dtype=torch.long)
     positions = torch.full((B, T), -1, dtype=torch.long)
     for b, c in enumerate(conts):
         tokens[b, :len(c)] = torch.tensor(list(c), dtype=torch.long)
         positions[b, :len(c)] = torch.arange(P, P + len(c))
-    hidden = model.encode(tokens.to(device), positions.to(device), torch.arange(B, device=device), cache,
-                          write=False, max_position=P + T - 1)
+    hidden = model.encode(tokens.to(device), positions.to(device), torch.zeros(B, dtype=torch.long, device=device),
+                          cache, write=False, max_position=P + T - 1)
     out = []
     for b, c in enumerate(conts):
         if not c:
