@@ -1,4 +1,4 @@
-"""`canvaslm` command line: generate | chat | quantize | serve | bench | train | export | sudoku.
+"""`canvaslm` command line: generate | chat | quantize | serve | run-batch | memory | bench | train | export | sudoku.
 
 Each subsystem registers its own subcommand through `add_parser(subparsers)` in its module, so this
 file only wires them together; `generate` and `quantize` live here.
