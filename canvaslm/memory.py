@@ -42,7 +42,7 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
          utilization: float | None = None, overhead_gib: float = 1.0, prefix_caching: bool | None = None) -> dict:
     """What `canvaslm serve` would get on a GPU of `gpu_gib` GiB: weights, KV bytes, context, prefix caching."""
     from .checkpoint import parse_dtype
-    from .engine.engine import EngineConfig, kv_dtype, plan_max_model_len, prefix_caching_fits
+    from .engine.engine import AGENT_CONTEXT, EngineConfig, kv_dtype, plan_max_model_len, prefix_caching_fits
     from .kv_cache import KVCache
 
     dtype = parse_dtype(dtype)
@@ -64,7 +64,18 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
     one_slot = KVCache.planned_bytes(cfg, 1, length, store_dtype)[0]
     per_position = sum(2 * cfg.num_kv_heads[i] * cfg.head_dims[i] for i, t in enumerate(cfg.layer_types)
                        if t == "full_attention") * torch.empty((), dtype=store_dtype).element_size()
-    return {"weights": weights, "free": free, "total": total, "max_model_len": length, "why": why,
+    agents = 0  # the most slots that still get the context agent frameworks check for (prefix caching off)
+    for n in range(1, 257):
+        try:
+            got, _ = plan_max_model_len(cfg, EngineConfig(max_batch=n, max_model_len=None, kv_cache_dtype=kv_cache_dtype,
+                                                          memory_utilization=utilization, prefix_caching=False),
+                                        "cuda", store_dtype, free_total=(free, total))
+        except ValueError:
+            break
+        if got < min(AGENT_CONTEXT, cfg.max_position_embeddings):
+            break
+        agents = n
+    return {"weights": weights, "free": free, "total": total, "max_model_len": length, "why": why, "agent_slots": agents,
             "prefix_caching": caching, "prefix_caching_why": caching_why, "kv_per_position": per_position,
             "kv_one_slot": one_slot, "slots": config.slots, "kv_dtype": store_dtype}
 
@@ -107,6 +118,8 @@ def _main(args) -> int:
           f"{out['kv_one_slot'] / GIB:.2f} GiB per slot at the planned context")
     print(f"context: {out['max_model_len']} positions for {out['slots']} slots ({out['why']})")
     print(f"prefix caching: {'on' if out['prefix_caching'] else 'off'} ({out['prefix_caching_why']})")
+    print(f"requests at once with the {min(65536, cfg.max_position_embeddings)} positions agent frameworks check "
+          f"for: {out['agent_slots']} (--max-batch; prefix caching off)")
     return 0
 
 

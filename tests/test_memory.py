@@ -33,8 +33,17 @@ def test_the_context_is_the_servers_own_plan(capsys):
     assert got["max_model_len"] == want and got["free"] == free
     fp8 = plan(cfg, 24, quantization="int4", max_batch=4, kv_cache_dtype="fp8")
     assert fp8["max_model_len"] > want and fp8["kv_per_position"] * 2 == got["kv_per_position"] == 20 * 1024
+    k = got["agent_slots"]
+    for n, fits in ((k, True), (k + 1, False)):  # the most slots that still reach 64k
+        cfg_n = EngineConfig(max_batch=n, max_model_len=None, prefix_caching=False)
+        try:
+            ctx, _ = plan_max_model_len(cfg, cfg_n, "cuda", torch.bfloat16, free_total=(free, 24 * GIB))
+        except ValueError:
+            ctx = 0
+        assert (ctx >= 65536) == fits, (n, ctx)
     assert main(["memory", "--shape", "26b-a4b", "--gpu-memory", "24", "--quantization", "int4", "--max-batch", "4"]) == 0
     out = capsys.readouterr().out
     assert f"context: {want} positions for 4 slots" in out and "weights 13.5 GiB (int4)" in out
+    assert f"agent frameworks check for: {k} (--max-batch" in out
     assert main(["memory", "--shape", "26b-a4b", "--gpu-memory", "24"]) == 2
     assert "over the GPU's 24.0 GiB; try --quantization int4" in capsys.readouterr().err
