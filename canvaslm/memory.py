@@ -10,6 +10,9 @@ would plan it on that device with those flags.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 
 from .config import ModelConfig
@@ -56,8 +59,6 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
                           memory_utilization=utilization, prefix_caching=prefix_caching)
     store_dtype = kv_dtype(config, dtype)
     length, why = plan_max_model_len(cfg, config, "cuda", store_dtype, free_total=(free, total))
-    import dataclasses
-
     config = dataclasses.replace(config, max_model_len=length)
     caching, caching_why = (prefix_caching, "as asked") if prefix_caching is not None else \
         prefix_caching_fits(cfg, config, "cuda", store_dtype, free_total=(free, total))
@@ -99,7 +100,7 @@ def _model_config(args) -> ModelConfig:
         except Exception as e:  # noqa: BLE001 - named for the user
             raise FileNotFoundError(f"{args.model}: cannot read its config.json ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0]})") from None
-        return ModelConfig.from_dict(__import__("json").loads(open(path, encoding="utf-8").read()), path)
+        return ModelConfig.from_dir(Path(path).parent)
     if not args.model:
         raise ValueError("name a checkpoint directory, a repo id or --shape 26b-a4b")
     return ModelConfig.from_dir(args.model)

@@ -34,9 +34,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import INT64, ChatCompletionRequest
-from .serving import APIError, ServerState, encode_chat, need_chat_template, prepare, run_choices, run_to_end
-from .llamacpp import cut_stops
-from .tools import arguments_object, tool_replies
+from .serving import (APIError, ServerState, encode_chat, need_chat_template, prepare, run_choices, run_to_end,
+                      validated)
+from .tools import arguments_object, reply_message, tool_replies
 
 MAX_STOP_SEQUENCES = 16
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -181,20 +181,14 @@ def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
             raise APIError(400, "output_config.format: expected {\"type\": \"json_schema\", \"schema\": {...}}",
                            "output_config")
         fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
-    return _chat_body(fields)
-
-
-def _chat_body(fields: dict) -> ChatCompletionRequest:
-    try:
-        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValueError as e:  # e.g. a message shape the chat route would refuse
-        raise APIError(400, f"messages: {e}", "messages") from None
+    return validated(ChatCompletionRequest, fields, "messages")
 
 
 def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     need_chat_template(state, "messages")
     state.adapter(body.model)
-    chat = _chat_body({"model": body.model, "messages": _messages(body), **_tools(body)})
+    chat = validated(ChatCompletionRequest, {"model": body.model, "messages": _messages(body), **_tools(body)},
+                     "messages")
     return {"input_tokens": len(encode_chat(state, chat))}
 
 
@@ -207,11 +201,11 @@ def _blocks(message: dict) -> list[dict]:
     return blocks
 
 
-def _stop(state: ServerState, c, blocks: list, stops: list) -> tuple[str, str | None]:
+def _stop(c, blocks: list) -> tuple[str, str | None]:
     if any(b["type"] == "tool_use" for b in blocks):
         return "tool_use", None
     if c.tracker.stopped:
-        return "stop_sequence", cut_stops(state.tokenizer.decode(c.tracker.ids), stops)[1] or None
+        return "stop_sequence", c.tracker.stop_word
     return ("max_tokens" if c.finish_reason == "length" else "end_turn"), None
 
 
@@ -236,22 +230,16 @@ async def create_message(state: ServerState, body: MessagesRequest, request):
     if body.stream:
         from fastapi.responses import StreamingResponse
 
-        return StreamingResponse(_stream(state, body, c, replies, stops, len(ids), mid), media_type="text/event-stream",
+        return StreamingResponse(_stream(state, body, c, replies, len(ids), mid), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)
-    blocks = _blocks(_message(c, replies))
-    reason, seq = _stop(state, c, blocks, stops)
+    blocks = _blocks(reply_message(c, replies))
+    reason, seq = _stop(c, blocks)
     return {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": blocks,
             "stop_reason": reason, "stop_sequence": seq, "usage": _usage(c, len(ids))}
 
 
-def _message(c, replies) -> dict:
-    if c.index in replies:
-        return replies[c.index].message(c.tracker.text, c.tracker.ids)
-    return {"role": "assistant", "content": c.tracker.text}
-
-
-async def _stream(state: ServerState, body, c, replies, stops, prompt_len: int, mid: str):
+async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: str):
     def event(kind: str, **data) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
 
@@ -263,7 +251,7 @@ async def _stream(state: ServerState, body, c, replies, stops, prompt_len: int, 
             async with contextlib.aclosing(run_choices(state, [c])) as events:
                 async for _ in events:
                     pass
-            blocks = _blocks(_message(c, replies))
+            blocks = _blocks(reply_message(c, replies))
             for k, b in enumerate(blocks):
                 if b["type"] == "text":
                     yield event("content_block_start", index=k, content_block={"type": "text", "text": ""})
@@ -283,7 +271,7 @@ async def _stream(state: ServerState, body, c, replies, stops, prompt_len: int, 
                         yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": payload})
             yield event("content_block_stop", index=0)
             blocks = [{"type": "text", "text": text}]
-        reason, seq = _stop(state, c, blocks, stops)
+        reason, seq = _stop(c, blocks)
         yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": seq},
                     usage={"output_tokens": len(c.tracker.ids)})
         yield event("message_stop")

@@ -210,9 +210,7 @@ async def completion(state: ServerState, body: LlamaCompletionRequest, request: 
     oa = _openai_body(state, body, ids)
     if body.n_predict == 0:
         return await _warm(state, body, ids, request)
-    (choice,) = await _prepare(state, oa, ids)
-    choice.tracker.stops = list(body.stop)  # llama.cpp allows more stop strings than OpenAI's 4
-    settings = dict(params=choice.request.params, seed=choice.request.seed)
+    choice, settings = await _completion_choice(state, body, oa, ids)
     if body.stream:
         return StreamingResponse(_stream_completion(state, body, choice, ids, settings),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -244,17 +242,19 @@ async def _warm(state: ServerState, body, ids: list[int], request, truncated: bo
                                  total_s=choice.seconds, truncated=truncated))
 
 
-async def _prepare(state: ServerState, oa: CompletionRequest, ids: list[int]):
+async def _completion_choice(state: ServerState, body, oa: CompletionRequest, ids: list[int]):
+    """The engine request of a plain completion, with llama.cpp's stop strings (more than OpenAI's 4), and
+    the generation settings its reply reports."""
     import asyncio
 
-    return await asyncio.to_thread(prepare, state, oa, [ids])
+    (choice,) = await asyncio.to_thread(prepare, state, oa, [ids])
+    choice.tracker.stops = list(body.stop)
+    return choice, dict(params=choice.request.params, seed=choice.request.seed)
 
 
 def _finished(state: ServerState, body, choice, ids: list[int], settings: dict) -> dict:
     text, indented = cut_indent(choice.tracker.text, body.n_indent)
-    word = ""
-    if choice.tracker.stopped:
-        _, word = cut_stops(state.tokenizer.decode(choice.tracker.ids), body.stop)
+    word = choice.tracker.stop_word
     stop_type = "word" if word else "limit" if indented or choice.finish_reason == "length" else "eos"
     return _response(state, body, content=text, ids=choice.tracker.ids, prompt_ids=ids, stop_type=stop_type,
                      stopping_word=word, cached=choice.cached_tokens, prompt_s=choice.prompt_seconds,
@@ -338,12 +338,9 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
         raise APIError(400, "input_extra, input_prefix and prompt are all empty: at least one token is needed",
                        "input_prefix")
     if not suffix_ids:  # nothing after the cursor: a plain completion of the prefix
-        oa = _openai_body(state, body, ids)
-        (choice,) = await _prepare(state, oa, ids)
-        choice.tracker.stops = list(body.stop)
+        choice, settings = await _completion_choice(state, body, _openai_body(state, body, ids), ids)
         await run_to_end(state, [choice], request)
-        out = _finished(state, body, choice, ids, dict(params=choice.request.params, seed=choice.request.seed))
-        return _send(body, dict(out, truncated=truncated))
+        return _send(body, dict(_finished(state, body, choice, ids, settings), truncated=truncated))
     suffix = body.input_suffix if len(suffix_ids) == whole_suffix else state.tokenizer.decode(suffix_ids)
     oa = _openai_body(state, body, ids, suffix=suffix)
     start = time.perf_counter()
@@ -352,12 +349,12 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
     text, word = cut_stops(middle_text(state.tokenizer, ids, group.middle), body.stop)
     text, indented = cut_indent(text, body.n_indent)
     cands = group.candidates
-    first = cands[group.best].request
+    chosen = cands[group.best].request
     return _send(body, _response(
         state, body, content=text, ids=list(group.middle), prompt_ids=ids,
         stop_type="word" if word else "limit" if indented else "eos", stopping_word=word,
         cached=min(c.cached_tokens for c in cands), prompt_s=max(c.prompt_seconds for c in cands), total_s=total,
-        truncated=truncated, params=first.params, seed=first.seed))
+        truncated=truncated, params=chosen.params, seed=chosen.seed))
 
 
 __all__ = ["LlamaCompletionRequest", "LlamaInfillRequest", "completion", "infill", "props", "cut_indent", "cut_stops",

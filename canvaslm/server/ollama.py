@@ -32,8 +32,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import INT64, ChatCompletionRequest, CompletionRequest
-from .serving import APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare, run_choices
-from .tools import arguments_object, tool_replies
+from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare, run_choices,
+                      run_to_end, validated)
+from .tools import arguments_object, reply_message, tool_replies
 
 VERSION = "0.12.0"  # the Ollama API version these routes follow (clients check it for features)
 
@@ -166,13 +167,6 @@ def ollama_message(message: dict) -> dict:
     return out
 
 
-def _validate(cls, fields: dict, param: str):
-    try:
-        return cls.model_validate(fields)
-    except ValueError as e:
-        raise APIError(400, f"{param}: {e}", param) from None
-
-
 def _stats(c, prompt_len: int, start: float) -> dict:
     total = time.perf_counter() - start
     return {"total_duration": int(total * 1e9), "load_duration": 0,
@@ -189,9 +183,9 @@ async def chat(state: ServerState, body: ChatBody, request):
     fields = _sampling(body, {"model": name, "messages": _chat_messages(body.messages)})
     if body.tools:
         fields["tools"] = body.tools
-    oa = _validate(ChatCompletionRequest, fields, "messages")
+    oa = validated(ChatCompletionRequest, fields, "messages")
     ids = encode_chat(state, oa)
-    return await _run(state, body, oa, ids, chat=True)
+    return await _run(state, body, oa, ids, request, chat=True)
 
 
 async def generate(state: ServerState, body: GenerateBody, request):
@@ -205,22 +199,22 @@ async def generate(state: ServerState, body: GenerateBody, request):
         fields = _sampling(body, {"model": name, "prompt": body.prompt, "suffix": body.suffix or None})
         if fields.get("response_format"):
             raise APIError(400, "format works with a templated prompt; send raw: false and no suffix", "format")
-        oa = _validate(CompletionRequest, {**fields, "prompt": [0]}, "prompt")  # ids are set below
+        oa = validated(CompletionRequest, {**fields, "prompt": [0]}, "prompt")  # ids are set below
         try:
             ids = state.tokenizer.encode(body.prompt)
         except ValueError as e:
             raise APIError(400, f"prompt: {e}", "prompt") from None
         if body.suffix:
             return await _infill(state, body, oa, ids, request)
-        return await _run(state, body, oa, ids, chat=False)
+        return await _run(state, body, oa, ids, request, chat=False)
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
         [{"role": "user", "content": body.prompt}]
     need_chat_template(state, "prompt")
-    oa = _validate(ChatCompletionRequest, _sampling(body, {"model": name, "messages": messages}), "prompt")
-    return await _run(state, body, oa, encode_chat(state, oa, "prompt"), chat=False)
+    oa = validated(ChatCompletionRequest, _sampling(body, {"model": name, "messages": messages}), "prompt")
+    return await _run(state, body, oa, encode_chat(state, oa, "prompt"), request, chat=False)
 
 
-async def _run(state: ServerState, body, oa, ids: list, chat: bool):
+async def _run(state: ServerState, body, oa, ids: list, request, chat: bool):
     start = time.perf_counter()
     choices = await asyncio.to_thread(prepare, state, oa, [ids])
     replies = tool_replies(state, oa, choices) if chat else {}
@@ -233,8 +227,8 @@ async def _run(state: ServerState, body, oa, ids: list, chat: bool):
         if final and not body.stream:
             text = c.tracker.text
         if chat:
-            out["message"] = (ollama_message(replies[c.index].message(c.tracker.text, c.tracker.ids))
-                              if final and replies else {"role": "assistant", "content": text})
+            out["message"] = ollama_message(reply_message(c, replies)) if final and replies else \
+                {"role": "assistant", "content": text}
         else:
             out["response"] = text
         out["done"] = final
@@ -246,7 +240,7 @@ async def _run(state: ServerState, body, oa, ids: list, chat: bool):
         try:
             async with contextlib.aclosing(run_choices(state, choices)) as evs:
                 async for kind, _, payload in evs:
-                    if kind == "delta" and payload and body.stream and not replies:  # calls come whole, at the end
+                    if kind == "delta" and payload and not replies:  # calls come whole, at the end
                         yield json.dumps(line(payload), ensure_ascii=False) + "\n"
             yield json.dumps(line(final=True), ensure_ascii=False) + "\n"
         except APIError as e:  # a stream's headers are sent: reported in-band, as Ollama does
@@ -254,12 +248,8 @@ async def _run(state: ServerState, body, oa, ids: list, chat: bool):
 
     if body.stream:
         return StreamingResponse(events(), media_type="application/x-ndjson")
-    last = None
-    async for chunk in events():
-        last = json.loads(chunk)
-    if "error" in last:
-        raise APIError(500, last["error"], type="server_error")
-    return last
+    await run_to_end(state, choices, request)  # as the OpenAI routes: a client that leaves cancels it
+    return line(final=True)
 
 
 async def _infill(state: ServerState, body, oa, ids: list, request):

@@ -25,8 +25,8 @@ import uuid
 
 from .protocol import ChatCompletionRequest, ResponsesRequest
 from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare, run_choices,
-                      run_to_end, usage)
-from .tools import tool_replies
+                      run_to_end, usage, validated)
+from .tools import reply_message, tool_replies
 
 
 CHAT_TO_RESPONSES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
@@ -95,10 +95,7 @@ def to_chat(body: ResponsesRequest, history: list | None = None) -> tuple[ChatCo
             "name": fmt.name or "response", "schema": fmt.schema_, "strict": fmt.strict}}
     elif fmt is not None and fmt.type == "json_object":
         fields["response_format"] = {"type": "json_object"}
-    try:
-        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None}), turns
-    except ValueError as e:  # e.g. a message shape the chat route would refuse
-        raise APIError(400, f"input: {e}", "input") from None
+    return validated(ChatCompletionRequest, fields, "input"), turns
 
 
 def _item_id(prefix: str) -> str:
@@ -190,19 +187,13 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)
     c = choices[0]
-    message = _message(c, replies)
+    message = reply_message(c, replies)
     logprobs = await _logprobs(state, body, ids, c, replies)
     out = response_object(body, rid, created, output_items(message, logprobs=logprobs), c.finish_reason,
                           usage(choices, [ids]))
     if body.store is not False:
         store(state, out, history + turns + [message])
     return out
-
-
-def _message(c, replies) -> dict:
-    if c.index in replies:
-        return replies[c.index].message(c.tracker.text, c.tracker.ids)
-    return {"role": "assistant", "content": c.tracker.text}
 
 
 async def _stream(state, body, choices, prompts, replies, rid, created, turns):
@@ -222,7 +213,7 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
             async with contextlib.aclosing(run_choices(state, choices)) as events:
                 async for _ in events:
                     pass
-            items = output_items(_message(c, replies), logprobs=await _logprobs(state, body, prompts[0], c, replies))
+            items = output_items(reply_message(c, replies), logprobs=await _logprobs(state, body, prompts[0], c, replies))
             for k, item in enumerate(items):
                 for line in _item_events(event, k, item):
                     yield line
@@ -248,7 +239,7 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
             yield event("response.output_item.done", output_index=0, item=items[0])
         final = response_object(body, rid, created, items, c.finish_reason, usage(choices, prompts))
         if body.store is not False:
-            store(state, final, turns + [_message(c, replies)])
+            store(state, final, turns + [reply_message(c, replies)])
         yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                     response=final)
     except APIError as e:  # headers are sent: report in-band

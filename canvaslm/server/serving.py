@@ -61,7 +61,6 @@ class ServerState:
     lora_updates: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter are served
     hidden_size: int = 0  # the width of /v1/embeddings vectors
     embedding_pooling: str = "mean"  # /v1/embeddings: "mean" over the input's tokens or its "last" token's
-
     aliases: tuple[str, ...] = ()  # more names of the base model (vLLM's --served-model-name A B ...)
 
     def served_names(self) -> list:
@@ -107,6 +106,7 @@ class TextTracker:
     text: str = ""
     sent: int = 0  # characters already handed out
     stopped: bool = False  # a stop string was found: text is final
+    stop_word: str = ""  # the stop string that cut it
     keep_stop: bool = False  # include_stop_str_in_output: the text ends after the stop string, not before
     skip_special: bool = True  # skip_special_tokens
 
@@ -114,12 +114,12 @@ class TextTracker:
         self.ids.extend(ids)
         full = (self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special)
                 if self.tokenizer is not None else "")  # token-id-only checkpoints
-        hits = [(i, i + len(s)) for i, s in ((full.find(s), s) for s in self.stops) if i >= 0]
+        hits = [(i, i + len(s), s) for i, s in ((full.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            start, end = min(hits)
+            start, end, self.stop_word = min(hits)
             self.text, self.stopped = full[:end if self.keep_stop else start], True
         else:
-            self.text, self.stopped = full, False
+            self.text, self.stopped, self.stop_word = full, False, ""
 
     def delta(self, final: bool = False) -> str:
         """New text that can no longer change: holds back a possible stop-string start and an incomplete
@@ -132,6 +132,15 @@ class TextTracker:
         out = safe[self.sent:]
         self.sent = max(self.sent, len(safe))
         return out
+
+
+def validated(cls, fields: dict, param: str):
+    """A request body of pydantic model `cls` from `fields` (None values left to the defaults), built by a
+    route that translates another API's body; a 400 naming `param` when the translation does not pass."""
+    try:
+        return cls.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValueError as e:  # e.g. a message shape the chat route would refuse
+        raise APIError(400, f"{param}: {e}", param) from None
 
 
 def context_error(state: ServerState, detail: str, param: str) -> APIError:

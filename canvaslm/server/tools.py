@@ -185,6 +185,13 @@ def arguments_object(arguments: str | None) -> dict:
     return args if isinstance(args, dict) else {"arguments": arguments}
 
 
+def reply_message(choice, replies: dict) -> dict:
+    """A finished choice's chat reply: its tool calls read out where it is a tool reply, else its text."""
+    if choice.index in replies:
+        return replies[choice.index].message(choice.tracker.text, choice.tracker.ids)
+    return {"role": "assistant", "content": choice.tracker.text}
+
+
 def tool_replies(state, body, choices) -> dict:
     """choice index -> ToolReply for a reply that is (or may be) a tool call; {} for plain text."""
     forced, among = forced_tool(body), chosen_tools(body)
@@ -198,5 +205,5 @@ def tool_replies(state, body, choices) -> dict:
     return {}
 
 
-__all__ = ["arguments_object", "tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools", "auto_problem", "ToolReply",
+__all__ = ["arguments_object", "reply_message", "tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools", "auto_problem", "ToolReply",
            "tool_replies"]
