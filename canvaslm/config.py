@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,11 @@ class DiffusionParams:
     frequency_penalty: float = 0.0  # [-2, 2], 0: off
     presence_penalty: float = 0.0  # [-2, 2], 0: off
     repetition_penalty: float = 1.0  # > 0, 1: off
+    # A latency budget (seconds; None: none), counted from the request's first denoising step (prompt
+    # encoding is not counted, as llama.cpp's t_max_predict_ms): once it is spent, the canvas in progress
+    # is committed as its current argmax draft after the step under way, and it is the request's last.
+    # Not read from generation_config.json.
+    max_time: float | None = None
 
     def __post_init__(self):
         def bad(name, msg):
@@ -285,6 +291,9 @@ class DiffusionParams:
             bad("top_p", "must be in [0, 1] (1: no cut; 0 keeps only the most likely token)")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1] (0: no cut)")
+        if self.max_time is not None and (isinstance(self.max_time, bool) or not isinstance(self.max_time, (int, float))
+                                          or not 0 < self.max_time < math.inf):
+            bad("max_time", "must be a number of seconds > 0 (None: no limit)")
         from .sampling.penalties import PenaltyError, Penalties
         try:
             Penalties(self.frequency_penalty, self.presence_penalty, self.repetition_penalty)

@@ -9,6 +9,7 @@ generator draws exactly the reference's random numbers; finished rows commit pad
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -118,6 +119,9 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
     biases = [logit_bias.dense(r.logit_bias, V, device, model.embed_weight.dtype) for r in rows]
     any_bias = any(b is not None for b in biases)
     penalties = [penalty_state(r.params, r.prompt_ids, r.eos_ids, V, device) for r in rows]
+    limits = [r.params.max_time for r in rows]  # latency budgets: DiffusionParams.max_time
+    out_of_time = [False] * B  # the row's budget ran out: the canvas in progress is its last
+    denoise_start = None
     for k in range(n_canvases):
         pinned, mask = _constraint_tensors(constraints, k, C, V, device)
         # a shared generator draws for every row, as the reference does; per-row generators skip rows
@@ -129,6 +133,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
         finished = done_rows.clone() if per_row else torch.zeros(B, dtype=torch.bool, device=device)
         st = CanvasState(canvas, canvas, None, finished, new_history(B, depth, C, device), sp.n_steps.clone())
         for step in range(int(sp.n_steps.max())):
+            denoise_start = denoise_start or time.perf_counter()
             passes += ~(st.finished | done_rows)
             logits = model.denoise(st.canvas, slots, cache, sc_logits=st.sc_logits, max_start=max_prompt + k * C)
             if any_bias:
@@ -141,6 +146,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
                     pen.apply(logits[b], st.argmax[b] if step else None)
             st = entropy_bound_step(logits, st, sp, gens, V, logit_mask=mask, pinned=pinned)
             st.sc_logits = st.sc_logits.to(model.embed_weight.dtype)
+            _stop_late_rows(st, limits, out_of_time, time.perf_counter() - denoise_start)
             if on_draft is not None:
                 on_draft(k, st)
             if bool(st.finished.all()):  # the one host sync per step: the stop check
@@ -168,7 +174,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
                 res.token_ids += ids[:room]
                 if cut is not None:  # the eos lies past the token budget
                     committed[b, cut + 1:] = r.pad_id
-                if len(res.token_ids) >= r.params.max_new_tokens or cut is not None:
+                if len(res.token_ids) >= r.params.max_new_tokens or cut is not None or out_of_time[b]:
                     done_rows[b] = True
         if on_commit is not None:
             on_commit(k, committed, done_rows)
@@ -180,6 +186,18 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
     for b, res in enumerate(results):
         res.decoder_passes = int(passes[b])
     return results
+
+
+def _stop_late_rows(st: CanvasState, limits: list, out_of_time: list, spent: float) -> None:
+    """Rows whose latency budget `spent` seconds of denoising used up stop this canvas now (its draft is
+    committed) and end after it."""
+    late = [b for b, limit in enumerate(limits) if limit is not None and not out_of_time[b] and spent >= limit]
+    if late:
+        for b in late:
+            out_of_time[b] = True
+        mask = torch.zeros_like(st.finished)
+        mask[late] = True
+        st.finished = st.finished | mask
 
 
 def _constraint_tensors(constraints, k, C, V, device):

@@ -52,6 +52,7 @@ class SamplingParams:
     logit_bias: dict | None = field(default=None, hash=False)  # {token id: bias in [-100, 100]} (OpenAI's)
     min_tokens: int | None = None  # no EOS / stop token id before this many output tokens (vLLM's)
     lora: str | None = None  # the name of a LoRA adapter the LLM was given (`lora_modules`); None: the base
+    max_time: float | None = None  # seconds of denoising, then the canvas in progress is the last (config.DiffusionParams)
 
     def __post_init__(self):
         try:
@@ -83,7 +84,8 @@ class SamplingParams:
                              confidence_threshold=self.confidence_threshold,
                              stability_threshold=self.stability_threshold, top_k=self.top_k, top_p=self.top_p,
                              min_p=self.min_p, frequency_penalty=self.frequency_penalty,
-                             presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty)
+                             presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty,
+                             max_time=self.max_time)
         if self.temperature is not None:
             p = dataclasses.replace(p, t_min=p.t_min * self.temperature, t_max=p.t_max * self.temperature)
         return p

@@ -474,7 +474,8 @@ class Engine:
         p = req.params
         try:
             state = RequestState(req.request_id, req.prompt_ids, 0 if req.prompt_only else p.max_new_tokens,
-                                 self.canvas_length, p.max_denoising_steps, priority=req.priority, lora=req.lora)
+                                 self.canvas_length, p.max_denoising_steps, priority=req.priority, lora=req.lora,
+                                 max_time=p.max_time)
             self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts, req.logit_bias,
                             req.min_tokens, req.lora, prompt_ids=req.prompt_ids)
             self._sinks[req.request_id] = sink

@@ -24,7 +24,7 @@ class RequestStatus(enum.Enum):
 
 @dataclass(eq=False)  # identity semantics: two requests are never "equal" by value
 class RequestState:
-    """One generation request. The first seven fields come from the caller; the rest the scheduler owns."""
+    """One generation request. The first eight fields come from the caller; the rest the scheduler owns."""
 
     request_id: str
     prompt_ids: tuple[int, ...]
@@ -33,6 +33,7 @@ class RequestState:
     max_denoising_steps: int
     priority: int = 0  # lower is served first; ties (and aging) fall back to arrival order
     lora: int = 0  # served LoRA adapter id (0: the base model); KV is shared only within one adapter
+    max_time: float | None = None  # latency budget in seconds from the first denoising step (None: none)
 
     # --- owned by the scheduler ---
     arrival: int = -1  # position in the order of `Scheduler.add` calls
@@ -47,6 +48,8 @@ class RequestState:
     finish_reason: str | None = None  # one of FINISH_REASONS once done
     plans_waited: int = 0  # consecutive plans with work ready but not scheduled (aging)
     cached_len: int = 0  # prompt tokens whose KV was reused from the slot's previous owner (prefix caching)
+    denoise_started: float | None = None  # scheduler clock at the plan that first denoised it (max_time)
+    out_of_time: bool = False  # max_time is spent: the current canvas is the last
 
     def __post_init__(self) -> None:
         self.prompt_ids = tuple(self.prompt_ids)

@@ -289,7 +289,7 @@ class Runner:
                 cut = next((j for j, t in enumerate(ids) if t in req.eos_ids), None)
                 if cut is not None and cut < room:  # EOS inside the budget: keep it, stop
                     tokens, reason = ids[:cut + 1], "stop"
-                elif room <= C:  # budget reached (an EOS past it never shows)
+                elif room <= C or item.final:  # budget or time reached (an EOS past it never shows)
                     tokens, reason = ids[:room], "length"
                 else:
                     tokens, reason = ids, None

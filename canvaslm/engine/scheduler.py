@@ -31,6 +31,9 @@ Policy
   max_batch. Why: same-step canvases share step-dependent parameters (temperature/schedule) and
   tend to converge together, so batches stay homogeneous and their shapes stable. A canvas that
   stops early (or runs out of steps) just leaves the batch for a commit; the others continue.
+- Latency budget (`RequestState.max_time`): timed by `clock` from the plan that first denoises the
+  request. The first update that finds it spent stops the canvas just denoised, and its commit
+  item is `final`: the runner finishes the request with that canvas.
 - Fairness (aging): each plan that passes over a request with ready work bumps its `plans_waited`.
   Admission orders by priority value less one for every `max_wait_plans` plans waited (then arrival),
   so a lower value goes first (vLLM's `priority`) and yet a waiting request moves up until it is
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
@@ -79,6 +83,7 @@ class EncodeItem:
     start: int  # prompt positions start at 0; canvas i starts at prompt_len + i * canvas_length
     end: int
     token_ids: tuple[int, ...] = ()  # the prompt chunk for 'prefill'; empty for 'commit' (runner holds the canvas)
+    final: bool = False  # a 'commit' that ends the request whatever its budget left (its max_time is spent)
 
     @property
     def num_tokens(self) -> int:
@@ -143,10 +148,11 @@ class Scheduler:
         max_wait_plans: int = 16,
         prefix_caching: bool = False,
         prefix_store: tuple[int, int] | None = None,
+        clock=time.perf_counter,
     ) -> None:
         """prefix_store: (sliding ring positions, prefix store positions) of the runner's cache when its
         store is bounded (kv_cache): only prefixes whose ring it can still rebuild are reused. None: the
-        store holds every position."""
+        store holds every position. clock: seconds, read for requests with a `max_time`."""
         for name, value in [("max_batch", max_batch), ("kv_budget_tokens", kv_budget_tokens),
                             ("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
                             ("canvas_length", canvas_length), ("max_wait_plans", max_wait_plans)]:
@@ -160,6 +166,7 @@ class Scheduler:
         self.max_wait_plans = max_wait_plans
         self.prefix_caching = prefix_caching
         self.prefix_store = prefix_store
+        self.clock = clock
 
         self._waiting: dict[str, RequestState] = {}
         self._running: dict[str, RequestState] = {}  # PREFILLING or DENOISING: holds a slot and KV
@@ -267,6 +274,10 @@ class Scheduler:
         self._age({r.request_id for r in encode_reqs + denoise_reqs})
         if not encode_reqs and not denoise_reqs:
             return None
+        now = self.clock()
+        for r in denoise_reqs:
+            if r.denoise_started is None:
+                r.denoise_started = now
         plan = StepPlan(
             step_id=next(self._step_ids),
             encode=tuple(self._encode_item(r) for r in encode_reqs),
@@ -452,7 +463,7 @@ class Scheduler:
     def _encode_item(self, r: RequestState) -> EncodeItem:
         if r.needs_commit:
             start = r.canvas_start
-            return EncodeItem(r.request_id, r.slot, "commit", start, start + r.canvas_length)
+            return EncodeItem(r.request_id, r.slot, "commit", start, start + r.canvas_length, final=r.out_of_time)
         start = r.prefilled_len
         end = min(r.prompt_len, start + self.prefill_chunk)
         return EncodeItem(r.request_id, r.slot, "prefill", start, end, r.prompt_ids[start:end])
@@ -483,6 +494,7 @@ class Scheduler:
                 reason = self._commit(request, result.committed[item.request_id], result.finished.get(item.request_id))
                 if reason is not None:
                     finished.append(self._finish(request, reason))
+        now = self.clock()
         for item in plan.denoise:
             request = self._running.get(item.request_id)
             if request is None:
@@ -491,7 +503,10 @@ class Scheduler:
                 finished.append(self._finish(request, "error"))
                 continue
             request.denoise_step += 1
-            if item.request_id in result.early_stopped or request.denoise_step >= request.max_denoising_steps:
+            if request.max_time is not None and now - request.denoise_started >= request.max_time:
+                request.out_of_time = True
+            if (item.request_id in result.early_stopped or request.denoise_step >= request.max_denoising_steps
+                    or request.out_of_time):
                 request.canvas_ready = True
         for request in self._cancelled_in_flight.values():
             self._release(request)
@@ -524,6 +539,10 @@ class Scheduler:
         for rid, reason in result.finished.items():
             if reason not in ("stop", "length"):
                 raise ValueError(f"StepResult.finished[{rid!r}]={reason!r}; expected 'stop' or 'length'")
+        for item in plan.encode:
+            if item.final and item.request_id in result.committed and item.request_id not in result.finished:
+                raise ValueError(f"StepResult.finished lacks request {item.request_id!r}, whose commit in step "
+                                 f"{plan.step_id} is final")
         for rid in commit_ids:
             if rid not in self._running or rid in result.errors:
                 continue

@@ -1,6 +1,7 @@
 """`canvaslm generate` flags for canvas control: --json-schema, --json-object, --choice, --regex, --grammar,
 --pin, --suffix (infilling), --gaps; and the sampling cuts --top-k, --top-p, --min-p and penalties
---frequency-penalty, --presence-penalty, --repetition-penalty (generate and chat)."""
+--frequency-penalty, --presence-penalty, --repetition-penalty, and the latency budget --max-time
+(generate and chat)."""
 
 from __future__ import annotations
 
@@ -43,12 +44,15 @@ def add_sampling_args(p: argparse.ArgumentParser):
                    help="in [-2, 2]: minus this once a token is already in the output so far")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="in [0.01, 100]: shrink prompt and output-so-far tokens' logits by this factor (1: off)")
+    p.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
+                   help="latency budget: after this many seconds of denoising, the canvas in progress is "
+                        "committed as it stands and is the last")
 
 
 def sampling_params(args) -> dict:
     return {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
             "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
-            "repetition_penalty": args.repetition_penalty}
+            "repetition_penalty": args.repetition_penalty, "max_time": args.max_time}
 
 
 def add_constraint_args(p: argparse.ArgumentParser):

@@ -15,8 +15,10 @@ context), the prompt its tail (the extra chunks go first), and `truncated` says 
 
 `n_predict: 0` encodes the prompt into a slot and generates nothing (llama.vim sends it to warm the cache
 with its extra context): the next request that starts the same way reuses that KV (prefix caching).
-Differences, by design: `t_max_prompt_ms`, `t_max_predict_ms`, `cache_prompt`, `samplers`, `id_slot` and other llama.cpp-only
-knobs are accepted and ignored (a canvas is not interrupted half way); `n_probs` > 0 is refused.
+`t_max_predict_ms` limits the generation phase, as in llama-server: once it is spent, the canvas being
+denoised is committed as its current draft and generation ends (`stop_type` "limit"; the /v1 bodies'
+`max_time`). Differences, by design: `t_max_prompt_ms`, `cache_prompt`, `samplers`, `id_slot` and other
+llama.cpp-only knobs are accepted and ignored (a prompt is never cut for time); `n_probs` > 0 is refused.
 `timings.prompt_ms` runs from submission until the step that finished encoding the prompt, and
 `predicted_ms` from there to the end (for /infill: of all candidates, scoring excluded).
 """
@@ -70,6 +72,7 @@ class LlamaCompletionRequest(BaseModel):
     response_fields: list[str] | None = Field(None, max_length=256)
     model: str | None = Field(None, max_length=256)
     max_denoising_steps: int | None = Field(None, ge=1, le=4096)
+    t_max_predict_ms: int = Field(-1, ge=-INT64, le=INT64, description="generation time limit (<= 0: none)")
 
 
 class LlamaInfillRequest(LlamaCompletionRequest):
@@ -91,7 +94,8 @@ def _openai_body(state: ServerState, body: LlamaCompletionRequest, ids: list[int
             repetition_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, seed=None if body.seed in RANDOM_SEEDS else body.seed,
             ignore_eos=body.ignore_eos, guided_json=body.json_schema, guided_grammar=body.grammar or None,
-            max_denoising_steps=body.max_denoising_steps, suffix=suffix)
+            max_denoising_steps=body.max_denoising_steps, suffix=suffix,
+            max_time=body.t_max_predict_ms / 1e3 if body.t_max_predict_ms > 0 else None)
     except ValueError as e:  # pydantic's: a value the OpenAI body bounds tighter
         raise APIError(400, f"invalid request: {e}") from None
 

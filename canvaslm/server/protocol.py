@@ -3,7 +3,7 @@
 
 Fields follow the OpenAI API; the diffusion extensions (what the openai client's `extra_body` sends)
 sit at the top level of the body: `max_denoising_steps`, `entropy_bound`, `confidence_threshold`,
-`sampler`, `stream_drafts`, `ignore_eos`, and vLLM's `top_k`, `min_p` and `repetition_penalty`. Unknown
+`max_time`, `sampler`, `stream_drafts`, `ignore_eos`, and vLLM's `top_k`, `min_p` and `repetition_penalty`. Unknown
 fields are ignored, as OpenAI-compatible servers usually do; known fields with a wrong type or an
 out-of-range value are a 400 naming the field. Tools: a forced call (`tool_choice` naming a function, or
 "required" with one tool) is generated under the function's parameter schema (server/tools.py); "auto"
@@ -86,6 +86,9 @@ class _Common(_Strict):
                                 "position's most likely token's probability (0: none)")
     repetition_penalty: float | None = Field(None, ge=0.01, le=100, description="vLLM's: prompt and output-so-far "
                                              "tokens' logits shrink by this factor (1: off)")
+    max_time: float | None = Field(None, gt=0, le=86400, description="latency budget: seconds of denoising (prompt "
+                                   "encoding not counted), then the canvas in progress is committed as it stands and "
+                                   "is the last")
     stream_drafts: bool = Field(False, description="with stream=true: draft events (argmax canvas) between commits")
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1,
                           description="vLLM's: lower is served first; waits stay bounded (scheduler aging)")

@@ -179,7 +179,7 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
                             confidence_threshold=body.confidence_threshold, top_p=body.top_p,
                             top_k=None if body.top_k == -1 else body.top_k, min_p=body.min_p,
                             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                            repetition_penalty=body.repetition_penalty)
+                            repetition_penalty=body.repetition_penalty, max_time=body.max_time)
         params = sp.resolve(state.defaults)
     except (GenerationError, ConfigError) as e:
         raise APIError(400, str(e)) from None

@@ -16,8 +16,9 @@ from canvaslm.engine.scheduler import Scheduler, StepPlan, StepResult
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_req(rid, prompt_len=4, max_new=8, cl=4, steps=3, priority=0):
-    return RequestState(rid, tuple(range(1, prompt_len + 1)), max_new, cl, steps, priority=priority)
+def make_req(rid, prompt_len=4, max_new=8, cl=4, steps=3, priority=0, max_time=None):
+    return RequestState(rid, tuple(range(1, prompt_len + 1)), max_new, cl, steps, priority=priority,
+                        max_time=max_time)
 
 
 def canvas_tokens(rid: str, k: int, cl: int) -> list[int]:
@@ -66,6 +67,8 @@ class FakeRunner:
                     tokens = tokens[: self.eos(rid)[1] + 1]
                     finished[rid] = "stop"
                     self.stopped.add(rid)
+                elif item.final:  # its max_time is spent: this canvas ends it
+                    finished[rid] = "length"
                 committed[rid] = tokens
                 self.expected.setdefault(rid, []).extend(tokens)
                 self.canvases[rid], self.steps[rid] = k + 1, 0
@@ -422,3 +425,61 @@ def test_held_requests_sit_out_denoise_and_commit_but_not_prefill():
     while (plan := sched.plan()) is not None:  # no longer held: a runs to the end
         sched.update(plan, runner.run(plan))
     assert len(a.output_ids) == a.max_new_tokens
+
+
+class FakeClock:
+    """A clock the test moves."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_spent_max_time_makes_the_canvas_in_progress_the_last():
+    sched = Scheduler(max_batch=4, kv_budget_tokens=200, num_slots=4, prefill_chunk=8, canvas_length=4)
+    clock = sched.clock = FakeClock()
+    timed = make_req("timed", prompt_len=8, max_new=12, steps=10, max_time=2.5)  # 3 canvases, 10 steps each
+    late = make_req("late", prompt_len=8, max_new=12, steps=10, max_time=4.5)  # its budget runs out in canvas 1
+    free = make_req("free", prompt_len=8, max_new=12, steps=10)
+    for r in (timed, late, free):
+        sched.add(r)
+    runner = FakeRunner(sched, converge=lambda rid, k: 2 if (rid, k) == ("late", 0) else None)
+
+    def tick(plan):
+        clock.now += 1.0
+
+    plans = drive(sched, runner, before_update=tick)
+    steps = {rid: [(d.canvas_index, d.denoise_step) for p in plans for d in p.denoise if d.request_id == rid]
+             for rid in ("timed", "late", "free")}
+    # timed: clock 1, 2, 3 s after its first denoising plan -> 3 steps, then its commit is final
+    assert steps["timed"] == [(0, 0), (0, 1), (0, 2)]
+    assert timed.finish_reason == "length" and timed.output_ids == runner.expected["timed"] == canvas_tokens("timed", 0, 4)
+    # late: canvas 0 converges after 2 steps and is committed (not final: 2 s spent); canvas 1's second step
+    # ends 5 s after the first, past its 4.5 s
+    assert steps["late"] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert late.finish_reason == "length" and len(late.output_ids) == 8
+    # free: no budget, all 3 canvases x 10 steps
+    assert len(steps["free"]) == 30 and len(free.output_ids) == 12 and free.finish_reason == "length"
+    finals = [(i.request_id, i.final) for p in plans for i in p.encode if i.kind == "commit"]
+    assert ("timed", True) in finals and ("late", False) in finals and ("late", True) in finals
+    assert not any(f for rid, f in finals if rid == "free")
+    assert sched.kv_used == 0
+
+
+def test_a_final_commit_must_finish_its_request():
+    sched = Scheduler(max_batch=4, kv_budget_tokens=100, num_slots=1, prefill_chunk=8, canvas_length=4)
+    sched.clock = FakeClock()
+    sched.add(make_req("a", prompt_len=4, max_new=12, steps=5, max_time=0.5))
+    sched.update(plan := sched.plan(), StepResult())  # prefill
+    plan = sched.plan()  # one step, which takes a second: the budget is spent
+    sched.clock.now = 1.0
+    sched.update(plan, StepResult())
+    plan = sched.plan()
+    (item,) = plan.encode
+    assert item.kind == "commit" and item.final
+    with pytest.raises(ValueError, match="final"):
+        sched.update(plan, StepResult(committed={"a": (1, 2, 3, 4)}))
+    sched.update(plan, StepResult(committed={"a": (1, 2, 3, 4)}, finished={"a": "length"}))
+    assert sched.get("a") is None

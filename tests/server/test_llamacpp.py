@@ -4,6 +4,7 @@ llama.vscode call them. Each must mean exactly what the equivalent /v1/completio
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -139,6 +140,44 @@ def test_n_predict_zero_encodes_the_prompt_for_the_next_request(server, llm):
     assert out.status_code == 200 and out.json() == {}
     empty = post(server, "/infill", {"n_predict": 0})  # nothing to warm (found by the fuzz test)
     assert empty.status_code == 200 and empty.json()["tokens_evaluated"] == 0
+
+
+@pytest.fixture
+def slow_clock(server):
+    """The engine's scheduler reads a clock that moves one second per read: every denoising step "takes"
+    at least a second, so a time limit under a second is spent by the first step, whatever the machine."""
+    sched = server.state.engine.scheduler
+    ticks = iter(range(10**9))
+    sched.clock = lambda: float(next(ticks))
+    yield
+    sched.clock = time.perf_counter
+
+
+def test_t_max_predict_ms_commits_the_draft_and_stops(server, slow_clock):
+    """llama.vim's t_max_predict_ms (the /v1 bodies' max_time): once spent, the canvas being denoised is
+    committed as its draft and generation ends; before that nothing changes."""
+    body = {"prompt": "def add(a, b):", "n_predict": 40, "seed": 5, "return_tokens": True}
+    one_step = post(server, "/completion", dict(body, max_denoising_steps=1)).json()
+    timed = post(server, "/completion", dict(body, t_max_predict_ms=1)).json()
+    n = len(timed["tokens"])
+    assert 0 < n <= 16 and timed["tokens"] == one_step["tokens"][:n]  # canvas 0 after its first step
+    assert timed["stop_type"] == ("eos" if n < 16 else "limit")
+    ref = oai(server).completions.create(model=MODEL, prompt=body["prompt"], max_tokens=40, seed=5,
+                                         extra_body={"max_time": 0.5})
+    assert ref.choices[0].text == timed["content"]
+    free = post(server, "/completion", body).json()
+    for off in (0, -1):  # llama.cpp's "no limit"
+        assert post(server, "/completion", dict(body, t_max_predict_ms=off)).json()["tokens"] == free["tokens"]
+    infill = post(server, "/infill", dict(INFILL, n_predict=40, t_max_predict_ms=1))
+    assert infill.status_code == 200, infill.text
+
+
+def test_max_time_must_be_positive(server):
+    r = oai(server).completions.with_raw_response.create
+    for bad in (0, -2, "1"):
+        with pytest.raises(openai.BadRequestError) as e:
+            r(model=MODEL, prompt="x", max_tokens=4, extra_body={"max_time": bad})
+        assert e.value.body["param"] == "max_time"
 
 
 # --- /infill ----------------------------------------------------------------------------------------------
