@@ -2,8 +2,11 @@
 
 prefill (encoder over the prompts) -> for each canvas: denoising steps (decoder + sampler) until every
 row stopped -> commit the argmax canvas (encoder writes its KV) -> next canvas, until every row hit EOS
-or its token budget. Rows stay in the batch until the batch is done, as the reference does, so a shared
-generator draws exactly the reference's random numbers; finished rows commit padding.
+or its token budget. With a shared generator, rows stay in every call until the batch is done, as the
+reference does, so it draws exactly the reference's random numbers; finished rows commit padding. With one
+generator per row (per-request seeds), a row whose canvas stopped leaves the decoder calls until the next
+canvas, and a row whose request ended leaves them for good: the outputs are the same, the batch's slowest
+canvas no longer costs every row a step.
 """
 
 from __future__ import annotations
@@ -76,20 +79,23 @@ def batch_geometry(rows: list[RowRequest], C: int) -> tuple[int, int]:
 
 
 def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None = None,
-                  on_commit: Callable | None = None, geometry: tuple[int, int] | None = None) -> list[RowResult]:
+                  on_commit: Callable | None = None, geometry: tuple[int, int] | None = None,
+                  drop_stopped: bool = True) -> list[RowResult]:
     """Generate for a batch of rows. gens: one torch.Generator shared by the batch, or one per row.
     geometry: (prompt columns, KV cache length) at least what the rows need; the default is exactly
     that. Results depend on it in the last bits (the reduction lengths), so a batch split into parts
     that keep the whole batch's geometry gives the whole batch's outputs. Rows may use different LoRA
-    adapters of the model (`RowRequest.lora`)."""
+    adapters of the model (`RowRequest.lora`). drop_stopped: with one generator per row, a row whose canvas
+    stopped leaves the decoder calls until the next canvas (False: every row runs every step, as with a
+    shared generator; the outputs are the same)."""
     from .lora_serving import with_adapter
 
     return with_adapter(model, [r.lora for r in rows],
-                        lambda m: _generate_rows(m, rows, gens, on_draft, on_commit, geometry))
+                        lambda m: _generate_rows(m, rows, gens, on_draft, on_commit, geometry, drop_stopped))
 
 
 @torch.no_grad()
-def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[RowResult]:
+def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stopped=True) -> list[RowResult]:
     cfg = model.cfg
     device = model.embed_weight.device
     C, V, B = cfg.canvas_length, cfg.vocab_size, len(rows)
@@ -122,40 +128,60 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
     limits = [r.params.max_time for r in rows]  # latency budgets: DiffusionParams.max_time
     out_of_time = [False] * B  # the row's budget ran out: the canvas in progress is its last
     denoise_start = None
+    per_row = isinstance(gens, (list, tuple))
+    done_host = [False] * B
     for k in range(n_canvases):
         pinned, mask = _constraint_tensors(constraints, k, C, V, device)
         # a shared generator draws for every row, as the reference does; per-row generators skip rows
         # that are done, so each request's random stream is its own
-        per_row = isinstance(gens, (list, tuple))
         canvas = randint(V, B, C, gens, device, active=~done_rows if per_row else None)
         if pinned is not None:
             canvas = torch.where(pinned >= 0, pinned, canvas)
         finished = done_rows.clone() if per_row else torch.zeros(B, dtype=torch.bool, device=device)
         st = CanvasState(canvas, canvas, None, finished, new_history(B, depth, C, device), sp.n_steps.clone())
+        # with per-row generators, rows that stopped (this canvas or the request) leave the decoder call: a
+        # stopped row's state never changes, and each row's result does not depend on its batch mates
+        live = [b for b in range(B) if not (per_row and drop_stopped and done_host[b])]
+        picked = None  # (live rows, their index, sampler params, generators, mask, pins) while live is unchanged
         for step in range(int(sp.n_steps.max())):
             denoise_start = denoise_start or time.perf_counter()
             passes += ~(st.finished | done_rows)
-            logits = model.denoise(st.canvas, slots, cache, sc_logits=st.sc_logits, max_start=max_prompt + k * C)
+            if len(live) == B:
+                ix, sub_sp, sub_gens, sub_mask, sub_pinned = None, sp, gens, mask, pinned
+            else:
+                if picked is None or picked[0] != live:
+                    at = torch.tensor(live, device=device)
+                    picked = (live, at, SamplerParams.build([rows[b].params for b in live], device),
+                              [gens[b] for b in live], *(None if t is None else t.index_select(0, at)
+                                                         for t in (mask, pinned)))
+                ix, sub_sp, sub_gens, sub_mask, sub_pinned = picked[1:]
+            sub = st if ix is None else _select_rows(st, ix)
+            logits = model.denoise(sub.canvas, slots if ix is None else ix, cache, sc_logits=sub.sc_logits,
+                                   max_start=max_prompt + k * C)
             if any_bias:
-                logit_bias.apply(logits, biases)
-            for b, r in enumerate(rows):
-                if r.min_tokens > k * C:
-                    logit_bias.ban_before(logits, b, k * C, r.min_tokens, r.eos_ids)
-            for b, pen in enumerate(penalties):
-                if pen is not None:
-                    pen.apply(logits[b], st.argmax[b] if step else None)
-            st = entropy_bound_step(logits, st, sp, gens, V, logit_mask=mask, pinned=pinned)
-            st.sc_logits = st.sc_logits.to(model.embed_weight.dtype)
+                logit_bias.apply(logits, [biases[b] for b in live])
+            for j, b in enumerate(live):
+                if rows[b].min_tokens > k * C:
+                    logit_bias.ban_before(logits, j, k * C, rows[b].min_tokens, rows[b].eos_ids)
+                if penalties[b] is not None:
+                    penalties[b].apply(logits[j], st.argmax[b] if step else None)
+            new = entropy_bound_step(logits, sub, sub_sp, sub_gens, V, logit_mask=sub_mask, pinned=sub_pinned)
+            del logits
+            new.sc_logits = new.sc_logits.to(model.embed_weight.dtype)
+            st = new if ix is None else _merge_rows(st, ix, new)
             _stop_late_rows(st, limits, out_of_time, time.perf_counter() - denoise_start)
             if on_draft is not None:
                 on_draft(k, st)
-            if bool(st.finished.all()):  # the one host sync per step: the stop check
+            stopped = st.finished.tolist()  # the one host sync per step: the stop check
+            if all(stopped):
                 break
+            if per_row and drop_stopped:
+                live = [b for b in live if not stopped[b]]
         committed = st.argmax.clone()
         if pinned is not None:
             _commit_constraints(constraints, k, committed, st.sc_logits, done_rows)
         for b, r in enumerate(rows):
-            if bool(done_rows[b]):
+            if done_host[b]:
                 committed[b] = r.pad_id
                 continue
             res = results[b]
@@ -169,13 +195,13 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
                 res.token_ids += ids[:cut + 1]
                 res.finish_reason = "stop"
                 committed[b, cut + 1:] = r.pad_id
-                done_rows[b] = True
+                done_rows[b] = done_host[b] = True
             else:
                 res.token_ids += ids[:room]
                 if cut is not None:  # the eos lies past the token budget
                     committed[b, cut + 1:] = r.pad_id
                 if len(res.token_ids) >= r.params.max_new_tokens or cut is not None or out_of_time[b]:
-                    done_rows[b] = True
+                    done_rows[b] = done_host[b] = True
         if on_commit is not None:
             on_commit(k, committed, done_rows)
         if bool(done_rows.all()) or k == n_canvases - 1:
@@ -186,6 +212,24 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry) -> list[Row
     for b, res in enumerate(results):
         res.decoder_passes = int(passes[b])
     return results
+
+
+def _select_rows(st: CanvasState, ix: torch.Tensor) -> CanvasState:
+    """The rows `ix` of a batch's state."""
+    def pick(t):
+        return None if t is None else t.index_select(0, ix)
+    return CanvasState(pick(st.canvas), pick(st.argmax), pick(st.sc_logits), pick(st.finished), pick(st.history),
+                       pick(st.cur_step))
+
+
+def _merge_rows(st: CanvasState, ix: torch.Tensor, new: CanvasState) -> CanvasState:
+    """The batch's state with rows `ix` replaced by `new` (the other rows had stopped: they keep theirs)."""
+    def put(full, part):
+        if full is None:  # a first step: the rows left out have no self-conditioning logits yet
+            full = part.new_zeros((st.canvas.shape[0], *part.shape[1:]))
+        return full.to(part.dtype).index_copy(0, ix, part)
+    return CanvasState(put(st.canvas, new.canvas), put(st.argmax, new.argmax), put(st.sc_logits, new.sc_logits),
+                       put(st.finished, new.finished), put(st.history, new.history), put(st.cur_step, new.cur_step))
 
 
 def _stop_late_rows(st: CanvasState, limits: list, out_of_time: list, spent: float) -> None:

@@ -54,6 +54,35 @@ def test_long_prompt_lists_run_in_batches_with_the_same_outputs(llm, tiny_checkp
         LLM(tiny_checkpoint, device="cpu", max_batch=0)
 
 
+def test_rows_that_stop_leave_the_decoder_call_and_no_output_changes(llm, tiny_checkpoint, monkeypatch):
+    """With per-request seeds, a row whose canvas stopped (or whose request ended) is no longer run through
+    the decoder; every output (and its decoder passes) is still what the row gets alone in that geometry,
+    with biases, penalties, min_tokens and pins on some rows."""
+    from canvaslm.sampling.constraints import PinnedConstraint
+
+    prompts = ["Hello", "a longer prompt here", "x", "yy"]
+    params = [SamplingParams(seed=1, max_new_tokens=40, max_denoising_steps=2),
+              SamplingParams(seed=2, max_new_tokens=40, max_denoising_steps=9, logit_bias={5: 3.0}),
+              SamplingParams(seed=3, max_new_tokens=24, max_denoising_steps=5, repetition_penalty=1.5,
+                             min_tokens=20),
+              SamplingParams(seed=4, max_new_tokens=40, max_denoising_steps=7,
+                             constraint=PinnedConstraint({3: 7, 20: 9}))]
+    rows_per_call = []
+    denoise = llm.model.denoise
+
+    def spy(canvas, *a, **kw):
+        rows_per_call.append(canvas.shape[0])
+        return denoise(canvas, *a, **kw)
+
+    monkeypatch.setattr(llm.model, "denoise", spy)
+    together = llm.generate(prompts, params)
+    assert rows_per_call[0] == 4 and min(rows_per_call) == 1  # the batch shrinks as rows stop
+    monkeypatch.setattr(llm.model, "denoise", denoise)
+    alone = LLM(tiny_checkpoint, device="cpu", max_batch=1).generate(prompts, params)  # the list's geometry
+    assert [(r.token_ids, r.decoder_passes) for r in together] == [(r.token_ids, r.decoder_passes) for r in alone]
+    assert together[3].token_ids[3] == 7 and together[3].token_ids[20] == 9
+
+
 def test_defaults_come_from_generation_config(llm):
     res = llm.generate("Hi", SamplingParams(seed=0))[0]
     assert len(res.token_ids) <= llm.defaults.max_new_tokens == 32
