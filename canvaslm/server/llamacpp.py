@@ -154,7 +154,7 @@ def _response(state: ServerState, body, *, content: str, ids: list[int], prompt_
     return {
         "index": 0, "content": content, "tokens": ids if body.return_tokens else [], "id_slot": -1, "stop": True,
         "model": body.model or state.model_name, "tokens_predicted": n_pred, "tokens_evaluated": len(prompt_ids),
-        "generation_settings": settings, "prompt": state.tokenizer.decode(prompt_ids), "has_new_line": "\n" in content,
+        "generation_settings": settings, "prompt": _prompt_text(state, body, prompt_ids), "has_new_line": "\n" in content,
         "truncated": truncated, "stop_type": stop_type, "stopping_word": stopping_word, "tokens_cached": cached,
         "timings": {"cache_n": cached, "prompt_n": n_prompt, "prompt_ms": prompt_ms,
                     "prompt_per_token_ms": prompt_ms / n_prompt if n_prompt else 0.0,
@@ -162,6 +162,13 @@ def _response(state: ServerState, body, *, content: str, ids: list[int], prompt_
                     "predicted_n": n_pred, "predicted_ms": pred_ms,
                     "predicted_per_token_ms": pred_ms / n_pred if n_pred else 0.0,
                     "predicted_per_second": n_pred * 1e3 / pred_ms if pred_ms > 0 else 0.0}}
+
+
+def _prompt_text(state: ServerState, body, prompt_ids: list[int]) -> str:
+    """The prompt as text, for the reply's `prompt`; not decoded when `response_fields` leaves it out (llama.vim
+    asks for a few fields of a reply whose prompt holds tens of thousands of tokens of context)."""
+    wanted = body.response_fields is None or any(f.split("/")[0] == "prompt" for f in body.response_fields)
+    return state.tokenizer.decode(prompt_ids) if wanted else ""
 
 
 def _send(body, response: dict) -> dict | StreamingResponse:

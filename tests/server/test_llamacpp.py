@@ -201,6 +201,7 @@ def test_infill_equals_v1_completions_with_suffix(server):
     again = post(server, "/infill", dict(INFILL, response_fields=fields)).json()
     assert set(again) == set(fields) and again["content"] == out["content"]
     assert again["tokens_cached"] > 0  # the same prompt again: its whole chunks come from the prefix cache
+    assert post(server, "/infill", dict(INFILL, response_fields=["prompt"])).json() == {"prompt": prompt}
     streamed = sse(server, "/infill", dict(INFILL, stream=True))
     assert "".join(c["content"] for c in streamed) == out["content"] and streamed[-1]["stop"] is True
 
