@@ -348,9 +348,9 @@ async def _respond_infill(state: ServerState, body, prompts, request: Request):
     rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream_events(result, rid, created, body.model, include_usage),
+        return StreamingResponse(stream_events(result, rid, created, state.reply_name(body.model), include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return {"id": rid, "object": "text_completion", "created": created, "model": body.model, **result}
+    return {"id": rid, "object": "text_completion", "created": created, "model": state.reply_name(body.model), **result}
 
 
 async def _respond(state: ServerState, body, prompts, request: Request, chat: bool):
@@ -368,7 +368,7 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
         echo = not chat and body.echo  # the prompt's text first, then the completion's
         if echo:
             need_tokenizer(state, "echo")
-        gen = _stream(state, choices, prompts, rid, created, body.model, chat, include_usage, replies, top, echo)
+        gen = _stream(state, choices, prompts, rid, created, state.reply_name(body.model), chat, include_usage, replies, top, echo)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)  # the trackers accumulate the text
@@ -393,7 +393,7 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
                                                               for c in choices], body.top_logprobs or 0)
         for o, lp in zip(out, scored):
             o["logprobs"] = lp
-    return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": out,
+    return {"id": rid, "object": obj, "created": created, "model": state.reply_name(body.model), "choices": out,
             "usage": usage(choices, prompts)}
 
 

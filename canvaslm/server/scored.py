@@ -53,7 +53,7 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
             logprobs, tops = scored[i]
             choice["logprobs"] = _legacy_logprobs(state.tokenizer, shown, body.echo, logprobs, tops, top_k)
         out.append(choice)
-    return _response(body, out, prompts, completion, sum(p for _, _, _, p in outputs))
+    return _response(state, body, out, prompts, completion, sum(p for _, _, _, p in outputs))
 
 
 async def complete_best_of(state: ServerState, body, prompts: list[list[int]], request) -> dict:
@@ -72,13 +72,14 @@ async def complete_best_of(state: ServerState, body, prompts: list[list[int]], r
         order = sorted(range(len(group)), key=lambda k: (-scores[k] if conts[k] else float("inf"), k))[:body.n]
         out += [{"index": len(out) + r, "text": group[k].tracker.text, "finish_reason": group[k].finish_reason,
                  "logprobs": None, "score": scores[k]} for r, k in enumerate(order)]
-    return _response(body, out, prompts, sum(len(c.tracker.ids) for c in choices),
+    return _response(state, body, out, prompts, sum(len(c.tracker.ids) for c in choices),
                      sum(c.decoder_passes for c in choices))
 
 
-def _response(body, choices: list, prompts: list, completion: int, passes: int) -> dict:
+def _response(state: ServerState, body, choices: list, prompts: list, completion: int, passes: int) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
-    return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "model": body.model, "choices": choices,
+    return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "model": state.reply_name(body.model),
+            "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion, "decoder_passes": passes}}
 

@@ -66,6 +66,11 @@ class ServerState:
     def served_names(self) -> list:
         return [self.model_name, *self.aliases, *self.loras]
 
+    def reply_name(self, model: str) -> str:
+        """The `model` an OpenAI-route reply names: the first served name for any alias of the base model
+        (vLLM's rule), else the adapter asked for."""
+        return self.model_name if model in self.aliases else model
+
     def adapter(self, model: str) -> int:
         """The adapter id a request's `model` names (0: the base model); a 404 naming it if not served."""
         if model == self.model_name or model in self.aliases:

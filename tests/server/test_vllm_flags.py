@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import openai
 import pytest
 import torch
 
 from canvaslm.cli import main
 from canvaslm.config import DiffusionParams
 from canvaslm.engine.engine import GIB, EngineConfig, kv_budget, plan_max_model_len
+from canvaslm.server.launch import BackgroundServer, build_state
 from canvaslm.shapes import model_config
 
 # seed 000's command for vLLM, with the tiny checkpoint's canvas (16) and a context it has
@@ -114,3 +116,18 @@ def test_served_model_name_takes_aliases(served, tiny_checkpoint):
     assert code == 0 and state.model_name == "dg" and state.served_names() == ["dg", "gpt-4o"]
     assert state.adapter("gpt-4o") == 0
     state.engine.shutdown()
+
+
+def test_replies_to_an_alias_name_the_first_served_name(tiny_checkpoint):
+    """As vLLM's replies do."""
+    state = build_state(tiny_checkpoint, "cpu", "float32", EngineConfig(max_batch=2, max_model_len=128),
+                        served_model_name="dg")
+    state.aliases = ("gpt-4o",)
+    with BackgroundServer(state) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
+        assert client.completions.create(model="gpt-4o", prompt="hi", max_tokens=4, seed=0).model == "dg"
+        assert client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, seed=0).model == "dg"
+        stream = client.completions.create(model="gpt-4o", prompt="hi", max_tokens=4, seed=0, stream=True)
+        assert {c.model for c in stream} == {"dg"}
+        assert client.completions.create(model="dg", prompt="hi", max_tokens=4, seed=0).model == "dg"
