@@ -1,10 +1,13 @@
 """Training data: load (prompt_ids, response_ids) examples and order them deterministically.
 
 Sources: a JSONL file of {"prompt_ids", "response_ids"} rows, {"prompt", "response"} texts (encoded
-with the checkpoint's tokenizer) or {"messages": [...], "tools": [...]} conversations (OpenAI's
-fine-tuning format, rendered with the checkpoint's chat template: one example per assistant turn, the
-conversation before it as the prompt), or a Python callable `module:function` returning a list of
-examples (pairs, or dicts as in the JSONL). The order is a pure function of (seed, global example counter): step s
+with the checkpoint's tokenizer; TRL's "completion" may stand for "response") or {"messages": [...],
+"tools": [...]} conversations (OpenAI's fine-tuning format, rendered with the checkpoint's chat template:
+one example per assistant turn, the conversation before it as the prompt; TRL's conversational
+{"prompt": [messages], "completion": [messages]} trains the completion's turns), a Python callable
+`module:function` returning a list of examples (pairs, or dicts as in the JSONL), or a Hugging Face
+dataset (`hf:owner/name`, or a mapping {dataset, subset, split, revision, columns, max_examples}) read
+with the `datasets` library, whose rows are those dicts (`columns` renames the dataset's columns). The order is a pure function of (seed, global example counter): step s
 of a run with global batch size G uses examples number s*G ... s*G+G-1 of an endless stream of shuffled
 epochs. Nothing about the order lives in a loader's state, so a resumed run sees exactly the examples it
 would have seen, whatever the number of processes or gradient-accumulation micro-batches.
@@ -29,6 +32,12 @@ class DataError(ValueError):
 
 
 def _coerce(item, where: str, tokenizer) -> list[Example]:
+    if isinstance(item, dict) and "response" not in item and "completion" in item:  # TRL's name
+        item = {**{k: v for k, v in item.items() if k != "completion"}, "response": item["completion"]}
+    if isinstance(item, dict) and _is_messages(item.get("prompt")) and _is_messages(item.get("response")):
+        # TRL's conversational prompt-completion: train the completion's assistant turns only
+        earlier = [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in item["prompt"]]
+        item = {"messages": earlier + item["response"], **({"tools": item["tools"]} if "tools" in item else {})}
     if isinstance(item, dict) and "messages" in item:
         return _chat_examples(item, where, tokenizer)
     if isinstance(item, (tuple, list)) and len(item) == 2:
@@ -43,6 +52,10 @@ def _coerce(item, where: str, tokenizer) -> list[Example]:
         raise DataError(f"{where}: expected a (prompt_ids, response_ids) pair or a dict with "
                         f"'prompt_ids'/'response_ids', 'prompt'/'response' or 'messages', got {str(item)[:80]!r}")
     return [_checked(prompt, response, where)]
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def _checked(prompt, response, where: str) -> Example:
@@ -110,9 +123,69 @@ def resolve_callable(spec: str) -> Callable:
     return fn
 
 
-def load_examples(spec: str, tokenizer=None, kwargs: dict | None = None, vocab_size: int | None = None) -> list[Example]:
-    """Examples from a JSONL path or a `module:function` callable (called with **kwargs)."""
-    if spec.endswith((".jsonl", ".json")) or Path(spec).exists():
+HF_KEYS = {"dataset", "subset", "split", "revision", "columns", "max_examples"}
+
+
+def hf_source(spec) -> dict | None:
+    """A Hugging Face dataset source as a mapping (defaults filled in), or None for other sources."""
+    if isinstance(spec, str):
+        if spec.startswith("hf:"):
+            return {"dataset": spec[3:], "split": "train", "columns": {}}
+        if Path(spec).is_dir():  # a local dataset directory (data files per split, or a saved dataset)
+            return {"dataset": spec, "split": "train", "columns": {}}
+        return None
+    if not isinstance(spec, dict):
+        raise DataError(f"data source {spec!r}: expected a path, 'module:function', 'hf:owner/name' or a mapping "
+                        f"with {sorted(HF_KEYS)}")
+    unknown = sorted(set(spec) - HF_KEYS)
+    if unknown or not isinstance(spec.get("dataset"), str) or not spec["dataset"]:
+        raise DataError(f"data source {spec!r}: a dataset mapping needs 'dataset' (a Hugging Face repo id or a "
+                        f"local dataset dir) and only {sorted(HF_KEYS)} (unknown: {unknown})")
+    columns = spec.get("columns") or {}
+    if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
+        raise DataError(f"data source {spec['dataset']!r}: 'columns' must map our field names to the dataset's "
+                        f"columns, e.g. {{prompt: instruction, response: output}}")
+    n = spec.get("max_examples")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise DataError(f"data source {spec['dataset']!r}: max_examples must be a positive integer, got {n!r}")
+    return {"split": "train", **spec, "columns": columns}
+
+
+def _hf_rows(src: dict) -> tuple[list[dict], str]:
+    """The rows of a Hugging Face dataset split as dicts with our field names, and a name for messages."""
+    name, split = src["dataset"], src["split"]
+    where = f"dataset {name!r}" + (f" ({src['subset']})" if src.get("subset") else "") + f" split {split!r}"
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{where}: reading Hugging Face datasets needs the `datasets` package "
+                        "(pip install datasets, or canvaslm[train])") from None
+    try:
+        ds = datasets.load_dataset(name, src.get("subset"), split=split, revision=src.get("revision"))
+    except Exception as e:  # noqa: BLE001 - not found, offline, bad split, bad files: all name the source
+        hint = " (offline: HF_HUB_OFFLINE is set, so only the local cache is read)" if \
+            getattr(datasets.config, "HF_HUB_OFFLINE", False) else ""
+        raise DataError(f"{where} cannot be read{hint}: {type(e).__name__}: {e}") from None
+    renames = {theirs: ours for ours, theirs in src["columns"].items()}
+    missing = sorted(set(renames) - set(ds.column_names))
+    if missing:
+        raise DataError(f"{where}: columns {missing} (from 'columns') are not in the dataset; it has "
+                        f"{ds.column_names}")
+    if src.get("max_examples"):
+        ds = ds.select(range(min(src["max_examples"], len(ds))))
+    rows = [{renames.get(k, k): v for k, v in row.items()} for row in ds]
+    return rows, where
+
+
+def load_examples(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: int | None = None) -> list[Example]:
+    """Examples from a JSONL path, a `module:function` callable (called with **kwargs) or a Hugging Face
+    dataset (`hf:owner/name` or a mapping: `hf_source`)."""
+    src = hf_source(spec)
+    if src is not None:
+        rows, where = _hf_rows(src)
+        out = [ex for i, item in enumerate(rows) for ex in _coerce(item, f"{where} row {i}", tokenizer)]
+        spec = src["dataset"]
+    elif spec.endswith((".jsonl", ".json")) or Path(spec).exists():
         path = Path(spec)
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")

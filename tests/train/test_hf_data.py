@@ -1,0 +1,109 @@
+"""Hugging Face datasets as training data (train/data.py): a dataset dir or repo id read with the `datasets`
+library, offline. Rows mean what the same dicts mean in a JSONL file; `columns` renames; TRL's
+prompt/completion formats; every failure names the dataset and split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from canvaslm.train.data import DataError, load_examples
+from canvaslm.train.trainer import TrainConfig, Trainer
+
+from .helpers import tiny_config
+
+datasets = pytest.importorskip("datasets")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_checkpoint):
+    from canvaslm.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(tiny_checkpoint)
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CHAT = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(3)]
+
+
+def test_a_dataset_dir_reads_like_the_same_jsonl(tmp_path, tok):
+    ds = tmp_path / "ds"
+    write_jsonl(ds / "train.jsonl", CHAT)
+    write_jsonl(ds / "test.jsonl", CHAT[:1])
+    want = load_examples(str(write_jsonl(tmp_path / "chat.jsonl", CHAT)), tok)
+    assert load_examples(str(ds), tok) == want  # a directory: its train split
+    assert load_examples(f"hf:{ds}", tok) == want
+    assert load_examples({"dataset": str(ds), "split": "test"}, tok) == want[:1]
+    assert load_examples({"dataset": str(ds), "max_examples": 2}, tok) == want[:2]
+
+
+def test_columns_rename_and_trl_formats(tmp_path, tok):
+    alpaca = [{"instruction": f"say {w}", "output": w} for w in ("yes", "no")]
+    write_jsonl(tmp_path / "alpaca" / "train.jsonl", alpaca)
+    got = load_examples({"dataset": str(tmp_path / "alpaca"), "columns": {"prompt": "instruction",
+                                                                          "response": "output"}}, tok)
+    plain = [{"prompt": r["instruction"], "response": r["output"]} for r in alpaca]
+    assert got == load_examples(str(write_jsonl(tmp_path / "plain.jsonl", plain)), tok)
+    # TRL's standard prompt-completion rows
+    trl = [{"prompt": r["prompt"], "completion": r["response"]} for r in plain]
+    assert load_examples(str(write_jsonl(tmp_path / "trl.jsonl", trl)), tok) == got
+    # ... and its conversational form: the completion's turns are trained, the prompt's are context
+    conv = [{"prompt": c["messages"][:1], "completion": c["messages"][1:]} for c in CHAT]
+    assert load_examples(str(write_jsonl(tmp_path / "conv.jsonl", conv)), tok) == \
+        load_examples(str(write_jsonl(tmp_path / "chat.jsonl", CHAT)), tok)
+    two_turns = {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                            {"role": "user", "content": "c"}], "completion": [{"role": "assistant", "content": "d"}]}
+    (only,) = load_examples(str(write_jsonl(tmp_path / "two.jsonl", [two_turns])), tok)
+    assert tok.decode(only[1], skip_special_tokens=False).startswith("d")
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"dataset": "nobody/no-such-dataset"}, "'nobody/no-such-dataset' split 'train' cannot be read.*offline"),
+    ({"dataset": "DIR", "split": "validation"}, "split 'validation' cannot be read"),
+    ({"dataset": "DIR", "columns": {"prompt": "question"}}, r"columns \['question'\].*not in the dataset"),
+    ({"dataset": "DIR", "shuffle": True}, "unknown: \\['shuffle'\\]"),
+    ({"dataset": "DIR", "max_examples": 0}, "max_examples must be a positive integer"),
+    ({"dataset": "DIR", "columns": ["prompt"]}, "'columns' must map"),
+])
+def test_bad_sources_name_the_dataset(tmp_path, tok, spec, needle):
+    write_jsonl(tmp_path / "d" / "train.jsonl", CHAT)
+    spec = {k: (str(tmp_path / "d") if v == "DIR" else v) for k, v in spec.items()}
+    with pytest.raises(DataError, match=needle):
+        load_examples(spec, tok)
+
+
+def test_without_the_datasets_package_the_error_says_so(tmp_path, tok, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_datasets(name, *a, **kw):
+        if name == "datasets":
+            raise ImportError("no module named datasets")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(DataError, match="pip install datasets"):
+        load_examples("hf:owner/name", tok)
+
+
+def test_training_on_a_dataset_end_to_end(tmp_path, tiny_checkpoint):
+    ds = tmp_path / "ds"
+    write_jsonl(ds / "train.jsonl", CHAT * 2)
+    cfg = TrainConfig.from_dict(tiny_config(tmp_path, model=str(tiny_checkpoint),
+                                            data={"train": {"dataset": str(ds)}, "eval": f"hf:{ds}"},
+                                            max_steps=1, batch_size=2, lora={"rank": 2}))
+    Trainer(cfg).train()
