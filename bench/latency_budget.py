@@ -48,8 +48,9 @@ def run(llm, exs, steps, max_time=None):
     return ms, sum(r.decoder_passes for r in res) / len(res), solved, cells
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def setup(description: str):
+    """(args, the bundled model, the puzzles, where they came from) for a Sudoku batch benchmark."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--n", type=int, default=64, help="puzzles in the batch")
     ap.add_argument("--level", default="easy", choices=["easy", "medium", "hard", "hard (held-out)"])
     ap.add_argument("--steps", type=int, default=48)
@@ -57,8 +58,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM()
-    exs, source = puzzles(args.level, args.n)
+    return (args, LLM(), *puzzles(args.level, args.n))
+
+
+def main() -> None:
+    args, llm, exs, source = setup(__doc__.splitlines()[0])
     run(llm, exs[:4], args.steps)  # first-call setup out of the figures
     peer = run(llm, exs, args.steps)
     print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} threads; bundled Sudoku model; {len(exs)} "

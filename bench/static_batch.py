@@ -11,17 +11,16 @@ decoder (summed over steps), the ratio, and whether the outputs are identical (t
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from canvaslm import LLM, SamplingParams
+from canvaslm import SamplingParams
 from canvaslm.generate import generate_rows
 from canvaslm.recipes.sudoku.data import TARGET_LEN, encode_prompt
 from canvaslm.recipes.sudoku.solve import SudokuConstraint
 
-from latency_budget import puzzles  # bench/ is on sys.path when this script runs
+from latency_budget import setup  # bench/ is on sys.path when this script runs
 
 
 def run(llm, exs, steps, drop: bool):
@@ -47,16 +46,7 @@ def run(llm, exs, steps, drop: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--level", default="easy", choices=["easy", "medium", "hard", "hard (held-out)"])
-    ap.add_argument("--steps", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    llm = LLM()
-    exs, source = puzzles(args.level, args.n)
+    args, llm, exs, source = setup(__doc__.splitlines()[0])
     run(llm, exs[:4], args.steps, True)  # first-call setup out of the figures
     keep = run(llm, exs, args.steps, False)
     drop = run(llm, exs, args.steps, True)
