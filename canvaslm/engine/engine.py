@@ -169,6 +169,7 @@ class EngineStats:
         self.denoise_rows = 0  # denoising steps summed over requests
         self.tokens = 0  # committed output tokens
         self.requests_finished = collections.Counter()  # reason -> count
+        self.out_of_time = 0  # finished requests whose max_time ended their generation
         self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
         self.tpf_sum = 0.0  # tokens per forward, summed over finished requests
@@ -519,6 +520,7 @@ class Engine:
     def _report(self, finished, errors=None) -> None:
         for state in finished:
             self.stats.prompt_tokens += state.prompt_len
+            self.stats.out_of_time += state.out_of_time
             self.stats.cached_prompt_tokens += state.cached_len
             self._finish(state.request_id, state.finish_reason, len(state.output_ids),
                          (errors or {}).get(state.request_id), state.cached_len)

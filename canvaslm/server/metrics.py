@@ -2,7 +2,7 @@
 
 Families: queue depth, running requests, denoising steps/s and tokens/s (over the last 10 s, plus
 the raw counters for `rate()`), time to first token (histogram), tokens per forward (mean over
-finished requests), finished requests by reason, and with LoRA adapters served, requests held per
+finished requests), finished requests by reason and those a latency budget ended, and with LoRA adapters served, requests held per
 adapter. Uses `prometheus_client` when installed (the `serve`
 extra), else writes the same text format by hand.
 """
@@ -41,6 +41,8 @@ def _families(engine: Engine) -> list[tuple]:
          [("_total", {}, s.cached_prompt_tokens)]),
         ("requests_finished", "counter", "Finished requests by reason",
          [("_total", {"reason": r}, n) for r, n in sorted(s.requests_finished.items())]),
+        ("requests_out_of_time", "counter", "Finished requests whose max_time (t_max_predict_ms) ended them",
+         [("_total", {}, s.out_of_time)]),
     ] + _lora_families(engine)
 
 

@@ -158,6 +158,7 @@ def test_t_max_predict_ms_commits_the_draft_and_stops(server, slow_clock):
     committed as its draft and generation ends; before that nothing changes."""
     body = {"prompt": "def add(a, b):", "n_predict": 40, "seed": 5, "return_tokens": True}
     one_step = post(server, "/completion", dict(body, max_denoising_steps=1)).json()
+    cut = server.state.engine.stats.out_of_time
     timed = post(server, "/completion", dict(body, t_max_predict_ms=1)).json()
     n = len(timed["tokens"])
     assert 0 < n <= 16 and timed["tokens"] == one_step["tokens"][:n]  # canvas 0 after its first step
@@ -165,6 +166,9 @@ def test_t_max_predict_ms_commits_the_draft_and_stops(server, slow_clock):
     ref = oai(server).completions.create(model=MODEL, prompt=body["prompt"], max_tokens=40, seed=5,
                                          extra_body={"max_time": 0.5})
     assert ref.choices[0].text == timed["content"]
+    metric = [ln for ln in httpx.get(server.base_url + "/metrics").text.splitlines()
+              if ln.startswith("canvaslm_requests_out_of_time_total")]
+    assert metric and float(metric[0].split()[-1]) == cut + 2  # both requests were ended by their budget
     free = post(server, "/completion", body).json()
     for off in (0, -1):  # llama.cpp's "no limit"
         assert post(server, "/completion", dict(body, t_max_predict_ms=off)).json()["tokens"] == free["tokens"]
