@@ -15,8 +15,9 @@ are refused (no thinking, text only).
 Replies are Ollama's: streamed by default (`stream` true) as NDJSON, one object per committed canvas
 with the new text, then a last one with `done: true`, `done_reason` ("stop" or "length"), the token
 counts (`prompt_eval_count`: prompt tokens encoded, the prefix cache's left out; `eval_count`) and the
-durations in nanoseconds (prompt: submission to the end of its encoding). A model is named by the
-served name, with or without a `:tag`. Errors are `{"error": message}` with the status code.
+durations in nanoseconds (prompt: submission to the end of its encoding); a templated /api/generate
+reply also carries the deprecated `context` (prompt and reply ids), which a request may send back to go
+on from it. A model is named by the served name, with or without a `:tag`. Errors are `{"error": message}` with the status code.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class GenerateBody(_Body):
     images: list[str] | None = None
     think: bool | str | None = None
     keep_alive: str | int | float | None = None
+    context: list[int] | None = Field(None, max_length=1 << 22,
+                                      description="deprecated: the `context` of an earlier reply, to go on from")
 
 
 class EmbedBody(_Body):
@@ -206,15 +209,21 @@ async def generate(state: ServerState, body: GenerateBody, request):
             raise APIError(400, f"prompt: {e}", "prompt") from None
         if body.suffix:
             return await _infill(state, body, oa, ids, request)
-        return await _run(state, body, oa, ids, request, chat=False)
+        return await _run(state, body, oa, list(body.context or ()) + ids, request, chat=False)
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
         [{"role": "user", "content": body.prompt}]
     need_chat_template(state, "prompt")
     oa = validated(ChatCompletionRequest, _sampling(body, {"model": name, "messages": messages}), "prompt")
-    return await _run(state, body, oa, encode_chat(state, oa, "prompt"), request, chat=False)
+    ids = encode_chat(state, oa, "prompt")
+    if body.context:  # Ollama's deprecated conversational memory: this turn goes on from the earlier one
+        bos = state.tokenizer.bos_id
+        ids = list(body.context) + (ids[1:] if bos is not None and ids[:1] == [bos] else ids)
+    return await _run(state, body, oa, ids, request, chat=False, context=True)
 
 
-async def _run(state: ServerState, body, oa, ids: list, request, chat: bool):
+async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, context: bool = False):
+    """context: the final line carries Ollama's `context` (the prompt's and the reply's ids: a templated
+    /api/generate reply, which a client may send back to go on from it)."""
     start = time.perf_counter()
     choices = await asyncio.to_thread(prepare, state, oa, [ids])
     replies = tool_replies(state, oa, choices) if chat else {}
@@ -234,6 +243,8 @@ async def _run(state: ServerState, body, oa, ids: list, request, chat: bool):
         out["done"] = final
         if final:
             out.update(done_reason="length" if c.finish_reason == "length" else "stop", **_stats(c, len(ids), start))
+            if context:
+                out["context"] = list(ids) + list(c.tracker.ids)
         return out
 
     async def events():

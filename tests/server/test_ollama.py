@@ -70,6 +70,30 @@ def test_generate_templated_raw_and_insert(server, tiny_checkpoint):
     assert cut.response == raw.response[:raw.response.find(raw.response[5:7])]
 
 
+def test_generate_context_goes_on_from_the_earlier_reply(server, tiny_checkpoint):
+    """Ollama's deprecated `context`: a templated reply carries the prompt's and the reply's ids, and a
+    request that sends them back is that conversation followed by the new templated prompt."""
+    from canvaslm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    o, oa = clients(server)
+    opts = {"seed": 1, "num_predict": 20}
+    first = o.generate(model=MODEL, prompt="hi", options=opts)
+    prompt = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert first.context[:len(prompt)] == prompt
+    assert tok.decode(first.context[len(prompt):]) == first.response and first.eval_count == len(first.context) - len(prompt)
+    second = o.generate(model=MODEL, prompt="and then?", context=first.context, options={"seed": 2, "num_predict": 20})
+    turn = tok.encode_chat([{"role": "user", "content": "and then?"}])
+    ids = first.context + (turn[1:] if turn[:1] == [tok.bos_id] else turn)
+    ref = oa.completions.create(model=MODEL, prompt=ids, seed=2, max_tokens=20)
+    assert second.response == ref.choices[0].text and second.context[:len(ids)] == ids
+    raw = o.generate(model=MODEL, prompt="x", raw=True, options=opts)
+    assert not raw.context  # as Ollama: no context for a raw prompt
+    bad = httpx.post(server.base_url + "/api/generate", json={"model": MODEL, "prompt": "x", "context": [10**9],
+                                                              "stream": False})
+    assert bad.status_code == 400 and "error" in bad.json()
+
+
 def test_format_json_schema_always_parses(server):
     import jsonschema
 
