@@ -223,13 +223,17 @@ def _select_rows(st: CanvasState, ix: torch.Tensor) -> CanvasState:
 
 
 def _merge_rows(st: CanvasState, ix: torch.Tensor, new: CanvasState) -> CanvasState:
-    """The batch's state with rows `ix` replaced by `new` (the other rows had stopped: they keep theirs)."""
+    """The batch's state with rows `ix` replaced by `new` (the other rows had stopped: they keep theirs).
+    The [B, C, V] self-conditioning logits are updated in place (no second vocabulary-wide tensor); the
+    small per-position tensors are new, so a state an `on_draft` callback kept does not change."""
     def put(full, part):
-        if full is None:  # a first step: the rows left out have no self-conditioning logits yet
-            full = part.new_zeros((st.canvas.shape[0], *part.shape[1:]))
-        return full.to(part.dtype).index_copy(0, ix, part)
-    return CanvasState(put(st.canvas, new.canvas), put(st.argmax, new.argmax), put(st.sc_logits, new.sc_logits),
-                       put(st.finished, new.finished), put(st.history, new.history), put(st.cur_step, new.cur_step))
+        return full.index_copy(0, ix, part)
+    sc = st.sc_logits
+    if sc is None or sc.dtype != new.sc_logits.dtype:  # a first step: rows left out have no logits yet
+        sc = new.sc_logits.new_zeros((st.canvas.shape[0], *new.sc_logits.shape[1:]))
+    sc.index_copy_(0, ix, new.sc_logits)
+    return CanvasState(put(st.canvas, new.canvas), put(st.argmax, new.argmax), sc, put(st.finished, new.finished),
+                       put(st.history, new.history), put(st.cur_step, new.cur_step))
 
 
 def _stop_late_rows(st: CanvasState, limits: list, out_of_time: list, spent: float) -> None:
