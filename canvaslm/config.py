@@ -265,7 +265,8 @@ class DiffusionParams:
     repetition_penalty: float = 1.0  # > 0, 1: off
     # A latency budget (seconds; None: none), counted from the request's first denoising step (prompt
     # encoding is not counted, as llama.cpp's t_max_predict_ms): once it is spent, the canvas in progress
-    # is committed as its current argmax draft after the step under way, and it is the request's last.
+    # is committed as its current argmax draft after the step under way, and it is the request's last
+    # (a constraint spanning several canvases may then be left unfinished: the server refuses that).
     # Not read from generation_config.json.
     max_time: float | None = None
 

@@ -190,6 +190,11 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
         raise APIError(400, str(e)) from None
     if params.stability_threshold > state.engine.runner.history_depth:
         raise APIError(400, "stability_threshold exceeds what this server was started with")
+    if params.max_time is not None and constraint is not None and params.max_new_tokens > C:
+        what = (body.constraint_fields() or ["tools"])[0]
+        raise APIError(400, f"max_time with {what} needs max_tokens <= {C} (one canvas): a spent budget ends the "
+                            f"output with the canvas in progress, which could leave what {what} asks for "
+                            f"unfinished", "max_time")
     return params
 
 

@@ -176,12 +176,20 @@ def test_t_max_predict_ms_commits_the_draft_and_stops(server, slow_clock):
     assert infill.status_code == 200, infill.text
 
 
-def test_max_time_must_be_positive(server):
+def test_max_time_must_be_positive_and_leave_constraints_whole(server, slow_clock):
     r = oai(server).completions.with_raw_response.create
     for bad in (0, -2, "1"):
         with pytest.raises(openai.BadRequestError) as e:
             r(model=MODEL, prompt="x", max_tokens=4, extra_body={"max_time": bad})
         assert e.value.body["param"] == "max_time"
+    # a constrained output that may span canvases could be cut unfinished: refused; within one canvas it runs
+    choice = {"guided_choice": ["yes", "no"], "max_time": 0.5}
+    with pytest.raises(openai.BadRequestError) as e:
+        r(model=MODEL, prompt="x", max_tokens=40, extra_body=choice)
+    assert e.value.body["param"] == "max_time" and "guided_choice" in e.value.body["message"]
+    for seed in range(4):  # the budget is spent by the first step (slow_clock), and the choice still holds
+        one = oai(server).completions.create(model=MODEL, prompt="x", max_tokens=16, seed=seed, extra_body=choice)
+        assert one.choices[0].text in ("yes", "no") and one.usage.decoder_passes == 1
 
 
 # --- /infill ----------------------------------------------------------------------------------------------
