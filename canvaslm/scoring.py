@@ -55,15 +55,20 @@ def token_logprobs(model, ids: list, start: int = 1, top_k: int = 0) -> tuple[li
 
 
 @torch.no_grad()
-def score_continuations(model, prompt_ids: list, conts: list) -> list:
+def score_continuations(model, prompt_ids: list, conts: list, held: tuple | None = None) -> list:
     """Mean log p(cont | prompt) per token under the encoder's causal pass (0.0 for an empty
     continuation). -> [float]. The shared prompt is encoded once into a one-row cache, and the
     continuations are encoded together behind it, every row reading that row (nothing is written): an
-    infill's candidates (or best_of's completions) cost one prompt, not one each, and one prompt's KV."""
+    infill's candidates (or best_of's completions) cost one prompt, not one each, and one prompt's KV.
+    held: (cache, slot, head) where the cache slot's KV holds exactly the prompt (a serving engine's slot)
+    and head is the hidden state [d] of its last position (`Runner.prompt_head`): the prompt is not
+    encoded at all."""
     device, P = model.embed_weight.device, len(prompt_ids)
     B, T = len(conts), max((len(c) for c in conts), default=0)
     if T == 0:
         return [0.0] * B
+    if held is not None:
+        return _score_behind_held(model, prompt_ids, conts, *held)
     cache = KVCache(model.cfg, 1, P + T, dtype=model.embed_weight.dtype, device=device)
     head = model.encode(torch.tensor([list(prompt_ids)], device=device), torch.arange(P, device=device)[None],
                         torch.zeros(1, dtype=torch.long, device=device), cache, fresh=True, max_position=P - 1)
@@ -80,6 +85,27 @@ def score_continuations(model, prompt_ids: list, conts: list) -> list:
             out.append(0.0)
             continue
         h = torch.cat([head[0, -1:], hidden[b, :len(c) - 1]])  # the state before each continuation token
+        lp, _ = _block_logprobs(model, h, list(c), 0)
+        out.append(sum(lp) / len(lp))
+    return out
+
+
+def _score_behind_held(model, prompt_ids: list, conts: list, cache, slot: int, head: torch.Tensor) -> list:
+    device, P = model.embed_weight.device, len(prompt_ids)
+    B, T = len(conts), max(len(c) for c in conts)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.full((B, T), -1, dtype=torch.long)
+    for b, c in enumerate(conts):
+        tokens[b, :len(c)] = torch.tensor(list(c), dtype=torch.long)
+        positions[b, :len(c)] = torch.arange(P, P + len(c))
+    hidden = model.encode(tokens.to(device), positions.to(device), torch.full((B,), slot, dtype=torch.long, device=device),
+                          cache, write=False, max_position=P + T - 1)
+    out = []
+    for b, c in enumerate(conts):
+        if not c:
+            out.append(0.0)
+            continue
+        h = torch.cat([head[None].to(hidden.dtype), hidden[b, :len(c) - 1]])  # the state before each token
         lp, _ = _block_logprobs(model, h, list(c), 0)
         out.append(sum(lp) / len(lp))
     return out

@@ -119,6 +119,10 @@ class Runner:
         self._host: ThreadPoolExecutor | None = None  # one worker: constraint objects may share caches
         self.on_host_done: Callable[[], None] | None = None  # called (on the worker) when a job ends
         self._slot_params: list[DiffusionParams | None] = [None] * S
+        # per slot, the final-normed hidden state of the last position its KV holds (set by every encode):
+        # scoring a continuation of exactly that KV needs it for the continuation's first token
+        self.last_hidden = torch.zeros(S + 1, d, dtype=self.dtype, device=self.device)  # [S + 1, d]
+        self.last_pos = [-1] * (S + 1)  # its position (host), -1: none
         if model.lora_serving is not None:  # the adapter table covers every slot and the padding one
             model.lora_serving.ensure_slots(S)
 
@@ -224,6 +228,11 @@ class Runner:
             self._host.shutdown(wait=False, cancel_futures=True)
             self._host = None
 
+    def prompt_head(self, slot: int, prompt_len: int) -> torch.Tensor | None:
+        """The hidden state [d] of position prompt_len - 1 when it is the last one the slot's KV holds (so a
+        continuation can be scored against that KV: scoring.score_continuations' `held`), else None."""
+        return self.last_hidden[slot] if self.last_pos[slot] == prompt_len - 1 else None
+
     def decoder_passes(self, request_id: str) -> int:
         r = self.requests.get(request_id)
         return r.decoder_passes if r is not None else 0
@@ -244,6 +253,14 @@ class Runner:
             self.cache.copy_prefix(src, dst, n)
         if plan.reuse:  # prefix caching: a new owner keeps the prompt prefix the slot already holds
             self.cache.keep_prefix([s for s, _ in plan.reuse], [n for _, n in plan.reuse])
+        for slot in plan.freed_slots:
+            self.last_pos[slot] = -1
+        for src, dst, n in plan.copies:  # the copy ends where the source's last encode did: its state holds
+            self.last_pos[dst] = n - 1 if self.last_pos[src] == n - 1 else -1
+            self.last_hidden[dst] = self.last_hidden[src]
+        for slot, n in plan.reuse:
+            if self.last_pos[slot] >= n:
+                self.last_pos[slot] = -1
         for item in (*plan.encode, *plan.denoise):
             req = self._get(item.request_id)
             if req.slot != item.slot:
@@ -330,8 +347,12 @@ class Runner:
             slots = torch.tensor([items[b].slot for b in rows], device=self.device)
             tokens[torch.tensor(rows, device=self.device), :self.cfg.canvas_length] = self.argmax.index_select(0, slots)
         slots = torch.tensor([i.slot for i in items] + [self.num_slots] * (B - n), device=self.device)
-        self.model.encode(tokens, positions.to(self.device), slots, self.cache, fresh=fresh,
-                          max_position=max(i.end for i in items) - 1)
+        hidden = self.model.encode(tokens, positions.to(self.device), slots, self.cache, fresh=fresh,
+                                   max_position=max(i.end for i in items) - 1)  # [B, T, d]
+        last = torch.tensor([i.num_tokens - 1 for i in items], device=self.device)
+        self.last_hidden.index_copy_(0, slots[:n], hidden[torch.arange(n, device=self.device), last].to(self.dtype))
+        for item in items:
+            self.last_pos[item.slot] = item.end - 1
 
     def _denoise(self, plan: StepPlan):
         items = plan.denoise

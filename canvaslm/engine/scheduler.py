@@ -403,6 +403,17 @@ class Scheduler:
         self._slot_prompt[slot] = ((), 0, (), 0)  # the new owner's until it is released
         self._reuse.append((slot, keep))
 
+    def free_slots_holding(self, prompt_ids, lora: int = 0) -> list[int]:
+        """The free slots whose KV holds exactly `prompt_ids` (under adapter `lora`) and nothing after it: their
+        last owner encoded that prompt and no canvas behind it (prefix caching keeps a freed slot's KV).
+        Scoring reads such a slot instead of encoding the prompt again."""
+        if not self.prefix_caching:
+            return []
+        prompt = tuple(prompt_ids)
+        return [slot for slot in sorted(self._free_slots)
+                if self._slot_prompt[slot][1] == len(prompt) == self._slot_written[slot]
+                and self._slot_prompt[slot][3] == lora and self._slot_prompt[slot][0][:len(prompt)] == prompt]
+
     def reusable(self, slot: int, prompt_ids: tuple[int, ...], lora: int = 0) -> int:
         """How many leading prompt tokens a request (of adapter `lora`) could take from the free `slot`'s KV."""
         prompt_ids = tuple(prompt_ids)

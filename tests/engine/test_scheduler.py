@@ -483,3 +483,26 @@ def test_a_final_commit_must_finish_its_request():
         sched.update(plan, StepResult(committed={"a": (1, 2, 3, 4)}))
     sched.update(plan, StepResult(committed={"a": (1, 2, 3, 4)}, finished={"a": "length"}))
     assert sched.get("a") is None
+
+
+def test_free_slots_holding_names_freed_slots_with_exactly_the_prompt():
+    """What infill scoring reads instead of encoding the prompt again: a free slot whose last owner encoded
+    exactly this prompt (its final canvas is never encoded), under the same adapter."""
+    sched = Scheduler(max_batch=4, kv_budget_tokens=200, num_slots=3, prefill_chunk=4, canvas_length=4,
+                      prefix_caching=True)
+    one = RequestState("one", (11, 12, 13, 14, 15, 16), 4, 4, 3)  # one canvas: the slot ends holding the prompt
+    two = RequestState("two", (21, 22, 23, 24, 25), 8, 4, 3)  # two canvases: the first is encoded behind it
+    for r in (one, two):
+        sched.add(r)
+    drive(sched, FakeRunner(sched))
+    assert len(sched.free_slots_holding(one.prompt_ids)) == 1 and sched.free_slots_holding(one.prompt_ids, lora=1) == []
+    assert sched.free_slots_holding(two.prompt_ids) == []  # its KV runs on past the prompt
+    assert sched.free_slots_holding(one.prompt_ids[:-1]) == []  # a prefix is not the prompt
+    # a new request with that prompt takes the slot: it is no longer free
+    sched.add(RequestState("three", one.prompt_ids, 4, 4, 3))
+    sched.plan()
+    assert sched.free_slots_holding(one.prompt_ids) == []
+    plain = Scheduler(max_batch=4, kv_budget_tokens=200, num_slots=3, prefill_chunk=4, canvas_length=4)
+    plain.add(RequestState("one", one.prompt_ids, 4, 4, 3))
+    drive(plain, FakeRunner(plain))
+    assert plain.free_slots_holding(one.prompt_ids) == []  # no prefix caching: freed slots are reset

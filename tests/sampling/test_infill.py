@@ -177,3 +177,28 @@ def test_engine_call_runs_on_the_engine_thread(tiny_llm):
         engine.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         engine.call(lambda m: 0)
+
+
+def test_scores_read_from_a_held_slot_equal_a_fresh_encode(tiny_llm):
+    """score_continuations(held=(cache, slot, head)) reads a prompt some other pass encoded (a serving
+    engine's slot, in chunks, past the sliding window) instead of encoding it: the same scores, nothing
+    written."""
+    from canvaslm.kv_cache import KVCache
+
+    model, tok = tiny_llm.model, tiny_llm.tokenizer
+    prompt = tok.encode("a prompt well past the sliding window of sixteen positions, in chunks")
+    conts = [tok.encode(t, add_special_tokens=False) for t in ["ab", "a longer continuation", "z", ""]]
+    fresh = score_continuations(model, prompt, conts)
+    cache = KVCache(model.cfg, 3, 160, dtype=model.embed_weight.dtype)
+    other = tok.encode("something else entirely in slot zero")
+    for slot, ids in ((2, prompt), (0, other)):
+        for start in range(0, len(ids), 16):  # as the engine prefills: chunk by chunk
+            chunk = ids[start:start + 16]
+            h = model.encode(torch.tensor([chunk]), torch.arange(start, start + len(chunk))[None],
+                             torch.tensor([slot]), cache, fresh=start == 0)
+        if slot == 2:
+            head = h[0, -1]
+    before = [t.clone() for t in cache.k]
+    held = score_continuations(model, prompt, conts, held=(cache, 2, head))
+    assert held[3] == 0.0 and torch.allclose(torch.tensor(held), torch.tensor(fresh), atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.k))  # read only

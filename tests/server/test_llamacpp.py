@@ -218,6 +218,31 @@ def test_infill_equals_v1_completions_with_suffix(server):
     assert "".join(c["content"] for c in streamed) == out["content"] and streamed[-1]["stop"] is True
 
 
+def test_infill_scores_read_the_candidates_kv(server, monkeypatch):
+    """Scoring the candidate middles reads the prompt's KV from a candidate's freed slot (the middles fit
+    one canvas, so no canvas was encoded behind the prompt) instead of encoding the prompt again, and picks
+    what a fresh encode picks, with the same scores."""
+    from canvaslm.server import infill
+
+    seen, score = [], infill.score_continuations
+
+    def spy(model, prompt, conts, held=None):
+        seen.append(held is not None)
+        return score(model, prompt, conts, held)
+
+    monkeypatch.setattr(infill, "score_continuations", spy)
+    body = {"model": MODEL, "prompt": "def f(x):\n    y = ", "suffix": "\n y", "max_tokens": 6, "seed": 4}
+    got = post(server, "/v1/completions", body).json()["choices"][0]
+    assert seen == [True]
+    monkeypatch.setattr(server.state.engine.scheduler, "free_slots_holding", lambda *a, **k: [])
+    want = post(server, "/v1/completions", body).json()["choices"][0]
+    assert seen == [True, False]
+    assert got["text"] == want["text"] and got["infill"]["gap"] == want["infill"]["gap"]
+    assert got["infill"]["scores"].keys() == want["infill"]["scores"].keys()
+    for gap, s in got["infill"]["scores"].items():
+        assert abs(s - want["infill"]["scores"][gap]) < 1e-4
+
+
 def test_infill_stop_and_indent_cut_the_middle(server):
     body = dict(INFILL, n_predict=12, input_suffix="\nreturn y")
     free = post(server, "/infill", body).json()["content"]
