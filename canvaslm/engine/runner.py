@@ -346,10 +346,12 @@ class Runner:
         if rows:  # committed canvases come straight from the device-side argmax buffer
             slots = torch.tensor([items[b].slot for b in rows], device=self.device)
             tokens[torch.tensor(rows, device=self.device), :self.cfg.canvas_length] = self.argmax.index_select(0, slots)
-        slots = torch.tensor([i.slot for i in items] + [self.num_slots] * (B - n), device=self.device)
+        meta = torch.tensor([[i.slot for i in items] + [self.num_slots] * (B - n),  # one transfer: [2, B]
+                             [i.num_tokens - 1 for i in items] + [0] * (B - n)], device=self.device)
+        slots, last = meta[0], meta[1, :n]
         hidden = self.model.encode(tokens, positions.to(self.device), slots, self.cache, fresh=fresh,
                                    max_position=max(i.end for i in items) - 1)  # [B, T, d]
-        last = torch.tensor([i.num_tokens - 1 for i in items], device=self.device)
+        # each row's last position: the state that scores what follows it (prompt_head)
         self.last_hidden.index_copy_(0, slots[:n], hidden[torch.arange(n, device=self.device), last].to(self.dtype))
         for item in items:
             self.last_pos[item.slot] = item.end - 1
