@@ -67,32 +67,12 @@ def score_continuations(model, prompt_ids: list, conts: list, held: tuple | None
     B, T = len(conts), max((len(c) for c in conts), default=0)
     if T == 0:
         return [0.0] * B
-    if held is not None:
-        return _score_behind_held(model, prompt_ids, conts, *held)
-    cache = KVCache(model.cfg, 1, P + T, dtype=model.embed_weight.dtype, device=device)
-    head = model.encode(torch.tensor([list(prompt_ids)], device=device), torch.arange(P, device=device)[None],
-                        torch.zeros(1, dtype=torch.long, device=device), cache, fresh=True, max_position=P - 1)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    positions = torch.full((B, T), -1, dtype=torch.long)
-    for b, c in enumerate(conts):
-        tokens[b, :len(c)] = torch.tensor(list(c), dtype=torch.long)
-        positions[b, :len(c)] = torch.arange(P, P + len(c))
-    hidden = model.encode(tokens.to(device), positions.to(device), torch.zeros(B, dtype=torch.long, device=device),
-                          cache, write=False, max_position=P + T - 1)
-    out = []
-    for b, c in enumerate(conts):
-        if not c:
-            out.append(0.0)
-            continue
-        h = torch.cat([head[0, -1:], hidden[b, :len(c) - 1]])  # the state before each continuation token
-        lp, _ = _block_logprobs(model, h, list(c), 0)
-        out.append(sum(lp) / len(lp))
-    return out
-
-
-def _score_behind_held(model, prompt_ids: list, conts: list, cache, slot: int, head: torch.Tensor) -> list:
-    device, P = model.embed_weight.device, len(prompt_ids)
-    B, T = len(conts), max(len(c) for c in conts)
+    if held is None:
+        cache = KVCache(model.cfg, 1, P + T, dtype=model.embed_weight.dtype, device=device)
+        head = model.encode(torch.tensor([list(prompt_ids)], device=device), torch.arange(P, device=device)[None],
+                            torch.zeros(1, dtype=torch.long, device=device), cache, fresh=True, max_position=P - 1)
+        held = (cache, 0, head[0, -1])
+    cache, slot, head = held
     tokens = torch.zeros(B, T, dtype=torch.long)
     positions = torch.full((B, T), -1, dtype=torch.long)
     for b, c in enumerate(conts):
