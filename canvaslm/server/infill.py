@@ -6,7 +6,7 @@ and `max_tokens` itself), each with the suffix and an EOS pinned after its gap; 
 like any requests. When all are done, the encoder's causal pass scores middle + suffix for each (mean
 log-prob per token, one call on the engine thread through `Engine.call`), and the best middle is the
 choice's `text`. That call reads the prompt's KV from a candidate's freed slot when prefix caching kept
-it (`Scheduler.free_slots_holding`), so the prompt is not encoded a second time. Choice i of n draws its candidates from seeds `seed + i * len(gaps) + k` (choice 0 uses
+it (`serving.score_later`), so the prompt is not encoded a second time. Choice i of n draws its candidates from seeds `seed + i * len(gaps) + k` (choice 0 uses
 `LLM.infill`'s seeds; as for any request, the server's KV geometry can move the last bits). Each choice
 also reports `infill: {gap, scores}`. A stream sends each choice's text in one delta once it is chosen
 (there is nothing to show before the candidates are compared).
@@ -21,9 +21,9 @@ import uuid
 from dataclasses import dataclass
 
 from ..engine.engine import GenerationRequest
-from ..infill import best, candidates, checked_gaps, middle_text, score_continuations
+from ..infill import best, candidates, checked_gaps, middle_text
 from .serving import (APIError, Choice, ServerState, TextTracker, bias_pairs, check_request_basics, context_error,
-                      need_tokenizer, resolve_params, run_to_end)
+                      need_tokenizer, resolve_params, run_to_end, score_later)
 
 MAX_ROWS = 64  # engine requests per HTTP request (prompts x n x gaps)
 
@@ -91,23 +91,11 @@ async def run_infill(state: ServerState, body, prompts, request) -> list[Group]:
     for g in groups:
         middles = [c.tracker.ids[:gap] for c, gap in zip(g.candidates, g.gaps)]
         conts = [m + g.suffix_ids for m in middles]
-        fut = state.engine_call(body.model, lambda m, p=g.prompt_ids, conts=conts: _score(state, body, m, p, conts))
+        fut = score_later(state, body.model, g.prompt_ids, conts)
         g.scores = await asyncio.wrap_future(fut)
         g.best = best(g.gaps, g.scores)
         g.middle = middles[g.best]
     return groups
-
-
-def _score(state: ServerState, body, model, prompt_ids: list, conts: list) -> list:
-    """score_continuations on the engine thread, reading a freed slot that holds exactly the prompt (a
-    candidate's, when its middle fit one canvas and prefix caching kept its KV) instead of encoding it again."""
-    engine, held = state.engine, None
-    for slot in engine.scheduler.free_slots_holding(prompt_ids, state.adapter(body.model)):
-        head = engine.runner.prompt_head(slot, len(prompt_ids))
-        if head is not None:
-            held = (engine.runner.cache, slot, head)
-            break
-    return score_continuations(model, prompt_ids, conts, held)
 
 
 async def complete_infill(state: ServerState, body, prompts, request) -> dict:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from ..scoring import batch_token_logprobs, score_continuations
-from .serving import ServerState, check_request_basics, need_tokenizer, prepare, run_to_end
+from ..scoring import batch_token_logprobs
+from .serving import ServerState, check_request_basics, need_tokenizer, prepare, run_to_end, score_later
 
 
 async def complete_scored(state: ServerState, body, prompts: list[list[int]], request) -> dict:
@@ -67,8 +67,7 @@ async def complete_best_of(state: ServerState, body, prompts: list[list[int]], r
     for p_index, prompt in enumerate(prompts):
         group = [c for c in choices if c.prompt_index == p_index]
         conts = [list(c.tracker.ids) for c in group]
-        fut = state.engine_call(body.model, lambda m, prompt=prompt, conts=conts: score_continuations(m, prompt, conts))
-        scores = await asyncio.wrap_future(fut)
+        scores = await asyncio.wrap_future(score_later(state, body.model, prompt, conts))
         order = sorted(range(len(group)), key=lambda k: (-scores[k] if conts[k] else float("inf"), k))[:body.n]
         out += [{"index": len(out) + r, "text": group[k].tracker.text, "finish_reason": group[k].finish_reason,
                  "logprobs": None, "score": scores[k]} for r, k in enumerate(order)]

@@ -88,6 +88,23 @@ class ServerState:
         return self.engine.call(lambda m: with_adapter(m, adapter, fn))
 
 
+def score_later(state: ServerState, model_name: str, prompt_ids: list, conts: list):
+    """A future of `scoring.score_continuations` run on the engine thread (infill candidates, best_of). It
+    reads the prompt's KV from a freed slot that holds exactly that prompt (a candidate's: its output fit
+    one canvas, which is never encoded, and prefix caching kept the KV) instead of encoding it again."""
+    from ..scoring import score_continuations
+
+    def run(model):
+        engine, held = state.engine, None
+        for slot in engine.scheduler.free_slots_holding(prompt_ids, state.adapter(model_name)):
+            head = engine.runner.prompt_head(slot, len(prompt_ids))
+            if head is not None:
+                held = (engine.runner.cache, slot, head)
+                break
+        return score_continuations(model, prompt_ids, conts, held)
+    return state.engine_call(model_name, run)
+
+
 @dataclass
 class Choice:
     index: int

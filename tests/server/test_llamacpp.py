@@ -222,15 +222,15 @@ def test_infill_scores_read_the_candidates_kv(server, monkeypatch):
     """Scoring the candidate middles reads the prompt's KV from a candidate's freed slot (the middles fit
     one canvas, so no canvas was encoded behind the prompt) instead of encoding the prompt again, and picks
     what a fresh encode picks, with the same scores."""
-    from canvaslm.server import infill
+    from canvaslm import scoring
 
-    seen, score = [], infill.score_continuations
+    seen, score = [], scoring.score_continuations
 
     def spy(model, prompt, conts, held=None):
         seen.append(held is not None)
         return score(model, prompt, conts, held)
 
-    monkeypatch.setattr(infill, "score_continuations", spy)
+    monkeypatch.setattr(scoring, "score_continuations", spy)
     body = {"model": MODEL, "prompt": "def f(x):\n    y = ", "suffix": "\n y", "max_tokens": 6, "seed": 4}
     got = post(server, "/v1/completions", body).json()["choices"][0]
     assert seen == [True]
