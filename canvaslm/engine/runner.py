@@ -3,8 +3,9 @@
 Owns every tensor of the running requests: a persistent `KVCache(num_slots, max_model_len)` and, per
 cache slot, the canvas being denoised, its argmax draft, its self-conditioning embeddings, its
 stability history, and the hidden state of the last position its KV holds (`prompt_head`: infill
-scoring reads a freed slot's prompt instead of encoding it again). Per request it holds the sampling setup (resolved `DiffusionParams`, its own
-`torch.Generator` seeded from the request seed, EOS ids, an optional canvas constraint).
+scoring reads a freed slot's prompt instead of encoding it again). Per request it holds the sampling
+setup (resolved `DiffusionParams`, its own `torch.Generator` seeded from the request seed, EOS ids, an
+optional canvas constraint).
 
 A request's output depends only on its prompt, parameters and seed, never on what it is batched
 with: randomness comes from its own generator, drawn in the order `generate.generate_rows` draws it
