@@ -213,6 +213,26 @@ def props(state: ServerState) -> dict:
 
 # --- /completion -------------------------------------------------------------------------------------------
 
+# what an error about the translated /v1 body names, in the llama.cpp body's own terms
+LLAMA_PARAMS = {"max_tokens": "n_predict", "max_time": "t_max_predict_ms", "guided_grammar": "grammar",
+                "guided_json": "json_schema", "repetition_penalty": "repeat_penalty"}
+
+
+def llama_names(route):
+    """A route whose errors name the llama.cpp body's fields (`n_predict`, not `max_tokens`)."""
+    import functools
+
+    @functools.wraps(route)
+    async def wrapped(*args, **kwargs):
+        try:
+            return await route(*args, **kwargs)
+        except APIError as e:
+            e.param = LLAMA_PARAMS.get(e.param, e.param)
+            raise
+    return wrapped
+
+
+@llama_names
 async def completion(state: ServerState, body: LlamaCompletionRequest, request: Request):
     need_tokenizer(state, "prompt")
     ids = _encode(state, body.prompt, "prompt") if isinstance(body.prompt, str) else list(body.prompt)
@@ -331,6 +351,7 @@ def fit_infill(state: ServerState, prompt_ids: list[int], suffix_ids: list[int],
     return prompt_ids, suffix_ids, truncated
 
 
+@llama_names
 async def infill(state: ServerState, body: LlamaInfillRequest, request: Request):
     from .infill import middle_text, run_infill
 

@@ -284,6 +284,11 @@ def test_infill_cuts_what_does_not_fit_the_context(server, llm):
     ("/infill", {"input_prefix": "x", "input_extra": [{"text": 3}]}, "input_extra"),
     ("/infill", {"input_prefix": "x", "input_suffix": "y", "grammar": "root ::= \"a\""}, "suffix"),
     ("/infill", {"input_prefix": "", "input_suffix": "y", "n_predict": 4}, "input_prefix"),
+    # errors of the translated /v1 body name the llama.cpp field
+    ("/completion", {"prompt": "x", "n_predict": 10**6}, "n_predict"),
+    ("/completion", {"prompt": "x", "n_predict": 40, "grammar": "root ::= \"a\"", "t_max_predict_ms": 5},
+     "t_max_predict_ms"),
+    ("/completion", {"prompt": "x", "grammar": "root ::= ("}, "grammar"),
 ])
 def test_bad_bodies_name_the_field(server, route, body, param):
     r = post(server, route, body)
