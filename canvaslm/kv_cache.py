@@ -98,15 +98,19 @@ class KVCache:
         self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
 
     @staticmethod
+    def position_bytes(cfg: ModelConfig, layer: int, dtype=torch.float32) -> int:
+        """Bytes of K and V for one position of one slot in layer `layer`."""
+        return 2 * cfg.num_kv_heads[layer] * cfg.head_dims[layer] * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
     def planned_bytes(cfg: ModelConfig, num_slots: int, max_len: int, dtype=torch.float32,
                       store_len: int | None = None) -> tuple[int, int]:
         """(bytes of the K/V buffers, bytes of the prefix store) a cache of this shape allocates."""
-        item = torch.empty((), dtype=dtype).element_size()
         ring = min(cfg.sliding_window - 1, max_len)
         stored = min(max_len, store_len or max_len)
         cache = store = 0
         for i, t in enumerate(cfg.layer_types):
-            row = 2 * num_slots * cfg.num_kv_heads[i] * cfg.head_dims[i] * item  # K and V, one position
+            row = num_slots * KVCache.position_bytes(cfg, i, dtype)  # K and V, one position
             size = full_columns(max_len) if t == FULL else ring
             cache += row * (size + 1)
             if t == SLIDING and size < max_len:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import FULL, ModelConfig
 
 GIB = 1 << 30
 
@@ -63,8 +63,8 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
     caching, caching_why = (prefix_caching, "as asked") if prefix_caching is not None else \
         prefix_caching_fits(cfg, config, "cuda", store_dtype, free_total=(free, total))
     one_slot = KVCache.planned_bytes(cfg, 1, length, store_dtype)[0]
-    per_position = sum(2 * cfg.num_kv_heads[i] * cfg.head_dims[i] for i, t in enumerate(cfg.layer_types)
-                       if t == "full_attention") * torch.empty((), dtype=store_dtype).element_size()
+    per_position = sum(KVCache.position_bytes(cfg, i, store_dtype) for i, t in enumerate(cfg.layer_types)
+                       if t == FULL)
     agents = 0  # the most slots that still get the context agent frameworks check for (prefix caching off)
     for n in range(1, 257):
         try:
@@ -107,6 +107,8 @@ def _model_config(args) -> ModelConfig:
 
 
 def _main(args) -> int:
+    from .engine.engine import AGENT_CONTEXT
+
     cfg = _model_config(args)
     out = plan(cfg, args.gpu_memory, args.dtype, args.quantization, args.max_batch, args.kv_cache_dtype,
                args.max_model_len, args.gpu_memory_utilization, args.overhead)
@@ -119,7 +121,7 @@ def _main(args) -> int:
           f"{out['kv_one_slot'] / GIB:.2f} GiB per slot at the planned context")
     print(f"context: {out['max_model_len']} positions for {out['slots']} slots ({out['why']})")
     print(f"prefix caching: {'on' if out['prefix_caching'] else 'off'} ({out['prefix_caching_why']})")
-    print(f"requests at once with the {min(65536, cfg.max_position_embeddings)} positions agent frameworks check "
+    print(f"requests at once with the {min(AGENT_CONTEXT, cfg.max_position_embeddings)} positions agent frameworks check "
           f"for: {out['agent_slots']} (--max-batch; prefix caching off)")
     return 0
 
