@@ -52,7 +52,7 @@ class SamplingParams:
     logit_bias: dict | None = field(default=None, hash=False)  # {token id: bias in [-100, 100]} (OpenAI's)
     min_tokens: int | None = None  # no EOS / stop token id before this many output tokens (vLLM's)
     lora: str | None = None  # the name of a LoRA adapter the LLM was given (`lora_modules`); None: the base
-    max_time: float | None = None  # seconds of denoising, then the canvas in progress is the last (config.DiffusionParams)
+    max_time: float | None = None  # seconds of denoising, then the canvas in progress is the last (DiffusionParams)
 
     def __post_init__(self):
         try:

@@ -68,17 +68,17 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
     agents = 0  # the most slots that still get the context agent frameworks check for (prefix caching off)
     for n in range(1, 257):
         try:
-            got, _ = plan_max_model_len(cfg, EngineConfig(max_batch=n, max_model_len=None, kv_cache_dtype=kv_cache_dtype,
-                                                          memory_utilization=utilization, prefix_caching=False),
-                                        "cuda", store_dtype, free_total=(free, total))
+            trial = EngineConfig(max_batch=n, max_model_len=None, kv_cache_dtype=kv_cache_dtype,
+                                 memory_utilization=utilization, prefix_caching=False)
+            got, _ = plan_max_model_len(cfg, trial, "cuda", store_dtype, free_total=(free, total))
         except ValueError:
             break
         if got < min(AGENT_CONTEXT, cfg.max_position_embeddings):
             break
         agents = n
-    return {"weights": weights, "free": free, "total": total, "max_model_len": length, "why": why, "agent_slots": agents,
-            "prefix_caching": caching, "prefix_caching_why": caching_why, "kv_per_position": per_position,
-            "kv_one_slot": one_slot, "slots": config.slots, "kv_dtype": store_dtype}
+    return {"weights": weights, "free": free, "total": total, "max_model_len": length, "why": why,
+            "agent_slots": agents, "prefix_caching": caching, "prefix_caching_why": caching_why,
+            "kv_per_position": per_position, "kv_one_slot": one_slot, "slots": config.slots, "kv_dtype": store_dtype}
 
 
 def _model_config(args) -> ModelConfig:
@@ -121,8 +121,8 @@ def _main(args) -> int:
           f"{out['kv_one_slot'] / GIB:.2f} GiB per slot at the planned context")
     print(f"context: {out['max_model_len']} positions for {out['slots']} slots ({out['why']})")
     print(f"prefix caching: {'on' if out['prefix_caching'] else 'off'} ({out['prefix_caching_why']})")
-    print(f"requests at once with the {min(AGENT_CONTEXT, cfg.max_position_embeddings)} positions agent frameworks check "
-          f"for: {out['agent_slots']} (--max-batch; prefix caching off)")
+    print(f"requests at once with the {min(AGENT_CONTEXT, cfg.max_position_embeddings)} positions agent frameworks "
+          f"check for: {out['agent_slots']} (--max-batch; prefix caching off)")
     return 0
 
 

@@ -78,8 +78,8 @@ def score_continuations(model, prompt_ids: list, conts: list, held: tuple | None
     for b, c in enumerate(conts):
         tokens[b, :len(c)] = torch.tensor(list(c), dtype=torch.long)
         positions[b, :len(c)] = torch.arange(P, P + len(c))
-    hidden = model.encode(tokens.to(device), positions.to(device), torch.full((B,), slot, dtype=torch.long, device=device),
-                          cache, write=False, max_position=P + T - 1)
+    slots = torch.full((B,), slot, dtype=torch.long, device=device)
+    hidden = model.encode(tokens.to(device), positions.to(device), slots, cache, write=False, max_position=P + T - 1)
     out = []
     for b, c in enumerate(conts):
         if not c:

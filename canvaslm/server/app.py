@@ -368,7 +368,8 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
         echo = not chat and body.echo  # the prompt's text first, then the completion's
         if echo:
             need_tokenizer(state, "echo")
-        gen = _stream(state, choices, prompts, rid, created, state.reply_name(body.model), chat, include_usage, replies, top, echo)
+        gen = _stream(state, choices, prompts, rid, created, state.reply_name(body.model), chat, include_usage,
+                      replies, top, echo)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)  # the trackers accumulate the text

@@ -36,4 +36,5 @@ async def create_embeddings(state: ServerState, body, seqs: list) -> dict:
                else v.tolist())
         data.append({"object": "embedding", "index": i, "embedding": vec})
     n = sum(len(s) for s in seqs)
-    return {"object": "list", "data": data, "model": state.reply_name(body.model), "usage": {"prompt_tokens": n, "total_tokens": n}}
+    return {"object": "list", "data": data, "model": state.reply_name(body.model),
+            "usage": {"prompt_tokens": n, "total_tokens": n}}

@@ -8,9 +8,9 @@ log-prob per token, one call on the engine thread through `Engine.call`), and th
 choice's `text`. That call reads the prompt's KV from a candidate's freed slot when prefix caching kept
 it (`serving.score_later`), so the prompt is not encoded a second time. Choice i of n draws its
 candidates from seeds `seed + i * len(gaps) + k` (choice 0 uses `LLM.infill`'s seeds; as for any
-request, the server's KV geometry can move the last bits). Each choice
-also reports `infill: {gap, scores}`. A stream sends each choice's text in one delta once it is chosen
-(there is nothing to show before the candidates are compared).
+request, the server's KV geometry can move the last bits). Each choice also reports `infill: {gap,
+scores}`. A stream sends each choice's text in one delta once it is chosen (there is nothing to show
+before the candidates are compared).
 """
 
 from __future__ import annotations

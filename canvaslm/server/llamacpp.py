@@ -154,7 +154,8 @@ def _response(state: ServerState, body, *, content: str, ids: list[int], prompt_
     return {
         "index": 0, "content": content, "tokens": ids if body.return_tokens else [], "id_slot": -1, "stop": True,
         "model": body.model or state.model_name, "tokens_predicted": n_pred, "tokens_evaluated": len(prompt_ids),
-        "generation_settings": settings, "prompt": _prompt_text(state, body, prompt_ids), "has_new_line": "\n" in content,
+        "generation_settings": settings, "prompt": _prompt_text(state, body, prompt_ids),
+        "has_new_line": "\n" in content,
         "truncated": truncated, "stop_type": stop_type, "stopping_word": stopping_word, "tokens_cached": cached,
         "timings": {"cache_n": cached, "prompt_n": n_prompt, "prompt_ms": prompt_ms,
                     "prompt_per_token_ms": prompt_ms / n_prompt if n_prompt else 0.0,

@@ -2,9 +2,9 @@
 
 Families: queue depth, running requests, denoising steps/s and tokens/s (over the last 10 s, plus
 the raw counters for `rate()`), time to first token (histogram), tokens per forward (mean over
-finished requests), finished requests by reason and those a latency budget ended, and with LoRA adapters served, requests held per
-adapter. Uses `prometheus_client` when installed (the `serve`
-extra), else writes the same text format by hand.
+finished requests), finished requests by reason and those a latency budget ended, and with LoRA
+adapters served, requests held per adapter. Uses `prometheus_client` when installed (the `serve` extra),
+else writes the same text format by hand.
 """
 
 from __future__ import annotations

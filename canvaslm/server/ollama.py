@@ -17,7 +17,8 @@ with the new text, then a last one with `done: true`, `done_reason` ("stop" or "
 counts (`prompt_eval_count`: prompt tokens encoded, the prefix cache's left out; `eval_count`) and the
 durations in nanoseconds (prompt: submission to the end of its encoding); a templated /api/generate
 reply also carries the deprecated `context` (prompt and reply ids), which a request may send back to go
-on from it. A model is named by the served name, with or without a `:tag`. Errors are `{"error": message}` with the status code.
+on from it. A model is named by the served name, with or without a `:tag`. Errors are
+`{"error": message}` with the status code.
 """
 
 from __future__ import annotations

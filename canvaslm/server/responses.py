@@ -213,7 +213,8 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
             async with contextlib.aclosing(run_choices(state, choices)) as events:
                 async for _ in events:
                     pass
-            items = output_items(reply_message(c, replies), logprobs=await _logprobs(state, body, prompts[0], c, replies))
+            logprobs = await _logprobs(state, body, prompts[0], c, replies)
+            items = output_items(reply_message(c, replies), logprobs=logprobs)
             for k, item in enumerate(items):
                 for line in _item_events(event, k, item):
                     yield line

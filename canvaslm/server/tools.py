@@ -205,5 +205,5 @@ def tool_replies(state, body, choices) -> dict:
     return {}
 
 
-__all__ = ["arguments_object", "reply_message", "tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools", "auto_problem", "ToolReply",
-           "tool_replies"]
+__all__ = ["arguments_object", "reply_message", "tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools",
+           "auto_problem", "ToolReply", "tool_replies"]

@@ -7,10 +7,11 @@ one example per assistant turn, the conversation before it as the prompt; TRL's 
 {"prompt": [messages], "completion": [messages]} trains the completion's turns), a Python callable
 `module:function` returning a list of examples (pairs, or dicts as in the JSONL), or a Hugging Face
 dataset (`hf:owner/name`, or a mapping {dataset, subset, split, revision, columns, max_examples}) read
-with the `datasets` library, whose rows are those dicts (`columns` renames the dataset's columns). The order is a pure function of (seed, global example counter): step s
-of a run with global batch size G uses examples number s*G ... s*G+G-1 of an endless stream of shuffled
-epochs. Nothing about the order lives in a loader's state, so a resumed run sees exactly the examples it
-would have seen, whatever the number of processes or gradient-accumulation micro-batches.
+with the `datasets` library, whose rows are those dicts (`columns` renames the dataset's columns).
+The order is a pure function of (seed, global example counter): step s of a run with global batch size
+G uses examples number s*G ... s*G+G-1 of an endless stream of shuffled epochs. Nothing about the order
+lives in a loader's state, so a resumed run sees exactly the examples it would have seen, whatever the
+number of processes or gradient-accumulation micro-batches.
 """
 
 from __future__ import annotations
