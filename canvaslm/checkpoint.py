@@ -4,7 +4,9 @@
 Loading builds the model on the meta device and assigns each tensor as it is read (converted to the
 target dtype one tensor at a time), so a checkpoint never needs twice its size in memory. Tied weights:
 the encoder shares the decoder's layers, norm and embeddings, and the LM head is the embedding matrix;
-the vision tower is not used for text and is skipped (said once). Every problem is collected and
+the vision tower is not used for text: it is not loaded (said once), but the model remembers which file
+holds each of its tensors (`model.carried_tensors`) and `save_model` copies them into what it writes, so
+a fine-tuned or quantised export keeps the checkpoint's vision tower. Every problem is collected and
 reported together: missing, unexpected, mis-shaped or wrongly typed tensors, missing or truncated files.
 """
 
@@ -35,6 +37,8 @@ INDEX_FILE = "model.safetensors.index.json"
 _IGNORED = re.compile(r"^(model\.encoder\.(vision_tower|embed_vision)\.|lm_head\.weight$"
                       r"|model\.encoder\.language_model\.(embed_tokens|norm)\.|"
                       r"model\.encoder\.language_model\.layers\.\d+\.(?!layer_scalar$))")
+# Of those, the ones a save must write back: the vision tower and its projection into the text model.
+_CARRIED = re.compile(r"^model\.encoder\.(vision_tower|embed_vision)\.")
 _OPTIONAL = re.compile(r"layer_scalar$")  # buffers that default to 1 when absent
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -107,7 +111,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
     hook = LoadHook.for_checkpoint(model, lambda: _all_names(model_dir, files), quantization)
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     expected = {k: v for k, v in expected.items() if not k.startswith("rotary.")}
-    problems, seen, ignored = [], set(), []
+    problems, seen, ignored, carried = [], set(), [], {}
     total = sum(p.numel() for p in expected.values())
     from tqdm.auto import tqdm
     bar = tqdm(total=total, unit="param", unit_scale=True, desc="loading weights",
@@ -128,6 +132,8 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
                 if name not in expected:
                     if _IGNORED.match(name):
                         ignored.append(name)
+                        if _CARRIED.match(name):
+                            carried[name] = path
                     else:
                         problems.append(f"{name}: unexpected tensor in {fname}")
                     continue
@@ -157,8 +163,10 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
     if problems:
         shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
         raise CheckpointError(f"{model_dir}: checkpoint does not match the model:\n  {shown}")
-    if any(n.startswith("model.encoder.vision_tower") for n in ignored):
-        log.info("%s: vision tower weights skipped (text-only model)", model_dir)
+    if carried:
+        log.info("%s: vision tower not loaded (text-only model); saving copies its %d tensors from the checkpoint",
+                 model_dir, len(carried))
+    model.carried_tensors = carried
     model.rotary = Rotary(cfg).to(device)
     return model.eval()
 
@@ -206,7 +214,9 @@ def _tiny_vision_config() -> dict:
 def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionParams | None = None,
                max_shard_bytes: int = 4 << 30, dtype=None, extra_files: dict[str, str | Path] | None = None):
     """Write an HF-format checkpoint atomically (to a temp dir, then renamed into place). A model with
-    FP8 or int4 modules is written as such, with the `quantization_config` that loads it back."""
+    FP8 or int4 modules is written as such, with the `quantization_config` that loads it back. Tensors
+    the model carries without using (the vision tower of the checkpoint it was loaded from) are copied
+    from their files, one shard's worth at a time, and then read from the new checkpoint."""
     out_dir = Path(out_dir)
     cfg_dict = model.cfg.to_hf_dict()
     cfg_dict.setdefault("vision_config", _tiny_vision_config())
@@ -216,7 +226,8 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
 
     for d in (cfg_dict, cfg_dict.get("text_config") or {}):  # describe this model, not the one it came from
         d.pop("quantization_config", None)
-    qc = quantization_config(model)
+    carried = getattr(model, "carried_tensors", None) or {}
+    qc = quantization_config(model, keeps_vision=bool(carried))
     if qc is not None:
         cfg_dict["quantization_config"] = qc
     state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("rotary.")}
@@ -228,25 +239,25 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        shards, cur, size = [], {}, 0
-        for k in sorted(state):
-            nbytes = state[k].numel() * state[k].element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = state[k].contiguous().cpu()
-            size += nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+        with _CarriedReader(carried, dtype) as reader:
+            sizes = {k: v.numel() * v.element_size() for k, v in state.items()} | reader.sizes()
+            shards, cur, size = [], [], 0
+            for k in sorted(sizes):
+                if cur and size + sizes[k] > max_shard_bytes:
+                    shards.append(cur)
+                    cur, size = [], 0
+                cur.append(k)
+                size += sizes[k]
+            shards.append(cur)
+            names = [SINGLE_FILE] if len(shards) == 1 else \
+                [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            for fname, keys in zip(names, shards):
+                tensors = {k: state[k].contiguous().cpu() if k in state else reader.read(k) for k in keys}
+                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+                del tensors
+        if len(shards) > 1:
+            weight_map = {k: fname for fname, keys in zip(names, shards) for k in keys}
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": sum(sizes.values())},
                                                       "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2))
         gen = (params or DiffusionParams()).to_hf_dict()
@@ -260,7 +271,66 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # the old files may be gone (a save over the source, rotated training checkpoints): read the new ones,
+    # in place, so a LoRA run's merged copy and the model it was made from stay pointed at the same files
+    for fname, keys in zip(names, shards):
+        carried.update({k: out_dir / fname for k in keys if k in carried})
     return out_dir
+
+
+# bytes per element of each safetensors dtype name
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class _CarriedReader:
+    """Reads carried tensors ({name: safetensors file}) for save_model: sizes from the headers, tensors
+    one at a time (cast to `dtype` if floating), each file opened once."""
+
+    def __init__(self, carried: dict[str, Path], dtype):
+        self.carried, self.dtype = carried, parse_dtype(dtype) if dtype is not None else None
+        self.files: dict[Path, object] = {}
+
+    def __enter__(self):
+        keys: dict[Path, set] = {}
+        try:
+            for name, path in self.carried.items():
+                if path not in self.files:
+                    if not Path(path).is_file():
+                        raise CheckpointError(f"{path}: holds tensors this model carries from its checkpoint "
+                                              f"({name}, the vision tower) but no longer exists; reload the model "
+                                              "to save it")
+                    self.files[path] = _open(Path(path), "cpu").__enter__()
+                    keys[path] = set(self.files[path].keys())
+                if name not in keys[path]:
+                    raise CheckpointError(f"{path}: no longer holds {name}, which this model carries from its "
+                                          "checkpoint; reload the model to save it")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for f in self.files.values():
+            f.__exit__(*exc)
+        return False
+
+    def sizes(self) -> dict[str, int]:
+        out = {}
+        for name, path in self.carried.items():
+            sl = self.files[path].get_slice(name)
+            numel = 1
+            for n in sl.get_shape():
+                numel *= n
+            st = sl.get_dtype()
+            floating = st.startswith(("F", "BF"))
+            per = self.dtype.itemsize if floating and self.dtype is not None else _ST_BYTES.get(st, 4)
+            out[name] = numel * per
+        return out
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self.files[self.carried[name]].get_tensor(name)
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
 
 def write_dir_atomically(out_dir: str | Path, files: dict[str, str | Path]) -> Path:

@@ -43,9 +43,14 @@ def scheme_from_config(raw: dict) -> dict | None:
     return {"fmt": "fp8", "strategy": strategies.pop()}
 
 
-def quantization_config(model) -> dict | None:
+# compressed-tensors `ignore` entries for a checkpoint's unquantised vision tower
+VISION_IGNORE = ["re:.*vision_tower.*", "re:.*embed_vision.*"]
+
+
+def quantization_config(model, keeps_vision: bool = False) -> dict | None:
     """The config.json `quantization_config` describing `model`'s quantised modules (None if it has none),
-    and so what `load_model` reads back as stored."""
+    and so what `load_model` reads back as stored. `keeps_vision`: the checkpoint also holds the (plain)
+    vision tower, which the FP8 config's `ignore` then names so that readers of the config leave it as is."""
     from .quant_int4 import Int4Experts, Int4Linear
 
     mods = list(model.modules())
@@ -66,7 +71,8 @@ def quantization_config(model) -> dict | None:
         weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
                    **({"block_structure": [BLOCK, BLOCK]} if strategy == "block" else {})}
         return {"quant_method": "compressed-tensors", "format": "float-quantized",
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"]}
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+                "ignore": ["lm_head", *(VISION_IGNORE if keeps_vision else [])]}
     return None
 
 

@@ -162,10 +162,85 @@ def test_wrong_shape_dtype_missing_unexpected_are_all_listed(ref_dir, tmp_path):
     assert "model.decoder.extra.weight: unexpected" in msg
 
 
+def _vision_tensors(d) -> dict:
+    """The vision tower's tensors stored in checkpoint dir d."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in d.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys() if k.startswith("model.encoder.") and "vision" in k})
+    return out
+
+
 def test_vision_tower_is_skipped(ref_dir):
     # the reference checkpoint carries a (tiny) vision tower; it loads as text-only
     model = load_model(ref_dir[0])
     assert not any("vision" in n for n, _ in model.named_parameters())
+    assert len(model.carried_tensors) == len(_vision_tensors(ref_dir[0])) > 0
+
+
+@pytest.mark.parametrize("shard_bytes", [1 << 40, 20_000])
+def test_save_keeps_the_vision_tower(ref_dir, tmp_path, shard_bytes):
+    """A saved (fine-tuned, quantised, re-sharded) checkpoint holds the source's vision tower bit for bit, and
+    transformers loads it with nothing missing: a text-only engine must not wipe a multimodal model's eyes."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    path, ref = ref_dir
+    src = _vision_tensors(path)
+    out = save_model(load_model(path), tmp_path / "ours", max_shard_bytes=shard_bytes)
+    got = _vision_tensors(out)
+    assert sorted(got) == sorted(src) and all(torch.equal(got[k], src[k]) for k in src)
+    if shard_bytes < 1 << 40:
+        weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert len(set(weight_map.values())) > 2 and set(src) <= set(weight_map)
+        total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        assert total == sum(f.stat().st_size for f in out.glob("*.safetensors")) - sum(
+            8 + int.from_bytes(f.read_bytes()[:8], "little") for f in out.glob("*.safetensors"))
+    back, info = DiffusionGemmaForBlockDiffusion.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    want = ref.model.encoder.vision_tower.state_dict()
+    for k, v in back.model.encoder.vision_tower.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+def test_save_keeps_the_vision_tower_in_the_dtype_asked(ref_dir, tmp_path):
+    path, _ = ref_dir
+    src = _vision_tensors(path)
+    got = _vision_tensors(save_model(load_model(path), tmp_path / "bf16", dtype="bfloat16"))
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], src[k].to(torch.bfloat16)) for k in src)
+
+
+def test_vision_tower_survives_saves_over_its_source_and_a_lost_source_is_named(ref_dir, tmp_path):
+    path, _ = ref_dir
+    src = _vision_tensors(path)
+    d = _copy(path, tmp_path / "work")
+    model = load_model(d)
+    save_model(model, d, max_shard_bytes=20_000)  # over the files it was loaded from
+    assert all(p.parent == d and p.is_file() for p in model.carried_tensors.values())
+    moved = save_model(model, tmp_path / "next")  # reads the new files, not the replaced ones
+    got = _vision_tensors(moved)
+    assert all(torch.equal(got[k], src[k]) for k in src)
+    assert {p.parent for p in model.carried_tensors.values()} == {moved}
+    shutil.rmtree(moved)
+    with pytest.raises(CheckpointError, match=r"next/model.safetensors: holds tensors this model carries"):
+        save_model(model, tmp_path / "third")
+    assert not (tmp_path / "third").exists() and not list(tmp_path.glob(".third.*"))
+
+
+def test_fp8_save_keeps_the_vision_tower_unquantised(ref_dir, tmp_path):
+    from canvaslm.quant_io import VISION_IGNORE
+
+    path, _ = ref_dir
+    src = _vision_tensors(path)
+    out = save_model(load_model(path, quantization="fp8"), tmp_path / "fp8")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == ["lm_head", *VISION_IGNORE]
+    got = _vision_tensors(out)
+    assert all(torch.equal(got[k], src[k]) for k in src)
+    assert len(load_model(out).carried_tensors) == len(src)
+    plain = save_model(build_random_model(model_config("tiny", canvas_length=8)), tmp_path / "random")
+    assert not _vision_tensors(plain)
 
 
 @pytest.mark.parametrize("edit,match", [

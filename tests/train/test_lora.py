@@ -178,3 +178,37 @@ def test_merging_adapters_into_a_quantised_base_gives_plain_linears():
     assert type(q_proj) is torch.nn.Linear and not has_lora(model)
     assert not any(isinstance(m, Int4Linear) for m in model.modules())  # every target was adapted
     torch.testing.assert_close(_logits(model), adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_runs_from_a_multimodal_checkpoint_keep_its_vision_tower(tmp_path):
+    """Fine-tuning a checkpoint that has a vision tower (LoRA and full; checkpoints rotated, a resumed run,
+    export) writes that tower, unchanged, into every checkpoint and export."""
+    from safetensors import safe_open
+
+    from canvaslm.cli import main
+
+    from conftest import build_reference
+
+    base = tmp_path / "base"
+    build_reference(base, "window8_canvas16")
+
+    def vision(d):
+        out = {}
+        for f in d.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as h:
+                out.update({k: h.get_tensor(k) for k in h.keys() if "vision" in k})
+        return out
+
+    src = vision(base)
+    assert src
+    for name, extra in (("lora", {"lora": {"rank": 4, "alpha": 8}}), ("full", {})):
+        cfg = tiny_config(tmp_path / name, model=str(base), max_steps=2, save_every=1, keep_checkpoints=1, **extra)
+        Trainer(TrainConfig.from_dict(cfg)).train()
+        cfg["max_steps"] = 4  # resumed: full fine-tuning reloads checkpoint-2, whose files rotation then deletes
+        Trainer(TrainConfig.from_dict(cfg), resume=True).train()
+        run = tmp_path / name / "run"
+        assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-0000004"]
+        assert main(["export", str(run), str(tmp_path / name / "exported")]) == 0
+        for d in (run / "checkpoint-0000004", run / "final", tmp_path / name / "exported"):
+            got = vision(d)
+            assert sorted(got) == sorted(src) and all(torch.equal(got[k], src[k]) for k in src), d
