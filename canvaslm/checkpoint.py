@@ -39,6 +39,8 @@ _IGNORED = re.compile(r"^(model\.encoder\.(vision_tower|embed_vision)\.|lm_head\
                       r"model\.encoder\.language_model\.layers\.\d+\.(?!layer_scalar$))")
 # Of those, the ones a save must write back: the vision tower and its projection into the text model.
 _CARRIED = re.compile(r"^model\.encoder\.(vision_tower|embed_vision)\.")
+# Files of a checkpoint that only its vision side reads (the image processor's); saves copy them too.
+CARRIED_FILES = ("processor_config.json", "preprocessor_config.json")
 _OPTIONAL = re.compile(r"layer_scalar$")  # buffers that default to 1 when absent
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -167,6 +169,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
         log.info("%s: vision tower not loaded (text-only model); saving copies its %d tensors from the checkpoint",
                  model_dir, len(carried))
     model.carried_tensors = carried
+    model.carried_files = {n: model_dir / n for n in CARRIED_FILES if (model_dir / n).is_file()}
     model.rotary = Rotary(cfg).to(device)
     return model.eval()
 
@@ -216,7 +219,8 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
     """Write an HF-format checkpoint atomically (to a temp dir, then renamed into place). A model with
     FP8 or int4 modules is written as such, with the `quantization_config` that loads it back. Tensors
     the model carries without using (the vision tower of the checkpoint it was loaded from) are copied
-    from their files, one shard's worth at a time, and then read from the new checkpoint."""
+    from their files, one shard's worth at a time, and then read from the new checkpoint; so are the
+    image processor's files (CARRIED_FILES)."""
     out_dir = Path(out_dir)
     cfg_dict = model.cfg.to_hf_dict()
     cfg_dict.setdefault("vision_config", _tiny_vision_config())
@@ -265,7 +269,11 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
         gen.setdefault("pad_token_id", model.cfg.pad_token_id)
         gen.setdefault("bos_token_id", model.cfg.bos_token_id)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        for name, src in (extra_files or {}).items():
+        carried_files = getattr(model, "carried_files", None) or {}
+        for name, src in {**carried_files, **(extra_files or {})}.items():
+            if name in carried_files and src == carried_files[name] and not Path(src).is_file():
+                raise CheckpointError(f"{src}: a file this model carries from its checkpoint but no longer exists; "
+                                      "reload the model to save it")
             shutil.copyfile(src, tmp / name)
         _publish(tmp, out_dir, stat.S_IMODE((tmp / "config.json").stat().st_mode))
     except BaseException:
@@ -275,6 +283,7 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
     # in place, so a LoRA run's merged copy and the model it was made from stay pointed at the same files
     for fname, keys in zip(names, shards):
         carried.update({k: out_dir / fname for k in keys if k in carried})
+    carried_files.update({n: out_dir / n for n in carried_files})
     return out_dir
 
 

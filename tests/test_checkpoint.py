@@ -215,12 +215,15 @@ def test_vision_tower_survives_saves_over_its_source_and_a_lost_source_is_named(
     path, _ = ref_dir
     src = _vision_tensors(path)
     d = _copy(path, tmp_path / "work")
+    (d / "processor_config.json").write_text('{"image_seq_length": 280}')  # the image processor's, copied too
     model = load_model(d)
     save_model(model, d, max_shard_bytes=20_000)  # over the files it was loaded from
     assert all(p.parent == d and p.is_file() for p in model.carried_tensors.values())
     moved = save_model(model, tmp_path / "next")  # reads the new files, not the replaced ones
     got = _vision_tensors(moved)
     assert all(torch.equal(got[k], src[k]) for k in src)
+    assert json.loads((moved / "processor_config.json").read_text()) == {"image_seq_length": 280}
+    assert model.carried_files == {"processor_config.json": moved / "processor_config.json"}
     assert {p.parent for p in model.carried_tensors.values()} == {moved}
     shutil.rmtree(moved)
     with pytest.raises(CheckpointError, match=r"next/model.safetensors: holds tensors this model carries"):

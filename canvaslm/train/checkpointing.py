@@ -112,16 +112,17 @@ def _atomic_write_text(path: Path, text: str):
 
 def _merged_copy(model):
     """The model itself, or for LoRA a plain DiffusionGemma holding the merged weights (and sharing the
-    model's carried vision tensors, so that a save repoints both)."""
+    model's carried vision tensors and files, so that a save repoints both)."""
     if not has_lora(model):
         return model
     with torch.device("meta"):
         plain = DiffusionGemma(model.cfg)
     plain.load_state_dict(merged_state_dict(model), assign=True)
     plain.rotary = Rotary(model.cfg)
-    if getattr(model, "carried_tensors", None) is None:
-        model.carried_tensors = {}
-    plain.carried_tensors = model.carried_tensors
+    for attr in ("carried_tensors", "carried_files"):
+        if getattr(model, attr, None) is None:
+            setattr(model, attr, {})
+        setattr(plain, attr, getattr(model, attr))
     return plain
 
 

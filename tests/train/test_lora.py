@@ -191,6 +191,7 @@ def test_runs_from_a_multimodal_checkpoint_keep_its_vision_tower(tmp_path):
 
     base = tmp_path / "base"
     build_reference(base, "window8_canvas16")
+    (base / "processor_config.json").write_text('{"image_seq_length": 280}')
 
     def vision(d):
         out = {}
@@ -212,3 +213,4 @@ def test_runs_from_a_multimodal_checkpoint_keep_its_vision_tower(tmp_path):
         for d in (run / "checkpoint-0000004", run / "final", tmp_path / name / "exported"):
             got = vision(d)
             assert sorted(got) == sorted(src) and all(torch.equal(got[k], src[k]) for k in src), d
+            assert (d / "processor_config.json").read_text() == '{"image_seq_length": 280}'
