@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .layers import MLP, Attention, AttnContext, RMSNorm, Rotary
@@ -98,6 +99,8 @@ class DiffusionGemma(nn.Module):
         self.model = _Model(cfg)
         self.rotary = Rotary(cfg)
         self.lora_serving = None  # lora_serving.MultiLoRA once served adapters are installed
+        # training: each layer's activations are recomputed in the backward instead of kept (less memory)
+        self.gradient_checkpointing = False
 
     # --- small helpers -------------------------------------------------------------------------
     @property
@@ -136,8 +139,10 @@ class DiffusionGemma(nn.Module):
 
     def _run_layers(self, h, positions, ctx, scalars) -> torch.Tensor:
         rope = self.rotary(positions, h.dtype)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.text.layers):
-            h = layer(h, rope[self.cfg.layer_types[i]], ctx, scalars[i])
+            args = (h, rope[self.cfg.layer_types[i]], ctx, scalars[i])
+            h = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return self.text.norm(h)
 
     # --- the two modes -------------------------------------------------------------------------

@@ -87,8 +87,11 @@ def build_model(config, checkpoint: Path | None = None):
 
 
 def lora_cache(model):
-    """Expert LoRA parametrizations are recomputed on every access; cache them for one forward/backward."""
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
+    """Expert LoRA parametrizations are recomputed on every access; cache them for one forward/backward.
+    Not under gradient checkpointing: a layer recomputed in the backward must compute what its forward
+    did, and a cache the forward filled is gone by then."""
+    if not getattr(model, "gradient_checkpointing", False) and \
+            any(parametrize.is_parametrized(m) for m in model.modules()):
         return parametrize.cached()
     return contextlib.nullcontext()
 

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..kv_cache import KVCache
 from ..quant import is_quantized
@@ -175,20 +176,48 @@ def selected_canvas(batch: TrainBatch, canvas_index: torch.Tensor) -> tuple[torc
     return batch.tokens.gather(1, cols.to(batch.tokens.device)), start
 
 
-def encoder_ar_loss(model, hidden: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+# the float32 logits one chunk of token_ce may hold (x ~3 with the softcap and log-softmax it makes)
+CE_CHUNK_BYTES = 64 << 20
+
+
+def _ce_rows(model, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model.logits(hidden), target, reduction="none")
+
+
+def token_ce(model, hidden: torch.Tensor, target: torch.Tensor, rows_per_chunk: int | None = None) -> torch.Tensor:
+    """Cross-entropy of the LM head's logits of `hidden` [..., d] against `target` [...], per token (float32,
+    target's shape), never holding the float32 [tokens, vocab] logits: a chunk of rows at a time, each
+    chunk's logits recomputed in the backward instead of kept (with a 262k vocabulary the whole logits of
+    a sequence of 1k tokens are 1 GiB, times three with the softcap and the log-softmax). rows_per_chunk:
+    None = as many as CE_CHUNK_BYTES of logits; 0 = all rows at once, kept for the backward."""
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    n = flat_t.shape[0]
+    if rows_per_chunk is None:
+        rows_per_chunk = max(1, CE_CHUNK_BYTES // (4 * model.cfg.vocab_size))
+    if rows_per_chunk == 0 or rows_per_chunk >= n:
+        return _ce_rows(model, flat_h, flat_t).view(target.shape)
+    recompute = torch.is_grad_enabled() and flat_h.requires_grad
+    out = []
+    for i in range(0, n, rows_per_chunk):
+        h, t = flat_h[i:i + rows_per_chunk], flat_t[i:i + rows_per_chunk]
+        out.append(checkpoint(_ce_rows, model, h, t, use_reentrant=False) if recompute else _ce_rows(model, h, t))
+    return torch.cat(out).view(target.shape)
+
+
+def encoder_ar_loss(model, hidden: torch.Tensor, batch: TrainBatch, rows_per_chunk: int | None = None) -> torch.Tensor:
     """Next-token CE of the encoder over valid clean tokens, per-example mean, then batch mean."""
-    logits = model.logits(hidden[:, :-1])  # [B, L-1, V] float32
-    target = batch.tokens[:, 1:]
+    ce = token_ce(model, hidden[:, :-1], batch.tokens[:, 1:], rows_per_chunk)  # [B, L-1]
     valid = (batch.positions[:, 1:] >= 0).float()  # [B, L-1]
-    ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, L-1]
     per_example = (ce * valid).sum(1) / valid.sum(1).clamp(min=1)
     return per_example.mean()
 
 
 def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | None, sc_prob: float = 0.5,
                          diffusion_weight: float = 1.0, ar_weight: float = 1.0, ar_only: bool = False,
-                         noise: NoiseDraw | None = None, sc_passes: int = 1) -> LossOutput:
+                         noise: NoiseDraw | None = None, sc_passes: int = 1,
+                         ce_rows_per_chunk: int | None = None) -> LossOutput:
     """The training loss of one batch (see the module docstring). `noise` overrides the draws (tests).
+    ce_rows_per_chunk: how `token_ce` chunks both cross-entropies (None: by CE_CHUNK_BYTES; 0: unchunked).
 
     sc_passes > 1 (not in the reference recipe, which is sc_passes = 1) chains that many no-grad passes
     before the loss pass, each self-conditioned on the previous one's logits, as the inference loop
@@ -201,7 +230,7 @@ def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | 
     zero = torch.zeros((), device=device)
     if ar_only:
         hidden = model.encode(batch.tokens, batch.positions, torch.arange(B, device=device), None)
-        ar = encoder_ar_loss(model, hidden, batch)
+        ar = encoder_ar_loss(model, hidden, batch, ce_rows_per_chunk)
         empty = torch.zeros(B, device=device)
         return LossOutput(ar, zero, ar, batch.num_tokens, empty.bool(), empty, empty.long())
     noise = noise if noise is not None else draw_noise(batch, generator, V, sc_prob, device)
@@ -217,12 +246,12 @@ def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | 
         for _ in range(sc_passes):
             first = model.denoise(noisy, slots, cache, canvas_start=start,
                                   sc_logits=None if first is None else first.to(model.embed_weight.dtype))
-    logits = model.denoise(noisy, slots, cache, sc_logits=first.to(model.embed_weight.dtype),
-                           sc_mask=noise.sc_taken, canvas_start=start)  # [B, C, V] float32
-    ce = F.cross_entropy(logits.transpose(1, 2), clean, reduction="none")  # [B, C]
+    out = model.denoise(noisy, slots, cache, sc_logits=first.to(model.embed_weight.dtype),
+                        sc_mask=noise.sc_taken, canvas_start=start, return_hidden=True)  # [B, C, d]
+    ce = token_ce(model, out, clean, ce_rows_per_chunk)  # [B, C]
     per_example = ce.mean(1)  # every canvas position is supervised (EOS fill included)
     diffusion = per_example.mean()
-    ar = encoder_ar_loss(model, hidden, batch) if ar_weight != 0 else zero
+    ar = encoder_ar_loss(model, hidden, batch, ce_rows_per_chunk) if ar_weight != 0 else zero
     loss = diffusion_weight * diffusion + (ar_weight * ar if ar_weight != 0 else 0.0)
     return LossOutput(loss, diffusion, ar, batch.num_tokens, noise.sc_taken, noise.t, noise.canvas_index,
                       noisy, per_example.detach())
@@ -278,4 +307,5 @@ def greedy_ar_generate(model, prompt_ids, max_new_tokens: int, eos_ids) -> list:
 
 
 __all__ = ["TrainBatch", "make_batch", "block_diffusion_loss", "LossOutput", "NoiseDraw", "draw_noise",
-           "example_noise_seed", "greedy_ar_generate", "set_trainable", "encoder_ar_loss", "selected_canvas"]
+           "example_noise_seed", "greedy_ar_generate", "set_trainable", "encoder_ar_loss", "selected_canvas",
+           "token_ce"]

@@ -72,6 +72,7 @@ class TrainConfig:
     sc_prob: float = 0.5
     ar_only: bool = False  # the autoregressive baseline: encoder next-token loss only
     freeze_router: bool = True
+    gradient_checkpointing: bool = False  # recompute each layer in the backward: activation memory ~1/layers
     generation: dict | None = None  # DiffusionParams fields written to the exported generation_config.json
     export_dtype: str | None = None
     plot: bool = True
@@ -111,6 +112,8 @@ class TrainConfig:
             bad("dtype", "must be auto | fp32 | bf16")
         if self.lora is not None:
             lora = LoRAConfig.from_dict(self.lora)
+        if not isinstance(self.gradient_checkpointing, bool):
+            bad("gradient_checkpointing", "must be true or false")
         if self.save_merged is False and self.lora is None:
             bad("save_merged", "can be false only with lora (a checkpoint then holds the adapters)")
         if self.quantization is not None:
@@ -149,6 +152,23 @@ class TrainConfig:
     @property
     def data_spec(self) -> dict:
         return {"train": self.data} if isinstance(self.data, str) else dict(self.data)
+
+
+def kept_for_backward(model, fn):
+    """(fn(), bytes of the tensors autograd keeps from fn's forward for the backward, `model`'s parameters
+    left out): the activation memory a training step holds at its peak, whatever the device."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept.values())
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -258,12 +278,17 @@ class Trainer:
         self.model, self.params = ckpt.build_model(c, latest if (state and not state["lora"]) else None)
         self.model.to(self.device)
         if c.lora is not None:
-            apply_lora(self.model, LoRAConfig.from_dict(c.lora))
+            # the adapters' init follows the run's seed, not whatever the process drew before (so two runs
+            # of one config in a process, and every torchrun process, start from the same adapters)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(c.seed)
+                apply_lora(self.model, LoRAConfig.from_dict(c.lora))
             if state and state["lora"]:
                 ckpt.load_adapters(self.model, state["lora"], latest)
         else:
             set_trainable(self.model, freeze_router=c.freeze_router)
         self.model.train()
+        self.model.gradient_checkpointing = bool(c.gradient_checkpointing)
         cfg = self.model.cfg
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self.eos_ids = tuple(cfg.eos_token_ids)
@@ -421,4 +446,4 @@ class Trainer:
         return has_lora(self.model)
 
 
-__all__ = ["TrainConfig", "Trainer", "lr_factor"]
+__all__ = ["TrainConfig", "Trainer", "lr_factor", "kept_for_backward"]

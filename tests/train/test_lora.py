@@ -214,3 +214,14 @@ def test_runs_from_a_multimodal_checkpoint_keep_its_vision_tower(tmp_path):
             got = vision(d)
             assert sorted(got) == sorted(src) and all(torch.equal(got[k], src[k]) for k in src), d
             assert (d / "processor_config.json").read_text() == '{"image_seq_length": 280}'
+
+
+def test_adapter_init_follows_the_config_seed(tmp_path):
+    def adapters(name, seed):
+        torch.rand(7)  # whatever the process drew before does not matter
+        t = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / name, seed=seed, lora={"rank": 4, "alpha": 8})))
+        return {n: p.detach().clone() for n, p in t.model.named_parameters() if "lora_A" in n}
+
+    a, b, c = adapters("a", 0), adapters("b", 0), adapters("c", 1)
+    assert a and all(torch.equal(a[n], b[n]) for n in a)
+    assert not any(torch.equal(a[n], c[n]) for n in a)

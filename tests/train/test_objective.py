@@ -12,7 +12,7 @@ from canvaslm.kv_cache import KVCache
 from canvaslm.shapes import model_config
 from canvaslm.testing import make_tiny_checkpoint
 from canvaslm.train.objective import (T_EPS, NoiseDraw, block_diffusion_loss, draw_noise, example_noise_seed,
-                                      greedy_ar_generate, make_batch, set_trainable)
+                                      greedy_ar_generate, make_batch, set_trainable, token_ce)
 
 from .helpers import SMALL
 
@@ -269,3 +269,36 @@ def test_trained_model_copies_through_the_inference_loop():
     res = generate_rows(model.eval(), rows, torch.Generator().manual_seed(0))
     exact = sum(r.token_ids == resp + [EOS] for r, (_, resp) in zip(res, held_out)) / len(held_out)
     assert exact >= 0.9, exact
+
+
+def test_chunked_cross_entropy_equals_the_whole_and_keeps_less(tiny):
+    """Both cross-entropies go through token_ce, which never holds a whole [tokens, vocab] logits tensor
+    for the backward: chunked and unchunked give the same loss and gradients, and autograd keeps less."""
+    from canvaslm.train.trainer import kept_for_backward
+
+    b = make_batch(_examples(), 8, PAD, EOS)
+    noise = _fixed_noise(b, [1, 0, 2], [True, False, True])
+    runs = {}
+    for rows in (0, 5, None):
+        tiny.zero_grad(set_to_none=True)
+        for p in tiny.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out, kept = kept_for_backward(tiny, lambda: block_diffusion_loss(tiny, b, None, noise=noise,
+                                                                             ce_rows_per_chunk=rows))
+            out.loss.backward()
+        runs[rows] = out, kept, {n: p.grad.clone() for n, p in tiny.named_parameters()}
+        for p in tiny.parameters():
+            p.requires_grad_(False)
+    whole, kept_whole, g_whole = runs[0]
+    for rows in (5, None):
+        out, kept, g = runs[rows]
+        torch.testing.assert_close(out.loss, whole.loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.ar_loss, whole.ar_loss, rtol=1e-6, atol=1e-6)
+        for n in g_whole:
+            torch.testing.assert_close(g[n], g_whole[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert runs[5][1] < kept_whole  # chunks of 5 rows: no [tokens, vocab] logits kept
+    ids = torch.randint(0, tiny.cfg.vocab_size, (2, 7))
+    h = torch.randn(2, 7, tiny.cfg.hidden_size)
+    want = F.cross_entropy(tiny.logits(h).transpose(1, 2), ids, reduction="none")
+    torch.testing.assert_close(token_ce(tiny, h, ids, rows_per_chunk=3), want)

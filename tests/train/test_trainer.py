@@ -13,7 +13,7 @@ from canvaslm.checkpoint import load_model
 from canvaslm.config import ConfigError
 from canvaslm.kv_cache import KVCache
 from canvaslm.train.data import DataError, ExampleStream, load_examples
-from canvaslm.train.trainer import TrainConfig, Trainer, lr_factor
+from canvaslm.train.trainer import TrainConfig, Trainer, kept_for_backward, lr_factor
 
 from .helpers import tiny_config
 
@@ -260,3 +260,33 @@ def test_bf16_autocast_step_on_cpu(tmp_path):
     rec = t.train_step()
     assert t.autocast_dtype == torch.bfloat16 and math.isfinite(rec["loss"])
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
+
+
+@pytest.mark.parametrize("lora", [None, {"rank": 4, "alpha": 8, "include_experts": True}])
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(tmp_path, lora):
+    """Recomputing each layer in the backward (the encoder's cache writes included) changes no loss or
+    gradient, and what autograd keeps between forward and backward shrinks several-fold."""
+    runs = {}
+    for gc in (False, True):
+        t = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / str(gc), lora=lora, gradient_checkpointing=gc)))
+        assert t.model.gradient_checkpointing is gc
+        examples, pos = next(iter(t._micro_batches(0)))
+        with torch.enable_grad():
+            out, kept = kept_for_backward(t.model, lambda: t._loss(examples, pos))
+            out.loss.backward()
+        runs[gc] = out.loss.item(), kept, {n: p.grad.clone() for n, p in t.model.named_parameters()
+                                           if p.grad is not None}
+        torch.rand(3)  # the next run's adapters start the same anyway: their init follows the config's seed
+    (l0, kept0, g0), (l1, kept1, g1) = runs[False], runs[True]
+    assert l0 == l1 and g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-7, msg=n)
+    assert kept1 * 3 < kept0, (kept0, kept1)
+
+
+def test_gradient_checkpointing_trains_the_same_curve(tmp_path):
+    plain = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "a", max_steps=3))).train()
+    gc = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "b", max_steps=3, gradient_checkpointing=True))).train()
+    assert [h["loss"] for h in gc] == pytest.approx([h["loss"] for h in plain], rel=1e-6)
+    with pytest.raises(ConfigError, match="gradient_checkpointing must be true or false"):
+        TrainConfig.from_dict(tiny_config(tmp_path / "c", gradient_checkpointing="yes"))
