@@ -136,3 +136,17 @@ def test_editor_infill_bench_warms_the_chunks_it_then_reuses():
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in proc.stdout.splitlines()
             if line.startswith("| ") and "ms" not in line}
     assert rows["cold (peer)"][3] == "0" and rows["after the warm-up"][3] == "512", proc.stdout
+
+
+def test_training_memory_bench_compares_with_the_keep_everything_peer():
+    """bench/grad_checkpointing.py at the tiny shape: three processes, equal losses, less kept with checkpointing."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench/grad_checkpointing.py"), "--shape", "tiny", "--batch", "2",
+                           "--prompt", "40", "--canvas", "8", "--steps", "1", "--threads", "1"], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| whole logits, every activation kept (peer) |" in proc.stdout and "(equal)" in proc.stdout, proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if "+ gradient_checkpointing |" in line)
+    assert float(re.search(r"([\d.]+)x less kept", row).group(1)) > 2, row
