@@ -69,6 +69,12 @@ def _eos_set(eos_id) -> tuple[int, ...]:
     return (int(eos_id),) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
 
 
+def canvases_of(response: Sequence[int], canvas_length: int, eos_id) -> int:
+    """How many canvases make_batch gives a response: with an EOS appended unless it ends in one."""
+    n = len(response) + (0 if response and int(response[-1]) in _eos_set(eos_id) else 1)
+    return math.ceil(n / canvas_length)
+
+
 def make_batch(examples: list[tuple[list[int], list[int]]], canvas_length: int, pad_id: int, eos_id,
                device=None, noise_seeds: Sequence[int] | None = None) -> TrainBatch:
     """Build a TrainBatch from (prompt_ids, response_ids) pairs.
@@ -87,9 +93,9 @@ def make_batch(examples: list[tuple[list[int], list[int]]], canvas_length: int, 
         prompt, response = [int(t) for t in prompt], [int(t) for t in response]
         if not prompt:
             raise ValueError(f"make_batch: example {i} has an empty prompt; at least one token is needed")
+        n = canvases_of(response, canvas_length, eos)
         if not response or response[-1] not in eos:
             response.append(eos[0])
-        n = math.ceil(len(response) / canvas_length)
         response += [eos[0]] * (n * canvas_length - len(response))
         rows.append(prompt + response)
         prompt_lens.append(len(prompt))
@@ -308,4 +314,4 @@ def greedy_ar_generate(model, prompt_ids, max_new_tokens: int, eos_ids) -> list:
 
 __all__ = ["TrainBatch", "make_batch", "block_diffusion_loss", "LossOutput", "NoiseDraw", "draw_noise",
            "example_noise_seed", "greedy_ar_generate", "set_trainable", "encoder_ar_loss", "selected_canvas",
-           "token_ce"]
+           "token_ce", "canvases_of"]

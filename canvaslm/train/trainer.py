@@ -28,9 +28,9 @@ import torch.distributed as dist
 from ..config import ConfigError
 from ..quant import QUANTIZATIONS
 from . import checkpointing as ckpt
-from .data import ExampleStream, load_examples, resolve_callable, split_holdout
+from .data import DataError, ExampleStream, load_examples, resolve_callable, split_holdout
 from .lora import LoRAConfig, apply_lora, has_lora
-from .objective import block_diffusion_loss, example_noise_seed, make_batch, set_trainable
+from .objective import block_diffusion_loss, canvases_of, example_noise_seed, make_batch, set_trainable
 
 log = logging.getLogger("canvaslm.train")
 EVAL_SEED_SALT, TRANSFORM_SEED_SALT = 0x5EED, 0xA06
@@ -73,6 +73,7 @@ class TrainConfig:
     ar_only: bool = False  # the autoregressive baseline: encoder next-token loss only
     freeze_router: bool = True
     gradient_checkpointing: bool = False  # recompute each layer in the backward: activation memory ~1/layers
+    max_length: int | None = None  # leave out examples longer than this (prompt + response in whole canvases)
     generation: dict | None = None  # DiffusionParams fields written to the exported generation_config.json
     export_dtype: str | None = None
     plot: bool = True
@@ -112,6 +113,9 @@ class TrainConfig:
             bad("dtype", "must be auto | fp32 | bf16")
         if self.lora is not None:
             lora = LoRAConfig.from_dict(self.lora)
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length < 2):
+            bad("max_length", "must be an integer >= 2 (tokens of prompt + response) or null")
         if not isinstance(self.gradient_checkpointing, bool):
             bad("gradient_checkpointing", "must be true or false")
         if self.save_merged is False and self.lora is None:
@@ -300,14 +304,42 @@ class Trainer:
             from ..tokenizer import Tokenizer
             tok = Tokenizer.from_dir(self.tokenizer_dir)
         spec = c.data_spec
-        examples = load_examples(spec["train"], tok, spec.get("kwargs"), vocab)
+        examples = self._fitting(load_examples(spec["train"], tok, spec.get("kwargs"), vocab), "data.train")
         if spec.get("eval"):
             self.train_examples = examples
-            self.eval_examples = load_examples(spec["eval"], tok, spec.get("kwargs"), vocab)
+            self.eval_examples = self._fitting(load_examples(spec["eval"], tok, spec.get("kwargs"), vocab),
+                                               "data.eval")
         else:
             self.train_examples, self.eval_examples = split_holdout(examples, int(spec.get("eval_size", 0)), c.seed)
         self.stream = ExampleStream(len(self.train_examples), c.seed)
         self.transform = resolve_callable(spec["transform"]) if spec.get("transform") else None
+
+    def _fitting(self, examples: list, what: str) -> list:
+        """The examples whose training sequence (prompt + response in whole canvases) fits `max_length`, with
+        a warning that counts the others; a sequence past the model's positions is an error naming it."""
+        c, cfg = self.config, self.model.cfg
+        lengths = [len(p) + cfg.canvas_length * canvases_of(r, cfg.canvas_length, self.eos_ids) for p, r in examples]
+        limit = cfg.max_position_embeddings
+        if c.max_length is not None and c.max_length > limit:
+            raise ConfigError(f"train config: max_length {c.max_length} is past the model's max_position_embeddings "
+                              f"{limit}")
+        if c.max_length is None:
+            too_long = [i for i, n in enumerate(lengths) if n > limit]
+            if too_long:
+                i = too_long[0]
+                raise DataError(f"{what}: example {i} is {lengths[i]} tokens long (prompt + response in canvases "
+                                f"of {cfg.canvas_length}), past the model's max_position_embeddings {limit} "
+                                f"({len(too_long)} of {len(examples)} examples are); set max_length to leave them "
+                                "out")
+            return examples
+        kept = [ex for ex, n in zip(examples, lengths) if n <= c.max_length]
+        if not kept:
+            raise DataError(f"{what}: all {len(examples)} examples are longer than max_length {c.max_length} "
+                            f"(the shortest is {min(lengths)} tokens in canvases of {cfg.canvas_length})")
+        if len(kept) < len(examples) and self.dist.rank == 0:
+            log.warning("%s: left out %d of %d examples longer than max_length %d (the longest: %d tokens)", what,
+                        len(examples) - len(kept), len(examples), c.max_length, max(lengths))
+        return kept
 
     def _setup_optimizer(self):
         c = self.config

@@ -290,3 +290,30 @@ def test_gradient_checkpointing_trains_the_same_curve(tmp_path):
     assert [h["loss"] for h in gc] == pytest.approx([h["loss"] for h in plain], rel=1e-6)
     with pytest.raises(ConfigError, match="gradient_checkpointing must be true or false"):
         TrainConfig.from_dict(tiny_config(tmp_path / "c", gradient_checkpointing="yes"))
+
+
+def test_max_length_leaves_out_long_examples_and_positions_are_checked(tmp_path, caplog):
+    from canvaslm.train.objective import canvases_of
+
+    def length(p, r):
+        return len(p) + 8 * canvases_of(r, 8, (1,))
+
+    with caplog.at_level("WARNING", logger="canvaslm.train"):
+        t = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "a", max_length=16)))
+    kept = t.train_examples + t.eval_examples
+    assert kept and all(length(p, r) <= 16 for p, r in kept) and len(kept) < 64
+    assert f"data.train: left out {64 - len(kept)} of 64 examples longer than max_length 16" in caplog.text
+    assert t.train()[-1]["loss"] > 0
+    with pytest.raises(DataError, match=r"data.train: all 64 examples are longer than max_length 8 \(the shortest "
+                                        r"is 12 tokens"):
+        Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "b", max_length=8)))
+    with pytest.raises(ConfigError, match="max_length 200000 is past the model's max_position_embeddings 131072"):
+        Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "c", max_length=200_000)))
+    for bad in ("16", 1, True):
+        with pytest.raises(ConfigError, match="max_length must be an integer >= 2"):
+            TrainConfig.from_dict(tiny_config(tmp_path / "d", max_length=bad))
+    cfg = tiny_config(tmp_path / "e")
+    cfg["model"]["init"]["max_position_embeddings"] = 24  # without max_length, a sequence past it is named
+    with pytest.raises(DataError, match=r"data.train: example \d+ is 2\d tokens long .* past the model's "
+                                        r"max_position_embeddings 24 \(\d+ of 64 examples are\); set max_length"):
+        Trainer(TrainConfig.from_dict(cfg))
