@@ -30,10 +30,11 @@ def encode_rows(model, rows: list) -> torch.Tensor:
 
 @torch.no_grad()
 def batch_token_logprobs(model, seqs: list, starts: list, top_k: int = 0, batch_size: int = 16,
-                         progress=None) -> list:
+                         progress=None, ranks: bool = False) -> list:
     """For each sequence `ids` and its `start`, at positions t = start..len(ids)-1: log p(ids[t] | ids[:t])
     and the top_k alternatives as [(id, log-prob)] (most likely first); `batch_size` sequences per
-    encoder call, `progress(n)` after each. -> [(logprobs, tops)]."""
+    encoder call, `progress(n)` after each. -> [(logprobs, tops)], or with `ranks` [(logprobs, tops,
+    ranks)], where a token's rank is 1 + how many tokens are more likely than it there."""
     for ids, start in zip(seqs, starts):
         if not 1 <= start <= len(ids):
             raise ValueError(f"token_logprobs: start={start} must be in [1, {len(ids)}]")
@@ -42,8 +43,8 @@ def batch_token_logprobs(model, seqs: list, starts: list, top_k: int = 0, batch_
         group = list(zip(seqs[lo:lo + batch_size], starts[lo:lo + batch_size]))
         hidden = encode_rows(model, [list(ids) for ids, _ in group])
         for b, (ids, start) in enumerate(group):
-            out.append(_block_logprobs(model, hidden[b, start - 1:len(ids) - 1], list(ids[start:]), top_k)
-                       if start < len(ids) else ([], []))
+            out.append(_block_logprobs(model, hidden[b, start - 1:len(ids) - 1], list(ids[start:]), top_k, ranks)
+                       if start < len(ids) else ([], [], []) if ranks else ([], []))
         if progress is not None:
             progress(len(group))
     return out
@@ -105,16 +106,19 @@ def loglikelihoods(model, pairs: list, batch_size: int = 16, progress=None) -> l
             for (lp, tops), (_, cont) in zip(scored, pairs)]
 
 
-def _block_logprobs(model, hidden: torch.Tensor, targets: list, top_k: int) -> tuple[list, list]:
-    logprobs, tops = [], []
+def _block_logprobs(model, hidden: torch.Tensor, targets: list, top_k: int, ranks: bool = False) -> tuple:
+    logprobs, tops, rank = [], [], []
     for lo in range(0, len(targets), ROWS_PER_BLOCK):
         logp = torch.log_softmax(model.logits(hidden[lo:lo + ROWS_PER_BLOCK]), dim=-1)  # [n, V] fp32
         tgt = torch.tensor(targets[lo:lo + ROWS_PER_BLOCK], device=logp.device)
-        logprobs += logp.gather(1, tgt[:, None])[:, 0].tolist()
+        own = logp.gather(1, tgt[:, None])  # [n, 1]
+        logprobs += own[:, 0].tolist()
+        if ranks:
+            rank += ((logp > own).sum(1) + 1).tolist()
         if top_k:
             vals, idx = logp.topk(top_k, dim=-1)
             tops += [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-    return logprobs, tops
+    return (logprobs, tops, rank) if ranks else (logprobs, tops)
 
 
 POOLINGS = ("mean", "last")

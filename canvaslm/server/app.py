@@ -181,7 +181,8 @@ def build_app(state: ServerState) -> FastAPI:
             from .scored import complete_best_of, complete_scored
 
             run = complete_best_of if body.ranked() else complete_scored
-            return {"created": int(time.time()), **await run(state, body, prompts, request)}
+            result = {"created": int(time.time()), **await run(state, body, prompts, request)}
+            return await _with_prompt_logprobs(state, body, prompts, result, chat=False)
         return await _respond(state, body, prompts, request, chat=False)
 
     @app.post("/completion", responses=ERRORS)
@@ -394,8 +395,25 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
                                                               for c in choices], body.top_logprobs or 0)
         for o, lp in zip(out, scored):
             o["logprobs"] = lp
-    return {"id": rid, "object": obj, "created": created, "model": state.reply_name(body.model), "choices": out,
-            "usage": usage(choices, prompts)}
+    result = {"id": rid, "object": obj, "created": created, "model": state.reply_name(body.model), "choices": out,
+              "usage": usage(choices, prompts)}
+    return await _with_prompt_logprobs(state, body, prompts, result, chat)
+
+
+async def _with_prompt_logprobs(state: ServerState, body, prompts, result: dict, chat: bool) -> dict:
+    """vLLM's `prompt_logprobs` (server/scored.py): on the response for chat (one prompt), on each choice (from
+    its prompt: n choices per prompt, in order) for completions."""
+    if body.prompt_logprobs is None:
+        return result
+    from .scored import prompt_logprobs
+
+    scored = await prompt_logprobs(state, body.model, prompts, body.prompt_logprobs)
+    if chat:
+        result["prompt_logprobs"] = scored[0]
+    else:
+        for choice in result["choices"]:
+            choice["prompt_logprobs"] = scored[choice["index"] // body.n]
+    return result
 
 
 async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, replies,

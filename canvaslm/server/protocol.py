@@ -98,6 +98,8 @@ class _Common(_Strict):
     truncate_prompt_tokens: int | None = Field(None, ge=1, le=INT64,
                                                description="vLLM's: keep only the last N tokens of each prompt")
     ignore_eos: bool = Field(False, description="generate max_tokens whatever the model says (benchmarks)")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="vLLM's: each prompt token's log-prob and "
+                                        "rank under the encoder's causal pass, with this many alternatives")
     stop_token_ids: list[int] | None = Field(None, max_length=64,
                                              description="more token ids that end the output (vLLM's name)")
     guided_choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
@@ -133,6 +135,8 @@ class _Common(_Strict):
             return "stream_drafts", "stream_drafts needs stream=true"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed with stream=true"
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs", "prompt_logprobs is not available with stream=true"
         return None
 
 
@@ -160,8 +164,8 @@ class CompletionRequest(_Common):
             return "max_tokens", "max_tokens=0 needs echo=true (the prompt is scored, nothing is generated)"
         if self.echo and self.stream and (self.logprobs is not None or self.max_tokens == 0):
             return "stream", "echo with logprobs or max_tokens=0 is not available with stream=true (each alone is)"
-        if self.scored() and self.suffix:
-            return "suffix", "echo and logprobs cannot be combined with suffix"
+        if (self.scored() or self.prompt_logprobs is not None) and self.suffix:
+            return "suffix", "echo, logprobs and prompt_logprobs cannot be combined with suffix"
         if self.suffix and self.stream_drafts:
             return "stream_drafts", "stream_drafts is not available with suffix (candidates are compared at the end)"
         if self.suffix and self.min_tokens:

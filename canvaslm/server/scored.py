@@ -116,6 +116,30 @@ async def completion_logprobs(state: ServerState, model: str, prompt: list, outp
     return _legacy_logprobs(state.tokenizer, list(output_ids), False, logprobs, tops, top_k)
 
 
+async def prompt_logprobs(state: ServerState, model: str, prompts: list, top_k: int) -> list:
+    """vLLM's `prompt_logprobs` of each prompt, in one engine call: [None, {token id: {"logprob", "rank",
+    "decoded_token"}}, ...], one entry per prompt token (the first has nothing before it), holding the
+    token itself (its rank among the whole vocabulary) and the top_k most likely tokens there."""
+    need_tokenizer(state, "prompt_logprobs")
+    fut = state.engine_call(model, lambda m: batch_token_logprobs(m, [list(p) for p in prompts], [1] * len(prompts),
+                                                                  top_k, ranks=True))
+    scored = await asyncio.wrap_future(fut)
+
+    def entry(lp, rank, t):
+        return {"logprob": lp, "rank": rank, "decoded_token": state.tokenizer.decode([t], skip_special_tokens=False)}
+
+    out = []
+    for prompt, (logprobs, tops, ranks) in zip(prompts, scored):
+        rows = [None]
+        for k, (t, lp, rank) in enumerate(zip(prompt[1:], logprobs, ranks)):
+            row = {str(t): entry(lp, rank, t)}
+            for r, (a, alp) in enumerate(tops[k] if top_k else [], 1):
+                row.setdefault(str(a), entry(alp, r, a))
+            rows.append(row)
+        out.append(rows)
+    return out
+
+
 def _tokens_of_text(tokenizer, ids: list, text: str) -> list:
     """The shortest prefix of `ids` whose text covers `text` (a stop string cut the rest)."""
     for n in range(len(ids) + 1):

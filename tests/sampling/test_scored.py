@@ -196,3 +196,46 @@ def test_best_of_returns_the_most_likely_completions(client):
     assert [ch.text for ch in best.choices] == [four.choices[k].text for k in ranked]
     assert [ch.model_extra["score"] for ch in best.choices] == pytest.approx([scores[k] for k in ranked], abs=1e-4)
     assert best.usage.completion_tokens == four.usage.completion_tokens  # all four were made
+
+
+def _check_prompt_logprobs(model, ids, rows, k):
+    """vLLM's prompt_logprobs rows of prompt `ids`: None first, then each token (log-prob, rank) + top-k."""
+    logp, want = _direct(model, ids)
+    assert len(rows) == len(ids) and rows[0] is None
+    for pos, (row, t) in enumerate(zip(rows[1:], ids[1:])):
+        own = row[str(t)]
+        assert own["logprob"] == pytest.approx(want[pos], abs=1e-4)
+        assert own["rank"] == 1 + int((logp[pos] > logp[pos, t] + 1e-5).sum())
+        best = logp[pos].topk(k).indices.tolist() if k else []
+        assert set(row) == {str(t), *map(str, best)}
+        assert all(row[str(a)]["rank"] == r for r, a in enumerate(best, 1) if a != t)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_prompt_logprobs_vllm_extension(client, tiny_llm, k):
+    """vLLM's prompt_logprobs on completions (each choice, from its own prompt; generated, echo-scored and
+    best_of paths) and on chat (the response, the templated prompt), with the token's rank among the vocab."""
+    import openai
+
+    c, model = client
+    tok = tiny_llm.tokenizer
+    texts = ["hello there", "abc"]
+    r = c.completions.create(model=model, prompt=texts, max_tokens=4, n=2, seed=1, extra_body={"prompt_logprobs": k})
+    assert len(r.choices) == 4
+    for ch in r.choices:
+        _check_prompt_logprobs(tiny_llm.model, tok.encode(texts[ch.index // 2]), ch.prompt_logprobs, k)
+    scored = c.completions.create(model=model, prompt="abc", max_tokens=0, echo=True, logprobs=1,
+                                  extra_body={"prompt_logprobs": k}).choices[0]
+    _check_prompt_logprobs(tiny_llm.model, tok.encode("abc"), scored.prompt_logprobs, k)
+    ranked = c.completions.create(model=model, prompt="abc", max_tokens=3, n=1, best_of=2, seed=2,
+                                  extra_body={"prompt_logprobs": k}).choices[0]
+    _check_prompt_logprobs(tiny_llm.model, tok.encode("abc"), ranked.prompt_logprobs, k)
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = c.chat.completions.create(model=model, messages=msgs, max_tokens=4, seed=1, extra_body={"prompt_logprobs": k})
+    _check_prompt_logprobs(tiny_llm.model, tok.encode_chat(msgs), chat.prompt_logprobs, k)
+    assert getattr(c.completions.create(model=model, prompt="abc", max_tokens=2).choices[0], "prompt_logprobs",
+                   None) is None
+    for kw, param in (({"stream": True}, "prompt_logprobs"), ({"suffix": "x"}, "suffix")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=model, prompt="abc", max_tokens=2, extra_body={"prompt_logprobs": 1}, **kw)
+        assert e.value.body["param"] == param
