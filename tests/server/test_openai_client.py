@@ -12,7 +12,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from canvaslm.llm import SamplingParams
 
-from .conftest import MAX_TOKENS, MODEL, chat_messages, probe_prompt
+from .conftest import CANVAS, MAX_TOKENS, MODEL, chat_messages, probe_prompt, seed_with
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +98,11 @@ def test_penalties_match_llm(client, llm):
 def test_stop_token_ids_match_llm(client, llm):
     """vLLM's stop_token_ids reach the engine as extra EOS ids: the same cut as LLM.generate's."""
     prompt = probe_prompt(llm, 2)
-    base = reference(llm, prompt, seed=6).token_ids
+    seed, base = seed_with(lambda s: reference(llm, prompt, seed=s).token_ids,
+                           lambda ids: any(t not in llm.eos_ids for t in ids[2:]), range(6, 100))
     stop = next(t for t in base[2:] if t not in llm.eos_ids)
-    want = reference(llm, prompt, seed=6, stop_token_ids=[stop])
-    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=6,
+    want = reference(llm, prompt, seed=seed, stop_token_ids=[stop])
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed,
                                     extra_body={"stop_token_ids": [stop]})
     assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
     assert len(want.token_ids) == base.index(stop) + 1 and got.choices[0].finish_reason == "stop"
@@ -123,8 +124,10 @@ def test_continuous_usage_stats_counts_as_the_text_arrives(client, llm):
     """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far; completion tokens
     never go down and end at the non-streamed count, and the prompt count is there from the start."""
     prompt = probe_prompt(llm, 2)
-    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=3)
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=3, stream=True,
+    seed, _ = seed_with(lambda s: reference(llm, prompt, seed=s).token_ids, lambda ids: len(ids) > CANVAS,
+                        range(3, 100))  # text in more than one commit
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, stream=True,
                                             stream_options={"include_usage": True, "continuous_usage_stats": True}))
     counts = [ch.usage.completion_tokens for ch in chunks]
     assert all(ch.usage.prompt_tokens == full.usage.prompt_tokens for ch in chunks)
@@ -172,13 +175,13 @@ def test_n_choices_use_consecutive_seeds(client, llm):
 
 def test_stop_string_cuts_text_streamed_and_not(client, llm):
     prompt = probe_prompt(llm, 5)
-    full = reference(llm, prompt, seed=6).text
+    seed, full = seed_with(lambda s: reference(llm, prompt, seed=s).text, lambda t: len(t) >= 22, range(6, 100))
     stop = full[20:22]
     cut = full[:full.find(stop)]
-    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=6, stop=[stop, "\x00"])
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, stop=[stop, "\x00"])
     assert got.choices[0].text == cut and got.choices[0].finish_reason == "stop"
     text, finish, _, _, _ = collect_stream(client.completions.create(
-        model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=6, stop=stop, stream=True))
+        model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, stop=stop, stream=True))
     assert text[0] == cut and finish[0] == "stop"
 
 

@@ -12,6 +12,8 @@ from openai import BadRequestError, NotFoundError, OpenAI
 
 from canvaslm.server.launch import BackgroundServer, build_state
 
+from .conftest import CANVAS, seed_with
+
 MODEL = "tiny"
 WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                                    "unit": {"enum": ["c", "f"]}},
@@ -70,8 +72,10 @@ def test_instructions_and_items_become_the_chat_conversation(client):
 
 
 def test_stream_sends_the_event_sequence_and_the_same_text(client):
-    kw = dict(model=MODEL, input="Tell me a story", max_output_tokens=40, extra_body={"seed": 5})
-    whole = client.responses.create(**kw)
+    seed, whole = seed_with(lambda s: client.responses.create(model=MODEL, input="Tell me a story",
+                                                             max_output_tokens=40, extra_body={"seed": s}),
+                            lambda r: len(r.output_text) > CANVAS, range(5, 100))  # text in more than one commit
+    kw = dict(model=MODEL, input="Tell me a story", max_output_tokens=40, extra_body={"seed": seed})
     events = list(client.responses.create(**kw, stream=True))
     kinds = [e.type for e in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
