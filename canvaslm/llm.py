@@ -100,6 +100,7 @@ class GenerationResult:
     tokens_per_forward: float
     decoder_passes: int
     tool_calls: list | None = None  # LLM.chat with a tool_choice: [{"id", "type", "function": {name, arguments}}]
+    reasoning: str | None = None  # LLM.chat: the reply's thought channel, when it wrote one (canvaslm.reasoning)
 
 
 def default_device() -> str:
@@ -346,7 +347,7 @@ class LLM:
                      "function": {"name": n, "arguments": a}} for n, a in pairs]
 
         if tool_choice in (None, "none"):
-            return self.generate([prompt], params, **kw)[0]
+            return self._without_thought(self.generate([prompt], params, **kw)[0])[0]
         if tool_choice == "auto":
             from .tool_parser import CALL_OPEN, NativeToolParser, response_stop_ids
 
@@ -357,8 +358,9 @@ class LLM:
                                       "or leave it None for text")
             sp = params or SamplingParams()
             stops = tuple(sp.stop_token_ids or ()) + response_stop_ids(self.tokenizer)
-            res = self.generate([prompt], dataclasses.replace(sp, stop_token_ids=stops), **kw)[0]
-            text, found, _ = parser.split(res.token_ids, final=True)
+            res, content = self._without_thought(self.generate([prompt], dataclasses.replace(sp, stop_token_ids=stops),
+                                                               **kw)[0])
+            text, found, _ = parser.split(content, final=True)
             if found:
                 res.text, res.tool_calls = text, calls(found)
             return res
@@ -373,6 +375,18 @@ class LLM:
         except ValueError:  # cut by max_new_tokens: no whole call
             pass
         return res
+
+    def _without_thought(self, res: GenerationResult) -> tuple[GenerationResult, list]:
+        """A chat reply with its thought channel (canvaslm.reasoning) moved from `text` to `reasoning`, and
+        the ids outside it (what tool calls are read from)."""
+        from .reasoning import ThoughtSplitter
+
+        splitter = ThoughtSplitter.for_tokenizer(self.tokenizer)
+        split = splitter.split(res.token_ids) if splitter is not None else None
+        if split is None or split.thought is None:
+            return res, list(res.token_ids)
+        res.text, res.reasoning = self.decode(split.content), splitter.thought_text(split.thought)
+        return res, split.content
 
     def infill(self, prefix: str, suffix: str, params: SamplingParams | None = None, gaps=None):
         """Generate the text between prefix and suffix (see canvaslm.infill). -> InfillResult."""

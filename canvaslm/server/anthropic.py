@@ -19,8 +19,12 @@ refused, since they would cut the call's JSON. A stream is Anthropic's event seq
 content_block_start / _delta / _stop, message_delta, message_stop): text streams as canvases commit; a
 reply that may hold tool calls is sent once complete (its input in one `input_json_delta`). Image,
 document and server-tool blocks are refused by name (this server is text-only); thinking blocks in the
-history are dropped (this server writes none); `thinking` in the body is refused. Errors use Anthropic's
-body, `{"type": "error", "error": {"type", "message"}}` (app.py).
+history are dropped (the model's template leaves earlier thoughts out too). `thinking` ({"type":
+"enabled"} or "adaptive": on; "disabled": off) renders the chat template with `enable_thinking`; a
+reply's thought channel (canvaslm.reasoning) comes first as a `thinking` block (its `signature` empty:
+nothing here checks one), streamed as `thinking_delta`s; `budget_tokens` is not enforced (`max_tokens`
+bounds thought and answer together). Errors use Anthropic's body, `{"type": "error", "error": {"type",
+"message"}}` (app.py).
 """
 
 from __future__ import annotations
@@ -170,11 +174,14 @@ def _tools(body) -> dict:
 
 
 def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
-    if body.thinking and body.thinking.get("type") != "disabled":
-        raise APIError(400, "thinking is not supported by this server; leave it out", "thinking")
     fields = dict(model=body.model, messages=_messages(body), max_tokens=body.max_tokens, temperature=body.temperature,
                   top_p=body.top_p, top_k=body.top_k, seed=body.seed, max_denoising_steps=body.max_denoising_steps,
                   stream=body.stream, **_tools(body))
+    if body.thinking is not None:
+        kind = body.thinking.get("type")
+        if kind not in ("enabled", "adaptive", "disabled"):
+            raise APIError(400, f"thinking.type {kind!r}: expected enabled, adaptive or disabled", "thinking")
+        fields["chat_template_kwargs"] = {"enable_thinking": kind != "disabled"}
     fmt = (body.output_config or {}).get("format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
@@ -192,9 +199,10 @@ def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     return {"input_tokens": len(encode_chat(state, chat))}
 
 
-def _blocks(message: dict) -> list[dict]:
-    """A chat reply message -> Messages content blocks."""
-    blocks = [{"type": "text", "text": message["content"]}] if message.get("content") else []
+def _blocks(message: dict, thinking: str = "") -> list[dict]:
+    """A chat reply message (and its thought) -> Messages content blocks."""
+    blocks = [{"type": "thinking", "thinking": thinking, "signature": ""}] if thinking else []
+    blocks += [{"type": "text", "text": message["content"]}] if message.get("content") else []
     for call in message.get("tool_calls") or []:
         blocks.append({"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
                        "name": call["function"]["name"], "input": arguments_object(call["function"]["arguments"])})
@@ -233,7 +241,7 @@ async def create_message(state: ServerState, body: MessagesRequest, request):
         return StreamingResponse(_stream(state, body, c, replies, len(ids), mid), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)
-    blocks = _blocks(reply_message(c, replies))
+    blocks = _blocks(reply_message(c, replies), c.tracker.reasoning)
     reason, seq = _stop(c, blocks)
     return {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": blocks,
             "stop_reason": reason, "stop_sequence": seq, "usage": _usage(c, len(ids))}
@@ -251,8 +259,12 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
             async with contextlib.aclosing(run_choices(state, [c])) as events:
                 async for _ in events:
                     pass
-            blocks = _blocks(reply_message(c, replies))
+            blocks = _blocks(reply_message(c, replies), c.tracker.reasoning)
             for k, b in enumerate(blocks):
+                if b["type"] == "thinking":
+                    for line in _thinking_events(event, k, b["thinking"]):
+                        yield line
+                    continue
                 if b["type"] == "text":
                     yield event("content_block_start", index=k, content_block={"type": "text", "text": ""})
                     yield event("content_block_delta", index=k, delta={"type": "text_delta", "text": b["text"]})
@@ -261,22 +273,48 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
                     yield event("content_block_delta", index=k,
                                 delta={"type": "input_json_delta", "partial_json": json.dumps(b["input"])})
                 yield event("content_block_stop", index=k)
-        else:
-            yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
-            text = ""
+        else:  # a thought streams as block 0 (before the answer, as the model writes it), the text after it
+            text, thought, k = "", None, 0
             async with contextlib.aclosing(run_choices(state, [c])) as events:
                 async for kind, _, payload in events:
-                    if kind == "delta" and payload:
+                    if kind == "reasoning":
+                        if thought is None:
+                            thought = ""
+                            yield event("content_block_start", index=k, content_block={
+                                "type": "thinking", "thinking": "", "signature": ""})
+                        thought += payload
+                        yield event("content_block_delta", index=k, delta={"type": "thinking_delta", "thinking": payload})
+                    elif kind == "delta" and payload:
+                        if thought is not None and k == 0:  # the answer begins: the thought is over
+                            yield event("content_block_delta", index=0, delta={"type": "signature_delta", "signature": ""})
+                            yield event("content_block_stop", index=0)
+                            k = 1
+                        if not text:
+                            yield event("content_block_start", index=k, content_block={"type": "text", "text": ""})
                         text += payload
-                        yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": payload})
-            yield event("content_block_stop", index=0)
-            blocks = [{"type": "text", "text": text}]
+                        yield event("content_block_delta", index=k, delta={"type": "text_delta", "text": payload})
+            if thought is not None and k == 0:  # a thought and no answer (cut by max_tokens)
+                yield event("content_block_delta", index=0, delta={"type": "signature_delta", "signature": ""})
+                yield event("content_block_stop", index=0)
+                k = 1
+            if not text:
+                yield event("content_block_start", index=k, content_block={"type": "text", "text": ""})
+            yield event("content_block_stop", index=k)
+            blocks = ([{"type": "thinking", "thinking": thought, "signature": ""}] if thought else []) + \
+                [{"type": "text", "text": text}]
         reason, seq = _stop(c, blocks)
         yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": seq},
                     usage={"output_tokens": len(c.tracker.ids)})
         yield event("message_stop")
     except APIError as e:  # headers are sent: report in-band, as Anthropic does
         yield f"event: error\ndata: {json.dumps(error_body(e.status, e.message))}\n\n"
+
+
+def _thinking_events(event, k: int, thinking: str):
+    yield event("content_block_start", index=k, content_block={"type": "thinking", "thinking": "", "signature": ""})
+    yield event("content_block_delta", index=k, delta={"type": "thinking_delta", "thinking": thinking})
+    yield event("content_block_delta", index=k, delta={"type": "signature_delta", "signature": ""})
+    yield event("content_block_stop", index=k)
 
 
 __all__ = ["MessagesRequest", "CountTokensRequest", "create_message", "count_tokens", "to_chat", "error_body"]

@@ -375,8 +375,9 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)  # the trackers accumulate the text
     if replies:
-        out = [{"index": c.index, "message": replies[c.index].message(c.tracker.text, c.tracker.ids),
-                "finish_reason": replies[c.index].finish_reason(c.finish_reason, c.tracker.ids), "logprobs": None}
+        out = [{"index": c.index, "message": replies[c.index].message(c.tracker.text, c.tracker.content_ids),
+                "finish_reason": replies[c.index].finish_reason(c.finish_reason, c.tracker.content_ids),
+                "logprobs": None}
                for c in choices]
         obj = "chat.completion"
     elif chat:
@@ -387,6 +388,9 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
         out = [{"index": c.index, "text": c.tracker.text, "finish_reason": c.finish_reason, "logprobs": None}
                for c in choices]
         obj = "text_completion"
+    for c, o in zip(choices, out):
+        if chat and c.tracker.reasoning:  # vLLM's names, old and new
+            o["message"] = {**o["message"], "reasoning_content": c.tracker.reasoning, "reasoning": c.tracker.reasoning}
     if chat and body.logprobs:  # a tool reply's too: the log-probs of the tokens it was read from
         from .scored import chat_logprobs_many
 
@@ -442,7 +446,7 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
 
     def chunk(i=None, text=None, finish=None, draft=None, role=False, delta=None, logprobs=None) -> str:
         if delta is not None or (i in replies and text is None):  # a tool reply's delta
-            reason = replies[i].finish_reason(finish, by_index[i].tracker.ids) if finish else None
+            reason = replies[i].finish_reason(finish, by_index[i].tracker.content_ids) if finish else None
             ch = {"index": i, "delta": delta or {}, "finish_reason": reason, "logprobs": logprobs}
         elif chat:
             delta = {}
@@ -472,18 +476,20 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
                 if kind == "delta" and replies:
                     texts[i] += payload
                     lp = await new_logprobs(i)
-                    for d in replies[i].deltas(texts[i], by_index[i].tracker.ids):
+                    for d in replies[i].deltas(texts[i], by_index[i].tracker.content_ids):
                         yield chunk(i, delta=d, logprobs=lp)
                         lp = None
                     if lp is not None:
                         yield chunk(i, delta={}, logprobs=lp)
+                elif kind == "reasoning":  # a chat reply's thought channel (reasoning.py), vLLM's names
+                    yield chunk(i, delta={"reasoning_content": payload, "reasoning": payload})
                 elif kind == "delta":
                     yield chunk(i, payload, logprobs=await new_logprobs(i))
                 elif kind == "draft":
                     yield chunk(i, None if chat else "", draft=payload)
                 else:
                     lp = await new_logprobs(i)
-                    for d in replies[i].final_deltas(by_index[i].tracker.ids) if replies else ():
+                    for d in replies[i].final_deltas(by_index[i].tracker.content_ids) if replies else ():
                         yield chunk(i, delta=d, logprobs=lp)
                         lp = None
                     yield chunk(i, None if chat else "", finish=payload, logprobs=lp)

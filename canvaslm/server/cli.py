@@ -215,6 +215,7 @@ def _serve(args) -> int:
     if template is not None:
         state.tokenizer.set_chat_template(template, args.chat_template)
     state.allowed_origins = args.allowed_origins
+    state.reasoning = args.reasoning_parser != "none"
     state.embedding_pooling = args.embedding_pooling
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)

@@ -9,8 +9,10 @@ is the chat template around `system` + `prompt` (as Ollama applies the model's t
 keep Ollama's names: `num_predict` (-1 or absent: the server's default), `temperature`, `top_k`,
 `top_p`, `min_p`, `seed`, `stop`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`; the ones
 with no meaning here (`num_ctx`, `num_gpu`, `num_thread`, `mirostat`, ... and `keep_alive`) are
-ignored: the model stays loaded and the context is the server's `max_model_len`. `think` and `images`
-are refused (no thinking, text only).
+ignored: the model stays loaded and the context is the server's `max_model_len`. `think` (true, or a
+level: on; false: off) renders the chat template with `enable_thinking`, and a reply's thought channel
+(canvaslm.reasoning) comes back as `thinking` (chat: in `message`), streamed before the answer.
+`images` are refused (text only).
 
 Replies are Ollama's: streamed by default (`stream` true) as NDJSON, one object per committed canvas
 with the new text, then a last one with `done: true`, `done_reason` ("stop" or "length"), the token
@@ -123,8 +125,11 @@ def _now() -> str:
 
 def _sampling(body, fields: dict) -> dict:
     o = body.options or Options()
-    if body.think:
-        raise APIError(400, f"\"{body.model}\" does not support thinking", "think")
+    think = body.think is not None and body.think not in (False, "false", "none")
+    if think and "messages" not in fields:
+        raise APIError(400, "think needs the chat template: send raw: false and no suffix", "think")
+    if body.think is not None and "messages" in fields:
+        fields["chat_template_kwargs"] = {"enable_thinking": think}
     fields.update(max_tokens=None if o.num_predict is None or o.num_predict < 0 else o.num_predict or None,
                   temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
                   seed=None if o.seed is None or o.seed < 0 else o.seed, repetition_penalty=o.repeat_penalty,
@@ -231,16 +236,21 @@ async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, con
     c = choices[0]
     c.tracker.stops = [s for s in (body.options.stop if body.options else None) or [] if s]
 
-    def line(text: str = "", final: bool = False) -> dict:
-        """One NDJSON object: new text, or (final) the reply's end: the whole text when not streamed."""
+    def line(text: str = "", final: bool = False, thinking: str = "") -> dict:
+        """One NDJSON object: new text or thought, or (final) the reply's end: the whole text and thought
+        when not streamed."""
         out = {"model": body.model, "created_at": _now()}
         if final and not body.stream:
-            text = c.tracker.text
+            text, thinking = c.tracker.text, c.tracker.reasoning
         if chat:
             out["message"] = ollama_message(reply_message(c, replies)) if final and replies else \
                 {"role": "assistant", "content": text}
+            if thinking:
+                out["message"]["thinking"] = thinking
         else:
             out["response"] = text
+            if thinking:
+                out["thinking"] = thinking
         out["done"] = final
         if final:
             out.update(done_reason="length" if c.finish_reason == "length" else "stop", **_stats(c, len(ids), start))
@@ -252,7 +262,9 @@ async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, con
         try:
             async with contextlib.aclosing(run_choices(state, choices)) as evs:
                 async for kind, _, payload in evs:
-                    if kind == "delta" and payload and not replies:  # calls come whole, at the end
+                    if kind == "reasoning":
+                        yield json.dumps(line(thinking=payload), ensure_ascii=False) + "\n"
+                    elif kind == "delta" and payload and not replies:  # calls come whole, at the end
                         yield json.dumps(line(payload), ensure_ascii=False) + "\n"
             yield json.dumps(line(final=True), ensure_ascii=False) + "\n"
         except APIError as e:  # a stream's headers are sent: reported in-band, as Ollama does
@@ -326,6 +338,8 @@ def show(state: ServerState, body: ShowBody) -> dict:
 
     if template and auto_problem(state.tokenizer) is None:
         caps.append("tools")
+    if template and state.thoughts is not None:  # Open WebUI offers its think toggle for these
+        caps.append("thinking")
     d = state.defaults
     return {"modelfile": f"FROM {name}\n", "template": template if isinstance(template, str) else "",
             "parameters": f"temperature {d.t_max}\nnum_predict {d.max_new_tokens}",

@@ -311,6 +311,19 @@ class FunctionCallOutputItem(_Strict):
     output: str = Field(max_length=1 << 24)
 
 
+class ReasoningItem(BaseModel):
+    """A reasoning item sent back as input (what a client got in an earlier output): dropped, as the chat
+    template leaves earlier thoughts out."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["reasoning"]
+
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+REASONING_SUMMARIES = ("auto", "concise", "detailed")
+ENCRYPTED_INCLUDE = "reasoning.encrypted_content"
+
+
 class ResponsesTool(FunctionDef):
     """A function tool as the Responses API declares it (flat: the function's fields beside `type`)."""
 
@@ -342,7 +355,7 @@ class ResponsesRequest(_Strict):
     are kept in memory for `previous_response_id` (server/responses.py)."""
 
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem] = Field(
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem] = Field(
         description="text (one user message) or a list of items: messages, function calls and their outputs")
     instructions: str | None = Field(None, max_length=1 << 20, description="a system message put first")
     max_output_tokens: int | None = Field(None, ge=1, le=INT64)
@@ -372,12 +385,25 @@ class ResponsesRequest(_Strict):
     min_tokens: int = Field(0, ge=0, le=INT64)
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.reasoning:
-            return "reasoning", "reasoning options are not supported (the model has no reasoning mode here)"
-        other = [x for x in self.include or () if x != LOGPROBS_INCLUDE]
+        r = self.reasoning or {}
+        if set(r) - {"effort", "summary", "generate_summary"}:
+            return "reasoning", f"reasoning keys {sorted(set(r) - {'effort', 'summary', 'generate_summary'})} are " \
+                                "not supported (effort, summary)"
+        if r.get("effort") not in (None, *REASONING_EFFORTS):
+            return "reasoning", f"reasoning.effort {r['effort']!r}: expected one of {list(REASONING_EFFORTS)}"
+        for key in ("summary", "generate_summary"):
+            if r.get(key) not in (None, *REASONING_SUMMARIES):
+                return "reasoning", f"reasoning.{key} {r[key]!r}: expected one of {list(REASONING_SUMMARIES)}"
+        other = [x for x in self.include or () if x not in (LOGPROBS_INCLUDE, ENCRYPTED_INCLUDE)]
         if other:
-            return "include", f"include values {other} are not supported (only {LOGPROBS_INCLUDE!r})"
+            return "include", f"include values {other} are not supported (only {LOGPROBS_INCLUDE!r} and " \
+                              f"{ENCRYPTED_INCLUDE!r})"
         return None
+
+    def thinking(self) -> bool | None:
+        """The chat template's enable_thinking this body asks for: None when it sets no reasoning effort."""
+        effort = (self.reasoning or {}).get("effort")
+        return None if effort is None else effort not in ("none", "minimal")
 
     def wants_logprobs(self) -> bool:
         """The output text's log-probs: asked with include or with top_logprobs."""

@@ -5,7 +5,11 @@ message, `input` messages become chat messages, `function_call` / `function_call
 assistant turn's tool calls and the tool results, flat function tools become chat tools, `text.format`
 becomes `response_format`, `max_output_tokens` becomes `max_tokens`. The request then runs exactly as
 /v1/chat/completions runs it (same prompt, constraints, seeds, engine), and the reply is laid out as a
-Response: a `message` output item with `output_text`, and one `function_call` item per call.
+Response: a `reasoning` item with the reply's thought channel when it wrote one (canvaslm.reasoning;
+`reasoning.effort` renders the chat template with `enable_thinking`: "none" and "minimal" off, the
+others on; reasoning items sent back as input are dropped, as the template leaves earlier thoughts out;
+nothing is summarised or encrypted), a `message` output item with `output_text`, and one
+`function_call` item per call.
 
 Responses are kept in memory (`store`, true by default as in OpenAI's API; the last `STORE_SIZE`
 of them, oldest dropped first) so that `previous_response_id` continues a conversation: the stored
@@ -57,6 +61,8 @@ def to_chat(body: ResponsesRequest, history: list | None = None) -> tuple[ChatCo
     for item in items:
         if isinstance(item, dict):
             messages.append(item)
+        elif item.type == "reasoning":  # an earlier thought: the template leaves those out
+            continue
         elif item.type == "message":
             content = item.content if isinstance(item.content, str) else "\n".join(p.text for p in item.content)
             messages.append({"role": item.role, "content": content})
@@ -80,6 +86,8 @@ def to_chat(body: ResponsesRequest, history: list | None = None) -> tuple[ChatCo
                   confidence_threshold=body.confidence_threshold, top_k=body.top_k, min_p=body.min_p,
                   logit_bias=body.logit_bias,
                   priority=body.priority, min_tokens=body.min_tokens)
+    if body.thinking() is not None:
+        fields["chat_template_kwargs"] = {"enable_thinking": body.thinking()}
     if body.tools:
         fields["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                            for t in body.tools]
@@ -102,11 +110,19 @@ def _item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def output_items(message: dict, status: str = "completed", logprobs: list | None = None) -> list[dict]:
-    """A chat reply message -> Responses output items (its text, with `logprobs` when asked, then one item
-    per tool call)."""
+def reasoning_item(thought: str, item_id: str | None = None, status: str = "completed") -> dict:
+    """A reply's thought channel as a Responses reasoning item (its text as `reasoning_text` content, as
+    open-weight models' servers give it; no summary, nothing encrypted)."""
+    return {"type": "reasoning", "id": item_id or _item_id("rs"), "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": thought}], "encrypted_content": None}
+
+
+def output_items(message: dict, status: str = "completed", logprobs: list | None = None,
+                 thought: str = "") -> list[dict]:
+    """A chat reply message -> Responses output items (its thought, its text, with `logprobs` when asked,
+    then one item per tool call)."""
     text, calls = message.get("content") or "", message.get("tool_calls") or []
-    items = []
+    items = [reasoning_item(thought)] if thought else []
     if text or not calls:  # an empty message too when nothing was generated (an immediate EOS), as OpenAI sends
         items.append({"type": "message", "id": _item_id("msg"), "status": status, "role": "assistant",
                       "content": [_text_part(text, logprobs)]})
@@ -137,14 +153,16 @@ async def _logprobs(state: ServerState, body: ResponsesRequest, prompt: list, c,
 
 
 def response_object(body: ResponsesRequest, rid: str, created: int, output: list, finish: str | None,
-                    use: dict | None) -> dict:
+                    use: dict | None, reasoning_tokens: int = 0) -> dict:
     status = "in_progress" if finish is None else "incomplete" if finish == "length" else "completed"
     out = {"id": rid, "object": "response", "created_at": created, "status": status, "model": body.model,
            "output": output, "error": None,
            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
            "metadata": body.metadata or {}, "parallel_tool_calls": body.parallel_tool_calls is not False,
-           "previous_response_id": body.previous_response_id, "reasoning": None, "store": body.store is not False,
+           "previous_response_id": body.previous_response_id,
+           "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": (body.reasoning or {}).get("summary")}
+           if body.reasoning else None, "store": body.store is not False,
            "temperature": body.temperature, "top_p": body.top_p,
            "text": {"format": {"type": "text"}} if body.text is None or body.text.format is None
            else {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)},
@@ -157,7 +175,7 @@ def response_object(body: ResponsesRequest, rid: str, created: int, output: list
         out["usage"] = {"input_tokens": use["prompt_tokens"], "output_tokens": use["completion_tokens"],
                         "total_tokens": use["total_tokens"],
                         "input_tokens_details": {"cached_tokens": use["prompt_tokens_details"]["cached_tokens"]},
-                        "output_tokens_details": {"reasoning_tokens": 0}}
+                        "output_tokens_details": {"reasoning_tokens": reasoning_tokens}}
     return out
 
 
@@ -189,8 +207,8 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     c = choices[0]
     message = reply_message(c, replies)
     logprobs = await _logprobs(state, body, ids, c, replies)
-    out = response_object(body, rid, created, output_items(message, logprobs=logprobs), c.finish_reason,
-                          usage(choices, [ids]))
+    out = response_object(body, rid, created, output_items(message, logprobs=logprobs, thought=c.tracker.reasoning),
+                          c.finish_reason, usage(choices, [ids]), _thought_tokens(c))
     if body.store is not False:
         store(state, out, history + turns + [message])
     return out
@@ -214,31 +232,67 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                 async for _ in events:
                     pass
             logprobs = await _logprobs(state, body, prompts[0], c, replies)
-            items = output_items(reply_message(c, replies), logprobs=logprobs)
+            items = output_items(reply_message(c, replies), logprobs=logprobs, thought=c.tracker.reasoning)
             for k, item in enumerate(items):
                 for line in _item_events(event, k, item):
                     yield line
-        else:
-            msg_id = _item_id("msg")
+        else:  # a thought streams as item 0 (before the answer, as the model writes it), the message after it
+            msg_id, rs_id, thought, items = _item_id("msg"), _item_id("rs"), None, []
             part = {"type": "output_text", "text": "", "annotations": []}
-            yield event("response.output_item.added", output_index=0, item={
-                "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []})
-            yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0, part=part)
-            text = ""
+
+            def close_thought():
+                items.append(reasoning_item(thought, rs_id))
+                yield event("response.reasoning_text.done", item_id=rs_id, output_index=0, content_index=0,
+                            text=thought)
+                yield event("response.content_part.done", item_id=rs_id, output_index=0, content_index=0,
+                            part=items[0]["content"][0])
+                yield event("response.output_item.done", output_index=0, item=items[0])
+
+            def open_message():
+                yield event("response.output_item.added", output_index=len(items), item={
+                    "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []})
+                yield event("response.content_part.added", item_id=msg_id, output_index=len(items), content_index=0,
+                            part=part)
+
+            text, started = "", False
             async with contextlib.aclosing(run_choices(state, choices)) as events:
                 async for kind, _, payload in events:
-                    if kind == "delta" and payload:
+                    if kind == "reasoning" and not started:
+                        if thought is None:
+                            thought = ""
+                            yield event("response.output_item.added", output_index=0,
+                                        item={**reasoning_item("", rs_id, "in_progress"), "content": []})
+                            yield event("response.content_part.added", item_id=rs_id, output_index=0, content_index=0,
+                                        part={"type": "reasoning_text", "text": ""})
+                        thought += payload
+                        yield event("response.reasoning_text.delta", item_id=rs_id, output_index=0, content_index=0,
+                                    delta=payload)
+                    elif kind == "delta" and payload:
+                        if not started:
+                            for line in (close_thought() if thought is not None else ()):
+                                yield line
+                            for line in open_message():
+                                yield line
+                            started = True
                         text += payload
-                        yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                                    delta=payload, logprobs=[])
+                        yield event("response.output_text.delta", item_id=msg_id, output_index=len(items),
+                                    content_index=0, delta=payload, logprobs=[])
+            if not started:
+                for line in (close_thought() if thought is not None else ()):
+                    yield line
+                for line in open_message():
+                    yield line
+            k = len(items)
             logprobs = await _logprobs(state, body, prompts[0], c, replies)  # sent with the done events
             part = _text_part(text, logprobs)
-            yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text,
+            yield event("response.output_text.done", item_id=msg_id, output_index=k, content_index=0, text=text,
                         logprobs=logprobs or [])
-            yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=part)
-            items = [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant", "content": [part]}]
-            yield event("response.output_item.done", output_index=0, item=items[0])
-        final = response_object(body, rid, created, items, c.finish_reason, usage(choices, prompts))
+            yield event("response.content_part.done", item_id=msg_id, output_index=k, content_index=0, part=part)
+            items.append({"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
+                          "content": [part]})
+            yield event("response.output_item.done", output_index=k, item=items[k])
+        final = response_object(body, rid, created, items, c.finish_reason, usage(choices, prompts),
+                                _thought_tokens(c))
         if body.store is not False:
             store(state, final, turns + [reply_message(c, replies)])
         yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
@@ -247,8 +301,26 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
         yield event("error", code=e.code or e.type, message=e.message, param=e.param)
 
 
+def _thought_tokens(c) -> int:
+    """Tokens of the reply's thought channel, its two markers included (usage's reasoning_tokens)."""
+    return len(c.tracker.ids) - len(c.tracker.content_ids) if c.tracker.thoughts is not None else 0
+
+
 def _item_events(event, k: int, item: dict):
     """The added / delta / done events of one whole output item."""
+    if item["type"] == "reasoning":
+        part = item["content"][0]
+        yield event("response.output_item.added", output_index=k, item={**item, "status": "in_progress",
+                                                                          "content": []})
+        yield event("response.content_part.added", item_id=item["id"], output_index=k, content_index=0,
+                    part={**part, "text": ""})
+        yield event("response.reasoning_text.delta", item_id=item["id"], output_index=k, content_index=0,
+                    delta=part["text"])
+        yield event("response.reasoning_text.done", item_id=item["id"], output_index=k, content_index=0,
+                    text=part["text"])
+        yield event("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
+        yield event("response.output_item.done", output_index=k, item=item)
+        return
     if item["type"] == "function_call":
         yield event("response.output_item.added", output_index=k, item={**item, "arguments": "",
                                                                           "status": "in_progress"})

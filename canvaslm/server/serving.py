@@ -62,6 +62,15 @@ class ServerState:
     hidden_size: int = 0  # the width of /v1/embeddings vectors
     embedding_pooling: str = "mean"  # /v1/embeddings: "mean" over the input's tokens or its "last" token's
     aliases: tuple[str, ...] = ()  # more names of the base model (vLLM's --served-model-name A B ...)
+    reasoning: bool = True  # read chat replies' thought channels where the tokenizer has them
+
+    @property
+    def thoughts(self):
+        """The ThoughtSplitter chat replies go through (None: no thought channel in this vocabulary, or
+        --reasoning-parser none)."""
+        from ..reasoning import ThoughtSplitter
+
+        return ThoughtSplitter.for_tokenizer(self.tokenizer) if self.reasoning else None
 
     def served_names(self) -> list:
         return [self.model_name, *self.aliases, *self.loras]
@@ -131,10 +140,20 @@ class TextTracker:
     stop_word: str = ""  # the stop string that cut it
     keep_stop: bool = False  # include_stop_str_in_output: the text ends after the stop string, not before
     skip_special: bool = True  # skip_special_tokens
+    thoughts: object = None  # reasoning.ThoughtSplitter (chat replies): a thought channel goes to `reasoning`
+    reasoning: str = ""  # the thought's text (without its label)
+    reasoning_sent: int = 0
+    content_ids: list[int] = field(default_factory=list)  # ids outside the thought: the text's, the calls'
 
     def add(self, ids) -> None:
         self.ids.extend(ids)
-        full = (self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special)
+        self.content_ids = self.ids
+        if self.thoughts is not None:
+            split = self.thoughts.split(self.ids)
+            self.content_ids = split.content
+            if split.thought is not None:
+                self.reasoning = self.thoughts.thought_text(split.thought, final=split.closed)
+        full = (self.tokenizer.decode(self.content_ids, skip_special_tokens=self.skip_special)
                 if self.tokenizer is not None else "")  # token-id-only checkpoints
         hits = [(i, i + len(s), s) for i, s in ((full.find(s), s) for s in self.stops) if i >= 0]
         if hits:
@@ -153,6 +172,13 @@ class TextTracker:
             safe = safe.rstrip("\ufffd")
         out = safe[self.sent:]
         self.sent = max(self.sent, len(safe))
+        return out
+
+    def reasoning_delta(self, final: bool = False) -> str:
+        """New thought text that can no longer change (an incomplete character held back unless final)."""
+        safe = self.reasoning if final else self.reasoning.rstrip("\ufffd")
+        out = safe[self.reasoning_sent:]
+        self.reasoning_sent = max(self.reasoning_sent, len(safe))
         return out
 
 
@@ -427,13 +453,15 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
                                     eos, constraint, body.stream_drafts, bias, body.priority, body.min_tokens,
                                     state.adapter(body.model))
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
-                                  skip_special=body.skip_special_tokens)
+                                  skip_special=body.skip_special_tokens,
+                                  thoughts=state.thoughts if hasattr(body, "messages") else None)
             choices.append(Choice(len(choices), req, p_index, tracker))
     return choices
 
 
 async def run_choices(state: ServerState, choices: list[Choice], is_disconnected=None):
-    """Submit every choice and yield ("delta" | "draft" | "finish", choice index, payload) until all finish."""
+    """Submit every choice and yield ("reasoning" | "delta" | "draft" | "finish", choice index, payload) until all
+    finish ("reasoning": new text of a chat reply's thought channel)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     by_id = {c.request.request_id: c for c in choices}
@@ -453,6 +481,9 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                 continue  # e.g. the Finish of a choice we cancelled after its stop string
             if isinstance(ev, Commit):
                 c.tracker.add(ev.token_ids)
+                thought = c.tracker.reasoning_delta(final=c.tracker.stopped)
+                if thought:
+                    yield "reasoning", c.index, thought
                 if c.tracker.stopped:
                     state.engine.cancel(ev.request_id)
                     live.discard(ev.request_id)
@@ -474,6 +505,9 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                     raise APIError(500 if ev.reason == "error" else 503,
                                    f"generation failed: {ev.message or ev.reason}", type="server_error")
                 c.finish_reason = ev.reason
+                thought = c.tracker.reasoning_delta(final=True)
+                if thought:
+                    yield "reasoning", c.index, thought
                 text = c.tracker.delta(final=True)
                 if text:
                     yield "delta", c.index, text

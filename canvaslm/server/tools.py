@@ -188,7 +188,7 @@ def arguments_object(arguments: str | None) -> dict:
 def reply_message(choice, replies: dict) -> dict:
     """A finished choice's chat reply: its tool calls read out where it is a tool reply, else its text."""
     if choice.index in replies:
-        return replies[choice.index].message(choice.tracker.text, choice.tracker.ids)
+        return replies[choice.index].message(choice.tracker.text, choice.tracker.content_ids)
     return {"role": "assistant", "content": choice.tracker.text}
 
 

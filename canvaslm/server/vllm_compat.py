@@ -14,7 +14,9 @@ model was trained at), `--dtype auto`, `--tensor-parallel-size 1`. Accepted with
 start: `--enable-chunked-prefill` (prompts are always encoded in `--prefill-chunk` pieces),
 `--attention-backend` (one attention path), `--trust-remote-code` (no remote code is run),
 `--enable-auto-tool-choice` and `--tool-call-parser` ("auto" tool choice is on wherever the checkpoint's
-tokenizer has call tokens, and calls are read in its own syntax). Anything else is refused by name.
+tokenizer has call tokens, and calls are read in its own syntax), `--reasoning-parser gemma4` (a chat
+reply's thought channel goes to `reasoning_content` wherever the tokenizer has the channel tokens;
+`--reasoning-parser none` turns that off). Anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def add_vllm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted; 'auto' tool choice is on where the tokenizer has call tokens")
     g.add_argument("--tool-call-parser", default=None, help="accepted; calls are read in the checkpoint's own syntax")
+    g.add_argument("--reasoning-parser", default=None, choices=("gemma4", "none"),
+                   help="chat replies' thought channels go to reasoning_content wherever the tokenizer has them "
+                        "(gemma4, the default); none leaves them in the text")
 
 
 def _sampler_settings(given: dict | None, flag: str, canvas_length: int) -> dict:
@@ -125,7 +130,9 @@ def generation_defaults(args, model_dir) -> tuple:
             ("--trust-remote-code", args.trust_remote_code, "no remote code is run"),
             ("--enable-auto-tool-choice", args.enable_auto_tool_choice,
              "'auto' tool choice is on where the tokenizer has call tokens"),
-            ("--tool-call-parser", args.tool_call_parser, "calls are read in the checkpoint's own syntax")):
+            ("--tool-call-parser", args.tool_call_parser, "calls are read in the checkpoint's own syntax"),
+            ("--reasoning-parser", args.reasoning_parser == "gemma4",
+             "thought channels are read wherever the tokenizer has them")):
         if given:
             notes.append(f"{flag}: nothing to do ({why})")
     return defaults, notes

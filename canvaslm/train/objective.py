@@ -232,7 +232,7 @@ def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | 
         raise ValueError(f"sc_passes must be a positive integer, got {sc_passes!r}")
     device = model.embed_weight.device
     batch = batch.to(device)
-    B, C, V = batch.batch_size, batch.canvas_length, model.cfg.vocab_size
+    B, V = batch.batch_size, model.cfg.vocab_size
     zero = torch.zeros((), device=device)
     if ar_only:
         hidden = model.encode(batch.tokens, batch.positions, torch.arange(B, device=device), None)

@@ -106,8 +106,8 @@ def test_output_text_logprobs_equal_chat_logprobs(client):
     assert [(e.token, round(e.logprob, 4)) for e in done.logprobs] == [(e.token, round(e.logprob, 4)) for e in want]
     assert not getattr(client.responses.create(**kw).output[0].content[0], "logprobs", None)
     with pytest.raises(BadRequestError) as e:
-        client.responses.create(**kw, include=["reasoning.encrypted_content"])
-    assert e.value.body["param"] == "include" and "reasoning.encrypted_content" in e.value.body["message"]
+        client.responses.create(**kw, include=["file_search_call.results"])
+    assert e.value.body["param"] == "include" and "file_search_call.results" in e.value.body["message"]
 
 
 def test_json_schema_format(client):

@@ -1,0 +1,66 @@
+"""Thinking in the model's own syntax (Gemma 4's; DiffusionGemma has Gemma 4's vocabulary and thinking
+mode): a reply may open with a thought channel, `<|channel>thought\\n...<channel|>`, and then give its
+answer. `<|channel>` and `<channel|>` are single special tokens; `thought\\n` is the channel's label.
+The 26B-A4B Gemma 4 writes an empty channel even with thinking off, so a plain decode (which drops the
+special tokens) would leave `thought` at the head of every answer.
+
+`ThoughtSplitter` splits generated ids into the thought and the rest: the answer's text, what tool calls
+are read from, what stop strings apply to. A channel that is still open holds everything after it (the
+model is thinking, or was cut by max_tokens while thinking). Thinking is turned on by the chat template
+(`chat_template_kwargs: {"enable_thinking": true}` renders its `<|think|>` system token); the splitter
+only reads what came out. No torch dependency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
+THOUGHT_LABEL = "thought\n"
+
+
+@dataclass(frozen=True)
+class Split:
+    thought: list | None  # ids inside the channel (None: the reply opened none)
+    content: list  # ids before the channel and after it
+    closed: bool  # the channel was closed (False while it is open, or when there is none)
+
+
+class ThoughtSplitter:
+    """`for_tokenizer` gives None when the tokenizer lacks the channel tokens (the checkpoint has no
+    thought channel to read)."""
+
+    def __init__(self, tokenizer, open_id: int, close_id: int):
+        self.tokenizer, self.open_id, self.close_id = tokenizer, open_id, close_id
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> "ThoughtSplitter | None":
+        if tokenizer is None:
+            return None
+        try:
+            return cls(tokenizer, tokenizer.token_to_id(CHANNEL_OPEN), tokenizer.token_to_id(CHANNEL_CLOSE))
+        except (KeyError, AttributeError):
+            return None
+
+    def split(self, ids) -> Split:
+        ids = list(ids)
+        if self.open_id not in ids:
+            return Split(None, ids, False)
+        start = ids.index(self.open_id)
+        end = next((k for k in range(start + 1, len(ids)) if ids[k] == self.close_id), None)
+        if end is None:
+            return Split(ids[start + 1:], ids[:start], False)
+        return Split(ids[start + 1:end], ids[:start] + ids[end + 1:], True)
+
+    def thought_text(self, thought_ids, final: bool = True) -> str:
+        """The thought's text without the channel's label. While the label may still be arriving (not
+        final), a text that is only a start of it gives ""."""
+        text = self.tokenizer.decode(list(thought_ids), skip_special_tokens=True)
+        if text.startswith(THOUGHT_LABEL):
+            return text[len(THOUGHT_LABEL):]
+        if not final and THOUGHT_LABEL.startswith(text):
+            return ""
+        return text
+
+
+__all__ = ["ThoughtSplitter", "Split", "CHANNEL_OPEN", "CHANNEL_CLOSE", "THOUGHT_LABEL"]

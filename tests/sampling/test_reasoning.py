@@ -1,0 +1,220 @@
+"""Thought channels (`<|channel>thought\\n...<channel|>`, Gemma 4's thinking syntax): a chat reply's thought goes to
+`reasoning_content` (whole and streamed, before the answer), the answer and tool calls are read from the rest, and
+the label never reaches the text. A random model writes no channel, so the server tests script the engine's
+commits (the real run_choices reads them); the splitter is tested on its own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from canvaslm.reasoning import CHANNEL_CLOSE, CHANNEL_OPEN, ThoughtSplitter
+from canvaslm.tool_parser import CALL_CLOSE, CALL_OPEN, QUOTE
+
+openai = pytest.importorskip("openai")
+
+OPEN, CLOSE = CHANNEL_OPEN, CHANNEL_CLOSE
+THINKING = f"{OPEN}thought\nLet me think: 2+2.{CLOSE}It is 4."
+EMPTY = f"{OPEN}thought\n{CLOSE}Paris."  # what Gemma 4 26B-A4B writes with thinking off
+CALLING = f"{OPEN}thought\nneed the weather{CLOSE}{CALL_OPEN}call:get_weather{{city:{QUOTE}Oslo{QUOTE}}}{CALL_CLOSE}"
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.fixture(scope="module")
+def think_dir(tmp_path_factory):
+    from canvaslm.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("think"), extra_specials=(
+        OPEN, CLOSE, CALL_OPEN, CALL_CLOSE, QUOTE, "<|tool_response>"))
+
+
+@pytest.fixture(scope="module")
+def tok(think_dir):
+    from canvaslm.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(think_dir)
+
+
+def test_splitter_reads_the_channel(tok):
+    s = ThoughtSplitter.for_tokenizer(tok)
+    ids = tok.encode(THINKING, add_special_tokens=False)
+    split = s.split(ids)
+    assert split.closed and tok.decode(split.content) == "It is 4."
+    assert s.thought_text(split.thought) == "Let me think: 2+2."
+    assert s.split(tok.encode("plain", add_special_tokens=False)).thought is None
+    cut = s.split(tok.encode(f"{OPEN}thought\nstill", add_special_tokens=False))  # open: all of it is thought
+    assert not cut.closed and cut.content == [] and s.thought_text(cut.thought, final=False) == "still"
+    label = s.split(tok.encode(f"{OPEN}thou", add_special_tokens=False)).thought
+    assert s.thought_text(label, final=False) == "" and s.thought_text(label) == "thou"  # the label may go on
+    empty = s.split(tok.encode(EMPTY, add_special_tokens=False))
+    assert s.thought_text(empty.thought) == "" and tok.decode(empty.content) == "Paris."
+
+
+def test_tokenizers_without_the_channel_tokens_have_no_splitter(tiny_llm):
+    assert ThoughtSplitter.for_tokenizer(tiny_llm.tokenizer) is None
+
+
+def _script(monkeypatch, state, tok, text: str, cuts=(1, 4, 9)):
+    """state.engine answers every request with `text`'s ids, committed in pieces cut at `cuts`, then EOS."""
+    from canvaslm.engine.engine import Commit, Finish
+
+    ids = tok.encode(text, add_special_tokens=False) + [tok.eos_ids[0]]
+    bounds = [0, *cuts, len(ids)]
+
+    def submit(request, queue, loop):
+        for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            loop.call_soon_threadsafe(queue.put_nowait, Commit(request.request_id, k, tuple(ids[a:b])))
+        loop.call_soon_threadsafe(queue.put_nowait, Finish(request.request_id, "stop", len(ids), len(bounds)))
+
+    monkeypatch.setattr(state.engine, "submit", submit)
+
+
+def _stream(c, **kwargs):
+    reasoning, content, order = "", "", []
+    for ch in c.chat.completions.create(stream=True, **kwargs):
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        extra = d.model_extra or {}
+        if extra.get("reasoning_content"):
+            assert extra["reasoning"] == extra["reasoning_content"]
+            reasoning += extra["reasoning_content"]
+            order.append("r")
+        if d.content:
+            content += d.content
+            order.append("c")
+    return reasoning, content, order
+
+
+def test_chat_reasoning_whole_and_streamed(think_dir, tok, monkeypatch):
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        kwargs = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "2+2?"}],
+                      extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        _script(monkeypatch, srv.state, tok, THINKING)
+        msg = c.chat.completions.create(**kwargs).choices[0].message
+        assert msg.content == "It is 4."
+        assert msg.model_extra["reasoning_content"] == msg.model_extra["reasoning"] == "Let me think: 2+2."
+        reasoning, content, order = _stream(c, **kwargs)
+        assert (reasoning, content) == ("Let me think: 2+2.", "It is 4.")
+        assert order == sorted(order, reverse=True)  # the thought streams first ("r" > "c")
+        _script(monkeypatch, srv.state, tok, EMPTY, cuts=(1, 2))  # thinking off: an empty channel, no label left
+        msg = c.chat.completions.create(**kwargs).choices[0].message
+        assert msg.content == "Paris." and "reasoning_content" not in (msg.model_extra or {})
+        assert _stream(c, **kwargs)[:2] == ("", "Paris.")
+        _script(monkeypatch, srv.state, tok, THINKING)  # raw completions are not chat replies: left as they are
+        text = c.completions.create(model=srv.state.model_name, prompt="2+2?").choices[0].text
+        assert text == "thought\nLet me think: 2+2.It is 4."
+        srv.state.reasoning = False  # --reasoning-parser none
+        assert c.chat.completions.create(**kwargs).choices[0].message.content == text
+
+
+def test_a_thought_then_a_tool_call(think_dir, tok, monkeypatch):
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        _script(monkeypatch, srv.state, tok, CALLING, cuts=(3, 12, 20))
+        kwargs = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER])
+        ch = c.chat.completions.create(**kwargs).choices[0]
+        assert ch.finish_reason == "tool_calls" and ch.message.model_extra["reasoning_content"] == "need the weather"
+        assert [(t.function.name, json.loads(t.function.arguments)) for t in ch.message.tool_calls] == \
+            [("get_weather", {"city": "Oslo"})]
+        assert not ch.message.content
+        reasoning, content, _ = _stream(c, **kwargs)
+        assert reasoning == "need the weather" and content == ""
+
+
+def test_other_apis_and_llm_chat_leave_the_thought_out_of_the_text(think_dir, tok, monkeypatch):
+    anthropic = pytest.importorskip("anthropic")
+    ollama = pytest.importorskip("ollama")
+    from canvaslm import LLM
+    from canvaslm.llm import GenerationResult
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        _script(monkeypatch, srv.state, tok, THINKING)
+        a = anthropic.Anthropic(base_url=srv.base_url, api_key="x", max_retries=0)
+        kwargs = dict(model=srv.state.model_name, max_tokens=64, messages=[{"role": "user", "content": "q"}],
+                      thinking={"type": "enabled", "budget_tokens": 1024})
+        with a.messages.stream(**kwargs) as stream:
+            streamed = stream.get_final_message()
+        for msg in (a.messages.create(**kwargs), streamed):
+            assert [b.type for b in msg.content] == ["thinking", "text"]
+            assert (msg.content[0].thinking, msg.content[1].text) == ("Let me think: 2+2.", "It is 4.")
+        _script(monkeypatch, srv.state, tok, CALLING, cuts=(3, 12, 20))
+        with a.messages.stream(**kwargs, tools=[{"name": "get_weather", "input_schema": WEATHER["function"][
+                "parameters"]}]) as stream:
+            called = stream.get_final_message()
+        assert [b.type for b in called.content] == ["thinking", "tool_use"] and called.content[1].input == \
+            {"city": "Oslo"}
+        _script(monkeypatch, srv.state, tok, THINKING)
+        o = ollama.Client(host=srv.base_url)
+        q = [{"role": "user", "content": "q"}]
+        whole = o.chat(model=srv.state.model_name, messages=q, think=True).message
+        assert (whole.content, whole.thinking) == ("It is 4.", "Let me think: 2+2.")
+        parts = list(o.chat(model=srv.state.model_name, messages=q, think=True, stream=True))
+        assert "".join(p.message.thinking or "" for p in parts) == "Let me think: 2+2."
+        assert "".join(p.message.content or "" for p in parts) == "It is 4."
+        gen = o.generate(model=srv.state.model_name, prompt="q", think=True)
+        assert (gen.response, gen.thinking) == ("It is 4.", "Let me think: 2+2.")
+        assert "thinking" in o.show(srv.state.model_name).capabilities
+    llm = LLM(think_dir, device="cpu")
+    ids = tok.encode(THINKING, add_special_tokens=False)
+    monkeypatch.setattr(llm, "generate", lambda prompts, params=None, **kw: [
+        GenerationResult(prompts[0], ids, tok.decode(ids), "stop", 1.0, 1)])
+    res = llm.chat([{"role": "user", "content": "2+2?"}])
+    assert (res.text, res.reasoning) == ("It is 4.", "Let me think: 2+2.")
+
+
+def test_ollama_think_renders_the_template_with_enable_thinking():
+    from canvaslm.server.ollama import ChatBody, _sampling
+
+    msgs = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    for think, want in ((True, True), ("high", True), (False, False)):
+        fields = _sampling(ChatBody(model="m", messages=[], think=think), dict(msgs))
+        assert fields["chat_template_kwargs"] == {"enable_thinking": want}
+    assert "chat_template_kwargs" not in _sampling(ChatBody(model="m", messages=[]), dict(msgs))
+
+
+def test_responses_api_reasoning_items(think_dir, tok, monkeypatch):
+    """The Responses API (what Codex CLI speaks): reasoning.effort turns thinking on, the thought is a reasoning
+    item before the message (whole and streamed, reasoning_text events first), its tokens are usage's
+    reasoning_tokens, and reasoning items sent back as input are dropped."""
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        _script(monkeypatch, srv.state, tok, THINKING)
+        kw = dict(model=srv.state.model_name, input="2+2?", reasoning={"effort": "medium", "summary": "auto"},
+                  include=["reasoning.encrypted_content"])
+        r = c.responses.create(**kw)
+        assert [o.type for o in r.output] == ["reasoning", "message"]
+        assert r.output[0].content[0].text == "Let me think: 2+2." and r.output_text == "It is 4."
+        assert r.usage.output_tokens_details.reasoning_tokens == len(tok.encode(THINKING.split("It")[0],
+                                                                                add_special_tokens=False))
+        assert r.reasoning.effort == "medium"
+        events = list(c.responses.create(**kw, stream=True))
+        kinds = [e.type for e in events]
+        assert kinds.index("response.reasoning_text.delta") < kinds.index("response.output_text.delta")
+        assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "Let me think: 2+2."
+        final = events[-1].response
+        assert [o.type for o in final.output] == ["reasoning", "message"] and final.output_text == "It is 4."
+        assert [e.output_index for e in events if e.type == "response.output_text.delta"] == \
+            [1] * kinds.count("response.output_text.delta")
+        again = c.responses.create(model=srv.state.model_name, input=[
+            {"role": "user", "content": "2+2?"}, r.output[0].model_dump(exclude_none=True),
+            {"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "and 3+3?"}])
+        assert again.output_text == "It is 4."  # the scripted engine; the point: the reasoning item was accepted
+        _script(monkeypatch, srv.state, tok, CALLING, cuts=(3, 12, 20))
+        called = c.responses.create(**kw, tools=[{"type": "function", **WEATHER["function"]}])
+        assert [o.type for o in called.output] == ["reasoning", "function_call"]
+        streamed = list(c.responses.create(**kw, tools=[{"type": "function", **WEATHER["function"]}], stream=True))
+        assert [o.type for o in streamed[-1].response.output] == ["reasoning", "function_call"]
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model=srv.state.model_name, input="q", reasoning={"effort": "extreme"})
+        assert e.value.body["param"] == "reasoning"
