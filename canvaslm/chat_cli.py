@@ -4,6 +4,8 @@ conversation mode.
 Each line read is a user turn; the reply is generated for the whole conversation through the
 checkpoint's chat template, printed, and kept in the history. Commands: `/reset` starts a new
 conversation, `/system TEXT` sets the system message (and resets), `/exit` (or end of input) quits.
+A reply's thought channel (canvaslm.reasoning) is kept out of the answer and its history; `--think`
+turns thinking mode on and prints each thought to stderr.
 Turn i of a session draws from seed `--seed + i`, so a session piped from a file is reproducible. On a
 terminal, `--drafts` shows the canvas being denoised on one status line, step by step. A turn that fails
 (e.g. the conversation outgrew the context) prints the error and is dropped from the history; the
@@ -44,31 +46,37 @@ def add_parser(subparsers) -> None:
 
     add_kv_dtype_arg(p)
     p.add_argument("--stats", action="store_true", help="after each reply, its token counts and time (stderr)")
+    p.add_argument("--think", action="store_true",
+                   help="thinking mode (the template's enable_thinking); each thought is printed to stderr")
     p.set_defaults(func=_chat)
 
 
 class Session:
     """The chat's engine: one slot with prefix caching, kept from turn to turn."""
 
-    def __init__(self, llm, prefill_chunk: int, kv_cache_dtype: str = "auto"):
+    def __init__(self, llm, prefill_chunk: int, kv_cache_dtype: str = "auto", think: bool = False):
         from .engine.engine import Engine, EngineConfig
+        from .reasoning import ThoughtSplitter
 
         if prefill_chunk < 1:
             raise ValueError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
         self.llm, self.turns = llm, 0
+        self.template_kwargs = {"enable_thinking": True} if think else {}
+        self.thoughts = ThoughtSplitter.for_tokenizer(llm.tokenizer)
         self.engine = Engine(llm.model, EngineConfig(max_batch=1, max_model_len=None, prefill_chunk=prefill_chunk,
                                                      prefix_caching=True, kv_cache_dtype=kv_cache_dtype),
                              history_depth=max(1, llm.defaults.stability_threshold)).start()
 
     def reply(self, messages: list, params, on_draft=None):
-        """(reply text, engine Finish, prompt tokens) for the conversation `messages`."""
+        """(reply text, engine Finish, prompt tokens, thought text or None) for the conversation `messages`;
+        a thought channel (canvaslm.reasoning) is kept out of the text."""
         import asyncio
 
         from .engine.engine import GenerationRequest
         from .generate import GenerationError, check_request
 
         llm = self.llm
-        ids = llm.tokenizer.encode_chat(messages)
+        ids = llm.tokenizer.encode_chat(messages, **self.template_kwargs)
         row = llm.rows([ids], params)[0]
         try:
             check_request(ids, row.params, llm.cfg.vocab_size, self.engine.config.max_model_len,
@@ -80,7 +88,8 @@ class Session:
         tokens, fin = asyncio.run(self.engine.run(req, on_draft))
         if fin.reason == "error":
             raise GenerationError(fin.message or "the turn failed")
-        return llm.decode(tokens), fin, len(ids)
+        content, thought = self.thoughts.answer(tokens) if self.thoughts is not None else (tokens, None)
+        return llm.decode(content), fin, len(ids), thought
 
     def close(self) -> None:
         self.engine.shutdown()
@@ -92,7 +101,7 @@ def _chat(args) -> int:
     llm = load_llm(args)
     if llm.tokenizer is None or getattr(llm.tokenizer, "chat_template", None) is None:
         raise ValueError(f"{llm.model_dir} has no chat template, so it cannot chat; use `canvaslm generate`")
-    session = Session(llm, args.prefill_chunk, args.kv_cache_dtype)
+    session = Session(llm, args.prefill_chunk, args.kv_cache_dtype, think=args.think)
     try:
         return _loop(args, llm, session)
     finally:
@@ -139,13 +148,15 @@ def _loop(args, llm, session) -> int:
         show = _draft_line(llm) if tty and args.drafts else None
         t0 = time.perf_counter()
         try:
-            text, fin, prompt_len = session.reply(messages, params, on_draft=show)
+            text, fin, prompt_len, thought = session.reply(messages, params, on_draft=show)
         except (GenerationError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             continue
         finally:
             if show is not None:
                 print("\r\x1b[K", end="", flush=True)
+        if thought:
+            print(f"[thinking] {thought}", file=sys.stderr, flush=True)
         print(text, flush=True)
         if args.stats:
             print(f"[{prompt_len} prompt tokens, {fin.cached_tokens} from the cache; {fin.num_tokens} reply tokens, "

@@ -382,11 +382,10 @@ class LLM:
         from .reasoning import ThoughtSplitter
 
         splitter = ThoughtSplitter.for_tokenizer(self.tokenizer)
-        split = splitter.split(res.token_ids) if splitter is not None else None
-        if split is None or split.thought is None:
-            return res, list(res.token_ids)
-        res.text, res.reasoning = self.decode(split.content), splitter.thought_text(split.thought)
-        return res, split.content
+        content, thought = splitter.answer(res.token_ids) if splitter is not None else (list(res.token_ids), None)
+        if thought is not None:
+            res.text, res.reasoning = self.decode(content), thought
+        return res, content
 
     def infill(self, prefix: str, suffix: str, params: SamplingParams | None = None, gaps=None):
         """Generate the text between prefix and suffix (see canvaslm.infill). -> InfillResult."""

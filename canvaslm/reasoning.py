@@ -52,6 +52,12 @@ class ThoughtSplitter:
             return Split(ids[start + 1:], ids[:start], False)
         return Split(ids[start + 1:end], ids[:start] + ids[end + 1:], True)
 
+    def answer(self, ids) -> tuple[list, str | None]:
+        """(the ids outside the channel, the thought's text, or None when the reply opened no channel) of a
+        finished reply."""
+        split = self.split(ids)
+        return split.content, None if split.thought is None else self.thought_text(split.thought)
+
     def thought_text(self, thought_ids, final: bool = True) -> str:
         """The thought's text without the channel's label. While the label may still be arriving (not
         final), a text that is only a start of it gives ""."""

@@ -69,3 +69,34 @@ def test_a_turn_reuses_the_conversation_so_far(chat_llm, monkeypatch, capsys):
 def test_a_checkpoint_without_chat_template_is_refused(capsys):
     assert main(["chat"]) == 2  # the bundled Sudoku model has no chat template
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_a_thought_is_printed_apart_and_left_out_of_the_history(tmp_path, monkeypatch, capsys):
+    """A reply's thought channel goes to stderr ([thinking]); the answer alone is printed and kept, and --think
+    renders the template with enable_thinking. The engine is scripted: a random model writes no channel."""
+    from canvaslm.engine.engine import Finish
+    from canvaslm.reasoning import CHANNEL_CLOSE, CHANNEL_OPEN
+    from canvaslm.testing import make_tiny_checkpoint
+    from canvaslm.tokenizer import Tokenizer
+
+    d = make_tiny_checkpoint(tmp_path / "think", extra_specials=(CHANNEL_OPEN, CHANNEL_CLOSE))
+    tok = Tokenizer.from_dir(d)
+    prompts, kwargs = [], []
+    encode = Tokenizer.encode_chat
+
+    def spy(self, messages, *a, **kw):
+        prompts.append([m["content"] for m in messages])
+        kwargs.append(kw)
+        return encode(self, messages, *a, **kw)
+
+    async def run(self, request, on_draft=None):
+        ids = tok.encode(f"{CHANNEL_OPEN}thought\nhmm{CHANNEL_CLOSE}Fine.", add_special_tokens=False)
+        return ids, Finish(request.request_id, "stop", len(ids), 1)
+
+    monkeypatch.setattr(Tokenizer, "encode_chat", spy)
+    monkeypatch.setattr("canvaslm.engine.engine.Engine.run", run)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nand you?\n"))
+    assert main(["chat", str(d), "--think"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "Fine.\nFine.\n" and err.count("[thinking] hmm") == 2
+    assert prompts[-1] == ["hi", "Fine.", "and you?"] and kwargs[-1] == {"enable_thinking": True}
