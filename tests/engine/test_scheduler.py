@@ -193,7 +193,7 @@ def test_cancel_in_each_state_frees_slot_and_budget(state):
     if state == "in_flight":
         plan = sched.plan()
         assert "a" in plan.request_ids
-        result = runner.run(plan)
+        runner.run(plan)
         assert sched.cancel("a") is a and a.status is RequestStatus.CANCELLED
         assert sched.kv_used == kv_before and sched.num_free_slots == 0  # the runner still uses the slot
         sched.update(plan, StepResult())  # results for a cancelled request are not needed

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from canvaslm.recipes.sudoku import data, puzzles
+from canvaslm.recipes.sudoku import data
 from canvaslm.recipes.sudoku.puzzles import (
     LEVELS,
     as_grid,

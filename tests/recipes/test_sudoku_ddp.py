@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("sudoku_ddp_worker.py")
