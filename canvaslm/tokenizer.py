@@ -141,6 +141,8 @@ class Tokenizer:
                 raise ValueError(f"{name}: {role} id {i} is outside the vocabulary [0, {self.vocab_size})")
         self.chat_template = chat_template
         self._template = _compile_template(chat_template, name) if chat_template is not None else None
+        self.template_defaults: dict = {}  # variables every rendering gets unless the call sets them (vLLM's
+        # --default-chat-template-kwargs)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -267,7 +269,7 @@ class Tokenizer:
         messages = _validate_messages(messages)
         special = {f"{role}_token": self._backend.id_to_token(i)
                    for role, i in [("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)] if i is not None}
-        variables = {"documents": None, **special, **kwargs}  # caller kwargs override, as in HF
+        variables = {"documents": None, **special, **self.template_defaults, **kwargs}  # caller kwargs override
         try:
             text = self._template.render(messages=messages, tools=tools,
                                          add_generation_prompt=add_generation_prompt, **variables)

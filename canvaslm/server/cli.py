@@ -216,10 +216,24 @@ def _serve(args) -> int:
         state.tokenizer.set_chat_template(template, args.chat_template)
     state.allowed_origins = args.allowed_origins
     state.reasoning = args.reasoning_parser != "none"
+    from .protocol import TEMPLATE_RESERVED
+
+    defaults_kw = args.default_chat_template_kwargs or {}
+    reserved = sorted(TEMPLATE_RESERVED & set(defaults_kw))
+    if reserved:
+        state.engine.shutdown()
+        raise ValueError(f"--default-chat-template-kwargs may not set {reserved[0]}; it has its own request field")
+    if state.tokenizer is not None:
+        state.tokenizer.template_defaults = dict(defaults_kw)
     state.embedding_pooling = args.embedding_pooling
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     loras = f", LoRA adapters {sorted(state.loras)}" if state.loras else ""
+    if state.thoughts is not None:
+        notes.append("chat replies' thought channels go to reasoning_content (--reasoning-parser none keeps them "
+                     "in the text)")
+    if defaults_kw:
+        notes.append("chat template defaults: " + ", ".join(f"{k}={v!r}" for k, v in defaults_kw.items()))
     for note in notes + state.engine.notes:
         print(f"canvaslm: {note}", flush=True)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "

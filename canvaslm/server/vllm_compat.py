@@ -16,7 +16,9 @@ start: `--enable-chunked-prefill` (prompts are always encoded in `--prefill-chun
 `--enable-auto-tool-choice` and `--tool-call-parser` ("auto" tool choice is on wherever the checkpoint's
 tokenizer has call tokens, and calls are read in its own syntax), `--reasoning-parser gemma4` (a chat
 reply's thought channel goes to `reasoning_content` wherever the tokenizer has the channel tokens;
-`--reasoning-parser none` turns that off). Anything else is refused by name.
+`--reasoning-parser none` turns that off), `--default-chat-template-kwargs JSON` (variables every chat
+template rendering gets unless a request's `chat_template_kwargs` sets them). Anything else is refused
+by name.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def add_vllm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted; 'auto' tool choice is on where the tokenizer has call tokens")
     g.add_argument("--tool-call-parser", default=None, help="accepted; calls are read in the checkpoint's own syntax")
+    g.add_argument("--default-chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="variables every chat template rendering gets unless the request's chat_template_kwargs "
+                        "sets them, e.g. '{\"enable_thinking\": false}'")
     g.add_argument("--reasoning-parser", default=None, choices=("gemma4", "none"),
                    help="chat replies' thought channels go to reasoning_content wherever the tokenizer has them "
                         "(gemma4, the default); none leaves them in the text")

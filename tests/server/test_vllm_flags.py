@@ -131,3 +131,23 @@ def test_replies_to_an_alias_name_the_first_served_name(tiny_checkpoint):
         stream = client.completions.create(model="gpt-4o", prompt="hi", max_tokens=4, seed=0, stream=True)
         assert {c.model for c in stream} == {"dg"}
         assert client.completions.create(model="dg", prompt="hi", max_tokens=4, seed=0).model == "dg"
+
+
+def test_default_chat_template_kwargs_and_reasoning_parser(served, tiny_checkpoint):
+    """--default-chat-template-kwargs: every rendering gets the variables unless the request sets them (the
+    command in vLLM's issue #39130 turns thinking off this way); --reasoning-parser none turns the reading off."""
+    code, state, out = served(str(tiny_checkpoint), "--max-model-len", "128", "--reasoning-parser", "gemma4",
+                              "--default-chat-template-kwargs", '{"enable_thinking": false, "greeting": "ahoy"}')
+    assert code == 0 and "chat template defaults: enable_thinking=False, greeting='ahoy'" in out.out
+    assert "--reasoning-parser: nothing to do" in out.out and state.reasoning
+    tok = state.tokenizer
+    tok.set_chat_template("{{ greeting }}|{{ enable_thinking }}|{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.decode(tok.encode_chat(msgs)) == "ahoy|False|hi"
+    assert tok.decode(tok.encode_chat(msgs, enable_thinking=True)) == "ahoy|True|hi"  # the request's value wins
+    state.engine.shutdown()
+    code, state, out = served(str(tiny_checkpoint), "--max-model-len", "128", "--reasoning-parser", "none")
+    assert code == 0 and not state.reasoning and state.tokenizer.template_defaults == {}
+    state.engine.shutdown()
+    code, state, out = served(str(tiny_checkpoint), "--default-chat-template-kwargs", '{"tools": []}')
+    assert code == 2 and "--default-chat-template-kwargs may not set tools" in out.err
