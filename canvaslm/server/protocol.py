@@ -235,6 +235,9 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = Field(True, description="vLLM's: open the assistant's turn after the messages")
     continue_final_message: bool = Field(False, description="vLLM's: go on with the last (assistant) message")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM's: more variables for the template")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        None, description="OpenAI's: thinking mode (the template's enable_thinking) off for none / minimal, on "
+        "otherwise, unless chat_template_kwargs sets enable_thinking")
 
     def unsupported(self) -> tuple[str, str] | None:
         from .tools import tool_choice_problem
@@ -255,7 +258,9 @@ class ChatCompletionRequest(_Common):
     def template_kwargs(self) -> dict:
         """Keyword arguments of `encode_chat` beyond messages and tools."""
         extra = self.chat_template_kwargs or {}
-        return {**{k: v for k, v in extra.items() if k not in TEMPLATE_RESERVED},
+        effort = {} if self.reasoning_effort is None else \
+            {"enable_thinking": self.reasoning_effort not in ("none", "minimal")}
+        return {**effort, **{k: v for k, v in extra.items() if k not in TEMPLATE_RESERVED},
                 "add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message}
 
@@ -400,10 +405,6 @@ class ResponsesRequest(_Strict):
                               f"{ENCRYPTED_INCLUDE!r})"
         return None
 
-    def thinking(self) -> bool | None:
-        """The chat template's enable_thinking this body asks for: None when it sets no reasoning effort."""
-        effort = (self.reasoning or {}).get("effort")
-        return None if effort is None else effort not in ("none", "minimal")
 
     def wants_logprobs(self) -> bool:
         """The output text's log-probs: asked with include or with top_logprobs."""

@@ -86,8 +86,8 @@ def to_chat(body: ResponsesRequest, history: list | None = None) -> tuple[ChatCo
                   confidence_threshold=body.confidence_threshold, top_k=body.top_k, min_p=body.min_p,
                   logit_bias=body.logit_bias,
                   priority=body.priority, min_tokens=body.min_tokens)
-    if body.thinking() is not None:
-        fields["chat_template_kwargs"] = {"enable_thinking": body.thinking()}
+    if (body.reasoning or {}).get("effort") is not None:  # chat's reasoning_effort: the template's enable_thinking
+        fields["reasoning_effort"] = body.reasoning["effort"]
     if body.tools:
         fields["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                            for t in body.tools]

@@ -218,3 +218,23 @@ def test_responses_api_reasoning_items(think_dir, tok, monkeypatch):
         with pytest.raises(openai.BadRequestError) as e:
             c.responses.create(model=srv.state.model_name, input="q", reasoning={"effort": "extreme"})
         assert e.value.body["param"] == "reasoning"
+
+
+def test_reasoning_effort_sets_enable_thinking():
+    """OpenAI's reasoning_effort (chat; the Responses API's reasoning.effort becomes it): off for none / minimal,
+    on otherwise; chat_template_kwargs' own enable_thinking wins."""
+    from canvaslm.server.protocol import ChatCompletionRequest
+
+    msgs = [{"role": "user", "content": "q"}]
+    for effort, want in (("none", False), ("minimal", False), ("low", True), ("high", True)):
+        body = ChatCompletionRequest(model="m", messages=msgs, reasoning_effort=effort)
+        assert body.template_kwargs()["enable_thinking"] is want
+    assert "enable_thinking" not in ChatCompletionRequest(model="m", messages=msgs).template_kwargs()
+    both = ChatCompletionRequest(model="m", messages=msgs, reasoning_effort="high",
+                                 chat_template_kwargs={"enable_thinking": False})
+    assert both.template_kwargs()["enable_thinking"] is False
+    from canvaslm.server.protocol import ResponsesRequest
+    from canvaslm.server.responses import to_chat
+
+    chat, _ = to_chat(ResponsesRequest(model="m", input="q", reasoning={"effort": "minimal"}))
+    assert chat.template_kwargs()["enable_thinking"] is False
