@@ -16,8 +16,8 @@ from .helpers import tiny_config
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _run(tmp_path: Path, nproc: int) -> dict:
-    cfg = tiny_config(tmp_path, max_steps=2, grad_accum=1, batch_size=4)
+def _run(tmp_path: Path, nproc: int, **extra) -> dict:
+    cfg = tiny_config(tmp_path, max_steps=2, grad_accum=1, batch_size=4, **extra)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
@@ -38,6 +38,18 @@ def test_two_process_gradients_match_one_process(tmp_path):
     assert one["stats"]["tokens"] == two["stats"]["tokens"]
     for a, b in zip(one["history"], two["history"]):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a.get("eval_loss", 0) - b.get("eval_loss", 0)) < 1e-4
+
+
+def test_two_processes_with_lora_and_gradient_checkpointing_match_one_plain_process(tmp_path):
+    """Each torchrun process builds the same adapters (their init follows the config's seed) and recomputes
+    its layers in the backward: the gradients are the plain one-process run's."""
+    lora = {"rank": 4, "alpha": 8, "include_experts": True}
+    one = _run(tmp_path / "one", 1, lora=lora)
+    two = _run(tmp_path / "two", 2, lora=lora, gradient_checkpointing=True)
+    assert one["grads"].keys() == two["grads"].keys() and all("lora_" in n for n in one["grads"])
+    for n, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][n], g, rtol=1e-4, atol=2e-5, msg=n)
+    assert abs(one["stats"]["loss"] - two["stats"]["loss"]) < 1e-5
 
 
 def test_a_parameter_without_gradient_joins_the_reduction_as_zeros(monkeypatch):
