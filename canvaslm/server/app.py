@@ -370,7 +370,7 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
         if echo:
             need_tokenizer(state, "echo")
         gen = _stream(state, choices, prompts, rid, created, state.reply_name(body.model), chat, include_usage,
-                      replies, top, echo)
+                      replies, top, echo, thoughts=chat and body.include_reasoning)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)  # the trackers accumulate the text
@@ -389,7 +389,7 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
                for c in choices]
         obj = "text_completion"
     for c, o in zip(choices, out):
-        if chat and c.tracker.reasoning:  # vLLM's names, old and new
+        if chat and c.tracker.reasoning and body.include_reasoning:  # vLLM's names, old and new
             o["message"] = {**o["message"], "reasoning_content": c.tracker.reasoning, "reasoning": c.tracker.reasoning}
     if chat and body.logprobs:  # a tool reply's too: the log-probs of the tokens it was read from
         from .scored import chat_logprobs_many
@@ -421,7 +421,7 @@ async def _with_prompt_logprobs(state: ServerState, body, prompts, result: dict,
 
 
 async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, replies,
-                  top_logprobs: int | None = None, echo: bool = False):
+                  top_logprobs: int | None = None, echo: bool = False, thoughts: bool = True):
     """top_logprobs: `logprobs` (chat's, or completions' legacy object) with this many alternatives on the
     chunks, None for none: each chunk a commit produces carries the log-probs of the tokens committed
     since the last one that did."""
@@ -482,7 +482,8 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
                     if lp is not None:
                         yield chunk(i, delta={}, logprobs=lp)
                 elif kind == "reasoning":  # a chat reply's thought channel (reasoning.py), vLLM's names
-                    yield chunk(i, delta={"reasoning_content": payload, "reasoning": payload})
+                    if thoughts:
+                        yield chunk(i, delta={"reasoning_content": payload, "reasoning": payload})
                 elif kind == "delta":
                     yield chunk(i, payload, logprobs=await new_logprobs(i))
                 elif kind == "draft":

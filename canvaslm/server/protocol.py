@@ -235,6 +235,8 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = Field(True, description="vLLM's: open the assistant's turn after the messages")
     continue_final_message: bool = Field(False, description="vLLM's: go on with the last (assistant) message")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM's: more variables for the template")
+    include_reasoning: bool = Field(True, description="vLLM's: false leaves the thought out of the reply (it is "
+                                    "still kept out of the content)")
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
         None, description="OpenAI's: thinking mode (the template's enable_thinking) off for none / minimal, on "
         "otherwise, unless chat_template_kwargs sets enable_thinking")

@@ -102,6 +102,9 @@ def test_chat_reasoning_whole_and_streamed(think_dir, tok, monkeypatch):
         reasoning, content, order = _stream(c, **kwargs)
         assert (reasoning, content) == ("Let me think: 2+2.", "It is 4.")
         assert order == sorted(order, reverse=True)  # the thought streams first ("r" > "c")
+        hidden = c.chat.completions.create(**{**kwargs, "extra_body": {"include_reasoning": False}}).choices[0]
+        assert hidden.message.content == "It is 4." and "reasoning_content" not in (hidden.message.model_extra or {})
+        assert _stream(c, **{**kwargs, "extra_body": {"include_reasoning": False}})[:2] == ("", "It is 4.")
         _script(monkeypatch, srv.state, tok, EMPTY, cuts=(1, 2))  # thinking off: an empty channel, no label left
         msg = c.chat.completions.create(**kwargs).choices[0].message
         assert msg.content == "Paris." and "reasoning_content" not in (msg.model_extra or {})
