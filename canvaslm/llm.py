@@ -315,9 +315,9 @@ class LLM:
                                             fin.decoder_passes))
         return results
 
-    def chat(self, messages: list, params: SamplingParams | None = None, tools: list | None = None,
+    def chat(self, messages: list, params: SamplingParams | list | None = None, tools: list | None = None,
              tool_choice=None, continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-             **kw) -> GenerationResult:
+             **kw) -> GenerationResult | list[GenerationResult]:
         """A reply to `messages` through the chat template. `tools` (OpenAI function declarations) are
         rendered by the template; with tool_choice "required" (the model picks one of the tools) or
         {"type": "function", "function": {"name": ...}} the reply is a call whose arguments always
@@ -325,30 +325,36 @@ class LLM:
         same constraints). With "auto" the model writes freely and calls in its own syntax are read out
         of its tokens into `tool_calls` (`text` keeps the rest; the tokenizer needs the native call
         tokens). tool_choice None leaves the whole reply as text; "none" also leaves the declarations
-        out of the prompt. continue_final_message: the last message is the start of the assistant's
-        reply, which the model goes on with (the result holds only the continuation);
-        chat_template_kwargs: more variables for the template."""
+        out of the prompt. A thought channel (thinking mode) goes to `reasoning`. continue_final_message:
+        the last message is the start of the assistant's reply, which the model goes on with (the result
+        holds only the continuation); chat_template_kwargs: more variables for the template (e.g.
+        enable_thinking). `messages` may also be a list of conversations (vLLM's LLM.chat): they run as
+        one batch (`params` one for all or one per conversation) and a list of results comes back."""
         if self.tokenizer is None:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so chat is not available")
         import uuid
 
         from .tokenizer import tool_arguments_as_objects
 
+        batch = bool(messages) and isinstance(messages[0], (list, tuple))
         shown = tools if tools and tool_choice != "none" else None
-        try:
-            prompt = self.tokenizer.encode_chat(tool_arguments_as_objects(messages), not continue_final_message,
-                                                tools=shown, continue_final_message=continue_final_message,
-                                                **(chat_template_kwargs or {}))
-        except ValueError as e:
-            raise GenerationError(f"chat: {e}") from None
+        prompts = []
+        for k, conversation in enumerate(messages if batch else [messages]):
+            try:
+                prompts.append(self.tokenizer.encode_chat(
+                    tool_arguments_as_objects(list(conversation)), not continue_final_message, tools=shown,
+                    continue_final_message=continue_final_message, **(chat_template_kwargs or {})))
+            except ValueError as e:
+                raise GenerationError(f"chat{f' (conversation {k})' if batch else ''}: {e}") from None
+        sps = _params_list(prompts, params)
 
         def calls(pairs):
             return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
                      "function": {"name": n, "arguments": a}} for n, a in pairs]
 
         if tool_choice in (None, "none"):
-            return self._without_thought(self.generate([prompt], params, **kw)[0])[0]
-        if tool_choice == "auto":
+            outs = [self._without_thought(r)[0] for r in self.generate(prompts, sps, **kw)]
+        elif tool_choice == "auto":
             from .tool_parser import CALL_OPEN, NativeToolParser, response_stop_ids
 
             parser = NativeToolParser.for_tokenizer(self.tokenizer)
@@ -356,25 +362,27 @@ class LLM:
                 raise GenerationError(f"tool_choice 'auto' reads calls in the model's own syntax ({CALL_OPEN}...), "
                                       "and this tokenizer has no such tokens: pass 'required', name the function, "
                                       "or leave it None for text")
-            sp = params or SamplingParams()
-            stops = tuple(sp.stop_token_ids or ()) + response_stop_ids(self.tokenizer)
-            res, content = self._without_thought(self.generate([prompt], dataclasses.replace(sp, stop_token_ids=stops),
-                                                               **kw)[0])
-            text, found, _ = parser.split(content, final=True)
-            if found:
-                res.text, res.tool_calls = text, calls(found)
-            return res
-        from .sampling.tool_call import call_arguments, call_constraint
+            stops = response_stop_ids(self.tokenizer)
+            sps = [dataclasses.replace(sp, stop_token_ids=tuple(sp.stop_token_ids or ()) + stops) for sp in sps]
+            outs = []
+            for r in self.generate(prompts, sps, **kw):
+                res, content = self._without_thought(r)
+                text, found, _ = parser.split(content, final=True)
+                if found:
+                    res.text, res.tool_calls = text, calls(found)
+                outs.append(res)
+        else:
+            from .sampling.tool_call import call_arguments, call_constraint
 
-        constraint, forced = call_constraint(tools, tool_choice, self.tokenizer)
-        sp = dataclasses.replace(params or SamplingParams(), constraint=constraint)
-        res = self.generate([prompt], sp, **kw)[0]
-        try:
-            names = constraint.names if forced is None else []  # the model picked among the constraint's names
-            res.tool_calls = calls([call_arguments(res.text, names, forced)])
-        except ValueError:  # cut by max_new_tokens: no whole call
-            pass
-        return res
+            constraint, forced = call_constraint(tools, tool_choice, self.tokenizer)
+            outs = self.generate(prompts, [dataclasses.replace(sp, constraint=constraint) for sp in sps], **kw)
+            for res in outs:
+                try:
+                    names = constraint.names if forced is None else []  # the model picked among the constraint's
+                    res.tool_calls = calls([call_arguments(res.text, names, forced)])
+                except ValueError:  # cut by max_new_tokens: no whole call
+                    pass
+        return outs if batch else outs[0]
 
     def _without_thought(self, res: GenerationResult) -> tuple[GenerationResult, list]:
         """A chat reply with its thought channel (canvaslm.reasoning) moved from `text` to `reasoning`, and

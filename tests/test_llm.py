@@ -165,3 +165,26 @@ def test_from_model_wraps_a_model_in_memory(tiny_checkpoint):
         mem.generate("text needs a tokenizer")
     with pytest.raises(GenerationError, match="max_batch"):
         LLM.from_model(loaded.model, max_batch=0)
+
+
+def test_chat_takes_a_batch_of_conversations(tiny_checkpoint):
+    """vLLM's LLM.chat(list of conversations): one batch (LLM.generate of the templated prompts, whose outputs
+    follow the batch's KV geometry), one result each (per-conversation params, forced tool calls too); a bad
+    conversation is named."""
+    import json
+
+    from canvaslm.generate import GenerationError
+
+    llm = LLM(tiny_checkpoint, device="cpu")
+    convs = [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "terse"}, {"role": "user", "content": "yo"}]]
+    sps = [SamplingParams(seed=1, max_new_tokens=16), SamplingParams(seed=2, max_new_tokens=16)]
+    batch = llm.chat(convs, sps)
+    want = llm.generate([llm.tokenizer.encode_chat(c) for c in convs], sps)
+    assert isinstance(batch, list) and [r.token_ids for r in batch] == [r.token_ids for r in want]
+    assert llm.chat(convs[:1], sps[:1])[0].token_ids == llm.chat(convs[0], sps[0]).token_ids  # a batch of one
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}
+    calls = llm.chat(convs, SamplingParams(seed=3, max_new_tokens=48), tools=[tool], tool_choice="required")
+    assert all(isinstance(json.loads(r.tool_calls[0]["function"]["arguments"])["n"], int) for r in calls)
+    with pytest.raises(GenerationError, match=r"chat \(conversation 1\): messages\[0\]\.role"):
+        llm.chat([convs[0], [{"role": 3, "content": "x"}]])
