@@ -77,7 +77,8 @@ def _generate(args) -> int:
     elif args.chat:
         if llm.tokenizer is None:
             raise SystemExit(f"error: {llm.model_dir} has no tokenizer.json, so --chat is not available")
-        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}],
+                                           **({"enable_thinking": True} if args.think else {}))
     else:
         prompt = llm.encode_prompt(args.prompt)
     from .sampling.cli_args import constraint_params, sampling_params
@@ -92,11 +93,16 @@ def _generate(args) -> int:
                           "scores": fill.scores}) if args.json else fill.text)
         return 0
     res = llm.generate([prompt], params)[0]
+    if args.chat:  # a thought channel is kept out of the text (canvaslm.reasoning)
+        res = llm._without_thought(res)[0]
     if args.json:
         print(json.dumps({"token_ids": res.token_ids, "text": res.text, "finish_reason": res.finish_reason,
                           "tokens_per_forward": res.tokens_per_forward, "decoder_passes": res.decoder_passes,
-                          "prompt_tokens": len(res.prompt_ids)}))
+                          "prompt_tokens": len(res.prompt_ids), **({"reasoning": res.reasoning} if res.reasoning
+                                                                   is not None else {})}))
     else:
+        if res.reasoning:
+            print(f"[thinking] {res.reasoning}", file=sys.stderr, flush=True)
         print(res.text if llm.tokenizer is not None else " ".join(map(str, res.token_ids)))
     return 0
 
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", type=_parse_ids, help="prompt as comma-separated token ids")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    g.add_argument("--think", action="store_true", help="with --chat: thinking mode (the template's "
+                   "enable_thinking); the thought goes to stderr (or `reasoning` with --json)")
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
     g.add_argument("--seed", type=int, default=None)

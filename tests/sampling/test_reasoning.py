@@ -241,3 +241,23 @@ def test_reasoning_effort_sets_enable_thinking():
 
     chat, _ = to_chat(ResponsesRequest(model="m", input="q", reasoning={"effort": "minimal"}))
     assert chat.template_kwargs()["enable_thinking"] is False
+
+
+def test_generate_cli_chat_keeps_the_thought_apart(think_dir, tok, monkeypatch, capsys):
+    from canvaslm.cli import main
+    from canvaslm.llm import LLM, GenerationResult
+
+    ids = tok.encode(THINKING, add_special_tokens=False)
+
+    def generate(self, prompts, params=None, **kw):
+        return [GenerationResult(prompts[0], ids, tok.decode(ids), "stop", 1.0, 1)]
+
+    monkeypatch.setattr(LLM, "generate", generate)
+    assert main(["generate", str(think_dir), "--prompt", "2+2?", "--chat", "--think", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["text"], out["reasoning"]) == ("It is 4.", "Let me think: 2+2.")
+    assert main(["generate", str(think_dir), "--prompt", "2+2?", "--chat"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "It is 4.\n" and "[thinking] Let me think: 2+2." in printed.err
+    assert main(["generate", str(think_dir), "--prompt", "2+2?"]) == 0  # no --chat: the raw text
+    assert capsys.readouterr().out == "thought\nLet me think: 2+2.It is 4.\n"
