@@ -29,7 +29,7 @@ import uuid
 
 from .protocol import ChatCompletionRequest, ResponsesRequest
 from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare, run_choices,
-                      run_to_end, usage, validated)
+                      run_to_end, thought_tokens, usage, validated)
 from .tools import reply_message, tool_replies
 
 
@@ -208,7 +208,7 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     message = reply_message(c, replies)
     logprobs = await _logprobs(state, body, ids, c, replies)
     out = response_object(body, rid, created, output_items(message, logprobs=logprobs, thought=c.tracker.reasoning),
-                          c.finish_reason, usage(choices, [ids]), _thought_tokens(c))
+                          c.finish_reason, usage(choices, [ids]), thought_tokens(c))
     if body.store is not False:
         store(state, out, history + turns + [message])
     return out
@@ -292,18 +292,13 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                           "content": [part]})
             yield event("response.output_item.done", output_index=k, item=items[k])
         final = response_object(body, rid, created, items, c.finish_reason, usage(choices, prompts),
-                                _thought_tokens(c))
+                                thought_tokens(c))
         if body.store is not False:
             store(state, final, turns + [reply_message(c, replies)])
         yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                     response=final)
     except APIError as e:  # headers are sent: report in-band
         yield event("error", code=e.code or e.type, message=e.message, param=e.param)
-
-
-def _thought_tokens(c) -> int:
-    """Tokens of the reply's thought channel, its two markers included (usage's reasoning_tokens)."""
-    return len(c.tracker.ids) - len(c.tracker.content_ids) if c.tracker.thoughts is not None else 0
 
 
 def _item_events(event, k: int, item: dict):

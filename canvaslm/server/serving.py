@@ -543,6 +543,15 @@ def usage(choices: list[Choice], prompts: list[list[int]]) -> dict:
     cached = [0] * len(prompts)  # per prompt: the most any of its choices reused
     for c in choices:
         cached[c.prompt_index] = max(cached[c.prompt_index], c.cached_tokens)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion, "decoder_passes": passes,
-            "prompt_tokens_details": {"cached_tokens": sum(cached)}}
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+           "total_tokens": prompt_tokens + completion, "decoder_passes": passes,
+           "prompt_tokens_details": {"cached_tokens": sum(cached)}}
+    thought = sum(thought_tokens(c) for c in choices)
+    if thought:  # OpenAI's place for them: what the thought channels took of completion_tokens
+        out["completion_tokens_details"] = {"reasoning_tokens": thought}
+    return out
+
+
+def thought_tokens(c: Choice) -> int:
+    """Tokens of a chat reply's thought channel, its two markers included (usage's reasoning_tokens)."""
+    return len(c.tracker.ids) - len(c.tracker.content_ids) if c.tracker.thoughts is not None else 0

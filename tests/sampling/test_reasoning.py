@@ -96,8 +96,11 @@ def test_chat_reasoning_whole_and_streamed(think_dir, tok, monkeypatch):
         kwargs = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "2+2?"}],
                       extra_body={"chat_template_kwargs": {"enable_thinking": True}})
         _script(monkeypatch, srv.state, tok, THINKING)
-        msg = c.chat.completions.create(**kwargs).choices[0].message
+        r = c.chat.completions.create(**kwargs)
+        msg = r.choices[0].message
         assert msg.content == "It is 4."
+        assert r.usage.completion_tokens_details.reasoning_tokens == len(tok.encode(THINKING.split("It")[0],
+                                                                                    add_special_tokens=False))
         assert msg.model_extra["reasoning_content"] == msg.model_extra["reasoning"] == "Let me think: 2+2."
         reasoning, content, order = _stream(c, **kwargs)
         assert (reasoning, content) == ("Let me think: 2+2.", "It is 4.")
