@@ -95,6 +95,7 @@ class CountTokensRequest(_Body):
     system: str | list[dict[str, Any]] | None = None
     tools: list[AnthropicTool] | None = Field(None, max_length=128)
     tool_choice: AnthropicToolChoice | None = None
+    thinking: dict[str, Any] | None = None  # the count includes what thinking mode adds to the prompt
 
 
 def error_body(status: int, message: str) -> dict:
@@ -177,11 +178,7 @@ def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
     fields = dict(model=body.model, messages=_messages(body), max_tokens=body.max_tokens, temperature=body.temperature,
                   top_p=body.top_p, top_k=body.top_k, seed=body.seed, max_denoising_steps=body.max_denoising_steps,
                   stream=body.stream, **_tools(body))
-    if body.thinking is not None:
-        kind = body.thinking.get("type")
-        if kind not in ("enabled", "adaptive", "disabled"):
-            raise APIError(400, f"thinking.type {kind!r}: expected enabled, adaptive or disabled", "thinking")
-        fields["chat_template_kwargs"] = {"enable_thinking": kind != "disabled"}
+    fields.update(_thinking(body))
     fmt = (body.output_config or {}).get("format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
@@ -191,11 +188,21 @@ def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
     return validated(ChatCompletionRequest, fields, "messages")
 
 
+def _thinking(body) -> dict:
+    """The chat fields for the body's `thinking`: the template's enable_thinking (none without it)."""
+    if body.thinking is None:
+        return {}
+    kind = body.thinking.get("type")
+    if kind not in ("enabled", "adaptive", "disabled"):
+        raise APIError(400, f"thinking.type {kind!r}: expected enabled, adaptive or disabled", "thinking")
+    return {"chat_template_kwargs": {"enable_thinking": kind != "disabled"}}
+
+
 def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     need_chat_template(state, "messages")
     state.adapter(body.model)
-    chat = validated(ChatCompletionRequest, {"model": body.model, "messages": _messages(body), **_tools(body)},
-                     "messages")
+    chat = validated(ChatCompletionRequest, {"model": body.model, "messages": _messages(body), **_tools(body),
+                                             **_thinking(body)}, "messages")
     return {"input_tokens": len(encode_chat(state, chat))}
 
 

@@ -264,3 +264,18 @@ def test_generate_cli_chat_keeps_the_thought_apart(think_dir, tok, monkeypatch, 
     assert printed.out == "It is 4.\n" and "[thinking] Let me think: 2+2." in printed.err
     assert main(["generate", str(think_dir), "--prompt", "2+2?"]) == 0  # no --chat: the raw text
     assert capsys.readouterr().out == "thought\nLet me think: 2+2.It is 4.\n"
+
+
+def test_anthropic_count_tokens_counts_what_thinking_adds(think_dir):
+    anthropic = pytest.importorskip("anthropic")
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    state = build_state(think_dir, device="cpu")
+    state.tokenizer.set_chat_template("{% if enable_thinking %}[think]{% endif %}"
+                                      "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with BackgroundServer(state) as srv:
+        a = anthropic.Anthropic(base_url=srv.base_url, api_key="x", max_retries=0)
+        kw = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "q"}])
+        plain = a.messages.count_tokens(**kw).input_tokens
+        thinking = a.messages.count_tokens(**kw, thinking={"type": "enabled", "budget_tokens": 1024}).input_tokens
+        assert thinking - plain == len("[think]")
