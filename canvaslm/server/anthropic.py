@@ -269,7 +269,8 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
             blocks = _blocks(reply_message(c, replies), c.tracker.reasoning)
             for k, b in enumerate(blocks):
                 if b["type"] == "thinking":
-                    for line in _thinking_events(event, k, b["thinking"]):
+                    for line in (_thinking_open(event, k), _thinking_delta(event, k, b["thinking"]),
+                                 *_thinking_close(event, k)):
                         yield line
                     continue
                 if b["type"] == "text":
@@ -287,22 +288,21 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
                     if kind == "reasoning":
                         if thought is None:
                             thought = ""
-                            yield event("content_block_start", index=k, content_block={
-                                "type": "thinking", "thinking": "", "signature": ""})
+                            yield _thinking_open(event, 0)
                         thought += payload
-                        yield event("content_block_delta", index=k, delta={"type": "thinking_delta", "thinking": payload})
+                        yield _thinking_delta(event, 0, payload)
                     elif kind == "delta" and payload:
                         if thought is not None and k == 0:  # the answer begins: the thought is over
-                            yield event("content_block_delta", index=0, delta={"type": "signature_delta", "signature": ""})
-                            yield event("content_block_stop", index=0)
+                            for line in _thinking_close(event, 0):
+                                yield line
                             k = 1
                         if not text:
                             yield event("content_block_start", index=k, content_block={"type": "text", "text": ""})
                         text += payload
                         yield event("content_block_delta", index=k, delta={"type": "text_delta", "text": payload})
             if thought is not None and k == 0:  # a thought and no answer (cut by max_tokens)
-                yield event("content_block_delta", index=0, delta={"type": "signature_delta", "signature": ""})
-                yield event("content_block_stop", index=0)
+                for line in _thinking_close(event, 0):
+                    yield line
                 k = 1
             if not text:
                 yield event("content_block_start", index=k, content_block={"type": "text", "text": ""})
@@ -317,11 +317,18 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
         yield f"event: error\ndata: {json.dumps(error_body(e.status, e.message))}\n\n"
 
 
-def _thinking_events(event, k: int, thinking: str):
-    yield event("content_block_start", index=k, content_block={"type": "thinking", "thinking": "", "signature": ""})
-    yield event("content_block_delta", index=k, delta={"type": "thinking_delta", "thinking": thinking})
-    yield event("content_block_delta", index=k, delta={"type": "signature_delta", "signature": ""})
-    yield event("content_block_stop", index=k)
+def _thinking_open(event, k: int) -> str:
+    return event("content_block_start", index=k, content_block={"type": "thinking", "thinking": "", "signature": ""})
+
+
+def _thinking_delta(event, k: int, text: str) -> str:
+    return event("content_block_delta", index=k, delta={"type": "thinking_delta", "thinking": text})
+
+
+def _thinking_close(event, k: int) -> tuple[str, str]:
+    """A thinking block's end: its (empty: nothing here checks one) signature, then the stop."""
+    return (event("content_block_delta", index=k, delta={"type": "signature_delta", "signature": ""}),
+            event("content_block_stop", index=k))
 
 
 __all__ = ["MessagesRequest", "CountTokensRequest", "create_message", "count_tokens", "to_chat", "error_body"]

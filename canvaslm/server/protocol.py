@@ -21,6 +21,7 @@ from ..tokenizer import tool_arguments_as_objects
 # encode_chat arguments that chat_template_kwargs may not set: each has its own request field
 TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "continue_final_message"})
 GUIDED = ("guided_json", "guided_choice", "guided_regex", "guided_grammar")  # vLLM's names for constrained output
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's; the first two: no thinking
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI
 INT64 = 2**63 - 1
@@ -237,7 +238,7 @@ class ChatCompletionRequest(_Common):
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM's: more variables for the template")
     include_reasoning: bool = Field(True, description="vLLM's: false leaves the thought out of the reply (it is "
                                     "still kept out of the content)")
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+    reasoning_effort: Literal[REASONING_EFFORTS] | None = Field(
         None, description="OpenAI's: thinking mode (the template's enable_thinking) off for none / minimal, on "
         "otherwise, unless chat_template_kwargs sets enable_thinking")
 
@@ -326,7 +327,6 @@ class ReasoningItem(BaseModel):
     type: Literal["reasoning"]
 
 
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 REASONING_SUMMARIES = ("auto", "concise", "detailed")
 ENCRYPTED_INCLUDE = "reasoning.encrypted_content"
 
@@ -393,9 +393,9 @@ class ResponsesRequest(_Strict):
 
     def unsupported(self) -> tuple[str, str] | None:
         r = self.reasoning or {}
-        if set(r) - {"effort", "summary", "generate_summary"}:
-            return "reasoning", f"reasoning keys {sorted(set(r) - {'effort', 'summary', 'generate_summary'})} are " \
-                                "not supported (effort, summary)"
+        unknown = sorted(set(r) - {"effort", "summary", "generate_summary"})
+        if unknown:
+            return "reasoning", f"reasoning keys {unknown} are not supported (effort, summary)"
         if r.get("effort") not in (None, *REASONING_EFFORTS):
             return "reasoning", f"reasoning.effort {r['effort']!r}: expected one of {list(REASONING_EFFORTS)}"
         for key in ("summary", "generate_summary"):

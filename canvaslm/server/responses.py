@@ -242,11 +242,7 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
 
             def close_thought():
                 items.append(reasoning_item(thought, rs_id))
-                yield event("response.reasoning_text.done", item_id=rs_id, output_index=0, content_index=0,
-                            text=thought)
-                yield event("response.content_part.done", item_id=rs_id, output_index=0, content_index=0,
-                            part=items[0]["content"][0])
-                yield event("response.output_item.done", output_index=0, item=items[0])
+                return _reasoning_closed(event, 0, items[0])
 
             def open_message():
                 yield event("response.output_item.added", output_index=len(items), item={
@@ -260,13 +256,10 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                     if kind == "reasoning" and not started:
                         if thought is None:
                             thought = ""
-                            yield event("response.output_item.added", output_index=0,
-                                        item={**reasoning_item("", rs_id, "in_progress"), "content": []})
-                            yield event("response.content_part.added", item_id=rs_id, output_index=0, content_index=0,
-                                        part={"type": "reasoning_text", "text": ""})
+                            for line in _reasoning_opened(event, 0, rs_id):
+                                yield line
                         thought += payload
-                        yield event("response.reasoning_text.delta", item_id=rs_id, output_index=0, content_index=0,
-                                    delta=payload)
+                        yield _reasoning_delta(event, 0, rs_id, payload)
                     elif kind == "delta" and payload:
                         if not started:
                             for line in (close_thought() if thought is not None else ()):
@@ -301,20 +294,33 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
         yield event("error", code=e.code or e.type, message=e.message, param=e.param)
 
 
+def _reasoning_opened(event, k: int, item_id: str) -> tuple[str, str]:
+    """A reasoning item's first events: the item (in progress, empty) and its reasoning_text part."""
+    return (event("response.output_item.added", output_index=k,
+                  item={**reasoning_item("", item_id, "in_progress"), "content": []}),
+            event("response.content_part.added", item_id=item_id, output_index=k, content_index=0,
+                  part={"type": "reasoning_text", "text": ""}))
+
+
+def _reasoning_delta(event, k: int, item_id: str, text: str) -> str:
+    return event("response.reasoning_text.delta", item_id=item_id, output_index=k, content_index=0, delta=text)
+
+
+def _reasoning_closed(event, k: int, item: dict) -> tuple[str, str, str]:
+    """A reasoning item's last events: its text, its part and the item, done."""
+    part = item["content"][0]
+    return (event("response.reasoning_text.done", item_id=item["id"], output_index=k, content_index=0,
+                  text=part["text"]),
+            event("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part),
+            event("response.output_item.done", output_index=k, item=item))
+
+
 def _item_events(event, k: int, item: dict):
     """The added / delta / done events of one whole output item."""
     if item["type"] == "reasoning":
-        part = item["content"][0]
-        yield event("response.output_item.added", output_index=k, item={**item, "status": "in_progress",
-                                                                          "content": []})
-        yield event("response.content_part.added", item_id=item["id"], output_index=k, content_index=0,
-                    part={**part, "text": ""})
-        yield event("response.reasoning_text.delta", item_id=item["id"], output_index=k, content_index=0,
-                    delta=part["text"])
-        yield event("response.reasoning_text.done", item_id=item["id"], output_index=k, content_index=0,
-                    text=part["text"])
-        yield event("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
-        yield event("response.output_item.done", output_index=k, item=item)
+        yield from _reasoning_opened(event, k, item["id"])
+        yield _reasoning_delta(event, k, item["id"], item["content"][0]["text"])
+        yield from _reasoning_closed(event, k, item)
         return
     if item["type"] == "function_call":
         yield event("response.output_item.added", output_index=k, item={**item, "arguments": "",

@@ -440,6 +440,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     constraint = build_constraint(state, body)
     seed = body.seed if body.seed is not None else random.randrange(2**63)
     choices, stops = [], body.stop_list()
+    thoughts = state.thoughts if hasattr(body, "messages") else None  # chat replies only
     if body.min_tokens and (constraint is not None or auto_tools(body)):
         raise APIError(400, "min_tokens cannot be combined with a constrained output or tools (they decide where "
                             "the output ends)", "min_tokens")
@@ -454,7 +455,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
                                     state.adapter(body.model))
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
                                   skip_special=body.skip_special_tokens,
-                                  thoughts=state.thoughts if hasattr(body, "messages") else None)
+                                  thoughts=thoughts)
             choices.append(Choice(len(choices), req, p_index, tracker))
     return choices
 

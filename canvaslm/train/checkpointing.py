@@ -122,10 +122,8 @@ def _merged_copy(model):
         plain = DiffusionGemma(model.cfg)
     plain.load_state_dict(merged_state_dict(model), assign=True)
     plain.rotary = Rotary(model.cfg)
-    for attr in ("carried_tensors", "carried_files"):
-        if getattr(model, attr, None) is None:
-            setattr(model, attr, {})
-        setattr(plain, attr, getattr(model, attr))
+    for attr in ("carried_tensors", "carried_files"):  # the same dicts: a model with none has nothing to repoint
+        setattr(plain, attr, getattr(model, attr, {}))
     return plain
 
 
