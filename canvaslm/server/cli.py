@@ -170,7 +170,7 @@ def _run_batch(args) -> int:
 
     from .batch import read_requests, run_batch_file
     from .launch import build_state
-    from .vllm_compat import generation_defaults
+    from .vllm_compat import apply_chat_flags, generation_defaults
 
     read_requests(Path(args.input))  # a missing or empty file fails before the model loads
     adapters = _adapters(args)
@@ -180,7 +180,7 @@ def _run_batch(args) -> int:
                         served_model_name=args.served_model_name, quantization=args.quantization,
                         lora_modules=adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                         defaults=defaults)
-    for note in notes + state.engine.notes:
+    for note in notes + apply_chat_flags(state, args) + state.engine.notes:
         print(f"canvaslm: {note}", flush=True)
     try:
         counts = run_batch_file(state, args.input, args.output, args.concurrency)
@@ -196,7 +196,7 @@ def _serve(args) -> int:
 
     from .app import build_app
     from .launch import build_state
-    from .vllm_compat import generation_defaults
+    from .vllm_compat import apply_chat_flags, generation_defaults
 
     adapters = _adapters(args)  # the cheap checks first: resolving a repo id may download it
     _resolve_model(args)
@@ -215,26 +215,11 @@ def _serve(args) -> int:
     if template is not None:
         state.tokenizer.set_chat_template(template, args.chat_template)
     state.allowed_origins = args.allowed_origins
-    state.reasoning = args.reasoning_parser != "none"
-    from .protocol import TEMPLATE_RESERVED
-
-    defaults_kw = args.default_chat_template_kwargs or {}
-    reserved = sorted(TEMPLATE_RESERVED & set(defaults_kw))
-    if reserved:
-        state.engine.shutdown()
-        raise ValueError(f"--default-chat-template-kwargs may not set {reserved[0]}; it has its own request field")
-    if state.tokenizer is not None:
-        state.tokenizer.template_defaults = dict(defaults_kw)
     state.embedding_pooling = args.embedding_pooling
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     loras = f", LoRA adapters {sorted(state.loras)}" if state.loras else ""
-    if state.thoughts is not None:
-        notes.append("chat replies' thought channels go to reasoning_content (--reasoning-parser none keeps them "
-                     "in the text)")
-    if defaults_kw:
-        notes.append("chat template defaults: " + ", ".join(f"{k}={v!r}" for k, v in defaults_kw.items()))
-    for note in notes + state.engine.notes:
+    for note in notes + apply_chat_flags(state, args) + state.engine.notes:
         print(f"canvaslm: {note}", flush=True)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_batch={config.max_batch}, max_model_len={state.max_model_len}{loras})", flush=True)

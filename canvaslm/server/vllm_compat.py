@@ -103,9 +103,14 @@ def generation_defaults(args, model_dir) -> tuple:
     ValueError naming the flag for anything it cannot honour, before the model loads."""
     from ..config import ConfigError, DiffusionParams, ModelConfig
 
+    from .protocol import TEMPLATE_RESERVED
+
     if args.tensor_parallel_size != 1:
         raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: canvaslm runs on one device; use 1 "
                          "(--quantization int4 fits the 26B-A4B model on a 24 GB GPU)")
+    reserved = sorted(TEMPLATE_RESERVED & set(args.default_chat_template_kwargs or {}))
+    if reserved:
+        raise ValueError(f"--default-chat-template-kwargs may not set {reserved[0]}; it has its own request field")
     notes = []
     source = args.generation_config
     if source == "auto":
@@ -143,4 +148,20 @@ def generation_defaults(args, model_dir) -> tuple:
     return defaults, notes
 
 
-__all__ = ["add_vllm_args", "generation_defaults", "SAMPLER_KEYS"]
+def apply_chat_flags(state, args) -> list[str]:
+    """Put --default-chat-template-kwargs and --reasoning-parser on a built server state (checked by
+    generation_defaults before the model loaded); -> the notes to print."""
+    state.reasoning = args.reasoning_parser != "none"
+    template_defaults = args.default_chat_template_kwargs or {}
+    if state.tokenizer is not None:
+        state.tokenizer.template_defaults = dict(template_defaults)
+    notes = []
+    if state.thoughts is not None:
+        notes.append("chat replies' thought channels go to reasoning_content (--reasoning-parser none keeps them "
+                     "in the text)")
+    if template_defaults:
+        notes.append("chat template defaults: " + ", ".join(f"{k}={v!r}" for k, v in template_defaults.items()))
+    return notes
+
+
+__all__ = ["add_vllm_args", "generation_defaults", "apply_chat_flags", "SAMPLER_KEYS"]

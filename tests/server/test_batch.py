@@ -81,3 +81,17 @@ def test_bad_input_files_fail_before_the_model_loads(tmp_path, tiny_checkpoint):
     for path, words in [(tmp_path / "missing.jsonl", "does not exist"), (empty, "holds no requests")]:
         proc = run_cli(tiny_checkpoint, "-i", path, "-o", out, timeout=120)
         assert proc.returncode != 0 and words in proc.stderr and not out.exists()
+
+
+def test_run_batch_takes_the_chat_template_flags(tiny_checkpoint, tmp_path):
+    """run-batch takes vLLM's serve flags too: --default-chat-template-kwargs reaches the template (said at start),
+    and a reserved name is refused before the model loads."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(line("c", "/v1/chat/completions", {**CHAT, "seed": 1}) + "\n")
+    proc = run_cli(tiny_checkpoint, "-i", src, "-o", out, "--served-model-name", "tiny",
+                   "--default-chat-template-kwargs", '{"greeting": "ahoy"}')
+    assert proc.returncode == 0 and "chat template defaults: greeting='ahoy'" in proc.stdout, proc.stderr
+    refused = run_cli(tiny_checkpoint, "-i", src, "-o", tmp_path / "x.jsonl",
+                      "--default-chat-template-kwargs", '{"messages": []}')
+    assert refused.returncode == 2 and "--default-chat-template-kwargs may not set messages" in refused.stderr
+    assert not (tmp_path / "x.jsonl").exists()
