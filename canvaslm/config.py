@@ -74,6 +74,12 @@ class ModelConfig:
     bos_token_id: int | None = 2
     eos_token_ids: tuple[int, ...] = (1,)
     has_vision: bool = False
+    # images: the placeholder token the vision tower's soft tokens replace, the tokens around each image,
+    # and whether an image's soft tokens see each other both ways in the encoder ("vision") or causally
+    image_token_id: int | None = None
+    boi_token_id: int | None = None
+    eoi_token_id: int | None = None
+    bidirectional_vision: bool = False
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the config.json as read
 
     def __post_init__(self):
@@ -194,7 +200,10 @@ class ModelConfig:
                 final_logit_softcapping=text.get("final_logit_softcapping", 30.0),
                 attention_bias=bool(text.get("attention_bias", False)),
                 pad_token_id=text.get("pad_token_id", 0), bos_token_id=text.get("bos_token_id", 2),
-                eos_token_ids=eos, has_vision=cfg.get("vision_config") is not None, raw=cfg,
+                eos_token_ids=eos, has_vision=cfg.get("vision_config") is not None,
+                image_token_id=cfg.get("image_token_id", 258_880), boi_token_id=cfg.get("boi_token_id", 255_999),
+                eoi_token_id=cfg.get("eoi_token_id", 258_882),
+                bidirectional_vision=text.get("use_bidirectional_attention") == "vision", raw=cfg,
             )
         except ConfigError as e:
             raise ConfigError(str(e).replace("config.json", source, 1)) from None

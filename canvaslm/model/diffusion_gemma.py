@@ -146,14 +146,37 @@ class DiffusionGemma(nn.Module):
         return self.text.norm(h)
 
     # --- the two modes -------------------------------------------------------------------------
+    @staticmethod
+    def image_blocks(image_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] id of the image each token belongs to (-1 = text): a run of consecutive image tokens is
+        one image, whose soft tokens see each other both ways in the encoder when the config says
+        `use_bidirectional_attention: vision` (so an image must be encoded in one call)."""
+        starts = image_mask.clone()
+        starts[:, 1:] &= ~image_mask[:, :-1]
+        return torch.where(image_mask, starts.long().cumsum(1), -1)
+
+    def embed_prompt(self, tokens: torch.Tensor, image_embeds: torch.Tensor | None = None,
+                     image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the positions of `image_mask` [B, T] replaced, in row-major order, by the
+        rows of `image_embeds` [n, d] (the vision tower's soft tokens, not scaled by sqrt(d))."""
+        h = self.embed(tokens)
+        if image_embeds is None:
+            return h
+        return h.masked_scatter(image_mask[..., None], image_embeds.to(h.dtype))
+
     def encode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache,
-               write: bool = True, fresh: bool = False, max_position: int | None = None) -> torch.Tensor:
+               write: bool = True, fresh: bool = False, max_position: int | None = None,
+               image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal pass over new tokens [B, T] at absolute positions [B, T] (-1 = padding); writes
         their K/V into the cache slots and returns final-normed hidden states [B, T, d].
         fresh: the slots start over (what they held is forgotten) and attention skips their empty
         cache rows instead of reading and masking them (a first prefill, every training step).
         max_position: positions.max() when the caller knows it on the host (saves a device sync, and
-        full layers then read only the cache columns below it: KVCache.span)."""
+        full layers then read only the cache columns below it: KVCache.span).
+        image_embeds, image_mask: [n, d] soft tokens for the n True positions of the bool [B, T] mask (image
+        placeholders of the prompt; the caller checks the count and keeps each image inside one call)."""
+        if (image_embeds is None) != (image_mask is None):
+            raise ValueError("encode: image_embeds and image_mask go together")
         upto = None
         if cache is not None:
             cache.check_fits(positions, max_position)
@@ -166,9 +189,10 @@ class DiffusionGemma(nn.Module):
             old = {t: positions.new_full((positions.shape[0], 0), -1) for t in set(self.cfg.layer_types)}
         if self.lora_serving is not None:
             self.lora_serving.select(slots, "encode")
-        ctx = AttnContext("encode", positions, slots, cache, old, write=write, upto=upto)
+        blocks = self.image_blocks(image_mask) if image_mask is not None and self.cfg.bidirectional_vision else None
+        ctx = AttnContext("encode", positions, slots, cache, old, write=write, upto=upto, blocks=blocks)
         scalars = [m.layer_scalar for m in self.model.encoder.language_model.layers]
-        h = self._run_layers(self.embed(tokens), positions, ctx, scalars)
+        h = self._run_layers(self.embed_prompt(tokens, image_embeds, image_mask), positions, ctx, scalars)
         if cache is not None and write:
             cache.commit_positions(slots, positions)
         return h

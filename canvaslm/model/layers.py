@@ -88,6 +88,7 @@ class AttnContext:
     canvas_start: torch.Tensor | None = None
     write: bool = True
     upto: int | None = None  # full layers read only this many leading cache columns (KVCache.span)
+    blocks: torch.Tensor | None = None  # [B, T] encode only: image run id per new token (-1 = text)
 
 
 def attention_mask(ctx: AttnContext, layer_type: str, window: int) -> torch.Tensor:
@@ -101,6 +102,9 @@ def attention_mask(ctx: AttnContext, layer_type: str, window: int) -> torch.Tens
             m = (k >= 0) & (k <= q)
             return m & (k > q - window) if sliding else m
         m_old, m_new = visible(old), visible(new)
+        if ctx.blocks is not None:  # the soft tokens of one image see each other both ways
+            b = ctx.blocks
+            m_new = m_new | ((b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0))
         # a padding query sees itself, so no row is empty (an all-masked row would make NaNs)
         m_new = m_new | torch.eye(q.shape[1], dtype=torch.bool, device=q.device)
     else:
