@@ -20,6 +20,7 @@ import torch
 
 from .config import DiffusionParams
 from .kv_cache import KVCache
+from .multimodal import encoder_images
 from .sampling import logit_bias
 from .sampling.penalties import penalty_state
 from .sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
@@ -42,6 +43,7 @@ class RowRequest:
     logit_bias: tuple = ()  # ((token id, bias), ...): sampling.logit_bias
     min_tokens: int = 0  # no EOS (eos_ids) before this many output tokens (sampling.logit_bias.ban_before)
     lora: int = 0  # served LoRA adapter id (lora_serving; 0: the base model)
+    images: object | None = None  # multimodal.ImageInputs: soft tokens for the prompt's image positions
 
 
 @dataclass
@@ -114,7 +116,10 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
     for b, r in enumerate(rows):
         tokens[b, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         positions[b, :len(r.prompt_ids)] = torch.arange(len(r.prompt_ids))
-    model.encode(tokens.to(device), positions.to(device), slots, cache, fresh=True)
+    image_embeds, image_mask = encoder_images([(b, r.images, 0, len(r.prompt_ids)) for b, r in enumerate(rows)],
+                                              B, max_prompt, device)
+    model.encode(tokens.to(device), positions.to(device), slots, cache, fresh=True, image_embeds=image_embeds,
+                 image_mask=image_mask)
 
     sp = SamplerParams.build([r.params for r in rows], device)
     depth = max(r.params.stability_threshold for r in rows)

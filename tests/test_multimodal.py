@@ -107,3 +107,103 @@ def test_image_blocks_are_runs_of_image_tokens():
 
     m = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
     assert DiffusionGemma.image_blocks(m).tolist() == [[-1, 1, 1, -1, 2, -1], [1, 1, 1, 1, -1, -1]]
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def fake_images(ids, d, seed, digest_base="img"):
+    """ImageInputs for the IMG runs of `ids` with random soft tokens (what the vision tower would give)."""
+    from canvaslm.multimodal import ImageInputs, _spans
+
+    pos = [i for i, t in enumerate(ids) if t == IMG]
+    spans = _spans(pos)
+    emb = torch.randn(len(pos), d, generator=torch.Generator().manual_seed(seed)) * 3
+    return ImageInputs(emb, tuple(pos), tuple(spans), tuple(f"{digest_base}{k}" for k in range(len(spans))))
+
+
+class Served:
+    """Scheduler + Runner on the multimodal model, one batch of requests at a time; records the plans."""
+
+    def __init__(self, llm, prefill_chunk, caching=False, slots=2, max_model_len=128):
+        from canvaslm.engine.runner import Runner
+        from canvaslm.engine.scheduler import Scheduler
+
+        self.llm, self.n, self.plans = llm, 0, []
+        self.runner = Runner(llm.model, num_slots=slots, max_model_len=max_model_len, prefix_caching=caching)
+        self.sched = Scheduler(slots, slots * max_model_len, slots, prefill_chunk, llm.cfg.canvas_length,
+                               prefix_caching=caching)
+
+    def run(self, specs):
+        from canvaslm.engine.request import RequestState
+
+        states = []
+        for ids, images, sp in specs:
+            p = sp.resolve(self.llm.defaults)
+            st = RequestState(f"r{self.n}", tuple(ids), p.max_new_tokens, self.llm.cfg.canvas_length,
+                              p.max_denoising_steps, images=images)
+            self.n += 1
+            self.sched.add(st)
+            self.runner.add(st.request_id, p, sp.seed, self.llm.eos_ids, images=images)
+            states.append(st)
+        while (plan := self.sched.plan()) is not None:
+            self.plans.append(plan)
+            self.sched.update(plan, self.runner.execute(plan).result)
+        for st in states:
+            self.runner.remove(st.request_id)
+        return states
+
+
+@pytest.fixture(scope="module")
+def mm_llm(tmp_path_factory):
+    from canvaslm.llm import LLM
+
+    out = tmp_path_factory.mktemp("mm_llm")
+    build_mm_reference(out, bidirectional=True, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LLM(out, device="cpu")
+    torch.set_num_threads(threads)
+
+
+def test_the_engine_keeps_an_image_in_one_encoder_call_and_matches_generate(mm_llm):
+    from canvaslm.generate import RowRequest, generate_rows
+    from canvaslm.llm import SamplingParams
+
+    llm = mm_llm
+    ids = image_prompt([6, 5], text_len=5, seed=1)  # chunks of 8: both images straddle a chunk boundary
+    images = fake_images(ids, llm.cfg.hidden_size, seed=4)
+    sp = SamplingParams(seed=3, max_new_tokens=2 * llm.cfg.canvas_length, max_denoising_steps=4)
+    served = Served(llm, prefill_chunk=8)
+    (state,) = served.run([(ids, images, sp)])
+    cuts = [(i.start, i.end) for p in served.plans for i in p.encode if i.kind == "prefill"]
+    assert cuts[0][0] == 0 and cuts[-1][1] == len(ids)
+    for start, end in cuts:  # no call cuts an image in two
+        assert not any(a < end < b for a, b in images.spans), (cuts, images.spans)
+    assert any(end - start > 8 for start, end in cuts)  # a chunk grew to hold an image
+    row = RowRequest(ids, sp.resolve(llm.defaults), llm.eos_ids, llm.pad_id, images=images)
+    want = generate_rows(llm.model, [row], [torch.Generator().manual_seed(3)])[0]
+    assert list(state.output_ids) == want.token_ids
+    # and the images changed the output: the same prompt with other soft tokens writes something else
+    other = RowRequest(ids, sp.resolve(llm.defaults), llm.eos_ids, llm.pad_id,
+                       images=fake_images(ids, llm.cfg.hidden_size, seed=5))
+    assert generate_rows(llm.model, [other], [torch.Generator().manual_seed(3)])[0].token_ids != want.token_ids
+
+
+def test_prefix_caching_tells_images_apart(mm_llm):
+    from canvaslm.llm import SamplingParams
+
+    llm = mm_llm
+    ids = image_prompt([6], text_len=17, seed=2)  # two whole text chunks before the image
+    first = ids.index(IMG)
+    sp = SamplingParams(seed=1, max_new_tokens=llm.cfg.canvas_length, max_denoising_steps=3)
+    x, y = fake_images(ids, llm.cfg.hidden_size, 6, "x"), fake_images(ids, llm.cfg.hidden_size, 7, "y")
+    served = Served(llm, prefill_chunk=8, caching=True, slots=1)
+    a = served.run([(ids, x, sp)])[0]
+    b = served.run([(ids, y, sp)])[0]  # same tokens, another image: only the text before it is shared
+    assert 0 < b.cached_len <= first
+    c = served.run([(ids, y, sp)])[0]  # the same image again: the whole prompt is reused
+    assert c.cached_len == len(ids)
+    assert c.output_ids == b.output_ids
+    fresh = Served(llm, prefill_chunk=8).run([(ids, y, sp)])[0]
+    assert b.output_ids == fresh.output_ids and a.cached_len == 0

@@ -24,7 +24,7 @@ class RequestStatus(enum.Enum):
 
 @dataclass(eq=False)  # identity semantics: two requests are never "equal" by value
 class RequestState:
-    """One generation request. The first eight fields come from the caller; the rest the scheduler owns."""
+    """One generation request. The first nine fields come from the caller; the rest the scheduler owns."""
 
     request_id: str
     prompt_ids: tuple[int, ...]
@@ -34,6 +34,9 @@ class RequestState:
     priority: int = 0  # lower is served first; ties (and aging) fall back to arrival order
     lora: int = 0  # served LoRA adapter id (0: the base model); KV is shared only within one adapter
     max_time: float | None = None  # latency budget in seconds from the first denoising step (None: none)
+    # multimodal.ImageInputs (duck-typed: `spans`, `prompt_key`): no chunk cuts an image, and prefix caching
+    # matches image positions by image, not by the placeholder id
+    images: object | None = None
 
     # --- owned by the scheduler ---
     arrival: int = -1  # position in the order of `Scheduler.add` calls
@@ -60,6 +63,11 @@ class RequestState:
             least = 0 if name == "max_new_tokens" else 1  # 0: prompt only (encode it, generate nothing)
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"request {self.request_id!r}: {name}={value!r}; expected an int >= {least}")
+
+    @property
+    def prompt_key(self) -> tuple:
+        """The prompt as prefix caching compares it."""
+        return self.prompt_ids if self.images is None else self.images.prompt_key(self.prompt_ids)
 
     @property
     def prompt_len(self) -> int:

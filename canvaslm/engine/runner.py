@@ -37,6 +37,7 @@ import torch
 
 from ..config import DiffusionParams
 from ..kv_cache import KVCache
+from ..multimodal import encoder_images
 from ..sampling import logit_bias as bias_lib
 from ..sampling.penalties import PenaltyState, penalty_state
 from ..sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
@@ -80,6 +81,7 @@ class _Request:
     lora: int = 0  # served LoRA adapter id (lora_serving), 0: the base model
     host_job: tuple | None = None  # (kind "mask" | "commit", canvas index, Future): constraint work in flight
     penalty: PenaltyState | None = None  # frequency / presence / repetition penalties (sampling.penalties)
+    images: object | None = None  # multimodal.ImageInputs: soft tokens for the prompt's image positions
 
 
 MIN_ROWS = 16  # see Runner._encode
@@ -132,9 +134,10 @@ class Runner:
 
     def add(self, request_id: str, params: DiffusionParams, seed: int, eos_ids, constraint=None,
             drafts: bool = False, logit_bias: tuple = (), min_tokens: int = 0, lora: int = 0,
-            prompt_ids=None) -> None:
+            prompt_ids=None, images=None) -> None:
         """Register a request before the scheduler plans it. lora: a served adapter's id (0: none).
-        prompt_ids: what a repetition penalty counts besides the output (needed when it is set)."""
+        prompt_ids: what a repetition penalty counts besides the output (needed when it is set).
+        images: multimodal.ImageInputs for the prompt's image positions."""
         if request_id in self.requests:
             raise RunnerError(f"request id {request_id!r} is already registered with the runner")
         if params.stability_threshold > self.history_depth:
@@ -163,7 +166,7 @@ class Runner:
             except ValueError as e:
                 raise RunnerError(f"request {request_id!r}: {e}") from None
         req = self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts, bias=bias,
-                                                   min_tokens=min_tokens, lora=lora, penalty=penalty)
+                                                   min_tokens=min_tokens, lora=lora, penalty=penalty, images=images)
         if constraint is not None:
             self._start_mask(req, 0)
 
@@ -351,8 +354,12 @@ class Runner:
         meta = torch.tensor([[i.slot for i in items] + [self.num_slots] * (B - n),  # one transfer: [2, B]
                              [i.num_tokens - 1 for i in items] + [0] * (B - n)], device=self.device)
         slots, last = meta[0], meta[1, :n]
+        image_embeds, image_mask = encoder_images(
+            [(b, getattr(self.requests.get(i.request_id), "images", None), i.start, i.end)
+             for b, i in enumerate(items) if i.kind == "prefill"], B, T, self.device)
         hidden = self.model.encode(tokens, positions.to(self.device), slots, self.cache, fresh=fresh,
-                                   max_position=max(i.end for i in items) - 1)  # [B, T, d]
+                                   max_position=max(i.end for i in items) - 1, image_embeds=image_embeds,
+                                   image_mask=image_mask)  # [B, T, d]
         # each row's last position: the state that scores what follows it (prompt_head)
         self.last_hidden.index_copy_(0, slots[:n], hidden[torch.arange(n, device=self.device), last].to(self.dtype))
         for item in items:

@@ -328,13 +328,13 @@ class Scheduler:
     def _digest(self, r: RequestState) -> tuple[int, ...]:
         d = self._digests.get(r.request_id)
         if d is None:
-            d = self._digests[r.request_id] = chunk_digest(r.prompt_ids, self.prefill_chunk)
+            d = self._digests[r.request_id] = chunk_digest(r.prompt_key, self.prefill_chunk)
         return d
 
     def _best_source(self, request: RequestState):
         """Where the request's prompt prefix can come from: (slot, L, running) with the largest L, None
         if nowhere, or "wait" when a request still prefilling will have encoded more of it."""
-        prompt, digest = request.prompt_ids, self._digest(request)
+        prompt, digest = request.prompt_key, self._digest(request)
         best = max(((s, self._restorable(s, self._slot_written[s],
                                          self._match(*self._slot_prompt[s], prompt, digest, request.lora)), False)
                     for s in self._free_slots),
@@ -343,17 +343,17 @@ class Scheduler:
         for q in self._running.values():
             qd = self._digest(q)
             now = self._restorable(q.slot, self._written(q),
-                                   self._match(q.prompt_ids, q.prefilled_len, qd, q.lora, prompt, digest, request.lora))
+                                   self._match(q.prompt_key, q.prefilled_len, qd, q.lora, prompt, digest, request.lora))
             if best is None or now > best[1]:
                 best = (q.slot, now, True)
             if q.needs_prefill:
                 pending = max(pending, self._restorable(q.slot, q.prompt_len, self._match(
-                    q.prompt_ids, q.prompt_len, qd, q.lora, prompt, digest, request.lora)))
+                    q.prompt_key, q.prompt_len, qd, q.lora, prompt, digest, request.lora)))
         if pending > (best[1] if best else 0):
             return "wait"
         if best is None or best[1] == 0:
             return None
-        held = self._slot_prompt[best[0]][0] if not best[2] else self._running_in(best[0]).prompt_ids
+        held = self._slot_prompt[best[0]][0] if not best[2] else self._running_in(best[0]).prompt_key
         if held[:best[1]] != prompt[:best[1]]:  # digests matched but the tokens differ (a hash collision)
             return None
         return best
@@ -477,6 +477,8 @@ class Scheduler:
             return EncodeItem(r.request_id, r.slot, "commit", start, start + r.canvas_length, final=r.out_of_time)
         start = r.prefilled_len
         end = min(r.prompt_len, start + self.prefill_chunk)
+        if r.images is not None:  # an image is encoded in one call (its tokens may see each other both ways)
+            end = r.images.chunk_end(start, end)
         return EncodeItem(r.request_id, r.slot, "prefill", start, end, r.prompt_ids[start:end])
 
     # ------------------------------------------------------------------ results
@@ -598,9 +600,11 @@ class Scheduler:
         if request.finish_reason == "error":
             self._slot_prompt[request.slot] = ((), 0, (), 0)
         else:
-            self._slot_prompt[request.slot] = (request.prompt_ids, request.prefilled_len, self._digest(request),
+            self._slot_prompt[request.slot] = (request.prompt_key, request.prefilled_len, self._digest(request),
                                                request.lora)
         # a request cancelled while a step ran may have written one more chunk or canvas than it counts
-        extra = max(self.prefill_chunk, self.canvas_length) if request.finish_reason == "cancelled" else 0
+        longest = max(self.prefill_chunk + max((b - a for a, b in request.images.spans), default=0)
+                      if request.images is not None else self.prefill_chunk, self.canvas_length)
+        extra = longest if request.finish_reason == "cancelled" else 0
         self._slot_written[request.slot] = self._written(request) + extra
         self._slot_freed_at[request.slot] = next(self._releases)

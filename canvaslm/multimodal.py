@@ -1,0 +1,201 @@
+"""Images in prompts: from user images to the placeholder ids and soft tokens the encoder reads.
+
+A prompt names each image with one image token (the tokenizer's `<|image|>`, `ModelConfig.image_token_id`),
+as the Gemma 4 processor expects. `Vision.prepare` loads and preprocesses the images (`canvaslm.images`),
+expands each placeholder into `boi + image_token * n + eoi` (n: the image's soft tokens) and runs the vision
+tower, loaded from the checkpoint's own tensors on first use (`model.carried_tensors`), into an
+`ImageInputs`: the soft tokens in prompt order and where they go. The encoder puts them in place of the
+placeholder embeddings and, when the config says so, lets one image's tokens see each other both ways;
+whoever splits a prompt into encoder calls keeps each image in one call (`ImageInputs.spans`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IMAGE_PART_TYPES = ("image_url", "image", "input_image")
+
+
+class ImageError(ValueError):
+    """An image or an image prompt that cannot be used (bad data, wrong placeholder count, no vision)."""
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """A prompt's images, ready for the encoder."""
+
+    embeds: torch.Tensor  # [n, d] soft tokens of every image, in prompt order
+    positions: tuple[int, ...]  # the n prompt positions they replace (ascending)
+    spans: tuple[tuple[int, int], ...]  # each image's [start, end) run of positions
+    digests: tuple[str, ...]  # one per image (images.ProcessedImage.digest)
+
+    def rows(self, start: int, end: int) -> tuple[list[int], torch.Tensor]:
+        """The image positions in [start, end), as offsets from start, and their soft tokens."""
+        lo, hi = bisect.bisect_left(self.positions, start), bisect.bisect_left(self.positions, end)
+        return [p - start for p in self.positions[lo:hi]], self.embeds[lo:hi]
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """`end`, moved to the end of the image it would cut in two (an image is encoded in one call)."""
+        for a, b in self.spans:
+            if a < end < b and b > start:
+                return b
+        return end
+
+    def prompt_key(self, prompt_ids) -> tuple:
+        """The prompt as prefix caching compares it: each image token stands for (its image, its index),
+        so two prompts share KV only where they hold the same images."""
+        key = list(prompt_ids)
+        for (a, b), digest in zip(self.spans, self.digests):
+            for i in range(a, b):
+                key[i] = (digest, i - a)
+        return tuple(key)
+
+
+def _spans(positions: list[int]) -> list[tuple[int, int]]:
+    spans = []
+    for p in positions:
+        if spans and spans[-1][1] == p:
+            spans[-1] = (spans[-1][0], p + 1)
+        else:
+            spans.append((p, p + 1))
+    return spans
+
+
+def image_parts_to_placeholders(messages: list, placeholder: str) -> tuple[list, list]:
+    """Chat messages with every image part (OpenAI `image_url`, `image`, Responses `input_image`) turned
+    into a text part holding the image placeholder, and the images' sources in order."""
+    sources, out = [], []
+    for i, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, list):
+            out.append(msg)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in IMAGE_PART_TYPES:
+                parts.append(part)
+                continue
+            src = part.get(kind) if kind != "input_image" else part.get("image_url")
+            if isinstance(src, dict):
+                src = src.get("url")
+            if src is None and kind == "image":
+                src = part.get("image") or part.get("url")
+            if not isinstance(src, (str, bytes)) and not hasattr(src, "convert"):
+                raise ImageError(f"messages[{i}].content[{j}]: an {kind!r} part needs an image "
+                                 f"(e.g. {{'type': 'image_url', 'image_url': {{'url': 'data:image/png;base64,...'}}}})")
+            sources.append(src)
+            parts.append({"type": "text", "text": placeholder})
+        out.append({**msg, "content": parts})
+    return out, sources
+
+
+class Vision:
+    """Everything one model needs to take images: processor settings, the image token ids and the vision
+    tower, which loads on the first image (a text-only workload never pays for it)."""
+
+    def __init__(self, model, model_dir: str | Path | None, allowed_local_media_path: str | Path | None = None):
+        from .images import ImageProcessorConfig
+
+        self.model, self.cfg = model, model.cfg
+        self.allowed_local_media_path = allowed_local_media_path
+        self.processor = (ImageProcessorConfig.from_dir(model_dir) if model_dir is not None and Path(model_dir).is_dir()
+                          else ImageProcessorConfig())
+        self._tower, self._lock = None, threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        return bool(self.cfg.has_vision and getattr(self.model, "carried_tensors", None))
+
+    def _need(self) -> None:
+        if not self.cfg.has_vision:
+            raise ImageError("this model has no vision tower (config.json has no vision_config): it takes text only")
+        if not getattr(self.model, "carried_tensors", None):
+            raise ImageError("this model's checkpoint holds no vision tower weights (model.encoder.vision_tower.*), "
+                             "so it cannot read images")
+        if self.cfg.image_token_id is None or not 0 <= self.cfg.image_token_id < self.cfg.vocab_size:
+            raise ImageError(f"config.json: image_token_id={self.cfg.image_token_id} is outside the vocabulary")
+
+    def tower(self):
+        with self._lock:
+            if self._tower is None:
+                from .model.vision import load_vision_tower
+
+                w = self.model.embed_weight
+                self._tower = load_vision_tower(self.model.carried_tensors, self.cfg.raw, dtype=w.dtype,
+                                                device=w.device).eval()
+            return self._tower
+
+    def load(self, sources) -> list:
+        from .images import load_image, preprocess
+
+        out = []
+        for k, src in enumerate(sources):
+            try:
+                img = load_image(src, allowed_local_media_path=self.allowed_local_media_path)
+            except ValueError as e:
+                raise ImageError(f"image {k}: {e}") from None
+            out.append(preprocess(img, self.processor))
+        return out
+
+    @torch.no_grad()
+    def prepare(self, prompt_ids, sources) -> tuple[list[int], ImageInputs | None]:
+        """(prompt ids with every image expanded, ImageInputs). `prompt_ids` holds one image token per image
+        (or each image already expanded to its soft-token count, as `prepare` returns it)."""
+        ids = [int(t) for t in prompt_ids]
+        if not sources:
+            if self.cfg.image_token_id in ids:
+                raise ImageError(f"the prompt holds image tokens (id {self.cfg.image_token_id}) but no image was given")
+            return ids, None
+        self._need()
+        processed = self.load(sources)
+        ids = self._expand(ids, [p.num_soft_tokens for p in processed])
+        from .images import stack
+
+        pixels, pos = stack(processed)
+        tower = self.tower()
+        w = self.model.embed_weight
+        embeds = tower(pixels.to(w.device, w.dtype), pos.to(w.device))
+        positions = [i for i, t in enumerate(ids) if t == self.cfg.image_token_id]
+        if embeds.shape[0] != len(positions):
+            raise ImageError(f"the vision tower gave {embeds.shape[0]} soft tokens for {len(positions)} image "
+                             "positions")
+        return ids, ImageInputs(embeds, tuple(positions), tuple(_spans(positions)),
+                                tuple(p.digest for p in processed))
+
+    def _expand(self, ids: list[int], counts: list[int]) -> list[int]:
+        img = self.cfg.image_token_id
+        runs = _spans([i for i, t in enumerate(ids) if t == img])
+        if [b - a for a, b in runs] == counts and all(n > 1 for n in counts):
+            return ids  # already expanded (e.g. token ids from an earlier `prepare`)
+        n = sum(b - a for a, b in runs)
+        if n != len(counts):
+            raise ImageError(f"the prompt has {n} image placeholder token(s) (id {img}) for {len(counts)} image(s); "
+                             "put one image token where each image goes, in order")
+        from .images import expand_placeholders
+
+        return expand_placeholders(ids, counts, image_token_id=img, boi_id=self.cfg.boi_token_id,
+                                   eoi_id=self.cfg.eoi_token_id)
+
+
+def encoder_images(rows, B: int, T: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The `image_embeds` and `image_mask` [B, T] of one encoder call, from (batch row, ImageInputs or
+    None, first position, end position) per row that encodes prompt positions; (None, None) when no row
+    holds an image in its range."""
+    mask, parts = None, []
+    for b, images, start, end in sorted(rows, key=lambda r: r[0]):  # masked_scatter fills row-major
+        if images is None:
+            continue
+        off, emb = images.rows(start, end)
+        if off:
+            mask = torch.zeros(B, T, dtype=torch.bool) if mask is None else mask
+            mask[b, off] = True
+            parts.append(emb)
+    if mask is None:
+        return None, None
+    return torch.cat(parts).to(device), mask.to(device)
