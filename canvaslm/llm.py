@@ -167,6 +167,49 @@ class LLM:
             prompt = prompt.tolist()
         return [int(t) for t in prompt]
 
+    @property
+    def vision(self):
+        """multimodal.Vision: image prompts for this model (the vision tower loads on the first image)."""
+        v = getattr(self, "_vision", None)
+        if v is None:
+            from .multimodal import Vision
+            v = self._vision = Vision(self.model, self.model_dir if isinstance(self.model_dir, Path) else None)
+        return v
+
+    @property
+    def image_placeholder(self) -> str:
+        """The text that stands for one image in a prompt (the image token's string)."""
+        if self.tokenizer is None or self.cfg.image_token_id is None or self.cfg.image_token_id >= self.cfg.vocab_size:
+            return "<|image|>"
+        return self.tokenizer.id_to_token(self.cfg.image_token_id)
+
+    def prompt_with_images(self, prompt) -> tuple[list, object | None]:
+        """(prompt ids, multimodal.ImageInputs or None). A prompt with images is a dict, as vLLM takes it:
+        {"prompt": text or "prompt_token_ids": ids, "multi_modal_data": {"image": an image or a list}} with
+        one image token (the tokenizer's <|image|>) where each image goes; an image is a PIL image, bytes,
+        a data URL, base64, an http(s) URL or a path (multimodal.Vision.load)."""
+        if not isinstance(prompt, dict):
+            ids = self.encode_prompt(prompt)
+            if self.cfg.has_vision and self.cfg.image_token_id in ids:
+                raise GenerationError(f"the prompt holds image tokens (id {self.cfg.image_token_id}) but no image "
+                                      "was given: pass {'prompt': ..., 'multi_modal_data': {'image': ...}}")
+            return ids, None
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+        if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+            raise GenerationError("a prompt dict takes one of 'prompt' (text) and 'prompt_token_ids', and "
+                                  f"'multi_modal_data'; got keys {sorted(prompt)}")
+        ids = self.encode_prompt(prompt["prompt"] if "prompt" in prompt else prompt["prompt_token_ids"])
+        data = prompt.get("multi_modal_data") or {}
+        if set(data) - {"image"}:
+            raise GenerationError(f"multi_modal_data: only 'image' is supported, got {sorted(data)}")
+        images = data.get("image")
+        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        from .multimodal import ImageError
+        try:
+            return self.vision.prepare(ids, images)
+        except ImageError as e:
+            raise GenerationError(str(e)) from None
+
     def decode(self, ids: list) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
@@ -220,8 +263,8 @@ class LLM:
         if sp.min_tokens and c is not None:
             raise GenerationError("SamplingParams.min_tokens cannot be combined with a constraint (it fixes where "
                                   "the output ends)")
-        return RowRequest(self.encode_prompt(prompt), p, eos, self.pad_id, c, bias, sp.min_tokens or 0,
-                          self._lora_id(sp.lora))
+        ids, images = self.prompt_with_images(prompt)
+        return RowRequest(ids, p, eos, self.pad_id, c, bias, sp.min_tokens or 0, self._lora_id(sp.lora), images)
 
     def _lora_id(self, name: str | None, field: str = "SamplingParams.lora") -> int:
         if name is None:
@@ -338,14 +381,18 @@ class LLM:
 
         batch = bool(messages) and isinstance(messages[0], (list, tuple))
         shown = tools if tools and tool_choice != "none" else None
+        from .multimodal import image_parts_to_placeholders
+
         prompts = []
         for k, conversation in enumerate(messages if batch else [messages]):
             try:
-                prompts.append(self.tokenizer.encode_chat(
-                    tool_arguments_as_objects(list(conversation)), not continue_final_message, tools=shown,
-                    continue_final_message=continue_final_message, **(chat_template_kwargs or {})))
+                conversation, images = image_parts_to_placeholders(list(conversation), self.image_placeholder)
+                ids = self.tokenizer.encode_chat(
+                    tool_arguments_as_objects(conversation), not continue_final_message, tools=shown,
+                    continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
             except ValueError as e:
                 raise GenerationError(f"chat{f' (conversation {k})' if batch else ''}: {e}") from None
+            prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
         sps = _params_list(prompts, params)
 
         def calls(pairs):
@@ -508,8 +555,8 @@ def _prompt_list(prompts, attention_mask: torch.Tensor | None = None) -> list:
     attention_mask) -> a list of prompts."""
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
         return unpad(prompts, attention_mask)
-    single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                          and isinstance(prompts[0], int))
+    single = isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                                  and isinstance(prompts[0], int))
     return [prompts] if single else list(prompts)
 
 

@@ -207,3 +207,87 @@ def test_prefix_caching_tells_images_apart(mm_llm):
     assert c.output_ids == b.output_ids
     fresh = Served(llm, prefill_chunk=8).run([(ids, y, sp)])[0]
     assert b.output_ids == fresh.output_ids and a.cached_len == 0
+
+
+# ---------------------------------------------------------------- images end to end (vision tower included)
+
+
+def random_image(w, h, seed):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+@pytest.fixture(scope="module")
+def vision_checkpoint(tmp_path_factory):
+    import json
+
+    out = tmp_path_factory.mktemp("mm_vision")
+    ref = build_mm_reference(out, bidirectional=True, seed=4)
+    with torch.no_grad():  # a tower whose output is not ~constant, so the images matter
+        g = torch.Generator().manual_seed(9)
+        for n, p in ref.model.encoder.vision_tower.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    ref.save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"image_processor": {
+        "image_processor_type": "Gemma4ImageProcessor", "max_soft_tokens": 70, "patch_size": 16,
+        "pooling_kernel_size": 3}}))
+    return out, ref
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_llm_generate_with_images_matches_the_reference(vision_checkpoint, seed):
+    """Pixels in, tokens out: our processor, vision tower, placeholder expansion, masks and sampler against
+    the reference's generate given the same pixels."""
+    from canvaslm.images import preprocess, stack
+    from canvaslm.llm import LLM, SamplingParams
+
+    path, ref = vision_checkpoint
+    llm = LLM(path, device="cpu")
+    imgs = [random_image(70, 50, seed), random_image(40, 90, seed + 10)]
+    text = image_prompt([], text_len=4, seed=seed)
+    ids = text + [IMG] + text[:2] + [IMG] + text[:3]
+    C = llm.cfg.canvas_length
+    sp = SamplingParams(max_new_tokens=2 * C, max_denoising_steps=5, seed=seed)
+    got = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": imgs}}, sp)[0]
+    full = got.prompt_ids  # the placeholders expanded: boi + IMG * n + eoi per image
+    processed = [preprocess(im, llm.vision.processor) for im in imgs]
+    assert full.count(IMG) == sum(p.num_soft_tokens for p in processed) and full.count(BOI) == 2
+    pixels, pos = stack(processed)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([full]), pixel_values=pixels, image_position_ids=pos,
+                           mm_token_type_ids=torch.tensor([[int(t == IMG) for t in full]]),
+                           max_new_tokens=2 * C, max_denoising_steps=5)
+    want = out.sequences[0, len(full):].tolist()
+    cut = next((i for i, t in enumerate(want) if t in llm.eos_ids), None)
+    want = want if cut is None else want[:cut + 1]
+    shared = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": imgs}}, sp,
+                          generator=torch.Generator().manual_seed(seed))[0]  # the reference's batch generator
+    assert shared.token_ids == want
+    # through the serving engine (per-request generator): the same tokens as generate with that seed
+    assert llm.generate_continuous([{"prompt_token_ids": ids, "multi_modal_data": {"image": imgs}}], sp,
+                                   prefill_chunk=16)[0].token_ids == got.token_ids
+    other = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": imgs[::-1]}}, sp)[0]
+    assert other.token_ids != got.token_ids  # the pixels matter
+
+
+def test_image_prompt_errors_name_the_problem(vision_checkpoint):
+    from canvaslm.generate import GenerationError
+    from canvaslm.llm import LLM, SamplingParams
+
+    path, _ = vision_checkpoint
+    llm = LLM(path, device="cpu")
+    img = random_image(30, 30, 0)
+    sp = SamplingParams(max_new_tokens=4, max_denoising_steps=2)
+    with pytest.raises(GenerationError, match="2 image placeholder token.*for 1 image"):
+        llm.generate({"prompt_token_ids": [5, IMG, 6, IMG], "multi_modal_data": {"image": img}}, sp)
+    with pytest.raises(GenerationError, match="image tokens .* but no image was given"):
+        llm.generate([5, IMG, 6], sp)
+    with pytest.raises(GenerationError, match="image 0: image: "):
+        llm.generate({"prompt_token_ids": [5, IMG], "multi_modal_data": {"image": "data:image/png;base64,AAAA"}}, sp)
+    with pytest.raises(GenerationError, match="only 'image'"):
+        llm.generate({"prompt_token_ids": [5], "multi_modal_data": {"audio": b""}}, sp)
+    with pytest.raises(GenerationError, match="one of 'prompt'"):
+        llm.generate({"multi_modal_data": {"image": img}}, sp)
