@@ -56,6 +56,16 @@ class ImageInputs:
         return tuple(key)
 
 
+class ImagePrompt(list):
+    """Prompt ids with the sources of the images its placeholders stand for (one image token each), as a
+    chat template writes them; `Vision.prepare` turns them into the expanded ids and ImageInputs."""
+
+    def __init__(self, ids, sources):
+        super().__init__(ids)
+        self.sources = list(sources)
+        self.images: ImageInputs | None = None  # set once loaded (server.serving.load_images)
+
+
 def _spans(positions: list[int]) -> list[tuple[int, int]]:
     spans = []
     for p in positions:
@@ -139,7 +149,8 @@ class Vision:
             try:
                 img = load_image(src, allowed_local_media_path=self.allowed_local_media_path)
             except ValueError as e:
-                raise ImageError(f"image {k}: {e}") from None
+                msg = str(e)
+                raise ImageError(f"image {k}: {msg.removeprefix('image: ')}") from None
             out.append(preprocess(img, self.processor))
         return out
 

@@ -40,12 +40,10 @@ REFERENCE_CONFIGS = {
 }
 
 
-def build_reference(out_dir, name: str, seed: int = 0):
-    """Build, perturb (so norms/scales/layer scalars matter) and save a reference model; return it."""
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+def _perturbed(cfg, out_dir, seed: int):
+    """A reference model from `cfg`, perturbed (so norms/scales/layer scalars matter) and saved."""
+    from transformers import DiffusionGemmaForBlockDiffusion
 
-    spec = REFERENCE_CONFIGS[name]
-    cfg = DiffusionGemmaConfig(text_config=spec["text"], vision_config=VISION, canvas_length=spec["canvas_length"])
     torch.manual_seed(seed)
     ref = DiffusionGemmaForBlockDiffusion(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)
@@ -61,6 +59,29 @@ def build_reference(out_dir, name: str, seed: int = 0):
                 b.fill_(0.5 + torch.rand((), generator=g).item())
     ref.save_pretrained(out_dir)
     return ref
+
+
+def build_reference(out_dir, name: str, seed: int = 0):
+    """Build, perturb and save a reference model of one of REFERENCE_CONFIGS; return it."""
+    from transformers import DiffusionGemmaConfig
+
+    spec = REFERENCE_CONFIGS[name]
+    cfg = DiffusionGemmaConfig(text_config=spec["text"], vision_config=VISION, canvas_length=spec["canvas_length"])
+    return _perturbed(cfg, out_dir, seed)
+
+
+def build_mm_reference(out_dir, bidirectional: bool = True, seed: int = 0, vocab: int = 384,
+                       image_ids: tuple | None = None):
+    """A tiny reference DiffusionGemma that takes images: image / boi / eoi token ids inside its vocabulary
+    (default: the last three ids: image, then boi and eoi before it), perturbed and saved."""
+    from transformers import DiffusionGemmaConfig
+
+    spec = REFERENCE_CONFIGS["window8_canvas16"]
+    img, boi, eoi = image_ids or (vocab - 1, vocab - 3, vocab - 2)
+    text = dict(spec["text"], vocab_size=vocab, use_bidirectional_attention="vision" if bidirectional else None)
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=VISION, canvas_length=spec["canvas_length"],
+                               image_token_id=img, boi_token_id=boi, eoi_token_id=eoi)
+    return _perturbed(cfg, out_dir, seed)
 
 
 @pytest.fixture(scope="session", params=sorted(REFERENCE_CONFIGS))

@@ -60,6 +60,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template to use instead of the checkpoint's (or where it has none)")
     _add_lora_arg(p, updates=True)
+    _add_media_arg(p)
     p.add_argument("--embedding-pooling", choices=("mean", "last"), default="mean",
                    help="/v1/embeddings: the mean of the input's final hidden states, or the last token's")
     add_vllm_args(p)
@@ -81,6 +82,7 @@ def add_parser(subparsers) -> None:
     _add_store_arg(b)
     add_vllm_args(b)
     _add_lora_arg(b)
+    _add_media_arg(b)
     b.set_defaults(func=_run_batch)
 
 
@@ -122,6 +124,12 @@ def _add_store_arg(p) -> None:
                    help="prefix caching: sliding-layer positions kept per slot for reuse, i.e. how far behind "
                         "its last position a slot's prompt can still be reused (default: the sliding window "
                         "+ --prefill-chunk + 4 canvases, enough behind a 4-canvas reply)")
+
+
+def _add_media_arg(p) -> None:
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="image parts may name files under DIR (a path or file:// URL; vLLM's flag). Default: "
+                        "none, only data URLs, base64 and http(s) URLs")
 
 
 def _add_lora_arg(p, updates: bool = False) -> None:
@@ -179,7 +187,7 @@ def _run_batch(args) -> int:
     state = build_state(args.model_dir, args.device, args.dtype, _engine_config(args),
                         served_model_name=args.served_model_name, quantization=args.quantization,
                         lora_modules=adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                        defaults=defaults)
+                        defaults=defaults, allowed_local_media_path=args.allowed_local_media_path)
     for note in notes + apply_chat_flags(state, args) + state.engine.notes:
         print(f"canvaslm: {note}", flush=True)
     try:
@@ -206,7 +214,8 @@ def _serve(args) -> int:
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout,
                         lora_modules=adapters, lora_updates=args.enable_lora_updates, max_loras=args.max_loras,
-                        max_lora_rank=args.max_lora_rank, defaults=defaults)
+                        max_lora_rank=args.max_lora_rank, defaults=defaults,
+                        allowed_local_media_path=args.allowed_local_media_path)
     clash = sorted(set(getattr(args, "aliases", ())) & set(state.loras))
     if clash:
         state.engine.shutdown()

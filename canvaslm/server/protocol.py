@@ -12,7 +12,7 @@ needs a parser for the model's own call syntax, which this server does not have,
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -185,6 +185,20 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str = Field(min_length=1, max_length=1 << 26, description="a data: URL, an http(s) URL, base64, or a "
+                     "file path under --allowed-local-media-path")
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image gets the processor's size
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class FunctionCall(_Strict):
     name: str = Field(min_length=1, max_length=64)
     arguments: str = Field(max_length=1 << 20, description="the arguments as a JSON text")
@@ -219,7 +233,7 @@ class NamedToolChoice(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # an assistant turn's calls
     tool_call_id: str | None = Field(None, max_length=256)  # a tool turn: the call it answers
@@ -267,12 +281,14 @@ class ChatCompletionRequest(_Common):
                 "add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message}
 
-    def message_dicts(self) -> list[dict]:
-        """The messages as chat templates take them (transformers' convention): text content, and tool
-        call arguments as objects where the JSON text parses to one."""
+    def message_dicts(self, image_placeholder: str = "<|image|>") -> list[dict]:
+        """The messages as chat templates take them (transformers' convention): text content (an image part
+        becomes `image_placeholder`, the image token's text), and tool call arguments as objects where the
+        JSON text parses to one."""
         out = []
         for m in self.messages:
-            content = m.content if not isinstance(m.content, list) else "\n".join(p.text for p in m.content)
+            content = m.content if not isinstance(m.content, list) else "\n".join(
+                p.text if isinstance(p, TextPart) else image_placeholder for p in m.content)
             msg = {"role": m.role, "content": content or ""}
             if m.name is not None:
                 msg["name"] = m.name
@@ -283,6 +299,11 @@ class ChatCompletionRequest(_Common):
                 msg["tool_call_id"] = m.tool_call_id
             out.append(msg)
         return tool_arguments_as_objects(out)
+
+    def image_sources(self) -> list[str]:
+        """The URLs of the messages' image parts, in prompt order."""
+        return [p.image_url.url for m in self.messages if isinstance(m.content, list)
+                for p in m.content if isinstance(p, ImagePart)]
 
     def tool_dicts(self) -> list[dict] | None:
         """The tool declarations for the chat template; None when there are none, or when tool_choice="none"

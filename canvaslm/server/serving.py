@@ -22,6 +22,7 @@ from ..config import ConfigError, DiffusionParams
 from ..engine.engine import Commit, Draft, Engine, Finish, GenerationRequest
 from ..generate import GenerationError
 from ..llm import SamplingParams
+from ..multimodal import ImageError, ImagePrompt
 from ..sampling import logit_bias
 from .protocol import _Common
 from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
@@ -63,6 +64,15 @@ class ServerState:
     embedding_pooling: str = "mean"  # /v1/embeddings: "mean" over the input's tokens or its "last" token's
     aliases: tuple[str, ...] = ()  # more names of the base model (vLLM's --served-model-name A B ...)
     reasoning: bool = True  # read chat replies' thought channels where the tokenizer has them
+    vision: object | None = None  # multimodal.Vision: image prompts (None: a model served without one)
+
+    @property
+    def image_placeholder(self) -> str:
+        """The text a chat template gets for each image part (the image token's string)."""
+        v = self.vision
+        if self.tokenizer is None or v is None or not 0 <= (v.cfg.image_token_id or -1) < v.cfg.vocab_size:
+            return "<|image|>"
+        return self.tokenizer.id_to_token(v.cfg.image_token_id)
 
     @property
     def thoughts(self):
@@ -309,10 +319,14 @@ def need_chat_template(state: ServerState, param: str) -> None:
 
 def encode_chat(state: ServerState, chat, param: str = "messages") -> list[int]:
     """The prompt ids of a chat body (`protocol.ChatCompletionRequest`) through the chat template; 400s
-    name `param` (the field the messages came from) or continue_final_message."""
+    name `param` (the field the messages came from) or continue_final_message. With image parts: a
+    multimodal.ImagePrompt (one image token per image, and the images' sources), which `prepare` loads."""
     need_chat_template(state, param)
     try:
-        return state.tokenizer.encode_chat(chat.message_dicts(), tools=chat.tool_dicts(), **chat.template_kwargs())
+        ids = state.tokenizer.encode_chat(chat.message_dicts(state.image_placeholder), tools=chat.tool_dicts(),
+                                          **chat.template_kwargs())
+        sources = chat.image_sources()
+        return ImagePrompt(ids, sources) if sources else ids
     except ValueError as e:
         if str(e).startswith("continue_final_message"):
             raise APIError(400, str(e), "continue_final_message") from None
@@ -393,17 +407,41 @@ def _json_constraint(state: ServerState, schema: dict, max_tokens, field: str, p
 def check_request_basics(state: ServerState, body: _Common, prompts: list[list[int]]) -> None:
     """What every request must pass: supported fields, this server's model, non-empty in-vocabulary prompts.
     With truncate_prompt_tokens, each prompt is cut to its last N tokens here, in the caller's list, so
-    every later step (generation, scoring, usage) sees the truncated prompts."""
-    if body.truncate_prompt_tokens is not None:
-        prompts[:] = [p[-body.truncate_prompt_tokens:] for p in prompts]
+    every later step (generation, scoring, usage) sees the truncated prompts. Prompts with images
+    (multimodal.ImagePrompt) are loaded here too and replaced by their expanded ids, with `.images` set."""
     problem = body.unsupported()
     if problem is not None:
         raise APIError(400, problem[1], problem[0])
     state.adapter(body.model)  # a 404 unless this server serves it
+    load_images(state, body, prompts)
+    if body.truncate_prompt_tokens is not None:
+        prompts[:] = [p[-body.truncate_prompt_tokens:] for p in prompts]
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
         check_in_vocab(state, ids, "prompt", "prompt token ids")
+
+
+def load_images(state: ServerState, body: _Common, prompts: list) -> None:
+    """Each prompt holding images (or image tokens) -> an ImagePrompt of its expanded ids with `.images`
+    (multimodal.ImageInputs). Loads, maybe fetches, and runs the vision tower: callers run `prepare` in a
+    worker thread."""
+    vision = state.vision
+    for k, p in enumerate(prompts):
+        sources = p.sources if isinstance(p, ImagePrompt) else []
+        if not sources and (vision is None or not vision.cfg.has_vision or vision.cfg.image_token_id not in p):
+            continue
+        if vision is None:
+            raise APIError(400, "this server takes text only (no vision tower is served)", "messages")
+        if body.truncate_prompt_tokens is not None:
+            raise APIError(400, "truncate_prompt_tokens cannot be combined with images (a cut could split one)",
+                           "truncate_prompt_tokens")
+        try:
+            ids, images = vision.prepare(p, sources)
+        except ImageError as e:
+            raise APIError(400, str(e), "messages" if hasattr(body, "messages") else "prompt") from None
+        prompts[k] = ImagePrompt(ids, ())
+        prompts[k].images = images
 
 
 def check_in_vocab(state: ServerState, ids, field: str, what: str) -> None:
@@ -452,7 +490,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         for j in range(body.n):
             req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
                                     eos, constraint, body.stream_drafts, bias, body.priority, body.min_tokens,
-                                    state.adapter(body.model))
+                                    state.adapter(body.model), images=getattr(ids, "images", None))
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
                                   skip_special=body.skip_special_tokens,
                                   thoughts=thoughts)
