@@ -3,7 +3,8 @@ conversation mode.
 
 Each line read is a user turn; the reply is generated for the whole conversation through the
 checkpoint's chat template, printed, and kept in the history. Commands: `/reset` starts a new
-conversation, `/system TEXT` sets the system message (and resets), `/exit` (or end of input) quits.
+conversation, `/system TEXT` sets the system message (and resets), `/image FILE_OR_URL` attaches an image
+to the next message (models with a vision tower), `/exit` (or end of input) quits.
 A reply's thought channel (canvaslm.reasoning) is kept out of the answer and its history; `--think`
 turns thinking mode on and prints each thought to stderr.
 Turn i of a session draws from seed `--seed + i`, so a session piped from a file is reproducible. On a
@@ -23,7 +24,8 @@ from __future__ import annotations
 
 import sys
 
-HELP = "/reset: new conversation   /system TEXT: set the system message   /exit: quit"
+HELP = ("/reset: new conversation   /system TEXT: set the system message   /image FILE_OR_URL: attach an image "
+        "to your next message   /exit: quit")
 
 
 def add_parser(subparsers) -> None:
@@ -75,9 +77,14 @@ class Session:
         from .engine.engine import GenerationRequest
         from .generate import GenerationError, check_request
 
+        from .multimodal import image_parts_to_placeholders
+
         llm = self.llm
+        messages, images = image_parts_to_placeholders(messages, llm.image_placeholder)
         ids = llm.tokenizer.encode_chat(messages, **self.template_kwargs)
-        row = llm.rows([ids], params)[0]
+        row = llm.rows([{"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids],
+                       params)[0]
+        ids = row.prompt_ids  # images expanded to their soft tokens
         try:
             check_request(ids, row.params, llm.cfg.vocab_size, self.engine.config.max_model_len,
                           llm.cfg.canvas_length, "the chat's context, max_model_len")
@@ -118,7 +125,7 @@ def _loop(args, llm, session) -> int:
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     if tty:
         print(f"canvaslm chat: {llm.model_dir}  ({HELP})", flush=True)
-    system, history, turn = args.system, [], 0
+    system, history, turn, images = args.system, [], 0, []
     while True:
         try:
             line = input("> " if tty else "")
@@ -136,11 +143,24 @@ def _loop(args, llm, session) -> int:
             if tty:
                 print("(new conversation)", flush=True)
             continue
+        if text.startswith("/image"):
+            from .cli import _image_arg
+
+            try:
+                images.append(_image_arg(text[len("/image"):].strip(), "/image"))
+            except SystemExit as e:
+                print(e, file=sys.stderr, flush=True)
+                continue
+            if tty:
+                print(f"({len(images)} image(s) go with your next message)", flush=True)
+            continue
         if text.startswith("/"):
             print(f"unknown command {text.split()[0]!r}; {HELP}", file=sys.stderr, flush=True)
             continue
+        content = [*({"type": "image", "image": im} for im in images), {"type": "text", "text": line}] \
+            if images else line
         messages = ([{"role": "system", "content": system}] if system else []) + history + \
-            [{"role": "user", "content": line}]
+            [{"role": "user", "content": content}]
         params = SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
                                 seed=args.seed + turn, temperature=args.temperature,
                                 lora="lora" if args.lora else None, **sampling_params(args))
@@ -161,7 +181,8 @@ def _loop(args, llm, session) -> int:
         if args.stats:
             print(f"[{prompt_len} prompt tokens, {fin.cached_tokens} from the cache; {fin.num_tokens} reply tokens, "
                   f"{fin.decoder_passes} decoder passes; {time.perf_counter() - t0:.2f} s]", file=sys.stderr, flush=True)
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": text}]
+        history += [{"role": "user", "content": content}, {"role": "assistant", "content": text}]
+        images = []
     return 0
 
 

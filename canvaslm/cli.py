@@ -72,15 +72,21 @@ def _generate(args) -> int:
     from .llm import SamplingParams
 
     llm = load_llm(args)
+    images = [_image_arg(x) for x in args.image or ()]
+    text = args.prompt
+    if images and text is not None and llm.image_placeholder not in text:  # images first, as Ollama puts them
+        text = "\n".join([llm.image_placeholder] * len(images) + [text])
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
     elif args.chat:
         if llm.tokenizer is None:
             raise SystemExit(f"error: {llm.model_dir} has no tokenizer.json, so --chat is not available")
-        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}],
+        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": text}],
                                            **({"enable_thinking": True} if args.think else {}))
     else:
-        prompt = llm.encode_prompt(args.prompt)
+        prompt = llm.encode_prompt(text)
+    if images:
+        prompt = {"prompt_token_ids": prompt, "multi_modal_data": {"image": images}}
     from .sampling.cli_args import constraint_params, sampling_params
     extra = {**constraint_params(args, llm), **sampling_params(args)}
     params = SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, seed=args.seed,
@@ -105,6 +111,18 @@ def _generate(args) -> int:
             print(f"[thinking] {res.reasoning}", file=sys.stderr, flush=True)
         print(res.text if llm.tokenizer is not None else " ".join(map(str, res.token_ids)))
     return 0
+
+
+def _image_arg(x: str, flag: str = "--image"):
+    """--image: a local file's bytes (the user names it, so any path is allowed), else a URL / data URL."""
+    from pathlib import Path
+
+    path = Path(x).expanduser()
+    if path.is_file():
+        return path.read_bytes()
+    if "://" not in x and not x.startswith("data:"):
+        raise SystemExit(f"error: {flag} {x}: no such file (and not a URL)")
+    return x
 
 
 def _quantize(args) -> int:
@@ -138,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     g.add_argument("--think", action="store_true", help="with --chat: thinking mode (the template's "
                    "enable_thinking); the thought goes to stderr (or `reasoning` with --json)")
+    g.add_argument("--image", action="append", metavar="FILE_OR_URL",
+                   help="an image for the prompt (repeatable): a file, an http(s) URL or a data URL; the prompt "
+                        "holds one <|image|> where each goes, or they go first")
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
     g.add_argument("--seed", type=int, default=None)

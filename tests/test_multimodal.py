@@ -267,3 +267,24 @@ def test_image_prompt_errors_name_the_problem(vision_checkpoint):
         llm.generate({"prompt_token_ids": [5], "multi_modal_data": {"audio": b""}}, sp)
     with pytest.raises(GenerationError, match="one of 'prompt'"):
         llm.generate({"multi_modal_data": {"image": img}}, sp)
+
+
+def test_cli_generate_with_an_image_file(vision_checkpoint, tmp_path, capsys):
+    import json
+
+    from canvaslm.cli import main
+    from canvaslm.llm import LLM, SamplingParams
+
+    path, _ = vision_checkpoint
+    img = random_image(48, 64, 7)
+    img.save(tmp_path / "pic.png")
+    ids = [5, 9, IMG, 11]
+    assert main(["generate", str(path), "--prompt-ids", ",".join(map(str, ids)), "--image", str(tmp_path / "pic.png"),
+                 "--max-new-tokens", "20", "--steps", "3", "--seed", "4", "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    llm = LLM(path, device="cpu")
+    want = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": (tmp_path / "pic.png").read_bytes()}},
+                        SamplingParams(max_new_tokens=20, max_denoising_steps=3, seed=4))[0]
+    assert got["token_ids"] == want.token_ids and got["prompt_tokens"] == len(want.prompt_ids) > len(ids)
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["generate", str(path), "--prompt-ids", "5", "--image", str(tmp_path / "missing.png"), "--device", "cpu"])

@@ -172,3 +172,29 @@ def test_a_text_only_model_refuses_images(tiny_checkpoint):
         with pytest.raises(openai.BadRequestError, match="no vision tower"):
             client_of(srv).chat.completions.create(model="tiny", messages=messages(data_url(png(8, 8, 0))),
                                                         max_tokens=4)
+
+
+def test_terminal_chat_attaches_images_and_reuses_them_across_turns(vision_dir, monkeypatch, capsys, tmp_path):
+    import re
+
+    from canvaslm.cli import main
+    from canvaslm.llm import LLM, SamplingParams
+    from canvaslm.multimodal import image_parts_to_placeholders
+
+    pic = vision_dir / "pics" / "a.png"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {pic}\nwhat is it?\nand the colours?\n/image nowhere.png\n"))
+    assert main(["chat", str(vision_dir), "--seed", "2", "--max-new-tokens", "16", "--prefill-chunk", "16",
+                 "--stats", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "/image nowhere.png: no such file" in err
+    stats = [tuple(map(int, m)) for m in re.findall(r"\[(\d+) prompt tokens, (\d+) from the cache", err)]
+    assert len(stats) == 2 and stats[1][1] > stats[0][0] // 2  # turn 2 reuses turn 1's prompt, image included
+    llm = LLM(vision_dir, device="cpu")
+    first = [{"role": "user", "content": [{"type": "image", "image": pic.read_bytes()},
+                                          {"type": "text", "text": "what is it?"}]}]
+    msgs, images = image_parts_to_placeholders(first, llm.image_placeholder)
+    ids = llm.tokenizer.encode_chat(msgs)
+    want = llm.generate_continuous([{"prompt_token_ids": ids, "multi_modal_data": {"image": images}}],
+                                   SamplingParams(max_new_tokens=16, seed=2), max_batch=1,
+                                   max_model_len=llm.cfg.max_position_embeddings, prefill_chunk=16, use_tqdm=False)[0]
+    assert out.splitlines()[0] == want.text and stats[0][0] == len(want.prompt_ids)
