@@ -40,18 +40,37 @@ def weight_bytes(cfg: ModelConfig, dtype=torch.bfloat16, quantization: str | Non
     return total
 
 
+def vision_bytes(cfg: ModelConfig, dtype=torch.bfloat16) -> int:
+    """Bytes of the vision tower the server loads at start-up (in the model's dtype; 0 without one). A
+    checkpoint's config may name a tower its files lack: the server then loads none, so this is an upper bound."""
+    from .checkpoint import parse_dtype
+    from .model.vision import VisionTower
+
+    vision = (cfg.raw or {}).get("vision_config")
+    if not cfg.has_vision or vision is None:
+        return 0
+    size = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    with torch.device("meta"):
+        tower = VisionTower(vision, cfg.hidden_size)
+    return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
+               for t in (*tower.parameters(), *tower.buffers()))
+
+
 def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: str | None = None,
          max_batch: int = 8, kv_cache_dtype: str = "auto", max_model_len: int | None = None,
-         utilization: float | None = None, overhead_gib: float = 1.0, prefix_caching: bool | None = None) -> dict:
-    """What `canvaslm serve` would get on a GPU of `gpu_gib` GiB: weights, KV bytes, context, prefix caching."""
+         utilization: float | None = None, overhead_gib: float = 1.0, prefix_caching: bool | None = None,
+         images: bool = True) -> dict:
+    """What `canvaslm serve` would get on a GPU of `gpu_gib` GiB: weights (the vision tower's apart, counted
+    unless `images` is off: --limit-mm-per-prompt image=0), KV bytes, context, prefix caching."""
     from .checkpoint import parse_dtype
     from .engine.engine import AGENT_CONTEXT, EngineConfig, kv_dtype, plan_max_model_len, prefix_caching_fits
     from .kv_cache import KVCache
 
     dtype = parse_dtype(dtype)
     weights = weight_bytes(cfg, dtype, quantization)
+    vision = vision_bytes(cfg, dtype) if images else 0
     total = int(gpu_gib * GIB)
-    free = total - weights - int(overhead_gib * GIB)
+    free = total - weights - vision - int(overhead_gib * GIB)
     if free <= 0:
         raise ValueError(f"the weights take {weights / GIB:.1f} GiB (+ {overhead_gib} GiB overhead), over the GPU's "
                          f"{gpu_gib} GiB; try --quantization int4")
@@ -76,7 +95,7 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
         if got < min(AGENT_CONTEXT, cfg.max_position_embeddings):
             break
         agents = n
-    return {"weights": weights, "free": free, "total": total, "max_model_len": length, "why": why,
+    return {"weights": weights, "vision": vision, "free": free, "total": total, "max_model_len": length, "why": why,
             "agent_slots": agents, "prefix_caching": caching, "prefix_caching_why": caching_why,
             "kv_per_position": per_position, "kv_one_slot": one_slot, "slots": config.slots, "kv_dtype": store_dtype}
 
@@ -111,10 +130,12 @@ def _main(args) -> int:
 
     cfg = _model_config(args)
     out = plan(cfg, args.gpu_memory, args.dtype, args.quantization, args.max_batch, args.kv_cache_dtype,
-               args.max_model_len, args.gpu_memory_utilization, args.overhead)
+               args.max_model_len, args.gpu_memory_utilization, args.overhead,
+               images=args.limit_mm_per_prompt != 0)
     what = args.shape or args.model
     quant = args.quantization or args.dtype
-    print(f"{what}: weights {out['weights'] / GIB:.1f} GiB ({quant}), {args.gpu_memory} GiB GPU, "
+    vision = f" + vision tower {out['vision'] / GIB:.2f} GiB ({args.dtype})" if out["vision"] else ""
+    print(f"{what}: weights {out['weights'] / GIB:.1f} GiB ({quant}){vision}, {args.gpu_memory} GiB GPU, "
           f"{args.overhead} GiB overhead: {out['free'] / GIB:.1f} GiB left")
     kv = str(out["kv_dtype"]).removeprefix("torch.")
     print(f"KV cache ({kv}): {out['kv_per_position'] / 1024:.1f} KiB per position per slot in the full layers, "
@@ -138,6 +159,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--revision", default=None)
     p.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="the GPU's memory, e.g. 24")
     p.add_argument("--dtype", default="bfloat16", help="the unquantised weights' dtype (default bfloat16)")
+    from .server.cli import _image_limit
+
+    p.add_argument("--limit-mm-per-prompt", type=_image_limit, default=None, metavar="LIMIT",
+                   help="image=0: the server leaves the vision tower unloaded, so it is not counted")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS)
     p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=None)

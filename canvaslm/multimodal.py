@@ -109,18 +109,23 @@ class Vision:
     """Everything one model needs to take images: processor settings, the image token ids and the vision
     tower, which loads on the first image (a text-only workload never pays for it)."""
 
-    def __init__(self, model, model_dir: str | Path | None, allowed_local_media_path: str | Path | None = None):
+    def __init__(self, model, model_dir: str | Path | None, allowed_local_media_path: str | Path | None = None,
+                 max_images: int | None = None):
+        """max_images: images per prompt (vLLM's --limit-mm-per-prompt; None: no limit, 0: text only)."""
         from .images import ImageProcessorConfig
 
+        if max_images is not None and (not isinstance(max_images, int) or max_images < 0):
+            raise ValueError(f"max_images={max_images!r}: expected None or an int >= 0")
         self.model, self.cfg = model, model.cfg
-        self.allowed_local_media_path = allowed_local_media_path
+        self.allowed_local_media_path, self.max_images = allowed_local_media_path, max_images
         self.processor = (ImageProcessorConfig.from_dir(model_dir) if model_dir is not None and Path(model_dir).is_dir()
                           else ImageProcessorConfig())
         self._tower, self._lock = None, threading.Lock()
 
     @property
     def available(self) -> bool:
-        return bool(self.cfg.has_vision and getattr(self.model, "carried_tensors", None))
+        """Images can be served: a vision tower in the checkpoint, and not switched off."""
+        return bool(self.cfg.has_vision and getattr(self.model, "carried_tensors", None) and self.max_images != 0)
 
     def _need(self) -> None:
         if not self.cfg.has_vision:
@@ -164,6 +169,9 @@ class Vision:
                 raise ImageError(f"the prompt holds image tokens (id {self.cfg.image_token_id}) but no image was given")
             return ids, None
         self._need()
+        if self.max_images is not None and len(sources) > self.max_images:
+            raise ImageError(f"{len(sources)} images in one prompt, over the limit of {self.max_images} "
+                             "(--limit-mm-per-prompt)")
         processed = self.load(sources)
         ids = self._expand(ids, [p.num_soft_tokens for p in processed])
         from .images import stack

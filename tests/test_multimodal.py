@@ -288,3 +288,29 @@ def test_cli_generate_with_an_image_file(vision_checkpoint, tmp_path, capsys):
     assert got["token_ids"] == want.token_ids and got["prompt_tokens"] == len(want.prompt_ids) > len(ids)
     with pytest.raises(SystemExit, match="no such file"):
         main(["generate", str(path), "--prompt-ids", "5", "--image", str(tmp_path / "missing.png"), "--device", "cpu"])
+
+
+def test_the_server_loads_the_tower_at_start_and_limits_images(vision_checkpoint):
+    from canvaslm.config import ModelConfig
+    from canvaslm.engine.engine import EngineConfig
+    from canvaslm.memory import plan, vision_bytes
+    from canvaslm.multimodal import ImageError
+    from canvaslm.server.launch import build_state
+
+    path, _ = vision_checkpoint
+    img = random_image(30, 30, 1)
+    for limit in (1, 0):
+        state = build_state(path, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=256), max_images=limit)
+        try:
+            tower = state.vision._tower
+            assert (tower is not None) == (limit == 1)  # loaded before the engine sized its KV cache
+            with pytest.raises(ImageError, match=f"2 images in one prompt, over the limit of {limit}"):
+                state.vision.prepare([5, IMG, IMG], [img, img])
+            if tower is not None:  # `canvaslm memory` counts what the server holds
+                held = sum(t.numel() * t.element_size() for t in (*tower.parameters(), *tower.buffers()))
+                cfg = ModelConfig.from_dir(path)
+                assert vision_bytes(cfg, torch.float32) == held > 0
+                with_tower, without = plan(cfg, 8, torch.float32), plan(cfg, 8, torch.float32, images=False)
+                assert without["free"] - with_tower["free"] == held and without["vision"] == 0
+        finally:
+            state.engine.shutdown()

@@ -130,6 +130,24 @@ def _add_media_arg(p) -> None:
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="image parts may name files under DIR (a path or file:// URL; vLLM's flag). Default: "
                         "none, only data URLs, base64 and http(s) URLs")
+    p.add_argument("--limit-mm-per-prompt", type=_image_limit, default=None, metavar="LIMIT",
+                   help="images per prompt, as vLLM takes it: '{\"image\": N}' or image=N; 0 serves text only "
+                        "and leaves the vision tower unloaded (default: no limit)")
+
+
+def _image_limit(text: str) -> int:
+    import json
+
+    try:
+        value = json.loads(text) if text.lstrip().startswith("{") else dict(
+            (k.strip(), int(v)) for k, v in (kv.split("=") for kv in text.split(",")))
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected '{{\"image\": N}}' or image=N ({e})") from None
+    unknown = sorted(set(value) - {"image"}) if isinstance(value, dict) else ["(not an object)"]
+    if unknown or not isinstance(value.get("image"), int) or value["image"] < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: only image=N (N >= 0) is supported"
+                                         + (f", got {unknown}" if unknown else ""))
+    return value["image"]
 
 
 def _add_lora_arg(p, updates: bool = False) -> None:
@@ -187,7 +205,8 @@ def _run_batch(args) -> int:
     state = build_state(args.model_dir, args.device, args.dtype, _engine_config(args),
                         served_model_name=args.served_model_name, quantization=args.quantization,
                         lora_modules=adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                        defaults=defaults, allowed_local_media_path=args.allowed_local_media_path)
+                        defaults=defaults, allowed_local_media_path=args.allowed_local_media_path,
+                        max_images=args.limit_mm_per_prompt)
     for note in notes + apply_chat_flags(state, args) + state.engine.notes:
         print(f"canvaslm: {note}", flush=True)
     try:
@@ -215,7 +234,7 @@ def _serve(args) -> int:
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout,
                         lora_modules=adapters, lora_updates=args.enable_lora_updates, max_loras=args.max_loras,
                         max_lora_rank=args.max_lora_rank, defaults=defaults,
-                        allowed_local_media_path=args.allowed_local_media_path)
+                        allowed_local_media_path=args.allowed_local_media_path, max_images=args.limit_mm_per_prompt)
     clash = sorted(set(getattr(args, "aliases", ())) & set(state.loras))
     if clash:
         state.engine.shutdown()
