@@ -207,8 +207,8 @@ def props(state: ServerState) -> dict:
                 "n_predict": d.max_new_tokens, "temperature": d.t_max, "top_k": d.top_k, "top_p": d.top_p,
                 "min_p": d.min_p, "max_denoising_steps": d.max_denoising_steps}},
             "total_slots": state.engine.config.slots, "model_alias": state.model_name, "model_path": state.model_name,
-            "chat_template": template if isinstance(template, str) else "", "modalities": {"vision": False,
-                                                                                        "audio": False},
+            "chat_template": template if isinstance(template, str) else "",
+            "modalities": {"vision": state.vision is not None and state.vision.available, "audio": False},
             "build_info": f"canvaslm {__version__}"}
 
 

@@ -103,6 +103,12 @@ def test_chat_with_an_image_matches_llm_chat(server, vision_dir):
     assert other.choices[0].message.content == want_other.text
 
 
+def test_props_says_vision(server):
+    import httpx
+
+    assert httpx.get(server.base_url + "/props").json()["modalities"] == {"vision": True, "audio": False}
+
+
 def test_image_urls_files_and_streaming(server, vision_dir):
     import http.server
     import threading
