@@ -17,13 +17,17 @@ always parses and validates. `temperature`, `top_p` and `top_k` (which older cli
 `stop_sequences` (up to 16) cut the text as stop strings do; with a forced call (`any`, `tool`) they are
 refused, since they would cut the call's JSON. A stream is Anthropic's event sequence (message_start,
 content_block_start / _delta / _stop, message_delta, message_stop): text streams as canvases commit; a
-reply that may hold tool calls is sent once complete (its input in one `input_json_delta`). Image,
-document and server-tool blocks are refused by name (this server is text-only); thinking blocks in the
+reply that may hold tool calls is sent once complete (its input in one `input_json_delta`). A user
+turn's `image` blocks (also inside a `tool_result`) become the chat route's image parts, in place among
+the text: a `base64` source as a data URL (`data:{media_type};base64,{data}`), a `url` source as its URL
+(`file` sources are refused: there is no file store); an image that does not load is a 400 naming its
+block. Document and server-tool blocks are refused by name; thinking blocks in the
 history are dropped (the model's template leaves earlier thoughts out too). `thinking` ({"type":
 "enabled"} or "adaptive": on; "disabled": off) renders the chat template with `enable_thinking`; a
 reply's thought channel (canvaslm.reasoning) comes first as a `thinking` block (its `signature` empty:
 nothing here checks one), streamed as `thinking_delta`s; `budget_tokens` is not enforced (`max_tokens`
-bounds thought and answer together). Errors use Anthropic's body, `{"type": "error", "error": {"type",
+bounds thought and answer together). /v1/messages/count_tokens counts an image's soft tokens (it loads the
+images, as a request would). Errors use Anthropic's body, `{"type": "error", "error": {"type",
 "message"}}` (app.py).
 """
 
@@ -37,12 +41,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest
-from .serving import (APIError, ServerState, encode_chat, need_chat_template, prepare, run_choices, run_to_end,
-                      validated)
+from .serving import (APIError, ServerState, encode_chat, image_error_at, load_images, need_chat_template, prepare,
+                      run_choices, run_to_end, validated)
 from .tools import arguments_object, reply_message, tool_replies
 
 MAX_STOP_SEQUENCES = 16
+BASE64 = "the base64 data"  # what a load error calls an image sent as base64 (wrapped here into a data URL)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
@@ -102,32 +108,66 @@ def error_body(status: int, message: str) -> dict:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
 
 
-def _text_of(blocks, where: str) -> str:
-    """The text of a string or of a list of text blocks (other block types refused by name)."""
+def _content(blocks, where: str, param: str, places: list | None = None) -> str | list[dict]:
+    """Chat content for a string or a list of text (and, when `places` is given, image) blocks: the text, or
+    the parts in block order when images are among them; each image's place is appended to `places`."""
     if isinstance(blocks, str):
         return blocks
     parts = []
     for k, b in enumerate(blocks):
-        kind = b.get("type")
-        if kind != "text" or not isinstance(b.get("text"), str):
-            raise APIError(400, f"{where}[{k}]: a block of type {kind!r} is not supported here (text only)", where)
-        parts.append(b["text"])
-    return "\n".join(parts)
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text" and isinstance(b.get("text"), str):
+            parts.append({"type": "text", "text": b["text"]})
+        elif kind == "image" and places is not None:
+            parts.append(_image(b, f"{where}[{k}]", places))
+        else:
+            what = "text and image" if places is not None else "text only"
+            raise APIError(400, f"{where}[{k}]: a block of type {kind!r} is not supported here ({what})", param)
+    return _joined(parts)
 
 
-def _messages(body) -> list[dict]:
-    """The chat messages for a Messages (or count_tokens) body."""
-    out = [{"role": "system", "content": _text_of(body.system, "system")}] if body.system else []
+def _joined(parts: list[dict]) -> str | list[dict]:
+    """Text parts -> their text, joined as the chat route joins a message's parts; with images, the parts."""
+    if all(p["type"] == "text" for p in parts):
+        return "\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _image(block: dict, where: str, places: list) -> dict:
+    """An image block -> the chat route's image part; its place (the field a load error names) is noted."""
+    src = block.get("source")
+    kind = src.get("type") if isinstance(src, dict) else None
+    if kind == "base64" and isinstance(src.get("media_type"), str) and isinstance(src.get("data"), str):
+        url, field = f"data:{src['media_type']};base64,{src['data']}", "data"
+    elif kind == "url" and isinstance(src.get("url"), str) and src["url"]:
+        url, field = src["url"], "url"
+    elif kind in ("base64", "url"):
+        need = "media_type and data" if kind == "base64" else "a url"
+        raise APIError(400, f"{where}.source: a {kind} image source needs {need}", "messages")
+    else:
+        raise APIError(400, f"{where}.source.type: {kind!r} image sources are not supported (this server takes "
+                            "base64 and url sources; it has no file store)", "messages")
+    places.append(f"{where}.source.{field}")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _messages(body, places: list | None = None) -> list[dict]:
+    """The chat messages for a Messages (or count_tokens) body; `places` gets where each image came from,
+    in prompt order."""
+    places = [] if places is None else places
+    out = [{"role": "system", "content": _content(body.system, "system", "system")}] if body.system else []
     for i, m in enumerate(body.messages):
         where = f"messages[{i}].content"
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
-        texts, calls, results = [], [], []
+        parts, calls, results, result_places, own_places = [], [], [], [], []
         for k, b in enumerate(m.content):
             kind = b.get("type")
             if kind == "text" and isinstance(b.get("text"), str):
-                texts.append(b["text"])
+                parts.append({"type": "text", "text": b["text"]})
+            elif kind == "image" and m.role == "user":
+                parts.append(_image(b, f"{where}[{k}]", own_places))
             elif kind == "tool_use" and m.role == "assistant":
                 if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
                     raise APIError(400, f"{where}[{k}]: a tool_use block needs a name and an input object", "messages")
@@ -135,21 +175,24 @@ def _messages(body) -> list[dict]:
                               "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}))}})
             elif kind == "tool_result" and m.role == "user":
                 content = b.get("content", "")
-                text = _text_of(content, f"{where}[{k}].content") if content else ""
+                content = _content(content, f"{where}[{k}].content", "messages", result_places) if content else ""
                 if b.get("is_error"):
-                    text = f"Error: {text}"
-                results.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")), "content": text})
+                    content = f"Error: {content}" if isinstance(content, str) else \
+                        [{"type": "text", "text": "Error:"}, *content]
+                results.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")), "content": content})
             elif kind in ("thinking", "redacted_thinking") and m.role == "assistant":
                 continue  # this server writes none; a client may send back another model's
             else:
-                raise APIError(400, f"{where}[{k}]: a {kind!r} block is not supported in a {m.role} turn "
-                                    "(this server takes text, tool_use and tool_result blocks)", "messages")
-        out += results
+                raise APIError(400, f"{where}[{k}]: {kind!r} blocks are not supported in {m.role} turns "
+                                    "(user turns take text, image and tool_result blocks; assistant turns text "
+                                    "and tool_use blocks)", "messages")
+        out += results  # the tool results come first: their images too
+        places += result_places + own_places
         if m.role == "assistant":
-            out.append({"role": "assistant", "content": "\n".join(texts) or None, **({"tool_calls": calls} if calls
-                                                                                     else {})})
-        elif texts or not results:
-            out.append({"role": "user", "content": "\n".join(texts)})
+            out.append({"role": "assistant", "content": _joined(parts) or None, **({"tool_calls": calls} if calls
+                                                                                   else {})})
+        elif parts or not results:
+            out.append({"role": "user", "content": _joined(parts)})
     return out
 
 
@@ -174,10 +217,11 @@ def _tools(body) -> dict:
     return fields
 
 
-def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
-    fields = dict(model=body.model, messages=_messages(body), max_tokens=body.max_tokens, temperature=body.temperature,
-                  top_p=body.top_p, top_k=body.top_k, seed=body.seed, max_denoising_steps=body.max_denoising_steps,
-                  stream=body.stream, **_tools(body))
+def to_chat(body: MessagesRequest, places: list | None = None) -> ChatCompletionRequest:
+    """The chat completion body for `body`; `places` gets where each image came from (`image_error_at`)."""
+    fields = dict(model=body.model, messages=_messages(body, places), max_tokens=body.max_tokens,
+                  temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+                  max_denoising_steps=body.max_denoising_steps, stream=body.stream, **_tools(body))
     fields.update(_thinking(body))
     fmt = (body.output_config or {}).get("format")
     if fmt is not None:
@@ -198,12 +242,21 @@ def _thinking(body) -> dict:
     return {"chat_template_kwargs": {"enable_thinking": kind != "disabled"}}
 
 
-def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
+async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
+    """The prompt's length as a request would run it: images count their soft tokens (they are loaded and
+    expanded here, in a worker thread, as `prepare` does)."""
     need_chat_template(state, "messages")
     state.adapter(body.model)
-    chat = validated(ChatCompletionRequest, {"model": body.model, "messages": _messages(body), **_tools(body),
-                                             **_thinking(body)}, "messages")
-    return {"input_tokens": len(encode_chat(state, chat))}
+    places = []
+    chat = validated(ChatCompletionRequest, {"model": body.model, "messages": _messages(body, places),
+                                             **_tools(body), **_thinking(body)}, "messages")
+    prompts = [encode_chat(state, chat)]
+    if isinstance(prompts[0], ImagePrompt):
+        try:
+            await asyncio.to_thread(load_images, state, chat, prompts)
+        except APIError as e:
+            raise image_error_at(e, places, BASE64) from None
+    return {"input_tokens": len(prompts[0])}
 
 
 def _blocks(message: dict, thinking: str = "") -> list[dict]:
@@ -231,13 +284,19 @@ def _usage(c, prompt_len: int, output: bool = True) -> dict:
 
 async def create_message(state: ServerState, body: MessagesRequest, request):
     need_chat_template(state, "messages")
-    chat = to_chat(body)
+    places = []
+    chat = to_chat(body, places)
     ids = encode_chat(state, chat, "messages")
     stops = [s for s in body.stop_sequences or [] if s]
     if stops and chat.tools and chat.tool_choice not in (None, "auto", "none"):
         raise APIError(400, "stop_sequences would cut a forced tool call's input; send none with tool_choice "
                             "any or tool", "stop_sequences")
-    choices = await asyncio.to_thread(prepare, state, chat, [ids])
+    prompts = [ids]
+    try:
+        choices = await asyncio.to_thread(prepare, state, chat, prompts)
+    except APIError as e:
+        raise image_error_at(e, places, BASE64) from None
+    ids = prompts[0]  # images expanded to their soft tokens
     replies = tool_replies(state, chat, choices)
     c = choices[0]
     c.tracker.stops = stops

@@ -31,14 +31,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..multimodal import ImagePrompt
 from . import ollama
 from .anthropic import CountTokensRequest, MessagesRequest
 from .llamacpp import LlamaCompletionRequest, LlamaInfillRequest
 from .metrics import render_metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
                        LoadLoRARequest, ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
-from .serving import (APIError, ServerState, check_in_vocab, encode_chat, need_tokenizer, prepare, run_choices,
-                      run_to_end, usage)
+from .serving import (APIError, ServerState, check_in_vocab, encode_chat, load_images, need_tokenizer, prepare,
+                      run_choices, run_to_end, usage)
 from .tools import tool_replies
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -115,7 +116,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize", responses=ERRORS)
     async def tokenize(body: TokenizeRequest):
-        """Token ids of a prompt exactly as the completion routes encode it (vLLM's route)."""
+        """Token ids of a prompt exactly as the completion routes encode it (vLLM's route); messages with
+        images give the expanded ids (each image's soft tokens), the images loaded as a request loads them."""
         tok = _tokenizer_for(state, body.model, "prompt" if body.messages is None else "messages")
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send one of prompt (text) or messages (chat)", "prompt")
@@ -128,12 +130,17 @@ def build_app(state: ServerState) -> FastAPI:
                 problem = chat.unsupported()
                 if problem is not None and problem[0] == "chat_template_kwargs":
                     raise APIError(400, problem[1], problem[0])
-                text_ids = tok.encode_chat(chat.message_dicts(), tools=chat.tool_dicts(), **chat.template_kwargs())
+                text_ids = tok.encode_chat(chat.message_dicts(state.image_placeholder), tools=chat.tool_dicts(),
+                                           **chat.template_kwargs())
             else:
                 text_ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         except ValueError as e:
             raise APIError(400, f"{'messages' if body.messages is not None else 'prompt'}: {e}",
                            "messages" if body.messages is not None else "prompt") from None
+        if body.messages is not None and chat.image_sources():
+            prompts = [ImagePrompt(text_ids, chat.image_sources())]
+            await asyncio.to_thread(load_images, state, chat, prompts)  # a fetch, the processor, the tower
+            text_ids = list(prompts[0])
         return {"tokens": text_ids, "count": len(text_ids), "max_model_len": state.max_model_len}
 
     @app.post("/detokenize", responses=ERRORS)
@@ -227,7 +234,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def messages_count_tokens(body: CountTokensRequest):
         from .anthropic import count_tokens
 
-        return count_tokens(state, body)
+        return await count_tokens(state, body)
 
     @app.post("/api/chat", responses=ERRORS)
     async def ollama_chat(body: ollama.ChatBody, request: Request):

@@ -12,7 +12,12 @@ with no meaning here (`num_ctx`, `num_gpu`, `num_thread`, `mirostat`, ... and `k
 ignored: the model stays loaded and the context is the server's `max_model_len`. `think` (true, or a
 level: on; false: off) renders the chat template with `enable_thinking`, and a reply's thought channel
 (canvaslm.reasoning) comes back as `thinking` (chat: in `message`), streamed before the answer.
-`images` are refused (text only).
+`images` (base64, as Ollama's clients send them) become the chat route's image parts (data URLs): a
+message's images go before its text, as Ollama puts them; /api/generate's go into the templated user
+message likewise, and with `raw: true` where the prompt holds the image token's text (one per image), or
+else one each at the prompt's start (a raw prompt names no image, so they lead it). An image that does
+not load is a 400 naming it (`messages[i].images[k]`, `images[k]`); `suffix` takes no images. `/api/show`
+lists the `vision` capability when the model has a vision tower.
 
 Replies are Ollama's: streamed by default (`stream` true) as NDJSON, one object per committed canvas
 with the new text, then a last one with `done: true`, `done_reason` ("stop" or "length"), the token
@@ -35,9 +40,10 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest, CompletionRequest
-from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare, run_choices,
-                      run_to_end, validated)
+from .serving import (APIError, ServerState, encode_chat, image_error_at, need_chat_template, need_tokenizer, prepare,
+                      run_choices, run_to_end, validated)
 from .tools import arguments_object, reply_message, tool_replies
 
 VERSION = "0.12.0"  # the Ollama API version these routes follow (clients check it for features)
@@ -144,11 +150,23 @@ def _sampling(body, fields: dict) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def _chat_messages(messages: list[OllamaMessage]) -> list[dict]:
+BASE64 = "the base64 image"  # what a load error calls an image (wrapped here into a data URL)
+
+
+def _image_parts(images: list[str], where: str, places: list) -> list[dict]:
+    """Ollama's base64 images -> the chat route's image parts (data URLs); their places are noted."""
+    places += [f"{where}[{k}]" for k in range(len(images))]
+    return [{"type": "image_url", "image_url": {"url": f"data:image/*;base64,{data}"}} for data in images]
+
+
+def _keep_images(prompt, ids: list) -> list:
+    """`ids` (`prompt` changed: an earlier context before it) with `prompt`'s images, if it has any."""
+    return ImagePrompt(ids, prompt.sources) if isinstance(prompt, ImagePrompt) else ids
+
+
+def _chat_messages(messages: list[OllamaMessage], places: list) -> list[dict]:
     out = []
     for i, m in enumerate(messages):
-        if m.images:
-            raise APIError(400, f"messages[{i}].images: this server is text-only", "messages")
         msg = {"role": m.role, "content": m.content}
         if m.tool_calls:
             msg["content"] = m.content or None
@@ -160,6 +178,9 @@ def _chat_messages(messages: list[OllamaMessage]) -> list[dict]:
                 args = fn.get("arguments", {})
                 msg["tool_calls"].append({"id": f"call_{i}_{k}", "type": "function", "function": {
                     "name": fn["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
+        if m.images:  # before the text, as Ollama puts them
+            text = [{"type": "text", "text": m.content}] if m.content else []
+            msg["content"] = _image_parts(m.images, f"messages[{i}].images", places) + text
         if m.role == "tool":  # Ollama answers a call by the tool's name; chat templates take an id
             msg["tool_call_id"] = m.tool_name or ""
         out.append(msg)
@@ -189,49 +210,66 @@ async def chat(state: ServerState, body: ChatBody, request):
     if not body.messages:  # Ollama loads the model and answers at once
         return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
-    fields = _sampling(body, {"model": name, "messages": _chat_messages(body.messages)})
+    places = []
+    fields = _sampling(body, {"model": name, "messages": _chat_messages(body.messages, places)})
     if body.tools:
         fields["tools"] = body.tools
     oa = validated(ChatCompletionRequest, fields, "messages")
     ids = encode_chat(state, oa)
-    return await _run(state, body, oa, ids, request, chat=True)
+    return await _run(state, body, oa, ids, request, chat=True, places=places)
 
 
 async def generate(state: ServerState, body: GenerateBody, request):
     name = served(state, body.model)
-    if body.images:
-        raise APIError(400, "images: this server is text-only", "images")
     need_tokenizer(state, "prompt")
     if not body.prompt and body.suffix is None:  # Ollama loads the model and answers at once
         return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    places, images = [], body.images or []
+    if images and body.suffix is not None:
+        raise APIError(400, "images cannot be combined with suffix (insert mode takes text only)", "images")
     if body.suffix is not None or body.raw:
         fields = _sampling(body, {"model": name, "prompt": body.prompt, "suffix": body.suffix or None})
         if fields.get("response_format"):
             raise APIError(400, "format works with a templated prompt; send raw: false and no suffix", "format")
         oa = validated(CompletionRequest, {**fields, "prompt": [0]}, "prompt")  # ids are set below
+        prompt, mark = body.prompt, state.image_placeholder
+        if images and mark not in prompt:  # a raw prompt that names no image: they lead it
+            prompt = mark * len(images) + prompt
         try:
-            ids = state.tokenizer.encode(body.prompt)
+            ids = state.tokenizer.encode(prompt)
         except ValueError as e:
             raise APIError(400, f"prompt: {e}", "prompt") from None
         if body.suffix:
             return await _infill(state, body, oa, ids, request)
-        return await _run(state, body, oa, list(body.context or ()) + ids, request, chat=False)
+        if images:
+            ids = ImagePrompt(ids, [p["image_url"]["url"] for p in _image_parts(images, "images", places)])
+        return await _run(state, body, oa, _keep_images(ids, list(body.context or ()) + ids), request, chat=False,
+                          places=places)
+    text = [{"type": "text", "text": body.prompt}] if body.prompt else []
+    content = _image_parts(images, "images", places) + text if images else body.prompt
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-        [{"role": "user", "content": body.prompt}]
+        [{"role": "user", "content": content}]
     need_chat_template(state, "prompt")
     oa = validated(ChatCompletionRequest, _sampling(body, {"model": name, "messages": messages}), "prompt")
     ids = encode_chat(state, oa, "prompt")
     if body.context:  # Ollama's deprecated conversational memory: this turn goes on from the earlier one
         bos = state.tokenizer.bos_id
-        ids = list(body.context) + (ids[1:] if bos is not None and ids[:1] == [bos] else ids)
-    return await _run(state, body, oa, ids, request, chat=False, context=True)
+        ids = _keep_images(ids, list(body.context) + (ids[1:] if bos is not None and ids[:1] == [bos] else ids))
+    return await _run(state, body, oa, ids, request, chat=False, context=True, places=places)
 
 
-async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, context: bool = False):
+async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, context: bool = False,
+               places: list = ()):
     """context: the final line carries Ollama's `context` (the prompt's and the reply's ids: a templated
-    /api/generate reply, which a client may send back to go on from it)."""
+    /api/generate reply, which a client may send back to go on from it). places: where each image came
+    from (load errors name it)."""
     start = time.perf_counter()
-    choices = await asyncio.to_thread(prepare, state, oa, [ids])
+    prompts = [ids]
+    try:
+        choices = await asyncio.to_thread(prepare, state, oa, prompts)
+    except APIError as e:
+        raise image_error_at(e, places, BASE64) from None
+    ids = prompts[0]  # images expanded to their soft tokens
     replies = tool_replies(state, oa, choices) if chat else {}
     c = choices[0]
     c.tracker.stops = [s for s in (body.options.stop if body.options else None) or [] if s]
@@ -340,6 +378,8 @@ def show(state: ServerState, body: ShowBody) -> dict:
         caps.append("tools")
     if template and state.thoughts is not None:  # Open WebUI offers its think toggle for these
         caps.append("thinking")
+    if state.vision is not None and state.vision.available:  # a vision tower and its weights: clients offer
+        caps.append("vision")  # image upload for these
     d = state.defaults
     return {"modelfile": f"FROM {name}\n", "template": template if isinstance(template, str) else "",
             "parameters": f"temperature {d.t_max}\nnum_predict {d.max_new_tokens}",

@@ -321,10 +321,23 @@ class InputText(_Strict):
     text: str
 
 
+class InputImage(_Strict):
+    """An image part: `image_url` a data URL or an http(s) URL (a `file_id` alone is refused: there is no
+    file store); it becomes the chat route's image part."""
+
+    type: Literal["input_image"]
+    image_url: str | None = Field(None, max_length=1 << 26)
+    file_id: str | None = Field(None, max_length=256)
+    detail: Literal["auto", "low", "high", "original"] | None = None  # accepted; every image gets the processor's size
+
+
+InputContent = Annotated[InputText | InputImage, Field(discriminator="type")]
+
+
 class InputMessage(_Strict):
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[InputText]
+    content: str | list[InputContent]
 
 
 class FunctionCallItem(_Strict):

@@ -17,6 +17,11 @@ turns (input and output, without the earlier `instructions`) come before the new
 DELETE /v1/responses/{id} read and drop one. Streaming sends the Responses event sequence (response.created ... response.completed, each with a
 `sequence_number`). Text streams as canvases commit; a reply that may hold tool calls is sent whole
 once it is complete.
+
+An `input_image` part (`image_url`: a data URL or an http(s) URL; `detail` is accepted, every image gets
+the processor's size) becomes the chat route's image part, in place among the message's text; an image
+that does not load is a 400 naming it (`input[i].content[k]`). A `file_id` alone is refused (there is no
+file store).
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ import json
 import time
 import uuid
 
-from .protocol import ChatCompletionRequest, ResponsesRequest
-from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare, run_choices,
-                      run_to_end, thought_tokens, usage, validated)
+from .protocol import ChatCompletionRequest, InputImage, ResponsesRequest
+from .serving import (APIError, ServerState, encode_chat, image_error_at, need_chat_template, need_tokenizer, prepare,
+                      run_choices, run_to_end, thought_tokens, usage, validated)
 from .tools import reply_message, tool_replies
 
 
@@ -51,21 +56,24 @@ def store(state: ServerState, response: dict, turns: list) -> None:
         state.response_store.popitem(last=False)
 
 
-def to_chat(body: ResponsesRequest, history: list | None = None) -> tuple[ChatCompletionRequest, list]:
+def to_chat(body: ResponsesRequest, history: list | None = None,
+            places: list | None = None) -> tuple[ChatCompletionRequest, list]:
     """The chat completion body that asks for what `body` asks for, after the `history` turns (chat
-    messages), and the turns this request adds (its input, without the instructions)."""
+    messages), and the turns this request adds (its input, without the instructions); `places` gets where
+    each image came from, in prompt order (`image_error_at`)."""
+    places = [] if places is None else places
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages += [dict(m) for m in history or []]
+    places += ["previous_response_id: an image of an earlier turn"] * sum(map(_image_count, history or []))
     first_new = len(messages)
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
-    for item in items:
+    for n, item in enumerate(items):
         if isinstance(item, dict):
             messages.append(item)
         elif item.type == "reasoning":  # an earlier thought: the template leaves those out
             continue
         elif item.type == "message":
-            content = item.content if isinstance(item.content, str) else "\n".join(p.text for p in item.content)
-            messages.append({"role": item.role, "content": content})
+            messages.append({"role": item.role, "content": _content(item.content, f"input[{n}].content", places)})
         elif item.type == "function_call":
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             last = messages[-1] if messages else None
@@ -104,6 +112,32 @@ def to_chat(body: ResponsesRequest, history: list | None = None) -> tuple[ChatCo
     elif fmt is not None and fmt.type == "json_object":
         fields["response_format"] = {"type": "json_object"}
     return validated(ChatCompletionRequest, fields, "input"), turns
+
+
+def _content(content, where: str, places: list) -> str | list[dict]:
+    """A message item's content -> chat content: its text (parts joined as the chat route joins them), or
+    with images the text and image parts in order."""
+    if isinstance(content, str):
+        return content
+    if not any(isinstance(p, InputImage) for p in content):
+        return "\n".join(p.text for p in content)
+    parts = []
+    for k, p in enumerate(content):
+        if not isinstance(p, InputImage):
+            parts.append({"type": "text", "text": p.text})
+            continue
+        if not p.image_url:
+            what = "only a file_id (this server has no file store)" if p.file_id else "no image_url"
+            raise APIError(400, f"{where}[{k}]: an input_image with {what}; send image_url, a data URL "
+                                "(data:image/png;base64,...) or an http(s) URL", "input")
+        places.append(f"{where}[{k}]")
+        parts.append({"type": "image_url", "image_url": {"url": p.image_url}})
+    return parts
+
+
+def _image_count(message: dict) -> int:
+    content = message.get("content")
+    return sum(p.get("type") == "image_url" for p in content) if isinstance(content, list) else 0
 
 
 def _item_id(prefix: str) -> str:
@@ -186,15 +220,18 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     need_chat_template(state, "input")
     history = stored(state, body.previous_response_id, "previous_response_id")["turns"] \
         if body.previous_response_id is not None else []
-    chat, turns = to_chat(body, history)
+    places = []
+    chat, turns = to_chat(body, history, places)
     ids = encode_chat(state, chat, "input")
+    prompts = [ids]
     try:
-        choices = await asyncio.to_thread(prepare, state, chat, [ids])
+        choices = await asyncio.to_thread(prepare, state, chat, prompts)
     except APIError as e:  # name the Responses field, not the chat field it became
         if e.param in CHAT_TO_RESPONSES:
             e.message = e.message.replace(e.param, CHAT_TO_RESPONSES[e.param])
             e.param = CHAT_TO_RESPONSES[e.param]
-        raise
+        raise image_error_at(e, places) from None
+    ids = prompts[0]  # images expanded to their soft tokens
     replies = tool_replies(state, chat, choices)
     rid, created = _item_id("resp"), int(time.time())
     if body.stream:

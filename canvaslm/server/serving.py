@@ -444,6 +444,17 @@ def load_images(state: ServerState, body: _Common, prompts: list) -> None:
         prompts[k].images = images
 
 
+def image_error_at(e: APIError, places: list, data_url: str | None = None) -> APIError:
+    """`e`, when it is about image k ("image k: ...", as serving.load_images reports it), about places[k]
+    instead: the field of the translated body that image came from. `data_url`: what to call "the data URL"
+    (for images that were sent as base64 and wrapped into one here)."""
+    head, sep, rest = e.message.partition(": ")
+    k = head.removeprefix("image ")
+    if sep and head.startswith("image ") and k.isdigit() and int(k) < len(places):
+        e.message = f"{places[int(k)]}: {rest.replace('the data URL', data_url) if data_url else rest}"
+    return e
+
+
 def check_in_vocab(state: ServerState, ids, field: str, what: str) -> None:
     """A 400 naming `field` when some of `ids` are outside this model's vocabulary ("{what} [...] are ...")."""
     bad = [t for t in ids if not 0 <= t < state.vocab_size]

@@ -1,12 +1,21 @@
 """Images over HTTP: OpenAI chat `image_url` parts (data URLs, http URLs, allowed local files) through the
-official client, against the same request through `LLM.chat`; clear 400s for bad images."""
+official client, against the same request through `LLM.chat`; clear 400s for bad images. Then the other
+APIs, sent as their official clients send them: Anthropic `image` blocks, Ollama `images`, Responses
+`input_image` parts and /tokenize messages. Each is translated into the chat route's image parts, so a
+request must mean exactly what its /v1/chat/completions twin means (same reply for the same seed, same
+prompt length with the images' soft tokens); a bad image is a 400 in the API's own error body naming the
+field it came from, and the server goes on serving."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
 import io
 import json
+import threading
 
+import httpx
 import pytest
 import torch
 from conftest import build_mm_reference
@@ -110,9 +119,6 @@ def test_props_says_vision(server):
 
 
 def test_image_urls_files_and_streaming(server, vision_dir):
-    import http.server
-    import threading
-
     client = client_of(server)
     picture = (vision_dir / "pics" / "a.png").read_bytes()
     base = client.chat.completions.create(model=MODEL, messages=messages(data_url(picture)), seed=1, max_tokens=16)
@@ -121,24 +127,8 @@ def test_image_urls_files_and_streaming(server, vision_dir):
                                            seed=1, max_tokens=16)
     assert local.choices[0].message.content == base.choices[0].message.content
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(picture)))
-            self.end_headers()
-            self.wfile.write(picture)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/a.png"
+    with served_png(picture) as url:
         fetched = client.chat.completions.create(model=MODEL, messages=messages(url), seed=1, max_tokens=16)
-    finally:
-        httpd.shutdown()
     assert fetched.choices[0].message.content == base.choices[0].message.content
     stream = client.chat.completions.create(model=MODEL, messages=messages(data_url(picture)), seed=1, max_tokens=16,
                                             stream=True)
@@ -204,3 +194,239 @@ def test_terminal_chat_attaches_images_and_reuses_them_across_turns(vision_dir, 
                                    SamplingParams(max_new_tokens=16, seed=2), max_batch=1,
                                    max_model_len=llm.cfg.max_position_embeddings, prefill_chunk=16, use_tqdm=False)[0]
     assert out.splitlines()[0] == want.text and stats[0][0] == len(want.prompt_ids)
+
+
+# ---------------------------------------------------------------- the other APIs
+
+
+NOT_AN_IMAGE = base64.b64encode(b"not an image").decode()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@contextlib.contextmanager
+def served_png(data: bytes):
+    """An http URL that serves `data` as a PNG."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/pic.png"
+    finally:
+        httpd.shutdown()
+
+
+def reference(server, msgs, seed: int, max_tokens: int = 16):
+    return client_of(server).chat.completions.create(model=MODEL, messages=msgs, seed=seed, max_tokens=max_tokens)
+
+
+def tokenized(server, msgs) -> dict:
+    r = httpx.post(server.base_url + "/tokenize", json={"model": MODEL, "messages": msgs}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_anthropic_image_blocks(server):
+    anthropic = pytest.importorskip("anthropic")
+    a = anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+    small, big = png(50, 70, 3), png(100, 20, 6)  # 63 and 54 soft tokens
+
+    def blocks(source):
+        return [{"role": "user", "content": [{"type": "text", "text": "What is in it?"},
+                                             {"type": "image", "source": source}]}]
+
+    for pic, seed in ((small, 5), (big, 6)):
+        msgs = blocks({"type": "base64", "media_type": "image/png", "data": b64(pic)})
+        got = a.messages.create(model=MODEL, max_tokens=16, messages=msgs, extra_body={"seed": seed})
+        want = reference(server, messages(data_url(pic)), seed)
+        assert "".join(b.text for b in got.content) == want.choices[0].message.content
+        assert got.usage.input_tokens + got.usage.cache_read_input_tokens == want.usage.prompt_tokens
+        assert a.messages.count_tokens(model=MODEL, messages=msgs).input_tokens == want.usage.prompt_tokens
+    # the wide picture has fewer soft tokens (54 to 63): a shorter prompt
+    counts = [a.messages.count_tokens(model=MODEL, messages=blocks({"type": "base64", "media_type": "image/png",
+                                                                    "data": b64(p)})).input_tokens
+              for p in (small, big)]
+    text_only = a.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "What is in it?"}])
+    assert text_only.input_tokens < counts[1] < counts[0]
+    with served_png(small) as url:  # a url source: the same image
+        got = a.messages.create(model=MODEL, max_tokens=16, messages=blocks({"type": "url", "url": url}),
+                                extra_body={"seed": 5})
+    assert "".join(b.text for b in got.content) == reference(server, messages(data_url(small)), 5) \
+        .choices[0].message.content
+    # an image in a tool result goes where the tool message goes (before the turn's text), in block order
+    history = [{"role": "user", "content": "look"},
+               {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "snap", "input": {}}]},
+               {"role": "user", "content": [
+                   {"type": "text", "text": "and this"},
+                   {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(big)}},
+                   {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                       {"type": "text", "text": "snapped"},
+                       {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                    "data": b64(small)}}]}]}]
+    chat = [{"role": "user", "content": "look"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "toolu_1", "type": "function", "function": {"name": "snap", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": [
+                {"type": "text", "text": "snapped"}, {"type": "image_url", "image_url": {"url": data_url(small)}}]},
+            {"role": "user", "content": [{"type": "text", "text": "and this"},
+                                         {"type": "image_url", "image_url": {"url": data_url(big)}}]}]
+    assert a.messages.count_tokens(model=MODEL, messages=history).input_tokens == tokenized(server, chat)["count"]
+    # bad images: Anthropic's error body, naming the block the image came from
+    history[2]["content"][2]["content"][1]["source"]["data"] = NOT_AN_IMAGE
+    cases = [
+        (history, "messages[2].content[2].content[1].source.data: the base64 data is not an image"),
+        (blocks({"type": "base64", "media_type": "image/png", "data": NOT_AN_IMAGE}),
+         "messages[0].content[1].source.data: the base64 data is not an image"),
+        (blocks({"type": "file", "file_id": "file_011"}), "messages[0].content[1].source.type: 'file'"),
+        (blocks({"type": "url"}), "messages[0].content[1].source: a url image source needs a url"),
+        ([{"role": "assistant", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                          "data": b64(small)}}]}],
+         "messages[0].content[0]: 'image' blocks are not supported in assistant turns"),
+    ]
+    for msgs, needle in cases:
+        for call in (a.messages.create, a.messages.count_tokens):
+            kw = {"max_tokens": 4} if call == a.messages.create else {}
+            with pytest.raises(anthropic.BadRequestError) as e:
+                call(model=MODEL, messages=msgs, **kw)
+            assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+            assert needle in e.value.body["error"]["message"], e.value.body
+    ok = a.messages.create(model=MODEL, max_tokens=4, messages=blocks(
+        {"type": "base64", "media_type": "image/png", "data": b64(png(20, 20, 0))}))
+    assert ok.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_ollama_images(server, vision_dir):
+    ollama = pytest.importorskip("ollama")
+    from canvaslm.llm import LLM, SamplingParams
+
+    o = ollama.Client(host=server.base_url, timeout=60)
+    small, big = png(50, 70, 3), png(100, 20, 6)  # 63 and 54 soft tokens
+    opts = {"seed": 7, "num_predict": 16}
+
+    def image_first(pic):  # a message's images go before its text, as Ollama puts them
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(pic)}},
+                                             {"type": "text", "text": "What is in it?"}]}]
+
+    got = o.chat(model=MODEL, messages=[{"role": "user", "content": "What is in it?", "images": [small]}],
+                 options=opts, stream=False)
+    want = reference(server, image_first(small), 7)
+    assert got.message.content == want.choices[0].message.content
+    assert got.prompt_eval_count <= want.usage.prompt_tokens
+    streamed = o.chat(model=MODEL, messages=[{"role": "user", "content": "What is in it?", "images": [small]}],
+                      options=opts, stream=True)
+    assert "".join(p.message.content for p in streamed) == got.message.content
+    # /api/generate: the images go into the templated user message likewise; `context` shows the prompt
+    for pic in (small, big):
+        gen = o.generate(model=MODEL, prompt="What is in it?", images=[pic], options=opts)
+        want = reference(server, image_first(pic), 7)
+        assert gen.response == want.choices[0].message.content
+        assert len(gen.context) - gen.eval_count == want.usage.prompt_tokens
+    # raw: the images lead the prompt (or go where it holds the image token's text), as LLM.generate takes them
+    llm = LLM(vision_dir, device="cpu")
+    llm.defaults = DEFAULTS
+    ref = llm.generate({"prompt": "<|image|>What is in it?", "multi_modal_data": {"image": small}},
+                       SamplingParams(seed=7, max_new_tokens=16))[0]
+    for prompt in ("What is in it?", "<|image|>What is in it?"):
+        raw = o.generate(model=MODEL, prompt=prompt, images=[small], raw=True, options=opts)
+        assert raw.response == ref.text and raw.eval_count == len(ref.token_ids)
+    ref2 = llm.generate({"prompt": "Compare <|image|> with <|image|>", "multi_modal_data": {"image": [small, big]}},
+                        SamplingParams(seed=7, max_new_tokens=16))[0]
+    assert o.generate(model=MODEL, prompt="Compare <|image|> with <|image|>", images=[small, big], raw=True,
+                      options=opts).response == ref2.text
+    assert "vision" in o.show(MODEL).capabilities
+    # bad images: Ollama's {"error"} body naming the image; the server still serves
+    cases = [
+        ("/api/chat", {"messages": [{"role": "user", "content": "x"},
+                                    {"role": "user", "content": "y", "images": [b64(small), NOT_AN_IMAGE]}]},
+         "messages[1].images[1]: the base64 image is not an image"),
+        ("/api/chat", {"messages": [{"role": "user", "content": "x", "images": ["%%%"]}]},
+         "messages[0].images[0]: the base64 image is not valid base64"),
+        ("/api/generate", {"prompt": "x", "images": [NOT_AN_IMAGE]}, "images[0]: the base64 image is not an image"),
+        ("/api/generate", {"prompt": "x", "raw": True, "images": [b64(small), NOT_AN_IMAGE]},
+         "images[1]: the base64 image is not an image"),
+        ("/api/generate", {"prompt": "<|image|>x", "raw": True, "images": [b64(small)] * 2},
+         "1 image placeholder token(s)"),
+        ("/api/generate", {"prompt": "x", "suffix": "y", "images": [b64(small)]}, "images cannot be combined"),
+    ]
+    for route, body, needle in cases:
+        r = httpx.post(server.base_url + route, json={"model": MODEL, "stream": False, **body}, timeout=60)
+        assert r.status_code == 400 and set(r.json()) == {"error"} and needle in r.json()["error"], r.text
+    assert o.chat(model=MODEL, messages=[{"role": "user", "content": "x", "images": [png(20, 20, 0)]}],
+                  options={"num_predict": 4}).done
+
+
+def test_responses_input_image_parts(server):
+    import openai
+
+    client = client_of(server)
+    pic = png(50, 70, 3)
+
+    def parts(url, text="What is in it?"):
+        return [{"role": "user", "content": [{"type": "input_text", "text": text},
+                                             {"type": "input_image", "image_url": url, "detail": "auto"}]}]
+
+    r = client.responses.create(model=MODEL, input=parts(data_url(pic)), max_output_tokens=16, extra_body={"seed": 8})
+    want = reference(server, messages(data_url(pic)), 8)
+    assert r.output_text == want.choices[0].message.content
+    assert r.usage.input_tokens == want.usage.prompt_tokens
+    with served_png(pic) as url:  # an http(s) URL: the same image
+        fetched = client.responses.create(model=MODEL, input=parts(url), max_output_tokens=16, extra_body={"seed": 8})
+    assert fetched.output_text == r.output_text
+    other = client.responses.create(model=MODEL, input=parts(data_url(png(100, 20, 6))), max_output_tokens=16,
+                                    extra_body={"seed": 8})
+    assert other.usage.input_tokens < r.usage.input_tokens  # fewer soft tokens
+    # the stored turns keep the image: a follow-up means the whole conversation
+    follow = client.responses.create(model=MODEL, input="And the colours?", previous_response_id=r.id,
+                                     max_output_tokens=16, extra_body={"seed": 9})
+    whole = messages(data_url(pic)) + [{"role": "assistant", "content": r.output_text},
+                                       {"role": "user", "content": "And the colours?"}]
+    want = reference(server, whole, 9)
+    assert follow.output_text == want.choices[0].message.content
+    assert follow.usage.input_tokens == want.usage.prompt_tokens
+    cases = [
+        (parts(data_url(b"not an image")), "input[0].content[1]: the data URL is not an image"),
+        ([{"role": "user", "content": [{"type": "input_image", "file_id": "file-abc", "detail": "auto"}]}],
+         "input[0].content[0]: an input_image with only a file_id"),
+        ([{"role": "user", "content": "hi"}, {"role": "user", "content": [
+            {"type": "input_image", "image_url": data_url(pic), "detail": "low"},
+            {"type": "input_image", "image_url": "http://127.0.0.1:9/none.png", "detail": "high"}]}],
+         "input[1].content[1]: fetching"),
+    ]
+    for items, needle in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=MODEL, input=items, max_output_tokens=4)
+        assert needle in e.value.body["message"] and e.value.body["param"] == "input", e.value.body
+    with served_png(pic) as url:
+        gone = client.responses.create(model=MODEL, input=parts(url), max_output_tokens=4)
+    with pytest.raises(openai.BadRequestError) as e:  # an earlier turn's image that no longer loads
+        client.responses.create(model=MODEL, input="more", previous_response_id=gone.id, max_output_tokens=4)
+    assert e.value.body["message"].startswith("previous_response_id: an image of an earlier turn: fetching")
+    assert client.responses.create(model=MODEL, input=parts(data_url(png(20, 20, 0))), max_output_tokens=4).output
+
+
+def test_tokenize_expands_images(server):
+    from canvaslm.testing import SPECIALS
+
+    boi, img, eoi = ((SPECIALS + IMAGE_SPECIALS).index(t) for t in IMAGE_SPECIALS)
+    pic = png(50, 70, 3)
+    got = tokenized(server, messages(data_url(pic)))
+    want = reference(server, messages(data_url(pic)), 1, max_tokens=4)
+    assert got["count"] == len(got["tokens"]) == want.usage.prompt_tokens
+    text = tokenized(server, [{"role": "user", "content": "What is in it?\n<|image|>"}])["tokens"]  # as a text
+    at, n = text.index(img), got["count"] - len(text) - 1  # the placeholder became boi + n image tokens + eoi
+    assert n > 1 and got["tokens"] == text[:at] + [boi] + [img] * n + [eoi] + text[at + 1:]
+    r = httpx.post(server.base_url + "/tokenize", json={"messages": messages(data_url(b"nope"))}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "image 0: the data URL is not an image" in r.json()["error"]["message"]

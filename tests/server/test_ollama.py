@@ -114,6 +114,7 @@ def test_models_show_version_and_embeddings(server):
     info = o.show(MODEL)
     assert "completion" in info.capabilities and info.modelinfo["diffusion_gemma.context_length"] == 512
     assert "thinking" not in info.capabilities  # no thought channel tokens in this vocabulary
+    assert "vision" not in info.capabilities  # a vision config, but no vision tower weights
     assert httpx.get(server.base_url + "/api/version").json()["version"]
     assert [m.model for m in o.ps().models] == names
     emb = o.embed(model=MODEL, input=["hello", "world"])
@@ -135,7 +136,7 @@ def test_tool_calls_come_back_as_ollama_writes_them():
 @pytest.mark.parametrize("route,body,status,needle", [
     ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model 'nope' not found"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["AA=="]}]}, 400,
-     "text-only"),
+     "cannot read images"),
     ("/api/generate", {"model": MODEL, "prompt": "x", "raw": True, "think": True}, 400,
      "think needs the chat template"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [
