@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import read_json
+
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 BICUBIC = 3  # PIL's number for bicubic resampling, as `resample` is written in processor configs
 _ACCEPTED_TYPES = ("Gemma4ImageProcessor", "Gemma4ImageProcessorPil", "Gemma4ImageProcessorFast")
@@ -119,12 +121,7 @@ def _read_settings(model_dir: Path) -> tuple[Path, dict] | None:
         path = model_dir / name
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: malformed JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json(path)
         if key is None:
             return path, data
         if key in data:

@@ -15,8 +15,11 @@ ROWS_PER_BLOCK = 64  # positions per log-softmax block (64 x 262k fp32 = 67 MB)
 
 
 @torch.no_grad()
-def encode_rows(model, rows: list) -> torch.Tensor:
-    """Hidden states [B, T, d] of token rows (each from position 0) under one causal encoder pass."""
+def encode_rows(model, rows: list, images: list | None = None) -> torch.Tensor:
+    """Hidden states [B, T, d] of token rows (each from position 0) under one causal encoder pass.
+    images: per row, the multimodal.ImageInputs of its image positions (or None)."""
+    from .multimodal import encoder_images
+
     device = model.embed_weight.device
     B, T = len(rows), max(len(r) for r in rows)
     tokens = torch.zeros(B, T, dtype=torch.long)
@@ -25,23 +28,28 @@ def encode_rows(model, rows: list) -> torch.Tensor:
         tokens[b, :len(r)] = torch.tensor(r)
         positions[b, :len(r)] = torch.arange(len(r))
     cache = KVCache(model.cfg, B, T, dtype=model.embed_weight.dtype, device=device)
-    return model.encode(tokens.to(device), positions.to(device), torch.arange(B, device=device), cache, fresh=True)
+    embeds, mask = encoder_images([(b, im, 0, len(r)) for b, (r, im) in enumerate(zip(rows, images or [None] * B))],
+                                  B, T, device)
+    return model.encode(tokens.to(device), positions.to(device), torch.arange(B, device=device), cache, fresh=True,
+                        image_embeds=embeds, image_mask=mask)
 
 
 @torch.no_grad()
 def batch_token_logprobs(model, seqs: list, starts: list, top_k: int = 0, batch_size: int = 16,
-                         progress=None, ranks: bool = False) -> list:
+                         progress=None, ranks: bool = False, images: list | None = None) -> list:
     """For each sequence `ids` and its `start`, at positions t = start..len(ids)-1: log p(ids[t] | ids[:t])
     and the top_k alternatives as [(id, log-prob)] (most likely first); `batch_size` sequences per
     encoder call, `progress(n)` after each. -> [(logprobs, tops)], or with `ranks` [(logprobs, tops,
-    ranks)], where a token's rank is 1 + how many tokens are more likely than it there."""
+    ranks)], where a token's rank is 1 + how many tokens are more likely than it there. images: per
+    sequence, the ImageInputs of its prompt's image positions (or None)."""
+    images = images or [None] * len(seqs)
     for ids, start in zip(seqs, starts):
         if not 1 <= start <= len(ids):
             raise ValueError(f"token_logprobs: start={start} must be in [1, {len(ids)}]")
     out = []
     for lo in range(0, len(seqs), batch_size):
         group = list(zip(seqs[lo:lo + batch_size], starts[lo:lo + batch_size]))
-        hidden = encode_rows(model, [list(ids) for ids, _ in group])
+        hidden = encode_rows(model, [list(ids) for ids, _ in group], images[lo:lo + batch_size])
         for b, (ids, start) in enumerate(group):
             out.append(_block_logprobs(model, hidden[b, start - 1:len(ids) - 1], list(ids[start:]), top_k, ranks)
                        if start < len(ids) else ([], [], []) if ranks else ([], []))

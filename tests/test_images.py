@@ -236,7 +236,7 @@ def test_from_dir_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"preprocessor_config\.json: max_soft_tokens must be one of"):
         ImageProcessorConfig.from_dir(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text("{nope", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"preprocessor_config\.json: malformed JSON"):
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: not valid JSON"):
         ImageProcessorConfig.from_dir(tmp_path)
     with pytest.raises(ValueError, match="max_soft_tokens must be one of"):
         ImageProcessorConfig(max_soft_tokens=64)

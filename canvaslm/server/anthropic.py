@@ -43,8 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest
-from .serving import (APIError, ServerState, encode_chat, image_error_at, load_images, need_chat_template, prepare,
-                      run_choices, run_to_end, validated)
+from .serving import (APIError, ServerState, encode_chat, image_error_at, load_images, need_chat_template,
+                      prepare_translated, run_choices, run_to_end, validated)
 from .tools import arguments_object, reply_message, tool_replies
 
 MAX_STOP_SEQUENCES = 16
@@ -292,10 +292,7 @@ async def create_message(state: ServerState, body: MessagesRequest, request):
         raise APIError(400, "stop_sequences would cut a forced tool call's input; send none with tool_choice "
                             "any or tool", "stop_sequences")
     prompts = [ids]
-    try:
-        choices = await asyncio.to_thread(prepare, state, chat, prompts)
-    except APIError as e:
-        raise image_error_at(e, places, BASE64) from None
+    choices = await prepare_translated(state, chat, prompts, places, BASE64)
     ids = prompts[0]  # images expanded to their soft tokens
     replies = tool_replies(state, chat, choices)
     c = choices[0]

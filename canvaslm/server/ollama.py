@@ -30,7 +30,6 @@ on from it. A model is named by the served name, with or without a `:tag`. Error
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -42,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest, CompletionRequest
-from .serving import (APIError, ServerState, encode_chat, image_error_at, need_chat_template, need_tokenizer, prepare,
+from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
                       run_choices, run_to_end, validated)
 from .tools import arguments_object, reply_message, tool_replies
 
@@ -265,10 +264,7 @@ async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, con
     from (load errors name it)."""
     start = time.perf_counter()
     prompts = [ids]
-    try:
-        choices = await asyncio.to_thread(prepare, state, oa, prompts)
-    except APIError as e:
-        raise image_error_at(e, places, BASE64) from None
+    choices = await prepare_translated(state, oa, prompts, places, BASE64)
     ids = prompts[0]  # images expanded to their soft tokens
     replies = tool_replies(state, oa, choices) if chat else {}
     c = choices[0]

@@ -26,14 +26,13 @@ file store).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
 import uuid
 
 from .protocol import ChatCompletionRequest, InputImage, ResponsesRequest
-from .serving import (APIError, ServerState, encode_chat, image_error_at, need_chat_template, need_tokenizer, prepare,
+from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
                       run_choices, run_to_end, thought_tokens, usage, validated)
 from .tools import reply_message, tool_replies
 
@@ -224,13 +223,12 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     chat, turns = to_chat(body, history, places)
     ids = encode_chat(state, chat, "input")
     prompts = [ids]
-    try:
-        choices = await asyncio.to_thread(prepare, state, chat, prompts)
-    except APIError as e:  # name the Responses field, not the chat field it became
+    def rename(e: APIError) -> None:  # name the Responses field, not the chat field it became
         if e.param in CHAT_TO_RESPONSES:
             e.message = e.message.replace(e.param, CHAT_TO_RESPONSES[e.param])
             e.param = CHAT_TO_RESPONSES[e.param]
-        raise image_error_at(e, places) from None
+
+    choices = await prepare_translated(state, chat, prompts, places, rename=rename)
     ids = prompts[0]  # images expanded to their soft tokens
     replies = tool_replies(state, chat, choices)
     rid, created = _item_id("resp"), int(time.time())

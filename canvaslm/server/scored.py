@@ -95,7 +95,8 @@ async def chat_logprobs_many(state: ServerState, model: str, replies: list, top_
     outs = [list(ids[:-1]) if ids and ids[-1] in eos else list(ids) for _, ids in replies]
     seqs = [list(prompt) + ids for (prompt, _), ids in zip(replies, outs)]
     starts = [len(prompt) for prompt, _ in replies]
-    fut = state.engine_call(model, lambda m: batch_token_logprobs(m, seqs, starts, top_k))
+    images = [getattr(prompt, "images", None) for prompt, _ in replies]  # an image prompt's soft tokens
+    fut = state.engine_call(model, lambda m: batch_token_logprobs(m, seqs, starts, top_k, images=images))
     scored = await asyncio.wrap_future(fut)
 
     def entry(t, lp):
@@ -121,8 +122,9 @@ async def prompt_logprobs(state: ServerState, model: str, prompts: list, top_k: 
     "decoded_token"}}, ...], one entry per prompt token (the first has nothing before it), holding the
     token itself (its rank among the whole vocabulary) and the top_k most likely tokens there."""
     need_tokenizer(state, "prompt_logprobs")
+    images = [getattr(p, "images", None) for p in prompts]
     fut = state.engine_call(model, lambda m: batch_token_logprobs(m, [list(p) for p in prompts], [1] * len(prompts),
-                                                                  top_k, ranks=True))
+                                                                  top_k, ranks=True, images=images))
     scored = await asyncio.wrap_future(fut)
 
     def entry(lp, rank, t):

@@ -444,6 +444,18 @@ def load_images(state: ServerState, body: _Common, prompts: list) -> None:
         prompts[k].images = images
 
 
+async def prepare_translated(state: ServerState, body, prompts: list, places: list, data_url: str | None = None,
+                             rename=None) -> list[Choice]:
+    """`prepare` (in a worker thread) for a body translated from another API: a load error about image k
+    names places[k], the field it came from (`image_error_at`); `rename(e)` may first rename other fields."""
+    try:
+        return await asyncio.to_thread(prepare, state, body, prompts)
+    except APIError as e:
+        if rename is not None:
+            rename(e)
+        raise image_error_at(e, places, data_url) from None
+
+
 def image_error_at(e: APIError, places: list, data_url: str | None = None) -> APIError:
     """`e`, when it is about image k ("image k: ...", as serving.load_images reports it), about places[k]
     instead: the field of the translated body that image came from. `data_url`: what to call "the data URL"

@@ -430,3 +430,30 @@ def test_tokenize_expands_images(server):
     r = httpx.post(server.base_url + "/tokenize", json={"messages": messages(data_url(b"nope"))}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     assert "image 0: the data URL is not an image" in r.json()["error"]["message"]
+
+
+def test_logprobs_of_an_image_prompt_read_the_image(server, vision_dir):
+    """Chat `logprobs` and vLLM's `prompt_logprobs` score under the same encoder pass the reply was made with:
+    the image's soft tokens in place (not the placeholder embeddings)."""
+    from canvaslm.llm import LLM
+    from canvaslm.multimodal import image_parts_to_placeholders
+    from canvaslm.scoring import batch_token_logprobs
+
+    picture = data_url(png(40, 40, 11))
+    r = client_of(server).chat.completions.create(model=MODEL, messages=messages(picture), seed=2, max_tokens=16,
+                                                  logprobs=True, extra_body={"prompt_logprobs": 0})
+    got = [e.logprob for e in r.choices[0].logprobs.content]
+    llm = LLM(vision_dir, device="cpu")
+    msgs, srcs = image_parts_to_placeholders(messages(picture), llm.image_placeholder)
+    ids, images = llm.vision.prepare(llm.tokenizer.encode_chat(msgs), srcs)
+    out = [llm.tokenizer.token_to_id(e.token) for e in r.choices[0].logprobs.content]
+    assert len(got) == len(out) > 0
+    want, _ = batch_token_logprobs(llm.model, [ids + out], [len(ids)], images=[images])[0]
+    assert got == pytest.approx(want, abs=1e-4)
+    blind, _ = batch_token_logprobs(llm.model, [ids + out], [len(ids)])[0]  # placeholders only
+    assert max(abs(a - b) for a, b in zip(blind, want)) > 1e-3
+    prompt_lp = r.model_extra["prompt_logprobs"]
+    assert len(prompt_lp) == len(ids) and prompt_lp[0] is None
+    first_after = next(i for i, t in enumerate(ids) if t == llm.cfg.eoi_token_id) + 1  # the text after the image
+    p_want, _ = batch_token_logprobs(llm.model, [ids], [1], images=[images])[0]
+    assert prompt_lp[first_after][str(ids[first_after])]["logprob"] == pytest.approx(p_want[first_after - 1], abs=1e-4)
