@@ -118,8 +118,8 @@ class Vision:
             raise ValueError(f"max_images={max_images!r}: expected None or an int >= 0")
         self.model, self.cfg = model, model.cfg
         self.allowed_local_media_path, self.max_images = allowed_local_media_path, max_images
-        self.processor = (ImageProcessorConfig.from_dir(model_dir) if model_dir is not None and Path(model_dir).is_dir()
-                          else ImageProcessorConfig())
+        read = model_dir is not None and Path(model_dir).is_dir() and max_images != 0  # image=0: not even read
+        self.processor = ImageProcessorConfig.from_dir(model_dir) if read else ImageProcessorConfig()
         self._tower, self._lock = None, threading.Lock()
 
     @property

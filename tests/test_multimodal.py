@@ -314,3 +314,19 @@ def test_the_server_loads_the_tower_at_start_and_limits_images(vision_checkpoint
                 assert without["free"] - with_tower["free"] == held and without["vision"] == 0
         finally:
             state.engine.shutdown()
+
+
+def test_a_bad_processor_config_stops_the_server_unless_images_are_off(vision_checkpoint, tmp_path):
+    import shutil
+
+    from canvaslm.engine.engine import EngineConfig
+    from canvaslm.server.launch import build_state
+
+    path, _ = vision_checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / "processor_config.json").write_text('{"image_processor": {"max_soft_tokens": 100}}')
+    with pytest.raises(ValueError, match=r"processor_config\.json.*max_soft_tokens.*70, 140, 280"):
+        build_state(bad, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=256))
+    state = build_state(bad, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=256), max_images=0)
+    state.engine.shutdown()  # text only: the processor settings are not even read

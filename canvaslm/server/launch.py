@@ -69,7 +69,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
             raise ValueError(f"--lora-modules: {taken[0]!r} is the base model's served name")
         ids = install(model, adapters, config.slots, max_loras, max_lora_rank).ids
         loras = {a.name: (ids[a.name], a.path) for a in adapters}
-    vision = Vision(model, model_dir, allowed_local_media_path, max_images)  # a bad processor config fails here
+    vision = Vision(model, model_dir, allowed_local_media_path, max_images)  # a bad processor config fails here (image=0: unread)
     if vision.available:
         vision.tower()
     engine = Engine(model, config, history_depth=max(1, defaults.stability_threshold)).start()
