@@ -66,7 +66,8 @@ class ImagePrompt(list):
         self.images: ImageInputs | None = None  # set once loaded (server.serving.load_images)
 
 
-def _spans(positions: list[int]) -> list[tuple[int, int]]:
+def image_spans(positions: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive positions (one image's soft tokens)."""
     spans = []
     for p in positions:
         if spans and spans[-1][1] == p:
@@ -127,7 +128,8 @@ class Vision:
         """Images can be served: a vision tower in the checkpoint, and not switched off."""
         return bool(self.cfg.has_vision and getattr(self.model, "carried_tensors", None) and self.max_images != 0)
 
-    def _need(self) -> None:
+    def need(self) -> None:
+        """ImageError unless this model can read images."""
         if not self.cfg.has_vision:
             raise ImageError("this model has no vision tower (config.json has no vision_config): it takes text only")
         if not getattr(self.model, "carried_tensors", None):
@@ -135,6 +137,11 @@ class Vision:
                              "so it cannot read images")
         if self.cfg.image_token_id is None or not 0 <= self.cfg.image_token_id < self.cfg.vocab_size:
             raise ImageError(f"config.json: image_token_id={self.cfg.image_token_id} is outside the vocabulary")
+
+    def release(self) -> None:
+        """Forget the loaded tower (its memory goes back; the next image loads it again)."""
+        with self._lock:
+            self._tower = None
 
     def tower(self):
         with self._lock:
@@ -168,7 +175,7 @@ class Vision:
             if self.cfg.image_token_id in ids:
                 raise ImageError(f"the prompt holds image tokens (id {self.cfg.image_token_id}) but no image was given")
             return ids, None
-        self._need()
+        self.need()
         if self.max_images is not None and len(sources) > self.max_images:
             raise ImageError(f"{len(sources)} images in one prompt, over the limit of {self.max_images} "
                              "(--limit-mm-per-prompt)")
@@ -184,12 +191,12 @@ class Vision:
         if embeds.shape[0] != len(positions):
             raise ImageError(f"the vision tower gave {embeds.shape[0]} soft tokens for {len(positions)} image "
                              "positions")
-        return ids, ImageInputs(embeds, tuple(positions), tuple(_spans(positions)),
+        return ids, ImageInputs(embeds, tuple(positions), tuple(image_spans(positions)),
                                 tuple(p.digest for p in processed))
 
     def _expand(self, ids: list[int], counts: list[int]) -> list[int]:
         img = self.cfg.image_token_id
-        runs = _spans([i for i, t in enumerate(ids) if t == img])
+        runs = image_spans([i for i, t in enumerate(ids) if t == img])
         if [b - a for a, b in runs] == counts and all(n > 1 for n in counts):
             return ids  # already expanded (e.g. token ids from an earlier `prepare`)
         n = sum(b - a for a, b in runs)

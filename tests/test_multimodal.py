@@ -90,10 +90,10 @@ def test_image_blocks_are_runs_of_image_tokens():
 
 def fake_images(ids, d, seed, digest_base="img"):
     """ImageInputs for the IMG runs of `ids` with random soft tokens (what the vision tower would give)."""
-    from canvaslm.multimodal import ImageInputs, _spans
+    from canvaslm.multimodal import ImageInputs, image_spans
 
     pos = [i for i, t in enumerate(ids) if t == IMG]
-    spans = _spans(pos)
+    spans = image_spans(pos)
     emb = torch.randn(len(pos), d, generator=torch.Generator().manual_seed(seed)) * 3
     return ImageInputs(emb, tuple(pos), tuple(spans), tuple(f"{digest_base}{k}" for k in range(len(spans))))
 

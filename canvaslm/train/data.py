@@ -8,6 +8,10 @@ one example per assistant turn, the conversation before it as the prompt; TRL's 
 `module:function` returning a list of examples (pairs, or dicts as in the JSONL), or a Hugging Face
 dataset (`hf:owner/name`, or a mapping {dataset, subset, split, revision, columns, max_examples}) read
 with the `datasets` library, whose rows are those dicts (`columns` renames the dataset's columns).
+Images (with `vision`, a `vision.TrainVision`): chat messages may hold image parts (OpenAI `image_url`,
+{"type": "image", "image": src}, Responses `input_image`, or TRL's bare {"type": "image"} parts taking the
+row's `images` list in order), and any row may carry `images` for the image tokens of its prompt text or
+ids; such an example is an `ImageExample`: the pair, prompt expanded, plus its images.
 The order is a pure function of (seed, global example counter): step s of a run with global batch size
 G uses examples number s*G ... s*G+G-1 of an endless stream of shuffled epochs. Nothing about the order
 lives in a loader's state, so a resumed run sees exactly the examples it would have seen, whatever the
@@ -18,11 +22,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Callable
+from urllib.parse import unquote, urlparse
 
 import torch
 
+from ..multimodal import ImageError, image_parts_to_placeholders
 from ..tokenizer import tool_arguments_as_objects
 
 Example = tuple[list[int], list[int]]
@@ -32,15 +40,38 @@ class DataError(ValueError):
     """A data source cannot be read or holds a malformed example."""
 
 
-def _coerce(item, where: str, tokenizer) -> list[Example]:
+class ImageExample(tuple):
+    """An example whose prompt shows images: the (prompt_ids, response_ids) pair (it unpacks, indexes and
+    compares as the pair; text-only examples stay plain pairs), its prompt expanded (each image's
+    `boi + image_token * n + eoi`), and `images`: one `vision.TrainImage` per image, in prompt order."""
+
+    def __new__(cls, prompt, response, images):
+        self = super().__new__(cls, (prompt, response))
+        self.images = tuple(images)
+        return self
+
+    def __getnewargs__(self):
+        return self[0], self[1], self.images
+
+    def replace(self, prompt, response) -> "ImageExample":
+        """The same images with other ids (a transform's output: it must keep the image tokens)."""
+        return ImageExample(prompt, response, self.images)
+
+    def __repr__(self) -> str:
+        return f"ImageExample({self[0]!r}, {self[1]!r}, {len(self.images)} image(s))"
+
+
+def _coerce(item, where: str, tokenizer, vision=None, base: Path | None = None) -> list[Example]:
     if isinstance(item, dict) and "response" not in item and "completion" in item:  # TRL's name
         item = {**{k: v for k, v in item.items() if k != "completion"}, "response": item["completion"]}
     if isinstance(item, dict) and _is_messages(item.get("prompt")) and _is_messages(item.get("response")):
         # TRL's conversational prompt-completion: train the completion's assistant turns only
         earlier = [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in item["prompt"]]
-        item = {"messages": earlier + item["response"], **({"tools": item["tools"]} if "tools" in item else {})}
+        item = {"messages": earlier + item["response"], **{k: item[k] for k in ("tools", "images") if k in item}}
     if isinstance(item, dict) and "messages" in item:
-        return _chat_examples(item, where, tokenizer)
+        return _chat_examples(item, where, tokenizer, vision, base)
+    if isinstance(item, ImageExample):
+        return [item]
     if isinstance(item, (tuple, list)) and len(item) == 2:
         prompt, response = item
     elif isinstance(item, dict) and "prompt_ids" in item and "response_ids" in item:
@@ -52,7 +83,11 @@ def _coerce(item, where: str, tokenizer) -> list[Example]:
     else:
         raise DataError(f"{where}: expected a (prompt_ids, response_ids) pair or a dict with "
                         f"'prompt_ids'/'response_ids', 'prompt'/'response' or 'messages', got {str(item)[:80]!r}")
-    return [_checked(prompt, response, where)]
+    sources = item.get("images") if isinstance(item, dict) else None
+    if sources is not None and not isinstance(sources, (list, tuple)):
+        raise DataError(f"{where}: 'images' must be a list of images (one per image token of the prompt)")
+    images = _row_images(list(sources or []), where, vision, base)
+    return [_with_images(_checked(prompt, response, where), images, where, vision)]
 
 
 def _is_messages(value) -> bool:
@@ -75,10 +110,99 @@ def _need_tokenizer(tokenizer, where: str, what: str) -> None:
                         "that ships tokenizer.json")
 
 
-def _chat_examples(item: dict, where: str, tokenizer) -> list[Example]:
+def _row_images(sources: list, where: str, vision, base: Path | None) -> list:
+    """The loaded images (vision.TrainImage) of one data row, from their sources."""
+    if not sources:
+        return []
+    if vision is None:
+        raise DataError(f"{where}: the example holds images, and this model takes text only (no vision tower, or "
+                        "no image token ids inside its vocabulary)")
+    return vision.images([_image_source(s, base, f"{where}: image {k}") for k, s in enumerate(sources)], where)
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")  # what images.load_image may take as bare base64
+
+
+def _image_source(src, base: Path | None, where: str):
+    """An image source as TrainVision reads it: a local file (trusted: training data is the user's own; a
+    relative path is taken from the data file's directory, else the working directory) as a Path, a PIL
+    image, bytes, a data URL, an http(s) URL or base64 as given. A `datasets` Image column that is not
+    decoded gives {"bytes", "path"}."""
+    if isinstance(src, dict) and ("bytes" in src or "path" in src):
+        src = src.get("bytes") or src.get("path")
+    if isinstance(src, os.PathLike):
+        src = os.fspath(src)
+    if not isinstance(src, str):
+        if src is None or not (isinstance(src, (bytes, bytearray)) or hasattr(src, "convert")):
+            raise DataError(f"{where}: expected a PIL image, bytes, a path, a data URL or an http(s) URL, got "
+                            f"{type(src).__name__}")
+        return src
+    text = src.strip()
+    lower = text[:10].lower()
+    if lower.startswith(("data:", "http://", "https://")):
+        return text
+    path = unquote(urlparse(text).path) if lower.startswith("file:") else text
+    if len(path) < 4096 and "\n" not in path:
+        p = Path(path).expanduser()
+        for c in ([p] if p.is_absolute() or base is None else [base / p, p]):
+            try:
+                if c.is_file():
+                    return c
+            except OSError:
+                break
+    if lower.startswith("file:") or not _BASE64.fullmatch(text):  # not base64 either: a path that is not there
+        raise DataError(f"{where}: no such image file {text[:120]!r}"
+                        + (f" (relative paths are taken from {base} or the working directory)" if base else ""))
+    return text  # bare base64 (images.load_image decides)
+
+
+def _with_images(example: Example, images: list, where: str, vision) -> Example:
+    """The example with its prompt's image tokens expanded, as an ImageExample when it has images."""
+    if vision is None:
+        return example
+    prompt, response = example
+    if vision.image_token_id in response:
+        raise DataError(f"{where}: the response holds image tokens (id {vision.image_token_id}); only prompts can "
+                        "show images")
+    prompt = vision.expand(prompt, images, where)
+    return ImageExample(prompt, response, images) if images else (prompt, response)
+
+
+def _is_bare_image(part) -> bool:
+    """TRL's {"type": "image"} part, whose image is the row's `images[k]` (datasets fills absent keys with None)."""
+    return isinstance(part, dict) and part.get("type") == "image" and all(
+        part.get(k) is None for k in ("image", "url", "image_url"))
+
+
+def _fill_images(messages: list, images, where: str) -> list:
+    """TRL's vision format: the k-th bare {"type": "image"} part takes images[k]."""
+    if images is not None and not isinstance(images, (list, tuple)):
+        raise DataError(f"{where}: 'images' must be a list of images (one per {{'type': 'image'}} part)")
+    images = list(images or [])
+    bare = sum(1 for m in messages if isinstance(m.get("content"), list) for p in m["content"] if _is_bare_image(p))
+    if bare != len(images):
+        raise DataError(f"{where}: {bare} {{'type': 'image'}} part(s) without an image for {len(images)} image(s) "
+                        "in 'images'; the k-th such part takes images[k]")
+    if not images:
+        return messages
+    it = iter(images)
+    return [{**m, "content": [{"type": "image", "image": next(it)} if _is_bare_image(p) else p for p in m["content"]]}
+            if isinstance(m.get("content"), list) else m for m in messages]
+
+
+def _placeholders(messages: list, placeholder: str, where: str) -> tuple[list, list]:
+    try:
+        return image_parts_to_placeholders(messages, placeholder)
+    except ImageError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def _chat_examples(item: dict, where: str, tokenizer, vision=None, base: Path | None = None) -> list[Example]:
     """One example per assistant turn (skipping turns with "weight": 0, as OpenAI's format allows): the
     prompt is the conversation before it with the generation prompt, the response is what the chat
-    template renders for the turn, cut after its last EOS token (the turn's end marker)."""
+    template renders for the turn, cut after its last EOS token (the turn's end marker). Image parts
+    become the image token in the text (what the server does) and the turn's example carries the images
+    of the conversation before it; a trained assistant turn cannot hold an image."""
     _need_tokenizer(tokenizer, where, "chat examples ('messages')")
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{where}: chat examples need a chat template, and the tokenizer has none")
@@ -90,10 +214,21 @@ def _chat_examples(item: dict, where: str, tokenizer) -> list[Example]:
     turns = [j for j, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0]
     if not turns:
         raise DataError(f"{where}: no assistant message to train on")
+    messages = _fill_images(messages, item.get("images"), where)
+    try:
+        placeholder = tokenizer.id_to_token(vision.image_token_id) if vision is not None else "<|image|>"
+    except KeyError as e:
+        raise DataError(f"{where}: the image token: {e}") from None
+    images = _row_images(_placeholders(messages, placeholder, where)[1], where, vision, base)
     eos = set(tokenizer.eos_ids)
     out = []
     for j in turns:
         history = tool_arguments_as_objects([{k: v for k, v in m.items() if k != "weight"} for m in messages[:j + 1]])
+        if _placeholders(history[-1:], placeholder, where)[1]:
+            raise DataError(f"{where}: messages[{j}]: an assistant turn to train on holds an image (the model reads "
+                            "images, it does not write them); give it \"weight\": 0 or move the image to a user turn")
+        earlier, shown = _placeholders(history[:-1], placeholder, where)
+        history = earlier + history[-1:]
         try:
             prompt_text = tokenizer.apply_chat_template(history[:-1], add_generation_prompt=True, tools=tools)
             full_text = tokenizer.apply_chat_template(history, add_generation_prompt=False, tools=tools)
@@ -107,7 +242,8 @@ def _chat_examples(item: dict, where: str, tokenizer) -> list[Example]:
         ends = [i for i, t in enumerate(response) if t in eos]
         if ends:
             response = response[:ends[-1] + 1]  # the turn's end marker, not the newline after it
-        out.append(_checked(prompt, response, f"{where} messages[{j}]"))
+        out.append(_with_images(_checked(prompt, response, f"{where} messages[{j}]"), images[:len(shown)],
+                                f"{where} messages[{j}]", vision))
     return out
 
 
@@ -178,13 +314,16 @@ def _hf_rows(src: dict) -> tuple[list[dict], str]:
     return rows, where
 
 
-def load_examples(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: int | None = None) -> list[Example]:
+def load_examples(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: int | None = None,
+                  vision=None) -> list[Example]:
     """Examples from a JSONL path, a `module:function` callable (called with **kwargs) or a Hugging Face
-    dataset (`hf:owner/name` or a mapping: `hf_source`)."""
+    dataset (`hf:owner/name` or a mapping: `hf_source`). vision: a `vision.TrainVision` for examples with
+    images (None: the model takes text only, and an example with images is an error)."""
     src = hf_source(spec)
     if src is not None:
         rows, where = _hf_rows(src)
-        out = [ex for i, item in enumerate(rows) for ex in _coerce(item, f"{where} row {i}", tokenizer)]
+        base = Path(src["dataset"]) if Path(src["dataset"]).is_dir() else None
+        out = [ex for i, item in enumerate(rows) for ex in _coerce(item, f"{where} row {i}", tokenizer, vision, base)]
         spec = src["dataset"]
     elif spec.endswith((".jsonl", ".json")) or Path(spec).exists():
         path = Path(spec)
@@ -199,10 +338,10 @@ def load_examples(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: 
                     item = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
-                out += _coerce(item, f"{path}:{i}", tokenizer)
+                out += _coerce(item, f"{path}:{i}", tokenizer, vision, path.parent)
     else:
         items = resolve_callable(spec)(**(kwargs or {}))
-        out = [ex for i, item in enumerate(items) for ex in _coerce(item, f"{spec}[{i}]", tokenizer)]
+        out = [ex for i, item in enumerate(items) for ex in _coerce(item, f"{spec}[{i}]", tokenizer, vision)]
     if not out:
         raise DataError(f"data source {spec!r} holds no examples")
     if vocab_size is not None:
@@ -245,4 +384,5 @@ class ExampleStream:
         return [self._perm(i // self.n)[i % self.n] for i in range(start, start + count)]
 
 
-__all__ = ["Example", "DataError", "load_examples", "split_holdout", "ExampleStream", "resolve_callable"]
+__all__ = ["Example", "ImageExample", "DataError", "load_examples", "split_holdout", "ExampleStream",
+           "resolve_callable"]

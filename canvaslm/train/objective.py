@@ -14,10 +14,17 @@ soft embeddings, exactly inference's first step). Loss = diffusion_weight * CE(s
 + ar_weight * encoder next-token CE over the valid clean sequence. Both terms are averaged per example
 then over the batch, so the loss of a batch is the mean of its examples' losses: data-parallel ranks
 and gradient-accumulation micro-batches of equal size average to exactly the combined batch's loss.
+
+Images (`make_batch(..., images=...)`, from `vision.TrainVision.inputs`): the prompt holds each image
+expanded (boi + image_token * n + eoi); the encoder pass puts the image's soft tokens (from the frozen
+vision tower, constant) at its image-token positions, and the next-token CE leaves out the targets that
+are image tokens (placeholders for soft tokens, nothing to predict); boi and eoi stay supervised like any
+prompt token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -42,6 +49,8 @@ class TrainBatch:
     num_canvases: torch.Tensor  # [B] long, >= 1
     canvas_length: int
     noise_seeds: torch.Tensor | None = None  # [B] long: per-example RNG seeds (DDP-invariant draws)
+    image_embeds: torch.Tensor | None = None  # [n, d] the images' soft tokens, in image_mask's row-major order
+    image_mask: torch.Tensor | None = None  # [B, L] bool: the image-token positions they replace
 
     @property
     def batch_size(self) -> int:
@@ -54,15 +63,20 @@ class TrainBatch:
 
     def to(self, device) -> "TrainBatch":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return TrainBatch(mv(self.tokens), mv(self.positions), mv(self.prompt_lens), mv(self.num_canvases),
-                          self.canvas_length, self.noise_seeds)
+        return dataclasses.replace(self, tokens=mv(self.tokens), positions=mv(self.positions),
+                                   prompt_lens=mv(self.prompt_lens), num_canvases=mv(self.num_canvases),
+                                   image_embeds=mv(self.image_embeds), image_mask=mv(self.image_mask))
 
     def with_noise_seeds(self, seeds: torch.Tensor | Sequence[int]) -> "TrainBatch":
         seeds = torch.as_tensor(seeds, dtype=torch.long).cpu()
         if seeds.shape != (self.batch_size,):
             raise ValueError(f"noise_seeds must have shape ({self.batch_size},), got {tuple(seeds.shape)}")
-        return TrainBatch(self.tokens, self.positions, self.prompt_lens, self.num_canvases, self.canvas_length,
-                          seeds)
+        return dataclasses.replace(self, noise_seeds=seeds)
+
+    @property
+    def image_args(self) -> dict:
+        """The encoder's image arguments (empty without images)."""
+        return {} if self.image_mask is None else {"image_embeds": self.image_embeds, "image_mask": self.image_mask}
 
 
 def _eos_set(eos_id) -> tuple[int, ...]:
@@ -76,17 +90,24 @@ def canvases_of(response: Sequence[int], canvas_length: int, eos_id) -> int:
 
 
 def make_batch(examples: list[tuple[list[int], list[int]]], canvas_length: int, pad_id: int, eos_id,
-               device=None, noise_seeds: Sequence[int] | None = None) -> TrainBatch:
+               device=None, noise_seeds: Sequence[int] | None = None, images: Sequence | None = None) -> TrainBatch:
     """Build a TrainBatch from (prompt_ids, response_ids) pairs.
 
     A response that does not already end in EOS gets one appended (so a response that fills its last
     canvas exactly still teaches the model to stop: the EOS then opens a new canvas of EOS fill). The last
     partial canvas is filled with EOS. eos_id: one id, or several (the first is used to append and fill).
+    images: per example a multimodal.ImageInputs (its soft tokens and their prompt positions) or None;
+    needed when an example is a data.ImageExample (`vision.TrainVision.inputs(examples)`).
     """
     if not examples:
         raise ValueError("make_batch: examples is empty; at least one (prompt_ids, response_ids) is needed")
     if canvas_length < 1:
         raise ValueError(f"make_batch: canvas_length must be >= 1, got {canvas_length}")
+    if images is None and any(getattr(ex, "images", None) for ex in examples):
+        raise ValueError("make_batch: an example shows images; pass images=TrainVision.inputs(examples) (without "
+                         "them the encoder would read the placeholders' embeddings)")
+    if images is not None and len(images) != len(examples):
+        raise ValueError(f"make_batch: {len(images)} image inputs for {len(examples)} examples")
     eos = _eos_set(eos_id)
     rows, prompt_lens, n_canvases = [], [], []
     for i, (prompt, response) in enumerate(examples):
@@ -106,7 +127,15 @@ def make_batch(examples: list[tuple[list[int], list[int]]], canvas_length: int, 
     for b, r in enumerate(rows):
         tokens[b, :len(r)] = torch.tensor(r)
         positions[b, :len(r)] = torch.arange(len(r))
-    batch = TrainBatch(tokens, positions, torch.tensor(prompt_lens), torch.tensor(n_canvases), canvas_length)
+    embeds, mask = None, None
+    if images is not None:
+        for b, inp in enumerate(images):
+            if inp is not None and (not inp.positions or inp.positions[-1] >= prompt_lens[b]):
+                raise ValueError(f"make_batch: example {b}'s image positions are not inside its prompt")
+        from ..multimodal import encoder_images
+        embeds, mask = encoder_images([(b, inp, 0, L) for b, inp in enumerate(images)], len(rows), L, "cpu")
+    batch = TrainBatch(tokens, positions, torch.tensor(prompt_lens), torch.tensor(n_canvases), canvas_length,
+                       image_embeds=embeds, image_mask=mask)
     if noise_seeds is not None:
         batch = batch.with_noise_seeds(noise_seeds)
     return batch.to(device) if device is not None else batch
@@ -211,9 +240,13 @@ def token_ce(model, hidden: torch.Tensor, target: torch.Tensor, rows_per_chunk: 
 
 
 def encoder_ar_loss(model, hidden: torch.Tensor, batch: TrainBatch, rows_per_chunk: int | None = None) -> torch.Tensor:
-    """Next-token CE of the encoder over valid clean tokens, per-example mean, then batch mean."""
+    """Next-token CE of the encoder over valid clean tokens, per-example mean, then batch mean. Targets that
+    are image tokens (the positions of batch.image_mask) are left out."""
     ce = token_ce(model, hidden[:, :-1], batch.tokens[:, 1:], rows_per_chunk)  # [B, L-1]
-    valid = (batch.positions[:, 1:] >= 0).float()  # [B, L-1]
+    valid = batch.positions[:, 1:] >= 0  # [B, L-1]
+    if batch.image_mask is not None:
+        valid = valid & ~batch.image_mask[:, 1:]
+    valid = valid.float()
     per_example = (ce * valid).sum(1) / valid.sum(1).clamp(min=1)
     return per_example.mean()
 
@@ -235,7 +268,7 @@ def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | 
     B, V = batch.batch_size, model.cfg.vocab_size
     zero = torch.zeros((), device=device)
     if ar_only:
-        hidden = model.encode(batch.tokens, batch.positions, torch.arange(B, device=device), None)
+        hidden = model.encode(batch.tokens, batch.positions, torch.arange(B, device=device), None, **batch.image_args)
         ar = encoder_ar_loss(model, hidden, batch, ce_rows_per_chunk)
         empty = torch.zeros(B, device=device)
         return LossOutput(ar, zero, ar, batch.num_tokens, empty.bool(), empty, empty.long())
@@ -246,7 +279,7 @@ def block_diffusion_loss(model, batch: TrainBatch, generator: torch.Generator | 
     slots = torch.arange(B, device=device)
     cache = KVCache(model.cfg, B, batch.tokens.shape[1], dtype=model.embed_weight.dtype, device=device,
                     keep_full_window=True)  # fresh per step: it carries this step's autograd graph
-    hidden = model.encode(batch.tokens, batch.positions, slots, cache, fresh=True)  # [B, L, d]
+    hidden = model.encode(batch.tokens, batch.positions, slots, cache, fresh=True, **batch.image_args)  # [B, L, d]
     first = None  # [B, C, V] logits of the last no-grad pass; the first pass has no self-conditioning
     with torch.no_grad():
         for _ in range(sc_passes):

@@ -28,9 +28,10 @@ import torch.distributed as dist
 from ..config import ConfigError
 from ..quant import QUANTIZATIONS
 from . import checkpointing as ckpt
-from .data import DataError, ExampleStream, load_examples, resolve_callable, split_holdout
+from .data import DataError, ExampleStream, ImageExample, load_examples, resolve_callable, split_holdout
 from .lora import LoRAConfig, apply_lora, has_lora
 from .objective import block_diffusion_loss, canvases_of, example_noise_seed, make_batch, set_trainable
+from .vision import TrainVision
 
 log = logging.getLogger("canvaslm.train")
 EVAL_SEED_SALT, TRANSFORM_SEED_SALT = 0x5EED, 0xA06
@@ -42,7 +43,8 @@ class TrainConfig:
     {"shape": "tiny", "canvas_length": 8, <text-config overrides>} or {"config": <HF config dict>}, plus
     optional "seed" / "std". `data`: a source string or {"train", "eval", "eval_size", "kwargs", "transform"};
     transform: 'module:function' called as fn(prompt_ids, response_ids, rng: random.Random) -> (prompt_ids,
-    response_ids) on every training example (augmentation), rng seeded from (seed, step, position)."""
+    response_ids) on every training example (augmentation), rng seeded from (seed, step, position); an example
+    with images keeps them (its prompt ids hold each image expanded: the transform must keep those tokens)."""
 
     out_dir: str
     max_steps: int
@@ -304,13 +306,18 @@ class Trainer:
             from ..tokenizer import Tokenizer
             tok = Tokenizer.from_dir(self.tokenizer_dir)
         spec = c.data_spec
-        examples = self._fitting(load_examples(spec["train"], tok, spec.get("kwargs"), vocab), "data.train")
+        # images: loaded, preprocessed and encoded by the frozen tower here, once (vision.py)
+        self.vision = TrainVision(self.model, ckpt.model_dir(c) if isinstance(c.model, str) else None) \
+            if TrainVision.usable(self.model.cfg) else None
+        load = lambda src: load_examples(src, tok, spec.get("kwargs"), vocab, self.vision)  # noqa: E731
+        examples = self._fitting(load(spec["train"]), "data.train")
         if spec.get("eval"):
             self.train_examples = examples
-            self.eval_examples = self._fitting(load_examples(spec["eval"], tok, spec.get("kwargs"), vocab),
-                                               "data.eval")
+            self.eval_examples = self._fitting(load(spec["eval"]), "data.eval")
         else:
             self.train_examples, self.eval_examples = split_holdout(examples, int(spec.get("eval_size", 0)), c.seed)
+        if self.vision is not None:
+            self.vision.release()
         self.stream = ExampleStream(len(self.train_examples), c.seed)
         self.transform = resolve_callable(spec["transform"]) if spec.get("transform") else None
 
@@ -362,14 +369,20 @@ class Trainer:
             idx = self.stream.indices(step * c.batch_size + pos[0], m)
             examples = [self.train_examples[i] for i in idx]
             if self.transform is not None:
-                examples = [self.transform(p, r, random.Random(example_noise_seed(c.seed ^ TRANSFORM_SEED_SALT,
-                                                                                   step, j)))
-                            for (p, r), j in zip(examples, pos)]
+                examples = [self._transformed(ex, random.Random(example_noise_seed(c.seed ^ TRANSFORM_SEED_SALT,
+                                                                                    step, j)))
+                            for ex, j in zip(examples, pos)]
             yield examples, pos
+
+    def _transformed(self, example, rng):
+        out = self.transform(example[0], example[1], rng)
+        return example.replace(*out) if isinstance(example, ImageExample) else out
 
     def _loss(self, examples, seeds):
         c = self.config
-        batch = make_batch(examples, self.model.cfg.canvas_length, self.pad_id, self.eos_ids, self.device, seeds)
+        images = self.vision.inputs(examples) if any(isinstance(e, ImageExample) for e in examples) else None
+        batch = make_batch(examples, self.model.cfg.canvas_length, self.pad_id, self.eos_ids, self.device, seeds,
+                           images)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None), \
                 ckpt.lora_cache(self.model):
             return block_diffusion_loss(self.model, batch, None, c.sc_prob, c.diffusion_weight, c.ar_weight,

@@ -1,0 +1,141 @@
+"""Images in training examples: the frozen vision side of fine-tuning.
+
+An example whose prompt shows images (`data.ImageExample`) holds `TrainImage`s, one per image, shared by
+the examples that show it (the assistant turns of one conversation). When the data is loaded, each image
+is read and preprocessed exactly as inference does it (`canvaslm.images`, the checkpoint's processor
+settings), which fixes its soft-token count, so the example's prompt is stored expanded
+(`boi + image_token * n + eoi` per image) and lengths, `max_length` and canvases are the real ones. The
+vision tower (loaded from the checkpoint's own tensors, `model.carried_tensors`) is frozen: it is neither
+trained nor saved by the trainer (saves copy the checkpoint's vision tensors unchanged), so an image's soft
+tokens never change during a run. They are computed once, when the image is loaded, under no_grad in the
+model's device and dtype (autocast off), one image per tower call (so they do not depend on which images
+share a call: a resumed run gets the same numbers), and kept in host memory, up to `cache_bytes` in all
+(`SOFT_TOKEN_CACHE_BYTES`); an image past that budget keeps its source instead and is read, preprocessed and
+encoded again each time a batch uses it (same numbers, more work). Each training step then hands the
+encoder the batch's soft tokens and where they go (`inputs` -> `objective.make_batch(..., images=...)`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..images import load_image, preprocess, stack
+from ..multimodal import ImageInputs, Vision, image_spans
+from .data import DataError, ImageExample
+
+SOFT_TOKEN_CACHE_BYTES = 8 << 30  # host memory for cached soft tokens (a 280-token image of a 2816-wide model: 3 MiB)
+
+
+class TrainImage:
+    """One image of the training data: its soft-token count, and its soft tokens (cached) or its source."""
+
+    __slots__ = ("source", "num_soft_tokens", "digest", "soft_tokens")
+
+    def __init__(self, source, num_soft_tokens: int, digest: str, soft_tokens: torch.Tensor | None):
+        self.source, self.num_soft_tokens, self.digest, self.soft_tokens = source, num_soft_tokens, digest, soft_tokens
+
+    def __repr__(self) -> str:
+        state = "cached" if self.soft_tokens is not None else "not cached"
+        return f"TrainImage({self.num_soft_tokens} soft tokens, {state})"
+
+
+class TrainVision:
+    """The image side of one model for training: processor settings, image token ids, the frozen tower."""
+
+    def __init__(self, model, model_dir: str | Path | None = None, cache_bytes: int = SOFT_TOKEN_CACHE_BYTES):
+        self.model, self.cfg = model, model.cfg
+        self._vision = Vision(model, model_dir)  # the processor settings and the tower, as inference has them
+        self.processor = self._vision.processor
+        self.cache_bytes, self.cached_bytes, self.uncached = cache_bytes, 0, 0
+
+    @staticmethod
+    def usable(cfg) -> bool:
+        """The config names image, boi and eoi tokens inside its vocabulary (prompts can hold images)."""
+        ids = (cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id)
+        return bool(cfg.has_vision) and all(i is not None and 0 <= i < cfg.vocab_size for i in ids)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.cfg.image_token_id
+
+    def tower(self):
+        self._vision.need()  # an ImageError (a ValueError) naming what is missing
+        return self._vision.tower()
+
+    def release(self) -> None:
+        """Drop the tower when every image's soft tokens are cached (it is then not needed again)."""
+        if self.uncached == 0:
+            self._vision.release()
+
+    def _processed(self, source):
+        if isinstance(source, Path):  # a local file of the training data (trusted: the user's own)
+            source = source.resolve()
+            return preprocess(load_image(str(source), allowed_local_media_path=source.parent), self.processor)
+        return preprocess(load_image(source), self.processor)
+
+    @torch.no_grad()
+    def _encode(self, processed) -> torch.Tensor:
+        """[num_soft_tokens, hidden] soft tokens of one preprocessed image, on the CPU."""
+        pixels, pos = stack([processed])
+        w = self.model.embed_weight
+        with torch.autocast(w.device.type, enabled=False):
+            out = self.tower()(pixels.to(w.device, w.dtype), pos.to(w.device))
+        if out.shape[0] != processed.num_soft_tokens:
+            raise ValueError(f"the vision tower gave {out.shape[0]} soft tokens for an image of "
+                             f"{processed.num_soft_tokens}")
+        return out.cpu()
+
+    def images(self, sources, where: str) -> list[TrainImage]:
+        """Load, preprocess and encode the images of one data row (`where` names it in errors)."""
+        out = []
+        for k, src in enumerate(sources):
+            try:
+                p = self._processed(src)
+                tokens = self._encode(p)
+            except (ValueError, TypeError) as e:  # images.load_image / preprocess / a checkpoint without a tower
+                raise DataError(f"{where}: image {k}: {str(e).removeprefix('image: ')}") from None
+            size = tokens.numel() * tokens.element_size()
+            keep = self.cached_bytes + size <= self.cache_bytes
+            self.cached_bytes += size if keep else 0
+            self.uncached += 0 if keep else 1
+            out.append(TrainImage(None if keep else src, p.num_soft_tokens, p.digest, tokens if keep else None))
+        return out
+
+    def expand(self, prompt: list[int], images: list[TrainImage], where: str) -> list[int]:
+        """The prompt with its i-th image token widened to `boi + image_token * n_i + eoi`."""
+        from ..images import expand_placeholders
+
+        img = self.image_token_id
+        found = sum(1 for t in prompt if t == img)
+        if found != len(images):
+            raise DataError(f"{where}: the prompt holds {found} image token(s) (id {img}) for {len(images)} image(s)"
+                            + ("; text that names an image needs the image itself" if not images else ""))
+        if not images:
+            return prompt
+        return expand_placeholders(prompt, [im.num_soft_tokens for im in images], image_token_id=img,
+                                   boi_id=self.cfg.boi_token_id, eoi_id=self.cfg.eoi_token_id)
+
+    def soft_tokens(self, image: TrainImage) -> torch.Tensor:
+        return image.soft_tokens if image.soft_tokens is not None else self._encode(self._processed(image.source))
+
+    def inputs(self, examples) -> list[ImageInputs | None]:
+        """Per example: its ImageInputs (soft tokens and the prompt positions they go to), None without images."""
+        out = []
+        for i, ex in enumerate(examples):
+            if not isinstance(ex, ImageExample):
+                out.append(None)
+                continue
+            positions = [j for j, t in enumerate(ex[0]) if t == self.image_token_id]
+            counts = [im.num_soft_tokens for im in ex.images]
+            spans = image_spans(positions)
+            if [b - a for a, b in spans] != counts:
+                raise DataError(f"example {i}: its prompt's image token runs {[b - a for a, b in spans]} do not match "
+                                f"its images' soft tokens {counts} (a transform must keep the image tokens)")
+            embeds = torch.cat([self.soft_tokens(im) for im in ex.images])
+            out.append(ImageInputs(embeds, tuple(positions), tuple(spans), tuple(im.digest for im in ex.images)))
+        return out
+
+
+__all__ = ["TrainVision", "TrainImage", "SOFT_TOKEN_CACHE_BYTES"]
