@@ -71,9 +71,10 @@ def build_reference(out_dir, name: str, seed: int = 0):
 
 
 def build_mm_reference(out_dir, bidirectional: bool = True, seed: int = 0, vocab: int = 384,
-                       image_ids: tuple | None = None):
+                       image_ids: tuple | None = None, vision_std: float = 0.0):
     """A tiny reference DiffusionGemma that takes images: image / boi / eoi token ids inside its vocabulary
-    (default: the last three ids: image, then boi and eoi before it), perturbed and saved."""
+    (default: the last three ids: image, then boi and eoi before it), perturbed and saved. vision_std: noise
+    added to the vision tower's weights too (a random tower's output hardly depends on the pixels)."""
     from transformers import DiffusionGemmaConfig
 
     spec = REFERENCE_CONFIGS["window8_canvas16"]
@@ -81,7 +82,57 @@ def build_mm_reference(out_dir, bidirectional: bool = True, seed: int = 0, vocab
     text = dict(spec["text"], vocab_size=vocab, use_bidirectional_attention="vision" if bidirectional else None)
     cfg = DiffusionGemmaConfig(text_config=text, vision_config=VISION, canvas_length=spec["canvas_length"],
                                image_token_id=img, boi_token_id=boi, eoi_token_id=eoi)
-    return _perturbed(cfg, out_dir, seed)
+    ref = _perturbed(cfg, out_dir, seed)
+    if vision_std:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed + 2)
+            for p in ref.model.encoder.vision_tower.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * vision_std)
+        ref.save_pretrained(out_dir)
+    return ref
+
+
+IMAGE_SPECIALS = ["<|image>", "<|image|>", "<image|>"]  # boi, image, eoi (the Gemma 4 strings)
+PROCESSOR_70 = {"image_processor": {"image_processor_type": "Gemma4ImageProcessor", "max_soft_tokens": 70,
+                                    "patch_size": 16, "pooling_kernel_size": 3}}  # small images: 70 soft tokens
+
+
+def build_vision_chat_checkpoint(out_dir, seed: int = 2):
+    """A tiny reference checkpoint that reads images and chats: build_mm_reference with a char tokenizer
+    whose specials include the Gemma 4 image token strings (at the config's ids), the test chat template,
+    and an image processor config of 70 soft tokens. Returns the reference model."""
+    import json
+
+    from canvaslm.testing import CHARS, CHAT_TEMPLATE, SPECIALS
+    from canvaslm.tokenizer import build_char_tokenizer
+
+    specials = SPECIALS + IMAGE_SPECIALS
+    boi, img, eoi = (specials.index(t) for t in IMAGE_SPECIALS)
+    ref = build_mm_reference(out_dir, vocab=len(specials) + len(CHARS), image_ids=(img, boi, eoi), seed=seed,
+                             vision_std=0.5)
+    build_char_tokenizer(CHARS, specials, out_dir, chat_template=CHAT_TEMPLATE, bos_token="<bos>",
+                         eos_token="<eos>", pad_token="<pad>")
+    (out_dir / "processor_config.json").write_text(json.dumps(PROCESSOR_70))
+    return ref
+
+
+def png(w: int, h: int, seed: int) -> bytes:
+    """A random w x h RGB image, PNG-encoded."""
+    import io
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    img = Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="session", params=sorted(REFERENCE_CONFIGS))

@@ -10,7 +10,7 @@ import torch
 from canvaslm.checkpoint import load_model
 from canvaslm.kv_cache import KVCache
 
-from conftest import build_mm_reference
+from conftest import PROCESSOR_70, build_mm_reference
 
 TOL = 1e-4
 V = 384
@@ -200,15 +200,8 @@ def vision_checkpoint(tmp_path_factory):
     import json
 
     out = tmp_path_factory.mktemp("mm_vision")
-    ref = build_mm_reference(out, bidirectional=True, seed=4)
-    with torch.no_grad():  # a tower whose output is not ~constant, so the images matter
-        g = torch.Generator().manual_seed(9)
-        for n, p in ref.model.encoder.vision_tower.named_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    ref.save_pretrained(out)
-    (out / "processor_config.json").write_text(json.dumps({"image_processor": {
-        "image_processor_type": "Gemma4ImageProcessor", "max_soft_tokens": 70, "patch_size": 16,
-        "pooling_kernel_size": 3}}))
+    ref = build_mm_reference(out, bidirectional=True, seed=4, vision_std=0.5)  # the images matter
+    (out / "processor_config.json").write_text(json.dumps(PROCESSOR_70))
     return out, ref
 
 

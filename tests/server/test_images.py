@@ -12,54 +12,24 @@ import base64
 import contextlib
 import http.server
 import io
-import json
 import threading
 
 import httpx
 import pytest
 import torch
-from conftest import build_mm_reference
+from conftest import IMAGE_SPECIALS, build_vision_chat_checkpoint, data_url, png
 
 from canvaslm.config import DiffusionParams
 from canvaslm.engine.engine import EngineConfig
 from canvaslm.server.launch import BackgroundServer, build_state
-from canvaslm.testing import CHARS, CHAT_TEMPLATE, SPECIALS
-from canvaslm.tokenizer import build_char_tokenizer
 
-IMAGE_SPECIALS = ["<|image>", "<|image|>", "<image|>"]  # boi, image, eoi (the Gemma 4 strings)
 MODEL = "tiny-vision"
-
-
-def png(w, h, seed) -> bytes:
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    img = Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="module")
 def vision_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("vision_chat")
-    specials = SPECIALS + IMAGE_SPECIALS
-    boi, img, eoi = (specials.index(t) for t in IMAGE_SPECIALS)
-    ref = build_mm_reference(out, vocab=len(specials) + len(CHARS), image_ids=(img, boi, eoi), seed=2)
-    with torch.no_grad():  # a tower whose output depends on the pixels
-        g = torch.Generator().manual_seed(4)
-        for p in ref.model.encoder.vision_tower.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    ref.save_pretrained(out)
-    build_char_tokenizer(CHARS, specials, out, chat_template=CHAT_TEMPLATE, bos_token="<bos>", eos_token="<eos>",
-                         pad_token="<pad>")
-    (out / "processor_config.json").write_text(json.dumps({"image_processor": {
-        "image_processor_type": "Gemma4ImageProcessor", "max_soft_tokens": 70, "patch_size": 16,
-        "pooling_kernel_size": 3}}))
+    build_vision_chat_checkpoint(out)
     (out / "pics").mkdir()
     (out / "pics" / "a.png").write_bytes(png(60, 40, 1))
     return out
