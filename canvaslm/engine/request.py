@@ -9,6 +9,7 @@ scheduler can be tested on CPU with fake requests.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -64,9 +65,9 @@ class RequestState:
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"request {self.request_id!r}: {name}={value!r}; expected an int >= {least}")
 
-    @property
+    @functools.cached_property
     def prompt_key(self) -> tuple:
-        """The prompt as prefix caching compares it."""
+        """The prompt as prefix caching compares it (computed once: the scheduler reads it every plan)."""
         return self.prompt_ids if self.images is None else self.images.prompt_key(self.prompt_ids)
 
     @property
