@@ -19,6 +19,8 @@
 #           default picks on this device, a 32k-token prompt against a 1k one, and the follow-up turn
 #   kvfp8   bench/kv_cache_fp8.py: the fp8 KV cache against the bf16 one: planned context at 26B-A4B, drift of
 #           the trained Sudoku model's logits, one decoder pass over a 32k-token cache at the 26B-A4B shape
+#   vision  bench/vision_tower.py: the Gemma 4 vision tower (ours vs transformers, same weights), 4 images of
+#           VISION_TOKENS (280) soft tokens each, bf16
 #   compiled  the reference with torch.compile too (its compile takes minutes; last, on its own)
 # Each stage has its own time limit and the next one runs whatever it returned. Output: $OUT/fast_path_gpu.log.
 #
@@ -31,8 +33,9 @@
 #     timeout_s=420))
 #     (the default long context: run(command="bash bench/fast_path_gpu.sh context", carry=[".whl"], timeout_s=300))
 #     (the fp8 KV cache: run(command="bash bench/fast_path_gpu.sh kvfp8", carry=[".whl"], timeout_s=240))
+#     (the vision tower: run(command="bash bench/fast_path_gpu.sh vision", carry=[".whl"], timeout_s=200))
 # Dry run on a CPU (plumbing only): DEVICE=cpu SHAPE=tiny WHEELS=none bash bench/fast_path_gpu.sh bf16 fp8 int4 serve
-#     (prefix stages: add CANVAS=16 PREFIX=1024; context: add LONG=3000)
+#     (prefix stages: add CANVAS=16 PREFIX=1024; context: add LONG=3000; vision: add VISION_TOKENS=70)
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-26b-a4b}
@@ -40,6 +43,7 @@ CANVAS=${CANVAS:-256}
 PREFIX=${PREFIX:-3072}
 LONG=${LONG:-32768}
 CONT_PROMPTS=${CONT_PROMPTS:-32}
+VISION_TOKENS=${VISION_TOKENS:-280}
 PY=${PYTHON:-python3}
 OUT=${OUT:-runs/fast_path_gpu}
 mkdir -p "$OUT"
@@ -92,9 +96,11 @@ for s in "${@:-tests bf16 fp8 serve}"; do
                  --long "$LONG" "${cpu[@]}" ;;
       kvfp8) stage kvfp8 200 $PY bench/kv_cache_fp8.py --shape "$SHAPE" --device "$DEVICE" --canvas "$CANVAS" \
                --context "$LONG" "${cpu[@]}" ;;
+      vision) stage vision 150 $PY bench/vision_tower.py --device "$DEVICE" --soft-tokens "$VISION_TOKENS" \
+                --images 4 --repeat 3 ;;
       compiled) stage compiled 540 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1 \
                   --reference eager,compiled "${cpu[@]}" ;;
-      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, continuous, lora, context, kvfp8, compiled)" \
+      *) echo "unknown stage $s (tests, bf16, fp8, int4, serve, prefix, prefix-burst, continuous, lora, context, kvfp8, vision, compiled)" \
            | tee -a "$LOG"; exit 2 ;;
     esac
   done
