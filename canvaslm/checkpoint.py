@@ -4,9 +4,10 @@
 Loading builds the model on the meta device and assigns each tensor as it is read (converted to the
 target dtype one tensor at a time), so a checkpoint never needs twice its size in memory. Tied weights:
 the encoder shares the decoder's layers, norm and embeddings, and the LM head is the embedding matrix;
-the vision tower is not used for text: it is not loaded (said once), but the model remembers which file
-holds each of its tensors (`model.carried_tensors`) and `save_model` copies them into what it writes, so
-a fine-tuned or quantised export keeps the checkpoint's vision tower. Every problem is collected and
+the vision tower is not part of the text model: it is not loaded here, but the model remembers which file
+holds each of its tensors (`model.carried_tensors`), from which `multimodal.Vision` loads the tower on the
+first image (`model/vision.py`), and `save_model` copies them into what it writes, so a fine-tuned or
+quantised export keeps the checkpoint's vision tower. Every problem is collected and
 reported together: missing, unexpected, mis-shaped or wrongly typed tensors, missing or truncated files.
 """
 
@@ -166,7 +167,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
         shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
         raise CheckpointError(f"{model_dir}: checkpoint does not match the model:\n  {shown}")
     if carried:
-        log.info("%s: vision tower not loaded (text-only model); saving copies its %d tensors from the checkpoint",
+        log.info("%s: vision tower left on disk until an image needs it; saving copies its %d tensors",
                  model_dir, len(carried))
     model.carried_tensors = carried
     model.carried_files = {n: model_dir / n for n in CARRIED_FILES if (model_dir / n).is_file()}
