@@ -15,6 +15,7 @@ import bisect
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -111,14 +112,18 @@ class Vision:
     tower, which loads on the first image (a text-only workload never pays for it)."""
 
     def __init__(self, model, model_dir: str | Path | None, allowed_local_media_path: str | Path | None = None,
-                 max_images: int | None = None):
-        """max_images: images per prompt (vLLM's --limit-mm-per-prompt; None: no limit, 0: text only)."""
+                 max_images: int | None = None, allowed_media_domains=None):
+        """max_images: images per prompt (vLLM's --limit-mm-per-prompt; None: no limit, 0: text only).
+        allowed_media_domains: the hosts http(s) image URLs may name (vLLM's --allowed-media-domains; None:
+        any host, an empty list: no URL is fetched)."""
         from .images import ImageProcessorConfig
 
         if max_images is not None and (not isinstance(max_images, int) or max_images < 0):
             raise ValueError(f"max_images={max_images!r}: expected None or an int >= 0")
         self.model, self.cfg = model, model.cfg
         self.allowed_local_media_path, self.max_images = allowed_local_media_path, max_images
+        self.allowed_media_domains = None if allowed_media_domains is None else \
+            frozenset(d.lower().rstrip(".") for d in allowed_media_domains)
         read = model_dir is not None and Path(model_dir).is_dir() and max_images != 0  # image=0: not even read
         self.processor = ImageProcessorConfig.from_dir(model_dir) if read else ImageProcessorConfig()
         self._tower, self._lock = None, threading.Lock()
@@ -158,6 +163,7 @@ class Vision:
 
         out = []
         for k, src in enumerate(sources):
+            self._check_domain(k, src)
             try:
                 img = load_image(src, allowed_local_media_path=self.allowed_local_media_path)
             except ValueError as e:
@@ -165,6 +171,15 @@ class Vision:
                 raise ImageError(f"image {k}: {msg.removeprefix('image: ')}") from None
             out.append(preprocess(img, self.processor))
         return out
+
+    def _check_domain(self, k: int, src) -> None:
+        if self.allowed_media_domains is None or not isinstance(src, str):
+            return
+        url = urlparse(src.strip())
+        if url.scheme.lower() in ("http", "https") and (url.hostname or "").rstrip(".") not in self.allowed_media_domains:
+            allowed = ", ".join(sorted(self.allowed_media_domains)) or "none"
+            raise ImageError(f"image {k}: {url.hostname!r} is not among the allowed media domains ({allowed}; "
+                             "--allowed-media-domains)")
 
     @torch.no_grad()
     def prepare(self, prompt_ids, sources) -> tuple[list[int], ImageInputs | None]:

@@ -323,3 +323,29 @@ def test_a_bad_processor_config_stops_the_server_unless_images_are_off(vision_ch
         build_state(bad, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=256))
     state = build_state(bad, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=256), max_images=0)
     state.engine.shutdown()  # text only: the processor settings are not even read
+
+
+def test_allowed_media_domains_stop_fetches_to_other_hosts(vision_checkpoint):
+    import io
+
+    from canvaslm.checkpoint import load_model
+    from canvaslm.multimodal import ImageError, Vision
+    from canvaslm.cli import build_parser
+
+    path, _ = vision_checkpoint
+    model = load_model(path)
+    buf = io.BytesIO()
+    random_image(20, 20, 0).save(buf, format="PNG")
+    local = buf.getvalue()
+    for allowed, url, ok in ((["images.example.org"], "https://elsewhere.example.org/a.png", False),
+                             ([], "http://images.example.org/a.png", False),
+                             (["images.example.org"], local, True)):  # not a URL: no host to check
+        vision = Vision(model, path, allowed_media_domains=allowed)
+        if ok:
+            assert vision.prepare([5, IMG], [url])[1] is not None
+        else:
+            with pytest.raises(ImageError, match=r"image 0: '.*example.org' is not among the allowed media domains"):
+                vision.prepare([5, IMG], [url])  # refused before any connection is tried
+    args = build_parser().parse_args(["serve", str(path), "--allowed-media-domains", "a.org", "b.org"])
+    assert args.allowed_media_domains == ["a.org", "b.org"]
+    assert build_parser().parse_args(["serve", str(path)]).allowed_media_domains is None

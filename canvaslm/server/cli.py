@@ -130,6 +130,9 @@ def _add_media_arg(p) -> None:
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="image parts may name files under DIR (a path or file:// URL; vLLM's flag). Default: "
                         "none, only data URLs, base64 and http(s) URLs")
+    p.add_argument("--allowed-media-domains", nargs="*", default=None, metavar="HOST",
+                   help="only these hosts may be named by http(s) image URLs (vLLM's flag; given with no host: "
+                        "no URL is fetched). Default: any host")
     p.add_argument("--limit-mm-per-prompt", type=_image_limit, default=None, metavar="LIMIT",
                    help="images per prompt, as vLLM takes it: '{\"image\": N}' or image=N; 0 serves text only "
                         "and leaves the vision tower unloaded (default: no limit)")
@@ -206,7 +209,7 @@ def _run_batch(args) -> int:
                         served_model_name=args.served_model_name, quantization=args.quantization,
                         lora_modules=adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                         defaults=defaults, allowed_local_media_path=args.allowed_local_media_path,
-                        max_images=args.limit_mm_per_prompt)
+                        max_images=args.limit_mm_per_prompt, allowed_media_domains=args.allowed_media_domains)
     for note in notes + apply_chat_flags(state, args) + state.engine.notes:
         print(f"canvaslm: {note}", flush=True)
     try:
@@ -234,7 +237,8 @@ def _serve(args) -> int:
                         args.max_steps_limit, quantization=args.quantization, regex_timeout=args.regex_timeout,
                         lora_modules=adapters, lora_updates=args.enable_lora_updates, max_loras=args.max_loras,
                         max_lora_rank=args.max_lora_rank, defaults=defaults,
-                        allowed_local_media_path=args.allowed_local_media_path, max_images=args.limit_mm_per_prompt)
+                        allowed_local_media_path=args.allowed_local_media_path, max_images=args.limit_mm_per_prompt,
+                        allowed_media_domains=args.allowed_media_domains)
     clash = sorted(set(getattr(args, "aliases", ())) & set(state.loras))
     if clash:
         state.engine.shutdown()

@@ -21,13 +21,14 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
                 regex_timeout: float = 10.0, lora_modules=(), lora_updates: bool = False,
                 max_loras: int | None = None, max_lora_rank: int | None = None,
                 defaults: DiffusionParams | None = None, allowed_local_media_path: str | None = None,
-                max_images: int | None = None) -> ServerState:
+                max_images: int | None = None, allowed_media_domains=None) -> ServerState:
     """Load the checkpoint (quantised while loading if asked: "fp8" | "int4"), start the engine thread
     and return the state the app serves. lora_modules: [(served name, PEFT adapter dir)] or
     `lora_serving.Adapter`s, served beside the base; lora_updates: adapters may also be loaded and
     unloaded over HTTP; max_loras / max_lora_rank: limits on the adapters held (lora_serving.MultiLoRA).
     allowed_local_media_path: image parts may name files under this directory (vLLM's flag; default: none);
-    max_images: images per prompt (None: any number; 0: text only, the vision tower is not loaded)."""
+    max_images: images per prompt (None: any number; 0: text only, the vision tower is not loaded);
+    allowed_media_domains: the hosts image URLs may name (None: any)."""
     import torch
 
     from ..tokenizer import Tokenizer
@@ -40,7 +41,8 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     defaults = defaults or DiffusionParams.from_dir(model_dir)  # the sampler's (given: vLLM's --generation-config)
     return state_from_model(model, defaults, tokenizer, config, api_key,
                             served_model_name or model_dir.name, max_denoising_steps, regex_timeout, lora_modules,
-                            lora_updates, max_loras, max_lora_rank, model_dir, allowed_local_media_path, max_images)
+                            lora_updates, max_loras, max_lora_rank, model_dir, allowed_local_media_path, max_images,
+                            allowed_media_domains)
 
 
 def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: EngineConfig | None = None,
@@ -48,7 +50,8 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
                      max_denoising_steps: int = 1024, regex_timeout: float = 10.0, lora_modules=(),
                      lora_updates: bool = False, max_loras: int | None = None,
                      max_lora_rank: int | None = None, model_dir=None,
-                     allowed_local_media_path: str | None = None, max_images: int | None = None) -> ServerState:
+                     allowed_local_media_path: str | None = None, max_images: int | None = None,
+                     allowed_media_domains=None) -> ServerState:
     """Serve an in-memory model (e.g. random weights at a benchmark shape); starts the engine thread.
     model_dir: where its image processor settings are read (multimodal.Vision). A vision tower is loaded
     here, before the engine sizes its KV cache to the memory left, unless max_images is 0."""
@@ -69,7 +72,8 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
             raise ValueError(f"--lora-modules: {taken[0]!r} is the base model's served name")
         ids = install(model, adapters, config.slots, max_loras, max_lora_rank).ids
         loras = {a.name: (ids[a.name], a.path) for a in adapters}
-    vision = Vision(model, model_dir, allowed_local_media_path, max_images)  # a bad processor config fails here (image=0: unread)
+    # a bad processor config fails here (with image=0 it is not read)
+    vision = Vision(model, model_dir, allowed_local_media_path, max_images, allowed_media_domains)
     if vision.available:
         vision.tower()
     engine = Engine(model, config, history_depth=max(1, defaults.stability_threshold)).start()
