@@ -187,14 +187,15 @@ class LLM:
         """(prompt ids, multimodal.ImageInputs or None). A prompt with images is a dict, as vLLM takes it:
         {"prompt": text or "prompt_token_ids": ids, "multi_modal_data": {"image": an image or a list}} with
         one image token (the tokenizer's <|image|>) where each image goes; an image is a PIL image, bytes,
-        a data URL, base64, an http(s) URL or a path (multimodal.Vision.load)."""
+        a data URL, base64, an http(s) URL or a path (multimodal.Vision.load). "mm_processor_kwargs":
+        {"max_soft_tokens": 70 | 140 | 280 | 560 | 1120} sets the images' token budget (their resolution)."""
         if not isinstance(prompt, dict):
             ids = self.encode_prompt(prompt)
             if self.cfg.has_vision and self.cfg.image_token_id in ids:
                 raise GenerationError(f"the prompt holds image tokens (id {self.cfg.image_token_id}) but no image "
                                       "was given: pass {'prompt': ..., 'multi_modal_data': {'image': ...}}")
             return ids, None
-        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
         if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
             raise GenerationError("a prompt dict takes one of 'prompt' (text) and 'prompt_token_ids', and "
                                   f"'multi_modal_data'; got keys {sorted(prompt)}")
@@ -206,7 +207,7 @@ class LLM:
         images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
         from .multimodal import ImageError
         try:
-            return self.vision.prepare(ids, images)
+            return self.vision.prepare(ids, images, prompt.get("mm_processor_kwargs"))
         except ImageError as e:
             raise GenerationError(str(e)) from None
 

@@ -12,6 +12,7 @@ whoever splits a prompt into encoder calls keeps each image in one call (`ImageI
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
+PROCESSOR_KWARGS = ("max_soft_tokens",)  # what a request (or --mm-processor-kwargs) may set: the image budget
 
 
 class ImageError(ValueError):
@@ -61,9 +63,10 @@ class ImagePrompt(list):
     """Prompt ids with the sources of the images its placeholders stand for (one image token each), as a
     chat template writes them; `Vision.prepare` turns them into the expanded ids and ImageInputs."""
 
-    def __init__(self, ids, sources):
+    def __init__(self, ids, sources, processor_kwargs: dict | None = None):
         super().__init__(ids)
         self.sources = list(sources)
+        self.processor_kwargs = processor_kwargs  # vLLM's mm_processor_kwargs (e.g. {"max_soft_tokens": 560})
         self.images: ImageInputs | None = None  # set once loaded (server.serving.load_images)
 
 
@@ -112,10 +115,11 @@ class Vision:
     tower, which loads on the first image (a text-only workload never pays for it)."""
 
     def __init__(self, model, model_dir: str | Path | None, allowed_local_media_path: str | Path | None = None,
-                 max_images: int | None = None, allowed_media_domains=None):
+                 max_images: int | None = None, allowed_media_domains=None, processor_kwargs: dict | None = None):
         """max_images: images per prompt (vLLM's --limit-mm-per-prompt; None: no limit, 0: text only).
         allowed_media_domains: the hosts http(s) image URLs may name (vLLM's --allowed-media-domains; None:
-        any host, an empty list: no URL is fetched)."""
+        any host, an empty list: no URL is fetched). processor_kwargs: defaults over the checkpoint's processor
+        settings (vLLM's --mm-processor-kwargs; `PROCESSOR_KWARGS`)."""
         from .images import ImageProcessorConfig
 
         if max_images is not None and (not isinstance(max_images, int) or max_images < 0):
@@ -126,6 +130,7 @@ class Vision:
             frozenset(d.lower().rstrip(".") for d in allowed_media_domains)
         read = model_dir is not None and Path(model_dir).is_dir() and max_images != 0  # image=0: not even read
         self.processor = ImageProcessorConfig.from_dir(model_dir) if read else ImageProcessorConfig()
+        self.processor = self.processor_for(processor_kwargs, "--mm-processor-kwargs")
         self._tower, self._lock = None, threading.Lock()
 
     @property
@@ -158,9 +163,25 @@ class Vision:
                                                 device=w.device).eval()
             return self._tower
 
-    def load(self, sources) -> list:
+    def processor_for(self, kwargs: dict | None, field: str = "mm_processor_kwargs"):
+        """The processor settings with a request's `mm_processor_kwargs` over them (only the image budget,
+        max_soft_tokens: 70, 140, 280, 560 or 1120 soft tokens per image)."""
+        if not kwargs:
+            return self.processor
+        if not isinstance(kwargs, dict):
+            raise ImageError(f"{field} must be an object, e.g. {{\"max_soft_tokens\": 560}}")
+        unknown = sorted(set(kwargs) - set(PROCESSOR_KWARGS))
+        if unknown:
+            raise ImageError(f"{field}: {unknown[0]!r} is not supported (only {', '.join(PROCESSOR_KWARGS)})")
+        try:
+            return dataclasses.replace(self.processor, **kwargs)
+        except ValueError as e:
+            raise ImageError(f"{field}.{e}") from None
+
+    def load(self, sources, processor=None) -> list:
         from .images import load_image, preprocess
 
+        processor = processor or self.processor
         out = []
         for k, src in enumerate(sources):
             self._check_domain(k, src)
@@ -169,22 +190,25 @@ class Vision:
             except ValueError as e:
                 msg = str(e)
                 raise ImageError(f"image {k}: {msg.removeprefix('image: ')}") from None
-            out.append(preprocess(img, self.processor))
+            out.append(preprocess(img, processor))
         return out
 
     def _check_domain(self, k: int, src) -> None:
         if self.allowed_media_domains is None or not isinstance(src, str):
             return
         url = urlparse(src.strip())
-        if url.scheme.lower() in ("http", "https") and (url.hostname or "").rstrip(".") not in self.allowed_media_domains:
+        host = (url.hostname or "").rstrip(".")
+        if url.scheme.lower() in ("http", "https") and host not in self.allowed_media_domains:
             allowed = ", ".join(sorted(self.allowed_media_domains)) or "none"
             raise ImageError(f"image {k}: {url.hostname!r} is not among the allowed media domains ({allowed}; "
                              "--allowed-media-domains)")
 
     @torch.no_grad()
-    def prepare(self, prompt_ids, sources) -> tuple[list[int], ImageInputs | None]:
+    def prepare(self, prompt_ids, sources,
+                processor_kwargs: dict | None = None) -> tuple[list[int], ImageInputs | None]:
         """(prompt ids with every image expanded, ImageInputs). `prompt_ids` holds one image token per image
-        (or each image already expanded to its soft-token count, as `prepare` returns it)."""
+        (or each image already expanded to its soft-token count, as `prepare` returns it);
+        processor_kwargs: the request's mm_processor_kwargs (`processor_for`)."""
         ids = [int(t) for t in prompt_ids]
         if not sources:
             if self.cfg.image_token_id in ids:
@@ -194,7 +218,7 @@ class Vision:
         if self.max_images is not None and len(sources) > self.max_images:
             raise ImageError(f"{len(sources)} images in one prompt, over the limit of {self.max_images} "
                              "(--limit-mm-per-prompt)")
-        processed = self.load(sources)
+        processed = self.load(sources, self.processor_for(processor_kwargs))
         ids = self._expand(ids, [p.num_soft_tokens for p in processed])
         from .images import stack
 

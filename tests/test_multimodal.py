@@ -349,3 +349,48 @@ def test_allowed_media_domains_stop_fetches_to_other_hosts(vision_checkpoint):
     args = build_parser().parse_args(["serve", str(path), "--allowed-media-domains", "a.org", "b.org"])
     assert args.allowed_media_domains == ["a.org", "b.org"]
     assert build_parser().parse_args(["serve", str(path)]).allowed_media_domains is None
+
+
+def test_mm_processor_kwargs_set_an_images_token_budget(vision_checkpoint):
+    """vLLM's mm_processor_kwargs: max_soft_tokens over the checkpoint's 70, and the generation still equals
+    the reference's from the pixels preprocessed at that budget."""
+    import dataclasses
+
+    from canvaslm.generate import GenerationError
+    from canvaslm.images import preprocess, stack
+    from canvaslm.llm import LLM, SamplingParams
+
+    path, ref = vision_checkpoint
+    llm = LLM(path, device="cpu")
+    img = random_image(200, 120, 3)
+    ids, C = [5, 9, IMG, 11], llm.cfg.canvas_length
+    sp = SamplingParams(max_new_tokens=C, max_denoising_steps=4, seed=1)
+    small = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": img}}, sp)[0]
+    big = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": img},
+                        "mm_processor_kwargs": {"max_soft_tokens": 280}}, sp,
+                       generator=torch.Generator().manual_seed(1))[0]
+    cfg = dataclasses.replace(llm.vision.processor, max_soft_tokens=280)
+    processed = preprocess(img, cfg)
+    assert big.prompt_ids.count(IMG) == processed.num_soft_tokens > small.prompt_ids.count(IMG) > 0
+    pixels, pos = stack([processed])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([big.prompt_ids]), pixel_values=pixels, image_position_ids=pos,
+                           mm_token_type_ids=torch.tensor([[int(t == IMG) for t in big.prompt_ids]]),
+                           max_new_tokens=C, max_denoising_steps=4)
+    want = out.sequences[0, len(big.prompt_ids):].tolist()
+    cut = next((i for i, t in enumerate(want) if t in llm.eos_ids), None)
+    assert big.token_ids == (want if cut is None else want[:cut + 1])
+    for kwargs, match in (({"max_soft_tokens": 100}, r"mm_processor_kwargs\.max_soft_tokens must be one of 70"),
+                          ({"patch_size": 8}, "'patch_size' is not supported")):
+        with pytest.raises(GenerationError, match=match):
+            llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": img}, "mm_processor_kwargs": kwargs},
+                         sp)
+    # the server-wide default: --mm-processor-kwargs
+    from canvaslm.cli import build_parser
+    from canvaslm.multimodal import ImageError, Vision
+
+    parsed = build_parser().parse_args(["serve", str(path), "--mm-processor-kwargs", '{"max_soft_tokens": 560}'])
+    assert Vision(llm.model, path, processor_kwargs=parsed.mm_processor_kwargs).processor.max_soft_tokens == 560
+    with pytest.raises(ImageError, match=r"--mm-processor-kwargs\.max_soft_tokens must be one of"):
+        Vision(llm.model, path, processor_kwargs={"max_soft_tokens": 7})

@@ -133,9 +133,25 @@ def _add_media_arg(p) -> None:
     p.add_argument("--allowed-media-domains", nargs="*", default=None, metavar="HOST",
                    help="only these hosts may be named by http(s) image URLs (vLLM's flag; given with no host: "
                         "no URL is fetched). Default: any host")
+    p.add_argument("--mm-processor-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="image processor settings over the checkpoint's, e.g. '{\"max_soft_tokens\": 560}' (more "
+                        "tokens per image: finer detail, longer prompts; 70, 140, 280, 560 or 1120); a request's "
+                        "mm_processor_kwargs goes over these")
     p.add_argument("--limit-mm-per-prompt", type=_image_limit, default=None, metavar="LIMIT",
                    help="images per prompt, as vLLM takes it: '{\"image\": N}' or image=N; 0 serves text only "
                         "and leaves the vision tower unloaded (default: no limit)")
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object")
+    return value
 
 
 def _image_limit(text: str) -> int:
@@ -209,7 +225,8 @@ def _run_batch(args) -> int:
                         served_model_name=args.served_model_name, quantization=args.quantization,
                         lora_modules=adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                         defaults=defaults, allowed_local_media_path=args.allowed_local_media_path,
-                        max_images=args.limit_mm_per_prompt, allowed_media_domains=args.allowed_media_domains)
+                        max_images=args.limit_mm_per_prompt, allowed_media_domains=args.allowed_media_domains,
+                        processor_kwargs=args.mm_processor_kwargs)
     for note in notes + apply_chat_flags(state, args) + state.engine.notes:
         print(f"canvaslm: {note}", flush=True)
     try:
@@ -238,7 +255,7 @@ def _serve(args) -> int:
                         lora_modules=adapters, lora_updates=args.enable_lora_updates, max_loras=args.max_loras,
                         max_lora_rank=args.max_lora_rank, defaults=defaults,
                         allowed_local_media_path=args.allowed_local_media_path, max_images=args.limit_mm_per_prompt,
-                        allowed_media_domains=args.allowed_media_domains)
+                        allowed_media_domains=args.allowed_media_domains, processor_kwargs=args.mm_processor_kwargs)
     clash = sorted(set(getattr(args, "aliases", ())) & set(state.loras))
     if clash:
         state.engine.shutdown()

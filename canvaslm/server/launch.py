@@ -21,14 +21,16 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
                 regex_timeout: float = 10.0, lora_modules=(), lora_updates: bool = False,
                 max_loras: int | None = None, max_lora_rank: int | None = None,
                 defaults: DiffusionParams | None = None, allowed_local_media_path: str | None = None,
-                max_images: int | None = None, allowed_media_domains=None) -> ServerState:
+                max_images: int | None = None, allowed_media_domains=None,
+                processor_kwargs: dict | None = None) -> ServerState:
     """Load the checkpoint (quantised while loading if asked: "fp8" | "int4"), start the engine thread
     and return the state the app serves. lora_modules: [(served name, PEFT adapter dir)] or
     `lora_serving.Adapter`s, served beside the base; lora_updates: adapters may also be loaded and
     unloaded over HTTP; max_loras / max_lora_rank: limits on the adapters held (lora_serving.MultiLoRA).
     allowed_local_media_path: image parts may name files under this directory (vLLM's flag; default: none);
     max_images: images per prompt (None: any number; 0: text only, the vision tower is not loaded);
-    allowed_media_domains: the hosts image URLs may name (None: any)."""
+    allowed_media_domains: the hosts image URLs may name (None: any); processor_kwargs: image processor
+    settings over the checkpoint's (vLLM's --mm-processor-kwargs, e.g. {"max_soft_tokens": 560})."""
     import torch
 
     from ..tokenizer import Tokenizer
@@ -42,7 +44,7 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     return state_from_model(model, defaults, tokenizer, config, api_key,
                             served_model_name or model_dir.name, max_denoising_steps, regex_timeout, lora_modules,
                             lora_updates, max_loras, max_lora_rank, model_dir, allowed_local_media_path, max_images,
-                            allowed_media_domains)
+                            allowed_media_domains, processor_kwargs)
 
 
 def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: EngineConfig | None = None,
@@ -51,7 +53,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
                      lora_updates: bool = False, max_loras: int | None = None,
                      max_lora_rank: int | None = None, model_dir=None,
                      allowed_local_media_path: str | None = None, max_images: int | None = None,
-                     allowed_media_domains=None) -> ServerState:
+                     allowed_media_domains=None, processor_kwargs: dict | None = None) -> ServerState:
     """Serve an in-memory model (e.g. random weights at a benchmark shape); starts the engine thread.
     model_dir: where its image processor settings are read (multimodal.Vision). A vision tower is loaded
     here, before the engine sizes its KV cache to the memory left, unless max_images is 0."""
@@ -73,7 +75,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
         ids = install(model, adapters, config.slots, max_loras, max_lora_rank).ids
         loras = {a.name: (ids[a.name], a.path) for a in adapters}
     # a bad processor config fails here (with image=0 it is not read)
-    vision = Vision(model, model_dir, allowed_local_media_path, max_images, allowed_media_domains)
+    vision = Vision(model, model_dir, allowed_local_media_path, max_images, allowed_media_domains, processor_kwargs)
     if vision.available:
         vision.tower()
     engine = Engine(model, config, history_depth=max(1, defaults.stability_threshold)).start()

@@ -250,6 +250,8 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = Field(True, description="vLLM's: open the assistant's turn after the messages")
     continue_final_message: bool = Field(False, description="vLLM's: go on with the last (assistant) message")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM's: more variables for the template")
+    mm_processor_kwargs: dict[str, Any] | None = Field(None, description="vLLM's: the image processor's "
+                                                       "settings for this request's images, e.g. max_soft_tokens")
     include_reasoning: bool = Field(True, description="vLLM's: false leaves the thought out of the reply (it is "
                                     "still kept out of the content)")
     reasoning_effort: Literal[REASONING_EFFORTS] | None = Field(

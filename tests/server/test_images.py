@@ -427,3 +427,27 @@ def test_logprobs_of_an_image_prompt_read_the_image(server, vision_dir):
     first_after = next(i for i, t in enumerate(ids) if t == llm.cfg.eoi_token_id) + 1  # the text after the image
     p_want, _ = batch_token_logprobs(llm.model, [ids], [1], images=[images])[0]
     assert prompt_lp[first_after][str(ids[first_after])]["logprob"] == pytest.approx(p_want[first_after - 1], abs=1e-4)
+
+
+def test_mm_processor_kwargs_on_the_chat_route(server, vision_dir):
+    import openai
+
+    from canvaslm.llm import LLM, SamplingParams
+
+    client, picture = client_of(server), data_url(png(160, 120, 8))
+    base = client.chat.completions.create(model=MODEL, messages=messages(picture), seed=3, max_tokens=8)
+    big = client.chat.completions.create(model=MODEL, messages=messages(picture), seed=3, max_tokens=8,
+                                         extra_body={"mm_processor_kwargs": {"max_soft_tokens": 280}})
+    assert big.usage.prompt_tokens > base.usage.prompt_tokens
+    llm = LLM(vision_dir, device="cpu")
+    llm.defaults = DEFAULTS
+    from canvaslm.multimodal import image_parts_to_placeholders
+
+    msgs, srcs = image_parts_to_placeholders(messages(picture), llm.image_placeholder)
+    want = llm.generate({"prompt_token_ids": llm.tokenizer.encode_chat(msgs), "multi_modal_data": {"image": srcs},
+                         "mm_processor_kwargs": {"max_soft_tokens": 280}}, SamplingParams(seed=3, max_new_tokens=8))[0]
+    assert big.usage.prompt_tokens == len(want.prompt_ids) and big.choices[0].message.content == want.text
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=messages(picture), max_tokens=4,
+                                       extra_body={"mm_processor_kwargs": {"max_soft_tokens": 3}})
+    assert "mm_processor_kwargs.max_soft_tokens must be one of 70, 140, 280, 560, 1120" in str(e.value)
