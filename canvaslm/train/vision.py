@@ -46,9 +46,20 @@ class TrainVision:
 
     def __init__(self, model, model_dir: str | Path | None = None, cache_bytes: int = SOFT_TOKEN_CACHE_BYTES):
         self.model, self.cfg = model, model.cfg
-        self._vision = Vision(model, model_dir)  # the processor settings and the tower, as inference has them
-        self.processor = self._vision.processor
+        self.model_dir = model_dir
+        self._loaded = None  # multimodal.Vision, made on the first image: text-only data never reads its settings
         self.cache_bytes, self.cached_bytes, self.uncached = cache_bytes, 0, 0
+
+    @property
+    def _vision(self) -> Vision:
+        """The processor settings and the tower, as inference has them."""
+        if self._loaded is None:
+            self._loaded = Vision(self.model, self.model_dir)
+        return self._loaded
+
+    @property
+    def processor(self):
+        return self._vision.processor
 
     @staticmethod
     def usable(cfg) -> bool:
@@ -66,8 +77,8 @@ class TrainVision:
 
     def release(self) -> None:
         """Drop the tower when every image's soft tokens are cached (it is then not needed again)."""
-        if self.uncached == 0:
-            self._vision.release()
+        if self.uncached == 0 and self._loaded is not None:
+            self._loaded.release()
 
     def _processed(self, source):
         if isinstance(source, Path):  # a local file of the training data (trusted: the user's own)

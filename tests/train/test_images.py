@@ -259,3 +259,23 @@ def test_bad_images_and_count_mismatches_are_errors_naming_the_example(setup, tm
           "2 image token(s)", "1 image(s)")
     fails({"prompt": "see <|image|>", "response": "x"}, "1 image token(s)", "needs the image itself")
     fails(good, "takes text only", v=None)
+
+
+def test_text_data_does_not_read_the_image_processor_settings(setup, vision_dir, tmp_path):
+    """A checkpoint whose processor_config.json this code cannot honour still trains on text; an image
+    example then fails naming the file."""
+    import shutil
+
+    model, tok, _ = setup
+    bad = tmp_path / "ckpt"
+    shutil.copytree(vision_dir, bad)
+    (bad / "processor_config.json").write_text('{"image_processor": {"max_soft_tokens": 100}}')
+    vision = TrainVision(model, bad)
+    (tmp_path / "text.jsonl").write_text(json.dumps({"prompt": "hi", "response": "there"}) + "\n")
+    text = load_examples(str(tmp_path / "text.jsonl"), tok, vision=vision)
+    assert text == [(tok.encode("hi"), tok.encode("there", add_special_tokens=False))]
+    row = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png(20, 20, 0))}}]},
+                        {"role": "assistant", "content": "ok"}]}
+    (tmp_path / "image.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"image 0: .*processor_config\.json: image_processor\.max_soft_tokens"):
+        load_examples(str(tmp_path / "image.jsonl"), tok, vision=vision)
