@@ -83,7 +83,9 @@ def image_spans(positions: list[int]) -> list[tuple[int, int]]:
 
 def image_parts_to_placeholders(messages: list, placeholder: str) -> tuple[list, list]:
     """Chat messages with every image part (OpenAI `image_url`, `image`, Responses `input_image`) turned
-    into a text part holding the image placeholder, and the images' sources in order."""
+    into {"type": "image", "text": placeholder} (the image token's text: what a template that takes content
+    as a string gets; one that loops over parts gets {"type": "image"}: Tokenizer.renders_parts), and the
+    images' sources in order."""
     sources, out = [], []
     for i, msg in enumerate(messages):
         content = msg.get("content") if isinstance(msg, dict) else None
@@ -105,7 +107,7 @@ def image_parts_to_placeholders(messages: list, placeholder: str) -> tuple[list,
                 raise ImageError(f"messages[{i}].content[{j}]: an {kind!r} part needs an image "
                                  f"(e.g. {{'type': 'image_url', 'image_url': {{'url': 'data:image/png;base64,...'}}}})")
             sources.append(src)
-            parts.append({"type": "text", "text": placeholder})
+            parts.append({"type": "image", "text": placeholder})
         out.append({**msg, "content": parts})
     return out, sources
 

@@ -9,6 +9,7 @@ Also builds tiny char-level tokenizers for recipe models.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -70,8 +71,15 @@ def _compile_template(source: str, origin: str) -> jinja2.Template:
         raise ValueError(f"{origin}: chat template has a syntax error at line {e.lineno}: {e.message}") from e
 
 
-def _validate_messages(messages: Any) -> list[dict]:
-    """Copies of the messages with list-of-parts content joined into one string."""
+# a template that loops over a message's content takes it as a list of parts (vLLM's "openai" content format)
+_PARTS_LOOP = re.compile(r"for\s+\w+\s+in\s+[\w.]*(\[\s*['\"]content['\"]\s*\]|\.content\b)")
+
+
+def _validate_messages(messages: Any, keep_parts: bool = False) -> list[dict]:
+    """Copies of the messages with list-of-parts content joined into one string. Image parts ({"type":
+    "image", "text": the image token's text}, as multimodal.image_parts_to_placeholders writes them) join
+    as that text; with `keep_parts` (a template that renders parts itself) a message holding an image keeps
+    its parts, as [{"type": "text", "text"} | {"type": "image"}], and the template writes the image token."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
     out = []
@@ -86,14 +94,17 @@ def _validate_messages(messages: Any) -> list[dict]:
         if content is None and "tool_calls" in msg:
             content = ""  # an assistant turn that only calls tools
         if isinstance(content, list):
-            texts = []
             for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                if not (isinstance(part, dict) and part.get("type") in ("text", "image")
+                        and isinstance(part.get("text"), str)):
                     raise ValueError(f"messages[{i}].content[{j}] must be {{'type': 'text', 'text': str}}, "
                                      f"got {part!r}")
-                texts.append(part["text"])
-            content = "\n".join(texts)  # as vLLM does for text-only models
-        if not isinstance(content, str):
+            if keep_parts and any(p["type"] == "image" for p in content):
+                content = [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]}
+                           for p in content]
+            else:
+                content = "\n".join(p["text"] for p in content)  # as vLLM does for text-only models
+        if not isinstance(content, (str, list)):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts, got {content!r}")
         msg["content"] = content
         out.append(msg)
@@ -216,6 +227,12 @@ class Tokenizer:
             raise KeyError(f"id {token_id} is not in the vocabulary of {self.name} (size {self.vocab_size})")
         return token
 
+    @property
+    def renders_parts(self) -> bool:
+        """The chat template loops over a message's content parts (vLLM's "openai" content format): a message
+        with images then reaches it as parts, and the template writes each image's token where it puts it."""
+        return self.chat_template is not None and _PARTS_LOOP.search(self.chat_template) is not None
+
     def set_chat_template(self, source: str, origin: str = "chat template") -> None:
         """Use `source` (Jinja) as the chat template instead of the checkpoint's (vLLM's --chat-template)."""
         self._template = _compile_template(source, origin)  # raises ValueError naming the origin on bad syntax
@@ -266,7 +283,7 @@ class Tokenizer:
         if self._template is None:
             raise ValueError(f"{self.name}: this checkpoint has no chat template "
                              "(no chat_template.jinja and no chat_template in tokenizer_config.json)")
-        messages = _validate_messages(messages)
+        messages = _validate_messages(messages, keep_parts=self.renders_parts)
         special = {f"{role}_token": self._backend.id_to_token(i)
                    for role, i in [("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)] if i is not None}
         variables = {"documents": None, **special, **self.template_defaults, **kwargs}  # caller kwargs override
@@ -277,6 +294,7 @@ class Tokenizer:
             raise ValueError(f"{self.name}: chat template rejected the messages: {e}") from e
         if continue_final_message:
             final = messages[-1].get("content") or ""
+            final = final if isinstance(final, str) else "".join(p.get("text", "") for p in final)
             for part in (final, final.strip()):  # templates that strip the content keep the inner text
                 if part and part in text:
                     return text[:text.rindex(part) + len(part)]

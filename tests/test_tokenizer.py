@@ -461,3 +461,16 @@ def test_continue_final_message_matches_hf(bpe_dir, hf_tok, final):
         tok.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
     with pytest.raises(ValueError, match="last message to be the assistant's"):
         tok.apply_chat_template(messages[:1], add_generation_prompt=False, continue_final_message=True)
+
+
+@pytest.mark.parametrize("template,parts", [
+    ("{% for m in messages %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endfor %}", True),
+    ('{% for m in messages %}{% for p in m["content"] %}{{ p.text }}{% endfor %}{% endfor %}', True),
+    ("{% for m in messages %}{% for p in m.content %}{{ p.text }}{% endfor %}{% endfor %}", True),
+    ("{% for m in messages %}{{ m['content'] }}{% for c in m.get('tool_calls', []) %}{% endfor %}{% endfor %}", False),
+    ("{% for m in messages %}{{ m.content_type }}{% for x in m.contents %}{% endfor %}{% endfor %}", False),
+])
+def test_templates_that_loop_over_content_get_parts(tmp_path, template, parts):
+    """vLLM's content-format detection: a template looping over a message's content takes image parts as parts."""
+    tok = build_char_tokenizer(list("ab"), ["<pad>", "<eos>", "<bos>"], tmp_path, chat_template=template)
+    assert tok.renders_parts is parts

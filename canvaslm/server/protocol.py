@@ -289,8 +289,11 @@ class ChatCompletionRequest(_Common):
         JSON text parses to one."""
         out = []
         for m in self.messages:
-            content = m.content if not isinstance(m.content, list) else "\n".join(
-                p.text if isinstance(p, TextPart) else image_placeholder for p in m.content)
+            content = m.content
+            if isinstance(content, list):  # images as Tokenizer takes them (it joins or keeps the parts)
+                content = "\n".join(p.text for p in content) if all(isinstance(p, TextPart) for p in content) else \
+                    [{"type": "text", "text": p.text} if isinstance(p, TextPart) else
+                     {"type": "image", "text": image_placeholder} for p in content]
             msg = {"role": m.role, "content": content or ""}
             if m.name is not None:
                 msg["name"] = m.name

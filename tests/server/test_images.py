@@ -451,3 +451,40 @@ def test_mm_processor_kwargs_on_the_chat_route(server, vision_dir):
         client.chat.completions.create(model=MODEL, messages=messages(picture), max_tokens=4,
                                        extra_body={"mm_processor_kwargs": {"max_soft_tokens": 3}})
     assert "mm_processor_kwargs.max_soft_tokens must be one of 70, 140, 280, 560, 1120" in str(e.value)
+
+
+PARTS_TEMPLATE = (  # loops over content parts, as multimodal HF templates do: it writes the image token itself
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<|image|>{% else %}"
+    "{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_a_template_that_renders_parts_gets_the_image_parts(vision_dir):
+    """vLLM's content formats: a template that loops over content gets a message with images as parts and
+    places the image token itself (no separators of ours); a string template gets the parts joined."""
+    from canvaslm.llm import LLM, SamplingParams
+    from canvaslm.server.protocol import ChatCompletionRequest
+
+    llm = LLM(vision_dir, device="cpu")
+    conv = [{"role": "user", "content": [{"type": "text", "text": "What"},
+                                         {"type": "image_url", "image_url": {"url": data_url(png(30, 30, 2))}},
+                                         {"type": "text", "text": "now"}]}]
+    body = ChatCompletionRequest(model="m", messages=conv)
+    assert not llm.tokenizer.renders_parts
+    joined = llm.tokenizer.apply_chat_template(body.message_dicts(llm.image_placeholder))
+    assert "What\n<|image|>\nnow" in joined
+    llm.tokenizer.set_chat_template(PARTS_TEMPLATE)
+    assert llm.tokenizer.renders_parts
+    parts = llm.tokenizer.apply_chat_template(body.message_dicts(llm.image_placeholder))
+    assert "<start_of_turn>user\nWhat<|image|>now<end_of_turn>" in parts
+    text_only = llm.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                {"type": "text", "text": "b"}]}])
+    assert "user\na\nb<end_of_turn>" in text_only  # messages without images stay strings
+    out = llm.chat(conv, SamplingParams(max_new_tokens=4, max_denoising_steps=2, seed=0))
+    img, boi, eoi = llm.cfg.image_token_id, llm.cfg.boi_token_id, llm.cfg.eoi_token_id
+    ids = out.prompt_ids
+    at = ids.index(boi)
+    assert llm.tokenizer.decode(ids[:at], skip_special_tokens=False).endswith("user\nWhat")
+    end = ids.index(eoi)
+    assert set(ids[at + 1:end]) == {img} and llm.tokenizer.decode(ids[end + 1:end + 4]) == "now"
