@@ -12,6 +12,7 @@ whoever splits a prompt into encoder calls keeps each image in one call (`ImageI
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import threading
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from urllib.parse import urlparse
 import torch
 
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
-PROCESSOR_KWARGS = ("max_soft_tokens",)  # what a request (or --mm-processor-kwargs) may set: the image budget
+PROCESSOR_KWARGS = ("max_soft_tokens",)
+ENCODER_CACHE_BYTES = 512 << 20  # host memory for recent images' soft tokens (280 x 2816 in bf16: 1.5 MiB each)  # what a request (or --mm-processor-kwargs) may set: the image budget
 
 
 class ImageError(ValueError):
@@ -117,11 +119,13 @@ class Vision:
     tower, which loads on the first image (a text-only workload never pays for it)."""
 
     def __init__(self, model, model_dir: str | Path | None, allowed_local_media_path: str | Path | None = None,
-                 max_images: int | None = None, allowed_media_domains=None, processor_kwargs: dict | None = None):
+                 max_images: int | None = None, allowed_media_domains=None, processor_kwargs: dict | None = None,
+                 cache_bytes: int = ENCODER_CACHE_BYTES):
         """max_images: images per prompt (vLLM's --limit-mm-per-prompt; None: no limit, 0: text only).
         allowed_media_domains: the hosts http(s) image URLs may name (vLLM's --allowed-media-domains; None:
         any host, an empty list: no URL is fetched). processor_kwargs: defaults over the checkpoint's processor
-        settings (vLLM's --mm-processor-kwargs; `PROCESSOR_KWARGS`)."""
+        settings (vLLM's --mm-processor-kwargs; `PROCESSOR_KWARGS`). cache_bytes: memory for the soft tokens
+        of recent images, reused when an image comes again (0: none)."""
         from .images import ImageProcessorConfig
 
         if max_images is not None and (not isinstance(max_images, int) or max_images < 0):
@@ -134,6 +138,9 @@ class Vision:
         self.processor = ImageProcessorConfig.from_dir(model_dir) if read else ImageProcessorConfig()
         self.processor = self.processor_for(processor_kwargs, "--mm-processor-kwargs")
         self._tower, self._lock = None, threading.Lock()
+        # soft tokens of recent images by digest (an API client resends a conversation's images every turn)
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self.cache_bytes, self._cached, self.cache_hits = cache_bytes, 0, 0
 
     @property
     def available(self) -> bool:
@@ -222,18 +229,40 @@ class Vision:
                              "(--limit-mm-per-prompt)")
         processed = self.load(sources, self.processor_for(processor_kwargs))
         ids = self._expand(ids, [p.num_soft_tokens for p in processed])
-        from .images import stack
 
-        pixels, pos = stack(processed)
-        tower = self.tower()
-        w = self.model.embed_weight
-        embeds = tower(pixels.to(w.device, w.dtype), pos.to(w.device))
+        embeds = torch.cat([self.encode(p) for p in processed])
         positions = [i for i, t in enumerate(ids) if t == self.cfg.image_token_id]
         if embeds.shape[0] != len(positions):
             raise ImageError(f"the vision tower gave {embeds.shape[0]} soft tokens for {len(positions)} image "
                              "positions")
         return ids, ImageInputs(embeds, tuple(positions), tuple(image_spans(positions)),
                                 tuple(p.digest for p in processed))
+
+    @torch.no_grad()
+    def encode(self, processed) -> torch.Tensor:
+        """[n, d] soft tokens of one preprocessed image: from the cache when the same image (digest: pixels
+        and processor settings) was encoded lately, else from the tower, alone (an image's soft tokens never
+        depend on the images next to it, so a cached copy equals a fresh one bit for bit)."""
+        w = self.model.embed_weight
+        with self._lock:
+            hit = self._cache.get(processed.digest)
+            if hit is not None:
+                self._cache.move_to_end(processed.digest)
+                self.cache_hits += 1
+                return hit.to(w.device, non_blocking=True)
+        from .images import stack
+
+        pixels, pos = stack([processed])
+        out = self.tower()(pixels.to(w.device, w.dtype), pos.to(w.device))
+        size = out.numel() * out.element_size()
+        with self._lock:
+            if size <= self.cache_bytes and processed.digest not in self._cache:
+                self._cache[processed.digest] = out.to("cpu")  # host memory: the KV cache has the device's
+                self._cached += size
+                while self._cached > self.cache_bytes:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= old.numel() * old.element_size()
+        return out
 
     def _expand(self, ids: list[int], counts: list[int]) -> list[int]:
         img = self.cfg.image_token_id

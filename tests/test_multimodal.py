@@ -394,3 +394,31 @@ def test_mm_processor_kwargs_set_an_images_token_budget(vision_checkpoint):
     assert Vision(llm.model, path, processor_kwargs=parsed.mm_processor_kwargs).processor.max_soft_tokens == 560
     with pytest.raises(ImageError, match=r"--mm-processor-kwargs\.max_soft_tokens must be one of"):
         Vision(llm.model, path, processor_kwargs={"max_soft_tokens": 7})
+
+
+def test_recent_images_soft_tokens_come_from_the_cache_bit_for_bit(vision_checkpoint):
+    """An API client resends a conversation's images every turn: the second time an image's soft tokens come
+    from the cache (no tower call), equal to a fresh encoding; the cache keeps within its bytes."""
+    from canvaslm.checkpoint import load_model
+    from canvaslm.multimodal import Vision
+
+    path, _ = vision_checkpoint
+    model = load_model(path)
+    a, b = random_image(40, 30, 1), random_image(30, 40, 2)
+    fresh = Vision(model, path, cache_bytes=0)
+    want_a, want_b = fresh.prepare([5, IMG], [a])[1].embeds, fresh.prepare([5, IMG], [b])[1].embeds
+    assert fresh.cache_hits == 0
+    vision = Vision(model, path)
+    calls = []
+    tower = vision.tower()
+    vision._tower = lambda *args: calls.append(1) or tower(*args)  # count the tower's calls
+    first = vision.prepare([5, IMG, 6, IMG], [a, b])[1].embeds
+    again = vision.prepare([7, IMG], [a])[1].embeds
+    assert len(calls) == 2 and vision.cache_hits == 1
+    assert torch.equal(again, want_a) and torch.equal(first, torch.cat([want_a, want_b]))
+    one = want_a.numel() * want_a.element_size()
+    small = Vision(model, path, cache_bytes=one + 1)  # room for one image: b pushes a out
+    small._tower = vision._tower
+    for img in (a, b, a):
+        small.prepare([5, IMG], [img])
+    assert small.cache_hits == 0 and len(calls) == 5

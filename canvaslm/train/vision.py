@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..images import load_image, preprocess, stack
+from ..images import load_image, preprocess
 from ..multimodal import ImageInputs, Vision, image_spans
 from .data import DataError, ImageExample
 
@@ -54,7 +54,7 @@ class TrainVision:
     def _vision(self) -> Vision:
         """The processor settings and the tower, as inference has them."""
         if self._loaded is None:
-            self._loaded = Vision(self.model, self.model_dir)
+            self._loaded = Vision(self.model, self.model_dir, cache_bytes=0)  # this class keeps its own
         return self._loaded
 
     @property
@@ -71,10 +71,6 @@ class TrainVision:
     def image_token_id(self) -> int:
         return self.cfg.image_token_id
 
-    def tower(self):
-        self._vision.need()  # an ImageError (a ValueError) naming what is missing
-        return self._vision.tower()
-
     def release(self) -> None:
         """Drop the tower when every image's soft tokens are cached (it is then not needed again)."""
         if self.uncached == 0 and self._loaded is not None:
@@ -89,10 +85,9 @@ class TrainVision:
     @torch.no_grad()
     def _encode(self, processed) -> torch.Tensor:
         """[num_soft_tokens, hidden] soft tokens of one preprocessed image, on the CPU."""
-        pixels, pos = stack([processed])
-        w = self.model.embed_weight
-        with torch.autocast(w.device.type, enabled=False):
-            out = self.tower()(pixels.to(w.device, w.dtype), pos.to(w.device))
+        self._vision.need()  # an ImageError (a ValueError) naming what is missing
+        with torch.autocast(self.model.embed_weight.device.type, enabled=False):
+            out = self._vision.encode(processed)
         if out.shape[0] != processed.num_soft_tokens:
             raise ValueError(f"the vision tower gave {out.shape[0]} soft tokens for an image of "
                              f"{processed.num_soft_tokens}")
