@@ -133,6 +133,8 @@ def _add_media_arg(p) -> None:
     p.add_argument("--allowed-media-domains", nargs="*", default=None, metavar="HOST",
                    help="only these hosts may be named by http(s) image URLs (vLLM's flag; given with no host: "
                         "no URL is fetched). Default: any host")
+    from .vllm_compat import _json_object
+
     p.add_argument("--mm-processor-kwargs", type=_json_object, default=None, metavar="JSON",
                    help="image processor settings over the checkpoint's, e.g. '{\"max_soft_tokens\": 560}' (more "
                         "tokens per image: finer detail, longer prompts; 70, 140, 280, 560 or 1120); a request's "
@@ -140,18 +142,6 @@ def _add_media_arg(p) -> None:
     p.add_argument("--limit-mm-per-prompt", type=_image_limit, default=None, metavar="LIMIT",
                    help="images per prompt, as vLLM takes it: '{\"image\": N}' or image=N; 0 serves text only "
                         "and leaves the vision tower unloaded (default: no limit)")
-
-
-def _json_object(text: str) -> dict:
-    import json
-
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object")
-    return value
 
 
 def _image_limit(text: str) -> int:
