@@ -76,6 +76,7 @@ class TrainConfig:
     freeze_router: bool = True
     gradient_checkpointing: bool = False  # recompute each layer in the backward: activation memory ~1/layers
     max_length: int | None = None  # leave out examples longer than this (prompt + response in whole canvases)
+    truncate_prompt: bool = False  # with max_length: cut a long example's prompt from the start (BOS kept) instead
     generation: dict | None = None  # DiffusionParams fields written to the exported generation_config.json
     export_dtype: str | None = None
     plot: bool = True
@@ -120,6 +121,10 @@ class TrainConfig:
             bad("max_length", "must be an integer >= 2 (tokens of prompt + response) or null")
         if not isinstance(self.gradient_checkpointing, bool):
             bad("gradient_checkpointing", "must be true or false")
+        if not isinstance(self.truncate_prompt, bool):
+            bad("truncate_prompt", "must be true or false")
+        if self.truncate_prompt and self.max_length is None:
+            bad("truncate_prompt", "needs max_length (the length prompts are cut to fit)")
         if self.save_merged is False and self.lora is None:
             bad("save_merged", "can be false only with lora (a checkpoint then holds the adapters)")
         if self.quantization is not None:
@@ -323,7 +328,8 @@ class Trainer:
 
     def _fitting(self, examples: list, what: str) -> list:
         """The examples whose training sequence (prompt + response in whole canvases) fits `max_length`, with
-        a warning that counts the others; a sequence past the model's positions is an error naming it."""
+        a warning that counts the others (with `truncate_prompt`, a long example's prompt is cut from the start
+        to fit, where it can be); a sequence past the model's positions is an error naming it."""
         c, cfg = self.config, self.model.cfg
         lengths = [len(p) + cfg.canvas_length * canvases_of(r, cfg.canvas_length, self.eos_ids) for p, r in examples]
         limit = cfg.max_position_embeddings
@@ -339,6 +345,14 @@ class Trainer:
                                 f"({len(too_long)} of {len(examples)} examples are); set max_length to leave them "
                                 "out")
             return examples
+        if c.truncate_prompt:  # cut long prompts from the start; what cannot be cut stays too long (left out)
+            examples, cut = list(examples), 0
+            for i, n in enumerate(lengths):
+                short = self._cut_prompt(examples[i], n - c.max_length) if n > c.max_length else None
+                if short is not None:
+                    examples[i], lengths[i], cut = short, c.max_length, cut + 1
+            if cut and self.dist.rank == 0:
+                log.warning("%s: cut the start of %d prompts to fit max_length %d", what, cut, c.max_length)
         kept = [ex for ex, n in zip(examples, lengths) if n <= c.max_length]
         if not kept:
             raise DataError(f"{what}: all {len(examples)} examples are longer than max_length {c.max_length} "
@@ -347,6 +361,20 @@ class Trainer:
             log.warning("%s: left out %d of %d examples longer than max_length %d (the longest: %d tokens)", what,
                         len(examples) - len(kept), len(examples), c.max_length, max(lengths))
         return kept
+
+    def _cut_prompt(self, example, over: int):
+        """The example with `over` tokens cut from its prompt's start, keeping a leading BOS; None when that
+        leaves no prompt (the response alone is too long) or the example shows images (a cut could split
+        one, and the image tokens are most of such a prompt)."""
+        if isinstance(example, ImageExample):
+            return None
+        prompt, response = example
+        bos = self.model.cfg.bos_token_id
+        head = 1 if prompt and prompt[0] == bos else 0
+        rest = prompt[head:]
+        if over >= len(rest):
+            return None
+        return list(prompt[:head]) + list(rest[over:]), response
 
     def _setup_optimizer(self):
         c = self.config

@@ -317,3 +317,33 @@ def test_max_length_leaves_out_long_examples_and_positions_are_checked(tmp_path,
     with pytest.raises(DataError, match=r"data.train: example \d+ is 2\d tokens long .* past the model's "
                                         r"max_position_embeddings 24 \(\d+ of 64 examples are\); set max_length"):
         Trainer(TrainConfig.from_dict(cfg))
+
+
+def test_truncate_prompt_cuts_long_prompts_from_the_start(tmp_path, caplog):
+    """TRL-style truncation instead of leaving examples out: a long example keeps its response and the end
+    of its prompt (its BOS too); one whose response alone is too long is still left out."""
+    from canvaslm.train.objective import canvases_of
+
+    from .helpers import reversal_examples
+
+    def length(p, r):
+        return len(p) + 8 * canvases_of(r, 8, (1,))
+
+    cfg = tiny_config(tmp_path / "a", max_length=12)
+    dropped = Trainer(TrainConfig.from_dict(cfg))
+    with caplog.at_level("WARNING", logger="canvaslm.train"):
+        cut = Trainer(TrainConfig.from_dict({**cfg, "out_dir": str(tmp_path / "b"), "truncate_prompt": True}))
+    kept = cut.train_examples + cut.eval_examples
+    assert len(kept) > len(dropped.train_examples + dropped.eval_examples) > 0
+    assert all(length(p, r) <= 12 for p, r in kept)
+    assert "prompts to fit max_length 12" in caplog.text
+    full = {tuple(r): p for p, r in reversal_examples()}
+    shortened = [(p, r) for p, r in kept if len(p) < len(full[tuple(r)])]
+    assert shortened
+    for p, r in shortened:  # the end of the original prompt, after the BOS it keeps
+        orig = full[tuple(r)]
+        assert p[0] == orig[0] == 2 and p[1:] == orig[len(orig) - len(p) + 1:] and length(p, r) == 12
+    assert all(canvases_of(r, 8, (1,)) == 1 for p, r in kept)  # two-canvas responses cannot fit: left out
+    assert cut.train()[-1]["loss"] > 0
+    with pytest.raises(ConfigError, match="truncate_prompt needs max_length"):
+        TrainConfig.from_dict(tiny_config(tmp_path / "c", truncate_prompt=True))
