@@ -422,3 +422,25 @@ def test_recent_images_soft_tokens_come_from_the_cache_bit_for_bit(vision_checkp
     for img in (a, b, a):
         small.prepare([5, IMG], [img])
     assert small.cache_hits == 0 and len(calls) == 5
+
+
+def test_prefix_reuse_never_stops_inside_an_image(mm_llm):
+    """Two prompts share 20 text tokens and a 16-token image (longer than the sliding window of 8) and differ
+    right after it, inside the same chunk of 8: reuse stops where a fresh run starts a call (16), not at the
+    last whole chunk in common (32, inside the image), so B's output is the fresh run's bit for bit."""
+    from canvaslm.llm import SamplingParams
+
+    llm = mm_llm
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(3, V - 4, (20,), generator=g).tolist()
+    a_ids = text + [BOI] + [IMG] * 16 + [EOI] + [7, 8]
+    b_ids = a_ids[:-2] + [7, 9]
+    pic = fake_images(a_ids, llm.cfg.hidden_size, 8, "p")
+    sp = SamplingParams(seed=2, max_new_tokens=llm.cfg.canvas_length, max_denoising_steps=3)
+    served = Served(llm, prefill_chunk=8, caching=True, slots=1)
+    served.run([(a_ids, pic, sp)])
+    b = served.run([(b_ids, pic, sp)])[0]
+    assert b.cached_len == 16  # the last call start before the image; 32 would split it
+    fresh = Served(llm, prefill_chunk=8).run([(b_ids, pic, sp)])[0]
+    assert b.output_ids == fresh.output_ids
+    assert [b.reuse_point(n, 8) for n in (0, 8, 16, 24, 32, 37, 39, 40)] == [0, 8, 16, 16, 16, 37, 37, 40]

@@ -70,6 +70,21 @@ class RequestState:
         """The prompt as prefix caching compares it (computed once: the scheduler reads it every plan)."""
         return self.prompt_ids if self.images is None else self.images.prompt_key(self.prompt_ids)
 
+    def reuse_point(self, n: int, chunk: int) -> int:
+        """Where reusing the first `n` prompt positions may stop: the last start of a prefill call at or
+        before n, as the scheduler cuts this prompt (`chunk` tokens, an image never cut). Reuse then never
+        splits an image (whose tokens see each other both ways), and the calls after it are a fresh run's.
+        Text prompts' calls start every `chunk` tokens, where `n` already is."""
+        if self.images is None or n <= 0:
+            return n
+        start = 0
+        while start < self.prompt_len:
+            end = self.images.chunk_end(start, min(self.prompt_len, start + chunk))
+            if end > n:
+                break
+            start = end
+        return start
+
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)

@@ -335,20 +335,21 @@ class Scheduler:
         """Where the request's prompt prefix can come from: (slot, L, running) with the largest L, None
         if nowhere, or "wait" when a request still prefilling will have encoded more of it."""
         prompt, digest = request.prompt_key, self._digest(request)
+        fit = lambda n: request.reuse_point(n, self.prefill_chunk)  # noqa: E731 - never inside an image
         best = max(((s, self._restorable(s, self._slot_written[s],
-                                         self._match(*self._slot_prompt[s], prompt, digest, request.lora)), False)
+                                         fit(self._match(*self._slot_prompt[s], prompt, digest, request.lora))), False)
                     for s in self._free_slots),
                    key=lambda c: (c[1], -self._slot_freed_at[c[0]], -c[0]), default=None)
         pending = 0
         for q in self._running.values():
             qd = self._digest(q)
-            now = self._restorable(q.slot, self._written(q),
-                                   self._match(q.prompt_key, q.prefilled_len, qd, q.lora, prompt, digest, request.lora))
+            now = self._restorable(q.slot, self._written(q), fit(
+                self._match(q.prompt_key, q.prefilled_len, qd, q.lora, prompt, digest, request.lora)))
             if best is None or now > best[1]:
                 best = (q.slot, now, True)
             if q.needs_prefill:
-                pending = max(pending, self._restorable(q.slot, q.prompt_len, self._match(
-                    q.prompt_key, q.prompt_len, qd, q.lora, prompt, digest, request.lora)))
+                pending = max(pending, self._restorable(q.slot, q.prompt_len, fit(self._match(
+                    q.prompt_key, q.prompt_len, qd, q.lora, prompt, digest, request.lora))))
         if pending > (best[1] if best else 0):
             return "wait"
         if best is None or best[1] == 0:
