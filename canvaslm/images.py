@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -269,11 +270,13 @@ _MIN_BARE_BASE64 = 256  # a shorter string is only taken as base64 when it decod
 
 
 def load_image(source, *, allowed_local_media_path: str | Path | None = None, timeout: float = 10.0,
-               max_bytes: int = 20 * 2 ** 20) -> Image.Image:
+               max_bytes: int = 20 * 2 ** 20, follow_redirects: bool = True) -> Image.Image:
     """A decoded RGB image from `source`: a PIL image; encoded bytes; or a string holding a data URL, an
     http(s) URL, a file:// URL or a path (only under `allowed_local_media_path`; relative paths are taken
     from the working directory), or bare base64. EXIF orientation is applied, transparency composited
-    onto white. Encoded inputs over `max_bytes` are refused. Errors are ValueError('image: ...')."""
+    onto white. Encoded inputs over `max_bytes` are refused. A fetch takes at most `timeout` seconds in
+    all (a server that trickles bytes is cut off); `follow_redirects=False` (an allow-list of hosts is in
+    force) refuses a redirect, which could lead elsewhere. Errors are ValueError('image: ...')."""
     if isinstance(source, Image.Image):
         return _finish(source, "the image")
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -287,7 +290,7 @@ def load_image(source, *, allowed_local_media_path: str | Path | None = None, ti
     if lower.startswith("data:"):
         return _decode(_data_url_bytes(text, max_bytes), "the data URL", max_bytes)
     if lower.startswith(("http://", "https://")):
-        return _decode(_fetch(text, timeout, max_bytes), _short(text), max_bytes)
+        return _decode(_fetch(text, timeout, max_bytes, follow_redirects), _short(text), max_bytes)
     if lower.startswith("file:"):
         url = urlparse(text)
         if url.netloc not in ("", "localhost"):
@@ -343,14 +346,18 @@ def _bare_base64(text: str, max_bytes: int) -> bytes | None:
     return data if data.startswith(_MAGIC) else None
 
 
-def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
+def _fetch(url: str, timeout: float, max_bytes: int, follow_redirects: bool = True) -> bytes:
     try:
         import httpx
     except ImportError:
         raise ValueError("image: fetching http(s) URLs needs httpx (pip install httpx)") from None
     what = _short(url)
+    deadline = time.monotonic() + timeout
     try:
-        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as resp:
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=follow_redirects) as resp:
+            if resp.is_redirect and not follow_redirects:
+                raise ValueError(f"image: {what} redirects (HTTP {resp.status_code}), and redirects are not "
+                                 "followed where only some hosts are allowed (--allowed-media-domains)")
             if not resp.is_success:
                 raise ValueError(f"image: fetching {what} failed with HTTP {resp.status_code}")
             declared = resp.headers.get("content-length")
@@ -361,6 +368,8 @@ def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
                 size += len(chunk)
                 if size > max_bytes:
                     raise _too_large(size, max_bytes, what)
+                if time.monotonic() > deadline:
+                    raise ValueError(f"image: fetching {what} took over {timeout:g} s (got {size} bytes)")
                 chunks.append(chunk)
     except httpx.HTTPError as e:
         raise ValueError(f"image: fetching {what} failed ({type(e).__name__}: {e})") from None

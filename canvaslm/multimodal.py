@@ -195,7 +195,8 @@ class Vision:
         for k, src in enumerate(sources):
             self._check_domain(k, src)
             try:
-                img = load_image(src, allowed_local_media_path=self.allowed_local_media_path)
+                img = load_image(src, allowed_local_media_path=self.allowed_local_media_path,
+                                 follow_redirects=self.allowed_media_domains is None)
             except ValueError as e:
                 msg = str(e)
                 raise ImageError(f"image {k}: {msg.removeprefix('image: ')}") from None

@@ -380,3 +380,38 @@ def test_load_http(http_root, rgb):
         load_image(f"{url}/junk.png")
     with pytest.raises(ValueError, match="image: fetching http://127.0.0.1:1/x.png failed"):
         load_image("http://127.0.0.1:1/x.png", timeout=2)
+
+
+def test_redirects_can_be_refused_and_a_fetch_has_a_total_deadline(http_root):
+    import socket
+    import time
+
+    root, url = http_root
+    (root / "sub").mkdir()  # the server answers /sub with a 301 to /sub/ (a listing: not an image)
+    with pytest.raises(ValueError, match="is not an image"):
+        load_image(f"{url}/sub")  # followed
+    with pytest.raises(ValueError, match=r"redirects \(HTTP 301\).*--allowed-media-domains"):
+        load_image(f"{url}/sub", follow_redirects=False)
+    # a server that trickles a byte at a time: each read is quick, the whole fetch is not
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def trickle():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+        try:
+            for _ in range(60):
+                conn.sendall(b"x")
+                time.sleep(0.1)
+        except OSError:
+            pass
+        conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"took over 1 s"):
+        load_image(f"http://127.0.0.1:{listener.getsockname()[1]}/slow.png", timeout=1.0)
+    assert time.monotonic() - t0 < 3
+    listener.close()

@@ -325,7 +325,7 @@ def test_a_bad_processor_config_stops_the_server_unless_images_are_off(vision_ch
     state.engine.shutdown()  # text only: the processor settings are not even read
 
 
-def test_allowed_media_domains_stop_fetches_to_other_hosts(vision_checkpoint):
+def test_allowed_media_domains_stop_fetches_to_other_hosts(vision_checkpoint, monkeypatch):
     import io
 
     from canvaslm.checkpoint import load_model
@@ -346,6 +346,14 @@ def test_allowed_media_domains_stop_fetches_to_other_hosts(vision_checkpoint):
         else:
             with pytest.raises(ImageError, match=r"image 0: '.*example.org' is not among the allowed media domains"):
                 vision.prepare([5, IMG], [url])  # refused before any connection is tried
+    import canvaslm.images
+
+    seen, real = [], canvaslm.images.load_image  # under an allow-list, redirects (to any host) are not followed
+    monkeypatch.setattr(canvaslm.images, "load_image", lambda src, **kw: seen.append(kw["follow_redirects"])
+                        or real(src, **kw))
+    Vision(model, path, allowed_media_domains=["x.org"]).load([local])
+    Vision(model, path).load([local])
+    assert seen == [False, True]
     args = build_parser().parse_args(["serve", str(path), "--allowed-media-domains", "a.org", "b.org"])
     assert args.allowed_media_domains == ["a.org", "b.org"]
     assert build_parser().parse_args(["serve", str(path)]).allowed_media_domains is None
