@@ -139,7 +139,7 @@ def _loop(args, llm, session) -> int:
         if text == "/reset" or text.startswith("/system"):
             if text.startswith("/system"):
                 system = text[len("/system"):].strip() or None
-            history = []
+            history, images = [], []
             if tty:
                 print("(new conversation)", flush=True)
             continue
@@ -171,6 +171,7 @@ def _loop(args, llm, session) -> int:
             text, fin, prompt_len, thought = session.reply(messages, params, on_draft=show)
         except (GenerationError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
+            images = []  # a failed turn's images go with it (one that does not load would fail every turn)
             continue
         finally:
             if show is not None:

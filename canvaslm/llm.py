@@ -173,15 +173,17 @@ class LLM:
         v = getattr(self, "_vision", None)
         if v is None:
             from .multimodal import Vision
-            v = self._vision = Vision(self.model, self.model_dir if isinstance(self.model_dir, Path) else None)
+            # local paths are allowed anywhere: the caller is the user's own code, not a remote client
+            v = self._vision = Vision(self.model, self.model_dir if isinstance(self.model_dir, Path) else None,
+                                      allowed_local_media_path=Path(Path.cwd().anchor))
         return v
 
     @property
     def image_placeholder(self) -> str:
         """The text that stands for one image in a prompt (the image token's string)."""
-        if self.tokenizer is None or self.cfg.image_token_id is None or self.cfg.image_token_id >= self.cfg.vocab_size:
-            return "<|image|>"
-        return self.tokenizer.id_to_token(self.cfg.image_token_id)
+        from .multimodal import image_token_text
+
+        return image_token_text(self.tokenizer, self.cfg)
 
     def prompt_with_images(self, prompt) -> tuple[list, object | None]:
         """(prompt ids, multimodal.ImageInputs or None). A prompt with images is a dict, as vLLM takes it:

@@ -61,6 +61,18 @@ class ImageInputs:
         return tuple(key)
 
 
+def image_token_text(tokenizer, cfg) -> str:
+    """The text of the image token (what a prompt writes where an image goes): the tokenizer's string for
+    `cfg.image_token_id`, or Gemma 4's "<|image|>" where the tokenizer lacks that id."""
+    tid = cfg.image_token_id
+    if tokenizer is not None and tid is not None and 0 <= tid < cfg.vocab_size:
+        try:
+            return tokenizer.id_to_token(tid)
+        except (KeyError, ValueError):
+            pass
+    return "<|image|>"
+
+
 class ImagePrompt(list):
     """Prompt ids with the sources of the images its placeholders stand for (one image token each), as a
     chat template writes them; `Vision.prepare` turns them into the expanded ids and ImageInputs."""

@@ -294,7 +294,8 @@ class Tokenizer:
             raise ValueError(f"{self.name}: chat template rejected the messages: {e}") from e
         if continue_final_message:
             final = messages[-1].get("content") or ""
-            final = final if isinstance(final, str) else "".join(p.get("text", "") for p in final)
+            if not isinstance(final, str):  # parts (a template that renders them): the last text part, as HF
+                final = next((p["text"] for p in reversed(final) if p.get("type") == "text"), "")
             for part in (final, final.strip()):  # templates that strip the content keep the inner text
                 if part and part in text:
                     return text[:text.rindex(part) + len(part)]

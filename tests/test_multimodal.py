@@ -279,6 +279,10 @@ def test_cli_generate_with_an_image_file(vision_checkpoint, tmp_path, capsys):
     want = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": (tmp_path / "pic.png").read_bytes()}},
                         SamplingParams(max_new_tokens=20, max_denoising_steps=3, seed=4))[0]
     assert got["token_ids"] == want.token_ids and got["prompt_tokens"] == len(want.prompt_ids) > len(ids)
+    for local in (tmp_path / "pic.png", str(tmp_path / "pic.png")):  # the offline API reads local files
+        same = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": local}},
+                            SamplingParams(max_new_tokens=20, max_denoising_steps=3, seed=4))[0]
+        assert same.token_ids == want.token_ids
     with pytest.raises(SystemExit, match="no such file"):
         main(["generate", str(path), "--prompt-ids", "5", "--image", str(tmp_path / "missing.png"), "--device", "cpu"])
 
@@ -452,3 +456,17 @@ def test_prefix_reuse_never_stops_inside_an_image(mm_llm):
     fresh = Served(llm, prefill_chunk=8).run([(b_ids, pic, sp)])[0]
     assert b.output_ids == fresh.output_ids
     assert [b.reuse_point(n, 8) for n in (0, 8, 16, 24, 32, 37, 39, 40)] == [0, 8, 16, 16, 16, 37, 37, 40]
+
+
+def test_the_image_token_text_falls_back_where_the_tokenizer_lacks_it(tiny_checkpoint):
+    import dataclasses
+
+    from canvaslm.config import ModelConfig
+    from canvaslm.multimodal import image_token_text
+    from canvaslm.tokenizer import Tokenizer
+
+    tok, cfg = Tokenizer.from_dir(tiny_checkpoint), ModelConfig.from_dir(tiny_checkpoint)
+    assert image_token_text(tok, dataclasses.replace(cfg, image_token_id=6)) == tok.id_to_token(6)
+    big = dataclasses.replace(cfg, vocab_size=tok.vocab_size + 50, image_token_id=tok.vocab_size + 10)
+    assert image_token_text(tok, big) == "<|image|>"  # in the model's vocabulary, not the tokenizer's
+    assert image_token_text(None, cfg) == "<|image|>"

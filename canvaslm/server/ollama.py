@@ -224,6 +224,10 @@ async def generate(state: ServerState, body: GenerateBody, request):
     if not body.prompt and body.suffix is None:  # Ollama loads the model and answers at once
         return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
     places, images = [], body.images or []
+    vision = state.vision
+    if body.context and vision is not None and vision.cfg.image_token_id in body.context:
+        raise APIError(400, "context holds a turn that showed images, and this deprecated field carries token ids "
+                            "only: go on with /api/chat, sending the conversation with its images", "context")
     if images and body.suffix is not None:
         raise APIError(400, "images cannot be combined with suffix (insert mode takes text only)", "images")
     if body.suffix is not None or body.raw:

@@ -69,10 +69,9 @@ class ServerState:
     @property
     def image_placeholder(self) -> str:
         """The text a chat template gets for each image part (the image token's string)."""
-        v = self.vision
-        if self.tokenizer is None or v is None or not 0 <= (v.cfg.image_token_id or -1) < v.cfg.vocab_size:
-            return "<|image|>"
-        return self.tokenizer.id_to_token(v.cfg.image_token_id)
+        from ..multimodal import image_token_text
+
+        return image_token_text(self.tokenizer, self.vision.cfg) if self.vision is not None else "<|image|>"
 
     @property
     def thoughts(self):

@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlparse
 
 import torch
 
-from ..multimodal import ImageError, image_parts_to_placeholders
+from ..multimodal import ImageError, image_parts_to_placeholders, image_token_text
 from ..tokenizer import tool_arguments_as_objects
 
 Example = tuple[list[int], list[int]]
@@ -215,10 +215,7 @@ def _chat_examples(item: dict, where: str, tokenizer, vision=None, base: Path | 
     if not turns:
         raise DataError(f"{where}: no assistant message to train on")
     messages = _fill_images(messages, item.get("images"), where)
-    try:
-        placeholder = tokenizer.id_to_token(vision.image_token_id) if vision is not None else "<|image|>"
-    except KeyError as e:
-        raise DataError(f"{where}: the image token: {e}") from None
+    placeholder = image_token_text(tokenizer, vision.cfg) if vision is not None else "<|image|>"
     images = _row_images(_placeholders(messages, placeholder, where)[1], where, vision, base)
     eos = set(tokenizer.eos_ids)
     out = []

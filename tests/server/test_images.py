@@ -148,13 +148,16 @@ def test_terminal_chat_attaches_images_and_reuses_them_across_turns(vision_dir, 
     from canvaslm.multimodal import image_parts_to_placeholders
 
     pic = vision_dir / "pics" / "a.png"
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {pic}\nwhat is it?\nand the colours?\n/image nowhere.png\n"))
+    not_an_image = vision_dir / "tokenizer.json"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {pic}\nwhat is it?\nand the colours?\n/image nowhere.png\n"
+                                                 f"/image {not_an_image}\nthis turn fails\nthis one does not\n"))
     assert main(["chat", str(vision_dir), "--seed", "2", "--max-new-tokens", "16", "--prefill-chunk", "16",
                  "--stats", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
     assert "/image nowhere.png: no such file" in err
     stats = [tuple(map(int, m)) for m in re.findall(r"\[(\d+) prompt tokens, (\d+) from the cache", err)]
-    assert len(stats) == 2 and stats[1][1] > stats[0][0] // 2  # turn 2 reuses turn 1's prompt, image included
+    assert len(stats) == 3 and stats[1][1] > stats[0][0] // 2  # turn 2 reuses turn 1's prompt, image included
+    assert "error: image 1: the image bytes is not an image" in err  # (image 0: turn 1's) fails its turn only
     llm = LLM(vision_dir, device="cpu")
     first = [{"role": "user", "content": [{"type": "image", "image": pic.read_bytes()},
                                           {"type": "text", "text": "what is it?"}]}]
@@ -303,6 +306,8 @@ def test_ollama_images(server, vision_dir):
         want = reference(server, image_first(pic), 7)
         assert gen.response == want.choices[0].message.content
         assert len(gen.context) - gen.eval_count == want.usage.prompt_tokens
+    with pytest.raises(ollama.ResponseError, match="context holds a turn that showed images.*/api/chat"):
+        o.generate(model=MODEL, prompt="and then?", context=gen.context, options=opts)  # ids only: no images
     # raw: the images lead the prompt (or go where it holds the image token's text), as LLM.generate takes them
     llm = LLM(vision_dir, device="cpu")
     llm.defaults = DEFAULTS
@@ -481,6 +486,11 @@ def test_a_template_that_renders_parts_gets_the_image_parts(vision_dir):
     text_only = llm.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                                 {"type": "text", "text": "b"}]}])
     assert "user\na\nb<end_of_turn>" in text_only  # messages without images stay strings
+    going_on = llm.chat([conv[0], {"role": "assistant", "content": [
+        {"type": "text", "text": "Look "}, {"type": "image_url", "image_url": {"url": data_url(png(30, 30, 3))}},
+        {"type": "text", "text": " at this"}]}], SamplingParams(max_new_tokens=4, max_denoising_steps=2, seed=0),
+        continue_final_message=True)  # the cut follows the last text part, as HF's
+    assert llm.tokenizer.decode(going_on.prompt_ids).endswith(" at this")
     out = llm.chat(conv, SamplingParams(max_new_tokens=4, max_denoising_steps=2, seed=0))
     img, boi, eoi = llm.cfg.image_token_id, llm.cfg.boi_token_id, llm.cfg.eoi_token_id
     ids = out.prompt_ids
