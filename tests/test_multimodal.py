@@ -470,3 +470,27 @@ def test_the_image_token_text_falls_back_where_the_tokenizer_lacks_it(tiny_check
     big = dataclasses.replace(cfg, vocab_size=tok.vocab_size + 50, image_token_id=tok.vocab_size + 10)
     assert image_token_text(tok, big) == "<|image|>"  # in the model's vocabulary, not the tokenizer's
     assert image_token_text(None, cfg) == "<|image|>"
+
+
+def test_a_bounded_prefix_store_must_hold_an_images_whole_call(mm_llm):
+    import asyncio
+
+    from canvaslm.engine.engine import Engine, EngineConfig, GenerationRequest
+    from canvaslm.llm import SamplingParams
+
+    llm = mm_llm
+    ring = llm.cfg.sliding_window - 1
+    engine = Engine(llm.model, EngineConfig(max_batch=1, max_model_len=256, prefill_chunk=8, prefix_caching=True,
+                                            prefix_store_len=ring + 8 + 4)).start()
+    try:
+        p = SamplingParams(max_new_tokens=llm.cfg.canvas_length, max_denoising_steps=2, seed=0).resolve(llm.defaults)
+        for n, ok in ((4, True), (16, False)):
+            ids = [5, 6, BOI] + [IMG] * n + [EOI, 7]
+            images = fake_images(ids, llm.cfg.hidden_size, n)
+            req = GenerationRequest(f"r{n}", tuple(ids), p, 0, llm.eos_ids, images=images)
+            _, fin = asyncio.run(engine.run(req))
+            assert (fin.reason != "error") == ok, fin.message
+            if not ok:
+                assert "an image of 16 soft tokens needs a prefix store of at least 31 positions" in fin.message
+    finally:
+        engine.shutdown()

@@ -475,6 +475,7 @@ class Engine:
     def _add(self, req: GenerationRequest, sink: _Sink) -> None:
         p = req.params
         try:
+            self._check_images(req)
             state = RequestState(req.request_id, req.prompt_ids, 0 if req.prompt_only else p.max_new_tokens,
                                  self.canvas_length, p.max_denoising_steps, priority=req.priority, lora=req.lora,
                                  max_time=p.max_time, images=req.images)
@@ -485,6 +486,20 @@ class Engine:
         except ValueError as e:
             self._sinks[req.request_id] = sink
             self._finish(req.request_id, "error", 0, str(e))
+
+    def _check_images(self, req: GenerationRequest) -> None:
+        """A prefill call that holds an image runs past `prefill_chunk` to the image's end; a bounded prefix
+        store must still hold the sliding ring plus that whole call, or its writes would collide."""
+        bounded = self.runner.cache.bounded_store() if self.prefix_caching else None
+        if req.images is None or bounded is None:
+            return
+        ring, store = bounded
+        longest = max(b - a for a, b in req.images.spans)
+        if ring + self.config.prefill_chunk + longest > store:
+            raise ValueError(f"an image of {longest} soft tokens needs a prefix store of at least "
+                             f"{ring + self.config.prefill_chunk + longest} positions (the sliding ring {ring} + a "
+                             f"prefill chunk {self.config.prefill_chunk} + the image); it has {store} "
+                             "(--prefix-store-len), or send a smaller image budget (mm_processor_kwargs)")
 
     def _emit(self, plan, result: StepResult, drafts, finished) -> None:
         now = time.perf_counter()
