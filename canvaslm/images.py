@@ -42,6 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import read_json
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
+MAX_PIXELS = 64 * 2 ** 20  # a decoded image's pixels (64 M: 192 MiB as RGB); Pillow only warns below 179 M
 BICUBIC = 3  # PIL's number for bicubic resampling, as `resample` is written in processor configs
 _ACCEPTED_TYPES = ("Gemma4ImageProcessor", "Gemma4ImageProcessorPil", "Gemma4ImageProcessorFast")
 _REQUIRED_TRUE = ("do_resize", "do_rescale", "do_convert_rgb")  # steps this module always performs
@@ -417,6 +418,10 @@ def _decode(data: bytes, what: str, max_bytes: int) -> Image.Image:
         raise ValueError(f"image: {what} is too large to decode ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"image: {what} could not be read ({e})") from None
+    w, h = image.size  # from the header: refuse before decoding what would take gigabytes
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"image: {what} is {w} x {h} pixels, over the limit of {MAX_PIXELS:,} (the processor "
+                         "shrinks every image to at most ~2.6 M pixels anyway)")
     return _finish(image, what)
 
 

@@ -415,3 +415,15 @@ def test_redirects_can_be_refused_and_a_fetch_has_a_total_deadline(http_root):
         load_image(f"http://127.0.0.1:{listener.getsockname()[1]}/slow.png", timeout=1.0)
     assert time.monotonic() - t0 < 3
     listener.close()
+
+
+def test_an_image_too_large_to_decode_is_refused_from_its_header(monkeypatch):
+    import canvaslm.images as images
+
+    big = io.BytesIO()
+    Image.new("L", (300, 200)).save(big, format="PNG")  # a few hundred bytes of zeros, 60k pixels
+    monkeypatch.setattr(images, "MAX_PIXELS", 50_000)
+    with pytest.raises(ValueError, match=r"300 x 200 pixels, over the limit of 50,000"):
+        load_image(big.getvalue())
+    monkeypatch.setattr(images, "MAX_PIXELS", 60_000)
+    assert load_image(big.getvalue()).size == (300, 200)
