@@ -266,7 +266,13 @@ class Vision:
         from .images import stack
 
         pixels, pos = stack([processed])
-        out = self.tower()(pixels.to(w.device, w.dtype), pos.to(w.device))
+        tower = self.tower()
+        table = getattr(getattr(tower, "cfg", None), "position_embedding_size", None)
+        side = int(pos.max()) + 1
+        if table is not None and side > table:  # the reference would index past its position table
+            raise ImageError(f"the image is {side} patches along one side, over the vision tower's {table} "
+                             "positions; send it less elongated or with a smaller mm_processor_kwargs.max_soft_tokens")
+        out = tower(pixels.to(w.device, w.dtype), pos.to(w.device))
         size = out.numel() * out.element_size()
         with self._lock:
             if size <= self.cache_bytes and processed.digest not in self._cache:

@@ -487,19 +487,28 @@ class Engine:
             self._sinks[req.request_id] = sink
             self._finish(req.request_id, "error", 0, str(e))
 
-    def _check_images(self, req: GenerationRequest) -> None:
-        """A prefill call that holds an image runs past `prefill_chunk` to the image's end; a bounded prefix
-        store must still hold the sliding ring plus that whole call, or its writes would collide."""
+    def image_room(self) -> int | None:
+        """The most soft tokens one image may have here (None: any). A prefill call that holds an image runs
+        past `prefill_chunk` to the image's end, and a bounded prefix store must still hold the sliding ring
+        plus that whole call, or the call's writes would collide in it."""
         bounded = self.runner.cache.bounded_store() if self.prefix_caching else None
-        if req.images is None or bounded is None:
-            return
-        ring, store = bounded
-        longest = max(b - a for a, b in req.images.spans)
-        if ring + self.config.prefill_chunk + longest > store:
-            raise ValueError(f"an image of {longest} soft tokens needs a prefix store of at least "
-                             f"{ring + self.config.prefill_chunk + longest} positions (the sliding ring {ring} + a "
-                             f"prefill chunk {self.config.prefill_chunk} + the image); it has {store} "
-                             "(--prefix-store-len), or send a smaller image budget (mm_processor_kwargs)")
+        return None if bounded is None else bounded[1] - bounded[0] - self.config.prefill_chunk
+
+    def image_problem(self, images) -> str | None:
+        """Why this engine cannot take a prompt's images (multimodal.ImageInputs), or None."""
+        room = self.image_room()
+        longest = max((b - a for a, b in images.spans), default=0) if images is not None else 0
+        if room is None or longest <= room:
+            return None
+        store = self.runner.cache.bounded_store()[1]
+        return (f"an image of {longest} soft tokens is over the {max(room, 0)} this server's prefix store has room "
+                f"for ({store} positions: the sliding ring, a prefill chunk of {self.config.prefill_chunk} and the "
+                "image; --prefix-store-len); send a smaller image budget (mm_processor_kwargs.max_soft_tokens)")
+
+    def _check_images(self, req: GenerationRequest) -> None:
+        problem = self.image_problem(req.images)
+        if problem is not None:
+            raise ValueError(problem)
 
     def _emit(self, plan, result: StepResult, drafts, finished) -> None:
         now = time.perf_counter()

@@ -439,6 +439,9 @@ def load_images(state: ServerState, body: _Common, prompts: list) -> None:
             ids, images = vision.prepare(p, sources, getattr(p, "processor_kwargs", None))
         except ImageError as e:
             raise APIError(400, str(e), "messages" if hasattr(body, "messages") else "prompt") from None
+        problem = state.engine.image_problem(images)
+        if problem is not None:
+            raise APIError(400, problem, "messages" if hasattr(body, "messages") else "prompt")
         prompts[k] = ImagePrompt(ids, ())
         prompts[k].images = images
 

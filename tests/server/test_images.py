@@ -42,7 +42,8 @@ DEFAULTS = DiffusionParams(max_new_tokens=16, max_denoising_steps=4, eos_token_i
 def server(vision_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    state = build_state(vision_dir, "cpu", "float32", EngineConfig(max_batch=2, max_model_len=512, prefill_chunk=32),
+    state = build_state(vision_dir, "cpu", "float32", EngineConfig(max_batch=2, max_model_len=512, prefill_chunk=32,
+                                                                   prefix_store_len=300),  # room: 261 soft tokens
                         served_model_name=MODEL, defaults=DEFAULTS,
                         allowed_local_media_path=str(vision_dir / "pics"))
     with BackgroundServer(state) as srv:
@@ -442,7 +443,7 @@ def test_mm_processor_kwargs_on_the_chat_route(server, vision_dir):
     client, picture = client_of(server), data_url(png(160, 120, 8))
     base = client.chat.completions.create(model=MODEL, messages=messages(picture), seed=3, max_tokens=8)
     big = client.chat.completions.create(model=MODEL, messages=messages(picture), seed=3, max_tokens=8,
-                                         extra_body={"mm_processor_kwargs": {"max_soft_tokens": 280}})
+                                         extra_body={"mm_processor_kwargs": {"max_soft_tokens": 140}})
     assert big.usage.prompt_tokens > base.usage.prompt_tokens
     llm = LLM(vision_dir, device="cpu")
     llm.defaults = DEFAULTS
@@ -450,12 +451,20 @@ def test_mm_processor_kwargs_on_the_chat_route(server, vision_dir):
 
     msgs, srcs = image_parts_to_placeholders(messages(picture), llm.image_placeholder)
     want = llm.generate({"prompt_token_ids": llm.tokenizer.encode_chat(msgs), "multi_modal_data": {"image": srcs},
-                         "mm_processor_kwargs": {"max_soft_tokens": 280}}, SamplingParams(seed=3, max_new_tokens=8))[0]
+                         "mm_processor_kwargs": {"max_soft_tokens": 140}}, SamplingParams(seed=3, max_new_tokens=8))[0]
     assert big.usage.prompt_tokens == len(want.prompt_ids) and big.choices[0].message.content == want.text
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=messages(picture), max_tokens=4,
                                        extra_body={"mm_processor_kwargs": {"max_soft_tokens": 3}})
     assert "mm_processor_kwargs.max_soft_tokens must be one of 70, 140, 280, 560, 1120" in str(e.value)
+    with pytest.raises(openai.BadRequestError, match=r"an image of \d+ soft tokens is over the 261 this server's "
+                                                     r"prefix store has room for"):
+        client.chat.completions.create(model=MODEL, messages=messages(picture), max_tokens=4,
+                                       extra_body={"mm_processor_kwargs": {"max_soft_tokens": 280}})
+    with pytest.raises(openai.BadRequestError, match=r"the image is \d+ patches along one side, over the vision "
+                                                     r"tower's 64 positions"):  # the tiny tower's position table
+        client.chat.completions.create(model=MODEL, messages=messages(picture), max_tokens=4,
+                                       extra_body={"mm_processor_kwargs": {"max_soft_tokens": 560}})
 
 
 PARTS_TEMPLATE = (  # loops over content parts, as multimodal HF templates do: it writes the image token itself
