@@ -22,8 +22,8 @@ from urllib.parse import urlparse
 import torch
 
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
-PROCESSOR_KWARGS = ("max_soft_tokens",)
-ENCODER_CACHE_BYTES = 512 << 20  # host memory for recent images' soft tokens (280 x 2816 in bf16: 1.5 MiB each)  # what a request (or --mm-processor-kwargs) may set: the image budget
+PROCESSOR_KWARGS = ("max_soft_tokens",)  # what a request (or --mm-processor-kwargs) may set: the image budget
+ENCODER_CACHE_BYTES = 512 << 20  # host memory for recent images' soft tokens (280 x 2816 in bf16: 1.5 MiB each)
 
 
 class ImageError(ValueError):
@@ -267,9 +267,8 @@ class Vision:
 
         pixels, pos = stack([processed])
         tower = self.tower()
-        table = getattr(getattr(tower, "cfg", None), "position_embedding_size", None)
-        side = int(pos.max()) + 1
-        if table is not None and side > table:  # the reference would index past its position table
+        table, side = tower.cfg.position_embedding_size, int(pos.max()) + 1
+        if side > table:  # the reference would index past its position table
             raise ImageError(f"the image is {side} patches along one side, over the vision tower's {table} "
                              "positions; send it less elongated or with a smaller mm_processor_kwargs.max_soft_tokens")
         out = tower(pixels.to(w.device, w.dtype), pos.to(w.device))

@@ -487,20 +487,18 @@ class Engine:
             self._sinks[req.request_id] = sink
             self._finish(req.request_id, "error", 0, str(e))
 
-    def image_room(self) -> int | None:
-        """The most soft tokens one image may have here (None: any). A prefill call that holds an image runs
-        past `prefill_chunk` to the image's end, and a bounded prefix store must still hold the sliding ring
-        plus that whole call, or the call's writes would collide in it."""
-        bounded = self.runner.cache.bounded_store() if self.prefix_caching else None
-        return None if bounded is None else bounded[1] - bounded[0] - self.config.prefill_chunk
-
     def image_problem(self, images) -> str | None:
-        """Why this engine cannot take a prompt's images (multimodal.ImageInputs), or None."""
-        room = self.image_room()
-        longest = max((b - a for a, b in images.spans), default=0) if images is not None else 0
-        if room is None or longest <= room:
+        """Why this engine cannot take a prompt's images (multimodal.ImageInputs), or None. A prefill call
+        that holds an image runs past `prefill_chunk` to the image's end, and a bounded prefix store must
+        still hold the sliding ring plus that whole call, or the call's writes would collide in it."""
+        bounded = self.runner.cache.bounded_store() if self.prefix_caching else None
+        if images is None or bounded is None:
             return None
-        store = self.runner.cache.bounded_store()[1]
+        ring, store = bounded
+        room = store - ring - self.config.prefill_chunk  # the most soft tokens one image may have here
+        longest = max((b - a for a, b in images.spans), default=0)
+        if longest <= room:
+            return None
         return (f"an image of {longest} soft tokens is over the {max(room, 0)} this server's prefix store has room "
                 f"for ({store} positions: the sliding ring, a prefill chunk of {self.config.prefill_chunk} and the "
                 "image; --prefix-store-len); send a smaller image budget (mm_processor_kwargs.max_soft_tokens)")

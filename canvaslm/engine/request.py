@@ -79,11 +79,17 @@ class RequestState:
             return n
         start = 0
         while start < self.prompt_len:
-            end = self.images.chunk_end(start, min(self.prompt_len, start + chunk))
+            end = self.prefill_end(start, chunk)
             if end > n:
                 break
             start = end
         return start
+
+    def prefill_end(self, start: int, chunk: int) -> int:
+        """The end of the prefill call that starts at prompt position `start`: `chunk` tokens on, or the end
+        of the image that would cut in two (an image is encoded in one call), or the prompt's end."""
+        end = min(self.prompt_len, start + chunk)
+        return end if self.images is None else self.images.chunk_end(start, end)
 
     @property
     def prompt_len(self) -> int:

@@ -477,9 +477,7 @@ class Scheduler:
             start = r.canvas_start
             return EncodeItem(r.request_id, r.slot, "commit", start, start + r.canvas_length, final=r.out_of_time)
         start = r.prefilled_len
-        end = min(r.prompt_len, start + self.prefill_chunk)
-        if r.images is not None:  # an image is encoded in one call (its tokens may see each other both ways)
-            end = r.images.chunk_end(start, end)
+        end = r.prefill_end(start, self.prefill_chunk)  # an image stays in one call (it sees itself both ways)
         return EncodeItem(r.request_id, r.slot, "prefill", start, end, r.prompt_ids[start:end])
 
     # ------------------------------------------------------------------ results
