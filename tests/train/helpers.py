@@ -33,3 +33,14 @@ def tiny_config(tmp_path: Path, **kw) -> dict:
                plot=False)
     cfg.update(kw)
     return cfg
+
+
+def vision_tensors(checkpoint_dir: Path) -> dict:
+    """The vision tower tensors a checkpoint directory's safetensors files hold, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in Path(checkpoint_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys() if "vision" in k})
+    return out

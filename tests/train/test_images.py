@@ -190,14 +190,7 @@ def test_every_image_format_gives_the_same_example(setup, vision_dir, tmp_path, 
 
 
 def test_lora_run_on_image_examples_trains_resumes_and_keeps_the_vision_tower(vision_dir, tmp_path):
-    from safetensors import safe_open
-
-    def vision_tensors(d):
-        out = {}
-        for f in d.glob("*.safetensors"):
-            with safe_open(str(f), "pt") as h:
-                out.update({k: h.get_tensor(k) for k in h.keys() if "vision" in k})
-        return out
+    from .helpers import vision_tensors
 
     rows = []
     for i in range(6):

@@ -12,7 +12,7 @@ from canvaslm.shapes import model_config
 from canvaslm.train.lora import LoRAConfig, LoRALinear, apply_lora, has_lora, merge_lora
 from canvaslm.train.trainer import TrainConfig, Trainer
 
-from .helpers import SMALL, tiny_config
+from .helpers import SMALL, tiny_config, vision_tensors
 
 
 def _logits(model, seed=0):
@@ -183,8 +183,6 @@ def test_merging_adapters_into_a_quantised_base_gives_plain_linears():
 def test_runs_from_a_multimodal_checkpoint_keep_its_vision_tower(tmp_path):
     """Fine-tuning a checkpoint that has a vision tower (LoRA and full; checkpoints rotated, a resumed run,
     export) writes that tower, unchanged, into every checkpoint and export."""
-    from safetensors import safe_open
-
     from canvaslm.cli import main
 
     from conftest import build_reference
@@ -193,14 +191,7 @@ def test_runs_from_a_multimodal_checkpoint_keep_its_vision_tower(tmp_path):
     build_reference(base, "window8_canvas16")
     (base / "processor_config.json").write_text('{"image_seq_length": 280}')
 
-    def vision(d):
-        out = {}
-        for f in d.glob("*.safetensors"):
-            with safe_open(str(f), "pt") as h:
-                out.update({k: h.get_tensor(k) for k in h.keys() if "vision" in k})
-        return out
-
-    src = vision(base)
+    src = vision_tensors(base)
     assert src
     for name, extra in (("lora", {"lora": {"rank": 4, "alpha": 8}}), ("full", {})):
         cfg = tiny_config(tmp_path / name, model=str(base), max_steps=2, save_every=1, keep_checkpoints=1, **extra)
@@ -211,7 +202,7 @@ def test_runs_from_a_multimodal_checkpoint_keep_its_vision_tower(tmp_path):
         assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-0000004"]
         assert main(["export", str(run), str(tmp_path / name / "exported")]) == 0
         for d in (run / "checkpoint-0000004", run / "final", tmp_path / name / "exported"):
-            got = vision(d)
+            got = vision_tensors(d)
             assert sorted(got) == sorted(src) and all(torch.equal(got[k], src[k]) for k in src), d
             assert (d / "processor_config.json").read_text() == '{"image_seq_length": 280}'
 
