@@ -44,6 +44,7 @@ class RowRequest:
     min_tokens: int = 0  # no EOS (eos_ids) before this many output tokens (sampling.logit_bias.ban_before)
     lora: int = 0  # served LoRA adapter id (lora_serving; 0: the base model)
     images: object | None = None  # multimodal.ImageInputs: soft tokens for the prompt's image positions
+    thinking: object | None = None  # sampling.thinking.ThinkingBudget: most tokens in the reply's thought
 
 
 @dataclass
@@ -131,6 +132,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
     any_bias = any(b is not None for b in biases)
     penalties = [penalty_state(r.params, r.prompt_ids, r.eos_ids, V, device) for r in rows]
     limits = [r.params.max_time for r in rows]  # latency budgets: DiffusionParams.max_time
+    thoughts = [r.thinking.tracker(r.prompt_ids) if r.thinking is not None else None for r in rows]
     out_of_time = [False] * B  # the row's budget ran out: the canvas in progress is its last
     denoise_start = None
     per_row = isinstance(gens, (list, tuple))
@@ -170,6 +172,8 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
                     logit_bias.ban_before(logits, j, k * C, rows[b].min_tokens, rows[b].eos_ids)
                 if penalties[b] is not None:
                     penalties[b].apply(logits[j], st.argmax[b] if step else None)
+                if thoughts[b] is not None:
+                    thoughts[b].apply(logits[j], k * C)
             new = entropy_bound_step(logits, sub, sub_sp, sub_gens, V, logit_mask=sub_mask, pinned=sub_pinned)
             del logits
             new.sc_logits = new.sc_logits.to(model.embed_weight.dtype)
@@ -194,8 +198,9 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
             ids = committed[b].tolist()
             cut = next((i for i, t in enumerate(ids) if t in r.eos_ids), None)
             room = r.params.max_new_tokens - len(res.token_ids)
-            if penalties[b] is not None:
-                penalties[b].commit(ids[:room if cut is None else min(room, cut + 1)])
+            for seen in (penalties[b], thoughts[b]):  # what the next canvases see as output so far
+                if seen is not None:
+                    seen.commit(ids[:room if cut is None else min(room, cut + 1)])
             if cut is not None and cut < room:
                 res.token_ids += ids[:cut + 1]
                 res.finish_reason = "stop"

@@ -15,6 +15,7 @@ from .config import DiffusionParams
 from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
 from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
+from .sampling.thinking import ThinkingBudget
 
 BUNDLED_MODEL = Path(__file__).parent / "recipes" / "sudoku" / "model"
 
@@ -53,6 +54,7 @@ class SamplingParams:
     min_tokens: int | None = None  # no EOS / stop token id before this many output tokens (vLLM's)
     lora: str | None = None  # the name of a LoRA adapter the LLM was given (`lora_modules`); None: the base
     max_time: float | None = None  # seconds of denoising, then the canvas in progress is the last (DiffusionParams)
+    thinking_token_budget: int | None = None  # most tokens in the reply's thought channel (sampling.thinking)
 
     def __post_init__(self):
         try:
@@ -69,6 +71,9 @@ class SamplingParams:
         if self.min_tokens is not None and (not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool)
                                             or self.min_tokens < 0):
             raise GenerationError(f"SamplingParams.min_tokens must be a non-negative integer, got {self.min_tokens!r}")
+        b = self.thinking_token_budget
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 0):
+            raise GenerationError(f"SamplingParams.thinking_token_budget must be an integer >= 0, got {b!r}")
         for name in ("max_new_tokens", "max_denoising_steps"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
@@ -266,8 +271,11 @@ class LLM:
         if sp.min_tokens and c is not None:
             raise GenerationError("SamplingParams.min_tokens cannot be combined with a constraint (it fixes where "
                                   "the output ends)")
+        # a constrained output writes no thought: its budget is met
+        thinking = ThinkingBudget.for_tokenizer(sp.thinking_token_budget, self.tokenizer) if c is None else None
         ids, images = self.prompt_with_images(prompt)
-        return RowRequest(ids, p, eos, self.pad_id, c, bias, sp.min_tokens or 0, self._lora_id(sp.lora), images)
+        return RowRequest(ids, p, eos, self.pad_id, c, bias, sp.min_tokens or 0, self._lora_id(sp.lora), images,
+                          thinking)
 
     def _lora_id(self, name: str | None, field: str = "SamplingParams.lora") -> int:
         if name is None:

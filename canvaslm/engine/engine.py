@@ -110,12 +110,14 @@ class GenerationRequest:
     lora: int = 0  # served LoRA adapter id (lora_serving.MultiLoRA.ids), 0: the base model
     prompt_only: bool = False  # encode the prompt into a slot (kept for prefix reuse), generate nothing
     images: object | None = None  # multimodal.ImageInputs: soft tokens for the prompt's image positions
+    thinking: object | None = None  # sampling.thinking.ThinkingBudget: most tokens in the reply's thought
 
     @classmethod
     def from_row(cls, request_id: str, row, seed: int, drafts: bool = False) -> "GenerationRequest":
         """The engine request for an `LLM.rows` row (generate.RowRequest)."""
         return cls(request_id, tuple(row.prompt_ids), row.params, seed, row.eos_ids, row.constraint, drafts=drafts,
-                   logit_bias=row.logit_bias, min_tokens=row.min_tokens, lora=row.lora, images=row.images)
+                   logit_bias=row.logit_bias, min_tokens=row.min_tokens, lora=row.lora, images=row.images,
+                   thinking=row.thinking)
 
 
 @dataclass(frozen=True)
@@ -480,7 +482,8 @@ class Engine:
                                  self.canvas_length, p.max_denoising_steps, priority=req.priority, lora=req.lora,
                                  max_time=p.max_time, images=req.images)
             self.runner.add(req.request_id, p, req.seed, req.eos_ids, req.constraint, req.drafts, req.logit_bias,
-                            req.min_tokens, req.lora, prompt_ids=req.prompt_ids, images=req.images)
+                            req.min_tokens, req.lora, prompt_ids=req.prompt_ids, images=req.images,
+                            thinking=req.thinking)
             self._sinks[req.request_id] = sink
             self.scheduler.add(state)
         except ValueError as e:

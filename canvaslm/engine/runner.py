@@ -40,6 +40,7 @@ from ..kv_cache import KVCache
 from ..multimodal import encoder_images
 from ..sampling import logit_bias as bias_lib
 from ..sampling.penalties import PenaltyState, penalty_state
+from ..sampling.thinking import ThinkingBudget, ThoughtTracker
 from ..sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
 from .scheduler import EncodeItem, StepPlan, StepResult
 
@@ -82,6 +83,7 @@ class _Request:
     host_job: tuple | None = None  # (kind "mask" | "commit", canvas index, Future): constraint work in flight
     penalty: PenaltyState | None = None  # frequency / presence / repetition penalties (sampling.penalties)
     images: object | None = None  # multimodal.ImageInputs: soft tokens for the prompt's image positions
+    thought: ThoughtTracker | None = None  # a thinking budget's progress (sampling.thinking)
 
 
 MIN_ROWS = 16  # see Runner._encode
@@ -134,10 +136,11 @@ class Runner:
 
     def add(self, request_id: str, params: DiffusionParams, seed: int, eos_ids, constraint=None,
             drafts: bool = False, logit_bias: tuple = (), min_tokens: int = 0, lora: int = 0,
-            prompt_ids=None, images=None) -> None:
+            prompt_ids=None, images=None, thinking: ThinkingBudget | None = None) -> None:
         """Register a request before the scheduler plans it. lora: a served adapter's id (0: none).
         prompt_ids: what a repetition penalty counts besides the output (needed when it is set).
-        images: multimodal.ImageInputs for the prompt's image positions."""
+        images: multimodal.ImageInputs for the prompt's image positions. thinking: the most tokens its
+        thought channel may take (sampling.thinking)."""
         if request_id in self.requests:
             raise RunnerError(f"request id {request_id!r} is already registered with the runner")
         if params.stability_threshold > self.history_depth:
@@ -165,8 +168,10 @@ class Runner:
                 served.started(lora)
             except ValueError as e:
                 raise RunnerError(f"request {request_id!r}: {e}") from None
+        thought = None if thinking is None else thinking.tracker(prompt_ids or ())
         req = self.requests[request_id] = _Request(params, frozenset(eos_ids), gen, constraint, drafts, bias=bias,
-                                                   min_tokens=min_tokens, lora=lora, penalty=penalty, images=images)
+                                                   min_tokens=min_tokens, lora=lora, penalty=penalty, images=images,
+                                                   thought=thought)
         if constraint is not None:
             self._start_mask(req, 0)
 
@@ -322,6 +327,8 @@ class Runner:
                 req.num_committed += len(tokens)
                 if req.penalty is not None and reason is None:  # what the next canvases see as output so far
                     req.penalty.commit(tokens)
+                if req.thought is not None and reason is None:
+                    req.thought.commit(tokens)
                 if reason is not None:
                     finished[item.request_id] = reason
         # One call per token length: right-padding would change the attention's reduction length and so
@@ -398,6 +405,8 @@ class Runner:
                 bias_lib.ban_before(logits, b, item.canvas_index * C, r.min_tokens, sorted(r.eos_ids))
             if r.penalty is not None:  # the draft: this slot's argmax after the canvas's previous step
                 r.penalty.apply(logits[b], self.argmax[item.slot] if item.denoise_step else None)
+            if r.thought is not None:
+                r.thought.apply(logits[b], item.canvas_index * C)
 
         sp = SamplerParams.build([r.params for r in reqs], self.device)
         st = CanvasState(canvas, self.argmax.index_select(0, slots), None,

@@ -47,12 +47,15 @@ def add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
                    help="latency budget: after this many seconds of denoising, the canvas in progress is "
                         "committed as it stands and is the last")
+    p.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="at most N tokens in the reply's thought channel, then it is closed and the answer follows")
 
 
 def sampling_params(args) -> dict:
     return {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
             "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
-            "repetition_penalty": args.repetition_penalty, "max_time": args.max_time}
+            "repetition_penalty": args.repetition_penalty, "max_time": args.max_time,
+            "thinking_token_budget": args.thinking_budget}
 
 
 def add_constraint_args(p: argparse.ArgumentParser):

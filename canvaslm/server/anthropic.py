@@ -25,8 +25,8 @@ block. Document and server-tool blocks are refused by name; thinking blocks in t
 history are dropped (the model's template leaves earlier thoughts out too). `thinking` ({"type":
 "enabled"} or "adaptive": on; "disabled": off) renders the chat template with `enable_thinking`; a
 reply's thought channel (canvaslm.reasoning) comes first as a `thinking` block (its `signature` empty:
-nothing here checks one), streamed as `thinking_delta`s; `budget_tokens` is not enforced (`max_tokens`
-bounds thought and answer together). /v1/messages/count_tokens counts an image's soft tokens (it loads the
+nothing here checks one), streamed as `thinking_delta`s; `budget_tokens` caps the thought
+(sampling.thinking; `max_tokens` bounds thought and answer together). /v1/messages/count_tokens counts an image's soft tokens (it loads the
 images, as a request would). Errors use Anthropic's body, `{"type": "error", "error": {"type",
 "message"}}` (app.py).
 """
@@ -239,7 +239,13 @@ def _thinking(body) -> dict:
     kind = body.thinking.get("type")
     if kind not in ("enabled", "adaptive", "disabled"):
         raise APIError(400, f"thinking.type {kind!r}: expected enabled, adaptive or disabled", "thinking")
-    return {"chat_template_kwargs": {"enable_thinking": kind != "disabled"}}
+    fields = {"chat_template_kwargs": {"enable_thinking": kind != "disabled"}}
+    budget = body.thinking.get("budget_tokens")
+    if kind == "enabled" and budget is not None:  # enforced: at most this many tokens of thought
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise APIError(400, f"thinking.budget_tokens must be an integer >= 0, got {budget!r}", "thinking")
+        fields["thinking_token_budget"] = budget
+    return fields
 
 
 async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:

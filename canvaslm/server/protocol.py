@@ -94,6 +94,8 @@ class _Common(_Strict):
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1,
                           description="vLLM's: lower is served first; waits stay bounded (scheduler aging)")
     min_tokens: int = Field(0, ge=0, le=INT64, description="vLLM's: no EOS or stop_token_ids before this many tokens")
+    thinking_token_budget: int | None = Field(None, ge=0, le=INT64, description="vLLM's: at most this many tokens in "
+                                              "the reply's thought channel, then it is closed and the answer follows")
     include_stop_str_in_output: bool = Field(False, description="vLLM's: keep the stop string that ended the text")
     skip_special_tokens: bool = Field(True, description="vLLM's: leave special tokens out of the text")
     truncate_prompt_tokens: int | None = Field(None, ge=1, le=INT64,
@@ -429,6 +431,7 @@ class ResponsesRequest(_Strict):
     logit_bias: dict[str, float] | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     min_tokens: int = Field(0, ge=0, le=INT64)
+    thinking_token_budget: int | None = Field(None, ge=0, le=INT64)
 
     def unsupported(self) -> tuple[str, str] | None:
         r = self.reasoning or {}

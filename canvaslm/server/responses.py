@@ -92,7 +92,7 @@ def to_chat(body: ResponsesRequest, history: list | None = None,
                   max_denoising_steps=body.max_denoising_steps, entropy_bound=body.entropy_bound,
                   confidence_threshold=body.confidence_threshold, top_k=body.top_k, min_p=body.min_p,
                   logit_bias=body.logit_bias,
-                  priority=body.priority, min_tokens=body.min_tokens)
+                  priority=body.priority, min_tokens=body.min_tokens, thinking_token_budget=body.thinking_token_budget)
     if (body.reasoning or {}).get("effort") is not None:  # chat's reasoning_effort: the template's enable_thinking
         fields["reasoning_effort"] = body.reasoning["effort"]
     if body.tools:

@@ -24,6 +24,7 @@ from ..generate import GenerationError
 from ..llm import SamplingParams
 from ..multimodal import ImageError, ImagePrompt
 from ..sampling import logit_bias
+from ..sampling.thinking import ThinkingBudget
 from .protocol import _Common
 from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
 
@@ -64,6 +65,7 @@ class ServerState:
     embedding_pooling: str = "mean"  # /v1/embeddings: "mean" over the input's tokens or its "last" token's
     aliases: tuple[str, ...] = ()  # more names of the base model (vLLM's --served-model-name A B ...)
     reasoning: bool = True  # read chat replies' thought channels where the tokenizer has them
+    thinking_token_budget: int | None = None  # requests that set none get this one (--reasoning-budget)
     vision: object | None = None  # multimodal.Vision: image prompts (None: a model served without one)
 
     @property
@@ -507,6 +509,9 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     if body.min_tokens and (constraint is not None or auto_tools(body)):
         raise APIError(400, "min_tokens cannot be combined with a constrained output or tools (they decide where "
                             "the output ends)", "min_tokens")
+    # a constrained output writes no thought: its budget is met
+    budget = state.thinking_token_budget if body.thinking_token_budget is None else body.thinking_token_budget
+    thinking = ThinkingBudget.for_tokenizer(budget, state.tokenizer) if constraint is None else None
     for p_index, ids in enumerate(prompts):
         params = resolve_params(state, body, len(ids), constraint)
         if body.min_tokens > params.max_new_tokens:
@@ -515,7 +520,8 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         for j in range(body.n):
             req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
                                     eos, constraint, body.stream_drafts, bias, body.priority, body.min_tokens,
-                                    state.adapter(body.model), images=getattr(ids, "images", None))
+                                    state.adapter(body.model), images=getattr(ids, "images", None),
+                                    thinking=thinking)
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
                                   skip_special=body.skip_special_tokens,
                                   thoughts=thoughts)

@@ -17,8 +17,9 @@ start: `--enable-chunked-prefill` (prompts are always encoded in `--prefill-chun
 tokenizer has call tokens, and calls are read in its own syntax), `--reasoning-parser gemma4` (a chat
 reply's thought channel goes to `reasoning_content` wherever the tokenizer has the channel tokens;
 `--reasoning-parser none` turns that off), `--default-chat-template-kwargs JSON` (variables every chat
-template rendering gets unless a request's `chat_template_kwargs` sets them). Anything else is refused
-by name.
+template rendering gets unless a request's `chat_template_kwargs` sets them). llama-server's
+`--reasoning-budget N` is the thinking budget (sampling.thinking) of requests that set none. Anything
+else is refused by name.
 """
 
 from __future__ import annotations
@@ -76,6 +77,19 @@ def add_vllm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-parser", default=None, choices=("gemma4", "none"),
                    help="chat replies' thought channels go to reasoning_content wherever the tokenizer has them "
                         "(gemma4, the default); none leaves them in the text")
+    g.add_argument("--reasoning-budget", type=_budget, default=-1, metavar="N",
+                   help="llama-server's: at most N tokens in a reply's thought channel for requests that set no "
+                        "thinking_token_budget (-1: no limit; 0: the thought is closed as soon as it opens)")
+
+
+def _budget(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -2
+    if n < -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (no limit) or a number of tokens >= 0, got {text!r}")
+    return n
 
 
 def _sampler_settings(given: dict | None, flag: str, canvas_length: int) -> dict:
@@ -152,6 +166,7 @@ def apply_chat_flags(state, args) -> list[str]:
     """Put --default-chat-template-kwargs and --reasoning-parser on a built server state (checked by
     generation_defaults before the model loaded); -> the notes to print."""
     state.reasoning = args.reasoning_parser != "none"
+    state.thinking_token_budget = None if args.reasoning_budget == -1 else args.reasoning_budget
     template_defaults = args.default_chat_template_kwargs or {}
     if state.tokenizer is not None:
         state.tokenizer.template_defaults = dict(template_defaults)
@@ -159,6 +174,9 @@ def apply_chat_flags(state, args) -> list[str]:
     if state.thoughts is not None:
         notes.append("chat replies' thought channels go to reasoning_content (--reasoning-parser none keeps them "
                      "in the text)")
+    if state.thinking_token_budget is not None:
+        notes.append(f"thoughts end after at most {state.thinking_token_budget} tokens unless a request sets "
+                     "thinking_token_budget (--reasoning-budget)")
     if template_defaults:
         notes.append("chat template defaults: " + ", ".join(f"{k}={v!r}" for k, v in template_defaults.items()))
     return notes

@@ -151,3 +151,18 @@ def test_default_chat_template_kwargs_and_reasoning_parser(served, tiny_checkpoi
     state.engine.shutdown()
     code, state, out = served(str(tiny_checkpoint), "--default-chat-template-kwargs", '{"tools": []}')
     assert code == 2 and "--default-chat-template-kwargs may not set tools" in out.err
+
+
+def test_reasoning_budget_flag(served, tiny_checkpoint, capsys):
+    """llama-server's --reasoning-budget: the thinking budget of requests that set none (-1: none)."""
+    code, state, out = served(str(tiny_checkpoint), "--max-model-len", "128", "--reasoning-budget", "7")
+    assert code == 0 and state.thinking_token_budget == 7 and "thoughts end after at most 7 tokens" in out.out
+    state.engine.shutdown()
+    code, state, out = served(str(tiny_checkpoint), "--max-model-len", "128")
+    assert code == 0 and state.thinking_token_budget is None and "thoughts end" not in out.out
+    state.engine.shutdown()
+    for bad in ("-3", "lots"):
+        with pytest.raises(SystemExit) as e:  # argparse's usage error, before any model loads
+            served(str(tiny_checkpoint), "--reasoning-budget", bad)
+        assert e.value.code == 2
+        assert "--reasoning-budget: must be -1 (no limit) or a number of tokens >= 0" in capsys.readouterr().err

@@ -1,0 +1,115 @@
+"""Thinking budgets: at most N tokens in a reply's thought channel (`<|channel>...<channel|>`,
+canvaslm.reasoning), vLLM's `thinking_token_budget`, Anthropic's `thinking.budget_tokens`, llama.cpp's
+`--reasoning-budget`. Without one, a thinking model may spend the whole `max_tokens` on its thought and
+leave no answer, the complaint these knobs answer.
+
+An autoregressive engine counts thought tokens as they come and forces the closing token once the count
+is reached. A diffusion canvas is denoised as a whole, so here the budget is a position: the thought's
+first token is the one after the opening `<|channel>` (output index s), and the closing `<channel|>` must
+sit at or before index s + N. Every denoising step, for a canvas that holds index s + N, the step's own
+argmax (what the canvas commits if this step is its last) is read: when it closes the channel before
+s + N nothing is forced; otherwise the logits at s + N become the closing token alone. Positions are
+re-decided every step and a canvas commits its last step's argmax, so the committed reply's thought never
+has more than N tokens (the label `thought\\n` counts, as every token after the opening one). A thought
+that opens inside the canvas is found in that argmax too. All of it is tensor work on the step's logits,
+with no host sync; the host only tracks, canvas by canvas, where the thought started and whether it closed.
+
+A constrained output (JSON, a forced tool call, ...) and a model whose vocabulary has no channel tokens
+write no thought, so a budget asks nothing of them and is left out. The budget covers the reply's first
+thought channel (Gemma 4 thinks once, at the start of its reply); a
+prompt that ends inside an open channel (a prefilled thought, `continue_final_message`) counts the
+thought's tokens already in the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class ThinkingBudgetError(ValueError):
+    """A thinking budget that is not a count of tokens."""
+
+
+@dataclass(frozen=True)
+class ThinkingBudget:
+    tokens: int  # most thought tokens (those after the opening token, before the closing one)
+    open_id: int  # `<|channel>`
+    close_id: int  # `<channel|>`
+
+    def __post_init__(self):
+        if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 0:
+            raise ThinkingBudgetError(f"thinking_token_budget must be an integer >= 0, got {self.tokens!r}")
+
+    @classmethod
+    def for_tokenizer(cls, tokens: int | None, tokenizer) -> "ThinkingBudget | None":
+        """The budget in this tokenizer's channel tokens; None for None, and None when the tokenizer has no
+        thought channel (its replies hold no thought, so any budget is met)."""
+        from ..reasoning import ThoughtSplitter
+
+        splitter = None if tokens is None else ThoughtSplitter.for_tokenizer(tokenizer)
+        return None if splitter is None else cls(tokens, splitter.open_id, splitter.close_id)
+
+    def tracker(self, prompt_ids=()) -> "ThoughtTracker":
+        return ThoughtTracker(self, prompt_ids)
+
+
+class ThoughtTracker:
+    """One request's progress through its thought, on the host: how many output tokens are committed,
+    where the thought's first token is (output index; <= 0 when it opened in the prompt) and whether the
+    channel has closed. `apply` forces the close on one canvas's logits; `commit` reads each committed
+    piece of output."""
+
+    def __init__(self, budget: ThinkingBudget, prompt_ids=()):
+        self.budget = budget
+        self.n_out = 0
+        self.start: int | None = None
+        self.closed = False
+        ids = list(prompt_ids)
+        opens = [i for i, t in enumerate(ids) if t == budget.open_id]
+        if opens:  # the prompt ends inside an open channel: its thought so far counts
+            last = opens[-1]
+            if budget.close_id not in ids[last + 1:]:
+                self.start = last + 1 - len(ids)
+
+    def commit(self, ids) -> None:
+        for j, t in enumerate(ids):
+            if self.closed:
+                break
+            if self.start is None:
+                if t == self.budget.open_id:
+                    self.start = self.n_out + j + 1
+            elif t == self.budget.close_id:
+                self.closed = True
+        self.n_out += len(ids)
+
+    def apply(self, logits: torch.Tensor, canvas_start: int) -> None:
+        """Force the close, if due, in the logits [C, V] of a canvas whose first token is output index
+        `canvas_start` (in place; after biases and penalties, before sampling)."""
+        if self.closed:
+            return
+        C, n = logits.shape[0], self.budget.tokens
+        if self.start is None:
+            if n + 1 >= C:  # a thought opening in this canvas cannot reach its budget inside it
+                return
+        elif self.start - canvas_start + n >= C:  # its last allowed position is in a later canvas
+            return
+        draft = logits.argmax(dim=-1)  # [C]: what this step commits, before the force
+        at = torch.arange(C, device=logits.device)
+        if self.start is None:
+            is_open = draft == self.budget.open_id
+            first = torch.where(is_open.any(), is_open.long().argmax() + 1, C)  # its first thought token
+        else:
+            first = torch.tensor(self.start - canvas_start, device=logits.device)
+        limit = first + n  # where the close must be, at the latest
+        closed = ((draft == self.budget.close_id) & (at >= first) & (at < limit)).any()
+        due = (limit < C) & ~closed
+        row = limit.clamp(0, C - 1).view(1)
+        old = logits.index_select(0, row)  # [1, V]
+        forced = torch.full_like(old, float("-inf"))
+        forced[:, self.budget.close_id] = 0
+        logits.index_copy_(0, row, torch.where(due, forced, old))
+
+
+__all__ = ["ThinkingBudget", "ThoughtTracker", "ThinkingBudgetError"]

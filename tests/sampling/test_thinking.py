@@ -1,0 +1,194 @@
+"""Thinking budgets (sampling.thinking): the committed reply's thought channel never holds more than N tokens.
+The tracker is checked on hand-made logits (where the close is forced, and where it is not); the whole path
+on a tiny model whose logit bias makes it open a channel at every position and never close it, so only the
+budget can close it: through `LLM.generate`, the engine's runner (the same tokens) and the server (vLLM's
+`thinking_token_budget`, Anthropic's `budget_tokens`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvaslm.reasoning import CHANNEL_CLOSE, CHANNEL_OPEN, ThoughtSplitter
+from canvaslm.sampling.thinking import ThinkingBudget, ThinkingBudgetError, ThoughtTracker
+
+OPEN, CLOSE, WORD, V, C = 5, 6, 9, 12, 8
+
+
+def logits_for(draft):
+    """[C, V] logits whose argmax is `draft` (one id per position)."""
+    out = torch.zeros(len(draft), V)
+    out[torch.arange(len(draft)), torch.tensor(draft)] = 3.0
+    return out
+
+
+def forced(tracker: ThoughtTracker, draft, canvas_start: int = 0) -> list:
+    """The argmax after the tracker has had its say on a canvas whose draft is `draft`."""
+    lg = logits_for(draft)
+    tracker.apply(lg, canvas_start)
+    return lg.argmax(-1).tolist()
+
+
+def test_a_thought_opened_in_the_canvas_is_closed_at_its_budget():
+    t = ThinkingBudget(3, OPEN, CLOSE).tracker()
+    assert forced(t, [WORD, OPEN] + [WORD] * 6) == [WORD, OPEN, WORD, WORD, WORD, CLOSE, WORD, WORD]
+    assert forced(ThinkingBudget(0, OPEN, CLOSE).tracker(), [OPEN] + [WORD] * 7) == [OPEN, CLOSE] + [WORD] * 6
+    # a close at or before the budget: nothing forced (the model ended its thought itself)
+    for draft in ([OPEN, WORD, CLOSE] + [WORD] * 5, [OPEN, WORD, WORD, WORD, CLOSE] + [WORD] * 3):
+        assert forced(ThinkingBudget(3, OPEN, CLOSE).tracker(), draft) == draft
+    # no thought in the draft, or one whose budget ends past the canvas: nothing forced
+    assert forced(ThinkingBudget(3, OPEN, CLOSE).tracker(), [WORD] * 8) == [WORD] * 8
+    assert forced(ThinkingBudget(3, OPEN, CLOSE).tracker(), [WORD] * 5 + [OPEN, WORD, WORD]) == \
+        [WORD] * 5 + [OPEN, WORD, WORD]
+    assert forced(ThinkingBudget(7, OPEN, CLOSE).tracker(), [OPEN] + [WORD] * 7) == [OPEN] + [WORD] * 7
+    # a close before the open does not end it
+    assert forced(ThinkingBudget(2, OPEN, CLOSE).tracker(), [CLOSE, OPEN] + [WORD] * 6) == \
+        [CLOSE, OPEN, WORD, WORD, CLOSE, WORD, WORD, WORD]
+
+
+def test_the_budget_carries_across_canvases_and_from_the_prompt():
+    t = ThinkingBudget(10, OPEN, CLOSE).tracker()
+    first = forced(t, [OPEN] + [WORD] * 7)
+    assert first == [OPEN] + [WORD] * 7  # its budget ends in the next canvas
+    t.commit(first)
+    assert (t.start, t.closed, t.n_out) == (1, False, 8)
+    second = forced(t, [WORD] * 8, canvas_start=8)
+    assert second.index(CLOSE) == 3  # output index 11: thought = indices 1..10
+    t.commit(second)
+    assert t.closed and forced(t, [WORD] * 8, canvas_start=16) == [WORD] * 8
+    # the prompt ends inside an open channel: its two thought tokens count
+    p = ThinkingBudget(4, OPEN, CLOSE).tracker(prompt_ids=[2, OPEN, WORD, WORD])
+    assert p.start == -2 and forced(p, [WORD] * 8).index(CLOSE) == 2
+    assert ThinkingBudget(4, OPEN, CLOSE).tracker(prompt_ids=[OPEN, WORD, CLOSE]).start is None
+
+
+def test_a_close_drafted_in_the_same_canvas_as_the_known_start_is_kept():
+    t = ThinkingBudget(10, OPEN, CLOSE).tracker()
+    t.commit([OPEN] + [WORD] * 7)
+    draft = [WORD, CLOSE] + [WORD] * 6  # closes at index 9, inside the budget (11)
+    assert forced(t, draft, canvas_start=8) == draft
+
+
+def test_budget_values_are_checked():
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ThinkingBudgetError, match="thinking_token_budget must be an integer >= 0"):
+            ThinkingBudget(bad, OPEN, CLOSE)
+
+
+# ---------------------------------------------------------------------------------------- a tiny model
+
+PROMPT = "Think about it, then answer."
+
+
+@pytest.fixture(scope="module")
+def think_dir(tmp_path_factory):
+    from canvaslm.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("thinking"), extra_specials=(CHANNEL_OPEN, CHANNEL_CLOSE))
+
+
+@pytest.fixture(scope="module")
+def think_llm(think_dir):
+    from canvaslm import LLM
+
+    return LLM(think_dir, dtype="float32")
+
+
+def always_thinking(llm, **kw):
+    """SamplingParams under which the model opens a channel at every position (and so never closes one)."""
+    from canvaslm.llm import SamplingParams
+
+    open_id = llm.tokenizer.token_to_id(CHANNEL_OPEN)
+    return SamplingParams(seed=3, max_new_tokens=40, max_denoising_steps=4, logit_bias={open_id: 100}, **kw)
+
+
+@pytest.mark.parametrize("n", [0, 6, 14, 30])  # inside the first 16-token canvas, at its edge, two canvases on
+def test_generate_closes_the_thought_at_the_budget(think_llm, n):
+    split = ThoughtSplitter.for_tokenizer(think_llm.tokenizer)
+    free = think_llm.generate(PROMPT, always_thinking(think_llm))[0]
+    assert not split.split(free.token_ids).closed and len(free.token_ids) == 40  # thinks to max_tokens
+    out = think_llm.generate(PROMPT, always_thinking(think_llm, thinking_token_budget=n))[0]
+    s = split.split(out.token_ids)
+    assert s.closed and len(s.thought) == n and out.token_ids[n + 1] == split.close_id
+    assert len(out.token_ids) == 40
+
+
+def test_the_engine_enforces_it_as_generate_does(think_llm):
+    sps = [always_thinking(think_llm, thinking_token_budget=20), always_thinking(think_llm)]
+    want = think_llm.generate([PROMPT] * 2, sps)
+    got = think_llm.generate_continuous([PROMPT] * 2, sps, max_batch=2)  # one decoder call, one budget
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    split = ThoughtSplitter.for_tokenizer(think_llm.tokenizer)
+    assert len(split.split(got[0].token_ids).thought) == 20 and not split.split(got[1].token_ids).closed
+
+
+def test_no_channel_tokens_or_a_constraint_leave_the_budget_out(tiny_llm, think_llm):
+    from canvaslm.llm import SamplingParams
+
+    assert ThinkingBudget.for_tokenizer(5, tiny_llm.tokenizer) is None  # its vocabulary has no channel
+    assert ThinkingBudget.for_tokenizer(None, think_llm.tokenizer) is None
+    sp = dict(seed=1, max_new_tokens=16)
+    assert tiny_llm.generate(PROMPT, SamplingParams(**sp, thinking_token_budget=2))[0].token_ids == \
+        tiny_llm.generate(PROMPT, SamplingParams(**sp))[0].token_ids
+    row = think_llm.rows([PROMPT], [SamplingParams(**sp, choice=("yes", "no"), thinking_token_budget=2)])[0]
+    assert row.thinking is None
+    with pytest.raises(ValueError, match="thinking_token_budget must be an integer >= 0"):
+        SamplingParams(thinking_token_budget=-3)
+
+
+def test_server_thinking_budgets(think_dir, think_llm, monkeypatch):
+    """vLLM's `thinking_token_budget` on chat and completions (enforced: usage counts the thought), and
+    Anthropic's `thinking.budget_tokens` (the request the engine gets carries it)."""
+    anthropic = pytest.importorskip("anthropic")
+    openai = pytest.importorskip("openai")
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    open_id = think_llm.tokenizer.token_to_id(CHANNEL_OPEN)
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        kw = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "q"}], max_tokens=30, seed=2)
+        bias = {"logit_bias": {str(open_id): 100}, "max_denoising_steps": 4}
+        free = c.chat.completions.create(**kw, extra_body=bias)
+        assert free.usage.completion_tokens_details.reasoning_tokens == 30  # never closed
+        for n in (0, 9, 20):
+            r = c.chat.completions.create(**kw, extra_body={**bias, "thinking_token_budget": n})
+            assert r.usage.completion_tokens_details.reasoning_tokens == n + 2  # the two markers count
+            assert r.usage.completion_tokens == 30
+        done = c.completions.create(model=srv.state.model_name, prompt="q", max_tokens=30, seed=2,
+                                    extra_body={**bias, "thinking_token_budget": 4, "skip_special_tokens": False})
+        assert done.choices[0].text == CHANNEL_OPEN * 5 + CHANNEL_CLOSE + CHANNEL_OPEN * 24
+        resp = c.responses.create(model=srv.state.model_name, input="q", max_output_tokens=30,
+                                  extra_body={**bias, "seed": 2, "thinking_token_budget": 7})
+        assert resp.usage.output_tokens_details.reasoning_tokens == 9 and resp.usage.output_tokens == 30
+        srv.state.thinking_token_budget = 9  # --reasoning-budget 9: for requests that set none
+        assert c.chat.completions.create(**kw, extra_body=bias).usage.completion_tokens_details.reasoning_tokens == 11
+        r = c.chat.completions.create(**kw, extra_body={**bias, "thinking_token_budget": 3})
+        assert r.usage.completion_tokens_details.reasoning_tokens == 5
+        srv.state.thinking_token_budget = None
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(**kw, extra_body={"thinking_token_budget": -1})
+        assert e.value.body["param"] == "thinking_token_budget"
+
+        seen = []
+        submit = srv.state.engine.submit
+        monkeypatch.setattr(srv.state.engine, "submit", lambda request, *a: (seen.append(request), submit(request, *a)))
+        a = anthropic.Anthropic(base_url=srv.base_url, api_key="x", max_retries=0)
+        q = dict(model=srv.state.model_name, max_tokens=24, messages=[{"role": "user", "content": "q"}])
+        a.messages.create(**q, thinking={"type": "enabled", "budget_tokens": 12})
+        a.messages.create(**q, thinking={"type": "adaptive"})
+        a.messages.create(**q)
+        assert [None if r.thinking is None else r.thinking.tokens for r in seen] == [12, None, None]
+        with pytest.raises(anthropic.BadRequestError, match="budget_tokens must be an integer"):
+            a.messages.create(**q, thinking={"type": "enabled", "budget_tokens": "many"})
+
+
+def test_cli_flag():
+    import argparse
+
+    from canvaslm.llm import SamplingParams
+    from canvaslm.sampling.cli_args import add_sampling_args, sampling_params
+
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    assert SamplingParams(**sampling_params(p.parse_args(["--thinking-budget", "6"]))).thinking_token_budget == 6
+    assert sampling_params(p.parse_args([]))["thinking_token_budget"] is None
