@@ -15,7 +15,8 @@ that opens inside the canvas is found in that argmax too. All of it is tensor wo
 with no host sync; the host only tracks, canvas by canvas, where the thought started and whether it closed.
 
 A constrained output (JSON, a forced tool call, ...) and a model whose vocabulary has no channel tokens
-write no thought, so a budget asks nothing of them and is left out. The budget covers the reply's first
+write no thought, so a budget asks nothing of them and is left out (the server's thought-first replies run
+the thought as a request of its own, without the constraint, and the budget applies there). The budget covers the reply's first
 thought channel (Gemma 4 thinks once, at the start of its reply); a
 prompt that ends inside an open channel (a prefilled thought, `continue_final_message`) counts the
 thought's tokens already in the prompt.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import random
 import uuid
@@ -136,6 +137,46 @@ class Choice:
     cached_tokens: int = 0  # prompt tokens the engine's prefix cache supplied
     prompt_seconds: float = 0.0  # from submission until its prompt was encoded (engine.Finish)
     seconds: float = 0.0  # from submission until it finished
+    answer: "ThoughtFirst | None" = None  # a constrained answer to request once this request's thought ends
+    base: int = 0  # the tracker's ids before this request's output (a thought-first reply's thought)
+    finished_requests: int = 0  # engine requests of this reply that have ended (a thought-first reply has two)
+
+
+@dataclass(frozen=True)
+class ThoughtFirst:
+    """A chat reply that thinks before a constrained answer (JSON, a forced tool call, ...). The constraint fixes
+    every output token from its first offset on, so the reply runs as two engine requests: the thought
+    (prompt + `<|channel>`, unconstrained, ended by `<channel|>`, under the thinking budget), then the answer
+    (prompt + the thought, under the constraint), which is what vLLM does with structured outputs on a
+    reasoning model (the grammar starts after the reasoning ends)."""
+
+    prompt_ids: tuple  # the prompt as the client sent it
+    params: DiffusionParams  # the whole reply's: max_new_tokens covers thought and answer
+    seed: int
+    eos: tuple  # the answer's end ids
+    constraint: object
+    close_id: int  # `<channel|>`
+    room: int  # the fewest tokens the constrained answer needs
+
+    def request(self, state: ServerState, c: Choice) -> GenerationRequest | None:
+        """The answer's request once the thought's request has ended (its output in c.tracker), or None when
+        the reply is over (it ended inside the thought, or no room is left for the answer). A thought cut by
+        its token room is closed here, as an autoregressive engine's budget closes it."""
+        ids = c.tracker.ids
+        if ids[-1] != self.close_id:
+            if c.finish_reason == "stop":  # an EOS inside the thought: the model ended its reply there
+                return None
+            c.tracker.add([self.close_id])
+        prompt = self.prompt_ids + tuple(c.tracker.ids)
+        C = state.canvas_length
+        left = min(self.params.max_new_tokens - len(c.tracker.ids), (state.max_model_len - len(prompt)) // C * C)
+        if left < self.room:
+            c.finish_reason = "length"
+            return None
+        prev = c.request
+        return GenerationRequest(uuid.uuid4().hex, prompt, dataclasses.replace(self.params, max_new_tokens=left),
+                                 (self.seed + 1) % 2**63, self.eos, self.constraint, prev.drafts, prev.logit_bias,
+                                 prev.priority, 0, prev.lora, images=prev.images)
 
 
 @dataclass
@@ -509,24 +550,56 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     if body.min_tokens and (constraint is not None or auto_tools(body)):
         raise APIError(400, "min_tokens cannot be combined with a constrained output or tools (they decide where "
                             "the output ends)", "min_tokens")
-    # a constrained output writes no thought: its budget is met
     budget = state.thinking_token_budget if body.thinking_token_budget is None else body.thinking_token_budget
-    thinking = ThinkingBudget.for_tokenizer(budget, state.tokenizer) if constraint is None else None
+    budget = ThinkingBudget.for_tokenizer(budget, state.tokenizer)
+    think_first = constraint is not None and thoughts is not None and thinking_on(state, body)
     for p_index, ids in enumerate(prompts):
         params = resolve_params(state, body, len(ids), constraint)
         if body.min_tokens > params.max_new_tokens:
             raise APIError(400, f"min_tokens={body.min_tokens} is over the {params.max_new_tokens} tokens this "
                                 "request may generate (max_tokens)", "min_tokens")
+        first = _thought_room(state, constraint, params, len(ids)) if think_first else 0
         for j in range(body.n):
-            req = GenerationRequest(f"{uuid.uuid4().hex}", tuple(ids), params, (seed + j) % 2**63,
-                                    eos, constraint, body.stream_drafts, bias, body.priority, body.min_tokens,
-                                    state.adapter(body.model), images=getattr(ids, "images", None),
-                                    thinking=thinking)
+            choice_seed = (seed + j) % 2**63
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
-                                  skip_special=body.skip_special_tokens,
-                                  thoughts=thoughts)
-            choices.append(Choice(len(choices), req, p_index, tracker))
+                                  skip_special=body.skip_special_tokens, thoughts=thoughts)
+            answer = None
+            if first:  # the thought first (its opening token is part of the reply), then the constrained answer
+                tracker.add([thoughts.open_id])
+                answer = ThoughtFirst(tuple(ids), params, choice_seed, eos, constraint, thoughts.close_id,
+                                      constraint.min_new_tokens(state.canvas_length)
+                                      if hasattr(constraint, "min_new_tokens") else 1)
+                req = GenerationRequest(uuid.uuid4().hex, (*ids, thoughts.open_id),
+                                        dataclasses.replace(params, max_new_tokens=first), choice_seed,
+                                        eos + (thoughts.close_id,), None, body.stream_drafts, bias, body.priority,
+                                        0, state.adapter(body.model), images=getattr(ids, "images", None),
+                                        thinking=budget)
+            else:  # a constrained output alone writes no thought: its budget is met
+                req = GenerationRequest(uuid.uuid4().hex, tuple(ids), params, choice_seed,
+                                        eos, constraint, body.stream_drafts, bias, body.priority, body.min_tokens,
+                                        state.adapter(body.model), images=getattr(ids, "images", None),
+                                        thinking=budget if constraint is None else None)
+            choices.append(Choice(len(choices), req, p_index, tracker, answer=answer, base=len(tracker.ids)))
     return choices
+
+
+def thinking_on(state: ServerState, body: _Common) -> bool:
+    """The chat template renders this body with thinking mode on (enable_thinking, from the request or the
+    server's --default-chat-template-kwargs), and the reply starts a new assistant turn."""
+    if not hasattr(body, "template_kwargs"):
+        return False
+    kwargs = {**getattr(state.tokenizer, "template_defaults", {}), **body.template_kwargs()}
+    return bool(kwargs.get("enable_thinking")) and not kwargs.get("continue_final_message")
+
+
+def _thought_room(state: ServerState, constraint, params: DiffusionParams, prompt_len: int) -> int:
+    """Tokens the thought's request may generate: max_tokens less the channel's two markers (a thought cut
+    here is closed by one more) and what the constrained answer needs, within the context; 0 when that
+    leaves the thought no room (the reply is then the constrained answer alone)."""
+    C = state.canvas_length
+    need = constraint.min_new_tokens(C) if hasattr(constraint, "min_new_tokens") else 1
+    room = min(params.max_new_tokens - need - 2, (state.max_model_len - prompt_len - 1) // C * C)
+    return max(room, 0)
 
 
 async def run_choices(state: ServerState, choices: list[Choice], is_disconnected=None):
@@ -568,13 +641,26 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                 yield "draft", c.index, draft_payload(state, c, ev)
             elif isinstance(ev, Finish):
                 live.discard(ev.request_id)
-                c.decoder_passes = ev.decoder_passes
-                c.cached_tokens = ev.cached_tokens
-                c.prompt_seconds, c.seconds = ev.prompt_seconds, ev.seconds
+                c.decoder_passes += ev.decoder_passes
+                c.seconds += ev.seconds
+                if not c.finished_requests:  # the reply's first request: its prompt is the client's
+                    c.cached_tokens, c.prompt_seconds = ev.cached_tokens, ev.prompt_seconds
+                c.finished_requests += 1
                 if ev.reason in ("error", "cancelled"):
                     raise APIError(500 if ev.reason == "error" else 503,
                                    f"generation failed: {ev.message or ev.reason}", type="server_error")
                 c.finish_reason = ev.reason
+                if c.answer is not None:  # a thought-first reply's thought has ended: its answer follows
+                    follow, c.answer = c.answer.request(state, c), None
+                    if follow is not None:
+                        thought = c.tracker.reasoning_delta(final=True)
+                        if thought:
+                            yield "reasoning", c.index, thought
+                        c.request, c.base, c.finish_reason = follow, len(c.tracker.ids), None
+                        by_id[follow.request_id] = c
+                        live.add(follow.request_id)
+                        state.engine.submit(follow, queue, loop)
+                        continue
                 thought = c.tracker.reasoning_delta(final=True)
                 if thought:
                     yield "reasoning", c.index, thought
@@ -598,7 +684,7 @@ async def run_to_end(state: ServerState, choices: list[Choice], request) -> None
 
 def draft_payload(state: ServerState, c: Choice, ev: Draft) -> dict:
     """The draft of the canvas being denoised: its argmax, cut at the first EOS and at the token budget."""
-    ids = list(ev.token_ids[:max(0, c.request.params.max_new_tokens - len(c.tracker.ids))])
+    ids = list(ev.token_ids[:max(0, c.request.params.max_new_tokens - (len(c.tracker.ids) - c.base))])
     cut = next((i for i, t in enumerate(ids) if t in state.eos_ids), None)
     if cut is not None:
         ids = ids[:cut + 1]

@@ -192,3 +192,77 @@ def test_cli_flag():
     add_sampling_args(p)
     assert SamplingParams(**sampling_params(p.parse_args(["--thinking-budget", "6"]))).thinking_token_budget == 6
     assert sampling_params(p.parse_args([]))["thinking_token_budget"] is None
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "ok": {"type": "boolean"}},
+          "required": ["a", "ok"], "additionalProperties": False}
+
+
+def test_a_thought_then_a_constrained_answer(think_dir, think_llm):
+    """Thinking on + an output constraint: the reply thinks (unconstrained, under its budget), then answers under
+    the constraint, as vLLM runs structured outputs on a reasoning model. Thinking off: the constrained answer
+    alone, as before."""
+    import json
+
+    import jsonschema
+
+    anthropic = pytest.importorskip("anthropic")
+    openai = pytest.importorskip("openai")
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    open_id = think_llm.tokenizer.token_to_id(CHANNEL_OPEN)
+    think = {"chat_template_kwargs": {"enable_thinking": True}, "logit_bias": {str(open_id): 100},
+             "max_denoising_steps": 4}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        kw = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "q"}], max_tokens=80, seed=4,
+                  response_format=fmt)
+        for extra, thought in (({**think, "thinking_token_budget": 6}, 6 + 2),
+                               (think, None)):  # no budget: the thought takes the room the answer leaves
+            r = c.chat.completions.create(**kw, extra_body=extra)
+            jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+            got = r.usage.completion_tokens_details.reasoning_tokens
+            assert got == thought if thought else got > 8
+            assert r.usage.completion_tokens > got and r.choices[0].finish_reason == "stop"
+        from canvaslm.sampling.json_schema import JsonSchemaConstraint
+
+        need = JsonSchemaConstraint(SCHEMA, think_llm.tokenizer).min_new_tokens(think_llm.cfg.canvas_length)
+        tight = c.chat.completions.create(**{**kw, "max_tokens": need + 2}, extra_body=think)  # no room to think
+        jsonschema.validate(json.loads(tight.choices[0].message.content), SCHEMA)
+        assert tight.usage.completion_tokens_details is None
+        ended = c.chat.completions.create(**kw, extra_body={**think, "logit_bias": {str(think_llm.eos_ids[0]): 100}})
+        assert ended.choices[0].finish_reason == "stop" and ended.choices[0].message.content == ""  # EOS in thought
+        plain = c.chat.completions.create(**kw, extra_body={"logit_bias": {str(open_id): 100}})
+        jsonschema.validate(json.loads(plain.choices[0].message.content), SCHEMA)
+        assert plain.usage.completion_tokens_details is None  # thinking off: no thought
+
+        reasoning, content = "", ""  # streamed: the thought's events, then the answer's
+        stream = c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True},
+                                           extra_body={**think, "thinking_token_budget": 4})
+        for ch in stream:
+            if ch.usage is not None:
+                assert ch.usage.completion_tokens_details.reasoning_tokens == 6
+            if ch.choices:
+                extra = ch.choices[0].delta.model_extra or {}
+                assert not (content and extra.get("reasoning_content"))
+                reasoning += extra.get("reasoning_content") or ""
+                content += ch.choices[0].delta.content or ""
+        jsonschema.validate(json.loads(content), SCHEMA)
+
+        tool = {"type": "function", "function": {"name": "f", "parameters": SCHEMA}}
+        call = c.chat.completions.create(model=srv.state.model_name, messages=[{"role": "user", "content": "q"}],
+                                         max_tokens=80, seed=1, tools=[tool],
+                                         tool_choice={"type": "function", "function": {"name": "f"}},
+                                         extra_body={**think, "thinking_token_budget": 3})
+        msg = call.choices[0].message
+        jsonschema.validate(json.loads(msg.tool_calls[0].function.arguments), SCHEMA)
+        assert call.usage.completion_tokens_details.reasoning_tokens == 5
+
+        a = anthropic.Anthropic(base_url=srv.base_url, api_key="x", max_retries=0)
+        m = a.messages.create(model=srv.state.model_name, max_tokens=80, messages=[{"role": "user", "content": "q"}],
+                              thinking={"type": "enabled", "budget_tokens": 5},
+                              output_config={"format": {"type": "json_schema", "schema": SCHEMA}},
+                              extra_body={"seed": 2, "logit_bias": {str(open_id): 100}})
+        assert [b.type for b in m.content][-1] == "text"
+        jsonschema.validate(json.loads(m.content[-1].text), SCHEMA)
