@@ -15,7 +15,7 @@ from .config import DiffusionParams
 from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
 from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
-from .sampling.thinking import ThinkingBudget
+from .sampling.thinking import ThinkingBudget, closed_thought, thought_room
 
 BUNDLED_MODEL = Path(__file__).parent / "recipes" / "sudoku" / "model"
 
@@ -297,9 +297,12 @@ class LLM:
         prompts = _prompt_list(prompts, attention_mask)
         if not prompts:
             return []
-        rows = self.rows(prompts, params)
-        plist = _params_list(prompts, params)
-        gens = [self._generator(sp.seed) for sp in plist] if generator is None else None
+        return self._generate_rows(self.rows(prompts, params), [sp.seed for sp in _params_list(prompts, params)],
+                                   generator, on_draft, use_tqdm)
+
+    def _generate_rows(self, rows: list[RowRequest], seeds: list, generator=None, on_draft=None,
+                       use_tqdm: bool | None = None) -> list[GenerationResult]:
+        gens = [self._generator(seed) for seed in seeds] if generator is None else None
         B = self.max_batch
         if generator is not None or on_draft is not None or len(rows) <= B:
             g = generator if generator is not None else (gens[0] if len(gens) == 1 else gens)
@@ -315,6 +318,50 @@ class LLM:
                     bar.update(len(chunk))
         return [GenerationResult(r.prompt_ids, o.token_ids, self.decode(o.token_ids), o.finish_reason,
                                  o.tokens_per_forward, o.decoder_passes) for r, o in zip(rows, outs)]
+
+    def _thought_first(self, prompts, sps: list, use_tqdm: bool | None = None) -> list[GenerationResult]:
+        """`generate` for chat prompts rendered with thinking on: a constrained row (JSON, a forced call, ...)
+        thinks first and then answers under its constraint, in two passes as the server runs it
+        (server.serving.ThoughtFirst): the thought (prompt + `<|channel>`, free, under its thinking budget,
+        ended by `<channel|>`; one cut by its room is closed by one more token), then the answer (prompt + the
+        thought, constrained). Rows without a constraint, or without room left to think, run as they are."""
+        from .reasoning import ThoughtSplitter
+
+        split = ThoughtSplitter.for_tokenizer(self.tokenizer)
+        rows, C = self.rows(prompts, sps), self.cfg.canvas_length
+        first = {}  # row index -> the thought's row
+        for i, (r, sp) in enumerate(zip(rows, sps)):
+            c = r.constraint
+            room = thought_room(c, r.params.max_new_tokens, C)
+            if c is not None and split is not None and room > 0:
+                first[i] = RowRequest([*r.prompt_ids, split.open_id],
+                                      dataclasses.replace(r.params, max_new_tokens=room), (*r.eos_ids, split.close_id),
+                                      r.pad_id, None, r.logit_bias, 0, r.lora, r.images,
+                                      ThinkingBudget.for_tokenizer(sp.thinking_token_budget, self.tokenizer))
+        seeds = [sp.seed for sp in sps]
+        thoughts = dict(zip(first, self._generate_rows(list(first.values()), [seeds[i] for i in first],
+                                                       use_tqdm=use_tqdm))) if first else {}
+        heads, answers = {}, {}  # row index -> (the reply's thought ids, its result); -> the answer's row
+        for i, r in enumerate(rows):
+            t = thoughts.get(i)
+            head = [] if t is None else closed_thought(split.open_id, split.close_id, t.token_ids, t.finish_reason)
+            if head is None:  # an EOS inside the thought: the reply ends there
+                heads[i] = ([split.open_id, *t.token_ids], t)
+                continue
+            heads[i] = (head, t)
+            answers[i] = r if t is None else dataclasses.replace(r, prompt_ids=[*r.prompt_ids, *head], params=(
+                dataclasses.replace(r.params, max_new_tokens=r.params.max_new_tokens - len(head))))
+        outs = dict(zip(answers, self._generate_rows(
+            list(answers.values()), [seeds[i] if i not in thoughts or seeds[i] is None else seeds[i] + 1
+                                     for i in answers], use_tqdm=use_tqdm))) if answers else {}
+        results = []
+        for i, r in enumerate(rows):
+            (head, t), a = heads[i], outs.get(i)
+            ids = head + (a.token_ids if a is not None else [])
+            passes = sum(x.decoder_passes for x in (t, a) if x is not None)
+            results.append(GenerationResult(r.prompt_ids, ids, self.decode(ids), a.finish_reason if a else "stop",
+                                            len(ids) / passes if passes else 0.0, passes))
+        return results
 
     def generate_continuous(self, prompts, params: SamplingParams | list | None = None, max_batch: int = 16,
                             max_model_len: int | None = None, prefix_caching: bool | None = None,
@@ -379,7 +426,9 @@ class LLM:
         same constraints). With "auto" the model writes freely and calls in its own syntax are read out
         of its tokens into `tool_calls` (`text` keeps the rest; the tokenizer needs the native call
         tokens). tool_choice None leaves the whole reply as text; "none" also leaves the declarations
-        out of the prompt. A thought channel (thinking mode) goes to `reasoning`. continue_final_message:
+        out of the prompt. A thought channel (thinking mode) goes to `reasoning`; with thinking on
+        (chat_template_kwargs enable_thinking) a constrained reply (a JSON schema, a forced call, ...) thinks
+        first, then answers under its constraint (`_thought_first`). continue_final_message:
         the last message is the start of the assistant's reply, which the model goes on with (the result
         holds only the continuation); chat_template_kwargs: more variables for the template (e.g.
         enable_thinking). `messages` may also be a list of conversations (vLLM's LLM.chat): they run as
@@ -405,13 +454,20 @@ class LLM:
                 raise GenerationError(f"chat{f' (conversation {k})' if batch else ''}: {e}") from None
             prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
         sps = _params_list(prompts, params)
+        thinking = {**self.tokenizer.template_defaults, **(chat_template_kwargs or {})}.get("enable_thinking")
+        if thinking and not continue_final_message and not (kw.get("generator") or kw.get("on_draft")):
+            def generate(ps, ss):  # a constrained reply thinks first, then answers under its constraint
+                return self._thought_first(ps, ss, kw.get("use_tqdm"))
+        else:
+            def generate(ps, ss):
+                return self.generate(ps, ss, **kw)
 
         def calls(pairs):
             return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
                      "function": {"name": n, "arguments": a}} for n, a in pairs]
 
         if tool_choice in (None, "none"):
-            outs = [self._without_thought(r)[0] for r in self.generate(prompts, sps, **kw)]
+            outs = [self._without_thought(r)[0] for r in generate(prompts, sps)]
         elif tool_choice == "auto":
             from .tool_parser import CALL_OPEN, NativeToolParser, response_stop_ids
 
@@ -423,7 +479,7 @@ class LLM:
             stops = response_stop_ids(self.tokenizer)
             sps = [dataclasses.replace(sp, stop_token_ids=tuple(sp.stop_token_ids or ()) + stops) for sp in sps]
             outs = []
-            for r in self.generate(prompts, sps, **kw):
+            for r in generate(prompts, sps):
                 res, content = self._without_thought(r)
                 text, found, _ = parser.split(content, final=True)
                 if found:
@@ -433,7 +489,8 @@ class LLM:
             from .sampling.tool_call import call_arguments, call_constraint
 
             constraint, forced = call_constraint(tools, tool_choice, self.tokenizer)
-            outs = self.generate(prompts, [dataclasses.replace(sp, constraint=constraint) for sp in sps], **kw)
+            outs = [self._without_thought(r)[0]
+                    for r in generate(prompts, [dataclasses.replace(sp, constraint=constraint) for sp in sps])]
             for res in outs:
                 try:
                     names = constraint.names if forced is None else []  # the model picked among the constraint's

@@ -15,11 +15,12 @@ that opens inside the canvas is found in that argmax too. All of it is tensor wo
 with no host sync; the host only tracks, canvas by canvas, where the thought started and whether it closed.
 
 A constrained output (JSON, a forced tool call, ...) and a model whose vocabulary has no channel tokens
-write no thought, so a budget asks nothing of them and is left out (the server's thought-first replies run
-the thought as a request of its own, without the constraint, and the budget applies there). The budget covers the reply's first
-thought channel (Gemma 4 thinks once, at the start of its reply); a
-prompt that ends inside an open channel (a prefilled thought, `continue_final_message`) counts the
-thought's tokens already in the prompt.
+write no thought, so a budget asks nothing of them and is left out. With thinking on, a constrained chat
+reply thinks first (`thought_room`, `closed_thought`: the server's ThoughtFirst, LLM._thought_first): the
+thought runs as a request of its own, unconstrained and under the budget, then the answer under the
+constraint. The budget covers the reply's first thought channel (Gemma 4 thinks once, at the start of
+its reply); a prompt that ends inside an open channel (a prefilled thought, `continue_final_message`)
+counts the thought's tokens already in the prompt.
 """
 
 from __future__ import annotations
@@ -113,4 +114,28 @@ class ThoughtTracker:
         logits.index_copy_(0, row, torch.where(due, forced, old))
 
 
-__all__ = ["ThinkingBudget", "ThoughtTracker", "ThinkingBudgetError"]
+def answer_need(constraint, canvas_length: int) -> int:
+    """The fewest tokens a constrained answer needs."""
+    return constraint.min_new_tokens(canvas_length) if hasattr(constraint, "min_new_tokens") else 1
+
+
+def thought_room(constraint, max_new_tokens: int, canvas_length: int) -> int:
+    """Tokens a thought-first reply's thought request may generate: max_new_tokens less the channel's two
+    markers (a thought cut at its room is closed by one more token) and what the constrained answer needs
+    (0 or less: no room to think)."""
+    return max_new_tokens - answer_need(constraint, canvas_length) - 2
+
+
+def closed_thought(open_id: int, close_id: int, thought_ids, finish_reason: str) -> list | None:
+    """The reply's head once its thought request has ended (`thought_ids`, its output after the opening
+    token): the opening token, the thought and its close (added when the request ran out of room, as a
+    budget closes it), or None when an EOS ended the reply inside the thought."""
+    head = [open_id, *thought_ids]
+    if head[-1] != close_id:
+        if finish_reason == "stop":
+            return None
+        head.append(close_id)
+    return head
+
+
+__all__ = ["ThinkingBudget", "ThoughtTracker", "ThinkingBudgetError", "answer_need", "thought_room", "closed_thought"]

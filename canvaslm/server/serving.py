@@ -25,7 +25,7 @@ from ..generate import GenerationError
 from ..llm import SamplingParams
 from ..multimodal import ImageError, ImagePrompt
 from ..sampling import logit_bias
-from ..sampling.thinking import ThinkingBudget
+from ..sampling.thinking import ThinkingBudget, answer_need, closed_thought, thought_room
 from .protocol import _Common
 from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
 
@@ -162,11 +162,10 @@ class ThoughtFirst:
         """The answer's request once the thought's request has ended (its output in c.tracker), or None when
         the reply is over (it ended inside the thought, or no room is left for the answer). A thought cut by
         its token room is closed here, as an autoregressive engine's budget closes it."""
-        ids = c.tracker.ids
-        if ids[-1] != self.close_id:
-            if c.finish_reason == "stop":  # an EOS inside the thought: the model ended its reply there
-                return None
-            c.tracker.add([self.close_id])
+        head = closed_thought(c.tracker.ids[0], self.close_id, c.tracker.ids[1:], c.finish_reason)
+        if head is None:  # an EOS inside the thought: the model ended its reply there
+            return None
+        c.tracker.add(head[len(c.tracker.ids):])
         prompt = self.prompt_ids + tuple(c.tracker.ids)
         C = state.canvas_length
         left = min(self.params.max_new_tokens - len(c.tracker.ids), (state.max_model_len - len(prompt)) // C * C)
@@ -567,8 +566,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
             if first:  # the thought first (its opening token is part of the reply), then the constrained answer
                 tracker.add([thoughts.open_id])
                 answer = ThoughtFirst(tuple(ids), params, choice_seed, eos, constraint, thoughts.close_id,
-                                      constraint.min_new_tokens(state.canvas_length)
-                                      if hasattr(constraint, "min_new_tokens") else 1)
+                                      answer_need(constraint, state.canvas_length))
                 req = GenerationRequest(uuid.uuid4().hex, (*ids, thoughts.open_id),
                                         dataclasses.replace(params, max_new_tokens=first), choice_seed,
                                         eos + (thoughts.close_id,), None, body.stream_drafts, bias, body.priority,
@@ -593,13 +591,11 @@ def thinking_on(state: ServerState, body: _Common) -> bool:
 
 
 def _thought_room(state: ServerState, constraint, params: DiffusionParams, prompt_len: int) -> int:
-    """Tokens the thought's request may generate: max_tokens less the channel's two markers (a thought cut
-    here is closed by one more) and what the constrained answer needs, within the context; 0 when that
-    leaves the thought no room (the reply is then the constrained answer alone)."""
+    """sampling.thinking.thought_room within the context; 0 when the thought has no room (the reply is then the
+    constrained answer alone)."""
     C = state.canvas_length
-    need = constraint.min_new_tokens(C) if hasattr(constraint, "min_new_tokens") else 1
-    room = min(params.max_new_tokens - need - 2, (state.max_model_len - prompt_len - 1) // C * C)
-    return max(room, 0)
+    return max(min(thought_room(constraint, params.max_new_tokens, C), (state.max_model_len - prompt_len - 1) // C * C),
+               0)
 
 
 async def run_choices(state: ServerState, choices: list[Choice], is_disconnected=None):

@@ -69,6 +69,14 @@ def test_a_close_drafted_in_the_same_canvas_as_the_known_start_is_kept():
     assert forced(t, draft, canvas_start=8) == draft
 
 
+def test_closed_thought():
+    from canvaslm.sampling.thinking import closed_thought
+
+    assert closed_thought(OPEN, CLOSE, [WORD, CLOSE], "stop") == [OPEN, WORD, CLOSE]  # closed by the model
+    assert closed_thought(OPEN, CLOSE, [WORD, WORD], "length") == [OPEN, WORD, WORD, CLOSE]  # out of room
+    assert closed_thought(OPEN, CLOSE, [WORD, 1], "stop") is None  # an EOS ended the reply inside it
+
+
 def test_budget_values_are_checked():
     for bad in (-1, 1.5, True, "3"):
         with pytest.raises(ThinkingBudgetError, match="thinking_token_budget must be an integer >= 0"):
@@ -266,3 +274,31 @@ def test_a_thought_then_a_constrained_answer(think_dir, think_llm):
                               extra_body={"seed": 2, "logit_bias": {str(open_id): 100}})
         assert [b.type for b in m.content][-1] == "text"
         jsonschema.validate(json.loads(m.content[-1].text), SCHEMA)
+
+
+def test_llm_chat_thinks_before_a_constrained_answer(think_llm):
+    import dataclasses
+    import json
+
+    import jsonschema
+
+    from canvaslm.llm import SamplingParams
+
+    split = ThoughtSplitter.for_tokenizer(think_llm.tokenizer)
+    msgs = [{"role": "user", "content": "q"}]
+    sp = dataclasses.replace(always_thinking(think_llm, json_schema=SCHEMA, thinking_token_budget=5), max_new_tokens=80)
+    res = think_llm.chat(msgs, sp, chat_template_kwargs={"enable_thinking": True})
+    jsonschema.validate(json.loads(res.text), SCHEMA)
+    assert res.token_ids[:7] == [split.open_id] * 6 + [split.close_id] and res.reasoning == ""
+    plain = think_llm.chat(msgs, sp)  # thinking off: the constrained answer alone
+    jsonschema.validate(json.loads(plain.text), SCHEMA)
+    assert split.open_id not in plain.token_ids and plain.reasoning is None
+    tool = {"type": "function", "function": {"name": "f", "parameters": SCHEMA}}
+    call = think_llm.chat(msgs, always_thinking(think_llm, thinking_token_budget=5), tools=[tool],
+                          tool_choice="required", chat_template_kwargs={"enable_thinking": True})
+    jsonschema.validate(json.loads(call.tool_calls[0]["function"]["arguments"]), SCHEMA)
+    assert call.token_ids[:7] == [split.open_id] * 6 + [split.close_id]
+    both = think_llm.chat([msgs, msgs], [sp, SamplingParams(seed=3, max_new_tokens=20)],
+                          chat_template_kwargs={"enable_thinking": True})  # a free row runs as it is
+    assert both[0].token_ids[:7] == res.token_ids[:7] and both[1].token_ids[0] != split.open_id
+    assert len(both[1].token_ids) <= 20
