@@ -33,7 +33,6 @@ images, as a request would). Errors use Anthropic's body, `{"type": "error", "er
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import uuid
@@ -44,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest
 from .serving import (APIError, ServerState, encode_chat, image_error_at, load_images, need_chat_template,
-                      prepare_translated, run_choices, run_to_end, validated)
+                      off_loop, prepare_translated, run_choices, run_to_end, validated)
 from .tools import arguments_object, reply_message, tool_replies
 
 MAX_STOP_SEQUENCES = 16
@@ -259,7 +258,7 @@ async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     prompts = [encode_chat(state, chat)]
     if isinstance(prompts[0], ImagePrompt):
         try:
-            await asyncio.to_thread(load_images, state, chat, prompts)
+            await off_loop(state, load_images, state, chat, prompts, prompts=prompts)
         except APIError as e:
             raise image_error_at(e, places, BASE64) from None
     return {"input_tokens": len(prompts[0])}

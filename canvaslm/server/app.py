@@ -19,7 +19,6 @@ continuous_usage_stats, vLLM's, every chunk also carries the usage so far); then
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
@@ -38,8 +37,8 @@ from .llamacpp import LlamaCompletionRequest, LlamaInfillRequest
 from .metrics import render_metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
                        LoadLoRARequest, ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
-from .serving import (APIError, ServerState, check_in_vocab, encode_chat, load_images, need_tokenizer, prepare,
-                      run_choices, run_to_end, usage)
+from .serving import (APIError, ServerState, check_in_vocab, encode_chat, load_images, need_tokenizer, off_loop,
+                      prepare, run_choices, run_to_end, usage)
 from .tools import tool_replies
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -139,7 +138,7 @@ def build_app(state: ServerState) -> FastAPI:
                            "messages" if body.messages is not None else "prompt") from None
         if body.messages is not None and chat.image_sources():
             prompts = [ImagePrompt(text_ids, chat.image_sources())]
-            await asyncio.to_thread(load_images, state, chat, prompts)  # a fetch, the processor, the tower
+            await off_loop(state, load_images, state, chat, prompts, prompts=prompts)  # fetch, processor, tower
             text_ids = list(prompts[0])
         return {"tokens": text_ids, "count": len(text_ids), "max_model_len": state.max_model_len}
 
@@ -364,7 +363,7 @@ async def _respond_infill(state: ServerState, body, prompts, request: Request):
 async def _respond(state: ServerState, body, prompts, request: Request, chat: bool):
     # in a worker thread: a constraint can take seconds to compile (a JSON schema's slot automata over a
     # large vocabulary), and the event loop keeps every other stream flowing meanwhile
-    choices = await asyncio.to_thread(prepare, state, body, prompts)
+    choices = await off_loop(state, prepare, state, body, prompts, prompts=prompts)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     replies = tool_replies(state, body, choices) if chat else {}  # choice index -> ToolReply

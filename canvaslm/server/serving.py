@@ -14,9 +14,11 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import random
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, DiffusionParams
@@ -68,6 +70,7 @@ class ServerState:
     reasoning: bool = True  # read chat replies' thought channels where the tokenizer has them
     thinking_token_budget: int | None = None  # requests that set none get this one (--reasoning-budget)
     vision: object | None = None  # multimodal.Vision: image prompts (None: a model served without one)
+    media_pool: object = None  # ThreadPoolExecutor for work that loads images (off_loop), made on first use
 
     @property
     def image_placeholder(self) -> str:
@@ -488,12 +491,27 @@ def load_images(state: ServerState, body: _Common, prompts: list) -> None:
         prompts[k].images = images
 
 
+MEDIA_WORKERS = 16  # image-loading requests at once; more wait their turn without holding other work back
+
+
+async def off_loop(state: ServerState, fn, *args, prompts=()):
+    """fn(*args) in a worker thread. When `prompts` hold images to load (an image URL's fetch may take its
+    whole 10 s deadline), on the server's own media pool: a burst of slow image URLs then never takes the
+    default pool's few threads (min(32, cores + 4)), which every text request's `prepare` needs."""
+    pool = None
+    if any(isinstance(p, ImagePrompt) and p.sources for p in prompts):
+        if state.media_pool is None:
+            state.media_pool = ThreadPoolExecutor(MEDIA_WORKERS, thread_name_prefix="canvaslm-media")
+        pool = state.media_pool
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+
 async def prepare_translated(state: ServerState, body, prompts: list, places: list, data_url: str | None = None,
                              rename=None) -> list[Choice]:
     """`prepare` (in a worker thread) for a body translated from another API: a load error about image k
     names places[k], the field it came from (`image_error_at`); `rename(e)` may first rename other fields."""
     try:
-        return await asyncio.to_thread(prepare, state, body, prompts)
+        return await off_loop(state, prepare, state, body, prompts, prompts=prompts)
     except APIError as e:
         if rename is not None:
             rename(e)

@@ -507,3 +507,52 @@ def test_a_template_that_renders_parts_gets_the_image_parts(vision_dir):
     assert llm.tokenizer.decode(ids[:at], skip_special_tokens=False).endswith("user\nWhat")
     end = ids.index(eoi)
     assert set(ids[at + 1:end]) == {img} and llm.tokenizer.decode(ids[end + 1:end + 4]) == "now"
+
+
+def test_slow_image_urls_do_not_hold_text_requests_back(server):
+    """Image loading runs on the server's own pool: more hung image URLs than the default thread pool has
+    threads, and a text request still gets its reply at once (it used to wait for a fetch deadline)."""
+    import os
+    import time
+
+    release = threading.Event()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            release.wait(30)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/pic.png"
+    c = client_of(server)
+    hung = min(32, (os.cpu_count() or 1) + 4) + 2  # the default pool's threads, and more
+    statuses = []
+
+    def ask():
+        try:
+            c.chat.completions.create(model=MODEL, messages=messages(url), max_tokens=4, seed=1)
+            statuses.append(200)
+        except Exception as e:  # the fetch fails (404 / deadline): a 400 naming the image
+            statuses.append(getattr(e, "status_code", None))
+
+    askers = [threading.Thread(target=ask) for _ in range(hung)]
+    try:
+        for t in askers:
+            t.start()
+        time.sleep(1.0)  # every image request is now inside its fetch
+        t0 = time.perf_counter()
+        text = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                         seed=1, timeout=8)
+        assert text.choices[0].finish_reason in ("stop", "length") and time.perf_counter() - t0 < 8
+        assert not statuses  # the image requests were still waiting on their fetch meanwhile
+    finally:
+        release.set()
+        for t in askers:
+            t.join(60)
+        httpd.shutdown()
+    assert statuses == [400] * hung  # each got its answer once its fetch ended; the server kept serving
