@@ -23,6 +23,7 @@ import torch
 
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
 PROCESSOR_KWARGS = ("max_soft_tokens",)  # what a request (or --mm-processor-kwargs) may set: the image budget
+LOW_DETAIL_TOKENS = 70  # an image sent with detail "low": the processor's smallest budget
 ENCODER_CACHE_BYTES = 512 << 20  # host memory for recent images' soft tokens (280 x 2816 in bf16: 1.5 MiB each)
 
 
@@ -77,10 +78,11 @@ class ImagePrompt(list):
     """Prompt ids with the sources of the images its placeholders stand for (one image token each), as a
     chat template writes them; `Vision.prepare` turns them into the expanded ids and ImageInputs."""
 
-    def __init__(self, ids, sources, processor_kwargs: dict | None = None):
+    def __init__(self, ids, sources, processor_kwargs: dict | None = None, details=None):
         super().__init__(ids)
         self.sources = list(sources)
         self.processor_kwargs = processor_kwargs  # vLLM's mm_processor_kwargs (e.g. {"max_soft_tokens": 560})
+        self.details = list(details) if details else None  # per image, OpenAI's detail ("low": LOW_DETAIL_TOKENS)
         self.images: ImageInputs | None = None  # set once loaded (server.serving.load_images)
 
 
@@ -200,11 +202,12 @@ class Vision:
             raise ImageError(f"{field}.{e}") from None
 
     def load(self, sources, processor=None) -> list:
+        """Each source loaded and preprocessed; processor: one for all (None: the server's) or one per source."""
         from .images import load_image, preprocess
 
-        processor = processor or self.processor
+        processors = processor if isinstance(processor, list) else [processor or self.processor] * len(sources)
         out = []
-        for k, src in enumerate(sources):
+        for k, (src, processor) in enumerate(zip(sources, processors)):
             self._check_domain(k, src)
             try:
                 img = load_image(src, allowed_local_media_path=self.allowed_local_media_path,
@@ -226,11 +229,13 @@ class Vision:
                              "--allowed-media-domains)")
 
     @torch.no_grad()
-    def prepare(self, prompt_ids, sources,
-                processor_kwargs: dict | None = None) -> tuple[list[int], ImageInputs | None]:
+    def prepare(self, prompt_ids, sources, processor_kwargs: dict | None = None,
+                details=None) -> tuple[list[int], ImageInputs | None]:
         """(prompt ids with every image expanded, ImageInputs). `prompt_ids` holds one image token per image
         (or each image already expanded to its soft-token count, as `prepare` returns it);
-        processor_kwargs: the request's mm_processor_kwargs (`processor_for`)."""
+        processor_kwargs: the request's mm_processor_kwargs (`processor_for`); details: per image, OpenAI's
+        `detail` ("low": LOW_DETAIL_TOKENS soft tokens, as OpenAI's cheap low-resolution pass; "high", "auto"
+        or None: the request's budget)."""
         ids = [int(t) for t in prompt_ids]
         if not sources:
             if self.cfg.image_token_id in ids:
@@ -240,7 +245,10 @@ class Vision:
         if self.max_images is not None and len(sources) > self.max_images:
             raise ImageError(f"{len(sources)} images in one prompt, over the limit of {self.max_images} "
                              "(--limit-mm-per-prompt)")
-        processed = self.load(sources, self.processor_for(processor_kwargs))
+        processor = self.processor_for(processor_kwargs)
+        low = dataclasses.replace(processor, max_soft_tokens=LOW_DETAIL_TOKENS)
+        processed = self.load(sources, [low if d == "low" else processor
+                                        for d in (details or [None] * len(sources))])
         ids = self._expand(ids, [p.num_soft_tokens for p in processed])
 
         embeds = torch.cat([self.encode(p) for p in processed])

@@ -190,7 +190,7 @@ class TextPart(_Strict):
 class ImageURL(_Strict):
     url: str = Field(min_length=1, max_length=1 << 26, description="a data: URL, an http(s) URL, base64, or a "
                      "file path under --allowed-local-media-path")
-    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image gets the processor's size
+    detail: Literal["auto", "low", "high"] | None = None  # "low": the smallest image budget (70 soft tokens)
 
 
 class ImagePart(_Strict):
@@ -307,10 +307,14 @@ class ChatCompletionRequest(_Common):
             out.append(msg)
         return tool_arguments_as_objects(out)
 
+    def image_parts(self) -> list["ImageURL"]:
+        """The messages' image parts (url, detail), in prompt order."""
+        return [p.image_url for m in self.messages if isinstance(m.content, list)
+                for p in m.content if isinstance(p, ImagePart)]
+
     def image_sources(self) -> list[str]:
         """The URLs of the messages' image parts, in prompt order."""
-        return [p.image_url.url for m in self.messages if isinstance(m.content, list)
-                for p in m.content if isinstance(p, ImagePart)]
+        return [p.url for p in self.image_parts()]
 
     def tool_dicts(self) -> list[dict] | None:
         """The tool declarations for the chat template; None when there are none, or when tool_choice="none"
@@ -335,7 +339,7 @@ class InputImage(_Strict):
     type: Literal["input_image"]
     image_url: str | None = Field(None, max_length=1 << 26)
     file_id: str | None = Field(None, max_length=256)
-    detail: Literal["auto", "low", "high", "original"] | None = None  # accepted; every image gets the processor's size
+    detail: Literal["auto", "low", "high", "original"] | None = None  # "low": the smallest image budget
 
 
 InputContent = Annotated[InputText | InputImage, Field(discriminator="type")]

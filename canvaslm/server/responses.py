@@ -18,8 +18,8 @@ DELETE /v1/responses/{id} read and drop one. Streaming sends the Responses event
 `sequence_number`). Text streams as canvases commit; a reply that may hold tool calls is sent whole
 once it is complete.
 
-An `input_image` part (`image_url`: a data URL or an http(s) URL; `detail` is accepted, every image gets
-the processor's size) becomes the chat route's image part, in place among the message's text; an image
+An `input_image` part (`image_url`: a data URL or an http(s) URL; `detail` "low" gives it the smallest
+image budget, 70 soft tokens, the others the request's) becomes the chat route's image part, in place among the message's text; an image
 that does not load is a 400 naming it (`input[i].content[k]`). A `file_id` alone is refused (there is no
 file store).
 """
@@ -130,7 +130,8 @@ def _content(content, where: str, places: list) -> str | list[dict]:
             raise APIError(400, f"{where}[{k}]: an input_image with {what}; send image_url, a data URL "
                                 "(data:image/png;base64,...) or an http(s) URL", "input")
         places.append(f"{where}[{k}]")
-        parts.append({"type": "image_url", "image_url": {"url": p.image_url}})
+        detail = "high" if p.detail == "original" else p.detail  # the chat part's values ("low": fewest tokens)
+        parts.append({"type": "image_url", "image_url": {"url": p.image_url, "detail": detail}})
     return parts
 
 

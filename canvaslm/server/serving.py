@@ -369,8 +369,9 @@ def encode_chat(state: ServerState, chat, param: str = "messages") -> list[int]:
     try:
         ids = state.tokenizer.encode_chat(chat.message_dicts(state.image_placeholder), tools=chat.tool_dicts(),
                                           **chat.template_kwargs())
-        sources = chat.image_sources()
-        return ImagePrompt(ids, sources, getattr(chat, "mm_processor_kwargs", None)) if sources else ids
+        parts = chat.image_parts()
+        return ImagePrompt(ids, [p.url for p in parts], getattr(chat, "mm_processor_kwargs", None),
+                           [p.detail for p in parts]) if parts else ids
     except ValueError as e:
         if str(e).startswith("continue_final_message"):
             raise APIError(400, str(e), "continue_final_message") from None
@@ -481,7 +482,7 @@ def load_images(state: ServerState, body: _Common, prompts: list) -> None:
             raise APIError(400, "truncate_prompt_tokens cannot be combined with images (a cut could split one)",
                            "truncate_prompt_tokens")
         try:
-            ids, images = vision.prepare(p, sources, getattr(p, "processor_kwargs", None))
+            ids, images = vision.prepare(p, sources, getattr(p, "processor_kwargs", None), getattr(p, "details", None))
         except ImageError as e:
             raise APIError(400, str(e), "messages" if hasattr(body, "messages") else "prompt") from None
         problem = state.engine.image_problem(images)

@@ -556,3 +556,22 @@ def test_slow_image_urls_do_not_hold_text_requests_back(server):
             t.join(60)
         httpd.shutdown()
     assert statuses == [400] * hung  # each got its answer once its fetch ended; the server kept serving
+
+
+def test_detail_low_gives_an_image_the_smallest_budget(server):
+    """OpenAI's `detail`: "low" -> 70 soft tokens whatever the request's budget; "high" / "auto" keep it."""
+    import httpx
+
+    client, picture = client_of(server), data_url(png(160, 120, 8))
+
+    def ask(detail, budget):
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "What is in it?"}, {
+            "type": "image_url", "image_url": {"url": picture, **({"detail": detail} if detail else {})}}]}]
+        extra = {"mm_processor_kwargs": {"max_soft_tokens": budget}} if budget else {}
+        r = client.chat.completions.create(model=MODEL, messages=msgs, seed=3, max_tokens=8, extra_body=extra)
+        count = httpx.post(server.base_url + "/tokenize", json={"model": MODEL, "messages": msgs, **extra}).json()
+        return r.usage.prompt_tokens, r.choices[0].message.content, count["count"]
+
+    small, big = ask(None, None), ask(None, 140)  # the server's budget is 70 soft tokens, the request's 140
+    assert big[0] > small[0]
+    assert ask("low", 140) == small and ask("high", 140) == big and ask("auto", 140) == big
