@@ -69,6 +69,17 @@ def test_a_close_drafted_in_the_same_canvas_as_the_known_start_is_kept():
     assert forced(t, draft, canvas_start=8) == draft
 
 
+def test_apply_makes_the_host_wait_for_nothing():
+    from canvaslm.testing import SyncRecorder
+
+    for tracker, start in ((ThinkingBudget(3, OPEN, CLOSE).tracker(), 0),  # the open found in the draft
+                           (ThinkingBudget(10, OPEN, CLOSE).tracker(prompt_ids=[OPEN]), 8)):  # a known start
+        lg = logits_for([OPEN] + [WORD] * 7)
+        with SyncRecorder() as rec:
+            tracker.apply(lg, start)
+        assert rec.found == [] and lg.argmax(-1).tolist().count(CLOSE) == 1
+
+
 def test_closed_thought():
     from canvaslm.sampling.thinking import closed_thought
 
