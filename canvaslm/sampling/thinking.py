@@ -98,16 +98,20 @@ class ThoughtTracker:
         elif self.start - canvas_start + n >= C:  # its last allowed position is in a later canvas
             return
         draft = logits.argmax(dim=-1)  # [C]: what this step commits, before the force
-        at = torch.arange(C, device=logits.device)
-        if self.start is None:
+        if self.start is not None:  # positions known on the host: no host-to-device copy
+            first = self.start - canvas_start
+            limit = max(first + n, 0)  # where the close must be, at the latest
+            closed = (draft[max(first, 0):limit] == self.budget.close_id).any()
+            row = torch.arange(limit, limit + 1, device=logits.device)
+            due = ~closed
+        else:  # the thought opens in this canvas, if anywhere: found in the draft
+            at = torch.arange(C, device=logits.device)
             is_open = draft == self.budget.open_id
             first = torch.where(is_open.any(), is_open.long().argmax() + 1, C)  # its first thought token
-        else:
-            first = torch.tensor(self.start - canvas_start, device=logits.device)
-        limit = first + n  # where the close must be, at the latest
-        closed = ((draft == self.budget.close_id) & (at >= first) & (at < limit)).any()
-        due = (limit < C) & ~closed
-        row = limit.clamp(0, C - 1).view(1)
+            limit = first + n
+            closed = ((draft == self.budget.close_id) & (at >= first) & (at < limit)).any()
+            row = limit.clamp(0, C - 1).view(1)
+            due = (limit < C) & ~closed
         old = logits.index_select(0, row)  # [1, V]
         forced = torch.full_like(old, float("-inf"))
         forced[:, self.budget.close_id] = 0
@@ -119,11 +123,22 @@ def answer_need(constraint, canvas_length: int) -> int:
     return constraint.min_new_tokens(canvas_length) if hasattr(constraint, "min_new_tokens") else 1
 
 
-def thought_room(constraint, max_new_tokens: int, canvas_length: int) -> int:
-    """Tokens a thought-first reply's thought request may generate: max_new_tokens less the channel's two
-    markers (a thought cut at its room is closed by one more token) and what the constrained answer needs
-    (0 or less: no room to think)."""
-    return max_new_tokens - answer_need(constraint, canvas_length) - 2
+def thought_room(constraint, max_new_tokens: int, prompt_len: int, max_len: int, canvas_length: int) -> int:
+    """Tokens a thought-first reply's thought request may generate (0: no room to think): max_new_tokens less
+    the channel's two markers (a thought cut at its room is closed by one more token) and what the
+    constrained answer needs, such that the thought request and then the answer (rounded up to whole
+    canvases after prompt + thought) both fit `max_len` positions."""
+    C = canvas_length
+    need = answer_need(constraint, C)
+    return max(0, min(max_new_tokens - need - 2, max_len - prompt_len - 2 - -(-need // C) * C,
+                      (max_len - prompt_len - 1) // C * C))
+
+
+def answer_room(max_new_tokens: int, head_len: int, prompt_len: int, max_len: int, canvas_length: int) -> int:
+    """Tokens the answer of a thought-first reply may generate after its `head_len` thought tokens: what
+    max_new_tokens leaves, in whole canvases within `max_len` positions."""
+    C = canvas_length
+    return min(max_new_tokens - head_len, (max_len - prompt_len - head_len) // C * C)
 
 
 def closed_thought(open_id: int, close_id: int, thought_ids, finish_reason: str) -> list | None:
@@ -138,4 +153,5 @@ def closed_thought(open_id: int, close_id: int, thought_ids, finish_reason: str)
     return head
 
 
-__all__ = ["ThinkingBudget", "ThoughtTracker", "ThinkingBudgetError", "answer_need", "thought_room", "closed_thought"]
+__all__ = ["ThinkingBudget", "ThoughtTracker", "ThinkingBudgetError", "answer_need", "thought_room", "answer_room",
+           "closed_thought"]

@@ -222,7 +222,7 @@ def _run_batch(args) -> int:
     try:
         counts = run_batch_file(state, args.input, args.output, args.concurrency)
     finally:
-        state.engine.shutdown()
+        state.shutdown()
     print(f"canvaslm: {counts['requests']} requests, {counts['ok']} ok, {counts['failed']} failed -> {args.output}",
           flush=True)
     return 0
@@ -248,7 +248,7 @@ def _serve(args) -> int:
                         allowed_media_domains=args.allowed_media_domains, processor_kwargs=args.mm_processor_kwargs)
     clash = sorted(set(getattr(args, "aliases", ())) & set(state.loras))
     if clash:
-        state.engine.shutdown()
+        state.shutdown()
         raise ValueError(f"--served-model-name: {clash[0]!r} is also a --lora-modules name")
     state.aliases = getattr(args, "aliases", ())
     if template is not None:
@@ -265,5 +265,5 @@ def _serve(args) -> int:
     try:
         uvicorn.run(build_app(state), host=args.host, port=args.port, log_level="info")
     finally:
-        state.engine.shutdown()
+        state.shutdown()
     return 0

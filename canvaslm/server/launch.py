@@ -128,7 +128,7 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join(10)
         if self.shutdown_engine:
-            self.state.engine.shutdown()
+            self.state.shutdown()
 
     def __enter__(self) -> "BackgroundServer":
         return self.start()

@@ -27,7 +27,7 @@ from ..generate import GenerationError
 from ..llm import SamplingParams
 from ..multimodal import ImageError, ImagePrompt
 from ..sampling import logit_bias
-from ..sampling.thinking import ThinkingBudget, answer_need, closed_thought, thought_room
+from ..sampling.thinking import ThinkingBudget, answer_need, answer_room, closed_thought, thought_room
 from .protocol import _Common
 from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
 
@@ -71,6 +71,12 @@ class ServerState:
     thinking_token_budget: int | None = None  # requests that set none get this one (--reasoning-budget)
     vision: object | None = None  # multimodal.Vision: image prompts (None: a model served without one)
     media_pool: object = None  # ThreadPoolExecutor for work that loads images (off_loop), made on first use
+
+    def shutdown(self) -> None:
+        """Stop the engine and the media pool (a fetch under way ends at its deadline, unread)."""
+        self.engine.shutdown()
+        if self.media_pool is not None:
+            self.media_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def image_placeholder(self) -> str:
@@ -170,8 +176,8 @@ class ThoughtFirst:
             return None
         c.tracker.add(head[len(c.tracker.ids):])
         prompt = self.prompt_ids + tuple(c.tracker.ids)
-        C = state.canvas_length
-        left = min(self.params.max_new_tokens - len(c.tracker.ids), (state.max_model_len - len(prompt)) // C * C)
+        left = answer_room(self.params.max_new_tokens, len(c.tracker.ids), len(self.prompt_ids), state.max_model_len,
+                           state.canvas_length)
         if left < self.room:
             c.finish_reason = "length"
             return None
@@ -295,10 +301,12 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
     return params
 
 
-def build_constraint(state: ServerState, body: _Common):
+def build_constraint(state: ServerState, body: _Common, reserve: int = 0):
     """The canvas constraint for a tool call, response_format, guided_json, guided_choice, guided_regex,
-    guided_grammar or pins (one at most), or None."""
+    guided_grammar or pins (one at most), or None. reserve: tokens of max_tokens that an output as wide as
+    max_tokens (JSON mode, a regex, a grammar) leaves for a thought before it."""
     max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+    width_tokens = max_tokens - reserve if max_tokens else max_tokens
     if forced_tool(body) is not None or chosen_tools(body) is not None:
         return _tool_constraint(state, body, max_tokens)
     given = body.constraint_fields()
@@ -310,7 +318,7 @@ def build_constraint(state: ServerState, body: _Common):
     if name == "response_format":
         rf = body.response_format
         if rf.type == "json_object":
-            return _json_object_constraint(state, max_tokens, name)
+            return _json_object_constraint(state, width_tokens, name)
         if rf.type != "json_schema":
             raise APIError(400, f"response_format type {rf.type!r} is not supported (use 'text', 'json_object' "
                                 "or 'json_schema')", name)
@@ -339,7 +347,7 @@ def build_constraint(state: ServerState, body: _Common):
         from ..sampling.regex import DEFAULT_TOKENS, RegexConstraint
         from ..sampling.regex_fsm import RegexCompileBusy
 
-        width = max_tokens - 1 if max_tokens else DEFAULT_TOKENS  # match + EOS padding, then the pinned EOS
+        width = width_tokens - 1 if width_tokens else DEFAULT_TOKENS  # match + EOS padding, then the pinned EOS
         try:
             if name == "guided_grammar":
                 return GrammarConstraint(body.guided_grammar, state.tokenizer, width, name, state.regex_timeout)
@@ -561,22 +569,28 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         eos = eos + tuple(t for t in response_stop_ids(state.tokenizer) if t not in eos)
     if len(prompts) * body.n > 64:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices is over the limit of 64", "n")
-    constraint = build_constraint(state, body)
     seed = body.seed if body.seed is not None else random.randrange(2**63)
     choices, stops = [], body.stop_list()
     thoughts = state.thoughts if hasattr(body, "messages") else None  # chat replies only
+    budget = state.thinking_token_budget if body.thinking_token_budget is None else body.thinking_token_budget
+    budget = ThinkingBudget.for_tokenizer(budget, state.tokenizer)
+    think_first = thoughts is not None and thinking_on(state, body)
+    max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+    # an output whose width is max_tokens (JSON mode, guided_regex, guided_grammar) leaves a thought its budget,
+    # or half of max_tokens without one
+    reserve = (budget.tokens + 2 if budget is not None else max_tokens // 2) if think_first and max_tokens else 0
+    constraint = build_constraint(state, body, reserve if max_tokens and max_tokens - reserve >= 2 else 0)
+    think_first = think_first and constraint is not None
     if body.min_tokens and (constraint is not None or auto_tools(body)):
         raise APIError(400, "min_tokens cannot be combined with a constrained output or tools (they decide where "
                             "the output ends)", "min_tokens")
-    budget = state.thinking_token_budget if body.thinking_token_budget is None else body.thinking_token_budget
-    budget = ThinkingBudget.for_tokenizer(budget, state.tokenizer)
-    think_first = constraint is not None and thoughts is not None and thinking_on(state, body)
     for p_index, ids in enumerate(prompts):
         params = resolve_params(state, body, len(ids), constraint)
         if body.min_tokens > params.max_new_tokens:
             raise APIError(400, f"min_tokens={body.min_tokens} is over the {params.max_new_tokens} tokens this "
                                 "request may generate (max_tokens)", "min_tokens")
-        first = _thought_room(state, constraint, params, len(ids)) if think_first else 0
+        first = thought_room(constraint, params.max_new_tokens, len(ids), state.max_model_len,
+                             state.canvas_length) if think_first else 0  # 0: no room, the answer alone
         for j in range(body.n):
             choice_seed = (seed + j) % 2**63
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
@@ -606,15 +620,8 @@ def thinking_on(state: ServerState, body: _Common) -> bool:
     if not hasattr(body, "template_kwargs"):
         return False
     kwargs = {**getattr(state.tokenizer, "template_defaults", {}), **body.template_kwargs()}
-    return bool(kwargs.get("enable_thinking")) and not kwargs.get("continue_final_message")
-
-
-def _thought_room(state: ServerState, constraint, params: DiffusionParams, prompt_len: int) -> int:
-    """sampling.thinking.thought_room within the context; 0 when the thought has no room (the reply is then the
-    constrained answer alone)."""
-    C = state.canvas_length
-    return max(min(thought_room(constraint, params.max_new_tokens, C), (state.max_model_len - prompt_len - 1) // C * C),
-               0)
+    return (bool(kwargs.get("enable_thinking")) and not kwargs.get("continue_final_message")
+            and kwargs.get("add_generation_prompt", True))
 
 
 async def run_choices(state: ServerState, choices: list[Choice], is_disconnected=None):
@@ -682,7 +689,7 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                 text = c.tracker.delta(final=True)
                 if text:
                     yield "delta", c.index, text
-                yield "finish", c.index, ev.reason
+                yield "finish", c.index, c.finish_reason
     finally:
         for rid in live:  # the client left, or an error: free the slots
             state.engine.cancel(rid)

@@ -269,6 +269,12 @@ def test_a_thought_then_a_constrained_answer(think_dir, think_llm):
                 content += ch.choices[0].delta.content or ""
         jsonschema.validate(json.loads(content), SCHEMA)
 
+        mode = dict(kw, response_format={"type": "json_object"})  # as wide as max_tokens: the thought gets room
+        for budget, thought in ((5, 7), (None, 80 // 2)):
+            r = c.chat.completions.create(**mode, extra_body={**think, "thinking_token_budget": budget})
+            assert isinstance(json.loads(r.choices[0].message.content), dict)
+            assert r.usage.completion_tokens_details.reasoning_tokens == thought
+
         tool = {"type": "function", "function": {"name": "f", "parameters": SCHEMA}}
         call = c.chat.completions.create(model=srv.state.model_name, messages=[{"role": "user", "content": "q"}],
                                          max_tokens=80, seed=1, tools=[tool],
@@ -301,6 +307,12 @@ def test_llm_chat_thinks_before_a_constrained_answer(think_llm):
     res = think_llm.chat(msgs, sp, chat_template_kwargs={"enable_thinking": True})
     jsonschema.validate(json.loads(res.text), SCHEMA)
     assert res.token_ids[:7] == [split.open_id] * 6 + [split.close_id] and res.reasoning == ""
+    for budget, thought in ((4, 4 + 2), (None, 80 // 2)):  # JSON mode is as wide as max_new_tokens: room made
+        mode = dataclasses.replace(always_thinking(think_llm, json_object=True, thinking_token_budget=budget),
+                                   max_new_tokens=80)
+        got = think_llm.chat(msgs, mode, chat_template_kwargs={"enable_thinking": True})
+        assert isinstance(json.loads(got.text), dict) and got.token_ids[thought - 1] == split.close_id
+        assert split.close_id not in got.token_ids[:thought - 1]
     plain = think_llm.chat(msgs, sp)  # thinking off: the constrained answer alone
     jsonschema.validate(json.loads(plain.text), SCHEMA)
     assert split.open_id not in plain.token_ids and plain.reasoning is None
@@ -313,3 +325,30 @@ def test_llm_chat_thinks_before_a_constrained_answer(think_llm):
                           chat_template_kwargs={"enable_thinking": True})  # a free row runs as it is
     assert both[0].token_ids[:7] == res.token_ids[:7] and both[1].token_ids[0] != split.open_id
     assert len(both[1].token_ids) <= 20
+
+
+def test_a_thought_leaves_the_answer_room_in_a_full_context(think_dir, think_llm):
+    """max_tokens filling the context: the thought's room is cut so that the answer, rounded up to whole canvases
+    after prompt + thought, still fits (it used to end with `length` and no answer)."""
+    import json
+
+    import jsonschema
+
+    openai = pytest.importorskip("openai")
+    from canvaslm.engine.engine import EngineConfig
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    open_id = think_llm.tokenizer.token_to_id(CHANNEL_OPEN)
+    state = build_state(think_dir, device="cpu", config=EngineConfig(max_batch=2, max_model_len=81))
+    with BackgroundServer(state) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        msgs = [{"role": "user", "content": "q"}]
+        room = 81 - len(srv.state.tokenizer.encode_chat(msgs))
+        for budget in (None, room):
+            r = c.chat.completions.create(
+                model=srv.state.model_name, messages=msgs, max_tokens=room // 16 * 16, seed=4,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}},
+                extra_body={"chat_template_kwargs": {"enable_thinking": True}, "logit_bias": {str(open_id): 100},
+                            "max_denoising_steps": 4, "thinking_token_budget": budget})
+            jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+            assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens_details.reasoning_tokens > 2

@@ -148,9 +148,9 @@ def test_a_slow_constraint_compile_does_not_stall_other_requests(server, monkeyp
 
     slow, original = 1.5, serving.build_constraint
 
-    def build_slowly(state, body):
+    def build_slowly(state, body, *rest):
         time.sleep(slow)
-        return original(state, body)
+        return original(state, body, *rest)
     monkeypatch.setattr(serving, "build_constraint", build_slowly)
     done = {}
     t = threading.Thread(target=lambda: done.setdefault(
@@ -177,8 +177,8 @@ def test_a_failing_constraint_fails_its_request_only(server, monkeypatch):
             raise RuntimeError("this constraint is broken")
 
     original = serving.build_constraint
-    monkeypatch.setattr(serving, "build_constraint", lambda state, body: (
-        Broken({0: 5}) if body.prompt == "break me" else original(state, body)))
+    monkeypatch.setattr(serving, "build_constraint", lambda state, body, *rest: (
+        Broken({0: 5}) if body.prompt == "break me" else original(state, body, *rest)))
     url = server.base_url + "/v1/completions"
     replies = {}
     threads = [threading.Thread(target=lambda key=key, prompt=prompt: replies.setdefault(
