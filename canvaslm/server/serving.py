@@ -181,8 +181,10 @@ class ThoughtFirst:
         if left < self.room:
             c.finish_reason = "length"
             return None
-        prev = c.request
-        return GenerationRequest(uuid.uuid4().hex, prompt, dataclasses.replace(self.params, max_new_tokens=left),
+        prev, params = c.request, dataclasses.replace(self.params, max_new_tokens=left)
+        if params.max_time is not None:  # one latency budget for the whole reply: what the thought left of it
+            params = dataclasses.replace(params, max_time=max(params.max_time - c.seconds, 1e-3))
+        return GenerationRequest(uuid.uuid4().hex, prompt, params,
                                  (self.seed + 1) % 2**63, self.eos, self.constraint, prev.drafts, prev.logit_bias,
                                  prev.priority, 0, prev.lora, images=prev.images)
 

@@ -352,3 +352,24 @@ def test_a_thought_leaves_the_answer_room_in_a_full_context(think_dir, think_llm
                             "max_denoising_steps": 4, "thinking_token_budget": budget})
             jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
             assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens_details.reasoning_tokens > 2
+
+
+def test_the_answer_gets_what_the_thought_left_of_max_time(think_llm):
+    from types import SimpleNamespace
+
+    from canvaslm.config import DiffusionParams
+    from canvaslm.engine.engine import GenerationRequest
+    from canvaslm.server.serving import Choice, TextTracker, ThoughtFirst
+
+    split = ThoughtSplitter.for_tokenizer(think_llm.tokenizer)
+    params = DiffusionParams(max_new_tokens=40, max_time=2.0)
+    state = SimpleNamespace(max_model_len=4096, canvas_length=16)
+    first = GenerationRequest("t", (2, 3), params, 7, (1,))
+    tracker = TextTracker(think_llm.tokenizer, [], thoughts=split)
+    tracker.add([split.open_id, WORD, WORD])
+    c = Choice(0, first, 0, tracker, finish_reason="length", seconds=0.5)
+    nxt = ThoughtFirst((2, 3), params, 7, (1,), None, split.close_id, 1).request(state, c)
+    assert nxt.prompt_ids == (2, 3, split.open_id, WORD, WORD, split.close_id)  # closed: it ran out of room
+    assert nxt.params.max_time == pytest.approx(1.5) and nxt.params.max_new_tokens == 40 - 4 and nxt.seed == 8
+    c.seconds = 5.0
+    assert ThoughtFirst((2, 3), params, 7, (1,), None, split.close_id, 1).request(state, c).params.max_time == 1e-3
