@@ -202,7 +202,10 @@ def _chat_examples(item: dict, where: str, tokenizer, vision=None, base: Path | 
     prompt is the conversation before it with the generation prompt, the response is what the chat
     template renders for the turn, cut after its last EOS token (the turn's end marker). Image parts
     become the image token in the text (what the server does) and the turn's example carries the images
-    of the conversation before it; a trained assistant turn cannot hold an image."""
+    of the conversation before it; a trained assistant turn cannot hold an image. A trained turn's thought
+    (`reasoning_content`, `reasoning` or `thinking`) opens its response in the model's thought channel
+    (`<|channel>thought\n...<channel|>`, what a thinking reply writes) and the row's prompts render in
+    thinking mode (enable_thinking); earlier turns' thoughts are left out, as chat templates leave them."""
     _need_tokenizer(tokenizer, where, "chat examples ('messages')")
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{where}: chat examples need a chat template, and the tokenizer has none")
@@ -214,6 +217,10 @@ def _chat_examples(item: dict, where: str, tokenizer, vision=None, base: Path | 
     turns = [j for j, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0]
     if not turns:
         raise DataError(f"{where}: no assistant message to train on")
+    thoughts = {j: _thought_of(messages[j], f"{where}: messages[{j}]") for j in turns}
+    thinking = any(t is not None for t in thoughts.values())
+    channel = _thought_channel(tokenizer, where) if thinking else None
+    messages = [{k: v for k, v in m.items() if k not in THOUGHT_KEYS} for m in messages]  # earlier thoughts: left out
     messages = _fill_images(messages, item.get("images"), where)
     placeholder = image_token_text(tokenizer, vision.cfg) if vision is not None else "<|image|>"
     images = _row_images(_placeholders(messages, placeholder, where)[1], where, vision, base)
@@ -226,9 +233,10 @@ def _chat_examples(item: dict, where: str, tokenizer, vision=None, base: Path | 
                             "images, it does not write them); give it \"weight\": 0 or move the image to a user turn")
         earlier, shown = _placeholders(history[:-1], placeholder, where)
         history = earlier + history[-1:]
+        mode = {"enable_thinking": True} if thinking else {}  # a thinking example: the prompt in thinking mode
         try:
-            prompt_text = tokenizer.apply_chat_template(history[:-1], add_generation_prompt=True, tools=tools)
-            full_text = tokenizer.apply_chat_template(history, add_generation_prompt=False, tools=tools)
+            prompt_text = tokenizer.apply_chat_template(history[:-1], add_generation_prompt=True, tools=tools, **mode)
+            full_text = tokenizer.apply_chat_template(history, add_generation_prompt=False, tools=tools, **mode)
         except ValueError as e:
             raise DataError(f"{where}: messages[{j}]: {e}") from None
         if not full_text.startswith(prompt_text):
@@ -239,9 +247,35 @@ def _chat_examples(item: dict, where: str, tokenizer, vision=None, base: Path | 
         ends = [i for i, t in enumerate(response) if t in eos]
         if ends:
             response = response[:ends[-1] + 1]  # the turn's end marker, not the newline after it
+        if thoughts[j] is not None:  # the turn opens with its thought, as the model writes one
+            response = tokenizer.encode(channel[0] + thoughts[j] + channel[1], add_special_tokens=False) + response
         out.append(_with_images(_checked(prompt, response, f"{where} messages[{j}]"), images[:len(shown)],
                                 f"{where} messages[{j}]", vision))
     return out
+
+
+THOUGHT_KEYS = ("reasoning_content", "reasoning", "thinking")  # vLLM's / DeepSeek's, vLLM's newer, Ollama's
+
+
+def _thought_of(message: dict, where: str) -> str | None:
+    """An assistant turn's thought (its reasoning_content, reasoning or thinking), or None."""
+    given = [k for k in THOUGHT_KEYS if message.get(k) not in (None, "")]
+    if len(given) > 1 and len({message[k] for k in given}) > 1:
+        raise DataError(f"{where}: {given[0]} and {given[1]} disagree; give the thought once")
+    if given and not isinstance(message[given[0]], str):
+        raise DataError(f"{where}: {given[0]} must be a string (the thought's text)")
+    return message[given[0]] if given else None
+
+
+def _thought_channel(tokenizer, where: str) -> tuple[str, str]:
+    """The text around a thought in the model's own syntax (canvaslm.reasoning): its opening, label included,
+    and its close."""
+    from ..reasoning import CHANNEL_CLOSE, CHANNEL_OPEN, THOUGHT_LABEL, ThoughtSplitter
+
+    if ThoughtSplitter.for_tokenizer(tokenizer) is None:
+        raise DataError(f"{where}: an assistant turn has a thought (reasoning_content), and this tokenizer has no "
+                        f"thought channel tokens ({CHANNEL_OPEN}, {CHANNEL_CLOSE}) to write it with")
+    return CHANNEL_OPEN + THOUGHT_LABEL, CHANNEL_CLOSE
 
 
 def resolve_callable(spec: str) -> Callable:

@@ -347,3 +347,38 @@ def test_truncate_prompt_cuts_long_prompts_from_the_start(tmp_path, caplog):
     assert cut.train()[-1]["loss"] > 0
     with pytest.raises(ConfigError, match="truncate_prompt needs max_length"):
         TrainConfig.from_dict(tiny_config(tmp_path / "c", truncate_prompt=True))
+
+
+def test_chat_turns_with_a_thought_train_the_thought_channel(tmp_path):
+    """An assistant turn's reasoning_content (or reasoning / thinking) opens its response in the thought channel,
+    as a thinking reply is written (what the server's reasoning parser reads back); earlier thoughts are left
+    out of the prompt; a tokenizer without the channel tokens is a clear error."""
+    from canvaslm.reasoning import CHANNEL_CLOSE, CHANNEL_OPEN, ThoughtSplitter
+    from canvaslm.testing import make_tiny_checkpoint
+    from canvaslm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(make_tiny_checkpoint(tmp_path / "m", extra_specials=(CHANNEL_OPEN, CHANNEL_CLOSE)))
+    messages = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4", "reasoning_content": "two and two"},
+                {"role": "user", "content": "and 3+3?"},
+                {"role": "assistant", "content": "6", "thinking": "three and three"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    (p1, r1), (p2, r2) = load_examples(str(path), tok)
+    split = ThoughtSplitter.for_tokenizer(tok)
+    for r, thought, answer in ((r1, "two and two", "4"), (r2, "three and three", "6")):
+        s = split.split(r)
+        assert s.closed and split.thought_text(s.thought) == thought
+        assert tok.decode(s.content, skip_special_tokens=False) == f"{answer}<end_of_turn>"
+    assert "two and two" not in tok.decode(p2, skip_special_tokens=False)  # an earlier thought: left out
+    plain = [{k: v for k, v in m.items() if k not in ("reasoning_content", "thinking")} for m in messages]
+    path.write_text(json.dumps({"messages": plain}) + "\n")
+    assert [r for _, r in load_examples(str(path), tok)] == [split.split(r1).content, split.split(r2).content]
+    for row, needle in (({"messages": [messages[0], {**messages[1], "reasoning": "other"}]}, "disagree"),
+                        ({"messages": [messages[0], {**messages[1], "reasoning_content": 3}]}, "must be a string")):
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=needle):
+            load_examples(str(path), tok)
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(DataError, match="no thought channel tokens"):
+        load_examples(str(path), Tokenizer.from_dir(make_tiny_checkpoint(tmp_path / "plain")))
