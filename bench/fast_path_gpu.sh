@@ -3,7 +3,8 @@
 # Stages, run in the order given (default: all, which does not fit one 10-minute device call):
 #   tests   the tests that take CUDA when there is one: Triton kernels compiled and checked against their
 #           PyTorch references, CUDA-graph replay vs eager, FP8 (tests/kernels, tests/engine/test_graphs.py,
-#           tests/test_quant.py, tests/test_quant_int4.py, prefix caching and the fp8 KV cache on CUDA)
+#           tests/test_quant.py, tests/test_quant_int4.py, prefix caching, the fp8 KV cache and the thinking
+#           budget's per-step work on CUDA)
 #   bf16    bench/bench_step.py at the 26B-A4B shape, bf16, batches 1,2,4,8, vs the transformers reference (eager)
 #   fp8     the same with --fp8 (batches 1,4), no reference
 #   int4    the same with --int4 (weight-only int4, what fits a 24 GB GPU; batches 1,4), after the same
@@ -75,7 +76,8 @@ for s in "${@:-tests bf16 fp8 serve}"; do
     case $s in
       tests) stage tests 200 $PY -m pytest -q -x -p no:cacheprovider tests/kernels tests/engine/test_graphs.py \
                tests/test_quant.py tests/test_quant_int4.py "tests/engine/test_prefix_cache.py::test_cuda_reuse_matches_the_cache_free_run" \
-               "tests/engine/test_kv_fp8.py::test_cuda_fp8_cache_stores_and_reads_what_the_cpu_one_does" ;;
+               "tests/engine/test_kv_fp8.py::test_cuda_fp8_cache_stores_and_reads_what_the_cpu_one_does" \
+               "tests/sampling/test_thinking.py::test_cuda_apply_matches_the_cpu_and_never_syncs" ;;
       bf16) stage bf16 300 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batches 1,2,4,8 \
               --reference eager "${cpu[@]}" ;;
       fp8) stage fp8 200 $PY bench/bench_step.py --shape "$SHAPE" --device "$DEVICE" --fp8 --batches 1,4 \

@@ -80,6 +80,23 @@ def test_apply_makes_the_host_wait_for_nothing():
         assert rec.found == [] and lg.argmax(-1).tolist().count(CLOSE) == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_apply_matches_the_cpu_and_never_syncs():
+    """On a GPU (bench/fast_path_gpu.sh tests): the same forced close as on the CPU, and torch's sync debug mode
+    (which raises on any host-device synchronisation, copies included) finds none."""
+    for budget, prompt, start, draft in ((3, (), 0, [OPEN] + [WORD] * 7), (10, (OPEN,), 8, [WORD] * 8)):
+        cpu, gpu = logits_for(draft), logits_for(draft).cuda()
+        ThinkingBudget(budget, OPEN, CLOSE).tracker(prompt).apply(cpu, start)
+        tracker = ThinkingBudget(budget, OPEN, CLOSE).tracker(prompt)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            tracker.apply(gpu, start)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(gpu.cpu(), cpu) and cpu.argmax(-1).tolist().count(CLOSE) == 1
+
+
 def test_closed_thought():
     from canvaslm.sampling.thinking import closed_thought
 
