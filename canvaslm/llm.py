@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,12 @@ class SamplingParams:
     lora: str | None = None  # the name of a LoRA adapter the LLM was given (`lora_modules`); None: the base
     max_time: float | None = None  # seconds of denoising, then the canvas in progress is the last (DiffusionParams)
     thinking_token_budget: int | None = None  # most tokens in the reply's thought channel (sampling.thinking)
+    # vLLM's StructuredOutputsParams (or a dict of its keys): json, regex, choice, grammar, json_object
+    structured_outputs: object | None = field(default=None, hash=False)
 
     def __post_init__(self):
+        if self.structured_outputs is not None:
+            self._take_structured_outputs()
         try:
             normalize_bias(self.logit_bias, "SamplingParams.logit_bias")
         except LogitBiasError as e:
@@ -82,6 +87,34 @@ class SamplingParams:
             raise GenerationError(f"SamplingParams.temperature must be > 0, got {self.temperature!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise GenerationError(f"SamplingParams.seed must be a non-negative integer, got {self.seed!r}")
+
+    def _take_structured_outputs(self) -> None:
+        """vLLM's structured_outputs into this class's own fields (json -> json_schema, ...)."""
+        so = self.structured_outputs
+        get = so.get if isinstance(so, dict) else (lambda k, d=None: getattr(so, k, d))
+        if isinstance(so, dict):
+            unknown = sorted(set(so) - {"json", "regex", "choice", "grammar", "json_object", "disable_fallback"})
+            if unknown:
+                raise GenerationError(f"SamplingParams.structured_outputs: {unknown[0]!r} is not supported (json, "
+                                      "regex, choice, grammar, json_object)")
+        for key in ("whitespace_pattern", "structural_tag"):
+            if get(key) is not None:
+                raise GenerationError(f"SamplingParams.structured_outputs.{key} is not supported")
+        for key, ours in (("json", "json_schema"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar"),
+                          ("json_object", "json_object")):
+            value = get(key)
+            if value in (None, False):
+                continue
+            if getattr(self, ours) not in (None, False):
+                raise GenerationError(f"SamplingParams: structured_outputs.{key} and {ours} both set the output; "
+                                      "give one")
+            if key == "json" and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError as e:
+                    raise GenerationError(f"SamplingParams.structured_outputs.json is not valid JSON: {e}") from None
+            object.__setattr__(self, ours, tuple(value) if key == "choice" else value)
+        object.__setattr__(self, "structured_outputs", None)  # taken: dataclasses.replace must not take it again
 
     def resolve(self, defaults: DiffusionParams) -> DiffusionParams:
         p = defaults.replace(max_new_tokens=self.max_new_tokens, max_denoising_steps=self.max_denoising_steps,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ..tokenizer import tool_arguments_as_objects
 
@@ -53,6 +53,50 @@ class ResponseFormat(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (what replaced its guided_* fields in v0.12): one of json (a JSON schema),
+    regex, choice, grammar or json_object. Unknown keys are refused, so a constraint is never dropped unseen."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, max_length=4096)
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, max_length=65536)
+    json_object: bool | None = None
+    disable_fallback: bool = False  # accepted: there is one backend, and no fallback
+    disable_additional_properties: bool = False  # objects that do not say otherwise get no properties of their own
+    disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        for key in ("whitespace_pattern", "structural_tag"):
+            if getattr(self, key) is not None:
+                return f"structured_outputs.{key}", f"structured_outputs.{key} is not supported"
+        if self.disable_any_whitespace:
+            return ("structured_outputs.disable_any_whitespace", "structured_outputs.disable_any_whitespace is not "
+                    "supported (JSON outputs may hold whitespace between tokens)")
+        return None
+
+
+def closed_objects(schema):
+    """`schema` with additionalProperties false on every object that does not set it (vLLM's
+    disable_additional_properties)."""
+    if isinstance(schema, list):
+        return [closed_objects(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+# structured_outputs keys -> the guided_* field each one fills
+STRUCTURED = {"json_schema": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
+              "grammar": "guided_grammar"}
 
 
 class _Common(_Strict):
@@ -115,6 +159,36 @@ class _Common(_Strict):
     pins: dict[str, str | list[int]] | None = Field(
         None, max_length=256, description="canvas control: {output token offset: text or token ids} placed "
         "there whatever the model says; the output runs at least to the end of the last pin")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's (v0.12+): json, regex, choice, "
+                                                         "grammar or json_object; fills the guided_* field it names")
+    _renamed: dict = PrivateAttr(default_factory=dict)  # guided_* field -> the structured_outputs key that set it
+
+    @model_validator(mode="after")
+    def _structured(self):
+        so = self.structured_outputs
+        if so is None:
+            return self
+        for key, guided in STRUCTURED.items():
+            value = getattr(so, key)
+            if value is not None:
+                if getattr(self, guided, None) is not None:
+                    raise ValueError(f"structured_outputs.{key.removesuffix('_schema')} and {guided} both constrain "
+                                     "the output; send one")
+                if key == "json_schema" and so.disable_additional_properties and isinstance(value, dict):
+                    value = closed_objects(value)
+                setattr(self, guided, value)
+                self._renamed[guided] = f"structured_outputs.{key.removesuffix('_schema')}"
+        if so.json_object:
+            if self.response_format is not None and self.response_format.type != "text":
+                raise ValueError("structured_outputs.json_object and response_format both constrain the output; "
+                                 "send one")
+            self.response_format = ResponseFormat(type="json_object")
+            self._renamed["response_format"] = "structured_outputs.json_object"
+        return self
+
+    def field_name(self, name: str) -> str:
+        """How the request named the constraint field `name` (structured_outputs.json for guided_json, ...)."""
+        return self._renamed.get(name, name)
 
     def constraint_fields(self) -> list[str]:
         """The output constraints this body sets, in the order errors name them: vLLM's guided_* fields,
@@ -140,6 +214,8 @@ class _Common(_Strict):
             return "stream_options", "stream_options is only allowed with stream=true"
         if self.prompt_logprobs is not None and self.stream:
             return "prompt_logprobs", "prompt_logprobs is not available with stream=true"
+        if self.structured_outputs is not None:
+            return self.structured_outputs.unsupported()
         return None
 
 

@@ -581,7 +581,12 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     # an output whose width is max_tokens (JSON mode, guided_regex, guided_grammar) leaves a thought its budget,
     # or half of max_tokens without one
     reserve = (budget.tokens + 2 if budget is not None else max_tokens // 2) if think_first and max_tokens else 0
-    constraint = build_constraint(state, body, reserve if max_tokens and max_tokens - reserve >= 2 else 0)
+    try:
+        constraint = build_constraint(state, body, reserve if max_tokens and max_tokens - reserve >= 2 else 0)
+    except APIError as e:  # named as the request named it (structured_outputs.json for guided_json, ...)
+        if e.param is not None and body.field_name(e.param) != e.param:
+            e.message, e.param = e.message.replace(e.param, body.field_name(e.param)), body.field_name(e.param)
+        raise
     think_first = think_first and constraint is not None
     if body.min_tokens and (constraint is not None or auto_tools(body)):
         raise APIError(400, "min_tokens cannot be combined with a constrained output or tools (they decide where "

@@ -1,0 +1,98 @@
+"""vLLM's `structured_outputs` (v0.12+, where its guided_* fields went): each key gives exactly the output its
+guided_* field gives (same seed, same tokens), errors name the key the request used, and keys this engine cannot
+honour are refused rather than dropped; `SamplingParams(structured_outputs=...)` offline does the same."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from canvaslm.generate import GenerationError
+from canvaslm.llm import SamplingParams
+from canvaslm.server.launch import BackgroundServer, build_state
+
+openai = pytest.importorskip("openai")
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+CASES = [({"choice": ["yes", "no"]}, {"guided_choice": ["yes", "no"]}),
+         ({"regex": "[0-9]{3}"}, {"guided_regex": "[0-9]{3}"}),
+         ({"json": SCHEMA}, {"guided_json": SCHEMA}),
+         ({"json": json.dumps(SCHEMA)}, {"guided_json": SCHEMA}),
+         ({"grammar": 'root ::= "a" | "b"'}, {"guided_grammar": 'root ::= "a" | "b"'}),
+         ({"json_object": True, "disable_fallback": True}, {"response_format": {"type": "json_object"}})]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint, one_thread):
+    with BackgroundServer(build_state(tiny_checkpoint, "cpu", "float32", served_model_name="tiny")) as srv:
+        yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.mark.parametrize("structured, guided", CASES)
+def test_each_key_matches_its_guided_field(client, structured, guided):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=24, seed=3)
+    got = client.chat.completions.create(**kw, extra_body={"structured_outputs": structured})
+    if "response_format" in guided:
+        want = client.chat.completions.create(**kw, response_format=guided["response_format"])
+    else:
+        want = client.chat.completions.create(**kw, extra_body=guided)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    done = client.completions.create(model="tiny", prompt="q", max_tokens=24, seed=3,
+                                     extra_body={"structured_outputs": structured})
+    assert done.choices[0].text == client.completions.create(model="tiny", prompt="q", max_tokens=24, seed=3,
+                                                             extra_body=guided).choices[0].text
+
+
+def test_disable_additional_properties_closes_open_objects(client):
+    from canvaslm.server.protocol import closed_objects
+
+    open_schema = {"type": "object", "properties": {"o": {"type": "object"}}, "required": ["o"]}
+    assert closed_objects(open_schema)["properties"]["o"] == {"type": "object", "additionalProperties": False}
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=40, seed=3)
+    got = client.chat.completions.create(**kw, extra_body={"structured_outputs": {
+        "json": open_schema, "disable_additional_properties": True}})
+    assert json.loads(got.choices[0].message.content) == {"o": {}}  # the inner object gets no keys of its own
+    assert got.choices[0].message.content == client.chat.completions.create(
+        **kw, extra_body={"guided_json": closed_objects(open_schema)}).choices[0].message.content
+
+
+@pytest.mark.parametrize("structured, param, words", [
+    ({"json": "{bad"}, "structured_outputs.json", "structured_outputs.json is not valid JSON"),
+    ({"regex": "[a"}, "structured_outputs.regex", "structured_outputs.regex: cannot compile"),
+    ({"structural_tag": "x"}, "structured_outputs.structural_tag", "is not supported"),
+    ({"whitespace_pattern": " "}, "structured_outputs.whitespace_pattern", "is not supported"),
+    ({"disable_any_whitespace": True}, "structured_outputs.disable_any_whitespace", "is not supported"),
+    ({"regexx": "a"}, "structured_outputs", "Extra inputs are not permitted")])
+def test_errors_name_the_key(client, structured, param, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=8,
+                                       extra_body={"structured_outputs": structured})
+    assert e.value.body["param"] == param and words in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="both constrain the output"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=8,
+                                       extra_body={"structured_outputs": {"choice": ["a"]}, "guided_choice": ["b"]})
+
+
+def test_offline_structured_outputs(tiny_checkpoint):
+    from canvaslm.llm import LLM
+
+    tiny_llm = LLM(tiny_checkpoint, device="cpu")
+    class Params:  # what vLLM's StructuredOutputsParams looks like to us: attributes
+        json, regex, choice, grammar, json_object, whitespace_pattern, structural_tag = (SCHEMA, None, None, None,
+                                                                                          None, None, None)
+
+    base = dict(seed=2, max_new_tokens=24)
+    for structured, ours in ((Params(), {"json_schema": SCHEMA}), ({"choice": ["x", "y"]}, {"choice": ("x", "y")}),
+                             ({"json": json.dumps(SCHEMA)}, {"json_schema": SCHEMA}),
+                             ({"json_object": True}, {"json_object": True})):
+        sp = SamplingParams(**base, structured_outputs=structured)
+        assert sp.structured_outputs is None and all(getattr(sp, k) == v for k, v in ours.items())
+        want = tiny_llm.generate("q", SamplingParams(**base, **ours))[0].token_ids
+        assert tiny_llm.generate("q", sp)[0].token_ids == want
+    for bad, words in (({"structural_tag": "t"}, "'structural_tag' is not supported"), ({"jsonn": {}}, "'jsonn'"),
+                       ({"json": "{"}, "not valid JSON")):
+        with pytest.raises(GenerationError, match=words):
+            SamplingParams(structured_outputs=bad)
+    with pytest.raises(GenerationError, match="both set the output"):
+        SamplingParams(structured_outputs={"regex": "a"}, regex="b")
