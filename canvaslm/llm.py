@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,12 +93,13 @@ class SamplingParams:
         so = self.structured_outputs
         get = so.get if isinstance(so, dict) else (lambda k, d=None: getattr(so, k, d))
         if isinstance(so, dict):
-            unknown = sorted(set(so) - {"json", "regex", "choice", "grammar", "json_object", "disable_fallback"})
+            unknown = sorted(set(so) - {"json", "regex", "choice", "grammar", "json_object", "disable_fallback",
+                                        "disable_additional_properties"})
             if unknown:
                 raise GenerationError(f"SamplingParams.structured_outputs: {unknown[0]!r} is not supported (json, "
                                       "regex, choice, grammar, json_object)")
-        for key in ("whitespace_pattern", "structural_tag"):
-            if get(key) is not None:
+        for key in ("whitespace_pattern", "structural_tag", "disable_any_whitespace"):
+            if get(key) not in (None, False):
                 raise GenerationError(f"SamplingParams.structured_outputs.{key} is not supported")
         for key, ours in (("json", "json_schema"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar"),
                           ("json_object", "json_object")):
@@ -108,11 +109,15 @@ class SamplingParams:
             if getattr(self, ours) not in (None, False):
                 raise GenerationError(f"SamplingParams: structured_outputs.{key} and {ours} both set the output; "
                                       "give one")
-            if key == "json" and isinstance(value, str):
+            if key == "json":
+                from .sampling.json_schema import closed_objects, json_value
+
                 try:
-                    value = json.loads(value)
+                    value = json_value(value, "SamplingParams.structured_outputs.json")
                 except ValueError as e:
-                    raise GenerationError(f"SamplingParams.structured_outputs.json is not valid JSON: {e}") from None
+                    raise GenerationError(str(e)) from None
+                if get("disable_additional_properties"):
+                    value = closed_objects(value)
             object.__setattr__(self, ours, tuple(value) if key == "choice" else value)
         object.__setattr__(self, "structured_outputs", None)  # taken: dataclasses.replace must not take it again
 
@@ -379,9 +384,10 @@ class LLM:
                                       dataclasses.replace(r.params, max_new_tokens=room), (*r.eos_ids, split.close_id),
                                       r.pad_id, None, r.logit_bias, 0, r.lora, r.images,
                                       ThinkingBudget.for_tokenizer(sp.thinking_token_budget, self.tokenizer))
-        seeds = [sp.seed for sp in sps]
+        seeds, start = [sp.seed for sp in sps], time.perf_counter()
         thoughts = dict(zip(first, self._generate_rows(list(first.values()), [seeds[i] for i in first],
                                                        use_tqdm=use_tqdm))) if first else {}
+        spent = time.perf_counter() - start  # max_time is one budget for the whole reply
         heads, answers = {}, {}  # row index -> (the reply's thought ids, its result); -> the answer's row
         for i, r in enumerate(rows):
             t = thoughts.get(i)
@@ -390,9 +396,10 @@ class LLM:
                 heads[i] = ([split.open_id, *t.token_ids], t)
                 continue
             heads[i] = (head, t)
+            left = None if r.params.max_time is None else max(r.params.max_time - spent, 1e-3)
             answers[i] = r if t is None else dataclasses.replace(r, prompt_ids=[*r.prompt_ids, *head], params=(
-                dataclasses.replace(r.params, max_new_tokens=answer_room(r.params.max_new_tokens, len(head),
-                                                                         len(r.prompt_ids), limit, C))))
+                dataclasses.replace(r.params, max_time=left, max_new_tokens=answer_room(
+                    r.params.max_new_tokens, len(head), len(r.prompt_ids), limit, C))))
         outs = dict(zip(answers, self._generate_rows(
             list(answers.values()), [seeds[i] if i not in thoughts or seeds[i] is None else seeds[i] + 1
                                      for i in answers], use_tqdm=use_tqdm))) if answers else {}

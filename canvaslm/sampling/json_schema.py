@@ -295,3 +295,41 @@ def constraint_from_response_format(response_format: dict, tokenizer, max_tokens
         raise ConstraintError(f"json_schema: the output template needs up to {need} tokens (EOS included), "
                               f"over max_tokens={max_tokens}")
     return c
+
+
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+
+
+def closed_objects(schema):
+    """`schema` with additionalProperties false on every object schema that does not set it (vLLM's
+    disable_additional_properties); only schema positions are visited, never enum / const / default values
+    or the names in a properties map."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+    for key in SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(sub) for sub in out[key]]
+    for key in SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    kind = out.get("type")
+    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in out
+    if is_object and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def json_value(value, field: str):
+    """A JSON schema given as an object or as its JSON text, as an object (a ValueError naming `field`)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise ValueError(f"{field} is not valid JSON: {e}") from None

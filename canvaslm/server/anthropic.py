@@ -26,8 +26,8 @@ history are dropped (the model's template leaves earlier thoughts out too). `thi
 "enabled"} or "adaptive": on; "disabled": off) renders the chat template with `enable_thinking`; a
 reply's thought channel (canvaslm.reasoning) comes first as a `thinking` block (its `signature` empty:
 nothing here checks one), streamed as `thinking_delta`s; `budget_tokens` caps the thought
-(sampling.thinking; `max_tokens` bounds thought and answer together). /v1/messages/count_tokens counts an image's soft tokens (it loads the
-images, as a request would). Errors use Anthropic's body, `{"type": "error", "error": {"type",
+(sampling.thinking; `max_tokens` bounds thought and answer together). /v1/messages/count_tokens counts an
+image's soft tokens (it loads the images, as a request would). Errors use Anthropic's body, `{"type": "error", "error": {"type",
 "message"}}` (app.py).
 """
 

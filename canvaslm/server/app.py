@@ -137,7 +137,8 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"{'messages' if body.messages is not None else 'prompt'}: {e}",
                            "messages" if body.messages is not None else "prompt") from None
         if body.messages is not None and chat.image_parts():
-            prompts = [ImagePrompt(text_ids, chat.image_sources(), details=[p.detail for p in chat.image_parts()])]
+            prompts = [ImagePrompt(text_ids, chat.image_sources(), body.mm_processor_kwargs,
+                                   [p.detail for p in chat.image_parts()])]
             await off_loop(state, load_images, state, chat, prompts, prompts=prompts)  # fetch, processor, tower
             text_ids = list(prompts[0])
         return {"tokens": text_ids, "count": len(text_ids), "max_model_len": state.max_model_len}

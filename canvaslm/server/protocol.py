@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from ..sampling.json_schema import closed_objects, json_value
 from ..tokenizer import tool_arguments_as_objects
 
 # encode_chat arguments that chat_template_kwargs may not set: each has its own request field
@@ -79,19 +80,6 @@ class StructuredOutputs(BaseModel):
             return ("structured_outputs.disable_any_whitespace", "structured_outputs.disable_any_whitespace is not "
                     "supported (JSON outputs may hold whitespace between tokens)")
         return None
-
-
-def closed_objects(schema):
-    """`schema` with additionalProperties false on every object that does not set it (vLLM's
-    disable_additional_properties)."""
-    if isinstance(schema, list):
-        return [closed_objects(x) for x in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed_objects(v) for k, v in schema.items()}
-    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
 
 
 # structured_outputs keys -> the guided_* field each one fills
@@ -174,8 +162,8 @@ class _Common(_Strict):
                 if getattr(self, guided, None) is not None:
                     raise ValueError(f"structured_outputs.{key.removesuffix('_schema')} and {guided} both constrain "
                                      "the output; send one")
-                if key == "json_schema" and so.disable_additional_properties and isinstance(value, dict):
-                    value = closed_objects(value)
+                if key == "json_schema" and so.disable_additional_properties:
+                    value = closed_objects(json_value(value, "structured_outputs.json"))
                 setattr(self, guided, value)
                 self._renamed[guided] = f"structured_outputs.{key.removesuffix('_schema')}"
         if so.json_object:
@@ -546,6 +534,7 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True  # for messages, as /v1/chat/completions renders them
     continue_final_message: bool = False  # for messages: as on /v1/chat/completions
     chat_template_kwargs: dict[str, Any] | None = None  # for messages: as on /v1/chat/completions
+    mm_processor_kwargs: dict[str, Any] | None = None  # for messages with images: as on /v1/chat/completions
 
 
 class DetokenizeRequest(_Strict):

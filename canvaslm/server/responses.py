@@ -19,9 +19,9 @@ DELETE /v1/responses/{id} read and drop one. Streaming sends the Responses event
 once it is complete.
 
 An `input_image` part (`image_url`: a data URL or an http(s) URL; `detail` "low" gives it the smallest
-image budget, 70 soft tokens, the others the request's) becomes the chat route's image part, in place among the message's text; an image
-that does not load is a 400 naming it (`input[i].content[k]`). A `file_id` alone is refused (there is no
-file store).
+image budget, 70 soft tokens, the others the request's) becomes the chat route's image part, in place
+among the message's text; an image that does not load is a 400 naming it (`input[i].content[k]`). A
+`file_id` alone is refused (there is no file store).
 """
 
 from __future__ import annotations

@@ -182,8 +182,8 @@ class ThoughtFirst:
             c.finish_reason = "length"
             return None
         prev, params = c.request, dataclasses.replace(self.params, max_new_tokens=left)
-        if params.max_time is not None:  # one latency budget for the whole reply: what the thought left of it
-            params = dataclasses.replace(params, max_time=max(params.max_time - c.seconds, 1e-3))
+        if params.max_time is not None:  # one latency budget for the whole reply: what the thought's denoising left
+            params = dataclasses.replace(params, max_time=max(params.max_time - (c.seconds - c.prompt_seconds), 1e-3))
         return GenerationRequest(uuid.uuid4().hex, prompt, params,
                                  (self.seed + 1) % 2**63, self.eos, self.constraint, prev.drafts, prev.logit_bias,
                                  prev.priority, 0, prev.lora, images=prev.images)
@@ -296,7 +296,7 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
     if params.stability_threshold > state.engine.runner.history_depth:
         raise APIError(400, "stability_threshold exceeds what this server was started with")
     if params.max_time is not None and constraint is not None and params.max_new_tokens > C:
-        what = (body.constraint_fields() or ["tools"])[0]
+        what = body.field_name((body.constraint_fields() or ["tools"])[0])
         raise APIError(400, f"max_time with {what} needs max_tokens <= {C} (one canvas): a spent budget ends the "
                             f"output with the canvas in progress, which could leave what {what} asks for "
                             f"unfinished", "max_time")

@@ -260,10 +260,11 @@ THOUGHT_KEYS = ("reasoning_content", "reasoning", "thinking")  # vLLM's / DeepSe
 def _thought_of(message: dict, where: str) -> str | None:
     """An assistant turn's thought (its reasoning_content, reasoning or thinking), or None."""
     given = [k for k in THOUGHT_KEYS if message.get(k) not in (None, "")]
-    if len(given) > 1 and len({message[k] for k in given}) > 1:
+    for k in given:
+        if not isinstance(message[k], str):
+            raise DataError(f"{where}: {k} must be a string (the thought's text)")
+    if len({message[k] for k in given}) > 1:
         raise DataError(f"{where}: {given[0]} and {given[1]} disagree; give the thought once")
-    if given and not isinstance(message[given[0]], str):
-        raise DataError(f"{where}: {given[0]} must be a string (the thought's text)")
     return message[given[0]] if given else None
 
 

@@ -384,9 +384,27 @@ def test_the_answer_gets_what_the_thought_left_of_max_time(think_llm):
     first = GenerationRequest("t", (2, 3), params, 7, (1,))
     tracker = TextTracker(think_llm.tokenizer, [], thoughts=split)
     tracker.add([split.open_id, WORD, WORD])
-    c = Choice(0, first, 0, tracker, finish_reason="length", seconds=0.5)
+    c = Choice(0, first, 0, tracker, finish_reason="length", seconds=0.9, prompt_seconds=0.4)  # 0.5 s denoising
     nxt = ThoughtFirst((2, 3), params, 7, (1,), None, split.close_id, 1).request(state, c)
     assert nxt.prompt_ids == (2, 3, split.open_id, WORD, WORD, split.close_id)  # closed: it ran out of room
     assert nxt.params.max_time == pytest.approx(1.5) and nxt.params.max_new_tokens == 40 - 4 and nxt.seed == 8
-    c.seconds = 5.0
+    c.seconds = 5.4
     assert ThoughtFirst((2, 3), params, 7, (1,), None, split.close_id, 1).request(state, c).params.max_time == 1e-3
+
+
+def test_llm_chat_gives_the_answer_what_the_thought_left_of_max_time(think_llm, monkeypatch):
+    import dataclasses
+    from types import SimpleNamespace
+
+    import canvaslm.llm as llm_module
+
+    clock = iter([100.0, 103.0])  # the thought pass takes 3 s
+    monkeypatch.setattr(llm_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    calls = []
+    real = think_llm._generate_rows
+    monkeypatch.setattr(think_llm, "_generate_rows", lambda rows, *a, **k: (calls.append(rows), real(rows, *a, **k))[1])
+    sp = dataclasses.replace(always_thinking(think_llm, json_schema=SCHEMA, thinking_token_budget=3), max_new_tokens=60,
+                             max_time=5.0)
+    think_llm.chat([{"role": "user", "content": "q"}], sp, chat_template_kwargs={"enable_thinking": True})
+    (thought,), (answer,) = calls
+    assert thought.params.max_time == 5.0 and answer.params.max_time == pytest.approx(2.0)

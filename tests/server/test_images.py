@@ -573,5 +573,5 @@ def test_detail_low_gives_an_image_the_smallest_budget(server):
         return r.usage.prompt_tokens, r.choices[0].message.content, count["count"]
 
     small, big = ask(None, None), ask(None, 140)  # the server's budget is 70 soft tokens, the request's 140
-    assert big[0] > small[0]
+    assert big[0] > small[0] and small[0] == small[2] and big[0] == big[2]  # /tokenize counts what chat runs
     assert ask("low", 140) == small and ask("high", 140) == big and ask("auto", 140) == big

@@ -45,16 +45,28 @@ def test_each_key_matches_its_guided_field(client, structured, guided):
 
 
 def test_disable_additional_properties_closes_open_objects(client):
-    from canvaslm.server.protocol import closed_objects
+    from canvaslm.sampling.json_schema import closed_objects
 
     open_schema = {"type": "object", "properties": {"o": {"type": "object"}}, "required": ["o"]}
     assert closed_objects(open_schema)["properties"]["o"] == {"type": "object", "additionalProperties": False}
+    # only schema positions: a property named "properties" (GeoJSON) and enum values stay as they are
+    geo = {"type": "object", "properties": {"properties": {"type": "object", "properties": {}},
+                                            "kind": {"enum": [{"type": "object"}]}}}
+    closed = closed_objects(geo)
+    assert set(closed["properties"]) == {"properties", "kind"} and closed["additionalProperties"] is False
+    assert closed["properties"]["kind"] == {"enum": [{"type": "object"}]}
+    assert closed["properties"]["properties"]["additionalProperties"] is False
     kw = dict(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=40, seed=3)
-    got = client.chat.completions.create(**kw, extra_body={"structured_outputs": {
-        "json": open_schema, "disable_additional_properties": True}})
-    assert json.loads(got.choices[0].message.content) == {"o": {}}  # the inner object gets no keys of its own
-    assert got.choices[0].message.content == client.chat.completions.create(
-        **kw, extra_body={"guided_json": closed_objects(open_schema)}).choices[0].message.content
+    want = client.chat.completions.create(**kw, extra_body={"guided_json": closed_objects(open_schema)})
+    for schema in (open_schema, json.dumps(open_schema)):  # an object or its JSON text
+        got = client.chat.completions.create(**kw, extra_body={"structured_outputs": {
+            "json": schema, "disable_additional_properties": True}})
+        assert json.loads(got.choices[0].message.content) == {"o": {}}  # the inner object gets no keys of its own
+        assert got.choices[0].message.content == want.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:  # the 400s name the key the request used
+        client.chat.completions.create(**{**kw, "max_tokens": 40}, extra_body={
+            "structured_outputs": {"regex": "[0-9]+"}, "max_time": 1.0})
+    assert "max_time with structured_outputs.regex" in e.value.body["message"]
 
 
 @pytest.mark.parametrize("structured, param, words", [
@@ -90,6 +102,17 @@ def test_offline_structured_outputs(tiny_checkpoint):
         assert sp.structured_outputs is None and all(getattr(sp, k) == v for k, v in ours.items())
         want = tiny_llm.generate("q", SamplingParams(**base, **ours))[0].token_ids
         assert tiny_llm.generate("q", sp)[0].token_ids == want
+    class Closed(Params):
+        disable_additional_properties = True
+        json = {"type": "object", "properties": {"o": {"type": "object"}}}
+
+    assert SamplingParams(structured_outputs=Closed()).json_schema["properties"]["o"]["additionalProperties"] is False
+
+    class Tight(Params):
+        disable_any_whitespace = True
+
+    with pytest.raises(GenerationError, match="disable_any_whitespace is not supported"):
+        SamplingParams(structured_outputs=Tight())
     for bad, words in (({"structural_tag": "t"}, "'structural_tag' is not supported"), ({"jsonn": {}}, "'jsonn'"),
                        ({"json": "{"}, "not valid JSON")):
         with pytest.raises(GenerationError, match=words):

@@ -375,7 +375,8 @@ def test_chat_turns_with_a_thought_train_the_thought_channel(tmp_path):
     path.write_text(json.dumps({"messages": plain}) + "\n")
     assert [r for _, r in load_examples(str(path), tok)] == [split.split(r1).content, split.split(r2).content]
     for row, needle in (({"messages": [messages[0], {**messages[1], "reasoning": "other"}]}, "disagree"),
-                        ({"messages": [messages[0], {**messages[1], "reasoning_content": 3}]}, "must be a string")):
+                        ({"messages": [messages[0], {**messages[1], "reasoning_content": 3}]}, "must be a string"),
+                        ({"messages": [messages[0], {**messages[1], "reasoning": ["x"]}]}, "must be a string")):
         path.write_text(json.dumps(row) + "\n")
         with pytest.raises(DataError, match=needle):
             load_examples(str(path), tok)
