@@ -233,14 +233,16 @@ class LLM:
         {"prompt": text or "prompt_token_ids": ids, "multi_modal_data": {"image": an image or a list}} with
         one image token (the tokenizer's <|image|>) where each image goes; an image is a PIL image, bytes,
         a data URL, base64, an http(s) URL or a path (multimodal.Vision.load). "mm_processor_kwargs":
-        {"max_soft_tokens": 70 | 140 | 280 | 560 | 1120} sets the images' token budget (their resolution)."""
+        {"max_soft_tokens": 70 | 140 | 280 | 560 | 1120} sets the images' token budget (their resolution);
+        "image_details": per image, OpenAI's detail ("low": the smallest budget; what LLM.chat passes on)."""
         if not isinstance(prompt, dict):
             ids = self.encode_prompt(prompt)
             if self.cfg.has_vision and self.cfg.image_token_id in ids:
                 raise GenerationError(f"the prompt holds image tokens (id {self.cfg.image_token_id}) but no image "
                                       "was given: pass {'prompt': ..., 'multi_modal_data': {'image': ...}}")
             return ids, None
-        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs",
+                                 "image_details"}
         if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
             raise GenerationError("a prompt dict takes one of 'prompt' (text) and 'prompt_token_ids', and "
                                   f"'multi_modal_data'; got keys {sorted(prompt)}")
@@ -252,7 +254,7 @@ class LLM:
         images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
         from .multimodal import ImageError
         try:
-            return self.vision.prepare(ids, images, prompt.get("mm_processor_kwargs"))
+            return self.vision.prepare(ids, images, prompt.get("mm_processor_kwargs"), prompt.get("image_details"))
         except ImageError as e:
             raise GenerationError(str(e)) from None
 
@@ -495,13 +497,16 @@ class LLM:
         prompts = []
         for k, conversation in enumerate(messages if batch else [messages]):
             try:
-                conversation, images = image_parts_to_placeholders(list(conversation), self.image_placeholder)
+                details = []
+                conversation, images = image_parts_to_placeholders(list(conversation), self.image_placeholder,
+                                                                   details)
                 ids = self.tokenizer.encode_chat(
                     tool_arguments_as_objects(conversation), not continue_final_message, tools=shown,
                     continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
             except ValueError as e:
                 raise GenerationError(f"chat{f' (conversation {k})' if batch else ''}: {e}") from None
-            prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
+            prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}, "image_details": details}
+                           if images else ids)
         sps = _params_list(prompts, params)
         thinking = {**self.tokenizer.template_defaults, **(chat_template_kwargs or {})}.get("enable_thinking")
         if thinking and not continue_final_message and not (kw.get("generator") or kw.get("on_draft")):

@@ -97,11 +97,11 @@ def image_spans(positions: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
-def image_parts_to_placeholders(messages: list, placeholder: str) -> tuple[list, list]:
+def image_parts_to_placeholders(messages: list, placeholder: str, details: list | None = None) -> tuple[list, list]:
     """Chat messages with every image part (OpenAI `image_url`, `image`, Responses `input_image`) turned
     into {"type": "image", "text": placeholder} (the image token's text: what a template that takes content
     as a string gets; one that loops over parts gets {"type": "image"}: Tokenizer.renders_parts), and the
-    images' sources in order."""
+    images' sources in order. `details`, if a list, gets each image's OpenAI `detail` (or None)."""
     sources, out = [], []
     for i, msg in enumerate(messages):
         content = msg.get("content") if isinstance(msg, dict) else None
@@ -115,6 +115,8 @@ def image_parts_to_placeholders(messages: list, placeholder: str) -> tuple[list,
                 parts.append(part)
                 continue
             src = part.get(kind) if kind != "input_image" else part.get("image_url")
+            if details is not None:
+                details.append((src if isinstance(src, dict) else part).get("detail"))
             if isinstance(src, dict):
                 src = src.get("url")
             if src is None and kind == "image":

@@ -575,3 +575,22 @@ def test_detail_low_gives_an_image_the_smallest_budget(server):
     small, big = ask(None, None), ask(None, 140)  # the server's budget is 70 soft tokens, the request's 140
     assert big[0] > small[0] and small[0] == small[2] and big[0] == big[2]  # /tokenize counts what chat runs
     assert ask("low", 140) == small and ask("high", 140) == big and ask("auto", 140) == big
+
+
+def test_llm_chat_takes_detail_low_too(vision_dir):
+    import dataclasses
+
+    from canvaslm.llm import LLM, SamplingParams
+
+    llm = LLM(vision_dir, device="cpu")
+    llm.defaults = DEFAULTS
+    llm.vision.processor = dataclasses.replace(llm.vision.processor, max_soft_tokens=140)  # a budget above low's
+    picture = data_url(png(160, 120, 8))
+
+    def prompt_len(detail):
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "What is in it?"}, {
+            "type": "image_url", "image_url": {"url": picture, **({"detail": detail} if detail else {})}}]}]
+        return len(llm.chat(msgs, SamplingParams(seed=1, max_new_tokens=4)).prompt_ids)
+
+    low, default = prompt_len("low"), prompt_len(None)
+    assert low < default and prompt_len("high") == default
