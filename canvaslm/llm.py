@@ -16,7 +16,7 @@ from .config import DiffusionParams
 from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
 from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
-from .sampling.thinking import ThinkingBudget, answer_room, closed_thought, thought_room
+from .sampling.thinking import ThinkingBudget, answer_room, answer_time, closed_thought, thought_reserve, thought_room
 
 BUNDLED_MODEL = Path(__file__).parent / "recipes" / "sudoku" / "model"
 
@@ -371,14 +371,11 @@ class LLM:
         rows, C, limit = self.rows(prompts, sps), self.cfg.canvas_length, self.cfg.max_position_embeddings
         first = {}  # row index -> the thought's row
         for i, (r, sp) in enumerate(zip(rows, sps)):
-            if split is not None and sp.max_new_tokens and (sp.json_object or sp.regex or sp.grammar):
-                # an output as wide as max_new_tokens leaves a thought its budget, or half without one
-                b = sp.thinking_token_budget
-                reserve = b + 2 if b is not None else sp.max_new_tokens // 2
-                if sp.max_new_tokens - reserve >= 2:
-                    r = self._row(prompts[i], dataclasses.replace(sp, max_new_tokens=sp.max_new_tokens - reserve))
-                    rows[i] = r = dataclasses.replace(r, params=dataclasses.replace(
-                        r.params, max_new_tokens=sp.max_new_tokens))
+            reserve = thought_reserve(sp.thinking_token_budget, sp.max_new_tokens)
+            if split is not None and reserve and (sp.json_object or sp.regex or sp.grammar):  # as wide as max_new
+                r = self._row(prompts[i], dataclasses.replace(sp, max_new_tokens=sp.max_new_tokens - reserve))
+                rows[i] = r = dataclasses.replace(r, params=dataclasses.replace(
+                    r.params, max_new_tokens=sp.max_new_tokens))
             c = r.constraint
             room = thought_room(c, r.params.max_new_tokens, len(r.prompt_ids), limit, C)
             if c is not None and split is not None and room > 0:
@@ -398,10 +395,10 @@ class LLM:
                 heads[i] = ([split.open_id, *t.token_ids], t)
                 continue
             heads[i] = (head, t)
-            left = None if r.params.max_time is None else max(r.params.max_time - spent, 1e-3)
             answers[i] = r if t is None else dataclasses.replace(r, prompt_ids=[*r.prompt_ids, *head], params=(
-                dataclasses.replace(r.params, max_time=left, max_new_tokens=answer_room(
-                    r.params.max_new_tokens, len(head), len(r.prompt_ids), limit, C))))
+                dataclasses.replace(r.params, max_time=answer_time(r.params.max_time, spent),
+                                    max_new_tokens=answer_room(r.params.max_new_tokens, len(head), len(r.prompt_ids),
+                                                               limit, C))))
         outs = dict(zip(answers, self._generate_rows(
             list(answers.values()), [seeds[i] if i not in thoughts or seeds[i] is None else seeds[i] + 1
                                      for i in answers], use_tqdm=use_tqdm))) if answers else {}

@@ -134,6 +134,22 @@ def thought_room(constraint, max_new_tokens: int, prompt_len: int, max_len: int,
                       (max_len - prompt_len - 1) // C * C))
 
 
+def thought_reserve(budget_tokens: int | None, max_new_tokens: int | None) -> int:
+    """Tokens an output as wide as max_new_tokens (JSON mode, a regex, a grammar) leaves for a thought before
+    it: the budget and its two markers, or half of max_new_tokens without a budget; 0 when that leaves the
+    output under 2 tokens (or max_new_tokens is not given)."""
+    if not max_new_tokens:
+        return 0
+    reserve = budget_tokens + 2 if budget_tokens is not None else max_new_tokens // 2
+    return reserve if max_new_tokens - reserve >= 2 else 0
+
+
+def answer_time(max_time: float | None, thought_seconds: float) -> float | None:
+    """The answer's latency budget: what the thought's denoising left of the reply's max_time (one step at
+    least)."""
+    return None if max_time is None else max(max_time - thought_seconds, 1e-3)
+
+
 def answer_room(max_new_tokens: int, head_len: int, prompt_len: int, max_len: int, canvas_length: int) -> int:
     """Tokens the answer of a thought-first reply may generate after its `head_len` thought tokens: what
     max_new_tokens leaves, in whole canvases within `max_len` positions."""
@@ -154,4 +170,4 @@ def closed_thought(open_id: int, close_id: int, thought_ids, finish_reason: str)
 
 
 __all__ = ["ThinkingBudget", "ThoughtTracker", "ThinkingBudgetError", "answer_need", "thought_room", "answer_room",
-           "closed_thought"]
+           "thought_reserve", "answer_time", "closed_thought"]

@@ -30,15 +30,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..multimodal import ImagePrompt
 from . import ollama
 from .anthropic import CountTokensRequest, MessagesRequest
 from .llamacpp import LlamaCompletionRequest, LlamaInfillRequest
 from .metrics import render_metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
                        LoadLoRARequest, ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
-from .serving import (APIError, ServerState, check_in_vocab, encode_chat, load_images, need_tokenizer, off_loop,
-                      prepare, run_choices, run_to_end, usage)
+from .serving import (APIError, ServerState, check_in_vocab, encode_chat, image_prompt, load_images, need_tokenizer,
+                      off_loop, prepare, run_choices, run_to_end, usage)
 from .tools import tool_replies
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -125,7 +124,8 @@ def build_app(state: ServerState) -> FastAPI:
                 chat = ChatCompletionRequest(model=state.model_name, messages=body.messages, tools=body.tools,
                                              add_generation_prompt=body.add_generation_prompt,
                                              continue_final_message=body.continue_final_message,
-                                             chat_template_kwargs=body.chat_template_kwargs)
+                                             chat_template_kwargs=body.chat_template_kwargs,
+                                             mm_processor_kwargs=body.mm_processor_kwargs)
                 problem = chat.unsupported()
                 if problem is not None and problem[0] == "chat_template_kwargs":
                     raise APIError(400, problem[1], problem[0])
@@ -137,8 +137,7 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"{'messages' if body.messages is not None else 'prompt'}: {e}",
                            "messages" if body.messages is not None else "prompt") from None
         if body.messages is not None and chat.image_parts():
-            prompts = [ImagePrompt(text_ids, chat.image_sources(), body.mm_processor_kwargs,
-                                   [p.detail for p in chat.image_parts()])]
+            prompts = [image_prompt(text_ids, chat)]
             await off_loop(state, load_images, state, chat, prompts, prompts=prompts)  # fetch, processor, tower
             text_ids = list(prompts[0])
         return {"tokens": text_ids, "count": len(text_ids), "max_model_len": state.max_model_len}

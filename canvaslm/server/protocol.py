@@ -376,10 +376,6 @@ class ChatCompletionRequest(_Common):
         return [p.image_url for m in self.messages if isinstance(m.content, list)
                 for p in m.content if isinstance(p, ImagePart)]
 
-    def image_sources(self) -> list[str]:
-        """The URLs of the messages' image parts, in prompt order."""
-        return [p.url for p in self.image_parts()]
-
     def tool_dicts(self) -> list[dict] | None:
         """The tool declarations for the chat template; None when there are none, or when tool_choice="none"
         asks for plain text (then they are left out of the prompt, so the model is not drawn to call one)."""

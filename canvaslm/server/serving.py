@@ -27,7 +27,8 @@ from ..generate import GenerationError
 from ..llm import SamplingParams
 from ..multimodal import ImageError, ImagePrompt
 from ..sampling import logit_bias
-from ..sampling.thinking import ThinkingBudget, answer_need, answer_room, closed_thought, thought_room
+from ..sampling.thinking import (ThinkingBudget, answer_need, answer_room, answer_time, closed_thought, thought_reserve,
+                                 thought_room)
 from .protocol import _Common
 from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
 
@@ -182,8 +183,8 @@ class ThoughtFirst:
             c.finish_reason = "length"
             return None
         prev, params = c.request, dataclasses.replace(self.params, max_new_tokens=left)
-        if params.max_time is not None:  # one latency budget for the whole reply: what the thought's denoising left
-            params = dataclasses.replace(params, max_time=max(params.max_time - (c.seconds - c.prompt_seconds), 1e-3))
+        if params.max_time is not None:  # one latency budget for the whole reply
+            params = dataclasses.replace(params, max_time=answer_time(params.max_time, c.seconds - c.prompt_seconds))
         return GenerationRequest(uuid.uuid4().hex, prompt, params,
                                  (self.seed + 1) % 2**63, self.eos, self.constraint, prev.drafts, prev.logit_bias,
                                  prev.priority, 0, prev.lora, images=prev.images)
@@ -371,6 +372,14 @@ def need_chat_template(state: ServerState, param: str) -> None:
         raise APIError(400, "this checkpoint has no chat template; use /v1/completions", param)
 
 
+def image_prompt(ids: list[int], chat) -> list[int]:
+    """`ids` as a multimodal.ImagePrompt carrying the chat body's images (sources, details, its
+    mm_processor_kwargs), or as they are when the messages hold none."""
+    parts = chat.image_parts()
+    return ImagePrompt(ids, [p.url for p in parts], getattr(chat, "mm_processor_kwargs", None),
+                       [p.detail for p in parts]) if parts else ids
+
+
 def encode_chat(state: ServerState, chat, param: str = "messages") -> list[int]:
     """The prompt ids of a chat body (`protocol.ChatCompletionRequest`) through the chat template; 400s
     name `param` (the field the messages came from) or continue_final_message. With image parts: a
@@ -379,9 +388,7 @@ def encode_chat(state: ServerState, chat, param: str = "messages") -> list[int]:
     try:
         ids = state.tokenizer.encode_chat(chat.message_dicts(state.image_placeholder), tools=chat.tool_dicts(),
                                           **chat.template_kwargs())
-        parts = chat.image_parts()
-        return ImagePrompt(ids, [p.url for p in parts], getattr(chat, "mm_processor_kwargs", None),
-                           [p.detail for p in parts]) if parts else ids
+        return image_prompt(ids, chat)
     except ValueError as e:
         if str(e).startswith("continue_final_message"):
             raise APIError(400, str(e), "continue_final_message") from None
@@ -578,11 +585,9 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     budget = ThinkingBudget.for_tokenizer(budget, state.tokenizer)
     think_first = thoughts is not None and thinking_on(state, body)
     max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
-    # an output whose width is max_tokens (JSON mode, guided_regex, guided_grammar) leaves a thought its budget,
-    # or half of max_tokens without one
-    reserve = (budget.tokens + 2 if budget is not None else max_tokens // 2) if think_first and max_tokens else 0
+    reserve = thought_reserve(None if budget is None else budget.tokens, max_tokens) if think_first else 0
     try:
-        constraint = build_constraint(state, body, reserve if max_tokens and max_tokens - reserve >= 2 else 0)
+        constraint = build_constraint(state, body, reserve)
     except APIError as e:  # named as the request named it (structured_outputs.json for guided_json, ...)
         if e.param is not None and body.field_name(e.param) != e.param:
             e.message, e.param = e.message.replace(e.param, body.field_name(e.param)), body.field_name(e.param)
