@@ -111,6 +111,8 @@ class GenerationRequest:
     prompt_only: bool = False  # encode the prompt into a slot (kept for prefix reuse), generate nothing
     images: object | None = None  # multimodal.ImageInputs: soft tokens for the prompt's image positions
     thinking: object | None = None  # sampling.thinking.ThinkingBudget: most tokens in the reply's thought
+    follows: bool = False  # continues an earlier request's reply (a thought-first reply's answer): /metrics counts
+    # the reply once, by its first request (finish reason, prompt tokens, time to first token)
 
     @classmethod
     def from_row(cls, request_id: str, row, seed: int, drafts: bool = False) -> "GenerationRequest":
@@ -155,6 +157,7 @@ class _Sink:
     emitted: int = 0  # output tokens already sent
     first_token: float | None = None
     encoded: float | None = None  # when the prompt was encoded (the end of that step)
+    follows: bool = False  # GenerationRequest.follows: not a reply of its own in the per-request counters
 
     def put(self, event) -> None:
         try:
@@ -475,7 +478,7 @@ class Engine:
                 self._finish(arg, "cancelled", 0)
 
     def _add(self, req: GenerationRequest, sink: _Sink) -> None:
-        p = req.params
+        p, sink.follows = req.params, req.follows
         try:
             self._check_images(req)
             state = RequestState(req.request_id, req.prompt_ids, 0 if req.prompt_only else p.max_new_tokens,
@@ -533,7 +536,8 @@ class Engine:
             tokens += len(new)
             if sink.first_token is None and new:
                 sink.first_token = now
-                self.stats.record_ttft(now - sink.submitted)
+                if not sink.follows:
+                    self.stats.record_ttft(now - sink.submitted)
             # a request that goes on has already moved to its next canvas
             sink.put(Commit(rid, state.canvas_index - (rid not in done), new))
         for d in drafts:
@@ -545,9 +549,11 @@ class Engine:
 
     def _report(self, finished, errors=None) -> None:
         for state in finished:
-            self.stats.prompt_tokens += state.prompt_len
-            self.stats.out_of_time += state.out_of_time
-            self.stats.cached_prompt_tokens += state.cached_len
+            sink = self._sinks.get(state.request_id)
+            if sink is None or not sink.follows:
+                self.stats.prompt_tokens += state.prompt_len
+                self.stats.out_of_time += state.out_of_time
+                self.stats.cached_prompt_tokens += state.cached_len
             self._finish(state.request_id, state.finish_reason, len(state.output_ids),
                          (errors or {}).get(state.request_id), state.cached_len)
 
@@ -555,8 +561,10 @@ class Engine:
         passes = self.runner.decoder_passes(rid)
         self.runner.remove(rid)
         sink = self._sinks.pop(rid, None)
-        self.stats.requests_finished[reason] += 1
-        if passes and reason in ("stop", "length"):
+        counted = sink is None or not sink.follows  # a follow-up's reply was counted by its first request
+        if counted:
+            self.stats.requests_finished[reason] += 1
+        if counted and passes and reason in ("stop", "length"):
             self.stats.tpf_sum += num_tokens / passes
             self.stats.tpf_count += 1
         if sink is not None:

@@ -150,6 +150,8 @@ class Choice:
     answer: "ThoughtFirst | None" = None  # a constrained answer to request once this request's thought ends
     base: int = 0  # the tracker's ids before this request's output (a thought-first reply's thought)
     finished_requests: int = 0  # engine requests of this reply that have ended (a thought-first reply has two)
+    canvas_base: int = 0  # canvases of this reply's earlier requests (a thought-first reply's thought)
+    canvases: int = 0  # canvases of the reply committed so far
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ class ThoughtFirst:
             params = dataclasses.replace(params, max_time=answer_time(params.max_time, c.seconds - c.prompt_seconds))
         return GenerationRequest(uuid.uuid4().hex, prompt, params,
                                  (self.seed + 1) % 2**63, self.eos, self.constraint, prev.drafts, prev.logit_bias,
-                                 prev.priority, 0, prev.lora, images=prev.images)
+                                 prev.priority, 0, prev.lora, images=prev.images, follows=True)
 
 
 @dataclass
@@ -657,6 +659,7 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
             if ev.request_id not in live:
                 continue  # e.g. the Finish of a choice we cancelled after its stop string
             if isinstance(ev, Commit):
+                c.canvases = c.canvas_base + ev.canvas_index + 1
                 c.tracker.add(ev.token_ids)
                 thought = c.tracker.reasoning_delta(final=c.tracker.stopped)
                 if thought:
@@ -691,6 +694,7 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                         if thought:
                             yield "reasoning", c.index, thought
                         c.request, c.base, c.finish_reason = follow, len(c.tracker.ids), None
+                        c.canvas_base = c.canvases  # the answer's canvases number on from the thought's
                         by_id[follow.request_id] = c
                         live.add(follow.request_id)
                         state.engine.submit(follow, queue, loop)
@@ -722,7 +726,7 @@ def draft_payload(state: ServerState, c: Choice, ev: Draft) -> dict:
     cut = next((i for i, t in enumerate(ids) if t in state.eos_ids), None)
     if cut is not None:
         ids = ids[:cut + 1]
-    return {"index": c.index, "canvas_index": ev.canvas_index, "denoise_step": ev.denoise_step,
+    return {"index": c.index, "canvas_index": c.canvas_base + ev.canvas_index, "denoise_step": ev.denoise_step,
             "text": state.tokenizer.decode(ids) if state.tokenizer is not None else "", "token_ids": ids}
 
 

@@ -408,3 +408,57 @@ def test_llm_chat_gives_the_answer_what_the_thought_left_of_max_time(think_llm, 
     think_llm.chat([{"role": "user", "content": "q"}], sp, chat_template_kwargs={"enable_thinking": True})
     (thought,), (answer,) = calls
     assert thought.params.max_time == 5.0 and answer.params.max_time == pytest.approx(2.0)
+
+
+def test_a_thought_first_reply_is_one_reply_to_drafts_and_metrics(think_dir, think_llm):
+    """The two engine requests behind a thought-first reply look like one: the answer's draft canvases number on
+    from the thought's, and /metrics counts one finished request, the client's prompt tokens once and one time to
+    first token."""
+    import json
+    import re
+
+    import httpx
+    import jsonschema
+
+    openai = pytest.importorskip("openai")
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    def counters(base_url):
+        text = httpx.get(base_url + "/metrics").text
+
+        def total(name):
+            return sum(float(v) for v in re.findall(rf"^canvaslm_{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+        return (total("requests_finished_total"), total("prompt_tokens_total"),
+                total("time_to_first_token_seconds_count"))
+
+    open_id = think_llm.tokenizer.token_to_id(CHANNEL_OPEN)
+    msgs = [{"role": "user", "content": "q"}]
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        before = counters(srv.base_url)
+        stream = c.chat.completions.create(
+            model=srv.state.model_name, messages=msgs, max_tokens=80, seed=4, stream=True,
+            stream_options={"include_usage": True},
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}},
+            extra_body={"chat_template_kwargs": {"enable_thinking": True}, "logit_bias": {str(open_id): 100},
+                        "max_denoising_steps": 4, "thinking_token_budget": 20, "stream_drafts": True})
+        drafts, content, usage = [], "", None
+        for ch in stream:
+            extra = ch.model_extra or {}
+            if extra.get("draft"):
+                drafts.append(extra["draft"]["canvas_index"])
+            if ch.usage is not None:
+                usage = ch.usage
+            if ch.choices:
+                content += ch.choices[0].delta.content or ""
+        jsonschema.validate(json.loads(content), SCHEMA)
+        after = counters(srv.base_url)
+        prompt = usage.prompt_tokens
+    C = think_llm.cfg.canvas_length
+    thought = usage.completion_tokens_details.reasoning_tokens
+    assert thought == 20 + 2
+    answer = usage.completion_tokens - thought
+    assert drafts == sorted(drafts)  # the answer's canvases never restart at 0
+    assert set(drafts) == set(range(-(-thought // C) + -(-answer // C)))  # they number on from the thought's
+    # the engine's one prompt: the client's and the reply's opening `<|channel>`
+    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (1, prompt + 1, 1)
