@@ -77,6 +77,46 @@ def test_bfloat16_load_and_save_dtype(ref_dir, tmp_path):
     assert load_file(out / "model.safetensors")["model.decoder.norm.weight"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_the_default_dtype_follows_the_checkpoint_and_the_cpu(ref_dir, tmp_path, monkeypatch, native):
+    """dtype=None / --dtype auto: bf16 on CUDA; on a CPU, bf16 only for a bf16 checkpoint on a CPU with bf16
+    matrix instructions (emulated bf16 is several times slower than float32), whatever says it is bf16."""
+    import canvaslm.checkpoint as ck
+    from canvaslm import LLM
+    from canvaslm.checkpoint import default_dtype, stored_dtype
+
+    monkeypatch.setattr(ck, "cpu_has_native_bf16", lambda: native)
+    path, _ = ref_dir
+    bf16 = save_model(load_model(path, dtype="bfloat16"), tmp_path / "bf16")
+    assert stored_dtype(path) == "float32" and stored_dtype(bf16) == "bfloat16"
+    cfg = json.loads((bf16 / "config.json").read_text())
+    del cfg["dtype"]  # no dtype key: the weights' own (the safetensors header) decide
+    (bf16 / "config.json").write_text(json.dumps(cfg))
+    assert stored_dtype(bf16) == "bfloat16"
+    assert default_dtype("cuda", path) == default_dtype("cuda:1", None) == "bfloat16"
+    assert default_dtype("cpu", path) == default_dtype("cpu", None) == "float32"  # a float32 checkpoint stays so
+    want = torch.bfloat16 if native else torch.float32
+    assert default_dtype("cpu", bf16) == str(want).replace("torch.", "")
+    assert LLM(bf16, device="cpu").model.embed_weight.dtype == want
+    assert LLM(bf16, device="cpu", dtype="float32").model.embed_weight.dtype == torch.float32  # asked: kept
+    assert stored_dtype(tmp_path / "nowhere") is None
+
+
+def test_the_cpu_bf16_check_reads_the_cpu_flags(monkeypatch):
+    import canvaslm.checkpoint as ck
+
+    flags = {"plain": "flags\t\t: fpu avx2 avx512f\n", "amx": "flags\t\t: fpu avx512f amx_bf16 amx_tile\n",
+             "avx512_bf16": "flags : avx512f avx512_bf16\n"}
+    for kind, text in flags.items():
+        monkeypatch.setattr(ck.Path, "read_text", lambda self, _t=text: _t)
+        assert ck.cpu_has_native_bf16() == (kind != "plain")
+
+    def unreadable(self):
+        raise OSError("no /proc here")
+    monkeypatch.setattr(ck.Path, "read_text", unreadable)
+    assert ck.cpu_has_native_bf16() is False
+
+
 def test_save_is_atomic_and_replaces(ref_dir, tmp_path):
     path, _ = ref_dir
     model = load_model(path)

@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..checkpoint import load_model, parse_dtype
+from ..checkpoint import default_dtype, load_model, parse_dtype
 from ..config import DiffusionParams
 from ..engine.engine import Engine, EngineConfig
 from .app import build_app
@@ -37,7 +37,7 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
 
     model_dir = Path(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = parse_dtype(dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
+    dtype = parse_dtype(dtype or default_dtype(device, model_dir))
     model = load_model(model_dir, device=device, dtype=dtype, quantization=quantization)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
     defaults = defaults or DiffusionParams.from_dir(model_dir)  # the sampler's (given: vLLM's --generation-config)
