@@ -66,7 +66,8 @@ class Session:
         self.template_kwargs = {"enable_thinking": True} if think else {}
         self.thoughts = ThoughtSplitter.for_tokenizer(llm.tokenizer)
         self.engine = Engine(llm.model, EngineConfig(max_batch=1, max_model_len=None, prefill_chunk=prefill_chunk,
-                                                     prefix_caching=True, kv_cache_dtype=kv_cache_dtype),
+                                                     prefix_caching=True, kv_cache_dtype=kv_cache_dtype,
+                                                     sampler_impl=llm.sampler_impl),
                              history_depth=max(1, llm.defaults.stability_threshold)).start()
 
     def reply(self, messages: list, params, on_draft=None):

@@ -36,15 +36,22 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True):
 
 
 def add_load_args(p: argparse.ArgumentParser):
-    """--device, --dtype and --quantization: how a checkpoint is loaded (LLM / load_model arguments)."""
+    """--device, --dtype, --quantization and --sampler-impl: how a checkpoint is loaded and run (LLM
+    arguments)."""
     from .quant import QUANTIZATIONS
+    from .sampling.samplers import SAMPLER_IMPLS
 
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, type=lambda s: None if s == "auto" else s,
-                   help="float32 | bfloat16 | float16 | auto (default: bf16 on GPU, fp32 on CPU)")
+                   help="float32 | bfloat16 | float16 | auto (default: bf16 on GPU; on CPU bf16 for a bf16 "
+                        "checkpoint when the CPU has AMX / AVX512-BF16, else fp32)")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="quantise attention, MLP and expert weights while loading: fp8 (Hopper), or int4 "
                         "(weight-only, group 128: 14.5 GB for the 26B-A4B model)")
+    p.add_argument("--sampler-impl", default="auto", choices=SAMPLER_IMPLS,
+                   help="how denoising steps draw their samples: auto (fused kernels on a GPU; on a CPU one uniform "
+                        "per position by inverse CDF) or reference (torch.multinomial, as transformers draws: its "
+                        "very tokens for the same seed, slower)")
 
 
 def add_kv_dtype_arg(p: argparse.ArgumentParser):
@@ -65,7 +72,7 @@ def load_llm(args):
 
     loras = {"lora": args.lora} if getattr(args, "lora", None) else None
     return LLM(args.model_dir, device=args.device, dtype=args.dtype, quantization=args.quantization,
-               lora_modules=loras, revision=args.revision)
+               lora_modules=loras, revision=args.revision, sampler_impl=args.sampler_impl)
 
 
 def _generate(args) -> int:

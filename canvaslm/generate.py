@@ -23,7 +23,7 @@ from .kv_cache import KVCache
 from .multimodal import encoder_images
 from .sampling import logit_bias
 from .sampling.penalties import penalty_state
-from .sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
+from .sampling.samplers import SAMPLER_IMPLS, CanvasState, SamplerParams, entropy_bound_step, randint
 from .sampling.stopping import new_history
 
 
@@ -83,22 +83,27 @@ def batch_geometry(rows: list[RowRequest], C: int) -> tuple[int, int]:
 
 def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None = None,
                   on_commit: Callable | None = None, geometry: tuple[int, int] | None = None,
-                  drop_stopped: bool = True) -> list[RowResult]:
+                  drop_stopped: bool = True, sampler_impl: str = "auto") -> list[RowResult]:
     """Generate for a batch of rows. gens: one torch.Generator shared by the batch, or one per row.
     geometry: (prompt columns, KV cache length) at least what the rows need; the default is exactly
     that. Results depend on it in the last bits (the reduction lengths), so a batch split into parts
     that keep the whole batch's geometry gives the whole batch's outputs. Rows may use different LoRA
     adapters of the model (`RowRequest.lora`). drop_stopped: with one generator per row, a row whose canvas
     stopped leaves the decoder calls until the next canvas (False: every row runs every step, as with a
-    shared generator; the outputs are the same)."""
+    shared generator; the outputs are the same). sampler_impl: how each step draws its samples
+    (`samplers.SAMPLER_IMPLS`; "reference" gives `transformers`' tokens for the same generator)."""
     from .lora_serving import with_adapter
 
+    if sampler_impl not in SAMPLER_IMPLS:
+        raise GenerationError(f"sampler_impl={sampler_impl!r}; expected one of {SAMPLER_IMPLS}")
     return with_adapter(model, [r.lora for r in rows],
-                        lambda m: _generate_rows(m, rows, gens, on_draft, on_commit, geometry, drop_stopped))
+                        lambda m: _generate_rows(m, rows, gens, on_draft, on_commit, geometry, drop_stopped,
+                                                 sampler_impl))
 
 
 @torch.no_grad()
-def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stopped=True) -> list[RowResult]:
+def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stopped=True,
+                   sampler_impl="auto") -> list[RowResult]:
     cfg = model.cfg
     device = model.embed_weight.device
     C, V, B = cfg.canvas_length, cfg.vocab_size, len(rows)
@@ -174,7 +179,8 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
                     penalties[b].apply(logits[j], st.argmax[b] if step else None)
                 if thoughts[b] is not None:
                     thoughts[b].apply(logits[j], k * C)
-            new = entropy_bound_step(logits, sub, sub_sp, sub_gens, V, logit_mask=sub_mask, pinned=sub_pinned)
+            new = entropy_bound_step(logits, sub, sub_sp, sub_gens, V, logit_mask=sub_mask, pinned=sub_pinned,
+                                     impl=sampler_impl)
             del logits
             new.sc_logits = new.sc_logits.to(model.embed_weight.dtype)
             st = new if ix is None else _merge_rows(st, ix, new)

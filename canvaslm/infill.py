@@ -94,7 +94,7 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
             for p, pins in candidates(base, suffix_ids, gaps, eos, llm.pad_id, llm.tokenizer)]
     seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
     gens = [llm._generator(seed + i) for i in range(len(rows))]
-    outs = generate_rows(llm.model, rows, gens)
+    outs = generate_rows(llm.model, rows, gens, sampler_impl=llm.sampler_impl)
     middles = [o.token_ids[:g] for o, g in zip(outs, gaps)]
     scores = with_adapter(llm.model, lora,  # ranked by the model that wrote them
                           lambda m: score_continuations(m, prompt_ids, [mid + list(suffix_ids) for mid in middles]))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model, parse_dtype
+from .checkpoint import default_dtype, load_model, parse_dtype
 from .config import DiffusionParams
 from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
 from .hub import resolve_model
@@ -153,21 +153,23 @@ def default_device() -> str:
 class LLM:
     def __init__(self, model_dir: str | Path | None = None, device: str | None = None, dtype=None,
                  progress: bool | None = None, quantization: str | None = None, max_batch: int = 64,
-                 lora_modules=None, revision: str | None = None):
+                 lora_modules=None, revision: str | None = None, sampler_impl: str = "auto"):
         """quantization: None (the checkpoint's dtype), "fp8" or "int4" (W4A16), applied while loading.
         max_batch: rows per generation batch; `generate` runs longer prompt lists in batches of this size
         (the KV cache is sized per batch), which changes no output of a seeded request.
         lora_modules: LoRA adapters to serve beside the base ({name: PEFT adapter dir}, or [(name, dir)]);
         a request picks one with `SamplingParams(lora=name)`, and a batch may mix them.
         model_dir: a checkpoint directory, or a Hugging Face repo id (at `revision`) read from the HF cache
-        and downloaded when missing (canvaslm.hub); None: the bundled Sudoku model."""
+        and downloaded when missing (canvaslm.hub); None: the bundled Sudoku model.
+        sampler_impl: how denoising steps draw their samples: "auto" (one uniform per position by inverse CDF
+        on a CPU, the fused kernels on a GPU) or "reference" (`torch.multinomial`, as `transformers` draws:
+        its very tokens for the same seed, at the cost of an exponential per vocabulary entry and position)."""
+        self.sampler_impl = _checked_sampler_impl(sampler_impl)
         adapters = _adapters(lora_modules)  # read (and checked) before the model loads
         self.max_batch = _checked_max_batch(max_batch)
         self.model_dir = resolve_model(model_dir, revision) if model_dir is not None else BUNDLED_MODEL
         self.device = device or default_device()
-        if dtype is None:
-            dtype = "bfloat16" if str(self.device).startswith("cuda") else "float32"
-        self.dtype = parse_dtype(dtype)
+        self.dtype = parse_dtype(dtype if dtype is not None else default_dtype(self.device, self.model_dir))
         self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype, progress=progress,
                                 quantization=quantization)
         self.cfg = self.model.cfg
@@ -180,12 +182,13 @@ class LLM:
 
     @classmethod
     def from_model(cls, model, defaults: DiffusionParams | None = None, tokenizer=None, max_batch: int = 64,
-                   lora_modules=None) -> "LLM":
+                   lora_modules=None, sampler_impl: str = "auto") -> "LLM":
         """An LLM around a model already in memory (built in Python, just trained, random weights for a
         benchmark): no checkpoint is read. `defaults`: the sampler defaults (generation_config.json's
         role; default: DiffusionParams()); `tokenizer`: a canvaslm Tokenizer, or None for token ids."""
         llm = cls.__new__(cls)
         llm.max_batch, llm.model, llm.cfg = _checked_max_batch(max_batch), model, model.cfg
+        llm.sampler_impl = _checked_sampler_impl(sampler_impl)
         llm.model_dir = "the in-memory model (LLM.from_model)"  # only error messages name it
         llm.device, llm.dtype = model.embed_weight.device, model.embed_weight.dtype
         llm.defaults, llm.tokenizer = defaults or DiffusionParams(), tokenizer
@@ -346,7 +349,7 @@ class LLM:
         B = self.max_batch
         if generator is not None or on_draft is not None or len(rows) <= B:
             g = generator if generator is not None else (gens[0] if len(gens) == 1 else gens)
-            outs = generate_rows(self.model, rows, g, on_draft=on_draft)
+            outs = generate_rows(self.model, rows, g, on_draft=on_draft, sampler_impl=self.sampler_impl)
         else:
             # every batch keeps the whole list's geometry, so outputs equal one big batch's bit for bit
             geometry, outs = batch_geometry(rows, self.cfg.canvas_length), []
@@ -354,7 +357,7 @@ class LLM:
                 for i in range(0, len(rows), B):
                     chunk = gens[i:i + B]
                     outs += generate_rows(self.model, rows[i:i + B], chunk[0] if len(chunk) == 1 else chunk,
-                                          geometry=geometry)
+                                          geometry=geometry, sampler_impl=self.sampler_impl)
                     bar.update(len(chunk))
         return [GenerationResult(r.prompt_ids, o.token_ids, self.decode(o.token_ids), o.finish_reason,
                                  o.tokens_per_forward, o.decoder_passes) for r, o in zip(rows, outs)]
@@ -438,7 +441,8 @@ class LLM:
                                   "positions the longest request needs")
         depth = max(1, max(r.params.stability_threshold for r in rows))
         engine = Engine(self.model, EngineConfig(max_batch=max_batch, max_model_len=max_model_len,
-                                                 prefix_caching=prefix_caching, prefill_chunk=prefill_chunk),
+                                                 prefix_caching=prefix_caching, prefill_chunk=prefill_chunk,
+                                                 sampler_impl=self.sampler_impl),
                         history_depth=depth).start()
         seeds = [sp.seed if sp.seed is not None else random.randrange(2**62) for sp in plist]
 
@@ -667,6 +671,14 @@ def _checked_max_batch(max_batch) -> int:
     if not isinstance(max_batch, int) or max_batch < 1:
         raise GenerationError(f"LLM(max_batch={max_batch!r}): expected an int >= 1")
     return max_batch
+
+
+def _checked_sampler_impl(impl) -> str:
+    from .sampling.samplers import SAMPLER_IMPLS
+
+    if impl not in SAMPLER_IMPLS:
+        raise GenerationError(f"LLM(sampler_impl={impl!r}): expected one of {SAMPLER_IMPLS}")
+    return impl
 
 
 def _prompt_list(prompts, attention_mask: torch.Tensor | None = None) -> list:

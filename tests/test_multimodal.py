@@ -213,7 +213,7 @@ def test_llm_generate_with_images_matches_the_reference(vision_checkpoint, seed)
     from canvaslm.llm import LLM, SamplingParams
 
     path, ref = vision_checkpoint
-    llm = LLM(path, device="cpu")
+    llm = LLM(path, device="cpu", sampler_impl="reference")  # transformers' draws
     imgs = [random_image(70, 50, seed), random_image(40, 90, seed + 10)]
     text = image_prompt([], text_len=4, seed=seed)
     ids = text + [IMG] + text[:2] + [IMG] + text[:3]
@@ -373,7 +373,7 @@ def test_mm_processor_kwargs_set_an_images_token_budget(vision_checkpoint):
     from canvaslm.llm import LLM, SamplingParams
 
     path, ref = vision_checkpoint
-    llm = LLM(path, device="cpu")
+    llm = LLM(path, device="cpu", sampler_impl="reference")  # transformers' draws
     img = random_image(200, 120, 3)
     ids, C = [5, 9, IMG, 11], llm.cfg.canvas_length
     sp = SamplingParams(max_new_tokens=C, max_denoising_steps=4, seed=1)

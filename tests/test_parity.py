@@ -112,7 +112,7 @@ def _cut(ids, n, eos):
 @pytest.mark.parametrize("steps", [3, 10])
 def test_seeded_generation_is_token_identical(reference, seed, steps):
     name, path, ref = reference
-    llm = LLM(path, device="cpu")
+    llm = LLM(path, device="cpu", sampler_impl="reference")  # transformers' draws (auto draws by inverse CDF)
     C = llm.cfg.canvas_length
     n_new = 3 * C + C // 2  # several canvases, the last one partial
     prompt = _prompt(2 * llm.cfg.sliding_window + 1, llm.cfg.vocab_size, seed + 10)
@@ -129,7 +129,7 @@ def test_seeded_generation_is_token_identical(reference, seed, steps):
 @pytest.mark.parametrize("seed", [0, 3])
 def test_batch_generation_matches_left_padded_reference(reference, seed):
     name, path, ref = reference
-    llm = LLM(path, device="cpu")
+    llm = LLM(path, device="cpu", sampler_impl="reference")
     C, V = llm.cfg.canvas_length, llm.cfg.vocab_size
     a, b = _prompt(4, V, seed + 20), _prompt(11, V, seed + 21)
     ids = torch.tensor([[0] * 7 + a, b])
@@ -156,7 +156,7 @@ def test_cli_generate_matches_reference(reference):
         want = _cut(out.sequences[0, 9:].tolist(), n_new, {1})
         res = subprocess.run([sys.executable, "-m", "canvaslm.cli", "generate", str(path), "--prompt-ids",
                               ",".join(map(str, prompt)), "--max-new-tokens", str(n_new), "--steps", str(steps),
-                              "--seed", str(seed), "--device", "cpu", "--json"],
+                              "--seed", str(seed), "--device", "cpu", "--json", "--sampler-impl", "reference"],
                              capture_output=True, text=True, check=True)
         got = json.loads(res.stdout)
         assert got["token_ids"] == want

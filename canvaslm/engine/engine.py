@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DiffusionParams
+from ..sampling.samplers import SAMPLER_IMPLS
 from .request import RequestState
 from .runner import Runner
 from .scheduler import Scheduler, StepResult
@@ -69,8 +70,14 @@ class EngineConfig:
     # weights included; what is left of it, less 2 GiB for activations, is the KV cache's (kv_budget).
     # None: the free memory less a reserve of max(2 GiB, a tenth of the device)
     memory_utilization: float | None = None
+    # how each denoising step draws its samples (samplers.SAMPLER_IMPLS): "auto" (fused on CUDA, one uniform
+    # per position by inverse CDF elsewhere) or "reference" (torch.multinomial: `transformers`' tokens for
+    # the same seed, the draw costing V exponentials per position)
+    sampler_impl: str = "auto"
 
     def __post_init__(self):
+        if self.sampler_impl not in SAMPLER_IMPLS:
+            raise ValueError(f"EngineConfig.sampler_impl={self.sampler_impl!r}; expected one of {SAMPLER_IMPLS}")
         if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
             raise ValueError(f"EngineConfig.memory_utilization={self.memory_utilization!r}; expected a share in "
                              "(0, 1], e.g. 0.9")
@@ -361,7 +368,7 @@ class Engine:
                              f"a prefill chunk ({config.prefill_chunk})")
         self.runner = Runner(model, config.slots, config.max_model_len, history_depth=history_depth,
                              prefix_caching=self.prefix_caching, host_worker=config.constraint_worker,
-                             prefix_store_len=store_len, kv_dtype=dtype)
+                             prefix_store_len=store_len, kv_dtype=dtype, sampler_impl=config.sampler_impl)
         self.scheduler = Scheduler(config.max_batch, config.kv_budget, config.slots, config.prefill_chunk,
                                    cfg.canvas_length, max_wait_plans=config.max_wait_plans,
                                    prefix_caching=self.prefix_caching, prefix_store=self.runner.cache.bounded_store())

@@ -41,7 +41,7 @@ from ..multimodal import encoder_images
 from ..sampling import logit_bias as bias_lib
 from ..sampling.penalties import PenaltyState, penalty_state
 from ..sampling.thinking import ThinkingBudget, ThoughtTracker
-from ..sampling.samplers import CanvasState, SamplerParams, entropy_bound_step, randint
+from ..sampling.samplers import SAMPLER_IMPLS, CanvasState, SamplerParams, entropy_bound_step, randint
 from .scheduler import EncodeItem, StepPlan, StepResult
 
 log = logging.getLogger("canvaslm.engine")
@@ -96,10 +96,11 @@ class RunnerError(ValueError):
 class Runner:
     def __init__(self, model, num_slots: int, max_model_len: int, history_depth: int = 1,
                  prefix_caching: bool = False, host_worker: bool | None = None, prefix_store_len: int | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, sampler_impl: str = "auto"):
         """prefix_caching: the cache keeps what `StepPlan.reuse` needs (the prefix store: a longer copy of
         the sliding rings, `prefix_store_len` positions; None: every position). kv_dtype: what the cache
-        stores K and V in (default: the model's dtype; kv_cache).
+        stores K and V in (default: the model's dtype; kv_cache). sampler_impl: how each step draws its
+        samples (`samplers.SAMPLER_IMPLS`).
         host_worker: constraint masks and commit passes on a worker thread (False: inside the step). None:
         on where the model is on a GPU, whose steps are short next to that work; on a CPU a step takes
         about as long, and a request that waits for its work then waits out a whole step too
@@ -108,7 +109,9 @@ class Runner:
         if num_slots < 1 or max_model_len <= cfg.canvas_length:
             raise RunnerError(f"Runner: num_slots={num_slots} must be >= 1 and max_model_len={max_model_len} "
                               f"must exceed canvas_length={cfg.canvas_length}")
-        self.model, self.cfg = model, cfg
+        if sampler_impl not in SAMPLER_IMPLS:
+            raise RunnerError(f"Runner: sampler_impl={sampler_impl!r}; expected one of {SAMPLER_IMPLS}")
+        self.model, self.cfg, self.sampler_impl = model, cfg, sampler_impl
         self.device, self.dtype = model.embed_weight.device, model.embed_weight.dtype
         self.num_slots, self.max_model_len, self.history_depth = num_slots, max_model_len, history_depth
         C, d, S = cfg.canvas_length, cfg.hidden_size, num_slots
@@ -412,7 +415,7 @@ class Runner:
         st = CanvasState(canvas, self.argmax.index_select(0, slots), None,
                          torch.zeros(B, dtype=torch.bool, device=self.device),
                          self.history.index_select(0, slots), sp.n_steps - steps.to(sp.n_steps.dtype))
-        new = entropy_bound_step(logits, st, sp, gens, V, logit_mask=allowed, pinned=pinned)
+        new = entropy_bound_step(logits, st, sp, gens, V, logit_mask=allowed, pinned=pinned, impl=self.sampler_impl)
         del logits
         self.canvas.index_copy_(0, slots, new.canvas)
         self.argmax.index_copy_(0, slots, new.argmax)

@@ -44,6 +44,43 @@ def categorical(probs: torch.Tensor, gens, active=None) -> torch.Tensor:
                     0, probs.device)
 
 
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Sample ids [N] from probs [N, V] (non-negative rows, zeros allowed) at uniforms u [N] in [0, 1): the first
+    id whose cumulative probability passes u * the row's total. Two levels, so nothing vocabulary-sized is
+    cumulated in float64: block sums of `block` ids pick the block, a float64 cumsum inside it the id; an id
+    of probability 0 is never returned."""
+    N, V = probs.shape
+    nb, tail = divmod(V, block)
+    sums = probs[:, :nb * block].reshape(N, nb, block).sum(-1).double()  # float32 pairwise sums, cumulated in f64
+    if tail:
+        sums = torch.cat([sums, probs[:, nb * block:].sum(-1, keepdim=True).double()], dim=1)
+    cum = sums.cumsum(-1)  # [N, blocks]
+    target = (u.double() * cum[:, -1])[:, None]  # [N, 1]
+    j = torch.searchsorted(cum, target, right=True).clamp_(max=cum.shape[1] - 1)  # the block
+    rest = target - torch.where(j > 0, cum.gather(1, (j - 1).clamp(min=0)), torch.zeros_like(target))
+    ids = j * block + torch.arange(block, device=probs.device)  # [N, block]
+    inside = ids < V
+    inner = torch.where(inside, probs.gather(1, ids.clamp(max=V - 1)).double(), 0.0)
+    k = torch.searchsorted(inner.cumsum(-1), rest, right=True)
+    last = block - 1 - (inner.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True)  # rounding past the end
+    return (j * block + torch.minimum(k, last)).squeeze(1)
+
+
+def categorical_cdf(probs: torch.Tensor, gens, active=None) -> torch.Tensor:
+    """One sample per position from probs [B, C, V] by inverse CDF: one float64 uniform per position where
+    `torch.multinomial` draws an exponential for every vocabulary entry (V per position; on a CPU that draw
+    costs about a decoder step of a small model). The same distribution, other random numbers."""
+    B, C, V = probs.shape
+    dev = probs.device
+    if not isinstance(gens, (list, tuple)):
+        u = torch.rand(B * C, generator=gens, dtype=torch.float64, device=dev)
+    else:
+        keep = [True] * B if active is None else active.tolist()
+        u = torch.cat([torch.rand(C, generator=g, dtype=torch.float64, device=dev) if keep[b]
+                       else torch.zeros(C, dtype=torch.float64, device=dev) for b, g in enumerate(gens)])
+    return inverse_cdf(probs.reshape(B * C, V), u).view(B, C)
+
+
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position, [B, C, V] -> [B, C] (float32)."""
     norm = logits - logits.logsumexp(dim=-1, keepdim=True)
@@ -56,6 +93,10 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Te
     sorted_h, order = torch.sort(entropy, dim=-1)
     chosen = torch.cumsum(sorted_h, dim=-1) - sorted_h <= bound[:, None]
     return torch.zeros_like(chosen).scatter(-1, order, chosen)
+
+
+# how a step draws its samples (entropy_bound_step's impl); "auto": fused on CUDA, cdf elsewhere
+SAMPLER_IMPLS = ("auto", "reference", "cdf", "fused")
 
 
 @dataclass
@@ -104,9 +145,13 @@ def entropy_bound_step(logits: torch.Tensor, st: CanvasState, p: SamplerParams, 
     """One denoising step of the reference sampler.
 
     logit_mask: optional bool [B, C, V] of allowed tokens; pinned: optional [B, C] token ids (-1 = free)
-    that are always accepted and never renoised. impl: "reference" (this code), "fused"
-    (`sampling.fused`: streamed over the vocabulary, Gumbel-max sampling) or "auto" (fused on CUDA).
+    that are always accepted and never renoised. impl (SAMPLER_IMPLS): "reference" (this code, drawing with
+    `torch.multinomial` as the reference does: the same tokens as `transformers` for the same generator),
+    "cdf" (this code, drawing by inverse CDF: `categorical_cdf`), "fused" (`sampling.fused`: streamed over
+    the vocabulary, Gumbel-max sampling) or "auto" (fused on CUDA, cdf elsewhere).
     """
+    if impl not in SAMPLER_IMPLS:
+        raise ValueError(f"sampler impl {impl!r}; expected one of {SAMPLER_IMPLS}")
     if impl == "fused" or (impl == "auto" and logits.is_cuda):
         from .fused import fused_entropy_bound_step
 
@@ -120,7 +165,7 @@ def entropy_bound_step(logits: torch.Tensor, st: CanvasState, p: SamplerParams, 
         proc = proc.masked_fill(~logit_mask, float("-inf"))
     probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
     active = ~st.finished if isinstance(gens, (list, tuple)) else None
-    sample = categorical(probs, gens, active)
+    sample = (categorical if impl == "reference" else categorical_cdf)(probs, gens, active)
     del probs
     argmax = proc.argmax(dim=-1)
     entropy = token_entropy(proc)

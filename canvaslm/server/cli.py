@@ -112,7 +112,8 @@ def _engine_config(args):
     return EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len,
                         prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching,
                         prefix_store_len=args.prefix_store_len,
-                        kv_cache_dtype=args.kv_cache_dtype, memory_utilization=args.gpu_memory_utilization)
+                        kv_cache_dtype=args.kv_cache_dtype, memory_utilization=args.gpu_memory_utilization,
+                        sampler_impl=args.sampler_impl)
 
 
 def _add_store_arg(p) -> None:

@@ -10,7 +10,7 @@ from canvaslm.llm import SamplingParams
 from canvaslm.sampling.constraints import PinnedConstraint
 
 # canvaslm generate on make_tiny_checkpoint(), prompt "hi there", 40 tokens, 4 steps, recorded before
-# constraints existed in generate.py
+# constraints existed in generate.py (with torch.multinomial's draws: sampler_impl="reference")
 STORED = {
     0: [79, 13, 37, 49, 44, 39, 38, 14, 42, 61, 29, 42, 55, 73, 96, 39, 55, 83, 58, 10, 37, 37, 58, 76, 54, 54,
         83, 73, 39, 72, 37, 18, 53, 83, 21, 83, 39, 12, 33, 90],
@@ -22,7 +22,10 @@ STORED = {
 @pytest.mark.parametrize("seed", sorted(STORED))
 @pytest.mark.parametrize("constraint", [None, PinnedConstraint({})], ids=["none", "empty"])
 def test_matches_stored_unconstrained_run(tiny_llm, seed, constraint):
-    r = tiny_llm.generate("hi there", SamplingParams(seed=seed, max_new_tokens=40, max_denoising_steps=4,
+    from canvaslm.llm import LLM
+
+    llm = LLM.from_model(tiny_llm.model, tiny_llm.defaults, tiny_llm.tokenizer, sampler_impl="reference")
+    r = llm.generate("hi there", SamplingParams(seed=seed, max_new_tokens=40, max_denoising_steps=4,
                                                      constraint=constraint))[0]
     assert r.token_ids == STORED[seed]
 
@@ -32,7 +35,7 @@ def test_empty_constraint_matches_transformers(tmp_path):
     from tests.conftest import build_reference
 
     ref = build_reference(tmp_path, "window8_canvas16")
-    llm = LLM(tmp_path, device="cpu")
+    llm = LLM(tmp_path, device="cpu", sampler_impl="reference")  # transformers' draws
     prompt = [5, 17, 9, 33, 2, 71, 8]
     n_new = 40
     torch.manual_seed(1)

@@ -36,7 +36,8 @@ def _llm(args):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    return LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+               sampler_impl=getattr(args, "sampler_impl", "auto"))
 
 
 def _solve(args) -> int:
