@@ -16,6 +16,7 @@ from .config import DiffusionParams
 from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
 from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
+from .sampling.regex import PaddedSlotConstraint
 from .sampling.thinking import ThinkingBudget, answer_room, answer_time, closed_thought, thought_reserve, thought_room
 
 BUNDLED_MODEL = Path(__file__).parent / "recipes" / "sudoku" / "model"
@@ -374,11 +375,16 @@ class LLM:
         rows, C, limit = self.rows(prompts, sps), self.cfg.canvas_length, self.cfg.max_position_embeddings
         first = {}  # row index -> the thought's row
         for i, (r, sp) in enumerate(zip(rows, sps)):
-            reserve = thought_reserve(sp.thinking_token_budget, sp.max_new_tokens)
-            if split is not None and reserve and (sp.json_object or sp.regex or sp.grammar):  # as wide as max_new
-                r = self._row(prompts[i], dataclasses.replace(sp, max_new_tokens=sp.max_new_tokens - reserve))
-                rows[i] = r = dataclasses.replace(r, params=dataclasses.replace(
-                    r.params, max_new_tokens=sp.max_new_tokens))
+            if split is not None and isinstance(r.constraint, PaddedSlotConstraint):  # as wide as max_new_tokens
+                total = r.params.max_new_tokens
+                reserve = thought_reserve(sp.thinking_token_budget, total, r.constraint.shortest() + 1)
+                try:  # narrowed to leave the thought its room; never refused for it (the answer alone then)
+                    if reserve:
+                        narrow = self._row(prompts[i], dataclasses.replace(sp, max_new_tokens=total - reserve))
+                        rows[i] = r = dataclasses.replace(narrow, params=dataclasses.replace(
+                            narrow.params, max_new_tokens=total))
+                except GenerationError:
+                    pass
             c = r.constraint
             room = thought_room(c, r.params.max_new_tokens, len(r.prompt_ids), limit, C)
             if c is not None and split is not None and room > 0:

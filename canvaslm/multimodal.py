@@ -31,6 +31,22 @@ class ImageError(ValueError):
     """An image or an image prompt that cannot be used (bad data, wrong placeholder count, no vision)."""
 
 
+DETAILS = (None, "auto", "low", "high")  # OpenAI's image detail values
+
+
+def checked_details(details, n: int) -> list:
+    """Per-image details for n images: None (the request's budget for all) or a list of n DETAILS values;
+    anything else is an ImageError that names image_details."""
+    if details is None:
+        return [None] * n
+    if not isinstance(details, (list, tuple)) or len(details) != n:
+        raise ImageError(f"image_details must be a list with one entry per image ({n}), got {details!r}")
+    bad = [d for d in details if d not in DETAILS]
+    if bad:
+        raise ImageError(f"image_details: {bad[0]!r} is not a detail; expected one of {DETAILS}")
+    return list(details)
+
+
 @dataclass(frozen=True)
 class ImageInputs:
     """A prompt's images, ready for the encoder."""
@@ -247,10 +263,10 @@ class Vision:
         if self.max_images is not None and len(sources) > self.max_images:
             raise ImageError(f"{len(sources)} images in one prompt, over the limit of {self.max_images} "
                              "(--limit-mm-per-prompt)")
+        details = checked_details(details, len(sources))
         processor = self.processor_for(processor_kwargs)
         low = dataclasses.replace(processor, max_soft_tokens=LOW_DETAIL_TOKENS)
-        processed = self.load(sources, [low if d == "low" else processor
-                                        for d in (details or [None] * len(sources))])
+        processed = self.load(sources, [low if d == "low" else processor for d in details])
         ids = self._expand(ids, [p.num_soft_tokens for p in processed])
 
         embeds = torch.cat([self.encode(p) for p in processed])

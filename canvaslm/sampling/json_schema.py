@@ -302,25 +302,26 @@ SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
 
 
-def closed_objects(schema):
-    """`schema` with additionalProperties false on every object schema that does not set it (vLLM's
-    disable_additional_properties); only schema positions are visited, never enum / const / default values
-    or the names in a properties map."""
+def closed_objects(schema, _in_all_of: bool = False):
+    """`schema` with additionalProperties false on every object schema that lists properties (or
+    patternProperties) and does not set it, outside allOf (whose branches each see only part of the object):
+    vLLM's disable_additional_properties. Free-form objects stay open; only schema positions are visited,
+    never enum / const / default values or the names in a properties map."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
+    inside = _in_all_of or isinstance(out.get("allOf"), list)
     for key in SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+            out[key] = {name: closed_objects(sub, inside) for name, sub in out[key].items()}
     for key in SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [closed_objects(sub) for sub in out[key]]
+            out[key] = [closed_objects(sub, inside) for sub in out[key]]
     for key in SUBSCHEMAS:
         if isinstance(out.get(key), dict):
-            out[key] = closed_objects(out[key])
-    kind = out.get("type")
-    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in out
-    if is_object and "additionalProperties" not in out:
+            out[key] = closed_objects(out[key], inside)
+    lists = isinstance(out.get("properties"), dict) or isinstance(out.get("patternProperties"), dict)
+    if lists and not inside and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
 

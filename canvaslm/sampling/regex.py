@@ -65,6 +65,22 @@ class PaddedSlotConstraint(OneSlotConstraint):
         if not bool(self.dfa.coreach(width)[width, self.dfa.start]):
             raise ConstraintError(no_fit)
 
+    def shortest(self) -> int:
+        """The fewest tokens a value takes (its EOS padding not counted): the narrowest slot that holds one."""
+        trans, accept = self.dfa.trans, self.dfa.accept
+        seen = torch.zeros(trans.shape[0], dtype=torch.bool)
+        seen[self.dfa.start] = True
+        frontier = seen.clone()
+        for n in range(self.width + 1):  # breadth first: n tokens from the start
+            if (frontier & accept).any():
+                return n
+            reached = trans[frontier].flatten()
+            frontier = torch.zeros_like(seen)
+            frontier[reached[reached >= 0]] = True
+            frontier &= ~seen
+            seen |= frontier
+        return self.width  # not reached: the constructor checked that a value fits
+
 
 class RegexConstraint(PaddedSlotConstraint):
     def __init__(self, pattern, tokenizer, width: int = DEFAULT_TOKENS, field: str = "regex",

@@ -134,14 +134,16 @@ def thought_room(constraint, max_new_tokens: int, prompt_len: int, max_len: int,
                       (max_len - prompt_len - 1) // C * C))
 
 
-def thought_reserve(budget_tokens: int | None, max_new_tokens: int | None) -> int:
+def thought_reserve(budget_tokens: int | None, max_new_tokens: int | None, need: int = 2) -> int:
     """Tokens an output as wide as max_new_tokens (JSON mode, a regex, a grammar) leaves for a thought before
-    it: the budget and its two markers, or half of max_new_tokens without a budget; 0 when that leaves the
-    output under 2 tokens (or max_new_tokens is not given)."""
+    it: the budget and its two markers, or half of max_new_tokens without a budget, cut so that the output
+    keeps the `need` tokens its shortest answer takes (with its EOS); 0 when that leaves no room for the two
+    markers (or max_new_tokens is not given)."""
     if not max_new_tokens:
         return 0
     reserve = budget_tokens + 2 if budget_tokens is not None else max_new_tokens // 2
-    return reserve if max_new_tokens - reserve >= 2 else 0
+    reserve = min(reserve, max_new_tokens - need)
+    return reserve if reserve >= 2 else 0
 
 
 def answer_time(max_time: float | None, thought_seconds: float) -> float | None:

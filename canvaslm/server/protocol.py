@@ -12,11 +12,12 @@ needs a parser for the model's own call syntax, which this server does not have,
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from ..sampling.json_schema import closed_objects, json_value
+from ..sampling.json_schema import closed_objects
 from ..tokenizer import tool_arguments_as_objects
 
 # encode_chat arguments that chat_template_kwargs may not set: each has its own request field
@@ -150,6 +151,7 @@ class _Common(_Strict):
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's (v0.12+): json, regex, choice, "
                                                          "grammar or json_object; fills the guided_* field it names")
     _renamed: dict = PrivateAttr(default_factory=dict)  # guided_* field -> the structured_outputs key that set it
+    _closed: bool = PrivateAttr(default=False)  # structured_outputs.disable_additional_properties
 
     @model_validator(mode="after")
     def _structured(self):
@@ -162,10 +164,9 @@ class _Common(_Strict):
                 if getattr(self, guided, None) is not None:
                     raise ValueError(f"structured_outputs.{key.removesuffix('_schema')} and {guided} both constrain "
                                      "the output; send one")
-                if key == "json_schema" and so.disable_additional_properties:
-                    value = closed_objects(json_value(value, "structured_outputs.json"))
                 setattr(self, guided, value)
                 self._renamed[guided] = f"structured_outputs.{key.removesuffix('_schema')}"
+        self._closed = bool(so.disable_additional_properties)
         if so.json_object:
             if self.response_format is not None and self.response_format.type != "text":
                 raise ValueError("structured_outputs.json_object and response_format both constrain the output; "
@@ -177,6 +178,17 @@ class _Common(_Strict):
     def field_name(self, name: str) -> str:
         """How the request named the constraint field `name` (structured_outputs.json for guided_json, ...)."""
         return self._renamed.get(name, name)
+
+    def as_named(self, message: str) -> str:
+        """`message` with every constraint field it names named as the request named it."""
+        for ours, theirs in self._renamed.items():
+            message = re.sub(rf"(?<![\w.]){re.escape(ours)}(?![\w])", theirs, message)
+        return message
+
+    def json_schema_of(self, schema: dict) -> dict:
+        """A guided_json schema as the constraint takes it: closed where structured_outputs asked for
+        disable_additional_properties (vLLM's rule, json_schema.closed_objects)."""
+        return closed_objects(schema) if self._closed else schema
 
     def constraint_fields(self) -> list[str]:
         """The output constraints this body sets, in the order errors name them: vLLM's guided_* fields,

@@ -27,6 +27,7 @@ from ..generate import GenerationError
 from ..llm import SamplingParams
 from ..multimodal import ImageError, ImagePrompt
 from ..sampling import logit_bias
+from ..sampling.regex import PaddedSlotConstraint
 from ..sampling.thinking import (ThinkingBudget, answer_need, answer_room, answer_time, closed_thought, thought_reserve,
                                  thought_room)
 from .protocol import _Common
@@ -306,12 +307,25 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
     return params
 
 
-def build_constraint(state: ServerState, body: _Common, reserve: int = 0):
+def _named_errors(body: _Common, build):
+    """build(), its APIError naming each constraint field as the request named it (structured_outputs.json
+    for guided_json, ...)."""
+    try:
+        return build()
+    except APIError as e:
+        e.message = body.as_named(e.message)
+        if e.param is not None:
+            e.param = body.field_name(e.param)
+        raise
+
+
+def build_constraint(state: ServerState, body: _Common, reserve: int = 0, total: int | None = None):
     """The canvas constraint for a tool call, response_format, guided_json, guided_choice, guided_regex,
-    guided_grammar or pins (one at most), or None. reserve: tokens of max_tokens that an output as wide as
-    max_tokens (JSON mode, a regex, a grammar) leaves for a thought before it."""
+    guided_grammar or pins (one at most), or None. reserve: tokens of the output's `total` (max_tokens, or
+    the default when the request gives none) that an output as wide as max_tokens (JSON mode, a regex, a
+    grammar) leaves for a thought before it."""
     max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
-    width_tokens = max_tokens - reserve if max_tokens else max_tokens
+    width_tokens = (max_tokens or total) - reserve if reserve else max_tokens
     if forced_tool(body) is not None or chosen_tools(body) is not None:
         return _tool_constraint(state, body, max_tokens)
     given = body.constraint_fields()
@@ -339,7 +353,7 @@ def build_constraint(state: ServerState, body: _Common, reserve: int = 0):
                 raise APIError(400, f"guided_json is not valid JSON: {e}", name) from None
         if not isinstance(schema, dict):
             raise APIError(400, f"guided_json must be a JSON schema object, got {type(schema).__name__}", name)
-        return _json_constraint(state, schema, max_tokens, name, name)
+        return _json_constraint(state, body.json_schema_of(schema), max_tokens, name, name)
     if name == "pins":
         return _pinned_constraint(state, body, max_tokens)
     need_tokenizer(state, name)
@@ -586,15 +600,16 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     budget = state.thinking_token_budget if body.thinking_token_budget is None else body.thinking_token_budget
     budget = ThinkingBudget.for_tokenizer(budget, state.tokenizer)
     think_first = thoughts is not None and thinking_on(state, body)
-    max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
-    reserve = thought_reserve(None if budget is None else budget.tokens, max_tokens) if think_first else 0
-    try:
-        constraint = build_constraint(state, body, reserve)
-    except APIError as e:  # named as the request named it (structured_outputs.json for guided_json, ...)
-        if e.param is not None and body.field_name(e.param) != e.param:
-            e.message, e.param = e.message.replace(e.param, body.field_name(e.param)), body.field_name(e.param)
-        raise
+    constraint = _named_errors(body, lambda: build_constraint(state, body))  # what thinking off gets
     think_first = think_first and constraint is not None
+    if think_first and isinstance(constraint, PaddedSlotConstraint):  # as wide as max_tokens: narrowed for a thought
+        total = body.max_tokens or getattr(body, "max_completion_tokens", None) or state.defaults.max_new_tokens
+        reserve = thought_reserve(None if budget is None else budget.tokens, total, constraint.shortest() + 1)
+        if reserve:
+            try:
+                constraint = build_constraint(state, body, reserve, total)
+            except APIError:  # never refused for the thought: the full-width output alone, as with thinking off
+                pass
     if body.min_tokens and (constraint is not None or auto_tools(body)):
         raise APIError(400, "min_tokens cannot be combined with a constrained output or tools (they decide where "
                             "the output ends)", "min_tokens")
@@ -680,8 +695,9 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                 live.discard(ev.request_id)
                 c.decoder_passes += ev.decoder_passes
                 c.seconds += ev.seconds
-                if not c.finished_requests:  # the reply's first request: its prompt is the client's
-                    c.cached_tokens, c.prompt_seconds = ev.cached_tokens, ev.prompt_seconds
+                if not c.finished_requests:  # the reply's first request: its prompt is the client's (a thought's
+                    client = len((c.answer or c.request).prompt_ids)  # has `<|channel>` after it, not counted)
+                    c.cached_tokens, c.prompt_seconds = min(ev.cached_tokens, client), ev.prompt_seconds
                 c.finished_requests += 1
                 if ev.reason in ("error", "cancelled"):
                     raise APIError(500 if ev.reason == "error" else 503,

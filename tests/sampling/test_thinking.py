@@ -462,3 +462,46 @@ def test_a_thought_first_reply_is_one_reply_to_drafts_and_metrics(think_dir, thi
     assert set(drafts) == set(range(-(-thought // C) + -(-answer // C)))  # they number on from the thought's
     # the engine's one prompt: the client's and the reply's opening `<|channel>`
     assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (1, prompt + 1, 1)
+
+
+def test_an_output_as_wide_as_max_tokens_keeps_its_shortest_answer(think_dir, think_llm):
+    """JSON mode and regex outputs are narrowed to leave a thought its budget, but never below their shortest
+    answer: a budget that would leave too little is cut (the request is not refused for its thought), and a
+    request without max_tokens thinks too (the reserve comes out of the default width). A repeated request
+    reports no more cached tokens than its prompt has."""
+    import json
+    import re
+
+    openai = pytest.importorskip("openai")
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    open_id = think_llm.tokenizer.token_to_id(CHANNEL_OPEN)
+    think = {"chat_template_kwargs": {"enable_thinking": True}, "logit_bias": {str(open_id): 100},
+             "max_denoising_steps": 4}
+    msgs = [{"role": "user", "content": "q"}]
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        kw = dict(model=srv.state.model_name, messages=msgs, seed=4)
+        for budget in (15, 16, 17, 30):  # 16 used to leave the object 1 token: a 400
+            r = c.chat.completions.create(**kw, max_tokens=20, response_format={"type": "json_object"},
+                                          extra_body={**think, "thinking_token_budget": budget})
+            assert isinstance(json.loads(r.choices[0].message.content), dict)
+            thought = r.usage.completion_tokens_details.reasoning_tokens
+            assert 2 <= thought <= 20 - 2 and r.usage.completion_tokens <= 20
+        for budget in (12, 20):  # ten letters need ten tokens (one a letter here): never refused
+            r = c.chat.completions.create(**kw, max_tokens=24, extra_body={**think, "thinking_token_budget": budget,
+                                                                          "guided_regex": "[a-z]{10}"})
+            assert re.fullmatch("[a-z]{10}", r.choices[0].message.content)
+        r = c.chat.completions.create(**kw, response_format={"type": "json_object"},  # no max_tokens
+                                      extra_body={**think, "thinking_token_budget": 5})
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+        assert r.usage.completion_tokens_details.reasoning_tokens == 5 + 2
+        again = c.chat.completions.create(**kw, response_format={"type": "json_object"},
+                                          extra_body={**think, "thinking_token_budget": 5})
+        assert again.usage.prompt_tokens_details.cached_tokens <= again.usage.prompt_tokens
+    from canvaslm.llm import SamplingParams
+
+    offline = think_llm.chat(msgs, SamplingParams(seed=4, max_new_tokens=20, json_object=True, thinking_token_budget=16,
+                                                  logit_bias={open_id: 100}, max_denoising_steps=4),
+                             chat_template_kwargs={"enable_thinking": True})
+    assert isinstance(json.loads(offline.text), dict) and offline.reasoning is not None

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import http.server
 import io
+import re
 import threading
 
 import httpx
@@ -594,3 +595,15 @@ def test_llm_chat_takes_detail_low_too(vision_dir):
 
     low, default = prompt_len("low"), prompt_len(None)
     assert low < default and prompt_len("high") == default
+    # LLM.generate's image_details: one entry per image, each an OpenAI detail, or a clear error
+    from canvaslm.generate import GenerationError
+
+    ids = llm.tokenizer.encode("a") + [llm.cfg.image_token_id] * 2
+    ask = {"prompt_token_ids": ids, "multi_modal_data": {"image": [picture, picture]}}
+    sp = SamplingParams(seed=1, max_new_tokens=4)
+    both_low = llm.generate({**ask, "image_details": ["low", "low"]}, sp)[0]
+    assert len(both_low.prompt_ids) < len(llm.generate({**ask, "image_details": ["low", None]}, sp)[0].prompt_ids)
+    for bad, words in ((["low"], "one entry per image (2)"), ("low", "one entry per image (2)"),
+                       (["LOW", "high"], "'LOW' is not a detail")):
+        with pytest.raises(GenerationError, match=re.escape(words)):
+            llm.generate({**ask, "image_details": bad}, sp)

@@ -45,23 +45,30 @@ def test_each_key_matches_its_guided_field(client, structured, guided):
 
 
 def test_disable_additional_properties_closes_open_objects(client):
+    """vLLM's rule: an object schema that lists properties gets additionalProperties false; a free-form object
+    (no properties) and the branches of an allOf (each sees part of the object) stay as they are."""
     from canvaslm.sampling.json_schema import closed_objects
 
-    open_schema = {"type": "object", "properties": {"o": {"type": "object"}}, "required": ["o"]}
-    assert closed_objects(open_schema)["properties"]["o"] == {"type": "object", "additionalProperties": False}
+    open_schema = {"type": "object", "properties": {"o": {"type": "object"}, "p": {"type": "object", "properties": {
+        "x": {"type": "integer"}}}}, "required": ["o", "p"]}
+    closed = closed_objects(open_schema)
+    assert closed["additionalProperties"] is False and closed["properties"]["o"] == {"type": "object"}
+    assert closed["properties"]["p"]["additionalProperties"] is False
+    both = {"allOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"b": {"type": "integer"}}}]}
+    assert closed_objects(both) == both  # closing each branch would reject every object with both keys
     # only schema positions: a property named "properties" (GeoJSON) and enum values stay as they are
     geo = {"type": "object", "properties": {"properties": {"type": "object", "properties": {}},
-                                            "kind": {"enum": [{"type": "object"}]}}}
+                                            "kind": {"enum": [{"type": "object", "properties": {}}]}}}
     closed = closed_objects(geo)
     assert set(closed["properties"]) == {"properties", "kind"} and closed["additionalProperties"] is False
-    assert closed["properties"]["kind"] == {"enum": [{"type": "object"}]}
+    assert closed["properties"]["kind"] == {"enum": [{"type": "object", "properties": {}}]}
     assert closed["properties"]["properties"]["additionalProperties"] is False
-    kw = dict(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=40, seed=3)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=160, seed=3)
     want = client.chat.completions.create(**kw, extra_body={"guided_json": closed_objects(open_schema)})
     for schema in (open_schema, json.dumps(open_schema)):  # an object or its JSON text
         got = client.chat.completions.create(**kw, extra_body={"structured_outputs": {
             "json": schema, "disable_additional_properties": True}})
-        assert json.loads(got.choices[0].message.content) == {"o": {}}  # the inner object gets no keys of its own
+        assert set(json.loads(got.choices[0].message.content)) == {"o", "p"}  # no keys but the listed ones
         assert got.choices[0].message.content == want.choices[0].message.content
     with pytest.raises(openai.BadRequestError) as e:  # the 400s name the key the request used
         client.chat.completions.create(**{**kw, "max_tokens": 40}, extra_body={
@@ -75,12 +82,17 @@ def test_disable_additional_properties_closes_open_objects(client):
     ({"structural_tag": "x"}, "structured_outputs.structural_tag", "is not supported"),
     ({"whitespace_pattern": " "}, "structured_outputs.whitespace_pattern", "is not supported"),
     ({"disable_any_whitespace": True}, "structured_outputs.disable_any_whitespace", "is not supported"),
-    ({"regexx": "a"}, "structured_outputs", "Extra inputs are not permitted")])
+    ({"regexx": "a"}, "structured_outputs", "Extra inputs are not permitted"),
+    ({"json": "{bad", "disable_additional_properties": True}, "structured_outputs.json",
+     "structured_outputs.json is not valid JSON"),
+    ({"choice": ["a"], "json_object": True}, "structured_outputs.choice",
+     "structured_outputs.choice and structured_outputs.json_object both constrain")])
 def test_errors_name_the_key(client, structured, param, words):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=8,
                                        extra_body={"structured_outputs": structured})
     assert e.value.body["param"] == param and words in e.value.body["message"]
+    assert "response_format" not in e.value.body["message"] and "guided_" not in e.value.body["message"]
     with pytest.raises(openai.BadRequestError, match="both constrain the output"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=8,
                                        extra_body={"structured_outputs": {"choice": ["a"]}, "guided_choice": ["b"]})
@@ -104,7 +116,7 @@ def test_offline_structured_outputs(tiny_checkpoint):
         assert tiny_llm.generate("q", sp)[0].token_ids == want
     class Closed(Params):
         disable_additional_properties = True
-        json = {"type": "object", "properties": {"o": {"type": "object"}}}
+        json = {"type": "object", "properties": {"o": {"type": "object", "properties": {}}}}
 
     assert SamplingParams(structured_outputs=Closed()).json_schema["properties"]["o"]["additionalProperties"] is False
 
