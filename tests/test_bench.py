@@ -150,3 +150,17 @@ def test_training_memory_bench_compares_with_the_keep_everything_peer():
     assert "| whole logits, every activation kept (peer) |" in proc.stdout and "(equal)" in proc.stdout, proc.stdout
     row = next(line for line in proc.stdout.splitlines() if "+ gradient_checkpointing |" in line)
     assert float(re.search(r"([\d.]+)x less kept", row).group(1)) > 2, row
+
+
+def test_cpu_defaults_bench_runs_the_peer_and_both_new_defaults():
+    """bench/cpu_defaults.py at the tiny shape: the old CPU defaults (the peer), the inverse-CDF draw, and the
+    new defaults (dtype forced to float32 here so the rows do not depend on this CPU's bf16 instructions)."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench/cpu_defaults.py"), "--shape", "tiny", "--prompts", "1",
+                           "--steps", "1", "--dtype", "float32"], cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [r[1].strip() for r in rows] == ["float32, reference draws (peer: the old defaults)",
+                                            "float32, inverse-CDF draws", "float32, inverse-CDF draws (the new defaults)"]
+    assert [int(r[3]) for r in rows] == [256] * 3 and rows[0][5].strip() == "1.00x"

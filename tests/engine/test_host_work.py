@@ -92,8 +92,8 @@ def test_a_failing_constraint_fails_only_its_request(llm, worker, kind, k):
     the requests batched with it finish with the tokens they get alone."""
     C = llm.cfg.canvas_length
     pins = {1: 7, C + 2: 9}
-    bad = SamplingParams(seed=3, max_new_tokens=3 * C, max_denoising_steps=4,
-                         constraint=Failing(PinnedConstraint(pins), kind, k))
+    bad = SamplingParams(seed=3, max_new_tokens=3 * C, max_denoising_steps=4,  # no EOS before the failing canvas
+                         constraint=Failing(PinnedConstraint(pins, ban_ids=llm.eos_ids, ban_until=2 * C), kind, k))
     plain = [SamplingParams(seed=4, max_new_tokens=2 * C, max_denoising_steps=4),
              SamplingParams(seed=5, max_new_tokens=C, max_denoising_steps=3, constraint=PinnedConstraint({0: 5}))]
     prompts = ["a request whose constraint fails", "a plain request", "a pinned request"]

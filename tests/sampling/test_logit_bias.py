@@ -82,7 +82,9 @@ def test_server_min_tokens(client, tiny_llm):
 
     cli, model = client
     eos = tiny_llm.eos_ids[0]
-    kw = dict(model=model, prompt=PROMPT, max_tokens=24, seed=6, logit_bias={str(eos): 100})
+    from tests.sampling.conftest import SILENT
+
+    kw = dict(model=model, prompt=PROMPT, max_tokens=24, seed=6, logit_bias={**SILENT, eos: 100})
     plain = cli.completions.create(**kw)
     got = cli.completions.create(**kw, extra_body={"min_tokens": 7})
     assert plain.usage.completion_tokens == 1 and plain.choices[0].text == ""  # EOS at once

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import pytest
 
+from tests.sampling.conftest import SILENT
+
 openai = pytest.importorskip("openai")
 
 
 def test_pinned_text_lands_at_its_offsets(client, tiny_llm):
     c, model = client
     for seed in range(3):
-        r = c.completions.create(model=model, prompt="Q: why?", max_tokens=40, seed=seed,
+        r = c.completions.create(model=model, prompt="Q: why?", max_tokens=40, seed=seed, logit_bias=SILENT,
                                  extra_body={"pins": {"0": "Answer:", "20": "Because"}})
-        text = r.choices[0].text  # the char tokenizer: one token per character
+        text = r.choices[0].text  # the char tokenizer: one token per character (no silent specials)
         assert text.startswith("Answer:") and text[20:27] == "Because", text
     ids = tiny_llm.tokenizer.encode("xyz", add_special_tokens=False)
     chat = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=16,
-                                     seed=1, extra_body={"pins": {"4": ids}})
+                                     seed=1, logit_bias=SILENT, extra_body={"pins": {"4": ids}})
     assert chat.choices[0].message.content[4:7] == "xyz"
     stream = c.completions.create(model=model, prompt="Q: why?", max_tokens=40, seed=0, stream=True,
                                   extra_body={"pins": {"0": "Answer:", "20": "Because"}})
