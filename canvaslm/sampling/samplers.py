@@ -88,6 +88,18 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(norm.clamp(min=torch.finfo(norm.dtype).min) * p).sum(-1)
 
 
+def probs_and_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(logits) in float32 [B, C, V], its entropy [B, C]) in one set of passes over the vocabulary:
+    `token_entropy`'s formula, the probabilities it needs reused for the draw instead of a second softmax
+    (equal to the reference's to float32 rounding)."""
+    x = logits.float()
+    norm = x - x.logsumexp(dim=-1, keepdim=True)
+    del x
+    probs = norm.exp()
+    norm.clamp_(min=torch.finfo(norm.dtype).min).mul_(probs)  # -inf (a banned id) x probability 0 -> 0
+    return probs, -norm.sum(-1)
+
+
 def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """Accept the k lowest-entropy positions with sum - max <= bound. entropy [B, C], bound [B] -> bool [B, C]."""
     sorted_h, order = torch.sort(entropy, dim=-1)
@@ -163,12 +175,17 @@ def entropy_bound_step(logits: torch.Tensor, st: CanvasState, p: SamplerParams, 
     proc = logits / temp[:, None, None]  # [B, C, V]
     if logit_mask is not None:
         proc = proc.masked_fill(~logit_mask, float("-inf"))
-    probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
     active = ~st.finished if isinstance(gens, (list, tuple)) else None
-    sample = (categorical if impl == "reference" else categorical_cdf)(probs, gens, active)
-    del probs
+    if impl == "reference":  # the reference's own passes, so its entropies (and acceptance) are bit for bit
+        probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
+        sample = categorical(probs, gens, active)
+        del probs
+        entropy = token_entropy(proc)
+    else:
+        probs, entropy = probs_and_entropy(proc)
+        sample = categorical_cdf(probs, gens, active)
+        del probs
     argmax = proc.argmax(dim=-1)
-    entropy = token_entropy(proc)
     accept = entropy_bound_accept(entropy, p.entropy_bound)
     if pinned is not None:
         is_pin = pinned >= 0

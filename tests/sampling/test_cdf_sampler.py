@@ -109,3 +109,19 @@ def test_the_reference_draw_still_matches_torch_multinomial():
     a = categorical(probs, torch.Generator().manual_seed(3))
     b = torch.multinomial(probs.view(-1, 50), 1, generator=torch.Generator().manual_seed(3)).view(2, 4)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_probabilities_and_entropy_match_the_reference_formulas(dtype):
+    from canvaslm.sampling.samplers import probs_and_entropy, token_entropy
+
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(2, 16, 300, generator=g) * 6).to(dtype)
+    logits = logits.masked_fill(torch.rand(2, 16, 300, generator=g) > 0.6, float("-inf"))
+    logits[0, 0] = float("-inf")
+    logits[0, 0, 5] = 3.0  # one allowed id: entropy 0, probability 1
+    probs, entropy = probs_and_entropy(logits)
+    assert probs.dtype == entropy.dtype == torch.float32 and torch.isfinite(entropy).all()
+    torch.testing.assert_close(probs, torch.softmax(logits, -1, dtype=torch.float32), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(entropy, token_entropy(logits.float()), atol=1e-5, rtol=1e-5)
+    assert entropy[0, 0] == 0 and probs[0, 0, 5] == 1 and (probs[logits == float("-inf")] == 0).all()
