@@ -16,8 +16,10 @@ from .config import DiffusionParams
 from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
 from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
+from .sampling.constraints import PinnedConstraint
 from .sampling.regex import PaddedSlotConstraint
-from .sampling.thinking import ThinkingBudget, answer_room, answer_time, closed_thought, thought_reserve, thought_room
+from .sampling.thinking import (ThinkingBudget, answer_room, answer_seed, answer_time, closed_thought, thought_reserve,
+                                thought_room)
 
 BUNDLED_MODEL = Path(__file__).parent / "recipes" / "sudoku" / "model"
 
@@ -375,6 +377,7 @@ class LLM:
         rows, C, limit = self.rows(prompts, sps), self.cfg.canvas_length, self.cfg.max_position_embeddings
         first = {}  # row index -> the thought's row
         for i, (r, sp) in enumerate(zip(rows, sps)):
+            full = r
             if split is not None and isinstance(r.constraint, PaddedSlotConstraint):  # as wide as max_new_tokens
                 total = r.params.max_new_tokens
                 reserve = thought_reserve(sp.thinking_token_budget, total, r.constraint.shortest() + 1)
@@ -387,11 +390,14 @@ class LLM:
                     pass
             c = r.constraint
             room = thought_room(c, r.params.max_new_tokens, len(r.prompt_ids), limit, C)
-            if c is not None and split is not None and room > 0:
+            # pins count from the reply's start: a pinned reply writes no thought before them
+            if c is not None and not isinstance(c, PinnedConstraint) and split is not None and room > 0:
                 first[i] = RowRequest([*r.prompt_ids, split.open_id],
                                       dataclasses.replace(r.params, max_new_tokens=room), (*r.eos_ids, split.close_id),
                                       r.pad_id, None, r.logit_bias, 0, r.lora, r.images,
                                       ThinkingBudget.for_tokenizer(sp.thinking_token_budget, self.tokenizer))
+            else:
+                rows[i] = full  # no thought: the output at its full width
         seeds, start = [sp.seed for sp in sps], time.perf_counter()
         thoughts = dict(zip(first, self._generate_rows(list(first.values()), [seeds[i] for i in first],
                                                        use_tqdm=use_tqdm))) if first else {}
@@ -409,7 +415,7 @@ class LLM:
                                     max_new_tokens=answer_room(r.params.max_new_tokens, len(head), len(r.prompt_ids),
                                                                limit, C))))
         outs = dict(zip(answers, self._generate_rows(
-            list(answers.values()), [seeds[i] if i not in thoughts or seeds[i] is None else seeds[i] + 1
+            list(answers.values()), [seeds[i] if i not in thoughts or seeds[i] is None else answer_seed(seeds[i])
                                      for i in answers], use_tqdm=use_tqdm))) if answers else {}
         results = []
         for i, r in enumerate(rows):

@@ -146,6 +146,12 @@ def thought_reserve(budget_tokens: int | None, max_new_tokens: int | None, need:
     return reserve if reserve >= 2 else 0
 
 
+def answer_seed(seed: int) -> int:
+    """The seed of a thought-first reply's answer, from its thought's: far from the seeds of the replies
+    beside it (choices and prompts take consecutive seeds), so no two requests share a random stream."""
+    return (seed + 2**62) % 2**63
+
+
 def answer_time(max_time: float | None, thought_seconds: float) -> float | None:
     """The answer's latency budget: what the thought's denoising left of the reply's max_time (one step at
     least)."""
@@ -172,4 +178,4 @@ def closed_thought(open_id: int, close_id: int, thought_ids, finish_reason: str)
 
 
 __all__ = ["ThinkingBudget", "ThoughtTracker", "ThinkingBudgetError", "answer_need", "thought_room", "answer_room",
-           "thought_reserve", "answer_time", "closed_thought"]
+           "thought_reserve", "answer_seed", "answer_time", "closed_thought"]

@@ -28,8 +28,8 @@ from ..llm import SamplingParams
 from ..multimodal import ImageError, ImagePrompt
 from ..sampling import logit_bias
 from ..sampling.regex import PaddedSlotConstraint
-from ..sampling.thinking import (ThinkingBudget, answer_need, answer_room, answer_time, closed_thought, thought_reserve,
-                                 thought_room)
+from ..sampling.thinking import (ThinkingBudget, answer_need, answer_room, answer_seed, answer_time, closed_thought,
+                                 thought_reserve, thought_room)
 from .protocol import _Common
 from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
 
@@ -189,7 +189,7 @@ class ThoughtFirst:
         if params.max_time is not None:  # one latency budget for the whole reply
             params = dataclasses.replace(params, max_time=answer_time(params.max_time, c.seconds - c.prompt_seconds))
         return GenerationRequest(uuid.uuid4().hex, prompt, params,
-                                 (self.seed + 1) % 2**63, self.eos, self.constraint, prev.drafts, prev.logit_bias,
+                                 answer_seed(self.seed), self.eos, self.constraint, prev.drafts, prev.logit_bias,
                                  prev.priority, 0, prev.lora, images=prev.images, follows=True)
 
 
@@ -601,7 +601,8 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     budget = ThinkingBudget.for_tokenizer(budget, state.tokenizer)
     think_first = thoughts is not None and thinking_on(state, body)
     constraint = _named_errors(body, lambda: build_constraint(state, body))  # what thinking off gets
-    think_first = think_first and constraint is not None
+    think_first = think_first and constraint is not None and not body.pins  # pins count from the reply's start
+    plain = constraint
     if think_first and isinstance(constraint, PaddedSlotConstraint):  # as wide as max_tokens: narrowed for a thought
         total = body.max_tokens or getattr(body, "max_completion_tokens", None) or state.defaults.max_new_tokens
         reserve = thought_reserve(None if budget is None else budget.tokens, total, constraint.shortest() + 1)
@@ -610,16 +611,21 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
                 constraint = build_constraint(state, body, reserve, total)
             except APIError:  # never refused for the thought: the full-width output alone, as with thinking off
                 pass
+    narrowed = constraint
     if body.min_tokens and (constraint is not None or auto_tools(body)):
         raise APIError(400, "min_tokens cannot be combined with a constrained output or tools (they decide where "
                             "the output ends)", "min_tokens")
     for p_index, ids in enumerate(prompts):
+        constraint = narrowed
         params = resolve_params(state, body, len(ids), constraint)
         if body.min_tokens > params.max_new_tokens:
             raise APIError(400, f"min_tokens={body.min_tokens} is over the {params.max_new_tokens} tokens this "
                                 "request may generate (max_tokens)", "min_tokens")
         first = thought_room(constraint, params.max_new_tokens, len(ids), state.max_model_len,
                              state.canvas_length) if think_first else 0  # 0: no room, the answer alone
+        if not first and constraint is not plain:  # no room to think (a long prompt): the output at full width
+            constraint = plain
+            params = resolve_params(state, body, len(ids), constraint)
         for j in range(body.n):
             choice_seed = (seed + j) % 2**63
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from canvaslm.reasoning import CHANNEL_CLOSE, CHANNEL_OPEN, ThoughtSplitter
-from canvaslm.sampling.thinking import ThinkingBudget, ThinkingBudgetError, ThoughtTracker
+from canvaslm.sampling.thinking import ThinkingBudget, ThinkingBudgetError, ThoughtTracker, answer_seed
 
 OPEN, CLOSE, WORD, V, C = 5, 6, 9, 12, 8
 
@@ -387,7 +387,7 @@ def test_the_answer_gets_what_the_thought_left_of_max_time(think_llm):
     c = Choice(0, first, 0, tracker, finish_reason="length", seconds=0.9, prompt_seconds=0.4)  # 0.5 s denoising
     nxt = ThoughtFirst((2, 3), params, 7, (1,), None, split.close_id, 1).request(state, c)
     assert nxt.prompt_ids == (2, 3, split.open_id, WORD, WORD, split.close_id)  # closed: it ran out of room
-    assert nxt.params.max_time == pytest.approx(1.5) and nxt.params.max_new_tokens == 40 - 4 and nxt.seed == 8
+    assert nxt.params.max_time == pytest.approx(1.5) and nxt.params.max_new_tokens == 40 - 4 and nxt.seed == answer_seed(7)
     c.seconds = 5.4
     assert ThoughtFirst((2, 3), params, 7, (1,), None, split.close_id, 1).request(state, c).params.max_time == 1e-3
 
@@ -505,3 +505,30 @@ def test_an_output_as_wide_as_max_tokens_keeps_its_shortest_answer(think_dir, th
                                                   logit_bias={open_id: 100}, max_denoising_steps=4),
                              chat_template_kwargs={"enable_thinking": True})
     assert isinstance(json.loads(offline.text), dict) and offline.reasoning is not None
+
+
+def test_pins_count_from_the_reply_start_and_answers_draw_their_own_seeds(think_dir, think_llm):
+    """A pinned reply writes no thought before its pins, thinking or not (a pin's offset is the client's
+    count from the reply's first token), on the server and offline; a thought-first reply's answer draws
+    from a seed far from the seeds of the choices beside it."""
+    openai = pytest.importorskip("openai")
+    from canvaslm.llm import SamplingParams
+    from canvaslm.sampling.constraints import PinnedConstraint
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    open_id = think_llm.tokenizer.token_to_id(CHANNEL_OPEN)
+    x = think_llm.tokenizer.encode("xyz", add_special_tokens=False)
+    msgs = [{"role": "user", "content": "q"}]
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model=srv.state.model_name, messages=msgs, max_tokens=16, seed=1,
+                                      logprobs=True, extra_body={
+                                          "pins": {"4": x}, "chat_template_kwargs": {"enable_thinking": True},
+                                          "logit_bias": {str(open_id): -100}, "thinking_token_budget": 3})
+        assert r.usage.completion_tokens_details is None  # no thought (a thought-first reply opens one itself)
+    out = think_llm.chat(msgs, SamplingParams(seed=1, max_new_tokens=16, constraint=PinnedConstraint({4: x}),
+                                              logit_bias={open_id: -100}, thinking_token_budget=3),
+                         chat_template_kwargs={"enable_thinking": True})
+    assert out.token_ids[4:7] == x and out.reasoning is None
+    seeds = [answer_seed(s) for s in range(4)]
+    assert not set(seeds) & set(range(8)) and answer_seed(2**63 - 1) < 2**63
