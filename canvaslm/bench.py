@@ -43,7 +43,7 @@ class BenchConfig:
     batches: tuple = (1, 2, 4, 8)
     reference: tuple = ("eager",)
     canvas_length: int = 256
-    sampler: str = "auto"  # fused | reference | auto (fused on CUDA)
+    sampler: str = "auto"  # fused | cdf | reference | auto (fused on CUDA, cdf elsewhere: the engine's defaults)
     graphs: bool = True  # CUDA graphs for our decoder step (CUDA only)
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: torch's default)
@@ -159,7 +159,8 @@ class OurModel:
         m = self.model
         if not self.fused:
             logits = m.denoise(st.canvas, self.slots, self.cache, sc_logits=st.sc_logits)
-            st = entropy_bound_step(logits, st, self.p, self.gens, self.V, impl="reference")
+            impl = "reference" if self.bc.sampler == "reference" else "cdf"
+            st = entropy_bound_step(logits, st, self.p, self.gens, self.V, impl=impl)
             st.sc_logits = st.sc_logits.to(m.embed_weight.dtype)
             return st
         seeds = torch.randint(0, 1 << 62, (self.B,), device=self.device, generator=self.gens)
@@ -399,7 +400,7 @@ def add_parser(subparsers):
     p.add_argument("--canvas-length", type=int, default=256)
     p.add_argument("--batches", default="1,2,4,8", help="comma-separated concurrent request counts")
     p.add_argument("--reference", default="eager", help="eager,compiled | none")
-    p.add_argument("--sampler", default="auto", choices=["auto", "fused", "reference"])
+    p.add_argument("--sampler", default="auto", choices=["auto", "fused", "cdf", "reference"])
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs for our decoder step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
