@@ -23,7 +23,7 @@ from .kv_cache import KVCache
 from .multimodal import encoder_images
 from .sampling import logit_bias
 from .sampling.penalties import penalty_state
-from .sampling.samplers import SAMPLER_IMPLS, CanvasState, SamplerParams, entropy_bound_step, randint
+from .sampling.samplers import CanvasState, SamplerParams, checked_impl, entropy_bound_step, randint
 from .sampling.stopping import new_history
 
 
@@ -94,8 +94,7 @@ def generate_rows(model, rows: list[RowRequest], gens, on_draft: Callable | None
     (`samplers.SAMPLER_IMPLS`; "reference" gives `transformers`' tokens for the same generator)."""
     from .lora_serving import with_adapter
 
-    if sampler_impl not in SAMPLER_IMPLS:
-        raise GenerationError(f"sampler_impl={sampler_impl!r}; expected one of {SAMPLER_IMPLS}")
+    checked_impl(sampler_impl, "generate_rows: sampler_impl", GenerationError)
     return with_adapter(model, [r.lora for r in rows],
                         lambda m: _generate_rows(m, rows, gens, on_draft, on_commit, geometry, drop_stopped,
                                                  sampler_impl))

@@ -18,6 +18,7 @@ from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 from .sampling.constraints import PinnedConstraint
 from .sampling.regex import PaddedSlotConstraint
+from .sampling.samplers import checked_impl
 from .sampling.thinking import (ThinkingBudget, answer_room, answer_seed, answer_time, closed_thought, thought_reserve,
                                 thought_room)
 
@@ -167,7 +168,7 @@ class LLM:
         sampler_impl: how denoising steps draw their samples: "auto" (one uniform per position by inverse CDF
         on a CPU, the fused kernels on a GPU) or "reference" (`torch.multinomial`, as `transformers` draws:
         its very tokens for the same seed, at the cost of an exponential per vocabulary entry and position)."""
-        self.sampler_impl = _checked_sampler_impl(sampler_impl)
+        self.sampler_impl = checked_impl(sampler_impl, "LLM: sampler_impl", GenerationError)
         adapters = _adapters(lora_modules)  # read (and checked) before the model loads
         self.max_batch = _checked_max_batch(max_batch)
         self.model_dir = resolve_model(model_dir, revision) if model_dir is not None else BUNDLED_MODEL
@@ -191,7 +192,7 @@ class LLM:
         role; default: DiffusionParams()); `tokenizer`: a canvaslm Tokenizer, or None for token ids."""
         llm = cls.__new__(cls)
         llm.max_batch, llm.model, llm.cfg = _checked_max_batch(max_batch), model, model.cfg
-        llm.sampler_impl = _checked_sampler_impl(sampler_impl)
+        llm.sampler_impl = checked_impl(sampler_impl, "LLM: sampler_impl", GenerationError)
         llm.model_dir = "the in-memory model (LLM.from_model)"  # only error messages name it
         llm.device, llm.dtype = model.embed_weight.device, model.embed_weight.dtype
         llm.defaults, llm.tokenizer = defaults or DiffusionParams(), tokenizer
@@ -683,14 +684,6 @@ def _checked_max_batch(max_batch) -> int:
     if not isinstance(max_batch, int) or max_batch < 1:
         raise GenerationError(f"LLM(max_batch={max_batch!r}): expected an int >= 1")
     return max_batch
-
-
-def _checked_sampler_impl(impl) -> str:
-    from .sampling.samplers import SAMPLER_IMPLS
-
-    if impl not in SAMPLER_IMPLS:
-        raise GenerationError(f"LLM(sampler_impl={impl!r}): expected one of {SAMPLER_IMPLS}")
-    return impl
 
 
 def _prompt_list(prompts, attention_mask: torch.Tensor | None = None) -> list:

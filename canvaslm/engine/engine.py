@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DiffusionParams
-from ..sampling.samplers import SAMPLER_IMPLS
+from ..sampling.samplers import checked_impl
 from .request import RequestState
 from .runner import Runner
 from .scheduler import Scheduler, StepResult
@@ -76,8 +76,7 @@ class EngineConfig:
     sampler_impl: str = "auto"
 
     def __post_init__(self):
-        if self.sampler_impl not in SAMPLER_IMPLS:
-            raise ValueError(f"EngineConfig.sampler_impl={self.sampler_impl!r}; expected one of {SAMPLER_IMPLS}")
+        checked_impl(self.sampler_impl, "EngineConfig.sampler_impl")
         if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
             raise ValueError(f"EngineConfig.memory_utilization={self.memory_utilization!r}; expected a share in "
                              "(0, 1], e.g. 0.9")

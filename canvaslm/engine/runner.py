@@ -41,7 +41,7 @@ from ..multimodal import encoder_images
 from ..sampling import logit_bias as bias_lib
 from ..sampling.penalties import PenaltyState, penalty_state
 from ..sampling.thinking import ThinkingBudget, ThoughtTracker
-from ..sampling.samplers import SAMPLER_IMPLS, CanvasState, SamplerParams, entropy_bound_step, randint
+from ..sampling.samplers import CanvasState, SamplerParams, checked_impl, entropy_bound_step, randint
 from .scheduler import EncodeItem, StepPlan, StepResult
 
 log = logging.getLogger("canvaslm.engine")
@@ -109,9 +109,8 @@ class Runner:
         if num_slots < 1 or max_model_len <= cfg.canvas_length:
             raise RunnerError(f"Runner: num_slots={num_slots} must be >= 1 and max_model_len={max_model_len} "
                               f"must exceed canvas_length={cfg.canvas_length}")
-        if sampler_impl not in SAMPLER_IMPLS:
-            raise RunnerError(f"Runner: sampler_impl={sampler_impl!r}; expected one of {SAMPLER_IMPLS}")
-        self.model, self.cfg, self.sampler_impl = model, cfg, sampler_impl
+        self.model, self.cfg = model, cfg
+        self.sampler_impl = checked_impl(sampler_impl, "Runner: sampler_impl", RunnerError)
         self.device, self.dtype = model.embed_weight.device, model.embed_weight.dtype
         self.num_slots, self.max_model_len, self.history_depth = num_slots, max_model_len, history_depth
         C, d, S = cfg.canvas_length, cfg.hidden_size, num_slots

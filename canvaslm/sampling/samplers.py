@@ -111,6 +111,13 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Te
 SAMPLER_IMPLS = ("auto", "reference", "cdf", "fused")
 
 
+def checked_impl(impl, name: str, error: type = ValueError) -> str:
+    """`impl` when it is one of SAMPLER_IMPLS, else `error` naming the setting (`name`) that gave it."""
+    if impl not in SAMPLER_IMPLS:
+        raise error(f"{name} {impl!r}: expected one of {SAMPLER_IMPLS}")
+    return impl
+
+
 @dataclass
 class SamplerParams:
     """Per-row sampler settings as tensors [B] (built once per batch)."""
@@ -162,8 +169,7 @@ def entropy_bound_step(logits: torch.Tensor, st: CanvasState, p: SamplerParams, 
     "cdf" (this code, drawing by inverse CDF: `categorical_cdf`), "fused" (`sampling.fused`: streamed over
     the vocabulary, Gumbel-max sampling) or "auto" (fused on CUDA, cdf elsewhere).
     """
-    if impl not in SAMPLER_IMPLS:
-        raise ValueError(f"sampler impl {impl!r}; expected one of {SAMPLER_IMPLS}")
+    checked_impl(impl, "sampler impl")
     if impl == "fused" or (impl == "auto" and logits.is_cuda):
         from .fused import fused_entropy_bound_step
 
