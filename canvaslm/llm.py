@@ -17,7 +17,6 @@ from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
 from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 from .sampling.constraints import PinnedConstraint
-from .sampling.regex import PaddedSlotConstraint
 from .sampling.samplers import checked_impl
 from .sampling.thinking import (ThinkingBudget, answer_room, answer_seed, answer_time, closed_thought, thought_reserve,
                                 thought_room)
@@ -379,9 +378,9 @@ class LLM:
         first = {}  # row index -> the thought's row
         for i, (r, sp) in enumerate(zip(rows, sps)):
             full = r
-            if split is not None and isinstance(r.constraint, PaddedSlotConstraint):  # as wide as max_new_tokens
+            if split is not None:  # an output as wide as max_new_tokens is narrowed for a thought
                 total = r.params.max_new_tokens
-                reserve = thought_reserve(sp.thinking_token_budget, total, r.constraint.shortest() + 1)
+                reserve = thought_reserve(sp.thinking_token_budget, total, r.constraint)
                 try:  # narrowed to leave the thought its room; never refused for it (the answer alone then)
                     if reserve:
                         narrow = self._row(prompts[i], dataclasses.replace(sp, max_new_tokens=total - reserve))

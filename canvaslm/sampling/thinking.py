@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .regex import PaddedSlotConstraint
+
 
 class ThinkingBudgetError(ValueError):
     """A thinking budget that is not a count of tokens."""
@@ -134,15 +136,15 @@ def thought_room(constraint, max_new_tokens: int, prompt_len: int, max_len: int,
                       (max_len - prompt_len - 1) // C * C))
 
 
-def thought_reserve(budget_tokens: int | None, max_new_tokens: int | None, need: int = 2) -> int:
-    """Tokens an output as wide as max_new_tokens (JSON mode, a regex, a grammar) leaves for a thought before
-    it: the budget and its two markers, or half of max_new_tokens without a budget, cut so that the output
-    keeps the `need` tokens its shortest answer takes (with its EOS); 0 when that leaves no room for the two
-    markers (or max_new_tokens is not given)."""
-    if not max_new_tokens:
+def thought_reserve(budget_tokens: int | None, max_new_tokens: int | None, constraint) -> int:
+    """Tokens an output as wide as max_new_tokens (`constraint` a regex.PaddedSlotConstraint built at that
+    width: JSON mode, a regex, a grammar) leaves for a thought before it: the budget and its two markers, or
+    half of max_new_tokens without a budget, cut so that the output keeps its shortest value and EOS; 0 for
+    any other constraint, when that leaves no room for the two markers, or when max_new_tokens is not given."""
+    if not max_new_tokens or not isinstance(constraint, PaddedSlotConstraint):
         return 0
     reserve = budget_tokens + 2 if budget_tokens is not None else max_new_tokens // 2
-    reserve = min(reserve, max_new_tokens - need)
+    reserve = min(reserve, max_new_tokens - constraint.shortest() - 1)
     return reserve if reserve >= 2 else 0
 
 

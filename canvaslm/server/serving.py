@@ -27,7 +27,6 @@ from ..generate import GenerationError
 from ..llm import SamplingParams
 from ..multimodal import ImageError, ImagePrompt
 from ..sampling import logit_bias
-from ..sampling.regex import PaddedSlotConstraint
 from ..sampling.thinking import (ThinkingBudget, answer_need, answer_room, answer_seed, answer_time, closed_thought,
                                  thought_reserve, thought_room)
 from .protocol import _Common
@@ -603,9 +602,9 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     constraint = _named_errors(body, lambda: build_constraint(state, body))  # what thinking off gets
     think_first = think_first and constraint is not None and not body.pins  # pins count from the reply's start
     plain = constraint
-    if think_first and isinstance(constraint, PaddedSlotConstraint):  # as wide as max_tokens: narrowed for a thought
+    if think_first:  # an output as wide as max_tokens is narrowed for a thought
         total = body.max_tokens or getattr(body, "max_completion_tokens", None) or state.defaults.max_new_tokens
-        reserve = thought_reserve(None if budget is None else budget.tokens, total, constraint.shortest() + 1)
+        reserve = thought_reserve(None if budget is None else budget.tokens, total, constraint)
         if reserve:
             try:
                 constraint = build_constraint(state, body, reserve, total)
