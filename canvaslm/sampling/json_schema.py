@@ -123,6 +123,22 @@ class _Compiler:
             return self.free("any")
         getattr(self, "_" + typ)(schema, path, depth)
 
+    @staticmethod
+    def count(schema, key: str, path: str, default=None):
+        """schema[key] as a count (minLength, maxItems, ...): an integer >= 0, else a ConstraintError naming it."""
+        v = schema.get(key, default)
+        if key in schema and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ConstraintError(f"json_schema: {key!r} must be an integer >= 0, got {v!r} (at {path})")
+        return v
+
+    @staticmethod
+    def bound(schema, key: str, path: str):
+        """schema[key] as a numeric bound (minimum, exclusiveMaximum, ...): a finite number, else a ConstraintError."""
+        v = schema.get(key)
+        if key in schema and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ConstraintError(f"json_schema: {key!r} must be a number, got {v!r} (at {path})")
+        return v
+
     def free(self, top: str):
         """A value the schema does not shape (any object, array or value): one slot whose automaton
         accepts any JSON of that kind (sampling.json_any), padded with whitespace."""
@@ -137,7 +153,10 @@ class _Compiler:
         extra = schema.get("additionalProperties", True)
         if not isinstance(extra, bool):
             raise ConstraintError(f"json_schema: 'additionalProperties' schemas are not supported (at {path})")
-        missing = [k for k in schema.get("required", []) if k not in props]
+        required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+            raise ConstraintError(f"json_schema: 'required' must be a list of property names (at {path})")
+        missing = [k for k in required if k not in props]
         if missing:
             raise ConstraintError(f"json_schema: required keys {missing} have no 'properties' entry (at {path})")
         if "properties" not in schema and extra:  # any object ("properties": {} keeps {}: tools without arguments)
@@ -153,7 +172,7 @@ class _Compiler:
             return self.free("array")
         if "items" not in schema or not isinstance(schema["items"], dict):
             raise ConstraintError(f"json_schema: arrays need an 'items' schema (at {path})")
-        lo, hi = schema.get("minItems", 0), schema.get("maxItems")
+        lo, hi = self.count(schema, "minItems", path, 0), self.count(schema, "maxItems", path)
         if hi is not None and hi < lo:
             raise ConstraintError(f"json_schema: maxItems {hi} < minItems {lo} (at {path})")
         n = max(lo, self.opts.array_items if hi is None else min(hi, self.opts.array_items))
@@ -165,7 +184,7 @@ class _Compiler:
         self.text("]")
 
     def _string(self, schema, path, depth):
-        lo, hi = schema.get("minLength", 0), schema.get("maxLength")
+        lo, hi = self.count(schema, "minLength", path, 0), self.count(schema, "maxLength", path)
         if hi is not None and hi < lo:
             raise ConstraintError(f"json_schema: maxLength {hi} < minLength {lo} (at {path})")
         content = max(lo, self.opts.string_tokens if hi is None else min(hi, self.opts.string_tokens))
@@ -179,12 +198,10 @@ class _Compiler:
         self.text("null")
 
     def _integer(self, schema, path, depth):
-        lo, hi = schema.get("minimum"), schema.get("maximum")
-        if "exclusiveMinimum" in schema:
-            x = schema["exclusiveMinimum"]
+        lo, hi = self.bound(schema, "minimum", path), self.bound(schema, "maximum", path)
+        if (x := self.bound(schema, "exclusiveMinimum", path)) is not None:
             lo = max(lo, math.floor(x) + 1) if lo is not None else math.floor(x) + 1
-        if "exclusiveMaximum" in schema:
-            x = schema["exclusiveMaximum"]
+        if (x := self.bound(schema, "exclusiveMaximum", path)) is not None:
             hi = min(hi, math.ceil(x) - 1) if hi is not None else math.ceil(x) - 1
         lo = math.ceil(lo) if lo is not None else None
         hi = math.floor(hi) if hi is not None else None
@@ -196,7 +213,7 @@ class _Compiler:
         self._ranged(lo, hi, True, self.opts.integer_tokens)
 
     def _number(self, schema, path, depth):
-        lo, hi = schema.get("minimum"), schema.get("maximum")
+        lo, hi = self.bound(schema, "minimum", path), self.bound(schema, "maximum", path)
         if lo is not None and hi is not None and hi < lo:
             raise ConstraintError(f"json_schema: maximum {hi} < minimum {lo} (at {path})")
         self._ranged(lo, hi, False, self.opts.number_tokens)

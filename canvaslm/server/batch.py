@@ -73,7 +73,7 @@ async def run_requests(state, parsed, concurrency: int = 16, progress=None) -> l
 
     from .app import build_app
 
-    transport = httpx.ASGITransport(app=build_app(state))
+    transport = httpx.ASGITransport(app=build_app(state), raise_app_exceptions=False)  # a 500 is a record
     headers = {"Authorization": f"Bearer {state.api_key}"} if state.api_key else {}
     gate = asyncio.Semaphore(concurrency)
 

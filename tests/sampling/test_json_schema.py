@@ -119,6 +119,15 @@ def test_options_change_widths(tiny_llm):
     ({"const": "caf\u00e9"}, "cannot tokenize"),
     ({"allOf": [{"type": "string"}]}, "allOf"),
     ({"type": "object", "minProperties": 1}, "minProperties"),
+    # keywords of the wrong type are named, not a TypeError deep inside
+    ({"type": "string", "maxLength": "x"}, "'maxLength' must be an integer >= 0, got 'x'"),
+    ({"type": "string", "minLength": -1}, "'minLength' must be an integer >= 0"),
+    ({"type": "array", "items": {"type": "integer"}, "maxItems": 2.5}, "'maxItems' must be an integer"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": True}, "'minItems' must be an integer"),
+    ({"type": "integer", "minimum": "0"}, "'minimum' must be a number, got '0'"),
+    ({"type": "integer", "exclusiveMaximum": None}, "'exclusiveMaximum' must be a number"),
+    ({"type": "number", "maximum": float("inf")}, "'maximum' must be a number"),
+    ({"type": "object", "properties": {"a": {"type": "null"}}, "required": "a"}, "'required' must be a list"),
 ])
 def test_unsupported_features_raise_naming_them(tiny_llm, schema, feature):
     with pytest.raises(ConstraintError, match=feature.replace("$", r"\$").replace("^", r"\^")):

@@ -95,3 +95,27 @@ def test_run_batch_takes_the_chat_template_flags(tiny_checkpoint, tmp_path):
                       "--default-chat-template-kwargs", '{"messages": []}')
     assert refused.returncode == 2 and "--default-chat-template-kwargs may not set messages" in refused.stderr
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_a_line_that_fails_inside_the_server_is_a_500_record(tiny_checkpoint, tmp_path, monkeypatch):
+    """An unexpected error while answering one line (a bug: the server answers it with a 500) is that line's
+    record; the other lines are still answered and the output file is written."""
+    from canvaslm.server import embeddings
+    from canvaslm.server.batch import run_batch_file
+
+    async def broken(state, body, seqs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(embeddings, "create_embeddings", broken)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join([line("emb", "/v1/embeddings", {"model": "tiny", "input": "hello"}),
+                              line("text", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4})]))
+    state = build_state(tiny_checkpoint, "cpu", "float32", served_model_name="tiny")
+    try:
+        counts = run_batch_file(state, src, out, concurrency=2)
+    finally:
+        state.shutdown()
+    assert counts == {"requests": 2, "ok": 1, "failed": 1}
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in records] == ["emb", "text"]
+    assert records[0]["response"]["status_code"] == 500 and records[1]["response"]["status_code"] == 200
