@@ -261,8 +261,11 @@ def _tiny_vision_config() -> dict:
 
 
 def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionParams | None = None,
-               max_shard_bytes: int = 4 << 30, dtype=None, extra_files: dict[str, str | Path] | None = None):
-    """Write an HF-format checkpoint atomically (to a temp dir, then renamed into place). A model with
+               max_shard_bytes: int = 4 << 30, dtype=None, extra_files: dict[str, str | Path] | None = None,
+               replace_any: bool = False):
+    """Write an HF-format checkpoint atomically (to a temp dir, then renamed into place). An existing
+    out_dir is replaced only when it is empty or a model / adapter directory (`check_replaceable`), or with
+    `replace_any` (the trainer rewriting its own checkpoint-<step>). A model with
     FP8 or int4 modules is written as such, with the `quantization_config` that loads it back. Tensors
     the model carries without using (the vision tower of the checkpoint it was loaded from) are copied
     from their files, one shard's worth at a time, and then read from the new checkpoint; so are the
@@ -321,7 +324,7 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
                 raise CheckpointError(f"{src}: a file this model carries from its checkpoint but no longer exists; "
                                       "reload the model to save it")
             shutil.copyfile(src, tmp / name)
-        _publish(tmp, out_dir, stat.S_IMODE((tmp / "config.json").stat().st_mode))
+        _publish(tmp, out_dir, stat.S_IMODE((tmp / "config.json").stat().st_mode), replace_any)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -388,9 +391,9 @@ class _CarriedReader:
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
 
-def write_dir_atomically(out_dir: str | Path, files: dict[str, str | Path]) -> Path:
+def write_dir_atomically(out_dir: str | Path, files: dict[str, str | Path], replace_any: bool = False) -> Path:
     """A directory holding copies of `files` ({name: source path}), written like save_model's: built in a
-    temp dir, then renamed into place, replacing any previous one."""
+    temp dir, then renamed into place, replacing a previous one as save_model does."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -401,22 +404,59 @@ def write_dir_atomically(out_dir: str | Path, files: dict[str, str | Path]) -> P
         probe.write_text("")  # a plain write's mode: the umask's
         mode = stat.S_IMODE(probe.stat().st_mode)
         probe.unlink()
-        _publish(tmp, out_dir, mode)
+        _publish(tmp, out_dir, mode, replace_any)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def _publish(tmp: Path, out_dir: Path, mode: int):
+# what only a training run's directory holds: its state, checkpoints, `latest` pointer and metrics
+RUN_ENTRIES = ("trainer_state.pt", "latest", "metrics.jsonl", "log.jsonl", "checkpoint")
+
+
+def check_replaceable(out_dir: str | Path):
+    """Refuse to replace an existing out_dir unless it is empty, or a model / adapter directory (config.json or
+    adapter_config.json) that holds nothing of a training run (RUN_ENTRIES, checkpoint-* directories)."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a directory; refusing to replace it")
+    names = {p.name for p in out_dir.iterdir()}
+    run = sorted(n for n in names if n in RUN_ENTRIES or n.startswith("checkpoint-"))
+    if run:
+        raise CheckpointError(f"{out_dir}: holds a training run ({', '.join(run[:3])}); refusing to replace it: "
+                              "write to a new directory")
+    if names and not names & {"config.json", "adapter_config.json"}:
+        raise CheckpointError(f"{out_dir}: exists and is not a model or adapter directory (no config.json or "
+                              f"adapter_config.json, but {sorted(names)[:3]}); refusing to replace it: write to a "
+                              "new directory")
+
+
+def check_output_dir(out_dir: str | Path, *sources: str | Path):
+    """For commands that write a copy of a checkpoint (export, quantize): out_dir may not be a source or a
+    directory holding one, and may replace only what `check_replaceable` allows."""
+    out = Path(out_dir).resolve()
+    for src in sources:
+        src_r = Path(src).resolve()
+        if out == src_r or out in src_r.parents:
+            raise CheckpointError(f"{out_dir}: is the source {src}" if out == src_r else
+                                  f"{out_dir}: holds the source {src}")
+    check_replaceable(out_dir)
+
+
+def _publish(tmp: Path, out_dir: Path, mode: int, replace_any: bool = False):
     """Give tmp's files `mode` and tmp that mode plus search where it grants reading (safetensors >= 0.8
-    creates its files 0600 and mkdtemp its directory 0700), then rename tmp to out_dir."""
+    creates its files 0600 and mkdtemp its directory 0700), then rename tmp to out_dir; an existing
+    out_dir must pass `check_replaceable` (unless replace_any) and is moved aside, then removed."""
     for f in tmp.iterdir():
         os.chmod(f, mode)
     tmp.chmod(mode | (mode & 0o444) >> 2)
     if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+        if not replace_any:
+            check_replaceable(out_dir)
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))  # never a user's dir
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
@@ -424,4 +464,5 @@ def _publish(tmp: Path, out_dir: Path, mode: int):
         os.replace(tmp, out_dir)
 
 
-__all__ = ["load_model", "save_model", "build_random_model", "CheckpointError", "ConfigError", "parse_dtype"]
+__all__ = ["load_model", "save_model", "build_random_model", "CheckpointError", "ConfigError", "parse_dtype",
+           "check_output_dir", "check_replaceable"]

@@ -135,14 +135,13 @@ def _image_arg(x: str, flag: str = "--image"):
 def _quantize(args) -> int:
     from pathlib import Path
 
-    from .checkpoint import load_model, save_model
+    from .checkpoint import check_output_dir, load_model, save_model
     from .config import DiffusionParams
     from .quant import weight_bytes
     from .train.checkpointing import TOKENIZER_FILES
 
     src, dst = Path(args.src), Path(args.dst)
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"quantize: DST must be a new directory, not the source checkpoint {src}")
+    check_output_dir(dst, src)  # not the source, nor a directory holding it or anything but a model
     model = load_model(src, device=args.device or "cpu", dtype=args.dtype, quantization=args.to, progress=True)
     extra = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
     save_model(model, dst, DiffusionParams.from_dir(src), extra_files=extra)

@@ -421,9 +421,11 @@ class Engine:
         self._wake.set()
         return fut
 
-    def cancel(self, request_id: str) -> None:
-        """Cancel a request in any state (no-op once finished); frees its slot at the next step."""
-        self._inbox.append(("cancel", request_id, None))
+    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
+        """Cancel a request in any state (no-op once finished); frees its slot at the next step. reason "stop":
+        the caller found a stop string in its output, so it ends as a finished reply (its Finish and /metrics
+        say "stop" and count its prompt, cached tokens and decoder passes), not as a cancelled one."""
+        self._inbox.append(("cancel", request_id, reason))
         self._wake.set()
 
     @property
@@ -480,8 +482,12 @@ class Engine:
                     except Exception as e:  # noqa: BLE001 - the caller gets it
                         sink.set_exception(e)
             elif arg in self._sinks:
-                self.scheduler.cancel(arg)
-                self._finish(arg, "cancelled", 0)
+                state = self.scheduler.cancel(arg)
+                if sink == "stop" and state is not None:  # here `sink` holds the reason
+                    state.finish_reason = "stop"
+                    self._report([state])
+                else:
+                    self._finish(arg, "cancelled", 0)
 
     def _add(self, req: GenerationRequest, sink: _Sink) -> None:
         p, sink.follows = req.params, req.follows

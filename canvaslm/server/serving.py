@@ -153,6 +153,15 @@ class Choice:
     canvas_base: int = 0  # canvases of this reply's earlier requests (a thought-first reply's thought)
     canvases: int = 0  # canvases of the reply committed so far
 
+    def count(self, ev: Finish) -> None:
+        """Add an ended engine request's passes, time and (the reply's first) cached prompt tokens."""
+        self.decoder_passes += ev.decoder_passes
+        self.seconds += ev.seconds
+        if not self.finished_requests:  # the reply's first request: its prompt is the client's (a thought's
+            client = len((self.answer or self.request).prompt_ids)  # has `<|channel>` after it, not counted)
+            self.cached_tokens, self.prompt_seconds = min(ev.cached_tokens, client), ev.prompt_seconds
+        self.finished_requests += 1
+
 
 @dataclass(frozen=True)
 class ThoughtFirst:
@@ -666,7 +675,7 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
     by_id = {c.request.request_id: c for c in choices}
     for c in choices:
         state.engine.submit(c.request, queue, loop)
-    live = set(by_id)
+    live, ended = set(by_id), set()  # ended: replies cut by a stop string, whose Finish (their counts) is due
     try:
         while live:
             try:
@@ -677,7 +686,12 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                 continue
             c = by_id[ev.request_id]
             if ev.request_id not in live:
-                continue  # e.g. the Finish of a choice we cancelled after its stop string
+                continue
+            if ev.request_id in ended:  # the client has its reply; only the Finish's counts are left to read
+                if isinstance(ev, Finish):
+                    live.discard(ev.request_id)
+                    c.count(ev)
+                continue
             if isinstance(ev, Commit):
                 c.canvases = c.canvas_base + ev.canvas_index + 1
                 c.tracker.add(ev.token_ids)
@@ -685,8 +699,8 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                 if thought:
                     yield "reasoning", c.index, thought
                 if c.tracker.stopped:
-                    state.engine.cancel(ev.request_id)
-                    live.discard(ev.request_id)
+                    state.engine.cancel(ev.request_id, "stop")
+                    ended.add(ev.request_id)
                     c.finish_reason = "stop"
                     yield "delta", c.index, c.tracker.delta(final=True)
                     yield "finish", c.index, "stop"
@@ -698,12 +712,7 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                 yield "draft", c.index, draft_payload(state, c, ev)
             elif isinstance(ev, Finish):
                 live.discard(ev.request_id)
-                c.decoder_passes += ev.decoder_passes
-                c.seconds += ev.seconds
-                if not c.finished_requests:  # the reply's first request: its prompt is the client's (a thought's
-                    client = len((c.answer or c.request).prompt_ids)  # has `<|channel>` after it, not counted)
-                    c.cached_tokens, c.prompt_seconds = min(ev.cached_tokens, client), ev.prompt_seconds
-                c.finished_requests += 1
+                c.count(ev)
                 if ev.reason in ("error", "cancelled"):
                     raise APIError(500 if ev.reason == "error" else 503,
                                    f"generation failed: {ev.message or ev.reason}", type="server_error")

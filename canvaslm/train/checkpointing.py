@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from ..checkpoint import build_random_model, load_model, save_model, write_dir_atomically
+from ..checkpoint import build_random_model, check_output_dir, load_model, save_model, write_dir_atomically
 from ..config import ConfigError, DiffusionParams, ModelConfig
 from ..model.diffusion_gemma import DiffusionGemma
 from ..model.layers import Rotary
@@ -151,9 +151,9 @@ def save_checkpoint(trainer) -> Path:
         extra = {STATE_FILE: tmp, **_tokenizer_files(trainer.tokenizer_dir)}
         merged = trainer.config.save_merged
         if merged if merged is not None else not trainer.config.quantization:
-            save_model(_merged_copy(trainer.model), out_dir / name, trainer.params, extra_files=extra)
+            save_model(_merged_copy(trainer.model), out_dir / name, trainer.params, extra_files=extra, replace_any=True)
         else:
-            write_dir_atomically(out_dir / name, extra)
+            write_dir_atomically(out_dir / name, extra, replace_any=True)
     finally:
         Path(tmp).unlink(missing_ok=True)
     _atomic_write_text(out_dir / LATEST_FILE, name + "\n")
@@ -172,8 +172,9 @@ def export_model(model, out_dir, params: DiffusionParams, tok_dir: Path | None, 
 
 def export_checkpoint(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
     """Export a training checkpoint (or any checkpoint dir) without its trainer state. A checkpoint that
-    holds only LoRA adapters (QLoRA) is merged: its base is rebuilt from the run's config."""
-    src = _checkpoint_dir(Path(src))
+    holds only LoRA adapters (QLoRA) is merged: its base is rebuilt from the run's config. out_dir may not
+    hold src, and replaces only an empty or model directory (`checkpoint.check_output_dir`)."""
+    src = _checked_source(src, out_dir)
     if not (src / "config.json").is_file():
         model, params = _adapted_from_state(src)
         return export_model(model, out_dir, params, src, dtype)
@@ -191,12 +192,20 @@ def _checkpoint_dir(src: Path) -> Path:
     return src
 
 
+def _checked_source(src, out_dir) -> Path:
+    """The checkpoint dir of `src` (_checkpoint_dir), once out_dir is known to be a safe place for its copy."""
+    check_output_dir(out_dir, src)
+    ckpt = _checkpoint_dir(Path(src))
+    check_output_dir(out_dir, ckpt)
+    return ckpt
+
+
 def export_adapter(src: str | Path, out_dir: str | Path) -> Path:
     """A LoRA run's adapters (from a checkpoint's trainer_state.pt) as a PEFT adapter directory, which
     `canvaslm serve BASE --lora-modules NAME=OUT` serves beside the base model."""
     from ..lora_serving import write_adapter
 
-    src = _checkpoint_dir(Path(src))
+    src = _checked_source(src, out_dir)
     state = torch.load(src / STATE_FILE, map_location="cpu", weights_only=False) if (src / STATE_FILE).is_file() \
         else {}
     if not state.get("lora"):

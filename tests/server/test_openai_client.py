@@ -12,7 +12,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from canvaslm.llm import SamplingParams
 
-from .conftest import CANVAS, MAX_TOKENS, MODEL, chat_messages, probe_prompt, seed_with
+from .conftest import CANVAS, MAX_TOKENS, MODEL, PROMPT_LEN, chat_messages, probe_prompt, seed_with
 
 
 @pytest.fixture(scope="module")
@@ -173,16 +173,24 @@ def test_n_choices_use_consecutive_seeds(client, llm):
     assert got.choices[1].text == reference(llm, prompt, seed=41).text
 
 
-def test_stop_string_cuts_text_streamed_and_not(client, llm):
+def test_stop_string_cuts_text_streamed_and_not(server, client, llm):
+    """A stop string ends the reply there; the request is a finished one ("stop" in /metrics, its prompt counted),
+    not a cancelled one, and its usage keeps its decoder passes."""
     prompt = probe_prompt(llm, 5)
     seed, full = seed_with(lambda s: reference(llm, prompt, seed=s).text, lambda t: len(t) >= 22, range(6, 100))
     stop = full[20:22]
     cut = full[:full.find(stop)]
+    stats = server.state.engine.stats
+    before = dict(stats.requests_finished), stats.prompt_tokens
     got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, stop=[stop, "\x00"])
     assert got.choices[0].text == cut and got.choices[0].finish_reason == "stop"
+    assert got.usage.model_extra["decoder_passes"] > 0
     text, finish, _, _, _ = collect_stream(client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, stop=stop, stream=True))
     assert text[0] == cut and finish[0] == "stop"
+    assert stats.requests_finished["stop"] == before[0].get("stop", 0) + 2
+    assert stats.requests_finished["cancelled"] == before[0].get("cancelled", 0)
+    assert stats.prompt_tokens == before[1] + 2 * PROMPT_LEN
 
 
 def test_async_concurrent_requests_match_llm(server, llm):
