@@ -128,6 +128,47 @@ def test_save_is_atomic_and_replaces(ref_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left behind
 
 
+def test_save_replaces_only_an_empty_or_model_dir(ref_dir, tmp_path):
+    model = load_model(ref_dir[0])
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"notes: exists and is not a model or adapter directory"):
+        save_model(model, notes)
+    run = save_model(model, tmp_path / "run")
+    (run / "trainer_state.pt").write_bytes(b"state")
+    (run / "checkpoint-0000002").mkdir()
+    with pytest.raises(CheckpointError, match=r"run: holds a training run \(checkpoint-0000002, trainer_state.pt\)"):
+        save_model(model, run)
+    assert (notes / "mine.txt").read_text() == "mine" and (run / "trainer_state.pt").is_file()
+    save_model(model, run, replace_any=True)  # the trainer rewriting its own checkpoint
+    assert not (run / "trainer_state.pt").exists()
+    (tmp_path / "empty").mkdir()
+    save_model(model, tmp_path / "empty")
+    (tmp_path / "empty.old").mkdir()  # a directory named like a backup is not one: a save leaves it alone
+    (tmp_path / "empty.old" / "mine.txt").write_text("mine")
+    save_model(model, tmp_path / "empty")
+    assert (tmp_path / "empty.old" / "mine.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "empty.old", "notes", "run"]
+
+
+def test_quantize_refuses_its_source_and_a_directory_holding_it(ref_dir, tmp_path):
+    from canvaslm.cli import main
+
+    src = _copy(ref_dir[0], tmp_path / "src")
+    before = sorted(p.name for p in src.iterdir())
+    for dst, msg in [(src, "src: is the source"), (tmp_path, "holds the source")]:
+        r = subprocess.run([sys.executable, "-m", "canvaslm.cli", "quantize", str(src), str(dst), "--to", "int4"],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in src.iterdir()) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("mine")
+    assert main(["quantize", str(src), str(other), "--to", "int4"]) == 2
+    assert (other / "mine.txt").read_text() == "mine"
+
+
 def test_saved_files_get_the_umask_mode_not_0600(ref_dir, tmp_path):
     path, _ = ref_dir
     probe = tmp_path / "probe.txt"

@@ -19,13 +19,14 @@ import asyncio
 import uuid
 
 from ..scoring import batch_token_logprobs
-from .serving import ServerState, check_request_basics, need_tokenizer, prepare, run_to_end, score_later
+from .serving import (ServerState, check_prompt_only, check_request_basics, need_tokenizer, prepare, run_to_end,
+                      score_later)
 
 
 async def complete_scored(state: ServerState, body, prompts: list[list[int]], request) -> dict:
     need_tokenizer(state, "logprobs" if body.logprobs is not None else "echo")
     if body.max_tokens == 0:  # score the prompt only
-        check_request_basics(state, body, prompts)
+        check_prompt_only(state, body, prompts)
         outputs = [(p, [], "length", 0) for p in prompts for _ in range(body.n)]
         completion = 0
     else:

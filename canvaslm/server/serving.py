@@ -508,6 +508,24 @@ def check_request_basics(state: ServerState, body: _Common, prompts: list[list[i
         check_in_vocab(state, ids, "prompt", "prompt token ids")
 
 
+MAX_CHOICES = 64  # prompts x n in one request
+
+
+def check_choice_count(prompts: list, n: int) -> None:
+    if len(prompts) * n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} choices is over the limit of {MAX_CHOICES}", "n")
+
+
+def check_prompt_only(state: ServerState, body: _Common, prompts: list[list[int]]) -> None:
+    """`check_request_basics` for a request that only scores its prompts (echo with max_tokens=0): each prompt
+    must fit the context, as a generating request's prompt must, and the choices the limit."""
+    check_request_basics(state, body, prompts)
+    check_choice_count(prompts, body.n)
+    for ids in prompts:
+        if len(ids) > state.max_model_len:
+            raise context_error(state, f"The prompt has {len(ids)} tokens", "prompt")
+
+
 def load_images(state: ServerState, body: _Common, prompts: list) -> None:
     """Each prompt holding images (or image tokens) -> an ImagePrompt of its expanded ids with `.images`
     (multimodal.ImageInputs). Loads, maybe fetches, and runs the vision tower: callers run `prepare` in a
@@ -600,8 +618,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         from ..tool_parser import response_stop_ids
 
         eos = eos + tuple(t for t in response_stop_ids(state.tokenizer) if t not in eos)
-    if len(prompts) * body.n > 64:
-        raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices is over the limit of 64", "n")
+    check_choice_count(prompts, body.n)
     seed = body.seed if body.seed is not None else random.randrange(2**63)
     choices, stops = [], body.stop_list()
     thoughts = state.thoughts if hasattr(body, "messages") else None  # chat replies only

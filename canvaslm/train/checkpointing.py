@@ -151,7 +151,8 @@ def save_checkpoint(trainer) -> Path:
         extra = {STATE_FILE: tmp, **_tokenizer_files(trainer.tokenizer_dir)}
         merged = trainer.config.save_merged
         if merged if merged is not None else not trainer.config.quantization:
-            save_model(_merged_copy(trainer.model), out_dir / name, trainer.params, extra_files=extra, replace_any=True)
+            save_model(_merged_copy(trainer.model), out_dir / name, trainer.params, extra_files=extra,
+                       replace_any=True)
         else:
             write_dir_atomically(out_dir / name, extra, replace_any=True)
     finally:
@@ -194,9 +195,8 @@ def _checkpoint_dir(src: Path) -> Path:
 
 def _checked_source(src, out_dir) -> Path:
     """The checkpoint dir of `src` (_checkpoint_dir), once out_dir is known to be a safe place for its copy."""
-    check_output_dir(out_dir, src)
     ckpt = _checkpoint_dir(Path(src))
-    check_output_dir(out_dir, ckpt)
+    check_output_dir(out_dir, src, ckpt)
     return ckpt
 
 

@@ -65,6 +65,21 @@ def test_echo_with_max_tokens_0_scores_the_prompt(client, tiny_llm):
     assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(tok.encode("hello there")) + 3
 
 
+def test_prompt_only_scoring_keeps_the_context_and_choice_limits(client):
+    """echo with max_tokens=0 runs no generation, but its prompts must still fit the context and its choices the
+    limit, as a generating request's must (a 400 naming the field, before any encoder pass)."""
+    openai = pytest.importorskip("openai")
+    c, model = client
+    limit = c.models.list().data[0].model_extra["max_model_len"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=model, prompt=[5] * (limit + 1), max_tokens=0, echo=True, logprobs=0)
+    assert e.value.code == "context_length_exceeded" and e.value.body["param"] == "prompt"
+    assert f"The prompt has {limit + 1} tokens" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=model, prompt=["ab"] * 33, n=2, max_tokens=0, echo=True)
+    assert e.value.body["param"] == "n" and "over the limit of 64" in e.value.message
+
+
 def test_logprobs_of_a_completion_and_echo(client, tiny_llm):
     c, model = client
     tok = tiny_llm.tokenizer

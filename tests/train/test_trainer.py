@@ -141,6 +141,29 @@ def test_cli_train_and_export(tmp_path):
     assert m.cfg.vocab_size == 32 and not (tmp_path / "exp" / "trainer_state.pt").exists()
 
 
+def test_export_never_replaces_a_run_or_other_files(tmp_path, capsys):
+    from canvaslm.cli import main
+
+    Trainer(TrainConfig.from_dict(tiny_config(tmp_path, max_steps=2, save_every=1))).train()
+    run = tmp_path / "run"
+    (run / "NOTES.txt").write_text("mine")
+    before = sorted(p.name for p in run.iterdir())
+    ckpt = run / "checkpoint-0000002"
+    cases = [(run, "is the source"), (tmp_path, "holds the source"), (ckpt, "is the source"),
+             (run / "checkpoint-0000001", "holds a training run"), (tmp_path / "notes", "not a model or adapter")]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    for out, msg in cases:
+        for extra in ([], ["--adapter"]):
+            assert main(["export", str(run), str(out), *extra]) == 2
+            assert msg in capsys.readouterr().err
+    assert main(["export", str(ckpt), str(run)]) == 2 and "holds the source" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "NOTES.txt").read_text() == "mine"
+    assert (tmp_path / "notes" / "a.txt").is_file()
+    assert main(["export", str(run), str(run / "final")]) == 0  # a model dir (the run's own export) is replaced
+    assert main(["export", str(run), str(tmp_path / "exp")]) == 0 and main(["export", str(run), str(tmp_path / "exp")]) == 0
+
+
 def test_text_data_with_tokenizer_and_callable_source(tmp_path, tiny_checkpoint, monkeypatch):
     from canvaslm.tokenizer import Tokenizer
 
