@@ -112,6 +112,9 @@ def _content(blocks, where: str, param: str, places: list | None = None) -> str 
     the parts in block order when images are among them; each image's place is appended to `places`."""
     if isinstance(blocks, str):
         return blocks
+    if not isinstance(blocks, list):
+        raise APIError(400, f"{where}: content must be a string or a list of blocks, got {type(blocks).__name__}",
+                       param)
     parts = []
     for k, b in enumerate(blocks):
         kind = b.get("type") if isinstance(b, dict) else None

@@ -172,7 +172,7 @@ def _chat_messages(messages: list[OllamaMessage], places: list) -> list[dict]:
             msg["tool_calls"] = []
             for k, c in enumerate(m.tool_calls):
                 fn = c.get("function") or {}
-                if not isinstance(fn.get("name"), str):
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                     raise APIError(400, f"messages[{i}].tool_calls[{k}]: a call needs function.name", "messages")
                 args = fn.get("arguments", {})
                 msg["tool_calls"].append({"id": f"call_{i}_{k}", "type": "function", "function": {

@@ -134,6 +134,8 @@ def test_a_forced_tool_call_and_its_result(server):
     ({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER], "tool_choice": {"type": "any"},
       "stop_sequences": ["a"]}, "stop_sequences would cut"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, "maximum context length"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": 5}]}]},
+     "messages[0].content[0].content: content must be a string or a list of blocks, got int"),
 ])
 def test_refusals_use_anthropics_error_body(server, kwargs, needle):
     a, _ = clients(server)

@@ -144,6 +144,8 @@ def test_tool_calls_come_back_as_ollama_writes_them():
     ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, 400, "expected \"json\""),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                    "options": {"num_predict": 5000}}, 400, "maximum context length"),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": "get_weather"}]}, {"role": "user", "content": "x"}]}, 400, "tool_calls[0]: a call needs function.name"),
 ])
 def test_errors_are_ollamas_body(server, route, body, status, needle):
     r = httpx.post(server.base_url + route, json={"stream": False, **body}, timeout=60)
