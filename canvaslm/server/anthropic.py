@@ -223,7 +223,7 @@ def to_chat(body: MessagesRequest, places: list | None = None) -> ChatCompletion
     """The chat completion body for `body`; `places` gets where each image came from (`image_error_at`)."""
     fields = dict(model=body.model, messages=_messages(body, places), max_tokens=body.max_tokens,
                   temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                  max_denoising_steps=body.max_denoising_steps, stream=body.stream, **_tools(body))
+                  max_denoising_steps=body.max_denoising_steps, stream=body.stream, **_tools(body), **_prefill(body))
     fields.update(_thinking(body))
     fmt = (body.output_config or {}).get("format")
     if fmt is not None:
@@ -232,6 +232,15 @@ def to_chat(body: MessagesRequest, places: list | None = None) -> ChatCompletion
                            "output_config")
         fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     return validated(ChatCompletionRequest, fields, "messages")
+
+
+def _prefill(body) -> dict:
+    """A final assistant message (text, no tool use) is a prefill: the reply goes on from it, as Anthropic's does."""
+    last = body.messages[-1]
+    if last.role != "assistant" or (isinstance(last.content, list) and any(
+            isinstance(b, dict) and b.get("type") != "text" for b in last.content)):
+        return {}
+    return {"continue_final_message": True, "add_generation_prompt": False}
 
 
 def _thinking(body) -> dict:
@@ -257,7 +266,7 @@ async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     state.adapter(body.model)
     places = []
     chat = validated(ChatCompletionRequest, {"model": body.model, "messages": _messages(body, places),
-                                             **_tools(body), **_thinking(body)}, "messages")
+                                             **_tools(body), **_thinking(body), **_prefill(body)}, "messages")
     prompts = [encode_chat(state, chat)]
     if isinstance(prompts[0], ImagePrompt):
         try:
@@ -374,8 +383,8 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
             blocks = ([{"type": "thinking", "thinking": thought, "signature": ""}] if thought else []) + \
                 [{"type": "text", "text": text}]
         reason, seq = _stop(c, blocks)
-        yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": seq},
-                    usage={"output_tokens": len(c.tracker.ids)})
+        # the whole usage, as Anthropic's message_delta carries it: the prefix cache is known only now
+        yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": seq}, usage=_usage(c, prompt_len))
         yield event("message_stop")
     except APIError as e:  # headers are sent: report in-band, as Anthropic does
         yield f"event: error\ndata: {json.dumps(error_body(e.status, e.message))}\n\n"

@@ -174,3 +174,30 @@ def test_structured_output_always_parses(server):
     with pytest.raises(anthropic.BadRequestError, match="output_config.format"):
         a.messages.create(model=MODEL, max_tokens=20, messages=[{"role": "user", "content": "x"}],
                           output_config={"format": {"type": "xml"}})
+
+
+def test_a_final_assistant_message_is_a_prefill_the_reply_continues(server):
+    """Anthropic's prefill: the reply goes on from a final assistant message (the chat route's
+    continue_final_message), in the reply and in count_tokens; it does not open a new assistant turn."""
+    a, o = clients(server)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Sure: "}]}]
+    msg = a.messages.create(model=MODEL, max_tokens=8, messages=msgs, extra_body={"seed": 1})
+    ref = o.chat.completions.create(model=MODEL, max_tokens=8, seed=1, messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure: "}],
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert msg.content[0].text == ref.choices[0].message.content
+    assert msg.usage.input_tokens + msg.usage.cache_read_input_tokens == ref.usage.prompt_tokens
+    assert a.messages.count_tokens(model=MODEL, messages=msgs).input_tokens == ref.usage.prompt_tokens
+
+
+def test_streamed_usage_equals_the_whole_reply_usage(server):
+    """A stream's final message has the same usage as the reply sent whole, prefix-cache reads included (they are
+    known only at the end, so message_delta carries the whole usage, as Anthropic's does)."""
+    a, _ = clients(server)
+    kw = dict(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "usage, please"}], extra_body={"seed": 3})
+    a.messages.create(**kw)  # the prompt is now in the prefix cache
+    whole = a.messages.create(**kw)
+    with a.messages.stream(**kw) as s:
+        streamed = s.get_final_message()
+    assert whole.usage.cache_read_input_tokens > 0
+    assert streamed.usage.model_dump() == whole.usage.model_dump()
