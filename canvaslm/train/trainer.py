@@ -34,7 +34,7 @@ from .objective import block_diffusion_loss, canvases_of, example_noise_seed, ma
 from .vision import TrainVision
 
 log = logging.getLogger("canvaslm.train")
-EVAL_SEED_SALT, TRANSFORM_SEED_SALT = 0x5EED, 0xA06
+EVAL_SEED_SALT, TRANSFORM_SEED_SALT, STEP_SEED_SALT = 0x5EED, 0xA06, 0xD50
 
 
 @dataclass(frozen=True)
@@ -420,6 +420,9 @@ class Trainer:
     def compute_gradients(self, step: int) -> dict:
         """Forward/backward over this step's batch; gradients averaged over processes. Returns stats."""
         c = self.config
+        # torch's global generator (LoRA dropout draws from it) is seeded from (seed, step, rank): two runs of
+        # one config, and a run resumed at any step, draw the same
+        torch.manual_seed(example_noise_seed(c.seed ^ STEP_SEED_SALT, step, self.dist.rank))
         sums = torch.zeros(4, device=self.device)  # loss, diffusion, ar, tokens
         for examples, pos in self._micro_batches(step):
             out = self._loss(examples, [example_noise_seed(c.seed, step, j) for j in pos])
@@ -449,19 +452,25 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """Held-out loss with fixed noise (comparable across evaluations); split over processes."""
+        """Held-out loss with fixed noise (comparable across evaluations), in eval mode (no LoRA dropout);
+        split over processes."""
         if not self.eval_examples:
             return None
         c, d = self.config, self.dist
         ex = self.eval_examples[:c.eval_max_examples]
         sums = torch.zeros(4, device=self.device)  # loss, diffusion, ar (each x examples), examples
-        for start in range(d.rank * self.micro, len(ex), self.micro * d.world):
-            chunk = ex[start:start + self.micro]
-            seeds = [example_noise_seed(c.seed ^ EVAL_SEED_SALT, 0, start + i) for i in range(len(chunk))]
-            out = self._loss(chunk, seeds)
-            n = len(chunk)
-            sums += torch.tensor([float(out.loss) * n, float(out.diffusion_loss) * n, float(out.ar_loss) * n, n],
-                                 device=self.device)
+        training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(d.rank * self.micro, len(ex), self.micro * d.world):
+                chunk = ex[start:start + self.micro]
+                seeds = [example_noise_seed(c.seed ^ EVAL_SEED_SALT, 0, start + i) for i in range(len(chunk))]
+                out = self._loss(chunk, seeds)
+                n = len(chunk)
+                sums += torch.tensor([float(out.loss) * n, float(out.diffusion_loss) * n, float(out.ar_loss) * n,
+                                      n], device=self.device)
+        finally:
+            self.model.train(training)
         self.dist.all_reduce_mean([sums])
         n = max(float(sums[3]), 1.0)
         return {"eval_loss": float(sums[0]) / n, "eval_diffusion_loss": float(sums[1]) / n,

@@ -216,3 +216,24 @@ def test_adapter_init_follows_the_config_seed(tmp_path):
     a, b, c = adapters("a", 0), adapters("b", 0), adapters("c", 1)
     assert a and all(torch.equal(a[n], b[n]) for n in a)
     assert not any(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_lora_dropout_is_off_in_evaluation_and_seeded_per_step(tmp_path):
+    cfg = dict(max_steps=4, save_every=2, eval_every=2, lora={"rank": 4, "alpha": 8, "dropout": 0.5})
+    t = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "one", **cfg)))
+    t.train(stop_at=1)
+    first = t.evaluate()
+    assert t.evaluate() == first and t.model.training  # the same weights, the same loss; train mode restored
+    t.model.eval()
+    assert t.evaluate() == first and not t.model.training
+
+    def run(name, seed_before, stop_at=None, resume=False):
+        torch.manual_seed(seed_before)  # whatever the process drew before does not matter
+        return Trainer(TrainConfig.from_dict(tiny_config(tmp_path / name, **cfg)), resume=resume).train(stop_at)
+
+    full, again = run("a", 1), run("b", 2)
+    assert [r["loss"] for r in full] == [r["loss"] for r in again]
+    run("killed", 3, stop_at=3)  # the last checkpoint is step 2
+    resumed = run("killed", 4, resume=True)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r.get("eval_loss") for r in resumed] == [r.get("eval_loss") for r in full]
