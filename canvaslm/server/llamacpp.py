@@ -280,7 +280,7 @@ async def _completion_choice(state: ServerState, body, oa: CompletionRequest, id
     import asyncio
 
     (choice,) = await asyncio.to_thread(prepare, state, oa, [ids])
-    choice.tracker.stops = list(body.stop)
+    choice.tracker.stops = [s for s in body.stop if s]  # llama-server skips empty words
     return choice, dict(params=choice.request.params, seed=choice.request.seed)
 
 

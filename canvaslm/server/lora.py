@@ -13,7 +13,7 @@ from .serving import APIError, ServerState
 
 
 async def load_adapter(state: ServerState, name: str, path: str) -> int:
-    if name == state.model_name or name in state.loras:
+    if name == state.model_name or name in state.loras or name in state.aliases:
         raise APIError(400, f"lora_name {name!r} is already served; unload it first or pick another name",
                        "lora_name")
     try:

@@ -221,16 +221,16 @@ async def chat(state: ServerState, body: ChatBody, request):
 async def generate(state: ServerState, body: GenerateBody, request):
     name = served(state, body.model)
     need_tokenizer(state, "prompt")
-    if not body.prompt and body.suffix is None:  # Ollama loads the model and answers at once
+    if not body.prompt and not body.suffix:  # Ollama loads the model and answers at once (an empty suffix is none)
         return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
     places, images = [], body.images or []
     vision = state.vision
     if body.context and vision is not None and vision.cfg.image_token_id in body.context:
         raise APIError(400, "context holds a turn that showed images, and this deprecated field carries token ids "
                             "only: go on with /api/chat, sending the conversation with its images", "context")
-    if images and body.suffix is not None:
+    if images and body.suffix:
         raise APIError(400, "images cannot be combined with suffix (insert mode takes text only)", "images")
-    if body.suffix is not None or body.raw:
+    if body.suffix or body.raw:
         fields = _sampling(body, {"model": name, "prompt": body.prompt, "suffix": body.suffix or None})
         if fields.get("response_format"):
             raise APIError(400, "format works with a templated prompt; send raw: false and no suffix", "format")

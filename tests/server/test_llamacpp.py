@@ -103,6 +103,8 @@ def test_completion_stop_strings_cut_and_name_the_word(server):
     streamed = sse(server, "/completion", {"prompt": "stop test", "n_predict": 40, "seed": 2, "stop": stops,
                                            "stream": True})
     assert "".join(c["content"] for c in streamed) == out["content"] and streamed[-1]["stopping_word"] == word
+    empty = post(server, "/completion", {"prompt": "stop test", "n_predict": 40, "seed": 2, "stop": [""]}).json()
+    assert empty["content"] == free and empty["stop_type"] != "word"  # llama-server skips empty words
 
 
 def _seed_with_newline(server, prompt):

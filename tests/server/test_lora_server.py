@@ -141,17 +141,19 @@ def test_adapters_load_and_unload_while_serving(setup, servers):
     root, base, _ = setup
     c, _ = servers
     state = build_state(base, "cpu", "float32", EngineConfig(**ENGINE), served_model_name=BASE, lora_updates=True)
+    state.aliases = ("base-alias",)  # --served-model-name BASE base-alias
     with BackgroundServer(state) as srv:
         d = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
-        assert [m.id for m in d.models.list().data] == [BASE]
+        assert [m.id for m in d.models.list().data] == [BASE, "base-alias"]
         r = _post(srv.base_url, "/v1/load_lora_adapter", {"lora_name": "strong", "lora_path": str(root / "strong")})
         assert r.status_code == 200 and "added" in r.text
-        assert [m.id for m in d.models.list().data] == [BASE, "strong"]
+        assert [m.id for m in d.models.list().data] == [BASE, "base-alias", "strong"]
         assert _chat(d, "strong", 1) == _chat(c, "strong", 1)  # as the adapter served from the start
         assert _chat(d, BASE, 1) == _chat(c, BASE, 1)
         for body, status, needle in (
                 ({"lora_name": "strong", "lora_path": str(root / "strong")}, 400, "already served"),
                 ({"lora_name": BASE, "lora_path": str(root / "strong")}, 400, "already served"),
+                ({"lora_name": "base-alias", "lora_path": str(root / "strong")}, 400, "already served"),
                 ({"lora_name": "x", "lora_path": str(root / "nowhere")}, 400, "needs adapter_config.json"),
                 ({"lora_name": "x"}, 400, "lora_path")):
             r = _post(srv.base_url, "/v1/load_lora_adapter", body)

@@ -59,6 +59,8 @@ def test_generate_templated_raw_and_insert(server, tiny_checkpoint):
     ref = oa.chat.completions.create(model=MODEL, seed=1, max_tokens=30, messages=[
         {"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}])
     assert templated.response == ref.choices[0].message.content
+    no_suffix = o.generate(model=MODEL, prompt="hi", system="sys", suffix="", options=opts)  # "" is no suffix
+    assert no_suffix.response == templated.response
     raw = o.generate(model=MODEL, prompt="def f(x):", raw=True, options=opts)
     assert raw.response == oa.completions.create(model=MODEL, prompt="def f(x):", seed=1, max_tokens=30).choices[0].text
     streamed = list(o.generate(model=MODEL, prompt="def f(x):", raw=True, options=opts, stream=True))
