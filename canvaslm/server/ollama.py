@@ -346,6 +346,8 @@ async def embed(state: ServerState, body: EmbedBody):
         prompts = [state.tokenizer.encode(t) for t in texts]
     except ValueError as e:
         raise APIError(400, f"input: {e}", "input") from None
+    if body.truncate:  # Ollama's default: an input over the context loses its end (false: an error, as is)
+        prompts = [p[:state.max_model_len] for p in prompts]
     out = await create_embeddings(state, EmbeddingRequest(model=name, input=texts), prompts)
     return {"model": body.model, "embeddings": [d["embedding"] for d in out["data"]],
             "total_duration": int((time.perf_counter() - start) * 1e9), "load_duration": 0,

@@ -124,6 +124,14 @@ def test_models_show_version_and_embeddings(server):
     assert len(emb.embeddings) == 2
     for got, want in zip(emb.embeddings, ref.data):
         assert list(map(float, got)) == pytest.approx(want.embedding)
+    long = "the quick brown fox " * 40  # over the context: Ollama cuts its end unless truncate is false
+    ids = httpx.post(server.base_url + "/tokenize", json={"model": MODEL, "prompt": long}).json()["tokens"]
+    limit = server.state.max_model_len
+    assert len(ids) > limit
+    cut = oa.embeddings.create(model=MODEL, input=[ids[:limit]]).data[0].embedding
+    assert list(map(float, o.embed(model=MODEL, input=long).embeddings[0])) == pytest.approx(cut)
+    r = httpx.post(server.base_url + "/api/embed", json={"model": MODEL, "input": long, "truncate": False})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]
     legacy = httpx.post(server.base_url + "/api/embeddings", json={"model": MODEL, "prompt": "hello"}).json()
     assert legacy["embedding"] == pytest.approx(ref.data[0].embedding)
 
