@@ -22,7 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from ..config import ConfigError
 from ..quant import is_quantized
+from .typecheck import check_fields
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -36,13 +38,13 @@ class LoRAConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
+        check_fields(self, "lora.")  # each value of its annotated type (numeric strings -> float)
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
             raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        object.__setattr__(self, "targets", tuple(self.targets))
         unknown = set(self.targets) - set(DEFAULT_TARGETS)
         if unknown:
             raise ValueError(f"lora.targets: unknown module names {sorted(unknown)}; expected a subset of "
@@ -50,10 +52,12 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoRAConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"lora must be a mapping ({{rank: 8, alpha: 16, ...}}) or null, got {d!r}")
         allowed = {"rank", "alpha", "targets", "include_experts", "dropout"}
         unknown = set(d) - allowed
         if unknown:
-            raise ValueError(f"lora: unknown keys {sorted(unknown)}; expected some of {sorted(allowed)}")
+            raise ValueError(f"lora: unknown keys {sorted(map(str, unknown))}; expected some of {sorted(allowed)}")
         return cls(**d)
 
     @property

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from ..checkpoint import parse_dtype
+from ..config import ConfigError, DiffusionParams
 from ..quant import QUANTIZATIONS
 from . import checkpointing as ckpt
 from .data import DataError, ExampleStream, ImageExample, load_examples, resolve_callable, split_holdout
 from .lora import LoRAConfig, apply_lora, has_lora
 from .objective import block_diffusion_loss, canvases_of, example_noise_seed, make_batch, set_trainable
+from .typecheck import check_fields, checked, yaml_problem
 from .vision import TrainVision
 
 log = logging.getLogger("canvaslm.train")
@@ -56,7 +59,7 @@ class TrainConfig:
     warmup_steps: int = 0
     batch_size: int = 8  # global examples per optimizer step
     grad_accum: int = 1
-    clip: float = 1.0  # max grad norm; 0 = off
+    clip: float | None = 1.0  # max grad norm; 0 or null = off
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
@@ -83,46 +86,76 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        def bad(name, msg):
-            raise ConfigError(f"train config: {name} {msg}, got {getattr(self, name)!r}")
+        def bad(name, msg, value=dataclasses.MISSING):
+            value = getattr(self, name) if value is dataclasses.MISSING else value
+            raise ConfigError(f"train config: {name} {msg}, got {value!r}")
 
+        check_fields(self, "train config: ")  # each value of its annotated type (numeric strings -> float)
         if not self.out_dir:
             bad("out_dir", "is required")
-        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+        if self.max_steps < 1:
             bad("max_steps", "must be a positive integer")
         if not self.model:
             bad("model", "is required (a checkpoint dir or {init: {...}})")
-        if isinstance(self.model, dict) and set(self.model) != {"init"}:
-            bad("model", "as a mapping must be exactly {init: {...}}")
+        if isinstance(self.model, dict):
+            if set(self.model) != {"init"}:
+                bad("model", "as a mapping must be exactly {init: {...}}")
+            init = checked("model.init", self.model["init"], "dict", "train config: ")
+            for key, kind in (("seed", "int"), ("std", "float"), ("shape", "str"), ("canvas_length", "int"),
+                              ("config", "dict")):
+                if key in init:
+                    checked(f"model.init.{key}", init[key], kind, "train config: ")
         if not self.data:
             bad("data", "is required (a .jsonl path, 'module:function', or {train: ..., eval: ...})")
         if isinstance(self.data, dict):
             unknown = set(self.data) - {"train", "eval", "eval_size", "kwargs", "transform"}
             if unknown or "train" not in self.data:
                 bad("data", f"must have 'train' and only train/eval/eval_size/kwargs/transform "
-                            f"(unknown: {sorted(unknown)})")
-        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                            f"(unknown: {sorted(map(str, unknown))})")
+            for key, kind in (("train", "str | dict"), ("eval", "str | dict | None"), ("eval_size", "int"),
+                              ("kwargs", "dict | None"), ("transform", "str | None")):
+                if key in self.data:
+                    checked(f"data.{key}", self.data[key], kind, "train config: ")
+            if self.data.get("eval_size", 0) < 0:
+                bad("data.eval_size", "must be an integer >= 0 (0: no held-out examples)", self.data["eval_size"])
+        for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_max_examples"):
+            if getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
         if self.batch_size % self.grad_accum:
             bad("batch_size", f"must be divisible by grad_accum={self.grad_accum}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            bad("lr", "must be > 0 (and min_lr_ratio in [0, 1])")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", "must be in [0, 1]")
+        if not all(0 <= b < 1 for b in self.betas):
+            bad("betas", "must be two numbers in [0, 1)")
+        if not self.weight_decay >= 0:
+            bad("weight_decay", "must be >= 0")
+        if self.clip is not None and not self.clip >= 0:
+            bad("clip", "must be a number >= 0 (0 or null: no clipping)")
         if not 0 <= self.sc_prob <= 1:
             bad("sc_prob", "must be in [0, 1]")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
-            bad("warmup_steps", "eval_every and save_every must be >= 0")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                bad(name, "must be an integer >= 0")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            bad("device", "must be auto | cpu | cuda | cuda:N")
         if self.dtype not in ("auto", "fp32", "float32", "bf16", "bfloat16"):
             bad("dtype", "must be auto | fp32 | bf16")
+        if self.export_dtype is not None:
+            try:
+                parse_dtype(self.export_dtype)
+            except ValueError as e:
+                raise ConfigError(f"train config: export_dtype: {e}") from None
         if self.lora is not None:
-            lora = LoRAConfig.from_dict(self.lora)
-        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
-                                            or self.max_length < 2):
+            try:
+                lora = LoRAConfig.from_dict(self.lora)
+            except ValueError as e:
+                raise ConfigError(f"train config: {e}") from None
+        if self.generation is not None:
+            object.__setattr__(self, "generation", _check_generation(self.generation))
+        if self.max_length is not None and self.max_length < 2:
             bad("max_length", "must be an integer >= 2 (tokens of prompt + response) or null")
-        if not isinstance(self.gradient_checkpointing, bool):
-            bad("gradient_checkpointing", "must be true or false")
-        if not isinstance(self.truncate_prompt, bool):
-            bad("truncate_prompt", "must be true or false")
         if self.truncate_prompt and self.max_length is None:
             bad("truncate_prompt", "needs max_length (the length prompts are cut to fit)")
         if self.save_merged is False and self.lora is None:
@@ -135,18 +168,21 @@ class TrainConfig:
             if lora.include_experts:
                 bad("quantization", "does not combine with lora.include_experts (quantised experts take no "
                                     "adapter); set include_experts: false")
-        object.__setattr__(self, "betas", tuple(self.betas))
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "train config") -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(map(str, set(d) - names))
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}; expected some of {sorted(names)}")
         try:
             return cls(**d)
         except TypeError as e:  # a required key is missing
             raise ConfigError(f"{source}: {e}") from None
+        except ConfigError as e:  # name the file the value came from
+            msg = str(e)
+            raise ConfigError(source + msg[len("train config"):] if msg.startswith("train config")
+                              else f"{source}: {msg}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
@@ -154,7 +190,12 @@ class TrainConfig:
         import yaml
 
         path = Path(path)
-        d = yaml.safe_load(path.read_text()) or {}
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         d.update({k: v for k, v in overrides.items() if v is not None})
@@ -163,6 +204,25 @@ class TrainConfig:
     @property
     def data_spec(self) -> dict:
         return {"train": self.data} if isinstance(self.data, str) else dict(self.data)
+
+
+# generation: the DiffusionParams that the exported generation_config.json holds
+GENERATION_KEYS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+                   "confidence_threshold", "eos_token_ids", "pad_token_id")
+
+
+def _check_generation(generation: dict) -> dict:
+    """generation's values checked (DiffusionParams' types and ranges) and converted."""
+    unknown = sorted(map(str, set(generation) - set(GENERATION_KEYS)))
+    if unknown:
+        raise ConfigError(f"train config: generation: unknown keys {unknown}; expected some of {list(GENERATION_KEYS)}")
+    types = {f.name: f.type for f in dataclasses.fields(DiffusionParams)}
+    values = {k: checked(f"generation.{k}", v, types[k], "train config: ") for k, v in generation.items()}
+    try:
+        DiffusionParams().replace(**values)
+    except ConfigError as e:
+        raise ConfigError(f"train config: generation: {e}") from None
+    return values
 
 
 def kept_for_backward(model, fn):
@@ -278,6 +338,13 @@ class Trainer:
     def _setup_device(self):
         c = self.config
         cuda = c.device.startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
+        if c.device.startswith("cuda"):
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if not n or int(c.device.partition(":")[2] or 0) >= n:
+                raise ConfigError(f"train config: device {c.device!r}, but " + (
+                    f"this machine has {n} CUDA device(s)" if n else
+                    f"CUDA is not available (torch {torch.__version__}{'' if torch.version.cuda else ', CPU build'})")
+                    + "; use device: cpu or auto")
         self.dist = DistContext.from_env("cuda" if cuda else "cpu")
         self.device = self.dist.device(c.device, cuda)
         bf16 = c.dtype in ("bf16", "bfloat16") or (c.dtype == "auto" and cuda)
@@ -437,7 +504,7 @@ class Trainer:
     def train_step(self) -> dict:
         c, t0 = self.config, time.perf_counter()
         stats = self.compute_gradients(self.step)
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, c.clip if c.clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, c.clip or float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()

@@ -79,6 +79,37 @@ def test_recipe_rejects_unknown_keys(tmp_path):
         TrainConfig(sc_passes=0)
 
 
+def test_recipe_values_are_type_checked_naming_the_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  lr: 1e-4\n  weight_decay: 1e-2\n  grad_clip: null\n")  # YAML 1.1: '1e-4' is a string
+    t = Recipe.from_yaml(p).train
+    assert (t.lr, t.weight_decay, t.grad_clip) == (1e-4, 1e-2, None) and isinstance(t.lr, float)
+    for text, msg in [("train:\n  lr: fast\n", "r.yaml: train.lr must be a number, got 'fast'"),
+                      ("train:\n  batch_size: 8.0\n", "r.yaml: train.batch_size must be an integer, got 8.0"),
+                      ("train:\n  augment: 'no'\n", "r.yaml: train.augment must be true or false, got 'no'"),
+                      ("train:\n  grad_clip: -1\n", "r.yaml: train.grad_clip must be a number >= 0"),
+                      ("train:\n  device: gpu\n", "r.yaml: train.device must be cpu | cuda | cuda:N"),
+                      ("baseline:\n  max_steps: '10'\n", "r.yaml: baseline: train.max_steps must be an integer"),
+                      ("train: 3\n", "r.yaml: train must be a mapping, got 3"),
+                      ("train: [1\n", "r.yaml: not valid YAML: expected ',' or ']'")]:
+        p.write_text(text)
+        with pytest.raises(ValueError) as e:
+            Recipe.from_yaml(p)
+        assert str(e.value).startswith(str(tmp_path)) and msg in str(e.value), (text, str(e.value))
+
+
+def test_grad_clip_0_or_null_is_off(tmp_path, mini_split):
+    def run(clip):
+        cfg = replace(MINI_TRAIN, max_steps=3, save_every=3, grad_clip=clip)
+        train_recipe(Recipe(MINI_SHAPE, cfg), tmp_path / str(clip), log=lambda s: None, split=mini_split)
+        return [(r["loss"], r["grad_norm"]) for r in map(json.loads, (tmp_path / str(clip) / "log.jsonl")
+                                                        .read_text().splitlines())]
+
+    unclipped = run(1e9)
+    assert run(0.0) == unclipped  # 0 used to zero every gradient
+    assert run(None) == unclipped
+
+
 def test_sc_passes_reaches_the_objective(tmp_path, mini_split):
     runs = {}
     for n in (1, 3):

@@ -34,6 +34,56 @@ def test_config_validation(tmp_path):
         TrainConfig.from_yaml(tmp_path / "c.yaml")
 
 
+def test_config_values_are_type_checked_naming_the_file(tmp_path):
+    import yaml
+
+    base = tiny_config(tmp_path, max_steps=1)
+    path = tmp_path / "c.yaml"
+    # PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string: a float field takes it as the number
+    path.write_text(yaml.safe_dump(base) + "lr: 1e-4\nweight_decay: '1e-2'\nclip: null\nbetas: [0.9, 9.9e-1]\n")
+    c = TrainConfig.from_yaml(path)
+    assert (c.lr, c.weight_decay, c.clip, c.betas) == (1e-4, 1e-2, None, (0.9, 0.99)) and isinstance(c.lr, float)
+    assert Trainer(c).train()[-1]["grad_norm"] > 0  # clip: null is off
+    init = base["model"]["init"]
+    cases = [({"lr": "fast"}, "lr must be a number, got 'fast'"),
+             ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+             ({"batch_size": 4.0}, "batch_size must be an integer, got 4.0"),
+             ({"max_steps": True}, "max_steps must be an integer, got True"),
+             ({"eval_every": "10"}, "eval_every must be an integer, got '10'"),
+             ({"plot": "yes"}, "plot must be true or false, got 'yes'"),
+             ({"tokenizer": 3}, "tokenizer must be a string or null, got 3"),
+             ({"betas": 0.9}, "betas must be a pair of numbers, got 0.9"),
+             ({"betas": [0.9, 1.5]}, "betas must be two numbers in [0, 1)"),
+             ({"clip": -1}, "clip must be a number >= 0 (0 or null: no clipping)"),
+             ({"lora": 8}, "lora must be a mapping or null, got 8"),
+             ({"lora": {"rank": "8"}}, "lora.rank must be an integer, got '8'"),
+             ({"lora": {"targets": "q_proj"}}, "lora.targets must be a list of strings, got 'q_proj'"),
+             ({"data": ["a", "b"]}, "data must be a string or a mapping, got ['a', 'b']"),
+             ({"data": {**base["data"], "eval_size": "ten"}}, "data.eval_size must be an integer, got 'ten'"),
+             ({"data": {**base["data"], "eval_size": -1}}, "data.eval_size must be an integer >= 0"),
+             ({"model": {"init": [1]}}, "model.init must be a mapping, got [1]"),
+             ({"model": {"init": {**init, "seed": "x"}}}, "model.init.seed must be an integer, got 'x'"),
+             ({"eval_max_examples": 0}, "eval_max_examples must be a positive integer, got 0"),
+             ({"device": "gpu"}, "device must be auto | cpu | cuda | cuda:N, got 'gpu'"),
+             ({"export_dtype": "bf16x"}, "export_dtype: unknown dtype 'bf16x'"),
+             ({"generation": {"foo": 1}}, "generation: unknown keys ['foo']"),
+             ({"generation": {"t_min": "low"}}, "generation.t_min must be a number, got 'low'"),
+             ({"generation": {"max_new_tokens": 0}}, "generation: generation parameter max_new_tokens must be")]
+    for change, msg in cases:
+        path.write_text(yaml.safe_dump({**base, **change}))
+        with pytest.raises(ConfigError) as e:
+            TrainConfig.from_yaml(path)
+        assert str(e.value).startswith(f"{path}: ") and msg in str(e.value), (change, str(e.value))
+    path.write_text("max_steps: [1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: expected ',' or '\]', but got .* at line 2"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match=r"nope.yaml: cannot read the config file \(No such file"):
+        TrainConfig.from_yaml(tmp_path / "nope.yaml")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device 'cuda', but CUDA is not available .*use device: cpu or auto"):
+            Trainer(TrainConfig.from_dict({**base, "device": "cuda"}))
+
+
 def test_lr_schedule():
     f = [lr_factor(s, 10, 110, 0.1) for s in range(110)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
@@ -161,7 +211,8 @@ def test_export_never_replaces_a_run_or_other_files(tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir()) == before and (run / "NOTES.txt").read_text() == "mine"
     assert (tmp_path / "notes" / "a.txt").is_file()
     assert main(["export", str(run), str(run / "final")]) == 0  # a model dir (the run's own export) is replaced
-    assert main(["export", str(run), str(tmp_path / "exp")]) == 0 and main(["export", str(run), str(tmp_path / "exp")]) == 0
+    for _ in range(2):  # a new directory, then the model directory it holds
+        assert main(["export", str(run), str(tmp_path / "exp")]) == 0
 
 
 def test_text_data_with_tokenizer_and_callable_source(tmp_path, tiny_checkpoint, monkeypatch):
@@ -333,7 +384,7 @@ def test_max_length_leaves_out_long_examples_and_positions_are_checked(tmp_path,
     with pytest.raises(ConfigError, match="max_length 200000 is past the model's max_position_embeddings 131072"):
         Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "c", max_length=200_000)))
     for bad in ("16", 1, True):
-        with pytest.raises(ConfigError, match="max_length must be an integer >= 2"):
+        with pytest.raises(ConfigError, match=r"max_length must be an integer (>= 2|or null)"):
             TrainConfig.from_dict(tiny_config(tmp_path / "d", max_length=bad))
     cfg = tiny_config(tmp_path / "e")
     cfg["model"]["init"]["max_position_embeddings"] = 24  # without max_length, a sequence past it is named

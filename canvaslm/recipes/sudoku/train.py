@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,10 +29,12 @@ from typing import Callable
 import torch
 
 from canvaslm.checkpoint import build_random_model, save_model
+from canvaslm.config import ConfigError
 from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, PAD_ID, PROMPT_LEN, TARGET_LEN, Example,
                                           encode_grids, encode_prompt, encode_target, load_split, make_split,
                                           save_split)
 from canvaslm.recipes.sudoku.model_config import ModelShape, default_params, model_config, write_tokenizer
+from canvaslm.train.typecheck import check_fields, yaml_problem
 
 RECIPE_PATH = Path(__file__).with_name("recipe.yaml")
 OBJECTIVES = ("diffusion", "ar")
@@ -52,7 +55,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # max grad norm; 0 or null = off
     diffusion_weight: float = 1.0
     ar_weight: float = 1.0
     sc_prob: float = 0.5
@@ -68,6 +71,7 @@ class TrainConfig:
     max_seconds: float = 0.0  # > 0: stop after this much training time in one invocation (saving the model)
 
     def __post_init__(self):
+        check_fields(self, "train.")  # each value of its annotated type (numeric strings -> float)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.sampler not in SAMPLERS:
@@ -86,6 +90,10 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if not 0 <= self.sc_prob <= 1:
             raise ValueError(f"train.sc_prob must be in [0, 1], got {self.sc_prob}")
+        if self.grad_clip is not None and not self.grad_clip >= 0:
+            raise ValueError(f"train.grad_clip must be a number >= 0 (0 or null: no clipping), got {self.grad_clip!r}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"train.device must be cpu | cuda | cuda:N, got {self.device!r}")
 
     def split_dir(self) -> Path:
         return Path(self.data_dir) / f"n{self.n_train}_t{self.n_test}_h{self.n_test_hard}_s{self.seed}"
@@ -101,20 +109,36 @@ class Recipe:
     def from_yaml(cls, path: str | os.PathLike = RECIPE_PATH) -> "Recipe":
         import yaml
 
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-        unknown = sorted(set(raw) - {"model", "train", "baseline"})
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping with model, train, baseline")
+        unknown = sorted(map(str, set(raw) - {"model", "train", "baseline"}))
         if unknown:
             raise ValueError(f"{path}: unknown top-level keys {unknown}; expected model, train, baseline")
-        train = raw.get("train") or {}
-        bad = sorted(set(train) - set(TrainConfig.__dataclass_fields__))
+        parts = {k: raw.get(k) or {} for k in ("model", "train", "baseline")}
+        for key, part in parts.items():
+            if not isinstance(part, dict):
+                raise ConfigError(f"{path}: {key} must be a mapping, got {part!r}")
+        train, base = parts["train"], parts["baseline"]
+        bad = sorted(map(str, set(train) - set(TrainConfig.__dataclass_fields__)))
         if bad:
             raise ValueError(f"{path}: unknown train keys {bad}")
-        base = raw.get("baseline") or {}
-        bad = sorted(set(base) - set(TrainConfig.__dataclass_fields__))
+        bad = sorted(map(str, set(base) - set(TrainConfig.__dataclass_fields__)))
         if bad:
             raise ValueError(f"{path}: unknown baseline keys {bad}")
-        return cls(ModelShape.from_dict(raw.get("model") or {}), TrainConfig(**train), dict(base))
+        try:
+            recipe = cls(ModelShape.from_dict(parts["model"]), TrainConfig(**train), dict(base))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        try:
+            recipe.for_baseline()  # its values are checked now, not when the baseline run starts
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{path}: baseline: {e}") from None
+        return recipe
 
     def for_baseline(self) -> "Recipe":
         """The AR baseline: same model shape and data, encoder-only next-token loss."""
@@ -318,7 +342,7 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
                                   out_loss.ar_loss.detach().reshape(()),
                                   torch.tensor(out_of_time, device=out_loss.loss.device)]).float()
             dist.all_reduce_gradients(model.parameters(), [losses])  # ranks agree on the time limit too
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))  # 0: off
             opt.step()
             step, seen = step + 1, seen + cfg.batch_size
             stop = bool(cfg.max_seconds) and bool(losses[3] > 0)
