@@ -66,15 +66,17 @@ def build_model(config, checkpoint: Path | None = None):
         init = dict(config.model["init"])
         seed, std = int(init.pop("seed", config.seed)), float(init.pop("std", 0.02))
         if "config" in init:
+            _refuse_unknown(init, ("config",), "config, seed and std")
             cfg = ModelConfig.from_dict(init.pop("config"), source="train config model.init.config")
         elif "shape" in init:
+            from ..config import _KNOWN_TEXT_KEYS
             from ..shapes import model_config
-            cfg = model_config(init.pop("shape"), init.pop("canvas_length", 256), **init)
-            init = {}
+
+            shape, canvas_length = init.pop("shape"), init.pop("canvas_length", 256)
+            _refuse_unknown(init, _KNOWN_TEXT_KEYS, "shape, canvas_length, seed, std or text-config fields")
+            cfg = model_config(shape, canvas_length, **init)
         else:
             raise ConfigError("train config: model.init needs 'shape' or 'config'")
-        if init:
-            raise ConfigError(f"train config: model.init: unknown keys {sorted(init)}")
         model = build_random_model(cfg, dtype="float32", seed=seed, std=std)
         if config.quantization:
             from ..quant import quantize_model
@@ -84,6 +86,18 @@ def build_model(config, checkpoint: Path | None = None):
     if config.generation:
         params = params.replace(**config.generation)
     return model, params
+
+
+def _refuse_unknown(init: dict, known, expected: str):
+    """A ConfigError naming the first key of model.init that is not `known` (with the closest known key)."""
+    unknown = sorted(map(str, set(init) - set(known)))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        raise ConfigError(f"train config: model.init.{unknown[0]} is not a model.init key (expected {expected})"
+                          + (f"; did you mean {close[0]}?" if close else "")
+                          + (f" (unknown keys: {unknown})" if len(unknown) > 1 else ""))
 
 
 def lora_cache(model):

@@ -84,6 +84,16 @@ def test_config_values_are_type_checked_naming_the_file(tmp_path):
             Trainer(TrainConfig.from_dict({**base, "device": "cuda"}))
 
 
+def test_a_typo_in_model_init_is_an_error_naming_the_key(tmp_path):
+    init = {k: v for k, v in tiny_config(tmp_path)["model"]["init"].items() if k != "hidden_size"}
+    with pytest.raises(ConfigError, match=r"model.init.hiden_size is not a model.init key .*did you mean hidden_size\?"):
+        Trainer(TrainConfig.from_dict(tiny_config(tmp_path, model={"init": {**init, "hiden_size": 32}})))
+    with pytest.raises(ConfigError, match=r"model.init.shape is not a model.init key \(expected config, seed and std\)"):
+        Trainer(TrainConfig.from_dict(tiny_config(tmp_path, model={"init": {"config": {}, "shape": "tiny"}})))
+    t = Trainer(TrainConfig.from_dict(tiny_config(tmp_path, model={"init": {**init, "hidden_size": 48}})))
+    assert t.model.cfg.hidden_size == 48  # a text-config field is one
+
+
 def test_lr_schedule():
     f = [lr_factor(s, 10, 110, 0.1) for s in range(110)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
