@@ -252,6 +252,35 @@ def _adapted_from_state(src: Path):
     return model, params
 
 
+# config keys a resumed run must share with the run that wrote its checkpoint: the model, the examples and batches
+# (data, their tokenizer and lengths, seed), what trains (lora, quantization, freeze_router) and the optimizer
+# settings its saved state would override (lr, betas, weight_decay); the others (max_steps, intervals, ...) may change
+RESUME_FIXED = ("model", "tokenizer", "data", "max_length", "truncate_prompt", "lora", "quantization", "freeze_router",
+                "batch_size", "grad_accum", "seed", "lr", "betas", "weight_decay")
+
+
+def check_resume_config(saved: dict | None, config, checkpoint: Path):
+    """ConfigError naming the checkpoint and the RESUME_FIXED keys where `config` differs from the config the
+    checkpoint's run was trained with (its trainer state's)."""
+    if not saved:
+        return
+
+    def norm(key, value):
+        if key == "lora" and value is not None:
+            return LoRAConfig.from_dict(value)
+        if key == "data":
+            spec = {"train": value} if isinstance(value, str) else dict(value)
+            return {k: v for k, v in spec.items() if v is not None and v != 0 and v != {}}
+        return tuple(value) if key == "betas" else value
+
+    now = vars(config)
+    diff = [k for k in RESUME_FIXED if k in saved and norm(k, saved[k]) != norm(k, now[k])]
+    if diff:
+        shown = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff)
+        raise ConfigError(f"{checkpoint}: --resume with a config that changes {', '.join(diff)} ({shown}): the "
+                          "checkpoint belongs to a different run; restore those keys, or train into a new out_dir")
+
+
 def load_adapters(model, adapters: dict, src: Path):
     """Put saved LoRA adapters (trainer_state.pt's "lora") into a model that `apply_lora` adapted."""
     res = model.load_state_dict(adapters, strict=False)

@@ -317,6 +317,8 @@ class Trainer:
         if resume and latest is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", self.out_dir)
         state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=False) if latest else None
+        if state is not None:
+            ckpt.check_resume_config(state.get("config"), c, latest)
         self.tokenizer_dir = ckpt.tokenizer_dir(c)
         self._setup_model(latest, state)
         self._load_data()
