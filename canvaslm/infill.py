@@ -80,8 +80,12 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     from .llm import SamplingParams
 
     sp = params or SamplingParams()
-    if sp.constraint is not None or getattr(sp, "json_schema", None) is not None:
-        raise GenerationError("infill: SamplingParams.constraint / json_schema cannot be combined with infilling")
+    # each candidate's output is pinned to its gap, the suffix and EOS: fields that shape the output otherwise
+    given = [n for n in ("constraint", "json_schema", "json_object", "choice", "regex", "grammar", "stop_token_ids",
+                         "min_tokens") if getattr(sp, n, None) not in (None, False, 0, ())]
+    if given:
+        raise GenerationError(f"infill: SamplingParams.{given[0]} cannot be combined with infilling (the middle is "
+                              "pinned between the prefix and the suffix)")
     base = sp.resolve(llm.defaults)
     eos = llm.eos_ids
     gaps = checked_gaps(gaps, base.max_new_tokens, len(suffix_ids))

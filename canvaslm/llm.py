@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import default_dtype, load_model, parse_dtype
 from .config import DiffusionParams
-from .generate import GenerationError, RowRequest, batch_geometry, generate_rows
+from .generate import GenerationError, RowRequest, batch_geometry, check_request, generate_rows
 from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 from .sampling.constraints import PinnedConstraint
@@ -86,10 +87,11 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise GenerationError(f"SamplingParams.{name} must be a positive integer, got {v!r}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise GenerationError(f"SamplingParams.temperature must be > 0, got {self.temperature!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise GenerationError(f"SamplingParams.seed must be a non-negative integer, got {self.seed!r}")
+        if self.temperature is not None and not 0 < self.temperature < math.inf:
+            raise GenerationError(f"SamplingParams.temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**64):
+            raise GenerationError(f"SamplingParams.seed must be an integer in [0, 2**64), got {self.seed!r}")
 
     def _take_structured_outputs(self) -> None:
         """vLLM's structured_outputs into this class's own fields (json -> json_schema, ...)."""
@@ -133,7 +135,13 @@ class SamplingParams:
                              presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty,
                              max_time=self.max_time)
         if self.temperature is not None:
-            p = dataclasses.replace(p, t_min=p.t_min * self.temperature, t_max=p.t_max * self.temperature)
+            scaled = dataclasses.replace(p, t_min=p.t_min * self.temperature, t_max=p.t_max * self.temperature)
+            tiny = torch.finfo(torch.float32).tiny  # a schedule below it divides the logits by 0
+            if any(0 < t and t * self.temperature < tiny for t in (p.t_min, p.t_max)):
+                raise GenerationError(f"SamplingParams.temperature={self.temperature!r} scales the schedule "
+                                      f"(t_min {p.t_min}, t_max {p.t_max}) below float32's range; use >= 1e-3 "
+                                      "for near-greedy draws")
+            p = scaled
         return p
 
 
@@ -445,6 +453,9 @@ class LLM:
         if not prompts:
             return []
         rows = self.rows(prompts, params)
+        for r in rows:  # what `generate` checks, before the engine starts
+            check_request(r.prompt_ids, r.params, self.cfg.vocab_size, self.cfg.max_position_embeddings,
+                          self.cfg.canvas_length)
         plist = _params_list(prompts, params)
         need = batch_geometry(rows, self.cfg.canvas_length)[1]
         max_model_len = max_model_len or need

@@ -40,3 +40,12 @@ def test_every_output_is_what_its_prompt_gets_alone(llm, caching):
 def test_too_small_a_cache_is_refused(llm):
     with pytest.raises(GenerationError, match="max_model_len=20 is below the"):
         llm.generate_continuous(PROMPTS[0], params(0), max_model_len=20)
+
+
+def test_bad_prompts_are_refused_as_generate_refuses_them(llm):
+    V = llm.cfg.vocab_size
+    for call in (llm.generate, llm.generate_continuous):
+        with pytest.raises(GenerationError, match=rf"outside the vocabulary \[0, {V}\)"):
+            call([[2, 5, V]], params(0))
+        with pytest.raises(GenerationError, match="over max_position_embeddings"):
+            call([[2] * llm.cfg.max_position_embeddings], params(0))

@@ -250,3 +250,58 @@ def test_min_tokens_in_the_runner_matches_generate(llm):
     assert len(want.token_ids) == 20 and want.token_ids[-1] == eos
     (st,), _, _ = run_all(llm, [(prompt, sp)], geometry(llm, prompt, 40), max_batch=1)
     assert st.output_ids == want.token_ids and st.finish_reason == "stop"
+
+
+def test_engine_refuses_what_it_cannot_run_alone_and_keeps_serving(llm):
+    """A request the engine cannot run fails at submission with an error naming why; the requests beside it
+    (a running one with the same id, batch-mates) and the engine thread are untouched."""
+    import asyncio
+
+    from canvaslm.engine.engine import Engine, EngineConfig, GenerationRequest
+
+    S = 64
+    engine = Engine(llm.model, EngineConfig(max_batch=4, max_model_len=S, prefix_caching=False)).start()
+    sp = SamplingParams(seed=1, max_new_tokens=32, max_denoising_steps=8, confidence_threshold=1e-9)
+    ids = tuple(llm.encode_prompt("a long running request"))
+
+    def req(rid, prompt=ids, seed=1, max_new=32):
+        return GenerationRequest(rid, prompt, sp.resolve(llm.defaults).replace(max_new_tokens=max_new), seed,
+                                 llm.eos_ids)
+
+    async def main():
+        first = asyncio.ensure_future(engine.run(req("a")))
+        await asyncio.sleep(0.05)
+        refused = [await asyncio.wait_for(engine.run(r), 60) for r in (
+            req("a"),  # its id is running
+            req("oov", (*ids, llm.cfg.vocab_size)),
+            req("long", max_new=S),  # the prompt + 4 canvases is over max_model_len
+            req("bad-seed", seed=True))]  # fails inside the runner (not a ValueError)
+        return await asyncio.wait_for(first, 60), refused, await asyncio.wait_for(engine.run(req("b")), 60)
+
+    try:
+        first, refused, after = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert [f.reason for _, f in refused] == ["error"] * 4
+    messages = [f.message for _, f in refused]
+    assert "request id 'a' is already running" in messages[0]
+    assert f"outside the vocabulary [0, {llm.cfg.vocab_size})" in messages[1]
+    assert "over max_model_len=64" in messages[2] and messages[3]
+    alone, _, _ = run_all(llm, [("a long running request", sp)], S)
+    assert first[1].reason in ("stop", "length") and first[0] == alone[0].output_ids
+    assert after[0] == alone[0].output_ids  # the engine thread lived on
+    assert engine.scheduler.num_free_slots == 4
+
+
+def test_sampling_params_refuse_a_bool_or_huge_seed_and_extreme_temperatures(llm):
+    from canvaslm.generate import GenerationError
+
+    for seed in (True, 2**64, -1, 1.5):
+        with pytest.raises(GenerationError, match="SamplingParams.seed must be an integer in"):
+            SamplingParams(seed=seed)
+    for t in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(GenerationError, match="SamplingParams.temperature must be a finite number > 0"):
+            SamplingParams(temperature=t)
+    with pytest.raises(GenerationError, match="SamplingParams.temperature=1e-50 scales the schedule"):
+        SamplingParams(temperature=1e-50).resolve(llm.defaults)
+    assert SamplingParams(temperature=1e-3).resolve(llm.defaults).t_min > 0

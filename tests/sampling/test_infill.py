@@ -48,6 +48,13 @@ def test_edit_and_infill_errors(tiny_llm):
         tiny_llm.infill("a", "b", gaps=[-1])
     with pytest.raises(GenerationError, match="cannot be combined"):
         tiny_llm.infill("a", "b", SamplingParams(json_schema={"type": "boolean"}))
+    # every field that would shape the output is refused by name (they were dropped without a word)
+    for field, value in [("regex", "[0-9]+"), ("choice", ("yes", "no")), ("json_object", True),
+                         ("grammar", 'root ::= "a"'), ("stop_token_ids", (5,)), ("min_tokens", 2)]:
+        with pytest.raises(GenerationError, match=f"SamplingParams.{field} cannot be combined with infilling"):
+            tiny_llm.infill("a", "b", SamplingParams(**{field: value}))
+        with pytest.raises(GenerationError, match=f"SamplingParams.{field} cannot be combined"):
+            tiny_llm.edit("abc", 1, 2, SamplingParams(**{field: value}))
 
 
 def test_score_continuations_matches_one_row_at_a_time(tiny_llm):
