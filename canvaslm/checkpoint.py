@@ -441,8 +441,8 @@ def check_output_dir(out_dir: str | Path, *sources: str | Path):
     for src in sources:
         src_r = Path(src).resolve()
         if out == src_r or out in src_r.parents:
-            raise CheckpointError(f"{out_dir}: is the source {src}" if out == src_r else
-                                  f"{out_dir}: holds the source {src}")
+            raise CheckpointError((f"{out_dir}: is the source {src}" if out == src_r else
+                                   f"{out_dir}: holds the source {src}") + "; DST must be a new directory")
     check_replaceable(out_dir)
 
 
