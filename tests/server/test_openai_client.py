@@ -11,6 +11,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from canvaslm.llm import SamplingParams
+from canvaslm.server.serving import GREEDY_TEMPERATURE
 
 from .conftest import CANVAS, MAX_TOKENS, MODEL, PROMPT_LEN, chat_messages, probe_prompt, seed_with
 
@@ -60,7 +61,11 @@ def test_extensions_and_temperature_reach_the_sampler(client, llm):
                                     extra_body={"max_denoising_steps": 3, "entropy_bound": 0.3,
                                                 "sampler": "entropy_bound"})
     assert got.choices[0].text == want.text
-    assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+    # temperature 0 is near-greedy (the schedule scaled by GREEDY_TEMPERATURE): LLM.generate's reply
+    greedy = llm.generate(prompt, SamplingParams(seed=8, max_new_tokens=16, temperature=GREEDY_TEMPERATURE))[0]
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, seed=8)
+    assert got.choices[0].text == greedy.text and got.usage.completion_tokens == len(greedy.token_ids)
+    assert greedy.token_ids != llm.generate(prompt, SamplingParams(seed=8, max_new_tokens=16))[0].token_ids
 
 
 def test_top_p_top_k_min_p_match_llm(client, llm):
