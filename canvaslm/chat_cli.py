@@ -87,7 +87,7 @@ class Session:
                        params)[0]
         ids = row.prompt_ids  # images expanded to their soft tokens
         try:
-            check_request(ids, row.params, llm.cfg.vocab_size, self.engine.config.max_model_len,
+            check_request(ids, row.params.max_new_tokens, llm.cfg.vocab_size, self.engine.config.max_model_len,
                           llm.cfg.canvas_length, "the chat's context, max_model_len")
         except GenerationError as e:
             raise GenerationError(f"{e}; /reset starts over") from None

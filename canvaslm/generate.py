@@ -59,19 +59,20 @@ class RowResult:
         return len(self.token_ids) / self.decoder_passes if self.decoder_passes else 0.0
 
 
-def check_request(prompt_ids: list, params: DiffusionParams, vocab: int, max_positions: int, canvas: int,
+def check_request(prompt_ids: list, max_new_tokens: int, vocab: int, max_positions: int, canvas: int,
                   limit_name: str = "max_position_embeddings"):
     """GenerationError unless the prompt is non-empty, in the vocabulary, and leaves room for
-    max_new_tokens in whole canvases within `max_positions` (called `limit_name` in the message)."""
+    max_new_tokens (0: a prompt that is only scored) in whole canvases within `max_positions` (called
+    `limit_name` in the message)."""
     if len(prompt_ids) == 0:
         raise GenerationError("prompt is empty: at least one token is needed")
     bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
     if bad:
         raise GenerationError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    need = len(prompt_ids) + math.ceil(params.max_new_tokens / canvas) * canvas
-    if len(prompt_ids) >= max_positions or need > max_positions:
+    need = len(prompt_ids) + math.ceil(max_new_tokens / canvas) * canvas
+    if need > max_positions:
         raise GenerationError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}, rounded up to "
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}, rounded up to "
             f"whole canvases of {canvas}) needs {need} positions, over {limit_name}={max_positions}")
 
 
@@ -107,7 +108,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
     device = model.embed_weight.device
     C, V, B = cfg.canvas_length, cfg.vocab_size, len(rows)
     for r in rows:
-        check_request(r.prompt_ids, r.params, V, cfg.max_position_embeddings, C)
+        check_request(r.prompt_ids, r.params.max_new_tokens, V, cfg.max_position_embeddings, C)
     n_canvases = max(math.ceil(r.params.max_new_tokens / C) for r in rows)
     need = batch_geometry(rows, C)
     max_prompt, cache_len = geometry or need

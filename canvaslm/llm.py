@@ -454,7 +454,7 @@ class LLM:
             return []
         rows = self.rows(prompts, params)
         for r in rows:  # what `generate` checks, before the engine starts
-            check_request(r.prompt_ids, r.params, self.cfg.vocab_size, self.cfg.max_position_embeddings,
+            check_request(r.prompt_ids, r.params.max_new_tokens, self.cfg.vocab_size, self.cfg.max_position_embeddings,
                           self.cfg.canvas_length)
         plist = _params_list(prompts, params)
         need = batch_geometry(rows, self.cfg.canvas_length)[1]

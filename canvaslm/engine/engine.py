@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DiffusionParams
+from ..generate import check_request
 from ..sampling.samplers import checked_impl
 from .request import RequestState
 from .runner import Runner
@@ -498,7 +499,8 @@ class Engine:
             return
         try:
             self._check_images(req)
-            self._check_prompt(req)
+            check_request(req.prompt_ids, 0 if req.prompt_only else p.max_new_tokens, self.runner.model.cfg.vocab_size,
+                          self.config.max_model_len, self.canvas_length, "max_model_len")
             state = RequestState(req.request_id, req.prompt_ids, 0 if req.prompt_only else p.max_new_tokens,
                                  self.canvas_length, p.max_denoising_steps, priority=req.priority, lora=req.lora,
                                  max_time=p.max_time, images=req.images)
@@ -510,19 +512,6 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - a request the engine cannot take fails alone; the engine goes on
             self._sinks[req.request_id] = sink
             self._finish(req.request_id, "error", 0, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
-
-    def _check_prompt(self, req: GenerationRequest) -> None:
-        """ValueError unless the prompt's ids are in the vocabulary and it fits max_model_len with its canvases
-        (what the server and LLM check before they submit; a caller that did not would fail a whole step)."""
-        vocab, limit = self.runner.model.cfg.vocab_size, self.config.max_model_len
-        bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        new = 0 if req.prompt_only else req.params.max_new_tokens
-        need = len(req.prompt_ids) + -(-new // self.canvas_length) * self.canvas_length
-        if need > limit:
-            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens ({new}, rounded up to whole "
-                             f"canvases of {self.canvas_length}) needs {need} positions, over max_model_len={limit}")
 
     def image_problem(self, images) -> str | None:
         """Why this engine cannot take a prompt's images (multimodal.ImageInputs), or None. A prefill call

@@ -257,11 +257,10 @@ async def _warm(state: ServerState, body, ids: list[int], request, truncated: bo
     import uuid
 
     from ..engine.engine import GenerationRequest
-    from .serving import Choice, TextTracker, check_in_vocab
+    from .serving import Choice, TextTracker, check_in_vocab, check_prompt_fits
 
     check_in_vocab(state, ids, "prompt", "prompt token ids")
-    if len(ids) > state.max_model_len:
-        raise context_error(state, f"The prompt has {len(ids)} tokens", "prompt")
+    check_prompt_fits(state, ids)
     if not ids or not state.engine.prefix_caching:  # nothing to encode, or nothing would keep it
         return _send(body, _response(state, body, content="", ids=[], prompt_ids=ids, stop_type="limit",
                                      truncated=truncated))

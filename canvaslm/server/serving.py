@@ -522,8 +522,13 @@ def check_prompt_only(state: ServerState, body: _Common, prompts: list[list[int]
     check_request_basics(state, body, prompts)
     check_choice_count(prompts, body.n)
     for ids in prompts:
-        if len(ids) > state.max_model_len:
-            raise context_error(state, f"The prompt has {len(ids)} tokens", "prompt")
+        check_prompt_fits(state, ids)
+
+
+def check_prompt_fits(state: ServerState, ids: list[int]) -> None:
+    """A 400 unless a prompt that is only encoded (no new tokens) fits max_model_len."""
+    if len(ids) > state.max_model_len:
+        raise context_error(state, f"The prompt has {len(ids)} tokens", "prompt")
 
 
 def load_images(state: ServerState, body: _Common, prompts: list) -> None:

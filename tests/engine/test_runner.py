@@ -275,6 +275,7 @@ def test_engine_refuses_what_it_cannot_run_alone_and_keeps_serving(llm):
             req("a"),  # its id is running
             req("oov", (*ids, llm.cfg.vocab_size)),
             req("long", max_new=S),  # the prompt + 4 canvases is over max_model_len
+            req("empty", ()),
             req("bad-seed", seed=True))]  # fails inside the runner (not a ValueError)
         return await asyncio.wait_for(first, 60), refused, await asyncio.wait_for(engine.run(req("b")), 60)
 
@@ -282,11 +283,11 @@ def test_engine_refuses_what_it_cannot_run_alone_and_keeps_serving(llm):
         first, refused, after = asyncio.run(main())
     finally:
         engine.shutdown()
-    assert [f.reason for _, f in refused] == ["error"] * 4
+    assert [f.reason for _, f in refused] == ["error"] * 5
     messages = [f.message for _, f in refused]
     assert "request id 'a' is already running" in messages[0]
     assert f"outside the vocabulary [0, {llm.cfg.vocab_size})" in messages[1]
-    assert "over max_model_len=64" in messages[2] and messages[3]
+    assert "over max_model_len=64" in messages[2] and "prompt is empty" in messages[3] and messages[4]
     alone, _, _ = run_all(llm, [("a long running request", sp)], S)
     assert first[1].reason in ("stop", "length") and first[0] == alone[0].output_ids
     assert after[0] == alone[0].output_ids  # the engine thread lived on
