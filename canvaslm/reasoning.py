@@ -24,6 +24,17 @@ class Split:
     thought: list | None  # ids inside the channel (None: the reply opened none)
     content: list  # ids before the channel and after it
     closed: bool  # the channel was closed (False while it is open, or when there is none)
+    span: tuple = (0, 0)  # where the channel is in the ids, its markers included: [start, end)
+
+
+def open_channel(ids, open_id: int, close_id: int) -> int | None:
+    """Where the channel that `ids` leave open starts (the index of its `<|channel>`), or None: a prompt
+    that ends inside a thought (a prefilled reply) has one."""
+    ids = list(ids)
+    opens = [i for i, t in enumerate(ids) if t == open_id]
+    if opens and close_id not in ids[opens[-1] + 1:]:
+        return opens[-1]
+    return None
 
 
 class ThoughtSplitter:
@@ -49,8 +60,8 @@ class ThoughtSplitter:
         start = ids.index(self.open_id)
         end = next((k for k in range(start + 1, len(ids)) if ids[k] == self.close_id), None)
         if end is None:
-            return Split(ids[start + 1:], ids[:start], False)
-        return Split(ids[start + 1:end], ids[:start] + ids[end + 1:], True)
+            return Split(ids[start + 1:], ids[:start], False, (start, len(ids)))
+        return Split(ids[start + 1:end], ids[:start] + ids[end + 1:], True, (start, end + 1))
 
     def answer(self, ids) -> tuple[list, str | None]:
         """(the ids outside the channel, the thought's text, or None when the reply opened no channel) of a
@@ -59,14 +70,19 @@ class ThoughtSplitter:
         return split.content, None if split.thought is None else self.thought_text(split.thought)
 
     def thought_text(self, thought_ids, final: bool = True) -> str:
-        """The thought's text without the channel's label. While the label may still be arriving (not
-        final), a text that is only a start of it gives ""."""
+        """The thought's text without the channel's label. A text that is only a start of the label gives ""
+        (the label is still arriving, or a budget closed the channel inside it); `final` is kept for callers."""
         text = self.tokenizer.decode(list(thought_ids), skip_special_tokens=True)
         if text.startswith(THOUGHT_LABEL):
             return text[len(THOUGHT_LABEL):]
-        if not final and THOUGHT_LABEL.startswith(text):
+        if THOUGHT_LABEL.startswith(text):
             return ""
         return text
 
+    def prompt_thought(self, prompt_ids) -> list:
+        """The ids of the thought `prompt_ids` leave open, from its `<|channel>` on ([] when none)."""
+        start = open_channel(prompt_ids, self.open_id, self.close_id)
+        return [] if start is None else list(prompt_ids)[start:]
 
-__all__ = ["ThoughtSplitter", "Split", "CHANNEL_OPEN", "CHANNEL_CLOSE", "THOUGHT_LABEL"]
+
+__all__ = ["ThoughtSplitter", "open_channel", "Split", "CHANNEL_OPEN", "CHANNEL_CLOSE", "THOUGHT_LABEL"]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..reasoning import open_channel
 from .regex import PaddedSlotConstraint
 
 
@@ -70,12 +71,9 @@ class ThoughtTracker:
         self.n_out = 0
         self.start: int | None = None
         self.closed = False
-        ids = list(prompt_ids)
-        opens = [i for i, t in enumerate(ids) if t == budget.open_id]
-        if opens:  # the prompt ends inside an open channel: its thought so far counts
-            last = opens[-1]
-            if budget.close_id not in ids[last + 1:]:
-                self.start = last + 1 - len(ids)
+        start = open_channel(prompt_ids, budget.open_id, budget.close_id)
+        if start is not None:  # the prompt ends inside an open channel: its thought so far counts
+            self.start = start + 1 - len(prompt_ids)
 
     def commit(self, ids) -> None:
         for j, t in enumerate(ids):

@@ -382,7 +382,8 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     await run_to_end(state, choices, request)  # the trackers accumulate the text
     if replies:
         out = [{"index": c.index, "message": replies[c.index].message(c.tracker.text, c.tracker.content_ids),
-                "finish_reason": replies[c.index].finish_reason(c.finish_reason, c.tracker.content_ids),
+                "finish_reason": replies[c.index].finish_reason(c.finish_reason, c.tracker.content_ids,
+                                                                c.tracker.text),
                 "logprobs": None}
                for c in choices]
         obj = "chat.completion"
@@ -452,7 +453,8 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
 
     def chunk(i=None, text=None, finish=None, draft=None, role=False, delta=None, logprobs=None) -> str:
         if delta is not None or (i in replies and text is None):  # a tool reply's delta
-            reason = replies[i].finish_reason(finish, by_index[i].tracker.content_ids) if finish else None
+            tracker = by_index[i].tracker
+            reason = replies[i].finish_reason(finish, tracker.content_ids, tracker.text) if finish else None
             ch = {"index": i, "delta": delta or {}, "finish_reason": reason, "logprobs": logprobs}
         elif chat:
             delta = {}

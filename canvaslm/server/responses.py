@@ -38,6 +38,7 @@ from .tools import reply_message, tool_replies
 
 
 CHAT_TO_RESPONSES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
+RENAMED_IN_TEXT = ("max_tokens", "response_format")  # named in other fields' errors too ("messages" is a word)
 STORE_SIZE = 1024  # responses kept for previous_response_id / GET (per server process, in memory)
 
 
@@ -62,7 +63,7 @@ def to_chat(body: ResponsesRequest, history: list | None = None,
     each image came from, in prompt order (`image_error_at`)."""
     places = [] if places is None else places
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    messages += [dict(m) for m in history or []]
+    messages += [_copy_turn(m) for m in history or []]  # the stored turns stay as they were
     places += ["previous_response_id: an image of an earlier turn"] * sum(map(_image_count, history or []))
     first_new = len(messages)
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
@@ -84,8 +85,7 @@ def to_chat(body: ResponsesRequest, history: list | None = None,
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
     if len(messages) == first_new:
         raise APIError(400, "input is empty", "input")
-    turns = [dict(m, tool_calls=[dict(c) for c in m["tool_calls"]]) if m.get("tool_calls") else dict(m)
-             for m in messages[first_new:]]
+    turns = [_copy_turn(m) for m in messages[first_new:]]
     fields = dict(model=body.model, messages=messages, stream=body.stream, user=body.user,
                   temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_output_tokens,
                   parallel_tool_calls=body.parallel_tool_calls, seed=body.seed,
@@ -111,6 +111,11 @@ def to_chat(body: ResponsesRequest, history: list | None = None,
     elif fmt is not None and fmt.type == "json_object":
         fields["response_format"] = {"type": "json_object"}
     return validated(ChatCompletionRequest, fields, "input"), turns
+
+
+def _copy_turn(message: dict) -> dict:
+    return dict(message, tool_calls=[dict(c) for c in message["tool_calls"]]) if message.get("tool_calls") \
+        else dict(message)
 
 
 def _content(content, where: str, places: list) -> str | list[dict]:
@@ -173,23 +178,25 @@ def _text_part(text: str, logprobs: list | None) -> dict:
     return part
 
 
-async def _logprobs(state: ServerState, body: ResponsesRequest, prompt: list, c, replies) -> list | None:
+async def _logprobs(state: ServerState, body: ResponsesRequest, prompt: list, c, message: dict) -> list | None:
     """The output text's log-probs in the Responses format (chat's entries: token, logprob, bytes,
-    top_logprobs), or None if not asked; none for a reply read as tool calls."""
+    top_logprobs; a thought's tokens left out), or None if not asked; none for a reply read as tool calls."""
     if not body.wants_logprobs():
         return None
     from .scored import chat_logprobs
 
-    if c.index in replies:
+    if message.get("tool_calls"):
         return []
     need_tokenizer(state, "top_logprobs")
-    return (await chat_logprobs(state, body.model, prompt, c.tracker.ids, body.top_logprobs or 0))["content"]
+    entries = (await chat_logprobs(state, body.model, prompt, c.tracker.ids, body.top_logprobs or 0))["content"]
+    return [entries[i] for i in c.tracker.content_positions() if i < len(entries)]  # a final EOS has none
 
 
-def response_object(body: ResponsesRequest, rid: str, created: int, output: list, finish: str | None,
-                    use: dict | None, reasoning_tokens: int = 0) -> dict:
+def response_object(state: ServerState, body: ResponsesRequest, rid: str, created: int, output: list,
+                    finish: str | None, use: dict | None, reasoning_tokens: int = 0) -> dict:
     status = "in_progress" if finish is None else "incomplete" if finish == "length" else "completed"
-    out = {"id": rid, "object": "response", "created_at": created, "status": status, "model": body.model,
+    out = {"id": rid, "object": "response", "created_at": created, "status": status,
+           "model": state.reply_name(body.model),
            "output": output, "error": None,
            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
@@ -224,10 +231,11 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     chat, turns = to_chat(body, history, places)
     ids = encode_chat(state, chat, "input")
     prompts = [ids]
-    def rename(e: APIError) -> None:  # name the Responses field, not the chat field it became
-        if e.param in CHAT_TO_RESPONSES:
-            e.message = e.message.replace(e.param, CHAT_TO_RESPONSES[e.param])
-            e.param = CHAT_TO_RESPONSES[e.param]
+    def rename(e: APIError) -> None:  # name the Responses fields, not the chat fields they became
+        for chat_name, name in CHAT_TO_RESPONSES.items():
+            if e.param == chat_name or chat_name in RENAMED_IN_TEXT:
+                e.message = e.message.replace(chat_name, name)
+        e.param = CHAT_TO_RESPONSES.get(e.param, e.param)
 
     choices = await prepare_translated(state, chat, prompts, places, rename=rename)
     ids = prompts[0]  # images expanded to their soft tokens
@@ -242,8 +250,8 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     await run_to_end(state, choices, request)
     c = choices[0]
     message = reply_message(c, replies)
-    logprobs = await _logprobs(state, body, ids, c, replies)
-    out = response_object(body, rid, created, output_items(message, logprobs=logprobs, thought=c.tracker.reasoning),
+    logprobs = await _logprobs(state, body, ids, c, message)
+    out = response_object(state, body, rid, created, output_items(message, logprobs=logprobs, thought=c.tracker.reasoning),
                           c.finish_reason, usage(choices, [ids]), thought_tokens(c))
     if body.store is not False:
         store(state, out, history + turns + [message])
@@ -260,15 +268,16 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
         return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     c = choices[0]
-    yield event("response.created", response=response_object(body, rid, created, [], None, None))
-    yield event("response.in_progress", response=response_object(body, rid, created, [], None, None))
+    yield event("response.created", response=response_object(state, body, rid, created, [], None, None))
+    yield event("response.in_progress", response=response_object(state, body, rid, created, [], None, None))
     try:
         if replies:  # tool calls are read from the whole reply: send it once complete
             async with contextlib.aclosing(run_choices(state, choices)) as events:
                 async for _ in events:
                     pass
-            logprobs = await _logprobs(state, body, prompts[0], c, replies)
-            items = output_items(reply_message(c, replies), logprobs=logprobs, thought=c.tracker.reasoning)
+            message = reply_message(c, replies)  # once: a parsed call's id is drawn when its message is built
+            logprobs = await _logprobs(state, body, prompts[0], c, message)
+            items = output_items(message, logprobs=logprobs, thought=c.tracker.reasoning)
             for k, item in enumerate(items):
                 for line in _item_events(event, k, item):
                     yield line
@@ -286,10 +295,12 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                 yield event("response.content_part.added", item_id=msg_id, output_index=len(items), content_index=0,
                             part=part)
 
-            text, started = "", False
+            text, started, late = "", False, ""  # late: a thought written after the answer began
             async with contextlib.aclosing(run_choices(state, choices)) as events:
                 async for kind, _, payload in events:
-                    if kind == "reasoning" and not started:
+                    if kind == "reasoning" and started:
+                        late += payload
+                    elif kind == "reasoning":
                         if thought is None:
                             thought = ""
                             for line in _reasoning_opened(event, 0, rs_id):
@@ -312,7 +323,8 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                 for line in open_message():
                     yield line
             k = len(items)
-            logprobs = await _logprobs(state, body, prompts[0], c, replies)  # sent with the done events
+            message = reply_message(c, replies)
+            logprobs = await _logprobs(state, body, prompts[0], c, message)  # sent with the done events
             part = _text_part(text, logprobs)
             yield event("response.output_text.done", item_id=msg_id, output_index=k, content_index=0, text=text,
                         logprobs=logprobs or [])
@@ -320,10 +332,14 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
             items.append({"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
                           "content": [part]})
             yield event("response.output_item.done", output_index=k, item=items[k])
-        final = response_object(body, rid, created, items, c.finish_reason, usage(choices, prompts),
+            if late:  # its own item after the message (the answer's item was already open)
+                items.append(reasoning_item(late))
+                for line in _item_events(event, k + 1, items[-1]):
+                    yield line
+        final = response_object(state, body, rid, created, items, c.finish_reason, usage(choices, prompts),
                                 thought_tokens(c))
         if body.store is not False:
-            store(state, final, turns + [reply_message(c, replies)])
+            store(state, final, turns + [message])
         yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                     response=final)
     except APIError as e:  # headers are sent: report in-band

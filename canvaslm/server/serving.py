@@ -203,7 +203,9 @@ class ThoughtFirst:
 
 @dataclass
 class TextTracker:
-    """Committed ids -> text, with stop strings applied and the part that is safe to stream so far."""
+    """Committed ids -> text, with stop strings applied and the part that is safe to stream so far. Once a
+    stop string cuts the text, `ids` ends at the token that completed it (later tokens of its canvas are not
+    part of the reply: not counted, not scored, not continued from) and later commits are ignored."""
 
     tokenizer: object
     stops: list[str]
@@ -218,23 +220,62 @@ class TextTracker:
     reasoning: str = ""  # the thought's text (without its label)
     reasoning_sent: int = 0
     content_ids: list[int] = field(default_factory=list)  # ids outside the thought: the text's, the calls'
+    prefill: list[int] = field(default_factory=list)  # a thought the prompt left open: its ids from `<|channel>`
+    prefill_thought: str = ""  # that thought's text so far (the reply's reasoning is what follows it)
+
+    def __post_init__(self):
+        if self.prefill and self.thoughts is not None:
+            self.prefill_thought = self.thoughts.thought_text(self.prefill[1:], final=False)
 
     def add(self, ids) -> None:
+        if self.stopped:  # the text is final
+            return
         self.ids.extend(ids)
-        self.content_ids = self.ids
-        if self.thoughts is not None:
-            split = self.thoughts.split(self.ids)
-            self.content_ids = split.content
-            if split.thought is not None:
-                self.reasoning = self.thoughts.thought_text(split.thought, final=split.closed)
-        full = (self.tokenizer.decode(self.content_ids, skip_special_tokens=self.skip_special)
-                if self.tokenizer is not None else "")  # token-id-only checkpoints
+        self.content_ids = self._split(self.ids)
+        full = self._decode(self.content_ids)
         hits = [(i, i + len(s), s) for i, s in ((full.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             start, end, self.stop_word = min(hits)
             self.text, self.stopped = full[:end if self.keep_stop else start], True
+            self.ids = self.ids[:self._stop_end()]
+            self.content_ids = self._split(self.ids)
         else:
-            self.text, self.stopped, self.stop_word = full, False, ""
+            self.text = full
+
+    def _split(self, ids: list[int]) -> list[int]:
+        """The content ids of `ids`; sets `reasoning` from their thought."""
+        if self.thoughts is None:
+            return ids
+        split = self.thoughts.split(self.prefill + ids)
+        if split.thought is not None:
+            text = self.thoughts.thought_text(split.thought, final=split.closed)
+            self.reasoning = text[len(self.prefill_thought):] if text.startswith(self.prefill_thought) else text
+        return split.content
+
+    def content_positions(self) -> list[int]:
+        """The indices into `ids` of the content ids (all of them but a thought channel's)."""
+        if self.thoughts is None:
+            return list(range(len(self.ids)))
+        n = len(self.prefill)
+        start, end = self.thoughts.split(self.prefill + self.ids).span
+        return [i for i in range(len(self.ids)) if not start <= i + n < end]
+
+    def _decode(self, content_ids: list[int]) -> str:
+        return (self.tokenizer.decode(content_ids, skip_special_tokens=self.skip_special)
+                if self.tokenizer is not None else "")  # token-id-only checkpoints
+
+    def _stop_end(self) -> int:
+        """How many of `ids` the text needs for its stop string: the fewest whose text holds it (a search
+        over prefixes; a prefix's text is a prefix of the whole text)."""
+        lo, hi = 1, len(self.ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.stop_word in self._decode(self.thoughts.split(self.prefill + self.ids[:mid]).content
+                                              if self.thoughts is not None else self.ids[:mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def delta(self, final: bool = False) -> str:
         """New text that can no longer change: holds back a possible stop-string start and an incomplete
@@ -333,6 +374,9 @@ def build_constraint(state: ServerState, body: _Common, reserve: int = 0, total:
     the default when the request gives none) that an output as wide as max_tokens (JSON mode, a regex, a
     grammar) leaves for a thought before it."""
     max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+    if max_tokens is not None and max_tokens > state.max_model_len:  # before a slot that wide is built
+        field_name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise context_error(state, f"{field_name}={max_tokens} is over it", field_name)
     width_tokens = (max_tokens or total) - reserve if reserve else max_tokens
     if forced_tool(body) is not None or chosen_tools(body) is not None:
         return _tool_constraint(state, body, max_tokens)
@@ -369,7 +413,11 @@ def build_constraint(state: ServerState, body: _Common, reserve: int = 0, total:
         if name == "guided_choice":
             from ..sampling.choice import ChoiceConstraint
 
-            return ChoiceConstraint(body.guided_choice, state.tokenizer, name)
+            choice = ChoiceConstraint(body.guided_choice, state.tokenizer, name)
+            if max_tokens is not None and choice.width + 1 > max_tokens:
+                raise APIError(400, f"{name}: the longest choice needs {choice.width + 1} tokens (EOS included), "
+                                    f"over max_tokens={max_tokens}", name)
+            return choice
         from ..sampling.grammar import GrammarConstraint
         from ..sampling.regex import DEFAULT_TOKENS, RegexConstraint
         from ..sampling.regex_fsm import RegexCompileBusy
@@ -642,9 +690,10 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
             except APIError:  # never refused for the thought: the full-width output alone, as with thinking off
                 pass
     narrowed = constraint
-    if body.min_tokens and (constraint is not None or auto_tools(body)):
-        raise APIError(400, "min_tokens cannot be combined with a constrained output or tools (they decide where "
-                            "the output ends)", "min_tokens")
+    for field_name in ("min_tokens", "ignore_eos"):
+        if getattr(body, field_name, None) and (constraint is not None or auto_tools(body)):
+            raise APIError(400, f"{field_name} cannot be combined with a constrained output or tools (they decide "
+                                "where the output ends)", field_name)
     for p_index, ids in enumerate(prompts):
         constraint = narrowed
         params = resolve_params(state, body, len(ids), constraint)
@@ -659,7 +708,8 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         for j in range(body.n):
             choice_seed = (seed + j) % 2**63
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
-                                  skip_special=body.skip_special_tokens, thoughts=thoughts)
+                                  skip_special=body.skip_special_tokens, thoughts=thoughts,
+                                  prefill=thoughts.prompt_thought(ids) if thoughts is not None else [])
             answer = None
             if first:  # the thought first (its opening token is part of the reply), then the constrained answer
                 tracker.add([thoughts.open_id])

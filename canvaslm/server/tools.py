@@ -38,6 +38,8 @@ def tool_choice_problem(body) -> tuple[str, str] | None:
         return "tool_choice", f"tool_choice names {choice.function.name!r}, which is not in tools {names}"
     if body.stop_list() and choice != "auto":
         return "stop", "stop strings would cut a tool call's arguments; send no stop with a tool call"
+    if getattr(body, "stop_token_ids", None) and choice != "auto":
+        return "stop_token_ids", "stop_token_ids would cut a tool call's arguments; send none with a tool call"
     others = body.constraint_fields()
     if others:
         return "tool_choice", f"a tool call and {others[0]} both constrain the output; send one"
@@ -166,13 +168,11 @@ class ToolReply:
         return {"role": "assistant", "content": None, "tool_calls": [
             {"id": self.id, "type": "function", "function": {"name": name, "arguments": args}}]}
 
-    def finish_reason(self, reason: str | None, ids: list) -> str | None:
+    def finish_reason(self, reason: str | None, ids: list, text: str) -> str | None:
         """"tool_calls" when the reply is (or has) a complete call and ended at EOS."""
         if reason != "stop":
             return reason
-        if self.parser is not None and not self.parser.split(ids, final=True)[1]:
-            return reason  # plain text
-        return "tool_calls"
+        return "tool_calls" if self.message(text, ids).get("tool_calls") else reason
 
 
 def arguments_object(arguments: str | None) -> dict:

@@ -47,7 +47,7 @@ def test_splitter_reads_the_channel(tok):
     cut = s.split(tok.encode(f"{OPEN}thought\nstill", add_special_tokens=False))  # open: all of it is thought
     assert not cut.closed and cut.content == [] and s.thought_text(cut.thought, final=False) == "still"
     label = s.split(tok.encode(f"{OPEN}thou", add_special_tokens=False)).thought
-    assert s.thought_text(label, final=False) == "" and s.thought_text(label) == "thou"  # the label may go on
+    assert s.thought_text(label, final=False) == "" == s.thought_text(label)  # the label goes on, or was cut
     empty = s.split(tok.encode(EMPTY, add_special_tokens=False))
     assert s.thought_text(empty.thought) == "" and tok.decode(empty.content) == "Paris."
 
@@ -133,6 +133,63 @@ def test_a_thought_then_a_tool_call(think_dir, tok, monkeypatch):
         assert not ch.message.content
         reasoning, content, _ = _stream(c, **kwargs)
         assert reasoning == "need the weather" and content == ""
+
+
+def test_a_prefilled_thought_and_a_channel_closed_in_its_label(think_dir, tok, monkeypatch):
+    """A reply that continues a thought the prompt left open (continue_final_message) has its answer as content
+    and the rest of the thought as reasoning; a channel closed inside its label (a tiny budget) has no thought."""
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        _script(monkeypatch, srv.state, tok, f" think.{CLOSE}It is 4.")
+        msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": f"{OPEN}thought\nLet me"}]
+        r = c.chat.completions.create(model=srv.state.model_name, messages=msgs, extra_body={
+            "add_generation_prompt": False, "continue_final_message": True})
+        msg = r.choices[0].message
+        assert msg.content == "It is 4." and msg.model_extra["reasoning_content"] == " think."
+        assert r.usage.completion_tokens_details.reasoning_tokens == len(tok.encode(f" think.{CLOSE}",
+                                                                                    add_special_tokens=False))
+        _script(monkeypatch, srv.state, tok, f"{OPEN}tho{CLOSE}Answer.")
+        msg = c.chat.completions.create(model=srv.state.model_name, messages=msgs[:1]).choices[0].message
+        assert msg.content == "Answer." and "reasoning_content" not in (msg.model_extra or {})
+
+
+def test_responses_follow_ups_keep_what_was_stored(think_dir, tok, monkeypatch):
+    """A follow-up's input does not change the stored turns it continues; a streamed tool call is stored with the
+    call_id the client got; output_text log-probs are the text's (not the thought's), also beside tools; a
+    thought written after the answer began streams as its own item; an alias is answered under the served name."""
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    tool = {"type": "function", **WEATHER["function"]}
+    with BackgroundServer(build_state(think_dir, device="cpu", served_model_name="tiny")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        store, srv.state.aliases = srv.state.response_store, ("tiny-alias",)  # --served-model-name tiny tiny-alias
+        _script(monkeypatch, srv.state, tok, CALLING, cuts=(3, 12, 20))
+        first = c.responses.create(model="tiny-alias", input="weather?", tools=[tool])
+        assert first.model == "tiny"
+        call = next(o for o in first.output if o.type == "function_call")
+        before = json.dumps(store[first.id]["turns"])
+        _script(monkeypatch, srv.state, tok, "ok")
+        c.responses.create(model="tiny", previous_response_id=first.id, tools=[tool], input=[
+            {"type": "function_call", "call_id": "call_extra", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+        assert json.dumps(store[first.id]["turns"]) == before
+        _script(monkeypatch, srv.state, tok, CALLING, cuts=(3, 12, 20))
+        final = list(c.responses.create(model="tiny", input="weather?", tools=[tool], stream=True))[-1].response
+        sent = [o.call_id for o in final.output if o.type == "function_call"]
+        assert sent and sent == [t["id"] for t in store[final.id]["turns"][-1]["tool_calls"]]
+        include = ["message.output_text.logprobs"]
+        for text, kw in [(THINKING, dict(reasoning={"effort": "high"})), ("Hello there.", dict(tools=[tool]))]:
+            _script(monkeypatch, srv.state, tok, text)
+            r = c.responses.create(model="tiny", input="q", include=include, **kw)
+            part = next(o for o in r.output if o.type == "message").content[0]
+            assert "".join(lp.token for lp in part.logprobs) == part.text == text.split(CLOSE)[-1]
+        _script(monkeypatch, srv.state, tok, f"Hi{OPEN}thought\nhmm{CLOSE}Bye")
+        events = list(c.responses.create(model="tiny", input="q", reasoning={"effort": "high"}, stream=True))
+        out = events[-1].response.output
+        assert [(o.type, o.content[0].text) for o in out] == [("message", "HiBye"), ("reasoning", "hmm")]
+        assert [e.output_index for e in events if e.type == "response.reasoning_text.delta"] == [1]
 
 
 def test_other_apis_and_llm_chat_leave_the_thought_out_of_the_text(think_dir, tok, monkeypatch):

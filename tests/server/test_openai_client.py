@@ -180,22 +180,38 @@ def test_n_choices_use_consecutive_seeds(client, llm):
 
 def test_stop_string_cuts_text_streamed_and_not(server, client, llm):
     """A stop string ends the reply there; the request is a finished one ("stop" in /metrics, its prompt counted),
-    not a cancelled one, and its usage keeps its decoder passes."""
+    not a cancelled one, and its usage keeps its decoder passes. The reply's tokens end at the one that completed
+    the stop string (the rest of its canvas is not counted, nor scored by logprobs)."""
     prompt = probe_prompt(llm, 5)
-    seed, full = seed_with(lambda s: reference(llm, prompt, seed=s).text, lambda t: len(t) >= 22, range(6, 100))
+    seed, want = seed_with(lambda s: reference(llm, prompt, seed=s), lambda w: len(w.text) >= 22, range(6, 100))
+    full = want.text
     stop = full[20:22]
     cut = full[:full.find(stop)]
+    used = next(k for k in range(len(want.token_ids) + 1) if stop in llm.decode(want.token_ids[:k]))
+    assert used < len(want.token_ids)
     stats = server.state.engine.stats
     before = dict(stats.requests_finished), stats.prompt_tokens
     got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, stop=[stop, "\x00"])
     assert got.choices[0].text == cut and got.choices[0].finish_reason == "stop"
-    assert got.usage.model_extra["decoder_passes"] > 0
-    text, finish, _, _, _ = collect_stream(client.completions.create(
-        model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, stop=stop, stream=True))
-    assert text[0] == cut and finish[0] == "stop"
+    assert got.usage.model_extra["decoder_passes"] > 0 and got.usage.completion_tokens == used
+    text, finish, usage, _, _ = collect_stream(client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, stop=stop, stream=True,
+        stream_options={"include_usage": True}))
+    assert text[0] == cut and finish[0] == "stop" and usage.completion_tokens == used
     assert stats.requests_finished["stop"] == before[0].get("stop", 0) + 2
     assert stats.requests_finished["cancelled"] == before[0].get("cancelled", 0)
     assert stats.prompt_tokens == before[1] + 2 * PROMPT_LEN
+    messages = chat_messages(llm, 5)
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, seed=seed)
+    content = reply.choices[0].message.content
+    stop = content[len(content) // 2]
+    scored = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, seed=seed,
+                                            stop=[stop], logprobs=True)
+    entries = scored.choices[0].logprobs.content
+    assert scored.choices[0].message.content == content[:content.find(stop)]
+    shown = "".join(e.token for e in entries if not (len(e.token) > 1 and e.token[0] + e.token[-1] == "<>"))
+    assert shown == content[:content.find(stop) + 1]  # one character per token, special tokens left out
+    assert len(entries) == scored.usage.completion_tokens < reply.usage.completion_tokens
 
 
 def test_async_concurrent_requests_match_llm(server, llm):

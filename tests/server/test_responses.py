@@ -153,12 +153,15 @@ def test_named_function_call_and_its_result_in_the_next_turn(client):
     (dict(input=[]), "input", "input is empty"),
     (dict(max_output_tokens=10**6), "max_output_tokens", "max_output_tokens"),
     (dict(tool_choice="required"), "tool_choice", "needs tools"),
+    (dict(max_output_tokens=2, tools=[WEATHER], tool_choice="required"), "tools", "over max_output_tokens=2"),
+    (dict(max_output_tokens=4, extra_body={"min_tokens": 10}), "min_tokens", "(max_output_tokens)"),
 ])
 def test_refusals_name_the_responses_field(client, kw, param, words):
     body = {"model": MODEL, "input": "hi", **kw}
     with pytest.raises(BadRequestError) as e:
         client.responses.create(**body)
     assert e.value.body["param"] == param and words in e.value.body["message"]
+    assert "max_tokens" not in e.value.body["message"]
     with pytest.raises(NotFoundError):
         client.responses.create(model="other", input="hi")
 

@@ -131,3 +131,30 @@ def test_offline_structured_outputs(tiny_checkpoint):
             SamplingParams(structured_outputs=bad)
     with pytest.raises(GenerationError, match="both set the output"):
         SamplingParams(structured_outputs={"regex": "a"}, regex="b")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"tools": [WEATHER], "tool_choice": "required", "extra_body": {"stop_token_ids": [5]}}, "stop_token_ids",
+     "would cut a tool call's arguments"),
+    ({"extra_body": {"guided_choice": ["yes", "no"], "ignore_eos": True}}, "ignore_eos", "cannot be combined"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"ignore_eos": True}}, "ignore_eos",
+     "cannot be combined"),
+    ({"extra_body": {"guided_choice": ["alpha", "beta"]}, "max_tokens": 3}, "guided_choice",
+     "the longest choice needs 6 tokens (EOS included), over max_tokens=3"),
+    ({"response_format": {"type": "json_object"}, "max_tokens": 10**12}, "max_tokens", "max_tokens=1000000000000"),
+    ({"extra_body": {"guided_regex": "[a-z]+"}, "max_tokens": 10**7}, "max_tokens", "maximum context length"),
+])
+def test_outputs_the_constraint_cannot_keep_are_refused(client, extra, param, words):
+    """What would break a constrained output's guarantee (a stop token inside a forced call, ignoring the EOS that
+    ends it, a choice wider than max_tokens) is a 400 naming the field; a max_tokens over the context is refused
+    before a slot that wide is built (it was a 500, or minutes of CPU)."""
+    kw = {"max_tokens": 16, **extra}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "q"}], **kw)
+    assert e.value.body["param"] == param and words in e.value.body["message"]
+    ok = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=16,
+                                        seed=1, extra_body={"guided_choice": ["alpha", "beta"]})
+    assert ok.choices[0].message.content in ("alpha", "beta")
