@@ -123,6 +123,12 @@ def _loop(args, llm, session) -> int:
     from .llm import SamplingParams
     from .sampling.cli_args import sampling_params
 
+    def turn_params(turn: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
+                              seed=args.seed + turn, temperature=args.temperature,
+                              lora="lora" if args.lora else None, **sampling_params(args))
+
+    turn_params(0).resolve(llm.defaults)  # flags no turn could run with: an error (exit 2), not one per turn
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     if tty:
         print(f"canvaslm chat: {llm.model_dir}  ({HELP})", flush=True)
@@ -162,9 +168,7 @@ def _loop(args, llm, session) -> int:
             if images else line
         messages = ([{"role": "system", "content": system}] if system else []) + history + \
             [{"role": "user", "content": content}]
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
-                                seed=args.seed + turn, temperature=args.temperature,
-                                lora="lora" if args.lora else None, **sampling_params(args))
+        params = turn_params(turn)
         turn += 1
         show = _draft_line(llm) if tty and args.drafts else None
         t0 = time.perf_counter()

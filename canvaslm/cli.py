@@ -78,6 +78,15 @@ def load_llm(args):
 def _generate(args) -> int:
     from .llm import SamplingParams
 
+    if args.suffix is not None:  # infilling writes the middle between two texts, nothing else
+        given = [flag for flag, on in (("--image", args.image), ("--chat", args.chat), ("--think", args.think),
+                                       ("--prompt-ids", args.prompt_ids is not None)) if on]
+        if given:
+            raise SystemExit(f"error: --suffix (infilling) cannot be combined with {given[0]}")
+    elif args.gaps is not None:
+        raise SystemExit("error: --gaps needs --suffix (they are the middle's candidate lengths)")
+    if args.think and not args.chat:
+        raise SystemExit("error: --think needs --chat (it turns on the chat template's thinking mode)")
     llm = load_llm(args)
     images = [_image_arg(x) for x in args.image or ()]
     text = args.prompt

@@ -59,6 +59,13 @@ class RowResult:
         return len(self.token_ids) / self.decoder_passes if self.decoder_passes else 0.0
 
 
+def check_in_vocab(ids, vocab: int, what: str = "prompt") -> None:
+    """GenerationError unless every id is an int in [0, vocab) (`what` names the ids in the message)."""
+    bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+    if bad:
+        raise GenerationError(f"{what} token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+
 def check_request(prompt_ids: list, max_new_tokens: int, vocab: int, max_positions: int, canvas: int,
                   limit_name: str = "max_position_embeddings"):
     """GenerationError unless the prompt is non-empty, in the vocabulary, and leaves room for
@@ -66,9 +73,7 @@ def check_request(prompt_ids: list, max_new_tokens: int, vocab: int, max_positio
     `limit_name` in the message)."""
     if len(prompt_ids) == 0:
         raise GenerationError("prompt is empty: at least one token is needed")
-    bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
-    if bad:
-        raise GenerationError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    check_in_vocab(prompt_ids, vocab)
     need = len(prompt_ids) + math.ceil(max_new_tokens / canvas) * canvas
     if need > max_positions:
         raise GenerationError(

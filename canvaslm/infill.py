@@ -49,13 +49,21 @@ def default_gaps(max_middle: int) -> tuple:
     return tuple(gaps)
 
 
-def checked_gaps(gaps, max_new_tokens: int, n_suffix: int) -> list:
-    """The gap lengths to try: `gaps` (validated) or `default_gaps` of what the token budget leaves."""
+def checked_gaps(gaps, max_new_tokens: int, n_suffix: int, budget_given: bool = True) -> list:
+    """The gap lengths to try: `gaps` (validated) or `default_gaps` of what the token budget leaves. Every
+    candidate (middle, suffix, EOS) must fit max_new_tokens when the caller gave it (`budget_given`)."""
+    need = n_suffix + 1  # the suffix and its EOS
     if gaps is None:
-        gaps = default_gaps(max_new_tokens - n_suffix - 1)
+        if max_new_tokens - need < 1:
+            raise GenerationError(f"infill: max_new_tokens={max_new_tokens} leaves no room for a middle: the suffix "
+                                  f"and its EOS take {need} tokens (raise it to at least {need + 1})")
+        gaps = default_gaps(max_new_tokens - need)
     gaps = sorted(set(gaps))
     if not gaps or any(not isinstance(g, int) or isinstance(g, bool) or g < 0 for g in gaps):
         raise GenerationError(f"infill: gaps must be non-negative integers, got {gaps}")
+    if budget_given and gaps[-1] + need > max_new_tokens:
+        raise GenerationError(f"infill: a middle of {gaps[-1]} tokens, the suffix and its EOS need {gaps[-1] + need} "
+                              f"tokens, over max_new_tokens={max_new_tokens}")
     return gaps
 
 
@@ -88,7 +96,7 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
                               "pinned between the prefix and the suffix)")
     base = sp.resolve(llm.defaults)
     eos = llm.eos_ids
-    gaps = checked_gaps(gaps, base.max_new_tokens, len(suffix_ids))
+    gaps = checked_gaps(gaps, base.max_new_tokens, len(suffix_ids), sp.max_new_tokens is not None)
     try:
         bias = normalize_bias(sp.logit_bias, "SamplingParams.logit_bias", llm.cfg.vocab_size)
     except LogitBiasError as e:
@@ -133,6 +141,8 @@ def edit(llm, text: str, start: int, end: int, params=None, gaps=None) -> Infill
     """Regenerate text[start:end] with both sides as context; both sides come back unchanged."""
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= len(text)):
         raise GenerationError(f"edit: span [{start}, {end}) must lie within the text (length {len(text)})")
+    if llm.tokenizer is None:
+        raise GenerationError(f"{llm.model_dir} has no tokenizer.json: use infill_ids with token ids")
     if gaps is None:
         old = llm.tokenizer.encode(text[start:end], add_special_tokens=False) if end > start else []
         gaps = (max(1, len(old)),)

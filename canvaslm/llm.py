@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import default_dtype, load_model, parse_dtype
 from .config import DiffusionParams
-from .generate import GenerationError, RowRequest, batch_geometry, check_request, generate_rows
+from .generate import GenerationError, RowRequest, batch_geometry, check_in_vocab, check_request, generate_rows
 from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 from .sampling.constraints import PinnedConstraint
@@ -638,6 +638,11 @@ class LLM:
         for i, ids in enumerate(seqs):
             if not ids or len(ids) > limit:
                 raise GenerationError(f"embed: texts[{i}] has {len(ids)} tokens; expected 1..{limit}")
+            check_in_vocab(ids, self.cfg.vocab_size, f"embed: texts[{i}]")
+        if batch_size < 1:
+            raise GenerationError(f"embed: batch_size must be >= 1, got {batch_size}")
+        if not seqs:
+            return torch.empty(0, self.cfg.hidden_size)
         adapter = self._lora_id(lora, "embed: lora")
         try:
             return with_adapter(self.model, adapter, lambda m: embed_rows(m, seqs, pooling, normalize, batch_size))
@@ -649,6 +654,7 @@ class LLM:
 
         limit = self.cfg.max_position_embeddings
         for i, (ctx, cont) in enumerate(pairs):
+            check_in_vocab([*ctx, *cont], self.cfg.vocab_size, f"{what}: request {i}")
             if len(ctx) + len(cont) > limit:
                 raise GenerationError(f"{what}: request {i} has {len(ctx) + len(cont)} tokens, over the model's "
                                       f"max_position_embeddings={limit}")

@@ -66,6 +66,12 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
     from .engine.engine import AGENT_CONTEXT, EngineConfig, kv_dtype, plan_max_model_len, prefix_caching_fits
     from .kv_cache import KVCache
 
+    import math
+
+    if not (math.isfinite(gpu_gib) and gpu_gib > 0):
+        raise ValueError(f"the GPU's memory (--gpu-memory) must be a finite number of GiB > 0, got {gpu_gib!r}")
+    if not (math.isfinite(overhead_gib) and overhead_gib >= 0):
+        raise ValueError(f"the overhead (--overhead) must be a finite number of GiB >= 0, got {overhead_gib!r}")
     dtype = parse_dtype(dtype)
     weights = weight_bytes(cfg, dtype, quantization)
     vision = vision_bytes(cfg, dtype) if images else 0

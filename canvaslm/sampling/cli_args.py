@@ -77,6 +77,16 @@ def add_constraint_args(p: argparse.ArgumentParser):
                    help="infill: candidate middle lengths in tokens, e.g. 4,8,16 (default: powers of two and the whole budget)")
 
 
+def _read_text(flag: str, path: str) -> str:
+    """A flag's file as UTF-8 text; a ValueError naming the flag and the file when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path}: not UTF-8 text ({e})") from None
+
+
 def constraint_params(args, llm) -> dict:
     """SamplingParams keyword arguments for the constraint flags."""
     flags = (("--json-schema", args.json_schema), ("--json-object", args.json_object), ("--choice", args.choice),
@@ -89,18 +99,14 @@ def constraint_params(args, llm) -> dict:
     if args.regex is not None:
         return {"regex": args.regex}
     if args.grammar is not None:
-        try:
-            return {"grammar": Path(args.grammar).read_text(encoding="utf-8")}
-        except OSError as e:
-            raise ValueError(f"--grammar {args.grammar}: cannot read it ({e.strerror})") from None
+        return {"grammar": _read_text("--grammar", args.grammar)}
     if args.json_object:
         return {"json_object": True}
     if args.json_schema:
-        path = Path(args.json_schema)
         try:
-            schema = json.loads(path.read_text(encoding="utf-8"))
+            schema = json.loads(_read_text("--json-schema", args.json_schema))
         except json.JSONDecodeError as e:
-            raise ValueError(f"--json-schema {path}: not valid JSON ({e})") from e
+            raise ValueError(f"--json-schema {args.json_schema}: not valid JSON ({e})") from e
         return {"json_schema": schema}
     if args.pin:
         from .constraints import PinnedConstraint, pins_from_text

@@ -54,7 +54,11 @@ def parse_line(number: int, line: str) -> tuple[str | None, dict | None, str | N
 def read_requests(path: Path) -> list[tuple[str | None, dict | None, str | None]]:
     if not path.is_file():
         raise BatchInputError(f"run-batch: input file {path} does not exist")
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BatchInputError(f"run-batch: {path} is not UTF-8 text ({e})") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise BatchInputError(f"run-batch: {path} holds no requests")
     parsed = [parse_line(n, line) for n, line in lines]
@@ -102,7 +106,10 @@ def write_records(path: Path, records: list[dict]) -> None:
     """All records at once, atomically: a temporary file in the same directory, then a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # a plain file's mode (mkstemp makes it private)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -44,6 +44,9 @@ def test_run_batch_answers_as_the_server_does(tiny_checkpoint, tmp_path):
     src.write_text("\n".join(lines) + "\n")
     proc = run_cli(tiny_checkpoint, "-i", src, "-o", out, "--served-model-name", "tiny", "--concurrency", "3")
     assert proc.returncode == 0, proc.stderr
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # the umask's mode, not mkstemp's 0600
     assert "10 requests, 5 ok, 5 failed" in proc.stdout
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["custom_id"] for r in records] == [g[0] for g in GOOD] + ["bad-field", None, "wrong-url",
@@ -75,6 +78,10 @@ def test_bad_input_files_fail_before_the_model_loads(tmp_path, tiny_checkpoint):
     dup.write_text(line("a", "/v1/completions", {}) + "\n" + line("a", "/v1/completions", {}) + "\n")
     with pytest.raises(BatchInputError, match="line 2: custom_id 'a' repeats line 1"):
         read_requests(dup)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"custom_id": "caf\xe9"}\n')
+    with pytest.raises(BatchInputError, match=f"{latin1} is not UTF-8 text"):
+        read_requests(latin1)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     out = tmp_path / "out.jsonl"
