@@ -87,8 +87,8 @@ class ToolReply:
     the `{"name", "arguments"}` output of a choice among several functions (sampling/tool_call.py), or,
     with `parser` ("auto"), text and calls in the model's own syntax (tool_parser.py)."""
 
-    def __init__(self, forced=None, tools=None, parser=None):
-        self.forced, self.parser = forced, parser
+    def __init__(self, forced=None, tools=None, parser=None, parallel: bool = True):
+        self.forced, self.parser, self.parallel = forced, parser, parallel
         self.names = [t.function.name for t in (tools or [])]
         self.id, self.name = call_id(), forced.function.name if forced is not None else None
         self.sent = 0  # characters of the arguments (of the content, with a parser) already streamed
@@ -137,8 +137,13 @@ class ToolReply:
         """What is left to stream once the output is complete (a parser's unfinished call, as text)."""
         return self._native_deltas(ids, final=True) if self.parser is not None else []
 
-    def _native_deltas(self, ids: list, final: bool) -> list[dict]:
+    def _calls(self, ids: list, final: bool) -> tuple[str, list]:
+        """A parser's (content, calls) of `ids`; the first call alone with parallel_tool_calls false."""
         content, calls, _ = self.parser.split(ids, final=final)
+        return content, calls if self.parallel else calls[:1]
+
+    def _native_deltas(self, ids: list, final: bool) -> list[dict]:
+        content, calls = self._calls(ids, final)
         content = content if final else content.rstrip("\ufffd")  # a character still being spelled
         out = []
         if len(content) > self.sent:
@@ -153,7 +158,7 @@ class ToolReply:
 
     def message(self, text: str, ids: list) -> dict:
         if self.parser is not None:
-            content, calls, _ = self.parser.split(ids, final=True)
+            content, calls = self._calls(ids, True)
             msg = {"role": "assistant", "content": content if content or not calls else None}
             if calls:
                 msg["tool_calls"] = [{"id": call_id(), "type": "function", "function": {"name": n, "arguments": a}}
@@ -201,7 +206,8 @@ def tool_replies(state, body, choices) -> dict:
         from ..tool_parser import NativeToolParser
 
         parser = NativeToolParser.for_tokenizer(state.tokenizer)  # serving.prepare checked that there is one
-        return {c.index: ToolReply(parser=parser) for c in choices}
+        parallel = getattr(body, "parallel_tool_calls", None) is not False
+        return {c.index: ToolReply(parser=parser, parallel=parallel) for c in choices}
     return {}
 
 

@@ -135,6 +135,26 @@ def test_a_thought_then_a_tool_call(think_dir, tok, monkeypatch):
         assert reasoning == "need the weather" and content == ""
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call(think_dir, tok, monkeypatch):
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    two = "".join(f"{CALL_OPEN}call:get_weather{{city:{QUOTE}{c}{QUOTE}}}{CALL_CLOSE}" for c in ("Oslo", "Rome"))
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        _script(monkeypatch, srv.state, tok, two, cuts=(5, 20, 30))
+        kwargs = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER])
+
+        def cities(**kw):
+            calls = c.chat.completions.create(**kwargs, **kw).choices[0].message.tool_calls
+            streamed = [d.function.arguments for ch in c.chat.completions.create(**kwargs, **kw, stream=True)
+                        for d in (ch.choices[0].delta.tool_calls or []) if ch.choices]
+            assert streamed == [t.function.arguments for t in calls]
+            return [json.loads(t.function.arguments)["city"] for t in calls]
+
+        assert cities() == ["Oslo", "Rome"]
+        assert cities(parallel_tool_calls=False) == ["Oslo"]
+
+
 def test_a_prefilled_thought_and_a_channel_closed_in_its_label(think_dir, tok, monkeypatch):
     """A reply that continues a thought the prompt left open (continue_final_message) has its answer as content
     and the rest of the thought as reasoning; a channel closed inside its label (a tiny budget) has no thought."""
