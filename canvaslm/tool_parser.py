@@ -13,6 +13,7 @@ This module has no torch dependency.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 CALL_OPEN, CALL_CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
@@ -126,7 +127,10 @@ def _value(s: str, i: int):
     m = _NUMBER.match(s, i)
     if m:
         text = m.group(0)
-        return (float(text) if m.group(1) or m.group(2) else int(text)), _skip(s, m.end())
+        number = float(text) if m.group(1) or m.group(2) else int(text)
+        if not math.isfinite(number):
+            raise NativeSyntaxError(f"a number out of JSON's range: {text[:20]!r}")
+        return number, _skip(s, m.end())
     raise NativeSyntaxError(f"no value at {s[i:i + 20]!r}")
 
 

@@ -11,16 +11,19 @@ is followed by a pinned EOS, and may span several canvases.
 Supported: type object / array / string / integer / number / boolean / null, properties, required,
 additionalProperties (true/false), items, minItems, maxItems, minLength, maxLength, minimum, maximum,
 exclusiveMinimum / exclusiveMaximum (integers), enum, const; annotations (title, description, ...) are
-ignored. Anything else raises ConstraintError naming the keyword. A value the schema leaves open (`{}`,
-an object with no `properties` keyword that allows others, an array without items) is one slot of
+ignored. Anything else raises ConstraintError naming the keyword. An enum or const keeps only the values
+the schema's other keywords allow (ConstraintError when none is left). A value the schema leaves open
+(`{}`, an object with no `properties` keyword that allows others, an array without items) is one slot of
 `free_tokens` that takes any JSON of its kind, nested a few levels at most (sampling.json_any). An
-explicit `"properties": {}` stays `{}`, as tools without arguments declare it.
+explicit `"properties": {}` stays `{}`, as tools without arguments declare it. A template over
+`JsonTemplateOptions.max_tokens` tokens (at most MAX_TEMPLATE_TOKENS) is refused while it compiles.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass
 
 from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, output_eos
@@ -39,6 +42,8 @@ KEYWORDS = {
     "null": {"type"},
 }
 _PY_TYPES = {"string": str, "boolean": bool, "null": type(None), "object": dict, "array": list}
+MAX_TEMPLATE_TOKENS = 1 << 17  # a template over this many tokens is refused while it compiles
+_longest: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Vocab -> characters of its longest token
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class JsonTemplateOptions:
     free_tokens: int = 64  # tokens of a value the schema leaves free ({}, an object without properties, ...)
     enum_range: int = 64  # integer ranges up to this size become an enum (exact bounds by construction)
     max_depth: int = 32
+    max_tokens: int | None = None  # refuse a template over this many tokens (EOS included), else MAX_TEMPLATE_TOKENS
 
     def __post_init__(self):
         for name in ("string_tokens", "integer_tokens", "number_tokens", "enum_range", "max_depth", "free_tokens"):
@@ -59,6 +65,8 @@ class JsonTemplateOptions:
                 raise ConstraintError(f"JsonTemplateOptions.{name} must be >= 1, got {getattr(self, name)}")
         if self.array_items < 0:
             raise ConstraintError(f"JsonTemplateOptions.array_items must be >= 0, got {self.array_items}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConstraintError(f"JsonTemplateOptions.max_tokens must be >= 1, got {self.max_tokens}")
 
 
 def _type_ok(value, typ: str) -> bool:
@@ -70,20 +78,56 @@ def _type_ok(value, typ: str) -> bool:
     return isinstance(value, _PY_TYPES[typ])
 
 
+def _same(a, b) -> bool:
+    """JSON equality: 1 == 1.0, but true != 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
 class _Compiler:
-    """Schema -> pieces: str (skeleton text) or (width, dfa, finish) value slots."""
+    """Schema -> pieces: str (skeleton text) or (width, dfa, finish) value slots. `size` is a lower bound
+    on the template's tokens (EOS included): slot widths plus text characters over the longest token's."""
 
     def __init__(self, vocab: Vocab, opts: JsonTemplateOptions):
         self.vocab, self.opts, self.pieces = vocab, opts, []
+        self.cap = min(opts.max_tokens or MAX_TEMPLATE_TOKENS, MAX_TEMPLATE_TOKENS)
+        self.size, self.at = 1, "$"
+        if vocab not in _longest:
+            _longest[vocab] = max(1, max(map(len, vocab.strings), default=1))
+        self.longest = _longest[vocab]
+
+    def check(self, more: float = 0):
+        """ConstraintError once the template (and `more` tokens) is over the token limit."""
+        if self.size + more > self.cap:
+            limit = f"the limit of {self.cap} tokens" if self.cap != self.opts.max_tokens else f"max_tokens={self.cap}"
+            raise ConstraintError(f"json_schema: the output template is over {limit} (at {self.at})")
 
     def text(self, s: str):
-        if self.pieces and isinstance(self.pieces[-1], str):
-            self.pieces[-1] += s
-        else:
-            self.pieces.append(s)
+        self.pieces.append(s)
+        self.size += len(s) / self.longest
+        self.check()
 
     def slot(self, width: int, dfa, finish=None):
         self.pieces.append((width, dfa, finish))
+        self.size += width
+        self.check()
+
+    def merged(self) -> list:
+        """The pieces with adjacent texts joined (so that they are tokenized together)."""
+        out = []
+        for p in self.pieces:
+            if isinstance(p, str) and out and isinstance(out[-1], list):
+                out[-1].append(p)
+            else:
+                out.append([p] if isinstance(p, str) else p)
+        return ["".join(p) if isinstance(p, list) else p for p in out]
 
     def literal(self, values: list, path: str):
         alts = [self.vocab.encode(json.dumps(v, ensure_ascii=False)) for v in values]
@@ -93,6 +137,16 @@ class _Compiler:
         self.slot(max(len(a) for a in alts), literal_dfa(self.vocab, alts))
 
     def value(self, schema, path: str, depth: int):
+        self.at = path
+        typ = self.keywords(schema, path, depth)
+        if "const" in schema or "enum" in schema:
+            return self.literal(self.choices(schema, path, depth), path)
+        if typ is None:  # only annotations are left (checked above): {} is any JSON value
+            return self.free("any")
+        getattr(self, "_" + typ)(schema, path, depth)
+
+    def keywords(self, schema, path: str, depth: int):
+        """The schema's type (None if it has none), after a ConstraintError for what is not supported."""
         if depth > self.opts.max_depth:
             raise ConstraintError(f"json_schema: nesting deeper than {self.opts.max_depth} levels at {path}")
         if not isinstance(schema, dict):
@@ -108,20 +162,48 @@ class _Compiler:
         for key in schema:
             if key not in allowed:
                 raise ConstraintError(f"json_schema: {key!r} is not supported (at {path})")
-        if "const" in schema:
-            return self.literal([schema["const"]], path)
-        if "enum" in schema:
-            values = schema["enum"]
-            if not isinstance(values, list) or not values:
-                raise ConstraintError(f"json_schema: 'enum' must be a non-empty list (at {path})")
-            if typ:
-                values = [v for v in values if _type_ok(v, typ)]
-                if not values:
-                    raise ConstraintError(f"json_schema: no 'enum' value has type {typ!r} (at {path})")
-            return self.literal(values, path)
-        if typ is None:  # only annotations are left (checked above): {} is any JSON value
-            return self.free("any")
-        getattr(self, "_" + typ)(schema, path, depth)
+        if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
+            raise ConstraintError(f"json_schema: 'enum' must be a non-empty list (at {path})")
+        return typ
+
+    def choices(self, schema: dict, path: str, depth: int) -> list:
+        """The enum / const values that the schema's other keywords allow (const and enum: both)."""
+        values = [schema["const"]] if "const" in schema else schema["enum"]
+        kept = [v for v in values if self.fits(v, schema, path, depth)]
+        if not kept:
+            which = " / ".join(repr(k) for k in ("enum", "const") if k in schema)
+            raise ConstraintError(f"json_schema: no {which} value fits the schema's other keywords (at {path})")
+        return kept
+
+    def fits(self, v, schema, path: str, depth: int) -> bool:
+        """Whether the JSON value `v` is valid under `schema` (whose keywords are checked as when compiling)."""
+        typ = self.keywords(schema, path, depth)
+        if typ is not None and not _type_ok(v, typ):
+            return False
+        if "const" in schema and not _same(v, schema["const"]):
+            return False
+        if "enum" in schema and not any(_same(v, e) for e in schema["enum"]):
+            return False
+        if typ in ("integer", "number"):
+            lo, hi = self.bound(schema, "minimum", path), self.bound(schema, "maximum", path)
+            xlo, xhi = self.bound(schema, "exclusiveMinimum", path), self.bound(schema, "exclusiveMaximum", path)
+            return ((lo is None or v >= lo) and (hi is None or v <= hi) and (xlo is None or v > xlo)
+                    and (xhi is None or v < xhi))
+        if typ == "string":
+            lo, hi = self.count(schema, "minLength", path, 0), self.count(schema, "maxLength", path)
+            return lo <= len(v) and (hi is None or len(v) <= hi)
+        if typ == "array":
+            lo, hi = self.count(schema, "minItems", path, 0), self.count(schema, "maxItems", path)
+            items = schema.get("items", {})
+            if not isinstance(items, dict):
+                raise ConstraintError(f"json_schema: arrays need an 'items' schema (at {path})")
+            return (lo <= len(v) and (hi is None or len(v) <= hi)
+                    and all(self.fits(x, items, f"{path}[{i}]", depth + 1) for i, x in enumerate(v)))
+        if typ == "object":
+            props, extra, required = self.object_keywords(schema, path)
+            return all(k in v for k in required) and all(
+                self.fits(x, props[k], f"{path}.{k}", depth + 1) if k in props else extra for k, x in v.items())
+        return True
 
     @staticmethod
     def count(schema, key: str, path: str, default=None):
@@ -135,7 +217,11 @@ class _Compiler:
     def bound(schema, key: str, path: str):
         """schema[key] as a numeric bound (minimum, exclusiveMaximum, ...): a finite number, else a ConstraintError."""
         v = schema.get(key)
-        if key in schema and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        try:
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        except OverflowError:  # an integer beyond the float range
+            raise ConstraintError(f"json_schema: {key!r} is too large, over the float range (at {path})") from None
+        if key in schema and not ok:
             raise ConstraintError(f"json_schema: {key!r} must be a number, got {v!r} (at {path})")
         return v
 
@@ -146,7 +232,9 @@ class _Compiler:
             raise ConstraintError("json_schema: free_tokens must be >= 2 for a free-form value")
         self.slot(self.opts.free_tokens, json_dfa(self.vocab, top))
 
-    def _object(self, schema, path, depth):
+    @staticmethod
+    def object_keywords(schema, path: str):
+        """(properties, additionalProperties, required) of an object schema, else a ConstraintError."""
         props = schema.get("properties", {})
         if not isinstance(props, dict):
             raise ConstraintError(f"json_schema: 'properties' must be an object (at {path})")
@@ -156,6 +244,10 @@ class _Compiler:
         required = schema.get("required", [])
         if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
             raise ConstraintError(f"json_schema: 'required' must be a list of property names (at {path})")
+        return props, extra, required
+
+    def _object(self, schema, path, depth):
+        props, extra, required = self.object_keywords(schema, path)
         missing = [k for k in required if k not in props]
         if missing:
             raise ConstraintError(f"json_schema: required keys {missing} have no 'properties' entry (at {path})")
@@ -177,10 +269,19 @@ class _Compiler:
             raise ConstraintError(f"json_schema: maxItems {hi} < minItems {lo} (at {path})")
         n = max(lo, self.opts.array_items if hi is None else min(hi, self.opts.array_items))
         self.text("[")
-        for i in range(n):
-            if i:
+        if n:  # every item has the same template: compile the first, then repeat it (once it fits)
+            start, size = len(self.pieces), self.size
+            self.value(schema["items"], f"{path}[0]", depth + 1)
+            item = self.pieces[start:]
+            self.at = path
+            self.check((n - 1) * (self.size - size + 2 / self.longest))
+            for _ in range(n - 1):
                 self.text(", ")
-            self.value(schema["items"], f"{path}[{i}]", depth + 1)
+                for p in item:
+                    if isinstance(p, str):
+                        self.text(p)
+                    else:
+                        self.slot(*p)
         self.text("]")
 
     def _string(self, schema, path, depth):
@@ -189,6 +290,7 @@ class _Compiler:
             raise ConstraintError(f"json_schema: maxLength {hi} < minLength {lo} (at {path})")
         content = max(lo, self.opts.string_tokens if hi is None else min(hi, self.opts.string_tokens))
         self.text('"')
+        self.check(content + 1)
         self.slot(content + 1, string_dfa(self.vocab, lo, hi))
 
     def _boolean(self, schema, path, depth):
@@ -255,7 +357,7 @@ class JsonSchemaConstraint(CanvasConstraint):
         eos = output_eos(tokenizer, "json_schema")
         comp = _Compiler(self.vocab, options or JsonTemplateOptions())
         comp.value(schema, "$", 0)
-        self.pieces = [self.vocab.encode(p) if isinstance(p, str) else p for p in comp.pieces]
+        self.pieces = [self.vocab.encode(p) if isinstance(p, str) else p for p in comp.merged()]
         self.eos_id = eos
         self._layouts: dict = {}
 
@@ -306,7 +408,7 @@ def constraint_from_response_format(response_format: dict, tokenizer, max_tokens
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise ConstraintError("response_format.json_schema.schema must be a JSON schema object")
-    c = JsonSchemaConstraint(spec["schema"], tokenizer)
+    c = JsonSchemaConstraint(spec["schema"], tokenizer, JsonTemplateOptions(max_tokens=max_tokens or None))
     need = c.max_template_tokens()  # so that any canvas length fits: min_new_tokens(C) <= need
     if max_tokens is not None and need > max_tokens:
         raise ConstraintError(f"json_schema: the output template needs up to {need} tokens (EOS included), "

@@ -11,6 +11,7 @@ refused as busy instead of queueing without bound.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
@@ -24,6 +25,9 @@ from pathlib import Path
 MAX_REPEAT = 1000  # largest {n,m} bound (interegular unrolls repetitions into states)
 MAX_STATES = 20000  # character-automaton states (the token automaton has the same limit)
 MAX_CONCURRENT = 2  # compile children at once (per server process)
+# Python's `re` \s for str patterns (str.isspace); interegular's own \s is ASCII " \t\n\r\f\v" only
+WHITESPACE = frozenset("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+                       "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 
 _turns = threading.BoundedSemaphore(MAX_CONCURRENT)
 
@@ -59,14 +63,22 @@ def char_fsm(pattern: str) -> CharFSM:
     """Compile in this process (no deadline); raises RegexCompileError naming the problem."""
     try:
         import interegular
+        from interegular import patterns
         from interegular.fsm import anything_else
     except ImportError:  # pragma: no cover - a dependency of the package
         raise RegexCompileError("the 'interegular' package is needed for regex output") from None
+    patterns._CHAR_GROUPS.update(s=patterns._CharGroup(WHITESPACE, False), S=patterns._CharGroup(WHITESPACE, True))
     for m in re.finditer(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}", pattern):
         if max(int(n) for n in m.groups() if n) > MAX_REPEAT:
             raise RegexCompileError(f"repetition {m.group(0)} is over the limit of {MAX_REPEAT}")
     try:
-        fsm = interegular.parse_pattern(pattern).to_fsm()
+        parsed = interegular.parse_pattern(pattern)
+        if _has_lookaround(parsed, patterns._NonCapturing):
+            raise RegexCompileError(f"cannot compile {pattern!r} to an automaton: lookarounds ((?=...), (?!...), "
+                                    "(?<=...), (?<!...)) are not supported")
+        fsm = parsed.to_fsm()
+    except RegexCompileError:
+        raise
     except Exception as e:  # interegular raises its own error types for unsupported syntax
         raise RegexCompileError(f"cannot compile {pattern!r} to an automaton ({type(e).__name__}: {e})") from None
     if len(fsm.states) > MAX_STATES:
@@ -77,6 +89,17 @@ def char_fsm(pattern: str) -> CharFSM:
     return CharFSM({str(c): int(k) for c, k in mapping.items()}, other,
                    {int(s): {int(k): int(t) for k, t in row.items()} for s, row in fsm.map.items()},
                    int(fsm.initial), frozenset(int(s) for s in fsm.finals), len(fsm.states))
+
+
+def _has_lookaround(node, lookaround_type) -> bool:
+    """Whether interegular's parse tree holds a lookahead or lookbehind (it would build a different language)."""
+    if isinstance(node, lookaround_type):
+        return True
+    if isinstance(node, tuple):
+        return any(_has_lookaround(n, lookaround_type) for n in node)
+    if dataclasses.is_dataclass(node):
+        return any(_has_lookaround(getattr(node, f.name), lookaround_type) for f in dataclasses.fields(node))
+    return False
 
 
 def _fields(fsm: CharFSM) -> dict:

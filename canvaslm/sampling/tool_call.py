@@ -35,6 +35,10 @@ def declared_functions(tools, field: str = "tools") -> list:
         params = fn.get("parameters") or EMPTY_PARAMETERS
         if not isinstance(params, dict):
             raise ConstraintError(f"{field}[{i}].function.parameters must be a JSON schema object")
+        if params.get("type", "object") not in ("object", ["object"]):
+            raise ConstraintError(f"{field}[{i}].function.parameters of {name!r} must be an object schema "
+                                  f"(type 'object'), got type {params['type']!r}")
+        params = {"type": "object", **params}  # the arguments are an object: an untyped schema says so too
         out.append((name, params))
     if len({n for n, _ in out}) != len(out):
         raise ConstraintError(f"{field} declares a function name twice")

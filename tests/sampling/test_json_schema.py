@@ -9,8 +9,9 @@ import pytest
 
 from canvaslm.llm import SamplingParams
 from canvaslm.sampling.constraints import ConstraintError
-from canvaslm.sampling.json_schema import (JsonSchemaConstraint, JsonTemplateOptions,
+from canvaslm.sampling.json_schema import (JsonSchemaConstraint, JsonTemplateOptions, _Compiler,
                                            constraint_from_response_format)
+from canvaslm.sampling.token_dfa import Vocab
 
 SEEDS = list(range(6))
 
@@ -128,6 +129,14 @@ def test_options_change_widths(tiny_llm):
     ({"type": "integer", "exclusiveMaximum": None}, "'exclusiveMaximum' must be a number"),
     ({"type": "number", "maximum": float("inf")}, "'maximum' must be a number"),
     ({"type": "object", "properties": {"a": {"type": "null"}}, "required": "a"}, "'required' must be a list"),
+    ({"type": "integer", "maximum": 10**400}, "'maximum' is too large"),
+    ({"type": "number", "minimum": -10**400}, "'minimum' is too large"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "exclusiveMaximum": 10**400}}},
+     "'exclusiveMaximum' is too large, over the float range .at $.a."),
+    ({"type": "string", "const": 5}, "no 'const' value fits"),
+    ({"const": "a", "enum": ["b"]}, "no 'enum' / 'const' value fits"),
+    ({"type": "integer", "enum": [20, 30], "maximum": 10}, "no 'enum' value fits the schema's other keywords .at $."),
+    ({"type": "integer", "enum": [1], "maximum": "x"}, "'maximum' must be a number"),
 ])
 def test_unsupported_features_raise_naming_them(tiny_llm, schema, feature):
     with pytest.raises(ConstraintError, match=feature.replace("$", r"\$").replace("^", r"\^")):
@@ -159,3 +168,65 @@ def test_max_template_tokens_bounds_every_canvas_length(tiny_llm):
         c = JsonSchemaConstraint(schema, tiny_llm.tokenizer)
         for C in range(12, 41):
             assert c.template_tokens() <= c.min_new_tokens(C) <= c.max_template_tokens()
+
+
+@pytest.mark.parametrize("schema,kept", [
+    ({"type": "integer", "enum": [1, 100], "maximum": 10}, [1]),
+    ({"type": "integer", "enum": [0, 1, 2, 3.0, 2.5, True], "exclusiveMinimum": 0, "exclusiveMaximum": 3}, [1, 2]),
+    ({"type": "number", "enum": [-1, 0.5, 7], "minimum": 0, "maximum": 1}, [0.5]),
+    ({"type": "string", "enum": ["ok", "much too long", "", 3], "maxLength": 3, "minLength": 1}, ["ok"]),
+    ({"const": 1, "enum": [True, 1.0]}, [1]),
+    ({"const": True, "enum": [1, True]}, [True]),
+    ({"type": "array", "items": {"type": "integer", "maximum": 5}, "maxItems": 2,
+      "enum": [[1, 2], [1, 9], [1, 2, 3], "x"]}, [[1, 2]]),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False,
+      "enum": [{"a": "x"}, {"a": 1}, {}, {"a": "y", "b": 1}]}, [{"a": "x"}]),
+    ({"type": "object", "properties": {"a": {"enum": [1, 2]}}, "enum": [{"a": 2, "b": 0}, {"a": 3}]},
+     [{"a": 2, "b": 0}]),
+    ({"enum": [1, "1", None]}, [1, "1", None]),
+])
+def test_enum_and_const_keep_only_what_the_other_keywords_allow(tiny_llm, schema, kept):
+    comp = _Compiler(Vocab.of(tiny_llm.tokenizer), JsonTemplateOptions())
+    assert comp.choices(schema, "$", 0) == kept
+    for v in kept:
+        jsonschema.validate(v, schema)
+
+
+def test_enum_next_to_bounds_outputs_only_valid_values(tiny_llm):
+    schema = {"type": "object", "properties": {
+        "n": {"type": "integer", "enum": [1, 100, 5], "maximum": 10},
+        "s": {"type": "string", "enum": ["ok", "much too long"], "maxLength": 3}}}
+    params = [SamplingParams(seed=s, max_denoising_steps=2, json_schema=schema) for s in range(4)]
+    for r in tiny_llm.generate(["{"] * 4, params):
+        jsonschema.validate(json.loads(r.text), schema)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 10**9},
+    {"type": "array", "items": {"const": 1}, "minItems": 10**9},
+    {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 2000}, "minItems": 2000},
+    {"type": "object", "properties": {"a": {"type": "string", "minLength": 10**9}}},
+])
+def test_huge_counts_are_refused_while_compiling(tiny_llm, schema):
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(ConstraintError, match="over the limit of 131072 tokens"):
+        JsonSchemaConstraint(schema, tiny_llm.tokenizer)
+    rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    with pytest.raises(ConstraintError, match=r"over max_tokens=16 \(at \$"):
+        constraint_from_response_format(rf, tiny_llm.tokenizer, 16)
+    assert time.monotonic() - t < 2
+
+
+def test_repeated_items_make_the_same_template(tiny_llm):
+    schema = {"type": "array", "items": {"type": "object", "properties": {
+        "a": {"type": "integer", "minimum": 0}, "b": {"enum": ["x", "yz"]}, "c": {"type": "string", "maxLength": 2}}},
+        "minItems": 3}
+    c = JsonSchemaConstraint(schema, tiny_llm.tokenizer)
+    item = JsonSchemaConstraint(schema["items"], tiny_llm.tokenizer)
+    one, three = item.layout(1 << 30), c.layout(1 << 30)
+    assert three.length == 2 + 3 * (one.length - 1) + 2 * 2 + 1  # [ ] , , and EOS
+    assert [(s.width, s.dfa) for s in three.slots] == [(s.width, s.dfa) for s in one.slots] * 3
+    r = tiny_llm.generate("x", SamplingParams(seed=0, constraint=c))[0]
+    jsonschema.validate(json.loads(r.text), schema)

@@ -46,6 +46,12 @@ def test_parse_call_reads_the_native_syntax():
             parse_call(bad)
 
 
+@pytest.mark.parametrize("body", ["call:f{a:1e999}", "call:f{a:-1e400}", "call:f{a:[1,{b:1E400}]}"])
+def test_parse_call_refuses_numbers_out_of_json_range(body):
+    with pytest.raises(NativeSyntaxError, match="out of JSON's range"):
+        parse_call(body)
+
+
 def test_split_keeps_text_and_reads_calls(tok):
     p = NativeToolParser.for_tokenizer(tok)
     ids = tok.encode(SCRIPT + " done", add_special_tokens=False)

@@ -100,6 +100,23 @@ def test_child_compiles_the_same_automaton(pattern):
     assert any(_accepts(here, t) for t in SAMPLES)
 
 
+@pytest.mark.parametrize("pattern", [r"a(?=b)", r"a(?!b)", r"(?!x)[a-z]", r"[0-9]+(?=px)", r"(?<=a)b", r"(?<!a)b"])
+def test_lookarounds_are_refused_by_name(pattern):
+    from canvaslm.sampling.regex_fsm import RegexCompileError, char_fsm
+
+    with pytest.raises(RegexCompileError, match="lookarounds"):
+        char_fsm(pattern)
+
+
+@pytest.mark.parametrize("pattern", [r"\s", r"\S", r"[^\s]", r"[\sa]", r"[^\Sa]"])
+def test_whitespace_classes_match_python_re(pattern):
+    from canvaslm.sampling.regex_fsm import char_fsm
+
+    fsm = char_fsm(pattern)
+    for ch in map(chr, [*range(0x3100), 0xfeff, 0x10000]):
+        assert _accepts(fsm, ch) == bool(re.fullmatch(pattern, ch)), (pattern, hex(ord(ch)))
+
+
 def test_deadline_kills_the_child_and_names_the_limit(monkeypatch):
     import subprocess
     import time

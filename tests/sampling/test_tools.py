@@ -99,7 +99,7 @@ def test_declarations_and_earlier_calls_reach_the_prompt(client, tiny_llm):
     ({"tools": [WEATHER]}, "tool_choice", "has no such tokens"),  # 'auto' needs the native call tokens
     ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", "has no such tokens"),
     ({"tools": [WEATHER, PING], "tool_choice": "required", "max_tokens": 40}, "tools", "over max_tokens=40"),
-    ({"tools": [PING, {"type": "function", "function": {"name": "g", "parameters": {"type": "string", "format": "x"}}}],
+    ({"tools": [PING, {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "format": "x"}}}],
       "tool_choice": "required"}, "tools", r"tools\[1\].function.parameters: .*format"),
     ({"tools": [PING], "tool_choice": NAMED}, "tool_choice", "not in tools"),
     ({"tool_choice": NAMED}, "tool_choice", "needs tools"),
@@ -112,6 +112,8 @@ def test_declarations_and_earlier_calls_reach_the_prompt(client, tiny_llm):
         "type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}}], "tool_choice": "required"},
      "tools", r"tools\[0\].function.parameters: .*pattern"),
     ({"tools": [WEATHER], "tool_choice": NAMED, "max_tokens": 5}, "tools", "over max_tokens=5"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+      "tool_choice": "required"}, "tools", r"tools\[0\].function.parameters of 'f' must be an object schema"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "required"}, "tools",
      "should match pattern"),
 ])
@@ -120,6 +122,25 @@ def test_what_cannot_be_done_is_refused_by_name(client, extra, param, needle):
     with pytest.raises(openai.BadRequestError, match=needle) as e:
         c.chat.completions.create(model=model, messages=USER, **extra)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_parameters_must_be_an_object_schema(tiny_llm):
+    from canvaslm.sampling.constraints import ConstraintError
+    from canvaslm.sampling.json_schema import JsonSchemaConstraint
+    from canvaslm.sampling.tool_call import EMPTY_PARAMETERS, declared_functions
+
+    def fn(**kw):
+        return {"type": "function", "function": {"name": "f", **kw}}
+
+    assert declared_functions([fn()]) == [("f", EMPTY_PARAMETERS)]
+    assert declared_functions([fn(parameters={})]) == [("f", EMPTY_PARAMETERS)]
+    assert declared_functions([fn(parameters={"type": "object"})]) == [("f", {"type": "object"})]
+    assert declared_functions([fn(parameters={"properties": {}})]) == [("f", {"type": "object", "properties": {}})]
+    for params in ({"type": "string"}, {"type": "array", "items": {}}, {"type": ["integer"]}, {"type": "null"}):
+        with pytest.raises(ConstraintError, match=r"tools\[0\].function.parameters of 'f' must be an object schema"):
+            declared_functions([fn(parameters=params)])
+    with pytest.raises(ConstraintError, match="const"):  # untyped: an object schema, which 5 does not fit
+        JsonSchemaConstraint(declared_functions([fn(parameters={"const": 5})])[0][1], tiny_llm.tokenizer)
 
 
 def test_tool_choice_constraint_in_the_python_api(tiny_llm):
