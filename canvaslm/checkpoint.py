@@ -110,10 +110,15 @@ def _tensor_files(model_dir: Path) -> dict[str, list[str]]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names, got "
+                                  f"{type(weight_map).__name__}")
         files: dict[str, list[str]] = {}
         for name, fname in weight_map.items():
+            if not isinstance(fname, str):
+                raise CheckpointError(f"{index}: weight_map[{name!r}] must be a file name, got {fname!r}")
             files.setdefault(fname, []).append(name)
         missing = sorted(f for f in files if not (model_dir / f).exists())
         if missing:
@@ -141,6 +146,19 @@ def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor):
         mod._buffers[leaf] = tensor
 
 
+def check_device(device) -> None:
+    """A CheckpointError naming `device` unless it is one this torch build can use."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r}: this machine has no CUDA device (or torch was built without "
+                              "CUDA); use --device cpu")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise CheckpointError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: bool | None = None,
                quantization: str | None = None) -> DiffusionGemma:
     """Build DiffusionGemma from an HF checkpoint directory. quantization="fp8" or "int4" (W4A16, group
@@ -149,6 +167,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is not a directory")
+    check_device(device)
     cfg = ModelConfig.from_dir(model_dir)
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
@@ -160,6 +179,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     expected = {k: v for k, v in expected.items() if not k.startswith("rotary.")}
     problems, seen, ignored, carried = [], set(), [], {}
+    reported = set()  # expected tensors found but wrong: not also "missing"
     total = sum(p.numel() for p in expected.values())
     from tqdm.auto import tqdm
     bar = tqdm(total=total, unit="param", unit_scale=True, desc="loading weights",
@@ -176,6 +196,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
             for name in names:
                 if name not in file_keys:
                     problems.append(f"{name}: listed in the index for {fname} but not stored there")
+                    reported.add(name)
                     continue
                 if name not in expected:
                     if _IGNORED.match(name):
@@ -189,21 +210,24 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
                     t = f.get_tensor(name)
                 except Exception as e:
                     problems.append(f"{name}: cannot be read from {fname} ({e})")
+                    reported.add(name)
                     continue
                 for name, t in (hook.convert(name, t) if hook is not None else [(name, t)]):
                     want = expected[name]
                     if tuple(t.shape) != tuple(want.shape):
                         problems.append(f"{name}: shape {tuple(t.shape)} in {fname}, expected {tuple(want.shape)}")
+                        reported.add(name)
                         continue
                     keep = hook is not None and hook.keeps_dtype(name)
                     if not t.is_floating_point() and not keep:  # packed int4 is uint8 by design
                         problems.append(f"{name}: dtype {t.dtype} in {fname}, expected a floating-point tensor")
+                        reported.add(name)
                         continue
                     _set_tensor(model, name, t.to(device=device) if keep else t.to(device=device, dtype=dtype))
                     seen.add(name)
                     bar.update(t.numel())
     bar.close()
-    missing = sorted(set(expected) - seen)
+    missing = sorted(set(expected) - seen - reported)
     for name in [m for m in missing if _OPTIONAL.search(m)]:
         _set_tensor(model, name, torch.ones(expected[name].shape, device=device, dtype=dtype))
         missing.remove(name)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,14 @@ _KNOWN_TEXT_KEYS = {
 
 class ConfigError(ValueError):
     """A config file is missing a field, has an impossible value, or names an unsupported model."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -85,13 +94,15 @@ class ModelConfig:
     def __post_init__(self):
         def need(cond, name, msg):
             if not cond:
-                raise ConfigError(f"config.json: text_config.{name} {msg}")
+                key = name if name == "canvas_length" else \
+                    f"text_config.{'num_hidden_layers' if name == 'num_layers' else name}"
+                raise ConfigError(f"config.json: {key} {msg}")
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
                      "num_experts", "top_k_experts", "moe_intermediate_size", "canvas_length",
                      "max_position_embeddings"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
+            need(_is_int(v) and v > 0, name, f"must be a positive integer, got {v!r}")
         need(len(self.layer_types) == self.num_layers, "layer_types",
              f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_layers}")
         for i, t in enumerate(self.layer_types):
@@ -108,8 +119,10 @@ class ModelConfig:
             need(t in self.rope, "rope_parameters", f"has no entry for layer type {t!r}")
         for name in ("pad_token_id", "bos_token_id"):
             v = getattr(self, name)
+            need(v is None or _is_int(v), name, f"must be an integer, got {v!r}")
             need(v is None or 0 <= v < self.vocab_size, name, f"({v}) is outside the vocabulary")
         for e in self.eos_token_ids:
+            need(_is_int(e), "eos_token_id", f"must hold integers, got {e!r}")
             need(0 <= e < self.vocab_size, "eos_token_id", f"({e}) is outside the vocabulary")
 
     def is_sliding(self, layer: int) -> bool:
@@ -139,74 +152,126 @@ class ModelConfig:
         if unknown:
             log.warning("%s: ignoring unknown text_config keys %s", source, unknown)
 
+        def bad(key, value, want):
+            raise ConfigError(f"{source}: {key} must be {want}, got {value!r}")
+
         def req(key):
             if key not in text or text[key] is None:
                 raise ConfigError(f"{source}: text_config.{key} is required but missing")
             return text[key]
 
+        def integer(key, value):
+            if not _is_int(value) or value <= 0:
+                bad(key, value, "a positive integer")
+            return value
+
+        def number(key, value):
+            if not _is_number(value):
+                bad(key, value, "a number")
+            return float(value)
+
+        def positive(key, value):
+            if not _is_number(value) or not value > 0:
+                bad(key, value, "a positive number")
+            return float(value)
+
+        def token_id(key, value):
+            if value is not None and not _is_int(value):
+                bad(key, value, "an integer token id")
+            return value
+
         if text.get("use_bidirectional_attention") == "all":
             raise ConfigError(f"{source}: text_config.use_bidirectional_attention='all' is not supported "
                               "(DiffusionGemma's encoder is causal)")
-        n_layers = int(req("num_hidden_layers"))
+        n_layers = integer("text_config.num_hidden_layers", req("num_hidden_layers"))
         layer_types = text.get("layer_types")
         if layer_types is None:
             layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
+        if not isinstance(layer_types, list):
+            bad("text_config.layer_types", layer_types, f"a list of {SLIDING!r} / {FULL!r}")
+        for i, t in enumerate(layer_types):
+            if t not in (SLIDING, FULL):
+                bad(f"text_config.layer_types[{i}]", t, f"{SLIDING!r} or {FULL!r}")
         layer_types = list(layer_types)
         if layer_types and layer_types[-1] != FULL:
             layer_types[-1] = FULL  # the reference forces the last layer to full attention
-        base_hd = text.get("head_dim") or req("hidden_size") // req("num_attention_heads")
-        base_kv = int(req("num_key_value_heads"))
-        head_dims, kv_heads = [int(base_hd)] * n_layers, [base_kv] * n_layers
+        hidden_size = integer("text_config.hidden_size", req("hidden_size"))
+        n_heads = integer("text_config.num_attention_heads", req("num_attention_heads"))
+        base_hd = text.get("head_dim")
+        base_hd = hidden_size // n_heads if base_hd is None else integer("text_config.head_dim", base_hd)
+        base_kv = integer("text_config.num_key_value_heads", req("num_key_value_heads"))
+        head_dims, kv_heads = [base_hd] * n_layers, [base_kv] * n_layers
         per_layer = text.get("per_layer_config")
         if per_layer is None:
             g_hd = text.get("global_head_dim", 512)
             g_kv = text.get("num_global_key_value_heads")
             per_layer = {str(i): {"head_dim": g_hd, **({"num_key_value_heads": g_kv} if g_kv else {})}
                          for i, t in enumerate(layer_types) if t == FULL}
+        if not isinstance(per_layer, dict):
+            bad("text_config.per_layer_config", per_layer, "an object mapping layer index to overrides")
         for key, over in per_layer.items():
-            i = int(key)
+            where = f"text_config.per_layer_config[{key!r}]"
+            try:
+                i = int(key)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{source}: text_config.per_layer_config has key {key!r}, "
+                                  "not a layer index") from None
             if not 0 <= i < n_layers:
                 raise ConfigError(f"{source}: text_config.per_layer_config has layer {key} "
                                   f"but the model has {n_layers} layers")
-            head_dims[i] = int(over.get("head_dim", head_dims[i]))
-            kv_heads[i] = int(over.get("num_key_value_heads", kv_heads[i]))
+            if not isinstance(over, dict):
+                bad(where, over, "an object (head_dim, num_key_value_heads)")
+            head_dims[i] = integer(f"{where}.head_dim", over.get("head_dim", head_dims[i]))
+            kv_heads[i] = integer(f"{where}.num_key_value_heads", over.get("num_key_value_heads", kv_heads[i]))
         rope_raw = text.get("rope_parameters") or _DEFAULT_ROPE
+        if not isinstance(rope_raw, dict):
+            bad("text_config.rope_parameters", rope_raw, "an object mapping layer type to RoPE parameters")
         rope = {}
-        for t in set(layer_types):
-            p = rope_raw.get(t) if isinstance(rope_raw, dict) else None
+        for t in sorted(set(layer_types)):
+            p = rope_raw.get(t)
             if p is None:
                 raise ConfigError(f"{source}: text_config.rope_parameters has no entry for {t!r}")
+            where = f"text_config.rope_parameters[{t!r}]"
+            if not isinstance(p, dict):
+                bad(where, p, "an object (rope_type, rope_theta, ...)")
             rtype = p.get("rope_type", "default")
             if rtype not in ("default", "proportional"):
-                raise ConfigError(f"{source}: text_config.rope_parameters[{t!r}].rope_type {rtype!r} "
-                                  "is not supported (default, proportional)")
-            rope[t] = RopeSpec(rtype, float(p.get("rope_theta", 10_000.0)),
-                               float(p.get("partial_rotary_factor", 1.0)))
+                raise ConfigError(f"{source}: {where}.rope_type {rtype!r} is not supported (default, proportional)")
+            rope[t] = RopeSpec(rtype, number(f"{where}.rope_theta", p.get("rope_theta", 10_000.0)),
+                               number(f"{where}.partial_rotary_factor", p.get("partial_rotary_factor", 1.0)))
         eos = text.get("eos_token_id", 1)
-        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        for e in eos:
+            token_id("text_config.eos_token_id", e)
+        canvas_length = cfg.get("canvas_length")
+        softcap = text.get("final_logit_softcapping", 30.0)
+        kw = dict(
+            vocab_size=req("vocab_size"), hidden_size=hidden_size,
+            intermediate_size=req("intermediate_size"), num_layers=n_layers,
+            num_attention_heads=n_heads, layer_types=tuple(layer_types),
+            head_dims=tuple(head_dims), num_kv_heads=tuple(kv_heads),
+            sliding_window=integer("text_config.sliding_window", req("sliding_window")), rope=rope,
+            num_experts=req("num_experts"), top_k_experts=req("top_k_experts"),
+            moe_intermediate_size=req("moe_intermediate_size"),
+            canvas_length=256 if canvas_length is None else integer("canvas_length", canvas_length),
+            rms_norm_eps=positive("text_config.rms_norm_eps", text.get("rms_norm_eps", 1e-6)),
+            hidden_activation=text.get("hidden_activation", "gelu_pytorch_tanh"),
+            max_position_embeddings=text.get("max_position_embeddings", 131_072),
+            final_logit_softcapping=None if softcap is None else number("text_config.final_logit_softcapping",
+                                                                          softcap),
+            attention_bias=bool(text.get("attention_bias", False)),
+            pad_token_id=token_id("text_config.pad_token_id", text.get("pad_token_id", 0)),
+            bos_token_id=token_id("text_config.bos_token_id", text.get("bos_token_id", 2)),
+            eos_token_ids=eos, has_vision=cfg.get("vision_config") is not None,
+            image_token_id=token_id("image_token_id", cfg.get("image_token_id", 258_880)),
+            boi_token_id=token_id("boi_token_id", cfg.get("boi_token_id", 255_999)),
+            eoi_token_id=token_id("eoi_token_id", cfg.get("eoi_token_id", 258_882)),
+            bidirectional_vision=text.get("use_bidirectional_attention") == "vision", raw=cfg,
+        )
         try:
-            return cls(
-                vocab_size=req("vocab_size"), hidden_size=req("hidden_size"),
-                intermediate_size=req("intermediate_size"), num_layers=n_layers,
-                num_attention_heads=req("num_attention_heads"), layer_types=tuple(layer_types),
-                head_dims=tuple(head_dims), num_kv_heads=tuple(kv_heads),
-                sliding_window=int(req("sliding_window")), rope=rope,
-                num_experts=req("num_experts"), top_k_experts=req("top_k_experts"),
-                moe_intermediate_size=req("moe_intermediate_size"),
-                canvas_length=cfg.get("canvas_length") or 256,
-                rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-                hidden_activation=text.get("hidden_activation", "gelu_pytorch_tanh"),
-                max_position_embeddings=text.get("max_position_embeddings", 131_072),
-                final_logit_softcapping=text.get("final_logit_softcapping", 30.0),
-                attention_bias=bool(text.get("attention_bias", False)),
-                pad_token_id=text.get("pad_token_id", 0), bos_token_id=text.get("bos_token_id", 2),
-                eos_token_ids=eos, has_vision=cfg.get("vision_config") is not None,
-                image_token_id=cfg.get("image_token_id", 258_880), boi_token_id=cfg.get("boi_token_id", 255_999),
-                eoi_token_id=cfg.get("eoi_token_id", 258_882),
-                bidirectional_vision=text.get("use_bidirectional_attention") == "vision", raw=cfg,
-            )
+            return cls(**kw)
         except ConfigError as e:
-            raise ConfigError(str(e).replace("config.json", source, 1)) from None
+            raise ConfigError(f"{source}: {str(e).removeprefix('config.json: ')}") from None
         except TypeError as e:
             raise ConfigError(f"{source}: bad field type ({e})") from None
 
@@ -283,24 +348,31 @@ class DiffusionParams:
         def bad(name, msg):
             raise ConfigError(f"generation parameter {name} {msg}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
             bad("max_new_tokens", "must be a positive integer")
-        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
+        if not _is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
             bad("max_denoising_steps", "must be a positive integer")
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold", "top_p", "min_p"):
+            if not _is_number(getattr(self, name)):
+                bad(name, "must be a number")
         if not self.entropy_bound > 0:
             bad("entropy_bound", "must be > 0")
         if not (0 <= self.t_min < self.t_max):
             bad("t_max", f"must be greater than t_min ({self.t_min}) and t_min >= 0")
-        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
+        if not _is_int(self.stability_threshold) or self.stability_threshold < 0:
             bad("stability_threshold", "must be an integer >= 0")
         if not self.confidence_threshold > 0:
             bad("confidence_threshold", "must be > 0")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "must be an integer >= 0 (0: no cut)")
         if not 0 <= self.top_p <= 1:
             bad("top_p", "must be in [0, 1] (1: no cut; 0 keeps only the most likely token)")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1] (0: no cut)")
+        if self.eos_token_ids is not None and not all(_is_int(e) and e >= 0 for e in self.eos_token_ids):
+            bad("eos_token_ids", "must be token ids (integers >= 0)")
+        if self.pad_token_id is not None and not (_is_int(self.pad_token_id) and self.pad_token_id >= 0):
+            bad("pad_token_id", "must be a token id (an integer >= 0)")
         if self.max_time is not None and (isinstance(self.max_time, bool) or not isinstance(self.max_time, (int, float))
                                           or not 0 < self.max_time < math.inf):
             bad("max_time", "must be a number of seconds > 0 (None: no limit)")
@@ -318,11 +390,13 @@ class DiffusionParams:
             if d.get(k) is not None:
                 kw[k] = d[k]
         sc = d.get("sampler_config")
-        if isinstance(sc, dict) and sc.get("entropy_bound") is not None:
-            kw["entropy_bound"] = float(sc["entropy_bound"])
+        if sc is not None and not isinstance(sc, dict):
+            raise ConfigError(f"{source}: sampler_config must be an object, got {sc!r}")
+        if sc is not None and sc.get("entropy_bound") is not None:
+            kw["entropy_bound"] = sc["entropy_bound"]
         eos = d.get("eos_token_id")
         if eos is not None:
-            kw["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+            kw["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         try:
             return cls(**kw)
         except ConfigError as e:

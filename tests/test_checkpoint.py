@@ -429,3 +429,48 @@ def test_model_config_roundtrip_matches_transformers(ref_dir):
     text = hf.text_config
     assert [text.per_layer_config[i].head_dim for i in range(cfg.num_layers)] == list(cfg.head_dims)
     assert [text.per_layer_config[i].num_key_value_heads for i in range(cfg.num_layers)] == list(cfg.num_kv_heads)
+
+
+@pytest.mark.parametrize("weight_map,match", [
+    ([1, 2], "weight_map must map tensor names to file names, got list"),
+    ({"model.decoder.norm.weight": ["model.safetensors"]},
+     r"weight_map\['model.decoder.norm.weight'\] must be a file name, got \['model.safetensors'\]"),
+])
+def test_malformed_index_is_named(ref_dir, tmp_path, weight_map, match):
+    d = _copy(ref_dir[0], tmp_path / "i")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: " + match):
+        load_model(d)
+
+
+@pytest.mark.parametrize("bad", [lambda w: w[:1], lambda w: w.to(torch.int32), lambda w: w > 0])
+def test_a_mismatched_tensor_is_not_also_missing(ref_dir, tmp_path, bad):
+    d = _copy(ref_dir[0], tmp_path / "m")
+    name = "model.decoder.embed_tokens.weight"
+    _rewrite(d, lambda t: t.update({name: bad(t[name])}))
+    with pytest.raises(CheckpointError) as e:
+        load_model(d)
+    problems = str(e.value).splitlines()[1:]
+    assert len(problems) == 1 and problems[0].strip().startswith(f"{name}: "), problems
+    assert "missing" not in problems[0]
+
+
+@pytest.mark.parametrize("how", ["quantize", "export"])
+def test_quantize_and_export_keep_a_chat_template_json(tmp_path, how):
+    from canvaslm.cli import main
+    from canvaslm.testing import make_tiny_checkpoint
+    from canvaslm.tokenizer import Tokenizer
+    from canvaslm.train.checkpointing import export_checkpoint
+
+    src = make_tiny_checkpoint(tmp_path / "src")
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+    template = tok_cfg.pop("chat_template")
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (src / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert Tokenizer.from_dir(src).chat_template == template
+    out = tmp_path / "out"
+    if how == "quantize":
+        assert main(["quantize", str(src), str(out), "--to", "fp8"]) == 0
+    else:
+        export_checkpoint(src, out)
+    assert Tokenizer.from_dir(out).chat_template == template

@@ -82,7 +82,7 @@ def test_scoring_and_embedding_check_their_token_ids(llm):
     V = llm.cfg.vocab_size
     for call in (lambda: llm.loglikelihood([([2, 5], [V])]), lambda: llm.loglikelihood([([2, -1], [5])]),
                  lambda: llm.loglikelihood_rolling([[2, V]])):
-        with pytest.raises(GenerationError, match=rf"request 0 token ids \[-?\d+\] are outside the vocabulary"):
+        with pytest.raises(GenerationError, match=r"request 0 token ids \[-?\d+\] are outside the vocabulary"):
             call()
     with pytest.raises(GenerationError, match=r"embed: texts\[0\] token ids"):
         llm.embed([[2, V]])
@@ -90,3 +90,14 @@ def test_scoring_and_embedding_check_their_token_ids(llm):
         llm.embed(["abc"], batch_size=0)
     assert llm.embed([]).shape == (0, llm.cfg.hidden_size)
     assert torch.isfinite(llm.embed(["abc"])).all()
+
+
+def test_a_device_this_machine_lacks_is_named(tiny, capsys):
+    from canvaslm.checkpoint import CheckpointError, load_model
+
+    with pytest.raises(CheckpointError, match="'bogus' is not a torch device"):
+        load_model(tiny, device="bogus")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["generate", str(tiny), "--device", "cuda", "--prompt", "ab"]) == 2
+    assert "device 'cuda': this machine has no CUDA device" in capsys.readouterr().err

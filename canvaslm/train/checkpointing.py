@@ -28,7 +28,10 @@ from .lora import LoRAConfig, apply_lora, has_lora, lora_state_dict, merged_stat
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
 METRICS_FILE = "metrics.jsonl"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# what canvaslm.tokenizer reads (the chat template may be in either chat_template file), and the
+# sentencepiece model HF's slow tokenizer reads
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model")
 
 
 def tokenizer_dir(config) -> Path | None:
