@@ -39,6 +39,9 @@ _KNOWN_TEXT_KEYS = {
 }
 
 
+TEXT_ACTIVATIONS = ("gelu_pytorch_tanh",)  # what the text MLPs run (GELU, tanh form)
+
+
 class ConfigError(ValueError):
     """A config file is missing a field, has an impossible value, or names an unsupported model."""
 
@@ -103,6 +106,8 @@ class ModelConfig:
                      "max_position_embeddings"):
             v = getattr(self, name)
             need(_is_int(v) and v > 0, name, f"must be a positive integer, got {v!r}")
+        need(self.hidden_activation in TEXT_ACTIVATIONS, "hidden_activation",
+             f"{self.hidden_activation!r} is not supported (the text model runs {TEXT_ACTIVATIONS[0]!r})")
         need(len(self.layer_types) == self.num_layers, "layer_types",
              f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_layers}")
         for i, t in enumerate(self.layer_types):
@@ -422,6 +427,19 @@ class DiffusionParams:
         return d
 
 
+def checked_eos_ids(defaults: DiffusionParams, cfg: ModelConfig) -> tuple:
+    """The EOS ids a model's requests stop at (the generation config's, else config.json's); a ConfigError
+    when the generation config names ids outside the model's vocabulary."""
+    named = {"eos_token_id": defaults.eos_token_ids or (), "pad_token_id": () if defaults.pad_token_id is None
+             else (defaults.pad_token_id,)}
+    for name, ids in named.items():
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ConfigError(f"generation config: {name} {bad} is outside the model's vocabulary "
+                              f"[0, {cfg.vocab_size})")
+    return tuple(defaults.eos_token_ids or cfg.eos_token_ids)
+
+
 def read_json(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
@@ -429,6 +447,8 @@ def read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # a directory, no permission
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     return data

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import default_dtype, load_model, parse_dtype
-from .config import DiffusionParams
+from .config import DiffusionParams, checked_eos_ids
 from .generate import GenerationError, RowRequest, batch_geometry, check_in_vocab, check_request, generate_rows
 from .hub import resolve_model
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
@@ -185,6 +185,7 @@ class LLM:
                                 quantization=quantization)
         self.cfg = self.model.cfg
         self.defaults = DiffusionParams.from_dir(self.model_dir)
+        checked_eos_ids(self.defaults, self.cfg)  # checked against the vocabulary once
         self.tokenizer = None
         if (self.model_dir / "tokenizer.json").exists():
             from .tokenizer import Tokenizer
@@ -208,7 +209,7 @@ class LLM:
 
     @property
     def eos_ids(self) -> tuple:
-        return tuple(self.defaults.eos_token_ids or self.cfg.eos_token_ids)
+        return checked_eos_ids(self.defaults, self.cfg)
 
     @property
     def pad_id(self) -> int:

@@ -117,3 +117,23 @@ def test_valid_variants_still_load(tiny, tmp_path):
     text["per_layer_config"] = {2: {"head_dim": 32}}  # integer keys, as a YAML train config gives them
     assert ModelConfig.from_dict(cfg).head_dims == (16, 16, 32)
     assert DiffusionParams.from_dir(tiny).eos_token_ids == (1, 4)
+
+
+def test_an_activation_the_text_model_does_not_run_is_refused(tiny, tmp_path):
+    d = _variant(tiny, tmp_path, "config.json", _text("hidden_activation", "silu"))
+    with pytest.raises(ConfigError, match=r"text_config.hidden_activation 'silu' is not supported"):
+        ModelConfig.from_dir(d)
+
+
+def test_a_config_that_is_a_directory_is_named(tmp_path):
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match=r"config.json: cannot read it"):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_generation_ids_outside_the_vocabulary_fail_at_load(tiny, tmp_path):
+    from canvaslm.llm import LLM
+
+    d = _variant(tiny, tmp_path, "generation_config.json", lambda g: g.update(eos_token_id=[1, 10**6]))
+    with pytest.raises(ConfigError, match=r"generation config: eos_token_id \[1000000\] is outside the model's"):
+        LLM(d, device="cpu")

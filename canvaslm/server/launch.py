@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint import default_dtype, load_model, parse_dtype
-from ..config import DiffusionParams
+from ..config import DiffusionParams, checked_eos_ids
 from ..engine.engine import Engine, EngineConfig
 from .app import build_app
 from .serving import ServerState
@@ -63,7 +63,7 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
     if not regex_timeout > 0:
         raise ValueError(f"regex_timeout must be > 0 seconds, got {regex_timeout}")
     config = config or EngineConfig(max_model_len=None)  # the model's whole context where memory allows
-    eos = tuple(defaults.eos_token_ids or cfg.eos_token_ids)
+    eos = checked_eos_ids(defaults, cfg)
     loras = {}
     if lora_modules or lora_updates:  # wrapped before the engine starts (and before any CUDA graph is captured)
         from ..lora_serving import adapters_from, install
