@@ -82,18 +82,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def on_bug(request, exc):
         return _in_dialect(request, _error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if state.api_key and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            other = request.headers.get("x-api-key", "")  # Anthropic's clients send the key here
-            # compared in constant time, so response timing does not leak how much of a guess was right
-            if not (hmac.compare_digest(header.encode(), f"Bearer {state.api_key}".encode())
-                    | hmac.compare_digest(other.encode(), state.api_key.encode())):
-                return _in_dialect(request, _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>' "
-                                                        "(or 'x-api-key: <key>')", type="authentication_error",
-                                                   code="invalid_api_key"))
-        return await call_next(request)
+    app.add_middleware(_ApiKeyCheck, state=state)
 
     @app.get("/health")
     async def health():
@@ -291,6 +280,31 @@ def build_app(state: ServerState) -> FastAPI:
         return {"id": response_id, "object": "response", "deleted": True}
 
     return app
+
+
+class _ApiKeyCheck:
+    """--api-key: a 401 for requests without the key (not /health). Plain ASGI: Starlette's
+    `@app.middleware("http")` kind hides a client's disconnect from `request.is_disconnected()`, and a
+    non-streamed request whose client left would run to its end."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        key = self.state.api_key
+        if scope["type"] == "http" and key and scope["path"] != "/health":
+            request = Request(scope)
+            header = request.headers.get("authorization", "")
+            other = request.headers.get("x-api-key", "")  # Anthropic's clients send the key here
+            # compared in constant time, so response timing does not leak how much of a guess was right
+            if not (hmac.compare_digest(header.encode(), f"Bearer {key}".encode())
+                    | hmac.compare_digest(other.encode(), key.encode())):
+                response = _in_dialect(request, _error(401, "missing or wrong API key: send 'Authorization: Bearer "
+                                                            "<key>' (or 'x-api-key: <key>')",
+                                                       type="authentication_error", code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _in_dialect(request, response: JSONResponse) -> JSONResponse:

@@ -32,6 +32,7 @@ from ..sampling.thinking import (ThinkingBudget, answer_need, answer_room, answe
 from .protocol import _Common
 from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
 
+DISCONNECT_CHECK_S = 1.0  # how often a non-streamed request looks whether its client is still there
 GREEDY_TEMPERATURE = 1e-3  # temperature=0 scales the schedule by this (temperatures must stay > 0)
 
 
@@ -748,13 +749,18 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
     for c in choices:
         state.engine.submit(c.request, queue, loop)
     live, ended = set(by_id), set()  # ended: replies cut by a stop string, whose Finish (their counts) is due
+    check_at = loop.time() + DISCONNECT_CHECK_S
     try:
         while live:
             try:
-                ev = await asyncio.wait_for(queue.get(), timeout=1.0)
+                ev = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
-                if is_disconnected is not None and await is_disconnected():
+                ev = None
+            if is_disconnected is not None and loop.time() >= check_at:  # however fast events come
+                check_at = loop.time() + DISCONNECT_CHECK_S
+                if await is_disconnected():
                     return
+            if ev is None:
                 continue
             c = by_id[ev.request_id]
             if ev.request_id not in live:

@@ -279,3 +279,21 @@ def test_client_disconnect_cancels_and_frees_the_slot(server, llm):
         time.sleep(0.05)
     assert engine.num_running == 0 and engine.scheduler.num_free_slots == engine.config.slots
     assert engine.scheduler.kv_used == 0
+
+
+def test_a_non_streamed_request_whose_client_left_is_cancelled(server, llm, monkeypatch):
+    """The client of a non-streamed request hangs up (a timeout): the request is cancelled within a check
+    interval, its slot freed, rather than run to its end (a middleware once hid the disconnect)."""
+    monkeypatch.setattr("canvaslm.server.serving.DISCONNECT_CHECK_S", 0.05)
+    engine = server.state.engine
+    before = dict(engine.stats.requests_finished)
+    body = {"model": MODEL, "prompt": probe_prompt(llm, 9), "max_tokens": MAX_TOKENS, "seed": 1,
+            "max_denoising_steps": 64, "confidence_threshold": 1e-9, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.base_url + "/v1/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 30
+    while engine.num_running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    after = engine.stats.requests_finished
+    assert after["cancelled"] == before.get("cancelled", 0) + 1
+    assert after["length"] == before.get("length", 0) and engine.scheduler.num_free_slots == engine.config.slots
