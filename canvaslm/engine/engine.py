@@ -33,6 +33,7 @@ from .scheduler import Scheduler, StepResult
 
 log = logging.getLogger("canvaslm.engine")
 
+RECENT_ENDS = 4096  # requests that ended at their length, remembered for a late stop-string cancel
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -374,6 +375,7 @@ class Engine:
                                    prefix_caching=self.prefix_caching, prefix_store=self.runner.cache.bounded_store())
         self.stats = EngineStats()
         self._sinks: dict[str, _Sink] = {}
+        self._ended_at_length: collections.OrderedDict = collections.OrderedDict()  # recent "length" ends
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
         self.runner.on_host_done = self._wake.set  # a constraint's host work ended: plan again
@@ -489,6 +491,9 @@ class Engine:
                     self._report([state])
                 else:
                     self._finish(arg, "cancelled", 0)
+            elif sink == "stop" and self._ended_at_length.pop(arg, False):  # its last canvas held the stop string
+                self.stats.requests_finished["length"] -= 1
+                self.stats.requests_finished["stop"] += 1
 
     def _add(self, req: GenerationRequest, sink: _Sink) -> None:
         p, sink.follows = req.params, req.follows
@@ -584,6 +589,10 @@ class Engine:
         counted = sink is None or not sink.follows  # a follow-up's reply was counted by its first request
         if counted:
             self.stats.requests_finished[reason] += 1
+            if reason == "length":  # a stop string the caller finds in its last canvas relabels it (cancel)
+                self._ended_at_length[rid] = True
+                while len(self._ended_at_length) > RECENT_ENDS:
+                    self._ended_at_length.popitem(last=False)
         if counted and passes and reason in ("stop", "length"):
             self.stats.tpf_sum += num_tokens / passes
             self.stats.tpf_count += 1

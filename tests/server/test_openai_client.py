@@ -23,7 +23,7 @@ def client(server):
 
 def reference(llm, prompt, seed, **kw):
     """LLM.generate for a text prompt or token ids, with the server's defaults for what is not given."""
-    return llm.generate(prompt, SamplingParams(seed=seed, max_new_tokens=MAX_TOKENS, **kw))[0]
+    return llm.generate(prompt, SamplingParams(**{"seed": seed, "max_new_tokens": MAX_TOKENS, **kw}))[0]
 
 
 def collect_stream(stream):
@@ -297,3 +297,21 @@ def test_a_non_streamed_request_whose_client_left_is_cancelled(server, llm, monk
     after = engine.stats.requests_finished
     assert after["cancelled"] == before.get("cancelled", 0) + 1
     assert after["length"] == before.get("length", 0) and engine.scheduler.num_free_slots == engine.config.slots
+
+
+def test_a_stop_string_in_the_last_canvas_counts_as_stop(server, client, llm):
+    """A stop string found in a reply's last canvas: the engine has ended the request at its length before the
+    server's stop-cancel arrives; /metrics still counts it as "stop", as its client was told."""
+    prompt = probe_prompt(llm, 6)
+    seed, want = seed_with(lambda s: client.completions.create(model=MODEL, prompt=prompt, max_tokens=CANVAS,
+                                                               seed=s).choices[0],
+                           lambda c: c.finish_reason == "length" and len(c.text) > 4, range(1, 100))
+    stats = server.state.engine.stats
+    before = dict(stats.requests_finished)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=CANVAS, seed=seed, stop=[want.text[4]])
+    assert got.choices[0].finish_reason == "stop"
+    deadline = time.monotonic() + 10
+    while stats.requests_finished["stop"] == before.get("stop", 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stats.requests_finished["stop"] == before.get("stop", 0) + 1
+    assert stats.requests_finished["length"] == before.get("length", 0)
