@@ -1,8 +1,10 @@
 """Loading and unloading LoRA adapters while serving (`--enable-lora-updates`; vLLM's
 /v1/load_lora_adapter and /v1/unload_lora_adapter). The files are read on a worker thread; the model
 changes on the engine thread between steps (`Engine.call`), so no step sees half an adapter. An
-unloaded adapter's name is refused at once, and requests already admitted with it finish with it (its
-weights are freed after them: lora_serving.MultiLoRA.unload)."""
+unloaded adapter's name is refused at once, and engine requests already admitted with it finish with it
+(its weights are freed after them: lora_serving.MultiLoRA.unload). A request that passed the name check
+but reached the engine after the unload is a 404 naming `model`; so is a reply of two parts (a thought
+before a constrained answer, or `logprobs` scored after the reply) whose second part comes after it."""
 
 from __future__ import annotations
 

@@ -791,6 +791,11 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
             elif isinstance(ev, Finish):
                 live.discard(ev.request_id)
                 c.count(ev)
+                if ev.reason == "error" and c.request.lora and \
+                        c.request.lora not in {i for i, _ in state.loras.values()}:  # lost a race with an unload
+                    raise APIError(404, "the LoRA adapter this request named was unloaded before its generation "
+                                        "could run; name a served model (GET /v1/models)", "model",
+                                   code="model_not_found")
                 if ev.reason in ("error", "cancelled"):
                     raise APIError(500 if ev.reason == "error" else 503,
                                    f"generation failed: {ev.message or ev.reason}", type="server_error")

@@ -168,6 +168,17 @@ def test_adapters_load_and_unload_while_serving(setup, servers):
         # "strong" left for this very prompt
         r = _post(srv.base_url, "/v1/load_lora_adapter", {"lora_name": "again", "lora_path": str(root / "trained")})
         assert r.status_code == 200 and _chat(d, "again", 2) == _chat(c, "trained", 2)
+        submit = srv.state.engine.submit
+
+        def unload_first(request, queue, loop):  # an unload that wins the race with an admitted request
+            srv.state.engine.call(lambda m: m.lora_serving.unload("again")).result()
+            srv.state.loras.pop("again")
+            submit(request, queue, loop)
+
+        srv.state.engine.submit = unload_first
+        with pytest.raises(openai.NotFoundError, match="was unloaded before its generation could run"):
+            _chat(d, "again", 3)
+        del srv.state.engine.submit
     small = build_state(base, "cpu", "float32", EngineConfig(**ENGINE), served_model_name=BASE, lora_updates=True,
                         lora_modules=[("trained", root / "trained")], max_loras=1)
     with BackgroundServer(small) as srv:
