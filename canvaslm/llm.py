@@ -178,6 +178,9 @@ class LLM:
         self.sampler_impl = checked_impl(sampler_impl, "LLM: sampler_impl", GenerationError)
         adapters = _adapters(lora_modules)  # read (and checked) before the model loads
         self.max_batch = _checked_max_batch(max_batch)
+        if model_dir is None and revision is not None:
+            raise GenerationError(f"revision {revision!r} needs a model (a Hugging Face repo id); the bundled "
+                                  "model has no revisions")
         self.model_dir = resolve_model(model_dir, revision) if model_dir is not None else BUNDLED_MODEL
         self.device = device or default_device()
         self.dtype = parse_dtype(dtype if dtype is not None else default_dtype(self.device, self.model_dir))

@@ -101,3 +101,8 @@ def test_a_device_this_machine_lacks_is_named(tiny, capsys):
         pytest.skip("this machine has CUDA")
     assert main(["generate", str(tiny), "--device", "cuda", "--prompt", "ab"]) == 2
     assert "device 'cuda': this machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_a_revision_without_a_model_is_refused():
+    with pytest.raises(GenerationError, match="revision 'main' needs a model"):
+        LLM(revision="main", device="cpu")

@@ -89,6 +89,7 @@ def test_recipe_values_are_type_checked_naming_the_file(tmp_path):
                       ("train:\n  augment: 'no'\n", "r.yaml: train.augment must be true or false, got 'no'"),
                       ("train:\n  grad_clip: -1\n", "r.yaml: train.grad_clip must be a number >= 0"),
                       ("train:\n  device: gpu\n", "r.yaml: train.device must be cpu | cuda | cuda:N"),
+                      ("train:\n  threads: -1\n", "r.yaml: train.threads must be >= 0"),
                       ("baseline:\n  max_steps: '10'\n", "r.yaml: baseline: train.max_steps must be an integer"),
                       ("train: 3\n", "r.yaml: train must be a mapping, got 3"),
                       ("train: [1\n", "r.yaml: not valid YAML: expected ',' or ']'")]:
@@ -240,6 +241,22 @@ def test_cli_solve(mini_run, mini_split, capsys):
     assert "float99" in capsys.readouterr().err
     assert main(["sudoku", "solve", "--model", str(model_dir), "--quantization", "int4", "--steps", "2", puzzle]) in (0, 1)
     assert len(capsys.readouterr().out.split()[0]) == 81
+    with pytest.raises(SystemExit) as e:  # argparse: exit 2
+        main(["sudoku", "solve", "--model", str(model_dir), "--threads", "-1", puzzle])
+    assert e.value.code == 2 and "--threads: must be >= 0" in capsys.readouterr().err
+
+
+def test_cli_eval_refuses_what_it_cannot_evaluate(mini_run, tmp_path, capsys):
+    from canvaslm.cli import main
+    from canvaslm.testing import make_tiny_checkpoint
+
+    model_dir = mini_run[1]
+    other = make_tiny_checkpoint(tmp_path / "not_sudoku")
+    base = ["sudoku", "eval", "--model", str(model_dir), "--n", "1", "--steps", "1"]  # refused before any puzzle
+    assert main([*base, "--ar-only", "--ar-model", str(other)]) == 2
+    assert "its vocabulary has" in capsys.readouterr().err
+    assert main([*base, "--trace", "--ar-model", str(model_dir)]) == 2
+    assert "--trace follows the diffusion model's steps" in capsys.readouterr().err
 
 
 def _shipped_llm():

@@ -21,6 +21,16 @@ def _steps_list(text: str) -> list[int]:
     return steps
 
 
+def _threads(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: torch's default), got {text!r}")
+    return v
+
+
 def _positive(text: str) -> int:
     v = int(text)
     if v <= 0:
@@ -61,9 +71,26 @@ def _solve(args) -> int:
 
 
 def _eval(args) -> int:
-    from canvaslm.recipes.sudoku.eval import eval_ar, eval_diffusion, eval_sets, format_table
+    from canvaslm.recipes.sudoku.eval import eval_ar, eval_diffusion, eval_sets, format_table, model_problem
     from canvaslm.recipes.sudoku.train import Recipe, load_or_make_split
 
+    if args.ar_only and not args.ar_model:
+        print("error: --ar-only needs --ar-model", file=sys.stderr)
+        return 2
+    if args.trace and args.ar_model:
+        print("error: --trace follows the diffusion model's steps; it cannot be combined with --ar-model / "
+              "--ar-only", file=sys.stderr)
+        return 2
+    ar = None
+    if args.ar_model:  # loaded and checked first: a wrong model fails before any puzzle is read or run
+        from canvaslm.checkpoint import load_model
+
+        ar = load_model(args.ar_model, device=args.device or "cpu", dtype=args.dtype or "float32",
+                        quantization=args.quantization)
+        problem = model_problem(ar.cfg)
+        if problem:
+            print(f"error: --ar-model {args.ar_model}: {problem}", file=sys.stderr)
+            return 2
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else None
     recipe = Recipe.from_yaml(args.config)
     sets = eval_sets(load_or_make_split(recipe.train, print), args.n)
@@ -73,10 +100,6 @@ def _eval(args) -> int:
         from canvaslm.recipes.sudoku.eval import depth_sets
 
         sets = depth_sets(sets["hard (held-out)"], max(args.steps))
-    rows = []
-    if args.ar_only and not args.ar_model:
-        print("error: --ar-only needs --ar-model", file=sys.stderr)
-        return 2
     if args.trace:
         from canvaslm.recipes.sudoku.eval import format_trace, trace_diffusion
 
@@ -86,13 +109,10 @@ def _eval(args) -> int:
                 print(f"[{s} steps] " + format_trace(name, trace_diffusion(llm, exs, s, seed=args.seed,
                                                                            candidates=args.candidates)))
         return 0
+    rows = []
     if not args.ar_only:
         rows += eval_diffusion(_llm(args), sets, args.steps, seed=args.seed, candidates=args.candidates, log=log)
-    if args.ar_model:
-        from canvaslm.checkpoint import load_model
-
-        ar = load_model(args.ar_model, device=args.device or "cpu", dtype=args.dtype or "float32",
-                        quantization=args.quantization)
+    if ar is not None:
         rows += eval_ar(ar, sets, log=log)
     print(format_table(rows))
     return 0
@@ -126,7 +146,7 @@ def add_parser(subparsers) -> None:
         q.add_argument("--seed", type=int, default=0, help="sampling seed (puzzle i uses seed + i)")
         q.add_argument("--candidates", action="store_true",
                        help="also forbid digits already given in a cell's row/column/box (off by default)")
-        q.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's; 1 on a busy CPU)")
+        q.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's; 1 on a busy CPU)")
 
     s = sub.add_parser("solve", help="solve puzzles; prints one line of 81 digits per puzzle")
     common(s)
@@ -156,7 +176,7 @@ def add_parser(subparsers) -> None:
                    help="recipe YAML (data parallel: torchrun --nproc_per_node N -m canvaslm.cli sudoku train ...)")
     t.add_argument("--out", default=None, help="output dir (default runs/sudoku/<objective>)")
     t.add_argument("--baseline", action="store_true", help="train the autoregressive baseline instead")
-    t.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's)")
+    t.add_argument("--threads", type=_threads, default=None, help="torch threads (default: the recipe's)")
     t.add_argument("--device", default=None, help="cpu | cuda (default: the recipe's, cpu)")
     t.add_argument("--no-resume", action="store_true", help="start over even if OUT has a trainer state")
     t.add_argument("--max-steps", type=_positive, default=None, help="optimizer steps (default: the recipe's)")

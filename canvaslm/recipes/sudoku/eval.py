@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from canvaslm.recipes.sudoku.data import EOS_ID, TARGET_LEN, Example, decode_solution, encode_prompt
+from canvaslm.recipes.sudoku.data import (EOS_ID, PROMPT_LEN, TARGET_LEN, VOCAB_SIZE, Example, decode_solution,
+                                          encode_prompt)
 from canvaslm.recipes.sudoku.puzzles import is_valid_solution
 
 DEFAULT_STEPS = (4, 8, 12, 16, 48)
@@ -140,6 +141,16 @@ def format_trace(subset: str, trace: Sequence[StepTrace]) -> str:
         lines.append(f"  {t.step:3d} | {100 * t.argmax_accuracy:5.1f}% | {100 * t.accepted:5.1f}% | "
                      f"{100 * t.accepted_correct:5.1f}% ({100 * t.precision:5.1f}%) | {100 * t.finished:5.1f}%")
     return "\n".join(lines)
+
+
+def model_problem(cfg) -> str | None:
+    """Why a model (its ModelConfig) cannot be a Sudoku model of this recipe, or None."""
+    if cfg.vocab_size != VOCAB_SIZE:
+        return f"its vocabulary has {cfg.vocab_size} tokens, not the Sudoku recipe's {VOCAB_SIZE}"
+    if cfg.max_position_embeddings < PROMPT_LEN + TARGET_LEN:
+        return (f"its {cfg.max_position_embeddings} positions are fewer than a puzzle and its answer need "
+                f"({PROMPT_LEN + TARGET_LEN})")
+    return None
 
 
 def eval_ar(model, sets: dict[str, list[Example]], batch_size: int = 128, log=None) -> list[EvalRow]:

@@ -84,6 +84,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be a positive integer, got {v!r}")
         if self.n_train <= 0:
             raise ValueError(f"train.n_train must be > 0, got {self.n_train}")
+        if self.threads < 0:
+            raise ValueError(f"train.threads must be >= 0 (0: torch's default), got {self.threads}")
         if not 0.0 <= self.digit_noise <= 1.0:
             raise ValueError(f"train.digit_noise must be in [0, 1], got {self.digit_noise!r}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
