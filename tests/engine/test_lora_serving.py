@@ -249,7 +249,7 @@ def test_cli_generate_with_an_adapter_and_infill_ranks_with_it(ckpt, adapters, c
     got = json.loads(capsys.readouterr().out)["token_ids"]
     assert got == llm.generate(prompt, SamplingParams(seed=1, max_new_tokens=16, lora="one"))[0].token_ids
     assert got != llm.generate(prompt, SamplingParams(seed=1, max_new_tokens=16))[0].token_ids
-    fill = llm.infill("def f(x):\n    ", "\n    return y", SamplingParams(seed=2, max_new_tokens=12, lora="one"),
+    fill = llm.infill("def f(x):\n    ", "\n    return y", SamplingParams(seed=2, max_new_tokens=24, lora="one"),
                       gaps=[4, 8])
     with llm.model.lora_serving.using(llm.loras["one"]):  # its scores are the adapter's
         from canvaslm.scoring import score_continuations

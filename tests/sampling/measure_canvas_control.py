@@ -76,7 +76,7 @@ def main():
     t_json, _ = best_of(lambda: llm.generate("{", SamplingParams(seed=0, max_denoising_steps=8, json_schema=schema)))
     print(f"latency {n} tokens, 8 steps: unconstrained {t_free * 1e3:.0f} ms, json_schema {t_json * 1e3:.0f} ms")
 
-    p = SamplingParams(seed=0, max_denoising_steps=8, max_new_tokens=40)
+    p = SamplingParams(seed=0, max_denoising_steps=8, max_new_tokens=48)  # the widest gap, the suffix, EOS
     for gaps in ([8], [2, 4, 8, 16], [2, 4, 8, 16, 32]):
         t, r = best_of(lambda: llm.infill("def f(x):\n    ", "\n    return y", p, gaps=gaps))
         print(f"infill gaps {gaps}: {t * 1e3:.0f} ms, chose {r.gap}, decoder passes {r.decoder_passes}")
