@@ -235,6 +235,8 @@ def test_cli_solve(mini_run, mini_split, capsys):
     assert "81 characters" in capsys.readouterr().err
     assert main(["sudoku", "solve", "--model", str(model_dir), "11" + "0" * 79]) == 2
     assert "contradictory" in capsys.readouterr().err
+    assert main(["sudoku", "solve", "--model", str(model_dir), "012345678" + "0" * 9 + "900" + "0" * 60]) == 2
+    assert "has no solution" in capsys.readouterr().err  # no clash, but no digit is left for the first cell
     assert main(["sudoku", "solve", "--model", str(model_dir), "--dtype", "bfloat16", "--steps", "2", puzzle]) in (0, 1)
     assert len(capsys.readouterr().out.split()[0]) == 81
     assert main(["sudoku", "solve", "--model", str(model_dir), "--dtype", "float99", puzzle]) == 2

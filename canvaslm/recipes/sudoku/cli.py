@@ -51,12 +51,15 @@ def _llm(args):
 
 
 def _solve(args) -> int:
+    from canvaslm.recipes.sudoku.puzzles import count_solutions
     from canvaslm.recipes.sudoku.solve import normalize_puzzle, solve
 
     puzzles = []
     for i, p in enumerate(args.puzzles):
         try:
             puzzles.append(normalize_puzzle(p))
+            if not count_solutions(puzzles[-1], limit=1):
+                raise ValueError("it has no solution (its givens rule out every digit somewhere)")
         except ValueError as e:
             print(f"error: puzzle {i + 1} ({p[:20]!r}{'...' if len(p) > 20 else ''}): {e}", file=sys.stderr)
             return 2
