@@ -212,6 +212,10 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
                     problems.append(f"{name}: cannot be read from {fname} ({e})")
                     reported.add(name)
                     continue
+                if _codes(t) and not (hook is not None and hook.mode == "prequantized" and hook.keeps_dtype(name)):
+                    problems.append(_unscaled(name, t, fname, hook))
+                    reported.add(name)
+                    continue
                 for name, t in (hook.convert(name, t) if hook is not None else [(name, t)]):
                     want = expected[name]
                     if tuple(t.shape) != tuple(want.shape):
@@ -242,6 +246,21 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
     model.carried_files = {n: model_dir / n for n in CARRIED_FILES if (model_dir / n).is_file()}
     model.rotary = Rotary(cfg).to(device)
     return model.eval()
+
+
+def _codes(t: torch.Tensor) -> bool:
+    """Quantised codes: FP8 (a one-byte float) or packed int4 (uint8)."""
+    return t.dtype == torch.uint8 or (t.is_floating_point() and t.element_size() == 1)
+
+
+def _unscaled(name: str, t: torch.Tensor, fname: str, hook) -> str:
+    """Why a quantised tensor (FP8 codes, packed int4) that the model would take as plain weights is refused."""
+    if hook is None or hook.mode != "prequantized":
+        return (f"{name}: quantised ({t.dtype}) in {fname}, but config.json has no quantization_config that "
+                "describes it")
+    mod, _, leaf = name.rpartition(".")
+    scale = f"{mod}.weight_scale" if leaf == "weight" else f"{name}_scale"
+    return f"{name}: quantised ({t.dtype}) in {fname}, but its scale {scale} is missing from the checkpoint"
 
 
 def _all_names(model_dir: Path, files: dict) -> list[str]:

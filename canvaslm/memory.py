@@ -20,16 +20,33 @@ from .config import FULL, ModelConfig
 GIB = 1 << 30
 
 
+def stored_quantization(cfg: ModelConfig, quantization: str | None = None) -> str | None:
+    """The format the weights load in: the checkpoint's own (its config.json's `quantization_config`), else
+    `quantization`; a conflicting `quantization` is refused as `load_model` refuses it."""
+    from .quant_io import check_quantization, scheme_from_config
+
+    scheme = scheme_from_config(cfg.raw or {})
+    check_quantization(scheme, quantization)
+    return scheme["fmt"] if scheme is not None else quantization
+
+
 def weight_bytes(cfg: ModelConfig, dtype=torch.bfloat16, quantization: str | None = None) -> int:
-    """Bytes of the weights `load_model(..., dtype, quantization)` holds for a model of this config."""
+    """Bytes of the weights `load_model(..., dtype, quantization)` holds for a model of this config. A
+    quantised checkpoint counts as stored (every attention, MLP and expert weight quantised)."""
     from .checkpoint import parse_dtype
     from .model.diffusion_gemma import DiffusionGemma
-    from .quant_io import LoadHook
+    from .quant_io import LoadHook, scheme_from_config
 
     dtype = parse_dtype(dtype)
+    fmt = stored_quantization(cfg, quantization)
+    scheme = scheme_from_config(cfg.raw or {})
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
-    hook = LoadHook(model, "quantize", fmt=quantization) if quantization else None
+    if scheme is not None:
+        hook = LoadHook(model, "prequantized", scheme.get("strategy", "channel"), fmt=fmt,
+                        group=scheme.get("group", 128))
+    else:
+        hook = LoadHook(model, "quantize", fmt=fmt) if fmt else None
     total = 0
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         if name.startswith("rotary."):
@@ -73,13 +90,15 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
     if not (math.isfinite(overhead_gib) and overhead_gib >= 0):
         raise ValueError(f"the overhead (--overhead) must be a finite number of GiB >= 0, got {overhead_gib!r}")
     dtype = parse_dtype(dtype)
+    fmt = stored_quantization(cfg, quantization)
     weights = weight_bytes(cfg, dtype, quantization)
     vision = vision_bytes(cfg, dtype) if images else 0
     total = int(gpu_gib * GIB)
     free = total - weights - vision - int(overhead_gib * GIB)
     if free <= 0:
+        hint = "" if fmt == "int4" or stored_quantization(cfg) else "; try --quantization int4"
         raise ValueError(f"the weights take {weights / GIB:.1f} GiB (+ {overhead_gib} GiB overhead), over the GPU's "
-                         f"{gpu_gib} GiB; try --quantization int4")
+                         f"{gpu_gib} GiB{hint}")
     config = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype,
                           memory_utilization=utilization, prefix_caching=prefix_caching)
     store_dtype = kv_dtype(config, dtype)
@@ -101,9 +120,10 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
         if got < min(AGENT_CONTEXT, cfg.max_position_embeddings):
             break
         agents = n
-    return {"weights": weights, "vision": vision, "free": free, "total": total, "max_model_len": length, "why": why,
-            "agent_slots": agents, "prefix_caching": caching, "prefix_caching_why": caching_why,
-            "kv_per_position": per_position, "kv_one_slot": one_slot, "slots": config.slots, "kv_dtype": store_dtype}
+    return {"weights": weights, "quantization": fmt, "vision": vision, "free": free, "total": total,
+            "max_model_len": length, "why": why, "agent_slots": agents, "prefix_caching": caching,
+            "prefix_caching_why": caching_why, "kv_per_position": per_position, "kv_one_slot": one_slot,
+            "slots": config.slots, "kv_dtype": store_dtype}
 
 
 def _model_config(args) -> ModelConfig:
@@ -139,7 +159,7 @@ def _main(args) -> int:
                args.max_model_len, args.gpu_memory_utilization, args.overhead,
                images=args.limit_mm_per_prompt != 0)
     what = args.shape or args.model
-    quant = args.quantization or args.dtype
+    quant = out["quantization"] or args.dtype
     vision = f" + vision tower {out['vision'] / GIB:.2f} GiB ({args.dtype})" if out["vision"] else ""
     print(f"{what}: weights {out['weights'] / GIB:.1f} GiB ({quant}){vision}, {args.gpu_memory} GiB GPU, "
           f"{args.overhead} GiB overhead: {out['free'] / GIB:.1f} GiB left")
@@ -179,4 +199,4 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
-__all__ = ["weight_bytes", "plan", "add_parser"]
+__all__ = ["weight_bytes", "stored_quantization", "plan", "add_parser"]

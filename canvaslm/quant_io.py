@@ -12,35 +12,63 @@ from .quant import (BLOCK, FP8, QUANTIZATIONS, STRATEGIES, FP8Experts, FP8Linear
 INT4_METHOD = "canvaslm-int4"  # our own int4 layout (quant_int4): packed uint8 `X` + float32 `X_scale`
 
 
+def _mapping(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise QuantError(f"config.json: {where} must be a mapping (JSON object), got {type(value).__name__} "
+                         f"{value!r}")
+    return value
+
+
 def scheme_from_config(raw: dict) -> dict | None:
     """The weight scheme of a quantised config.json, None if unquantised: {'fmt': 'fp8', 'strategy': ...}
     (compressed-tensors FP8) or {'fmt': 'int4', 'group': G} (what `save_model` writes for int4 models)."""
-    qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+    text = raw.get("text_config") or {}
+    qc, where = raw.get("quantization_config"), "quantization_config"
+    if not qc and isinstance(text, dict):
+        qc, where = text.get("quantization_config"), "text_config.quantization_config"
     if not qc:
         return None
+    qc = _mapping(qc, where)
     method = qc.get("quant_method")
     if method == INT4_METHOD:
         group = qc.get("group_size")
         if not isinstance(group, int) or isinstance(group, bool) or group < 1:
-            raise QuantError(f"config.json: quantization_config.group_size must be a positive integer, got {group!r}")
+            raise QuantError(f"config.json: {where}.group_size must be a positive integer, got {group!r}")
         return {"fmt": "int4", "group": group}
     if method != "compressed-tensors":
-        raise QuantError(f"config.json: quantization_config.quant_method {method!r} is not supported "
+        raise QuantError(f"config.json: {where}.quant_method {method!r} is not supported "
                          f"(expected 'compressed-tensors' (FP8) or {INT4_METHOD!r})")
     strategies = set()
-    for gname, group in (qc.get("config_groups") or {}).items():
-        w = group.get("weights") or {}
+    for gname, group in _mapping(qc.get("config_groups") or {}, f"{where}.config_groups").items():
+        group = _mapping(group, f"{where}.config_groups.{gname}")
+        w = _mapping(group.get("weights") or {}, f"{where}.config_groups.{gname}.weights")
         if w.get("type", "float") != "float" or w.get("num_bits", 8) != 8:
-            raise QuantError(f"config.json: quantization_config.config_groups.{gname}.weights must be 8-bit "
+            raise QuantError(f"config.json: {where}.config_groups.{gname}.weights must be 8-bit "
                              f"float (FP8), got type={w.get('type')!r} num_bits={w.get('num_bits')!r}")
-        if w.get("strategy") == "block" and list(w.get("block_structure") or [BLOCK, BLOCK]) != [BLOCK, BLOCK]:
+        block = w.get("block_structure") or [BLOCK, BLOCK]
+        if w.get("strategy") == "block" and (not isinstance(block, list) or block != [BLOCK, BLOCK]):
             raise QuantError(f"config.json: block_structure {w.get('block_structure')} is not supported "
                              f"(expected [{BLOCK}, {BLOCK}])")
-        strategies.add(w.get("strategy", "channel"))
-    if len(strategies) != 1 or next(iter(strategies)) not in STRATEGIES:
+        strategy = w.get("strategy", "channel")
+        if strategy not in STRATEGIES:
+            raise QuantError(f"config.json: {where}.config_groups.{gname}.weights.strategy {strategy!r} is not "
+                             f"supported (one of {STRATEGIES})")
+        strategies.add(strategy)
+    if len(strategies) != 1:
         raise QuantError(f"config.json: FP8 weight strategies {sorted(strategies)} are not supported "
                          f"(one of {STRATEGIES})")
     return {"fmt": "fp8", "strategy": strategies.pop()}
+
+
+def check_quantization(scheme: dict | None, quantization: str | None):
+    """Refuse a `quantization` (load_model's, `canvaslm memory`'s) that is unknown or conflicts with the
+    checkpoint's own `scheme` (`scheme_from_config`)."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise QuantError(f"quantization {quantization!r} is not supported; expected one of "
+                         f"{QUANTIZATIONS} or None")
+    if scheme is not None and quantization not in (None, scheme["fmt"]):
+        raise QuantError(f"quantization {quantization!r} needs a bf16/fp32 checkpoint; this one is already "
+                         f"{scheme['fmt'].upper()}")
 
 
 # compressed-tensors `ignore` entries for a checkpoint's unquantised vision tower
@@ -49,7 +77,8 @@ VISION_IGNORE = ["re:.*vision_tower.*", "re:.*embed_vision.*"]
 
 def quantization_config(model, keeps_vision: bool = False) -> dict | None:
     """The config.json `quantization_config` describing `model`'s quantised modules (None if it has none),
-    and so what `load_model` reads back as stored. `keeps_vision`: the checkpoint also holds the (plain)
+    and so what `load_model` reads back as stored (FP8 experts are per channel whatever the linears'
+    strategy: the loader takes their scales as such). `keeps_vision`: the checkpoint also holds the (plain)
     vision tower, which the FP8 config's `ignore` then names so that readers of the config leave it as is."""
     from .quant_int4 import Int4Experts, Int4Linear
 
@@ -119,22 +148,14 @@ class LoadHook:
     def for_checkpoint(cls, model, list_names, quantization: str | None):
         """None when the checkpoint is unquantised and no quantisation was asked for. list_names() gives
         every tensor name of the checkpoint (read only for pre-quantised checkpoints)."""
-        if quantization is not None and quantization not in QUANTIZATIONS:
-            raise QuantError(f"quantization {quantization!r} is not supported; expected one of "
-                             f"{QUANTIZATIONS} or None")
         scheme = scheme_from_config(model.cfg.raw)
-        if scheme is not None and quantization not in (None, scheme["fmt"]):
-            raise QuantError(f"quantization {quantization!r} needs a bf16/fp32 checkpoint; this one is already "
-                             f"{scheme['fmt'].upper()}")
+        check_quantization(scheme, quantization)
         if scheme is not None:
             names = list_names()
             stored = {n[:-len(".weight_scale")] for n in names if n.endswith(".weight_scale")}
-            stored |= {n[:-len(".gate_up_proj_scale")] for n in names if n.endswith(".gate_up_proj_scale")}
+            stored |= {n.rpartition(".")[0] for n in names if n.endswith((".gate_up_proj_scale", ".down_proj_scale"))}
             if scheme["fmt"] == "int4":
                 return cls(model, "prequantized", fp8_names=stored, fmt="int4", group=scheme["group"])
-            if scheme["strategy"] != "channel" and any(n.endswith("_proj_scale") for n in names):
-                raise QuantError("FP8 experts need per-channel scales; the checkpoint has "
-                                 f"strategy {scheme['strategy']!r}")
             return cls(model, "prequantized", scheme["strategy"], stored)
         if quantization is None:
             return None
@@ -156,6 +177,9 @@ class LoadHook:
                     raise QuantError(f"{name}: dtype {t.dtype}, expected uint8 (packed int4) in an int4 checkpoint")
                 return [(name, t.float() if name.endswith("_scale") else t)]
             if mod in self.experts and leaf.endswith("_scale"):
+                if t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[-1] != 1):
+                    raise QuantError(f"{name}: shape {tuple(t.shape)}; FP8 experts need per-channel scales "
+                                     "([E, out] or [E, out, 1]), whatever the linears' strategy")
                 return [(name, t.float().reshape(t.shape[0], -1))]  # [E, out] (stored [E, out] or [E, out, 1])
             if self.keeps_dtype(name) and t.dtype != FP8:
                 raise QuantError(f"{name}: dtype {t.dtype}, expected float8_e4m3fn in an FP8 checkpoint")

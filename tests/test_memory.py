@@ -47,3 +47,37 @@ def test_the_context_is_the_servers_own_plan(capsys):
     assert f"agent frameworks check for: {k} (--max-batch" in out
     assert main(["memory", "--shape", "26b-a4b", "--gpu-memory", "24"]) == 2
     assert "over the GPU's 24.0 GiB; try --quantization int4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_a_quantised_checkpoint_counts_in_its_own_format(tiny_checkpoint, tmp_path, capsys, fmt):
+    """Its config.json's quantization_config, not bf16; a conflicting --quantization is refused as
+    load_model refuses it."""
+    from canvaslm.checkpoint import save_model
+    from canvaslm.quant import QuantError, quantize_model
+
+    path = save_model(quantize_model(load_model(tiny_checkpoint), fmt=fmt), tmp_path / "q")
+    model = load_model(path, dtype="bfloat16")
+    held = sum(t.numel() * t.element_size() for n, t in (*model.named_parameters(), *model.named_buffers())
+               if not n.startswith("rotary."))
+    cfg = ModelConfig.from_dir(path)
+    assert weight_bytes(cfg, "bfloat16") == weight_bytes(cfg, "bfloat16", fmt) == held
+    other = "fp8" if fmt == "int4" else "int4"
+    words = f"quantization '{other}' needs a bf16/fp32 checkpoint; this one is already {fmt.upper()}"
+    for fails in (lambda: load_model(path, quantization=other), lambda: weight_bytes(cfg, quantization=other)):
+        with pytest.raises(QuantError, match=words):
+            fails()
+    assert main(["memory", str(path), "--gpu-memory", "24"]) == 0
+    assert f"({fmt})" in capsys.readouterr().out
+    assert main(["memory", str(path), "--gpu-memory", "24", "--quantization", other]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_26b_int4_checkpoint_fits_24_gib(tmp_path, capsys):
+    import json
+
+    raw = model_config("26b-a4b").to_hf_dict()
+    raw["quantization_config"] = {"quant_method": "canvaslm-int4", "group_size": 128, "bits": 4, "symmetric": True}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert main(["memory", str(tmp_path), "--gpu-memory", "24"]) == 0
+    assert "weights 13.5 GiB (int4)" in capsys.readouterr().out

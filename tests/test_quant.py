@@ -172,3 +172,79 @@ def test_stacked_matrices_quantise_one_at_a_time(strategy):
         assert torch.equal(q[e].view(torch.uint8), qe.view(torch.uint8)) and torch.equal(s[e], se)
     out_bytes = q.numel() + s.numel() * 4
     assert cpu_peak_bytes(lambda: quantize_fp8(w, strategy)) < out_bytes + w.numel() * 4 // 2
+
+
+def _quantized_copy(model, strategy):
+    copy = build_random_model(model.cfg, seed=1)
+    copy.load_state_dict(model.state_dict())
+    return quantize_model(copy, strategy)
+
+
+@pytest.mark.parametrize("strategy", ["channel", "block", "tensor"])
+def test_each_strategy_saves_and_loads_back(tiny, tmp_path, strategy):
+    """Experts are quantised per channel whatever the linears' strategy; the checkpoint loads back as is."""
+    model, _ = tiny
+    q = _quantized_copy(model, strategy)
+    back = load_model(save_model(q, tmp_path / "q"))
+    layer = back.text.layers[0]
+    assert isinstance(layer.experts, FP8Experts) and layer.self_attn.q_proj.strategy == strategy
+    stored = back.state_dict()
+    for k, a in q.state_dict().items():
+        if not k.startswith("rotary."):
+            assert torch.equal(a.view(torch.uint8) if a.dtype == FP8 else a,
+                               stored[k].view(torch.uint8) if stored[k].dtype == FP8 else stored[k]), k
+    with torch.no_grad():
+        assert _rel(_logits(back), _logits(q)) < 1e-6
+
+
+def test_block_scales_for_experts_are_named(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    model, _ = tiny
+    path = save_model(_quantized_copy(model, "block"), tmp_path / "q")
+    tensors = load_file(str(path / "model.safetensors"))
+    name = next(k for k in tensors if k.endswith("experts.down_proj_scale"))
+    tensors[name] = tensors[name][:, :, None].expand(-1, -1, 2).contiguous()
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(QuantError, match=f"{name}: shape .*per-channel scales"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("suffix", ["self_attn.q_proj.weight_scale", "experts.gate_up_proj_scale",
+                                    "experts.down_proj_scale"])
+def test_an_fp8_checkpoint_missing_a_scale_is_refused(tiny, tmp_path, suffix):
+    """Not loaded as a plain module holding the raw e4m3 codes as weights."""
+    from safetensors.torch import load_file
+
+    from canvaslm.checkpoint import CheckpointError
+
+    model, _ = tiny
+    path = save_model(_quantized_copy(model, "channel"), tmp_path / "q")
+    tensors = load_file(str(path / "model.safetensors"))
+    name = next(k for k in tensors if k.endswith(suffix))
+    del tensors[name]
+    save_file(tensors, str(path / "model.safetensors"))
+    want = f"in model.safetensors, but its scale {name} is missing" if suffix.endswith("weight_scale") else \
+        f"(its scale {name} is missing|{name}: missing from the checkpoint)"
+    with pytest.raises(CheckpointError, match=want):
+        load_model(path)
+
+
+@pytest.mark.parametrize("qc,key", [("fp8", "quantization_config"), (["fp8"], "quantization_config"),
+                                    ({"quant_method": "compressed-tensors", "config_groups": {"g": "oops"}},
+                                     "quantization_config.config_groups.g"),
+                                    ({"quant_method": "compressed-tensors", "config_groups": ["g"]},
+                                     "quantization_config.config_groups"),
+                                    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": 8}}},
+                                     "quantization_config.config_groups.g.weights"),
+                                    ({"quant_method": "compressed-tensors", "config_groups": {
+                                        "g": {"weights": {"strategy": ["channel"]}}}},
+                                     "quantization_config.config_groups.g.weights.strategy")])
+def test_a_malformed_quantization_config_is_named(tiny, tmp_path, qc, key):
+    model, _ = tiny
+    save_model(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantError, match=f"config.json: {key} "):
+        load_model(tmp_path / "m")
