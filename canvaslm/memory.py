@@ -11,6 +11,7 @@ would plan it on that device with those flags.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -20,14 +21,19 @@ from .config import FULL, ModelConfig
 GIB = 1 << 30
 
 
-def stored_quantization(cfg: ModelConfig, quantization: str | None = None) -> str | None:
-    """The format the weights load in: the checkpoint's own (its config.json's `quantization_config`), else
-    `quantization`; a conflicting `quantization` is refused as `load_model` refuses it."""
+def _formats(cfg: ModelConfig, quantization: str | None) -> tuple[dict | None, str | None]:
+    """(the checkpoint's own scheme, `quant_io.scheme_from_config`; the format the weights load in)."""
     from .quant_io import check_quantization, scheme_from_config
 
     scheme = scheme_from_config(cfg.raw or {})
     check_quantization(scheme, quantization)
-    return scheme["fmt"] if scheme is not None else quantization
+    return scheme, scheme["fmt"] if scheme is not None else quantization
+
+
+def stored_quantization(cfg: ModelConfig, quantization: str | None = None) -> str | None:
+    """The format the weights load in: the checkpoint's own (its config.json's `quantization_config`), else
+    `quantization`; a conflicting `quantization` is refused as `load_model` refuses it."""
+    return _formats(cfg, quantization)[1]
 
 
 def weight_bytes(cfg: ModelConfig, dtype=torch.bfloat16, quantization: str | None = None) -> int:
@@ -35,11 +41,10 @@ def weight_bytes(cfg: ModelConfig, dtype=torch.bfloat16, quantization: str | Non
     quantised checkpoint counts as stored (every attention, MLP and expert weight quantised)."""
     from .checkpoint import parse_dtype
     from .model.diffusion_gemma import DiffusionGemma
-    from .quant_io import LoadHook, scheme_from_config
+    from .quant_io import LoadHook
 
     dtype = parse_dtype(dtype)
-    fmt = stored_quantization(cfg, quantization)
-    scheme = scheme_from_config(cfg.raw or {})
+    scheme, fmt = _formats(cfg, quantization)
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
     if scheme is not None:
@@ -83,20 +88,18 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
     from .engine.engine import AGENT_CONTEXT, EngineConfig, kv_dtype, plan_max_model_len, prefix_caching_fits
     from .kv_cache import KVCache
 
-    import math
-
     if not (math.isfinite(gpu_gib) and gpu_gib > 0):
         raise ValueError(f"the GPU's memory (--gpu-memory) must be a finite number of GiB > 0, got {gpu_gib!r}")
     if not (math.isfinite(overhead_gib) and overhead_gib >= 0):
         raise ValueError(f"the overhead (--overhead) must be a finite number of GiB >= 0, got {overhead_gib!r}")
     dtype = parse_dtype(dtype)
-    fmt = stored_quantization(cfg, quantization)
+    scheme, fmt = _formats(cfg, quantization)
     weights = weight_bytes(cfg, dtype, quantization)
     vision = vision_bytes(cfg, dtype) if images else 0
     total = int(gpu_gib * GIB)
     free = total - weights - vision - int(overhead_gib * GIB)
     if free <= 0:
-        hint = "" if fmt == "int4" or stored_quantization(cfg) else "; try --quantization int4"
+        hint = "; try --quantization int4" if scheme is None and fmt != "int4" else ""
         raise ValueError(f"the weights take {weights / GIB:.1f} GiB (+ {overhead_gib} GiB overhead), over the GPU's "
                          f"{gpu_gib} GiB{hint}")
     config = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype,
