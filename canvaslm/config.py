@@ -258,7 +258,7 @@ class ModelConfig:
             sliding_window=integer("text_config.sliding_window", req("sliding_window")), rope=rope,
             num_experts=req("num_experts"), top_k_experts=req("top_k_experts"),
             moe_intermediate_size=req("moe_intermediate_size"),
-            canvas_length=256 if canvas_length is None else integer("canvas_length", canvas_length),
+            canvas_length=256 if canvas_length is None else canvas_length,  # checked in __post_init__
             rms_norm_eps=positive("text_config.rms_norm_eps", text.get("rms_norm_eps", 1e-6)),
             hidden_activation=text.get("hidden_activation", "gelu_pytorch_tanh"),
             max_position_embeddings=text.get("max_position_embeddings", 131_072),
