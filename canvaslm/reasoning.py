@@ -69,9 +69,9 @@ class ThoughtSplitter:
         split = self.split(ids)
         return split.content, None if split.thought is None else self.thought_text(split.thought)
 
-    def thought_text(self, thought_ids, final: bool = True) -> str:
+    def thought_text(self, thought_ids) -> str:
         """The thought's text without the channel's label. A text that is only a start of the label gives ""
-        (the label is still arriving, or a budget closed the channel inside it); `final` is kept for callers."""
+        (the label is still arriving, or a budget closed the channel inside it)."""
         text = self.tokenizer.decode(list(thought_ids), skip_special_tokens=True)
         if text.startswith(THOUGHT_LABEL):
             return text[len(THOUGHT_LABEL):]

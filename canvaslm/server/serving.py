@@ -226,7 +226,7 @@ class TextTracker:
 
     def __post_init__(self):
         if self.prefill and self.thoughts is not None:
-            self.prefill_thought = self.thoughts.thought_text(self.prefill[1:], final=False)
+            self.prefill_thought = self.thoughts.thought_text(self.prefill[1:])
 
     def add(self, ids) -> None:
         if self.stopped:  # the text is final
@@ -249,7 +249,7 @@ class TextTracker:
             return ids
         split = self.thoughts.split(self.prefill + ids)
         if split.thought is not None:
-            text = self.thoughts.thought_text(split.thought, final=split.closed)
+            text = self.thoughts.thought_text(split.thought)
             self.reasoning = text[len(self.prefill_thought):] if text.startswith(self.prefill_thought) else text
         return split.content
 

@@ -45,9 +45,9 @@ def test_splitter_reads_the_channel(tok):
     assert s.thought_text(split.thought) == "Let me think: 2+2."
     assert s.split(tok.encode("plain", add_special_tokens=False)).thought is None
     cut = s.split(tok.encode(f"{OPEN}thought\nstill", add_special_tokens=False))  # open: all of it is thought
-    assert not cut.closed and cut.content == [] and s.thought_text(cut.thought, final=False) == "still"
+    assert not cut.closed and cut.content == [] and s.thought_text(cut.thought) == "still"
     label = s.split(tok.encode(f"{OPEN}thou", add_special_tokens=False)).thought
-    assert s.thought_text(label, final=False) == "" == s.thought_text(label)  # the label goes on, or was cut
+    assert s.thought_text(label) == ""  # the label goes on, or a budget cut it
     empty = s.split(tok.encode(EMPTY, add_special_tokens=False))
     assert s.thought_text(empty.thought) == "" and tok.decode(empty.content) == "Paris."
 
