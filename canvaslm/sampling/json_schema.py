@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 from dataclasses import dataclass
 
 from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, output_eos
@@ -43,7 +42,6 @@ KEYWORDS = {
 }
 _PY_TYPES = {"string": str, "boolean": bool, "null": type(None), "object": dict, "array": list}
 MAX_TEMPLATE_TOKENS = 1 << 17  # a template over this many tokens is refused while it compiles
-_longest: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Vocab -> characters of its longest token
 
 
 @dataclass(frozen=True)
@@ -99,9 +97,7 @@ class _Compiler:
         self.vocab, self.opts, self.pieces = vocab, opts, []
         self.cap = min(opts.max_tokens or MAX_TEMPLATE_TOKENS, MAX_TEMPLATE_TOKENS)
         self.size, self.at = 1, "$"
-        if vocab not in _longest:
-            _longest[vocab] = max(1, max(map(len, vocab.strings), default=1))
-        self.longest = _longest[vocab]
+        self.longest = vocab.longest
 
     def check(self, more: float = 0):
         """ConstraintError once the template (and `more` tokens) is over the token limit."""

@@ -75,6 +75,7 @@ class Vocab:
             strings.append("" if "\ufffd" in s else s)
         self.strings = strings
         self.V = len(strings)
+        self.longest = max(1, max(map(len, strings), default=1))  # characters of the longest token
         ws = [i for i, s in enumerate(strings) if s and all(c in JSON_WS for c in s)]
         self.ws_ids = ws
         space = [i for i in ws if strings[i] == " "]
