@@ -216,6 +216,8 @@ def _tools(body) -> dict:
             fields["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
         else:
             fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+        if choice.disable_parallel_tool_use:  # at most one tool_use block
+            fields["parallel_tool_calls"] = False
     return fields
 
 
@@ -276,10 +278,18 @@ async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     return {"input_tokens": len(prompts[0])}
 
 
-def _blocks(message: dict, thinking: str = "") -> list[dict]:
-    """A chat reply message (and its thought) -> Messages content blocks."""
-    blocks = [{"type": "thinking", "thinking": thinking, "signature": ""}] if thinking else []
-    blocks += [{"type": "text", "text": message["content"]}] if message.get("content") else []
+def _blocks(message: dict, thinking: str = "", thought_at: int | None = None) -> list[dict]:
+    """A chat reply message (and its thought) -> Messages content blocks, in the order the model wrote them:
+    `thought_at` (TextTracker.thought_at) is where in the text a thought begun after it sits."""
+    think = [{"type": "thinking", "thinking": thinking, "signature": ""}] if thinking else []
+    text = message.get("content") or ""
+    if thought_at is None or not think:
+        blocks = think + ([{"type": "text", "text": text}] if text else [])
+    elif message.get("tool_calls"):  # the calls' text is not the tracker's: the text, then the thought
+        blocks = ([{"type": "text", "text": text}] if text else []) + think
+    else:
+        blocks = [{"type": "text", "text": text[:thought_at]}] + think + \
+            ([{"type": "text", "text": text[thought_at:]}] if text[thought_at:] else [])
     for call in message.get("tool_calls") or []:
         blocks.append({"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
                        "name": call["function"]["name"], "input": arguments_object(call["function"]["arguments"])})
@@ -321,7 +331,7 @@ async def create_message(state: ServerState, body: MessagesRequest, request):
         return StreamingResponse(_stream(state, body, c, replies, len(ids), mid), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)
-    blocks = _blocks(reply_message(c, replies), c.tracker.reasoning)
+    blocks = _blocks(reply_message(c, replies), c.tracker.reasoning, c.tracker.thought_at())
     reason, seq = _stop(c, blocks)
     return {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": blocks,
             "stop_reason": reason, "stop_sequence": seq, "usage": _usage(c, len(ids))}
@@ -339,49 +349,42 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
             async with contextlib.aclosing(run_choices(state, [c])) as events:
                 async for _ in events:
                     pass
-            blocks = _blocks(reply_message(c, replies), c.tracker.reasoning)
-            for k, b in enumerate(blocks):
-                if b["type"] == "thinking":
-                    for line in (_thinking_open(event, k), _thinking_delta(event, k, b["thinking"]),
-                                 *_thinking_close(event, k)):
-                        yield line
-                    continue
-                if b["type"] == "text":
-                    yield event("content_block_start", index=k, content_block={"type": "text", "text": ""})
-                    yield event("content_block_delta", index=k, delta={"type": "text_delta", "text": b["text"]})
+            blocks = []
+            for b in _blocks(reply_message(c, replies), c.tracker.reasoning, c.tracker.thought_at()):
+                if b["type"] in ("thinking", "text"):
+                    lines = _open_block(event, blocks, b["type"])
+                    blocks[-1] = b
+                    lines.append(event("content_block_delta", index=len(blocks) - 1,
+                                       delta={"type": b["type"] + "_delta", b["type"]: b[b["type"]]}))
                 else:
-                    yield event("content_block_start", index=k, content_block={**b, "input": {}})
-                    yield event("content_block_delta", index=k,
-                                delta={"type": "input_json_delta", "partial_json": json.dumps(b["input"])})
-                yield event("content_block_stop", index=k)
-        else:  # a thought streams as block 0 (before the answer, as the model writes it), the text after it
-            text, thought, k = "", None, 0
+                    lines = _close_block(event, blocks)
+                    blocks.append(b)
+                    lines += [event("content_block_start", index=len(blocks) - 1, content_block={**b, "input": {}}),
+                              event("content_block_delta", index=len(blocks) - 1,
+                                    delta={"type": "input_json_delta", "partial_json": json.dumps(b["input"])})]
+                for line in lines:
+                    yield line
+            for line in _close_block(event, blocks):
+                yield line
+        else:  # blocks stream in the order the model writes them: a thought, then the text (a thought begun
+            # after the text is a block of its own after it); the text block is there even when empty
+            blocks = []
             async with contextlib.aclosing(run_choices(state, [c])) as events:
                 async for kind, _, payload in events:
-                    if kind == "reasoning":
-                        if thought is None:
-                            thought = ""
-                            yield _thinking_open(event, 0)
-                        thought += payload
-                        yield _thinking_delta(event, 0, payload)
-                    elif kind == "delta" and payload:
-                        if thought is not None and k == 0:  # the answer begins: the thought is over
-                            for line in _thinking_close(event, 0):
-                                yield line
-                            k = 1
-                        if not text:
-                            yield event("content_block_start", index=k, content_block={"type": "text", "text": ""})
-                        text += payload
-                        yield event("content_block_delta", index=k, delta={"type": "text_delta", "text": payload})
-            if thought is not None and k == 0:  # a thought and no answer (cut by max_tokens)
-                for line in _thinking_close(event, 0):
+                    if kind not in ("reasoning", "delta") or not payload:
+                        continue
+                    field = "thinking" if kind == "reasoning" else "text"
+                    if not blocks or field not in blocks[-1]:
+                        for line in _open_block(event, blocks, field):
+                            yield line
+                    blocks[-1][field] += payload
+                    yield event("content_block_delta", index=len(blocks) - 1,
+                                delta={"type": field + "_delta", field: payload})
+            if not any(b["type"] == "text" for b in blocks):
+                for line in _open_block(event, blocks, "text"):
                     yield line
-                k = 1
-            if not text:
-                yield event("content_block_start", index=k, content_block={"type": "text", "text": ""})
-            yield event("content_block_stop", index=k)
-            blocks = ([{"type": "thinking", "thinking": thought, "signature": ""}] if thought else []) + \
-                [{"type": "text", "text": text}]
+            for line in _close_block(event, blocks):
+                yield line
         reason, seq = _stop(c, blocks)
         # the whole usage, as Anthropic's message_delta carries it: the prefix cache is known only now
         yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": seq}, usage=_usage(c, prompt_len))
@@ -390,18 +393,22 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
         yield f"event: error\ndata: {json.dumps(error_body(e.status, e.message))}\n\n"
 
 
-def _thinking_open(event, k: int) -> str:
-    return event("content_block_start", index=k, content_block={"type": "thinking", "thinking": "", "signature": ""})
+def _open_block(event, blocks: list, field: str) -> list[str]:
+    """Close the open block (if any), then start a new `field` ("thinking" or "text") block after it."""
+    lines = _close_block(event, blocks)
+    blocks.append({"type": "thinking", "thinking": "", "signature": ""} if field == "thinking" else
+                  {"type": "text", "text": ""})
+    return lines + [event("content_block_start", index=len(blocks) - 1, content_block=dict(blocks[-1]))]
 
 
-def _thinking_delta(event, k: int, text: str) -> str:
-    return event("content_block_delta", index=k, delta={"type": "thinking_delta", "thinking": text})
-
-
-def _thinking_close(event, k: int) -> tuple[str, str]:
-    """A thinking block's end: its (empty: nothing here checks one) signature, then the stop."""
-    return (event("content_block_delta", index=k, delta={"type": "signature_delta", "signature": ""}),
-            event("content_block_stop", index=k))
+def _close_block(event, blocks: list) -> list[str]:
+    """The last block's end (a thinking block's empty signature first: nothing here checks one)."""
+    if not blocks:
+        return []
+    k = len(blocks) - 1
+    sign = [event("content_block_delta", index=k, delta={"type": "signature_delta", "signature": ""})] \
+        if blocks[-1]["type"] == "thinking" else []
+    return sign + [event("content_block_stop", index=k)]
 
 
 __all__ = ["MessagesRequest", "CountTokensRequest", "create_message", "count_tokens", "to_chat", "error_body"]

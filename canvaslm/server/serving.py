@@ -261,6 +261,17 @@ class TextTracker:
         start, end = self.thoughts.split(self.prefill + self.ids).span
         return [i for i in range(len(self.ids)) if not start <= i + n < end]
 
+    def thought_at(self) -> int | None:
+        """How many characters of `text` the model wrote before its thought channel began; None when there is
+        no thought or it came first."""
+        if self.thoughts is None:
+            return None
+        split = self.thoughts.split(self.prefill + self.ids)
+        if split.thought is None or split.span[0] == 0:
+            return None
+        before = self.ids[:split.span[0] - len(self.prefill)]
+        return min(len(self._decode(self.thoughts.split(self.prefill + before).content)), len(self.text))
+
     def _decode(self, content_ids: list[int]) -> str:
         return (self.tokenizer.decode(content_ids, skip_special_tokens=self.skip_special)
                 if self.tokenizer is not None else "")  # token-id-only checkpoints
@@ -773,19 +784,22 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
             if isinstance(ev, Commit):
                 c.canvases = c.canvas_base + ev.canvas_index + 1
                 c.tracker.add(ev.token_ids)
+                sent = c.tracker.sent
                 thought = c.tracker.reasoning_delta(final=c.tracker.stopped)
-                if thought:
-                    yield "reasoning", c.index, thought
+                text = c.tracker.delta(final=c.tracker.stopped)
+                at = c.tracker.thought_at()  # in the order the model wrote them: a thought may follow text
+                k = 0 if at is None else min(max(at - sent, 0), len(text))
+                pieces = [("delta", text[:k]), ("reasoning", thought), ("delta", text[k:])]
+                for kind, payload in pieces:
+                    if payload:
+                        yield kind, c.index, payload
+                if c.tracker.stopped and not text:
+                    yield "delta", c.index, ""
                 if c.tracker.stopped:
                     state.engine.cancel(ev.request_id, "stop")
                     ended.add(ev.request_id)
                     c.finish_reason = "stop"
-                    yield "delta", c.index, c.tracker.delta(final=True)
                     yield "finish", c.index, "stop"
-                else:
-                    text = c.tracker.delta()
-                    if text:
-                        yield "delta", c.index, text
             elif isinstance(ev, Draft):
                 yield "draft", c.index, draft_payload(state, c, ev)
             elif isinstance(ev, Finish):

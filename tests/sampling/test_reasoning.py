@@ -213,6 +213,8 @@ def test_responses_follow_ups_keep_what_was_stored(think_dir, tok, monkeypatch):
 
 
 def test_other_apis_and_llm_chat_leave_the_thought_out_of_the_text(think_dir, tok, monkeypatch):
+    import httpx
+
     anthropic = pytest.importorskip("anthropic")
     ollama = pytest.importorskip("ollama")
     from canvaslm import LLM
@@ -235,6 +237,23 @@ def test_other_apis_and_llm_chat_leave_the_thought_out_of_the_text(think_dir, to
             called = stream.get_final_message()
         assert [b.type for b in called.content] == ["thinking", "tool_use"] and called.content[1].input == \
             {"city": "Oslo"}
+        # a thought begun after the text, committed with it: the blocks keep the model's order, each closed once
+        _script(monkeypatch, srv.state, tok, f"Hi{OPEN}thought\nhmm{CLOSE}Bye", cuts=(13,))
+        with httpx.stream("POST", srv.base_url + "/v1/messages", json={**kwargs, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        blocks, closed = [], set()
+        for e in events:
+            if e["type"].startswith("content_block"):
+                assert e["index"] not in closed
+            if e["type"] == "content_block_start":
+                assert e["index"] == len(blocks)
+                blocks.append(e["content_block"]["type"])
+            elif e["type"] == "content_block_stop":
+                closed.add(e["index"])
+        assert blocks == ["text", "thinking", "text"] and closed == {0, 1, 2}
+        whole = a.messages.create(**kwargs)
+        assert [(b.type, getattr(b, "text", None) or b.thinking) for b in whole.content] == \
+            [("text", "Hi"), ("thinking", "hmm"), ("text", "Bye")]
         _script(monkeypatch, srv.state, tok, THINKING)
         o = ollama.Client(host=srv.base_url)
         q = [{"role": "user", "content": "q"}]
