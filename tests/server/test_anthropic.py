@@ -201,3 +201,17 @@ def test_streamed_usage_equals_the_whole_reply_usage(server):
         streamed = s.get_final_message()
     assert whole.usage.cache_read_input_tokens > 0
     assert streamed.usage.model_dump() == whole.usage.model_dump()
+
+
+def test_disable_parallel_tool_use_reaches_the_chat_request():
+    """tool_choice.disable_parallel_tool_use: at most one tool_use block, as the chat route's
+    parallel_tool_calls=false gives (it was dropped in translation)."""
+    from canvaslm.server.anthropic import MessagesRequest, to_chat
+
+    def chat(choice):
+        return to_chat(MessagesRequest(model=MODEL, max_tokens=8, tools=[WEATHER], tool_choice=choice,
+                                       messages=[{"role": "user", "content": "x"}]))
+
+    assert chat({"type": "any", "disable_parallel_tool_use": True}).parallel_tool_calls is False
+    assert chat({"type": "auto", "disable_parallel_tool_use": True}).parallel_tool_calls is False
+    assert chat({"type": "auto"}).parallel_tool_calls is not False
