@@ -210,3 +210,38 @@ def test_over_the_context_names_its_length_as_clients_parse_it(http, route, body
     err = resp.json()["error"]
     assert err["code"] == "context_length_exceeded", err
     assert re.match(rf"This model's maximum context length is {MAX_MODEL_LEN} tokens\b", err["message"]), err
+
+
+def _parts(*parts) -> dict:
+    return {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, *parts]}]}
+
+
+PICTURE = "data:image/png;base64,iVBORw0KGgo="
+
+
+@pytest.mark.parametrize("route,body,message", [
+    ("chat/completions", _parts({"type": "image_url", "image_url": {"url": PICTURE, "detail": "original"}}),
+     "messages[0].content[1].image_url.detail: Input should be 'auto', 'low' or 'high'"),
+    ("chat/completions", _parts({"type": "image_url", "image_url": {}}),
+     "messages[0].content[1].image_url.url: Field required"),
+    ("chat/completions", _parts({"type": "image_url", "image_url": PICTURE}), "messages[0].content[1].image_url: "),
+    ("chat/completions", _parts({"type": "input_audio", "input_audio": {}}),
+     "messages[0].content[1]: Input tag 'input_audio' found using 'type' does not match"),
+    ("chat/completions", _parts({"type": "text"}), "messages[0].content[1].text: Field required"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]},
+     "messages[0].content: Input should be a valid string"),  # no branch fits: the first's error
+    ("responses", {"model": MODEL, "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": PICTURE, "detail": "bogus"}]}]},
+     "input[0].content[0].detail: Input should be 'auto', 'low', 'high' or 'original'"),
+    ("responses", {"model": MODEL, "input": [{"type": "function_call", "call_id": "c", "name": "f"}]},
+     "input[0].arguments: Field required"),
+    ("responses", {"model": MODEL, "input": [{"type": "function_call_output", "call_id": "c"}]},
+     "input[0].output: Field required"),
+])
+def test_a_bad_union_member_names_the_part_and_field(http, route, body, message):
+    """A union field (content: a string or a list of parts; a Responses input item) gets the error of the branch
+    that fits what was sent, not pydantic's first ('messages.0.content.str: Input should be a valid string' for
+    every bad image part)."""
+    resp = http.post(f"/v1/{route}", json=body)
+    check_error(resp, 400, route.split("/")[0] == "chat" and "messages" or "input")
+    assert resp.json()["error"]["message"].startswith(message), resp.json()
