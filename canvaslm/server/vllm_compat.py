@@ -12,7 +12,8 @@ checkpoint's generation_config.json, the built-in ones, or DIR's file), `--hf-ov
 `diffusion_` prefix; `sampler` must be entropy_bound; `canvas_length` must be the checkpoint's, which the
 model was trained at), `--dtype auto`, `--tensor-parallel-size 1`. Accepted with nothing to do, said at
 start: `--enable-chunked-prefill` (prompts are always encoded in `--prefill-chunk` pieces),
-`--attention-backend` (one attention path), `--trust-remote-code` (no remote code is run),
+`--attention-backend` (one attention path), `--trust-remote-code` (no remote code is run), `--enable-lora`
+(LoRA is on whenever `--lora-modules` names adapters; the load/unload routes are `--enable-lora-updates`),
 `--enable-auto-tool-choice` and `--tool-call-parser` ("auto" tool choice is on wherever the checkpoint's
 tokenizer has call tokens, and calls are read in its own syntax), `--reasoning-parser gemma4` (a chat
 reply's thought channel goes to `reasoning_content` wherever the tokenizer has the channel tokens;
@@ -71,6 +72,9 @@ def add_vllm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted; 'auto' tool choice is on where the tokenizer has call tokens")
     g.add_argument("--tool-call-parser", default=None, help="accepted; calls are read in the checkpoint's own syntax")
+    g.add_argument("--enable-lora", action="store_true",
+                   help="accepted; LoRA is on whenever --lora-modules names adapters (the load/unload routes "
+                        "are --enable-lora-updates)")
     g.add_argument("--default-chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
                    help="variables every chat template rendering gets unless the request's chat_template_kwargs "
                         "sets them, e.g. '{\"enable_thinking\": false}'")
@@ -155,6 +159,9 @@ def generation_defaults(args, model_dir) -> tuple:
             ("--enable-auto-tool-choice", args.enable_auto_tool_choice,
              "'auto' tool choice is on where the tokenizer has call tokens"),
             ("--tool-call-parser", args.tool_call_parser, "calls are read in the checkpoint's own syntax"),
+            ("--enable-lora", args.enable_lora, "LoRA is on whenever --lora-modules names adapters; "
+                                                "/v1/load_lora_adapter and /v1/unload_lora_adapter are "
+                                                "--enable-lora-updates"),
             ("--reasoning-parser", args.reasoning_parser == "gemma4",
              "thought channels are read wherever the tokenizer has them")):
         if given:

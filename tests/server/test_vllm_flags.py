@@ -166,3 +166,18 @@ def test_reasoning_budget_flag(served, tiny_checkpoint, capsys):
             served(str(tiny_checkpoint), "--reasoning-budget", bad)
         assert e.value.code == 2
         assert "--reasoning-budget: must be -1 (no limit) or a number of tokens >= 0" in capsys.readouterr().err
+
+
+def test_enable_lora_is_accepted_and_no_flag_is_abbreviated(served, tiny_checkpoint, capsys):
+    """vLLM's --enable-lora is a no-op here, not a prefix of --enable-lora-updates (which serves routes that
+    read server-side adapter paths); no other abbreviation passes either, on serve or run-batch."""
+    code, state, out = served(str(tiny_checkpoint), "--max-model-len", "128", "--enable-lora")
+    assert code == 0 and not state.lora_updates and "--enable-lora: nothing to do" in out.out, out.err
+    state.engine.shutdown()
+    for flag in (["--enable-lora-up"], ["--api", "k"], ["--max-model", "64"], ["--enable-prefix"]):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", str(tiny_checkpoint), *flag])
+        assert e.value.code == 2 and f"unrecognized arguments: {flag[0]}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["run-batch", str(tiny_checkpoint), "-i", "in", "-o", "out", "--concur", "2"])
+    assert e.value.code == 2 and "unrecognized arguments: --concur" in capsys.readouterr().err
