@@ -166,7 +166,10 @@ class Vision:
         self.allowed_local_media_path, self.max_images = allowed_local_media_path, max_images
         self.allowed_media_domains = None if allowed_media_domains is None else \
             frozenset(d.lower().rstrip(".") for d in allowed_media_domains)
-        read = model_dir is not None and Path(model_dir).is_dir() and max_images != 0  # image=0: not even read
+        # read only for a model with a vision tower, and image=0 not even then (a text-only checkpoint may
+        # carry an unrelated preprocessor_config.json)
+        use = model.cfg.has_vision and max_images != 0
+        read = use and model_dir is not None and Path(model_dir).is_dir()
         self.processor = ImageProcessorConfig.from_dir(model_dir) if read else ImageProcessorConfig()
         self.processor = self.processor_for(processor_kwargs, "--mm-processor-kwargs")
         self._tower, self._lock = None, threading.Lock()

@@ -329,6 +329,29 @@ def test_a_bad_processor_config_stops_the_server_unless_images_are_off(vision_ch
     state.engine.shutdown()  # text only: the processor settings are not even read
 
 
+def test_a_text_only_checkpoint_ignores_an_unrelated_preprocessor_config(tiny_checkpoint, tmp_path):
+    """No vision_config: the processor settings are not read, so a preprocessor_config.json for another model
+    (a SigLIP one here) does not stop the server."""
+    import json
+    import shutil
+
+    from canvaslm.engine.engine import EngineConfig
+    from canvaslm.server.launch import build_state
+
+    text = tmp_path / "text"
+    shutil.copytree(tiny_checkpoint, text)
+    cfg = json.loads((text / "config.json").read_text())
+    cfg.pop("vision_config", None)
+    (text / "config.json").write_text(json.dumps(cfg))
+    (text / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "SiglipImageProcessor",
+                                                                "patch_size": 14}))
+    state = build_state(text, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=256))
+    try:
+        assert state.vision is None or not state.vision.available
+    finally:
+        state.engine.shutdown()
+
+
 def test_allowed_media_domains_stop_fetches_to_other_hosts(vision_checkpoint, monkeypatch):
     import io
 
