@@ -108,6 +108,29 @@ class ImageProcessorConfig:
                              else f"{path}: {e}") from None
 
 
+def check_against_tower(processor: ImageProcessorConfig, vision_config, model_dir: str | Path | None) -> None:
+    """ValueError unless the processor cuts patches the way the vision tower reads them: its patch_size and
+    pooling_kernel_size must be config.json's vision_config values (else every image would fail in the
+    tower). Names the processor file and field (or the default it fell back to) and config.json's value."""
+    found = _read_settings(Path(model_dir)) if model_dir is not None and Path(model_dir).is_dir() else None
+    for name in ("patch_size", "pooling_kernel_size"):
+        tower = vision_config.get(name)
+        if tower is None:
+            tower = getattr(ImageProcessorConfig, name)  # the tower's defaults are the processor's (16, 3)
+        value = getattr(processor, name)
+        if value == tower:
+            continue
+        if found is None:
+            where = f"no processor_config.json or preprocessor_config.json: the default {name}={value}"
+        else:
+            path, settings = found
+            field = f"image_processor.{name}" if path.name == "processor_config.json" else name
+            where = f"{path}: {field}={value}" if settings.get(name) is not None else \
+                f"{path}: {field} is not set, so it is the default {value},"
+        raise ValueError(f"{where} disagrees with config.json's vision_config.{name}={tower}, which the vision "
+                         "tower reads (every image would fail); make them agree")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -158,7 +158,7 @@ class Vision:
         any host, an empty list: no URL is fetched). processor_kwargs: defaults over the checkpoint's processor
         settings (vLLM's --mm-processor-kwargs; `PROCESSOR_KWARGS`). cache_bytes: memory for the soft tokens
         of recent images, reused when an image comes again (0: none)."""
-        from .images import ImageProcessorConfig
+        from .images import ImageProcessorConfig, check_against_tower
 
         if max_images is not None and (not isinstance(max_images, int) or max_images < 0):
             raise ValueError(f"max_images={max_images!r}: expected None or an int >= 0")
@@ -171,6 +171,9 @@ class Vision:
         use = model.cfg.has_vision and max_images != 0
         read = use and model_dir is not None and Path(model_dir).is_dir()
         self.processor = ImageProcessorConfig.from_dir(model_dir) if read else ImageProcessorConfig()
+        if use:
+            tower = model.cfg.raw.get("vision_config")
+            check_against_tower(self.processor, tower if isinstance(tower, dict) else {}, model_dir)
         self.processor = self.processor_for(processor_kwargs, "--mm-processor-kwargs")
         self._tower, self._lock = None, threading.Lock()
         # soft tokens of recent images by digest (an API client resends a conversation's images every turn)
@@ -295,12 +298,18 @@ class Vision:
         from .images import stack
 
         pixels, pos = stack([processed])
-        tower = self.tower()
-        table, side = tower.cfg.position_embedding_size, int(pos.max()) + 1
-        if side > table:  # the reference would index past its position table
-            raise ImageError(f"the image is {side} patches along one side, over the vision tower's {table} "
-                             "positions; send it less elongated or with a smaller mm_processor_kwargs.max_soft_tokens")
-        out = tower(pixels.to(w.device, w.dtype), pos.to(w.device))
+        try:
+            tower = self.tower()
+            table, side = tower.cfg.position_embedding_size, int(pos.max()) + 1
+            if side > table:  # the reference would index past its position table
+                raise ImageError(f"the image is {side} patches along one side, over the vision tower's {table} "
+                                 "positions; send it less elongated or with a smaller "
+                                 "mm_processor_kwargs.max_soft_tokens")
+            out = tower(pixels.to(w.device, w.dtype), pos.to(w.device))
+        except ImageError:
+            raise
+        except ValueError as e:  # a tower that cannot load or take these patches: the image fails, not the server
+            raise ImageError(f"the vision tower cannot read the image: {e}") from None
         size = out.numel() * out.element_size()
         with self._lock:
             if size <= self.cache_bytes and processed.digest not in self._cache:

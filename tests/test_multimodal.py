@@ -329,6 +329,44 @@ def test_a_bad_processor_config_stops_the_server_unless_images_are_off(vision_ch
     state.engine.shutdown()  # text only: the processor settings are not even read
 
 
+@pytest.mark.parametrize("field,value", [("patch_size", 14), ("pooling_kernel_size", 2)])
+def test_a_processor_that_disagrees_with_the_tower_stops_the_server(vision_checkpoint, tmp_path, field, value):
+    """processor_config.json cutting patches other than config.json's vision_config reads them used to start a
+    server on which every image was a 500; it is refused at start, naming both files' values."""
+    import json
+    import shutil
+
+    from canvaslm.engine.engine import EngineConfig
+    from canvaslm.server.launch import build_state
+
+    path, _ = vision_checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    settings = json.loads((bad / "processor_config.json").read_text())
+    settings["image_processor"][field] = value
+    (bad / "processor_config.json").write_text(json.dumps(settings))
+    want = json.loads((bad / "config.json").read_text())["vision_config"].get(field, 16 if field == "patch_size" else 3)
+    with pytest.raises(ValueError, match=rf"processor_config\.json: image_processor\.{field}={value} disagrees with "
+                                         rf"config\.json's vision_config\.{field}={want}\b"):
+        build_state(bad, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=256))
+    state = build_state(bad, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=256), max_images=0)
+    state.engine.shutdown()  # text only: not read
+
+
+def test_a_tower_that_cannot_take_the_patches_is_an_image_error(vision_checkpoint):
+    """Whatever the vision tower refuses (a ValueError) is an ImageError, which the routes answer with a 400,
+    never a 500."""
+    import dataclasses
+
+    from canvaslm.multimodal import ImageError, Vision
+
+    path, _ = vision_checkpoint
+    vision = Vision(load_model(path, device="cpu", dtype=torch.float32), path)
+    vision.processor = dataclasses.replace(vision.processor, patch_size=14)  # past the start-up check
+    with pytest.raises(ImageError, match=r"the vision tower cannot read the image: pixel_values must be"):
+        vision.prepare([5, IMG], [random_image(30, 30, 1)])
+
+
 def test_a_text_only_checkpoint_ignores_an_unrelated_preprocessor_config(tiny_checkpoint, tmp_path):
     """No vision_config: the processor settings are not read, so a preprocessor_config.json for another model
     (a SigLIP one here) does not stop the server."""
