@@ -29,6 +29,31 @@ from .serving import (APIError, Choice, ServerState, TextTracker, bias_pairs, ch
 MAX_ROWS = 64  # engine requests per HTTP request (prompts x n x gaps)
 
 
+def cut_stops(text: str, stops: list[str]) -> tuple[str, str]:
+    """The text before the earliest stop string, and that string ("" when none occurs)."""
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    if not hits:
+        return text, ""
+    at, word = min(hits)
+    return text[:at], word
+
+
+def cut_middle(tokenizer, prompt_ids: list, middle_ids: list, stops: list[str]) -> tuple[str, str, list]:
+    """The middle's text cut before its earliest stop string, that string ("" when none occurs), and the
+    middle's ids up to the token that completed it (the later ones are not part of the reply)."""
+    text, word = cut_stops(middle_text(tokenizer, prompt_ids, middle_ids), stops)
+    if not word:
+        return text, "", list(middle_ids)
+    lo, hi = 1, len(middle_ids)  # the fewest ids whose text holds it (a prefix's text is a prefix of the text)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if word in middle_text(tokenizer, prompt_ids, middle_ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return text, word, list(middle_ids[:lo])
+
+
 @dataclass
 class Group:
     """One output choice: its candidate requests, one per gap."""

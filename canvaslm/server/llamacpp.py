@@ -100,15 +100,6 @@ def _openai_body(state: ServerState, body: LlamaCompletionRequest, ids: list[int
         raise APIError(400, f"invalid request: {e}") from None
 
 
-def cut_stops(text: str, stops: list[str]) -> tuple[str, str]:
-    """The text before the earliest stop string, and that string ("" when none occurs)."""
-    hits = [(text.find(s), s) for s in stops if s and s in text]
-    if not hits:
-        return text, ""
-    at, word = min(hits)
-    return text[:at], word
-
-
 def cut_indent(text: str, n_indent: int) -> tuple[str, bool]:
     """The text before the first line after the first whose content starts left of column n_indent."""
     if n_indent <= 0:
@@ -294,7 +285,14 @@ def _finished(state: ServerState, body, choice, ids: list[int], settings: dict) 
 
 async def _stream_completion(state: ServerState, body, choice, ids: list[int], settings: dict):
     """A chunk per committed canvas; with n_indent, the last line is held back until its indent is known."""
-    acc, sent = "", 0  # the stop-safe text run_choices handed out, and how much of it went out
+    acc, sent, sent_ids = "", 0, 0  # the stop-safe text run_choices handed out, how much of it went out; ids sent
+
+    def new_ids() -> list[int]:  # return_tokens: the ids committed since the last chunk
+        nonlocal sent_ids
+        ids = choice.tracker.ids[sent_ids:] if body.return_tokens else []
+        sent_ids += len(ids)
+        return ids
+
     try:
         async with contextlib.aclosing(run_choices(state, [choice])) as events:
             async for kind, _, payload in events:
@@ -304,16 +302,16 @@ async def _stream_completion(state: ServerState, body, choice, ids: list[int], s
                 text, indented = cut_indent(acc, body.n_indent)
                 safe = text if indented or body.n_indent <= 0 or "\n" not in text else text[:text.rfind("\n")]
                 if len(safe) > sent:
-                    yield _sse({"index": 0, "content": safe[sent:], "tokens": [], "stop": False, "id_slot": -1})
+                    yield _sse({"index": 0, "content": safe[sent:], "tokens": new_ids(), "stop": False, "id_slot": -1})
                     sent = len(safe)
                 if indented:
                     break  # closing run_choices cancels the request
         if choice.finish_reason is None:  # cut by n_indent
             choice.finish_reason = "length"
         final = _finished(state, body, choice, ids, settings)
-        rest = final["content"][sent:]
-        if rest:
-            yield _sse({"index": 0, "content": rest, "tokens": [], "stop": False, "id_slot": -1})
+        rest, ids_left = final["content"][sent:], new_ids()
+        if rest or ids_left:
+            yield _sse({"index": 0, "content": rest, "tokens": ids_left, "stop": False, "id_slot": -1})
         yield _sse(select_fields(dict(final, content="", tokens=[]), body.response_fields))
     except APIError as e:  # headers are sent: report in-band
         yield _sse(e.body())
@@ -353,7 +351,7 @@ def fit_infill(state: ServerState, prompt_ids: list[int], suffix_ids: list[int],
 
 @llama_names
 async def infill(state: ServerState, body: LlamaInfillRequest, request: Request):
-    from .infill import middle_text, run_infill
+    from .infill import cut_middle, run_infill
 
     need_tokenizer(state, "input_prefix")
     before = render_extra(body.input_extra) + body.input_prefix
@@ -378,16 +376,16 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
     start = time.perf_counter()
     (group,) = await run_infill(state, oa, [ids], request)
     total = time.perf_counter() - start
-    text, word = cut_stops(middle_text(state.tokenizer, ids, group.middle), body.stop)
+    text, word, middle = cut_middle(state.tokenizer, ids, group.middle, body.stop)
     text, indented = cut_indent(text, body.n_indent)
     cands = group.candidates
     chosen = cands[group.best].request
     return _send(body, _response(
-        state, body, content=text, ids=list(group.middle), prompt_ids=ids,
+        state, body, content=text, ids=middle, prompt_ids=ids,
         stop_type="word" if word else "limit" if indented else "eos", stopping_word=word,
         cached=min(c.cached_tokens for c in cands), prompt_s=max(c.prompt_seconds for c in cands), total_s=total,
         truncated=truncated, params=chosen.params, seed=chosen.seed))
 
 
-__all__ = ["LlamaCompletionRequest", "LlamaInfillRequest", "completion", "infill", "props", "cut_indent", "cut_stops",
+__all__ = ["LlamaCompletionRequest", "LlamaInfillRequest", "completion", "infill", "props", "cut_indent",
            "select_fields", "render_extra", "fit_infill"]

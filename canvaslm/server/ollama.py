@@ -213,6 +213,9 @@ async def chat(state: ServerState, body: ChatBody, request):
     fields = _sampling(body, {"model": name, "messages": _chat_messages(body.messages, places)})
     if body.tools:
         fields["tools"] = body.tools
+    last = body.messages[-1]
+    if last.role == "assistant" and not last.tool_calls:  # a prefill: the reply goes on from it, as Ollama's does
+        fields.update(continue_final_message=True, add_generation_prompt=False)
     oa = validated(ChatCompletionRequest, fields, "messages")
     ids = encode_chat(state, oa)
     return await _run(state, body, oa, ids, request, chat=True, places=places)
@@ -315,14 +318,15 @@ async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, con
 
 
 async def _infill(state: ServerState, body, oa, ids: list, request):
-    from .infill import middle_text, run_infill
+    from .infill import cut_middle, run_infill
 
     start = time.perf_counter()
     (group,) = await run_infill(state, oa, [ids], request)
-    text = middle_text(state.tokenizer, ids, group.middle)
+    stops = (body.options.stop if body.options else None) or []
+    text, _, middle = cut_middle(state.tokenizer, ids, group.middle, stops)
     c = group.candidates[group.best]
     stats = _stats(c, len(ids), start)
-    stats["eval_count"] = len(group.middle)
+    stats["eval_count"] = len(middle)
     done = {"model": body.model, "created_at": _now(), "response": text, "done": True, "done_reason": "stop",
             **stats}
     if not body.stream:

@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 
-from canvaslm.server.llamacpp import cut_indent, cut_stops, render_extra, select_fields
+from canvaslm.server.infill import cut_stops
+from canvaslm.server.llamacpp import cut_indent, render_extra, select_fields
 
 from .conftest import MAX_MODEL_LEN, MODEL
 
@@ -90,6 +91,9 @@ def test_completion_stream_equals_whole(server):
     assert "".join(c["content"] for c in chunks) == whole["content"]
     assert [c["stop"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert chunks[-1]["tokens_predicted"] == whole["tokens_predicted"]
+    body["return_tokens"] = True  # each chunk carries the ids committed since the last one
+    whole, chunks = post(server, "/completion", body).json(), sse(server, "/completion", dict(body, stream=True))
+    assert [t for c in chunks for t in c["tokens"]] == whole["tokens"] and len(whole["tokens"]) > 0
 
 
 def test_completion_stop_strings_cut_and_name_the_word(server):
@@ -245,14 +249,20 @@ def test_infill_scores_read_the_candidates_kv(server, monkeypatch):
         assert abs(s - want["infill"]["scores"][gap]) < 1e-4
 
 
-def test_infill_stop_and_indent_cut_the_middle(server):
-    body = dict(INFILL, n_predict=12, input_suffix="\nreturn y")
-    free = post(server, "/infill", body).json()["content"]
+def test_infill_stop_and_indent_cut_the_middle(server, llm):
+    body = dict(INFILL, n_predict=12, input_suffix="\nreturn y", return_tokens=True)
+    whole = post(server, "/infill", body).json()
+    free = whole["content"]
     if len(free) < 2:
         pytest.skip("the chosen middle is too short to cut")
     word = free[1]
     out = post(server, "/infill", dict(body, stop=[word])).json()
     assert out["content"] == free[:free.find(word)] and out["stopping_word"] == word and out["stop_type"] == "word"
+    # the ids end at the token that completed the stop word: counted and returned as the text is
+    first = llm.tokenizer.decode(whole["tokens"][:1])
+    out = post(server, "/infill", dict(body, stop=[first])).json()
+    assert out["content"] == "" and out["stopping_word"] == first and len(whole["tokens"]) > 1
+    assert out["tokens"] == whole["tokens"][:1] and out["tokens_predicted"] == out["timings"]["predicted_n"] == 1
 
 
 def test_infill_without_suffix_is_a_plain_completion(server):

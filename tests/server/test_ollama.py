@@ -70,6 +70,23 @@ def test_generate_templated_raw_and_insert(server, tiny_checkpoint):
     assert ins.response == ref.choices[0].text and ins.done_reason == "stop"
     cut = o.generate(model=MODEL, prompt="def f(x):", raw=True, options={**opts, "stop": [raw.response[5:7]]})
     assert cut.response == raw.response[:raw.response.find(raw.response[5:7])]
+    if len(ins.response) > 1:  # insert mode cuts at a stop string too, and counts only the ids up to it
+        word = ins.response[1]
+        cut = o.generate(model=MODEL, prompt="x = ", suffix=" + 1", options={"seed": 2, "num_predict": 8, "stop": [word]})
+        assert cut.response == ins.response[:ins.response.find(word)] and cut.eval_count < ins.eval_count
+
+
+def test_a_final_assistant_message_is_continued(server):
+    """As Ollama does: the reply goes on from a final assistant message (a prefill), not a new turn."""
+    o, oa = clients(server)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure: "}]
+    got = o.chat(model=MODEL, messages=msgs, options={"seed": 1, "num_predict": 8})
+    ref = oa.chat.completions.create(model=MODEL, max_tokens=8, seed=1, messages=msgs,
+                                     extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert got.message.content == ref.choices[0].message.content
+    assert got.prompt_eval_count <= ref.usage.prompt_tokens
+    opened = oa.chat.completions.create(model=MODEL, max_tokens=8, seed=1, messages=msgs)
+    assert opened.usage.prompt_tokens > ref.usage.prompt_tokens  # a new turn would have been longer
 
 
 def test_generate_context_goes_on_from_the_earlier_reply(server, tiny_checkpoint):
