@@ -12,7 +12,7 @@ The reply is a message whose content is a text block and one `tool_use` block pe
 `stop_reason` end_turn, max_tokens, stop_sequence (and `stop_sequence`) or tool_use, and usage in
 Anthropic's names (`cache_read_input_tokens`: prompt tokens from the prefix cache). Structured output
 (`output_config.format`, a JSON schema) is the chat route's `response_format` json_schema: the text
-always parses and validates. `temperature`, `top_p` and `top_k` (which older clients send) are honoured.
+always parses and validates, unless a `stop_sequences` entry cuts it. `temperature`, `top_p` and `top_k` (which older clients send) are honoured.
 
 `stop_sequences` (up to 16) cut the text as stop strings do; with a forced call (`any`, `tool`) they are
 refused, since they would cut the call's JSON. A stream is Anthropic's event sequence (message_start,
@@ -135,11 +135,17 @@ def _joined(parts: list[dict]) -> str | list[dict]:
     return parts
 
 
+MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")  # what Anthropic's API takes
+
+
 def _image(block: dict, where: str, places: list) -> dict:
     """An image block -> the chat route's image part; its place (the field a load error names) is noted."""
     src = block.get("source")
     kind = src.get("type") if isinstance(src, dict) else None
     if kind == "base64" and isinstance(src.get("media_type"), str) and isinstance(src.get("data"), str):
+        if src["media_type"] not in MEDIA_TYPES:
+            raise APIError(400, f"{where}.source.media_type: {src['media_type']!r} is not one of "
+                                f"{', '.join(MEDIA_TYPES)}", "messages")
         url, field = f"data:{src['media_type']};base64,{src['data']}", "data"
     elif kind == "url" and isinstance(src.get("url"), str) and src["url"]:
         url, field = src["url"], "url"

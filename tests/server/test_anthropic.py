@@ -127,6 +127,9 @@ def test_a_forced_tool_call_and_its_result(server):
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type":
                                                                             "image/png", "data": "AA=="}}]}]},
      "cannot read images"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type":
+                                                                            "application/pdf", "data": "AA=="}}]}]},
+     "messages[0].content[0].source.media_type: 'application/pdf' is not one of image/jpeg"),
     ({"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "sometimes"}},
      "thinking.type 'sometimes': expected enabled, adaptive or disabled"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
