@@ -28,6 +28,7 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
     if body.max_tokens == 0:  # score the prompt only
         check_prompt_only(state, body, prompts)
         outputs = [(p, [], "length", 0) for p in prompts for _ in range(body.n)]
+        texts = [""] * len(outputs)
         completion = 0
     else:
         choices = await asyncio.to_thread(prepare, state, body, prompts)
@@ -36,8 +37,11 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
         for c in choices:
             ids = list(c.tracker.ids)  # a final EOS stays listed (not in the text), as OpenAI lists its end token
             if c.tracker.stopped:  # a stop string cut the text: list the tokens the text still shows
-                ids = _tokens_of_text(state.tokenizer, ids, c.tracker.text)
+                ids = _tokens_of_text(state.tokenizer, ids, c.tracker.text, body.skip_special_tokens)
             outputs.append((prompts[c.prompt_index], ids, c.finish_reason, c.decoder_passes))
+        # the text is the tracker's, as without logprobs (stop strings applied, skip_special_tokens honoured);
+        # the ids above only list the tokens
+        texts = [c.tracker.text for c in choices]
         completion = sum(len(c.tracker.ids) for c in choices)  # counted as every completion counts them
     top_k = body.logprobs or 0
     seqs = [list(prompt) + ids for prompt, ids, _, _ in outputs]
@@ -47,12 +51,16 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
         fut = state.engine_call(body.model, lambda model: batch_token_logprobs(model, seqs, starts, top_k))
         scored = await asyncio.wrap_future(fut)
     out = []
-    for i, ((prompt, ids, finish, _), seq) in enumerate(zip(outputs, seqs)):
+    for i, ((prompt, ids, finish, _), seq, text) in enumerate(zip(outputs, seqs, texts)):
         shown = seq if body.echo else ids
-        choice = {"index": i, "text": state.tokenizer.decode(shown), "finish_reason": finish, "logprobs": None}
+        if body.echo:  # the prompt's text as a stream's echo gives it, then the completion's
+            text = state.tokenizer.decode(list(prompt)) + text
+        choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
         if scored[i] is not None:
             logprobs, tops = scored[i]
-            choice["logprobs"] = _legacy_logprobs(state.tokenizer, shown, body.echo, logprobs, tops, top_k)
+            choice["logprobs"] = _legacy_logprobs(state.tokenizer, shown, body.echo, logprobs, tops, top_k,
+                                                  skip_special=body.skip_special_tokens,
+                                                  prompt_len=len(prompt) if body.echo else 0)
         out.append(choice)
     return _response(state, body, out, prompts, completion, sum(p for _, _, _, p in outputs))
 
@@ -143,23 +151,25 @@ async def prompt_logprobs(state: ServerState, model: str, prompts: list, top_k: 
     return out
 
 
-def _tokens_of_text(tokenizer, ids: list, text: str) -> list:
+def _tokens_of_text(tokenizer, ids: list, text: str, skip_special: bool = True) -> list:
     """The shortest prefix of `ids` whose text covers `text` (a stop string cut the rest)."""
     for n in range(len(ids) + 1):
-        if len(tokenizer.decode(ids[:n])) >= len(text):
+        if len(tokenizer.decode(ids[:n], skip_special_tokens=skip_special)) >= len(text):
             return ids[:n]
     return ids
 
 
-def _legacy_logprobs(tokenizer, ids: list, echo: bool, logprobs: list, tops: list, top_k: int) -> dict:
+def _legacy_logprobs(tokenizer, ids: list, echo: bool, logprobs: list, tops: list, top_k: int,
+                     skip_special: bool = True, prompt_len: int = 0) -> dict:
     """OpenAI's completions `logprobs` object: tokens, token_logprobs, top_logprobs, and text_offset (each
-    token's start in the returned text)."""
+    token's start in the returned text: the first `prompt_len` ids are the echoed prompt, decoded as its text
+    is, the rest as the completion's text with `skip_special`)."""
     tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
     lead = [None] if echo else []  # the first prompt token has nothing before it
     offsets, pos = [], 0
-    for t in ids:
+    for k, t in enumerate(ids):
         offsets.append(pos)
-        pos += len(tokenizer.decode([t]))
+        pos += len(tokenizer.decode([t], skip_special_tokens=True if k < prompt_len else skip_special))
     top = [{tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in alts} for alts in tops] \
         if top_k else [{} for _ in logprobs]
     return {"tokens": tokens, "token_logprobs": lead + logprobs, "top_logprobs": lead + top, "text_offset": offsets}

@@ -1,0 +1,62 @@
+"""/v1/completions with `logprobs` (server/scored.py): the text is the one the same request gets without
+logprobs (stop strings, skip_special_tokens)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+
+from canvaslm.engine.engine import EngineConfig
+from canvaslm.server.app import build_app
+from canvaslm.server.launch import build_state
+
+START_OF_TURN = 3  # the tiny checkpoint's <start_of_turn>, a special token
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint, tmp_path_factory, one_thread):
+    """The tiny checkpoint with its 'Z' turned into one token 'xy', so a stop string 'y' cuts a token in two."""
+    ck = tmp_path_factory.mktemp("xy") / "model"
+    shutil.copytree(tiny_checkpoint, ck)
+    tok = json.loads((ck / "tokenizer.json").read_text())
+    xy = tok["model"]["vocab"].pop("Z")
+    tok["model"]["vocab"]["xy"] = xy
+    tok["added_tokens"].append({"id": xy, "content": "xy", "single_word": False, "lstrip": False, "rstrip": False,
+                                "normalized": False, "special": False})
+    (ck / "tokenizer.json").write_text(json.dumps(tok))
+    state = build_state(ck, "cpu", "float32", EngineConfig(max_batch=4, max_model_len=80, prefill_chunk=64),
+                        served_model_name="tiny", max_denoising_steps=64)
+    assert state.tokenizer.encode("xy") == [xy]
+    try:
+        yield TestClient(build_app(state)), xy
+    finally:
+        state.shutdown()
+
+
+def _choice(c, **body):
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "ab", "seed": 1, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_logprobs_leave_the_text_as_without_them(client):
+    c, xy = client
+    stop = {"max_tokens": 4, "logit_bias": {str(xy): 100}, "stop": ["y"]}  # 'xy' taken, cut to 'x'
+    plain = _choice(c, **stop)
+    assert plain["text"] == "x" and plain["finish_reason"] == "stop"
+    scored = _choice(c, **stop, logprobs=1)
+    assert scored["text"] == "x" and scored["logprobs"]["tokens"] == ["xy"]  # the token the text shows part of
+    echoed = _choice(c, **stop, logprobs=1, echo=True)
+    assert echoed["text"] == "abx" and echoed["logprobs"]["tokens"][-1] == "xy"
+    assert _choice(c, **stop, echo=True)["text"] == "abx"
+    special = {"max_tokens": 3, "logit_bias": {str(START_OF_TURN): 100}, "skip_special_tokens": False}
+    plain = _choice(c, **special)
+    assert plain["text"] == "<start_of_turn>" * 3
+    scored = _choice(c, **special, logprobs=0)
+    assert scored["text"] == plain["text"]
+    lp = scored["logprobs"]
+    assert all(scored["text"][o:].startswith(t) for t, o in zip(lp["tokens"], lp["text_offset"]))
+
