@@ -161,17 +161,22 @@ def _tokens_of_text(tokenizer, ids: list, text: str, skip_special: bool = True) 
 
 def _legacy_logprobs(tokenizer, ids: list, echo: bool, logprobs: list, tops: list, top_k: int,
                      skip_special: bool = True, prompt_len: int = 0) -> dict:
-    """OpenAI's completions `logprobs` object: tokens, token_logprobs, top_logprobs, and text_offset (each
-    token's start in the returned text: the first `prompt_len` ids are the echoed prompt, decoded as its text
-    is, the rest as the completion's text with `skip_special`)."""
+    """OpenAI's completions `logprobs` object: tokens, token_logprobs, top_logprobs (each position's token
+    itself first, then the top_k most likely: up to top_k + 1 entries, as OpenAI and vLLM give), and
+    text_offset (each token's start in the returned text: the first `prompt_len` ids are the echoed prompt,
+    decoded as its text is, the rest as the completion's text with `skip_special`)."""
     tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
     lead = [None] if echo else []  # the first prompt token has nothing before it
     offsets, pos = [], 0
     for k, t in enumerate(ids):
         offsets.append(pos)
         pos += len(tokenizer.decode([t], skip_special_tokens=True if k < prompt_len else skip_special))
-    top = [{tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in alts} for alts in tops] \
-        if top_k else [{} for _ in logprobs]
+    top = []
+    for k, lp in enumerate(logprobs):
+        row = {tokens[k + len(lead)]: lp}  # the token taken there, whether or not among the top_k
+        for t, alp in (tops[k] if top_k else []):
+            row.setdefault(tokenizer.decode([t], skip_special_tokens=False), alp)
+        top.append(row)
     return {"tokens": tokens, "token_logprobs": lead + logprobs, "top_logprobs": lead + top, "text_offset": offsets}
 
 

@@ -1,5 +1,5 @@
 """/v1/completions with `logprobs` (server/scored.py): the text is the one the same request gets without
-logprobs (stop strings, skip_special_tokens)."""
+logprobs (stop strings, skip_special_tokens), and each top_logprobs entry holds the token taken there."""
 
 from __future__ import annotations
 
@@ -60,3 +60,17 @@ def test_logprobs_leave_the_text_as_without_them(client):
     lp = scored["logprobs"]
     assert all(scored["text"][o:].startswith(t) for t, o in zip(lp["tokens"], lp["text_offset"]))
 
+
+def test_top_logprobs_hold_the_token_taken(client):
+    """As OpenAI (up to logprobs + 1 entries) and vLLM (the sampled token always) give them."""
+    c, _ = client
+    for k in (0, 1, 3):
+        lp = _choice(c, max_tokens=3, temperature=0, logprobs=k)["logprobs"]
+        assert len(lp["top_logprobs"]) == len(lp["tokens"]) == 3
+        for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+            assert top[token] == logprob and 1 <= len(top) <= k + 1
+        if k == 0:
+            assert all(len(top) == 1 for top in lp["top_logprobs"])
+    lp = _choice(c, max_tokens=0, echo=True, logprobs=0)["logprobs"]
+    assert lp["top_logprobs"][0] is None
+    assert [list(top) for top in lp["top_logprobs"][1:]] == [[t] for t in lp["tokens"][1:]]
