@@ -212,6 +212,11 @@ async def chat(state: ServerState, body: ChatBody, request):
     places = []
     fields = _sampling(body, {"model": name, "messages": _chat_messages(body.messages, places)})
     if body.tools:
+        from .tools import auto_problem
+
+        if auto_problem(state.tokenizer) is not None:  # Ollama has no tool_choice: the model calls in its syntax
+            raise APIError(400, f"{name} does not support tools: its tokenizer has no tool-call tokens "
+                                "(/api/show lists no 'tools' capability)", "tools")
         fields["tools"] = body.tools
     last = body.messages[-1]
     if last.role == "assistant" and not last.tool_calls:  # a prefill: the reply goes on from it, as Ollama's does
@@ -375,7 +380,9 @@ def tags(state: ServerState) -> dict:
 
 
 def show(state: ServerState, body: ShowBody) -> dict:
-    name = served(state, body.model or body.name or "")
+    if not (body.model or body.name):
+        raise APIError(400, "model is required", "model")
+    name = served(state, body.model or body.name)
     template = getattr(state.tokenizer, "chat_template", None) or ""
     caps = ["completion", "insert", "embedding"]
     from .tools import auto_problem

@@ -167,7 +167,9 @@ def test_tool_calls_come_back_as_ollama_writes_them():
     ("/api/generate", {"model": MODEL, "prompt": "x", "raw": True, "think": True}, 400,
      "think needs the chat template"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [
-        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, 400, "own syntax"),
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, 400,
+     "tiny does not support tools"),
+    ("/api/show", {}, 400, "model is required"),
     ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, 400, "expected \"json\""),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                    "options": {"num_predict": 5000}}, 400, "maximum context length"),
