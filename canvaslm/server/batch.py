@@ -102,6 +102,22 @@ async def run_requests(state, parsed, concurrency: int = 16, progress=None) -> l
         return await asyncio.gather(*(one(client, *p) for p in parsed))
 
 
+def check_batch_args(output_path, concurrency: int) -> None:
+    """What `-o` and `--concurrency` must be, checked before the model loads and the batch runs: -o not a
+    directory, and the directory it goes in (made if missing) a writable directory."""
+    if concurrency < 1:
+        raise BatchInputError(f"run-batch: --concurrency must be >= 1, got {concurrency}")
+    path = Path(output_path)
+    if path.is_dir():
+        raise BatchInputError(f"run-batch: -o {path} is a directory; name the output file, e.g. "
+                              f"{path / 'results.jsonl'}")
+    above = next(p for p in (path.absolute().parent, *path.absolute().parents) if p.exists())
+    if not above.is_dir():
+        raise BatchInputError(f"run-batch: cannot write -o {path}: {above} is not a directory")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise BatchInputError(f"run-batch: cannot write -o {path}: {above} is not writable")
+
+
 def write_records(path: Path, records: list[dict]) -> None:
     """All records at once, atomically: a temporary file in the same directory, then a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,12 +140,14 @@ def run_batch_file(state, input_path, output_path, concurrency: int = 16) -> dic
     invalid line)."""
     from tqdm.auto import tqdm
 
-    if concurrency < 1:
-        raise BatchInputError(f"run-batch: --concurrency must be >= 1, got {concurrency}")
+    check_batch_args(output_path, concurrency)
     output_path = Path(output_path)
     parsed = read_requests(Path(input_path))
     with tqdm(total=len(parsed), desc="run-batch", unit="req") as bar:
         records = asyncio.run(run_requests(state, parsed, concurrency, bar.update))
-    write_records(output_path, records)
+    try:
+        write_records(output_path, records)
+    except OSError as e:  # what changed under -o since the check (or a full disk): said, not a traceback
+        raise BatchInputError(f"run-batch: cannot write -o {output_path}: {e.strerror or e}") from None
     ok = sum(1 for r in records if r["response"] is not None and r["response"]["status_code"] == 200)
     return {"requests": len(records), "ok": ok, "failed": len(records) - ok}

@@ -206,11 +206,12 @@ def _resolve_model(args) -> None:
 def _run_batch(args) -> int:
     from pathlib import Path
 
-    from .batch import read_requests, run_batch_file
+    from .batch import check_batch_args, read_requests, run_batch_file
     from .launch import build_state
     from .vllm_compat import apply_chat_flags, generation_defaults
 
     read_requests(Path(args.input))  # a missing or empty file fails before the model loads
+    check_batch_args(args.output, args.concurrency)  # as does an -o that cannot be written, or --concurrency 0
     adapters = _adapters(args)
     _resolve_model(args)
     defaults, notes = generation_defaults(args, args.model_dir)

@@ -126,3 +126,37 @@ def test_a_line_that_fails_inside_the_server_is_a_500_record(tiny_checkpoint, tm
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["custom_id"] for r in records] == ["emb", "text"]
     assert records[0]["response"]["status_code"] == 500 and records[1]["response"]["status_code"] == 200
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_model_loads(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                        capsys):
+    """-o naming a directory (or a path under a file) and --concurrency 0 are refused before the model loads
+    (they used to run the whole batch, then crash and drop every result); a write that fails anyway is an
+    error naming -o, not a traceback."""
+    from canvaslm.cli import main
+    from canvaslm.server import batch, launch
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(launch, "build_state", no_load)
+    src = tmp_path / "in.jsonl"
+    src.write_text(line("a", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4}) + "\n")
+    (tmp_path / "file").write_text("")
+    for out, flags, words in [(tmp_path, [], f"-o {tmp_path} is a directory"),
+                              (tmp_path / "file" / "out.jsonl", [], f"{tmp_path / 'file'} is not a directory"),
+                              (tmp_path / "out.jsonl", ["--concurrency", "0"], "--concurrency must be >= 1, got 0")]:
+        assert main(["run-batch", str(tiny_checkpoint), "-i", str(src), "-o", str(out), *flags]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+    async def answered(state, parsed, concurrency, progress):
+        return [{"custom_id": "a", "response": None, "error": "x"}]
+
+    def full(path, records):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(batch, "run_requests", answered)
+    monkeypatch.setattr(batch, "write_records", full)
+    with pytest.raises(BatchInputError, match="cannot write -o .*out.jsonl: No space left on device"):
+        batch.run_batch_file(None, src, tmp_path / "out.jsonl")
