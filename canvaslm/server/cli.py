@@ -27,6 +27,16 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535], got {text!r}")
+    return v
+
+
 def add_parser(subparsers) -> None:
     from ..cli import add_model_args
     from .vllm_compat import add_vllm_args
@@ -35,7 +45,7 @@ def add_parser(subparsers) -> None:
                               allow_abbrev=False)  # --enable-lora must not stand for --enable-lora-updates
     add_model_args(p, model_optional=False)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--api-key", default=os.environ.get("CANVASLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $CANVASLM_API_KEY)")
     p.add_argument("--allowed-origins", type=_origins, default=(), metavar="ORIGINS",

@@ -52,3 +52,13 @@ def test_serve_refuses_a_bad_chat_template_before_loading(tiny_checkpoint, tmp_p
     bad.write_text("{% for m in messages %}")
     assert main(["serve", str(tiny_checkpoint), "--chat-template", str(tmp_path / "missing.jinja")]) == 2
     assert main(["serve", str(tiny_checkpoint), "--chat-template", str(bad)]) == 2
+
+
+def test_serve_port_out_of_range_is_an_argument_error(tiny_checkpoint, capsys):
+    from canvaslm.cli import main
+
+    for port in ("70000", "-1", "http"):
+        with pytest.raises(SystemExit) as e:  # argparse's usage error, before the model loads
+            main(["serve", str(tiny_checkpoint), "--port", port])
+        assert e.value.code == 2
+        assert f"--port: must be a TCP port in [0, 65535], got '{port}'" in capsys.readouterr().err
