@@ -69,7 +69,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--regex-timeout", type=_seconds, default=10.0,
                    help="seconds a guided_regex may take to compile before the request gets a 400 (default 10)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="a Jinja chat template to use instead of the checkpoint's (or where it has none)")
+                   help="a Jinja chat template to use instead of the checkpoint's (or where it has none): a file, "
+                        "or, as vLLM takes it, the template itself")
     _add_lora_arg(p, updates=True)
     _add_media_arg(p)
     p.add_argument("--embedding-pooling", choices=("mean", "last"), default="mean",
@@ -98,19 +99,30 @@ def add_parser(subparsers) -> None:
     b.set_defaults(func=_run_batch)
 
 
-def _read_template(args) -> str:
+def _read_template(args) -> tuple[str, str]:
+    """(source, origin) of --chat-template: a file's text or, where no such file exists and the value reads as a
+    template (it holds {% or {{, or a newline), the value itself (vLLM takes either)."""
     from pathlib import Path
 
     from ..tokenizer import _compile_template
 
-    path = Path(args.chat_template)
-    if not path.is_file():
-        raise FileNotFoundError(f"--chat-template: {path} does not exist")
+    value = args.chat_template
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # an inline template too long for a file name, or holding a NUL
+        is_file = False
+    if is_file:
+        source, origin = path.read_text(encoding="utf-8"), f"--chat-template {path}"
+    elif "{%" in value or "{{" in value or "\n" in value:
+        source, origin = value, "--chat-template (the template given inline)"
+    else:
+        raise FileNotFoundError(f"--chat-template: {path} does not exist (taken as a file's path; a template given "
+                                "inline holds {% or {{)")
     if not (Path(args.model_dir) / "tokenizer.json").is_file():
         raise ValueError(f"--chat-template: {args.model_dir} has no tokenizer.json to apply it to")
-    source = path.read_text(encoding="utf-8")
-    _compile_template(source, f"--chat-template {path}")  # a syntax error names the file and line now
-    return source
+    _compile_template(source, origin)  # a syntax error names the file (or the inline template) and line now
+    return source, origin
 
 
 def _engine_config(args):
@@ -266,7 +278,7 @@ def _serve(args) -> int:
         raise ValueError(f"--served-model-name: {clash[0]!r} is also a --lora-modules name")
     state.aliases = getattr(args, "aliases", ())
     if template is not None:
-        state.tokenizer.set_chat_template(template, args.chat_template)
+        state.tokenizer.set_chat_template(*template)
     state.allowed_origins = args.allowed_origins
     state.embedding_pooling = args.embedding_pooling
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -54,6 +54,30 @@ def test_serve_refuses_a_bad_chat_template_before_loading(tiny_checkpoint, tmp_p
     assert main(["serve", str(tiny_checkpoint), "--chat-template", str(bad)]) == 2
 
 
+def test_serve_takes_an_inline_chat_template(tiny_checkpoint, monkeypatch, capsys):
+    """vLLM's --chat-template is a file or the template itself; a value that is neither is said to have been
+    taken as a path."""
+    import uvicorn
+
+    from canvaslm.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("state", app.state.canvas))
+    inline = "{% for m in messages %}INLINE:{{ m.content }}{% endfor %}"
+    assert main(["serve", str(tiny_checkpoint), "--chat-template", inline, "--device", "cpu",
+                 "--max-model-len", "64"]) == 0, capsys.readouterr().err
+    state = seen.pop("state")
+    try:
+        tok = state.tokenizer
+        assert tok.decode(tok.encode_chat([{"role": "user", "content": "hi"}])) == "INLINE:hi"
+    finally:
+        state.engine.shutdown()
+    assert main(["serve", str(tiny_checkpoint), "--chat-template", "{% for m in messages %}"]) == 2
+    assert "--chat-template (the template given inline): chat template has a syntax error" in capsys.readouterr().err
+    assert main(["serve", str(tiny_checkpoint), "--chat-template", "no_such.jinja"]) == 2
+    assert "no_such.jinja does not exist (taken as a file's path" in capsys.readouterr().err
+
+
 def test_serve_port_out_of_range_is_an_argument_error(tiny_checkpoint, capsys):
     from canvaslm.cli import main
 
