@@ -130,12 +130,13 @@ def _generate(args) -> int:
 
 
 def _image_arg(x: str, flag: str = "--image"):
-    """--image: a local file's bytes (the user names it, so any path is allowed), else a URL / data URL."""
+    """--image: a local file, as a Path (the user names it, so any path and any size is allowed: LLM reads it,
+    and its errors name it), else a URL / data URL."""
     from pathlib import Path
 
     path = Path(x).expanduser()
     if path.is_file():
-        return path.read_bytes()
+        return path.absolute()
     if "://" not in x and not x.startswith("data:"):
         raise SystemExit(f"error: {flag} {x}: no such file (and not a URL)")
     return x

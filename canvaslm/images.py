@@ -42,6 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import read_json
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
+MAX_BYTES = 20 * 2 ** 20  # an encoded image from a client (a data URL, a fetch, an allowed server file)
 MAX_PIXELS = 64 * 2 ** 20  # a decoded image's pixels (64 M: 192 MiB as RGB); Pillow only warns below 179 M
 BICUBIC = 3  # PIL's number for bicubic resampling, as `resample` is written in processor configs
 _ACCEPTED_TYPES = ("Gemma4ImageProcessor", "Gemma4ImageProcessorPil", "Gemma4ImageProcessorFast")
@@ -294,19 +295,21 @@ _MIN_BARE_BASE64 = 256  # a shorter string is only taken as base64 when it decod
 
 
 def load_image(source, *, allowed_local_media_path: str | Path | None = None, timeout: float = 10.0,
-               max_bytes: int = 20 * 2 ** 20, follow_redirects: bool = True) -> Image.Image:
+               max_bytes: int = MAX_BYTES, follow_redirects: bool = True,
+               max_file_bytes: int | None = MAX_BYTES) -> Image.Image:
     """A decoded RGB image from `source`: a PIL image; encoded bytes; or a string holding a data URL, an
     http(s) URL, a file:// URL or a path (only under `allowed_local_media_path`; relative paths are taken
     from the working directory), or bare base64. EXIF orientation is applied, transparency composited
-    onto white. Encoded inputs over `max_bytes` are refused. A fetch takes at most `timeout` seconds in
-    all (a server that trickles bytes is cut off); `follow_redirects=False` (an allow-list of hosts is in
-    force) refuses a redirect, which could lead elsewhere. Errors are ValueError('image: ...')."""
+    onto white. Encoded inputs over `max_bytes` are refused, and local files over `max_file_bytes` (None:
+    only the pixel limit applies, for files the user names: LLM, the CLI). A fetch takes at most `timeout`
+    seconds in all (a server that trickles bytes is cut off); `follow_redirects=False` (an allow-list of
+    hosts is in force) refuses a redirect, which could lead elsewhere. Errors are ValueError('image: ...')."""
     if isinstance(source, Image.Image):
         return _finish(source, "the image")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode(bytes(source), "the image bytes", max_bytes)
     if isinstance(source, os.PathLike):
-        return _read_file(os.fspath(source), allowed_local_media_path, max_bytes)
+        return _read_file(os.fspath(source), allowed_local_media_path, max_file_bytes, "local file")
     if not isinstance(source, str):
         raise TypeError(f"image: unsupported source type {type(source).__name__}")
     text = source.strip()
@@ -319,11 +322,11 @@ def load_image(source, *, allowed_local_media_path: str | Path | None = None, ti
         url = urlparse(text)
         if url.netloc not in ("", "localhost"):
             raise ValueError(f"image: file URL {_short(text)} names a remote host")
-        return _read_file(unquote(url.path), allowed_local_media_path, max_bytes)
+        return _read_file(unquote(url.path), allowed_local_media_path, max_file_bytes, "file URL")
     data = _bare_base64(text, max_bytes)
     if data is not None:
         return _decode(data, "the base64 image", max_bytes)
-    return _read_file(text, allowed_local_media_path, max_bytes)
+    return _read_file(text, allowed_local_media_path, max_file_bytes)
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -400,10 +403,13 @@ def _fetch(url: str, timeout: float, max_bytes: int, follow_redirects: bool = Tr
     return b"".join(chunks)
 
 
-def _read_file(path: str, allowed: str | Path | None, max_bytes: int) -> Image.Image:
+def _read_file(path: str, allowed: str | Path | None, max_bytes: int | None, kind: str | None = None) -> Image.Image:
+    """The image in a local file; kind: what named it ("file URL", "local file"; None: a bare string, which
+    may have been meant as something else)."""
     if allowed is None:
-        raise ValueError(f"image: {_short(path)!r} is not a URL, data URL or base64 image, and local files "
-                         "are refused unless an allowed local media path is set "
+        what = f"{_short(path)!r} is not a URL, data URL or base64 image, and" if kind is None else \
+            f"{kind} {_short(path)!r}:"
+        raise ValueError(f"image: {what} local files are refused unless an allowed local media path is set "
                          "(--allowed-local-media-path)")
     what = _short(path)
     try:
@@ -416,7 +422,7 @@ def _read_file(path: str, allowed: str | Path | None, max_bytes: int) -> Image.I
         if not target.is_file():
             raise ValueError(f"image: no such file {what}")
         size = target.stat().st_size
-        if size > max_bytes:
+        if max_bytes is not None and size > max_bytes:
             raise _too_large(size, max_bytes, what)
         data = target.read_bytes()
     except ValueError as e:
@@ -428,8 +434,8 @@ def _read_file(path: str, allowed: str | Path | None, max_bytes: int) -> Image.I
     return _decode(data, what, max_bytes)
 
 
-def _decode(data: bytes, what: str, max_bytes: int) -> Image.Image:
-    if len(data) > max_bytes:
+def _decode(data: bytes, what: str, max_bytes: int | None) -> Image.Image:
+    if max_bytes is not None and len(data) > max_bytes:
         raise _too_large(len(data), max_bytes, what)
     if not data:
         raise ValueError(f"image: {what} is empty")

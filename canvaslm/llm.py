@@ -234,9 +234,10 @@ class LLM:
         v = getattr(self, "_vision", None)
         if v is None:
             from .multimodal import Vision
-            # local paths are allowed anywhere: the caller is the user's own code, not a remote client
+            # local paths are allowed anywhere, and of any size (only the pixel limit): the caller is the user's
+            # own code, not a remote client
             v = self._vision = Vision(self.model, self.model_dir if isinstance(self.model_dir, Path) else None,
-                                      allowed_local_media_path=Path(Path.cwd().anchor))
+                                      allowed_local_media_path=Path(Path.cwd().anchor), max_file_bytes=None)
         return v
 
     @property

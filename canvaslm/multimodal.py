@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
 PROCESSOR_KWARGS = ("max_soft_tokens",)  # what a request (or --mm-processor-kwargs) may set: the image budget
 LOW_DETAIL_TOKENS = 70  # an image sent with detail "low": the processor's smallest budget
+MAX_FILE_BYTES = 20 << 20  # a local image file an API client names (images.MAX_BYTES, as for its other images)
 ENCODER_CACHE_BYTES = 512 << 20  # host memory for recent images' soft tokens (280 x 2816 in bf16: 1.5 MiB each)
 
 
@@ -137,7 +139,7 @@ def image_parts_to_placeholders(messages: list, placeholder: str, details: list 
                 src = src.get("url")
             if src is None and kind == "image":
                 src = part.get("image") or part.get("url")
-            if not isinstance(src, (str, bytes)) and not hasattr(src, "convert"):
+            if not isinstance(src, (str, bytes, os.PathLike)) and not hasattr(src, "convert"):
                 raise ImageError(f"messages[{i}].content[{j}]: an {kind!r} part needs an image "
                                  f"(e.g. {{'type': 'image_url', 'image_url': {{'url': 'data:image/png;base64,...'}}}})")
             sources.append(src)
@@ -152,18 +154,20 @@ class Vision:
 
     def __init__(self, model, model_dir: str | Path | None, allowed_local_media_path: str | Path | None = None,
                  max_images: int | None = None, allowed_media_domains=None, processor_kwargs: dict | None = None,
-                 cache_bytes: int = ENCODER_CACHE_BYTES):
+                 cache_bytes: int = ENCODER_CACHE_BYTES, max_file_bytes: int | None = MAX_FILE_BYTES):
         """max_images: images per prompt (vLLM's --limit-mm-per-prompt; None: no limit, 0: text only).
         allowed_media_domains: the hosts http(s) image URLs may name (vLLM's --allowed-media-domains; None:
         any host, an empty list: no URL is fetched). processor_kwargs: defaults over the checkpoint's processor
         settings (vLLM's --mm-processor-kwargs; `PROCESSOR_KWARGS`). cache_bytes: memory for the soft tokens
-        of recent images, reused when an image comes again (0: none)."""
+        of recent images, reused when an image comes again (0: none). max_file_bytes: the size limit of a local
+        image file (None: only the pixel limit, for files the user names rather than an API client)."""
         from .images import ImageProcessorConfig, check_against_tower
 
         if max_images is not None and (not isinstance(max_images, int) or max_images < 0):
             raise ValueError(f"max_images={max_images!r}: expected None or an int >= 0")
         self.model, self.cfg = model, model.cfg
         self.allowed_local_media_path, self.max_images = allowed_local_media_path, max_images
+        self.max_file_bytes = max_file_bytes
         self.allowed_media_domains = None if allowed_media_domains is None else \
             frozenset(d.lower().rstrip(".") for d in allowed_media_domains)
         # read only for a model with a vision tower, and image=0 not even then (a text-only checkpoint may
@@ -235,7 +239,8 @@ class Vision:
             self._check_domain(k, src)
             try:
                 img = load_image(src, allowed_local_media_path=self.allowed_local_media_path,
-                                 follow_redirects=self.allowed_media_domains is None)
+                                 follow_redirects=self.allowed_media_domains is None,
+                                 max_file_bytes=self.max_file_bytes)
             except ValueError as e:
                 msg = str(e)
                 raise ImageError(f"image {k}: {msg.removeprefix('image: ')}") from None

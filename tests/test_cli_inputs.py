@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 
 import pytest
@@ -106,3 +107,26 @@ def test_a_device_this_machine_lacks_is_named(tiny, capsys):
 def test_a_revision_without_a_model_is_refused():
     with pytest.raises(GenerationError, match="revision 'main' needs a model"):
         LLM(revision="main", device="cpu")
+
+
+def test_generate_reads_a_big_image_file_and_names_a_bad_one(tmp_path, capsys):
+    """--image names the user's own file: no 20 MiB limit (that is for API clients' images; a 9 Mpx PNG is
+    ~27 MB), only the pixel limit; and an unreadable one is named by its path, not 'the image bytes'."""
+    from conftest import build_vision_chat_checkpoint, png
+
+    model = tmp_path / "vision"
+    model.mkdir()
+    build_vision_chat_checkpoint(model)
+    big = tmp_path / "big.png"
+    big.write_bytes(png(40, 30, 0) + bytes(21 << 20))  # 21 MiB past IEND, which decoders skip
+    flags = ["--prompt", "hi", "--max-new-tokens", "4", "--steps", "2", "--device", "cpu", "--json"]
+    assert main(["generate", str(model), *flags]) == 0
+    text_only = json.loads(capsys.readouterr().out)["prompt_tokens"]
+    assert main(["generate", str(model), "--image", str(big), *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] > text_only + 3  # boi, soft tokens, eoi
+    llm = LLM(model, device="cpu")  # a path given to the offline API: the same
+    llm.generate({"prompt": f"hi {llm.image_placeholder}", "multi_modal_data": {"image": str(big)}},
+                 SamplingParams(max_new_tokens=4, max_denoising_steps=2))
+    (tmp_path / "not.png").write_bytes(b"hello")
+    assert main(["generate", str(model), "--image", str(tmp_path / "not.png"), *flags]) != 0
+    assert f"image 0: {tmp_path / 'not.png'} is not an image" in capsys.readouterr().err

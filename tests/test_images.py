@@ -345,11 +345,32 @@ def test_load_local_files(tmp_path, rgb, monkeypatch):
     with pytest.raises(ValueError, match="no such file"):
         load_image(str(allowed / "missing.png"), allowed_local_media_path=allowed)
     with pytest.raises(ValueError, match="too large"):
-        load_image(str(inside), allowed_local_media_path=allowed, max_bytes=10)
+        load_image(str(inside), allowed_local_media_path=allowed, max_file_bytes=10)
     with pytest.raises(ValueError, match="not a directory"):
         load_image(str(inside), allowed_local_media_path=inside)
     with pytest.raises(ValueError, match="remote host"):
         load_image("file://example.com/etc/passwd", allowed_local_media_path=allowed)
+
+
+def test_a_local_file_the_user_names_has_no_byte_limit(tmp_path, rgb):
+    """API clients' images keep the 20 MiB limit (a data URL, an allowed server file); max_file_bytes=None (LLM,
+    the CLI: the user's own files) leaves only the pixel limit, so a big photo or PNG is read. Errors name the
+    file, and a file URL refused for want of an allowed path is not called 'not a URL'."""
+    big = tmp_path / "big.png"
+    big.write_bytes(_encode(rgb) + bytes(21 << 20))  # 21 MiB past IEND, which decoders skip
+    with pytest.raises(ValueError, match=rf"image: {big} is too large \(22\d+ bytes, the limit is 20971520\)"):
+        load_image(big, allowed_local_media_path=tmp_path)
+    with pytest.raises(ValueError, match="the data URL is too large"):
+        load_image("data:image/png;base64," + base64.b64encode(big.read_bytes()).decode())
+    _same(load_image(big, allowed_local_media_path=tmp_path, max_file_bytes=None), rgb)
+    _same(load_image(str(big), allowed_local_media_path=tmp_path, max_file_bytes=None), rgb)
+    (tmp_path / "not.png").write_bytes(b"hello")
+    with pytest.raises(ValueError, match=rf"image: {tmp_path / 'not.png'} is not an image"):
+        load_image(tmp_path / "not.png", allowed_local_media_path=tmp_path, max_file_bytes=None)
+    with pytest.raises(ValueError, match=r"image: file URL '/[^']*big\.png': local files are refused unless"):
+        load_image(big.as_uri())
+    with pytest.raises(ValueError, match=r"image: local file '/[^']*big\.png': local files are refused unless"):
+        load_image(big)
 
 
 @pytest.fixture

@@ -159,7 +159,7 @@ def test_terminal_chat_attaches_images_and_reuses_them_across_turns(vision_dir, 
     assert "/image nowhere.png: no such file" in err
     stats = [tuple(map(int, m)) for m in re.findall(r"\[(\d+) prompt tokens, (\d+) from the cache", err)]
     assert len(stats) == 3 and stats[1][1] > stats[0][0] // 2  # turn 2 reuses turn 1's prompt, image included
-    assert "error: image 1: the image bytes is not an image" in err  # (image 0: turn 1's) fails its turn only
+    assert f"error: image 1: {not_an_image} is not an image" in err  # (image 0: turn 1's) fails its turn only
     llm = LLM(vision_dir, device="cpu")
     first = [{"role": "user", "content": [{"type": "image", "image": pic.read_bytes()},
                                           {"type": "text", "text": "what is it?"}]}]
