@@ -272,8 +272,8 @@ class Vision:
             return ids, None
         self.need()
         if self.max_images is not None and len(sources) > self.max_images:
-            raise ImageError(f"{len(sources)} images in one prompt, over the limit of {self.max_images} "
-                             "(--limit-mm-per-prompt)")
+            raise ImageError(f"{len(sources)} image{'s' if len(sources) != 1 else ''} in one prompt, over the limit "
+                             f"of {self.max_images} (--limit-mm-per-prompt)")
         details = checked_details(details, len(sources))
         processor = self.processor_for(processor_kwargs)
         low = dataclasses.replace(processor, max_soft_tokens=LOW_DETAIL_TOKENS)

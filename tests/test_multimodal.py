@@ -303,6 +303,9 @@ def test_the_server_loads_the_tower_at_start_and_limits_images(vision_checkpoint
             assert (tower is not None) == (limit == 1)  # loaded before the engine sized its KV cache
             with pytest.raises(ImageError, match=f"2 images in one prompt, over the limit of {limit}"):
                 state.vision.prepare([5, IMG, IMG], [img, img])
+            if limit == 0:
+                with pytest.raises(ImageError, match="^1 image in one prompt, over the limit of 0"):
+                    state.vision.prepare([5, IMG], [img])
             if tower is not None:  # `canvaslm memory` counts what the server holds
                 held = sum(t.numel() * t.element_size() for t in (*tower.parameters(), *tower.buffers()))
                 cfg = ModelConfig.from_dir(path)
