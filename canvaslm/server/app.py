@@ -182,9 +182,11 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/detokenize", responses=ERRORS)
     async def detokenize(body: DetokenizeRequest):
+        """The text of token ids: `prompt` as vLLM names it, and `content` as llama-server's /detokenize does."""
         tok = _tokenizer_for(state, body.model, "tokens")
         check_in_vocab(state, body.tokens, "tokens", "token ids")
-        return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
+        text = tok.decode(body.tokens, skip_special_tokens=False)
+        return {"prompt": text, "content": text}
 
     @app.get("/v1/models", responses=ERRORS)
     async def models():

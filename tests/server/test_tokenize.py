@@ -27,8 +27,9 @@ def test_tokenize_counts_what_the_completion_routes_encode(http, llm):
     assert http.post("/tokenize", json={"messages": msgs}).json()["count"] == plain["usage"]["prompt_tokens"]
     raw = http.post("/tokenize", json={"prompt": "hi", "add_special_tokens": False}).json()["tokens"]
     assert raw == llm.tokenizer.encode("hi", add_special_tokens=False)
-    text = http.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"]
-    assert text == llm.tokenizer.decode(r["tokens"], skip_special_tokens=False)
+    text = http.post("/detokenize", json={"tokens": r["tokens"]}).json()
+    assert text["prompt"] == llm.tokenizer.decode(r["tokens"], skip_special_tokens=False)
+    assert text["content"] == text["prompt"]  # llama-server's /detokenize field
 
 
 @pytest.mark.parametrize("route,body,status,param", [
