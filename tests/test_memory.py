@@ -81,3 +81,18 @@ def test_a_26b_int4_checkpoint_fits_24_gib(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     assert main(["memory", str(tmp_path), "--gpu-memory", "24"]) == 0
     assert "weights 13.5 GiB (int4)" in capsys.readouterr().out
+
+
+def test_no_room_for_any_kv_cache_says_what_can_help(tiny_checkpoint, capsys):
+    """The weights and the reserve fill the share (or the GPU): no --max-batch helps, and no max_model_len was
+    asked for; the error says so and points at a larger share, smaller weights or a bigger GPU."""
+    assert main(["memory", "--shape", "26b-a4b", "--gpu-memory", "80", "--gpu-memory-utilization", "0.5",
+                 "--max-batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no room for a KV cache: 48.0 GiB in use (the weights and the runtime) and 2.0 GiB kept for " \
+           "activations leave nothing of the 40.0 GiB --gpu-memory-utilization 0.5 allows; raise " \
+           "--gpu-memory-utilization, load the weights with --quantization int4 or fp8, or use a bigger GPU" in err
+    assert main(["memory", str(tiny_checkpoint), "--gpu-memory", "3", "--max-batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "2.0 GiB kept for activations leave nothing of the GPU's 3.0 GiB;" in err and "bigger GPU" in err
+    assert "max-batch" not in err and "max_model_len" not in err

@@ -297,6 +297,8 @@ def plan_max_model_len(cfg, config: EngineConfig, device, dtype, free_total=None
         return want, "memory not checked"
     free, total = free_total
     budget, where = kv_budget(free, total, config.memory_utilization)
+    if budget <= 0:  # no --max-batch or --max-model-len can help: what is in use leaves no room for any KV cache
+        raise ValueError(_no_room(free, total, config.memory_utilization, device))
     cache = _bytes(cfg, config, want, dtype, with_store=False)
     if asked is None and config.prefix_caching is not False:
         both = _bytes(cfg, config, want, dtype, with_store=True)
@@ -318,6 +320,24 @@ def plan_max_model_len(cfg, config: EngineConfig, device, dtype, free_total=None
                                          if fits > C else "lower --max-batch"))
     return fits, (f"the model's context is {limit} positions, but their KV cache for {slots} slots would take "
                   f"{cache / GIB:.1f} GiB, while {where}; {fits} fit (lower --max-batch for more)")
+
+
+def _no_room(free: int, total: int, utilization: float | None, device) -> str:
+    """Why there is no KV cache at all (kv_budget <= 0), and what can help: the weights smaller, a larger share
+    of the device, a bigger one."""
+    used, gpu = total - free, str(device).startswith("cuda")
+    if utilization is not None:
+        why = (f"{used / GIB:.1f} GiB in use (the weights and the runtime) and 2.0 GiB kept for activations "
+               f"leave nothing of the {utilization * total / GIB:.1f} GiB --gpu-memory-utilization {utilization} "
+               "allows")
+        raise_it = "raise --gpu-memory-utilization, "
+    else:
+        why = (f"{used / GIB:.1f} GiB in use (the weights and the runtime) and {_reserve(total) / GIB:.1f} GiB "
+               f"kept for activations leave nothing of the {'GPU' if gpu else 'device'}'s {total / GIB:.1f} GiB")
+        raise_it = ("set --gpu-memory-utilization 0.95 (a smaller reserve), "
+                    if kv_budget(free, total, 0.95)[0] > 0 else "")
+    return (f"no room for a KV cache: {why}; {raise_it}load the weights with --quantization int4 or fp8, or use "
+            f"{'a bigger GPU' if gpu else 'a device with more memory'}")
 
 
 def prefix_caching_fits(cfg, config: EngineConfig, device, dtype, free_total=None) -> tuple[bool, str]:

@@ -104,9 +104,10 @@ def test_memory_utilization_counts_what_is_in_use():
                                     "cuda", torch.bfloat16, free_total=(28 * GIB, 80 * GIB))
     assert length < default  # 18 GiB against 20 GiB (28 less the default 8 GiB reserve)
     assert "--gpu-memory-utilization 0.9 allows 72.0 GiB" in why
-    with pytest.raises(ValueError, match="lower --max-batch"):
+    with pytest.raises(ValueError, match="52.0 GiB in use .* leave nothing of the 52.0 GiB "
+                                         "--gpu-memory-utilization 0.65 allows; raise --gpu-memory-utilization"):
         plan_max_model_len(cfg, EngineConfig(max_batch=8, max_model_len=None, memory_utilization=0.65), "cuda",
-                           torch.bfloat16, free_total=(28 * GIB, 80 * GIB))
+                           torch.bfloat16, free_total=(28 * GIB, 80 * GIB))  # no --max-batch can help there
     with pytest.raises(ValueError, match="memory_utilization=1.5"):
         EngineConfig(memory_utilization=1.5)
 
