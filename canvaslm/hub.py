@@ -4,8 +4,9 @@
 looked up in the Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE`, where `hf download` puts it) through
 `huggingface_hub.snapshot_download`, which downloads the files a checkpoint needs (config, weights,
 tokenizer, chat template) when they are missing and the machine is online. With `HF_HUB_OFFLINE=1` (read
-at each call) only the cache is used, and a model that is not there is an error naming the repo and the
-cache, never a network call.
+at each call) only the cache is used, and a model that is not there (or only partly: a snapshot without
+weights, such as the config.json `canvaslm memory` fetches) is an error naming the repo and the cache, never
+a network call.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def resolve_model(name: str | Path, revision: str | None = None, what: str = "mo
     from huggingface_hub import constants
 
     try:
-        return Path(snapshot_download(str(name), revision=revision, allow_patterns=CHECKPOINT_FILES,
-                                      ignore_patterns=SKIP, local_files_only=offline()))
+        snapshot = Path(snapshot_download(str(name), revision=revision, allow_patterns=CHECKPOINT_FILES,
+                                          ignore_patterns=SKIP, local_files_only=offline()))
     except LocalEntryNotFoundError:
         how = "HF_HUB_OFFLINE is set" if offline() else "it could not be downloaded"
         raise FileNotFoundError(
@@ -64,6 +65,13 @@ def resolve_model(name: str | Path, revision: str | None = None, what: str = "mo
         raise ValueError(f"{what} {name}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     except HfHubHTTPError as e:
         raise ValueError(f"{what} {name}: download failed: {str(e).splitlines()[0]}") from None
+    if offline() and not any(snapshot.glob("*.safetensors")):  # e.g. the config.json `canvaslm memory` fetched
+        held = ", ".join(sorted(p.name for p in snapshot.iterdir())) or "nothing"
+        raise FileNotFoundError(
+            f"{what} {name}{'@' + revision if revision else ''} is only partly in the Hugging Face cache "
+            f"({snapshot} holds {held}; no weights) and HF_HUB_OFFLINE is set; download it with "
+            f"`hf download {name}` or pass a checkpoint directory")
+    return snapshot
 
 
 __all__ = ["resolve_model", "is_repo_id", "CHECKPOINT_FILES"]

@@ -118,3 +118,22 @@ def test_memory_reads_only_the_config_of_a_repo_id(hub_cache, capsys):
     assert "acme/tiny-dg: weights 0.0 GiB (float32)" in capsys.readouterr().out
     assert main(["memory", "acme/none", "--gpu-memory", "1"]) == 2
     assert "acme/none: cannot read its config.json" in capsys.readouterr().err
+
+
+def test_a_snapshot_without_weights_is_said_to_be_partly_cached(hub_cache, capsys):
+    """Offline, a snapshot holding only config.json (what `canvaslm memory REPO` leaves) is named as partly in
+    the cache, with how to download it, rather than a bare 'no model.safetensors' on the snapshot path."""
+    from canvaslm.cli import main
+
+    repo = hub_cache.parent / "models--acme--partial"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    shutil.copy(hub_cache / "snapshots" / COMMIT / "config.json", repo / "snapshots" / COMMIT)
+    with pytest.raises(FileNotFoundError, match=r"model acme/partial is only partly in the Hugging Face cache "
+                                                r"\(.*holds config.json; no weights\) and HF_HUB_OFFLINE is set; "
+                                                r"download it with `hf download acme/partial`"):
+        resolve_model("acme/partial")
+    capsys.readouterr()
+    assert main(["serve", "acme/partial", "--device", "cpu"]) == 2
+    assert "acme/partial is only partly in the Hugging Face cache" in capsys.readouterr().err
