@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import operator
 import os
 import re
 from pathlib import Path
@@ -62,8 +63,10 @@ class ImageExample(tuple):
 
 
 def _coerce(item, where: str, tokenizer, vision=None, base: Path | None = None) -> list[Example]:
+    response_key = "response"
     if isinstance(item, dict) and "response" not in item and "completion" in item:  # TRL's name
         item = {**{k: v for k, v in item.items() if k != "completion"}, "response": item["completion"]}
+        response_key = "completion"
     if isinstance(item, dict) and _is_messages(item.get("prompt")) and _is_messages(item.get("response")):
         # TRL's conversational prompt-completion: train the completion's assistant turns only
         earlier = [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in item["prompt"]]
@@ -72,11 +75,16 @@ def _coerce(item, where: str, tokenizer, vision=None, base: Path | None = None) 
         return _chat_examples(item, where, tokenizer, vision, base)
     if isinstance(item, ImageExample):
         return [item]
+    names = ("prompt_ids", "response_ids")
     if isinstance(item, (tuple, list)) and len(item) == 2:
         prompt, response = item
+        names = ("prompt ids", "response ids")
     elif isinstance(item, dict) and "prompt_ids" in item and "response_ids" in item:
         prompt, response = item["prompt_ids"], item["response_ids"]
     elif isinstance(item, dict) and "prompt" in item and "response" in item:
+        for key, name in (("prompt", "prompt"), ("response", response_key)):
+            if not isinstance(item[key], str):
+                raise DataError(f"{where}: '{name}' must be a string, got {_shown(item[key])}")
         _need_tokenizer(tokenizer, where, "text examples ('prompt'/'response')")
         prompt = tokenizer.encode(item["prompt"])
         response = tokenizer.encode(item["response"], add_special_tokens=False)
@@ -87,18 +95,36 @@ def _coerce(item, where: str, tokenizer, vision=None, base: Path | None = None) 
     if sources is not None and not isinstance(sources, (list, tuple)):
         raise DataError(f"{where}: 'images' must be a list of images (one per image token of the prompt)")
     images = _row_images(list(sources or []), where, vision, base)
-    return [_with_images(_checked(prompt, response, where), images, where, vision)]
+    return [_with_images(_checked(prompt, response, where, names), images, where, vision)]
 
 
 def _is_messages(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
-def _checked(prompt, response, where: str) -> Example:
-    try:
-        prompt, response = [int(t) for t in prompt], [int(t) for t in response]
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: token ids must be integers") from None
+def _shown(value) -> str:
+    """A data value as a message shows it: JSON's null / true, shortened."""
+    text = json.dumps(value) if isinstance(value, (type(None), bool, int, float, str)) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _ids(value, where: str, name: str) -> list[int]:
+    """value as a list of token ids: a list (or tuple, array) of integers; not text, floats or booleans."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise DataError(f"{where}: '{name}' must be a list of integer token ids, got {_shown(value)}")
+    out = []
+    for t in value:
+        try:
+            if isinstance(t, bool):  # JSON's true is no token id
+                raise TypeError
+            out.append(operator.index(t))  # ints (numpy's too), not floats or strings
+        except TypeError:
+            raise DataError(f"{where}: '{name}' must be a list of integer token ids, got {_shown(t)} in it") from None
+    return out
+
+
+def _checked(prompt, response, where: str, names=("prompt ids", "response ids")) -> Example:
+    prompt, response = _ids(prompt, where, names[0]), _ids(response, where, names[1])
     if not prompt:
         raise DataError(f"{where}: empty prompt (at least one token is needed)")
     return prompt, response

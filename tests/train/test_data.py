@@ -1,0 +1,53 @@
+"""Training data: malformed rows are errors naming their row; JSON array files; held-out rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from canvaslm.train.data import DataError, load_examples
+
+
+def _rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_text_fields_must_be_strings_naming_the_row(tmp_path, tiny_checkpoint):
+    from canvaslm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    good = {"prompt": "ab", "response": "cd"}
+    for row, msg in (({"prompt": "hi", "response": None}, "'response' must be a string, got null"),
+                     ({"prompt": 5, "response": "x"}, "'prompt' must be a string, got 5"),
+                     ({"prompt": "hi", "completion": None}, "'completion' must be a string, got null"),
+                     ({"prompt": ["a"], "completion": "x"}, "'prompt' must be a string, got ['a']")):
+        path = _rows(tmp_path / "t.jsonl", [good, good, row])
+        with pytest.raises(DataError) as e:
+            load_examples(path, tok)
+        assert str(e.value).startswith(f"{path}:3: ") and msg in str(e.value), str(e.value)
+
+
+def test_token_ids_must_be_lists_of_integers(tmp_path, monkeypatch):
+    for ids, msg in (([2, 5.7], "'prompt_ids' must be a list of integer token ids, got 5.7 in it"),
+                     ("256", "'prompt_ids' must be a list of integer token ids, got \"256\""),
+                     ([2, True], "got true in it"),
+                     (7, "got 7"),
+                     (None, "got null")):
+        path = _rows(tmp_path / "ids.jsonl", [{"prompt_ids": [2], "response_ids": [6]},
+                                               {"prompt_ids": ids, "response_ids": [6]}])
+        with pytest.raises(DataError) as e:
+            load_examples(path)
+        assert str(e.value).startswith(f"{path}:2: ") and msg in str(e.value), str(e.value)
+    path = _rows(tmp_path / "r.jsonl", [{"prompt_ids": [2], "response_ids": [6.0]}])
+    with pytest.raises(DataError, match=r"r.jsonl:1: 'response_ids' must be a list of integer token ids, got 6.0"):
+        load_examples(path)
+    (tmp_path / "float_pairs.py").write_text("def make():\n    return [([2, 5], [6]), ([2, 5.0], [6])]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(DataError, match=r"float_pairs:make\[1\]: 'prompt ids' must be a list of integer token ids, "
+                                        r"got 5.0 in it"):
+        load_examples("float_pairs:make")  # a callable's pairs too
+    assert load_examples(_rows(tmp_path / "ok.jsonl", [{"prompt_ids": [2, 5], "response_ids": []}])) == [([2, 5], [])]
+
+
