@@ -1,10 +1,10 @@
 """Training data: load (prompt_ids, response_ids) examples and order them deterministically.
 
-Sources: a JSONL file of {"prompt_ids", "response_ids"} rows, {"prompt", "response"} texts (encoded
-with the checkpoint's tokenizer; TRL's "completion" may stand for "response") or {"messages": [...],
-"tools": [...]} conversations (OpenAI's fine-tuning format, rendered with the checkpoint's chat template:
-one example per assistant turn, the conversation before it as the prompt; TRL's conversational
-{"prompt": [messages], "completion": [messages]} trains the completion's turns), a Python callable
+Sources: a JSONL file (or a .json file holding one JSON array) of {"prompt_ids", "response_ids"} rows,
+{"prompt", "response"} texts (encoded with the checkpoint's tokenizer; TRL's "completion" may stand for
+"response") or {"messages": [...], "tools": [...]} conversations (OpenAI's fine-tuning format, rendered with
+the checkpoint's chat template: one example per assistant turn, the conversation before it as the prompt;
+TRL's conversational {"prompt": [messages], "completion": [messages]} trains the completion's turns), a Python callable
 `module:function` returning a list of examples (pairs, or dicts as in the JSONL), or a Hugging Face
 dataset (`hf:owner/name`, or a mapping {dataset, subset, split, revision, columns, max_examples}) read
 with the `datasets` library, whose rows are those dicts (`columns` renames the dataset's columns).
@@ -128,6 +128,13 @@ def _checked(prompt, response, where: str, names=("prompt ids", "response ids"))
     if not prompt:
         raise DataError(f"{where}: empty prompt (at least one token is needed)")
     return prompt, response
+
+
+def check_vocab(example: Example, vocab_size: int, where: str) -> None:
+    """DataError naming `where` when a token id of the example is outside [0, vocab_size)."""
+    bad = [t for t in example[0] + example[1] if not 0 <= t < vocab_size]
+    if bad:
+        raise DataError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
 
 def _need_tokenizer(tokenizer, where: str, what: str) -> None:
@@ -377,38 +384,57 @@ def load_examples(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: 
     """Examples from a JSONL path, a `module:function` callable (called with **kwargs) or a Hugging Face
     dataset (`hf:owner/name` or a mapping: `hf_source`). vision: a `vision.TrainVision` for examples with
     images (None: the model takes text only, and an example with images is an error)."""
+    return [ex for _, ex in load_sourced(spec, tokenizer, kwargs, vocab_size, vision)]
+
+
+def load_sourced(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: int | None = None,
+                 vision=None) -> list[tuple[str, Example]]:
+    """load_examples' examples, each with where its row is (FILE:LINE, `FILE: row N` of a JSON array, a
+    dataset's row N, module:function[N]): the examples of one row (a conversation's turns) share it."""
     src = hf_source(spec)
     if src is not None:
         rows, where = _hf_rows(src)
         base = Path(src["dataset"]) if Path(src["dataset"]).is_dir() else None
-        out = [ex for i, item in enumerate(rows) for ex in _coerce(item, f"{where} row {i}", tokenizer, vision, base)]
+        rows = [(f"{where} row {i}", item) for i, item in enumerate(rows)]
         spec = src["dataset"]
     elif spec.endswith((".jsonl", ".json")) or Path(spec).exists():
         path = Path(spec)
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
-        out = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
-                out += _coerce(item, f"{path}:{i}", tokenizer, vision, path.parent)
+        rows, base = _file_rows(path), path.parent
     else:
         items = resolve_callable(spec)(**(kwargs or {}))
-        out = [ex for i, item in enumerate(items) for ex in _coerce(item, f"{spec}[{i}]", tokenizer, vision)]
+        rows, base = [(f"{spec}[{i}]", item) for i, item in enumerate(items)], None
+    out = [(where, ex) for where, item in rows for ex in _coerce(item, where, tokenizer, vision, base)]
     if not out:
         raise DataError(f"data source {spec!r} holds no examples")
     if vocab_size is not None:
-        for i, (p, r) in enumerate(out):
-            bad = [t for t in p + r if not 0 <= t < vocab_size]
-            if bad:
-                raise DataError(f"data source {spec!r} example {i}: token ids {bad[:5]} outside the "
-                                f"vocabulary [0, {vocab_size})")
+        for where, ex in out:
+            check_vocab(ex, vocab_size, where)
     return out
+
+
+def _file_rows(path: Path):
+    """(where, row) of a data file: JSON lines, or for a .json file holding one JSON array, its items (what
+    `datasets` reads from such a file)."""
+    with path.open(encoding="utf-8") as f:
+        if path.suffix == ".json" and f.read(4096).lstrip().startswith("["):
+            f.seek(0)
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e})") from None
+            yield from ((f"{path}: row {i}", item) for i, item in enumerate(rows))
+            return
+        f.seek(0)
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+            yield f"{path}:{i}", item
 
 
 def split_holdout(examples: list[Example], n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
@@ -442,5 +468,5 @@ class ExampleStream:
         return [self._perm(i // self.n)[i % self.n] for i in range(start, start + count)]
 
 
-__all__ = ["Example", "ImageExample", "DataError", "load_examples", "split_holdout", "ExampleStream",
-           "resolve_callable"]
+__all__ = ["Example", "ImageExample", "DataError", "load_examples", "load_sourced", "split_holdout", "ExampleStream",
+           "resolve_callable", "check_vocab"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from canvaslm.train.data import DataError, load_examples
+from canvaslm.train.data import DataError, load_examples, load_sourced
 
 
 def _rows(path, rows):
@@ -49,5 +49,28 @@ def test_token_ids_must_be_lists_of_integers(tmp_path, monkeypatch):
                                         r"got 5.0 in it"):
         load_examples("float_pairs:make")  # a callable's pairs too
     assert load_examples(_rows(tmp_path / "ok.jsonl", [{"prompt_ids": [2, 5], "response_ids": []}])) == [([2, 5], [])]
+
+
+def test_a_json_array_file_is_read_as_rows(tmp_path):
+    rows = [{"prompt_ids": [2, 5], "response_ids": [6]}, {"prompt_ids": [2, 7], "response_ids": [8, 9]}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows, indent=2))
+    assert load_examples(str(path)) == [([2, 5], [6]), ([2, 7], [8, 9])]
+    assert [w for w, _ in load_sourced(str(path))] == [f"{path}: row 0", f"{path}: row 1"]
+    path.write_text(json.dumps(rows + [{"prompt_ids": [2], "response_ids": [40]}]))
+    with pytest.raises(DataError, match=r"d.json: row 2: token ids \[40\] outside the vocabulary \[0, 32\)"):
+        load_examples(str(path), vocab_size=32)
+    path.write_text("[" + json.dumps(rows[0]) + ",\n")
+    with pytest.raises(DataError, match=r"d.json: not valid JSON"):
+        load_examples(str(path))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # a .json file of JSON lines still reads
+    assert load_examples(str(path)) == [([2, 5], [6]), ([2, 7], [8, 9])]
+
+
+def test_out_of_vocabulary_ids_name_the_line(tmp_path):
+    path = _rows(tmp_path / "v.jsonl", [{"prompt_ids": [2], "response_ids": [6]}] * 4 +
+                 [{"prompt_ids": [2, 5], "response_ids": [7, 99]}])
+    with pytest.raises(DataError, match=r"v.jsonl:5: token ids \[99\] outside the vocabulary \[0, 32\)"):
+        load_examples(path, vocab_size=32)
 
 
