@@ -437,15 +437,18 @@ def _file_rows(path: Path):
             yield f"{path}:{i}", item
 
 
-def split_holdout(examples: list[Example], n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, eval): a fixed-seed random `n_eval` examples held out."""
+def split_holdout(examples: list[tuple[str, Example]], n_eval: int, seed: int) -> tuple[list, list]:
+    """(train, eval) of (where, example) pairs: a fixed-seed random `n_eval` rows held out, each with all its
+    examples (a conversation's turns stay together: none of them is trained on and evaluated)."""
     if n_eval <= 0:
         return examples, []
-    if n_eval >= len(examples):
-        raise DataError(f"eval_size={n_eval} leaves no training examples (only {len(examples)} in total)")
-    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
-    held = set(perm[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in perm[:n_eval]]
+    rows = list(dict.fromkeys(where for where, _ in examples))
+    if n_eval >= len(rows):
+        raise DataError(f"eval_size={n_eval} leaves no training examples (only {len(rows)} rows in total)")
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    held = {rows[i]: k for k, i in enumerate(perm[:n_eval])}
+    train = [e for e in examples if e[0] not in held]
+    return train, sorted((e for e in examples if e[0] in held), key=lambda e: held[e[0]])
 
 
 class ExampleStream:

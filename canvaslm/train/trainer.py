@@ -30,7 +30,7 @@ from ..checkpoint import parse_dtype
 from ..config import ConfigError, DiffusionParams
 from ..quant import QUANTIZATIONS
 from . import checkpointing as ckpt
-from .data import DataError, ExampleStream, ImageExample, load_examples, resolve_callable, split_holdout
+from .data import DataError, ExampleStream, ImageExample, load_sourced, resolve_callable, split_holdout
 from .lora import LoRAConfig, apply_lora, has_lora
 from .objective import block_diffusion_loss, canvases_of, example_noise_seed, make_batch, set_trainable
 from .typecheck import check_fields, checked, yaml_problem
@@ -383,24 +383,30 @@ class Trainer:
         # images: loaded, preprocessed and encoded by the frozen tower here, once (vision.py)
         self.vision = TrainVision(self.model, ckpt.model_dir(c) if isinstance(c.model, str) else None) \
             if TrainVision.usable(self.model.cfg) else None
-        load = lambda src: load_examples(src, tok, spec.get("kwargs"), vocab, self.vision)  # noqa: E731
-        examples = self._fitting(load(spec["train"]), "data.train")
+        load = lambda src: load_sourced(src, tok, spec.get("kwargs"), vocab, self.vision)  # noqa: E731
+        train = self._fitting(load(spec["train"]), "data.train")
         if spec.get("eval"):
-            self.train_examples = examples
-            self.eval_examples = self._fitting(load(spec["eval"]), "data.eval")
-        else:
-            self.train_examples, self.eval_examples = split_holdout(examples, int(spec.get("eval_size", 0)), c.seed)
+            held = self._fitting(load(spec["eval"]), "data.eval")
+        else:  # whole rows: a conversation's turns are all trained on or all held out
+            train, held = split_holdout(train, int(spec.get("eval_size", 0)), c.seed)
         if self.vision is not None:
             self.vision.release()
+        self.train_where = [where for where, _ in train]  # each example's row (FILE:LINE), for messages
+        self.train_examples, self.eval_examples = [ex for _, ex in train], [ex for _, ex in held]
         self.stream = ExampleStream(len(self.train_examples), c.seed)
         self.transform = resolve_callable(spec["transform"]) if spec.get("transform") else None
 
+    def _length(self, example) -> int:
+        """The example's training sequence: prompt + response in whole canvases (EOS included)."""
+        C = self.model.cfg.canvas_length
+        return len(example[0]) + C * canvases_of(example[1], C, self.eos_ids)
+
     def _fitting(self, examples: list, what: str) -> list:
-        """The examples whose training sequence (prompt + response in whole canvases) fits `max_length`, with
-        a warning that counts the others (with `truncate_prompt`, a long example's prompt is cut from the start
-        to fit, where it can be); a sequence past the model's positions is an error naming it."""
+        """The (where, example) pairs whose training sequence fits `max_length`, with a warning that counts the
+        others (with `truncate_prompt`, a long example's prompt is cut from the start to fit, where it can be);
+        a sequence past the model's positions is an error naming its row."""
         c, cfg = self.config, self.model.cfg
-        lengths = [len(p) + cfg.canvas_length * canvases_of(r, cfg.canvas_length, self.eos_ids) for p, r in examples]
+        lengths = [self._length(ex) for _, ex in examples]
         limit = cfg.max_position_embeddings
         if c.max_length is not None and c.max_length > limit:
             raise ConfigError(f"train config: max_length {c.max_length} is past the model's max_position_embeddings "
@@ -409,17 +415,17 @@ class Trainer:
             too_long = [i for i, n in enumerate(lengths) if n > limit]
             if too_long:
                 i = too_long[0]
-                raise DataError(f"{what}: example {i} is {lengths[i]} tokens long (prompt + response in canvases "
-                                f"of {cfg.canvas_length}), past the model's max_position_embeddings {limit} "
-                                f"({len(too_long)} of {len(examples)} examples are); set max_length to leave them "
-                                "out")
+                raise DataError(f"{examples[i][0]}: the example is {lengths[i]} tokens long (prompt + response in "
+                                f"canvases of {cfg.canvas_length}), past the model's max_position_embeddings {limit} "
+                                f"(too long: {len(too_long)} of the {len(examples)} examples of {what}); set "
+                                "max_length to leave them out")
             return examples
         if c.truncate_prompt:  # cut long prompts from the start; what cannot be cut stays too long (left out)
             examples, cut = list(examples), 0
             for i, n in enumerate(lengths):
-                short = self._cut_prompt(examples[i], n - c.max_length) if n > c.max_length else None
+                short = self._cut_prompt(examples[i][1], n - c.max_length) if n > c.max_length else None
                 if short is not None:
-                    examples[i], lengths[i], cut = short, c.max_length, cut + 1
+                    examples[i], lengths[i], cut = (examples[i][0], short), c.max_length, cut + 1
             if cut and self.dist.rank == 0:
                 log.warning("%s: cut the start of %d prompts to fit max_length %d", what, cut, c.max_length)
         kept = [ex for ex, n in zip(examples, lengths) if n <= c.max_length]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from canvaslm.train.data import DataError, load_examples, load_sourced
+from canvaslm.train.data import DataError, load_examples, load_sourced, split_holdout
 
 
 def _rows(path, rows):
@@ -74,3 +74,20 @@ def test_out_of_vocabulary_ids_name_the_line(tmp_path):
         load_examples(path, vocab_size=32)
 
 
+def test_eval_size_holds_out_whole_conversations(tmp_path, tiny_checkpoint):
+    """A conversation's assistant turns are all trained on or all held out (before: turns were held out one
+    by one, so the eval set held turns of conversations the run trained on)."""
+    from canvaslm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"},
+                          {"role": "user", "content": "more"}, {"role": "assistant", "content": f"b{i}"}]}
+            for i in range(20)]
+    examples = load_sourced(_rows(tmp_path / "chat.jsonl", rows), tok)
+    assert len(examples) == 40
+    train, held = split_holdout(examples, 8, seed=0)
+    assert len(held) == 16 and len(train) == 24  # 8 conversations of 2 turns
+    assert not {w for w, _ in train} & {w for w, _ in held}
+    assert sorted(train + held) == sorted(examples)
+    with pytest.raises(DataError, match=r"eval_size=20 leaves no training examples \(only 20 rows"):
+        split_holdout(examples, 20, seed=0)
