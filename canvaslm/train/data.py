@@ -130,6 +130,16 @@ def _checked(prompt, response, where: str, names=("prompt ids", "response ids"))
     return prompt, response
 
 
+def check_example(pair, where: str, vocab_size: int) -> Example:
+    """A (prompt_ids, response_ids) pair that user code made (a transform's output), checked as a loaded
+    example is: lists of integer ids, a prompt, ids inside the vocabulary."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise DataError(f"{where}: expected a (prompt_ids, response_ids) pair, got {_shown(pair)}")
+    example = _checked(pair[0], pair[1], where)
+    check_vocab(example, vocab_size, where)
+    return example
+
+
 def check_vocab(example: Example, vocab_size: int, where: str) -> None:
     """DataError naming `where` when a token id of the example is outside [0, vocab_size)."""
     bad = [t for t in example[0] + example[1] if not 0 <= t < vocab_size]
@@ -472,4 +482,4 @@ class ExampleStream:
 
 
 __all__ = ["Example", "ImageExample", "DataError", "load_examples", "load_sourced", "split_holdout", "ExampleStream",
-           "resolve_callable", "check_vocab"]
+           "resolve_callable", "check_example", "check_vocab"]

@@ -30,7 +30,7 @@ from ..checkpoint import parse_dtype
 from ..config import ConfigError, DiffusionParams
 from ..quant import QUANTIZATIONS
 from . import checkpointing as ckpt
-from .data import DataError, ExampleStream, ImageExample, load_sourced, resolve_callable, split_holdout
+from .data import DataError, ExampleStream, ImageExample, check_example, load_sourced, resolve_callable, split_holdout
 from .lora import LoRAConfig, apply_lora, has_lora
 from .objective import block_diffusion_loss, canvases_of, example_noise_seed, make_batch, set_trainable
 from .typecheck import check_fields, checked, yaml_problem
@@ -472,14 +472,28 @@ class Trainer:
             idx = self.stream.indices(step * c.batch_size + pos[0], m)
             examples = [self.train_examples[i] for i in idx]
             if self.transform is not None:
-                examples = [self._transformed(ex, random.Random(example_noise_seed(c.seed ^ TRANSFORM_SEED_SALT,
-                                                                                    step, j)))
-                            for ex, j in zip(examples, pos)]
+                examples = [self._transformed(self.train_examples[i], self.train_where[i],
+                                              random.Random(example_noise_seed(c.seed ^ TRANSFORM_SEED_SALT, step, j)))
+                            for i, j in zip(idx, pos)]
             yield examples, pos
 
-    def _transformed(self, example, rng):
-        out = self.transform(example[0], example[1], rng)
-        return example.replace(*out) if isinstance(example, ImageExample) else out
+    def _transformed(self, example, where: str, rng):
+        """The transform's output for an example, checked as a loaded example is (ids, vocabulary, length)."""
+        c, cfg = self.config, self.model.cfg
+        at = f"data.transform {c.data_spec['transform']!r} on {where}"
+        out = check_example(self.transform(example[0], example[1], rng), at, cfg.vocab_size)
+        n, limit = self._length(out), c.max_length or cfg.max_position_embeddings
+        if n > limit:
+            raise DataError(f"{at}: its example is {n} tokens long (prompt + response in canvases of "
+                            f"{cfg.canvas_length}), past {'max_length' if c.max_length else 'max_position_embeddings'} "
+                            f"{limit}")
+        if isinstance(example, ImageExample):
+            img = cfg.image_token_id
+            if out[0].count(img) != example[0].count(img):
+                raise DataError(f"{at}: its prompt holds {out[0].count(img)} image tokens (id {img}) where the "
+                                f"example's holds {example[0].count(img)}; a transform must keep the image tokens")
+            return example.replace(*out)
+        return out
 
     def _loss(self, examples, seeds):
         c = self.config

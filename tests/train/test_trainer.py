@@ -359,6 +359,27 @@ def test_transform_augments_deterministically(tmp_path, monkeypatch):
     assert ex_a != next(a._micro_batches(4))[0]
 
 
+def test_transform_output_is_checked_naming_the_transform_and_row(tmp_path, monkeypatch):
+    (tmp_path / "badtf.py").write_text(
+        "def oov(p, r, rng):\n    return p, r + [500]\n"
+        "def none(p, r, rng):\n    return None\n"
+        "def floats(p, r, rng):\n    return [float(t) for t in p], r\n"
+        "def empty(p, r, rng):\n    return [], r\n"
+        "def long(p, r, rng):\n    return p + [5] * 40, r\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = tiny_config(tmp_path, max_length=32)
+    data = Path(base["data"]["train"])
+    for fn, msg in (("oov", r"token ids \[500\] outside the vocabulary \[0, 32\)"),
+                    ("none", r"expected a \(prompt_ids, response_ids\) pair, got null"),
+                    ("floats", r"'prompt ids' must be a list of integer token ids, got 2.0 in it"),
+                    ("empty", r"empty prompt"),
+                    ("long", r"its example is \d+ tokens long \(prompt \+ response in canvases of 8\), past "
+                             r"max_length 32")):
+        t = Trainer(TrainConfig.from_dict({**base, "data": {**base["data"], "transform": f"badtf:{fn}"}}))
+        with pytest.raises(DataError, match=rf"^data.transform 'badtf:{fn}' on {data}:\d+: {msg}"):
+            next(t._micro_batches(0))
+
+
 def test_bf16_autocast_step_on_cpu(tmp_path):
     """The GPU default (bf16 autocast over fp32 master weights) runs through the same code on CPU."""
     t = Trainer(TrainConfig.from_dict(tiny_config(tmp_path, max_steps=1, dtype="bf16")))
