@@ -202,7 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         m.add_parser(sub)
+    _no_abbreviations(parser)
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Every flag of every subcommand must be spelled out: a prefix would match whatever flag it begins
+    (`serve --enable-lora`, vLLM's flag, matched `--enable-lora-updates`)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _no_abbreviations(sub)
 
 
 def main(argv=None) -> int:

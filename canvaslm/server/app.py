@@ -155,6 +155,10 @@ def build_app(state: ServerState) -> FastAPI:
         """Token ids of a prompt exactly as the completion routes encode it (vLLM's route); messages with
         images give the expanded ids (each image's soft tokens), the images loaded as a request loads them."""
         tok = _tokenizer_for(state, body.model, "prompt" if body.messages is None else "messages")
+        if body.content is not None or body.add_special is not None:  # llama-server's names
+            if body.prompt is not None or body.messages is not None:
+                raise APIError(400, "send content (llama-server's name) or prompt / messages, not both", "content")
+            body = body.model_copy(update={"prompt": body.content, "add_special_tokens": bool(body.add_special)})
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send one of prompt (text) or messages (chat)", "prompt")
         try:
@@ -192,7 +196,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def models():
         return {"object": "list", "data": [_model_card(state, name) for name in state.served_names()]}
 
-    @app.get("/v1/models/{model}", responses=ERRORS)
+    @app.get("/v1/models/{model:path}", responses=ERRORS)  # repo ids hold a "/"
     async def model(model: str):
         state.adapter(model)  # a 404 unless served
         return _model_card(state, model)

@@ -42,7 +42,7 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
     defaults = defaults or DiffusionParams.from_dir(model_dir)  # the sampler's (given: vLLM's --generation-config)
     return state_from_model(model, defaults, tokenizer, config, api_key,
-                            served_model_name or model_dir.name, max_denoising_steps, regex_timeout, lora_modules,
+                            served_model_name or model_dir.resolve().name, max_denoising_steps, regex_timeout, lora_modules,
                             lora_updates, max_loras, max_lora_rank, model_dir, allowed_local_media_path, max_images,
                             allowed_media_domains, processor_kwargs)
 

@@ -543,6 +543,8 @@ class TokenizeRequest(_Strict):
     continue_final_message: bool = False  # for messages: as on /v1/chat/completions
     chat_template_kwargs: dict[str, Any] | None = None  # for messages: as on /v1/chat/completions
     mm_processor_kwargs: dict[str, Any] | None = None  # for messages with images: as on /v1/chat/completions
+    content: str | None = Field(None, max_length=1 << 24)  # llama-server's /tokenize: the text, and
+    add_special: bool | None = None  # whether to add BOS (its default: no)
 
 
 class DetokenizeRequest(_Strict):

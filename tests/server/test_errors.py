@@ -8,6 +8,7 @@ import json
 import re
 
 import httpx
+import openai
 import pytest
 
 from canvaslm.server.launch import BackgroundServer
@@ -245,3 +246,17 @@ def test_a_bad_union_member_names_the_part_and_field(http, route, body, message)
     resp = http.post(f"/v1/{route}", json=body)
     check_error(resp, 400, route.split("/")[0] == "chat" and "messages" or "input")
     assert resp.json()["error"]["message"].startswith(message), resp.json()
+
+
+def test_a_model_served_from_dot_or_under_a_repo_id_can_be_named(tiny_checkpoint, monkeypatch):
+    """`canvaslm serve .` serves the directory's name (it served "", which no request can name), and
+    GET /v1/models/{id} finds an id holding "/" (a repo id, the default name of a hub model)."""
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    monkeypatch.chdir(tiny_checkpoint)
+    assert build_state(".", "cpu", "float32").model_name == tiny_checkpoint.resolve().name
+    with BackgroundServer(build_state(tiny_checkpoint, "cpu", "float32", served_model_name="org/tiny")) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        assert client.models.retrieve("org/tiny").id == "org/tiny"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("org/other")

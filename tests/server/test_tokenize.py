@@ -30,6 +30,10 @@ def test_tokenize_counts_what_the_completion_routes_encode(http, llm):
     text = http.post("/detokenize", json={"tokens": r["tokens"]}).json()
     assert text["prompt"] == llm.tokenizer.decode(r["tokens"], skip_special_tokens=False)
     assert text["content"] == text["prompt"]  # llama-server's /detokenize field
+    # llama-server's /tokenize body: `content`, BOS only with add_special
+    assert http.post("/tokenize", json={"content": "hi"}).json()["tokens"] == raw
+    assert http.post("/tokenize", json={"content": "hi", "add_special": True}).json()["tokens"] == \
+        llm.tokenizer.encode("hi")
 
 
 @pytest.mark.parametrize("route,body,status,param", [
@@ -37,6 +41,7 @@ def test_tokenize_counts_what_the_completion_routes_encode(http, llm):
     ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, "prompt"),
     ("/tokenize", {"prompt": "a", "model": "gpt-4"}, 404, "model"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "content": "b"}, 400, "content"),
     ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
     ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
 ])

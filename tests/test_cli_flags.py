@@ -1,0 +1,24 @@
+"""The command line: every subcommand's flags must be spelled out in full (a prefix would match whatever flag
+it begins, as `serve --enable-lora` matched `--enable-lora-updates`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from canvaslm.cli import build_parser
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["generate", "m", "--prompt", "x", "--max-new", "3"], "--max-new"),
+    (["quantize", "a", "b", "--to", "int4", "--dev", "cpu"], "--dev"),
+    (["sudoku", "solve", "--step", "3", "1" * 81], "--step"),
+])
+def test_a_prefix_of_a_flag_is_refused(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_flags_spelled_out_still_parse():
+    args = build_parser().parse_args(["generate", "m", "--prompt", "x", "--max-new-tokens", "3"])
+    assert args.max_new_tokens == 3
