@@ -45,6 +45,8 @@ class LoRAConfig:
             raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets and not self.include_experts:
+            raise ValueError("lora.targets is empty and lora.include_experts is false: nothing to adapt")
         unknown = set(self.targets) - set(DEFAULT_TARGETS)
         if unknown:
             raise ValueError(f"lora.targets: unknown module names {sorted(unknown)}; expected a subset of "

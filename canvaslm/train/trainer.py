@@ -116,8 +116,16 @@ class TrainConfig:
                               ("kwargs", "dict | None"), ("transform", "str | None")):
                 if key in self.data:
                     checked(f"data.{key}", self.data[key], kind, "train config: ")
+            for key in ("train", "eval", "transform"):
+                if self.data.get(key) in ("", {}):
+                    bad(f"data.{key}", "must not be empty (leave the key out, or null, for none)"
+                        if key != "train" else "is required (a .jsonl path, 'module:function' or a dataset)",
+                        self.data[key])
             if self.data.get("eval_size", 0) < 0:
-                bad("data.eval_size", "must be an integer >= 0 (0: no held-out examples)", self.data["eval_size"])
+                bad("data.eval_size", "must be an integer >= 0 (0: no held-out rows)", self.data["eval_size"])
+            if self.data.get("eval_size") and self.data.get("eval") is not None:
+                bad("data.eval_size", "does not combine with data.eval (the eval examples are data.eval's; "
+                                      "eval_size holds out training rows instead)", self.data["eval_size"])
         for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_max_examples"):
             if getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
@@ -135,6 +143,13 @@ class TrainConfig:
             bad("clip", "must be a number >= 0 (0 or null: no clipping)")
         if not 0 <= self.sc_prob <= 1:
             bad("sc_prob", "must be in [0, 1]")
+        for name in ("diffusion_weight", "ar_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, "must be a finite number >= 0")
+        if self.ar_only and self.ar_weight == 0:
+            bad("ar_weight", "must be > 0 with ar_only (whose loss is the next-token loss alone)")
+        if not self.ar_only and self.diffusion_weight == 0 and self.ar_weight == 0:
+            bad("diffusion_weight", "and ar_weight are both 0: nothing to train (set either > 0)")
         for name in ("warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")

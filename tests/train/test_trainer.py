@@ -84,6 +84,31 @@ def test_config_values_are_type_checked_naming_the_file(tmp_path):
             Trainer(TrainConfig.from_dict({**base, "device": "cuda"}))
 
 
+def test_config_refuses_loss_weights_and_data_keys_that_cannot_train(tmp_path):
+    import yaml
+
+    base = tiny_config(tmp_path, max_steps=1)
+    path = tmp_path / "c.yaml"
+    cases = [({"diffusion_weight": -1}, "diffusion_weight must be a finite number >= 0, got -1.0"),
+             ({"ar_weight": float("nan")}, "ar_weight must be a finite number >= 0, got nan"),
+             ({"diffusion_weight": float("inf")}, "diffusion_weight must be a finite number >= 0, got inf"),
+             ({"diffusion_weight": 0, "ar_weight": 0}, "diffusion_weight and ar_weight are both 0: nothing to train"),
+             ({"ar_only": True, "ar_weight": 0}, "ar_weight must be > 0 with ar_only"),
+             ({"data": {"train": ""}}, "data.train is required"),
+             ({"data": {**base["data"], "eval": ""}}, "data.eval must not be empty"),
+             ({"data": {**base["data"], "eval": "e.jsonl"}}, "data.eval_size does not combine with data.eval"),
+             ({"lora": {"targets": []}}, "lora.targets is empty and lora.include_experts is false")]
+    for change, msg in cases:
+        path.write_text(yaml.safe_dump({**base, **change}))
+        with pytest.raises(ConfigError) as e:
+            TrainConfig.from_yaml(path)
+        assert str(e.value).startswith(f"{path}: ") and msg in str(e.value), (change, str(e.value))
+    for ok in ({"diffusion_weight": 0}, {"ar_weight": 0}, {"ar_only": True, "diffusion_weight": 0},
+               {"lora": {"targets": [], "include_experts": True}}, {"data": {**base["data"], "eval_size": 0,
+                                                                             "eval": "e.jsonl"}}):
+        TrainConfig.from_dict({**base, **ok})
+
+
 def test_a_typo_in_model_init_is_an_error_naming_the_key(tmp_path):
     init = {k: v for k, v in tiny_config(tmp_path)["model"]["init"].items() if k != "hidden_size"}
     with pytest.raises(ConfigError, match=r"model.init.hiden_size is not a model.init key .*mean hidden_size\?"):
