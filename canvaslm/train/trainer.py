@@ -343,6 +343,9 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
             self.step, self.history = state["step"], list(state["history"])
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                # the saved lr is the old schedule's: max_steps, warmup_steps and min_lr_ratio may have changed
+                group["lr"] = base * lr_factor(self.step, c.warmup_steps, c.max_steps, c.min_lr_ratio)
             log.info("resumed from %s at step %d", latest, self.step)
         elif self.dist.world > 1:
             for p in self.model.parameters():  # every process starts from rank 0's weights

@@ -109,6 +109,20 @@ def test_config_refuses_loss_weights_and_data_keys_that_cannot_train(tmp_path):
         TrainConfig.from_dict({**base, **ok})
 
 
+def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path):
+    """The first step after resuming with a larger max_steps (or other warmup / min_lr_ratio) uses the new
+    schedule's lr, not the one the optimizer saved (the old schedule's next lr)."""
+    full = Trainer(TrainConfig.from_dict(tiny_config(tmp_path / "full", max_steps=8, warmup_steps=2))).train()
+    short = tiny_config(tmp_path / "short", max_steps=4, warmup_steps=2)
+    Trainer(TrainConfig.from_dict(short)).train()
+    again = Trainer(TrainConfig.from_dict({**short, "max_steps": 8}), resume=True).train()
+    assert [r["lr"] for r in again[4:]] == pytest.approx([r["lr"] for r in full[4:]], rel=1e-12)
+    assert again[4]["lr"] == pytest.approx(3e-3 * lr_factor(4, 2, 8, 0.1))
+    changed = Trainer(TrainConfig.from_dict({**short, "max_steps": 10, "warmup_steps": 6, "min_lr_ratio": 0.5}),
+                      resume=True).train()
+    assert [r["lr"] for r in changed[8:]] == pytest.approx([3e-3 * lr_factor(s, 6, 10, 0.5) for s in (8, 9)])
+
+
 def test_a_typo_in_model_init_is_an_error_naming_the_key(tmp_path):
     init = {k: v for k, v in tiny_config(tmp_path)["model"]["init"].items() if k != "hidden_size"}
     with pytest.raises(ConfigError, match=r"model.init.hiden_size is not a model.init key .*mean hidden_size\?"):
