@@ -56,8 +56,10 @@ def _vocab_stats_kernel(logits, stride_ln, v_len, v0, temp, seeds, pos, mask, st
         vocab_ids = (offs + v0).to(tl.uint32)
         zero = vocab_ids * 0
         bits, _, _, _ = tl.philox(seed, vocab_ids, zero + p, zero + STREAM, zero)
-        u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
-        key = s - tl.log(-tl.log(u))
+        # philox.gumbel: v = (x + 0.5) / 2**32 below 1, -log(1 - v) (its series for v < 2**-7)
+        v = tl.minimum((bits.to(tl.float32) + 0.5) * 2.3283064365386963e-10, 0.9999999403953552)
+        e = tl.where(v < 0.0078125, v * (1.0 + v * (0.5 + v * (0.3333333333333333 + v * 0.25))), -tl.log(1.0 - v))
+        key = s - tl.log(e)
         gm = tl.max(key, axis=0)
         gi = tl.argmax(key, axis=0, tie_break_left=True)
         gbest_id = tl.where(gm > gbest, (gi + start + v0).to(tl.int64), gbest_id)
