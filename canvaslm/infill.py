@@ -105,7 +105,7 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     rows = [RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins, bias, lora=lora)
             for p, pins in candidates(base, suffix_ids, gaps, eos, llm.pad_id, llm.tokenizer)]
     seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
-    gens = [llm._generator(seed + i) for i in range(len(rows))]
+    gens = [llm._generator((seed + i) % 2**63) for i in range(len(rows))]  # as the server's candidates
     outs = generate_rows(llm.model, rows, gens, sampler_impl=llm.sampler_impl)
     middles = [o.token_ids[:g] for o, g in zip(outs, gaps)]
     scores = with_adapter(llm.model, lora,  # ranked by the model that wrote them

@@ -16,6 +16,7 @@ from .checkpoint import default_dtype, load_model, parse_dtype
 from .config import DiffusionParams, checked_eos_ids
 from .generate import GenerationError, RowRequest, batch_geometry, check_in_vocab, check_request, generate_rows
 from .hub import resolve_model
+from .kernels.philox import seeded_generator
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 from .sampling.constraints import PinnedConstraint
 from .sampling.samplers import checked_impl
@@ -673,9 +674,7 @@ class LLM:
                 raise GenerationError(str(e)) from None
 
     def _generator(self, seed: int | None) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(seed if seed is not None else random.randrange(2**63))
-        return g
+        return seeded_generator(seed if seed is not None else random.randrange(2**63), self.device)
 
 
 def _adapters(lora_modules) -> list:

@@ -188,3 +188,19 @@ def test_chat_takes_a_batch_of_conversations(tiny_checkpoint):
     assert all(isinstance(json.loads(r.tool_calls[0]["function"]["arguments"])["n"], int) for r in calls)
     with pytest.raises(GenerationError, match=r"chat \(conversation 1\): messages\[0\]\.role"):
         llm.chat([convs[0], [{"role": 3, "content": "x"}]])
+
+
+def test_seeds_beyond_32_bits_count_on_cpu(llm):
+    """torch's CPU generator keeps a seed's low 32 bits: seeds 7, 7 + 2**32 and 7 + 2**40 drew alike, and a
+    thought's answer (answer_seed: + 2**62) reused its thought's stream. Seeds below 2**32 are as torch's."""
+    from canvaslm.sampling.thinking import answer_seed
+
+    def state(seed):
+        return llm._generator(seed).get_state()
+
+    assert torch.equal(state(7), torch.Generator().manual_seed(7).get_state())  # transformers' draws
+    states = [state(s) for s in (7, 7 + 2**32, 7 + 2**40, answer_seed(7), 2**64 - 1)]
+    assert all(not torch.equal(a, b) for i, a in enumerate(states) for b in states[i + 1:])
+    outs = [llm.generate("Hi", SamplingParams(seed=s, max_new_tokens=16))[0].token_ids for s in (7, 7 + 2**32)]
+    assert outs[0] != outs[1]
+

@@ -55,6 +55,20 @@ def gumbel(bits: torch.Tensor) -> torch.Tensor:
     return -torch.log(e)
 
 
+def seeded_generator(seed: int, device) -> torch.Generator:
+    """A torch generator seeded with `seed` in [0, 2**64). A CPU generator keeps only a seed's low 32 bits, so
+    there a larger seed is mixed down to 32 bits (splitmix64) first: its high bits count too (seeds below
+    2**32 are taken as they are, as transformers seeds)."""
+    g = torch.Generator(device=device)
+    if g.device.type == "cpu" and seed >= 2**32:
+        z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        seed = (z ^ (z >> 31)) & _M32
+    g.manual_seed(seed)
+    return g
+
+
 def draw_seeds(gens, batch: int, device, active: torch.Tensor | None = None) -> torch.Tensor:
     """One fresh Philox seed per row [B] int64 from the request generators, drawn on the generator's
     device. A shared generator draws for every row (no host sync); with one generator per row, rows that

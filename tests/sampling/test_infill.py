@@ -113,6 +113,15 @@ def test_cli_errors(tiny_llm, tmp_path, capsys):
         main(["generate", d, "--prompt", "hi", "--pin", "abc"])
     assert "OFFSET:TEXT" in capsys.readouterr().err
 
+def test_infill_takes_any_valid_seed(tiny_llm):
+    """Candidate seeds wrap as the server's do ((seed + i) % 2**63): seed 2**64 - 1 (valid) overflowed
+    torch's manual_seed; its candidates are 2**63 - 1 and 0, 1, ... as for seed 2**63 - 1."""
+    def run(seed):
+        return tiny_llm.infill("ab", "cd", SamplingParams(seed=seed, max_new_tokens=8, max_denoising_steps=2),
+                               gaps=[2, 4]).middle_ids
+
+    assert run(2**64 - 1) == run(2**63 - 1)
+
 
 # --- suffix on /v1/completions (insert mode over HTTP) ----------------------------------------------------
 
