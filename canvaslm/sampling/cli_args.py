@@ -115,6 +115,8 @@ def constraint_params(args, llm) -> dict:
             raise ValueError(f"{llm.model_dir} has no tokenizer.json, so --pin TEXT is not available")
         spans = {}
         for off, text in args.pin:
+            if off in spans:
+                raise ValueError(f"--pin {off}:{spans[off]} and --pin {off}:{text} pin the same offset; give one")
             spans[off] = text
         pins = pins_from_text(llm.tokenizer, spans)
         last = max(off + len(ids) for off, ids in pins.items())

@@ -112,6 +112,10 @@ def test_cli_errors(tiny_llm, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", d, "--prompt", "hi", "--pin", "abc"])
     assert "OFFSET:TEXT" in capsys.readouterr().err
+    # a repeated offset was a dict key written twice: the first pin was dropped without a word
+    assert main(["generate", d, "--prompt", "hi", "--pin", "0:ab", "--pin", "0:cd"]) == 2
+    assert "--pin 0:ab and --pin 0:cd pin the same offset" in capsys.readouterr().err
+
 
 def test_infill_takes_any_valid_seed(tiny_llm):
     """Candidate seeds wrap as the server's do ((seed + i) % 2**63): seed 2**64 - 1 (valid) overflowed
