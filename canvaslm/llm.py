@@ -31,7 +31,9 @@ class SamplingParams:
     """Per-request settings; None takes the checkpoint's generation_config.json value.
 
     temperature scales the whole temperature schedule (t_min and t_max). seed makes the request
-    reproducible on its own, whatever it is batched with.
+    reproducible: the same prompt, parameters and seed give the same output in the same batch geometry
+    (longest prompt, padded KV length), whatever its batch-mates' sampling options; a batch-mate with a
+    longer prompt or output changes the geometry, which can move the logits' last bits and so a draw.
     """
 
     max_new_tokens: int | None = None
