@@ -123,6 +123,17 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def check_fresh_out_dir(out_dir: Path):
+    """ConfigError when a new run's out_dir holds an earlier run's checkpoints: the two would mix (rotation,
+    `latest`, metrics.jsonl)."""
+    found = sorted(p.name for p in Path(out_dir).glob("checkpoint-*")) + \
+        [LATEST_FILE] * (Path(out_dir) / LATEST_FILE).exists()
+    if found:
+        raise ConfigError(f"out_dir {out_dir} holds an earlier run ({', '.join(found[:3])}"
+                          f"{', ...' if len(found) > 3 else ''}): pass --resume to continue it, or train into "
+                          "another (or an empty) out_dir")
+
+
 def _atomic_write_text(path: Path, text: str):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:

@@ -331,6 +331,8 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.out_dir) if resume else None
         if resume and latest is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", self.out_dir)
+        if not resume:
+            ckpt.check_fresh_out_dir(self.out_dir)
         state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=False) if latest else None
         if state is not None:
             ckpt.check_resume_config(state.get("config"), c, latest)

@@ -123,6 +123,25 @@ def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path):
     assert [r["lr"] for r in changed[8:]] == pytest.approx([3e-3 * lr_factor(s, 6, 10, 0.5) for s in (8, 9)])
 
 
+def test_a_new_run_refuses_an_out_dir_holding_another_run(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=1)
+    Trainer(TrainConfig.from_dict(cfg)).train()
+    run = Path(cfg["out_dir"])
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    with pytest.raises(ConfigError) as e:
+        Trainer(TrainConfig.from_dict({**cfg, "max_steps": 1, "lr": 1e-3}))
+    assert str(e.value) == (f"out_dir {run} holds an earlier run (checkpoint-0000001, checkpoint-0000002, latest): "
+                            "pass --resume to continue it, or train into another (or an empty) out_dir")
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # metrics.jsonl and all: untouched
+    (run / "latest").unlink()
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(checkpoint-0000001, checkpoint-0000002\)"):
+        Trainer(TrainConfig.from_dict(cfg))
+    assert Trainer(TrainConfig.from_dict({**cfg, "max_steps": 3}), resume=True).step == 2  # --resume continues
+    fresh = TrainConfig.from_dict({**cfg, "out_dir": str(tmp_path / "other")})
+    Trainer(fresh)  # writes metrics.jsonl, saves nothing
+    assert Trainer(fresh).step == 0  # an out_dir without checkpoints is fine
+
+
 def test_a_typo_in_model_init_is_an_error_naming_the_key(tmp_path):
     init = {k: v for k, v in tiny_config(tmp_path)["model"]["init"].items() if k != "hidden_size"}
     with pytest.raises(ConfigError, match=r"model.init.hiden_size is not a model.init key .*mean hidden_size\?"):
