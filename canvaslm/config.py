@@ -360,6 +360,9 @@ class DiffusionParams:
         for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold", "top_p", "min_p"):
             if not _is_number(getattr(self, name)):
                 bad(name, "must be a number")
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, "must be finite")
         if not self.entropy_bound > 0:
             bad("entropy_bound", "must be > 0")
         if not (0 <= self.t_min < self.t_max):

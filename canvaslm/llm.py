@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import random
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,9 @@ class SamplingParams:
         if isinstance(self.choice, list):
             object.__setattr__(self, "choice", tuple(self.choice))
         if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)):
+                raise GenerationError("SamplingParams.stop_token_ids must be a list of token ids, got "
+                                      f"{self.stop_token_ids!r}")
             ids = tuple(self.stop_token_ids)
             if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
                 raise GenerationError(f"SamplingParams.stop_token_ids must be non-negative token ids, got {ids!r}")
@@ -90,7 +94,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise GenerationError(f"SamplingParams.{name} must be a positive integer, got {v!r}")
-        if self.temperature is not None and not 0 < self.temperature < math.inf:
+        t = self.temperature
+        if t is not None and (not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0 < t < math.inf):
             raise GenerationError(f"SamplingParams.temperature must be a finite number > 0, got {self.temperature!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < 2**64):
@@ -137,14 +142,19 @@ class SamplingParams:
                              min_p=self.min_p, frequency_penalty=self.frequency_penalty,
                              presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty,
                              max_time=self.max_time)
+        big = torch.finfo(torch.float32).max  # a schedule above it is inf in float32: every logit divides to 0
         if self.temperature is not None:
-            scaled = dataclasses.replace(p, t_min=p.t_min * self.temperature, t_max=p.t_max * self.temperature)
             tiny = torch.finfo(torch.float32).tiny  # a schedule below it divides the logits by 0
             if any(0 < t and t * self.temperature < tiny for t in (p.t_min, p.t_max)):
                 raise GenerationError(f"SamplingParams.temperature={self.temperature!r} scales the schedule "
                                       f"(t_min {p.t_min}, t_max {p.t_max}) below float32's range; use >= 1e-3 "
                                       "for near-greedy draws")
-            p = scaled
+            if p.t_max * self.temperature > big:
+                raise GenerationError(f"SamplingParams.temperature={self.temperature!r} scales the schedule "
+                                      f"(t_max {p.t_max}) beyond float32's range")
+            p = dataclasses.replace(p, t_min=p.t_min * self.temperature, t_max=p.t_max * self.temperature)
+        elif p.t_max > big:
+            raise GenerationError(f"SamplingParams.t_max={p.t_max!r} is beyond float32's range")
         return p
 
 
@@ -227,8 +237,13 @@ class LLM:
             if self.tokenizer is None:
                 raise GenerationError(f"{self.model_dir} has no tokenizer.json: pass token id lists instead of text")
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, torch.Tensor):
+        if hasattr(prompt, "tolist"):  # a tensor or numpy array
             prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)):
+            raise GenerationError(f"a prompt is a string or a list of token ids, got {prompt!r}")
+        bad = [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if bad:
+            raise GenerationError(f"prompt token ids must be integers, got {bad[0]!r}")
         return [int(t) for t in prompt]
 
     @property
@@ -378,7 +393,8 @@ class LLM:
                     outs += generate_rows(self.model, rows[i:i + B], chunk[0] if len(chunk) == 1 else chunk,
                                           geometry=geometry, sampler_impl=self.sampler_impl)
                     bar.update(len(chunk))
-        return [GenerationResult(r.prompt_ids, o.token_ids, self.decode(o.token_ids), o.finish_reason,
+        return [GenerationResult(r.prompt_ids, o.token_ids,
+                                 self.decode(_shown(o.token_ids, o.finish_reason, r.eos_ids)), o.finish_reason,
                                  o.tokens_per_forward, o.decoder_passes) for r, o in zip(rows, outs)]
 
     def _thought_first(self, prompts, sps: list, use_tqdm: bool | None = None) -> list[GenerationResult]:
@@ -436,9 +452,9 @@ class LLM:
         results = []
         for i, r in enumerate(rows):
             (head, t), a = heads[i], outs.get(i)
-            ids = head + (a.token_ids if a is not None else [])
+            ids, fin = head + (a.token_ids if a is not None else []), a.finish_reason if a else "stop"
             passes = sum(x.decoder_passes for x in (t, a) if x is not None)
-            results.append(GenerationResult(r.prompt_ids, ids, self.decode(ids), a.finish_reason if a else "stop",
+            results.append(GenerationResult(r.prompt_ids, ids, self.decode(_shown(ids, fin, r.eos_ids)), fin,
                                             len(ids) / passes if passes else 0.0, passes))
         return results
 
@@ -494,7 +510,8 @@ class LLM:
         for r, (tokens, fin) in zip(rows, outs):
             if fin.reason not in ("stop", "length"):
                 raise GenerationError(f"generate_continuous: a request ended with {fin.reason}: {fin.message}")
-            results.append(GenerationResult(r.prompt_ids, tokens, self.decode(tokens), fin.reason,
+            results.append(GenerationResult(r.prompt_ids, tokens, self.decode(_shown(tokens, fin.reason, r.eos_ids)),
+                                            fin.reason,
                                             len(tokens) / fin.decoder_passes if fin.decoder_passes else 0.0,
                                             fin.decoder_passes))
         return results
@@ -553,7 +570,7 @@ class LLM:
                      "function": {"name": n, "arguments": a}} for n, a in pairs]
 
         if tool_choice in (None, "none"):
-            outs = [self._without_thought(r)[0] for r in generate(prompts, sps)]
+            outs = [self._without_thought(r, sp)[0] for r, sp in zip(generate(prompts, sps), sps)]
         elif tool_choice == "auto":
             from .tool_parser import CALL_OPEN, NativeToolParser, response_stop_ids
 
@@ -565,8 +582,8 @@ class LLM:
             stops = response_stop_ids(self.tokenizer)
             sps = [dataclasses.replace(sp, stop_token_ids=tuple(sp.stop_token_ids or ()) + stops) for sp in sps]
             outs = []
-            for r in generate(prompts, sps):
-                res, content = self._without_thought(r)
+            for r, sp in zip(generate(prompts, sps), sps):
+                res, content = self._without_thought(r, sp)
                 text, found, _ = parser.split(content, final=True)
                 if found:
                     res.text, res.tool_calls = text, calls(found)
@@ -575,8 +592,9 @@ class LLM:
             from .sampling.tool_call import call_arguments, call_constraint
 
             constraint, forced = call_constraint(tools, tool_choice, self.tokenizer)
-            outs = [self._without_thought(r)[0]
-                    for r in generate(prompts, [dataclasses.replace(sp, constraint=constraint) for sp in sps])]
+            outs = [self._without_thought(r, sp)[0]
+                    for r, sp in zip(generate(prompts, [dataclasses.replace(sp, constraint=constraint) for sp in sps]),
+                                     sps)]
             for res in outs:
                 try:
                     names = constraint.names if forced is None else []  # the model picked among the constraint's
@@ -585,7 +603,8 @@ class LLM:
                     pass
         return outs if batch else outs[0]
 
-    def _without_thought(self, res: GenerationResult) -> tuple[GenerationResult, list]:
+    def _without_thought(self, res: GenerationResult, sp: SamplingParams | None = None
+                         ) -> tuple[GenerationResult, list]:
         """A chat reply with its thought channel (canvaslm.reasoning) moved from `text` to `reasoning`, and
         the ids outside it (what tool calls are read from)."""
         from .reasoning import ThoughtSplitter
@@ -593,7 +612,8 @@ class LLM:
         splitter = ThoughtSplitter.for_tokenizer(self.tokenizer)
         content, thought = splitter.answer(res.token_ids) if splitter is not None else (list(res.token_ids), None)
         if thought is not None:
-            res.text, res.reasoning = self.decode(content), thought
+            stops = self.eos_ids + tuple((sp.stop_token_ids if sp is not None else None) or ())
+            res.text, res.reasoning = self.decode(_shown(content, res.finish_reason, stops)), thought
         return res, content
 
     def infill(self, prefix: str, suffix: str, params: SamplingParams | None = None, gaps=None):
@@ -709,19 +729,27 @@ def _checked_max_batch(max_batch) -> int:
 
 
 def _prompt_list(prompts, attention_mask: torch.Tensor | None = None) -> list:
-    """A string, a list of token ids, a list of either, or a padded [B, T] id tensor (with its
-    attention_mask) -> a list of prompts."""
+    """A string, a list of token ids (or a 1-D tensor), a list of either, or a padded [B, T] id tensor (with
+    its attention_mask) -> a list of prompts."""
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
         return unpad(prompts, attention_mask)
-    single = isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                                  and isinstance(prompts[0], int))
+    single = (isinstance(prompts, (str, dict)) or getattr(prompts, "ndim", None) == 1
+              or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], numbers.Number)))
     return [prompts] if single else list(prompts)
+
+
+def _shown(ids: list, finish_reason: str, stop_ids) -> list:
+    """The ids a result's text shows: the EOS or stop token that ended it is left out (vLLM's text; the id
+    stays in token_ids)."""
+    return ids[:-1] if finish_reason == "stop" and ids and ids[-1] in stop_ids else ids
 
 
 def _params_list(prompts: list, params) -> list:
     """One SamplingParams per prompt: a list as given (its length checked), else `params` for all."""
     if isinstance(params, SamplingParams) or params is None:
         return [params or SamplingParams()] * len(prompts)
+    if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+        raise GenerationError(f"params must be a SamplingParams or a list of them (one per prompt), got {params!r}")
     if len(params) != len(prompts):
         raise GenerationError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
     return list(params)

@@ -204,3 +204,63 @@ def test_seeds_beyond_32_bits_count_on_cpu(llm):
     outs = [llm.generate("Hi", SamplingParams(seed=s, max_new_tokens=16))[0].token_ids for s in (7, 7 + 2**32)]
     assert outs[0] != outs[1]
 
+
+def test_temperature_and_schedule_stay_within_float32(llm):
+    """t_max x temperature beyond float32's max was inf there: every output all pad, finish 'length'."""
+    from canvaslm.config import ConfigError, DiffusionParams
+
+    with pytest.raises(GenerationError, match=r"temperature=1e\+39 .* beyond float32"):
+        llm.generate("Hi", SamplingParams(temperature=1e39, max_new_tokens=4))
+    with pytest.raises(GenerationError, match=r"t_max=1e\+39 is beyond float32"):
+        SamplingParams(t_max=1e39).resolve(llm.defaults)
+    assert SamplingParams(temperature=1e30).resolve(llm.defaults).t_max == pytest.approx(0.8e30)
+    for name in ("t_min", "t_max", "entropy_bound", "confidence_threshold"):
+        with pytest.raises(ConfigError, match=f"{name} must be finite, got inf"):
+            DiffusionParams(**{name: float("inf")})
+        with pytest.raises(ConfigError, match=name):
+            DiffusionParams(**{name: float("nan")})
+
+
+def test_prompt_forms_and_bad_ids(llm):
+    """A 1-D tensor or a list of numpy ints is one prompt; an id that is no integer is refused by value (2.7
+    became 2); params must be SamplingParams."""
+    import numpy as np
+
+    sp = SamplingParams(seed=0, max_new_tokens=4)
+    want = llm.generate([[2, 12, 13]], sp)[0].token_ids
+    for prompt in (torch.tensor([2, 12, 13]), [np.int64(2), np.int64(12), 13], np.array([2, 12, 13]),
+                   (2, 12, 13)):
+        out = llm.generate(prompt, sp)
+        assert len(out) == 1 and out[0].token_ids == want
+    assert llm.generate([torch.tensor([2, 12, 13])], sp)[0].token_ids == want
+    for bad, shown in (([[2.7, 12]], "2.7"), ([2.7, 12], "2.7"), ([[2, 2.0]], "2.0"), ([[True, 12]], "True")):
+        with pytest.raises(GenerationError, match=f"prompt token ids must be integers, got {shown}"):
+            llm.generate(bad, sp)
+    with pytest.raises(GenerationError, match="a prompt is a string or a list of token ids, got 5"):
+        llm.generate(["a", 5], sp)
+    for params in ({"max_new_tokens": 3}, [{"max_new_tokens": 3}]):
+        with pytest.raises(GenerationError, match="must be a SamplingParams or a list of them"):
+            llm.generate(["a"], params)
+
+
+def test_sampling_params_field_types():
+    """A string or bool temperature, or stop ids that are no list of ints, name the field and the value (a
+    string temperature was a TypeError, True was taken as 1, stop_token_ids=5 a TypeError)."""
+    for kw, shown in ((dict(temperature="1"), "'1'"), (dict(temperature=True), "True"),
+                      (dict(stop_token_ids=5), "5"), (dict(stop_token_ids="ab"), "'ab'"),
+                      (dict(stop_token_ids=[1.0]), "1.0")):
+        with pytest.raises(GenerationError, match=f"SamplingParams.{next(iter(kw))} must be") as e:
+            SamplingParams(**kw)
+        assert f"got {shown}" in str(e.value) or f"got ({shown}" in str(e.value)
+    assert SamplingParams(temperature=1, stop_token_ids=[5]).stop_token_ids == (5,)
+
+
+def test_a_stop_token_is_left_out_of_text(llm):
+    """As vLLM: the stop id that ended the output stays in token_ids, its text is not in `text`."""
+    c = llm.tokenizer.encode("c", add_special_tokens=False)[0]
+    r = llm.generate("Hi", SamplingParams(seed=0, max_new_tokens=20, logit_bias={c: 100}, stop_token_ids=[c],
+                                          min_tokens=3))[0]
+    assert r.finish_reason == "stop" and r.token_ids[-1] == c and len(r.token_ids) == 4
+    assert r.text == llm.decode(r.token_ids[:-1]) and not r.text.endswith("c")
+    long = llm.generate("Hi", SamplingParams(seed=0, max_new_tokens=3, logit_bias={c: 100}))[0]
+    assert long.finish_reason == "length" and long.text == "ccc"  # not a stop: every token's text
