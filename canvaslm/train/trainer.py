@@ -415,6 +415,9 @@ class Trainer:
         self.train_examples, self.eval_examples = [ex for _, ex in train], [ex for _, ex in held]
         self.stream = ExampleStream(len(self.train_examples), c.seed)
         self.transform = resolve_callable(spec["transform"]) if spec.get("transform") else None
+        if c.eval_every and not self.eval_examples and self.dist.rank == 0:
+            log.warning("train config: eval_every is %d, but there is no eval data (set data.eval, or data.eval_size "
+                        "to hold out training rows): no held-out loss is computed", c.eval_every)
 
     def _length(self, example) -> int:
         """The example's training sequence: prompt + response in whole canvases (EOS included)."""

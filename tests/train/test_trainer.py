@@ -438,6 +438,17 @@ def test_transform_output_is_checked_naming_the_transform_and_row(tmp_path, monk
             next(t._micro_batches(0))
 
 
+def test_eval_every_without_eval_data_warns(tmp_path, caplog):
+    cfg = tiny_config(tmp_path, eval_every=2, data={"train": tiny_config(tmp_path)["data"]["train"]})
+    with caplog.at_level("WARNING", logger="canvaslm.train"):
+        Trainer(TrainConfig.from_dict(cfg))
+    assert "eval_every is 2, but there is no eval data (set data.eval, or data.eval_size" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="canvaslm.train"):
+        Trainer(TrainConfig.from_dict({**cfg, "out_dir": str(tmp_path / "b"), "data": tiny_config(tmp_path)["data"]}))
+    assert "eval_every" not in caplog.text
+
+
 def test_bf16_autocast_step_on_cpu(tmp_path):
     """The GPU default (bf16 autocast over fp32 master weights) runs through the same code on CPU."""
     t = Trainer(TrainConfig.from_dict(tiny_config(tmp_path, max_steps=1, dtype="bf16")))
