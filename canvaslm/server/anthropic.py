@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest
 from .serving import (APIError, ServerState, encode_chat, image_error_at, load_images, need_chat_template,
-                      off_loop, prepare_translated, run_choices, run_to_end, validated)
+                      errors_named, off_loop, prepare_translated, run_choices, run_to_end, validated)
 from .tools import arguments_object, reply_message, tool_replies
 
 MAX_STOP_SEQUENCES = 16
@@ -261,12 +261,20 @@ def _thinking(body) -> dict:
     fields = {"chat_template_kwargs": {"enable_thinking": kind != "disabled"}}
     budget = body.thinking.get("budget_tokens")
     if kind == "enabled" and budget is not None:  # enforced: at most this many tokens of thought
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
-            raise APIError(400, f"thinking.budget_tokens must be an integer >= 0, got {budget!r}", "thinking")
+        if not isinstance(budget, int) or isinstance(budget, bool) or not 0 <= budget <= INT64:
+            raise APIError(400, f"thinking.budget_tokens must be an integer in [0, {INT64}], got {budget!r}",
+                           "thinking")
         fields["thinking_token_budget"] = budget
     return fields
 
 
+# what an error about the translated chat body names, in the Messages body's own terms
+MESSAGES_NAMES = {"thinking_token_budget": "thinking.budget_tokens", "response_format": "output_config.format",
+                  "stop": "stop_sequences", "tool_choice 'required'": "tool_choice 'any'"}
+messages_names = errors_named(MESSAGES_NAMES, in_text=tuple(MESSAGES_NAMES))
+
+
+@messages_names
 async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     """The prompt's length as a request would run it: images count their soft tokens (they are loaded and
     expanded here, in a worker thread, as `prepare` does)."""
@@ -315,6 +323,7 @@ def _usage(c, prompt_len: int, output: bool = True) -> dict:
             "cache_creation_input_tokens": 0, "output_tokens": len(c.tracker.ids) if output else 0}
 
 
+@messages_names
 async def create_message(state: ServerState, body: MessagesRequest, request):
     need_chat_template(state, "messages")
     places = []

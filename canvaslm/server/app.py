@@ -37,7 +37,7 @@ from .metrics import render_metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
                        LoadLoRARequest, ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
 from .serving import (APIError, ServerState, check_in_vocab, encode_chat, image_prompt, load_images, need_tokenizer,
-                      off_loop, prepare, run_choices, run_to_end, usage)
+                      off_loop, prepare, run_choices, run_to_end, usage, validation_message)
 from .tools import tool_replies
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -53,60 +53,8 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         return _error(400, "invalid request body")
     if errs[0].get("type") == "json_invalid":
         return _error(400, f"the body is not valid JSON: {errs[0].get('msg')}", code="invalid_json")
-    body = getattr(exc, "body", None)
-    e, steps = _most_specific([(e, _walk(e, body)) for e in errs])
-    path = [seg for kind, seg in steps if kind == "key"]
-    where = "".join(f"[{seg}]" if isinstance(seg, int) else f".{seg}" for seg in path).lstrip(".") or "body"
-    return _error(400, f"{where}: {e.get('msg')}", str(path[0]) if path else None, code=e.get("type"))
-
-
-def _walk(e: dict, body) -> list:
-    """An error's loc as steps through the body: ("key", field or index) where the body has that step, else
-    ("label", name) for a union branch pydantic names in the loc ('str', 'list[...]', a model's name, a tagged
-    union's tag); the name of a missing field, the loc's last step, is a key."""
-    loc = [x for x in e.get("loc", ()) if x != "body"]
-    steps, cur = [], body
-    for i, seg in enumerate(loc):
-        if isinstance(cur, dict) and isinstance(seg, str) and seg in cur:
-            steps.append(("key", seg))
-            cur = cur[seg]
-        elif isinstance(cur, list) and isinstance(seg, int) and 0 <= seg < len(cur):
-            steps.append(("key", seg))
-            cur = cur[seg]
-        elif cur is None or (i == len(loc) - 1 and e.get("type") == "missing"):
-            steps.append(("key", seg))  # no body to walk (or the missing field itself): loc as it is
-            cur = None
-        else:
-            steps.append(("label", seg))
-    return steps
-
-
-def _most_specific(errs: list, start: int = 0) -> tuple:
-    """The error to report from (error, steps) pairs. For a union field pydantic reports every branch's
-    errors, the first often from a branch that does not fit the input at all ('messages.0.content.str: Input
-    should be a valid string' for a list of parts). This keeps a branch that fits: not one that refused the
-    input's type outright, nor one whose Literal field (a `type`, a `role`) the input does not match; of
-    those, the one whose errors reach deepest into the input, then the one with the fewest errors, then the
-    first; and it looks again inside that branch for nested unions."""
-    steps = errs[0][1]
-    j = next((i for i in range(start, len(steps)) if steps[i][0] == "label"), None)
-    if j is None:
-        return errs[0]
-    branches: dict = {}
-    for e, s in errs:
-        if s[:j] == steps[:j] and len(s) > j and s[j][0] == "label":
-            branches.setdefault(s[j][1], []).append((e, s))
-
-    def misfit(e, s):
-        kind = str(e.get("type", ""))
-        return (len(s) == j + 1 and kind.endswith("_type")) or (len(s) == j + 2 and kind == "literal_error")
-
-    def depth(branch):
-        return max(sum(kind == "key" for kind, _ in s) for _, s in branch)
-
-    fitting = [b for b in branches.values() if not any(misfit(e, s) for e, s in b)] or list(branches.values())
-    best = max(fitting, key=lambda b: (depth(b), -len(b)))  # max keeps the first of equals
-    return _most_specific(best, j + 1)
+    message, param, code = validation_message(errs, getattr(exc, "body", None))
+    return _error(400, message, param, code=code)
 
 
 def build_app(state: ServerState) -> FastAPI:

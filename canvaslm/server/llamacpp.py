@@ -35,7 +35,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import INT64, CompletionRequest
-from .serving import APIError, ServerState, context_error, need_tokenizer, prepare, run_choices, run_to_end
+from .serving import (APIError, ServerState, context_error, errors_named, need_tokenizer, prepare, run_choices,
+                      run_to_end)
 
 RANDOM_SEEDS = (-1, 0xFFFFFFFF)  # llama.cpp's "draw a seed"
 MAX_STOPS = 16
@@ -210,18 +211,8 @@ LLAMA_PARAMS = {"max_tokens": "n_predict", "max_time": "t_max_predict_ms", "guid
                 "guided_json": "json_schema", "repetition_penalty": "repeat_penalty"}
 
 
-def llama_names(route):
-    """A route whose errors name the llama.cpp body's fields (`n_predict`, not `max_tokens`)."""
-    import functools
-
-    @functools.wraps(route)
-    async def wrapped(*args, **kwargs):
-        try:
-            return await route(*args, **kwargs)
-        except APIError as e:
-            e.param = LLAMA_PARAMS.get(e.param, e.param)
-            raise
-    return wrapped
+# named in other fields' errors too ("max_tokens=5000 is over it")
+llama_names = errors_named(LLAMA_PARAMS, in_text=("max_tokens", "guided_grammar", "guided_json"))
 
 
 @llama_names

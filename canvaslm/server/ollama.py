@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest, CompletionRequest
 from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
-                      run_choices, run_to_end, validated)
+                      errors_named, run_choices, run_to_end, validated)
 from .tools import arguments_object, reply_message, tool_replies
 
 VERSION = "0.12.0"  # the Ollama API version these routes follow (clients check it for features)
@@ -203,6 +203,12 @@ def _stats(c, prompt_len: int, start: float) -> dict:
             "eval_count": len(c.tracker.ids), "eval_duration": int(max(c.seconds - c.prompt_seconds, 0) * 1e9)}
 
 
+# what an error about the translated /v1 body names, in Ollama's terms ("max_tokens=5000 is over it")
+ollama_names = errors_named({"max_tokens": "num_predict", "response_format": "format"},
+                            in_text=("max_tokens", "response_format"))
+
+
+@ollama_names
 async def chat(state: ServerState, body: ChatBody, request):
     name = served(state, body.model)
     need_chat_template(state, "messages")
@@ -226,6 +232,7 @@ async def chat(state: ServerState, body: ChatBody, request):
     return await _run(state, body, oa, ids, request, chat=True, places=places)
 
 
+@ollama_names
 async def generate(state: ServerState, body: GenerateBody, request):
     name = served(state, body.model)
     need_tokenizer(state, "prompt")

@@ -33,7 +33,7 @@ import uuid
 
 from .protocol import ChatCompletionRequest, InputImage, ResponsesRequest
 from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
-                      run_choices, run_to_end, thought_tokens, usage, validated)
+                      renamed, run_choices, run_to_end, thought_tokens, usage, validated)
 from .tools import reply_message, tool_replies
 
 
@@ -231,13 +231,8 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     chat, turns = to_chat(body, history, places)
     ids = encode_chat(state, chat, "input")
     prompts = [ids]
-    def rename(e: APIError) -> None:  # name the Responses fields, not the chat fields they became
-        for chat_name, name in CHAT_TO_RESPONSES.items():
-            if e.param == chat_name or chat_name in RENAMED_IN_TEXT:
-                e.message = e.message.replace(chat_name, name)
-        e.param = CHAT_TO_RESPONSES.get(e.param, e.param)
-
-    choices = await prepare_translated(state, chat, prompts, places, rename=rename)
+    choices = await prepare_translated(state, chat, prompts, places,  # the Responses fields, not the chat's
+                                       rename=lambda e: renamed(e, CHAT_TO_RESPONSES, RENAMED_IN_TEXT))
     ids = prompts[0]  # images expanded to their soft tokens
     replies = tool_replies(state, chat, choices)
     rid, created = _item_id("resp"), int(time.time())

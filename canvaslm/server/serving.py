@@ -311,11 +311,105 @@ class TextTracker:
 
 def validated(cls, fields: dict, param: str):
     """A request body of pydantic model `cls` from `fields` (None values left to the defaults), built by a
-    route that translates another API's body; a 400 naming `param` when the translation does not pass."""
+    route that translates another API's body; a 400 naming `param` when the translation does not pass (the
+    place in the translated body, e.g. a chat message, and what is wrong there)."""
+    import pydantic
+
+    body = {k: v for k, v in fields.items() if v is not None}
     try:
-        return cls.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValueError as e:  # e.g. a message shape the chat route would refuse
+        return cls.model_validate(body)
+    except pydantic.ValidationError as e:  # e.g. a message shape the chat route would refuse
+        message = validation_message(e.errors(), body)[0] if e.errors() else str(e)
+        raise APIError(400, f"{param}: as a {cls.__name__}, {message}", param) from None
+    except ValueError as e:
         raise APIError(400, f"{param}: {e}", param) from None
+
+
+def renamed(e: APIError, names: dict, in_text: tuple = ()) -> APIError:
+    """`e` in another API's terms (`names`: the translated body's field -> that API's): its `param`, and in
+    its message the param's own name and those of `in_text` (fields other errors name too)."""
+    import re
+
+    def word(c: str) -> bool:
+        return c.isalnum() or c == "_"
+
+    for ours, theirs in names.items():
+        if e.param == ours or ours in in_text:
+            pattern = (r"\b" if word(ours[:1]) else "") + re.escape(ours) + (r"\b" if word(ours[-1:]) else "")
+            e.message = re.sub(pattern, lambda m: theirs, e.message)
+    e.param = names.get(e.param, e.param)
+    return e
+
+
+def errors_named(names: dict, in_text: tuple = ()):
+    """A route decorator: the route's errors in its API's terms (`renamed`)."""
+    def wrap(route):
+        @functools.wraps(route)
+        async def wrapped(*args, **kwargs):
+            try:
+                return await route(*args, **kwargs)
+            except APIError as e:
+                raise renamed(e, names, in_text) from None
+        return wrapped
+    return wrap
+
+
+def validation_message(errs: list, body) -> tuple[str, str | None, str | None]:
+    """A 400's message, param and code for pydantic's errors about `body`: the error that says most (see
+    `_most_specific`), at its place in the body (`messages[0].content[1].image_url.detail: ...`)."""
+    e, steps = _most_specific([(e, _walk(e, body)) for e in errs])
+    path = [seg for kind, seg in steps if kind == "key"]
+    where = "".join(f"[{seg}]" if isinstance(seg, int) else f".{seg}" for seg in path).lstrip(".") or "body"
+    return f"{where}: {e.get('msg')}", (str(path[0]) if path else None), e.get("type")
+
+
+def _walk(e: dict, body) -> list:
+    """An error's loc as steps through the body: ("key", field or index) where the body has that step, else
+    ("label", name) for a union branch pydantic names in the loc ('str', 'list[...]', a model's name, a tagged
+    union's tag); the name of a missing field, the loc's last step, is a key."""
+    loc = [x for x in e.get("loc", ()) if x != "body"]
+    steps, cur = [], body
+    for i, seg in enumerate(loc):
+        if isinstance(cur, dict) and isinstance(seg, str) and seg in cur:
+            steps.append(("key", seg))
+            cur = cur[seg]
+        elif isinstance(cur, list) and isinstance(seg, int) and 0 <= seg < len(cur):
+            steps.append(("key", seg))
+            cur = cur[seg]
+        elif cur is None or (i == len(loc) - 1 and e.get("type") == "missing"):
+            steps.append(("key", seg))  # no body to walk (or the missing field itself): loc as it is
+            cur = None
+        else:
+            steps.append(("label", seg))
+    return steps
+
+
+def _most_specific(errs: list, start: int = 0) -> tuple:
+    """The error to report from (error, steps) pairs. For a union field pydantic reports every branch's
+    errors, the first often from a branch that does not fit the input at all ('messages.0.content.str: Input
+    should be a valid string' for a list of parts). This keeps a branch that fits: not one that refused the
+    input's type outright, nor one whose Literal field (a `type`, a `role`) the input does not match; of
+    those, the one whose errors reach deepest into the input, then the one with the fewest errors, then the
+    first; and it looks again inside that branch for nested unions."""
+    steps = errs[0][1]
+    j = next((i for i in range(start, len(steps)) if steps[i][0] == "label"), None)
+    if j is None:
+        return errs[0]
+    branches: dict = {}
+    for e, s in errs:
+        if s[:j] == steps[:j] and len(s) > j and s[j][0] == "label":
+            branches.setdefault(s[j][1], []).append((e, s))
+
+    def misfit(e, s):
+        kind = str(e.get("type", ""))
+        return (len(s) == j + 1 and kind.endswith("_type")) or (len(s) == j + 2 and kind == "literal_error")
+
+    def depth(branch):
+        return max(sum(kind == "key" for kind, _ in s) for _, s in branch)
+
+    fitting = [b for b in branches.values() if not any(misfit(e, s) for e, s in b)] or list(branches.values())
+    best = max(fitting, key=lambda b: (depth(b), -len(b)))  # max keeps the first of equals
+    return _most_specific(best, j + 1)
 
 
 def context_error(state: ServerState, detail: str, param: str) -> APIError:

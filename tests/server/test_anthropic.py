@@ -137,6 +137,13 @@ def test_a_forced_tool_call_and_its_result(server):
     ({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER], "tool_choice": {"type": "any"},
       "stop_sequences": ["a"]}, "stop_sequences would cut"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, "maximum context length"),
+    # errors about the translated chat body name the Messages fields, without pydantic's dump
+    ({"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled", "budget_tokens": 2**63}},
+     "thinking.budget_tokens must be an integer in [0, 9223372036854775807]"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "any"}}, "tool_choice 'any' needs tools"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "", "input": {}}]}, {"role": "user", "content": "y"}]},
+     "messages: as a ChatCompletionRequest, messages[1].tool_calls[0].function.name: String should have at least"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": 5}]}]},
      "messages[0].content[0].content: content must be a string or a list of blocks, got int"),
 ])

@@ -172,7 +172,10 @@ def test_tool_calls_come_back_as_ollama_writes_them():
     ("/api/show", {}, 400, "model is required"),
     ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, 400, "expected \"json\""),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                   "options": {"num_predict": 5000}}, 400, "maximum context length"),
+                   "options": {"num_predict": 5000}}, 400, "num_predict=5000 is over it"),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "format": {
+        "type": "object", "properties": {"a": {"type": "string"}}}, "options": {"num_predict": 3}}, 400,
+     "format: json_schema: the output template is over num_predict=3"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "assistant", "content": "", "tool_calls": [
         {"function": "get_weather"}]}, {"role": "user", "content": "x"}]}, 400, "tool_calls[0]: a call needs function.name"),
 ])
