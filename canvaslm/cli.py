@@ -116,7 +116,7 @@ def _generate(args) -> int:
         return 0
     res = llm.generate([prompt], params)[0]
     if args.chat:  # a thought channel is kept out of the text (canvaslm.reasoning)
-        res = llm._without_thought(res)[0]
+        res = llm._without_thought(res, params)[0]
     if args.json:
         print(json.dumps({"token_ids": res.token_ids, "text": res.text, "finish_reason": res.finish_reason,
                           "tokens_per_forward": res.tokens_per_forward, "decoder_passes": res.decoder_passes,

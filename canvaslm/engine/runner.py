@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from ..config import DiffusionParams
+from ..kernels.philox import seeded_generator
 from ..kv_cache import KVCache
 from ..multimodal import encoder_images
 from ..sampling import logit_bias as bias_lib
@@ -148,8 +149,7 @@ class Runner:
         if params.stability_threshold > self.history_depth:
             raise RunnerError(f"stability_threshold={params.stability_threshold} exceeds the runner's "
                               f"history_depth={self.history_depth}")
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed)
+        gen = seeded_generator(seed, self.device)  # all 64 bits count, on a CPU too (as LLM.generate's)
         if constraint is not None and hasattr(constraint, "for_row"):  # per-request slot states
             constraint = constraint.for_row()
         try:

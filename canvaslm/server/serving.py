@@ -216,6 +216,7 @@ class TextTracker:
     stopped: bool = False  # a stop string was found: text is final
     stop_word: str = ""  # the stop string that cut it
     keep_stop: bool = False  # include_stop_str_in_output: the text ends after the stop string, not before
+    stop_ids: tuple = ()  # stop_token_ids: the one that ends the reply is not part of its text (vLLM's way)
     skip_special: bool = True  # skip_special_tokens
     thoughts: object = None  # reasoning.ThoughtSplitter (chat replies): a thought channel goes to `reasoning`
     reasoning: str = ""  # the thought's text (without its label)
@@ -233,7 +234,9 @@ class TextTracker:
             return
         self.ids.extend(ids)
         self.content_ids = self._split(self.ids)
-        full = self._decode(self.content_ids)
+        shown = self.content_ids[:-1] if self.content_ids[-1:] and self.content_ids[-1] in self.stop_ids \
+            else self.content_ids
+        full = self._decode(shown)
         hits = [(i, i + len(s), s) for i, s in ((full.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             start, end, self.stop_word = min(hits)
@@ -814,6 +817,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         for j in range(body.n):
             choice_seed = (seed + j) % 2**63
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
+                                  stop_ids=() if body.include_stop_str_in_output else tuple(extra),
                                   skip_special=body.skip_special_tokens, thoughts=thoughts,
                                   prefill=thoughts.prompt_thought(ids) if thoughts is not None else [])
             answer = None

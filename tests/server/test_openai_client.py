@@ -111,6 +111,22 @@ def test_stop_token_ids_match_llm(client, llm):
                                     extra_body={"stop_token_ids": [stop]})
     assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
     assert len(want.token_ids) == base.index(stop) + 1 and got.choices[0].finish_reason == "stop"
+    # the stop token's text is not part of the reply (vLLM's way), unless include_stop_str_in_output
+    assert got.choices[0].text == llm.tokenizer.decode(want.token_ids[:-1])
+    kept = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed,
+                                     extra_body={"stop_token_ids": [stop], "include_stop_str_in_output": True})
+    assert kept.choices[0].text == llm.tokenizer.decode(want.token_ids) != got.choices[0].text
+
+
+def test_seeds_beyond_32_bits_match_llm(client, llm):
+    """The engine seeds its generators as LLM.generate does: all 64 bits of a seed count, also on a CPU."""
+    prompt = probe_prompt(llm, 2)
+    texts = []
+    for seed in (7, 7 + 2**32, 2**63 - 1):
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, seed=seed)
+        assert got.choices[0].text == reference(llm, prompt, seed=seed).text
+        texts.append(got.choices[0].text)
+    assert texts[0] != texts[1]
 
 
 def test_streamed_text_equals_non_streamed_with_usage(client, llm):
