@@ -59,9 +59,25 @@ def _tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask templates: TRL's assistant_only_loss,
+    SmolLM3): marks the assistant's text for a loss mask; rendering it is rendering its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller) -> str:
+        return caller()
+
+
 def _compile_template(source: str, origin: str) -> jinja2.Template:
     # Same environment as transformers' apply_chat_template: templates come from the Hub, so sandbox them.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -76,7 +92,8 @@ _PARTS_LOOP = re.compile(r"for\s+\w+\s+in\s+[\w.]*(\[\s*['\"]content['\"]\s*\]|\
 
 
 def _validate_messages(messages: Any, keep_parts: bool = False) -> list[dict]:
-    """Copies of the messages with list-of-parts content joined into one string. Image parts ({"type":
+    """Copies of the messages with list-of-parts content joined into one string and a thought under each
+    of its names (`reasoning_content`, `thinking`). Image parts ({"type":
     "image", "text": the image token's text}, as multimodal.image_parts_to_placeholders writes them) join
     as that text; with `keep_parts` (a template that renders parts itself) a message holding an image keeps
     its parts, as [{"type": "text", "text"} | {"type": "image"}], and the template writes the image token."""
@@ -107,8 +124,31 @@ def _validate_messages(messages: Any, keep_parts: bool = False) -> list[dict]:
         if not isinstance(content, (str, list)):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts, got {content!r}")
         msg["content"] = content
+        # Like HF: a thought sent as `thinking` or `reasoning` reaches the template as `reasoning_content`
+        # too (the name templates read), and as `thinking` (gpt-oss templates read that one).
+        thought = next((msg[k] for k in ("reasoning_content", "thinking", "reasoning") if k in msg), None)
+        if thought is not None:
+            msg.setdefault("thinking", thought)
+            msg["reasoning_content"] = thought
         out.append(msg)
     return out
+
+
+# appended to the content of the message continue_final_message goes on with; the rendering is cut there
+_CONTINUE_MARK = "<canvaslm:continue-here> "
+
+
+def _mark_final_content(msg: dict) -> None:
+    """Appends _CONTINUE_MARK to the message's content (its last text part when it holds parts)."""
+    content = msg["content"]
+    if isinstance(content, str):
+        msg["content"] = content + _CONTINUE_MARK
+        return
+    for part in reversed(content):
+        if part["type"] == "text":
+            part["text"] += _CONTINUE_MARK
+            return
+    raise ValueError("continue_final_message: the last message has no text part to continue")
 
 
 def tool_arguments_as_objects(messages: list) -> list:
@@ -141,7 +181,8 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special ids and chat template of one checkpoint."""
 
     def __init__(self, backend: _Backend, *, bos_id: int | None = None, eos_ids: Iterable[int] = (),
-                 pad_id: int | None = None, chat_template: str | None = None, name: str = "<memory>"):
+                 pad_id: int | None = None, chat_template: str | dict[str, str] | None = None,
+                 name: str = "<memory>"):
         self._backend = backend
         self.name = name
         self.bos_id = bos_id
@@ -150,8 +191,7 @@ class Tokenizer:
         for role, i in [("bos", bos_id), ("pad", pad_id)] + [("eos", e) for e in self.eos_ids]:
             if i is not None and not 0 <= i < self.vocab_size:
                 raise ValueError(f"{name}: {role} id {i} is outside the vocabulary [0, {self.vocab_size})")
-        self.chat_template = chat_template
-        self._template = _compile_template(chat_template, name) if chat_template is not None else None
+        self._set_templates({"default": chat_template} if isinstance(chat_template, str) else chat_template or {})
         self.template_defaults: dict = {}  # variables every rendering gets unless the call sets them (vLLM's
         # --default-chat-template-kwargs)
 
@@ -234,9 +274,32 @@ class Tokenizer:
         return self.chat_template is not None and _PARTS_LOOP.search(self.chat_template) is not None
 
     def set_chat_template(self, source: str, origin: str = "chat template") -> None:
-        """Use `source` (Jinja) as the chat template instead of the checkpoint's (vLLM's --chat-template)."""
-        self._template = _compile_template(source, origin)  # raises ValueError naming the origin on bad syntax
-        self.chat_template = source
+        """Use `source` (Jinja) as the chat template instead of the checkpoint's, its named ones included
+        (vLLM's --chat-template)."""
+        compiled = _compile_template(source, origin)  # raises ValueError naming the origin on bad syntax
+        self._set_templates({"default": source})
+        self._compiled["default"] = compiled
+
+    def _set_templates(self, templates: dict[str, str]) -> None:
+        # name -> Jinja source, compiled on first use: a template with a syntax error breaks chat, not loading
+        self.chat_templates = dict(templates)
+        self.chat_template = templates.get("default", next(iter(templates.values()), None))
+        self._compiled: dict[str, jinja2.Template] = {}
+
+    def _template_for(self, tools: Any) -> jinja2.Template:
+        """The compiled template a rendering uses: 'tool_use' when tools are passed and the checkpoint names
+        one, else 'default' (transformers' choice)."""
+        if not self.chat_templates:
+            raise ValueError(f"{self.name}: this checkpoint has no chat template "
+                             "(no chat_template.jinja and no chat_template in tokenizer_config.json)")
+        name = "tool_use" if tools is not None and "tool_use" in self.chat_templates else "default"
+        if name not in self.chat_templates:
+            raise ValueError(f"{self.name}: the chat templates are named {sorted(self.chat_templates)} and none is "
+                             "'default', so a chat without tools has no template")
+        if name not in self._compiled:
+            origin = self.name if name == "default" else f"{self.name} (chat template {name!r})"
+            self._compiled[name] = _compile_template(self.chat_templates[name], origin)
+        return self._compiled[name]
 
     # -- text <-> ids -------------------------------------------------------------------------------
 
@@ -271,36 +334,33 @@ class Tokenizer:
                             **kwargs: Any) -> str:
         """The prompt text for `messages`, rendered exactly as transformers would render it.
 
-        continue_final_message: the last message is an assistant turn the model goes on with (a prefilled
-        reply): the text is cut right after that message's content, before the template closes the
-        turn (transformers' rule); it cannot be combined with add_generation_prompt."""
-        if continue_final_message:
-            if add_generation_prompt:
-                raise ValueError("continue_final_message continues the last message; it cannot be combined with "
-                                 "add_generation_prompt (send add_generation_prompt=false)")
-            if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
-                raise ValueError("continue_final_message needs the last message to be the assistant's")
-        if self._template is None:
-            raise ValueError(f"{self.name}: this checkpoint has no chat template "
-                             "(no chat_template.jinja and no chat_template in tokenizer_config.json)")
+        continue_final_message: the model goes on with the last message (a prefilled reply, or any role's
+        text): the text is cut right after that message's content, before the template closes the turn
+        (transformers' rule: its content is rendered with a marker after it and the text is cut at the
+        marker, trailing space too where the template strips it); it cannot be combined with
+        add_generation_prompt."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message; it cannot be combined with "
+                             "add_generation_prompt (send add_generation_prompt=false)")
+        template = self._template_for(tools)
         messages = _validate_messages(messages, keep_parts=self.renders_parts)
+        if continue_final_message:
+            _mark_final_content(messages[-1])
         special = {f"{role}_token": self._backend.id_to_token(i)
                    for role, i in [("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)] if i is not None}
         variables = {"documents": None, **special, **self.template_defaults, **kwargs}  # caller kwargs override
         try:
-            text = self._template.render(messages=messages, tools=tools,
-                                         add_generation_prompt=add_generation_prompt, **variables)
+            text = template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                   **variables)
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"{self.name}: chat template rejected the messages: {e}") from e
         if continue_final_message:
-            final = messages[-1].get("content") or ""
-            if not isinstance(final, str):  # parts (a template that renders them): the last text part, as HF
-                final = next((p["text"] for p in reversed(final) if p.get("type") == "text"), "")
-            for part in (final, final.strip()):  # templates that strip the content keep the inner text
-                if part and part in text:
-                    return text[:text.rindex(part) + len(part)]
-            raise ValueError("continue_final_message: the last message's content does not appear in the "
-                             "rendered chat, so there is no place to continue from")
+            at = text.rfind(_CONTINUE_MARK.rstrip())
+            if at < 0:
+                raise ValueError("continue_final_message: the chat template left the last message's content out of "
+                                 "the rendered chat, so there is no place to continue from")
+            # a template that strips the content also strips the marker's space: then strip the content's end too
+            return text[:at] if text.startswith(_CONTINUE_MARK, at) else text[:at].rstrip()
         return text
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
@@ -309,27 +369,36 @@ class Tokenizer:
                            add_special_tokens=False)
 
 
-def _load_chat_template(d: Path, tok_cfg: dict) -> str | None:
+def _load_chat_template(d: Path, tok_cfg: dict) -> dict[str, str]:
+    """The checkpoint's chat templates by name: 'default' (chat_template.jinja, else chat_template.json's or
+    tokenizer_config.json's chat_template), the named ones of a chat_template list ([{name, template}]), and
+    additional_chat_templates/NAME.jinja (which replaces a listed NAME)."""
+    templates: dict[str, str] = {}
     jinja_path = d / "chat_template.jinja"
     if jinja_path.is_file():
-        return jinja_path.read_text(encoding="utf-8")
+        templates["default"] = jinja_path.read_text(encoding="utf-8")
     # Processor-style checkpoints (multimodal Gemma) keep it in chat_template.json.
     for fname, cfg in [("chat_template.json", _read_json(d / "chat_template.json") or {}),
                        ("tokenizer_config.json", tok_cfg)]:
         template = cfg.get("chat_template")
-        if template is None:
+        if templates or template is None:
             continue
         if isinstance(template, str):
-            return template
-        if isinstance(template, list):
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            if isinstance(named.get("default"), str):
-                return named["default"]
-            raise ValueError(f"{d / fname}: chat_template list has no 'default' entry "
-                             f"(names: {sorted(map(str, named))})")
-        raise ValueError(f"{d / fname}: chat_template must be a string or a list of {{name, template}}, "
-                         f"got {type(template).__name__}")
-    return None
+            templates["default"] = template
+        elif isinstance(template, list) and template:
+            for i, t in enumerate(template):
+                if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)):
+                    raise ValueError(f"{d / fname}: chat_template[{i}] must be {{'name': str, 'template': str}}, "
+                                     f"got {t!r:.80}")
+                templates[t["name"]] = t["template"]
+        else:
+            raise ValueError(f"{d / fname}: chat_template must be a string or a non-empty list of {{name, template}}, "
+                             f"got {template!r:.80}")
+    extra = d / "additional_chat_templates"
+    if extra.is_dir():
+        for path in sorted(extra.glob("*.jinja")):
+            templates[path.name[:-len(".jinja")]] = path.read_text(encoding="utf-8")
+    return templates
 
 
 def build_char_tokenizer(chars: Iterable[str], special_tokens: list[str], out_dir: str | Path,

@@ -7,6 +7,7 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from canvaslm.testing import CHAT_TEMPLATE
 from canvaslm.tokenizer import Tokenizer, build_char_tokenizer
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<unk>"]
@@ -184,6 +185,75 @@ def test_chat_template_list_takes_default(bpe_dir, tmp_path):
     _write(d / "tokenizer_config.json", {"chat_template": [{"name": "tool_use", "template": "tools"},
                                                            {"name": "default", "template": "plain"}]})
     assert Tokenizer.from_dir(d).chat_template == "plain"
+
+
+TOOL_USE_TEMPLATE = "TOOLS={{ tools | tojson }}{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+
+
+@pytest.mark.parametrize("files", [
+    {"tokenizer_config.json": {"chat_template": [{"name": "default", "template": PLAIN_TEMPLATE},
+                                                 {"name": "tool_use", "template": TOOL_USE_TEMPLATE}]}},
+    {"chat_template.jinja": PLAIN_TEMPLATE, "additional_chat_templates/tool_use.jinja": TOOL_USE_TEMPLATE},
+    {"tokenizer_config.json": {"chat_template": [{"name": "default", "template": PLAIN_TEMPLATE},
+                                                 {"name": "tool_use", "template": "replaced"}]},
+     "additional_chat_templates/tool_use.jinja": TOOL_USE_TEMPLATE},
+])
+def test_named_tool_use_template_renders_chats_with_tools(bpe_dir, hf_tok, tmp_path, files):
+    """transformers' choice among named templates: 'tool_use' when tools are passed, else 'default'; from a
+    chat_template list or additional_chat_templates/NAME.jinja."""
+    d = _copy_tokenizer(bpe_dir, tmp_path)
+    (d / "additional_chat_templates").mkdir()
+    for name, content in files.items():
+        _write(d / name, content)
+    tok = Tokenizer.from_dir(d)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs, tools=TOOLS) == "TOOLS=" + json.dumps(TOOLS) + "hi|"
+    assert tok.apply_chat_template(msgs, tools=TOOLS) == hf_tok.apply_chat_template(
+        msgs, chat_template=TOOL_USE_TEMPLATE, tools=TOOLS, tokenize=False)
+    assert tok.apply_chat_template(msgs) == "hi|" and tok.chat_template == PLAIN_TEMPLATE
+
+
+def test_only_a_tool_use_template(bpe_dir, tmp_path):
+    """A checkpoint whose only template is 'tool_use' loads; a chat without tools has no template (as in
+    transformers), and the error names the templates."""
+    d = _copy_tokenizer(bpe_dir, tmp_path)
+    _write(d / "tokenizer_config.json", {"chat_template": [{"name": "tool_use", "template": TOOL_USE_TEMPLATE}]})
+    tok = Tokenizer.from_dir(d)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=TOOLS).startswith("TOOLS=[")
+    with pytest.raises(ValueError, match=r"chat templates are named \['tool_use'\] and none is 'default'"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+GENERATION_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+    "{% generation %}{% set inner = 1 %}{{ m['content'] }}<end_of_turn>{% endgeneration %}"
+    "{%- else %}{{ m['content'] }}<end_of_turn>{% endif %}\n{{ inner | default('-') }}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_generation_block_renders_its_body(bpe_dir, hf_tok, tmp_path):
+    """`{% generation %}` (assistant-mask templates: TRL, SmolLM3) loads and renders its body as transformers
+    does; a variable set inside stays inside."""
+    d = _copy_tokenizer(bpe_dir, tmp_path)
+    _write(d / "chat_template.jinja", GENERATION_TEMPLATE)
+    tok = Tokenizer.from_dir(d)
+    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "R"}]
+    text = tok.apply_chat_template(msgs)
+    assert "<start_of_turn>assistant\nA<end_of_turn>-" in text
+    assert text == hf_tok.apply_chat_template(msgs, chat_template=GENERATION_TEMPLATE, tokenize=False,
+                                              add_generation_prompt=True)
+
+
+def test_template_syntax_error_breaks_chat_not_loading(bpe_dir, tmp_path):
+    """A template that does not compile: the checkpoint loads and encodes text; a chat names the error."""
+    d = _copy_tokenizer(bpe_dir, tmp_path)
+    _write(d / "chat_template.jinja", "{% for m in messages %}")
+    tok = Tokenizer.from_dir(d)
+    assert tok.decode(tok.encode("The quick", add_special_tokens=False)) == "The quick"
+    with pytest.raises(ValueError, match="chat template has a syntax error at line 1"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 def test_chat_template_json_file(bpe_dir, tmp_path):
@@ -382,10 +452,10 @@ def test_malformed_side_file_names_the_file(bpe_dir, tmp_path, fname):
     ({"generation_config.json": {"eos_token_id": "1"}}, "generation_config.json: eos_token_id must be an int"),
     ({"config.json": {"text_config": {"eos_token_id": [1, 2.5]}}}, "config.json: eos_token_id must be an int"),
     ({"generation_config.json": {"eos_token_id": 99999}}, "eos id 99999 is outside the vocabulary"),
-    ({"tokenizer_config.json": {"chat_template": [{"name": "tool_use", "template": "t"}]}},
-     r"tokenizer_config.json: chat_template list has no 'default' entry \(names: \['tool_use'\]\)"),
-    ({"tokenizer_config.json": {"chat_template": 3}}, "chat_template must be a string or a list"),
-    ({"chat_template.jinja": "{% for m in messages %}"}, "chat template has a syntax error at line 1"),
+    ({"tokenizer_config.json": {"chat_template": 3}}, "chat_template must be a string or a non-empty list"),
+    ({"tokenizer_config.json": {"chat_template": []}}, "chat_template must be a string or a non-empty list"),
+    ({"tokenizer_config.json": {"chat_template": [{"name": "default"}]}},
+     r"tokenizer_config.json: chat_template\[0\] must be \{'name': str, 'template': str\}"),
 ])
 def test_bad_side_file_content(bpe_dir, tmp_path, files, match):
     d = _copy_tokenizer(bpe_dir, tmp_path)
@@ -459,8 +529,56 @@ def test_continue_final_message_matches_hf(bpe_dir, hf_tok, final):
     assert text == expected and text.endswith(final.strip())
     with pytest.raises(ValueError, match="cannot be combined with add_generation_prompt"):
         tok.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
-    with pytest.raises(ValueError, match="last message to be the assistant's"):
-        tok.apply_chat_template(messages[:1], add_generation_prompt=False, continue_final_message=True)
+
+
+@pytest.mark.parametrize("final", ["n", "turn", "of", "\n", "", "Sure ", " x\n\n"])
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, GEMMA_TEMPLATE], ids=["plain", "trim"])
+def test_continue_final_message_cuts_after_the_content(bpe_dir, hf_tok, template, final):
+    """The cut is where the content ends, even when the content is also a piece of the turn's closing
+    marker ('n', 'turn' in '<end_of_turn>'), only space or empty; a trimming template (Gemma's) loses the
+    trailing space as in transformers."""
+    tok = Tokenizer.from_dir(bpe_dir)
+    tok.set_chat_template(template)
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": final}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert text == hf_tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                              continue_final_message=True)
+    assert "<end_of_turn>" not in text.split("<start_of_turn>model")[-1]
+
+
+def test_continue_final_message_goes_on_with_any_role(bpe_dir, hf_tok):
+    """As transformers 5: the last message may be the user's (the model completes the user's text)."""
+    messages = [{"role": "user", "content": "Complete this: once upon"}]
+    text = Tokenizer.from_dir(bpe_dir).apply_chat_template(messages, add_generation_prompt=False,
+                                                           continue_final_message=True)
+    assert text.endswith("once upon") and text == hf_tok.apply_chat_template(
+        messages, chat_template=GEMMA_TEMPLATE, tokenize=False, continue_final_message=True)
+
+
+def test_continue_final_message_needs_the_content_in_the_chat(bpe_dir, tmp_path):
+    d = _copy_tokenizer(bpe_dir, tmp_path)
+    _write(d / "chat_template.jinja", "{% for m in messages %}[{{ m['role'] }}]{% endfor %}")
+    with pytest.raises(ValueError, match="^continue_final_message: the chat template left the last message's"):
+        Tokenizer.from_dir(d).apply_chat_template([{"role": "user", "content": "Q"}], add_generation_prompt=False,
+                                                  continue_final_message=True)
+
+
+REASONING_TEMPLATE = ("{% for m in messages %}{{ m.role }}:[{{ m.reasoning_content }}|{{ m.thinking }}|{{ m.reasoning }}]"
+                      "{{ m.content }}\n{% endfor %}")
+
+
+@pytest.mark.parametrize("fields", [{"reasoning": "r"}, {"thinking": "t"}, {"reasoning_content": "c"},
+                                    {"reasoning_content": "c", "thinking": "t"}, {"reasoning": "r", "thinking": "t"},
+                                    {"reasoning_content": None, "reasoning": "r"}])
+def test_thought_reaches_the_template_under_each_name(bpe_dir, hf_tok, tmp_path, fields):
+    """A thought sent as `reasoning` or `thinking` is `reasoning_content` (and `thinking`) in the template,
+    as transformers 5.23 renders it."""
+    d = _copy_tokenizer(bpe_dir, tmp_path)
+    _write(d / "chat_template.jinja", REASONING_TEMPLATE)
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", **fields}]
+    text = Tokenizer.from_dir(d).apply_chat_template(messages, add_generation_prompt=False)
+    assert text == hf_tok.apply_chat_template(messages, chat_template=REASONING_TEMPLATE, tokenize=False)
+    assert "assistant:[|" not in text
 
 
 @pytest.mark.parametrize("template,parts", [
