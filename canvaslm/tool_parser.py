@@ -4,7 +4,7 @@
 A call is `<|tool_call>call:NAME{key:value,...}<tool_call|>`, where `<|tool_call>` and `<tool_call|>`
 are single special tokens and every string value sits between two `<|"|>` tokens (no escapes inside).
 Keys are bare words; values are strings, numbers, true / false / null, `{...}` objects and `[...]`
-arrays. The parser works on token ids, since a plain decode drops the special tokens. A block that
+arrays, nested at most MAX_DEPTH deep. The parser works on token ids, since a plain decode drops the special tokens. A block that
 does not parse stays in the text rather than becoming a wrong call, and so does an unfinished one.
 A reply that may call tools also stops at `<|tool_response>`: the tools' answers come from the caller.
 This module has no torch dependency.
@@ -19,6 +19,7 @@ import re
 CALL_OPEN, CALL_CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 RESPONSE_OPEN = "<|tool_response>"  # after its calls the model would go on with the tools' answers: stop there
 _NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
+MAX_DEPTH = 64  # arrays and objects nested deeper than this are no call (and never reach Python's recursion limit)
 
 
 class NativeSyntaxError(ValueError):
@@ -95,7 +96,7 @@ def _skip(s: str, i: int) -> int:
     return i
 
 
-def _value(s: str, i: int):
+def _value(s: str, i: int, depth: int = 0):
     i = _skip(s, i)
     if s.startswith(QUOTE, i):
         end = s.find(QUOTE, i + len(QUOTE))
@@ -103,6 +104,8 @@ def _value(s: str, i: int):
             raise NativeSyntaxError("an unclosed string")
         return s[i + len(QUOTE):end], _skip(s, end + len(QUOTE))
     if i < len(s) and s[i] in "{[":
+        if depth >= MAX_DEPTH:
+            raise NativeSyntaxError(f"arguments nested more than {MAX_DEPTH} deep")
         close = "}" if s[i] == "{" else "]"
         out = {} if s[i] == "{" else []
         i = _skip(s, i + 1)
@@ -111,9 +114,9 @@ def _value(s: str, i: int):
         while True:
             if isinstance(out, dict):
                 key, i = _key(s, i)
-                out[key], i = _value(s, i)
+                out[key], i = _value(s, i, depth + 1)
             else:
-                item, i = _value(s, i)
+                item, i = _value(s, i, depth + 1)
                 out.append(item)
             if i < len(s) and s[i] == ",":
                 i = _skip(s, i + 1)
@@ -127,7 +130,10 @@ def _value(s: str, i: int):
     m = _NUMBER.match(s, i)
     if m:
         text = m.group(0)
-        number = float(text) if m.group(1) or m.group(2) else int(text)
+        try:
+            number = float(text) if m.group(1) or m.group(2) else int(text)
+        except ValueError:  # an integer over Python's digit limit for str -> int (4300)
+            raise NativeSyntaxError(f"a number with too many digits ({len(text)}): {text[:20]!r}...") from None
         if not math.isfinite(number):
             raise NativeSyntaxError(f"a number out of JSON's range: {text[:20]!r}")
         return number, _skip(s, m.end())

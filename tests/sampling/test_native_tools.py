@@ -52,6 +52,22 @@ def test_parse_call_refuses_numbers_out_of_json_range(body):
         parse_call(body)
 
 
+@pytest.mark.parametrize("args, words", [("a:" + "9" * 5000, "too many digits"),
+                                         ("a:" + "[" * 1000 + "]" * 1000, "nested more than 64 deep"),
+                                         ("a:" + "{b:" * 70 + "1" + "}" * 70, "nested more than 64 deep")],
+                         ids=["5000-digits", "deep-array", "deep-object"])
+def test_malformed_calls_stay_text(tok, args, words):
+    """A call with an integer past Python's digit limit, or nested past MAX_DEPTH, is no call: parse_call
+    refuses it and split keeps the block as text (they were a ValueError / RecursionError out of split)."""
+    with pytest.raises(NativeSyntaxError, match=words):
+        parse_call(f"call:f{{{args}}}")
+    block = f"{CALL_OPEN}call:f{{{args}}}{CALL_CLOSE}"
+    text, calls, open_ = NativeToolParser.for_tokenizer(tok).split(tok.encode("hi " + block, add_special_tokens=False))
+    assert text == "hi " + block and calls == [] and not open_
+    deep = "[" * 63 + "]" * 63
+    assert parse_call(f"call:f{{a:{deep}}}") == ("f", json.dumps({"a": json.loads(deep)}))
+
+
 def test_split_keeps_text_and_reads_calls(tok):
     p = NativeToolParser.for_tokenizer(tok)
     ids = tok.encode(SCRIPT + " done", add_special_tokens=False)
