@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ..sampling.json_schema import closed_objects
 from ..tokenizer import tool_arguments_as_objects
@@ -41,9 +41,26 @@ class ErrorResponse(BaseModel):
 
 
 class _Strict(BaseModel):
-    """Strict types; unknown fields ignored (as OpenAI-compatible servers do)."""
+    """Strict types; unknown fields ignored (as OpenAI-compatible servers do); a null for a field with a default
+    that takes no null is that default (the `openai` client sends null for an option given as None)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        if isinstance(data, dict) and None in data.values():
+            fields = cls.model_fields
+            data = {k: v for k, v in data.items() if not (
+                v is None and k in fields and not fields[k].is_required() and not _takes_none(fields[k].annotation))}
+        return data
+
+
+def _takes_none(annotation) -> bool:
+    import typing
+
+    return annotation is None or annotation is type(None) or type(None) in typing.get_args(annotation) or \
+        annotation is Any
 
 
 class StreamOptions(_Strict):
@@ -95,9 +112,15 @@ class _Common(_Strict):
     max_tokens: int | None = Field(None, ge=1, le=INT64, description="cap on generated tokens")
     temperature: float | None = Field(
         None, ge=0, le=10, description="scales the denoising temperature schedule; 0 is near-greedy")
-    seed: int | None = Field(None, ge=0, le=INT64, description="makes the request reproducible on its own; "
-                             "choice i of n uses seed + i")
+    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64, description="makes the request reproducible on its "
+                             "own; choice i of n uses seed + i; a negative seed (vLLM takes int64) is taken mod 2**63")
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the text is cut before the first")
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_mod(cls, v):
+        return v % 2**63 if v is not None and v < 0 else v
+
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -19,8 +19,8 @@ import asyncio
 import uuid
 
 from ..scoring import batch_token_logprobs
-from .serving import (ServerState, check_prompt_only, check_request_basics, need_tokenizer, prepare, run_to_end,
-                      score_later)
+from .serving import (APIError, ServerState, check_choice_count, check_prompt_only, check_request_basics,
+                      need_tokenizer, prepare, renamed, run_to_end, score_later)
 
 
 async def complete_scored(state: ServerState, body, prompts: list[list[int]], request) -> dict:
@@ -69,6 +69,10 @@ async def complete_best_of(state: ServerState, body, prompts: list[list[int]], r
     """best_of > n: generate best_of completions per prompt and return the n with the highest mean log-prob
     per token under the encoder (OpenAI's rule), most likely first. Usage counts every completion made."""
     check_request_basics(state, body, prompts)  # the request as sent (the widened one always has best_of == n)
+    try:
+        check_choice_count(prompts, body.best_of)
+    except APIError as e:
+        raise renamed(e, {"n": "best_of"}) from None
     wide = body.model_copy(update={"n": body.best_of})
     choices = await asyncio.to_thread(prepare, state, wide, prompts)
     await run_to_end(state, choices, request)

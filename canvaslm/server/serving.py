@@ -202,6 +202,19 @@ class ThoughtFirst:
                                  prev.priority, 0, prev.lora, images=prev.images, follows=True)
 
 
+def _starting(text: str, stop: str) -> int:
+    """The longest k < len(stop) such that `text` ends with stop[:k]: how much of it may be a stop string that
+    is starting (its cost bounded by the text's length, not the stop's: a stop may be very long)."""
+    n = min(len(stop) - 1, len(text))
+    tail = text[len(text) - n:]
+    i = tail.find(stop[:1]) if n > 0 else -1
+    while i >= 0:
+        if stop.startswith(tail[i:]):
+            return n - i
+        i = tail.find(stop[:1], i + 1)
+    return 0
+
+
 @dataclass
 class TextTracker:
     """Committed ids -> text, with stop strings applied and the part that is safe to stream so far. Once a
@@ -217,6 +230,7 @@ class TextTracker:
     stop_word: str = ""  # the stop string that cut it
     keep_stop: bool = False  # include_stop_str_in_output: the text ends after the stop string, not before
     stop_ids: tuple = ()  # stop_token_ids: the one that ends the reply is not part of its text (vLLM's way)
+    min_tokens: int = 0  # a stop string counts only where it ends in the min_tokens-th token or later (vLLM's)
     skip_special: bool = True  # skip_special_tokens
     thoughts: object = None  # reasoning.ThoughtSplitter (chat replies): a thought channel goes to `reasoning`
     reasoning: str = ""  # the thought's text (without its label)
@@ -237,11 +251,16 @@ class TextTracker:
         shown = self.content_ids[:-1] if self.content_ids[-1:] and self.content_ids[-1] in self.stop_ids \
             else self.content_ids
         full = self._decode(shown)
-        hits = [(i, i + len(s), s) for i, s in ((full.find(s), s) for s in self.stops) if i >= 0]
+        if self.stops and len(shown) >= self.min_tokens:  # a stop must end in the min_tokens-th token or later
+            held = len(self._decode(shown[:self.min_tokens - 1])) if self.min_tokens > 1 else 0
+            hits = [(i, i + len(s), s) for i, s in ((full.find(s, max(held - len(s) + 1, 0)), s) for s in self.stops)
+                    if i >= 0]
+        else:
+            hits = []
         if hits:
             start, end, self.stop_word = min(hits)
             self.text, self.stopped = full[:end if self.keep_stop else start], True
-            self.ids = self.ids[:self._stop_end()]
+            self.ids = self.ids[:self._stop_end(start)]
             self.content_ids = self._split(self.ids)
         else:
             self.text = full
@@ -279,14 +298,14 @@ class TextTracker:
         return (self.tokenizer.decode(content_ids, skip_special_tokens=self.skip_special)
                 if self.tokenizer is not None else "")  # token-id-only checkpoints
 
-    def _stop_end(self) -> int:
-        """How many of `ids` the text needs for its stop string: the fewest whose text holds it (a search
-        over prefixes; a prefix's text is a prefix of the whole text)."""
+    def _stop_end(self, start: int) -> int:
+        """How many of `ids` the text needs for its stop string (found at `start`): the fewest whose text holds
+        it there (a search over prefixes; a prefix's text is a prefix of the whole text)."""
         lo, hi = 1, len(self.ids)
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.stop_word in self._decode(self.thoughts.split(self.prefill + self.ids[:mid]).content
-                                              if self.thoughts is not None else self.ids[:mid]):
+            if self._decode(self.thoughts.split(self.prefill + self.ids[:mid]).content
+                            if self.thoughts is not None else self.ids[:mid]).find(self.stop_word, start) >= 0:
                 hi = mid
             else:
                 lo = mid + 1
@@ -297,7 +316,7 @@ class TextTracker:
         character, unless final."""
         safe = self.text
         if not (final or self.stopped):
-            hold = max((k for s in self.stops for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
+            hold = max((_starting(safe, s) for s in self.stops), default=0)
             safe = safe[:len(safe) - hold]
             safe = safe.rstrip("\ufffd")
         out = safe[self.sent:]
@@ -818,6 +837,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
             choice_seed = (seed + j) % 2**63
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
                                   stop_ids=() if body.include_stop_str_in_output else tuple(extra),
+                                  min_tokens=body.min_tokens,
                                   skip_special=body.skip_special_tokens, thoughts=thoughts,
                                   prefill=thoughts.prompt_thought(ids) if thoughts is not None else [])
             answer = None

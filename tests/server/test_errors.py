@@ -37,7 +37,7 @@ BAD = [  # (route, body, expected status, the param the error must name)
     ("completions", {**OK, "n": 1000}, 400, "n"),
     ("completions", {**OK, "temperature": -1}, 400, "temperature"),
     ("completions", {**OK, "temperature": "hot"}, 400, "temperature"),
-    ("completions", {**OK, "seed": -5}, 400, "seed"),
+    ("completions", {**OK, "seed": -2**63 - 1}, 400, "seed"),  # vLLM's seeds are int64 (a negative one is taken)
     ("completions", {**OK, "seed": 1.5}, 400, "seed"),
     ("completions", {**OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("completions", {**OK, "stop": 7}, 400, "stop"),

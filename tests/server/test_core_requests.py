@@ -1,0 +1,78 @@
+"""Requests the OpenAI routes must read as OpenAI's and vLLM's do: null options, negative seeds, min_tokens
+holding off stop strings, streamed log-probs after a stop string, best_of limits; and a stop string's cost."""
+
+from __future__ import annotations
+
+import random
+
+import openai
+import pytest
+
+from canvaslm.server.serving import TextTracker, _starting
+
+from .conftest import MAX_TOKENS, MODEL, probe_prompt
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+
+
+def test_starting_finds_the_longest_stop_prefix_the_text_ends_with():
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randrange(0, 12)))
+        stop = "".join(rng.choice("ab") for _ in range(rng.randrange(1, 12)))
+        want = max((k for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        assert _starting(text, stop) == want, (text, stop)
+
+
+def test_a_very_long_stop_string_costs_the_text_not_the_stop():
+    """The held-back part was found by trying every prefix of every stop (quadratic in the stop's length, on the
+    event loop: a 1M-character stop froze the server for 20 s)."""
+    class Chars:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    t = TextTracker(Chars(), ["x" * 10**6])
+    t.add([ord(c) for c in "abcxxx"])
+    assert t.delta() == "abc" and t.delta(final=True) == "xxx"
+
+
+def test_null_options_are_their_defaults_and_a_negative_seed_is_taken_mod_2_63(client, llm):
+    prompt = probe_prompt(llm, 1)
+    want = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=2**63 - 1)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=-1, n=None, echo=None,
+                                    stream=None, extra_body={"min_tokens": None, "ignore_eos": None,
+                                                             "skip_special_tokens": None})
+    assert got.choices[0].text == want.choices[0].text and len(got.choices) == 1
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          n=None, stream=None, extra_body={"add_generation_prompt": None})
+    assert len(chat.choices) == 1
+
+
+def test_min_tokens_holds_off_stop_strings(client, llm):
+    """As vLLM: a stop string counts only where it ends in the min_tokens-th token or later."""
+    prompt, kw = probe_prompt(llm, 2), dict(model=MODEL, max_tokens=MAX_TOKENS, seed=1)
+    free = client.completions.create(prompt=prompt, **kw, extra_body={"min_tokens": 30}).choices[0].text
+    early = free[2:4]
+    assert len(free) >= 30 and len(early) == 2
+    held = client.completions.create(prompt=prompt, stop=[early], **kw, extra_body={"min_tokens": 30})
+    text = held.choices[0].text  # the same tokens (stop strings only cut): not cut at the early occurrence
+    assert free.startswith(text) and len(text) > free.find(early)
+
+
+def test_streamed_logprobs_list_what_the_whole_reply_lists_after_a_stop(client, llm):
+    prompt, kw = probe_prompt(llm, 3), dict(model=MODEL, max_tokens=MAX_TOKENS, seed=2, logprobs=1)
+    free = client.completions.create(prompt=prompt, **kw).choices[0].text
+    stop = free[5:7]
+    whole = client.completions.create(prompt=prompt, stop=[stop], **kw).choices[0]
+    tokens = [t for ch in client.completions.create(prompt=prompt, stop=[stop], stream=True, **kw)
+              if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    assert whole.text == free[:free.find(stop)] and tokens == whole.logprobs.tokens
+
+
+def test_best_of_over_the_choice_limit_names_best_of(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=["a", "b", "c", "d", "e"], max_tokens=4, n=1, best_of=16)
+    assert e.value.body["param"] == "best_of" and "best_of=16" in e.value.body["message"]
