@@ -461,12 +461,7 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
 
         c = by_index[i]
         if not chat:  # legacy: parallel lists, offsets into the whole completion's text
-            ids = c.tracker.ids
-            if c.tracker.stopped:  # as the whole reply lists them: the tokens the text shows
-                from .scored import _tokens_of_text
-
-                ids = _tokens_of_text(state.tokenizer, ids, c.tracker.text, c.tracker.skip_special)
-            full = await completion_logprobs(state, model, prompts[c.prompt_index], ids, top_logprobs)
+            full = await completion_logprobs(state, model, prompts[c.prompt_index], c.tracker.ids, top_logprobs)
             new, scored[i] = {k: v[scored[i]:] for k, v in full.items()}, len(full["tokens"])
             return new if new["tokens"] else None
         full = await chat_logprobs(state, model, prompts[c.prompt_index], c.tracker.ids, top_logprobs)

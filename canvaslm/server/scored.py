@@ -35,9 +35,9 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
         await run_to_end(state, choices, request)
         outputs = []
         for c in choices:
-            ids = list(c.tracker.ids)  # a final EOS stays listed (not in the text), as OpenAI lists its end token
-            if c.tracker.stopped:  # a stop string cut the text: list the tokens the text still shows
-                ids = _tokens_of_text(state.tokenizer, ids, c.tracker.text, body.skip_special_tokens)
+            # every token counted is listed (vLLM's way): a final EOS (not in the text), as OpenAI lists its end
+            # token, and after a stop string the tokens up to the one that completed it
+            ids = list(c.tracker.ids)
             outputs.append((prompts[c.prompt_index], ids, c.finish_reason, c.decoder_passes))
         # the text is the tracker's, as without logprobs (stop strings applied, skip_special_tokens honoured);
         # the ids above only list the tokens
@@ -153,14 +153,6 @@ async def prompt_logprobs(state: ServerState, model: str, prompts: list, top_k: 
             rows.append(row)
         out.append(rows)
     return out
-
-
-def _tokens_of_text(tokenizer, ids: list, text: str, skip_special: bool = True) -> list:
-    """The shortest prefix of `ids` whose text covers `text` (a stop string cut the rest)."""
-    for n in range(len(ids) + 1):
-        if len(tokenizer.decode(ids[:n], skip_special_tokens=skip_special)) >= len(text):
-            return ids[:n]
-    return ids
 
 
 def _legacy_logprobs(tokenizer, ids: list, echo: bool, logprobs: list, tops: list, top_k: int,

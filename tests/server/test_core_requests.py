@@ -62,14 +62,17 @@ def test_min_tokens_holds_off_stop_strings(client, llm):
     assert free.startswith(text) and len(text) > free.find(early)
 
 
-def test_streamed_logprobs_list_what_the_whole_reply_lists_after_a_stop(client, llm):
+def test_logprobs_list_every_counted_token_after_a_stop_streamed_or_not(client, llm):
     prompt, kw = probe_prompt(llm, 3), dict(model=MODEL, max_tokens=MAX_TOKENS, seed=2, logprobs=1)
     free = client.completions.create(prompt=prompt, **kw).choices[0].text
     stop = free[5:7]
-    whole = client.completions.create(prompt=prompt, stop=[stop], **kw).choices[0]
+    reply = client.completions.create(prompt=prompt, stop=[stop], **kw)
+    whole = reply.choices[0]
     tokens = [t for ch in client.completions.create(prompt=prompt, stop=[stop], stream=True, **kw)
               if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
     assert whole.text == free[:free.find(stop)] and tokens == whole.logprobs.tokens
+    # every counted token is listed (vLLM's way): up to the one that completed the stop string
+    assert len(tokens) == reply.usage.completion_tokens and "".join(tokens).startswith(whole.text + stop)
 
 
 def test_best_of_over_the_choice_limit_names_best_of(client):
