@@ -80,6 +80,7 @@ def build_app(state: ServerState) -> FastAPI:
         return _in_dialect(request, _error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
     app.add_middleware(_ApiKeyCheck, state=state)
+    app.add_middleware(_BodiesAreJson)
 
     @app.get("/health")
     async def health():
@@ -307,6 +308,23 @@ class _ApiKeyCheck:
                                                        type="authentication_error", code="invalid_api_key"))
                 await response(scope, receive, send)
                 return
+        await self.app(scope, receive, send)
+
+
+class _BodiesAreJson:
+    """Every route takes a JSON body, whatever its Content-Type says: `curl -d '{...}'` sends
+    application/x-www-form-urlencoded, and Ollama's and llama-server's own examples (which those servers take)
+    send no JSON header. A body that is not JSON is still a 400 saying so."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            kind = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+            if b"json" not in kind and not kind.startswith(b"multipart/"):
+                scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
         await self.app(scope, receive, send)
 
 

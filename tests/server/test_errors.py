@@ -101,6 +101,20 @@ def test_malformed_bodies_and_routes(http):
     check_error(http.get("/v1/nothing-here"), 404, None)
     check_error(http.get("/v1/models/gpt-4"), 404, "model")
     check_error(http.get("/v1/completions"), 405, None)
+    check_error(http.post("/v1/completions", content=b"a=1", headers={"content-type": "application/x-www-form-urlencoded"}),
+                400, None)
+
+
+@pytest.mark.parametrize("headers", [{"content-type": "application/x-www-form-urlencoded"}, {"content-type": ""},
+                                     {"content-type": "text/plain"}])
+def test_a_json_body_is_read_whatever_its_content_type(http, headers):
+    """`curl -d '{...}'` (form-encoded) and Ollama's / llama-server's examples send no JSON header: the body is
+    JSON all the same, as those servers read it."""
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
+    r = http.post("/v1/completions", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    r = http.post("/tokenize", content=json.dumps({"prompt": "hi"}).encode(), headers=headers)
+    assert r.status_code == 200 and r.json()["count"] > 0
 
 
 def test_server_still_serves_after_bad_input(http):
