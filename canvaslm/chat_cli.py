@@ -2,12 +2,15 @@
 conversation mode.
 
 Each line read is a user turn; the reply is generated for the whole conversation through the
-checkpoint's chat template, printed, and kept in the history. Commands: `/reset` starts a new
-conversation, `/system TEXT` sets the system message (and resets), `/image FILE_OR_URL` attaches an image
-to the next message (models with a vision tower), `/exit` (or end of input) quits.
+checkpoint's chat template, printed, and kept in the history. Commands (a line's first word): `/reset`
+starts a new conversation, `/system TEXT` sets the system message (and resets), `/image FILE_OR_URL`
+attaches an image to the next message (models with a vision tower), `/exit` (or end of input) quits
+(status 0). A line starting with `//` is a message starting with `/` (one slash is dropped).
+Ctrl-C during a reply stops it: the turn is left out of the history and the prompt comes back; Ctrl-C at
+the prompt (or while the model loads) quits quietly with status 130, the shell's status for Ctrl-C.
 A reply's thought channel (canvaslm.reasoning) is kept out of the answer and its history; `--think`
 turns thinking mode on and prints each thought to stderr.
-Turn i of a session draws from seed `--seed + i`, so a session piped from a file is reproducible. On a
+Turn i of a session draws from seed `(--seed + i) mod 2**64`, so a session piped from a file is reproducible. On a
 terminal, `--drafts` shows the canvas being denoised on one status line, step by step. A turn that fails
 (e.g. the conversation outgrew the context) prints the error and is dropped from the history; the
 session goes on.
@@ -25,7 +28,8 @@ from __future__ import annotations
 import sys
 
 HELP = ("/reset: new conversation   /system TEXT: set the system message   /image FILE_OR_URL: attach an image "
-        "to your next message   /exit: quit")
+        "to your next message   /exit: quit   //TEXT: send /TEXT   Ctrl-C: stop a reply, or quit at the prompt")
+INTERRUPTED = 130  # the exit status of a session quit with Ctrl-C (128 + SIGINT, as a shell reports it)
 
 
 def add_parser(subparsers) -> None:
@@ -37,7 +41,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--system", default=None, help="system message for the conversation")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
-    p.add_argument("--seed", type=int, default=0, help="turn i draws from seed + i (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="turn i draws from (seed + i) mod 2**64 (default 0)")
     p.add_argument("--temperature", type=float, default=None, help="scales the temperature schedule")
     from .sampling.cli_args import add_sampling_args
     add_sampling_args(p)
@@ -93,7 +97,11 @@ class Session:
             raise GenerationError(f"{e}; /reset starts over") from None
         self.turns += 1
         req = GenerationRequest.from_row(f"turn{self.turns}", row, params.seed, drafts=on_draft is not None)
-        tokens, fin = asyncio.run(self.engine.run(req, on_draft))
+        try:
+            tokens, fin = asyncio.run(self.engine.run(req, on_draft))
+        except KeyboardInterrupt:  # asyncio.run turns Ctrl-C into this once its task is cancelled
+            self.engine.cancel(req.request_id)  # the engine ends the request before it takes the next one
+            raise
         if fin.reason == "error":
             raise GenerationError(fin.message or "the turn failed")
         content, thought = self.thoughts.answer(tokens) if self.thoughts is not None else (tokens, None)
@@ -106,10 +114,14 @@ class Session:
 def _chat(args) -> int:
     from .cli import load_llm
 
-    llm = load_llm(args)
-    if llm.tokenizer is None or getattr(llm.tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{llm.model_dir} has no chat template, so it cannot chat; use `canvaslm generate`")
-    session = Session(llm, args.prefill_chunk, args.kv_cache_dtype, think=args.think)
+    try:
+        llm = load_llm(args)
+        if llm.tokenizer is None or getattr(llm.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{llm.model_dir} has no chat template, so it cannot chat; use `canvaslm generate`")
+        session = Session(llm, args.prefill_chunk, args.kv_cache_dtype, think=args.think)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return INTERRUPTED
     try:
         return _loop(args, llm, session)
     finally:
@@ -124,8 +136,9 @@ def _loop(args, llm, session) -> int:
     from .sampling.cli_args import sampling_params
 
     def turn_params(turn: int) -> SamplingParams:
+        seed = (args.seed + turn) % 2**64 if 0 <= args.seed < 2**64 else args.seed  # out of range: refused below
         return SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
-                              seed=args.seed + turn, temperature=args.temperature,
+                              seed=seed, temperature=args.temperature,
                               lora="lora" if args.lora else None, **sampling_params(args))
 
     turn_params(0).resolve(llm.defaults)  # flags no turn could run with: an error (exit 2), not one per turn
@@ -138,31 +151,38 @@ def _loop(args, llm, session) -> int:
             line = input("> " if tty else "")
         except EOFError:
             break
+        except KeyboardInterrupt:
+            if tty:
+                print(flush=True)  # the shell's prompt starts on a line of its own
+            return INTERRUPTED
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset" or text.startswith("/system"):
-            if text.startswith("/system"):
-                system = text[len("/system"):].strip() or None
-            history, images = [], []
-            if tty:
-                print("(new conversation)", flush=True)
-            continue
-        if text.startswith("/image"):
-            from .cli import _image_arg
+        if text.startswith("//"):
+            line = line.replace("/", "", 1)  # an escaped slash: a message, not a command
+        elif text.startswith("/"):
+            command, _, arg = text.replace("\t", " ").partition(" ")
+            arg = arg.strip()
+            if command in ("/exit", "/quit"):
+                break
+            if command in ("/reset", "/system"):
+                if command == "/system":
+                    system = arg or None
+                history, images = [], []
+                if tty:
+                    print("(new conversation)", flush=True)
+            elif command == "/image":
+                from .cli import _image_arg
 
-            try:
-                images.append(_image_arg(text[len("/image"):].strip(), "/image"))
-            except SystemExit as e:
-                print(e, file=sys.stderr, flush=True)
-                continue
-            if tty:
-                print(f"({len(images)} image(s) go with your next message)", flush=True)
-            continue
-        if text.startswith("/"):
-            print(f"unknown command {text.split()[0]!r}; {HELP}", file=sys.stderr, flush=True)
+                try:
+                    images.append(_image_arg(arg, "/image"))
+                except SystemExit as e:
+                    print(e, file=sys.stderr, flush=True)
+                    continue
+                if tty:
+                    print(f"({len(images)} image(s) go with your next message)", flush=True)
+            else:
+                print(f"unknown command {command!r}; {HELP}", file=sys.stderr, flush=True)
             continue
         content = [*({"type": "image", "image": im} for im in images), {"type": "text", "text": line}] \
             if images else line
@@ -177,6 +197,10 @@ def _loop(args, llm, session) -> int:
         except (GenerationError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             images = []  # a failed turn's images go with it (one that does not load would fail every turn)
+            continue
+        except KeyboardInterrupt:
+            print("\n(reply stopped; the turn is left out)", file=sys.stderr, flush=True)
+            images = []
             continue
         finally:
             if show is not None:

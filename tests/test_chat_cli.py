@@ -1,11 +1,14 @@
 """`canvaslm chat`: each line is a turn over the whole conversation (seed + turn), /reset and /system start
-over, a failing turn is reported and left out of the history, and a turn reuses the previous prompt's KV
-without changing a token (each reply equals LLM.generate_continuous on the whole conversation)."""
+over, a failing or interrupted (Ctrl-C) turn is reported and left out of the history, Ctrl-C at the prompt
+quits with 130, and a turn reuses the previous prompt's KV without changing a token (each reply equals
+LLM.generate_continuous on the whole conversation)."""
 
 from __future__ import annotations
 
 import io
+import os
 import re
+import signal
 
 import pytest
 
@@ -100,3 +103,88 @@ def test_a_thought_is_printed_apart_and_left_out_of_the_history(tmp_path, monkey
     out, err = capsys.readouterr()
     assert out == "Fine.\nFine.\n" and err.count("[thinking] hmm") == 2
     assert prompts[-1] == ["hi", "Fine.", "and you?"] and kwargs[-1] == {"enable_thinking": True}
+
+
+def _spy_prompts(monkeypatch):
+    """The messages of every chat the session encodes."""
+    from canvaslm.tokenizer import Tokenizer
+
+    prompts, encode = [], Tokenizer.encode_chat
+
+    def spy(self, messages, *a, **kw):
+        prompts.append(messages)
+        return encode(self, messages, *a, **kw)
+
+    monkeypatch.setattr(Tokenizer, "encode_chat", spy)
+    return prompts
+
+
+def _main_uninterrupted(argv):
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped `canvaslm chat`")
+
+
+def test_ctrl_c_at_the_prompt_quits_quietly_with_130(chat_llm, monkeypatch, capsys):
+    lines = iter(["hi"])
+
+    def fake_input(prompt=""):
+        line = next(lines, None)
+        if line is None:
+            raise KeyboardInterrupt
+        return line
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert _main_uninterrupted(["chat", str(chat_llm.model_dir), "--seed", "2", "--max-new-tokens", "8"]) == 130
+    out, err = capsys.readouterr()
+    assert out == _reply(chat_llm, [{"role": "user", "content": "hi"}], 2, max_new_tokens=8) + "\n"
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_during_a_reply_stops_that_turn_only(chat_llm, monkeypatch, capsys):
+    """SIGINT while a reply runs: the engine request is cancelled, the turn is left out of the history and
+    the next line is answered as if it were the first (its seed is the next one)."""
+    from canvaslm.engine.engine import Engine
+
+    run, cancel, cancelled = Engine.run, Engine.cancel, []
+
+    async def interrupted_first(self, request, on_draft=None):
+        if request.request_id == "turn1":
+            os.kill(os.getpid(), signal.SIGINT)  # asyncio.run cancels its task at the await in run
+        return await run(self, request, on_draft)
+
+    def spy_cancel(self, request_id, reason="cancelled"):
+        cancelled.append(request_id)
+        cancel(self, request_id, reason)
+
+    monkeypatch.setattr(Engine, "run", interrupted_first)
+    monkeypatch.setattr(Engine, "cancel", spy_cancel)
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long question " * 20 + "\nhi\n"))
+    assert _main_uninterrupted(["chat", str(chat_llm.model_dir), "--seed", "4", "--max-new-tokens", "16"]) == 0
+    out, err = capsys.readouterr()
+    assert cancelled == ["turn1"] and "reply stopped" in err and "Traceback" not in err
+    assert out == _reply(chat_llm, [{"role": "user", "content": "hi"}], 5) + "\n"
+
+
+def test_commands_are_whole_words_and_double_slash_escapes(chat_llm, monkeypatch, capsys):
+    """"/systemd ..." is an unknown command, not a system message; "//x" sends "/x"; a tab separates a
+    command from its argument."""
+    prompts = _spy_prompts(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("/systemd is slow\n/system\tbe terse\n//image of a cat\n"
+                                                 "/exit now\nnever read\n"))
+    assert main(["chat", str(chat_llm.model_dir), "--max-new-tokens", "4"]) == 0
+    assert "unknown command '/systemd'" in capsys.readouterr().err
+    assert prompts == [[{"role": "system", "content": "be terse"}, {"role": "user", "content": "/image of a cat"}]]
+
+
+def test_the_largest_seed_wraps_around(chat_llm, monkeypatch, capsys):
+    """--seed 2**64 - 1: turn 1 draws from seed 0 (it was an error that ended the session after turn 0)."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you\n"))
+    assert main(["chat", str(chat_llm.model_dir), "--seed", str(2**64 - 1), "--max-new-tokens", "8"]) == 0
+    out, _ = capsys.readouterr()
+    r1 = _reply(chat_llm, [{"role": "user", "content": "hi"}], 2**64 - 1, max_new_tokens=8)
+    r2 = _reply(chat_llm, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": r1},
+                           {"role": "user", "content": "how are you"}], 0, max_new_tokens=8)
+    assert out == f"{r1}\n{r2}\n"
+    assert main(["chat", str(chat_llm.model_dir), "--seed", str(2**64)]) == 2
