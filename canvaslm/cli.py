@@ -30,7 +30,8 @@ def _parse_ids(text: str) -> list[int]:
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True):
     p.add_argument("model_dir", nargs="?" if model_optional else None, default=None,
                    help="checkpoint directory (HF layout), or a Hugging Face repo id (owner/name) read from the "
-                        "HF cache and downloaded if missing; default: the bundled Sudoku demo model")
+                        "HF cache and downloaded if missing" +
+                        ("; default: the bundled Sudoku demo model" if model_optional else ""))
     p.add_argument("--revision", default=None, help="with a repo id: the branch, tag or commit (default: main)")
     add_load_args(p)
 
@@ -87,6 +88,9 @@ def _generate(args) -> int:
         raise SystemExit("error: --gaps needs --suffix (they are the middle's candidate lengths)")
     if args.think and not args.chat:
         raise SystemExit("error: --think needs --chat (it turns on the chat template's thinking mode)")
+    if args.chat and args.prompt_ids is not None:  # the template would be skipped: ids are taken as they are
+        raise SystemExit("error: --chat renders --prompt text with the chat template; --prompt-ids are used as "
+                         "given (send ids already templated, without --chat)")
     llm = load_llm(args)
     images = [_image_arg(x) for x in args.image or ()]
     text = args.prompt

@@ -44,7 +44,7 @@ class SamplingParams:
     t_min: float | None = None
     t_max: float | None = None
     entropy_bound: float | None = None
-    top_k: int | None = None  # sample each position from its k most likely tokens (None or 0: all)
+    top_k: int | None = None  # sample each position from its k most likely tokens (None, 0 or -1: all)
     top_p: float | None = None  # ... from its nucleus of this probability mass (None or 1: all)
     min_p: float | None = None  # ... from tokens at least this share of its most likely one's (None or 0: all)
     frequency_penalty: float | None = None  # in [-2, 2]: minus f x times a token is in the output so far
@@ -138,7 +138,8 @@ class SamplingParams:
         p = defaults.replace(max_new_tokens=self.max_new_tokens, max_denoising_steps=self.max_denoising_steps,
                              t_min=self.t_min, t_max=self.t_max, entropy_bound=self.entropy_bound,
                              confidence_threshold=self.confidence_threshold,
-                             stability_threshold=self.stability_threshold, top_k=self.top_k, top_p=self.top_p,
+                             stability_threshold=self.stability_threshold,
+                             top_k=0 if self.top_k == -1 else self.top_k, top_p=self.top_p,  # -1: vLLM's "all"
                              min_p=self.min_p, frequency_penalty=self.frequency_penalty,
                              presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty,
                              max_time=self.max_time)

@@ -264,3 +264,11 @@ def test_a_stop_token_is_left_out_of_text(llm):
     assert r.text == llm.decode(r.token_ids[:-1]) and not r.text.endswith("c")
     long = llm.generate("Hi", SamplingParams(seed=0, max_new_tokens=3, logit_bias={c: 100}))[0]
     assert long.finish_reason == "length" and long.text == "ccc"  # not a stop: every token's text
+
+
+def test_top_k_minus_one_means_no_cut(llm):
+    """vLLM's SamplingParams (and this server) read top_k=-1 as "all"; it was a ConfigError offline."""
+    sp = dict(seed=3, max_new_tokens=8)
+    assert SamplingParams(top_k=-1).resolve(llm.defaults).top_k == 0
+    assert llm.generate([2, 10, 11], SamplingParams(top_k=-1, **sp))[0].token_ids == \
+        llm.generate([2, 10, 11], SamplingParams(**sp))[0].token_ids

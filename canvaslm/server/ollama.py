@@ -55,7 +55,7 @@ class _Body(BaseModel):
 class Options(_Body):
     num_predict: int | None = Field(None, ge=-2, le=INT64)
     temperature: float | None = Field(None, ge=0, le=10)
-    top_k: int | None = Field(None, ge=0, le=INT64)
+    top_k: int | None = Field(None, ge=-1, le=INT64)  # -1 or 0: no cut
     top_p: float | None = Field(None, ge=0, le=1)
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-1, le=INT64)

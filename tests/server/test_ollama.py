@@ -47,6 +47,9 @@ def test_chat_equals_the_chat_completion_streamed_or_not(server):
     assert whole.done and whole.done_reason == {"stop": "stop", "length": "length"}[ref.choices[0].finish_reason]
     assert whole.eval_count == ref.usage.completion_tokens
     assert whole.prompt_eval_count <= ref.usage.prompt_tokens and whole.total_duration > 0
+    assert o.chat(model=MODEL, messages=messages, options={**opts, "top_k": -1}).message.content == \
+        oa.chat.completions.create(model=MODEL, messages=messages, seed=3, max_tokens=40, temperature=0.6,
+                                   extra_body={"repetition_penalty": 1.2}).choices[0].message.content  # -1: all
     parts = list(o.chat(model=MODEL, messages=messages, options=opts, stream=True))
     assert "".join(p.message.content for p in parts) == whole.message.content
     assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
