@@ -476,6 +476,14 @@ class ResponsesTool(FunctionDef):
 
     type: Literal["function"]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _function_only(cls, data):
+        if isinstance(data, dict) and data.get("type") != "function":
+            raise ValueError(f"type {data.get('type')!r} is a built-in tool; this server runs function tools only "
+                             "({'type': 'function', 'name': ..., 'parameters': {...}})")
+        return data
+
 
 class NamedFunctionChoice(_Strict):
     type: Literal["function"]

@@ -155,6 +155,7 @@ def test_named_function_call_and_its_result_in_the_next_turn(client):
     (dict(tool_choice="required"), "tool_choice", "needs tools"),
     (dict(max_output_tokens=2, tools=[WEATHER], tool_choice="required"), "tools", "over max_output_tokens=2"),
     (dict(max_output_tokens=4, extra_body={"min_tokens": 10}), "min_tokens", "(max_output_tokens)"),
+    (dict(tools=[{"type": "web_search"}]), "tools", "type 'web_search' is a built-in tool"),
 ])
 def test_refusals_name_the_responses_field(client, kw, param, words):
     body = {"model": MODEL, "input": "hi", **kw}
