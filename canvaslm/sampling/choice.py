@@ -24,7 +24,9 @@ class ChoiceConstraint(OneSlotConstraint):
             if not isinstance(c, str) or not c.strip():
                 raise ConstraintError(f"{field}[{i}] must be a non-empty string, got {c!r}")
         if len(set(choices)) != len(choices):
-            raise ConstraintError(f"{field} lists a choice twice")
+            twice = next(i for i, c in enumerate(choices) if c in choices[:i])
+            raise ConstraintError(f"{field} lists a choice twice: {field}[{twice}] = {choices[twice]!r} is "
+                                  f"{field}[{choices.index(choices[twice])}]")
         eos = output_eos(tokenizer, field)
         self.vocab, self.choices = Vocab.of(tokenizer), list(choices)
         ids = [self.vocab.encode(c) for c in choices]
