@@ -40,7 +40,7 @@ def test_the_constraint_layout_is_one_slot_then_eos(tiny_llm):
     ("yes", "must be a non-empty list"),
     (["yes", ""], r"choice\[1\] must be a non-empty string"),
     (["yes", 3], r"choice\[1\] must be a non-empty string"),
-    (["yes", "no", "yes"], "lists a choice twice: choice[2] = 'yes' is choice[0]"),
+    (["yes", "no", "yes"], r"lists a choice twice: choice\[2\] = 'yes' is choice\[0\]"),
     ([f"c{i}" for i in range(MAX_CHOICES + 1)], "over the limit"),
 ])
 def test_bad_choice_lists_are_named(tiny_llm, choices, message):
