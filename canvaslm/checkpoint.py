@@ -366,6 +366,7 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
             if name in carried_files and src == carried_files[name] and not Path(src).is_file():
                 raise CheckpointError(f"{src}: a file this model carries from its checkpoint but no longer exists; "
                                       "reload the model to save it")
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # additional_chat_templates/NAME.jinja
             shutil.copyfile(src, tmp / name)
         _publish(tmp, out_dir, stat.S_IMODE((tmp / "config.json").stat().st_mode), replace_any)
     except BaseException:

@@ -152,13 +152,12 @@ def _quantize(args) -> int:
     from .checkpoint import check_output_dir, load_model, save_model
     from .config import DiffusionParams
     from .quant import weight_bytes
-    from .train.checkpointing import TOKENIZER_FILES
+    from .train.checkpointing import tokenizer_files
 
     src, dst = Path(args.src), Path(args.dst)
     check_output_dir(dst, src)  # not the source, nor a directory holding it or anything but a model
     model = load_model(src, device=args.device or "cpu", dtype=args.dtype, quantization=args.to, progress=True)
-    extra = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
-    save_model(model, dst, DiffusionParams.from_dir(src), extra_files=extra)
+    save_model(model, dst, DiffusionParams.from_dir(src), extra_files=tokenizer_files(src))
     print(f"canvaslm: wrote {dst} ({args.to}, {weight_bytes(model) / 1e9:.2f} GB of weights); "
           f"load it as any checkpoint", flush=True)
     return 0

@@ -456,7 +456,7 @@ def test_a_mismatched_tensor_is_not_also_missing(ref_dir, tmp_path, bad):
 
 
 @pytest.mark.parametrize("how", ["quantize", "export"])
-def test_quantize_and_export_keep_a_chat_template_json(tmp_path, how):
+def test_quantize_and_export_keep_the_chat_templates(tmp_path, how):
     from canvaslm.cli import main
     from canvaslm.testing import make_tiny_checkpoint
     from canvaslm.tokenizer import Tokenizer
@@ -467,6 +467,10 @@ def test_quantize_and_export_keep_a_chat_template_json(tmp_path, how):
     template = tok_cfg.pop("chat_template")
     (src / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     (src / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    (src / "additional_chat_templates").mkdir()  # a named template: `tool_use` renders chats with tools
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS{{ tools | length }}")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": "hi"}]
     assert Tokenizer.from_dir(src).chat_template == template
     out = tmp_path / "out"
     if how == "quantize":
@@ -474,3 +478,5 @@ def test_quantize_and_export_keep_a_chat_template_json(tmp_path, how):
     else:
         export_checkpoint(src, out)
     assert Tokenizer.from_dir(out).chat_template == template
+    assert Tokenizer.from_dir(out).encode_chat(msgs, tools=tools) == Tokenizer.from_dir(src).encode_chat(
+        msgs, tools=tools)

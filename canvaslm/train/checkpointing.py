@@ -155,10 +155,15 @@ def _merged_copy(model):
     return plain
 
 
-def _tokenizer_files(tok_dir: Path | None) -> dict:
+def tokenizer_files(tok_dir: Path | None) -> dict:
+    """The tokenizer and chat-template files of `tok_dir` (name in the checkpoint -> path), named templates
+    (additional_chat_templates/NAME.jinja) included."""
     if tok_dir is None:
         return {}
-    return {name: tok_dir / name for name in TOKENIZER_FILES if (tok_dir / name).is_file()}
+    files = {name: tok_dir / name for name in TOKENIZER_FILES if (tok_dir / name).is_file()}
+    named = tok_dir / "additional_chat_templates"
+    files.update({f"{named.name}/{f.name}": f for f in sorted(named.glob("*.jinja")) if f.is_file()})
+    return files
 
 
 def save_checkpoint(trainer) -> Path:
@@ -176,7 +181,7 @@ def save_checkpoint(trainer) -> Path:
     try:
         torch.save(state, tmp)
         name = f"checkpoint-{step:07d}"
-        extra = {STATE_FILE: tmp, **_tokenizer_files(trainer.tokenizer_dir)}
+        extra = {STATE_FILE: tmp, **tokenizer_files(trainer.tokenizer_dir)}
         merged = trainer.config.save_merged
         if merged if merged is not None else not trainer.config.quantization:
             save_model(_merged_copy(trainer.model), out_dir / name, trainer.params, extra_files=extra,
@@ -196,7 +201,7 @@ def save_checkpoint(trainer) -> Path:
 def export_model(model, out_dir, params: DiffusionParams, tok_dir: Path | None, dtype=None) -> Path:
     """Merged HF checkpoint + tokenizer files (no trainer state)."""
     merged = _merged_copy(model)
-    return save_model(merged, out_dir, params, dtype=dtype, extra_files=_tokenizer_files(tok_dir))
+    return save_model(merged, out_dir, params, dtype=dtype, extra_files=tokenizer_files(tok_dir))
 
 
 def export_checkpoint(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
@@ -208,7 +213,7 @@ def export_checkpoint(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
         model, params = _adapted_from_state(src)
         return export_model(model, out_dir, params, src, dtype)
     model = load_model(src, dtype="float32")
-    return save_model(model, out_dir, DiffusionParams.from_dir(src), dtype=dtype, extra_files=_tokenizer_files(src))
+    return save_model(model, out_dir, DiffusionParams.from_dir(src), dtype=dtype, extra_files=tokenizer_files(src))
 
 
 def _checkpoint_dir(src: Path) -> Path:
