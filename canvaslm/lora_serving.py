@@ -109,6 +109,12 @@ def read_adapter(path, name: str | None = None) -> Adapter:
     if cfg.get("modules_to_save"):
         raise AdapterError(f"{cfg_path}: modules_to_save {cfg['modules_to_save']} is not served (it replaces "
                            "whole modules); merge the adapter into a checkpoint instead")
+    for key, what in (("alpha_pattern", "a lora_alpha per module"), ("rank_pattern", "a rank per module"),
+                      ("alora_invocation_tokens", "activated LoRA, on only after its invocation tokens"),
+                      ("target_parameters", "adapters on parameters, such as the MoE experts'")):
+        if cfg.get(key):
+            raise AdapterError(f"{cfg_path}: {key} ({what}) is not served (one rank and lora_alpha for all "
+                               "modules only); merge the adapter into a checkpoint instead")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or r < 1:
         raise AdapterError(f"{cfg_path}: r must be a positive integer, got {r!r}")
@@ -125,7 +131,7 @@ def read_adapter(path, name: str | None = None) -> Adapter:
             raise AdapterError(f"{w_path}: key {key!r} is not a LoRA weight "
                                f"({PREFIX}<module>.lora_A.weight / lora_B.weight)")
         module, which = key[len(PREFIX):-len(".lora_A.weight")], key[-len("A.weight")]
-        if t.dim() != 2:
+        if t.dim() != 2 or module.removesuffix(".base_layer").endswith("experts"):
             raise AdapterError(f"{w_path}: {key} has shape {tuple(t.shape)}; expected 2-D (experts take no "
                                "served adapter)")
         parts.setdefault(module, {})[which] = t.float()
@@ -144,9 +150,10 @@ def read_adapter(path, name: str | None = None) -> Adapter:
 
 
 def write_adapter(out_dir, weights: dict, rank: int, alpha: float, base_model: str | None = None,
-                  shared: bool = True) -> Path:
+                  shared: bool = True, dropout: float = 0.0) -> Path:
     """Write {module path: (A [r, in], B [out, r])} as a PEFT LoRA adapter directory, atomically. shared:
-    the paths are our modules, adapted in both modes (`both_modes`); else `transformers` paths as given."""
+    the paths are our modules, adapted in both modes (`both_modes`); else `transformers` paths as given.
+    dropout: the run's LoRA dropout (peft uses it when training goes on from the adapter)."""
     weights = both_modes(weights) if shared else weights
     import tempfile
 
@@ -162,7 +169,7 @@ def write_adapter(out_dir, weights: dict, rank: int, alpha: float, base_model: s
     # same-named projections elsewhere in transformers' model (the vision tower's)
     targets = "^(" + "|".join(re.escape(m) for m in sorted(weights)) + ")$"
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
-              "bias": "none", "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
+              "bias": "none", "use_rslora": False, "use_dora": False, "lora_dropout": dropout,
               "base_model_name_or_path": base_model, "task_type": None}
     with tempfile.TemporaryDirectory() as tmp:
         save_file(tensors, str(Path(tmp) / WEIGHTS_FILE))
@@ -295,9 +302,12 @@ class MultiLoRA:
         gather)."""
         self.mode = mode
         if isinstance(self.fixed, torch.Tensor):
-            if self.fixed.numel() != slots.numel():
+            if self.fixed.numel() == slots.numel():
+                self.rows = self.fixed.to(slots.device)
+            elif slots.numel() < self.fixed.numel():  # some of the rows (LLM.generate's finished rows left):
+                self.rows = self.fixed.to(slots.device).index_select(0, slots)  # their places among all of them
+            else:
                 raise AdapterError(f"{self.fixed.numel()} row adapters were given for a forward of {slots.numel()} rows")
-            self.rows = self.fixed.to(slots.device)
         elif self.fixed is not None:
             self.rows = torch.full((slots.numel(),), self.fixed, dtype=torch.long, device=slots.device)
         else:

@@ -254,7 +254,7 @@ def export_adapter(src: str | Path, out_dir: str | Path) -> Path:
         weights.setdefault(module, [None, None])["AB".index(leaf[-1])] = t
     base = state["config"].get("model")
     return write_adapter(out_dir, {m: tuple(ab) for m, ab in weights.items()}, cfg.rank, cfg.alpha,
-                         str(base) if isinstance(base, (str, Path)) else None)
+                         str(base) if isinstance(base, (str, Path)) else None, dropout=cfg.dropout)
 
 
 def _adapted_from_state(src: Path):

@@ -123,6 +123,19 @@ def test_bad_adapters_are_named(ckpt, adapters, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 3}))
     with pytest.raises(AdapterError, match=r"_proj has rank 4 x 4, but adapter_config.json says r=3"):
         read_adapter(bad)
+    for key, value in (("alpha_pattern", {"q_proj": 32}), ("rank_pattern", {"q_proj": 2}),  # peft features that
+                       ("alora_invocation_tokens", [5, 6]), ("target_parameters", ["experts.gate_up_proj"])):
+        (bad / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))  # would be served wrong
+        with pytest.raises(AdapterError, match=f"adapter_config.json: {key} .* is not served"):
+            read_adapter(bad)
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    write_adapter(tmp_path / "experts", {"model.decoder.layers.0.experts.base_layer": (torch.ones(4, 16),
+                                                                                         torch.ones(16, 4))},
+                  rank=4, alpha=8.0, shared=False)
+    with pytest.raises(AdapterError, match="experts take no served adapter"):
+        read_adapter(tmp_path / "experts")
+    assert json.loads((write_adapter(tmp_path / "dropped", w1, rank=4, alpha=8.0, dropout=0.1)
+                       / "adapter_config.json").read_text())["lora_dropout"] == 0.1
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     wrong = {"model.decoder.layers.0.self_attn.nope": w1[MODULES[0]]}
     write_adapter(tmp_path / "wrong", wrong, rank=4, alpha=8.0)
@@ -180,6 +193,15 @@ def test_llm_rows_pick_their_adapters(ckpt, adapters):
     assert mixed[1].token_ids != mixed[0].token_ids
     alone = llm.generate(prompt, sp[1])[0]
     assert llm.generate_continuous(prompt, sp[1])[0].token_ids == alone.token_ids
+    # rows that end at different canvases leave the batch as they end: each keeps its own adapter (a forward
+    # of the live rows raised "2 row adapters were given for a forward of 1 rows")
+    eos = llm.eos_ids[0]
+    short = SamplingParams(seed=1, max_new_tokens=48, lora="one", logit_bias={eos: 100})
+    long = SamplingParams(seed=2, max_new_tokens=48, lora="two", min_tokens=48)
+    both = llm.generate([prompt, prompt], [short, long])
+    assert len(both[0].token_ids) < 16 < len(both[1].token_ids) == 48
+    assert both[1].token_ids == llm.generate([prompt, prompt], [long, long])[1].token_ids
+    assert llm.generate([prompt, prompt], [sp[0], long])[1].token_ids == both[1].token_ids
     with pytest.raises(GenerationError, match="lora='three' is not loaded; this LLM has \\['one', 'two'\\]"):
         llm.generate(prompt, SamplingParams(lora="three"))
     with pytest.raises(GenerationError, match="needs adapter_config.json"):
