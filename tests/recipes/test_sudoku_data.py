@@ -1,5 +1,6 @@
 """Tests for the Sudoku recipe's data side: solver, generator, grader, splits and tokens."""
 
+import json
 import random
 import time
 
@@ -94,13 +95,16 @@ def test_unknown_level_is_rejected():
 def test_parse_puzzle_accepts_dots_and_zeros():
     assert parse_puzzle(HARD) == parse_puzzle(HARD.replace(".", "0"))
     assert format_grid(parse_puzzle(HARD)) == HARD.replace(".", "0")
+    rows = "\n".join(" ".join(HARD[i:i + 9]) for i in range(0, 81, 9))  # pasted as a grid: whitespace ignored
+    assert parse_puzzle(rows) == parse_puzzle(HARD)
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("123", "81 characters, got 3"),
-        ("0" * 82, "81 characters, got 82"),
+        ("123", "got 3$"),
+        ("0" * 82, "81 characters \\(whitespace aside\\), got 82"),
+        ("0" * 162, "got 162 \\(several puzzles\\? give each as its own argument\\)"),
         ("0" * 40 + "x" + "0" * 40, r"bad character 'x' at position 40 \(row 5, col 5\)"),
         ("55" + "0" * 79, "contradictory givens: digit 5 at position 0 .* position 1"),
         ("7" + "0" * 8 + "7" + "0" * 71, "contradictory givens: digit 7 at position 0 .* position 9"),
@@ -137,6 +141,10 @@ def test_split_jsonl_round_trip(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"puzzle": "1"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         data.read_jsonl(tmp_path / "bad.jsonl")
+    ex = split.train[0]  # '.' blanks are read as '0', as scoring and training count blanks
+    (tmp_path / "dots.jsonl").write_text(json.dumps({"puzzle": ex.puzzle.replace("0", "."), "solution": ex.solution,
+                                                     "level": ex.level}) + "\n")
+    assert data.read_jsonl(tmp_path / "dots.jsonl") == [ex]
 
 
 def test_token_layout_constants():

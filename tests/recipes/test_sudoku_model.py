@@ -199,6 +199,7 @@ def test_solve_and_eval_plumbing(mini_run, mini_split):
         assert all(p == "0" or p == s for p, s in zip(ex.puzzle, r.solution))  # givens are pinned
         assert r.solved == is_valid_solution(ex.puzzle, r.solution) and 1 <= r.decoder_passes <= 2
     assert [r.solution for r in solve(llm, [exs[0].puzzle], steps=2)] == [res[0].solution]  # batch-invariant
+    assert [r.solution for r in solve(llm, exs[0].puzzle, steps=2)] == [res[0].solution]  # one puzzle, as a str
     sets = {k: v[:2] for k, v in eval_sets(mini_split).items()}
     rows = eval_diffusion(llm, sets, steps=(1, 2)) + eval_ar(load_model(model_dir), sets)
     assert len(rows) == 3 * len(sets)
@@ -228,9 +229,16 @@ def test_cli_solve(mini_run, mini_split, capsys):
 
     _, model_dir = mini_run
     puzzle = mini_split.test_hard[0].puzzle
-    rc = main(["sudoku", "solve", "--model", str(model_dir), "--steps", "2", puzzle, puzzle])
-    lines = capsys.readouterr().out.split()
+    rows = " ".join(puzzle[i:i + 9].replace("0", ".") for i in range(0, 81, 9))  # pasted as rows: the same
+    rc = main(["sudoku", "solve", "--model", str(model_dir), "--steps", "2", puzzle, rows])
+    out = capsys.readouterr()
+    lines = out.out.split()
     assert rc in (0, 1) and len(lines) == 2 and all(len(x) == 81 and x.isdigit() for x in lines)
+    assert lines[0] == lines[1] or rc == 1
+    for i, line in enumerate(lines):  # a warning names the puzzle it is about
+        assert (f"puzzle {i + 1}:" in out.err) == (not is_valid_solution(puzzle, line))
+    assert main(["sudoku", "solve", "--model", str(model_dir), puzzle * 2]) == 2
+    assert "several puzzles?" in capsys.readouterr().err
     assert main(["sudoku", "solve", "--model", str(model_dir), "12x"]) == 2
     assert "81 characters" in capsys.readouterr().err
     assert main(["sudoku", "solve", "--model", str(model_dir), "11" + "0" * 79]) == 2
@@ -259,6 +267,20 @@ def test_cli_eval_refuses_what_it_cannot_evaluate(mini_run, tmp_path, capsys):
     assert "its vocabulary has" in capsys.readouterr().err
     assert main([*base, "--trace", "--ar-model", str(model_dir)]) == 2
     assert "--trace follows the diffusion model's steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the diffusion model is checked as the baseline is
+        main(["sudoku", "eval", "--model", str(other), "--n", "1", "--steps", "1"])
+    assert "--model" in str(e.value.code) and "its vocabulary has" in str(e.value.code)
+
+
+def test_cli_eval_ar_only_sets_threads(mini_run, monkeypatch):
+    import torch
+
+    from canvaslm.cli import main
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    main(["sudoku", "eval", "--ar-only", "--ar-model", str(mini_run[1]), "--threads", "1", "--n", "1", "--hard-only"])
+    assert calls == [1]
 
 
 def _shipped_llm():

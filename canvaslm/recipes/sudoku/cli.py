@@ -38,22 +38,30 @@ def _positive(text: str) -> int:
     return v
 
 
-def _llm(args):
+def _set_threads(args) -> None:
     import torch
-
-    from canvaslm.llm import LLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
-               sampler_impl=getattr(args, "sampler_impl", "auto"))
+
+def _llm(args):
+    from canvaslm.llm import LLM
+    from canvaslm.recipes.sudoku.eval import model_problem
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+              sampler_impl=getattr(args, "sampler_impl", "auto"))
+    problem = model_problem(llm.model.cfg)
+    if problem:
+        raise SystemExit(f"error: --model {args.model}: {problem}")
+    return llm
 
 
 def _solve(args) -> int:
     from canvaslm.recipes.sudoku.puzzles import count_solutions
     from canvaslm.recipes.sudoku.solve import normalize_puzzle, solve
 
+    _set_threads(args)
     puzzles = []
     for i, p in enumerate(args.puzzles):
         try:
@@ -65,11 +73,11 @@ def _solve(args) -> int:
             return 2
     results = solve(_llm(args), puzzles, steps=args.steps, seed=args.seed, candidates=args.candidates)
     failed = 0
-    for r in results:
+    for i, r in enumerate(results):
         print(r.solution if r.solution is not None else "?" * 81)
         if not r.solved:
             failed += 1
-            print("warning: the output above is not a valid solution of its puzzle", file=sys.stderr)
+            print(f"warning: puzzle {i + 1}: the output (line {i + 1}) is not a valid solution of it", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -77,6 +85,7 @@ def _eval(args) -> int:
     from canvaslm.recipes.sudoku.eval import eval_ar, eval_diffusion, eval_sets, format_table, model_problem
     from canvaslm.recipes.sudoku.train import Recipe, load_or_make_split
 
+    _set_threads(args)
     if args.ar_only and not args.ar_model:
         print("error: --ar-only needs --ar-model", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from canvaslm.recipes.sudoku.puzzles import (
     format_grid,
     generate_puzzle,
     is_valid_solution,
+    parse_puzzle,
 )
 
 PAD_ID = 0
@@ -211,6 +212,10 @@ def read_jsonl(path: str | os.PathLike, validate: bool = True) -> list[Example]:
                 ex = Example(str(obj["puzzle"]), str(obj["solution"]), str(obj["level"]))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with puzzle, solution, level ({e})") from e
+            try:  # '0' blanks from here on ('.' is read too), as scoring and training count them
+                ex = Example(format_grid(parse_puzzle(ex.puzzle)), format_grid(parse_puzzle(ex.solution)), ex.level)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
             if validate and not is_valid_solution(ex.puzzle, ex.solution):
                 raise ValueError(f"{path}:{lineno}: solution does not solve the puzzle")
             out.append(ex)

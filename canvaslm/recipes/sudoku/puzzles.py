@@ -39,16 +39,17 @@ _PEERS = [
 
 
 def parse_puzzle(s: str) -> Grid:
-    """Parse 81 characters ('1'-'9' givens, '0' or '.' blanks) into a grid.
+    """Parse 81 characters ('1'-'9' givens, '0' or '.' blanks; whitespace between them is ignored) into a grid.
 
     Raises ValueError naming the problem: wrong length, a bad character and its position, or two
     givens that contradict each other.
     """
     if not isinstance(s, str):
         raise ValueError(f"puzzle must be a str of 81 characters, got {type(s).__name__}")
-    s = s.strip()
+    s = "".join(s.split())  # a grid pasted as 9 rows or with spaces between them
     if len(s) != 81:
-        raise ValueError(f"puzzle must have 81 characters, got {len(s)}")
+        several = " (several puzzles? give each as its own argument)" if len(s) % 81 == 0 and s else ""
+        raise ValueError(f"puzzle must have 81 characters (whitespace aside), got {len(s)}{several}")
     grid: Grid = []
     for i, ch in enumerate(s):
         if ch == ".":

@@ -73,6 +73,8 @@ def solve(llm, puzzles: Sequence[str], steps: int | None = None, seed: int = 0, 
     index of the batch's first puzzle."""
     from canvaslm.llm import SamplingParams
 
+    if isinstance(puzzles, str):  # one puzzle given as such, not a sequence of its characters
+        puzzles = [puzzles]
     puzzles = [normalize_puzzle(p) for p in puzzles]
     results: list[SolveResult] = []
     for lo in range(0, len(puzzles), batch_size):
