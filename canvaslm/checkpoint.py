@@ -283,11 +283,16 @@ def build_random_model(cfg: ModelConfig, device="cpu", dtype="float32", seed: in
     if not materialize:
         return model
     model = model.to_empty(device=device).to(dtype)
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    # drawn where the weights live: the host's one-thread generator takes minutes for the 26B shape, a GPU's
+    # a moment (the values then differ from a CPU build's of the same seed; tests build on the CPU)
+    on_gpu = torch.device(device).type == "cuda"
+    g = torch.Generator(device=device if on_gpu else "cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(("scale", "per_expert_scale")):
                 p.fill_(1.0)
+            elif on_gpu:
+                p.normal_(0.0, std, generator=g)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
         for name, b in model.named_buffers():

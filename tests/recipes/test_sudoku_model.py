@@ -272,6 +272,18 @@ def test_cli_eval_refuses_what_it_cannot_evaluate(mini_run, tmp_path, capsys):
     assert "--model" in str(e.value.code) and "its vocabulary has" in str(e.value.code)
 
 
+def test_cli_train_names_a_missing_cuda_device(tmp_path, capsys):
+    import torch
+
+    from canvaslm.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert main(["sudoku", "train", "--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+    assert "device 'cuda': this machine has no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_eval_ar_only_sets_threads(mini_run, monkeypatch):
     import torch
 

@@ -271,6 +271,10 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
 
     cfg, out = recipe.train, Path(out_dir)
     cuda = str(cfg.device).startswith("cuda")
+    if cuda:  # named, not torch's AttributeError from set_device on a CPU build
+        from canvaslm.checkpoint import check_device
+
+        check_device(cfg.device)
     dist = DistContext.from_env("cuda" if cuda else "cpu")
     if cfg.batch_size % dist.world:
         raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by the {dist.world} processes")
