@@ -16,7 +16,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:  # a bad flag or a device this machine lacks, named (as `canvaslm bench` does)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

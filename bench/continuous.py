@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    from canvaslm.bench import exit_unless_device
+
+    exit_unless_device(args.device)  # `error: ...`, exit 2: not a traceback
     cfg, model, dtype = random_model(args.shape, args.canvas, args.device, args.threads)
     llm = LLM.from_model(model, DiffusionParams(eos_token_ids=(1,), pad_token_id=0), max_batch=args.max_batch)
     rng = random.Random(0)

@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--canvas", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    from canvaslm.bench import exit_unless_device
+
+    exit_unless_device(args.device)  # `error: ...`, exit 2: not a traceback
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}")
     planned_context()
     sudoku_drift()

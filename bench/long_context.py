@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per canvas (fixed: no early stop)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    from canvaslm.bench import exit_unless_device
+
+    exit_unless_device(args.device)  # `error: ...`, exit 2: not a traceback
     cfg, model, dtype = random_model(args.shape, args.canvas, args.device, args.threads)
     engine = Engine(model, EngineConfig(max_batch=args.max_batch, max_model_len=None)).start()
     try:

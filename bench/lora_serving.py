@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 elsewhere")
     args = ap.parse_args()
+    from canvaslm.bench import exit_unless_device
+
+    exit_unless_device(args.device)  # `error: ...`, exit 2: not a traceback
     cfg = model_config(args)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     model = build_random_model(cfg, device=args.device, dtype=dtype, seed=0, std=0.5).eval()

@@ -86,6 +86,9 @@ def main() -> None:
                     "of --hidden/--layers")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 elsewhere")
     args = ap.parse_args()
+    from canvaslm.bench import exit_unless_device
+
+    exit_unless_device(args.device)  # `error: ...`, exit 2: not a traceback
     torch.manual_seed(0)
     cfg = model_config(args)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")

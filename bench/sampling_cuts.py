@@ -84,6 +84,9 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--flat", action="store_true", help="flat logits: top_p's worst case")
     a = ap.parse_args()
+    from canvaslm.bench import exit_unless_device
+
+    exit_unless_device(a.device)  # `error: ...`, exit 2: not a traceback
     torch.manual_seed(0)
     logits = logits_like_a_model(a.batch, a.canvas, a.vocab, a.flat, a.device)
     print(f"sampling step, logits [{a.batch}, {a.canvas}, {a.vocab}] {logits.dtype} on {a.device}"

@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    from canvaslm.bench import exit_unless_device
+
+    exit_unless_device(args.device)  # `error: ...`, exit 2: not a traceback
 
     import torch
 

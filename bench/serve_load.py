@@ -192,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix-caching", choices=["auto", "on", "off"], default="auto",
                     help="the engine's prefix caching (auto: where its memory fits)")
     args = ap.parse_args(argv)
+    from canvaslm.bench import exit_unless_device
+
+    exit_unless_device(args.device)  # `error: ...`, exit 2: not a traceback
 
     import torch
 

@@ -34,6 +34,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
+    from canvaslm.bench import exit_unless_device
+
+    exit_unless_device(a.device)  # `error: ...`, exit 2: not a traceback
     if a.threads:
         torch.set_num_threads(a.threads)
     B, C, V, dev = a.batch, a.canvas, a.vocab, a.device

@@ -43,6 +43,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
+    from canvaslm.bench import exit_unless_device
+
+    exit_unless_device(args.device)  # `error: ...`, exit 2: not a traceback
     if args.threads:
         torch.set_num_threads(args.threads)
     from PIL import Image

@@ -298,7 +298,13 @@ def bench_reference(ref, bc: BenchConfig, device, vocab: int, compiled: bool) ->
             "with_prefill_s": total, "tokens": new}
 
 
-def run_bench(bc: BenchConfig, print_fn=print) -> dict:
+def _print_flush(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_bench(bc: BenchConfig, print_fn=_print_flush) -> dict:
+    """Measure and report. Each of our rows is printed as soon as it is measured, then each reference row
+    (with its ratio) as it is measured: a time limit that strikes in the reference keeps our figures."""
     device = torch.device(bc.device)
     if bc.threads:
         torch.set_num_threads(bc.threads)
@@ -316,15 +322,23 @@ def run_bench(bc: BenchConfig, print_fn=print) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    res["ours"] = [bench_ours(model, bc, b, detail=True) for b in bc.batches]
-    one = res["ours"][0]
-    weights = weight_bytes(model)  # with FP8 / int4 scales
-    res["weight_bytes"] = weights
-    res["floor_s"] = (weights + one["kv_bytes"] // one["batch"]) / res["bandwidth"]
+    res["ours"] = []
+    for b in bc.batches:
+        res["ours"].append(bench_ours(model, bc, b, detail=True))
+        if len(res["ours"]) == 1:  # the floor needs the first row's KV bytes
+            one = res["ours"][0]
+            weights = weight_bytes(model)  # with FP8 / int4 scales
+            res["weight_bytes"] = weights
+            res["floor_s"] = (weights + one["kv_bytes"] // one["batch"]) / res["bandwidth"]
+            for line in _header_lines(res):
+                print_fn(line)
+        print_fn(_ours_line(res, res["ours"][-1]))
     if device.type == "cuda":
         res["peak_mem"] = torch.cuda.max_memory_allocated()
     else:
         res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for line in _summary_lines(res):
+        print_fn(line)
     res["reference"] = {}
     if bc.reference and not bc.quantization:
         ref = build_reference(model, device)
@@ -333,31 +347,37 @@ def run_bench(bc: BenchConfig, print_fn=print) -> dict:
                 res["reference"][mode] = bench_reference(ref, bc, device, cfg.vocab_size, mode == "compiled")
             except Exception as e:  # report and go on: the rest of the run is still worth printing
                 res["reference"][mode] = {"error": f"{type(e).__name__}: {e}"}
-    print_fn(format_report(res))
+            print_fn(_reference_line(res, mode, res["reference"][mode]))
     return res
 
 
-def format_report(res: dict) -> str:
+def _header_lines(res: dict) -> list[str]:
     bc: BenchConfig = res["config"]
     dev = torch.device(bc.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, " \
         f"{torch.get_num_threads()} threads)"
     tps = bc.canvas_length / bc.steps_per_canvas
     quant = f" {bc.quantization}" if bc.quantization else ""
-    lines = [f"canvaslm bench  shape={bc.shape} device={name} dtype={bc.dtype}{quant}  "
-             f"prompt={bc.prompt_len} new={bc.new_tokens} canvas={bc.canvas_length} steps/canvas="
-             f"{bc.steps_per_canvas} ({tps:g} tokens/step)  torch {torch.__version__}",
-             f"bandwidth (copy) {res['bandwidth'] / 1e9:.1f} GB/s; weights {res['weight_bytes'] / 1e9:.3f} GB; "
-             f"memory floor per decoder step {res['floor_s'] * 1e3:.3f} ms"]
-    for o in res["ours"]:
-        line = f"ours  batch {o['batch']}: "
-        if "step_s" in o:
-            line += (f"decoder step {o['step_s'] * 1e3:.2f} ms ({o['step_s'] / res['floor_s']:.2f}x floor), "
-                     f"encode canvas {o['encode_s'] * 1e3:.2f} ms, prefill {o['prefill_s'] * 1e3:.1f} ms, ")
-        if "step_peak_extra_bytes" in o:
-            line += f"step peak extra {o['step_peak_extra_bytes'] / 2**20:.1f} MiB, "
-        line += f"{o['tok_s']:.1f} tok/s aggregate (median canvas {o['canvas_s'] * 1e3:.0f} ms incl. its encode)"
-        lines.append(line)
+    return [f"canvaslm bench  shape={bc.shape} device={name} dtype={bc.dtype}{quant}  "
+            f"prompt={bc.prompt_len} new={bc.new_tokens} canvas={bc.canvas_length} steps/canvas="
+            f"{bc.steps_per_canvas} ({tps:g} tokens/step)  torch {torch.__version__}",
+            f"bandwidth (copy) {res['bandwidth'] / 1e9:.1f} GB/s; weights {res['weight_bytes'] / 1e9:.3f} GB; "
+            f"memory floor per decoder step {res['floor_s'] * 1e3:.3f} ms"]
+
+
+def _ours_line(res: dict, o: dict) -> str:
+    line = f"ours  batch {o['batch']}: "
+    if "step_s" in o:
+        line += (f"decoder step {o['step_s'] * 1e3:.2f} ms ({o['step_s'] / res['floor_s']:.2f}x floor), "
+                 f"encode canvas {o['encode_s'] * 1e3:.2f} ms, prefill {o['prefill_s'] * 1e3:.1f} ms, ")
+    if "step_peak_extra_bytes" in o:
+        line += f"step peak extra {o['step_peak_extra_bytes'] / 2**20:.1f} MiB, "
+    return line + f"{o['tok_s']:.1f} tok/s aggregate (median canvas {o['canvas_s'] * 1e3:.0f} ms incl. its encode)"
+
+
+def _summary_lines(res: dict) -> list[str]:
+    bc: BenchConfig = res["config"]
+    lines = []
     single = res["ours"][0]
     for o in res["ours"][1:]:
         lines.append(f"ours  batch {o['batch']} / batch {single['batch']} throughput: "
@@ -373,13 +393,29 @@ def format_report(res: dict) -> str:
         lines.append(f"peak GPU memory {res['peak_mem'] / 2**30:.2f} GiB")
     else:
         lines.append(f"peak process RSS {res['peak_rss'] / 2**30:.2f} GiB (CPU run)")
-    for mode, r in res["reference"].items():
-        if "error" in r:
-            lines.append(f"transformers {mode}: failed ({r['error']})")
-            continue
-        lines.append(f"transformers {mode} batch 1: decoder step {r['step_s'] * 1e3:.2f} ms (incl. encode), "
-                     f"{r['tok_s']:.1f} tok/s, {r['step_s'] / res['floor_s']:.2f}x floor;  ours/reference: "
-                     f"step {single['step_s'] / r['step_s']:.3f}, tok/s {single['tok_s'] / r['tok_s']:.2f}x")
+    if bc.quantization and bc.reference:
+        lines.append(f"transformers reference: not run ({bc.quantization} weights: the reference takes unquantised "
+                     "weights only)" + ("; the peer is the unquantised row above" if "unquantized" in res else
+                                        "; --vs-unquantized measures the unquantised peer in the same run"))
+    elif bc.quantization and "unquantized" not in res:
+        lines.append(f"no peer in this run: the transformers reference takes unquantised weights only; "
+                     f"--vs-unquantized measures the unquantised model as the peer")
+    return lines
+
+
+def _reference_line(res: dict, mode: str, r: dict) -> str:
+    if "error" in r:
+        return f"transformers {mode}: failed ({r['error']})"
+    single = res["ours"][0]
+    return (f"transformers {mode} batch 1: decoder step {r['step_s'] * 1e3:.2f} ms (incl. encode), "
+            f"{r['tok_s']:.1f} tok/s, {r['step_s'] / res['floor_s']:.2f}x floor;  ours/reference: "
+            f"step {single['step_s'] / r['step_s']:.3f}, tok/s {single['tok_s'] / r['tok_s']:.2f}x")
+
+
+def format_report(res: dict) -> str:
+    """The whole report of a finished run (what run_bench printed line by line)."""
+    lines = _header_lines(res) + [_ours_line(res, o) for o in res["ours"]] + _summary_lines(res)
+    lines += [_reference_line(res, mode, r) for mode, r in res.get("reference", {}).items()]
     return "\n".join(lines)
 
 
@@ -409,15 +445,39 @@ def add_parser(subparsers):
 
 
 def config_from_args(args) -> BenchConfig:
+    from .checkpoint import check_device
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)  # a CheckpointError (a ValueError: `error: ...`, exit 2) naming a device we lack
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     ref = () if args.reference in ("none", "") else tuple(s.strip() for s in args.reference.split(","))
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        raise ValueError(f"bench: --batches takes comma-separated positive integers, got {args.batches!r}") from None
     return BenchConfig(shape=args.shape, device=device, dtype=dtype, fp8=args.fp8, int4=args.int4,
                        vs_unquantized=args.vs_unquantized, prompt_len=args.prompt_len,
                        new_tokens=args.new_tokens, steps_per_canvas=args.steps_per_canvas,
-                       batches=tuple(int(b) for b in args.batches.split(",")), reference=ref,
+                       batches=batches, reference=ref,
                        canvas_length=args.canvas_length, sampler=args.sampler, graphs=not args.no_graphs,
                        seed=args.seed, threads=args.threads)
+
+
+def exit_unless_device(device: str) -> None:
+    """For the bench/*.py scripts: `error: ...` on stderr and exit 2 unless this torch can use `device`
+    (None: the script's own default, left to it)."""
+    import sys
+
+    if device is None:
+        return
+
+    from .checkpoint import CheckpointError, check_device
+
+    try:
+        check_device(device)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(args) -> int:

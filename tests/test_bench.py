@@ -32,7 +32,7 @@ def test_bench_tiny_cpu_reports_all_figures():
     bc = BenchConfig(shape="tiny", prompt_len=8, new_tokens=32, steps_per_canvas=2, canvas_length=16,
                      batches=(1, 2), reference=("eager",))
     res = run_bench(bc, print_fn=lines.append)
-    text = lines[0]
+    text = "\n".join(lines)
     for needle in ("memory floor", "ours  batch 1: decoder step", "encode canvas", "batch 2 / batch 1",
                    "transformers eager batch 1", "ours/reference"):
         assert needle in text, text
@@ -52,10 +52,76 @@ def test_quantised_run_measures_its_unquantised_peer_in_the_same_run():
     bc = BenchConfig(shape="tiny", prompt_len=4, new_tokens=16, steps_per_canvas=2, canvas_length=16,
                      batches=(1,), reference=(), int4=True, vs_unquantized=True)
     res = run_bench(bc, print_fn=lines.append)
-    assert "float32 int4" in lines[0] and "unquantized (float32) batch 1" in lines[0], lines[0]
-    assert "int4/unquantized: step" in lines[0]
+    text = "\n".join(lines)
+    assert "float32 int4" in text and "unquantized (float32) batch 1" in text, text
+    assert "int4/unquantized: step" in text
     # the peer really is the float model: more weight bytes than the int4 one that followed
     assert res["unquantized"]["weight_bytes"] > res["weight_bytes"] > 0
+
+
+def test_our_rows_are_printed_before_the_reference_runs(monkeypatch):
+    """A time limit that strikes while the reference runs must not lose our figures: each of our rows is
+    printed as measured, the reference rows after."""
+    import canvaslm.bench as bench
+
+    lines = []
+
+    class Stop(BaseException):
+        pass
+
+    def stopped(*a, **k):
+        raise Stop(list(lines))
+
+    monkeypatch.setattr(bench, "bench_reference", stopped)
+    bc = BenchConfig(shape="tiny", prompt_len=4, new_tokens=16, steps_per_canvas=2, canvas_length=16,
+                     batches=(1, 2), reference=("eager",))
+    with pytest.raises(Stop) as e:
+        run_bench(bc, print_fn=lines.append)
+    before = "\n".join(e.value.args[0])
+    for needle in ("memory floor", "ours  batch 1: decoder step", "ours  batch 2: decoder step",
+                   "batch 2 / batch 1 throughput", "peak process RSS"):
+        assert needle in before, before
+
+
+def test_quantised_run_with_a_reference_says_why_there_is_none():
+    lines = []
+    bc = BenchConfig(shape="tiny", prompt_len=4, new_tokens=16, steps_per_canvas=2, canvas_length=16,
+                     batches=(1,), reference=("eager",), fp8=True)
+    res = run_bench(bc, print_fn=lines.append)
+    text = "\n".join(lines)
+    assert not res["reference"]
+    assert "transformers reference: not run (fp8 weights" in text and "--vs-unquantized" in text, text
+
+
+def test_bad_batches_and_devices_are_named_with_exit_2(capsys):
+    import importlib.util
+
+    import torch
+
+    from canvaslm import cli
+
+    spec = importlib.util.spec_from_file_location("bench_step", Path(__file__).parents[1] / "bench" / "bench_step.py")
+    bench_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_step)
+    cases = [(["--batches", "1,x"], "--batches"), (["--device", "cdua"], "'cdua' is not a torch device")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA device"))
+    for flags, needle in cases:
+        assert cli.main(["bench", *flags]) == 2
+        assert needle in capsys.readouterr().err
+        assert bench_step.main(flags) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_bench_scripts_name_a_device_they_cannot_use():
+    """Every bench/*.py taking --device says so and exits 2 (was a traceback deep in model building)."""
+    repo = Path(__file__).resolve().parents[1]
+    for script in ("continuous", "kv_cache_fp8", "long_context", "lora_serving", "prefix_cache", "sampling_cuts",
+                   "serve_concurrency", "serve_load", "thinking_budget", "vision_tower"):
+        proc = subprocess.run([sys.executable, str(repo / "bench" / f"{script}.py"), "--device", "cdua"], cwd=repo,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "error: device 'cdua' is not a torch device" in proc.stderr, \
+            (script, proc.stdout, proc.stderr[-2000:])
 
 
 def test_bad_flags_are_named():
