@@ -86,6 +86,8 @@ def main() -> None:
                     "of --hidden/--layers")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 elsewhere")
     args = ap.parse_args()
+    if args.requests < 2:  # the table's "later requests" are all but the first: none with one
+        ap.error(f"--requests must be at least 2 (the later requests are compared with the first), got {args.requests}")
     from canvaslm.bench import exit_unless_device
 
     exit_unless_device(args.device)  # `error: ...`, exit 2: not a traceback

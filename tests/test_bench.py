@@ -230,3 +230,33 @@ def test_cpu_defaults_bench_runs_the_peer_and_both_new_defaults():
     assert [r[1].strip() for r in rows] == ["float32, reference draws (peer: the old defaults)",
                                             "float32, inverse-CDF draws", "float32, inverse-CDF draws (the new defaults)"]
     assert [int(r[3]) for r in rows] == [256] * 3 and rows[0][5].strip() == "1.00x"
+
+
+def test_prefix_cache_bench_refuses_a_single_request_up_front():
+    """--requests 1 has no later requests to compare: refused before the run (was a StatisticsError after it)."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench/prefix_cache.py"), "--shape", "tiny", "--canvas", "16",
+                           "--prefix", "64", "--suffix", "8", "--requests", "1", "--steps", "2"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--requests must be at least 2" in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_continuous_bench_warms_up_both_methods_before_timing(monkeypatch):
+    """bench/continuous.py runs generate and generate_continuous untimed first, so the peer (timed first) is not
+    charged the first call's compiles."""
+    import importlib.util
+
+    from canvaslm.llm import LLM
+
+    calls = []
+    for name in ("generate", "generate_continuous"):
+        orig = getattr(LLM, name)
+        monkeypatch.setattr(LLM, name, lambda self, prompts, *a, _o=orig, _n=name, **k:
+                            (calls.append((_n, len(prompts))), _o(self, prompts, *a, **k))[1])
+    spec = importlib.util.spec_from_file_location("continuous", Path(__file__).parents[1] / "bench" / "continuous.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", ["continuous.py", "--shape", "tiny", "--canvas", "8", "--prompts", "3",
+                                      "--max-batch", "2", "--threads", "1"])
+    mod.main()
+    assert calls == [("generate", 2), ("generate_continuous", 2), ("generate", 3), ("generate_continuous", 3)], calls
