@@ -150,9 +150,10 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "DEVICE": "cpu", "SHAPE": "tiny", "WHEELS": "none", "OUT": str(tmp_path),
-           "PYTHON": sys.executable, "CANVAS": "16", "PREFIX": "1024", "CONT_PROMPTS": "4", "LONG": "2048"}
+           "PYTHON": sys.executable, "CANVAS": "16", "PREFIX": "1024", "CONT_PROMPTS": "4", "LONG": "2048",
+           "VISION_TOKENS": "70"}
     proc = subprocess.run(["bash", str(repo / "bench/fast_path_gpu.sh"), "int4", "serve", "prefix", "continuous",
-                           "lora", "context", "kvfp8", "nosuchstage"],
+                           "lora", "context", "kvfp8", "vision", "nosuchstage"],
                           cwd=repo, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -166,7 +167,29 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
     assert "== context: rc 0," in log and "engine: max_model_len 131072: the model's whole context" in log, log
     assert "reused (" in log, log
     assert "== kvfp8: rc 0," in log and "| float8_e4m3fn |" in log and "fp8 / peer: time" in log, log
+    assert "== vision: rc 0," in log and "1 image(s)" in log, log  # a CPU dry run shrinks the images and timings
     assert "unknown stage nosuchstage" in log
+
+
+def test_fast_path_gpu_script_plan_fits_the_device_budget():
+    """The header's device calls add up: each call's timeout_s covers its stages' limits (+ 30 s for the wheel
+    install and torch import) and stays within the 600 s a call may take, the first call (the default stages,
+    tests and bf16) within ~420 s, and the tests stage runs every CUDA check (no -x)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "bench/fast_path_gpu.sh").read_text()
+    limits = {m[0]: int(m[1]) for m in re.findall(r"\) stage ([a-z0-9-]+) (\d+) ", text)}
+    assert {"tests", "bf16", "fp8", "int4", "serve", "vision", "compiled"} <= set(limits), limits
+    default = re.search(r'for s in "\$\{@:-([^}]*)\}"', text)[1].split()
+    assert default == ["tests", "bf16"] and sum(limits[s] for s in default) + 30 <= 420, (default, limits)
+    calls = re.findall(r'run\(command="bash bench/fast_path_gpu.sh ?([^"]*)", carry=\["\.whl"\], timeout_s=(\d+)\)', text)
+    calls += re.findall(r'"([a-z0-9 -]+)" (?:timeout_s=)?(\d+)', text.split("Later sessions")[1].split("# Dry run")[0])
+    assert len(calls) >= 10, calls
+    for stages, timeout in calls:
+        need = sum(limits[s] for s in (stages.split() or default)) + 30
+        assert need <= int(timeout) <= 600, (stages, timeout, need)
+    assert int(calls[0][1]) <= 420 and calls[0][0] == ""
+    assert "pytest -q -x" not in text and "stage tests" in text
 
 
 def test_lora_serving_bench_runs_its_three_engines():
