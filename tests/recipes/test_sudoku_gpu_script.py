@@ -1,6 +1,7 @@
 """bench/sudoku_gpu.sh, the prepared device command for the Sudoku run, driven end to end on the CPU with a
 miniature recipe: both trainings stop at their time limit with a saved model, the eval table has both
-models, and the parts it leaves for the device tool put back together into the models and logs."""
+models, the log is written into OUT (what the device tool returns), and each model's archive parts, made right
+after its training, put back together into the model and its loss log."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_sudoku_gpu_script_dry_run_on_cpu(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "DEVICE": "cpu", "CONFIG": str(config), "TRAIN_SECONDS": "2", "AR_SECONDS": "1",
            "N_EVAL": "2", "HELD_OUT": "2", "STEPS": "4", "RUN_DIR": str(tmp_path / "run"), "OUT": str(out),
-           "PYTHON": sys.executable}
+           "PYTHON": sys.executable, "BATCH": "3"}
     proc = subprocess.run(["bash", str(REPO / "bench/sudoku_gpu.sh")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     log = proc.stdout
@@ -36,10 +37,13 @@ def test_sudoku_gpu_script_dry_run_on_cpu(tmp_path):
         assert f"== {stage}: rc 0," in log, log
     assert "train.max_seconds (2 s) is spent" in log and "train.max_seconds (1 s) is spent" in log
     assert "| autoregressive baseline |" in log and "| hard (held-out) solved / cells |" in log
-    parts = sorted(out.glob("sudoku_gpu.tgz.part-*"))
-    assert parts
-    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts)), mode="r:gz") as tar:
-        names = set(tar.getnames())
-    for name in ("sudoku_gpu.log", "diffusion/model/model.safetensors", "diffusion/model/config.json",
-                 "diffusion/log.jsonl", "ar/model/model.safetensors", "ar/log.jsonl"):
-        assert name in names, sorted(names)
+    assert "train.batch_size 3" in log and "batch 3, " in log, log  # BATCH: the dry run's small batch
+    assert (out / "sudoku_gpu.log").read_text() == log
+    assert log.index("sudoku_diffusion.tgz.part-") < log.index("== ar:")  # archived right after its training
+    for name in ("diffusion", "ar"):
+        parts = sorted(out.glob(f"sudoku_{name}.tgz.part-*"))
+        assert parts, name
+        with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts)), mode="r:gz") as tar:
+            names = set(tar.getnames())
+        for member in ("model/model.safetensors", "model/config.json", "log.jsonl"):
+            assert f"{name}/{member}" in names, sorted(names)
