@@ -398,8 +398,8 @@ def _summary_lines(res: dict) -> list[str]:
                      "weights only)" + ("; the peer is the unquantised row above" if "unquantized" in res else
                                         "; --vs-unquantized measures the unquantised peer in the same run"))
     elif bc.quantization and "unquantized" not in res:
-        lines.append(f"no peer in this run: the transformers reference takes unquantised weights only; "
-                     f"--vs-unquantized measures the unquantised model as the peer")
+        lines.append("no peer in this run: the transformers reference takes unquantised weights only; "
+                     "--vs-unquantized measures the unquantised model as the peer")
     return lines
 
 
