@@ -79,3 +79,13 @@ def test_best_of_over_the_choice_limit_names_best_of(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=["a", "b", "c", "d", "e"], max_tokens=4, n=1, best_of=16)
     assert e.value.body["param"] == "best_of" and "best_of=16" in e.value.body["message"]
+
+
+def test_min_tokens_over_the_default_budget_raises_it_when_max_tokens_is_not_sent(client, llm):
+    """Without max_tokens the budget is the checkpoint's max_new_tokens, or min_tokens when that is more (it
+    was a 400 blaming max_tokens, which the request never sent; vLLM's budget is the room left)."""
+    prompt, default = probe_prompt(llm, 4), llm.defaults.max_new_tokens
+    r = client.completions.create(model=MODEL, prompt=prompt, seed=1, extra_body={"min_tokens": default + 8})
+    assert r.usage.completion_tokens >= default + 8
+    with pytest.raises(openai.BadRequestError):  # still bounded by the context
+        client.completions.create(model=MODEL, prompt=prompt, extra_body={"min_tokens": MAX_TOKENS + 1})
