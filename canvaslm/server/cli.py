@@ -41,8 +41,7 @@ def add_parser(subparsers) -> None:
     from ..cli import add_model_args
     from .vllm_compat import add_vllm_args
 
-    p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
-                              allow_abbrev=False)  # --enable-lora must not stand for --enable-lora-updates
+    p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     add_model_args(p, model_optional=False)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=_port, default=8000)
@@ -78,8 +77,7 @@ def add_parser(subparsers) -> None:
     add_vllm_args(p)
     p.set_defaults(func=_serve)
 
-    b = subparsers.add_parser("run-batch", help="run an OpenAI batch file (JSONL requests) offline through the server",
-                              allow_abbrev=False)
+    b = subparsers.add_parser("run-batch", help="run an OpenAI batch file (JSONL requests) offline through the server")
     add_model_args(b, model_optional=False)
     b.add_argument("-i", "--input", required=True, help="JSONL: {custom_id, method, url, body} per line")
     b.add_argument("-o", "--output", required=True, help="JSONL results, in input order (written atomically)")
