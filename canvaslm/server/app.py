@@ -416,9 +416,8 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)  # the trackers accumulate the text
     if replies:
-        out = [{"index": c.index, "message": replies[c.index].message(c.tracker.text, c.tracker.content_ids),
-                "finish_reason": replies[c.index].finish_reason(c.finish_reason, c.tracker.content_ids,
-                                                                c.tracker.text),
+        out = [{"index": c.index, "message": replies[c.index].message(c.tracker),
+                "finish_reason": replies[c.index].finish_reason(c.finish_reason, c.tracker),
                 "logprobs": None}
                for c in choices]
         obj = "chat.completion"
@@ -489,7 +488,7 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
     def chunk(i=None, text=None, finish=None, draft=None, role=False, delta=None, logprobs=None) -> str:
         if delta is not None or (i in replies and text is None):  # a tool reply's delta
             tracker = by_index[i].tracker
-            reason = replies[i].finish_reason(finish, tracker.content_ids, tracker.text) if finish else None
+            reason = replies[i].finish_reason(finish, tracker) if finish else None
             ch = {"index": i, "delta": delta or {}, "finish_reason": reason, "logprobs": logprobs}
         elif chat:
             delta = {}
@@ -519,7 +518,7 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
                 if kind == "delta" and replies:
                     texts[i] += payload
                     lp = await new_logprobs(i)
-                    for d in replies[i].deltas(texts[i], by_index[i].tracker.content_ids):
+                    for d in replies[i].deltas(texts[i], by_index[i].tracker):
                         yield chunk(i, delta=d, logprobs=lp)
                         lp = None
                     if lp is not None:
@@ -533,7 +532,7 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
                     yield chunk(i, None if chat else "", draft=payload)
                 else:
                     lp = await new_logprobs(i)
-                    for d in replies[i].final_deltas(by_index[i].tracker.content_ids) if replies else ():
+                    for d in replies[i].final_deltas(by_index[i].tracker) if replies else ():
                         yield chunk(i, delta=d, logprobs=lp)
                         lp = None
                     yield chunk(i, None if chat else "", finish=payload, logprobs=lp)

@@ -338,6 +338,10 @@ class ChatMessage(_Strict):
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # an assistant turn's calls
     tool_call_id: str | None = Field(None, max_length=256)  # a tool turn: the call it answers
+    # an assistant turn's thought (vLLM's names and transformers'): the template sees it as reasoning_content
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    thinking: str | None = None
 
 
 class ChatCompletionRequest(_Common):
@@ -403,6 +407,9 @@ class ChatCompletionRequest(_Common):
                     "name": c.function.name, "arguments": c.function.arguments}} for c in m.tool_calls]
             if m.tool_call_id is not None:
                 msg["tool_call_id"] = m.tool_call_id
+            for key in ("reasoning_content", "reasoning", "thinking"):  # Tokenizer.encode_chat merges the names
+                if getattr(m, key) is not None:
+                    msg[key] = getattr(m, key)
             out.append(msg)
         return tool_arguments_as_objects(out)
 

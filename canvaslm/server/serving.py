@@ -251,8 +251,9 @@ class TextTracker:
         shown = self.content_ids[:-1] if self.content_ids[-1:] and self.content_ids[-1] in self.stop_ids \
             else self.content_ids
         full = self._decode(shown)
-        if self.stops and len(shown) >= self.min_tokens:  # a stop must end in the min_tokens-th token or later
-            held = len(self._decode(shown[:self.min_tokens - 1])) if self.min_tokens > 1 else 0
+        # a stop must end in the min_tokens-th output token or later (a thought's tokens count, as the EOS ban's)
+        if self.stops and len(self.ids) >= self.min_tokens:
+            held = len(self._decode(self._content(self.ids[:self.min_tokens - 1]))) if self.min_tokens > 1 else 0
             hits = [(i, i + len(s), s) for i, s in ((full.find(s, max(held - len(s) + 1, 0)), s) for s in self.stops)
                     if i >= 0]
         else:
@@ -266,14 +267,20 @@ class TextTracker:
             self.text = full
 
     def _split(self, ids: list[int]) -> list[int]:
-        """The content ids of `ids`; sets `reasoning` from their thought."""
+        """The content ids of `ids`; sets `reasoning` from their thought (without a stop token that ended the
+        reply inside it: that token counts as the thought's, its text is no one's)."""
         if self.thoughts is None:
             return ids
-        split = self.thoughts.split(self.prefill + ids)
+        stop = ids[-1:] if ids[-1:] and ids[-1] in self.stop_ids else []
+        split = self.thoughts.split(self.prefill + ids[:len(ids) - len(stop)])
         if split.thought is not None:
             text = self.thoughts.thought_text(split.thought)
             self.reasoning = text[len(self.prefill_thought):] if text.startswith(self.prefill_thought) else text
-        return split.content
+        return split.content if split.thought is not None and not split.closed else split.content + stop
+
+    def _content(self, ids: list[int]) -> list[int]:
+        """The content ids of `ids` (a prefix of the output), nothing else changed."""
+        return self.thoughts.split(self.prefill + ids).content if self.thoughts is not None else ids
 
     def content_positions(self) -> list[int]:
         """The indices into `ids` of the content ids (all of them but a thought channel's)."""
@@ -304,8 +311,7 @@ class TextTracker:
         lo, hi = 1, len(self.ids)
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._decode(self.thoughts.split(self.prefill + self.ids[:mid]).content
-                            if self.thoughts is not None else self.ids[:mid]).find(self.stop_word, start) >= 0:
+            if self._decode(self._content(self.ids[:mid])).find(self.stop_word, start) >= 0:
                 hi = mid
             else:
                 lo = mid + 1
@@ -836,7 +842,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         for j in range(body.n):
             choice_seed = (seed + j) % 2**63
             tracker = TextTracker(state.tokenizer, stops, keep_stop=body.include_stop_str_in_output,
-                                  stop_ids=() if body.include_stop_str_in_output else tuple(extra),
+                                  stop_ids=() if body.include_stop_str_in_output else eos,
                                   min_tokens=body.min_tokens,
                                   skip_special=body.skip_special_tokens, thoughts=thoughts,
                                   prefill=thoughts.prompt_thought(ids) if thoughts is not None else [])

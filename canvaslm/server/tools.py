@@ -87,12 +87,15 @@ class ToolReply:
     the `{"name", "arguments"}` output of a choice among several functions (sampling/tool_call.py), or,
     with `parser` ("auto"), text and calls in the model's own syntax (tool_parser.py)."""
 
-    def __init__(self, forced=None, tools=None, parser=None, parallel: bool = True):
+    def __init__(self, forced=None, tools=None, parser=None, parallel: bool = True, thinking: bool = False):
         self.forced, self.parser, self.parallel = forced, parser, parallel
         self.names = [t.function.name for t in (tools or [])]
         self.id, self.name = call_id(), forced.function.name if forced is not None else None
         self.sent = 0  # characters of the arguments (of the content, with a parser) already streamed
         self.calls_sent = 0  # with a parser: calls already streamed
+        # a forced call's header waits for the answer when a thought comes first (the thought streams before
+        # it, and may end the reply without a call)
+        self.thinking, self.announced = thinking, False
 
     def _arguments(self, text: str) -> str | None:
         """The arguments visible in `text` so far (None while the name is unknown)."""
@@ -115,35 +118,50 @@ class ToolReply:
         if self.parser is not None:
             return {"role": "assistant", "content": ""}
         delta = {"role": "assistant", "content": None}
-        if self.name is not None:
+        if self.name is not None and not self.thinking:
             delta["tool_calls"] = [self.header()]
+            self.announced = True
         return delta
 
-    def deltas(self, text: str, ids: list) -> list[dict]:
-        """Stream deltas for the output so far (its text, and its ids for a parser)."""
+    def deltas(self, text: str, tracker) -> list[dict]:
+        """Stream deltas for the output so far: its streamed text, and the choice's TextTracker (a parser
+        reads its ids)."""
         if self.parser is not None:
-            return self._native_deltas(ids, final=False)
-        known = self.name is not None
+            return self._native_deltas(tracker, final=False)
         args = self._arguments(text)
         out = []
-        if not known and self.name is not None:
+        if not self.announced and self.name is not None:
             out.append({"tool_calls": [self.header()]})
+            self.announced = True
         if args is not None and len(args) > self.sent:
             out.append({"tool_calls": [{"index": 0, "function": {"arguments": args[self.sent:]}}]})
             self.sent = len(args)
         return out
 
-    def final_deltas(self, ids: list) -> list[dict]:
+    def final_deltas(self, tracker) -> list[dict]:
         """What is left to stream once the output is complete (a parser's unfinished call, as text)."""
-        return self._native_deltas(ids, final=True) if self.parser is not None else []
+        return self._native_deltas(tracker, final=True) if self.parser is not None else []
 
-    def _calls(self, ids: list, final: bool) -> tuple[str, list]:
-        """A parser's (content, calls) of `ids`; the first call alone with parallel_tool_calls false."""
-        content, calls, _ = self.parser.split(ids, final=final)
+    def _calls(self, tracker, final: bool) -> tuple[str, list]:
+        """A parser's (content, calls) of the tracker's ids, its text cut as the tracker cuts the plain reply
+        (the stop token left out, a stop string cut, a possible stop string's start held back while
+        streaming); the first call alone with parallel_tool_calls false."""
+        from .serving import _starting
+
+        ids = tracker.content_ids
+        if ids and ids[-1] in tracker.stop_ids:
+            ids = ids[:-1]
+        content, calls, _ = self.parser.split(ids, final=final or tracker.stopped)
+        if tracker.stopped:  # the ids end at the token completing the stop string: its last occurrence
+            at = content.rfind(tracker.stop_word)
+            if at >= 0:
+                content = content[:at + (len(tracker.stop_word) if tracker.keep_stop else 0)]
+        elif not final:
+            content = content[:len(content) - max((_starting(content, s) for s in tracker.stops), default=0)]
         return content, calls if self.parallel else calls[:1]
 
-    def _native_deltas(self, ids: list, final: bool) -> list[dict]:
-        content, calls = self._calls(ids, final)
+    def _native_deltas(self, tracker, final: bool) -> list[dict]:
+        content, calls = self._calls(tracker, final)
         content = content if final else content.rstrip("\ufffd")  # a character still being spelled
         out = []
         if len(content) > self.sent:
@@ -156,9 +174,11 @@ class ToolReply:
         self.calls_sent = max(self.calls_sent, len(calls))
         return out
 
-    def message(self, text: str, ids: list) -> dict:
+    def message(self, tracker) -> dict:
+        """The finished reply's message, from its TextTracker."""
+        text = tracker.text
         if self.parser is not None:
-            content, calls = self._calls(ids, True)
+            content, calls = self._calls(tracker, True)
             msg = {"role": "assistant", "content": content if content or not calls else None}
             if calls:
                 msg["tool_calls"] = [{"id": call_id(), "type": "function", "function": {"name": n, "arguments": a}}
@@ -173,11 +193,11 @@ class ToolReply:
         return {"role": "assistant", "content": None, "tool_calls": [
             {"id": self.id, "type": "function", "function": {"name": name, "arguments": args}}]}
 
-    def finish_reason(self, reason: str | None, ids: list, text: str) -> str | None:
+    def finish_reason(self, reason: str | None, tracker) -> str | None:
         """"tool_calls" when the reply is (or has) a complete call and ended at EOS."""
         if reason != "stop":
             return reason
-        return "tool_calls" if self.message(text, ids).get("tool_calls") else reason
+        return "tool_calls" if self.message(tracker).get("tool_calls") else reason
 
 
 def arguments_object(arguments: str | None) -> dict:
@@ -193,7 +213,7 @@ def arguments_object(arguments: str | None) -> dict:
 def reply_message(choice, replies: dict) -> dict:
     """A finished choice's chat reply: its tool calls read out where it is a tool reply, else its text."""
     if choice.index in replies:
-        return replies[choice.index].message(choice.tracker.text, choice.tracker.content_ids)
+        return replies[choice.index].message(choice.tracker)
     return {"role": "assistant", "content": choice.tracker.text}
 
 
@@ -201,7 +221,7 @@ def tool_replies(state, body, choices) -> dict:
     """choice index -> ToolReply for a reply that is (or may be) a tool call; {} for plain text."""
     forced, among = forced_tool(body), chosen_tools(body)
     if forced is not None or among is not None:
-        return {c.index: ToolReply(forced, among) for c in choices}
+        return {c.index: ToolReply(forced, among, thinking=c.answer is not None) for c in choices}
     if auto_tools(body):
         from ..tool_parser import NativeToolParser
 

@@ -375,3 +375,112 @@ def test_anthropic_count_tokens_counts_what_thinking_adds(think_dir):
         plain = a.messages.count_tokens(**kw).input_tokens
         thinking = a.messages.count_tokens(**kw, thinking={"type": "enabled", "budget_tokens": 1024}).input_tokens
         assert thinking - plain == len("[think]")
+
+
+def _script_ids(monkeypatch, state, answer):
+    """state.engine answers each request with the ids `answer(request)` gives, committed in two pieces."""
+    from canvaslm.engine.engine import Commit, Finish
+
+    def submit(request, queue, loop):
+        ids = answer(request)
+        for k, part in enumerate((ids[:3], ids[3:])):
+            loop.call_soon_threadsafe(queue.put_nowait, Commit(request.request_id, k, tuple(part)))
+        loop.call_soon_threadsafe(queue.put_nowait, Finish(request.request_id, "stop", len(ids), 2))
+
+    monkeypatch.setattr(state.engine, "submit", submit)
+
+
+def test_tool_replies_cut_stops_as_plain_replies_do(think_dir, tok, monkeypatch):
+    """With tools ("auto"), a stop string or stop token is cut from the content as without them; a forced call
+    parses with skip_special_tokens false (the EOS that ends a reply is no part of its text, as in vLLM)."""
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    x = tok.encode("X", add_special_tokens=False)[0]
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        base = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "hi"}])
+        _script(monkeypatch, srv.state, tok, "abcEND more text", cuts=(4, 6))
+        for extra in ({}, {"tools": [WEATHER]}):
+            assert c.chat.completions.create(stop=["END"], **base, **extra).choices[0].message.content == "abc"
+            assert _stream(c, stop=["END"], **base, **extra)[1] == "abc"
+            kept = c.chat.completions.create(stop=["END"], extra_body={"include_stop_str_in_output": True},
+                                             **base, **extra)
+            assert kept.choices[0].message.content == "abcEND"
+        _script_ids(monkeypatch, srv.state, lambda r: tok.encode("abcX", add_special_tokens=False))
+        for extra in ({}, {"tools": [WEATHER]}):
+            r = c.chat.completions.create(**base, **extra, extra_body={"stop_token_ids": [x]})
+            assert r.choices[0].message.content == "abc"
+        _script(monkeypatch, srv.state, tok, '{"city": "Oslo"}', cuts=(3,))
+        plain = c.chat.completions.create(**base, extra_body={"skip_special_tokens": False}).choices[0]
+        assert plain.message.content == '{"city": "Oslo"}'  # no "<eos>"
+        forced = c.chat.completions.create(**base, tools=[WEATHER], tool_choice="required",
+                                           extra_body={"skip_special_tokens": False}).choices[0]
+        assert forced.finish_reason == "tool_calls" and forced.message.tool_calls[0].function.arguments == \
+            '{"city": "Oslo"}'
+
+
+def test_min_tokens_and_stop_ids_with_a_thought(think_dir, tok, monkeypatch):
+    """min_tokens counts the thought's tokens (as the EOS ban does); a stop token that ends the reply inside the
+    thought is not part of the reasoning text."""
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    thought = f"{OPEN}thought\nthinking hard here{CLOSE}"
+    n = len(tok.encode(thought, add_special_tokens=False))
+    assert n > 15
+    x = tok.encode("X", add_special_tokens=False)[0]
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        base = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "hi"}])
+        _script(monkeypatch, srv.state, tok, thought + "ab STOP cd efgh", cuts=(5, 12, n + 2))
+        for m in (0, 10, n + 7):  # the stop ends at output token n + 7
+            r = c.chat.completions.create(stop=["STOP"], extra_body={"min_tokens": m}, **base)
+            assert r.choices[0].message.content == "ab ", m
+        r = c.chat.completions.create(stop=["STOP"], extra_body={"min_tokens": n + 8}, **base)
+        assert r.choices[0].message.content.startswith("ab STOP cd")
+        _script_ids(monkeypatch, srv.state, lambda r: tok.encode(f"{OPEN}thought\nabX", add_special_tokens=False))
+        msg = c.chat.completions.create(**base, extra_body={"stop_token_ids": [x]}).choices[0].message
+        assert msg.model_extra["reasoning_content"] == "ab" and not msg.content
+
+
+def test_a_forced_call_after_a_thought_streams_its_header_after_the_thought(think_dir, tok, monkeypatch):
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    open_id = tok.token_to_id(OPEN)
+    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        kwargs = dict(model=srv.state.model_name, messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER],
+                      tool_choice="required", max_tokens=64,  # room for a thought before the call
+                      extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+
+        def events():
+            out = []
+            for ch in c.chat.completions.create(stream=True, **kwargs):
+                d = ch.choices[0].delta
+                if (d.model_extra or {}).get("reasoning_content"):
+                    out.append("reasoning")
+                if d.tool_calls and d.tool_calls[0].function.name:
+                    out.append("header")
+                if ch.choices[0].finish_reason:
+                    out.append(ch.choices[0].finish_reason)
+            return out
+
+        thought = tok.encode("thought\nneed the weather", add_special_tokens=False)
+        _script_ids(monkeypatch, srv.state, lambda r: [*thought, tok.eos_ids[0]])  # the reply ends in the thought
+        assert "tool_calls" not in c.chat.completions.create(**kwargs).choices[0].message.model_dump(exclude_none=True)
+        assert events() == ["reasoning", "stop"]
+        call = tok.encode('{"city": "Oslo"}', add_special_tokens=False)
+        _script_ids(monkeypatch, srv.state, lambda r: [*thought, tok.token_to_id(CLOSE)]
+                    if r.prompt_ids[-1] == open_id else [*call, tok.eos_ids[0]])
+        ch = c.chat.completions.create(**kwargs).choices[0]
+        assert ch.finish_reason == "tool_calls" and json.loads(ch.message.tool_calls[0].function.arguments) == \
+            {"city": "Oslo"}
+        assert events() == ["reasoning", "header", "tool_calls"]
+
+
+def test_history_thoughts_reach_the_template():
+    from canvaslm.server.protocol import ChatCompletionRequest
+
+    for key in ("reasoning_content", "reasoning", "thinking"):
+        body = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", key: "THOUGHT"}]})
+        assert body.message_dicts()[1][key] == "THOUGHT"
