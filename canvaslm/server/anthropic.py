@@ -283,7 +283,7 @@ async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     places = []
     chat = validated(ChatCompletionRequest, {"model": body.model, "messages": _messages(body, places),
                                              **_tools(body), **_thinking(body), **_prefill(body)}, "messages")
-    prompts = [encode_chat(state, chat)]
+    prompts = [await off_loop(state, encode_chat, state, chat)]
     if isinstance(prompts[0], ImagePrompt):
         try:
             await off_loop(state, load_images, state, chat, prompts, prompts=prompts)
@@ -328,7 +328,7 @@ async def create_message(state: ServerState, body: MessagesRequest, request):
     need_chat_template(state, "messages")
     places = []
     chat = to_chat(body, places)
-    ids = encode_chat(state, chat, "messages")
+    ids = await off_loop(state, encode_chat, state, chat, "messages")
     stops = [s for s in body.stop_sequences or [] if s]
     if stops and chat.tools and chat.tool_choice not in (None, "auto", "none"):
         raise APIError(400, "stop_sequences would cut a forced tool call's input; send none with tool_choice "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import re
 import time
 import uuid
 
@@ -72,13 +73,19 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request, exc):
-        return _in_dialect(request, _error(exc.status_code, str(exc.detail),
-                                           type="invalid_request_error" if exc.status_code < 500 else "server_error"))
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's, e.g. bad UTF-8
+            return _in_dialect(request, _error(400, "the body is not valid JSON: it must be UTF-8 text",
+                                               code="invalid_json"))
+        response = _in_dialect(request, _error(exc.status_code, str(exc.detail),
+                                               type="invalid_request_error" if exc.status_code < 500 else "server_error"))
+        response.headers.update(getattr(exc, "headers", None) or {})  # a 405's Allow (RFC 9110)
+        return response
 
     @app.exception_handler(Exception)
     async def on_bug(request, exc):
         return _in_dialect(request, _error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
+    app.add_middleware(_NoLoneSurrogates)  # inside the key check: a 401 comes first
     app.add_middleware(_ApiKeyCheck, state=state)
     app.add_middleware(_BodiesAreJson)
 
@@ -131,7 +138,10 @@ def build_app(state: ServerState) -> FastAPI:
             prompts = [image_prompt(text_ids, chat)]
             await off_loop(state, load_images, state, chat, prompts, prompts=prompts)  # fetch, processor, tower
             text_ids = list(prompts[0])
-        return {"tokens": text_ids, "count": len(text_ids), "max_model_len": state.max_model_len}
+        out = {"tokens": text_ids, "count": len(text_ids), "max_model_len": state.max_model_len}
+        if body.return_token_strs:
+            out["token_strs"] = [tok.id_to_token(i) for i in text_ids]
+        return out
 
     @app.post("/detokenize", responses=ERRORS)
     async def detokenize(body: DetokenizeRequest):
@@ -169,11 +179,12 @@ def build_app(state: ServerState) -> FastAPI:
     async def embeddings(body: EmbeddingRequest):
         from .embeddings import create_embeddings
 
-        return await create_embeddings(state, body, _completion_prompts(state, body.input, "input"))
+        return await create_embeddings(state, body, await off_loop(state, _completion_prompts, state, body.input,
+                                                                          "input"))
 
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
-        prompts = _completion_prompts(state, body.prompt)
+        prompts = await off_loop(state, _completion_prompts, state, body.prompt)  # a long prompt: not on the loop
         if body.suffix:
             return await _respond_infill(state, body, prompts, request)
         if (body.scored() and not body.stream) or body.ranked():  # streamed logprobs ride on the chunks
@@ -207,7 +218,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await _respond(state, body, [encode_chat(state, body)], request, chat=True)
+        return await _respond(state, body, [await off_loop(state, encode_chat, state, body)], request, chat=True)
 
     if state.allowed_origins:  # added last, so outermost: it answers preflights before the key check
         from fastapi.middleware.cors import CORSMiddleware
@@ -309,6 +320,70 @@ class _ApiKeyCheck:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(value, path: str = "") -> str | None:
+    """The place (`messages[0].content`) of a string in parsed JSON that holds a lone UTF-16 surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate(key) is not None:
+            return f"{path}.{key!r}" if path else repr(key)
+        where = _lone_surrogate(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if where is not None:
+            return where
+    return None
+
+
+class _NoLoneSurrogates:
+    """A JSON body may spell a lone UTF-16 surrogate (`"\\ud800"`), which Python's json reads into a str that is no
+    text: it cannot be tokenised or sent back (a Responses body's `metadata` is echoed: that was a 500 after the
+    generation ran). A 400 names the field. Only bodies that spell a surrogate escape at all are parsed here."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, first = [], None
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                first = message
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if first is None and _SURROGATE_ESCAPE.search(body):
+            try:
+                where = _lone_surrogate(json.loads(body))
+            except ValueError:  # not JSON: the route says so
+                where = None
+            if where is not None:
+                response = _in_dialect(Request(scope), _error(400, f"{where}: holds a lone UTF-16 surrogate "
+                                                                   "(a \\ud800-\\udfff escape not in a pair), which is "
+                                                                   "not text", where))
+                return await response(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first or {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 class _BodiesAreJson:

@@ -55,10 +55,11 @@ def read_requests(path: Path) -> list[tuple[str | None, dict | None, str | None]
     if not path.is_file():
         raise BatchInputError(f"run-batch: input file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (PowerShell writes one) is no JSON
     except UnicodeDecodeError as e:
         raise BatchInputError(f"run-batch: {path} is not UTF-8 text ({e})") from None
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # lines end at "\n" (or "\r\n") only: U+2028 and the like may stand unescaped inside a JSON string
+    lines = [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise BatchInputError(f"run-batch: {path} holds no requests")
     parsed = [parse_line(n, line) for n, line in lines]

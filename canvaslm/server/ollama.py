@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest, CompletionRequest
 from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
-                      errors_named, run_choices, run_to_end, validated)
+                      errors_named, off_loop, run_choices, run_to_end, validated)
 from .tools import arguments_object, reply_message, tool_replies
 
 VERSION = "0.12.0"  # the Ollama API version these routes follow (clients check it for features)
@@ -228,7 +228,7 @@ async def chat(state: ServerState, body: ChatBody, request):
     if last.role == "assistant" and not last.tool_calls:  # a prefill: the reply goes on from it, as Ollama's does
         fields.update(continue_final_message=True, add_generation_prompt=False)
     oa = validated(ChatCompletionRequest, fields, "messages")
-    ids = encode_chat(state, oa)
+    ids = await off_loop(state, encode_chat, state, oa)
     return await _run(state, body, oa, ids, request, chat=True, places=places)
 
 
@@ -269,7 +269,7 @@ async def generate(state: ServerState, body: GenerateBody, request):
         [{"role": "user", "content": content}]
     need_chat_template(state, "prompt")
     oa = validated(ChatCompletionRequest, _sampling(body, {"model": name, "messages": messages}), "prompt")
-    ids = encode_chat(state, oa, "prompt")
+    ids = await off_loop(state, encode_chat, state, oa, "prompt")
     if body.context:  # Ollama's deprecated conversational memory: this turn goes on from the earlier one
         bos = state.tokenizer.bos_id
         ids = _keep_images(ids, list(body.context) + (ids[1:] if bos is not None and ids[:1] == [bos] else ids))

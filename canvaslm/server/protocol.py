@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
 
 from ..sampling.json_schema import closed_objects
 from ..tokenizer import tool_arguments_as_objects
@@ -463,7 +463,7 @@ class FunctionCallItem(_Strict):
 class FunctionCallOutputItem(_Strict):
     type: Literal["function_call_output"]
     call_id: str = Field(min_length=1, max_length=256)
-    output: str = Field(max_length=1 << 24)
+    output: str | list[InputContent] = Field(max_length=1 << 24)  # text, or parts as a message's content
 
 
 class ReasoningItem(BaseModel):
@@ -473,6 +473,17 @@ class ReasoningItem(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["reasoning"]
 
+
+def _item_type(item):
+    """An input item's `type` (a message may leave it out, as the openai client's EasyInputMessage does)."""
+    return item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
+
+
+# discriminated by `type`: an unknown type is named with the ones taken, not as the last member's mismatch
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")] | Annotated[ReasoningItem, Tag("reasoning")],
+    Discriminator(_item_type)]
 
 REASONING_SUMMARIES = ("auto", "concise", "detailed")
 ENCRYPTED_INCLUDE = "reasoning.encrypted_content"
@@ -517,7 +528,7 @@ class ResponsesRequest(_Strict):
     are kept in memory for `previous_response_id` (server/responses.py)."""
 
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem] = Field(
+    input: str | list[InputItem] = Field(
         description="text (one user message) or a list of items: messages, function calls and their outputs")
     instructions: str | None = Field(None, max_length=1 << 20, description="a system message put first")
     max_output_tokens: int | None = Field(None, ge=1, le=INT64)
@@ -536,7 +547,7 @@ class ResponsesRequest(_Strict):
     include: list[str] | None = Field(None, max_length=16)
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # diffusion extensions and vLLM's, as on the other routes (`extra_body` in the openai client)
-    seed: int | None = Field(None, ge=0, le=INT64)
+    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)  # negative: taken mod 2**63, as on the other routes
     max_denoising_steps: int | None = Field(None, ge=1, le=4096)
     entropy_bound: float | None = Field(None, gt=0, le=1e6)
     confidence_threshold: float | None = Field(None, gt=0, le=1e6)
@@ -546,6 +557,8 @@ class ResponsesRequest(_Strict):
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     min_tokens: int = Field(0, ge=0, le=INT64)
     thinking_token_budget: int | None = Field(None, ge=0, le=INT64)
+
+    _seed_mod = field_validator("seed")(_Common._seed_mod.__func__)
 
     def unsupported(self) -> tuple[str, str] | None:
         r = self.reasoning or {}
@@ -583,6 +596,7 @@ class TokenizeRequest(_Strict):
     mm_processor_kwargs: dict[str, Any] | None = None  # for messages with images: as on /v1/chat/completions
     content: str | None = Field(None, max_length=1 << 24)  # llama-server's /tokenize: the text, and
     add_special: bool | None = None  # whether to add BOS (its default: no)
+    return_token_strs: bool = False  # vLLM's: also each token as the tokenizer's vocabulary spells it
 
 
 class DetokenizeRequest(_Strict):

@@ -33,7 +33,7 @@ import uuid
 
 from .protocol import ChatCompletionRequest, InputImage, ResponsesRequest
 from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
-                      renamed, run_choices, run_to_end, thought_tokens, usage, validated)
+                      off_loop, renamed, run_choices, run_to_end, thought_tokens, usage, validated)
 from .tools import reply_message, tool_replies
 
 
@@ -82,7 +82,8 @@ def to_chat(body: ResponsesRequest, history: list | None = None,
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         else:
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            messages.append({"role": "tool", "tool_call_id": item.call_id,
+                             "content": _content(item.output, f"input[{n}].output", places)})
     if len(messages) == first_new:
         raise APIError(400, "input is empty", "input")
     turns = [_copy_turn(m) for m in messages[first_new:]]
@@ -229,7 +230,7 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
         if body.previous_response_id is not None else []
     places = []
     chat, turns = to_chat(body, history, places)
-    ids = encode_chat(state, chat, "input")
+    ids = await off_loop(state, encode_chat, state, chat, "input")
     prompts = [ids]
     choices = await prepare_translated(state, chat, prompts, places,  # the Responses fields, not the chat's
                                        rename=lambda e: renamed(e, CHAT_TO_RESPONSES, RENAMED_IN_TEXT))

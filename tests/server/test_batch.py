@@ -160,3 +160,20 @@ def test_an_output_that_cannot_be_written_fails_before_the_model_loads(tiny_chec
     monkeypatch.setattr(batch, "write_records", full)
     with pytest.raises(BatchInputError, match="cannot write -o .*out.jsonl: No space left on device"):
         batch.run_batch_file(None, src, tmp_path / "out.jsonl")
+
+
+def test_input_lines_end_at_newlines_only(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(ensure_ascii=False) writes them so):
+    str.splitlines() would cut such a request in pieces; a byte-order mark is skipped; CRLF files read."""
+    import json
+
+    from canvaslm.server.batch import read_requests
+
+    rows = [{"custom_id": k, "method": "POST", "url": "/v1/completions",
+             "body": {"model": "m", "prompt": f"one{sep}two", "max_tokens": 4}}
+            for k, sep in (("a", "\u2028"), ("b", "\u0085"), ("c", "\u2029"))]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\r\n")
+    parsed = read_requests(path)
+    assert [(cid, problem) for cid, _, problem in parsed] == [("a", None), ("b", None), ("c", None)]
+    assert parsed[1][1]["body"]["prompt"] == "one\u0085two"

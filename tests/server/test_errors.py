@@ -274,3 +274,71 @@ def test_a_model_served_from_dot_or_under_a_repo_id_can_be_named(tiny_checkpoint
         assert client.models.retrieve("org/tiny").id == "org/tiny"
         with pytest.raises(openai.NotFoundError):
             client.models.retrieve("org/other")
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/chat/completions", CHAT), ("/v1/completions", OK),
+    ("/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 4})])
+def test_tokenising_runs_off_the_event_loop(server, monkeypatch, route, body):
+    """A prompt is tokenised in a worker thread (megabytes of text take seconds): /health answers meanwhile."""
+    import threading
+
+    from canvaslm.server import app as app_module
+
+    gate, entered = threading.Event(), threading.Event()
+    tok = server.state.tokenizer
+
+    def held(original):
+        def run(*args, **kwargs):
+            entered.set()
+            gate.wait(20)
+            return original(*args, **kwargs)
+        return run
+    monkeypatch.setattr(tok, "encode_chat", held(tok.encode_chat))
+    monkeypatch.setattr(app_module, "_completion_prompts", held(app_module._completion_prompts))
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("r", httpx.post(server.base_url + route, json=body,
+                                                                        timeout=60)))
+    t.start()
+    try:
+        assert entered.wait(20)
+        assert httpx.get(server.base_url + "/health", timeout=5).status_code == 200
+    finally:
+        gate.set()
+        t.join(60)
+    assert done["r"].status_code == 200, done["r"].text
+
+
+def test_http_edges_get_clear_answers(http):
+    wrong = http.get("/v1/completions")
+    assert wrong.status_code == 405 and "POST" in wrong.headers["allow"]  # RFC 9110
+    bad = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "\xff\xfe"}',
+                    headers={"content-type": "application/json"})
+    check_error(bad, 400, None)
+    assert "UTF-8" in bad.json()["error"]["message"]
+    for route, body, param in [
+            ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+             "messages[0].content"),
+            ("/v1/responses", '{"model": "tiny", "input": "hi", "max_output_tokens": 2, "metadata": {"k": "\\udfff"}}',
+             "metadata.k")]:
+        resp = http.post(route, content=body.encode(), headers={"content-type": "application/json"})
+        check_error(resp, 400, param)
+        assert "surrogate" in resp.json()["error"]["message"]
+    paired = '{"model": "tiny", "prompt": "\\ud83d\\ude00", "max_tokens": 2}'  # an escaped pair is text: 😀
+    resp = http.post("/v1/completions", content=paired.encode(), headers={"content-type": "application/json"})
+    assert "surrogate" not in resp.text  # (the tiny char tokenizer may not know the emoji: its own 400)
+
+
+def test_responses_items_as_openai_types_them(http):
+    """function_call_output.output may be a list of parts; a negative seed is taken as on the other routes; an
+    unknown item type names the types taken."""
+    base = {"model": MODEL, "max_output_tokens": 4}
+    items = [{"role": "user", "content": "weather?"},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_text", "text": "sunny"}]}]
+    r = http.post("/v1/responses", json={**base, "input": items, "seed": -1})
+    assert r.status_code == 200, r.text
+    r = http.post("/v1/responses", json={**base, "input": [{"type": "item_reference", "id": "x"}]})
+    check_error(r, 400, None)
+    message = r.json()["error"]["message"]
+    assert "item_reference" in message and "function_call_output" in message, message

@@ -49,3 +49,9 @@ def test_bad_tokenize_requests_name_the_field(http, route, body, status, param):
     resp = http.post(route, json=body)
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["param"] == param
+
+
+def test_tokenize_returns_token_strings_when_asked(http, llm):
+    r = http.post("/tokenize", json={"prompt": "hi there", "return_token_strs": True}).json()
+    assert r["token_strs"] == [llm.tokenizer.id_to_token(i) for i in r["tokens"]] and len(r["token_strs"]) == r["count"]
+    assert "token_strs" not in http.post("/tokenize", json={"prompt": "hi there"}).json()
