@@ -33,7 +33,7 @@ from .scheduler import Scheduler, StepResult
 
 log = logging.getLogger("canvaslm.engine")
 
-RECENT_ENDS = 4096  # requests that ended at their length, remembered for a late stop-string cancel
+LATE_STOP_S = 1.0  # how long a "length" end of a request with stop strings waits for the caller's stop-cancel
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -121,6 +121,8 @@ class GenerationRequest:
     thinking: object | None = None  # sampling.thinking.ThinkingBudget: most tokens in the reply's thought
     follows: bool = False  # continues an earlier request's reply (a thought-first reply's answer): /metrics counts
     # the reply once, by its first request (finish reason, prompt tokens, time to first token)
+    stops_late: bool = False  # the caller has stop strings: it may relabel a "length" end "stop" (cancel(id,
+    # "stop")) once it reads the last canvas; /metrics counts such an end when that is settled (counters only rise)
 
     @classmethod
     def from_row(cls, request_id: str, row, seed: int, drafts: bool = False) -> "GenerationRequest":
@@ -166,6 +168,7 @@ class _Sink:
     first_token: float | None = None
     encoded: float | None = None  # when the prompt was encoded (the end of that step)
     follows: bool = False  # GenerationRequest.follows: not a reply of its own in the per-request counters
+    stops_late: bool = False  # GenerationRequest.stops_late
 
     def put(self, event) -> None:
         try:
@@ -395,7 +398,7 @@ class Engine:
                                    prefix_caching=self.prefix_caching, prefix_store=self.runner.cache.bounded_store())
         self.stats = EngineStats()
         self._sinks: dict[str, _Sink] = {}
-        self._ended_at_length: collections.OrderedDict = collections.OrderedDict()  # recent "length" ends
+        self._length_ends: dict[str, float] = {}  # "length" ends of stops_late requests, not yet counted: when
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
         self.runner.on_host_done = self._wake.set  # a constraint's host work ended: plan again
@@ -469,6 +472,8 @@ class Engine:
         while not self._stopping:
             self._wake.clear()  # before draining, so a later submit always wakes the wait below
             self._drain_inbox()
+            if self._length_ends:
+                self._settle_length_ends(time.perf_counter())
             plan = self.scheduler.plan(hold=self.runner.held())
             self._report(self.scheduler.take_done())  # prompt-only requests that found their prompt cached
             if plan is None:
@@ -483,6 +488,7 @@ class Engine:
             finished = self.scheduler.update(plan, result)
             self._emit(plan, result, drafts, finished)
         self.runner.close()
+        self._settle_length_ends(0.0, wait=float("-inf"))
         for rid in list(self._sinks):  # shutting down: tell every listener
             self._finish(rid, "cancelled", 0, "the server is shutting down")
         while self._inbox:  # what arrived too late: calls fail, requests end cancelled
@@ -511,12 +517,17 @@ class Engine:
                     self._report([state])
                 else:
                     self._finish(arg, "cancelled", 0)
-            elif sink == "stop" and self._ended_at_length.pop(arg, False):  # its last canvas held the stop string
-                self.stats.requests_finished["length"] -= 1
+            elif sink == "stop" and self._length_ends.pop(arg, None) is not None:  # its last canvas held the stop
                 self.stats.requests_finished["stop"] += 1
 
+    def _settle_length_ends(self, now: float, wait: float = LATE_STOP_S) -> None:
+        """Count as "length" the ends no stop-cancel has relabelled within `wait` seconds."""
+        for rid in [r for r, at in self._length_ends.items() if now - at >= wait]:
+            del self._length_ends[rid]
+            self.stats.requests_finished["length"] += 1
+
     def _add(self, req: GenerationRequest, sink: _Sink) -> None:
-        p, sink.follows = req.params, req.follows
+        p, sink.follows, sink.stops_late = req.params, req.follows, req.stops_late
         rid = req.request_id
         if rid in self._sinks or self.scheduler.get(rid) is not None:  # the running one is left alone
             self.stats.requests_finished["error"] += 1
@@ -607,12 +618,10 @@ class Engine:
         self.runner.remove(rid)
         sink = self._sinks.pop(rid, None)
         counted = sink is None or not sink.follows  # a follow-up's reply was counted by its first request
-        if counted:
+        if counted and reason == "length" and sink is not None and sink.stops_late:
+            self._length_ends[rid] = time.perf_counter()  # a stop string in its last canvas may relabel it
+        elif counted:
             self.stats.requests_finished[reason] += 1
-            if reason == "length":  # a stop string the caller finds in its last canvas relabels it (cancel)
-                self._ended_at_length[rid] = True
-                while len(self._ended_at_length) > RECENT_ENDS:
-                    self._ended_at_length.popitem(last=False)
         if counted and passes and reason in ("stop", "length"):
             self.stats.tpf_sum += num_tokens / passes
             self.stats.tpf_count += 1

@@ -860,7 +860,7 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
                 req = GenerationRequest(uuid.uuid4().hex, tuple(ids), params, choice_seed,
                                         eos, constraint, body.stream_drafts, bias, body.priority, body.min_tokens,
                                         state.adapter(body.model), images=getattr(ids, "images", None),
-                                        thinking=budget if constraint is None else None)
+                                        thinking=budget if constraint is None else None, stops_late=bool(stops))
             choices.append(Choice(len(choices), req, p_index, tracker, answer=answer, base=len(tracker.ids)))
     return choices
 
