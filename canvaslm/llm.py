@@ -482,7 +482,8 @@ class LLM:
             check_request(r.prompt_ids, r.params.max_new_tokens, self.cfg.vocab_size, self.cfg.max_position_embeddings,
                           self.cfg.canvas_length)
         plist = _params_list(prompts, params)
-        need = batch_geometry(rows, self.cfg.canvas_length)[1]
+        C = self.cfg.canvas_length
+        need = max(len(r.prompt_ids) + math.ceil(r.params.max_new_tokens / C) * C for r in rows)  # one request's
         max_model_len = max_model_len or need
         if max_model_len < need:
             raise GenerationError(f"generate_continuous: max_model_len={max_model_len} is below the {need} "
@@ -504,7 +505,15 @@ class LLM:
                 return await asyncio.gather(*(one(i, r, seed) for i, (r, seed) in enumerate(zip(rows, seeds))))
 
         try:
-            outs = asyncio.run(run())
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # no loop here: the usual case
+                outs = asyncio.run(run())
+            else:  # called from a running loop (a notebook, an async app): run ours on a thread of its own
+                import concurrent.futures
+
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    outs = pool.submit(asyncio.run, run()).result()
         finally:
             engine.shutdown()
         results = []

@@ -49,3 +49,31 @@ def test_bad_prompts_are_refused_as_generate_refuses_them(llm):
             call([[2, 5, V]], params(0))
         with pytest.raises(GenerationError, match="over max_position_embeddings"):
             call([[2] * llm.cfg.max_position_embeddings], params(0))
+
+
+def test_the_default_context_is_what_the_longest_request_needs(llm):
+    """Each request fits the model's context; the longest prompt plus the most canvases of another request do not:
+    that is no request's need (generate runs the list too)."""
+    C, top = llm.cfg.canvas_length, llm.cfg.max_position_embeddings
+    long_prompt = [2] + [5 + k % 80 for k in range(top - 2 * C - 1)]  # needs top - C positions
+    short = [2, 10, 11, 12]
+    sps = [SamplingParams(seed=1, max_new_tokens=C, max_denoising_steps=1),
+           SamplingParams(seed=2, max_new_tokens=3 * C, max_denoising_steps=1)]
+    assert len(long_prompt) + C + 3 * C > top
+    got = llm.generate_continuous([long_prompt, short], sps)
+    assert [len(r.prompt_ids) for r in got] == [len(long_prompt), len(short)]
+    assert got[1].token_ids == llm.generate_continuous([short], sps[1], max_model_len=len(long_prompt) + C)[0].token_ids
+    with pytest.raises(GenerationError, match=f"below the {len(long_prompt) + C} positions"):
+        llm.generate_continuous([long_prompt, short], sps, max_model_len=len(long_prompt))
+
+
+def test_it_runs_inside_a_running_event_loop(llm):
+    """In a notebook (or any async code) an event loop is already running: asyncio.run would refuse."""
+    import asyncio
+
+    sp = params(0)
+    want = llm.generate_continuous(PROMPTS[0], sp)[0].token_ids
+
+    async def inside():
+        return llm.generate_continuous(PROMPTS[0], sp)[0].token_ids
+    assert asyncio.run(inside()) == want
