@@ -613,6 +613,9 @@ def _pinned_constraint(state: ServerState, body, max_tokens):
             off = -1
         if off < 0:
             raise APIError(400, f"pins: key {key!r} is not an output token offset (a non-negative integer)", "pins")
+        if off >= state.max_model_len:  # before anything is laid out for it
+            raise APIError(400, f"pins: offset {off} is past the context ({state.max_model_len} positions in all, "
+                                "prompt included)", "pins")
         if isinstance(value, str):
             need_tokenizer(state, "pins")
         elif not value or any(not 0 <= t < state.vocab_size for t in value):
@@ -624,6 +627,9 @@ def _pinned_constraint(state: ServerState, body, max_tokens):
         end = max(off + len(ids) for off, ids in pins.items())
         if max_tokens is not None and end > max_tokens:
             raise ConstraintError(f"the last pin ends at output token {end}, over max_tokens={max_tokens}")
+        if end > state.max_model_len:
+            raise ConstraintError(f"the last pin ends at output token {end}, past the context ({state.max_model_len} "
+                                  "positions in all, prompt included)")
         return PinnedConstraint(pins, ban_ids=state.eos_ids, ban_until=end)
     except ConstraintError as e:
         raise APIError(400, f"pins: {e}", "pins") from None

@@ -41,3 +41,12 @@ def test_bad_pins_are_a_400_naming_them(client, extra, words):
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model=model, prompt="hi", max_tokens=32, extra_body=extra)
     assert e.value.body["param"] in ("pins", "guided_choice") and words in e.value.body["message"]
+
+
+@pytest.mark.parametrize("offset", ["100000000000000", "100000"])
+def test_a_pin_past_the_context_is_refused_before_it_is_laid_out(client, offset):
+    """Without max_tokens a huge offset once built a list that long (a MemoryError 500, or gigabytes)."""
+    c, model = client
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=model, prompt="hi", extra_body={"pins": {offset: "a"}})
+    assert e.value.body["param"] == "pins" and "past the context" in e.value.body["message"]
