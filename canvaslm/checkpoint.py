@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, DiffusionParams, ModelConfig
@@ -43,8 +43,9 @@ _CARRIED = re.compile(r"^model\.encoder\.(vision_tower|embed_vision)\.")
 # Files of a checkpoint that only its vision side reads (the image processor's); saves copy them too.
 CARRIED_FILES = ("processor_config.json", "preprocessor_config.json")
 _OPTIONAL = re.compile(r"layer_scalar$")  # buffers that default to 1 when absent
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,  # vLLM's `float`
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16}
 
 
 class CheckpointError(ValueError):
@@ -336,9 +337,13 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
     if dtype is not None:
         state = {k: v if k in keep else v.to(parse_dtype(dtype)) for k, v in state.items()}
     plain = [v for k, v in state.items() if k not in keep] or list(state.values())
-    cfg_dict["dtype"] = str(plain[0].dtype).replace("torch.", "")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    stored = str(plain[0].dtype).replace("torch.", "")
+    cfg_dict["dtype"] = stored
+    for d in (cfg_dict, cfg_dict.get("text_config") or {}):  # v4's torch_dtype too, where the source had it
+        for key in ("dtype", "torch_dtype"):
+            if key in d:
+                d[key] = stored
+    tmp = _make_tmp(out_dir)
     try:
         with _CarriedReader(carried, dtype) as reader:
             sizes = {k: v.numel() * v.element_size() for k, v in state.items()} | reader.sizes()
@@ -374,6 +379,9 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # additional_chat_templates/NAME.jinja
             shutil.copyfile(src, tmp / name)
         _publish(tmp, out_dir, stat.S_IMODE((tmp / "config.json").stat().st_mode), replace_any)
+    except (OSError, SafetensorError) as e:  # disk full, read-only, a file gone: named, nothing replaced
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failed(out_dir, e)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -444,8 +452,7 @@ def write_dir_atomically(out_dir: str | Path, files: dict[str, str | Path], repl
     """A directory holding copies of `files` ({name: source path}), written like save_model's: built in a
     temp dir, then renamed into place, replacing a previous one as save_model does."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = _make_tmp(out_dir)
     try:
         for name, src in files.items():
             shutil.copyfile(src, tmp / name)
@@ -454,19 +461,51 @@ def write_dir_atomically(out_dir: str | Path, files: dict[str, str | Path], repl
         mode = stat.S_IMODE(probe.stat().st_mode)
         probe.unlink()
         _publish(tmp, out_dir, mode, replace_any)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failed(out_dir, e)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
+def _write_failed(out_dir: Path, e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        reason = f"{e.strerror or e}{where}"
+    else:
+        reason = str(e)
+    state = "was left as it was" if out_dir.exists() else "was not created"
+    return f"{out_dir}: cannot write the checkpoint: {reason}; {out_dir} {state}"
+
+
+def _make_tmp(out_dir: Path) -> Path:
+    """The temp directory a save is built in, next to out_dir (so that the final rename stays on one
+    file system); a CheckpointError naming out_dir when it cannot be made there."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:
+        raise CheckpointError(_write_failed(out_dir, e)) from e
+
+
 # what only a training run's directory holds: its state, checkpoints, `latest` pointer and metrics
 RUN_ENTRIES = ("trainer_state.pt", "latest", "metrics.jsonl", "log.jsonl", "checkpoint")
+# what a checkpoint or adapter directory is made of (save_model / write_dir_atomically write these, and the
+# tokenizer and image-processor files they copy): a replace may drop them; anything else is the user's
+OWNED_ENTRIES = re.compile(
+    r"^(config\.json|generation_config\.json|model\.safetensors|model\.safetensors\.index\.json"
+    r"|model-\d+-of-\d+\.safetensors|adapter_config\.json|adapter_model\.safetensors|tokenizer\.json"
+    r"|tokenizer_config\.json|special_tokens_map\.json|chat_template\.jinja|chat_template\.json|tokenizer\.model"
+    r"|added_tokens\.json|additional_chat_templates|processor_config\.json|preprocessor_config\.json)$")
 
 
 def check_replaceable(out_dir: str | Path):
     """Refuse to replace an existing out_dir unless it is empty, or a model / adapter directory (config.json or
-    adapter_config.json) that holds nothing of a training run (RUN_ENTRIES, checkpoint-* directories)."""
+    adapter_config.json) that holds nothing of a training run (RUN_ENTRIES, checkpoint-* directories) and
+    nothing else a checkpoint does not own (OWNED_ENTRIES): a replace never deletes a user's .git, README.md
+    or notes."""
     out_dir = Path(out_dir)
     if not out_dir.exists():
         return
@@ -481,6 +520,26 @@ def check_replaceable(out_dir: str | Path):
         raise CheckpointError(f"{out_dir}: exists and is not a model or adapter directory (no config.json or "
                               f"adapter_config.json, but {sorted(names)[:3]}); refusing to replace it: write to a "
                               "new directory")
+    foreign = sorted(n for n in names if not OWNED_ENTRIES.match(n))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise CheckpointError(f"{out_dir}: holds files that are not part of a checkpoint ({shown}); refusing to "
+                              "replace it, which would delete them: write to a new directory (or move them out)")
+
+
+def check_writable(out_dir: str | Path):
+    """A CheckpointError naming out_dir when a save could not create it (its parent, or the nearest existing
+    ancestor, is read-only, not a directory, or not ours to write): found before the work, not after."""
+    out_dir = Path(out_dir).absolute()
+    anc = out_dir.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise CheckpointError(f"{out_dir}: cannot be created: {anc} is not a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe.", dir=anc)).rmdir()
+    except OSError as e:
+        raise CheckpointError(f"{out_dir}: cannot write there ({anc}: {e.strerror or e})") from None
 
 
 def check_output_dir(out_dir: str | Path, *sources: str | Path):
@@ -493,6 +552,7 @@ def check_output_dir(out_dir: str | Path, *sources: str | Path):
             raise CheckpointError((f"{out_dir}: is the source {src}" if out == src_r else
                                    f"{out_dir}: holds the source {src}") + "; DST must be a new directory")
     check_replaceable(out_dir)
+    check_writable(out_dir)
 
 
 def _publish(tmp: Path, out_dir: Path, mode: int, replace_any: bool = False):
@@ -507,11 +567,15 @@ def _publish(tmp: Path, out_dir: Path, mode: int, replace_any: bool = False):
             check_replaceable(out_dir)
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))  # never a user's dir
         os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            os.replace(old, out_dir)  # the previous checkpoint back in place
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
 
 
 __all__ = ["load_model", "save_model", "build_random_model", "CheckpointError", "ConfigError", "parse_dtype",
-           "check_output_dir", "check_replaceable"]
+           "check_output_dir", "check_replaceable", "check_writable"]

@@ -149,14 +149,15 @@ def _image_arg(x: str, flag: str = "--image"):
 def _quantize(args) -> int:
     from pathlib import Path
 
-    from .checkpoint import check_output_dir, load_model, save_model
+    from .checkpoint import check_output_dir, load_model, save_model, stored_dtype
     from .config import DiffusionParams
     from .quant import weight_bytes
     from .train.checkpointing import tokenizer_files
 
     src, dst = Path(args.src), Path(args.dst)
-    check_output_dir(dst, src)  # not the source, nor a directory holding it or anything but a model
-    model = load_model(src, device=args.device or "cpu", dtype=args.dtype, quantization=args.to, progress=True)
+    check_output_dir(dst, src)  # not the source nor holding it, only a model's files, and writable
+    dtype = args.dtype or stored_dtype(src) or "bfloat16"  # auto: as the source stores them
+    model = load_model(src, device=args.device or "cpu", dtype=dtype, quantization=args.to, progress=True)
     save_model(model, dst, DiffusionParams.from_dir(src), extra_files=tokenizer_files(src))
     print(f"canvaslm: wrote {dst} ({args.to}, {weight_bytes(model) / 1e9:.2f} GB of weights); "
           f"load it as any checkpoint", flush=True)
@@ -194,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src", help="checkpoint directory (HF layout, bf16/fp32)")
     q.add_argument("dst", help="new directory for the quantised checkpoint (written atomically)")
     q.add_argument("--to", required=True, choices=QUANTIZATIONS, help="weight format of attention, MLP, experts")
-    q.add_argument("--dtype", default="bfloat16", help="dtype of the weights that stay unquantised (default bf16)")
+    q.add_argument("--dtype", default="bfloat16", type=lambda s: None if s == "auto" else s,
+                   help="dtype of the weights that stay unquantised: float32 | bfloat16 | float16 | auto (the "
+                        "source's; default bf16)")
     q.add_argument("--device", default=None, help="where to quantise (default: cpu; cuda is faster)")
     q.set_defaults(func=_quantize)
     for mod in SUBCOMMAND_MODULES:

@@ -34,6 +34,7 @@ _KNOWN_TEXT_KEYS = {
     "use_bidirectional_attention", "num_experts", "top_k_experts", "moe_intermediate_size",
     "per_layer_config", "global_head_dim", "num_global_key_value_heads", "model_type", "initializer_range",
     "dtype", "torch_dtype", "transformers_version", "architectures", "rope_theta", "rope_scaling",
+    "rope_local_base_freq",
     "partial_rotary_factor", "enable_moe_block", "attention_k_eq_v", "use_cache", "output_attentions",
     "output_hidden_states", "return_dict", "quantization_config", "_name_or_path",
 }
@@ -185,6 +186,29 @@ class ModelConfig:
                 bad(key, value, "an integer token id")
             return value
 
+        for where, d in (("tie_word_embeddings", cfg), ("text_config.tie_word_embeddings", text)):
+            if d.get("tie_word_embeddings", True) is not True:
+                raise ConfigError(f"{source}: {where} is {d['tie_word_embeddings']!r}; only tied word embeddings "
+                                  "are supported (the LM head is the embedding matrix: a separate lm_head.weight "
+                                  "would be ignored)")
+        if text.get("rope_scaling") is not None:
+            raise ConfigError(f"{source}: text_config.rope_scaling {text['rope_scaling']!r} is not supported (RoPE "
+                              "is set per layer type by text_config.rope_parameters; remove rope_scaling)")
+        if text.get("rope_parameters") is None:
+            legacy = [k for k in ("rope_theta", "rope_local_base_freq", "partial_rotary_factor")
+                      if text.get(k) is not None]
+            if legacy:
+                raise ConfigError(f"{source}: text_config.{legacy[0]} without text_config.rope_parameters is not "
+                                  "supported (it would be ignored, as transformers ignores it for this model); "
+                                  "give rope_parameters per layer type ({'sliding_attention': {'rope_type': "
+                                  "'default', 'rope_theta': ...}, 'full_attention': {...}})")
+        for key, want in (("enable_moe_block", True), ("attention_k_eq_v", True)):
+            if key in text and text[key] is not want:
+                raise ConfigError(f"{source}: text_config.{key}={text[key]!r} is not supported (DiffusionGemma "
+                                  + ("always runs its MoE block" if key == "enable_moe_block" else
+                                     "full-attention layers use the keys as values: they have no v_proj") + ")")
+        if text.get("attention_bias") is not None and not isinstance(text["attention_bias"], bool):
+            bad("text_config.attention_bias", text["attention_bias"], "true or false")
         if text.get("use_bidirectional_attention") == "all":
             raise ConfigError(f"{source}: text_config.use_bidirectional_attention='all' is not supported "
                               "(DiffusionGemma's encoder is causal)")
@@ -242,8 +266,16 @@ class ModelConfig:
             rtype = p.get("rope_type", "default")
             if rtype not in ("default", "proportional"):
                 raise ConfigError(f"{source}: {where}.rope_type {rtype!r} is not supported (default, proportional)")
-            rope[t] = RopeSpec(rtype, number(f"{where}.rope_theta", p.get("rope_theta", 10_000.0)),
-                               number(f"{where}.partial_rotary_factor", p.get("partial_rotary_factor", 1.0)))
+            theta = number(f"{where}.rope_theta", p.get("rope_theta", 10_000.0))
+            if not 0 < theta < math.inf:
+                bad(f"{where}.rope_theta", p.get("rope_theta"), "a finite number > 0")
+            prf = number(f"{where}.partial_rotary_factor", p.get("partial_rotary_factor", 1.0))
+            if not 0 < prf <= 1:
+                bad(f"{where}.partial_rotary_factor", p.get("partial_rotary_factor"), "in (0, 1]")
+            if rtype == "default" and prf != 1:
+                bad(f"{where}.partial_rotary_factor", p.get("partial_rotary_factor"),
+                    "1 with rope_type 'default' (only 'proportional' RoPE rotates part of each head)")
+            rope[t] = RopeSpec(rtype, theta, prf)
         eos = text.get("eos_token_id", 1)
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         for e in eos:
@@ -264,7 +296,7 @@ class ModelConfig:
             max_position_embeddings=text.get("max_position_embeddings", 131_072),
             final_logit_softcapping=None if softcap is None else number("text_config.final_logit_softcapping",
                                                                           softcap),
-            attention_bias=bool(text.get("attention_bias", False)),
+            attention_bias=bool(text.get("attention_bias")),
             pad_token_id=token_id("text_config.pad_token_id", text.get("pad_token_id", 0)),
             bos_token_id=token_id("text_config.bos_token_id", text.get("bos_token_id", 2)),
             eos_token_ids=eos, has_vision=cfg.get("vision_config") is not None,

@@ -187,7 +187,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shape", default=None, help="a named shape instead, e.g. 26b-a4b")
     p.add_argument("--revision", default=None)
     p.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="the GPU's memory, e.g. 24")
-    p.add_argument("--dtype", default="bfloat16", help="the unquantised weights' dtype (default bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", type=lambda s: "bfloat16" if s == "auto" else s,
+                   help="the unquantised weights' dtype: float32 | bfloat16 | float16 | auto (what serve runs on a "
+                        "GPU: bfloat16; the default)")
     from .server.cli import _image_limit
 
     p.add_argument("--limit-mm-per-prompt", type=_image_limit, default=None, metavar="LIMIT",

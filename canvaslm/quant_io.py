@@ -4,6 +4,8 @@ and the one `save_model` writes for a quantised model."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .quant import (BLOCK, FP8, QUANTIZATIONS, STRATEGIES, FP8Experts, FP8Linear, QuantError, _fp8_targets,
@@ -34,14 +36,46 @@ def scheme_from_config(raw: dict) -> dict | None:
         group = qc.get("group_size")
         if not isinstance(group, int) or isinstance(group, bool) or group < 1:
             raise QuantError(f"config.json: {where}.group_size must be a positive integer, got {group!r}")
+        for key, want in (("bits", 4), ("symmetric", True)):
+            if qc.get(key, want) != want or isinstance(qc.get(key, want), bool) != isinstance(want, bool):
+                raise QuantError(f"config.json: {where}.{key} {qc[key]!r} is not supported ({INT4_METHOD} stores "
+                                 f"symmetric 4-bit weights: {key}={want!r})")
         return {"fmt": "int4", "group": group}
     if method != "compressed-tensors":
         raise QuantError(f"config.json: {where}.quant_method {method!r} is not supported "
                          f"(expected 'compressed-tensors' (FP8) or {INT4_METHOD!r})")
+    fmt = qc.get("format")
+    if fmt not in (None, "float-quantized", "naive-quantized"):
+        raise QuantError(f"config.json: {where}.format {fmt!r} is not supported (FP8 weights: 'float-quantized')")
+    # parts of a compressed-tensors scheme that change what the stored tensors mean: refused by name, not
+    # met later as tensors the model has no place for
+    for key, why in (("kv_cache_scheme", "stored KV-cache scales are not read; --kv-cache-dtype fp8 quantises "
+                                         "the cache at run time"),
+                     ("transform_config", "weight transforms (rotations) are not applied")):
+        if qc.get(key):
+            raise QuantError(f"config.json: {where}.{key} is not supported ({why}); got {qc[key]!r}")
+    sparsity = qc.get("sparsity_config")
+    if sparsity and not (isinstance(sparsity, dict) and sparsity.get("format", "dense") == "dense"):
+        raise QuantError(f"config.json: {where}.sparsity_config is not supported (only dense weights); got "
+                         f"{sparsity!r}")
     strategies = set()
     for gname, group in _mapping(qc.get("config_groups") or {}, f"{where}.config_groups").items():
-        group = _mapping(group, f"{where}.config_groups.{gname}")
-        w = _mapping(group.get("weights") or {}, f"{where}.config_groups.{gname}.weights")
+        gwhere = f"{where}.config_groups.{gname}"
+        group = _mapping(group, gwhere)
+        acts = group.get("input_activations")
+        if acts:
+            acts = _mapping(acts, f"{gwhere}.input_activations")
+            if acts.get("type", "float") != "float" or acts.get("num_bits", 8) != 8 or acts.get("dynamic") is not True:
+                raise QuantError(f"config.json: {gwhere}.input_activations {acts!r} is not supported (only dynamic "
+                                 "FP8 activations, computed per token at run time: static input scales are not read)")
+        if group.get("output_activations"):
+            raise QuantError(f"config.json: {gwhere}.output_activations is not supported; got "
+                             f"{group['output_activations']!r}")
+        w = _mapping(group.get("weights") or {}, f"{gwhere}.weights")
+        for key, want in (("symmetric", True), ("dynamic", False)):
+            if w.get(key, want) is not want:
+                raise QuantError(f"config.json: {gwhere}.weights.{key}={w[key]!r} is not supported (FP8 weights are "
+                                 f"stored with their scales: {key}={want})")
         if w.get("type", "float") != "float" or w.get("num_bits", 8) != 8:
             raise QuantError(f"config.json: {where}.config_groups.{gname}.weights must be 8-bit "
                              f"float (FP8), got type={w.get('type')!r} num_bits={w.get('num_bits')!r}")
@@ -143,6 +177,7 @@ class LoadHook:
                 args = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts)
                 _swap(model, n, experts_cls(*args, group) if fmt == "int4" else experts_cls(*args))
         self.linears, self.experts = set(linears), set(experts)
+        self.scale_shapes = {f"{n}.weight_scale": tuple(model.get_submodule(n).weight_scale.shape) for n in linears}
 
     @classmethod
     def for_checkpoint(cls, model, list_names, quantization: str | None):
@@ -154,6 +189,17 @@ class LoadHook:
             names = list_names()
             stored = {n[:-len(".weight_scale")] for n in names if n.endswith(".weight_scale")}
             stored |= {n.rpartition(".")[0] for n in names if n.endswith((".gate_up_proj_scale", ".down_proj_scale"))}
+            linears, experts = _fp8_targets(model)
+            modules = dict(model.named_modules())
+            foreign = sorted(n for n in stored if n in modules and n not in set(linears) | set(experts))
+            if foreign:
+                listed = ", ".join(foreign[1:4]) + (", ..." if len(foreign) > 4 else "")
+                more = f" (and {len(foreign) - 1} more: {listed})" if len(foreign) > 1 else ""
+                raise QuantError(f"{foreign[0]}{more}: stored quantised ({foreign[0]}.weight_scale is in the "
+                                 f"checkpoint), but canvaslm quantises only attention, MLP and expert weights: the "
+                                 f"MoE router stays in the model dtype. Quantise with it left out (llm-compressor: "
+                                 f"ignore=['lm_head', 're:.*router.*']) or load the bf16 checkpoint with "
+                                 f"--quantization {scheme['fmt']}")
             if scheme["fmt"] == "int4":
                 return cls(model, "prequantized", fp8_names=stored, fmt="int4", group=scheme["group"])
             return cls(model, "prequantized", scheme["strategy"], stored)
@@ -171,6 +217,9 @@ class LoadHook:
         mod, _, leaf = name.rpartition(".")
         if self.mode == "prequantized":
             if mod in self.linears and leaf == "weight_scale":
+                want = self.scale_shapes[name]
+                if self.fmt == "fp8" and tuple(t.shape) != want and t.numel() == math.prod(want):
+                    t = t.reshape(want)  # compressed-tensors writes a per-tensor scale as (1,), ours is (1, 1)
                 return [(name, t.float())]
             if self.fmt == "int4":
                 if self.keeps_dtype(name) and not name.endswith("_scale") and t.dtype != torch.uint8:

@@ -122,9 +122,9 @@ def test_save_is_atomic_and_replaces(ref_dir, tmp_path):
     model = load_model(path)
     target = tmp_path / "ckpt"
     save_model(model, target)
-    (target / "stale.txt").write_text("old")
+    (target / "model-00001-of-00002.safetensors").write_text("old")  # a checkpoint's own file: replaced
     save_model(model, target)
-    assert not (target / "stale.txt").exists()
+    assert not (target / "model-00001-of-00002.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left behind
 
 
