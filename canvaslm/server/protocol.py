@@ -161,6 +161,11 @@ class _Common(_Strict):
                                         "rank under the encoder's causal pass, with this many alternatives")
     stop_token_ids: list[int] | None = Field(None, max_length=64,
                                              description="more token ids that end the output (vLLM's name)")
+    bad_words: list[str] | None = Field(None, max_length=256, description="vLLM's: words never written; each must be "
+                                        "one token as it is spelled alone or after a space")
+    # vLLM's fields this engine cannot honour: refused by name when set, rather than dropped unseen
+    allowed_token_ids: list[int] | None = Field(None, max_length=1 << 20)
+    use_beam_search: bool = False
     guided_choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
     guided_json: dict[str, Any] | str | None = Field(
         None, description="a JSON schema (object or JSON text): response_format json_schema, vLLM's name")
@@ -237,6 +242,11 @@ class _Common(_Strict):
             return "stream_options", "stream_options is only allowed with stream=true"
         if self.prompt_logprobs is not None and self.stream:
             return "prompt_logprobs", "prompt_logprobs is not available with stream=true"
+        if self.allowed_token_ids:
+            return "allowed_token_ids", ("allowed_token_ids is not supported: use guided_choice, guided_regex or "
+                                         "logit_bias (e.g. -100 on the tokens to avoid)")
+        if self.use_beam_search:
+            return "use_beam_search", "use_beam_search is not supported (a diffusion model draws whole canvases)"
         if self.structured_outputs is not None:
             return self.structured_outputs.unsupported()
         return None

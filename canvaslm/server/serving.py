@@ -790,11 +790,36 @@ def check_in_vocab(state: ServerState, ids, field: str, what: str) -> None:
 
 
 def bias_pairs(state: ServerState, body: _Common) -> tuple:
-    """The body's logit_bias as ((token id, bias), ...), checked against this model's vocabulary."""
+    """The body's logit_bias as ((token id, bias), ...), checked against this model's vocabulary, with its
+    bad_words' tokens banned (-100: logits are soft-capped at 30, so such a token is 70+ nats below any other)."""
     try:
-        return logit_bias.normalize(body.logit_bias, "logit_bias", state.vocab_size)
+        pairs = logit_bias.normalize(body.logit_bias, "logit_bias", state.vocab_size)
     except logit_bias.LogitBiasError as e:
         raise APIError(400, str(e), "logit_bias") from None
+    banned = bad_word_ids(state, getattr(body, "bad_words", None) or [])
+    if not banned:
+        return pairs
+    return tuple(sorted({**dict(pairs), **{t: -logit_bias.LIMIT for t in banned}}.items()))
+
+
+def bad_word_ids(state: ServerState, words: list[str]) -> set[int]:
+    """vLLM's bad_words: each word as it is spelled alone and after a space (vLLM's two forms); the forms that are
+    one token are banned at every position. Every canvas position is drawn at once, so a word only several
+    tokens spell cannot be banned as vLLM bans it (its last token after the others): such a word is a 400."""
+    if not words:
+        return set()
+    need_tokenizer(state, "bad_words")
+    banned = set()
+    for k, word in enumerate(words):
+        if not word.strip():
+            raise APIError(400, f"bad_words[{k}] is empty", "bad_words")
+        forms = [state.tokenizer.encode(w, add_special_tokens=False) for w in (word, " " + word.lstrip())]
+        ones = {ids[0] for ids in forms if len(ids) == 1}
+        if not ones:
+            raise APIError(400, f"bad_words[{k}] {word!r} is {len(forms[0])} tokens; only words of one token (alone "
+                                "or after a space) can be banned here", "bad_words")
+        banned |= ones
+    return banned
 
 
 def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list[Choice]:

@@ -342,3 +342,21 @@ def test_responses_items_as_openai_types_them(http):
     check_error(r, 400, None)
     message = r.json()["error"]["message"]
     assert "item_reference" in message and "function_call_output" in message, message
+
+
+def test_bad_words_are_never_written_and_unsupported_vllm_fields_are_refused(http):
+    """vLLM's bad_words: one-token words are banned at every position; allowed_token_ids and use_beam_search,
+    which this engine cannot honour, are a 400 naming them rather than dropped unseen."""
+    base = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 32}
+    plain = "".join(http.post("/v1/completions", json={**base, "seed": s}).json()["choices"][0]["text"]
+                    for s in range(3))
+    common = sorted({ch for ch in plain if ch.strip()}, key=plain.count)[-3:]  # letters the model writes often
+    assert common
+    text = "".join(http.post("/v1/completions", json={**base, "seed": s, "bad_words": common}).json()
+                   ["choices"][0]["text"] for s in range(3))
+    assert text and not set(common) & set(text), (common, text)
+    for extra, param in [({"bad_words": ["two words"]}, "bad_words"), ({"bad_words": [" "]}, "bad_words"),
+                         ({"allowed_token_ids": [5, 6]}, "allowed_token_ids"), ({"use_beam_search": True},
+                                                                                  "use_beam_search")]:
+        r = http.post("/v1/completions", json={**base, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
