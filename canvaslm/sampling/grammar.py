@@ -206,8 +206,12 @@ class _Parser:
                 if close is None or close.kind != "rpar":
                     self.lex.fail(tok.pos, "a group is not closed")
                 self.k += 1
+            elif tok.kind == "rep":  # a repetition with nothing before it to repeat
+                text = self.lex.text
+                end = text.index("}", tok.pos) + 1 if text[tok.pos] == "{" else tok.pos + 1
+                self.lex.fail(tok.pos, f"unexpected {text[tok.pos:end]!r}: a repetition needs an item before it")
             else:
-                self.lex.fail(tok.pos, f"unexpected {'::=' if tok.kind == 'assign' else tok.kind}")
+                self.lex.fail(tok.pos, "unexpected '::='")
             while self.peek() is not None and self.peek().kind == "rep":
                 node = ("rep", node, *self.peek().value)
                 self.k += 1
@@ -308,6 +312,9 @@ def GrammarConstraint(grammar: str, tokenizer, width: int, field: str = "guided_
     from .regex import RegexConstraint
 
     pattern = grammar_regex(grammar, max_depth)
+    if pattern == "":  # RegexConstraint would call the pattern empty
+        raise ConstraintError(f"{field}: the grammar matches only the empty string; constrained output needs "
+                              "at least one character")
     try:
         return RegexConstraint(pattern, tokenizer, width, field, compile_timeout)
     except ConstraintError as e:  # it would quote the (long) unrolled pattern: name the grammar instead

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, localcontext
 
 from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, output_eos
 from .json_any import json_dfa
@@ -74,6 +75,17 @@ def _type_ok(value, typ: str) -> bool:
     if typ == "number":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, _PY_TYPES[typ])
+
+
+def _finite(value) -> bool:
+    """Whether a JSON value holds no NaN / Infinity (which Python's json reads, and 1e400 becomes)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def _same(a, b) -> bool:
@@ -160,6 +172,10 @@ class _Compiler:
                 raise ConstraintError(f"json_schema: {key!r} is not supported (at {path})")
         if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
             raise ConstraintError(f"json_schema: 'enum' must be a non-empty list (at {path})")
+        for key in ("const", "enum"):
+            if key in schema and not _finite(schema[key]):
+                raise ConstraintError(f"json_schema: {key!r} holds a non-finite number (NaN or Infinity), which "
+                                      f"JSON cannot write (at {path})")
         return typ
 
     def choices(self, schema: dict, path: str, depth: int) -> list:
@@ -285,6 +301,8 @@ class _Compiler:
         if hi is not None and hi < lo:
             raise ConstraintError(f"json_schema: maxLength {hi} < minLength {lo} (at {path})")
         content = max(lo, self.opts.string_tokens if hi is None else min(hi, self.opts.string_tokens))
+        if hi is not None and hi >= content * self.longest:  # the slot never holds that many characters:
+            hi = None  # no bound (a large maxLength would only cost automaton states)
         self.text('"')
         self.check(content + 1)
         self.slot(content + 1, string_dfa(self.vocab, lo, hi))
@@ -317,24 +335,56 @@ class _Compiler:
         self._ranged(lo, hi, False, self.opts.number_tokens)
 
     def _ranged(self, lo, hi, integer: bool, width: int):
-        bounds = [b for b in (lo, hi) if b is not None]
-        texts = {b: json.dumps(b) for b in bounds}
-        for b, t in texts.items():
-            if not all(c in "-0123456789." for c in t):
-                raise ConstraintError(f"json_schema: bound {b} cannot be written without an exponent")
+        # exact decimals (2**60 + 1 > 2**60; 0.1 is 0.1), written out without an exponent (1e20 is 100...0)
+        lo = None if lo is None else Decimal(json.dumps(lo))
+        hi = None if hi is None else Decimal(json.dumps(hi))
+        fits = lambda b: b is None or len(self.vocab.encode(_text(b))) <= width  # noqa: E731
+        if not integer:  # a bound too long for the slot: fewer decimals, rounded inwards (still within it)
+            lo, hi = self.shortened(lo, width, ROUND_CEILING), self.shortened(hi, width, ROUND_FLOOR)
+        # A bound still too long is never reached when the slot only takes values with fewer integer digits:
+        # a maximum of 10**20 needs no clamp (nor a 21-token slot) when values have at most 20 digits.
+        digits = None
+        if not fits(hi) and hi >= 10 and (lo is None or lo < 10 ** (_int_digits(hi) - 1)):
+            digits, hi = _int_digits(hi) - 1, None
+        if not fits(lo) and lo <= -10 and (hi is None or hi > -10 ** (_int_digits(lo) - 1)):
+            digits, lo = min(d for d in (digits, _int_digits(lo) - 1) if d is not None), None
+        texts = {b: _text(b) for b in (lo, hi) if b is not None}
         width = max([width] + [len(self.vocab.encode(t)) for t in texts.values()])
-        dfa = number_dfa(self.vocab, integer, allow_minus=lo is None or lo < 0)
-        finish = _clamp(self.vocab, lo, hi, width, texts) if bounds else None
+        if digits is not None and digits >= width * self.longest:
+            digits = None  # the slot is full before it holds that many digits
+        dfa = number_dfa(self.vocab, integer, allow_minus=lo is None or lo < 0, max_digits=digits)
+        finish = _clamp(self.vocab, lo, hi, width, texts) if texts else None
         self.slot(width, dfa, finish)
+
+    def shortened(self, b, width: int, rounding):
+        """A decimal bound with as many of its decimals as fit in `width` tokens, rounded as asked."""
+        places = -b.as_tuple().exponent if b is not None else 0
+        with localcontext() as ctx:
+            ctx.prec = len(b.as_tuple().digits) + max(places, 0) + 2 if b is not None else 28  # quantize exactly
+            while places > 0 and len(self.vocab.encode(_text(b))) > width:
+                places -= 1
+                b = b.quantize(Decimal(1).scaleb(-places), rounding=rounding)
+        return b
+
+
+def _text(b: Decimal) -> str:
+    """A decimal bound as JSON (no exponent, no "-0")."""
+    return format(b if b else Decimal(0), "f")
+
+
+def _int_digits(b: Decimal) -> int:
+    """Digits of the integer part of a nonzero decimal's magnitude."""
+    return len(str(int(abs(b))))
 
 
 def _clamp(vocab: Vocab, lo, hi, width: int, texts: dict):
-    """Whole-slot repair: a value outside [lo, hi] becomes the nearest bound (padded with spaces)."""
+    """Whole-slot repair: a value outside [lo, hi] (decimals, compared exactly) becomes the nearest bound
+    (padded with spaces)."""
     if vocab.pad_id is None:
         raise ConstraintError("the tokenizer has no whitespace token to pad number slots with")
 
     def finish(ids: list) -> list:
-        value = float(vocab.text(ids).strip())
+        value = Decimal(vocab.text(ids).strip())
         bound = lo if lo is not None and value < lo else hi if hi is not None and value > hi else None
         if bound is None:
             return ids
@@ -387,8 +437,11 @@ class JsonSchemaConstraint(CanvasConstraint):
         return self.template_tokens() + sum(p[0] - 1 for p in self.pieces if isinstance(p, tuple) and p[2])
 
 
-def constraint_from_response_format(response_format: dict, tokenizer, max_tokens: int | None):
-    """OpenAI `response_format` -> a canvas constraint (json_schema or JSON mode), or None for {"type": "text"}."""
+def constraint_from_response_format(response_format: dict, tokenizer, max_tokens: int | None,
+                                    canvas_length: int | None = None):
+    """OpenAI `response_format` -> a canvas constraint (json_schema or JSON mode), or None for {"type": "text"}.
+    With canvas_length, a template that cannot be laid out on canvases that long (a whole-slot number wider
+    than one) is refused here, a ConstraintError, rather than when the engine first lays it out."""
     if not isinstance(response_format, dict):
         raise ConstraintError(f"response_format must be an object, got {type(response_format).__name__}")
     kind = response_format.get("type")
@@ -409,6 +462,8 @@ def constraint_from_response_format(response_format: dict, tokenizer, max_tokens
     if max_tokens is not None and need > max_tokens:
         raise ConstraintError(f"json_schema: the output template needs up to {need} tokens (EOS included), "
                               f"over max_tokens={max_tokens}")
+    if canvas_length is not None:
+        c.layout(canvas_length)
     return c
 
 

@@ -92,6 +92,9 @@ class RegexConstraint(PaddedSlotConstraint):
         eos = output_eos(tokenizer, field)
         self.pattern = pattern
         dfa = _token_automaton(Vocab.of(tokenizer), pattern, field, compile_timeout)
+        if bool(dfa.accept[dfa.start]) and not bool((dfa.trans[dfa.start] >= 0).any()):
+            raise ConstraintError(f"{field}: {pattern!r} matches only the empty string; constrained output needs "
+                                  "at least one character")
         super().__init__(dfa, width, eos, f"{field}: no match of {pattern!r} fits in {width} tokens (with EOS "
                                           "padding); raise max_tokens, or check that the pattern can match")
 

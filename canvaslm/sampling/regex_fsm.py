@@ -59,6 +59,101 @@ class CharFSM:
         return self.trans.get(state, {}).get(cls)
 
 
+_META = set(".^$*+?{}[]()|\\-")
+
+
+def _literal(cp: int) -> str:
+    """The code point as pattern text that matches just it (in or out of a class)."""
+    c = chr(cp)
+    return "\\" + c if c in _META else c
+
+
+def normalized(pattern: str) -> str:
+    """The pattern as `interegular` reads it: the whole output is one match, so anchors at the start (^, \\A)
+    and end ($, \\Z) of the pattern or of a top-level alternative are dropped (xgrammar ignores them too);
+    \\uXXXX and \\UXXXXXXXX become the character. Anchors anywhere else raise RegexCompileError."""
+    out, i, depth, in_class = [], 0, 0, False
+
+    def branch_end():
+        # drop a trailing $ / \Z of the top-level branch that ends here
+        for tail in ("$", "\\Z"):
+            if out and out[-1] == tail:
+                out.pop()
+                return
+
+    at_start = True  # at the start of a top-level branch (anchors there are dropped)
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            e = pattern[i + 1]
+            if e in "uU":
+                n = 4 if e == "u" else 8
+                digits = pattern[i + 2:i + 2 + n]
+                if len(digits) != n or not all(d in "0123456789abcdefABCDEF" for d in digits):
+                    raise RegexCompileError(f"\\{e} needs {n} hex digits (at {i})")
+                cp = int(digits, 16)
+                if cp > 0x10FFFF:
+                    raise RegexCompileError(f"\\{e}{digits} is not a Unicode code point")
+                out.append(_literal(cp))
+                i += 2 + n
+            elif e in "AZ" and not in_class:
+                if not (e == "A" and at_start) and not (e == "Z" and _top_end(pattern, i + 2, depth)):
+                    raise RegexCompileError(f"the anchor \\{e} is only supported at the start (\\A) or end (\\Z) of "
+                                            "the pattern: the whole output is matched")
+                if e == "Z":
+                    out.append("\\Z")
+                i += 2
+            else:
+                out.append(c + e)
+                i += 2
+            at_start = False
+            continue
+        if in_class:
+            in_class = c != "]"
+            out.append(c)
+        elif c == "[":
+            in_class = True
+            out.append(c)
+            if i + 1 < len(pattern) and pattern[i + 1] == "^":
+                out.append("^")
+                i += 1
+            if i + 1 < len(pattern) and pattern[i + 1] == "]":  # a leading ] is a literal
+                out.append("\\]")
+                i += 1
+        elif c == "^":
+            if not at_start:
+                raise RegexCompileError("the anchor ^ is only supported at the start of the pattern (or of a top-level "
+                                        "alternative): the whole output is matched")
+            i += 1
+            continue
+        elif c == "$":
+            if not _top_end(pattern, i + 1, depth):
+                raise RegexCompileError("the anchor $ is only supported at the end of the pattern (or of a top-level "
+                                        "alternative): the whole output is matched")
+            out.append("$")
+        else:
+            if c == "(":
+                depth += 1
+            elif c == ")":
+                depth = max(0, depth - 1)
+            elif c == "|" and depth == 0:
+                branch_end()
+                out.append(c)
+                i += 1
+                at_start = True
+                continue
+            out.append(c)
+        at_start = False
+        i += 1
+    branch_end()
+    return "".join(out)
+
+
+def _top_end(pattern: str, j: int, depth: int) -> bool:
+    """Whether position j ends a top-level branch (the pattern's end, or a '|' outside any group)."""
+    return depth == 0 and (j == len(pattern) or pattern[j] == "|")
+
+
 def char_fsm(pattern: str) -> CharFSM:
     """Compile in this process (no deadline); raises RegexCompileError naming the problem."""
     try:
@@ -68,11 +163,18 @@ def char_fsm(pattern: str) -> CharFSM:
     except ImportError:  # pragma: no cover - a dependency of the package
         raise RegexCompileError("the 'interegular' package is needed for regex output") from None
     patterns._CHAR_GROUPS.update(s=patterns._CharGroup(WHITESPACE, False), S=patterns._CharGroup(WHITESPACE, True))
-    for m in re.finditer(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}", pattern):
+    try:
+        source = normalized(pattern)
+    except RegexCompileError as e:
+        raise RegexCompileError(f"cannot compile {pattern!r}: {e}") from None
+    for m in re.finditer(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}", source):
         if max(int(n) for n in m.groups() if n) > MAX_REPEAT:
             raise RegexCompileError(f"repetition {m.group(0)} is over the limit of {MAX_REPEAT}")
+        if m.group(2) and int(m.group(2)) < int(m.group(1)):
+            raise RegexCompileError(f"cannot compile {pattern!r}: repetition {m.group(0)} has its minimum repeat "
+                                    "greater than its maximum")
     try:
-        parsed = interegular.parse_pattern(pattern)
+        parsed = interegular.parse_pattern(source)
         if _has_lookaround(parsed, patterns._NonCapturing):
             raise RegexCompileError(f"cannot compile {pattern!r} to an automaton: lookarounds ((?=...), (?!...), "
                                     "(?<=...), (?<!...)) are not supported")

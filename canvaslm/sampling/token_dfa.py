@@ -218,17 +218,22 @@ def _num_class(c: str):
     return " " if c in JSON_WS else None
 
 
-def number_dfa(vocab: Vocab, integer: bool, allow_minus: bool) -> TokenDFA:
-    """-?(0|[1-9][0-9]*)(.[0-9]+)? (no fraction when integer), then JSON whitespace."""
+def number_dfa(vocab: Vocab, integer: bool, allow_minus: bool, max_digits: int | None = None) -> TokenDFA:
+    """-?(0|[1-9][0-9]*)(.[0-9]+)? (no fraction when integer), then JSON whitespace; with max_digits, at
+    most that many digits before the point (values stay under 10**max_digits in magnitude)."""
     digit = {"0", "1"}
 
     def step(s, c):
         if s == "start" and c == "-" and allow_minus:
             return "minus"
         if s in ("start", "minus") and c in digit:
-            return "zero" if c == "0" else "int"
+            return "zero" if c == "0" else ("int" if max_digits is None else ("int", 1))
         if s == "int" and c in digit:
             return "int"
+        if isinstance(s, tuple) and c in digit:
+            return ("int", s[1] + 1) if s[1] < max_digits else None
+        if isinstance(s, tuple):
+            s = "int"
         if s in ("zero", "int") and c == "." and not integer:
             return "dot"
         if s in ("dot", "frac") and c in digit:
@@ -237,8 +242,8 @@ def number_dfa(vocab: Vocab, integer: bool, allow_minus: bool) -> TokenDFA:
             return "pad"
         return None
 
-    return char_dfa(vocab, ("number", integer, allow_minus), _num_class, "start", step,
-                    lambda s: s in ("zero", "int", "frac", "pad"))
+    return char_dfa(vocab, ("number", integer, allow_minus, max_digits), _num_class, "start", step,
+                    lambda s: isinstance(s, tuple) or s in ("zero", "int", "frac", "pad"))
 
 
 def _str_class(c: str):

@@ -45,14 +45,22 @@ def declared_functions(tools, field: str = "tools") -> list:
     return out
 
 
-def call_constraint(tools, tool_choice, tokenizer, field: str = "tools"):
+def call_constraint(tools, tool_choice, tokenizer, field: str = "tools", canvas_length: int | None = None):
     """(constraint, forced function name or None) for a reply that must be a call: tool_choice "required"
     (the model picks among several functions; with one, it is forced) or {"type": "function",
     "function": {"name": ...}}. A forced call's output is its arguments; a picked one's is
-    `{"name": ..., "arguments": ...}` (`call_arguments` reads both)."""
+    `{"name": ..., "arguments": ...}` (`call_arguments` reads both). With canvas_length, arguments that
+    cannot be laid out on canvases that long are refused here (a ConstraintError naming the function)."""
     functions = declared_functions(tools, field)
     if tool_choice == "required" and len(functions) > 1:
-        return ToolChoiceConstraint(functions, tokenizer, field), None
+        c = ToolChoiceConstraint(functions, tokenizer, field)
+        if canvas_length is not None:
+            for i, args in enumerate(c.arguments):
+                try:
+                    args.layout(canvas_length)
+                except ConstraintError as e:
+                    raise ConstraintError(f"{field}[{i}].function.parameters: {e}") from None
+        return c, None
     if tool_choice == "required":
         index = 0
     else:
@@ -62,7 +70,10 @@ def call_constraint(tools, tool_choice, tokenizer, field: str = "tools"):
             raise ConstraintError(f"tool_choice must be 'required' or name one of {names}, got {tool_choice!r}")
         index = names.index(name)
     try:
-        return JsonSchemaConstraint(functions[index][1], tokenizer), functions[index][0]
+        c = JsonSchemaConstraint(functions[index][1], tokenizer)
+        if canvas_length is not None:
+            c.layout(canvas_length)
+        return c, functions[index][0]
     except ConstraintError as e:
         raise ConstraintError(f"{field}[{index}].function.parameters: {e}") from None
 
