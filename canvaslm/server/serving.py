@@ -644,10 +644,12 @@ def _tool_constraint(state: ServerState, body, max_tokens):
     need_tokenizer(state, "tools")
     choice = body.tool_choice if isinstance(body.tool_choice, str) else body.tool_choice.model_dump()
     try:
-        c, _ = call_constraint([t.model_dump(exclude_none=True) for t in body.tools], choice, state.tokenizer)
+        c, _ = call_constraint([t.model_dump(exclude_none=True) for t in body.tools], choice, state.tokenizer,
+                               canvas_length=state.canvas_length)
+        need = c.max_template_tokens() if isinstance(c, JsonSchemaConstraint) else \
+            c.min_new_tokens(state.canvas_length)
     except ValueError as e:  # ConstraintError is a ValueError; its message names the field
         raise APIError(400, str(e), "tools") from None
-    need = c.max_template_tokens() if isinstance(c, JsonSchemaConstraint) else c.min_new_tokens(state.canvas_length)
     if max_tokens is not None and need > max_tokens:
         raise APIError(400, f"tools: the call needs up to {need} tokens (EOS included), over max_tokens={max_tokens}",
                        "tools")
@@ -673,7 +675,7 @@ def _json_constraint(state: ServerState, schema: dict, max_tokens, field: str, p
     need_tokenizer(state, field)
     try:
         return constraint_from_response_format({"type": "json_schema", "json_schema": {"schema": schema}},
-                                               state.tokenizer, max_tokens)
+                                               state.tokenizer, max_tokens, canvas_length=state.canvas_length)
     except ValueError as e:  # ConstraintError is a ValueError
         raise APIError(400, f"{field}: {e}", param) from None
 

@@ -178,3 +178,16 @@ def test_messages(server):
     body = '{"model": "tiny", "prompt": "hi", "guided_json": {"const": NaN}}'
     r = server.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "'const' holds a non-finite number" in r.json()["error"]["message"]
+
+
+def test_a_bound_written_in_full_too_wide_for_a_canvas_is_a_400(server):
+    """A lower bound far from zero must be written in full: wider than a canvas it is a 400 naming the field (it was
+    a 500 from the engine's mask step)."""
+    wide = {"type": "integer", "minimum": 10**20}
+    r = server.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "response_format": _rf(wide)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": wide}}}}]
+    r = server.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                  "tools": tools, "tool_choice": "required", "max_tokens": 64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
