@@ -391,7 +391,8 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
         state, body, content=text, ids=middle, prompt_ids=ids,
         stop_type="word" if word else "limit" if indented else "eos", stopping_word=word,
         cached=min(c.cached_tokens for c in cands), prompt_s=max(c.prompt_seconds for c in cands), total_s=total,
-        truncated=truncated, params=chosen.params, seed=chosen.seed))
+        truncated=truncated, params=chosen.params,
+        seed=chosen.seed if oa.seed is None else oa.seed))  # the request's seed replays the reply (candidates offset it)
 
 
 __all__ = ["LlamaCompletionRequest", "LlamaInfillRequest", "completion", "infill", "props", "cut_indent",
