@@ -214,7 +214,9 @@ def test_infill_equals_v1_completions_with_suffix(server):
     assert out["content"] == ref.choices[0].text and out["stop_type"] == "eos" and out["truncated"] is False
     assert out["tokens_predicted"] == ref.usage.completion_tokens
     assert out["prompt"] == prompt  # the char tokenizer adds no special token
-    assert out["generation_settings"]["seed"] == INFILL["seed"]  # the request's (as llama-server), not a candidate's
+    for seed in range(6):  # the request's seed (as llama-server reports it), not the chosen candidate's
+        assert post(server, "/infill", dict(INFILL, seed=seed, n_predict=12)).json()["generation_settings"]["seed"] \
+            == seed
     # the fields llama.vim asks for, flattened
     fields = ["content", "timings/prompt_n", "timings/predicted_ms", "truncated", "tokens_cached"]
     again = post(server, "/infill", dict(INFILL, response_fields=fields)).json()
