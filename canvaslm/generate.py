@@ -23,7 +23,8 @@ from .kv_cache import KVCache
 from .multimodal import encoder_images
 from .sampling import logit_bias
 from .sampling.penalties import penalty_state
-from .sampling.samplers import CanvasState, SamplerParams, checked_impl, entropy_bound_step, randint
+from .sampling.samplers import (CanvasState, SamplerParams, ban_unsampleable, checked_impl, entropy_bound_step, randint,
+                                sampleable_vocab)
 from .sampling.stopping import new_history
 
 
@@ -112,6 +113,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
     cfg = model.cfg
     device = model.embed_weight.device
     C, V, B = cfg.canvas_length, cfg.vocab_size, len(rows)
+    sampleable = sampleable_vocab(model)  # None: every id (samplers.set_sampleable_vocab)
     for r in rows:
         check_request(r.prompt_ids, r.params.max_new_tokens, V, cfg.max_position_embeddings, C)
     n_canvases = max(math.ceil(r.params.max_new_tokens / C) for r in rows)
@@ -184,6 +186,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
                     penalties[b].apply(logits[j], st.argmax[b] if step else None)
                 if thoughts[b] is not None:
                     thoughts[b].apply(logits[j], k * C)
+            ban_unsampleable(logits, sampleable)  # padded embedding rows past the tokenizer's ids
             new = entropy_bound_step(logits, sub, sub_sp, sub_gens, V, logit_mask=sub_mask, pinned=sub_pinned,
                                      impl=sampler_impl)
             del logits

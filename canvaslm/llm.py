@@ -20,7 +20,7 @@ from .hub import resolve_model
 from .kernels.philox import seeded_generator
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 from .sampling.constraints import PinnedConstraint
-from .sampling.samplers import checked_impl
+from .sampling.samplers import checked_impl, set_sampleable_vocab
 from .sampling.thinking import (ThinkingBudget, answer_room, answer_seed, answer_time, closed_thought, thought_reserve,
                                 thought_room)
 
@@ -207,6 +207,7 @@ class LLM:
         if (self.model_dir / "tokenizer.json").exists():
             from .tokenizer import Tokenizer
             self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        set_sampleable_vocab(self.model, self.tokenizer)  # padded embedding rows are never sampled
         self.loras = _install(self.model, adapters, self.max_batch)
 
     @classmethod
@@ -221,6 +222,8 @@ class LLM:
         llm.model_dir = "the in-memory model (LLM.from_model)"  # only error messages name it
         llm.device, llm.dtype = model.embed_weight.device, model.embed_weight.dtype
         llm.defaults, llm.tokenizer = defaults or DiffusionParams(), tokenizer
+        if tokenizer is not None:  # outputs stay within its ids (padded embedding rows are never sampled)
+            set_sampleable_vocab(model, tokenizer)
         llm.loras = _install(model, _adapters(lora_modules), llm.max_batch)
         return llm
 
@@ -627,7 +630,9 @@ class LLM:
         return res, content
 
     def infill(self, prefix: str, suffix: str, params: SamplingParams | None = None, gaps=None):
-        """Generate the text between prefix and suffix (see canvaslm.infill). -> InfillResult."""
+        """Generate the text between prefix and suffix (see canvaslm.infill). gaps: the middle lengths (tokens) to
+        try, a list or one int (default: powers of two up to what max_new_tokens leaves). With max_time, every
+        candidate (middle, suffix, EOS) must fit one canvas. -> InfillResult."""
         from .infill import infill
         return infill(self, prefix, suffix, params, gaps)
 

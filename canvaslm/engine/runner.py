@@ -42,7 +42,8 @@ from ..multimodal import encoder_images
 from ..sampling import logit_bias as bias_lib
 from ..sampling.penalties import PenaltyState, penalty_state
 from ..sampling.thinking import ThinkingBudget, ThoughtTracker
-from ..sampling.samplers import CanvasState, SamplerParams, checked_impl, entropy_bound_step, randint
+from ..sampling.samplers import (CanvasState, SamplerParams, ban_unsampleable, checked_impl, entropy_bound_step,
+                                 randint, sampleable_vocab)
 from .scheduler import EncodeItem, StepPlan, StepResult
 
 log = logging.getLogger("canvaslm.engine")
@@ -409,6 +410,7 @@ class Runner:
                 r.penalty.apply(logits[b], self.argmax[item.slot] if item.denoise_step else None)
             if r.thought is not None:
                 r.thought.apply(logits[b], item.canvas_index * C)
+        ban_unsampleable(logits, sampleable_vocab(self.model))  # padded embedding rows past the tokenizer's ids
 
         sp = SamplerParams.build([r.params for r in reqs], self.device)
         st = CanvasState(canvas, self.argmax.index_select(0, slots), None,

@@ -35,6 +35,29 @@ def randint(vocab: int, batch: int, length: int, gens, device, active=None) -> t
                     lambda b, g: torch.randint(0, vocab, (1, length), generator=g, device=device), 0, device)
 
 
+def sampleable_vocab(model) -> int | None:
+    """The ids a model's outputs may take, [0, n): `model.sampleable_vocab` (set by `set_sampleable_vocab` from
+    the tokenizer), or None when every id of its vocabulary may be sampled."""
+    n = getattr(model, "sampleable_vocab", None)
+    return n if n is not None and n < model.cfg.vocab_size else None
+
+
+def set_sampleable_vocab(model, tokenizer) -> None:
+    """Outputs of `model` stay within `tokenizer`'s ids: a checkpoint whose embedding has padded rows past the
+    tokenizer's vocabulary (as Gemma-style checkpoints do) never samples those ids, which decode to nothing.
+    No tokenizer (token ids in and out), or one covering the whole vocabulary: every id may be sampled."""
+    n = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+    model.sampleable_vocab = n if n is not None and 0 < n < model.cfg.vocab_size else None
+
+
+def ban_unsampleable(logits: torch.Tensor, sampleable: int | None) -> torch.Tensor:
+    """logits [..., V] with the ids >= `sampleable` at -inf, in place (never the argmax or a sample); as they
+    are when `sampleable` is None, so a model whose tokenizer covers its vocabulary samples bit for bit as before."""
+    if sampleable is not None and sampleable < logits.shape[-1]:
+        logits[..., sampleable:] = float("-inf")
+    return logits
+
+
 def categorical(probs: torch.Tensor, gens, active=None) -> torch.Tensor:
     """One sample per position from probs [B, C, V]."""
     B, C, V = probs.shape

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..checkpoint import default_dtype, load_model, parse_dtype
 from ..config import DiffusionParams, checked_eos_ids
 from ..engine.engine import Engine, EngineConfig
+from ..sampling.samplers import set_sampleable_vocab
 from .app import build_app
 from .serving import ServerState
 
@@ -60,6 +61,8 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
     from ..multimodal import Vision
 
     cfg = model.cfg
+    if tokenizer is not None:  # outputs stay within its ids (padded embedding rows are never sampled)
+        set_sampleable_vocab(model, tokenizer)
     if not regex_timeout > 0:
         raise ValueError(f"regex_timeout must be > 0 seconds, got {regex_timeout}")
     config = config or EngineConfig(max_model_len=None)  # the model's whole context where memory allows
