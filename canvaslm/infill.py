@@ -5,7 +5,9 @@ after a gap of g free positions, followed by a pinned EOS. The middle's length i
 gap lengths are tried as rows of one batch (one generation pass), and the candidate whose
 middle + suffix the model finds most likely wins: the mean per-token log-probability under the
 encoder's causal (autoregressive) pass, one batched encoder call. Free middle positions never take
-EOS, padding or other special tokens, so the output always reads prefix + middle + suffix.
+EOS, padding or other special tokens, so the output always reads prefix + middle + suffix. With a latency
+budget (max_time), a candidate the budget ends inside its middle is left out (not scored, not returned); the
+first canvas is always committed, so the shortest middle must fit one canvas (else the call is refused).
 
 Region editing is infilling with prefix = text[:start] and suffix = text[end:]; by default the new span
 keeps the old span's token count (pass `gaps` to let it grow or shrink).
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generate import GenerationError, RowRequest, generate_rows
+from .generate import GenerationError, RowRequest, check_in_vocab, generate_rows
 from .lora_serving import with_adapter
 from .scoring import score_continuations  # noqa: F401 - re-exported: infill picks middles by it
 from .sampling.constraints import PinnedConstraint
@@ -33,7 +35,7 @@ class InfillResult:
     text: str  # prefix + middle + suffix
     middle_ids: list
     gap: int  # tokens in the chosen middle
-    scores: dict  # gap -> mean log-prob per token of middle + suffix (higher is better)
+    scores: dict  # gap -> mean log-prob per token of middle + suffix (higher is better; middles max_time cut: none)
     decoder_passes: int  # over all candidates
 
 
@@ -50,17 +52,24 @@ def default_gaps(max_middle: int) -> tuple:
 
 
 def checked_gaps(gaps, max_new_tokens: int, n_suffix: int, budget_given: bool = True) -> list:
-    """The gap lengths to try: `gaps` (validated) or `default_gaps` of what the token budget leaves. Every
-    candidate (middle, suffix, EOS) must fit max_new_tokens when the caller gave it (`budget_given`)."""
+    """The gap lengths to try: `gaps` (validated: an iterable of non-negative ints, or one int for a single gap) or
+    `default_gaps` of what the token budget leaves. Every candidate (middle, suffix, EOS) must fit
+    max_new_tokens when the caller gave it (`budget_given`)."""
     need = n_suffix + 1  # the suffix and its EOS
+    if isinstance(gaps, int) and not isinstance(gaps, bool):  # one gap length
+        gaps = (gaps,)
+    elif gaps is not None and (isinstance(gaps, (str, bytes)) or not hasattr(gaps, "__iter__")):
+        raise GenerationError(f"infill: gaps must be a list of non-negative integers (middle lengths in tokens) or "
+                              f"one such integer, got {type(gaps).__name__} {gaps!r}")
     if gaps is None:
         if max_new_tokens - need < 1:
             raise GenerationError(f"infill: max_new_tokens={max_new_tokens} leaves no room for a middle: the suffix "
                                   f"and its EOS take {need} tokens (raise it to at least {need + 1})")
         gaps = default_gaps(max_new_tokens - need)
-    gaps = sorted(set(gaps))
+    gaps = list(gaps)
     if not gaps or any(not isinstance(g, int) or isinstance(g, bool) or g < 0 for g in gaps):
         raise GenerationError(f"infill: gaps must be non-negative integers, got {gaps}")
+    gaps = sorted(set(gaps))
     if budget_given and gaps[-1] + need > max_new_tokens:
         raise GenerationError(f"infill: a middle of {gaps[-1]} tokens, the suffix and its EOS need {gaps[-1] + need} "
                               f"tokens, over max_new_tokens={max_new_tokens}")
@@ -76,6 +85,25 @@ def candidates(base, suffix_ids: list, gaps: list, eos_ids, pad_id: int, tokeniz
     banned = tuple(sorted(banned))
     return [(dataclasses.replace(base, max_new_tokens=g + len(suffix_ids) + 1),
              PinnedConstraint({g: list(suffix_ids) + [eos_ids[0]]}, ban_ids=banned, ban_until=g)) for g in gaps]
+
+
+def check_time_budget(max_time, gaps: list, canvas: int, error=GenerationError):
+    """`error` naming max_time when a latency budget is set and even the shortest middle is longer than a canvas.
+    A spent budget ends a candidate with the canvas in progress: one whose middle lies within the canvases
+    committed by then keeps it whole (the suffix after it is pinned: it reads as given), a longer one is cut and
+    left out (`whole`); the first canvas is always committed, so a middle within it always comes back (as pins
+    with max_time are refused past one canvas)."""
+    if max_time is not None and min(gaps) > canvas:
+        raise error(f"infill: max_time needs a middle length within one canvas of {canvas} tokens, but the shortest "
+                    f"asked for is {min(gaps)}: a spent budget would end every candidate inside its middle. Add a "
+                    "shorter middle length (gaps) or drop max_time")
+
+
+def whole(lengths: list, gaps: list) -> list:
+    """Indices of the candidates whose committed output (`lengths` tokens) holds all of their middle (`gaps`):
+    a spent max_time ends a candidate with the canvas in progress, and one that ended inside its middle holds a
+    cut middle that would read as complete before the suffix, so it is not scored or returned."""
+    return [i for i, (n, g) in enumerate(zip(lengths, gaps)) if n >= g]
 
 
 def best(gaps: list, scores: list) -> int:
@@ -94,9 +122,13 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     if given:
         raise GenerationError(f"infill: SamplingParams.{given[0]} cannot be combined with infilling (the middle is "
                               "pinned between the prefix and the suffix)")
+    if not isinstance(suffix_ids, (list, tuple)):
+        raise GenerationError(f"infill: suffix ids must be a list of token ids, got {type(suffix_ids).__name__}")
+    check_in_vocab(list(suffix_ids), llm.cfg.vocab_size, "infill: suffix")
     base = sp.resolve(llm.defaults)
     eos = llm.eos_ids
     gaps = checked_gaps(gaps, base.max_new_tokens, len(suffix_ids), sp.max_new_tokens is not None)
+    check_time_budget(base.max_time, gaps, llm.cfg.canvas_length)
     try:
         bias = normalize_bias(sp.logit_bias, "SamplingParams.logit_bias", llm.cfg.vocab_size)
     except LogitBiasError as e:
@@ -107,11 +139,13 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
     gens = [llm._generator((seed + i) % 2**63) for i in range(len(rows))]  # as the server's candidates
     outs = generate_rows(llm.model, rows, gens, sampler_impl=llm.sampler_impl)
-    middles = [o.token_ids[:g] for o, g in zip(outs, gaps)]
+    passes = sum(o.decoder_passes for o in outs)
+    keep = whole([len(o.token_ids) for o in outs], gaps)  # all but middles a spent max_time cut (check_time_budget)
+    gaps, middles = [gaps[i] for i in keep], [outs[i].token_ids[:gaps[i]] for i in keep]
     scores = with_adapter(llm.model, lora,  # ranked by the model that wrote them
                           lambda m: score_continuations(m, prompt_ids, [mid + list(suffix_ids) for mid in middles]))
     i = best(gaps, scores)
-    return gaps[i], middles[i], dict(zip(gaps, scores)), sum(o.decoder_passes for o in outs)
+    return gaps[i], middles[i], dict(zip(gaps, scores)), passes
 
 
 def middle_text(tokenizer, prompt_ids: list, middle_ids: list) -> str:
@@ -123,6 +157,9 @@ def middle_text(tokenizer, prompt_ids: list, middle_ids: list) -> str:
 
 def infill(llm, prefix: str, suffix: str, params=None, gaps=None) -> InfillResult:
     """Generate the text between `prefix` and `suffix`."""
+    for name, v in (("prefix", prefix), ("suffix", suffix)):
+        if not isinstance(v, str):
+            raise GenerationError(f"infill: {name} must be a string (\"\" for none), got {type(v).__name__}")
     tok = llm.tokenizer
     if tok is None:
         raise GenerationError(f"{llm.model_dir} has no tokenizer.json: use infill_ids with token ids")
@@ -139,6 +176,8 @@ def infill(llm, prefix: str, suffix: str, params=None, gaps=None) -> InfillResul
 
 def edit(llm, text: str, start: int, end: int, params=None, gaps=None) -> InfillResult:
     """Regenerate text[start:end] with both sides as context; both sides come back unchanged."""
+    if not isinstance(text, str):
+        raise GenerationError(f"edit: text must be a string, got {type(text).__name__}")
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= len(text)):
         raise GenerationError(f"edit: span [{start}, {end}) must lie within the text (length {len(text)})")
     if llm.tokenizer is None:

@@ -9,8 +9,9 @@ choice's `text`. That call reads the prompt's KV from a candidate's freed slot w
 it (`serving.score_later`), so the prompt is not encoded a second time. Choice i of n draws its
 candidates from seeds `seed + i * len(gaps) + k` (choice 0 uses `LLM.infill`'s seeds; as for any
 request, the server's KV geometry can move the last bits). Each choice also reports `infill: {gap,
-scores}`. A stream sends each choice's text in one delta once it is chosen (there is nothing to show
-before the candidates are compared).
+scores}`. With max_time, a candidate its budget ended inside its middle is left out of both (the shortest
+middle, at most 2 tokens, lies in the first canvas, which is always committed). A stream sends each
+choice's text in one delta once it is chosen (there is nothing to show before the candidates are compared).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..engine.engine import GenerationRequest
-from ..infill import best, candidates, checked_gaps, middle_text
+from ..infill import best, candidates, check_time_budget, checked_gaps, middle_text, whole
 from .serving import (APIError, Choice, ServerState, TextTracker, bias_pairs, check_request_basics, context_error,
                       need_tokenizer, resolve_params, run_to_end, score_later)
 
@@ -63,7 +64,7 @@ class Group:
     suffix_ids: list
     gaps: list
     candidates: list  # [Choice]
-    scores: list | None = None  # per gap: mean log-prob of middle + suffix (after run_infill)
+    scores: list | None = None  # per gap: mean log-prob of middle + suffix (after run_infill; None: max_time cut it)
     best: int = 0  # the chosen candidate
     middle: list | None = None  # its middle's ids
 
@@ -91,6 +92,8 @@ def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[G
             raise context_error(state, f"The prompt ({len(ids)} tokens) and the suffix ({len(suffix_ids)} tokens) "
                                        "leave no room for a middle", "suffix")
         gaps = checked_gaps(None, max_middle + len(suffix_ids) + 1, len(suffix_ids))
+        check_time_budget(base.max_time, gaps, C,  # never with these gaps (the shortest is at most 2)
+                          lambda msg: APIError(400, msg.replace("infill: ", "suffix with ", 1), "max_time"))
         rows += len(gaps) * body.n
         if rows > MAX_ROWS:
             raise APIError(400, f"{len(prompts)} prompts x n={body.n} x {len(gaps)} middle lengths is over the limit "
@@ -115,12 +118,16 @@ async def run_infill(state: ServerState, body, prompts, request) -> list[Group]:
         c.index = i
     await run_to_end(state, flat, request)
     for g in groups:
-        middles = [c.tracker.ids[:gap] for c, gap in zip(g.candidates, g.gaps)]
+        keep = whole([len(c.tracker.ids) for c in g.candidates], g.gaps)  # middles a spent max_time cut are out
+        middles = [g.candidates[i].tracker.ids[:g.gaps[i]] for i in keep]
         conts = [m + g.suffix_ids for m in middles]
         fut = score_later(state, body.model, g.prompt_ids, conts)
-        g.scores = await asyncio.wrap_future(fut)
-        g.best = best(g.gaps, g.scores)
-        g.middle = middles[g.best]
+        scores = await asyncio.wrap_future(fut)
+        g.scores = [None] * len(g.gaps)
+        for i, sc in zip(keep, scores):
+            g.scores[i] = sc
+        j = best([g.gaps[i] for i in keep], scores)
+        g.best, g.middle = keep[j], middles[j]
     return groups
 
 
@@ -128,8 +135,8 @@ async def complete_infill(state: ServerState, body, prompts, request) -> dict:
     """The completion response for a request with `suffix` (after every candidate is generated and scored)."""
     groups = await run_infill(state, body, prompts, request)
     out = [{"index": g.index, "text": middle_text(state.tokenizer, g.prompt_ids, g.middle), "finish_reason": "stop",
-            "logprobs": None, "infill": {"gap": g.gaps[g.best], "scores": {str(gap): s for gap, s
-                                                                             in zip(g.gaps, g.scores)}}}
+            "logprobs": None, "infill": {"gap": g.gaps[g.best], "scores": {  # middles max_time cut: not scored
+                str(gap): s for gap, s in zip(g.gaps, g.scores) if s is not None}}}
            for g in groups]
     prompt_tokens, completion = sum(len(p) for p in prompts), sum(len(g.middle) for g in groups)
     return {"choices": out, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
