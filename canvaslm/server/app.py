@@ -465,6 +465,8 @@ async def _respond_infill(state: ServerState, body, prompts, request: Request):
     rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if include_usage and body.stream_options.continuous_usage_stats:
+            include_usage = "continuous"
         return StreamingResponse(stream_events(result, rid, created, state.reply_name(body.model), include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return {"id": rid, "object": "text_completion", "created": created, "model": state.reply_name(body.model), **result}
@@ -486,7 +488,8 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
         if echo:
             need_tokenizer(state, "echo")
         gen = _stream(state, choices, prompts, rid, created, state.reply_name(body.model), chat, include_usage,
-                      replies, top, echo, thoughts=chat and body.include_reasoning)
+                      replies, top, echo, thoughts=chat and body.include_reasoning,
+                      skip_special=body.skip_special_tokens)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)  # the trackers accumulate the text
@@ -537,7 +540,8 @@ async def _with_prompt_logprobs(state: ServerState, body, prompts, result: dict,
 
 
 async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, replies,
-                  top_logprobs: int | None = None, echo: bool = False, thoughts: bool = True):
+                  top_logprobs: int | None = None, echo: bool = False, thoughts: bool = True,
+                  skip_special: bool = True):
     """top_logprobs: `logprobs` (chat's, or completions' legacy object) with this many alternatives on the
     chunks, None for none: each chunk a commit produces carries the log-probs of the tokens committed
     since the last one that did."""
@@ -553,7 +557,8 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
 
         c = by_index[i]
         if not chat:  # legacy: parallel lists, offsets into the whole completion's text
-            full = await completion_logprobs(state, model, prompts[c.prompt_index], c.tracker.ids, top_logprobs)
+            full = await completion_logprobs(state, model, prompts[c.prompt_index], c.tracker.ids, top_logprobs,
+                                             skip_special)
             new, scored[i] = {k: v[scored[i]:] for k, v in full.items()}, len(full["tokens"])
             return new if new["tokens"] else None
         full = await chat_logprobs(state, model, prompts[c.prompt_index], c.tracker.ids, top_logprobs)

@@ -139,17 +139,24 @@ async def complete_infill(state: ServerState, body, prompts, request) -> dict:
                 str(gap): s for gap, s in zip(g.gaps, g.scores) if s is not None}}}
            for g in groups]
     prompt_tokens, completion = sum(len(p) for p in prompts), sum(len(g.middle) for g in groups)
+    cached = [0] * len(prompts)  # per prompt: the most any of its candidates reused (as serving.usage counts)
+    for g in groups:
+        p = g.index // body.n
+        cached[p] = max([cached[p]] + [c.cached_tokens for c in g.candidates])
     return {"choices": out, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                       "total_tokens": prompt_tokens + completion,
-                                      "decoder_passes": sum(c.decoder_passes for g in groups for c in g.candidates)}}
+                                      "decoder_passes": sum(c.decoder_passes for g in groups for c in g.candidates),
+                                      "prompt_tokens_details": {"cached_tokens": sum(cached)}}}
 
 
-def stream_events(response: dict, rid: str, created: int, model: str, include_usage: bool):
-    """SSE lines for a finished infill response: each choice's text in one delta, then its finish."""
+def stream_events(response: dict, rid: str, created: int, model: str, include_usage):
+    """SSE lines for a finished infill response: each choice's text in one delta, then its finish. include_usage:
+    True for the usage on a last line, "continuous" for it on every line too (all was generated before the first
+    line, so the totals are the usage so far)."""
     def line(choices, usage=None):
         data = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
         if include_usage:
-            data["usage"] = usage
+            data["usage"] = response["usage"] if include_usage == "continuous" else usage
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     for ch in response["choices"]:

@@ -184,10 +184,15 @@ async def _logprobs(state: ServerState, body: ResponsesRequest, prompt: list, c,
     top_logprobs; a thought's tokens left out), or None if not asked; none for a reply read as tool calls."""
     if not body.wants_logprobs():
         return None
-    from .scored import chat_logprobs
-
     if message.get("tool_calls"):
         return []
+    return await _content_logprobs(state, body, prompt, c)
+
+
+async def _content_logprobs(state: ServerState, body: ResponsesRequest, prompt: list, c) -> list:
+    """The log-prob entries of the choice's content tokens so far (a thought's left out)."""
+    from .scored import chat_logprobs
+
     need_tokenizer(state, "top_logprobs")
     entries = (await chat_logprobs(state, body.model, prompt, c.tracker.ids, body.top_logprobs or 0))["content"]
     return [entries[i] for i in c.tracker.content_positions() if i < len(entries)]  # a final EOS has none
@@ -292,6 +297,7 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                             part=part)
 
             text, started, late = "", False, ""  # late: a thought written after the answer began
+            scored = 0  # log-prob entries already sent on the deltas (a tool reply's are sent with the done events)
             async with contextlib.aclosing(run_choices(state, choices)) as events:
                 async for kind, _, payload in events:
                     if kind == "reasoning" and started:
@@ -311,8 +317,12 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                                 yield line
                             started = True
                         text += payload
+                        new = []
+                        if body.wants_logprobs() and not replies:  # each delta carries its own tokens' entries
+                            entries = await _content_logprobs(state, body, prompts[0], c)
+                            new, scored = entries[scored:], max(scored, len(entries))
                         yield event("response.output_text.delta", item_id=msg_id, output_index=len(items),
-                                    content_index=0, delta=payload, logprobs=[])
+                                    content_index=0, delta=payload, logprobs=new)
             if not started:
                 for line in (close_thought() if thought is not None else ()):
                     yield line
@@ -320,7 +330,7 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                     yield line
             k = len(items)
             message = reply_message(c, replies)
-            logprobs = await _logprobs(state, body, prompts[0], c, message)  # sent with the done events
+            logprobs = await _logprobs(state, body, prompts[0], c, message)  # all of them on the done events
             part = _text_part(text, logprobs)
             yield event("response.output_text.done", item_id=msg_id, output_index=k, content_index=0, text=text,
                         logprobs=logprobs or [])

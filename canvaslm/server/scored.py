@@ -20,7 +20,7 @@ import uuid
 
 from ..scoring import batch_token_logprobs
 from .serving import (APIError, ServerState, check_choice_count, check_prompt_only, check_request_basics,
-                      need_tokenizer, prepare, renamed, run_to_end, score_later)
+                      need_tokenizer, prepare, renamed, run_to_end, score_later, usage)
 
 
 async def complete_scored(state: ServerState, body, prompts: list[list[int]], request) -> dict:
@@ -29,7 +29,6 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
         check_prompt_only(state, body, prompts)
         outputs = [(p, [], "length", 0) for p in prompts for _ in range(body.n)]
         texts = [""] * len(outputs)
-        completion = 0
     else:
         choices = await asyncio.to_thread(prepare, state, body, prompts)
         await run_to_end(state, choices, request)
@@ -42,7 +41,6 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
         # the text is the tracker's, as without logprobs (stop strings applied, skip_special_tokens honoured);
         # the ids above only list the tokens
         texts = [c.tracker.text for c in choices]
-        completion = sum(len(c.tracker.ids) for c in choices)  # counted as every completion counts them
     top_k = body.logprobs or 0
     seqs = [list(prompt) + ids for prompt, ids, _, _ in outputs]
     scored = [None] * len(outputs)
@@ -62,7 +60,10 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
                                                   skip_special=body.skip_special_tokens,
                                                   prompt_len=len(prompt) if body.echo else 0)
         out.append(choice)
-    return _response(state, body, out, prompts, completion, sum(p for _, _, _, p in outputs))
+    use = usage(choices, prompts) if body.max_tokens != 0 else {
+        "prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0,
+        "total_tokens": sum(len(p) for p in prompts), "decoder_passes": 0, "prompt_tokens_details": {"cached_tokens": 0}}
+    return _response(state, body, out, use)
 
 
 async def complete_best_of(state: ServerState, body, prompts: list[list[int]], request) -> dict:
@@ -84,16 +85,13 @@ async def complete_best_of(state: ServerState, body, prompts: list[list[int]], r
         order = sorted(range(len(group)), key=lambda k: (-scores[k] if conts[k] else float("inf"), k))[:body.n]
         out += [{"index": len(out) + r, "text": group[k].tracker.text, "finish_reason": group[k].finish_reason,
                  "logprobs": None, "score": scores[k]} for r, k in enumerate(order)]
-    return _response(state, body, out, prompts, sum(len(c.tracker.ids) for c in choices),
-                     sum(c.decoder_passes for c in choices))
+    return _response(state, body, out, usage(choices, prompts))
 
 
-def _response(state: ServerState, body, choices: list, prompts: list, completion: int, passes: int) -> dict:
-    prompt_tokens = sum(len(p) for p in prompts)
+def _response(state: ServerState, body, choices: list, use: dict) -> dict:
+    """The completion reply; `use`: its usage, as serving.usage() gives every other reply's."""
     return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "model": state.reply_name(body.model),
-            "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion, "decoder_passes": passes}}
+            "choices": choices, "usage": use}
 
 
 async def chat_logprobs(state: ServerState, model: str, prompt: list, output_ids: list, top_k: int) -> dict:
@@ -121,13 +119,14 @@ async def chat_logprobs_many(state: ServerState, model: str, replies: list, top_
             for ids, (logprobs, tops) in zip(outs, scored)]
 
 
-async def completion_logprobs(state: ServerState, model: str, prompt: list, output_ids: list, top_k: int) -> dict:
+async def completion_logprobs(state: ServerState, model: str, prompt: list, output_ids: list, top_k: int,
+                              skip_special: bool = True) -> dict:
     """The legacy `logprobs` object of a completion's tokens so far (streamed completions send its new
-    entries with each chunk)."""
+    entries with each chunk); text_offset counts a special token's text unless `skip_special`."""
     fut = state.engine_call(model, lambda m: batch_token_logprobs(m, [list(prompt) + list(output_ids)],
                                                                   [len(prompt)], top_k))
     logprobs, tops = (await asyncio.wrap_future(fut))[0]
-    return _legacy_logprobs(state.tokenizer, list(output_ids), False, logprobs, tops, top_k)
+    return _legacy_logprobs(state.tokenizer, list(output_ids), False, logprobs, tops, top_k, skip_special=skip_special)
 
 
 async def prompt_logprobs(state: ServerState, model: str, prompts: list, top_k: int) -> list:

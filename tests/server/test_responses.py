@@ -104,6 +104,9 @@ def test_output_text_logprobs_equal_chat_logprobs(client):
                                           stream=True))
     done = next(e for e in events if e.type == "response.output_text.done")
     assert [(e.token, round(e.logprob, 4)) for e in done.logprobs] == [(e.token, round(e.logprob, 4)) for e in want]
+    deltas = [e for e in events if e.type == "response.output_text.delta"]  # each carries its own tokens' entries
+    assert [(x.token, round(x.logprob, 4)) for e in deltas for x in e.logprobs] == \
+        [(e.token, round(e.logprob, 4)) for e in want]
     assert not getattr(client.responses.create(**kw).output[0].content[0], "logprobs", None)
     with pytest.raises(BadRequestError) as e:
         client.responses.create(**kw, include=["file_search_call.results"])

@@ -74,3 +74,30 @@ def test_top_logprobs_hold_the_token_taken(client):
     lp = _choice(c, max_tokens=0, echo=True, logprobs=0)["logprobs"]
     assert lp["top_logprobs"][0] is None
     assert [list(top) for top in lp["top_logprobs"][1:]] == [[t] for t in lp["tokens"][1:]]
+
+
+def _events(c, **body):
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "ab", "seed": 1, "stream": True, **body})
+    assert r.status_code == 200, r.text
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+def test_streamed_logprobs_and_usage_equal_the_whole_replys(client):
+    """Streamed completions with logprobs and skip_special_tokens false give the same text_offset as the whole reply
+    (special tokens' text counted); scored and infill replies carry the usage every other reply has."""
+    c, _ = client
+    body = {"max_tokens": 17, "logprobs": 0, "skip_special_tokens": False,
+            "logit_bias": {str(START_OF_TURN): 8}}  # special tokens in the text
+    whole = _choice(c, **body)
+    assert "<start_of_turn>" in whole["text"]
+    events = _events(c, **body, stream_options={"include_usage": True})
+    offsets = [o for e in events if e["choices"] and e["choices"][0]["logprobs"]
+               for o in e["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == whole["logprobs"]["text_offset"]
+    streamed_usage = events[-1]["usage"]
+    for extra in ({"logprobs": 1}, {"logprobs": 1, "echo": True}, {"suffix": "yz", "max_tokens": 8}):
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "ab", "seed": 1, "max_tokens": 17, **extra})
+        assert set(r.json()["usage"]) >= set(streamed_usage) - {"completion_tokens_details"}, r.json()["usage"]
+    lines = _events(c, suffix="yz", max_tokens=8, stream_options={"include_usage": True,
+                                                                  "continuous_usage_stats": True})
+    assert all(e.get("usage") for e in lines), lines
