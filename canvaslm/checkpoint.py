@@ -3,7 +3,8 @@
 
 Loading builds the model on the meta device and assigns each tensor as it is read (converted to the
 target dtype one tensor at a time), so a checkpoint never needs twice its size in memory. Tied weights:
-the encoder shares the decoder's layers, norm and embeddings, and the LM head is the embedding matrix;
+the encoder shares the decoder's layers, norm and embeddings (all but its per-layer scalars and, with
+attention_bias, its own q/k/v/o_proj biases), and the LM head is the embedding matrix;
 the vision tower is not part of the text model: it is not loaded here, but the model remembers which file
 holds each of its tensors (`model.carried_tensors`), from which `multimodal.Vision` loads the tower on the
 first image (`model/vision.py`), and `save_model` copies them into what it writes, so a fine-tuned or
@@ -43,6 +44,9 @@ _CARRIED = re.compile(r"^model\.encoder\.(vision_tower|embed_vision)\.")
 # Files of a checkpoint that only its vision side reads (the image processor's); saves copy them too.
 CARRIED_FILES = ("processor_config.json", "preprocessor_config.json")
 _OPTIONAL = re.compile(r"layer_scalar$")  # buffers that default to 1 when absent
+# the encoder's own attention biases (attention_bias): canvaslm's exports before they were kept lack them,
+# and those models ran the encoder with the decoder's biases, which they then take
+_ENCODER_BIAS = re.compile(r"^model\.encoder\.language_model\.(layers\.\d+\.self_attn\.[qkvo]_proj\.bias)$")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,  # vLLM's `float`
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16}
@@ -236,6 +240,15 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
     for name in [m for m in missing if _OPTIONAL.search(m)]:
         _set_tensor(model, name, torch.ones(expected[name].shape, device=device, dtype=dtype))
         missing.remove(name)
+    shared = [m for m in missing if _ENCODER_BIAS.match(m)
+              and f"model.decoder.{_ENCODER_BIAS.match(m).group(1)}" in seen]
+    if shared:
+        log.warning("%s: no encoder attention biases (%s, ...): the encoder takes the decoder's, which is what "
+                    "the canvaslm exports that lack them ran with", model_dir, shared[0])
+    for name in shared:
+        dec = model.get_parameter(f"model.decoder.{_ENCODER_BIAS.match(name).group(1)}")
+        _set_tensor(model, name, dec.detach().clone())
+        missing.remove(name)
     problems += [f"{name}: missing from the checkpoint" for name in missing]
     if problems:
         shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
@@ -299,6 +312,10 @@ def build_random_model(cfg: ModelConfig, device="cpu", dtype="float32", seed: in
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 b.fill_(1.0)
+        for name, p in model.named_parameters():  # attention_bias: the encoder starts from the decoder's
+            m = _ENCODER_BIAS.match(name)
+            if m:
+                p.copy_(model.get_parameter(f"model.decoder.{m.group(1)}"))
     model.rotary = Rotary(cfg).to(device)
     return model.eval()
 

@@ -60,6 +60,7 @@ class RopeSpec:
     rope_type: str  # "default" | "proportional"
     theta: float
     partial_rotary_factor: float = 1.0
+    factor: float = 1.0  # proportional only: the inverse frequencies are divided by it (position scaling)
 
 
 @dataclass(frozen=True)
@@ -250,8 +251,20 @@ class ModelConfig:
                                   f"but the model has {n_layers} layers")
             if not isinstance(over, dict):
                 bad(where, over, "an object (head_dim, num_key_value_heads)")
+            other = sorted(str(k) for k in set(over) - {"head_dim", "num_key_value_heads"})
+            if other:
+                raise ConfigError(f"{source}: {where}.{other[0]} is not supported: a layer may override only "
+                                  "head_dim and num_key_value_heads (the rest is set for the whole model)")
             head_dims[i] = integer(f"{where}.head_dim", over.get("head_dim", head_dims[i]))
             kv_heads[i] = integer(f"{where}.num_key_value_heads", over.get("num_key_value_heads", kv_heads[i]))
+        for t in sorted(set(layer_types)):  # one RoPE table and cache layout per layer type, as transformers
+            layers = [i for i, lt in enumerate(layer_types) if lt == t]
+            for name, vals in (("head_dim", head_dims), ("num_key_value_heads", kv_heads)):
+                odd = next((i for i in layers if vals[i] != vals[layers[0]]), None)
+                if odd is not None:
+                    raise ConfigError(f"{source}: text_config.per_layer_config gives {t} layers different "
+                                      f"{name} (layer {layers[0]}: {vals[layers[0]]}, layer {odd}: {vals[odd]}); "
+                                      f"all layers of one type must share it")
         rope_raw = text.get("rope_parameters") or _DEFAULT_ROPE
         if not isinstance(rope_raw, dict):
             bad("text_config.rope_parameters", rope_raw, "an object mapping layer type to RoPE parameters")
@@ -275,7 +288,19 @@ class ModelConfig:
             if rtype == "default" and prf != 1:
                 bad(f"{where}.partial_rotary_factor", p.get("partial_rotary_factor"),
                     "1 with rope_type 'default' (only 'proportional' RoPE rotates part of each head)")
-            rope[t] = RopeSpec(rtype, theta, prf)
+            factor = 1.0
+            if rtype == "proportional":
+                factor = number(f"{where}.factor", p.get("factor", 1.0))
+                if not 0 < factor < math.inf:
+                    bad(f"{where}.factor", p.get("factor"), "a finite number > 0")
+            read = {"rope_type", "rope_theta", "partial_rotary_factor"}
+            if rtype == "proportional":
+                read.add("factor")
+            unread = sorted(set(p) - read)
+            if unread:  # what transformers' RoPE for this rope_type does not read either
+                log.warning("%s: %s: ignoring %s (rope_type %r reads only %s)", source, where, unread, rtype,
+                            sorted(read))
+            rope[t] = RopeSpec(rtype, theta, prf, factor)
         eos = text.get("eos_token_id", 1)
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         for e in eos:
@@ -341,7 +366,8 @@ class ModelConfig:
             "tie_word_embeddings": True,
             "rope_parameters": {t: {"rope_type": r.rope_type, "rope_theta": r.theta,
                                     **({"partial_rotary_factor": r.partial_rotary_factor}
-                                       if r.rope_type == "proportional" else {})}
+                                       if r.rope_type == "proportional" else {}),
+                                    **({"factor": r.factor} if r.factor != 1 else {})}
                                 for t, r in self.rope.items()},
         })
         if self.final_logit_softcapping != 30.0:
@@ -380,6 +406,12 @@ class DiffusionParams:
     # (a constraint spanning several canvases may then be left unfinished: the server refuses that).
     # Not read from generation_config.json.
     max_time: float | None = None
+    # generation_config.json's `max_length` when it gives no max_new_tokens of its own (or transformers'
+    # default 256, which transformers then overrides with it): a total, prompt + output, so a request that
+    # names no max_new_tokens gets max_length - its prompt's length in place of max_new_tokens
+    # (`for_prompt`, which LLM's requests go through); one that names it drops max_length (`replace`).
+    # None: max_new_tokens is the budget.
+    max_length: int | None = None
 
     def __post_init__(self):
         def bad(name, msg):
@@ -416,6 +448,8 @@ class DiffusionParams:
         if self.max_time is not None and (isinstance(self.max_time, bool) or not isinstance(self.max_time, (int, float))
                                           or not 0 < self.max_time < math.inf):
             bad("max_time", "must be a number of seconds > 0 (None: no limit)")
+        if self.max_length is not None and (not _is_int(self.max_length) or self.max_length <= 0):
+            bad("max_length", "must be a positive integer (prompt + output tokens; None: use max_new_tokens)")
         from .sampling.penalties import PenaltyError, Penalties
         try:
             Penalties(self.frequency_penalty, self.presence_penalty, self.repetition_penalty)
@@ -429,6 +463,10 @@ class DiffusionParams:
                   "confidence_threshold", "pad_token_id"):
             if d.get(k) is not None:
                 kw[k] = d[k]
+        # transformers: max_length (a total) decides unless max_new_tokens is set to other than its default 256
+        if d.get("max_length") is not None and kw.get("max_new_tokens", 256) == 256:
+            kw.pop("max_new_tokens", None)
+            kw["max_length"] = d["max_length"]
         sc = d.get("sampler_config")
         if sc is not None and not isinstance(sc, dict):
             raise ConfigError(f"{source}: sampler_config must be an object, got {sc!r}")
@@ -448,10 +486,28 @@ class DiffusionParams:
         return cls.from_dict(read_json(path), str(path)) if path.exists() else cls()
 
     def replace(self, **kw) -> "DiffusionParams":
-        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+        """A copy with the non-None values of kw; a max_new_tokens given drops max_length."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "max_new_tokens" in kw:
+            kw.setdefault("max_length", None)
+        return dataclasses.replace(self, **kw)
+
+    def for_prompt(self, prompt_len: int) -> "DiffusionParams":
+        """These parameters for a prompt of `prompt_len` tokens: max_length (prompt + output) made into
+        max_new_tokens = max_length - prompt_len, as transformers does; a ConfigError naming max_length when
+        the prompt leaves no room. Without max_length: self."""
+        if self.max_length is None:
+            return self
+        room = self.max_length - prompt_len
+        if room <= 0:
+            raise ConfigError(f"generation config max_length={self.max_length} (prompt + output) leaves no room "
+                              f"for output after a prompt of {prompt_len} tokens; set max_new_tokens")
+        return dataclasses.replace(self, max_new_tokens=room, max_length=None)
 
     def to_hf_dict(self) -> dict:
-        d = {"max_new_tokens": self.max_new_tokens, "max_denoising_steps": self.max_denoising_steps,
+        budget = {"max_length": self.max_length} if self.max_length is not None else \
+            {"max_new_tokens": self.max_new_tokens}
+        d = {**budget, "max_denoising_steps": self.max_denoising_steps,
              "sampler_config": {"entropy_bound": self.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"},
              "t_min": self.t_min, "t_max": self.t_max, "stability_threshold": self.stability_threshold,
              "confidence_threshold": self.confidence_threshold}

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import default_dtype, load_model, parse_dtype
-from .config import DiffusionParams, checked_eos_ids
+from .config import ConfigError, DiffusionParams, checked_eos_ids
 from .generate import GenerationError, RowRequest, batch_geometry, check_in_vocab, check_request, generate_rows
 from .hub import resolve_model
 from .kernels.philox import seeded_generator
@@ -307,6 +307,13 @@ class LLM:
 
     def _row(self, prompt, sp: SamplingParams) -> RowRequest:
         p, c = sp.resolve(self.defaults), sp.constraint
+        prepared = None
+        if p.max_length is not None:  # generation_config.json's max_length: a total, so the prompt counts
+            prepared = self.prompt_with_images(prompt)
+            try:
+                p = p.for_prompt(len(prepared[0]))
+            except ConfigError as e:
+                raise GenerationError(str(e)) from None
         given = [n for n in ("constraint", "json_schema", "json_object", "choice", "regex", "grammar")
                  if getattr(sp, n) not in (None, False)]
         if len(given) > 1:
@@ -354,7 +361,7 @@ class LLM:
                                   "the output ends)")
         # a constrained output writes no thought: its budget is met
         thinking = ThinkingBudget.for_tokenizer(sp.thinking_token_budget, self.tokenizer) if c is None else None
-        ids, images = self.prompt_with_images(prompt)
+        ids, images = prepared or self.prompt_with_images(prompt)
         return RowRequest(ids, p, eos, self.pad_id, c, bias, sp.min_tokens or 0, self._lora_id(sp.lora), images,
                           thinking)
 

@@ -3,7 +3,9 @@
 `encode(tokens, positions, slots, cache)` runs causally and writes the KV cache (prompt, chunks of a
 prompt, committed canvases). `denoise(canvas, slots, cache, sc_logits)` runs bidirectionally over a
 canvas, reads the cache and writes nothing. Parameter names follow the HF checkpoint
-(`model.decoder.layers.N...`), so weights load without renaming; encoder and decoder share the layers.
+(`model.decoder.layers.N...`), so weights load without renaming; encoder and decoder share the layers,
+except for what the encoder holds of its own (`model.encoder.language_model.layers.N`): a per-layer
+scalar and, with `attention_bias`, the q/k/v/o projection biases.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class Layer(nn.Module):
             setattr(self, name, RMSNorm(d, eps))
         self.register_buffer("layer_scalar", torch.ones(1))
 
-    def forward(self, h: torch.Tensor, rope: tuple, ctx: AttnContext, scalar: torch.Tensor) -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, ctx))
+    def forward(self, h: torch.Tensor, rope: tuple, ctx: AttnContext, scalar: torch.Tensor,
+                biases: nn.Module | None = None) -> torch.Tensor:
+        """biases: the encoder's own attention biases (EncoderAttentionBiases), used instead of the layer's."""
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, ctx, biases))
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         flat = h.reshape(-1, h.shape[-1])  # the router sees the residual stream, not the normed input
         weights, ids = self.router(flat)
@@ -69,20 +73,41 @@ class TextModel(nn.Module):
         self.self_conditioning = SelfConditioning(cfg)
 
 
-class _ScalarHolder(nn.Module):
-    def __init__(self):
+class _Bias(nn.Module):
+    """A projection's bias without its weight (the weight is the decoder's)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(n))
+
+
+class EncoderAttentionBiases(nn.Module):
+    """The encoder's own q/k/v/o_proj biases of one layer (attention_bias): transformers ties the encoder's
+    projection weights to the decoder's, not their biases, so a trained checkpoint holds two sets."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        heads, hd, kv = cfg.num_attention_heads, cfg.head_dims[layer], cfg.num_kv_heads[layer]
+        self.q_proj, self.k_proj, self.o_proj = _Bias(heads * hd), _Bias(kv * hd), _Bias(cfg.hidden_size)
+        self.v_proj = _Bias(kv * hd) if cfg.is_sliding(layer) else None  # full layers have no v_proj
+
+
+class _EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.register_buffer("layer_scalar", torch.ones(1))
+        if cfg.attention_bias:
+            self.self_attn = EncoderAttentionBiases(cfg, layer)
 
 
 class EncoderScalars(nn.Module):
-    """The encoder's own per-layer scalars (HF: `model.encoder.language_model.layers.N.layer_scalar`);
-    every other encoder weight is the decoder's."""
+    """What the encoder holds of its own (HF: `model.encoder.language_model.layers.N`): the per-layer
+    scalars, and with attention_bias the attention biases; every other encoder weight is the decoder's."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.language_model = nn.Module()
-        self.language_model.layers = nn.ModuleList(_ScalarHolder() for _ in range(cfg.num_layers))
+        self.language_model.layers = nn.ModuleList(_EncoderLayer(cfg, i) for i in range(cfg.num_layers))
 
 
 class _Model(nn.Module):
@@ -137,11 +162,11 @@ class DiffusionGemma(nn.Module):
         scale = torch.tensor(self.cfg.hidden_size ** 0.5).to(w.dtype)
         return (out * scale).view(*sc_logits.shape[:-1], -1)
 
-    def _run_layers(self, h, positions, ctx, scalars) -> torch.Tensor:
+    def _run_layers(self, h, positions, ctx, scalars, biases=None) -> torch.Tensor:
         rope = self.rotary(positions, h.dtype)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.text.layers):
-            args = (h, rope[self.cfg.layer_types[i]], ctx, scalars[i])
+            args = (h, rope[self.cfg.layer_types[i]], ctx, scalars[i]) + ((biases[i],) if biases else ())
             h = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return self.text.norm(h)
 
@@ -191,8 +216,10 @@ class DiffusionGemma(nn.Module):
             self.lora_serving.select(slots, "encode")
         blocks = self.image_blocks(image_mask) if image_mask is not None and self.cfg.bidirectional_vision else None
         ctx = AttnContext("encode", positions, slots, cache, old, write=write, upto=upto, blocks=blocks)
-        scalars = [m.layer_scalar for m in self.model.encoder.language_model.layers]
-        h = self._run_layers(self.embed_prompt(tokens, image_embeds, image_mask), positions, ctx, scalars)
+        own = self.model.encoder.language_model.layers
+        scalars = [m.layer_scalar for m in own]
+        biases = [m.self_attn for m in own] if self.cfg.attention_bias else None
+        h = self._run_layers(self.embed_prompt(tokens, image_embeds, image_mask), positions, ctx, scalars, biases)
         if cache is not None and write:
             cache.commit_positions(slots, positions)
         return h

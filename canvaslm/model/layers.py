@@ -33,12 +33,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies for one layer type; proportional RoPE pads the unrotated part with zeros."""
+    """Inverse frequencies for one layer type; proportional RoPE pads the unrotated part with zeros and
+    divides by its `factor`."""
     if spec.rope_type == "proportional":
         n_rot = int(spec.partial_rotary_factor * head_dim // 2)
         exps = torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / head_dim
         rotated = 1.0 / (spec.theta ** exps)
-        return torch.cat([rotated, torch.zeros(head_dim // 2 - n_rot)])
+        return torch.cat([rotated, torch.zeros(head_dim // 2 - n_rot)]) / spec.factor
     dim = int(head_dim * spec.partial_rotary_factor)
     return 1.0 / (spec.theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
 
@@ -136,12 +137,20 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple, ctx: AttnContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple, ctx: AttnContext, biases: nn.Module | None = None) -> torch.Tensor:
+        """biases: other q/k/v/o_proj biases to use with this layer's weights (the encoder's own, under
+        attention_bias: model.diffusion_gemma.EncoderAttentionBiases); None: the layer's."""
         B, T, _ = x.shape
         cos, sin = rope
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)), cos, sin)
-        k_raw = self.k_proj(x).view(B, T, -1, self.head_dim)
-        v = self.v_norm(self.v_proj(x).view(B, T, -1, self.head_dim) if self.v_proj is not None else k_raw)
+        if biases is None:
+            q, k_raw = self.q_proj(x), self.k_proj(x)
+            v = self.v_proj(x) if self.v_proj is not None else None
+        else:
+            q, k_raw = _with_bias(self.q_proj, x, biases.q_proj), _with_bias(self.k_proj, x, biases.k_proj)
+            v = _with_bias(self.v_proj, x, biases.v_proj) if self.v_proj is not None else None
+        q = apply_rope(self.q_norm(q.view(B, T, -1, self.head_dim)), cos, sin)
+        k_raw = k_raw.view(B, T, -1, self.head_dim)
+        v = self.v_norm(v.view(B, T, -1, self.head_dim) if v is not None else k_raw)
         k = apply_rope(self.k_norm(k_raw), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         cache = ctx.cache
@@ -155,7 +164,19 @@ class Attention(nn.Module):
                                              enable_gqa=self.num_kv != self.num_heads)
         if ctx.mode == "encode" and cache is not None and ctx.write:
             cache.write(self.layer, ctx.slots, ctx.q_pos, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(out) if biases is None else _with_bias(self.o_proj, out, biases.o_proj)
+
+
+def _with_bias(proj: nn.Module, x: torch.Tensor, own: nn.Module) -> torch.Tensor:
+    """proj(x) with `own.bias` in place of proj's bias. A plain linear is recomputed with it; a wrapped or
+    quantised one (LoRA, FP8, int4) runs as is and has its bias swapped by adding the difference."""
+    if type(proj) is nn.Linear:
+        return F.linear(x, proj.weight, own.bias)
+    base = proj
+    while getattr(base, "bias", None) is None and hasattr(base, "base"):  # LoRA wrappers hold the projection
+        base = base.base
+    return proj(x) + (own.bias - base.bias).to(x.dtype)
 
 
 class MLP(nn.Module):
