@@ -268,3 +268,31 @@ def test_max_length_is_read_written_and_dropped_as_transformers_reads_it():
     assert DiffusionParams().for_prompt(15) == DiffusionParams()
     with pytest.raises(ConfigError, match="max_length"):
         DiffusionParams.from_dict({"max_length": 0})
+
+
+def test_the_server_takes_max_length_as_llm_does(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from canvaslm.server.app import build_app
+    from canvaslm.server.launch import build_state
+
+    ck = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, ck)
+    gen = json.loads((ck / "generation_config.json").read_text())
+    gen.pop("max_new_tokens", None)
+    (ck / "generation_config.json").write_text(json.dumps({**gen, "max_length": 20}))
+    state = build_state(ck, "cpu", "float32", served_model_name="tiny")
+    try:
+        c = TestClient(build_app(state))
+        prompt = "abcdef"
+        n = len(state.tokenizer.encode(prompt))
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "seed": 0, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20 - n, r.text
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 30, "seed": 0})
+        assert r.status_code == 400 and "max_length" in r.json()["error"]["message"], r.text
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 30, "seed": 0, "max_tokens": 3})
+        assert r.status_code == 200
+    finally:
+        state.shutdown()

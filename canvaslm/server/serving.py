@@ -456,7 +456,11 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
         raise context_error(state, f"The prompt has {prompt_len} tokens, leaving no room for a canvas of {C} tokens",
                             "messages" if hasattr(body, "messages") else "prompt")
     if max_tokens is None:  # the checkpoint's default, or min_tokens when more (vLLM's default is the room left)
-        max_tokens = min(max(state.defaults.max_new_tokens, getattr(body, "min_tokens", 0) or 0), room)
+        try:  # a generation config's max_length (prompt + output) leaves max_length - prompt, as transformers
+            default = state.defaults.for_prompt(prompt_len).max_new_tokens
+        except ValueError as e:  # ConfigError: the prompt leaves no room under max_length
+            raise APIError(400, f"{e} (or send max_tokens)", field_name) from None
+        max_tokens = min(max(default, getattr(body, "min_tokens", 0) or 0), room)
         if constraint is not None and hasattr(constraint, "min_new_tokens"):
             max_tokens = max(max_tokens, constraint.min_new_tokens(C))
     need = prompt_len + -(-max_tokens // C) * C
