@@ -447,6 +447,8 @@ def add_parser(subparsers):
 def config_from_args(args) -> BenchConfig:
     from .checkpoint import check_device
 
+    if args.threads < 0:
+        raise ValueError(f"bench: --threads must be >= 0 (0: torch's choice), got {args.threads}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)  # a CheckpointError (a ValueError: `error: ...`, exit 2) naming a device we lack
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")

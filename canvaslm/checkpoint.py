@@ -80,8 +80,8 @@ def stored_dtype(model_dir: str | Path) -> str | None:
     when neither says."""
     model_dir = Path(model_dir)
     try:
-        raw = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: the loader names the file
         raw = {}
     for d in (raw, raw.get("text_config") or {}):
         for key in ("dtype", "torch_dtype"):

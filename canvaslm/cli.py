@@ -10,6 +10,8 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import re
 import sys
 
 # module path -> provides add_parser(subparsers); each sets `func` on its parser
@@ -17,11 +19,19 @@ SUBCOMMAND_MODULES = ("canvaslm.chat_cli", "canvaslm.server.cli", "canvaslm.benc
                       "canvaslm.recipes.sudoku.cli", "canvaslm.memory")
 
 
+def _temperature(value: float | None) -> float | None:
+    """--temperature 0 is near-greedy, as on the server (temperatures scale the schedule and must stay > 0)."""
+    from .sampling.schedules import GREEDY_TEMPERATURE
+
+    return GREEDY_TEMPERATURE if value == 0 else value
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+        ids = [int(t) for t in re.split(r"[,\s]+", text.strip()) if t != ""]  # "5 6" is two ids, not 56
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be integers separated by commas or spaces, got "
+                                         f"{text!r}") from None
     if not ids:
         raise argparse.ArgumentTypeError("--prompt-ids is empty")
     return ids
@@ -110,7 +120,7 @@ def _generate(args) -> int:
     from .sampling.cli_args import constraint_params, sampling_params
     extra = {**constraint_params(args, llm), **sampling_params(args)}
     params = SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, seed=args.seed,
-                            temperature=args.temperature, lora="lora" if args.lora else None, **extra)
+                            temperature=_temperature(args.temperature), lora="lora" if args.lora else None, **extra)
     if args.suffix is not None:
         if args.prompt is None:
             raise SystemExit("error: --suffix (infilling) needs --prompt text as the prefix")
@@ -158,7 +168,8 @@ def _quantize(args) -> int:
     check_output_dir(dst, src)  # not the source nor holding it, only a model's files, and writable
     dtype = args.dtype or stored_dtype(src) or "bfloat16"  # auto: as the source stores them
     model = load_model(src, device=args.device or "cpu", dtype=dtype, quantization=args.to, progress=True)
-    save_model(model, dst, DiffusionParams.from_dir(src), extra_files=tokenizer_files(src))
+    save_model(model, dst, DiffusionParams.from_dir(src), dtype=dtype,  # the vision tower too
+               extra_files=tokenizer_files(src))
     print(f"canvaslm: wrote {dst} ({args.to}, {weight_bytes(model) / 1e9:.2f} GB of weights); "
           f"load it as any checkpoint", flush=True)
     return 0
@@ -182,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=None, help="scales the temperature schedule")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="scales the temperature schedule; 0 is near-greedy (as on the server)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     add_lora_arg(g)
     from .sampling.cli_args import add_constraint_args, add_sampling_args
@@ -230,6 +242,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # our errors name the problem; no deep traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `canvaslm ... | head`: the reader left; no traceback, the shell's status
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ from ..generate import GenerationError
 from ..llm import SamplingParams
 from ..multimodal import ImageError, ImagePrompt
 from ..sampling import logit_bias
+from ..sampling.schedules import GREEDY_TEMPERATURE  # temperature=0 scales the schedule by this
 from ..sampling.thinking import (ThinkingBudget, answer_need, answer_room, answer_seed, answer_time, closed_thought,
                                  thought_reserve, thought_room)
 from .protocol import _Common
 from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
 
 DISCONNECT_CHECK_S = 1.0  # how often a non-streamed request looks whether its client is still there
-GREEDY_TEMPERATURE = 1e-3  # temperature=0 scales the schedule by this (temperatures must stay > 0)
 
 
 class APIError(Exception):

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from ..checkpoint import build_random_model, check_output_dir, load_model, save_model, write_dir_atomically
+from ..checkpoint import (build_random_model, check_output_dir, load_model, save_model, stored_dtype,
+                          write_dir_atomically)
 from ..config import ConfigError, DiffusionParams, ModelConfig
 from ..model.diffusion_gemma import DiffusionGemma
 from ..model.layers import Rotary
@@ -213,6 +214,7 @@ def export_checkpoint(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
         model, params = _adapted_from_state(src)
         return export_model(model, out_dir, params, src, dtype)
     model = load_model(src, dtype="float32")
+    dtype = dtype or stored_dtype(src)  # as trained (a bf16 checkpoint stays bf16, not twice its size in fp32)
     return save_model(model, out_dir, DiffusionParams.from_dir(src), dtype=dtype, extra_files=tokenizer_files(src))
 
 

@@ -30,6 +30,8 @@ def _export(args) -> int:
     from .checkpointing import export_adapter, export_checkpoint
 
     if args.adapter:
+        if args.dtype is not None:
+            raise ValueError("export: --dtype does not apply to --adapter (the adapter is written as trained)")
         out = export_adapter(args.checkpoint, args.out)
     else:
         out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
