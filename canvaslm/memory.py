@@ -130,6 +130,8 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
 
 
 def _model_config(args) -> ModelConfig:
+    if args.shape and args.model:
+        raise ValueError(f"memory: give a model ({args.model}) or --shape {args.shape}, not both")
     if args.shape:
         from .shapes import model_config
 
@@ -151,6 +153,9 @@ def _model_config(args) -> ModelConfig:
         return ModelConfig.from_dir(Path(path).parent)
     if not args.model:
         raise ValueError("name a checkpoint directory, a repo id or --shape 26b-a4b")
+    if args.revision is not None:  # as generate refuses it
+        raise ValueError(f"--revision {args.revision} applies to a Hugging Face repo id, and {args.model} is a "
+                         "local directory")
     return ModelConfig.from_dir(args.model)
 
 

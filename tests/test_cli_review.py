@@ -82,3 +82,10 @@ def test_a_closed_pipe_is_no_traceback(tmp_path):
                       "sys.exit(c.main(['memory', '--shape', 'tiny', '--gpu-memory', '80']))\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 141 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+
+
+def test_memory_refuses_arguments_it_would_drop(tiny_checkpoint, capsys):
+    assert main(["memory", str(tiny_checkpoint), "--shape", "26b-a4b", "--gpu-memory", "80"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["memory", str(tiny_checkpoint), "--revision", "v9", "--gpu-memory", "80"]) == 2
+    assert "--revision v9" in capsys.readouterr().err
