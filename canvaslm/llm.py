@@ -322,6 +322,9 @@ class LLM:
         if given and given[0] != "constraint" and self.tokenizer is None:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so {given[0]} is not available")
         # one-slot outputs (JSON mode, regex, grammar): all of max_new_tokens but the pinned EOS, or a default
+        if sp.max_new_tokens == 1 and given and given[0] in ("json_object", "regex", "grammar"):
+            raise GenerationError(f"SamplingParams.max_new_tokens=1 leaves no token for the {given[0]} output (its "
+                                  "last token is the EOS); give at least 2")
         slot = sp.max_new_tokens - 1 if sp.max_new_tokens and sp.max_new_tokens > 1 else None
         if sp.json_schema is not None:
             from .sampling.json_schema import JsonSchemaConstraint

@@ -89,3 +89,11 @@ def test_memory_refuses_arguments_it_would_drop(tiny_checkpoint, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["memory", str(tiny_checkpoint), "--revision", "v9", "--gpu-memory", "80"]) == 2
     assert "--revision v9" in capsys.readouterr().err
+
+
+def test_a_one_token_budget_for_a_one_slot_constraint_says_so(tiny_checkpoint, capsys):
+    base = ["generate", str(tiny_checkpoint), "--prompt", "hi", "--steps", "2", "--seed", "1"]
+    assert main([*base, "--regex", "abc", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens=1 leaves no token for the regex output" in err and "65" not in err, err
+    assert main([*base, "--regex", "abc", "--max-new-tokens", "4"]) == 0
