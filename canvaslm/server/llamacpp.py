@@ -26,7 +26,6 @@ llama.cpp-only knobs are accepted and ignored (a prompt is never cut for time); 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import time
 from typing import Any
@@ -213,22 +212,7 @@ LLAMA_PARAMS = {"max_tokens": "n_predict", "max_time": "t_max_predict_ms", "guid
 
 
 # named in other fields' errors too ("max_tokens=5000 is over it")
-_renamed = errors_named(LLAMA_PARAMS, in_text=("max_tokens", "guided_grammar", "guided_json"))
-
-
-def llama_names(route):
-    """errors_named in llama.cpp's terms, without the doubled prefix that renaming guided_json gives a
-    schema error ("guided_json: json_schema: ..." would read "json_schema: json_schema: ...")."""
-    named = _renamed(route)
-
-    @functools.wraps(route)
-    async def wrapped(*args, **kwargs):
-        try:
-            return await named(*args, **kwargs)
-        except APIError as e:
-            e.message = e.message.replace("json_schema: json_schema: ", "json_schema: ")
-            raise
-    return wrapped
+llama_names = errors_named(LLAMA_PARAMS, in_text=("max_tokens", "guided_grammar", "guided_json"))
 
 
 @llama_names

@@ -355,7 +355,9 @@ def validated(cls, fields: dict, param: str):
 
 def renamed(e: APIError, names: dict, in_text: tuple = ()) -> APIError:
     """`e` in another API's terms (`names`: the translated body's field -> that API's): its `param`, and in
-    its message the param's own name and those of `in_text` (fields other errors name too)."""
+    its message the param's own name and those of `in_text` (fields other errors name too). A name the
+    renaming doubles at the message's head ("guided_json: json_schema: ..." -> "json_schema: json_schema:")
+    is said once."""
     import re
 
     def word(c: str) -> bool:
@@ -365,6 +367,7 @@ def renamed(e: APIError, names: dict, in_text: tuple = ()) -> APIError:
         if e.param == ours or ours in in_text:
             pattern = (r"\b" if word(ours[:1]) else "") + re.escape(ours) + (r"\b" if word(ours[-1:]) else "")
             e.message = re.sub(pattern, lambda m: theirs, e.message)
+            e.message = re.sub(rf"^({re.escape(theirs)}: )\1+", lambda m: m.group(1), e.message)
     e.param = names.get(e.param, e.param)
     return e
 
