@@ -248,8 +248,7 @@ class TextTracker:
             return
         self.ids.extend(ids)
         self.content_ids = self._split(self.ids)
-        shown = self.content_ids[:-1] if self.content_ids[-1:] and self.content_ids[-1] in self.stop_ids \
-            else self.content_ids
+        shown = self.shown_ids()
         full = self._decode(shown)
         # a stop must end in the min_tokens-th output token or later (a thought's tokens count, as the EOS ban's)
         if self.stops and len(self.ids) >= self.min_tokens:
@@ -277,6 +276,15 @@ class TextTracker:
             text = self.thoughts.thought_text(split.thought)
             self.reasoning = text[len(self.prefill_thought):] if text.startswith(self.prefill_thought) else text
         return split.content if split.thought is not None and not split.closed else split.content + stop
+
+    def shown_ids(self) -> list[int]:
+        """The content ids the text shows: without the stop token (EOS, stop_token_ids) that ended the reply."""
+        ids = self.content_ids
+        return ids[:-1] if ids[-1:] and ids[-1] in self.stop_ids else ids
+
+    def held(self, text: str) -> str:
+        """`text` without an end that may be the start of a stop string (it may yet be cut there)."""
+        return text[:len(text) - max((_starting(text, s) for s in self.stops), default=0)]
 
     def _content(self, ids: list[int]) -> list[int]:
         """The content ids of `ids` (a prefix of the output), nothing else changed."""
@@ -322,9 +330,7 @@ class TextTracker:
         character, unless final."""
         safe = self.text
         if not (final or self.stopped):
-            hold = max((_starting(safe, s) for s in self.stops), default=0)
-            safe = safe[:len(safe) - hold]
-            safe = safe.rstrip("\ufffd")
+            safe = self.held(safe).rstrip("\ufffd")
         out = safe[self.sent:]
         self.sent = max(self.sent, len(safe))
         return out

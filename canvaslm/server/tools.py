@@ -146,18 +146,13 @@ class ToolReply:
         """A parser's (content, calls) of the tracker's ids, its text cut as the tracker cuts the plain reply
         (the stop token left out, a stop string cut, a possible stop string's start held back while
         streaming); the first call alone with parallel_tool_calls false."""
-        from .serving import _starting
-
-        ids = tracker.content_ids
-        if ids and ids[-1] in tracker.stop_ids:
-            ids = ids[:-1]
-        content, calls, _ = self.parser.split(ids, final=final or tracker.stopped)
+        content, calls, _ = self.parser.split(tracker.shown_ids(), final=final or tracker.stopped)
         if tracker.stopped:  # the ids end at the token completing the stop string: its last occurrence
             at = content.rfind(tracker.stop_word)
             if at >= 0:
                 content = content[:at + (len(tracker.stop_word) if tracker.keep_stop else 0)]
         elif not final:
-            content = content[:len(content) - max((_starting(content, s) for s in tracker.stops), default=0)]
+            content = tracker.held(content)
         return content, calls if self.parallel else calls[:1]
 
     def _native_deltas(self, tracker, final: bool) -> list[dict]:
