@@ -458,15 +458,19 @@ def _completion_prompts(state: ServerState, prompt, field: str = "prompt") -> li
     return out
 
 
+def _usage_mode(body):
+    """stream_options: False (no usage), True (on a last chunk) or "continuous" (on every chunk too)."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return "continuous" if include_usage and body.stream_options.continuous_usage_stats else include_usage
+
+
 async def _respond_infill(state: ServerState, body, prompts, request: Request):
     from .infill import complete_infill, stream_events
 
     result = await complete_infill(state, body, prompts, request)
     rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if include_usage and body.stream_options.continuous_usage_stats:
-            include_usage = "continuous"
+        include_usage = _usage_mode(body)
         return StreamingResponse(stream_events(result, rid, created, state.reply_name(body.model), include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return {"id": rid, "object": "text_completion", "created": created, "model": state.reply_name(body.model), **result}
@@ -480,9 +484,7 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     created = int(time.time())
     replies = tool_replies(state, body, choices) if chat else {}  # choice index -> ToolReply
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if include_usage and body.stream_options.continuous_usage_stats:
-            include_usage = "continuous"
+        include_usage = _usage_mode(body)
         top = ((body.top_logprobs or 0) if body.logprobs else None) if chat else body.logprobs
         echo = not chat and body.echo  # the prompt's text first, then the completion's
         if echo:
