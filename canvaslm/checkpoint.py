@@ -472,6 +472,7 @@ def write_dir_atomically(out_dir: str | Path, files: dict[str, str | Path], repl
     tmp = _make_tmp(out_dir)
     try:
         for name, src in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # additional_chat_templates/NAME.jinja
             shutil.copyfile(src, tmp / name)
         probe = tmp / ".mode"
         probe.write_text("")  # a plain write's mode: the umask's
@@ -573,12 +574,14 @@ def check_output_dir(out_dir: str | Path, *sources: str | Path):
 
 
 def _publish(tmp: Path, out_dir: Path, mode: int, replace_any: bool = False):
-    """Give tmp's files `mode` and tmp that mode plus search where it grants reading (safetensors >= 0.8
-    creates its files 0600 and mkdtemp its directory 0700), then rename tmp to out_dir; an existing
-    out_dir must pass `check_replaceable` (unless replace_any) and is moved aside, then removed."""
-    for f in tmp.iterdir():
-        os.chmod(f, mode)
-    tmp.chmod(mode | (mode & 0o444) >> 2)
+    """Give tmp's files `mode` and its directories (tmp, additional_chat_templates/) that mode plus search
+    where it grants reading (safetensors >= 0.8 creates its files 0600 and mkdtemp its directory 0700; a
+    folder with a file's mode could not be entered), then rename tmp to out_dir; an existing out_dir must
+    pass `check_replaceable` (unless replace_any) and is moved aside, then removed."""
+    dir_mode = mode | (mode & 0o444) >> 2
+    for f in list(tmp.rglob("*")):  # listed before any chmod, which could close a folder to us
+        os.chmod(f, dir_mode if f.is_dir() else mode)
+    tmp.chmod(dir_mode)
     if out_dir.exists():
         if not replace_any:
             check_replaceable(out_dir)
