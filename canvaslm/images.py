@@ -44,6 +44,7 @@ from .config import read_json
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 MAX_BYTES = 20 * 2 ** 20  # an encoded image from a client (a data URL, a fetch, an allowed server file)
 MAX_PIXELS = 64 * 2 ** 20  # a decoded image's pixels (64 M: 192 MiB as RGB); Pillow only warns below 179 M
+COMPOSITE_BAND_PIXELS = 2 ** 22  # pixels per band when compositing transparency onto white (_to_rgb)
 BICUBIC = 3  # PIL's number for bicubic resampling, as `resample` is written in processor configs
 _ACCEPTED_TYPES = ("Gemma4ImageProcessor", "Gemma4ImageProcessorPil", "Gemma4ImageProcessorFast")
 _REQUIRED_TRUE = ("do_resize", "do_rescale", "do_convert_rgb")  # steps this module always performs
@@ -216,10 +217,16 @@ def target_size(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[int
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparent parts composited onto white (as the reference processor does)."""
+    """RGB, with transparent parts composited onto white (as the reference processor does). The compositing
+    goes a band of rows at a time: done whole, its RGBA copies of a 64 M-pixel image took ~1 GiB at once."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+        out = Image.new("RGB", image.size)
+        rows = max(1, COMPOSITE_BAND_PIXELS // image.width)
+        for top in range(0, image.height, rows):
+            band = image.crop((0, top, image.width, min(image.height, top + rows))).convert("RGBA")
+            white = Image.new("RGBA", band.size, (255, 255, 255, 255))
+            out.paste(Image.alpha_composite(white, band).convert("RGB"), (0, top))
+        return out
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

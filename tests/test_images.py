@@ -87,6 +87,22 @@ def test_preprocess_modes_match_reference(name, mode):
         _check_parity(CONFIGS[name], _random_image(h, w, mode, 100 + i))
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_transparency_is_composited_in_bands(mode, monkeypatch):
+    """A big transparent image is composited a band of rows at a time (whole, its RGBA copies of a 64 M-pixel
+    image took ~1 GiB), with the reference's pixels."""
+    from canvaslm import images
+    sizes = []
+    real = Image.alpha_composite
+    monkeypatch.setattr(images, "COMPOSITE_BAND_PIXELS", 53 * 8)
+    monkeypatch.setattr(images.Image, "alpha_composite", lambda a, b: sizes.append(b.size) or real(a, b))
+    image = _random_image(37, 53, mode, 7)
+    banded = images.preprocess(image, CONFIGS["small"])
+    assert sizes and max(w * h for w, h in sizes) <= 53 * 8 and sum(h for _, h in sizes) == 37
+    monkeypatch.undo()  # the reference composites too
+    assert torch.equal(_check_parity(CONFIGS["small"], image).pixel_values, banded.pixel_values)
+
+
 def test_target_size_matches_processor_token_count():
     """The reference processor's own token arithmetic (used for prompt lengths) agrees with ours."""
     from transformers.models.gemma4.processing_gemma4 import get_aspect_ratio_preserving_size
