@@ -134,7 +134,9 @@ def image_parts_to_placeholders(messages: list, placeholder: str, details: list 
                 continue
             src = part.get(kind) if kind != "input_image" else part.get("image_url")
             if details is not None:
-                details.append((src if isinstance(src, dict) else part).get("detail"))
+                detail = (src if isinstance(src, dict) else part).get("detail")
+                # Responses' input_image also takes "original" (full resolution): the largest budget here
+                details.append("high" if kind == "input_image" and detail == "original" else detail)
             if isinstance(src, dict):
                 src = src.get("url")
             if src is None and kind == "image":

@@ -559,3 +559,19 @@ def test_a_bounded_prefix_store_must_hold_an_images_whole_call(mm_llm):
                 assert "an image of 16 soft tokens is over the 4 this server's prefix store has room for" in fin.message
     finally:
         engine.shutdown()
+
+
+def test_responses_original_detail_is_the_largest_budget():
+    """LLM.chat takes the server's parts: a Responses input_image with detail "original" is read as "high"
+    (it raised 'not a detail'); a chat image_url keeps OpenAI's chat values only."""
+    from canvaslm.multimodal import ImageError, checked_details, image_parts_to_placeholders
+    url = "data:image/png;base64,AAAA"
+    details = []
+    image_parts_to_placeholders([{"role": "user", "content": [
+        {"type": "input_image", "image_url": url, "detail": "original"},
+        {"type": "input_image", "image_url": url, "detail": "low"},
+        {"type": "image_url", "image_url": {"url": url, "detail": "original"}}]}], "<img>", details)
+    assert details == ["high", "low", "original"]
+    assert checked_details(details[:2], 2) == ["high", "low"]
+    with pytest.raises(ImageError, match="'original' is not a detail"):
+        checked_details(details, 3)
