@@ -1,7 +1,7 @@
 """Training data: load (prompt_ids, response_ids) examples and order them deterministically.
 
-Sources: a JSONL file (or a .json file holding one JSON array) of {"prompt_ids", "response_ids"} rows,
-{"prompt", "response"} texts (encoded with the checkpoint's tokenizer; TRL's "completion" may stand for
+Sources: a JSONL file (or a .json file holding one JSON array; either may be gzipped, .gz) of
+{"prompt_ids", "response_ids"} rows, {"prompt", "response"} texts (encoded with the checkpoint's tokenizer; TRL's "completion" may stand for
 "response") or {"messages": [...], "tools": [...]} conversations (OpenAI's fine-tuning format, rendered with
 the checkpoint's chat template: one example per assistant turn, the conversation before it as the prompt;
 TRL's conversational {"prompt": [messages], "completion": [messages]} trains the completion's turns), a Python callable
@@ -20,11 +20,13 @@ number of processes or gradient-accumulation micro-batches.
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import operator
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote, urlparse
@@ -407,7 +409,7 @@ def load_sourced(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: i
         base = Path(src["dataset"]) if Path(src["dataset"]).is_dir() else None
         rows = [(f"{where} row {i}", item) for i, item in enumerate(rows)]
         spec = src["dataset"]
-    elif spec.endswith((".jsonl", ".json")) or Path(spec).exists():
+    elif spec.endswith(DATA_FILE_SUFFIXES) or Path(spec).exists():
         path = Path(spec)
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
@@ -424,27 +426,47 @@ def load_sourced(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: i
     return out
 
 
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")  # a missing one is a missing file, not a callable
+
+
 def _file_rows(path: Path):
     """(where, row) of a data file: JSON lines, or for a .json file holding one JSON array, its items (what
-    `datasets` reads from such a file)."""
-    with path.open(encoding="utf-8") as f:
-        if path.suffix == ".json" and f.read(4096).lstrip().startswith("["):
-            f.seek(0)
+    `datasets` reads from such a file); gzip-compressed when its name ends in .gz."""
+    lines = _text_lines(path)
+    if (Path(path.stem) if path.suffix == ".gz" else path).suffix == ".json":
+        lines = list(lines)
+        text = "".join(line for _, line in lines)
+        if text.lstrip().startswith("["):
             try:
-                rows = json.load(f)
+                rows = json.loads(text)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: not valid JSON ({e})") from None
             yield from ((f"{path}: row {i}", item) for i, item in enumerate(rows))
             return
-        f.seek(0)
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
-            yield f"{path}:{i}", item
+    for i, line in lines:
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+        yield f"{path}:{i}", item
+
+
+def _text_lines(path: Path):
+    """(line number, text) of a data file's lines, decoded one at a time so that bytes that are not UTF-8
+    (a Latin-1 export) are an error naming the file and line, not the codec's bare position."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    yield i, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{i}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} "
+                                    "of the line); save the file as UTF-8") from None
+    except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated .gz, an unreadable file
+        raise DataError(f"{path}: cannot be read ({e})") from None
 
 
 def split_holdout(examples: list[tuple[str, Example]], n_eval: int, seed: int) -> tuple[list, list]:

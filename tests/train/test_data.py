@@ -91,3 +91,32 @@ def test_eval_size_holds_out_whole_conversations(tmp_path, tiny_checkpoint):
     assert sorted(train + held) == sorted(examples)
     with pytest.raises(DataError, match=r"eval_size=20 leaves no training examples \(only 20 rows"):
         split_holdout(examples, 20, seed=0)
+
+
+def test_bytes_that_are_not_utf8_are_an_error_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt_ids": [2], "response_ids": [6]}\n\n{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(DataError) as e:
+        load_examples(str(path))
+    assert str(e.value) == f"{path}:3: not valid UTF-8 (byte 0xe9 at byte 16 of the line); save the file as UTF-8"
+    array = tmp_path / "latin1.json"
+    array.write_bytes(b'[{"prompt_ids": [2],\n "response_ids": [6], "x": "\xe9"}]')
+    with pytest.raises(DataError, match=r"latin1.json:2: not valid UTF-8 \(byte 0xe9"):
+        load_examples(str(array))
+
+
+def test_gzipped_data_files_are_read(tmp_path):
+    import gzip
+
+    rows = [{"prompt_ids": [2, 5], "response_ids": [6]}, {"prompt_ids": [2, 7], "response_ids": [8]}]
+    lines = tmp_path / "d.jsonl.gz"
+    lines.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert load_sourced(str(lines)) == [(f"{lines}:1", ([2, 5], [6])), (f"{lines}:2", ([2, 7], [8]))]
+    array = tmp_path / "d.json.gz"
+    array.write_bytes(gzip.compress(json.dumps(rows).encode()))
+    assert [w for w, _ in load_sourced(str(array))] == [f"{array}: row 0", f"{array}: row 1"]
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all\n")
+    with pytest.raises(DataError, match=r"bad.jsonl.gz: cannot be read \(Not a gzipped file"):
+        load_examples(str(tmp_path / "bad.jsonl.gz"))
+    with pytest.raises(DataError, match=r"data file .*nope.jsonl.gz does not exist"):
+        load_examples(str(tmp_path / "nope.jsonl.gz"))
