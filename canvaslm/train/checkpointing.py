@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from ..model.diffusion_gemma import DiffusionGemma
 from ..model.layers import Rotary
 from .lora import LoRAConfig, apply_lora, has_lora, lora_state_dict, merged_state_dict
 
+log = logging.getLogger("canvaslm.train")
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
 METRICS_FILE = "metrics.jsonl"
@@ -167,6 +169,18 @@ def tokenizer_files(tok_dir: Path | None) -> dict:
     return files
 
 
+def local_dir(value):
+    """A config's model / tokenizer as a checkpoint records it: a local directory as its absolute, resolved path
+    (a relative `../model` would mean another directory, or none, to an export or resume run elsewhere), a repo
+    id or {init: ...} as given."""
+    return str(Path(value).resolve()) if isinstance(value, str) and Path(value).is_dir() else value
+
+
+def saved_config(config) -> dict:
+    """The config a checkpoint's trainer state holds: the run's, with local model and tokenizer paths absolute."""
+    return {**vars(config), **{k: local_dir(getattr(config, k)) for k in ("model", "tokenizer")}}
+
+
 def save_checkpoint(trainer) -> Path:
     """checkpoint-<step>/: trainer_state.pt (optimizer, scheduler, RNG, history, LoRA adapters, config),
     tokenizer files and the merged model in HF format; with `save_merged: false` (the QLoRA default) no
@@ -175,7 +189,7 @@ def save_checkpoint(trainer) -> Path:
     state = {"step": step, "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
              "rng": torch.get_rng_state(), "history": trainer.history,
              "lora": lora_state_dict(trainer.model) if has_lora(trainer.model) else None,
-             "config": {k: v for k, v in vars(trainer.config).items()}}
+             "config": saved_config(trainer.config)}
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".trainer_state.", dir=out_dir)
     os.close(fd)
@@ -267,6 +281,11 @@ def _adapted_from_state(src: Path):
     if not state.get("lora"):
         raise ConfigError(f"{src}: holds neither a model (config.json) nor LoRA adapters")
     config = TrainConfig.from_dict(state["config"], f"{src / STATE_FILE} config")
+    base = config.model
+    if isinstance(base, str) and not Path(base).is_absolute() and Path(base).is_dir():
+        log.warning("%s: its run names the base model by the relative path %s (a checkpoint written before "
+                    "model paths were saved absolute); taking it from the working directory, %s, which must be "
+                    "where the run trained", src, base, Path.cwd())
     model, params = build_model(config)
     apply_lora(model, LoRAConfig.from_dict(config.lora))
     load_adapters(model, state["lora"], src)
@@ -287,6 +306,8 @@ def check_resume_config(saved: dict | None, config, checkpoint: Path):
         return
 
     def norm(key, value):
+        if key in ("model", "tokenizer"):
+            return local_dir(value)
         if key == "lora" and value is not None:
             return LoRAConfig.from_dict(value)
         if key == "data":

@@ -237,3 +237,38 @@ def test_lora_dropout_is_off_in_evaluation_and_seeded_per_step(tmp_path):
     resumed = run("killed", 4, resume=True)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     assert [r.get("eval_loss") for r in resumed] == [r.get("eval_loss") for r in full]
+
+
+def test_an_adapters_only_checkpoint_names_its_base_by_absolute_path(tmp_path, tiny_checkpoint, monkeypatch):
+    """A run given `model: ../model` (relative to where it trained) saves the base's absolute path: export
+    from another working directory merges onto that base, not onto whatever `../model` is there, and a
+    resume from there whose `../model` is another directory is refused."""
+    import json
+    import shutil
+
+    from canvaslm.cli import main
+    from canvaslm.config import ConfigError
+    from canvaslm.testing import make_tiny_checkpoint
+
+    for side in ("a", "b"):
+        (tmp_path / side / "work").mkdir(parents=True)
+    shutil.copytree(tiny_checkpoint, tmp_path / "a" / "model")
+    make_tiny_checkpoint(tmp_path / "b" / "model", seed=1)  # another base at the same relative path
+    monkeypatch.chdir(tmp_path / "a" / "work")
+    cfg = tiny_config(tmp_path / "a", model="../model", max_steps=1, lora={"rank": 2}, save_merged=False)
+    trainer = Trainer(TrainConfig.from_dict(cfg))
+    trainer.train()
+    run = tmp_path / "a" / "run"
+    want = trainer.export(tmp_path / "want")  # merged onto the base it trained on
+    state = torch.load(run / "checkpoint-0000001" / "trainer_state.pt", weights_only=False)
+    assert state["config"]["model"] == str(tmp_path / "a" / "model")
+    monkeypatch.chdir(tmp_path / "b" / "work")
+    assert main(["export", str(run), str(tmp_path / "exported")]) == 0
+    torch.testing.assert_close(_logits(load_model(tmp_path / "exported")), _logits(load_model(want)))
+    assert main(["export", str(run), str(tmp_path / "adapter"), "--adapter"]) == 0
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tmp_path / "a" / "model")
+    with pytest.raises(ConfigError, match=r"--resume with a config that changes model \("):
+        Trainer(TrainConfig.from_dict({**cfg, "max_steps": 2}), resume=True)
+    monkeypatch.chdir(tmp_path / "a" / "work")
+    assert Trainer(TrainConfig.from_dict({**cfg, "max_steps": 2}), resume=True).step == 1
