@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -122,8 +123,18 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
         path = Path(out_dir) / pointer.read_text().strip()
         if (path / STATE_FILE).is_file():
             return path
-    found = sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / STATE_FILE).is_file())
+    found = [p for p in step_checkpoints(out_dir) if (p / STATE_FILE).is_file()]
     return found[-1] if found else None
+
+
+_STEP_DIR = re.compile(r"checkpoint-(\d+)")
+
+
+def step_checkpoints(out_dir: Path) -> list[Path]:
+    """The run's checkpoint-<step> directories by step (checkpoint-10000000 after checkpoint-9999999); a user's
+    checkpoint-best copy is none of them: rotation never deletes it, --resume never picks it."""
+    steps = ((_STEP_DIR.fullmatch(p.name), p) for p in Path(out_dir).glob("checkpoint-*") if p.is_dir())
+    return [p for _, p in sorted((int(m.group(1)), p) for m, p in steps if m)]
 
 
 def check_fresh_out_dir(out_dir: Path):
@@ -206,7 +217,7 @@ def save_checkpoint(trainer) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     _atomic_write_text(out_dir / LATEST_FILE, name + "\n")
-    old = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir() and p.name != name)
+    old = [p for p in step_checkpoints(out_dir) if p.name != name]
     for p in old[:max(0, len(old) - (trainer.config.keep_checkpoints - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     write_metrics(out_dir, trainer.history)

@@ -142,6 +142,27 @@ def test_a_new_run_refuses_an_out_dir_holding_another_run(tmp_path):
     assert Trainer(fresh).step == 0  # an out_dir without checkpoints is fine
 
 
+def test_rotation_and_resume_take_only_numbered_checkpoints(tmp_path):
+    """A user's checkpoint-best copy in out_dir is kept by the rotation and never resumed from; the latest
+    checkpoint is the highest step, also past 7 digits."""
+    import shutil
+
+    from canvaslm.train.checkpointing import latest_checkpoint
+
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=1, keep_checkpoints=1)
+    Trainer(TrainConfig.from_dict(cfg)).train()
+    run = Path(cfg["out_dir"])
+    shutil.copytree(run / "checkpoint-0000002", run / "checkpoint-best")
+    Trainer(TrainConfig.from_dict({**cfg, "max_steps": 3}), resume=True).train()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-0000003", "checkpoint-best"]
+    (run / "latest").unlink()
+    assert latest_checkpoint(run) == run / "checkpoint-0000003"
+    for name in ("checkpoint-9999999", "checkpoint-10000000", "checkpoint-zzz"):
+        (run / name).mkdir()
+        (run / name / "trainer_state.pt").write_bytes(b"")
+    assert latest_checkpoint(run) == run / "checkpoint-10000000"
+
+
 def test_a_typo_in_model_init_is_an_error_naming_the_key(tmp_path):
     init = {k: v for k, v in tiny_config(tmp_path)["model"]["init"].items() if k != "hidden_size"}
     with pytest.raises(ConfigError, match=r"model.init.hiden_size is not a model.init key .*mean hidden_size\?"):
