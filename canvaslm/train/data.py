@@ -1,13 +1,14 @@
 """Training data: load (prompt_ids, response_ids) examples and order them deterministically.
 
-Sources: a JSONL file (or a .json file holding one JSON array; either may be gzipped, .gz) of
-{"prompt_ids", "response_ids"} rows, {"prompt", "response"} texts (encoded with the checkpoint's tokenizer; TRL's "completion" may stand for
-"response") or {"messages": [...], "tools": [...]} conversations (OpenAI's fine-tuning format, rendered with
-the checkpoint's chat template: one example per assistant turn, the conversation before it as the prompt;
-TRL's conversational {"prompt": [messages], "completion": [messages]} trains the completion's turns), a Python callable
-`module:function` returning a list of examples (pairs, or dicts as in the JSONL), or a Hugging Face
-dataset (`hf:owner/name`, or a mapping {dataset, subset, split, revision, columns, max_examples}) read
-with the `datasets` library, whose rows are those dicts (`columns` renames the dataset's columns).
+Sources: a JSONL file (or a .json file holding one JSON array; either may be gzipped, .gz) of {"prompt_ids",
+"response_ids"} rows, {"prompt", "response"} texts (encoded with the checkpoint's tokenizer; TRL's
+"completion" may stand for "response") or {"messages": [...], "tools": [...]} conversations (OpenAI's
+fine-tuning format, rendered with the checkpoint's chat template: one example per assistant turn, the
+conversation before it as the prompt; TRL's conversational {"prompt": [messages], "completion": [messages]}
+trains the completion's turns), a Python callable `module:function` returning a list of examples (pairs,
+or dicts as in the JSONL), or a Hugging Face dataset (`hf:owner/name`, or a mapping {dataset, subset,
+split, revision, columns, max_examples}) read with the `datasets` library, whose rows are those dicts
+(`columns` renames the dataset's columns).
 Images (with `vision`, a `vision.TrainVision`): chat messages may hold image parts (OpenAI `image_url`,
 {"type": "image", "image": src}, Responses `input_image`, or TRL's bare {"type": "image"} parts taking the
 row's `images` list in order), and any row may carry `images` for the image tokens of its prompt text or
