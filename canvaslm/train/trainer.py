@@ -38,6 +38,7 @@ from .vision import TrainVision
 
 log = logging.getLogger("canvaslm.train")
 EVAL_SEED_SALT, TRANSFORM_SEED_SALT, STEP_SEED_SALT = 0x5EED, 0xA06, 0xD50
+SEED_LIMIT = 2**40  # |seed| below it
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,14 @@ class TrainConfig:
             value = getattr(self, name) if value is dataclasses.MISSING else value
             raise ConfigError(f"train config: {name} {msg}, got {value!r}")
 
+        def finite(name, value, above_zero=False):  # .inf / .nan would train to NaN weights
+            if not (math.isfinite(value) and (value > 0 if above_zero else value >= 0)):
+                bad(name, f"must be a finite number {'>' if above_zero else '>='} 0", value)
+
+        def seed(name, value):  # the example order seeds torch with seed * 1_000_003 + epoch: 64 bits
+            if not -SEED_LIMIT < value < SEED_LIMIT:
+                bad(name, f"must be an integer with absolute value below 2**40 = {SEED_LIMIT}", value)
+
         check_fields(self, "train config: ")  # each value of its annotated type (numeric strings -> float)
         if not self.out_dir:
             bad("out_dir", "is required")
@@ -105,6 +114,10 @@ class TrainConfig:
                               ("config", "dict")):
                 if key in init:
                     checked(f"model.init.{key}", init[key], kind, "train config: ")
+            if "seed" in init:
+                seed("model.init.seed", init["seed"])
+            if "std" in init:
+                finite("model.init.std", float(init["std"]))
         if not self.data:
             bad("data", "is required (a .jsonl path, 'module:function', or {train: ..., eval: ...})")
         if isinstance(self.data, dict):
@@ -131,21 +144,18 @@ class TrainConfig:
                 bad(name, "must be a positive integer")
         if self.batch_size % self.grad_accum:
             bad("batch_size", f"must be divisible by grad_accum={self.grad_accum}")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
+        finite("lr", self.lr, above_zero=True)
+        seed("seed", self.seed)
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", "must be in [0, 1]")
         if not all(0 <= b < 1 for b in self.betas):
             bad("betas", "must be two numbers in [0, 1)")
-        if not self.weight_decay >= 0:
-            bad("weight_decay", "must be >= 0")
         if self.clip is not None and not self.clip >= 0:
             bad("clip", "must be a number >= 0 (0 or null: no clipping)")
         if not 0 <= self.sc_prob <= 1:
             bad("sc_prob", "must be in [0, 1]")
-        for name in ("diffusion_weight", "ar_weight"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                bad(name, "must be a finite number >= 0")
+        for name in ("weight_decay", "diffusion_weight", "ar_weight"):
+            finite(name, getattr(self, name))
         if self.ar_only and self.ar_weight == 0:
             bad("ar_weight", "must be > 0 with ar_only (whose loss is the next-token loss alone)")
         if not self.ar_only and self.diffusion_weight == 0 and self.ar_weight == 0:

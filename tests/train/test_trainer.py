@@ -84,10 +84,11 @@ def test_config_values_are_type_checked_naming_the_file(tmp_path):
             Trainer(TrainConfig.from_dict({**base, "device": "cuda"}))
 
 
-def test_config_refuses_loss_weights_and_data_keys_that_cannot_train(tmp_path):
+def test_config_refuses_values_that_cannot_train(tmp_path):
     import yaml
 
     base = tiny_config(tmp_path, max_steps=1)
+    init = base["model"]["init"]
     path = tmp_path / "c.yaml"
     cases = [({"diffusion_weight": -1}, "diffusion_weight must be a finite number >= 0, got -1.0"),
              ({"ar_weight": float("nan")}, "ar_weight must be a finite number >= 0, got nan"),
@@ -97,7 +98,17 @@ def test_config_refuses_loss_weights_and_data_keys_that_cannot_train(tmp_path):
              ({"data": {"train": ""}}, "data.train is required"),
              ({"data": {**base["data"], "eval": ""}}, "data.eval must not be empty"),
              ({"data": {**base["data"], "eval": "e.jsonl"}}, "data.eval_size does not combine with data.eval"),
-             ({"lora": {"targets": []}}, "lora.targets is empty and lora.include_experts is false")]
+             ({"lora": {"targets": []}}, "lora.targets is empty and lora.include_experts is false"),
+             ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+             ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+             ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0, got inf"),
+             ({"model": {"init": {**init, "std": float("nan")}}},
+              "model.init.std must be a finite number >= 0, got nan"),
+             ({"model": {"init": {**init, "std": -1}}}, "model.init.std must be a finite number >= 0, got -1.0"),
+             ({"seed": 2**45}, "seed must be an integer with absolute value below 2**40 = 1099511627776, got "
+                               "35184372088832"),
+             ({"model": {"init": {**init, "seed": -2**40}}}, "model.init.seed must be an integer with absolute "
+                                                            "value below 2**40")]
     for change, msg in cases:
         path.write_text(yaml.safe_dump({**base, **change}))
         with pytest.raises(ConfigError) as e:
@@ -105,8 +116,11 @@ def test_config_refuses_loss_weights_and_data_keys_that_cannot_train(tmp_path):
         assert str(e.value).startswith(f"{path}: ") and msg in str(e.value), (change, str(e.value))
     for ok in ({"diffusion_weight": 0}, {"ar_weight": 0}, {"ar_only": True, "diffusion_weight": 0},
                {"lora": {"targets": [], "include_experts": True}}, {"data": {**base["data"], "eval_size": 0,
-                                                                             "eval": "e.jsonl"}}):
+                                                                             "eval": "e.jsonl"}},
+               {"seed": 2**40 - 1}, {"seed": -2**40 + 1}, {"model": {"init": {**init, "seed": 2**40 - 1}}}):
         TrainConfig.from_dict({**base, **ok})
+    for seed in (2**40 - 1, -2**40 + 1):  # the extreme seeds order examples (torch takes the epoch seeds)
+        assert sorted(ExampleStream(5, seed).indices(0, 5)) == list(range(5))
 
 
 def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path):
