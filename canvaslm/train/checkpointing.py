@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from ..checkpoint import (build_random_model, check_output_dir, load_model, save_model, stored_dtype,
-                          write_dir_atomically)
+from ..checkpoint import (CheckpointError, build_random_model, check_output_dir, check_writable, load_model,
+                          save_model, stored_dtype, write_dir_atomically)
 from ..config import ConfigError, DiffusionParams, ModelConfig
 from ..model.diffusion_gemma import DiffusionGemma
 from ..model.layers import Rotary
@@ -146,6 +146,21 @@ def check_fresh_out_dir(out_dir: Path):
         raise ConfigError(f"out_dir {out_dir} holds an earlier run ({', '.join(found[:3])}"
                           f"{', ...' if len(found) > 3 else ''}): pass --resume to continue it, or train into "
                           "another (or an empty) out_dir")
+
+
+def check_out_dir(out_dir: Path):
+    """ConfigError naming out_dir when the run could not write its checkpoints there: out_dir is a file, or a
+    missing out_dir could not be made (under a file or a read-only folder); found before any work, not when
+    the first save fails."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train config: out_dir {out_dir} is a file, not a directory; name a directory for the "
+                          "run's checkpoints")
+    if not out_dir.exists():
+        try:
+            check_writable(out_dir)
+        except CheckpointError as e:
+            raise ConfigError(f"train config: out_dir {e}") from None
 
 
 def _atomic_write_text(path: Path, text: str):

@@ -338,6 +338,7 @@ class Trainer:
             raise ConfigError(f"train config: batch_size={c.batch_size} must be divisible by processes "
                               f"({world}) x grad_accum ({accum})")
         self.micro = c.batch_size // (world * accum)
+        ckpt.check_out_dir(self.out_dir)
         latest = ckpt.latest_checkpoint(self.out_dir) if resume else None
         if resume and latest is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", self.out_dir)

@@ -156,6 +156,20 @@ def test_a_new_run_refuses_an_out_dir_holding_another_run(tmp_path):
     assert Trainer(fresh).step == 0  # an out_dir without checkpoints is fine
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_out_dir_that_cannot_be_a_directory_is_refused_before_any_work(tmp_path, resume):
+    cfg = tiny_config(tmp_path)
+    data = Path(cfg["data"]["train"])
+    before = data.read_bytes()
+    with pytest.raises(ConfigError) as e:
+        Trainer(TrainConfig.from_dict({**cfg, "out_dir": str(data)}), resume=resume)
+    assert str(e.value) == (f"train config: out_dir {data} is a file, not a directory; name a directory for the "
+                            "run's checkpoints")
+    with pytest.raises(ConfigError, match=rf"train config: out_dir .*run: cannot be created: {data} is not a dir"):
+        Trainer(TrainConfig.from_dict({**cfg, "out_dir": str(data / "run")}), resume=resume)
+    assert data.read_bytes() == before
+
+
 def test_rotation_and_resume_take_only_numbered_checkpoints(tmp_path):
     """A user's checkpoint-best copy in out_dir is kept by the rotation and never resumed from; the latest
     checkpoint is the highest step, also past 7 digits."""
