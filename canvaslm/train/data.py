@@ -325,17 +325,32 @@ def _thought_channel(tokenizer, where: str) -> tuple[str, str]:
     return CHANNEL_OPEN + THOUGHT_LABEL, CHANNEL_CLOSE
 
 
-def resolve_callable(spec: str) -> Callable:
+def resolve_callable(spec: str, what: str = "data source") -> Callable:
+    """The function `module:function` names; DataErrors name `what` (the config key) and spec."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise DataError(f"data source {spec!r}: expected a .jsonl path or 'module:function'")
+        raise DataError(f"{what} {spec!r}: expected " + ("a .jsonl path or " if what == "data source" else "")
+                        + "'module:function'")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise DataError(f"data source {spec!r}: cannot import ({e})") from None
+        raise DataError(f"{what} {spec!r}: cannot import ({e})") from None
     if not callable(fn):
-        raise DataError(f"data source {spec!r}: {name} is not callable")
+        raise DataError(f"{what} {spec!r}: {name} is not callable")
     return fn
+
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")  # a missing one is a missing file, not a callable
+
+
+def calls_function(spec) -> bool:
+    """Whether load_sourced calls `spec` as `module:function` (the one source `kwargs` apply to), rather than
+    reading a data file or a dataset."""
+    return isinstance(spec, str) and hf_source(spec) is None and not _is_data_file(spec)
+
+
+def _is_data_file(spec: str) -> bool:
+    return spec.endswith(DATA_FILE_SUFFIXES) or Path(spec).exists()
 
 
 HF_KEYS = {"dataset", "subset", "split", "revision", "columns", "max_examples"}
@@ -410,7 +425,7 @@ def load_sourced(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: i
         base = Path(src["dataset"]) if Path(src["dataset"]).is_dir() else None
         rows = [(f"{where} row {i}", item) for i, item in enumerate(rows)]
         spec = src["dataset"]
-    elif spec.endswith(DATA_FILE_SUFFIXES) or Path(spec).exists():
+    elif _is_data_file(spec):
         path = Path(spec)
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
@@ -425,9 +440,6 @@ def load_sourced(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: i
         for where, ex in out:
             check_vocab(ex, vocab_size, where)
     return out
-
-
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")  # a missing one is a missing file, not a callable
 
 
 def _file_rows(path: Path):
@@ -505,4 +517,4 @@ class ExampleStream:
 
 
 __all__ = ["Example", "ImageExample", "DataError", "load_examples", "load_sourced", "split_holdout", "ExampleStream",
-           "resolve_callable", "check_example", "check_vocab"]
+           "resolve_callable", "calls_function", "check_example", "check_vocab"]

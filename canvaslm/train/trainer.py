@@ -30,7 +30,8 @@ from ..checkpoint import parse_dtype
 from ..config import ConfigError, DiffusionParams
 from ..quant import QUANTIZATIONS
 from . import checkpointing as ckpt
-from .data import DataError, ExampleStream, ImageExample, check_example, load_sourced, resolve_callable, split_holdout
+from .data import (DataError, ExampleStream, ImageExample, calls_function, check_example, load_sourced,
+                   resolve_callable, split_holdout)
 from .lora import LoRAConfig, apply_lora, has_lora
 from .objective import block_diffusion_loss, canvases_of, example_noise_seed, make_batch, set_trainable
 from .typecheck import check_fields, checked, yaml_problem
@@ -134,6 +135,9 @@ class TrainConfig:
                     bad(f"data.{key}", "must not be empty (leave the key out, or null, for none)"
                         if key != "train" else "is required (a .jsonl path, 'module:function' or a dataset)",
                         self.data[key])
+            if self.data.get("kwargs") and not any(calls_function(self.data.get(k)) for k in ("train", "eval")):
+                bad("data.kwargs", "apply only to a 'module:function' source (data.train or data.eval), and "
+                                   f"{self.data['train']!r} is read, not called", self.data["kwargs"])
             if self.data.get("eval_size", 0) < 0:
                 bad("data.eval_size", "must be an integer >= 0 (0: no held-out rows)", self.data["eval_size"])
             if self.data.get("eval_size") and self.data.get("eval") is not None:
@@ -347,6 +351,8 @@ class Trainer:
         state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=False) if latest else None
         if state is not None:
             ckpt.check_resume_config(state.get("config"), c, latest)
+        transform = c.data_spec.get("transform")  # imported before the model and data load, named by its key
+        self.transform = resolve_callable(transform, "train config: data.transform") if transform else None
         self.tokenizer_dir = ckpt.tokenizer_dir(c)
         self._setup_model(latest, state)
         self._load_data()
@@ -425,7 +431,6 @@ class Trainer:
         self.train_where = [where for where, _ in train]  # each example's row (FILE:LINE), for messages
         self.train_examples, self.eval_examples = [ex for _, ex in train], [ex for _, ex in held]
         self.stream = ExampleStream(len(self.train_examples), c.seed)
-        self.transform = resolve_callable(spec["transform"]) if spec.get("transform") else None
         if c.eval_every and not self.eval_examples and self.dist.rank == 0:
             log.warning("train config: eval_every is %d, but there is no eval data (set data.eval, or data.eval_size "
                         "to hold out training rows): no held-out loss is computed", c.eval_every)

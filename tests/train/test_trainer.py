@@ -487,6 +487,35 @@ def test_transform_output_is_checked_naming_the_transform_and_row(tmp_path, monk
             next(t._micro_batches(0))
 
 
+def test_a_transform_that_cannot_be_imported_is_named_by_its_key_before_the_data_loads(tmp_path, monkeypatch):
+    (tmp_path / "tfmod.py").write_text("limit = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = tiny_config(tmp_path)
+    missing = {"train": str(tmp_path / "nope.jsonl")}  # never read: the transform is resolved first
+    for spec, msg in (("nomod:fn", "cannot import (No module named 'nomod')"),
+                      ("tfmod:nofn", "cannot import (module 'tfmod' has no attribute 'nofn')"),
+                      ("tfmod:limit", "limit is not callable"),
+                      ("tfmod", "expected 'module:function'")):
+        with pytest.raises(DataError) as e:
+            Trainer(TrainConfig.from_dict({**base, "data": {**missing, "transform": spec}}))
+        assert str(e.value) == f"train config: data.transform {spec!r}: {msg}"
+
+
+def test_data_kwargs_need_a_module_function_source(tmp_path, monkeypatch):
+    (tmp_path / "pairs.py").write_text("def make(n):\n    return [([2, 5], [6])] * n\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = tiny_config(tmp_path)
+    train = base["data"]["train"]
+    for source in (train, "hf:owner/name"):
+        with pytest.raises(ConfigError) as e:
+            TrainConfig.from_dict({**base, "data": {"train": source, "kwargs": {"n": 3}}}, "c.yaml")
+        assert str(e.value) == (f"c.yaml: data.kwargs apply only to a 'module:function' source (data.train or "
+                                f"data.eval), and {source!r} is read, not called, got {{'n': 3}}")
+    t = Trainer(TrainConfig.from_dict({**base, "data": {"train": train, "eval": "pairs:make", "kwargs": {"n": 3}}}))
+    assert t.eval_examples == [([2, 5], [6])] * 3
+    TrainConfig.from_dict({**base, "data": {"train": train, "kwargs": {}}})  # empty kwargs: nothing dropped
+
+
 def test_eval_every_without_eval_data_warns(tmp_path, caplog):
     cfg = tiny_config(tmp_path, eval_every=2, data={"train": tiny_config(tmp_path)["data"]["train"]})
     with caplog.at_level("WARNING", logger="canvaslm.train"):
