@@ -36,13 +36,14 @@ def add_parser(subparsers) -> None:
     from .cli import add_lora_arg, add_model_args
 
     p = subparsers.add_parser("chat", help="chat with a checkpoint in the terminal (multi-turn)")
-    add_model_args(p)
+    add_model_args(p, model_optional=False)  # the bundled Sudoku model has no chat template
     add_lora_arg(p)
     p.add_argument("--system", default=None, help="system message for the conversation")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, default=0, help="turn i draws from (seed + i) mod 2**64 (default 0)")
-    p.add_argument("--temperature", type=float, default=None, help="scales the temperature schedule")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="scales the temperature schedule (0: near-greedy, as on the server)")
     from .sampling.cli_args import add_sampling_args
     add_sampling_args(p)
     p.add_argument("--drafts", action="store_true", help="on a terminal, show each denoising step's draft")
@@ -131,6 +132,7 @@ def _chat(args) -> int:
 def _loop(args, llm, session) -> int:
     import time
 
+    from .cli import _temperature
     from .generate import GenerationError
     from .llm import SamplingParams
     from .sampling.cli_args import sampling_params
@@ -138,7 +140,7 @@ def _loop(args, llm, session) -> int:
     def turn_params(turn: int) -> SamplingParams:
         seed = (args.seed + turn) % 2**64 if 0 <= args.seed < 2**64 else args.seed  # out of range: refused below
         return SamplingParams(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
-                              seed=seed, temperature=args.temperature,
+                              seed=seed, temperature=_temperature(args.temperature),
                               lora="lora" if args.lora else None, **sampling_params(args))
 
     turn_params(0).resolve(llm.defaults)  # flags no turn could run with: an error (exit 2), not one per turn

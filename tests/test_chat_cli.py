@@ -70,8 +70,26 @@ def test_a_turn_reuses_the_conversation_so_far(chat_llm, monkeypatch, capsys):
 
 
 def test_a_checkpoint_without_chat_template_is_refused(capsys):
-    assert main(["chat"]) == 2  # the bundled Sudoku model has no chat template
+    from canvaslm.llm import BUNDLED_MODEL
+
+    assert main(["chat", str(BUNDLED_MODEL)]) == 2  # the bundled Sudoku model has no chat template
     assert "no chat template" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # so chat takes no default model (its help said the bundled one)
+        main(["chat"])
+    assert e.value.code == 2 and "model_dir" in capsys.readouterr().err
+
+
+def test_temperature_zero_is_near_greedy(chat_llm, monkeypatch, capsys):
+    """--temperature 0 means near-greedy, as for generate and on the server (it was refused)."""
+    from canvaslm.sampling.schedules import GREEDY_TEMPERATURE
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", str(chat_llm.model_dir), "--seed", "4", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    ids = chat_llm.tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    want = chat_llm.generate_continuous([ids], SamplingParams(max_new_tokens=8, seed=4, temperature=GREEDY_TEMPERATURE),
+                                        max_batch=1, max_model_len=chat_llm.cfg.max_position_embeddings,
+                                        prefill_chunk=128, use_tqdm=False)[0].text
+    assert capsys.readouterr().out == want + "\n"
 
 
 def test_a_thought_is_printed_apart_and_left_out_of_the_history(tmp_path, monkeypatch, capsys):
