@@ -27,6 +27,16 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         v = int(text)
@@ -63,8 +73,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="the `model` clients send (default: the repo id, or the directory's name); more names are "
                         "aliases a request may send instead (vLLM's)")
-    p.add_argument("--max-steps-limit", type=int, default=1024,
-                   help="largest max_denoising_steps a request may ask for")
+    p.add_argument("--max-steps-limit", type=_positive, default=1024,
+                   help="largest max_denoising_steps a request may ask for (also caps the checkpoint's default)")
     p.add_argument("--regex-timeout", type=_seconds, default=10.0,
                    help="seconds a guided_regex may take to compile before the request gets a 400 (default 10)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
@@ -127,10 +137,11 @@ def _engine_config(args):
     from ..config import ModelConfig
     from ..engine.engine import EngineConfig
 
-    limit = ModelConfig.from_dir(args.model_dir).max_position_embeddings
-    if args.max_model_len is not None and not 0 < args.max_model_len <= limit:  # before the model loads
-        raise ValueError(f"--max-model-len {args.max_model_len} must be in [1, {limit}] (the model's "
-                         "max_position_embeddings)")
+    cfg = ModelConfig.from_dir(args.model_dir)
+    low, limit = cfg.canvas_length + 1, cfg.max_position_embeddings  # a prompt token and one canvas
+    if args.max_model_len is not None and not low <= args.max_model_len <= limit:  # before the model loads
+        raise ValueError(f"--max-model-len {args.max_model_len} must be in [{low}, {limit}] (more than one canvas "
+                         f"of {cfg.canvas_length}, at most the model's max_position_embeddings)")
     return EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len,
                         prefill_chunk=args.prefill_chunk, prefix_caching=args.enable_prefix_caching,
                         prefix_store_len=args.prefix_store_len,

@@ -86,3 +86,21 @@ def test_serve_port_out_of_range_is_an_argument_error(tiny_checkpoint, capsys):
             main(["serve", str(tiny_checkpoint), "--port", port])
         assert e.value.code == 2
         assert f"--port: must be a TCP port in [0, 65535], got '{port}'" in capsys.readouterr().err
+
+
+def test_serve_limits_are_checked_before_loading(tiny_checkpoint, monkeypatch, capsys):
+    """--max-model-len must hold a prompt token and one canvas (it was refused after the load, naming the
+    engine's Runner and its slot count); --max-steps-limit must be >= 1 (0 was taken)."""
+    from canvaslm.cli import main
+    from canvaslm.config import ModelConfig
+    from canvaslm.server import launch
+
+    monkeypatch.setattr(launch, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    C = ModelConfig.from_dir(tiny_checkpoint).canvas_length
+    assert main(["serve", str(tiny_checkpoint), "--device", "cpu", "--max-model-len", str(C)]) == 2
+    assert f"--max-model-len {C} must be in [{C + 1}, " in capsys.readouterr().err
+    for bad in ("0", "-3", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", str(tiny_checkpoint), "--max-steps-limit", bad])
+        assert e.value.code == 2 and f"--max-steps-limit: must be an integer >= 1, got '{bad}'" in \
+            capsys.readouterr().err
