@@ -20,7 +20,7 @@ from .hub import resolve_model
 from .kernels.philox import seeded_generator
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 from .sampling.constraints import PinnedConstraint
-from .sampling.samplers import checked_impl, set_sampleable_vocab
+from .sampling.samplers import checked_impl, sampleable_vocab, set_sampleable_vocab
 from .sampling.thinking import (ThinkingBudget, answer_room, answer_seed, answer_time, closed_thought, thought_reserve,
                                 thought_room)
 
@@ -706,8 +706,9 @@ class LLM:
         from .scoring import loglikelihoods
 
         limit = self.cfg.max_position_embeddings
+        vocab = sampleable_vocab(self.model) or self.cfg.vocab_size  # a padded embedding's extra rows score -inf
         for i, (ctx, cont) in enumerate(pairs):
-            check_in_vocab([*ctx, *cont], self.cfg.vocab_size, f"{what}: request {i}")
+            check_in_vocab([*ctx, *cont], vocab, f"{what}: request {i}")
             if len(ctx) + len(cont) > limit:
                 raise GenerationError(f"{what}: request {i} has {len(ctx) + len(cont)} tokens, over the model's "
                                       f"max_position_embeddings={limit}")

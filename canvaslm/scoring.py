@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import KVCache
+from .sampling.samplers import ban_unsampleable, sampleable_vocab
 
 ROWS_PER_BLOCK = 64  # positions per log-softmax block (64 x 262k fp32 = 67 MB)
 
@@ -116,8 +117,13 @@ def loglikelihoods(model, pairs: list, batch_size: int = 16, progress=None) -> l
 
 def _block_logprobs(model, hidden: torch.Tensor, targets: list, top_k: int, ranks: bool = False) -> tuple:
     logprobs, tops, rank = [], [], []
+    # over the ids the model may output: padded embedding rows past the tokenizer's ids (never sampled)
+    # take no probability mass, and never show in a rank, a top-k or a greedy flag
+    sampleable = sampleable_vocab(model)
+    top_k = min(top_k, sampleable or top_k)
     for lo in range(0, len(targets), ROWS_PER_BLOCK):
-        logp = torch.log_softmax(model.logits(hidden[lo:lo + ROWS_PER_BLOCK]), dim=-1)  # [n, V] fp32
+        logits = ban_unsampleable(model.logits(hidden[lo:lo + ROWS_PER_BLOCK]), sampleable)
+        logp = torch.log_softmax(logits, dim=-1)  # [n, V] fp32
         tgt = torch.tensor(targets[lo:lo + ROWS_PER_BLOCK], device=logp.device)
         own = logp.gather(1, tgt[:, None])  # [n, 1]
         logprobs += own[:, 0].tolist()

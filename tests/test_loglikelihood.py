@@ -62,3 +62,44 @@ def test_bad_requests_name_the_problem(llm):
         llm.loglikelihood([("abc", "")])
     with pytest.raises(GenerationError, match="over the model's max_position_embeddings"):
         llm.loglikelihood_rolling(["x" * 5000])
+
+
+@pytest.fixture(scope="module")
+def padded_copy(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with zero embedding rows past its tokenizer's ids (a Gemma-style padded vocabulary):
+    the same model, whose padded ids are never sampled."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("padded") / "model"
+    shutil.copytree(tiny_checkpoint, out)
+    cfg = json.loads((out / "config.json").read_text())
+    vocab = cfg["text_config"]["vocab_size"]
+    weights = load_file(out / "model.safetensors")
+    for name, w in weights.items():
+        if w.dim() and w.shape[0] == vocab:
+            weights[name] = torch.cat([w, torch.zeros(27, *w.shape[1:], dtype=w.dtype)])
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    cfg["text_config"]["vocab_size"] = vocab + 27
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_padded_rows_take_no_probability(llm, padded_copy):
+    """Log-probs, greedy flags and top-k are over the ids the model may output: a padded copy scores exactly as the
+    model it pads (the padded rows' mass was in every log-softmax), and never names a padded id."""
+    from canvaslm.scoring import batch_token_logprobs
+
+    padded = LLM(padded_copy, device="cpu")
+    assert padded.cfg.vocab_size == llm.cfg.vocab_size + 27
+    pairs = [("The capital of France is", " Paris"), ("abc", "def")]
+    assert padded.loglikelihood(pairs) == [(pytest.approx(lp, abs=1e-5), g) for lp, g in llm.loglikelihood(pairs)]
+    assert padded.loglikelihood_rolling(["hello world"]) == pytest.approx(llm.loglikelihood_rolling(["hello world"]),
+                                                                         abs=1e-5)
+    ids = padded.encode_prompt("hello world")
+    (_, tops, ranks), = batch_token_logprobs(padded.model, [ids], [1], top_k=llm.cfg.vocab_size + 27, ranks=True)
+    assert all(t < llm.cfg.vocab_size for row in tops for t, _ in row) and max(ranks) <= llm.cfg.vocab_size
+    with pytest.raises(GenerationError, match=rf"outside the vocabulary \[0, {llm.cfg.vocab_size}\)"):
+        padded.loglikelihood([(ids, [llm.cfg.vocab_size + 3])])

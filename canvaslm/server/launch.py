@@ -11,7 +11,7 @@ from pathlib import Path
 from ..checkpoint import default_dtype, load_model, parse_dtype
 from ..config import DiffusionParams, checked_eos_ids
 from ..engine.engine import Engine, EngineConfig
-from ..sampling.samplers import set_sampleable_vocab
+from ..sampling.samplers import sampleable_vocab, set_sampleable_vocab
 from .app import build_app
 from .serving import ServerState
 
@@ -87,8 +87,11 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
         from ..sampling.token_dfa import Vocab
 
         threading.Thread(target=Vocab.of, args=(tokenizer,), name="canvaslm-vocab", daemon=True).start()
+    # the ids a request may name (prompts, logit_bias, stop_token_ids, pins): those the tokenizer decodes, not a
+    # padded embedding's extra rows (a prompt holding one could not be echoed or given prompt_logprobs)
+    vocab_size = sampleable_vocab(model) or cfg.vocab_size
     return ServerState(engine=engine, tokenizer=tokenizer, model_name=served_model_name, defaults=defaults,
-                       eos_ids=eos, vocab_size=cfg.vocab_size, canvas_length=cfg.canvas_length,
+                       eos_ids=eos, vocab_size=vocab_size, canvas_length=cfg.canvas_length,
                        max_model_len=config.max_model_len, api_key=api_key, created=int(time.time()),
                        max_denoising_steps=max_denoising_steps, regex_timeout=regex_timeout, loras=loras,
                        lora_updates=lora_updates, hidden_size=cfg.hidden_size, vision=vision)

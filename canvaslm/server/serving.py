@@ -55,7 +55,7 @@ class ServerState:
     model_name: str
     defaults: DiffusionParams
     eos_ids: tuple[int, ...]
-    vocab_size: int
+    vocab_size: int  # ids requests may name: [0, vocab_size) (a padded embedding's extra rows excluded)
     canvas_length: int
     max_model_len: int
     api_key: str | None = None
