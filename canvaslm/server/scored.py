@@ -48,17 +48,17 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
         starts = [1 if body.echo else len(prompt) for prompt, _, _, _ in outputs]
         fut = state.engine_call(body.model, lambda model: batch_token_logprobs(model, seqs, starts, top_k))
         scored = await asyncio.wrap_future(fut)
+    echoed = echo_texts(state, body, prompts) if body.echo else None
     out = []
     for i, ((prompt, ids, finish, _), seq, text) in enumerate(zip(outputs, seqs, texts)):
         shown = seq if body.echo else ids
-        if body.echo:  # the prompt's text as a stream's echo gives it, then the completion's
-            text = state.tokenizer.decode(list(prompt)) + text
-        choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+        head = echoed[i // body.n] if body.echo else ""  # n choices per prompt, in order
+        choice = {"index": i, "text": head + text, "finish_reason": finish, "logprobs": None}
         if scored[i] is not None:
             logprobs, tops = scored[i]
             choice["logprobs"] = _legacy_logprobs(state.tokenizer, shown, body.echo, logprobs, tops, top_k,
                                                   skip_special=body.skip_special_tokens,
-                                                  prompt_len=len(prompt) if body.echo else 0)
+                                                  prompt=(len(prompt), head) if body.echo else None)
         out.append(choice)
     use = usage(choices, prompts) if body.max_tokens != 0 else {
         "prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0,
@@ -154,18 +154,36 @@ async def prompt_logprobs(state: ServerState, model: str, prompts: list, top_k: 
     return out
 
 
+def echo_texts(state: ServerState, body, prompts: list) -> list[str]:
+    """Each prompt's text as `echo` returns it: a text prompt as it was sent (OpenAI's and vLLM's echo: its
+    special tokens too), a token-id prompt (or a text that truncate_prompt_tokens cut) decoded, its special
+    tokens kept unless skip_special_tokens."""
+    sent = body.prompt
+    if isinstance(sent, str) or (sent and isinstance(sent[0], int)):  # one prompt (as the route reads it)
+        sent = [sent]
+    return [text if isinstance(text, str) and body.truncate_prompt_tokens is None else
+            state.tokenizer.decode(list(ids), skip_special_tokens=body.skip_special_tokens)
+            for text, ids in zip(sent, prompts)]
+
+
 def _legacy_logprobs(tokenizer, ids: list, echo: bool, logprobs: list, tops: list, top_k: int,
-                     skip_special: bool = True, prompt_len: int = 0) -> dict:
+                     skip_special: bool = True, prompt: tuple | None = None) -> dict:
     """OpenAI's completions `logprobs` object: tokens, token_logprobs, top_logprobs (each position's token
     itself first, then the top_k most likely: up to top_k + 1 entries, as OpenAI and vLLM give), and
-    text_offset (each token's start in the returned text: the first `prompt_len` ids are the echoed prompt,
-    decoded as its text is, the rest as the completion's text with `skip_special`)."""
+    text_offset (each token's start in the returned text). prompt: (n, text) when the first n ids are an echoed
+    prompt shown as `text` (`echo_texts`): a token there spans its own text where `text` shows it (a special
+    token typed into a text prompt, or kept by skip_special_tokens false), else its text without special tokens
+    (one the tokenizer added, as BOS); the rest are the completion's, decoded with `skip_special`."""
     tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
     lead = [None] if echo else []  # the first prompt token has nothing before it
+    n, head = prompt or (0, "")
     offsets, pos = [], 0
     for k, t in enumerate(ids):
+        if k == n:  # the completion starts where the echoed text ends
+            pos = len(head)
         offsets.append(pos)
-        pos += len(tokenizer.decode([t], skip_special_tokens=True if k < prompt_len else skip_special))
+        shown = k < n and head.startswith(tokens[k], pos)
+        pos += len(tokens[k]) if shown else len(tokenizer.decode([t], skip_special_tokens=k < n or skip_special))
     top = []
     for k, lp in enumerate(logprobs):
         row = {tokens[k + len(lead)]: lp}  # the token taken there, whether or not among the top_k
@@ -175,4 +193,4 @@ def _legacy_logprobs(tokenizer, ids: list, echo: bool, logprobs: list, tops: lis
     return {"tokens": tokens, "token_logprobs": lead + logprobs, "top_logprobs": lead + top, "text_offset": offsets}
 
 
-__all__ = ["complete_scored", "complete_best_of", "chat_logprobs", "completion_logprobs"]
+__all__ = ["complete_scored", "complete_best_of", "chat_logprobs", "completion_logprobs", "echo_texts"]

@@ -57,8 +57,7 @@ def test_logprobs_leave_the_text_as_without_them(client):
     assert plain["text"] == "<start_of_turn>" * 3
     scored = _choice(c, **special, logprobs=0)
     assert scored["text"] == plain["text"]
-    lp = scored["logprobs"]
-    assert all(scored["text"][o:].startswith(t) for t, o in zip(lp["tokens"], lp["text_offset"]))
+    _offsets_hold_the_tokens(scored)
 
 
 def test_top_logprobs_hold_the_token_taken(client):
@@ -101,3 +100,31 @@ def test_streamed_logprobs_and_usage_equal_the_whole_replys(client):
     lines = _events(c, suffix="yz", max_tokens=8, stream_options={"include_usage": True,
                                                                   "continuous_usage_stats": True})
     assert all(e.get("usage") for e in lines), lines
+
+
+def _offsets_hold_the_tokens(choice):
+    """Each token listed starts at its text_offset in the returned text."""
+    lp = choice["logprobs"]
+    assert all(choice["text"][o:].startswith(t) for t, o in zip(lp["tokens"], lp["text_offset"])), lp
+
+
+def test_echo_returns_the_prompt_as_sent(client):
+    """A text prompt is echoed as it was sent, its special tokens included (OpenAI's and vLLM's echo), whatever
+    skip_special_tokens says of the completion; a token-id prompt is decoded with skip_special_tokens. text_offset
+    points into the text returned."""
+    c, _ = client
+    prompt = "<start_of_turn>user\nhi<end_of_turn>\n"
+    for extra in ({}, {"skip_special_tokens": False}, {"logprobs": 0}, {"logprobs": 1, "skip_special_tokens": False}):
+        ch = _choice(c, prompt=prompt, max_tokens=0, echo=True, **extra)
+        assert ch["text"] == prompt, extra
+        if "logprobs" in extra:
+            assert ch["logprobs"]["tokens"][0] == "<start_of_turn>"
+            _offsets_hold_the_tokens(ch)
+    generated = _choice(c, prompt=prompt, max_tokens=2, echo=True, logprobs=0)
+    assert generated["text"].startswith(prompt) and generated["logprobs"]["text_offset"][10] == len(prompt)
+    ids = [START_OF_TURN, 40, 41]
+    plain = _choice(c, prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    kept = _choice(c, prompt=ids, max_tokens=0, echo=True, logprobs=0, skip_special_tokens=False)
+    assert kept["text"] == "<start_of_turn>" + plain["text"] and not plain["text"].startswith("<")
+    assert plain["logprobs"]["text_offset"] == [0, 0, 1] and kept["logprobs"]["text_offset"] == [0, 15, 16]
+    _offsets_hold_the_tokens(kept)
