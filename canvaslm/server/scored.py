@@ -26,7 +26,7 @@ from .serving import (APIError, ServerState, check_choice_count, check_prompt_on
 async def complete_scored(state: ServerState, body, prompts: list[list[int]], request) -> dict:
     need_tokenizer(state, "logprobs" if body.logprobs is not None else "echo")
     if body.max_tokens == 0:  # score the prompt only
-        check_prompt_only(state, body, prompts)
+        await asyncio.to_thread(check_prompt_only, state, body, prompts)  # may compile a constraint, load images
         outputs = [(p, [], "length", 0) for p in prompts for _ in range(body.n)]
         texts = [""] * len(outputs)
     else:

@@ -477,6 +477,12 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
         raise context_error(state, f"The prompt ({prompt_len} tokens) + {field_name}={max_tokens} (rounded up to "
                                    f"whole canvases of {C}) needs {need} positions; at most {room} new tokens fit",
                             field_name)
+    return params_for(state, body, max_tokens, constraint)
+
+
+def params_for(state: ServerState, body: _Common, max_tokens: int, constraint) -> DiffusionParams:
+    """The body's sampling fields as DiffusionParams for `max_tokens` new tokens, checked (400s)."""
+    C = state.canvas_length
     if body.max_denoising_steps is not None and body.max_denoising_steps > state.max_denoising_steps:
         raise APIError(400, f"max_denoising_steps={body.max_denoising_steps} is over this server's limit of "
                             f"{state.max_denoising_steps}", "max_denoising_steps")
@@ -720,9 +726,14 @@ def check_choice_count(prompts: list, n: int) -> None:
 
 
 def check_prompt_only(state: ServerState, body: _Common, prompts: list[list[int]]) -> None:
-    """`check_request_basics` for a request that only scores its prompts (echo with max_tokens=0): each prompt
-    must fit the context, as a generating request's prompt must, and the choices the limit."""
+    """`check_request_basics` for a request that only scores its prompts (echo with max_tokens=0): its fields are
+    checked as a generating request's are (nothing is generated, but a bad field is still a 400), each prompt
+    must fit the context, as a generating request's prompt must, and the choices the limit. Compiles any
+    constraint: callers run it in a worker thread, as `prepare`."""
     check_request_basics(state, body, prompts)
+    _, _, constraint = output_settings(state, body)
+    params_for(state, body, 1, constraint)  # one token: max_time's limit is met, no canvas is laid out
+    check_min_tokens(body, 0)
     check_choice_count(prompts, body.n)
     for ids in prompts:
         check_prompt_fits(state, ids)
@@ -837,8 +848,10 @@ def bad_word_ids(state: ServerState, words: list[str]) -> set[int]:
     return banned
 
 
-def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list[Choice]:
-    check_request_basics(state, body, prompts)
+def output_settings(state: ServerState, body: _Common) -> tuple:
+    """The fields that shape a request's output, checked (400s naming them): (logit bias pairs, end ids,
+    constraint as thinking off gets it). A request that only scores its prompts (echo with max_tokens=0) is
+    checked here too, so a body is refused whatever its max_tokens."""
     bias = bias_pairs(state, body)
     eos = () if body.ignore_eos else state.eos_ids
     extra = body.stop_token_ids or []
@@ -851,6 +864,23 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
         from ..tool_parser import response_stop_ids
 
         eos = eos + tuple(t for t in response_stop_ids(state.tokenizer) if t not in eos)
+    constraint = _named_errors(body, lambda: build_constraint(state, body))
+    for field_name in ("min_tokens", "ignore_eos"):
+        if getattr(body, field_name, None) and (constraint is not None or auto_tools(body)):
+            raise APIError(400, f"{field_name} cannot be combined with a constrained output or tools (they decide "
+                                "where the output ends)", field_name)
+    return bias, eos, constraint
+
+
+def check_min_tokens(body: _Common, max_new_tokens: int) -> None:
+    if body.min_tokens > max_new_tokens:
+        raise APIError(400, f"min_tokens={body.min_tokens} is over the {max_new_tokens} tokens this request may "
+                            "generate (max_tokens)", "min_tokens")
+
+
+def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list[Choice]:
+    check_request_basics(state, body, prompts)
+    bias, eos, constraint = output_settings(state, body)
     check_choice_count(prompts, body.n)
     seed = body.seed if body.seed is not None else random.randrange(2**63)
     choices, stops = [], body.stop_list()
@@ -858,7 +888,6 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
     budget = state.thinking_token_budget if body.thinking_token_budget is None else body.thinking_token_budget
     budget = ThinkingBudget.for_tokenizer(budget, state.tokenizer)
     think_first = thoughts is not None and thinking_on(state, body)
-    constraint = _named_errors(body, lambda: build_constraint(state, body))  # what thinking off gets
     think_first = think_first and constraint is not None and not body.pins  # pins count from the reply's start
     plain = constraint
     if think_first:  # an output as wide as max_tokens is narrowed for a thought
@@ -870,16 +899,10 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
             except APIError:  # never refused for the thought: the full-width output alone, as with thinking off
                 pass
     narrowed = constraint
-    for field_name in ("min_tokens", "ignore_eos"):
-        if getattr(body, field_name, None) and (constraint is not None or auto_tools(body)):
-            raise APIError(400, f"{field_name} cannot be combined with a constrained output or tools (they decide "
-                                "where the output ends)", field_name)
     for p_index, ids in enumerate(prompts):
         constraint = narrowed
         params = resolve_params(state, body, len(ids), constraint)
-        if body.min_tokens > params.max_new_tokens:
-            raise APIError(400, f"min_tokens={body.min_tokens} is over the {params.max_new_tokens} tokens this "
-                                "request may generate (max_tokens)", "min_tokens")
+        check_min_tokens(body, params.max_new_tokens)
         first = thought_room(constraint, params.max_new_tokens, len(ids), state.max_model_len,
                              state.canvas_length) if think_first else 0  # 0: no room, the answer alone
         if not first and constraint is not plain:  # no room to think (a long prompt): the output at full width

@@ -56,3 +56,26 @@ def test_padded_ids_never_show_in_log_probs(padded):
     rows = r.json()["choices"][0]["prompt_logprobs"][1:]
     assert all(int(t) < TOKENIZER_VOCAB and e["rank"] <= TOKENIZER_VOCAB for row in rows for t, e in row.items())
 
+
+BAD_FIELDS = [{"logit_bias": {"999": 5}}, {"stop_token_ids": [999]}, {"min_tokens": 5}, {"guided_regex": "("},
+              {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+              {"bad_words": ["abc"]}, {"temperature": 1e-40}, {"max_denoising_steps": 65}]
+
+
+@pytest.mark.parametrize("field", BAD_FIELDS, ids=lambda f: next(iter(f)))
+def test_scoring_only_checks_every_field(tiny, field):
+    """echo with max_tokens=0 generates nothing, but a field a generating request refuses is refused there too,
+    naming the same field."""
+    generating = _post(tiny, echo=True, max_tokens=2, **field)
+    scoring = _post(tiny, echo=True, max_tokens=0, logprobs=0, **field)
+    assert generating.status_code == scoring.status_code == 400, scoring.text
+    assert scoring.json()["error"]["param"] == generating.json()["error"]["param"]
+    if "min_tokens" in field:
+        assert "min_tokens=5 is over the 0 tokens" in scoring.json()["error"]["message"]
+
+
+def test_scoring_only_takes_good_fields(tiny):
+    r = _post(tiny, echo=True, max_tokens=0, logprobs=0, guided_regex="a+", logit_bias={"9": 5}, stop_token_ids=[9])
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "ab"
+
