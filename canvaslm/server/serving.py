@@ -759,8 +759,13 @@ def load_images(state: ServerState, body: _Common, prompts: list) -> None:
         if body.truncate_prompt_tokens is not None:
             raise APIError(400, "truncate_prompt_tokens cannot be combined with images (a cut could split one)",
                            "truncate_prompt_tokens")
+        kwargs = getattr(p, "processor_kwargs", None)
+        try:  # the request's processor settings, checked first so their 400 names their field
+            vision.processor_for(kwargs)
+        except ImageError as e:
+            raise APIError(400, str(e), "mm_processor_kwargs") from None
         try:
-            ids, images = vision.prepare(p, sources, getattr(p, "processor_kwargs", None), getattr(p, "details", None))
+            ids, images = vision.prepare(p, sources, kwargs, getattr(p, "details", None))
         except ImageError as e:
             raise APIError(400, str(e), "messages" if hasattr(body, "messages") else "prompt") from None
         problem = state.engine.image_problem(images)

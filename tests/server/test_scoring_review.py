@@ -5,8 +5,10 @@ checks every field a generating request checks; a bad mm_processor_kwargs is a 4
 from __future__ import annotations
 
 import pytest
+from conftest import build_vision_chat_checkpoint, data_url, png
 from fastapi.testclient import TestClient
 
+from canvaslm.config import DiffusionParams
 from canvaslm.engine.engine import EngineConfig
 from canvaslm.server.app import build_app
 from canvaslm.server.launch import build_state
@@ -79,3 +81,25 @@ def test_scoring_only_takes_good_fields(tiny):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == "ab"
 
+
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("vision_chat")
+    build_vision_chat_checkpoint(out)
+    defaults = DiffusionParams(max_new_tokens=16, max_denoising_steps=4, eos_token_ids=(1, 4), pad_token_id=0)
+    state = build_state(out, "cpu", "float32", EngineConfig(max_batch=2, max_model_len=512, prefill_chunk=32),
+                        served_model_name="tiny", defaults=defaults)
+    yield TestClient(build_app(state))
+    state.shutdown()
+
+
+@pytest.mark.parametrize("kwargs, says", [({"foo": 1}, "'foo' is not supported"),
+                                          ({"max_soft_tokens": 100}, "max_soft_tokens must be one of")])
+def test_a_bad_mm_processor_kwargs_names_its_field(vision, kwargs, says):
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png(60, 40, 1))}},
+                                             {"type": "text", "text": "hi"}]}]
+    r = vision.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 4,
+                                                  "mm_processor_kwargs": kwargs})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "mm_processor_kwargs" and says in err["message"], err
