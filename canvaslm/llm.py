@@ -669,9 +669,10 @@ class LLM:
 
     def loglikelihood_rolling(self, texts: list, batch_size: int = 16, use_tqdm: bool | None = None) -> list:
         """lm-evaluation-harness's `loglikelihood_rolling`: the summed log-probability of each whole text
-        (every token after BOS), as for perplexity. Texts must fit max_position_embeddings. -> [float]."""
+        (every token after BOS), as for perplexity; `texts`: a text (or token id list) or a list of them. Texts
+        must fit max_position_embeddings. -> [float], one per text."""
         pairs = []
-        for i, text in enumerate(texts):
+        for i, text in enumerate(_prompt_list(texts)):  # a lone text (or id list) is one, as `embed` takes it
             ids = self.encode_prompt(text)
             if len(ids) < 2:
                 raise GenerationError(f"loglikelihood_rolling: texts[{i}] has no token after the first")

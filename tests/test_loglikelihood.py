@@ -64,6 +64,14 @@ def test_bad_requests_name_the_problem(llm):
         llm.loglikelihood_rolling(["x" * 5000])
 
 
+def test_loglikelihood_rolling_takes_a_lone_text(llm):
+    """A lone text (or token id list) is one text, as `embed` takes it (a string was read as its characters)."""
+    text = "hello world"
+    assert llm.loglikelihood_rolling(text) == llm.loglikelihood_rolling([text])
+    ids = llm.encode_prompt(text)
+    assert llm.loglikelihood_rolling(ids) == pytest.approx(llm.loglikelihood_rolling([text]), abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def padded_copy(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint with zero embedding rows past its tokenizer's ids (a Gemma-style padded vocabulary):
