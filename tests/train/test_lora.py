@@ -272,3 +272,19 @@ def test_an_adapters_only_checkpoint_names_its_base_by_absolute_path(tmp_path, t
         Trainer(TrainConfig.from_dict({**cfg, "max_steps": 2}), resume=True)
     monkeypatch.chdir(tmp_path / "a" / "work")
     assert Trainer(TrainConfig.from_dict({**cfg, "max_steps": 2}), resume=True).step == 1
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_checkpoints_carry_the_named_chat_templates(tmp_path, tiny_checkpoint, merged):
+    """additional_chat_templates/NAME.jinja of the model dir comes along into every checkpoint, adapters-only
+    (save_merged: false, the QLoRA default) or merged, in a folder others may enter."""
+    import shutil
+
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    (model / "additional_chat_templates").mkdir()
+    (model / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    cfg = tiny_config(tmp_path, model=str(model), max_steps=1, lora={"rank": 2}, save_merged=merged)
+    Trainer(TrainConfig.from_dict(cfg)).train()
+    named = tmp_path / "run" / "checkpoint-0000001" / "additional_chat_templates"
+    assert (named / "tool_use.jinja").read_text() == "{{ tools }}"
+    assert named.stat().st_mode & 0o111 == (named.stat().st_mode & 0o444) >> 2  # searchable where readable
