@@ -8,7 +8,8 @@ assistant turn's `tool_use` blocks become its tool calls (input as JSON argument
 function tools (`input_schema` as parameters); `tool_choice` auto / any / tool / none become "auto" /
 "required" / the named function / "none"; `max_tokens`, `temperature`, `top_p`, `top_k` keep their
 meaning. It then runs exactly as /v1/chat/completions runs it (same prompt, constraints, seeds, engine).
-The reply is a message whose content is a text block and one `tool_use` block per call, with
+The reply is a message whose content is a text block and one `tool_use` block per call (an empty reply
+has none: `[]`, and its stream no content block, as Anthropic's), with
 `stop_reason` end_turn, max_tokens, stop_sequence (and `stop_sequence`) or tool_use, and usage in
 Anthropic's names (`cache_read_input_tokens`: prompt tokens from the prefix cache). Structured output
 (`output_config.format`, a JSON schema) is the chat route's `response_format` json_schema: the text
@@ -21,11 +22,14 @@ reply that may hold tool calls is sent once complete (its input in one `input_js
 turn's `image` blocks (also inside a `tool_result`) become the chat route's image parts, in place among
 the text: a `base64` source as a data URL (`data:{media_type};base64,{data}`), a `url` source as its URL
 (`file` sources are refused: there is no file store); an image that does not load is a 400 naming its
-block. Document and server-tool blocks are refused by name; thinking blocks in the
-history are dropped (the model's template leaves earlier thoughts out too). `thinking` ({"type":
-"enabled"} or "adaptive": on; "disabled": off) renders the chat template with `enable_thinking`; a
-reply's thought channel (canvaslm.reasoning) comes first as a `thinking` block (its `signature` empty:
-nothing here checks one), streamed as `thinking_delta`s; `budget_tokens` caps the thought
+block. Document and server-tool blocks are refused by name, and so are tools without `input_schema` and text
+blocks whose text is not a string; `tools` with tool_choice auto (or no tool_choice) on a model with no
+tool-call tokens are refused with advice in this API's tool_choice terms; thinking blocks in the history
+are dropped (the model's template leaves earlier thoughts out too). `thinking` ({"type": "enabled"} or
+"adaptive": on; "disabled": off) renders the chat template with `enable_thinking` ("enabled" is refused on a
+model with no thought channel; "adaptive" leaves it to the model); a reply's thought channel
+(canvaslm.reasoning) comes first as a `thinking` block (its `signature` empty: nothing here checks one),
+streamed as `thinking_delta`s; `budget_tokens` caps the thought
 (sampling.thinking; `max_tokens` bounds thought and answer together). /v1/messages/count_tokens counts an
 image's soft tokens (it loads the images, as a request would). Errors use Anthropic's body, `{"type": "error", "error": {"type",
 "message"}}` (app.py).
@@ -44,7 +48,7 @@ from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest
 from .serving import (APIError, ServerState, encode_chat, image_error_at, load_images, need_chat_template,
                       errors_named, off_loop, prepare_translated, run_choices, run_to_end, validated)
-from .tools import arguments_object, reply_message, tool_replies
+from .tools import arguments_object, auto_problem, auto_tools, reply_message, tool_replies
 
 MAX_STOP_SEQUENCES = 16
 BASE64 = "the base64 data"  # what a load error calls an image sent as base64 (wrapped here into a data URL)
@@ -118,14 +122,24 @@ def _content(blocks, where: str, param: str, places: list | None = None) -> str 
     parts = []
     for k, b in enumerate(blocks):
         kind = b.get("type") if isinstance(b, dict) else None
-        if kind == "text" and isinstance(b.get("text"), str):
-            parts.append({"type": "text", "text": b["text"]})
+        if kind == "text":
+            parts.append(_text(b, f"{where}[{k}]", param))
         elif kind == "image" and places is not None:
             parts.append(_image(b, f"{where}[{k}]", places))
         else:
             what = "text and image" if places is not None else "text only"
             raise APIError(400, f"{where}[{k}]: a block of type {kind!r} is not supported here ({what})", param)
     return _joined(parts)
+
+
+def _text(block: dict, where: str, param: str) -> dict:
+    """A text block's chat part (a block of type text whose text is not a string is named as such, not as an
+    unsupported block)."""
+    text = block.get("text")
+    if not isinstance(text, str):
+        got = "no text field" if "text" not in block else "null" if text is None else type(text).__name__
+        raise APIError(400, f"{where}.text must be a string, got {got}", param)
+    return {"type": "text", "text": text}
 
 
 def _joined(parts: list[dict]) -> str | list[dict]:
@@ -172,8 +186,8 @@ def _messages(body, places: list | None = None) -> list[dict]:
         parts, calls, results, result_places, own_places = [], [], [], [], []
         for k, b in enumerate(m.content):
             kind = b.get("type")
-            if kind == "text" and isinstance(b.get("text"), str):
-                parts.append({"type": "text", "text": b["text"]})
+            if kind == "text":
+                parts.append(_text(b, f"{where}[{k}]", "messages"))
             elif kind == "image" and m.role == "user":
                 parts.append(_image(b, f"{where}[{k}]", own_places))
             elif kind == "tool_use" and m.role == "assistant":
@@ -207,10 +221,13 @@ def _messages(body, places: list | None = None) -> list[dict]:
 def _tools(body) -> dict:
     fields = {}
     if body.tools:
-        for t in body.tools:
-            if t.type not in (None, "custom") or t.input_schema is None:
-                raise APIError(400, f"tools: {t.name!r} is a server tool ({t.type}); this server runs custom tools "
-                                    "(name, description, input_schema) only", "tools")
+        for i, t in enumerate(body.tools):
+            if t.type not in (None, "custom"):
+                raise APIError(400, f"tools[{i}]: {t.name!r} is a server tool ({t.type}); this server runs custom "
+                                    "tools (name, description, input_schema) only", "tools")
+            if t.input_schema is None:
+                raise APIError(400, f"tools[{i}].input_schema is required (the JSON schema of {t.name}'s input)",
+                               "tools")
         fields["tools"] = [{"type": "function", "function": {
             "name": t.name, **({"description": t.description} if t.description else {}), "parameters": t.input_schema}}
             for t in body.tools]
@@ -268,6 +285,24 @@ def _thinking(body) -> dict:
     return fields
 
 
+# "auto" and the tool_choice values to send instead of it, in the Messages API's terms (tools.auto_problem)
+AUTO_TERMS = ('tool_choice {"type": "auto"} (the default with tools)',
+              'send tool_choice {"type": "any"} (the model picks one of the tools), {"type": "tool", "name": ...}, '
+              'or {"type": "none"}')
+
+
+def _check_model(state: ServerState, body: MessagesRequest, chat: ChatCompletionRequest) -> None:
+    """What this model cannot do, refused in the Messages API's terms before the chat route sees it (it would
+    advise chat fields, or run on without a thought): thinking asked of a model with no thought channel, and
+    calls in the model's own syntax with no tool-call tokens in its vocabulary."""
+    if (body.thinking or {}).get("type") == "enabled" and state.thoughts is None:
+        raise APIError(400, f"thinking: {body.model!r} does not support thinking (its tokenizer has no thought "
+                            "channel tokens); send thinking {\"type\": \"disabled\"} or none", "thinking")
+    problem = auto_problem(state.tokenizer, AUTO_TERMS) if auto_tools(chat) else None
+    if problem is not None:
+        raise APIError(400, problem, "tool_choice")
+
+
 # what an error about the translated chat body names, in the Messages body's own terms
 MESSAGES_NAMES = {"thinking_token_budget": "thinking.budget_tokens", "response_format": "output_config.format",
                   "stop": "stop_sequences", "tool_choice 'required'": "tool_choice 'any'"}
@@ -297,13 +332,15 @@ def _blocks(message: dict, thinking: str = "", thought_at: int | None = None) ->
     `thought_at` (TextTracker.thought_at) is where in the text a thought begun after it sits."""
     think = [{"type": "thinking", "thinking": thinking, "signature": ""}] if thinking else []
     text = message.get("content") or ""
+    def said(part: str) -> list[dict]:  # an empty text is no block (as the stream opens none for it)
+        return [{"type": "text", "text": part}] if part else []
+
     if thought_at is None or not think:
-        blocks = think + ([{"type": "text", "text": text}] if text else [])
+        blocks = think + said(text)
     elif message.get("tool_calls"):  # the calls' text is not the tracker's: the text, then the thought
-        blocks = ([{"type": "text", "text": text}] if text else []) + think
+        blocks = said(text) + think
     else:
-        blocks = [{"type": "text", "text": text[:thought_at]}] + think + \
-            ([{"type": "text", "text": text[thought_at:]}] if text[thought_at:] else [])
+        blocks = said(text[:thought_at]) + think + said(text[thought_at:])
     for call in message.get("tool_calls") or []:
         blocks.append({"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
                        "name": call["function"]["name"], "input": arguments_object(call["function"]["arguments"])})
@@ -328,6 +365,7 @@ async def create_message(state: ServerState, body: MessagesRequest, request):
     need_chat_template(state, "messages")
     places = []
     chat = to_chat(body, places)
+    _check_model(state, body, chat)
     ids = await off_loop(state, encode_chat, state, chat, "messages")
     stops = [s for s in body.stop_sequences or [] if s]
     if stops and chat.tools and chat.tool_choice not in (None, "auto", "none"):
@@ -382,7 +420,8 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
             for line in _close_block(event, blocks):
                 yield line
         else:  # blocks stream in the order the model writes them: a thought, then the text (a thought begun
-            # after the text is a block of its own after it); the text block is there even when empty
+            # after the text is a block of its own after it); an empty reply has no block, as the whole message has
+            # none (Anthropic's own stream then goes from message_start to message_delta)
             blocks = []
             async with contextlib.aclosing(run_choices(state, [c])) as events:
                 async for kind, _, payload in events:
@@ -395,9 +434,6 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
                     blocks[-1][field] += payload
                     yield event("content_block_delta", index=len(blocks) - 1,
                                 delta={"type": field + "_delta", field: payload})
-            if not any(b["type"] == "text" for b in blocks):
-                for line in _open_block(event, blocks, "text"):
-                    yield line
             for line in _close_block(event, blocks):
                 yield line
         reason, seq = _stop(c, blocks)

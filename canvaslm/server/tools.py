@@ -61,14 +61,20 @@ def auto_tools(body) -> bool:
     return bool(getattr(body, "tools", None)) and getattr(body, "tool_choice", None) in (None, "auto")
 
 
-def auto_problem(tokenizer) -> str | None:
-    """Why "auto" cannot run with this tokenizer, or None."""
+# what "auto" is called, and the tool_choice values advised instead of it, in OpenAI's terms (another API's
+# route passes its own: the advice must be a body that route takes)
+OPENAI_AUTO = ("tool_choice 'auto'", "send 'required' (the model picks one of the tools), name the function, e.g. "
+               "{'type': 'function', 'function': {'name': ...}}, or 'none'")
+
+
+def auto_problem(tokenizer, terms: tuple[str, str] = OPENAI_AUTO) -> str | None:
+    """Why "auto" cannot run with this tokenizer, or None; `terms`: (what "auto" is called, what to send instead)."""
     from ..tool_parser import CALL_OPEN, NativeToolParser
 
     if tokenizer is None or NativeToolParser.for_tokenizer(tokenizer) is None:
-        return (f"tool_choice 'auto' reads calls in the model's own syntax ({CALL_OPEN}...), and this checkpoint's "
-                "tokenizer has no such tokens: send 'required' (the model picks one of the tools), name the "
-                "function, e.g. {'type': 'function', 'function': {'name': ...}}, or 'none'")
+        auto, instead = terms
+        return (f"{auto} reads calls in the model's own syntax ({CALL_OPEN}...), and this checkpoint's "
+                f"tokenizer has no such tokens: {instead}")
     return None
 
 
@@ -227,4 +233,4 @@ def tool_replies(state, body, choices) -> dict:
 
 
 __all__ = ["arguments_object", "reply_message", "tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools",
-           "auto_problem", "ToolReply", "tool_replies"]
+           "auto_problem", "OPENAI_AUTO", "ToolReply", "tool_replies"]
