@@ -4,7 +4,8 @@ Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (ser
 POST /v1/messages and /v1/messages/count_tokens (server/anthropic.py),
 POST /tokenize, POST /detokenize, GET /v1/models, GET /health, GET /metrics, and llama-server's native
 POST /completion and POST /infill (server/llamacpp.py: editor plugins such as llama.vim and llama.vscode),
-Ollama's /api/chat, /api/generate, /api/embed, /api/tags, /api/show, /api/ps, /api/version (server/ollama.py),
+Ollama's /api/chat, /api/generate, /api/embed, /api/tags, /api/show, /api/ps, /api/version and its liveness answer
+at GET / (server/ollama.py),
 plus FastAPI's /openapi.json. Every client mistake is a 4xx with an OpenAI-style body
 {"error": {"message", "type", "param", "code"}}; only engine failures are 5xx. With an API key, every
 route but /health needs `Authorization: Bearer <key>`.
@@ -254,8 +255,12 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/api/embeddings", responses=ERRORS)
     async def ollama_embeddings(body: ollama.LegacyEmbedBody):
-        out = await ollama.embed(state, ollama.EmbedBody(model=body.model, input=body.prompt))
-        return {"embedding": out["embeddings"][0]}
+        return await ollama.embeddings(state, body)
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    async def ollama_running():
+        """Ollama's liveness answer: its clients (the `ollama` CLI, Page Assist) probe the base URL first."""
+        return ollama.RUNNING
 
     @app.get("/api/tags")
     async def ollama_tags():

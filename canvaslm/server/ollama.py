@@ -1,17 +1,23 @@
 """Ollama's API (`/api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings`, `/api/tags`, `/api/show`,
-`/api/ps`, `/api/version`), for the local front-ends and tools built on it (Open WebUI, Continue, Page
-Assist, the `ollama` client libraries): point them at this server as their Ollama host.
+`/api/ps`, `/api/version`, and `GET /`'s "Ollama is running"), for the local front-ends and tools built on it
+(Open WebUI, Continue, Page Assist, the `ollama` client libraries): point them at this server as their Ollama
+host.
 
 Each body is translated to the OpenAI request with the same meaning and runs through the same path:
 `/api/chat` is a chat completion (`messages`, `tools`, `format`: "json" or a JSON schema); `/api/generate`
 is the chat template around `system` + `prompt` (as Ollama applies the model's template), or with
-`raw: true` a plain completion of `prompt`, or with `suffix` insert mode (server/infill.py). `options`
-keep Ollama's names: `num_predict` (-1 or absent: the server's default), `temperature`, `top_k`,
-`top_p`, `min_p`, `seed`, `stop`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`; the ones
+`raw: true` a plain completion of `prompt` (`format` applies to it too), or with `suffix` insert mode
+(server/infill.py); as Ollama's, raw mode refuses `template`, `system` and `context`, and this server
+refuses a Go `template` everywhere (it renders the checkpoint's own Jinja template). `options` keep Ollama's
+names: `num_predict` (-1 or absent: the server's default), `temperature`, `top_k`, `top_p`, `min_p`,
+`seed`, `stop`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`; the ones
 with no meaning here (`num_ctx`, `num_gpu`, `num_thread`, `mirostat`, ... and `keep_alive`) are
-ignored: the model stays loaded and the context is the server's `max_model_len`. `think` (true, or a
-level: on; false: off) renders the chat template with `enable_thinking`, and a reply's thought channel
-(canvaslm.reasoning) comes back as `thinking` (chat: in `message`), streamed before the answer.
+ignored: the model stays loaded and the context is the server's `max_model_len`. Values Go reads leniently
+are read so: `content: null` is "", an integral float is the integer in an integer option. `think` (true,
+or a level "high" / "medium" / "low" / "max": on; false: off; a model with no thought channel refuses it, as
+Ollama's refuses a model without the thinking capability) renders the chat template with `enable_thinking`,
+and a reply's thought channel (canvaslm.reasoning) comes back as `thinking` (chat: in `message`), streamed
+before the answer.
 `images` (base64, as Ollama's clients send them) become the chat route's image parts (data URLs): a
 message's images go before its text, as Ollama puts them; /api/generate's go into the templated user
 message likewise, and with `raw: true` where the prompt holds the image token's text (one per image), or
@@ -24,28 +30,32 @@ with the new text, then a last one with `done: true`, `done_reason` ("stop" or "
 counts (`prompt_eval_count`: prompt tokens encoded, the prefix cache's left out; `eval_count`) and the
 durations in nanoseconds (prompt: submission to the end of its encoding); a templated /api/generate
 reply also carries the deprecated `context` (prompt and reply ids), which a request may send back to go
-on from it. A model is named by the served name, with or without a `:tag`. Errors are
-`{"error": message}` with the status code.
+on from it. An empty /api/embed or /api/embeddings request answers with no vectors (it loads the model, as
+Ollama's), and /api/embed's `dimensions` cuts each vector and L2-normalises it again, as Ollama's does. A
+model is named by the served name, with or without a `:tag`. Errors are `{"error": message}` with the
+status code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest, CompletionRequest
-from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
-                      errors_named, off_loop, run_choices, run_to_end, validated)
+from .serving import (APIError, ServerState, check_in_vocab, encode_chat, need_chat_template, need_tokenizer,
+                      prepare_translated, errors_named, off_loop, run_choices, run_to_end, validated)
 from .tools import arguments_object, reply_message, tool_replies
 
 VERSION = "0.12.0"  # the Ollama API version these routes follow (clients check it for features)
+RUNNING = "Ollama is running"  # GET / and HEAD /: the liveness answer its clients probe the base URL for
 
 
 class _Body(BaseModel):
@@ -64,6 +74,13 @@ class Options(_Body):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
 
+    @field_validator("num_predict", "top_k", "seed", mode="before")
+    @classmethod
+    def _whole(cls, value):
+        """A JSON number with no fraction (4.0) is the integer, as Ollama's Go server reads options (a client that
+        keeps every number a float sends these); 4.5 is still refused."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
 
 class OllamaMessage(_Body):
     role: str
@@ -71,6 +88,12 @@ class OllamaMessage(_Body):
     images: list[str] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value):
+        """null is "", as Ollama's Go server reads it (clients send it for an assistant turn of tool calls only)."""
+        return "" if value is None else value
 
 
 class ChatBody(_Body):
@@ -98,12 +121,14 @@ class GenerateBody(_Body):
     keep_alive: str | int | float | None = None
     context: list[int] | None = Field(None, max_length=1 << 22,
                                       description="deprecated: the `context` of an earlier reply, to go on from")
+    template: str | None = None  # an Ollama Go template: refused (this server renders the checkpoint's own)
 
 
 class EmbedBody(_Body):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str] = ""
     truncate: bool = True
+    dimensions: int | None = Field(None, ge=0, le=INT64)  # each vector cut to its first n, re-normalised (0: whole)
 
 
 class LegacyEmbedBody(_Body):
@@ -128,13 +153,50 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+THINK_LEVELS = ("high", "medium", "low", "max")  # Ollama's levels: each is thinking on here (no effort scale)
+
+
+def _check_think(state: ServerState, body, templated: bool = True) -> None:
+    """Ollama's refusals of `think`: a value it does not take, thinking without the chat template (`templated`
+    false: a raw prompt or an insert), or asked of a model that cannot think (no thought channel tokens:
+    /api/show lists no 'thinking'), which would otherwise answer without a thought."""
+    if isinstance(body.think, str) and body.think not in THINK_LEVELS:
+        raise APIError(400, f"invalid think value: {body.think!r} (must be \"high\", \"medium\", \"low\", "
+                            "\"max\", true, or false)", "think")
+    if body.think in (None, False):
+        return
+    if not templated:
+        raise APIError(400, "think needs the chat template: send raw: false and no suffix", "think")
+    if state.thoughts is None:
+        raise APIError(400, f"\"{body.model}\" does not support thinking (its tokenizer has no thought channel "
+                            "tokens; /api/show lists no 'thinking' capability)", "think")
+
+
+def _check_generate(state: ServerState, body: GenerateBody) -> None:
+    """What /api/generate cannot do with its body, refused by name rather than dropped: a raw prompt or an insert
+    (`suffix`) is sent as is, so there is nothing to put a system message or an earlier context into, and the
+    chat template is the checkpoint's own (Jinja): an Ollama Go `template` cannot replace it."""
+    if body.raw and (body.template or body.system or body.context):
+        given = [k for k in ("template", "system", "context") if getattr(body, k)]
+        raise APIError(400, f"raw mode does not support template, system, or context (got {', '.join(given)})",
+                       given[0])
+    if body.suffix and (body.system or body.context):
+        field = "system" if body.system else "context"
+        raise APIError(400, f"{field} cannot be combined with suffix (insert mode fills the gap between prompt and "
+                            "suffix, with no chat template around them)", field)
+    if body.template:
+        raise APIError(400, "template: this server renders the checkpoint's own chat template (Jinja) and cannot "
+                            "take an Ollama Go template; send none (or raw: true with the prompt already templated)",
+                       "template")
+    if body.context:
+        check_in_vocab(state, body.context, "context", "context token ids")
+    _check_think(state, body, templated=not (body.raw or body.suffix))
+
+
 def _sampling(body, fields: dict) -> dict:
     o = body.options or Options()
-    think = body.think is not None and body.think not in (False, "false", "none")
-    if think and "messages" not in fields:
-        raise APIError(400, "think needs the chat template: send raw: false and no suffix", "think")
-    if body.think is not None and "messages" in fields:
-        fields["chat_template_kwargs"] = {"enable_thinking": think}
+    if body.think is not None and "messages" in fields:  # true or a level: on (_check_think took the value)
+        fields["chat_template_kwargs"] = {"enable_thinking": body.think is not False}
     fields.update(max_tokens=None if o.num_predict is None or o.num_predict < 0 else o.num_predict or None,
                   temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
                   seed=None if o.seed is None or o.seed < 0 else o.seed, repetition_penalty=o.repeat_penalty,
@@ -212,6 +274,7 @@ ollama_names = errors_named({"max_tokens": "num_predict", "response_format": "fo
 async def chat(state: ServerState, body: ChatBody, request):
     name = served(state, body.model)
     need_chat_template(state, "messages")
+    _check_think(state, body)
     if not body.messages:  # Ollama loads the model and answers at once
         return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
@@ -236,6 +299,7 @@ async def chat(state: ServerState, body: ChatBody, request):
 async def generate(state: ServerState, body: GenerateBody, request):
     name = served(state, body.model)
     need_tokenizer(state, "prompt")
+    _check_generate(state, body)
     if not body.prompt and not body.suffix:  # Ollama loads the model and answers at once (an empty suffix is none)
         return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
     places, images = [], body.images or []
@@ -247,8 +311,9 @@ async def generate(state: ServerState, body: GenerateBody, request):
         raise APIError(400, "images cannot be combined with suffix (insert mode takes text only)", "images")
     if body.suffix or body.raw:
         fields = _sampling(body, {"model": name, "prompt": body.prompt, "suffix": body.suffix or None})
-        if fields.get("response_format"):
-            raise APIError(400, "format works with a templated prompt; send raw: false and no suffix", "format")
+        if body.suffix and fields.get("response_format"):
+            raise APIError(400, "format cannot be combined with suffix (insert mode fills a gap; its text is not "
+                                "the whole output a format describes)", "format")
         oa = validated(CompletionRequest, {**fields, "prompt": [0]}, "prompt")  # ids are set below
         prompt, mark = body.prompt, state.image_placeholder
         if images and mark not in prompt:  # a raw prompt that names no image: they lead it
@@ -353,9 +418,15 @@ async def embed(state: ServerState, body: EmbedBody):
     from .protocol import EmbeddingRequest
 
     name = served(state, body.model)
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts or not all(texts):
-        raise APIError(400, "input is empty", "input")
+    if body.dimensions and body.dimensions > state.hidden_size:
+        raise APIError(400, f"dimensions={body.dimensions} is over this model's {state.hidden_size} (a vector can only "
+                            "be cut shorter)", "dimensions")
+    texts = ([body.input] if body.input else []) if isinstance(body.input, str) else body.input
+    if not texts:  # as Ollama: an empty request loads the model and answers at once
+        return {"model": body.model, "embeddings": []}
+    empty = [i for i, t in enumerate(texts) if not t]
+    if empty:
+        raise APIError(400, f"input[{empty[0]}] is empty: every input of a list needs text", "input")
     need_tokenizer(state, "input")
     start = time.perf_counter()
     try:
@@ -365,9 +436,25 @@ async def embed(state: ServerState, body: EmbedBody):
     if body.truncate:  # Ollama's default: an input over the context loses its end (false: an error, as is)
         prompts = [p[:state.max_model_len] for p in prompts]
     out = await create_embeddings(state, EmbeddingRequest(model=name, input=texts), prompts)
-    return {"model": body.model, "embeddings": [d["embedding"] for d in out["data"]],
+    return {"model": body.model, "embeddings": [_shortened(d["embedding"], body.dimensions) for d in out["data"]],
             "total_duration": int((time.perf_counter() - start) * 1e9), "load_duration": 0,
             "prompt_eval_count": sum(len(p) for p in prompts)}
+
+
+async def embeddings(state: ServerState, body: LegacyEmbedBody) -> dict:
+    """The deprecated /api/embeddings: one prompt's vector (an empty prompt loads the model: an empty one)."""
+    out = await embed(state, EmbedBody(model=body.model, input=body.prompt))
+    return {"embedding": out["embeddings"][0] if out["embeddings"] else []}
+
+
+def _shortened(vector: list[float], dimensions: int | None) -> list[float]:
+    """Ollama's `dimensions`: the vector's first n values, L2-normalised again (as its server does, whether or
+    not the model was trained for shorter vectors; /v1/embeddings refuses a cut it was not trained for)."""
+    if not dimensions or dimensions >= len(vector):
+        return vector
+    head = vector[:dimensions]
+    norm = max(math.sqrt(sum(x * x for x in head)), 1e-12)
+    return [x / norm for x in head]
 
 
 def _details(state: ServerState) -> dict:
@@ -413,5 +500,5 @@ def ps(state: ServerState) -> dict:
     return {"models": [dict(m, size_vram=0, expires_at="0001-01-01T00:00:00Z") for m in tags(state)["models"]]}
 
 
-__all__ = ["ChatBody", "GenerateBody", "EmbedBody", "LegacyEmbedBody", "ShowBody", "chat", "generate", "embed", "tags",
-           "show", "ps", "served", "ollama_message", "VERSION"]
+__all__ = ["ChatBody", "GenerateBody", "EmbedBody", "LegacyEmbedBody", "ShowBody", "chat", "generate", "embed",
+           "embeddings", "tags", "show", "ps", "served", "ollama_message", "VERSION", "RUNNING"]
