@@ -61,13 +61,19 @@ def _lora_families(engine: Engine) -> list[tuple]:
     return [("lora_requests", "gauge", "Requests held (waiting or running) by LoRA adapter", samples)]
 
 
+def _label_value(v) -> str:
+    """A label value as the text exposition format writes it: backslash, double quote and newline escaped
+    (an adapter's name is the client's text: unescaped, a quote breaks the page and a newline adds lines)."""
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _render_by_hand(families) -> str:
     lines = []
     for name, kind, help_text, samples in families:
         full = PREFIX + name
         lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
         for suffix, labels, value in samples:
-            lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lab = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
             lines.append(f"{full}{suffix}{{{lab}}} {float(value)}" if lab else f"{full}{suffix} {float(value)}")
     return "\n".join(lines) + "\n"
 
