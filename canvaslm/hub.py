@@ -6,7 +6,8 @@ looked up in the Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE`, where `hf downl
 tokenizer, chat template) when they are missing and the machine is online. With `HF_HUB_OFFLINE=1` (read
 at each call) only the cache is used, and a model that is not there (or only partly: a snapshot without
 weights, such as the config.json `canvaslm memory` fetches) is an error naming the repo and the cache, never
-a network call.
+a network call. `resolve_adapter` does the same for a LoRA adapter repo, fetching its adapter_model.bin
+(older peft adapters) only when the repo has no adapter_model.safetensors.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 # what a checkpoint directory holds (checkpoint.py, config.py, tokenizer.py); other repo files are skipped
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # lora_serving's two, safetensors preferred
 SKIP = ["*/*"]  # files in sub-folders (an original/ copy of the weights, gguf/ ...): a checkpoint is top-level
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
@@ -30,8 +32,10 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def resolve_model(name: str | Path, revision: str | None = None, what: str = "model") -> Path:
-    """The checkpoint directory `name` stands for (module docstring). Errors name `what` and `name`."""
+def resolve_model(name: str | Path, revision: str | None = None, what: str = "model",
+                  weights: str = "*.safetensors") -> Path:
+    """The checkpoint directory `name` stands for (module docstring). Errors name `what` and `name`; offline, a
+    snapshot without a file matching `weights` is only partly in the cache."""
     path = Path(name)
     if path.is_dir():
         if revision is not None:
@@ -42,6 +46,29 @@ def resolve_model(name: str | Path, revision: str | None = None, what: str = "mo
         raise FileNotFoundError(f"{what} {name} is a file; expected a checkpoint directory or a repo id")
     if not is_repo_id(str(name)):
         raise FileNotFoundError(f"{what} {name}: no such checkpoint directory (nor an owner/name repo id)")
+    snapshot = _snapshot(str(name), revision, what, CHECKPOINT_FILES)
+    if offline() and not any(snapshot.glob(weights)):  # e.g. the config.json `canvaslm memory` fetched
+        held = ", ".join(sorted(p.name for p in snapshot.iterdir())) or "nothing"
+        raise FileNotFoundError(
+            f"{what} {name}{'@' + revision if revision else ''} is only partly in the Hugging Face cache "
+            f"({snapshot} holds {held}; no weights) and HF_HUB_OFFLINE is set; download it with "
+            f"`hf download {name}` or pass a checkpoint directory")
+    return snapshot
+
+
+def resolve_adapter(name: str) -> Path:
+    """The snapshot of LoRA adapter repo `name` (errors as `resolve_model`'s): its config and safetensors
+    weights, or, for a repo without those, its adapter_model.bin."""
+    what = "LoRA adapter"
+    snapshot = resolve_model(name, what=what, weights="adapter_model.*")
+    if not (snapshot / ADAPTER_WEIGHTS[0]).is_file() and not offline():  # a second look-up, for .bin-only repos
+        snapshot = _snapshot(name, None, what, [ADAPTER_WEIGHTS[1]])
+    return snapshot
+
+
+def _snapshot(name: str, revision: str | None, what: str, patterns: list) -> Path:
+    """huggingface_hub's snapshot of the files of repo `name` matching `patterns` (downloaded where missing;
+    from the cache only, offline); its errors as ours, naming `what` and `name`."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -53,8 +80,8 @@ def resolve_model(name: str | Path, revision: str | None = None, what: str = "mo
     from huggingface_hub import constants
 
     try:
-        snapshot = Path(snapshot_download(str(name), revision=revision, allow_patterns=CHECKPOINT_FILES,
-                                          ignore_patterns=SKIP, local_files_only=offline()))
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns, ignore_patterns=SKIP,
+                                      local_files_only=offline()))
     except LocalEntryNotFoundError:
         how = "HF_HUB_OFFLINE is set" if offline() else "it could not be downloaded"
         raise FileNotFoundError(
@@ -65,13 +92,6 @@ def resolve_model(name: str | Path, revision: str | None = None, what: str = "mo
         raise ValueError(f"{what} {name}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     except HfHubHTTPError as e:
         raise ValueError(f"{what} {name}: download failed: {str(e).splitlines()[0]}") from None
-    if offline() and not any(snapshot.glob("*.safetensors")):  # e.g. the config.json `canvaslm memory` fetched
-        held = ", ".join(sorted(p.name for p in snapshot.iterdir())) or "nothing"
-        raise FileNotFoundError(
-            f"{what} {name}{'@' + revision if revision else ''} is only partly in the Hugging Face cache "
-            f"({snapshot} holds {held}; no weights) and HF_HUB_OFFLINE is set; download it with "
-            f"`hf download {name}` or pass a checkpoint directory")
-    return snapshot
 
 
-__all__ = ["resolve_model", "is_repo_id", "CHECKPOINT_FILES"]
+__all__ = ["resolve_model", "resolve_adapter", "is_repo_id", "CHECKPOINT_FILES"]

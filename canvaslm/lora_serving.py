@@ -2,7 +2,8 @@
 share every decoder and encoder step (vLLM's multi-LoRA, `--lora-modules NAME=DIR`).
 
 Adapters are PEFT directories (`adapter_config.json` + `adapter_model.safetensors`, the format
-`peft` writes and `canvaslm export --adapter` writes for our trainer's LoRA runs): for each adapted
+`peft` writes and `canvaslm export --adapter` writes for our trainer's LoRA runs; or `adapter_model.bin`,
+what `peft` writes with `safe_serialization=False`, read with `weights_only`): for each adapted
 projection, `base_model.model.<module>.lora_A.weight` [r, in] and `lora_B.weight` [out, r], scaled by
 lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`). Module paths are `transformers`' names. There
 the encoder runs the decoder's layers through modules of its own (`model.encoder.language_model.
@@ -35,8 +36,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .hub import ADAPTER_WEIGHTS, is_repo_id, resolve_adapter
+
 CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+# adapter_model.safetensors, else adapter_model.bin (peft's save_pretrained(safe_serialization=False))
+WEIGHTS_FILE, BIN_FILE = ADAPTER_WEIGHTS
+# peft inits that also change the base weights (residual of an SVD, quantized): unless saved converted
+# (save_pretrained(path_initial_model_for_weight_conversion=...), which writes init_lora_weights true), such an
+# adapter is only right on that changed base, not on the model it is served on
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 PREFIX = "base_model.model."
 DECODER_LAYERS = "model.decoder.layers."
 ENCODER_LAYERS = "model.encoder.language_model.layers."  # transformers' encoder-mode modules of the same layers
@@ -79,33 +87,39 @@ class Adapter:
         return sorted(self.weights)
 
 
-def read_adapter(path, name: str | None = None) -> Adapter:
-    """A PEFT LoRA adapter directory (or a Hub repo id of one, through the HF cache) -> Adapter (AdapterError
-    naming the file and key on bad input)."""
-    from safetensors.torch import load_file
+def weights_path(d: Path) -> Path | None:
+    """An adapter directory's weights file: the safetensors one, else the .bin one, else None."""
+    return next((d / f for f in (WEIGHTS_FILE, BIN_FILE) if (d / f).is_file()), None)
 
-    d = Path(path)
-    from .hub import is_repo_id, resolve_model
 
-    if not d.is_dir() and is_repo_id(str(path)):  # an adapter repo on the Hugging Face Hub (canvaslm.hub)
-        try:
-            d = resolve_model(str(path), what="LoRA adapter")
-        except (FileNotFoundError, ValueError) as e:
-            raise AdapterError(str(e)) from None
-    cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise AdapterError(f"{d}: a LoRA adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+def _load_weights(w_path: Path) -> dict:
+    """{key: tensor} of a safetensors file, or of a torch .bin one (`weights_only`: tensors, never code)."""
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_path}: expected a JSON object")
+        if w_path.name == BIN_FILE:
+            tensors = torch.load(w_path, map_location="cpu", weights_only=True)
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(w_path))
+    except Exception as e:  # noqa: BLE001 - safetensors and torch.load raise their own error types for damaged files
+        raise AdapterError(f"{w_path}: cannot read ({e})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise AdapterError(f"{w_path}: expected a dict of tensors, got a {type(tensors).__name__}")
+    return tensors
+
+
+def _check_config(cfg_path: Path, cfg: dict) -> None:
+    """Refuse, by key, the peft options the served LoRA does not compute."""
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not served; only LORA is")
-    for key, ok in (("use_dora", False), ("bias", "none")):
+    for key, ok in (("use_dora", False), ("bias", "none"), ("lora_bias", False)):
         if cfg.get(key, ok) not in (ok, None):
             raise AdapterError(f"{cfg_path}: {key}={cfg[key]!r} is not served (LoRA without it only)")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterError(f"{cfg_path}: init_lora_weights={init!r} also changes the base weights, so the adapter "
+                           "is right only on that changed base; save it converted (peft's save_pretrained("
+                           "path_initial_model_for_weight_conversion=...)) or merge it into a checkpoint instead")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"{cfg_path}: modules_to_save {cfg['modules_to_save']} is not served (it replaces "
                            "whole modules); merge the adapter into a checkpoint instead")
@@ -115,18 +129,35 @@ def read_adapter(path, name: str | None = None) -> Adapter:
         if cfg.get(key):
             raise AdapterError(f"{cfg_path}: {key} ({what}) is not served (one rank and lora_alpha for all "
                                "modules only); merge the adapter into a checkpoint instead")
+
+
+def read_adapter(path, name: str | None = None) -> Adapter:
+    """A PEFT LoRA adapter directory (or a Hub repo id of one, through the HF cache) -> Adapter (AdapterError
+    naming the file and key on bad input)."""
+    d = Path(path)
+    if not d.is_dir() and is_repo_id(str(path)):  # an adapter repo on the Hugging Face Hub (canvaslm.hub)
+        try:
+            d = resolve_adapter(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise AdapterError(str(e)) from None
+    cfg_path, w_path = d / CONFIG_FILE, weights_path(d)
+    if not cfg_path.is_file() or w_path is None:
+        raise AdapterError(f"{d}: a LoRA adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE} (or {BIN_FILE})")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object")
+    _check_config(cfg_path, cfg)
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or r < 1:
         raise AdapterError(f"{cfg_path}: r must be a positive integer, got {r!r}")
     if not isinstance(alpha, (int, float)) or alpha <= 0:
         raise AdapterError(f"{cfg_path}: lora_alpha must be a positive number, got {alpha!r}")
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    try:
-        tensors = load_file(str(w_path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise AdapterError(f"{w_path}: cannot read ({e})") from None
     parts: dict = {}
-    for key, t in tensors.items():
+    for key, t in _load_weights(w_path).items():
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise AdapterError(f"{w_path}: key {key!r} is not a LoRA weight "
                                f"({PREFIX}<module>.lora_A.weight / lora_B.weight)")
@@ -220,7 +251,7 @@ class MultiLoRA:
         if self.max_rank is not None and adapter.rank > self.max_rank:
             raise AdapterError(f"adapter {adapter.name!r} has rank {adapter.rank}, over max_lora_rank={self.max_rank}")
         modules = dict(self.model.named_modules())
-        where = adapter.path / WEIGHTS_FILE if adapter.path is not None else f"adapter {adapter.name!r}"
+        where = (adapter.path is not None and weights_path(adapter.path)) or f"adapter {adapter.name!r}"
         for raw, (a, b) in adapter.weights.items():
             path = target(raw)[0]
             mod = self.layers.get(path) or modules.get(path)

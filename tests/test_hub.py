@@ -137,3 +137,73 @@ def test_a_snapshot_without_weights_is_said_to_be_partly_cached(hub_cache, capsy
     capsys.readouterr()
     assert main(["serve", "acme/partial", "--device", "cpu"]) == 2
     assert "acme/partial is only partly in the Hugging Face cache" in capsys.readouterr().err
+
+
+def _adapter_repo(hub_cache, local, name: str, files):
+    """Adapter repo acme/<name> in the cache at main, holding `files` of adapter directory `local`."""
+    repo = hub_cache.parent / f"models--acme--{name}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    for f in files:
+        shutil.copy(local / f, repo / "snapshots" / COMMIT / f)
+    return repo / "snapshots" / COMMIT
+
+
+@pytest.fixture()
+def bin_adapter(tmp_path, tiny_checkpoint):
+    """An adapter directory with both weight files: adapter_model.safetensors and its adapter_model.bin twin."""
+    import torch
+    from safetensors.torch import load_file
+
+    from canvaslm.checkpoint import load_model
+    from canvaslm.lora_serving import write_adapter
+
+    q = "model.decoder.layers.0.self_attn.q_proj"
+    lin = dict(load_model(tiny_checkpoint).named_modules())[q]
+    local = write_adapter(tmp_path / "ad", {q: (torch.ones(2, lin.in_features), torch.ones(lin.out_features, 2))},
+                          rank=2, alpha=2.0)
+    torch.save(load_file(str(local / "adapter_model.safetensors")), local / "adapter_model.bin")
+    return local
+
+
+def test_a_bin_only_adapter_repo_reads_from_the_cache(hub_cache, bin_adapter):
+    """Offline, an adapter repo holding adapter_model.bin (older peft) is whole, not 'only partly' cached."""
+    from canvaslm.lora_serving import read_adapter
+
+    snap = _adapter_repo(hub_cache, bin_adapter, "bin-lora", ["adapter_config.json", "adapter_model.bin"])
+    ad = read_adapter("acme/bin-lora", "x")
+    assert ad.path == snap and ad.rank == 2 and float(ad.weights["model.decoder.layers.0.self_attn.q_proj"][0].sum()) > 0
+
+
+def test_adapter_bin_is_fetched_only_without_safetensors(hub_cache, bin_adapter, monkeypatch):
+    """Online, the adapter's files are asked for as a checkpoint's, and adapter_model.bin only for a repo
+    without adapter_model.safetensors (what vLLM loads either way)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from canvaslm.hub import resolve_adapter
+
+    remote = {"acme/st-lora": ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"],
+              "acme/bin-lora": ["adapter_config.json", "adapter_model.bin", "README.md"]}
+    asked = []
+
+    def fake_download(name, revision=None, allow_patterns=None, ignore_patterns=None, local_files_only=False):
+        asked.append((name, allow_patterns))
+        snap = hub_cache.parent / name.replace("/", "--") / COMMIT
+        snap.mkdir(parents=True, exist_ok=True)
+        for f in remote[name]:
+            if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
+                shutil.copy(bin_adapter / f, snap / f)
+        return str(snap)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    (bin_adapter / "README.md").write_text("an adapter")
+    st = resolve_adapter("acme/st-lora")
+    assert sorted(p.name for p in st.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert len(asked) == 1
+    b = resolve_adapter("acme/bin-lora")
+    assert sorted(p.name for p in b.iterdir()) == ["adapter_config.json", "adapter_model.bin"]
+    assert asked[1:] == [("acme/bin-lora", asked[0][1]), ("acme/bin-lora", ["adapter_model.bin"])]

@@ -5,7 +5,83 @@ JSON form, and hand-written /metrics escapes adapter names."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
+
+from canvaslm.lora_serving import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_adapter,
+                                   write_adapter)
+
+Q = "model.decoder.layers.0.self_attn.q_proj"
+BIN_FILE = "adapter_model.bin"  # what peft's save_pretrained(safe_serialization=False) writes
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_checkpoint):
+    """A rank-2 adapter on the tiny checkpoint's first q_proj."""
+    from canvaslm.checkpoint import load_model
+
+    lin = dict(load_model(tiny_checkpoint).named_modules())[Q]
+    g = torch.Generator().manual_seed(0)
+    return write_adapter(tmp_path_factory.mktemp("lora_review") / "ad", {Q: (
+        torch.randn(2, lin.in_features, generator=g), torch.randn(lin.out_features, 2, generator=g))}, rank=2, alpha=2.0)
+
+
+def _with_config(src, dst, **changes):
+    """A copy of adapter `src` at `dst` with its adapter_config.json keys changed."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / CONFIG_FILE).read_text())
+    (dst / CONFIG_FILE).write_text(json.dumps({**cfg, **changes}))
+    return dst
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga", "PiSSA"])
+def test_inits_that_change_the_base_are_refused_by_name(adapter_dir, tmp_path, init):
+    """Saved without conversion, such an adapter is right only on the base its init changed (logits ~10 off)."""
+    d = _with_config(adapter_dir, tmp_path / "ad", init_lora_weights=init)
+    with pytest.raises(AdapterError, match=rf"{CONFIG_FILE}: init_lora_weights='{init}' also changes the base "
+                                           r"weights.*path_initial_model_for_weight_conversion"):
+        read_adapter(d)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+def test_inits_that_keep_the_base_load(adapter_dir, tmp_path, init):
+    """A converted PiSSA / OLoRA adapter is saved with init_lora_weights true."""
+    assert read_adapter(_with_config(adapter_dir, tmp_path / "ad", init_lora_weights=init)).rank == 2
+
+
+def test_lora_bias_is_refused_by_name(adapter_dir, tmp_path):
+    d = _with_config(adapter_dir, tmp_path / "ad", lora_bias=True)
+    with pytest.raises(AdapterError, match=rf"{CONFIG_FILE}: lora_bias=True is not served"):
+        read_adapter(d)
+    assert read_adapter(_with_config(adapter_dir, tmp_path / "off", lora_bias=False)).rank == 2
+
+
+def test_a_bin_adapter_loads_as_its_safetensors_twin(adapter_dir, tmp_path):
+    """peft's save_pretrained(safe_serialization=False) torch.saves the same state dict as adapter_model.bin."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    d = tmp_path / "bin"
+    shutil.copytree(adapter_dir, d)
+    torch.save(load_file(str(d / WEIGHTS_FILE)), d / BIN_FILE)
+    (d / WEIGHTS_FILE).unlink()
+    got, want = read_adapter(d), read_adapter(adapter_dir)
+    assert got.rank == want.rank and got.scale == want.scale and got.modules == want.modules
+    assert all(torch.equal(a, b) for a, b in zip(got.weights[Q], want.weights[Q]))
+    torch.save({"x": 1}, d / BIN_FILE)
+    with pytest.raises(AdapterError, match=rf"{BIN_FILE}: expected a dict of tensors"):
+        read_adapter(d)
+    (d / BIN_FILE).write_bytes(b"not a pickle")
+    with pytest.raises(AdapterError, match=rf"{BIN_FILE}: cannot read"):
+        read_adapter(d)
+    (d / BIN_FILE).unlink()
+    with pytest.raises(AdapterError, match=rf"needs {CONFIG_FILE} and {WEIGHTS_FILE} \(or {BIN_FILE}\)"):
+        read_adapter(d)
 
 
 def test_hand_written_metrics_escape_label_values():
