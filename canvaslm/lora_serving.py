@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ WEIGHTS_FILE, BIN_FILE = ADAPTER_WEIGHTS
 # (save_pretrained(path_initial_model_for_weight_conversion=...), which writes init_lora_weights true), such an
 # adapter is only right on that changed base, not on the model it is served on
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+LORA_FORMS = "{name: dir}, or a list of (name, dir) pairs, Adapter objects or 'NAME=DIR' strings"
 PREFIX = "base_model.model."
 DECODER_LAYERS = "model.decoder.layers."
 ENCODER_LAYERS = "model.encoder.language_model.layers."  # transformers' encoder-mode modules of the same layers
@@ -463,21 +465,64 @@ def with_adapter(model, adapter, fn):
 
 
 def adapters_from(specs) -> list:
-    """{name: dir}, [(name, dir)] or Adapters -> [Adapter] (read from disk where needed)."""
+    """LORA_FORMS (strings as `lora_entry` reads them) -> [Adapter] (read from disk where needed); AdapterError
+    naming an item of another shape."""
+    if isinstance(specs, (str, os.PathLike)):  # iterating it would read each character as an item
+        raise AdapterError(f"{str(specs)!r} names no adapter: give {LORA_FORMS}")
     items = specs.items() if isinstance(specs, dict) else specs
-    return [m if isinstance(m, Adapter) else read_adapter(m[1], m[0]) for m in items]
+    return [_adapter_from(m) for m in items]
+
+
+def _adapter_from(item) -> Adapter:
+    if isinstance(item, Adapter):
+        return item
+    if isinstance(item, str) and ("=" in item or item.lstrip().startswith("{")):
+        name, path = lora_entry(item)
+        return read_adapter(path, name)
+    if (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and item[0]
+            and isinstance(item[1], (str, os.PathLike)) and str(item[1])):
+        return read_adapter(item[1], item[0])
+    raise AdapterError(f"{item!r} is not a LoRA adapter: give {LORA_FORMS}")
+
+
+def lora_entry(s: str) -> tuple[str, str]:
+    """One `--lora-modules` entry in either of vLLM's forms, NAME=DIR or a JSON object {"name", "path",
+    "base_model_name"} -> (name, dir); AdapterError naming the entry. base_model_name is optional and changes
+    nothing: an adapter's parent (/v1/models) is always the one base model served."""
+    if s.lstrip().startswith("{"):
+        return _json_entry(s)
+    name, sep, path = s.partition("=")
+    if not sep or not name or not path:
+        raise AdapterError(f"LoRA module entries are NAME=DIR or a JSON object with name and path, got {s!r}")
+    return name, path
+
+
+def _json_entry(s: str) -> tuple[str, str]:
+    try:
+        d = json.loads(s)
+    except ValueError as e:
+        raise AdapterError(f"LoRA module entry {s!r} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise AdapterError(f"LoRA module entry {s!r}: expected a JSON object with name and path")
+    extra = sorted(set(d) - {"name", "path", "base_model_name"})
+    if extra:
+        raise AdapterError(f"LoRA module entry {s!r}: unknown key(s) {extra} (name, path, base_model_name)")
+    for key in ("name", "path"):
+        if not isinstance(d.get(key), str) or not d[key]:
+            raise AdapterError(f"LoRA module entry {s!r}: {key} must be a non-empty string, got {d.get(key)!r}")
+    if not isinstance(d.get("base_model_name", ""), (str, type(None))):
+        raise AdapterError(f"LoRA module entry {s!r}: base_model_name must be a string, "
+                           f"got {d['base_model_name']!r}")
+    return d["name"], d["path"]
 
 
 def parse_lora_modules(specs) -> list:
-    """`--lora-modules NAME=DIR ...` -> [(name, dir)]; ValueError naming the bad entry."""
-    out = []
-    for s in specs or ():
-        name, sep, path = s.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--lora-modules entries are NAME=DIR, got {s!r}")
-        out.append((name, path))
-    return out
+    """`--lora-modules ENTRY ...` (`lora_entry`) -> [(name, dir)]; ValueError naming the bad entry."""
+    try:
+        return [lora_entry(s) for s in specs or ()]
+    except AdapterError as e:
+        raise AdapterError(f"--lora-modules: {e}") from None
 
 
 __all__ = ["Adapter", "AdapterError", "MultiLoRA", "ServedLoRALinear", "install", "read_adapter", "write_adapter",
-           "parse_lora_modules", "with_adapter", "adapters_from", "both_modes", "target"]
+           "parse_lora_modules", "lora_entry", "with_adapter", "adapters_from", "both_modes", "target"]

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from canvaslm.lora_serving import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_adapter,
-                                   write_adapter)
+from canvaslm.lora_serving import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, adapters_from, parse_lora_modules,
+                                   read_adapter, write_adapter)
 
 Q = "model.decoder.layers.0.self_attn.q_proj"
 BIN_FILE = "adapter_model.bin"  # what peft's save_pretrained(safe_serialization=False) writes
@@ -82,6 +82,61 @@ def test_a_bin_adapter_loads_as_its_safetensors_twin(adapter_dir, tmp_path):
     (d / BIN_FILE).unlink()
     with pytest.raises(AdapterError, match=rf"needs {CONFIG_FILE} and {WEIGHTS_FILE} \(or {BIN_FILE}\)"):
         read_adapter(d)
+
+
+def test_adapters_from_takes_each_documented_shape(adapter_dir):
+    json_entry = json.dumps({"name": "j", "path": str(adapter_dir)})
+    for specs, names in (({"a": adapter_dir}, ["a"]), ([("a", str(adapter_dir))], ["a"]),
+                         ([["a", adapter_dir]], ["a"]), ([f"a={adapter_dir}"], ["a"]), ([json_entry], ["j"]),
+                         ([read_adapter(adapter_dir, "x"), ("y", adapter_dir)], ["x", "y"])):
+        assert [a.name for a in adapters_from(specs)] == names, specs
+
+
+@pytest.mark.parametrize("specs, bad", [
+    (("a", "DIR"), "'a'"),  # one pair, not in a list
+    ("DIR", "'DIR' names no adapter"),
+    ({"a": None}, r"\('a', None\)"),
+    ([42], "42"),
+    ([("", "DIR")], r"\('', 'DIR'\)"),
+    (["=DIR"], "got '=DIR'"),
+])
+def test_adapters_from_names_an_item_of_another_shape(specs, bad):
+    with pytest.raises(AdapterError, match=bad):
+        adapters_from(specs)
+
+
+def test_llm_lora_modules_shapes(tiny_checkpoint, adapter_dir):
+    """LLM(lora_modules=...) turned a lone pair or directory into IndexError, {name: None} into TypeError, and
+    read "a=DIR" as the path '='."""
+    from canvaslm.llm import LLM, GenerationError
+
+    for specs in (("a", str(adapter_dir)), str(adapter_dir), {"a": None}):
+        with pytest.raises(GenerationError, match=r"LLM\(lora_modules=\.\.\.\): .*a list of \(name, dir\) pairs"):
+            LLM(tiny_checkpoint, device="cpu", lora_modules=specs)
+    assert set(LLM(tiny_checkpoint, device="cpu", lora_modules=[f"a={adapter_dir}"]).loras) == {"a"}
+
+
+def test_lora_modules_take_vllms_json_form():
+    assert parse_lora_modules(['{"name": "a", "path": "/dir", "base_model_name": "model"}', "b=/d2",
+                               ' {"name": "c", "path": "/d3"}']) == [("a", "/dir"), ("b", "/d2"), ("c", "/d3")]
+    for entry, why in (('{"name": "a"}', "path must be a non-empty string, got None"),
+                       ('{"name": "", "path": "/d"}', "name must be a non-empty string, got ''"),
+                       ('{"name": "a", "path": "/d", "rank": 4}', r"unknown key\(s\) \['rank'\]"),
+                       ('{"name": "a", "path": "/d", "base_model_name": 3}', "base_model_name must be a string"),
+                       ('{"name": "a", path}', "is not valid JSON"),
+                       ("oops", "NAME=DIR or a JSON object")):
+        with pytest.raises(AdapterError, match="^--lora-modules: .*" + why):
+            parse_lora_modules([entry])
+
+
+def test_serve_reads_a_json_lora_module(adapter_dir, tmp_path, capsys):
+    """The adapter is read (a bad one stops serve first); then the missing model is what fails."""
+    from canvaslm.cli import main
+
+    entry = json.dumps({"name": "a", "path": str(adapter_dir), "base_model_name": "m"})
+    assert main(["serve", str(tmp_path / "missing-model"), "--lora-modules", entry]) == 2
+    err = capsys.readouterr().err
+    assert "missing-model" in err and "lora-modules" not in err, err
 
 
 def test_hand_written_metrics_escape_label_values():
