@@ -295,7 +295,11 @@ def _check_model(state: ServerState, body: MessagesRequest, chat: ChatCompletion
     """What this model cannot do, refused in the Messages API's terms before the chat route sees it (it would
     advise chat fields, or run on without a thought): thinking asked of a model with no thought channel, and
     calls in the model's own syntax with no tool-call tokens in its vocabulary."""
-    if (body.thinking or {}).get("type") == "enabled" and state.thoughts is None:
+    from ..reasoning import ThoughtSplitter
+
+    thinks = ThoughtSplitter.for_tokenizer(state.tokenizer) is not None  # with --reasoning-parser none too (the
+    # thought then stays in the text)
+    if (body.thinking or {}).get("type") == "enabled" and not thinks:
         raise APIError(400, f"thinking: {body.model!r} does not support thinking (its tokenizer has no thought "
                             "channel tokens); send thinking {\"type\": \"disabled\"} or none", "thinking")
     problem = auto_problem(state.tokenizer, AUTO_TERMS) if auto_tools(chat) else None

@@ -167,7 +167,10 @@ def _check_think(state: ServerState, body, templated: bool = True) -> None:
         return
     if not templated:
         raise APIError(400, "think needs the chat template: send raw: false and no suffix", "think")
-    if state.thoughts is None:
+    from ..reasoning import ThoughtSplitter
+
+    if ThoughtSplitter.for_tokenizer(state.tokenizer) is None:  # the vocabulary's (--reasoning-parser none still
+        # thinks: the thought stays in the text)
         raise APIError(400, f"\"{body.model}\" does not support thinking (its tokenizer has no thought channel "
                             "tokens; /api/show lists no 'thinking' capability)", "think")
 

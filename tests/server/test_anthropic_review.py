@@ -104,3 +104,18 @@ def test_an_empty_reply_has_no_content_block_whole_or_streamed(server, monkeypat
     with httpx.stream("POST", server.base_url + "/v1/messages", json={**kw, "stream": True}) as r:
         kinds = [json.loads(line[6:])["type"] for line in r.iter_lines() if line.startswith("data: ")]
     assert kinds == ["message_start", "message_delta", "message_stop"]
+
+
+def test_thinking_runs_with_the_reasoning_parser_off(tmp_path):
+    """--reasoning-parser none leaves the thought in the text; the model still thinks, so thinking is not refused."""
+    from canvaslm.reasoning import CHANNEL_CLOSE, CHANNEL_OPEN
+    from canvaslm.testing import make_tiny_checkpoint
+
+    state = build_state(make_tiny_checkpoint(tmp_path / "think", extra_specials=(CHANNEL_OPEN, CHANNEL_CLOSE)),
+                        "cpu", "float32", EngineConfig(max_batch=2, max_model_len=256), served_model_name=MODEL)
+    state.reasoning = False
+    with BackgroundServer(state) as srv:
+        a = anthropic.Anthropic(base_url=srv.base_url, api_key="x", max_retries=0)
+        msg = a.messages.create(model=MODEL, max_tokens=2, messages=ASK, thinking={"type": "enabled",
+                                                                                   "budget_tokens": 1024})
+        assert all(b.type == "text" for b in msg.content)

@@ -131,3 +131,16 @@ def test_embed_dimensions_cut_and_renormalise(server):
     refused(post(server, "/api/embed", {"input": "hello", "dimensions": width + 1}),
             f"dimensions={width + 1} is over this model's {width}")
     refused(post(server, "/api/embed", {"input": "hello", "dimensions": -1}), "dimensions")
+
+
+def test_think_runs_with_the_reasoning_parser_off(tmp_path):
+    """--reasoning-parser none leaves the thought in the text; the model still thinks, so think is not refused."""
+    from canvaslm.reasoning import CHANNEL_CLOSE, CHANNEL_OPEN
+    from canvaslm.testing import make_tiny_checkpoint
+
+    state = build_state(make_tiny_checkpoint(tmp_path / "think", extra_specials=(CHANNEL_OPEN, CHANNEL_CLOSE)),
+                        "cpu", "float32", EngineConfig(max_batch=2, max_model_len=256), served_model_name=MODEL)
+    state.reasoning = False
+    with BackgroundServer(state) as srv:
+        r = post(srv, "/api/chat", {"messages": ASK, "think": True, "options": {"num_predict": 2}})
+        assert r.status_code == 200 and r.json()["done"], r.text
