@@ -3,6 +3,7 @@ thread on a free loopback port (tests, benchmarks). Both shut the engine thread 
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -65,6 +66,10 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
         set_sampleable_vocab(model, tokenizer)
     if not regex_timeout > 0:
         raise ValueError(f"regex_timeout must be > 0 seconds, got {regex_timeout}")
+    if not max_denoising_steps >= 1:
+        raise ValueError(f"max_denoising_steps (--max-steps-limit) must be >= 1, got {max_denoising_steps}")
+    if defaults.max_denoising_steps > max_denoising_steps:  # the limit bounds a request that names no steps too
+        defaults = dataclasses.replace(defaults, max_denoising_steps=max_denoising_steps)
     config = config or EngineConfig(max_model_len=None)  # the model's whole context where memory allows
     eos = checked_eos_ids(defaults, cfg)
     loras = {}

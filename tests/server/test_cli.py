@@ -104,3 +104,32 @@ def test_serve_limits_are_checked_before_loading(tiny_checkpoint, monkeypatch, c
             main(["serve", str(tiny_checkpoint), "--max-steps-limit", bad])
         assert e.value.code == 2 and f"--max-steps-limit: must be an integer >= 1, got '{bad}'" in \
             capsys.readouterr().err
+
+
+def test_max_steps_limit_caps_the_checkpoints_default(tiny_checkpoint):
+    """--max-steps-limit bounds a request that names no steps too (the checkpoint's default ran past it and
+    /props showed it); a request over the limit is still a 400."""
+    from fastapi.testclient import TestClient
+
+    from canvaslm.config import DiffusionParams
+    from canvaslm.engine.engine import EngineConfig
+    from canvaslm.server.app import build_app
+    from canvaslm.server.launch import build_state
+
+    assert DiffusionParams.from_dir(tiny_checkpoint).max_denoising_steps > 2
+    state = build_state(tiny_checkpoint, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=64),
+                        max_denoising_steps=2, served_model_name="model")
+    try:
+        client = TestClient(build_app(state))
+        r = client.post("/v1/completions", json={"model": "model", "prompt": "hi", "max_tokens": 4, "seed": 1,
+                                                 "stability_threshold": 0}).json()
+        assert 1 <= r["usage"]["decoder_passes"] <= 2
+        assert client.get("/props").json()["default_generation_settings"]["params"]["max_denoising_steps"] == 2
+        r = client.post("/v1/completions", json={"model": "model", "prompt": "hi", "max_tokens": 4,
+                                                 "max_denoising_steps": 3})
+        assert r.status_code == 400 and "over this server's limit of 2" in r.text
+    finally:
+        state.shutdown()
+    with pytest.raises(ValueError, match="must be >= 1"):
+        build_state(tiny_checkpoint, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=64),
+                    max_denoising_steps=0)
