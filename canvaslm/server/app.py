@@ -491,9 +491,12 @@ async def _respond(state: ServerState, body, prompts, request: Request, chat: bo
     if body.stream:
         include_usage = _usage_mode(body)
         top = ((body.top_logprobs or 0) if body.logprobs else None) if chat else body.logprobs
-        echo = not chat and body.echo  # the prompt's text first, then the completion's
-        if echo:
+        echo = None  # the prompts' texts, sent first, then the completion's
+        if not chat and body.echo:
+            from .scored import echo_texts
+
             need_tokenizer(state, "echo")
+            echo = echo_texts(state, body, prompts)
         gen = _stream(state, choices, prompts, rid, created, state.reply_name(body.model), chat, include_usage,
                       replies, top, echo, thoughts=chat and body.include_reasoning,
                       skip_special=body.skip_special_tokens)
@@ -547,15 +550,24 @@ async def _with_prompt_logprobs(state: ServerState, body, prompts, result: dict,
 
 
 async def _stream(state: ServerState, choices, prompts, rid, created, model, chat, include_usage, replies,
-                  top_logprobs: int | None = None, echo: bool = False, thoughts: bool = True,
+                  top_logprobs: int | None = None, echo: list[str] | None = None, thoughts: bool = True,
                   skip_special: bool = True):
     """top_logprobs: `logprobs` (chat's, or completions' legacy object) with this many alternatives on the
     chunks, None for none: each chunk a commit produces carries the log-probs of the tokens committed
-    since the last one that did."""
+    since the last one that did. echo: each prompt's text (scored.echo_texts), sent before its completion."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     texts = {c.index: "" for c in choices}  # streamed text so far (tool replies read it whole)
     by_index = {c.index: c for c in choices}
     scored = {c.index: 0 for c in choices}  # log-prob entries already sent, per choice
+    passes = {c.index: 0 for c in choices}  # decoder passes shown so far (continuous usage), per choice
+
+    def running_usage() -> dict:
+        """The usage so far: a running request's passes read from the engine, each choice's count never
+        shown lower than before (its request leaves the engine a moment before its Finish is counted)."""
+        for c in choices:
+            live = state.engine.runner.decoder_passes(c.request.request_id) if c.finish_reason is None else 0
+            passes[c.index] = max(passes[c.index], c.decoder_passes + live)
+        return usage(choices, prompts, sum(passes.values()))
 
     async def new_logprobs(i) -> dict | None:
         if top_logprobs is None:
@@ -588,7 +600,7 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
             ch = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         data = {"id": rid, "object": obj, "created": created, "model": model, "choices": [ch]}
         if include_usage:  # null on the chunks, the totals on a last one; or the running totals on each
-            data["usage"] = usage(choices, prompts) if include_usage == "continuous" else None
+            data["usage"] = running_usage() if include_usage == "continuous" else None
         if draft is not None:
             data["draft"] = draft
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -597,9 +609,9 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
         if chat:
             for c in choices:
                 yield chunk(c.index, delta=replies[c.index].first_delta()) if replies else chunk(c.index, "", role=True)
-        elif echo:
+        elif echo is not None:
             for c in choices:
-                yield chunk(c.index, state.tokenizer.decode(prompts[c.prompt_index]))
+                yield chunk(c.index, echo[c.prompt_index])
         async with contextlib.aclosing(run_choices(state, choices)) as events:  # closing it cancels
             async for kind, i, payload in events:
                 if kind == "delta" and replies:

@@ -102,6 +102,21 @@ def test_streamed_logprobs_and_usage_equal_the_whole_replys(client):
     assert all(e.get("usage") for e in lines), lines
 
 
+def test_a_streamed_echo_is_the_prompt_as_sent(client):
+    """The streamed echo is the whole reply's: a text prompt as sent, special tokens included (it dropped them)."""
+    c, _ = client
+    prompt = "<start_of_turn>user\nhi<end_of_turn>\n"
+    for extra in ({}, {"skip_special_tokens": False}):
+        whole = _choice(c, prompt=prompt, max_tokens=2, echo=True, **extra)["text"]
+        events = _events(c, prompt=prompt, max_tokens=2, echo=True, **extra)
+        assert whole.startswith(prompt) and "".join(e["choices"][0]["text"] for e in events if e["choices"]) == whole
+    ids = [START_OF_TURN, 40, 41]
+    for skip in (True, False):
+        whole = _choice(c, prompt=ids, max_tokens=2, echo=True, skip_special_tokens=skip)["text"]
+        events = _events(c, prompt=ids, max_tokens=2, echo=True, skip_special_tokens=skip)
+        assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == whole
+
+
 def _offsets_hold_the_tokens(choice):
     """Each token listed starts at its text_offset in the returned text."""
     lp = choice["logprobs"]
