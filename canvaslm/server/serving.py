@@ -1055,10 +1055,12 @@ def draft_payload(state: ServerState, c: Choice, ev: Draft) -> dict:
             "text": state.tokenizer.decode(ids) if state.tokenizer is not None else "", "token_ids": ids}
 
 
-def usage(choices: list[Choice], prompts: list[list[int]]) -> dict:
+def usage(choices: list[Choice], prompts: list[list[int]], passes: int | None = None) -> dict:
+    """OpenAI's usage of these choices; passes: the decoder passes so far, when some choices still run (their
+    own count grows only as each engine request ends)."""
     prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(len(c.tracker.ids) for c in choices)
-    passes = sum(c.decoder_passes for c in choices)
+    passes = sum(c.decoder_passes for c in choices) if passes is None else passes
     cached = [0] * len(prompts)  # per prompt: the most any of its choices reused
     for c in choices:
         cached[c.prompt_index] = max(cached[c.prompt_index], c.cached_tokens)

@@ -153,6 +153,11 @@ def test_continuous_usage_stats_counts_as_the_text_arrives(client, llm):
     counts = [ch.usage.completion_tokens for ch in chunks]
     assert all(ch.usage.prompt_tokens == full.usage.prompt_tokens for ch in chunks)
     assert counts == sorted(counts) and counts[-1] == full.usage.completion_tokens and len(set(counts)) >= 2
+    # the decoder passes so far too (they stayed 0 until the end): rising, ending at the whole reply's
+    passes = [ch.usage.model_extra["decoder_passes"] for ch in chunks]
+    assert passes == sorted(passes) and passes[-1] == full.usage.model_extra["decoder_passes"]
+    first_text = next(i for i, ch in enumerate(chunks) if ch.choices and ch.choices[0].text)
+    assert passes[first_text] > 0
 
 
 def test_chat_sync_and_stream_match_llm(client, llm):
