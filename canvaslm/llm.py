@@ -273,7 +273,8 @@ class LLM:
         """(prompt ids, multimodal.ImageInputs or None). A prompt with images is a dict, as vLLM takes it:
         {"prompt": text or "prompt_token_ids": ids, "multi_modal_data": {"image": an image or a list}} with
         one image token (the tokenizer's <|image|>) where each image goes; an image is a PIL image, bytes,
-        a data URL, base64, an http(s) URL or a path (multimodal.Vision.load). "mm_processor_kwargs":
+        a data URL, base64, an http(s) URL or a path (multimodal.Vision.load; bytes and paths of any size, as
+        the user's own: only the pixel limit). "mm_processor_kwargs":
         {"max_soft_tokens": 70 | 140 | 280 | 560 | 1120} sets the images' token budget (their resolution);
         "image_details": per image, OpenAI's detail ("low": the smallest budget; what LLM.chat passes on)."""
         if not isinstance(prompt, dict):
@@ -294,6 +295,8 @@ class LLM:
         images = data.get("image")
         images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
         from .multimodal import ImageError
+        if self.vision.available:
+            images = _decoded_bytes(images)
         try:
             return self.vision.prepare(ids, images, prompt.get("mm_processor_kwargs"), prompt.get("image_details"))
         except ImageError as e:
@@ -747,6 +750,23 @@ def _install(model, adapters: list, num_slots: int) -> dict:
         return dict(install(model, adapters, num_slots).ids)
     except AdapterError as e:
         raise GenerationError(f"LLM(lora_modules=...): {e}") from None
+
+
+def _decoded_bytes(images: list) -> list:
+    """The images, those given as bytes decoded here with no byte limit (only the pixel limit): they come from
+    the user's own process, as its paths do (`LLM.vision`: max_file_bytes=None), while Vision.load holds bytes to
+    images.MAX_BYTES, which guards a server against its clients. Strings (data URLs, base64, URLs) keep it."""
+    from .images import load_image
+
+    out = []
+    for k, src in enumerate(images):
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            try:
+                src = load_image(src, max_bytes=None)
+            except ValueError as e:  # worded as Vision.load words it
+                raise GenerationError(f"image {k}: {str(e).removeprefix('image: ')}") from None
+        out.append(src)
+    return out
 
 
 def _checked_max_batch(max_batch) -> int:

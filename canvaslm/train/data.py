@@ -169,13 +169,20 @@ def _row_images(sources: list, where: str, vision, base: Path | None) -> list:
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")  # what images.load_image may take as bare base64
 
 
+def _undecoded(src):
+    """The image a `datasets` Image column that is not decoded gives as {"bytes", "path"}: its bytes, else its
+    path; anything else as it is."""
+    if isinstance(src, dict) and ("bytes" in src or "path" in src):
+        return src.get("bytes") or src.get("path")
+    return src
+
+
 def _image_source(src, base: Path | None, where: str):
     """An image source as TrainVision reads it: a local file (trusted: training data is the user's own; a
     relative path is taken from the data file's directory, else the working directory) as a Path, a PIL
     image, bytes, a data URL, an http(s) URL or base64 as given. A `datasets` Image column that is not
     decoded gives {"bytes", "path"}."""
-    if isinstance(src, dict) and ("bytes" in src or "path" in src):
-        src = src.get("bytes") or src.get("path")
+    src = _undecoded(src)
     if isinstance(src, os.PathLike):
         src = os.fspath(src)
     if not isinstance(src, str):
@@ -221,7 +228,8 @@ def _is_bare_image(part) -> bool:
 
 
 def _fill_images(messages: list, images, where: str) -> list:
-    """TRL's vision format: the k-th bare {"type": "image"} part takes images[k]."""
+    """TRL's vision format: the k-th bare {"type": "image"} part takes images[k] (an undecoded datasets Image's
+    {"bytes", "path"} unwrapped: an image part cannot hold that dict)."""
     if images is not None and not isinstance(images, (list, tuple)):
         raise DataError(f"{where}: 'images' must be a list of images (one per {{'type': 'image'}} part)")
     images = list(images or [])
@@ -232,7 +240,8 @@ def _fill_images(messages: list, images, where: str) -> list:
     if not images:
         return messages
     it = iter(images)
-    return [{**m, "content": [{"type": "image", "image": next(it)} if _is_bare_image(p) else p for p in m["content"]]}
+    return [{**m, "content": [{"type": "image", "image": _undecoded(next(it))} if _is_bare_image(p) else p
+                              for p in m["content"]]}
             if isinstance(m.get("content"), list) else m for m in messages]
 
 

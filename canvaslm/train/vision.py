@@ -13,6 +13,9 @@ share a call: a resumed run gets the same numbers), and kept in host memory, up 
 (`SOFT_TOKEN_CACHE_BYTES`); an image past that budget keeps its source instead and is read, preprocessed and
 encoded again each time a batch uses it (same numbers, more work). Each training step then hands the
 encoder the batch's soft tokens and where they go (`inputs` -> `objective.make_batch(..., images=...)`).
+
+The data is the user's own: local files, bytes and PIL images have no byte limit (only the pixel limit, as
+`LLM` has for files); data URLs, base64 and fetched URLs keep `images.MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -76,11 +79,19 @@ class TrainVision:
         if self.uncached == 0 and self._loaded is not None:
             self._loaded.release()
 
-    def _processed(self, source):
-        if isinstance(source, Path):  # a local file of the training data (trusted: the user's own)
+    @staticmethod
+    def _decoded(source):
+        """The decoded image. Local files, bytes and PIL images are the user's own (trusted, any size: only
+        the pixel limit); data URLs, base64 and fetches keep load_image's byte limit."""
+        if isinstance(source, Path):
             source = source.resolve()
-            return preprocess(load_image(str(source), allowed_local_media_path=source.parent), self.processor)
-        return preprocess(load_image(source), self.processor)
+            return load_image(source, allowed_local_media_path=source.parent, max_file_bytes=None)
+        if isinstance(source, (bytes, bytearray)):
+            return load_image(source, max_bytes=None)
+        return load_image(source)
+
+    def _processed(self, source):
+        return preprocess(self._decoded(source), self.processor)
 
     @torch.no_grad()
     def _encode(self, processed) -> torch.Tensor:
