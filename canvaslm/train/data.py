@@ -156,14 +156,16 @@ def _need_tokenizer(tokenizer, where: str, what: str) -> None:
                         "that ships tokenizer.json")
 
 
-def _row_images(sources: list, where: str, vision, base: Path | None) -> list:
-    """The loaded images (vision.TrainImage) of one data row, from their sources."""
+def _row_images(sources: list, where: str, vision, base: Path | None, details: list | None = None) -> list:
+    """The loaded images (vision.TrainImage) of one data row, from their sources (details: each one's OpenAI
+    detail, which sets its soft-token budget as at inference)."""
     if not sources:
         return []
     if vision is None:
         raise DataError(f"{where}: the example holds images, and this model takes text only (no vision tower, or "
                         "no image token ids inside its vocabulary)")
-    return vision.images([_image_source(s, base, f"{where}: image {k}") for k, s in enumerate(sources)], where)
+    return vision.images([_image_source(s, base, f"{where}: image {k}") for k, s in enumerate(sources)], where,
+                         details)
 
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")  # what images.load_image may take as bare base64
@@ -245,9 +247,9 @@ def _fill_images(messages: list, images, where: str) -> list:
             if isinstance(m.get("content"), list) else m for m in messages]
 
 
-def _placeholders(messages: list, placeholder: str, where: str) -> tuple[list, list]:
+def _placeholders(messages: list, placeholder: str, where: str, details: list | None = None) -> tuple[list, list]:
     try:
-        return image_parts_to_placeholders(messages, placeholder)
+        return image_parts_to_placeholders(messages, placeholder, details)
     except ImageError as e:
         raise DataError(f"{where}: {e}") from None
 
@@ -278,7 +280,8 @@ def _chat_examples(item: dict, where: str, tokenizer, vision=None, base: Path | 
     messages = [{k: v for k, v in m.items() if k not in THOUGHT_KEYS} for m in messages]  # earlier thoughts: left out
     messages = _fill_images(messages, item.get("images"), where)
     placeholder = image_token_text(tokenizer, vision.cfg) if vision is not None else "<|image|>"
-    images = _row_images(_placeholders(messages, placeholder, where)[1], where, vision, base)
+    details = []  # each image's OpenAI detail: "low" trains on the short image LLM.chat and the server give it
+    images = _row_images(_placeholders(messages, placeholder, where, details)[1], where, vision, base, details)
     eos = set(tokenizer.eos_ids)
     out = []
     for j in turns:

@@ -14,30 +14,36 @@ share a call: a resumed run gets the same numbers), and kept in host memory, up 
 encoded again each time a batch uses it (same numbers, more work). Each training step then hands the
 encoder the batch's soft tokens and where they go (`inputs` -> `objective.make_batch(..., images=...)`).
 
-The data is the user's own: local files, bytes and PIL images have no byte limit (only the pixel limit, as
-`LLM` has for files); data URLs, base64 and fetched URLs keep `images.MAX_BYTES`.
+An image's OpenAI `detail` ("low": `multimodal.LOW_DETAIL_TOKENS` soft tokens) picks its processor budget as
+at inference, so an example trains on the prompt `LLM.chat` and the server build for the same message. The
+data is the user's own: local files, bytes and PIL images have no byte limit (only the pixel limit, as `LLM`
+has for files); data URLs, base64 and fetched URLs keep `images.MAX_BYTES`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from ..images import load_image, preprocess
-from ..multimodal import ImageInputs, Vision, image_spans
+from ..multimodal import DETAILS, LOW_DETAIL_TOKENS, ImageInputs, Vision, image_spans
 from .data import DataError, ImageExample
 
 SOFT_TOKEN_CACHE_BYTES = 8 << 30  # host memory for cached soft tokens (a 280-token image of a 2816-wide model: 3 MiB)
 
 
 class TrainImage:
-    """One image of the training data: its soft-token count, and its soft tokens (cached) or its source."""
+    """One image of the training data: its soft-token count, and its soft tokens (cached) or its source
+    (with its detail, which an uncached image is preprocessed with again)."""
 
-    __slots__ = ("source", "num_soft_tokens", "digest", "soft_tokens")
+    __slots__ = ("source", "num_soft_tokens", "digest", "soft_tokens", "detail")
 
-    def __init__(self, source, num_soft_tokens: int, digest: str, soft_tokens: torch.Tensor | None):
+    def __init__(self, source, num_soft_tokens: int, digest: str, soft_tokens: torch.Tensor | None,
+                 detail: str | None = None):
         self.source, self.num_soft_tokens, self.digest, self.soft_tokens = source, num_soft_tokens, digest, soft_tokens
+        self.detail = detail
 
     def __repr__(self) -> str:
         state = "cached" if self.soft_tokens is not None else "not cached"
@@ -79,6 +85,13 @@ class TrainVision:
         if self.uncached == 0 and self._loaded is not None:
             self._loaded.release()
 
+    def _processor(self, detail: str | None):
+        """The processor settings for an image's detail: "low" takes the smallest budget, as
+        multimodal.Vision.prepare gives it (digests cover the patch grid: they differ where the soft tokens do)."""
+        if detail == "low":
+            return dataclasses.replace(self.processor, max_soft_tokens=LOW_DETAIL_TOKENS)
+        return self.processor
+
     @staticmethod
     def _decoded(source):
         """The decoded image. Local files, bytes and PIL images are the user's own (trusted, any size: only
@@ -90,8 +103,8 @@ class TrainVision:
             return load_image(source, max_bytes=None)
         return load_image(source)
 
-    def _processed(self, source):
-        return preprocess(self._decoded(source), self.processor)
+    def _processed(self, source, detail: str | None = None):
+        return preprocess(self._decoded(source), self._processor(detail))
 
     @torch.no_grad()
     def _encode(self, processed) -> torch.Tensor:
@@ -104,12 +117,17 @@ class TrainVision:
                              f"{processed.num_soft_tokens}")
         return out.cpu()
 
-    def images(self, sources, where: str) -> list[TrainImage]:
-        """Load, preprocess and encode the images of one data row (`where` names it in errors)."""
+    def images(self, sources, where: str, details=None) -> list[TrainImage]:
+        """Load, preprocess and encode the images of one data row (`where` names it in errors); details: per
+        image, its OpenAI detail (None: the processor's budget for all)."""
         out = []
-        for k, src in enumerate(sources):
+        details = [None] * len(sources) if details is None else list(details)
+        for k, (src, detail) in enumerate(zip(sources, details, strict=True)):
+            if detail not in DETAILS:
+                raise DataError(f"{where}: image {k}: detail {detail!r} is not one of "
+                                f"{', '.join(repr(d) for d in DETAILS if d)}")
             try:
-                p = self._processed(src)
+                p = self._processed(src, detail)
                 tokens = self._encode(p)
             except (ValueError, TypeError) as e:  # images.load_image / preprocess / a checkpoint without a tower
                 raise DataError(f"{where}: image {k}: {str(e).removeprefix('image: ')}") from None
@@ -117,7 +135,8 @@ class TrainVision:
             keep = self.cached_bytes + size <= self.cache_bytes
             self.cached_bytes += size if keep else 0
             self.uncached += 0 if keep else 1
-            out.append(TrainImage(None if keep else src, p.num_soft_tokens, p.digest, tokens if keep else None))
+            out.append(TrainImage(None if keep else src, p.num_soft_tokens, p.digest, tokens if keep else None,
+                                  detail))
         return out
 
     def expand(self, prompt: list[int], images: list[TrainImage], where: str) -> list[int]:
@@ -135,7 +154,9 @@ class TrainVision:
                                    boi_id=self.cfg.boi_token_id, eoi_id=self.cfg.eoi_token_id)
 
     def soft_tokens(self, image: TrainImage) -> torch.Tensor:
-        return image.soft_tokens if image.soft_tokens is not None else self._encode(self._processed(image.source))
+        if image.soft_tokens is not None:
+            return image.soft_tokens
+        return self._encode(self._processed(image.source, image.detail))
 
     def inputs(self, examples) -> list[ImageInputs | None]:
         """Per example: its ImageInputs (soft tokens and the prompt positions they go to), None without images."""

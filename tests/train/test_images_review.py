@@ -1,5 +1,7 @@
 """Training images as inference reads them (train/vision.py, data.py): the user's own images (local files,
-bytes as a Hugging Face Image column gives them, PIL) have no byte limit, only the pixel limit."""
+bytes as a Hugging Face Image column gives them, PIL) have no byte limit, only the pixel limit; and an
+image part's OpenAI `detail` sets its soft-token budget, so a training example's prompt and soft tokens
+are those LLM.chat builds for the same message."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from PIL import Image
 
 from canvaslm.checkpoint import load_model
 from canvaslm.images import MAX_BYTES
-from canvaslm.llm import LLM
+from canvaslm.llm import LLM, SamplingParams
+from canvaslm.multimodal import image_parts_to_placeholders
 from canvaslm.tokenizer import Tokenizer
 from canvaslm.train.data import DataError, ImageExample, load_examples
 from canvaslm.train.vision import TrainVision
@@ -100,4 +103,36 @@ def test_llm_takes_image_bytes_of_any_size(vision_dir, tmp_path):
         llm.prompt_with_images({**prompt, "multi_modal_data": {"image": b"not an image"}})
     with pytest.raises(GenerationError, match="image 0: the data URL is too large"):
         llm.prompt_with_images({**prompt, "multi_modal_data": {"image": data_url(big_png())}})
+
+
+def test_a_low_detail_image_trains_on_the_prompt_llm_chat_builds(setup, vision_dir, tmp_path):
+    """detail "low" (70 soft tokens here, "high" 140's 126): the example's prompt ids equal LLM.chat's and its
+    soft tokens the inference path's (training ignored the detail: 147 prompt tokens for both); Responses'
+    "original" is "high"; past the cache budget the image is encoded again at its own budget."""
+    model, tok, vision = setup
+    url = data_url(png(60, 40, 1))
+    parts = {"low": url_part(url, "low"), "high": url_part(url, "high"), "auto": url_part(url, "auto"),
+             None: url_part(url), "original": {"type": "input_image", "image_url": url, "detail": "original"}}
+    rows = [{"messages": ask(p)} for p in parts.values()]
+    got = dict(zip(parts, load_examples(write_rows(tmp_path / "d.jsonl", rows), tok, vision=vision)))
+    llm = LLM(vision_dir, device="cpu")
+    for detail, ex in got.items():
+        messages = ask(parts[detail])[:1]
+        out = llm.chat(messages, SamplingParams(max_new_tokens=1, max_denoising_steps=1, seed=0))
+        assert ex[0] == out.prompt_ids, detail
+        details = []
+        conv, sources = image_parts_to_placeholders(messages, llm.image_placeholder, details)
+        ids, inputs = llm.prompt_with_images({"prompt_token_ids": tok.encode_chat(conv),
+                                              "multi_modal_data": {"image": sources}, "image_details": details})
+        assert ids == ex[0] and ex.images[0].digest == inputs.digests[0]
+        torch.testing.assert_close(vision.inputs([ex])[0].embeds, inputs.embeds, rtol=0, atol=0)
+    assert got["low"].images[0].num_soft_tokens == 60 < got["high"].images[0].num_soft_tokens == 126
+    assert got["high"] == got["auto"] == got[None] == got["original"]
+    lean = TrainVision(model, vision_dir, cache_bytes=0)
+    (ex,) = load_examples(write_rows(tmp_path / "low.jsonl", rows[:1]), tok, vision=lean)
+    assert ex.images[0].soft_tokens is None and ex == got["low"]
+    torch.testing.assert_close(lean.inputs([ex])[0].embeds, vision.inputs([got["low"]])[0].embeds, rtol=0, atol=0)
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: image 0: detail 'medium' is not one of 'auto', 'low', 'high'"):
+        load_examples(write_rows(tmp_path / "bad.jsonl", [{"messages": ask(url_part(url, "medium"))}]), tok,
+                      vision=vision)
 
