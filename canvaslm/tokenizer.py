@@ -1,8 +1,9 @@
 """Text <-> token ids for a checkpoint directory.
 
-Owns: loading `tokenizer.json` with the `tokenizers` library, resolving the special ids (bos, pad and
-the set of ids that end generation) from the HF side files, and rendering the chat template with a
-sandboxed jinja2 environment configured like `transformers` so prompts match token for token.
+Owns: loading `tokenizer.json` with the `tokenizers` library, reading the special tokens from the HF side
+files as `transformers` does (the chat template's token variables) and resolving the special ids (bos, pad
+and the set of ids that end generation), and rendering the chat template with a sandboxed jinja2
+environment configured like `transformers` so prompts match token for token.
 Also builds tiny char-level tokenizers for recipe models.
 """
 
@@ -48,6 +49,30 @@ def _as_id_list(value: Any, path: Path, key: str) -> list[int]:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError(f"{path}: {key} must be an int or a list of ints, got {value!r}")
     return list(values)
+
+
+def _special_token_files(tok_cfg: dict, special_map: dict) -> list[tuple[str, dict]]:
+    """The files transformers reads special tokens from, later ones overriding: tokenizer_config.json, then
+    special_tokens_map.json, which it reads only when the config has no added_tokens_decoder (the legacy layout)."""
+    files = [("tokenizer_config.json", tok_cfg)]
+    if "added_tokens_decoder" not in tok_cfg:
+        files.append(("special_tokens_map.json", special_map))
+    return files
+
+
+def _named_special_tokens(files: list[tuple[str, dict]]) -> dict[str, tuple[str, str]]:
+    """transformers' special_tokens_map, each with the file that names it: every `*_token` key holding a token
+    (bos, eos, unk, sep, pad, cls, mask and model-specific ones such as image_token) and the entries of an
+    extra_special_tokens dict. These are the chat template's variables and the source of the bos/eos/pad ids."""
+    named: dict[str, tuple[str, str]] = {}
+    for fname, cfg in files:
+        extra = cfg.get("extra_special_tokens")
+        items = list(cfg.items()) + (list(extra.items()) if isinstance(extra, dict) else [])
+        for key, value in items:
+            token = _token_content(value)
+            if key.endswith("_token") and token is not None:
+                named[key] = (token, fname)
+    return named
 
 
 def _raise_exception(message: str) -> None:
@@ -182,7 +207,9 @@ class Tokenizer:
 
     def __init__(self, backend: _Backend, *, bos_id: int | None = None, eos_ids: Iterable[int] = (),
                  pad_id: int | None = None, chat_template: str | dict[str, str] | None = None,
-                 name: str = "<memory>"):
+                 special_tokens: dict[str, str] | None = None, name: str = "<memory>"):
+        """special_tokens: the chat template's token variables ({"bos_token": "<bos>", ...}, transformers'
+        special_tokens_map); by default the tokens of bos_id, the first eos id and pad_id."""
         self._backend = backend
         self.name = name
         self.bos_id = bos_id
@@ -191,6 +218,10 @@ class Tokenizer:
         for role, i in [("bos", bos_id), ("pad", pad_id)] + [("eos", e) for e in self.eos_ids]:
             if i is not None and not 0 <= i < self.vocab_size:
                 raise ValueError(f"{name}: {role} id {i} is outside the vocabulary [0, {self.vocab_size})")
+        if special_tokens is None:  # built in memory: no tokenizer config names the tokens, the ids do
+            special_tokens = {f"{role}_token": backend.id_to_token(i)
+                              for role, i in [("bos", bos_id), ("eos", self.eos_id), ("pad", pad_id)] if i is not None}
+        self.special_tokens = dict(special_tokens)
         self._set_templates({"default": chat_template} if isinstance(chat_template, str) else chat_template or {})
         self.template_defaults: dict = {}  # variables every rendering gets unless the call sets them (vLLM's
         # --default-chat-template-kwargs)
@@ -212,16 +243,18 @@ class Tokenizer:
         model_cfg = _read_json(d / "config.json") or {}
         text_cfg = model_cfg.get("text_config") if isinstance(model_cfg.get("text_config"), dict) else {}
 
+        files = _special_token_files(tok_cfg, special_map)
+        named = _named_special_tokens(files)
+
         def by_token(key: str) -> int | None:
             # Token strings win: they are what HF's tokenizer itself uses.
-            for fname, cfg in [("tokenizer_config.json", tok_cfg), ("special_tokens_map.json", special_map)]:
-                token = _token_content(cfg.get(key))
-                if token is not None:
-                    tid = backend.token_to_id(token)
-                    if tid is None:
-                        raise ValueError(f"{d / fname}: {key} {token!r} is not in tokenizer.json's vocabulary")
-                    return tid
-            return None
+            if key not in named:
+                return None
+            token, fname = named[key]
+            tid = backend.token_to_id(token)
+            if tid is None:
+                raise ValueError(f"{d / fname}: {key} {token!r} is not in tokenizer.json's vocabulary")
+            return tid
 
         def by_id(key: str) -> list[int]:
             for fname, cfg in [("generation_config.json", gen_cfg), ("config.json", model_cfg),
@@ -242,6 +275,7 @@ class Tokenizer:
             eos_ids=eos_ids,
             pad_id=pad if pad is not None else next(iter(by_id("pad_token_id")), None),
             chat_template=_load_chat_template(d, tok_cfg),
+            special_tokens={key: token for key, (token, _) in named.items()},
             name=str(d),
         )
 
@@ -346,9 +380,8 @@ class Tokenizer:
         messages = _validate_messages(messages, keep_parts=self.renders_parts)
         if continue_final_message:
             _mark_final_content(messages[-1])
-        special = {f"{role}_token": self._backend.id_to_token(i)
-                   for role, i in [("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)] if i is not None}
-        variables = {"documents": None, **special, **self.template_defaults, **kwargs}  # caller kwargs override
+        # caller kwargs override; the special tokens are transformers' special_tokens_map
+        variables = {"documents": None, **self.special_tokens, **self.template_defaults, **kwargs}
         try:
             text = template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                    **variables)

@@ -126,11 +126,17 @@ def test_special_ids_from_special_tokens_map(bpe_dir, tmp_path):
     assert tok.chat_template is None
 
 
-def test_tokenizer_config_wins_over_special_tokens_map(bpe_dir, tmp_path):
+@pytest.mark.parametrize("config, eos_ids", [
+    ({"eos_token": "<eos>"}, (4,)),  # the legacy layout: special_tokens_map.json overrides the config
+    ({"eos_token": "<eos>", "added_tokens_decoder": {}}, (1,)),  # then transformers reads the config alone
+])
+def test_special_tokens_map_overrides_config_as_transformers_does(bpe_dir, tmp_path, config, eos_ids):
     d = _copy_tokenizer(bpe_dir, tmp_path)
-    _write(d / "tokenizer_config.json", {"eos_token": "<eos>"})
+    _write(d / "tokenizer_config.json", config)
     _write(d / "special_tokens_map.json", {"eos_token": "<end_of_turn>"})
-    assert Tokenizer.from_dir(d).eos_ids == (1,)
+    assert Tokenizer.from_dir(d).eos_ids == eos_ids
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoTokenizer.from_pretrained(d).eos_token_id == eos_ids[0]
 
 
 @pytest.mark.parametrize("eos", [1, [1, 4], [4, 1, 4]])
