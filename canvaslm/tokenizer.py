@@ -1,7 +1,7 @@
 """Text <-> token ids for a checkpoint directory.
 
 Owns: loading `tokenizer.json` with the `tokenizers` library, reading the special tokens from the HF side
-files as `transformers` does (the chat template's token variables) and resolving the special ids (bos, pad
+files as `transformers` does (the chat template's token variables, the tokens decode skips) and resolving the special ids (bos, pad
 and the set of ids that end generation), and rendering the chat template with a sandboxed jinja2
 environment configured like `transformers` so prompts match token for token.
 Also builds tiny char-level tokenizers for recipe models.
@@ -73,6 +73,50 @@ def _named_special_tokens(files: list[tuple[str, dict]]) -> dict[str, tuple[str,
             if key.endswith("_token") and token is not None:
                 named[key] = (token, fname)
     return named
+
+
+def _extra_special_tokens(files: list[tuple[str, dict]]) -> list[str]:
+    """The unnamed special tokens (additional_special_tokens, or transformers 5's extra_special_tokens list)."""
+    extra: list[str] = []
+    for _, cfg in files:
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            values = cfg.get(key)
+            if isinstance(values, list):
+                extra += [t for t in map(_token_content, values) if t is not None]
+    return list(dict.fromkeys(extra))
+
+
+_ADDED_TOKEN_FIELDS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+def _added_token(entry: Any, where: str) -> AddedToken:
+    """An added_tokens_decoder entry ({"content", "special", "lstrip", ...}) as an AddedToken."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("content"), str)):
+        raise ValueError(f"{where} must be an object with a string 'content', got {entry!r:.80}")
+    return AddedToken(entry["content"], **{k: bool(entry[k]) for k in _ADDED_TOKEN_FIELDS if k in entry})
+
+
+def _apply_hf_added_tokens(backend: _Backend, d: Path, tok_cfg: dict, named: Iterable[str],
+                           extra: Iterable[str]) -> None:
+    """Sets the added tokens as transformers' fast tokenizer does on loading, so encode and
+    decode(skip_special_tokens) match it: tokenizer_config.json's added_tokens_decoder entries (else tokenizer.json's
+    own added tokens) replace tokenizer.json's, each named special token among them made special; a named or extra
+    special token that is not an added token yet is added as a special one. A token missing from the vocabulary
+    is left out: transformers appends it, which gives an id past the model's embeddings."""
+    decoder = tok_cfg.get("added_tokens_decoder")
+    where = f"{d / 'tokenizer_config.json'}: added_tokens_decoder"
+    if decoder is None:
+        entries = [t for _, t in sorted(backend.get_added_tokens_decoder().items())]
+    elif isinstance(decoder, dict):
+        entries = [_added_token(v, f"{where}[{k!r}]") for k, v in decoder.items()]
+    else:
+        raise ValueError(f"{where} must be an object of id -> token, got {decoder!r:.80}")
+    named = set(named)
+    for token in entries:
+        token.special = token.special or token.content in named
+    present = {t.content for t in backend.get_added_tokens_decoder().values()} | {t.content for t in entries}
+    new = [AddedToken(t, special=True) for t in dict.fromkeys([*named, *extra]) if t not in present]
+    backend.add_tokens([t for t in entries + new if backend.token_to_id(t.content) is not None])
 
 
 def _raise_exception(message: str) -> None:
@@ -245,6 +289,7 @@ class Tokenizer:
 
         files = _special_token_files(tok_cfg, special_map)
         named = _named_special_tokens(files)
+        _apply_hf_added_tokens(backend, d, tok_cfg, [t for t, _ in named.values()], _extra_special_tokens(files))
 
         def by_token(key: str) -> int | None:
             # Token strings win: they are what HF's tokenizer itself uses.

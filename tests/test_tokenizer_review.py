@@ -124,3 +124,54 @@ def test_a_tokenizer_built_in_memory_names_its_template_tokens_by_id(spm_dir):
     backend = Backend.from_file(str(spm_dir / "tokenizer.json"))
     tok = Tokenizer(backend, bos_id=2, eos_ids=[5, 1], pad_id=0, chat_template=VARIABLES_TEMPLATE)
     assert tok.special_tokens == {"bos_token": "<bos>", "eos_token": "<end_of_turn>", "pad_token": "<pad>"}
+
+
+# -- which tokens decode(skip_special_tokens) drops --------------------------------------------------------------
+
+
+def _set_special(contents, special):
+    """tokenizer.json's added tokens `contents` flagged `special`."""
+    def edit(config, tok_json):
+        for t in tok_json["added_tokens"]:
+            if t["content"] in contents:
+                t["special"] = special
+    return edit
+
+
+def _decoder_flags(contents, special):
+    """tokenizer_config.json's added_tokens_decoder as transformers saves it (tokenizer.json's added tokens),
+    with `contents` flagged `special`."""
+    def edit(config, tok_json):
+        config["added_tokens_decoder"] = {
+            str(t["id"]): {**{k: v for k, v in t.items() if k != "id"},
+                           "special": special if t["content"] in contents else t["special"]}
+            for t in tok_json["added_tokens"]}
+    return edit
+
+
+TURNS = {"<start_of_turn>", "<end_of_turn>"}
+
+
+@pytest.mark.parametrize("edits", [
+    [_set_special(TURNS, False), _decoder_flags(TURNS, True)],  # the config makes them special
+    [_decoder_flags(TURNS, False)],  # the config unflags them
+    [_set_special(TURNS, False), _config(additional_special_tokens=sorted(TURNS))],
+    [_set_special({"<mask>", "<sep>"}, False)],  # mask_token is special; <sep> is named by nothing
+    [_set_special({"<unk>"}, False), _without("unk_token")],
+], ids=["decoder-flags-special", "decoder-unflags", "additional-special", "named-special", "unnamed-unk"])
+def test_skip_special_tokens_drops_what_transformers_drops(spm_dir, tmp_path, edits):
+    d = _variant(spm_dir, tmp_path, *edits)
+    ours, hf = Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(d)
+    text = "<start_of_turn>user\nHi <mask> there<sep><unk><end_of_turn>"
+    ids = hf.encode(text)
+    assert ours.encode(text) == ids
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False)
+    assert ours.vocab_size == len(hf)
+
+
+def test_added_tokens_decoder_must_hold_tokens(spm_dir, tmp_path):
+    d = _variant(spm_dir, tmp_path, _config(added_tokens_decoder={"4": "<start_of_turn>"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: added_tokens_decoder\['4'\] must be an object "
+                                         r"with a string 'content', got '<start_of_turn>'"):
+        Tokenizer.from_dir(d)
