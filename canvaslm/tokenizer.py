@@ -1,9 +1,9 @@
 """Text <-> token ids for a checkpoint directory.
 
 Owns: loading `tokenizer.json` with the `tokenizers` library, reading the special tokens from the HF side
-files as `transformers` does (the chat template's token variables, the tokens decode skips) and resolving the special ids (bos, pad
-and the set of ids that end generation), and rendering the chat template with a sandboxed jinja2
-environment configured like `transformers` so prompts match token for token.
+files as `transformers` does (the chat template's token variables, the tokens decode skips), resolving the
+special ids (bos, pad and the set of ids that end generation), and rendering the chat template with a
+sandboxed jinja2 environment configured like `transformers` so prompts match token for token.
 Also builds tiny char-level tokenizers for recipe models.
 """
 
@@ -389,7 +389,28 @@ class Tokenizer:
         try:
             return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         except Exception as e:  # e.g. a char-level vocab without <unk> meeting an unknown character
-            raise ValueError(f"{self.name}: cannot encode {text[:40]!r}: {e}") from e
+            raise ValueError(f"{self.name}: cannot encode {self._unencodable(text)}: {e}") from e
+
+    def _unencodable(self, text: str) -> str:
+        """Names the first character of `text` outside the added tokens (<bos>, turn markers) that does not
+        encode alone, with its place and the text around it (a chat prompt starts with the template's
+        header, not with the user's text)."""
+        added = sorted({t.content for t in self._backend.get_added_tokens_decoder().values() if t.content},
+                       key=len, reverse=True)
+        pieces = re.split("(" + "|".join(map(re.escape, added)) + ")", text) if added else [text]
+        start, tried = 0, set()
+        for k, piece in enumerate(pieces):  # odd pieces are added tokens
+            for i, ch in enumerate(piece if k % 2 == 0 else "", start):
+                if ch in tried:
+                    continue
+                tried.add(ch)
+                try:
+                    self._backend.encode(ch, add_special_tokens=False)
+                except Exception:
+                    return (f"character {ch!r} (U+{ord(ch):04X}) at index {i} of the text, "
+                            f"in {text[max(0, i - 30):i + 10]!r}")
+            start += len(piece)
+        return repr(text[:40])  # every character encodes alone: only the text as a whole fails
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]  # accepts tensors / numpy rows as well as lists

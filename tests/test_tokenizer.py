@@ -348,7 +348,7 @@ def test_char_tokenizer_rejects_bad_input(tmp_path):
 
 def test_unknown_char_without_unk_raises(tmp_path):
     tok = build_char_tokenizer("ab", ["<pad>"], tmp_path)
-    with pytest.raises(ValueError, match="cannot encode 'abc'"):
+    with pytest.raises(ValueError, match=r"cannot encode character 'c' \(U\+0063\) at index 2 of the text, in 'abc'"):
         tok.encode("abc")
 
 

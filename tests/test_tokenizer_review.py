@@ -7,6 +7,7 @@ drops, and a text that does not encode names the character that fails."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from tokenizers import Tokenizer as Backend
@@ -175,3 +176,18 @@ def test_added_tokens_decoder_must_hold_tokens(spm_dir, tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer_config.json: added_tokens_decoder\['4'\] must be an object "
                                          r"with a string 'content', got '<start_of_turn>'"):
         Tokenizer.from_dir(d)
+
+
+# -- an unencodable character is named ---------------------------------------------------------------------------
+
+
+def test_encode_error_names_the_character_not_the_template_header(tmp_path):
+    tok = build_char_tokenizer("abcdefghijklmnopqrstuvwxyz5 \n", ["<pad>", "<eos>", "<bos>"], tmp_path,
+                               chat_template="{{ bos_token }}{% for m in messages %}<bos>user\n{{ m.content }}"
+                                             "<eos>{% endfor %}")
+    messages = [{"role": "user", "content": "a fairly long first message to push the text"},
+                {"role": "user", "content": "the price is 5\u20ac"}]
+    expected = ("cannot encode character '\u20ac' (U+20AC) at index 88 of the text, "
+                "in 't<eos><bos>user\\nthe price is 5\u20ac<eos>'")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        tok.encode_chat(messages)
