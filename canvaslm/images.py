@@ -307,14 +307,15 @@ def load_image(source, *, allowed_local_media_path: str | Path | None = None, ti
     """A decoded RGB image from `source`: a PIL image; encoded bytes; or a string holding a data URL, an
     http(s) URL, a file:// URL or a path (only under `allowed_local_media_path`; relative paths are taken
     from the working directory), or bare base64. EXIF orientation is applied, transparency composited
-    onto white. Encoded inputs over `max_bytes` are refused, and local files over `max_file_bytes` (None:
-    only the pixel limit applies, for files the user names: LLM, the CLI). A fetch takes at most `timeout`
+    onto white. Encoded inputs over `max_bytes` are refused, and local files and raw bytes (a caller's own
+    data: no server client sends raw bytes) over `max_file_bytes` (None: only the pixel limit applies, for
+    the user's own files and bytes: LLM, the CLI, training). A fetch takes at most `timeout`
     seconds in all (a server that trickles bytes is cut off); `follow_redirects=False` (an allow-list of
     hosts is in force) refuses a redirect, which could lead elsewhere. Errors are ValueError('image: ...')."""
     if isinstance(source, Image.Image):
         return _finish(source, "the image")
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode(bytes(source), "the image bytes", max_bytes)
+        return _decode(bytes(source), "the image bytes", max_file_bytes)
     if isinstance(source, os.PathLike):
         return _read_file(os.fspath(source), allowed_local_media_path, max_file_bytes, "local file")
     if not isinstance(source, str):

@@ -295,8 +295,6 @@ class LLM:
         images = data.get("image")
         images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
         from .multimodal import ImageError
-        if self.vision.available:
-            images = _decoded_bytes(images)
         try:
             return self.vision.prepare(ids, images, prompt.get("mm_processor_kwargs"), prompt.get("image_details"))
         except ImageError as e:
@@ -750,23 +748,6 @@ def _install(model, adapters: list, num_slots: int) -> dict:
         return dict(install(model, adapters, num_slots).ids)
     except AdapterError as e:
         raise GenerationError(f"LLM(lora_modules=...): {e}") from None
-
-
-def _decoded_bytes(images: list) -> list:
-    """The images, those given as bytes decoded here with no byte limit (only the pixel limit): they come from
-    the user's own process, as its paths do (`LLM.vision`: max_file_bytes=None), while Vision.load holds bytes to
-    images.MAX_BYTES, which guards a server against its clients. Strings (data URLs, base64, URLs) keep it."""
-    from .images import load_image
-
-    out = []
-    for k, src in enumerate(images):
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            try:
-                src = load_image(src, max_bytes=None)
-            except ValueError as e:  # worded as Vision.load words it
-                raise GenerationError(f"image {k}: {str(e).removeprefix('image: ')}") from None
-        out.append(src)
-    return out
 
 
 def _checked_max_batch(max_batch) -> int:

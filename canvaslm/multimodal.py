@@ -49,6 +49,12 @@ def checked_details(details, n: int) -> list:
     return list(details)
 
 
+def for_detail(processor, detail: str | None):
+    """The processor settings for an image sent with OpenAI's `detail`: "low" takes the smallest budget
+    (LOW_DETAIL_TOKENS soft tokens, as OpenAI's cheap low-resolution pass); any other, the settings given."""
+    return dataclasses.replace(processor, max_soft_tokens=LOW_DETAIL_TOKENS) if detail == "low" else processor
+
+
 @dataclass(frozen=True)
 class ImageInputs:
     """A prompt's images, ready for the encoder."""
@@ -278,8 +284,7 @@ class Vision:
                              f"of {self.max_images} (--limit-mm-per-prompt)")
         details = checked_details(details, len(sources))
         processor = self.processor_for(processor_kwargs)
-        low = dataclasses.replace(processor, max_soft_tokens=LOW_DETAIL_TOKENS)
-        processed = self.load(sources, [low if d == "low" else processor for d in details])
+        processed = self.load(sources, [for_detail(processor, d) for d in details])
         ids = self._expand(ids, [p.num_soft_tokens for p in processed])
 
         embeds = torch.cat([self.encode(p) for p in processed])

@@ -325,7 +325,9 @@ def test_load_bad_inputs(rgb):
     with pytest.raises(ValueError, match="image: the image bytes could not be"):
         load_image(png[: len(png) // 2])  # truncated PNG: identified, then fails to decode
     with pytest.raises(ValueError, match=r"too large \(\d+ bytes, the limit is 100\)"):
-        load_image(png, max_bytes=100)
+        load_image(png, max_file_bytes=100)  # raw bytes are a caller's own data, as its files
+    assert load_image(png, max_bytes=100).size == rgb.size
+    assert load_image(png, max_file_bytes=None).size == rgb.size
     with pytest.raises(ValueError, match="too large"):
         load_image("data:image/png;base64," + base64.b64encode(png).decode(), max_bytes=100)
     with pytest.raises(ValueError, match="image: the image bytes is empty"):

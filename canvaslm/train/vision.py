@@ -22,13 +22,12 @@ has for files); data URLs, base64 and fetched URLs keep `images.MAX_BYTES`.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
 from ..images import load_image, preprocess
-from ..multimodal import DETAILS, LOW_DETAIL_TOKENS, ImageInputs, Vision, image_spans
+from ..multimodal import DETAILS, ImageInputs, Vision, for_detail, image_spans
 from .data import DataError, ImageExample
 
 SOFT_TOKEN_CACHE_BYTES = 8 << 30  # host memory for cached soft tokens (a 280-token image of a 2816-wide model: 3 MiB)
@@ -85,26 +84,17 @@ class TrainVision:
         if self.uncached == 0 and self._loaded is not None:
             self._loaded.release()
 
-    def _processor(self, detail: str | None):
-        """The processor settings for an image's detail: "low" takes the smallest budget, as
-        multimodal.Vision.prepare gives it (digests cover the patch grid: they differ where the soft tokens do)."""
-        if detail == "low":
-            return dataclasses.replace(self.processor, max_soft_tokens=LOW_DETAIL_TOKENS)
-        return self.processor
-
     @staticmethod
     def _decoded(source):
         """The decoded image. Local files, bytes and PIL images are the user's own (trusted, any size: only
         the pixel limit); data URLs, base64 and fetches keep load_image's byte limit."""
-        if isinstance(source, Path):
-            source = source.resolve()
-            return load_image(source, allowed_local_media_path=source.parent, max_file_bytes=None)
-        if isinstance(source, (bytes, bytearray)):
-            return load_image(source, max_bytes=None)
-        return load_image(source)
+        folder = source.resolve().parent if isinstance(source, Path) else None
+        return load_image(source.resolve() if folder else source, allowed_local_media_path=folder,
+                          max_file_bytes=None)
 
     def _processed(self, source, detail: str | None = None):
-        return preprocess(self._decoded(source), self._processor(detail))
+        # a detail's budget as at inference (digests cover the patch grid: they differ where the soft tokens do)
+        return preprocess(self._decoded(source), for_detail(self.processor, detail))
 
     @torch.no_grad()
     def _encode(self, processed) -> torch.Tensor:
