@@ -1,12 +1,13 @@
 """Tests for the Sudoku recipe's data side: solver, generator, grader, splits and tokens."""
 
+import hashlib
 import json
 import random
 import time
 
 import pytest
 
-from canvaslm.recipes.sudoku import data
+from canvaslm.recipes.sudoku import data, puzzles
 from canvaslm.recipes.sudoku.puzzles import (
     LEVELS,
     as_grid,
@@ -26,6 +27,10 @@ HARD = "8..........36......7..9.2...5...7.......457.....1...3...1....68..85...1.
 HARD_SOLUTION = "812753649943682175675491283154237896369845721287169534521974368438526917796318452"
 # A puzzle solvable by naked singles alone (few blanks, each forced by its peers).
 EASY = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+# Norvig's "impossible" puzzle (no solution, though no cell is out of digits) and his hard1 (several
+# solutions): search that only branches on cells stalls on them for minutes, singles propagation or not.
+NO_SOLUTION = ".....5.8....6.1.43..........1.5........1.6...3.......553.....61........4........."
+SEVERAL = ".....6....59.....82....8....45........3........6..3.54...325..6.................."
 
 
 def test_solver_on_known_hard_puzzle():
@@ -40,6 +45,25 @@ def test_count_solutions_stops_at_limit():
     assert count_solutions(HARD_SOLUTION[:72] + "0" * 9) == 1  # a blank last row is forced
     # Contradictory grids: strings are rejected by the parser, int lists simply have no solution.
     assert solve([1, 1] + [0] * 79) is None and count_solutions([1, 1] + [0] * 79) == 0
+
+
+def test_solver_settles_no_or_several_solutions_in_few_steps(monkeypatch):
+    steps = []
+    propagate = puzzles._propagate
+    monkeypatch.setattr(puzzles, "_propagate", lambda *a: steps.append(1) or propagate(*a))
+    assert count_solutions(NO_SOLUTION, limit=1) == 0 and solve(NO_SOLUTION) is None
+    assert count_solutions(SEVERAL, limit=1) == 1 and count_solutions(SEVERAL, limit=5) == 5
+    assert is_valid_solution(SEVERAL, solve(SEVERAL))
+    assert len(steps) < 20_000, len(steps)  # about 2 * 2,600 (no solution) + 100: well under a second
+
+
+def test_generator_output_is_pinned():
+    """The seeded data splits (and the shipped model trained on them) depend on the generator's exact
+    output: a solver change must not move it (these are the hashes before the propagating solver)."""
+    want = {"easy": "7d376df46e356e5f", "medium": "8687443b718ff9d5", "hard": "21e0df998dac065d"}
+    for level, digest in want.items():
+        text = "".join(format_grid(p) + format_grid(s) for p, s in generate_puzzles(8, level, seed=2))
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, level
 
 
 def test_is_valid_solution_rejects_bad_grids():

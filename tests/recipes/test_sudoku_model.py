@@ -245,6 +245,10 @@ def test_cli_solve(mini_run, mini_split, capsys):
     assert "contradictory" in capsys.readouterr().err
     assert main(["sudoku", "solve", "--model", str(model_dir), "012345678" + "0" * 9 + "900" + "0" * 60]) == 2
     assert "has no solution" in capsys.readouterr().err  # no clash, but no digit is left for the first cell
+    impossible = ".....5.8....6.1.43..........1.5........1.6...3.......553.....61........4........."  # Norvig's
+    assert main(["sudoku", "solve", "--model", str(model_dir), impossible]) == 2  # at once, not after minutes
+    err = capsys.readouterr().err  # every cell keeps a candidate digit: the error must not say otherwise
+    assert "puzzle 1 ('.....5.8....6.1.43..'...): it has no solution: no way to fill its blanks" in err
     assert main(["sudoku", "solve", "--model", str(model_dir), "--dtype", "bfloat16", "--steps", "2", puzzle]) in (0, 1)
     assert len(capsys.readouterr().out.split()[0]) == 81
     assert main(["sudoku", "solve", "--model", str(model_dir), "--dtype", "float99", puzzle]) == 2

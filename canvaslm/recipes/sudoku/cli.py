@@ -67,7 +67,8 @@ def _solve(args) -> int:
         try:
             puzzles.append(normalize_puzzle(p))
             if not count_solutions(puzzles[-1], limit=1):
-                raise ValueError("it has no solution (its givens rule out every digit somewhere)")
+                raise ValueError("it has no solution: no way to fill its blanks keeps each digit once per row, "
+                                 "column and box")
         except ValueError as e:
             print(f"error: puzzle {i + 1} ({p[:20]!r}{'...' if len(p) > 20 else ''}): {e}", file=sys.stderr)
             return 2

@@ -114,8 +114,112 @@ def is_valid_solution(puzzle: str | Sequence[int], solution: str | Sequence[int]
 
 
 # ---------------------------------------------------------------------------------------------
-# Solver: bitmask backtracking, most-constrained cell first (MRV)
+# Solver: bitmask candidates, naked and hidden singles to a fixed point, then a branch on the
+# narrowest choice left: a cell's digits or the places of a unit's digit, as exact cover does
 # ---------------------------------------------------------------------------------------------
+
+_UNITS = [[j for j in range(81) if key[j] == u] for key in (_ROW, _COL, _BOX) for u in range(9)]
+
+
+def _propagate(cand: list[int], queue: list[int]) -> bool:
+    """Apply naked and hidden singles to candidate masks `cand`, in place, until neither fills a cell.
+
+    `queue` holds cells fixed to one digit whose digit is not yet struck from their peers. False on
+    a contradiction (a cell with no digit left, or a unit's digit with no place left).
+    """
+    while queue:
+        while queue:  # naked singles: a fixed cell's digit leaves its 20 peers
+            c = queue.pop()
+            bit = cand[c]
+            for p in _PEERS[c]:
+                m = cand[p]
+                if m & bit:
+                    m ^= bit
+                    if not m:
+                        return False
+                    cand[p] = m
+                    if _POP[m] == 1:
+                        queue.append(p)
+        for unit in _UNITS:  # hidden singles: a digit with one place left in a unit goes there
+            once = twice = 0
+            for c in unit:
+                m = cand[c]
+                twice |= once & m
+                once |= m
+            if once != _ALL:
+                return False
+            only = once & ~twice
+            if only:
+                for c in unit:
+                    m = cand[c] & only
+                    if m and m != cand[c]:
+                        if m & (m - 1):  # two digits that can only go in this one cell
+                            return False
+                        cand[c] = m
+                        queue.append(c)
+    return True
+
+
+def _candidates(grid: Sequence[int]) -> list[int] | None:
+    """Candidate masks of `grid` after propagation, or None if the givens already contradict."""
+    cand = [1 << (v - 1) if v else _ALL for v in grid]
+    return cand if _propagate(cand, [i for i, v in enumerate(grid) if v]) else None
+
+
+def _narrowest(cand: list[int]) -> list[tuple[int, int]]:
+    """The fewest ways to settle one open choice of propagated masks `cand`, as (cell, digit bit) pairs:
+    the digits of the cell with the fewest candidates, or the places of a unit's digit if it has fewer
+    still; empty once every cell is fixed. Branching on places as well as cells is what exact cover
+    (Knuth's DLX) does; branching on cells alone can wander for minutes through a puzzle with no
+    solution (Norvig's "impossible" one) even with singles propagation."""
+    best, best_n = -1, 10
+    for c in range(81):
+        n = _POP[cand[c]]
+        if 1 < n < best_n:
+            best, best_n = c, n
+            if n == 2:  # propagation leaves nothing narrower
+                return [(c, 1 << (d - 1)) for d in _DIGITS[cand[c]]]
+    if best < 0:
+        return []
+    options = [(best, 1 << (d - 1)) for d in _DIGITS[cand[best]]]
+    for unit in _UNITS:
+        # acc[k]: the digits with more than k places in the unit, for k < best_n
+        acc = [0] * best_n
+        for c in unit:
+            m = cand[c]
+            for k in range(best_n - 1, 0, -1):
+                acc[k] |= acc[k - 1] & m
+            acc[0] |= m
+        for k in range(1, len(options) - 1):  # k + 1 places, fewer than the best so far
+            exact = acc[k] & ~acc[k + 1]
+            if exact:
+                bit = exact & -exact
+                options = [(c, bit) for c in unit if cand[c] & bit]
+                break
+    return options
+
+
+def _count(cand: list[int], limit: int, found: list[Grid]) -> int:
+    """Count the solutions of propagated masks `cand` up to `limit`; the first one found is appended to `found`."""
+    options = _narrowest(cand)
+    if not options:  # every cell fixed, and propagation let no clash through
+        if not found:
+            found.append([_DIGITS[m][0] for m in cand])
+        return 1
+    count = 0
+    for c, bit in options:
+        child = cand[:]
+        child[c] = bit
+        if _propagate(child, [c]):
+            count += _count(child, limit - count, found)
+            if count >= limit:
+                break
+    return count
+
+
+def _solutions(grid: Sequence[int], limit: int, found: list[Grid]) -> int:
+    cand = _candidates(grid)
+    return 0 if cand is None else _count(cand, limit, found)
 
 
 class _State:
@@ -138,7 +242,12 @@ class _State:
 
 
 def _search(st: _State, limit: int, found: list[Grid], rng: random.Random | None = None) -> int:
-    """Count solutions up to `limit`; the first one found is appended to `found`."""
+    """Count solutions up to `limit` by plain MRV backtracking; the first one found is appended to `found`.
+
+    Only `random_full_grid` uses it: its digit shuffles follow this exact search path, so the seeded
+    puzzles (and the data splits the shipped model was trained on) depend on it. It can stall for
+    minutes where the givens leave no solution or several; counting and solving use `_count`.
+    """
     empties, rows, cols, boxes, cells = st.empties, st.rows, st.cols, st.boxes, st.cells
     if not empties:
         if not found:
@@ -182,29 +291,15 @@ def _search(st: _State, limit: int, found: list[Grid], rng: random.Random | None
     return count
 
 
-def _consistent(grid: Sequence[int]) -> bool:
-    try:
-        _check_no_contradiction(grid)
-    except ValueError:
-        return False
-    return True
-
-
 def count_solutions(puzzle: str | Sequence[int], limit: int = 2) -> int:
     """Number of solutions, stopping once `limit` are found (so 2 means 'two or more')."""
-    grid = as_grid(puzzle)
-    if not _consistent(grid):
-        return 0
-    return _search(_State(grid), limit, [])
+    return _solutions(as_grid(puzzle), limit, [])
 
 
 def solve(puzzle: str | Sequence[int]) -> Grid | None:
     """One solution of the puzzle, or None if it has none."""
-    grid = as_grid(puzzle)
-    if not _consistent(grid):
-        return None
     found: list[Grid] = []
-    _search(_State(grid), 1, found)
+    _solutions(as_grid(puzzle), 1, found)
     return found[0] if found else None
 
 
@@ -236,9 +331,6 @@ def needs_beyond_naked_singles(puzzle: str | Sequence[int]) -> bool:
                 remaining.append(c)
         st.empties = remaining
     return bool(st.empties)
-
-
-_UNITS = [[j for j in range(81) if key[j] == u] for key in (_ROW, _COL, _BOX) for u in range(9)]
 
 
 def singles_rounds(puzzle: str | Sequence[int]) -> tuple[int, Grid]:
@@ -294,20 +386,11 @@ def _removal_keeps_unique(st: _State, cell: int, value: int) -> bool:
     The original grid is one solution, so uniqueness holds iff no solution has another digit there;
     searching for one is cheaper than counting to two.
     """
-    r, c, b = _ROW[cell], _COL[cell], _BOX[cell]
-    others = ~(st.rows[r] | st.cols[c] | st.boxes[b]) & _ALL & ~(1 << (value - 1))
+    others = ~(st.rows[_ROW[cell]] | st.cols[_COL[cell]] | st.boxes[_BOX[cell]]) & _ALL & ~(1 << (value - 1))
     for d in _DIGITS[others]:
-        bit = 1 << (d - 1)
-        st.cells[cell] = d
-        st.rows[r] |= bit
-        st.cols[c] |= bit
-        st.boxes[b] |= bit
-        n = _search(st, 1, [])
-        st.rows[r] ^= bit
-        st.cols[c] ^= bit
-        st.boxes[b] ^= bit
-        st.cells[cell] = 0
-        if n:
+        probe = st.cells[:]
+        probe[cell] = d
+        if _solutions(probe, 1, []):
             return False
     return True
 
@@ -327,9 +410,7 @@ def _dig(solution: Grid, target: int, rng: random.Random) -> Grid:
         st.rows[_ROW[cell]] ^= bit
         st.cols[_COL[cell]] ^= bit
         st.boxes[_BOX[cell]] ^= bit
-        # `cell` stays out of st.empties during the probe: it is fixed per candidate digit.
         if _removal_keeps_unique(st, cell, v):
-            st.empties.append(cell)
             givens -= 1
         else:
             st.cells[cell] = v
