@@ -114,25 +114,26 @@ def trace_diffusion(llm, exs: Sequence[Example], steps: int, seed: int = 0, cand
 
     sol = torch.tensor([[DIGIT_BASE_ID + int(c) for c in e.solution] for e in exs])
     blank = torch.tensor([[c == "0" for c in e.puzzle] for e in exs])
-    counts: dict[int, list] = {}  # step -> [argmax right, accepted, accepted right, finished rows]
-    calls: dict[int, int] = {}
+    # first row of each of solve's batches -> its [argmax right, accepted, accepted right, finished rows]
+    # after each step it ran
+    by_batch: dict[int, list[tuple[int, int, int, int]]] = {}
 
     def on_draft(first, st):
-        step = calls[first] = calls.get(first, 0) + 1
         rows = slice(first, first + st.argmax.shape[0])
         am, cv, b = st.argmax[:, :N_CELLS].cpu(), st.canvas[:, :N_CELLS].cpu(), blank[rows]
         digit = (cv > DIGIT_BASE_ID) & (cv <= DIGIT_BASE_ID + 9)
-        c = counts.setdefault(step, [0, 0, 0, 0])
-        c[0] += int(((am == sol[rows]) & b).sum())
-        c[1] += int((digit & b).sum())
-        c[2] += int(((cv == sol[rows]) & b).sum())
-        c[3] += int(st.finished.sum())
+        by_batch.setdefault(first, []).append((int(((am == sol[rows]) & b).sum()), int((digit & b).sum()),
+                                               int(((cv == sol[rows]) & b).sum()), int(st.finished.sum())))
 
     solve(llm, [e.puzzle for e in exs], steps=steps, seed=seed, candidates=candidates, on_draft=on_draft,
           **sampling)
+    n_steps = max((len(v) for v in by_batch.values()), default=0)
+    # a batch whose rows all stopped early is not called again: its last counts hold for the later steps
+    padded = [v + v[-1:] * (n_steps - len(v)) for v in by_batch.values()]
+    totals = [[sum(field) for field in zip(*batches)] for batches in zip(*padded)]
     n_blank, n = max(1, int(blank.sum())), max(1, len(exs))
     return [StepTrace(k, c[0] / n_blank, c[1] / n_blank, c[2] / n_blank, c[3] / n)
-            for k, c in sorted(counts.items())]
+            for k, c in enumerate(totals, 1)]
 
 
 def format_trace(subset: str, trace: Sequence[StepTrace]) -> str:
