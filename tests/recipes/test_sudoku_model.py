@@ -276,6 +276,12 @@ def test_cli_eval_refuses_what_it_cannot_evaluate(mini_run, tmp_path, capsys):
     assert "--model" in str(e.value.code) and "its vocabulary has" in str(e.value.code)
 
 
+def test_cli_eval_steps_run_once_each_in_order():
+    from canvaslm.recipes.sudoku.cli import _steps_list
+
+    assert _steps_list("8,4,8, 4,12") == [8, 4, 12]
+
+
 def test_cli_train_names_a_missing_cuda_device(tmp_path, capsys):
     import torch
 

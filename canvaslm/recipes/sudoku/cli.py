@@ -18,7 +18,7 @@ def _steps_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--steps must be comma-separated integers, got {text!r}") from None
     if not steps or any(s <= 0 for s in steps):
         raise argparse.ArgumentTypeError(f"--steps must list positive integers, got {text!r}")
-    return steps
+    return list(dict.fromkeys(steps))  # 4,4 would run twice for one row of the table
 
 
 def _threads(text: str) -> int:
