@@ -190,7 +190,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
             new = entropy_bound_step(logits, sub, sub_sp, sub_gens, V, logit_mask=sub_mask, pinned=sub_pinned,
                                      impl=sampler_impl)
             del logits
-            new.sc_logits = new.sc_logits.to(model.embed_weight.dtype)
+            new.sc_logits = narrowed_sc_logits(new.sc_logits, model.embed_weight.dtype)
             st = new if ix is None else _merge_rows(st, ix, new)
             _stop_late_rows(st, limits, out_of_time, time.perf_counter() - denoise_start)
             if on_draft is not None:
@@ -236,6 +236,18 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
     for b, res in enumerate(results):
         res.decoder_passes = int(passes[b])
     return results
+
+
+def narrowed_sc_logits(sc_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The processed logits (logits / temperature, float32) that self-condition the next step, in the model's
+    `dtype`. float16 ends at 65504, which a near-greedy temperature passes (30 / 4e-4): inf, then a NaN softmax
+    and NaN everywhere after. So for a dtype of narrower exponent range than the logits', each position's max
+    is subtracted first, in place (the softmax and a constraint commit's log-softmax are unchanged, and values
+    <= 0 cannot overflow). float32 and bfloat16 (float32's exponent range) are cast as before, bit for bit."""
+    if torch.finfo(dtype).max > torch.finfo(sc_logits.dtype).max / 2:
+        return sc_logits.to(dtype)
+    top = sc_logits.amax(dim=-1, keepdim=True)
+    return sc_logits.sub_(top.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)).to(dtype)  # an all-banned row: as is
 
 
 def _select_rows(st: CanvasState, ix: torch.Tensor) -> CanvasState:

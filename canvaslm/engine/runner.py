@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from ..config import DiffusionParams
+from ..generate import narrowed_sc_logits
 from ..kernels.philox import seeded_generator
 from ..kv_cache import KVCache
 from ..multimodal import encoder_images
@@ -422,8 +423,8 @@ class Runner:
         self.argmax.index_copy_(0, slots, new.argmax)
         self.history.index_copy_(0, slots, new.history)
         sc_new = getattr(new, "sc_embeds", None)  # a fused sampler may hand back soft embeddings directly
-        if sc_new is None:
-            sc_new = self.model.soft_embeddings(new.sc_logits.to(self.dtype))
+        if sc_new is None:  # (shifts new.sc_logits in place where the model's dtype is float16: see there)
+            sc_new = self.model.soft_embeddings(narrowed_sc_logits(new.sc_logits, self.dtype))
         self.sc_embeds.index_copy_(0, slots, sc_new.to(self.dtype))
         for b, (item, r) in enumerate(zip(items, reqs)):
             r.decoder_passes += 1

@@ -1,0 +1,68 @@
+"""Sampling review fixes: float16 self-conditioning at near-greedy temperatures, frozen rows of a shared
+generator's batch, stability thresholds past the step count, schedules below float32's range, logit_bias on
+bfloat16 models, and out-of-range integer parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvaslm.generate import narrowed_sc_logits
+from canvaslm.llm import LLM, SamplingParams
+from canvaslm.sampling.schedules import GREEDY_TEMPERATURE
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from canvaslm.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("samp_review"), std=1.5)  # peaked: steps converge
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    return LLM(ckpt, device="cpu", dtype="float32")
+
+
+# --------------------------------------------------------------- float16 self-conditioning
+
+def test_narrowed_sc_logits_shifts_only_float16_and_keeps_the_softmax():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, generator=g) * 30 / 4e-4  # softcapped logits at a near-greedy temperature
+    x[0, 0, 7:] = float("-inf")  # banned ids
+    for dtype in (torch.float32, torch.bfloat16):  # float32's exponent range: cast as before, bit for bit
+        assert torch.equal(narrowed_sc_logits(x.clone(), dtype), x.to(dtype))
+    half = narrowed_sc_logits(x.clone(), torch.float16)
+    assert half.dtype == torch.float16 and not half.isnan().any() and not half.isposinf().any()
+    assert torch.allclose(torch.softmax(half.float(), -1), torch.softmax(x, -1), atol=1e-3)
+    assert x.to(torch.float16).isinf().any()  # what the plain cast gave
+
+
+@pytest.fixture(scope="module")
+def confident(ckpt, tmp_path_factory):
+    """The checkpoint with a peaked head (logits near the softcap, 30, as a trained model's): 30 / 4e-4 > 65504."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("samp_confident") / "ckpt"
+    shutil.copytree(ckpt, d)
+    w = load_file(d / "model.safetensors")
+    w["model.decoder.norm.weight"] = w["model.decoder.norm.weight"] * 8 + 8
+    save_file(w, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference", "fused"])
+def test_float16_near_greedy_generation_is_not_all_padding(confident, impl):
+    """temperature 0 (the server's and CLI's GREEDY_TEMPERATURE) on a float16 model: logits / 4e-4 passed
+    float16's 65504 in the self-conditioning logits, inf -> NaN, and every output token was 0 (padding)."""
+    llm16 = LLM(confident, device="cpu", dtype="float16", sampler_impl=impl)
+    sp = SamplingParams(max_new_tokens=16, seed=1, temperature=GREEDY_TEMPERATURE, max_denoising_steps=48,
+                        confidence_threshold=1e-30)
+    overflow = []
+    ids = llm16.generate("hello", sp, on_draft=lambda k, st: overflow.append(
+        bool(st.sc_logits.isposinf().any() or st.sc_logits.isnan().any())))[0].token_ids
+    assert overflow and not any(overflow)
+    assert ids.count(0) < len(ids) // 2, ids
+    assert llm16.generate_continuous("hello", sp, use_tqdm=False)[0].token_ids == ids
