@@ -9,7 +9,7 @@ import torch
 
 from canvaslm.generate import narrowed_sc_logits
 from canvaslm.llm import LLM, SamplingParams
-from canvaslm.sampling.schedules import GREEDY_TEMPERATURE
+from canvaslm.sampling.schedules import GREEDY_TEMPERATURE, linear_temperature
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,30 @@ def test_float16_near_greedy_generation_is_not_all_padding(confident, impl):
     assert overflow and not any(overflow)
     assert ids.count(0) < len(ids) // 2, ids
     assert llm16.generate_continuous("hello", sp, use_tqdm=False)[0].token_ids == ids
+
+
+# --------------------------------------------------------------- a shared generator's frozen rows
+
+def test_a_stopped_row_keeps_its_last_temperature():
+    t_min, span, n = torch.tensor([0.0, 0.4]), torch.tensor([0.8, 0.4]), torch.tensor([2, 2], dtype=torch.int32)
+    last = linear_temperature(torch.tensor([1, 1]), n, t_min, span)
+    for cur in (0, -1, -5):
+        assert torch.equal(linear_temperature(torch.tensor([cur, cur]), n, t_min, span), last)
+    assert torch.equal(linear_temperature(torch.tensor([2, 1]), n, t_min, span), torch.tensor([0.8, 0.6]))
+
+
+@pytest.mark.parametrize("t_min", [0.0, 0.4])
+def test_shared_generator_row_with_fewer_steps_does_not_crash_the_batch(ckpt, t_min):
+    """A row with fewer steps stays, frozen, in a shared generator's batch while its cur_step fell to 0, -1,
+    ...: its temperature reached 0 (t_min = 0 at once, the default 0.4 four steps later), NaN probabilities,
+    and torch.multinomial raised for the whole batch. Its batch-mate's tokens do not depend on it."""
+    ref = LLM(ckpt, device="cpu", dtype="float32", sampler_impl="reference")
+
+    def run(a_t_min):
+        ps = [SamplingParams(max_new_tokens=8, t_min=a_t_min, max_denoising_steps=2),
+              SamplingParams(max_new_tokens=8, max_denoising_steps=8, confidence_threshold=1e-9)]
+        return ref.generate(["hi", "yo"], ps, generator=torch.Generator().manual_seed(0))
+
+    out = run(t_min)
+    assert out[1].token_ids == run(0.2)[1].token_ids
+    assert all(len(o.token_ids) for o in out)
