@@ -456,6 +456,13 @@ class DiffusionParams:
         except PenaltyError as e:
             raise ConfigError(f"generation parameter {e}") from None
 
+    @property
+    def stability_depth(self) -> int:
+        """The argmax history the stop check needs: stability_threshold, at most max_denoising_steps. A canvas's
+        check sees at most max_denoising_steps - 1 earlier argmaxes, so a larger threshold is never met, as
+        with this depth; a history as deep as the threshold would only cost memory (copied every step)."""
+        return min(self.stability_threshold, self.max_denoising_steps)
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "generation_config.json") -> "DiffusionParams":
         kw: dict[str, Any] = {}

@@ -135,7 +135,8 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
                  image_mask=image_mask)
 
     sp = SamplerParams.build([r.params for r in rows], device)
-    depth = max(r.params.stability_threshold for r in rows)
+    # a row whose threshold is above this depth has max_denoising_steps <= depth: never met, as with its own
+    depth = max(r.params.stability_depth for r in rows)
     results = [RowResult() for _ in rows]
     done_rows = torch.zeros(B, dtype=torch.bool, device=device)
     passes = torch.zeros(B, dtype=torch.long, device=device)

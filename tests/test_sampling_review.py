@@ -4,9 +4,12 @@ bfloat16 models, and out-of-range integer parameters."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
+from canvaslm.config import DiffusionParams
 from canvaslm.generate import narrowed_sc_logits
 from canvaslm.llm import LLM, SamplingParams
 from canvaslm.sampling.schedules import GREEDY_TEMPERATURE, linear_temperature
@@ -93,3 +96,39 @@ def test_shared_generator_row_with_fewer_steps_does_not_crash_the_batch(ckpt, t_
     out = run(t_min)
     assert out[1].token_ids == run(0.2)[1].token_ids
     assert all(len(o.token_ids) for o in out)
+
+
+# --------------------------------------------------------------- stability thresholds past the steps
+
+def test_stability_threshold_past_the_steps_is_capped(llm):
+    """A threshold >= max_denoising_steps is never met; its history was [B, threshold, C], copied every step
+    (2,000,000: 6 s and 800 MB more for the same tokens). It is sized from the capped value now."""
+    assert DiffusionParams(stability_threshold=10**6, max_denoising_steps=8).stability_depth == 8
+    assert DiffusionParams(stability_threshold=3, max_denoising_steps=8).stability_depth == 3
+    depths = []
+    outs = [llm.generate("hi", SamplingParams(max_new_tokens=32, seed=0, max_denoising_steps=8, stability_threshold=s),
+                         on_draft=lambda k, st: depths.append(st.history.shape[1]))[0].token_ids
+            for s in (8, 9, 100_000)]
+    assert outs[0] == outs[1] == outs[2]
+    assert set(depths) == {8}
+
+
+def test_runner_takes_a_threshold_it_caps_within_its_history(llm):
+    from canvaslm.engine.engine import Engine, EngineConfig, GenerationRequest
+    from canvaslm.engine.runner import Runner, RunnerError
+
+    big = DiffusionParams(max_new_tokens=16, max_denoising_steps=8, stability_threshold=10**6)
+    Runner(llm.model, num_slots=1, max_model_len=64, history_depth=8).add("a", big, 0, (1,))
+    with pytest.raises(RunnerError, match=r"stability_threshold=1000000 \(with max_denoising_steps=8\) exceeds"):
+        Runner(llm.model, num_slots=1, max_model_len=64, history_depth=7).add("a", big, 0, (1,))
+    prompt = "a prompt of sixteen tokens or more"  # generate's geometry: equal outputs
+    sp = SamplingParams(max_new_tokens=16, seed=3, max_denoising_steps=8, stability_threshold=10**6)
+    row = llm.rows([prompt], sp)[0]
+    engine = Engine(llm.model, EngineConfig(max_batch=1, max_model_len=len(row.prompt_ids) + 16, prefix_caching=False),
+                    history_depth=8).start()
+    try:
+        tokens, fin = asyncio.run(engine.run(GenerationRequest.from_row("a", row, 3)))
+    finally:
+        engine.shutdown()
+    assert fin.reason in ("stop", "length")
+    assert list(tokens) == llm.generate(prompt, sp)[0].token_ids

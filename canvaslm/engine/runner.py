@@ -148,9 +148,9 @@ class Runner:
         thought channel may take (sampling.thinking)."""
         if request_id in self.requests:
             raise RunnerError(f"request id {request_id!r} is already registered with the runner")
-        if params.stability_threshold > self.history_depth:
-            raise RunnerError(f"stability_threshold={params.stability_threshold} exceeds the runner's "
-                              f"history_depth={self.history_depth}")
+        if params.stability_depth > self.history_depth:  # a threshold it caps is never met at history_depth
+            raise RunnerError(f"stability_threshold={params.stability_threshold} (with max_denoising_steps="
+                              f"{params.max_denoising_steps}) exceeds the runner's history_depth={self.history_depth}")
         gen = seeded_generator(seed, self.device)  # all 64 bits count, on a CPU too (as LLM.generate's)
         if constraint is not None and hasattr(constraint, "for_row"):  # per-request slot states
             constraint = constraint.for_row()
