@@ -437,6 +437,12 @@ class DiffusionParams:
             bad("confidence_threshold", "must be > 0")
         if not _is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "must be an integer >= 0 (0: no cut)")
+        from .sampling.schedules import MIN_TEMPERATURE, coldest_temperature
+        cold = coldest_temperature(self.t_min, self.t_max, self.max_denoising_steps)
+        if cold < MIN_TEMPERATURE:  # t_min itself is never reached: t_max is what sets the coldest step
+            bad("t_max", f"gives the last of max_denoising_steps={self.max_denoising_steps} steps (t_min {self.t_min}) "
+                         f"a temperature of {cold:.3g}, below {MIN_TEMPERATURE}: the logits divided by it overflow "
+                         "float32")
         if not 0 <= self.top_p <= 1:
             bad("top_p", "must be in [0, 1] (1: no cut; 0 keeps only the most likely token)")
         if not 0 <= self.min_p <= 1:

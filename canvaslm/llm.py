@@ -21,6 +21,7 @@ from .kernels.philox import seeded_generator
 from .sampling.logit_bias import LogitBiasError, normalize as normalize_bias
 from .sampling.constraints import PinnedConstraint
 from .sampling.samplers import checked_impl, sampleable_vocab, set_sampleable_vocab
+from .sampling.schedules import MIN_TEMPERATURE, coldest_temperature
 from .sampling.thinking import (ThinkingBudget, answer_room, answer_seed, answer_time, closed_thought, thought_reserve,
                                 thought_room)
 
@@ -145,11 +146,11 @@ class SamplingParams:
                              max_time=self.max_time)
         big = torch.finfo(torch.float32).max  # a schedule above it is inf in float32: every logit divides to 0
         if self.temperature is not None:
-            tiny = torch.finfo(torch.float32).tiny  # a schedule below it divides the logits by 0
-            if any(0 < t and t * self.temperature < tiny for t in (p.t_min, p.t_max)):
+            cold = coldest_temperature(p.t_min, p.t_max, p.max_denoising_steps) * self.temperature
+            if cold < MIN_TEMPERATURE:  # (DiffusionParams refuses it too, naming t_max: the temperature did it)
                 raise GenerationError(f"SamplingParams.temperature={self.temperature!r} scales the schedule "
-                                      f"(t_min {p.t_min}, t_max {p.t_max}) below float32's range; use >= 1e-3 "
-                                      "for near-greedy draws")
+                                      f"(t_min {p.t_min}, t_max {p.t_max}) below float32's range: its last step "
+                                      f"at {cold:.3g}, under {MIN_TEMPERATURE}; use >= 1e-3 for near-greedy draws")
             if p.t_max * self.temperature > big:
                 raise GenerationError(f"SamplingParams.temperature={self.temperature!r} scales the schedule "
                                       f"(t_max {p.t_max}) beyond float32's range")

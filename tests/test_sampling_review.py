@@ -9,8 +9,8 @@ import asyncio
 import pytest
 import torch
 
-from canvaslm.config import DiffusionParams
-from canvaslm.generate import narrowed_sc_logits
+from canvaslm.config import ConfigError, DiffusionParams
+from canvaslm.generate import GenerationError, narrowed_sc_logits
 from canvaslm.llm import LLM, SamplingParams
 from canvaslm.sampling.schedules import GREEDY_TEMPERATURE, linear_temperature
 
@@ -132,3 +132,23 @@ def test_runner_takes_a_threshold_it_caps_within_its_history(llm):
         engine.shutdown()
     assert fin.reason in ("stop", "length")
     assert list(tokens) == llm.generate(prompt, sp)[0].token_ids
+
+
+# --------------------------------------------------------------- schedules below float32's range
+
+@pytest.mark.parametrize("t_min, t_max", [(0.0, 1e-40), (1e-45, 1e-44), (0.0, 1e-37)])
+def test_a_schedule_whose_last_step_overflows_the_logits_is_refused(llm, t_min, t_max):
+    """Explicit t_min / t_max were checked only against each other: a last step below ~1e-37 divides the
+    logits past float32's max, and the output was all padding (or noise)."""
+    with pytest.raises(ConfigError, match=r"t_max gives the last of max_denoising_steps=8 steps .* below 1e-30"):
+        DiffusionParams(t_min=t_min, t_max=t_max, max_denoising_steps=8)
+    with pytest.raises(ConfigError, match="generation parameter t_max"):
+        llm.generate("hi", SamplingParams(max_new_tokens=8, seed=3, t_min=t_min, t_max=t_max))
+
+
+def test_schedules_that_stay_in_range_are_kept(llm):
+    DiffusionParams(t_min=1e-45, t_max=0.8)  # t_min itself is never a step's temperature
+    DiffusionParams(t_min=0.0, t_max=1e-3)
+    assert SamplingParams(temperature=GREEDY_TEMPERATURE).resolve(llm.defaults).t_min > 0
+    with pytest.raises(GenerationError, match=r"temperature=1e-31 scales the schedule .* last step at"):
+        SamplingParams(temperature=1e-31).resolve(llm.defaults)

@@ -18,4 +18,13 @@ def linear_temperature(cur_step: torch.Tensor, n_steps: torch.Tensor, t_min: tor
     return t_min + t_span * (cur_step.clamp(min=1).to(torch.int32) / n_steps.to(torch.int32))
 
 
+def coldest_temperature(t_min: float, t_max: float, n_steps: int) -> float:
+    """The lowest temperature a schedule runs at: its last step's (remaining step 1 of n_steps), above t_min."""
+    return t_min + (t_max - t_min) / n_steps
+
+
 GREEDY_TEMPERATURE = 1e-3  # temperature=0 scales the schedule by this (temperatures must stay > 0)
+# The logits are divided by each step's temperature in float32: at or above this, logits up to 3e8 stay finite
+# (softcapped ones are below 30); below it they overflow (inf, NaN probabilities, an all-padding output),
+# and a schedule that cold draws the argmax anyway.
+MIN_TEMPERATURE = 1e-30
