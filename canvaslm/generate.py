@@ -141,7 +141,7 @@ def _generate_rows(model, rows, gens, on_draft, on_commit, geometry, drop_stoppe
     done_rows = torch.zeros(B, dtype=torch.bool, device=device)
     passes = torch.zeros(B, dtype=torch.long, device=device)
     constraints = [r.constraint.for_row() if hasattr(r.constraint, "for_row") else r.constraint for r in rows]
-    biases = [logit_bias.dense(r.logit_bias, V, device, model.embed_weight.dtype) for r in rows]
+    biases = [logit_bias.dense(r.logit_bias, V, device) for r in rows]
     any_bias = any(b is not None for b in biases)
     penalties = [penalty_state(r.params, r.prompt_ids, r.eos_ids, V, device) for r in rows]
     limits = [r.params.max_time for r in rows]  # latency budgets: DiffusionParams.max_time

@@ -152,3 +152,26 @@ def test_schedules_that_stay_in_range_are_kept(llm):
     assert SamplingParams(temperature=GREEDY_TEMPERATURE).resolve(llm.defaults).t_min > 0
     with pytest.raises(GenerationError, match=r"temperature=1e-31 scales the schedule .* last step at"):
         SamplingParams(temperature=1e-31).resolve(llm.defaults)
+
+
+# --------------------------------------------------------------- logit_bias on bfloat16 models
+
+def test_logit_bias_is_exact_on_a_bfloat16_model(ckpt, monkeypatch):
+    """The dense bias was built in the model's dtype: on bfloat16, 57.3 moved a logit by 57.25 and 99.9 by
+    100.0 (past OpenAI's limit)."""
+    import canvaslm.generate as G
+
+    seen = []
+    apply = G.logit_bias.apply
+
+    def spy(logits, rows):
+        before = logits[0, 0, [5, 6, 7]].clone()
+        apply(logits, rows)
+        seen.append(logits[0, 0, [5, 6, 7]] - before)
+
+    monkeypatch.setattr(G.logit_bias, "apply", spy)
+    llm16 = LLM(ckpt, device="cpu", dtype="bfloat16")
+    llm16.generate("hi", SamplingParams(max_new_tokens=4, seed=0, max_denoising_steps=1,
+                                        logit_bias={5: 57.3, 6: 0.3, 7: 99.9}))
+    want = torch.tensor([57.3, 0.3, 99.9])
+    assert seen and torch.allclose(seen[0], want, rtol=0, atol=2e-5), seen[0]

@@ -158,7 +158,7 @@ class Runner:
             pairs = bias_lib.normalize(logit_bias, "logit_bias", self.cfg.vocab_size)
         except bias_lib.LogitBiasError as e:
             raise RunnerError(f"request {request_id!r}: {e}") from None
-        bias = bias_lib.dense(pairs, self.cfg.vocab_size, self.device, self.dtype)
+        bias = bias_lib.dense(pairs, self.cfg.vocab_size, self.device)
         if min_tokens < 0:
             raise RunnerError(f"request {request_id!r}: min_tokens={min_tokens} must be >= 0")
         if params.repetition_penalty != 1 and prompt_ids is None:

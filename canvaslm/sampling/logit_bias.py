@@ -41,13 +41,14 @@ def normalize(bias, field: str = "logit_bias", vocab: int | None = None) -> tupl
     return tuple(sorted(out.items()))
 
 
-def dense(pairs: tuple[tuple[int, float], ...], vocab: int, device, dtype) -> torch.Tensor | None:
-    """[V] bias for one request, or None when it has none."""
+def dense(pairs: tuple[tuple[int, float], ...], vocab: int, device) -> torch.Tensor | None:
+    """[V] float32 bias for one request, or None when it has none. float32 as the decoder's logits are, whatever
+    the model's dtype: in bfloat16, 57.3 was 57.25 and 99.9 was 100.0."""
     if not pairs:
         return None
     ids = torch.tensor([t for t, _ in pairs], dtype=torch.long)
     values = torch.tensor([v for _, v in pairs], dtype=torch.float32)
-    return torch.zeros(vocab, dtype=torch.float32).index_put_((ids,), values).to(device=device, dtype=dtype)
+    return torch.zeros(vocab, dtype=torch.float32).index_put_((ids,), values).to(device)
 
 
 def ban_before(logits: torch.Tensor, row: int, canvas_start: int, min_tokens: int, ids) -> None:
