@@ -437,6 +437,9 @@ class DiffusionParams:
             bad("confidence_threshold", "must be > 0")
         if not _is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "must be an integer >= 0 (0: no cut)")
+        for name, bits in (("max_denoising_steps", 31), ("stability_threshold", 63), ("top_k", 63)):
+            if getattr(self, name) >= 2**bits:  # the sampler holds it in a tensor (int32 / int64)
+                bad(name, f"must be below 2**{bits}")
         from .sampling.schedules import MIN_TEMPERATURE, coldest_temperature
         cold = coldest_temperature(self.t_min, self.t_max, self.max_denoising_steps)
         if cold < MIN_TEMPERATURE:  # t_min itself is never reached: t_max is what sets the coldest step

@@ -175,3 +175,14 @@ def test_logit_bias_is_exact_on_a_bfloat16_model(ckpt, monkeypatch):
                                         logit_bias={5: 57.3, 6: 0.3, 7: 99.9}))
     want = torch.tensor([57.3, 0.3, 99.9])
     assert seen and torch.allclose(seen[0], want, rtol=0, atol=2e-5), seen[0]
+
+
+# --------------------------------------------------------------- out-of-range integers
+
+@pytest.mark.parametrize("name, value, limit", [("top_k", 2**63, "2\\*\\*63"), ("stability_threshold", 2**63, "2\\*\\*63"),
+                                                ("max_denoising_steps", 2**31, "2\\*\\*31")])
+def test_integers_past_their_tensor_type_name_the_field(llm, name, value, limit):
+    """They reached torch.tensor: "Overflow when unpacking long long", "value cannot be converted to type int32"."""
+    with pytest.raises(ConfigError, match=f"generation parameter {name} must be below {limit}, got {value}"):
+        llm.generate("hi", SamplingParams(max_new_tokens=4, seed=0, **{name: value}))
+    DiffusionParams(**{name: value - 1})
