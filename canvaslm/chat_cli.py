@@ -73,7 +73,7 @@ class Session:
         self.engine = Engine(llm.model, EngineConfig(max_batch=1, max_model_len=None, prefill_chunk=prefill_chunk,
                                                      prefix_caching=True, kv_cache_dtype=kv_cache_dtype,
                                                      sampler_impl=llm.sampler_impl),
-                             history_depth=max(1, llm.defaults.stability_threshold)).start()
+                             history_depth=max(1, llm.defaults.stability_depth)).start()
 
     def reply(self, messages: list, params, on_draft=None):
         """(reply text, engine Finish, prompt tokens, thought text or None) for the conversation `messages`;

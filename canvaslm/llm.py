@@ -503,7 +503,7 @@ class LLM:
         if max_model_len < need:
             raise GenerationError(f"generate_continuous: max_model_len={max_model_len} is below the {need} "
                                   "positions the longest request needs")
-        depth = max(1, max(r.params.stability_threshold for r in rows))
+        depth = max(1, max(r.params.stability_depth for r in rows))
         engine = Engine(self.model, EngineConfig(max_batch=max_batch, max_model_len=max_model_len,
                                                  prefix_caching=prefix_caching, prefill_chunk=prefill_chunk,
                                                  sampler_impl=self.sampler_impl),

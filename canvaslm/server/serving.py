@@ -499,7 +499,7 @@ def params_for(state: ServerState, body: _Common, max_tokens: int, constraint) -
         params = sp.resolve(state.defaults)
     except (GenerationError, ConfigError) as e:
         raise APIError(400, str(e)) from None
-    if params.stability_threshold > state.engine.runner.history_depth:
+    if params.stability_depth > state.engine.runner.history_depth:  # a threshold past the steps is never met
         raise APIError(400, "stability_threshold exceeds what this server was started with")
     if params.max_time is not None and constraint is not None and params.max_new_tokens > C:
         what = body.field_name((body.constraint_fields() or ["tools"])[0])
