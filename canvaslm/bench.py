@@ -341,6 +341,10 @@ def run_bench(bc: BenchConfig, print_fn=_print_flush) -> dict:
         print_fn(line)
     res["reference"] = {}
     if bc.reference and not bc.quantization:
+        if _batch_one(res) is None:  # the reference generates one request: its peer is our batch 1
+            res["ours_batch1"] = bench_ours(model, bc, 1, detail=True)
+            for line in _peer_lines(res):
+                print_fn(line)
         ref = build_reference(model, device)
         for mode in bc.reference:
             try:
@@ -403,18 +407,31 @@ def _summary_lines(res: dict) -> list[str]:
     return lines
 
 
+def _batch_one(res: dict) -> dict | None:
+    """Our batch-1 row (from --batches, else the one measured for the reference), or None."""
+    return next((o for o in res["ours"] if o["batch"] == 1), res.get("ours_batch1"))
+
+
+def _peer_lines(res: dict) -> list[str]:
+    """The batch-1 row measured for the reference when --batches had none."""
+    if "ours_batch1" not in res:
+        return []
+    return [_ours_line(res, res["ours_batch1"]) + "  (measured as the reference's peer)"]
+
+
 def _reference_line(res: dict, mode: str, r: dict) -> str:
     if "error" in r:
         return f"transformers {mode}: failed ({r['error']})"
-    single = res["ours"][0]
+    single = _batch_one(res)  # the reference runs one request: another batch size would skew the ratio
     return (f"transformers {mode} batch 1: decoder step {r['step_s'] * 1e3:.2f} ms (incl. encode), "
-            f"{r['tok_s']:.1f} tok/s, {r['step_s'] / res['floor_s']:.2f}x floor;  ours/reference: "
+            f"{r['tok_s']:.1f} tok/s, {r['step_s'] / res['floor_s']:.2f}x floor;  ours/reference (batch 1): "
             f"step {single['step_s'] / r['step_s']:.3f}, tok/s {single['tok_s'] / r['tok_s']:.2f}x")
 
 
 def format_report(res: dict) -> str:
     """The whole report of a finished run (what run_bench printed line by line)."""
     lines = _header_lines(res) + [_ours_line(res, o) for o in res["ours"]] + _summary_lines(res)
+    lines += _peer_lines(res)
     lines += [_reference_line(res, mode, r) for mode, r in res.get("reference", {}).items()]
     return "\n".join(lines)
 
