@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
+
+import pytest
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +46,32 @@ def test_a_run_without_batch_1_measures_one_for_the_reference(monkeypatch):
     peer = res["ours_batch1"]
     assert f"tok/s {peer['tok_s']:.2f}x" in lines[-1], lines
     assert "measured as the reference's peer" in bench.format_report(res)
+
+
+def test_continuous_bench_times_equal_work_and_compares_tokens_per_second(monkeypatch, capsys):
+    """Both methods run every request to its budget (a random model's EOS stopped rows at different points
+    in each: 62 vs 64 tokens), and the headline is the ratio of tokens/s."""
+    import re
+
+    mod = _script("continuous")
+    monkeypatch.setattr(sys, "argv", ["continuous.py", "--shape", "tiny", "--canvas", "16", "--prompts", "8",
+                                      "--max-batch", "4", "--threads", "1"])
+    mod.main()
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| generate")]
+    assert len(rows) == 2 and rows[0][3] == rows[1][3], out
+    peer, engine = (float(r[4]) for r in rows)  # tokens/s
+    ratio = float(re.search(r"generate_continuous: ([\d.]+)x", out).group(1))
+    assert ratio == pytest.approx(engine / peer, rel=0.02), out
+
+
+def test_continuous_bench_refuses_unequal_work_naming_the_request():
+    from types import SimpleNamespace as NS
+
+    mod = _script("continuous")
+    params = [mod.budget_params(seed=0, max_new_tokens=32, max_denoising_steps=2)] * 2
+    assert params[0].min_tokens == 32
+    outs = {"peer": [NS(token_ids=[5] * 32)] * 2, "engine": [NS(token_ids=[5] * 32), NS(token_ids=[5] * 30)]}
+    with pytest.raises(RuntimeError, match=r"engine: requests \(index, tokens, budget\) \[\(1, 30, 32\)\]"):
+        mod.equal_work(outs, params)
+    assert mod.equal_work({"peer": outs["peer"]}, params) == 64
