@@ -42,7 +42,24 @@ async def timed(engine: Engine, rid: str, prompt, params):
             first = first or time.perf_counter() - t0
             out += ev.token_ids
         elif isinstance(ev, Finish):
+            if ev.reason not in ("stop", "length"):  # e.g. a prompt over the context: no figure to give
+                raise RuntimeError(f"request {rid} ({len(prompt)} prompt tokens): {ev.reason}: {ev.message}")
             return first, time.perf_counter() - t0, ev.decoder_passes, out, ev.cached_tokens
+
+
+FOLLOW_NEW = 32  # tokens the follow-up turn adds after the long prompt and its reply
+
+
+def fit_long(asked: int, short: int, limit: int, canvas: int) -> int:
+    """The long prompt's length: `asked`, shortened so its follow-up turn (the long prompt + its 2-canvas
+    reply + FOLLOW_NEW tokens, then 2 canvases of reply) fits the engine's context of `limit` positions.
+    A ValueError naming the limit when not even the short prompt's request fits."""
+    need_short = short + 2 * canvas
+    fit = limit - 4 * canvas - FOLLOW_NEW
+    if need_short > limit or fit < 1:
+        raise ValueError(f"the engine's context of {limit} positions is too small: --short {short} needs "
+                         f"{need_short}, a follow-up turn needs 4 canvases of {canvas} + {FOLLOW_NEW} beyond --long")
+    return min(asked, fit)
 
 
 def main() -> None:
@@ -68,7 +85,9 @@ def main() -> None:
         for note in engine.notes:
             print(f"engine: {note}")
         limit = engine.config.max_model_len
-        long_len = min(args.long, limit - 3 * args.canvas - 64)
+        long_len = fit_long(args.long, args.short, limit, args.canvas)
+        if long_len < args.long:
+            print(f"--long {args.long} shortened to {long_len}: its follow-up turn must fit {limit} positions")
         rng = random.Random(0)
         params = DiffusionParams(max_new_tokens=2 * args.canvas, max_denoising_steps=args.steps,
                                  confidence_threshold=1e-9, eos_token_ids=(1,), pad_token_id=0)
@@ -78,7 +97,7 @@ def main() -> None:
         for n, prompt in prompts.items():
             first, total, passes, out, _ = asyncio.run(timed(engine, f"p{n}", prompt, params))
             rows[n] = (first, (total - first) / max(1, passes - args.steps), out)
-        follow = prompts[long_len] + rows[long_len][2] + [rng.randrange(3, cfg.vocab_size) for _ in range(32)]
+        follow = prompts[long_len] + rows[long_len][2] + [rng.randrange(3, cfg.vocab_size) for _ in range(FOLLOW_NEW)]
         f_first, _, _, _, cached = asyncio.run(timed(engine, "follow", follow, params))
     finally:
         engine.shutdown()

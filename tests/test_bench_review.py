@@ -75,3 +75,32 @@ def test_continuous_bench_refuses_unequal_work_naming_the_request():
     with pytest.raises(RuntimeError, match=r"engine: requests \(index, tokens, budget\) \[\(1, 30, 32\)\]"):
         mod.equal_work(outs, params)
     assert mod.equal_work({"peer": outs["peer"]}, params) == 64
+
+
+def test_long_context_shortens_the_long_prompt_so_its_follow_up_fits():
+    """The follow-up turn is the long prompt + its 2-canvas reply + 32 tokens, then 2 canvases more: the
+    old clamp (limit - 3 canvases - 64) left it 224 positions over a 2048-position context at canvas 256."""
+    mod = _script("long_context")
+    for limit, canvas in ((2048, 256), (131072, 256), (4096, 32), (1057, 256)):
+        n = mod.fit_long(1 << 20, 256, limit, canvas)
+        assert n + 2 * canvas + mod.FOLLOW_NEW + 2 * canvas == limit, (limit, canvas, n)
+    assert mod.fit_long(1000, 256, 131072, 256) == 1000  # fits: kept
+    with pytest.raises(ValueError, match="context of 1024 positions is too small"):
+        mod.fit_long(4096, 256, 1024, 256)
+
+
+def test_long_context_timing_raises_on_a_failed_request_with_its_message():
+    """A request the engine refuses finished with no commit: timed() returned first=None and the script
+    died on a TypeError at its last print; it now names the request and the engine's reason."""
+    import asyncio
+
+    from canvaslm.config import DiffusionParams
+    from canvaslm.engine.engine import Finish
+
+    class Refusing:
+        def submit(self, req, queue, loop):
+            queue.put_nowait(Finish(req.request_id, "error", 0, 0, "needs 2272 positions, over max_model_len=2048"))
+
+    mod = _script("long_context")
+    with pytest.raises(RuntimeError, match=r"request follow \(5 prompt tokens\): error: needs 2272 positions"):
+        asyncio.run(mod.timed(Refusing(), "follow", [2] * 5, DiffusionParams()))
