@@ -7,7 +7,8 @@ with no cut and no penalty (what every request paid before they existed).
 Logits are random, shaped like a trained model's (a few likely tokens over a long tail, softcapped at
 30) so nuclei are small, as they are in practice; `--flat` makes them flat, the worst case for top_p
 (every nucleus is larger than the candidate set and rows are sorted whole). On CUDA the step is the
-fused one (the sampler's choice there); on the CPU the reference step. A penalty case times the
+fused one (the sampler's choice there); on the CPU the reference step (`--sampler-impl` picks another:
+the engine's CPU default is now the inverse-CDF step, `cdf`). A penalty case times the
 penalty pass (sampling.penalties, with a draft: a mid-canvas step; 512 prompt and 512 committed output
 tokens) plus the uncut step.
 """
@@ -20,6 +21,7 @@ import time
 
 import torch
 
+from canvaslm.bench import add_sampler_impl_arg, exit_unless_device, step_impl
 from canvaslm.config import DiffusionParams
 from canvaslm.sampling.penalties import penalty_state
 from canvaslm.sampling.samplers import CanvasState, SamplerParams, entropy_bound_step
@@ -43,14 +45,14 @@ def logits_like_a_model(B, C, V, flat, device, seed=0):
     return (torch.tanh(x / 30) * 30).to(torch.bfloat16 if device != "cpu" else torch.float32)
 
 
-def time_step(logits, kw, repeat, device):
+def time_step(logits, kw, repeat, device, impl):
     B, C, V = logits.shape
     p = SamplerParams.build([DiffusionParams(**kw)] * B, device)
     st = CanvasState(torch.zeros(B, C, dtype=torch.long, device=device), torch.zeros(B, C, dtype=torch.long,
                      device=device), None, torch.zeros(B, dtype=torch.bool, device=device),
                      new_history(B, 1, C, device), p.n_steps.clone())
     seeds = torch.arange(B, device=device) + 1
-    gens = seeds if device != "cpu" else torch.Generator().manual_seed(1)
+    gens = seeds if impl == "fused" else torch.Generator(device=device).manual_seed(1)
     g = torch.Generator(device=device).manual_seed(2)
     pens = [penalty_state(p_, torch.randint(0, V, (512,), generator=g, device=device).tolist(), (1,), V, device)
             for p_ in [DiffusionParams(**kw)] * B]
@@ -67,7 +69,7 @@ def time_step(logits, kw, repeat, device):
         for b, pen in enumerate(pens):
             if pen is not None:
                 pen.apply(x[b], draft[b])
-        entropy_bound_step(x, st, p, gens, V)
+        entropy_bound_step(x, st, p, gens, V, impl=impl)
         if device != "cpu":
             torch.cuda.synchronize()
         if i:  # the first run warms up
@@ -83,17 +85,17 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--flat", action="store_true", help="flat logits: top_p's worst case")
+    add_sampler_impl_arg(ap)
     a = ap.parse_args()
-    from canvaslm.bench import exit_unless_device
-
     exit_unless_device(a.device)  # `error: ...`, exit 2: not a traceback
+    impl = step_impl(a.sampler_impl, a.device)
     torch.manual_seed(0)
     logits = logits_like_a_model(a.batch, a.canvas, a.vocab, a.flat, a.device)
     print(f"sampling step, logits [{a.batch}, {a.canvas}, {a.vocab}] {logits.dtype} on {a.device}"
-          f"{' (flat)' if a.flat else ''}, median of {a.repeat}")
+          f"{' (flat)' if a.flat else ''}, {impl} step, median of {a.repeat}")
     base = None
     for name, kw in CASES.items():
-        t = time_step(logits, kw, a.repeat, a.device)
+        t = time_step(logits, kw, a.repeat, a.device, impl)
         base = base or t
         print(f"  {name:32s} {t * 1000:9.1f} ms  {t / base:5.2f}x the peer")
 

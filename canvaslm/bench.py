@@ -482,6 +482,25 @@ def config_from_args(args) -> BenchConfig:
                        seed=args.seed, threads=args.threads)
 
 
+def add_sampler_impl_arg(parser) -> None:
+    """--sampler-impl for the bench/*.py scripts that time the sampling step alone (see step_impl)."""
+    from .sampling.samplers import SAMPLER_IMPLS
+
+    parser.add_argument("--sampler-impl", default=None, choices=SAMPLER_IMPLS,
+                        help="the sampling step timed (default: reference on a CPU, as docs/benchmarks.md's "
+                             "figures were measured; fused elsewhere)")
+
+
+def step_impl(impl: str | None, device) -> str:
+    """The sampling step a script times, named concretely for its report: `impl`, "auto" resolved as
+    entropy_bound_step resolves it; None: the reference step on a CPU (the engine's CPU default became the
+    inverse-CDF step after the recorded figures), the fused one elsewhere."""
+    cuda = torch.device(device).type == "cuda"
+    if impl is None:
+        return "fused" if cuda else "reference"
+    return ("fused" if cuda else "cdf") if impl == "auto" else impl
+
+
 def exit_unless_device(device: str) -> None:
     """For the bench/*.py scripts: `error: ...` on stderr and exit 2 unless this torch can use `device`
     (None: the script's own default, left to it)."""

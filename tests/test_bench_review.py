@@ -104,3 +104,32 @@ def test_long_context_timing_raises_on_a_failed_request_with_its_message():
     mod = _script("long_context")
     with pytest.raises(RuntimeError, match=r"request follow \(5 prompt tokens\): error: needs 2272 positions"):
         asyncio.run(mod.timed(Refusing(), "follow", [2] * 5, DiffusionParams()))
+
+
+def test_step_impl_defaults_to_the_reference_step_on_a_cpu():
+    from canvaslm.bench import step_impl
+
+    assert step_impl(None, "cpu") == "reference" and step_impl(None, "cuda") == "fused"
+    assert step_impl("auto", "cpu") == "cdf" and step_impl("auto", "cuda:0") == "fused"
+    assert step_impl("cdf", "cuda") == "cdf"
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("sampling_cuts", ["--vocab", "512", "--canvas", "8", "--repeat", "1"]),
+    ("thinking_budget", ["--vocab", "512", "--canvas", "8", "--repeat", "1", "--threads", "1"])])
+@pytest.mark.parametrize("flag,drawn", [([], "reference"), (["--sampler-impl", "cdf"], "cdf")])
+def test_sampling_step_benches_time_the_step_they_name(monkeypatch, capsys, script, argv, flag, drawn):
+    """Their recorded figures are the CPU reference step; since the engine's CPU default became the
+    inverse-CDF step they timed that one without saying so. They now time the reference step on a CPU
+    unless --sampler-impl names another, and print which."""
+    import canvaslm.sampling.samplers as S
+
+    used = set()
+    for name, kind in (("categorical", "reference"), ("categorical_cdf", "cdf")):
+        orig = getattr(S, name)
+        monkeypatch.setattr(S, name, lambda *a, _o=orig, _k=kind, **k: (used.add(_k), _o(*a, **k))[1])
+    mod = _script(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--device", "cpu", *argv, *flag])
+    mod.main()
+    assert used == {drawn}, used
+    assert f"{drawn} s" in capsys.readouterr().out  # "reference step" / "cdf sampler step"
