@@ -60,9 +60,10 @@ class LoadReport:
 
     @property
     def rss_growth_mib(self) -> float:
-        """Growth after the first (warm-up) round."""
+        """Growth after the first (warm-up) round: the largest RSS at the end of a later round over the RSS at
+        the end of round 1 (0 with one round: nothing after the warm-up to compare)."""
         r = self.rss_mib_per_round
-        return max(r[1:]) - r[1] if len(r) > 2 else 0.0
+        return max(r[1:]) - r[0] if len(r) > 1 else 0.0
 
     def ok(self, max_growth_mib: float = 64.0) -> bool:
         return self.failed == 0 and self.mismatched == 0 and self.requests > 0 and \

@@ -16,6 +16,7 @@ def _script(name: str):
     """bench/<name>.py imported as a module (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -133,3 +134,13 @@ def test_sampling_step_benches_time_the_step_they_name(monkeypatch, capsys, scri
     mod.main()
     assert used == {drawn}, used
     assert f"{drawn} s" in capsys.readouterr().out  # "reference step" / "cdf sampler step"
+
+
+@pytest.mark.parametrize("rss,growth", [([400.0], 0.0), ([400.0, 600.0], 200.0), ([400.0, 600.0, 600.0], 200.0),
+                                        ([400.0, 401.0, 600.0], 200.0), ([400.0, 390.0, 395.0], -5.0)])
+def test_serve_load_rss_growth_is_counted_from_the_end_of_round_1(rss, growth):
+    """It was counted from the end of round 2, so with 2 rounds or fewer any leak read 0 and ok() passed."""
+    mod = _script("serve_load")
+    rep = mod.LoadReport(clients=1, duration_s=1, requests=10, rss_mib_per_round=rss)
+    assert rep.rss_growth_mib == pytest.approx(growth)
+    assert rep.ok() == (growth <= 64)
