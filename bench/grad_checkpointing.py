@@ -74,14 +74,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
+    for name in ("batch", "prompt", "canvas", "steps", "threads"):  # before three processes start, not in each
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.child:
         print(json.dumps(child(args)))
         return
-    res = {}
-    for variant in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", variant], check=True,
-                             capture_output=True, text=True).stdout
-        res[variant] = json.loads(out.strip().splitlines()[-1])
+    res = {variant: run_child(variant) for variant in VARIANTS}
     peer = res["peer"]
     print(f"torch {torch.__version__}, cpu, {args.threads} threads; shape {args.shape}, "
           f"{'LoRA rank 16' if args.lora else 'full fine-tuning'}, batch {args.batch} x ({args.prompt} prompt + "
@@ -96,6 +95,19 @@ def main() -> None:
     losses = [r["loss"] for r in res.values()]
     same = max(losses) - min(losses) <= 1e-5 * max(losses)
     print("losses: " + ", ".join(f"{x:.6f}" for x in losses) + (" (equal)" if same else " (DIFFERENT)"))
+
+
+def run_child(variant: str) -> dict:
+    """One variant's figures from its own process; a child that fails shows its stderr and the run exits 2
+    (its output is captured for the JSON line, so an error would otherwise be a bare CalledProcessError)."""
+    proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", variant], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        print(f"error: the {variant} variant's process exited {proc.returncode} (its stderr above)", file=sys.stderr)
+        raise SystemExit(2)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 
 if __name__ == "__main__":
     main()

@@ -144,3 +144,18 @@ def test_serve_load_rss_growth_is_counted_from_the_end_of_round_1(rss, growth):
     rep = mod.LoadReport(clients=1, duration_s=1, requests=10, rss_mib_per_round=rss)
     assert rep.rss_growth_mib == pytest.approx(growth)
     assert rep.ok() == (growth <= 64)
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--steps", "0"], ["--steps must be at least 1, got 0"]),
+    (["--shape", "nosuch", "--steps", "1"], ["unknown shape 'nosuch'", "the peer variant's process exited 1"])])
+def test_grad_checkpointing_bench_names_what_went_wrong(flags, needles):
+    """A bad flag is refused up front; a child that fails shows its own error (was a bare CalledProcessError:
+    the child's stderr was captured and dropped)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(REPO / "bench/grad_checkpointing.py"), *flags, "--threads", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
