@@ -296,7 +296,7 @@ def build_random_model(cfg: ModelConfig, device="cpu", dtype="float32", seed: in
         model = DiffusionGemma(cfg)
     if not materialize:
         return model
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # dtype first: a float32 copy would double the peak (26B)
     # drawn where the weights live: the host's one-thread generator takes minutes for the 26B shape, a GPU's
     # a moment (the values then differ from a CPU build's of the same seed; tests build on the CPU)
     on_gpu = torch.device(device).type == "cuda"
@@ -308,7 +308,7 @@ def build_random_model(cfg: ModelConfig, device="cpu", dtype="float32", seed: in
             elif on_gpu:
                 p.normal_(0.0, std, generator=g)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.copy_(torch.randn(p.shape, generator=g).mul_(std))  # in place: one float32 temporary
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 b.fill_(1.0)
