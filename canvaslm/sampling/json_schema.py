@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, localcontext
 
@@ -101,15 +102,60 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _key(v):
+    """A hashable key of a JSON value, equal for two values exactly when _same says they are: numbers by
+    value (1 and 1.0 share a key, Python hashes equal numbers alike), booleans apart from numbers."""
+    if isinstance(v, bool):
+        return "b", v
+    if isinstance(v, (int, float)):
+        return "n", v
+    if isinstance(v, list):
+        return "l", tuple(_key(x) for x in v)
+    if isinstance(v, dict):
+        return "d", frozenset((k, _key(x)) for k, x in v.items())
+    return "o", type(v), v  # str, None (and what else a Python caller sends: _same compares it with ==)
+
+
+class _Members:
+    """Membership in an enum by _same, in O(1) per value (a scan per value made a large enum quadratic)."""
+
+    def __init__(self, values: list):
+        self.values = values
+        try:
+            self.keys = {_key(v) for v in values}
+        except TypeError:  # an unhashable value from a Python caller: scan as _same does
+            self.keys = None
+
+    def __contains__(self, v) -> bool:
+        if self.keys is not None:
+            try:
+                return _key(v) in self.keys
+            except TypeError:
+                pass
+        return any(_same(v, e) for e in self.values)
+
+
 class _Compiler:
     """Schema -> pieces: str (skeleton text) or (width, dfa, finish) value slots. `size` is a lower bound
     on the template's tokens (EOS included): slot widths plus text characters over the longest token's."""
 
-    def __init__(self, vocab: Vocab, opts: JsonTemplateOptions):
+    def __init__(self, vocab: Vocab, opts: JsonTemplateOptions, timeout: float | None = None):
         self.vocab, self.opts, self.pieces = vocab, opts, []
         self.cap = min(opts.max_tokens or MAX_TEMPLATE_TOKENS, MAX_TEMPLATE_TOKENS)
         self.size, self.at = 1, "$"
         self.longest = vocab.longest
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        # per schema object (id -> (schema, result)), so that each is checked / indexed once however many
+        # enum values are tested against it; the schema is kept so that its id is not reused meanwhile
+        self.checked: dict = {}
+        self.members: dict = {}
+
+    def in_time(self):
+        """ConstraintError once the compile is past its deadline (a server's --regex-timeout)."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise ConstraintError(f"json_schema: compiling the schema took longer than the limit of "
+                                  f"{self.timeout:g} s (at {self.at}); simplify it")
 
     def check(self, more: float = 0):
         """ConstraintError once the template (and `more` tokens) is over the token limit."""
@@ -138,14 +184,23 @@ class _Compiler:
         return ["".join(p) if isinstance(p, list) else p for p in out]
 
     def literal(self, values: list, path: str):
-        alts = [self.vocab.encode(json.dumps(v, ensure_ascii=False)) for v in values]
+        alts = []
+        for v in values:
+            self.in_time()
+            alts.append(self.vocab.encode(json.dumps(v, ensure_ascii=False)))
         if len({tuple(a) for a in alts}) == 1:
             self.text(json.dumps(values[0], ensure_ascii=False))
             return
-        self.slot(max(len(a) for a in alts), literal_dfa(self.vocab, alts))
+        try:
+            dfa = literal_dfa(self.vocab, alts, self.deadline)
+        except ConstraintError:
+            self.in_time()  # the automaton ran out of time: say so as the compile's timeout
+            raise
+        self.slot(max(len(a) for a in alts), dfa)
 
     def value(self, schema, path: str, depth: int):
         self.at = path
+        self.in_time()
         typ = self.keywords(schema, path, depth)
         if "const" in schema or "enum" in schema:
             return self.literal(self.choices(schema, path, depth), path)
@@ -154,9 +209,18 @@ class _Compiler:
         getattr(self, "_" + typ)(schema, path, depth)
 
     def keywords(self, schema, path: str, depth: int):
-        """The schema's type (None if it has none), after a ConstraintError for what is not supported."""
-        if depth > self.opts.max_depth:
+        """The schema's type (None if it has none), after a ConstraintError for what is not supported.
+        Checked once per schema object (the first check's path names an error), its depth every time."""
+        if depth > self.opts.max_depth:  # here, not cached: a schema object met again deeper (or a cycle)
             raise ConstraintError(f"json_schema: nesting deeper than {self.opts.max_depth} levels at {path}")
+        hit = self.checked.get(id(schema))
+        if hit is not None and hit[0] is schema:
+            return hit[1]
+        typ = self.checked_keywords(schema, path, depth)
+        self.checked[id(schema)] = schema, typ
+        return typ
+
+    def checked_keywords(self, schema, path: str, depth: int):
         if not isinstance(schema, dict):
             raise ConstraintError(f"json_schema: schema at {path} must be an object, got {type(schema).__name__}")
         typ = schema.get("type")
@@ -189,12 +253,13 @@ class _Compiler:
 
     def fits(self, v, schema, path: str, depth: int) -> bool:
         """Whether the JSON value `v` is valid under `schema` (whose keywords are checked as when compiling)."""
+        self.in_time()
         typ = self.keywords(schema, path, depth)
         if typ is not None and not _type_ok(v, typ):
             return False
         if "const" in schema and not _same(v, schema["const"]):
             return False
-        if "enum" in schema and not any(_same(v, e) for e in schema["enum"]):
+        if "enum" in schema and v not in self.enum_members(schema):
             return False
         if typ in ("integer", "number"):
             lo, hi = self.bound(schema, "minimum", path), self.bound(schema, "maximum", path)
@@ -216,6 +281,13 @@ class _Compiler:
             return all(k in v for k in required) and all(
                 self.fits(x, props[k], f"{path}.{k}", depth + 1) if k in props else extra for k, x in v.items())
         return True
+
+    def enum_members(self, schema) -> _Members:
+        """schema["enum"] indexed for membership, once per schema object."""
+        hit = self.members.get(id(schema))
+        if hit is None or hit[0] is not schema:
+            hit = self.members[id(schema)] = schema, _Members(schema["enum"])
+        return hit[1]
 
     @staticmethod
     def count(schema, key: str, path: str, default=None):
@@ -397,11 +469,13 @@ def _clamp(vocab: Vocab, lo, hi, width: int, texts: dict):
 class JsonSchemaConstraint(CanvasConstraint):
     """Output = the schema's template (skeleton pinned, value slots constrained) followed by EOS."""
 
-    def __init__(self, schema: dict, tokenizer, options: JsonTemplateOptions | None = None):
+    def __init__(self, schema: dict, tokenizer, options: JsonTemplateOptions | None = None,
+                 timeout: float | None = None):
+        """`timeout`: seconds the compile may take (a ConstraintError after), as a server's --regex-timeout."""
         self.schema = schema
         self.vocab = Vocab.of(tokenizer)
         eos = output_eos(tokenizer, "json_schema")
-        comp = _Compiler(self.vocab, options or JsonTemplateOptions())
+        comp = _Compiler(self.vocab, options or JsonTemplateOptions(), timeout)
         comp.value(schema, "$", 0)
         self.pieces = [self.vocab.encode(p) if isinstance(p, str) else p for p in comp.merged()]
         self.eos_id = eos
@@ -438,10 +512,11 @@ class JsonSchemaConstraint(CanvasConstraint):
 
 
 def constraint_from_response_format(response_format: dict, tokenizer, max_tokens: int | None,
-                                    canvas_length: int | None = None):
+                                    canvas_length: int | None = None, timeout: float | None = None):
     """OpenAI `response_format` -> a canvas constraint (json_schema or JSON mode), or None for {"type": "text"}.
     With canvas_length, a template that cannot be laid out on canvases that long (a whole-slot number wider
-    than one) is refused here, a ConstraintError, rather than when the engine first lays it out."""
+    than one) is refused here, a ConstraintError, rather than when the engine first lays it out. `timeout`:
+    seconds a json_schema compile may take (a ConstraintError after)."""
     if not isinstance(response_format, dict):
         raise ConstraintError(f"response_format must be an object, got {type(response_format).__name__}")
     kind = response_format.get("type")
@@ -457,7 +532,7 @@ def constraint_from_response_format(response_format: dict, tokenizer, max_tokens
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise ConstraintError("response_format.json_schema.schema must be a JSON schema object")
-    c = JsonSchemaConstraint(spec["schema"], tokenizer, JsonTemplateOptions(max_tokens=max_tokens or None))
+    c = JsonSchemaConstraint(spec["schema"], tokenizer, JsonTemplateOptions(max_tokens=max_tokens or None), timeout)
     need = c.max_template_tokens()  # so that any canvas length fits: min_new_tokens(C) <= need
     if max_tokens is not None and need > max_tokens:
         raise ConstraintError(f"json_schema: the output template needs up to {need} tokens (EOS included), "

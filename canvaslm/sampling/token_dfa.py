@@ -165,8 +165,9 @@ def char_dfa(vocab: Vocab, key: Hashable, classify: Callable, start: Hashable, s
     return vocab.dfas.put(key, TokenDFA(sym, trans, 0, acc))
 
 
-def literal_dfa(vocab: Vocab, alternatives: list) -> TokenDFA:
-    """Accept exactly one of the token sequences in `alternatives`, then whitespace tokens."""
+def literal_dfa(vocab: Vocab, alternatives: list, deadline: float | None = None) -> TokenDFA:
+    """Accept exactly one of the token sequences in `alternatives`, then whitespace tokens. `deadline`: see
+    _determinize."""
     key = ("literal", tuple(tuple(a) for a in alternatives))
     hit = vocab.dfas.get(key)
     if hit is not None:
@@ -202,7 +203,7 @@ def literal_dfa(vocab: Vocab, alternatives: list) -> TokenDFA:
         return any(item == "pad" or item[1] == len(alternatives[item[0]]) for item in state)
 
     start = frozenset((a, 0) for a in range(len(alternatives)))
-    trans, acc = _determinize(start, len(toks) + 1, step, accept)
+    trans, acc = _determinize(start, len(toks) + 1, step, accept, deadline=deadline)
     return vocab.dfas.put(key, TokenDFA(sym, trans, 0, acc))
 
 
