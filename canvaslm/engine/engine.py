@@ -34,6 +34,9 @@ from .scheduler import Scheduler, StepResult
 log = logging.getLogger("canvaslm.engine")
 
 LATE_STOP_S = 1.0  # how long a "length" end of a request with stop strings waits for the caller's stop-cancel
+MAX_FAILED_ITERATIONS = 3  # loop iterations failing in a row (outside a step) before the engine thread gives up
+SHUTTING_DOWN = "the server is shutting down"
+ENGINE_DOWN = "the engine thread is not running"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -175,6 +178,15 @@ class _Sink:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the caller's loop is gone; nobody is listening
             pass
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _failed(plan, message: str) -> StepResult:
+    """The result of a step that failed: every request in it ends with `message`."""
+    return StepResult(errors={rid: message for rid in plan.request_ids})
 
 
 class EngineStats:
@@ -400,6 +412,10 @@ class Engine:
         self._sinks: dict[str, _Sink] = {}
         self._length_ends: dict[str, float] = {}  # "length" ends of stops_late requests, not yet counted: when
         self._inbox: collections.deque = collections.deque()
+        # guards the inbox against the thread's last drain: once closed, `_closed` says why requests are refused
+        self._inbox_lock = threading.Lock()
+        self._closed: str | None = None
+        self._plan = None  # the plan of the iteration under way, failed as a whole if the iteration raises
         self._wake = threading.Event()
         self.runner.on_host_done = self._wake.set  # a constraint's host work ended: plan again
         self._stopping = False
@@ -418,11 +434,23 @@ class Engine:
             self._thread.join(timeout)
 
     def submit(self, request: GenerationRequest, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
-        """Queue a request; its events arrive on `queue` (filled on `loop`), ending with a Finish."""
-        if self._stopping:
-            raise RuntimeError("the engine is shut down")
-        self._inbox.append(("add", request, _Sink(queue, loop, time.perf_counter())))
-        self._wake.set()
+        """Queue a request; its events arrive on `queue` (filled on `loop`), ending with a Finish. An engine
+        that is shut down or whose thread has stopped ends it at once, "cancelled" with the reason (a server
+        answers 503), so no caller waits on a thread that will never answer."""
+        sink = _Sink(queue, loop, time.perf_counter())
+        refused = self._enqueue(("add", request, sink))
+        if refused is not None:
+            sink.put(Finish(request.request_id, "cancelled", 0, 0, refused))
+
+    def _enqueue(self, item) -> str | None:
+        """Put `item` in the inbox, or return why the engine takes no more work."""
+        with self._inbox_lock:  # the thread's last drain takes this lock: nothing lands after it
+            refused = self._closed or (SHUTTING_DOWN if self._stopping and not self._thread.is_alive() else None)
+            if refused is None:
+                self._inbox.append(item)
+        if refused is None:
+            self._wake.set()
+        return refused
 
     async def run(self, request: GenerationRequest, on_draft=None) -> tuple[list[int], "Finish"]:
         """Submit `request` from a running event loop and wait for its end: (output token ids, Finish).
@@ -441,10 +469,9 @@ class Engine:
         """Run fn(model) on the engine thread between two steps (the model is never used by two threads at
         once); the future holds its result or its exception. For short side work: scoring candidates."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        if self._stopping:
-            raise RuntimeError("the engine is shut down")
-        self._inbox.append(("call", fn, fut))
-        self._wake.set()
+        refused = SHUTTING_DOWN if self._stopping else self._enqueue(("call", fn, fut))
+        if refused is not None:
+            raise RuntimeError(f"the engine is shut down ({refused})")
         return fut
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> None:
@@ -469,35 +496,93 @@ class Engine:
     # ------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
+        failure = None
+        try:
+            self._loop()
+        except BaseException as e:  # the last resort: no caller may wait on a thread that is gone
+            failure = e
+            log.exception("the engine thread failed; its requests end with an error and new ones are refused")
+        finally:
+            if failure is None:
+                self._close("cancelled", SHUTTING_DOWN, SHUTTING_DOWN)
+            else:
+                self._close("error", f"the engine thread failed: {_describe(failure)}", ENGINE_DOWN)
+
+    def _loop(self) -> None:
+        failures = 0  # iterations failed in a row
         while not self._stopping:
-            self._wake.clear()  # before draining, so a later submit always wakes the wait below
-            self._drain_inbox()
-            if self._length_ends:
-                self._settle_length_ends(time.perf_counter())
-            plan = self.scheduler.plan(hold=self.runner.held())
-            self._report(self.scheduler.take_done())  # prompt-only requests that found their prompt cached
-            if plan is None:
-                self._wake.wait(0.5)
-                continue
             try:
-                out = self.runner.execute(plan)
-                result, drafts = out.result, out.drafts
-            except Exception as e:  # a bug or an out-of-memory: fail this step's requests, keep serving
-                log.exception("engine step %d failed", plan.step_id)
-                result, drafts = StepResult(errors={rid: f"{type(e).__name__}: {e}" for rid in plan.request_ids}), ()
-            finished = self.scheduler.update(plan, result)
-            self._emit(plan, result, drafts, finished)
-        self.runner.close()
-        self._settle_length_ends(0.0, wait=float("-inf"))
-        for rid in list(self._sinks):  # shutting down: tell every listener
-            self._finish(rid, "cancelled", 0, "the server is shutting down")
-        while self._inbox:  # what arrived too late: calls fail, requests end cancelled
-            op, arg, sink = self._inbox.popleft()
+                self._iterate()
+                failures = 0
+            except Exception as e:  # a bug in the bookkeeping: fail the requests it touched, keep serving
+                failures += 1
+                log.exception("engine iteration failed (%d in a row)", failures)
+                if failures >= MAX_FAILED_ITERATIONS:
+                    raise
+                self._recover(_describe(e))
+
+    def _iterate(self) -> None:
+        self._plan = None
+        self._wake.clear()  # before draining, so a later submit always wakes the wait below
+        self._drain_inbox()
+        if self._length_ends:
+            self._settle_length_ends(time.perf_counter())
+        plan = self._plan = self.scheduler.plan(hold=self.runner.held())
+        self._report(self.scheduler.take_done())  # prompt-only requests that found their prompt cached
+        if plan is None:
+            self._wake.wait(0.5)
+            return
+        try:
+            out = self.runner.execute(plan)
+            result, drafts = out.result, out.drafts
+        except Exception as e:  # a bug or an out-of-memory: fail this step's requests, keep serving
+            log.exception("engine step %d failed", plan.step_id)
+            result, drafts = _failed(plan, _describe(e)), ()
+        finished = self.scheduler.update(plan, result)
+        self._emit(plan, result, drafts, finished)
+
+    def _recover(self, message: str) -> None:
+        """After an iteration raised: its plan's requests end with an error, as after a failed step, and so
+        does any listener whose request the scheduler no longer holds (its Finish was lost)."""
+        plan, self._plan = self._plan, None
+        if plan is not None:
+            result = _failed(plan, message)
+            try:  # the plan still in flight (update never ran, or refused the runner's result): fail it there
+                self._report(self.scheduler.update(plan, result), result.errors)
+            except ValueError:  # update ran part way: whatever it left running is cancelled
+                for rid in plan.request_ids:
+                    self.scheduler.cancel(rid)
+        for rid in [r for r in self._sinks if self.scheduler.get(r) is None]:
+            self._end(rid, "error", message)
+
+    def _close(self, reason: str, message: str, refusal: str) -> None:
+        """The thread's end: every listener gets its Finish (reason, message), and what is queued or
+        submitted from now on is refused with `refusal`."""
+        with self._inbox_lock:
+            self._closed = refusal
+            late, self._inbox = self._inbox, collections.deque()
+        try:
+            self.runner.close()
+            self._settle_length_ends(0.0, wait=float("-inf"))
+        except Exception:  # noqa: BLE001 - the listeners below must hear the end regardless
+            log.exception("closing the runner failed")
+        for rid in list(self._sinks):
+            self._end(rid, reason, message)
+        for op, arg, sink in late:  # what arrived too late: calls fail, requests end cancelled
             if op == "call" and sink.set_running_or_notify_cancel():
-                sink.set_exception(RuntimeError("the engine is shut down"))
+                sink.set_exception(RuntimeError(f"the engine is shut down ({refusal})"))
             elif op == "add":
-                self._sinks[arg.request_id] = sink
-                self._finish(arg.request_id, "cancelled", 0, "the server is shutting down")
+                sink.put(Finish(arg.request_id, "cancelled", 0, 0, refusal))
+
+    def _end(self, rid: str, reason: str, message: str) -> None:
+        """`_finish`, or where the runner's bookkeeping raises too, at least the listener's Finish."""
+        try:
+            self._finish(rid, reason, 0, message)
+        except Exception:  # noqa: BLE001 - a broken runner must not leave the caller waiting
+            log.exception("ending request %s failed", rid)
+            sink = self._sinks.pop(rid, None)
+            if sink is not None:
+                sink.put(Finish(rid, reason, 0, 0, message))
 
     def _drain_inbox(self) -> None:
         while self._inbox:
