@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import build_random_model, parse_dtype
 from .config import DiffusionParams
+from .generate import narrowed_sc_logits
 from .kv_cache import KVCache
 from .sampling.fused import fused_step_from_hidden
 from .sampling.samplers import CanvasState, SamplerParams, entropy_bound_step
@@ -161,7 +162,7 @@ class OurModel:
             logits = m.denoise(st.canvas, self.slots, self.cache, sc_logits=st.sc_logits)
             impl = "reference" if self.bc.sampler == "reference" else "cdf"
             st = entropy_bound_step(logits, st, self.p, self.gens, self.V, impl=impl)
-            st.sc_logits = st.sc_logits.to(m.embed_weight.dtype)
+            st.sc_logits = narrowed_sc_logits(st.sc_logits, m.embed_weight.dtype)  # float16-safe, as generate
             return st
         seeds = torch.randint(0, 1 << 62, (self.B,), device=self.device, generator=self.gens)
         if self.graphs is not None:
