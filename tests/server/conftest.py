@@ -41,6 +41,16 @@ def server(tiny_checkpoint, one_thread):
         yield srv
 
 
+@pytest.fixture(scope="module")
+def translated_api_server(tiny_checkpoint, one_thread):
+    """The tiny checkpoint served as "tiny" with room for long chats (4 slots of 512 positions): the Anthropic and
+    Ollama routes' tests."""
+    state = build_state(tiny_checkpoint, "cpu", "float32", EngineConfig(max_batch=4, max_model_len=512),
+                        served_model_name=MODEL)
+    with BackgroundServer(state) as srv:
+        yield srv
+
+
 def probe_prompt(llm, i: int = 0) -> str:
     """A text prompt of exactly PROMPT_LEN tokens (the char tokenizer adds <bos>)."""
     text = f"probe {i}: the quick brown fox jumps over the lazy dog"

@@ -20,16 +20,8 @@ WEATHER = {"name": "get_weather", "input_schema": {"type": "object", "properties
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    state = build_state(tiny_checkpoint, "cpu", "float32", EngineConfig(max_batch=4, max_model_len=512),
-                        served_model_name=MODEL)
-    with BackgroundServer(state) as srv:
-        yield srv
-    torch.set_num_threads(threads)
+def server(translated_api_server):
+    return translated_api_server
 
 
 def refusal(server, body: dict) -> dict:

@@ -11,24 +11,14 @@ import pytest
 
 ollama = pytest.importorskip("ollama")
 
-from canvaslm.engine.engine import EngineConfig  # noqa: E402
-from canvaslm.server.launch import BackgroundServer, build_state  # noqa: E402
 from canvaslm.server.ollama import ollama_message  # noqa: E402
 
 MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    state = build_state(tiny_checkpoint, "cpu", "float32", EngineConfig(max_batch=4, max_model_len=512),
-                        served_model_name=MODEL)
-    with BackgroundServer(state) as srv:
-        yield srv
-    torch.set_num_threads(threads)
+def server(translated_api_server):
+    return translated_api_server
 
 
 def clients(server):

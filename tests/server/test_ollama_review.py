@@ -17,16 +17,8 @@ ASK = [{"role": "user", "content": "x"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    state = build_state(tiny_checkpoint, "cpu", "float32", EngineConfig(max_batch=4, max_model_len=512),
-                        served_model_name=MODEL)
-    with BackgroundServer(state) as srv:
-        yield srv
-    torch.set_num_threads(threads)
+def server(translated_api_server):
+    return translated_api_server
 
 
 def post(server, route: str, body: dict) -> httpx.Response:
