@@ -5,8 +5,8 @@ Compiling a pattern to a deterministic automaton can take time exponential in th
 thread cannot be stopped, so a server compiles in a child process (`python -m` this module) that it kills
 at the deadline. This module imports neither torch nor the rest of the package, so the child starts in a
 fraction of a second (~0.1-0.3 s measured, with interegular's import).
-At most `MAX_CONCURRENT` children run at once; a compile that cannot get a turn before its deadline is
-refused as busy instead of queueing without bound.
+At most `MAX_CONCURRENT` children run at once; a compile that cannot get a turn within `TURN_WAIT_S` (or its
+deadline, if sooner) is refused as busy instead of holding its thread while the others run out their time.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 MAX_REPEAT = 1000  # largest {n,m} bound (interegular unrolls repetitions into states)
 MAX_STATES = 20000  # character-automaton states (the token automaton has the same limit)
 MAX_CONCURRENT = 2  # compile children at once (per server process)
+TURN_WAIT_S = 1.0  # longest wait for a free turn: a child's usual run is ~0.1-0.3 s, a slow one the whole limit
 # Python's `re` \s for str patterns (str.isspace); interegular's own \s is ASCII " \t\n\r\f\v" only
 WHITESPACE = frozenset("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
                        "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
@@ -223,9 +224,9 @@ def _main() -> None:
 
 def char_fsm_with_deadline(pattern: str, timeout: float) -> CharFSM:
     """Compile in a child process; kill it and raise RegexCompileError after `timeout` seconds (counting
-    the wait for a turn, which raises RegexCompileBusy if it alone uses up the time)."""
+    the wait for a turn, which raises RegexCompileBusy after TURN_WAIT_S or the timeout, the sooner)."""
     start = time.monotonic()
-    if not _turns.acquire(timeout=timeout):
+    if not _turns.acquire(timeout=min(timeout, TURN_WAIT_S)):
         raise RegexCompileBusy(f"{MAX_CONCURRENT} regex compiles are already running; try again")
     try:
         # A fresh interpreter running this module (not multiprocessing, which re-imports the caller's main

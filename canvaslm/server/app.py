@@ -39,7 +39,7 @@ from .metrics import render_metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
                        LoadLoRARequest, ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
 from .serving import (APIError, ServerState, check_in_vocab, encode_chat, image_prompt, load_images, need_tokenizer,
-                      off_loop, prepare, run_choices, run_to_end, usage, validation_message)
+                      off_loop, prepare_off_loop, run_choices, run_to_end, usage, validation_message)
 from .tools import tool_replies
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -110,47 +110,23 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/tokenize", responses=ERRORS)
     async def tokenize(body: TokenizeRequest):
         """Token ids of a prompt exactly as the completion routes encode it (vLLM's route); messages with
-        images give the expanded ids (each image's soft tokens), the images loaded as a request loads them."""
+        images give the expanded ids (each image's soft tokens), the images loaded as a request loads them.
+        Encoding and the reply's JSON run in worker threads: a document of megabytes takes seconds, and
+        the event loop keeps every stream and /health answering meanwhile."""
         tok = _tokenizer_for(state, body.model, "prompt" if body.messages is None else "messages")
-        if body.content is not None or body.add_special is not None:  # llama-server's names
-            if body.prompt is not None or body.messages is not None:
-                raise APIError(400, "send content (llama-server's name) or prompt / messages, not both", "content")
-            body = body.model_copy(update={"prompt": body.content, "add_special_tokens": bool(body.add_special)})
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "send one of prompt (text) or messages (chat)", "prompt")
-        try:
-            if body.messages is not None:
-                chat = ChatCompletionRequest(model=state.model_name, messages=body.messages, tools=body.tools,
-                                             add_generation_prompt=body.add_generation_prompt,
-                                             continue_final_message=body.continue_final_message,
-                                             chat_template_kwargs=body.chat_template_kwargs,
-                                             mm_processor_kwargs=body.mm_processor_kwargs)
-                problem = chat.unsupported()
-                if problem is not None and problem[0] == "chat_template_kwargs":
-                    raise APIError(400, problem[1], problem[0])
-                text_ids = tok.encode_chat(chat.message_dicts(state.image_placeholder), tools=chat.tool_dicts(),
-                                           **chat.template_kwargs())
-            else:
-                text_ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        except ValueError as e:
-            raise APIError(400, f"{'messages' if body.messages is not None else 'prompt'}: {e}",
-                           "messages" if body.messages is not None else "prompt") from None
-        if body.messages is not None and chat.image_parts():
+        chat, text_ids = await off_loop(state, _tokenize, state, tok, body)
+        if chat is not None and chat.image_parts():
             prompts = [image_prompt(text_ids, chat)]
             await off_loop(state, load_images, state, chat, prompts, prompts=prompts)  # fetch, processor, tower
             text_ids = list(prompts[0])
-        out = {"tokens": text_ids, "count": len(text_ids), "max_model_len": state.max_model_len}
-        if body.return_token_strs:
-            out["token_strs"] = [tok.id_to_token(i) for i in text_ids]
-        return out
+        return await off_loop(state, _tokenize_reply, state, tok, text_ids, body.return_token_strs)
 
     @app.post("/detokenize", responses=ERRORS)
     async def detokenize(body: DetokenizeRequest):
-        """The text of token ids: `prompt` as vLLM names it, and `content` as llama-server's /detokenize does."""
+        """The text of token ids: `prompt` as vLLM names it, and `content` as llama-server's /detokenize does
+        (decoded and written out in a worker thread, as /tokenize)."""
         tok = _tokenizer_for(state, body.model, "tokens")
-        check_in_vocab(state, body.tokens, "tokens", "token ids")
-        text = tok.decode(body.tokens, skip_special_tokens=False)
-        return {"prompt": text, "content": text}
+        return await off_loop(state, _detokenize_reply, state, tok, body.tokens)
 
     @app.get("/v1/models", responses=ERRORS)
     async def models():
@@ -422,6 +398,48 @@ def _in_dialect(request, response: JSONResponse) -> JSONResponse:
     return JSONResponse(error_body(response.status_code, message), status_code=response.status_code)
 
 
+def _tokenize(state: ServerState, tok, body: TokenizeRequest) -> tuple:
+    """(the chat body or None, the text's token ids) of a /tokenize request; 400s name the field."""
+    if body.content is not None or body.add_special is not None:  # llama-server's names
+        if body.prompt is not None or body.messages is not None:
+            raise APIError(400, "send content (llama-server's name) or prompt / messages, not both", "content")
+        body = body.model_copy(update={"prompt": body.content, "add_special_tokens": bool(body.add_special)})
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "send one of prompt (text) or messages (chat)", "prompt")
+    if body.messages is None:
+        try:
+            return None, tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        except ValueError as e:
+            raise APIError(400, f"prompt: {e}", "prompt") from None
+    try:
+        chat = ChatCompletionRequest(model=state.model_name, messages=body.messages, tools=body.tools,
+                                     add_generation_prompt=body.add_generation_prompt,
+                                     continue_final_message=body.continue_final_message,
+                                     chat_template_kwargs=body.chat_template_kwargs,
+                                     mm_processor_kwargs=body.mm_processor_kwargs)
+        problem = chat.unsupported()
+        if problem is not None and problem[0] == "chat_template_kwargs":
+            raise APIError(400, problem[1], problem[0])
+        return chat, tok.encode_chat(chat.message_dicts(state.image_placeholder), tools=chat.tool_dicts(),
+                                     **chat.template_kwargs())
+    except ValueError as e:
+        raise APIError(400, f"messages: {e}", "messages") from None
+
+
+def _tokenize_reply(state: ServerState, tok, text_ids: list, token_strs: bool) -> JSONResponse:
+    """/tokenize's reply, its JSON written here (in the caller's worker thread, not on the event loop)."""
+    out = {"tokens": text_ids, "count": len(text_ids), "max_model_len": state.max_model_len}
+    if token_strs:
+        out["token_strs"] = [tok.id_to_token(i) for i in text_ids]
+    return JSONResponse(out)
+
+
+def _detokenize_reply(state: ServerState, tok, tokens: list) -> JSONResponse:
+    check_in_vocab(state, tokens, "tokens", "token ids")
+    text = tok.decode(tokens, skip_special_tokens=False)
+    return JSONResponse({"prompt": text, "content": text})
+
+
 def _tokenizer_for(state: ServerState, model: str | None, param: str):
     if model is not None:
         state.adapter(model)  # a 404 unless served
@@ -484,7 +502,7 @@ async def _respond_infill(state: ServerState, body, prompts, request: Request):
 async def _respond(state: ServerState, body, prompts, request: Request, chat: bool):
     # in a worker thread: a constraint can take seconds to compile (a JSON schema's slot automata over a
     # large vocabulary), and the event loop keeps every other stream flowing meanwhile
-    choices = await off_loop(state, prepare, state, body, prompts, prompts=prompts)
+    choices = await prepare_off_loop(state, body, prompts)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     replies = tool_replies(state, body, choices) if chat else {}  # choice index -> ToolReply

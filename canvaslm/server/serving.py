@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
+import math
 import random
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,12 +76,14 @@ class ServerState:
     thinking_token_budget: int | None = None  # requests that set none get this one (--reasoning-budget)
     vision: object | None = None  # multimodal.Vision: image prompts (None: a model served without one)
     media_pool: object = None  # ThreadPoolExecutor for work that loads images (off_loop), made on first use
+    compile_pool: object = None  # ThreadPoolExecutor for requests that compile a constraint (off_loop)
 
     def shutdown(self) -> None:
-        """Stop the engine and the media pool (a fetch under way ends at its deadline, unread)."""
+        """Stop the engine and the media and compile pools (work under way ends at its deadline, unread)."""
         self.engine.shutdown()
-        if self.media_pool is not None:
-            self.media_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.media_pool, self.compile_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def image_placeholder(self) -> str:
@@ -578,12 +583,29 @@ def build_constraint(state: ServerState, body: _Common, reserve: int = 0, total:
         width = width_tokens - 1 if width_tokens else DEFAULT_TOKENS  # match + EOS padding, then the pinned EOS
         try:
             if name == "guided_grammar":
-                return GrammarConstraint(body.guided_grammar, state.tokenizer, width, name, state.regex_timeout)
-            return RegexConstraint(body.guided_regex, state.tokenizer, width, name, state.regex_timeout)
+                return GrammarConstraint(body.guided_grammar, state.tokenizer, width, name, compile_timeout(state, name))
+            return RegexConstraint(body.guided_regex, state.tokenizer, width, name, compile_timeout(state, name))
         except RegexCompileBusy as e:
             raise APIError(503, f"{name}: {e}", name, type="server_error") from None
     except ValueError as e:  # ConstraintError is a ValueError; its message names the field
         raise APIError(400, str(e), name) from None
+
+
+# when the request that is compiling a constraint in this thread was queued for it (off_loop's compile pool)
+_compile_since: contextvars.ContextVar = contextvars.ContextVar("compile_since", default=None)
+
+
+def compile_timeout(state: ServerState, name: str) -> float:
+    """Seconds left to compile `name`'s constraint: --regex-timeout counted from when the request was queued
+    for a compile worker (a burst then waits no longer than the limit in all); a 503 once none are left."""
+    since = _compile_since.get()
+    if since is None:
+        return state.regex_timeout
+    left = state.regex_timeout - (time.monotonic() - since)
+    if left <= 0:
+        raise APIError(503, f"{name}: the server's constraint compilers stayed busy for the whole limit of "
+                            f"{state.regex_timeout:g} s (--regex-timeout); try again", name, type="server_error")
+    return math.ceil(left * 10) / 10  # to a tenth of a second up: the limit an error names reads plainly
 
 
 def need_tokenizer(state: ServerState, name: str) -> None:
@@ -682,7 +704,7 @@ def _json_object_constraint(state: ServerState, max_tokens, name: str):
     need_tokenizer(state, name)
     width = max_tokens - 1 if max_tokens else DEFAULT_TOKENS
     try:
-        return JsonObjectConstraint(state.tokenizer, width, name, timeout=state.regex_timeout)
+        return JsonObjectConstraint(state.tokenizer, width, name, timeout=compile_timeout(state, name))
     except ValueError as e:  # ConstraintError; its message names the field
         raise APIError(400, str(e), name) from None
 
@@ -694,7 +716,8 @@ def _json_constraint(state: ServerState, schema: dict, max_tokens, field: str, p
     need_tokenizer(state, field)
     try:
         return constraint_from_response_format({"type": "json_schema", "json_schema": {"schema": schema}},
-                                               state.tokenizer, max_tokens, canvas_length=state.canvas_length)
+                                               state.tokenizer, max_tokens, canvas_length=state.canvas_length,
+                                               timeout=compile_timeout(state, field))
     except ValueError as e:  # ConstraintError is a ValueError
         raise APIError(400, f"{field}: {e}", param) from None
 
@@ -776,18 +799,44 @@ def load_images(state: ServerState, body: _Common, prompts: list) -> None:
 
 
 MEDIA_WORKERS = 16  # image-loading requests at once; more wait their turn without holding other work back
+COMPILE_WORKERS = 4  # requests compiling a constraint at once; more wait their turn (counted in their limit)
 
 
-async def off_loop(state: ServerState, fn, *args, prompts=()):
+async def off_loop(state: ServerState, fn, *args, prompts=(), compiles: bool = False):
     """fn(*args) in a worker thread. When `prompts` hold images to load (an image URL's fetch may take its
-    whole 10 s deadline), on the server's own media pool: a burst of slow image URLs then never takes the
-    default pool's few threads (min(32, cores + 4)), which every text request's `prepare` needs."""
-    pool = None
+    whole 10 s deadline), on the server's own media pool; else when it `compiles` a constraint (a regex or a
+    schema may take the whole --regex-timeout), on the compile pool, its limit counted from now. A burst of
+    slow image URLs or constraints then never takes the default pool's few threads (min(32, cores + 4)),
+    which every plain request's `prepare` (and /tokenize) needs."""
+    pool, call = None, functools.partial(fn, *args)
     if any(isinstance(p, ImagePrompt) and p.sources for p in prompts):
         if state.media_pool is None:
             state.media_pool = ThreadPoolExecutor(MEDIA_WORKERS, thread_name_prefix="canvaslm-media")
         pool = state.media_pool
-    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+    elif compiles:
+        if state.compile_pool is None:
+            state.compile_pool = ThreadPoolExecutor(COMPILE_WORKERS, thread_name_prefix="canvaslm-compile")
+        pool, call = state.compile_pool, functools.partial(_counted_from, time.monotonic(), call)
+    return await asyncio.get_running_loop().run_in_executor(pool, call)
+
+
+def _counted_from(since: float, call):
+    """call() with compile_timeout counting from `since` (when the request was queued)."""
+    token = _compile_since.set(since)
+    try:
+        return call()
+    finally:
+        _compile_since.reset(token)
+
+
+def compiles(body) -> bool:
+    """Whether preparing `body` builds an output constraint (guided_*, response_format, pins, a tool call)."""
+    return bool(body.constraint_fields()) or forced_tool(body) is not None or chosen_tools(body) is not None
+
+
+async def prepare_off_loop(state: ServerState, body, prompts: list) -> list[Choice]:
+    """`prepare` in a worker thread: the media pool for images, the compile pool for a constraint (off_loop)."""
+    return await off_loop(state, prepare, state, body, prompts, prompts=prompts, compiles=compiles(body))
 
 
 async def prepare_translated(state: ServerState, body, prompts: list, places: list, data_url: str | None = None,
@@ -795,7 +844,7 @@ async def prepare_translated(state: ServerState, body, prompts: list, places: li
     """`prepare` (in a worker thread) for a body translated from another API: a load error about image k
     names places[k], the field it came from (`image_error_at`); `rename(e)` may first rename other fields."""
     try:
-        return await off_loop(state, prepare, state, body, prompts, prompts=prompts)
+        return await prepare_off_loop(state, body, prompts)
     except APIError as e:
         if rename is not None:
             rename(e)
