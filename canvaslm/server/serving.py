@@ -830,8 +830,10 @@ def _counted_from(since: float, call):
 
 
 def compiles(body) -> bool:
-    """Whether preparing `body` builds an output constraint (guided_*, response_format, pins, a tool call)."""
-    return bool(body.constraint_fields()) or forced_tool(body) is not None or chosen_tools(body) is not None
+    """Whether preparing `body` may build an output constraint (guided_*, response_format, pins, a tool call that
+    tool_choice forces). Never raises: `prepare` refuses a bad tool_choice, by name (forced_tool would not)."""
+    tools_forced = getattr(body, "tools", None) and getattr(body, "tool_choice", None) not in (None, "none", "auto")
+    return bool(body.constraint_fields()) or bool(tools_forced)
 
 
 async def prepare_off_loop(state: ServerState, body, prompts: list) -> list[Choice]:
