@@ -35,7 +35,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import INT64, CompletionRequest
-from .serving import (APIError, ServerState, context_error, errors_named, need_tokenizer, prepare, run_choices,
+from .serving import (APIError, ServerState, context_error, errors_named, need_tokenizer, prepare_off_loop, run_choices,
                       run_to_end)
 
 RANDOM_SEEDS = (-1, 0xFFFFFFFF)  # llama.cpp's "draw a seed"
@@ -258,9 +258,7 @@ async def _warm(state: ServerState, body, ids: list[int], request, truncated: bo
 async def _completion_choice(state: ServerState, body, oa: CompletionRequest, ids: list[int]):
     """The engine request of a plain completion, with llama.cpp's stop strings (more than OpenAI's 4), and
     the generation settings its reply reports."""
-    import asyncio
-
-    (choice,) = await asyncio.to_thread(prepare, state, oa, [ids])
+    (choice,) = await prepare_off_loop(state, oa, [ids])  # a grammar compiles on the compile pool
     choice.tracker.stops = [s for s in body.stop if s]  # llama-server skips empty words
     return choice, dict(params=choice.request.params, seed=choice.request.seed)
 

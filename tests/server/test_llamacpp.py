@@ -315,3 +315,19 @@ def test_props_report_the_served_context(server):
     out = httpx.get(server.base_url + "/props").json()
     assert out["default_generation_settings"]["n_ctx"] == MAX_MODEL_LEN and out["total_slots"] == 4
     assert out["model_alias"] == MODEL and out["modalities"]["vision"] is False
+
+
+def test_a_grammar_compiles_on_the_compile_pool(server, monkeypatch):
+    """/completion with a grammar builds its constraint on the compile pool (serving.off_loop), as
+    /v1/completions does, not on the default pool every plain request needs."""
+    import threading
+
+    from canvaslm.server import serving
+
+    threads, real = [], serving.prepare
+    monkeypatch.setattr(serving, "prepare", lambda *a: threads.append(threading.current_thread().name) or real(*a))
+    r = post(server, "/completion", {"prompt": "x", "n_predict": 4, "grammar": "root ::= \"ab\""})
+    assert r.status_code == 200 and r.json()["content"] == "ab", r.text
+    plain = post(server, "/completion", {"prompt": "x", "n_predict": 4})
+    assert plain.status_code == 200
+    assert threads[0].startswith("canvaslm-compile") and not threads[1].startswith("canvaslm-compile"), threads
