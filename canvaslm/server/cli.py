@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 
 log = logging.getLogger("canvaslm.server")
+
+SHUTDOWN_TIMEOUT_S = 5.0  # how long an exit waits on open connections before cutting them
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -77,6 +80,10 @@ def add_parser(subparsers) -> None:
                    help="largest max_denoising_steps a request may ask for (also caps the checkpoint's default)")
     p.add_argument("--regex-timeout", type=_seconds, default=10.0,
                    help="seconds a guided_regex may take to compile before the request gets a 400 (default 10)")
+    p.add_argument("--shutdown-timeout", type=_seconds, default=SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
+                   help="on SIGTERM / Ctrl-C, generations under way end at once with a 503 \"the server is "
+                        "shutting down\"; then the server waits this long for open connections before closing "
+                        "them (default 5)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template to use instead of the checkpoint's (or where it has none): a file, "
                         "or, as vLLM takes it, the template itself")
@@ -267,7 +274,7 @@ def _serve(args) -> int:
     import uvicorn
 
     from .app import build_app
-    from .launch import build_state
+    from .launch import build_state, stop_engine_on_exit
     from .vllm_compat import apply_chat_flags, generation_defaults
 
     adapters = _adapters(args)  # the cheap checks first: resolving a repo id may download it
@@ -297,8 +304,14 @@ def _serve(args) -> int:
         print(f"canvaslm: {note}", flush=True)
     print(f"canvaslm: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_batch={config.max_batch}, max_model_len={state.max_model_len}{loras})", flush=True)
+    app = build_app(state)
+    stop_engine_on_exit(app, state.engine)
+    # uvicorn re-raises the SIGTERM it handled once it has shut down: a stop asked for exits 0, as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
     try:
-        uvicorn.run(build_app(state), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                    timeout_graceful_shutdown=args.shutdown_timeout)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         state.shutdown()
     return 0

@@ -4,6 +4,7 @@ thread on a free loopback port (tests, benchmarks). Both shut the engine thread 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import socket
 import threading
 import time
@@ -15,6 +16,30 @@ from ..engine.engine import Engine, EngineConfig
 from ..sampling.samplers import sampleable_vocab, set_sampleable_vocab
 from .app import build_app
 from .serving import ServerState
+
+
+def stop_engine_on_exit(app, engine) -> None:
+    """On SIGTERM / SIGINT, stop the engine before uvicorn starts waiting on the connections: every request
+    under way ends with its 503 "the server is shutting down" (in-band on a stream, then [DONE]) while its
+    connection is open, instead of running on until the graceful-shutdown timeout cuts it. uvicorn installs
+    its signal handlers before the app starts up, so the app's startup chains ours in front of them (only
+    the main thread may; a server on another thread stops the engine itself, as BackgroundServer does)."""
+    def chain():
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                signal.signal(sig, _stopping_first(engine, handler))
+
+    app.router.add_event_handler("startup", chain)
+
+
+def _stopping_first(engine, handler):
+    def on_signal(sig, frame):
+        engine.shutdown(timeout=0)  # does not wait: the engine thread ends its requests while the loop runs on
+        handler(sig, frame)
+    return on_signal
 
 
 def build_state(model_dir, device: str | None = None, dtype=None, config: EngineConfig | None = None,
@@ -136,6 +161,8 @@ class BackgroundServer:
         return self
 
     def stop(self) -> None:
+        if self.shutdown_engine:  # first, so requests under way get their 503 before the connections close
+            self.state.engine.shutdown(timeout=0)
         self.server.should_exit = True
         self.thread.join(10)
         if self.shutdown_engine:
