@@ -51,6 +51,24 @@ def translated_api_server(tiny_checkpoint, one_thread):
         yield srv
 
 
+def wait_until_healthy(proc, port: int, timeout: float = 60) -> str:
+    """The base URL of a `canvaslm serve` subprocess on `port` once its /health answers 200 (its output in the
+    failure when it exits or the timeout passes first)."""
+    import time
+
+    import httpx
+
+    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                return base
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+        time.sleep(0.2)
+
+
 def probe_prompt(llm, i: int = 0) -> str:
     """A text prompt of exactly PROMPT_LEN tokens (the char tokenizer adds <bos>)."""
     text = f"probe {i}: the quick brown fox jumps over the lazy dog"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from openai import OpenAI
 
 from canvaslm.server.launch import free_port
+
+from .conftest import wait_until_healthy
 
 
 @pytest.mark.parametrize("quantization", [None, "int4"])
@@ -24,15 +25,7 @@ def test_serve_subprocess_with_api_key(tiny_checkpoint, quantization, tmp_path):
                              "--served-model-name", "tiny-cli", "--chat-template", str(template), *quant],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
-            time.sleep(0.2)
+        base = wait_until_healthy(proc, port)
         assert httpx.get(base + "/v1/models").status_code == 401
         client = OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
         out = client.completions.create(model="tiny-cli", prompt="hello", max_tokens=16, seed=1)

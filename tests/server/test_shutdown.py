@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 
 from canvaslm.engine.engine import EngineConfig
 from canvaslm.server.launch import BackgroundServer, build_state, free_port
+
+from .conftest import wait_until_healthy
 
 LONG = {"max_tokens": 1500, "ignore_eos": True, "max_denoising_steps": 256}  # minutes on the tiny model
 
@@ -61,15 +62,7 @@ def test_sigterm_ends_the_requests_under_way_and_exits(tiny_checkpoint):
                              "--max-steps-limit", "1024", "--served-model-name", "tiny", "--shutdown-timeout", "5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
-            time.sleep(0.2)
+        base = wait_until_healthy(proc, port)
         threads, lines, plain = start_requests(base, "tiny")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(5 + 15) == 0, proc.stdout.read().decode()[-2000:]  # the timeout plus a margin
