@@ -12,6 +12,7 @@ picks the name, as it picks any enum value, from its own probabilities at commit
 from __future__ import annotations
 
 import json
+import time
 
 from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, output_eos
 from .json_schema import JsonSchemaConstraint
@@ -45,15 +46,50 @@ def declared_functions(tools, field: str = "tools") -> list:
     return out
 
 
-def call_constraint(tools, tool_choice, tokenizer, field: str = "tools", canvas_length: int | None = None):
+class _Deadline:
+    """One compile limit (a server's --regex-timeout) shared by all the functions of a call: each schema
+    compiles in the time the ones before it left, and running out names the function it ran out in."""
+
+    def __init__(self, timeout: float | None, field: str, functions: int = 1):
+        self.timeout, self.field, self.functions = timeout, field, functions
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def passed(self) -> bool:
+        return self.at is not None and time.monotonic() > self.at
+
+    def error(self, i: int, name: str) -> ConstraintError:
+        shared = f" (all {self.functions} functions' schemas together)" if self.functions > 1 else ""
+        return ConstraintError(f"{self.field}[{i}].function.parameters of {name!r}: compiling the tool call took "
+                               f"longer than the limit of {self.timeout:g} s{shared}; simplify the schema")
+
+    def left(self, i: int, name: str) -> float | None:
+        """Seconds left for function i's schema (None: no limit); its error once none are."""
+        if self.passed():
+            raise self.error(i, name)
+        return None if self.at is None else self.at - time.monotonic()
+
+    def arguments(self, i: int, name: str, schema: dict, tokenizer) -> JsonSchemaConstraint:
+        """Function i's arguments constraint in the time left; ConstraintErrors name the function."""
+        try:
+            return JsonSchemaConstraint(schema, tokenizer, timeout=self.left(i, name))
+        except ConstraintError as e:
+            if self.passed():  # its own limit was what was left: name the whole one
+                raise self.error(i, name) from None
+            raise ConstraintError(f"{self.field}[{i}].function.parameters: {e}") from None
+
+
+def call_constraint(tools, tool_choice, tokenizer, field: str = "tools", canvas_length: int | None = None,
+                    timeout: float | None = None):
     """(constraint, forced function name or None) for a reply that must be a call: tool_choice "required"
     (the model picks among several functions; with one, it is forced) or {"type": "function",
     "function": {"name": ...}}. A forced call's output is its arguments; a picked one's is
     `{"name": ..., "arguments": ...}` (`call_arguments` reads both). With canvas_length, arguments that
-    cannot be laid out on canvases that long are refused here (a ConstraintError naming the function)."""
+    cannot be laid out on canvases that long are refused here (a ConstraintError naming the function).
+    `timeout`: seconds the whole compile may take, all the functions' schemas together (a ConstraintError
+    naming `field` and the function after), as a server's --regex-timeout."""
     functions = declared_functions(tools, field)
     if tool_choice == "required" and len(functions) > 1:
-        c = ToolChoiceConstraint(functions, tokenizer, field)
+        c = ToolChoiceConstraint(functions, tokenizer, field, timeout)
         if canvas_length is not None:
             for i, args in enumerate(c.arguments):
                 try:
@@ -69,8 +105,8 @@ def call_constraint(tools, tool_choice, tokenizer, field: str = "tools", canvas_
         if name not in names:
             raise ConstraintError(f"tool_choice must be 'required' or name one of {names}, got {tool_choice!r}")
         index = names.index(name)
+    c = _Deadline(timeout, field).arguments(index, functions[index][0], functions[index][1], tokenizer)
     try:
-        c = JsonSchemaConstraint(functions[index][1], tokenizer)
         if canvas_length is not None:
             c.layout(canvas_length)
         return c, functions[index][0]
@@ -79,8 +115,9 @@ def call_constraint(tools, tool_choice, tokenizer, field: str = "tools", canvas_
 
 
 class ToolChoiceConstraint(CanvasConstraint):
-    def __init__(self, tools: list, tokenizer, field: str = "tools"):
-        """tools: [(name, parameters JSON schema)] of at least two functions with distinct names."""
+    def __init__(self, tools: list, tokenizer, field: str = "tools", timeout: float | None = None):
+        """tools: [(name, parameters JSON schema)] of at least two functions with distinct names. `timeout`:
+        seconds the whole compile may take (every function's schema, and the names), a ConstraintError after."""
         if len(tools) < 2:
             raise ConstraintError(f"{field}: a choice of function needs at least two functions")
         names = [n for n, _ in tools]
@@ -93,13 +130,15 @@ class ToolChoiceConstraint(CanvasConstraint):
         self.prefix = self.vocab.encode(PREFIX)
         self.alternatives = [self.vocab.encode(f'{n}", "arguments": ') for n in names]
         self.close = self.vocab.encode("}")
-        self.arguments = []
-        for i, (name, schema) in enumerate(tools):
-            try:
-                self.arguments.append(JsonSchemaConstraint(schema, tokenizer))
-            except ConstraintError as e:
-                raise ConstraintError(f"{field}[{i}].function.parameters: {e}") from None
-        self.name_dfa = literal_dfa(self.vocab, self.alternatives)
+        deadline = _Deadline(timeout, field, len(tools))
+        self.arguments = [deadline.arguments(i, name, schema, tokenizer) for i, (name, schema) in enumerate(tools)]
+        try:
+            self.name_dfa = literal_dfa(self.vocab, self.alternatives, deadline.at)
+        except ConstraintError:
+            if deadline.passed():
+                raise ConstraintError(f"{field}: compiling the tool call's function names took longer than the "
+                                      f"limit of {timeout:g} s; declare fewer functions") from None
+            raise
         self.chosen: int | None = None
 
     def for_row(self) -> "ToolChoiceConstraint":

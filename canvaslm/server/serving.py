@@ -678,7 +678,7 @@ def _pinned_constraint(state: ServerState, body, max_tokens):
 
 def _tool_constraint(state: ServerState, body, max_tokens):
     """A tool call's constraint (sampling/tool_call.py): a forced function's arguments, or a call to one of
-    several functions that the model picks."""
+    several functions that the model picks; compiled under --regex-timeout (all the functions together)."""
     from ..sampling.json_schema import JsonSchemaConstraint
     from ..sampling.tool_call import call_constraint
 
@@ -686,7 +686,7 @@ def _tool_constraint(state: ServerState, body, max_tokens):
     choice = body.tool_choice if isinstance(body.tool_choice, str) else body.tool_choice.model_dump()
     try:
         c, _ = call_constraint([t.model_dump(exclude_none=True) for t in body.tools], choice, state.tokenizer,
-                               canvas_length=state.canvas_length)
+                               canvas_length=state.canvas_length, timeout=compile_timeout(state, "tools"))
         need = c.max_template_tokens() if isinstance(c, JsonSchemaConstraint) else \
             c.min_new_tokens(state.canvas_length)
     except ValueError as e:  # ConstraintError is a ValueError; its message names the field
