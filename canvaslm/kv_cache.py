@@ -70,7 +70,7 @@ class KVCache:
         store (float8_e4m3fn: `--kv-cache-dtype fp8`) rounds K and V as they are written and widens
         them as they are read, for half the memory of bf16."""
         self.cfg, self.num_slots, self.max_len = cfg, num_slots, max_len
-        self.compute_dtype = compute_dtype or dtype
+        self.dtype, self.compute_dtype = dtype, compute_dtype or dtype
         self.window = cfg.sliding_window
         self.size = {FULL: full_columns(max_len),
                      SLIDING: max_len if keep_full_window else min(self.window - 1, max_len)}

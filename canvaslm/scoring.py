@@ -65,22 +65,31 @@ def token_logprobs(model, ids: list, start: int = 1, top_k: int = 0) -> tuple[li
 
 
 @torch.no_grad()
-def score_continuations(model, prompt_ids: list, conts: list, held: tuple | None = None) -> list:
+def score_continuations(model, prompt_ids: list, conts: list, held: tuple | None = None,
+                        kv_dtype: torch.dtype | None = None, chunk: int | None = None) -> list:
     """Mean log p(cont | prompt) per token under the encoder's causal pass (0.0 for an empty
     continuation). -> [float]. The shared prompt is encoded once into a one-row cache, and the
     continuations are encoded together behind it, every row reading that row (nothing is written): an
     infill's candidates (or best_of's completions) cost one prompt, not one each, and one prompt's KV.
     held: (cache, slot, head) where the cache slot's KV holds exactly the prompt (a serving engine's slot)
     and head is the hidden state [d] of its last position (`Runner.prompt_head`): the prompt is not
-    encoded at all."""
+    encoded at all. Without one, kv_dtype and chunk say how a serving engine stores and encodes a prompt
+    (its KV dtype, e.g. float8, and its prefill chunk): the prompt is encoded the same way, so a score does
+    not depend on whether a freed slot happened to hold the prompt (an fp8 cache rounds the keys and values
+    that later chunks read)."""
     device, P = model.embed_weight.device, len(prompt_ids)
     B, T = len(conts), max((len(c) for c in conts), default=0)
     if T == 0:
         return [0.0] * B
     if held is None:
-        cache = KVCache(model.cfg, 1, P + T, dtype=model.embed_weight.dtype, device=device)
-        head = model.encode(torch.tensor([list(prompt_ids)], device=device), torch.arange(P, device=device)[None],
-                            torch.zeros(1, dtype=torch.long, device=device), cache, fresh=True, max_position=P - 1)
+        dtype = model.embed_weight.dtype
+        cache = KVCache(model.cfg, 1, P + T, dtype=kv_dtype or dtype, device=device, compute_dtype=dtype)
+        step = chunk or P
+        for start in range(0, P, step):
+            end = min(P, start + step)
+            head = model.encode(torch.tensor([list(prompt_ids[start:end])], device=device),
+                                torch.arange(start, end, device=device)[None], torch.zeros(1, dtype=torch.long,
+                                device=device), cache, fresh=start == 0, max_position=end - 1)
         held = (cache, 0, head[0, -1])
     cache, slot, head = held
     tokens = torch.zeros(B, T, dtype=torch.long)

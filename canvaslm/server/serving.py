@@ -138,7 +138,8 @@ def score_later(state: ServerState, model_name: str, prompt_ids: list, conts: li
             if head is not None:
                 held = (engine.runner.cache, slot, head)
                 break
-        return score_continuations(model, prompt_ids, conts, held)
+        return score_continuations(model, prompt_ids, conts, held, kv_dtype=engine.runner.cache.dtype,
+                                   chunk=engine.config.prefill_chunk)  # without one: encoded as the engine does
     return state.engine_call(model_name, run)
 
 

@@ -222,3 +222,25 @@ def test_scores_read_from_a_held_slot_equal_a_fresh_encode(tiny_llm):
     held = score_continuations(model, prompt, conts, held=(cache, 2, head))
     assert held[3] == 0.0 and torch.allclose(torch.tensor(held), torch.tensor(fresh), atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(before, cache.k))  # read only
+
+
+def test_a_fresh_score_encodes_the_prompt_as_an_fp8_engine_does(tiny_llm):
+    """With an fp8 KV cache a held slot's prompt was rounded as it was written, chunk by chunk: a fresh
+    encode told the engine's KV dtype and prefill chunk stores and reads it the same way, so an infill's or
+    best_of's pick does not depend on whether a freed slot happened to hold the prompt (0.03 apart before)."""
+    from canvaslm.kv_cache import KVCache
+
+    model, tok = tiny_llm.model, tiny_llm.tokenizer
+    fp8 = torch.float8_e4m3fn
+    prompt = tok.encode("a prompt well past the sliding window of sixteen positions, in chunks")
+    conts = [tok.encode(t, add_special_tokens=False) for t in ["ab", "a longer continuation", "z"]]
+    cache = KVCache(model.cfg, 2, 160, dtype=fp8, compute_dtype=model.embed_weight.dtype)
+    for start in range(0, len(prompt), 16):  # as the engine prefills: chunk by chunk
+        h = model.encode(torch.tensor([prompt[start:start + 16]]),
+                         torch.arange(start, min(len(prompt), start + 16))[None], torch.tensor([1]), cache,
+                         fresh=start == 0)
+    held = score_continuations(model, prompt, conts, held=(cache, 1, h[0, -1]))
+    fresh = score_continuations(model, prompt, conts, kv_dtype=fp8, chunk=16)
+    assert torch.allclose(torch.tensor(held), torch.tensor(fresh), atol=1e-5)
+    plain = score_continuations(model, prompt, conts)  # the model dtype, one call: what the fix replaced
+    assert not torch.allclose(torch.tensor(held), torch.tensor(plain), atol=1e-4)
