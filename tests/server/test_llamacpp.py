@@ -235,9 +235,9 @@ def test_infill_scores_read_the_candidates_kv(server, monkeypatch):
 
     seen, score = [], scoring.score_continuations
 
-    def spy(model, prompt, conts, held=None):
+    def spy(model, prompt, conts, held=None, **how):
         seen.append(held is not None)
-        return score(model, prompt, conts, held)
+        return score(model, prompt, conts, held, **how)
 
     monkeypatch.setattr(scoring, "score_continuations", spy)
     body = {"model": MODEL, "prompt": "def f(x):\n    y = ", "suffix": "\n y", "max_tokens": 6, "seed": 4}
