@@ -556,6 +556,11 @@ class ResponsesRequest(_Strict):
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = Field(None, max_length=16)
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # OpenAI fields this server cannot honour, declared only to refuse them by name (`unsupported`): ignored,
+    # the reply would lose the context or instructions they carry, or claim to run in the background
+    conversation: Any = None
+    prompt: Any = None
+    background: bool | None = None
     # diffusion extensions and vLLM's, as on the other routes (`extra_body` in the openai client)
     seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)  # negative: taken mod 2**63, as on the other routes
     max_denoising_steps: int | None = Field(None, ge=1, le=4096)
@@ -571,6 +576,17 @@ class ResponsesRequest(_Strict):
     _seed_mod = field_validator("seed")(_Common._seed_mod.__func__)
 
     def unsupported(self) -> tuple[str, str] | None:
+        if self.conversation is not None:
+            return "conversation", "conversation is not supported: this server keeps no conversation objects; " \
+                                   "continue a stored response with previous_response_id, or send the earlier " \
+                                   "turns in input"
+        if self.prompt is not None:
+            return "prompt", "prompt (a stored prompt template) is not supported: this server keeps no prompt " \
+                             "templates; send the text as instructions and input"
+        if self.background:
+            return "background", "background: true is not supported: a response runs while its request waits " \
+                                 "(no queue to poll or cancel); leave background out, and use stream: true to " \
+                                 "follow a long reply"
         r = self.reasoning or {}
         unknown = sorted(set(r) - {"effort", "summary", "generate_summary"})
         if unknown:

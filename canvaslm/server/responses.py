@@ -15,8 +15,8 @@ Responses are kept in memory (`store`, true by default as in OpenAI's API; the l
 of them, oldest dropped first) so that `previous_response_id` continues a conversation: the stored
 turns (input and output, without the earlier `instructions`) come before the new input. GET and
 DELETE /v1/responses/{id} read and drop one. Streaming sends the Responses event sequence (response.created ... response.completed, each with a
-`sequence_number`). Text streams as canvases commit; a reply that may hold tool calls is sent whole
-once it is complete.
+`sequence_number`). Text streams as canvases commit (with `logprobs` asked, each delta
+carries its tokens' entries); a reply that may hold tool calls is sent whole once it is complete.
 
 An `input_image` part (`image_url`: a data URL or an http(s) URL; `detail` "low" gives it the smallest
 image budget, 70 soft tokens, the others the request's) becomes the chat route's image part, in place
@@ -76,9 +76,12 @@ def to_chat(body: ResponsesRequest, history: list | None = None,
             messages.append({"role": item.role, "content": _content(item.content, f"input[{n}].content", places)})
         elif item.type == "function_call":
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                last["tool_calls"].append(call)  # calls made in one turn
+            # a call joins the assistant message (or call) just before it: a replayed `output` (text, then its
+            # calls; a reasoning item between is dropped) renders as one turn, as previous_response_id and chat
+            # render it. A stored turn is left as it was (`turns` would miss the call).
+            last = messages[-1] if len(messages) > first_new else None
+            if last is not None and last["role"] == "assistant":
+                last["tool_calls"] = [*(last.get("tool_calls") or []), call]
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         else:
@@ -297,7 +300,7 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                             part=part)
 
             text, started, late = "", False, ""  # late: a thought written after the answer began
-            scored = 0  # log-prob entries already sent on the deltas (a tool reply's are sent with the done events)
+            scored = 0  # log-prob entries already sent on the deltas
             async with contextlib.aclosing(run_choices(state, choices)) as events:
                 async for kind, _, payload in events:
                     if kind == "reasoning" and started:
@@ -318,7 +321,8 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                             started = True
                         text += payload
                         new = []
-                        if body.wants_logprobs() and not replies:  # each delta carries its own tokens' entries
+                        if body.wants_logprobs():  # each delta carries its own tokens' entries, as OpenAI's do:
+                            # one encoder pass over prompt and reply so far per commit, as chat's stream costs
                             entries = await _content_logprobs(state, body, prompts[0], c)
                             new, scored = entries[scored:], max(scored, len(entries))
                         yield event("response.output_text.delta", item_id=msg_id, output_index=len(items),
@@ -393,9 +397,9 @@ def _item_events(event, k: int, item: dict):
     yield event("response.output_item.added", output_index=k, item={**item, "status": "in_progress", "content": []})
     yield event("response.content_part.added", item_id=item["id"], output_index=k, content_index=0,
                 part={**part, "text": ""})
-    if part["text"]:
+    if part["text"]:  # one delta with the whole text: it carries all the entries, as the done event does
         yield event("response.output_text.delta", item_id=item["id"], output_index=k, content_index=0,
-                    delta=part["text"], logprobs=[])
+                    delta=part["text"], logprobs=part.get("logprobs", []))
     yield event("response.output_text.done", item_id=item["id"], output_index=k, content_index=0,
                 text=part["text"], logprobs=part.get("logprobs", []))
     yield event("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
