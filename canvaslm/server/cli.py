@@ -52,7 +52,7 @@ def _port(text: str) -> int:
 
 def add_parser(subparsers) -> None:
     from ..cli import add_model_args
-    from .vllm_compat import add_vllm_args
+    from .vllm_compat import MAX_STEPS_LIMIT, add_vllm_args
 
     p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     add_model_args(p, model_optional=False)
@@ -76,7 +76,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="the `model` clients send (default: the repo id, or the directory's name); more names are "
                         "aliases a request may send instead (vLLM's)")
-    p.add_argument("--max-steps-limit", type=_positive, default=1024,
+    p.add_argument("--max-steps-limit", type=_positive, default=MAX_STEPS_LIMIT,
                    help="largest max_denoising_steps a request may ask for (also caps the checkpoint's default)")
     p.add_argument("--regex-timeout", type=_seconds, default=10.0,
                    help="seconds a guided_regex may take to compile before the request gets a 400 (default 10)")
@@ -116,7 +116,8 @@ def add_parser(subparsers) -> None:
 
 def _read_template(args) -> tuple[str, str]:
     """(source, origin) of --chat-template: a file's text or, where no such file exists and the value reads as a
-    template (it holds {% or {{, or a newline), the value itself (vLLM takes either)."""
+    template (it holds {% or {{, or a newline), the value itself (vLLM takes either). Needs no model: read
+    before a repo id is resolved (_check_template_target then checks the model has a tokenizer)."""
     from pathlib import Path
 
     from ..tokenizer import _compile_template
@@ -134,10 +135,16 @@ def _read_template(args) -> tuple[str, str]:
     else:
         raise FileNotFoundError(f"--chat-template: {path} does not exist (taken as a file's path; a template given "
                                 "inline holds {% or {{)")
-    if not (Path(args.model_dir) / "tokenizer.json").is_file():
-        raise ValueError(f"--chat-template: {args.model_dir} has no tokenizer.json to apply it to")
     _compile_template(source, origin)  # a syntax error names the file (or the inline template) and line now
     return source, origin
+
+
+def _check_template_target(args) -> None:
+    """--chat-template needs a tokenizer to apply it to (the resolved model directory's)."""
+    from pathlib import Path
+
+    if not (Path(args.model_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"--chat-template: {args.model_dir} has no tokenizer.json to apply it to")
 
 
 def _engine_config(args):
@@ -246,11 +253,12 @@ def _run_batch(args) -> int:
 
     from .batch import check_batch_args, read_requests, run_batch_file
     from .launch import build_state
-    from .vllm_compat import apply_chat_flags, generation_defaults
+    from .vllm_compat import apply_chat_flags, check_flags, generation_defaults
 
     read_requests(Path(args.input))  # a missing or empty file fails before the model loads
     check_batch_args(args.output, args.concurrency)  # as does an -o that cannot be written, or --concurrency 0
     adapters = _adapters(args)
+    check_flags(args)  # and the vLLM flags' checks that need no model: resolving a repo id may download it
     _resolve_model(args)
     defaults, notes = generation_defaults(args, args.model_dir)
     state = build_state(args.model_dir, args.device, args.dtype, _engine_config(args),
@@ -275,11 +283,14 @@ def _serve(args) -> int:
 
     from .app import build_app
     from .launch import build_state, stop_engine_on_exit
-    from .vllm_compat import apply_chat_flags, generation_defaults
+    from .vllm_compat import apply_chat_flags, check_flags, generation_defaults
 
-    adapters = _adapters(args)  # the cheap checks first: resolving a repo id may download it
+    adapters = _adapters(args)  # the checks that need no model first: resolving a repo id may download it
+    check_flags(args)
+    template = _read_template(args) if args.chat_template is not None else None
     _resolve_model(args)
-    template = _read_template(args) if args.chat_template is not None else None  # fail before loading a model
+    if template is not None:  # fail before loading a model
+        _check_template_target(args)
     defaults, notes = generation_defaults(args, args.model_dir)
     config = _engine_config(args)
     state = build_state(args.model_dir, args.device, args.dtype, config, args.api_key, args.served_model_name,

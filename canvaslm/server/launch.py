@@ -4,6 +4,7 @@ thread on a free loopback port (tests, benchmarks). Both shut the engine thread 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import signal
 import socket
 import threading
@@ -16,6 +17,9 @@ from ..engine.engine import Engine, EngineConfig
 from ..sampling.samplers import sampleable_vocab, set_sampleable_vocab
 from .app import build_app
 from .serving import ServerState
+from .vllm_compat import MAX_STEPS_LIMIT
+
+log = logging.getLogger("canvaslm.server")
 
 
 def stop_engine_on_exit(app, engine) -> None:
@@ -44,7 +48,7 @@ def _stopping_first(engine, handler):
 
 def build_state(model_dir, device: str | None = None, dtype=None, config: EngineConfig | None = None,
                 api_key: str | None = None, served_model_name: str | None = None,
-                max_denoising_steps: int = 1024, quantization: str | None = None,
+                max_denoising_steps: int = MAX_STEPS_LIMIT, quantization: str | None = None,
                 regex_timeout: float = 10.0, lora_modules=(), lora_updates: bool = False,
                 max_loras: int | None = None, max_lora_rank: int | None = None,
                 defaults: DiffusionParams | None = None, allowed_local_media_path: str | None = None,
@@ -67,6 +71,9 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
     dtype = parse_dtype(dtype or default_dtype(device, model_dir))
     model = load_model(model_dir, device=device, dtype=dtype, quantization=quantization)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
+    if tokenizer is None:  # served all the same (vLLM would need --skip-tokenizer-init): say so at start-up
+        log.warning("%s has no tokenizer.json: serving without a tokenizer, so only prompts given as token ids "
+                    "are served (text prompts and chat messages get a 400)", model_dir)
     defaults = defaults or DiffusionParams.from_dir(model_dir)  # the sampler's (given: vLLM's --generation-config)
     return state_from_model(model, defaults, tokenizer, config, api_key,
                             served_model_name or model_dir.resolve().name, max_denoising_steps, regex_timeout, lora_modules,
@@ -76,7 +83,7 @@ def build_state(model_dir, device: str | None = None, dtype=None, config: Engine
 
 def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: EngineConfig | None = None,
                      api_key: str | None = None, served_model_name: str = "model",
-                     max_denoising_steps: int = 1024, regex_timeout: float = 10.0, lora_modules=(),
+                     max_denoising_steps: int = MAX_STEPS_LIMIT, regex_timeout: float = 10.0, lora_modules=(),
                      lora_updates: bool = False, max_loras: int | None = None,
                      max_lora_rank: int | None = None, model_dir=None,
                      allowed_local_media_path: str | None = None, max_images: int | None = None,

@@ -29,6 +29,7 @@ import argparse
 import json
 from pathlib import Path
 
+MAX_STEPS_LIMIT = 1024  # --max-steps-limit's default: the most max_denoising_steps a request may ask for
 SAMPLER_KEYS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
                 "confidence_threshold")
 
@@ -96,7 +97,9 @@ def _budget(text: str) -> int:
     return n
 
 
-def _sampler_settings(given: dict | None, flag: str, canvas_length: int) -> dict:
+def _sampler_settings(given: dict | None, flag: str, canvas_length: int | None) -> dict:
+    """The sampler settings `given` by `flag`, by their names without a diffusion_ prefix; canvas_length None:
+    not known yet (check_flags), so not compared."""
     out = {}
     for key, value in (given or {}).items():
         name = key.removeprefix("diffusion_")
@@ -104,7 +107,7 @@ def _sampler_settings(given: dict | None, flag: str, canvas_length: int) -> dict
             if value != "entropy_bound":
                 raise ValueError(f"{flag}: {key}={value!r}; this engine runs the entropy_bound sampler only")
         elif name == "canvas_length":
-            if value != canvas_length:
+            if canvas_length is not None and value != canvas_length:
                 raise ValueError(f"{flag}: {key}={value!r}, but the checkpoint's canvas_length is {canvas_length} "
                                  "(the model was trained at it); leave it out or set it to that")
         elif name in SAMPLER_KEYS:
@@ -116,11 +119,9 @@ def _sampler_settings(given: dict | None, flag: str, canvas_length: int) -> dict
     return out
 
 
-def generation_defaults(args, model_dir) -> tuple:
-    """(DiffusionParams the server starts from, notes to print) for the vLLM flags in `args`; raises a
-    ValueError naming the flag for anything it cannot honour, before the model loads."""
-    from ..config import ConfigError, DiffusionParams, ModelConfig
-
+def check_flags(args) -> None:
+    """Refuse, by flag, what the vLLM flags in `args` ask that needs no model to see: run before a repo id is
+    resolved (online, that downloads the checkpoint). generation_defaults runs them again."""
     from .protocol import TEMPLATE_RESERVED
 
     if args.tensor_parallel_size != 1:
@@ -129,6 +130,21 @@ def generation_defaults(args, model_dir) -> tuple:
     reserved = sorted(TEMPLATE_RESERVED & set(args.default_chat_template_kwargs or {}))
     if reserved:
         raise ValueError(f"--default-chat-template-kwargs may not set {reserved[0]}; it has its own request field")
+    source = args.generation_config
+    if source not in ("auto", "vllm") and not (Path(source) / "generation_config.json").is_file():
+        raise ValueError(f"--generation-config {source}: no generation_config.json there (or use auto / vllm)")
+    _sampler_settings(args.hf_overrides, "--hf-overrides", None)  # unknown keys, another sampler
+    _sampler_settings(args.diffusion_config, "--diffusion-config", None)
+
+
+def generation_defaults(args, model_dir) -> tuple:
+    """(DiffusionParams the server starts from, notes to print) for the vLLM flags in `args`; raises a
+    ValueError naming the flag for anything it cannot honour, before the model loads. max_denoising_steps
+    is capped at args.max_steps_limit (serve's --max-steps-limit; run-batch has none: MAX_STEPS_LIMIT), as
+    the server caps it, and the notes give the value used."""
+    from ..config import ConfigError, DiffusionParams, ModelConfig
+
+    check_flags(args)
     notes = []
     source = args.generation_config
     if source == "auto":
@@ -137,11 +153,8 @@ def generation_defaults(args, model_dir) -> tuple:
         defaults = DiffusionParams()
         notes.append("sampler defaults: the built-in ones (--generation-config vllm), not the checkpoint's file")
     else:
-        path = Path(source) / "generation_config.json"
-        if not path.is_file():
-            raise ValueError(f"--generation-config {source}: no generation_config.json there (or use auto / vllm)")
-        defaults = DiffusionParams.from_dir(source)
-        notes.append(f"sampler defaults from {path}")
+        defaults = DiffusionParams.from_dir(source)  # check_flags saw its generation_config.json
+        notes.append(f"sampler defaults from {Path(source) / 'generation_config.json'}")
     canvas = ModelConfig.from_dir(model_dir).canvas_length
     settings = _sampler_settings(args.hf_overrides, "--hf-overrides", canvas)
     settings.update(_sampler_settings(args.diffusion_config, "--diffusion-config", canvas))
@@ -150,6 +163,17 @@ def generation_defaults(args, model_dir) -> tuple:
             defaults = defaults.replace(**settings)
         except (ConfigError, TypeError) as e:
             raise ValueError(f"--hf-overrides / --diffusion-config: {e}") from None
+    limit = getattr(args, "max_steps_limit", MAX_STEPS_LIMIT)
+    steps = defaults.max_denoising_steps
+    if steps > limit:  # the server caps it so (launch.state_from_model): the notes give the value it uses
+        defaults = defaults.replace(max_denoising_steps=limit)
+        by = f"--max-steps-limit {limit}" if hasattr(args, "max_steps_limit") else f"the server's limit {limit}"
+        if "max_denoising_steps" in settings:
+            settings["max_denoising_steps"] = f"{limit} ({steps} capped by {by})"
+        else:
+            notes.append(f"sampler default max_denoising_steps={limit} (the generation config's {steps} capped "
+                         f"by {by})")
+    if settings:
         notes.append("sampler defaults set: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     for flag, given, why in (
             ("--enable-chunked-prefill", args.enable_chunked_prefill, f"prompts are always encoded in "
@@ -189,4 +213,4 @@ def apply_chat_flags(state, args) -> list[str]:
     return notes
 
 
-__all__ = ["add_vllm_args", "generation_defaults", "apply_chat_flags", "SAMPLER_KEYS"]
+__all__ = ["add_vllm_args", "check_flags", "generation_defaults", "apply_chat_flags", "SAMPLER_KEYS", "MAX_STEPS_LIMIT"]
