@@ -3,11 +3,12 @@
 `resolve_model(name)` returns a checkpoint directory: a local directory as it is; otherwise a repo id is
 looked up in the Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE`, where `hf download` puts it) through
 `huggingface_hub.snapshot_download`, which downloads the files a checkpoint needs (config, weights,
-tokenizer, chat template) when they are missing and the machine is online. With `HF_HUB_OFFLINE=1` (read
-at each call) only the cache is used, and a model that is not there (or only partly: a snapshot without
-weights, such as the config.json `canvaslm memory` fetches) is an error naming the repo and the cache, never
-a network call. `resolve_adapter` does the same for a LoRA adapter repo, fetching its adapter_model.bin
-(older peft adapters) only when the repo has no adapter_model.safetensors.
+tokenizer, chat templates) when they are missing and the machine is online. With `HF_HUB_OFFLINE=1` (or
+transformers' `TRANSFORMERS_OFFLINE=1`, as huggingface_hub takes them; read at each call) only the cache
+is used, and a model that is not there (or only partly: a snapshot without weights, such as the
+config.json `canvaslm memory` fetches) is an error naming the repo and the cache, never a network call.
+`resolve_adapter` does the same for a LoRA adapter repo, fetching its adapter_model.bin (older peft
+adapters) only when the repo has no adapter_model.safetensors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,24 @@ from pathlib import Path
 # what a checkpoint directory holds (checkpoint.py, config.py, tokenizer.py); other repo files are skipped
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # lora_serving's two, safetensors preferred
-SKIP = ["*/*"]  # files in sub-folders (an original/ copy of the weights, gguf/ ...): a checkpoint is top-level
+TEMPLATES_DIR = "additional_chat_templates"  # NAME.jinja: the named chat templates tokenizer.py reads
+
+
+def _skip_subfolders_but(folder: str) -> list[str]:
+    """Patterns matching every path in a sub-folder (an original/ copy of the weights, gguf/ ...: a checkpoint
+    is top-level) except the files directly in `folder`/. huggingface_hub matches them with fnmatch, whose `*`
+    also matches '/' and which has no negation, so "a first folder that is not `folder`" is spelled out: one
+    differing at each character, one shorter (a prefix of it), one longer."""
+    skip = ["*/*/*"]  # two folders deep, `folder`'s included
+    for i, c in enumerate(folder):
+        skip.append(f"{folder[:i]}[!{c}]*/*")  # the first folder differs from `folder` at character i
+        if i:
+            skip.append(f"{folder[:i]}/*")  # the first folder is `folder`'s first i characters
+    skip.append(f"{folder}?*/*")  # the first folder is `folder` and more ('?' matching '/' needs a second one)
+    return skip
+
+
+SKIP = _skip_subfolders_but(TEMPLATES_DIR)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
@@ -28,8 +46,18 @@ def is_repo_id(name) -> bool:
     return isinstance(name, str) and bool(_REPO_ID.match(name)) and ".." not in name and not Path(name).exists()
 
 
+def _offline_var() -> str | None:
+    """The variable that makes huggingface_hub offline: HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE where
+    HF_HUB_OFFLINE is unset or empty (huggingface_hub's rule; its own constant is read once, at import)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return var if value.lower() in ("1", "true", "yes", "on") else None
+    return None
+
+
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return _offline_var() is not None
 
 
 def resolve_model(name: str | Path, revision: str | None = None, what: str = "model",
@@ -51,7 +79,7 @@ def resolve_model(name: str | Path, revision: str | None = None, what: str = "mo
         held = ", ".join(sorted(p.name for p in snapshot.iterdir())) or "nothing"
         raise FileNotFoundError(
             f"{what} {name}{'@' + revision if revision else ''} is only partly in the Hugging Face cache "
-            f"({snapshot} holds {held}; no weights) and HF_HUB_OFFLINE is set; download it with "
+            f"({snapshot} holds {held}; no weights) and {_offline_var()} is set; download it with "
             f"`hf download {name}` or pass a checkpoint directory")
     return snapshot
 
@@ -83,7 +111,7 @@ def _snapshot(name: str, revision: str | None, what: str, patterns: list) -> Pat
         return Path(snapshot_download(name, revision=revision, allow_patterns=patterns, ignore_patterns=SKIP,
                                       local_files_only=offline()))
     except LocalEntryNotFoundError:
-        how = "HF_HUB_OFFLINE is set" if offline() else "it could not be downloaded"
+        how = f"{_offline_var()} is set" if offline() else "it could not be downloaded"
         raise FileNotFoundError(
             f"{what} {name}{'@' + revision if revision else ''} is not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) and {how} (nor is it a local directory); fetch it with "
