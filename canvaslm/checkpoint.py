@@ -109,9 +109,21 @@ def default_dtype(device, model_dir: str | Path | None = None) -> str:
     return "float32"
 
 
+_BOTH_WARNED: set[str] = set()  # directories _tensor_files has warned about
+
+
 def _tensor_files(model_dir: Path) -> dict[str, list[str]]:
-    """file name -> tensor names stored in it."""
+    """file name -> tensor names stored in it (None: all of the single file's). A directory holding both
+    model.safetensors and an index is read as transformers reads it, from model.safetensors: save_pretrained
+    leaves the other layout's files behind when it saves over a checkpoint, so either may be the stale one."""
     index, single = model_dir / INDEX_FILE, model_dir / SINGLE_FILE
+    if single.exists():
+        if index.exists() and str(model_dir) not in _BOTH_WARNED:  # once: stored_dtype reads this too
+            _BOTH_WARNED.add(str(model_dir))
+            log.warning("%s holds both %s and %s; loading %s, as transformers does (save_pretrained leaves an "
+                        "earlier save's files behind: remove whichever is stale)", model_dir, SINGLE_FILE,
+                        INDEX_FILE, SINGLE_FILE)
+        return {SINGLE_FILE: None}
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -129,8 +141,6 @@ def _tensor_files(model_dir: Path) -> dict[str, list[str]]:
         if missing:
             raise CheckpointError(f"{index} lists shard files that are missing: {missing}")
         return files
-    if single.exists():
-        return {SINGLE_FILE: None}
     raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 

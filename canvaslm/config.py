@@ -41,6 +41,9 @@ _KNOWN_TEXT_KEYS = {
 
 
 TEXT_ACTIVATIONS = ("gelu_pytorch_tanh",)  # what the text MLPs run (GELU, tanh form)
+# config.json's num_hidden_layers sizes per-layer lists as it is read: a bound far above any real model's
+# depth makes a typo (1e30) a ConfigError, not an OverflowError or a list that fills memory
+MAX_LAYERS = 4096
 
 
 class ConfigError(ValueError):
@@ -214,6 +217,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: text_config.use_bidirectional_attention='all' is not supported "
                               "(DiffusionGemma's encoder is causal)")
         n_layers = integer("text_config.num_hidden_layers", req("num_hidden_layers"))
+        if n_layers > MAX_LAYERS:
+            bad("text_config.num_hidden_layers", n_layers, f"at most {MAX_LAYERS}")
         layer_types = text.get("layer_types")
         if layer_types is None:
             layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
