@@ -438,6 +438,7 @@ def test_model_config_roundtrip_matches_transformers(ref_dir):
 ])
 def test_malformed_index_is_named(ref_dir, tmp_path, weight_map, match):
     d = _copy(ref_dir[0], tmp_path / "i")
+    (d / "model.safetensors").unlink()  # next to it, the index would be ignored (as transformers does)
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: " + match):
         load_model(d)
