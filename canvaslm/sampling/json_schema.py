@@ -11,8 +11,16 @@ is followed by a pinned EOS, and may span several canvases.
 Supported: type object / array / string / integer / number / boolean / null, properties, required,
 additionalProperties (true/false), items, minItems, maxItems, minLength, maxLength, minimum, maximum,
 exclusiveMinimum / exclusiveMaximum (integers), enum, const; annotations (title, description, ...) are
-ignored. Anything else raises ConstraintError naming the keyword. An enum or const keeps only the values
-the schema's other keywords allow (ConstraintError when none is left). A value the schema leaves open
+ignored, $defs / definitions are read through $ref only. `$ref`: a JSON pointer into the root schema
+("#/$defs/NAME", "#/definitions/NAME", "#"; ~0 / ~1 escapes), compiled in place; a recursion stops at the
+first union with null (writes null) or array without minItems (writes []), else it is refused naming the
+cycle. `allOf` of one schema is that schema. `anyOf` / `oneOf` / 'type' lists of scalars (string, integer,
+number, boolean, null, enum, const: pydantic's Optional[int], int | str) are one slot whose automaton is
+the union of the alternatives' (token_dfa.union_dfa), as wide as the widest; oneOf is read as anyOf (a
+value two alternatives share may be written). A union of one object / array with null (Optional[Model])
+always writes the object / array (a valid value of it); other unions with an object / array are refused
+naming the alternatives. Anything else raises ConstraintError naming the keyword. An enum or const keeps
+only the values the schema's other keywords allow (ConstraintError when none is left). A value the schema leaves open
 (`{}`, an object with no `properties` keyword that allows others, an array without items) is one slot of
 `free_tokens` that takes any JSON of its kind, nested a few levels at most (sampling.json_any). An
 explicit `"properties": {}` stays `{}`, as tools without arguments declare it. A template over
@@ -26,10 +34,11 @@ import math
 import time
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, localcontext
+from urllib.parse import unquote
 
 from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, output_eos
 from .json_any import json_dfa
-from .token_dfa import Vocab, literal_dfa, number_dfa, string_dfa
+from .token_dfa import Vocab, dfa_accepts, literal_dfa, number_dfa, string_dfa, union_dfa
 
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly"}
@@ -42,6 +51,8 @@ KEYWORDS = {
     "boolean": {"type"},
     "null": {"type"},
 }
+CONTAINERS = {"$defs", "definitions"}  # where $ref targets live: allowed anywhere, compiled only through a $ref
+SCALARS = {"string", "integer", "number", "boolean", "null"}
 _PY_TYPES = {"string": str, "boolean": bool, "null": type(None), "object": dict, "array": list}
 MAX_TEMPLATE_TOKENS = 1 << 17  # a template over this many tokens is refused while it compiles
 
@@ -67,6 +78,26 @@ class JsonTemplateOptions:
             raise ConstraintError(f"JsonTemplateOptions.array_items must be >= 0, got {self.array_items}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConstraintError(f"JsonTemplateOptions.max_tokens must be >= 1, got {self.max_tokens}")
+
+
+class _Cycle(ConstraintError):
+    """A $ref met again inside its own expansion: a union with null or an array that may be empty stops
+    there (null, []), anything else refuses the schema with this error."""
+
+
+class _Lit:
+    """A union member's literal values (token sequences), joined with the others' into one automaton."""
+
+    def __init__(self, alts: list):
+        self.alts = alts
+
+
+class _Str:
+    """A union member's string of lo..hi characters (hi None: any), whose automaton waits for the union's
+    width: a maxLength that a narrower string slot could never reach may be reached in a wider union slot."""
+
+    def __init__(self, width: int, lo: int, hi):
+        self.width, self.lo, self.hi = width, lo, hi
 
 
 def _type_ok(value, typ: str) -> bool:
@@ -150,6 +181,10 @@ class _Compiler:
         # enum values are tested against it; the schema is kept so that its id is not reused meanwhile
         self.checked: dict = {}
         self.members: dict = {}
+        self.unions: dict = {}  # id -> (schema, its alternatives or None), as `checked`
+        self.root = None  # the schema that "#/..." $refs point into (the first one compiled if not set)
+        self.refs: list = []  # the $refs being expanded, outermost first: one met again is a recursion
+        self.quoted = 0  # > 0 while compiling a union member: strings take their quotes into the slot
 
     def in_time(self):
         """ConstraintError once the compile is past its deadline (a server's --regex-timeout)."""
@@ -188,6 +223,9 @@ class _Compiler:
         for v in values:
             self.in_time()
             alts.append(self.vocab.encode(json.dumps(v, ensure_ascii=False)))
+        if self.quoted:  # a union member: joined with the union's other literals into one automaton
+            self.pieces.append(_Lit(alts))
+            return
         if len({tuple(a) for a in alts}) == 1:
             self.text(json.dumps(values[0], ensure_ascii=False))
             return
@@ -201,6 +239,16 @@ class _Compiler:
     def value(self, schema, path: str, depth: int):
         self.at = path
         self.in_time()
+        if self.root is None:
+            self.root = schema
+        if isinstance(schema, dict):
+            if "$ref" in schema:
+                return self.ref(schema, path, lambda target: self.value(target, path, depth))
+            if "allOf" in schema:
+                return self.value(self.all_of(schema, path), path, depth)
+            union = self.alternatives(schema, path)
+            if union is not None and not (union[0] == "type" and ("enum" in schema or "const" in schema)):
+                return self.union(*union, path, depth)
         typ = self.keywords(schema, path, depth)
         if "const" in schema or "enum" in schema:
             return self.literal(self.choices(schema, path, depth), path)
@@ -221,16 +269,13 @@ class _Compiler:
         return typ
 
     def checked_keywords(self, schema, path: str, depth: int):
+        """The type: None, a name, or a tuple of names (a 'type' list, with an enum / const; see alternatives)."""
         if not isinstance(schema, dict):
             raise ConstraintError(f"json_schema: schema at {path} must be an object, got {type(schema).__name__}")
-        typ = schema.get("type")
-        if isinstance(typ, list):
-            if len(typ) != 1:
-                raise ConstraintError(f"json_schema: 'type' lists like {typ} are not supported (at {path})")
-            typ = typ[0]
-        if typ is not None and typ not in KEYWORDS:
-            raise ConstraintError(f"json_schema: type {typ!r} is not supported (at {path})")
-        allowed = (KEYWORDS[typ] if typ else {"type"}) | ANNOTATIONS | {"enum", "const"}
+        types = self.types(schema, path)
+        typ = None if types is None else types[0] if len(types) == 1 else types
+        allowed = set().union(*(KEYWORDS[t] for t in types)) if types else {"type"}
+        allowed |= ANNOTATIONS | CONTAINERS | {"enum", "const"}
         for key in schema:
             if key not in allowed:
                 raise ConstraintError(f"json_schema: {key!r} is not supported (at {path})")
@@ -241,6 +286,193 @@ class _Compiler:
                 raise ConstraintError(f"json_schema: {key!r} holds a non-finite number (NaN or Infinity), which "
                                       f"JSON cannot write (at {path})")
         return typ
+
+    @staticmethod
+    def types(schema: dict, path: str):
+        """schema["type"] as a tuple of distinct supported names (None without one), else a ConstraintError."""
+        typ = schema.get("type")
+        if typ is None:
+            return None
+        types = tuple(dict.fromkeys(typ)) if isinstance(typ, list) else (typ,)
+        if not types or not all(isinstance(t, str) for t in types):
+            raise ConstraintError(f"json_schema: 'type' must be a type name or a non-empty list of them, got {typ!r} "
+                                  f"(at {path})")
+        for t in types:
+            if t not in KEYWORDS:
+                raise ConstraintError(f"json_schema: type {t!r} is not supported (at {path})")
+        return types
+
+    # --- $ref, allOf, anyOf / oneOf / type lists --------------------------------------------------
+
+    def target(self, schema: dict, path: str):
+        """(ref, the schema it points at) for a local $ref: a JSON pointer into the root schema
+        ("#/$defs/NAME", "#/definitions/NAME", "#", with ~0 / ~1 escapes), else a ConstraintError."""
+        ref = schema["$ref"]
+        for key in schema:
+            if key != "$ref" and key not in ANNOTATIONS and key not in CONTAINERS:
+                raise ConstraintError(f"json_schema: {key!r} next to '$ref' is not supported (at {path})")
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise ConstraintError(f"json_schema: $ref {ref!r} is not supported: only refs into the schema itself, "
+                                  f"like '#/$defs/NAME' (at {path})")
+        node = self.root
+        for part in ref[2:].split("/") if ref != "#" else ():
+            part = unquote(part).replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise ConstraintError(f"json_schema: $ref {ref!r} points at nothing in the schema (at {path})")
+        return ref, node
+
+    def ref(self, schema: dict, path: str, then):
+        """then(target) for the schema a $ref points at, with the ref on the stack meanwhile (a _Cycle when
+        it is already there: the template is finite)."""
+        ref, target = self.target(schema, path)
+        if ref in self.refs:
+            cycle = " -> ".join(self.refs[self.refs.index(ref):] + [ref])
+            raise _Cycle(f"json_schema: recursive $ref {cycle} (at {path}) is not supported: the output template is "
+                         "finite, so a recursion must be able to stop at a null alternative (anyOf with "
+                         "{'type': 'null'}) or an array without minItems")
+        self.refs.append(ref)
+        try:
+            return then(target)
+        finally:
+            self.refs.pop()
+
+    @staticmethod
+    def all_of(schema: dict, path: str):
+        """The one schema of an allOf (as pydantic writes around a $ref), else a ConstraintError."""
+        subs = schema["allOf"]
+        if not isinstance(subs, list) or len(subs) != 1:
+            n = len(subs) if isinstance(subs, list) else type(subs).__name__
+            raise ConstraintError(f"json_schema: 'allOf' is supported with one schema only, got {n} (at {path})")
+        for key in schema:
+            if key != "allOf" and key not in ANNOTATIONS and key not in CONTAINERS:
+                raise ConstraintError(f"json_schema: {key!r} next to 'allOf' is not supported (at {path})")
+        return subs[0]
+
+    def alternatives(self, schema: dict, path: str):
+        """(keyword, [(schema, path)]) for a union: anyOf / oneOf, or a 'type' list (one schema per type, with
+        that type's keywords); None for any other schema. Once per schema object, as `keywords`."""
+        hit = self.unions.get(id(schema))
+        if hit is None or hit[0] is not schema:
+            hit = self.unions[id(schema)] = schema, self.split(schema, path)
+        return hit[1]
+
+    def split(self, schema: dict, path: str):
+        keys = [k for k in ("anyOf", "oneOf") if k in schema]
+        if keys:
+            key, alts = keys[0], schema[keys[0]]
+            if not isinstance(alts, list) or not alts:
+                raise ConstraintError(f"json_schema: {key!r} must be a non-empty list of schemas (at {path})")
+            for k in schema:
+                if k != key and k not in ANNOTATIONS and k not in CONTAINERS:
+                    raise ConstraintError(f"json_schema: {k!r} next to {key!r} is not supported (at {path})")
+            return key, [(a, f"{path}.{key}[{i}]") for i, a in enumerate(alts)]
+        types = self.types(schema, path)
+        if types is None or len(types) == 1:
+            return None
+        self.keywords(schema, path, 0)  # every keyword belongs to one of the types
+        return "type", [({k: v for k, v in schema.items() if k in KEYWORDS[t]} | {"type": t}, f"{path}<{t}>")
+                        for t in types]
+
+    def kind(self, schema, path: str, seen: frozenset = frozenset()) -> str:
+        """'null', 'scalar' (a value one slot takes: string, number, boolean, enum, ...) or 'other' (an
+        object, an array, any value, a recursion), through $ref, allOf and nested unions."""
+        while isinstance(schema, dict) and ("$ref" in schema or "allOf" in schema):
+            if "$ref" in schema:
+                ref, schema = self.target(schema, path)
+                if ref in seen or ref in self.refs:
+                    return "other"  # a recursion: compiled as one (it stops at null or is refused)
+                seen = seen | {ref}
+            else:
+                schema = self.all_of(schema, path)
+        if not isinstance(schema, dict):
+            return "other"  # refused when compiled
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            return "null" if isinstance(values, list) and all(v is None for v in values) else "scalar"
+        union = self.alternatives(schema, path)
+        if union is not None:
+            kinds = {self.kind(a, p, seen) for a, p in union[1]}
+            return "other" if "other" in kinds else "scalar" if "scalar" in kinds else "null"
+        typ = schema.get("type")
+        return "null" if typ == "null" else "scalar" if typ in SCALARS else "other"
+
+    def union(self, key: str, alts: list, path: str, depth: int):
+        """anyOf / oneOf / a 'type' list. Scalar alternatives: one slot that takes any of them. One object /
+        array alternative, the others null: that alternative's template, always written (a valid value
+        of the union), or null where it recurses."""
+        if len(alts) == 1:
+            return self.value(alts[0][0], alts[0][1], depth)
+        kinds = [self.kind(a, p) for a, p in alts]
+        others = [i for i, k in enumerate(kinds) if k == "other"]
+        if not others:
+            return self.scalar_union(alts, path, depth)
+        if len(others) == 1 and kinds.count("null") == len(alts) - 1:
+            start, size = len(self.pieces), self.size
+            try:
+                return self.value(*alts[others[0]], depth)
+            except _Cycle:
+                del self.pieces[start:]
+                self.size = size
+                return self.text("null")
+        mixed = next(i for i, k in enumerate(kinds) if k != "null" and i != others[0])
+        raise ConstraintError(f"json_schema: {key!r} alternatives {alts[others[0]][1]} (an object, array or any "
+                              f"value) and {alts[mixed][1]} cannot share a template: unions are supported among "
+                              "scalars (string, integer, number, boolean, null, enum, const) or of one object / "
+                              f"array with null (at {path})")
+
+    def scalar_union(self, alts: list, path: str, depth: int):
+        """One slot whose automaton takes any alternative: each compiled alone (a string's quotes inside the
+        slot), the literals joined in one automaton, then the product of all (token_dfa.union_dfa); its width
+        the widest. oneOf is read as anyOf: a value that two alternatives both take is written as well."""
+        start, size = len(self.pieces), self.size
+        lits, members = [], []  # members: _Str or (width, dfa, finish) slots
+        self.quoted += 1
+        try:
+            for a, p in alts:
+                self.value(a, p, depth)
+                got = self.pieces[start:]
+                del self.pieces[start:]
+                self.size = size
+                if all(isinstance(g, str) for g in got):  # null, a const of one spelling
+                    lits.append(self.vocab.encode("".join(got)))
+                    continue
+                for g in got:  # one piece, or a nested union's parts
+                    if isinstance(g, _Lit):
+                        lits += g.alts
+                    elif isinstance(g, (_Str, tuple)):
+                        members.append(g)
+                    else:
+                        raise ConstraintError(f"json_schema: alternative {p} is not one value slot (at {path})")
+        finally:
+            self.quoted -= 1
+            self.at = path
+        if self.quoted:  # inside an enclosing union: its parts join that union's
+            self.pieces += members + ([_Lit(lits)] if lits else [])
+            return
+        self.slot(*self.joined(lits, members))
+
+    def joined(self, lits: list, members: list):
+        """(width, automaton, finish) of a slot taking any literal of `lits` or any value of the `members`."""
+        try:
+            if lits:
+                members = [(max(map(len, lits)), literal_dfa(self.vocab, lits, self.deadline), None)] + members
+            width = max(m.width if isinstance(m, _Str) else m[0] for m in members)
+            # a string bound stays unless the slot can never hold that many characters
+            members = [(m.width, string_dfa(self.vocab, m.lo, None if m.hi is not None and
+                                            m.hi >= width * self.longest else m.hi, quoted=True), None)
+                       if isinstance(m, _Str) else m for m in members]
+            dfa = union_dfa(self.vocab, [m[1] for m in members], self.deadline)
+        except ConstraintError:
+            self.in_time()  # an automaton ran out of time: say so as the compile's timeout
+            raise
+        finish = None
+        if any(m[2] for m in members):
+            finish = _union_finish(self.vocab, [(m[1], m[2]) for m in members], width)
+        return width, dfa, finish
 
     def choices(self, schema: dict, path: str, depth: int) -> list:
         """The enum / const values that the schema's other keywords allow (const and enum: both)."""
@@ -254,12 +486,23 @@ class _Compiler:
     def fits(self, v, schema, path: str, depth: int) -> bool:
         """Whether the JSON value `v` is valid under `schema` (whose keywords are checked as when compiling)."""
         self.in_time()
+        if isinstance(schema, dict):
+            if "$ref" in schema:  # a level deeper each time: a recursion ends at max_depth
+                return self.fits(v, self.target(schema, path)[1], path, depth + 1)
+            if "allOf" in schema:
+                return self.fits(v, self.all_of(schema, path), path, depth)
+            union = self.alternatives(schema, path)
+            if union is not None and union[0] != "type":
+                n = sum(self.fits(v, a, p, depth) for a, p in union[1])
+                return n == 1 if union[0] == "oneOf" else n >= 1
         typ = self.keywords(schema, path, depth)
-        if typ is not None and not _type_ok(v, typ):
-            return False
         if "const" in schema and not _same(v, schema["const"]):
             return False
         if "enum" in schema and v not in self.enum_members(schema):
+            return False
+        if isinstance(typ, tuple):  # a 'type' list: one of its types, with that type's keywords
+            return any(self.fits(v, a, p, depth) for a, p in self.alternatives(schema, path)[1])
+        if typ is not None and not _type_ok(v, typ):
             return False
         if typ in ("integer", "number"):
             lo, hi = self.bound(schema, "minimum", path), self.bound(schema, "maximum", path)
@@ -353,9 +596,16 @@ class _Compiler:
             raise ConstraintError(f"json_schema: maxItems {hi} < minItems {lo} (at {path})")
         n = max(lo, self.opts.array_items if hi is None else min(hi, self.opts.array_items))
         self.text("[")
+        start, size = len(self.pieces), self.size
+        try:
+            if n:
+                self.value(schema["items"], f"{path}[0]", depth + 1)
+        except _Cycle:  # items that recurse: none, if the array may be empty
+            if lo:
+                raise
+            del self.pieces[start:]
+            self.size, n = size, 0
         if n:  # every item has the same template: compile the first, then repeat it (once it fits)
-            start, size = len(self.pieces), self.size
-            self.value(schema["items"], f"{path}[0]", depth + 1)
             item = self.pieces[start:]
             self.at = path
             self.check((n - 1) * (self.size - size + 2 / self.longest))
@@ -373,6 +623,10 @@ class _Compiler:
         if hi is not None and hi < lo:
             raise ConstraintError(f"json_schema: maxLength {hi} < minLength {lo} (at {path})")
         content = max(lo, self.opts.string_tokens if hi is None else min(hi, self.opts.string_tokens))
+        if self.quoted:  # a union member: the opening quote is the slot's too; its automaton waits for the width
+            self.pieces.append(_Str(content + 2, lo, hi))
+            self.size += content + 2
+            return self.check()
         if hi is not None and hi >= content * self.longest:  # the slot never holds that many characters:
             hi = None  # no bound (a large maxLength would only cost automaton states)
         self.text('"')
@@ -422,7 +676,7 @@ class _Compiler:
             digits, lo = min(d for d in (digits, _int_digits(lo) - 1) if d is not None), None
         texts = {b: _text(b) for b in (lo, hi) if b is not None}
         width = max([width] + [len(self.vocab.encode(t)) for t in texts.values()])
-        if digits is not None and digits >= width * self.longest:
+        if digits is not None and digits >= width * self.longest and not self.quoted:  # (a union slot may be wider)
             digits = None  # the slot is full before it holds that many digits
         dfa = number_dfa(self.vocab, integer, allow_minus=lo is None or lo < 0, max_digits=digits)
         finish = _clamp(self.vocab, lo, hi, width, texts) if texts else None
@@ -466,6 +720,25 @@ def _clamp(vocab: Vocab, lo, hi, width: int, texts: dict):
     return finish
 
 
+def _union_finish(vocab: Vocab, members: list, width: int):
+    """Whole-slot repair of a union slot: ids that a member takes as they are stay; else the first member
+    automaton that takes them repairs them with its finish (a bounded number clamped), padded to `width`."""
+    def finish(ids: list) -> list:
+        fixed = None
+        for dfa, fin in members:
+            if not dfa_accepts(dfa, ids):
+                continue
+            new = ids if fin is None else fin(ids)
+            if new == ids:
+                return ids
+            fixed = fixed or new
+        if fixed is None:
+            return ids
+        return fixed + [vocab.pad_id] * (width - len(fixed))
+
+    return finish
+
+
 class JsonSchemaConstraint(CanvasConstraint):
     """Output = the schema's template (skeleton pinned, value slots constrained) followed by EOS."""
 
@@ -476,6 +749,7 @@ class JsonSchemaConstraint(CanvasConstraint):
         self.vocab = Vocab.of(tokenizer)
         eos = output_eos(tokenizer, "json_schema")
         comp = _Compiler(self.vocab, options or JsonTemplateOptions(), timeout)
+        comp.root = schema
         comp.value(schema, "$", 0)
         self.pieces = [self.vocab.encode(p) if isinstance(p, str) else p for p in comp.merged()]
         self.eos_id = eos

@@ -4,7 +4,8 @@
 character-level automaton to tokens: tokens are grouped by the sequence of character classes they
 spell (e.g. "12" and "40" both spell "digit digit"), so a 262k vocabulary collapses to a few thousand
 symbols, and a multi-character token moves the automaton over all of its characters. `literal_dfa`
-accepts one of several exact token sequences (enum values), padded with whitespace tokens.
+accepts one of several exact token sequences (enum values), padded with whitespace tokens. `union_dfa`
+accepts what any of several token automata accepts (a slot that takes any alternative of a union).
 """
 
 from __future__ import annotations
@@ -259,12 +260,15 @@ def _str_class(c: str):
     return "a"
 
 
-def string_dfa(vocab: Vocab, min_len: int, max_len: int | None) -> TokenDFA:
+def string_dfa(vocab: Vocab, min_len: int, max_len: int | None, quoted: bool = False) -> TokenDFA:
     """String content (opening quote pinned before the slot) of min_len..max_len characters without
-    escapes or control characters, the closing quote, then JSON whitespace."""
+    escapes or control characters, the closing quote, then JSON whitespace. `quoted`: the slot starts
+    with the opening quote itself (a string alternative of a union slot)."""
     cap = max_len if max_len is not None else min_len  # counts saturate: states stay few
 
     def step(s, c):
+        if s == "open":
+            return 0 if c == '"' else None
         if s == "pad":
             return "pad" if c in " \t" else None
         if c == '"':
@@ -276,4 +280,76 @@ def string_dfa(vocab: Vocab, min_len: int, max_len: int | None) -> TokenDFA:
             return min(n, cap)
         return None
 
-    return char_dfa(vocab, ("string", min_len, max_len), _str_class, 0, step, lambda s: s == "pad")
+    return char_dfa(vocab, ("string", min_len, max_len, quoted), _str_class, "open" if quoted else 0, step,
+                    lambda s: s == "pad")
+
+
+# --- unions ------------------------------------------------------------------------------------
+
+def union_dfa(vocab: Vocab, dfas: list, deadline: float | None = None, limit: int = 20000) -> TokenDFA:
+    """Accept what any of `dfas` accepts: their product automaton, with one symbol per distinct tuple of
+    the members' symbols for a token and one state per tuple of their states (-1 once a member is dead).
+    Members that share a first character die apart after it, so the states stay about the members' sum.
+    Cached on the vocab per tuple of members (the cache entry keeps them, so their ids stay theirs)."""
+    dfas = list({id(d): d for d in dfas}.values())
+    if len(dfas) == 1:
+        return dfas[0]
+    key = ("union", tuple(id(d) for d in dfas))
+    hit = vocab.dfas.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], dfas)):
+        return hit[1]
+    V = max(d.sym_of_token.numel() for d in dfas)
+    syms = torch.stack([torch.cat([d.sym_of_token, d.sym_of_token.new_full((V - d.sym_of_token.numel(),), -1)])
+                        for d in dfas])  # [k, V]
+    cols, inv = torch.unique(syms, dim=1, return_inverse=True)  # cols [k, G']: the distinct symbol tuples
+    live = (cols >= 0).any(0)
+    remap = torch.full((cols.shape[1],), -1, dtype=torch.long)
+    remap[live] = torch.arange(int(live.sum()))
+    sym, cols = remap[inv], cols[:, live]
+    G = cols.shape[1]
+    # per member: [S_k, G] next state under each joint symbol (-1 where the member has no such token)
+    nxt = []
+    for d, c in zip(dfas, cols):
+        t = d.trans[:, c.clamp(min=0)]
+        t[:, c < 0] = -1
+        nxt.append(t)
+    dead = torch.full((G,), -1, dtype=torch.long)
+    start = tuple(d.start for d in dfas)
+    index, order, rows = {start: 0}, [start], []
+    while len(rows) < len(order):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ConstraintError(f"building the union automaton ran out of time after {len(rows)} of "
+                                  f"{len(order)}+ states")
+        state = order[len(rows)]
+        cur = torch.stack([nxt[k][s] if s >= 0 else dead for k, s in enumerate(state)])  # [k, G]
+        if G == 0:
+            rows.append(dead)
+            continue
+        targets, back = torch.unique(cur, dim=1, return_inverse=True)
+        ids = []
+        for t in map(tuple, targets.t().tolist()):
+            if max(t) < 0:
+                ids.append(-1)
+                continue
+            if t not in index:
+                if len(order) >= limit:
+                    raise ConstraintError(f"union slot automaton exceeds {limit} states; simplify the alternatives")
+                index[t] = len(order)
+                order.append(t)
+            ids.append(index[t])
+        rows.append(torch.tensor(ids, dtype=torch.long)[back])
+    acc = torch.tensor([any(s >= 0 and bool(d.accept[s]) for d, s in zip(dfas, state)) for state in order])
+    dfa = TokenDFA(sym, torch.stack(rows), 0, acc)
+    vocab.dfas.put(key, (tuple(dfas), dfa))
+    return dfa
+
+
+def dfa_accepts(dfa: TokenDFA, ids: list) -> bool:
+    """Whether `dfa` accepts the token sequence `ids` (from its start)."""
+    s = dfa.start
+    for t in ids:
+        g = int(dfa.sym_of_token[t]) if 0 <= t < dfa.sym_of_token.numel() else -1
+        s = int(dfa.trans[s, g]) if g >= 0 else -1
+        if s < 0:
+            return False
+    return bool(dfa.accept[s])

@@ -1,0 +1,195 @@
+"""JSON schemas as pydantic and the openai client write them: $ref / $defs, allOf of one, anyOf / oneOf and
+'type' lists of scalars (Optional[int], int | str), Optional[Model], recursion. Every output must pass
+`Model.model_validate_json`; what the template cannot hold is refused by name."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Literal, Optional
+
+import jsonschema
+import pytest
+from pydantic import BaseModel, Field
+
+from canvaslm.llm import SamplingParams
+from canvaslm.sampling.constraints import ConstraintError
+from canvaslm.sampling.json_schema import JsonSchemaConstraint, JsonTemplateOptions
+from canvaslm.sampling.token_dfa import Vocab, dfa_accepts
+
+SMALL = JsonTemplateOptions(string_tokens=5, integer_tokens=4, number_tokens=5, array_items=2)
+
+
+class Color(str, Enum):
+    red = "red"
+    green = "green"
+
+
+class Address(BaseModel):
+    street: str = Field(max_length=6)
+    zip: Optional[int] = None
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=5)
+    age: Optional[int] = None
+    nick: Optional[str] = Field(default=None, max_length=4)
+    color: Color
+    kind: Literal["a", "bc"]
+    either: int | str
+    score: Optional[float] = Field(default=None, ge=0, le=1000)
+    home: Address = Field(description="where they live")  # a $ref with a sibling annotation
+    others: list[Address] = Field(max_length=2)
+    work: Optional[Address] = None
+
+
+class Order(BaseModel):
+    item: Address = Field(description="what")
+    qty: Optional[int]
+    color: Optional[Color]
+
+
+class Node(BaseModel):
+    value: int
+    next: Optional["Node"] = None
+    kids: list["Node"] = []
+
+
+class Loop(BaseModel):  # a recursion that cannot stop: refused
+    value: int
+    child: "Loop"
+
+
+def _outputs(llm, schema, seeds=range(3), steps=(1, 4)):
+    c = JsonSchemaConstraint(schema, llm.tokenizer, SMALL)
+    params = [SamplingParams(seed=s, max_denoising_steps=steps[s % len(steps)], temperature=1.0 + s / 2,
+                             constraint=c) for s in seeds]
+    out = llm.generate(["{"] * len(params), params)
+    assert all(r.finish_reason == "stop" for r in out)
+    return [r.text for r in out]
+
+
+@pytest.mark.parametrize("model", [Person, Node, Address])
+def test_pydantic_outputs_validate(tiny_llm, model):
+    schema = model.model_json_schema()
+    for text in _outputs(tiny_llm, schema, seeds=range(2 if model is Person else 3)):
+        model.model_validate_json(text)
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_openai_strict_and_tool_schemas_validate(tiny_llm):
+    """The schemas openai's parse() and pydantic_function_tool() send (strict: every field required,
+    additionalProperties false, defaults dropped)."""
+    openai = pytest.importorskip("openai")
+    from openai.lib._pydantic import to_strict_json_schema
+
+    for schema in (to_strict_json_schema(Order), openai.pydantic_function_tool(Order)["function"]["parameters"]):
+        for text in _outputs(tiny_llm, schema, seeds=range(2)):
+            Order.model_validate_json(text)
+            jsonschema.validate(json.loads(text), schema)
+
+
+def test_union_slot_takes_every_alternative(tiny_llm):
+    """One slot for Optional[int] / int | str / a type list: its automaton takes each alternative's values
+    (padded) and nothing else."""
+    tok = tiny_llm.tokenizer
+    vocab = Vocab.of(tok)
+    cases = {
+        "opt_int": ({"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None}, ["12", "-3", "null"],
+                    ['"a"', "1.5", "nul", "true"]),
+        "int_or_str": ({"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 3}]}, ["7", '"ab"', '""'],
+                       ['"abcd"', "null", '"a']),
+        "type_list": ({"type": ["string", "null", "boolean"], "minLength": 2}, ['"ab"', "null", "false"],
+                      ['"a"', "0"]),
+        "one_of": ({"oneOf": [{"const": "x"}, {"enum": [1, 2]}, {"type": "number"}]}, ['"x"', "1", "2.5"],
+                   ['"y"', "null"]),
+        "nested": ({"anyOf": [{"anyOf": [{"type": "boolean"}, {"type": "null"}]}, {"$ref": "#/$defs/s"}],
+                    "$defs": {"s": {"type": "string", "maxLength": 2}}}, ["true", "null", '"xy"'], ['"xyz"', "1"]),
+    }
+    for name, (schema, good, bad) in cases.items():
+        c = JsonSchemaConstraint(schema, tok, SMALL)
+        [(width, dfa, _)] = c.pieces
+        for text in good + bad:
+            ids = vocab.encode(text)
+            ids += [vocab.pad_id] * (width - len(ids))
+            assert dfa_accepts(dfa, ids) == (text in good), (name, text)
+
+
+def test_bounded_number_in_a_union_is_clamped_only_as_a_number(tiny_llm):
+    tok = tiny_llm.tokenizer
+    vocab = Vocab.of(tok)
+    schema = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 1000}, {"type": "null"}]}
+    [(width, dfa, finish)] = JsonSchemaConstraint(schema, tok, SMALL).pieces
+    assert finish is not None
+    for text, want in (("5000", "1000"), ("42", "42"), ("null", "null")):
+        ids = vocab.encode(text) + [vocab.pad_id] * (width - len(vocab.encode(text)))
+        out = finish(ids)
+        assert len(out) == width and vocab.text(out).strip() == want
+    for seed in range(4):
+        r = tiny_llm.generate("{", SamplingParams(seed=seed, max_denoising_steps=2, json_schema=schema))[0]
+        jsonschema.validate(json.loads(r.text), schema)
+
+
+def test_refs(tiny_llm):
+    tok = tiny_llm.tokenizer
+    schema = {"type": "object", "properties": {
+        "a": {"$ref": "#/definitions/x~1y"}, "b": {"$ref": "#/$defs/t~0"}, "c": {"allOf": [{"$ref": "#/$defs/t~0"}]},
+        "d": {"$ref": "#/properties/a", "title": "same as a"}},
+        "definitions": {"x/y": {"type": "integer", "minimum": 0, "maximum": 3}}, "$defs": {"t~": {"const": "k"}}}
+    for text in _outputs(tiny_llm, schema, seeds=range(2)):
+        v = json.loads(text)
+        jsonschema.validate(v, schema)
+        assert v["b"] == v["c"] == "k"
+    for bad, needle in (({"$ref": "#/$defs/nope"}, "'#/\\$defs/nope' points at nothing"),
+                        ({"$ref": "https://example.com/s.json"}, "'https://example.com/s.json' is not supported"),
+                        ({"$ref": "#/$defs/a", "type": "string", "$defs": {"a": {}}}, "'type' next to '\\$ref'"),
+                        ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "'allOf' is supported with one schema"),
+                        ({"anyOf": []}, "'anyOf' must be a non-empty list")):
+        with pytest.raises(ConstraintError, match=needle):
+            JsonSchemaConstraint(bad, tok)
+
+
+def test_recursion_stops_at_null_or_empty_array_else_is_refused_by_name(tiny_llm):
+    c = JsonSchemaConstraint(Node.model_json_schema(), tiny_llm.tokenizer, SMALL)
+    text = "".join(p for p in (tiny_llm.tokenizer.decode(p) if isinstance(p, list) else "#" for p in c.pieces))
+    assert '"next": null, "kids": []' in text
+    with pytest.raises(ConstraintError, match="recursive \\$ref #/\\$defs/Loop -> #/\\$defs/Loop"):
+        JsonSchemaConstraint(Loop.model_json_schema(), tiny_llm.tokenizer)
+    with pytest.raises(ConstraintError, match="recursive \\$ref # -> #"):
+        JsonSchemaConstraint({"type": "array", "items": {"$ref": "#"}, "minItems": 1}, tiny_llm.tokenizer)
+
+
+def test_non_scalar_unions_are_refused_naming_the_alternative(tiny_llm):
+    schema = {"type": "object", "properties": {"x": {"anyOf": [
+        {"type": "string"}, {"type": "object", "properties": {"a": {"type": "integer"}}}]}}}
+    with pytest.raises(ConstraintError, match=r"\$\.x\.anyOf\[1\] .* and \$\.x\.anyOf\[0\]"):
+        JsonSchemaConstraint(schema, tiny_llm.tokenizer)
+    with pytest.raises(ConstraintError, match=r"\$<array>"):
+        JsonSchemaConstraint({"type": ["array", "integer"], "items": {"type": "integer"}}, tiny_llm.tokenizer)
+
+
+def test_type_list_with_enum_keeps_the_values_of_any_type(tiny_llm):
+    schema = {"type": ["string", "null"], "enum": ["ab", None, 3, "abcdef"], "maxLength": 3}
+    c = JsonSchemaConstraint(schema, tiny_llm.tokenizer)
+    [(_, dfa, _)] = c.pieces
+    vocab = Vocab.of(tiny_llm.tokenizer)
+    assert dfa_accepts(dfa, vocab.encode('"ab"')) and dfa_accepts(dfa, vocab.encode("null"))
+    assert not dfa_accepts(dfa, vocab.encode("3")) and not dfa_accepts(dfa, vocab.encode('"abcdef"'))
+
+
+def test_openai_client_parse_with_a_pydantic_model(client):
+    """client.chat.completions.parse(response_format=Model): the schema openai derives (with $defs, anyOf
+    null) is served, and the client parses every answer into the model."""
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=6)
+        age: Optional[int]
+        owner: Optional[Address]
+        tags: list[Color] = Field(max_length=2)
+
+    c, model = client
+    for seed in range(2):
+        r = c.chat.completions.parse(model=model, messages=[{"role": "user", "content": "a pet"}],
+                                     response_format=Pet, seed=seed, max_tokens=400)
+        assert r.choices[0].finish_reason == "stop"
+        assert isinstance(r.choices[0].message.parsed, Pet)
