@@ -36,9 +36,25 @@ def stored_quantization(cfg: ModelConfig, quantization: str | None = None) -> st
     return _formats(cfg, quantization)[1]
 
 
-def weight_bytes(cfg: ModelConfig, dtype=torch.bfloat16, quantization: str | None = None) -> int:
+def _stored_names(model_dir: str | Path | None) -> list[str] | None:
+    """A checkpoint directory's tensor names, from its safetensors index or file headers (no tensor data is
+    read); None without a directory or without weight files there (a config.json alone)."""
+    from .checkpoint import INDEX_FILE, SINGLE_FILE, _all_names, _tensor_files
+
+    if model_dir is None:
+        return None
+    model_dir = Path(model_dir)
+    if not ((model_dir / INDEX_FILE).exists() or (model_dir / SINGLE_FILE).exists()):
+        return None
+    return _all_names(model_dir, _tensor_files(model_dir))
+
+
+def weight_bytes(cfg: ModelConfig, dtype=torch.bfloat16, quantization: str | None = None,
+                 model_dir: str | Path | None = None) -> int:
     """Bytes of the weights `load_model(..., dtype, quantization)` holds for a model of this config. A
-    quantised checkpoint counts as stored (every attention, MLP and expert weight quantised)."""
+    quantised checkpoint counts as stored: the modules with scales among `model_dir`'s tensor names (as
+    the loader decides), or, without them, every attention, MLP and expert weight, except FP8 experts
+    beside block or per-tensor scales (a checkpoint that loads has them in the model dtype)."""
     from .checkpoint import parse_dtype
     from .model.diffusion_gemma import DiffusionGemma
     from .quant_io import LoadHook
@@ -48,8 +64,7 @@ def weight_bytes(cfg: ModelConfig, dtype=torch.bfloat16, quantization: str | Non
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
     if scheme is not None:
-        hook = LoadHook(model, "prequantized", scheme.get("strategy", "channel"), fmt=fmt,
-                        group=scheme.get("group", 128))
+        hook = LoadHook.for_checkpoint(model, lambda: _stored_names(model_dir), quantization)
     else:
         hook = LoadHook(model, "quantize", fmt=fmt) if fmt else None
     total = 0
@@ -81,9 +96,10 @@ def vision_bytes(cfg: ModelConfig, dtype=torch.bfloat16) -> int:
 def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: str | None = None,
          max_batch: int = 8, kv_cache_dtype: str = "auto", max_model_len: int | None = None,
          utilization: float | None = None, overhead_gib: float = 1.0, prefix_caching: bool | None = None,
-         images: bool = True) -> dict:
+         images: bool = True, model_dir: str | Path | None = None) -> dict:
     """What `canvaslm serve` would get on a GPU of `gpu_gib` GiB: weights (the vision tower's apart, counted
-    unless `images` is off: --limit-mm-per-prompt image=0), KV bytes, context, prefix caching."""
+    unless `images` is off: --limit-mm-per-prompt image=0), KV bytes, context, prefix caching. `model_dir`:
+    the local checkpoint, whose tensor names say which modules a quantised one stores quantised."""
     from .checkpoint import parse_dtype
     from .engine.engine import AGENT_CONTEXT, EngineConfig, kv_dtype, plan_max_model_len, prefix_caching_fits
     from .kv_cache import KVCache
@@ -94,7 +110,7 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
         raise ValueError(f"the overhead (--overhead) must be a finite number of GiB >= 0, got {overhead_gib!r}")
     dtype = parse_dtype(dtype)
     scheme, fmt = _formats(cfg, quantization)
-    weights = weight_bytes(cfg, dtype, quantization)
+    weights = weight_bytes(cfg, dtype, quantization, model_dir)
     vision = vision_bytes(cfg, dtype) if images else 0
     total = int(gpu_gib * GIB)
     free = total - weights - vision - int(overhead_gib * GIB)
@@ -129,13 +145,14 @@ def plan(cfg: ModelConfig, gpu_gib: float, dtype=torch.bfloat16, quantization: s
             "slots": config.slots, "kv_dtype": store_dtype}
 
 
-def _model_config(args) -> ModelConfig:
+def _model_config(args) -> tuple[ModelConfig, Path | None]:
+    """The config, and the local checkpoint directory (None for a shape or a repo id: config.json only)."""
     if args.shape and args.model:
         raise ValueError(f"memory: give a model ({args.model}) or --shape {args.shape}, not both")
     if args.shape:
         from .shapes import model_config
 
-        return model_config(args.shape)
+        return model_config(args.shape), None
     from .hub import is_repo_id
 
     if args.model and is_repo_id(args.model):  # only its config.json: no weights are needed for arithmetic
@@ -150,22 +167,22 @@ def _model_config(args) -> ModelConfig:
         except Exception as e:  # noqa: BLE001 - named for the user
             raise FileNotFoundError(f"{args.model}: cannot read its config.json ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0]})") from None
-        return ModelConfig.from_dir(Path(path).parent)
+        return ModelConfig.from_dir(Path(path).parent), None
     if not args.model:
         raise ValueError("name a checkpoint directory, a repo id or --shape 26b-a4b")
     if args.revision is not None:  # as generate refuses it
         raise ValueError(f"--revision {args.revision} applies to a Hugging Face repo id, and {args.model} is a "
                          "local directory")
-    return ModelConfig.from_dir(args.model)
+    return ModelConfig.from_dir(args.model), Path(args.model)
 
 
 def _main(args) -> int:
     from .engine.engine import AGENT_CONTEXT
 
-    cfg = _model_config(args)
+    cfg, model_dir = _model_config(args)
     out = plan(cfg, args.gpu_memory, args.dtype, args.quantization, args.max_batch, args.kv_cache_dtype,
                args.max_model_len, args.gpu_memory_utilization, args.overhead,
-               images=args.limit_mm_per_prompt != 0)
+               images=args.limit_mm_per_prompt != 0, model_dir=model_dir)
     what = args.shape or args.model
     quant = out["quantization"] or args.dtype
     vision = f" + vision tower {out['vision'] / GIB:.2f} GiB ({args.dtype})" if out["vision"] else ""

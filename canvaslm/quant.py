@@ -242,6 +242,22 @@ def quantize_model(model, strategy: str = "channel", fmt: str = "fp8"):
     return model
 
 
+def parameter_count(model) -> int:
+    """The model's weights as the unquantised model counts them: a packed int4 byte holds two (its
+    padding nibble aside), an FP8 code one; scales are not weights."""
+    from .quant_int4 import Int4Experts, Int4Linear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            total += m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+        elif isinstance(m, Int4Experts):
+            total += m.num_experts * 3 * m.inner * m.d  # gate_up [2I, d] + down [d, I] per expert
+        else:
+            total += sum(p.numel() for p in m.parameters(recurse=False))
+    return total
+
+
 def weight_bytes(model) -> int:
     """Bytes a forward pass reads for weights: parameters plus quantisation scales."""
     scales = (b for n, b in model.named_buffers() if n.endswith("_scale"))

@@ -5,6 +5,7 @@ and the one `save_model` writes for a quantised model."""
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -58,8 +59,13 @@ def scheme_from_config(raw: dict) -> dict | None:
     if sparsity and not (isinstance(sparsity, dict) and sparsity.get("format", "dense") == "dense"):
         raise QuantError(f"config.json: {where}.sparsity_config is not supported (only dense weights); got "
                          f"{sparsity!r}")
+    groups = _mapping(qc.get("config_groups") or {}, f"{where}.config_groups")
+    if not groups:
+        raise QuantError(f"config.json: {where}.config_groups is missing or empty; a compressed-tensors FP8 "
+                         "checkpoint names its weights' scheme there (e.g. group_0: {targets: [Linear], weights: "
+                         "{num_bits: 8, type: float, strategy: channel}})")
     strategies = set()
-    for gname, group in _mapping(qc.get("config_groups") or {}, f"{where}.config_groups").items():
+    for gname, group in groups.items():
         gwhere = f"{where}.config_groups.{gname}"
         group = _mapping(group, gwhere)
         acts = group.get("input_activations")
@@ -71,7 +77,10 @@ def scheme_from_config(raw: dict) -> dict | None:
         if group.get("output_activations"):
             raise QuantError(f"config.json: {gwhere}.output_activations is not supported; got "
                              f"{group['output_activations']!r}")
-        w = _mapping(group.get("weights") or {}, f"{gwhere}.weights")
+        if not group.get("weights"):  # else a group quantising only activations would read as FP8 weights
+            raise QuantError(f"config.json: {gwhere}.weights is missing; only FP8 weights (with their stored "
+                             "scales) are supported")
+        w = _mapping(group["weights"], f"{gwhere}.weights")
         for key, want in (("symmetric", True), ("dynamic", False)):
             if w.get(key, want) is not want:
                 raise QuantError(f"config.json: {gwhere}.weights.{key}={w[key]!r} is not supported (FP8 weights are "
@@ -148,6 +157,40 @@ def stored_as_is(model) -> set[str]:
     return out
 
 
+def _listed(names: list[str]) -> str:
+    """The first of `names`, and how many more (a few of them shown)."""
+    listed = ", ".join(names[1:4]) + (", ..." if len(names) > 4 else "")
+    return names[0] + (f" (and {len(names) - 1} more: {listed})" if len(names) > 1 else "")
+
+
+# tensors of the vision tower (not part of the text model: `model/vision.py` loads them as stored)
+_VISION = re.compile(r"^model\.encoder\.(vision_tower|embed_vision)\.")
+
+
+def _stored_modules(model, names: list[str], scheme: dict) -> set[str]:
+    """The modules of `model` a pre-quantised checkpoint with these tensor `names` stores quantised (those
+    with scales); quantised modules canvaslm cannot run are refused by name here, before any tensor is read."""
+    stored = {n[:-len(".weight_scale")] for n in names if n.endswith(".weight_scale")}
+    stored |= {n.rpartition(".")[0] for n in names if n.endswith((".gate_up_proj_scale", ".down_proj_scale"))}
+    vision = sorted(n for n in stored if _VISION.match(n))
+    if vision:
+        raise QuantError(f"{_listed([f'{n}.weight_scale' for n in vision])}: the vision tower is stored quantised, "
+                         "but it loads only in its float dtype (its scales would be unexpected tensors at the first "
+                         f"image). Quantise with it left out (llm-compressor: ignore=['lm_head', "
+                         f"{', '.join(repr(v) for v in VISION_IGNORE)}]) or load the bf16 checkpoint with "
+                         f"--quantization {scheme['fmt']} (the vision tower stays in its float dtype)")
+    linears, experts = _fp8_targets(model)
+    modules = dict(model.named_modules())
+    foreign = sorted(n for n in stored if n in modules and n not in set(linears) | set(experts))
+    if foreign:
+        raise QuantError(f"{_listed(foreign)}: stored quantised ({foreign[0]}.weight_scale is in the "
+                         f"checkpoint), but canvaslm quantises only attention, MLP and expert weights: the "
+                         f"MoE router stays in the model dtype. Quantise with it left out (llm-compressor: "
+                         f"ignore=['lm_head', 're:.*router.*']) or load the bf16 checkpoint with "
+                         f"--quantization {scheme['fmt']}")
+    return stored
+
+
 class LoadHook:
     """Prepares a meta-device model for quantised weights and converts each tensor as the loader reads it.
 
@@ -182,30 +225,25 @@ class LoadHook:
     @classmethod
     def for_checkpoint(cls, model, list_names, quantization: str | None):
         """None when the checkpoint is unquantised and no quantisation was asked for. list_names() gives
-        every tensor name of the checkpoint (read only for pre-quantised checkpoints)."""
+        every tensor name of the checkpoint (read only for pre-quantised checkpoints), or None where they
+        are unknown (`canvaslm memory` on a repo id's config.json alone): every target then counts as
+        stored quantised, except FP8 experts beside block or per-tensor linears, which a checkpoint that
+        loads keeps in the model dtype (`convert` refuses experts with such scales)."""
         scheme = scheme_from_config(model.cfg.raw)
         check_quantization(scheme, quantization)
-        if scheme is not None:
-            names = list_names()
-            stored = {n[:-len(".weight_scale")] for n in names if n.endswith(".weight_scale")}
-            stored |= {n.rpartition(".")[0] for n in names if n.endswith((".gate_up_proj_scale", ".down_proj_scale"))}
-            linears, experts = _fp8_targets(model)
-            modules = dict(model.named_modules())
-            foreign = sorted(n for n in stored if n in modules and n not in set(linears) | set(experts))
-            if foreign:
-                listed = ", ".join(foreign[1:4]) + (", ..." if len(foreign) > 4 else "")
-                more = f" (and {len(foreign) - 1} more: {listed})" if len(foreign) > 1 else ""
-                raise QuantError(f"{foreign[0]}{more}: stored quantised ({foreign[0]}.weight_scale is in the "
-                                 f"checkpoint), but canvaslm quantises only attention, MLP and expert weights: the "
-                                 f"MoE router stays in the model dtype. Quantise with it left out (llm-compressor: "
-                                 f"ignore=['lm_head', 're:.*router.*']) or load the bf16 checkpoint with "
-                                 f"--quantization {scheme['fmt']}")
-            if scheme["fmt"] == "int4":
-                return cls(model, "prequantized", fp8_names=stored, fmt="int4", group=scheme["group"])
-            return cls(model, "prequantized", scheme["strategy"], stored)
-        if quantization is None:
-            return None
-        return cls(model, "quantize", fmt=quantization)
+        if scheme is None:
+            return None if quantization is None else cls(model, "quantize", fmt=quantization)
+        names = list_names()
+        linears, experts = _fp8_targets(model)
+        if names is None:
+            stored = set(linears)
+            if scheme["fmt"] == "int4" or scheme["strategy"] == "channel":
+                stored |= set(experts)
+        else:
+            stored = _stored_modules(model, names, scheme)
+        if scheme["fmt"] == "int4":
+            return cls(model, "prequantized", fp8_names=stored, fmt="int4", group=scheme["group"])
+        return cls(model, "prequantized", scheme["strategy"], stored)
 
     def keeps_dtype(self, name: str) -> bool:
         """Quantised tensors (FP8, packed int4) and their float32 scales: never cast to the model dtype."""

@@ -461,10 +461,20 @@ def _shortened(vector: list[float], dimensions: int | None) -> list[float]:
 
 
 def _details(state: ServerState) -> dict:
+    """/api/tags' and /api/show's `details`: the weights' count as unquantised (packed int4 counts two a
+    byte) and `quantization_level`: "INT4" (canvaslm's group-wise int4) or "FP8" (e4m3) for quantised
+    weights, else the model dtype ("BF16", "FLOAT32", ...)."""
+    from ..quant import parameter_count
+    from ..quant_io import INT4_METHOD, quantization_config
+
     model = state.engine.runner.model
-    params = sum(p.numel() for p in model.parameters())
+    params = parameter_count(model)
     size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
-    dtype = str(model.embed_weight.dtype).removeprefix("torch.").upper().replace("BFLOAT16", "BF16")
+    qc = quantization_config(model)
+    if qc is not None:
+        dtype = "INT4" if qc["quant_method"] == INT4_METHOD else "FP8"
+    else:
+        dtype = str(model.embed_weight.dtype).removeprefix("torch.").upper().replace("BFLOAT16", "BF16")
     return {"parent_model": "", "format": "safetensors", "family": "diffusion_gemma", "families": ["diffusion_gemma"],
             "parameter_size": size, "quantization_level": dtype}
 
