@@ -83,25 +83,13 @@ def parse_line(number: int, line: str) -> tuple[str | None, dict | None, str | N
     return custom_id, req, None
 
 
-# A pipe (-i /dev/stdin) can be read only once, and the command reads -i twice: before the model loads (so a
-# bad file fails early) and again in run_batch_file. What a non-regular input held is kept here by path.
-_read_once: dict[str, str] = {}
-
-
 def _read_input(path: Path) -> str:
-    key = os.path.abspath(path)
-    if key in _read_once:
-        return _read_once[key]
     with open(path, "rb") as f:
-        regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
         data = f.read()
     try:
-        text = data.decode("utf-8-sig")  # a byte-order mark (PowerShell writes one) is no JSON
+        return data.decode("utf-8-sig")  # a byte-order mark (PowerShell writes one) is no JSON
     except UnicodeDecodeError as e:
         raise BatchInputError(f"run-batch: {path} is not UTF-8 text ({e})") from None
-    if not regular:
-        _read_once[key] = text
-    return text
 
 
 def read_requests(path: Path) -> list[tuple[str | None, dict | None, str | None]]:
@@ -269,14 +257,16 @@ def write_records(path, records: list[dict]) -> None:
         raise
 
 
-def run_batch_file(state, input_path, output_path, concurrency: int = 16) -> dict:
+def run_batch_file(state, input_path, output_path, concurrency: int = 16, parsed: list | None = None) -> dict:
     """Read, run and write a batch; returns counts {"requests", "ok", "failed"} (failed: a non-200 or an
-    invalid line)."""
+    invalid line). parsed: `read_requests(input_path)` when the caller read it already (a pipe such as
+    /dev/stdin can be read once)."""
     from tqdm.auto import tqdm
 
     check_batch_args(output_path, concurrency)
     output_path = Path(output_path)
-    parsed = read_requests(Path(input_path))
+    if parsed is None:
+        parsed = read_requests(Path(input_path))
     with tqdm(total=len(parsed), desc="run-batch", unit="req") as bar:
         records = asyncio.run(run_requests(state, parsed, concurrency, bar.update))
     try:

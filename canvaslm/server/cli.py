@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 
 log = logging.getLogger("canvaslm.server")
 
@@ -255,7 +256,7 @@ def _run_batch(args) -> int:
     from .launch import build_state
     from .vllm_compat import apply_chat_flags, check_flags, generation_defaults
 
-    read_requests(Path(args.input))  # a missing or empty file fails before the model loads
+    parsed = read_requests(Path(args.input))  # a missing or empty file fails before the model loads
     check_batch_args(args.output, args.concurrency)  # as does an -o that cannot be written, or --concurrency 0
     adapters = _adapters(args)
     check_flags(args)  # and the vLLM flags' checks that need no model: resolving a repo id may download it
@@ -267,14 +268,15 @@ def _run_batch(args) -> int:
                         defaults=defaults, allowed_local_media_path=args.allowed_local_media_path,
                         max_images=args.limit_mm_per_prompt, allowed_media_domains=args.allowed_media_domains,
                         processor_kwargs=args.mm_processor_kwargs)
+    # the command's own lines go to stderr: -o /dev/stdout then carries the records alone
     for note in notes + apply_chat_flags(state, args) + state.engine.notes:
-        print(f"canvaslm: {note}", flush=True)
+        print(f"canvaslm: {note}", file=sys.stderr, flush=True)
     try:
-        counts = run_batch_file(state, args.input, args.output, args.concurrency)
+        counts = run_batch_file(state, args.input, args.output, args.concurrency, parsed)
     finally:
         state.shutdown()
     print(f"canvaslm: {counts['requests']} requests, {counts['ok']} ok, {counts['failed']} failed -> {args.output}",
-          flush=True)
+          file=sys.stderr, flush=True)
     return 0
 
 

@@ -47,7 +47,7 @@ def test_run_batch_answers_as_the_server_does(tiny_checkpoint, tmp_path):
     plain = tmp_path / "plain"
     plain.write_text("")
     assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # the umask's mode, not mkstemp's 0600
-    assert "10 requests, 5 ok, 5 failed" in proc.stdout
+    assert "10 requests, 5 ok, 5 failed" in proc.stderr
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["custom_id"] for r in records] == [g[0] for g in GOOD] + ["bad-field", None, "wrong-url",
                                                                           "streamed", "get"]
@@ -97,7 +97,7 @@ def test_run_batch_takes_the_chat_template_flags(tiny_checkpoint, tmp_path):
     src.write_text(line("c", "/v1/chat/completions", {**CHAT, "seed": 1}) + "\n")
     proc = run_cli(tiny_checkpoint, "-i", src, "-o", out, "--served-model-name", "tiny",
                    "--default-chat-template-kwargs", '{"greeting": "ahoy"}')
-    assert proc.returncode == 0 and "chat template defaults: greeting='ahoy'" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "chat template defaults: greeting='ahoy'" in proc.stderr, proc.stderr
     refused = run_cli(tiny_checkpoint, "-i", src, "-o", tmp_path / "x.jsonl",
                       "--default-chat-template-kwargs", '{"messages": []}')
     assert refused.returncode == 2 and "--default-chat-template-kwargs may not set messages" in refused.stderr
