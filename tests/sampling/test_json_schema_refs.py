@@ -17,6 +17,10 @@ from canvaslm.sampling.constraints import ConstraintError
 from canvaslm.sampling.json_schema import JsonSchemaConstraint, JsonTemplateOptions
 from canvaslm.sampling.token_dfa import Vocab, dfa_accepts
 
+from . import test_bpe
+
+bpe_model = test_bpe.bpe  # test_bpe.py's `bpe` fixture: a byte-level BPE vocabulary with multi-character tokens
+
 SMALL = JsonTemplateOptions(string_tokens=5, integer_tokens=4, number_tokens=5, array_items=2)
 
 
@@ -87,6 +91,21 @@ def test_openai_strict_and_tool_schemas_validate(tiny_llm):
         for text in _outputs(tiny_llm, schema, seeds=range(2)):
             Order.model_validate_json(text)
             jsonschema.validate(json.loads(text), schema)
+
+
+def test_unions_and_refs_validate_with_bpe(bpe_model):
+    """Multi-character tokens across a union slot's parts (an opening quote with letters, digits then spaces)."""
+    tok, model = bpe_model
+    schema = {"type": "object", "properties": {
+        "name": {"anyOf": [{"type": "string", "maxLength": 6}, {"type": "null"}]},
+        "age": {"type": ["integer", "string"], "minimum": 0, "maximum": 500, "minLength": 2},
+        "kind": {"oneOf": [{"$ref": "#/$defs/k"}, {"type": "boolean"}]},
+        "tags": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/k"}, "maxItems": 2}, {"type": "null"}]}},
+        "$defs": {"k": {"enum": ["ab", "abc", "abd"]}}}
+    c = JsonSchemaConstraint(schema, tok, JsonTemplateOptions(string_tokens=8))  # a clamped slot fits a canvas
+    for o in test_bpe._run(model, tok, c, range(6), c.min_new_tokens(model.cfg.canvas_length)):
+        assert o.finish_reason == "stop"
+        jsonschema.validate(json.loads(tok.decode(o.token_ids)), schema)
 
 
 def test_union_slot_takes_every_alternative(tiny_llm):
