@@ -4,7 +4,8 @@ The prefix goes to the encoder (it is the prompt); the suffix is pinned on the o
 after a gap of g free positions, followed by a pinned EOS. The middle's length is unknown, so several
 gap lengths are tried as rows of one batch (one generation pass), and the candidate whose
 middle + suffix the model finds most likely wins: the mean per-token log-probability under the
-encoder's causal (autoregressive) pass, one batched encoder call. Free middle positions never take
+encoder's causal (autoregressive) pass, one batched encoder call (with no suffix: middle + the EOS that
+ends the text, so that an empty middle is scored too). Free middle positions never take
 EOS, padding or other special tokens, so the output always reads prefix + middle + suffix. With a latency
 budget (max_time), a candidate the budget ends inside its middle is left out (not scored, not returned); the
 first canvas is always committed, so the shortest middle must fit one canvas (else the call is refused).
@@ -106,6 +107,13 @@ def whole(lengths: list, gaps: list) -> list:
     return [i for i, (n, g) in enumerate(zip(lengths, gaps)) if n >= g]
 
 
+def scored_part(middle: list, suffix_ids: list, eos_id: int) -> list:
+    """What a candidate is scored on: its middle and the suffix; with no suffix, its middle and the EOS pinned after
+    it (the candidate says the text ends there: without it an empty middle scores nothing, a mean of 0.0 that
+    beats every real middle)."""
+    return list(middle) + (list(suffix_ids) if suffix_ids else [eos_id])
+
+
 def best(gaps: list, scores: list) -> int:
     """Index of the winning candidate: the highest mean log-prob of middle + suffix (the shortest gap on a tie)."""
     return max(range(len(gaps)), key=lambda i: scores[i])
@@ -143,7 +151,8 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     keep = whole([len(o.token_ids) for o in outs], gaps)  # all but middles a spent max_time cut (check_time_budget)
     gaps, middles = [gaps[i] for i in keep], [outs[i].token_ids[:gaps[i]] for i in keep]
     scores = with_adapter(llm.model, lora,  # ranked by the model that wrote them
-                          lambda m: score_continuations(m, prompt_ids, [mid + list(suffix_ids) for mid in middles]))
+                          lambda m: score_continuations(m, prompt_ids, [scored_part(mid, suffix_ids, eos[0])
+                                                                        for mid in middles]))
     i = best(gaps, scores)
     return gaps[i], middles[i], dict(zip(gaps, scores)), passes
 

@@ -346,6 +346,10 @@ class LLM:
             c = GrammarConstraint(sp.grammar, self.tokenizer, slot or DEFAULT_TOKENS, "SamplingParams.grammar")
         if c is not None and hasattr(c, "min_new_tokens"):  # the output must reach every constrained offset
             need = c.min_new_tokens(self.cfg.canvas_length)
+            if need >= self.cfg.max_position_embeddings:  # e.g. a pin at offset 10**9: no prompt leaves it room
+                raise GenerationError(f"the constraint needs {need} output tokens (through its last pinned or "
+                                      "constrained offset), past the model's context (max_position_embeddings="
+                                      f"{self.cfg.max_position_embeddings}, prompt included)")
             if sp.max_new_tokens is None:
                 p = dataclasses.replace(p, max_new_tokens=max(p.max_new_tokens, need))
             elif sp.max_new_tokens < need:
@@ -355,6 +359,8 @@ class LLM:
         bad = [t for t in eos if t >= self.cfg.vocab_size]
         if bad:
             raise GenerationError(f"SamplingParams.stop_token_ids {bad} are outside the vocabulary [0, {self.cfg.vocab_size})")
+        if isinstance(c, PinnedConstraint) and self.eos_ids and set(self.eos_ids) <= set(c.ban_ids):
+            c = c.banning(eos)  # pins that keep EOS out before their end keep the stop ids out too
         try:
             bias = normalize_bias(sp.logit_bias, "SamplingParams.logit_bias", self.cfg.vocab_size)
         except LogitBiasError as e:

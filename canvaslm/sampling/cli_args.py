@@ -118,7 +118,12 @@ def constraint_params(args, llm) -> dict:
             if off in spans:
                 raise ValueError(f"--pin {off}:{spans[off]} and --pin {off}:{text} pin the same offset; give one")
             spans[off] = text
-        pins = pins_from_text(llm.tokenizer, spans)
+        pins = {}
+        for off, text in spans.items():
+            try:  # text the tokenizer cannot encode, or that encodes to nothing
+                pins.update(pins_from_text(llm.tokenizer, {off: text}))
+            except ValueError as e:
+                raise ValueError(f"--pin {off}:{text}: {e}") from None
         last = max(off + len(ids) for off, ids in pins.items())
         return {"constraint": PinnedConstraint(pins, ban_ids=llm.eos_ids, ban_until=last)}
     return {}

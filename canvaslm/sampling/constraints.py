@@ -250,6 +250,32 @@ class OneSlotConstraint(CanvasConstraint):
         return Layout([-1] * self.width + [self.eos_id], [Slot(0, self.width, self.dfa)])
 
 
+class SparsePins:
+    """A layout's `pinned` list stored as {offset: id}: reads as a list of `length` ids with -1 where free
+    (len, slices and indices), in memory proportional to the pins, not to the last offset (a pin at offset
+    10**9 takes no 10**9-long list before the context check refuses it)."""
+
+    def __init__(self, pins: dict, length: int):
+        self.pins, self.length = pins, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self.pins.get(i, -1) for i in range(*key.indices(self.length))]
+        i = key + self.length if key < 0 else key
+        if not 0 <= i < self.length:
+            raise IndexError(key)
+        return self.pins.get(i, -1)
+
+    def __iter__(self):
+        return iter(self[:])
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+
 class PinnedConstraint(CanvasConstraint):
     """Fixed token ids at output offsets; optionally ids banned from the free offsets before `ban_until`."""
 
@@ -266,14 +292,25 @@ class PinnedConstraint(CanvasConstraint):
                 if off + j in flat and flat[off + j] != t:
                     raise ConstraintError(f"two pins disagree at output offset {off + j}")
                 flat[off + j] = t
+        self.ban_ids, self.ban_until = tuple(ban_ids), ban_until
         length = max(max(flat, default=-1) + 1, ban_until)
-        pinned = [-1] * length
-        for off, t in flat.items():
-            pinned[off] = t
-        self._layout = Layout(pinned, [], [(0, ban_until, tuple(ban_ids))] if ban_until and ban_ids else [])
+        self._layout = Layout(SparsePins(flat, length), [],
+                              [(0, ban_until, self.ban_ids)] if ban_until and self.ban_ids else [])
 
     def layout(self, C: int) -> Layout:
         return self._layout
+
+    def banning(self, ids) -> "PinnedConstraint":
+        """This constraint with `ids` banned too wherever it bans ids (a request's stop ids: a free offset that
+        took one before the last pin would end the output there and drop the pins after it). As it is when it
+        bans nothing, or already bans them all."""
+        extra = tuple(t for t in ids if t not in self.ban_ids)
+        if not (self.ban_until and self.ban_ids and extra):
+            return self
+        c = copy.copy(self)
+        c.ban_ids = self.ban_ids + extra
+        c._layout = Layout(self._layout.pinned, [], [(0, self.ban_until, c.ban_ids)])
+        return c
 
 
 def pins_from_text(tokenizer, spans: dict) -> dict:

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..engine.engine import GenerationRequest
-from ..infill import best, candidates, check_time_budget, checked_gaps, middle_text, whole
+from ..infill import best, candidates, check_time_budget, checked_gaps, middle_text, scored_part, whole
 from .serving import (APIError, Choice, ServerState, TextTracker, bias_pairs, check_request_basics, context_error,
                       need_tokenizer, resolve_params, run_to_end, score_later)
 
@@ -69,7 +69,10 @@ class Group:
     middle: list | None = None  # its middle's ids
 
 
-def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[Group]:
+def prepare_infill(state: ServerState, body, prompts: list[list[int]], suffix_ids: list[int] | None = None
+                   ) -> list[Group]:
+    """The candidates of every choice. suffix_ids: the suffix already tokenized (llama.cpp's /infill, which cuts
+    it to fit the context); None: `body.suffix` encoded here."""
     check_request_basics(state, body, prompts)
     bias = bias_pairs(state, body)
     if body.stop_list():
@@ -81,7 +84,11 @@ def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[G
     if others:
         raise APIError(400, f"suffix and {others[0]} both constrain the output; send one", "suffix")
     need_tokenizer(state, "suffix")
-    suffix_ids = state.tokenizer.encode(body.suffix, add_special_tokens=False)
+    if suffix_ids is None:
+        try:
+            suffix_ids = state.tokenizer.encode(body.suffix, add_special_tokens=False)
+        except ValueError as e:  # text the tokenizer cannot encode: the caller's, as for `prompt`
+            raise APIError(400, f"suffix: {e}", "suffix") from None
     C, seed = state.canvas_length, body.seed if body.seed is not None else random.randrange(2**63)
     groups, rows = [], 0
     for ids in prompts:
@@ -110,9 +117,10 @@ def prepare_infill(state: ServerState, body, prompts: list[list[int]]) -> list[G
     return groups
 
 
-async def run_infill(state: ServerState, body, prompts, request) -> list[Group]:
-    """Generate every group's candidates, score them on the engine thread and pick each group's best."""
-    groups = await asyncio.to_thread(prepare_infill, state, body, prompts)
+async def run_infill(state: ServerState, body, prompts, request, suffix_ids: list[int] | None = None) -> list[Group]:
+    """Generate every group's candidates, score them on the engine thread and pick each group's best (suffix_ids:
+    as prepare_infill)."""
+    groups = await asyncio.to_thread(prepare_infill, state, body, prompts, suffix_ids)
     flat = [c for g in groups for c in g.candidates]
     for i, c in enumerate(flat):  # run_choices tells choices apart by index
         c.index = i
@@ -120,7 +128,7 @@ async def run_infill(state: ServerState, body, prompts, request) -> list[Group]:
     for g in groups:
         keep = whole([len(c.tracker.ids) for c in g.candidates], g.gaps)  # middles a spent max_time cut are out
         middles = [g.candidates[i].tracker.ids[:g.gaps[i]] for i in keep]
-        conts = [m + g.suffix_ids for m in middles]
+        conts = [scored_part(m, g.suffix_ids, state.eos_ids[0]) for m in middles]
         fut = score_later(state, body.model, g.prompt_ids, conts)
         scores = await asyncio.wrap_future(fut)
         g.scores = [None] * len(g.gaps)

@@ -361,9 +361,12 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
         await run_to_end(state, [choice], request)
         return _send(body, dict(_finished(state, body, choice, ids, settings), truncated=truncated))
     suffix = body.input_suffix if len(suffix_ids) == whole_suffix else state.tokenizer.decode(suffix_ids)
-    oa = _openai_body(state, body, ids, suffix=suffix)
+    # the body is checked with a one-character stand-in for the suffix (CompletionRequest caps `suffix` at 64 Ki
+    # characters; /infill takes what fit_infill kept, up to a quarter of the context), then given the real one;
+    # the candidates are built from the fitted ids themselves, not from that text encoded again
+    oa = _openai_body(state, body, ids, suffix=suffix[:1] or " ").model_copy(update={"suffix": suffix})
     start = time.perf_counter()
-    (group,) = await run_infill(state, oa, [ids], request)
+    (group,) = await run_infill(state, oa, [ids], request, suffix_ids=suffix_ids)
     total = time.perf_counter() - start
     text, word, middle = cut_middle(state.tokenizer, ids, group.middle, body.stop)
     text, indented = cut_indent(text, body.n_indent)

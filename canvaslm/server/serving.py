@@ -644,35 +644,55 @@ def encode_chat(state: ServerState, chat, param: str = "messages") -> list[int]:
 
 
 def _pinned_constraint(state: ServerState, body, max_tokens):
-    """`pins`: text or ids at output offsets, EOS banned before the end of the last pin (as `--pin`)."""
+    """`pins`: text or ids at output offsets; EOS and the request's stop_token_ids are banned before the end of
+    the last pin (as `--pin`), so the output runs at least that far."""
     from ..sampling.constraints import ConstraintError, PinnedConstraint, pins_from_text
 
-    spans = {}
+    spans, keys = {}, {}
     for key, value in body.pins.items():
-        try:
-            off = int(key)
-        except ValueError:
-            off = -1
-        if off < 0:
-            raise APIError(400, f"pins: key {key!r} is not an output token offset (a non-negative integer)", "pins")
-        if off >= state.max_model_len:  # before anything is laid out for it
-            raise APIError(400, f"pins: offset {off} is past the context ({state.max_model_len} positions in all, "
+        if not (key.isascii() and key.isdigit()):  # "+3", " 3" or "3_0" are not offsets (int() would read them)
+            raise APIError(400, f"pins: key {key!r} is not an output token offset (a non-negative integer in "
+                                "decimal digits)", "pins")
+        digits = key.lstrip("0") or "0"
+        if len(digits) > 18 or int(digits) >= state.max_model_len:  # before anything is laid out for it
+            shown = digits if len(digits) <= 24 else digits[:12] + "..."
+            raise APIError(400, f"pins: offset {shown} is past the context ({state.max_model_len} positions in all, "
                                 "prompt included)", "pins")
+        off = int(digits)
+        if off in keys:  # "3" and "03"
+            raise APIError(400, f"pins: keys {keys[off]!r} and {key!r} name the same offset {off}; give one", "pins")
+        keys[off] = key
         if isinstance(value, str):
             need_tokenizer(state, "pins")
+            try:  # text the tokenizer cannot encode, or that encodes to nothing
+                value = pins_from_text(state.tokenizer, {off: value})[off]
+            except ValueError as e:
+                raise APIError(400, f"pins[{key!r}]: {e}", "pins") from None
         elif not value or any(not 0 <= t < state.vocab_size for t in value):
             raise APIError(400, f"pins[{key!r}]: token ids must be a non-empty list within the vocabulary "
                                 f"[0, {state.vocab_size})", "pins")
         spans[off] = value
+    # every id that would end the output before the last pin: the checkpoint's EOS, the request's stop_token_ids
+    # and, with tools the model may call, the tool-response opener (as output_settings adds them to its end ids)
+    ends = tuple(state.eos_ids) + tuple(getattr(body, "stop_token_ids", None) or ())
+    if auto_tools(body):
+        from ..tool_parser import response_stop_ids
+
+        ends += response_stop_ids(state.tokenizer)
+    ends = tuple(dict.fromkeys(ends))
+    end = max(off + len(ids) for off, ids in spans.items())
+    for off, ids in spans.items():  # a pinned end id before the last pinned position would end the output there
+        early = [off + j for j, t in enumerate(ids) if t in ends and off + j < end - 1]
+        if early:
+            raise APIError(400, f"pins[{keys[off]!r}]: the id at output offset {early[0]} ends the output (EOS or a "
+                                f"stop_token_ids id), before the last pin ends at {end}", "pins")
     try:
-        pins = pins_from_text(state.tokenizer, spans)
-        end = max(off + len(ids) for off, ids in pins.items())
         if max_tokens is not None and end > max_tokens:
             raise ConstraintError(f"the last pin ends at output token {end}, over max_tokens={max_tokens}")
         if end > state.max_model_len:
             raise ConstraintError(f"the last pin ends at output token {end}, past the context ({state.max_model_len} "
                                   "positions in all, prompt included)")
-        return PinnedConstraint(pins, ban_ids=state.eos_ids, ban_until=end)
+        return PinnedConstraint(spans, ban_ids=ends, ban_until=end)
     except ConstraintError as e:
         raise APIError(400, f"pins: {e}", "pins") from None
 
@@ -896,7 +916,10 @@ def bad_word_ids(state: ServerState, words: list[str]) -> set[int]:
     for k, word in enumerate(words):
         if not word.strip():
             raise APIError(400, f"bad_words[{k}] is empty", "bad_words")
-        forms = [state.tokenizer.encode(w, add_special_tokens=False) for w in (word, " " + word.lstrip())]
+        try:
+            forms = [state.tokenizer.encode(w, add_special_tokens=False) for w in (word, " " + word.lstrip())]
+        except ValueError as e:  # text the tokenizer cannot encode
+            raise APIError(400, f"bad_words[{k}]: {e}", "bad_words") from None
         ones = {ids[0] for ids in forms if len(ids) == 1}
         if not ones:
             raise APIError(400, f"bad_words[{k}] {word!r} is {len(forms[0])} tokens; only words of one token (alone "
