@@ -155,7 +155,7 @@ def test_fast_path_gpu_script_runs_its_stages_on_cpu(tmp_path):
     proc = subprocess.run(["bash", str(repo / "bench/fast_path_gpu.sh"), "int4", "serve", "prefix", "continuous",
                            "lora", "context", "kvfp8", "vision", "nosuchstage"],
                           cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=1200)  # ~95 s alone; CI machines may be busy
     assert proc.returncode == 2, proc.stdout + proc.stderr
     log = (tmp_path / "fast_path_gpu.log").read_text()
     assert "== int4: rc 0," in log and "float32 int4" in log and "batch 4 / batch 1 throughput" in log, log
