@@ -104,12 +104,13 @@ def test_options_change_widths(tiny_llm):
 @pytest.mark.parametrize("schema,feature", [
     ({"type": "object", "patternProperties": {"^a": {"type": "string"}}}, "patternProperties"),
     ({"$ref": "#/definitions/x"}, "$ref"),
-    ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "oneOf"),
-    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}]}}}, "anyOf"),
+    ({"oneOf": [{"type": "string"}, {"type": "object", "properties": {}}]}, "oneOf"),  # scalars only
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "array", "items": {}}, {"type": "integer"}]}}},
+     "anyOf"),
     ({"type": "string", "pattern": "^a+$"}, "pattern"),
     ({"type": "string", "format": "date"}, "format"),
     ({"type": "object", "additionalProperties": {"type": "string"}}, "additionalProperties"),
-    ({"type": ["string", "null"]}, "type' lists"),
+    ({"type": ["string", "object"]}, "'type' alternatives"),
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
     ({"type": "number", "multipleOf": 2}, "multipleOf"),
     ({"type": "object", "properties": {}, "required": ["x"]}, "required keys"),
@@ -118,7 +119,7 @@ def test_options_change_widths(tiny_llm):
     ({"description": "anything", "properties": {}}, "'properties' is not supported"),
     ({"type": "integer", "minimum": 5, "maximum": 2}, "no integer"),
     ({"const": "caf\u00e9"}, "cannot tokenize"),
-    ({"allOf": [{"type": "string"}]}, "allOf"),
+    ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "allOf"),  # one schema only
     ({"type": "object", "minProperties": 1}, "minProperties"),
     # keywords of the wrong type are named, not a TypeError deep inside
     ({"type": "string", "maxLength": "x"}, "'maxLength' must be an integer >= 0, got 'x'"),
