@@ -65,8 +65,8 @@ def test_rows_that_stop_leave_the_decoder_call_and_no_output_changes(llm, tiny_c
               SamplingParams(seed=2, max_new_tokens=40, max_denoising_steps=9, logit_bias={5: 3.0}),
               SamplingParams(seed=3, max_new_tokens=24, max_denoising_steps=5, repetition_penalty=1.5,
                              min_tokens=20),
-              SamplingParams(seed=4, max_new_tokens=40, max_denoising_steps=7,
-                             constraint=PinnedConstraint({3: 7, 20: 9}))]
+              SamplingParams(seed=4, max_new_tokens=40, max_denoising_steps=7,  # EOS banned: it reaches 20
+                             constraint=PinnedConstraint({3: 7, 20: 9}, ban_ids=llm.eos_ids, ban_until=21))]
     rows_per_call = []
     denoise = llm.model.denoise
 
