@@ -195,7 +195,8 @@ class Vision:
     @property
     def available(self) -> bool:
         """Images can be served: a vision tower in the checkpoint, and not switched off."""
-        return bool(self.cfg.has_vision and getattr(self.model, "carried_tensors", None) and self.max_images != 0)
+        return bool(self.cfg.has_vision and getattr(self.model, "carried_tensors", None) and self.max_images != 0
+                    and not getattr(self.model, "quantized_vision", None))
 
     def need(self) -> None:
         """ImageError unless this model can read images."""
@@ -204,6 +205,8 @@ class Vision:
         if not getattr(self.model, "carried_tensors", None):
             raise ImageError("this model's checkpoint holds no vision tower weights (model.encoder.vision_tower.*), "
                              "so it cannot read images")
+        if getattr(self.model, "quantized_vision", None):  # quant_io: a tower stored FP8 (the text model loads)
+            raise ImageError(self.model.quantized_vision)
         if self.cfg.image_token_id is None or not 0 <= self.cfg.image_token_id < self.cfg.vocab_size:
             raise ImageError(f"config.json: image_token_id={self.cfg.image_token_id} is outside the vocabulary")
 

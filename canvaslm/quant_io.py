@@ -169,16 +169,17 @@ _VISION = re.compile(r"^model\.encoder\.(vision_tower|embed_vision)\.")
 
 def _stored_modules(model, names: list[str], scheme: dict) -> set[str]:
     """The modules of `model` a pre-quantised checkpoint with these tensor `names` stores quantised (those
-    with scales); quantised modules canvaslm cannot run are refused by name here, before any tensor is read."""
+    with scales); quantised modules canvaslm cannot run are refused by name here, before any tensor is read.
+    A quantised vision tower leaves the text model servable: `model.quantized_vision` says why images are
+    not (multimodal.Vision refuses every image with it), so a text-only workload still loads."""
     stored = {n[:-len(".weight_scale")] for n in names if n.endswith(".weight_scale")}
     stored |= {n.rpartition(".")[0] for n in names if n.endswith((".gate_up_proj_scale", ".down_proj_scale"))}
     vision = sorted(n for n in stored if _VISION.match(n))
-    if vision:
-        raise QuantError(f"{_listed([f'{n}.weight_scale' for n in vision])}: the vision tower is stored quantised, "
-                         "but it loads only in its float dtype (its scales would be unexpected tensors at the first "
-                         f"image). Quantise with it left out (llm-compressor: ignore=['lm_head', "
-                         f"{', '.join(repr(v) for v in VISION_IGNORE)}]) or load the bf16 checkpoint with "
-                         f"--quantization {scheme['fmt']} (the vision tower stays in its float dtype)")
+    model.quantized_vision = (
+        f"{_listed([f'{n}.weight_scale' for n in vision])}: the vision tower is stored quantised, but it loads "
+        f"only in its float dtype, so this checkpoint takes text only. Quantise with it left out (llm-compressor: "
+        f"ignore=['lm_head', {', '.join(repr(v) for v in VISION_IGNORE)}]) or load the bf16 checkpoint with "
+        f"--quantization {scheme['fmt']} (the vision tower stays in its float dtype)") if vision else None
     linears, experts = _fp8_targets(model)
     modules = dict(model.named_modules())
     foreign = sorted(n for n in stored if n in modules and n not in set(linears) | set(experts))

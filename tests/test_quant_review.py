@@ -115,10 +115,14 @@ def test_parameter_count_is_the_unquantised_models(tiny, fmt):
 
 # 3. a quantised vision tower -------------------------------------------------------------------------------
 
-def test_a_quantised_vision_tower_is_refused_at_load_by_name(tmp_path):
-    """llm-compressor's targets=Linear without a vision ignore: was loaded, then every image failed on
-    the tower's 'unexpected key' weight_scale."""
+def test_a_quantised_vision_tower_takes_text_and_refuses_images_by_name(tmp_path):
+    """llm-compressor's targets=Linear without a vision ignore: every image failed on the tower's 'unexpected
+    key' weight_scale. The text model still loads and serves (as it did, and with images off); an image is
+    refused naming the scales and the way out."""
     from conftest import build_vision_chat_checkpoint
+
+    from canvaslm.llm import LLM, SamplingParams
+    from canvaslm.multimodal import ImageError, Vision
 
     build_vision_chat_checkpoint(tmp_path / "v")
     assert main(["quantize", str(tmp_path / "v"), str(tmp_path / "fp8"), "--to", "fp8", "--dtype", "float32"]) == 0
@@ -130,12 +134,15 @@ def test_a_quantised_vision_tower_is_refused_at_load_by_name(tmp_path):
     for k in tower:
         t[k], t[k[:-len("weight")] + "weight_scale"] = quantize_fp8(t[k], "channel")
     save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
-    words = (r"vision_tower\..*\.weight_scale.*the vision tower is stored quantised.*"
+    words = (r"vision_tower\..*\.weight_scale.*the vision tower is stored quantised.*text only.*"
              r"'re:\.\*vision_tower\.\*'.*--quantization fp8")
-    with pytest.raises(QuantError, match=words):
-        load_model(path)
-    with pytest.raises(QuantError, match=words):
-        weight_bytes(ModelConfig.from_dir(path), model_dir=path)
+    llm = LLM(path, device="cpu")
+    assert llm.generate(["hi"], SamplingParams(max_new_tokens=4))[0].token_ids  # text is served
+    vision = Vision(llm.model, path)
+    assert not vision.available
+    with pytest.raises(ImageError, match=words):
+        vision.need()
+    assert weight_bytes(ModelConfig.from_dir(path), model_dir=path) > 0  # counted as it loads
 
 
 # minor: compressed-tensors configs without their weights' scheme -------------------------------------------

@@ -118,6 +118,8 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
     vision = Vision(model, model_dir, allowed_local_media_path, max_images, allowed_media_domains, processor_kwargs)
     if vision.available:
         vision.tower()
+    elif max_images != 0 and getattr(model, "quantized_vision", None):
+        log.warning("%s", model.quantized_vision)  # every image request is refused with it
     engine = Engine(model, config, history_depth=max(1, defaults.stability_depth)).start()
     config = engine.config  # max_model_len decided
     if tokenizer is not None:  # the constraint compilers' token table, built before the first request needs it
