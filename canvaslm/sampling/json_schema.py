@@ -53,6 +53,7 @@ KEYWORDS = {
 }
 CONTAINERS = {"$defs", "definitions"}  # where $ref targets live: allowed anywhere, compiled only through a $ref
 SCALARS = {"string", "integer", "number", "boolean", "null"}
+NUMERIC = {"integer", "number"}  # keywords of one (minimum, exclusiveMaximum, ...) bind both
 _PY_TYPES = {"string": str, "boolean": bool, "null": type(None), "object": dict, "array": list}
 MAX_TEMPLATE_TOKENS = 1 << 17  # a template over this many tokens is refused while it compiles
 
@@ -67,7 +68,7 @@ class JsonTemplateOptions:
     array_items: int = 3  # item count when the schema allows it: clamped to [minItems, maxItems]
     free_tokens: int = 64  # tokens of a value the schema leaves free ({}, an object without properties, ...)
     enum_range: int = 64  # integer ranges up to this size become an enum (exact bounds by construction)
-    max_depth: int = 32
+    max_depth: int = 32  # levels of objects, arrays, $refs, allOfs and unions (a longer chain is refused)
     max_tokens: int | None = None  # refuse a template over this many tokens (EOS included), else MAX_TEMPLATE_TOKENS
 
     def __post_init__(self):
@@ -182,6 +183,7 @@ class _Compiler:
         self.checked: dict = {}
         self.members: dict = {}
         self.unions: dict = {}  # id -> (schema, its alternatives or None), as `checked`
+        self.kinds: dict = {}  # (id, the $refs being expanded) -> (schema, its kind), as `checked`
         self.root = None  # the schema that "#/..." $refs point into (the first one compiled if not set)
         self.refs: list = []  # the $refs being expanded, outermost first: one met again is a recursion
         self.quoted = 0  # > 0 while compiling a union member: strings take their quotes into the slot
@@ -239,16 +241,17 @@ class _Compiler:
     def value(self, schema, path: str, depth: int):
         self.at = path
         self.in_time()
+        self.deep(depth, path)
         if self.root is None:
             self.root = schema
-        if isinstance(schema, dict):
+        if isinstance(schema, dict):  # a $ref, allOf or union is a level too: a chain of them ends at max_depth
             if "$ref" in schema:
-                return self.ref(schema, path, lambda target: self.value(target, path, depth))
+                return self.ref(schema, path, lambda target: self.value(target, path, depth + 1))
             if "allOf" in schema:
-                return self.value(self.all_of(schema, path), path, depth)
+                return self.value(self.all_of(schema, path), path, depth + 1)
             union = self.alternatives(schema, path)
             if union is not None and not (union[0] == "type" and ("enum" in schema or "const" in schema)):
-                return self.union(*union, path, depth)
+                return self.union(*union, path, depth + 1)
         typ = self.keywords(schema, path, depth)
         if "const" in schema or "enum" in schema:
             return self.literal(self.choices(schema, path, depth), path)
@@ -256,11 +259,15 @@ class _Compiler:
             return self.free("any")
         getattr(self, "_" + typ)(schema, path, depth)
 
+    def deep(self, depth: int, path: str):
+        """ConstraintError once `depth` (objects, arrays, $refs, allOfs, unions entered) is over max_depth."""
+        if depth > self.opts.max_depth:
+            raise ConstraintError(f"json_schema: nesting deeper than {self.opts.max_depth} levels at {path}")
+
     def keywords(self, schema, path: str, depth: int):
         """The schema's type (None if it has none), after a ConstraintError for what is not supported.
         Checked once per schema object (the first check's path names an error), its depth every time."""
-        if depth > self.opts.max_depth:  # here, not cached: a schema object met again deeper (or a cycle)
-            raise ConstraintError(f"json_schema: nesting deeper than {self.opts.max_depth} levels at {path}")
+        self.deep(depth, path)  # here, not cached: a schema object met again deeper (or a cycle)
         hit = self.checked.get(id(schema))
         if hit is not None and hit[0] is schema:
             return hit[1]
@@ -374,13 +381,25 @@ class _Compiler:
         if types is None or len(types) == 1:
             return None
         self.keywords(schema, path, 0)  # every keyword belongs to one of the types
+        for t in types:  # a keyword that binds this type too (minimum: integers and numbers) must be honoured
+            family = NUMERIC if t in NUMERIC else {t}
+            for k in schema:
+                if k not in KEYWORDS[t] and any(k in KEYWORDS[f] for f in family):
+                    raise ConstraintError(f"json_schema: {k!r} is not supported for type {t!r} (at {path}<{t}>)")
         return "type", [({k: v for k, v in schema.items() if k in KEYWORDS[t]} | {"type": t}, f"{path}<{t}>")
                         for t in types]
 
-    def kind(self, schema, path: str, seen: frozenset = frozenset()) -> str:
+    def kind(self, schema, path: str, depth: int, seen: frozenset = frozenset()) -> str:
         """'null', 'scalar' (a value one slot takes: string, number, boolean, enum, ...) or 'other' (an
-        object, an array, any value, a recursion), through $ref, allOf and nested unions."""
+        object, an array, any value, a recursion), through $ref, allOf and nested unions.
+        A schema that reaches a recursion is 'other' whichever way it is reached (max over the alternatives),
+        so the kind is kept per schema object and compile stack (`self.refs`), not per path: unions whose
+        alternatives $ref the same schema, chained, would otherwise be visited once per path (2**n). Each
+        $ref, allOf and union is a level deeper, as when compiled."""
+        self.in_time()
         while isinstance(schema, dict) and ("$ref" in schema or "allOf" in schema):
+            depth += 1
+            self.deep(depth, path)
             if "$ref" in schema:
                 ref, schema = self.target(schema, path)
                 if ref in seen or ref in self.refs:
@@ -390,12 +409,20 @@ class _Compiler:
                 schema = self.all_of(schema, path)
         if not isinstance(schema, dict):
             return "other"  # refused when compiled
+        key = id(schema), tuple(self.refs)
+        hit = self.kinds.get(key)
+        if hit is None or hit[0] is not schema:
+            hit = self.kinds[key] = schema, self.own_kind(schema, path, depth, seen)
+        return hit[1]
+
+    def own_kind(self, schema: dict, path: str, depth: int, seen: frozenset) -> str:
+        """kind() of a schema that is neither a $ref nor an allOf."""
         if "const" in schema or "enum" in schema:
             values = [schema["const"]] if "const" in schema else schema["enum"]
             return "null" if isinstance(values, list) and all(v is None for v in values) else "scalar"
         union = self.alternatives(schema, path)
         if union is not None:
-            kinds = {self.kind(a, p, seen) for a, p in union[1]}
+            kinds = {self.kind(a, p, depth + 1, seen) for a, p in union[1]}
             return "other" if "other" in kinds else "scalar" if "scalar" in kinds else "null"
         typ = schema.get("type")
         return "null" if typ == "null" else "scalar" if typ in SCALARS else "other"
@@ -406,7 +433,7 @@ class _Compiler:
         of the union), or null where it recurses."""
         if len(alts) == 1:
             return self.value(alts[0][0], alts[0][1], depth)
-        kinds = [self.kind(a, p) for a, p in alts]
+        kinds = [self.kind(a, p, depth) for a, p in alts]
         others = [i for i, k in enumerate(kinds) if k == "other"]
         if not others:
             return self.scalar_union(alts, path, depth)
@@ -486,14 +513,15 @@ class _Compiler:
     def fits(self, v, schema, path: str, depth: int) -> bool:
         """Whether the JSON value `v` is valid under `schema` (whose keywords are checked as when compiling)."""
         self.in_time()
+        self.deep(depth, path)
         if isinstance(schema, dict):
-            if "$ref" in schema:  # a level deeper each time: a recursion ends at max_depth
+            if "$ref" in schema:  # a level deeper each time (as allOf, a union): a recursion ends at max_depth
                 return self.fits(v, self.target(schema, path)[1], path, depth + 1)
             if "allOf" in schema:
-                return self.fits(v, self.all_of(schema, path), path, depth)
+                return self.fits(v, self.all_of(schema, path), path, depth + 1)
             union = self.alternatives(schema, path)
             if union is not None and union[0] != "type":
-                n = sum(self.fits(v, a, p, depth) for a, p in union[1])
+                n = sum(self.fits(v, a, p, depth + 1) for a, p in union[1])
                 return n == 1 if union[0] == "oneOf" else n >= 1
         typ = self.keywords(schema, path, depth)
         if "const" in schema and not _same(v, schema["const"]):
@@ -750,7 +778,11 @@ class JsonSchemaConstraint(CanvasConstraint):
         eos = output_eos(tokenizer, "json_schema")
         comp = _Compiler(self.vocab, options or JsonTemplateOptions(), timeout)
         comp.root = schema
-        comp.value(schema, "$", 0)
+        try:
+            comp.value(schema, "$", 0)
+        except RecursionError:  # a safety net (max_depth bounds the nesting): a refusal, not a server error
+            raise ConstraintError(f"json_schema: the schema nests too deeply to compile (at {comp.at}); "
+                                  "simplify it") from None
         self.pieces = [self.vocab.encode(p) if isinstance(p, str) else p for p in comp.merged()]
         self.eos_id = eos
         self._layouts: dict = {}

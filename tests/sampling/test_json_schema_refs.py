@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import time
 from enum import Enum
 from typing import Literal, Optional
 
@@ -212,3 +213,48 @@ def test_openai_client_parse_with_a_pydantic_model(client):
                                      response_format=Pet, seed=seed, max_tokens=400)
         assert r.choices[0].finish_reason == "stop"
         assert isinstance(r.choices[0].message.parsed, Pet)
+
+
+def test_type_list_keyword_one_type_cannot_honour_is_refused(tiny_llm):
+    """exclusiveMinimum binds numbers too, which have no exclusive bounds here: refused as for a plain number,
+    not dropped from the number branch (which wrote -4444465.144 for exclusiveMinimum 0)."""
+    for schema in ({"type": ["integer", "number"], "exclusiveMinimum": 0},
+                   {"type": ["number", "integer", "null"], "exclusiveMaximum": 5},
+                   {"type": ["integer", "number"], "exclusiveMinimum": 0, "enum": [-1, 1]}):  # through fits()
+        with pytest.raises(ConstraintError, match=r"'exclusive(Minimum|Maximum)' is not supported for type "
+                                                  r"'number' \(at \$<number>\)"):
+            JsonSchemaConstraint(schema, tiny_llm.tokenizer)
+    # keywords that every listed type honours (or that bind only one of them) still compile
+    JsonSchemaConstraint({"type": ["integer", "number", "string"], "minimum": 0, "maxLength": 3}, tiny_llm.tokenizer)
+    JsonSchemaConstraint({"type": ["integer", "null"], "exclusiveMinimum": 0}, tiny_llm.tokenizer)
+
+
+def _chain(n, wrap):
+    defs = {f"a{i}": wrap(f"#/$defs/a{i + 1}") for i in range(n)}
+    defs[f"a{n}"] = {"type": "integer"}
+    return {"$defs": defs, "$ref": "#/$defs/a0"}
+
+
+def test_unions_sharing_a_ref_are_not_walked_once_per_path(tiny_llm):
+    """Chained unions whose two alternatives $ref the same next schema: 2**22 paths. The union's kind is
+    kept per schema object and the compile keeps its deadline (121 s past a 1 s limit at n=23 before)."""
+    schema = _chain(22, lambda r: {"anyOf": [{"$ref": r}, {"$ref": r}]})
+    start = time.monotonic()
+    try:
+        JsonSchemaConstraint(schema, tiny_llm.tokenizer, JsonTemplateOptions(max_depth=1000), timeout=1.0)
+    except ConstraintError:
+        pass
+    assert time.monotonic() - start < 5.0
+
+
+@pytest.mark.parametrize("wrap", [lambda r: {"$ref": r}, lambda r: {"allOf": [{"$ref": r}]},
+                                  lambda r: {"anyOf": [{"$ref": r}, {"type": "null"}]}],
+                         ids=["ref", "allOf", "optional"])
+def test_long_ref_chains_end_at_max_depth(tiny_llm, wrap):
+    """$ref, allOf and union hops count as levels: a chain of 400 is refused by name (a RecursionError before)."""
+    with pytest.raises(ConstraintError, match="nesting deeper than 32 levels at"):
+        JsonSchemaConstraint(_chain(400, wrap), tiny_llm.tokenizer)
+    assert JsonSchemaConstraint(_chain(5, wrap), tiny_llm.tokenizer).pieces
+    # a max_depth past Python's recursion limit: still a ConstraintError, not a RecursionError
+    with pytest.raises(ConstraintError, match="nests too deeply to compile|nesting deeper than"):
+        JsonSchemaConstraint(_chain(3000, wrap), tiny_llm.tokenizer, JsonTemplateOptions(max_depth=10 ** 6))
