@@ -233,10 +233,14 @@ def build_app(state: ServerState) -> FastAPI:
     async def ollama_embeddings(body: ollama.LegacyEmbedBody):
         return await ollama.embeddings(state, body)
 
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    @app.get("/", response_class=PlainTextResponse)
     async def ollama_running():
         """Ollama's liveness answer: its clients (the `ollama` CLI, Page Assist) probe the base URL first."""
         return ollama.RUNNING
+
+    # HEAD too, kept out of the OpenAPI schema (one function under two methods gave a duplicate operation id)
+    app.add_api_route("/", ollama_running, methods=["HEAD"], response_class=PlainTextResponse,
+                      include_in_schema=False)
 
     @app.get("/api/tags")
     async def ollama_tags():
