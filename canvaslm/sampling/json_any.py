@@ -25,7 +25,7 @@ import torch
 
 from .constraints import ConstraintError, TokenDFA, output_eos
 from .regex import PaddedSlotConstraint
-from .token_dfa import Vocab
+from .token_dfa import Vocab, explore_states
 
 DEFAULT_DEPTH = 4  # containers open at once; states grow as 2 ** depth
 MAX_STATES = 20000
@@ -229,33 +229,23 @@ def lift(vocab: Vocab, key, chars: _JsonChars, deadline: float | None = None, li
             memo[k] = chars.step(s, c)
         return memo[k]
 
-    start = chars.start()
-    index, order = {start: 0}, [start]
-    src, syms, tgt = [], [], []
-    done = 0
-    while done < len(order):
-        if deadline is not None and time.monotonic() > deadline:
-            raise ConstraintError(f"building the JSON automaton ran out of time after {done} states")
-        s0, row = order[done], done
-        done += 1
-        todo = [(0, s0)]
+    def row_of(s0, intern) -> list:  # (symbol, next state) pairs: a walk of the token trie from s0
+        out, todo = [], [(0, s0)]
         while todo:
             node, s = todo.pop()
             if ends[node]:
-                t = index.get(s)
-                if t is None:
-                    if len(order) >= limit:
-                        raise ConstraintError(f"the JSON automaton exceeds {limit} states; lower the depth")
-                    t = index[s] = len(order)
-                    order.append(s)
-                for g in ends[node]:
-                    src.append(row)
-                    syms.append(g)
-                    tgt.append(t)
+                t = intern(s)
+                out.extend((g, t) for g in ends[node])
             for c, child in children[node].items():
                 nxt = step(s, c)
                 if nxt is not None:
                     todo.append((child, nxt))
+        return out
+
+    order, rows = explore_states(chars.start(), row_of, limit, deadline, "JSON", "lower the depth")
+    src = [r for r, row in enumerate(rows) for _ in row]
+    syms = [g for row in rows for g, _ in row]
+    tgt = [t for row in rows for _, t in row]
     trans = torch.full((len(order), max(len(sigs), 1)), -1, dtype=torch.long)
     long = dict(dtype=torch.long)
     trans[torch.tensor(src, **long), torch.tensor(syms, **long)] = torch.tensor(tgt, **long)

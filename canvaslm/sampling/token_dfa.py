@@ -111,29 +111,37 @@ class Vocab:
         return ids
 
 
+def explore_states(start: Hashable, row_of: Callable, limit: int, deadline: float | None, what: str, hint: str):
+    """Breadth-first numbering of the states reachable from `start` (state 0). row_of(state, intern) -> that
+    state's row of next-state numbers, where intern(t) numbers a successor state (None -> -1, dead).
+    -> (states in order, rows). `deadline` (a time.monotonic() value) stops it with a ConstraintError once
+    passed; more than `limit` states is a ConstraintError too (`what` names the automaton, `hint` the cure)."""
+    index, order, rows = {start: 0}, [start], []
+
+    def intern(t) -> int:
+        if t is None:
+            return -1
+        if t not in index:
+            if len(order) >= limit:
+                raise ConstraintError(f"{what} automaton exceeds {limit} states; {hint}")
+            index[t] = len(order)
+            order.append(t)
+        return index[t]
+
+    while len(rows) < len(order):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ConstraintError(f"building the {what} automaton ran out of time after {len(rows)} of "
+                                  f"{len(order)}+ states")
+        rows.append(row_of(order[len(rows)], intern))
+    return order, rows
+
+
 def _determinize(start: Hashable, n_symbols: int, step: Callable, accept: Callable, limit: int = 20000,
                  deadline: float | None = None):
     """Breadth-first over states reachable from `start`; -> (trans [S, G] long, accept [S] bool).
-    `deadline` (a time.monotonic() value) stops it with a ConstraintError once passed."""
-    index, order, rows = {start: 0}, [start], []
-    while len(rows) < len(order):
-        if deadline is not None and time.monotonic() > deadline:
-            raise ConstraintError(f"building the token automaton ran out of time after {len(rows)} of "
-                                  f"{len(order)}+ states")
-        s = order[len(rows)]
-        row = []
-        for g in range(n_symbols):
-            t = step(s, g)
-            if t is None:
-                row.append(-1)
-                continue
-            if t not in index:
-                if len(order) >= limit:
-                    raise ConstraintError(f"value slot automaton exceeds {limit} states; lower the length bounds")
-                index[t] = len(order)
-                order.append(t)
-            row.append(index[t])
-        rows.append(row)
+    `deadline`: see explore_states."""
+    order, rows = explore_states(start, lambda s, intern: [intern(step(s, g)) for g in range(n_symbols)], limit,
+                           deadline, "value slot", "lower the length bounds")
     trans = torch.tensor(rows, dtype=torch.long).view(len(order), n_symbols)
     return trans, torch.tensor([bool(accept(s)) for s in order])
 
@@ -315,29 +323,16 @@ def union_dfa(vocab: Vocab, dfas: list, deadline: float | None = None, limit: in
         nxt.append(t)
     dead = torch.full((G,), -1, dtype=torch.long)
     start = tuple(d.start for d in dfas)
-    index, order, rows = {start: 0}, [start], []
-    while len(rows) < len(order):
-        if deadline is not None and time.monotonic() > deadline:
-            raise ConstraintError(f"building the union automaton ran out of time after {len(rows)} of "
-                                  f"{len(order)}+ states")
-        state = order[len(rows)]
-        cur = torch.stack([nxt[k][s] if s >= 0 else dead for k, s in enumerate(state)])  # [k, G]
+
+    def row_of(state, intern):
         if G == 0:
-            rows.append(dead)
-            continue
+            return dead
+        cur = torch.stack([nxt[k][s] if s >= 0 else dead for k, s in enumerate(state)])  # [k, G]
         targets, back = torch.unique(cur, dim=1, return_inverse=True)
-        ids = []
-        for t in map(tuple, targets.t().tolist()):
-            if max(t) < 0:
-                ids.append(-1)
-                continue
-            if t not in index:
-                if len(order) >= limit:
-                    raise ConstraintError(f"union slot automaton exceeds {limit} states; simplify the alternatives")
-                index[t] = len(order)
-                order.append(t)
-            ids.append(index[t])
-        rows.append(torch.tensor(ids, dtype=torch.long)[back])
+        ids = [intern(t if max(t) >= 0 else None) for t in map(tuple, targets.t().tolist())]
+        return torch.tensor(ids, dtype=torch.long)[back]
+
+    order, rows = explore_states(start, row_of, limit, deadline, "union slot", "simplify the alternatives")
     acc = torch.tensor([any(s >= 0 and bool(d.accept[s]) for d, s in zip(dfas, state)) for state in order])
     dfa = TokenDFA(sym, torch.stack(rows), 0, acc)
     vocab.dfas.put(key, (tuple(dfas), dfa))
