@@ -556,6 +556,8 @@ class ResponsesRequest(_Strict):
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = Field(None, max_length=16)
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, description="auto: drop the oldest turns until the prompt leaves room for the reply")
     # OpenAI fields this server cannot honour, declared only to refuse them by name (`unsupported`): ignored,
     # the reply would lose the context or instructions they carry, or claim to run in the background
     conversation: Any = None

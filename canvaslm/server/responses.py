@@ -14,7 +14,8 @@ nothing is summarised or encrypted), a `message` output item with `output_text`,
 Responses are kept in memory (`store`, true by default as in OpenAI's API; the last `STORE_SIZE`
 of them, oldest dropped first) so that `previous_response_id` continues a conversation: the stored
 turns (input and output, without the earlier `instructions`) come before the new input. GET and
-DELETE /v1/responses/{id} read and drop one. Streaming sends the Responses event sequence (response.created ... response.completed, each with a
+DELETE /v1/responses/{id} read and drop one. `truncation: "auto"` cuts the oldest turns from the prompt
+until the reply has room (`_fit`). Streaming sends the Responses event sequence (response.created ... response.completed, each with a
 `sequence_number`). Text streams as canvases commit (with `logprobs` asked, each delta
 carries its tokens' entries); a reply that may hold tool calls is sent whole once it is complete.
 
@@ -31,6 +32,7 @@ import json
 import time
 import uuid
 
+from ..multimodal import ImageError
 from .protocol import ChatCompletionRequest, InputImage, ResponsesRequest
 from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
                       off_loop, renamed, run_choices, run_to_end, thought_tokens, usage, validated)
@@ -56,11 +58,12 @@ def store(state: ServerState, response: dict, turns: list) -> None:
         state.response_store.popitem(last=False)
 
 
-def to_chat(body: ResponsesRequest, history: list | None = None,
-            places: list | None = None) -> tuple[ChatCompletionRequest, list]:
+def to_chat(body: ResponsesRequest, history: list | None = None, places: list | None = None,
+            cut: int = 0) -> tuple[ChatCompletionRequest, list]:
     """The chat completion body that asks for what `body` asks for, after the `history` turns (chat
     messages), and the turns this request adds (its input, without the instructions); `places` gets where
-    each image came from, in prompt order (`image_error_at`)."""
+    each image came from, in prompt order (`image_error_at`). `cut` leaves the first `cut` turns (history,
+    then input) out of the chat body (`truncation: "auto"`, see `cuts`); the turns returned keep them all."""
     places = [] if places is None else places
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages += [_copy_turn(m) for m in history or []]  # the stored turns stay as they were
@@ -90,6 +93,11 @@ def to_chat(body: ResponsesRequest, history: list | None = None,
     if len(messages) == first_new:
         raise APIError(400, "input is empty", "input")
     turns = [_copy_turn(m) for m in messages[first_new:]]
+    if cut:
+        start = 1 if body.instructions else 0
+        dropped = sum(map(_image_count, messages[start:start + cut]))
+        messages[start:start + cut] = []
+        places[:] = places[dropped:]
     fields = dict(model=body.model, messages=messages, stream=body.stream, user=body.user,
                   temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_output_tokens,
                   parallel_tool_calls=body.parallel_tool_calls, seed=body.seed,
@@ -115,6 +123,47 @@ def to_chat(body: ResponsesRequest, history: list | None = None,
     elif fmt is not None and fmt.type == "json_object":
         fields["response_format"] = {"type": "json_object"}
     return validated(ChatCompletionRequest, fields, "input"), turns
+
+
+async def _fit(state: ServerState, body: ResponsesRequest, history: list, roles: list, chat, ids, places):
+    """truncation "auto" (OpenAI's: drop turns from the start of the conversation): (chat, ids, places)
+    without as few of the oldest turns as leave room for the reply (max_output_tokens, or one canvas, in
+    whole canvases). The newest turn stays, and a cut never starts at a tool result (its call went before
+    it). Images count at their largest budget. Unchanged when the prompt fits, or when no cut makes it fit
+    (the usual 400 then says how long the prompt is)."""
+    C = state.canvas_length
+    room = -(-(body.max_output_tokens or 1) // C) * C
+
+    def fits(chat, ids) -> bool:
+        return len(ids) + _image_room(state, chat) + room <= state.max_model_len
+
+    if fits(chat, ids):
+        return chat, ids, places
+    cuts = [k for k in range(1, len(roles)) if roles[k] != "tool"]
+    best, lo, hi = None, 0, len(cuts) - 1
+    while lo <= hi:  # the fewest turns cut that fit: a shorter conversation never renders longer
+        mid = (lo + hi) // 2
+        kept_places = []
+        cut_chat, _ = to_chat(body, history, kept_places, cut=cuts[mid])
+        cut_ids = await off_loop(state, encode_chat, state, cut_chat, "input")
+        if fits(cut_chat, cut_ids):
+            best, hi = (cut_chat, cut_ids, kept_places), mid - 1
+        else:
+            lo = mid + 1
+    return best or (chat, ids, places)
+
+
+def _image_room(state: ServerState, chat) -> int:
+    """At most how many positions the chat body's images add to its prompt (each is one token before
+    `load_images` expands it to its soft tokens and their two markers)."""
+    parts = chat.image_parts()
+    if not parts or state.vision is None:
+        return 0
+    try:
+        most = state.vision.processor_for(getattr(chat, "mm_processor_kwargs", None)).max_soft_tokens
+    except ImageError:
+        return 0  # `prepare` refuses the kwargs, naming them
+    return len(parts) * (most + 1)
 
 
 def _copy_turn(message: dict) -> dict:
@@ -218,7 +267,7 @@ def response_object(state: ServerState, body: ResponsesRequest, rid: str, create
            else {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)},
            "tool_choice": body.tool_choice if isinstance(body.tool_choice, str) or body.tool_choice is None
            else body.tool_choice.model_dump(), "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-           "truncation": "disabled", "user": body.user, "usage": None}
+           "truncation": body.truncation or "disabled", "user": body.user, "usage": None}
     if out["tool_choice"] is None:
         out["tool_choice"] = "auto" if body.tools else "none"
     if use is not None:
@@ -239,6 +288,8 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     places = []
     chat, turns = to_chat(body, history, places)
     ids = await off_loop(state, encode_chat, state, chat, "input")
+    if body.truncation == "auto":
+        chat, ids, places = await _fit(state, body, history, [m["role"] for m in history + turns], chat, ids, places)
     prompts = [ids]
     choices = await prepare_translated(state, chat, prompts, places,  # the Responses fields, not the chat's
                                        rename=lambda e: renamed(e, CHAT_TO_RESPONSES, RENAMED_IN_TEXT))
