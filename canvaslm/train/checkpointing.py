@@ -163,6 +163,20 @@ def check_out_dir(out_dir: Path):
             raise ConfigError(f"train config: out_dir {e}") from None
 
 
+# The one naming rule for the temps a run's atomic writes make in out_dir: `.NAME.` + tempfile's 8 random characters
+# next to the NAME it becomes (checkpoint.save_model's temp dir, its `.NAME.old.` set-aside and `.NAME.probe.` write
+# check, for checkpoint-<step>/ and final/; _atomic_write_text's `latest` and `metrics.jsonl`; `.trainer_state.`),
+# or plot_history's `.loss.png.tmp.png`. A kill leaves them behind; `clean_partial` removes exactly these, never a
+# user's file. A new writer of out_dir names its temp this way and adds its NAME to RUN_OUTPUTS.
+RUN_OUTPUTS = (r"checkpoint-\d+", "final", "trainer_state", "latest", r"metrics\.jsonl", r"loss\.png")  # regexes
+_RUN_TEMP = re.compile(r"\.(?:%s)\.(?:(?:old|probe)\.)?[a-z0-9_]{8}|\.loss\.png\.tmp\.png" % "|".join(RUN_OUTPUTS))
+
+
+def is_run_temp(name: str) -> bool:
+    """Whether an out_dir entry's name is a temp of the run's own writes (the rule above)."""
+    return _RUN_TEMP.fullmatch(name) is not None
+
+
 def _atomic_write_text(path: Path, text: str):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
@@ -330,6 +344,7 @@ def check_resume_config(saved: dict | None, config, checkpoint: Path):
     checkpoint's run was trained with (its trainer state's)."""
     if not saved:
         return
+    saved = _router_frozen(saved)
 
     def norm(key, value):
         if key in ("model", "tokenizer"):
@@ -349,6 +364,12 @@ def check_resume_config(saved: dict | None, config, checkpoint: Path):
                           "checkpoint belongs to a different run; restore those keys, or train into a new out_dir")
 
 
+def _router_frozen(saved: dict) -> dict:
+    """A saved config as it trained: a LoRA run's router was frozen whatever its freeze_router said (a run from
+    before the Trainer refused `freeze_router: false` with lora), so such a run resumes with freeze_router: true."""
+    return {**saved, "freeze_router": True} if saved.get("lora") is not None else saved
+
+
 def load_adapters(model, adapters: dict, src: Path):
     """Put saved LoRA adapters (trainer_state.pt's "lora") into a model that `apply_lora` adapted."""
     res = model.load_state_dict(adapters, strict=False)
@@ -357,11 +378,14 @@ def load_adapters(model, adapters: dict, src: Path):
 
 
 def clean_partial(out_dir: Path):
-    """Remove what a kill mid-save left behind (temp checkpoint dirs and state files)."""
-    for p in Path(out_dir).glob(".checkpoint-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in Path(out_dir).glob(".trainer_state.*"):
-        p.unlink(missing_ok=True)
+    """Remove what a kill mid-save left behind: every temp of the run's atomic writes (`is_run_temp`: checkpoint
+    and final/ temp dirs, state, `latest`, metrics and plot temp files), and nothing else."""
+    for p in Path(out_dir).iterdir():
+        if is_run_temp(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def write_metrics(out_dir: Path, history: list[dict]):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import inspect
 import json
 import operator
 import os
@@ -271,6 +272,11 @@ def _chat_examples(item: dict, where: str, tokenizer, vision=None, base: Path | 
         raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
     if tools is not None and not isinstance(tools, list):
         raise DataError(f"{where}: 'tools' must be a list of function declarations")
+    for j, m in enumerate(messages):  # OpenAI's format: 0 or 1 (absent, or null as `datasets` fills it: 1)
+        w = m.get("weight")
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w not in (0, 1)):
+            raise DataError(f"{where}: messages[{j}]: 'weight' must be 0 (skip the turn) or 1 (train it), an "
+                            f"integer as in OpenAI's fine-tuning format, got {_shown(w)}")
     turns = [j for j, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0]
     if not turns:
         raise DataError(f"{where}: no assistant message to train on")
@@ -443,7 +449,7 @@ def load_sourced(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: i
             raise DataError(f"data file {path} does not exist")
         rows, base = _file_rows(path), path.parent
     else:
-        items = resolve_callable(spec)(**(kwargs or {}))
+        items = _called(spec, kwargs or {})
         rows, base = [(f"{spec}[{i}]", item) for i, item in enumerate(items)], None
     out = [(where, ex) for where, item in rows for ex in _coerce(item, where, tokenizer, vision, base)]
     if not out:
@@ -452,6 +458,25 @@ def load_sourced(spec, tokenizer=None, kwargs: dict | None = None, vocab_size: i
         for where, ex in out:
             check_vocab(ex, vocab_size, where)
     return out
+
+
+def _called(spec: str, kwargs: dict):
+    """What a `module:function` source returns, called with data.kwargs: DataErrors naming the source and
+    data.kwargs when the function does not take those keywords, or returns something that is no list of
+    examples (None, a string, a mapping); an error the function itself raises stays the function's."""
+    fn = resolve_callable(spec)
+    called = f"data source {spec!r} called with data.kwargs {kwargs}"
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as e:  # an unknown keyword, a missing argument
+        raise DataError(f"{called}: {e}; data.kwargs must match the function's parameters") from None
+    except ValueError:  # no signature to check (some builtins): the call tells
+        pass
+    items = fn(**kwargs)
+    if items is None or isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+        raise DataError(f"{called}: returned " + ("None (no `return`?)" if items is None else _shown(items))
+                        + ", where a list (or iterable) of examples is expected")
+    return items
 
 
 def _file_rows(path: Path):

@@ -41,8 +41,8 @@ class LoRAConfig:
         check_fields(self, "lora.")  # each value of its annotated type (numeric strings -> float)
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):  # .inf / .nan would train to NaN weights
+            raise ValueError(f"lora.alpha must be a finite number > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.targets and not self.include_experts:

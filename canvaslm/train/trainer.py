@@ -351,6 +351,10 @@ class Trainer:
         state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=False) if latest else None
         if state is not None:
             ckpt.check_resume_config(state.get("config"), c, latest)
+        if c.lora is not None and not c.freeze_router:  # after the resume check, whose message names a change
+            raise ConfigError("train config: freeze_router: false does not combine with lora (apply_lora freezes "
+                              "all but the adapters: the router stays frozen); set freeze_router: true, or leave "
+                              "out lora to train the router too")
         transform = c.data_spec.get("transform")  # imported before the model and data load, named by its key
         self.transform = resolve_callable(transform, "train config: data.transform") if transform else None
         self.tokenizer_dir = ckpt.tokenizer_dir(c)
@@ -478,17 +482,16 @@ class Trainer:
 
     def _cut_prompt(self, example, over: int):
         """The example with `over` tokens cut from its prompt's start, keeping a leading BOS; None when that
-        leaves no prompt (the response alone is too long) or the example shows images (a cut could split
-        one, and the image tokens are most of such a prompt)."""
+        leaves no prompt (not even the kept BOS: the response alone is too long) or the example shows images
+        (a cut could split one, and the image tokens are most of such a prompt)."""
         if isinstance(example, ImageExample):
             return None
         prompt, response = example
         bos = self.model.cfg.bos_token_id
         head = 1 if prompt and prompt[0] == bos else 0
-        rest = prompt[head:]
-        if over >= len(rest):
+        if len(prompt) - over < 1:  # what is left: at least one token (the BOS alone, when there is one)
             return None
-        return list(prompt[:head]) + list(rest[over:]), response
+        return list(prompt[:head]) + list(prompt[head + over:]), response
 
     def _setup_optimizer(self):
         c = self.config
