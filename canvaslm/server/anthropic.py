@@ -9,8 +9,10 @@ function tools (`input_schema` as parameters); `tool_choice` auto / any / tool /
 "required" / the named function / "none"; `max_tokens`, `temperature`, `top_p`, `top_k` keep their
 meaning. It then runs exactly as /v1/chat/completions runs it (same prompt, constraints, seeds, engine).
 The reply is a message whose content is a text block and one `tool_use` block per call (an empty reply
-has none: `[]`, and its stream no content block, as Anthropic's), with
-`stop_reason` end_turn, max_tokens, stop_sequence (and `stop_sequence`) or tool_use, and usage in
+has none: `[]`, and its stream no content block, as Anthropic's; a call left unfinished after complete ones
+is its text, in a text block after their tool_use blocks), with
+`stop_reason` end_turn, max_tokens (first, as Anthropic's: a reply cut short with complete calls says
+max_tokens), stop_sequence (and `stop_sequence`) or tool_use, and usage in
 Anthropic's names (`cache_read_input_tokens`: prompt tokens from the prefix cache). Structured output
 (`output_config.format`, a JSON schema) is the chat route's `response_format` json_schema: the text
 always parses and validates, unless a `stop_sequences` entry cuts it. `temperature`, `top_p` and `top_k` (which older clients send) are honoured.
@@ -331,9 +333,31 @@ async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     return {"input_tokens": len(prompts[0])}
 
 
-def _blocks(message: dict, thinking: str = "", thought_at: int | None = None) -> list[dict]:
+def _reply_blocks(c, replies: dict) -> list[dict]:
+    """A finished choice's Messages content blocks (the whole message's, and the stream's of a tool reply)."""
+    message, tail = _open_call(c, replies, reply_message(c, replies))
+    return _blocks(message, c.tracker.reasoning, c.tracker.thought_at(), tail)
+
+
+def _open_call(c, replies: dict, message: dict) -> tuple[dict, str]:
+    """A reply with tool calls that ends inside one more (max_tokens or a stop sequence cut it): the message
+    without that unfinished call's text, and that text. The chat route keeps it in `content` as text, and so
+    does this one, but in a text block after the tool_use blocks, where the model wrote it (not before the
+    calls, as if it led up to them)."""
+    parser = getattr(replies.get(c.index), "parser", None)
+    content = message.get("content") or ""
+    if parser is None or not message.get("tool_calls") or not content:
+        return message, ""
+    before, _, still_open = parser.split(c.tracker.shown_ids())  # the text outside the complete calls
+    if not still_open or len(content) <= len(before) or not content.startswith(before):
+        return message, ""
+    return {**message, "content": before or None}, content[len(before):]
+
+
+def _blocks(message: dict, thinking: str = "", thought_at: int | None = None, tail: str = "") -> list[dict]:
     """A chat reply message (and its thought) -> Messages content blocks, in the order the model wrote them:
-    `thought_at` (TextTracker.thought_at) is where in the text a thought begun after it sits."""
+    `thought_at` (TextTracker.thought_at) is where in the text a thought begun after it sits; `tail`, the text
+    of an unfinished call after the complete ones (_open_call), is a text block after their tool_use blocks."""
     think = [{"type": "thinking", "thinking": thinking, "signature": ""}] if thinking else []
     text = message.get("content") or ""
     def said(part: str) -> list[dict]:  # an empty text is no block (as the stream opens none for it)
@@ -348,15 +372,19 @@ def _blocks(message: dict, thinking: str = "", thought_at: int | None = None) ->
     for call in message.get("tool_calls") or []:
         blocks.append({"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
                        "name": call["function"]["name"], "input": arguments_object(call["function"]["arguments"])})
-    return blocks
+    return blocks + said(tail)
 
 
 def _stop(c, blocks: list) -> tuple[str, str | None]:
+    """stop_reason and stop_sequence. max_tokens comes first, as Anthropic's: a reply cut short says so even
+    when it holds complete tool_use blocks (the chat route's finish_reason is "length" too)."""
+    if c.finish_reason == "length":
+        return "max_tokens", None
     if any(b["type"] == "tool_use" for b in blocks):
         return "tool_use", None
     if c.tracker.stopped:
         return "stop_sequence", c.tracker.stop_word
-    return ("max_tokens" if c.finish_reason == "length" else "end_turn"), None
+    return "end_turn", None
 
 
 def _usage(c, prompt_len: int, output: bool = True) -> dict:
@@ -388,7 +416,7 @@ async def create_message(state: ServerState, body: MessagesRequest, request):
         return StreamingResponse(_stream(state, body, c, replies, len(ids), mid), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await run_to_end(state, choices, request)
-    blocks = _blocks(reply_message(c, replies), c.tracker.reasoning, c.tracker.thought_at())
+    blocks = _reply_blocks(c, replies)
     reason, seq = _stop(c, blocks)
     return {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": blocks,
             "stop_reason": reason, "stop_sequence": seq, "usage": _usage(c, len(ids))}
@@ -407,7 +435,7 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
                 async for _ in events:
                     pass
             blocks = []
-            for b in _blocks(reply_message(c, replies), c.tracker.reasoning, c.tracker.thought_at()):
+            for b in _reply_blocks(c, replies):
                 if b["type"] in ("thinking", "text"):
                     lines = _open_block(event, blocks, b["type"])
                     blocks[-1] = b

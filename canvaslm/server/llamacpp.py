@@ -17,7 +17,9 @@ context), the prompt its tail (the extra chunks go first), and `truncated` says 
 with its extra context): the next request that starts the same way reuses that KV (prefix caching).
 `t_max_predict_ms` limits the generation phase, as in llama-server: once it is spent, the canvas being
 denoised is committed as its current draft and generation ends (`stop_type` "limit"; the /v1 bodies'
-`max_time`). Differences, by design: `t_max_prompt_ms`, `cache_prompt`, `samplers`, `id_slot` and other
+`max_time`). `n_indent` ends a reply as a stop string does: generation stops at the cut, and `tokens` /
+`tokens_predicted` are the fewest ids whose text holds the kept content (whole and streamed alike). Differences,
+by design: `t_max_prompt_ms`, `cache_prompt`, `samplers`, `id_slot` and other
 llama.cpp-only knobs are accepted and ignored (a prompt is never cut for time); `n_probs` > 0 is refused.
 `timings.prompt_ms` runs from submission until the step that finished encoding the prompt, and
 `predicted_ms` from there to the end (for /infill: of all candidates, scoring excluded).
@@ -114,6 +116,20 @@ def cut_indent(text: str, n_indent: int) -> tuple[str, bool]:
             return text[:at], True
         at = end
     return text, False
+
+
+def fewest_ids(decode, ids: list[int], text: str) -> list[int]:
+    """The fewest of `ids` whose text (`decode`) holds `text`, a cut of their whole text: the ids of what an n_indent
+    cut kept, as a stop string's reply keeps the ids up to the token that completed it (a search over prefixes; a
+    prefix's text is a prefix of the whole text)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if decode(ids[:mid]).startswith(text):
+            hi = mid
+        else:
+            lo = mid + 1
+    return list(ids[:lo])
 
 
 def select_fields(response: dict, fields: list[str] | None) -> dict:
@@ -228,7 +244,7 @@ async def completion(state: ServerState, body: LlamaCompletionRequest, request: 
     if body.stream:
         return StreamingResponse(_stream_completion(state, body, choice, ids, settings),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    await run_to_end(state, [choice], request)
+    await _run_to_cut(state, body, choice, request)
     return select_fields(_finished(state, body, choice, ids, settings), body.response_fields)
 
 
@@ -263,42 +279,79 @@ async def _completion_choice(state: ServerState, body, oa: CompletionRequest, id
     return choice, dict(params=choice.request.params, seed=choice.request.seed)
 
 
+def _kept_ids(state: ServerState, choice, text: str) -> list[int]:
+    """The fewest of a completion's ids whose text holds `text` (a cut of the reply's text, as the tracker reads
+    it: a completion has no thought channel)."""
+    skip = choice.tracker.skip_special
+    return fewest_ids(lambda part: state.tokenizer.decode(part, skip_special_tokens=skip), choice.tracker.ids, text)
+
+
 def _finished(state: ServerState, body, choice, ids: list[int], settings: dict) -> dict:
+    """The reply of a finished completion. An n_indent cut lies before any stop string (that one cut the text
+    after it): the reply ends there as at a limit, with the ids its text needs."""
     text, indented = cut_indent(choice.tracker.text, body.n_indent)
-    word = choice.tracker.stop_word
+    word = "" if indented else choice.tracker.stop_word
     stop_type = "word" if word else "limit" if indented or choice.finish_reason == "length" else "eos"
-    return _response(state, body, content=text, ids=choice.tracker.ids, prompt_ids=ids, stop_type=stop_type,
+    out = _kept_ids(state, choice, text) if indented else choice.tracker.ids
+    return _response(state, body, content=text, ids=out, prompt_ids=ids, stop_type=stop_type,
                      stopping_word=word, cached=choice.cached_tokens, prompt_s=choice.prompt_seconds,
                      total_s=choice.seconds, **settings)
 
 
-async def _stream_completion(state: ServerState, body, choice, ids: list[int], settings: dict):
-    """A chunk per committed canvas; with n_indent, the last line is held back until its indent is known."""
-    acc, sent, sent_ids = "", 0, 0  # the stop-safe text run_choices handed out, how much of it went out; ids sent
+async def _cut_run(state: ServerState, body, choice, is_disconnected=None):
+    """Run a completion, yielding its text so far each time it grows (with n_indent, its last line is held back
+    until that line's indent is known). An n_indent cut ends the request as a stop string does: the engine stops
+    generating it, and its Finish still comes (its passes and timings are counted); what is committed meanwhile is
+    left out of the reply (_finished cuts the text and the ids again)."""
+    acc, sent = "", 0  # the stop-safe text run_choices handed out; how much of it was yielded
+    async with contextlib.aclosing(run_choices(state, [choice], is_disconnected)) as events:
+        async for kind, _, payload in events:
+            if kind != "delta" or acc is None:
+                continue
+            acc += payload
+            text, indented = cut_indent(acc, body.n_indent)
+            safe = text if indented or body.n_indent <= 0 or "\n" not in text else text[:text.rfind("\n")]
+            if len(safe) > sent:
+                yield safe
+                sent = len(safe)
+            if indented:
+                acc = None  # the reply is complete
+                state.engine.cancel(choice.request.request_id, "stop")
 
-    def new_ids() -> list[int]:  # return_tokens: the ids committed since the last chunk
+
+async def _run_to_cut(state: ServerState, body, choice, request) -> None:
+    """Run a completion to its end or its n_indent cut (not streamed: the tracker holds the text); a 499 if the
+    client left."""
+    async with contextlib.aclosing(_cut_run(state, body, choice, request.is_disconnected)) as texts:
+        async for _ in texts:
+            pass
+    if choice.finish_reason is None:
+        raise APIError(499, "client closed the request", type="client_closed")
+
+
+async def _stream_completion(state: ServerState, body, choice, ids: list[int], settings: dict):
+    """A chunk per committed canvas; with n_indent, the last line is held back until its indent is known, and
+    each chunk carries the ids of its text (return_tokens), so that the chunks' ids are the whole reply's."""
+    sent, sent_ids = 0, 0  # characters and ids sent
+
+    def new_ids(text: str | None = None) -> list[int]:  # return_tokens: the ids of `text` (None: all) not yet sent
         nonlocal sent_ids
-        ids = choice.tracker.ids[sent_ids:] if body.return_tokens else []
+        if not body.return_tokens:
+            return []
+        held = body.n_indent > 0 and text is not None  # later ids may belong to a line n_indent will cut
+        ids = (_kept_ids(state, choice, text) if held else choice.tracker.ids)[sent_ids:]
         sent_ids += len(ids)
         return ids
 
     try:
-        async with contextlib.aclosing(run_choices(state, [choice])) as events:
-            async for kind, _, payload in events:
-                if kind != "delta":
-                    continue
-                acc += payload
-                text, indented = cut_indent(acc, body.n_indent)
-                safe = text if indented or body.n_indent <= 0 or "\n" not in text else text[:text.rfind("\n")]
-                if len(safe) > sent:
-                    yield _sse({"index": 0, "content": safe[sent:], "tokens": new_ids(), "stop": False, "id_slot": -1})
-                    sent = len(safe)
-                if indented:
-                    break  # closing run_choices cancels the request
-        if choice.finish_reason is None:  # cut by n_indent
+        async with contextlib.aclosing(_cut_run(state, body, choice)) as texts:
+            async for safe in texts:
+                yield _sse({"index": 0, "content": safe[sent:], "tokens": new_ids(safe), "stop": False, "id_slot": -1})
+                sent = len(safe)
+        if choice.finish_reason is None:  # ended without its Finish (not expected: the loop runs until it comes)
             choice.finish_reason = "length"
         final = _finished(state, body, choice, ids, settings)
-        rest, ids_left = final["content"][sent:], new_ids()
+        rest, ids_left = final["content"][sent:], final["tokens"][sent_ids:]
         if rest or ids_left:
             yield _sse({"index": 0, "content": rest, "tokens": ids_left, "stop": False, "id_slot": -1})
         yield _sse(select_fields(dict(final, content="", tokens=[]), body.response_fields))
@@ -340,6 +393,7 @@ def fit_infill(state: ServerState, prompt_ids: list[int], suffix_ids: list[int],
 
 @llama_names
 async def infill(state: ServerState, body: LlamaInfillRequest, request: Request):
+    from ..infill import middle_text
     from .infill import cut_middle, run_infill
 
     need_tokenizer(state, "input_prefix")
@@ -358,7 +412,7 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
                        "input_prefix")
     if not suffix_ids:  # nothing after the cursor: a plain completion of the prefix
         choice, settings = await _completion_choice(state, body, _openai_body(state, body, ids), ids)
-        await run_to_end(state, [choice], request)
+        await _run_to_cut(state, body, choice, request)
         return _send(body, dict(_finished(state, body, choice, ids, settings), truncated=truncated))
     suffix = body.input_suffix if len(suffix_ids) == whole_suffix else state.tokenizer.decode(suffix_ids)
     # the body is checked with a one-character stand-in for the suffix (CompletionRequest caps `suffix` at 64 Ki
@@ -370,6 +424,8 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
     total = time.perf_counter() - start
     text, word, middle = cut_middle(state.tokenizer, ids, group.middle, body.stop)
     text, indented = cut_indent(text, body.n_indent)
+    if indented:  # before the stop string, if any: the middle ends there, with the ids its text needs
+        word, middle = "", fewest_ids(lambda part: middle_text(state.tokenizer, ids, part), middle, text)
     cands = group.candidates
     chosen = cands[group.best].request
     return _send(body, _response(

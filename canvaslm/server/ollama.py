@@ -12,8 +12,9 @@ refuses a Go `template` everywhere (it renders the checkpoint's own Jinja templa
 names: `num_predict` (-1 or absent: the server's default), `temperature`, `top_k`, `top_p`, `min_p`,
 `seed`, `stop`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`; the ones
 with no meaning here (`num_ctx`, `num_gpu`, `num_thread`, `mirostat`, ... and `keep_alive`) are
-ignored: the model stays loaded and the context is the server's `max_model_len`. Values Go reads leniently
-are read so: `content: null` is "", an integral float is the integer in an integer option. `think` (true,
+ignored: the model stays loaded and the context is the server's `max_model_len` (an empty request answers
+`done_reason` "load", or "unload" with a zero `keep_alive`, as Ollama's: nothing is unloaded). Values Go reads
+leniently are read so: `content: null` is "", an integral float is the integer in an integer option. `think` (true,
 or a level "high" / "medium" / "low" / "max": on; false: off; a model with no thought channel refuses it, as
 Ollama's refuses a model without the thinking capability) renders the chat template with `enable_thinking`,
 and a reply's thought channel (canvaslm.reasoning) comes back as `thinking` (chat: in `message`), streamed
@@ -41,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -151,6 +153,26 @@ def served(state: ServerState, model: str) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# Go's duration units, in nanoseconds
+DURATION_UNITS = {"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
+DURATION_PART = r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)"
+
+
+def _load_reason(keep_alive) -> str:
+    """The done_reason of an empty request: "unload" when `keep_alive` is a zero duration (seconds as a number, or a
+    Go duration string: "0", "0s", "0m"), as Ollama answers the request that unloads a model; else "load". The
+    model stays loaded here either way."""
+    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
+        zero = 0 <= keep_alive * 1e9 < 1  # Go keeps whole nanoseconds
+    elif isinstance(keep_alive, str):
+        text = keep_alive.lstrip("+-")  # a negative duration keeps the model loaded; "-0s" is zero still
+        zero = text == "0" or (re.fullmatch(f"(?:{DURATION_PART})+", text) is not None and
+                               sum(float(n) * DURATION_UNITS[u] for n, u in re.findall(DURATION_PART, text)) < 1)
+    else:
+        zero = False
+    return "unload" if zero else "load"
 
 
 THINK_LEVELS = ("high", "medium", "low", "max")  # Ollama's levels: each is thinking on here (no effort scale)
@@ -280,7 +302,7 @@ async def chat(state: ServerState, body: ChatBody, request):
     _check_think(state, body)
     if not body.messages:  # Ollama loads the model and answers at once
         return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                "done": True, "done_reason": "load"}
+                "done": True, "done_reason": _load_reason(body.keep_alive)}
     places = []
     fields = _sampling(body, {"model": name, "messages": _chat_messages(body.messages, places)})
     if body.tools:
@@ -304,7 +326,8 @@ async def generate(state: ServerState, body: GenerateBody, request):
     need_tokenizer(state, "prompt")
     _check_generate(state, body)
     if not body.prompt and not body.suffix:  # Ollama loads the model and answers at once (an empty suffix is none)
-        return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+        return {"model": body.model, "created_at": _now(), "response": "", "done": True,
+                "done_reason": _load_reason(body.keep_alive)}
     places, images = [], body.images or []
     vision = state.vision
     if body.context and vision is not None and vision.cfg.image_token_id in body.context:
