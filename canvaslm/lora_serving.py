@@ -153,10 +153,11 @@ def read_adapter(path, name: str | None = None) -> Adapter:
         raise AdapterError(f"{cfg_path}: expected a JSON object")
     _check_config(cfg_path, cfg)
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not isinstance(r, int) or r < 1:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise AdapterError(f"{cfg_path}: r must be a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise AdapterError(f"{cfg_path}: lora_alpha must be a positive number, got {alpha!r}")
+    # Python's json reads NaN and Infinity: such a scale would make every adapted row NaN
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < math.inf:
+        raise AdapterError(f"{cfg_path}: lora_alpha must be a finite positive number, got {alpha!r}")
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     parts: dict = {}
     for key, t in _load_weights(w_path).items():
@@ -167,7 +168,10 @@ def read_adapter(path, name: str | None = None) -> Adapter:
         if t.dim() != 2 or module.removesuffix(".base_layer").endswith("experts"):
             raise AdapterError(f"{w_path}: {key} has shape {tuple(t.shape)}; expected 2-D (experts take no "
                                "served adapter)")
-        parts.setdefault(module, {})[which] = t.float()
+        t = t.float()
+        if not torch.isfinite(t).all():  # NaN, or an overflow (a half-precision save of too large values)
+            raise AdapterError(f"{w_path}: {key} holds non-finite values (NaN or infinity)")
+        parts.setdefault(module, {})[which] = t
     weights = {}
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:
@@ -265,6 +269,13 @@ class MultiLoRA:
             if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features:
                 raise AdapterError(f"{where}: {path} is [{b.shape[0]} x {a.shape[1]}] but the model's projection "
                                    f"is [{mod.out_features} x {mod.in_features}]")
+            # what the stacks will hold (`load`: the scale folded into B, in the model's dtype) must stay finite:
+            # float16 overflows past 65504
+            dtype = str(self.dtype).removeprefix("torch.")
+            for part, t in (("lora_A", a), ("lora_B x lora_alpha / r", b * adapter.scale)):
+                if not torch.isfinite(t.to(self.dtype)).all():
+                    raise AdapterError(f"{where}: {raw}'s {part} is not finite in {dtype} (NaN, or values over its "
+                                       "range)")
 
     def load(self, adapter: Adapter) -> int:
         """Serve `adapter`; -> its id. AdapterError (nothing changed) if it does not fit the model."""

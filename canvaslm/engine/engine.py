@@ -180,6 +180,16 @@ class _Sink:
             pass
 
 
+class EngineClosed(RuntimeError):
+    """`Engine.call` on an engine that is shut down or whose thread has stopped (raised at once, or set on
+    the future of a call the thread never ran); `reason` says which (SHUTTING_DOWN or ENGINE_DOWN). A
+    server answers it with a 503, as it does a generation the engine refuses."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"the engine is shut down ({reason})")
+        self.reason = reason
+
+
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -467,11 +477,12 @@ class Engine:
 
     def call(self, fn) -> "concurrent.futures.Future":
         """Run fn(model) on the engine thread between two steps (the model is never used by two threads at
-        once); the future holds its result or its exception. For short side work: scoring candidates."""
+        once); the future holds its result or its exception. For short side work: scoring candidates.
+        EngineClosed, raised here or on the future, once the engine takes no more work."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         refused = SHUTTING_DOWN if self._stopping else self._enqueue(("call", fn, fut))
         if refused is not None:
-            raise RuntimeError(f"the engine is shut down ({refused})")
+            raise EngineClosed(refused)
         return fut
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> None:
@@ -570,7 +581,7 @@ class Engine:
             self._end(rid, reason, message)
         for op, arg, sink in late:  # what arrived too late: calls fail, requests end cancelled
             if op == "call" and sink.set_running_or_notify_cancel():
-                sink.set_exception(RuntimeError(f"the engine is shut down ({refusal})"))
+                sink.set_exception(EngineClosed(refusal))
             elif op == "add":
                 sink.put(Finish(arg.request_id, "cancelled", 0, 0, refusal))
 

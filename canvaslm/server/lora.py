@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from ..lora_serving import AdapterError, read_adapter
-from .serving import APIError, ServerState
+from .serving import APIError, ServerState, engine_future
 
 
 async def load_adapter(state: ServerState, name: str, path: str) -> int:
@@ -20,7 +20,7 @@ async def load_adapter(state: ServerState, name: str, path: str) -> int:
                        "lora_name")
     try:
         adapter = await asyncio.to_thread(read_adapter, path, name)
-        i = await asyncio.wrap_future(state.engine.call(lambda m: m.lora_serving.load(adapter)))
+        i = await asyncio.wrap_future(engine_future(state.engine, lambda m: m.lora_serving.load(adapter)))
     except AdapterError as e:
         raise APIError(400, f"lora_path: {e}", "lora_path") from None
     state.loras[name] = (i, adapter.path)
@@ -31,4 +31,4 @@ async def unload_adapter(state: ServerState, name: str) -> None:
     if name not in state.loras:
         raise APIError(404, f"no LoRA adapter named {name!r} is loaded", "lora_name", code="model_not_found")
     del state.loras[name]  # new requests may no longer name it
-    await asyncio.wrap_future(state.engine.call(lambda m: m.lora_serving.unload(name)))
+    await asyncio.wrap_future(engine_future(state.engine, lambda m: m.lora_serving.unload(name)))

@@ -653,3 +653,5 @@ class EmbeddingRequest(_Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=1, le=INT64,
+                                               description="vLLM's: keep only the last N tokens of each input")

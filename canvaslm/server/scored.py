@@ -19,8 +19,21 @@ import asyncio
 import uuid
 
 from ..scoring import batch_token_logprobs
-from .serving import (APIError, ServerState, check_choice_count, check_prompt_only, check_request_basics,
+from .serving import (APIError, ServerState, by_groups, check_choice_count, check_prompt_only, check_request_basics,
                       need_tokenizer, prepare, renamed, run_to_end, score_later, usage)
+
+
+def _score_rows(state: ServerState, model: str, seqs: list, starts: list, top_k: int, ranks: bool = False,
+                images: list | None = None):
+    """A future of `batch_token_logprobs` of the rows on the engine thread with `model`'s adapter, in encoder
+    passes of at most one slot's context of positions (serving.by_groups)."""
+    images = images or [None] * len(seqs)
+
+    def run(m):
+        return by_groups(state, [len(s) for s in seqs], lambda group: batch_token_logprobs(
+            m, [seqs[i] for i in group], [starts[i] for i in group], top_k, ranks=ranks,
+            images=[images[i] for i in group]))
+    return state.engine_call(model, run)
 
 
 async def complete_scored(state: ServerState, body, prompts: list[list[int]], request) -> dict:
@@ -46,8 +59,7 @@ async def complete_scored(state: ServerState, body, prompts: list[list[int]], re
     scored = [None] * len(outputs)
     if body.logprobs is not None:  # every choice in one engine call, batched encoder passes
         starts = [1 if body.echo else len(prompt) for prompt, _, _, _ in outputs]
-        fut = state.engine_call(body.model, lambda model: batch_token_logprobs(model, seqs, starts, top_k))
-        scored = await asyncio.wrap_future(fut)
+        scored = await asyncio.wrap_future(_score_rows(state, body.model, seqs, starts, top_k))
     echoed = echo_texts(state, body, prompts) if body.echo else None
     out = []
     for i, ((prompt, ids, finish, _), seq, text) in enumerate(zip(outputs, seqs, texts)):
@@ -107,8 +119,7 @@ async def chat_logprobs_many(state: ServerState, model: str, replies: list, top_
     seqs = [list(prompt) + ids for (prompt, _), ids in zip(replies, outs)]
     starts = [len(prompt) for prompt, _ in replies]
     images = [getattr(prompt, "images", None) for prompt, _ in replies]  # an image prompt's soft tokens
-    fut = state.engine_call(model, lambda m: batch_token_logprobs(m, seqs, starts, top_k, images=images))
-    scored = await asyncio.wrap_future(fut)
+    scored = await asyncio.wrap_future(_score_rows(state, model, seqs, starts, top_k, images=images))
 
     def entry(t, lp):
         token = state.tokenizer.decode([t], skip_special_tokens=False)
@@ -135,9 +146,8 @@ async def prompt_logprobs(state: ServerState, model: str, prompts: list, top_k: 
     token itself (its rank among the whole vocabulary) and the top_k most likely tokens there."""
     need_tokenizer(state, "prompt_logprobs")
     images = [getattr(p, "images", None) for p in prompts]
-    fut = state.engine_call(model, lambda m: batch_token_logprobs(m, [list(p) for p in prompts], [1] * len(prompts),
-                                                                  top_k, ranks=True, images=images))
-    scored = await asyncio.wrap_future(fut)
+    scored = await asyncio.wrap_future(_score_rows(state, model, [list(p) for p in prompts], [1] * len(prompts), top_k,
+                                                   ranks=True, images=images))
 
     def entry(lp, rank, t):
         return {"logprob": lp, "rank": rank, "decoded_token": state.tokenizer.decode([t], skip_special_tokens=False)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, DiffusionParams
-from ..engine.engine import Commit, Draft, Engine, Finish, GenerationRequest
+from ..engine.engine import Commit, Draft, Engine, EngineClosed, Finish, GenerationRequest
 from ..generate import GenerationError
 from ..llm import SamplingParams
 from ..multimodal import ImageError, ImagePrompt
@@ -49,6 +50,40 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def closed_error(e: EngineClosed) -> APIError:
+    """The 503 for work an engine that is shut down (or whose thread stopped) will not run, as a generation
+    it refuses gets; a stream reports it in-band, then [DONE]."""
+    return APIError(503, e.reason, type="server_error")
+
+
+def engine_future(engine: Engine, fn) -> concurrent.futures.Future:
+    """`engine.call(fn)` for a route: EngineClosed (at once, or on a call the engine dropped unrun at its
+    end) becomes `closed_error`'s 503 instead of a 500. Cancelling the returned future (its awaiting task
+    was cancelled) cancels the call where it has not started."""
+    try:
+        call = engine.call(fn)
+    except EngineClosed as e:
+        raise closed_error(e) from None
+    out: concurrent.futures.Future = concurrent.futures.Future()
+
+    def relay(done: concurrent.futures.Future) -> None:  # on the engine thread
+        if done.cancelled():
+            out.cancel()
+            return
+        e = done.exception()
+        try:
+            if e is None:
+                out.set_result(done.result())
+            else:
+                out.set_exception(closed_error(e) if isinstance(e, EngineClosed) else e)
+        except concurrent.futures.InvalidStateError:  # the caller cancelled it meanwhile
+            pass
+
+    call.add_done_callback(relay)
+    out.add_done_callback(lambda f: f.cancelled() and call.cancel())
+    return out
 
 
 @dataclass
@@ -117,12 +152,13 @@ class ServerState:
         raise APIError(404, f"model {model!r} does not exist; this server serves {self.served_names()}", "model",
                        code="model_not_found")
 
-    def engine_call(self, model: str, fn):
-        """Run fn(model) on the engine thread (scoring) with the request's adapter on every row."""
+    def engine_call(self, model: str, fn) -> concurrent.futures.Future:
+        """Run fn(model) on the engine thread (scoring) with the request's adapter on every row; a 503 once
+        the engine takes no more work (`engine_future`)."""
         from ..lora_serving import with_adapter
 
         adapter = self.adapter(model)
-        return self.engine.call(lambda m: with_adapter(m, adapter, fn))
+        return engine_future(self.engine, lambda m: with_adapter(m, adapter, fn))
 
 
 def score_later(state: ServerState, model_name: str, prompt_ids: list, conts: list):
@@ -141,6 +177,33 @@ def score_later(state: ServerState, model_name: str, prompt_ids: list, conts: li
         return score_continuations(model, prompt_ids, conts, held, kv_dtype=engine.runner.cache.dtype,
                                    chunk=engine.config.prefill_chunk)  # without one: encoded as the engine does
     return state.engine_call(model_name, run)
+
+
+ROWS_PER_CALL = 16  # the most rows one scoring or embedding encoder call takes
+
+
+def position_groups(lengths: list, bound: int, most: int = ROWS_PER_CALL) -> list[list]:
+    """The indices of rows of these lengths, shortest first, in groups for one encoder pass each: at most
+    `most` rows, and rows x the group's longest (the positions of the pass's temporary KV cache and
+    activations, scoring.encode_rows) within `bound`; a row longer than `bound` goes alone."""
+    groups, group = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if group and (len(group) == most or (len(group) + 1) * lengths[i] > bound):  # lengths[i]: the longest yet
+            groups.append(group)
+            group = []
+        group.append(i)
+    return groups + [group] if group else groups
+
+
+def by_groups(state: ServerState, lengths: list, run) -> list:
+    """run(indices) -> one result per index, called per `position_groups` group with one slot's context
+    (max_model_len) as the bound: no pass holds more positions than one input a request may send alone, so
+    it fits beside the engine's own KV cache whatever the request holds. -> the results in input order."""
+    out = [None] * len(lengths)
+    for group in position_groups(lengths, state.max_model_len):
+        for i, result in zip(group, run(group), strict=True):
+            out[i] = result
+    return out
 
 
 @dataclass
