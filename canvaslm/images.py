@@ -30,6 +30,8 @@ import json
 import math
 import os
 import re
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 MAX_BYTES = 20 * 2 ** 20  # an encoded image from a client (a data URL, a fetch, an allowed server file)
 MAX_PIXELS = 64 * 2 ** 20  # a decoded image's pixels (64 M: 192 MiB as RGB); Pillow only warns below 179 M
 COMPOSITE_BAND_PIXELS = 2 ** 22  # pixels per band when compositing transparency onto white (_to_rgb)
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")  # encoded images PIL may open (JPEG covers MPO)
 BICUBIC = 3  # PIL's number for bicubic resampling, as `resample` is written in processor configs
 _ACCEPTED_TYPES = ("Gemma4ImageProcessor", "Gemma4ImageProcessorPil", "Gemma4ImageProcessorFast")
 _REQUIRED_TRUE = ("do_resize", "do_rescale", "do_convert_rgb")  # steps this module always performs
@@ -306,8 +309,8 @@ def load_image(source, *, allowed_local_media_path: str | Path | None = None, ti
                max_file_bytes: int | None = MAX_BYTES) -> Image.Image:
     """A decoded RGB image from `source`: a PIL image; encoded bytes; or a string holding a data URL, an
     http(s) URL, a file:// URL or a path (only under `allowed_local_media_path`; relative paths are taken
-    from the working directory), or bare base64. EXIF orientation is applied, transparency composited
-    onto white. Encoded inputs over `max_bytes` are refused, and local files and raw bytes (a caller's own
+    from the working directory), or bare base64; encoded images in one of FORMATS (another is refused by
+    name). EXIF orientation is applied, transparency composited onto white. Encoded inputs over `max_bytes` are refused, and local files and raw bytes (a caller's own
     data: no server client sends raw bytes) over `max_file_bytes` (None: only the pixel limit applies, for
     the user's own files and bytes: LLM, the CLI, training). A fetch takes at most `timeout`
     seconds in all (a server that trickles bytes is cut off); `follow_redirects=False` (an allow-list of
@@ -382,32 +385,113 @@ def _bare_base64(text: str, max_bytes: int) -> bytes | None:
 
 
 def _fetch(url: str, timeout: float, max_bytes: int, follow_redirects: bool = True) -> bytes:
+    """The body at `url`, in at most `timeout` seconds in all. httpx's timeouts bound each read, not the
+    whole (a host sending its headers a byte every half second kept a 2 s fetch going for minutes), so the
+    fetch runs in a worker thread: at the deadline the caller gets its error and the fetch's sockets are
+    shut down, which ends the worker's read at once (and a DNS lookup or connect still under way ends on
+    its own timeout, its result dropped)."""
     try:
         import httpx
     except ImportError:
         raise ValueError("image: fetching http(s) URLs needs httpx (pip install httpx)") from None
     what = _short(url)
+    try:  # httpx's InvalidURL is no ValueError; a bad IDNA host name is a UnicodeError (a ValueError)
+        host = httpx.URL(url).host
+    except (httpx.InvalidURL, ValueError) as e:
+        raise _malformed(what, e) from None
+    if not host:
+        raise ValueError(f"image: malformed URL {what!r} (no host)")
+    cutoff, done, box = _Cutoff(), threading.Event(), {}
+
+    def work():
+        try:
+            box["data"] = _get(httpx, url, what, timeout, max_bytes, follow_redirects, cutoff)
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="canvaslm-image-fetch", daemon=True).start()
+    if not done.wait(timeout):
+        cutoff.expire()
+        raise ValueError(f"image: fetching {what} took over {timeout:g} s (the limit for a whole fetch)")
+    if "error" in box:
+        raise box["error"]
+    return box["data"]
+
+
+def _malformed(what: str, e: Exception) -> ValueError:
+    return ValueError(f"image: malformed URL {what!r} ({e})")
+
+
+class _Cutoff:
+    """The sockets of one fetch (from httpcore's `trace` request extension, as each connection opens), shut
+    down when the fetch's deadline passes. `shutdown` (not `close`) wakes a read blocked in another thread
+    and leaves the descriptor to its owner, which closes it as usual."""
+
+    def __init__(self):
+        self.expired, self._socks, self._lock = False, [], threading.Lock()
+
+    def trace(self, event: str, info: dict) -> None:
+        if not event.endswith(".complete"):  # connection.connect_tcp.complete, connection.start_tls.complete
+            return
+        get = getattr(info.get("return_value"), "get_extra_info", None)
+        sock = get("socket") if callable(get) else None
+        if not isinstance(sock, socket.socket):
+            return
+        with self._lock:
+            self._socks.append(sock)
+            expired = self.expired
+        if expired:  # a connection (a redirect's) opened after the deadline
+            _shut(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired, socks = True, list(self._socks)
+        for sock in socks:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:  # the plain socket's shutdown: an SSLSocket's own would also drop its TLS state under the reader
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed (or a TCP socket a TLS one took over)
+
+
+def _get(httpx, url: str, what: str, timeout: float, max_bytes: int, follow_redirects: bool,
+         cutoff: _Cutoff) -> bytes:
+    """`_fetch`'s worker: the GET itself, its sockets reported to `cutoff`."""
     deadline = time.monotonic() + timeout
     try:
-        with httpx.stream("GET", url, timeout=timeout, follow_redirects=follow_redirects) as resp:
-            if resp.is_redirect and not follow_redirects:
-                raise ValueError(f"image: {what} redirects (HTTP {resp.status_code}), and redirects are not "
-                                 "followed where only some hosts are allowed (--allowed-media-domains)")
-            if not resp.is_success:
-                raise ValueError(f"image: fetching {what} failed with HTTP {resp.status_code}")
-            declared = resp.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise _too_large(int(declared), max_bytes, what)
-            chunks, size = [], 0
-            for chunk in resp.iter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise _too_large(size, max_bytes, what)
-                if time.monotonic() > deadline:
-                    raise ValueError(f"image: fetching {what} took over {timeout:g} s (got {size} bytes)")
-                chunks.append(chunk)
+        with httpx.Client(timeout=timeout, follow_redirects=follow_redirects) as client:
+            request = client.build_request("GET", url, extensions={"trace": cutoff.trace})
+            resp = client.send(request, stream=True)
+            try:
+                if resp.is_redirect and not follow_redirects:
+                    raise ValueError(f"image: {what} redirects (HTTP {resp.status_code}), and redirects are not "
+                                     "followed where only some hosts are allowed (--allowed-media-domains)")
+                if not resp.is_success:
+                    raise ValueError(f"image: fetching {what} failed with HTTP {resp.status_code}")
+                declared = resp.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise _too_large(int(declared), max_bytes, what)
+                chunks, size = [], 0
+                for chunk in resp.iter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise _too_large(size, max_bytes, what)
+                    if cutoff.expired or time.monotonic() > deadline:
+                        raise ValueError(f"image: fetching {what} took over {timeout:g} s (got {size} bytes)")
+                    chunks.append(chunk)
+            finally:
+                resp.close()
     except httpx.HTTPError as e:
+        if cutoff.expired:
+            raise ValueError(f"image: fetching {what} took over {timeout:g} s (the limit for a whole fetch)") from None
         raise ValueError(f"image: fetching {what} failed ({type(e).__name__}: {e})") from None
+    except (httpx.InvalidURL, UnicodeError) as e:  # a redirect's bad URL; a host name the resolver cannot encode
+        raise _malformed(what, e) from None
     return b"".join(chunks)
 
 
@@ -448,9 +532,9 @@ def _decode(data: bytes, what: str, max_bytes: int | None) -> Image.Image:
     if not data:
         raise ValueError(f"image: {what} is empty")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        raise ValueError(f"image: {what} is not an image (PIL cannot identify its format)") from None
+        raise ValueError(f"image: {what} is {_other_format(data)}") from None
     except Image.DecompressionBombError as e:
         raise ValueError(f"image: {what} is too large to decode ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -460,6 +544,19 @@ def _decode(data: bytes, what: str, max_bytes: int | None) -> Image.Image:
         raise ValueError(f"image: {what} is {w} x {h} pixels, over the limit of {MAX_PIXELS:,} (the processor "
                          "shrinks every image to at most ~2.6 M pixels anyway)")
     return _finish(image, what)
+
+
+def _other_format(data: bytes) -> str:
+    """What `data`, which no FORMATS reader took, is: its format's name when PIL knows it, so the error says
+    what came. Only PIL's header parsers run here, never a decoder (EPS's would start Ghostscript)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+    except Exception:  # noqa: BLE001 - anything PIL cannot identify is "not an image" alike
+        kind = None
+    if kind is None:
+        return "not an image (PIL cannot identify its format)"
+    return f"in {kind} format, which is not supported (supported: {', '.join(FORMATS)})"
 
 
 def _finish(image: Image.Image, what: str) -> Image.Image:

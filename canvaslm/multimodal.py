@@ -59,7 +59,7 @@ def for_detail(processor, detail: str | None):
 class ImageInputs:
     """A prompt's images, ready for the encoder."""
 
-    embeds: torch.Tensor  # [n, d] soft tokens of every image, in prompt order
+    embeds: torch.Tensor | None  # [n, d] soft tokens of every image, in prompt order (None: only counted)
     positions: tuple[int, ...]  # the n prompt positions they replace (ascending)
     spans: tuple[tuple[int, int], ...]  # each image's [start, end) run of positions
     digests: tuple[str, ...]  # one per image (images.ProcessedImage.digest)
@@ -252,34 +252,47 @@ class Vision:
                 img = load_image(src, allowed_local_media_path=self.allowed_local_media_path,
                                  follow_redirects=self.allowed_media_domains is None,
                                  max_file_bytes=self.max_file_bytes)
+                out.append(preprocess(img, processor))
             except ValueError as e:
                 msg = str(e)
                 raise ImageError(f"image {k}: {msg.removeprefix('image: ')}") from None
-            out.append(preprocess(img, processor))
         return out
 
     def _check_domain(self, k: int, src) -> None:
         if self.allowed_media_domains is None or not isinstance(src, str):
             return
-        url = urlparse(src.strip())
+        text = src.strip()
+        if not text[:8].lower().startswith(("http://", "https://")):  # what load_image fetches
+            return
+        try:
+            url = urlparse(text)
+        except ValueError as e:  # "Invalid IPv6 URL": an unclosed "["
+            from .images import _short
+
+            raise ImageError(f"image {k}: malformed URL {_short(text)!r} ({e})") from None
         host = (url.hostname or "").rstrip(".")
-        if url.scheme.lower() in ("http", "https") and host not in self.allowed_media_domains:
+        if host not in self.allowed_media_domains:
             allowed = ", ".join(sorted(self.allowed_media_domains)) or "none"
             raise ImageError(f"image {k}: {url.hostname!r} is not among the allowed media domains ({allowed}; "
                              "--allowed-media-domains)")
 
     @torch.no_grad()
-    def prepare(self, prompt_ids, sources, processor_kwargs: dict | None = None,
-                details=None) -> tuple[list[int], ImageInputs | None]:
+    def prepare(self, prompt_ids, sources, processor_kwargs: dict | None = None, details=None, *,
+                check=None, encode: bool = True) -> tuple[list[int], ImageInputs | None]:
         """(prompt ids with every image expanded, ImageInputs). `prompt_ids` holds one image token per image
         (or each image already expanded to its soft-token count, as `prepare` returns it);
         processor_kwargs: the request's mm_processor_kwargs (`processor_for`); details: per image, OpenAI's
         `detail` ("low": LOW_DETAIL_TOKENS soft tokens, as OpenAI's cheap low-resolution pass; "high", "auto"
-        or None: the request's budget)."""
+        or None: the request's budget). check: called with the expanded ids once the images' soft-token
+        counts are known, before the vision tower runs (it may raise: a prompt over the context then costs
+        no tower work). encode=False: only count (/tokenize): the ImageInputs has no soft tokens (embeds
+        None), only where they go, and the tower never runs."""
         ids = [int(t) for t in prompt_ids]
         if not sources:
             if self.cfg.image_token_id in ids:
                 raise ImageError(f"the prompt holds image tokens (id {self.cfg.image_token_id}) but no image was given")
+            if check is not None:
+                check(ids)
             return ids, None
         self.need()
         if self.max_images is not None and len(sources) > self.max_images:
@@ -289,14 +302,18 @@ class Vision:
         processor = self.processor_for(processor_kwargs)
         processed = self.load(sources, [for_detail(processor, d) for d in details])
         ids = self._expand(ids, [p.num_soft_tokens for p in processed])
+        if check is not None:
+            check(ids)
+        positions = [i for i, t in enumerate(ids) if t == self.cfg.image_token_id]
+        digests = tuple(p.digest for p in processed)
+        if not encode:
+            return ids, ImageInputs(None, tuple(positions), tuple(image_spans(positions)), digests)
 
         embeds = torch.cat([self.encode(p) for p in processed])
-        positions = [i for i, t in enumerate(ids) if t == self.cfg.image_token_id]
         if embeds.shape[0] != len(positions):
             raise ImageError(f"the vision tower gave {embeds.shape[0]} soft tokens for {len(positions)} image "
                              "positions")
-        return ids, ImageInputs(embeds, tuple(positions), tuple(image_spans(positions)),
-                                tuple(p.digest for p in processed))
+        return ids, ImageInputs(embeds, tuple(positions), tuple(image_spans(positions)), digests)
 
     @torch.no_grad()
     def encode(self, processed) -> torch.Tensor:
