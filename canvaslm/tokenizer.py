@@ -161,11 +161,13 @@ _PARTS_LOOP = re.compile(r"for\s+\w+\s+in\s+[\w.]*(\[\s*['\"]content['\"]\s*\]|\
 
 
 def _validate_messages(messages: Any, keep_parts: bool = False) -> list[dict]:
-    """Copies of the messages with list-of-parts content joined into one string and a thought under each
-    of its names (`reasoning_content`, `thinking`). Image parts ({"type":
-    "image", "text": the image token's text}, as multimodal.image_parts_to_placeholders writes them) join
-    as that text; with `keep_parts` (a template that renders parts itself) a message holding an image keeps
-    its parts, as [{"type": "text", "text"} | {"type": "image"}], and the template writes the image token."""
+    """Copies of the messages with list-of-parts content joined into one string (by "\\n", as vLLM does
+    for a template that takes content as a string) and a thought under each of its names
+    (`reasoning_content`, `thinking`). Image parts ({"type": "image", "text": the image token's text}, as
+    multimodal.image_parts_to_placeholders writes them) join as that text. With `keep_parts` (a template
+    that loops over the parts itself) every list stays a list, as transformers and vLLM pass it, with its
+    parts as [{"type": "text", "text"} | {"type": "image"}]: the template writes the image token and
+    whatever goes between parts."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
     out = []
@@ -185,7 +187,7 @@ def _validate_messages(messages: Any, keep_parts: bool = False) -> list[dict]:
                         and isinstance(part.get("text"), str)):
                     raise ValueError(f"messages[{i}].content[{j}] must be {{'type': 'text', 'text': str}}, "
                                      f"got {part!r}")
-            if keep_parts and any(p["type"] == "image" for p in content):
+            if keep_parts:
                 content = [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]}
                            for p in content]
             else:
@@ -349,7 +351,8 @@ class Tokenizer:
     @property
     def renders_parts(self) -> bool:
         """The chat template loops over a message's content parts (vLLM's "openai" content format): a message
-        with images then reaches it as parts, and the template writes each image's token where it puts it."""
+        sent as parts then reaches it as parts (as transformers passes them), and the template writes each
+        image's token where it puts it."""
         return self.chat_template is not None and _PARTS_LOOP.search(self.chat_template) is not None
 
     def set_chat_template(self, source: str, origin: str = "chat template") -> None:
