@@ -105,7 +105,8 @@ class Session:
             raise
         if fin.reason == "error":
             raise GenerationError(fin.message or "the turn failed")
-        content, thought = self.thoughts.answer(tokens) if self.thoughts is not None else (tokens, None)
+        # a thought the prompt left open (a generation prompt that opens the channel) is this reply's
+        content, thought = self.thoughts.answer(tokens, ids) if self.thoughts is not None else (tokens, None)
         return llm.decode(content), fin, len(ids), thought
 
     def close(self) -> None:

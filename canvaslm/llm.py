@@ -424,12 +424,15 @@ class LLM:
         thinks first and then answers under its constraint, in two passes as the server runs it
         (server.serving.ThoughtFirst): the thought (prompt + `<|channel>`, free, under its thinking budget,
         ended by `<channel|>`; one cut by its room is closed by one more token), then the answer (prompt + the
-        thought, constrained). Rows without a constraint, or without room left to think, run as they are."""
-        from .reasoning import ThoughtSplitter
+        thought, constrained). A prompt that already opens the channel (Gemma 4's generation prompt after a
+        tool response) gets no second `<|channel>`: its thought goes on. Rows without a constraint, or without
+        room left to think, run as they are."""
+        from .reasoning import ThoughtSplitter, open_channel
 
         split = ThoughtSplitter.for_tokenizer(self.tokenizer)
         rows, C, limit = self.rows(prompts, sps), self.cfg.canvas_length, self.cfg.max_position_embeddings
         first = {}  # row index -> the thought's row
+        lead = {}  # row index -> the `<|channel>` the reply opens ([] when its prompt left the channel open)
         for i, (r, sp) in enumerate(zip(rows, sps)):
             full = r
             if split is not None:  # an output as wide as max_new_tokens is narrowed for a thought
@@ -446,7 +449,9 @@ class LLM:
             room = thought_room(c, r.params.max_new_tokens, len(r.prompt_ids), limit, C)
             # pins count from the reply's start: a pinned reply writes no thought before them
             if c is not None and not isinstance(c, PinnedConstraint) and split is not None and room > 0:
-                first[i] = RowRequest([*r.prompt_ids, split.open_id],
+                lead[i] = [] if open_channel(r.prompt_ids, split.open_id, split.close_id) is not None \
+                    else [split.open_id]
+                first[i] = RowRequest([*r.prompt_ids, *lead[i]],
                                       dataclasses.replace(r.params, max_new_tokens=room), (*r.eos_ids, split.close_id),
                                       r.pad_id, None, r.logit_bias, 0, r.lora, r.images,
                                       ThinkingBudget.for_tokenizer(sp.thinking_token_budget, self.tokenizer))
@@ -461,8 +466,10 @@ class LLM:
             t = thoughts.get(i)
             head = [] if t is None else closed_thought(split.open_id, split.close_id, t.token_ids, t.finish_reason)
             if head is None:  # an EOS inside the thought: the reply ends there
-                heads[i] = ([split.open_id, *t.token_ids], t)
+                heads[i] = ([*lead[i], *t.token_ids], t)
                 continue
+            if t is not None and not lead[i]:  # the prompt holds the opening token
+                head = head[1:]
             heads[i] = (head, t)
             answers[i] = r if t is None else dataclasses.replace(r, prompt_ids=[*r.prompt_ids, *head], params=(
                 dataclasses.replace(r.params, max_time=answer_time(r.params.max_time, spent),
@@ -637,14 +644,17 @@ class LLM:
     def _without_thought(self, res: GenerationResult, sp: SamplingParams | None = None
                          ) -> tuple[GenerationResult, list]:
         """A chat reply with its thought channel (canvaslm.reasoning) moved from `text` to `reasoning`, and
-        the ids outside it (what tool calls are read from)."""
+        the ids outside it that the text shows (what tool calls are read from; without the EOS or stop token
+        that ended the reply). A thought the prompt left open is the reply's, as the server reads it."""
         from .reasoning import ThoughtSplitter
 
         splitter = ThoughtSplitter.for_tokenizer(self.tokenizer)
-        content, thought = splitter.answer(res.token_ids) if splitter is not None else (list(res.token_ids), None)
+        content, thought = (splitter.answer(res.token_ids, res.prompt_ids) if splitter is not None
+                            else (list(res.token_ids), None))
+        stops = self.eos_ids + tuple((sp.stop_token_ids if sp is not None else None) or ())
+        content = _shown(content, res.finish_reason, stops)
         if thought is not None:
-            stops = self.eos_ids + tuple((sp.stop_token_ids if sp is not None else None) or ())
-            res.text, res.reasoning = self.decode(_shown(content, res.finish_reason, stops)), thought
+            res.text, res.reasoning = self.decode(content), thought
         return res, content
 
     def infill(self, prefix: str, suffix: str, params: SamplingParams | None = None, gaps=None):

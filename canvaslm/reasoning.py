@@ -63,11 +63,16 @@ class ThoughtSplitter:
             return Split(ids[start + 1:], ids[:start], False, (start, len(ids)))
         return Split(ids[start + 1:end], ids[:start] + ids[end + 1:], True, (start, end + 1))
 
-    def answer(self, ids) -> tuple[list, str | None]:
-        """(the ids outside the channel, the thought's text, or None when the reply opened no channel) of a
-        finished reply."""
-        split = self.split(ids)
-        return split.content, None if split.thought is None else self.thought_text(split.thought)
+    def answer(self, ids, prompt_ids=()) -> tuple[list, str | None]:
+        """(the ids outside the channel, the thought's text, or None when the reply has no channel) of a
+        finished reply. A thought `prompt_ids` leave open (a prefilled reply; a generation prompt that opens
+        the channel) is the reply's: it is read with `ids`, and its text already in the prompt is left out."""
+        head = self.prompt_thought(prompt_ids)
+        split = self.split(head + list(ids))
+        if split.thought is None:
+            return split.content, None
+        text, before = self.thought_text(split.thought), self.thought_text(head[1:]) if head else ""
+        return split.content, text[len(before):] if text.startswith(before) else text
 
     def thought_text(self, thought_ids) -> str:
         """The thought's text without the channel's label. A text that is only a start of the label gives ""
