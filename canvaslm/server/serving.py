@@ -428,9 +428,24 @@ def validated(cls, fields: dict, param: str):
         raise APIError(400, f"{param}: {e}", param) from None
 
 
+# what a message quotes or points at, left as it is by `renamed`: the request's own values ('stop', "a b",
+# repr's escapes), a schema path's tail "(at $.a b)", and $-paths and #/ or / pointers ($.stop, #/$defs/stop)
+_QUOTED_OR_PATH = (r"""(?<!\w)'(?:[^'\\]|\\.)*'|(?<!\w)"(?:[^"\\]|\\.)*"|\(at [^\n]*?\)(?=\s|$)"""
+                   r"|(?<![\w.])[$#/]\S*")
+
+
+def _kept_spans(message: str) -> list[tuple[int, int]]:
+    """The [start, end) spans of `message` that `renamed` leaves alone (_QUOTED_OR_PATH)."""
+    import re
+
+    return [m.span() for m in re.finditer(_QUOTED_OR_PATH, message)]
+
+
 def renamed(e: APIError, names: dict, in_text: tuple = ()) -> APIError:
     """`e` in another API's terms (`names`: the translated body's field -> that API's): its `param`, and in
-    its message the param's own name and those of `in_text` (fields other errors name too). A name the
+    its message the param's own name and those of `in_text` (fields other errors name too). Only the
+    message's own words are renamed: never inside a quoted value (a model, tool or property the request
+    named 'stop'), a schema path ($.max_tokens) or a sub-field's key (a name after a "."). A name the
     renaming doubles at the message's head ("guided_json: json_schema: ..." -> "json_schema: json_schema:")
     is said once."""
     import re
@@ -440,8 +455,11 @@ def renamed(e: APIError, names: dict, in_text: tuple = ()) -> APIError:
 
     for ours, theirs in names.items():
         if e.param == ours or ours in in_text:
-            pattern = (r"\b" if word(ours[:1]) else "") + re.escape(ours) + (r"\b" if word(ours[-1:]) else "")
-            e.message = re.sub(pattern, lambda m: theirs, e.message)
+            pattern = ((r"(?<!\.)\b" if word(ours[:1]) else "") + re.escape(ours)
+                       + (r"\b" if word(ours[-1:]) else ""))
+            kept = _kept_spans(e.message)
+            e.message = re.sub(pattern, lambda m: m.group() if any(a <= m.start() < b for a, b in kept) else theirs,
+                               e.message)
             e.message = re.sub(rf"^({re.escape(theirs)}: )\1+", lambda m: m.group(1), e.message)
     e.param = names.get(e.param, e.param)
     return e
