@@ -327,7 +327,7 @@ async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
     prompts = [await off_loop(state, encode_chat, state, chat)]
     if isinstance(prompts[0], ImagePrompt):
         try:
-            await off_loop(state, load_images, state, chat, prompts, prompts=prompts)
+            await off_loop(state, load_images, state, chat, prompts, True, prompts=prompts)  # counted: no tower
         except APIError as e:
             raise image_error_at(e, places, BASE64) from None
     return {"input_tokens": len(prompts[0])}

@@ -117,7 +117,7 @@ def build_app(state: ServerState) -> FastAPI:
         chat, text_ids = await off_loop(state, _tokenize, state, tok, body)
         if chat is not None and chat.image_parts():
             prompts = [image_prompt(text_ids, chat)]
-            await off_loop(state, load_images, state, chat, prompts, prompts=prompts)  # fetch, processor, tower
+            await off_loop(state, load_images, state, chat, prompts, True, prompts=prompts)  # counted: no tower
             text_ids = list(prompts[0])
         return await off_loop(state, _tokenize_reply, state, tok, text_ids, body.return_token_strs)
 

@@ -399,17 +399,17 @@ class ChatCompletionRequest(_Common):
                 "continue_final_message": self.continue_final_message}
 
     def message_dicts(self, image_placeholder: str = "<|image|>") -> list[dict]:
-        """The messages as chat templates take them (transformers' convention): text content (an image part
-        becomes `image_placeholder`, the image token's text), and tool call arguments as objects where the
-        JSON text parses to one."""
+        """The messages as chat templates take them (transformers' convention): content as text or a list of
+        parts (an image part holds `image_placeholder`, the image token's text; Tokenizer joins the parts for a
+        template that takes a string), and tool call arguments as objects where the JSON text parses to one."""
         out = []
         for m in self.messages:
             content = m.content
-            if isinstance(content, list):  # images as Tokenizer takes them (it joins or keeps the parts)
-                content = "\n".join(p.text for p in content) if all(isinstance(p, TextPart) for p in content) else \
-                    [{"type": "text", "text": p.text} if isinstance(p, TextPart) else
-                     {"type": "image", "text": image_placeholder} for p in content]
-            msg = {"role": m.role, "content": content or ""}
+            if isinstance(content, list):  # parts as Tokenizer takes them: it joins them, or keeps them for a
+                # template that loops over parts (as LLM.chat's messages reach it: both render alike)
+                content = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else
+                           {"type": "image", "text": image_placeholder} for p in content]
+            msg = {"role": m.role, "content": content if content is not None else ""}
             if m.name is not None:
                 msg["name"] = m.name
             if m.tool_calls:

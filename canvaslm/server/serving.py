@@ -253,9 +253,12 @@ class ThoughtFirst:
         """The answer's request once the thought's request has ended (its output in c.tracker), or None when
         the reply is over (it ended inside the thought, or no room is left for the answer). A thought cut by
         its token room is closed here, as an autoregressive engine's budget closes it."""
-        head = closed_thought(c.tracker.ids[0], self.close_id, c.tracker.ids[1:], c.finish_reason)
+        ids, prefill = c.tracker.ids, c.tracker.prefill
+        n = 0 if prefill else 1  # the reply's own `<|channel>` (none when the prompt left the channel open)
+        head = closed_thought((prefill or ids)[0], self.close_id, ids[n:], c.finish_reason)
         if head is None:  # an EOS inside the thought: the model ended its reply there
             return None
+        head = head[1 - n:]  # the prompt's `<|channel>` stays the prompt's
         c.tracker.add(head[len(c.tracker.ids):])
         prompt = self.prompt_ids + tuple(c.tracker.ids)
         left = answer_room(self.params.max_new_tokens, len(c.tracker.ids), len(self.prompt_ids), state.max_model_len,
@@ -870,11 +873,18 @@ def check_prompt_fits(state: ServerState, ids: list[int]) -> None:
         raise context_error(state, f"The prompt has {len(ids)} tokens", "prompt")
 
 
-def load_images(state: ServerState, body: _Common, prompts: list) -> None:
+def load_images(state: ServerState, body: _Common, prompts: list, count_only: bool = False) -> None:
     """Each prompt holding images (or image tokens) -> an ImagePrompt of its expanded ids with `.images`
     (multimodal.ImageInputs). Loads, maybe fetches, and runs the vision tower: callers run `prepare` in a
-    worker thread."""
+    worker thread. A prompt whose expanded ids are over max_model_len is a 400 before the tower runs (it
+    could never be served); count_only (/tokenize, count_tokens): any length, and the tower never runs."""
     vision = state.vision
+    where = "messages" if hasattr(body, "messages") else "prompt"
+
+    def fits(ids: list[int]) -> None:  # every route needs the prompt in the context (truncation is refused)
+        if len(ids) > state.max_model_len:
+            raise context_error(state, f"The prompt has {len(ids)} tokens", where)
+
     for k, p in enumerate(prompts):
         sources = p.sources if isinstance(p, ImagePrompt) else []
         if not sources and (vision is None or not vision.cfg.has_vision or vision.cfg.image_token_id not in p):
@@ -890,12 +900,13 @@ def load_images(state: ServerState, body: _Common, prompts: list) -> None:
         except ImageError as e:
             raise APIError(400, str(e), "mm_processor_kwargs") from None
         try:
-            ids, images = vision.prepare(p, sources, kwargs, getattr(p, "details", None))
+            ids, images = vision.prepare(p, sources, kwargs, getattr(p, "details", None),
+                                         check=None if count_only else fits, encode=not count_only)
         except ImageError as e:
-            raise APIError(400, str(e), "messages" if hasattr(body, "messages") else "prompt") from None
+            raise APIError(400, str(e), where) from None
         problem = state.engine.image_problem(images)
         if problem is not None:
-            raise APIError(400, problem, "messages" if hasattr(body, "messages") else "prompt")
+            raise APIError(400, problem, where)
         prompts[k] = ImagePrompt(ids, ())
         prompts[k].images = images
 
@@ -1078,10 +1089,14 @@ def prepare(state: ServerState, body: _Common, prompts: list[list[int]]) -> list
                                   prefill=thoughts.prompt_thought(ids) if thoughts is not None else [])
             answer = None
             if first:  # the thought first (its opening token is part of the reply), then the constrained answer
-                tracker.add([thoughts.open_id])
+                # a prompt that left the channel open (Gemma 4's generation prompt after a tool response): the
+                # thought goes on in it, with no second `<|channel>`
+                lead = () if tracker.prefill else (thoughts.open_id,)
+                if lead:
+                    tracker.add(list(lead))
                 answer = ThoughtFirst(tuple(ids), params, choice_seed, eos, constraint, thoughts.close_id,
                                       answer_need(constraint, state.canvas_length))
-                req = GenerationRequest(uuid.uuid4().hex, (*ids, thoughts.open_id),
+                req = GenerationRequest(uuid.uuid4().hex, (*ids, *lead),
                                         dataclasses.replace(params, max_new_tokens=first), choice_seed,
                                         eos + (thoughts.close_id,), None, body.stream_drafts, bias, body.priority,
                                         0, state.adapter(body.model), images=getattr(ids, "images", None),

@@ -113,3 +113,71 @@ def test_a_string_template_gets_text_parts_joined_on_both(think_dir):
     with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
         r = httpx.post(srv.base_url + "/tokenize", json={"model": srv.state.model_name, "messages": msgs}).json()
     assert r["tokens"] == want
+
+
+# ---- to append to tests/server/test_chat_review_s25.py once /tmp/s25/fix_chat/pending.diff is applied ----
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
+PARTS_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{% if m['content'] is string %}{{ m['content'] }}"
+                  "{% else %}{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}<model>{% endif %}")
+
+
+def test_thought_first_goes_on_with_a_thought_the_prompt_opened(opening_dir, monkeypatch):
+    """Thinking on + a constrained reply, after a generation prompt that ends with `<|channel>thought\\n` (Gemma 4
+    after a tool response): the thought request's prompt is the chat prompt as rendered (no second `<|channel>`),
+    the answer's is that prompt + the thought and its close; whole and streamed, the thought is the reasoning."""
+    import json
+
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    body = dict(messages=[{"role": "user", "content": "q"}], max_tokens=48,
+                chat_template_kwargs={"enable_thinking": True},
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
+    with BackgroundServer(build_state(opening_dir, device="cpu")) as srv:
+        tok = srv.state.tokenizer
+        want = tok.encode_chat(body["messages"], enable_thinking=True)
+        thought = tok.encode(f"hm{CLOSE}", add_special_tokens=False)
+        prompts = script(monkeypatch, srv.state, f"hm{CLOSE}", '{"a": 1}')
+        msg = chat(srv, **body)
+        assert prompts == [want, want + thought]  # the first used to be want + [<|channel>]
+        assert (msg["content"], msg["reasoning_content"]) == ('{"a": 1}', "hm")
+        prompts = script(monkeypatch, srv.state, f"hm{CLOSE}", '{"a": 1}')
+        content, reasoning = "", ""
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", timeout=60,
+                          json={"model": srv.state.model_name, **body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for ch in json.loads(line[6:])["choices"]:
+                        content += ch["delta"].get("content") or ""
+                        reasoning += ch["delta"].get("reasoning_content") or ""
+        assert prompts == [want, want + thought] and (content, reasoning) == ('{"a": 1}', "hm")
+
+
+def test_a_template_that_loops_over_parts_gets_text_parts_as_a_list_on_both(think_dir, tmp_path):
+    """A template that renders content parts itself: the server's prompt (/tokenize, a chat reply) and LLM.chat's are
+    the parts as the template writes them (transformers and vLLM pass the list), not the parts joined by "\\n"."""
+    import shutil
+
+    from canvaslm.server.launch import BackgroundServer, build_state
+
+    d = tmp_path / "parts"
+    shutil.copytree(think_dir, d)
+    (d / "chat_template.jinja").write_text(PARTS_TEMPLATE)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]}]
+    llm = LLM(d, device="cpu", dtype="float32")
+    want = llm.chat(msgs, SamplingParams(max_new_tokens=4, max_denoising_steps=2, seed=0)).prompt_ids
+    assert llm.tokenizer.decode(want, skip_special_tokens=False) == "<user>[Hello][World]<model>"
+    with BackgroundServer(build_state(d, device="cpu")) as srv:
+        r = httpx.post(srv.base_url + "/tokenize", json={"model": srv.state.model_name, "messages": msgs}).json()
+        assert r["tokens"] == want  # was "<user>Hello\nWorld<model>"
+        got = httpx.post(srv.base_url + "/v1/chat/completions", json={
+            "model": srv.state.model_name, "messages": msgs, "max_tokens": 4, "logprobs": True}).json()
+        assert got["usage"]["prompt_tokens"] == len(want)
+        going_on = msgs + [{"role": "assistant", "content": [{"type": "text", "text": "Hi"},
+                                                             {"type": "text", "text": "there"}]}]
+        r = httpx.post(srv.base_url + "/tokenize", json={
+            "model": srv.state.model_name, "messages": going_on, "add_generation_prompt": False,
+            "continue_final_message": True}).json()
+        assert srv.state.tokenizer.decode(r["tokens"], skip_special_tokens=False) == \
+            "<user>[Hello][World]<assistant>[Hi][there"

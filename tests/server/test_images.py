@@ -462,10 +462,13 @@ def test_mm_processor_kwargs_on_the_chat_route(server, vision_dir):
                                                      r"prefix store has room for"):
         client.chat.completions.create(model=MODEL, messages=messages(picture), max_tokens=4,
                                        extra_body={"mm_processor_kwargs": {"max_soft_tokens": 280}})
-    with pytest.raises(openai.BadRequestError, match=r"the image is \d+ patches along one side, over the vision "
-                                                     r"tower's 64 positions"):  # the tiny tower's position table
+    with pytest.raises(openai.BadRequestError, match=r"maximum context length is 512 tokens.*The prompt has \d+ "
+                                                     r"tokens"):  # 560 soft tokens: refused before the tower
         client.chat.completions.create(model=MODEL, messages=messages(picture), max_tokens=4,
                                        extra_body={"mm_processor_kwargs": {"max_soft_tokens": 560}})
+    with pytest.raises(openai.BadRequestError, match=r"the image is 210 patches along one side, over the vision "
+                                                     r"tower's 64 positions"):  # the tiny tower's position table
+        client.chat.completions.create(model=MODEL, messages=messages(data_url(png(2200, 10, 8))), max_tokens=4)
 
 
 PARTS_TEMPLATE = (  # loops over content parts, as multimodal HF templates do: it writes the image token itself
@@ -477,7 +480,8 @@ PARTS_TEMPLATE = (  # loops over content parts, as multimodal HF templates do: i
 
 def test_a_template_that_renders_parts_gets_the_image_parts(vision_dir):
     """vLLM's content formats: a template that loops over content gets a message with images as parts and
-    places the image token itself (no separators of ours); a string template gets the parts joined."""
+    places the image token itself (no separators of ours), and text-only parts as parts; a string template gets
+    the parts joined."""
     from canvaslm.llm import LLM, SamplingParams
     from canvaslm.server.protocol import ChatCompletionRequest
 
@@ -495,7 +499,7 @@ def test_a_template_that_renders_parts_gets_the_image_parts(vision_dir):
     assert "<start_of_turn>user\nWhat<|image|>now<end_of_turn>" in parts
     text_only = llm.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                                 {"type": "text", "text": "b"}]}])
-    assert "user\na\nb<end_of_turn>" in text_only  # messages without images stay strings
+    assert "user\nab<end_of_turn>" in text_only  # text-only parts stay parts too, as transformers passes them
     going_on = llm.chat([conv[0], {"role": "assistant", "content": [
         {"type": "text", "text": "Look "}, {"type": "image_url", "image_url": {"url": data_url(png(30, 30, 3))}},
         {"type": "text", "text": " at this"}]}], SamplingParams(max_new_tokens=4, max_denoising_steps=2, seed=0),
