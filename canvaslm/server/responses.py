@@ -15,7 +15,7 @@ Responses are kept in memory (`store`, true by default as in OpenAI's API; the l
 of them, oldest dropped first) so that `previous_response_id` continues a conversation: the stored
 turns (input and output, without the earlier `instructions`) come before the new input. GET and
 DELETE /v1/responses/{id} read and drop one. `truncation: "auto"` cuts the oldest turns from the prompt
-until the reply has room (`_fit`). Streaming sends the Responses event sequence (response.created ... response.completed, each with a
+until the reply has room (`_prepared`). Streaming sends the Responses event sequence (response.created ... response.completed, each with a
 `sequence_number`). Text streams as canvases commit (with `logprobs` asked, each delta
 carries its tokens' entries); a reply that may hold tool calls is sent whole once it is complete.
 
@@ -125,32 +125,69 @@ def to_chat(body: ResponsesRequest, history: list | None = None, places: list | 
     return validated(ChatCompletionRequest, fields, "input"), turns
 
 
-async def _fit(state: ServerState, body: ResponsesRequest, history: list, roles: list, chat, ids, places):
-    """truncation "auto" (OpenAI's: drop turns from the start of the conversation): (chat, ids, places)
-    without as few of the oldest turns as leave room for the reply (max_output_tokens, or one canvas, in
-    whole canvases). The newest turn stays, and a cut never starts at a tool result (its call went before
-    it). Images count at their largest budget. Unchanged when the prompt fits, or when no cut makes it fit
-    (the usual 400 then says how long the prompt is)."""
+async def _prepared(state: ServerState, body: ResponsesRequest, history: list, roles: list, chat, ids,
+                    places: list) -> tuple:
+    """`prepare` for the chat body -> (choices, chat body, prompt ids with images expanded). With truncation
+    "auto" (OpenAI's: drop turns from the start of the conversation) the body loses as few of its oldest turns
+    as leave room for the reply, as `prepare` itself judges it (max_output_tokens or the default, min_tokens, a
+    format's or a forced call's least output, a thought first): a cut starts at a user turn (templates may
+    ask turns to alternate; a tool result never loses its call), or where none does at any turn but a tool
+    result; the newest turn stays. An estimate (the prompt's length, images at their largest budget, the
+    least output asked) finds where to start; each try after it is a real `prepare`. When no cut fits, the
+    400 of the shortest try."""
+    rename = lambda e: renamed(e, CHAT_TO_RESPONSES, RENAMED_IN_TEXT)  # noqa: E731  the Responses fields
+
+    async def attempt(chat, ids, places):
+        prompts = [ids]
+        choices = await prepare_translated(state, chat, prompts, places, rename=rename)
+        return choices, chat, prompts[0]
+
+    if body.truncation != "auto":
+        return await attempt(chat, ids, places)
     C = state.canvas_length
-    room = -(-(body.max_output_tokens or 1) // C) * C
+    least = max(body.max_output_tokens or 1, body.min_tokens or 0)
+    room = -(-least // C) * C
 
     def fits(chat, ids) -> bool:
         return len(ids) + _image_room(state, chat) + room <= state.max_model_len
 
+    async def cut_at(k):  # (chat, ids, places) without the first k turns, or None if the template refuses it
+        kept = []
+        cut_chat, _ = to_chat(body, history, kept, cut=k)
+        try:
+            return cut_chat, await off_loop(state, encode_chat, state, cut_chat, "input"), kept
+        except APIError:
+            return None
+
+    cuts = [k for k in range(1, len(roles)) if roles[k] == "user"] or \
+        [k for k in range(1, len(roles)) if roles[k] != "tool"]
     if fits(chat, ids):
-        return chat, ids, places
-    cuts = [k for k in range(1, len(roles)) if roles[k] != "tool"]
-    best, lo, hi = None, 0, len(cuts) - 1
-    while lo <= hi:  # the fewest turns cut that fit: a shorter conversation never renders longer
-        mid = (lo + hi) // 2
-        kept_places = []
-        cut_chat, _ = to_chat(body, history, kept_places, cut=cuts[mid])
-        cut_ids = await off_loop(state, encode_chat, state, cut_chat, "input")
-        if fits(cut_chat, cut_ids):
-            best, hi = (cut_chat, cut_ids, kept_places), mid - 1
-        else:
-            lo = mid + 1
-    return best or (chat, ids, places)
+        order = [0, *cuts]
+    else:
+        lo, hi, start = 0, len(cuts) - 1, len(cuts)
+        while lo <= hi:  # the fewest turns cut that the estimate fits: fewer turns never render longer
+            mid = (lo + hi) // 2
+            t = await cut_at(cuts[mid])
+            if t is not None and fits(t[0], t[1]):
+                start, hi = mid, mid - 1
+            else:
+                lo = mid + 1
+        order = cuts[start:]
+    short = body.max_output_tokens is not None and body.max_output_tokens < (body.min_tokens or 0)
+    error = None
+    for k in order:
+        t = (chat, ids, places) if k == 0 else await cut_at(k)
+        if t is None:
+            continue
+        try:
+            return await attempt(*t)
+        except APIError as e:  # no room for the reply: one more turn cut (min_tokens over max_output_tokens: never)
+            if e.code != "context_length_exceeded" and (short or not e.message.startswith("min_tokens=")):
+                raise
+            error = e
+    if error is None:  # no cut renders: the whole body's own error
+        return await attempt(chat, ids, places)
+    raise error
 
 
 def _image_room(state: ServerState, chat) -> int:
@@ -288,12 +325,8 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     places = []
     chat, turns = to_chat(body, history, places)
     ids = await off_loop(state, encode_chat, state, chat, "input")
-    if body.truncation == "auto":
-        chat, ids, places = await _fit(state, body, history, [m["role"] for m in history + turns], chat, ids, places)
-    prompts = [ids]
-    choices = await prepare_translated(state, chat, prompts, places,  # the Responses fields, not the chat's
-                                       rename=lambda e: renamed(e, CHAT_TO_RESPONSES, RENAMED_IN_TEXT))
-    ids = prompts[0]  # images expanded to their soft tokens
+    choices, chat, ids = await _prepared(state, body, history, [m["role"] for m in history + turns], chat, ids,
+                                         places)  # ids: images expanded to their soft tokens
     replies = tool_replies(state, chat, choices)
     rid, created = _item_id("resp"), int(time.time())
     if body.stream:

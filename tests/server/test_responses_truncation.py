@@ -1,7 +1,8 @@
 """/v1/responses `truncation: "auto"`: a conversation longer than the context loses as few of its oldest
-turns as leave room for the reply (the instructions and the newest turn stay; a cut never leaves a tool
-result without its call), checked against chat completions of every cut; without it the same request is a
-400 naming the context length."""
+turns as leave room for the reply (the instructions and the newest turn stay; a cut starts at a user turn, so
+roles still alternate and a tool result keeps its call), checked against chat completions of every cut;
+room for the reply is what the request needs (max_output_tokens, min_tokens, a format's least output);
+without it the same request is a 400 naming the context length."""
 
 from __future__ import annotations
 
@@ -28,23 +29,27 @@ def turns(n: int) -> list[dict]:
             for k in range(n)]
 
 
-def chat_prompt_len(client, messages, max_tokens) -> int | None:
+def chat_prompt_len(client, messages, max_tokens, **kw) -> int | None:
     """The chat route's prompt length for `messages`, or None when they leave no room for the reply."""
     try:
         r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                           extra_body={"seed": 1, "max_denoising_steps": 1})
+                                           **{"extra_body": {"seed": 1, "max_denoising_steps": 1}, **kw})
     except BadRequestError as e:
         assert e.code == "context_length_exceeded"
         return None
     return r.usage.prompt_tokens
 
 
-def fewest_cut(client, system, messages, max_tokens, can_start=lambda m: True) -> tuple[int, int]:
+def at_user(m) -> bool:
+    return m["role"] == "user"
+
+
+def fewest_cut(client, system, messages, max_tokens, can_start=at_user, **kw) -> tuple[int, int]:
     """(turns cut, prompt length) of the chat conversation without the fewest oldest turns that fits."""
     for k in range(len(messages)):
         if k and not can_start(messages[k]):
             continue
-        n = chat_prompt_len(client, system + messages[k:], max_tokens)
+        n = chat_prompt_len(client, system + messages[k:], max_tokens, **kw)
         if n is not None:
             return k, n
     raise AssertionError("no cut fits")
@@ -81,13 +86,50 @@ def test_a_cut_keeps_each_tool_result_with_its_call(client):
     chat_messages = [*turns(4), {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "x" * 25}, *turns(3)]
-    cut, prompt_len = fewest_cut(client, [], chat_messages, CANVAS, lambda m: m["role"] != "tool")
-    assert chat_messages[cut]["role"] != "tool"
-    plain_cut, _ = fewest_cut(client, [], chat_messages, CANVAS)
+    cut, prompt_len = fewest_cut(client, [], chat_messages, CANVAS)
+    assert chat_messages[cut]["role"] == "user"
+    plain_cut, _ = fewest_cut(client, [], chat_messages, CANVAS, lambda m: True)
     assert plain_cut == 5  # the fewest turns that fit would start at the tool result: the search must pass it
     r = client.responses.create(model=MODEL, input=items, max_output_tokens=CANVAS, truncation="auto",
                                 extra_body={"seed": 1, "max_denoising_steps": 1})
     assert r.usage.input_tokens == prompt_len
+
+
+def test_room_for_a_format_and_min_tokens(client):
+    """With no max_output_tokens, the reply's room is what the request asks at least: a JSON schema's least
+    output (several canvases here), or min_tokens; not one canvas."""
+    messages = turns(15)
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "minLength": 40}},
+              "required": ["answer"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "name": "a", "schema": schema}
+    r = client.responses.create(model=MODEL, input=messages, text={"format": fmt}, truncation="auto",
+                                extra_body={"seed": 1, "max_denoising_steps": 1})
+    want = fewest_cut(client, [], messages, None, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert r.usage.input_tokens == want[1] and want[1] + 3 * CANVAS <= CONTEXT  # the least output: > 2 canvases
+    assert r.usage.input_tokens < fewest_cut(client, [], messages, CANVAS)[1]
+    r = client.responses.create(model=MODEL, input=messages, truncation="auto",
+                                extra_body={"seed": 1, "max_denoising_steps": 1, "min_tokens": 40})
+    assert r.usage.input_tokens == fewest_cut(client, [], messages, None,
+                                              extra_body={"seed": 1, "max_denoising_steps": 1, "min_tokens": 40})[1]
+
+
+def test_a_template_that_wants_alternating_roles(tiny_checkpoint, tmp_path, one_thread):
+    """Gemma 3's template refuses a conversation that starts with an assistant turn: cuts start at user turns."""
+    import shutil
+
+    from test_tokenizer import GEMMA_TEMPLATE
+
+    d = tmp_path / "alternating"
+    shutil.copytree(tiny_checkpoint, d)
+    (d / "chat_template.jinja").write_text(GEMMA_TEMPLATE)
+    state = build_state(d, "cpu", "float32", EngineConfig(max_batch=2, max_model_len=CONTEXT), served_model_name=MODEL)
+    with BackgroundServer(state) as srv:
+        client = OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = turns(15)
+        r = client.responses.create(model=MODEL, input=messages, max_output_tokens=CANVAS, truncation="auto",
+                                    extra_body={"seed": 1, "max_denoising_steps": 1})
+        assert r.usage.input_tokens == fewest_cut(client, [], messages, CANVAS)[1]
 
 
 def test_stored_turns_are_kept_whole(client):
