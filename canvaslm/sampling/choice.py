@@ -29,10 +29,19 @@ class ChoiceConstraint(OneSlotConstraint):
                                   f"{field}[{choices.index(choices[twice])}]")
         eos = output_eos(tokenizer, field)
         self.vocab, self.choices = Vocab.of(tokenizer), list(choices)
-        ids = [self.vocab.encode(c) for c in choices]
+        ids = []
+        for i, c in enumerate(choices):
+            try:
+                ids.append(self.vocab.encode(c))
+            except ConstraintError as e:
+                raise ConstraintError(f"{field}[{i}]: {e}") from None
         width = max(len(a) for a in ids)
         self.alternatives = [a + [eos] * (width - len(a)) for a in ids]  # [width] each
-        super().__init__(literal_dfa(self.vocab, self.alternatives), width, eos)
+        try:
+            dfa = literal_dfa(self.vocab, self.alternatives, what="choices'", hint="use fewer or shorter choices")
+        except ConstraintError as e:
+            raise ConstraintError(f"{field}: {e}") from None
+        super().__init__(dfa, width, eos)
 
 
 __all__ = ["ChoiceConstraint", "MAX_CHOICES"]

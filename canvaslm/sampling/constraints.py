@@ -55,17 +55,18 @@ class TokenDFA:
 
     def coreach(self, n: int) -> torch.Tensor:
         """[n + 1, S] bool: co[j, s] = some accepted state is reached from s in exactly j more tokens."""
-        src, _, tgt = self.edges
-        co = torch.zeros(n + 1, self.num_states, dtype=torch.bool)
-        co[0] = self.accept
-        for j in range(1, n + 1):
-            co[j].index_fill_(0, src[co[j - 1][tgt]], True)
-        return co
+        rows = self.coreach_rows(n)
+        return torch.stack([rows[j] for j in range(n + 1)])
 
-    def symbol_masks(self, state: int, n: int, remaining: int) -> torch.Tensor:
+    def coreach_rows(self, n: int) -> "CoreachRows":
+        """coreach(n)'s rows, indexable as co[j] for j <= n, stored only until they start to repeat."""
+        return CoreachRows(self, n)
+
+    def symbol_masks(self, state: int, n: int, remaining: int, co=None) -> torch.Tensor:
         """[n, G] bool: symbols allowed at the next n positions, from `state`, with `remaining` positions left
-        in the slot (>= n): reachable from the left and still able to finish within the slot."""
-        co = self.coreach(remaining)
+        in the slot (>= n): reachable from the left and still able to finish within the slot. `co`: this
+        automaton's coreach rows for at least `remaining` (computed here when not given)."""
+        co = self.coreach_rows(remaining) if co is None else co
         src, sym, tgt = self.edges
         fw = torch.zeros(self.num_states, dtype=torch.bool)
         fw[state] = True
@@ -76,19 +77,20 @@ class TokenDFA:
             fw = torch.zeros_like(fw).index_fill_(0, tgt[good], True)
         return out
 
-    def token_masks(self, state: int, n: int, remaining: int, V: int) -> torch.Tensor:
-        """[n, V] bool allowed tokens for the next n positions."""
-        sym = self.symbol_masks(state, n, remaining)
+    def token_masks(self, state: int, n: int, remaining: int, V: int, co=None) -> torch.Tensor:
+        """[n, V] bool allowed tokens for the next n positions (`co`: see symbol_masks)."""
+        sym = self.symbol_masks(state, n, remaining, co)
         t = self.sym_of_token
         t = torch.cat([t, t.new_full((max(0, V - t.numel()),), -1)])[:V]
         return sym[:, t.clamp(min=0)] & (t >= 0)[None, :]
 
-    def best_path(self, state: int, logp: torch.Tensor, remaining: int) -> tuple[list[int], int]:
+    def best_path(self, state: int, logp: torch.Tensor, remaining: int, co=None) -> tuple[list[int], int]:
         """Most likely token sequence for the next n = logp.shape[0] positions (logp [n, V] log-probs) that
-        starts in `state` and can still be accepted with `remaining` (>= n) positions; -> (ids, end state)."""
+        starts in `state` and can still be accepted with `remaining` (>= n) positions; -> (ids, end state).
+        `co`: see symbol_masks."""
         n, V = logp.shape
         S, G = self.trans.shape
-        co = self.coreach(remaining)
+        co = self.coreach_rows(remaining) if co is None else co
         t = self.sym_of_token.to(logp.device)
         t = torch.cat([t, t.new_full((max(0, V - t.numel()),), -1)])[:V]
         col = torch.where(t >= 0, t, G)  # disallowed tokens go to a dropped column
@@ -125,6 +127,37 @@ class TokenDFA:
         chosen = torch.tensor(syms, device=logp.device)
         ids = logp.masked_fill(t[None, :] != chosen[:, None], float("-inf")).argmax(dim=-1)  # [n]
         return ids.tolist(), end
+
+
+class CoreachRows:
+    """TokenDFA.coreach(n) as rows co[j], j <= n. Each row follows from the one before, so once a row equals
+    an earlier one the rows cycle from there: they are stored up to that point and row j is read from the
+    cycle. A slot as wide as max_tokens then costs its rows once (usually a few dozen), not per canvas."""
+
+    def __init__(self, dfa: TokenDFA, n: int):
+        src, _, tgt = dfa.edges
+        rows, seen = [dfa.accept.clone()], {}  # seen: hash of a row's bytes -> indices of the rows with it
+        self.n, self.cycle = n, None  # cycle: (first row of the cycle, its length)
+        while len(rows) <= n:
+            key = hash(rows[-1].numpy().tobytes())
+            twin = next((i for i in seen.get(key, ()) if torch.equal(rows[i], rows[-1])), None)
+            if twin is not None:
+                rows.pop()
+                self.cycle = (twin, len(rows) - twin)
+                break
+            seen.setdefault(key, []).append(len(rows) - 1)
+            rows.append(torch.zeros_like(rows[0]).index_fill_(0, src[rows[-1][tgt]], True))
+        self.rows = torch.stack(rows)  # [R, S] bool, R <= n + 1
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        """[S] bool: the states from which an accepted state is reached in exactly j more tokens."""
+        if not 0 <= j <= self.n:
+            raise IndexError(f"coreach row {j} is outside 0..{self.n}")
+        R = self.rows.shape[0]
+        if j >= R:
+            first, length = self.cycle
+            j = first + (j - first) % length
+        return self.rows[j]
 
 
 @dataclass
@@ -166,7 +199,17 @@ class CanvasConstraint:
         """A fresh per-request copy (slot states are per request; the spec may be shared by many)."""
         c = copy.copy(self)
         c._states = {}
+        c._coreach = self.__dict__.setdefault("_coreach", {})  # shared by the spec's rows
         return c
+
+    def coreach_of(self, slot: "Slot") -> CoreachRows:
+        """The coreach rows of a slot's automaton over the slot's width, computed once per constraint (not
+        per canvas: a slot as wide as max_tokens made every canvas an O(max_tokens) host pass)."""
+        tables = self.__dict__.setdefault("_coreach", {})
+        hit = tables.get(id(slot.dfa))  # the value keeps the automaton alive, so its id stays its own
+        if hit is None or hit[0] is not slot.dfa or hit[1].n < slot.width:
+            hit = tables[id(slot.dfa)] = (slot.dfa, slot.dfa.coreach_rows(slot.width))
+        return hit[1]
 
     def canvas(self, k: int, C: int, V: int):
         """(pinned LongTensor [C] with -1 for free positions, or None; allowed BoolTensor [C, V] or None)."""
@@ -195,7 +238,7 @@ class CanvasConstraint:
             allowed = torch.ones(C, V, dtype=torch.bool) if allowed is None else allowed
             state = self._states.get(i, slot.dfa.start)
             remaining = slot.start + slot.width - a
-            allowed[a - lo:b - lo] = slot.dfa.token_masks(state, b - a, remaining, V)
+            allowed[a - lo:b - lo] = slot.dfa.token_masks(state, b - a, remaining, V, self.coreach_of(slot))
         return (pinned if bool((pinned >= 0).any()) else None), allowed
 
     def commit(self, k: int, ids: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
@@ -224,7 +267,7 @@ class CanvasConstraint:
                 lp[torch.arange(b - a), part] = 0.0
             else:
                 lp = torch.log_softmax(logits[a - lo:b - lo].float(), dim=-1)  # [n, V] on the logits' device
-            path, state = slot.dfa.best_path(state, lp, remaining)
+            path, state = slot.dfa.best_path(state, lp, remaining, self.coreach_of(slot))
             if slot.finish is not None and a == slot.start and b == slot.start + slot.width:
                 path = slot.finish(path)
             ids[a - lo:b - lo] = torch.tensor(path, dtype=torch.long, device=ids.device)

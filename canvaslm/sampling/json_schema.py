@@ -224,7 +224,10 @@ class _Compiler:
         alts = []
         for v in values:
             self.in_time()
-            alts.append(self.vocab.encode(json.dumps(v, ensure_ascii=False)))
+            try:
+                alts.append(self.vocab.encode(json.dumps(v, ensure_ascii=False)))
+            except ConstraintError as e:
+                raise ConstraintError(f"json_schema: {e} (at {path})") from None
         if self.quoted:  # a union member: joined with the union's other literals into one automaton
             self.pieces.append(_Lit(alts))
             return

@@ -19,18 +19,23 @@ class LogitBiasError(ValueError):
 
 
 def normalize(bias, field: str = "logit_bias", vocab: int | None = None) -> tuple[tuple[int, float], ...]:
-    """{token id (int or decimal text): bias} -> sorted ((id, bias), ...), checked. Empty for None/{}."""
+    """{token id (int or ASCII decimal text): bias} -> sorted ((id, bias), ...), checked. Empty for None/{}.
+    Text keys are ASCII digits only (int() would also take "5_0", " 7 " or Arabic-Indic digits), and two keys
+    may not name one id ("5" and "05"): either would silently bias a token the caller did not write."""
     if bias is None:
         return ()
     items = bias.items() if isinstance(bias, dict) else bias
-    out = {}
+    out, keys = {}, {}
     for key, value in items:
         if isinstance(key, bool) or not isinstance(key, (int, str)):
             raise LogitBiasError(f"{field}: key {key!r} is not a token id")
-        try:
-            token = int(key)
-        except ValueError:
-            raise LogitBiasError(f"{field}: key {key!r} is not a token id (an integer)") from None
+        digits = key[1:] if isinstance(key, str) and key.startswith("-") else key  # "-1": refused by range below
+        if isinstance(key, str) and not (digits.isascii() and digits.isdigit()):
+            raise LogitBiasError(f"{field}: key {key!r} is not a token id (ASCII digits, e.g. \"50256\")")
+        token = int(key)
+        if token in keys:
+            raise LogitBiasError(f"{field}: keys {keys[token]!r} and {key!r} both name token id {token}")
+        keys[token] = key
         if token < 0 or (vocab is not None and token >= vocab):
             raise LogitBiasError(f"{field}: token id {token} is outside the vocabulary [0, {vocab})" if vocab
                                  else f"{field}: token id {token} is negative")

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_REPEAT = 1000  # largest {n,m} bound (interegular unrolls repetitions into states)
+MAX_REPEAT = 1000  # largest {n,m} bound, and product of nested ones (interegular unrolls them into states)
 MAX_STATES = 20000  # character-automaton states (the token automaton has the same limit)
 MAX_CONCURRENT = 2  # compile children at once (per server process)
 TURN_WAIT_S = 1.0  # longest wait for a free turn: a child's usual run is ~0.1-0.3 s, a slow one the whole limit
@@ -155,6 +155,61 @@ def _top_end(pattern: str, j: int, depth: int) -> bool:
     return depth == 0 and (j == len(pattern) or pattern[j] == "|")
 
 
+_QUANTIFIER = re.compile(r"\{(\d*)(,(\d*))?\}\??|[*+?]\??")  # as interegular reads them (no spaces)
+
+
+def check_repeats(source: str) -> None:
+    """RegexCompileError if a {n,m} bound of the (normalized) pattern is over MAX_REPEAT, or nested ones
+    (`(a{100}){100}`, `a{100}{100}`) multiply past it: interegular unrolls each into that many copies, and its
+    time grows faster than the copies (`a{,5000}` 2.5 s, `a{,20000}` 90 s). `{,n}` is `{0,n}` as in Python;
+    braces in a class (`[{5}]`) or escaped are characters."""
+    stack = [(1, "")]  # per open group: (largest repeat product inside it, the quantifiers that make it)
+    i, n = 0, len(source)
+    while i < n:
+        c = source[i]
+        if c == "(":
+            if source.startswith("(?#", i):  # a comment: skip it whole
+                end = source.find(")", i)
+                i = n if end < 0 else end + 1
+                continue
+            stack.append((1, ""))
+            i += 1
+            continue
+        if c == ")" and len(stack) > 1:
+            inner = stack.pop()
+            i += 1
+        else:  # one atom: an escape, a class, or a character
+            inner = (1, "")
+            if c == "\\":
+                i += 2
+            elif c == "[":
+                j = i + 1
+                j += source[j:j + 1] == "^"
+                j += source[j:j + 1] == "]"  # a leading ] is a character
+                while j < n and source[j] != "]":
+                    j += 2 if source[j] == "\\" else 1
+                i = j + 1
+            else:
+                i += 1
+        count, names = inner
+        while (m := _QUANTIFIER.match(source, i)) is not None:  # interegular takes `a{2}{3}` as six a's
+            i = m.end()
+            if not m.group(0).startswith("{"):
+                continue  # * + ? unroll nothing
+            lo = int(m.group(1) or 0)
+            hi = lo if m.group(2) is None else (int(m.group(3)) if m.group(3) else None)
+            if max(lo, hi or 0) > MAX_REPEAT:
+                raise RegexCompileError(f"repetition {m.group(0)} is over the limit of {MAX_REPEAT}")
+            if hi is not None and hi < lo:
+                raise RegexCompileError(f"repetition {m.group(0)} has its minimum repeat greater than its maximum")
+            count, names = count * max(lo, hi or 0, 1), names + m.group(0)
+            if count > MAX_REPEAT:
+                raise RegexCompileError(f"nested repetitions {names} repeat a part {count} times, over the limit of "
+                                        f"{MAX_REPEAT}")
+        if count > stack[-1][0]:
+            stack[-1] = (count, names)
+
+
 def char_fsm(pattern: str) -> CharFSM:
     """Compile in this process (no deadline); raises RegexCompileError naming the problem."""
     try:
@@ -168,12 +223,10 @@ def char_fsm(pattern: str) -> CharFSM:
         source = normalized(pattern)
     except RegexCompileError as e:
         raise RegexCompileError(f"cannot compile {pattern!r}: {e}") from None
-    for m in re.finditer(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}", source):
-        if max(int(n) for n in m.groups() if n) > MAX_REPEAT:
-            raise RegexCompileError(f"repetition {m.group(0)} is over the limit of {MAX_REPEAT}")
-        if m.group(2) and int(m.group(2)) < int(m.group(1)):
-            raise RegexCompileError(f"cannot compile {pattern!r}: repetition {m.group(0)} has its minimum repeat "
-                                    "greater than its maximum")
+    try:
+        check_repeats(source)
+    except RegexCompileError as e:
+        raise RegexCompileError(f"cannot compile {pattern!r}: {e}") from None
     try:
         parsed = interegular.parse_pattern(source)
         if _has_lookaround(parsed, patterns._NonCapturing):
@@ -226,6 +279,10 @@ def char_fsm_with_deadline(pattern: str, timeout: float) -> CharFSM:
     """Compile in a child process; kill it and raise RegexCompileError after `timeout` seconds (counting
     the wait for a turn, which raises RegexCompileBusy after TURN_WAIT_S or the timeout, the sooner)."""
     start = time.monotonic()
+    try:  # refuse what is over a limit at once, without a child (or a turn) to find it out
+        check_repeats(normalized(pattern))
+    except RegexCompileError as e:
+        raise RegexCompileError(f"cannot compile {pattern!r}: {e}") from None
     if not _turns.acquire(timeout=min(timeout, TURN_WAIT_S)):
         raise RegexCompileBusy(f"{MAX_CONCURRENT} regex compiles are already running; try again")
     try:
@@ -256,7 +313,7 @@ def char_fsm_with_deadline(pattern: str, timeout: float) -> CharFSM:
     return CharFSM(**value)
 
 
-__all__ = ["CharFSM", "char_fsm", "char_fsm_with_deadline", "RegexCompileError", "RegexCompileBusy",
+__all__ = ["CharFSM", "check_repeats", "char_fsm", "char_fsm_with_deadline", "RegexCompileError", "RegexCompileBusy",
            "MAX_REPEAT", "MAX_STATES", "MAX_CONCURRENT"]
 
 

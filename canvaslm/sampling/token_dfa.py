@@ -24,26 +24,37 @@ JSON_WS = " \t\n\r"
 
 
 class DFACache:
-    """The most recently used token automata of one vocabulary, at most `size`. A server sees endless
-    distinct patterns, choice lists and length bounds, and each automaton holds a [V] symbol table (2 MB
-    at a 262k vocabulary), so an unbounded cache would grow without end. Safe across threads."""
+    """The most recently used token automata of one vocabulary: at most `size` of them and `max_bytes` of their
+    tensors together. A server sees endless distinct patterns, choice lists and length bounds, and one automaton
+    holds a [V] symbol table (2 MB at a 262k vocabulary) and a dense [S, G] transition table that can reach
+    a hundred MB (a pattern of many character classes over a 65k vocabulary: G near V), so a count alone
+    does not bound the memory. An automaton larger than `max_bytes` alone is returned but not kept. Safe
+    across threads."""
 
-    def __init__(self, size: int = 64):
-        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+    def __init__(self, size: int = 64, max_bytes: int = 256 << 20):
+        self.size, self.max_bytes, self.bytes = size, max_bytes, 0
+        self._items, self._lock = OrderedDict(), threading.Lock()  # key -> (value, its bytes)
 
     def get(self, key):
         with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
 
     def put(self, key, value):
+        nbytes = _nbytes(value)  # outside the lock: `edges` may be computed here
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            if nbytes > self.max_bytes:
+                return value
+            self._items[key] = (value, nbytes)
+            self.bytes += nbytes
+            while len(self._items) > self.size or self.bytes > self.max_bytes:
+                self.bytes -= self._items.popitem(last=False)[1][1]
         return value
 
     def __contains__(self, key) -> bool:
@@ -52,6 +63,16 @@ class DFACache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _nbytes(value) -> int:
+    """Bytes of the tensors a cached value holds: a TokenDFA's tables and its sparse `edges` (computed now, as
+    every use of the automaton needs them), or those of a tuple's items (a union entry keeps its members)."""
+    if isinstance(value, TokenDFA):
+        return sum(t.nbytes for t in (value.sym_of_token, value.trans, value.accept, *value.edges))
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 class Vocab:
@@ -75,6 +96,7 @@ class Vocab:
                 self.special_ids.append(i)  # decodes to nothing: a special / control token
             strings.append("" if "\ufffd" in s else s)
         self.strings = strings
+        self.chars = frozenset("".join(strings))  # the characters some token writes whole
         self.V = len(strings)
         self.longest = max(1, max(map(len, strings), default=1))  # characters of the longest token
         ws = [i for i, s in enumerate(strings) if s and all(c in JSON_WS for c in s)]
@@ -106,6 +128,11 @@ class Vocab:
         except ValueError as e:  # e.g. a character outside a char-level vocabulary
             raise ConstraintError(f"cannot tokenize {text!r}: {e}") from e
         if self.text(ids).strip(JSON_WS) != text.strip(JSON_WS):
+            missing = sorted(set(text) - self.chars)
+            if missing:  # e.g. a byte-level BPE writing a rare character as several partial UTF-8 byte tokens
+                raise ConstraintError(f"no token of this tokenizer writes the character(s) "
+                                      f"{', '.join(map(repr, missing[:8]))} (it spells {text!r} with partial UTF-8 "
+                                      "byte tokens, which constrained output cannot use); cannot pin it")
             raise ConstraintError(f"the tokenizer does not spell {text!r} back exactly "
                                   f"(got {self.text(ids)!r}); cannot pin it")
         return ids
@@ -137,11 +164,11 @@ def explore_states(start: Hashable, row_of: Callable, limit: int, deadline: floa
 
 
 def _determinize(start: Hashable, n_symbols: int, step: Callable, accept: Callable, limit: int = 20000,
-                 deadline: float | None = None):
+                 deadline: float | None = None, what: str = "value slot", hint: str = "lower the length bounds"):
     """Breadth-first over states reachable from `start`; -> (trans [S, G] long, accept [S] bool).
-    `deadline`: see explore_states."""
+    `deadline`, `what`, `hint`: see explore_states."""
     order, rows = explore_states(start, lambda s, intern: [intern(step(s, g)) for g in range(n_symbols)], limit,
-                           deadline, "value slot", "lower the length bounds")
+                                 deadline, what, hint)
     trans = torch.tensor(rows, dtype=torch.long).view(len(order), n_symbols)
     return trans, torch.tensor([bool(accept(s)) for s in order])
 
@@ -174,9 +201,10 @@ def char_dfa(vocab: Vocab, key: Hashable, classify: Callable, start: Hashable, s
     return vocab.dfas.put(key, TokenDFA(sym, trans, 0, acc))
 
 
-def literal_dfa(vocab: Vocab, alternatives: list, deadline: float | None = None) -> TokenDFA:
-    """Accept exactly one of the token sequences in `alternatives`, then whitespace tokens. `deadline`: see
-    _determinize."""
+def literal_dfa(vocab: Vocab, alternatives: list, deadline: float | None = None, what: str = "literal values'",
+                hint: str = "use fewer or shorter values") -> TokenDFA:
+    """Accept exactly one of the token sequences in `alternatives`, then whitespace tokens. `deadline`, `what`,
+    `hint`: see explore_states."""
     key = ("literal", tuple(tuple(a) for a in alternatives))
     hit = vocab.dfas.get(key)
     if hit is not None:
@@ -212,7 +240,7 @@ def literal_dfa(vocab: Vocab, alternatives: list, deadline: float | None = None)
         return any(item == "pad" or item[1] == len(alternatives[item[0]]) for item in state)
 
     start = frozenset((a, 0) for a in range(len(alternatives)))
-    trans, acc = _determinize(start, len(toks) + 1, step, accept, deadline=deadline)
+    trans, acc = _determinize(start, len(toks) + 1, step, accept, deadline=deadline, what=what, hint=hint)
     return vocab.dfas.put(key, TokenDFA(sym, trans, 0, acc))
 
 
