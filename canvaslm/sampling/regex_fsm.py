@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_REPEAT = 1000  # largest {n,m} bound, and product of nested ones (interegular unrolls them into states)
+MAX_REPEAT = 1000  # largest {n,m} bound (interegular unrolls it into states)
+MAX_NESTED = 5000  # largest product of nested bounds (`([a-z]{1,100}\.){1,20}`: 2000 copies, 0.5 s; 5000: ~2.5 s)
 MAX_STATES = 20000  # character-automaton states (the token automaton has the same limit)
 MAX_CONCURRENT = 2  # compile children at once (per server process)
 TURN_WAIT_S = 1.0  # longest wait for a free turn: a child's usual run is ~0.1-0.3 s, a slow one the whole limit
@@ -160,7 +161,7 @@ _QUANTIFIER = re.compile(r"\{(\d*)(,(\d*))?\}\??|[*+?]\??")  # as interegular re
 
 def check_repeats(source: str) -> None:
     """RegexCompileError if a {n,m} bound of the (normalized) pattern is over MAX_REPEAT, or nested ones
-    (`(a{100}){100}`, `a{100}{100}`) multiply past it: interegular unrolls each into that many copies, and its
+    (`(a{100}){100}`, `a{100}{100}`) multiply past MAX_NESTED: interegular unrolls each into that many copies, and its
     time grows faster than the copies (`a{,5000}` 2.5 s, `a{,20000}` 90 s). `{,n}` is `{0,n}` as in Python;
     braces in a class (`[{5}]`) or escaped are characters."""
     stack = [(1, "")]  # per open group: (largest repeat product inside it, the quantifiers that make it)
@@ -203,9 +204,9 @@ def check_repeats(source: str) -> None:
             if hi is not None and hi < lo:
                 raise RegexCompileError(f"repetition {m.group(0)} has its minimum repeat greater than its maximum")
             count, names = count * max(lo, hi or 0, 1), names + m.group(0)
-            if count > MAX_REPEAT:
+            if count > MAX_NESTED:
                 raise RegexCompileError(f"nested repetitions {names} repeat a part {count} times, over the limit of "
-                                        f"{MAX_REPEAT}")
+                                        f"{MAX_NESTED}")
         if count > stack[-1][0]:
             stack[-1] = (count, names)
 
@@ -314,7 +315,7 @@ def char_fsm_with_deadline(pattern: str, timeout: float) -> CharFSM:
 
 
 __all__ = ["CharFSM", "check_repeats", "char_fsm", "char_fsm_with_deadline", "RegexCompileError", "RegexCompileBusy",
-           "MAX_REPEAT", "MAX_STATES", "MAX_CONCURRENT"]
+           "MAX_REPEAT", "MAX_NESTED", "MAX_STATES", "MAX_CONCURRENT"]
 
 
 if __name__ == "__main__":

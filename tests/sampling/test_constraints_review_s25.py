@@ -23,10 +23,10 @@ from canvaslm.sampling.token_dfa import DFACache, Vocab
 
 @pytest.mark.parametrize("pattern,words", [
     ("a{,5000}", r"repetition \{,5000\} is over the limit of 1000"),  # {,n} is {0,n}: was compiled (2.5 s)
-    ("(a{100}){20}", r"nested repetitions \{100\}\{20\} repeat a part 2000 times, over the limit of 1000"),
-    ("(?:x(a{,50})){,30}", r"nested repetitions \{,50\}\{,30\} repeat a part 1500 times"),
-    ("a{50}{50}", r"nested repetitions \{50\}\{50\} repeat a part 2500 times"),  # interegular: 2500 a's
-    ("((a){2}b{3}){500}", r"nested repetitions \{3\}\{500\} repeat a part 1500 times"),
+    ("(a{100}){60}", r"nested repetitions \{100\}\{60\} repeat a part 6000 times, over the limit of 5000"),
+    ("(?:x(a{,50})){,110}", r"nested repetitions \{,50\}\{,110\} repeat a part 5500 times"),
+    ("a{80}{80}", r"nested repetitions \{80\}\{80\} repeat a part 6400 times"),  # interegular: 6400 a's
+    ("((a){2}b{30}){500}", r"nested repetitions \{30\}\{500\} repeat a part 15000 times"),
     ("a{,5}{3,1}", r"repetition \{3,1\} has its minimum repeat greater than its maximum"),
 ], ids=["empty-lower", "nested-group", "nested-empty-lower", "nested-atom", "nested-inner",
         "min-over-max"])
@@ -41,6 +41,7 @@ def test_repetitions_within_the_limits_still_compile():
     assert char_fsm("(a{10}){100}").num_states == MAX_REPEAT + 1
     assert char_fsm("a{,1000}").num_states == MAX_REPEAT + 1
     assert char_fsm("a{2}{3}").num_states == 7  # six a's, as interegular reads it
+    char_fsm(r"([a-z]{1,100}\.){1,20}")  # 2000 nested copies: within MAX_NESTED (0.5 s)
 
 
 @pytest.mark.parametrize("pattern,text", [("[{5000}]", "{"), ("[^]{5000}]", "x"), (r"\{5000}", "{5000}"),
