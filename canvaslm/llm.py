@@ -427,7 +427,7 @@ class LLM:
         thought, constrained). A prompt that already opens the channel (Gemma 4's generation prompt after a
         tool response) gets no second `<|channel>`: its thought goes on. Rows without a constraint, or without
         room left to think, run as they are."""
-        from .reasoning import ThoughtSplitter, open_channel
+        from .reasoning import ThoughtSplitter
 
         split = ThoughtSplitter.for_tokenizer(self.tokenizer)
         rows, C, limit = self.rows(prompts, sps), self.cfg.canvas_length, self.cfg.max_position_embeddings
@@ -449,8 +449,7 @@ class LLM:
             room = thought_room(c, r.params.max_new_tokens, len(r.prompt_ids), limit, C)
             # pins count from the reply's start: a pinned reply writes no thought before them
             if c is not None and not isinstance(c, PinnedConstraint) and split is not None and room > 0:
-                lead[i] = [] if open_channel(r.prompt_ids, split.open_id, split.close_id) is not None \
-                    else [split.open_id]
+                lead[i] = [] if split.prompt_thought(r.prompt_ids) else [split.open_id]
                 first[i] = RowRequest([*r.prompt_ids, *lead[i]],
                                       dataclasses.replace(r.params, max_new_tokens=room), (*r.eos_ids, split.close_id),
                                       r.pad_id, None, r.logit_bias, 0, r.lora, r.images,

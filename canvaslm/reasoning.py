@@ -8,7 +8,9 @@ special tokens) would leave `thought` at the head of every answer.
 are read from, what stop strings apply to. A channel that is still open holds everything after it (the
 model is thinking, or was cut by max_tokens while thinking). Thinking is turned on by the chat template
 (`chat_template_kwargs: {"enable_thinking": true}` renders its `<|think|>` system token); the splitter
-only reads what came out. No torch dependency.
+only reads what came out. A prompt may leave a channel open (a prefilled thought, a generation prompt that
+opens it); only one in the prompt's last turn, the model's, counts (`Turns`): a user's message may hold
+the text `<|channel>`, which tokenizers read as the special token. No torch dependency.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 THOUGHT_LABEL = "thought\n"
+TURN_STARTS = ("<|turn>", "<start_of_turn>")  # Gemma 4's and Gemma 3's (the test checkpoints')
+MODEL_ROLE = "model"  # the role a turn start names for the model's turns (`<|turn>model\n`)
 
 
 @dataclass(frozen=True)
@@ -27,11 +31,47 @@ class Split:
     span: tuple = (0, 0)  # where the channel is in the ids, its markers included: [start, end)
 
 
-def open_channel(ids, open_id: int, close_id: int) -> int | None:
+@dataclass(frozen=True)
+class Turns:
+    """How a vocabulary marks chat turns: the ids that start one and the ids the model's role is written with
+    after them (with and without the header's newline, in case a tokenizer merges the two)."""
+    starts: frozenset
+    model: tuple  # of id tuples
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> "Turns | None":
+        """None when the vocabulary has none of TURN_STARTS (prompts are then read whole)."""
+        starts, model = set(), set()
+        for name in TURN_STARTS:
+            try:
+                start = tokenizer.token_to_id(name)
+            except (KeyError, AttributeError):
+                continue
+            starts.add(start)
+            for header in (name + MODEL_ROLE, name + MODEL_ROLE + "\n"):
+                ids = list(tokenizer.encode(header, add_special_tokens=False))
+                if len(ids) > 1 and ids[0] == start:  # the role as it is tokenized after the start
+                    model.add(tuple(ids[1:]))
+        return cls(frozenset(starts), tuple(sorted(model))) if starts and model else None
+
+    def reply_start(self, ids) -> int:
+        """Where in `ids` a channel may open: after the start of their last turn when it is the model's,
+        len(ids) (nowhere) when it is another role's, 0 (anywhere) when `ids` have no turn (a raw prompt)."""
+        last = next((i for i in range(len(ids) - 1, -1, -1) if ids[i] in self.starts), None)
+        if last is None:
+            return 0
+        after = tuple(ids[last + 1:])
+        return last + 1 if any(after[:len(m)] == m for m in self.model) else len(ids)
+
+
+def open_channel(ids, open_id: int, close_id: int, turns: Turns | None = None) -> int | None:
     """Where the channel that `ids` leave open starts (the index of its `<|channel>`), or None: a prompt
-    that ends inside a thought (a prefilled reply) has one."""
+    that ends inside a thought (a prefilled reply; a generation prompt that opens the channel) has one.
+    With `turns`, only a channel in the prompt's last turn, the model's, counts: a `<|channel>` in an earlier
+    turn (a user's message quoting it) opens nothing."""
     ids = list(ids)
-    opens = [i for i, t in enumerate(ids) if t == open_id]
+    first = turns.reply_start(ids) if turns is not None else 0
+    opens = [i for i in range(first, len(ids)) if ids[i] == open_id]
     if opens and close_id not in ids[opens[-1] + 1:]:
         return opens[-1]
     return None
@@ -41,17 +81,18 @@ class ThoughtSplitter:
     """`for_tokenizer` gives None when the tokenizer lacks the channel tokens (the checkpoint has no
     thought channel to read)."""
 
-    def __init__(self, tokenizer, open_id: int, close_id: int):
-        self.tokenizer, self.open_id, self.close_id = tokenizer, open_id, close_id
+    def __init__(self, tokenizer, open_id: int, close_id: int, turns: Turns | None = None):
+        self.tokenizer, self.open_id, self.close_id, self.turns = tokenizer, open_id, close_id, turns
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> "ThoughtSplitter | None":
         if tokenizer is None:
             return None
         try:
-            return cls(tokenizer, tokenizer.token_to_id(CHANNEL_OPEN), tokenizer.token_to_id(CHANNEL_CLOSE))
+            open_id, close_id = tokenizer.token_to_id(CHANNEL_OPEN), tokenizer.token_to_id(CHANNEL_CLOSE)
         except (KeyError, AttributeError):
             return None
+        return cls(tokenizer, open_id, close_id, Turns.for_tokenizer(tokenizer))
 
     def split(self, ids) -> Split:
         ids = list(ids)
@@ -85,9 +126,10 @@ class ThoughtSplitter:
         return text
 
     def prompt_thought(self, prompt_ids) -> list:
-        """The ids of the thought `prompt_ids` leave open, from its `<|channel>` on ([] when none)."""
-        start = open_channel(prompt_ids, self.open_id, self.close_id)
+        """The ids of the thought `prompt_ids` leave open in their last turn, the model's, from its `<|channel>`
+        on ([] when none)."""
+        start = open_channel(prompt_ids, self.open_id, self.close_id, self.turns)
         return [] if start is None else list(prompt_ids)[start:]
 
 
-__all__ = ["ThoughtSplitter", "open_channel", "Split", "CHANNEL_OPEN", "CHANNEL_CLOSE", "THOUGHT_LABEL"]
+__all__ = ["ThoughtSplitter", "Turns", "open_channel", "Split", "CHANNEL_OPEN", "CHANNEL_CLOSE", "THOUGHT_LABEL"]

@@ -9,6 +9,7 @@ Also builds tiny char-level tokenizers for recipe models.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
@@ -143,21 +144,108 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
-def _compile_template(source: str, origin: str) -> jinja2.Template:
+def _environment() -> ImmutableSandboxedEnvironment:
     # Same environment as transformers' apply_chat_template: templates come from the Hub, so sandbox them.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _compile_template(source: str, origin: str) -> jinja2.Template:
     try:
-        return env.from_string(source)
+        return _environment().from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ValueError(f"{origin}: chat template has a syntax error at line {e.lineno}: {e.message}") from e
 
 
-# a template that loops over a message's content takes it as a list of parts (vLLM's "openai" content format)
-_PARTS_LOOP = re.compile(r"for\s+\w+\s+in\s+[\w.]*(\[\s*['\"]content['\"]\s*\]|\.content\b)")
+# What a template does with a message's content decides how a list of parts reaches it (vLLM's content formats):
+# as the list (as transformers always passes it) when the template treats content as a list (loops over it,
+# indexes it, filters it as a list) or hands it to something we cannot follow; joined into one string when it
+# only uses content as a string (prints it, trims it, calls its string methods).
+_STRING_FILTERS = frozenset({
+    "trim", "string", "safe", "e", "escape", "forceescape", "replace", "lower", "upper", "capitalize", "title",
+    "truncate", "wordcount", "wordwrap", "indent", "center", "striptags", "format", "urlize", "urlencode",
+    "length", "count", "tojson", "int", "float", "reverse", "default", "d"})
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_parts(source: str | None) -> bool:
+    """Whether the chat template `source` treats a message's content as a list of parts, read from its syntax
+    tree: content is any `x.content`, `x['content']` or `x.get('content')`, and the names it is given to (`set`,
+    `with`, a macro's parameters) are content too."""
+    if source is None:
+        return False
+    try:
+        tree = _environment().parse(source)
+    except jinja2.exceptions.TemplateSyntaxError:
+        return False  # rendering reports the error
+    N = jinja2.nodes
+    macros = {m.name: m for m in tree.find_all(N.Macro)}
+    aliases: set[str] = set()  # names (and `ns.attr` namespace slots) that hold a message's content
+
+    def is_content(x) -> bool:
+        if isinstance(x, N.Getattr):
+            return x.attr == "content" or (isinstance(x.node, N.Name) and f"{x.node.name}.{x.attr}" in aliases)
+        if isinstance(x, N.Getitem):
+            return isinstance(x.arg, N.Const) and x.arg.value == "content"
+        if isinstance(x, N.Name):
+            return x.name in aliases
+        if isinstance(x, N.Call):  # x.get('content', ...)
+            return (isinstance(x.node, N.Getattr) and x.node.attr == "get" and x.args[:1] != []
+                    and isinstance(x.args[0], N.Const) and x.args[0].value == "content")
+        if isinstance(x, N.CondExpr):
+            return is_content(x.expr1) or (x.expr2 is not None and is_content(x.expr2))
+        if isinstance(x, N.Filter):  # `content | default('')` is still the content
+            return x.name in ("default", "d") and x.node is not None and is_content(x.node)
+        return False
+
+    def bind(target, value) -> bool:
+        """Make `target` (an assignment's) an alias of content when `value` is content; True when it is new."""
+        if not is_content(value):
+            return False
+        name = (target.name if isinstance(target, N.Name) else
+                f"{target.name}.{target.attr}" if isinstance(target, N.NSRef) else None)
+        if name is None or name in aliases:
+            return False
+        aliases.add(name)
+        return True
+
+    changed = True
+    while changed:  # aliases of aliases, in any order
+        changed = False
+        for a in tree.find_all(N.Assign):
+            changed |= bind(a.target, a.node)
+        for w in tree.find_all(N.With):
+            for t, v in zip(w.targets, w.values):
+                changed |= bind(t, v)
+        for c in tree.find_all(N.Call):
+            macro = macros.get(c.node.name) if isinstance(c.node, N.Name) else None
+            if macro is not None:
+                params = {p.name: p for p in macro.args}
+                for p, v in [*zip(macro.args, c.args), *((params.get(k.key), k.value) for k in c.kwargs)]:
+                    if p is not None:
+                        changed |= bind(p, v)
+
+    for f in tree.find_all(N.For):  # a loop over the content, or over a filter of it
+        it = f.iter
+        while isinstance(it, N.Filter) and it.node is not None:
+            it = it.node
+        if is_content(it):
+            return True
+    for f in tree.find_all(N.Filter):  # a list filter (join, selectattr, map, first, ...) or one we do not know
+        if f.node is not None and is_content(f.node) and f.name not in _STRING_FILTERS:
+            return True
+    for g in tree.find_all(N.Getitem):  # content[0]
+        if is_content(g.node) and isinstance(g.arg, N.Const) and isinstance(g.arg.value, int):
+            return True
+    for c in tree.find_all(N.Call):  # given to a function that is not a macro of the template's
+        if not (isinstance(c.node, N.Name) and c.node.name in macros) and not isinstance(c.node, N.Getattr) \
+                and any(is_content(v) for v in [*c.args, *(k.value for k in c.kwargs)]):
+            return True
+    return False
 
 
 def _validate_messages(messages: Any, keep_parts: bool = False) -> list[dict]:
@@ -353,7 +441,7 @@ class Tokenizer:
         """The chat template loops over a message's content parts (vLLM's "openai" content format): a message
         sent as parts then reaches it as parts (as transformers passes them), and the template writes each
         image's token where it puts it."""
-        return self.chat_template is not None and _PARTS_LOOP.search(self.chat_template) is not None
+        return _takes_parts(self.chat_template)
 
     def set_chat_template(self, source: str, origin: str = "chat template") -> None:
         """Use `source` (Jinja) as the chat template instead of the checkpoint's, its named ones included
@@ -368,9 +456,9 @@ class Tokenizer:
         self.chat_template = templates.get("default", next(iter(templates.values()), None))
         self._compiled: dict[str, jinja2.Template] = {}
 
-    def _template_for(self, tools: Any) -> jinja2.Template:
-        """The compiled template a rendering uses: 'tool_use' when tools are passed and the checkpoint names
-        one, else 'default' (transformers' choice)."""
+    def _template_for(self, tools: Any) -> tuple[jinja2.Template, str]:
+        """The compiled template a rendering uses and its source: 'tool_use' when tools are passed and the
+        checkpoint names one, else 'default' (transformers' choice)."""
         if not self.chat_templates:
             raise ValueError(f"{self.name}: this checkpoint has no chat template "
                              "(no chat_template.jinja and no chat_template in tokenizer_config.json)")
@@ -381,7 +469,7 @@ class Tokenizer:
         if name not in self._compiled:
             origin = self.name if name == "default" else f"{self.name} (chat template {name!r})"
             self._compiled[name] = _compile_template(self.chat_templates[name], origin)
-        return self._compiled[name]
+        return self._compiled[name], self.chat_templates[name]
 
     # -- text <-> ids -------------------------------------------------------------------------------
 
@@ -445,8 +533,8 @@ class Tokenizer:
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message continues the last message; it cannot be combined with "
                              "add_generation_prompt (send add_generation_prompt=false)")
-        template = self._template_for(tools)
-        messages = _validate_messages(messages, keep_parts=self.renders_parts)
+        template, source = self._template_for(tools)
+        messages = _validate_messages(messages, keep_parts=_takes_parts(source))
         if continue_final_message:
             _mark_final_content(messages[-1])
         # caller kwargs override; the special tokens are transformers' special_tokens_map

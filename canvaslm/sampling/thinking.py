@@ -42,6 +42,7 @@ class ThinkingBudget:
     tokens: int  # most thought tokens (those after the opening token, before the closing one)
     open_id: int  # `<|channel>`
     close_id: int  # `<channel|>`
+    turns: object = None  # reasoning.Turns: only a channel in the prompt's last turn, the model's, counts
 
     def __post_init__(self):
         if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 0:
@@ -54,7 +55,7 @@ class ThinkingBudget:
         from ..reasoning import ThoughtSplitter
 
         splitter = None if tokens is None else ThoughtSplitter.for_tokenizer(tokenizer)
-        return None if splitter is None else cls(tokens, splitter.open_id, splitter.close_id)
+        return None if splitter is None else cls(tokens, splitter.open_id, splitter.close_id, splitter.turns)
 
     def tracker(self, prompt_ids=()) -> "ThoughtTracker":
         return ThoughtTracker(self, prompt_ids)
@@ -71,8 +72,8 @@ class ThoughtTracker:
         self.n_out = 0
         self.start: int | None = None
         self.closed = False
-        start = open_channel(prompt_ids, budget.open_id, budget.close_id)
-        if start is not None:  # the prompt ends inside an open channel: its thought so far counts
+        start = open_channel(prompt_ids, budget.open_id, budget.close_id, budget.turns)
+        if start is not None:  # the prompt ends inside an open channel (the model's turn): its thought so far counts
             self.start = start + 1 - len(prompt_ids)
 
     def commit(self, ids) -> None:
