@@ -164,17 +164,26 @@ def check_out_dir(out_dir: Path):
 
 
 # The one naming rule for the temps a run's atomic writes make in out_dir: `.NAME.` + tempfile's 8 random characters
-# next to the NAME it becomes (checkpoint.save_model's temp dir, its `.NAME.old.` set-aside and `.NAME.probe.` write
-# check, for checkpoint-<step>/ and final/; _atomic_write_text's `latest` and `metrics.jsonl`; `.trainer_state.`),
-# or plot_history's `.loss.png.tmp.png`. A kill leaves them behind; `clean_partial` removes exactly these, never a
-# user's file. A new writer of out_dir names its temp this way and adds its NAME to RUN_OUTPUTS.
-RUN_OUTPUTS = (r"checkpoint-\d+", "final", "trainer_state", "latest", r"metrics\.jsonl", r"loss\.png")  # regexes
-_RUN_TEMP = re.compile(r"\.(?:%s)\.(?:(?:old|probe)\.)?[a-z0-9_]{8}|\.loss\.png\.tmp\.png" % "|".join(RUN_OUTPUTS))
+# next to the NAME it becomes. Directories: checkpoint.save_model's temp dir, its `.NAME.old.` set-aside and its
+# `.NAME.probe.` write check, for checkpoint-<step>/ and final/. Files: _atomic_write_text's `latest` and
+# `metrics.jsonl`, `.trainer_state.`, plot_history's `.loss.png.tmp.png`. A kill leaves them behind; `clean_partial`
+# removes exactly these, never a user's file. A new writer of out_dir names its temp this way and adds its NAME to
+# RUN_DIRS or RUN_FILES.
+RUN_DIRS = (r"checkpoint-\d+", "final")  # regexes
+RUN_FILES = ("trainer_state", "latest", r"metrics\.jsonl", r"loss\.png")
+RUN_OUTPUTS = RUN_DIRS + RUN_FILES
+# tempfile's names: 8 characters of [a-z0-9_]; all digits is left out (a date, a number: a person's backup,
+# `.final.20241203`; tempfile draws one once in 35,000 names, and such a temp is only left behind)
+_RANDOM = r"(?![0-9]{8}$)[a-z0-9_]{8}"
+_RUN_TEMP_DIR = re.compile(r"\.(?P<name>%s)\.(?P<old>old\.|probe\.)?%s" % ("|".join(RUN_DIRS), _RANDOM))
+_RUN_TEMP_FILE = re.compile(r"\.(?:%s)\.%s|\.loss\.png\.tmp\.png" % ("|".join(RUN_FILES), _RANDOM))
 
 
-def is_run_temp(name: str) -> bool:
-    """Whether an out_dir entry's name is a temp of the run's own writes (the rule above)."""
-    return _RUN_TEMP.fullmatch(name) is not None
+def is_run_temp(name: str, is_dir: bool | None = None) -> bool:
+    """Whether an out_dir entry's name is a temp of the run's own writes (the rule above); `is_dir` (the
+    entry's kind, when known) must match the writer's: a file named like a checkpoint's temp dir is a user's."""
+    return ((is_dir is not False and _RUN_TEMP_DIR.fullmatch(name) is not None)
+            or (is_dir is not True and _RUN_TEMP_FILE.fullmatch(name) is not None))
 
 
 def _atomic_write_text(path: Path, text: str):
@@ -378,11 +387,26 @@ def load_adapters(model, adapters: dict, src: Path):
 
 
 def clean_partial(out_dir: Path):
-    """Remove what a kill mid-save left behind: every temp of the run's atomic writes (`is_run_temp`: checkpoint
-    and final/ temp dirs, state, `latest`, metrics and plot temp files), and nothing else."""
-    for p in Path(out_dir).iterdir():
-        if is_run_temp(p.name):
-            if p.is_dir() and not p.is_symlink():
+    """Undo what a kill mid-save left behind: a checkpoint or final/ that a kill between save_model's two renames
+    left only as its `.NAME.old.` set-aside is renamed back (the previous save, as a failed rename restores it),
+    then every temp of the run's atomic writes (`is_run_temp`: checkpoint and final/ temp dirs, state, `latest`,
+    metrics and plot temp files) is removed, and nothing else."""
+    out_dir = Path(out_dir)
+    entries = list(out_dir.iterdir())
+    olds = {}  # NAME -> its set-aside copies
+    for p in entries:
+        m = _RUN_TEMP_DIR.fullmatch(p.name)
+        if m and m["old"] == "old." and p.is_dir() and not p.is_symlink():
+            olds.setdefault(m["name"], []).append(p)
+    for name, copies in olds.items():
+        if not os.path.lexists(out_dir / name):  # the only copy of NAME: back in place (the newest, if several)
+            back = max(copies, key=lambda p: p.stat().st_mtime)
+            os.replace(back, out_dir / name)
+            entries.remove(back)
+    for p in entries:
+        is_dir = p.is_dir() and not p.is_symlink()
+        if is_run_temp(p.name, is_dir):
+            if is_dir:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)

@@ -467,7 +467,8 @@ def _called(spec: str, kwargs: dict):
     fn = resolve_callable(spec)
     called = f"data source {spec!r} called with data.kwargs {kwargs}"
     try:
-        inspect.signature(fn).bind(**kwargs)
+        # the function's own parameters: a functools.wraps wrapper may take keywords the function it wraps does not
+        inspect.signature(fn, follow_wrapped=False).bind(**kwargs)
     except TypeError as e:  # an unknown keyword, a missing argument
         raise DataError(f"{called}: {e}; data.kwargs must match the function's parameters") from None
     except ValueError:  # no signature to check (some builtins): the call tells
