@@ -52,7 +52,7 @@ class DenseDFA(TokenDFA):
             co[j] = (ok & co[j - 1][safe]).any(dim=1)
         return co
 
-    def symbol_masks(self, state, n, remaining):
+    def symbol_masks(self, state, n, remaining, co=None):  # `co` ignored: the peer builds its own table
         co, ok, safe = self.coreach(remaining), self.trans >= 0, self.trans.clamp(min=0)
         fw = torch.zeros(self.num_states, dtype=torch.bool)
         fw[state] = True
@@ -63,7 +63,7 @@ class DenseDFA(TokenDFA):
             fw = torch.zeros_like(fw).index_fill_(0, safe[good], True)
         return out
 
-    def best_path(self, state, logp, remaining):
+    def best_path(self, state, logp, remaining, co=None):
         (n, V), (S, G) = logp.shape, self.trans.shape
         co = self.coreach(remaining)
         t = torch.cat([self.sym_of_token, self.sym_of_token.new_full((max(0, V - self.sym_of_token.numel()),), -1)])[:V]

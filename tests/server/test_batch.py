@@ -4,6 +4,7 @@ server answers the same bodies, in input order, with bad lines reported by line 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -28,11 +29,12 @@ def line(custom_id, url, body, method="POST") -> str:
 
 
 def run_cli(*args, timeout=300):
+    # one intra-op thread, as the comparing server below runs with: float sums then add in the same order
     return subprocess.run([sys.executable, "-m", "canvaslm.cli", "run-batch", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_run_batch_answers_as_the_server_does(tiny_checkpoint, tmp_path):
+def test_run_batch_answers_as_the_server_does(tiny_checkpoint, tmp_path, one_thread):
     lines = [line(*g) for g in GOOD]
     lines += [line("bad-field", "/v1/chat/completions", {**CHAT, "max_tokens": -1}),
               "{not json",

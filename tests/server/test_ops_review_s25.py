@@ -39,8 +39,12 @@ def adapter_dir(tiny_checkpoint, tmp_path_factory):
     return write_adapter(tmp_path_factory.mktemp("adapter") / "ad", weights, rank=4, alpha=4.0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):  # conftest's: one intra-op thread for this module, restored after it
+    yield
+
+
 def _state(tiny_checkpoint, **kw):
-    torch.set_num_threads(1)
     return build_state(tiny_checkpoint, "cpu", "float32",
                        EngineConfig(max_batch=4, max_model_len=kw.pop("max_model_len", MAX_MODEL_LEN),
                                     prefill_chunk=64), served_model_name=MODEL, **kw)
