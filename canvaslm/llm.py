@@ -370,6 +370,10 @@ class LLM:
         if sp.min_tokens and c is not None:
             raise GenerationError("SamplingParams.min_tokens cannot be combined with a constraint (it fixes where "
                                   "the output ends)")
+        if p.max_time is not None and c is not None and p.max_new_tokens > self.cfg.canvas_length:  # as the server
+            raise GenerationError(f"SamplingParams.max_time with a constraint needs max_new_tokens <= "
+                                  f"{self.cfg.canvas_length} (one canvas): a spent budget ends the output with the "
+                                  "canvas in progress, which could leave what the constraint asks for unfinished")
         # a constrained output writes no thought: its budget is met
         thinking = ThinkingBudget.for_tokenizer(sp.thinking_token_budget, self.tokenizer) if c is None else None
         ids, images = prepared or self.prompt_with_images(prompt)

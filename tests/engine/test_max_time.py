@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from canvaslm.config import ConfigError, DiffusionParams
-from canvaslm.llm import SamplingParams
+from canvaslm.llm import GenerationError, SamplingParams
 
 PROMPT = "Hello there, general Kenobi"
 
@@ -57,3 +57,16 @@ def test_a_timed_request_leaves_its_batch_mates_alone(llm, how):
 def test_max_time_must_be_a_positive_number_of_seconds(bad):
     with pytest.raises(ConfigError, match="max_time"):
         DiffusionParams(max_time=bad)
+
+
+def test_max_time_with_a_constraint_is_limited_to_one_canvas(llm):
+    # as the server refuses it: a spent budget would end a constrained output mid-way, past its first canvas
+    C = llm.cfg.canvas_length
+    with pytest.raises(GenerationError, match=rf"max_time with a constraint needs max_new_tokens <= {C}"):
+        llm.generate(PROMPT, sp(max_new_tokens=2 * C, max_time=5.0, choice=["yes", "no"]))
+    with pytest.raises(GenerationError, match="max_time"):
+        llm.generate(PROMPT, sp(max_new_tokens=C + 1, max_time=5.0, regex="[a-z]+"))
+    (fits,) = llm.generate(PROMPT, sp(max_new_tokens=C, max_time=1e6, choice=["yes", "no"]))
+    assert fits.text in ("yes", "no")
+    (free,) = llm.generate(PROMPT, sp(max_new_tokens=2 * C, max_time=1e6))  # no constraint: no limit
+    assert len(free.token_ids) <= 2 * C
