@@ -271,9 +271,13 @@ def test_cli_eval_refuses_what_it_cannot_evaluate(mini_run, tmp_path, capsys):
     assert "its vocabulary has" in capsys.readouterr().err
     assert main([*base, "--trace", "--ar-model", str(model_dir)]) == 2
     assert "--trace follows the diffusion model's steps" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:  # the diffusion model is checked as the baseline is
-        main(["sudoku", "eval", "--model", str(other), "--n", "1", "--steps", "1"])
-    assert "--model" in str(e.value.code) and "its vocabulary has" in str(e.value.code)
+    # the diffusion model is checked as the baseline is, with the same exit status as every named error
+    assert main(["sudoku", "eval", "--model", str(other), "--n", "1", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model") and "its vocabulary has" in err
+    with pytest.raises(SystemExit) as e:  # argparse: exit 2, with the option's own message
+        main(["sudoku", "eval", "--model", str(model_dir), "--n", "x"])
+    assert e.value.code == 2 and "--n: must be a positive integer, got 'x'" in capsys.readouterr().err
 
 
 def test_cli_eval_steps_run_once_each_in_order():
@@ -495,3 +499,26 @@ def test_cli_train_overrides_reach_the_recipe(tmp_path):
     assert len(_losses(out)) == 3
     used = json.loads((out / "recipe.json").read_text())["train"]
     assert (used["max_steps"], used["max_seconds"], used["threads"]) == (3, 0, 1)  # unset flags keep the recipe's
+
+
+def test_resume_refuses_a_run_of_another_recipe(mini_split, tmp_path):
+    short = Recipe(MINI_SHAPE, replace(MINI_TRAIN, max_steps=2, save_every=1))
+    out = tmp_path / "run"
+    train_recipe(short, out, log=lambda s: None, split=mini_split)
+    state = (out / "trainer_state.pt").read_bytes()
+    for other, named in ((replace(short.train, lr=short.train.lr * 2), "train.lr"),
+                         (replace(short.train, seed=short.train.seed + 1), "train.seed")):
+        with pytest.raises(ValueError, match=rf"another recipe \({named} differ\).*--no-resume"):
+            train_recipe(Recipe(MINI_SHAPE, other), out, log=lambda s: None, split=mini_split)
+        assert (out / "trainer_state.pt").read_bytes() == state  # nothing of the old run was touched
+    wider = replace(MINI_SHAPE, hidden_size=MINI_SHAPE.hidden_size * 2)
+    with pytest.raises(ValueError, match=r"model.hidden_size"):
+        train_recipe(Recipe(wider, short.train), out, log=lambda s: None, split=mini_split)
+    # more steps, another thread count: the same run, resumed
+    train_recipe(Recipe(MINI_SHAPE, replace(short.train, max_steps=3, threads=1)), out, log=lambda s: None,
+                 split=mini_split)
+    assert len(_losses(out)) == 3
+    # a fresh start under a new recipe is still there
+    train_recipe(Recipe(MINI_SHAPE, replace(short.train, lr=short.train.lr * 2, max_steps=1)), out,
+                 log=lambda s: None, split=mini_split, resume=False)
+    assert len(_losses(out)) == 1

@@ -32,7 +32,10 @@ def _threads(text: str) -> int:
 
 
 def _positive(text: str) -> int:
-    v = int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return v
@@ -53,7 +56,7 @@ def _llm(args):
               sampler_impl=getattr(args, "sampler_impl", "auto"))
     problem = model_problem(llm.model.cfg)
     if problem:
-        raise SystemExit(f"error: --model {args.model}: {problem}")
+        raise ValueError(f"--model {args.model}: {problem}")  # cli.main: "error: ...", exit status 2
     return llm
 
 

@@ -299,6 +299,7 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 weights and optimiser, faster products
     state_path = out / "trainer_state.pt"
     if resume and state_path.exists():
+        _check_same_recipe(out / "recipe.json", recipe)
         st = torch.load(state_path, weights_only=False, map_location=device)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
@@ -374,6 +375,29 @@ def train_recipe(recipe: Recipe, out_dir: str | os.PathLike, log: Callable = pri
     final = _save(model, out, "model") if rank0 else out / "model"
     dist.barrier()
     return final
+
+
+RESUMABLE_CHANGES = ("max_steps", "max_seconds", "threads", "device", "log_every", "save_every")
+
+
+def _check_same_recipe(path: Path, recipe: Recipe) -> None:
+    """A ValueError when the run in `path`'s directory was trained by another recipe: resuming it would mix
+    two runs' weights, optimiser and data. Only train.RESUMABLE_CHANGES may differ (more steps, more time,
+    another machine)."""
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the run's recipe to resume it ({e}); pass --no-resume to start "
+                         "over") from None
+    now = {"model": asdict(recipe.model), "train": asdict(recipe.train)}
+    diff = [f"{part}.{k}" for part in ("model", "train") for k in sorted(set(now[part]) | set(saved.get(part, {})))
+            if not (part == "train" and k in RESUMABLE_CHANGES)
+            and json.dumps(now[part].get(k)) != json.dumps(saved.get(part, {}).get(k))]
+    if diff:
+        raise ValueError(f"{path.parent}: its trainer state was written by another recipe ({', '.join(diff)} "
+                         "differ); resume with the same recipe, or pass --no-resume (or another --out) to start over")
 
 
 def _trim_log(path: Path, step: int):
