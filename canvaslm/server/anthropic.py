@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest
-from .serving import (APIError, ServerState, encode_chat, image_error_at, load_images, need_chat_template,
+from .serving import (APIError, ServerState, in_band, encode_chat, image_error_at, load_images, need_chat_template,
                       errors_named, off_loop, prepare_translated, run_choices, run_to_end, validated)
 from .tools import arguments_object, auto_problem, auto_tools, reply_message, tool_replies
 
@@ -472,7 +472,8 @@ async def _stream(state: ServerState, body, c, replies, prompt_len: int, mid: st
         # the whole usage, as Anthropic's message_delta carries it: the prefix cache is known only now
         yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": seq}, usage=_usage(c, prompt_len))
         yield event("message_stop")
-    except APIError as e:  # headers are sent: report in-band, as Anthropic does
+    except Exception as exc:  # headers are sent: report in-band, as Anthropic does
+        e = in_band(exc)
         yield f"event: error\ndata: {json.dumps(error_body(e.status, e.message))}\n\n"
 
 

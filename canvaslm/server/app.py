@@ -38,8 +38,8 @@ from .llamacpp import LlamaCompletionRequest, LlamaInfillRequest
 from .metrics import render_metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse,
                        LoadLoRARequest, ResponsesRequest, TokenizeRequest, UnloadLoRARequest)
-from .serving import (APIError, ServerState, check_in_vocab, encode_chat, image_prompt, load_images, need_tokenizer,
-                      off_loop, prepare_off_loop, run_choices, run_to_end, usage, validation_message)
+from .serving import (APIError, ServerState, in_band, check_in_vocab, encode_chat, image_prompt, load_images,
+                      need_tokenizer, off_loop, prepare_off_loop, run_choices, run_to_end, usage, validation_message)
 from .tools import tool_replies
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -661,6 +661,6 @@ async def _stream(state: ServerState, choices, prompts, rid, created, model, cha
             data = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                     "usage": usage(choices, prompts)}
             yield f"data: {json.dumps(data)}\n\n"
-    except APIError as e:  # headers are sent: report in-band, as OpenAI does
-        yield f"data: {json.dumps(e.body())}\n\n"
+    except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+        yield f"data: {json.dumps(in_band(exc).body())}\n\n"
     yield "data: [DONE]\n\n"

@@ -37,8 +37,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import INT64, CompletionRequest
-from .serving import (APIError, ServerState, context_error, errors_named, need_tokenizer, prepare_off_loop, run_choices,
-                      run_to_end)
+from .serving import (APIError, ServerState, in_band, context_error, errors_named, need_tokenizer, prepare_off_loop,
+                      run_choices, run_to_end)
 
 RANDOM_SEEDS = (-1, 0xFFFFFFFF)  # llama.cpp's "draw a seed"
 MAX_STOPS = 16
@@ -355,8 +355,8 @@ async def _stream_completion(state: ServerState, body, choice, ids: list[int], s
         if rest or ids_left:
             yield _sse({"index": 0, "content": rest, "tokens": ids_left, "stop": False, "id_slot": -1})
         yield _sse(select_fields(dict(final, content="", tokens=[]), body.response_fields))
-    except APIError as e:  # headers are sent: report in-band
-        yield _sse(e.body())
+    except Exception as exc:  # headers are sent: report in-band
+        yield _sse(in_band(exc).body())
 
 
 # --- /infill -----------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest, CompletionRequest
-from .serving import (APIError, ServerState, check_in_vocab, encode_chat, need_chat_template, need_tokenizer,
+from .serving import (APIError, ServerState, in_band, check_in_vocab, encode_chat, need_chat_template, need_tokenizer,
                       prepare_translated, errors_named, off_loop, run_choices, run_to_end, validated)
 from .tools import arguments_object, reply_message, tool_replies
 
@@ -411,8 +411,8 @@ async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, con
                     elif kind == "delta" and payload and not replies:  # calls come whole, at the end
                         yield json.dumps(line(payload), ensure_ascii=False) + "\n"
             yield json.dumps(line(final=True), ensure_ascii=False) + "\n"
-        except APIError as e:  # a stream's headers are sent: reported in-band, as Ollama does
-            yield json.dumps({"error": e.message}) + "\n"
+        except Exception as exc:  # a stream's headers are sent: reported in-band, as Ollama does
+            yield json.dumps({"error": in_band(exc).message}) + "\n"
 
     if body.stream:
         return StreamingResponse(events(), media_type="application/x-ndjson")

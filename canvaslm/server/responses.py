@@ -34,7 +34,7 @@ import uuid
 
 from ..multimodal import ImageError
 from .protocol import ChatCompletionRequest, InputImage, ResponsesRequest
-from .serving import (APIError, ServerState, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
+from .serving import (APIError, ServerState, in_band, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
                       off_loop, renamed, run_choices, run_to_end, thought_tokens, usage, validated)
 from .tools import reply_message, tool_replies
 
@@ -436,7 +436,8 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
             store(state, final, turns + [message])
         yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                     response=final)
-    except APIError as e:  # headers are sent: report in-band
+    except Exception as exc:  # headers are sent: report in-band
+        e = in_band(exc)
         yield event("error", code=e.code or e.type, message=e.message, param=e.param)
 
 

@@ -18,6 +18,7 @@ import contextvars
 import dataclasses
 import functools
 import json
+import logging
 import math
 import random
 import time
@@ -50,6 +51,16 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def in_band(e: Exception) -> APIError:
+    """What a stream whose headers are sent reports in-band before it ends (its [DONE] or the dialect's
+    last line): an APIError as it is; anything else as the 500 a request that did not stream would get
+    (app's handler), logged with its traceback, so no stream is cut off without a word."""
+    if isinstance(e, APIError):
+        return e
+    logging.getLogger("canvaslm.server").error("a stream failed", exc_info=e)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
 
 
 def closed_error(e: EngineClosed) -> APIError:
