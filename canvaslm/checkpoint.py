@@ -513,7 +513,7 @@ def _make_tmp(out_dir: Path) -> Path:
     file system); a CheckpointError naming out_dir when it cannot be made there."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
     except OSError as e:
         raise CheckpointError(_write_failed(out_dir, e)) from e
 

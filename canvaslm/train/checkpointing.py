@@ -163,10 +163,11 @@ def check_out_dir(out_dir: Path):
             raise ConfigError(f"train config: out_dir {e}") from None
 
 
-# The one naming rule for the temps a run's atomic writes make in out_dir: `.NAME.` + tempfile's 8 random characters
-# next to the NAME it becomes. Directories: checkpoint.save_model's temp dir, its `.NAME.old.` set-aside and its
+# The one naming rule for the temps a run's atomic writes make in out_dir: `.NAME.tmp.` + tempfile's 8 random
+# characters next to the NAME it becomes (the `tmp.` marker keeps a person's `.checkpoint-100.backup_1` out).
+# Directories: checkpoint.save_model's temp dir, its `.NAME.old.` set-aside and its
 # `.NAME.probe.` write check, for checkpoint-<step>/ and final/. Files: _atomic_write_text's `latest` and
-# `metrics.jsonl`, `.trainer_state.`, plot_history's `.loss.png.tmp.png`. A kill leaves them behind; `clean_partial`
+# `metrics.jsonl`, `trainer_state`, plot_history's `.loss.png.tmp.png`. A kill leaves them behind; `clean_partial`
 # removes exactly these, never a user's file. A new writer of out_dir names its temp this way and adds its NAME to
 # RUN_DIRS or RUN_FILES.
 RUN_DIRS = (r"checkpoint-\d+", "final")  # regexes
@@ -175,8 +176,8 @@ RUN_OUTPUTS = RUN_DIRS + RUN_FILES
 # tempfile's names: 8 characters of [a-z0-9_]; all digits is left out (a date, a number: a person's backup,
 # `.final.20241203`; tempfile draws one once in 35,000 names, and such a temp is only left behind)
 _RANDOM = r"(?![0-9]{8}$)[a-z0-9_]{8}"
-_RUN_TEMP_DIR = re.compile(r"\.(?P<name>%s)\.(?P<old>old\.|probe\.)?%s" % ("|".join(RUN_DIRS), _RANDOM))
-_RUN_TEMP_FILE = re.compile(r"\.(?:%s)\.%s|\.loss\.png\.tmp\.png" % ("|".join(RUN_FILES), _RANDOM))
+_RUN_TEMP_DIR = re.compile(r"\.(?P<name>%s)\.(?P<old>old\.|probe\.|tmp\.)%s" % ("|".join(RUN_DIRS), _RANDOM))
+_RUN_TEMP_FILE = re.compile(r"\.(?:%s)\.tmp\.%s|\.loss\.png\.tmp\.png" % ("|".join(RUN_FILES), _RANDOM))
 
 
 def is_run_temp(name: str, is_dir: bool | None = None) -> bool:
@@ -187,7 +188,7 @@ def is_run_temp(name: str, is_dir: bool | None = None) -> bool:
 
 
 def _atomic_write_text(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -240,7 +241,7 @@ def save_checkpoint(trainer) -> Path:
              "lora": lora_state_dict(trainer.model) if has_lora(trainer.model) else None,
              "config": saved_config(trainer.config)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".trainer_state.", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".trainer_state.tmp.", dir=out_dir)
     os.close(fd)
     try:
         torch.save(state, tmp)

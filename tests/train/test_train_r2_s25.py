@@ -56,7 +56,7 @@ def test_clean_partial_puts_back_only_a_missing_save(tmp_path):
         (run / name / "w").write_text("published")
     for prefix in (".final.old.", ".checkpoint-0000001.old.", ".checkpoint-0000002.old."):
         Path(tempfile.mkdtemp(prefix=prefix, dir=run), "w").write_text(prefix)
-    Path(tempfile.mkdtemp(prefix=".checkpoint-0000001.", dir=run), "w").write_text("half written")
+    Path(tempfile.mkdtemp(prefix=".checkpoint-0000001.tmp.", dir=run), "w").write_text("half written")
     ckpt.clean_partial(run)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-0000001", "checkpoint-0000002", "final"]
     assert [(run / n / "w").read_text() for n in ("checkpoint-0000001", "checkpoint-0000002", "final")] == \
@@ -70,19 +70,23 @@ def test_clean_partial_keeps_look_alikes_of_the_other_kind_and_dated_names(tmp_p
     while len(temps) < 3 or any(n[-8:].isdigit() for n in temps):  # tempfile's rare all-digit names are kept
         for t in temps:
             (run / t).rmdir() if (run / t).is_dir() else (run / t).unlink()
-        temps = [Path(tempfile.mkstemp(prefix=f".{n}.", dir=run)[1]).name for n in ("latest", "metrics.jsonl")]
-        temps.append(Path(tempfile.mkdtemp(prefix=".final.", dir=run)).name)
+        temps = [Path(tempfile.mkstemp(prefix=f".{n}.tmp.", dir=run)[1]).name for n in ("latest", "metrics.jsonl")]
+        temps.append(Path(tempfile.mkdtemp(prefix=".final.tmp.", dir=run)).name)
     assert all(ckpt.is_run_temp(n) for n in temps)
-    mine_dirs = [".latest.abcd1234", ".trainer_state.abcd1234", ".final.20241203"]  # a dir where the run writes files
-    mine_files = [".final.abcd1234", ".checkpoint-0000001.old.abcd1234", ".metrics.jsonl.20250101"]
+    mine_dirs = [".latest.tmp.abcd1234", ".trainer_state.tmp.abcd1234", ".final.tmp.20241203",  # a dir where the
+                 ".checkpoint-0000001.backup_1", ".final.abcd1234"]  # run writes files; no tmp. marker
+    mine_files = [".final.tmp.abcd1234", ".checkpoint-0000001.old.abcd1234", ".metrics.jsonl.tmp.20250101",
+                  ".latest.abcd1234"]
     for n in mine_dirs:
         (run / n).mkdir()
     for n in mine_files:
         (run / n).write_text("mine")
     ckpt.clean_partial(run)
     assert sorted(p.name for p in run.iterdir()) == sorted(mine_dirs + mine_files)
-    assert not ckpt.is_run_temp(".final.20241203") and not ckpt.is_run_temp(".final.abcd1234", is_dir=False)
-    assert ckpt.is_run_temp(".final.abcd1234", is_dir=True) and ckpt.is_run_temp(".latest.abcd1234", is_dir=False)
+    assert not ckpt.is_run_temp(".final.tmp.20241203") and not ckpt.is_run_temp(".final.tmp.abcd1234", is_dir=False)
+    assert ckpt.is_run_temp(".final.tmp.abcd1234", is_dir=True)
+    assert ckpt.is_run_temp(".latest.tmp.abcd1234", is_dir=False)
+    assert not ckpt.is_run_temp(".checkpoint-100.backup_1") and not ckpt.is_run_temp(".latest.abcd1234")
 
 
 def test_a_wrapped_source_is_checked_against_the_wrappers_parameters(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def test_clean_partial_removes_every_temp_a_kill_leaves_and_nothing_else(tmp_pat
     left = {p.name for p in run.iterdir() if p.name.startswith(".")}
     made = {n.split(".")[1] for n in left}
     assert {"checkpoint-0000001", "latest", "metrics", "loss", "final"} <= made, left
-    for name in (".trainer_state.abcd1234", ".final.old.abcd1234", ".checkpoint-0000002.probe.ab_d1234"):
+    for name in (".trainer_state.tmp.abcd1234", ".final.old.abcd1234", ".checkpoint-0000002.probe.ab_d1234"):
         (run / name).mkdir() if "trainer" not in name else (run / name).write_bytes(b"x")
     mine = [".final.notes", ".gitignore", ".checkpoint-best.abcd1234", ".latest", "notes.txt", ".final.abcdefghij"]
     for name in mine:
