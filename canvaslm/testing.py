@@ -72,3 +72,24 @@ class SyncRecorder(TorchDispatchMode):
         if name in SYNCING or any(i is not None and i.dtype == torch.bool for i in indices):
             self.found.append(name)
         return func(*args, **(kwargs or {}))
+
+
+def script_engine(monkeypatch, state, *texts) -> list:
+    """A server's engine, scripted (a random tiny model writes no channel or call): its k-th request is answered
+    with texts[k] (the last text for later ones) as one commit, then EOS unless the text ends with the thought
+    channel's close (a thought request ends there). -> the list the requests' prompt ids go to, in order.
+    The real run_choices reads the commits, so everything from there on is the server's own."""
+    from .engine.engine import Commit, Finish
+    from .reasoning import CHANNEL_CLOSE
+
+    tok, prompts = state.tokenizer, []
+
+    def submit(request, queue, loop):
+        text = texts[min(len(prompts), len(texts) - 1)]
+        prompts.append(list(request.prompt_ids))
+        ids = tok.encode(text, add_special_tokens=False) + ([] if text.endswith(CHANNEL_CLOSE) else [tok.eos_ids[0]])
+        loop.call_soon_threadsafe(queue.put_nowait, Commit(request.request_id, 0, tuple(ids)))
+        loop.call_soon_threadsafe(queue.put_nowait, Finish(request.request_id, "stop", len(ids), 1))
+
+    monkeypatch.setattr(state.engine, "submit", submit)
+    return prompts

@@ -141,6 +141,36 @@ def reference(request, tmp_path_factory):
     return request.param, out, build_reference(out, request.param)
 
 
+# Gemma 4's shape: with thinking on, the generation prompt opens the thought channel itself
+OPENING_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+    "{% if enable_thinking %}<|channel>thought\n{% endif %}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_specials_dir(tmp_path_factory):
+    """A tiny checkpoint whose tokenizer has Gemma 4's thought-channel and tool-call specials (read-only: copy it
+    to change a file)."""
+    from canvaslm.reasoning import CHANNEL_CLOSE, CHANNEL_OPEN
+    from canvaslm.testing import make_tiny_checkpoint
+    from canvaslm.tool_parser import CALL_CLOSE, CALL_OPEN, QUOTE
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("chat_specials"), extra_specials=(
+        CHANNEL_OPEN, CHANNEL_CLOSE, CALL_OPEN, CALL_CLOSE, QUOTE, "<|tool_response>"))
+
+
+@pytest.fixture(scope="session")
+def opening_template_dir(tmp_path_factory, chat_specials_dir):
+    """chat_specials_dir's checkpoint with OPENING_TEMPLATE: with thinking on, the prompt opens the channel."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("opening_template") / "ckpt"
+    shutil.copytree(chat_specials_dir, d)
+    (d / "chat_template.jinja").write_text(OPENING_TEMPLATE)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from canvaslm.testing import make_tiny_checkpoint

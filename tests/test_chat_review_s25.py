@@ -19,11 +19,6 @@ from canvaslm.tokenizer import Tokenizer
 from canvaslm.tool_parser import CALL_CLOSE, CALL_OPEN
 from canvaslm.tool_parser import QUOTE as Q
 
-# Gemma 4's shape: with thinking on, the generation prompt opens the thought channel itself
-OPENING_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
-    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
-    "{% if enable_thinking %}<|channel>thought\n{% endif %}{% endif %}")
 PARTS_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{% if m['content'] is string %}{{ m['content'] }}"
                   "{% else %}{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}{% endif %}{% endfor %}"
                   "{% if add_generation_prompt %}<model>{% endif %}")
@@ -33,32 +28,13 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required"
 
 
 @pytest.fixture(scope="module")
-def think_dir(tmp_path_factory):
-    from canvaslm.testing import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("think_s25"), extra_specials=(
-        OPEN, CLOSE, CALL_OPEN, CALL_CLOSE, Q, "<|tool_response>"))
+def opening_llm(opening_template_dir):
+    return LLM(opening_template_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def opening_dir(tmp_path_factory, think_dir):
-    """think_dir's checkpoint with a chat template whose generation prompt opens the channel (thinking on)."""
-    import shutil
-
-    d = tmp_path_factory.mktemp("opening_s25") / "ckpt"
-    shutil.copytree(think_dir, d)
-    (d / "chat_template.jinja").write_text(OPENING_TEMPLATE)
-    return d
-
-
-@pytest.fixture(scope="module")
-def opening_llm(opening_dir):
-    return LLM(opening_dir, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def think_llm(think_dir):
-    return LLM(think_dir, device="cpu", dtype="float32")
+def think_llm(chat_specials_dir):
+    return LLM(chat_specials_dir, device="cpu", dtype="float32")
 
 
 def _scripted(monkeypatch, llm, text, finish="stop", eos=True):
@@ -125,13 +101,13 @@ def test_a_thought_the_prompt_left_open_is_the_replys(opening_llm, think_llm, mo
         [("get_weather", {"city": "Oslo"})] and (res.text, res.reasoning) == ("", "hm")
 
 
-def test_the_chat_cli_and_generate_chat_read_a_thought_the_prompt_opened(opening_dir, monkeypatch, capsys):
+def test_the_chat_cli_and_generate_chat_read_a_thought_the_prompt_opened(opening_template_dir, monkeypatch, capsys):
     """`canvaslm chat --think` and `canvaslm generate --chat --think` on a template whose generation prompt opens
     the channel: the reply's thought goes to [thinking], its answer alone is the text."""
     from canvaslm.cli import main
     from canvaslm.engine.engine import Finish
 
-    tok = Tokenizer.from_dir(opening_dir)
+    tok = Tokenizer.from_dir(opening_template_dir)
     ids = tok.encode(f"hmm{CLOSE}Fine.", add_special_tokens=False) + [tok.eos_ids[0]]
 
     async def run(self, request, on_draft=None):
@@ -139,13 +115,13 @@ def test_the_chat_cli_and_generate_chat_read_a_thought_the_prompt_opened(opening
 
     monkeypatch.setattr("canvaslm.engine.engine.Engine.run", run)
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
-    assert main(["chat", str(opening_dir), "--think"]) == 0
+    assert main(["chat", str(opening_template_dir), "--think"]) == 0
     out, err = capsys.readouterr()
     assert out == "Fine.\n" and "[thinking] hmm" in err  # was "hmmFine." and no thought
 
     monkeypatch.setattr(LLM, "generate", lambda self, prompts, params=None, **kw: [
         GenerationResult(prompts[0], list(ids), tok.decode(ids), "stop", 1.0, 1)])
-    assert main(["generate", str(opening_dir), "--prompt", "hi", "--chat", "--think", "--json"]) == 0
+    assert main(["generate", str(opening_template_dir), "--prompt", "hi", "--chat", "--think", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert (got["text"], got["reasoning"]) == ("Fine.", "hmm")
 
@@ -166,11 +142,11 @@ def test_an_unfinished_call_after_a_whole_one_leaves_the_eos_out(think_llm, monk
     assert res.text == f"{CALL_OPEN}call:get_weather{{city:{Q}Ro"
 
 
-def test_a_template_that_loops_over_parts_gets_text_parts_as_a_list(think_dir, tmp_path):
+def test_a_template_that_loops_over_parts_gets_text_parts_as_a_list(chat_specials_dir, tmp_path):
     """A template that renders content parts itself gets a text-only part list as the list (transformers and
     vLLM pass it as it is), not the parts joined by "\\n"; a template that takes a string still gets them joined.
     continue_final_message goes on after the last text part."""
-    tok = Tokenizer.from_dir(think_dir)
+    tok = Tokenizer.from_dir(chat_specials_dir)
     msgs = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]}]
     assert not tok.renders_parts
     assert tok.apply_chat_template(msgs).count("Hello\nWorld") == 1
@@ -184,12 +160,12 @@ def test_a_template_that_loops_over_parts_gets_text_parts_as_a_list(think_dir, t
     assert tok.apply_chat_template([{"role": "user", "content": "plain"}]) == "<user>plain<model>"
 
 
-def test_parts_render_as_transformers_renders_them(think_dir, tmp_path):
+def test_parts_render_as_transformers_renders_them(chat_specials_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     import shutil
 
     d = tmp_path / "parts"
-    shutil.copytree(think_dir, d)
+    shutil.copytree(chat_specials_dir, d)
     (d / "chat_template.jinja").write_text(PARTS_TEMPLATE)
     hf = transformers.AutoTokenizer.from_pretrained(str(d))
     ours = Tokenizer.from_dir(d)

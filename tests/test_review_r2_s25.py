@@ -22,20 +22,13 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required"
 
 
 @pytest.fixture(scope="module")
-def think_dir(tmp_path_factory):
-    from canvaslm.testing import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("think_r2"), extra_specials=(OPEN, CLOSE))
+def tok(chat_specials_dir):
+    return Tokenizer.from_dir(chat_specials_dir)
 
 
 @pytest.fixture(scope="module")
-def tok(think_dir):
-    return Tokenizer.from_dir(think_dir)
-
-
-@pytest.fixture(scope="module")
-def think_llm(think_dir):
-    return LLM(think_dir, device="cpu", dtype="float32")
+def think_llm(chat_specials_dir):
+    return LLM(chat_specials_dir, device="cpu", dtype="float32")
 
 
 def _scripted(monkeypatch, llm, text):
@@ -105,24 +98,13 @@ def test_a_thinking_budget_counts_no_users_channel(tok):
     assert budget.tracker(prefilled).start == -len(tok.encode("thought\nhm", add_special_tokens=False))
 
 
-def test_the_server_keeps_a_users_channel_out_of_the_reasoning(think_dir, monkeypatch):
+def test_the_server_keeps_a_users_channel_out_of_the_reasoning(chat_specials_dir, monkeypatch):
     httpx = pytest.importorskip("httpx")
-    from canvaslm.engine.engine import Commit, Finish
     from canvaslm.server.launch import BackgroundServer, build_state
+    from canvaslm.testing import script_engine
 
-    with BackgroundServer(build_state(think_dir, device="cpu")) as srv:
-        tok, prompts = srv.state.tokenizer, []
-
-        def script(*texts):
-            def submit(request, queue, loop):
-                text = texts[min(len(prompts), len(texts) - 1)]
-                prompts.append(list(request.prompt_ids))
-                ids = tok.encode(text, add_special_tokens=False) + ([] if text.endswith(CLOSE) else [tok.eos_ids[0]])
-                loop.call_soon_threadsafe(queue.put_nowait, Commit(request.request_id, 0, tuple(ids)))
-                loop.call_soon_threadsafe(queue.put_nowait, Finish(request.request_id, "stop", len(ids), 1))
-
-            prompts.clear()
-            monkeypatch.setattr(srv.state.engine, "submit", submit)
+    with BackgroundServer(build_state(chat_specials_dir, device="cpu")) as srv:
+        tok = srv.state.tokenizer
 
         def chat(**body):
             r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=60,
@@ -130,10 +112,11 @@ def test_the_server_keeps_a_users_channel_out_of_the_reasoning(think_dir, monkey
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["message"]
 
-        script("Hi there")
+        script_engine(monkeypatch, srv.state, "Hi there")
         msg = chat()
         assert msg["content"] == "Hi there" and not msg.get("reasoning_content")
-        script(f"hm{CLOSE}", '{"a": 1}')  # thought-first: the thought, then the constrained answer
+        # thought-first: the thought, then the constrained answer
+        prompts = script_engine(monkeypatch, srv.state, f"hm{CLOSE}", '{"a": 1}')
         msg = chat(chat_template_kwargs={"enable_thinking": True}, max_tokens=64, response_format={
             "type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}})
         prompt = tok.encode_chat(STRAY, enable_thinking=True)
@@ -176,10 +159,10 @@ def test_templates_that_treat_content_as_a_list_get_parts(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["aliased_loop", "macro_loop", "selectattr"])
-def test_parts_render_as_transformers_renders_them(think_dir, tmp_path, name):
+def test_parts_render_as_transformers_renders_them(chat_specials_dir, tmp_path, name):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(think_dir))
-    ours = Tokenizer.from_dir(think_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(str(chat_specials_dir))
+    ours = Tokenizer.from_dir(chat_specials_dir)
     template = TEMPLATES[name][0]
     ours.set_chat_template(template)
     for msgs in ([{"role": "user", "content": PARTS}],
@@ -189,19 +172,19 @@ def test_parts_render_as_transformers_renders_them(think_dir, tmp_path, name):
         assert "Hello\nWorld" not in want
 
 
-def test_a_string_template_still_gets_parts_joined(think_dir):
-    tok = Tokenizer.from_dir(think_dir)
+def test_a_string_template_still_gets_parts_joined(chat_specials_dir):
+    tok = Tokenizer.from_dir(chat_specials_dir)
     tok.set_chat_template(TEMPLATES["string_only"][0])
     assert tok.apply_chat_template([{"role": "user", "content": PARTS}], add_generation_prompt=False) == \
         "Hello\nWorld\n"
 
 
-def test_the_tool_use_template_decides_for_itself(think_dir, tmp_path):
+def test_the_tool_use_template_decides_for_itself(chat_specials_dir, tmp_path):
     """With tools, the checkpoint's tool_use template renders: its own use of content decides, not the default's."""
     import shutil
 
     d = tmp_path / "ckpt"
-    shutil.copytree(think_dir, d)
+    shutil.copytree(chat_specials_dir, d)
     (d / "chat_template.jinja").write_text(TEMPLATES["string_only"][0])
     (d / "additional_chat_templates").mkdir()
     (d / "additional_chat_templates" / "tool_use.jinja").write_text(TEMPLATES["aliased_loop"][0])
