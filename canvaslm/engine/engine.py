@@ -645,16 +645,17 @@ class Engine:
             self._sinks[req.request_id] = sink
             self._finish(req.request_id, "error", 0, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
 
-    def image_problem(self, images) -> str | None:
-        """Why this engine cannot take a prompt's images (multimodal.ImageInputs), or None. A prefill call
-        that holds an image runs past `prefill_chunk` to the image's end, and a bounded prefix store must
-        still hold the sliding ring plus that whole call, or the call's writes would collide in it."""
+    def image_problem(self, spans) -> str | None:
+        """Why this engine cannot take a prompt's images, or None; spans: each image's (start, end) in the
+        prompt (multimodal.ImageInputs.spans; known before the vision tower runs), or None for no image. A
+        prefill call that holds an image runs past `prefill_chunk` to the image's end, and a bounded prefix
+        store must still hold the sliding ring plus that whole call, or the call's writes would collide in it."""
         bounded = self.runner.cache.bounded_store() if self.prefix_caching else None
-        if images is None or bounded is None:
+        if not spans or bounded is None:
             return None
         ring, store = bounded
         room = store - ring - self.config.prefill_chunk  # the most soft tokens one image may have here
-        longest = max((b - a for a, b in images.spans), default=0)
+        longest = max(b - a for a, b in spans)
         if longest <= room:
             return None
         return (f"an image of {longest} soft tokens is over the {max(room, 0)} this server's prefix store has room "
@@ -662,7 +663,7 @@ class Engine:
                 "image; --prefix-store-len); send a smaller image budget (mm_processor_kwargs.max_soft_tokens)")
 
     def _check_images(self, req: GenerationRequest) -> None:
-        problem = self.image_problem(req.images)
+        problem = self.image_problem(None if req.images is None else req.images.spans)
         if problem is not None:
             raise ValueError(problem)
 

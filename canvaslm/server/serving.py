@@ -30,7 +30,7 @@ from ..config import ConfigError, DiffusionParams
 from ..engine.engine import Commit, Draft, Engine, EngineClosed, Finish, GenerationRequest
 from ..generate import GenerationError
 from ..llm import SamplingParams
-from ..multimodal import ImageError, ImagePrompt
+from ..multimodal import ImageError, ImagePrompt, image_spans
 from ..sampling import logit_bias
 from ..sampling.schedules import GREEDY_TEMPERATURE  # temperature=0 scales the schedule by this
 from ..sampling.thinking import (ThinkingBudget, answer_need, answer_room, answer_seed, answer_time, closed_thought,
@@ -892,9 +892,13 @@ def load_images(state: ServerState, body: _Common, prompts: list, count_only: bo
     vision = state.vision
     where = "messages" if hasattr(body, "messages") else "prompt"
 
-    def fits(ids: list[int]) -> None:  # every route needs the prompt in the context (truncation is refused)
-        if len(ids) > state.max_model_len:
+    def servable(ids: list[int]) -> None:  # before the tower: the prompt in the context (truncation is refused)
+        if len(ids) > state.max_model_len:  # and each image within the prefix store's room
             raise context_error(state, f"The prompt has {len(ids)} tokens", where)
+        spans = image_spans([i for i, t in enumerate(ids) if t == vision.cfg.image_token_id])
+        problem = state.engine.image_problem(spans)
+        if problem is not None:
+            raise APIError(400, problem, where)
 
     for k, p in enumerate(prompts):
         sources = p.sources if isinstance(p, ImagePrompt) else []
@@ -912,12 +916,9 @@ def load_images(state: ServerState, body: _Common, prompts: list, count_only: bo
             raise APIError(400, str(e), "mm_processor_kwargs") from None
         try:
             ids, images = vision.prepare(p, sources, kwargs, getattr(p, "details", None),
-                                         check=None if count_only else fits, encode=not count_only)
+                                         check=None if count_only else servable, encode=not count_only)
         except ImageError as e:
             raise APIError(400, str(e), where) from None
-        problem = state.engine.image_problem(images)
-        if problem is not None:
-            raise APIError(400, problem, where)
         prompts[k] = ImagePrompt(ids, ())
         prompts[k].images = images
 

@@ -436,7 +436,7 @@ def test_logprobs_of_an_image_prompt_read_the_image(server, vision_dir):
     assert prompt_lp[first_after][str(ids[first_after])]["logprob"] == pytest.approx(p_want[first_after - 1], abs=1e-4)
 
 
-def test_mm_processor_kwargs_on_the_chat_route(server, vision_dir):
+def test_mm_processor_kwargs_on_the_chat_route(server, vision_dir, monkeypatch):
     import openai
 
     from canvaslm.llm import LLM, SamplingParams
@@ -458,10 +458,14 @@ def test_mm_processor_kwargs_on_the_chat_route(server, vision_dir):
         client.chat.completions.create(model=MODEL, messages=messages(picture), max_tokens=4,
                                        extra_body={"mm_processor_kwargs": {"max_soft_tokens": 3}})
     assert "mm_processor_kwargs.max_soft_tokens must be one of 70, 140, 280, 560, 1120" in str(e.value)
+    towers = []  # refused before the vision tower runs, as a prompt over the context is
+    monkeypatch.setattr(server.state.vision, "encode", lambda processed: towers.append(processed))
     with pytest.raises(openai.BadRequestError, match=r"an image of \d+ soft tokens is over the 261 this server's "
                                                      r"prefix store has room for"):
-        client.chat.completions.create(model=MODEL, messages=messages(picture), max_tokens=4,
+        client.chat.completions.create(model=MODEL, messages=messages(data_url(png(170, 120, 9))), max_tokens=4,
                                        extra_body={"mm_processor_kwargs": {"max_soft_tokens": 280}})
+    assert towers == []
+    monkeypatch.undo()
     with pytest.raises(openai.BadRequestError, match=r"maximum context length is 512 tokens.*The prompt has \d+ "
                                                      r"tokens"):  # 560 soft tokens: refused before the tower
         client.chat.completions.create(model=MODEL, messages=messages(picture), max_tokens=4,
