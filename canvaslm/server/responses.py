@@ -32,7 +32,6 @@ import json
 import time
 import uuid
 
-from ..multimodal import ImageError
 from .protocol import ChatCompletionRequest, InputImage, ResponsesRequest
 from .serving import (APIError, ServerState, in_band, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
                       off_loop, renamed, run_choices, run_to_end, thought_tokens, usage, validated)
@@ -59,11 +58,11 @@ def store(state: ServerState, response: dict, turns: list) -> None:
 
 
 def to_chat(body: ResponsesRequest, history: list | None = None, places: list | None = None,
-            cut: int = 0) -> tuple[ChatCompletionRequest, list]:
+            drop: frozenset = frozenset()) -> tuple[ChatCompletionRequest, list]:
     """The chat completion body that asks for what `body` asks for, after the `history` turns (chat
     messages), and the turns this request adds (its input, without the instructions); `places` gets where
-    each image came from, in prompt order (`image_error_at`). `cut` leaves the first `cut` turns (history,
-    then input) out of the chat body (`truncation: "auto"`, see `cuts`); the turns returned keep them all."""
+    each image came from, in prompt order (`image_error_at`). `drop`: indices of turns (history, then input)
+    left out of the chat body (`truncation: "auto"`, see `truncations`); the turns returned keep them all."""
     places = [] if places is None else places
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages += [_copy_turn(m) for m in history or []]  # the stored turns stay as they were
@@ -93,11 +92,15 @@ def to_chat(body: ResponsesRequest, history: list | None = None, places: list | 
     if len(messages) == first_new:
         raise APIError(400, "input is empty", "input")
     turns = [_copy_turn(m) for m in messages[first_new:]]
-    if cut:
-        start = 1 if body.instructions else 0
-        dropped = sum(map(_image_count, messages[start:start + cut]))
-        messages[start:start + cut] = []
-        places[:] = places[dropped:]
+    if drop:
+        start, kept_places, at = (1 if body.instructions else 0), [], 0
+        for k, m in enumerate(messages[start:]):
+            n = _image_count(m)
+            if k not in drop:
+                kept_places += places[at:at + n]
+            at += n
+        messages[start:] = [m for k, m in enumerate(messages[start:]) if k not in drop]
+        places[:] = kept_places
     fields = dict(model=body.model, messages=messages, stream=body.stream, user=body.user,
                   temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_output_tokens,
                   parallel_tool_calls=body.parallel_tool_calls, seed=body.seed,
@@ -125,82 +128,71 @@ def to_chat(body: ResponsesRequest, history: list | None = None, places: list | 
     return validated(ChatCompletionRequest, fields, "input"), turns
 
 
+def truncations(roles: list) -> list[frozenset]:
+    """`truncation: "auto"`'s candidate cuts for a conversation of turns with these roles, each dropping more
+    than the one before: the oldest turns first, so that the kept ones start at a user turn (templates may ask
+    roles to alternate), then, once only the newest user turn is left before them, the oldest calls and results
+    after it, so that they resume at a call (a tool result never loses its call). Leading system and developer
+    turns (a system prompt sent as input), the newest user turn and the newest turn always stay."""
+    head = next((k for k, r in enumerate(roles) if r not in ("system", "developer")), len(roles))
+    users = [k for k in range(head, len(roles)) if roles[k] == "user"]
+    if not users:
+        return []
+    last = users[-1]
+    out = [frozenset(range(head, k)) for k in users if k > head]  # the kept turns start at user turn k
+    base = frozenset(range(head, last))  # then: the newest user turn, and from turn k (a call) on
+    return out + [base | frozenset(range(last + 1, k)) for k in range(last + 2, len(roles)) if roles[k] != "tool"]
+
+
 async def _prepared(state: ServerState, body: ResponsesRequest, history: list, roles: list, chat, ids,
                     places: list) -> tuple:
     """`prepare` for the chat body -> (choices, chat body, prompt ids with images expanded). With truncation
-    "auto" (OpenAI's: drop turns from the start of the conversation) the body loses as few of its oldest turns
-    as leave room for the reply, as `prepare` itself judges it (max_output_tokens or the default, min_tokens, a
-    format's or a forced call's least output, a thought first): a cut starts at a user turn (templates may
-    ask turns to alternate; a tool result never loses its call), or where none does at any turn but a tool
-    result; the newest turn stays. An estimate (the prompt's length, images at their largest budget, the
-    least output asked) finds where to start; each try after it is a real `prepare`. When no cut fits, the
-    400 of the shortest try."""
+    "auto" (OpenAI's: drop turns to fit) and a body that does not fit, the fewest of `truncations(roles)` that
+    `prepare` itself accepts, found by a binary search of real tries (each leaves out more than the one
+    before, so the prompt only gets shorter): the room for the reply is what `prepare` asks for
+    (max_output_tokens or the default, min_tokens, a format's or a forced call's least output, a thought
+    first), and images count at their own size. When no cut fits, the 400 of the shortest try."""
     rename = lambda e: renamed(e, CHAT_TO_RESPONSES, RENAMED_IN_TEXT)  # noqa: E731  the Responses fields
+    short = body.max_output_tokens is not None and body.max_output_tokens < (body.min_tokens or 0)
 
     async def attempt(chat, ids, places):
         prompts = [ids]
         choices = await prepare_translated(state, chat, prompts, places, rename=rename)
         return choices, chat, prompts[0]
 
-    if body.truncation != "auto":
-        return await attempt(chat, ids, places)
-    C = state.canvas_length
-    least = max(body.max_output_tokens or 1, body.min_tokens or 0)
-    room = -(-least // C) * C
-
-    def fits(chat, ids) -> bool:
-        return len(ids) + _image_room(state, chat) + room <= state.max_model_len
-
-    async def cut_at(k):  # (chat, ids, places) without the first k turns, or None if the template refuses it
-        kept = []
-        cut_chat, _ = to_chat(body, history, kept, cut=k)
+    async def tried(drop):  # -> (result, None), or (None, the APIError of a prompt with no room for the reply)
         try:
-            return cut_chat, await off_loop(state, encode_chat, state, cut_chat, "input"), kept
-        except APIError:
-            return None
-
-    cuts = [k for k in range(1, len(roles)) if roles[k] == "user"] or \
-        [k for k in range(1, len(roles)) if roles[k] != "tool"]
-    if fits(chat, ids):
-        order = [0, *cuts]
-    else:
-        lo, hi, start = 0, len(cuts) - 1, len(cuts)
-        while lo <= hi:  # the fewest turns cut that the estimate fits: fewer turns never render longer
-            mid = (lo + hi) // 2
-            t = await cut_at(cuts[mid])
-            if t is not None and fits(t[0], t[1]):
-                start, hi = mid, mid - 1
-            else:
-                lo = mid + 1
-        order = cuts[start:]
-    short = body.max_output_tokens is not None and body.max_output_tokens < (body.min_tokens or 0)
-    error = None
-    for k in order:
-        t = (chat, ids, places) if k == 0 else await cut_at(k)
-        if t is None:
-            continue
-        try:
-            return await attempt(*t)
-        except APIError as e:  # no room for the reply: one more turn cut (min_tokens over max_output_tokens: never)
+            if not drop:
+                return await attempt(chat, ids, places), None
+            kept = []
+            cut_chat, _ = to_chat(body, history, kept, drop=drop)
+            try:
+                cut_ids = await off_loop(state, encode_chat, state, cut_chat, "input")
+            except APIError as e:  # the template refuses this cut (roles that must alternate): no fit
+                return None, e
+            return await attempt(cut_chat, cut_ids, kept), None
+        except APIError as e:  # no room for the reply (min_tokens over max_output_tokens: never one)
             if e.code != "context_length_exceeded" and (short or not e.message.startswith("min_tokens=")):
                 raise
-            error = e
-    if error is None:  # no cut renders: the whole body's own error
+            return None, e
+
+    if body.truncation != "auto":
         return await attempt(chat, ids, places)
+    found, error = await tried(frozenset())
+    if found is not None:
+        return found
+    cuts = truncations(roles)
+    lo, hi, best = 0, len(cuts) - 1, None
+    while lo <= hi:  # the fewest dropped turns that fit; the last try of a search that finds none is the shortest
+        mid = (lo + hi) // 2
+        result, e = await tried(cuts[mid])
+        if result is not None:
+            best, hi = result, mid - 1
+        else:
+            lo, error = mid + 1, e
+    if best is not None:
+        return best
     raise error
-
-
-def _image_room(state: ServerState, chat) -> int:
-    """At most how many positions the chat body's images add to its prompt (each is one token before
-    `load_images` expands it to its soft tokens and their two markers)."""
-    parts = chat.image_parts()
-    if not parts or state.vision is None:
-        return 0
-    try:
-        most = state.vision.processor_for(getattr(chat, "mm_processor_kwargs", None)).max_soft_tokens
-    except ImageError:
-        return 0  # `prepare` refuses the kwargs, naming them
-    return len(parts) * (most + 1)
 
 
 def _copy_turn(message: dict) -> dict:
