@@ -160,11 +160,12 @@ _QUANTIFIER = re.compile(r"\{(\d*)(,(\d*))?\}\??|[*+?]\??")  # as interegular re
 
 
 def check_repeats(source: str) -> None:
-    """RegexCompileError if a {n,m} bound of the (normalized) pattern is over MAX_REPEAT, or nested ones
-    (`(a{100}){100}`, `a{100}{100}`) multiply past MAX_NESTED: interegular unrolls each into that many copies, and its
-    time grows faster than the copies (`a{,5000}` 2.5 s, `a{,20000}` 90 s). `{,n}` is `{0,n}` as in Python;
-    braces in a class (`[{5}]`) or escaped are characters."""
-    stack = [(1, "")]  # per open group: (largest repeat product inside it, the quantifiers that make it)
+    """RegexCompileError if a {n,m} bound of the (normalized) pattern is over MAX_REPEAT, or a repeated part unrolls
+    past MAX_NESTED copies of its atoms: interegular unrolls `(a{100}){100}` and `a{100}{100}` into 10000 copies and
+    `(a{1000}b{1000}){5}` into 10000 (a group holds the sum of its parts, alternatives included), and its time
+    grows faster than the copies (`a{,5000}` 2.5 s, `a{,20000}` 90 s). `{,n}` is `{0,n}` as in Python; braces in
+    a class (`[{5}]`) or escaped are characters."""
+    stack = [(0, "")]  # per open group: (atoms it unrolls to, its costliest part's quantifiers)
     i, n = 0, len(source)
     while i < n:
         c = source[i]
@@ -173,11 +174,19 @@ def check_repeats(source: str) -> None:
                 end = source.find(")", i)
                 i = n if end < 0 else end + 1
                 continue
-            stack.append((1, ""))
+            stack.append((0, ""))
+            i += 1
+            if source.startswith("?:", i):  # a group's own syntax is no atom
+                i += 2
+            elif source.startswith("?P<", i) and source.find(">", i) > 0:
+                i = source.find(">", i) + 1
+            continue
+        if c == "|":  # alternatives add up: interegular builds each
             i += 1
             continue
         if c == ")" and len(stack) > 1:
             inner = stack.pop()
+            inner = (max(inner[0], 1), inner[1])  # `()` still counts as one part
             i += 1
         else:  # one atom: an escape, a class, or a character
             inner = (1, "")
@@ -205,10 +214,10 @@ def check_repeats(source: str) -> None:
                 raise RegexCompileError(f"repetition {m.group(0)} has its minimum repeat greater than its maximum")
             count, names = count * max(lo, hi or 0, 1), names + m.group(0)
             if count > MAX_NESTED:
-                raise RegexCompileError(f"nested repetitions {names} repeat a part {count} times, over the limit of "
-                                        f"{MAX_NESTED}")
-        if count > stack[-1][0]:
-            stack[-1] = (count, names)
+                raise RegexCompileError(f"nested repetitions {names} unroll into {count} copies of their atoms, over "
+                                        f"the limit of {MAX_NESTED}")
+        total, costliest = stack[-1]
+        stack[-1] = (total + count, names if count > 1 and len(names) >= len(costliest) else costliest)
 
 
 def char_fsm(pattern: str) -> CharFSM:

@@ -23,13 +23,16 @@ from canvaslm.sampling.token_dfa import DFACache, Vocab
 
 @pytest.mark.parametrize("pattern,words", [
     ("a{,5000}", r"repetition \{,5000\} is over the limit of 1000"),  # {,n} is {0,n}: was compiled (2.5 s)
-    ("(a{100}){60}", r"nested repetitions \{100\}\{60\} repeat a part 6000 times, over the limit of 5000"),
-    ("(?:x(a{,50})){,110}", r"nested repetitions \{,50\}\{,110\} repeat a part 5500 times"),
-    ("a{80}{80}", r"nested repetitions \{80\}\{80\} repeat a part 6400 times"),  # interegular: 6400 a's
-    ("((a){2}b{30}){500}", r"nested repetitions \{30\}\{500\} repeat a part 15000 times"),
+    ("(a{100}){60}", r"nested repetitions \{100\}\{60\} unroll into 6000 copies of their atoms, over the limit of "
+                     "5000"),
+    ("(?:x(a{,50})){,110}", r"nested repetitions \{,50\}\{,110\} unroll into 5610 copies"),  # x and 50 a's, 110 times
+    ("a{80}{80}", r"nested repetitions \{80\}\{80\} unroll into 6400 copies"),  # interegular: 6400 a's
+    ("((a){2}b{30}){500}", r"nested repetitions \{30\}\{500\} unroll into 16000 copies"),  # (2 + 30) x 500
+    ("(a{1000}b{1000}){5}", r"nested repetitions \{1000\}\{5\} unroll into 10000 copies"),  # a group's parts add up
+    ("(a{1000}|b{1000}){5}", r"unroll into 10000 copies"),  # alternatives too: interegular builds each
     ("a{,5}{3,1}", r"repetition \{3,1\} has its minimum repeat greater than its maximum"),
-], ids=["empty-lower", "nested-group", "nested-empty-lower", "nested-atom", "nested-inner",
-        "min-over-max"])
+], ids=["empty-lower", "nested-group", "nested-empty-lower", "nested-atom", "nested-inner", "sequence-in-group",
+        "alternatives-in-group", "min-over-max"])
 def test_repetition_limits_cover_empty_lower_bounds_and_nesting(pattern, words):
     t = time.monotonic()
     with pytest.raises(RegexCompileError, match=words):
@@ -41,7 +44,8 @@ def test_repetitions_within_the_limits_still_compile():
     assert char_fsm("(a{10}){100}").num_states == MAX_REPEAT + 1
     assert char_fsm("a{,1000}").num_states == MAX_REPEAT + 1
     assert char_fsm("a{2}{3}").num_states == 7  # six a's, as interegular reads it
-    char_fsm(r"([a-z]{1,100}\.){1,20}")  # 2000 nested copies: within MAX_NESTED (0.5 s)
+    char_fsm(r"([a-z]{1,100}\.){1,20}")  # 2020 nested copies: within MAX_NESTED (0.5 s)
+    assert char_fsm("(a{1000}b{1000}){2}").num_states == 4001  # 4000 copies
 
 
 @pytest.mark.parametrize("pattern,text", [("[{5000}]", "{"), ("[^]{5000}]", "x"), (r"\{5000}", "{5000}"),
