@@ -17,6 +17,7 @@ keeps the old span's token count (pass `gaps` to let it grow or shrink).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ def checked_gaps(gaps, max_new_tokens: int, n_suffix: int, budget_given: bool = 
     `default_gaps` of what the token budget leaves. Every candidate (middle, suffix, EOS) must fit
     max_new_tokens when the caller gave it (`budget_given`)."""
     need = n_suffix + 1  # the suffix and its EOS
-    if isinstance(gaps, int) and not isinstance(gaps, bool):  # one gap length
+    if _is_int(gaps):  # one gap length
         gaps = (gaps,)
     elif gaps is not None and (isinstance(gaps, (str, bytes)) or not hasattr(gaps, "__iter__")):
         raise GenerationError(f"infill: gaps must be a list of non-negative integers (middle lengths in tokens) or "
@@ -68,13 +69,19 @@ def checked_gaps(gaps, max_new_tokens: int, n_suffix: int, budget_given: bool = 
                                   f"and its EOS take {need} tokens (raise it to at least {need + 1})")
         gaps = default_gaps(max_new_tokens - need)
     gaps = list(gaps)
-    if not gaps or any(not isinstance(g, int) or isinstance(g, bool) or g < 0 for g in gaps):
+    if not gaps or any(not _is_int(g) or g < 0 for g in gaps):
         raise GenerationError(f"infill: gaps must be non-negative integers, got {gaps}")
-    gaps = sorted(set(gaps))
+    gaps = sorted({int(g) for g in gaps})
     if budget_given and gaps[-1] + need > max_new_tokens:
         raise GenerationError(f"infill: a middle of {gaps[-1]} tokens, the suffix and its EOS need {gaps[-1] + need} "
                               f"tokens, over max_new_tokens={max_new_tokens}")
     return gaps
+
+
+def _is_int(v) -> bool:
+    """An integer (numpy's and 0-d tensors' too, as prompts take them), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) or (
+        isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point() and v.dtype != torch.bool)
 
 
 def candidates(base, suffix_ids: list, gaps: list, eos_ids, pad_id: int, tokenizer=None) -> list:
@@ -145,7 +152,7 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     rows = [RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins, bias, lora=lora)
             for p, pins in candidates(base, suffix_ids, gaps, eos, llm.pad_id, llm.tokenizer)]
     seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
-    gens = [llm._generator((seed + i) % 2**63) for i in range(len(rows))]  # as the server's candidates
+    gens = [llm._generator((seed + i) % 2**64) for i in range(len(rows))]  # as the server's candidates
     outs = generate_rows(llm.model, rows, gens, sampler_impl=llm.sampler_impl)
     passes = sum(o.decoder_passes for o in outs)
     keep = whole([len(o.token_ids) for o in outs], gaps)  # all but middles a spent max_time cut (check_time_budget)
@@ -187,7 +194,12 @@ def edit(llm, text: str, start: int, end: int, params=None, gaps=None) -> Infill
     """Regenerate text[start:end] with both sides as context; both sides come back unchanged."""
     if not isinstance(text, str):
         raise GenerationError(f"edit: text must be a string, got {type(text).__name__}")
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= len(text)):
+    for name, v in (("start", start), ("end", end)):
+        if not _is_int(v):
+            raise GenerationError(f"edit: {name} must be an integer (a character offset), got {type(v).__name__} "
+                                  f"{v!r}")
+    start, end = int(start), int(end)
+    if not 0 <= start <= end <= len(text):
         raise GenerationError(f"edit: span [{start}, {end}) must lie within the text (length {len(text)})")
     if llm.tokenizer is None:
         raise GenerationError(f"{llm.model_dir} has no tokenizer.json: use infill_ids with token ids")

@@ -75,8 +75,15 @@ class SamplingParams:
             normalize_bias(self.logit_bias, "SamplingParams.logit_bias")
         except LogitBiasError as e:
             raise GenerationError(str(e)) from None
+        if self.choice is not None and not isinstance(self.choice, (list, tuple)):  # a str would be its characters
+            raise GenerationError(f"SamplingParams.choice must be a list of strings (the outputs allowed), got "
+                                  f"{self.choice!r}")
         if isinstance(self.choice, list):
             object.__setattr__(self, "choice", tuple(self.choice))
+        c = self.constraint
+        if c is not None and not all(callable(getattr(c, m, None)) for m in ("for_row", "canvas", "commit")):
+            raise GenerationError("SamplingParams.constraint must be a canvas constraint (sampling.constraints."
+                                  f"CanvasConstraint, e.g. PinnedConstraint), got {type(c).__name__}: {c!r:.80}")
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)):
                 raise GenerationError("SamplingParams.stop_token_ids must be a list of token ids, got "
@@ -132,7 +139,7 @@ class SamplingParams:
                     raise GenerationError(str(e)) from None
                 if get("disable_additional_properties"):
                     value = closed_objects(value)
-            object.__setattr__(self, ours, tuple(value) if key == "choice" else value)
+            object.__setattr__(self, ours, tuple(value) if key == "choice" and isinstance(value, list) else value)
         object.__setattr__(self, "structured_outputs", None)  # taken: dataclasses.replace must not take it again
 
     def resolve(self, defaults: DiffusionParams) -> DiffusionParams:
@@ -415,10 +422,14 @@ class LLM:
             geometry, outs = batch_geometry(rows, self.cfg.canvas_length), []
             with tqdm(total=len(rows), desc="generate", unit="req", disable=use_tqdm is False) as bar:
                 for i in range(0, len(rows), B):
-                    chunk = gens[i:i + B]
-                    outs += generate_rows(self.model, rows[i:i + B], chunk[0] if len(chunk) == 1 else chunk,
-                                          geometry=geometry, sampler_impl=self.sampler_impl)
-                    bar.update(len(chunk))
+                    part, chunk = rows[i:i + B], gens[i:i + B]
+                    if len(part) == 1 and B > 1:  # one row runs other kernels (matrix-vector products) than a
+                        # batch, and its floats differ: a batch-mate (the row before it again, with a generator of
+                        # its own; its output dropped) keeps it a batch, as in the one big batch
+                        part, chunk = part + [rows[i - 1]], chunk + [self._generator(seeds[i - 1])]
+                    outs += generate_rows(self.model, part, chunk[0] if len(chunk) == 1 else chunk,
+                                          geometry=geometry, sampler_impl=self.sampler_impl)[:len(rows[i:i + B])]
+                    bar.update(len(rows[i:i + B]))
         return [GenerationResult(r.prompt_ids, o.token_ids,
                                  self.decode(_shown(o.token_ids, o.finish_reason, r.eos_ids)), o.finish_reason,
                                  o.tokens_per_forward, o.decoder_passes) for r, o in zip(rows, outs)]
@@ -578,10 +589,17 @@ class LLM:
             raise GenerationError(f"{self.model_dir} has no tokenizer.json, so chat is not available")
         import uuid
 
-        from .tokenizer import tool_arguments_as_objects
+        from .tokenizer import TEMPLATE_RESERVED, tool_arguments_as_objects
 
         batch = bool(messages) and isinstance(messages[0], (list, tuple))
         shown = tools if tools and tool_choice != "none" else None
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise GenerationError(f"chat: chat_template_kwargs must be a dict, got {chat_template_kwargs!r:.80}")
+        clash = sorted(TEMPLATE_RESERVED & set(chat_template_kwargs or {}))
+        if clash:
+            own = {"add_generation_prompt": "continue_final_message= (True: no generation prompt)"}
+            raise GenerationError(f"chat: chat_template_kwargs may not set {clash[0]!r}; use LLM.chat's "
+                                  f"{own.get(clash[0], clash[0] + '=')}")
         from .multimodal import image_parts_to_placeholders
 
         prompts = []
@@ -714,8 +732,7 @@ class LLM:
             if not ids or len(ids) > limit:
                 raise GenerationError(f"embed: texts[{i}] has {len(ids)} tokens; expected 1..{limit}")
             check_in_vocab(ids, self.cfg.vocab_size, f"embed: texts[{i}]")
-        if batch_size < 1:
-            raise GenerationError(f"embed: batch_size must be >= 1, got {batch_size}")
+        _check_batch_size(batch_size, "embed")
         if not seqs:
             return torch.empty(0, self.cfg.hidden_size)
         adapter = self._lora_id(lora, "embed: lora")
@@ -734,8 +751,7 @@ class LLM:
             if len(ctx) + len(cont) > limit:
                 raise GenerationError(f"{what}: request {i} has {len(ctx) + len(cont)} tokens, over the model's "
                                       f"max_position_embeddings={limit}")
-        if batch_size < 1:
-            raise GenerationError(f"{what}: batch_size must be >= 1, got {batch_size}")
+        _check_batch_size(batch_size, what)
         show = use_tqdm if use_tqdm is not None else len(pairs) > batch_size
         with tqdm(total=len(pairs), desc=what, disable=not show) as bar:
             try:
@@ -776,11 +792,20 @@ def _checked_max_batch(max_batch) -> int:
     return max_batch
 
 
+def _check_batch_size(batch_size, what: str) -> None:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise GenerationError(f"{what}: batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 def _prompt_list(prompts, attention_mask: torch.Tensor | None = None) -> list:
     """A string, a list of token ids (or a 1-D tensor), a list of either, or a padded [B, T] id tensor (with
     its attention_mask) -> a list of prompts."""
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
         return unpad(prompts, attention_mask)
+    if getattr(prompts, "ndim", None) == 0 or isinstance(prompts, (numbers.Number, bytes)) or \
+            not hasattr(prompts, "__iter__"):
+        raise GenerationError(f"prompts must be a string, a list of token ids, a prompt dict or a list of these, "
+                              f"got {type(prompts).__name__} {prompts!r:.80}")
     single = (isinstance(prompts, (str, dict)) or getattr(prompts, "ndim", None) == 1
               or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], numbers.Number)))
     return [prompts] if single else list(prompts)

@@ -87,6 +87,8 @@ def _extra_special_tokens(files: list[tuple[str, dict]]) -> list[str]:
     return list(dict.fromkeys(extra))
 
 
+# encode_chat's own arguments: chat_template_kwargs (server and LLM.chat) may not set them
+TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "continue_final_message"})
 _ADDED_TOKEN_FIELDS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 
 

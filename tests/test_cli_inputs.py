@@ -87,7 +87,7 @@ def test_scoring_and_embedding_check_their_token_ids(llm):
             call()
     with pytest.raises(GenerationError, match=r"embed: texts\[0\] token ids"):
         llm.embed([[2, V]])
-    with pytest.raises(GenerationError, match="embed: batch_size must be >= 1"):
+    with pytest.raises(GenerationError, match="embed: batch_size must be an integer >= 1"):
         llm.embed(["abc"], batch_size=0)
     assert llm.embed([]).shape == (0, llm.cfg.hidden_size)
     assert torch.isfinite(llm.embed(["abc"])).all()

@@ -18,10 +18,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
 
 from ..sampling.json_schema import closed_objects
-from ..tokenizer import tool_arguments_as_objects
+from ..tokenizer import TEMPLATE_RESERVED, tool_arguments_as_objects
 
 # encode_chat arguments that chat_template_kwargs may not set: each has its own request field
-TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "continue_final_message"})
 GUIDED = ("guided_json", "guided_choice", "guided_regex", "guided_grammar")  # vLLM's names for constrained output
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's; the first two: no thinking
 MAX_N = 16  # choices per request
