@@ -161,12 +161,17 @@ def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor):
         mod._buffers[leaf] = tensor
 
 
+_CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # loaded weights must be finite
+
+
 def check_device(device) -> None:
     """A CheckpointError naming `device` unless it is one this torch build can use."""
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):
         raise CheckpointError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind not in ("cpu", "cuda"):  # mps, xpu, meta, ...: not a device this engine runs on
+        raise CheckpointError(f"device {device!r}: canvaslm runs on cpu or cuda[:N] devices")
     if kind == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device!r}: this machine has no CUDA device (or torch was built without "
                               "CUDA); use --device cpu")
@@ -242,7 +247,15 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32", progress: b
                         problems.append(f"{name}: dtype {t.dtype} in {fname}, expected a floating-point tensor")
                         reported.add(name)
                         continue
-                    _set_tensor(model, name, t.to(device=device) if keep else t.to(device=device, dtype=dtype))
+                    v = t.to(device=device) if keep else t.to(device=device, dtype=dtype)
+                    if v.dtype in _CHECKED_FLOATS and not bool(torch.isfinite(v).all()):  # garbage out, silently
+                        problems.append(f"{name}: values that are NaN or infinite in {fname}" if
+                                        not bool(torch.isfinite(t).all()) else
+                                        f"{name}: values in {fname} over the range of {v.dtype} (load it in a wider "
+                                        "dtype, e.g. --dtype float32)")
+                        reported.add(name)
+                        continue
+                    _set_tensor(model, name, v)
                     seen.add(name)
                     bar.update(t.numel())
     bar.close()
@@ -346,7 +359,7 @@ def save_model(model: DiffusionGemma, out_dir: str | Path, params: DiffusionPara
     the model carries without using (the vision tower of the checkpoint it was loaded from) are copied
     from their files, one shard's worth at a time, and then read from the new checkpoint; so are the
     image processor's files (CARRIED_FILES)."""
-    out_dir = Path(out_dir)
+    out_dir = target_dir(out_dir)
     cfg_dict = model.cfg.to_hf_dict()
     cfg_dict.setdefault("vision_config", _tiny_vision_config())
     if cfg_dict.get("vision_config") is None:
@@ -478,7 +491,7 @@ class _CarriedReader:
 def write_dir_atomically(out_dir: str | Path, files: dict[str, str | Path], replace_any: bool = False) -> Path:
     """A directory holding copies of `files` ({name: source path}), written like save_model's: built in a
     temp dir, then renamed into place, replacing a previous one as save_model does."""
-    out_dir = Path(out_dir)
+    out_dir = target_dir(out_dir)
     tmp = _make_tmp(out_dir)
     try:
         for name, src in files.items():
@@ -508,6 +521,14 @@ def _write_failed(out_dir: Path, e: BaseException) -> str:
     return f"{out_dir}: cannot write the checkpoint: {reason}; {out_dir} {state}"
 
 
+def target_dir(out_dir: str | Path) -> Path:
+    """Where a save to out_dir writes: an absolute path with `.` and `..` collapsed (the temp dir goes in its
+    parent: `.`'s parent is `.` itself), and through a symlink to a directory, that directory (a rename onto the
+    link would fail after all the work; the link stays and points at the new checkpoint)."""
+    out = Path(os.path.abspath(out_dir))
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
 def _make_tmp(out_dir: Path) -> Path:
     """The temp directory a save is built in, next to out_dir (so that the final rename stays on one
     file system); a CheckpointError naming out_dir when it cannot be made there."""
@@ -534,7 +555,7 @@ def check_replaceable(out_dir: str | Path):
     adapter_config.json) that holds nothing of a training run (RUN_ENTRIES, checkpoint-* directories) and
     nothing else a checkpoint does not own (OWNED_ENTRIES): a replace never deletes a user's .git, README.md
     or notes."""
-    out_dir = Path(out_dir)
+    out_dir = target_dir(out_dir)
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -558,7 +579,7 @@ def check_replaceable(out_dir: str | Path):
 def check_writable(out_dir: str | Path):
     """A CheckpointError naming out_dir when a save could not create it (its parent, or the nearest existing
     ancestor, is read-only, not a directory, or not ours to write): found before the work, not after."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = target_dir(out_dir)
     anc = out_dir.parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
@@ -573,7 +594,10 @@ def check_writable(out_dir: str | Path):
 def check_output_dir(out_dir: str | Path, *sources: str | Path):
     """For commands that write a copy of a checkpoint (export, quantize): out_dir may not be a source or a
     directory holding one, and may replace only what `check_replaceable` allows."""
-    out = Path(out_dir).resolve()
+    out, cwd = Path(out_dir).resolve(), Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:  # `quantize SRC .`
+        raise CheckpointError(f"{out_dir}: is the working directory{'' if out == cwd else ' or holds it'}; a save "
+                              "replaces DST as a whole: give a new directory")
     for src in sources:
         src_r = Path(src).resolve()
         if out == src_r or out in src_r.parents:
@@ -596,7 +620,11 @@ def _publish(tmp: Path, out_dir: Path, mode: int, replace_any: bool = False):
         if not replace_any:
             check_replaceable(out_dir)
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))  # never a user's dir
-        os.replace(out_dir, old)
+        try:
+            os.replace(out_dir, old)
+        except BaseException:
+            old.rmdir()  # still the empty set-aside: nothing of it is left behind
+            raise
         try:
             os.replace(tmp, out_dir)
         except BaseException:

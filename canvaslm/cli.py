@@ -167,9 +167,9 @@ def _quantize(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
     check_output_dir(dst, src)  # not the source nor holding it, only a model's files, and writable
     dtype = args.dtype or stored_dtype(src) or "bfloat16"  # auto: as the source stores them
+    params, extra = DiffusionParams.from_dir(src), tokenizer_files(src)  # their errors before the long load
     model = load_model(src, device=args.device or "cpu", dtype=dtype, quantization=args.to, progress=True)
-    save_model(model, dst, DiffusionParams.from_dir(src), dtype=dtype,  # the vision tower too
-               extra_files=tokenizer_files(src))
+    save_model(model, dst, params, dtype=dtype, extra_files=extra)  # the vision tower too
     print(f"canvaslm: wrote {dst} ({args.to}, {weight_bytes(model) / 1e9:.2f} GB of weights); "
           f"load it as any checkpoint", flush=True)
     return 0
