@@ -152,7 +152,7 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     rows = [RowRequest(list(prompt_ids), p, eos, llm.pad_id, pins, bias, lora=lora)
             for p, pins in candidates(base, suffix_ids, gaps, eos, llm.pad_id, llm.tokenizer)]
     seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
-    gens = [llm._generator((seed + i) % 2**64) for i in range(len(rows))]  # as the server's candidates
+    gens = [llm._generator((seed + i) % 2**63) for i in range(len(rows))]  # as the server's candidates (int64)
     outs = generate_rows(llm.model, rows, gens, sampler_impl=llm.sampler_impl)
     passes = sum(o.decoder_passes for o in outs)
     keep = whole([len(o.token_ids) for o in outs], gaps)  # all but middles a spent max_time cut (check_time_budget)

@@ -81,7 +81,7 @@ class SamplingParams:
         if isinstance(self.choice, list):
             object.__setattr__(self, "choice", tuple(self.choice))
         c = self.constraint
-        if c is not None and not all(callable(getattr(c, m, None)) for m in ("for_row", "canvas", "commit")):
+        if c is not None and not callable(getattr(c, "canvas", None)):
             raise GenerationError("SamplingParams.constraint must be a canvas constraint (sampling.constraints."
                                   f"CanvasConstraint, e.g. PinnedConstraint), got {type(c).__name__}: {c!r:.80}")
         if self.stop_token_ids is not None:

@@ -1,7 +1,7 @@
 """Offline API review (session 26): SamplingParams refuses a string `choice` (was split into its characters) and
 a `constraint` that is no canvas constraint; LLM.chat refuses chat_template_kwargs that set its own arguments;
 `max_batch` keeps a one-row last batch a batch (its floats, and so its seeded output, were a lone row's);
-infill folds seeds over 2**64 as generate does; edit and infill take numpy integers and refuse bools; wrong
+edit and infill take numpy integers and refuse bools; wrong
 prompt and batch_size types are named errors; `canvaslm chat` refuses a --max-new-tokens no turn fits."""
 
 from __future__ import annotations
@@ -54,15 +54,6 @@ def test_a_one_row_last_batch_gives_the_big_batch_output(tiny_checkpoint, llm):
     want = [r.token_ids for r in llm.generate(prompts, params, use_tqdm=False)]
     assert [r.token_ids for r in small.generate(prompts, params, use_tqdm=False)] == want
     assert len(small.generate(prompts, params, use_tqdm=False)) == 3
-
-
-def test_infill_seeds_are_folded_over_2_64(llm):
-    a = llm.infill("def f(", "):", SamplingParams(seed=5, max_denoising_steps=2), gaps=[4])
-    b = llm.infill("def f(", "):", SamplingParams(seed=5 + 2**63, max_denoising_steps=2), gaps=[4])
-    ga = llm.generate("def f(", SamplingParams(seed=5, max_new_tokens=8, max_denoising_steps=2))[0]
-    gb = llm.generate("def f(", SamplingParams(seed=5 + 2**63, max_new_tokens=8, max_denoising_steps=2))[0]
-    assert ga.token_ids != gb.token_ids  # the two seeds draw differently ...
-    assert a.middle_ids != b.middle_ids  # ... in infill too (was the same generator: seed % 2**63)
 
 
 def test_edit_and_infill_integers(llm):
