@@ -403,8 +403,9 @@ def test_llm_chat_gives_the_answer_what_the_thought_left_of_max_time(think_llm, 
     calls = []
     real = think_llm._generate_rows
     monkeypatch.setattr(think_llm, "_generate_rows", lambda rows, *a, **k: (calls.append(rows), real(rows, *a, **k))[1])
-    sp = dataclasses.replace(always_thinking(think_llm, json_schema=SCHEMA, thinking_token_budget=3), max_new_tokens=60,
-                             max_time=5.0)
+    # with a constraint, max_time needs the reply within one canvas (as the server asks): a choice fits
+    sp = dataclasses.replace(always_thinking(think_llm, choice=["yes", "no"], thinking_token_budget=3),
+                             max_new_tokens=16, max_time=5.0)
     think_llm.chat([{"role": "user", "content": "q"}], sp, chat_template_kwargs={"enable_thinking": True})
     (thought,), (answer,) = calls
     assert thought.params.max_time == 5.0 and answer.params.max_time == pytest.approx(2.0)
