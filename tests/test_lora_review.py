@@ -151,3 +151,18 @@ def test_hand_written_metrics_escape_label_values():
     parser = pytest.importorskip("prometheus_client.parser")
     [fam] = parser.text_string_to_metric_families(text)
     assert [s.labels["adapter"] for s in fam.samples] == names
+
+
+def test_hand_written_counters_are_typed_under_their_sample_names():
+    """A counter's samples are NAME_total: its HELP and TYPE lines name the same family (they named NAME, so a
+    parser read an empty counter and untyped samples)."""
+    from canvaslm.server.metrics import _render_by_hand
+
+    text = _render_by_hand([("engine_steps", "counter", "Steps", [("_total", {}, 3)]),
+                            ("running", "gauge", "Running", [("", {}, 1)])])
+    assert text.splitlines()[:3] == ["# HELP canvaslm_engine_steps_total Steps",
+                                     "# TYPE canvaslm_engine_steps_total counter", "canvaslm_engine_steps_total 3.0"]
+    parser = pytest.importorskip("prometheus_client.parser")
+    fams = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    assert fams["canvaslm_engine_steps"].type == "counter" and fams["canvaslm_engine_steps"].samples[0].value == 3.0
+    assert fams["canvaslm_running"].type == "gauge"

@@ -312,6 +312,10 @@ def _serve(args) -> int:
     state.embedding_pooling = args.embedding_pooling
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    if args.port == 0:  # any free port: the one printed below is the one served
+        from .launch import free_port
+
+        args.port = free_port(args.host)
     loras = f", LoRA adapters {sorted(state.loras)}" if state.loras else ""
     for note in notes + apply_chat_flags(state, args) + state.engine.notes:
         print(f"canvaslm: {note}", flush=True)

@@ -137,7 +137,9 @@ def state_from_model(model, defaults: DiffusionParams, tokenizer=None, config: E
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port the OS has free on `host` now (IPv4 or IPv6, as the host is)."""
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 

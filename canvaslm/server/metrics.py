@@ -71,7 +71,8 @@ def _render_by_hand(families) -> str:
     lines = []
     for name, kind, help_text, samples in families:
         full = PREFIX + name
-        lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
+        named = full + "_total" if kind == "counter" else full  # a counter's samples are NAME_total: so is its TYPE
+        lines += [f"# HELP {named} {help_text}", f"# TYPE {named} {kind}"]
         for suffix, labels, value in samples:
             lab = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
             lines.append(f"{full}{suffix}{{{lab}}} {float(value)}" if lab else f"{full}{suffix} {float(value)}")

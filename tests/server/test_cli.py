@@ -126,3 +126,23 @@ def test_max_steps_limit_caps_the_checkpoints_default(tiny_checkpoint):
     with pytest.raises(ValueError, match="must be >= 1"):
         build_state(tiny_checkpoint, "cpu", "float32", EngineConfig(max_batch=1, max_model_len=64),
                     max_denoising_steps=0)
+
+
+def test_serve_port_0_prints_the_port_it_serves(tiny_checkpoint, monkeypatch, capsys):
+    """--port 0 takes any free port: the start-up line names that port, and uvicorn is given it (was :0)."""
+    import re
+
+    import uvicorn
+
+    from canvaslm.cli import main
+
+    seen = {}
+
+    def run(app, **kw):
+        seen.update(kw, state=app.state.canvas)
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    assert main(["serve", str(tiny_checkpoint), "--port", "0", "--device", "cpu", "--max-model-len", "64"]) == 0
+    seen.pop("state").engine.shutdown()
+    printed = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)/v1", capsys.readouterr().out)
+    assert printed and int(printed.group(1)) == seen["port"] > 0
