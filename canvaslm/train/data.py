@@ -90,8 +90,11 @@ def _coerce(item, where: str, tokenizer, vision=None, base: Path | None = None) 
             if not isinstance(item[key], str):
                 raise DataError(f"{where}: '{name}' must be a string, got {_shown(item[key])}")
         _need_tokenizer(tokenizer, where, "text examples ('prompt'/'response')")
-        prompt = tokenizer.encode(item["prompt"])
-        response = tokenizer.encode(item["response"], add_special_tokens=False)
+        try:
+            prompt = tokenizer.encode(item["prompt"])
+            response = tokenizer.encode(item["response"], add_special_tokens=False)
+        except ValueError as e:  # a character this vocabulary cannot write
+            raise DataError(f"{where}: {e}") from None
     else:
         raise DataError(f"{where}: expected a (prompt_ids, response_ids) pair or a dict with "
                         f"'prompt_ids'/'response_ids', 'prompt'/'response' or 'messages', got {str(item)[:80]!r}")
@@ -306,13 +309,16 @@ def _chat_examples(item: dict, where: str, tokenizer, vision=None, base: Path | 
         if not full_text.startswith(prompt_text):
             raise DataError(f"{where}: messages[{j}]: the chat template does not render the conversation before "
                             "this turn as a prefix of the conversation with it; use 'prompt'/'response' rows")
-        prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
-        response = tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False)
-        ends = [i for i, t in enumerate(response) if t in eos]
-        if ends:
-            response = response[:ends[-1] + 1]  # the turn's end marker, not the newline after it
-        if thoughts[j] is not None:  # the turn opens with its thought, as the model writes one
-            response = tokenizer.encode(channel[0] + thoughts[j] + channel[1], add_special_tokens=False) + response
+        try:
+            prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+            response = tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False)
+            ends = [i for i, t in enumerate(response) if t in eos]
+            if ends:
+                response = response[:ends[-1] + 1]  # the turn's end marker, not the newline after it
+            if thoughts[j] is not None:  # the turn opens with its thought, as the model writes one
+                response = tokenizer.encode(channel[0] + thoughts[j] + channel[1], add_special_tokens=False) + response
+        except ValueError as e:  # a character this vocabulary cannot write
+            raise DataError(f"{where}: messages[{j}]: {e}") from None
         out.append(_with_images(_checked(prompt, response, f"{where} messages[{j}]"), images[:len(shown)],
                                 f"{where} messages[{j}]", vision))
     return out
@@ -421,7 +427,12 @@ def _hf_rows(src: dict) -> tuple[list[dict], str]:
                         f"{ds.column_names}")
     if src.get("max_examples"):
         ds = ds.select(range(min(src["max_examples"], len(ds))))
-    rows = [{renames.get(k, k): v for k, v in row.items()} for row in ds]
+    # a mapped column replaces the dataset's own of that name (and a mapped prompt / response / completion wins
+    # over a `messages` column), whatever the column order
+    shadowed = set(renames.values()) - set(renames)
+    if shadowed & {"prompt", "response", "completion", "prompt_ids", "response_ids"}:
+        shadowed.add("messages")
+    rows = [{renames.get(k, k): v for k, v in row.items() if k in renames or k not in shadowed} for row in ds]
     return rows, where
 
 
@@ -489,19 +500,38 @@ def _file_rows(path: Path):
         text = "".join(line for _, line in lines)
         if text.lstrip().startswith("["):
             try:
-                rows = json.loads(text)
+                rows = json.loads(text, object_pairs_hook=_no_repeated_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: not valid JSON ({e})") from None
+            except _RepeatedKey as e:
+                raise DataError(f"{path}: key {e.args[0]!r} appears twice in one object") from None
             yield from ((f"{path}: row {i}", item) for i, item in enumerate(rows))
             return
     for i, line in lines:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            item = json.loads(line, object_pairs_hook=_no_repeated_keys)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+        except _RepeatedKey as e:
+            raise DataError(f"{path}:{i}: key {e.args[0]!r} appears twice in one object") from None
         yield f"{path}:{i}", item
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeated_keys(pairs: list) -> dict:
+    """json.loads' objects, refusing a key given twice (json keeps the last silently: a row that says
+    "response_ids" twice trained on the second)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _RepeatedKey(k)
+        out[k] = v
+    return out
 
 
 def _text_lines(path: Path):
@@ -512,7 +542,7 @@ def _text_lines(path: Path):
         with opener(path, "rb") as f:
             for i, raw in enumerate(f, 1):
                 try:
-                    yield i, raw.decode("utf-8")
+                    yield i, raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM, as `datasets` reads it
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}:{i}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} "
                                     "of the line); save the file as UTF-8") from None

@@ -523,7 +523,8 @@ class Trainer:
         """The transform's output for an example, checked as a loaded example is (ids, vocabulary, length)."""
         c, cfg = self.config, self.model.cfg
         at = f"data.transform {c.data_spec['transform']!r} on {where}"
-        out = check_example(self.transform(example[0], example[1], rng), at, cfg.vocab_size)
+        # copies: a transform that edits its lists in place (rng.shuffle) must not change the loaded example
+        out = check_example(self.transform(list(example[0]), list(example[1]), rng), at, cfg.vocab_size)
         n, limit = self._length(out), c.max_length or cfg.max_position_embeddings
         if n > limit:
             raise DataError(f"{at}: its example is {n} tokens long (prompt + response in canvases of "

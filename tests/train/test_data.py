@@ -120,3 +120,34 @@ def test_gzipped_data_files_are_read(tmp_path):
         load_examples(str(tmp_path / "bad.jsonl.gz"))
     with pytest.raises(DataError, match=r"data file .*nope.jsonl.gz does not exist"):
         load_examples(str(tmp_path / "nope.jsonl.gz"))
+
+
+def test_data_review_s26_repeated_keys_bom_and_unwritable_characters(tmp_path):
+    """A key given twice in one JSONL object is refused by line (json kept the last: an empty response trained);
+    a UTF-8 BOM is read as `datasets` reads it; a character the vocabulary cannot write names the file and line."""
+    from canvaslm.testing import make_tiny_checkpoint
+    from canvaslm.tokenizer import Tokenizer
+    from canvaslm.train.data import DataError, load_examples
+
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text('{"prompt_ids": [2, 3], "response_ids": [5, 6, 7], "response_ids": []}\n')
+    with pytest.raises(DataError, match=r"twice.jsonl:1: key 'response_ids' appears twice in one object"):
+        load_examples(str(twice))
+    for name in ("bom.jsonl", "bom.json"):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + b'{"prompt_ids": [2, 3], "response_ids": [5]}\n')
+        assert load_examples(str(tmp_path / name)) == [([2, 3], [5])]
+    tok = Tokenizer.from_dir(make_tiny_checkpoint(tmp_path / "m"))
+    try:
+        tok.encode("caf\u00e9")
+    except ValueError:
+        pass
+    else:
+        pytest.skip("this tokenizer writes every character")
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "caf\\u00e9"}\n')
+    with pytest.raises(DataError, match=r"odd.jsonl:2: .*cannot encode character"):
+        load_examples(str(odd), tok)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "caf\\u00e9"}]}\n')
+    with pytest.raises(DataError, match=r"chat.jsonl:1: messages\[1\]: .*cannot encode character"):
+        load_examples(str(chat), tok)

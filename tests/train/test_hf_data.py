@@ -107,3 +107,15 @@ def test_training_on_a_dataset_end_to_end(tmp_path, tiny_checkpoint):
                                             data={"train": {"dataset": str(ds)}, "eval": f"hf:{ds}"},
                                             max_steps=1, batch_size=2, lora={"rank": 2}))
     Trainer(cfg).train()
+
+
+def test_a_mapped_column_wins_over_the_datasets_own_of_that_name(tmp_path, tok):
+    """columns: {response_ids: gold} on a dataset that also has response_ids trains on gold, whatever the column
+    order; a mapped prompt / response wins over a messages column (both were silently the other way round)."""
+    d = write_jsonl(tmp_path / "a" / "train.jsonl", [{"gold": [9, 9], "prompt_ids": [2, 5], "response_ids": [7, 7]}])
+    assert load_examples({"dataset": str(d.parent), "columns": {"response_ids": "gold"}}) == [([2, 5], [9, 9])]
+    d = write_jsonl(tmp_path / "b" / "train.jsonl", [{"question": "q", "answer": "GOLD", "messages": [
+        {"role": "user", "content": "old"}, {"role": "assistant", "content": "OLD"}]}])
+    [(_, response)] = load_examples({"dataset": str(d.parent), "columns": {"prompt": "question", "response": "answer"}},
+                                    tok)
+    assert tok.decode(response, skip_special_tokens=False) == "GOLD"

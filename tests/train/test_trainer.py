@@ -466,6 +466,18 @@ def test_transform_augments_deterministically(tmp_path, monkeypatch):
     assert ex_a != next(a._micro_batches(4))[0]
 
 
+def test_a_transform_that_edits_in_place_leaves_the_examples_as_loaded(tmp_path, monkeypatch):
+    """The transform gets copies: one that appends to its lists (or shuffles them) changed the loaded examples, so
+    step s was no longer a function of (seed, s) and a resumed run saw other examples."""
+    (tmp_path / "inplace.py").write_text("def grow(p, r, rng):\n    p.append(rng.randint(5, 31))\n    return p, r\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = tiny_config(tmp_path)
+    t = Trainer(TrainConfig.from_dict({**base, "data": {**base["data"], "transform": "inplace:grow"}}))
+    loaded = [(list(p), list(r)) for p, r in t.train_examples]
+    first, again = next(t._micro_batches(0))[0], next(t._micro_batches(0))[0]
+    assert first == again and [(list(p), list(r)) for p, r in t.train_examples] == loaded
+
+
 def test_transform_output_is_checked_naming_the_transform_and_row(tmp_path, monkeypatch):
     (tmp_path / "badtf.py").write_text(
         "def oov(p, r, rng):\n    return p, r + [500]\n"
