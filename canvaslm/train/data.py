@@ -415,7 +415,17 @@ def _hf_rows(src: dict) -> tuple[list[dict], str]:
         raise DataError(f"{where}: reading Hugging Face datasets needs the `datasets` package "
                         "(pip install datasets, or canvaslm[train])") from None
     try:
-        ds = datasets.load_dataset(name, src.get("subset"), split=split, revision=src.get("revision"))
+        saved = Path(name).is_dir() and any((Path(name) / f).is_file() for f in ("state.json", "dataset_dict.json"))
+        if saved:  # Dataset.save_to_disk / DatasetDict.save_to_disk: read as saved, its split picked
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{where}: the saved dataset has splits {sorted(ds)}, not {split!r}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, src.get("subset"), split=split, revision=src.get("revision"))
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - not found, offline, bad split, bad files: all name the source
         hint = " (offline: HF_HUB_OFFLINE is set, so only the local cache is read)" if \
             getattr(datasets.config, "HF_HUB_OFFLINE", False) else ""

@@ -30,7 +30,7 @@ from ..checkpoint import parse_dtype
 from ..config import ConfigError, DiffusionParams
 from ..quant import QUANTIZATIONS
 from . import checkpointing as ckpt
-from .data import (DataError, ExampleStream, ImageExample, calls_function, check_example, load_sourced,
+from .data import (DataError, ExampleStream, ImageExample, calls_function, check_example, hf_source, load_sourced,
                    resolve_callable, split_holdout)
 from .lora import LoRAConfig, apply_lora, has_lora
 from .objective import block_diffusion_loss, canvases_of, example_noise_seed, make_batch, set_trainable
@@ -138,6 +138,12 @@ class TrainConfig:
             if self.data.get("kwargs") and not any(calls_function(self.data.get(k)) for k in ("train", "eval")):
                 bad("data.kwargs", "apply only to a 'module:function' source (data.train or data.eval), and "
                                    f"{self.data['train']!r} is read, not called", self.data["kwargs"])
+            for key in ("train", "eval"):  # a dataset mapping's keys, checked now, not after the model is built
+                if isinstance(self.data.get(key), dict):
+                    try:
+                        hf_source(self.data[key])
+                    except DataError as e:
+                        raise ConfigError(f"train config: data.{key}: {e}") from None
             if self.data.get("eval_size", 0) < 0:
                 bad("data.eval_size", "must be an integer >= 0 (0: no held-out rows)", self.data["eval_size"])
             if self.data.get("eval_size") and self.data.get("eval") is not None:

@@ -119,3 +119,28 @@ def test_a_mapped_column_wins_over_the_datasets_own_of_that_name(tmp_path, tok):
     [(_, response)] = load_examples({"dataset": str(d.parent), "columns": {"prompt": "question", "response": "answer"}},
                                     tok)
     assert tok.decode(response, skip_special_tokens=False) == "GOLD"
+
+
+def test_a_saved_dataset_loads_as_saved(tmp_path):
+    """Dataset.save_to_disk / DatasetDict.save_to_disk directories load (load_dataset refused them, its message
+    pointing at a load_from_disk no config key reaches)."""
+    rows = [{"prompt_ids": [2, 5], "response_ids": [7]}] * 3
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    assert load_examples(str(tmp_path / "one")) == [([2, 5], [7])] * 3
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:2]),
+                          "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "dict"))
+    assert len(load_examples({"dataset": str(tmp_path / "dict"), "split": "test"})) == 1
+    with pytest.raises(DataError, match=r"the saved dataset has splits \['test', 'train'\], not 'dev'"):
+        load_examples({"dataset": str(tmp_path / "dict"), "split": "dev"})
+
+
+def test_a_dataset_mappings_keys_are_checked_with_the_config(tmp_path):
+    import yaml
+
+    from canvaslm.config import ConfigError
+
+    cfg = tiny_config(tmp_path)
+    cfg["data"] = {"train": {"dataset": str(tmp_path), "splt": "test"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"c.yaml: data.train: .*unknown: \['splt'\]"):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
