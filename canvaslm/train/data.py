@@ -306,16 +306,22 @@ def _chat_examples(item: dict, where: str, tokenizer, vision=None, base: Path | 
             full_text = tokenizer.apply_chat_template(history, add_generation_prompt=False, tools=tools, **mode)
         except ValueError as e:
             raise DataError(f"{where}: messages[{j}]: {e}") from None
-        if not full_text.startswith(prompt_text):
+        # a generation prompt that opens the thought channel itself (Gemma 4's, thinking on): the prompt keeps the
+        # opening, as inference sees it, and the response starts inside the thought
+        opened = channel is not None and prompt_text.endswith(channel[0])
+        before = prompt_text[:-len(channel[0])] if opened else prompt_text
+        if not full_text.startswith(before):
             raise DataError(f"{where}: messages[{j}]: the chat template does not render the conversation before "
                             "this turn as a prefix of the conversation with it; use 'prompt'/'response' rows")
         try:
             prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
-            response = tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False)
+            response = tokenizer.encode(full_text[len(before):], add_special_tokens=False)
             ends = [i for i, t in enumerate(response) if t in eos]
             if ends:
                 response = response[:ends[-1] + 1]  # the turn's end marker, not the newline after it
-            if thoughts[j] is not None:  # the turn opens with its thought, as the model writes one
+            if opened:  # the thought (or none) and the close: the channel is open already
+                response = tokenizer.encode((thoughts[j] or "") + channel[1], add_special_tokens=False) + response
+            elif thoughts[j] is not None:  # the turn opens with its thought, as the model writes one
                 response = tokenizer.encode(channel[0] + thoughts[j] + channel[1], add_special_tokens=False) + response
         except ValueError as e:  # a character this vocabulary cannot write
             raise DataError(f"{where}: messages[{j}]: {e}") from None

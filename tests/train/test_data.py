@@ -151,3 +151,29 @@ def test_data_review_s26_repeated_keys_bom_and_unwritable_characters(tmp_path):
     chat.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "caf\\u00e9"}]}\n')
     with pytest.raises(DataError, match=r"chat.jsonl:1: messages\[1\]: .*cannot encode character"):
         load_examples(str(chat), tok)
+
+
+def test_a_thinking_row_under_a_template_whose_prompt_opens_the_thought(tmp_path):
+    """Gemma 4's shape: with thinking on, the generation prompt ends in `<|channel>thought\\n` itself. The row trains
+    (was refused by the prefix check): the prompt keeps the opening, as inference sees it, and the response is the
+    thought, the close and the answer, with no second opening."""
+    import json
+
+    from canvaslm.reasoning import CHANNEL_CLOSE, CHANNEL_OPEN
+    from canvaslm.testing import make_tiny_checkpoint
+    from canvaslm.tokenizer import Tokenizer
+    from canvaslm.train.data import load_examples
+
+    d = make_tiny_checkpoint(tmp_path / "m", extra_specials=(CHANNEL_OPEN, CHANNEL_CLOSE))
+    (d / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "<start_of_turn>{{ role }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% if enable_thinking %}<|channel>thought\n{% endif %}"
+        "{% endif %}")
+    tok = Tokenizer.from_dir(d)
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}, {
+        "role": "assistant", "content": "4", "reasoning_content": "two and two"}]}) + "\n")
+    [(prompt, response)] = load_examples(str(rows), tok)
+    assert tok.decode(prompt, skip_special_tokens=False).endswith("<start_of_turn>model\n<|channel>thought\n")
+    assert tok.decode(response, skip_special_tokens=False) == "two and two<channel|>4<end_of_turn>"
