@@ -146,9 +146,10 @@ def _loop(args, llm, session) -> int:
 
     first = turn_params(0).resolve(llm.defaults)  # flags no turn could run with: an error (exit 2), not one per turn
     C, context = llm.cfg.canvas_length, llm.cfg.max_position_embeddings
-    if -(-first.max_new_tokens // C) * C + 1 > context:  # whole canvases after at least a one-token prompt
-        raise ValueError(f"--max-new-tokens {first.max_new_tokens}: its canvases ({-(-first.max_new_tokens // C) * C} "
-                         f"positions, {C} each) leave no room for a prompt in the model's {context}-position context")
+    span = -(-first.max_new_tokens // C) * C  # whole canvases, after at least a one-token prompt
+    if span + 1 > context:
+        raise ValueError(f"--max-new-tokens {first.max_new_tokens}: its canvases ({span} positions, {C} each) leave "
+                         f"no room for a prompt in the model's {context}-position context")
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     if tty:
         print(f"canvaslm chat: {llm.model_dir}  ({HELP})", flush=True)

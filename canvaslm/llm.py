@@ -423,13 +423,14 @@ class LLM:
             with tqdm(total=len(rows), desc="generate", unit="req", disable=use_tqdm is False) as bar:
                 for i in range(0, len(rows), B):
                     part, chunk = rows[i:i + B], gens[i:i + B]
-                    if len(part) == 1 and B > 1:  # one row runs other kernels (matrix-vector products) than a
+                    n = len(part)
+                    if n == 1 and B > 1:  # one row runs other kernels (matrix-vector products) than a
                         # batch, and its floats differ: a batch-mate (the row before it again, with a generator of
                         # its own; its output dropped) keeps it a batch, as in the one big batch
                         part, chunk = part + [rows[i - 1]], chunk + [self._generator(seeds[i - 1])]
                     outs += generate_rows(self.model, part, chunk[0] if len(chunk) == 1 else chunk,
-                                          geometry=geometry, sampler_impl=self.sampler_impl)[:len(rows[i:i + B])]
-                    bar.update(len(rows[i:i + B]))
+                                          geometry=geometry, sampler_impl=self.sampler_impl)[:n]
+                    bar.update(n)
         return [GenerationResult(r.prompt_ids, o.token_ids,
                                  self.decode(_shown(o.token_ids, o.finish_reason, r.eos_ids)), o.finish_reason,
                                  o.tokens_per_forward, o.decoder_passes) for r, o in zip(rows, outs)]

@@ -33,8 +33,8 @@ import time
 import uuid
 
 from .protocol import ChatCompletionRequest, InputImage, ResponsesRequest
-from .serving import (APIError, ServerState, in_band, encode_chat, need_chat_template, need_tokenizer, prepare_translated,
-                      off_loop, renamed, run_choices, run_to_end, thought_tokens, usage, validated)
+from .serving import (APIError, ServerState, in_band, encode_chat, need_chat_template, need_tokenizer,
+                      prepare_translated, off_loop, renamed, run_choices, run_to_end, thought_tokens, usage, validated)
 from .tools import reply_message, tool_replies
 
 
@@ -93,14 +93,14 @@ def to_chat(body: ResponsesRequest, history: list | None = None, places: list | 
         raise APIError(400, "input is empty", "input")
     turns = [_copy_turn(m) for m in messages[first_new:]]
     if drop:
-        start, kept_places, at = (1 if body.instructions else 0), [], 0
+        start, kept, kept_places, at = (1 if body.instructions else 0), [], [], 0
         for k, m in enumerate(messages[start:]):
             n = _image_count(m)
             if k not in drop:
+                kept.append(m)
                 kept_places += places[at:at + n]
             at += n
-        messages[start:] = [m for k, m in enumerate(messages[start:]) if k not in drop]
-        places[:] = kept_places
+        messages[start:], places[:] = kept, kept_places
     fields = dict(model=body.model, messages=messages, stream=body.stream, user=body.user,
                   temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_output_tokens,
                   parallel_tool_calls=body.parallel_tool_calls, seed=body.seed,

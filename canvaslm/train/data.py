@@ -422,20 +422,18 @@ def _hf_rows(src: dict) -> tuple[list[dict], str]:
                         "(pip install datasets, or canvaslm[train])") from None
     try:
         saved = Path(name).is_dir() and any((Path(name) / f).is_file() for f in ("state.json", "dataset_dict.json"))
-        if saved:  # Dataset.save_to_disk / DatasetDict.save_to_disk: read as saved, its split picked
+        if saved:  # Dataset.save_to_disk / DatasetDict.save_to_disk: read as saved (its split picked below)
             ds = datasets.load_from_disk(name)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{where}: the saved dataset has splits {sorted(ds)}, not {split!r}")
-                ds = ds[split]
         else:
             ds = datasets.load_dataset(name, src.get("subset"), split=split, revision=src.get("revision"))
-    except DataError:
-        raise
     except Exception as e:  # noqa: BLE001 - not found, offline, bad split, bad files: all name the source
         hint = " (offline: HF_HUB_OFFLINE is set, so only the local cache is read)" if \
             getattr(datasets.config, "HF_HUB_OFFLINE", False) else ""
         raise DataError(f"{where} cannot be read{hint}: {type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):  # a saved DatasetDict
+        if split not in ds:
+            raise DataError(f"{where}: the saved dataset has splits {sorted(ds)}, not {split!r}")
+        ds = ds[split]
     renames = {theirs: ours for ours, theirs in src["columns"].items()}
     missing = sorted(set(renames) - set(ds.column_names))
     if missing:
@@ -515,24 +513,24 @@ def _file_rows(path: Path):
         lines = list(lines)
         text = "".join(line for _, line in lines)
         if text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text, object_pairs_hook=_no_repeated_keys)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: not valid JSON ({e})") from None
-            except _RepeatedKey as e:
-                raise DataError(f"{path}: key {e.args[0]!r} appears twice in one object") from None
+            rows = _json(text, str(path))
             yield from ((f"{path}: row {i}", item) for i, item in enumerate(rows))
             return
     for i, line in lines:
         if not line.strip():
             continue
-        try:
-            item = json.loads(line, object_pairs_hook=_no_repeated_keys)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
-        except _RepeatedKey as e:
-            raise DataError(f"{path}:{i}: key {e.args[0]!r} appears twice in one object") from None
-        yield f"{path}:{i}", item
+        yield f"{path}:{i}", _json(line, f"{path}:{i}")
+
+
+def _json(text: str, where: str):
+    """The JSON value of a file's text or line; a DataError naming `where` when it is not JSON or an object
+    in it gives a key twice."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_repeated_keys)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e})") from None
+    except _RepeatedKey as e:
+        raise DataError(f"{where}: key {e.args[0]!r} appears twice in one object") from None
 
 
 class _RepeatedKey(ValueError):
