@@ -86,7 +86,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def on_bug(request, exc):
         return _in_dialect(request, _error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
-    app.add_middleware(_NoLoneSurrogates)  # inside the key check: a 401 comes first
+    app.add_middleware(_BodyChecks, state=state)  # inside the key check: a 401 comes first
     app.add_middleware(_ApiKeyCheck, state=state)
     app.add_middleware(_BodiesAreJson)
 
@@ -328,24 +328,37 @@ def _lone_surrogate(value, path: str = "") -> str | None:
     return None
 
 
-class _NoLoneSurrogates:
-    """A JSON body may spell a lone UTF-16 surrogate (`"\\ud800"`), which Python's json reads into a str that is no
-    text: it cannot be tokenised or sent back (a Responses body's `metadata` is echoed: that was a 500 after the
-    generation ran). A 400 names the field. Only bodies that spell a surrogate escape at all are parsed here."""
+class _BodyChecks:
+    """Reads a POST body whole, as the route would, and answers before the route when it cannot be served:
 
-    def __init__(self, app):
-        self.app = app
+    * a body over --max-request-bytes (state.max_request_bytes) gets a 413 naming the limit, as soon as its
+      Content-Length or the bytes received pass it (FastAPI reads the whole body and parses its JSON on the event
+      loop: an unbounded body would stall every other request and hold its size in memory);
+    * a JSON body may spell a lone UTF-16 surrogate (`"\\ud800"`), which Python's json reads into a str that is
+      no text: it cannot be tokenised or sent back (a Responses body's `metadata` is echoed: that was a 500 after
+      the generation ran). A 400 names the field. Only bodies that spell a surrogate escape at all are parsed."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        chunks, first = [], None
+        limit = self.state.max_request_bytes
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if limit and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(scope, receive, send, limit)
+        chunks, first, size = [], None, 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client left while sending
                 first = message
                 break
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if limit and size > limit:  # chunked, or a Content-Length that understated it
+                return await self._too_large(scope, receive, send, limit)
+            chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
@@ -369,6 +382,14 @@ class _NoLoneSurrogates:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(scope, receive, send, limit: int) -> None:
+        response = _in_dialect(Request(scope), _error(
+            413, f"the request body is over the server's limit of {limit} bytes ({limit / (1 << 20):g} MiB, "
+                 "--max-request-bytes)", type="invalid_request_error", code="request_too_large"))
+        response.headers["connection"] = "close"  # the rest of the body is not read
+        await response(scope, receive, send)
 
 
 class _BodiesAreJson:
@@ -406,7 +427,10 @@ def _tokenize(state: ServerState, tok, body: TokenizeRequest) -> tuple:
     """(the chat body or None, the text's token ids) of a /tokenize request; 400s name the field."""
     if body.content is not None or body.add_special is not None:  # llama-server's names
         if body.prompt is not None or body.messages is not None:
-            raise APIError(400, "send content (llama-server's name) or prompt / messages, not both", "content")
+            theirs = "content" if body.content is not None else "add_special"
+            ours = "prompt" if body.prompt is not None else "messages"
+            raise APIError(400, f"{theirs} (llama-server's body) was sent with {ours}: send content with "
+                                "add_special, or prompt / messages with add_special_tokens", theirs)
         body = body.model_copy(update={"prompt": body.content, "add_special_tokens": bool(body.add_special)})
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send one of prompt (text) or messages (chat)", "prompt")

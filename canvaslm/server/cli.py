@@ -41,6 +41,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _bytes(text: str) -> int:
+    """A size in bytes, with an optional K / M / G suffix (powers of 1024); 0: no limit."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = units.get(t[-1:], 1)
+    try:
+        v = float(t[:-1] if t[-1:] in units else t) * scale
+    except ValueError:
+        v = -1.0
+    if not (v >= 0 and v == int(v)):
+        raise argparse.ArgumentTypeError(f"must be a size in bytes (e.g. 67108864, 64M, 1G; 0: no limit), got {text!r}")
+    return int(v)
+
+
 def _port(text: str) -> int:
     try:
         v = int(text)
@@ -53,7 +67,7 @@ def _port(text: str) -> int:
 
 def add_parser(subparsers) -> None:
     from ..cli import add_model_args
-    from .vllm_compat import MAX_STEPS_LIMIT, add_vllm_args
+    from .vllm_compat import MAX_REQUEST_BYTES, MAX_STEPS_LIMIT, add_vllm_args
 
     p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     add_model_args(p, model_optional=False)
@@ -81,6 +95,9 @@ def add_parser(subparsers) -> None:
                    help="largest max_denoising_steps a request may ask for (also caps the checkpoint's default)")
     p.add_argument("--regex-timeout", type=_seconds, default=10.0,
                    help="seconds a guided_regex may take to compile before the request gets a 400 (default 10)")
+    p.add_argument("--max-request-bytes", type=_bytes, default=MAX_REQUEST_BYTES, metavar="SIZE",
+                   help="largest request body taken (a bigger one gets a 413 before it is read in full); a size in "
+                        "bytes or with a K/M/G suffix, 0 for no limit (default 64M)")
     p.add_argument("--shutdown-timeout", type=_seconds, default=SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C, generations under way end at once with a 503 \"the server is "
                         "shutting down\"; then the server waits this long for open connections before closing "
@@ -243,7 +260,8 @@ def _resolve_model(args) -> None:
     from ..hub import is_repo_id, resolve_model
 
     if isinstance(args.served_model_name, list):  # serve's NAME [ALIAS ...]
-        args.served_model_name, args.aliases = args.served_model_name[0], tuple(args.served_model_name[1:])
+        names = list(dict.fromkeys(args.served_model_name))  # a name given twice is one name
+        args.served_model_name, args.aliases = names[0], tuple(names[1:])
     if args.served_model_name is None and is_repo_id(args.model_dir):
         args.served_model_name = args.model_dir
     args.model_dir = str(resolve_model(args.model_dir, args.revision))
@@ -309,6 +327,7 @@ def _serve(args) -> int:
     if template is not None:
         state.tokenizer.set_chat_template(*template)
     state.allowed_origins = args.allowed_origins
+    state.max_request_bytes = args.max_request_bytes or None
     state.embedding_pooling = args.embedding_pooling
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)

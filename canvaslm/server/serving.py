@@ -37,6 +37,7 @@ from ..sampling.thinking import (ThinkingBudget, answer_need, answer_room, answe
                                  thought_reserve, thought_room)
 from .protocol import _Common
 from .tools import auto_problem, auto_tools, chosen_tools, forced_tool
+from .vllm_compat import MAX_REQUEST_BYTES
 
 DISCONNECT_CHECK_S = 1.0  # how often a non-streamed request looks whether its client is still there
 
@@ -112,6 +113,7 @@ class ServerState:
     max_denoising_steps: int = 1024  # per-request cap on the max_denoising_steps extension
     regex_timeout: float = 10.0  # seconds a guided_regex may take to compile (sampling.regex_fsm)
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins that may call the API ("*": any)
+    max_request_bytes: int | None = MAX_REQUEST_BYTES  # larger request bodies get a 413 (None: any size)
     response_store: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # /v1/responses
     loras: dict = field(default_factory=dict)  # served LoRA adapters: model name -> (adapter id, directory)
     lora_updates: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter are served

@@ -30,6 +30,7 @@ import json
 from pathlib import Path
 
 MAX_STEPS_LIMIT = 1024  # --max-steps-limit's default: the most max_denoising_steps a request may ask for
+MAX_REQUEST_BYTES = 64 << 20  # --max-request-bytes' default: bodies are read whole and parsed on the event loop
 SAMPLER_KEYS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
                 "confidence_threshold")
 

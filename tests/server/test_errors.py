@@ -360,3 +360,36 @@ def test_bad_words_are_never_written_and_unsupported_vllm_fields_are_refused(htt
                                                                                   "use_beam_search")]:
         r = http.post("/v1/completions", json={**base, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_size_limit_is_refused_before_it_is_read(server, http, chunked):
+    """--max-request-bytes: a body over the limit gets a 413 naming it, in each API's own error body, whether its
+    Content-Length says so or the bytes sent (chunked, no length) pass it; the server keeps serving."""
+    limit = server.state.max_request_bytes
+    server.state.max_request_bytes = 4096
+    try:
+        big = json.dumps({**OK, "prompt": "hello " * 2000}).encode()
+        assert len(big) > 4096
+        for route in ("/v1/completions", "/v1/messages", "/api/generate"):
+            content = (c for c in [big[:3000], big[3000:]]) if chunked else big
+            resp = http.post(route, content=content, headers={"content-type": "application/json"})
+            assert resp.status_code == 413, resp.text
+            body = resp.json()
+            if route == "/v1/completions":
+                assert body["error"]["code"] == "request_too_large"
+                message = body["error"]["message"]
+            elif route == "/v1/messages":
+                assert body["type"] == "error" and body["error"]["type"] == "request_too_large"
+                message = body["error"]["message"]
+            else:
+                message = body["error"]
+            assert "4096 bytes" in message and "--max-request-bytes" in message, message
+        small = json.dumps(OK).encode()  # under the limit: served, chunked or not
+        resp = http.post("/v1/completions", content=(c for c in [small]) if chunked else small,
+                         headers={"content-type": "application/json"})
+        assert resp.status_code == 200, resp.text
+    finally:
+        server.state.max_request_bytes = limit
+    resp = http.post("/v1/completions", json={**OK, "prompt": "hello " * 10})  # the default limit takes it
+    assert resp.status_code == 200, resp.text

@@ -42,6 +42,7 @@ def test_tokenize_counts_what_the_completion_routes_encode(http, llm):
     ("/tokenize", {"prompt": "a", "model": "gpt-4"}, 404, "model"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
     ("/tokenize", {"prompt": "a", "content": "b"}, 400, "content"),
+    ("/tokenize", {"prompt": "a", "add_special": True}, 400, "add_special"),  # named, not `content`
     ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
     ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
 ])

@@ -112,11 +112,23 @@ def test_memory_utilization_counts_what_is_in_use():
         EngineConfig(memory_utilization=1.5)
 
 
-def test_served_model_name_takes_aliases(served, tiny_checkpoint):
-    code, state, out = served(str(tiny_checkpoint), "--max-model-len", "128", "--served-model-name", "dg", "gpt-4o")
+def test_served_model_name_takes_aliases(served, tiny_checkpoint, capsys):
+    code, state, out = served(str(tiny_checkpoint), "--max-model-len", "128", "--served-model-name", "dg", "gpt-4o",
+                              "dg", "gpt-4o")  # a name given twice is listed once
     assert code == 0 and state.model_name == "dg" and state.served_names() == ["dg", "gpt-4o"]
     assert state.adapter("gpt-4o") == 0
+    assert state.max_request_bytes == 64 << 20  # the default body limit
     state.engine.shutdown()
+    code, state, out = served(str(tiny_checkpoint), "--max-model-len", "128", "--max-request-bytes", "1.5K")
+    assert code == 0 and state.max_request_bytes == 1536
+    state.engine.shutdown()
+    code, state, out = served(str(tiny_checkpoint), "--max-model-len", "128", "--max-request-bytes", "0")
+    assert code == 0 and state.max_request_bytes is None  # 0: no limit
+    state.engine.shutdown()
+    with pytest.raises(SystemExit):
+        served(str(tiny_checkpoint), "--max-request-bytes", "lots")
+    err = capsys.readouterr().err
+    assert "--max-request-bytes" in err and "'lots'" in err
 
 
 def test_replies_to_an_alias_name_the_first_served_name(tiny_checkpoint):
