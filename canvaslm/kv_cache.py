@@ -144,7 +144,13 @@ class KVCache:
     def keep_prefix(self, slots: list[int], keep: list[int]) -> None:
         """Keep only positions < keep[i] of slot slots[i] (0 forgets everything): prefix caching hands a
         slot to a request whose prompt starts with those tokens. Full layers just forget the later
-        positions; sliding rings are rebuilt from the prefix store (module docstring)."""
+        positions; sliding rings are rebuilt from the prefix store (module docstring). A slot named twice keeps
+        the shorter prefix, as the two calls one after the other would (one batched index write per table: a
+        repeated index would leave which write lands to the device, and CUDA does not say)."""
+        shortest: dict[int, int] = {}
+        for slot, n in zip(slots, keep):
+            shortest[slot] = min(n, shortest.get(slot, n))
+        slots, keep = list(shortest), list(shortest.values())
         if self.store and any(n > 0 for n in keep):
             self._restore_rings(slots, keep)
         slot_t = torch.as_tensor(slots, device=self.device, dtype=torch.long)

@@ -110,3 +110,22 @@ def test_full_layers_read_only_the_blocks_a_call_needs_with_unchanged_results(th
         assert torch.equal(enc_every, enc_cut) and torch.equal(enc_every[:1], enc_short)
     finally:
         torch.set_num_threads(old)
+
+
+def test_keep_prefix_with_a_slot_named_twice_keeps_the_shorter_prefix():
+    """A plan may name a slot twice (an owner cancelled before its first step, the slot retaken): the cache
+    keeps what the two calls one after the other would, the shorter prefix, whichever order they come in, not
+    what a repeated index write leaves (the later on a CPU; unspecified on CUDA)."""
+    cfg = model_config("tiny", canvas_length=16)
+    results = []
+    for pairs in ([(0, 8), (0, 20)], [(0, 20), (0, 8)], [(0, 8)]):
+        cache = KVCache(cfg, 2, 64, prefix_store=True)
+        slots, pos = torch.tensor([0, 1]), torch.arange(40).expand(2, 40)
+        for layer in range(len(cfg.layer_types)):
+            shape = (2, cfg.num_kv_heads[layer], 40, cfg.head_dims[layer])
+            cache.write(layer, slots, pos, torch.randn(shape), torch.randn(shape))
+        cache.commit_positions(slots, pos)
+        cache.keep_prefix([s for s, _ in pairs], [n for _, n in pairs])
+        results.append((int(cache.lengths[0]), {t: sorted(p[0][p[0] >= 0].tolist()) for t, p in cache.pos.items()}))
+    assert results[0] == results[1] == results[2]
+    assert results[2][0] == 8 and all(max(p) == 7 for p in results[2][1].values())

@@ -402,7 +402,9 @@ class Scheduler:
         request.slot = slot
         request.prefilled_len = request.cached_len = keep
         self._slot_prompt[slot] = ((), 0, (), 0)  # the new owner's until it is released
-        self._reuse.append((slot, keep))
+        # an owner that took the slot since the last plan and was cancelled before one ran holds no more than the
+        # slot's prefix, which bounds this keep: the new owner's entry alone says what the slot keeps
+        self._reuse = [(s, n) for s, n in self._reuse if s != slot] + [(slot, keep)]
 
     def free_slots_holding(self, prompt_ids, lora: int = 0) -> list[int]:
         """The free slots whose KV holds exactly `prompt_ids` (under adapter `lora`) and nothing after it: their

@@ -506,3 +506,21 @@ def test_free_slots_holding_names_freed_slots_with_exactly_the_prompt():
     plain.add(RequestState("one", one.prompt_ids, 4, 4, 3))
     drive(plain, FakeRunner(plain))
     assert plain.free_slots_holding(one.prompt_ids) == []  # no prefix caching: freed slots are reset
+
+
+def test_a_slot_retaken_before_a_plan_runs_is_kept_once_with_the_new_owners_prefix():
+    """With prefix caching, a request admitted while held (a whole cached prompt, nothing to encode, its
+    constraint work running) and cancelled before any plan ran, then replaced in its slot, leaves one reuse entry
+    for the slot, the new owner's: two would be two index writes to one slot in the runner's batched update."""
+    sched = Scheduler(max_batch=4, kv_budget_tokens=200, num_slots=1, prefill_chunk=4, canvas_length=4,
+                      prefix_caching=True)
+    sched.add(RequestState("one", (11, 12, 13, 14, 15, 16), 4, 4, 3))
+    drive(sched, FakeRunner(sched))
+    held = RequestState("held", (11, 12, 13, 14, 15, 16), 4, 4, 3)
+    sched.add(held)
+    assert sched.plan(hold=frozenset({"held"})) is None and held.slot == 0  # admitted, nothing to run
+    sched.cancel("held")
+    new = RequestState("new", (11, 12, 13, 14, 99), 4, 4, 3)
+    sched.add(new)
+    plan = sched.plan()
+    assert [s for s, _ in plan.reuse] == [0] and plan.reuse[0][1] == new.prefilled_len == 4
