@@ -44,25 +44,38 @@ class NativeToolParser:
     def split(self, ids: list, final: bool = False) -> tuple[str, list, bool]:
         """(text outside complete calls, [(name, arguments JSON text)], whether a call is still open).
         With `final`, an unfinished call is given back as text."""
+        text, calls, still_open = self.split_at(ids, final)
+        return text, [(name, args) for name, args, _ in calls], still_open
+
+    def split_at(self, ids: list, final: bool = False) -> tuple[str, list, bool]:
+        """As `split`, each call with where in the text it sat: [(name, arguments, offset)], the text before
+        the call being text[:offset] (APIs whose replies are ordered blocks put it back there)."""
         text, calls, i, n = [], [], 0, len(ids)
+        at = 0  # characters of text so far
+
+        def add(part: str) -> None:
+            nonlocal at
+            text.append(part)
+            at += len(part)
+
         while i < n:
             try:
                 start = ids.index(self.open_id, i)
             except ValueError:
-                text.append(self.tokenizer.decode(ids[i:]))
+                add(self.tokenizer.decode(ids[i:]))
                 break
-            text.append(self.tokenizer.decode(ids[i:start]))
+            add(self.tokenizer.decode(ids[i:start]))
             try:
                 end = ids.index(self.close_id, start + 1)
             except ValueError:  # the call is not finished (yet)
                 if final:
-                    text.append(self.tokenizer.decode(ids[start:], skip_special_tokens=False))
+                    add(self.tokenizer.decode(ids[start:], skip_special_tokens=False))
                 return "".join(text), calls, not final
             body = self.tokenizer.decode(ids[start + 1:end], skip_special_tokens=False)
             try:
-                calls.append(parse_call(body))
+                calls.append((*parse_call(body), at))
             except NativeSyntaxError:
-                text.append(self.tokenizer.decode(ids[start:end + 1], skip_special_tokens=False))
+                add(self.tokenizer.decode(ids[start:end + 1], skip_special_tokens=False))
             i = end + 1
         return "".join(text), calls, False
 

@@ -8,9 +8,9 @@ assistant turn's `tool_use` blocks become its tool calls (input as JSON argument
 function tools (`input_schema` as parameters); `tool_choice` auto / any / tool / none become "auto" /
 "required" / the named function / "none"; `max_tokens`, `temperature`, `top_p`, `top_k` keep their
 meaning. It then runs exactly as /v1/chat/completions runs it (same prompt, constraints, seeds, engine).
-The reply is a message whose content is a text block and one `tool_use` block per call (an empty reply
-has none: `[]`, and its stream no content block, as Anthropic's; a call left unfinished after complete ones
-is its text, in a text block after their tool_use blocks), with
+The reply is a message whose content is its blocks in the order the model wrote them: text, one `tool_use`
+block per call, and text written between or after calls in its place (a call left unfinished after complete
+ones is text too); an empty reply has none: `[]`, and its stream no content block, as Anthropic's. With
 `stop_reason` end_turn, max_tokens (first, as Anthropic's: a reply cut short with complete calls says
 max_tokens), stop_sequence (and `stop_sequence`) or tool_use, and usage in
 Anthropic's names (`cache_read_input_tokens`: prompt tokens from the prefix cache). Structured output
@@ -335,44 +335,40 @@ async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
 
 def _reply_blocks(c, replies: dict) -> list[dict]:
     """A finished choice's Messages content blocks (the whole message's, and the stream's of a tool reply)."""
-    message, tail = _open_call(c, replies, reply_message(c, replies))
-    return _blocks(message, c.tracker.reasoning, c.tracker.thought_at(), tail)
+    message = reply_message(c, replies)
+    reply = replies.get(c.index)
+    at = reply.call_offsets(c.tracker) if reply is not None and message.get("tool_calls") else None
+    return _blocks(message, c.tracker.reasoning, c.tracker.thought_at(), at)
 
 
-def _open_call(c, replies: dict, message: dict) -> tuple[dict, str]:
-    """A reply with tool calls that ends inside one more (max_tokens or a stop sequence cut it): the message
-    without that unfinished call's text, and that text. The chat route keeps it in `content` as text, and so
-    does this one, but in a text block after the tool_use blocks, where the model wrote it (not before the
-    calls, as if it led up to them)."""
-    parser = getattr(replies.get(c.index), "parser", None)
-    content = message.get("content") or ""
-    if parser is None or not message.get("tool_calls") or not content:
-        return message, ""
-    before, _, still_open = parser.split(c.tracker.shown_ids())  # the text outside the complete calls
-    if not still_open or len(content) <= len(before) or not content.startswith(before):
-        return message, ""
-    return {**message, "content": before or None}, content[len(before):]
-
-
-def _blocks(message: dict, thinking: str = "", thought_at: int | None = None, tail: str = "") -> list[dict]:
+def _blocks(message: dict, thinking: str = "", thought_at: int | None = None, calls_at: list | None = None) -> list[dict]:
     """A chat reply message (and its thought) -> Messages content blocks, in the order the model wrote them:
-    `thought_at` (TextTracker.thought_at) is where in the text a thought begun after it sits; `tail`, the text
-    of an unfinished call after the complete ones (_open_call), is a text block after their tool_use blocks."""
+    `thought_at` (TextTracker.thought_at) is where in the text a thought begun after it sits; `calls_at`
+    (ToolReply.call_offsets) is where in the text each tool call sat, so text written between or after calls
+    (an unfinished call cut by max_tokens is text too) is a text block in its place, not joined to the first.
+    A text with calls around it is a block only where it holds more than white space (Anthropic refuses
+    white-space text blocks sent back in a conversation)."""
     think = [{"type": "thinking", "thinking": thinking, "signature": ""}] if thinking else []
     text = message.get("content") or ""
-    def said(part: str) -> list[dict]:  # an empty text is no block (as the stream opens none for it)
-        return [{"type": "text", "text": part}] if part else []
+    calls = [{"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"), "name": call["function"]["name"],
+              "input": arguments_object(call["function"]["arguments"])} for call in message.get("tool_calls") or []]
 
+    def said(part: str) -> list[dict]:  # an empty text is no block (as the stream opens none for it)
+        return [{"type": "text", "text": part}] if part and (part.strip() or not calls) else []
+
+    if calls_at is None or len(calls_at) != len(calls):  # a call alone, or its text leads up to it
+        calls_at = [len(text)] * len(calls)
+    bounds = [0, *calls_at, len(text)]
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]  # the text before each call, then after the last
     if thought_at is None or not think:
-        blocks = think + said(text)
-    elif message.get("tool_calls"):  # the calls' text is not the tracker's: the text, then the thought
-        blocks = said(text) + think
+        blocks = think + said(pieces[0])
+    elif calls:  # the calls' text is not the tracker's: the first text, then the thought
+        blocks = said(pieces[0]) + think
     else:
         blocks = said(text[:thought_at]) + think + said(text[thought_at:])
-    for call in message.get("tool_calls") or []:
-        blocks.append({"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
-                       "name": call["function"]["name"], "input": arguments_object(call["function"]["arguments"])})
-    return blocks + said(tail)
+    for call, piece in zip(calls, pieces[1:]):
+        blocks += [call, *said(piece)]
+    return blocks
 
 
 def _stop(c, blocks: list) -> tuple[str, str | None]:

@@ -152,14 +152,27 @@ class ToolReply:
         """A parser's (content, calls) of the tracker's ids, its text cut as the tracker cuts the plain reply
         (the stop token left out, a stop string cut, a possible stop string's start held back while
         streaming); the first call alone with parallel_tool_calls false."""
-        content, calls, _ = self.parser.split(tracker.shown_ids(), final=final or tracker.stopped)
+        content, calls = self._calls_at(tracker, final)
+        return content, [(name, args) for name, args, _ in calls]
+
+    def _calls_at(self, tracker, final: bool) -> tuple[str, list]:
+        """As `_calls`, each call with its offset in the content (tool_parser.split_at)."""
+        content, calls, _ = self.parser.split_at(tracker.shown_ids(), final=final or tracker.stopped)
         if tracker.stopped:  # the ids end at the token completing the stop string: its last occurrence
             at = content.rfind(tracker.stop_word)
             if at >= 0:
                 content = content[:at + (len(tracker.stop_word) if tracker.keep_stop else 0)]
         elif not final:
             content = tracker.held(content)
+        calls = [(name, args, min(at, len(content))) for name, args, at in calls]
         return content, calls if self.parallel else calls[:1]
+
+    def call_offsets(self, tracker) -> list[int] | None:
+        """Where in the finished reply's content each of its calls (`message`'s tool_calls, in order) sat; None
+        for a reply that is a call alone (forced or chosen: no text around it)."""
+        if self.parser is None:
+            return None
+        return [at for _, _, at in self._calls_at(tracker, True)[1]]
 
     def _native_deltas(self, tracker, final: bool) -> list[dict]:
         content, calls = self._calls(tracker, final)

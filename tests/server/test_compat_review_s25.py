@@ -204,3 +204,15 @@ def test_an_empty_request_with_keep_alive_0_answers_unload(server, keep_alive, r
     chat = httpx.post(server.base_url + "/api/chat", json={"model": MODEL, "messages": [], **extra}, timeout=60)
     gen = httpx.post(server.base_url + "/api/generate", json={"model": MODEL, **extra}, timeout=60)
     assert chat.json()["done_reason"] == gen.json()["done_reason"] == reason
+
+
+def test_text_between_and_after_calls_keeps_its_place(server, monkeypatch):
+    """Text the model writes after a complete call (between two calls, or after the last) is a text block where it
+    was written, whole and streamed, not joined to the text before the first call; the chat route's content keeps
+    all of the text, as before. White space between calls is no block."""
+    whole, reason, streamed, stream_reason = messages(
+        server, monkeypatch, "Let me check." + CALL + "\n" + CALL + "Then Bergen." + CALL + "Done.", "stop")
+    call = {"type": "tool_use", "name": "get_weather", "input": {"city": "Oslo"}}
+    assert reason == stream_reason == "tool_use"
+    assert whole == streamed == [{"type": "text", "text": "Let me check."}, call, call,
+                                 {"type": "text", "text": "Then Bergen."}, call, {"type": "text", "text": "Done."}]
