@@ -18,8 +18,10 @@ cycle. `allOf` of one schema is that schema. `anyOf` / `oneOf` / 'type' lists of
 number, boolean, null, enum, const: pydantic's Optional[int], int | str) are one slot whose automaton is
 the union of the alternatives' (token_dfa.union_dfa), as wide as the widest; oneOf is read as anyOf (a
 value two alternatives share may be written). A union of one object / array with null (Optional[Model])
-always writes the object / array (a valid value of it); other unions with an object / array are refused
-naming the alternatives. Anything else raises ConstraintError naming the keyword. An enum or const keeps
+always writes the object / array (a valid value of it). Other unions with an object / array (pydantic's
+Cat | Dog, discriminated unions, list[int] | str) are one slot too: each alternative compiles to its own
+template, and the slot's automaton takes any alternative's template (token_dfa.sequence_dfa: its skeleton
+tokens and value slots in order) padded with whitespace to the widest. Anything else raises ConstraintError naming the keyword. An enum or const keeps
 only the values the schema's other keywords allow (ConstraintError when none is left). A value the schema leaves open
 (`{}`, an object with no `properties` keyword that allows others, an array without items) is one slot of
 `free_tokens` that takes any JSON of its kind, nested a few levels at most (sampling.json_any). An
@@ -38,10 +40,12 @@ from urllib.parse import unquote
 
 from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, output_eos
 from .json_any import json_dfa
-from .token_dfa import Vocab, dfa_accepts, literal_dfa, number_dfa, string_dfa, union_dfa
+from .token_dfa import Vocab, dfa_accepts, literal_dfa, number_dfa, sequence_dfa, string_dfa, union_dfa
 
+# (`discriminator`, OpenAPI's, which pydantic writes next to a tagged union's oneOf, names the tag the
+# alternatives already pin: nothing more to hold)
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
-               "readOnly", "writeOnly"}
+               "readOnly", "writeOnly", "discriminator"}
 KEYWORDS = {
     "object": {"type", "properties", "required", "additionalProperties"},
     "array": {"type", "items", "minItems", "maxItems"},
@@ -187,6 +191,7 @@ class _Compiler:
         self.root = None  # the schema that "#/..." $refs point into (the first one compiled if not set)
         self.refs: list = []  # the $refs being expanded, outermost first: one met again is a recursion
         self.quoted = 0  # > 0 while compiling a union member: strings take their quotes into the slot
+        self.unbounded = 0  # > 0 while compiling a template union's alternative: its slots' widths bound nothing
 
     def in_time(self):
         """ConstraintError once the compile is past its deadline (a server's --regex-timeout)."""
@@ -433,7 +438,7 @@ class _Compiler:
     def union(self, key: str, alts: list, path: str, depth: int):
         """anyOf / oneOf / a 'type' list. Scalar alternatives: one slot that takes any of them. One object /
         array alternative, the others null: that alternative's template, always written (a valid value
-        of the union), or null where it recurses."""
+        of the union), or null where it recurses. Else: one slot that takes any alternative's template."""
         if len(alts) == 1:
             return self.value(alts[0][0], alts[0][1], depth)
         kinds = [self.kind(a, p, depth) for a, p in alts]
@@ -448,11 +453,58 @@ class _Compiler:
                 del self.pieces[start:]
                 self.size = size
                 return self.text("null")
-        mixed = next(i for i, k in enumerate(kinds) if k != "null" and i != others[0])
-        raise ConstraintError(f"json_schema: {key!r} alternatives {alts[others[0]][1]} (an object, array or any "
-                              f"value) and {alts[mixed][1]} cannot share a template: unions are supported among "
-                              "scalars (string, integer, number, boolean, null, enum, const) or of one object / "
-                              f"array with null (at {path})")
+        return self.template_union(alts, path, depth)
+
+    def template_union(self, alts: list, path: str, depth: int):
+        """A union with an object, an array or any value among its alternatives: one slot whose automaton takes
+        any alternative's whole template (its skeleton's tokens and its value slots in order,
+        token_dfa.sequence_dfa), padded with whitespace to the widest. An alternative that recurses without a
+        stop is left out while another remains. oneOf is read as anyOf, as for scalars."""
+        start, size = len(self.pieces), self.size
+        members, cycle = [], None
+        for a, p in alts:
+            got = None
+            self.unbounded += 1
+            try:
+                self.value(a, p, depth)
+                got = self.pieces[start:]
+            except _Cycle as e:
+                cycle = cycle or e
+            finally:
+                self.unbounded -= 1
+                del self.pieces[start:]
+                self.size = size
+            if got is not None:
+                members.append(self.sequence(got, p))
+        self.at = path
+        if not members:
+            raise cycle
+        width = max(sum(len(x) if isinstance(x, list) else x[0] for x in m) for m in members)
+        try:
+            dfas = [sequence_dfa(self.vocab, _counted(m), self.deadline) for m in members]
+            dfa = union_dfa(self.vocab, dfas, self.deadline)
+        except ConstraintError:
+            self.in_time()  # an automaton ran out of time: say so as the compile's timeout
+            raise
+        finishes = [_sequence_finish(m) for m in members]
+        finish = _union_finish(self.vocab, list(zip(dfas, finishes)), width) if any(finishes) else None
+        self.slot(width, dfa, finish)
+
+    def sequence(self, pieces: list, path: str) -> list:
+        """An alternative's pieces as sequence_dfa parts: its texts (adjacent ones joined) as token ids, its
+        slots as they are."""
+        out = []
+        for p in pieces:
+            if isinstance(p, str) and out and isinstance(out[-1], str):
+                out[-1] += p
+            elif isinstance(p, (str, tuple)):
+                out.append(p)
+            else:
+                raise ConstraintError(f"json_schema: alternative {path} is not a template (internal)")
+        try:
+            return [self.vocab.encode(p) if isinstance(p, str) else p for p in out]
+        except ConstraintError as e:
+            raise ConstraintError(f"json_schema: {e} (at {path})") from None
 
     def scalar_union(self, alts: list, path: str, depth: int):
         """One slot whose automaton takes any alternative: each compiled alone (a string's quotes inside the
@@ -658,8 +710,8 @@ class _Compiler:
             self.pieces.append(_Str(content + 2, lo, hi))
             self.size += content + 2
             return self.check()
-        if hi is not None and hi >= content * self.longest:  # the slot never holds that many characters:
-            hi = None  # no bound (a large maxLength would only cost automaton states)
+        if hi is not None and hi >= content * self.longest and not self.unbounded:  # the slot never holds
+            hi = None  # that many characters: no bound (a large maxLength would only cost automaton states)
         self.text('"')
         self.check(content + 1)
         self.slot(content + 1, string_dfa(self.vocab, lo, hi))
@@ -707,7 +759,8 @@ class _Compiler:
             digits, lo = min(d for d in (digits, _int_digits(lo) - 1) if d is not None), None
         texts = {b: _text(b) for b in (lo, hi) if b is not None}
         width = max([width] + [len(self.vocab.encode(t)) for t in texts.values()])
-        if digits is not None and digits >= width * self.longest and not self.quoted:  # (a union slot may be wider)
+        if digits is not None and digits >= width * self.longest and not (self.quoted or self.unbounded):
+            # (a union slot may be wider; a template union's slot may run on)
             digits = None  # the slot is full before it holds that many digits
         dfa = number_dfa(self.vocab, integer, allow_minus=lo is None or lo < 0, max_digits=digits)
         finish = _clamp(self.vocab, lo, hi, width, texts) if texts else None
@@ -747,6 +800,36 @@ def _clamp(vocab: Vocab, lo, hi, width: int, texts: dict):
             return ids
         new = vocab.encode(texts[bound])
         return new + [vocab.pad_id] * (width - len(new))
+
+    return finish
+
+
+def _counted(parts: list) -> list:
+    """An alternative's parts for sequence_dfa: its slots up to the last one with a whole-slot repair at fixed
+    offsets (exactly their width), the rest as long as their values (a free value's automaton times its width
+    in states would be too many)."""
+    repaired = [i for i, p in enumerate(parts) if isinstance(p, tuple) and p[2] is not None]
+    last = repaired[-1] if repaired else -1
+    return [p if isinstance(p, list) else (p[0], p[1], i <= last) for i, p in enumerate(parts)]
+
+
+def _sequence_finish(parts: list):
+    """Whole-slot repair of one alternative of a template union: each of its slots that has a repair (a
+    bounded number clamped) gets it, in place; None when none has."""
+    if not any(isinstance(p, tuple) and p[2] is not None for p in parts):
+        return None
+
+    def finish(ids: list) -> list:
+        out, at = list(ids), 0
+        for p in parts:
+            if isinstance(p, list):
+                at += len(p)
+                continue
+            width, _, fin = p
+            if fin is not None:
+                out[at:at + width] = fin(out[at:at + width])
+            at += width
+        return out
 
     return finish
 
@@ -801,8 +884,8 @@ class JsonSchemaConstraint(CanvasConstraint):
             width, dfa, finish = piece
             off = len(pinned)
             if finish is not None and width > C:
-                raise ConstraintError(f"json_schema: a bounded number slot needs {width} tokens in one canvas, "
-                                      f"more than canvas_length={C}")
+                raise ConstraintError(f"json_schema: a slot repaired as a whole (a bounded number, or a union "
+                                      f"holding one) needs {width} tokens in one canvas, more than canvas_length={C}")
             if finish is not None and off // C != (off + width - 1) // C:
                 # keep a slot that is repaired as a whole inside one canvas: pad up to the boundary
                 pinned += [self.vocab.pad_id] * (C - off % C)

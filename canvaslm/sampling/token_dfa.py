@@ -6,6 +6,8 @@ spell (e.g. "12" and "40" both spell "digit digit"), so a 262k vocabulary collap
 symbols, and a multi-character token moves the automaton over all of its characters. `literal_dfa`
 accepts one of several exact token sequences (enum values), padded with whitespace tokens. `union_dfa`
 accepts what any of several token automata accepts (a slot that takes any alternative of a union).
+`sequence_dfa` accepts a fixed-width template of pinned tokens and slots (one alternative of a union of
+objects, arrays or other templates).
 """
 
 from __future__ import annotations
@@ -322,6 +324,23 @@ def string_dfa(vocab: Vocab, min_len: int, max_len: int | None, quoted: bool = F
 
 # --- unions ------------------------------------------------------------------------------------
 
+def unique_columns(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(rows, dim=1, return_inverse=True) for a [k, n] long tensor of values >= -1, through k
+    one-dimensional uniques (each column's tuple folded into a number, renumbered after every row): the
+    dim=1 kind sorts whole columns and was 5 ms a call on 2k columns, the most of a union's compile."""
+    key = torch.zeros(rows.shape[1], dtype=torch.long)
+    for row in rows:
+        key = key * (int(row.max()) + 2 if row.numel() else 1) + (row + 1)
+        key = torch.unique(key, return_inverse=True)[1]
+    n = int(key.max()) + 1 if key.numel() else 0
+    first = torch.full((n,), rows.shape[1], dtype=torch.long).scatter_reduce(
+        0, key, torch.arange(rows.shape[1]), "amin")
+    order = torch.argsort(first)  # columns numbered by where they first appear (any fixed order will do)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n)
+    return rows[:, first[order]], rank[key]
+
+
 def union_dfa(vocab: Vocab, dfas: list, deadline: float | None = None, limit: int = 20000) -> TokenDFA:
     """Accept what any of `dfas` accepts: their product automaton, with one symbol per distinct tuple of
     the members' symbols for a token and one state per tuple of their states (-1 once a member is dead).
@@ -337,7 +356,7 @@ def union_dfa(vocab: Vocab, dfas: list, deadline: float | None = None, limit: in
     V = max(d.sym_of_token.numel() for d in dfas)
     syms = torch.stack([torch.cat([d.sym_of_token, d.sym_of_token.new_full((V - d.sym_of_token.numel(),), -1)])
                         for d in dfas])  # [k, V]
-    cols, inv = torch.unique(syms, dim=1, return_inverse=True)  # cols [k, G']: the distinct symbol tuples
+    cols, inv = unique_columns(syms)  # cols [k, G']: the distinct symbol tuples
     live = (cols >= 0).any(0)
     remap = torch.full((cols.shape[1],), -1, dtype=torch.long)
     remap[live] = torch.arange(int(live.sum()))
@@ -356,13 +375,95 @@ def union_dfa(vocab: Vocab, dfas: list, deadline: float | None = None, limit: in
         if G == 0:
             return dead
         cur = torch.stack([nxt[k][s] if s >= 0 else dead for k, s in enumerate(state)])  # [k, G]
-        targets, back = torch.unique(cur, dim=1, return_inverse=True)
+        targets, back = unique_columns(cur)
         ids = [intern(t if max(t) >= 0 else None) for t in map(tuple, targets.t().tolist())]
         return torch.tensor(ids, dtype=torch.long)[back]
 
     order, rows = explore_states(start, row_of, limit, deadline, "union slot", "simplify the alternatives")
     acc = torch.tensor([any(s >= 0 and bool(d.accept[s]) for d, s in zip(dfas, state)) for state in order])
     dfa = TokenDFA(sym, torch.stack(rows), 0, acc)
+    vocab.dfas.put(key, (tuple(dfas), dfa))
+    return dfa
+
+
+def sequence_dfa(vocab: Vocab, parts: list, deadline: float | None = None, limit: int = 20000) -> TokenDFA:
+    """Accept a template, then whitespace tokens: `parts` in order, each either a list of token ids (pinned text:
+    exactly those tokens) or a (width, TokenDFA, counted) slot: with `counted`, exactly `width` tokens its
+    automaton accepts (a slot at a fixed offset, which a whole-slot repair needs); else any run of tokens it
+    accepts, ending at the first token it cannot take (which must begin the next part: the texts of a JSON
+    template never begin with whitespace, the only token a finished value still takes). A state is (part,
+    tokens into it or -1, the slot's automaton state); a token's symbol is the tuple of what it is to each
+    slot automaton, which text token it is and whether it is whitespace. A union of templates (a JSON union of
+    objects) is the union of these."""
+    dfas = list({id(p[1]): p[1] for p in parts if isinstance(p, tuple)}.values())
+    key = ("sequence", tuple(tuple(p) if isinstance(p, list) else (p[0], id(p[1]), p[2]) for p in parts))
+    hit = vocab.dfas.get(key)  # the entry keeps its slot automata, so their ids stay theirs
+    if hit is not None and all(a is b for a, b in zip(hit[0], dfas)):
+        return hit[1]
+    which = {id(d): k for k, d in enumerate(dfas)}
+    V = vocab.V
+    rows = [torch.cat([d.sym_of_token, d.sym_of_token.new_full((max(0, V - d.sym_of_token.numel()),), -1)])[:V]
+            for d in dfas]
+    toks = sorted({t for p in parts if isinstance(p, list) for t in p})
+    lit_index = {t: g for g, t in enumerate(toks)}
+    lit = torch.full((V,), -1, dtype=torch.long)
+    if toks:
+        lit[torch.tensor(toks, dtype=torch.long)] = torch.arange(len(toks))
+    ws = torch.full((V,), -1, dtype=torch.long)
+    if vocab.ws_ids:
+        ws[torch.tensor(vocab.ws_ids, dtype=torch.long)] = 0
+    syms = torch.stack(rows + [lit, ws])  # [k + 2, V]
+    cols, inv = unique_columns(syms)
+    live = (cols >= 0).any(0)
+    remap = torch.full((cols.shape[1],), -1, dtype=torch.long)
+    remap[live] = torch.arange(int(live.sum()))
+    sym, cols = remap[inv], cols[:, live]
+    G = cols.shape[1]
+    nxt = []  # per slot automaton: [S_d, G] next state under each joint symbol
+    for d, c in zip(dfas, cols):
+        t = d.trans[:, c.clamp(min=0)]
+        t[:, c < 0] = -1
+        nxt.append(t)
+    lit_col, ws_col = cols[-2], cols[-1] >= 0
+    dead = torch.full((G,), -1, dtype=torch.long)
+    end = len(parts)
+
+    def first(j: int):  # the state at the start of part j
+        if j < end and isinstance(parts[j], tuple):
+            return j, 0 if parts[j][2] else -1, parts[j][1].start
+        return j, 0, 0
+
+    def accepting(state) -> bool:
+        j, k, s = state
+        return j == end or (j == end - 1 and k < 0 and bool(parts[j][1].accept[s]))
+
+    def row_of(state, intern):
+        j, k, s = state
+        if j == end:  # the template is written: whitespace pads the slot
+            return torch.where(ws_col, torch.full_like(dead, intern(state)), dead)
+        part = parts[j]
+        if isinstance(part, list):
+            after = first(j + 1) if k + 1 == len(part) else (j, k + 1, 0)
+            return torch.where(lit_col == lit_index[part[k]], torch.full_like(dead, intern(after)), dead)
+        width, d, counted = part
+        inner = nxt[which[id(d)]][s]  # [G]
+        targets, back = torch.unique(inner, return_inverse=True)
+        ids = []
+        for t in targets.tolist():
+            if t < 0 or (counted and k + 1 == width and not bool(d.accept[t])):
+                ids.append(-1)
+            elif counted:
+                ids.append(intern(first(j + 1) if k + 1 == width else (j, k + 1, t)))
+            else:
+                ids.append(intern((j, -1, t)))
+        row = torch.tensor(ids, dtype=torch.long)[back]
+        if not counted and bool(d.accept[s]):  # a finished value: what it cannot take begins the next part
+            row = torch.where(row >= 0, row, row_of(first(j + 1), intern))
+        return row
+
+    order, rows_out = explore_states(first(0), row_of, limit, deadline, "union slot", "simplify the alternatives")
+    trans = torch.stack(rows_out) if rows_out else torch.empty(0, G, dtype=torch.long)
+    dfa = TokenDFA(sym, trans, 0, torch.tensor([accepting(s) for s in order]))
     vocab.dfas.put(key, (tuple(dfas), dfa))
     return dfa
 
