@@ -50,7 +50,8 @@ from ..multimodal import ImagePrompt
 from .protocol import INT64, ChatCompletionRequest
 from .serving import (APIError, ServerState, in_band, encode_chat, image_error_at, load_images, need_chat_template,
                       errors_named, off_loop, prepare_translated, run_choices, run_to_end, validated)
-from .tools import arguments_object, auto_problem, auto_tools, reply_message, tool_replies
+from .tools import (arguments_object, auto_problem, auto_tools, call_offsets, reply_message, text_around_calls,
+                    tool_replies)
 
 MAX_STOP_SEQUENCES = 16
 BASE64 = "the base64 data"  # what a load error calls an image sent as base64 (wrapped here into a data URL)
@@ -336,9 +337,7 @@ async def count_tokens(state: ServerState, body: CountTokensRequest) -> dict:
 def _reply_blocks(c, replies: dict) -> list[dict]:
     """A finished choice's Messages content blocks (the whole message's, and the stream's of a tool reply)."""
     message = reply_message(c, replies)
-    reply = replies.get(c.index)
-    at = reply.call_offsets(c.tracker) if reply is not None and message.get("tool_calls") else None
-    return _blocks(message, c.tracker.reasoning, c.tracker.thought_at(), at)
+    return _blocks(message, c.tracker.reasoning, c.tracker.thought_at(), call_offsets(c, replies, message))
 
 
 def _blocks(message: dict, thinking: str = "", thought_at: int | None = None, calls_at: list | None = None) -> list[dict]:
@@ -356,10 +355,7 @@ def _blocks(message: dict, thinking: str = "", thought_at: int | None = None, ca
     def said(part: str) -> list[dict]:  # an empty text is no block (as the stream opens none for it)
         return [{"type": "text", "text": part}] if part and (part.strip() or not calls) else []
 
-    if calls_at is None or len(calls_at) != len(calls):  # a call alone, or its text leads up to it
-        calls_at = [len(text)] * len(calls)
-    bounds = [0, *calls_at, len(text)]
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]  # the text before each call, then after the last
+    pieces = text_around_calls(message, calls_at)  # the text before each call, then after the last
     if thought_at is None or not think:
         blocks = think + said(pieces[0])
     elif calls:  # the calls' text is not the tracker's: the first text, then the thought

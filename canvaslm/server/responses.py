@@ -35,7 +35,7 @@ import uuid
 from .protocol import ChatCompletionRequest, InputImage, ResponsesRequest
 from .serving import (APIError, ServerState, in_band, encode_chat, need_chat_template, need_tokenizer,
                       prepare_translated, off_loop, renamed, run_choices, run_to_end, thought_tokens, usage, validated)
-from .tools import reply_message, tool_replies
+from .tools import call_offsets, reply_message, text_around_calls, tool_replies
 
 
 CHAT_TO_RESPONSES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
@@ -75,7 +75,14 @@ def to_chat(body: ResponsesRequest, history: list | None = None, places: list | 
         elif item.type == "reasoning":  # an earlier thought: the template leaves those out
             continue
         elif item.type == "message":
-            messages.append({"role": item.role, "content": _content(item.content, f"input[{n}].content", places)})
+            content = _content(item.content, f"input[{n}].content", places)
+            last = messages[-1] if len(messages) > first_new else None
+            if (item.role == "assistant" and last is not None and last["role"] == "assistant" and last.get("tool_calls")
+                    and isinstance(content, str) and isinstance(last.get("content") or "", str)):
+                # text a reply wrote after its calls (output_items puts it in its own item): the same one turn
+                last["content"] = (last.get("content") or "") + content
+            else:
+                messages.append({"role": item.role, "content": content})
         elif item.type == "function_call":
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             # a call joins the assistant message (or call) just before it: a replayed `output` (text, then its
@@ -239,17 +246,25 @@ def reasoning_item(thought: str, item_id: str | None = None, status: str = "comp
 
 
 def output_items(message: dict, status: str = "completed", logprobs: list | None = None,
-                 thought: str = "") -> list[dict]:
+                 thought: str = "", calls_at: list | None = None) -> list[dict]:
     """A chat reply message -> Responses output items (its thought, its text, with `logprobs` when asked,
-    then one item per tool call)."""
+    then one item per tool call). `calls_at` (tools.call_offsets): where in the text each call sat, so text
+    written between or after calls is a message item in its place (white space around calls is none)."""
     text, calls = message.get("content") or "", message.get("tool_calls") or []
     items = [reasoning_item(thought)] if thought else []
-    if text or not calls:  # an empty message too when nothing was generated (an immediate EOS), as OpenAI sends
-        items.append({"type": "message", "id": _item_id("msg"), "status": status, "role": "assistant",
-                      "content": [_text_part(text, logprobs)]})
-    for call in calls:
+
+    def said(part: str, logprobs=None) -> list[dict]:
+        return [{"type": "message", "id": _item_id("msg"), "status": status, "role": "assistant",
+                 "content": [_text_part(part, logprobs)]}]
+
+    if not calls:  # an empty message too when nothing was generated (an immediate EOS), as OpenAI sends
+        return items + said(text, logprobs)
+    pieces = text_around_calls(message, calls_at)
+    items += said(pieces[0], logprobs) if pieces[0].strip() else []
+    for call, piece in zip(calls, pieces[1:]):
         items.append({"type": "function_call", "id": _item_id("fc"), "call_id": call["id"], "status": "completed",
                       "name": call["function"]["name"], "arguments": call["function"]["arguments"]})
+        items += said(piece) if piece.strip() else []
     return items
 
 
@@ -331,7 +346,8 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
     c = choices[0]
     message = reply_message(c, replies)
     logprobs = await _logprobs(state, body, ids, c, message)
-    out = response_object(state, body, rid, created, output_items(message, logprobs=logprobs, thought=c.tracker.reasoning),
+    out = response_object(state, body, rid, created, output_items(message, logprobs=logprobs, thought=c.tracker.reasoning,
+                                                                  calls_at=call_offsets(c, replies, message)),
                           c.finish_reason, usage(choices, [ids]), thought_tokens(c))
     if body.store is not False:
         store(state, out, history + turns + [message])
@@ -357,7 +373,8 @@ async def _stream(state, body, choices, prompts, replies, rid, created, turns):
                     pass
             message = reply_message(c, replies)  # once: a parsed call's id is drawn when its message is built
             logprobs = await _logprobs(state, body, prompts[0], c, message)
-            items = output_items(message, logprobs=logprobs, thought=c.tracker.reasoning)
+            items = output_items(message, logprobs=logprobs, thought=c.tracker.reasoning,
+                                 calls_at=call_offsets(c, replies, message))
             for k, item in enumerate(items):
                 for line in _item_events(event, k, item):
                     yield line

@@ -214,6 +214,23 @@ class ToolReply:
         return "tool_calls" if self.message(tracker).get("tool_calls") else reason
 
 
+def call_offsets(choice, replies: dict, message: dict) -> list[int] | None:
+    """Where in a finished reply's content each of its tool calls sat (ToolReply.call_offsets), for APIs whose
+    replies are ordered items; None when the reply has no calls or is a call alone."""
+    reply = replies.get(choice.index)
+    return reply.call_offsets(choice.tracker) if reply is not None and message.get("tool_calls") else None
+
+
+def text_around_calls(message: dict, calls_at: list | None) -> list[str]:
+    """A reply's content cut at its calls: the text before each call, then the text after the last (one piece
+    when it has none). Without offsets, all of the text comes before the calls."""
+    text, n = message.get("content") or "", len(message.get("tool_calls") or [])
+    if calls_at is None or len(calls_at) != n:
+        calls_at = [len(text)] * n
+    bounds = [0, *calls_at, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def arguments_object(arguments: str | None) -> dict:
     """A call's JSON arguments as an object, for APIs that send them parsed (Anthropic's `input`, Ollama's
     `arguments`): text that is not a JSON object is kept under "arguments" rather than lost."""
@@ -245,5 +262,5 @@ def tool_replies(state, body, choices) -> dict:
     return {}
 
 
-__all__ = ["arguments_object", "reply_message", "tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools",
+__all__ = ["arguments_object", "call_offsets", "text_around_calls", "reply_message", "tool_choice_problem", "forced_tool", "chosen_tools", "auto_tools",
            "auto_problem", "OPENAI_AUTO", "ToolReply", "tool_replies"]

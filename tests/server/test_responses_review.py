@@ -84,6 +84,28 @@ def test_replayed_output_renders_the_stored_prompt(client, server, monkeypatch, 
     assert server.state.tokenizer.decode(stateless).count("Let me check.call:get_weather") == 1  # one turn
 
 
+def test_text_after_a_call_is_a_message_item_after_it_and_replays_as_one_turn(client, server, monkeypatch):
+    """A reply that writes text after its call: the text is a message item after the function_call (it was
+    joined to the text before the call), whole and streamed, and the replayed output renders the prompt that
+    previous_response_id renders (one assistant turn)."""
+    script(monkeypatch, server.state, "Let me check." + CALL + "Then more.")
+    r = client.responses.create(model="tiny", input="weather?", tools=[TOOL])
+    assert [o.type for o in r.output] == ["message", "function_call", "message"]
+    assert [o.content[0].text for o in r.output if o.type == "message"] == ["Let me check.", "Then more."]
+    script(monkeypatch, server.state, "Let me check." + CALL + "Then more.")
+    with client.responses.stream(model="tiny", input="weather?", tools=[TOOL]) as stream:
+        done = stream.get_final_response()
+    assert [o.type for o in done.output] == ["message", "function_call", "message"]
+    fc = r.output[1]
+    result = {"type": "function_call_output", "call_id": fc.call_id, "output": "sunny"}
+    prompts = script(monkeypatch, server.state, "ok")
+    client.responses.create(model="tiny", previous_response_id=r.id, tools=[TOOL], input=[result])
+    replayed = [{"role": "user", "content": "weather?"}, *(o.model_dump(exclude_none=True) for o in r.output), result]
+    client.responses.create(model="tiny", tools=[TOOL], input=replayed)
+    stateful, stateless = prompts
+    assert stateless == stateful
+
+
 def test_a_function_call_joins_the_assistant_message_before_it():
     from canvaslm.server.protocol import ResponsesRequest
     from canvaslm.server.responses import to_chat
