@@ -16,8 +16,9 @@ ignored, $defs / definitions are read through $ref only. `$ref`: a JSON pointer 
 first union with null (writes null) or array without minItems (writes []), else it is refused naming the
 cycle. `allOf` of one schema is that schema. `anyOf` / `oneOf` / 'type' lists of scalars (string, integer,
 number, boolean, null, enum, const: pydantic's Optional[int], int | str) are one slot whose automaton is
-the union of the alternatives' (token_dfa.union_dfa), as wide as the widest; oneOf is read as anyOf (a
-value two alternatives share may be written). A union of one object / array with null (Optional[Model])
+the union of the alternatives' (token_dfa.union_dfa), as wide as the widest. A oneOf's alternatives must
+exclude each other (`_Compiler.excludes`: different types, consts, or object keys one requires or forbids),
+else it is refused naming two of them: a value both take is invalid under oneOf. A union of one object / array with null (Optional[Model])
 always writes the object / array (a valid value of it). Other unions with an object / array (pydantic's
 Cat | Dog, discriminated unions, list[int] | str) are one slot too: each alternative compiles to its own
 template, and the slot's automaton takes any alternative's template (token_dfa.sequence_dfa: its skeleton
@@ -95,6 +96,10 @@ class _Lit:
 
     def __init__(self, alts: list):
         self.alts = alts
+
+
+class _Exact(tuple):
+    """A (width, dfa, finish) value slot whose width is a bound of its value (see _Compiler.slot)."""
 
 
 class _Str:
@@ -191,7 +196,6 @@ class _Compiler:
         self.root = None  # the schema that "#/..." $refs point into (the first one compiled if not set)
         self.refs: list = []  # the $refs being expanded, outermost first: one met again is a recursion
         self.quoted = 0  # > 0 while compiling a union member: strings take their quotes into the slot
-        self.unbounded = 0  # > 0 while compiling a template union's alternative: its slots' widths bound nothing
 
     def in_time(self):
         """ConstraintError once the compile is past its deadline (a server's --regex-timeout)."""
@@ -210,8 +214,10 @@ class _Compiler:
         self.size += len(s) / self.longest
         self.check()
 
-    def slot(self, width: int, dfa, finish=None):
-        self.pieces.append((width, dfa, finish))
+    def slot(self, width: int, dfa, finish=None, exact: bool = False):
+        """A value slot; `exact`: its width bounds its value (a maxLength or a digit count the slot could never
+        exceed was dropped from its automaton), so a template union keeps it at exactly that width."""
+        self.pieces.append(_Exact((width, dfa, finish)) if exact else (width, dfa, finish))
         self.size += width
         self.check()
 
@@ -441,6 +447,14 @@ class _Compiler:
         of the union), or null where it recurses. Else: one slot that takes any alternative's template."""
         if len(alts) == 1:
             return self.value(alts[0][0], alts[0][1], depth)
+        if key == "oneOf":  # a value two alternatives both take is invalid under oneOf
+            for i, (a, pa) in enumerate(alts):
+                for b, pb in alts[i + 1:]:
+                    if not (self.excludes(a, b, pa) and self.excludes(b, a, pb)):
+                        raise ConstraintError(
+                            f"json_schema: 'oneOf' alternatives {pa} and {pb} may both take one value, which oneOf "
+                            "then refuses: tell them apart (different types, or a required property with a different "
+                            f"const in each, as a tagged union has) or use anyOf (at {path})")
         kinds = [self.kind(a, p, depth) for a, p in alts]
         others = [i for i, k in enumerate(kinds) if k == "other"]
         if not others:
@@ -453,25 +467,23 @@ class _Compiler:
                 del self.pieces[start:]
                 self.size = size
                 return self.text("null")
-        return self.template_union(alts, path, depth)
+        return self.template_union(key, alts, path, depth)
 
-    def template_union(self, alts: list, path: str, depth: int):
+    def template_union(self, key: str, alts: list, path: str, depth: int):
         """A union with an object, an array or any value among its alternatives: one slot whose automaton takes
         any alternative's whole template (its skeleton's tokens and its value slots in order,
         token_dfa.sequence_dfa), padded with whitespace to the widest. An alternative that recurses without a
-        stop is left out while another remains. oneOf is read as anyOf, as for scalars."""
+        stop is left out while another remains."""
         start, size = len(self.pieces), self.size
         members, cycle = [], None
         for a, p in alts:
             got = None
-            self.unbounded += 1
             try:
                 self.value(a, p, depth)
                 got = self.pieces[start:]
             except _Cycle as e:
                 cycle = cycle or e
             finally:
-                self.unbounded -= 1
                 del self.pieces[start:]
                 self.size = size
             if got is not None:
@@ -489,6 +501,53 @@ class _Compiler:
         finishes = [_sequence_finish(m) for m in members]
         finish = _union_finish(self.vocab, list(zip(dfas, finishes)), width) if any(finishes) else None
         self.slot(width, dfa, finish)
+
+    def resolved(self, schema, path: str):
+        """The schema behind $refs and allOfs of one (None for a chain longer than max_depth: a loop)."""
+        for _ in range(self.opts.max_depth):
+            if not isinstance(schema, dict) or not ("$ref" in schema or "allOf" in schema):
+                return schema
+            schema = self.target(schema, path)[1] if "$ref" in schema else self.all_of(schema, path)
+        return None
+
+    def json_kinds(self, schema, path: str, depth: int = 0) -> set:
+        """The JSON kinds ("object", "array", "string", "number", "boolean", "null") a value of `schema` may have."""
+        everything = {"object", "array", "string", "number", "boolean", "null"}
+        schema = self.resolved(schema, path)
+        if not isinstance(schema, dict) or depth > self.opts.max_depth:
+            return everything
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            return {k for v in values if isinstance(values, list) for k in everything if _type_ok(v, k)}
+        union = self.alternatives(schema, path)
+        if union is not None:
+            return set().union(*(self.json_kinds(a, p, depth + 1) for a, p in union[1]))
+        typ = schema.get("type")
+        return everything if typ is None else {"number" if typ == "integer" else typ}
+
+    def excludes(self, a, b, path: str, depth: int = 0) -> bool:
+        """Whether no value that `a`'s template writes is valid under `b` (a sure answer, False when unsure): their
+        kinds differ, `a`'s values are consts that `b` refuses, or `a`'s object (which writes every property it
+        lists) lacks a property `b` requires, has one `b` forbids, or has one whose values `b`'s refuses."""
+        if depth > self.opts.max_depth:
+            return False
+        if not self.json_kinds(a, path) & self.json_kinds(b, path):
+            return True
+        a, b = self.resolved(a, path), self.resolved(b, path)
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return False
+        if "const" in a or "enum" in a:
+            values = [a["const"]] if "const" in a else a["enum"]
+            return not any(self.fits(v, b, path, depth) for v in values)
+        if self.alternatives(a, path) is not None:  # a union: each of its alternatives
+            return all(self.excludes(x, b, p, depth + 1) for x, p in self.alternatives(a, path)[1])
+        if (a.get("type") != "object" or b.get("type") != "object" or self.alternatives(b, path) is not None
+                or "properties" not in a):  # (an object without properties is written as any object)
+            return False
+        props, _, _ = self.object_keywords(a, path)
+        b_props, b_extra, b_required = self.object_keywords(b, path)
+        return (any(k not in props for k in b_required) or (not b_extra and any(k not in b_props for k in props))
+                or any(self.excludes(props[k], b_props[k], f"{path}.{k}", depth + 1) for k in props if k in b_props))
 
     def sequence(self, pieces: list, path: str) -> list:
         """An alternative's pieces as sequence_dfa parts: its texts (adjacent ones joined) as token ids, its
@@ -509,7 +568,7 @@ class _Compiler:
     def scalar_union(self, alts: list, path: str, depth: int):
         """One slot whose automaton takes any alternative: each compiled alone (a string's quotes inside the
         slot), the literals joined in one automaton, then the product of all (token_dfa.union_dfa); its width
-        the widest. oneOf is read as anyOf: a value that two alternatives both take is written as well."""
+        the widest."""
         start, size = len(self.pieces), self.size
         lits, members = [], []  # members: _Str or (width, dfa, finish) slots
         self.quoted += 1
@@ -538,15 +597,16 @@ class _Compiler:
         self.slot(*self.joined(lits, members))
 
     def joined(self, lits: list, members: list):
-        """(width, automaton, finish) of a slot taking any literal of `lits` or any value of the `members`."""
+        """(width, automaton, finish, exact) of a slot taking any literal of `lits` or any value of the `members`
+        (exact: see `slot`)."""
         try:
             if lits:
                 members = [(max(map(len, lits)), literal_dfa(self.vocab, lits, self.deadline), None)] + members
             width = max(m.width if isinstance(m, _Str) else m[0] for m in members)
             # a string bound stays unless the slot can never hold that many characters
-            members = [(m.width, string_dfa(self.vocab, m.lo, None if m.hi is not None and
-                                            m.hi >= width * self.longest else m.hi, quoted=True), None)
-                       if isinstance(m, _Str) else m for m in members]
+            dropped = [isinstance(m, _Str) and m.hi is not None and m.hi >= width * self.longest for m in members]
+            members = [(m.width, string_dfa(self.vocab, m.lo, None if drop else m.hi, quoted=True), None)
+                       if isinstance(m, _Str) else m for m, drop in zip(members, dropped)]
             dfa = union_dfa(self.vocab, [m[1] for m in members], self.deadline)
         except ConstraintError:
             self.in_time()  # an automaton ran out of time: say so as the compile's timeout
@@ -554,7 +614,7 @@ class _Compiler:
         finish = None
         if any(m[2] for m in members):
             finish = _union_finish(self.vocab, [(m[1], m[2]) for m in members], width)
-        return width, dfa, finish
+        return width, dfa, finish, any(dropped) or any(isinstance(m, _Exact) for m in members)
 
     def choices(self, schema: dict, path: str, depth: int) -> list:
         """The enum / const values that the schema's other keywords allow (const and enum: both)."""
@@ -698,7 +758,7 @@ class _Compiler:
                     if isinstance(p, str):
                         self.text(p)
                     else:
-                        self.slot(*p)
+                        self.slot(*p, exact=isinstance(p, _Exact))
         self.text("]")
 
     def _string(self, schema, path, depth):
@@ -710,11 +770,12 @@ class _Compiler:
             self.pieces.append(_Str(content + 2, lo, hi))
             self.size += content + 2
             return self.check()
-        if hi is not None and hi >= content * self.longest and not self.unbounded:  # the slot never holds
-            hi = None  # that many characters: no bound (a large maxLength would only cost automaton states)
+        exact = hi is not None and hi >= content * self.longest  # the slot never holds that many characters:
+        if exact:  # no bound (a large maxLength would only cost automaton states), the slot's width is it
+            hi = None
         self.text('"')
         self.check(content + 1)
-        self.slot(content + 1, string_dfa(self.vocab, lo, hi))
+        self.slot(content + 1, string_dfa(self.vocab, lo, hi), exact=exact)
 
     def _boolean(self, schema, path, depth):
         self.literal([True, False], path)
@@ -759,12 +820,15 @@ class _Compiler:
             digits, lo = min(d for d in (digits, _int_digits(lo) - 1) if d is not None), None
         texts = {b: _text(b) for b in (lo, hi) if b is not None}
         width = max([width] + [len(self.vocab.encode(t)) for t in texts.values()])
-        if digits is not None and digits >= width * self.longest and not (self.quoted or self.unbounded):
-            # (a union slot may be wider; a template union's slot may run on)
-            digits = None  # the slot is full before it holds that many digits
+        exact = digits is not None and digits >= width * self.longest and not self.quoted  # (a union slot may be
+        if exact:  # wider) the slot is full before it holds that many digits: its width is the bound
+            digits = None
         dfa = number_dfa(self.vocab, integer, allow_minus=lo is None or lo < 0, max_digits=digits)
+        if lo is not None and lo == 0:  # no '-' at all keeps every value >= 0: nothing to clamp there (pydantic's
+            lo = None  # ge=0; a clamped slot must sit in one canvas, and in a union it pins the offsets before it)
+        texts = {b: _text(b) for b in (lo, hi) if b is not None}
         finish = _clamp(self.vocab, lo, hi, width, texts) if texts else None
-        self.slot(width, dfa, finish)
+        self.slot(width, dfa, finish, exact=exact)
 
     def shortened(self, b, width: int, rounding):
         """A decimal bound with as many of its decimals as fit in `width` tokens, rounded as asked."""
@@ -806,11 +870,11 @@ def _clamp(vocab: Vocab, lo, hi, width: int, texts: dict):
 
 def _counted(parts: list) -> list:
     """An alternative's parts for sequence_dfa: its slots up to the last one with a whole-slot repair at fixed
-    offsets (exactly their width), the rest as long as their values (a free value's automaton times its width
-    in states would be too many)."""
+    offsets (exactly their width), and those whose width bounds their value (_Exact), the rest as long as their
+    values (a free value's automaton times its width in states would be too many)."""
     repaired = [i for i, p in enumerate(parts) if isinstance(p, tuple) and p[2] is not None]
     last = repaired[-1] if repaired else -1
-    return [p if isinstance(p, list) else (p[0], p[1], i <= last) for i, p in enumerate(parts)]
+    return [p if isinstance(p, list) else (p[0], p[1], i <= last or isinstance(p, _Exact)) for i, p in enumerate(parts)]
 
 
 def _sequence_finish(parts: list):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from canvaslm.llm import SamplingParams
 from canvaslm.sampling.constraints import ConstraintError
-from canvaslm.sampling.json_schema import JsonSchemaConstraint, JsonTemplateOptions
+from canvaslm.sampling.json_schema import JsonSchemaConstraint, JsonTemplateOptions, constraint_from_response_format
 from canvaslm.sampling.token_dfa import Vocab, dfa_accepts
 
 from . import test_bpe
@@ -135,8 +135,8 @@ def test_union_slot_takes_every_alternative(tiny_llm):
                        ['"abcd"', "null", '"a']),
         "type_list": ({"type": ["string", "null", "boolean"], "minLength": 2}, ['"ab"', "null", "false"],
                       ['"a"', "0"]),
-        "one_of": ({"oneOf": [{"const": "x"}, {"enum": [1, 2]}, {"type": "number"}]}, ['"x"', "1", "2.5"],
-                   ['"y"', "null"]),
+        "one_of": ({"oneOf": [{"const": "x"}, {"enum": [1, 2]}, {"type": "boolean"}]}, ['"x"', "1", "true"],
+                   ['"y"', "null", "2.5"]),
         "nested": ({"anyOf": [{"anyOf": [{"type": "boolean"}, {"type": "null"}]}, {"$ref": "#/$defs/s"}],
                     "$defs": {"s": {"type": "string", "maxLength": 2}}}, ["true", "null", '"xy"'], ['"xyz"', "1"]),
     }
@@ -263,6 +263,66 @@ def test_bounded_number_inside_a_union_of_objects_is_clamped(tiny_llm):
     for seed in range(3):
         r = tiny_llm.generate("{", SamplingParams(seed=seed, max_denoising_steps=2, json_schema=schema))[0]
         jsonschema.validate(json.loads(r.text), schema)
+
+
+def test_union_alternatives_keep_length_bounds_and_compile_fast(tiny_llm):
+    """Inside a template union a value may run past its own template width, so bounds its width stood for are
+    kept: a maxLength the slot could never reach (also a scalar union's, in an alternative) keeps the slot at its
+    width, and a huge maxLength costs no automaton states (it was one state per character: 10k states, 10 s)."""
+    tok = tiny_llm.tokenizer
+    vocab = Vocab.of(tok)
+    closed = lambda p: {"type": "object", "properties": p, "required": list(p), "additionalProperties": False}  # noqa
+    schema = {"anyOf": [closed({"s": {"anyOf": [{"type": "string", "minLength": 28, "maxLength": 30},
+                                                {"type": "null"}]}}), closed({"t": {"type": "object"}})]}
+    [(width, dfa, _)] = JsonSchemaConstraint(schema, tok).pieces
+    for n, ok in ((28, True), (50, False)):
+        ids = vocab.encode('{"s": "' + "a" * n + '"}')
+        assert dfa_accepts(dfa, ids + [vocab.pad_id] * (width - len(ids))) == ok, n
+    for text in _outputs(tiny_llm, schema, seeds=range(3)):
+        jsonschema.validate(json.loads(text), schema)
+    big = {"anyOf": [closed({"kind": {"const": "a"}, "body": {"type": "string", "maxLength": 50000}}),
+                     closed({"kind": {"const": "b"}, "n": {"type": "integer"}})]}
+    t = time.monotonic()
+    [(width, dfa, _)] = JsonSchemaConstraint(big, tok).pieces
+    assert time.monotonic() - t < 5 and dfa.num_states < 2000
+
+
+def test_one_of_alternatives_that_may_share_a_value_are_refused(tiny_llm):
+    """A value two oneOf alternatives both take is invalid under oneOf; with templates that is every output when
+    nothing tells the objects apart, so such a oneOf is refused, naming both; a tagged one compiles."""
+    tok = tiny_llm.tokenizer
+    loose = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
+                       {"type": "object", "properties": {"b": {"type": "boolean"}}}]}
+    with pytest.raises(ConstraintError, match=r"'oneOf' alternatives \$\.oneOf\[0\] and \$\.oneOf\[1\] may both"):
+        JsonSchemaConstraint(loose, tok)
+    for overlap in ({"oneOf": [{"type": "array", "items": {"type": "integer"}},  # ints are numbers
+                               {"type": "array", "items": {"type": "number"}}]},
+                    {"oneOf": [{"const": "x"}, {"enum": [1, 2]}, {"type": "number"}]}):  # scalars alike
+        with pytest.raises(ConstraintError, match="may both take one value"):
+            JsonSchemaConstraint(overlap, tok)
+    apart = [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False},
+             {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]},
+             {"type": "array", "items": {"type": "integer"}}, {"type": "string"}]
+    for text in _outputs(tiny_llm, {"oneOf": apart}, seeds=range(4)):
+        jsonschema.validate(json.loads(text), {"oneOf": apart})
+
+
+def test_a_lower_bound_of_zero_needs_no_clamp(tiny_llm):
+    """minimum 0 (pydantic's ge=0): the automaton has no '-' at all, so the slot is not repaired as a whole,
+    need not sit in one canvas, and leaves a union of objects free to span canvases."""
+    tok = tiny_llm.tokenizer
+    [(_, _, finish)] = JsonSchemaConstraint({"type": "integer", "minimum": 0}, tok).pieces
+    assert finish is None
+    assert JsonSchemaConstraint({"type": "integer", "minimum": 0, "maximum": 10**6}, tok).pieces[0][2] is not None
+    wide = {"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"},
+                                                        "n": {"type": "integer", "minimum": 0}}},
+                      {"type": "null"}, {"type": "string"}]}
+    c = constraint_from_response_format({"type": "json_schema", "json_schema": {"name": "w", "schema": wide}}, tok,
+                                        None, canvas_length=16)
+    assert c.pieces[0][0] > 16 and c.pieces[0][2] is None
+    for text in _outputs(tiny_llm, wide, seeds=range(3)):
+        jsonschema.validate(json.loads(text), wide)
 
 
 def test_recursive_alternative_stops_at_an_empty_array_and_a_loop_is_refused(tiny_llm):
