@@ -9,7 +9,9 @@ enums / booleans / null / const as a choice among whole token sequences. Every p
 is followed by a pinned EOS, and may span several canvases.
 
 Supported: type object / array / string / integer / number / boolean / null, properties, required,
-additionalProperties (true/false), items, minItems, maxItems, minLength, maxLength, minimum, maximum,
+additionalProperties (true/false), items, minItems, maxItems, minLength, maxLength, pattern (a regex the
+content matches, anywhere unless anchored, compiled as guided_regex is), format (date, time, date-time, uuid,
+ipv4, hostname, email, uri: patterns of values every validator takes), minimum, maximum,
 exclusiveMinimum / exclusiveMaximum (integers), enum, const; annotations (title, description, ...) are
 ignored, $defs / definitions are read through $ref only. `$ref`: a JSON pointer into the root schema
 ("#/$defs/NAME", "#/definitions/NAME", "#"; ~0 / ~1 escapes), compiled in place; a recursion stops at the
@@ -41,7 +43,9 @@ from urllib.parse import unquote
 
 from .constraints import CanvasConstraint, ConstraintError, Layout, Slot, output_eos
 from .json_any import json_dfa
-from .token_dfa import Vocab, dfa_accepts, literal_dfa, number_dfa, sequence_dfa, string_dfa, union_dfa
+from .regex_fsm import RegexCompileError, char_fsm, char_fsm_with_deadline
+from .token_dfa import (Vocab, dfa_accepts, literal_dfa, number_dfa, pattern_string_dfa, sequence_dfa, string_dfa,
+                        union_dfa)
 
 # (`discriminator`, OpenAPI's, which pydantic writes next to a tagged union's oneOf, names the tag the
 # alternatives already pin: nothing more to hold)
@@ -50,7 +54,7 @@ ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", 
 KEYWORDS = {
     "object": {"type", "properties", "required", "additionalProperties"},
     "array": {"type", "items", "minItems", "maxItems"},
-    "string": {"type", "minLength", "maxLength"},
+    "string": {"type", "minLength", "maxLength", "pattern", "format"},
     "integer": {"type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
     "number": {"type", "minimum", "maximum"},
     "boolean": {"type"},
@@ -61,6 +65,23 @@ SCALARS = {"string", "integer", "number", "boolean", "null"}
 NUMERIC = {"integer", "number"}  # keywords of one (minimum, exclusiveMaximum, ...) bind both
 _PY_TYPES = {"string": str, "boolean": bool, "null": type(None), "object": dict, "array": list}
 MAX_TEMPLATE_TOKENS = 1 << 17  # a template over this many tokens is refused while it compiles
+# JSON schema `format`s written as patterns of values every validator takes: dates only where every year has
+# them (no 29 February, no 31 in a 30-day month), times with an offset as RFC 3339 (and pydantic) require
+_DATE = (r"[1-9][0-9]{3}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)"
+         r"|(?:0[13578]|1[02])-31)")
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,20}[a-z0-9])?"
+FORMATS = {
+    "date": _DATE,
+    "time": _TIME,
+    "date-time": _DATE + "T" + _TIME,
+    "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+    "ipv4": rf"{_OCTET}(?:\.{_OCTET}){{3}}",
+    "hostname": rf"{_LABEL}(?:\.{_LABEL}){{0,4}}",
+    "email": rf"[a-z0-9._+-]{{1,32}}@{_LABEL}(?:\.{_LABEL}){{1,3}}",
+    "uri": rf"https?://{_LABEL}(?:\.{_LABEL}){{0,4}}(?:/[A-Za-z0-9._~-]{{0,24}}){{0,4}}",
+}
 
 
 @dataclass(frozen=True)
@@ -104,10 +125,116 @@ class _Exact(tuple):
 
 class _Str:
     """A union member's string of lo..hi characters (hi None: any), whose automaton waits for the union's
-    width: a maxLength that a narrower string slot could never reach may be reached in a wider union slot."""
+    width: a maxLength that a narrower string slot could never reach may be reached in a wider union slot.
+    `pattern`: a regex its content must match whole (a `pattern` or `format`), and where (for errors)."""
 
-    def __init__(self, width: int, lo: int, hi):
-        self.width, self.lo, self.hi = width, lo, hi
+    def __init__(self, width: int, lo: int, hi, pattern: str | None = None, path: str = ""):
+        self.width, self.lo, self.hi, self.pattern, self.path = width, lo, hi, pattern, path
+
+
+def _branches(pattern: str) -> list[str]:
+    """A regex's top-level alternatives (split at each `|` outside groups and classes)."""
+    out, cur, depth, in_class, i = [], [], 0, False, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            cur.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if pattern[i + 1:i + 2] == "^":
+                cur.append(c)
+                c, i = "^", i + 1
+            if pattern[i + 1:i + 2] == "]":  # a leading ] is a literal
+                cur.append(c)
+                c, i = "]", i + 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            out.append("".join(cur))
+            cur, i = [], i + 1
+            continue
+        cur.append(c)
+        i += 1
+    return out + ["".join(cur)]
+
+
+def _whole_match(pattern: str) -> str:
+    """A JSON schema `pattern` (which matches anywhere in the string unless anchored) as a regex that must match
+    the whole string: each top-level alternative gets `.*` on a side it does not anchor."""
+    out = []
+    for b in _branches(pattern):
+        start = b.startswith("^") or b.startswith("\\A")
+        b = b[1:] if b.startswith("^") else b[2:] if start else b
+        slashes = len(b[:-1]) - len(b[:-1].rstrip("\\"))  # before the last character: an odd count escapes it
+        dollar, z = b.endswith("$") and slashes % 2 == 0, b.endswith("Z") and slashes % 2 == 1
+        b = b[:-1] if dollar else b[:-2] if z else b
+        end = dollar or z
+        out.append(("" if start else ".*") + f"(?:{b})" + ("" if end else ".*"))
+    return "|".join(out)
+
+
+def _match_lengths(fsm) -> tuple[int, int | None]:
+    """(fewest, most) characters of a match of a character automaton; most None when matches may be as long as
+    they like (a loop on the way to a final state); (0, 0) when nothing matches."""
+    live = set(fsm.finals)  # states from which a final state is reached
+    back: dict = {}
+    for q, row in fsm.trans.items():
+        for t in row.values():
+            back.setdefault(t, set()).add(q)
+    todo = list(live)
+    while todo:
+        for q in back.get(todo.pop(), ()):
+            if q not in live:
+                live.add(q)
+                todo.append(q)
+    if fsm.initial not in live:
+        return 0, 0
+    succ = {q: {t for t in fsm.trans.get(q, {}).values() if t in live} for q in live}
+    dist, frontier, fewest = {fsm.initial: 0}, [fsm.initial], None
+    while frontier and fewest is None:  # breadth first: the first final state met is the nearest
+        fewest = next((dist[q] for q in frontier if q in fsm.finals), None)
+        nxt = []
+        for q in frontier:
+            for t in succ[q]:
+                if t not in dist:
+                    dist[t] = dist[q] + 1
+                    nxt.append(t)
+        frontier = nxt
+    most, state, order = {}, {}, [(fsm.initial, False)]  # longest path by depth-first search; a loop: None
+    while order:
+        q, done = order.pop()
+        if done:
+            state[q] = 2
+            most[q] = max([most[t] + 1 for t in succ[q]] + ([0] if q in fsm.finals else []))
+            continue
+        if state.get(q) == 2:
+            continue
+        if state.get(q) == 1:
+            return fewest or 0, None
+        state[q] = 1
+        order.append((q, True))
+        for t in succ[q]:
+            if state.get(t) == 1:
+                return fewest or 0, None
+            if state.get(t) != 2:
+                order.append((t, False))
+    return fewest or 0, most[fsm.initial]
+
+
+def _matches(pattern: str, value: str) -> bool:
+    """Whether `value` matches a whole-match pattern (Python's re; a pattern it cannot read takes nothing)."""
+    import re
+
+    try:
+        return re.fullmatch(pattern, value) is not None
+    except re.error:
+        return False
 
 
 def _type_ok(value, typ: str) -> bool:
@@ -605,7 +732,7 @@ class _Compiler:
             width = max(m.width if isinstance(m, _Str) else m[0] for m in members)
             # a string bound stays unless the slot can never hold that many characters
             dropped = [isinstance(m, _Str) and m.hi is not None and m.hi >= width * self.longest for m in members]
-            members = [(m.width, string_dfa(self.vocab, m.lo, None if drop else m.hi, quoted=True), None)
+            members = [(m.width, self.string_automaton(m.lo, None if drop else m.hi, True, m.pattern, m.path), None)
                        if isinstance(m, _Str) else m for m, drop in zip(members, dropped)]
             dfa = union_dfa(self.vocab, [m[1] for m in members], self.deadline)
         except ConstraintError:
@@ -654,7 +781,8 @@ class _Compiler:
                     and (xhi is None or v < xhi))
         if typ == "string":
             lo, hi = self.count(schema, "minLength", path, 0), self.count(schema, "maxLength", path)
-            return lo <= len(v) and (hi is None or len(v) <= hi)
+            pattern = self.string_pattern(schema, path)
+            return lo <= len(v) and (hi is None or len(v) <= hi) and (pattern is None or _matches(pattern, v))
         if typ == "array":
             lo, hi = self.count(schema, "minItems", path, 0), self.count(schema, "maxItems", path)
             items = schema.get("items", {})
@@ -765,9 +893,14 @@ class _Compiler:
         lo, hi = self.count(schema, "minLength", path, 0), self.count(schema, "maxLength", path)
         if hi is not None and hi < lo:
             raise ConstraintError(f"json_schema: maxLength {hi} < minLength {lo} (at {path})")
-        content = max(lo, self.opts.string_tokens if hi is None else min(hi, self.opts.string_tokens))
+        pattern = self.string_pattern(schema, path)
+        room = self.opts.string_tokens
+        if pattern is not None:  # room for its longest match (characters: never fewer than tokens), or its shortest
+            shortest, longest = _match_lengths(self.pattern_fsm(pattern, path))
+            room = max(shortest, longest if longest is not None else room)
+        content = max(lo, room if hi is None else min(hi, room))
         if self.quoted:  # a union member: the opening quote is the slot's too; its automaton waits for the width
-            self.pieces.append(_Str(content + 2, lo, hi))
+            self.pieces.append(_Str(content + 2, lo, hi, pattern, path))
             self.size += content + 2
             return self.check()
         exact = hi is not None and hi >= content * self.longest  # the slot never holds that many characters:
@@ -775,7 +908,62 @@ class _Compiler:
             hi = None
         self.text('"')
         self.check(content + 1)
-        self.slot(content + 1, string_dfa(self.vocab, lo, hi), exact=exact)
+        dfa = self.string_automaton(lo, hi, False, pattern, path)
+        if pattern is not None and not bool(dfa.coreach_rows(content + 1)[content + 1][dfa.start]):
+            raise ConstraintError(f"json_schema: no string that matches {pattern!r} fits in its slot of {content} "
+                                  "tokens (raise maxLength or string_tokens), or none can be written without escapes "
+                                  f"(at {path})")
+        self.slot(content + 1, dfa, exact=exact)
+
+    def string_pattern(self, schema: dict, path: str) -> str | None:
+        """The regex a string's content must match whole: its `pattern` (JSON schema's, which matches anywhere
+        unless anchored) or the pattern of its `format`; None for neither."""
+        if "pattern" in schema and "format" in schema:
+            raise ConstraintError(f"json_schema: 'pattern' and 'format' together are not supported (at {path})")
+        if "format" in schema:
+            fmt = schema["format"]
+            if fmt not in FORMATS:
+                raise ConstraintError(f"json_schema: format {fmt!r} is not supported (supported: "
+                                      f"{', '.join(sorted(FORMATS))}) (at {path})")
+            return FORMATS[fmt]
+        if "pattern" not in schema:
+            return None
+        pattern = schema["pattern"]
+        if not isinstance(pattern, str):
+            raise ConstraintError(f"json_schema: 'pattern' must be a string, got {pattern!r} (at {path})")
+        return _whole_match(pattern)
+
+    def pattern_fsm(self, pattern: str, path: str):
+        """The character automaton of a whole-match pattern, compiled under the compile's deadline (in a child
+        process, as a guided_regex is) once per tokenizer."""
+        key = ("pattern fsm", pattern)
+        hit = self.vocab.dfas.get(key)
+        if hit is not None:
+            return hit[0]
+        try:
+            if self.deadline is None:
+                fsm = char_fsm(pattern)
+            else:
+                fsm = char_fsm_with_deadline(pattern, max(0.0, self.deadline - time.monotonic()))
+        except RegexCompileError as e:
+            raise ConstraintError(f"json_schema: 'pattern': {e} (at {path})") from None
+        self.vocab.dfas.put(key, (fsm,))
+        return fsm
+
+    def string_automaton(self, lo: int, hi, quoted: bool, pattern: str | None, path: str):
+        """string_dfa, or with a pattern its content matches whole."""
+        if pattern is None:
+            return string_dfa(self.vocab, lo, hi, quoted=quoted)
+        key = ("pattern", pattern, lo, hi, quoted)
+        hit = self.vocab.dfas.get(key)
+        if hit is not None:
+            return hit
+        fsm = self.pattern_fsm(pattern, path)
+        try:
+            return pattern_string_dfa(self.vocab, fsm, key, lo, hi, quoted, self.deadline)
+        except ConstraintError:
+            self.in_time()  # an automaton ran out of time: say so as the compile's timeout
+            raise
 
     def _boolean(self, schema, path, depth):
         self.literal([True, False], path)

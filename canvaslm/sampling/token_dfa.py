@@ -322,6 +322,41 @@ def string_dfa(vocab: Vocab, min_len: int, max_len: int | None, quoted: bool = F
                     lambda s: s == "pad")
 
 
+def pattern_string_dfa(vocab: Vocab, fsm, key: Hashable, min_len: int, max_len: int | None, quoted: bool = False,
+                       deadline: float | None = None) -> TokenDFA:
+    """As string_dfa, the content also a whole match of a character automaton (`fsm`, a regex_fsm.CharFSM: a
+    JSON schema's `pattern` or `format`), cached under `key`."""
+    cap = max_len if max_len is not None else min_len
+
+    def classify(c: str):
+        base = _str_class(c)
+        if base not in ("a", " "):
+            return base  # the quote, padding-only whitespace, or never
+        k = fsm.classify(c)
+        return None if k is None and base == "a" else (base, k)  # a space the pattern refuses may still pad
+
+    def step(s, c):
+        if s == "open":
+            return (fsm.initial, 0) if c == '"' else None
+        if s == "pad":
+            return "pad" if c == "\t" or (isinstance(c, tuple) and c[0] == " ") else None
+        q, n = s
+        if c == '"':
+            return "pad" if n >= min_len and q in fsm.finals else None
+        if not isinstance(c, tuple) or c[1] is None:
+            return None
+        q = fsm.step(q, c[1])
+        if q is None:
+            return None
+        n += 1
+        if max_len is not None:
+            return (q, n) if n <= max_len else None
+        return q, min(n, cap)
+
+    return char_dfa(vocab, key, classify, "open" if quoted else (fsm.initial, 0), step, lambda s: s == "pad",
+                    deadline)
+
+
 # --- unions ------------------------------------------------------------------------------------
 
 def unique_columns(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -798,6 +798,7 @@ def _tool_constraint(state: ServerState, body, max_tokens):
     """A tool call's constraint (sampling/tool_call.py): a forced function's arguments, or a call to one of
     several functions that the model picks; compiled under --regex-timeout (all the functions together)."""
     from ..sampling.json_schema import JsonSchemaConstraint
+    from ..sampling.regex_fsm import RegexCompileBusy
     from ..sampling.tool_call import call_constraint
 
     need_tokenizer(state, "tools")
@@ -807,6 +808,8 @@ def _tool_constraint(state: ServerState, body, max_tokens):
                                canvas_length=state.canvas_length, timeout=compile_timeout(state, "tools"))
         need = c.max_template_tokens() if isinstance(c, JsonSchemaConstraint) else \
             c.min_new_tokens(state.canvas_length)
+    except RegexCompileBusy as e:  # a schema's `pattern` waited for a regex compiler: try again
+        raise APIError(503, f"tools: {e}", "tools", type="server_error") from None
     except ValueError as e:  # ConstraintError is a ValueError; its message names the field
         raise APIError(400, str(e), "tools") from None
     if max_tokens is not None and need > max_tokens:
@@ -830,12 +833,15 @@ def _json_object_constraint(state: ServerState, max_tokens, name: str):
 def _json_constraint(state: ServerState, schema: dict, max_tokens, field: str, param: str):
     """The JSON-schema canvas constraint (sampling/json_schema.py); errors name `field`."""
     from ..sampling.json_schema import constraint_from_response_format
+    from ..sampling.regex_fsm import RegexCompileBusy
 
     need_tokenizer(state, field)
     try:
         return constraint_from_response_format({"type": "json_schema", "json_schema": {"schema": schema}},
                                                state.tokenizer, max_tokens, canvas_length=state.canvas_length,
                                                timeout=compile_timeout(state, field))
+    except RegexCompileBusy as e:  # a `pattern` waited for a regex compiler: try again
+        raise APIError(503, f"{field}: {e}", param, type="server_error") from None
     except ValueError as e:  # ConstraintError is a ValueError
         raise APIError(400, f"{field}: {e}", param) from None
 

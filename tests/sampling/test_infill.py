@@ -106,9 +106,9 @@ def test_cli_pin_and_suffix(tiny_llm, capsys):
 def test_cli_errors(tiny_llm, tmp_path, capsys):
     d = str(tiny_llm.model_dir)
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"type": "string", "pattern": "a+"}))
+    bad.write_text(json.dumps({"type": "string", "format": "color"}))
     assert main(["generate", d, "--prompt", "hi", "--json-schema", str(bad)]) == 2
-    assert "'pattern' is not supported" in capsys.readouterr().err
+    assert "format 'color' is not supported" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", d, "--prompt", "hi", "--pin", "abc"])
     assert "OFFSET:TEXT" in capsys.readouterr().err

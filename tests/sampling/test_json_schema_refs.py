@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
+import uuid
 from enum import Enum
 from typing import Literal, Optional
 
@@ -323,6 +325,47 @@ def test_a_lower_bound_of_zero_needs_no_clamp(tiny_llm):
     assert c.pieces[0][0] > 16 and c.pieces[0][2] is None
     for text in _outputs(tiny_llm, wide, seeds=range(3)):
         jsonschema.validate(json.loads(text), wide)
+
+
+class Event(BaseModel):  # what pydantic writes for dates, times, ids and constrained strings
+    when: datetime.datetime
+    day: Optional[datetime.date]
+    id: uuid.UUID
+    code: str = Field(pattern=r"^[A-Z]{3}-\d{3}$")
+    loose: str = Field(pattern=r"ab", max_length=6)  # JSON schema's pattern matches anywhere
+
+
+def test_pattern_and_format_strings_validate(tiny_llm):
+    """`pattern` (matched anywhere unless anchored, as JSON schema reads it) and the common `format`s (date-time,
+    date, uuid, ...) are a string slot whose content matches them whole, sized to the longest match; every output
+    validates under pydantic and jsonschema's format checker, and a slot refuses what the pattern refuses."""
+    schema = Event.model_json_schema()
+    for text in _outputs(tiny_llm, schema, seeds=range(4)):
+        Event.model_validate_json(text)
+        jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    tok = tiny_llm.tokenizer
+    vocab = Vocab.of(tok)
+    c = JsonSchemaConstraint({"type": "string", "pattern": "^[A-Z]{3}-\\d{3}$"}, tok)
+    [_, (width, dfa, _)] = c.pieces
+    for text, ok in (('ABC-123"', True), ('AB-123"', False), ('abc-123"', False), ('ABC-1234"', False)):
+        ids = vocab.encode(text)
+        assert dfa_accepts(dfa, ids + [vocab.pad_id] * (width - len(ids))) == ok, text
+    from pydantic import AnyUrl, TypeAdapter
+
+    strict = {"time": TypeAdapter(datetime.time), "uri": TypeAdapter(AnyUrl)}  # formats jsonschema leaves unchecked
+    for fmt in ("email", "ipv4", "hostname", "uri", "time"):
+        schema = {"type": "object", "properties": {"v": {"type": "string", "format": fmt}}}
+        for text in _outputs(tiny_llm, schema, seeds=range(2)):
+            jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+            if fmt in strict:
+                strict[fmt].validate_python(json.loads(text)["v"])
+    for bad, needle in (({"type": "string", "format": "color"}, "format 'color' is not supported"),
+                        ({"type": "string", "pattern": "(a"}, "'pattern'"),
+                        ({"type": "string", "pattern": '^"$'}, "no string that matches"),  # needs an escape
+                        ({"type": "string", "pattern": "^a{40}$", "maxLength": 10}, "no string that matches"),
+                        ({"type": "string", "pattern": "a", "format": "date"}, "together")):
+        with pytest.raises(ConstraintError, match=needle):
+            JsonSchemaConstraint(bad, tok)
 
 
 def test_recursive_alternative_stops_at_an_empty_array_and_a_loop_is_refused(tiny_llm):

@@ -54,9 +54,37 @@ def test_guided_json_is_the_same_constraint(client):
         jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
     for body, needle in (({"guided_json": "{not json"}, "guided_json is not valid JSON"),
                          ({"guided_json": "[1]"}, "must be a JSON schema object"),
-                         ({"guided_json": {"type": "string", "pattern": "a"}}, r"guided_json: .*pattern"),
+                         ({"guided_json": {"type": "string", "format": "color"}}, r"guided_json: .*format"),
                          ({"guided_json": SCHEMA, "guided_choice": ["a"]}, "send one"),
                          ({"guided_json": SCHEMA, "response_format": _rf(SCHEMA)}, "send one")):
         with pytest.raises(openai.BadRequestError, match=needle) as e:
             c.chat.completions.create(model=model, messages=msgs, extra_body=body)
         assert e.value.body["param"] == "guided_json", e.value.body
+
+
+def test_patterns_compile_under_the_servers_limit_and_busy_compilers_are_a_503(client, monkeypatch):
+    """A schema's `pattern` / `format` compiles in a regex child under --regex-timeout, as guided_regex does; when
+    every compiler stays taken the request gets a 503 (try again), not a 500."""
+    import openai
+
+    from canvaslm.sampling import regex_fsm
+
+    c, model = client
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
+                                               "day": {"type": "string", "format": "date"}}}
+    r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], response_format=_rf(schema))
+    out = json.loads(r.choices[0].message.content)
+    jsonschema.validate(out, schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    assert len(out["code"]) == 4
+
+    def busy(pattern, timeout):
+        raise regex_fsm.RegexCompileBusy("2 regex compiles are already running; try again")
+
+    monkeypatch.setattr(regex_fsm, "char_fsm_with_deadline", busy)
+    import canvaslm.sampling.json_schema as js
+
+    monkeypatch.setattr(js, "char_fsm_with_deadline", busy)
+    fresh = {"type": "string", "pattern": "^x[0-9]{3}$"}  # not compiled before: no cached automaton
+    with pytest.raises(openai.InternalServerError, match="already running") as e:
+        c.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], response_format=_rf(fresh))
+    assert e.value.status_code == 503

@@ -173,8 +173,8 @@ def test_messages(server):
     assert "unexpected '*'" in err("/v1/completions", base | {"guided_grammar": "root ::= *"})
     assert "unexpected '{2}'" in err("/v1/completions", base | {"guided_grammar": "root ::= {2}"})
     assert "minimum repeat greater than" in err("/v1/completions", base | {"guided_regex": "a{3,1}"})
-    msg = err("/completion", {"prompt": "hi", "json_schema": {"type": "string", "format": "date"}})
-    assert msg.startswith("json_schema: 'format'") and "json_schema: json_schema" not in msg
+    msg = err("/completion", {"prompt": "hi", "json_schema": {"type": "string", "format": "color"}})
+    assert msg.startswith("json_schema: format 'color'") and "json_schema: json_schema" not in msg
     body = '{"model": "tiny", "prompt": "hi", "guided_json": {"const": NaN}}'
     r = server.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "'const' holds a non-finite number" in r.json()["error"]["message"]

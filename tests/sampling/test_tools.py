@@ -109,8 +109,8 @@ def test_declarations_and_earlier_calls_reach_the_prompt(client, tiny_llm):
     ({"tools": [WEATHER], "tool_choice": NAMED, "response_format": {"type": "json_object"}}, "tool_choice",
      "send one"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}}], "tool_choice": "required"},
-     "tools", r"tools\[0\].function.parameters: .*pattern"),
+        "type": "object", "properties": {"x": {"type": "string", "format": "color"}}}}}], "tool_choice": "required"},
+     "tools", r"tools\[0\].function.parameters: .*format"),
     ({"tools": [WEATHER], "tool_choice": NAMED, "max_tokens": 5}, "tools", "over max_tokens=5"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
       "tool_choice": "required"}, "tools", r"tools\[0\].function.parameters of 'f' must be an object schema"),
@@ -164,7 +164,7 @@ def test_tool_choice_constraint_in_the_python_api(tiny_llm):
         names.add(name)
     assert names == {"get_weather", "ping"}, names
     for bad, needle in (([tools[0]], "at least two"), ([tools[0], tools[0]], "declared twice"),
-                        ([tools[1], ("f", {"type": "string", "pattern": "a"})], r"tools\[1\].function.parameters")):
+                        ([tools[1], ("f", {"type": "string", "format": "color"})], r"tools\[1\].function.parameters")):
         with pytest.raises(ConstraintError, match=needle):
             ToolChoiceConstraint(bad, tiny_llm.tokenizer)
 
