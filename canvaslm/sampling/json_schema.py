@@ -9,7 +9,8 @@ enums / booleans / null / const as a choice among whole token sequences. Every p
 is followed by a pinned EOS, and may span several canvases.
 
 Supported: type object / array / string / integer / number / boolean / null, properties, required,
-additionalProperties (true/false), items, minItems, maxItems, minLength, maxLength, pattern (a regex the
+additionalProperties (true/false, or a schema on an object without properties: a map of `array_items`
+entries, pydantic's dict[str, X]), items, minItems, maxItems, minLength, maxLength, pattern (a regex the
 content matches, anywhere unless anchored, compiled as guided_regex is), format (date, time, date-time, uuid,
 ipv4, hostname, email, uri: patterns of values every validator takes), minimum, maximum,
 exclusiveMinimum / exclusiveMaximum (integers), enum, const; annotations (title, description, ...) are
@@ -793,7 +794,8 @@ class _Compiler:
         if typ == "object":
             props, extra, required = self.object_keywords(schema, path)
             return all(k in v for k in required) and all(
-                self.fits(x, props[k], f"{path}.{k}", depth + 1) if k in props else extra for k, x in v.items())
+                self.fits(x, props[k], f"{path}.{k}", depth + 1) if k in props else
+                self.fits(x, extra, f"{path}.*", depth + 1) if isinstance(extra, dict) else extra for k, x in v.items())
         return True
 
     def enum_members(self, schema) -> _Members:
@@ -837,8 +839,11 @@ class _Compiler:
         if not isinstance(props, dict):
             raise ConstraintError(f"json_schema: 'properties' must be an object (at {path})")
         extra = schema.get("additionalProperties", True)
-        if not isinstance(extra, bool):
-            raise ConstraintError(f"json_schema: 'additionalProperties' schemas are not supported (at {path})")
+        if not isinstance(extra, (bool, dict)):
+            raise ConstraintError(f"json_schema: 'additionalProperties' must be a boolean or a schema (at {path})")
+        if isinstance(extra, dict) and props:
+            raise ConstraintError(f"json_schema: an 'additionalProperties' schema beside 'properties' is not supported "
+                                  f"(only a map of it alone, like pydantic's dict[str, X]) (at {path})")
         required = schema.get("required", [])
         if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
             raise ConstraintError(f"json_schema: 'required' must be a list of property names (at {path})")
@@ -849,6 +854,8 @@ class _Compiler:
         missing = [k for k in required if k not in props]
         if missing:
             raise ConstraintError(f"json_schema: required keys {missing} have no 'properties' entry (at {path})")
+        if isinstance(extra, dict):
+            return self.map(extra, path, depth)
         if "properties" not in schema and extra:  # any object ("properties": {} keeps {}: tools without arguments)
             return self.free("object")
         self.text("{")
@@ -856,6 +863,40 @@ class _Compiler:
             self.text((", " if i else "") + json.dumps(key, ensure_ascii=False) + ": ")
             self.value(sub, f"{path}.{key}", depth + 1)
         self.text("}")
+
+    def map(self, values: dict, path: str, depth: int):
+        """An object of any keys whose values all follow `values` (additionalProperties as a schema: pydantic's
+        dict[str, X]): `array_items` entries, each a key string slot (at least one character) and a value; keys
+        the model writes twice are one key to a JSON reader, so the map may hold fewer. Values that recurse
+        without a stop make it {}."""
+        self.text("{")
+        n, start, size = self.opts.array_items, len(self.pieces), self.size
+        try:
+            if n:
+                self._string({"type": "string", "minLength": 1}, f"{path}<key>", depth + 1)
+                self.text(": ")
+                self.value(values, f"{path}.*", depth + 1)
+        except _Cycle:
+            del self.pieces[start:]
+            self.size, n = size, 0
+        self.repeat(start, size, n, path)
+        self.text("}")
+
+    def repeat(self, start: int, size: float, n: int, path: str):
+        """Write the pieces from `start` (one item, compiled when the template was `size` long) n - 1 times more,
+        each after ", " (once they are known to fit)."""
+        if n < 2:
+            return
+        item = self.pieces[start:]
+        self.at = path
+        self.check((n - 1) * (self.size - size + 2 / self.longest))
+        for _ in range(n - 1):
+            self.text(", ")
+            for p in item:
+                if isinstance(p, str):
+                    self.text(p)
+                else:
+                    self.slot(*p, exact=isinstance(p, _Exact))
 
     def _array(self, schema, path, depth):
         if set(schema) - {"type"} <= ANNOTATIONS:  # any array
@@ -876,17 +917,7 @@ class _Compiler:
                 raise
             del self.pieces[start:]
             self.size, n = size, 0
-        if n:  # every item has the same template: compile the first, then repeat it (once it fits)
-            item = self.pieces[start:]
-            self.at = path
-            self.check((n - 1) * (self.size - size + 2 / self.longest))
-            for _ in range(n - 1):
-                self.text(", ")
-                for p in item:
-                    if isinstance(p, str):
-                        self.text(p)
-                    else:
-                        self.slot(*p, exact=isinstance(p, _Exact))
+        self.repeat(start, size, n, path)  # every item has the same template: the first, repeated
         self.text("]")
 
     def _string(self, schema, path, depth):

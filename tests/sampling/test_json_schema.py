@@ -105,7 +105,8 @@ def test_options_change_widths(tiny_llm):
     ({"type": "object", "patternProperties": {"^a": {"type": "string"}}}, "patternProperties"),
     ({"$ref": "#/definitions/x"}, "$ref"),
     ({"type": "string", "format": "color"}, "format"),
-    ({"type": "object", "additionalProperties": {"type": "string"}}, "additionalProperties"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "string"}},
+     "additionalProperties"),  # a map beside listed properties
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
     ({"type": "number", "multipleOf": 2}, "multipleOf"),
     ({"type": "object", "properties": {}, "required": ["x"]}, "required keys"),

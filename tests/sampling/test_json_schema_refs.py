@@ -368,6 +368,31 @@ def test_pattern_and_format_strings_validate(tiny_llm):
             JsonSchemaConstraint(bad, tok)
 
 
+class Inventory(BaseModel):  # maps: additionalProperties as a schema
+    counts: dict[str, int]
+    tags: dict[str, list[Color]]
+    maybe: Optional[dict[str, float]] = None
+
+
+def test_maps_validate(tiny_llm):
+    """pydantic's dict[str, X] (an object whose additionalProperties is a schema): `array_items` entries of a key
+    string and a value of that schema; a map that recurses stops at {}; an enum value is checked
+    against the map's values."""
+    schema = Inventory.model_json_schema()
+    for text in _outputs(tiny_llm, schema, seeds=range(3)):
+        inv = Inventory.model_validate_json(text)
+        jsonschema.validate(json.loads(text), schema)
+        assert 1 <= len(inv.counts) <= SMALL.array_items
+    tree = {"type": "object", "additionalProperties": {"$ref": "#"}}  # the recursion stops at an empty map
+    for text in _outputs(tiny_llm, tree, seeds=range(2)):
+        value = json.loads(text)
+        jsonschema.validate(value, tree)
+        assert all(v == {} for v in value.values())
+    pick = {"enum": [{"a": 1}, {"a": "x"}], "type": "object", "additionalProperties": {"type": "integer"}}
+    for text in _outputs(tiny_llm, pick, seeds=range(2)):
+        assert json.loads(text) == {"a": 1}
+
+
 def test_recursive_alternative_stops_at_an_empty_array_and_a_loop_is_refused(tiny_llm):
     tree = {"anyOf": [{"type": "integer"}, {"type": "object", "properties": {"kids": {"type": "array",
                                                                                      "items": {"$ref": "#"}}}}]}
