@@ -10,7 +10,7 @@ is followed by a pinned EOS, and may span several canvases.
 
 Supported: type object / array / string / integer / number / boolean / null, properties, required,
 additionalProperties (true/false, or a schema on an object without properties: a map of `array_items`
-entries, pydantic's dict[str, X]), items, minItems, maxItems, minLength, maxLength, pattern (a regex the
+entries, pydantic's dict[str, X]), items, prefixItems (tuples), minItems, maxItems, minLength, maxLength, pattern (a regex the
 content matches, anywhere unless anchored, compiled as guided_regex is), format (date, time, date-time, uuid,
 ipv4, hostname, email, uri: patterns of values every validator takes), minimum, maximum,
 exclusiveMinimum / exclusiveMaximum (integers), enum, const; annotations (title, description, ...) are
@@ -54,7 +54,7 @@ ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", 
                "readOnly", "writeOnly", "discriminator"}
 KEYWORDS = {
     "object": {"type", "properties", "required", "additionalProperties"},
-    "array": {"type", "items", "minItems", "maxItems"},
+    "array": {"type", "items", "prefixItems", "minItems", "maxItems"},
     "string": {"type", "minLength", "maxLength", "pattern", "format"},
     "integer": {"type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
     "number": {"type", "minimum", "maximum"},
@@ -786,11 +786,13 @@ class _Compiler:
             return lo <= len(v) and (hi is None or len(v) <= hi) and (pattern is None or _matches(pattern, v))
         if typ == "array":
             lo, hi = self.count(schema, "minItems", path, 0), self.count(schema, "maxItems", path)
-            items = schema.get("items", {})
-            if not isinstance(items, dict):
+            prefix, items = self.array_items(schema, path)
+            if items is None:
                 raise ConstraintError(f"json_schema: arrays need an 'items' schema (at {path})")
-            return (lo <= len(v) and (hi is None or len(v) <= hi)
-                    and all(self.fits(x, items, f"{path}[{i}]", depth + 1) for i, x in enumerate(v)))
+            at = lambda i: prefix[i] if i < len(prefix) else items  # noqa: E731
+            return (lo <= len(v) and (hi is None or len(v) <= hi) and all(
+                self.fits(x, at(i), f"{path}[{i}]", depth + 1) if isinstance(at(i), dict) else at(i)
+                for i, x in enumerate(v)))
         if typ == "object":
             props, extra, required = self.object_keywords(schema, path)
             return all(k in v for k in required) and all(
@@ -898,14 +900,32 @@ class _Compiler:
                 else:
                     self.slot(*p, exact=isinstance(p, _Exact))
 
+    @staticmethod
+    def array_items(schema: dict, path: str) -> tuple[list, object]:
+        """(prefixItems, the schema of the items after them): a tuple's per-place schemas (2020-12 prefixItems, or
+        an older schema's `items` list) and `items` (a schema, True for any, False for none after the prefix;
+        None when an array with no prefix gives no items schema)."""
+        prefix = schema.get("prefixItems", [])
+        items = schema.get("items", True if "prefixItems" in schema else None)
+        if isinstance(items, list) and "prefixItems" not in schema:  # draft 2019's tuple form
+            prefix, items = items, True
+        if not isinstance(prefix, list) or not all(isinstance(x, dict) for x in prefix):
+            raise ConstraintError(f"json_schema: 'prefixItems' must be a list of schemas (at {path})")
+        if items is not None and not isinstance(items, (dict, bool)):
+            raise ConstraintError(f"json_schema: 'items' must be a schema (at {path})")
+        return prefix, items
+
     def _array(self, schema, path, depth):
         if set(schema) - {"type"} <= ANNOTATIONS:  # any array
             return self.free("array")
-        if "items" not in schema or not isinstance(schema["items"], dict):
-            raise ConstraintError(f"json_schema: arrays need an 'items' schema (at {path})")
         lo, hi = self.count(schema, "minItems", path, 0), self.count(schema, "maxItems", path)
         if hi is not None and hi < lo:
             raise ConstraintError(f"json_schema: maxItems {hi} < minItems {lo} (at {path})")
+        prefix, items = self.array_items(schema, path)
+        if prefix:
+            return self.tuple(prefix, items, lo, hi, path, depth)
+        if not isinstance(items, dict):
+            raise ConstraintError(f"json_schema: arrays need an 'items' schema (at {path})")
         n = max(lo, self.opts.array_items if hi is None else min(hi, self.opts.array_items))
         self.text("[")
         start, size = len(self.pieces), self.size
@@ -918,6 +938,25 @@ class _Compiler:
             del self.pieces[start:]
             self.size, n = size, 0
         self.repeat(start, size, n, path)  # every item has the same template: the first, repeated
+        self.text("]")
+
+    def tuple(self, prefix: list, items, lo: int, hi, path: str, depth: int):
+        """A tuple (prefixItems: pydantic's tuple[int, str]): its places in order, as many as maxItems lets, then
+        items of the `items` schema (any value for true) up to minItems; none past the prefix for `items` false."""
+        n = len(prefix) if hi is None else min(hi, len(prefix))
+        more = max(0, lo - n)
+        if more and items is False:
+            raise ConstraintError(f"json_schema: minItems {lo} is more than the {len(prefix)} prefixItems, and "
+                                  f"'items' is false (at {path})")
+        self.text("[")
+        for i in range(n + more):
+            self.text(", " if i else "")
+            if i < n:
+                self.value(prefix[i], f"{path}[{i}]", depth + 1)
+            elif isinstance(items, dict):
+                self.value(items, f"{path}[{i}]", depth + 1)
+            else:
+                self.free("any")
         self.text("]")
 
     def _string(self, schema, path, depth):

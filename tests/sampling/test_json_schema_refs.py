@@ -393,6 +393,35 @@ def test_maps_validate(tiny_llm):
         assert json.loads(text) == {"a": 1}
 
 
+class Tuples(BaseModel):
+    pair: tuple[int, str]
+    triple: Optional[tuple[bool, float, Color]]
+    many: tuple[int, ...]
+
+
+def test_tuples_validate(tiny_llm):
+    """prefixItems (pydantic's tuple[int, str]): each place its own schema, then `items` up to minItems (any value
+    for none given); an older schema's `items` list reads the same; minItems past the prefix with items false
+    is refused."""
+    schema = Tuples.model_json_schema()
+    for text in _outputs(tiny_llm, schema, seeds=range(3)):
+        Tuples.model_validate_json(text)
+        jsonschema.validate(json.loads(text), schema)
+    for schema, validator, n in (({"type": "array", "prefixItems": [{"type": "integer"}], "minItems": 3,
+                                   "items": {"type": "boolean"}}, jsonschema.Draft202012Validator, 3),
+                                 ({"type": "array", "prefixItems": [{"type": "integer"}], "minItems": 2},
+                                  jsonschema.Draft202012Validator, 2),
+                                 ({"type": "array", "items": [{"type": "integer"}, {"const": "x"}]},
+                                  jsonschema.Draft7Validator, 2)):
+        for text in _outputs(tiny_llm, schema, seeds=range(2)):
+            value = json.loads(text)
+            validator(schema).validate(value)
+            assert len(value) == n
+    with pytest.raises(ConstraintError, match="minItems 2 is more than the 1 prefixItems"):
+        JsonSchemaConstraint({"type": "array", "prefixItems": [{"type": "integer"}], "minItems": 2, "items": False},
+                             tiny_llm.tokenizer)
+
+
 def test_recursive_alternative_stops_at_an_empty_array_and_a_loop_is_refused(tiny_llm):
     tree = {"anyOf": [{"type": "integer"}, {"type": "object", "properties": {"kids": {"type": "array",
                                                                                      "items": {"$ref": "#"}}}}]}
