@@ -13,7 +13,8 @@ additionalProperties (true/false, or a schema on an object without properties: a
 entries, pydantic's dict[str, X]), items, prefixItems (tuples), minItems, maxItems, minLength, maxLength, pattern (a regex the
 content matches, anywhere unless anchored, compiled as guided_regex is), format (date, time, date-time, uuid,
 ipv4, hostname, email, uri: patterns of values every validator takes), minimum, maximum,
-exclusiveMinimum / exclusiveMaximum (integers), enum, const; annotations (title, description, ...) are
+exclusiveMinimum / exclusiveMaximum (integers; numbers: the nearest value past the bound in the 6th
+decimal), enum, const; annotations (title, description, ...) are
 ignored, $defs / definitions are read through $ref only. `$ref`: a JSON pointer into the root schema
 ("#/$defs/NAME", "#/definitions/NAME", "#"; ~0 / ~1 escapes), compiled in place; a recursion stops at the
 first union with null (writes null) or array without minItems (writes []), else it is refused naming the
@@ -57,7 +58,7 @@ KEYWORDS = {
     "array": {"type", "items", "prefixItems", "minItems", "maxItems"},
     "string": {"type", "minLength", "maxLength", "pattern", "format"},
     "integer": {"type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
-    "number": {"type", "minimum", "maximum"},
+    "number": {"type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
     "boolean": {"type"},
     "null": {"type"},
 }
@@ -1058,14 +1059,35 @@ class _Compiler:
 
     def _number(self, schema, path, depth):
         lo, hi = self.bound(schema, "minimum", path), self.bound(schema, "maximum", path)
+        lo, hi = (None if b is None else Decimal(json.dumps(b)) for b in (lo, hi))
+        width = self.opts.number_tokens
+        for key, sign in (("exclusiveMinimum", 1), ("exclusiveMaximum", -1)):  # (pydantic's gt / lt)
+            x = self.bound(schema, key, path)
+            if x is not None:  # the nearest number past it that the slot writes: an inclusive bound
+                b = self.past(Decimal(json.dumps(x)), sign, width, key, path)
+                lo, hi = (b if lo is None else max(lo, b), hi) if sign > 0 else (lo, b if hi is None else min(hi, b))
         if lo is not None and hi is not None and hi < lo:
-            raise ConstraintError(f"json_schema: maximum {hi} < minimum {lo} (at {path})")
-        self._ranged(lo, hi, False, self.opts.number_tokens)
+            raise ConstraintError(f"json_schema: no number lies between the bounds {_text(lo)} and {_text(hi)} "
+                                  f"(at {path})")
+        self._ranged(lo, hi, False, width)
+
+    def past(self, x: Decimal, sign: int, width: int, key: str, path: str) -> Decimal:
+        """x moved by one unit in its 6th decimal (or the one after its own last) in the direction `sign`: the
+        nearest value past an exclusive bound that a number slot of `width` tokens writes (a value between them
+        is out of reach, which only narrows what the slot takes)."""
+        places = max(-x.as_tuple().exponent, 0)
+        for d in range(max(places + 1, 6), places, -1):
+            with localcontext() as ctx:
+                ctx.prec = len(x.as_tuple().digits) + d + 2
+                b = x + sign * Decimal(1).scaleb(-d)
+            if len(self.vocab.encode(_text(b))) <= width:
+                return b
+        raise ConstraintError(f"json_schema: {key} {_text(x)} has too many digits for a number slot of {width} tokens "
+                              f"(at {path})")
 
     def _ranged(self, lo, hi, integer: bool, width: int):
         # exact decimals (2**60 + 1 > 2**60; 0.1 is 0.1), written out without an exponent (1e20 is 100...0)
-        lo = None if lo is None else Decimal(json.dumps(lo))
-        hi = None if hi is None else Decimal(json.dumps(hi))
+        lo, hi = (b if b is None or isinstance(b, Decimal) else Decimal(json.dumps(b)) for b in (lo, hi))
         fits = lambda b: b is None or len(self.vocab.encode(_text(b))) <= width  # noqa: E731
         if not integer:  # a bound too long for the slot: fewer decimals, rounded inwards (still within it)
             lo, hi = self.shortened(lo, width, ROUND_CEILING), self.shortened(hi, width, ROUND_FLOOR)

@@ -469,18 +469,25 @@ class Owner(BaseModel):
     pet: Cat | Dog
 
 
-def test_type_list_keyword_one_type_cannot_honour_is_refused(tiny_llm):
-    """exclusiveMinimum binds numbers too, which have no exclusive bounds here: refused as for a plain number,
-    not dropped from the number branch (which wrote -4444465.144 for exclusiveMinimum 0)."""
+def test_exclusive_bounds_hold_for_numbers_and_type_lists(tiny_llm):
+    """exclusiveMinimum / exclusiveMaximum (pydantic's gt / lt, PositiveFloat) bind numbers as integers: a value at
+    or past the bound is clamped to the nearest one past it that the slot writes (0 -> 0.000001), in a type list's
+    number branch too (which once dropped the bound and wrote -4444465.144 for exclusiveMinimum 0)."""
+    tok = tiny_llm.tokenizer
+    vocab = Vocab.of(tok)
+    [(width, _, finish)] = JsonSchemaConstraint({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                                                tok).pieces
+    for text, want in (("0", "0.000001"), ("-3", "0.000001"), ("1", "0.999999"), ("0.5", "0.5")):
+        ids = vocab.encode(text)
+        assert vocab.text(finish(ids + [vocab.pad_id] * (width - len(ids)))).strip() == want, text
     for schema in ({"type": ["integer", "number"], "exclusiveMinimum": 0},
                    {"type": ["number", "integer", "null"], "exclusiveMaximum": 5},
+                   {"type": "object", "properties": {"x": {"type": "number", "exclusiveMinimum": -2.5, "maximum": 3}}},
                    {"type": ["integer", "number"], "exclusiveMinimum": 0, "enum": [-1, 1]}):  # through fits()
-        with pytest.raises(ConstraintError, match=r"'exclusive(Minimum|Maximum)' is not supported for type "
-                                                  r"'number' \(at \$<number>\)"):
-            JsonSchemaConstraint(schema, tiny_llm.tokenizer)
-    # keywords that every listed type honours (or that bind only one of them) still compile
-    JsonSchemaConstraint({"type": ["integer", "number", "string"], "minimum": 0, "maxLength": 3}, tiny_llm.tokenizer)
-    JsonSchemaConstraint({"type": ["integer", "null"], "exclusiveMinimum": 0}, tiny_llm.tokenizer)
+        for text in _outputs(tiny_llm, schema, seeds=range(3)):
+            jsonschema.validate(json.loads(text), schema)
+    with pytest.raises(ConstraintError, match="no number lies between"):
+        JsonSchemaConstraint({"type": "number", "exclusiveMinimum": 1, "maximum": 1}, tok)
 
 
 def _chain(n, wrap):
