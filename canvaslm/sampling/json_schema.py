@@ -73,16 +73,17 @@ _DATE = (r"[1-9][0-9]{3}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9
          r"|(?:0[13578]|1[02])-31)")
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,20}[a-z0-9])?"
+_LABEL = r"[a-z0-9]{1,12}(?:-[a-z0-9]{1,8})?"  # no "--" (IDNA reserves it at places 3-4)
+_TLD = r"[a-z]{2,6}"  # a top-level label of letters: an all-digit last label reads as an IPv4 address
 FORMATS = {
     "date": _DATE,
     "time": _TIME,
     "date-time": _DATE + "T" + _TIME,
     "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
     "ipv4": rf"{_OCTET}(?:\.{_OCTET}){{3}}",
-    "hostname": rf"{_LABEL}(?:\.{_LABEL}){{0,4}}",
-    "email": rf"[a-z0-9._+-]{{1,32}}@{_LABEL}(?:\.{_LABEL}){{1,3}}",
-    "uri": rf"https?://{_LABEL}(?:\.{_LABEL}){{0,4}}(?:/[A-Za-z0-9._~-]{{0,24}}){{0,4}}",
+    "hostname": rf"(?:{_LABEL}\.){{0,2}}{_TLD}",
+    "email": rf"[a-z0-9_+-]{{1,16}}(?:\.[a-z0-9_+-]{{1,15}})?@(?:{_LABEL}\.){{1,2}}{_TLD}",  # a dot-atom local part
+    "uri": rf"https?://(?:{_LABEL}\.){{1,2}}{_TLD}(?:/[A-Za-z0-9._~-]{{1,16}}){{0,2}}",
 }
 
 
@@ -168,17 +169,17 @@ def _branches(pattern: str) -> list[str]:
 
 def _whole_match(pattern: str) -> str:
     """A JSON schema `pattern` (which matches anywhere in the string unless anchored) as a regex that must match
-    the whole string: each top-level alternative gets `.*` on a side it does not anchor."""
-    out = []
+    the whole string: its top-level alternatives grouped by the sides they anchor, each group with `.*` on a side
+    it does not (one `.*` around a group: `.*(?:cat).*|.*(?:dog).*|...` grows exponentially as an automaton)."""
+    groups: dict = {}
     for b in _branches(pattern):
-        start = b.startswith("^") or b.startswith("\\A")
-        b = b[1:] if b.startswith("^") else b[2:] if start else b
+        start = b.startswith("^")
+        b = b[1:] if start else b
         slashes = len(b[:-1]) - len(b[:-1].rstrip("\\"))  # before the last character: an odd count escapes it
-        dollar, z = b.endswith("$") and slashes % 2 == 0, b.endswith("Z") and slashes % 2 == 1
-        b = b[:-1] if dollar else b[:-2] if z else b
-        end = dollar or z
-        out.append(("" if start else ".*") + f"(?:{b})" + ("" if end else ".*"))
-    return "|".join(out)
+        end = b.endswith("$") and slashes % 2 == 0
+        groups.setdefault((start, end), []).append(b[:-1] if end else b)
+    return "|".join(("" if start else ".*") + "(?:" + "|".join(bs) + ")" + ("" if end else ".*")
+                    for (start, end), bs in groups.items())
 
 
 def _match_lengths(fsm) -> tuple[int, int | None]:
@@ -229,14 +230,14 @@ def _match_lengths(fsm) -> tuple[int, int | None]:
     return fewest or 0, most[fsm.initial]
 
 
-def _matches(pattern: str, value: str) -> bool:
-    """Whether `value` matches a whole-match pattern (Python's re; a pattern it cannot read takes nothing)."""
-    import re
-
-    try:
-        return re.fullmatch(pattern, value) is not None
-    except re.error:
-        return False
+def _fsm_matches(fsm, value: str) -> bool:
+    """Whether a character automaton takes `value` whole (linear in its length, whatever the pattern)."""
+    q = fsm.initial
+    for c in value:
+        q = fsm.step(q, fsm.classify(c))
+        if q is None:
+            return False
+    return q in fsm.finals
 
 
 def _type_ok(value, typ: str) -> bool:
@@ -322,6 +323,7 @@ class _Compiler:
         self.members: dict = {}
         self.unions: dict = {}  # id -> (schema, its alternatives or None), as `checked`
         self.kinds: dict = {}  # (id, the $refs being expanded) -> (schema, its kind), as `checked`
+        self.shown: dict = {}  # a whole-match regex -> how the schema wrote it ("'pattern' 'ab'", "format 'date'")
         self.root = None  # the schema that "#/..." $refs point into (the first one compiled if not set)
         self.refs: list = []  # the $refs being expanded, outermost first: one met again is a recursion
         self.quoted = 0  # > 0 while compiling a union member: strings take their quotes into the slot
@@ -740,6 +742,9 @@ class _Compiler:
         except ConstraintError:
             self.in_time()  # an automaton ran out of time: say so as the compile's timeout
             raise
+        if not bool(dfa.coreach_rows(width)[width][dfa.start]):
+            raise ConstraintError(f"json_schema: no value of the union fits in its slot of {width} tokens (its strings' "
+                                  f"patterns need more room, or characters that need escapes) (at {self.at})")
         finish = None
         if any(m[2] for m in members):
             finish = _union_finish(self.vocab, [(m[1], m[2]) for m in members], width)
@@ -783,8 +788,11 @@ class _Compiler:
                     and (xhi is None or v < xhi))
         if typ == "string":
             lo, hi = self.count(schema, "minLength", path, 0), self.count(schema, "maxLength", path)
-            pattern = self.string_pattern(schema, path)
-            return lo <= len(v) and (hi is None or len(v) <= hi) and (pattern is None or _matches(pattern, v))
+            # a `format` is an annotation here (validators check formats only when asked), so given values that the
+            # narrower patterns written for it would refuse (2024-02-29) stay; a `pattern` is checked by its automaton
+            pattern = self.string_pattern(schema, path) if "pattern" in schema else None
+            return lo <= len(v) and (hi is None or len(v) <= hi) and (
+                pattern is None or _fsm_matches(self.pattern_fsm(pattern, path), v))
         if typ == "array":
             lo, hi = self.count(schema, "minItems", path, 0), self.count(schema, "maxItems", path)
             prefix, items = self.array_items(schema, path)
@@ -981,7 +989,8 @@ class _Compiler:
         self.check(content + 1)
         dfa = self.string_automaton(lo, hi, False, pattern, path)
         if pattern is not None and not bool(dfa.coreach_rows(content + 1)[content + 1][dfa.start]):
-            raise ConstraintError(f"json_schema: no string that matches {pattern!r} fits in its slot of {content} "
+            raise ConstraintError(f"json_schema: no string that matches {self.shown.get(pattern, pattern)} fits in its "
+                                  f"slot of {content} "
                                   "tokens (raise maxLength or string_tokens), or none can be written without escapes "
                                   f"(at {path})")
         self.slot(content + 1, dfa, exact=exact)
@@ -996,13 +1005,16 @@ class _Compiler:
             if fmt not in FORMATS:
                 raise ConstraintError(f"json_schema: format {fmt!r} is not supported (supported: "
                                       f"{', '.join(sorted(FORMATS))}) (at {path})")
+            self.shown[FORMATS[fmt]] = f"format {fmt!r}"
             return FORMATS[fmt]
         if "pattern" not in schema:
             return None
         pattern = schema["pattern"]
         if not isinstance(pattern, str):
             raise ConstraintError(f"json_schema: 'pattern' must be a string, got {pattern!r} (at {path})")
-        return _whole_match(pattern)
+        whole = _whole_match(pattern)
+        self.shown[whole] = f"'pattern' {pattern!r}"
+        return whole
 
     def pattern_fsm(self, pattern: str, path: str):
         """The character automaton of a whole-match pattern, compiled under the compile's deadline (in a child
@@ -1016,8 +1028,9 @@ class _Compiler:
                 fsm = char_fsm(pattern)
             else:
                 fsm = char_fsm_with_deadline(pattern, max(0.0, self.deadline - time.monotonic()))
-        except RegexCompileError as e:
-            raise ConstraintError(f"json_schema: 'pattern': {e} (at {path})") from None
+        except RegexCompileError as e:  # named as the schema wrote it, not as rewritten for a whole match
+            shown = self.shown.get(pattern, repr(pattern))
+            raise ConstraintError(f"json_schema: {shown}: {str(e).replace(repr(pattern), 'it')} (at {path})") from None
         self.vocab.dfas.put(key, (fsm,))
         return fsm
 

@@ -30,6 +30,12 @@ TURN_WAIT_S = 1.0  # longest wait for a free turn: a child's usual run is ~0.1-0
 # Python's `re` \s for str patterns (str.isspace); interegular's own \s is ASCII " \t\n\r\f\v" only
 WHITESPACE = frozenset("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
                        "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+# \w and \d are ASCII in interegular (and ECMA) but Unicode in Python's re and in pydantic's engine, so their
+# complements differ: \W and \D here are only the characters every reading puts outside (ASCII and whitespace);
+# a negated class holding \w, \W, \d or \D is refused
+_ASCII_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+NON_WORD = frozenset(map(chr, range(128))) - _ASCII_WORD | WHITESPACE
+NON_DIGIT = frozenset(map(chr, range(128))) - frozenset("0123456789") | WHITESPACE
 
 _turns = threading.BoundedSemaphore(MAX_CONCURRENT)
 
@@ -74,7 +80,7 @@ def normalized(pattern: str) -> str:
     """The pattern as `interegular` reads it: the whole output is one match, so anchors at the start (^, \\A)
     and end ($, \\Z) of the pattern or of a top-level alternative are dropped (xgrammar ignores them too);
     \\uXXXX and \\UXXXXXXXX become the character. Anchors anywhere else raise RegexCompileError."""
-    out, i, depth, in_class = [], 0, 0, False
+    out, i, depth, in_class, negated = [], 0, 0, False, False
 
     def branch_end():
         # drop a trailing $ / \Z of the top-level branch that ends here
@@ -98,6 +104,10 @@ def normalized(pattern: str) -> str:
                     raise RegexCompileError(f"\\{e}{digits} is not a Unicode code point")
                 out.append(_literal(cp))
                 i += 2 + n
+            elif e in "wWdD" and in_class and negated:
+                raise RegexCompileError(f"\\{e} in a negated class ([^\\{e}...]) is read differently by ASCII and "
+                                        "Unicode regex engines (é is a word character to one, not the other); list the "
+                                        "characters instead")
             elif e in "AZ" and not in_class:
                 if not (e == "A" and at_start) and not (e == "Z" and _top_end(pattern, i + 2, depth)):
                     raise RegexCompileError(f"the anchor \\{e} is only supported at the start (\\A) or end (\\Z) of "
@@ -114,10 +124,11 @@ def normalized(pattern: str) -> str:
             in_class = c != "]"
             out.append(c)
         elif c == "[":
-            in_class = True
+            in_class, negated = True, False
             out.append(c)
             if i + 1 < len(pattern) and pattern[i + 1] == "^":
                 out.append("^")
+                negated = True
                 i += 1
             if i + 1 < len(pattern) and pattern[i + 1] == "]":  # a leading ] is a literal
                 out.append("\\]")
@@ -228,7 +239,8 @@ def char_fsm(pattern: str) -> CharFSM:
         from interegular.fsm import anything_else
     except ImportError:  # pragma: no cover - a dependency of the package
         raise RegexCompileError("the 'interegular' package is needed for regex output") from None
-    patterns._CHAR_GROUPS.update(s=patterns._CharGroup(WHITESPACE, False), S=patterns._CharGroup(WHITESPACE, True))
+    patterns._CHAR_GROUPS.update(s=patterns._CharGroup(WHITESPACE, False), S=patterns._CharGroup(WHITESPACE, True),
+                                 W=patterns._CharGroup(NON_WORD, False), D=patterns._CharGroup(NON_DIGIT, False))
     try:
         source = normalized(pattern)
     except RegexCompileError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import time
 import uuid
 from enum import Enum
@@ -372,6 +373,30 @@ class Inventory(BaseModel):  # maps: additionalProperties as a schema
     counts: dict[str, int]
     tags: dict[str, list[Color]]
     maybe: Optional[dict[str, float]] = None
+
+
+def test_pattern_reviews_alternations_unions_enums_and_classes(tiny_llm):
+    """From a review: an unanchored word list compiles as one `.*(?:a|b|...).*` (one `.*` pair per word grew
+    exponentially: ten words took over 30 s); a union none of whose strings fits its slot is refused when
+    compiled (it failed at commit, a 500); enum values are checked by the pattern's automaton, in linear time
+    (`^(a+)+$` took Python's re seconds); \\W and \\D take only what every regex reading calls non-word / non-digit,
+    and a negated class with \\w or \\d is refused; a refusal names the pattern as the schema wrote it."""
+    tok = tiny_llm.tokenizer
+    words = "|".join(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "iota", "kappa", "lambda"])
+    t = time.monotonic()
+    JsonSchemaConstraint({"type": "string", "pattern": words}, tok)
+    enum = {"type": "string", "enum": ["a" * 28 + "!", "aa"], "pattern": "^(a+)+$"}
+    [piece] = JsonSchemaConstraint(enum, tok).pieces
+    assert time.monotonic() - t < 5 and tok.decode(piece) == '"aa"'
+    dead = {"anyOf": [{"type": "string", "pattern": '^"$'}, {"type": "string", "pattern": "^a{40}$", "maxLength": 10}]}
+    with pytest.raises(ConstraintError, match="no value of the union fits"):
+        JsonSchemaConstraint(dead, tok)
+    with pytest.raises(ConstraintError, match=r"^json_schema: 'pattern' '\[\^.*negated class"):  # as written
+        JsonSchemaConstraint({"type": "string", "pattern": "[^\\w]"}, tok)
+    nonword = {"type": "object", "properties": {"v": {"type": "string", "pattern": "^\\W+\\D$"}}}
+    for text in _outputs(tiny_llm, nonword, seeds=range(3)):
+        value = json.loads(text)["v"]
+        assert all(ord(c) < 128 for c in value) and re.fullmatch(r"\W+\D", value)
 
 
 def test_maps_validate(tiny_llm):
