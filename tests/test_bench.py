@@ -215,6 +215,16 @@ def test_constraint_passes_bench_compares_with_the_dense_peer():
     assert "same masks: True, same committed ids: True" in proc.stdout, proc.stdout
 
 
+def test_union_compile_bench_builds_the_peers_automata():
+    """bench/union_compile.py at a small vocabulary: the 1-D uniques and the peer's dim=1 unique build the same
+    union automata."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench/union_compile.py"), "--vocab", "600", "--files", "60",
+                           "--repeat", "1"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| torch.unique(dim=1) (peer) |" in proc.stdout and "same automata: True" in proc.stdout, proc.stdout
+
+
 def test_editor_infill_bench_warms_the_chunks_it_then_reuses():
     """bench/editor_infill.py at a tiny size: the completion after the warm-up takes the chunks from the cache."""
     repo = Path(__file__).resolve().parents[1]
