@@ -54,7 +54,7 @@ class SamplingParams:
     confidence_threshold: float | None = None
     stability_threshold: int | None = None
     constraint: object | None = None  # a sampling.constraints.CanvasConstraint
-    json_schema: dict | None = field(default=None, hash=False)  # JSON-schema structured output (a dict)
+    json_schema: dict | None = field(default=None, hash=False)  # JSON-schema output (a dict, its JSON, a pydantic model)
     json_object: bool = False  # JSON mode: the output is one JSON object (sampling.json_any)
     choice: tuple | None = None  # the output is exactly one of these strings (sampling.choice)
     regex: str | None = None  # the output is a whole match of this pattern (sampling.regex)
@@ -80,6 +80,19 @@ class SamplingParams:
                                   f"{self.choice!r}")
         if isinstance(self.choice, list):
             object.__setattr__(self, "choice", tuple(self.choice))
+        schema = self.json_schema
+        if isinstance(schema, type) and callable(getattr(schema, "model_json_schema", None)):  # a pydantic model
+            object.__setattr__(self, "json_schema", schema.model_json_schema())
+        elif isinstance(schema, str):  # the schema's JSON text, as vLLM takes it
+            from .sampling.json_schema import json_value
+
+            try:
+                object.__setattr__(self, "json_schema", json_value(schema, "SamplingParams.json_schema"))
+            except ValueError as e:
+                raise GenerationError(str(e)) from None
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise GenerationError("SamplingParams.json_schema must be a JSON schema (a dict, its JSON text or a pydantic "
+                                  f"model class), got {type(self.json_schema).__name__}: {self.json_schema!r:.80}")
         c = self.constraint
         if c is not None and not callable(getattr(c, "canvas", None)):
             raise GenerationError("SamplingParams.constraint must be a canvas constraint (sampling.constraints."

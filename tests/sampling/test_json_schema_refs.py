@@ -399,6 +399,20 @@ def test_pattern_reviews_alternations_unions_enums_and_classes(tiny_llm):
         assert all(ord(c) < 128 for c in value) and re.fullmatch(r"\W+\D", value)
 
 
+def test_sampling_params_take_a_pydantic_model_or_the_schemas_json(tiny_llm):
+    """SamplingParams(json_schema=Model) takes the model's schema (as `client.chat.completions.parse` does), and
+    the schema's JSON text as vLLM takes it; anything else is named."""
+    from canvaslm.generate import GenerationError
+
+    assert SamplingParams(json_schema=Owner).json_schema == Owner.model_json_schema()
+    assert SamplingParams(json_schema=json.dumps({"type": "integer"})).json_schema == {"type": "integer"}
+    for bad, needle in (([1], "must be a JSON schema .* got list"), ("{nope", "json_schema is not valid JSON")):
+        with pytest.raises(GenerationError, match=needle):
+            SamplingParams(json_schema=bad)
+    out = tiny_llm.generate("{", SamplingParams(seed=0, max_denoising_steps=2, max_new_tokens=400, json_schema=Owner))
+    assert isinstance(Owner.model_validate_json(out[0].text).pet, (Cat, Dog))
+
+
 def test_maps_validate(tiny_llm):
     """pydantic's dict[str, X] (an object whose additionalProperties is a schema): `array_items` entries of a key
     string and a value of that schema; a map that recurses stops at {}; an enum value is checked
