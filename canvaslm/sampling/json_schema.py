@@ -18,7 +18,8 @@ decimal), enum, const; annotations (title, description, ...) are
 ignored, $defs / definitions are read through $ref only. `$ref`: a JSON pointer into the root schema
 ("#/$defs/NAME", "#/definitions/NAME", "#"; ~0 / ~1 escapes), compiled in place; a recursion stops at the
 first union with null (writes null) or array without minItems (writes []), else it is refused naming the
-cycle. `allOf` of one schema is that schema. `anyOf` / `oneOf` / 'type' lists of scalars (string, integer,
+cycle. `allOf` of one schema is that schema; of several, their merge (properties and required joined,
+bounds tightened; members that disagree otherwise are refused). `anyOf` / `oneOf` / 'type' lists of scalars (string, integer,
 number, boolean, null, enum, const: pydantic's Optional[int], int | str) are one slot whose automaton is
 the union of the alternatives' (token_dfa.union_dfa), as wide as the widest. A oneOf's alternatives must
 exclude each other (`_Compiler.excludes`: different types, consts, or object keys one requires or forbids),
@@ -230,6 +231,55 @@ def _match_lengths(fsm) -> tuple[int, int | None]:
     return fewest or 0, most[fsm.initial]
 
 
+_LOWER = {"minimum", "exclusiveMinimum", "minLength", "minItems"}  # allOf keeps the largest
+_UPPER = {"maximum", "exclusiveMaximum", "maxLength", "maxItems"}  # ... and the smallest
+
+
+def _merged(members: list, path: str) -> dict:
+    """One schema for all of `members` (each an object, $refs resolved): properties joined (a property two members
+    give is the allOf of both), required joined, bounds tightened, additionalProperties false kept where every
+    property is one of that member's; any other keyword must agree."""
+    out, closed = {}, []
+    for i, m in enumerate(members):
+        where = f"{path}.allOf[{i}]"
+        if not isinstance(m, dict):
+            raise ConstraintError(f"json_schema: allOf member at {where} must be a schema object")
+        if "anyOf" in m or "oneOf" in m or "allOf" in m or isinstance(m.get("type"), list):
+            raise ConstraintError(f"json_schema: a union inside an allOf of several schemas is not supported (at "
+                                  f"{where})")
+        for k, v in m.items():
+            if k in ANNOTATIONS or k in CONTAINERS:
+                out.setdefault(k, v)
+            elif k == "additionalProperties":
+                if v is False:
+                    closed.append(set(m.get("properties", {})))
+                elif v is not True:
+                    raise ConstraintError(f"json_schema: an 'additionalProperties' schema in an allOf of several "
+                                          f"schemas is not supported (at {where})")
+            elif k not in out:
+                out[k] = dict(v) if k == "properties" and isinstance(v, dict) else v
+            elif k == "properties" and isinstance(v, dict) and isinstance(out[k], dict):
+                for name, sub in v.items():
+                    old = out[k].get(name)
+                    out[k][name] = sub if old is None or old == sub else {"allOf": [old, sub]}
+            elif k == "required" and isinstance(v, list) and isinstance(out[k], list):
+                out[k] = list(dict.fromkeys(out[k] + v))
+            elif k in _LOWER | _UPPER and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                              for x in (v, out[k])):
+                out[k] = max(out[k], v) if k in _LOWER else min(out[k], v)
+            elif not _same(out[k], v):
+                raise ConstraintError(f"json_schema: the allOf members disagree on {k!r} ({out[k]!r:.40} and "
+                                      f"{v!r:.40}) (at {where})")
+    names = set(out.get("properties", {}))
+    for member in closed:
+        if names - member:
+            raise ConstraintError(f"json_schema: an allOf member with additionalProperties false does not list "
+                                  f"{sorted(names - member)[:3]} (at {path})")
+    if closed:
+        out["additionalProperties"] = False
+    return out
+
+
 def _fsm_matches(fsm, value: str) -> bool:
     """Whether a character automaton takes `value` whole (linear in its length, whatever the pattern)."""
     q = fsm.initial
@@ -324,6 +374,7 @@ class _Compiler:
         self.unions: dict = {}  # id -> (schema, its alternatives or None), as `checked`
         self.kinds: dict = {}  # (id, the $refs being expanded) -> (schema, its kind), as `checked`
         self.shown: dict = {}  # a whole-match regex -> how the schema wrote it ("'pattern' 'ab'", "format 'date'")
+        self.merges: dict = {}  # id -> (an allOf schema, its members merged), as `checked`
         self.root = None  # the schema that "#/..." $refs point into (the first one compiled if not set)
         self.refs: list = []  # the $refs being expanded, outermost first: one met again is a recursion
         self.quoted = 0  # > 0 while compiling a union member: strings take their quotes into the slot
@@ -492,17 +543,23 @@ class _Compiler:
         finally:
             self.refs.pop()
 
-    @staticmethod
-    def all_of(schema: dict, path: str):
-        """The one schema of an allOf (as pydantic writes around a $ref), else a ConstraintError."""
+    def all_of(self, schema: dict, path: str):
+        """The schema an allOf stands for: its one member (as pydantic writes around a $ref), or its members merged
+        (an OpenAPI-style extension of a base object: properties and required joined, bounds tightened; members
+        that disagree otherwise, or a union among them, are a ConstraintError). Merged once per schema object."""
         subs = schema["allOf"]
-        if not isinstance(subs, list) or len(subs) != 1:
-            n = len(subs) if isinstance(subs, list) else type(subs).__name__
-            raise ConstraintError(f"json_schema: 'allOf' is supported with one schema only, got {n} (at {path})")
+        if not isinstance(subs, list) or not subs:
+            raise ConstraintError(f"json_schema: 'allOf' must be a non-empty list of schemas (at {path})")
         for key in schema:
             if key != "allOf" and key not in ANNOTATIONS and key not in CONTAINERS:
                 raise ConstraintError(f"json_schema: {key!r} next to 'allOf' is not supported (at {path})")
-        return subs[0]
+        if len(subs) == 1:
+            return subs[0]
+        hit = self.merges.get(id(schema))
+        if hit is None or hit[0] is not schema:
+            members = [self.resolved(m, f"{path}.allOf[{i}]") for i, m in enumerate(subs)]
+            hit = self.merges[id(schema)] = schema, _merged(members, path)
+        return hit[1]
 
     def alternatives(self, schema: dict, path: str):
         """(keyword, [(schema, path)]) for a union: anyOf / oneOf, or a 'type' list (one schema per type, with

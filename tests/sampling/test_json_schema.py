@@ -114,7 +114,7 @@ def test_options_change_widths(tiny_llm):
     ({"description": "anything", "properties": {}}, "'properties' is not supported"),
     ({"type": "integer", "minimum": 5, "maximum": 2}, "no integer"),
     ({"const": "caf\u00e9"}, "cannot tokenize"),
-    ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "allOf"),  # one schema only
+    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "allOf members disagree on 'type'"),
     ({"type": "object", "minProperties": 1}, "minProperties"),
     # keywords of the wrong type are named, not a TypeError deep inside
     ({"type": "string", "maxLength": "x"}, "'maxLength' must be an integer >= 0, got 'x'"),
