@@ -280,6 +280,12 @@ def _merged(members: list, path: str) -> dict:
     return out
 
 
+def _fills(dfa, width: int) -> bool:
+    """Whether some value fills a slot of `width` tokens from the automaton's start (an accepted sequence of exactly
+    that many tokens, padding included)."""
+    return bool(dfa.coreach_rows(width)[width][dfa.start])
+
+
 def _fsm_matches(fsm, value: str) -> bool:
     """Whether a character automaton takes `value` whole (linear in its length, whatever the pattern)."""
     q = fsm.initial
@@ -403,10 +409,11 @@ class _Compiler:
         self.size += width
         self.check()
 
-    def merged(self) -> list:
-        """The pieces with adjacent texts joined (so that they are tokenized together)."""
+    def merged(self, pieces: list | None = None) -> list:
+        """The pieces (the template's, or those given) with adjacent texts joined (so that they are tokenized
+        together)."""
         out = []
-        for p in self.pieces:
+        for p in self.pieces if pieces is None else pieces:
             if isinstance(p, str) and out and isinstance(out[-1], list):
                 out[-1].append(p)
             else:
@@ -655,9 +662,9 @@ class _Compiler:
                 del self.pieces[start:]
                 self.size = size
                 return self.text("null")
-        return self.template_union(key, alts, path, depth)
+        return self.template_union(alts, path, depth)
 
-    def template_union(self, key: str, alts: list, path: str, depth: int):
+    def template_union(self, alts: list, path: str, depth: int):
         """A union with an object, an array or any value among its alternatives: one slot whose automaton takes
         any alternative's whole template (its skeleton's tokens and its value slots in order,
         token_dfa.sequence_dfa), padded with whitespace to the widest. An alternative that recurses without a
@@ -727,8 +734,9 @@ class _Compiler:
         if "const" in a or "enum" in a:
             values = [a["const"]] if "const" in a else a["enum"]
             return not any(self.fits(v, b, path, depth) for v in values)
-        if self.alternatives(a, path) is not None:  # a union: each of its alternatives
-            return all(self.excludes(x, b, p, depth + 1) for x, p in self.alternatives(a, path)[1])
+        union = self.alternatives(a, path)
+        if union is not None:  # a union: each of its alternatives
+            return all(self.excludes(x, b, p, depth + 1) for x, p in union[1])
         if (a.get("type") != "object" or b.get("type") != "object" or self.alternatives(b, path) is not None
                 or "properties" not in a):  # (an object without properties is written as any object)
             return False
@@ -740,16 +748,10 @@ class _Compiler:
     def sequence(self, pieces: list, path: str) -> list:
         """An alternative's pieces as sequence_dfa parts: its texts (adjacent ones joined) as token ids, its
         slots as they are."""
-        out = []
-        for p in pieces:
-            if isinstance(p, str) and out and isinstance(out[-1], str):
-                out[-1] += p
-            elif isinstance(p, (str, tuple)):
-                out.append(p)
-            else:
-                raise ConstraintError(f"json_schema: alternative {path} is not a template (internal)")
+        if not all(isinstance(p, (str, tuple)) for p in pieces):
+            raise ConstraintError(f"json_schema: alternative {path} is not a template (internal)")
         try:
-            return [self.vocab.encode(p) if isinstance(p, str) else p for p in out]
+            return [self.vocab.encode(p) if isinstance(p, str) else p for p in self.merged(pieces)]
         except ConstraintError as e:
             raise ConstraintError(f"json_schema: {e} (at {path})") from None
 
@@ -799,7 +801,7 @@ class _Compiler:
         except ConstraintError:
             self.in_time()  # an automaton ran out of time: say so as the compile's timeout
             raise
-        if not bool(dfa.coreach_rows(width)[width][dfa.start]):
+        if not _fills(dfa, width):
             raise ConstraintError(f"json_schema: no value of the union fits in its slot of {width} tokens (its strings' "
                                   f"patterns need more room, or characters that need escapes) (at {self.at})")
         finish = None
@@ -1016,7 +1018,8 @@ class _Compiler:
                                   f"'items' is false (at {path})")
         self.text("[")
         for i in range(n + more):
-            self.text(", " if i else "")
+            if i:
+                self.text(", ")
             if i < n:
                 self.value(prefix[i], f"{path}[{i}]", depth + 1)
             elif isinstance(items, dict):
@@ -1045,7 +1048,7 @@ class _Compiler:
         self.text('"')
         self.check(content + 1)
         dfa = self.string_automaton(lo, hi, False, pattern, path)
-        if pattern is not None and not bool(dfa.coreach_rows(content + 1)[content + 1][dfa.start]):
+        if pattern is not None and not _fills(dfa, content + 1):
             raise ConstraintError(f"json_schema: no string that matches {self.shown.get(pattern, pattern)} fits in its "
                                   f"slot of {content} "
                                   "tokens (raise maxLength or string_tokens), or none can be written without escapes "

@@ -376,6 +376,28 @@ def unique_columns(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[:, first[order]], rank[key]
 
 
+def _padded(sym_of_token: torch.Tensor, V: int) -> torch.Tensor:
+    """A token -> symbol table over exactly V tokens (-1 for tokens past its own)."""
+    return torch.cat([sym_of_token, sym_of_token.new_full((max(0, V - sym_of_token.numel()),), -1)])[:V]
+
+
+def _joint_symbols(rows: torch.Tensor, dfas: list) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """rows [k, V]: per token, what it is to each of k tables (its symbol in each of `dfas`, first, then any other
+    classification), -1 for nothing. -> (token -> joint symbol [V], -1 where every row says nothing; the joint
+    symbols' columns [k, G]; per automaton of `dfas`, its [S, G] next state under each joint symbol)."""
+    cols, inv = unique_columns(rows)  # cols [k, G']: the distinct tuples
+    live = (cols >= 0).any(0)
+    remap = torch.full((cols.shape[1],), -1, dtype=torch.long)
+    remap[live] = torch.arange(int(live.sum()))
+    cols = cols[:, live]
+    nxt = []
+    for d, c in zip(dfas, cols):
+        t = d.trans[:, c.clamp(min=0)]
+        t[:, c < 0] = -1  # no such token for this automaton
+        nxt.append(t)
+    return remap[inv], cols, nxt
+
+
 def union_dfa(vocab: Vocab, dfas: list, deadline: float | None = None, limit: int = 20000) -> TokenDFA:
     """Accept what any of `dfas` accepts: their product automaton, with one symbol per distinct tuple of
     the members' symbols for a token and one state per tuple of their states (-1 once a member is dead).
@@ -389,20 +411,8 @@ def union_dfa(vocab: Vocab, dfas: list, deadline: float | None = None, limit: in
     if hit is not None and all(a is b for a, b in zip(hit[0], dfas)):
         return hit[1]
     V = max(d.sym_of_token.numel() for d in dfas)
-    syms = torch.stack([torch.cat([d.sym_of_token, d.sym_of_token.new_full((V - d.sym_of_token.numel(),), -1)])
-                        for d in dfas])  # [k, V]
-    cols, inv = unique_columns(syms)  # cols [k, G']: the distinct symbol tuples
-    live = (cols >= 0).any(0)
-    remap = torch.full((cols.shape[1],), -1, dtype=torch.long)
-    remap[live] = torch.arange(int(live.sum()))
-    sym, cols = remap[inv], cols[:, live]
+    sym, cols, nxt = _joint_symbols(torch.stack([_padded(d.sym_of_token, V) for d in dfas]), dfas)
     G = cols.shape[1]
-    # per member: [S_k, G] next state under each joint symbol (-1 where the member has no such token)
-    nxt = []
-    for d, c in zip(dfas, cols):
-        t = d.trans[:, c.clamp(min=0)]
-        t[:, c < 0] = -1
-        nxt.append(t)
     dead = torch.full((G,), -1, dtype=torch.long)
     start = tuple(d.start for d in dfas)
 
@@ -437,8 +447,6 @@ def sequence_dfa(vocab: Vocab, parts: list, deadline: float | None = None, limit
         return hit[1]
     which = {id(d): k for k, d in enumerate(dfas)}
     V = vocab.V
-    rows = [torch.cat([d.sym_of_token, d.sym_of_token.new_full((max(0, V - d.sym_of_token.numel()),), -1)])[:V]
-            for d in dfas]
     toks = sorted({t for p in parts if isinstance(p, list) for t in p})
     lit_index = {t: g for g, t in enumerate(toks)}
     lit = torch.full((V,), -1, dtype=torch.long)
@@ -447,18 +455,8 @@ def sequence_dfa(vocab: Vocab, parts: list, deadline: float | None = None, limit
     ws = torch.full((V,), -1, dtype=torch.long)
     if vocab.ws_ids:
         ws[torch.tensor(vocab.ws_ids, dtype=torch.long)] = 0
-    syms = torch.stack(rows + [lit, ws])  # [k + 2, V]
-    cols, inv = unique_columns(syms)
-    live = (cols >= 0).any(0)
-    remap = torch.full((cols.shape[1],), -1, dtype=torch.long)
-    remap[live] = torch.arange(int(live.sum()))
-    sym, cols = remap[inv], cols[:, live]
+    sym, cols, nxt = _joint_symbols(torch.stack([_padded(d.sym_of_token, V) for d in dfas] + [lit, ws]), dfas)
     G = cols.shape[1]
-    nxt = []  # per slot automaton: [S_d, G] next state under each joint symbol
-    for d, c in zip(dfas, cols):
-        t = d.trans[:, c.clamp(min=0)]
-        t[:, c < 0] = -1
-        nxt.append(t)
     lit_col, ws_col = cols[-2], cols[-1] >= 0
     dead = torch.full((G,), -1, dtype=torch.long)
     end = len(parts)
