@@ -342,10 +342,10 @@ class TextTracker:
                     if i >= 0]
         else:
             hits = []
-        if hits:
-            start, end, self.stop_word = min(hits)
+        if hits:  # the stop an autoregressive server meets first: the one complete in the fewest tokens
+            n, start, end, self.stop_word = min((self._stop_end(i, s), i, e, s) for i, e, s in hits)
             self.text, self.stopped = full[:end if self.keep_stop else start], True
-            self.ids = self.ids[:self._stop_end(start)]
+            self.ids = self.ids[:n]
             self.content_ids = self._split(self.ids)
         else:
             self.text = full
@@ -398,13 +398,13 @@ class TextTracker:
         return (self.tokenizer.decode(content_ids, skip_special_tokens=self.skip_special)
                 if self.tokenizer is not None else "")  # token-id-only checkpoints
 
-    def _stop_end(self, start: int) -> int:
-        """How many of `ids` the text needs for its stop string (found at `start`): the fewest whose text holds
-        it there (a search over prefixes; a prefix's text is a prefix of the whole text)."""
+    def _stop_end(self, start: int, word: str) -> int:
+        """How many of `ids` the text needs for the stop string `word` (found at `start`): the fewest whose text
+        holds it there (a search over prefixes; a prefix's text is a prefix of the whole text)."""
         lo, hi = 1, len(self.ids)
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._decode(self._content(self.ids[:mid])).find(self.stop_word, start) >= 0:
+            if self._decode(self._content(self.ids[:mid])).find(word, start) >= 0:
                 hi = mid
             else:
                 lo = mid + 1

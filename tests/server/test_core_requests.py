@@ -39,6 +39,34 @@ def test_a_very_long_stop_string_costs_the_text_not_the_stop():
     assert t.delta() == "abc" and t.delta(final=True) == "xxx"
 
 
+class _Pieces:
+    """Token i decodes to PIECES[i]."""
+    PIECES = ["b", "j", "h", "q", "N", "jhq", "x"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+@pytest.mark.parametrize("stops", [["jhqN", "hq"], ["hq", "jhqN"]])
+def test_the_stop_complete_in_fewest_tokens_ends_the_reply_whatever_starts_first(stops):
+    """'jhqN' starts first but needs token 5; 'hq' is complete at token 4, where an autoregressive server stops
+    (the stop that started first was taken: one token more and less text)."""
+    for chunks in ([[0, 1, 2, 3, 4, 6]], [[0, 1], [2, 3, 4, 6]], [[0], [1], [2], [3], [4], [6]]):
+        t = TextTracker(_Pieces(), stops)
+        for ids in chunks:
+            t.add(ids)
+        assert (t.text, t.ids, t.stop_word) == ("bj", [0, 1, 2, 3], "hq"), chunks
+
+
+def test_stops_complete_in_one_token_cut_at_the_earliest_start():
+    t = TextTracker(_Pieces(), ["hq", "jhq"])
+    t.add([0, 5, 4])  # "b" + "jhq" + "N": both stops end in token 2
+    assert (t.text, t.ids, t.stop_word) == ("b", [0, 5], "jhq")
+    t = TextTracker(_Pieces(), ["hq", "jhqN"], keep_stop=True)
+    t.add([0, 5, 4, 6])  # 'hq' ends in token 2, 'jhqN' in token 3
+    assert (t.text, t.ids) == ("bjhq", [0, 5])
+
+
 def test_null_options_are_their_defaults_and_a_negative_seed_is_taken_mod_2_63(client, llm):
     prompt = probe_prompt(llm, 1)
     want = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=2**63 - 1)
