@@ -35,7 +35,7 @@ import uuid
 from .protocol import ChatCompletionRequest, InputImage, ResponsesRequest
 from .serving import (APIError, ServerState, in_band, encode_chat, need_chat_template, need_tokenizer,
                       prepare_translated, off_loop, renamed, run_choices, run_to_end, thought_tokens, usage, validated)
-from .tools import call_offsets, reply_message, text_around_calls, tool_replies
+from .tools import auto_problem, auto_tools, call_offsets, reply_message, text_around_calls, tool_replies
 
 
 CHAT_TO_RESPONSES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
@@ -322,6 +322,11 @@ def response_object(state: ServerState, body: ResponsesRequest, rid: str, create
     return out
 
 
+AUTO_TERMS = ('tool_choice "auto" (the default with tools)',
+              'send tool_choice "required" (the model picks one of the tools), {"type": "function", "name": ...}, '
+              'or "none"')
+
+
 async def create_response(state: ServerState, body: ResponsesRequest, request):
     problem = body.unsupported()
     if problem is not None:
@@ -331,6 +336,9 @@ async def create_response(state: ServerState, body: ResponsesRequest, request):
         if body.previous_response_id is not None else []
     places = []
     chat, turns = to_chat(body, history, places)
+    problem = auto_problem(state.tokenizer, AUTO_TERMS) if auto_tools(chat) else None
+    if problem is not None:  # in this API's terms: the chat route would advise chat's tool_choice shape
+        raise APIError(400, problem, "tool_choice")
     ids = await off_loop(state, encode_chat, state, chat, "input")
     choices, chat, ids = await _prepared(state, body, history, [m["role"] for m in history + turns], chat, ids,
                                          places)  # ids: images expanded to their soft tokens

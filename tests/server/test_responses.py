@@ -225,3 +225,18 @@ def test_the_store_keeps_the_newest(client, monkeypatch):
     with pytest.raises(NotFoundError):
         client.responses.retrieve(ids[0])
     assert [client.responses.retrieve(i).id for i in ids[1:]] == ids[1:]
+
+
+def test_tools_without_call_tokens_get_advice_in_responses_terms(client):
+    """The tiny tokenizer has no call tokens, so "auto" is refused; the advice named chat's tool_choice shape
+    ({"type": "function", "function": {...}}), which this route refuses in turn. Following it now works."""
+    with pytest.raises(BadRequestError) as e:
+        client.responses.create(model=MODEL, input="Weather?", tools=[WEATHER], max_output_tokens=16)
+    message = e.value.body["message"]
+    assert e.value.body["param"] == "tool_choice"
+    assert '"required"' in message and '{"type": "function", "name": ...}' in message and '"none"' in message
+    assert "'function':" not in message
+    for choice in ("required", {"type": "function", "name": "get_weather"}, "none"):
+        r = client.responses.create(model=MODEL, input="Weather?", tools=[WEATHER], tool_choice=choice,
+                                    max_output_tokens=64, extra_body={"seed": 1})
+        assert r.status in ("completed", "incomplete")
