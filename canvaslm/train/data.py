@@ -446,7 +446,10 @@ def _hf_rows(src: dict) -> tuple[list[dict], str]:
     shadowed = set(renames.values()) - set(renames)
     if shadowed & {"prompt", "response", "completion", "prompt_ids", "response_ids"}:
         shadowed.add("messages")
-    rows = [{renames.get(k, k): v for k, v in row.items() if k in renames or k not in shadowed} for row in ds]
+    # a null column is an absent key: datasets fills a row's missing columns with None when rows differ in
+    # format (a text row beside a chat row holds messages=None), and the row must read as its JSONL line does
+    rows = [{renames.get(k, k): v for k, v in row.items() if (k in renames or k not in shadowed) and v is not None}
+            for row in ds]
     return rows, where
 
 

@@ -50,6 +50,18 @@ def test_a_dataset_dir_reads_like_the_same_jsonl(tmp_path, tok):
     assert load_examples({"dataset": str(ds), "max_examples": 2}, tok) == want[:2]
 
 
+@pytest.mark.parametrize("rows", [
+    [{"prompt": "ab", "response": "cd"}, CHAT[0]],
+    [{"prompt": "ab", "response": "cd"}, {"prompt_ids": [2, 5], "response_ids": [6]}],
+], ids=["text+chat", "text+ids"])
+def test_rows_of_several_formats_read_as_in_jsonl(tmp_path, tok, rows):
+    """datasets gives every row every column, null where the row had none: a text row held messages=None and
+    was refused as a bad conversation."""
+    write_jsonl(tmp_path / "mixed" / "train.jsonl", rows)
+    want = load_examples(str(write_jsonl(tmp_path / "mixed.jsonl", rows)), tok)
+    assert len(want) == 2 and load_examples(str(tmp_path / "mixed"), tok) == want
+
+
 def test_columns_rename_and_trl_formats(tmp_path, tok):
     alpaca = [{"instruction": f"say {w}", "output": w} for w in ("yes", "no")]
     write_jsonl(tmp_path / "alpaca" / "train.jsonl", alpaca)
