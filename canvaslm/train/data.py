@@ -28,6 +28,7 @@ import json
 import operator
 import os
 import re
+import sys
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -361,10 +362,14 @@ def resolve_callable(spec: str, what: str = "data source") -> Callable:
     if not module or not name:
         raise DataError(f"{what} {spec!r}: expected " + ("a .jsonl path or " if what == "data source" else "")
                         + "'module:function'")
+    here = os.getcwd()
+    if not any(p in ("", here) for p in sys.path):  # `python -m` / torchrun -m put it there, the console script
+        sys.path.insert(0, here)  # does not: a module beside the config imports either way (uvicorn's app dir)
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise DataError(f"{what} {spec!r}: cannot import ({e})") from None
+        raise DataError(f"{what} {spec!r}: cannot import ({e}; modules are looked up in the working directory "
+                        f"{here} and on sys.path)") from None
     if not callable(fn):
         raise DataError(f"{what} {spec!r}: {name} is not callable")
     return fn

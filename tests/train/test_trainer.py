@@ -504,13 +504,28 @@ def test_a_transform_that_cannot_be_imported_is_named_by_its_key_before_the_data
     monkeypatch.syspath_prepend(str(tmp_path))
     base = tiny_config(tmp_path)
     missing = {"train": str(tmp_path / "nope.jsonl")}  # never read: the transform is resolved first
-    for spec, msg in (("nomod:fn", "cannot import (No module named 'nomod')"),
-                      ("tfmod:nofn", "cannot import (module 'tfmod' has no attribute 'nofn')"),
+    for spec, msg in (("nomod:fn", "cannot import (No module named 'nomod';"),
+                      ("tfmod:nofn", "cannot import (module 'tfmod' has no attribute 'nofn';"),
                       ("tfmod:limit", "limit is not callable"),
                       ("tfmod", "expected 'module:function'")):
         with pytest.raises(DataError) as e:
             Trainer(TrainConfig.from_dict({**base, "data": {**missing, "transform": spec}}))
-        assert str(e.value) == f"train config: data.transform {spec!r}: {msg}"
+        assert str(e.value).startswith(f"train config: data.transform {spec!r}: {msg}")
+
+
+def test_a_module_in_the_working_directory_imports_without_it_on_sys_path(tmp_path, monkeypatch):
+    """The `canvaslm` console script runs with its bin/ dir, not the working directory, as sys.path[0] (unlike
+    `python -m` and torchrun -m): `data.train: mydata:make` beside the config failed there only."""
+    import sys
+
+    from canvaslm.train.data import resolve_callable
+
+    (tmp_path / "cwd_only_mod.py").write_text("def make():\n    return [([2, 5], [6])]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert resolve_callable("cwd_only_mod:make")() == [([2, 5], [6])]
+    with pytest.raises(DataError, match=f"looked up in the working directory {tmp_path}"):
+        resolve_callable("cwd_missing_mod:make")
 
 
 def test_data_kwargs_need_a_module_function_source(tmp_path, monkeypatch):
