@@ -226,9 +226,27 @@ def local_dir(value):
     return str(Path(value).resolve()) if isinstance(value, str) and Path(value).is_dir() else value
 
 
+def local_data(value):
+    """A config's `data` as a checkpoint records it: each local file or directory it reads (train, eval, a
+    dataset mapping's `dataset`) as its absolute, resolved path, as local_dir records the model's; a callable,
+    a repo id or a missing path as given."""
+    def one(spec):
+        if isinstance(spec, str):
+            return str(Path(spec).resolve()) if Path(spec).exists() else spec
+        if isinstance(spec, dict) and isinstance(spec.get("dataset"), str):
+            return {**spec, "dataset": one(spec["dataset"])}
+        return spec
+
+    if isinstance(value, dict):
+        return {k: one(v) if k in ("train", "eval") else v for k, v in value.items()}
+    return one(value)
+
+
 def saved_config(config) -> dict:
-    """The config a checkpoint's trainer state holds: the run's, with local model and tokenizer paths absolute."""
-    return {**vars(config), **{k: local_dir(getattr(config, k)) for k in ("model", "tokenizer")}}
+    """The config a checkpoint's trainer state holds: the run's, with local model, tokenizer and data paths
+    absolute."""
+    return {**vars(config), **{k: local_dir(getattr(config, k)) for k in ("model", "tokenizer")},
+            "data": local_data(config.data)}
 
 
 def save_checkpoint(trainer) -> Path:
@@ -361,7 +379,8 @@ def check_resume_config(saved: dict | None, config, checkpoint: Path):
             return local_dir(value)
         if key == "lora" and value is not None:
             return LoRAConfig.from_dict(value)
-        if key == "data":
+        if key == "data":  # a relative path run from another working directory is another file
+            value = local_data(value)
             spec = {"train": value} if isinstance(value, str) else dict(value)
             return {k: v for k, v in spec.items() if v is not None and v != 0 and v != {}}
         return tuple(value) if key == "betas" else value
@@ -369,7 +388,7 @@ def check_resume_config(saved: dict | None, config, checkpoint: Path):
     now = vars(config)
     diff = [k for k in RESUME_FIXED if k in saved and norm(k, saved[k]) != norm(k, now[k])]
     if diff:
-        shown = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff)
+        shown = "; ".join(f"{k}: {saved[k]!r} -> {(local_data(now[k]) if k == 'data' else now[k])!r}" for k in diff)
         raise ConfigError(f"{checkpoint}: --resume with a config that changes {', '.join(diff)} ({shown}): the "
                           "checkpoint belongs to a different run; restore those keys, or train into a new out_dir")
 

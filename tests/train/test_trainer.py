@@ -274,6 +274,24 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path):
     assert [r["step"] for r in hist] == [1, 2, 3]
 
 
+def test_resume_reads_data_paths_as_the_files_they_name(tmp_path, monkeypatch):
+    """`data: data.jsonl` was compared as text: resumed from another working directory it trained on another
+    file unnoticed, and the same file named by its absolute path was refused as a change."""
+    import shutil
+
+    cfg = tiny_config(tmp_path / "a", max_steps=2)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "data.jsonl").write_text((tmp_path / "a" / "data.jsonl").read_text().replace("[", "[ ", 1))
+    monkeypatch.chdir(tmp_path / "a")
+    relative = {**cfg, "data": {**cfg["data"], "train": "data.jsonl"}}
+    Trainer(TrainConfig.from_dict(relative)).train()
+    monkeypatch.chdir(tmp_path / "b")  # same text, another file
+    with pytest.raises(ConfigError, match=f"changes data .*{tmp_path / 'b' / 'data.jsonl'}"):
+        Trainer(TrainConfig.from_dict({**relative, "max_steps": 3}), resume=True)
+    hist = Trainer(TrainConfig.from_dict({**cfg, "max_steps": 3}), resume=True).train()  # absolute: same file
+    assert [r["step"] for r in hist] == [1, 2, 3]
+
+
 @torch.no_grad()
 def test_export_loads_in_transformers_with_equal_logits(tmp_path):
     from transformers import DiffusionGemmaForBlockDiffusion
