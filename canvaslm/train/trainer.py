@@ -34,7 +34,7 @@ from .data import (DataError, ExampleStream, ImageExample, calls_function, check
                    resolve_callable, split_holdout)
 from .lora import LoRAConfig, apply_lora, has_lora
 from .objective import block_diffusion_loss, canvases_of, example_noise_seed, make_batch, set_trainable
-from .typecheck import check_fields, checked, yaml_problem
+from .typecheck import check_fields, checked, safe_load_unique, yaml_problem
 from .vision import TrainVision
 
 log = logging.getLogger("canvaslm.train")
@@ -226,7 +226,7 @@ class TrainConfig:
 
         path = Path(path)
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = safe_load_unique(path.read_text()) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
         except yaml.YAMLError as e:

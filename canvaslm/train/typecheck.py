@@ -79,6 +79,34 @@ def check_fields(obj, prefix: str = ""):
         object.__setattr__(obj, f.name, checked(f.name, getattr(obj, f.name), ann, prefix))
 
 
+def safe_load_unique(stream):
+    """yaml.safe_load, except that a key written twice in one mapping is a YAMLError naming it and both lines
+    (PyYAML keeps the last silently: a second `lr:` further down trained at that value)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the constructor's own error names it
+                break
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first at line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(stream, Loader=Loader)
+
+
 def yaml_problem(e) -> str:
     """A PyYAML error in one line: its problem and where ("expected ',' or ']' at line 3, column 1")."""
     mark = getattr(e, "problem_mark", None)

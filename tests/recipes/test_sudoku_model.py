@@ -92,7 +92,8 @@ def test_recipe_values_are_type_checked_naming_the_file(tmp_path):
                       ("train:\n  threads: -1\n", "r.yaml: train.threads must be >= 0"),
                       ("baseline:\n  max_steps: '10'\n", "r.yaml: baseline: train.max_steps must be an integer"),
                       ("train: 3\n", "r.yaml: train must be a mapping, got 3"),
-                      ("train: [1\n", "r.yaml: not valid YAML: expected ',' or ']'")]:
+                      ("train: [1\n", "r.yaml: not valid YAML: expected ',' or ']'"),
+                      ("train:\n  lr: 0.001\n  lr: 0.1\n", "r.yaml: not valid YAML: key 'lr' appears twice")]:
         p.write_text(text)
         with pytest.raises(ValueError) as e:
             Recipe.from_yaml(p)

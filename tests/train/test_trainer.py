@@ -40,7 +40,8 @@ def test_config_values_are_type_checked_naming_the_file(tmp_path):
     base = tiny_config(tmp_path, max_steps=1)
     path = tmp_path / "c.yaml"
     # PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string: a float field takes it as the number
-    path.write_text(yaml.safe_dump(base) + "lr: 1e-4\nweight_decay: '1e-2'\nclip: null\nbetas: [0.9, 9.9e-1]\n")
+    rest = {k: v for k, v in base.items() if k not in ("lr", "weight_decay", "clip", "betas")}
+    path.write_text(yaml.safe_dump(rest) + "lr: 1e-4\nweight_decay: '1e-2'\nclip: null\nbetas: [0.9, 9.9e-1]\n")
     c = TrainConfig.from_yaml(path)
     assert (c.lr, c.weight_decay, c.clip, c.betas) == (1e-4, 1e-2, None, (0.9, 0.99)) and isinstance(c.lr, float)
     assert Trainer(c).train()[-1]["grad_norm"] > 0  # clip: null is off
@@ -77,6 +78,14 @@ def test_config_values_are_type_checked_naming_the_file(tmp_path):
     path.write_text("max_steps: [1\n")
     with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: expected ',' or '\]', but got .* at line 2"):
         TrainConfig.from_yaml(path)
+    path.write_text(yaml.safe_dump(base) + "lr: 5.0\n")  # a key twice: PyYAML kept the last, silently
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: key 'lr' appears twice in one mapping \(first at "
+                                          r"line \d+\) at line \d+"):
+        TrainConfig.from_yaml(path)
+    path.write_text("base: &b {lr: 0.001, batch_size: 2}\nother:\n  <<: *b\n  lr: 0.002\n")  # a merge's key may be
+    import canvaslm.train.typecheck as tc  # overridden
+
+    assert tc.safe_load_unique(path.read_text())["other"] == {"lr": 0.002, "batch_size": 2}
     with pytest.raises(ConfigError, match=r"nope.yaml: cannot read the config file \(No such file"):
         TrainConfig.from_yaml(tmp_path / "nope.yaml")
     if not torch.cuda.is_available():

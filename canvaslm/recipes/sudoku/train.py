@@ -34,7 +34,7 @@ from canvaslm.recipes.sudoku.data import (DIGIT_BASE_ID, EOS_ID, N_CELLS, PAD_ID
                                           encode_grids, encode_prompt, encode_target, load_split, make_split,
                                           save_split)
 from canvaslm.recipes.sudoku.model_config import ModelShape, default_params, model_config, write_tokenizer
-from canvaslm.train.typecheck import check_fields, yaml_problem
+from canvaslm.train.typecheck import check_fields, safe_load_unique, yaml_problem
 
 RECIPE_PATH = Path(__file__).with_name("recipe.yaml")
 OBJECTIVES = ("diffusion", "ar")
@@ -113,7 +113,7 @@ class Recipe:
 
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
+                raw = safe_load_unique(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(raw, dict):
