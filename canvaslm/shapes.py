@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from .config import ModelConfig
 
+SHAPES = ("26b-a4b", "small", "tiny")  # text_config's names
+
 
 def text_config(shape: str) -> dict:
     shapes = {

@@ -317,6 +317,8 @@ def greedy_ar_generate(model, prompt_ids, max_new_tokens: int, eos_ids) -> list:
     output stops after (and includes) its first EOS."""
     single = len(prompt_ids) > 0 and isinstance(prompt_ids[0], int)
     prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
+    if not prompts:  # no prompts: no outputs (an empty prompt, [[]], is an error below)
+        return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_ar_generate: empty prompt; at least one token is needed")
     eos = set(_eos_set(eos_ids))

@@ -117,6 +117,11 @@ class TrainConfig:
                     checked(f"model.init.{key}", init[key], kind, "train config: ")
             if "seed" in init:
                 seed("model.init.seed", init["seed"])
+            if "shape" in init:
+                from ..shapes import SHAPES
+
+                if init["shape"] not in SHAPES:
+                    bad("model.init.shape", f"must be one of {', '.join(SHAPES)}", init["shape"])
             if "std" in init:
                 finite("model.init.std", float(init["std"]))
         if not self.data:

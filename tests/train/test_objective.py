@@ -221,6 +221,9 @@ def test_from_scratch_loss_falls():
 def test_greedy_ar_generate_matches_full_recompute(tiny):
     prompts = [[2, 10, 11, 12], [2, 40]]
     batched = greedy_ar_generate(tiny, prompts, 6, eos_ids=[EOS, 4])
+    assert greedy_ar_generate(tiny, [], 6, eos_ids=[EOS]) == []  # no prompts (was max() of an empty sequence)
+    with pytest.raises(ValueError, match="empty prompt"):
+        greedy_ar_generate(tiny, [[]], 6, eos_ids=[EOS])
     for p, out in zip(prompts, batched):
         assert greedy_ar_generate(tiny, p, 6, eos_ids=[EOS, 4]) == out
         seq = list(p)

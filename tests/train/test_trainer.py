@@ -37,6 +37,8 @@ def test_config_validation(tmp_path):
 def test_config_values_are_type_checked_naming_the_file(tmp_path):
     import yaml
 
+    from canvaslm.shapes import SHAPES, text_config
+
     base = tiny_config(tmp_path, max_steps=1)
     path = tmp_path / "c.yaml"
     # PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string: a float field takes it as the number
@@ -46,7 +48,10 @@ def test_config_values_are_type_checked_naming_the_file(tmp_path):
     assert (c.lr, c.weight_decay, c.clip, c.betas) == (1e-4, 1e-2, None, (0.9, 0.99)) and isinstance(c.lr, float)
     assert Trainer(c).train()[-1]["grad_norm"] > 0  # clip: null is off
     init = base["model"]["init"]
-    cases = [({"lr": "fast"}, "lr must be a number, got 'fast'"),
+    assert set(SHAPES) == {s for s in SHAPES if text_config(s)}  # every name builds
+    cases = [({"model": {"init": {**init, "shape": "huge"}}}, "model.init.shape must be one of 26b-a4b, small, "
+                                                               "tiny, got 'huge'"),
+             ({"lr": "fast"}, "lr must be a number, got 'fast'"),
              ({"seed": 1.5}, "seed must be an integer, got 1.5"),
              ({"batch_size": 4.0}, "batch_size must be an integer, got 4.0"),
              ({"max_steps": True}, "max_steps must be an integer, got True"),
