@@ -245,6 +245,28 @@ def _image_parts(images: list[str], where: str, places: list) -> list[dict]:
     return [{"type": "image_url", "image_url": {"url": f"data:image/*;base64,{data}"}} for data in images]
 
 
+def _without_images(ids: list, vision) -> list:
+    """A context's ids without the images shown in them (each expanded image: its begin marker, soft tokens and
+    end marker; an image token the reply wrote), as Ollama's context keeps the text only: sent back, it goes
+    on without the images."""
+    if vision is None or vision.cfg.image_token_id not in ids:
+        return ids
+    img, boi, eoi = vision.cfg.image_token_id, vision.cfg.boi_token_id, vision.cfg.eoi_token_id
+    out, k = [], 0
+    while k < len(ids):
+        if ids[k] == boi and k + 1 < len(ids) and ids[k + 1] == img:
+            k += 1
+            while k < len(ids) and ids[k] == img:
+                k += 1
+            k += k < len(ids) and ids[k] == eoi
+        elif ids[k] == img:
+            k += 1
+        else:
+            out.append(ids[k])
+            k += 1
+    return out
+
+
 def _keep_images(prompt, ids: list) -> list:
     """`ids` (`prompt` changed: an earlier context before it) with `prompt`'s images, if it has any."""
     return ImagePrompt(ids, prompt.sources) if isinstance(prompt, ImagePrompt) else ids
@@ -399,7 +421,7 @@ async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, con
         if final:
             out.update(done_reason="length" if c.finish_reason == "length" else "stop", **_stats(c, len(ids), start))
             if context:
-                out["context"] = list(ids) + list(c.tracker.ids)
+                out["context"] = _without_images(list(ids) + list(c.tracker.ids), state.vision)
         return out
 
     async def events():
