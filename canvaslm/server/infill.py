@@ -67,6 +67,13 @@ class Group:
     scores: list | None = None  # per gap: mean log-prob of middle + suffix (after run_infill; None: max_time cut it)
     best: int = 0  # the chosen candidate
     middle: list | None = None  # its middle's ids
+    limit: int = 0  # the longest middle max_tokens (and the context) allow
+
+    @property
+    def at_limit(self) -> bool:
+        """Whether the chosen middle used every token it was allowed: `length`, as an autoregressive insert
+        stopped by max_tokens reports (it might have gone on)."""
+        return self.middle is not None and len(self.middle) >= self.limit
 
 
 def prepare_infill(state: ServerState, body, prompts: list[list[int]], suffix_ids: list[int] | None = None
@@ -113,7 +120,7 @@ def prepare_infill(state: ServerState, body, prompts: list[list[int]], suffix_id
                                                 lora=state.adapter(body.model)),
                            len(groups), TextTracker(state.tokenizer, []))
                     for k, (params, pins) in enumerate(cands)]
-            groups.append(Group(len(groups), list(ids), suffix_ids, gaps, reqs))
+            groups.append(Group(len(groups), list(ids), suffix_ids, gaps, reqs, limit=max_middle))
     return groups
 
 
@@ -142,7 +149,8 @@ async def run_infill(state: ServerState, body, prompts, request, suffix_ids: lis
 async def complete_infill(state: ServerState, body, prompts, request) -> dict:
     """The completion response for a request with `suffix` (after every candidate is generated and scored)."""
     groups = await run_infill(state, body, prompts, request)
-    out = [{"index": g.index, "text": middle_text(state.tokenizer, g.prompt_ids, g.middle), "finish_reason": "stop",
+    out = [{"index": g.index, "text": middle_text(state.tokenizer, g.prompt_ids, g.middle),
+            "finish_reason": "length" if g.at_limit else "stop",
             "logprobs": None, "infill": {"gap": g.gaps[g.best], "scores": {  # middles max_time cut: not scored
                 str(gap): s for gap, s in zip(g.gaps, g.scores) if s is not None}}}
            for g in groups]
@@ -169,7 +177,7 @@ def stream_events(response: dict, rid: str, created: int, model: str, include_us
 
     for ch in response["choices"]:
         yield line([{"index": ch["index"], "text": ch["text"], "finish_reason": None, "logprobs": None}])
-        yield line([{"index": ch["index"], "text": "", "finish_reason": "stop", "logprobs": None,
+        yield line([{"index": ch["index"], "text": "", "finish_reason": ch["finish_reason"], "logprobs": None,
                      "infill": ch["infill"]}])
     if include_usage:
         yield line([], response["usage"])

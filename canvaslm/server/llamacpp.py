@@ -430,7 +430,7 @@ async def infill(state: ServerState, body: LlamaInfillRequest, request: Request)
     chosen = cands[group.best].request
     return _send(body, _response(
         state, body, content=text, ids=middle, prompt_ids=ids,
-        stop_type="word" if word else "limit" if indented else "eos", stopping_word=word,
+        stop_type="word" if word else "limit" if indented or group.at_limit else "eos", stopping_word=word,
         cached=min(c.cached_tokens for c in cands), prompt_s=max(c.prompt_seconds for c in cands), total_s=total,
         truncated=truncated, params=chosen.params,
         seed=chosen.seed if oa.seed is None else oa.seed))  # the request's seed replays the reply (candidates offset it)

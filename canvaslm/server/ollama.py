@@ -448,12 +448,12 @@ async def _infill(state: ServerState, body, oa, ids: list, request):
     start = time.perf_counter()
     (group,) = await run_infill(state, oa, [ids], request)
     stops = (body.options.stop if body.options else None) or []
-    text, _, middle = cut_middle(state.tokenizer, ids, group.middle, stops)
+    text, word, middle = cut_middle(state.tokenizer, ids, group.middle, stops)
     c = group.candidates[group.best]
     stats = _stats(c, len(ids), start)
     stats["eval_count"] = len(middle)
-    done = {"model": body.model, "created_at": _now(), "response": text, "done": True, "done_reason": "stop",
-            **stats}
+    done = {"model": body.model, "created_at": _now(), "response": text, "done": True,
+            "done_reason": "length" if group.at_limit and not word else "stop", **stats}
     if not body.stream:
         return done
     head = {"model": body.model, "created_at": done["created_at"], "response": text, "done": False}

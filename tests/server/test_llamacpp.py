@@ -227,6 +227,29 @@ def test_infill_equals_v1_completions_with_suffix(server):
     assert "".join(c["content"] for c in streamed) == out["content"] and streamed[-1]["stop"] is True
 
 
+def test_a_middle_that_uses_every_allowed_token_reports_the_limit(server):
+    """An insert whose chosen middle is as long as max_tokens / n_predict / num_predict allow said it ended
+    ("stop", "eos"); an autoregressive insert stopped there reports the limit, as the plain routes here do."""
+    body = {"model": MODEL, "prompt": "def f(x):\n    y = ", "suffix": "\n    return y\n", "max_tokens": 4}
+    seen = set()
+    for seed in range(8):
+        ch = oai(server).completions.create(**body, seed=seed).choices[0]
+        full = ch.model_extra["infill"]["gap"] == 4
+        assert ch.finish_reason == ("length" if full else "stop")
+        seen.add(full)
+        streamed = [json.loads(line[6:]) for line in httpx.post(
+            server.base_url + "/v1/completions", json={**body, "seed": seed, "stream": True},
+            timeout=60).text.splitlines() if line.startswith("data: {")]
+        assert streamed[-1]["choices"][0]["finish_reason"] == ch.finish_reason
+        infill = post(server, "/infill", {"input_prefix": body["prompt"], "input_suffix": body["suffix"],
+                                          "n_predict": 4, "seed": seed}).json()
+        assert infill["stop_type"] == ("limit" if infill["tokens_predicted"] == 4 else "eos")
+        ollama = post(server, "/api/generate", {"model": MODEL, "prompt": body["prompt"], "suffix": body["suffix"],
+                                                "stream": False, "options": {"num_predict": 4, "seed": seed}}).json()
+        assert ollama["done_reason"] == ("length" if ollama["eval_count"] == 4 else "stop")
+    assert seen == {True, False}  # both kinds of middle were chosen
+
+
 def test_infill_scores_read_the_candidates_kv(server, monkeypatch):
     """Scoring the candidate middles reads the prompt's KV from a candidate's freed slot (the middles fit
     one canvas, so no canvas was encoded behind the prompt) instead of encoding the prompt again, and picks
