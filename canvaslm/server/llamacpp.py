@@ -86,13 +86,19 @@ class LlamaInfillRequest(LlamaCompletionRequest):
     input_extra: list[ExtraChunk] = Field(default_factory=list, max_length=1024)
 
 
+def _model(state: ServerState, body) -> str:
+    """The served model or adapter `model` names; the base model for any other name or none: a llama-server
+    serves one model and ignores the field on its own routes (llama.vim sends its `model_fim` setting)."""
+    return body.model if body.model in state.served_names() else state.model_name
+
+
 def _openai_body(state: ServerState, body: LlamaCompletionRequest, ids: list[int], suffix: str | None = None):
     """The /v1/completions body with the same meaning (stop strings are applied by the caller)."""
     if body.n_probs:
         raise APIError(400, "n_probs is not supported; use /v1/completions with logprobs", "n_probs")
     try:
         return CompletionRequest(
-            model=body.model or state.model_name, prompt=ids, max_tokens=None if body.n_predict < 0 else body.n_predict,
+            model=_model(state, body), prompt=ids, max_tokens=None if body.n_predict < 0 else body.n_predict,
             temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
             repetition_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, seed=None if body.seed in RANDOM_SEEDS else body.seed,
@@ -161,7 +167,7 @@ def _response(state: ServerState, body, *, content: str, ids: list[int], prompt_
                         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty)
     return {
         "index": 0, "content": content, "tokens": ids if body.return_tokens else [], "id_slot": -1, "stop": True,
-        "model": body.model or state.model_name, "tokens_predicted": n_pred, "tokens_evaluated": len(prompt_ids),
+        "model": _model(state, body), "tokens_predicted": n_pred, "tokens_evaluated": len(prompt_ids),
         "generation_settings": settings, "prompt": _prompt_text(state, body, prompt_ids),
         "has_new_line": "\n" in content,
         "truncated": truncated, "stop_type": stop_type, "stopping_word": stopping_word, "tokens_cached": cached,
@@ -263,7 +269,7 @@ async def _warm(state: ServerState, body, ids: list[int], request, truncated: bo
         return _send(body, _response(state, body, content="", ids=[], prompt_ids=ids, stop_type="limit",
                                      truncated=truncated))
     req = GenerationRequest(uuid.uuid4().hex, tuple(ids), state.defaults, 0, state.eos_ids,
-                            lora=state.adapter(body.model or state.model_name), prompt_only=True)
+                            lora=state.adapter(_model(state, body)), prompt_only=True)
     choice = Choice(0, req, 0, TextTracker(state.tokenizer, []))
     await run_to_end(state, [choice], request)
     return _send(body, _response(state, body, content="", ids=[], prompt_ids=ids, stop_type="limit",

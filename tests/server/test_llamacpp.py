@@ -250,6 +250,19 @@ def test_a_middle_that_uses_every_allowed_token_reports_the_limit(server):
     assert seen == {True, False}  # both kinds of middle were chosen
 
 
+def test_a_model_name_this_server_does_not_serve_is_ignored(server):
+    """llama.vim sends its `model_fim` setting in every /infill and warm-up body; a llama-server serves one model
+    and ignores it, and here any name but a served one was a 404 on every completion."""
+    want = post(server, "/infill", INFILL).json()
+    got = post(server, "/infill", dict(INFILL, model="qwen2.5-coder-1.5b"))
+    assert got.status_code == 200 and got.json()["content"] == want["content"], got.text
+    assert got.json()["model"] == MODEL
+    body = {"prompt": "def f(x):", "n_predict": 6, "seed": 3}
+    plain = post(server, "/completion", body).json()
+    assert post(server, "/completion", dict(body, model="llama")).json()["content"] == plain["content"]
+    assert post(server, "/infill", dict(INFILL, model="x", n_predict=0)).status_code == 200  # the warm-up
+
+
 def test_infill_scores_read_the_candidates_kv(server, monkeypatch):
     """Scoring the candidate middles reads the prompt's KV from a candidate's freed slot (the middles fit
     one canvas, so no canvas was encoded behind the prompt) instead of encoding the prompt again, and picks
@@ -318,7 +331,6 @@ def test_infill_cuts_what_does_not_fit_the_context(server, llm):
     ("/completion", {"prompt": "x", "n_predict": "5"}, "n_predict"),
     ("/completion", {"prompt": ""}, "prompt"),
     ("/completion", {"prompt": [10**9]}, "prompt"),
-    ("/completion", {"prompt": "x", "model": "other"}, "model"),
     ("/infill", {"input_prefix": "x", "input_extra": [{"text": 3}]}, "input_extra"),
     ("/infill", {"input_prefix": "x", "input_suffix": "y", "grammar": "root ::= \"a\""}, "suffix"),
     ("/infill", {"input_prefix": "", "input_suffix": "y", "n_predict": 4}, "input_prefix"),
