@@ -121,6 +121,35 @@ def test_sc_passes_reaches_the_objective(tmp_path, mini_split):
     assert runs[1] != runs[3]
 
 
+def test_structured_embedding_shares_rows_columns_boxes_and_digits():
+    from canvaslm.recipes.sudoku.data import CELL_BASE_ID
+    from canvaslm.recipes.sudoku.train import structured_embedding
+
+    w = structured_embedding((VOCAB_SIZE, 32), 0.02, seed=0)
+    tok = lambda r, c, d: w[CELL_BASE_ID + 10 * (9 * r + c) + d]  # noqa: E731
+    # a digit moves every cell token alike, and half as far as the answer's digit tokens move
+    torch.testing.assert_close(tok(0, 0, 5) - tok(0, 0, 2), tok(7, 4, 5) - tok(7, 4, 2))
+    torch.testing.assert_close(tok(3, 8, 5) - tok(3, 8, 2), (w[DIGIT_BASE_ID + 5] - w[DIGIT_BASE_ID + 2]) / 2)
+    # moving a cell across the boxes of one band is the same move in every row of the band
+    torch.testing.assert_close(tok(0, 0, 1) - tok(0, 3, 1), tok(2, 0, 7) - tok(2, 3, 7))
+    assert not torch.allclose(tok(0, 0, 1) - tok(0, 3, 1), tok(3, 0, 1) - tok(3, 3, 1))  # another band, other boxes
+    assert abs(float(w.std()) - 0.02) < 0.004
+    torch.testing.assert_close(w, structured_embedding((VOCAB_SIZE, 32), 0.02, seed=0))
+
+
+def test_embedding_init_reaches_the_model(tmp_path, mini_split):
+    from canvaslm.checkpoint import load_model
+    from canvaslm.recipes.sudoku.data import CELL_BASE_ID
+
+    cfg = replace(MINI_TRAIN, max_steps=1, save_every=1, lr=1e-9, embedding_init="structured")
+    out = train_recipe(Recipe(MINI_SHAPE, cfg), tmp_path, log=lambda s: None, split=mini_split)
+    w = load_model(out).embed_weight
+    d = lambda c, k: w[CELL_BASE_ID + 10 * c + k]  # noqa: E731
+    torch.testing.assert_close(d(0, 5) - d(0, 2), d(40, 5) - d(40, 2), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="train.embedding_init must be one of"):
+        TrainConfig(embedding_init="grid")
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
