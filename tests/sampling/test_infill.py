@@ -140,7 +140,8 @@ def test_server_suffix_writes_the_best_scored_middle(client, tiny_llm):
         r = c.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=12, seed=seed, n=2)
         for ch in r.choices:
             info = ch.model_extra["infill"]
-            assert ch.finish_reason == "stop" and {int(g) for g in info["scores"]} == set(default_gaps(12))
+            assert ch.finish_reason == ("length" if info["gap"] == 12 else "stop")  # the middle max_tokens allows
+            assert {int(g) for g in info["scores"]} == set(default_gaps(12))
             assert info["scores"][str(info["gap"])] == max(info["scores"].values())
             middle = tok.encode(ch.text, add_special_tokens=False)
             assert len(middle) == info["gap"] and not set(middle) & set(range(5))  # no special token
