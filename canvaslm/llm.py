@@ -381,6 +381,10 @@ class LLM:
             raise GenerationError(f"SamplingParams.stop_token_ids {bad} are outside the vocabulary [0, {self.cfg.vocab_size})")
         if isinstance(c, PinnedConstraint) and self.eos_ids and set(self.eos_ids) <= set(c.ban_ids):
             c = c.banning(eos)  # pins that keep EOS out before their end keep the stop ids out too
+            early = c.early_end(eos)  # and so does what they pin (the server's 400 naming pins)
+            if early is not None:
+                raise GenerationError(f"the pinned id at output offset {early[0]} ends the output (EOS or a "
+                                      f"stop_token_ids id), before the last pin ends at {early[1]}")
         try:
             bias = normalize_bias(sp.logit_bias, "SamplingParams.logit_bias", self.cfg.vocab_size)
         except LogitBiasError as e:

@@ -7,6 +7,7 @@ middle with the EOS that ends the text (an empty middle scored nothing: a mean o
 
 from __future__ import annotations
 
+import re
 import time
 import tracemalloc
 
@@ -14,7 +15,7 @@ import pytest
 
 from canvaslm.generate import GenerationError
 from canvaslm.llm import LLM, SamplingParams
-from canvaslm.sampling.constraints import PinnedConstraint
+from canvaslm.sampling.constraints import ConstraintError, PinnedConstraint
 from canvaslm.scoring import score_continuations
 from canvaslm.testing import make_tiny_checkpoint
 
@@ -35,6 +36,44 @@ def test_stop_token_ids_are_banned_before_the_last_pin(llm):
     # a constraint that bans no EOS (the caller's choice) is left as it is
     c = PinnedConstraint(pins)
     assert c.banning([20]) is c
+
+
+def test_a_pinned_end_id_before_the_last_pin_is_refused_offline(llm):
+    """As the server's 400: a pinned EOS (or stop id) before the last pin ended the output there and dropped the
+    later pins, silently (LLM.generate and `canvaslm generate --pin`)."""
+    eos = llm.eos_ids[0]
+    for pins, stop in (({0: eos, 5: 11}, None), ({0: 20, 5: 11}, [20]), ({3: [11, eos, 12]}, None)):
+        c = PinnedConstraint(pins, ban_ids=llm.eos_ids, ban_until=6)
+        with pytest.raises(GenerationError, match=r"the pinned id at output offset \d+ ends the output .*before the "
+                                                  r"last pin ends at \d+"):
+            llm.generate("Q", SamplingParams(constraint=c, seed=0, stop_token_ids=stop))
+    # an end id as the last pin, or pins that ban no EOS (the caller's choice), stand
+    ok = PinnedConstraint({2: 11, 5: eos}, ban_ids=llm.eos_ids, ban_until=6)
+    assert llm.generate("Q", SamplingParams(constraint=ok, seed=0, max_new_tokens=8))[0].token_ids[5] == eos
+    assert llm.generate("Q", SamplingParams(constraint=PinnedConstraint({0: eos, 5: 11}), seed=0))[0].token_ids == \
+        [eos]
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(ban_ids=(-1,)), "ban_ids must be a list of non-negative token ids, got (-1,)"),
+    (dict(ban_ids=5), "ban_ids must be a list of non-negative token ids, got 5"),
+    (dict(ban_ids="ab"), "ban_ids must be a list"),
+    (dict(ban_ids=(True,)), "ban_ids must be a list"),
+    (dict(ban_ids=(1,), ban_until=-5), "ban_until must be a non-negative output offset, got -5"),
+    (dict(ban_ids=(1,), ban_until=2.0), "ban_until must be a non-negative output offset, got 2.0"),
+])
+def test_ban_arguments_are_checked(kw, msg):
+    with pytest.raises(ConstraintError, match=re.escape(msg)):
+        PinnedConstraint({0: 10}, **kw)
+
+
+def test_a_pinned_bool_or_a_banned_id_past_the_vocabulary_is_named(llm):
+    with pytest.raises(ConstraintError, match="pinned token at offset 0 must be a non-negative id, got True"):
+        PinnedConstraint({0: True})  # was token id 1, the EOS
+    V = llm.cfg.vocab_size
+    c = PinnedConstraint({0: 10}, ban_ids=(V,), ban_until=4)  # was an IndexError from the mask
+    with pytest.raises(ConstraintError, match=rf"banned token ids \(ban_ids\) \[{V}\] are outside the vocabulary"):
+        llm.generate("Q", SamplingParams(constraint=c, seed=0))
 
 
 def test_banning_adds_the_ids_to_the_ban_only():

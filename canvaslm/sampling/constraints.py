@@ -223,6 +223,9 @@ class CanvasConstraint:
         bad = [t for t in pins if not -1 <= t < V]
         if bad:
             raise ConstraintError(f"pinned token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        bad = sorted({t for _, _, ids in lay.banned for t in ids if t >= V})
+        if bad:
+            raise ConstraintError(f"banned token ids (ban_ids) {bad[:5]} are outside the vocabulary [0, {V})")
         pinned = torch.full((C,), -1, dtype=torch.long)
         pinned[:len(pins)] = torch.tensor(pins, dtype=torch.long)
         allowed = None
@@ -319,6 +322,11 @@ class SparsePins:
         return list(self) == list(other)
 
 
+def _count(v) -> bool:
+    """A non-negative int (not a bool: True would be token id 1)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class PinnedConstraint(CanvasConstraint):
     """Fixed token ids at output offsets; optionally ids banned from the free offsets before `ban_until`."""
 
@@ -327,21 +335,34 @@ class PinnedConstraint(CanvasConstraint):
         flat = {}
         for off, val in pins.items():
             vals = [val] if isinstance(val, int) else list(val)
-            if not isinstance(off, int) or off < 0:
+            if not _count(off):
                 raise ConstraintError(f"pin offset must be a non-negative integer, got {off!r}")
             for j, t in enumerate(vals):
-                if not isinstance(t, int) or t < 0:
+                if not _count(t):
                     raise ConstraintError(f"pinned token at offset {off + j} must be a non-negative id, got {t!r}")
                 if off + j in flat and flat[off + j] != t:
                     raise ConstraintError(f"two pins disagree at output offset {off + j}")
                 flat[off + j] = t
+        if isinstance(ban_ids, (str, bytes)) or not hasattr(ban_ids, "__iter__") or \
+                not all(_count(t) for t in ban_ids):
+            raise ConstraintError(f"ban_ids must be a list of non-negative token ids, got {ban_ids!r}")
+        if not _count(ban_until):
+            raise ConstraintError(f"ban_until must be a non-negative output offset, got {ban_until!r}")
         self.ban_ids, self.ban_until = tuple(ban_ids), ban_until
+        self._pins = flat
         length = max(max(flat, default=-1) + 1, ban_until)
         self._layout = Layout(SparsePins(flat, length), [],
                               [(0, ban_until, self.ban_ids)] if ban_until and self.ban_ids else [])
 
     def layout(self, C: int) -> Layout:
         return self._layout
+
+    def early_end(self, ids) -> tuple[int, int] | None:
+        """(offset, end) of the first pin of one of `ids` (EOS, stop ids) before the last pinned position `end`
+        - 1: the output would end there and drop the later pins; None when there is none."""
+        end = max(self._pins, default=-1) + 1
+        early = sorted(off for off, t in self._pins.items() if t in set(ids) and off < end - 1)
+        return (early[0], end) if early else None
 
     def banning(self, ids) -> "PinnedConstraint":
         """This constraint with `ids` banned too wherever it bans ids (a request's stop ids: a free offset that
