@@ -56,8 +56,17 @@ class CheckpointError(ValueError):
     """A checkpoint directory or file is missing, damaged, or does not match the model."""
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # a torch.dtype given as such
+
+
 def parse_dtype(dtype) -> torch.dtype:
+    """The weights' dtype from its name or a torch.dtype: a floating type weights compute in (float8 and int
+    weights come from `quantization`, not from a cast that would destroy them)."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"dtype {dtype} cannot hold the weights; expected one of "
+                             f"{', '.join(str(d) for d in WEIGHT_DTYPES)} or a name in {sorted(DTYPES)} (8-bit and "
+                             "4-bit weights: quantization='fp8' / 'int4')")
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")

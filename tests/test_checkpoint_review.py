@@ -319,6 +319,10 @@ def test_vllm_dtype_names():
     assert parse_dtype("float") is torch.float32 and parse_dtype("half") is torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'double'"):
         parse_dtype("double")
+    assert parse_dtype(torch.bfloat16) is torch.bfloat16 and parse_dtype(torch.float64) is torch.float64
+    for bad in (torch.int32, torch.float8_e4m3fn, torch.bool):  # a cast to these destroyed the weights, and the
+        with pytest.raises(ValueError, match=f"dtype {bad} cannot hold the weights"):  # run failed far later
+            parse_dtype(bad)
 
 
 def test_dtype_auto_in_quantize_and_memory(tiny, tmp_path, capsys):
