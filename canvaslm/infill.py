@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import ConfigError
 from .generate import GenerationError, RowRequest, check_in_vocab, generate_rows
 from .lora_serving import with_adapter
 from .scoring import score_continuations  # noqa: F401 - re-exported: infill picks middles by it
@@ -130,7 +131,9 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     """Token-level infill. -> (best gap, middle ids, scores {gap: score}, decoder passes)."""
     from .llm import SamplingParams
 
-    sp = params or SamplingParams()
+    sp = SamplingParams() if params is None else params
+    if not isinstance(sp, SamplingParams):
+        raise GenerationError(f"infill: params must be a SamplingParams, got {type(sp).__name__}")
     # each candidate's output is pinned to its gap, the suffix and EOS: fields that shape the output otherwise
     given = [n for n in ("constraint", "json_schema", "json_object", "choice", "regex", "grammar", "stop_token_ids",
                          "min_tokens") if getattr(sp, n, None) not in (None, False, 0, ())]
@@ -140,7 +143,10 @@ def infill_ids(llm, prompt_ids: list, suffix_ids: list, params=None, gaps=None) 
     if not isinstance(suffix_ids, (list, tuple)):
         raise GenerationError(f"infill: suffix ids must be a list of token ids, got {type(suffix_ids).__name__}")
     check_in_vocab(list(suffix_ids), llm.cfg.vocab_size, "infill: suffix")
-    base = sp.resolve(llm.defaults)
+    try:  # generation_config.json's max_length: a total, so the prompt counts (as LLM.generate reads it)
+        base = sp.resolve(llm.defaults).for_prompt(len(prompt_ids))
+    except ConfigError as e:
+        raise GenerationError(f"infill: {e}") from None
     eos = llm.eos_ids
     gaps = checked_gaps(gaps, base.max_new_tokens, len(suffix_ids), sp.max_new_tokens is not None)
     check_time_budget(base.max_time, gaps, llm.cfg.canvas_length)

@@ -71,6 +71,8 @@ class SamplingParams:
     def __post_init__(self):
         if self.structured_outputs is not None:
             self._take_structured_outputs()
+        if not isinstance(self.json_object, bool):  # a truthy 'no' turned JSON mode on
+            raise GenerationError(f"SamplingParams.json_object must be true or false, got {self.json_object!r}")
         try:
             normalize_bias(self.logit_bias, "SamplingParams.logit_bias")
         except LogitBiasError as e:
@@ -125,6 +127,11 @@ class SamplingParams:
     def _take_structured_outputs(self) -> None:
         """vLLM's structured_outputs into this class's own fields (json -> json_schema, ...)."""
         so = self.structured_outputs
+        if not isinstance(so, dict) and not any(hasattr(so, k) for k in ("json", "regex", "choice", "grammar",
+                                                                          "json_object")):
+            raise GenerationError("SamplingParams.structured_outputs must be a dict (or vLLM's "
+                                  f"StructuredOutputsParams) with json, regex, choice, grammar or json_object, got "
+                                  f"{type(so).__name__} {so!r:.80}")
         get = so.get if isinstance(so, dict) else (lambda k, d=None: getattr(so, k, d))
         if isinstance(so, dict):
             unknown = sorted(set(so) - {"json", "regex", "choice", "grammar", "json_object", "disable_fallback",
@@ -805,7 +812,7 @@ def _install(model, adapters: list, num_slots: int) -> dict:
 
 
 def _checked_max_batch(max_batch) -> int:
-    if not isinstance(max_batch, int) or max_batch < 1:
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
         raise GenerationError(f"LLM(max_batch={max_batch!r}): expected an int >= 1")
     return max_batch
 

@@ -480,6 +480,8 @@ def adapters_from(specs) -> list:
     naming an item of another shape."""
     if isinstance(specs, (str, os.PathLike)):  # iterating it would read each character as an item
         raise AdapterError(f"{str(specs)!r} names no adapter: give {LORA_FORMS}")
+    if not isinstance(specs, dict) and not hasattr(specs, "__iter__"):
+        raise AdapterError(f"{specs!r} names no adapter: give {LORA_FORMS}")
     items = specs.items() if isinstance(specs, dict) else specs
     return [_adapter_from(m) for m in items]
 
