@@ -258,7 +258,8 @@ def _without_images(ids: list, vision) -> list:
             k += 1
             while k < len(ids) and ids[k] == img:
                 k += 1
-            k += k < len(ids) and ids[k] == eoi
+            if k < len(ids) and ids[k] == eoi:
+                k += 1
         elif ids[k] == img:
             k += 1
         else:
