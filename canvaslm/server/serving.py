@@ -778,20 +778,21 @@ def _pinned_constraint(state: ServerState, body, max_tokens):
         ends += response_stop_ids(state.tokenizer)
     ends = tuple(dict.fromkeys(ends))
     end = max(off + len(ids) for off, ids in spans.items())
-    for off, ids in spans.items():  # a pinned end id before the last pinned position would end the output there
-        early = [off + j for j, t in enumerate(ids) if t in ends and off + j < end - 1]
-        if early:
-            raise APIError(400, f"pins[{keys[off]!r}]: the id at output offset {early[0]} ends the output (EOS or a "
-                                f"stop_token_ids id), before the last pin ends at {end}", "pins")
     try:
         if max_tokens is not None and end > max_tokens:
             raise ConstraintError(f"the last pin ends at output token {end}, over max_tokens={max_tokens}")
         if end > state.max_model_len:
             raise ConstraintError(f"the last pin ends at output token {end}, past the context ({state.max_model_len} "
                                   "positions in all, prompt included)")
-        return PinnedConstraint(spans, ban_ids=ends, ban_until=end)
+        c = PinnedConstraint(spans, ban_ids=ends, ban_until=end)
     except ConstraintError as e:
         raise APIError(400, f"pins: {e}", "pins") from None
+    early = c.early_end(ends)  # a pinned end id before the last pinned position would end the output there
+    if early is not None:
+        key = next(keys[off] for off, ids in spans.items() if off <= early[0] < off + len(ids))
+        raise APIError(400, f"pins[{key!r}]: the id at output offset {early[0]} ends the output (EOS or a "
+                            f"stop_token_ids id), before the last pin ends at {end}", "pins")
+    return c
 
 
 def _tool_constraint(state: ServerState, body, max_tokens):

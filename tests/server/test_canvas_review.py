@@ -36,6 +36,15 @@ def test_a_pinned_end_id_before_the_last_pin_is_a_400(server):
     assert post(server, "/v1/completions", body).status_code == 200
 
 
+def test_a_pinned_end_id_inside_a_span_names_the_span_s_key(server):
+    body = {"model": MODEL, "prompt": "Q", "pins": {"02": [5, 20, 7], "9": "abc"}, "stop_token_ids": [20],
+            "max_tokens": 16}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]["message"]
+    assert msg.startswith("pins['02']: the id at output offset 3 ends the output"), msg
+
+
 @pytest.mark.parametrize("extra,param", [
     ({"pins": {"0": "\u00e9"}}, "pins"),
     ({"suffix": "\u00e9"}, "suffix"),
