@@ -243,5 +243,10 @@ def test_cli_quantize_writes_a_checkpoint_that_generates_like_quantising_on_load
     stored = LLM(tmp_path / "q4", device="cpu").generate("hello", sp)[0]
     on_load = LLM(tiny_checkpoint, device="cpu", quantization="int4").generate("hello", sp)[0]
     assert stored.token_ids == on_load.token_ids
+    # the default stores the unquantised weights in bf16: it generates like quantising on load in bf16
+    assert main(["quantize", str(tiny_checkpoint), str(tmp_path / "q4bf"), "--to", "int4"]) == 0
+    stored = LLM(tmp_path / "q4bf", device="cpu").generate("hello", sp)[0]
+    on_load = LLM(tiny_checkpoint, device="cpu", quantization="int4", dtype="bfloat16").generate("hello", sp)[0]
+    assert stored.token_ids == on_load.token_ids
     assert main(["quantize", str(tiny_checkpoint), str(tiny_checkpoint), "--to", "int4"]) == 2
     assert "DST must be a new directory" in capsys.readouterr().err
