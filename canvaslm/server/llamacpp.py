@@ -56,8 +56,8 @@ class LlamaCompletionRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     prompt: str | list[int] = ""
     n_predict: int = Field(-1, ge=-1, le=INT64, description="tokens to generate; -1: the server's default")
-    temperature: float | None = Field(None, ge=0, le=10)
-    top_k: int | None = Field(None, ge=0, le=INT64, description="0: no cut")
+    temperature: float | None = Field(None, ge=-INT64, le=10, description="<= 0: greedy, as llama-server")
+    top_k: int | None = Field(None, ge=-INT64, le=INT64, description="<= 0: no cut, as llama-server")
     top_p: float | None = Field(None, ge=0, le=1)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, ge=0.01, le=100, description="1: off")
@@ -99,7 +99,8 @@ def _openai_body(state: ServerState, body: LlamaCompletionRequest, ids: list[int
     try:
         return CompletionRequest(
             model=_model(state, body), prompt=ids, max_tokens=None if body.n_predict < 0 else body.n_predict,
-            temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+            temperature=None if body.temperature is None else max(body.temperature, 0.0),
+            top_k=None if body.top_k is None else max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p,
             repetition_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, seed=None if body.seed in RANDOM_SEEDS else body.seed,
             ignore_eos=body.ignore_eos, guided_json=body.json_schema, guided_grammar=body.grammar or None,

@@ -84,6 +84,15 @@ def test_completion_equals_v1_completions(server, llm):
     assert same.json()["content"] == out["content"]
 
 
+def test_non_positive_top_k_and_temperature_mean_what_llama_server_means(server):
+    """llama-server reads top_k <= 0 as no cut and temperature <= 0 as greedy (clients send -1)."""
+    base = {"prompt": "abc", "n_predict": 16, "seed": 2}
+    for field, neg, zero in (("top_k", -1, 0), ("temperature", -1.0, 0.0), ("top_k", -40, 0)):
+        r = post(server, "/completion", dict(base, **{field: neg}))
+        assert r.status_code == 200, r.text
+        assert r.json()["content"] == post(server, "/completion", dict(base, **{field: zero})).json()["content"]
+
+
 def test_completion_stream_equals_whole(server):
     body = {"prompt": "abc", "n_predict": 40, "seed": 1}
     whole = post(server, "/completion", body).json()
