@@ -119,7 +119,7 @@ def build_app(state: ServerState) -> FastAPI:
             prompts = [image_prompt(text_ids, chat)]
             await off_loop(state, load_images, state, chat, prompts, True, prompts=prompts)  # counted: no tower
             text_ids = list(prompts[0])
-        return await off_loop(state, _tokenize_reply, state, tok, text_ids, body.return_token_strs)
+        return await off_loop(state, _tokenize_reply, state, tok, text_ids, body.return_token_strs, body.with_pieces)
 
     @app.post("/detokenize", responses=ERRORS)
     async def detokenize(body: DetokenizeRequest):
@@ -454,12 +454,26 @@ def _tokenize(state: ServerState, tok, body: TokenizeRequest) -> tuple:
         raise APIError(400, f"messages: {e}", "messages") from None
 
 
-def _tokenize_reply(state: ServerState, tok, text_ids: list, token_strs: bool) -> JSONResponse:
-    """/tokenize's reply, its JSON written here (in the caller's worker thread, not on the event loop)."""
-    out = {"tokens": text_ids, "count": len(text_ids), "max_model_len": state.max_model_len}
+def _tokenize_reply(state: ServerState, tok, text_ids: list, token_strs: bool, pieces: bool = False) -> JSONResponse:
+    """/tokenize's reply, its JSON written here (in the caller's worker thread, not on the event loop).
+    pieces: llama-server's `with_pieces`, each token as {id, piece}."""
+    tokens = [{"id": i, "piece": token_piece(tok, i)} for i in text_ids] if pieces else text_ids
+    out = {"tokens": tokens, "count": len(text_ids), "max_model_len": state.max_model_len}
     if token_strs:
         out["token_strs"] = [tok.id_to_token(i) for i in text_ids]
     return JSONResponse(out)
+
+
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_piece(tok, token_id: int):
+    """One token's text as llama-server's `with_pieces` gives it: the decoded string, or the list of its bytes
+    for a byte-fallback token that is not valid UTF-8 on its own (`<0xE2>` -> [226])."""
+    byte = BYTE_TOKEN.fullmatch(tok.id_to_token(token_id) or "")
+    if byte is not None and int(byte.group(1), 16) >= 0x80:
+        return [int(byte.group(1), 16)]
+    return tok.decode([token_id], skip_special_tokens=False)
 
 
 def _detokenize_reply(state: ServerState, tok, tokens: list) -> JSONResponse:

@@ -624,6 +624,7 @@ class TokenizeRequest(_Strict):
     content: str | None = Field(None, max_length=1 << 24)  # llama-server's /tokenize: the text, and
     add_special: bool | None = None  # whether to add BOS (its default: no)
     return_token_strs: bool = False  # vLLM's: also each token as the tokenizer's vocabulary spells it
+    with_pieces: bool = False  # llama-server's: `tokens` as [{id, piece}], piece the token's text (or bytes)
 
 
 class DetokenizeRequest(_Strict):

@@ -56,3 +56,26 @@ def test_tokenize_returns_token_strings_when_asked(http, llm):
     r = http.post("/tokenize", json={"prompt": "hi there", "return_token_strs": True}).json()
     assert r["token_strs"] == [llm.tokenizer.id_to_token(i) for i in r["tokens"]] and len(r["token_strs"]) == r["count"]
     assert "token_strs" not in http.post("/tokenize", json={"prompt": "hi there"}).json()
+
+
+def test_tokenize_with_pieces_gives_llama_server_s_id_piece_pairs(http, llm):
+    r = http.post("/tokenize", json={"content": "hi there", "with_pieces": True}).json()
+    ids = llm.tokenizer.encode("hi there", add_special_tokens=False)
+    assert [t["id"] for t in r["tokens"]] == ids and r["count"] == len(ids)
+    assert "".join(t["piece"] for t in r["tokens"]) == "hi there"
+    assert http.post("/tokenize", json={"content": "hi there"}).json()["tokens"] == ids
+
+
+def test_a_byte_token_that_is_not_utf8_alone_is_its_bytes():
+    from canvaslm.server.app import token_piece
+
+    class Tok:
+        vocab = {0: "<0xE2>", 1: "<0x41>", 2: "\u2581hi"}
+
+        def id_to_token(self, i):
+            return self.vocab[i]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return {0: "\ufffd", 1: "A", 2: " hi"}[ids[0]]
+
+    assert [token_piece(Tok(), i) for i in range(3)] == [[0xE2], "A", " hi"]
