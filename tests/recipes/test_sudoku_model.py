@@ -359,13 +359,13 @@ def test_shipped_model_fills_hard_grids_at_12_steps():
         assert r.solution is not None and r.decoder_passes <= 12
         assert all(a == "0" or a == b for a, b in zip(p, r.solution))
     _, cells = score([Example(p, s, "hard") for p, s in SHIPPED_HARD], [r.solution for r in results])
-    # docs/sudoku.md: ~61% of blank cells on the held-out hard split (guessing a digit: 11%); on these
-    # three puzzles 34-52% over sampling seeds 0-7 (43% at seed 0)
+    # docs/sudoku.md: ~62% of blank cells on the held-out hard split (guessing a digit: 11%); on these
+    # three puzzles 45-55% over sampling seeds 0-7 (47% at seed 0)
     assert cells >= 0.3, cells
 
 
 # Easy puzzles (36-45 givens) of the seed-0 mixed test split that the shipped model solves at 12 steps
-# (it solves 53% of that split's easy puzzles).
+# (it solves 76% of that split's easy puzzles).
 SHIPPED_EASY = [
     ("000205804850007192213498050006040309100952460000706500000070003325684901907103080",
      "769215834854367192213498756576841329138952467492736518681579243325684971947123685"),
