@@ -35,14 +35,15 @@ def test_the_cache_rounds_what_it_stores_and_reads_back_the_compute_dtype():
 def test_a_trained_model_reads_almost_the_same_logits_from_an_fp8_cache():
     """The bundled Sudoku model (trained): 64 puzzles encoded into an fp32, a bf16 and an fp8 cache, then
     one denoising step from a noise canvas. Random models amplify any perturbation through their layers,
-    so the trained one is the meaningful check: measured, 99.3 % of argmaxes agree and the mean KL from
-    the fp32 cache's distribution is 2.4e-4 (bf16: 99.9 %, 5.7e-6)."""
+    so the trained one is the meaningful check: measured on the model shipped 2026-12-04, 99.2 % of argmaxes
+    agree and the mean KL from the fp32 cache's distribution is 1.2e-3 (bf16: 99.98 %, 5.5e-6; the previous,
+    less confident model: 99.3 %, 2.4e-4)."""
     from canvaslm.llm import LLM
     from canvaslm.recipes.sudoku.eval import kv_cache_drift
 
     drift = kv_cache_drift(LLM(device="cpu").model, (BF16, FP8))
     (kl8, agree8), (kl16, _) = drift[FP8], drift[BF16]
-    assert agree8 >= 0.98 and kl8 < 1e-3, (agree8, kl8)
+    assert agree8 >= 0.98 and kl8 < 5e-3, (agree8, kl8)
     assert kl8 > 4 * kl16  # it does store 3 mantissa bits, not 7
 
 
