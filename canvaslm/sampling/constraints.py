@@ -360,8 +360,8 @@ class PinnedConstraint(CanvasConstraint):
     def early_end(self, ids) -> tuple[int, int] | None:
         """(offset, end) of the first pin of one of `ids` (EOS, stop ids) before the last pinned position `end`
         - 1: the output would end there and drop the later pins; None when there is none."""
-        end = max(self._pins, default=-1) + 1
-        early = sorted(off for off, t in self._pins.items() if t in set(ids) and off < end - 1)
+        end, ends = max(self._pins, default=-1) + 1, set(ids)
+        early = sorted(off for off, t in self._pins.items() if t in ends and off < end - 1)
         return (early[0], end) if early else None
 
     def banning(self, ids) -> "PinnedConstraint":
