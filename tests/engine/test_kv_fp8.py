@@ -43,7 +43,7 @@ def test_a_trained_model_reads_almost_the_same_logits_from_an_fp8_cache():
 
     drift = kv_cache_drift(LLM(device="cpu").model, (BF16, FP8))
     (kl8, agree8), (kl16, _) = drift[FP8], drift[BF16]
-    assert agree8 >= 0.98 and kl8 < 5e-3, (agree8, kl8)
+    assert agree8 >= 0.98 and kl8 < 2e-3, (agree8, kl8)
     assert kl8 > 4 * kl16  # it does store 3 mantissa bits, not 7
 
 
