@@ -24,15 +24,16 @@ CHAT_TEMPLATE = (  # tool declarations and calls render as JSON, so tests can se
 
 def make_tiny_checkpoint(out_dir, canvas_length: int = 16, seed: int = 0, std: float = 0.5,
                          params: DiffusionParams | None = None, extra_specials: tuple = (),
-                         **text_overrides) -> Path:
+                         byte_fallback: bool = False, **text_overrides) -> Path:
     """Write a random DiffusionGemma checkpoint + char tokenizer (vocab = specials + printable chars).
     A large init std makes the random model's predictions peaked, so sampling converges quickly.
-    `extra_specials` adds special tokens after the standard ones (e.g. the native tool-call tokens)."""
+    `extra_specials` adds special tokens after the standard ones (e.g. the native tool-call tokens);
+    `byte_fallback` puts Gemma's 256 byte tokens after them, which spell any other character."""
     from .tokenizer import build_char_tokenizer
 
     out_dir = Path(out_dir)
     specials = SPECIALS + list(extra_specials)
-    vocab = len(specials) + len(CHARS)
+    vocab = len(specials) + len(CHARS) + (256 if byte_fallback else 0)
     text = dict(model_type="diffusion_gemma_text", vocab_size=vocab, hidden_size=32, intermediate_size=64,
                 num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                 sliding_window=16, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
@@ -48,7 +49,7 @@ def make_tiny_checkpoint(out_dir, canvas_length: int = 16, seed: int = 0, std: f
                                        pad_token_id=0)
     save_model(model, out_dir, params)
     build_char_tokenizer(CHARS, specials, out_dir, chat_template=CHAT_TEMPLATE, bos_token="<bos>",
-                         eos_token="<eos>", pad_token="<pad>")
+                         eos_token="<eos>", pad_token="<pad>", byte_fallback=byte_fallback)
     return out_dir
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
 
@@ -338,6 +338,23 @@ def tool_arguments_as_objects(messages: list) -> list:
     return out
 
 
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+SPACE_PIECE = "\u2581"  # SentencePiece's space
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable Latin-1 bytes stand for themselves, the
+    others for the characters from U+0100 on, in byte order."""
+    direct = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {chr(b): b for b in direct}, 0
+    for b in range(256):
+        if b not in direct:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special ids and chat template of one checkpoint."""
 
@@ -512,6 +529,32 @@ class Tokenizer:
             raise ValueError(f"{self.name}: ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, which its decoded text loses when it is part of a character: a
+        byte-fallback token (`<0xE2>`, SentencePiece and Gemma) is that byte, a byte-level BPE token (GPT-2's
+        `Ġ` alphabet) maps back through that alphabet, any other token is the UTF-8 of its text. Joining the
+        bytes of a sequence's tokens gives the bytes of its text (OpenAI's logprobs `bytes`)."""
+        piece = self.id_to_token(token_id)
+        byte = _BYTE_FALLBACK.fullmatch(piece)
+        if byte is not None and token_id not in self._added_ids:
+            return bytes([int(byte.group(1), 16)])
+        if self._byte_level and token_id not in self._added_ids:
+            table = _byte_level_alphabet()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    @functools.cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self._backend.get_added_tokens_decoder())
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        """tokenizer.json decodes with the byte-level decoder (alone or inside a sequence)."""
+        decoder = json.loads(self._backend.to_str()).get("decoder") or {}
+        parts = (decoder.get("decoders") or []) if decoder.get("type") == "Sequence" else [decoder]
+        return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
+
     def decode_batch(self, seqs: list, skip_special_tokens: bool = True) -> list[str]:
         """`decode` of many id lists in one call (the tokenizers library decodes them in parallel)."""
         seqs = [[int(i) for i in ids] for ids in seqs]
@@ -596,7 +639,7 @@ def _load_chat_template(d: Path, tok_cfg: dict) -> dict[str, str]:
 def build_char_tokenizer(chars: Iterable[str], special_tokens: list[str], out_dir: str | Path,
                          chat_template: str | None = None, *, bos_token: str | None = None,
                          eos_token: str | None = None, pad_token: str | None = None,
-                         extra_tokens: Iterable[str] = ()) -> Tokenizer:
+                         extra_tokens: Iterable[str] = (), byte_fallback: bool = False) -> Tokenizer:
     """Write a char-level tokenizer.json + tokenizer_config.json for a tiny model and load it.
 
     Ids: special tokens first in the given order (['<pad>', '<eos>', '<bos>'] -> 0, 1, 2), then `chars`,
@@ -604,13 +647,17 @@ def build_char_tokenizer(chars: Iterable[str], special_tokens: list[str], out_di
     Roles default to the conventional names '<bos>', '<eos>', '<pad>' when they are among the specials.
     There is no post-processor, so `encode` never adds a bos; add '<unk>' to the specials to map unknown
     characters to it instead of raising.
+    `byte_fallback`: as SentencePiece and Gemma do, the 256 byte tokens `<0x00>`..`<0xFF>` come right after the
+    specials and spell every character outside `chars` in its UTF-8 bytes (a space is the piece '\u2581').
     """
     chars = list(chars)
     for c in chars:
         if not isinstance(c, str) or len(c) != 1:
             raise ValueError(f"build_char_tokenizer: every entry of chars must be one character, got {c!r}")
     extra_tokens = list(extra_tokens)
-    vocab_list = list(special_tokens) + chars + extra_tokens
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)] if byte_fallback else []
+    pieces = [SPACE_PIECE if c == " " else c for c in chars] if byte_fallback else chars
+    vocab_list = list(special_tokens) + byte_tokens + pieces + extra_tokens
     if len(set(vocab_list)) != len(vocab_list):
         dupes = sorted({t for t in vocab_list if vocab_list.count(t) > 1})
         raise ValueError(f"build_char_tokenizer: duplicate entries in special_tokens + chars: {dupes}")
@@ -624,9 +671,15 @@ def build_char_tokenizer(chars: Iterable[str], special_tokens: list[str], out_di
 
     vocab = {t: i for i, t in enumerate(vocab_list)}
     unk = "<unk>" if "<unk>" in special_tokens else None
-    backend = _Backend(models.WordLevel(vocab, unk_token=unk))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per char
-    backend.decoder = decoders.Fuse()  # join pieces without the default space separator
+    if byte_fallback:  # no merges: one piece per character in the vocabulary, its UTF-8 bytes otherwise
+        backend = _Backend(models.BPE(vocab, [], unk_token=unk, byte_fallback=True))
+        backend.normalizer = normalizers.Replace(" ", SPACE_PIECE)
+        backend.decoder = decoders.Sequence([decoders.Replace(SPACE_PIECE, " "), decoders.ByteFallback(),
+                                             decoders.Fuse()])
+    else:
+        backend = _Backend(models.WordLevel(vocab, unk_token=unk))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per char
+        backend.decoder = decoders.Fuse()  # join pieces without the default space separator
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t in list(special_tokens) + extra_tokens])
 

@@ -598,3 +598,29 @@ def test_templates_that_loop_over_content_get_parts(tmp_path, template, parts):
     """vLLM's content-format detection: a template looping over a message's content takes image parts as parts."""
     tok = build_char_tokenizer(list("ab"), ["<pad>", "<eos>", "<bos>"], tmp_path, chat_template=template)
     assert tok.renders_parts is parts
+
+
+# -- the bytes of one token ----------------------------------------------------------------------------
+
+def test_token_bytes_of_a_byte_level_bpe_join_to_the_text(bpe_dir):
+    tok = Tokenizer.from_dir(bpe_dir)
+    text = "Symbols: é ✓ € 漢字"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens hold part of a character
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert tok.token_bytes(tok.eos_id) == b"<eos>"  # an added token is its text
+
+
+def test_token_bytes_of_byte_fallback_tokens_are_their_byte(tmp_path):
+    tok = build_char_tokenizer("ab hi", ["<pad>", "<eos>", "<bos>"], tmp_path, byte_fallback=True)
+    ids = tok.encode("hi €", add_special_tokens=False)
+    assert [tok.id_to_token(i) for i in ids] == ["h", "i", "\u2581", "<0xE2>", "<0x82>", "<0xAC>"]
+    assert [tok.token_bytes(i) for i in ids] == [b"h", b"i", b" ", b"\xe2", b"\x82", b"\xac"]
+    assert tok.decode(ids) == "hi €" and tok.decode(ids[3:4]) == "\ufffd"
+    assert tok.token_bytes(tok.token_to_id("<0x41>")) == b"A" and tok.token_bytes(1) == b"<eos>"
+
+
+def test_token_bytes_of_a_char_tokenizer_are_its_text(tmp_path):
+    tok = build_char_tokenizer("ab é", ["<pad>", "<eos>"], tmp_path)
+    assert [tok.token_bytes(i) for i in range(tok.vocab_size)] == [
+        tok.decode([i], skip_special_tokens=False).encode() for i in range(tok.vocab_size)]

@@ -464,16 +464,16 @@ def _tokenize_reply(state: ServerState, tok, text_ids: list, token_strs: bool, p
     return JSONResponse(out)
 
 
-BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def token_piece(tok, token_id: int):
     """One token's text as llama-server's `with_pieces` gives it: the decoded string, or the list of its bytes
-    for a byte-fallback token that is not valid UTF-8 on its own (`<0xE2>` -> [226])."""
-    byte = BYTE_TOKEN.fullmatch(tok.id_to_token(token_id) or "")
-    if byte is not None and int(byte.group(1), 16) >= 0x80:
-        return [int(byte.group(1), 16)]
-    return tok.decode([token_id], skip_special_tokens=False)
+    when they are not valid UTF-8 on their own (a byte token `<0xE2>` -> [226])."""
+    raw = tok.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
 
 
 def _detokenize_reply(state: ServerState, tok, tokens: list) -> JSONResponse:

@@ -121,9 +121,9 @@ async def chat_logprobs_many(state: ServerState, model: str, replies: list, top_
     images = [getattr(prompt, "images", None) for prompt, _ in replies]  # an image prompt's soft tokens
     scored = await asyncio.wrap_future(_score_rows(state, model, seqs, starts, top_k, images=images))
 
-    def entry(t, lp):
+    def entry(t, lp):  # bytes: the token's own (a byte token's one byte, not its text's replacement character)
         token = state.tokenizer.decode([t], skip_special_tokens=False)
-        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+        return {"token": token, "logprob": lp, "bytes": list(state.tokenizer.token_bytes(t))}
 
     return [{"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in (tops[k] if top_k else [])]}
                          for k, (t, lp) in enumerate(zip(ids, logprobs))], "refusal": None}

@@ -66,16 +66,34 @@ def test_tokenize_with_pieces_gives_llama_server_s_id_piece_pairs(http, llm):
     assert http.post("/tokenize", json={"content": "hi there"}).json()["tokens"] == ids
 
 
-def test_a_byte_token_that_is_not_utf8_alone_is_its_bytes():
-    from canvaslm.server.app import token_piece
+@pytest.fixture(scope="module")
+def byte_server(tmp_path_factory, one_thread):
+    """The tiny checkpoint with Gemma's byte tokens: characters outside its vocabulary (€) are spelt in bytes."""
+    from canvaslm.server.launch import BackgroundServer, build_state
+    from canvaslm.testing import make_tiny_checkpoint
 
-    class Tok:
-        vocab = {0: "<0xE2>", 1: "<0x41>", 2: "\u2581hi"}
+    d = make_tiny_checkpoint(tmp_path_factory.mktemp("bytes"), byte_fallback=True)
+    with BackgroundServer(build_state(d, device="cpu", served_model_name=MODEL)) as srv:
+        yield srv
 
-        def id_to_token(self, i):
-            return self.vocab[i]
 
-        def decode(self, ids, skip_special_tokens=True):
-            return {0: "\ufffd", 1: "A", 2: " hi"}[ids[0]]
+def test_a_byte_token_that_is_not_utf8_alone_is_its_bytes(byte_server):
+    r = httpx.post(byte_server.base_url + "/tokenize", json={"content": "a €A", "with_pieces": True}).json()
+    assert [t["piece"] for t in r["tokens"]] == ["a", " ", [0xE2], [0x82], [0xAC], "A"]
 
-    assert [token_piece(Tok(), i) for i in range(3)] == [[0xE2], "A", " hi"]
+
+def test_chat_logprobs_bytes_are_each_tokens_own_bytes(byte_server, monkeypatch):
+    """OpenAI's `bytes` exist so that tokens holding part of a character join back into it: a byte token gives
+    its byte, not the UTF-8 of the replacement character its text decodes to alone."""
+    from canvaslm.testing import script_engine
+
+    script_engine(monkeypatch, byte_server.state, "a €")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2}
+    r = httpx.post(byte_server.base_url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    entries = r["logprobs"]["content"]
+    assert [e["bytes"] for e in entries] == [[97], [32], [0xE2], [0x82], [0xAC]]
+    assert [e["token"] for e in entries][2:] == ["\ufffd"] * 3 and r["message"]["content"] == "a €"
+    assert bytes(b for e in entries for b in e["bytes"]).decode("utf-8") == r["message"]["content"]
+    tops = [t for e in entries for t in e["top_logprobs"]]
+    assert all(len(t["bytes"]) == 1 if t["token"] == "\ufffd" else bytes(t["bytes"]) == t["token"].encode()
+               for t in tops)
