@@ -78,8 +78,6 @@ def test_a_string_template_gets_text_parts_joined_on_both(chat_specials_dir):
     assert r["tokens"] == want
 
 
-# ---- to append to tests/server/test_chat_review_s25.py once /tmp/s25/fix_chat/pending.diff is applied ----
-
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
 PARTS_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{% if m['content'] is string %}{{ m['content'] }}"
                   "{% else %}{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}{% endif %}{% endfor %}"
