@@ -55,7 +55,7 @@ class LlamaCompletionRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     prompt: str | list[int] = ""
-    n_predict: int = Field(-1, ge=-1, le=INT64, description="tokens to generate; -1: the server's default")
+    n_predict: int = Field(-1, ge=-1, le=INT64, description="tokens to generate; -1: until EOS or the context is full")
     temperature: float | None = Field(None, ge=-INT64, le=10, description="<= 0: greedy, as llama-server")
     top_k: int | None = Field(None, ge=-INT64, le=INT64, description="<= 0: no cut, as llama-server")
     top_p: float | None = Field(None, ge=0, le=1)
@@ -219,7 +219,7 @@ def props(state: ServerState) -> dict:
     d = state.defaults
     template = getattr(state.tokenizer, "chat_template", None)
     return {"default_generation_settings": {"n_ctx": state.max_model_len, "params": {
-                "n_predict": d.max_new_tokens, "temperature": d.t_max, "top_k": d.top_k, "top_p": d.top_p,
+                "n_predict": -1, "temperature": d.t_max, "top_k": d.top_k, "top_p": d.top_p,
                 "min_p": d.min_p, "max_denoising_steps": d.max_denoising_steps}},
             "total_slots": state.engine.config.slots, "model_alias": state.model_name, "model_path": state.model_name,
             "chat_template": template if isinstance(template, str) else "",
@@ -245,6 +245,7 @@ async def completion(state: ServerState, body: LlamaCompletionRequest, request: 
     if not ids:
         raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
     oa = _openai_body(state, body, ids)
+    oa._fill_context = body.n_predict < 0  # llama-server's -1: until EOS or the context is full
     if body.n_predict == 0:
         return await _warm(state, body, ids, request)
     choice, settings = await _completion_choice(state, body, oa, ids)

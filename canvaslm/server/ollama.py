@@ -9,7 +9,7 @@ is the chat template around `system` + `prompt` (as Ollama applies the model's t
 `raw: true` a plain completion of `prompt` (`format` applies to it too), or with `suffix` insert mode
 (server/infill.py); as Ollama's, raw mode refuses `template`, `system` and `context`, and this server
 refuses a Go `template` everywhere (it renders the checkpoint's own Jinja template). `options` keep Ollama's
-names: `num_predict` (-1 or absent: the server's default), `temperature`, `top_k`, `top_p`, `min_p`,
+names: `num_predict` (absent, -1 or -2: until EOS or the context is full, as Ollama's), `temperature`, `top_k`, `top_p`, `min_p`,
 `seed`, `stop`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`; the ones
 with no meaning here (`num_ctx`, `num_gpu`, `num_thread`, `mirostat`, ... and `keep_alive`) are
 ignored: the model stays loaded and the context is the server's `max_model_len` (an empty request answers
@@ -396,6 +396,8 @@ async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, con
     /api/generate reply, which a client may send back to go on from it). places: where each image came
     from (load errors name it)."""
     start = time.perf_counter()
+    predict = body.options.num_predict if body.options else None
+    oa._fill_context = predict is None or predict < 0  # Ollama's default -1 (and -2): until EOS or the context is full
     prompts = [ids]
     choices = await prepare_translated(state, oa, prompts, places, BASE64)
     ids = prompts[0]  # images expanded to their soft tokens

@@ -567,6 +567,8 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
     if room < 1:
         raise context_error(state, f"The prompt has {prompt_len} tokens, leaving no room for a canvas of {C} tokens",
                             "messages" if hasattr(body, "messages") else "prompt")
+    if max_tokens is None and body._fill_context and constraint is None:  # Ollama's, llama-server's default
+        max_tokens = room
     if max_tokens is None:  # the checkpoint's default, or min_tokens when more (vLLM's default is the room left)
         try:  # a generation config's max_length (prompt + output) leaves max_length - prompt, as transformers
             default = state.defaults.for_prompt(prompt_len).max_new_tokens
