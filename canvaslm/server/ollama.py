@@ -397,7 +397,8 @@ async def _run(state: ServerState, body, oa, ids: list, request, chat: bool, con
     from (load errors name it)."""
     start = time.perf_counter()
     predict = body.options.num_predict if body.options else None
-    oa._fill_context = predict is None or predict < 0  # Ollama's default -1 (and -2): until EOS or the context is full
+    oa._fill_context = predict is not None and predict < 0  # -1, -2: until EOS or the context is full (absent: the
+    # server's default, which is that too unless a flag set one)
     prompts = [ids]
     choices = await prepare_translated(state, oa, prompts, places, BASE64)
     ids = prompts[0]  # images expanded to their soft tokens
@@ -550,7 +551,7 @@ def show(state: ServerState, body: ShowBody) -> dict:
         caps.append("vision")  # image upload for these
     d = state.defaults
     return {"modelfile": f"FROM {name}\n", "template": template if isinstance(template, str) else "",
-            "parameters": f"temperature {d.t_max}\nnum_predict {d.max_new_tokens}",
+            "parameters": f"temperature {d.t_max}\nnum_predict {-1 if state.fill_context else d.max_new_tokens}",
             "details": _details(state), "capabilities": caps,
             "model_info": {"general.architecture": "diffusion_gemma", "diffusion_gemma.context_length": state.max_model_len,
                            "diffusion_gemma.canvas_length": state.canvas_length,

@@ -114,8 +114,8 @@ class _Common(_Strict):
     seed: int | None = Field(None, ge=-INT64 - 1, le=INT64, description="makes the request reproducible on its "
                              "own; choice i of n uses seed + i; a negative seed (vLLM takes int64) is taken mod 2**63")
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the text is cut before the first")
-    # set by the Ollama and llama-server routes, never from a body: without max_tokens, an unconstrained output may
-    # run to EOS or the end of the context (their num_predict / n_predict -1), not to the checkpoint's default
+    # set by the Ollama and llama-server routes, never from a body: their num_predict / n_predict -1 runs an
+    # unconstrained output to EOS or the end of the context even where the server has a default length
     _fill_context: bool = PrivateAttr(False)
 
     @field_validator("seed")

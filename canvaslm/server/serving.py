@@ -122,6 +122,8 @@ class ServerState:
     aliases: tuple[str, ...] = ()  # more names of the base model (vLLM's --served-model-name A B ...)
     reasoning: bool = True  # read chat replies' thought channels where the tokenizer has them
     thinking_token_budget: int | None = None  # requests that set none get this one (--reasoning-budget)
+    fill_context: bool = True  # an unconstrained output without max_tokens runs until EOS or the context is full
+    # (vLLM's default for DiffusionGemma, Ollama's, llama-server's); False: defaults.max_new_tokens (set by flag)
     vision: object | None = None  # multimodal.Vision: image prompts (None: a model served without one)
     media_pool: object = None  # ThreadPoolExecutor for work that loads images (off_loop), made on first use
     compile_pool: object = None  # ThreadPoolExecutor for requests that compile a constraint (off_loop)
@@ -567,9 +569,9 @@ def resolve_params(state: ServerState, body: _Common, prompt_len: int, constrain
     if room < 1:
         raise context_error(state, f"The prompt has {prompt_len} tokens, leaving no room for a canvas of {C} tokens",
                             "messages" if hasattr(body, "messages") else "prompt")
-    if max_tokens is None and body._fill_context and constraint is None:  # Ollama's, llama-server's default
-        max_tokens = room
-    if max_tokens is None:  # the checkpoint's default, or min_tokens when more (vLLM's default is the room left)
+    if max_tokens is None and constraint is None and (state.fill_context or body._fill_context):
+        max_tokens = room  # vLLM's default (it ignores DiffusionGemma's generation_config 256), Ollama's, llama's
+    if max_tokens is None:  # the default length, or min_tokens when more
         try:  # a generation config's max_length (prompt + output) leaves max_length - prompt, as transformers
             default = state.defaults.for_prompt(prompt_len).max_new_tokens
         except ValueError as e:  # ConfigError: the prompt leaves no room under max_length

@@ -195,8 +195,11 @@ def generation_defaults(args, model_dir) -> tuple:
 
 
 def apply_chat_flags(state, args) -> list[str]:
-    """Put --default-chat-template-kwargs and --reasoning-parser on a built server state (checked by
-    generation_defaults before the model loaded); -> the notes to print."""
+    """Put --default-chat-template-kwargs, --reasoning-parser and a default length set by flag on a built server
+    state (checked by generation_defaults before the model loaded); -> the notes to print."""
+    given = {**_sampler_settings(args.hf_overrides, "--hf-overrides", state.canvas_length),
+             **_sampler_settings(args.diffusion_config, "--diffusion-config", state.canvas_length)}
+    state.fill_context = "max_new_tokens" not in given  # vLLM ignores the checkpoint's 256 (HF's OOM guard), not a flag
     state.reasoning = args.reasoning_parser != "none"
     state.thinking_token_budget = None if args.reasoning_budget == -1 else args.reasoning_budget
     template_defaults = args.default_chat_template_kwargs or {}
@@ -209,6 +212,9 @@ def apply_chat_flags(state, args) -> list[str]:
     if state.thinking_token_budget is not None:
         notes.append(f"thoughts end after at most {state.thinking_token_budget} tokens unless a request sets "
                      "thinking_token_budget (--reasoning-budget)")
+    if not state.fill_context:
+        notes.append(f"requests without max_tokens get at most {state.defaults.max_new_tokens} new tokens (the "
+                     "max_new_tokens flag; without it they run until EOS or the context is full)")
     if template_defaults:
         notes.append("chat template defaults: " + ", ".join(f"{k}={v!r}" for k, v in template_defaults.items()))
     return notes

@@ -1,8 +1,12 @@
-"""Ollama's num_predict -1 (its default) and -2, and llama-server's n_predict -1 (its default): an output with no
-constraint runs until EOS or the context is full, as those servers' are, not to the checkpoint's default length.
-The OpenAI routes keep the checkpoint's default. The engine is scripted, recording each request's budget."""
+"""Without max_tokens an output with no constraint runs until EOS or the context is full, as vLLM serves
+DiffusionGemma (it ignores the checkpoint's 256-token generation default), Ollama (num_predict -1, its default;
+-2) and llama-server (n_predict -1, its default). A length set by flag (`--diffusion-config
+'{"max_new_tokens": N}'`) is the default instead, except where a request asks for -1 / -2. A constrained output
+keeps the width it has without max_tokens. The engine is scripted, recording each request's budget."""
 
 from __future__ import annotations
+
+import argparse
 
 import httpx
 import pytest
@@ -10,6 +14,8 @@ import pytest
 from canvaslm.testing import script_engine
 
 from .conftest import MODEL
+
+CHAT = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture()
@@ -39,32 +45,54 @@ def post(srv, path: str, body: dict) -> dict:
 
 
 @pytest.mark.parametrize("options", [{}, {"num_predict": -1}, {"num_predict": -2}])
-def test_ollama_without_a_length_fills_the_context(budgets, options):
+def test_without_a_length_every_route_fills_the_context(budgets, options):
     srv, seen = budgets
-    msgs = [{"role": "user", "content": "hi"}]
-    post(srv, "/api/chat", {"messages": msgs, "options": options})
+    post(srv, "/api/chat", {"messages": CHAT, "options": options})
     post(srv, "/api/generate", {"prompt": "hi", "options": options})
     post(srv, "/api/generate", {"prompt": "hi", "raw": True, "options": options})
-    assert len(seen) == 3 and all(n == room(srv, p) for p, n in seen)
+    post(srv, "/v1/chat/completions", {"messages": CHAT})
+    post(srv, "/v1/completions", {"prompt": "hi"})
+    post(srv, "/v1/responses", {"input": "hi"})
+    post(srv, "/completion", {"prompt": "hi"})
+    assert len(seen) == 7 and all(n == room(srv, p) for p, n in seen)
     assert all(n > srv.state.defaults.max_new_tokens for _, n in seen)
 
 
-def test_ollama_num_predict_and_a_format_keep_their_lengths(budgets):
+def test_a_length_or_a_format_keeps_its_own(budgets):
     srv, seen = budgets
-    msgs = [{"role": "user", "content": "hi"}]
     post(srv, "/api/generate", {"prompt": "hi", "options": {"num_predict": 8}})
-    post(srv, "/api/generate", {"prompt": "hi", "format": "json"})  # a constrained output: as wide as on /v1
-    post(srv, "/v1/chat/completions", {"messages": msgs, "response_format": {"type": "json_object"}})
-    post(srv, "/v1/chat/completions", {"messages": msgs})  # OpenAI's route: the checkpoint's default
-    assert [n for _, n in seen] == [8, seen[2][1], seen[2][1], srv.state.defaults.max_new_tokens]
-    assert seen[1][1] < room(srv, seen[1][0])
-
-
-def test_llama_server_n_predict_minus_one_fills_the_context(budgets):
-    srv, seen = budgets
-    post(srv, "/completion", {"prompt": "hi"})
-    post(srv, "/completion", {"prompt": "hi", "n_predict": -1})
     post(srv, "/completion", {"prompt": "hi", "n_predict": 8})
-    assert [n for _, n in seen] == [room(srv, seen[0][0])] * 2 + [8]
+    post(srv, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 8})
+    post(srv, "/api/generate", {"prompt": "hi", "format": "json"})  # a constrained output: as wide as on /v1
+    post(srv, "/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}})
+    assert [n for _, n in seen] == [8, 8, 8, seen[4][1], seen[4][1]]
+    assert seen[3][1] < room(srv, seen[3][0])
+
+
+def test_a_default_length_set_by_flag_holds_unless_a_request_asks_for_the_context(budgets, monkeypatch):
+    from canvaslm.server.vllm_compat import add_vllm_args, apply_chat_flags
+
+    srv, seen = budgets
+    parser = argparse.ArgumentParser()
+    add_vllm_args(parser)
+    args = parser.parse_args(["--diffusion-config", '{"max_new_tokens": 32}'])
+    for name in ("reasoning", "thinking_token_budget", "fill_context"):
+        monkeypatch.setattr(srv.state, name, getattr(srv.state, name))  # put back after the test
+    monkeypatch.setattr(srv.state, "defaults", srv.state.defaults.replace(max_new_tokens=32))
+    notes = apply_chat_flags(srv.state, args)
+    assert srv.state.fill_context is False and any("at most 32 new tokens" in n for n in notes)
+    post(srv, "/v1/chat/completions", {"messages": CHAT})
+    post(srv, "/api/chat", {"messages": CHAT})
+    post(srv, "/api/chat", {"messages": CHAT, "options": {"num_predict": -1}})
+    post(srv, "/completion", {"prompt": "hi"})  # llama-server's default n_predict is -1
+    assert [n for _, n in seen][:2] == [32, 32] and [n for _, n in seen][2:] == [room(srv, p) for p, _ in seen[2:]]
+    show = httpx.post(srv.base_url + "/api/show", json={"model": MODEL}).json()["parameters"]
+    assert "num_predict 32" in show
+
+
+def test_the_reported_defaults_say_so(translated_api_server):
+    srv = translated_api_server
     props = httpx.get(srv.base_url + "/props").json()["default_generation_settings"]["params"]
     assert props["n_predict"] == -1  # what a request without n_predict gets, as llama-server reports it
+    show = httpx.post(srv.base_url + "/api/show", json={"model": MODEL}).json()["parameters"]
+    assert "num_predict -1" in show
