@@ -464,8 +464,6 @@ def _tokenize_reply(state: ServerState, tok, text_ids: list, token_strs: bool, p
     return JSONResponse(out)
 
 
-
-
 def token_piece(tok, token_id: int):
     """One token's text as llama-server's `with_pieces` gives it: the decoded string, or the list of its bytes
     when they are not valid UTF-8 on their own (a byte token `<0xE2>` -> [226])."""

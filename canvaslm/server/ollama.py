@@ -9,8 +9,8 @@ is the chat template around `system` + `prompt` (as Ollama applies the model's t
 `raw: true` a plain completion of `prompt` (`format` applies to it too), or with `suffix` insert mode
 (server/infill.py); as Ollama's, raw mode refuses `template`, `system` and `context`, and this server
 refuses a Go `template` everywhere (it renders the checkpoint's own Jinja template). `options` keep Ollama's
-names: `num_predict` (absent, -1 or -2: until EOS or the context is full, as Ollama's), `temperature`, `top_k`, `top_p`, `min_p`,
-`seed`, `stop`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`; the ones
+names: `num_predict` (absent, -1 or -2: until EOS or the context is full, as Ollama's), `temperature`, `top_k`,
+`top_p`, `min_p`, `seed`, `stop`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`; the ones
 with no meaning here (`num_ctx`, `num_gpu`, `num_thread`, `mirostat`, ... and `keep_alive`) are
 ignored: the model stays loaded and the context is the server's `max_model_len` (an empty request answers
 `done_reason` "load", or "unload" with a zero `keep_alive`, as Ollama's: nothing is unloaded). Values Go reads
