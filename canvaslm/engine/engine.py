@@ -140,6 +140,7 @@ class Commit:
     request_id: str
     canvas_index: int
     token_ids: tuple[int, ...]  # tokens this commit added to the output (EOS included, budget applied)
+    decoder_passes: int = 0  # the request's denoising passes up to and including this canvas's
 
 
 @dataclass(frozen=True)
@@ -692,7 +693,7 @@ class Engine:
                 if not sink.follows:
                     self.stats.record_ttft(now - sink.submitted)
             # a request that goes on has already moved to its next canvas
-            sink.put(Commit(rid, state.canvas_index - (rid not in done), new))
+            sink.put(Commit(rid, state.canvas_index - (rid not in done), new, self.runner.decoder_passes(rid)))
         for d in drafts:
             sink = self._sinks.get(d.request_id)
             if sink is not None:

@@ -238,9 +238,10 @@ class Choice:
     canvas_base: int = 0  # canvases of this reply's earlier requests (a thought-first reply's thought)
     canvases: int = 0  # canvases of the reply committed so far
 
-    def count(self, ev: Finish) -> None:
-        """Add an ended engine request's passes, time and (the reply's first) cached prompt tokens."""
-        self.decoder_passes += ev.decoder_passes
+    def count(self, ev: Finish, passes: int | None = None) -> None:
+        """Add an ended engine request's passes (`passes`: those up to the canvas a stop string cut, not the next
+        canvas's that ran until the cancel landed), time and (the reply's first) cached prompt tokens."""
+        self.decoder_passes += ev.decoder_passes if passes is None else min(passes, ev.decoder_passes)
         self.seconds += ev.seconds
         if not self.finished_requests:  # the reply's first request: its prompt is the client's (a thought's
             client = len((self.answer or self.request).prompt_ids)  # has `<|channel>` after it, not counted)
@@ -1153,7 +1154,8 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
     by_id = {c.request.request_id: c for c in choices}
     for c in choices:
         state.engine.submit(c.request, queue, loop)
-    live, ended = set(by_id), set()  # ended: replies cut by a stop string, whose Finish (their counts) is due
+    live, ended = set(by_id), {}  # ended: replies cut by a stop string, whose Finish (their counts) is due -> the
+    # passes up to the canvas cut (None, for a Commit that carries none: the Finish's count)
     check_at = loop.time() + DISCONNECT_CHECK_S
     try:
         while live:
@@ -1173,7 +1175,7 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
             if ev.request_id in ended:  # the client has its reply; only the Finish's counts are left to read
                 if isinstance(ev, Finish):
                     live.discard(ev.request_id)
-                    c.count(ev)
+                    c.count(ev, ended[ev.request_id])
                 continue
             if isinstance(ev, Commit):
                 c.canvases = c.canvas_base + ev.canvas_index + 1
@@ -1191,7 +1193,7 @@ async def run_choices(state: ServerState, choices: list[Choice], is_disconnected
                     yield "delta", c.index, ""
                 if c.tracker.stopped:
                     state.engine.cancel(ev.request_id, "stop")
-                    ended.add(ev.request_id)
+                    ended[ev.request_id] = ev.decoder_passes or None
                     c.finish_reason = "stop"
                     yield "finish", c.index, "stop"
             elif isinstance(ev, Draft):

@@ -110,10 +110,33 @@ def test_best_of_over_the_choice_limit_names_best_of(client):
 
 
 def test_min_tokens_over_the_default_budget_raises_it_when_max_tokens_is_not_sent(client, llm):
-    """Without max_tokens the budget is the checkpoint's max_new_tokens, or min_tokens when that is more (it
-    was a 400 blaming max_tokens, which the request never sent; vLLM's budget is the room left)."""
+    """Without max_tokens the budget is the room the context leaves (vLLM's), so min_tokens over the checkpoint's
+    max_new_tokens is taken (it was a 400 blaming max_tokens, which the request never sent); past the context it
+    is a 400."""
     prompt, default = probe_prompt(llm, 4), llm.defaults.max_new_tokens
     r = client.completions.create(model=MODEL, prompt=prompt, seed=1, extra_body={"min_tokens": default + 8})
     assert r.usage.completion_tokens >= default + 8
     with pytest.raises(openai.BadRequestError):  # still bounded by the context
         client.completions.create(model=MODEL, prompt=prompt, extra_body={"min_tokens": MAX_TOKENS + 1})
+
+
+def test_a_stop_string_counts_the_passes_up_to_the_canvas_it_cut(client, llm, server, monkeypatch):
+    """The engine goes on denoising the next canvas until the cancel lands, so the Finish's count varied between
+    identical requests (by the passes run meanwhile); usage counts the passes of the canvases the reply used.
+    Here every cancel lands late, as on a busy server."""
+    import threading
+
+    engine = server.state.engine
+    real = engine.cancel
+    monkeypatch.setattr(engine, "cancel", lambda *a: threading.Timer(0.3, real, a).start())
+    C = server.state.canvas_length
+    prompt, kw = probe_prompt(llm, 5), dict(model=MODEL, seed=3)
+    free = client.completions.create(prompt=prompt, max_tokens=MAX_TOKENS, **kw).choices[0].text
+    assert len(free) > C  # a char tokenizer: the first canvas is the first C characters
+    first = client.completions.create(prompt=prompt, max_tokens=C, **kw)
+    assert first.choices[0].text == free[:C]
+    stop = free[C - 3:C - 1]  # inside the first canvas, where it first occurs
+    cut = [client.completions.create(prompt=prompt, max_tokens=MAX_TOKENS, stop=[stop], **kw) for _ in range(3)]
+    assert all(r.choices[0].text == free[:free.find(stop)] for r in cut)
+    assert free.find(stop) > 0 and free.find(stop) < C - 1
+    assert [r.usage.model_extra["decoder_passes"] for r in cut] == [first.usage.model_extra["decoder_passes"]] * 3
