@@ -4,14 +4,19 @@
 A call is `<|tool_call>call:NAME{key:value,...}<tool_call|>`, where `<|tool_call>` and `<tool_call|>`
 are single special tokens and every string value sits between two `<|"|>` tokens (no escapes inside).
 Keys are bare words; values are strings, numbers, true / false / null, `{...}` objects and `[...]`
-arrays, nested at most MAX_DEPTH deep. The parser works on token ids, since a plain decode drops the special tokens. A block that
-does not parse stays in the text rather than becoming a wrong call, and so does an unfinished one.
+arrays, nested at most MAX_DEPTH deep. Gemma 4 models also drift from that syntax under long agent prompts
+(reported to vLLM, Ollama and the MLX servers), and those calls are read too rather than lost: the argument
+list in parentheses, `call:NAME(key:value, ...)` or `call:NAME(key=value, ...)`, and strings or keys in JSON's
+double quotes (with its escapes) or in single quotes. The parser works on token ids, since a plain decode drops
+the special tokens. A block that does not parse stays in the text rather than becoming a wrong call, and so does
+an unfinished one.
 A reply that may call tools also stops at `<|tool_response>`: the tools' answers come from the caller.
 This module has no torch dependency.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
@@ -19,6 +24,9 @@ import re
 CALL_OPEN, CALL_CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 RESPONSE_OPEN = "<|tool_response>"  # after its calls the model would go on with the tools' answers: stop there
 _NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
+_SINGLE_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'", re.DOTALL)
+_JSON = json.JSONDecoder()
+_STRUCTURAL = re.compile(r"[,{}\[\]()\"']")  # never inside a bare key
 MAX_DEPTH = 64  # arrays and objects nested deeper than this are no call (and never reach Python's recursion limit)
 
 
@@ -89,16 +97,27 @@ def response_stop_ids(tokenizer) -> tuple:
 
 
 def parse_call(body: str) -> tuple[str, str]:
-    """`call:NAME{...}` -> (NAME, the arguments as JSON text)."""
+    """`call:NAME{...}` (or `call:NAME(...)`) -> (NAME, the arguments as JSON text)."""
     body = body.strip()
-    if not body.startswith("call:") or "{" not in body:
+    opens = [k for k in (body.find("{"), body.find("(")) if k >= 0]
+    if not body.startswith("call:") or not opens:
         raise NativeSyntaxError(f"not a call: {body[:60]!r}")
-    name, rest = body[len("call:"):].split("{", 1)
-    name = name.strip()
+    at = min(opens)
+    name = body[len("call:"):at].strip()
     if not name:
         raise NativeSyntaxError("a call without a function name")
-    value, pos = _value("{" + rest, 0)
-    if pos != len("{" + rest) or not isinstance(value, dict):
+    if body[at] == "{":
+        value, pos = _value(body, at)
+    else:  # the parenthesised drift: an object, or members whose keys may take `=`, up to `)`
+        pos = _skip(body, at + 1)
+        if body.startswith("{", pos):
+            value, pos = _value(body, pos)
+            if not body.startswith(")", pos):
+                raise NativeSyntaxError(f"expected ')' at {body[pos:pos + 20]!r}")
+            pos = _skip(body, pos + 1)
+        else:
+            value, pos = _members(body, pos, ")", 0, ":=")
+    if pos != len(body) or not isinstance(value, dict):
         raise NativeSyntaxError(f"trailing text after the arguments of {name!r}")
     return name, json.dumps(value, ensure_ascii=False)
 
@@ -109,34 +128,39 @@ def _skip(s: str, i: int) -> int:
     return i
 
 
-def _value(s: str, i: int, depth: int = 0):
-    i = _skip(s, i)
+def _string(s: str, i: int):
+    """The string at s[i] and where it ends, or None when none starts there: `<|"|>`-quoted (the syntax), or in
+    JSON's double quotes or single quotes (the drift)."""
     if s.startswith(QUOTE, i):
         end = s.find(QUOTE, i + len(QUOTE))
         if end < 0:
             raise NativeSyntaxError("an unclosed string")
-        return s[i + len(QUOTE):end], _skip(s, end + len(QUOTE))
+        return s[i + len(QUOTE):end], end + len(QUOTE)
+    if s.startswith('"', i):
+        try:
+            return _JSON.raw_decode(s, i)
+        except ValueError:
+            raise NativeSyntaxError(f"an unclosed or malformed JSON string at {s[i:i + 20]!r}") from None
+    if s.startswith("'", i):
+        m = _SINGLE_QUOTED.match(s, i)
+        if m is None:
+            raise NativeSyntaxError(f"an unclosed string at {s[i:i + 20]!r}")
+        try:
+            return ast.literal_eval(m.group(0)), m.end()
+        except (ValueError, SyntaxError):
+            raise NativeSyntaxError(f"a malformed string at {s[i:i + 20]!r}") from None
+    return None
+
+
+def _value(s: str, i: int, depth: int = 0):
+    i = _skip(s, i)
+    string = _string(s, i)
+    if string is not None:
+        return string[0], _skip(s, string[1])
     if i < len(s) and s[i] in "{[":
         if depth >= MAX_DEPTH:
             raise NativeSyntaxError(f"arguments nested more than {MAX_DEPTH} deep")
-        close = "}" if s[i] == "{" else "]"
-        out = {} if s[i] == "{" else []
-        i = _skip(s, i + 1)
-        if i < len(s) and s[i] == close:
-            return out, _skip(s, i + 1)
-        while True:
-            if isinstance(out, dict):
-                key, i = _key(s, i)
-                out[key], i = _value(s, i, depth + 1)
-            else:
-                item, i = _value(s, i, depth + 1)
-                out.append(item)
-            if i < len(s) and s[i] == ",":
-                i = _skip(s, i + 1)
-                continue
-            if i < len(s) and s[i] == close:
-                return out, _skip(s, i + 1)
-            raise NativeSyntaxError(f"expected ',' or {close!r} at {s[i:i + 20]!r}")
+        return _members(s, _skip(s, i + 1), "}" if s[i] == "{" else "]", depth)
     for word, v in (("true", True), ("false", False), ("null", None)):
         if s.startswith(word, i):
             return v, _skip(s, i + len(word))
@@ -153,17 +177,41 @@ def _value(s: str, i: int, depth: int = 0):
     raise NativeSyntaxError(f"no value at {s[i:i + 20]!r}")
 
 
-def _key(s: str, i: int) -> tuple[str, int]:
+def _members(s: str, i: int, close: str, depth: int, seps: str = ":"):
+    """An object's members (close `}` or `)`) or an array's items (`]`) from s[i] on, and where the value ends
+    (past `close`). seps: what may stand between a key and its value."""
+    out = [] if close == "]" else {}
+    if i < len(s) and s[i] == close:
+        return out, _skip(s, i + 1)
+    while True:
+        if isinstance(out, dict):
+            key, i = _key(s, i, seps)
+            out[key], i = _value(s, i, depth + 1)
+        else:
+            item, i = _value(s, i, depth + 1)
+            out.append(item)
+        if i < len(s) and s[i] == ",":
+            i = _skip(s, i + 1)
+            continue
+        if i < len(s) and s[i] == close:
+            return out, _skip(s, i + 1)
+        raise NativeSyntaxError(f"expected ',' or {close!r} at {s[i:i + 20]!r}")
+
+
+def _key(s: str, i: int, seps: str = ":") -> tuple[str, int]:
     i = _skip(s, i)
-    if s.startswith(QUOTE, i):
-        key, i = _value(s, i)
+    string = _string(s, i)
+    if string is not None:
+        key, i = string
     else:
-        end = s.find(":", i)
-        if end < 0:
+        ends = [k for k in (s.find(sep, i) for sep in seps) if k >= 0]
+        if not ends:
             raise NativeSyntaxError(f"a key without ':' at {s[i:i + 20]!r}")
-        key, i = s[i:end].strip(), end
+        key, i = s[i:min(ends)].strip(), min(ends)
+        if _STRUCTURAL.search(key):  # not a key but a mangled list: `{a 1, b:2}` is no call
+            raise NativeSyntaxError(f"a key without ':' at {key[:20]!r}")
     i = _skip(s, i)
-    if i >= len(s) or s[i] != ":" or not key:
+    if i >= len(s) or s[i] not in seps or not key:
         raise NativeSyntaxError(f"expected 'key:' at {s[i:i + 20]!r}")
     return key, _skip(s, i + 1)
 

@@ -46,6 +46,31 @@ def test_parse_call_reads_the_native_syntax():
             parse_call(bad)
 
 
+@pytest.mark.parametrize("body, want", [
+    (f"call:terminal(command:{Q}ls -a{Q})", {"command": "ls -a"}),  # vLLM #53642's
+    ('call:terminal(command="ls -a", n = 2)', {"command": "ls -a", "n": 2}),
+    ('call:f( a = 1 , b : [1, "x}"] )', {"a": 1, "b": [1, "x}"]}),
+    ('call:f({"city": "Oslo", "n": 1})', {"city": "Oslo", "n": 1}),
+    ("call:f()", {}),
+    ('call:f{"content": "has } brace", \'k\': \'it\\\'s\'}', {"content": "has } brace", "k": "it's"}),
+    ('call:f{city:"New, York", items:["a,b","c"], e:"\\u00e9\\n"}', {"city": "New, York", "items": ["a,b", "c"],
+                                                                     "e": "\u00e9\n"}),
+], ids=["parens-colon", "parens-equals", "parens-nested", "parens-object", "parens-empty", "json-and-single-quotes",
+        "json-escapes"])
+def test_parse_call_reads_the_drift_gemma_4_writes_under_long_prompts(body, want):
+    """Parenthesised argument lists and JSON- or single-quoted strings are read as calls (before, the block
+    stayed text and an agent's loop ended with no call)."""
+    name, args = parse_call(body)
+    assert json.loads(args) == want and name in ("f", "terminal")
+
+
+@pytest.mark.parametrize("body", ["call:f(a=1", "call:f(a=1) x", 'call:f{a:"x}', "call:f{a:'x}", "call:f(a 1)",
+                                  "call:f{a=1}", "call:(a=1)", "call:f({a:1}", "call:f(a 1, b=2)", "call:f{a 1, b:2}"])
+def test_drift_that_is_not_a_whole_call_stays_text(body):
+    with pytest.raises(NativeSyntaxError):
+        parse_call(body)
+
+
 @pytest.mark.parametrize("body", ["call:f{a:1e999}", "call:f{a:-1e400}", "call:f{a:[1,{b:1E400}]}"])
 def test_parse_call_refuses_numbers_out_of_json_range(body):
     with pytest.raises(NativeSyntaxError, match="out of JSON's range"):
@@ -76,6 +101,8 @@ def test_split_keeps_text_and_reads_calls(tok):
     assert [(n, json.loads(a)) for n, a in calls] == WANT
     broken = tok.encode(f"a{CALL_OPEN}call:f{{x:}}{CALL_CLOSE}b", add_special_tokens=False)
     assert p.split(broken) == (f"a{CALL_OPEN}call:f{{x:}}{CALL_CLOSE}b", [], False)  # not a call: stays text
+    drift = tok.encode(f"a{CALL_OPEN}call:f(x=\"1\"){CALL_CLOSE}b", add_special_tokens=False)
+    assert p.split(drift) == ("ab", [("f", '{"x": "1"}')], False)
     unfinished = tok.encode(f"a{CALL_OPEN}call:f{{x:1", add_special_tokens=False)
     assert p.split(unfinished) == ("a", [], True)
     assert p.split(unfinished, final=True) == (f"a{CALL_OPEN}call:f{{x:1", [], False)
