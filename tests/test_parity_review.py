@@ -271,11 +271,15 @@ def test_max_length_is_read_written_and_dropped_as_transformers_reads_it():
 
 
 def test_the_server_takes_max_length_as_llm_does(tiny_checkpoint, tmp_path):
+    """A generation_config's max_length (prompt + output) is LLM's default, and the server's once a length is
+    set by flag (fill_context off); by default the server, as vLLM serves DiffusionGemma, ignores the
+    checkpoint's lengths and runs to EOS or the end of the context."""
     import shutil
 
     from fastapi.testclient import TestClient
 
     from canvaslm.server.app import build_app
+    from canvaslm.engine.engine import EngineConfig
     from canvaslm.server.launch import build_state
 
     ck = tmp_path / "model"
@@ -283,12 +287,17 @@ def test_the_server_takes_max_length_as_llm_does(tiny_checkpoint, tmp_path):
     gen = json.loads((ck / "generation_config.json").read_text())
     gen.pop("max_new_tokens", None)
     (ck / "generation_config.json").write_text(json.dumps({**gen, "max_length": 20}))
-    state = build_state(ck, "cpu", "float32", served_model_name="tiny")
+    state = build_state(ck, "cpu", "float32", EngineConfig(max_model_len=64), served_model_name="tiny")
     try:
         c = TestClient(build_app(state))
         prompt = "abcdef"
         n = len(state.tokenizer.encode(prompt))
-        r = c.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "seed": 0, "ignore_eos": True})
+        body = {"model": "tiny", "prompt": prompt, "seed": 0, "ignore_eos": True}
+        r = c.post("/v1/completions", json=body)  # the default: whole canvases up to the context
+        C = state.canvas_length
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == (64 - n) // C * C, r.text
+        state.fill_context = False
+        r = c.post("/v1/completions", json=body)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20 - n, r.text
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 30, "seed": 0})
         assert r.status_code == 400 and "max_length" in r.json()["error"]["message"], r.text
