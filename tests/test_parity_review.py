@@ -271,8 +271,8 @@ def test_max_length_is_read_written_and_dropped_as_transformers_reads_it():
 
 
 def test_the_server_takes_max_length_as_llm_does(tiny_checkpoint, tmp_path):
-    """A generation_config's max_length (prompt + output) is LLM's default, and the server's once a length is
-    set by flag (fill_context off); by default the server, as vLLM serves DiffusionGemma, ignores the
+    """A generation_config's max_length (prompt + output) is LLM's default, and the server's when it does not
+    fill the context (fill_context off); by default the server, as vLLM serves DiffusionGemma, ignores the
     checkpoint's lengths and runs to EOS or the end of the context."""
     import shutil
 
