@@ -7,7 +7,8 @@ Keys are bare words; values are strings, numbers, true / false / null, `{...}` o
 arrays, nested at most MAX_DEPTH deep. Gemma 4 models also drift from that syntax under long agent prompts
 (reported to vLLM, Ollama and the MLX servers), and those calls are read too rather than lost: the argument
 list in parentheses, `call:NAME(key:value, ...)` or `call:NAME(key=value, ...)`, and strings or keys in JSON's
-double quotes (with its escapes) or in single quotes. The parser works on token ids, since a plain decode drops
+double quotes (with its escapes) or in single quotes; `declared_name` reads a namespaced name
+(`default_api:NAME`) as the declared tool it ends with. The parser works on token ids, since a plain decode drops
 the special tokens. A block that does not parse stays in the text rather than becoming a wrong call, and so does
 an unfinished one.
 A reply that may call tools also stops at `<|tool_response>`: the tools' answers come from the caller.
@@ -86,6 +87,16 @@ class NativeToolParser:
                 add(self.tokenizer.decode(ids[start:end + 1], skip_special_tokens=False))
             i = end + 1
         return "".join(text), calls, False
+
+
+def declared_name(name: str, names) -> str:
+    """A call's name as the request declared it. Gemma 4 sometimes puts a namespace before it
+    (`default_api:NAME`, `functions.NAME`); a function name holds neither ':' nor '.' (OpenAI's pattern), so
+    the declared name such a name ends with is the one meant. Any other name is kept as written."""
+    if name in names:
+        return name
+    tail = re.split(r"[:.]", name)[-1].strip()
+    return tail if tail in names else name
 
 
 def response_stop_ids(tokenizer) -> tuple:
@@ -216,5 +227,5 @@ def _key(s: str, i: int, seps: str = ":") -> tuple[str, int]:
     return key, _skip(s, i + 1)
 
 
-__all__ = ["NativeToolParser", "parse_call", "response_stop_ids", "NativeSyntaxError", "CALL_OPEN", "CALL_CLOSE",
+__all__ = ["NativeToolParser", "parse_call", "declared_name", "response_stop_ids", "NativeSyntaxError", "CALL_OPEN", "CALL_CLOSE",
            "QUOTE", "RESPONSE_OPEN"]

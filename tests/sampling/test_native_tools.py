@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from canvaslm.tool_parser import CALL_CLOSE, CALL_OPEN, QUOTE, NativeSyntaxError, NativeToolParser, parse_call
+from canvaslm.tool_parser import (CALL_CLOSE, CALL_OPEN, QUOTE, NativeSyntaxError, NativeToolParser, declared_name,
+                                  parse_call)
 
 openai = pytest.importorskip("openai")
 
@@ -235,3 +236,33 @@ def test_llm_chat_auto(native_dir, tok, monkeypatch):
     res = llm.chat([{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="auto")
     assert res.text == "Let me check." and [(c["function"]["name"], json.loads(c["function"]["arguments"]))
                                             for c in res.tool_calls] == WANT
+
+
+def test_a_namespaced_name_is_the_declared_tool_it_ends_with():
+    names = ["get_weather", "search"]
+    assert [declared_name(n, names) for n in ("default_api:get_weather", "functions.search", "get_weather",
+                                               "ns:other", "default_api:")] == \
+        ["get_weather", "search", "get_weather", "ns:other", "default_api:"]
+
+
+def test_the_server_and_llm_chat_give_a_namespaced_call_the_declared_name(native_dir, monkeypatch):
+    """Gemma 4 sometimes writes `call:default_api:NAME{...}`; a client looks the name up among its tools."""
+    from canvaslm.llm import LLM, GenerationResult
+    from canvaslm.server.launch import BackgroundServer, build_state
+    from canvaslm.testing import script_engine
+
+    out = f"{CALL_OPEN}call:default_api:get_weather{{city:{Q}Oslo{Q}}}{CALL_CLOSE}"
+    msgs = [{"role": "user", "content": "weather?"}]
+    with BackgroundServer(build_state(native_dir, device="cpu")) as srv:
+        script_engine(monkeypatch, srv.state, out)
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model=srv.state.model_name, messages=msgs, tools=[WEATHER])
+    call = r.choices[0].message.tool_calls[0].function
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})
+    llm = LLM(native_dir, device="cpu")
+    tok = llm.tokenizer
+    ids = tok.encode(out, add_special_tokens=False)
+    monkeypatch.setattr(llm, "generate", lambda prompts, params=None, **kw: [
+        GenerationResult(prompts[0], ids, tok.decode(ids), "stop", 1.0, 1)])
+    res = llm.chat(msgs, tools=[WEATHER], tool_choice="auto")
+    assert res.tool_calls[0]["function"]["name"] == "get_weather"
