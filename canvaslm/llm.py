@@ -656,9 +656,11 @@ class LLM:
         if tool_choice in (None, "none"):
             outs = [self._without_thought(r, sp)[0] for r, sp in zip(generate(prompts, sps), sps)]
         elif tool_choice == "auto":
-            from .tool_parser import CALL_OPEN, NativeToolParser, declared_name, response_stop_ids
+            from .tool_parser import CALL_OPEN, NativeToolParser, response_stop_ids
 
-            parser = NativeToolParser.for_tokenizer(self.tokenizer)
+            names = [t["function"].get("name") for t in tools or ()
+                     if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+            parser = NativeToolParser.for_tokenizer(self.tokenizer, names)
             if parser is None:
                 raise GenerationError(f"tool_choice 'auto' reads calls in the model's own syntax ({CALL_OPEN}...), "
                                       "and this tokenizer has no such tokens: pass 'required', name the function, "
@@ -670,9 +672,7 @@ class LLM:
                 res, content = self._without_thought(r, sp)
                 text, found, _ = parser.split(content, final=True)
                 if found:
-                    names = [t["function"].get("name") for t in tools or ()
-                             if isinstance(t, dict) and isinstance(t.get("function"), dict)]
-                    res.text, res.tool_calls = text, calls([(declared_name(n, names), a) for n, a in found])
+                    res.text, res.tool_calls = text, calls(found)
                 outs.append(res)
         else:
             from .sampling.tool_call import call_arguments, call_constraint

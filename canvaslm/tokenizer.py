@@ -534,13 +534,13 @@ class Tokenizer:
         byte-fallback token (`<0xE2>`, SentencePiece and Gemma) is that byte, a byte-level BPE token (GPT-2's
         `Ġ` alphabet) maps back through that alphabet, any other token is the UTF-8 of its text. Joining the
         bytes of a sequence's tokens gives the bytes of its text (OpenAI's logprobs `bytes`)."""
-        piece = self.id_to_token(token_id)
-        byte = _BYTE_FALLBACK.fullmatch(piece)
-        if byte is not None and token_id not in self._added_ids:
-            return bytes([int(byte.group(1), 16)])
-        if self._byte_level and token_id not in self._added_ids:
-            table = _byte_level_alphabet()
-            if all(c in table for c in piece):
+        if token_id not in self._added_ids:  # an added token (<eos>, a turn marker) is its text
+            piece = self.id_to_token(token_id)
+            byte = _BYTE_FALLBACK.fullmatch(piece)
+            if byte is not None:
+                return bytes([int(byte.group(1), 16)])
+            table = _byte_level_alphabet() if self._byte_level else {}
+            if table and all(c in table for c in piece):
                 return bytes(table[c] for c in piece)
         return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
@@ -550,8 +550,10 @@ class Tokenizer:
 
     @functools.cached_property
     def _byte_level(self) -> bool:
-        """tokenizer.json decodes with the byte-level decoder (alone or inside a sequence)."""
-        decoder = json.loads(self._backend.to_str()).get("decoder") or {}
+        """tokenizer.json decodes with the byte-level decoder (alone or inside a sequence). Read from the decoder's
+        own JSON, not the whole tokenizer's (a 262k-token vocabulary)."""
+        decoder = self._backend.decoder
+        decoder = json.loads(decoder.__getstate__()) if decoder is not None else {}
         parts = (decoder.get("decoders") or []) if decoder.get("type") == "Sequence" else [decoder]
         return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
 

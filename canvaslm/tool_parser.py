@@ -37,18 +37,19 @@ class NativeSyntaxError(ValueError):
 
 class NativeToolParser:
     """Splits generated ids into text and calls. `for_tokenizer` gives None when the tokenizer lacks the
-    call tokens (then the checkpoint has no native calls to read)."""
+    call tokens (then the checkpoint has no native calls to read). names: the request's declared functions, which
+    a namespaced call name is read as (`declared_name`)."""
 
-    def __init__(self, tokenizer, open_id: int, close_id: int):
-        self.tokenizer, self.open_id, self.close_id = tokenizer, open_id, close_id
+    def __init__(self, tokenizer, open_id: int, close_id: int, names=()):
+        self.tokenizer, self.open_id, self.close_id, self.names = tokenizer, open_id, close_id, tuple(names)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> "NativeToolParser | None":
+    def for_tokenizer(cls, tokenizer, names=()) -> "NativeToolParser | None":
         try:
             ids = [tokenizer.token_to_id(t) for t in (CALL_OPEN, CALL_CLOSE, QUOTE)]
         except (KeyError, AttributeError):
             return None
-        return cls(tokenizer, ids[0], ids[1])
+        return cls(tokenizer, ids[0], ids[1], names)
 
     def split(self, ids: list, final: bool = False) -> tuple[str, list, bool]:
         """(text outside complete calls, [(name, arguments JSON text)], whether a call is still open).
@@ -82,7 +83,8 @@ class NativeToolParser:
                 return "".join(text), calls, not final
             body = self.tokenizer.decode(ids[start + 1:end], skip_special_tokens=False)
             try:
-                calls.append((*parse_call(body), at))
+                name, args = parse_call(body)
+                calls.append((declared_name(name, self.names), args, at))
             except NativeSyntaxError:
                 add(self.tokenizer.decode(ids[start:end + 1], skip_special_tokens=False))
             i = end + 1

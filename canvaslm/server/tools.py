@@ -164,9 +164,7 @@ class ToolReply:
                 content = content[:at + (len(tracker.stop_word) if tracker.keep_stop else 0)]
         elif not final:
             content = tracker.held(content)
-        from ..tool_parser import declared_name
-
-        calls = [(declared_name(name, self.names), args, min(at, len(content))) for name, args, at in calls]
+        calls = [(name, args, min(at, len(content))) for name, args, at in calls]
         return content, calls if self.parallel else calls[:1]
 
     def call_offsets(self, tracker) -> list[int] | None:
@@ -258,9 +256,10 @@ def tool_replies(state, body, choices) -> dict:
     if auto_tools(body):
         from ..tool_parser import NativeToolParser
 
-        parser = NativeToolParser.for_tokenizer(state.tokenizer)  # serving.prepare checked that there is one
+        # serving.prepare checked that there is one
+        parser = NativeToolParser.for_tokenizer(state.tokenizer, [t.function.name for t in body.tools or ()])
         parallel = getattr(body, "parallel_tool_calls", None) is not False
-        return {c.index: ToolReply(tools=body.tools, parser=parser, parallel=parallel) for c in choices}
+        return {c.index: ToolReply(parser=parser, parallel=parallel) for c in choices}
     return {}
 
 
